@@ -1,0 +1,108 @@
+"""Certificate loading and chain checks shared by the SGX/TDX and SNP verifiers.
+
+``cryptography`` verifies each signature; this module adds the validity-window
+and issuer checks at a caller-given time and turns every failure into a
+:class:`VerificationError` naming the certificate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from cove.attest.errors import VerificationError
+
+
+def utc(now: datetime, kind: str) -> datetime:
+    """The verification time as an aware UTC datetime; naive times are refused."""
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise VerificationError(f"{kind}: verification time must be a timezone-aware datetime")
+    return now.astimezone(timezone.utc)
+
+
+def _name(cert: x509.Certificate) -> str:
+    try:
+        attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return str(attrs[0].value) if attrs else cert.subject.rfc4514_string()
+    except ValueError:
+        return "certificate"
+
+
+def _parsed(cert: x509.Certificate) -> x509.Certificate:
+    """Force the lazily parsed fields now, so a malformed one fails at load time."""
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm
+    _ = list(cert.extensions)
+    cert.public_key()
+    return cert
+
+
+def load_der_cert(der: bytes, kind: str, what: str) -> x509.Certificate:
+    """One DER certificate. AMD's VCEKs have serial 0, which cryptography only warns about."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _parsed(x509.load_der_x509_certificate(bytes(der)))
+    except Exception as exc:  # any parse failure of untrusted input is a rejection
+        raise VerificationError(f"{kind}: {what} is not a valid DER certificate ({exc})") from None
+
+
+def load_pem_chain(pem: bytes | str, kind: str, what: str) -> list[x509.Certificate]:
+    """All certificates in a PEM bundle, in file order; at least one."""
+    raw = pem.encode() if isinstance(pem, str) else bytes(pem)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            certs = [_parsed(c) for c in x509.load_pem_x509_certificates(raw)]
+    except Exception as exc:  # any parse failure of untrusted input is a rejection
+        raise VerificationError(f"{kind}: {what} is not a valid PEM certificate chain ({exc})") from None
+    if not certs:
+        raise VerificationError(f"{kind}: {what} holds no certificate")
+    return certs
+
+
+def check_validity(cert: x509.Certificate, now: datetime, kind: str, what: str | None = None) -> None:
+    """Reject a certificate outside its notBefore/notAfter window."""
+    label = what or _name(cert)
+    if now < cert.not_valid_before_utc:
+        raise VerificationError(f"{kind}: {label} certificate not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+    if now > cert.not_valid_after_utc:
+        raise VerificationError(f"{kind}: {label} certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str, what: str | None = None) -> None:
+    """Reject unless ``issuer`` is named as and signed ``cert``."""
+    label = what or _name(cert)
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except InvalidSignature:
+        raise VerificationError(f"{kind}: {label} certificate signature invalid") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise VerificationError(f"{kind}: {label} certificate is not issued by {_name(issuer)} ({exc})") from None
+
+
+def check_chain(
+    chain: Sequence[x509.Certificate], root: x509.Certificate, now: datetime, kind: str
+) -> None:
+    """Leaf-first ``chain`` must end in ``root`` (byte-equal), each link signed and in date."""
+    if not chain:
+        raise VerificationError(f"{kind}: empty certificate chain")
+    if der(chain[-1]) != der(root):
+        # The chain may omit the root; then its last certificate must be issued by it.
+        chain = list(chain) + [root]
+    for cert, issuer in zip(chain, chain[1:]):
+        check_issued_by(cert, issuer, kind)
+    check_issued_by(root, root, kind, "root CA")
+    for cert in chain:
+        check_validity(cert, now, kind)
+
+
+def der(cert: x509.Certificate) -> bytes:
+    """A certificate's DER bytes, for exact comparison with a trust anchor."""
+    return cert.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,243 @@
+"""SEV-SNP report verification: the real Milan vector, forged PKIs for the edge cases."""
+
+from __future__ import annotations
+
+import struct
+from datetime import datetime, timezone
+
+import pytest
+from attest_vectors import vector
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from snp_forge import ForgedAmd, set_field, sign_report
+
+from cove.attest.errors import VerificationError
+from cove.attest.snp import endorsement_info, verify_snp_report
+from cove.attest.snp_report import GuestPolicy, TcbVersion, parse_snp_report
+
+REPORT = vector("snp/report.bin")
+VCEK = vector("snp/vcek.der")
+MILAN = vector("snp/ask_ark_milan.pem")
+GENOA = vector("snp/ask_ark_genoa.pem")
+NOW = datetime(2026, 11, 15, tzinfo=timezone.utc)
+MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e3121151 31ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01".replace(" ", "")
+
+
+def verify(report=REPORT, vcek=VCEK, chain=MILAN, now=NOW, **kw):
+    return verify_snp_report(report, vcek, chain, now, **kw)
+
+
+def test_vector_verifies_with_claims():
+    c = verify()
+    r = c.report
+    assert (c.product, c.signing_key, r.version) == ("Milan", "vcek", 2)
+    assert c.measurement.hex() == MEASUREMENT
+    assert c.report_data[:5] == bytes([1, 2, 3, 4, 5]) and not any(c.report_data[5:])
+    assert r.reported_tcb == TcbVersion(bootloader=2, tee=0, snp=5, microcode=0x44, fmc=None, raw=r.reported_tcb.raw)
+    assert c.endorsement.tcb == {"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}
+    assert c.endorsement.product == "Milan-B0"
+    assert r.chip_id == c.endorsement.hwid
+    assert r.policy.debug_allowed and r.policy.smt_allowed and not r.policy.migrate_ma_allowed
+    assert r.platform_info.smt_enabled and r.vmpl == 0 and r.guest_svn == 0
+    assert r.cpuid_family is None and r.launch_mit_vector is None
+
+
+def test_vcek_expiry_is_the_reason_after_2029():
+    with pytest.raises(VerificationError, match=r"^snp: SEV-VCEK certificate expired at 2029-09-24"):
+        verify(now=datetime(2029, 10, 1, tzinfo=timezone.utc))
+
+
+def test_before_vcek_issue_rejected():
+    with pytest.raises(VerificationError, match="not valid before 2022-09-24"):
+        verify(now=datetime(2022, 1, 1, tzinfo=timezone.utc))
+
+
+def test_naive_time_rejected():
+    with pytest.raises(VerificationError, match="timezone-aware"):
+        verify(now=datetime(2026, 11, 1))
+
+
+def test_genoa_chain_rejected():
+    with pytest.raises(VerificationError, match="not issued by SEV-Genoa"):
+        verify(chain=GENOA)
+
+
+def test_chain_in_wrong_order_rejected():
+    ask, ark = MILAN.split(b"-----END CERTIFICATE-----\n", 1)
+    with pytest.raises(VerificationError):
+        verify(chain=ark + ask + b"-----END CERTIFICATE-----\n")
+
+
+def test_genoa_layout_decodes_differently_from_turin():
+    t = TcbVersion.decode(0x4405000000000102, "Genoa")
+    assert (t.bootloader, t.tee, t.snp, t.microcode) == (2, 1, 5, 0x44)
+    t = TcbVersion.decode(0x4400000000050403, "Turin")
+    assert (t.fmc, t.bootloader, t.tee, t.snp, t.microcode) == (3, 4, 5, 0, 0x44)
+
+
+def test_policy_reserved_bit_required():
+    with pytest.raises(VerificationError, match="bit 17"):
+        GuestPolicy.decode(0)
+
+
+@pytest.mark.parametrize("i", range(0x2A0))
+def test_every_signed_byte_flip_fails(i):
+    bad = bytearray(REPORT)
+    bad[i] ^= 0x01
+    with pytest.raises(VerificationError, match="^snp: "):
+        verify(report=bytes(bad))
+
+
+@pytest.mark.parametrize("i", range(0x2A0, 0x4A0, 3))
+def test_signature_and_reserved_byte_flips_fail(i):
+    bad = bytearray(REPORT)
+    bad[i] ^= 0x10
+    with pytest.raises(VerificationError, match="^snp: "):
+        verify(report=bytes(bad))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(VCEK) - 1), st.integers(1, 255))
+def test_vcek_byte_flips_fail(i, x):
+    bad = bytearray(VCEK)
+    bad[i] ^= x
+    with pytest.raises(VerificationError):
+        verify(vcek=bytes(bad))
+
+
+def _der_chain_flip(i: int, x: int) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    certs = x509.load_pem_x509_certificates(MILAN)
+    ders = [c.public_bytes(Encoding.DER) for c in certs]
+    which, i = (0, i) if i < len(ders[0]) else (1, i - len(ders[0]))
+    der = bytearray(ders[which])
+    der[i % len(der)] ^= x
+    ders[which] = bytes(der)
+    import base64
+
+    def pem(d):
+        b = base64.encodebytes(d).replace(b"\n", b"")
+        lines = b"\n".join(b[k:k + 64] for k in range(0, len(b), 64))
+        return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
+
+    return b"".join(pem(d) for d in ders)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 * 1600), st.integers(1, 255))
+def test_ask_ark_byte_flips_fail(i, x):
+    with pytest.raises(VerificationError):
+        verify(chain=_der_chain_flip(i, x))
+
+
+# Forged PKI: cases the real vector cannot show.
+
+@pytest.fixture(scope="module")
+def amd():
+    return ForgedAmd("Milan")
+
+
+def _forged(amd, tcb=None, *, hwid=None, csp=None, flags=0, chip=None, reported=None):
+    tcb = tcb or {"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}
+    chip_id = chip if chip is not None else REPORT[0x1A0:0x1E0]
+    key, cert = amd.endorsement(tcb, hwid=REPORT[0x1A0:0x1E0] if csp is None and hwid is None else hwid, csp=csp)
+    body = set_field(REPORT, 0x48, struct.pack("<I", flags))
+    body = set_field(body, 0x1A0, chip_id)
+    if reported is not None:
+        body = set_field(body, 0x180, struct.pack("<Q", reported))
+    return sign_report(body, key), cert
+
+
+def test_forged_pki_verifies(amd):
+    report, cert = _forged(amd)
+    c = verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    assert c.signing_key == "vcek"
+
+
+def test_forged_chain_is_not_amd(amd):
+    report, cert = _forged(amd)
+    with pytest.raises(VerificationError, match="not issued by"):
+        verify(report=report, vcek=cert, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_reported_tcb_mismatch(amd):
+    report, cert = _forged(amd, {"bootloader": 2, "tee": 0, "snp": 6, "microcode": 0x44})
+    with pytest.raises(VerificationError, match="reported TCB snp SPL 5 does not match the VCEK's 6"):
+        verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_chip_id_mismatch_and_mask(amd):
+    report, cert = _forged(amd, chip=bytes(64))
+    with pytest.raises(VerificationError, match="chip_id does not match"):
+        verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    report, cert = _forged(amd, chip=bytes(64), flags=0b10)
+    assert verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc)).report.mask_chip_key
+
+
+def test_vlek_supported_and_kind_checked(amd):
+    report, cert = _forged(amd, csp="cloud-1", flags=1 << 2)
+    c = verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    assert (c.signing_key, c.endorsement.csp_id, c.endorsement.hwid) == ("vlek", "cloud-1", None)
+    report2, _ = _forged(amd, csp="cloud-1", flags=0)
+    with pytest.raises(VerificationError, match="signed by a VCEK but a VLEK was given"):
+        verify(report=report2, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_unsigned_report_rejected(amd):
+    report, cert = _forged(amd, flags=7 << 2)
+    with pytest.raises(VerificationError, match="unsigned"):
+        verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_v3_report_names_its_product(amd):
+    body = set_field(REPORT, 0, struct.pack("<I", 3))
+    body = set_field(body, 0x188, bytes([0x19, 0x11, 0x01]))
+    assert parse_snp_report(body).product == "Genoa"
+    with pytest.raises(VerificationError, match="from a Genoa processor, not Milan"):
+        parse_snp_report(body, "Milan")
+
+
+def test_endorsement_info_of_vector():
+    from cove.attest._x509 import load_der_cert
+
+    info = endorsement_info(load_der_cert(VCEK, "snp", "VCEK"))
+    assert info.not_after.year == 2029
+    assert info.kind == "vcek" and len(info.hwid) == 64
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=1300), st.binary(min_size=0x4A0, max_size=0x4A0)))
+def test_fuzz_parser_random(data):
+    try:
+        parse_snp_report(data)
+    except VerificationError:
+        pass
+
+
+@FUZZ
+@given(st.integers(0, 0x4A0), st.lists(st.tuples(st.integers(0, 0x49F), st.integers(0, 255)), max_size=6))
+def test_fuzz_mutated_report(cut, edits):
+    data = bytearray(REPORT)
+    for i, v in edits:
+        data[i] = v
+    data = bytes(data[:cut])
+    for fn in (parse_snp_report, lambda d: verify(report=d)):
+        try:
+            fn(data)
+        except VerificationError:
+            pass
+
+
+@FUZZ
+@given(st.binary(max_size=1500))
+def test_fuzz_certificates(blob):
+    for kw in ({"vcek": blob}, {"chain": blob}):
+        try:
+            verify(**kw)
+        except VerificationError:
+            pass
