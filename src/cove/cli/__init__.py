@@ -1,0 +1,67 @@
+"""The `cove` command. Each command group lives in its own thin module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cove import __version__
+from cove.errors import CoveError
+
+
+class Context:
+    """What every command may need: the instance folder and the debug flag."""
+
+    def __init__(self, directory: Path, debug: bool):
+        self.directory = directory
+        self.debug = debug
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
+              help="Act on the instance in DIR instead of the current folder.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="cove")
+@click.pass_context
+def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
+    """Cove: run unmodified Linux programs in attested enclaves."""
+    ctx.obj = Context(directory, debug)
+
+
+def _register() -> None:
+    from cove.cli import info, instance, package, run
+
+    for module in (instance, run, package, info):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line for user errors, tracebacks only with --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args[: args.index("run")] if "run" in args else "--debug" in args
+    try:
+        result = cli.main(args=args, prog_name="cove", standalone_mode=False)
+    except CoveError as exc:
+        if debug:
+            raise
+        click.echo(f"cove: error: {exc.line()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("cove: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def run_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""cove package, cove inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cove.image import artifacts, instance as instance_mod, package as package_mod
+from cove.runtime.launcher import runtime_dir
+
+
+@click.command("package")
+@click.argument("out", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--debug", "allow_debug", is_flag=True, help="Allow packaging a debug enclave.")
+@click.pass_obj
+def package_cmd(ctx, out: Path | None, allow_debug: bool) -> None:
+    """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`."""
+    target = instance_mod.open_instance(ctx.directory)
+    out = out or Path(f"{target.config().enclave.name}.tar.gz")
+    verified = package_mod.create(target, out, allow_debug)
+    click.echo(f"wrote {out} (measurement {verified.measurement.hex()})")
+
+
+def describe(verified: artifacts.VerifiedBuild) -> dict:
+    """The identity of a build, as `cove inspect --json` prints it."""
+    enclave = verified.config.enclave
+    return {
+        "name": enclave.name,
+        "measurement": verified.measurement.hex(),
+        "signer": verified.signer.hex(),
+        "product_id": enclave.product_id,
+        "svn": enclave.svn,
+        "debug": enclave.debug,
+        "backend": enclave.backend,
+        "network": verified.config.network.mode,
+        "image_root": verified.manifest.image_root.hex(),
+        "image_files": verified.manifest.image_files,
+        "image_bytes": verified.manifest.image_bytes,
+        "mounts": [{"target": "/", "type": "image", "writable": False}] + [
+            {"target": m.target, "type": m.type, "source": m.source, "writable": m.writable}
+            for m in verified.config.mounts],
+    }
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (lower-case keys, hex hashes).")
+@click.argument("target", required=False, type=click.Path(path_type=Path))
+@click.pass_obj
+def inspect(ctx, as_json: bool, target: Path | None) -> None:
+    """Show measurement, signer, product id, svn, debug, backend and mounts."""
+    target = target or ctx.directory
+    if target.is_file():
+        with package_mod.extracted(target, runtime_dir()) as unpacked:
+            info = describe(artifacts.load_verified(unpacked / "build", unpacked / "cove.toml"))
+    else:
+        found = instance_mod.open_instance(target)
+        info = describe(artifacts.load_verified(found.build_dir, found.config_path))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "mounts":
+            for mount in value:
+                rw = "rw" if mount["writable"] else "ro"
+                source = f" <- {mount['source']}" if mount.get("source") else ""
+                click.echo(f"{'mount':<12}{mount['target']} {mount['type']} {rw}{source}")
+        else:
+            click.echo(f"{key:<12}{value}")
+
+
+COMMANDS = (package_cmd, inspect)

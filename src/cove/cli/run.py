@@ -1,0 +1,46 @@
+"""cove run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cove.errors import CoveError
+from cove.image import instance as instance_mod
+from cove.runtime import launcher
+
+
+def _signer(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        signer = bytes.fromhex(value)
+    except ValueError:
+        signer = b""
+    if len(signer) != 32:
+        raise CoveError(f"--signer {value}: expected 64 hex digits")
+    return signer
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--backend", help="Backend to use (default: [enclave] backend, usually auto).")
+@click.option("--debug", "debug_shell", is_flag=True,
+              help="Run any program (e.g. /bin/sh) in a debug enclave; refused otherwise.")
+@click.option("--package", "package", type=click.Path(dir_okay=False, path_type=Path),
+              help="Run from a package made by `cove package` instead of an instance.")
+@click.option("--signer", help="Refuse unless the manifest is signed by this signer (hex).")
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def run(ctx, backend: str | None, debug_shell: bool, package: Path | None, signer: str | None,
+        program: str, args: tuple[str, ...]) -> int:
+    """Verify the build and run PROGRAM inside the enclave; exits with its exit code."""
+    request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer))
+    if package is not None:
+        return launcher.run_package(package, request)
+    target = instance_mod.open_instance(ctx.directory)
+    return launcher.run_instance(target.root, request)
+
+
+COMMANDS = (run,)

@@ -1,0 +1,334 @@
+"""cove.toml: the enclave's configuration, its schema and its validation.
+
+The file is parsed with :mod:`tomllib` and checked against a closed schema:
+an unknown key, a wrong type or an out-of-range value is refused with one line
+that names the key and the fix. The validated form is a tree of frozen
+dataclasses; :func:`to_measured` turns it into the plain dictionary that the
+enclave manifest records (so every security-relevant setting is measured).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cove.errors import ConfigError
+
+BACKENDS = ("auto", "sim")
+NETWORK_MODES = ("none", "loopback", "host")
+MOUNT_TYPES = ("image", "tmpfs", "host")
+# Types named by later parts of Cove; refused with a clear line until they land.
+RESERVED_MOUNT_TYPES = ("encrypted",)
+RESERVED_SECTIONS = ("attestation", "secrets")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class EnclaveSection:
+    name: str
+    product_id: int = 0
+    svn: int = 0
+    debug: bool = False
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    memory: int = 512 << 20
+    max_processes: int = 64
+    max_open_files: int = 1024
+
+
+@dataclass(frozen=True)
+class ProcessSection:
+    entry_points: tuple[str, ...] = ("/bin/", "/usr/bin/")
+    cwd: str = "/"
+    user: str = "root"
+
+
+@dataclass(frozen=True)
+class EnvSection:
+    default: tuple[tuple[str, str], ...] = ()
+    passthrough: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    mode: str = "none"
+
+
+@dataclass(frozen=True)
+class Mount:
+    target: str
+    type: str
+    source: str | None = None
+    writable: bool = False
+    options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    enclave: EnclaveSection
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    process: ProcessSection = field(default_factory=ProcessSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    mounts: tuple[Mount, ...] = ()
+
+
+def load(path: Path) -> Config:
+    """Read and validate a cove.toml file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found", "run `cove new NAME` to create an instance") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, source=str(path))
+
+
+def parse(text: str, source: str = "cove.toml") -> Config:
+    """Parse cove.toml text; every problem becomes one ConfigError line."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return _Validator(source).config(data)
+
+
+class _Validator:
+    """Walks the parsed TOML, refusing anything outside the schema."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {problem}", hint)
+
+    def table(self, data: Any, key: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(data, dict):
+            raise self.fail(key, f"must be a table, not {type(data).__name__}")
+        for name in data:
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}" if key else name, "unknown key",
+                                f"allowed here: {', '.join(allowed)}")
+        return data
+
+    def integer(self, data: dict, key: str, name: str, default: int, low: int, high: int) -> int:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{key}.{name}", f"must be an integer, not {type(value).__name__}")
+        if not low <= value <= high:
+            raise self.fail(f"{key}.{name}", f"{value} is out of range", f"use {low}..{high}")
+        return value
+
+    def boolean(self, data: dict, key: str, name: str, default: bool) -> bool:
+        value = data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{key}.{name}", f"must be true or false, not {value!r}")
+        return value
+
+    def string(self, data: dict, key: str, name: str, default: str | None,
+               choices: tuple[str, ...] | None = None) -> str:
+        value = data.get(name, default)
+        if value is None:
+            raise self.fail(f"{key}.{name}", "is required")
+        if not isinstance(value, str):
+            raise self.fail(f"{key}.{name}", f"must be a string, not {type(value).__name__}")
+        if choices is not None and value not in choices:
+            raise self.fail(f"{key}.{name}", f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def size(self, data: dict, key: str, name: str, default: int) -> int:
+        value = data.get(name, default)
+        if isinstance(value, bool):
+            raise self.fail(f"{key}.{name}", "must be a size like \"512M\"")
+        if isinstance(value, int):
+            number = value
+        elif isinstance(value, str):
+            match = _SIZE_RE.match(value)
+            if not match:
+                raise self.fail(f"{key}.{name}", f"{value!r} is not a size",
+                                "write bytes or a number with K, M, G or T, e.g. \"512M\"")
+            number = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+        else:
+            raise self.fail(f"{key}.{name}", f"must be a size like \"512M\", not {type(value).__name__}")
+        if number <= 0:
+            raise self.fail(f"{key}.{name}", f"must be positive, not {value!r}")
+        return number
+
+    def abs_path(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise self.fail(key, f"{value!r} must be an absolute path starting with /")
+        if "\0" in value or ".." in PurePosixPath(value).parts:
+            raise self.fail(key, f"{value!r} must not contain '..' or NUL")
+        return value
+
+    def config(self, data: dict) -> Config:
+        self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts")
+                   + RESERVED_SECTIONS)
+        for section in RESERVED_SECTIONS:
+            if section in data:
+                raise self.fail(section, "is not supported by this version of Cove yet")
+        if "enclave" not in data:
+            raise self.fail("enclave", "section is required", "add [enclave] with name = \"...\"")
+        return Config(
+            enclave=self.enclave(data["enclave"]),
+            resources=self.resources(data.get("resources", {})),
+            process=self.process(data.get("process", {})),
+            env=self.env(data.get("env", {})),
+            network=self.network(data.get("network", {})),
+            mounts=self.mounts(data.get("mounts", [])),
+        )
+
+    def enclave(self, data: Any) -> EnclaveSection:
+        data = self.table(data, "enclave", ("name", "product_id", "svn", "debug", "backend"))
+        name = self.string(data, "enclave", "name", None)
+        if not _NAME_RE.match(name):
+            raise self.fail("enclave.name", f"{name!r} is not a valid name",
+                            "use letters, digits, '.', '_' or '-', at most 64")
+        return EnclaveSection(
+            name=name,
+            product_id=self.integer(data, "enclave", "product_id", 0, 0, 0xFFFF),
+            svn=self.integer(data, "enclave", "svn", 0, 0, 0xFFFF),
+            debug=self.boolean(data, "enclave", "debug", False),
+            backend=self.string(data, "enclave", "backend", "auto", BACKENDS),
+        )
+
+    def resources(self, data: Any) -> ResourcesSection:
+        data = self.table(data, "resources", ("memory", "max_processes", "max_open_files"))
+        defaults = ResourcesSection()
+        return ResourcesSection(
+            memory=self.size(data, "resources", "memory", defaults.memory),
+            max_processes=self.integer(data, "resources", "max_processes",
+                                       defaults.max_processes, 1, 1 << 22),
+            max_open_files=self.integer(data, "resources", "max_open_files",
+                                        defaults.max_open_files, 16, 1 << 20),
+        )
+
+    def process(self, data: Any) -> ProcessSection:
+        data = self.table(data, "process", ("entry_points", "cwd", "user"))
+        defaults = ProcessSection()
+        entry_points = data.get("entry_points", list(defaults.entry_points))
+        if not isinstance(entry_points, list) or not entry_points:
+            raise self.fail("process.entry_points", "must be a non-empty list of path prefixes")
+        checked = tuple(self.abs_path(p, "process.entry_points") for p in entry_points)
+        user = self.string(data, "process", "user", defaults.user)
+        if not re.match(r"^(root|[a-z_][a-z0-9_-]{0,31}|\d+(:\d+)?)$", user):
+            raise self.fail("process.user", f"{user!r} is not a user",
+                            "use \"root\", a name from the image's /etc/passwd, or \"UID:GID\"")
+        return ProcessSection(
+            entry_points=checked,
+            cwd=self.abs_path(data.get("cwd", defaults.cwd), "process.cwd"),
+            user=user,
+        )
+
+    def env(self, data: Any) -> EnvSection:
+        data = self.table(data, "env", ("default", "passthrough"))
+        default = data.get("default", {})
+        if not isinstance(default, dict):
+            raise self.fail("env.default", "must be a table of NAME = \"value\"")
+        for name, value in default.items():
+            if not _ENV_NAME_RE.match(name):
+                raise self.fail(f"env.default.{name}", "is not a valid variable name")
+            if not isinstance(value, str):
+                raise self.fail(f"env.default.{name}", "must be a string")
+        passthrough = data.get("passthrough", [])
+        if not isinstance(passthrough, list) or not all(
+                isinstance(n, str) and _ENV_NAME_RE.match(n) for n in passthrough):
+            raise self.fail("env.passthrough", "must be a list of variable names")
+        return EnvSection(default=tuple(sorted(default.items())),
+                          passthrough=tuple(sorted(set(passthrough))))
+
+    def network(self, data: Any) -> NetworkSection:
+        data = self.table(data, "network", ("mode",))
+        return NetworkSection(mode=self.string(data, "network", "mode", "none", NETWORK_MODES))
+
+    def mounts(self, data: Any) -> tuple[Mount, ...]:
+        if not isinstance(data, list):
+            raise self.fail("mounts", "must be an array of tables ([[mounts]])")
+        result = []
+        seen = set()
+        for index, item in enumerate(data):
+            key = f"mounts[{index}]"
+            item = self.table(item, key, ("target", "type", "source", "writable", "options"))
+            kind = self.string(item, key, "type", None)
+            if kind in RESERVED_MOUNT_TYPES:
+                raise self.fail(f"{key}.type", f"{kind!r} mounts are not supported by this version yet")
+            if kind not in MOUNT_TYPES:
+                raise self.fail(f"{key}.type", f"{kind!r} is not one of {', '.join(MOUNT_TYPES)}")
+            target = self.abs_path(item.get("target"), f"{key}.target")
+            if target in seen:
+                raise self.fail(f"{key}.target", f"{target} is mounted twice")
+            seen.add(target)
+            if target == "/" and kind != "image":
+                raise self.fail(f"{key}.target", "/ is always the measured image")
+            source = item.get("source")
+            if kind == "host":
+                source = self.abs_path(source, f"{key}.source")
+            elif source is not None:
+                raise self.fail(f"{key}.source", f"only host mounts take a source")
+            writable = self.boolean(item, key, "writable", kind == "tmpfs")
+            if kind == "image" and writable:
+                raise self.fail(f"{key}.writable", "the image is always read-only")
+            options = item.get("options", {})
+            if not isinstance(options, dict) or not all(isinstance(v, (str, int)) for v in options.values()):
+                raise self.fail(f"{key}.options", "must be a table of name = value")
+            allowed_options = {"tmpfs": ("size", "mode"), "host": (), "image": ()}[kind]
+            for name in options:
+                if name not in allowed_options:
+                    raise self.fail(f"{key}.options.{name}", "unknown option",
+                                    f"allowed for {kind}: {', '.join(allowed_options) or 'none'}")
+            if kind == "tmpfs" and "size" in options:
+                self.size(options, f"{key}.options", "size", 0)
+            result.append(Mount(target=target, type=kind, source=source, writable=writable,
+                                options=tuple(sorted((k, str(v)) for k, v in options.items()))))
+        return tuple(result)
+
+
+def to_measured(config: Config) -> dict:
+    """The configuration as the manifest records it: plain types, fixed order."""
+    return {
+        "enclave": {
+            "name": config.enclave.name,
+            "product_id": config.enclave.product_id,
+            "svn": config.enclave.svn,
+            "debug": config.enclave.debug,
+            "backend": config.enclave.backend,
+        },
+        "resources": {
+            "memory": config.resources.memory,
+            "max_processes": config.resources.max_processes,
+            "max_open_files": config.resources.max_open_files,
+        },
+        "process": {
+            "entry_points": list(config.process.entry_points),
+            "cwd": config.process.cwd,
+            "user": config.process.user,
+        },
+        "env": {
+            "default": dict(config.env.default),
+            "passthrough": list(config.env.passthrough),
+        },
+        "network": {"mode": config.network.mode},
+        "mounts": [
+            {"target": m.target, "type": m.type, "source": m.source,
+             "writable": m.writable, "options": dict(m.options)}
+            for m in config.mounts
+        ],
+    }
+
+
+def parse_size(text: str) -> int:
+    """Parse "64M"-style sizes (used for mount options)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]

@@ -1,0 +1,106 @@
+"""`cove build`: hash the image, write the manifest, sign it.
+
+A rebuild re-hashes only files whose size, mtime, ctime or inode changed
+(build/hash-cache.cbor). That cache only speeds up building; `cove run`
+never consults it and always hashes what it will serve.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from cove import config as cove_config
+from cove.errors import CoveError
+from cove.image import manifest as manifest_mod
+from cove.image import signing
+from cove.image.artifacts import MANIFEST, SIGNATURE, TREE
+from cove.image.instance import Instance
+from cove.image.tree import Entry, encode_entries, entry_for, hash_file, walk
+from cove.util import write_atomic
+
+CACHE = "hash-cache.cbor"
+PROGRESS_THRESHOLD = 32 << 20
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: manifest_mod.Manifest
+    signature: signing.Signature
+    rehashed: int  # files actually read this time
+    cached: int  # files whose digest came from the cache
+
+
+class _HashCache:
+    """Digests of unchanged files from the previous build, keyed by path."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.old: dict = {}
+        self.new: dict = {}
+        self.hits = self.misses = 0
+        try:
+            self.old = cbor2.loads(path.read_bytes())
+        except Exception:  # a missing or damaged cache only costs time
+            self.old = {}
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def digest(self, full: Path, rel: str, st: os.stat_result, progress) -> tuple[bytes, int]:
+        key = self._key(st)
+        cached = self.old.get(rel)
+        if cached and cached[0] == key:
+            self.hits += 1
+            digest, size = bytes(cached[1]), st.st_size
+        else:
+            self.misses += 1
+            digest, size = hash_file(full, progress)
+        self.new[rel] = [key, digest]
+        return digest, size
+
+    def save(self) -> None:
+        write_atomic(self.path, cbor2.dumps(self.new), mode=0o644)
+
+
+def build(instance: Instance, key_path: Path | None = None) -> BuildResult:
+    """Measure and sign the instance; writes build/{image.tree,manifest.cbor,manifest.sig}."""
+    config = instance.config()
+    if not instance.image.is_dir():
+        raise CoveError(f"{instance.image} is missing", "an instance needs an image/ folder")
+    key_path = key_path or signing.default_key_path()
+    key = signing.load_key(key_path)
+    instance.build_dir.mkdir(exist_ok=True)
+    cache = _HashCache(instance.build_dir / CACHE)
+    entries = _hash_image(instance.image, cache)
+    manifest = manifest_mod.make(cove_config.to_measured(config), entries)
+    signature = signing.sign(key, manifest.encoded)
+    write_atomic(instance.build_dir / TREE, encode_entries(entries))
+    write_atomic(instance.build_dir / MANIFEST, manifest.encoded)
+    write_atomic(instance.build_dir / SIGNATURE, signature.encode())
+    cache.save()
+    return BuildResult(manifest, signature, rehashed=cache.misses, cached=cache.hits)
+
+
+def _hash_image(image: Path, cache: _HashCache) -> list[Entry]:
+    listing = list(walk(image))
+    total = sum(st.st_size for _, st in listing if stat.S_ISREG(st.st_mode))
+    show = total >= PROGRESS_THRESHOLD and sys.stderr.isatty()
+    with Progress(TextColumn("hashing image"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  disable=not show, transient=True) as progress:
+        task = progress.add_task("hash", total=total)
+
+        def advance(chunk: bytes) -> None:
+            progress.advance(task, len(chunk))
+
+        def digest_of(full: Path, rel: str, st: os.stat_result) -> tuple[bytes, int]:
+            return cache.digest(full, rel, st, advance)
+
+        return [entry_for(image, rel, st, digest_of) for rel, st in listing]

@@ -1,0 +1,172 @@
+"""Finding what an ELF program needs, the way the dynamic loader would.
+
+ELF headers are read with pyelftools. Libraries are searched like glibc's
+ld.so does: DT_RPATH (only when there is no DT_RUNPATH) of the object and of
+the executable, DT_RUNPATH of the object, the loader cache (``ldconfig -p``),
+then the default directories. LD_LIBRARY_PATH is ignored on purpose: an image
+must not depend on the shell that built it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+
+from cove.errors import CoveError
+
+ELF_MAGIC = b"\x7fELF"
+DEFAULT_DIRS_64 = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
+                   "/lib", "/usr/lib")
+DEFAULT_DIRS_32 = ("/lib/i386-linux-gnu", "/usr/lib/i386-linux-gnu", "/lib32", "/usr/lib32",
+                   "/lib", "/usr/lib")
+# Directories the loader searches with no cache at all; libraries found
+# elsewhere need an ld.so.cache inside the image (see cove.image.bom).
+LOADER_DIRS = frozenset(DEFAULT_DIRS_64 + DEFAULT_DIRS_32)
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    path: str
+    elfclass: int  # 32 or 64
+    machine: str
+    interpreter: str | None
+    needed: tuple[str, ...] = ()
+    rpath: tuple[str, ...] = ()
+    runpath: tuple[str, ...] = ()
+
+
+@dataclass
+class Dependencies:
+    """Everything an ELF file needs at load time, by absolute host path."""
+
+    interpreter: str | None = None
+    libraries: list[str] = field(default_factory=list)
+
+
+def is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+def read_elf(path: str) -> ElfInfo | None:
+    """Parse the headers that matter for loading; None when path is not ELF."""
+    if not is_elf(Path(path)):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            elf = ELFFile(handle)
+            interpreter = None
+            for segment in elf.iter_segments():
+                if segment.header.p_type == "PT_INTERP":
+                    interpreter = segment.get_interp_name()
+            needed, rpath, runpath = [], [], []
+            for section in elf.iter_sections():
+                if not isinstance(section, DynamicSection):
+                    continue
+                for tag in section.iter_tags():
+                    if tag.entry.d_tag == "DT_NEEDED":
+                        needed.append(tag.needed)
+                    elif tag.entry.d_tag == "DT_RPATH":
+                        rpath.extend(p for p in tag.rpath.split(":") if p)
+                    elif tag.entry.d_tag == "DT_RUNPATH":
+                        runpath.extend(p for p in tag.runpath.split(":") if p)
+            return ElfInfo(path, elf.elfclass, elf["e_machine"], interpreter,
+                           tuple(needed), tuple(rpath), tuple(runpath))
+    except (ELFError, OSError, ValueError, KeyError) as exc:
+        raise CoveError(f"{path}: cannot read ELF headers: {exc}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def loader_cache() -> dict[tuple[str, int], str]:
+    """The host's ld.so.cache as {(soname, elfclass): path}."""
+    try:
+        output = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True,
+                                env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    cache: dict[tuple[str, int], str] = {}
+    for line in output.splitlines():
+        match = re.match(r"^\s+(\S+) \(([^)]*)\) => (\S+)$", line)
+        if not match:
+            continue
+        name, flags, target = match.groups()
+        elfclass = 64 if ("64" in flags) else 32
+        cache.setdefault((name, elfclass), target)
+    return cache
+
+
+def _expand(entry: str, origin: str, elfclass: int) -> str:
+    lib = "lib64" if elfclass == 64 else "lib"
+    platform = "x86_64" if elfclass == 64 else "i686"
+    for token, value in (("ORIGIN", origin), ("LIB", lib), ("PLATFORM", platform)):
+        entry = entry.replace("${" + token + "}", value).replace("$" + token, value)
+    return entry
+
+
+def _compatible(path: str, wanted: ElfInfo) -> bool:
+    try:
+        info = read_elf(path)
+    except CoveError:
+        return False
+    return info is not None and info.elfclass == wanted.elfclass and info.machine == wanted.machine
+
+
+def _find(name: str, obj: ElfInfo, executable: ElfInfo) -> str | None:
+    if "/" in name:
+        return name if os.path.exists(name) else None
+    origin = os.path.dirname(obj.path)
+    directories: list[str] = []
+    if not obj.runpath:
+        directories += [_expand(p, origin, obj.elfclass) for p in obj.rpath]
+        if executable is not obj and not executable.runpath:
+            exe_origin = os.path.dirname(executable.path)
+            directories += [_expand(p, exe_origin, obj.elfclass) for p in executable.rpath]
+    directories += [_expand(p, origin, obj.elfclass) for p in obj.runpath]
+    for directory in directories:
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate) and _compatible(candidate, obj):
+            return os.path.normpath(candidate)
+    cached = loader_cache().get((name, obj.elfclass))
+    if cached and os.path.exists(cached) and _compatible(cached, obj):
+        return cached
+    for directory in DEFAULT_DIRS_64 if obj.elfclass == 64 else DEFAULT_DIRS_32:
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate) and _compatible(candidate, obj):
+            return candidate
+    return None
+
+
+def dependencies(path: str) -> Dependencies | None:
+    """The interpreter and the transitive shared libraries of an ELF file (None if not ELF)."""
+    executable = read_elf(path)
+    if executable is None:
+        return None
+    result = Dependencies(interpreter=executable.interpreter)
+    seen: set[str] = set()
+    queue = [executable]
+    while queue:
+        obj = queue.pop(0)
+        for name in obj.needed:
+            found = _find(name, obj, executable)
+            if found is None:
+                raise CoveError(f"{path}: needs {name}, which the loader would not find on this host",
+                                "install the library, or add it with `cove add` and a matching RUNPATH")
+            if found in seen:
+                continue
+            seen.add(found)
+            result.libraries.append(found)
+            info = read_elf(found)
+            if info is not None:
+                queue.append(info)
+    return result

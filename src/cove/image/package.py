@@ -1,0 +1,93 @@
+"""`cove package`: a deployable archive of a built instance, and its safe extraction.
+
+The archive holds cove.toml, build/ (manifest, signature, listing) and image/.
+It is written deterministically (sorted, zero times and owners) and trusted
+for nothing: `cove run --package` extracts it into a private folder and
+verifies it exactly like an instance.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cove.errors import CoveError
+from cove.image import artifacts
+from cove.image.instance import Instance
+
+MEMBERS = ("cove.toml", "build/" + artifacts.MANIFEST, "build/" + artifacts.SIGNATURE,
+           "build/" + artifacts.TREE)
+
+
+def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def create(instance: Instance, out: Path, allow_debug: bool = False) -> artifacts.VerifiedBuild:
+    """Write the package after checking the build still matches the instance."""
+    verified = artifacts.load_verified(instance.build_dir, instance.config_path)
+    if verified.config.enclave.debug and not allow_debug:
+        raise CoveError("refusing to package a debug enclave", "set debug = false and rebuild, or pass --debug")
+    from cove.runtime.staging import stage
+
+    stage(instance.image, verified.entries, verified.manifest.image_root, None)
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as archive:
+            for member in MEMBERS:
+                archive.add(instance.root / member, arcname=member, filter=_normalise)
+            archive.add(instance.image, arcname="image", recursive=False, filter=_normalise)
+            for dirpath, dirnames, filenames in os.walk(instance.image):
+                dirnames.sort()
+                for name in dirnames + sorted(filenames):
+                    full = Path(dirpath) / name
+                    arcname = "image/" + str(full.relative_to(instance.image))
+                    archive.add(full, arcname=arcname, recursive=False, filter=_normalise)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return verified
+
+
+def _only_plain_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's 'tar' safety filter, and nothing but files, folders and symlinks.
+
+    Absolute symlinks are allowed (images have them); the filter's own check
+    refuses any member whose real path would leave the destination.
+    """
+    member = tarfile.tar_filter(member, dest)
+    if not (member.isfile() or member.isdir() or member.issym()):
+        raise tarfile.TarError(f"{member.name}: only files, folders and symlinks may be in a package")
+    return member
+
+
+@contextmanager
+def extracted(package: Path, under: Path) -> Iterator[Path]:
+    """Extract a package into a private folder (removed afterwards)."""
+    if not Path(package).is_file():
+        raise CoveError(f"{package}: no such package file")
+    workdir = Path(tempfile.mkdtemp(prefix="cove-package-", dir=under))
+    try:
+        try:
+            with tarfile.open(package, "r:*") as archive:
+                archive.extractall(workdir, filter=_only_plain_members)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise CoveError(f"{package}: not a valid Cove package: {exc}") from None
+        for member in MEMBERS:
+            if not (workdir / member).is_file():
+                raise CoveError(f"{package}: not a valid Cove package: {member} is missing")
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The backend interface: one enclave abstraction over many isolation mechanisms.
+
+A backend takes a :class:`LaunchSpec` (a verified, private image root, the
+program, its environment and the measured configuration) and returns a
+:class:`RunningEnclave`, which the launcher signals, waits for and asks for
+report claims and sealing identity. `sim` is the first backend; `vm`, `sgx`,
+`tdx` and `snp` implement the same two classes without touching callers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from cove.config import Config
+from cove.errors import CoveError
+
+
+@dataclass(frozen=True)
+class EnclaveIdentity:
+    """Who the enclave is, taken from the verified manifest, never from the enclave."""
+
+    name: str
+    measurement: bytes
+    signer: bytes
+    product_id: int
+    svn: int
+    debug: bool
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    identity: EnclaveIdentity
+    config: Config
+    root: Path  # the verified private image root
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    uid: int
+    gid: int
+    interactive: bool = False  # a debug shell keeps the terminal
+    extra_binds: tuple[tuple[str, str], ...] = field(default=())  # (host, enclave) read-only
+
+
+@dataclass(frozen=True)
+class Availability:
+    backend: str
+    isolation: str
+    available: bool
+    reason: str = ""
+
+
+class RunningEnclave(ABC):
+    """A launched enclave: signal it, wait for it, ask what it is."""
+
+    def __init__(self, spec: LaunchSpec, backend: str, isolation: str, instance_id: str):
+        self.spec = spec
+        self.backend = backend
+        self.isolation = isolation
+        self.instance_id = instance_id
+
+    @abstractmethod
+    def signal(self, signum: int) -> None:
+        """Deliver signum to the program (not to the sandbox machinery)."""
+
+    @abstractmethod
+    def wait(self) -> int:
+        """Wait for the end; the program's exit code, 128+N if killed by signal N."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """End the enclave now and release what it holds."""
+
+    def report_claims(self, report_data: bytes) -> dict:
+        """What a report for this enclave states; the platform signs it (cove.platform)."""
+        if len(report_data) != 64:
+            raise CoveError(f"report data must be 64 bytes, not {len(report_data)}")
+        identity = self.spec.identity
+        return {
+            "measurement": identity.measurement,
+            "signer": identity.signer,
+            "product_id": identity.product_id,
+            "svn": identity.svn,
+            "debug": identity.debug,
+            "backend": self.backend,
+            "isolation": self.isolation,
+            "instance_id": self.instance_id,
+            "report_data": bytes(report_data),
+        }
+
+    def sealing_identity(self) -> EnclaveIdentity:
+        """The identity sealing keys derive from; hardware backends may bind more."""
+        return self.spec.identity
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    isolation: ClassVar[str]
+    strength: ClassVar[int]  # auto picks the highest available
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability:
+        """Whether this host can run the backend, and if not, why."""
+
+    @abstractmethod
+    def launch(self, spec: LaunchSpec) -> RunningEnclave:
+        """Start the program in an enclave."""
+
+
+class PlannedBackend:
+    """A backend of the design that this version cannot launch; `cove info` says why."""
+
+    def __init__(self, name: str, isolation: str, device: str | None, note: str):
+        self.name, self.isolation, self.device, self.note = name, isolation, device, note
+
+    def availability(self) -> Availability:
+        if self.device and not os.path.exists(self.device):
+            return Availability(self.name, self.isolation, False, f"no {self.device}")
+        return Availability(self.name, self.isolation, False, self.note)
+
+
+PLANNED = (
+    PlannedBackend("vm", "micro-VM (KVM)", "/dev/kvm", "not in this version of Cove"),
+    PlannedBackend("sgx", "CPU (Intel SGX)", "/dev/sgx_enclave", "not in this version of Cove"),
+    PlannedBackend("tdx", "CPU (Intel TDX)", "/dev/tdx_guest", "not in this version of Cove"),
+    PlannedBackend("snp", "CPU (AMD SEV-SNP)", "/dev/sev-guest", "not in this version of Cove"),
+)
+
+
+def registry() -> dict[str, type[Backend]]:
+    from cove.runtime.sim import SimBackend
+
+    return {SimBackend.name: SimBackend}
+
+
+def all_availability() -> list[Availability]:
+    """Every backend Cove knows, launchable or not, with the reason."""
+    return [b.availability() for b in registry().values()] + [p.availability() for p in PLANNED]
+
+
+def choose(configured: str, override: str | None = None) -> Backend:
+    """The backend to launch with: an explicit choice must be available; auto takes the strongest."""
+    wanted = override or configured
+    backends = registry()
+    if wanted == "auto":
+        usable = [b for b in backends.values() if b.availability().available]
+        if not usable:
+            reasons = "; ".join(f"{a.backend}: {a.reason}" for a in all_availability())
+            raise CoveError(f"no backend can run on this host ({reasons})", "run scripts/setup")
+        return max(usable, key=lambda b: b.strength)()
+    if wanted not in backends:
+        planned = {p.name: p for p in PLANNED}
+        if wanted in planned:
+            raise CoveError(f"backend {wanted} is unavailable: {planned[wanted].availability().reason}")
+        raise CoveError(f"unknown backend {wanted!r}", f"choose one of: auto, {', '.join(backends)}")
+    backend = backends[wanted]
+    state = backend.availability()
+    if not state.available:
+        raise CoveError(f"backend {wanted} is unavailable: {state.reason}", "run scripts/setup")
+    return backend()
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/bin:/bin:/usr/sbin:/sbin")

@@ -1,0 +1,175 @@
+"""`cove run`: from a built instance (or a package) to a running enclave and its exit code.
+
+The order matters and is the security argument: verify the signature and the
+configuration, copy the image from verified bytes into a private root, check
+the program against the entry points, then launch; signals are forwarded to
+the program, and its exit code comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cove.config import Config
+from cove.errors import CoveError
+from cove.image import artifacts, package as package_mod
+from cove.image.artifacts import VerifiedBuild
+from cove.runtime import backend as backend_mod
+from cove.runtime import staging
+from cove.runtime.backend import EnclaveIdentity, LaunchSpec
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    program: str
+    args: tuple[str, ...] = ()
+    backend: str | None = None
+    debug_shell: bool = False
+    expected_signer: bytes | None = None
+
+
+def runtime_dir() -> Path:
+    """Where private enclave roots are made: a tmpfs when one is there, never shared."""
+    configured = os.environ.get("COVE_RUNTIME_DIR")
+    if configured:
+        return Path(configured)
+    for candidate in ("/dev/shm", tempfile.gettempdir()):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return Path(candidate)
+    return Path(tempfile.gettempdir())
+
+
+def allowed(program: str, entry_points: tuple[str, ...]) -> bool:
+    """Whether PROGRAM is admitted by one of the entry-point prefixes."""
+    for prefix in entry_points:
+        if prefix.endswith("/") and program.startswith(prefix):
+            return True
+        if program == prefix:
+            return True
+    return False
+
+
+def resolve_user(user: str, root: Path) -> tuple[int, int]:
+    """UID and GID for [process] user: root, UID[:GID], or a name in the image's /etc/passwd."""
+    if user == "root":
+        return 0, 0
+    if user[0].isdigit():
+        uid, _, gid = user.partition(":")
+        return int(uid), int(gid or uid)
+    try:
+        for line in (root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) >= 4 and fields[0] == user:
+                return int(fields[2]), int(fields[3])
+    except (OSError, ValueError):
+        pass
+    raise CoveError(f"user {user!r} is not in the image's /etc/passwd",
+                    "add it there, or use \"UID:GID\" in [process] user")
+
+
+def build_environment(config: Config, host: dict[str, str] | None = None) -> dict[str, str]:
+    """The enclave's environment: [env] default, plus the passthrough names the host has."""
+    host = os.environ if host is None else host
+    env = dict(config.env.default)
+    for name in config.env.passthrough:
+        if name in host:
+            env[name] = host[name]
+    return env
+
+
+def _check_program(root: Path, program: str) -> None:
+    from cove.image.bom import resolve_in_image
+
+    path = resolve_in_image(root, program, follow_last=True)
+    if not path.is_file():
+        raise CoveError(f"{program} is not in the image", "add it with `cove add` and rebuild")
+    if not os.access(path, os.X_OK):
+        raise CoveError(f"{program} is not executable", "chmod +x it in image/ and rebuild")
+
+
+def _validate_request(verified: VerifiedBuild, request: RunRequest) -> str:
+    program = request.program
+    if not program.startswith("/"):
+        raise CoveError(f"{program}: give the program's absolute path inside the enclave, e.g. /bin/{program}")
+    program = posixpath.normpath(program)
+    config = verified.config
+    if request.debug_shell:
+        if not config.enclave.debug:
+            raise CoveError("--debug needs a debug enclave",
+                            "set [enclave] debug = true and rebuild; never ship a debug enclave")
+    elif not allowed(program, config.process.entry_points):
+        raise CoveError(f"{program} is not an entry point of this enclave",
+                        f"allowed: {', '.join(config.process.entry_points)} ([process] entry_points)")
+    return program
+
+
+@contextmanager
+def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Iterator[Path]:
+    workdir = Path(tempfile.mkdtemp(prefix="cove-enclave-", dir=runtime_dir()))
+    try:
+        root = staging.stage(image, verified.entries, verified.manifest.image_root,
+                             None if in_place else workdir / "root")
+        staging.add_mount_points(root, [m.target for m in verified.config.mounts])
+        yield root
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, in_place: bool = False) -> int:
+    """Launch a verified build and return the program's exit code."""
+    program = _validate_request(verified, request)
+    chosen = backend_mod.choose(verified.config.enclave.backend, request.backend)
+    with _private_root(verified, image, in_place) as root:
+        _check_program(root, program)
+        uid, gid = resolve_user(verified.config.process.user, root)
+        enclave_cfg = verified.config.enclave
+        spec = LaunchSpec(
+            identity=EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
+                                     enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug),
+            config=verified.config, root=root, argv=(program, *request.args),
+            env=build_environment(verified.config), uid=uid, gid=gid,
+            interactive=request.debug_shell)
+        return _supervise(chosen, spec)
+
+
+def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
+    previous = {}
+    enclave = None
+
+    def forward(signum, _frame):
+        if enclave is not None:
+            enclave.signal(signum)
+
+    for signum in FORWARDED_SIGNALS:
+        previous[signum] = signal.signal(signum, signal.SIG_IGN if spec.interactive else forward)
+    try:
+        enclave = chosen.launch(spec)
+        return enclave.wait()
+    finally:
+        if enclave is not None:
+            enclave.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_instance(instance_dir: Path, request: RunRequest) -> int:
+    build_dir = instance_dir / "build"
+    verified = artifacts.load_verified(build_dir, instance_dir / "cove.toml", request.expected_signer)
+    return run_verified(verified, instance_dir / "image", request)
+
+
+def run_package(package: Path, request: RunRequest) -> int:
+    with package_mod.extracted(package, runtime_dir()) as unpacked:
+        verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
+        return run_verified(verified, unpacked / "image", request, in_place=True)

@@ -1,0 +1,111 @@
+"""The enclave's seccomp filter, compiled to BPF by libseccomp.
+
+libseccomp (the library systemd, Docker and bubblewrap's users rely on) does
+the compiling; this module is only its ctypes glue and Cove's deny list. The
+compiled program is handed to bubblewrap with ``--seccomp FD``; bubblewrap
+loads it as the last step before it executes the program. Syscalls of other
+architectures (i386, x32) are killed by libseccomp's default bad-arch action.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+from functools import lru_cache
+
+from cove.errors import SetupError
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
+SCMP_CMP_MASKED_EQ = 7
+# clone() may not create namespaces; clone3() hides its flags in memory, so it
+# answers ENOSYS and glibc falls back to clone(), as under Docker's profile.
+CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
+                         0x20000000, 0x40000000, 0x00000080)  # NEWNS UTS IPC USER PID NET CGROUP TIME
+
+# Denied with EPERM in every enclave. docs/threat-model.md lists them with reasons.
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
+    "fspick", "mount_setattr",
+    "unshare", "setns",
+    "kexec_load", "kexec_file_load",
+    "bpf", "perf_event_open",
+    "init_module", "finit_module", "delete_module",
+    "keyctl", "add_key", "request_key",
+    "userfaultfd", "open_by_handle_at", "name_to_handle_at",
+    "swapon", "swapoff", "reboot", "syslog", "acct", "quotactl",
+    "lookup_dcookie", "iopl", "ioperm", "personality",
+)
+# With network mode "none" these address families cannot even be opened.
+DENIED_FAMILIES_OFFLINE = (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET)
+
+
+class _Arg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("seccomp")
+    if not name:
+        raise SetupError("libseccomp is not installed", "run scripts/setup (installs libseccomp2)")
+    lib = ctypes.CDLL(name, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_Arg)]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _errno_action(code: int) -> int:
+    return 0x00050000 | (code & 0xFFFF)  # SCMP_ACT_ERRNO(code)
+
+
+def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = ()) -> bytes:
+    """The BPF program (struct sock_filter array) for an enclave."""
+    lib = _lib()
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        raise SetupError("libseccomp could not start a filter")
+    try:
+        for name in DENIED_SYSCALLS + extra_denied:
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number < 0:
+                continue  # not a syscall on this architecture
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EPERM), number, 0, None), name)
+        clone = lib.seccomp_syscall_resolve_name(b"clone")
+        for flag in CLONE_NAMESPACE_FLAGS:
+            arg = _Arg(0, SCMP_CMP_MASKED_EQ, flag, flag)
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EPERM), clone, 1,
+                                              ctypes.byref(arg)), "clone")
+        clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
+        if clone3 >= 0:
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), clone3, 0, None), "clone3")
+        if network_mode == "none":
+            number = lib.seccomp_syscall_resolve_name(b"socket")
+            for family in DENIED_FAMILIES_OFFLINE:
+                arg = _Arg(0, SCMP_CMP_EQ, int(family), 0)
+                _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1,
+                                                  ctypes.byref(arg)), "socket")
+        fd = os.memfd_create("cove-seccomp", os.MFD_CLOEXEC)
+        try:
+            _check(lib.seccomp_export_bpf(ctx, fd), "export")
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _check(result: int, what: str) -> None:
+    if result < 0:
+        raise SetupError(f"libseccomp refused the rule for {what}: {os.strerror(-result)}")

@@ -1,0 +1,111 @@
+"""The enclave's root: a private copy of the image made from verified bytes.
+
+Each file is read once, hashed and written in the same pass into a folder
+only the launching user can enter, and the finished listing must equal the
+signed one. The enclave is then served from that copy, so nothing can swap a
+file between the check and its use. A package extracted into a private folder
+is verified in place instead (it is already such a copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+
+from cove.errors import CoveError, IntegrityError
+from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
+
+# Mount points the sandbox always needs, whatever the image holds.
+ALWAYS = ("proc", "dev", "tmp")
+
+
+def stage(image: Path, expected: list[Entry], expected_root: bytes, dest: Path | None) -> Path:
+    """Verify image against the signed listing; copy it to dest on the way (None: verify in place)."""
+    actual: list[Entry] = []
+    if dest is not None:
+        dest.mkdir(mode=0o700)
+    _visit(image, dest, "", actual)
+    if not hmac.compare_digest(root_hash(actual), expected_root):
+        what = difference(expected, actual) or "its listing differs"
+        raise IntegrityError(f"image changed since the build: {what}",
+                             "rebuild with `cove build` if the change is intended")
+    root = dest if dest is not None else image
+    if dest is not None:
+        os.chmod(dest, 0o755)
+    return root
+
+
+def _visit(source: Path, dest: Path | None, prefix: str, out: list[Entry]) -> None:
+    try:
+        names = sorted(os.listdir(source))
+    except OSError as exc:
+        raise IntegrityError(f"cannot read the image folder {prefix or '/'}: {exc.strerror}") from None
+    for name in names:
+        rel = prefix + name
+        src = source / name
+        dst = dest / name if dest is not None else None
+        st = os.lstat(src)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            out.append(Entry(rel, DIRECTORY, mode))
+            if dst is not None:
+                dst.mkdir(mode=0o700)
+            _visit(src, dst, rel + "/", out)
+            if dst is not None:
+                os.chmod(dst, mode)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(src)
+            out.append(Entry(rel, SYMLINK, 0o777, target=target))
+            if dst is not None:
+                os.symlink(target, dst)
+        elif stat.S_ISREG(st.st_mode):
+            digest, size = _copy_file(src, dst, rel)
+            out.append(Entry(rel, FILE, mode, size, digest))
+        else:
+            raise IntegrityError(f"image changed since the build: {rel} is a special file")
+
+
+def _copy_file(src: Path, dst: Path | None, rel: str) -> tuple[bytes, int]:
+    """Hash src and write the very bytes hashed to dst."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise IntegrityError(f"image changed since the build: {rel} cannot be opened ({exc.strerror})") from None
+    out_fd = -1
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"image changed since the build: {rel} is no longer a regular file")
+        if dst is not None:
+            out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if out_fd >= 0:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out_fd, view):]
+        if out_fd >= 0:
+            os.fchmod(out_fd, stat.S_IMODE(st.st_mode))
+        return digest.digest(), size
+    finally:
+        os.close(fd)
+        if out_fd >= 0:
+            os.close(out_fd)
+
+
+def add_mount_points(root: Path, targets: list[str]) -> None:
+    """Create the empty folders mounts need in the private root (never in the image)."""
+    for target in list(ALWAYS) + [t.lstrip("/") for t in targets]:
+        path = root / target
+        if os.path.lexists(path):
+            continue
+        try:
+            os.makedirs(path, mode=0o755)
+        except OSError as exc:
+            raise CoveError(f"cannot make mount point /{target}: {exc.strerror}") from None
