@@ -168,10 +168,11 @@ class ProtectedFile:
     def _decrypt_metadata(self, node0: bytes, header: Header) -> MetaPlain:
         if header.magic != MAGIC:
             raise FileIntegrityError("not a protected file: bad magic (expected GRAFS_PF)")
-        if header.major != MAJOR_VERSION:
+        if header.major != MAJOR_VERSION or header.minor != MINOR_VERSION:
             raise FileIntegrityError(
                 f"unsupported protected-file version {header.major}.{header.minor} "
-                f"(this reads {MAJOR_VERSION}.x)")
+                f"(this reads {MAJOR_VERSION}.{MINOR_VERSION}; the header is not MACed, so "
+                "unknown values are refused)")
         if header.flags & ~KNOWN_FLAGS:
             raise FileIntegrityError(f"unknown feature flags 0x{header.flags:02x} in metadata")
         if any(node0[PAD_OFFSET:]):
