@@ -8,6 +8,7 @@ bytes each signature covers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from cove.attest._reader import Reader
@@ -17,6 +18,9 @@ TEE_SGX, TEE_TDX = 0x00000000, 0x00000081
 ATT_KEY_ECDSA_P256 = 2
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 CERT_PCK_CHAIN, CERT_QE_REPORT = 5, 6
+_PEM_CHAIN = re.compile(
+    rb"(\s*-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----)+\s*"
+)
 SGX_REPORT_SIZE, TD10_SIZE, TD15_SIZE = 384, 584, 648
 
 
@@ -167,7 +171,10 @@ def _pck_chain(r: Reader, kind: str) -> bytes:
     data = r.sized(4, "certification data")
     if ctype != CERT_PCK_CHAIN:
         raise VerificationError(f"{kind}: certification data type {ctype} is not a PCK chain (5)")
-    return data.rstrip(b"\x00")
+    pem = data.rstrip(b"\x00")
+    if not _PEM_CHAIN.fullmatch(pem):
+        raise VerificationError(f"{kind}: PCK certificate chain holds data outside its PEM blocks")
+    return pem
 
 
 def _qe_cert_data(body: bytes, kind: str) -> QeReportCertData:
