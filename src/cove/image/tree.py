@@ -57,7 +57,8 @@ def decode_entries(data: bytes) -> list[Entry]:
     try:
         return [Entry.decode(item) for item in cbor2.loads(data)]
     except Exception as exc:  # any malformed listing is one integrity failure
-        raise IntegrityError(f"image listing is malformed: {exc}") from None
+        raise IntegrityError(f"image listing (build/image.tree) is malformed: {exc}",
+                             "rebuild with `cove build`") from None
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:

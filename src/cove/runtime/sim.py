@@ -80,21 +80,23 @@ class SimEnclave(RunningEnclave):
 
     def _read_status(self, fd: int) -> None:
         """Follow bwrap's JSON status stream: the sandbox pid, then the exit code."""
-        buffer = b""
+        decoder = json.JSONDecoder()
+        buffer = ""
         with os.fdopen(fd, "rb") as stream:
             while chunk := stream.read1(4096):
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    self._status(line)
-        if buffer.strip():
-            self._status(buffer)
+                buffer += chunk.decode("utf-8", "replace")
+                while True:
+                    buffer = buffer.lstrip()
+                    try:
+                        item, end = decoder.raw_decode(buffer)
+                    except ValueError:
+                        break  # an incomplete document: wait for more
+                    buffer = buffer[end:]
+                    self._status(item)
         self._started.set()
 
-    def _status(self, line: bytes) -> None:
-        try:
-            item = json.loads(line)
-        except ValueError:
+    def _status(self, item: dict) -> None:
+        if not isinstance(item, dict):
             return
         if "child-pid" in item:
             self.init_pid = int(item["child-pid"])
@@ -118,11 +120,12 @@ class SimEnclave(RunningEnclave):
         if pid is None:
             return
         try:
-            os.killpg(pid, signum) if not self.spec.interactive else os.kill(pid, signum)
+            if self.spec.interactive:
+                os.kill(pid, signum)
+            else:
+                os.killpg(os.getpgid(pid), signum)  # the program's whole process group
         except ProcessLookupError:
             pass
-        except PermissionError:
-            os.kill(pid, signum)
 
     def wait(self) -> int:
         try:

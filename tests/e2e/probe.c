@@ -1,0 +1,95 @@
+/* probe: checks made from inside an enclave by the end-to-end tests. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static int report(const char *what, long rc) {
+    if (rc < 0) { printf("%s: denied %s\n", what, strerror(errno)); return 1; }
+    printf("%s: allowed\n", what);
+    return 0;
+}
+
+static volatile sig_atomic_t got = 0;
+static void on_signal(int sig) { got = sig; }
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: probe CHECK [ARG]\n"); return 2; }
+    const char *check = argv[1];
+    if (!strcmp(check, "connect")) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) return report("socket", -1);
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+        inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+        return report("connect", connect(fd, (struct sockaddr *)&addr, sizeof addr));
+    }
+    if (!strcmp(check, "ptrace")) {
+        pid_t child = fork();
+        if (child == 0) { pause(); _exit(0); }
+        long rc = ptrace(PTRACE_ATTACH, child, 0, 0);
+        kill(child, SIGKILL);
+        return report("ptrace", rc);
+    }
+    if (!strcmp(check, "unshare")) return report("unshare", unshare(CLONE_NEWUSER));
+    if (!strcmp(check, "mount")) return report("mount", mount("none", "/tmp", "tmpfs", 0, NULL));
+    if (!strcmp(check, "keyctl")) return report("keyctl", syscall(SYS_keyctl, 0, 0, 0, 0, 0));
+    if (!strcmp(check, "bpf")) return report("bpf", syscall(SYS_bpf, 0, 0, 0));
+    if (!strcmp(check, "clone-newns")) {
+        long rc = syscall(SYS_clone, CLONE_NEWNS | SIGCHLD, 0, 0, 0, 0);
+        if (rc == 0) _exit(0);
+        if (rc > 0) waitpid(rc, 0, 0);
+        return report("clone-newns", rc);
+    }
+    if (!strcmp(check, "env")) { for (char **e = environ; *e; e++) puts(*e); return 0; }
+    if (!strcmp(check, "alloc")) {
+        size_t mb = strtoul(argv[2], 0, 10);
+        for (size_t i = 0; i < mb; i++) {
+            char *p = malloc(1 << 20);
+            if (!p) { printf("alloc: failed at %zu MB\n", i); return 1; }
+            memset(p, 1, 1 << 20);
+        }
+        printf("alloc: %zu MB ok\n", mb);
+        return 0;
+    }
+    if (!strcmp(check, "fork")) {
+        int wanted = atoi(argv[2]), made = 0;
+        pid_t *pids = calloc(wanted, sizeof *pids);
+        for (int i = 0; i < wanted; i++) {
+            pid_t pid = fork();
+            if (pid == 0) { sleep(5); _exit(0); }
+            if (pid < 0) break;
+            pids[made++] = pid;
+        }
+        printf("fork: %d of %d\n", made, wanted);
+        for (int i = 0; i < made; i++) { kill(pids[i], SIGKILL); waitpid(pids[i], 0, 0); }
+        return 0;
+    }
+    if (!strcmp(check, "trap")) {
+        signal(SIGTERM, on_signal);
+        signal(SIGINT, on_signal);
+        printf("ready\n");
+        fflush(stdout);
+        while (!got) pause();
+        printf("got signal %d\n", (int)got);
+        return 40 + (int)got;
+    }
+    if (!strcmp(check, "wait")) { printf("ready\n"); fflush(stdout); pause(); return 0; }
+    if (!strcmp(check, "exit")) return atoi(argv[2]);
+    if (!strcmp(check, "kill")) { raise(atoi(argv[2])); return 0; }
+    if (!strcmp(check, "echo")) { char buf[256]; ssize_t n = read(0, buf, sizeof buf); if (n > 0) fwrite(buf, 1, n, stdout); return 0; }
+    fprintf(stderr, "probe: unknown check %s\n", check);
+    return 2;
+}
