@@ -135,7 +135,6 @@ def _cert_with_sgx_ext(value: bytes):
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     from cove.attest.pck import SGX_EXT
 
