@@ -17,13 +17,15 @@ from cove.fs.layout import NODE_SIZE
 class Node:
     """One decrypted data or MHT node."""
 
-    __slots__ = ("phys", "num", "is_mht", "buf", "dirty", "children")
+    __slots__ = ("phys", "num", "is_mht", "buf", "dirty", "children", "parent")
 
-    def __init__(self, phys: int, num: int, is_mht: bool):
+    def __init__(self, phys: int, num: int, is_mht: bool, parent: Node | None = None,
+                 buf: bytearray | None = None):
         self.phys = phys
+        self.parent = parent  # the MHT node holding this node's key; pinned while we live
         self.num = num  # logical data-node or MHT-node number
         self.is_mht = is_mht
-        self.buf = bytearray(NODE_SIZE)  # plaintext
+        self.buf = bytearray(NODE_SIZE) if buf is None else buf  # plaintext
         self.dirty = False
         self.children = 0  # cached children (MHT nodes only)
 
@@ -62,11 +64,11 @@ class NodeCache:
     def over(self) -> bool:
         return len(self._nodes) > self.capacity
 
-    def pick_victims(self, target: int, parent_of) -> list[Node]:
+    def pick_victims(self, target: int) -> list[Node]:
         """Remove least recently used childless nodes until ``target`` remain.
 
-        ``parent_of(node)`` gives the node holding its key; its children
-        count is decremented so the parent may go in the same batch.
+        The parent's children count is decremented so it may go in the same
+        batch.
         """
         victims: list[Node] = []
         progress = True
@@ -78,7 +80,7 @@ class NodeCache:
                 if node.children:
                     continue
                 del self._nodes[phys]
-                parent_of(node).children -= 1
+                node.parent.children -= 1
                 victims.append(node)
                 progress = True
         return victims

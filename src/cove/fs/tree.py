@@ -17,7 +17,7 @@ from cove.fs import crypto
 from cove.fs.cache import Node, NodeCache
 from cove.fs.errors import FileIntegrityError
 from cove.fs.layout import (
-    ATTACHED_DATA_NODES, KEY_SIZE, MAC_SIZE, MD_USER_DATA_SIZE, NODE_SIZE, data_node_of,
+    ATTACHED_DATA_NODES, KEY_SIZE, MAC_SIZE, PAIR_SIZE, MD_USER_DATA_SIZE, NODE_SIZE, data_node_of,
     data_node_start, data_phys, data_slot, describe, mht_exists, mht_of_data, mht_parent,
     mht_phys, mht_slot, node_count,
 )
@@ -72,7 +72,7 @@ class Tree:
             return node
         parent = self.mht(mht_parent(m))
         if not mht_exists(m, self.size):
-            node = Node(phys, m, True)
+            node = Node(phys, m, True, parent)
             self.cache.add(node)
             parent.children += 1
             return node
@@ -88,7 +88,7 @@ class Tree:
             return node
         parent = self.mht(mht_of_data(d))
         if data_node_start(d) >= self.size:
-            node = Node(phys, d, False)
+            node = Node(phys, d, False, parent)
             self.cache.add(node)
             parent.children += 1
             return node
@@ -100,17 +100,6 @@ class Tree:
         self._next_seq = d + 1
         self._load_run(phys, count)
         return self.cache.peek(phys)
-
-    def parent_of(self, node: Node) -> Node:
-        if node.is_mht:
-            m = mht_parent(node.num)
-        else:
-            m = mht_of_data(node.num)
-        return self.root if m == 0 else self.cache.peek(mht_phys(m))
-
-    @staticmethod
-    def _slot(node: Node) -> int:
-        return mht_slot(node.num) if node.is_mht else data_slot(node.num)
 
     def _load_run(self, first: int, count: int) -> None:
         """Read ``count`` consecutive nodes in one call, decrypt and cache them.
@@ -129,7 +118,7 @@ class Tree:
             if rel % (1 + ATTACHED_DATA_NODES) == 0:
                 m = rel // (1 + ATTACHED_DATA_NODES)
                 parent = self.mht(mht_parent(m))
-                node = Node(phys, m, True)
+                node = Node(phys, m, True, parent)
                 slot = mht_slot(m)
                 sealed = bytearray(view[i * NODE_SIZE:(i + 1) * NODE_SIZE])
                 sealed += parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE]
@@ -140,7 +129,7 @@ class Tree:
                 m, k = divmod(rel, 1 + ATTACHED_DATA_NODES)
                 nodes.append((i, Node(phys, m * ATTACHED_DATA_NODES + k - 1, False)))
         for i, node in reversed(nodes):
-            parent = self.mht(mht_of_data(node.num))
+            parent = node.parent = self.mht(mht_of_data(node.num))
             slot = data_slot(node.num)
             end = (i + 1) * NODE_SIZE
             view[end:end + MAC_SIZE] = parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE]
@@ -159,11 +148,9 @@ class Tree:
 
     def mark_dirty(self, node: Node) -> None:
         """A dirty node makes every MHT node above it dirty (their entries change)."""
-        while not node.dirty:
+        while node is not None and not node.dirty:
             node.dirty = True
-            if node is self.root:
-                return
-            node = self.parent_of(node)
+            node = node.parent
 
     def read_into(self, parts: list, offset: int, end: int) -> None:
         """Append views of content bytes [offset, end) (all >= 3072) to ``parts``."""
@@ -180,15 +167,28 @@ class Tree:
     def write_from(self, offset: int, src: memoryview | None, length: int) -> None:
         """Write ``src`` (or zeros) at content offset ``offset`` (>= 3072)."""
         pos = 0
+        cache = self.cache
         while pos < length:
-            if self.cache.over():
+            if cache.over():
                 self.evict()
-            d = data_node_of(offset)
-            o = offset - data_node_start(d)
+            d = (offset - MD_USER_DATA_SIZE) // NODE_SIZE
+            start = MD_USER_DATA_SIZE + d * NODE_SIZE
+            o = offset - start
             n = min(NODE_SIZE - o, length - pos)
-            node = self.data(d)
-            node.buf[o:o + n] = src[pos:pos + n] if src is not None else _ZEROS[:n]
-            self.mark_dirty(node)
+            if n == NODE_SIZE and start >= self.size:
+                # a whole node past the end: no lookup, no read, one copy
+                parent = self.mht(d // ATTACHED_DATA_NODES)
+                buf = bytearray(src[pos:pos + NODE_SIZE]) if src is not None else None
+                node = Node(data_phys(d), d, False, parent, buf)
+                cache.add(node)
+                parent.children += 1
+                node.dirty = True
+                if not parent.dirty:
+                    self.mark_dirty(parent)
+            else:
+                node = self.data(d)
+                node.buf[o:o + n] = src[pos:pos + n] if src is not None else _ZEROS[:n]
+                self.mark_dirty(node)
             offset += n
             pos += n
             if offset > self.size:
@@ -206,7 +206,7 @@ class Tree:
         for node in self.cache:
             node.children = 0
         for node in self.cache:
-            self.parent_of(node).children += 1
+            node.parent.children += 1
         if size <= MD_USER_DATA_SIZE:
             self.root = Node(1, 0, True)
         self._next_seq = -1
@@ -216,7 +216,7 @@ class Tree:
     def evict(self) -> None:
         """Drop a batch of least recently used nodes, writing back dirty ones."""
         target = self.cache.capacity - max(1, self.cache.capacity // 8)
-        victims = self.cache.pick_victims(target, self.parent_of)
+        victims = self.cache.pick_victims(target)
         dirty = [n for n in victims if n.dirty]
         if dirty:
             self.write_back(self.seal(dirty, with_root=False))
@@ -251,29 +251,29 @@ class Tree:
         mhts = sorted((n for n in nodes if n.is_mht), key=lambda n: n.num, reverse=True)
         keys = memoryview(crypto.random_keys(len(nodes)))
         k = 0
+        seal = crypto.seal
         for node in data:  # ascending: each tag spills into the next, unsealed slot
             view, at = where[node.phys]
-            key = keys[k * KEY_SIZE:(k + 1) * KEY_SIZE]
-            k += 1
-            crypto.seal(key, node.buf, view[at:at + SEALED])
-            parent = self.parent_of(node)
-            slot = data_slot(node.num)
-            parent.buf[slot:slot + KEY_SIZE] = key
-            parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE] = \
-                view[at + NODE_SIZE:at + SEALED]
+            key = keys[k:k + KEY_SIZE]
+            k += KEY_SIZE
+            seal(key, node.buf, view[at:at + SEALED])
+            pbuf = node.parent.buf
+            slot = (node.num % ATTACHED_DATA_NODES) * PAIR_SIZE
+            pbuf[slot:slot + KEY_SIZE] = key
+            pbuf[slot + KEY_SIZE:slot + PAIR_SIZE] = view[at + NODE_SIZE:at + SEALED]
             node.dirty = False
         tmp = bytearray(SEALED)
         for node in mhts:
             view, at = where[node.phys]
-            key = bytes(keys[k * KEY_SIZE:(k + 1) * KEY_SIZE])
-            k += 1
+            key = bytes(keys[k:k + KEY_SIZE])
+            k += KEY_SIZE
             crypto.seal(key, node.buf, tmp)
             view[at:at + NODE_SIZE] = tmp[:NODE_SIZE]
             tag = bytes(tmp[NODE_SIZE:])
             if node is self.root:
                 self.root_key, self.root_mac = key, tag
             else:
-                parent = self.parent_of(node)
+                parent = node.parent
                 slot = mht_slot(node.num)
                 parent.buf[slot:slot + KEY_SIZE] = key
                 parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE] = tag
