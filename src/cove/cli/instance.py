@@ -58,6 +58,7 @@ def keygen(out: Path | None, force: bool) -> None:
 def build(ctx, key_path: Path | None) -> None:
     """Measure the image and configuration and sign the manifest."""
     target = instance_mod.open_instance(ctx.directory)
+    target.config()  # a bad cove.toml is reported before anything is created
     if key_path is None and not signing.default_key_path().exists():
         signing.generate_key(signing.default_key_path())
         click.echo(f"created signing key {signing.default_key_path()}", err=True)

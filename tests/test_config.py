@@ -1,0 +1,77 @@
+"""cove.toml validation: every mistake is one line naming the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from cove import config
+from cove.errors import ConfigError
+from cove.image.template import config_template
+
+
+def parse(text: str) -> config.Config:
+    return config.parse(text, source="cove.toml")
+
+
+def test_template_is_valid_and_complete():
+    parsed = parse(config_template("demo"))
+    assert parsed.enclave.name == "demo"
+    assert parsed.network.mode == "none"
+    assert parsed.resources.memory == 512 << 20
+    assert [m.target for m in parsed.mounts] == ["/tmp"]
+    # every option the schema knows appears in the template
+    for key in ("product_id", "svn", "debug", "backend", "memory", "max_processes", "max_open_files",
+                "entry_points", "cwd", "user", "default", "passthrough", "mode"):
+        assert f"\n{key} = " in config_template("demo"), key
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('[enclave]\nname = "a"\ncolour = 1\n', "enclave.colour", "unknown key"),
+    ('[enclave]\nname = "a"\nsvn = "3"\n', "enclave.svn", "must be an integer"),
+    ('[enclave]\nname = "a"\nsvn = 70000\n', "enclave.svn", "out of range"),
+    ('[enclave]\nname = "a"\ndebug = "yes"\n', "enclave.debug", "true or false"),
+    ('[enclave]\nname = "a"\nbackend = "sgx2"\n', "enclave.backend", "not one of"),
+    ('[enclave]\nname = "a b"\n', "enclave.name", "not a valid name"),
+    ('[enclave]\nname = "a"\n[resources]\nmemory = "-5M"\n', "resources.memory", "not a size"),
+    ('[enclave]\nname = "a"\n[resources]\nmemory = -5\n', "resources.memory", "must be positive"),
+    ('[enclave]\nname = "a"\n[resources]\nmax_processes = 0\n', "resources.max_processes", "out of range"),
+    ('[enclave]\nname = "a"\n[process]\nentry_points = ["bin/"]\n', "process.entry_points", "absolute"),
+    ('[enclave]\nname = "a"\n[process]\nentry_points = []\n', "process.entry_points", "non-empty"),
+    ('[enclave]\nname = "a"\n[process]\ncwd = "/../etc"\n', "process.cwd", "'..'"),
+    ('[enclave]\nname = "a"\n[process]\nuser = "x:y:z"\n', "process.user", "not a user"),
+    ('[enclave]\nname = "a"\n[env]\ndefault = { "1X" = "v" }\n', "env.default.1X", "not a valid"),
+    ('[enclave]\nname = "a"\n[env]\npassthrough = ["A B"]\n', "env.passthrough", "variable names"),
+    ('[enclave]\nname = "a"\n[network]\nmode = "wifi"\n', "network.mode", "not one of"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "nfs"\n', "mounts[0].type", "not one of"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\n', "mounts[0].type", "not supported"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "host"\n', "mounts[0].source", "absolute"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\nsource = "/y"\n',
+     "mounts[0].source", "only host"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n',
+     "mounts[1].target", "mounted twice"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\noptions = { uid = 3 }\n',
+     "mounts[0].options.uid", "unknown option"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "x"\n', "attestation", "not supported"),
+    ('[process]\ncwd = "/"\n', "enclave", "required"),
+    ('[enclave\nname = "a"\n', "", "not valid TOML"),
+])
+def test_each_mistake_is_named(text, key, words):
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    line = caught.value.line()
+    assert line.startswith("cove.toml: ")
+    assert key in line and words in line, line
+    assert "\n" not in line
+
+
+def test_sizes_accept_units():
+    parsed = parse('[enclave]\nname = "a"\n[resources]\nmemory = "1G"\n')
+    assert parsed.resources.memory == 1 << 30
+    parsed = parse('[enclave]\nname = "a"\n[resources]\nmemory = 4096\n')
+    assert parsed.resources.memory == 4096
+
+
+def test_measured_form_is_order_independent():
+    a = parse('[enclave]\nname = "a"\n[env]\ndefault = { B = "2", A = "1" }\npassthrough = ["Y", "X"]\n')
+    b = parse('[env]\npassthrough = ["X", "Y"]\ndefault = { A = "1", B = "2" }\n[enclave]\nname = "a"\n')
+    assert config.to_measured(a) == config.to_measured(b)
