@@ -369,7 +369,11 @@ class ProtectedFile:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and self._fd >= 0:
-            os.close(self._fd)  # no commit from a finalizer: uncommitted means lost
+            # no commit from a finalizer: uncommitted changes are lost, as in a crash
+            journal_ = getattr(self, "_journal", None)
+            if journal_ is not None:
+                journal_.close(remove=False)
+            os.close(self._fd)
 
     def _check(self, write: bool = False) -> None:
         if self._closed:
