@@ -36,6 +36,8 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[
         plans.append(bom.plan(list(paths), to, not no_deps))
     for the_plan in plans:
         result = bom.apply(target.image, the_plan)
+        for note in the_plan.notes:
+            click.echo(f"note: {note}", err=True)
         click.echo(f"added {result.files} files ({result.bytes} bytes), {result.unchanged} unchanged")
 
 

@@ -35,6 +35,7 @@ class CopyItem:
 class Plan:
     items: list[CopyItem] = field(default_factory=list)
     library_dirs: set[str] = field(default_factory=set)  # need an ld.so.cache in the image
+    notes: list[str] = field(default_factory=list)  # worth telling the user, not fatal
     _by_dest: dict[str, CopyItem] = field(default_factory=dict)
 
     def add(self, item: CopyItem) -> bool:
@@ -72,6 +73,7 @@ class _Planner:
     def __init__(self, with_dependencies: bool):
         self.plan = Plan()
         self.with_dependencies = with_dependencies
+        self.covered: set[str] = set()  # libraries whose own needs a transitive walk already found
 
     def add_path(self, source: str, dest: str, tree_root: str | None = None) -> None:
         _check_readable(source, os.path.isdir(source))
@@ -113,20 +115,32 @@ class _Planner:
                 elif os.path.isdir(child):
                     self.plan.add(CopyItem(child, child_dest, DIRECTORY))
                 elif os.path.isfile(child):
-                    self._add_file(child, child_dest)
+                    self._add_file(child, child_dest, in_tree=source)
                 else:
                     raise CoveError(f"{child}: not a regular file, folder or symlink",
                                     "devices and fifos cannot go into an image")
 
-    def _add_file(self, source: str, dest: str) -> None:
+    def _add_file(self, source: str, dest: str, in_tree: str | None = None) -> None:
         if not self.plan.add(CopyItem(source, dest, FILE)):
             return
-        if not self.with_dependencies:
+        if not self.with_dependencies or os.path.realpath(source) in self.covered:
             return
-        deps = elf.dependencies(source)
+        try:
+            deps = elf.dependencies(source)
+        except elf.MissingLibrary as missing:
+            if in_tree is None:
+                raise
+            # Inside a tree (a JDK, a Python installation) a library may be found
+            # by soname after the program loads it itself, or be an optional
+            # plugin's: say so and copy the rest.
+            self.plan.notes.append(f"{source}: {missing.library} not found on this host; "
+                                   "fine if the program loads it itself")
+            deps = elf.dependencies(source, tolerate_missing=True)
         if deps is None:
             return
+        self.covered.update(os.path.realpath(p) for p in deps.libraries)
         if deps.interpreter:
+            self.covered.add(os.path.realpath(deps.interpreter))
             self.add_path(deps.interpreter, deps.interpreter)
         for library in deps.libraries:
             if os.path.dirname(library) not in elf.LOADER_DIRS:

@@ -32,6 +32,15 @@ DEFAULT_DIRS_32 = ("/lib/i386-linux-gnu", "/usr/lib/i386-linux-gnu", "/lib32", "
 LOADER_DIRS = frozenset(DEFAULT_DIRS_64 + DEFAULT_DIRS_32)
 
 
+class MissingLibrary(CoveError):
+    """A DT_NEEDED library the loader would not find."""
+
+    def __init__(self, path: str, library: str):
+        super().__init__(f"{path}: needs {library}, which the loader would not find on this host",
+                         "install the library, or add it with `cove add` and a matching RUNPATH")
+        self.library = library
+
+
 @dataclass(frozen=True)
 class ElfInfo:
     path: str
@@ -147,7 +156,7 @@ def _find(name: str, obj: ElfInfo, executable: ElfInfo) -> str | None:
     return None
 
 
-def dependencies(path: str) -> Dependencies | None:
+def dependencies(path: str, tolerate_missing: bool = False) -> Dependencies | None:
     """The interpreter and the transitive shared libraries of an ELF file (None if not ELF)."""
     executable = read_elf(path)
     if executable is None:
@@ -160,8 +169,9 @@ def dependencies(path: str) -> Dependencies | None:
         for name in obj.needed:
             found = _find(name, obj, executable)
             if found is None:
-                raise CoveError(f"{path}: needs {name}, which the loader would not find on this host",
-                                "install the library, or add it with `cove add` and a matching RUNPATH")
+                if tolerate_missing:
+                    continue
+                raise MissingLibrary(path, name)
             if found in seen:
                 continue
             seen.add(found)
