@@ -67,7 +67,8 @@ def _only_plain_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     Absolute symlinks are allowed (images have them); the filter's own check
     refuses any member whose real path would leave the destination.
     """
-    member = tarfile.tar_filter(member, dest)
+    mode = member.mode
+    member = tarfile.tar_filter(member, dest).replace(mode=mode, deep=False)  # modes are measured
     if not (member.isfile() or member.isdir() or member.issym()):
         raise tarfile.TarError(f"{member.name}: only files, folders and symlinks may be in a package")
     return member
@@ -81,10 +82,11 @@ def extracted(package: Path, under: Path) -> Iterator[Path]:
     workdir = Path(tempfile.mkdtemp(prefix="cove-package-", dir=under))
     try:
         try:
-            with tarfile.open(package, "r:*") as archive:
+            with tarfile.open(package, "r:gz") as archive:
                 archive.extractall(workdir, filter=_only_plain_members)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise CoveError(f"{package}: not a valid Cove package: {exc}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CoveError(f"{package}: not a valid Cove package: {reason}") from None
         for member in MEMBERS:
             if not (workdir / member).is_file():
                 raise CoveError(f"{package}: not a valid Cove package: {member} is missing")
