@@ -30,13 +30,15 @@ def _signer(value: str | None) -> bytes | None:
 @click.option("--package", "package", type=click.Path(dir_okay=False, path_type=Path),
               help="Run from a package made by `cove package` instead of an instance.")
 @click.option("--signer", help="Refuse unless the manifest is signed by this signer (hex).")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Persistent state folder (default: the instance's run/, or ~/.local/state/cove/NAME).")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(ctx, backend: str | None, debug_shell: bool, package: Path | None, signer: str | None,
-        program: str, args: tuple[str, ...]) -> int:
+        state_dir: Path | None, program: str, args: tuple[str, ...]) -> int:
     """Verify the build and run PROGRAM inside the enclave; exits with its exit code."""
-    request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer))
+    request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer), state_dir)
     if package is not None:
         return launcher.run_package(package, request)
     target = instance_mod.open_instance(ctx.directory)

@@ -41,8 +41,9 @@ class LaunchSpec:
     env: dict[str, str]
     uid: int
     gid: int
+    instance_id: str
     interactive: bool = False  # a debug shell keeps the terminal
-    extra_binds: tuple[tuple[str, str], ...] = field(default=())  # (host, enclave) read-only
+    binds: tuple = field(default=())  # cove.runtime.services.Bind, from the enclave's services
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class Availability:
 class RunningEnclave(ABC):
     """A launched enclave: signal it, wait for it, ask what it is."""
 
-    def __init__(self, spec: LaunchSpec, backend: str, isolation: str, instance_id: str):
+    def __init__(self, spec: LaunchSpec, backend: str, isolation: str):
         self.spec = spec
         self.backend = backend
         self.isolation = isolation
-        self.instance_id = instance_id
+        self.instance_id = spec.instance_id
 
     @abstractmethod
     def signal(self, signum: int) -> None:

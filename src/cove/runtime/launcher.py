@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import secrets
 import shutil
 import signal
 import tempfile
@@ -23,6 +24,7 @@ from cove.errors import CoveError
 from cove.image import artifacts, package as package_mod
 from cove.image.artifacts import VerifiedBuild
 from cove.runtime import backend as backend_mod
+from cove.runtime import services as services_mod
 from cove.runtime import staging
 from cove.runtime.backend import EnclaveIdentity, LaunchSpec
 
@@ -37,6 +39,7 @@ class RunRequest:
     backend: str | None = None
     debug_shell: bool = False
     expected_signer: bytes | None = None
+    state_dir: Path | None = None  # default: instance/run, or ~/.local/state/cove/NAME for a package
 
 
 def runtime_dir() -> Path:
@@ -115,32 +118,61 @@ def _validate_request(verified: VerifiedBuild, request: RunRequest) -> str:
 
 
 @contextmanager
-def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Iterator[Path]:
+def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Iterator[tuple[Path, Path]]:
+    """(root, workdir): the verified root and a private folder, both removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="cove-enclave-", dir=runtime_dir()))
     try:
         root = staging.stage(image, verified.entries, verified.manifest.image_root,
                              None if in_place else workdir / "root")
         staging.add_mount_points(root, [m.target for m in verified.config.mounts])
-        yield root
+        yield root, workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, in_place: bool = False) -> int:
+@contextmanager
+def _services(ctx: services_mod.ServiceContext) -> Iterator[list[services_mod.Bind]]:
+    """Start the enclave's services; stop them (last first) when the program has ended."""
+    started: list[services_mod.EnclaveService] = []
+    binds: list[services_mod.Bind] = []
+    try:
+        for service in services_mod.services_for(ctx):
+            binds.extend(service.start(ctx))
+            started.append(service)
+        yield binds
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def default_state_dir(name: str) -> Path:
+    """Where a packaged enclave keeps its persistent state unless --state says otherwise."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "cove" / name
+
+
+def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
+                 in_place: bool = False) -> int:
     """Launch a verified build and return the program's exit code."""
     program = _validate_request(verified, request)
     chosen = backend_mod.choose(verified.config.enclave.backend, request.backend)
-    with _private_root(verified, image, in_place) as root:
+    enclave_cfg = verified.config.enclave
+    identity = EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
+                               enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
+    instance_id = secrets.token_hex(8)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _private_root(verified, image, in_place) as (root, workdir):
         _check_program(root, program)
         uid, gid = resolve_user(verified.config.process.user, root)
-        enclave_cfg = verified.config.enclave
-        spec = LaunchSpec(
-            identity=EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
-                                     enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug),
-            config=verified.config, root=root, argv=(program, *request.args),
-            env=build_environment(verified.config), uid=uid, gid=gid,
-            interactive=request.debug_shell)
-        return _supervise(chosen, spec)
+        ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
+                                          chosen.isolation, state_dir, workdir)
+        with _services(ctx) as binds:
+            staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
+            spec = LaunchSpec(identity=identity, config=verified.config, root=root,
+                              argv=(program, *request.args), env=build_environment(verified.config),
+                              uid=uid, gid=gid, instance_id=instance_id,
+                              interactive=request.debug_shell, binds=tuple(binds))
+            return _supervise(chosen, spec)
 
 
 def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
@@ -166,10 +198,11 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
 def run_instance(instance_dir: Path, request: RunRequest) -> int:
     build_dir = instance_dir / "build"
     verified = artifacts.load_verified(build_dir, instance_dir / "cove.toml", request.expected_signer)
-    return run_verified(verified, instance_dir / "image", request)
+    return run_verified(verified, instance_dir / "image", request, request.state_dir or instance_dir / "run")
 
 
 def run_package(package: Path, request: RunRequest) -> int:
     with package_mod.extracted(package, runtime_dir()) as unpacked:
         verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
-        return run_verified(verified, unpacked / "image", request, in_place=True)
+        state_dir = request.state_dir or default_state_dir(verified.config.enclave.name)
+        return run_verified(verified, unpacked / "image", request, state_dir, in_place=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import threading
@@ -60,8 +59,8 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[s
                 raise CoveError(f"host mount source {mount.source} does not exist",
                                 "create it or remove the mount from cove.toml (and rebuild)")
             args += ["--bind" if mount.writable else "--ro-bind", mount.source, mount.target]
-    for host, inside in spec.extra_binds:
-        args += ["--ro-bind", host, inside]
+    for bind in spec.binds:
+        args += ["--bind" if bind.writable else "--ro-bind", str(bind.host), bind.target]
     args += ["--chdir", config.process.cwd,
              "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--"]
     return args + list(spec.argv)
@@ -69,7 +68,7 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[s
 
 class SimEnclave(RunningEnclave):
     def __init__(self, spec: LaunchSpec, process: subprocess.Popen, status_read: int, limits: Limits):
-        super().__init__(spec, SimBackend.name, ISOLATION, secrets.token_hex(8))
+        super().__init__(spec, SimBackend.name, ISOLATION)
         self.process = process
         self.limits = limits
         self.init_pid: int | None = None

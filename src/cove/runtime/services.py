@@ -1,0 +1,62 @@
+"""Services the runtime provides to an enclave from outside it.
+
+A service (an encrypted mount served through FUSE, the /dev/attestation
+folder) is started before the program, gets a private folder on the host,
+and hands back the binds the sandbox needs; it is stopped after the program
+ends. Each part of Cove that serves something registers a factory below, so
+the launcher never needs to know what is served.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cove.config import Config
+from cove.runtime.backend import EnclaveIdentity
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path the sandbox sees at target."""
+
+    host: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    identity: EnclaveIdentity
+    config: Config
+    instance_id: str
+    backend: str
+    isolation: str
+    state_dir: Path  # the enclave's persistent state on the host (instance/run/)
+    workdir: Path  # private to this run, removed afterwards
+
+
+class EnclaveService(ABC):
+    @abstractmethod
+    def start(self, ctx: ServiceContext) -> list[Bind]:
+        """Start serving; return what the sandbox must see."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop serving and flush; called once the program has ended."""
+
+
+# "module:function" factories returning the services a context needs.
+FACTORIES: list[str] = []
+
+
+def services_for(ctx: ServiceContext) -> list[EnclaveService]:
+    found: list[EnclaveService] = []
+    for spec in FACTORIES:
+        module, _, name = spec.partition(":")
+        factory: Callable[[ServiceContext], list[EnclaveService]] = getattr(importlib.import_module(module), name)
+        found.extend(factory(ctx))
+    return found
