@@ -131,15 +131,17 @@ def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Itera
 
 
 @contextmanager
-def _services(ctx: services_mod.ServiceContext) -> Iterator[list[services_mod.Bind]]:
+def _services(ctx: services_mod.ServiceContext) -> Iterator[tuple[list[services_mod.Bind], dict[str, str]]]:
     """Start the enclave's services; stop them (last first) when the program has ended."""
     started: list[services_mod.EnclaveService] = []
     binds: list[services_mod.Bind] = []
+    env: dict[str, str] = {}
     try:
         for service in services_mod.services_for(ctx):
             binds.extend(service.start(ctx))
             started.append(service)
-        yield binds
+            env.update(service.environment())
+        yield binds, env
     finally:
         for service in reversed(started):
             service.stop()
@@ -166,10 +168,11 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
         uid, gid = resolve_user(verified.config.process.user, root)
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
                                           chosen.isolation, state_dir, workdir)
-        with _services(ctx) as binds:
+        with _services(ctx) as (binds, service_env):
             staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
-                              argv=(program, *request.args), env=build_environment(verified.config),
+                              argv=(program, *request.args),
+                              env={**build_environment(verified.config), **service_env},
                               uid=uid, gid=gid, instance_id=instance_id,
                               interactive=request.debug_shell, binds=tuple(binds))
             return _supervise(chosen, spec)

@@ -48,6 +48,10 @@ class EnclaveService(ABC):
     def stop(self) -> None:
         """Stop serving and flush; called once the program has ended."""
 
+    def environment(self) -> dict[str, str]:
+        """Variables to add to the program's environment (e.g. provisioned secrets)."""
+        return {}
+
 
 # "module:function" factories returning the services a context needs.
 FACTORIES: list[str] = []
