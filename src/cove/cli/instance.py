@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cove.image import bom, build as build_mod, instance as instance_mod, signing
+from cove.image import instance as instance_mod
 
 
 @click.command()
@@ -26,6 +26,7 @@ def new(name: str) -> None:
 @click.pass_obj
 def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[str, ...]) -> None:
     """Copy programs (with the libraries they load) and folders into image/."""
+    from cove.image import bom
     target = instance_mod.open_instance(ctx.directory)
     if not paths and bom_file is None:
         raise click.UsageError("give PATH... or --bom FILE")
@@ -47,6 +48,7 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[
 @click.option("--force", is_flag=True, help="Replace an existing key.")
 def keygen(out: Path | None, force: bool) -> None:
     """Create a developer signing key (Ed25519)."""
+    from cove.image import signing
     path = out or signing.default_key_path()
     key = signing.generate_key(path, overwrite=force)
     signer = signing.signer_of(signing.raw_public(key.public_key()))
@@ -59,6 +61,7 @@ def keygen(out: Path | None, force: bool) -> None:
 @click.pass_obj
 def build(ctx, key_path: Path | None) -> None:
     """Measure the image and configuration and sign the manifest."""
+    from cove.image import build as build_mod, signing
     target = instance_mod.open_instance(ctx.directory)
     target.config()  # a bad cove.toml is reported before anything is created
     if key_path is None and not signing.default_key_path().exists():

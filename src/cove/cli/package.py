@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from cove.image import artifacts, instance as instance_mod, package as package_mod
-from cove.runtime.launcher import runtime_dir
+from cove.image import instance as instance_mod
 
 
 @click.command("package")
@@ -17,13 +16,14 @@ from cove.runtime.launcher import runtime_dir
 @click.pass_obj
 def package_cmd(ctx, out: Path | None, allow_debug: bool) -> None:
     """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`."""
+    from cove.image import package as package_mod
     target = instance_mod.open_instance(ctx.directory)
     out = out or Path(f"{target.config().enclave.name}.tar.gz")
     verified = package_mod.create(target, out, allow_debug)
     click.echo(f"wrote {out} (measurement {verified.measurement.hex()})")
 
 
-def describe(verified: artifacts.VerifiedBuild) -> dict:
+def describe(verified) -> dict:
     """The identity of a build, as `cove inspect --json` prints it."""
     enclave = verified.config.enclave
     return {
@@ -50,6 +50,8 @@ def describe(verified: artifacts.VerifiedBuild) -> dict:
 @click.pass_obj
 def inspect(ctx, as_json: bool, target: Path | None) -> None:
     """Show measurement, signer, product id, svn, debug, backend and mounts."""
+    from cove.image import artifacts, package as package_mod
+    from cove.runtime.launcher import runtime_dir
     target = target or ctx.directory
     if target.is_file():
         with package_mod.extracted(target, runtime_dir()) as unpacked:

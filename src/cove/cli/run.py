@@ -8,7 +8,6 @@ import click
 
 from cove.errors import CoveError
 from cove.image import instance as instance_mod
-from cove.runtime import launcher
 
 
 def _signer(value: str | None) -> bytes | None:
@@ -38,6 +37,7 @@ def _signer(value: str | None) -> bytes | None:
 def run(ctx, backend: str | None, debug_shell: bool, package: Path | None, signer: str | None,
         state_dir: Path | None, program: str, args: tuple[str, ...]) -> int:
     """Verify the build and run PROGRAM inside the enclave; exits with its exit code."""
+    from cove.runtime import launcher
     request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer), state_dir)
     if package is not None:
         return launcher.run_package(package, request)

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from cove.errors import CoveError
 from cove.image import elf
+from cove.image.paths import resolve_in_image
 
 FILE, DIRECTORY, SYMLINK = "file", "dir", "symlink"
 
@@ -195,31 +196,6 @@ def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:
             raise CoveError(f"{bom_file}: copy[{index}] has a relative source; give to = \"/DIR\"")
         planner.add_path(os.path.abspath(source), _dest_for(source, to))
     return planner.plan
-
-
-def resolve_in_image(image: Path, dest: str, follow_last: bool = False) -> Path:
-    """The host path of dest inside image, following the image's symlinks within the image."""
-    parts = [p for p in PurePosixPath(dest).parts if p != "/"]
-    current = PurePosixPath("/")
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent
-            continue
-        candidate = current / part
-        host = image / str(candidate).lstrip("/")
-        if os.path.islink(host) and (parts or follow_last):
-            hops += 1
-            if hops > 40:
-                raise CoveError(f"{dest}: too many symlinks inside the image")
-            target = os.readlink(host)
-            base = PurePosixPath("/") if target.startswith("/") else current
-            parts = [p for p in PurePosixPath(target).parts if p != "/"] + parts
-            current = base
-            continue
-        current = candidate
-    return image / str(current).lstrip("/")
 
 
 def _same_file(source: str, dest: Path) -> bool:

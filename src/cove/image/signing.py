@@ -14,8 +14,8 @@ from pathlib import Path
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cove.errors import CoveError, IntegrityError
 from cove.util import write_atomic
@@ -36,15 +36,18 @@ def generate_key(path: Path, overwrite: bool = False) -> Ed25519PrivateKey:
     """Create a new Ed25519 key at path (mode 0600); refuse to overwrite."""
     if path.exists() and not overwrite:
         raise CoveError(f"{path} already exists", "pass --force to replace it, or choose --out")
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, pem, mode=0o600)
     return key
 
 
 def load_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -52,7 +55,7 @@ def load_key(path: Path) -> Ed25519PrivateKey:
     except OSError as exc:
         raise CoveError(f"cannot read signing key {path}: {exc.strerror}") from None
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise CoveError(f"{path} is not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -61,7 +64,7 @@ def load_key(path: Path) -> Ed25519PrivateKey:
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def signer_of(public_key_raw: bytes) -> bytes:

@@ -1,0 +1,19 @@
+"""The key broker: attestation-gated secrets over the KBS protocol.
+
+``cove kbs serve`` speaks the Confidential Containers KBS attestation protocol
+(``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``), appraises
+evidence with :mod:`cove.attest`, and releases a secret only as a JWE
+encrypted to the attested TEE's key and only when the secret's release policy
+accepts the attestation result. The parts:
+
+- :mod:`cove.kbs.problems`: RFC 7807 problem types (status + type per denial);
+- :mod:`cove.kbs.store`: SQLite or PostgreSQL storage, schema migrations;
+- :mod:`cove.kbs.vault`: the master key and encryption of secrets at rest;
+- :mod:`cove.kbs.secrets`: secret kinds, generation, versions, rotation;
+- :mod:`cove.kbs.appraisal`: tee types, evidence verification, report-data binding;
+- :mod:`cove.kbs.policy`: attestation and release policies;
+- :mod:`cove.kbs.jose`: attestation tokens, admin tokens, JWE responses (joserfc);
+- :mod:`cove.kbs.broker`: the protocol logic, independent of HTTP;
+- :mod:`cove.kbs.server`: the FastAPI application and ``serve``;
+- :mod:`cove.kbs.client`: the client, usable inside an enclave.
+"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import secrets
 import shutil
 import signal
 import tempfile
@@ -23,6 +22,7 @@ from cove.config import Config
 from cove.errors import CoveError
 from cove.image import artifacts, package as package_mod
 from cove.image.artifacts import VerifiedBuild
+from cove.image.paths import resolve_in_image
 from cove.runtime import backend as backend_mod
 from cove.runtime import services as services_mod
 from cove.runtime import staging
@@ -92,8 +92,6 @@ def build_environment(config: Config, host: dict[str, str] | None = None) -> dic
 
 
 def _check_program(root: Path, program: str) -> None:
-    from cove.image.bom import resolve_in_image
-
     path = resolve_in_image(root, program, follow_last=True)
     if not path.is_file():
         raise CoveError(f"{program} is not in the image", "add it with `cove add` and rebuild")
@@ -161,7 +159,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
     enclave_cfg = verified.config.enclave
     identity = EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
                                enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
-    instance_id = secrets.token_hex(8)
+    instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _private_root(verified, image, in_place) as (root, workdir):
         _check_program(root, program)

@@ -13,7 +13,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import socket
 from functools import lru_cache
 
 from cove.errors import SetupError
@@ -41,7 +40,7 @@ DENIED_SYSCALLS = (
     "lookup_dcookie", "iopl", "ioperm", "personality",
 )
 # With network mode "none" these address families cannot even be opened.
-DENIED_FAMILIES_OFFLINE = (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET)
+DENIED_FAMILIES_OFFLINE = (2, 10, 17)  # AF_INET, AF_INET6, AF_PACKET (Linux values)
 
 
 class _Arg(ctypes.Structure):
@@ -51,10 +50,13 @@ class _Arg(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    name = ctypes.util.find_library("seccomp")
-    if not name:
-        raise SetupError("libseccomp is not installed", "run scripts/setup (installs libseccomp2)")
-    lib = ctypes.CDLL(name, use_errno=True)
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)  # no ldconfig round trip
+    except OSError:
+        name = ctypes.util.find_library("seccomp")
+        if not name:
+            raise SetupError("libseccomp is not installed", "run scripts/setup (installs libseccomp2)") from None
+        lib = ctypes.CDLL(name, use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
@@ -69,6 +71,7 @@ def _errno_action(code: int) -> int:
     return 0x00050000 | (code & 0xFFFF)  # SCMP_ACT_ERRNO(code)
 
 
+@lru_cache(maxsize=8)
 def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = ()) -> bytes:
     """The BPF program (struct sock_filter array) for an enclave."""
     lib = _lib()

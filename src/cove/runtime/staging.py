@@ -13,11 +13,13 @@ import hashlib
 import hmac
 import os
 import stat
+import threading
 from pathlib import Path
 
 from cove.errors import CoveError, IntegrityError
 from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
+WORKERS = 2
 # Mount points the sandbox always needs, whatever the image holds.
 ALWAYS = ("proc", "dev", "tmp")
 
@@ -25,9 +27,14 @@ ALWAYS = ("proc", "dev", "tmp")
 def stage(image: Path, expected: list[Entry], expected_root: bytes, dest: Path | None) -> Path:
     """Verify image against the signed listing; copy it to dest on the way (None: verify in place)."""
     actual: list[Entry] = []
+    files: list[tuple[str, str | None, str]] = []
     if dest is not None:
         dest.mkdir(mode=0o700)
-    _visit(image, dest, "", actual)
+    _visit(str(image), None if dest is None else str(dest), "", actual, files)
+    actual.extend(_copy_all(files))
+    if dest is not None:
+        for entry in sorted((e for e in actual if e.type == DIRECTORY), key=lambda e: e.path, reverse=True):
+            os.chmod(os.path.join(dest, entry.path), entry.mode)
     if not hmac.compare_digest(root_hash(actual), expected_root):
         what = difference(expected, actual) or "its listing differs"
         raise IntegrityError(f"image changed since the build: {what}",
@@ -38,37 +45,63 @@ def stage(image: Path, expected: list[Entry], expected_root: bytes, dest: Path |
     return root
 
 
-def _visit(source: Path, dest: Path | None, prefix: str, out: list[Entry]) -> None:
+def _copy_all(files: list[tuple[str, str | None, str]]) -> list[Entry]:
+    """Copy and hash files on a few threads (hashing and I/O release the GIL)."""
+    results: list[list[Entry]] = [[] for _ in range(WORKERS)]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            results[index] = [_file_entry(job) for job in files[index::WORKERS]]
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(1, WORKERS)]
+    for thread in threads:
+        thread.start()
+    work(0)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [entry for part in results for entry in part]
+
+
+def _visit(source: str, dest: str | None, prefix: str, out: list[Entry],
+           files: list[tuple[str, str | None, str]]) -> None:
     try:
         names = sorted(os.listdir(source))
     except OSError as exc:
         raise IntegrityError(f"cannot read the image folder {prefix or '/'}: {exc.strerror}") from None
     for name in names:
         rel = prefix + name
-        src = source / name
-        dst = dest / name if dest is not None else None
+        src = f"{source}/{name}"
+        dst = None if dest is None else f"{dest}/{name}"
         st = os.lstat(src)
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
             out.append(Entry(rel, DIRECTORY, mode))
             if dst is not None:
-                dst.mkdir(mode=0o700)
-            _visit(src, dst, rel + "/", out)
-            if dst is not None:
-                os.chmod(dst, mode)
+                os.mkdir(dst, 0o700)
+            _visit(src, dst, rel + "/", out, files)
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(src)
             out.append(Entry(rel, SYMLINK, 0o777, target=target))
             if dst is not None:
                 os.symlink(target, dst)
         elif stat.S_ISREG(st.st_mode):
-            digest, size = _copy_file(src, dst, rel)
-            out.append(Entry(rel, FILE, mode, size, digest))
+            files.append((src, dst, rel))
         else:
             raise IntegrityError(f"image changed since the build: {rel} is a special file")
 
 
-def _copy_file(src: Path, dst: Path | None, rel: str) -> tuple[bytes, int]:
+def _file_entry(job: tuple[str, str | None, str]) -> Entry:
+    src, dst, rel = job
+    digest, size, mode = _copy_file(src, dst, rel)
+    return Entry(rel, FILE, mode, size, digest)
+
+
+def _copy_file(src: str, dst: str | None, rel: str) -> tuple[bytes, int, int]:
     """Hash src and write the very bytes hashed to dst."""
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -92,7 +125,7 @@ def _copy_file(src: Path, dst: Path | None, rel: str) -> tuple[bytes, int]:
                     view = view[os.write(out_fd, view):]
         if out_fd >= 0:
             os.fchmod(out_fd, stat.S_IMODE(st.st_mode))
-        return digest.digest(), size
+        return digest.digest(), size, stat.S_IMODE(st.st_mode)
     finally:
         os.close(fd)
         if out_fd >= 0:

@@ -1,0 +1,107 @@
+"""Startup cost of `cove run`: the C hello program natively, under bare bwrap, under Cove.
+
+Two images: ~1 MB (a static hello) and ~60 MB (Debian's Python with its
+standard library, plus the same hello). Prints median wall times over N runs,
+Cove's overhead over bare bwrap in ms and as ratios, and the peak resident
+memory of Cove's own process while an enclave runs.
+
+    .venv/bin/python bench/startup.py [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COVE = str(Path(sys.executable).parent / "cove")
+HELLO = r'''#include <stdio.h>
+int main(void) { puts("hello"); return 0; }
+'''
+
+
+def timed(argv: list[str], runs: int, env: dict | None = None) -> float:
+    """Median wall time of argv in milliseconds (after one warm-up run)."""
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def cove(*args: str, cwd: Path, env: dict) -> None:
+    subprocess.run([COVE, *args], cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_image(work: Path, name: str, hello: Path, env: dict, python: bool) -> Path:
+    cove("new", name, cwd=work, env=env)
+    root = work / name
+    cove("add", "--no-deps", "--to", "/bin", str(hello), cwd=root, env=env)
+    cove("add", "/bin/sleep", cwd=root, env=env)
+    if python:
+        cove("add", "--bom", str(ROOT / "examples" / "python" / "cove.bom"), cwd=root, env=env)
+    cove("build", cwd=root, env=env)
+    return root
+
+
+def image_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "image").rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def bare_bwrap(image: Path) -> list[str]:
+    return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", str(image), "/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/hello"]
+
+
+def peak_rss_mb(root: Path, env: dict) -> float:
+    """VmHWM of the cove process while its enclave sleeps for a second."""
+    proc = subprocess.Popen([COVE, "run", "/bin/sleep", "1"], cwd=root, env=env)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return peak / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cove-bench-"))
+    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"))
+    try:
+        (work / "hello.c").write_text(HELLO)
+        hello = work / "hello"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(hello), str(work / "hello.c")], check=True)
+        native = timed([str(hello)], args.runs)
+        print(f"runs per figure: {args.runs} (median)")
+        print(f"native hello: {native:.1f} ms")
+        for label, python in (("small", False), ("python", True)):
+            root = make_image(work, label, hello, env, python)
+            size = image_size(root) / 1e6
+            bwrap = timed(bare_bwrap(root / "image"), args.runs)
+            cove_ms = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, env)
+            print(f"{label} image ({size:.1f} MB): bare bwrap {bwrap:.1f} ms, cove run {cove_ms:.1f} ms, "
+                  f"overhead over bwrap {cove_ms - bwrap:.1f} ms "
+                  f"(x{cove_ms / bwrap:.2f} bwrap, x{cove_ms / native:.1f} native)")
+            print(f"{label} image: peak RSS of the cove process {peak_rss_mb(root, env):.1f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

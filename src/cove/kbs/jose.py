@@ -1,0 +1,206 @@
+"""JOSE, all through joserfc: TEE keys, resource JWEs, attestation and admin tokens.
+
+- A TEE key (``runtime-data.tee-pubkey``) is an EC P-256/P-384 JWK (answered
+  with ``ECDH-ES+A256KW``) or an RSA JWK of at least 2048 bits (answered with
+  ``RSA-OAEP-256``); content is always ``A256GCM``. Everything is in the
+  protected header (so it is authenticated); the response is the flattened
+  JSON serialization the KBS protocol names.
+- Attestation tokens are JWTs signed ES256 by the broker's token key, with
+  ``iss``, ``iat``, ``exp``, ``jti``, the broker's ``jwk``, the
+  ``tee-pubkey`` and the appraised claims.
+- Admin tokens are JWTs an admin signs with an Ed25519 (EdDSA) or EC key the
+  broker has registered under the ``kid`` name, short-lived, for this
+  broker's audience.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as pysecrets
+import time
+
+from joserfc import jwe, jwk, jwt
+from joserfc.errors import JoseError
+
+from cove.kbs.problems import Problem
+
+CONTENT_ENC = "A256GCM"
+ALG_FOR = {"EC": "ECDH-ES+A256KW", "RSA": "RSA-OAEP-256"}
+TOKEN_ALG = "ES256"
+ADMIN_ALGS = ("EdDSA", "ES256", "ES384")
+ADMIN_TOKEN_MAX_LIFETIME = 300
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+
+
+def tee_key(value) -> tuple[jwk.Key, str]:
+    """The TEE's public key from runtime-data and the JWE algorithm to answer with."""
+    if not isinstance(value, dict):
+        raise Problem("InvalidRequest", "runtime-data.tee-pubkey must be a JWK object")
+    kty = value.get("kty")
+    if kty not in ALG_FOR:
+        raise Problem("InvalidRequest", f"tee-pubkey kty {kty!r} is not EC or RSA")
+    if any(member in value for member in _PRIVATE_MEMBERS):
+        raise Problem("InvalidRequest", "tee-pubkey carries private key material; send only the public key")
+    alg = ALG_FOR[kty]
+    if "alg" in value and value["alg"] != alg:
+        raise Problem("InvalidRequest", f"tee-pubkey alg {value['alg']!r} is not supported; use {alg}")
+    if kty == "EC" and value.get("crv") not in ("P-256", "P-384"):
+        raise Problem("InvalidRequest", f"tee-pubkey curve {value.get('crv')!r} is not P-256 or P-384")
+    try:
+        key = jwk.import_key({k: v for k, v in value.items() if k in ("kty", "crv", "x", "y", "n", "e")}, kty)
+        key.raw_value  # noqa: B018 - loading checks the point is on the curve
+    except (JoseError, ValueError, TypeError, AttributeError) as exc:
+        raise Problem("InvalidRequest", f"tee-pubkey is not a valid public key: {exc}") from None
+    if kty == "RSA" and key.raw_value.key_size < 2048:  # type: ignore[attr-defined]
+        raise Problem("InvalidRequest", "tee-pubkey RSA keys must have at least 2048 bits")
+    return key, alg
+
+
+def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
+    """A flattened JWE of plaintext for the TEE key, every header member protected."""
+    key, alg = tee_key(tee_pubkey)
+    compact = jwe.encrypt_compact({"alg": alg, "enc": CONTENT_ENC}, plaintext, key,
+                                  algorithms=[alg, CONTENT_ENC])
+    parts = compact.split(".")
+    return dict(zip(("protected", "encrypted_key", "iv", "ciphertext", "tag"), parts))
+
+
+def decrypt_from(document: dict, private_key: jwk.Key) -> bytes:
+    """Open a resource JWE with the TEE's private key; any tampering raises ValueError."""
+    if not isinstance(document, dict) or "protected" not in document or "ciphertext" not in document:
+        raise ValueError("the response is not a flattened JWE")
+    alg = ALG_FOR.get(private_key.key_type)
+    try:
+        header = json.loads(_b64(document["protected"]))
+        if header.get("alg") != alg or header.get("enc") != CONTENT_ENC:
+            raise ValueError(f"unexpected JWE algorithms {header.get('alg')}/{header.get('enc')}")
+        if "aad" in document or "header" in document or "unprotected" in document:
+            raise ValueError("the JWE carries members outside the protected header")
+        result = jwe.decrypt_json(document, private_key, algorithms=[alg, CONTENT_ENC])
+    except (JoseError, KeyError, TypeError) as exc:
+        raise ValueError(f"the JWE does not decrypt: {type(exc).__name__}") from None
+    return bytes(result.plaintext or b"")
+
+
+def _b64(text: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def new_tee_key(kind: str = "EC") -> jwk.Key:
+    """An ephemeral TEE key pair (EC P-256 by default, or RSA 3072)."""
+    return jwk.generate_key("EC", "P-256") if kind == "EC" else jwk.generate_key("RSA", 3072)
+
+
+def public_jwk(key: jwk.Key) -> dict:
+    public = key.as_dict(private=False)
+    public["alg"] = ALG_FOR[key.key_type]
+    return public
+
+
+# -- attestation tokens --------------------------------------------------------------------
+class TokenIssuer:
+    """Signs and checks this broker's attestation tokens."""
+
+    def __init__(self, signing_key: jwk.Key, issuer: str, lifetime: float):
+        self.key = signing_key
+        self.issuer = issuer
+        self.lifetime = lifetime
+        self.public = signing_key.as_dict(private=False)
+        self.kid = jwk.thumbprint(self.public)
+        self.public["kid"] = self.kid
+        self.public["alg"] = TOKEN_ALG
+        self.public["use"] = "sig"
+
+    def issue(self, tee_pubkey: dict, claims: dict, now: float | None = None) -> str:
+        now = int(now if now is not None else time.time())
+        body = {"iss": self.issuer, "iat": now, "nbf": now, "exp": now + int(self.lifetime),
+                "jti": pysecrets.token_hex(16), "jwk": self.public, "tee-pubkey": tee_pubkey,
+                "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": claims.get("_evaluation")}
+        return jwt.encode({"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid}, body, self.key,
+                          algorithms=[TOKEN_ALG])
+
+    def verify(self, token: str, now: float | None = None) -> dict:
+        """The claims of a token this broker issued and that is still valid, or a 401 problem."""
+        try:
+            decoded = jwt.decode(token, self.key, algorithms=[TOKEN_ALG])
+        except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise Problem("TokenVerifierError",
+                          f"the token is not signed by this broker ({type(exc).__name__})") from None
+        claims = decoded.claims
+        now = now if now is not None else time.time()
+        if claims.get("iss") != self.issuer:
+            raise Problem("TokenVerifierError", "the token was issued by another broker")
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or exp < now:
+            raise Problem("TokenVerifierError", "the token has expired; attest again")
+        if not isinstance(claims.get("tee-pubkey"), dict) or not isinstance(claims.get("tcb-status"), dict):
+            raise Problem("TokenVerifierError", "the token lacks tee-pubkey or claims")
+        return claims
+
+
+# -- admin tokens ------------------------------------------------------------------------------
+def make_admin_token(private_key: jwk.Key, key_name: str, audience: str, lifetime: int = 60,
+                     now: float | None = None) -> str:
+    """What `cove kbs admin` sends as its bearer token."""
+    now = int(now if now is not None else time.time())
+    alg = _admin_alg(private_key)
+    return jwt.encode({"alg": alg, "typ": "JWT", "kid": key_name},
+                      {"aud": audience, "iat": now, "exp": now + lifetime, "jti": pysecrets.token_hex(8),
+                       "sub": key_name}, private_key, algorithms=[alg])
+
+
+def _admin_alg(key: jwk.Key) -> str:
+    if key.key_type == "OKP":
+        return "EdDSA"
+    if key.key_type == "EC":
+        return {"P-256": "ES256", "P-384": "ES384"}.get(key.as_dict().get("crv"), "")
+    raise ValueError("admin keys are Ed25519 or EC P-256/P-384")
+
+
+def admin_key_name(token: str) -> str:
+    """The kid of an admin token, before its signature is checked (to find the key)."""
+    try:
+        header = json.loads(_b64(token.split(".")[0]))
+    except Exception:
+        raise Problem("AdminAuth", "the bearer token is not a JWT") from None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    if not isinstance(kid, str) or not kid:
+        raise Problem("AdminAuth", "the admin token names no key (kid)")
+    return kid
+
+
+def verify_admin_token(token: str, public: dict, audience: str, now: float | None = None) -> dict:
+    """Check an admin token against the registered public key; a 401 problem otherwise."""
+    try:
+        key = jwk.import_key(public, public.get("kty"))
+        decoded = jwt.decode(token, key, algorithms=[_admin_alg(key)])
+    except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise Problem("AdminAuth", f"the admin token's signature is not valid ({type(exc).__name__})") from None
+    claims = decoded.claims
+    now = now if now is not None else time.time()
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, (int, float)) or not isinstance(iat, (int, float)):
+        raise Problem("AdminAuth", "the admin token lacks iat or exp")
+    if exp < now or iat > now + 60 or exp - iat > ADMIN_TOKEN_MAX_LIFETIME:
+        raise Problem("AdminAuth", "the admin token has expired or lives too long; sign a fresh one")
+    if claims.get("aud") != audience:
+        raise Problem("AdminAuth", "the admin token is for another broker")
+    return claims
+
+
+def load_private_jwk(text: str | bytes) -> jwk.Key:
+    """An admin's private key from a JWK (JSON) or a PEM file's text."""
+    raw = text.encode() if isinstance(text, str) else text
+    stripped = raw.strip()
+    if stripped.startswith(b"{"):
+        data = json.loads(stripped)
+        return jwk.import_key(data, data.get("kty"))
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    key = serialization.load_pem_private_key(stripped, password=None)
+    kty = "OKP" if isinstance(key, ed25519.Ed25519PrivateKey) else "EC" if isinstance(
+        key, ec.EllipticCurvePrivateKey) else "RSA"
+    return jwk.import_key(stripped, kty)

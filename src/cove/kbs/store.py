@@ -1,0 +1,473 @@
+"""Storage: SQLite by default, PostgreSQL with ``postgresql://...``.
+
+Everything the broker knows lives here, never in a process: secrets (sealed
+by :mod:`cove.kbs.vault`), policies, admin keys, attestation sessions with
+their nonces, the audit log, and the broker's own keys (sealed). Two broker
+processes on one PostgreSQL database therefore act as one service.
+
+The schema is versioned: :data:`MIGRATIONS` is an append-only list, and
+opening a store applies the steps it has not seen, each in a transaction,
+under a lock so that two processes starting together do not race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cove.errors import CoveError
+
+# Each step: (version, description, [statements]); {blob}, {real}, {serial} are
+# replaced per dialect. Never edit a released step: append a new one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "initial schema", [
+        "CREATE TABLE kbs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE kbs_keys (name TEXT PRIMARY KEY, sealed {blob} NOT NULL, created_at {real} NOT NULL)",
+        "CREATE TABLE policies (name TEXT PRIMARY KEY, body TEXT NOT NULL, version INTEGER NOT NULL,"
+        " created_at {real} NOT NULL, updated_at {real} NOT NULL)",
+        "CREATE TABLE secrets (path TEXT PRIMARY KEY, kind TEXT NOT NULL, params TEXT NOT NULL,"
+        " policy TEXT NOT NULL, exportable INTEGER NOT NULL, current_version INTEGER NOT NULL,"
+        " public TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL)",
+        "CREATE TABLE secret_versions (path TEXT NOT NULL, version INTEGER NOT NULL, sealed {blob} NOT NULL,"
+        " created_at {real} NOT NULL, created_by TEXT NOT NULL, PRIMARY KEY (path, version))",
+        "CREATE TABLE admin_keys (name TEXT PRIMARY KEY, jwk TEXT NOT NULL, role TEXT NOT NULL,"
+        " created_at {real} NOT NULL)",
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, nonce TEXT NOT NULL, tee TEXT NOT NULL,"
+        " state TEXT NOT NULL, created_at {real} NOT NULL, expires_at {real} NOT NULL,"
+        " claims TEXT, tee_pubkey TEXT)",
+        "CREATE INDEX sessions_expiry ON sessions (expires_at)",
+        "CREATE TABLE audit (id {serial}, at {real} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,"
+        " resource TEXT, measurement TEXT, outcome TEXT NOT NULL, detail TEXT)",
+        "CREATE INDEX audit_at ON audit (at)",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_DIALECT = {
+    "sqlite": {"{blob}": "BLOB", "{real}": "REAL", "{serial}": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"{blob}": "BYTEA", "{real}": "DOUBLE PRECISION", "{serial}": "BIGSERIAL PRIMARY KEY"},
+}
+# A PostgreSQL advisory lock key for migrations ("cove-kbs" as an integer).
+_PG_LOCK = 0x636F76656B6273
+
+
+class StoreError(CoveError):
+    """The database cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    id: str
+    nonce: str
+    tee: str
+    state: str
+    created_at: float
+    expires_at: float
+    claims: dict | None
+    tee_pubkey: dict | None
+
+
+@dataclass(frozen=True)
+class SecretRow:
+    path: str
+    kind: str
+    params: dict
+    policy: str
+    exportable: bool
+    current_version: int
+    public: dict | None
+    created_at: float
+    updated_at: float
+
+
+def _fill(statement: str, dialect: str) -> str:
+    for key, value in _DIALECT[dialect].items():
+        statement = statement.replace(key, value)
+    return statement
+
+
+class _Pool:
+    """A small blocking pool of connections (one per concurrent request thread)."""
+
+    def __init__(self, connect, size: int):
+        self._connect = connect
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextmanager
+    def connection(self):
+        if not self._slots.acquire(timeout=30):
+            raise StoreError("the database connection pool is exhausted")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            yield conn
+        except BaseException:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                self._idle.put(conn)
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+            except Exception:
+                continue
+
+
+class Store:
+    """The broker's database; safe to share between the threads of a process."""
+
+    def __init__(self, url: str, pool_size: int = 16):
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self._pool = _Pool(self._connect_pg, pool_size)
+        else:
+            self.dialect = "sqlite"
+            path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+            if path.startswith("sqlite:"):
+                raise StoreError(f"--db {url}: write sqlite:///PATH or a plain file path")
+            self.path = Path(path)
+            if not self.path.parent.is_dir():
+                raise StoreError(f"--db {url}: folder {self.path.parent} does not exist")
+            self._pool = _Pool(self._connect_sqlite, pool_size)
+        self.migrate()
+
+    # -- connections ---------------------------------------------------------------
+    def _connect_sqlite(self):
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
+        return conn
+
+    def _connect_pg(self):
+        import psycopg
+
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreError(f"cannot connect to PostgreSQL: {first}",
+                             "check --db (postgresql://USER@HOST:PORT/DB) and that the server runs") from None
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s") if self.dialect == "postgresql" else statement
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside one transaction (BEGIN IMMEDIATE on SQLite)."""
+        with self._pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+            try:
+                yield _Cursor(cur, self._sql)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+
+    def query(self, statement: str, args: tuple = ()) -> list[tuple]:
+        with self._pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(self._sql(statement), args)
+            return list(cur.fetchall()) if cur.description else []
+
+    def execute(self, statement: str, args: tuple = ()) -> int:
+        with self._pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(self._sql(statement), args)
+            return cur.rowcount
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- migrations ------------------------------------------------------------------
+    def schema_version(self) -> int:
+        try:
+            rows = self.query("SELECT value FROM kbs_meta WHERE key = 'schema_version'")
+        except Exception:
+            return 0
+        return int(rows[0][0]) if rows else 0
+
+    def migrate(self) -> None:
+        """Apply the migrations this database has not seen, under a lock."""
+        try:
+            with self._pool.connection() as conn:
+                cur = conn.cursor()
+                if self.dialect == "postgresql":
+                    cur.execute("SELECT pg_advisory_lock(%s)", (_PG_LOCK,))
+                else:
+                    cur.execute("BEGIN IMMEDIATE")
+                try:
+                    current = self._version_on(cur)
+                    if current > SCHEMA_VERSION:
+                        raise StoreError(f"the database schema is version {current}, newer than this "
+                                         f"broker's {SCHEMA_VERSION}", "upgrade Cove")
+                    for version, _description, statements in MIGRATIONS:
+                        if version <= current:
+                            continue
+                        if self.dialect == "postgresql":
+                            cur.execute("BEGIN")
+                        for statement in statements:
+                            cur.execute(_fill(statement, self.dialect))
+                        cur.execute(self._sql("INSERT INTO kbs_meta (key, value) VALUES (?, ?) "
+                                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+                                    ("schema_version", str(version)))
+                        if self.dialect == "postgresql":
+                            cur.execute("COMMIT")
+                    if self.dialect == "sqlite":
+                        cur.execute("COMMIT")
+                except BaseException:
+                    try:
+                        cur.execute("ROLLBACK")
+                    except Exception:
+                        pass
+                    raise
+                finally:
+                    if self.dialect == "postgresql":
+                        cur.execute("SELECT pg_advisory_unlock(%s)", (_PG_LOCK,))
+        except StoreError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot use the SQLite database {self.url}: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                raise StoreError(f"cannot prepare the PostgreSQL database: {str(exc).strip()}") from None
+            raise
+
+    def _version_on(self, cur) -> int:
+        if self.dialect == "sqlite":
+            cur.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='kbs_meta'")
+        else:
+            cur.execute("SELECT tablename FROM pg_tables WHERE tablename = 'kbs_meta'")
+        if not cur.fetchall():
+            return 0
+        cur.execute("SELECT value FROM kbs_meta WHERE key = 'schema_version'")
+        rows = cur.fetchall()
+        return int(rows[0][0]) if rows else 0
+
+    # -- meta and broker keys ------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM kbs_meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta_once(self, key: str, value: str) -> str:
+        """Store value under key unless one is there; return what is stored."""
+        self.execute("INSERT INTO kbs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                     (key, value))
+        return self.meta(key)  # type: ignore[return-value]
+
+    def broker_key(self, name: str) -> bytes | None:
+        rows = self.query("SELECT sealed FROM kbs_keys WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+    def add_broker_key_once(self, name: str, sealed: bytes) -> bytes:
+        self.execute("INSERT INTO kbs_keys (name, sealed, created_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT (name) DO NOTHING", (name, sealed, time.time()))
+        return self.broker_key(name)  # type: ignore[return-value]
+
+    # -- sessions ----------------------------------------------------------------------
+    def create_session(self, session_id: str, nonce: str, tee: str, lifetime: float) -> None:
+        now = time.time()
+        self.execute("INSERT INTO sessions (id, nonce, tee, state, created_at, expires_at) "
+                     "VALUES (?, ?, ?, 'challenged', ?, ?)", (session_id, nonce, tee, now, now + lifetime))
+
+    def session(self, session_id: str) -> SessionRow | None:
+        rows = self.query("SELECT id, nonce, tee, state, created_at, expires_at, claims, tee_pubkey "
+                          "FROM sessions WHERE id = ?", (session_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
+                          json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
+
+    def consume_nonce(self, session_id: str, nonce: str) -> bool:
+        """Move a challenged session to 'appraising'; False if its nonce was already used."""
+        return self.execute("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
+                            "AND state = 'challenged' AND expires_at > ?",
+                            (session_id, nonce, time.time())) == 1
+
+    def finish_session(self, session_id: str, ok: bool, claims: dict | None, tee_pubkey: dict | None,
+                       lifetime: float) -> None:
+        self.execute("UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?",
+                     ("attested" if ok else "failed", json.dumps(claims) if claims is not None else None,
+                      json.dumps(tee_pubkey) if tee_pubkey is not None else None,
+                      time.time() + lifetime, session_id))
+
+    def purge_sessions(self, now: float | None = None) -> int:
+        return self.execute("DELETE FROM sessions WHERE expires_at < ?", (now or time.time(),))
+
+    def count_sessions(self) -> int:
+        return int(self.query("SELECT COUNT(*) FROM sessions")[0][0])
+
+    # -- policies ----------------------------------------------------------------------
+    def put_policy(self, name: str, body: str) -> int:
+        now = time.time()
+        with self.transaction() as cur:
+            rows = cur.fetch("SELECT version FROM policies WHERE name = ?", (name,))
+            if rows:
+                version = int(rows[0][0]) + 1
+                cur.run("UPDATE policies SET body = ?, version = ?, updated_at = ? WHERE name = ?",
+                        (body, version, now, name))
+            else:
+                version = 1
+                cur.run("INSERT INTO policies (name, body, version, created_at, updated_at) "
+                        "VALUES (?, ?, 1, ?, ?)", (name, body, now, now))
+        return version
+
+    def policy(self, name: str) -> tuple[str, int] | None:
+        rows = self.query("SELECT body, version FROM policies WHERE name = ?", (name,))
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    def policies(self) -> list[dict]:
+        rows = self.query("SELECT name, version, updated_at FROM policies ORDER BY name")
+        return [{"name": r[0], "version": int(r[1]), "updated_at": r[2]} for r in rows]
+
+    def delete_policy(self, name: str) -> bool:
+        return self.execute("DELETE FROM policies WHERE name = ?", (name,)) == 1
+
+    def policy_in_use(self, name: str) -> list[str]:
+        return [r[0] for r in self.query("SELECT path FROM secrets WHERE policy = ? ORDER BY path", (name,))]
+
+    # -- secrets -------------------------------------------------------------------------
+    def create_secret(self, row: SecretRow, sealed: bytes, actor: str) -> bool:
+        with self.transaction() as cur:
+            if cur.fetch("SELECT 1 FROM secrets WHERE path = ?", (row.path,)):
+                return False
+            cur.run("INSERT INTO secrets (path, kind, params, policy, exportable, current_version, public, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                    (row.path, row.kind, json.dumps(row.params), row.policy, int(row.exportable),
+                     json.dumps(row.public) if row.public is not None else None, row.created_at, row.updated_at))
+            cur.run("DELETE FROM secret_versions WHERE path = ?", (row.path,))
+            cur.run("INSERT INTO secret_versions (path, version, sealed, created_at, created_by) "
+                    "VALUES (?, 1, ?, ?, ?)", (row.path, sealed, row.created_at, actor))
+        return True
+
+    def add_version(self, path: str, version: int, sealed: bytes, public: dict | None, actor: str) -> bool:
+        """Make version the current one (it must be current + 1: rotations do not race)."""
+        now = time.time()
+        with self.transaction() as cur:
+            updated = cur.run("UPDATE secrets SET current_version = ?, public = ?, updated_at = ? "
+                              "WHERE path = ? AND current_version = ?",
+                              (version, json.dumps(public) if public is not None else None, now, path, version - 1))
+            if updated != 1:
+                return False
+            cur.run("INSERT INTO secret_versions (path, version, sealed, created_at, created_by) "
+                    "VALUES (?, ?, ?, ?, ?)", (path, version, sealed, now, actor))
+        return True
+
+    def set_secret_policy(self, path: str, policy: str) -> bool:
+        return self.execute("UPDATE secrets SET policy = ?, updated_at = ? WHERE path = ?",
+                            (policy, time.time(), path)) == 1
+
+    def secret(self, path: str) -> SecretRow | None:
+        rows = self.query("SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
+                          "updated_at FROM secrets WHERE path = ?", (path,))
+        return self._secret_row(rows[0]) if rows else None
+
+    @staticmethod
+    def _secret_row(r) -> SecretRow:
+        return SecretRow(r[0], r[1], json.loads(r[2]), r[3], bool(r[4]), int(r[5]),
+                         json.loads(r[6]) if r[6] else None, r[7], r[8])
+
+    def secrets(self, prefix: str = "") -> list[SecretRow]:
+        rows = self.query("SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
+                          "updated_at FROM secrets ORDER BY path")
+        return [self._secret_row(r) for r in rows if r[0].startswith(prefix)]
+
+    def sealed_version(self, path: str, version: int) -> bytes | None:
+        rows = self.query("SELECT sealed FROM secret_versions WHERE path = ? AND version = ?", (path, version))
+        return bytes(rows[0][0]) if rows else None
+
+    def versions(self, path: str) -> list[dict]:
+        rows = self.query("SELECT version, created_at, created_by FROM secret_versions WHERE path = ? "
+                          "ORDER BY version", (path,))
+        return [{"version": int(r[0]), "created_at": r[1], "created_by": r[2]} for r in rows]
+
+    def delete_secret(self, path: str) -> bool:
+        with self.transaction() as cur:
+            cur.run("DELETE FROM secret_versions WHERE path = ?", (path,))
+            return cur.run("DELETE FROM secrets WHERE path = ?", (path,)) == 1
+
+    # -- admin keys ------------------------------------------------------------------------
+    def add_admin_key(self, name: str, jwk: dict, role: str) -> bool:
+        with self.transaction() as cur:
+            if cur.fetch("SELECT 1 FROM admin_keys WHERE name = ?", (name,)):
+                return False
+            cur.run("INSERT INTO admin_keys (name, jwk, role, created_at) VALUES (?, ?, ?, ?)",
+                    (name, json.dumps(jwk), role, time.time()))
+        return True
+
+    def admin_key(self, name: str) -> tuple[dict, str] | None:
+        rows = self.query("SELECT jwk, role FROM admin_keys WHERE name = ?", (name,))
+        return (json.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    def admin_keys(self) -> list[dict]:
+        rows = self.query("SELECT name, role, created_at FROM admin_keys ORDER BY name")
+        return [{"name": r[0], "role": r[1], "created_at": r[2]} for r in rows]
+
+    def delete_admin_key(self, name: str) -> bool:
+        return self.execute("DELETE FROM admin_keys WHERE name = ?", (name,)) == 1
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(self, actor: str, action: str, outcome: str, resource: str | None = None,
+              measurement: str | None = None, detail: str | None = None) -> None:
+        self.execute("INSERT INTO audit (at, actor, action, resource, measurement, outcome, detail) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (time.time(), actor, action, resource, measurement, outcome, detail))
+
+    def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
+        statement = ("SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit "
+                     "WHERE id > ?")
+        args: tuple = (since_id,)
+        if action:
+            statement += " AND action = ?"
+            args += (action,)
+        statement += " ORDER BY id LIMIT ?"
+        rows = self.query(statement, args + (limit,))
+        keys = ("id", "at", "actor", "action", "resource", "measurement", "outcome", "detail")
+        return [dict(zip(keys, r)) for r in rows]
+
+
+class _Cursor:
+    """A cursor inside :meth:`Store.transaction` with the dialect's placeholders."""
+
+    def __init__(self, cur, sql):
+        self._cur, self._sqlf = cur, sql
+
+    def run(self, statement: str, args: tuple = ()) -> int:
+        self._cur.execute(self._sqlf(statement), args)
+        return self._cur.rowcount
+
+    def fetch(self, statement: str, args: tuple = ()) -> list[tuple]:
+        self._cur.execute(self._sqlf(statement), args)
+        return list(self._cur.fetchall())
