@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-SHELL_TOOLS = ("/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/sleep", "/usr/bin/id")
+SHELL_TOOLS = ("/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/sleep", "/usr/bin/id", "/usr/bin/head")
 
 
 def set_option(config: Path, section: str, key: str, value: str) -> None:

@@ -58,8 +58,11 @@ def test_tmpfs_size_is_enforced(cove, probe, tmp_path):
     text = (root / "cove.toml").read_text().replace('options = { size = "64M" }', 'options = { size = "1M" }')
     (root / "cove.toml").write_text(text)
     cove.ok("build", cwd=root)
-    result = cove("run", "/bin/sh", "-c", "i=0; while [ $i -lt 10000 ]; do echo 0123456789abcdef0123456789abcdef"
-                  "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-                  "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef; "
-                  "i=$((i+1)); done > /tmp/fill", cwd=root)
+    result = cove("run", "/bin/sh", "-c", "head -c 3000000 /dev/zero > /tmp/fill", cwd=root)
     assert result.returncode != 0 and "No space left on device" in result.stderr
+    assert cove.ok("run", "/bin/sh", "-c", "head -c 500000 /dev/zero > /tmp/fill", cwd=root)
+
+
+def test_tmpfs_defaults_to_sticky_world_writable(cove, probe, tmp_path):
+    root = make_instance(cove, tmp_path, probe)
+    assert cove.ok("run", "/bin/ls", "-ld", "/tmp", cwd=root).stdout.startswith("drwxrwxrwt")

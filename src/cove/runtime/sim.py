@@ -51,8 +51,7 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[s
             options = dict(mount.options)
             if "size" in options:
                 args += ["--size", str(parse_size(options["size"]))]
-            if "mode" in options:
-                args += ["--perms", options["mode"]]
+            args += ["--perms", options.get("mode", "1777")]
             args += ["--tmpfs", mount.target]
         elif mount.type == "host":
             if not os.path.exists(mount.source):
