@@ -8,7 +8,7 @@
 - Attestation tokens are JWTs signed ES256 by the broker's token key, with
   ``iss``, ``iat``, ``exp``, ``jti``, the broker's ``jwk``, the
   ``tee-pubkey`` and the appraised claims.
-- Admin tokens are JWTs an admin signs with an Ed25519 (EdDSA) or EC key the
+- Admin tokens are JWTs an admin signs with an Ed25519 or EC P-256/P-384 key the
   broker has registered under the ``kid`` name, short-lived, for this
   broker's audience.
 """
@@ -27,7 +27,7 @@ from cove.kbs.problems import Problem
 CONTENT_ENC = "A256GCM"
 ALG_FOR = {"EC": "ECDH-ES+A256KW", "RSA": "RSA-OAEP-256"}
 TOKEN_ALG = "ES256"
-ADMIN_ALGS = ("EdDSA", "ES256", "ES384")
+ADMIN_ALGS = ("Ed25519", "ES256", "ES384")
 ADMIN_TOKEN_MAX_LIFETIME = 300
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
@@ -113,11 +113,11 @@ class TokenIssuer:
         self.public["alg"] = TOKEN_ALG
         self.public["use"] = "sig"
 
-    def issue(self, tee_pubkey: dict, claims: dict, now: float | None = None) -> str:
+    def issue(self, tee_pubkey: dict, claims: dict, evaluation: str, now: float | None = None) -> str:
         now = int(now if now is not None else time.time())
         body = {"iss": self.issuer, "iat": now, "nbf": now, "exp": now + int(self.lifetime),
                 "jti": pysecrets.token_hex(16), "jwk": self.public, "tee-pubkey": tee_pubkey,
-                "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": claims.get("_evaluation")}
+                "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": evaluation}
         return jwt.encode({"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid}, body, self.key,
                           algorithms=[TOKEN_ALG])
 
@@ -153,7 +153,7 @@ def make_admin_token(private_key: jwk.Key, key_name: str, audience: str, lifetim
 
 def _admin_alg(key: jwk.Key) -> str:
     if key.key_type == "OKP":
-        return "EdDSA"
+        return "Ed25519"  # RFC 9864's fully specified name for EdDSA with Ed25519
     if key.key_type == "EC":
         return {"P-256": "ES256", "P-384": "ES384"}.get(key.as_dict().get("crv"), "")
     raise ValueError("admin keys are Ed25519 or EC P-256/P-384")

@@ -1,0 +1,394 @@
+"""The broker's logic, independent of HTTP: sessions, attestation, release, admin.
+
+Every decision is here, and every refusal is a :class:`~cove.kbs.problems.Problem`.
+State lives in the :class:`~cove.kbs.store.Store` only, so any number of
+processes sharing one database act as one broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hmac
+import json
+import re
+import secrets as pysecrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from joserfc import jwk
+
+from cove.kbs import appraisal, jose, policy as policy_mod, secrets as secrets_mod
+from cove.kbs.problems import Problem
+from cove.kbs.store import SecretRow, Store
+from cove.kbs.vault import Vault
+
+ROLES = ("admin", "auditor")
+# Roles and what they may do: auditors read metadata and the audit log, never values.
+WRITE_ACTIONS = ("secret.create", "secret.rotate", "secret.delete", "secret.export", "secret.policy",
+                 "policy.put", "policy.delete", "key.add", "key.delete")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^0\.([0-9]+)\.([0-9]+)$")
+
+
+@dataclass
+class Settings:
+    """How a broker behaves; `cove kbs serve` fills it from its options."""
+
+    db_url: str
+    master_key: bytes
+    issuer: str | None = None  # default: cove-kbs:<broker id>
+    challenge_lifetime: float = 300.0  # seconds between /auth and /attest
+    session_lifetime: float = 300.0  # an attested cookie session
+    token_lifetime: float = 3600.0
+    attestation_policy: str | None = None  # text; None = the default policy
+    anchors: appraisal.TrustAnchors = field(default_factory=appraisal.TrustAnchors)
+    clock: Callable[[], float] = time.time  # tests move time
+    pool_size: int = 16
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks for a resource: the claims and TEE key behind a cookie or a token."""
+
+    claims: dict
+    tee_pubkey: dict
+    via: str  # "cookie" or "token"
+    session: str | None = None
+
+
+class Broker:
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.db_url, settings.pool_size)
+        self.vault = Vault(settings.master_key)
+        stored = self.store.set_meta_once("master_key_check", self.vault.check_value())
+        self.vault.verify_check_value(stored)
+        self.broker_id = self.store.set_meta_once("broker_id", pysecrets.token_hex(16))
+        self.audience = f"cove-kbs:{self.broker_id}"
+        self.tokens = jose.TokenIssuer(self._token_key(), settings.issuer or self.audience,
+                                       settings.token_lifetime)
+        self.ca_key, self.ca_cert = self._ca()
+        self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy")
+                                   if settings.attestation_policy else policy_mod.default_attestation_policy())
+        self._policies: dict[tuple[str, int], policy_mod.Policy] = {}
+        self._policy_lock = threading.Lock()
+        self._last_purge = 0.0
+
+    # -- the broker's own keys (sealed in the database, shared by every process) --------------
+    def _sealed_once(self, name: str, make: Callable[[], bytes]) -> bytes:
+        sealed = self.store.broker_key(name)
+        if sealed is None:
+            sealed = self.store.add_broker_key_once(name, self.vault.seal(f"key:{name}", make()))
+        return self.vault.unseal(f"key:{name}", sealed)
+
+    def _token_key(self) -> jwk.Key:
+        data = self._sealed_once("token", lambda: json.dumps(
+            jwk.generate_key("EC", "P-256").as_dict(private=True)).encode())
+        return jwk.import_key(json.loads(data), "EC")
+
+    def _ca(self):
+        def make() -> bytes:
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Cove KBS CA {self.broker_id[:8]}")])
+            now = dt.datetime.now(dt.timezone.utc)
+            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                    .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                   critical=True)
+                    .sign(key, hashes.SHA256()))
+            return json.dumps({
+                "key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode(),
+                "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}).encode()
+        data = json.loads(self._sealed_once("ca", make))
+        return (serialization.load_pem_private_key(data["key"].encode(), password=None),
+                x509.load_pem_x509_certificate(data["cert"].encode()))
+
+    def ca_pem(self) -> str:
+        return self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def jwks(self) -> dict:
+        return {"keys": [self.tokens.public]}
+
+    def now(self) -> float:
+        return self.settings.clock()
+
+    # -- the KBS protocol ----------------------------------------------------------------------------
+    def auth(self, request) -> tuple[str, dict]:
+        """POST /kbs/v0/auth: a new session and its challenge."""
+        if not isinstance(request, dict):
+            raise Problem("InvalidRequest", "the auth request must be a JSON object")
+        version = request.get("version")
+        match = _VERSION.match(version) if isinstance(version, str) else None
+        if match is None or int(match.group(1)) > 4:
+            raise Problem("ProtocolVersion", f"protocol version {version!r} is not supported (0.1.0 .. 0.4.x)")
+        tee = appraisal.normalize_tee(request.get("tee"))
+        extra = request.get("extra-params", {})
+        if extra not in ("", None) and not isinstance(extra, dict):
+            raise Problem("InvalidRequest", "extra-params must be an object")
+        session_id = pysecrets.token_urlsafe(24)
+        nonce = base64.b64encode(pysecrets.token_bytes(32)).decode()
+        self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime)
+        self._maybe_purge()
+        return session_id, {"nonce": nonce, "extra-params": {}}
+
+    def _maybe_purge(self) -> None:
+        now = time.time()
+        if now - self._last_purge > 5:
+            self._last_purge = now
+            self.store.purge_sessions(self.now() - 60)
+
+    def _live_session(self, session_id: str | None):
+        if not session_id:
+            raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
+        row = self.store.session(session_id)
+        if row is None:
+            raise Problem("SessionNotFound", "the kbs-session-id names no session (unknown or purged)")
+        if row.expires_at < self.now():
+            raise Problem("SessionExpired", "the session has expired; POST /kbs/v0/auth again")
+        return row
+
+    def attest(self, session_id: str | None, body) -> str:
+        """POST /kbs/v0/attest: appraise evidence bound to this session's nonce; a token."""
+        row = self._live_session(session_id)
+        if not isinstance(body, dict):
+            raise Problem("InvalidRequest", "the attestation must be a JSON object")
+        runtime = body.get("runtime-data")
+        if not isinstance(runtime, dict) or "nonce" not in runtime or "tee-pubkey" not in runtime:
+            raise Problem("InvalidRequest", "runtime-data must hold nonce and tee-pubkey")
+        if row.state != "challenged":
+            raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
+        nonce = runtime.get("nonce")
+        if not isinstance(nonce, str) or not hmac.compare_digest(nonce.encode(), row.nonce.encode()):
+            raise Problem("NonceMismatch", "runtime-data.nonce is not this session's challenge nonce")
+        jose.tee_key(runtime["tee-pubkey"])
+        if "tee-evidence" not in body:
+            raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
+        if not self.store.consume_nonce(row.id, row.nonce):
+            raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
+        when = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        try:
+            claims = appraisal.appraise(row.tee, body["tee-evidence"], runtime, self.settings.anchors, when)
+            decision = self.attestation_policy.evaluate(claims)
+            if not decision.allowed:
+                raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
+                                                 f"{decision.reason}")
+        except Problem as problem:
+            self.store.finish_session(row.id, False, None, None, self.settings.challenge_lifetime)
+            self.store.audit(f"session:{row.id[:12]}", "attest", "denied", None, None,
+                             f"{row.tee}: {problem.kind}: {problem.detail}")
+            raise
+        self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime)
+        self.store.audit(f"session:{row.id[:12]}", "attest", "ok", None, claims.get("measurement"), row.tee)
+        return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
+
+    def caller(self, session_id: str | None, bearer: str | None) -> Caller:
+        """Who is asking: a bearer token of this broker, or an attested cookie session."""
+        if bearer:
+            claims = self.tokens.verify(bearer, self.now())
+            return Caller(claims["tcb-status"], claims["tee-pubkey"], "token")
+        if not session_id:
+            raise Problem("TokenNotFound", "no kbs-session-id cookie and no bearer token: attest first")
+        row = self._live_session(session_id)
+        if row.state != "attested" or row.claims is None or row.tee_pubkey is None:
+            raise Problem("AttestationError", "this session has not attested successfully")
+        return Caller(row.claims, row.tee_pubkey, "cookie", row.id)
+
+    def _policy(self, name: str) -> policy_mod.Policy | None:
+        found = self.store.policy(name)
+        if found is None:
+            return None
+        body, version = found
+        with self._policy_lock:
+            cached = self._policies.get((name, version))
+            if cached is None:
+                cached = policy_mod.load(body, f"policy {name}")
+                if len(self._policies) > 1000:
+                    self._policies.clear()
+                self._policies[(name, version)] = cached
+        return cached
+
+    def release(self, path: str, caller: Caller, version: int | None = None) -> dict:
+        """GET /kbs/v0/resource/...: the secret as a JWE to the caller's TEE key, if policy allows."""
+        secrets_mod.split_path(path)
+        who = f"{caller.claims.get('tee')}:{(caller.session or 'token')[:12]}"
+        measurement = caller.claims.get("measurement")
+        row = self.store.secret(path)
+        if row is None:
+            self.store.audit(who, "release", "not-found", path, measurement)
+            raise Problem("InvalidRequestPath", f"no resource {path}")
+        policy = self._policy(row.policy)
+        decision = (policy.evaluate(caller.claims) if policy is not None
+                    else policy_mod.Decision(False, f"its release policy {row.policy!r} does not exist"))
+        if not decision.allowed:
+            self.store.audit(who, "release", "denied", path, measurement, decision.reason)
+            raise Problem("PolicyDeny", f"{path}: {decision.reason}")
+        wanted = version or row.current_version
+        value = self._value(row, wanted)
+        if row.kind == "cert":
+            value = secrets_mod.issue_certificate(value, self.ca_key, self.ca_cert, caller.claims, path,
+                                                  row.params.get("days", 30))
+        document = jose.encrypt_to(caller.tee_pubkey, value)
+        self.store.audit(who, "release", "ok", f"{path}@{wanted}", measurement, caller.via)
+        return document
+
+    def _value(self, row: SecretRow, version: int) -> bytes:
+        sealed = self.store.sealed_version(row.path, version)
+        if sealed is None:
+            raise Problem("InvalidRequestPath", f"{row.path} has no version {version}")
+        return self.vault.unseal(f"secret:{row.path}@{version}", sealed)
+
+    # -- administration ----------------------------------------------------------------------------
+    def admin(self, bearer: str | None, action: str) -> str:
+        """The name of the admin key behind bearer, if its role allows action; a 401/403 otherwise."""
+        if not bearer:
+            raise Problem("AdminAuth", "no admin key: send a signed admin token as the bearer")
+        name = jose.admin_key_name(bearer)
+        found = self.store.admin_key(name)
+        if found is None:
+            raise Problem("AdminAuth", f"admin key {name!r} is not registered with this broker")
+        public, role = found
+        jose.verify_admin_token(bearer, public, self.audience, time.time())
+        if action in WRITE_ACTIONS and role != "admin":
+            self.store.audit(f"admin:{name}", action, "forbidden", None, None, f"role {role}")
+            raise Problem("AdminForbidden", f"admin key {name!r} has role {role}, which may not {action}")
+        return name
+
+    def bootstrap_admin(self, name: str, public: dict, role: str = "admin") -> bool:
+        """Register an admin key directly in the database (`cove kbs init`)."""
+        self._check_key(name, public, role)
+        added = self.store.add_admin_key(name, public, role)
+        if added:
+            self.store.audit("local:init", "key.add", "ok", name, None, role)
+        return added
+
+    @staticmethod
+    def _check_key(name: str, public: dict, role: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise Problem("InvalidRequest", f"admin key name {name!r} must be 1-64 letters, digits, '.', '_', '-'")
+        if role not in ROLES:
+            raise Problem("InvalidRequest", f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(public, dict) or any(k in public for k in ("d", "p", "q")):
+            raise Problem("InvalidRequest", "give the admin key's public JWK only")
+        try:
+            key = jwk.import_key(public, public.get("kty"))
+            jose._admin_alg(key)
+        except Exception as exc:
+            raise Problem("InvalidRequest", f"not an Ed25519 or EC P-256/P-384 public JWK: {exc}") from None
+
+    def add_admin_key(self, actor: str, name: str, public: dict, role: str) -> None:
+        self._check_key(name, public, role)
+        if not self.store.add_admin_key(name, public, role):
+            raise Problem("Conflict", f"admin key {name!r} exists")
+        self.store.audit(f"admin:{actor}", "key.add", "ok", name, None, role)
+
+    def delete_admin_key(self, actor: str, name: str) -> None:
+        if name == actor:
+            raise Problem("InvalidRequest", "an admin key cannot delete itself")
+        if not self.store.delete_admin_key(name):
+            raise Problem("NotFound", f"no admin key {name!r}")
+        self.store.audit(f"admin:{actor}", "key.delete", "ok", name)
+
+    def put_policy(self, actor: str, name: str, body: str) -> int:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise Problem("InvalidRequest", f"policy name {name!r} must be 1-64 letters, digits, '.', '_', '-'")
+        if not isinstance(body, str) or len(body) > 65536:
+            raise Problem("InvalidRequest", "a policy is a text of at most 64 KiB")
+        policy_mod.load(body, f"policy {name}")
+        version = self.store.put_policy(name, body)
+        self.store.audit(f"admin:{actor}", "policy.put", "ok", name, None, f"version {version}")
+        return version
+
+    def delete_policy(self, actor: str, name: str) -> None:
+        users = self.store.policy_in_use(name)
+        if users:
+            raise Problem("Conflict", f"policy {name!r} is used by {', '.join(users[:5])}")
+        if not self.store.delete_policy(name):
+            raise Problem("NotFound", f"no policy {name!r}")
+        self.store.audit(f"admin:{actor}", "policy.delete", "ok", name)
+
+    def get_policy(self, name: str) -> dict:
+        found = self.store.policy(name)
+        if found is None:
+            raise Problem("NotFound", f"no policy {name!r}")
+        return {"name": name, "body": found[0], "version": found[1]}
+
+    def create_secret(self, actor: str, path: str, kind: str, policy: str, exportable: bool,
+                      params: dict | None = None, value: bytes | None = None) -> dict:
+        secrets_mod.split_path(path)
+        params = secrets_mod.check_params(kind, params or {})
+        if self.store.policy(policy) is None:
+            raise Problem("NotFound", f"no policy {policy!r}: create it first (cove kbs admin policy put)")
+        if value is None:
+            material = secrets_mod.generate(kind, params)
+        else:
+            material = secrets_mod.from_upload(kind, value)
+        now = time.time()
+        row = SecretRow(path, kind, params, policy, bool(exportable), 1, material.public, now, now)
+        if not self.store.create_secret(row, self.vault.seal(f"secret:{path}@1", material.value), actor):
+            raise Problem("Conflict", f"secret {path} exists; rotate it or delete it first")
+        self.store.audit(f"admin:{actor}", "secret.create", "ok", path, None,
+                         f"{kind} {'uploaded' if value is not None else 'generated'}; policy {policy}; "
+                         f"{'exportable' if exportable else 'never exported'}")
+        return self.describe(path)
+
+    def rotate_secret(self, actor: str, path: str, value: bytes | None = None) -> dict:
+        row = self._secret_row(path)
+        material = (secrets_mod.generate(row.kind, row.params) if value is None
+                    else secrets_mod.from_upload(row.kind, value))
+        if value is None and row.kind == "data":
+            raise Problem("InvalidRequest", f"{path} holds uploaded data: give the new value")
+        version = row.current_version + 1
+        if not self.store.add_version(path, version, self.vault.seal(f"secret:{path}@{version}", material.value),
+                                      material.public, actor):
+            raise Problem("Conflict", f"{path} was rotated concurrently; try again")
+        self.store.audit(f"admin:{actor}", "secret.rotate", "ok", f"{path}@{version}")
+        return self.describe(path)
+
+    def set_secret_policy(self, actor: str, path: str, policy: str) -> dict:
+        self._secret_row(path)
+        if self.store.policy(policy) is None:
+            raise Problem("NotFound", f"no policy {policy!r}")
+        self.store.set_secret_policy(path, policy)
+        self.store.audit(f"admin:{actor}", "secret.policy", "ok", path, None, policy)
+        return self.describe(path)
+
+    def delete_secret(self, actor: str, path: str) -> None:
+        self._secret_row(path)
+        self.store.delete_secret(path)
+        self.store.audit(f"admin:{actor}", "secret.delete", "ok", path)
+
+    def _secret_row(self, path: str) -> SecretRow:
+        secrets_mod.split_path(path)
+        row = self.store.secret(path)
+        if row is None:
+            raise Problem("NotFound", f"no secret {path}")
+        return row
+
+    def describe(self, path: str) -> dict:
+        row = self._secret_row(path)
+        return {"path": row.path, "kind": row.kind, "params": row.params, "policy": row.policy,
+                "exportable": row.exportable, "version": row.current_version, "public": row.public,
+                "versions": self.store.versions(path), "created_at": row.created_at, "updated_at": row.updated_at}
+
+    def list_secrets(self) -> list[dict]:
+        return [{"path": r.path, "kind": r.kind, "policy": r.policy, "exportable": r.exportable,
+                 "version": r.current_version} for r in self.store.secrets()]
+
+    def export_secret(self, actor: str, path: str, version: int | None = None) -> bytes:
+        row = self._secret_row(path)
+        if not row.exportable:
+            self.store.audit(f"admin:{actor}", "secret.export", "refused", path, None, "never exported")
+            raise Problem("NotExportable", f"{path} is marked never exportable: only attested enclaves receive it")
+        value = self._value(row, version or row.current_version)
+        self.store.audit(f"admin:{actor}", "secret.export", "ok", f"{path}@{version or row.current_version}")
+        return value

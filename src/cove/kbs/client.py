@@ -1,0 +1,311 @@
+"""The KBS client: attest, then fetch resources; usable inside an enclave.
+
+    from cove.kbs.client import KbsClient, DevAttestation
+    client = KbsClient("https://kbs.example:8443", ca_cert="/etc/kbs-ca.pem")
+    client.attest(DevAttestation())          # /dev/attestation inside a Cove enclave
+    password = client.resource("prod/db/password")
+
+The client makes an ephemeral TEE key (EC P-256 by default, RSA 3072 on
+request) for each attestation; its private half never leaves the process. A
+response that does not decrypt under it (tampered, or meant for another key)
+is refused. Admin operations: :class:`AdminClient`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from cove.errors import CoveError
+from cove.kbs import appraisal, jose
+from cove.kbs.problems import kind_of
+
+PROTOCOL_VERSION = "0.1.1"
+
+
+class KbsError(CoveError):
+    """The broker refused, or could not be reached; ``kind`` names the problem type."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, hint: str | None = None, kind: str | None = None, status: int | None = None):
+        super().__init__(message, hint)
+        self.kind = kind
+        self.status = status
+
+
+class EvidenceProvider(Protocol):
+    tee: str
+
+    def evidence(self, report_data: bytes) -> dict:
+        """tee-evidence binding report_data (64 bytes)."""
+
+
+@dataclass
+class SampleEvidence:
+    """Unsigned `sample` evidence, for protocol tests; brokers refuse it by default."""
+
+    tee: str = "sample"
+    claims: dict = field(default_factory=lambda: {"svn": 1, "debug": False})
+
+    def evidence(self, report_data: bytes) -> dict:
+        return dict(self.claims, report_data=base64.b64encode(report_data).decode())
+
+
+@dataclass
+class DevAttestation:
+    """Cove evidence from /dev/attestation (inside a Cove enclave)."""
+
+    root: Path = Path("/dev/attestation")
+    tee: str = "cove"
+
+    def evidence(self, report_data: bytes) -> dict:
+        try:
+            (self.root / "user_report_data").write_bytes(report_data)
+            quote = (self.root / "quote").read_bytes()
+        except OSError as exc:
+            raise KbsError(f"cannot get evidence from {self.root}: {exc.strerror}",
+                           "run inside a Cove enclave (cove run), or give evidence another way") from None
+        return {"evidence": base64.b64encode(quote).decode()}
+
+
+@dataclass
+class StaticEvidence:
+    """Evidence made elsewhere (e.g. by a hardware tool): used as is, whatever the report data."""
+
+    tee: str
+    document: dict
+
+    def evidence(self, report_data: bytes) -> dict:
+        return self.document
+
+
+def _verify_option(ca_cert) -> object:
+    if ca_cert is None:
+        return True
+    if ca_cert is False:
+        return False
+    import ssl
+
+    path = Path(ca_cert)
+    if not path.is_file():
+        raise KbsError(f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)")
+    context = ssl.create_default_context(cafile=str(path))
+    return context
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        document = response.json()
+    except ValueError:
+        document = {}
+    kind = kind_of(document)
+    detail = document.get("detail") if isinstance(document, dict) else None
+    raise KbsError(f"{what}: the broker refused ({response.status_code} {kind or 'error'}): "
+                   f"{detail or response.text[:200]}", kind=kind, status=response.status_code)
+
+
+class KbsClient:
+    def __init__(self, url: str, ca_cert=None, timeout: float = 30.0, key_type: str = "EC",
+                 transport: httpx.BaseTransport | None = None):
+        self.url = url.rstrip("/")
+        self.key_type = key_type
+        self.http = httpx.Client(base_url=self.url, verify=_verify_option(ca_cert), timeout=timeout,
+                                 transport=transport)
+        self.tee_key = None
+        self.token: str | None = None
+        self.claims: dict | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _post(self, path: str, body: dict, what: str) -> httpx.Response:
+        try:
+            response = self.http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise KbsError(f"{what}: cannot reach the broker at {self.url}: {exc}",
+                           "check the URL, that the broker runs, and its CA certificate") from None
+        _raise_for(response, what)
+        return response
+
+    def challenge(self, tee: str) -> str:
+        """POST /kbs/v0/auth; the nonce (the session cookie is kept)."""
+        self.http.cookies.clear()
+        response = self._post("/kbs/v0/auth", {"version": PROTOCOL_VERSION, "tee": tee, "extra-params": {}}, "auth")
+        return response.json()["nonce"]
+
+    def attest(self, provider: EvidenceProvider) -> str:
+        """Run auth and attest; returns the attestation token (also kept for bearer use)."""
+        nonce = self.challenge(provider.tee)
+        self.tee_key = jose.new_tee_key(self.key_type)
+        runtime_data = {"nonce": nonce, "tee-pubkey": jose.public_jwk(self.tee_key)}
+        evidence = provider.evidence(appraisal.expected_report_data(runtime_data))
+        response = self._post("/kbs/v0/attest", {"runtime-data": runtime_data, "tee-evidence": evidence}, "attest")
+        self.token = response.json()["token"]
+        self.claims = _token_claims(self.token)
+        return self.token
+
+    def resource_document(self, path: str, version: int | None = None, bearer: bool = False) -> dict:
+        """The raw JWE for a resource (tests use it to tamper)."""
+        path = path.strip("/")
+        headers = {"Authorization": f"Bearer {self.token}"} if bearer and self.token else {}
+        params = {"version": version} if version else None
+        try:
+            if bearer:
+                response = self.http.get(f"/kbs/v0/resource/{path}", headers=headers, params=params,
+                                         cookies=httpx.Cookies())
+            else:
+                response = self.http.get(f"/kbs/v0/resource/{path}", params=params)
+        except httpx.HTTPError as exc:
+            raise KbsError(f"resource {path}: cannot reach the broker at {self.url}: {exc}") from None
+        _raise_for(response, f"resource {path}")
+        return response.json()
+
+    def open(self, document: dict) -> bytes:
+        if self.tee_key is None:
+            raise KbsError("no TEE key: attest first")
+        try:
+            return jose.decrypt_from(document, self.tee_key)
+        except ValueError as exc:
+            raise KbsError(f"the broker's response does not decrypt with this TEE's key: {exc}",
+                           "the response was tampered with or was meant for another TEE") from None
+
+    def resource(self, path: str, version: int | None = None, bearer: bool = False) -> bytes:
+        """GET /kbs/v0/resource/PATH, decrypted with this attestation's TEE key."""
+        return self.open(self.resource_document(path, version, bearer))
+
+
+def _token_claims(token: str) -> dict:
+    try:
+        body = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (IndexError, ValueError):
+        raise KbsError("the broker's attestation token is not a JWT") from None
+
+
+def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert=None, retries: int = 0,
+          backoff: float = 0.2) -> dict[str, bytes]:
+    """Attest once and fetch several resources; transport failures are retried (not refusals)."""
+    attempt = 0
+    while True:
+        try:
+            with KbsClient(url, ca_cert) as client:
+                client.attest(provider)
+                return {path: client.resource(path) for path in paths}
+        except KbsError as exc:
+            if exc.status is not None or attempt >= retries:
+                raise
+            attempt += 1
+            time.sleep(backoff * attempt)
+
+
+# -- administration --------------------------------------------------------------------------------
+class AdminClient:
+    """Signs a fresh admin token for each request with a registered admin key."""
+
+    def __init__(self, url: str, key, key_name: str, ca_cert=None, audience: str | None = None,
+                 timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.key = key
+        self.key_name = key_name
+        self.http = httpx.Client(base_url=self.url, verify=_verify_option(ca_cert), timeout=timeout)
+        self.audience = audience
+
+    @classmethod
+    def from_file(cls, url: str, key_file: Path, ca_cert=None) -> "AdminClient":
+        """An admin client from a key file written by `cove kbs init` (JSON: name, audience, jwk)."""
+        try:
+            data = json.loads(Path(key_file).read_text())
+            key = jose.load_private_jwk(json.dumps(data["jwk"]))
+            return cls(url, key, data["name"], ca_cert, data.get("audience"))
+        except FileNotFoundError:
+            raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KbsError(f"admin key file {key_file} is not a Cove admin key: {exc}") from None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _headers(self) -> dict:
+        if self.audience is None:
+            raise KbsError("the admin key file names no broker (audience)")
+        return {"Authorization": "Bearer " + jose.make_admin_token(self.key, self.key_name, self.audience)}
+
+    def request(self, method: str, path: str, body: dict | None = None, params: dict | None = None):
+        try:
+            response = self.http.request(method, path, json=body, params=params, headers=self._headers())
+        except httpx.HTTPError as exc:
+            raise KbsError(f"cannot reach the broker at {self.url}: {exc}") from None
+        _raise_for(response, f"{method} {path}")
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def create_secret(self, path: str, kind: str, policy: str, exportable: bool = True,
+                      params: dict | None = None, value: bytes | None = None) -> dict:
+        body = {"path": path, "kind": kind, "policy": policy, "exportable": exportable, "params": params or {}}
+        if value is not None:
+            body["value"] = base64.b64encode(value).decode()
+        return self.request("POST", "/kbs/v0/admin/secrets", body)
+
+    def rotate_secret(self, path: str, value: bytes | None = None) -> dict:
+        body = {"value": base64.b64encode(value).decode()} if value is not None else {}
+        return self.request("POST", f"/kbs/v0/admin/secrets/{path}/rotate", body)
+
+    def set_secret_policy(self, path: str, policy: str) -> dict:
+        return self.request("PUT", f"/kbs/v0/admin/secrets/{path}/policy", {"policy": policy})
+
+    def delete_secret(self, path: str) -> None:
+        self.request("DELETE", f"/kbs/v0/admin/secrets/{path}")
+
+    def secrets(self) -> list[dict]:
+        return self.request("GET", "/kbs/v0/admin/secrets")
+
+    def secret(self, path: str) -> dict:
+        return self.request("GET", f"/kbs/v0/admin/secrets/{path}")
+
+    def export(self, path: str, version: int | None = None) -> bytes:
+        result = self.request("GET", f"/kbs/v0/admin/secrets/{path}/value",
+                              params={"version": version} if version else None)
+        return base64.b64decode(result["value"])
+
+    def put_policy(self, name: str, body: str) -> dict:
+        return self.request("PUT", f"/kbs/v0/admin/policies/{name}", {"body": body})
+
+    def policy(self, name: str) -> dict:
+        return self.request("GET", f"/kbs/v0/admin/policies/{name}")
+
+    def policies(self) -> list[dict]:
+        return self.request("GET", "/kbs/v0/admin/policies")
+
+    def delete_policy(self, name: str) -> None:
+        self.request("DELETE", f"/kbs/v0/admin/policies/{name}")
+
+    def audit(self, after: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
+        params = {"after": after, "limit": limit}
+        if action:
+            params["action"] = action
+        return self.request("GET", "/kbs/v0/admin/audit", params=params)
+
+    def add_key(self, name: str, public_jwk: dict, role: str) -> dict:
+        return self.request("POST", "/kbs/v0/admin/keys", {"name": name, "jwk": public_jwk, "role": role})
+
+    def keys(self) -> list[dict]:
+        return self.request("GET", "/kbs/v0/admin/keys")
+
+    def delete_key(self, name: str) -> None:
+        self.request("DELETE", f"/kbs/v0/admin/keys/{name}")

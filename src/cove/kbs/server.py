@@ -1,0 +1,372 @@
+"""The HTTP face of the broker: a FastAPI application and ``serve``.
+
+Protocol endpoints (the KBS attestation protocol):
+``POST /kbs/v0/auth``, ``POST /kbs/v0/attest``,
+``GET /kbs/v0/resource/{repository}/{type}/{tag}``; public helpers
+``GET /kbs/v0/jwks`` (token keys), ``GET /kbs/v0/ca`` (the broker's CA),
+``GET /healthz`` and ``GET /metrics`` (Prometheus). Admin endpoints live
+under ``/kbs/v0/admin/`` and need a signed admin token. Every error is an RFC
+7807 problem document (``application/problem+json``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cove.errors import CoveError
+from cove.kbs.broker import Broker, Settings
+from cove.kbs.problems import Problem
+
+COOKIE = "kbs-session-id"
+PROBLEM_MEDIA = "application/problem+json"
+log = logging.getLogger("cove.kbs")
+
+
+# -- request and response bodies (they make the OpenAPI document) ----------------------------------
+class AuthRequest(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    version: str = Field(description="KBS protocol version, e.g. 0.1.1", max_length=32)
+    tee: str = Field(description="cove, tpm, sgx, tdx, snp or sample", max_length=32)
+    extra_params: dict[str, Any] | str | None = Field(default=None, alias="extra-params")
+
+
+class Challenge(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    nonce: str
+    extra_params: dict[str, Any] = Field(default_factory=dict, alias="extra-params")
+
+
+class RuntimeData(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    nonce: str = Field(max_length=256)
+    tee_pubkey: dict[str, Any] = Field(alias="tee-pubkey", description="the TEE's public key as a JWK")
+
+
+class Attestation(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    runtime_data: RuntimeData = Field(alias="runtime-data")
+    tee_evidence: Any = Field(alias="tee-evidence", description="evidence; format per tee type")
+    init_data: dict[str, Any] | None = Field(default=None, alias="init-data")
+
+
+class AttestationToken(BaseModel):
+    token: str
+
+
+class Jwe(BaseModel):
+    protected: str
+    encrypted_key: str
+    iv: str
+    ciphertext: str
+    tag: str
+
+
+class ProblemDocument(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class SecretCreate(BaseModel):
+    path: str = Field(description="repository/type/tag", max_length=400)
+    kind: str = Field(description="data, aes-256, ec-p256, ec-p384, rsa-2048/3072/4096, cert or password",
+                      max_length=32)
+    policy: str = Field(description="name of the release policy", max_length=64)
+    exportable: bool = Field(default=True, description="false: never readable by admins")
+    params: dict[str, Any] = Field(default_factory=dict)
+    value: str | None = Field(default=None, description="base64 of an uploaded value; omit to generate")
+
+
+class SecretRotate(BaseModel):
+    value: str | None = Field(default=None, description="base64 of the new value; omit to generate")
+
+
+class SecretPolicy(BaseModel):
+    policy: str = Field(max_length=64)
+
+
+class PolicyBody(BaseModel):
+    body: str = Field(description="the policy text (TOML or JSON)", max_length=65536)
+
+
+class AdminKey(BaseModel):
+    name: str = Field(max_length=64)
+    jwk: dict[str, Any]
+    role: str = Field(default="admin", max_length=16)
+
+
+_ERRORS = {status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}} for status in (400, 401, 403, 404)}
+
+
+def _problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    return JSONResponse(problem.document(request.url.path if request else None), status_code=problem.status,
+                        media_type=PROBLEM_MEDIA)
+
+
+def _b64decode(value: str | None, what: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem("InvalidRequest", f"{what} must be base64") from None
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            items = sorted(self.counts.items())
+        lines = ["# TYPE cove_kbs_requests_total counter"]
+        for name, count in items:
+            lines.append(f'cove_kbs_requests_total{{outcome="{name}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+
+def create_app(broker: Broker, https: bool = True) -> FastAPI:
+    app = FastAPI(title="Cove key broker", version="0.1.0",
+                  description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
+    app.state.broker = broker
+    metrics = Metrics()
+
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, problem: Problem):
+        metrics.add(problem.kind)
+        return _problem_response(problem, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        metrics.add("InvalidRequest")
+        return _problem_response(Problem("InvalidRequest", f"{where or 'body'}: {first.get('msg', 'invalid')}"),
+                                 request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "NotFound", 405: "InvalidRequest"}.get(exc.status_code, "InvalidRequest")
+        problem = Problem(kind, str(exc.detail))
+        doc = problem.document(request.url.path)
+        doc["status"] = exc.status_code
+        return JSONResponse(doc, status_code=exc.status_code, media_type=PROBLEM_MEDIA)
+
+    @app.exception_handler(CoveError)
+    async def on_cove_error(request: Request, exc: CoveError):
+        log.error("broker error on %s: %s", request.url.path, exc.line())
+        metrics.add("Unavailable")
+        return _problem_response(Problem("Unavailable", exc.line()), request)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        metrics.add("Internal")
+        doc = {"type": "urn:cove:kbs:error:Internal", "title": "Internal error", "status": 500,
+               "detail": "the broker failed; see its log"}
+        return JSONResponse(doc, status_code=500, media_type=PROBLEM_MEDIA)
+
+    # -- the protocol ---------------------------------------------------------------------------
+    @app.post("/kbs/v0/auth", response_model=Challenge, response_model_by_alias=True, responses=_ERRORS,
+              tags=["protocol"])
+    def auth(request: AuthRequest, response: Response) -> dict:
+        """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
+        session_id, challenge = broker.auth(request.model_dump(by_alias=True))
+        response.set_cookie(COOKIE, session_id, max_age=int(broker.settings.challenge_lifetime), httponly=True,
+                            secure=https, samesite="strict", path="/kbs")
+        metrics.add("auth")
+        return challenge
+
+    @app.post("/kbs/v0/attest", response_model=AttestationToken, responses=_ERRORS, tags=["protocol"])
+    def attest(attestation: Attestation, request: Request, response: Response) -> dict:
+        """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
+        session_id = request.cookies.get(COOKIE)
+        token = broker.attest(session_id, attestation.model_dump(by_alias=True, exclude_none=True))
+        response.set_cookie(COOKIE, session_id or "", max_age=int(broker.settings.session_lifetime), httponly=True,
+                            secure=https, samesite="strict", path="/kbs")
+        metrics.add("attest")
+        return {"token": token}
+
+    @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_model=Jwe, responses=_ERRORS,
+             tags=["protocol"])
+    def resource(repository: str, kind: str, tag: str, request: Request,
+                 version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict:
+        """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
+        caller = broker.caller(request.cookies.get(COOKIE), _bearer(request))
+        document = broker.release(f"{repository}/{kind}/{tag}", caller, version)
+        metrics.add("release")
+        return document
+
+    @app.get("/kbs/v0/jwks", tags=["public"])
+    def jwks() -> dict:
+        """The keys that sign this broker's attestation tokens."""
+        return broker.jwks()
+
+    @app.get("/kbs/v0/ca", response_class=PlainTextResponse, tags=["public"])
+    def ca() -> str:
+        """The broker's CA certificate (PEM): issuer of `cert` secrets."""
+        return broker.ca_pem()
+
+    @app.get("/healthz", tags=["public"])
+    def healthz() -> dict:
+        return {"status": "ok", "schema": broker.store.schema_version()}
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["public"])
+    def metrics_endpoint() -> str:
+        return metrics.render()
+
+    # -- administration -------------------------------------------------------------------------
+    def admin(request: Request, action: str) -> str:
+        return broker.admin(_bearer(request), action)
+
+    @app.get("/kbs/v0/admin/secrets", responses=_ERRORS, tags=["admin"])
+    def list_secrets(request: Request) -> list[dict]:
+        admin(request, "secret.list")
+        return broker.list_secrets()
+
+    @app.post("/kbs/v0/admin/secrets", status_code=201, responses=_ERRORS, tags=["admin"])
+    def create_secret(body: SecretCreate, request: Request) -> dict:
+        actor = admin(request, "secret.create")
+        return broker.create_secret(actor, body.path, body.kind, body.policy, body.exportable, body.params,
+                                    _b64decode(body.value, "value"))
+
+    @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", responses=_ERRORS, tags=["admin"])
+    def get_secret(repository: str, kind: str, tag: str, request: Request) -> dict:
+        admin(request, "secret.read")
+        return broker.describe(f"{repository}/{kind}/{tag}")
+
+    @app.delete("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", status_code=204, responses=_ERRORS,
+                tags=["admin"])
+    def delete_secret(repository: str, kind: str, tag: str, request: Request) -> Response:
+        actor = admin(request, "secret.delete")
+        broker.delete_secret(actor, f"{repository}/{kind}/{tag}")
+        return Response(status_code=204)
+
+    @app.post("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/rotate", responses=_ERRORS, tags=["admin"])
+    def rotate_secret(repository: str, kind: str, tag: str, request: Request,
+                      body: SecretRotate = Body(default_factory=SecretRotate)) -> dict:
+        actor = admin(request, "secret.rotate")
+        return broker.rotate_secret(actor, f"{repository}/{kind}/{tag}", _b64decode(body.value, "value"))
+
+    @app.put("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/policy", responses=_ERRORS, tags=["admin"])
+    def secret_policy(repository: str, kind: str, tag: str, body: SecretPolicy, request: Request) -> dict:
+        actor = admin(request, "secret.policy")
+        return broker.set_secret_policy(actor, f"{repository}/{kind}/{tag}", body.policy)
+
+    @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/value", responses=_ERRORS, tags=["admin"])
+    def export_secret(repository: str, kind: str, tag: str, request: Request,
+                      version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict:
+        actor = admin(request, "secret.export")
+        value = broker.export_secret(actor, f"{repository}/{kind}/{tag}", version)
+        return {"value": base64.b64encode(value).decode()}
+
+    @app.get("/kbs/v0/admin/policies", responses=_ERRORS, tags=["admin"])
+    def list_policies(request: Request) -> list[dict]:
+        admin(request, "policy.list")
+        return broker.store.policies()
+
+    @app.get("/kbs/v0/admin/policies/{name}", responses=_ERRORS, tags=["admin"])
+    def get_policy(name: str, request: Request) -> dict:
+        admin(request, "policy.read")
+        return broker.get_policy(name)
+
+    @app.put("/kbs/v0/admin/policies/{name}", responses=_ERRORS, tags=["admin"])
+    def put_policy(name: str, body: PolicyBody, request: Request) -> dict:
+        actor = admin(request, "policy.put")
+        return {"name": name, "version": broker.put_policy(actor, name, body.body)}
+
+    @app.delete("/kbs/v0/admin/policies/{name}", status_code=204, responses=_ERRORS, tags=["admin"])
+    def delete_policy(name: str, request: Request) -> Response:
+        actor = admin(request, "policy.delete")
+        broker.delete_policy(actor, name)
+        return Response(status_code=204)
+
+    @app.get("/kbs/v0/admin/audit", responses=_ERRORS, tags=["admin"])
+    def audit(request: Request, after: int = Query(default=0, ge=0, le=1 << 62),
+              limit: int = Query(default=100, ge=1, le=1000), action: str | None = Query(default=None, max_length=32)
+              ) -> list[dict]:
+        admin(request, "audit.read")
+        return broker.store.audit_log(after, limit, action)
+
+    @app.get("/kbs/v0/admin/keys", responses=_ERRORS, tags=["admin"])
+    def list_keys(request: Request) -> list[dict]:
+        admin(request, "key.list")
+        return broker.store.admin_keys()
+
+    @app.post("/kbs/v0/admin/keys", status_code=201, responses=_ERRORS, tags=["admin"])
+    def add_key(body: AdminKey, request: Request) -> dict:
+        actor = admin(request, "key.add")
+        broker.add_admin_key(actor, body.name, body.jwk, body.role)
+        return {"name": body.name, "role": body.role}
+
+    @app.delete("/kbs/v0/admin/keys/{name}", status_code=204, responses=_ERRORS, tags=["admin"])
+    def delete_key(name: str, request: Request) -> Response:
+        actor = admin(request, "key.delete")
+        broker.delete_admin_key(actor, name)
+        return Response(status_code=204)
+
+    return app
+
+
+# -- serving ------------------------------------------------------------------------------------------
+ENV_CONFIG = "COVE_KBS_SERVE_CONFIG"
+
+
+def settings_from_options(options: dict) -> Settings:
+    """Settings from `cove kbs serve` options (JSON-able, so worker processes can rebuild them)."""
+    from pathlib import Path
+
+    from cove.kbs import appraisal, vault
+
+    master = vault.load_master_key(Path(options["master_key_file"]) if options.get("master_key_file") else None,
+                                   Path(options["master_key_sealed"]) if options.get("master_key_sealed") else None)
+    policy_text = None
+    if options.get("policy"):
+        try:
+            policy_text = Path(options["policy"]).read_text()
+        except OSError as exc:
+            raise CoveError(f"cannot read --policy {options['policy']}: {exc.strerror}") from None
+    anchors = appraisal.TrustAnchors.from_files(
+        Path(options["sgx_root_ca"]) if options.get("sgx_root_ca") else None,
+        [Path(p) for p in options.get("snp_ask_ark", [])], [Path(p) for p in options.get("tpm_ak", [])])
+    return Settings(db_url=options["db"], master_key=master, issuer=options.get("issuer"),
+                    session_lifetime=float(options.get("session_lifetime", 300)),
+                    challenge_lifetime=float(options.get("challenge_lifetime", 300)),
+                    token_lifetime=float(options.get("token_lifetime", 3600)),
+                    attestation_policy=policy_text, anchors=anchors,
+                    pool_size=int(options.get("pool_size", 16)))
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: the options come through the environment."""
+    options = json.loads(os.environ[ENV_CONFIG])
+    return create_app(Broker(settings_from_options(options)), https=bool(options.get("certfile")))
