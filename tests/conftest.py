@@ -54,8 +54,11 @@ class Cove:
         assert result.returncode == 0, f"cove {' '.join(map(str, args))} failed:\n{result.stderr}"
         return result
 
+    def popen_args(self, *args: str) -> list[str]:
+        return [COVE, *map(str, args)]
+
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([COVE, *map(str, args)], env=self.env, **kwargs)
+        return subprocess.Popen(self.popen_args(*args), env=self.env, **kwargs)
 
 
 @pytest.fixture(scope="session")

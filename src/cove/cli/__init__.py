@@ -28,6 +28,10 @@ class Context:
 def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
     """Cove: run unmodified Linux programs in attested enclaves."""
     ctx.obj = Context(directory, debug)
+    _options["debug"] = debug
+
+
+_options = {"debug": False}  # set by the group callback, read by main() when an error escapes
 
 
 def _register() -> None:
@@ -44,11 +48,11 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line for user errors, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args[: args.index("run")] if "run" in args else "--debug" in args
+    _options["debug"] = False
     try:
         result = cli.main(args=args, prog_name="cove", standalone_mode=False)
     except CoveError as exc:
-        if debug:
+        if _options["debug"]:
             raise
         click.echo(f"cove: error: {exc.line()}", err=True)
         return exc.exit_code

@@ -115,10 +115,28 @@ def _validate_request(verified: VerifiedBuild, request: RunRequest) -> str:
     return program
 
 
+def remove_stale(base: Path, prefix: str) -> None:
+    """Remove private roots left by launchers that were killed (their pid is gone)."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            path = base / name
+            if os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Iterator[tuple[Path, Path]]:
     """(root, workdir): the verified root and a private folder, both removed afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="cove-enclave-", dir=runtime_dir()))
+    base = runtime_dir()
+    remove_stale(base, "cove-enclave-")
+    workdir = Path(tempfile.mkdtemp(prefix=f"cove-enclave-{os.getpid()}-", dir=base))
     try:
         root = staging.stage(image, verified.entries, verified.manifest.image_root,
                              None if in_place else workdir / "root")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import resource
-import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -58,6 +57,21 @@ def detect_mode() -> str:
     return "rlimit"
 
 
+def _remove_stale_groups(parent: Path) -> None:
+    """Empty cgroups of launchers that were killed before they could clean up."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[5:].split("-", 1)[0] if name.startswith("cove-") else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                (parent / name).rmdir()  # fails harmlessly if processes remain
+            except OSError:
+                pass
+
+
 @dataclass
 class Limits:
     """The limits of one enclave; apply_in_child runs in the child before exec."""
@@ -69,8 +83,12 @@ class Limits:
     @classmethod
     def create(cls, resources: ResourcesSection) -> "Limits":
         mode = detect_mode()
-        name = f"cove-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"cove-{os.getpid()}-{os.urandom(4).hex()}"
         try:
+            parents = ([_own_cgroup_v2()] if mode == "cgroup2"
+                       else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")] if mode == "cgroup1" else [])
+            for parent in parents:
+                _remove_stale_groups(parent)
             if mode == "cgroup2":
                 group = _own_cgroup_v2() / name
                 group.mkdir()
