@@ -35,9 +35,9 @@ _options = {"debug": False}  # set by the group callback, read by main() when an
 
 
 def _register() -> None:
-    from cove.cli import info, instance, package, run
+    from cove.cli import info, instance, kbs, package, run
 
-    for module in (instance, run, package, info):
+    for module in (instance, run, package, info, kbs):
         for command in module.COMMANDS:
             cli.add_command(command)
 

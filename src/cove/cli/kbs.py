@@ -1,0 +1,382 @@
+"""cove kbs: init, serve, get, admin."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cove.errors import CoveError
+
+PathType = click.Path(path_type=Path)
+
+
+def _state(state: Path | None) -> Path:
+    from cove.kbs.runner import default_state
+
+    return state or default_state()
+
+
+@click.group()
+def kbs() -> None:
+    """The key broker: attestation-gated secrets over the KBS protocol (docs/kbs.md)."""
+
+
+@kbs.command()
+@click.option("--state", type=PathType, help="State folder (default ~/.local/state/cove/kbs or $COVE_KBS_STATE).")
+@click.option("--db", help="Database: sqlite:///PATH (default STATE/kbs.db) or postgresql://...")
+@click.option("--master-key-file", type=PathType, help="Master key file (default STATE/master.key, created).")
+@click.option("--admin-name", default="admin", show_default=True, help="Name of the first admin key.")
+@click.option("--tls-name", "tls_names", multiple=True,
+              help="Names for the local TLS certificate (default localhost, 127.0.0.1).")
+@click.option("--url", help="The broker's URL, recorded in admin.json for `cove kbs admin`.")
+def init(state, db, master_key_file, admin_name, tls_names, url) -> None:
+    """Create a broker's master key, database, first admin key and local TLS certificate."""
+    from cove.kbs import runner
+
+    result = runner.init(_state(state), db, master_key_file, admin_name,
+                         tuple(tls_names) or ("localhost", "127.0.0.1"), url)
+    click.echo(f"broker state in {result.state}")
+    click.echo(f"  database      {result.db}")
+    click.echo(f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'} (keep it safe: it decrypts every secret)")
+    click.echo(f"  admin key     {result.admin_key_file} (for `cove kbs admin`)")
+    if result.tls:
+        click.echo(f"  TLS           {result.tls[1]} (clients pin {result.tls[0]} with --ca)")
+    click.echo(f"next: cove kbs serve --state {result.state}")
+
+
+@kbs.command()
+@click.option("--state", type=PathType, help="State folder made by `cove kbs init`.")
+@click.option("--db", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default STATE/kbs.db).")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--cert", "certfile", type=PathType, help="TLS certificate chain (default STATE/tls.crt).")
+@click.option("--key", "keyfile", type=PathType, help="TLS private key (default STATE/tls.key).")
+@click.option("--insecure-http", is_flag=True, help="Serve plain HTTP (tests and local experiments only).")
+@click.option("--master-key-file", type=PathType, help="Master key file (default STATE/master.key).")
+@click.option("--master-key-sealed", type=PathType, help="Master key sealed to this platform.")
+@click.option("--policy", type=PathType, help="Attestation policy file (default: docs/kbs.md's default).")
+@click.option("--sgx-root-ca", type=PathType, help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
+@click.option("--snp-ask-ark", type=PathType, multiple=True, help="AMD ASK+ARK chain (PEM), for snp evidence.")
+@click.option("--tpm-ak", type=PathType, multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
+@click.option("--issuer", help="iss of attestation tokens (default cove-kbs:<broker id>).")
+@click.option("--session-lifetime", type=click.IntRange(5, 86400), default=300, show_default=True,
+              help="Seconds an attested cookie session lasts.")
+@click.option("--token-lifetime", type=click.IntRange(5, 86400), default=3600, show_default=True,
+              help="Seconds an attestation token lasts.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (they share the database).")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, master_key_sealed, policy,
+          sgx_root_ca, snp_ask_ark, tpm_ak, issuer, session_lifetime, token_lifetime, workers, access_log) -> None:
+    """Serve the KBS protocol and the admin API."""
+    from cove.kbs import runner, vault
+
+    folder = _state(state)
+    if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
+        master_key_file = folder / "master.key"
+    if not insecure_http:
+        certfile = certfile or folder / "tls.crt"
+        keyfile = keyfile or folder / "tls.key"
+        if not certfile.is_file():
+            raise CoveError(f"no TLS certificate {certfile}",
+                            "run `cove kbs init`, pass --cert/--key, or --insecure-http for local tests")
+    options = {"db": db or runner.default_db(folder),
+               "master_key_file": str(master_key_file) if master_key_file else None,
+               "master_key_sealed": str(master_key_sealed) if master_key_sealed else None,
+               "policy": str(policy) if policy else None,
+               "sgx_root_ca": str(sgx_root_ca) if sgx_root_ca else None,
+               "snp_ask_ark": [str(p) for p in snp_ask_ark], "tpm_ak": [str(p) for p in tpm_ak],
+               "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
+               "certfile": None if insecure_http else str(certfile),
+               "keyfile": None if insecure_http else str(keyfile)}
+    if not options["db"].startswith("postgres") and not state and db is None and not folder.exists():
+        raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
+    runner.serve(options, listen, workers, access_log)
+
+
+@kbs.command()
+@click.argument("url")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--ca", "ca_cert", type=PathType, help="The broker's TLS CA certificate (PEM).")
+@click.option("--tee", default="cove", show_default=True, help="Evidence type: cove (/dev/attestation) or sample.")
+@click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
+              help="Where /dev/attestation is (cove evidence).")
+@click.option("--sample-claims", help="JSON claims for --tee sample (protocol tests only).")
+@click.option("--out", type=PathType, help="Write the (single) secret here (mode 0600) instead of stdout.")
+def get(url, paths, ca_cert, tee, attestation_dir, sample_claims, out) -> None:
+    """Attest to the broker at URL and print the resources PATHS (repository/type/tag)."""
+    from cove.kbs import client as kbs_client
+    from cove.util import write_atomic
+
+    if tee == "cove":
+        provider = kbs_client.DevAttestation(attestation_dir)
+    elif tee == "sample":
+        try:
+            claims = json.loads(sample_claims) if sample_claims else {"svn": 1, "debug": False}
+        except ValueError:
+            raise CoveError("--sample-claims is not JSON") from None
+        provider = kbs_client.SampleEvidence(claims=claims)
+    else:
+        raise CoveError(f"--tee {tee}: `cove kbs get` makes cove or sample evidence",
+                        "use cove.kbs.client with your TEE's evidence for other types")
+    if out and len(paths) != 1:
+        raise CoveError("--out takes exactly one PATH")
+    values = kbs_client.fetch(url, list(paths), provider, ca_cert)
+    if out:
+        write_atomic(out, values[paths[0]], mode=0o600)
+        click.echo(f"wrote {paths[0]} to {out}", err=True)
+        return
+    for path in paths:
+        sys.stdout.buffer.write(values[path])
+        if len(paths) > 1:
+            sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+
+
+# -- admin ------------------------------------------------------------------------------------------------
+class AdminContext:
+    def __init__(self, url, key, ca):
+        self.url, self.key, self.ca = url, key, ca
+        self._client = None
+
+    @property
+    def client(self):
+        from cove.kbs.client import AdminClient
+
+        if self._client is None:
+            folder = _state(None)
+            key = self.key or folder / "admin.json"
+            url = self.url
+            if url is None:
+                try:
+                    url = json.loads(Path(key).read_text()).get("url")
+                except (OSError, ValueError):
+                    url = None
+            if not url:
+                raise CoveError("no broker URL", "pass --url or set $COVE_KBS_URL")
+            ca = self.ca
+            if ca is None and (folder / "tls-ca.pem").is_file() and url.startswith("https"):
+                ca = folder / "tls-ca.pem"
+            self._client = AdminClient.from_file(url, key, ca)
+        return self._client
+
+
+@kbs.group()
+@click.option("--url", envvar="COVE_KBS_URL", help="The broker's URL ($COVE_KBS_URL).")
+@click.option("--key", type=PathType, envvar="COVE_KBS_ADMIN_KEY",
+              help="Admin key file (default STATE/admin.json; $COVE_KBS_ADMIN_KEY).")
+@click.option("--ca", type=PathType, envvar="COVE_KBS_CA", help="The broker's TLS CA certificate.")
+@click.pass_context
+def admin(ctx, url, key, ca) -> None:
+    """Manage secrets, policies and admin keys; read the audit log."""
+    ctx.obj = AdminContext(url, key, ca)
+
+
+def _print(value) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@admin.group()
+def secret() -> None:
+    """Create, list, show, rotate, export and delete secrets."""
+
+
+@secret.command("create")
+@click.argument("path")
+@click.option("--generate", "kind", help="Generate: aes-256, ec-p256, ec-p384, rsa-2048/3072/4096, cert, password.")
+@click.option("--kind", "upload_kind", default="data", show_default=True, help="Kind of an uploaded value.")
+@click.option("--from-file", type=click.File("rb"), help="Upload this file's bytes ('-' for stdin).")
+@click.option("--value", help="Upload this text.")
+@click.option("--policy", required=True, help="Name of the release policy.")
+@click.option("--never-export", is_flag=True, help="Admins can never read the value; only attested enclaves.")
+@click.option("--param", "params", multiple=True, help="NAME=VALUE for the kind (length=, key=, days=).")
+@click.pass_obj
+def secret_create(ctx, path, kind, upload_kind, from_file, value, policy, never_export, params) -> None:
+    """Create the secret PATH (repository/type/tag): upload a value or --generate one."""
+    parsed = {}
+    for item in params:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise CoveError(f"--param {item}: expected NAME=VALUE")
+        parsed[name] = int(text) if text.isdigit() else text
+    if kind and (from_file or value is not None):
+        raise CoveError("give either --generate KIND or a value (--from-file/--value), not both")
+    data = from_file.read() if from_file else value.encode() if value is not None else None
+    if kind is None and data is None:
+        raise CoveError("give --generate KIND, --from-file FILE or --value TEXT")
+    _print(ctx.client.create_secret(path, kind or upload_kind, policy, not never_export, parsed, data))
+
+
+@secret.command("list")
+@click.pass_obj
+def secret_list(ctx) -> None:
+    """List secrets (path, kind, policy, version, exportable)."""
+    for row in ctx.client.secrets():
+        flag = "" if row["exportable"] else "  never-export"
+        click.echo(f"{row['path']}  {row['kind']}  v{row['version']}  policy={row['policy']}{flag}")
+
+
+@secret.command("show")
+@click.argument("path")
+@click.pass_obj
+def secret_show(ctx, path) -> None:
+    """Show a secret's metadata and versions (never its value)."""
+    _print(ctx.client.secret(path))
+
+
+@secret.command("rotate")
+@click.argument("path")
+@click.option("--from-file", type=click.File("rb"), help="The new value (uploaded kinds).")
+@click.pass_obj
+def secret_rotate(ctx, path, from_file) -> None:
+    """Add a new version (generated again, or uploaded); enclaves receive it from now on."""
+    _print(ctx.client.rotate_secret(path, from_file.read() if from_file else None))
+
+
+@secret.command("set-policy")
+@click.argument("path")
+@click.argument("policy")
+@click.pass_obj
+def secret_set_policy(ctx, path, policy) -> None:
+    """Change the release policy of a secret."""
+    _print(ctx.client.set_secret_policy(path, policy))
+
+
+@secret.command("export")
+@click.argument("path")
+@click.option("--version", type=int, help="A version other than the current one.")
+@click.pass_obj
+def secret_export(ctx, path, version) -> None:
+    """Print an exportable secret's value (refused for never-export secrets)."""
+    sys.stdout.buffer.write(ctx.client.export(path, version))
+    sys.stdout.flush()
+
+
+@secret.command("delete")
+@click.argument("path")
+@click.pass_obj
+def secret_delete(ctx, path) -> None:
+    """Delete a secret and all its versions."""
+    ctx.client.delete_secret(path)
+    click.echo(f"deleted {path}")
+
+
+@admin.group()
+def policy() -> None:
+    """Release policies (the attestation policy language)."""
+
+
+@policy.command("put")
+@click.argument("name")
+@click.argument("file", type=click.File("r"))
+@click.pass_obj
+def policy_put(ctx, name, file) -> None:
+    """Create or replace the policy NAME from FILE ('-' for stdin)."""
+    _print(ctx.client.put_policy(name, file.read()))
+
+
+@policy.command("show")
+@click.argument("name")
+@click.pass_obj
+def policy_show(ctx, name) -> None:
+    """Print a policy."""
+    click.echo(ctx.client.policy(name)["body"], nl=False)
+
+
+@policy.command("list")
+@click.pass_obj
+def policy_list(ctx) -> None:
+    """List policies."""
+    for row in ctx.client.policies():
+        click.echo(f"{row['name']}  v{row['version']}")
+
+
+@policy.command("delete")
+@click.argument("name")
+@click.pass_obj
+def policy_delete(ctx, name) -> None:
+    """Delete a policy no secret uses."""
+    ctx.client.delete_policy(name)
+    click.echo(f"deleted policy {name}")
+
+
+@admin.command()
+@click.option("--after", type=int, default=0, help="Entries after this id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--action", help="Only this action (release, attest, secret.create, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def audit(ctx, after, limit, action, as_json) -> None:
+    """Read the audit log: who, what, which measurement, when, outcome."""
+    import datetime as dt
+
+    rows = ctx.client.audit(after, limit, action)
+    if as_json:
+        _print(rows)
+        return
+    for row in rows:
+        when = dt.datetime.fromtimestamp(row["at"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        click.echo(f"{row['id']}  {when}  {row['actor']}  {row['action']}  {row['resource'] or '-'}  "
+                   f"{row['outcome']}  {row['measurement'] or '-'}  {row['detail'] or ''}".rstrip())
+
+
+@admin.group()
+def key() -> None:
+    """Admin keys and their roles (admin, auditor)."""
+
+
+@key.command("add")
+@click.argument("name")
+@click.argument("public_jwk", type=click.File("r"))
+@click.option("--role", type=click.Choice(["admin", "auditor"]), default="auditor", show_default=True)
+@click.pass_obj
+def key_add(ctx, name, public_jwk, role) -> None:
+    """Register another admin's PUBLIC_JWK file under NAME."""
+    try:
+        jwk = json.loads(public_jwk.read())
+    except ValueError:
+        raise CoveError(f"{public_jwk.name} is not a JWK (JSON)") from None
+    _print(ctx.client.add_key(name, jwk, role))
+
+
+@key.command("new")
+@click.argument("name")
+@click.argument("out", type=PathType)
+def key_new(name, out) -> None:
+    """Make a key pair for a new admin: OUT (private, 0600) and OUT.pub.json (to register)."""
+    from joserfc import jwk
+
+    from cove.util import write_atomic
+
+    if out.exists():
+        raise CoveError(f"{out} exists")
+    pair = jwk.generate_key("EC", "P-256")
+    write_atomic(out, json.dumps({"name": name, "audience": None, "url": None,
+                                  "jwk": pair.as_dict(private=True)}, indent=2).encode(), mode=0o600)
+    public = Path(str(out) + ".pub.json")
+    write_atomic(public, json.dumps(pair.as_dict(private=False), indent=2).encode())
+    click.echo(f"wrote {out} and {public}; an admin registers it with `cove kbs admin key add {name} {public}`, "
+               f"then set \"audience\" and \"url\" in {out}")
+
+
+@key.command("list")
+@click.pass_obj
+def key_list(ctx) -> None:
+    """List admin keys."""
+    for row in ctx.client.keys():
+        click.echo(f"{row['name']}  {row['role']}")
+
+
+@key.command("delete")
+@click.argument("name")
+@click.pass_obj
+def key_delete(ctx, name) -> None:
+    """Remove an admin key."""
+    ctx.client.delete_key(name)
+    click.echo(f"deleted admin key {name}")
+
+
+COMMANDS = (kbs,)

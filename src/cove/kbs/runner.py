@@ -1,0 +1,169 @@
+"""Setting a broker up and running it: `cove kbs init`, `cove kbs serve`, an embedded broker.
+
+A broker's state folder (default ``~/.local/state/cove/kbs``, or
+``$COVE_KBS_STATE``) holds, after ``init``: ``master.key`` (0600),
+``kbs.db`` (SQLite, unless ``--db`` names PostgreSQL), ``admin.json`` (the
+first admin key, 0600), and a local TLS CA and certificate (``tls-ca.pem``,
+``tls.crt``, ``tls.key``) unless a certificate is brought.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cove.errors import CoveError
+from cove.kbs import tls, vault
+from cove.kbs.broker import Broker, Settings
+from cove.util import write_atomic
+
+
+def default_state() -> Path:
+    configured = os.environ.get("COVE_KBS_STATE")
+    if configured:
+        return Path(configured)
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "cove" / "kbs"
+
+
+def default_db(state: Path) -> str:
+    return f"sqlite:///{state / 'kbs.db'}"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    state: Path
+    db: str
+    master_key_file: Path | None
+    admin_key_file: Path
+    tls: tuple[Path, Path, Path] | None
+    audience: str
+
+
+def init(state: Path, db: str | None = None, master_key_file: Path | None = None, admin_name: str = "admin",
+         tls_names: tuple[str, ...] | None = ("localhost", "127.0.0.1"), url: str | None = None) -> InitResult:
+    """Create a broker's state: master key, database, first admin key, local TLS (each only if missing)."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = db or default_db(state)
+    key_file = master_key_file or state / "master.key"
+    if key_file.exists():
+        master = vault.load_master_key(key_file)
+    elif os.environ.get(vault.ENV_VAR) and master_key_file is None:
+        master, key_file = vault.load_master_key(None, environ=os.environ), None
+    else:
+        master = vault.new_key_file(key_file)
+    broker = Broker(Settings(db_url=db, master_key=master))
+    try:
+        admin_file = state / "admin.json"
+        if not admin_file.exists():
+            from joserfc import jwk
+
+            key = jwk.generate_key("EC", "P-256")
+            if not broker.bootstrap_admin(admin_name, key.as_dict(private=False)):
+                raise CoveError(f"the database already has an admin key {admin_name!r} but {admin_file} is missing",
+                                "pass --admin-name with a new name")
+            document = {"name": admin_name, "audience": broker.audience, "url": url, "jwk": key.as_dict(private=True)}
+            write_atomic(admin_file, json.dumps(document, indent=2).encode() + b"\n", mode=0o600)
+        audience = broker.audience
+    finally:
+        broker.store.close()
+    made_tls = None
+    if tls_names and not (state / "tls.crt").exists():
+        made_tls = tls.make_local_tls(state, tls_names)
+    elif (state / "tls.crt").exists():
+        made_tls = (state / "tls-ca.pem", state / "tls.crt", state / "tls.key")
+    return InitResult(state, db, key_file, admin_file, made_tls, audience)
+
+
+def _listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise CoveError(f"--listen {address}: expected HOST:PORT, e.g. 127.0.0.1:8443") from None
+    if not 0 <= number <= 65535:
+        raise CoveError(f"--listen {address}: port out of range")
+    return host, number
+
+
+def serve(options: dict, listen: str, workers: int = 1, access_log: bool = False) -> None:
+    """Run the broker until interrupted (options: see server.settings_from_options, plus certfile/keyfile)."""
+    import uvicorn
+
+    from cove.kbs.server import ENV_CONFIG, app_from_env, create_app, settings_from_options
+
+    host, port = _listen(listen)
+    settings = settings_from_options(options)
+    broker = Broker(settings)  # migrations, master key check, broker keys: fail here with one line
+    ssl = {}
+    if options.get("certfile"):
+        for name in ("certfile", "keyfile"):
+            if not options.get(name) or not Path(options[name]).is_file():
+                raise CoveError(f"TLS {name} {options.get(name)} not found", "pass --cert and --key, or run `cove kbs init`")
+        ssl = {"ssl_certfile": options["certfile"], "ssl_keyfile": options["keyfile"]}
+    common = dict(host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30,
+                  proxy_headers=False, server_header=False, **ssl)
+    try:
+        if workers > 1:
+            broker.store.close()
+            os.environ[ENV_CONFIG] = json.dumps(options)
+            uvicorn.run("cove.kbs.server:app_from_env", factory=True, workers=workers, **common)
+        else:
+            uvicorn.run(create_app(broker, https=bool(ssl)), **common)
+    except OSError as exc:
+        raise CoveError(f"cannot listen on {listen}: {exc.strerror}") from None
+    _ = app_from_env  # the factory workers import
+
+
+class EmbeddedBroker:
+    """A broker served from a thread on loopback (cove demo, tests): start(), url, stop()."""
+
+    def __init__(self, broker: Broker, certfile: Path | None = None, keyfile: Path | None = None,
+                 host: str = "127.0.0.1"):
+        import uvicorn
+
+        from cove.kbs.server import create_app
+
+        self.broker = broker
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, 0))
+        self.port = self._socket.getsockname()[1]
+        https = certfile is not None
+        self.url = f"{'https' if https else 'http'}://{host}:{self.port}"
+        ssl = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if https else {}
+        config = uvicorn.Config(create_app(broker, https=https), log_level="warning", access_log=False,
+                                lifespan="off", **ssl)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="cove-kbs", daemon=True)
+
+    def start(self) -> "EmbeddedBroker":
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise CoveError("the embedded key broker did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        try:
+            self._socket.close()
+        except OSError:
+            pass
+        self.broker.store.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
