@@ -1,0 +1,395 @@
+"""Appraisal policies: declarative reference values a verifier checks claims against.
+
+A policy (TOML or JSON, docs/policy.md) says, per evidence type, which
+measurements or signers are acceptable, whether debug enclaves,
+self-certified platforms and which TCB statuses pass, which platform roots
+are trusted, and how fresh evidence must be. The defaults deny: no debug, no
+self-certified platform, no TCB status but ``UpToDate``. The key broker reads
+its secret-release policies with the same parser and the same
+:func:`evaluate`, so one language covers both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cove.attest.appraisal import EVIDENCE_TYPES, Appraisal
+from cove.errors import CoveError
+
+POLICY_VERSION = 1
+DEFAULT_TYPES = ("cove", "tpm", "sgx", "tdx", "snp")  # "sample" only when named
+TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+                "OutOfDate", "OutOfDateConfigurationNeeded")
+SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+
+_COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isolation")
+ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
+    "cove": _COMMON + ("self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "ak_ca",
+                       "max_platform_age"),
+    "tpm": ("pcrs",),
+    "sgx": _COMMON + ("roots",),
+    "tdx": _COMMON + ("roots", "rtmrs"),
+    "snp": _COMMON + ("roots", "min_tcb"),
+    "sample": _COMMON,
+}
+
+
+class PolicyError(CoveError):
+    """A policy file is missing, malformed or names something unknown."""
+
+
+@dataclass(frozen=True)
+class SignerRule:
+    """Accept any measurement from this signer, for this product, at or above this svn."""
+
+    signer: bytes
+    product_id: int | None = None
+    min_svn: int = 0
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Reference values and switches for one evidence type."""
+
+    measurements: tuple[bytes, ...] = ()
+    signers: tuple[SignerRule, ...] = ()
+    debug: bool = False
+    tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    backends: tuple[str, ...] = ()
+    isolation: tuple[str, ...] = ()
+    self_certified: bool = False
+    platform_keys: tuple[bytes, ...] = ()
+    runtime_hashes: tuple[bytes, ...] = ()
+    pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
+    ek_ca: tuple[bytes, ...] = ()  # DER certificates
+    ak_ca: tuple[bytes, ...] = ()
+    roots: tuple[bytes, ...] = ()
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    rtmrs: Mapping[int, bytes] = field(default_factory=dict)
+    max_platform_age: float | None = None
+
+    def pem(self, name: str) -> bytes:
+        """Certificates of one trust-anchor field (ek_ca, ak_ca, roots) as a PEM bundle."""
+        return b"".join(
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+            for der in getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Freshness:
+    nonce_required: bool = False
+    max_age: float | None = None  # seconds
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy; ``id`` names it in attestation results."""
+
+    types: frozenset[str]
+    rules: Mapping[str, Rules]
+    freshness: Freshness = field(default_factory=Freshness)
+    name: str | None = None
+    digest: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.name or f"sha256:{self.digest}"
+
+    def rules_for(self, evidence_type: str) -> Rules:
+        return self.rules.get(evidence_type, Rules())
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The verdict: accepted or not, every reason, and a status per component."""
+
+    accepted: bool
+    reasons: tuple[str, ...]
+    components: Mapping[str, str]  # component -> "affirming" | "warning" | "contraindicated"
+    warnings: tuple[str, ...] = ()
+    policy_id: str = ""
+
+
+def default_policy() -> Policy:
+    """What applies without a policy file: any measurement, nothing weakened."""
+    return Policy(types=frozenset(DEFAULT_TYPES), rules={}, name="cove:default")
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file (TOML, or JSON if it ends in .json or starts with '{')."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PolicyError(f"policy {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"policy {path}: cannot read: {exc}") from None
+    return parse_policy(text, source=str(path), base=path.parent)
+
+
+def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path | None = None) -> Policy:
+    """A policy from TOML/JSON text or an already-decoded mapping."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    if isinstance(data, str):
+        text = data
+        data = _decode(text, source)
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{source}: a policy must be a table of settings")
+    return _Parser(source, base).policy(data)
+
+
+def _decode(text: str, source: str) -> Any:
+    """JSON when it looks like JSON, otherwise TOML (then JSON as a second try)."""
+    try:
+        if source.endswith(".json") or text.lstrip().startswith("{"):
+            return json.loads(text)
+        return tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise PolicyError(f"{source}: not valid TOML or JSON: {exc}") from None
+
+
+def evaluate(policy: Policy, appraisal: Appraisal, *, nonce: bytes | None = None,
+             report_data: bytes | None = None, now: datetime | None = None) -> PolicyResult:
+    """Appraise verified claims against a policy; ``nonce``/``report_data`` are the relying party's."""
+    from cove.attest.policy_eval import evaluate as _evaluate
+
+    return _evaluate(policy, appraisal, nonce=nonce, report_data=report_data, now=now)
+
+
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class _Parser:
+    """Validates a decoded policy; every problem is one PolicyError naming the key."""
+
+    def __init__(self, source: str, base: Path | None):
+        self.source = source
+        self.base = base
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> PolicyError:
+        return PolicyError(f"{self.source}: {key}: {problem}", hint)
+
+    def policy(self, data: Mapping) -> Policy:
+        known = ("version", "name", "types", "freshness") + EVIDENCE_TYPES
+        for key in data:
+            if key not in known:
+                raise self.fail(str(key), "unknown setting", f"allowed: {', '.join(known)}")
+        version = data.get("version", POLICY_VERSION)
+        if version != POLICY_VERSION:
+            raise self.fail("version", f"policy version {version!r} is not supported (only {POLICY_VERSION})")
+        name = data.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise self.fail("name", "must be a non-empty string")
+        rules = {t: self.rules(t, data[t]) for t in EVIDENCE_TYPES if t in data}
+        if "types" in data:
+            types = self.strings(data["types"], "types")
+            for t in types:
+                if t not in EVIDENCE_TYPES:
+                    raise self.fail("types", f"unknown evidence type {t!r}", f"known: {', '.join(EVIDENCE_TYPES)}")
+            accepted = frozenset(types)
+        else:
+            accepted = frozenset(rules) if rules else frozenset(DEFAULT_TYPES)
+        canonical = json.dumps(_canonical(data), sort_keys=True, separators=(",", ":")).encode()
+        return Policy(types=accepted, rules=rules, freshness=self.freshness(data.get("freshness", {})),
+                      name=name, digest=hashlib.sha256(canonical).hexdigest())
+
+    def freshness(self, data: Any) -> Freshness:
+        if not isinstance(data, Mapping):
+            raise self.fail("freshness", "must be a table")
+        for key in data:
+            if key not in ("nonce", "max_age"):
+                raise self.fail(f"freshness.{key}", "unknown setting", "allowed: nonce, max_age")
+        nonce = data.get("nonce", "optional")
+        if nonce not in ("required", "optional"):
+            raise self.fail("freshness.nonce", "must be \"required\" or \"optional\"")
+        max_age = self.duration(data["max_age"], "freshness.max_age") if "max_age" in data else None
+        return Freshness(nonce_required=nonce == "required", max_age=max_age)
+
+    def rules(self, kind: str, data: Any) -> Rules:
+        if not isinstance(data, Mapping):
+            raise self.fail(kind, "must be a table")
+        allowed = ALLOWED_KEYS[kind]
+        for key in data:
+            if key not in allowed:
+                raise self.fail(f"{kind}.{key}", f"not a setting for {kind} evidence", f"allowed: {', '.join(allowed)}")
+        out: dict[str, Any] = {}
+        if "measurements" in data:
+            out["measurements"] = tuple(self.hex(v, f"{kind}.measurements[{i}]")
+                                        for i, v in enumerate(self.list(data["measurements"], f"{kind}.measurements")))
+        if "signers" in data:
+            out["signers"] = tuple(self.signer(v, f"{kind}.signers[{i}]")
+                                   for i, v in enumerate(self.list(data["signers"], f"{kind}.signers")))
+        for key in ("debug", "self_certified"):
+            if key in data:
+                out[key] = self.boolean(data[key], f"{kind}.{key}")
+        if "tcb_statuses" in data:
+            statuses = self.strings(data["tcb_statuses"], f"{kind}.tcb_statuses")
+            for s in statuses:
+                if s not in TCB_STATUSES:
+                    raise self.fail(f"{kind}.tcb_statuses", f"unknown TCB status {s!r}", f"known: {', '.join(TCB_STATUSES)}")
+            out["tcb_statuses"] = tuple(statuses)
+        for key in ("backends", "isolation"):
+            if key in data:
+                out[key] = tuple(self.strings(data[key], f"{kind}.{key}"))
+        for key in ("platform_keys", "runtime_hashes"):
+            if key in data:
+                out[key] = tuple(self.hex(v, f"{kind}.{key}[{i}]", 32)
+                                 for i, v in enumerate(self.list(data[key], f"{kind}.{key}")))
+        if "pcrs" in data:
+            out["pcrs"] = self.pcrs(data["pcrs"], f"{kind}.pcrs")
+        for key in ("ek_ca", "ak_ca", "roots"):
+            if key in data:
+                out[key] = self.certificates(data[key], f"{kind}.{key}")
+        if "min_tcb" in data:
+            out["min_tcb"] = self.min_tcb(data["min_tcb"], f"{kind}.min_tcb")
+        if "rtmrs" in data:
+            out["rtmrs"] = self.indexed_hex(data["rtmrs"], f"{kind}.rtmrs", 4, 48)
+        if "max_platform_age" in data:
+            out["max_platform_age"] = self.duration(data["max_platform_age"], f"{kind}.max_platform_age")
+        return Rules(**out)
+
+    # value checkers
+
+    def list(self, value: Any, key: str) -> list:
+        if not isinstance(value, list):
+            raise self.fail(key, "must be a list")
+        return value
+
+    def strings(self, value: Any, key: str) -> list[str]:
+        items = self.list(value, key)
+        if not all(isinstance(v, str) and v for v in items):
+            raise self.fail(key, "must be a list of non-empty strings")
+        return items
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
+
+    def integer(self, value: Any, key: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be an integer from {low} to {high}")
+        return value
+
+    def hex(self, value: Any, key: str, size: int | None = None) -> bytes:
+        if not isinstance(value, str) or not _HEX.match(value.strip()) or len(value.strip()) % 2:
+            raise self.fail(key, "must be a hex string")
+        raw = bytes.fromhex(value.strip())
+        if size is not None and len(raw) != size:
+            raise self.fail(key, f"must be {size} bytes ({size * 2} hex digits), not {len(raw)}")
+        if not raw:
+            raise self.fail(key, "must not be empty")
+        return raw
+
+    def duration(self, value: Any, key: str) -> float:
+        if isinstance(value, bool):
+            raise self.fail(key, "must be seconds or a duration like \"30s\", \"5m\", \"2h\"")
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        else:
+            raise self.fail(key, "must be seconds or a duration like \"30s\", \"5m\", \"2h\"")
+        if seconds <= 0:
+            raise self.fail(key, "must be more than zero")
+        return seconds
+
+    def signer(self, value: Any, key: str) -> SignerRule:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "must be a table with signer, and optionally product_id and min_svn")
+        for k in value:
+            if k not in ("signer", "product_id", "min_svn"):
+                raise self.fail(f"{key}.{k}", "unknown setting", "allowed: signer, product_id, min_svn")
+        if "signer" not in value:
+            raise self.fail(key, "names no signer")
+        product = value.get("product_id")
+        return SignerRule(
+            signer=self.hex(value["signer"], f"{key}.signer"),
+            product_id=None if product is None else self.integer(product, f"{key}.product_id", 0, 2**64 - 1),
+            min_svn=self.integer(value.get("min_svn", 0), f"{key}.min_svn", 0, 2**64 - 1))
+
+    def indexed_hex(self, value: Any, key: str, count: int, size: int | None) -> dict[int, bytes]:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "must be a table of index = \"hex\"")
+        out = {}
+        for k, v in value.items():
+            try:
+                idx = int(k)
+            except (TypeError, ValueError):
+                raise self.fail(f"{key}.{k}", "index must be a number") from None
+            if not 0 <= idx < count:
+                raise self.fail(f"{key}.{k}", f"index must be from 0 to {count - 1}")
+            out[idx] = self.hex(v, f"{key}.{k}", size)
+        return out
+
+    def pcrs(self, value: Any, key: str) -> dict[str, dict[int, bytes]]:
+        sizes = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "must be a table of banks, e.g. [cove.pcrs.sha256]")
+        out = {}
+        for bank, values in value.items():
+            if bank not in sizes:
+                raise self.fail(f"{key}.{bank}", "unknown PCR bank", f"known: {', '.join(sizes)}")
+            out[bank] = self.indexed_hex(values, f"{key}.{bank}", 24, sizes[bank])
+        return out
+
+    def min_tcb(self, value: Any, key: str) -> dict[str, int]:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "must be a table like {bootloader = 3, tee = 0, snp = 8, microcode = 115}")
+        out = {}
+        for part, level in value.items():
+            if part not in SNP_TCB_PARTS:
+                raise self.fail(f"{key}.{part}", "unknown TCB component", f"known: {', '.join(SNP_TCB_PARTS)}")
+            out[part] = self.integer(level, f"{key}.{part}", 0, 255)
+        return out
+
+    def certificates(self, value: Any, key: str) -> tuple[bytes, ...]:
+        """PEM text or paths (relative to the policy file) of certificates, as DER."""
+        items = [value] if isinstance(value, str) else self.strings(value, key)
+        out: list[bytes] = []
+        for item in items:
+            if "-----BEGIN" in item:
+                pem = item.encode()
+            else:
+                path = Path(item)
+                if not path.is_absolute() and self.base is not None:
+                    path = self.base / path
+                try:
+                    pem = path.read_bytes()
+                except OSError as exc:
+                    raise self.fail(key, f"cannot read certificate file {item}: {exc.strerror or exc}") from None
+            try:
+                certs = x509.load_pem_x509_certificates(pem)
+            except ValueError as exc:
+                raise self.fail(key, f"{item[:40]!r} is not a PEM certificate ({exc})") from None
+            out.extend(c.public_bytes(serialization.Encoding.DER) for c in certs)
+        if not out:
+            raise self.fail(key, "names no certificate")
+        return tuple(out)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
