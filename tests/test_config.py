@@ -43,7 +43,36 @@ def test_template_is_valid_and_complete():
     ('[enclave]\nname = "a"\n[env]\npassthrough = ["A B"]\n', "env.passthrough", "variable names"),
     ('[enclave]\nname = "a"\n[network]\nmode = "wifi"\n', "network.mode", "not one of"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "nfs"\n', "mounts[0].type", "not one of"),
-    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\n', "mounts[0].type", "not supported"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\n', "mounts[0].key", "is required"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "seal:mrfoo"\n',
+     "mounts[0].key", "not a sealing policy"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "vault:x"\n',
+     "mounts[0].key", "unknown key source kind"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "nocolon"\n',
+     "mounts[0].key", "not a key source"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "insecure:00"\n',
+     "mounts[0].key", "32 hex digits"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "insecure:' + "ab" * 16 + '"\n',
+     "mounts[0].key", "refused in a non-debug enclave"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "file:k.key"\n',
+     "mounts[0].key", "absolute path"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "kbs:"\n',
+     "mounts[0].key", "not a resource path"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = 5\n',
+     "mounts[0].key", "must be a string"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+     'source = "../up"\n', "mounts[0].source", "'..'"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+     'options = { rollback = "cloud" }\n', "mounts[0].options.rollback", "not one of"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+     'options = { cache = "lots" }\n', "mounts[0].options.cache", "not a size"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+     'options = { size = "1M" }\n', "mounts[0].options.size", "unknown option"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/a/data"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+     '[[mounts]]\ntarget = "/b/data"\ntype = "encrypted"\nkey = "seal:mrsigner"\n',
+     "mounts[1].source", "also the volume of /a/data"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\nkey = "seal:mrsigner"\n',
+     "mounts[0].key", "only encrypted mounts"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "host"\n', "mounts[0].source", "absolute"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\nsource = "/y"\n',
      "mounts[0].source", "only host"),
@@ -75,3 +104,46 @@ def test_measured_form_is_order_independent():
     a = parse('[enclave]\nname = "a"\n[env]\ndefault = { B = "2", A = "1" }\npassthrough = ["Y", "X"]\n')
     b = parse('[env]\npassthrough = ["X", "Y"]\ndefault = { A = "1", B = "2" }\n[enclave]\nname = "a"\n')
     assert config.to_measured(a) == config.to_measured(b)
+
+
+ENCRYPTED = '[enclave]\nname = "a"\n{enclave}[[mounts]]\ntarget = "/data"\ntype = "encrypted"\n{more}'
+
+
+def test_encrypted_mount_defaults():
+    mount = parse(ENCRYPTED.format(enclave="", more='key = "seal:mrsigner"\n')).mounts[0]
+    assert (mount.type, mount.target, mount.source, mount.key, mount.writable) == \
+        ("encrypted", "/data", "data", "seal:mrsigner", True)
+    assert dict(mount.options) == {}
+
+
+def test_encrypted_mount_fields():
+    text = ENCRYPTED.format(enclave="", more='key = "file:/etc/cove/v.key"\nsource = "vols/d/"\n'
+                            'writable = false\noptions = { rollback = "file", cache = "8M" }\n')
+    mount = parse(text).mounts[0]
+    assert (mount.source, mount.key, mount.writable) == ("vols/d", "file:/etc/cove/v.key", False)
+    assert dict(mount.options) == {"rollback": "file", "cache": "8M"}
+    absolute = parse(ENCRYPTED.format(enclave="", more='key = "kbs:default/k/d"\nsource = "/srv/vol"\n'))
+    assert absolute.mounts[0].source == "/srv/vol"
+
+
+def test_insecure_key_only_in_debug_enclaves():
+    key = 'key = "insecure:' + "00112233445566778899aabbccddeeff" + '"\n'
+    assert parse(ENCRYPTED.format(enclave="debug = true\n", more=key)).mounts[0].key.startswith("insecure:")
+    with pytest.raises(ConfigError, match="refused in a non-debug enclave"):
+        parse(ENCRYPTED.format(enclave="debug = false\n", more=key))
+
+
+def test_encrypted_mount_is_measured_with_its_key_and_options():
+    base = config.to_measured(parse(ENCRYPTED.format(enclave="", more='key = "seal:mrsigner"\n')))
+    assert base["mounts"] == [{"target": "/data", "type": "encrypted", "source": "data", "writable": True,
+                               "options": {}, "key": "seal:mrsigner"}]
+    for more in ('key = "seal:mrenclave"\n', 'key = "seal:mrsigner"\nsource = "other"\n',
+                 'key = "seal:mrsigner"\nwritable = false\n',
+                 'key = "seal:mrsigner"\noptions = { rollback = "none" }\n'):
+        assert config.to_measured(parse(ENCRYPTED.format(enclave="", more=more))) != base, more
+
+
+def test_other_mounts_measure_as_before():
+    parsed = parse('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n')
+    assert config.to_measured(parsed)["mounts"] == [
+        {"target": "/x", "type": "tmpfs", "source": None, "writable": True, "options": {}}]

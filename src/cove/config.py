@@ -19,9 +19,10 @@ from cove.errors import ConfigError
 
 BACKENDS = ("auto", "sim")
 NETWORK_MODES = ("none", "loopback", "host")
-MOUNT_TYPES = ("image", "tmpfs", "host")
+MOUNT_TYPES = ("image", "tmpfs", "host", "encrypted")
 # Types named by later parts of Cove; refused with a clear line until they land.
-RESERVED_MOUNT_TYPES = ("encrypted",)
+RESERVED_MOUNT_TYPES: tuple[str, ...] = ()
+ROLLBACK_MODES = ("auto", "tpm", "file", "kbs", "none")
 RESERVED_SECTIONS = ("attestation", "secrets")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -68,9 +69,10 @@ class NetworkSection:
 class Mount:
     target: str
     type: str
-    source: str | None = None
+    source: str | None = None  # host: absolute; encrypted: absolute, or relative to the state folder
     writable: bool = False
     options: tuple[tuple[str, str], ...] = ()
+    key: str | None = None  # encrypted: the key source (cove.fs.keys)
 
 
 @dataclass(frozen=True)
@@ -179,13 +181,14 @@ class _Validator:
                 raise self.fail(section, "is not supported by this version of Cove yet")
         if "enclave" not in data:
             raise self.fail("enclave", "section is required", "add [enclave] with name = \"...\"")
+        enclave = self.enclave(data["enclave"])
         return Config(
-            enclave=self.enclave(data["enclave"]),
+            enclave=enclave,
             resources=self.resources(data.get("resources", {})),
             process=self.process(data.get("process", {})),
             env=self.env(data.get("env", {})),
             network=self.network(data.get("network", {})),
-            mounts=self.mounts(data.get("mounts", [])),
+            mounts=self.mounts(data.get("mounts", []), debug=enclave.debug),
         )
 
     def enclave(self, data: Any) -> EnclaveSection:
@@ -251,14 +254,15 @@ class _Validator:
         data = self.table(data, "network", ("mode",))
         return NetworkSection(mode=self.string(data, "network", "mode", "none", NETWORK_MODES))
 
-    def mounts(self, data: Any) -> tuple[Mount, ...]:
+    def mounts(self, data: Any, debug: bool = False) -> tuple[Mount, ...]:
         if not isinstance(data, list):
             raise self.fail("mounts", "must be an array of tables ([[mounts]])")
         result = []
         seen = set()
+        sources: dict[str, str] = {}
         for index, item in enumerate(data):
             key = f"mounts[{index}]"
-            item = self.table(item, key, ("target", "type", "source", "writable", "options"))
+            item = self.table(item, key, ("target", "type", "source", "writable", "options", "key"))
             kind = self.string(item, key, "type", None)
             if kind in RESERVED_MOUNT_TYPES:
                 raise self.fail(f"{key}.type", f"{kind!r} mounts are not supported by this version yet")
@@ -273,24 +277,70 @@ class _Validator:
             source = item.get("source")
             if kind == "host":
                 source = self.abs_path(source, f"{key}.source")
+            elif kind == "encrypted":
+                source = self.volume_source(source, target, f"{key}.source")
+                if source in sources:
+                    raise self.fail(f"{key}.source", f"{source!r} is also the volume of {sources[source]}",
+                                    "give each encrypted mount its own source")
+                sources[source] = target
             elif source is not None:
-                raise self.fail(f"{key}.source", f"only host mounts take a source")
-            writable = self.boolean(item, key, "writable", kind == "tmpfs")
+                raise self.fail(f"{key}.source", "only host and encrypted mounts take a source")
+            if "key" in item and kind != "encrypted":
+                raise self.fail(f"{key}.key", "only encrypted mounts take a key")
+            key_source = self.key_source(item, key, debug) if kind == "encrypted" else None
+            writable = self.boolean(item, key, "writable", kind in ("tmpfs", "encrypted"))
             if kind == "image" and writable:
                 raise self.fail(f"{key}.writable", "the image is always read-only")
             options = item.get("options", {})
             if not isinstance(options, dict) or not all(isinstance(v, (str, int)) for v in options.values()):
                 raise self.fail(f"{key}.options", "must be a table of name = value")
-            allowed_options = {"tmpfs": ("size", "mode"), "host": (), "image": ()}[kind]
+            allowed_options = {"tmpfs": ("size", "mode"), "host": (), "image": (),
+                               "encrypted": ("rollback", "cache")}[kind]
             for name in options:
                 if name not in allowed_options:
                     raise self.fail(f"{key}.options.{name}", "unknown option",
                                     f"allowed for {kind}: {', '.join(allowed_options) or 'none'}")
             if kind == "tmpfs" and "size" in options:
                 self.size(options, f"{key}.options", "size", 0)
+            if kind == "encrypted":
+                self.string(options, f"{key}.options", "rollback", "auto", ROLLBACK_MODES)
+                if "cache" in options:
+                    self.size(options, f"{key}.options", "cache", 0)
             result.append(Mount(target=target, type=kind, source=source, writable=writable,
-                                options=tuple(sorted((k, str(v)) for k, v in options.items()))))
+                                options=tuple(sorted((k, str(v)) for k, v in options.items())),
+                                key=key_source))
         return tuple(result)
+
+    def volume_source(self, value: Any, target: str, key: str) -> str:
+        """An encrypted mount's host folder: absolute, or relative to the state folder."""
+        if value is None:
+            value = PurePosixPath(target).name
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise self.fail(key, f"{value!r} must be a folder: absolute, or relative to the state folder")
+        if ".." in PurePosixPath(value).parts:
+            raise self.fail(key, f"{value!r} must not contain '..'")
+        return value if value.startswith("/") else str(PurePosixPath(value))
+
+    def key_source(self, item: dict, key: str, debug: bool) -> str:
+        """An encrypted mount's key source, syntax checked; insecure: only in debug enclaves."""
+        from cove.fs.keys import KeySourceError, parse as parse_key_source
+
+        text = item.get("key")
+        if text is None:
+            raise self.fail(f"{key}.key", "is required for an encrypted mount",
+                            "e.g. key = \"seal:mrsigner\" (or seal:mrenclave, file:PATH, kbs:RESOURCE)")
+        if not isinstance(text, str):
+            raise self.fail(f"{key}.key", f"must be a string, not {type(text).__name__}")
+        try:
+            source = parse_key_source(text)
+        except KeySourceError as exc:
+            raise self.fail(f"{key}.key", exc.message, exc.hint) from None
+        if source.kind == "insecure" and not debug:
+            raise self.fail(f"{key}.key", "insecure: keys are refused in a non-debug enclave",
+                            "use seal:mrsigner, seal:mrenclave or kbs:; insecure: is for debug enclaves only")
+        if source.kind == "file" and not source.arg.startswith("/"):
+            raise self.fail(f"{key}.key", f"file:{source.arg} must be an absolute path")
+        return source.text
 
 
 def to_measured(config: Config) -> dict:
@@ -318,12 +368,16 @@ def to_measured(config: Config) -> dict:
             "passthrough": list(config.env.passthrough),
         },
         "network": {"mode": config.network.mode},
-        "mounts": [
-            {"target": m.target, "type": m.type, "source": m.source,
-             "writable": m.writable, "options": dict(m.options)}
-            for m in config.mounts
-        ],
+        "mounts": [_measured_mount(m) for m in config.mounts],
     }
+
+
+def _measured_mount(mount: Mount) -> dict:
+    measured = {"target": mount.target, "type": mount.type, "source": mount.source,
+                "writable": mount.writable, "options": dict(mount.options)}
+    if mount.key is not None:
+        measured["key"] = mount.key
+    return measured
 
 
 def parse_size(text: str) -> int:

@@ -1,0 +1,140 @@
+"""Key sources: where the 16-byte key of an encrypted file or volume comes from.
+
+==================  =====================================================
+``seal:mrenclave``  derived from the platform root secret and the enclave's
+                    measurement (only this exact enclave on this platform)
+``seal:mrsigner``   derived from the root secret, the signer and the product
+                    id (survives rebuilds signed by the same key)
+``file:PATH``       a key file on the host (16 raw bytes or 32 hex digits);
+                    for development: the host can read it
+``insecure:HEX``    the key written in cove.toml (32 hex digits); debug
+                    enclaves only, refused at build otherwise
+``kbs:RESOURCE``    released by the key broker after attestation; resolved
+                    by a function the key broker registers
+==================  =====================================================
+
+Sealing keys are svn-aware (:mod:`cove.platform.sealing`): :func:`resolve`
+takes the svn the data was sealed at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cove.errors import CoveError
+
+KEY_SIZE = 16
+KINDS = ("seal", "file", "insecure", "kbs")
+SEAL_POLICIES = ("mrenclave", "mrsigner")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+_KBS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class KeySourceError(CoveError):
+    """A key source is malformed, or its key cannot be had."""
+
+
+@dataclass(frozen=True)
+class KeySource:
+    kind: str
+    arg: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the key depends on the enclave's identity (and so on an svn)."""
+        return self.kind == "seal"
+
+    def __str__(self) -> str:
+        return self.text if self.kind != "insecure" else "insecure:<key>"
+
+
+def parse(text: str) -> KeySource:
+    """Check the syntax of a key source; nothing is read or derived."""
+    if not isinstance(text, str) or ":" not in text:
+        raise KeySourceError(f"{text!r} is not a key source",
+                             "use seal:mrenclave, seal:mrsigner, file:PATH, insecure:HEX or kbs:RESOURCE")
+    kind, _, arg = text.partition(":")
+    if kind == "seal":
+        if arg not in SEAL_POLICIES:
+            raise KeySourceError(f"seal:{arg} is not a sealing policy", "use seal:mrenclave or seal:mrsigner")
+    elif kind == "file":
+        if not arg or "\0" in arg:
+            raise KeySourceError("file: needs the path of a key file", "e.g. file:/etc/cove/volume.key")
+    elif kind == "insecure":
+        if not _HEX_RE.match(arg):
+            raise KeySourceError("insecure: needs 32 hex digits (a 16-byte key)")
+    elif kind == "kbs":
+        if not _KBS_RE.match(arg):
+            raise KeySourceError(f"kbs:{arg} is not a resource path", "e.g. kbs:default/volume-key/data")
+    else:
+        raise KeySourceError(f"unknown key source kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    return KeySource(kind, arg)
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """A key file: 16 raw bytes, or 32 hex digits with optional surrounding whitespace."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeySourceError(f"key file {path} not found",
+                             "create one with: head -c16 /dev/urandom > FILE") from None
+    except OSError as exc:
+        raise KeySourceError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(data) == KEY_SIZE:
+        return data
+    text = data.strip()
+    if _HEX_RE.match(text.decode("ascii", "replace")):
+        return bytes.fromhex(text.decode())
+    raise KeySourceError(f"key file {path} holds {len(data)} bytes",
+                         "a key file holds 16 raw bytes or 32 hex digits")
+
+
+# kind -> function(source, identity, svn) -> 16-byte key; the key broker adds "kbs".
+_RESOLVERS: dict[str, Callable] = {}
+
+
+def register_resolver(kind: str, resolver: Callable) -> None:
+    """Let another part of Cove resolve a kind of key source (the key broker: "kbs").
+
+    ``resolver(source, identity, svn)`` returns the 16-byte key or raises CoveError.
+    """
+    _RESOLVERS[kind] = resolver
+
+
+def resolve(source: KeySource | str, identity=None, svn: int | None = None) -> bytes:
+    """The key a source names, for an enclave ``identity`` (needed for seal: and kbs:).
+
+    ``svn`` is the svn the data was sealed at (default: the enclave's own);
+    an enclave cannot derive the key of a higher svn than its own.
+    """
+    if isinstance(source, str):
+        source = parse(source)
+    if source.kind in _RESOLVERS:
+        key = _RESOLVERS[source.kind](source, identity, svn)
+    elif source.kind == "seal":
+        if identity is None:
+            raise KeySourceError(f"{source.text} needs the identity of a built enclave",
+                                 "run from the instance folder, or pass -C INSTANCE")
+        from cove.platform import sealing
+
+        try:
+            key = sealing.sealing_key(identity, source.arg, svn)
+        except sealing.SealingError as exc:
+            raise KeySourceError(exc.message, exc.hint) from None
+    elif source.kind == "file":
+        key = read_key_file(source.arg)
+    elif source.kind == "insecure":
+        key = bytes.fromhex(source.arg)
+    else:
+        raise KeySourceError(f"{source.kind}: keys need the key broker client, which is not installed",
+                             "use seal:, file: or insecure: keys until the key broker is set up")
+    if len(key) != KEY_SIZE:
+        raise KeySourceError(f"{source} gave a {len(key)}-byte key; volumes need {KEY_SIZE} bytes")
+    return bytes(key)
