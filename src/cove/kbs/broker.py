@@ -49,7 +49,8 @@ class Settings:
     token_lifetime: float = 3600.0
     attestation_policy: str | None = None  # text; None = the default policy
     anchors: appraisal.TrustAnchors = field(default_factory=appraisal.TrustAnchors)
-    clock: Callable[[], float] = time.time  # tests move time
+    clock: Callable[[], float] = time.time  # sessions, tokens; tests move it
+    evidence_time: Callable[[], dt.datetime] | None = None  # time evidence is checked at (default: clock)
     pool_size: int = 16
 
 
@@ -137,12 +138,13 @@ class Broker:
             raise Problem("InvalidRequest", "extra-params must be an object")
         session_id = pysecrets.token_urlsafe(24)
         nonce = base64.b64encode(pysecrets.token_bytes(32)).decode()
-        self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime)
+        self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime, self.now())
         self._maybe_purge()
         return session_id, {"nonce": nonce, "extra-params": {}}
 
     def _maybe_purge(self) -> None:
-        now = time.time()
+        """Drop sessions a minute past their expiry (at most every 5 s per process)."""
+        now = time.monotonic()
         if now - self._last_purge > 5:
             self._last_purge = now
             self.store.purge_sessions(self.now() - 60)
@@ -173,9 +175,10 @@ class Broker:
         jose.tee_key(runtime["tee-pubkey"])
         if "tee-evidence" not in body:
             raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
-        if not self.store.consume_nonce(row.id, row.nonce):
+        if not self.store.consume_nonce(row.id, row.nonce, self.now()):
             raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
-        when = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        when = (self.settings.evidence_time() if self.settings.evidence_time
+                else dt.datetime.fromtimestamp(self.now(), dt.timezone.utc))
         try:
             claims = appraisal.appraise(row.tee, body["tee-evidence"], runtime, self.settings.anchors, when)
             decision = self.attestation_policy.evaluate(claims)
@@ -183,11 +186,12 @@ class Broker:
                 raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
                                                  f"{decision.reason}")
         except Problem as problem:
-            self.store.finish_session(row.id, False, None, None, self.settings.challenge_lifetime)
+            self.store.finish_session(row.id, False, None, None, self.settings.challenge_lifetime, self.now())
             self.store.audit(f"session:{row.id[:12]}", "attest", "denied", None, None,
                              f"{row.tee}: {problem.kind}: {problem.detail}")
             raise
-        self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime)
+        self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
+                                  self.now())
         self.store.audit(f"session:{row.id[:12]}", "attest", "ok", None, claims.get("measurement"), row.tee)
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
 

@@ -165,11 +165,10 @@ class KbsClient:
         headers = {"Authorization": f"Bearer {self.token}"} if bearer and self.token else {}
         params = {"version": version} if version else None
         try:
+            request = self.http.build_request("GET", f"/kbs/v0/resource/{path}", headers=headers, params=params)
             if bearer:
-                response = self.http.get(f"/kbs/v0/resource/{path}", headers=headers, params=params,
-                                         cookies=httpx.Cookies())
-            else:
-                response = self.http.get(f"/kbs/v0/resource/{path}", params=params)
+                request.headers.pop("cookie", None)  # the token alone must do
+            response = self.http.send(request)
         except httpx.HTTPError as exc:
             raise KbsError(f"resource {path}: cannot reach the broker at {self.url}: {exc}") from None
         _raise_for(response, f"resource {path}")

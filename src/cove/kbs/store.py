@@ -296,8 +296,7 @@ class Store:
         return self.broker_key(name)  # type: ignore[return-value]
 
     # -- sessions ----------------------------------------------------------------------
-    def create_session(self, session_id: str, nonce: str, tee: str, lifetime: float) -> None:
-        now = time.time()
+    def create_session(self, session_id: str, nonce: str, tee: str, lifetime: float, now: float) -> None:
         self.execute("INSERT INTO sessions (id, nonce, tee, state, created_at, expires_at) "
                      "VALUES (?, ?, ?, 'challenged', ?, ?)", (session_id, nonce, tee, now, now + lifetime))
 
@@ -310,21 +309,21 @@ class Store:
         return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
                           json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
 
-    def consume_nonce(self, session_id: str, nonce: str) -> bool:
+    def consume_nonce(self, session_id: str, nonce: str, now: float) -> bool:
         """Move a challenged session to 'appraising'; False if its nonce was already used."""
         return self.execute("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
                             "AND state = 'challenged' AND expires_at > ?",
-                            (session_id, nonce, time.time())) == 1
+                            (session_id, nonce, now)) == 1
 
     def finish_session(self, session_id: str, ok: bool, claims: dict | None, tee_pubkey: dict | None,
-                       lifetime: float) -> None:
+                       lifetime: float, now: float) -> None:
         self.execute("UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?",
                      ("attested" if ok else "failed", json.dumps(claims) if claims is not None else None,
                       json.dumps(tee_pubkey) if tee_pubkey is not None else None,
-                      time.time() + lifetime, session_id))
+                      now + lifetime, session_id))
 
-    def purge_sessions(self, now: float | None = None) -> int:
-        return self.execute("DELETE FROM sessions WHERE expires_at < ?", (now or time.time(),))
+    def purge_sessions(self, before: float) -> int:
+        return self.execute("DELETE FROM sessions WHERE expires_at < ?", (before,))
 
     def count_sessions(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM sessions")[0][0])
