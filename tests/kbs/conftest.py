@@ -22,9 +22,13 @@ from cove.kbs.runner import EmbeddedBroker
 from tests.kbs.pgserver import PgMissing, PgServer
 
 # Accepts sample evidence (not debug): the protocol tests' attestation policy.
-SAMPLE_ATTESTATION_POLICY = '[[accept]]\ntee = ["sample"]\n'
+SAMPLE_ATTESTATION_POLICY = 'types = ["sample"]\n'
 MEASUREMENT = "ab" * 32
 OTHER_MEASUREMENT = "cd" * 32
+
+
+def release_policy(measurement: str = MEASUREMENT, tee: str = "sample") -> str:
+    return f'types = ["{tee}"]\n[{tee}]\nmeasurements = ["{measurement}"]\n'
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +95,7 @@ class Kbs:
 
     def secret(self, path: str, value: bytes = b"s3cret", measurement: str = MEASUREMENT, **kwargs) -> None:
         name = "p-" + uuid.uuid4().hex[:8]
-        self.admin.put_policy(name, f'[[accept]]\ntee = ["sample"]\nmeasurement = ["{measurement}"]\n')
+        self.admin.put_policy(name, release_policy(measurement))
         self.admin.create_secret(path, kwargs.pop("kind", "data"), name,
                                  value=None if kwargs.get("generate") else value,
                                  **{k: v for k, v in kwargs.items() if k != "generate"})

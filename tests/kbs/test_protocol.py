@@ -14,7 +14,8 @@ import pytest
 from cove.kbs import appraisal, jose
 from cove.kbs.client import KbsClient, KbsError, SampleEvidence
 from cove.kbs.problems import TYPE_PREFIX
-from tests.kbs.conftest import MEASUREMENT, OTHER_MEASUREMENT, problem, ssl_for, start_kbs, stop_kbs
+from tests.kbs.conftest import (MEASUREMENT, OTHER_MEASUREMENT, problem, release_policy, ssl_for, start_kbs,
+                                stop_kbs)
 
 
 def test_whole_flow_https_cookie_and_token(kbs):
@@ -88,7 +89,7 @@ def test_sample_denied_by_default_policy(make_kbs):
     with pytest.raises(KbsError) as caught:
         client.attest(strict.sample())
     assert problem(caught) == (401, "AttestationDeny")
-    assert "tee sample is not accepted" in str(caught.value)
+    assert "evidence type sample is not accepted" in str(caught.value)
 
 
 def test_wrong_measurement_denied(kbs):
@@ -284,7 +285,7 @@ def test_generated_kinds_released(kbs):
     from cryptography.hazmat.primitives import serialization
 
     name = "gen"
-    kbs.admin.put_policy(name, f'[[accept]]\ntee = ["sample"]\nmeasurement = ["{MEASUREMENT}"]\n')
+    kbs.admin.put_policy(name, release_policy())
     for kind in ("aes-256", "ec-p256", "ec-p384", "rsa-2048", "password", "cert"):
         kbs.admin.create_secret(f"gen/{kind}/one", kind, name, exportable=False)
     client = kbs.client()

@@ -6,11 +6,10 @@ SHA-256 accepted. The evidence's report data must be that hash followed by
 zero bytes; otherwise the evidence is bound to another nonce or another TEE
 key and is refused (``EvidenceBinding``).
 
-Each verifier turns evidence into flat claims (JSON values only) that
-policies read: ``tee``, and where the type has them ``measurement``,
-``signer``, ``product_id``, ``svn``, ``debug``, ``tcb_status`` and
-type-specific fields. The formats of tee-evidence per type are in
-docs/formats/kbs-evidence.md.
+Each verifier is one of :mod:`cove.attest`'s, and its claims are normalized
+by :mod:`cove.attest.appraisal`, so release policies read measurement,
+signer, svn, debug, TCB status the same way for every type. The formats of
+tee-evidence per type are in docs/formats/kbs-evidence.md.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cove.attest import appraisal as attest_mod
+from cove.attest.appraisal import Appraisal
 from cove.errors import CoveError
 from cove.kbs.problems import Problem
 
@@ -64,29 +65,39 @@ def check_binding(report_data: bytes, runtime_data: dict) -> str:
 
 @dataclass
 class TrustAnchors:
-    """What the broker trusts to appraise hardware evidence; set by `cove kbs serve` options."""
+    """What the broker trusts to appraise hardware evidence; set by `cove kbs serve` options.
 
-    sgx_root_ca: bytes | None = None  # Intel SGX Root CA, PEM
+    Where an option is not given, the roots named in the attestation policy
+    (``[sgx] roots``, ``[snp] roots``, ``[cove] ek_ca``/``ak_ca``) are used.
+    """
+
+    sgx_root_ca: bytes | None = None  # Intel SGX Root CA, PEM (sgx and tdx)
     snp_ask_ark: list[bytes] = field(default_factory=list)  # AMD ASK+ARK bundles, PEM
     tpm_aks: list[bytes] = field(default_factory=list)  # trusted TPM attestation keys, PEM
+    cove_ek_roots: bytes | None = None  # TPM EK CA bundle for TPM-rooted cove evidence, PEM
+    cove_ak_roots: bytes | None = None  # AK CA bundle (cove platform's AK certifier), PEM
 
     @classmethod
-    def from_files(cls, sgx_root_ca: Path | None, snp_ask_ark: list[Path], tpm_aks: list[Path]) -> "TrustAnchors":
+    def from_files(cls, sgx_root_ca: Path | None, snp_ask_ark: list[Path], tpm_aks: list[Path],
+                   cove_ek_roots: Path | None = None, cove_ak_roots: Path | None = None) -> "TrustAnchors":
         def read(path: Path) -> bytes:
             try:
                 return Path(path).read_bytes()
             except OSError as exc:
                 raise CoveError(f"cannot read trust anchor {path}: {exc.strerror}") from None
         return cls(read(sgx_root_ca) if sgx_root_ca else None, [read(p) for p in snp_ask_ark],
-                   [read(p) for p in tpm_aks])
+                   [read(p) for p in tpm_aks], read(cove_ek_roots) if cove_ek_roots else None,
+                   read(cove_ak_roots) if cove_ak_roots else None)
 
-
-@dataclass(frozen=True)
-class Appraisal:
-    """Claims from verified evidence, and the report data it carries."""
-
-    claims: dict
-    report_data: bytes
+    def with_policy_roots(self, policy) -> "TrustAnchors":
+        """Fill what the options left out from an attestation policy's trust roots."""
+        def bundle(kind: str, name: str) -> bytes | None:
+            rules = policy.rules.get(kind)
+            return rules.pem(name) if rules is not None and getattr(rules, name) else None
+        return TrustAnchors(self.sgx_root_ca or bundle("sgx", "roots") or bundle("tdx", "roots"),
+                            self.snp_ask_ark or ([bundle("snp", "roots")] if bundle("snp", "roots") else []),
+                            self.tpm_aks, self.cove_ek_roots or bundle("cove", "ek_ca"),
+                            self.cove_ak_roots or bundle("cove", "ak_ca"))
 
 
 Verifier = Callable[[dict, TrustAnchors, dt.datetime], Appraisal]
@@ -97,40 +108,46 @@ def _b64(evidence: dict, name: str, tee: str) -> bytes:
     if not isinstance(value, str):
         raise Problem("EvidenceInvalid", f"{tee} evidence lacks {name!r} (base64)")
     try:
-        return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_" if ("-" in value or "_" in value)
-                                else None, validate=True)
+        if "-" in value or "_" in value:
+            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise Problem("EvidenceInvalid", f"{tee} evidence {name!r} is not base64") from None
 
 
 def _verified(tee: str, call):
     """Run a cove.attest verifier; its one error type becomes EvidenceInvalid."""
-    from cove.attest.errors import VerificationError
-
     try:
         return call()
-    except VerificationError as exc:
-        raise Problem("EvidenceInvalid", exc.line()) from None
     except CoveError as exc:
-        raise Problem("EvidenceInvalid", f"{tee}: {exc.line()}") from None
+        line = exc.line()
+        raise Problem("EvidenceInvalid", line if line.startswith(tee) else f"{tee}: {line}") from None
+
+
+def _hex_claim(evidence: dict, name: str) -> bytes | None:
+    value = evidence.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 128 or len(value) % 2:
+        raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be hex")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be hex") from None
 
 
 def appraise_sample(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
     """Unsigned claims for protocol tests: proves nothing, and the default policy refuses it."""
     report_data = _b64(evidence, "report_data", "sample")
-    claims: dict = {"tee": "sample", "self_certified": True}
+    values: dict = {}
     for name, kind in (("svn", int), ("debug", bool), ("product_id", int)):
         if name in evidence:
-            if type(evidence[name]) is not kind:
+            if type(evidence[name]) is not kind or (kind is int and not 0 <= evidence[name] < 1 << 63):
                 raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be {kind.__name__}")
-            claims[name] = evidence[name]
-    for name in ("measurement", "signer"):
-        if name in evidence:
-            value = evidence[name]
-            if not isinstance(value, str) or len(value) > 128:
-                raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be hex")
-            claims[name] = value.lower()
-    return Appraisal(claims, report_data)
+            values[name] = evidence[name]
+    return Appraisal(evidence_type="sample", measurement=_hex_claim(evidence, "measurement"),
+                     signer=_hex_claim(evidence, "signer"), report_data=report_data, backend="sample",
+                     isolation="none (sample evidence proves nothing)", **values)
 
 
 def appraise_tpm(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
@@ -141,18 +158,13 @@ def appraise_tpm(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> App
     signature = _b64(evidence, "signature", "tpm")
     pcrs = _b64(evidence, "pcrs", "tpm")
     if not anchors.tpm_aks:
-        raise Problem("EvidenceInvalid", "tpm: this broker trusts no TPM attestation key (--trust-tpm-ak)")
-    last: str = ""
+        raise Problem("EvidenceInvalid", "tpm: this broker trusts no TPM attestation key (--tpm-ak)")
+    last = ""
     for ak in anchors.tpm_aks:
         try:
-            quote = verify_tpm_quote(attest, signature, pcrs, ak, None)
+            return attest_mod.from_tpm(verify_tpm_quote(attest, signature, pcrs, ak, None))
         except VerificationError as exc:
             last = exc.line()
-            continue
-        pcr_claims = {alg: {str(i): v.hex() for i, v in sorted(bank.items())} for alg, bank in quote.pcrs.items()}
-        claims = {"tee": "tpm", "pcrs": pcr_claims, "pcr_digest": quote.pcr_digest.hex(),
-                  "firmware_version": quote.firmware_version, "tcb_status": "UpToDate"}
-        return Appraisal(claims, quote.extra_data)
     raise Problem("EvidenceInvalid", last or "tpm: the quote did not verify")
 
 
@@ -167,18 +179,7 @@ def appraise_dcap(tee: str) -> Verifier:
         if anchors.sgx_root_ca is None:
             raise Problem("EvidenceInvalid", f"{tee}: this broker has no Intel SGX root CA (--sgx-root-ca)")
         fn = verify_sgx_quote if tee == "sgx" else verify_tdx_quote
-        got = _verified(tee, lambda: fn(quote, collateral, anchors.sgx_root_ca, now))
-        claims: dict = {"tee": tee, "tcb_status": got.tcb_status, "advisory_ids": list(got.advisory_ids),
-                        "fmspc": got.fmspc.hex()}
-        body = got.body
-        if tee == "sgx":
-            claims.update(measurement=body.mr_enclave.hex(), signer=body.mr_signer.hex(),
-                          product_id=body.isv_prod_id, svn=body.isv_svn,
-                          debug=bool(body.attributes_decoded.debug))
-        else:
-            claims.update(measurement=body.mr_td.hex(), mr_config_id=body.mr_config_id.hex(),
-                          rtmrs=[r.hex() for r in body.rtmrs], debug=bool(body.td_attributes_decoded.debug))
-        return Appraisal(claims, got.report_data)
+        return attest_mod.from_dcap(_verified(tee, lambda: fn(quote, collateral, anchors.sgx_root_ca, now)))
     return verify
 
 
@@ -193,44 +194,22 @@ def appraise_snp(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> App
     last = ""
     for chain in anchors.snp_ask_ark:
         try:
-            got = verify_snp_report(report, vcek, chain, now)
+            return attest_mod.from_snp(verify_snp_report(report, vcek, chain, now))
         except VerificationError as exc:
             last = exc.line()
-            continue
-        tcb = got.report.reported_tcb
-        claims = {"tee": "snp", "measurement": got.measurement.hex(), "host_data": got.host_data.hex(),
-                  "svn": got.report.guest_svn, "debug": bool(got.debug_allowed), "product": got.product,
-                  "reported_tcb": {"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp,
-                                   "microcode": tcb.microcode},
-                  "tcb_status": "UpToDate"}
-        return Appraisal(claims, got.report_data)
     raise Problem("EvidenceInvalid", last or "snp: the report did not verify")
 
 
 def appraise_cove(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
     """Cove evidence (a platform-signed enclave report), verified by cove.attest."""
     try:
-        from cove.attest import evidence as cove_evidence  # the attestation layer's cove format
+        from cove.attest import cove_verify
     except ImportError:
-        raise Problem("EvidenceInvalid", "cove: this installation has no verifier for Cove evidence yet") from None
+        raise Problem("EvidenceInvalid", "cove: this installation has no verifier for Cove evidence") from None
     raw = _b64(evidence, "evidence", "cove")
-    result = _verified("cove", lambda: cove_evidence.verify(raw, now=now))
-    claims = dict(result.claims) if hasattr(result, "claims") else dict(result)
-    claims["tee"] = "cove"
-    report_data = claims.pop("report_data", b"")
-    if isinstance(report_data, str):
-        report_data = bytes.fromhex(report_data)
-    return Appraisal(_jsonable(claims), bytes(report_data))
-
-
-def _jsonable(value):
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).hex()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    claims = _verified("cove", lambda: cove_verify.verify_cove_evidence(
+        raw, now, ek_roots=anchors.cove_ek_roots, ak_roots=anchors.cove_ak_roots))
+    return cove_verify.appraisal(claims)
 
 
 VERIFIERS: dict[str, Verifier] = {
@@ -252,16 +231,15 @@ def normalize_tee(tee) -> str:
     return name
 
 
-def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now: dt.datetime) -> dict:
-    """Verify evidence of type tee and its binding to runtime_data; the claims, or a problem."""
+def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+    """Verify evidence of type tee and its binding to runtime_data; the appraisal, or a problem."""
     if isinstance(evidence, str):  # some clients send the evidence as a JSON string
         try:
             evidence = json.loads(evidence)
         except ValueError:
             raise Problem("EvidenceInvalid", f"{tee} tee-evidence is a string but not JSON") from None
-    if isinstance(evidence, dict) and isinstance(evidence.get("primary_evidence"), (dict, str)) \
-            and len(evidence) <= 2 and set(evidence) <= {"primary_evidence", "additional_evidence"}:
-        evidence = evidence["primary_evidence"]  # the composite form of newer KBS clients
+    if isinstance(evidence, dict) and set(evidence) and set(evidence) <= {"primary_evidence", "additional_evidence"}:
+        evidence = evidence.get("primary_evidence")  # the composite form of newer KBS clients
         if isinstance(evidence, str):
             try:
                 evidence = json.loads(evidence)
@@ -269,8 +247,37 @@ def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now:
                 raise Problem("EvidenceInvalid", f"{tee} primary_evidence is a string but not JSON") from None
     if not isinstance(evidence, dict):
         raise Problem("EvidenceInvalid", f"{tee} tee-evidence must be a JSON object")
-    appraisal = VERIFIERS[tee](evidence, anchors, now)
-    algorithm = check_binding(appraisal.report_data, runtime_data)
-    claims = dict(appraisal.claims)
-    claims["report_data_hash"] = algorithm
+    result = VERIFIERS[tee](evidence, anchors, now)
+    check_binding(result.report_data or b"", runtime_data)
+    return result
+
+
+# -- claims as JSON (sessions, tokens) and back -------------------------------------------------------
+_BYTES = ("measurement", "signer", "report_data", "platform_key", "runtime")
+_TIMES = ("issued_at", "platform_issued_at")
+
+
+def to_claims(appraisal: Appraisal) -> dict:
+    """The appraisal as JSON (what sessions store and tokens carry)."""
+    claims = attest_mod.summary(appraisal)
+    claims["tee"] = appraisal.evidence_type
     return claims
+
+
+def from_claims(claims: dict) -> Appraisal:
+    """The appraisal back from :func:`to_claims` (claims this broker stored or signed)."""
+    values: dict = {}
+    for name in Appraisal.__dataclass_fields__:
+        if name not in claims or name == "claims":
+            continue
+        value = claims[name]
+        if name in _BYTES:
+            value = bytes.fromhex(value)
+        elif name in _TIMES:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        elif name == "pcrs":
+            value = {bank: {int(i): bytes.fromhex(v) for i, v in values_.items()} for bank, values_ in value.items()}
+        elif name == "rtmrs":
+            value = tuple(bytes.fromhex(v) for v in value)
+        values[name] = value
+    return Appraisal(**values)

@@ -78,6 +78,7 @@ class Broker:
         self.ca_key, self.ca_cert = self._ca()
         self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy")
                                    if settings.attestation_policy else policy_mod.default_attestation_policy())
+        self.anchors = settings.anchors.with_policy_roots(self.attestation_policy)
         self._policies: dict[tuple[str, int], policy_mod.Policy] = {}
         self._policy_lock = threading.Lock()
         self._last_purge = 0.0
@@ -122,6 +123,12 @@ class Broker:
 
     def now(self) -> float:
         return self.settings.clock()
+
+    def evidence_now(self) -> dt.datetime:
+        """The time evidence and policies are checked at."""
+        if self.settings.evidence_time is not None:
+            return self.settings.evidence_time()
+        return dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
 
     # -- the KBS protocol ----------------------------------------------------------------------------
     def auth(self, request) -> tuple[str, dict]:
@@ -177,11 +184,10 @@ class Broker:
             raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
         if not self.store.consume_nonce(row.id, row.nonce, self.now()):
             raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
-        when = (self.settings.evidence_time() if self.settings.evidence_time
-                else dt.datetime.fromtimestamp(self.now(), dt.timezone.utc))
+        when = self.evidence_now()
         try:
-            claims = appraisal.appraise(row.tee, body["tee-evidence"], runtime, self.settings.anchors, when)
-            decision = self.attestation_policy.evaluate(claims)
+            result = appraisal.appraise(row.tee, body["tee-evidence"], runtime, self.anchors, when)
+            decision = policy_mod.decide(self.attestation_policy, result, when)
             if not decision.allowed:
                 raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
                                                  f"{decision.reason}")
@@ -190,6 +196,7 @@ class Broker:
             self.store.audit(f"session:{row.id[:12]}", "attest", "denied", None, None,
                              f"{row.tee}: {problem.kind}: {problem.detail}")
             raise
+        claims = appraisal.to_claims(result)
         self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
                                   self.now())
         self.store.audit(f"session:{row.id[:12]}", "attest", "ok", None, claims.get("measurement"), row.tee)
@@ -231,8 +238,14 @@ class Broker:
             self.store.audit(who, "release", "not-found", path, measurement)
             raise Problem("InvalidRequestPath", f"no resource {path}")
         policy = self._policy(row.policy)
-        decision = (policy.evaluate(caller.claims) if policy is not None
-                    else policy_mod.Decision(False, f"its release policy {row.policy!r} does not exist"))
+        if policy is None:
+            decision = policy_mod.Decision(False, f"its release policy {row.policy!r} does not exist")
+        else:
+            try:
+                claimed = appraisal.from_claims(caller.claims)
+            except (TypeError, ValueError, KeyError):
+                raise Problem("TokenVerifierError", "the attestation claims are malformed") from None
+            decision = policy_mod.decide(policy, claimed, self.evidence_now())
         if not decision.allowed:
             self.store.audit(who, "release", "denied", path, measurement, decision.reason)
             raise Problem("PolicyDeny", f"{path}: {decision.reason}")
