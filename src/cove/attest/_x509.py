@@ -106,3 +106,17 @@ def check_chain(
 def der(cert: x509.Certificate) -> bytes:
     """A certificate's DER bytes, for exact comparison with a trust anchor."""
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
+                       now: datetime, kind: str, what: str) -> x509.Certificate:
+    """Leaf-first ``chain`` must end in (or be issued by) one of ``roots``; returns that root."""
+    if not chain:
+        raise VerificationError(f"{kind}: {what} chain is empty")
+    top = chain[-1]
+    for root in roots:
+        if der(top) == der(root) or top.issuer == root.subject:
+            check_chain(chain, root, now, kind)
+            return root
+    raise VerificationError(f"{kind}: {what} chain is not rooted in a trusted CA (it ends in {top.issuer.rfc4514_string()[:120]})",
+                            "add its CA to the policy, or check where the evidence came from")

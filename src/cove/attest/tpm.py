@@ -144,3 +144,8 @@ def replay_event_log(events, banks: tuple[str, ...] = ("sha256",)) -> PcrValues:
         cur = out[alg].get(pcr, bytes(HASH_SIZES[alg]))
         out[alg][pcr] = hashlib.new(alg, cur + digest).digest()
     return out
+
+
+def public_key(ak_public):
+    """A TPM key (TpmPublic, TPM2B_PUBLIC, PEM or DER) as a ``cryptography`` public key."""
+    return _ak_key(ak_public)

@@ -91,6 +91,7 @@ class TpmPublic:
     ecc_x: bytes = b""
     ecc_y: bytes = b""
     name: bytes = b""
+    symmetric_bits: int = 0  # a storage key's symmetric cipher (AES) key size; 0 for none
 
 
 def _selection(r: Reader, what: str) -> tuple[PcrSelection, ...]:
@@ -163,8 +164,9 @@ def parse_public(data: bytes) -> TpmPublic:
     attrs = r.u32("objectAttributes")
     r.sized(2, "authPolicy")
     sym = r.u16("symmetric")
+    sym_bits = 0
     if sym != ALG_NULL:
-        r.u16("symmetric keyBits")
+        sym_bits = r.u16("symmetric keyBits")
         r.u16("symmetric mode")
     name = name_alg_id.to_bytes(2, "big") + hashlib.new(name_alg, body).digest()
     if typ == ALG_RSA:
@@ -175,7 +177,8 @@ def parse_public(data: bytes) -> TpmPublic:
         r.end("TPMT_PUBLIC")
         if not mod:
             raise VerificationError("tpm: RSA public key has an empty modulus")
-        return TpmPublic("rsa", name_alg, attrs, rsa_modulus=mod, rsa_exponent=exp, name=name)
+        return TpmPublic("rsa", name_alg, attrs, rsa_modulus=mod, rsa_exponent=exp, name=name,
+                         symmetric_bits=sym_bits)
     if typ == ALG_ECC:
         _scheme(r, "ecc scheme")
         curve_id = r.u16("curveID")
@@ -186,7 +189,8 @@ def parse_public(data: bytes) -> TpmPublic:
         curve = ECC_CURVES.get(curve_id)
         if curve is None:
             raise VerificationError(f"tpm: unsupported ECC curve 0x{curve_id:04x}")
-        return TpmPublic("ecc", name_alg, attrs, ecc_curve=curve, ecc_x=x, ecc_y=y, name=name)
+        return TpmPublic("ecc", name_alg, attrs, ecc_curve=curve, ecc_x=x, ecc_y=y, name=name,
+                         symmetric_bits=sym_bits)
     raise VerificationError(f"tpm: unsupported public key type 0x{typ:04x}")
 
 
