@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -19,7 +20,34 @@ class Context:
         self.debug = debug
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Which module of cove.cli defines each command. Modules are imported only
+# when their command runs (or for --help), so `cove run` pays for nothing else.
+COMMANDS = {
+    "new": "instance", "add": "instance", "keygen": "instance", "build": "instance",
+    "run": "run",
+    "package": "package", "inspect": "package",
+    "info": "info",
+    "kbs": "kbs",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        for command in importlib.import_module(f"cove.cli.{module}").COMMANDS:
+            if command.name == name:
+                return command
+        return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
               help="Act on the instance in DIR instead of the current folder.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -32,17 +60,6 @@ def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
 
 
 _options = {"debug": False}  # set by the group callback, read by main() when an error escapes
-
-
-def _register() -> None:
-    from cove.cli import info, instance, kbs, package, run
-
-    for module in (instance, run, package, info, kbs):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:
