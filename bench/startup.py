@@ -1,6 +1,6 @@
 """Startup cost of `cove run`: the C hello program natively, under bare bwrap, under Cove.
 
-Two images: ~1 MB (a static hello) and ~60 MB (Debian's Python with its
+Two images: ~1 MB (a static hello) and ~80 MB (Debian's Python with its
 standard library, plus the same hello). Prints median wall times over N runs,
 Cove's overhead over bare bwrap in ms and as ratios, and the peak resident
 memory of Cove's own process while an enclave runs.
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COVE = str(Path(sys.executable).parent / "cove")
 HELLO = r'''#include <stdio.h>
-int main(void) { puts("hello"); return 0; }
+#include <unistd.h>
+int main(int argc, char **argv) { if (argc > 1) sleep(1); puts("hello"); return 0; }
 '''
 
 
@@ -46,7 +47,6 @@ def make_image(work: Path, name: str, hello: Path, env: dict, python: bool) -> P
     cove("new", name, cwd=work, env=env)
     root = work / name
     cove("add", "--no-deps", "--to", "/bin", str(hello), cwd=root, env=env)
-    cove("add", "/bin/sleep", cwd=root, env=env)
     if python:
         cove("add", "--bom", str(ROOT / "examples" / "python" / "cove.bom"), cwd=root, env=env)
     cove("build", cwd=root, env=env)
@@ -64,7 +64,7 @@ def bare_bwrap(image: Path) -> list[str]:
 
 def peak_rss_mb(root: Path, env: dict) -> float:
     """VmHWM of the cove process while its enclave sleeps for a second."""
-    proc = subprocess.Popen([COVE, "run", "/bin/sleep", "1"], cwd=root, env=env)
+    proc = subprocess.Popen([COVE, "run", "/bin/hello", "sleep"], cwd=root, env=env, stdout=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
         try:
