@@ -133,3 +133,19 @@ def recover(host_path: str) -> None:
             raise FileIntegrityError("recovery did not clear the has-pending-write flag")
     finally:
         os.close(fd)
+
+
+def logged_metadata(host_path: str) -> bytes | None:
+    """The metadata node the recovery file would restore, or None if it holds none.
+
+    Lets a volume tell which committed state a replay returns to (its MAC
+    is in the node's header) before deciding to replay.
+    """
+    try:
+        with open(recovery_path(host_path), "rb") as f:
+            record = f.read(RECORD_SIZE)
+    except FileNotFoundError:
+        return None
+    if len(record) < RECORD_SIZE or _PHYS.unpack_from(record)[0] != 0:
+        return None
+    return record[_PHYS.size:]

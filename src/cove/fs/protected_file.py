@@ -71,7 +71,8 @@ class ProtectedFile:
     @classmethod
     def open(cls, host_path: str | os.PathLike, key: bytes, logical_path: str,
              mode: str = "r", *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-             durable: bool = True, expected_root_mac: bytes | None = None) -> ProtectedFile:
+             durable: bool = True, expected_root_mac: bytes | None = None,
+             two_phase: bool = False) -> ProtectedFile:
         """Open (``r``, ``r+``) or create (``w`` replaces, ``x`` fails if present).
 
         ``key`` is the 16-byte key-derivation key of the volume; ``logical_path``
@@ -79,6 +80,12 @@ class ProtectedFile:
         orders commits with fsync so they also survive power loss, not just a
         killed process. ``expected_root_mac`` (from a volume layer) rejects
         any other version of the file, which the file alone cannot do.
+
+        ``two_phase`` lets a volume commit many files at once: a commit then
+        writes the new state but keeps the undo log (and the has-pending-write
+        flag), so the file can still return to the state of the volume's last
+        commit, until the volume has recorded the new state and calls
+        :meth:`finish`.
         """
         if mode not in MODES:
             raise ProtectedFileError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -89,6 +96,7 @@ class ProtectedFile:
         if mode in ("w", "x"):
             _create(host_path, bytes(key), path_bytes, exclusive=(mode == "x"))
         self = cls()
+        self._two_phase = two_phase
         self._open_existing(host_path, bytes(key), logical_path, path_bytes,
                             writable=(mode != "r"), cache_bytes=cache_bytes, durable=durable)
         if expected_root_mac is not None and not crypto.macs_equal(
@@ -134,7 +142,8 @@ class ProtectedFile:
                     f"file truncated: {have} nodes on disk, its size {meta.size} needs {need}")
             self._meta = meta
             self._mac = header.mac
-            self._disk_meta = node0
+            self._disk_meta = node0  # node 0 of the state the undo log returns to
+            self._node0 = node0  # node 0 as last written
             self._committed_nodes = need
             self._dirty = False
             self._journal = journal.UndoLog(journal.recovery_path(host_path), durable)
@@ -326,17 +335,50 @@ class ProtectedFile:
             if durable:
                 os.fsync(self._fd)
             self._meta.root_key, self._meta.root_mac = tree.root_key, tree.root_mac
-            node0, mac = _seal_metadata(self._kdk, self._meta)
-            os.pwrite(self._fd, node0, 0)  # the commit point
+            # two-phase: the new state stays flagged until the volume records it
+            node0, mac = _seal_metadata(self._kdk, self._meta,
+                                        HAS_PENDING_WRITE if self._two_phase else 0)
+            os.pwrite(self._fd, node0, 0)  # the commit point (two-phase: of this file alone)
             if durable:
                 os.fsync(self._fd)
-            need = node_count(self._meta.size)
-            if os.fstat(self._fd).st_size > need * NODE_SIZE:
-                os.ftruncate(self._fd, need * NODE_SIZE)
-            self._journal.end()
-            self._disk_meta, self._mac = node0, mac
-            self._committed_nodes = need
+            self._node0, self._mac = node0, mac
             self._dirty = False
+            if not self._two_phase:
+                self._end_transaction()
+
+        self._guard(work)
+
+    def _end_transaction(self) -> None:
+        """The committed state is final: trim, forget the undo log."""
+        need = node_count(self._meta.size)
+        if os.fstat(self._fd).st_size > need * NODE_SIZE:
+            os.ftruncate(self._fd, need * NODE_SIZE)
+        self._journal.end()
+        self._disk_meta = self._node0
+        self._committed_nodes = need
+
+    @property
+    def prepared(self) -> bool:
+        """Two-phase: a state is committed that :meth:`finish` has not made final yet."""
+        return self._two_phase and self._journal.active
+
+    def finish(self) -> None:
+        """Two-phase: the volume recorded the committed state; drop the undo log.
+
+        Clearing the flag needs no fsync: a volume that finds the flag still
+        set on the state it recorded clears it again (see cove.fs.volume).
+        """
+        self._check()
+        if not self._journal.active:
+            return
+        if self._dirty_any():
+            raise ProtectedFileError("finish() with uncommitted changes", "commit (flush) first")
+
+        def work() -> None:
+            flags = self._node0[HEADER.size - 1] & ~HAS_PENDING_WRITE
+            self._node0 = self._node0[:HEADER.size - 1] + bytes([flags]) + self._node0[HEADER.size:]
+            os.pwrite(self._fd, self._node0[:HEADER.size], 0)
+            self._end_transaction()
 
         self._guard(work)
 

@@ -1,0 +1,930 @@
+"""A volume: a folder of protected files under one authenticated, rollback-anchored root.
+
+Host layout::
+
+    VOLUME/root             header (plain CBOR) + the encrypted index (AES-256-GCM)
+    VOLUME/root.next        the next root, only during a commit
+    VOLUME/files/xx/ID      one protected file per regular file (bound to ID)
+
+The *index* is the whole namespace: a tree of folders, files and symlinks
+with their modes, owners and times; each file entry names its host file ID and
+the root MAC of its committed state. The host sees neither names nor the tree,
+only opaque IDs, sizes to within 4 KiB and access patterns. Anything the host
+adds under ``files/`` is not in the index and so cannot be seen; a file
+replaced by an older version of itself, by another file, or deleted fails its
+root MAC (or is missing) and reads fail; a whole volume rolled back fails the
+anchor (:mod:`cove.fs.anchor`).
+
+Keys: the key source gives a 16-byte key-encryption key (KEK) that wraps a
+random 32-byte volume master key (VMK) in the header. HKDF-SHA256 over the VMK
+(salt: the volume id) gives the protected files' key, the index key, the key
+that tags file IDs and the anchor's secret. Re-wrapping (a sealing key of a
+higher svn) rewrites only the header.
+
+Commit (everything since the last commit becomes durable at once):
+
+1. every changed file is committed in two-phase mode: its new state is
+   written but its undo log kept, and its metadata node keeps the
+   has-pending-write flag;
+2. the new root (version + 1) is written to ``root.next`` and fsynced;
+3. the anchor advances to (version + 1, SHA-256 of root.next): the commit
+   point;
+4. ``root.next`` replaces ``root``; the files' flags are cleared and their
+   logs dropped; files unlinked before the commit are deleted.
+
+Opening resolves any crash: the anchor names exactly one root (``root`` or
+``root.next``); a file whose undo log returns it to the MAC that root
+records is rolled back, a file already at that MAC has its flag cleared.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cove.errors import CoveError, IntegrityError
+from cove.fs import anchor as anchor_mod
+from cove.fs import journal
+from cove.fs.errors import FileIntegrityError, ProtectedFileError
+from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE
+from cove.fs.protected_file import ProtectedFile, read_header
+
+MAGIC = b"COVEVOL1"
+FORMAT = 1
+ROOT = "root"
+NEXT = "root.next"
+FILES = "files"
+DEFAULT_FILE_CACHE = 1 << 20
+_LEN = struct.Struct("<I")
+NAME_MAX = 255
+
+
+class VolumeError(CoveError):
+    """A volume cannot be used as asked (not a volume, in use, wrong label...)."""
+
+
+class VolumeIntegrityError(IntegrityError):
+    """A volume failed a check as a whole: its root, its key or its anchor."""
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """How a volume's KEK is found again: the normalized key source and the svn it was sealed at."""
+
+    source: str
+    svn: int = 0
+
+    @classmethod
+    def of(cls, source_text: str, svn: int | None = None) -> KeyPolicy:
+        from cove.fs.keys import parse
+
+        source = parse(source_text)
+        if source.kind in ("file", "insecure"):  # where the key lives is not part of the volume
+            return cls(source.kind, 0)
+        return cls(source.text, (svn or 0) if source.sealed else 0)
+
+    def to_cbor(self) -> dict:
+        return {"source": self.source, "svn": self.svn}
+
+
+KeyFor = Callable[[KeyPolicy], bytes]
+
+
+class Node:
+    """A folder, file or symlink of the index, with its runtime state."""
+
+    __slots__ = ("kind", "mode", "uid", "gid", "mtime", "ctime", "id", "mac", "size", "children",
+                 "target", "ino", "parent", "name", "lookups", "handle", "opens", "dirty", "linked")
+
+    def __init__(self, kind: str, mode: int, uid: int = 0, gid: int = 0, now: int | None = None):
+        now = time.time_ns() if now is None else now
+        self.kind = kind  # "d", "f" or "l"
+        self.mode = mode  # full st_mode
+        self.uid, self.gid = uid, gid
+        self.mtime = self.ctime = now
+        self.id: str | None = None
+        self.mac: bytes | None = None
+        self.size = 0
+        self.children: dict[bytes, Node] | None = {} if kind == "d" else None
+        self.target: bytes | None = None
+        self.ino = 0
+        self.parent: Node | None = None
+        self.name = b""
+        self.lookups = 0
+        self.handle: ProtectedFile | None = None
+        self.opens = 0
+        self.dirty = False
+        self.linked = True
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "d"
+
+    def path(self) -> str:
+        parts = []
+        node = self
+        while node.parent is not None:
+            parts.append(node.name.decode("utf-8", "replace"))
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+    def to_cbor(self) -> dict:
+        item = {"k": self.kind, "m": self.mode, "u": self.uid, "g": self.gid, "t": self.mtime,
+                "c": self.ctime}
+        if self.kind == "f":
+            item.update(i=self.id, h=self.mac, s=self.size)
+        elif self.kind == "l":
+            item["l"] = self.target
+        else:
+            item["e"] = {name: child.to_cbor() for name, child in sorted(self.children.items())}
+        return item
+
+    @classmethod
+    def from_cbor(cls, item: dict) -> Node:
+        node = cls(item["k"], item["m"], item["u"], item["g"], item["t"])
+        node.ctime = item["c"]
+        if node.kind == "f":
+            node.id, node.mac, node.size = item["i"], item["h"], item["s"]
+        elif node.kind == "l":
+            node.target = item["l"]
+        elif node.kind == "d":
+            for name, sub in item["e"].items():
+                child = cls.from_cbor(sub)
+                child.parent, child.name = node, name
+                node.children[name] = child
+        else:
+            raise ValueError(f"unknown node kind {node.kind!r}")
+        return node
+
+
+def _kdf(vmk: bytes, salt: bytes, purpose: bytes, length: int) -> bytes:
+    return HKDF(hashes.SHA256(), length, salt, b"cove volume " + purpose).derive(vmk)
+
+
+def _wrap_aad(volume_id: bytes, label: str, policy: KeyPolicy) -> bytes:
+    return b"cove volume key\0" + volume_id + cbor2.dumps([label, policy.source, policy.svn])
+
+
+def _split_root(data: bytes) -> tuple[dict, bytes, bytes]:
+    """(header, aad, sealed index) of a root file; raises VolumeIntegrityError."""
+    if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
+        raise VolumeIntegrityError("not a Cove volume root (bad magic)")
+    (size,) = _LEN.unpack_from(data, len(MAGIC))
+    end = len(MAGIC) + _LEN.size + size
+    if end + 12 + 16 > len(data):
+        raise VolumeIntegrityError("volume root truncated")
+    try:
+        header = cbor2.loads(data[len(MAGIC) + _LEN.size:end])
+    except Exception:
+        raise VolumeIntegrityError("volume root header is not readable") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise VolumeIntegrityError(f"unsupported volume format {header.get('format') if isinstance(header, dict) else '?'}")
+    return header, data[:end], data[end:]
+
+
+def _parse_id(name: str) -> tuple[int, bytes, bytes] | None:
+    parts = name.split("-")
+    if len(parts) != 3:
+        return None
+    try:
+        return int(parts[0], 16), bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _errno(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+class Volume:
+    """An open volume. Use :meth:`create` or :meth:`open`; :meth:`close` when done."""
+
+    def __init__(self) -> None:
+        self._lock_fd = -1
+
+    # -- opening ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, kek: bytes, *, label: str, policy: KeyPolicy,
+               anchor: str = "auto", durable: bool = True,
+               cache_bytes: int = DEFAULT_FILE_CACHE, uid: int = 0, gid: int = 0) -> Volume:
+        """Make a new, empty volume in ``path`` (missing or empty) and open it."""
+        path = os.path.abspath(os.fspath(path))
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        leftovers = [n for n in os.listdir(path) if n not in (FILES, NEXT)]
+        if leftovers:
+            raise VolumeError(f"{path} is not empty", "a new volume needs an empty or missing folder")
+        self = cls()
+        self._lock(path)
+        try:
+            volume_id = os.urandom(16)
+            vmk = os.urandom(32)
+            kind = anchor_mod.choose_kind(anchor)
+            store = anchor_mod.open_store({"kind": kind}, volume_id, _kdf(vmk, volume_id, b"anchor", 16), path)
+            first = store.create()
+            nonce = os.urandom(12)
+            header = {"format": FORMAT, "id": volume_id, "label": label, "key": policy.to_cbor(),
+                      "wrapped": nonce + AESGCM(kek).encrypt(nonce, vmk, _wrap_aad(volume_id, label, policy)),
+                      "anchor": store.params()}
+            self._setup(path, header, vmk, store, writable=True, durable=durable, cache_bytes=cache_bytes)
+            os.makedirs(os.path.join(path, FILES), mode=0o700, exist_ok=True)
+            self.version = first.version
+            root = Node("d", stat.S_IFDIR | 0o755, uid, gid)
+            self._load_tree(root)
+            self.dirty = True
+            self.commit()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, key_for: KeyFor | bytes, *, label: str | None = None,
+             writable: bool = True, durable: bool = True, cache_bytes: int = DEFAULT_FILE_CACHE,
+             check_anchor: bool = True) -> Volume:
+        """Open an existing volume, resolving an interrupted commit.
+
+        ``key_for(policy)`` returns the KEK for the policy in the header (or
+        pass the KEK itself). ``label``, if given, must equal the volume's.
+        ``check_anchor=False`` skips the rollback check (offline inspection of
+        a volume from another platform only).
+        """
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(path):
+            raise VolumeError(f"{path}: no such volume folder")
+        if not os.path.exists(os.path.join(path, ROOT)) and not os.path.exists(os.path.join(path, NEXT)):
+            raise VolumeError(f"{path} is not a Cove volume (no root file)",
+                              "create one with `cove fs encrypt`, or let an encrypted mount create it")
+        self = cls()
+        self._lock(path)
+        try:
+            self._open(path, key_for, label, writable, durable, cache_bytes, check_anchor)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _lock(self, path: str) -> None:
+        self._lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._unlock()
+            raise VolumeError(f"volume {path} is in use (mounted by a running enclave or another tool)",
+                              "stop it first") from None
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _setup(self, path: str, header: dict, vmk: bytes, store, writable: bool, durable: bool,
+               cache_bytes: int) -> None:
+        self.path = path
+        self.header = header
+        self.id: bytes = header["id"]
+        self.label: str = header["label"]
+        self.policy = KeyPolicy(header["key"]["source"], header["key"]["svn"])
+        self._vmk = vmk
+        self._file_key = _kdf(vmk, self.id, b"files", 16)
+        self._index = AESGCM(_kdf(vmk, self.id, b"index", 32))
+        self._name_key = _kdf(vmk, self.id, b"names", 32)
+        self.store = store
+        self.writable = writable
+        self.durable = durable
+        self.cache_bytes = cache_bytes
+        self.drop: set[str] = set()
+        self.problems: list[str] = []
+        self.recovered: list[str] = []
+        self.dirty = False
+        self._inodes: dict[int, Node] = {}
+        self._next_ino = 1
+        self._handles: dict[str, Node] = {}
+
+    def _decode(self, data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict]:
+        """(header, vmk, index body) of a root file's bytes."""
+        header, aad, sealed = _split_root(data)
+        try:
+            policy = KeyPolicy(header["key"]["source"], header["key"]["svn"])
+            wrapped, volume_id, label = header["wrapped"], header["id"], header["label"]
+        except (KeyError, TypeError):
+            raise VolumeIntegrityError("volume root header is incomplete") from None
+        kek = key_for(policy) if callable(key_for) else key_for
+        try:
+            vmk = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(volume_id, label, policy))
+        except (InvalidTag, ValueError):
+            raise VolumeIntegrityError("the key does not open this volume (wrong key, or its header "
+                                       "was modified)", "check the key source") from None
+        index = AESGCM(_kdf(vmk, volume_id, b"index", 32))
+        try:
+            body = cbor2.loads(index.decrypt(sealed[:12], sealed[12:], aad))
+        except InvalidTag:
+            raise VolumeIntegrityError("volume root MAC mismatch (its index was modified)",
+                                       "the volume was tampered with; restore it from a backup") from None
+        return header, vmk, body
+
+    def _open(self, path, key_for, label, writable, durable, cache_bytes, check_anchor) -> None:
+        candidates = []
+        first_error: CoveError | None = None
+        for name in (ROOT, NEXT):
+            try:
+                data = Path(path, name).read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                candidates.append((name, data) + self._decode(data, key_for))
+            except CoveError as exc:
+                first_error = first_error or exc
+        if not candidates:
+            raise first_error
+        header = candidates[0][2]
+        store = anchor_mod.open_store(header.get("anchor", {}), header["id"],
+                                      _kdf(candidates[0][3], header["id"], b"anchor", 16), path)
+        chosen = None
+        if store.kind == "none" or not check_anchor:
+            chosen = next((c for c in candidates if c[0] == ROOT), None)
+            if chosen is None:
+                raise VolumeIntegrityError("volume root is missing (only an unfinished commit is there)")
+        else:
+            trusted = store.read()
+            for candidate in candidates:
+                digest = hashlib.sha256(candidate[1]).digest()
+                if hmac.compare_digest(digest, trusted.digest) and candidate[4].get("version") == trusted.version:
+                    chosen = candidate
+            if chosen is None:
+                versions = sorted({c[4].get("version") for c in candidates}, key=lambda v: v or 0)
+                newest = versions[-1]
+                if newest is not None and newest < trusted.version:
+                    raise VolumeIntegrityError(
+                        f"volume rolled back: its root is version {newest}, the {store.kind} anchor "
+                        f"holds version {trusted.version}",
+                        "an older copy of the volume was put back; restore the latest one")
+                raise VolumeIntegrityError(
+                    f"volume root does not match its {store.kind} anchor (version {trusted.version})",
+                    "the volume was replaced or tampered with")
+        name, data, header, vmk, body = chosen
+        if label is not None and header["label"] != label:
+            raise VolumeError(f"this volume belongs to {header['label']!r}, not {label!r}",
+                              "each encrypted mount has its own volume; check the source folder")
+        self._setup(path, header, vmk, store, writable, durable, cache_bytes)
+        self.version = body["version"]
+        if name == NEXT:  # the anchor moved before the rename: finish that commit
+            os.replace(os.path.join(path, NEXT), os.path.join(path, ROOT))
+            _fsync_dir(path)
+        elif os.path.exists(os.path.join(path, NEXT)):
+            os.unlink(os.path.join(path, NEXT))
+        self.drop = set(body.get("drop", ()))
+        self._load_tree(Node.from_cbor(body["tree"]))
+        self._scan()
+
+    def _load_tree(self, root: Node) -> None:
+        self.root = root
+        root.parent, root.name = None, b""
+        self._inodes.clear()
+        self._next_ino = 1
+        self.ids: dict[str, Node] = {}
+
+        def visit(node: Node) -> None:
+            self._assign(node)
+            if node.kind == "f":
+                self.ids[node.id] = node
+            elif node.kind == "d":
+                for child in node.children.values():
+                    visit(child)
+
+        visit(root)
+
+    def _assign(self, node: Node) -> None:
+        node.ino = self._next_ino
+        self._next_ino += 1
+        self._inodes[node.ino] = node
+
+    # -- host files ---------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        epoch = self.version + 1
+        rand = os.urandom(8)
+        tag = hmac.new(self._name_key, struct.pack("<Q", epoch) + rand, "sha256").digest()[:8]
+        return f"{epoch:x}-{rand.hex()}-{tag.hex()}"
+
+    def _tag_ok(self, epoch: int, rand: bytes, tag: bytes) -> bool:
+        want = hmac.new(self._name_key, struct.pack("<Q", epoch) + rand, "sha256").digest()[:8]
+        return hmac.compare_digest(want, tag)
+
+    def host_path(self, file_id: str) -> str:
+        return os.path.join(self.path, FILES, file_id.split("-")[1][:2], file_id)
+
+    def _scan(self) -> None:
+        """Recover files from an interrupted commit; find missing, leftover and foreign files."""
+        seen = set()
+        files_dir = os.path.join(self.path, FILES)
+        for sub in sorted(os.listdir(files_dir)) if os.path.isdir(files_dir) else ():
+            subdir = os.path.join(files_dir, sub)
+            if not os.path.isdir(subdir):
+                self.problems.append(f"unexpected entry files/{sub} (added from outside)")
+                continue
+            names = sorted(os.listdir(subdir))
+            present = set(names)
+            for name in names:
+                full = os.path.join(subdir, name)
+                if name.endswith(journal.RECOVERY_SUFFIX):
+                    if name[: -len(journal.RECOVERY_SUFFIX)] not in present:
+                        self._remove(full)  # the log of a file that is gone
+                    continue
+                if name.endswith(".cove-new") and name.startswith("."):
+                    self._remove(full)  # a creation a crash interrupted
+                    continue
+                seen.add(name)
+                if name in self.ids:
+                    self._resolve(self.ids[name], full)
+                    continue
+                parsed = _parse_id(name)
+                if name in self.drop or (parsed and parsed[0] > self.version and self._tag_ok(*parsed)):
+                    self._remove(full)  # unlinked before, or created after, the last commit
+                    self._remove(journal.recovery_path(full))
+                else:
+                    self.problems.append(f"unexpected file files/{sub}/{name} (added from outside; "
+                                         "it is not part of the volume and cannot be seen)")
+        for file_id, node in self.ids.items():
+            if file_id not in seen:
+                self.problems.append(f"{node.path()}: its host file is missing (deleted from outside)")
+
+    def _remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # a read-only volume folder: leave it
+
+    def _resolve(self, node: Node, full: str) -> None:
+        """Bring one file to the state the index records, if its undo log can."""
+        try:
+            header = read_header(full)
+        except (FileIntegrityError, OSError):
+            return  # reported when the file is opened
+        logged = journal.logged_metadata(full)
+        try:
+            if header.flags & HAS_PENDING_WRITE and logged is not None and \
+                    hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
+                journal.recover(full)
+                self.recovered.append(node.path())
+            elif hmac.compare_digest(header.mac, node.mac):
+                if header.flags & HAS_PENDING_WRITE:
+                    flags = header.flags & ~HAS_PENDING_WRITE
+                    with open(full, "r+b") as f:
+                        f.seek(HEADER.size - 1)
+                        f.write(bytes([flags]))
+                if logged is not None or os.path.exists(journal.recovery_path(full)):
+                    self._remove(journal.recovery_path(full))
+        except (OSError, FileIntegrityError):
+            pass  # read-only folder or a damaged log: the file reports its state when opened
+
+    # -- commit --------------------------------------------------------------------
+
+    def _encode_root(self, version: int) -> bytes:
+        header = cbor2.dumps(self.header, canonical=True)
+        aad = MAGIC + _LEN.pack(len(header)) + header
+        body = cbor2.dumps({"version": version, "tree": self.root.to_cbor(), "drop": sorted(self.drop)})
+        nonce = os.urandom(12)
+        return aad + nonce + self._index.encrypt(nonce, body, aad)
+
+    def commit(self) -> None:
+        """Make every change since the last commit durable, all at once."""
+        if not self.writable:
+            return
+        for node in list(self._handles.values()):
+            if node.dirty and node.linked:
+                node.dirty = False
+                self.dirty = True
+                try:
+                    self._guarded(node, node.handle.flush)
+                except FileIntegrityError as exc:  # a file that failed a check keeps its last state
+                    self.problems.append(exc.message)
+                    continue
+                node.mac, node.size = node.handle.root_mac(), node.handle.size()
+        if not self.dirty:
+            return
+        version = self.version + 1
+        data = self._encode_root(version)
+        next_path = os.path.join(self.path, NEXT)
+        fd = os.open(next_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.store.kind != "none":
+            if self.durable:
+                _fsync_dir(self.path)
+            self.store.advance(anchor_mod.Anchor(version, hashlib.sha256(data).digest()))  # commit point
+        os.replace(next_path, os.path.join(self.path, ROOT))  # the commit point without an anchor
+        if self.durable:
+            _fsync_dir(self.path)
+        self.version = version
+        self.dirty = False
+        for node in list(self._handles.values()):
+            if node.linked and node.handle is not None and node.handle.prepared:
+                self._guarded(node, node.handle.finish)
+            if node.opens == 0:
+                self._close_handle(node)
+        for file_id in sorted(self.drop):
+            if file_id not in self._handles:
+                self._remove(self.host_path(file_id))
+                self._remove(journal.recovery_path(self.host_path(file_id)))
+                self.drop.discard(file_id)
+
+    def close(self) -> None:
+        """Commit (if writable) and release everything."""
+        if self._lock_fd < 0:
+            return
+        try:
+            if self.writable:
+                self.commit()
+        finally:
+            for node in list(self._handles.values()):
+                node.opens = 0
+                self._close_handle(node, commit=False)
+            self._unlock()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def rewrap(self, kek: bytes, policy: KeyPolicy) -> None:
+        """Wrap the volume key under a new KEK (e.g. a sealing key of a higher svn)."""
+        nonce = os.urandom(12)
+        self.header = dict(self.header, key=policy.to_cbor(), wrapped=nonce + AESGCM(kek).encrypt(
+            nonce, self._vmk, _wrap_aad(self.id, self.label, policy)))
+        self.policy = policy
+        self.dirty = True
+
+    # -- files -----------------------------------------------------------------------
+
+    def _guarded(self, node: Node, fn, *args, **kwargs):
+        """Run a protected-file call; integrity failures name the file's path."""
+        try:
+            return fn(*args, **kwargs)
+        except FileIntegrityError as exc:
+            raise FileIntegrityError(f"{node.path()}: {exc.message}", exc.hint) from None
+
+    def acquire(self, node: Node) -> ProtectedFile:
+        """The open protected file behind ``node`` (opened, and checked, if need be)."""
+        if node.kind != "f":
+            raise _errno(errno.EISDIR if node.kind == "d" else errno.EINVAL)
+        if node.handle is None:
+            host = self.host_path(node.id)
+            if not os.path.exists(host):
+                raise FileIntegrityError(f"{node.path()}: its host file is missing (deleted from outside)")
+            try:
+                node.handle = self._guarded(node, ProtectedFile.open, host, self._file_key, node.id,
+                                            "r+" if self.writable else "r", cache_bytes=self.cache_bytes,
+                                            durable=self.durable, expected_root_mac=node.mac,
+                                            two_phase=True)
+            except ProtectedFileError as exc:
+                raise FileIntegrityError(f"{node.path()}: {exc.message}") from None
+            self._handles[node.id] = node
+        node.opens += 1
+        return node.handle
+
+    def release(self, node: Node) -> None:
+        """One opener is done with the file; close it if nothing needs it any more."""
+        node.opens = max(0, node.opens - 1)
+        if node.opens == 0 and node.handle is not None and not node.linked:
+            # its host file goes after the commit that drops it from the index
+            self._close_handle(node, commit=False)
+        elif node.opens == 0 and node.handle is not None and not node.dirty and not node.handle.prepared:
+            self._close_handle(node)
+
+    def _close_handle(self, node: Node, commit: bool = True) -> None:
+        handle, node.handle = node.handle, None
+        self._handles.pop(node.id, None)
+        if handle is None:
+            return
+        if commit and not handle.prepared and not node.dirty:
+            handle.close()
+        else:  # leave the undo log: the file returns to the volume's committed state
+            handle._release()
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        handle = node.handle or self.acquire(node)
+        return self._guarded(node, handle.read, offset, size)
+
+    def write(self, node: Node, offset: int, data) -> int:
+        self._need_writable()
+        handle = node.handle or self.acquire(node)
+        written = self._guarded(node, handle.write, offset, data)
+        self._touch(node, content=True)
+        return written
+
+    def truncate(self, node: Node, size: int) -> None:
+        self._need_writable()
+        opened = node.handle is None
+        handle = self.acquire(node) if opened else node.handle
+        try:
+            self._guarded(node, handle.truncate, size)
+            self._touch(node, content=True)
+        finally:
+            if opened:
+                self.release(node)
+
+    def file_size(self, node: Node) -> int:
+        if node.kind == "f":
+            return node.handle.size() if node.handle is not None else node.size
+        if node.kind == "l":
+            return len(node.target)
+        return NODE_SIZE
+
+    def _touch(self, node: Node, content: bool = False) -> None:
+        now = time.time_ns()
+        node.ctime = now
+        if content:
+            node.mtime = now
+            node.dirty = node.kind == "f" or node.dirty
+        self.dirty = True
+
+    # -- namespace ---------------------------------------------------------------------
+
+    def inode(self, ino: int) -> Node:
+        node = self._inodes.get(ino)
+        if node is None:
+            raise _errno(errno.ENOENT)
+        return node
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        if parent.kind != "d":
+            raise _errno(errno.ENOTDIR)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        node = parent.children.get(name)
+        if node is None:
+            raise _errno(errno.ENOENT)
+        return node
+
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise _errno(errno.EROFS)
+
+    def _check_new(self, parent: Node, name: bytes) -> None:
+        self._need_writable()
+        if parent.kind != "d":
+            raise _errno(errno.ENOTDIR)
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise _errno(errno.EINVAL)
+        if len(name) > NAME_MAX:
+            raise _errno(errno.ENAMETOOLONG)
+        if name in parent.children:
+            raise _errno(errno.EEXIST)
+
+    def _link(self, parent: Node, name: bytes, node: Node) -> Node:
+        node.parent, node.name = parent, name
+        parent.children[name] = node
+        self._assign(node)
+        self._touch(parent, content=True)
+        return node
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Node:
+        self._check_new(parent, name)
+        return self._link(parent, name, Node("d", stat.S_IFDIR | (mode & 0o7777), uid, gid))
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Node:
+        self._check_new(parent, name)
+        node = Node("l", stat.S_IFLNK | 0o777, uid, gid)
+        node.target = bytes(target)
+        return self._link(parent, name, node)
+
+    def create_file(self, parent: Node, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Node:
+        """A new, empty file (not yet opened)."""
+        self._check_new(parent, name)
+        node = Node("f", stat.S_IFREG | (mode & 0o7777), uid, gid)
+        node.id = self._new_id()
+        host = self.host_path(node.id)
+        os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
+        handle = ProtectedFile.open(host, self._file_key, node.id, "x", cache_bytes=self.cache_bytes,
+                                    durable=self.durable, two_phase=True)
+        node.handle, node.mac = handle, handle.root_mac()
+        self._handles[node.id] = node
+        node.dirty = True
+        return self._link(parent, name, node)
+
+    def _drop(self, node: Node) -> None:
+        """Take a node out of the namespace; its host file goes after the next commit."""
+        node.linked = False
+        if node.kind == "f":
+            self.ids.pop(node.id, None)
+            self.drop.add(node.id)
+
+    def unlink(self, parent: Node, name: bytes) -> Node:
+        self._need_writable()
+        node = self.lookup(parent, name)
+        if node.kind == "d":
+            raise _errno(errno.EISDIR)
+        del parent.children[name]
+        self._drop(node)
+        self._touch(parent, content=True)
+        return node
+
+    def rmdir(self, parent: Node, name: bytes) -> Node:
+        self._need_writable()
+        node = self.lookup(parent, name)
+        if node.kind != "d":
+            raise _errno(errno.ENOTDIR)
+        if node.children:
+            raise _errno(errno.ENOTEMPTY)
+        del parent.children[name]
+        node.linked = False
+        self._touch(parent, content=True)
+        return node
+
+    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+               flags: int = 0) -> Node | None:
+        """Move an entry; returns the node it replaced (now unlinked), if any.
+
+        ``flags``: os.RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2), as renameat2.
+        """
+        self._need_writable()
+        node = self.lookup(old_parent, old_name)
+        if new_parent.kind != "d":
+            raise _errno(errno.ENOTDIR)
+        if not new_name or b"/" in new_name or new_name in (b".", b".."):
+            raise _errno(errno.EINVAL)
+        if len(new_name) > NAME_MAX:
+            raise _errno(errno.ENAMETOOLONG)
+        ancestor = new_parent
+        while ancestor is not None:  # a folder cannot move into itself
+            if ancestor is node:
+                raise _errno(errno.EINVAL)
+            ancestor = ancestor.parent
+        target = new_parent.children.get(new_name)
+        if flags & 2:  # exchange
+            if target is None:
+                raise _errno(errno.ENOENT)
+            old_parent.children[old_name], new_parent.children[new_name] = target, node
+            target.parent, target.name = old_parent, old_name
+            node.parent, node.name = new_parent, new_name
+            self._touch(old_parent, content=True)
+            self._touch(new_parent, content=True)
+            return None
+        if target is node:
+            return None
+        if target is not None:
+            if flags & 1:
+                raise _errno(errno.EEXIST)
+            if target.kind == "d":
+                if node.kind != "d":
+                    raise _errno(errno.EISDIR)
+                if target.children:
+                    raise _errno(errno.ENOTEMPTY)
+            elif node.kind == "d":
+                raise _errno(errno.ENOTDIR)
+            self._drop(target)
+        del old_parent.children[old_name]
+        new_parent.children[new_name] = node
+        node.parent, node.name = new_parent, new_name
+        node.ctime = time.time_ns()
+        self._touch(old_parent, content=True)
+        self._touch(new_parent, content=True)
+        return target
+
+    def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, mtime: int | None = None) -> None:
+        self._need_writable()
+        if size is not None:
+            if node.kind != "f":
+                raise _errno(errno.EISDIR if node.kind == "d" else errno.EINVAL)
+            self.truncate(node, size)
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+        if uid is not None:
+            node.uid = uid
+        if gid is not None:
+            node.gid = gid
+        if mtime is not None:
+            node.mtime = mtime
+        self._touch(node)
+
+    def forget(self, node: Node) -> None:
+        """The kernel no longer knows this inode (FUSE forget)."""
+        if not node.linked and node.opens == 0:
+            self._inodes.pop(node.ino, None)
+
+    # -- paths (the library and the offline tools) --------------------------------------
+
+    def resolve(self, path: str) -> Node:
+        node = self.root
+        for part in path.strip("/").split("/"):
+            if part:
+                node = self.lookup(node, part.encode())
+        return node
+
+    def _parent_of(self, path: str, create: bool = False) -> tuple[Node, bytes]:
+        parts = [p for p in path.strip("/").split("/") if p]
+        if not parts:
+            raise _errno(errno.EINVAL, path)
+        node = self.root
+        for part in parts[:-1]:
+            try:
+                node = self.lookup(node, part.encode())
+            except FileNotFoundError:
+                if not create:
+                    raise
+                node = self.mkdir(node, part.encode(), 0o755)
+        return node, parts[-1].encode()
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Node:
+        """Create or replace a file with ``data`` (parents are created)."""
+        parent, name = self._parent_of(path, create=True)
+        node = parent.children.get(name)
+        if node is None:
+            node = self.create_file(parent, name, mode)
+            node.opens += 1
+        else:
+            self.acquire(node)
+            self.truncate(node, 0)
+        try:
+            self.write(node, 0, data)
+        finally:
+            self.release(node)
+        return node
+
+    def read_file(self, path: str) -> bytes:
+        node = self.resolve(path)
+        handle = self.acquire(node)
+        try:
+            return self._guarded(node, handle.read, 0, handle.size())
+        finally:
+            self.release(node)
+
+    def makedirs(self, path: str, mode: int = 0o755) -> Node:
+        node = self.root
+        for part in [p for p in path.strip("/").split("/") if p]:
+            try:
+                node = self.lookup(node, part.encode())
+            except FileNotFoundError:
+                node = self.mkdir(node, part.encode(), mode)
+        return node
+
+    def walk(self) -> Iterator[tuple[str, Node]]:
+        """(path, node) of every entry below the root, folders before their content."""
+        yield from self._walk(self.root, "")
+
+    def _walk(self, node: Node, prefix: str) -> Iterator[tuple[str, Node]]:
+        for name, child in sorted(node.children.items()):
+            path = f"{prefix}/{name.decode('utf-8', 'surrogateescape')}"
+            yield path, child
+            if child.kind == "d":
+                yield from self._walk(child, path)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Read every file through its MAC tree; the list of problems (empty if none)."""
+        problems = list(self.problems)
+        for path, node in self._walk(self.root, ""):
+            if node.kind != "f":
+                continue
+            try:
+                handle = self.acquire(node)
+                try:
+                    size, offset = handle.size(), 0
+                    while offset < size:
+                        chunk = self._guarded(node, handle.read, offset, 1 << 20)
+                        offset += len(chunk)
+                        if progress:
+                            progress(len(chunk))
+                    if size != node.size and not node.dirty:
+                        problems.append(f"{path}: size {size} differs from the index ({node.size})")
+                finally:
+                    self.release(node)
+            except FileIntegrityError as exc:
+                if exc.message not in problems:
+                    problems.append(exc.message)
+        return problems
