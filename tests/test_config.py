@@ -13,6 +13,9 @@ def parse(text: str) -> config.Config:
     return config.parse(text, source="cove.toml")
 
 
+KBS = '[enclave]\nname = "a"\n[attestation]\nkbs = "https://kbs.example:8443"\n'
+
+
 def test_template_is_valid_and_complete():
     parsed = parse(config_template("demo"))
     assert parsed.enclave.name == "demo"
@@ -80,7 +83,37 @@ def test_template_is_valid_and_complete():
      "mounts[1].target", "mounted twice"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\noptions = { uid = 3 }\n',
      "mounts[0].options.uid", "unknown option"),
-    ('[enclave]\nname = "a"\n[attestation]\nkbs = "x"\n', "attestation", "not supported"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "x"\n', "attestation.kbs", "not a broker URL"),
+    ('[enclave]\nname = "a"\n[attestation]\nca = "/c.pem"\n', "attestation.kbs", "is required"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "https://k"\nca = "c.pem"\n', "attestation.ca", "absolute"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "https://k"\ntimeout = 0\n', "attestation.timeout",
+     "out of range"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "https://k"\nretry = 1\n', "attestation.retry", "unknown key"),
+    ('[enclave]\nname = "a"\n[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:X"\n', "secrets",
+     "needs [attestation]"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/d"\ntype = "encrypted"\nkey = "kbs:a/b/c"\n',
+     "mounts[0].key", "needs the key broker"),
+    (KBS + '[[secrets]]\nname = "s s"\nresource = "a/b/c"\ntarget = "env:X"\n', "secrets[0].name", "not a valid"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b"\ntarget = "env:X"\n', "secrets[0].resource",
+     "not a resource path"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "disk:X"\n', "secrets[0].target",
+     "not a target"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:1X"\n', "secrets[0].target",
+     "not a variable name"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "file:/etc/pw"\n', "secrets[0].target",
+     "not on a tmpfs mount"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "mount:/d"\n', "secrets[0].target",
+     "names no encrypted mount"),
+    (KBS + '[[mounts]]\ntarget = "/d"\ntype = "encrypted"\nkey = "seal:mrsigner"\n'
+           '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "mount:/d"\n', "secrets[0].target",
+     "has key 'seal:mrsigner'"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:X"\n'
+           '[[secrets]]\nname = "s"\nresource = "a/b/d"\ntarget = "env:Y"\n', "secrets[1].name", "used twice"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:X"\n'
+           '[[secrets]]\nname = "t"\nresource = "a/b/d"\ntarget = "env:X"\n', "secrets[1].target",
+     "target of two secrets"),
+    (KBS + '[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:X"\nmode = 1\n', "secrets[0].mode",
+     "unknown key"),
     ('[process]\ncwd = "/"\n', "enclave", "required"),
     ('[enclave\nname = "a"\n', "", "not valid TOML"),
 ])
@@ -122,7 +155,8 @@ def test_encrypted_mount_fields():
     mount = parse(text).mounts[0]
     assert (mount.source, mount.key, mount.writable) == ("vols/d", "file:/etc/cove/v.key", False)
     assert dict(mount.options) == {"rollback": "file", "cache": "8M"}
-    absolute = parse(ENCRYPTED.format(enclave="", more='key = "kbs:default/k/d"\nsource = "/srv/vol"\n'))
+    absolute = parse(ENCRYPTED.format(enclave="", more='key = "kbs:default/k/d"\nsource = "/srv/vol"\n')
+                     + '[attestation]\nkbs = "https://kbs.example:8443"\n')
     assert absolute.mounts[0].source == "/srv/vol"
 
 
@@ -147,3 +181,31 @@ def test_other_mounts_measure_as_before():
     parsed = parse('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n')
     assert config.to_measured(parsed)["mounts"] == [
         {"target": "/x", "type": "tmpfs", "source": None, "writable": True, "options": {}}]
+
+
+SECRETS = (KBS + 'ca = "/etc/cove/kbs-ca.pem"\n'
+           '[[mounts]]\ntarget = "/run/secrets"\ntype = "tmpfs"\n'
+           '[[mounts]]\ntarget = "/data"\ntype = "encrypted"\nkey = "kbs:app/vol/key"\n'
+           '[[secrets]]\nname = "db"\nresource = "app/db/password"\ntarget = "file:/run/secrets/db"\n'
+           '[[secrets]]\nname = "token"\nresource = "app/api/token"\ntarget = "env:API_TOKEN"\n'
+           '[[secrets]]\nname = "volume"\nresource = "app/vol/key"\ntarget = "mount:/data"\n')
+
+
+def test_attestation_and_secrets():
+    parsed = parse(SECRETS)
+    assert parsed.attestation == config.AttestationSection("https://kbs.example:8443", "/etc/cove/kbs-ca.pem", 30, 2)
+    assert [(s.name, s.resource, s.kind, s.where) for s in parsed.secrets] == [
+        ("db", "app/db/password", "file", "/run/secrets/db"), ("token", "app/api/token", "env", "API_TOKEN"),
+        ("volume", "app/vol/key", "mount", "/data")]
+
+
+def test_attestation_and_secrets_are_measured():
+    measured = config.to_measured(parse(SECRETS))
+    assert measured["attestation"] == {"kbs": "https://kbs.example:8443", "ca": "/etc/cove/kbs-ca.pem",
+                                       "timeout": 30, "retries": 2}
+    assert measured["secrets"][1] == {"name": "token", "resource": "app/api/token", "target": "env:API_TOKEN"}
+    for old, new in (("kbs.example", "evil.example"), ("kbs-ca.pem", "other-ca.pem"),
+                     ("app/api/token", "app/api/other"), ("env:API_TOKEN", "env:OTHER")):
+        assert config.to_measured(parse(SECRETS.replace(old, new))) != measured, old
+    # an enclave without them measures as before
+    assert "attestation" not in config.to_measured(parse('[enclave]\nname = "a"\n'))

@@ -23,7 +23,8 @@ MOUNT_TYPES = ("image", "tmpfs", "host", "encrypted")
 # Types named by later parts of Cove; refused with a clear line until they land.
 RESERVED_MOUNT_TYPES: tuple[str, ...] = ()
 ROLLBACK_MODES = ("auto", "tpm", "file", "kbs", "none")
-RESERVED_SECTIONS = ("attestation", "secrets")
+RESERVED_SECTIONS: tuple[str, ...] = ()
+SECRET_TARGETS = ("file", "env", "mount")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -76,6 +77,33 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class AttestationSection:
+    """[attestation]: the key broker the runtime attests the enclave to before it starts."""
+
+    kbs: str  # the broker's URL
+    ca: str | None = None  # the broker's TLS CA certificate (host path); None: the system's CAs
+    timeout: int = 30  # seconds per request to the broker
+    retries: int = 2  # more tries when the broker cannot be reached (never after a refusal)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """[[secrets]]: a resource of the broker and where it goes in the enclave."""
+
+    name: str
+    resource: str  # repository/type/tag
+    target: str  # file:/path (on a tmpfs mount), env:NAME, or mount:/target (an encrypted mount's key)
+
+    @property
+    def kind(self) -> str:
+        return self.target.partition(":")[0]
+
+    @property
+    def where(self) -> str:
+        return self.target.partition(":")[2]
+
+
+@dataclass(frozen=True)
 class Config:
     enclave: EnclaveSection
     resources: ResourcesSection = field(default_factory=ResourcesSection)
@@ -83,6 +111,8 @@ class Config:
     env: EnvSection = field(default_factory=EnvSection)
     network: NetworkSection = field(default_factory=NetworkSection)
     mounts: tuple[Mount, ...] = ()
+    attestation: AttestationSection | None = None
+    secrets: tuple[Secret, ...] = ()
 
 
 def load(path: Path) -> Config:
@@ -174,21 +204,25 @@ class _Validator:
         return value
 
     def config(self, data: dict) -> Config:
-        self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts")
-                   + RESERVED_SECTIONS)
+        self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts", "attestation",
+                              "secrets") + RESERVED_SECTIONS)
         for section in RESERVED_SECTIONS:
             if section in data:
                 raise self.fail(section, "is not supported by this version of Cove yet")
         if "enclave" not in data:
             raise self.fail("enclave", "section is required", "add [enclave] with name = \"...\"")
         enclave = self.enclave(data["enclave"])
+        mounts = self.mounts(data.get("mounts", []), debug=enclave.debug)
+        attestation = self.attestation(data["attestation"]) if "attestation" in data else None
         return Config(
             enclave=enclave,
             resources=self.resources(data.get("resources", {})),
             process=self.process(data.get("process", {})),
             env=self.env(data.get("env", {})),
             network=self.network(data.get("network", {})),
-            mounts=self.mounts(data.get("mounts", []), debug=enclave.debug),
+            mounts=mounts,
+            attestation=attestation,
+            secrets=self.secrets(data.get("secrets", []), attestation, mounts),
         )
 
     def enclave(self, data: Any) -> EnclaveSection:
@@ -342,6 +376,77 @@ class _Validator:
             raise self.fail(f"{key}.key", f"file:{source.arg} must be an absolute path")
         return source.text
 
+    def attestation(self, data: Any) -> AttestationSection:
+        data = self.table(data, "attestation", ("kbs", "ca", "timeout", "retries"))
+        url = self.string(data, "attestation", "kbs", None)
+        if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[^\s]*)?$", url):
+            raise self.fail("attestation.kbs", f"{url!r} is not a broker URL", "e.g. https://kbs.example:8443")
+        ca = data.get("ca")
+        if ca is not None:
+            ca = self.abs_path(ca, "attestation.ca")
+        return AttestationSection(kbs=url.rstrip("/"), ca=ca,
+                                  timeout=self.integer(data, "attestation", "timeout", 30, 1, 600),
+                                  retries=self.integer(data, "attestation", "retries", 2, 0, 20))
+
+    def secrets(self, data: Any, attestation: AttestationSection | None, mounts: tuple[Mount, ...]
+                ) -> tuple[Secret, ...]:
+        if not isinstance(data, list):
+            raise self.fail("secrets", "must be an array of tables ([[secrets]])")
+        for index, mount in enumerate(mounts):
+            if mount.key and mount.key.startswith("kbs:") and attestation is None:
+                raise self.fail(f"mounts[{index}].key", f"{mount.key} needs the key broker",
+                                "add [attestation] with kbs = \"https://...\"")
+        if data and attestation is None:
+            raise self.fail("secrets", "needs [attestation] with the key broker's URL",
+                            "add [attestation] with kbs = \"https://...\"")
+        result: list[Secret] = []
+        names: set[str] = set()
+        targets: set[str] = set()
+        for index, item in enumerate(data):
+            key = f"secrets[{index}]"
+            item = self.table(item, key, ("name", "resource", "target"))
+            name = self.string(item, key, "name", None)
+            if not _NAME_RE.match(name):
+                raise self.fail(f"{key}.name", f"{name!r} is not a valid name",
+                                "use letters, digits, '.', '_' or '-', at most 64")
+            if name in names:
+                raise self.fail(f"{key}.name", f"{name!r} is used twice")
+            names.add(name)
+            resource = self.string(item, key, "resource", None)
+            parts = resource.split("/")
+            if len(parts) != 3 or not all(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", p) for p in parts):
+                raise self.fail(f"{key}.resource", f"{resource!r} is not a resource path",
+                                "write repository/type/tag, e.g. \"prod/db/password\"")
+            target = self.string(item, key, "target", None)
+            kind, sep, where = target.partition(":")
+            if not sep or kind not in SECRET_TARGETS:
+                raise self.fail(f"{key}.target", f"{target!r} is not a target",
+                                "use file:/PATH (on a tmpfs mount), env:NAME or mount:/TARGET")
+            if kind == "file":
+                path = self.abs_path(where, f"{key}.target")
+                parent = [m for m in mounts if m.type == "tmpfs" and path.startswith(m.target.rstrip("/") + "/")]
+                if not parent:
+                    raise self.fail(f"{key}.target", f"{path} is not on a tmpfs mount",
+                                    "add a [[mounts]] of type tmpfs (e.g. /run/secrets) and put the file there")
+                where = path
+            elif kind == "env":
+                if not _ENV_NAME_RE.match(where):
+                    raise self.fail(f"{key}.target", f"env:{where} is not a variable name")
+            else:
+                where = self.abs_path(where, f"{key}.target")
+                mount = next((m for m in mounts if m.target == where), None)
+                if mount is None or mount.type != "encrypted":
+                    raise self.fail(f"{key}.target", f"mount:{where} names no encrypted mount")
+                if mount.key != f"kbs:{resource}":
+                    raise self.fail(f"{key}.target", f"the encrypted mount {where} has key {mount.key!r}",
+                                    f"set its key = \"kbs:{resource}\"")
+            full = f"{kind}:{where}"
+            if full in targets:
+                raise self.fail(f"{key}.target", f"{full} is the target of two secrets")
+            targets.add(full)
+            result.append(Secret(name=name, resource=resource, target=full))
+        return tuple(result)
+
 
 def to_measured(config: Config) -> dict:
     """The configuration as the manifest records it: plain types, fixed order."""
@@ -369,7 +474,20 @@ def to_measured(config: Config) -> dict:
         },
         "network": {"mode": config.network.mode},
         "mounts": [_measured_mount(m) for m in config.mounts],
+        **_measured_attestation(config),
     }
+
+
+def _measured_attestation(config: Config) -> dict:
+    """[attestation] and [[secrets]], measured only when present (older manifests stay valid)."""
+    measured: dict = {}
+    if config.attestation is not None:
+        a = config.attestation
+        measured["attestation"] = {"kbs": a.kbs, "ca": a.ca, "timeout": a.timeout, "retries": a.retries}
+    if config.secrets:
+        measured["secrets"] = [{"name": s.name, "resource": s.resource, "target": s.target}
+                               for s in config.secrets]
+    return measured
 
 
 def _measured_mount(mount: Mount) -> dict:
