@@ -28,6 +28,7 @@ COMMANDS = {
     "package": "package", "inspect": "package",
     "info": "info",
     "kbs": "kbs",
+    "verify": "attest", "jwks": "attest", "platform": "platform",
 }
 
 

@@ -1,0 +1,96 @@
+"""The process serving one enclave's /dev/attestation (``python -m cove.platform.devattest_server MOUNTPOINT``).
+
+It runs beside the enclave, outside it, as a child of ``cove run``: it reads
+the enclave's identity (JSON on stdin, written by the runtime from the
+verified manifest), loads the platform key, mounts the file system, prints
+``ready`` (or ``ready none: REASON`` when it can only say
+attestation_type=none) and serves until SIGTERM. A process of its own keeps
+pyfuse3's one-session-per-process state away from other FUSE services.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from cove.errors import CoveError
+from cove.platform.devattest import AttestationFs
+from cove.platform.reports import EnclaveClaims
+
+
+@dataclass(frozen=True)
+class SealingIdentity:
+    measurement: bytes
+    signer: bytes
+    product_id: int
+    svn: int
+    debug: bool
+
+
+def claims_from_json(data: dict) -> EnclaveClaims:
+    return EnclaveClaims(
+        measurement=bytes.fromhex(data["measurement"]), signer=bytes.fromhex(data["signer"]),
+        product_id=int(data["product_id"]), svn=int(data["svn"]), debug=bool(data["debug"]),
+        backend=str(data["backend"]), isolation=str(data["isolation"]), instance_id=str(data["instance_id"]))
+
+
+def sealing_keys(claims: EnclaveClaims) -> dict:
+    """keys/ entries, if this installation has sealing keys (cove.platform.sealing)."""
+    try:
+        from cove.platform import sealing
+    except ImportError:
+        return {}
+    derive = getattr(sealing, "sealing_key", None) or getattr(sealing, "derive_key", None)
+    if derive is None:
+        return {}
+    identity = SealingIdentity(claims.measurement, claims.signer, claims.product_id, claims.svn, claims.debug)
+    return {f"_sgx_{policy}": (lambda p=policy: derive(identity, p)) for policy in ("mrenclave", "mrsigner")}
+
+
+def build(claims: EnclaveClaims) -> tuple[AttestationFs, str | None]:
+    """The file system, and why it can only say "none" (None when it can quote)."""
+    from cove.platform import monitor
+
+    try:
+        signer = monitor.signer()
+    except CoveError as exc:
+        return AttestationFs("none", None, None, sealing_keys(claims)), exc.line()
+    return AttestationFs("cove", lambda rd: signer.evidence(claims, rd),
+                         lambda rd: signer.signed_report(claims, rd), sealing_keys(claims)), None
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m cove.platform.devattest_server MOUNTPOINT < identity.json", file=sys.stderr)
+        return 2
+    claims = claims_from_json(json.loads(sys.stdin.read()))
+    fs, why_none = build(claims)
+    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "allow_other", "default_permissions"}
+    pyfuse3.init(fs, argv[0], options)
+    try:
+        print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
+        trio.run(_serve)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
