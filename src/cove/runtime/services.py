@@ -54,7 +54,7 @@ class EnclaveService(ABC):
 
 
 # "module:function" factories returning the services a context needs.
-FACTORIES: list[str] = ["cove.platform.service:services"]
+FACTORIES: list[str] = ["cove.platform.service:services", "cove.runtime.provisioning:services"]
 
 
 def services_for(ctx: ServiceContext) -> list[EnclaveService]:
