@@ -27,7 +27,7 @@ COMMANDS = {
     "run": "run",
     "package": "package", "inspect": "package",
     "info": "info",
-    "kbs": "kbs",
+    "kbs": "kbs", "demo": "demo",
     "verify": "attest", "jwks": "attest", "platform": "platform",
 }
 
