@@ -61,7 +61,7 @@ from cove.errors import CoveError, IntegrityError
 from cove.fs import anchor as anchor_mod
 from cove.fs import journal
 from cove.fs.errors import FileIntegrityError, ProtectedFileError
-from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE
+from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE, node_count
 from cove.fs.protected_file import ProtectedFile, read_header
 
 MAGIC = b"COVEVOL1"
@@ -472,6 +472,12 @@ class Volume:
             if file_id not in seen:
                 self.problems.append(f"{node.path()}: its host file is missing (deleted from outside)")
 
+    @staticmethod
+    def _trim(full: str, node: Node) -> None:
+        need = node_count(node.size) * NODE_SIZE
+        if os.path.getsize(full) > need:
+            os.truncate(full, need)
+
     def _remove(self, path: str) -> None:
         try:
             os.unlink(path)
@@ -487,19 +493,25 @@ class Volume:
         except (FileIntegrityError, OSError):
             return  # reported when the file is opened
         logged = journal.logged_metadata(full)
+        flagged = bool(header.flags & HAS_PENDING_WRITE)
         try:
-            if header.flags & HAS_PENDING_WRITE and logged is not None and \
+            if flagged and logged is not None and \
                     hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
-                journal.recover(full)
+                journal.recover(full)  # back to the state the index records
+                self._trim(full, node)
+                self._remove(journal.recovery_path(full))
                 self.recovered.append(node.path())
-            elif hmac.compare_digest(header.mac, node.mac):
-                if header.flags & HAS_PENDING_WRITE:
-                    flags = header.flags & ~HAS_PENDING_WRITE
+            elif hmac.compare_digest(header.mac, node.mac) and logged is not None:
+                # the index recorded this state but the commit was not finished
+                if flagged:
                     with open(full, "r+b") as f:
                         f.seek(HEADER.size - 1)
-                        f.write(bytes([flags]))
-                if logged is not None or os.path.exists(journal.recovery_path(full)):
-                    self._remove(journal.recovery_path(full))
+                        f.write(bytes([header.flags & ~HAS_PENDING_WRITE]))
+                self._trim(full, node)
+                self._remove(journal.recovery_path(full))
+                self.recovered.append(node.path())
+            elif not flagged and os.path.exists(journal.recovery_path(full)):
+                self._remove(journal.recovery_path(full))  # an empty or stale log
         except (OSError, FileIntegrityError):
             pass  # read-only folder or a damaged log: the file reports its state when opened
 
@@ -602,8 +614,14 @@ class Volume:
             raise _errno(errno.EISDIR if node.kind == "d" else errno.EINVAL)
         if node.handle is None:
             host = self.host_path(node.id)
-            if not os.path.exists(host):
-                raise FileIntegrityError(f"{node.path()}: its host file is missing (deleted from outside)")
+            try:
+                host_size = os.path.getsize(host)
+            except FileNotFoundError:
+                raise FileIntegrityError(f"{node.path()}: its host file is missing (deleted from outside)") \
+                    from None
+            if host_size != node_count(node.size) * NODE_SIZE:
+                raise FileIntegrityError(f"{node.path()}: its host file has {host_size} bytes, the index "
+                                         f"records {node.size} content bytes (truncated or extended outside Cove)")
             try:
                 node.handle = self._guarded(node, ProtectedFile.open, host, self._file_key, node.id,
                                             "r+" if self.writable else "r", cache_bytes=self.cache_bytes,

@@ -54,7 +54,8 @@ class EnclaveService(ABC):
 
 
 # "module:function" factories returning the services a context needs.
-FACTORIES: list[str] = ["cove.platform.service:services", "cove.runtime.provisioning:services"]
+FACTORIES: list[str] = ["cove.platform.service:services", "cove.runtime.provisioning:services",
+                        "cove.fs.service:services"]
 
 
 def services_for(ctx: ServiceContext) -> list[EnclaveService]:

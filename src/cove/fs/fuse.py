@@ -1,0 +1,330 @@
+"""A volume served as a POSIX file system through FUSE (pyfuse3).
+
+Handlers run one at a time on the trio event loop, so every volume
+operation, and every commit, is atomic with respect to the others. A file
+that fails a check answers EIO (and the server logs one line naming it);
+everything else maps to the errno a local file system would give.
+
+When changes reach the disk as one volume commit: at ``fsync``/``fdatasync``
+and ``fsyncdir``, when the last writer of a file closes it, when the server
+stops, and otherwise at most ``commit_interval`` seconds after a change.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import sys
+import traceback
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from cove.errors import CoveError
+from cove.fs.errors import FileIntegrityError
+from cove.fs.volume import Node, Volume
+
+ATTR_TIMEOUT = 1.0
+
+
+class VolumeOperations(pyfuse3.Operations):
+    """The FUSE request handlers over one open :class:`Volume`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume, name: str = "", commit_interval: float = 1.0,
+                 log: Callable[[str], None] | None = None):
+        super().__init__()
+        self.volume = volume
+        self.name = name or volume.label
+        self.commit_interval = commit_interval
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._fh: dict[int, tuple[Node, bool]] = {}  # fh -> (node, wrote through it)
+        self._next_fh = 1
+        self._dirs: dict[int, Node] = {}
+        self.errors = 0
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> pyfuse3.FUSEError:
+        if isinstance(exc, pyfuse3.FUSEError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno:
+            return pyfuse3.FUSEError(exc.errno)
+        self.errors += 1
+        if isinstance(exc, FileIntegrityError):
+            self.log(f"cove: secure fs {self.name}: {exc.message} (EIO)")
+        elif isinstance(exc, CoveError):
+            self.log(f"cove: secure fs {self.name}: {exc.line()} (EIO)")
+        else:
+            self.log(f"cove: secure fs {self.name}: internal error (EIO):\n{traceback.format_exc()}")
+        return pyfuse3.FUSEError(errno.EIO)
+
+    def _node(self, ino: int) -> Node:
+        return self.volume.inode(ino)
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.generation = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = node.mode
+        attr.st_nlink = (2 + sum(1 for c in node.children.values() if c.kind == "d")) if node.kind == "d" else 1
+        attr.st_uid = node.uid
+        attr.st_gid = node.gid
+        attr.st_rdev = 0
+        size = self.volume.file_size(node)
+        attr.st_size = size
+        attr.st_blksize = 4096
+        attr.st_blocks = (size + 511) // 512
+        attr.st_atime_ns = node.mtime
+        attr.st_mtime_ns = node.mtime
+        attr.st_ctime_ns = node.ctime
+        return attr
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self.attributes(node)
+
+    def commit(self) -> None:
+        try:
+            self.volume.commit()
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def committer(self) -> None:
+        """Commit at most ``commit_interval`` seconds after a change."""
+        while True:
+            await trio.sleep(self.commit_interval)
+            if self.volume.dirty or any(n.dirty for n in self.volume._handles.values()):
+                try:
+                    self.volume.commit()
+                except Exception as exc:
+                    self._fail(exc)
+
+    # -- names -------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self._entry(self.volume.lookup(self._node(parent_inode), name))
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            node = self.volume._inodes.get(ino)
+            if node is not None:
+                node.lookups = max(0, node.lookups - count)
+                if node.lookups == 0:
+                    self.volume.forget(node)
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return self.attributes(self._node(inode))
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        try:
+            node = self._node(inode)
+            self.volume.setattr(
+                node,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                mtime=attr.st_mtime_ns if fields.update_mtime else None)
+            return self.attributes(node)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind != "l":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        try:
+            node = self.volume.mkdir(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            return self._entry(node)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        try:
+            return self._entry(self.volume.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid))
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # no devices, fifos or sockets in a volume
+        try:
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            return self._entry(node)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # no hard links
+
+    async def unlink(self, parent_inode, name, ctx):
+        try:
+            self.volume.unlink(self._node(parent_inode), name)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def rmdir(self, parent_inode, name, ctx):
+        try:
+            self.volume.rmdir(self._node(parent_inode), name)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        try:
+            self.volume.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
+                               name_new, flags)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    # -- files -------------------------------------------------------------------------
+
+    def _open_fh(self, node: Node) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._fh[fh] = (node, False)
+        return fh
+
+    async def open(self, inode, flags, ctx):
+        try:
+            node = self._node(inode)
+            if flags & (os.O_WRONLY | os.O_RDWR) and not self.volume.writable:
+                raise OSError(errno.EROFS, "read-only")
+            self.volume.acquire(node)
+            fh = self._open_fh(node)
+            if flags & os.O_TRUNC:
+                self.volume.truncate(node, 0)
+                self._fh[fh] = (node, True)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        try:
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            node.opens += 1
+            fh = self._open_fh(node)
+            self._fh[fh] = (node, True)
+            return pyfuse3.FileInfo(fh=fh), self._entry(node)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def read(self, fh, off, size):
+        try:
+            return self.volume.read(self._fh[fh][0], off, size)
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def write(self, fh, off, buf):
+        try:
+            node, _ = self._fh[fh]
+            written = self.volume.write(node, off, buf)
+            self._fh[fh] = (node, True)
+            return written
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        node, wrote = self._fh.pop(fh)
+        try:
+            self.volume.release(node)
+            if wrote and node.linked and node.opens == 0:
+                self.volume.commit()  # the last writer closed the file
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def fsync(self, fh, datasync):
+        self.commit()
+
+    # -- folders -----------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind != "d":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        entries = sorted(node.children.items())
+        for index in range(start_id, len(entries)):
+            name, child = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 1):
+                break
+            child.lookups += 1
+
+    async def releasedir(self, fh):
+        pass
+
+    async def fsyncdir(self, fh, datasync):
+        self.commit()
+
+    async def statfs(self, ctx):
+        host = os.statvfs(self.volume.path)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_blocks = host.f_blocks * host.f_frsize // 4096
+        data.f_bfree = host.f_bfree * host.f_frsize // 4096
+        data.f_bavail = host.f_bavail * host.f_frsize // 4096
+        data.f_files = len(self.volume._inodes) + host.f_ffree
+        data.f_ffree = host.f_ffree
+        data.f_favail = host.f_favail
+        data.f_namemax = 255
+        return data
+
+
+def serve(volume: Volume, mountpoint: str, *, name: str = "", commit_interval: float = 1.0,
+          on_ready: Callable[[], None] | None = None, read_only: bool = False) -> None:
+    """Mount ``volume`` at ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT)."""
+    ops = VolumeOperations(volume, name, commit_interval)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=cove", "subtype=cove", "default_permissions"}
+    if read_only or not volume.writable:
+        options.add("ro")
+    pyfuse3.init(ops, mountpoint, options)
+    terminated = False
+
+    async def watch_signals() -> None:
+        nonlocal terminated
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                terminated = True
+                pyfuse3.terminate()
+                return
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals)
+            if volume.writable:
+                nursery.start_soon(ops.committer)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    clean = False
+    try:
+        trio.run(main)
+        clean = True
+    finally:
+        pyfuse3.close(unmount=terminated or not clean)

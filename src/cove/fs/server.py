@@ -1,0 +1,79 @@
+"""The FUSE server process of an encrypted mount: ``python -m cove.fs.server``.
+
+It runs outside the sandbox, as the user who runs ``cove run``. Its settings
+(volume folder, mount point, key source, enclave identity) arrive as one CBOR
+map on stdin, never on the command line or in the environment; it derives
+the key itself, opens (or creates) the volume, mounts it, writes ``ready``
+on stdout and serves until the mount is unmounted or it gets SIGTERM, then
+commits and exits. Any error before ``ready`` is one line ``error: ...`` on
+stdout and exit status 2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+
+import cbor2
+
+from cove.errors import CoveError
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the process that started us goes away (so the volume is committed)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> int:
+    _die_with_parent()
+    try:
+        settings = cbor2.loads(sys.stdin.buffer.read())
+    except Exception:
+        print("error: the server's settings are not readable", flush=True)
+        return 2
+    from cove.fs.access import Identity, open_volume
+
+    try:
+        volume = open_volume(settings["volume"], settings["key"], Identity.from_cbor(settings.get("identity")),
+                             label=settings["label"], writable=settings["writable"],
+                             create=settings.get("create", False), anchor=settings.get("anchor", "auto"),
+                             cache_bytes=settings.get("cache", 1 << 20), durable=settings.get("durable", True),
+                             keks=settings.get("keks"))
+    except CoveError as exc:
+        print(f"error: {exc.line()}", flush=True)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot open the volume {settings['volume']}: {exc.strerror}", flush=True)
+        return 2
+    for problem in volume.problems:
+        print(f"cove: secure fs {settings['label']}: {problem}", file=sys.stderr, flush=True)
+
+    def ready() -> None:
+        print("ready", flush=True)
+
+    from cove.fs import fuse
+
+    try:
+        fuse.serve(volume, settings["mountpoint"], name=settings["label"],
+                   commit_interval=settings.get("commit_interval", 1.0), on_ready=ready,
+                   read_only=not settings["writable"])
+    except RuntimeError as exc:  # pyfuse3 could not mount
+        print(f"error: cannot mount {settings['label']}: {exc}", flush=True)
+        volume.close()
+        return 2
+    try:
+        volume.close()
+    except CoveError as exc:
+        print(f"cove: secure fs {settings['label']}: the last commit failed: {exc.line()}", file=sys.stderr,
+              flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
