@@ -110,13 +110,23 @@ def der(cert: x509.Certificate) -> bytes:
 
 def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
                        now: datetime, kind: str, what: str) -> x509.Certificate:
-    """Leaf-first ``chain`` must end in (or be issued by) one of ``roots``; returns that root."""
+    """Leaf-first ``chain`` must end in (or be issued by) one of ``roots``; returns that root.
+
+    Roots are tried by name, then by signature: two CAs may share a name.
+    """
     if not chain:
         raise VerificationError(f"{kind}: {what} chain is empty")
     top = chain[-1]
+    problem = None
     for root in roots:
         if der(top) == der(root) or top.issuer == root.subject:
-            check_chain(chain, root, now, kind)
-            return root
-    raise VerificationError(f"{kind}: {what} chain is not rooted in a trusted CA (it ends in {top.issuer.rfc4514_string()[:120]})",
+            try:
+                check_chain(chain, root, now, kind)
+                return root
+            except VerificationError as exc:
+                problem = exc
+                if "certificate expired" in exc.message or "not valid before" in exc.message:
+                    raise
+    raise VerificationError(f"{kind}: {what} chain is not rooted in a trusted CA (it ends in "
+                            f"{top.issuer.rfc4514_string()[:120]}{', whose key differs' if problem else ''})",
                             "add its CA to the policy, or check where the evidence came from")

@@ -63,8 +63,8 @@ class Paths:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.dir, 0o700)
-        except PermissionError:
-            raise CoveError(f"cannot create the platform folder {self.dir}",
+        except OSError as exc:
+            raise CoveError(f"cannot create the platform folder {self.dir}: {exc.strerror}",
                             "run as root, or set COVE_PLATFORM_DIR to a folder you own") from None
 
     def read_config(self) -> PlatformConfig | None:
@@ -90,7 +90,10 @@ class Paths:
     def locked(self) -> Iterator[None]:
         """Exclusive hold on the platform (init, epoch refresh, TPM use)."""
         self.ensure()
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CoveError(f"cannot lock the platform folder {self.dir}: {exc.strerror}", "run as root") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
