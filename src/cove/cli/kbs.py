@@ -75,6 +75,8 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
     from cove.kbs import runner, vault
 
     folder = _state(state)
+    if db is None and not folder.exists():
+        raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
     if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
         master_key_file = folder / "master.key"
     if not insecure_http:
@@ -92,8 +94,6 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
                "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
                "certfile": None if insecure_http else str(certfile),
                "keyfile": None if insecure_http else str(keyfile)}
-    if not options["db"].startswith("postgres") and not state and db is None and not folder.exists():
-        raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
     runner.serve(options, listen, workers, access_log)
 
 
