@@ -26,7 +26,7 @@ COMMANDS = {
     "new": "instance", "add": "instance", "keygen": "instance", "build": "instance",
     "run": "run",
     "package": "package", "inspect": "package",
-    "info": "info",
+    "info": "info", "fs": "fs",
     "kbs": "kbs", "demo": "demo",
     "verify": "attest", "jwks": "attest", "platform": "platform",
 }

@@ -6,8 +6,10 @@ that fails a check answers EIO (and the server logs one line naming it);
 everything else maps to the errno a local file system would give.
 
 When changes reach the disk as one volume commit: at ``fsync``/``fdatasync``
-and ``fsyncdir``, when the last writer of a file closes it, when the server
-stops, and otherwise at most ``commit_interval`` seconds after a change.
+and ``fsyncdir``, at every rename, unlink and rmdir (the steps programs use
+to commit: atomic replace, deleting a journal), when the last writer of a
+file closes it, when the server stops, and otherwise at most
+``commit_interval`` seconds after a change.
 """
 
 from __future__ import annotations
@@ -177,12 +179,14 @@ class VolumeOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         try:
             self.volume.unlink(self._node(parent_inode), name)
+            self.volume.commit()  # durable at once: the unit apps commit with
         except Exception as exc:
             raise self._fail(exc) from None
 
     async def rmdir(self, parent_inode, name, ctx):
         try:
             self.volume.rmdir(self._node(parent_inode), name)
+            self.volume.commit()  # durable at once: the unit apps commit with
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -190,6 +194,7 @@ class VolumeOperations(pyfuse3.Operations):
         try:
             self.volume.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
                                name_new, flags)
+            self.volume.commit()
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -265,12 +270,13 @@ class VolumeOperations(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
-        entries = sorted(node.children.items())
+        entries = [(b".", node), (b"..", node.parent or node)] + sorted(node.children.items())
         for index in range(start_id, len(entries)):
             name, child = entries[index]
             if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 1):
                 break
-            child.lookups += 1
+            if index >= 2:  # the kernel counts no lookup for . and ..
+                child.lookups += 1
 
     async def releasedir(self, fh):
         pass

@@ -230,8 +230,13 @@ class Volume:
     @classmethod
     def create(cls, path: str | os.PathLike, kek: bytes, *, label: str, policy: KeyPolicy,
                anchor: str = "auto", durable: bool = True,
-               cache_bytes: int = DEFAULT_FILE_CACHE, uid: int = 0, gid: int = 0) -> Volume:
-        """Make a new, empty volume in ``path`` (missing or empty) and open it."""
+               cache_bytes: int = DEFAULT_FILE_CACHE, uid: int = 0, gid: int = 0,
+               home: str | None = None) -> Volume:
+        """Make a new, empty volume in ``path`` (missing or empty) and open it.
+
+        ``home`` is where the volume will live if it is built elsewhere and
+        moved there (the platform remembers volumes by that path).
+        """
         path = os.path.abspath(os.fspath(path))
         os.makedirs(path, mode=0o700, exist_ok=True)
         leftovers = [n for n in os.listdir(path) if n not in (FILES, NEXT)]
@@ -243,7 +248,8 @@ class Volume:
             volume_id = os.urandom(16)
             vmk = os.urandom(32)
             kind = anchor_mod.choose_kind(anchor)
-            store = anchor_mod.open_store({"kind": kind}, volume_id, _kdf(vmk, volume_id, b"anchor", 16), path)
+            store = anchor_mod.open_store({"kind": kind}, volume_id, _kdf(vmk, volume_id, b"anchor", 16),
+                                          home or path)
             first = store.create()
             nonce = os.urandom(12)
             header = {"format": FORMAT, "id": volume_id, "label": label, "key": policy.to_cbor(),
