@@ -1,0 +1,311 @@
+"""bench/kbs: the key broker under load, whole KBS flows with Cove evidence.
+
+    .venv/bin/python bench/kbs.py [--db sqlite|postgresql|both] [--clients 1,8,32,128]
+                                  [--seconds 10] [--rss-flows 20000] [--workers 1] [--no-restart]
+
+The broker runs as `cove kbs serve` (HTTPS on 127.0.0.1, its own process);
+this process is the load generator: N concurrent clients (asyncio, one
+keep-alive connection each), each looping auth → attest (Cove evidence from
+a private, self-certified platform key, bound to the nonce and a fresh TEE
+key) → resource (a JWE, decrypted and compared with the value uploaded).
+Printed per N: flows/s, p50 and p99 flow latency, errors. Then the server's
+resident memory after --rss-flows more flows, and a restart of the server in
+the middle of a run: clients retry (from auth) and every secret received
+must equal the one stored. Loops are bounded in count and time; traffic
+goes to loopback only. PostgreSQL runs as a throwaway server (tests/kbs/pgserver.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+COVE = str(Path(sys.executable).parent / "cove")
+SECRET_PATH = "bench/db/password"
+SECRET_VALUE = b"bench-secret-" + os.urandom(8).hex().encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`cove kbs serve` in its own process group."""
+
+    def __init__(self, state: Path, db: str, workers: int, env: dict):
+        self.state, self.db, self.workers, self.env = state, db, workers, env
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        policy = self.state / "attestation-policy.toml"
+        policy.write_text('types = ["cove"]\n[cove]\nself_certified = true\n')
+        self.log = open(self.state / "serve.log", "ab")
+        self.process = subprocess.Popen(
+            [COVE, "kbs", "serve", "--state", str(self.state), "--db", self.db, "--listen",
+             f"127.0.0.1:{self.port}", "--policy", str(policy), "--workers", str(self.workers)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"cove kbs serve exited: {(self.state / 'serve.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", verify=False, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise SystemExit("cove kbs serve did not come up in 60 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server process and its workers."""
+        total = 0.0
+        pids = [self.process.pid]
+        try:
+            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process and its workers."""
+        total = 0
+        pids = [self.process.pid]
+        try:
+            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+
+class Evidence:
+    """Cove evidence from a private self-certified platform (what the runtime sends)."""
+
+    def __init__(self):
+        from cove.platform import monitor
+        from cove.platform.reports import EnclaveClaims
+
+        self.signer = monitor.signer()
+        self.claims = EnclaveClaims(bytes.fromhex("ab" * 32), bytes(32), 1, 1, False, "sim", "namespaces+seccomp",
+                                    "bench")
+
+    def make(self, report_data: bytes) -> dict:
+        return {"evidence": base64.b64encode(self.signer.evidence(self.claims, report_data)).decode()}
+
+
+class Stats:
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.retries = 0
+        self.corrupted = 0
+        self.last_error = ""
+
+
+async def flow(http, evidence: Evidence, stats: Stats) -> None:
+    from cove.kbs import appraisal, jose
+
+    reply = await http.post("/kbs/v0/auth", json={"version": "0.1.1", "tee": "cove", "extra-params": {}})
+    reply.raise_for_status()
+    key = jose.new_tee_key()
+    runtime = {"nonce": reply.json()["nonce"], "tee-pubkey": jose.public_jwk(key)}
+    reply = await http.post("/kbs/v0/attest", json={
+        "runtime-data": runtime, "tee-evidence": evidence.make(appraisal.expected_report_data(runtime))})
+    reply.raise_for_status()
+    reply = await http.get(f"/kbs/v0/resource/{SECRET_PATH}")
+    reply.raise_for_status()
+    if jose.decrypt_from(reply.json(), key) != SECRET_VALUE:
+        stats.corrupted += 1
+
+
+async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats, stop_at: float,
+                 max_flows: int, counter: list[int], retry: bool) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, verify=ctx, timeout=30) as http:
+        while time.monotonic() < stop_at and counter[0] < max_flows:
+            counter[0] += 1
+            started = time.perf_counter()
+            for attempt in range(50 if retry else 1):
+                try:
+                    http.cookies.clear()
+                    await flow(http, evidence, stats)
+                    stats.latencies.append(time.perf_counter() - started)
+                    break
+                except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                    transient = isinstance(exc, httpx.TransportError) or exc.response.status_code >= 500
+                    if retry and transient and time.monotonic() < stop_at + 60:
+                        stats.retries += 1
+                        await asyncio.sleep(0.05 * min(attempt + 1, 10))
+                        continue
+                    stats.errors += 1
+                    stats.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    break
+
+
+def run_load(url: str, ca: Path, evidence: Evidence, clients: int, seconds: float, max_flows: int,
+             retry: bool = False, during=None) -> tuple[Stats, float]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    stats = Stats()
+    counter = [0]
+
+    async def main() -> float:
+        stop_at = time.monotonic() + seconds
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(client(url, ctx, evidence, stats, stop_at, max_flows, counter, retry))
+                 for _ in range(clients)]
+        if during is not None:
+            await asyncio.sleep(seconds / 3)
+            await asyncio.get_running_loop().run_in_executor(None, during)
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    return stats, elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_db(kind: str, args, pg) -> None:
+    folder = Path(tempfile.mkdtemp(prefix=f"cove-bench-kbs-{kind}-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
+    env.update(COVE_KBS_STATE=str(folder / "state"), COVE_PLATFORM_DIR=str(folder / "platform"))
+    os.environ["COVE_PLATFORM_DIR"] = env["COVE_PLATFORM_DIR"]
+    (folder / "platform").mkdir(mode=0o700)
+    db = f"sqlite:///{folder / 'state' / 'kbs.db'}" if kind == "sqlite" else pg.create_database(
+        "bench_" + os.urandom(4).hex())
+    done = subprocess.run([COVE, "kbs", "init", "--db", db], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    state = folder / "state"
+    server = Server(state, db, args.workers, env)
+    server.start()
+    try:
+        from cove.kbs.client import AdminClient
+
+        admin = AdminClient.from_file(server.url, state / "admin.json", state / "tls-ca.pem")
+        admin.put_policy("bench", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "ab" * 32 + '"]\n'
+                                  'self_certified = true\n')
+        admin.create_secret(SECRET_PATH, "data", "bench", value=SECRET_VALUE)
+        evidence = Evidence()
+        ca = state / "tls-ca.pem"
+        print(f"\n== {kind} ({args.workers} server worker{'s' if args.workers > 1 else ''}, HTTPS, "
+              f"{os.cpu_count()} cores shared with the load generator; load average "
+              f"{os.getloadavg()[0]:.2f} before the run) ==")
+        print(f"{'clients':>8} {'flows':>7} {'flows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+              f"{'server CPU':>10} {'client CPU':>10}")
+        for n in args.clients:
+            run_load(server.url, ca, evidence, n, 1.0, 10 ** 9)  # warm up connections and caches
+            server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+            stats, elapsed = run_load(server.url, ca, evidence, n, args.seconds, 10 ** 9)
+            server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
+            flows = len(stats.latencies)
+            print(f"{n:>8} {flows:>7} {flows / elapsed:>8.1f} {percentile(stats.latencies, .5) * 1000:>8.1f} "
+                  f"{percentile(stats.latencies, .99) * 1000:>8.1f} {stats.errors + stats.corrupted:>7} "
+                  f"{server_cpu / elapsed:>9.0%} {client_cpu / elapsed:>9.0%}"
+                  + (f"  last error: {stats.last_error}" if stats.errors else ""))
+        if args.rss_flows:
+            before = server.rss_mb()
+            stats, elapsed = run_load(server.url, ca, evidence, 32, 3600, args.rss_flows)
+            print(f"server RSS: {before:.0f} MB before, {server.rss_mb():.0f} MB after {len(stats.latencies)} more "
+                  f"flows ({elapsed:.0f} s, errors {stats.errors + stats.corrupted}); sessions in the database: "
+                  f"{_sessions(db)}")
+        if not args.no_restart:
+            def restart():
+                server.stop()
+                time.sleep(0.5)
+                server.start()
+            stats, elapsed = run_load(server.url, ca, evidence, 32, max(args.seconds, 6), 10 ** 9, retry=True,
+                                      during=restart)
+            listed = admin.secrets()
+            intact = admin.export(SECRET_PATH) == SECRET_VALUE and [s["path"] for s in listed] == [SECRET_PATH]
+            print(f"restart mid-run: {len(stats.latencies)} flows, {stats.retries} retries, errors "
+                  f"{stats.errors}, corrupted {stats.corrupted}, secret intact after restart: {intact}")
+        admin.close()
+    finally:
+        server.stop()
+
+
+def _sessions(db: str) -> int:
+    from cove.kbs.store import Store
+
+    store = Store(db)
+    try:
+        return store.count_sessions()
+    finally:
+        store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rss-flows", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-restart", action="store_true")
+    args = parser.parse_args()
+    pg = None
+    kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
+    try:
+        if "postgresql" in kinds:
+            from tests.kbs.pgserver import PgMissing, PgServer
+
+            try:
+                pg = PgServer().start()
+            except PgMissing as exc:
+                raise SystemExit(str(exc)) from None
+        for kind in kinds:
+            bench_db(kind, args, pg)
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+if __name__ == "__main__":
+    main()
