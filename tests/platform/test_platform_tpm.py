@@ -56,15 +56,20 @@ def evidence_of(paths) -> bytes:
     return monitor.signer(paths).evidence(CLAIMS, RD)
 
 
-def with_tpm_fields(evidence: bytes, **fields) -> bytes:
-    """The same evidence with some endorsement.tpm fields replaced (the report signature stays valid)."""
-    doc = cbor2.loads(evidence)
-    doc["endorsement"]["tpm"].update(fields)
-    return cbor2.dumps(doc, canonical=True)
+def resign(paths, evidence: bytes, **fields) -> bytes:
+    """Evidence whose endorsement.tpm fields are replaced, re-signed with this platform's own key.
+
+    This is the strongest forger: the platform's root, holding its platform key,
+    pairing it with a quote or keys from elsewhere.
+    """
+    emap = cbor2.loads(cbor2.loads(evidence)["endorsement"])
+    emap["tpm"].update(fields)
+    key = pak.load(paths, Tpm(paths.read_config().tcti))
+    return ReportSigner(key, ev.parse_endorsement(emap)).evidence(CLAIMS, RD)
 
 
 def tpm_fields(evidence: bytes) -> dict:
-    return cbor2.loads(evidence)["endorsement"]["tpm"]
+    return cbor2.loads(cbor2.loads(evidence)["endorsement"])["tpm"]
 
 
 def test_init_seals_the_platform_key_in_the_tpm(tpm_platforms):
@@ -116,13 +121,13 @@ def test_unexpected_extend_of_coves_pcr(tpm_platforms):
                                             ev.quote_qualifier(e.pak, e.runtime, e.epoch, e.epoch_start_ms))
     from cove.attest.tpm_structs import parse_pcr_file
 
-    forged = with_tpm_fields(evidence_of_without_refresh(paths), attest=attest, signature=signature,
-                             pcrs=parse_pcr_file(pcr_file))
+    forged = resign(paths, evidence_of_without_refresh(paths), attest=attest, signature=signature,
+                    pcrs=parse_pcr_file(pcr_file))
     with pytest.raises(VerificationError, match="PCR sha256:23 does not hold the runtime and platform key"):
         verify_cove_evidence(forged, datetime.now(timezone.utc), ek_roots=ek_root(paths), ak_roots=ak_root(paths))
     # The monitor notices and opens a new epoch before signing again.
     fresh = evidence_of(paths)
-    assert cbor2.loads(fresh)["endorsement"]["epoch"] != e.epoch
+    assert cbor2.loads(cbor2.loads(fresh)["endorsement"])["epoch"] != e.epoch
     assert appraise(fresh, policy_for(paths, pcrs=expected_pcrs(paths)), report_data=RD).accepted
 
 
@@ -175,8 +180,15 @@ def test_quote_from_another_tpm_is_rejected(shared_ca_pair):
     }
     for reason, fields in cases.items():
         with pytest.raises(VerificationError, match=reason):
-            verify_cove_evidence(with_tpm_fields(ea, **fields), now, **roots)
+            verify_cove_evidence(resign(a, ea, **fields), now, **roots)
     assert ta["ek_chain"] != tb["ek_chain"]
+    # Without the platform key, any change to the endorsement breaks the report's signature binding.
+    doc = cbor2.loads(ea)
+    emap = cbor2.loads(doc["endorsement"])
+    emap["tpm"].update(attest=tb["attest"])
+    doc["endorsement"] = cbor2.dumps(emap, canonical=True)
+    with pytest.raises(VerificationError, match="signed for another endorsement"):
+        verify_cove_evidence(cbor2.dumps(doc, canonical=True), now, **roots)
 
 
 def test_credential_activation_needs_the_ek_s_own_tpm(tpm_platforms, tmp_path):

@@ -102,7 +102,7 @@ class Fields:
 
     def byte_list(self, key: str, *, max_items: int = 16, max_size: int = 16384) -> tuple[bytes, ...]:
         value = self._get(key, False)
-        if not isinstance(value, list) or not 1 <= len(value) <= max_items:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_items:
             raise VerificationError(f"{self.kind}: {self.what} {key} must be a list of 1 to {max_items} byte strings")
         if not all(isinstance(v, bytes) and len(v) <= max_size for v in value):
             raise VerificationError(f"{self.kind}: {self.what} {key} must hold byte strings")

@@ -65,8 +65,8 @@ def verify_report_signature(e: ev.Evidence) -> bytes:
         raise VerificationError("cove: report names another platform key than the endorsement's")
     if e.report.root != e.endorsement.root:
         raise VerificationError("cove: report and endorsement disagree on the platform root")
-    if not hmac.compare_digest(e.report.epoch, e.endorsement.epoch):
-        raise VerificationError("cove: report is from another platform epoch than its endorsement")
+    if not hmac.compare_digest(e.report.endorsement, ev.endorsement_digest(e.endorsement_bytes)):
+        raise VerificationError("cove: report was signed for another endorsement than the one it came with")
     key = load_platform_key(e.endorsement.pak)
     verify_ecdsa(key, e.signature, ev.REPORT_CONTEXT + e.report_bytes, "sha256", "cove", "report")
     return digest

@@ -30,7 +30,7 @@ REPORT_DATA_SIZE = 64
 
 _EVIDENCE_KEYS = ("format", "version", "report", "signature", "endorsement")
 _REPORT_KEYS = ("version", "measurement", "signer", "product_id", "svn", "debug", "backend", "isolation",
-                "instance_id", "report_data", "timestamp", "platform_key", "root", "epoch")
+                "instance_id", "report_data", "timestamp", "platform_key", "root", "endorsement")
 _ENDORSEMENT_KEYS = ("root", "pak", "runtime", "epoch", "epoch_start", "tpm")
 _TPM_KEYS = ("attest", "signature", "pcrs", "pcr", "ak", "ak_chain", "ek_chain")
 
@@ -51,7 +51,7 @@ class Report:
     timestamp_ms: int
     platform_key: bytes  # SHA-256 of the platform attestation key (SubjectPublicKeyInfo DER)
     root: str  # "tpm" or "self-certified": every report says which
-    epoch: bytes
+    endorsement: bytes  # SHA-256 of the endorsement bytes this report goes with
     version: int = VERSION
 
     @property
@@ -92,6 +92,7 @@ class Evidence:
     report_bytes: bytes  # exactly what was signed (after REPORT_CONTEXT)
     signature: bytes  # ECDSA P-256 SHA-256, DER
     endorsement: Endorsement
+    endorsement_bytes: bytes  # exactly what the report's endorsement digest covers
 
 
 def pak_hash(spki_der: bytes) -> bytes:
@@ -119,7 +120,7 @@ def encode_report(report: Report) -> bytes:
         "product_id": report.product_id, "svn": report.svn, "debug": report.debug,
         "backend": report.backend, "isolation": report.isolation, "instance_id": report.instance_id,
         "report_data": report.report_data, "timestamp": report.timestamp_ms,
-        "platform_key": report.platform_key, "root": report.root, "epoch": report.epoch,
+        "platform_key": report.platform_key, "root": report.root, "endorsement": report.endorsement,
     }, canonical=True)
 
 
@@ -132,11 +133,14 @@ def endorsement_map(e: Endorsement) -> dict:
     return out
 
 
-def encode_evidence(report_bytes: bytes, signature: bytes, endorsement: Endorsement | dict) -> bytes:
-    """The evidence document; ``endorsement`` may be pre-built with :func:`endorsement_map`."""
-    emap = endorsement if isinstance(endorsement, dict) else endorsement_map(endorsement)
+def encode_evidence(report_bytes: bytes, signature: bytes, endorsement_bytes: bytes) -> bytes:
+    """The evidence document; ``endorsement_bytes`` from :func:`encode_endorsement`."""
     return cbor2.dumps({"format": FORMAT, "version": VERSION, "report": report_bytes,
-                        "signature": signature, "endorsement": emap}, canonical=True)
+                        "signature": signature, "endorsement": endorsement_bytes}, canonical=True)
+
+
+def endorsement_digest(endorsement_bytes: bytes) -> bytes:
+    return hashlib.sha256(endorsement_bytes).digest()
 
 
 def encode_endorsement(e: Endorsement) -> bytes:
@@ -163,7 +167,7 @@ def parse_report(data: bytes) -> Report:
         backend=f.text("backend", max_len=32), isolation=f.text("isolation", max_len=128),
         instance_id=f.text("instance_id", max_len=64), report_data=f.bytes("report_data", REPORT_DATA_SIZE),
         timestamp_ms=f.uint("timestamp"), platform_key=f.bytes("platform_key", 32),
-        root=f.text("root", ROOTS), epoch=f.bytes("epoch", 16), version=version)
+        root=f.text("root", ROOTS), endorsement=f.bytes("endorsement", 32), version=version)
 
 
 def parse_endorsement(value) -> Endorsement:
@@ -210,6 +214,8 @@ def parse_evidence(data: bytes) -> Evidence:
     if version != VERSION:
         raise VerificationError(f"cove: evidence version {version} is not supported (only {VERSION})")
     report_bytes = f.bytes("report", max_size=4096)
+    endorsement_bytes = f.bytes("endorsement", max_size=65536)
     return Evidence(report=parse_report(report_bytes), report_bytes=report_bytes,
                     signature=f.bytes("signature", max_size=256),
-                    endorsement=parse_endorsement(f.map.get("endorsement")))
+                    endorsement=parse_endorsement(loads(endorsement_bytes, "cove", "endorsement")),
+                    endorsement_bytes=endorsement_bytes)

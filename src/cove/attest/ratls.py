@@ -136,12 +136,12 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     if not isinstance(tagged, cbor2.CBORTag) or tagged.tag != CBOR_TAG:
         raise VerificationError(f"ra-tls: tagged evidence is not CBOR tag {CBOR_TAG}")
     body = tagged.value
-    if not (isinstance(body, list) and len(body) == 2 and all(isinstance(v, bytes) for v in body)):
+    if not (isinstance(body, (list, tuple)) and len(body) == 2 and all(isinstance(v, bytes) for v in body)):
         raise VerificationError("ra-tls: tagged evidence must be [evidence, claims] byte strings")
     evidence, claims = body
     f = Fields(loads(claims, "ra-tls", "claims"), "ra-tls", "claims")
     entry = loads(f.bytes("pubkey-hash", max_size=128), "ra-tls", "pubkey-hash")
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in HASH_IDS and isinstance(entry[1], bytes)):
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in HASH_IDS and isinstance(entry[1], bytes)):
         raise VerificationError("ra-tls: pubkey-hash must be [hash id 1, 7 or 8, hash]")
     want = hashlib.new(HASH_IDS[entry[0]], spki(public_key)).digest()
     if not hmac.compare_digest(want, entry[1]):

@@ -33,12 +33,18 @@ class EnclaveClaims:
 
 
 class ReportSigner:
-    """The platform key and the current epoch's endorsement, ready to sign."""
+    """The platform key and the current epoch's endorsement, ready to sign.
+
+    Reports name the endorsement by its hash, so the platform key's signature
+    covers everything in the evidence that no TPM signed (the runtime and
+    epoch of a self-certified platform, for one).
+    """
 
     def __init__(self, key: ec.EllipticCurvePrivateKey, endorsement: ev.Endorsement):
         self.key = key
         self.endorsement = endorsement
-        self._endorsement_map = ev.endorsement_map(endorsement)
+        self._endorsement = ev.encode_endorsement(endorsement)
+        self._endorsement_digest = ev.endorsement_digest(self._endorsement)
         self.platform_key = ev.pak_hash(endorsement.pak)
 
     @property
@@ -53,13 +59,13 @@ class ReportSigner:
             measurement=claims.measurement, signer=claims.signer, product_id=claims.product_id, svn=claims.svn,
             debug=claims.debug, backend=claims.backend, isolation=claims.isolation,
             instance_id=claims.instance_id, report_data=bytes(report_data), timestamp_ms=int(time.time() * 1000),
-            platform_key=self.platform_key, root=self.endorsement.root, epoch=self.endorsement.epoch)
+            platform_key=self.platform_key, root=self.endorsement.root, endorsement=self._endorsement_digest)
         data = ev.encode_report(report)
         return data, self.key.sign(ev.REPORT_CONTEXT + data, ec.ECDSA(hashes.SHA256()))
 
     def evidence(self, claims: EnclaveClaims, report_data: bytes) -> bytes:
         data, signature = self.report(claims, report_data)
-        return ev.encode_evidence(data, signature, self._endorsement_map)
+        return ev.encode_evidence(data, signature, self._endorsement)
 
     def signed_report(self, claims: EnclaveClaims, report_data: bytes) -> bytes:
         """The report alone with its signature (/dev/attestation/report), CBOR."""
