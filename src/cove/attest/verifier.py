@@ -107,11 +107,11 @@ def _snp(evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
 
 def _amd_chains_for(vcek_der: bytes) -> list[bytes]:
     """The bundled ASK/ARK chain of the VCEK's product (by its issuer), else all of them."""
-    from cryptography import x509
+    from cove.attest._x509 import load_der_cert
 
     try:
-        issuer = x509.load_der_x509_certificate(vcek_der).issuer.rfc4514_string()
-    except ValueError:
+        issuer = load_der_cert(vcek_der, "snp", "VCEK").issuer.rfc4514_string()
+    except VerificationError:
         return list(roots.AMD_ASK_ARK.values())
     for product, chain in roots.AMD_ASK_ARK.items():
         if product in issuer:
