@@ -196,35 +196,41 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
         return JSONResponse(doc, status_code=500, media_type=PROBLEM_MEDIA)
 
     # -- the protocol ---------------------------------------------------------------------------
-    @app.post("/kbs/v0/auth", response_model=Challenge, response_model_by_alias=True, responses=_ERRORS,
-              tags=["protocol"])
-    def auth(request: AuthRequest, response: Response) -> dict:
+    # The protocol endpoints are the hot path: they run on the event loop (the broker's work is
+    # CPU-bound, and database calls are short), and answer with pre-built JSON responses.
+    def _ok(model: type[BaseModel]) -> dict:
+        return {200: {"model": model}, **_ERRORS}
+
+    @app.post("/kbs/v0/auth", response_class=JSONResponse, responses=_ok(Challenge), tags=["protocol"])
+    async def auth(request: AuthRequest) -> JSONResponse:
         """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
         session_id, challenge = broker.auth(request.model_dump(by_alias=True))
+        response = JSONResponse(challenge)
         response.set_cookie(COOKIE, session_id, max_age=int(broker.settings.challenge_lifetime), httponly=True,
                             secure=https, samesite="strict", path="/kbs")
         metrics.add("auth")
-        return challenge
+        return response
 
-    @app.post("/kbs/v0/attest", response_model=AttestationToken, responses=_ERRORS, tags=["protocol"])
-    def attest(attestation: Attestation, request: Request, response: Response) -> dict:
+    @app.post("/kbs/v0/attest", response_class=JSONResponse, responses=_ok(AttestationToken), tags=["protocol"])
+    async def attest(attestation: Attestation, request: Request) -> JSONResponse:
         """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
         session_id = request.cookies.get(COOKIE)
         token = broker.attest(session_id, attestation.model_dump(by_alias=True, exclude_none=True))
+        response = JSONResponse({"token": token})
         response.set_cookie(COOKIE, session_id or "", max_age=int(broker.settings.session_lifetime), httponly=True,
                             secure=https, samesite="strict", path="/kbs")
         metrics.add("attest")
-        return {"token": token}
+        return response
 
-    @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_model=Jwe, responses=_ERRORS,
+    @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_class=JSONResponse, responses=_ok(Jwe),
              tags=["protocol"])
-    def resource(repository: str, kind: str, tag: str, request: Request,
-                 version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict:
+    async def resource(repository: str, kind: str, tag: str, request: Request,
+                       version: int | None = Query(default=None, ge=1, le=1 << 30)) -> JSONResponse:
         """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
         caller = broker.caller(request.cookies.get(COOKIE), _bearer(request))
         document = broker.release(f"{repository}/{kind}/{tag}", caller, version)
         metrics.add("release")
-        return document
+        return JSONResponse(document)
 
     @app.get("/kbs/v0/jwks", tags=["public"])
     def jwks() -> dict:
