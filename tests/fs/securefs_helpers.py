@@ -19,7 +19,7 @@ def free_port_pair() -> int:
         with socket.socket() as a:
             a.bind(("127.0.0.1", 0))
             port = a.getsockname()[1]
-            if port % 2 or port > 65000:
+            if port > 65000:
                 continue
             with socket.socket() as b:
                 try:
