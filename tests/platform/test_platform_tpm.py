@@ -261,3 +261,38 @@ def test_the_quote_is_per_epoch_not_per_report(tpm_platforms):
     first, second = signer.evidence(CLAIMS, RD), signer.evidence(CLAIMS, bytes(64))
     assert tpm_fields(first)["attest"] == tpm_fields(second)["attest"]
     assert cbor2.loads(first)["report"] != cbor2.loads(second)["report"]
+
+
+def test_every_byte_of_tpm_rooted_evidence_is_covered(tpm_platforms):
+    paths = tpm_platforms.make()
+    evidence = evidence_of(paths)
+    roots = dict(ek_roots=ek_root(paths), ak_roots=ak_root(paths))
+    now = datetime.now(timezone.utc)
+    assert verify_cove_evidence(evidence, now, **roots).root == "tpm"
+    for i in range(len(evidence)):
+        data = bytearray(evidence)
+        data[i] ^= 0x20
+        with pytest.raises(VerificationError):
+            verify_cove_evidence(bytes(data), now, **roots)
+
+
+def test_every_byte_of_the_quote_and_ak_is_checked(tpm_platforms):
+    """Flip bytes of the TPM's own structures and re-sign as the platform: the TPM checks still catch it."""
+    paths = tpm_platforms.make()
+    evidence = evidence_of(paths)
+    roots = dict(ek_roots=ek_root(paths), ak_roots=ak_root(paths))
+    now = datetime.now(timezone.utc)
+    fields = tpm_fields(evidence)
+    key = pak.load(paths, Tpm(paths.read_config().tcti))
+    emap = cbor2.loads(cbor2.loads(evidence)["endorsement"])
+    for name in ("attest", "signature", "ak"):
+        for i in range(len(fields[name])):
+            changed = bytearray(fields[name])
+            changed[i] ^= 0x01
+            tpm = dict(emap["tpm"], **{name: bytes(changed)})
+            try:
+                forged = ReportSigner(key, ev.parse_endorsement(dict(emap, tpm=tpm))).evidence(CLAIMS, RD)
+            except VerificationError:
+                continue
+            with pytest.raises(VerificationError):
+                verify_cove_evidence(forged, now, **roots)
