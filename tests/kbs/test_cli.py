@@ -167,3 +167,19 @@ def test_init_is_idempotent(cli, tmp_path):
     before = {name: (state / name).read_bytes() for name in ("master.key", "admin.json", "tls.crt")}
     cli.ok("kbs", "init")
     assert before == {name: (state / name).read_bytes() for name in before}
+
+
+def test_master_key_sealed_to_the_platform(cli, served, tmp_path):
+    platform = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
+    (tmp_path / "platform").mkdir(mode=0o700)
+    cli.env.update(platform)
+    done = cli.ok("kbs", "init", "--sealed")
+    state = tmp_path / "state" / "cove" / "kbs"
+    assert (state / "master.sealed").exists() and not (state / "master.key").exists()
+    assert "master.sealed" in done.stdout
+    url = served()
+    cli.ok("kbs", "admin", "policy", "put", "p", "-", input='types = ["cove"]\n', env={"COVE_KBS_URL": url})
+    # another platform cannot unseal it
+    elsewhere = cli("kbs", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                    env={"COVE_PLATFORM_DIR": str(tmp_path / "other-platform")})
+    assert elsewhere.returncode != 0 and "cannot unseal the master key" in error_line(elsewhere)

@@ -33,12 +33,13 @@ def kbs() -> None:
 @click.option("--tls-name", "tls_names", multiple=True,
               help="Names for the local TLS certificate (default localhost, 127.0.0.1).")
 @click.option("--url", help="The broker's URL, recorded in admin.json for `cove kbs admin`.")
-def init(state, db, master_key_file, admin_name, tls_names, url) -> None:
+@click.option("--sealed", is_flag=True, help="Keep the master key sealed to this platform (STATE/master.sealed).")
+def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None:
     """Create a broker's master key, database, first admin key and local TLS certificate."""
     from cove.kbs import runner
 
     result = runner.init(_state(state), db, master_key_file, admin_name,
-                         tuple(tls_names) or ("localhost", "127.0.0.1"), url)
+                         tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed)
     click.echo(f"broker state in {result.state}")
     click.echo(f"  database      {result.db}")
     click.echo(f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'} (keep it safe: it decrypts every secret)")
@@ -78,7 +79,10 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
     if db is None and not folder.exists():
         raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
     if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
-        master_key_file = folder / "master.key"
+        if (folder / "master.sealed").exists():
+            master_key_sealed = folder / "master.sealed"
+        else:
+            master_key_file = folder / "master.key"
     if not insecure_http:
         certfile = certfile or folder / "tls.crt"
         keyfile = keyfile or folder / "tls.key"

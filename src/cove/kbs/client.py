@@ -197,12 +197,12 @@ def _token_claims(token: str) -> dict:
 
 
 def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert=None, retries: int = 0,
-          backoff: float = 0.2) -> dict[str, bytes]:
+          backoff: float = 0.2, timeout: float = 30.0) -> dict[str, bytes]:
     """Attest once and fetch several resources; transport failures are retried (not refusals)."""
     attempt = 0
     while True:
         try:
-            with KbsClient(url, ca_cert) as client:
+            with KbsClient(url, ca_cert, timeout=timeout) as client:
                 client.attest(provider)
                 return {path: client.resource(path) for path in paths}
         except KbsError as exc:

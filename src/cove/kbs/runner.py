@@ -46,12 +46,25 @@ class InitResult:
 
 
 def init(state: Path, db: str | None = None, master_key_file: Path | None = None, admin_name: str = "admin",
-         tls_names: tuple[str, ...] | None = ("localhost", "127.0.0.1"), url: str | None = None) -> InitResult:
-    """Create a broker's state: master key, database, first admin key, local TLS (each only if missing)."""
+         tls_names: tuple[str, ...] | None = ("localhost", "127.0.0.1"), url: str | None = None,
+         sealed: bool = False) -> InitResult:
+    """Create a broker's state: master key, database, first admin key, local TLS (each only if missing).
+
+    ``sealed``: keep the master key sealed to this platform (STATE/master.sealed) instead of in a key file.
+    """
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = db or default_db(state)
     key_file = master_key_file or state / "master.key"
-    if key_file.exists():
+    sealed_file = state / "master.sealed"
+    if sealed_file.exists() and master_key_file is None:
+        master, key_file = vault.load_master_key(None, sealed_file, environ={}), sealed_file
+    elif sealed and master_key_file is None and not key_file.exists():
+        import secrets as pysecrets
+
+        master = pysecrets.token_bytes(32)
+        vault.seal_to_platform(master, sealed_file)
+        key_file = sealed_file
+    elif key_file.exists():
         master = vault.load_master_key(key_file)
     elif os.environ.get(vault.ENV_VAR) and master_key_file is None:
         master, key_file = vault.load_master_key(None, environ=os.environ), None

@@ -94,8 +94,8 @@ class ProvisioningService(EnclaveService):
             if self.values is None:
                 attestation = self.ctx.config.attestation
                 try:
-                    self.values = fetch(attestation.kbs, self.resources, self.provider,
-                                        ca_cert=attestation.ca, retries=attestation.retries)
+                    self.values = fetch(attestation.kbs, self.resources, self.provider, ca_cert=attestation.ca,
+                                        retries=attestation.retries, timeout=attestation.timeout)
                 except KbsError as exc:
                     raise ProvisioningError(f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
                                             exc.hint or "the program was not started") from None
