@@ -15,6 +15,8 @@ file closes it, when the server stops, and otherwise at most
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import os
 import signal
 import stat
@@ -299,10 +301,62 @@ class VolumeOperations(pyfuse3.Operations):
         return data
 
 
+class ImageOperations(VolumeOperations):
+    """A read-only view of an encrypted image that checks each file against the signed digest.
+
+    A file is hashed in full on its first open; if it differs from the
+    measured digest, it answers EIO from then on.
+    """
+
+    def __init__(self, volume: Volume, digests: dict[str, bytes], **kwargs):
+        super().__init__(volume, **kwargs)
+        self.digests = digests
+        self.verified: set[int] = set()
+        self.failed: set[int] = set()
+
+    def _verify(self, node: Node) -> None:
+        if node.ino in self.verified:
+            return
+        path = node.path().lstrip("/")
+        if node.ino not in self.failed:
+            digest = hashlib.sha256()
+            handle = self.volume.acquire(node)
+            try:
+                size, offset = handle.size(), 0
+                while offset < size:
+                    chunk = self.volume.read(node, offset, 1 << 20)
+                    digest.update(chunk)
+                    offset += len(chunk)
+            finally:
+                self.volume.release(node)
+            if hmac.compare_digest(digest.digest(), self.digests.get(path, b"")):
+                self.verified.add(node.ino)
+                return
+            self.failed.add(node.ino)
+        raise FileIntegrityError(f"/{path}: its content differs from the signed image listing")
+
+    async def open(self, inode, flags, ctx):
+        try:
+            node = self._node(inode)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise OSError(errno.EROFS, "read-only")
+            self._verify(node)
+        except Exception as exc:
+            raise self._fail(exc) from None
+        return await super().open(inode, flags, ctx)
+
+
 def serve(volume: Volume, mountpoint: str, *, name: str = "", commit_interval: float = 1.0,
-          on_ready: Callable[[], None] | None = None, read_only: bool = False) -> None:
-    """Mount ``volume`` at ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT)."""
-    ops = VolumeOperations(volume, name, commit_interval)
+          on_ready: Callable[[], None] | None = None, read_only: bool = False,
+          digests: dict[str, bytes] | None = None) -> None:
+    """Mount ``volume`` at ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT).
+
+    With ``digests`` (path -> SHA-256) it is an image view: see ImageOperations.
+    """
+    if digests is not None:
+        ops: VolumeOperations = ImageOperations(volume, digests, name=name, commit_interval=commit_interval)
+    else:
+        ops = VolumeOperations(volume, name, commit_interval)
     options = set(pyfuse3.default_options)
     options |= {"fsname=cove", "subtype=cove", "default_permissions"}
     if read_only or not volume.writable:

@@ -52,6 +52,20 @@ def main() -> int:
         return 2
     for problem in volume.problems:
         print(f"cove: secure fs {settings['label']}: {problem}", file=sys.stderr, flush=True)
+    digests = None
+    if settings.get("image") is not None:  # an encrypted root image: check it against the signed listing
+        from cove.fs import image
+        from cove.image.tree import Entry
+
+        entries = [Entry.decode(item) for item in cbor2.loads(settings["image"])]
+        listing = image._listing(entries)
+        difference = image.compare_listing(volume, listing)
+        if difference:
+            print(f"error: the encrypted image differs from the signed listing: {difference}", flush=True)
+            volume.close()
+            return 2
+        image.add_mount_points(volume, settings.get("extra_dirs", ()))
+        digests = {path: want[3] for path, want in listing.items() if want[0] == "f"}
 
     def ready() -> None:
         print("ready", flush=True)
@@ -61,7 +75,7 @@ def main() -> int:
     try:
         fuse.serve(volume, settings["mountpoint"], name=settings["label"],
                    commit_interval=settings.get("commit_interval", 1.0), on_ready=ready,
-                   read_only=not settings["writable"])
+                   read_only=not settings["writable"], digests=digests)
     except RuntimeError as exc:  # pyfuse3 could not mount
         print(f"error: cannot mount {settings['label']}: {exc}", flush=True)
         volume.close()

@@ -42,36 +42,21 @@ def volume_folder(mount: Mount, state_dir: Path) -> Path:
     return source if source.is_absolute() else state_dir / source
 
 
-class EncryptedMount(EnclaveService):
-    def __init__(self, mount: Mount, index: int):
-        self.mount = mount
-        self.index = index
+class FuseServer:
+    """One ``python -m cove.fs.server`` process serving a volume at a mount point."""
+
+    def __init__(self, name: str):
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
-
-    def start(self, ctx: ServiceContext) -> list[Bind]:
-        from cove.fs.access import Identity, resolve_keks
-
-        fusermount = find_tool("fusermount3")
-        if fusermount is None or not os.path.exists("/dev/fuse"):
+        self.fusermount = find_tool("fusermount3")
+        if self.fusermount is None or not os.path.exists("/dev/fuse"):
             raise SetupError("encrypted mounts need FUSE (fusermount3 and /dev/fuse)", "run scripts/setup (fuse3)")
-        self.fusermount = fusermount
-        folder = volume_folder(self.mount, ctx.state_dir)
-        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.mountpoint = ctx.workdir / f"securefs-{self.index}"
-        self.mountpoint.mkdir(mode=0o700)
-        options = dict(self.mount.options)
-        identity = Identity.of(ctx.identity)
-        try:
-            keks = resolve_keks(str(folder), self.mount.key, identity)
-        except CoveError as exc:
-            raise MountError(f"encrypted mount {self.mount.target}: {exc.message}", exc.hint) from None
-        settings = {
-            "volume": str(folder), "mountpoint": str(self.mountpoint), "label": self.mount.target,
-            "key": self.mount.key, "identity": identity.to_cbor(), "keks": keks,
-            "writable": self.mount.writable, "create": True, "anchor": options.get("rollback", "auto"),
-            "cache": parse_size(options["cache"]) if "cache" in options else DEFAULT_CACHE,
-        }
+
+    def start(self, settings: dict, mountpoint: Path) -> None:
+        """Start the server (settings go to its stdin) and wait until the volume is mounted."""
+        self.mountpoint = mountpoint
+        settings = dict(settings, mountpoint=str(mountpoint))
         self.proc = subprocess.Popen([sys.executable, "-m", "cove.fs.server"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
         try:
@@ -81,12 +66,14 @@ class EncryptedMount(EnclaveService):
             pass
         line = self._first_line()
         if line != "ready":
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
+            self.proc.stdout.close()
             self.proc = None
             message = line[len("error: "):] if line.startswith("error: ") else \
                 f"the secure file system server failed ({line or 'no answer'})"
-            raise MountError(f"encrypted mount {self.mount.target}: {message}")
-        return [Bind(self.mountpoint, self.mount.target, self.mount.writable)]
+            raise MountError(f"{self.name}: {message}")
 
     def _first_line(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT
@@ -95,7 +82,6 @@ class EncryptedMount(EnclaveService):
         while not data.endswith(b"\n"):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.proc.kill()
                 return "no answer in time"
             ready, _, _ = select.select([out], [], [], remaining)
             if ready:
@@ -106,6 +92,7 @@ class EncryptedMount(EnclaveService):
         return data.decode("utf-8", "replace").strip()
 
     def stop(self) -> None:
+        """Unmount; the server commits and exits (or is made to)."""
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
@@ -123,8 +110,44 @@ class EncryptedMount(EnclaveService):
                 code = proc.wait()
         proc.stdout.close()
         if code:
-            print(f"cove: secure fs {self.mount.target}: the server exited with {code}; changes after its "
+            print(f"cove: secure fs {self.name}: the server exited with {code}; changes after its "
                   "last commit are lost", file=sys.stderr, flush=True)
+
+
+class EncryptedMount(EnclaveService):
+    def __init__(self, mount: Mount, index: int):
+        self.mount = mount
+        self.index = index
+        self.server: FuseServer | None = None
+
+    def start(self, ctx: ServiceContext) -> list[Bind]:
+        from cove.fs.access import Identity, resolve_keks
+
+        server = FuseServer(f"encrypted mount {self.mount.target}")
+        folder = volume_folder(self.mount, ctx.state_dir)
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mountpoint = ctx.workdir / f"securefs-{self.index}"
+        mountpoint.mkdir(mode=0o700)
+        options = dict(self.mount.options)
+        identity = Identity.of(ctx.identity)
+        try:
+            keks = resolve_keks(str(folder), self.mount.key, identity)
+        except CoveError as exc:
+            raise MountError(f"encrypted mount {self.mount.target}: {exc.message}", exc.hint) from None
+        settings = {
+            "volume": str(folder), "label": self.mount.target,
+            "key": self.mount.key, "identity": identity.to_cbor(), "keks": keks,
+            "writable": self.mount.writable, "create": True, "anchor": options.get("rollback", "auto"),
+            "cache": parse_size(options["cache"]) if "cache" in options else DEFAULT_CACHE,
+        }
+        server.start(settings, mountpoint)
+        self.server = server
+        return [Bind(mountpoint, self.mount.target, self.mount.writable)]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
 def services(ctx: ServiceContext) -> list[EnclaveService]:

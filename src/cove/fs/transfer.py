@@ -146,11 +146,12 @@ def verify_file(src: Path, key: bytes, logical_path: str | None = None) -> tuple
 
 
 def import_tree(volume: Volume, src: Path, progress: Progress | None = None,
-                check: Callable[[str, bytes], None] | None = None) -> tuple[int, int]:
+                check: Callable[[str, bytes], None] | None = None,
+                owner: tuple[int, int] | None = None) -> tuple[int, int]:
     """Copy a plain folder tree into ``volume`` (modes, times, symlinks); (files, bytes).
 
     ``check(path, sha256)`` is called with each file's digest (image encryption
-    compares it with the signed listing).
+    compares it with the signed listing); ``owner`` replaces every uid and gid.
     """
     import hashlib
 
@@ -160,15 +161,16 @@ def import_tree(volume: Volume, src: Path, progress: Progress | None = None,
         nonlocal files, total
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             st = entry.stat(follow_symlinks=False)
+            uid, gid = owner if owner is not None else (st.st_uid, st.st_gid)
             name = os.fsencode(entry.name)
             rel = f"{prefix}/{entry.name}"
             if stat.S_ISDIR(st.st_mode):
-                child = volume.mkdir(node, name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+                child = volume.mkdir(node, name, stat.S_IMODE(st.st_mode), uid, gid)
                 visit(Path(entry.path), child, rel)
             elif stat.S_ISLNK(st.st_mode):
-                child = volume.symlink(node, name, os.fsencode(os.readlink(entry.path)), st.st_uid, st.st_gid)
+                child = volume.symlink(node, name, os.fsencode(os.readlink(entry.path)), uid, gid)
             elif stat.S_ISREG(st.st_mode):
-                child = volume.create_file(node, name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+                child = volume.create_file(node, name, stat.S_IMODE(st.st_mode), uid, gid)
                 child.opens += 1
                 digest = hashlib.sha256()
                 try:
@@ -242,7 +244,8 @@ def export_tree(volume: Volume, dest: Path, force: bool = False, progress: Progr
 
 def new_volume_from(src: Path, dest: Path, kek: bytes, *, label: str, policy, anchor: str,
                     force: bool = False, progress: Progress | None = None,
-                    check: Callable[[str, bytes], None] | None = None) -> tuple[int, int, str]:
+                    check: Callable[[str, bytes], None] | None = None,
+                    owner: tuple[int, int] | None = None) -> tuple[int, int, str]:
     """A new volume at ``dest`` holding a copy of the plain folder ``src``; (files, bytes, anchor kind)."""
     _refuse_existing(dest, force)
     tmp = _temp_beside(dest, directory=True)
@@ -251,7 +254,7 @@ def new_volume_from(src: Path, dest: Path, kek: bytes, *, label: str, policy, an
         with Volume.create(tmp, kek, label=label, policy=policy, anchor=anchor, durable=False,
                            home=str(dest.absolute())) as volume:
             store = volume.store
-            files, total = import_tree(volume, src, progress, check)
+            files, total = import_tree(volume, src, progress, check, owner)
             os.sync()  # the files' data before the root that names it
             volume.durable = True
             volume.commit()

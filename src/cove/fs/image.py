@@ -1,0 +1,174 @@
+"""An encrypted root image: code confidential at rest, decrypted only for the running enclave.
+
+``cove build --encrypt-image --key SOURCE`` measures the plain image as usual
+(the measurement is over the plain listing and contents) and then
+:func:`encrypt_image` writes it into a read-only volume, checking each
+file's SHA-256 against the listing it just measured. The plain ``image/``
+folder need not ship.
+
+At ``cove run``, :class:`ImageMount` serves that volume as the enclave's
+root through a FUSE server outside the sandbox: a read-only, verifying,
+decrypting view. Before mounting, its listing (paths, types, modes, sizes,
+symlink targets) must equal the signed one; each file's content is hashed
+on its first open and compared with the signed digest, and a file that
+differs answers EIO. Plain bytes exist only in the server's memory and the
+kernel's page cache, never in a file. :func:`decrypt_image` is the fallback
+for a backend that needs the root as files: a verified plain copy into a
+private folder.
+
+The image volume has no rollback anchor: the signed measurement already pins
+every byte, so an older image fails the digest checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+
+import cbor2
+
+from cove.errors import IntegrityError
+from cove.fs import keys
+from cove.fs.access import Identity, open_volume
+from cove.fs.volume import KeyPolicy, Node, Volume
+
+LABEL = "/"
+CHUNK = 1 << 20
+
+
+def _listing(entries) -> dict[str, tuple]:
+    """path -> (type, mode, size, digest, target) from signed image entries (cove.image.tree.Entry)."""
+    return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
+
+
+def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entries) -> tuple[int, int]:
+    """Encrypt the measured ``image_dir`` into the read-only volume ``out_dir`` (replaced); (files, bytes).
+
+    ``entries`` is the listing just measured; a file that changed since
+    (its digest differs) stops the build. Owners become root, as in a staged root.
+    """
+    from cove.fs.transfer import new_volume_from
+
+    listing = _listing(entries)
+    source = keys.parse(key_text)
+    ident = Identity.of(identity) if identity is not None else None
+    kek = keys.resolve(source, ident)
+    policy = KeyPolicy.of(key_text, ident.svn if ident is not None and source.sealed else 0)
+
+    def check(rel: str, digest: bytes) -> None:
+        want = listing.get(rel.lstrip("/"))
+        if want is None or not hmac.compare_digest(want[3], digest):
+            raise IntegrityError(f"image file {rel} changed while the image was being encrypted",
+                                 "build again")
+
+    files, size, _ = new_volume_from(Path(image_dir), Path(out_dir), kek, label=LABEL, policy=policy,
+                                     anchor="none", force=True, check=check, owner=(0, 0))
+    with open_volume(str(out_dir), key_text, ident, label=LABEL, writable=False, anchor="none") as volume:
+        difference = compare_listing(volume, listing)
+    if difference:
+        raise IntegrityError(f"the encrypted image differs from the measured one: {difference}", "build again")
+    return files, size
+
+
+def compare_listing(volume: Volume, listing: dict[str, tuple]) -> str | None:
+    """The first difference between a volume's tree and a signed listing, or None."""
+    seen = set()
+    for path, node in volume.walk():
+        rel = path.lstrip("/")
+        seen.add(rel)
+        want = listing.get(rel)
+        kind = {"d": "d", "f": "f", "l": "l"}[node.kind]
+        have = (kind, stat.S_IMODE(node.mode), node.size if kind == "f" else 0,
+                os.fsdecode(node.target) if kind == "l" else "")
+        if want is None:
+            return f"{rel} is not in the signed listing"
+        if (want[0], want[1], want[2], want[4]) != have:
+            return f"{rel} differs (type, mode, size or target)"
+    missing = sorted(set(listing) - seen)
+    if missing:
+        return f"{missing[0]} is missing"
+    return None
+
+
+def add_mount_points(volume: Volume, targets) -> None:
+    """Empty folders (in memory only) where the sandbox mounts /proc, /dev, /tmp and the mounts."""
+    for target in targets:
+        node = volume.root
+        for part in [p for p in target.strip("/").split("/") if p]:
+            child = node.children.get(part.encode()) if node.kind == "d" else None
+            if child is None:
+                child = Node("d", stat.S_IFDIR | 0o755)
+                child.parent, child.name = node, part.encode()
+                node.children[part.encode()] = child
+                volume._assign(child)
+            node = child
+
+
+def decrypt_image(enc_dir: Path, key_text: str, identity, entries, dest: Path) -> Path:
+    """A verified plain copy of an encrypted image in the new folder ``dest`` (owner-only until done)."""
+    from cove.fs.transfer import export_tree
+
+    listing = _listing(entries)
+    ident = Identity.of(identity) if identity is not None else None
+    with open_volume(str(enc_dir), key_text, ident, label=LABEL, writable=False, anchor="none") as volume:
+        difference = compare_listing(volume, listing)
+        if difference:
+            raise IntegrityError(f"the encrypted image differs from the signed listing: {difference}")
+        export_tree(volume, dest)
+    for rel, want in listing.items():
+        if want[0] == "f":
+            digest = hashlib.sha256()
+            with open(dest / rel, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+            if not hmac.compare_digest(digest.digest(), want[3]):
+                raise IntegrityError(f"image file {rel} differs from the signed listing")
+    return dest
+
+
+def image_settings(enc_dir: Path, key_text: str, identity, entries, extra_dirs) -> dict:
+    """What the FUSE server needs to serve an encrypted image (see cove.fs.server)."""
+    from cove.fs.access import resolve_keks
+
+    ident = Identity.of(identity) if identity is not None else None
+    return {"volume": str(enc_dir), "label": LABEL, "key": key_text,
+            "identity": ident.to_cbor() if ident else None,
+            "keks": resolve_keks(str(enc_dir), key_text, ident), "writable": False, "create": False,
+            "anchor": "none", "image": cbor2.dumps([e.encode() for e in entries]),
+            "extra_dirs": list(extra_dirs)}
+
+
+class ImageMount:
+    """The enclave's root served from an encrypted image (see the module's docstring).
+
+    ``start()`` returns the mount point to use as the root; ``stop()`` unmounts.
+    ``extra_dirs`` are the mount points the sandbox needs (proc, dev, tmp, mount targets).
+    """
+
+    def __init__(self, enc_dir: Path, key_text: str, identity, entries, mountpoint: Path, extra_dirs=()):
+        self.settings = image_settings(enc_dir, key_text, identity, entries, extra_dirs)
+        self.mountpoint = Path(mountpoint)
+        self.server = None
+
+    def start(self) -> Path:
+        from cove.fs.service import FuseServer
+
+        self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+        server = FuseServer("encrypted image")
+        server.start(self.settings, self.mountpoint)
+        self.server = server
+        return self.mountpoint
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> Path:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
