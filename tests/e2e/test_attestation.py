@@ -208,3 +208,33 @@ def test_python_sdk_inside_an_enclave(cove, tmp_path, env):
     assert out[0] == "cove" and len(bytes.fromhex(out[2])) == 16 and out[3].startswith("refused: report data is at most 64")
     report = verify_cove_evidence(bytes.fromhex(out[1]), datetime.now(timezone.utc)).report
     assert report.report_data == nonce + bytes(40) and report.measurement.hex() == measurement(cove, root)
+
+
+def _attestation_mounts(under) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(under))]
+
+
+def test_the_attestation_server_dies_with_its_launcher(cove, attest_probe, tmp_path, env):
+    import signal
+    import time
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    root = build(cove, tmp_path, attest_probe)
+    run_env = dict(cove.env, COVE_RUNTIME_DIR=str(runtime), **env)
+    proc = subprocess.Popen([*cove.popen_args("run", "/bin/sh", "-c", "echo up; exec sleep 60")], cwd=root,
+                            env=run_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        assert len(_attestation_mounts(runtime)) == 1
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to stop its services
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _attestation_mounts(runtime) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _attestation_mounts(runtime) == [], "the /dev/attestation mount outlived cove run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,6 +8,7 @@ and issuer checks at a caller-given time and turns every failure into a
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -46,9 +47,7 @@ def _parsed(cert: x509.Certificate) -> x509.Certificate:
 def load_der_cert(der: bytes, kind: str, what: str) -> x509.Certificate:
     """One DER certificate. AMD's VCEKs have serial 0, which cryptography only warns about."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _parsed(x509.load_der_x509_certificate(bytes(der)))
+        return _der_cached(bytes(der))
     except Exception as exc:  # any parse failure of untrusted input is a rejection
         raise VerificationError(f"{kind}: {what} is not a valid DER certificate ({exc})") from None
 
@@ -57,14 +56,29 @@ def load_pem_chain(pem: bytes | str, kind: str, what: str) -> list[x509.Certific
     """All certificates in a PEM bundle, in file order; at least one."""
     raw = pem.encode() if isinstance(pem, str) else bytes(pem)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            certs = [_parsed(c) for c in x509.load_pem_x509_certificates(raw)]
+        certs = list(_pem_cached(raw))
     except Exception as exc:  # any parse failure of untrusted input is a rejection
         raise VerificationError(f"{kind}: {what} is not a valid PEM certificate chain ({exc})") from None
     if not certs:
         raise VerificationError(f"{kind}: {what} holds no certificate")
     return certs
+
+
+# Certificates are immutable, so parsed ones are kept (by their exact bytes) for
+# the next verification: trust anchors and platform chains recur. Signatures and
+# validity windows are still checked every time.
+@lru_cache(maxsize=512)
+def _der_cached(der: bytes) -> x509.Certificate:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _parsed(x509.load_der_x509_certificate(der))
+
+
+@lru_cache(maxsize=256)
+def _pem_cached(pem: bytes) -> tuple[x509.Certificate, ...]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(_parsed(c) for c in x509.load_pem_x509_certificates(pem))
 
 
 def check_validity(cert: x509.Certificate, now: datetime, kind: str, what: str | None = None) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -49,12 +50,19 @@ def _ak_key(ak_public):
         return ak_public
     if isinstance(ak_public, (bytes, bytearray, str)):
         raw = ak_public.encode() if isinstance(ak_public, str) else bytes(ak_public)
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            return load_public_key(raw, "tpm", "AK public key")
-        if len(raw) >= 2 and int.from_bytes(raw[:2], "big") == len(raw) - 2:
-            ak_public = parse_public(raw)
-        else:
-            return load_public_key(raw, "tpm", "AK public key")
+        return _ak_key_from_bytes(raw)
+    return _ak_key_parsed(ak_public)
+
+
+@lru_cache(maxsize=128)
+def _ak_key_from_bytes(raw: bytes):
+    """Keys by their exact encoding: a verifier sees the same few AKs again and again."""
+    if raw.lstrip().startswith(b"-----BEGIN") or not (len(raw) >= 2 and int.from_bytes(raw[:2], "big") == len(raw) - 2):
+        return load_public_key(raw, "tpm", "AK public key")
+    return _ak_key_parsed(parse_public(raw))
+
+
+def _ak_key_parsed(ak_public):
     if isinstance(ak_public, TpmPublic):
         try:
             if ak_public.type == "rsa":

@@ -11,6 +11,7 @@ pyfuse3's one-session-per-process state away from other FUSE services.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -64,8 +65,14 @@ def build(claims: EnclaveClaims) -> tuple[AttestationFs, str | None]:
                          lambda rd: signer.signed_report(claims, rd), sealing_keys(claims)), None
 
 
-async def _serve() -> None:
+async def _serve(parent: int) -> None:
     async with trio.open_nursery() as nursery:
+        async def stop_when_orphaned():
+            while os.getppid() == parent:  # a fallback for the parent-death signal
+                await trio.sleep(1)
+            pyfuse3.terminate()
+        nursery.start_soon(stop_when_orphaned)
+
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -77,16 +84,20 @@ async def _serve() -> None:
 
 
 def main(argv: list[str]) -> int:
+    parent = os.getppid()
     if len(argv) != 1:
         print("usage: python -m cove.platform.devattest_server MOUNTPOINT < identity.json", file=sys.stderr)
         return 2
+    def leave(signum, frame):  # until trio takes over, a SIGTERM still unmounts on the way out
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, leave)
     claims = claims_from_json(json.loads(sys.stdin.read()))
     fs, why_none = build(claims)
     options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "allow_other", "default_permissions"}
     pyfuse3.init(fs, argv[0], options)
     try:
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
-        trio.run(_serve)
+        trio.run(_serve, parent)
     finally:
         pyfuse3.close(unmount=True)
     return 0

@@ -8,6 +8,7 @@ private folder, and binds that mount at /dev/attestation in the sandbox.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from cove.errors import CoveError, SetupError
 from cove.runtime.services import Bind, EnclaveService, ServiceContext
 
 TARGET = "/dev/attestation"
+PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 20.0
 
 
@@ -30,6 +32,12 @@ def identity_json(ctx: ServiceContext) -> str:
     return json.dumps({"measurement": i.measurement.hex(), "signer": i.signer.hex(), "product_id": i.product_id,
                        "svn": i.svn, "debug": i.debug, "backend": ctx.backend, "isolation": ctx.isolation,
                        "instance_id": ctx.instance_id})
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when ``cove run`` dies, even by SIGKILL, so the mount never outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _unmount(path: Path) -> None:
@@ -54,7 +62,8 @@ class AttestationService(EnclaveService):
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cove.platform.devattest_server", str(self.mountpoint)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
-                start_new_session=True)  # the user's ^C reaches the enclave, not this server
+                start_new_session=True,  # the user's ^C reaches the enclave, not this server
+                preexec_fn=_die_with_parent)
         finally:
             log.close()
         self.process.stdin.write(identity_json(ctx).encode())
