@@ -12,6 +12,7 @@ import os
 import posixpath
 import shutil
 import signal
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,7 +129,19 @@ def remove_stale(base: Path, prefix: str) -> None:
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             path = base / name
             if os.stat(path).st_uid == os.getuid():
+                _detach_mounts_below(path)  # FUSE servers died with their launcher
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _detach_mounts_below(path: Path) -> None:
+    try:
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+    except OSError:
+        return
+    prefix = str(path) + "/"
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @contextmanager
