@@ -249,3 +249,14 @@ def test_real_tpm_vector_nonce_is_exact():
     pcr16 = a.pcrs["sha256"][16]
     assert evaluate(parse_policy(f'[tpm.pcrs.sha256]\n16 = "{pcr16.hex()}"\n'), a, now=NOW).accepted
     assert not evaluate(parse_policy(f'[tpm.pcrs.sha256]\n16 = "{"00" * 32}"\n'), a, now=NOW).accepted
+
+
+def test_the_documented_example_parses():
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "policy.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = parse_policy(example)
+    assert policy.name == "payments-prod" and policy.freshness.nonce_required
+    assert policy.types == frozenset({"cove", "sgx", "snp"})
+    assert policy.rules["cove"].signers[0].min_svn == 3 and policy.rules["snp"].min_tcb["snp"] == 8

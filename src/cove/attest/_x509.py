@@ -83,22 +83,22 @@ def _pem_cached(pem: bytes) -> tuple[x509.Certificate, ...]:
 
 def check_validity(cert: x509.Certificate, now: datetime, kind: str, what: str | None = None) -> None:
     """Reject a certificate outside its notBefore/notAfter window."""
-    label = what or _name(cert)
     if now < cert.not_valid_before_utc:
-        raise VerificationError(f"{kind}: {label} certificate not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise VerificationError(f"{kind}: {what or _name(cert)} certificate not valid before "
+                                f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
     if now > cert.not_valid_after_utc:
-        raise VerificationError(f"{kind}: {label} certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise VerificationError(f"{kind}: {what or _name(cert)} certificate expired at "
+                                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
 
 
 def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str, what: str | None = None) -> None:
     """Reject unless ``issuer`` is named as and signed ``cert``."""
-    label = what or _name(cert)
     try:
         cert.verify_directly_issued_by(issuer)
     except InvalidSignature:
-        raise VerificationError(f"{kind}: {label} certificate signature invalid") from None
+        raise VerificationError(f"{kind}: {what or _name(cert)} certificate signature invalid") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise VerificationError(f"{kind}: {label} certificate is not issued by {_name(issuer)} ({exc})") from None
+        raise VerificationError(f"{kind}: {what or _name(cert)} certificate is not issued by {_name(issuer)} ({exc})") from None
 
 
 def check_chain(
@@ -117,6 +117,7 @@ def check_chain(
         check_validity(cert, now, kind)
 
 
+@lru_cache(maxsize=1024)
 def der(cert: x509.Certificate) -> bytes:
     """A certificate's DER bytes, for exact comparison with a trust anchor."""
     return cert.public_bytes(serialization.Encoding.DER)

@@ -90,12 +90,12 @@ def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem, ak_roots_pem, now: 
         raise VerificationError("cove: AK certificate is for another attestation key")
     if not hmac.compare_digest(ek_cert_hash, hashlib.sha256(der(ek_chain[0])).digest()):
         raise VerificationError("cove: AK certificate binds the AK to another TPM's EK")
-    if ak_chain[0].public_key() != public_key(ak):
+    if ak_chain[0].public_key() != public_key(t.ak):
         raise VerificationError("cove: AK certificate key differs from the attestation key")
     qualifier = ev.quote_qualifier(e.endorsement.pak, e.endorsement.runtime, e.endorsement.epoch,
                                    e.endorsement.epoch_start_ms)
     try:
-        quote = verify_tpm_quote(t.attest, t.signature, t.pcrs, ak, qualifier)
+        quote = verify_tpm_quote(t.attest, t.signature, t.pcrs, t.ak, qualifier)
     except VerificationError as exc:
         raise VerificationError("cove: " + exc.message.removeprefix("tpm: "), exc.hint) from None
     value = quote.pcrs.get("sha256", {}).get(t.pcr)
