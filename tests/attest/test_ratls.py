@@ -249,3 +249,18 @@ def test_python_client_against_openssl_s_server(s_server):
     with socket.create_connection(("127.0.0.1", bad_port), timeout=10) as raw:
         with pytest.raises(ratls.RaTlsError, match="is not one the policy accepts"):
             ratls.client_context(policy()).wrap_socket(raw)
+
+
+def test_cove_verify_takes_an_ra_tls_certificate(cove, tmp_path):
+    from tests.conftest import error_line
+
+    (tmp_path / "cert.pem").write_bytes(CERT)
+    good = tmp_path / "good.toml"
+    good.write_text(f'[cove]\nself_certified = true\nmeasurements = ["{GOOD.hex()}"]\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[cove]\nself_certified = true\nmeasurements = ["{OTHER.hex()}"]\n')
+    assert cove("verify", tmp_path / "cert.pem", "--policy", good).returncode == 0
+    result = cove("verify", tmp_path / "cert.pem", "--policy", bad)
+    assert result.returncode == 6 and "is not one the policy accepts" in error_line(result)
+    both = cove("verify", tmp_path / "cert.pem", "--policy", good, "--report-data", "00" * 64)
+    assert both.returncode == 2 and "cannot be used with an RA-TLS certificate" in error_line(both)

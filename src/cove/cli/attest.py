@@ -145,6 +145,9 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
         inputs = replace(inputs, fetch=Fetcher(pccs=pccs, kds=kds, cache_dir=cache_dir).inputs_for)
     expected_rd = _hex(report_data, "--report-data")
     if cert_binding is not None:
+        if expected_rd is not None:
+            raise CoveError("--report-data cannot be used with an RA-TLS certificate",
+                            "its report data is fixed by the certificate's key")
         expected_rd = cert_binding
     try:
         verdict = verifier.appraise(raw, policy, kind=kind, nonce=_hex(nonce, "--nonce"), report_data=expected_rd,
