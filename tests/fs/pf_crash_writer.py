@@ -31,7 +31,7 @@ def main() -> None:
             op = rng.random()
             if op < 0.75:
                 off = rng.randrange(0, 500_000)
-                data = rng.randbytes(rng.choice([1, 100, 4096, 20_000, 90_000]))
+                data = rng.randbytes(rng.choice([1, 100, 4096, 20_000, 90_000, 300_000, 700_000]))
                 f.write(off, data)
                 if off > len(model):
                     model.extend(bytes(off - len(model)))

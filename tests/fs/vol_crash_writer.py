@@ -39,7 +39,7 @@ def step(volume: Volume, rng: random.Random) -> None:
     if node is not None and node.kind != "f":
         return
     if op < 0.45 or node is None:
-        data = rng.randbytes(rng.choice([0, 1, 3000, 4096, 20_000, 150_000]))
+        data = rng.randbytes(rng.choice([0, 1, 3000, 4096, 20_000, 150_000, 600_000]))
         if node is None or rng.random() < 0.3:
             volume.write_file(path, data)
         else:

@@ -20,8 +20,10 @@ from cove.fs.layout import (
     PATH_MAX_SIZE, Header, MetaPlain, node_count, unpack_meta_plain,
 )
 from cove.fs.tree import Run, Tree
+from cove.fs.writer import AsyncWriter
 
 DEFAULT_CACHE_BYTES = 4 << 20
+ASYNC_WRITE_BYTES = 256 << 10  # runs this large are written by a second thread
 MODES = ("r", "r+", "w", "x")
 
 
@@ -147,8 +149,9 @@ class ProtectedFile:
             self._committed_nodes = need
             self._dirty = False
             self._journal = journal.UndoLog(journal.recovery_path(host_path), durable)
+            self._writer: AsyncWriter | None = None
             self._tree = Tree(self._fd, meta.size, meta.root_key, meta.root_mac,
-                              max(1, cache_bytes // NODE_SIZE), self._write_back)
+                              max(1, cache_bytes // NODE_SIZE), self._write_back, self._drain)
         except BaseException:
             self._release()
             raise
@@ -321,8 +324,20 @@ class ProtectedFile:
         old = [first + i for first, view in runs for i in range(len(view) // NODE_SIZE)
                if first + i < self._committed_nodes]
         self._journal.save(self._fd, old)
-        for first, view in runs:
-            os.pwrite(self._fd, view, first * NODE_SIZE)
+        if sum(len(view) for _, view in runs) >= ASYNC_WRITE_BYTES:
+            if self._writer is None:
+                self._writer = AsyncWriter(self._fd)
+            for first, view in runs:
+                self._writer.write(view, first * NODE_SIZE)
+        else:
+            self._drain()
+            for first, view in runs:
+                os.pwrite(self._fd, view, first * NODE_SIZE)
+
+    def _drain(self) -> None:
+        """Every write handed to the writer thread is on its way to the disk."""
+        if self._writer is not None:
+            self._writer.drain()
 
     def _commit(self, durable: bool) -> None:
         if not self._dirty_any():
@@ -332,6 +347,7 @@ class ProtectedFile:
         def work() -> None:
             runs = tree.seal(tree.dirty_nodes(), with_root=tree.size > MD_USER_DATA_SIZE)
             self._write_back(runs, durable)
+            self._drain()
             if durable:
                 os.fsync(self._fd)
             self._meta.root_key, self._meta.root_mac = tree.root_key, tree.root_mac
@@ -395,6 +411,12 @@ class ProtectedFile:
             self._release()
 
     def _release(self) -> None:
+        writer, self._writer = getattr(self, "_writer", None), None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the commit that needed these writes already failed; as after a crash
         journal_ = getattr(self, "_journal", None)
         if journal_ is not None:
             journal_.close(remove=not journal_.active and self._writable)
@@ -412,6 +434,12 @@ class ProtectedFile:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and self._fd >= 0:
             # no commit from a finalizer: uncommitted changes are lost, as in a crash
+            writer = getattr(self, "_writer", None)
+            if writer is not None:  # its thread must be done with the descriptor before it closes
+                try:
+                    writer.close()
+                except OSError:
+                    pass
             journal_ = getattr(self, "_journal", None)
             if journal_ is not None:
                 journal_.close(remove=False)

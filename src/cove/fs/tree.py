@@ -25,6 +25,7 @@ from cove.fs.layout import (
 SEALED = NODE_SIZE + MAC_SIZE
 _ZEROS = memoryview(bytes(NODE_SIZE))
 READAHEAD = 64  # nodes read in one go when access is sequential
+DIRECT_BATCH = 256  # whole nodes sealed per write_back on the append path (1 MiB)
 
 Run = tuple[int, memoryview]  # (first physical node, ciphertext of consecutive nodes)
 
@@ -33,8 +34,10 @@ class Tree:
     """Decrypted view of the data and MHT nodes of one protected file."""
 
     def __init__(self, fd: int, size: int, root_key: bytes, root_mac: bytes,
-                 capacity: int, write_back: Callable[[list[Run]], None]):
+                 capacity: int, write_back: Callable[[list[Run]], None],
+                 before_read: Callable[[], None] = lambda: None):
         self.fd = fd
+        self.before_read = before_read  # waits for writes still in flight
         self.size = size
         self.root_key = root_key
         self.root_mac = root_mac
@@ -56,6 +59,7 @@ class Tree:
 
     def _pread(self, first: int, count: int) -> bytes:
         want = count * NODE_SIZE
+        self.before_read()
         data = os.pread(self.fd, want, first * NODE_SIZE)
         if len(data) != want:
             raise FileIntegrityError(
@@ -159,6 +163,13 @@ class Tree:
                 self.evict()
             d = data_node_of(offset)
             o = offset - data_node_start(d)
+            if o == 0 and end - offset >= 2 * NODE_SIZE:
+                count = self._uncached_run(d, min((end - offset) // NODE_SIZE, DIRECT_BATCH))
+                if count >= 2:  # whole nodes nobody holds: decrypted straight into one buffer
+                    parts.append(self._open_direct(d, count))
+                    offset += count * NODE_SIZE
+                    self._next_seq = -1  # no read-ahead into the cache for the next partial node
+                    continue
             n = min(NODE_SIZE - o, end - offset)
             node = self.data(d)
             parts.append(memoryview(node.buf)[o:o + n])
@@ -175,6 +186,14 @@ class Tree:
             start = MD_USER_DATA_SIZE + d * NODE_SIZE
             o = offset - start
             n = min(NODE_SIZE - o, length - pos)
+            if n == NODE_SIZE and start >= self.size and length - pos >= 2 * NODE_SIZE:
+                # whole nodes past the end: sealed straight into write buffers, never cached
+                count = min((length - pos) // NODE_SIZE, DIRECT_BATCH)
+                self._seal_direct(d, count, src[pos:pos + count * NODE_SIZE] if src is not None else None)
+                offset += count * NODE_SIZE
+                pos += count * NODE_SIZE
+                self.size = offset
+                continue
             if n == NODE_SIZE and start >= self.size:
                 # a whole node past the end: no lookup, no read, one copy
                 parent = self.mht(d // ATTACHED_DATA_NODES)
@@ -193,6 +212,76 @@ class Tree:
             pos += n
             if offset > self.size:
                 self.size = offset
+
+    def _uncached_run(self, d0: int, limit: int) -> int:
+        """How many data nodes from ``d0`` (at most ``limit``) are not in the cache."""
+        cache = self.cache
+        count = 0
+        while count < limit and data_phys(d0 + count) not in cache:
+            count += 1
+        return count
+
+    def _open_direct(self, d0: int, count: int) -> memoryview:
+        """Decrypt ``count`` data nodes from ``d0`` into a new buffer, without caching them."""
+        out = bytearray(count * NODE_SIZE)
+        dest = memoryview(out)
+        open_sealed = crypto.open_sealed
+        i = 0
+        while i < count:
+            d = d0 + i
+            group = min(count - i, ATTACHED_DATA_NODES - d % ATTACHED_DATA_NODES)
+            pbuf = self.mht(d // ATTACHED_DATA_NODES).buf
+            phys = data_phys(d)
+            raw = bytearray(group * NODE_SIZE + MAC_SIZE)
+            view = memoryview(raw)
+            view[:group * NODE_SIZE] = self._pread(phys, group)
+            slot = (d % ATTACHED_DATA_NODES) * PAIR_SIZE + (group - 1) * PAIR_SIZE
+            for j in range(group - 1, -1, -1):  # last first: each tag goes right after its ciphertext
+                at = j * NODE_SIZE
+                view[at + NODE_SIZE:at + SEALED] = pbuf[slot + KEY_SIZE:slot + PAIR_SIZE]
+                try:
+                    open_sealed(bytes(pbuf[slot:slot + KEY_SIZE]), view[at:at + SEALED],
+                                dest[(i + j) * NODE_SIZE:(i + j + 1) * NODE_SIZE])
+                except crypto.InvalidTag:
+                    raise FileIntegrityError(f"{describe(phys + j)} MAC mismatch") from None
+                slot -= PAIR_SIZE
+            i += group
+        return dest
+
+    def _seal_direct(self, d0: int, count: int, src: memoryview | None) -> None:
+        """Seal ``count`` whole data nodes from ``d0`` (all past the end) and hand them to write_back.
+
+        Their keys and MACs go into their MHT nodes (which stay cached and
+        dirty), exactly as if the nodes had been cached and evicted.
+        """
+        keys = memoryview(crypto.random_keys(count))
+        zeros = _ZEROS
+        seal = crypto.seal
+        runs: list[Run] = []
+        i = 0
+        while i < count:
+            d = d0 + i
+            group = min(count - i, ATTACHED_DATA_NODES - d % ATTACHED_DATA_NODES)
+            parent = self.mht(d // ATTACHED_DATA_NODES)
+            pbuf = parent.buf
+            buf = bytearray(group * NODE_SIZE + MAC_SIZE)
+            view = memoryview(buf)
+            slot = (d % ATTACHED_DATA_NODES) * PAIR_SIZE
+            for j in range(group):
+                at = j * NODE_SIZE
+                k = (i + j) * KEY_SIZE
+                key = keys[k:k + KEY_SIZE]
+                plain = src[(i + j) * NODE_SIZE:(i + j + 1) * NODE_SIZE] if src is not None else zeros
+                seal(key, plain, view[at:at + SEALED])  # the tag spills into the next, unsealed slot
+                pbuf[slot:slot + KEY_SIZE] = key
+                pbuf[slot + KEY_SIZE:slot + PAIR_SIZE] = view[at + NODE_SIZE:at + SEALED]
+                slot += PAIR_SIZE
+            self.mark_dirty(parent)
+            if parent.phys in self.cache:
+                self.cache.get(parent.phys)  # recently used: keep it over the nodes of older groups
+            runs.append((data_phys(d), view[:group * NODE_SIZE]))
+            i += group
+        self.write_back(runs)
 
     def shrink(self, size: int) -> None:
         """Forget nodes past the new end; their MHT entries simply go stale."""
