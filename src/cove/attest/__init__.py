@@ -1,26 +1,45 @@
-"""Attestation: parsing and verifying hardware evidence (TPM, SGX, TDX, SEV-SNP).
+"""Attestation: parsing and verifying evidence (Cove, TPM, SGX, TDX, SEV-SNP), policies, tokens, RA-TLS.
 
 Each verifier takes raw evidence, the caller's trust anchors and a
 verification time, and returns typed claims or raises
 :class:`~cove.attest.errors.VerificationError` naming the failed check.
+:mod:`cove.attest.verifier` picks the verifier and normalizes the claims;
+:mod:`cove.attest.policy` appraises them; :mod:`cove.attest.ear` signs the
+result; :mod:`cove.attest.ratls` binds evidence to TLS keys.
+
+Names are imported on first use, so a process that only signs reports (the
+/dev/attestation server, started for every enclave) does not load verifiers.
 """
 
-from cove.attest.dcap import DcapClaims, verify_dcap_quote, verify_sgx_quote, verify_tdx_quote
-from cove.attest.dcap_collateral import DcapCollateral, parse_collateral
-from cove.attest.errors import VerificationError
-from cove.attest.snp import SnpClaims, verify_snp_report
-from cove.attest.tpm import TpmQuoteClaims, verify_tpm_quote
+from __future__ import annotations
 
-__all__ = [
-    "DcapClaims",
-    "DcapCollateral",
-    "SnpClaims",
-    "TpmQuoteClaims",
-    "VerificationError",
-    "parse_collateral",
-    "verify_dcap_quote",
-    "verify_sgx_quote",
-    "verify_snp_report",
-    "verify_tdx_quote",
-    "verify_tpm_quote",
-]
+import importlib
+
+_EXPORTS = {
+    "CoveClaims": "cove.attest.cove_verify",
+    "verify_cove_evidence": "cove.attest.cove_verify",
+    "DcapClaims": "cove.attest.dcap",
+    "verify_dcap_quote": "cove.attest.dcap",
+    "verify_sgx_quote": "cove.attest.dcap",
+    "verify_tdx_quote": "cove.attest.dcap",
+    "DcapCollateral": "cove.attest.dcap_collateral",
+    "parse_collateral": "cove.attest.dcap_collateral",
+    "VerificationError": "cove.attest.errors",
+    "SnpClaims": "cove.attest.snp",
+    "verify_snp_report": "cove.attest.snp",
+    "TpmQuoteClaims": "cove.attest.tpm",
+    "verify_tpm_quote": "cove.attest.tpm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cove.attest' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
