@@ -165,14 +165,12 @@ def main() -> None:
     ap.add_argument("--no-enclave", action="store_true", help="Only the verification rates.")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cove-bench-") as tmp:
-        tpm_paths = None
         try:
             tpm_paths = verification_rates(args, Path(tmp))
             if not args.no_enclave:
                 quote_latency(args, Path(tmp), tpm_paths)
         finally:
-            if tpm_paths is not None:
-                SwTpm(tpm_paths.swtpm).stop()
+            SwTpm(Paths(Path(tmp) / "tpm-platform").swtpm).stop()  # whatever happened above
 
 
 if __name__ == "__main__":

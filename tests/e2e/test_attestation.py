@@ -15,7 +15,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cove.attest.cove_verify import verify_cove_evidence
-from cove.platform.runtime import runtime_hash
 from cove.platform.state import Paths
 from cove.platform.swtpm import SwTpm
 from tests.conftest import ROOT, error_line, require
@@ -170,11 +169,15 @@ def test_tpm_rooted_enclave_evidence(cove, attest_probe, tmp_path, swtpm_env):
     m = measurement(cove, root)
     nonce = os.urandom(32)
     evidence = quote(cove, root, swtpm_env, nonce, tmp_path)
+    # The runtime the platform measured (the source tree may change under a long test run).
+    runtime = verify_cove_evidence(bytes.fromhex(evidence.read_text()), datetime.now(timezone.utc),
+                                   ek_roots=open(state["tpm"]["ek_root"], "rb").read(),
+                                   ak_roots=open(state["tpm"]["ak_ca_certificate"], "rb").read()).runtime
     pcrs = "\n".join(f'{i} = "{v}"' for i, v in state["tpm"]["quoted_pcrs"].items() if i.endswith(":0") or i.endswith(":7"))
     pcrs = pcrs.replace("sha256:", "")
     accepted = policy(tmp_path, f'[cove]\nmeasurements = ["{m}"]\nek_ca = ["{state["tpm"]["ek_root"]}"]\n'
                                 f'ak_ca = ["{state["tpm"]["ak_ca_certificate"]}"]\n'
-                                f'runtime_hashes = ["{runtime_hash().hex()}"]\n[cove.pcrs.sha256]\n{pcrs}\n')
+                                f'runtime_hashes = ["{runtime.hex()}"]\n[cove.pcrs.sha256]\n{pcrs}\n')
     ok = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", accepted)
     assert ok.returncode == 0, ok.stderr
     assert "cove evidence (TPM-rooted)" in ok.stdout
@@ -182,6 +185,9 @@ def test_tpm_rooted_enclave_evidence(cove, attest_probe, tmp_path, swtpm_env):
                        "pcr.toml")
     result = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", wrong_pcr)
     assert result.returncode == 6 and "PCR sha256:7 is" in error_line(result)
+    other_runtime = policy(tmp_path, accepted.read_text().replace(runtime.hex(), "00" * 32), "runtime.toml")
+    result = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", other_runtime)
+    assert result.returncode == 6 and f"Cove runtime {runtime.hex()} is not one the policy accepts" in error_line(result)
 
 
 def test_python_sdk_inside_an_enclave(cove, tmp_path, env):
