@@ -180,6 +180,8 @@ def test_audit_records_who_what_measurement_when(kbs):
     assert release["resource"] == "app/db/password@1" and release["actor"].startswith("sample:")
     assert release["at"] >= started
     assert all(r["actor"] for r in log)
+    session = client.http.cookies.get("kbs-session-id")
+    assert session and session[:8] not in str(log)  # the cookie is a credential: never logged
     later = kbs.admin.audit(after=log[-2]["id"])
     assert [r["id"] for r in later] == [log[-1]["id"]]
 

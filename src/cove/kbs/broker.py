@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import hmac
 import json
 import re
@@ -35,6 +36,11 @@ WRITE_ACTIONS = ("secret.create", "secret.rotate", "secret.delete", "secret.expo
                  "policy.put", "policy.delete", "key.add", "key.delete")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^0\.([0-9]+)\.([0-9]+)$")
+
+
+def _label(session_id: str) -> str:
+    """How the audit log names a session: a hash, since the id itself is a bearer credential."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -193,13 +199,13 @@ class Broker:
                                                  f"{decision.reason}")
         except Problem as problem:
             self.store.finish_session(row.id, False, None, None, self.settings.challenge_lifetime, self.now())
-            self.store.audit(f"session:{row.id[:12]}", "attest", "denied", None, None,
+            self.store.audit(f"session:{_label(row.id)}", "attest", "denied", None, None,
                              f"{row.tee}: {problem.kind}: {problem.detail}")
             raise
         claims = appraisal.to_claims(result)
         self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
                                   self.now())
-        self.store.audit(f"session:{row.id[:12]}", "attest", "ok", None, claims.get("measurement"), row.tee)
+        self.store.audit(f"session:{_label(row.id)}", "attest", "ok", None, claims.get("measurement"), row.tee)
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
 
     def caller(self, session_id: str | None, bearer: str | None) -> Caller:
@@ -231,7 +237,7 @@ class Broker:
     def release(self, path: str, caller: Caller, version: int | None = None) -> dict:
         """GET /kbs/v0/resource/...: the secret as a JWE to the caller's TEE key, if policy allows."""
         secrets_mod.split_path(path)
-        who = f"{caller.claims.get('tee')}:{(caller.session or 'token')[:12]}"
+        who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
         row = self.store.secret(path)
         if row is None:
