@@ -12,6 +12,8 @@ stdout and exit status 2.
 from __future__ import annotations
 
 import ctypes
+import os
+import resource
 import signal
 import sys
 
@@ -86,6 +88,10 @@ def main() -> int:
         print(f"cove: secure fs {settings['label']}: the last commit failed: {exc.line()}", file=sys.stderr,
               flush=True)
         return 1
+    finally:
+        if os.environ.get("COVE_FS_STATS"):  # diagnostics for bench/securefs.py
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            print(f"cove-fs-stats {settings['label']} peak_rss_kib={peak}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -45,6 +45,8 @@ class Tree:
         self.root = Node(1, 0, True)
         self.write_back = write_back
         self._next_seq = -1  # data node that would continue a sequential read
+        self._last_end = -1  # where the previous read call ended
+        self._ahead = False  # this read call continues the previous one: read ahead
         if size > MD_USER_DATA_SIZE:
             self._load_root()
 
@@ -97,7 +99,7 @@ class Tree:
             parent.children += 1
             return node
         count = 1
-        if d == self._next_seq:
+        if self._ahead and d == self._next_seq:
             limit = min(node_count(self.size), phys + min(READAHEAD, self.cache.capacity // 4))
             while phys + count < limit and (phys + count) not in self.cache:
                 count += 1
@@ -157,7 +159,13 @@ class Tree:
             node = node.parent
 
     def read_into(self, parts: list, offset: int, end: int) -> None:
-        """Append views of content bytes [offset, end) (all >= 3072) to ``parts``."""
+        """Append views of content bytes [offset, end) (all >= 3072) to ``parts``.
+
+        Reading ahead into the cache happens only when this call continues
+        where the previous one ended (a random read never pays for it).
+        """
+        self._ahead = offset == self._last_end
+        self._last_end = end
         while offset < end:
             if self.cache.over():
                 self.evict()
@@ -177,6 +185,7 @@ class Tree:
 
     def write_from(self, offset: int, src: memoryview | None, length: int) -> None:
         """Write ``src`` (or zeros) at content offset ``offset`` (>= 3072)."""
+        self._ahead = False
         pos = 0
         cache = self.cache
         while pos < length:
