@@ -152,3 +152,16 @@ def test_changed_broker_url_needs_rebuild(cove, tmp_path, broker, platform_env):
     config.write_text(config.read_text().replace(broker.url, "https://127.0.0.1:1"))
     result = cove("run", "/bin/echo", "started", cwd=instance, env=platform_env)
     assert result.returncode != 0 and "attestation.kbs" in error_line(result)
+
+
+def test_debug_enclave_refused(cove, tmp_path, broker, platform_env):
+    """A debug enclave's real Cove evidence says debug; the broker's policy refuses it."""
+    instance = make_instance(cove, tmp_path, options={("enclave", "debug"): "true"},
+                             extra=secrets_config(broker.url, broker.ca))
+    release_to(broker, instance)
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"x")
+    broker.admin.create_secret("app/api/token", "data", "app", value=b"y")
+    result = cove("run", "/bin/echo", "started", cwd=instance, env=platform_env)
+    assert result.returncode != 0 and "started" not in result.stdout
+    line = error_line(result)
+    assert "AttestationDeny" in line and "debug enclave" in line
