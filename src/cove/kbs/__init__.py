@@ -14,6 +14,10 @@ accepts the attestation result. The parts:
 - :mod:`cove.kbs.policy`: attestation and release policies;
 - :mod:`cove.kbs.jose`: attestation tokens, admin tokens, JWE responses (joserfc);
 - :mod:`cove.kbs.broker`: the protocol logic, independent of HTTP;
-- :mod:`cove.kbs.server`: the FastAPI application and ``serve``;
-- :mod:`cove.kbs.client`: the client, usable inside an enclave.
+- :mod:`cove.kbs.server`: the FastAPI application (OpenAPI at /openapi.json);
+- :mod:`cove.kbs.runner`: ``init``, ``serve`` and a broker embedded in a thread;
+- :mod:`cove.kbs.tls`: a local TLS CA and server certificate;
+- :mod:`cove.kbs.client`: the client (and admin client), usable inside an enclave.
+
+Provisioning into enclaves before they start is :mod:`cove.runtime.provisioning`.
 """
