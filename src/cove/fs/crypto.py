@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFCMAC,
 
 from cove.fs.layout import IV, KDF_LABEL, KDF_LABEL_FIELD, KEY_SIZE, MAC_SIZE, NODE_SIZE
 
-__all__ = ["InvalidTag", "derive_metadata_key", "random_keys", "seal", "open_sealed",
-           "macs_equal"]
+__all__ = ["AESGCM", "FAST", "IV", "InvalidTag", "derive_metadata_key", "random_keys", "seal",
+           "open_sealed", "macs_equal"]
 
 
 def derive_metadata_key(kdk: bytes, nonce: bytes) -> bytes:
@@ -45,7 +45,10 @@ def random_keys(n: int) -> bytes:
     return os.urandom(KEY_SIZE * n)
 
 
-if hasattr(AESGCM, "encrypt_into"):  # cryptography >= 45: no intermediate copies
+FAST = hasattr(AESGCM, "encrypt_into")  # hot loops may call AESGCM(key).encrypt_into/decrypt_into
+
+
+if FAST:  # cryptography >= 45: no intermediate copies
 
     def seal(key: bytes, plain, out) -> None:
         """Encrypt ``plain`` into ``out`` (len(plain) + 16 bytes: ciphertext || tag)."""
