@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
-from tests.conftest import error_line
+from tests.conftest import error_line, require
 from tests.fs.securefs_enclave import make_python_enclave, mount_block, platform_env
-from tests.fs.securefs_helpers import BIG, build_tamper_volume, content
+from tests.fs.securefs_helpers import BIG, build_tamper_volume, content, running_swtpm
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,25 @@ def test_a_non_root_enclave_user_owns_its_files(fresh):
     result = fresh.run("/bin/sh", "-c", "echo mine > /data/f && cat /data/f && /usr/bin/id -u")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["mine", "1000"]
+
+
+def test_tpm_anchor_detects_rollback_even_with_the_platform_folder_wiped(fresh, tmp_path):
+    swtpm = require("swtpm")
+    require("tpm2_nvdefine")
+    with running_swtpm(tmp_path / "swtpm", swtpm) as tcti:
+        env = dict(fresh.env, COVE_TPM_TCTI=tcti)
+        fresh.configure(mount_block())  # rollback = "auto": the TPM, since there is one
+
+        def run(*args):
+            return fresh.cove("run", *args, cwd=fresh.root, env=env)
+
+        assert run("/bin/sh", "-c", "echo one > /data/v").returncode == 0
+        shutil.copytree(fresh.state / "data", tmp_path / "old")
+        assert run("/bin/sh", "-c", "echo two > /data/v").returncode == 0
+        assert run("/bin/cat", "/data/v").stdout == "two\n"
+        shutil.rmtree(fresh.state / "data")
+        shutil.copytree(tmp_path / "old", fresh.state / "data")
+        shutil.rmtree(os.path.join(fresh.env["COVE_PLATFORM_DIR"], "volumes"))
+        result = run("/bin/cat", "/data/v")
+        assert result.returncode == 3 and result.stdout == ""
+        assert "volume rolled back" in error_line(result) and "tpm anchor" in error_line(result)
