@@ -15,6 +15,7 @@ from cove.fs.service import MountError
 from cove.fs.volume import Volume
 from cove.image import artifacts
 from cove.runtime.backend import EnclaveIdentity, LaunchSpec
+from cove.runtime.services import Bind
 from cove.runtime.sim import SimBackend
 from tests.conftest import require
 from tests.e2e.helpers import make_instance
@@ -62,13 +63,20 @@ def test_encrypted_image_holds_no_plain_bytes(built):
 def test_a_sandbox_runs_from_the_encrypted_root(built, tmp_path):
     app, verified, identity = built
     out = _encrypt(app, verified, identity)
+    secret = tmp_path / "provisioned"
+    secret.write_text("from a service\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "f").write_text("in a bound folder\n")
     with image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
-                          ["proc", "dev", "tmp"]) as root:
+                          ["proc", "dev", "tmp", "srv/shared"], ["run/secrets/token"]) as root:
+        binds = (Bind(secret, "/run/secrets/token"), Bind(tmp_path / "shared", "/srv/shared"))
         spec = LaunchSpec(identity=identity, config=verified.config, root=root,
                           argv=("/bin/sh", "-c", "read line < /etc/link.conf; "
                                 "[ \"$line\" = 'code and config nobody may read at rest' ] && [ -d /proc/1 ] "
-                                "&& ! ( : > /etc/new ) 2>/dev/null"),
-                          env={"PATH": "/bin:/usr/bin"}, uid=0, gid=0, instance_id="t")
+                                "&& ! ( : > /etc/new ) 2>/dev/null && read t < /run/secrets/token && "
+                                "[ \"$t\" = 'from a service' ] && read s < /srv/shared/f && "
+                                "[ \"$s\" = 'in a bound folder' ]"),
+                          env={"PATH": "/bin:/usr/bin"}, uid=0, gid=0, instance_id="t", binds=binds)
         enclave = SimBackend().launch(spec)
         try:
             code = enclave.wait()

@@ -317,6 +317,8 @@ class ImageOperations(VolumeOperations):
     def _verify(self, node: Node) -> None:
         if node.ino in self.verified:
             return
+        if node.id is None:  # a mount point for a file bind: a bind covers it
+            raise OSError(errno.EACCES, "a mount point")
         path = node.path().lstrip("/")
         if node.ino not in self.failed:
             digest = hashlib.sha256()

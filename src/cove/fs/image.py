@@ -93,14 +93,17 @@ def compare_listing(volume: Volume, listing: dict[str, tuple]) -> str | None:
     return None
 
 
-def add_mount_points(volume: Volume, targets) -> None:
-    """Empty folders (in memory only) where the sandbox mounts /proc, /dev, /tmp and the mounts."""
-    for target in targets:
+def add_mount_points(volume: Volume, targets, files=()) -> None:
+    """Mount points (in memory only) the sandbox needs: folders for /proc, /dev, /tmp and the
+    mounts, empty files for binds of single files. They hold nothing; a bind covers each."""
+    for target in list(targets) + list(files):
         node = volume.root
-        for part in [p for p in target.strip("/").split("/") if p]:
+        parts = [p for p in target.strip("/").split("/") if p]
+        for index, part in enumerate(parts):
             child = node.children.get(part.encode()) if node.kind == "d" else None
             if child is None:
-                child = Node("d", stat.S_IFDIR | 0o755)
+                leaf_file = target in files and index == len(parts) - 1
+                child = Node("f" if leaf_file else "d", (stat.S_IFREG | 0o444) if leaf_file else (stat.S_IFDIR | 0o755))
                 child.parent, child.name = node, part.encode()
                 node.children[part.encode()] = child
                 volume._assign(child)
@@ -129,7 +132,7 @@ def decrypt_image(enc_dir: Path, key_text: str, identity, entries, dest: Path) -
     return dest
 
 
-def image_settings(enc_dir: Path, key_text: str, identity, entries, extra_dirs) -> dict:
+def image_settings(enc_dir: Path, key_text: str, identity, entries, extra_dirs, extra_files=()) -> dict:
     """What the FUSE server needs to serve an encrypted image (see cove.fs.server)."""
     from cove.fs.access import resolve_keks
 
@@ -138,18 +141,22 @@ def image_settings(enc_dir: Path, key_text: str, identity, entries, extra_dirs) 
             "identity": ident.to_cbor() if ident else None,
             "keks": resolve_keks(str(enc_dir), key_text, ident), "writable": False, "create": False,
             "anchor": "none", "image": cbor2.dumps([e.encode() for e in entries]),
-            "extra_dirs": list(extra_dirs)}
+            "extra_dirs": list(extra_dirs), "extra_files": list(extra_files)}
 
 
 class ImageMount:
     """The enclave's root served from an encrypted image (see the module's docstring).
 
     ``start()`` returns the mount point to use as the root; ``stop()`` unmounts.
-    ``extra_dirs`` are the mount points the sandbox needs (proc, dev, tmp, mount targets).
+    ``extra_dirs`` are the folder mount points the sandbox needs (proc, dev, tmp,
+    mount targets, service binds of folders), ``extra_files`` the file mount
+    points (service binds of single files); the image is read-only, so they
+    must be named before it is mounted.
     """
 
-    def __init__(self, enc_dir: Path, key_text: str, identity, entries, mountpoint: Path, extra_dirs=()):
-        self.settings = image_settings(enc_dir, key_text, identity, entries, extra_dirs)
+    def __init__(self, enc_dir: Path, key_text: str, identity, entries, mountpoint: Path, extra_dirs=(),
+                 extra_files=()):
+        self.settings = image_settings(enc_dir, key_text, identity, entries, extra_dirs, extra_files)
         self.mountpoint = Path(mountpoint)
         self.server = None
 

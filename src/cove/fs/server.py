@@ -66,7 +66,7 @@ def main() -> int:
             print(f"error: the encrypted image differs from the signed listing: {difference}", flush=True)
             volume.close()
             return 2
-        image.add_mount_points(volume, settings.get("extra_dirs", ()))
+        image.add_mount_points(volume, settings.get("extra_dirs", ()), settings.get("extra_files", ()))
         digests = {path: want[3] for path, want in listing.items() if want[0] == "f"}
 
     def ready() -> None:
