@@ -87,7 +87,7 @@ class AnchorStore(ABC):
 def records_dir() -> Path:
     from cove.platform.root_secret import ensure_private_dir, platform_dir
 
-    return ensure_private_dir(platform_dir() / RECORDS)
+    return ensure_private_dir(ensure_private_dir(platform_dir()) / RECORDS)
 
 
 def _record_path(volume_id: bytes, suffix: str) -> Path:
