@@ -29,7 +29,7 @@ from cove.attest.appraisal import Appraisal
 from cove.errors import CoveError
 from cove.kbs.problems import Problem
 
-TEE_TYPES = ("cove", "tpm", "sgx", "tdx", "snp", "sample")
+TEE_TYPES = attest_mod.EVIDENCE_TYPES  # cove, tpm, sgx, tdx, snp, sample
 # Names other KBS clients use for the same TEEs.
 TEE_ALIASES = {"intel-sgx": "sgx", "intel-tdx": "tdx", "amd-sev-snp": "snp"}
 HASHES = ("sha384", "sha256")
