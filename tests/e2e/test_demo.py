@@ -13,7 +13,12 @@ def test_demo_runs_and_says_what_it_proved(cove, tmp_path):
     assert "DB_PASSWORD has 32 characters" in out
     assert "released demo/db/password@1 to measurement" in out
     assert "PolicyDeny" in out and "a different enclave is refused before its program starts" in out
-    assert out.count("proved:") >= 4
+    assert out.count("proved:") >= 5
+    # the encrypted volume, keyed by the broker (the secure file system serves encrypted mounts)
+    assert "wrote /data/ledger.txt" in out and "read back: customer ledger" in out
+    assert "released demo/volume/key@1" in out and "holds only ciphertext" in out
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "demo" / "app" / "run").rglob("*") if p.is_file())
+    assert raw and b"alice owes bob" not in raw
     assert "Traceback" not in result.stderr
 
 

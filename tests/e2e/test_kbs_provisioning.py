@@ -167,3 +167,34 @@ def test_debug_enclave_refused(cove, tmp_path, broker, platform_env):
     assert result.returncode != 0 and "started" not in result.stdout
     line = error_line(result)
     assert "AttestationDeny" in line and "debug enclave" in line
+
+
+VOLUME = '''
+[[mounts]]
+target = "/data"
+type = "encrypted"
+key = "kbs:app/volume/key"
+'''
+
+
+def test_kbs_volume_key(cove, tmp_path, broker, platform_env):
+    """An encrypted mount keyed by the broker: data persists across runs, the host sees ciphertext,
+    and an enclave the policy does not name cannot open the volume (it does not start)."""
+    instance = make_instance(cove, tmp_path, extra=secrets_config(broker.url, broker.ca) + VOLUME)
+    release_to(broker, instance)
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"pw")
+    broker.admin.create_secret("app/api/token", "data", "app", value=b"tok")
+    broker.admin.create_secret("app/volume/key", "aes-256", "app", exportable=False)
+    cove.ok("run", "/bin/sh", "-c", "echo 'top secret ledger' > /data/ledger.txt", cwd=instance, env=platform_env)
+    raw = b"".join(p.read_bytes() for p in (instance / "run").rglob("*") if p.is_file())
+    assert raw and b"top secret ledger" not in raw
+    again = cove.ok("run", "/bin/cat", "/data/ledger.txt", cwd=instance, env=platform_env)
+    assert again.stdout == "top secret ledger\n"
+    releases = [r["resource"] for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
+    assert releases.count("app/volume/key@1") == 2
+    # the same policy name now for another measurement: no key, no start
+    broker.admin.put_policy("app", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\n'
+                                   'self_certified = true\n')
+    refused = cove("run", "/bin/cat", "/data/ledger.txt", cwd=instance, env=platform_env)
+    assert refused.returncode != 0 and "top secret" not in refused.stdout
+    assert "PolicyDeny" in error_line(refused)

@@ -221,7 +221,8 @@ target = "mount:/data"
             self.note(f"{sum(1 for p in data.rglob('*') if p.is_file())} files, {len(raw)} bytes under {data}")
             if leaked:
                 raise CoveError("demo: the volume's plaintext is visible on the host")
-            self.proved("the host holds only ciphertext; the key never left the broker and the enclave")
+            self.proved("the host's disk holds only ciphertext; the volume key came from the broker after "
+                        "attestation and is never written to disk")
 
     def changed_enclave(self, url: str, ca: Path, admin) -> None:
         self.step("Change one byte of the program and run it again")
