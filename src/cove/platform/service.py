@@ -51,7 +51,8 @@ class AttestationService(EnclaveService):
         self.process: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
 
-    def start(self, ctx: ServiceContext) -> list[Bind]:
+    def begin(self, ctx: ServiceContext) -> None:
+        """Spawn the server now: its start-up overlaps with the runtime copying the image."""
         if not os.path.exists("/dev/fuse"):
             raise SetupError("FUSE is not available (/dev/fuse), so /dev/attestation cannot be served",
                              "run scripts/setup")
@@ -68,6 +69,8 @@ class AttestationService(EnclaveService):
             log.close()
         self.process.stdin.write(identity_json(ctx).encode())
         self.process.stdin.close()
+
+    def start(self, ctx: ServiceContext) -> list[Bind]:
         line = self._ready_line()
         if line.startswith("ready none:"):
             print(f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:'):].strip()}",

@@ -145,34 +145,53 @@ def _detach_mounts_below(path: Path) -> None:
 
 
 @contextmanager
-def _private_root(verified: VerifiedBuild, image: Path, in_place: bool) -> Iterator[tuple[Path, Path]]:
-    """(root, workdir): the verified root and a private folder, both removed afterwards."""
+def _workdir() -> Iterator[Path]:
+    """A private folder for this run (the image copy, service mounts), removed afterwards."""
     base = runtime_dir()
     remove_stale(base, "cove-enclave-")
     workdir = Path(tempfile.mkdtemp(prefix=f"cove-enclave-{os.getpid()}-", dir=base))
     try:
-        root = staging.stage(image, verified.entries, verified.manifest.image_root,
-                             None if in_place else workdir / "root")
-        staging.add_mount_points(root, [m.target for m in verified.config.mounts])
-        yield root, workdir
+        yield workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@contextmanager
-def _services(ctx: services_mod.ServiceContext) -> Iterator[tuple[list[services_mod.Bind], dict[str, str]]]:
-    """Start the enclave's services; stop them (last first) when the program has ended."""
-    started: list[services_mod.EnclaveService] = []
-    binds: list[services_mod.Bind] = []
-    env: dict[str, str] = {}
-    try:
-        for service in services_mod.services_for(ctx):
-            binds.extend(service.start(ctx))
-            started.append(service)
+def _private_root(verified: VerifiedBuild, image: Path, workdir: Path, in_place: bool) -> Path:
+    """The verified root the enclave will see."""
+    root = staging.stage(image, verified.entries, verified.manifest.image_root,
+                         None if in_place else workdir / "root")
+    staging.add_mount_points(root, [m.target for m in verified.config.mounts])
+    return root
+
+
+class _Services:
+    """The enclave's services: begun before the image is copied, started after, stopped last first."""
+
+    def __init__(self, ctx: services_mod.ServiceContext):
+        self.ctx = ctx
+        self.all = services_mod.services_for(ctx)
+        self.begun: list[services_mod.EnclaveService] = []
+
+    def __enter__(self) -> "_Services":
+        try:
+            for service in self.all:
+                service.begin(self.ctx)  # slow starts overlap with the image copy
+                self.begun.append(service)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def start(self) -> tuple[list[services_mod.Bind], dict[str, str]]:
+        binds: list[services_mod.Bind] = []
+        env: dict[str, str] = {}
+        for service in self.begun:
+            binds.extend(service.start(self.ctx))
             env.update(service.environment())
-        yield binds, env
-    finally:
-        for service in reversed(started):
+        return binds, env
+
+    def __exit__(self, *_exc) -> None:
+        for service in reversed(self.begun):
             service.stop()
 
 
@@ -192,12 +211,14 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                                enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
     instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _private_root(verified, image, in_place) as (root, workdir):
-        _check_program(root, program)
-        uid, gid = resolve_user(verified.config.process.user, root)
+    with _workdir() as workdir:
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
                                           chosen.isolation, state_dir, workdir)
-        with _services(ctx) as (binds, service_env):
+        with _Services(ctx) as services:
+            root = _private_root(verified, image, workdir, in_place)
+            _check_program(root, program)
+            uid, gid = resolve_user(verified.config.process.user, root)
+            binds, service_env = services.start()
             staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
                               argv=(program, *request.args),

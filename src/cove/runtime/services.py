@@ -40,9 +40,12 @@ class ServiceContext:
 
 
 class EnclaveService(ABC):
+    def begin(self, ctx: ServiceContext) -> None:
+        """Optionally start slow work early; runs while the image is verified and copied."""
+
     @abstractmethod
     def start(self, ctx: ServiceContext) -> list[Bind]:
-        """Start serving; return what the sandbox must see."""
+        """Be ready to serve; return what the sandbox must see."""
 
     @abstractmethod
     def stop(self) -> None:
