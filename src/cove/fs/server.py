@@ -33,13 +33,15 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     _die_with_parent()
+    # load the heavy modules while the launcher is still preparing the enclave
+    from cove.fs import fuse  # noqa: F401
+    from cove.fs.access import Identity, open_volume
+
     try:
         settings = cbor2.loads(sys.stdin.buffer.read())
     except Exception:
         print("error: the server's settings are not readable", flush=True)
         return 2
-    from cove.fs.access import Identity, open_volume
-
     try:
         volume = open_volume(settings["volume"], settings["key"], Identity.from_cbor(settings.get("identity")),
                              label=settings["label"], writable=settings["writable"],
@@ -71,8 +73,6 @@ def main() -> int:
 
     def ready() -> None:
         print("ready", flush=True)
-
-    from cove.fs import fuse
 
     try:
         fuse.serve(volume, settings["mountpoint"], name=settings["label"],

@@ -49,16 +49,22 @@ class FuseServer:
         self.name = name
         self.proc: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
+        self.started = False
         self.fusermount = find_tool("fusermount3")
         if self.fusermount is None or not os.path.exists("/dev/fuse"):
             raise SetupError("encrypted mounts need FUSE (fusermount3 and /dev/fuse)", "run scripts/setup (fuse3)")
 
+    def spawn(self) -> None:
+        """Start the process early; it loads its modules, then waits for its settings."""
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cove.fs.server"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
+
     def start(self, settings: dict, mountpoint: Path) -> None:
-        """Start the server (settings go to its stdin) and wait until the volume is mounted."""
+        """Give the server its settings (on stdin) and wait until the volume is mounted."""
         self.mountpoint = mountpoint
         settings = dict(settings, mountpoint=str(mountpoint))
-        self.proc = subprocess.Popen([sys.executable, "-m", "cove.fs.server"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.spawn()
         try:
             self.proc.stdin.write(cbor2.dumps(settings))
             self.proc.stdin.close()
@@ -74,6 +80,7 @@ class FuseServer:
             message = line[len("error: "):] if line.startswith("error: ") else \
                 f"the secure file system server failed ({line or 'no answer'})"
             raise MountError(f"{self.name}: {message}")
+        self.started = True
 
     def _first_line(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT
@@ -96,6 +103,12 @@ class FuseServer:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
+        if not self.started:  # spawned but never given settings: it has nothing to lose
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+            return
         done = subprocess.run([self.fusermount, "-u", str(self.mountpoint)], capture_output=True)
         if done.returncode != 0 and os.path.ismount(self.mountpoint):
             subprocess.run([self.fusermount, "-u", "-z", str(self.mountpoint)], capture_output=True)
@@ -120,10 +133,16 @@ class EncryptedMount(EnclaveService):
         self.index = index
         self.server: FuseServer | None = None
 
+    def begin(self, ctx: ServiceContext) -> None:
+        """Spawn the server while the image is copied (keys are resolved in start)."""
+        self.server = FuseServer(f"encrypted mount {self.mount.target}")
+        self.server.spawn()
+
     def start(self, ctx: ServiceContext) -> list[Bind]:
         from cove.fs.access import Identity, resolve_keks
 
-        server = FuseServer(f"encrypted mount {self.mount.target}")
+        server = self.server or FuseServer(f"encrypted mount {self.mount.target}")
+        self.server = server
         folder = volume_folder(self.mount, ctx.state_dir)
         folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         mountpoint = ctx.workdir / f"securefs-{self.index}"
@@ -141,7 +160,6 @@ class EncryptedMount(EnclaveService):
             "cache": parse_size(options["cache"]) if "cache" in options else DEFAULT_CACHE,
         }
         server.start(settings, mountpoint)
-        self.server = server
         return [Bind(mountpoint, self.mount.target, self.mount.writable)]
 
     def stop(self) -> None:
