@@ -209,3 +209,15 @@ def test_attestation_and_secrets_are_measured():
         assert config.to_measured(parse(SECRETS.replace(old, new))) != measured, old
     # an enclave without them measures as before
     assert "attestation" not in config.to_measured(parse('[enclave]\nname = "a"\n'))
+
+
+def test_template_examples_are_valid_when_uncommented():
+    """The commented examples in cove.toml stay in step with the schema."""
+    text = config_template("demo")
+    start = text.index("# An encrypted")
+    example = "\n".join(line[2:] if line.startswith("# ") and not line.startswith("# key:") and
+                        ("=" in line or line.startswith("# [")) else line
+                        for line in text[start:].splitlines())
+    parsed = parse(text[:start] + example)
+    assert [m.type for m in parsed.mounts] == ["tmpfs", "encrypted"]
+    assert config.to_measured(parsed)["secrets"][0]["target"] == "env:DB_PASSWORD"

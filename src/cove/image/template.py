@@ -45,6 +45,25 @@ options = {{ size = "64M" }}
 # type = "host"
 # source = "/srv/data"
 # writable = false
+
+# An encrypted, integrity- and rollback-protected volume (docs/secure-fs.md):
+# plain files inside, only ciphertext on the host (under run/ by default).
+# key: seal:mrenclave | seal:mrsigner | kbs:REPO/TYPE/TAG | file:PATH | insecure:HEX (debug only)
+# [[mounts]]
+# target = "/data"
+# type = "encrypted"
+# key = "seal:mrsigner"
+
+# Secrets from a key broker, installed after the enclave has been attested and
+# before the program starts (docs/kbs.md).
+# [attestation]
+# kbs = "https://kbs.example:8080"
+# ca = "/etc/cove/kbs-ca.pem"
+#
+# [[secrets]]
+# name = "db-password"
+# resource = "prod/db/password"
+# target = "env:DB_PASSWORD"     # or file:/run/secrets/NAME, or mount:/data (an encrypted mount's key)
 '''
 
 
