@@ -147,3 +147,18 @@ def test_read_only_open_of_a_missing_volume_is_refused(tmp_path):
     with pytest.raises(VolumeError, match="holds no volume yet, and the mount is read-only"):
         open_volume(str(tmp_path / "none"), "insecure:" + "00" * 16, None, label="/x", writable=False,
                     create=True)
+
+
+def test_rewriting_a_file_from_zero_leaves_the_old_host_file_alone_until_the_commit(vol):
+    volume, key, path = vol
+    volume.write_file("/f", b"old content" * 1000)
+    volume.commit()
+    (old_id, old_path), = host_files(path).items()
+    before = old_path.read_bytes()
+    volume.write_file("/f", b"new content")  # truncates to zero, then writes
+    assert old_path.read_bytes() == before
+    assert not os.path.exists(str(old_path) + ".gramine.recovery")  # nothing had to be logged
+    volume.commit()
+    files = host_files(path)
+    assert old_id not in files and len(files) == 1
+    assert volume.read_file("/f") == b"new content"

@@ -133,13 +133,18 @@ class FileAnchor(AnchorStore):
         write_atomic(self.file, cbor2.dumps(dict(body, mac=self._mac(body))), mode=0o600)
 
     def _load(self) -> dict:
+        path = self.file
         try:
-            record = cbor2.loads(self.file.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
-            raise AnchorError(f"the rollback record of this volume ({self.file}) is missing",
+            raise AnchorError(f"the rollback record of this volume ({path}) is missing",
                               "it was deleted, or the volume comes from another platform") from None
+        except OSError as exc:
+            raise AnchorError(f"cannot read the rollback record {path}: {exc.strerror}") from None
+        try:
+            record = cbor2.loads(data)
         except Exception:
-            raise AnchorError(f"the rollback record {self.file} is damaged") from None
+            raise AnchorError(f"the rollback record {path} is damaged") from None
         mac = record.pop("mac", b"") if isinstance(record, dict) else b""
         if not isinstance(record, dict) or not hmac.compare_digest(mac, self._mac(record)) \
                 or record.get("volume") != self.volume_id:

@@ -671,6 +671,9 @@ class Volume:
 
     def truncate(self, node: Node, size: int) -> None:
         self._need_writable()
+        if size == 0 and node.kind == "f" and node.linked and self.file_size(node) > 0:
+            self._replace_host_file(node)
+            return
         opened = node.handle is None
         handle = self.acquire(node) if opened else node.handle
         try:
@@ -679,6 +682,34 @@ class Volume:
         finally:
             if opened:
                 self.release(node)
+
+    def _replace_host_file(self, node: Node) -> None:
+        """Truncation to zero: a new, empty host file; the old one goes after the next commit.
+
+        Rewriting a file from scratch then needs no undo log: until the commit,
+        the old host file is untouched (or recoverable), and the index still
+        names it.
+        """
+        new = self._new_host_file()  # first: if this fails, nothing changed
+        old_id, old_handle = node.id, node.handle
+        node.id, node.handle, node.mac = new
+        self._handles.pop(old_id, None)
+        if old_handle is not None:
+            old_handle._release()  # keeps its undo log, if it has one: it may still be needed
+        self.ids.pop(old_id, None)
+        self.ids[node.id] = node
+        self.drop.add(old_id)
+        self._handles[node.id] = node
+        self._touch(node, content=True)
+
+    def _new_host_file(self) -> tuple[str, ProtectedFile, bytes]:
+        """(id, open handle, root MAC) of a new, empty protected file."""
+        file_id = self._new_id()
+        host = self.host_path(file_id)
+        os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
+        handle = ProtectedFile.open(host, self._file_key, file_id, "x", cache_bytes=self.cache_bytes,
+                                    durable=self.durable, two_phase=True)
+        return file_id, handle, handle.root_mac()
 
     def file_size(self, node: Node) -> int:
         if node.kind == "f":
@@ -751,12 +782,8 @@ class Volume:
         """A new, empty file (not yet opened)."""
         self._check_new(parent, name)
         node = Node("f", stat.S_IFREG | (mode & 0o7777), uid, gid)
-        node.id = self._new_id()
-        host = self.host_path(node.id)
-        os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
-        handle = ProtectedFile.open(host, self._file_key, node.id, "x", cache_bytes=self.cache_bytes,
-                                    durable=self.durable, two_phase=True)
-        node.handle, node.mac = handle, handle.root_mac()
+        node.id, node.handle, node.mac = self._new_host_file()
+        self.ids[node.id] = node
         self._handles[node.id] = node
         node.dirty = True
         return self._link(parent, name, node)
