@@ -240,7 +240,7 @@ class Tree:
         while i < count:
             d = d0 + i
             group = min(count - i, ATTACHED_DATA_NODES - d % ATTACHED_DATA_NODES)
-            pbuf = self.mht(d // ATTACHED_DATA_NODES).buf
+            pbuf = memoryview(self.mht(d // ATTACHED_DATA_NODES).buf)
             phys = data_phys(d)
             raw = bytearray(group * NODE_SIZE + MAC_SIZE)
             view = memoryview(raw)
@@ -249,13 +249,13 @@ class Tree:
             for j in range(group - 1, -1, -1):  # last first: each tag goes right after its ciphertext
                 at = j * NODE_SIZE
                 view[at + NODE_SIZE:at + SEALED] = pbuf[slot + KEY_SIZE:slot + PAIR_SIZE]
-                key = bytes(pbuf[slot:slot + KEY_SIZE])
+                key = pbuf[slot:slot + KEY_SIZE]
                 target = dest[(i + j) * NODE_SIZE:(i + j + 1) * NODE_SIZE]
                 try:
                     if fast:
                         aead(key).decrypt_into(iv, view[at:at + SEALED], None, target)
                     else:
-                        open_sealed(key, view[at:at + SEALED], target)
+                        open_sealed(bytes(key), view[at:at + SEALED], target)
                 except crypto.InvalidTag:
                     raise FileIntegrityError(f"{describe(phys + j)} MAC mismatch") from None
                 slot -= PAIR_SIZE
@@ -268,7 +268,7 @@ class Tree:
         Their keys and MACs go into their MHT nodes (which stay cached and
         dirty), exactly as if the nodes had been cached and evicted.
         """
-        keys = crypto.random_keys(count)
+        keys = memoryview(crypto.random_keys(count))
         zeros = _ZEROS
         seal = crypto.seal
         aead, iv, fast = crypto.AESGCM, crypto.IV, crypto.FAST
