@@ -71,6 +71,8 @@ class AttestationService(EnclaveService):
         self.process.stdin.close()
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
+        if self.process is None:
+            self.begin(ctx)  # a caller that did not begin early
         line = self._ready_line()
         if line.startswith("ready none:"):
             print(f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:'):].strip()}",
