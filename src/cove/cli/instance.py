@@ -58,20 +58,50 @@ def keygen(out: Path | None, force: bool) -> None:
 @click.command()
 @click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Signing key (default: ~/.config/cove/signing-key.pem, created on first use).")
+@click.option("--encrypt-image", "encrypt_source", metavar="SOURCE",
+              help="Also write the image encrypted, opened at run time with the key SOURCE: "
+                   "seal:mrsigner, seal:mrenclave, file:PATH, kbs:RESOURCE (or insecure:HEX, debug only).")
+@click.option("--image-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --encrypt-image kbs:RESOURCE: the key to encrypt with, the one the broker will release.")
 @click.pass_obj
-def build(ctx, key_path: Path | None) -> None:
+def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file: Path | None) -> None:
     """Measure the image and configuration and sign the manifest."""
     from cove.image import build as build_mod, signing
     target = instance_mod.open_instance(ctx.directory)
-    target.config()  # a bad cove.toml is reported before anything is created
+    config = target.config()  # a bad cove.toml is reported before anything is created
+    encryption = _encryption(encrypt_source, image_key_file, config)
     if key_path is None and not signing.default_key_path().exists():
         signing.generate_key(signing.default_key_path())
         click.echo(f"created signing key {signing.default_key_path()}", err=True)
-    result = build_mod.build(target, key_path)
+    result = build_mod.build(target, key_path, encryption)
     click.echo(f"measurement {result.manifest.measurement.hex()}")
     click.echo(f"signer      {result.signature.signer.hex()}")
     click.echo(f"image       {result.manifest.image_files} files, {result.manifest.image_bytes} bytes "
                f"({result.rehashed} hashed, {result.cached} unchanged)")
+    if result.encrypted_with:
+        click.echo(f"encrypted   build/image.enc, opened with {result.encrypted_with}")
+
+
+def _encryption(source: str | None, key_file: Path | None, config):
+    """--encrypt-image and --image-key-file, checked together (before any key or file is made)."""
+    from cove.errors import CoveError
+    from cove.fs import keys
+    from cove.image import encryption
+    from cove.image.build import ImageEncryption
+
+    if source is None:
+        if key_file is not None:
+            raise CoveError("--image-key-file goes with --encrypt-image kbs:RESOURCE")
+        return None
+    kind = keys.parse(encryption.check_source(source, config)).kind
+    if kind == "kbs":
+        if key_file is None:
+            raise CoveError("--encrypt-image kbs:RESOURCE needs --image-key-file FILE",
+                            "the key the broker will release: upload the same file as that resource")
+        return ImageEncryption(source, keys.read_key_file(key_file))
+    if key_file is not None:
+        raise CoveError(f"--image-key-file is only for kbs: sources; {kind}: keys are found by the source")
+    return ImageEncryption(source)
 
 
 COMMANDS = (new, add, keygen, build)

@@ -1,6 +1,6 @@
 """An encrypted root image: code confidential at rest, decrypted only for the running enclave.
 
-``cove build --encrypt-image --key SOURCE`` measures the plain image as usual
+``cove build --encrypt-image SOURCE`` measures the plain image as usual
 (the measurement is over the plain listing and contents) and then
 :func:`encrypt_image` writes it into a read-only volume, checking each
 file's SHA-256 against the listing it just measured. The plain ``image/``
@@ -44,18 +44,23 @@ def _listing(entries) -> dict[str, tuple]:
     return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
 
 
-def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entries) -> tuple[int, int]:
+def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entries,
+                  key_bytes: bytes | None = None) -> tuple[int, int]:
     """Encrypt the measured ``image_dir`` into the read-only volume ``out_dir`` (replaced); (files, bytes).
 
     ``entries`` is the listing just measured; a file that changed since
     (its digest differs) stops the build. Owners become root, as in a staged root.
+    ``key_bytes`` stands in for a source only the running enclave can resolve
+    (``kbs:``: the key the broker will release).
     """
     from cove.fs.transfer import new_volume_from
 
     listing = _listing(entries)
     source = keys.parse(key_text)
     ident = Identity.of(identity) if identity is not None else None
-    kek = keys.resolve(source, ident)
+    kek = keys.resolve(source, ident) if key_bytes is None else bytes(key_bytes)
+    if len(kek) != keys.KEY_SIZE:
+        raise keys.KeySourceError(f"an image key holds {keys.KEY_SIZE} bytes, not {len(kek)}")
     policy = KeyPolicy.of(key_text, ident.svn if ident is not None and source.sealed else 0)
 
     def check(rel: str, digest: bytes) -> None:
@@ -66,7 +71,9 @@ def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entri
 
     files, size, _ = new_volume_from(Path(image_dir), Path(out_dir), kek, label=LABEL, policy=policy,
                                      anchor="none", force=True, check=check, owner=(0, 0))
-    with open_volume(str(out_dir), key_text, ident, label=LABEL, writable=False, anchor="none") as volume:
+    keks = {0: kek} if key_bytes is not None else None
+    with open_volume(str(out_dir), key_text, ident, label=LABEL, writable=False, anchor="none",
+                     keks=keks) as volume:
         difference = compare_listing(volume, listing)
     if difference:
         raise IntegrityError(f"the encrypted image differs from the measured one: {difference}", "build again")

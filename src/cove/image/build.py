@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from cove import config as cove_config
 from cove.errors import CoveError
+from cove.image import encryption as encrypted_image
 from cove.image import manifest as manifest_mod
 from cove.image import signing
 from cove.image.artifacts import MANIFEST, SIGNATURE, TREE
@@ -35,6 +36,15 @@ class BuildResult:
     signature: signing.Signature
     rehashed: int  # files actually read this time
     cached: int  # files whose digest came from the cache
+    encrypted_with: str | None = None  # the key source of build/image.enc
+
+
+@dataclass(frozen=True)
+class ImageEncryption:
+    """--encrypt-image: the run-time key source, and the key itself when only the enclave can resolve it."""
+
+    source: str
+    key: bytes | None = None
 
 
 class _HashCache:
@@ -70,14 +80,19 @@ class _HashCache:
         write_atomic(self.path, cbor2.dumps(self.new), mode=0o644)
 
 
-def build(instance: Instance, key_path: Path | None = None) -> BuildResult:
-    """Measure and sign the instance; writes build/{image.tree,manifest.cbor,manifest.sig}."""
+def build(instance: Instance, key_path: Path | None = None,
+          encryption: ImageEncryption | None = None) -> BuildResult:
+    """Measure and sign the instance; writes build/{image.tree,manifest.cbor,manifest.sig}
+    and, with ``encryption``, build/{image.enc,image.key} (see cove.image.encryption)."""
     config = instance.config()
     if not instance.image.is_dir():
         raise CoveError(f"{instance.image} is missing", "an instance needs an image/ folder")
+    if encryption is not None:
+        encryption = ImageEncryption(encrypted_image.check_source(encryption.source, config), encryption.key)
     key_path = key_path or signing.default_key_path()
     key = signing.load_key(key_path)
     instance.build_dir.mkdir(exist_ok=True)
+    encrypted_image.remove(instance.build_dir)  # an older encrypted copy no longer matches
     cache = _HashCache(instance.build_dir / CACHE)
     entries = _hash_image(instance.image, cache)
     manifest = manifest_mod.make(cove_config.to_measured(config), entries)
@@ -86,7 +101,20 @@ def build(instance: Instance, key_path: Path | None = None) -> BuildResult:
     write_atomic(instance.build_dir / MANIFEST, manifest.encoded)
     write_atomic(instance.build_dir / SIGNATURE, signature.encode())
     cache.save()
-    return BuildResult(manifest, signature, rehashed=cache.misses, cached=cache.hits)
+    if encryption is not None:
+        identity = _identity(config, manifest, signature)
+        encrypted_image.write(instance.image, instance.build_dir, encryption.source, identity, entries,
+                              encryption.key)
+    return BuildResult(manifest, signature, rehashed=cache.misses, cached=cache.hits,
+                       encrypted_with=encryption.source if encryption else None)
+
+
+def _identity(config, manifest: manifest_mod.Manifest, signature: signing.Signature):
+    from cove.runtime.backend import EnclaveIdentity
+
+    enclave = config.enclave
+    return EnclaveIdentity(enclave.name, manifest.measurement, signature.signer, enclave.product_id,
+                           enclave.svn, enclave.debug)
 
 
 def _hash_image(image: Path, cache: _HashCache) -> list[Entry]:

@@ -1,6 +1,8 @@
 """`cove package`: a deployable archive of a built instance, and its safe extraction.
 
-The archive holds cove.toml, build/ (manifest, signature, listing) and image/.
+The archive holds cove.toml, build/ (manifest, signature, listing) and image/,
+or, for a build made with --encrypt-image, build/image.enc and build/image.key
+instead of image/ (the plain image never ships).
 It is written deterministically (sorted, zero times and owners) and trusted
 for nothing: `cove run --package` extracts it into a private folder and
 verifies it exactly like an instance.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cove.errors import CoveError
-from cove.image import artifacts
+from cove.image import artifacts, encryption
 from cove.image.instance import Instance
 
 MEMBERS = ("cove.toml", "build/" + artifacts.MANIFEST, "build/" + artifacts.SIGNATURE,
@@ -38,27 +40,36 @@ def create(instance: Instance, out: Path, allow_debug: bool = False) -> artifact
         raise CoveError("refusing to package a debug enclave", "set debug = false and rebuild, or pass --debug")
     from cove.runtime.staging import stage
 
-    stage(instance.image, verified.entries, verified.manifest.image_root, None)
+    encrypted = encryption.find(instance.build_dir)
+    if encrypted is None:
+        stage(instance.image, verified.entries, verified.manifest.image_root, None)
+        tree, arcroot = instance.image, "image"
+    else:  # only ciphertext ships; `cove run` checks every byte against the signed listing
+        tree, arcroot = encrypted.volume, "build/" + encryption.ENCRYPTED_IMAGE
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as archive:
-            for member in MEMBERS:
+            for member in MEMBERS + (() if encrypted is None else ("build/" + encryption.IMAGE_KEY,)):
                 archive.add(instance.root / member, arcname=member, filter=_normalise)
-            archive.add(instance.image, arcname="image", recursive=False, filter=_normalise)
-            for dirpath, dirnames, filenames in os.walk(instance.image):
-                dirnames.sort()
-                for name in dirnames + sorted(filenames):
-                    full = Path(dirpath) / name
-                    arcname = "image/" + str(full.relative_to(instance.image))
-                    archive.add(full, arcname=arcname, recursive=False, filter=_normalise)
+            _add_tree(archive, tree, arcroot)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)
         raise
     return verified
+
+
+def _add_tree(archive: tarfile.TarFile, tree: Path, arcroot: str) -> None:
+    """A folder and everything under it, in sorted order."""
+    archive.add(tree, arcname=arcroot, recursive=False, filter=_normalise)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in dirnames + sorted(filenames):
+            full = Path(dirpath) / name
+            archive.add(full, arcname=f"{arcroot}/{full.relative_to(tree)}", recursive=False, filter=_normalise)
 
 
 def _only_plain_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

@@ -3,7 +3,9 @@
 The order matters and is the security argument: verify the signature and the
 configuration, copy the image from verified bytes into a private root, check
 the program against the entry points, then launch; signals are forwarded to
-the program, and its exit code comes back.
+the program, and its exit code comes back. A build made with --encrypt-image
+is never copied in plain: its root is a read-only FUSE view that decrypts
+and checks each file against the signed listing as the enclave reads it.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from cove.config import Config
 from cove.errors import CoveError
-from cove.image import artifacts, package as package_mod
+from cove.image import artifacts, encryption, package as package_mod
 from cove.image.artifacts import VerifiedBuild
+from cove.image.encryption import EncryptedImage
 from cove.image.paths import resolve_in_image
 from cove.runtime import backend as backend_mod
 from cove.runtime import services as services_mod
@@ -201,9 +204,30 @@ def default_state_dir(name: str) -> Path:
     return base / "cove" / name
 
 
+def _encrypted_root(encrypted: EncryptedImage, identity: EnclaveIdentity, verified: VerifiedBuild,
+                    workdir: Path, binds: list[services_mod.Bind]):
+    """The enclave's root served from build/image.enc (see cove.fs.image.ImageMount).
+
+    The image is read-only, so every mount point the sandbox needs is named
+    up front: the usual ones, the [[mounts]] targets and the services' binds.
+    """
+    from cove.fs.image import ImageMount
+
+    targets = [b for b in binds if not b.target.startswith("/dev/")]
+    folders = [*staging.ALWAYS, *(m.target for m in verified.config.mounts),
+               *(b.target for b in targets if b.host.is_dir())]
+    files = [b.target for b in targets if not b.host.is_dir()]
+    return ImageMount(encrypted.volume, encrypted.key, identity, verified.entries, workdir / "root",
+                      [f.strip("/") for f in folders], [f.strip("/") for f in files])
+
+
 def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
-                 in_place: bool = False) -> int:
-    """Launch a verified build and return the program's exit code."""
+                 in_place: bool = False, encrypted: EncryptedImage | None = None) -> int:
+    """Launch a verified build and return the program's exit code.
+
+    The root is a verified private copy of ``image``, or, for a build made
+    with --encrypt-image, the decrypting read-only view of ``encrypted``.
+    """
     program = _validate_request(verified, request)
     chosen = backend_mod.choose(verified.config.enclave.backend, request.backend)
     enclave_cfg = verified.config.enclave
@@ -213,13 +237,19 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _workdir() as workdir:
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
-                                          chosen.isolation, state_dir, workdir)
-        with _Services(ctx) as services:
-            root = _private_root(verified, image, workdir, in_place)
-            _check_program(root, program)
-            uid, gid = resolve_user(verified.config.process.user, root)
+                                          chosen.isolation, state_dir, workdir,
+                                          image_key=encrypted.key if encrypted else None)
+        with _Services(ctx) as services, ExitStack() as mounted:
+            if encrypted is None:
+                root = _private_root(verified, image, workdir, in_place)
+                _check_program(root, program)
             binds, service_env = services.start()
-            staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
+            if encrypted is None:
+                staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
+            else:
+                root = mounted.enter_context(_encrypted_root(encrypted, identity, verified, workdir, binds))
+                _check_program(root, program)
+            uid, gid = resolve_user(verified.config.process.user, root)
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
                               argv=(program, *request.args),
                               env={**build_environment(verified.config), **service_env},
@@ -251,11 +281,13 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
 def run_instance(instance_dir: Path, request: RunRequest) -> int:
     build_dir = instance_dir / "build"
     verified = artifacts.load_verified(build_dir, instance_dir / "cove.toml", request.expected_signer)
-    return run_verified(verified, instance_dir / "image", request, request.state_dir or instance_dir / "run")
+    return run_verified(verified, instance_dir / "image", request, request.state_dir or instance_dir / "run",
+                        encrypted=encryption.find(build_dir))
 
 
 def run_package(package: Path, request: RunRequest) -> int:
     with package_mod.extracted(package, runtime_dir()) as unpacked:
         verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
         state_dir = request.state_dir or default_state_dir(verified.config.enclave.name)
-        return run_verified(verified, unpacked / "image", request, state_dir, in_place=True)
+        return run_verified(verified, unpacked / "image", request, state_dir, in_place=True,
+                            encrypted=encryption.find(unpacked / "build"))

@@ -81,8 +81,9 @@ class ProvisioningService(EnclaveService):
         self.env: dict[str, str] = {}
         self.files: list[Path] = []
         self._fetch_lock = threading.Lock()
+        keys = [m.key for m in ctx.config.mounts if m.key] + [ctx.image_key or ""]
         self.resources = sorted({s.resource for s in ctx.config.secrets}
-                                | {m.key[4:] for m in ctx.config.mounts if m.key and m.key.startswith("kbs:")})
+                                | {key[4:] for key in keys if key.startswith("kbs:")})
         with _LOCK:
             _ACTIVE[ctx.identity.measurement] = self
 

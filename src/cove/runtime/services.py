@@ -37,6 +37,7 @@ class ServiceContext:
     isolation: str
     state_dir: Path  # the enclave's persistent state on the host (instance/run/)
     workdir: Path  # private to this run, removed afterwards
+    image_key: str | None = None  # the key source of an encrypted root image (cove build --encrypt-image)
 
 
 class EnclaveService(ABC):
