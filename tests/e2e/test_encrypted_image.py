@@ -9,6 +9,7 @@ that still read it would fail), and `cove package` ships only ciphertext.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -167,6 +168,10 @@ def test_the_package_ships_only_ciphertext_and_runs(cove, app, platform_env, tmp
     assert "build/image.key" in names and any(n.startswith("build/image.enc/") for n in names)
     assert SECRET_TEXT.encode() not in payload
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    inspected = json.loads(cove.ok("inspect", "--json", str(out), cwd=tmp_path).stdout)
+    assert inspected["mounts"][0] == {"target": "/", "type": "encrypted-image", "writable": False,
+                                      "key": "seal:mrsigner"}
+    assert "encrypted-image ro (key seal:mrsigner)" in cove.ok("inspect", cwd=app).stdout
     shutil.rmtree(app)
     result = cove.ok("run", "--package", str(out), *READ_SECRET, cwd=tmp_path, env=platform_env)
     assert result.stdout.splitlines() == [SECRET_TEXT, "scratch-ok"]

@@ -23,9 +23,15 @@ def package_cmd(ctx, out: Path | None, allow_debug: bool) -> None:
     click.echo(f"wrote {out} (measurement {verified.measurement.hex()})")
 
 
-def describe(verified) -> dict:
+def describe(verified, build_dir: Path) -> dict:
     """The identity of a build, as `cove inspect --json` prints it."""
+    from cove.image import encryption
+
     enclave = verified.config.enclave
+    encrypted = encryption.find(build_dir)
+    root = {"target": "/", "type": "image", "writable": False}
+    if encrypted is not None:
+        root = dict(root, type="encrypted-image", key=encrypted.key)
     return {
         "name": enclave.name,
         "measurement": verified.measurement.hex(),
@@ -38,7 +44,7 @@ def describe(verified) -> dict:
         "image_root": verified.manifest.image_root.hex(),
         "image_files": verified.manifest.image_files,
         "image_bytes": verified.manifest.image_bytes,
-        "mounts": [{"target": "/", "type": "image", "writable": False}] + [
+        "mounts": [root] + [
             {"target": m.target, "type": m.type, "source": m.source, "writable": m.writable}
             for m in verified.config.mounts],
     }
@@ -55,10 +61,11 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
     target = target or ctx.directory
     if target.is_file():
         with package_mod.extracted(target, runtime_dir()) as unpacked:
-            info = describe(artifacts.load_verified(unpacked / "build", unpacked / "cove.toml"))
+            build_dir = unpacked / "build"
+            info = describe(artifacts.load_verified(build_dir, unpacked / "cove.toml"), build_dir)
     else:
         found = instance_mod.open_instance(target)
-        info = describe(artifacts.load_verified(found.build_dir, found.config_path))
+        info = describe(artifacts.load_verified(found.build_dir, found.config_path), found.build_dir)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -67,6 +74,7 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
             for mount in value:
                 rw = "rw" if mount["writable"] else "ro"
                 source = f" <- {mount['source']}" if mount.get("source") else ""
+                source += f" (key {mount['key']})" if mount.get("key") else ""
                 click.echo(f"{'mount':<12}{mount['target']} {mount['type']} {rw}{source}")
         else:
             click.echo(f"{key:<12}{value}")
