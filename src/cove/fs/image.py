@@ -158,22 +158,35 @@ class ImageMount:
     ``extra_dirs`` are the folder mount points the sandbox needs (proc, dev, tmp,
     mount targets, service binds of folders), ``extra_files`` the file mount
     points (service binds of single files); the image is read-only, so they
-    must be named before it is mounted.
+    must be named before it is mounted. ``spawn()`` starts the server process
+    early, so that its start-up overlaps other work; the key is only resolved
+    in ``start()`` (a ``kbs:`` key exists once the enclave has attested).
     """
 
     def __init__(self, enc_dir: Path, key_text: str, identity, entries, mountpoint: Path, extra_dirs=(),
                  extra_files=()):
-        self.settings = image_settings(enc_dir, key_text, identity, entries, extra_dirs, extra_files)
+        self.volume, self.key_text, self.identity, self.entries = Path(enc_dir), key_text, identity, entries
+        self.extra_dirs, self.extra_files = list(extra_dirs), list(extra_files)
         self.mountpoint = Path(mountpoint)
         self.server = None
 
-    def start(self) -> Path:
+    def spawn(self) -> None:
         from cove.fs.service import FuseServer
 
+        if self.server is None:
+            self.server = FuseServer("encrypted image")
+            self.server.spawn()
+
+    def start(self, extra_dirs=None, extra_files=None) -> Path:
+        if extra_dirs is not None:
+            self.extra_dirs = list(extra_dirs)
+        if extra_files is not None:
+            self.extra_files = list(extra_files)
+        settings = image_settings(self.volume, self.key_text, self.identity, self.entries, self.extra_dirs,
+                                  self.extra_files)
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
-        server = FuseServer("encrypted image")
-        server.start(self.settings, self.mountpoint)
-        self.server = server
+        self.spawn()
+        self.server.start(settings, self.mountpoint)
         return self.mountpoint
 
     def stop(self) -> None:
@@ -182,7 +195,11 @@ class ImageMount:
             self.server = None
 
     def __enter__(self) -> Path:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -204,21 +204,14 @@ def default_state_dir(name: str) -> Path:
     return base / "cove" / name
 
 
-def _encrypted_root(encrypted: EncryptedImage, identity: EnclaveIdentity, verified: VerifiedBuild,
-                    workdir: Path, binds: list[services_mod.Bind]):
-    """The enclave's root served from build/image.enc (see cove.fs.image.ImageMount).
-
-    The image is read-only, so every mount point the sandbox needs is named
-    up front: the usual ones, the [[mounts]] targets and the services' binds.
-    """
-    from cove.fs.image import ImageMount
-
+def _image_mount_points(verified: VerifiedBuild, binds: list[services_mod.Bind]) -> tuple[list, list]:
+    """Folders and files the sandbox mounts over, which a read-only image root must already have:
+    the usual ones, the [[mounts]] targets and the services' binds."""
     targets = [b for b in binds if not b.target.startswith("/dev/")]
     folders = [*staging.ALWAYS, *(m.target for m in verified.config.mounts),
                *(b.target for b in targets if b.host.is_dir())]
     files = [b.target for b in targets if not b.host.is_dir()]
-    return ImageMount(encrypted.volume, encrypted.key, identity, verified.entries, workdir / "root",
-                      [f.strip("/") for f in folders], [f.strip("/") for f in files])
+    return [f.strip("/") for f in folders], [f.strip("/") for f in files]
 
 
 def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
@@ -243,11 +236,18 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
             if encrypted is None:
                 root = _private_root(verified, image, workdir, in_place)
                 _check_program(root, program)
+            else:
+                from cove.fs.image import ImageMount
+
+                image_mount = ImageMount(encrypted.volume, encrypted.key, identity, verified.entries,
+                                         workdir / "root")
+                mounted.callback(image_mount.stop)
+                image_mount.spawn()  # its start-up overlaps the services'
             binds, service_env = services.start()
             if encrypted is None:
                 staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
             else:
-                root = mounted.enter_context(_encrypted_root(encrypted, identity, verified, workdir, binds))
+                root = image_mount.start(*_image_mount_points(verified, binds))
                 _check_program(root, program)
             uid, gid = resolve_user(verified.config.process.user, root)
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
