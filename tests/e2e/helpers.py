@@ -10,11 +10,18 @@ SHELL_TOOLS = ("/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/sleep", "/us
 
 def set_option(config: Path, section: str, key: str, value: str) -> None:
     """Set key = value in [section] of a cove.toml (the template has every key)."""
-    text = config.read_text()
-    pattern = re.compile(rf"(\[{re.escape(section)}\][^\[]*?^){re.escape(key)} = [^\n#]*", re.M | re.S)
-    new, count = pattern.subn(lambda m: f"{m.group(1)}{key} = {value} ", text, count=1)
-    assert count == 1, f"{section}.{key} not found in {config}"
-    config.write_text(new)
+    lines = config.read_text().splitlines(keepends=True)
+    header = re.compile(r"^\[\[?[^\]]+\]\]?\s*(#.*)?$")
+    inside = False
+    for index, line in enumerate(lines):
+        if header.match(line):
+            inside = line.strip() == f"[{section}]"
+        elif inside and re.match(rf"^{re.escape(key)} = ", line):
+            comment = line.partition(" #")[2]
+            lines[index] = f"{key} = {value}" + (f" #{comment}" if comment else "\n")
+            config.write_text("".join(lines))
+            return
+    raise AssertionError(f"{section}.{key} not found in {config}")
 
 
 def make_instance(cove, parent: Path, probe: Path | None = None, name: str = "app",
