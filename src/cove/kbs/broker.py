@@ -141,8 +141,11 @@ class Broker:
         """POST /kbs/v0/auth: a new session and its challenge."""
         if not isinstance(request, dict):
             raise Problem("InvalidRequest", "the auth request must be a JSON object")
-        version = request.get("version")
-        match = _VERSION.match(version) if isinstance(version, str) else None
+        for name in ("version", "tee"):
+            if not isinstance(request.get(name), str) or len(request[name]) > 32:
+                raise Problem("InvalidRequest", f"{name}: a string of at most 32 characters is required")
+        version = request["version"]
+        match = _VERSION.match(version)
         if match is None or int(match.group(1)) > 4:
             raise Problem("ProtocolVersion", f"protocol version {version!r} is not supported (0.1.0 .. 0.4.x)")
         tee = appraisal.normalize_tee(request.get("tee"))
@@ -174,39 +177,56 @@ class Broker:
 
     def attest(self, session_id: str | None, body) -> str:
         """POST /kbs/v0/attest: appraise evidence bound to this session's nonce; a token."""
-        row = self._live_session(session_id)
-        if not isinstance(body, dict):
-            raise Problem("InvalidRequest", "the attestation must be a JSON object")
-        runtime = body.get("runtime-data")
-        if not isinstance(runtime, dict) or "nonce" not in runtime or "tee-pubkey" not in runtime:
-            raise Problem("InvalidRequest", "runtime-data must hold nonce and tee-pubkey")
-        if row.state != "challenged":
-            raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
-        nonce = runtime.get("nonce")
-        if not isinstance(nonce, str) or not hmac.compare_digest(nonce.encode(), row.nonce.encode()):
-            raise Problem("NonceMismatch", "runtime-data.nonce is not this session's challenge nonce")
-        jose.tee_key(runtime["tee-pubkey"])
-        if "tee-evidence" not in body:
-            raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
-        if not self.store.consume_nonce(row.id, row.nonce, self.now()):
-            raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
+        if not session_id:
+            raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
+        runtime = self._runtime_data(body)
+        now = self.now()
+        tee = self.store.claim_challenge(session_id, runtime["nonce"], now)
+        if tee is None:
+            self._refuse_claim(session_id, runtime["nonce"])
+        label = f"session:{_label(session_id)}"
         when = self.evidence_now()
         try:
-            result = appraisal.appraise(row.tee, body["tee-evidence"], runtime, self.anchors, when)
+            result = appraisal.appraise(tee, body["tee-evidence"], runtime, self.anchors, when)
             decision = policy_mod.decide(self.attestation_policy, result, when)
             if not decision.allowed:
                 raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
                                                  f"{decision.reason}")
         except Problem as problem:
-            self.store.finish_session(row.id, False, None, None, self.settings.challenge_lifetime, self.now())
-            self.store.audit(f"session:{_label(row.id)}", "attest", "denied", None, None,
-                             f"{row.tee}: {problem.kind}: {problem.detail}")
+            self.store.finish_session(session_id, False, None, None, self.settings.challenge_lifetime, self.now(),
+                                      audit=(label, "attest", "denied", None, None,
+                                             f"{tee}: {problem.kind}: {problem.detail}"))
             raise
         claims = appraisal.to_claims(result)
-        self.store.finish_session(row.id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
-                                  self.now())
-        self.store.audit(f"session:{_label(row.id)}", "attest", "ok", None, claims.get("measurement"), row.tee)
+        self.store.finish_session(session_id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
+                                  self.now(), audit=(label, "attest", "ok", None, claims.get("measurement"), tee))
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
+
+    @staticmethod
+    def _runtime_data(body) -> dict:
+        """The attestation's runtime-data, checked before the session's nonce is spent."""
+        if not isinstance(body, dict):
+            raise Problem("InvalidRequest", "the attestation must be a JSON object")
+        runtime = body.get("runtime-data")
+        if not isinstance(runtime, dict) or "nonce" not in runtime or "tee-pubkey" not in runtime:
+            raise Problem("InvalidRequest", "runtime-data must hold nonce and tee-pubkey")
+        if not isinstance(runtime["nonce"], str):
+            raise Problem("NonceMismatch", "runtime-data.nonce is not this session's challenge nonce")
+        jose.tee_key(runtime["tee-pubkey"])
+        if body.get("tee-evidence") is None:
+            raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
+        if not isinstance(body.get("init-data") or {}, dict):
+            raise Problem("InvalidRequest", "init-data must be an object")
+        return runtime
+
+    def _refuse_claim(self, session_id: str, nonce: str) -> None:
+        """Why a session's nonce could not be consumed: the problem, in the order a client needs it."""
+        row = self._live_session(session_id)
+        if row.state != "challenged":
+            raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
+        if not hmac.compare_digest(nonce.encode(), row.nonce.encode()):
+            raise Problem("NonceMismatch", "runtime-data.nonce is not this session's challenge nonce")
+        raise Problem("NonceReplayed", "this session's nonce was already used; POST /kbs/v0/auth again")
 
     def caller(self, session_id: str | None, bearer: str | None) -> Caller:
         """Who is asking: a bearer token of this broker, or an attested cookie session."""
@@ -220,8 +240,9 @@ class Broker:
             raise Problem("AttestationError", "this session has not attested successfully")
         return Caller(row.claims, row.tee_pubkey, "cookie", row.id)
 
-    def _policy(self, name: str) -> policy_mod.Policy | None:
-        found = self.store.policy(name)
+    def _policy(self, name: str, found: tuple[str, int] | None = None) -> policy_mod.Policy | None:
+        """The parsed policy (cached by name and version); found: its (body, version) if already read."""
+        found = found or self.store.policy(name)
         if found is None:
             return None
         body, version = found
@@ -239,11 +260,12 @@ class Broker:
         secrets_mod.split_path(path)
         who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
-        row = self.store.secret(path)
-        if row is None:
+        found = self.store.release_row(path, version)
+        if found is None:
             self.store.audit(who, "release", "not-found", path, measurement)
             raise Problem("InvalidRequestPath", f"no resource {path}")
-        policy = self._policy(row.policy)
+        row, policy_text, sealed = found
+        policy = self._policy(row.policy, policy_text) if policy_text is not None else None
         if policy is None:
             decision = policy_mod.Decision(False, f"its release policy {row.policy!r} does not exist")
         else:
@@ -256,7 +278,9 @@ class Broker:
             self.store.audit(who, "release", "denied", path, measurement, decision.reason)
             raise Problem("PolicyDeny", f"{path}: {decision.reason}")
         wanted = version or row.current_version
-        value = self._value(row, wanted)
+        if sealed is None:
+            raise Problem("InvalidRequestPath", f"{row.path} has no version {wanted}")
+        value = self.vault.unseal(f"secret:{row.path}@{wanted}", sealed)
         if row.kind == "cert":
             value = secrets_mod.issue_certificate(value, self.ca_key, self.ca_cert, caller.claims, path,
                                                   row.params.get("days", 30))

@@ -95,45 +95,86 @@ def _fill(statement: str, dialect: str) -> str:
 
 
 class _Pool:
-    """A small blocking pool of connections (one per concurrent request thread)."""
+    """A small blocking pool of connections (one per concurrent request thread).
+
+    Taking and returning a connection is a list pop and append (atomic under
+    the GIL): every database statement goes through here, so the fast path
+    takes no lock; a condition is used only when the pool is empty.
+    """
 
     def __init__(self, connect, size: int):
         self._connect = connect
-        self._idle: queue.LifoQueue = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(size)
+        self._size = size
+        self._idle: list = []
+        self._open = 0
+        self._waiting = 0
+        self._cond = threading.Condition()
+
+    def get(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._wait_or_connect()
+
+    def _wait_or_connect(self):
+        deadline = time.monotonic() + 30
+        with self._cond:
+            self._waiting += 1
+            try:
+                while True:
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        pass
+                    if self._open < self._size:
+                        self._open += 1
+                        break
+                    if not self._cond.wait(max(0.0, deadline - time.monotonic())) and not self._idle:
+                        raise StoreError("the database connection pool is exhausted")
+            finally:
+                self._waiting -= 1
+        try:
+            return self._connect()
+        except BaseException:
+            self._forget()
+            raise
+
+    def put(self, conn) -> None:
+        self._idle.append(conn)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify()
+
+    def discard(self, conn) -> None:
+        """Drop a connection a statement failed on (it may be broken)."""
+        try:
+            conn.close()
+        except Exception:
+            pass
+        self._forget()
+
+    def _forget(self) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify()
 
     @contextmanager
     def connection(self):
-        if not self._slots.acquire(timeout=30):
-            raise StoreError("the database connection pool is exhausted")
-        conn = None
+        conn = self.get()
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
             yield conn
         except BaseException:
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-                conn = None
+            self.discard(conn)
             raise
-        finally:
-            if conn is not None:
-                self._idle.put(conn)
-            self._slots.release()
+        self.put(conn)
 
     def close(self) -> None:
         while True:
             try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
+                conn = self._idle.pop()
+            except IndexError:
                 return
-            except Exception:
-                continue
+            self.discard(conn)
 
 
 class Store:
@@ -204,16 +245,25 @@ class Store:
                 cur.execute("COMMIT")
 
     def query(self, statement: str, args: tuple = ()) -> list[tuple]:
-        with self._pool.connection() as conn:
-            cur = conn.cursor()
-            cur.execute(self._sql(statement), args)
-            return list(cur.fetchall()) if cur.description else []
+        conn = self._pool.get()
+        try:
+            cur = conn.execute(self._sql(statement), args)
+            rows = cur.fetchall() if cur.description else []
+        except BaseException:
+            self._pool.discard(conn)
+            raise
+        self._pool.put(conn)
+        return rows
 
     def execute(self, statement: str, args: tuple = ()) -> int:
-        with self._pool.connection() as conn:
-            cur = conn.cursor()
-            cur.execute(self._sql(statement), args)
-            return cur.rowcount
+        conn = self._pool.get()
+        try:
+            count = conn.execute(self._sql(statement), args).rowcount
+        except BaseException:
+            self._pool.discard(conn)
+            raise
+        self._pool.put(conn)
+        return count
 
     def close(self) -> None:
         self._pool.close()
@@ -319,16 +369,36 @@ class Store:
 
     def consume_nonce(self, session_id: str, nonce: str, now: float) -> bool:
         """Move a challenged session to 'appraising'; False if its nonce was already used."""
-        return self.execute("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
-                            "AND state = 'challenged' AND expires_at > ?",
-                            (session_id, nonce, now)) == 1
+        return self.claim_challenge(session_id, nonce, now) is not None
+
+    def claim_challenge(self, session_id: str, nonce: str, now: float) -> str | None:
+        """Consume a live session's nonce in one statement; its tee, or None (to find out why, read it)."""
+        rows = self.query("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
+                          "AND state = 'challenged' AND expires_at > ? RETURNING tee", (session_id, nonce, now))
+        return rows[0][0] if rows else None
 
     def finish_session(self, session_id: str, ok: bool, claims: dict | None, tee_pubkey: dict | None,
-                       lifetime: float, now: float) -> None:
-        self.execute("UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?",
-                     ("attested" if ok else "failed", json.dumps(claims) if claims is not None else None,
-                      json.dumps(tee_pubkey) if tee_pubkey is not None else None,
-                      now + lifetime, session_id))
+                       lifetime: float, now: float, audit: tuple | None = None) -> None:
+        """Record an appraisal's outcome, and with it (atomically) audit = (actor, action, outcome,
+        resource, measurement, detail) if given."""
+        statement = "UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?"
+        args = ("attested" if ok else "failed", json.dumps(claims) if claims is not None else None,
+                json.dumps(tee_pubkey) if tee_pubkey is not None else None, now + lifetime, session_id)
+        if audit is None:
+            self.execute(statement, args)
+        else:
+            self._with_audit(statement, args, audit)
+
+    def _with_audit(self, statement: str, args: tuple, audit: tuple) -> None:
+        """A write and its audit entry together: one statement on PostgreSQL (one round trip), one
+        transaction (one commit) on SQLite."""
+        entry = (time.time(), *audit)
+        if self.dialect == "postgresql":
+            self.execute(f"WITH done AS ({statement}) {_AUDIT_INSERT}", args + entry)
+            return
+        with self.transaction() as cur:
+            cur.run(statement, args)
+            cur.run(_AUDIT_INSERT, entry)
 
     def purge_sessions(self, before: float) -> int:
         return self.execute("DELETE FROM sessions WHERE expires_at < ?", (before,))
@@ -411,6 +481,21 @@ class Store:
                           "updated_at FROM secrets ORDER BY path")
         return [self._secret_row(r) for r in rows if r[0].startswith(prefix)]
 
+    def release_row(self, path: str, version: int | None) -> tuple[SecretRow, tuple[str, int] | None,
+                                                                   bytes | None] | None:
+        """What a release needs in one round trip: the secret, its policy (body, version) if it exists,
+        and the sealed value of version (default: the current one) if it exists."""
+        rows = self.query("SELECT s.path, s.kind, s.params, s.policy, s.exportable, s.current_version, s.public, "
+                          "s.created_at, s.updated_at, p.body, p.version, v.sealed FROM secrets s "
+                          "LEFT JOIN policies p ON p.name = s.policy "
+                          "LEFT JOIN secret_versions v ON v.path = s.path "
+                          "AND v.version = COALESCE(?, s.current_version) WHERE s.path = ?", (version, path))
+        if not rows:
+            return None
+        r = rows[0]
+        return (self._secret_row(r), (r[9], int(r[10])) if r[9] is not None else None,
+                bytes(r[11]) if r[11] is not None else None)
+
     def sealed_version(self, path: str, version: int) -> bytes | None:
         rows = self.query("SELECT sealed FROM secret_versions WHERE path = ? AND version = ?", (path, version))
         return bytes(rows[0][0]) if rows else None
@@ -448,9 +533,7 @@ class Store:
     # -- audit ---------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, outcome: str, resource: str | None = None,
               measurement: str | None = None, detail: str | None = None) -> None:
-        self.execute("INSERT INTO audit (at, actor, action, resource, measurement, outcome, detail) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (time.time(), actor, action, resource, measurement, outcome, detail))
+        self.execute(_AUDIT_INSERT, (time.time(), actor, action, outcome, resource, measurement, detail))
 
     def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
         statement = ("SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit "
@@ -463,6 +546,10 @@ class Store:
         rows = self.query(statement, args + (limit,))
         keys = ("id", "at", "actor", "action", "resource", "measurement", "outcome", "detail")
         return [dict(zip(keys, r)) for r in rows]
+
+
+_AUDIT_INSERT = ("INSERT INTO audit (at, actor, action, outcome, resource, measurement, detail) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 class _Cursor:
