@@ -105,6 +105,15 @@ def _listen(address: str) -> tuple[str, int]:
     return host, number
 
 
+def http_protocol():
+    """uvicorn's HTTP implementation: the broker's own (one write per response) if httptools is there."""
+    try:
+        from cove.kbs.wire import HttpProtocol
+    except ImportError:
+        return "auto"
+    return HttpProtocol
+
+
 def serve(options: dict, listen: str, workers: int = 1, access_log: bool = False) -> None:
     """Run the broker until interrupted (options: see server.settings_from_options, plus certfile/keyfile)."""
     import uvicorn
@@ -121,7 +130,7 @@ def serve(options: dict, listen: str, workers: int = 1, access_log: bool = False
                 raise CoveError(f"TLS {name} {options.get(name)} not found", "pass --cert and --key, or run `cove kbs init`")
         ssl = {"ssl_certfile": options["certfile"], "ssl_keyfile": options["keyfile"]}
     common = dict(host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30,
-                  proxy_headers=False, server_header=False, **ssl)
+                  proxy_headers=False, server_header=False, http=http_protocol(), **ssl)
     try:
         if workers > 1:
             broker.store.close()
@@ -152,7 +161,7 @@ class EmbeddedBroker:
         self.url = f"{'https' if https else 'http'}://{host}:{self.port}"
         ssl = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if https else {}
         config = uvicorn.Config(create_app(broker, https=https), log_level="warning", access_log=False,
-                                lifespan="off", **ssl)
+                                lifespan="off", http=http_protocol(), **ssl)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="cove-kbs", daemon=True)
