@@ -1,17 +1,20 @@
 """bench/kbs: the key broker under load, whole KBS flows with Cove evidence.
 
     .venv/bin/python bench/kbs.py [--db sqlite|postgresql|both] [--clients 1,8,32,128]
-                                  [--seconds 10] [--rss-flows 20000] [--workers 1] [--no-restart]
+                                  [--seconds 10] [--runs 3] [--rss-flows 20000] [--workers 1]
+                                  [--no-restart]
 
 The broker runs as `cove kbs serve` (HTTPS on 127.0.0.1, its own process);
 this process is the load generator: N concurrent clients (asyncio, one
 keep-alive TLS connection each, a minimal HTTP/1.1 client), each looping auth → attest (Cove evidence from
 a private, self-certified platform key, bound to the nonce and a fresh TEE
 key) → resource (a JWE, decrypted and compared with the value uploaded).
-Printed per N: flows/s, p50 and p99 flow latency, errors. Then the server's
-resident memory after --rss-flows more flows, and a restart of the server in
-the middle of a run: clients retry (from auth) and every secret received
-must equal the one stored. Loops are bounded in count and time; traffic
+Printed per N, the median of --runs timed runs: flows/s, p50 and p99 flow
+latency, errors, the server's CPU time per flow (far steadier than flows/s
+on a shared machine) and the load average. Then the server's resident
+memory before and after --rss-flows more flows (and after each 20,000),
+and a restart of the server in the middle of a run: clients retry (from
+auth) and every secret received must equal the one stored. Loops are bounded in count and time; traffic
 goes to loopback only. PostgreSQL runs as a throwaway server (tests/kbs/pgserver.py).
 """
 
@@ -302,23 +305,17 @@ def bench_db(kind: str, args, pg) -> None:
               f"{os.cpu_count()} cores shared with the load generator; load average "
               f"{os.getloadavg()[0]:.2f} before the run) ==")
         print(f"{'clients':>8} {'flows':>7} {'flows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-              f"{'server CPU':>10} {'client CPU':>10}")
+              f"{'server CPU':>10} {'CPU/flow':>9} {'client CPU':>10} {'load':>5}")
         for n in args.clients:
             run_load(server.url, ca, evidence, n, 1.0, 10 ** 9)  # warm up connections and caches
-            server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
-            stats, elapsed = run_load(server.url, ca, evidence, n, args.seconds, 10 ** 9)
-            server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
-            flows = len(stats.latencies)
-            print(f"{n:>8} {flows:>7} {flows / elapsed:>8.1f} {percentile(stats.latencies, .5) * 1000:>8.1f} "
-                  f"{percentile(stats.latencies, .99) * 1000:>8.1f} {stats.errors + stats.corrupted:>7} "
-                  f"{server_cpu / elapsed:>9.0%} {client_cpu / elapsed:>9.0%}"
-                  + (f"  last error: {stats.last_error}" if stats.errors else ""))
+            runs = [measure(server, ca, evidence, n, args.seconds) for _ in range(args.runs)]
+            row = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "last_error"}
+            errors = sum(r["errors"] for r in runs)
+            print(f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
+                  f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
+                  f"{row['load']:>5.2f}" + (f"  last error: {runs[-1]['last_error']}" if errors else ""))
         if args.rss_flows:
-            before = server.rss_mb()
-            stats, elapsed = run_load(server.url, ca, evidence, 32, 3600, args.rss_flows)
-            print(f"server RSS: {before:.0f} MB before, {server.rss_mb():.0f} MB after {len(stats.latencies)} more "
-                  f"flows ({elapsed:.0f} s, errors {stats.errors + stats.corrupted}); sessions in the database: "
-                  f"{_sessions(db)}")
+            rss_run(server, ca, evidence, args.rss_flows, db)
         if not args.no_restart:
             def restart():
                 server.stop()
@@ -333,6 +330,33 @@ def bench_db(kind: str, args, pg) -> None:
         admin.close()
     finally:
         server.stop()
+
+
+def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float) -> dict:
+    """One timed run at N clients: rates, latencies, CPU (server CPU time per flow) and load average."""
+    server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+    stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10 ** 9)
+    server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
+    flows = len(stats.latencies)
+    return {"flows": flows, "rate": flows / elapsed, "p50": percentile(stats.latencies, .5) * 1000,
+            "p99": percentile(stats.latencies, .99) * 1000, "errors": stats.errors + stats.corrupted,
+            "server": server_cpu / elapsed, "cpu_per_flow": server_cpu * 1000 / max(flows, 1),
+            "client": client_cpu / elapsed, "load": os.getloadavg()[0], "last_error": stats.last_error}
+
+
+def rss_run(server: Server, ca: Path, evidence: Evidence, total: int, db: str) -> None:
+    """The server's resident memory before, during (every 20,000 flows) and after `total` more flows."""
+    before, marks, done, errors = server.rss_mb(), [], 0, 0
+    started = time.perf_counter()
+    while done < total:
+        stats, _ = run_load(server.url, ca, evidence, 32, 3600, min(20000, total - done))
+        done, errors = done + len(stats.latencies), errors + stats.errors + stats.corrupted
+        marks.append(f"{server.rss_mb():.0f}")
+        if not stats.latencies:
+            break
+    print(f"server RSS: {before:.0f} MB before, {marks[-1]} MB after {done} more flows (after each 20,000: "
+          f"{', '.join(marks)} MB; {time.perf_counter() - started:.0f} s, errors {errors}); "
+          f"sessions in the database: {_sessions(db)}")
 
 
 def _sessions(db: str) -> int:
@@ -352,6 +376,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rss-flows", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per N; the median is printed")
     parser.add_argument("--no-restart", action="store_true")
     args = parser.parse_args()
     pg = None
