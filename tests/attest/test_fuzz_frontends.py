@@ -97,6 +97,7 @@ def _values():
                                         "sample", "other"]), _values(), max_size=4),
        st.dictionaries(st.sampled_from(["measurements", "signers", "debug", "tcb_statuses", "backends", "isolation",
                                         "self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "min_tcb",
+                                        "ek_certificates", "ak_names",
                                         "rtmrs", "max_platform_age", "roots"]), _values(), max_size=4))
 def test_policies(top, rules):
     for doc in (top, {"cove": rules}, {"snp": rules}, {"tdx": rules}):

@@ -94,6 +94,22 @@ def test_backends_isolation_runtime_platform_key_pcrs():
     assert "PCR sha256:0" not in text
 
 
+def test_pinned_tpm_ek_certificate_and_ak():
+    ek, ak = b"\x66" * 32, bytes.fromhex("000b") + b"\x77" * 32
+    policy = parse_policy(f'[cove]\nek_certificates = ["{ek.hex()}"]\nak_names = ["{ak.hex()}"]\n')
+    assert evaluate(policy, cove(ek_certificate=ek, ak_name=ak), now=NOW).accepted
+    other = evaluate(policy, cove(ek_certificate=b"\x67" * 32, ak_name=ak), now=NOW)
+    assert other.reasons == (f"TPM EK certificate {'67' * 32} is not one the policy accepts (another TPM, or no TPM)",)
+    assert other.components["platform"] == "contraindicated"
+    unrooted = evaluate(policy, cove(platform_root="self-certified"), now=NOW).reasons
+    assert any("self-certified" in r for r in unrooted)
+    assert any("TPM EK certificate none" in r for r in unrooted) and any("attestation key none" in r for r in unrooted)
+    with pytest.raises(PolicyError, match="cove.ek_certificates\\[0\\]: must be 32 bytes"):
+        parse_policy('[cove]\nek_certificates = ["abcd"]\n')
+    with pytest.raises(PolicyError, match="cove.ak_names\\[0\\]: must be a hex string"):
+        parse_policy('[cove]\nak_names = ["xyz"]\n')
+
+
 def test_tcb_status_and_min_tcb():
     sgx = ap.Appraisal(evidence_type="sgx", measurement=M1, tcb_status="SWHardeningNeeded")
     assert "TCB status SWHardeningNeeded is not accepted" in evaluate(default_policy(), sgx, now=NOW).reasons[0]

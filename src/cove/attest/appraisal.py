@@ -37,6 +37,8 @@ class Appraisal:
     platform_key: bytes | None = None  # cove: SHA-256 of the platform attestation key
     platform_issued_at: datetime | None = None  # cove: start of the platform key's epoch
     runtime: bytes | None = None  # cove: measurement of the installed runtime
+    ek_certificate: bytes | None = None  # cove, TPM-rooted: SHA-256 of the TPM's EK certificate (DER)
+    ak_name: bytes | None = None  # cove, TPM-rooted: TPM name of the attestation key that quoted
     pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
     rtmrs: tuple[bytes, ...] = ()
     instance_id: str | None = None

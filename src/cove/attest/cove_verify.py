@@ -146,4 +146,6 @@ def appraisal(claims: CoveClaims) -> Appraisal:
         debug=r.debug, backend=r.backend, isolation=r.isolation, report_data=r.report_data,
         issued_at=r.timestamp, platform_root=claims.root, platform_key=claims.platform_key,
         platform_issued_at=claims.epoch_start, runtime=claims.runtime,
+        ek_certificate=hashlib.sha256(claims.ek_certificate).digest() if claims.ek_certificate else None,
+        ak_name=claims.ak_name,
         pcrs=claims.quote.pcrs if claims.quote else {}, instance_id=r.instance_id, claims=details)

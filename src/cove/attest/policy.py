@@ -36,7 +36,7 @@ SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 _COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isolation")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "cove": _COMMON + ("self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "ak_ca",
-                       "max_platform_age"),
+                       "ek_certificates", "ak_names", "max_platform_age"),
     "tpm": ("pcrs",),
     "sgx": _COMMON + ("roots",),
     "tdx": _COMMON + ("roots", "rtmrs"),
@@ -71,6 +71,8 @@ class Rules:
     self_certified: bool = False
     platform_keys: tuple[bytes, ...] = ()
     runtime_hashes: tuple[bytes, ...] = ()
+    ek_certificates: tuple[bytes, ...] = ()  # SHA-256 of trusted EK certificates: pin TPMs
+    ak_names: tuple[bytes, ...] = ()  # TPM names of trusted attestation keys
     pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
     ek_ca: tuple[bytes, ...] = ()  # DER certificates
     ak_ca: tuple[bytes, ...] = ()
@@ -248,10 +250,13 @@ class _Parser:
         for key in ("backends", "isolation"):
             if key in data:
                 out[key] = tuple(self.strings(data[key], f"{kind}.{key}"))
-        for key in ("platform_keys", "runtime_hashes"):
+        for key in ("platform_keys", "runtime_hashes", "ek_certificates"):
             if key in data:
                 out[key] = tuple(self.hex(v, f"{kind}.{key}[{i}]", 32)
                                  for i, v in enumerate(self.list(data[key], f"{kind}.{key}")))
+        if "ak_names" in data:
+            out["ak_names"] = tuple(self.hex(v, f"{kind}.ak_names[{i}]")
+                                    for i, v in enumerate(self.list(data["ak_names"], "cove.ak_names")))
         if "pcrs" in data:
             out["pcrs"] = self.pcrs(data["pcrs"], f"{kind}.pcrs")
         for key in ("ek_ca", "ak_ca", "roots"):

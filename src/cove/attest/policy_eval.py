@@ -109,6 +109,12 @@ def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
     if rules.platform_keys and not any(_eq(a.platform_key, k) for k in rules.platform_keys):
         v.deny("platform", f"platform key {a.platform_key.hex() if a.platform_key else 'unknown'} "
                            "is not one the policy accepts")
+    if rules.ek_certificates and not any(_eq(a.ek_certificate, h) for h in rules.ek_certificates):
+        v.deny("platform", f"TPM EK certificate {a.ek_certificate.hex() if a.ek_certificate else 'none'} "
+                           "is not one the policy accepts (another TPM, or no TPM)")
+    if rules.ak_names and not any(_eq(a.ak_name, n) for n in rules.ak_names):
+        v.deny("platform", f"TPM attestation key {a.ak_name.hex() if a.ak_name else 'none'} "
+                           "is not one the policy accepts (another AK, or no TPM)")
     for bank, values in sorted(rules.pcrs.items()):
         quoted = a.pcrs.get(bank, {})
         for idx, want in sorted(values.items()):

@@ -98,7 +98,7 @@ def _show(state: dict, as_json: bool) -> None:
     tpm = state.get("tpm")
     if tpm:
         for key in ("tcti", "pcr", "reachable", "pcr_matches_quote", "ak_handle", "ek_issuer",
-                    "ek_certificate_sha256", "ak_ca_certificate", "ek_root", "swtpm_pid"):
+                    "ek_certificate_sha256", "ak_name", "ak_ca_certificate", "ek_root", "swtpm_pid"):
             if key in tpm and tpm[key] is not None:
                 click.echo(f"tpm.{key:<21} {tpm[key]}")
 

@@ -219,6 +219,10 @@ def status(paths: Paths | None = None) -> dict:
             chain = x509.load_pem_x509_certificates(paths.ek_chain.read_bytes())
             tpm_info["ek_certificate_sha256"] = hashlib.sha256(endorse.pem_to_der(paths.ek_chain.read_bytes())[0]).hexdigest()
             tpm_info["ek_issuer"] = chain[0].issuer.rfc4514_string()
+        if paths.ak_public.exists():
+            from cove.attest.tpm_structs import parse_public
+
+            tpm_info["ak_name"] = parse_public(paths.ak_public.read_bytes()).name.hex()
         if config.ak_ca:
             tpm_info["ak_ca_certificate"] = str(Path(config.ak_ca) / "ca.pem")
         if endorsement is not None and endorsement.tpm is not None:
