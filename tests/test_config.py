@@ -89,6 +89,14 @@ def test_template_is_valid_and_complete():
     ('[enclave]\nname = "a"\n[attestation]\nkbs = "https://k"\ntimeout = 0\n', "attestation.timeout",
      "out of range"),
     ('[enclave]\nname = "a"\n[attestation]\nkbs = "https://k"\nretry = 1\n', "attestation.retry", "unknown key"),
+    (KBS + 'ca = "/c.pem"\nkbs_policy = "/p.toml"\n', "attestation.kbs_policy", "ca and kbs_policy exclude each other"),
+    (KBS + 'kbs_policy = "p.toml"\n', "attestation.kbs_policy", "absolute"),
+    (KBS + 'kbs_policy = ""\n', "attestation.kbs_policy", "must be a policy file's path or the policy's text"),
+    (KBS + 'kbs_policy = 3\n', "attestation.kbs_policy", "must be a policy file's path or the policy's text"),
+    (KBS + 'kbs_policy = "[cove]\\nmeasurements = [\\"zz\\"]"\n', "attestation.kbs_policy",
+     "cove.measurements[0]: must be a hex string"),
+    ('[enclave]\nname = "a"\n[attestation]\nkbs = "http://k"\nkbs_policy = "/p.toml"\n', "attestation.kbs_policy",
+     "https://"),
     ('[enclave]\nname = "a"\n[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:X"\n', "secrets",
      "needs [attestation]"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/d"\ntype = "encrypted"\nkey = "kbs:a/b/c"\n',
@@ -209,6 +217,17 @@ def test_attestation_and_secrets_are_measured():
         assert config.to_measured(parse(SECRETS.replace(old, new))) != measured, old
     # an enclave without them measures as before
     assert "attestation" not in config.to_measured(parse('[enclave]\nname = "a"\n'))
+
+
+def test_kbs_policy_path_or_inline_is_measured():
+    by_path = parse(KBS + 'kbs_policy = "/etc/cove/kbs-policy.toml"\n')
+    assert by_path.attestation.kbs_policy == "/etc/cove/kbs-policy.toml" and by_path.attestation.ca is None
+    inline = parse(KBS + 'kbs_policy = """\ntypes = ["cove"]\n[cove]\nmeasurements = ["' + "ab" * 32 + '"]\n"""\n')
+    assert inline.attestation.kbs_policy.startswith('types = ["cove"]')
+    measured = config.to_measured(inline)["attestation"]
+    assert measured["kbs_policy"] == inline.attestation.kbs_policy
+    assert config.to_measured(parse(KBS))["attestation"].keys() == {"kbs", "ca", "timeout", "retries"}
+    assert config.to_measured(by_path) != config.to_measured(parse(KBS + 'kbs_policy = "/etc/other.toml"\n'))
 
 
 def test_template_examples_are_valid_when_uncommented():

@@ -84,6 +84,7 @@ class AttestationSection:
     ca: str | None = None  # the broker's TLS CA certificate (host path); None: the system's CAs
     timeout: int = 30  # seconds per request to the broker
     retries: int = 2  # more tries when the broker cannot be reached (never after a refusal)
+    kbs_policy: str | None = None  # an RA-TLS broker: a policy (host path or inline TOML) on its evidence
 
 
 @dataclass(frozen=True)
@@ -377,16 +378,39 @@ class _Validator:
         return source.text
 
     def attestation(self, data: Any) -> AttestationSection:
-        data = self.table(data, "attestation", ("kbs", "ca", "timeout", "retries"))
+        data = self.table(data, "attestation", ("kbs", "ca", "kbs_policy", "timeout", "retries"))
         url = self.string(data, "attestation", "kbs", None)
         if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[^\s]*)?$", url):
             raise self.fail("attestation.kbs", f"{url!r} is not a broker URL", "e.g. https://kbs.example:8443")
         ca = data.get("ca")
         if ca is not None:
             ca = self.abs_path(ca, "attestation.ca")
-        return AttestationSection(kbs=url.rstrip("/"), ca=ca,
+        kbs_policy = self.kbs_policy(data, url) if "kbs_policy" in data else None
+        if ca is not None and kbs_policy is not None:
+            raise self.fail("attestation.kbs_policy", "ca and kbs_policy exclude each other",
+                            "ca for a broker with a CA-issued certificate, kbs_policy for an RA-TLS broker")
+        return AttestationSection(kbs=url.rstrip("/"), ca=ca, kbs_policy=kbs_policy,
                                   timeout=self.integer(data, "attestation", "timeout", 30, 1, 600),
                                   retries=self.integer(data, "attestation", "retries", 2, 0, 20))
+
+    def kbs_policy(self, data: dict, url: str) -> str:
+        """An RA-TLS broker's policy: an absolute host path, or inline TOML/JSON checked here."""
+        from cove.attest.policy import PolicyError, parse_policy
+        from cove.kbs.ratls import is_inline
+
+        value = data["kbs_policy"]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail("attestation.kbs_policy", "must be a policy file's path or the policy's text")
+        if not url.startswith("https://"):
+            raise self.fail("attestation.kbs_policy", "an RA-TLS broker is reached over https://",
+                            "write kbs = \"https://...\"")
+        if not is_inline(value):
+            return self.abs_path(value, "attestation.kbs_policy")
+        try:
+            parse_policy(value, source="attestation.kbs_policy")
+        except PolicyError as exc:
+            raise ConfigError(f"{self.source}: {exc.message}", exc.hint) from None
+        return value
 
     def secrets(self, data: Any, attestation: AttestationSection | None, mounts: tuple[Mount, ...]
                 ) -> tuple[Secret, ...]:
@@ -484,6 +508,8 @@ def _measured_attestation(config: Config) -> dict:
     if config.attestation is not None:
         a = config.attestation
         measured["attestation"] = {"kbs": a.kbs, "ca": a.ca, "timeout": a.timeout, "retries": a.retries}
+        if a.kbs_policy is not None:  # only when set: manifests without it keep their measurement
+            measured["attestation"]["kbs_policy"] = a.kbs_policy
     if config.secrets:
         measured["secrets"] = [{"name": s.name, "resource": s.resource, "target": s.target}
                                for s in config.secrets]

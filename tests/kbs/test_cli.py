@@ -146,6 +146,13 @@ def test_two_serve_processes_one_postgresql(cli, served, pg, tmp_path):
      "admin key file /nonexistent not found"),
     (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sgx"), "makes cove or sample evidence"),
     (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample"), "cannot reach the broker"),
+    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--ca", "/x.pem", "--kbs-policy", "/p.toml"),
+     "--ca and --kbs-policy exclude each other"),
+    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", "/nonexistent.toml"),
+     "policy /nonexistent.toml: not found"),
+    (("kbs", "get", "http://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", 'types = ["cove"]'),
+     "needs an https:// URL"),
+    (("kbs", "serve", "--ra-tls", "--insecure-http"), "--ra-tls makes its own certificate"),
 ])
 def test_user_errors_are_one_line(cli, args, words):
     done = cli(*args)

@@ -70,10 +70,19 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes (they share the database).")
 @click.option("--access-log", is_flag=True, help="Log every request.")
+@click.option("--ra-tls", is_flag=True,
+              help="Inside a Cove enclave: serve a fresh key with an RA-TLS certificate (evidence from "
+                   "/dev/attestation); clients verify it with a policy instead of a CA.")
+@click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
+              help="Where /dev/attestation is (--ra-tls).")
 def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, master_key_sealed, policy,
-          sgx_root_ca, snp_ask_ark, tpm_ak, issuer, session_lifetime, token_lifetime, workers, access_log) -> None:
+          sgx_root_ca, snp_ask_ark, tpm_ak, issuer, session_lifetime, token_lifetime, workers, access_log,
+          ra_tls, attestation_dir) -> None:
     """Serve the KBS protocol and the admin API."""
     from cove.kbs import runner, vault
+
+    if ra_tls and (certfile or keyfile or insecure_http):
+        raise CoveError("--ra-tls makes its own certificate: it excludes --cert, --key and --insecure-http")
 
     folder = _state(state)
     if db is None and not folder.exists():
@@ -83,7 +92,7 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
             master_key_sealed = folder / "master.sealed"
         else:
             master_key_file = folder / "master.key"
-    if not insecure_http:
+    if not insecure_http and not ra_tls:
         certfile = certfile or folder / "tls.crt"
         keyfile = keyfile or folder / "tls.key"
         if not certfile.is_file():
@@ -96,21 +105,31 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
                "sgx_root_ca": str(sgx_root_ca) if sgx_root_ca else None,
                "snp_ask_ark": [str(p) for p in snp_ask_ark], "tpm_ak": [str(p) for p in tpm_ak],
                "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
-               "certfile": None if insecure_http else str(certfile),
-               "keyfile": None if insecure_http else str(keyfile)}
-    runner.serve(options, listen, workers, access_log)
+               "certfile": None if insecure_http or ra_tls else str(certfile),
+               "keyfile": None if insecure_http or ra_tls else str(keyfile)}
+    if not ra_tls:
+        runner.serve(options, listen, workers, access_log)
+        return
+    from cove.kbs import ratls
+
+    with ratls.certificate_files(attestation_dir) as (cert, key):
+        click.echo("serving RA-TLS: a fresh key, bound to this enclave's evidence", err=True)
+        runner.serve(dict(options, certfile=str(cert), keyfile=str(key)), listen, workers, access_log)
 
 
 @kbs.command()
 @click.argument("url")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--ca", "ca_cert", type=PathType, help="The broker's TLS CA certificate (PEM).")
+@click.option("--kbs-policy", "broker_policy",
+              help="An RA-TLS broker: the policy (file, or inline TOML) its evidence must satisfy; "
+                   "instead of --ca.")
 @click.option("--tee", default="cove", show_default=True, help="Evidence type: cove (/dev/attestation) or sample.")
 @click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
               help="Where /dev/attestation is (cove evidence).")
 @click.option("--sample-claims", help="JSON claims for --tee sample (protocol tests only).")
 @click.option("--out", type=PathType, help="Write the (single) secret here (mode 0600) instead of stdout.")
-def get(url, paths, ca_cert, tee, attestation_dir, sample_claims, out) -> None:
+def get(url, paths, ca_cert, broker_policy, tee, attestation_dir, sample_claims, out) -> None:
     """Attest to the broker at URL and print the resources PATHS (repository/type/tag)."""
     from cove.kbs import client as kbs_client
     from cove.util import write_atomic
@@ -128,7 +147,10 @@ def get(url, paths, ca_cert, tee, attestation_dir, sample_claims, out) -> None:
                         "use cove.kbs.client with your TEE's evidence for other types")
     if out and len(paths) != 1:
         raise CoveError("--out takes exactly one PATH")
-    values = kbs_client.fetch(url, list(paths), provider, ca_cert)
+    if ca_cert and broker_policy:
+        raise CoveError("--ca and --kbs-policy exclude each other",
+                        "--ca for a broker with a CA-issued certificate, --kbs-policy for an RA-TLS broker")
+    values = kbs_client.fetch(url, list(paths), provider, ca_cert, broker_policy=broker_policy)
     if out:
         write_atomic(out, values[paths[0]], mode=0o600)
         click.echo(f"wrote {paths[0]} to {out}", err=True)
@@ -142,8 +164,8 @@ def get(url, paths, ca_cert, tee, attestation_dir, sample_claims, out) -> None:
 
 # -- admin ------------------------------------------------------------------------------------------------
 class AdminContext:
-    def __init__(self, url, key, ca):
-        self.url, self.key, self.ca = url, key, ca
+    def __init__(self, url, key, ca, broker_policy=None):
+        self.url, self.key, self.ca, self.broker_policy = url, key, ca, broker_policy
         self._client = None
 
     @property
@@ -162,9 +184,12 @@ class AdminContext:
             if not url:
                 raise CoveError("no broker URL", "pass --url or set $COVE_KBS_URL")
             ca = self.ca
-            if ca is None and (folder / "tls-ca.pem").is_file() and url.startswith("https"):
+            if self.broker_policy is not None:
+                if ca is not None:
+                    raise CoveError("--ca and --kbs-policy exclude each other")
+            elif ca is None and (folder / "tls-ca.pem").is_file() and url.startswith("https"):
                 ca = folder / "tls-ca.pem"
-            self._client = AdminClient.from_file(url, key, ca)
+            self._client = AdminClient.from_file(url, key, ca, broker_policy=self.broker_policy)
         return self._client
 
 
@@ -173,10 +198,12 @@ class AdminContext:
 @click.option("--key", type=PathType, envvar="COVE_KBS_ADMIN_KEY",
               help="Admin key file (default STATE/admin.json; $COVE_KBS_ADMIN_KEY).")
 @click.option("--ca", type=PathType, envvar="COVE_KBS_CA", help="The broker's TLS CA certificate.")
+@click.option("--kbs-policy", "broker_policy", envvar="COVE_KBS_POLICY",
+              help="An RA-TLS broker: the policy its evidence must satisfy, instead of --ca ($COVE_KBS_POLICY).")
 @click.pass_context
-def admin(ctx, url, key, ca) -> None:
+def admin(ctx, url, key, ca, broker_policy) -> None:
     """Manage secrets, policies and admin keys; read the audit log."""
-    ctx.obj = AdminContext(url, key, ca)
+    ctx.obj = AdminContext(url, key, ca, broker_policy)
 
 
 def _print(value) -> None:

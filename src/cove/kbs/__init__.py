@@ -17,6 +17,7 @@ accepts the attestation result. The parts:
 - :mod:`cove.kbs.server`: the FastAPI application (OpenAPI at /openapi.json);
 - :mod:`cove.kbs.runner`: ``init``, ``serve`` and a broker embedded in a thread;
 - :mod:`cove.kbs.tls`: a local TLS CA and server certificate;
+- :mod:`cove.kbs.ratls`: RA-TLS for a broker in an enclave, and clients that verify it by policy;
 - :mod:`cove.kbs.client`: the client (and admin client), usable inside an enclave.
 
 Provisioning into enclaves before they start is :mod:`cove.runtime.provisioning`.

@@ -5,6 +5,9 @@
     client.attest(DevAttestation())          # /dev/attestation inside a Cove enclave
     password = client.resource("prod/db/password")
 
+A broker that runs in an enclave (``cove kbs serve --ra-tls``) is verified by
+its evidence instead: ``KbsClient(url, broker_policy="broker-policy.toml")``.
+
 The client makes an ephemeral TEE key (EC P-256 by default, RSA 3072 on
 request) for each attestation; its private half never leaves the process. A
 response that does not decrypt under it (tampered, or meant for another key)
@@ -86,7 +89,18 @@ class StaticEvidence:
         return self.document
 
 
-def _verify_option(ca_cert) -> object:
+def _verify_option(ca_cert, broker_policy=None) -> object:
+    """What httpx verifies the broker with: system CAs, a pinned CA, or (RA-TLS) a policy on its evidence."""
+    if broker_policy is not None:
+        if ca_cert is not None:
+            raise KbsError("give the broker's CA certificate or its RA-TLS policy, not both")
+        from cove.attest.errors import VerificationError
+        from cove.kbs import ratls
+
+        try:
+            return ratls.client_context(broker_policy)
+        except (CoveError, VerificationError) as exc:
+            raise KbsError(f"broker policy: {exc.line()}", exc.hint) from None
     if ca_cert is None:
         return True
     if ca_cert is False:
@@ -98,6 +112,27 @@ def _verify_option(ca_cert) -> object:
         raise KbsError(f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)")
     context = ssl.create_default_context(cafile=str(path))
     return context
+
+
+def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
+    """A transport error as one line: an RA-TLS refusal (never retried) or an unreachable broker."""
+    from cove.kbs.ratls import rejection
+
+    refused = rejection(exc)
+    if refused is not None:
+        return KbsError(f"{what}: the broker at {url} failed RA-TLS verification: {refused}",
+                        "the broker is not the enclave the policy names (or not in an enclave at all)",
+                        kind="RaTlsRejected")
+    return KbsError(f"{what}: cannot reach the broker at {url}: {exc}",
+                    "check the URL, that the broker runs, and its CA certificate or policy")
+
+
+def _http(url: str, ca_cert, broker_policy, timeout: float, transport=None) -> httpx.Client:
+    if broker_policy is not None and not url.startswith("https://"):
+        raise KbsError(f"{url}: an RA-TLS broker policy needs an https:// URL")
+    # With a policy, no proxy from the environment: the evidence check runs on a direct TLS socket.
+    return httpx.Client(base_url=url, verify=_verify_option(ca_cert, broker_policy), timeout=timeout,
+                        transport=transport, trust_env=broker_policy is None)
 
 
 def _raise_for(response: httpx.Response, what: str) -> None:
@@ -114,12 +149,13 @@ def _raise_for(response: httpx.Response, what: str) -> None:
 
 
 class KbsClient:
+    """``ca_cert``: the broker's TLS CA; or ``broker_policy`` (a Policy, path or inline text): an RA-TLS broker."""
+
     def __init__(self, url: str, ca_cert=None, timeout: float = 30.0, key_type: str = "EC",
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, broker_policy=None):
         self.url = url.rstrip("/")
         self.key_type = key_type
-        self.http = httpx.Client(base_url=self.url, verify=_verify_option(ca_cert), timeout=timeout,
-                                 transport=transport)
+        self.http = _http(self.url, ca_cert, broker_policy, timeout, transport)
         self.tee_key = None
         self.token: str | None = None
         self.claims: dict | None = None
@@ -137,8 +173,7 @@ class KbsClient:
         try:
             response = self.http.post(path, json=body)
         except httpx.HTTPError as exc:
-            raise KbsError(f"{what}: cannot reach the broker at {self.url}: {exc}",
-                           "check the URL, that the broker runs, and its CA certificate") from None
+            raise _unreachable(exc, what, self.url) from None
         _raise_for(response, what)
         return response
 
@@ -170,7 +205,7 @@ class KbsClient:
                 request.headers.pop("cookie", None)  # the token alone must do
             response = self.http.send(request)
         except httpx.HTTPError as exc:
-            raise KbsError(f"resource {path}: cannot reach the broker at {self.url}: {exc}") from None
+            raise _unreachable(exc, f"resource {path}", self.url) from None
         _raise_for(response, f"resource {path}")
         return response.json()
 
@@ -197,16 +232,16 @@ def _token_claims(token: str) -> dict:
 
 
 def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert=None, retries: int = 0,
-          backoff: float = 0.2, timeout: float = 30.0) -> dict[str, bytes]:
+          backoff: float = 0.2, timeout: float = 30.0, broker_policy=None) -> dict[str, bytes]:
     """Attest once and fetch several resources; transport failures are retried (not refusals)."""
     attempt = 0
     while True:
         try:
-            with KbsClient(url, ca_cert, timeout=timeout) as client:
+            with KbsClient(url, ca_cert, timeout=timeout, broker_policy=broker_policy) as client:
                 client.attest(provider)
                 return {path: client.resource(path) for path in paths}
         except KbsError as exc:
-            if exc.status is not None or attempt >= retries:
+            if exc.status is not None or exc.kind == "RaTlsRejected" or attempt >= retries:
                 raise
             attempt += 1
             time.sleep(backoff * attempt)
@@ -217,20 +252,20 @@ class AdminClient:
     """Signs a fresh admin token for each request with a registered admin key."""
 
     def __init__(self, url: str, key, key_name: str, ca_cert=None, audience: str | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, broker_policy=None):
         self.url = url.rstrip("/")
         self.key = key
         self.key_name = key_name
-        self.http = httpx.Client(base_url=self.url, verify=_verify_option(ca_cert), timeout=timeout)
+        self.http = _http(self.url, ca_cert, broker_policy, timeout)
         self.audience = audience
 
     @classmethod
-    def from_file(cls, url: str, key_file: Path, ca_cert=None) -> "AdminClient":
+    def from_file(cls, url: str, key_file: Path, ca_cert=None, broker_policy=None) -> "AdminClient":
         """An admin client from a key file written by `cove kbs init` (JSON: name, audience, jwk)."""
         try:
             data = json.loads(Path(key_file).read_text())
             key = jose.load_private_jwk(json.dumps(data["jwk"]))
-            return cls(url, key, data["name"], ca_cert, data.get("audience"))
+            return cls(url, key, data["name"], ca_cert, data.get("audience"), broker_policy=broker_policy)
         except FileNotFoundError:
             raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -248,7 +283,7 @@ class AdminClient:
         try:
             response = self.http.request(method, path, json=body, params=params, headers=self._headers())
         except httpx.HTTPError as exc:
-            raise KbsError(f"cannot reach the broker at {self.url}: {exc}") from None
+            raise _unreachable(exc, f"{method} {path}", self.url) from None
         _raise_for(response, f"{method} {path}")
         if response.status_code == 204 or not response.content:
             return None

@@ -96,7 +96,8 @@ class ProvisioningService(EnclaveService):
                 attestation = self.ctx.config.attestation
                 try:
                     self.values = fetch(attestation.kbs, self.resources, self.provider, ca_cert=attestation.ca,
-                                        retries=attestation.retries, timeout=attestation.timeout)
+                                        retries=attestation.retries, timeout=attestation.timeout,
+                                        broker_policy=attestation.kbs_policy)
                 except KbsError as exc:
                     raise ProvisioningError(f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
                                             exc.hint or "the program was not started") from None
