@@ -168,7 +168,9 @@ class Broker:
     def _live_session(self, session_id: str | None):
         if not session_id:
             raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
-        row = self.store.session(session_id)
+        return self._live(self.store.session(session_id))
+
+    def _live(self, row):
         if row is None:
             raise Problem("SessionNotFound", "the kbs-session-id names no session (unknown or purged)")
         if row.expires_at < self.now():
@@ -235,10 +237,23 @@ class Broker:
             return Caller(claims["tcb-status"], claims["tee-pubkey"], "token")
         if not session_id:
             raise Problem("TokenNotFound", "no kbs-session-id cookie and no bearer token: attest first")
-        row = self._live_session(session_id)
+        return self._attested(self._live_session(session_id))
+
+    @staticmethod
+    def _attested(row) -> Caller:
         if row.state != "attested" or row.claims is None or row.tee_pubkey is None:
             raise Problem("AttestationError", "this session has not attested successfully")
         return Caller(row.claims, row.tee_pubkey, "cookie", row.id)
+
+    def release_to(self, session_id: str | None, bearer: str | None, path: str, version: int | None = None) -> dict:
+        """GET /kbs/v0/resource/...: :meth:`caller`, then :meth:`release`; a cookie session is read
+        together with the secret (one database round trip)."""
+        if bearer or not session_id:
+            return self.release(path, self.caller(session_id, bearer), version)
+        session, found = self.store.session_and_release_row(session_id, path, version)
+        caller = self._attested(self._live(session))
+        secrets_mod.split_path(path)
+        return self._release(path, caller, version, found)
 
     def _policy(self, name: str, found: tuple[str, int] | None = None) -> policy_mod.Policy | None:
         """The parsed policy (cached by name and version); found: its (body, version) if already read."""
@@ -258,9 +273,11 @@ class Broker:
     def release(self, path: str, caller: Caller, version: int | None = None) -> dict:
         """GET /kbs/v0/resource/...: the secret as a JWE to the caller's TEE key, if policy allows."""
         secrets_mod.split_path(path)
+        return self._release(path, caller, version, self.store.release_row(path, version))
+
+    def _release(self, path: str, caller: Caller, version: int | None, found) -> dict:
         who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
-        found = self.store.release_row(path, version)
         if found is None:
             self.store.audit(who, "release", "not-found", path, measurement)
             raise Problem("InvalidRequestPath", f"no resource {path}")

@@ -88,6 +88,10 @@ class SecretRow:
     updated_at: float
 
 
+# What a release reads: the secret, its policy (body, version) and the sealed value, the last two if they exist.
+ReleaseRow = tuple[SecretRow, tuple[str, int] | None, bytes | None]
+
+
 def _fill(statement: str, dialect: str) -> str:
     for key, value in _DIALECT[dialect].items():
         statement = statement.replace(key, value)
@@ -247,8 +251,7 @@ class Store:
     def query(self, statement: str, args: tuple = ()) -> list[tuple]:
         conn = self._pool.get()
         try:
-            cur = conn.execute(self._sql(statement), args)
-            rows = cur.fetchall() if cur.description else []
+            rows = conn.execute(self._sql(statement), args).fetchall()
         except BaseException:
             self._pool.discard(conn)
             raise
@@ -361,9 +364,10 @@ class Store:
     def session(self, session_id: str) -> SessionRow | None:
         rows = self.query("SELECT id, nonce, tee, state, created_at, expires_at, claims, tee_pubkey "
                           "FROM sessions WHERE id = ?", (session_id,))
-        if not rows:
-            return None
-        r = rows[0]
+        return self._session_row(rows[0]) if rows else None
+
+    @staticmethod
+    def _session_row(r) -> SessionRow:
         return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
                           json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
 
@@ -481,18 +485,24 @@ class Store:
                           "updated_at FROM secrets ORDER BY path")
         return [self._secret_row(r) for r in rows if r[0].startswith(prefix)]
 
-    def release_row(self, path: str, version: int | None) -> tuple[SecretRow, tuple[str, int] | None,
-                                                                   bytes | None] | None:
+    def release_row(self, path: str, version: int | None) -> ReleaseRow | None:
         """What a release needs in one round trip: the secret, its policy (body, version) if it exists,
         and the sealed value of version (default: the current one) if it exists."""
-        rows = self.query("SELECT s.path, s.kind, s.params, s.policy, s.exportable, s.current_version, s.public, "
-                          "s.created_at, s.updated_at, p.body, p.version, v.sealed FROM secrets s "
-                          "LEFT JOIN policies p ON p.name = s.policy "
-                          "LEFT JOIN secret_versions v ON v.path = s.path "
-                          "AND v.version = COALESCE(?, s.current_version) WHERE s.path = ?", (version, path))
-        if not rows:
-            return None
-        r = rows[0]
+        rows = self.query(f"SELECT {_RELEASE_COLUMNS} FROM secrets s {_RELEASE_JOINS} WHERE s.path = ?",
+                          (version, path))
+        return self._release_row(rows[0]) if rows else None
+
+    def session_and_release_row(self, session_id: str, path: str, version: int | None
+                                ) -> tuple[SessionRow | None, ReleaseRow | None]:
+        """A cookie session and :meth:`release_row`, together in one round trip."""
+        r = self.query("SELECT se.id, se.nonce, se.tee, se.state, se.created_at, se.expires_at, se.claims, "
+                       f"se.tee_pubkey, {_RELEASE_COLUMNS} FROM (SELECT 1 AS one) one "
+                       f"LEFT JOIN sessions se ON se.id = ? LEFT JOIN secrets s ON s.path = ? {_RELEASE_JOINS}",
+                       (session_id, path, version))[0]
+        return (self._session_row(r[:8]) if r[0] is not None else None,
+                self._release_row(r[8:]) if r[8] is not None else None)
+
+    def _release_row(self, r) -> ReleaseRow:
         return (self._secret_row(r), (r[9], int(r[10])) if r[9] is not None else None,
                 bytes(r[11]) if r[11] is not None else None)
 
@@ -548,6 +558,10 @@ class Store:
         return [dict(zip(keys, r)) for r in rows]
 
 
+_RELEASE_COLUMNS = ("s.path, s.kind, s.params, s.policy, s.exportable, s.current_version, s.public, s.created_at, "
+                    "s.updated_at, p.body, p.version, v.sealed")
+_RELEASE_JOINS = ("LEFT JOIN policies p ON p.name = s.policy LEFT JOIN secret_versions v ON v.path = s.path "
+                  "AND v.version = COALESCE(?, s.current_version)")
 _AUDIT_INSERT = ("INSERT INTO audit (at, actor, action, outcome, resource, measurement, detail) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
