@@ -58,7 +58,7 @@ options = {{ size = "64M" }}
 # before the program starts (docs/kbs.md).
 # [attestation]
 # kbs = "https://kbs.example:8080"
-# ca = "/etc/cove/kbs-ca.pem"
+# ca = "/etc/cove/kbs-ca.pem"     # or, for a broker in an enclave (RA-TLS): kbs_policy = "/etc/cove/kbs.toml"
 #
 # [[secrets]]
 # name = "db-password"
