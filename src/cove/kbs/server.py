@@ -167,13 +167,15 @@ class BrokerApp(FastAPI):
     string, goes straight to the endpoint's function, past FastAPI's routing,
     dependency solving, pydantic validation and middleware: those cost about a
     quarter of the broker's CPU per flow. The broker checks every field itself
-    (the models only document them); errors go through the same exception
-    handlers. Anything else (other content types, ``?version=``, admin and
-    public routes) takes the ordinary FastAPI path.
+    (the models make the OpenAPI document); errors go through the same
+    exception handlers. Anything else (other content types, ``?version=``,
+    admin and public routes) takes the ordinary FastAPI path.
     """
 
-    direct_posts: dict = {}
-    direct_resource = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.direct_posts: dict = {}  # path -> endpoint function(request)
+        self.direct_resource = None  # endpoint function(repository, kind, tag, request)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
