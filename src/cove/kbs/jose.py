@@ -1,10 +1,8 @@
-"""JOSE: TEE keys, resource JWEs, attestation and admin tokens.
+"""JOSE, through joserfc: TEE keys, resource JWEs, attestation and admin tokens.
 
-The broker's hot path (loading TEE keys, encrypting resources, signing
-attestation tokens) builds the JOSE objects directly with ``cryptography``:
-joserfc's generic machinery cost about as much again as the cryptography
-itself. Everything that parses or verifies (admin tokens, attestation tokens,
-the client's decryption) goes through joserfc.
+Every JWE and JWT is made and checked by joserfc (no hand-made JOSE). The
+hot path keeps joserfc's cost down by importing each TEE key once per
+process (/attest and /resource load the same one) and the token key once.
 
 - A TEE key (``runtime-data.tee-pubkey``) is an EC P-256/P-384 JWK (answered
   with ``ECDH-ES+A256KW``) or an RSA JWK of at least 2048 bits (answered with
@@ -24,16 +22,9 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import os
 import secrets as pysecrets
 import time
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap
-from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from joserfc import jwe, jwk, jwt
 from joserfc.errors import JoseError
 
@@ -47,11 +38,11 @@ ADMIN_TOKEN_MAX_LIFETIME = 300
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 
-_CURVES = {"P-256": (ec.SECP256R1(), 32), "P-384": (ec.SECP384R1(), 48)}
+_COORDINATE_BYTES = {"P-256": 32, "P-384": 48}
 _MAX_RSA_BITS = 16384
 
 
-def tee_key(value) -> tuple[ec.EllipticCurvePublicKey | rsa.RSAPublicKey, str]:
+def tee_key(value) -> tuple[jwk.Key, str]:
     """The TEE's public key from runtime-data and the JWE algorithm to answer with."""
     if not isinstance(value, dict):
         raise Problem("InvalidRequest", "runtime-data.tee-pubkey must be a JWK object")
@@ -63,35 +54,35 @@ def tee_key(value) -> tuple[ec.EllipticCurvePublicKey | rsa.RSAPublicKey, str]:
     alg = ALG_FOR[kty]
     if "alg" in value and value["alg"] != alg:
         raise Problem("InvalidRequest", f"tee-pubkey alg {value['alg']!r} is not supported; use {alg}")
-    if kty == "EC" and value.get("crv") not in _CURVES:
+    if kty == "EC" and value.get("crv") not in _COORDINATE_BYTES:
         raise Problem("InvalidRequest", f"tee-pubkey curve {value.get('crv')!r} is not P-256 or P-384")
     try:
         if kty == "EC":
-            key = _ec_public(value["crv"], value["x"], value["y"])
+            limit = 2 * _COORDINATE_BYTES[value["crv"]]  # base64url of n bytes is under 2n characters
+            key = _import_public(("EC", value["crv"], _member(value, "x", limit), _member(value, "y", limit)))
         else:
-            key = _rsa_public(value["n"], value["e"])
-    except (KeyError, ValueError, TypeError) as exc:
+            key = _import_public(("RSA", _member(value, "n", _MAX_RSA_BITS // 6 + 4), _member(value, "e", 16)))
+    except (JoseError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise Problem("InvalidRequest", f"tee-pubkey is not a valid public key: {exc}") from None
     return key, alg
 
 
-def _b64_int(text: str, max_chars: int) -> int:
+def _member(value: dict, name: str, max_chars: int) -> str:
+    """A key member, bounded in size so that the cache of imported keys stays small."""
+    text = value[name]
     if not isinstance(text, str) or not text or len(text) > max_chars:
-        raise ValueError("a key member is not a base64url integer of the right size")
-    return int.from_bytes(_b64(text), "big")
+        raise ValueError(f"{name} is not a base64url integer of the right size")
+    return text
 
 
 @functools.lru_cache(maxsize=1024)
-def _ec_public(crv: str, x: str, y: str) -> ec.EllipticCurvePublicKey:
-    """Load (and check on the curve) an EC key; cached, since /attest and /resource load the same one."""
-    curve, size = _CURVES[crv]
-    limit = 2 * size  # base64url of `size` bytes is under 2*size characters
-    return ec.EllipticCurvePublicNumbers(_b64_int(x, limit), _b64_int(y, limit), curve).public_key()
-
-
-def _rsa_public(n: str, e: str) -> rsa.RSAPublicKey:
-    key = rsa.RSAPublicNumbers(_b64_int(e, 16), _b64_int(n, _MAX_RSA_BITS // 6 + 4)).public_key()
-    if key.key_size < 2048:
+def _import_public(members: tuple) -> jwk.Key:
+    """Import (and check: on the curve, RSA size) a public key; cached per process."""
+    if members[0] == "EC":
+        key = jwk.import_key({"kty": "EC", "crv": members[1], "x": members[2], "y": members[3]}, "EC")
+    else:
+        key = jwk.import_key({"kty": "RSA", "n": members[1], "e": members[2]}, "RSA")
+    if key.raw_value.key_size < 2048 and members[0] == "RSA":  # type: ignore[attr-defined]
         raise ValueError("RSA keys must have at least 2048 bits")
     return key
 
@@ -99,36 +90,9 @@ def _rsa_public(n: str, e: str) -> rsa.RSAPublicKey:
 def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
     """A flattened JWE of plaintext for the TEE key, every header member protected."""
     key, alg = tee_key(tee_pubkey)
-    cek = os.urandom(32)
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        header, encrypted_key = _ecdh_es_a256kw(key, cek)
-    else:
-        header = {"alg": alg, "enc": CONTENT_ENC}
-        encrypted_key = key.encrypt(cek, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
-    protected = _b64e(json.dumps(header, separators=(",", ":")).encode())
-    iv = os.urandom(12)
-    sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
-    return {"protected": protected, "encrypted_key": _b64e(encrypted_key), "iv": _b64e(iv),
-            "ciphertext": _b64e(sealed[:-16]), "tag": _b64e(sealed[-16:])}
-
-
-def _ecdh_es_a256kw(key: ec.EllipticCurvePublicKey, cek: bytes) -> tuple[dict, bytes]:
-    """RFC 7518 4.6: an ephemeral key, ECDH, Concat KDF (no apu/apv), AES key wrap of the CEK."""
-    crv = "P-256" if key.curve.name == "secp256r1" else "P-384"
-    size = _CURVES[crv][1]
-    ephemeral = ec.generate_private_key(key.curve)
-    shared = ephemeral.exchange(ec.ECDH(), key)
-    alg = ALG_FOR["EC"].encode()
-    other = len(alg).to_bytes(4, "big") + alg + bytes(8) + (256).to_bytes(4, "big")
-    kek = ConcatKDFHash(hashes.SHA256(), 32, other).derive(shared)
-    numbers = ephemeral.public_key().public_numbers()
-    epk = {"kty": "EC", "crv": crv, "x": _b64e(numbers.x.to_bytes(size, "big")),
-           "y": _b64e(numbers.y.to_bytes(size, "big"))}
-    return {"alg": ALG_FOR["EC"], "enc": CONTENT_ENC, "epk": epk}, aes_key_wrap(kek, cek)
-
-
-def _b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    compact = jwe.encrypt_compact({"alg": alg, "enc": CONTENT_ENC}, plaintext, key,
+                                  algorithms=[alg, CONTENT_ENC])
+    return dict(zip(("protected", "encrypted_key", "iv", "ciphertext", "tag"), compact.split(".")))
 
 
 def decrypt_from(document: dict, private_key: jwk.Key) -> bytes:
@@ -176,22 +140,14 @@ class TokenIssuer:
         self.public["kid"] = self.kid
         self.public["alg"] = TOKEN_ALG
         self.public["use"] = "sig"
-        self._signer = signing_key.private_key
-        self._header = _b64e(json.dumps({"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid},
-                                        separators=(",", ":")).encode())
+        self._header = {"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid}
 
     def issue(self, tee_pubkey: dict, claims: dict, evaluation: str, now: float | None = None) -> str:
         now = int(now if now is not None else time.time())
         body = {"iss": self.issuer, "iat": now, "nbf": now, "exp": now + int(self.lifetime),
                 "jti": pysecrets.token_hex(16), "jwk": self.public, "tee-pubkey": tee_pubkey,
                 "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": evaluation}
-        return self._sign(body)
-
-    def _sign(self, body: dict) -> str:
-        """A compact ES256 JWS (RFC 7515), signed directly: joserfc's encode costs twice the ECDSA."""
-        signing_input = f"{self._header}.{_b64e(json.dumps(body, separators=(',', ':')).encode())}"
-        r, s = decode_dss_signature(self._signer.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
-        return f"{signing_input}.{_b64e(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return jwt.encode(self._header, body, self.key, algorithms=[TOKEN_ALG])
 
     def verify(self, token: str, now: float | None = None) -> dict:
         """The claims of a token this broker issued and that is still valid, or a 401 problem."""
