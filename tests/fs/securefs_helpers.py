@@ -102,7 +102,8 @@ def build_tamper_volume(path: Path, key: bytes, label: str, anchor: str = "file"
     two nodes swapped, two files swapped, a file moved over another, a file
     rolled back, a file deleted, a file added.
     """
-    from cove.fs.volume import KeyPolicy, Volume
+    from cove.fs.index import KeyPolicy
+    from cove.fs.volume import Volume
 
     expected: dict[str, str] = {}
     ids: dict[str, str] = {}

@@ -11,7 +11,8 @@ import pytest
 
 from cove.fs import anchor
 from cove.fs.anchor import Anchor, AnchorError, FileAnchor, TpmAnchor
-from cove.fs.volume import KeyPolicy, Volume, VolumeIntegrityError
+from cove.fs.index import KeyPolicy
+from cove.fs.volume import Volume, VolumeIntegrityError
 from tests.conftest import require
 
 from securefs_helpers import running_swtpm

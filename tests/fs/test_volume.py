@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from cove.fs.access import open_volume
-from cove.fs.volume import KeyPolicy, Volume, VolumeError
+from cove.fs.index import KeyPolicy
+from cove.fs.volume import Volume, VolumeError
 
 from securefs_helpers import host_files
 

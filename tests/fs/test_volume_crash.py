@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from cove.fs.volume import NEXT, KeyPolicy, Volume
+from cove.fs.index import KeyPolicy
+from cove.fs.volume import Volume
+from cove.fs.volume_format import NEXT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vol_crash_writer import state_digest  # noqa: E402

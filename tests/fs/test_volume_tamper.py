@@ -9,7 +9,9 @@ import shutil
 import pytest
 
 from cove.fs import FileIntegrityError
-from cove.fs.volume import ROOT, KeyPolicy, Volume, VolumeError, VolumeIntegrityError
+from cove.fs.index import KeyPolicy
+from cove.fs.volume import Volume, VolumeError, VolumeIntegrityError
+from cove.fs.volume_format import ROOT
 
 from securefs_helpers import BIG, build_tamper_volume, content, flip, host_files
 

@@ -17,7 +17,9 @@ from cove.errors import CoveError
 
 from cove.fs import anchor as anchor_mod
 from cove.fs import keys
-from cove.fs.volume import DEFAULT_FILE_CACHE, NEXT, ROOT, KeyPolicy, Volume, VolumeError, _split_root
+from cove.fs.index import KeyPolicy
+from cove.fs.volume import DEFAULT_FILE_CACHE, Volume, VolumeError
+from cove.fs.volume_format import NEXT, ROOT, split_root
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def header_policies(path: str) -> list[KeyPolicy]:
     found = []
     for name in (ROOT, NEXT):
         try:
-            header = _split_root(Path(path, name).read_bytes())[0]
+            header = split_root(Path(path, name).read_bytes())[0]
             found.append(KeyPolicy(header["key"]["source"], header["key"]["svn"]))
         except (OSError, CoveError, KeyError, TypeError):
             continue

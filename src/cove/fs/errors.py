@@ -1,8 +1,10 @@
-"""Errors of the encrypted file format.
+"""Errors of the encrypted file format and of volumes.
 
 Every tamper, whatever it hits, surfaces as one type, :class:`FileIntegrityError`,
 so callers (the FUSE layer, the volume layer) need one ``except`` to refuse a
 file; the message names the part that failed so a human can tell what happened.
+A volume as a whole (its root, key or anchor) fails with
+:class:`VolumeIntegrityError`.
 """
 
 from __future__ import annotations
@@ -26,3 +28,11 @@ class FileIntegrityError(IntegrityError):
 
 class ProtectedFileError(CoveError):
     """A protected file was used wrongly (closed, read-only, bad argument)."""
+
+
+class VolumeError(CoveError):
+    """A volume cannot be used as asked (not a volume, in use, wrong label...)."""
+
+
+class VolumeIntegrityError(IntegrityError):
+    """A volume failed a check as a whole: its root, its key or its anchor."""

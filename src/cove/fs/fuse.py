@@ -29,7 +29,8 @@ import trio
 
 from cove.errors import CoveError
 from cove.fs.errors import FileIntegrityError
-from cove.fs.volume import Node, Volume
+from cove.fs.index import Node
+from cove.fs.volume import Volume
 
 ATTR_TIMEOUT = 1.0
 

@@ -33,7 +33,8 @@ import cbor2
 from cove.errors import IntegrityError
 from cove.fs import keys
 from cove.fs.access import Identity, open_volume
-from cove.fs.volume import KeyPolicy, Node, Volume
+from cove.fs.index import KeyPolicy, Node
+from cove.fs.volume import Volume
 
 LABEL = "/"
 CHUNK = 1 << 20

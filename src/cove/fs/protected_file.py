@@ -382,7 +382,7 @@ class ProtectedFile:
         """Two-phase: the volume recorded the committed state; drop the undo log.
 
         Clearing the flag needs no fsync: a volume that finds the flag still
-        set on the state it recorded clears it again (see cove.fs.volume).
+        set on the state it recorded clears it again (see cove.fs.recovery).
         """
         self._check()
         if not self._journal.active:

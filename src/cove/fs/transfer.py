@@ -17,9 +17,11 @@ from pathlib import Path
 
 from cove.errors import CoveError
 from cove.fs.errors import FileIntegrityError
+from cove.fs.index import Node
 from cove.fs.layout import HEADER, MAGIC
 from cove.fs.protected_file import ProtectedFile
-from cove.fs.volume import NEXT, ROOT, Node, Volume
+from cove.fs.volume import Volume
+from cove.fs.volume_format import NEXT, ROOT
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]

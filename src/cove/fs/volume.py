@@ -1,25 +1,16 @@
 """A volume: a folder of protected files under one authenticated, rollback-anchored root.
 
-Host layout::
+:class:`Volume` opens, commits and closes a volume and runs the POSIX-like
+operations (lookup, mkdir, rename, setattr, read/write/truncate, walk,
+verify) on its index. The index itself is :mod:`cove.fs.index`; the root
+file, the key header and host file IDs are :mod:`cove.fs.volume_format`;
+crash recovery of host files on open is :mod:`cove.fs.recovery`.
 
-    VOLUME/root             header (plain CBOR) + the encrypted index (AES-256-GCM)
-    VOLUME/root.next        the next root, only during a commit
-    VOLUME/files/xx/ID      one protected file per regular file (bound to ID)
-
-The *index* is the whole namespace: a tree of folders, files and symlinks
-with their modes, owners and times; each file entry names its host file ID and
-the root MAC of its committed state. The host sees neither names nor the tree,
-only opaque IDs, sizes to within 4 KiB and access patterns. Anything the host
-adds under ``files/`` is not in the index and so cannot be seen; a file
-replaced by an older version of itself, by another file, or deleted fails its
-root MAC (or is missing) and reads fail; a whole volume rolled back fails the
-anchor (:mod:`cove.fs.anchor`).
-
-Keys: the key source gives a 16-byte key-encryption key (KEK) that wraps a
-random 32-byte volume master key (VMK) in the header. HKDF-SHA256 over the VMK
-(salt: the volume id) gives the protected files' key, the index key, the key
-that tags file IDs and the anchor's secret. Re-wrapping (a sealing key of a
-higher svn) rewrites only the header.
+The host sees neither names nor the tree, only opaque IDs, sizes to within
+4 KiB and access patterns. Anything the host adds under ``files/`` is not in
+the index and so cannot be seen; a file replaced by an older version of
+itself, by another file, or deleted fails its root MAC (or is missing) and
+reads fail; a whole volume rolled back fails the anchor (:mod:`cove.fs.anchor`).
 
 Commit (everything since the last commit becomes durable at once):
 
@@ -45,166 +36,23 @@ import hashlib
 import hmac
 import os
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import cbor2
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cove.errors import CoveError, IntegrityError
+from cove.errors import CoveError
 from cove.fs import anchor as anchor_mod
-from cove.fs import journal
-from cove.fs.errors import FileIntegrityError, ProtectedFileError
-from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE, node_count
-from cove.fs.protected_file import ProtectedFile, read_header
+from cove.fs import journal, recovery
+from cove.fs.errors import FileIntegrityError, ProtectedFileError, VolumeError, VolumeIntegrityError
+from cove.fs.index import KeyFor, KeyPolicy, Node
+from cove.fs.layout import NODE_SIZE, node_count
+from cove.fs.protected_file import ProtectedFile
+from cove.fs.volume_format import FILES, FORMAT, NEXT, ROOT, decode_root, encode_root, kdf, new_id, wrap_key
 
-MAGIC = b"COVEVOL1"
-FORMAT = 1
-ROOT = "root"
-NEXT = "root.next"
-FILES = "files"
 DEFAULT_FILE_CACHE = 1 << 20
-_LEN = struct.Struct("<I")
 NAME_MAX = 255
-
-
-class VolumeError(CoveError):
-    """A volume cannot be used as asked (not a volume, in use, wrong label...)."""
-
-
-class VolumeIntegrityError(IntegrityError):
-    """A volume failed a check as a whole: its root, its key or its anchor."""
-
-
-@dataclass(frozen=True)
-class KeyPolicy:
-    """How a volume's KEK is found again: the normalized key source and the svn it was sealed at."""
-
-    source: str
-    svn: int = 0
-
-    @classmethod
-    def of(cls, source_text: str, svn: int | None = None) -> KeyPolicy:
-        from cove.fs.keys import parse
-
-        source = parse(source_text)
-        if source.kind in ("file", "insecure"):  # where the key lives is not part of the volume
-            return cls(source.kind, 0)
-        return cls(source.text, (svn or 0) if source.sealed else 0)
-
-    def to_cbor(self) -> dict:
-        return {"source": self.source, "svn": self.svn}
-
-
-KeyFor = Callable[[KeyPolicy], bytes]
-
-
-class Node:
-    """A folder, file or symlink of the index, with its runtime state."""
-
-    __slots__ = ("kind", "mode", "uid", "gid", "mtime", "ctime", "id", "mac", "size", "children",
-                 "target", "ino", "parent", "name", "lookups", "handle", "opens", "dirty", "linked")
-
-    def __init__(self, kind: str, mode: int, uid: int = 0, gid: int = 0, now: int | None = None):
-        now = time.time_ns() if now is None else now
-        self.kind = kind  # "d", "f" or "l"
-        self.mode = mode  # full st_mode
-        self.uid, self.gid = uid, gid
-        self.mtime = self.ctime = now
-        self.id: str | None = None
-        self.mac: bytes | None = None
-        self.size = 0
-        self.children: dict[bytes, Node] | None = {} if kind == "d" else None
-        self.target: bytes | None = None
-        self.ino = 0
-        self.parent: Node | None = None
-        self.name = b""
-        self.lookups = 0
-        self.handle: ProtectedFile | None = None
-        self.opens = 0
-        self.dirty = False
-        self.linked = True
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind == "d"
-
-    def path(self) -> str:
-        parts = []
-        node = self
-        while node.parent is not None:
-            parts.append(node.name.decode("utf-8", "replace"))
-            node = node.parent
-        return "/" + "/".join(reversed(parts))
-
-    def to_cbor(self) -> dict:
-        item = {"k": self.kind, "m": self.mode, "u": self.uid, "g": self.gid, "t": self.mtime,
-                "c": self.ctime}
-        if self.kind == "f":
-            item.update(i=self.id, h=self.mac, s=self.size)
-        elif self.kind == "l":
-            item["l"] = self.target
-        else:
-            item["e"] = {name: child.to_cbor() for name, child in sorted(self.children.items())}
-        return item
-
-    @classmethod
-    def from_cbor(cls, item: dict) -> Node:
-        node = cls(item["k"], item["m"], item["u"], item["g"], item["t"])
-        node.ctime = item["c"]
-        if node.kind == "f":
-            node.id, node.mac, node.size = item["i"], item["h"], item["s"]
-        elif node.kind == "l":
-            node.target = item["l"]
-        elif node.kind == "d":
-            for name, sub in item["e"].items():
-                child = cls.from_cbor(sub)
-                child.parent, child.name = node, name
-                node.children[name] = child
-        else:
-            raise ValueError(f"unknown node kind {node.kind!r}")
-        return node
-
-
-def _kdf(vmk: bytes, salt: bytes, purpose: bytes, length: int) -> bytes:
-    return HKDF(hashes.SHA256(), length, salt, b"cove volume " + purpose).derive(vmk)
-
-
-def _wrap_aad(volume_id: bytes, label: str, policy: KeyPolicy) -> bytes:
-    return b"cove volume key\0" + volume_id + cbor2.dumps([label, policy.source, policy.svn])
-
-
-def _split_root(data: bytes) -> tuple[dict, bytes, bytes]:
-    """(header, aad, sealed index) of a root file; raises VolumeIntegrityError."""
-    if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
-        raise VolumeIntegrityError("not a Cove volume root (bad magic)")
-    (size,) = _LEN.unpack_from(data, len(MAGIC))
-    end = len(MAGIC) + _LEN.size + size
-    if end + 12 + 16 > len(data):
-        raise VolumeIntegrityError("volume root truncated")
-    try:
-        header = cbor2.loads(data[len(MAGIC) + _LEN.size:end])
-    except Exception:
-        raise VolumeIntegrityError("volume root header is not readable") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise VolumeIntegrityError(f"unsupported volume format {header.get('format') if isinstance(header, dict) else '?'}")
-    return header, data[:end], data[end:]
-
-
-def _parse_id(name: str) -> tuple[int, bytes, bytes] | None:
-    parts = name.split("-")
-    if len(parts) != 3:
-        return None
-    try:
-        return int(parts[0], 16), bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
-    except ValueError:
-        return None
 
 
 def _fsync_dir(path: str) -> None:
@@ -248,12 +96,11 @@ class Volume:
             volume_id = os.urandom(16)
             vmk = os.urandom(32)
             kind = anchor_mod.choose_kind(anchor)
-            store = anchor_mod.open_store({"kind": kind}, volume_id, _kdf(vmk, volume_id, b"anchor", 16),
+            store = anchor_mod.open_store({"kind": kind}, volume_id, kdf(vmk, volume_id, b"anchor", 16),
                                           home or path)
             first = store.create()
-            nonce = os.urandom(12)
             header = {"format": FORMAT, "id": volume_id, "label": label, "key": policy.to_cbor(),
-                      "wrapped": nonce + AESGCM(kek).encrypt(nonce, vmk, _wrap_aad(volume_id, label, policy)),
+                      "wrapped": wrap_key(kek, vmk, volume_id, label, policy),
                       "anchor": store.params()}
             self._setup(path, header, vmk, store, writable=True, durable=durable, cache_bytes=cache_bytes)
             os.makedirs(os.path.join(path, FILES), mode=0o700, exist_ok=True)
@@ -313,11 +160,11 @@ class Volume:
         self.header = header
         self.id: bytes = header["id"]
         self.label: str = header["label"]
-        self.policy = KeyPolicy(header["key"]["source"], header["key"]["svn"])
+        self.policy = KeyPolicy.from_cbor(header["key"])
         self._vmk = vmk
-        self._file_key = _kdf(vmk, self.id, b"files", 16)
-        self._index = AESGCM(_kdf(vmk, self.id, b"index", 32))
-        self._name_key = _kdf(vmk, self.id, b"names", 32)
+        self._file_key = kdf(vmk, self.id, b"files", 16)
+        self._index = AESGCM(kdf(vmk, self.id, b"index", 32))
+        self._name_key = kdf(vmk, self.id, b"names", 32)
         self.store = store
         self.writable = writable
         self.durable = durable
@@ -330,28 +177,6 @@ class Volume:
         self._next_ino = 1
         self._handles: dict[str, Node] = {}
 
-    def _decode(self, data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict]:
-        """(header, vmk, index body) of a root file's bytes."""
-        header, aad, sealed = _split_root(data)
-        try:
-            policy = KeyPolicy(header["key"]["source"], header["key"]["svn"])
-            wrapped, volume_id, label = header["wrapped"], header["id"], header["label"]
-        except (KeyError, TypeError):
-            raise VolumeIntegrityError("volume root header is incomplete") from None
-        kek = key_for(policy) if callable(key_for) else key_for
-        try:
-            vmk = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(volume_id, label, policy))
-        except (InvalidTag, ValueError):
-            raise VolumeIntegrityError("the key does not open this volume (wrong key, or its header "
-                                       "was modified)", "check the key source") from None
-        index = AESGCM(_kdf(vmk, volume_id, b"index", 32))
-        try:
-            body = cbor2.loads(index.decrypt(sealed[:12], sealed[12:], aad))
-        except InvalidTag:
-            raise VolumeIntegrityError("volume root MAC mismatch (its index was modified)",
-                                       "the volume was tampered with; restore it from a backup") from None
-        return header, vmk, body
-
     def _open(self, path, key_for, label, writable, durable, cache_bytes, check_anchor) -> None:
         candidates = []
         first_error: CoveError | None = None
@@ -361,14 +186,14 @@ class Volume:
             except FileNotFoundError:
                 continue
             try:
-                candidates.append((name, data) + self._decode(data, key_for))
+                candidates.append((name, data) + decode_root(data, key_for))
             except CoveError as exc:
                 first_error = first_error or exc
         if not candidates:
             raise first_error
         header = candidates[0][2]
         store = anchor_mod.open_store(header.get("anchor", {}), header["id"],
-                                      _kdf(candidates[0][3], header["id"], b"anchor", 16), path)
+                                      kdf(candidates[0][3], header["id"], b"anchor", 16), path)
         chosen = None
         if store.kind == "none" or not check_anchor:
             chosen = next((c for c in candidates if c[0] == ROOT), None)
@@ -404,7 +229,10 @@ class Volume:
             os.unlink(os.path.join(path, NEXT))
         self.drop = set(body.get("drop", ()))
         self._load_tree(Node.from_cbor(body["tree"]))
-        self._scan()
+        problems, recovered = recovery.scan(os.path.join(path, FILES), self.ids, self.drop, self.version,
+                                            self._name_key)
+        self.problems += problems
+        self.recovered += recovered
 
     def _load_tree(self, root: Node) -> None:
         self.root = root
@@ -430,105 +258,10 @@ class Volume:
 
     # -- host files ---------------------------------------------------------------
 
-    def _new_id(self) -> str:
-        epoch = self.version + 1
-        rand = os.urandom(8)
-        tag = hmac.new(self._name_key, struct.pack("<Q", epoch) + rand, "sha256").digest()[:8]
-        return f"{epoch:x}-{rand.hex()}-{tag.hex()}"
-
-    def _tag_ok(self, epoch: int, rand: bytes, tag: bytes) -> bool:
-        want = hmac.new(self._name_key, struct.pack("<Q", epoch) + rand, "sha256").digest()[:8]
-        return hmac.compare_digest(want, tag)
-
     def host_path(self, file_id: str) -> str:
         return os.path.join(self.path, FILES, file_id.split("-")[1][:2], file_id)
 
-    def _scan(self) -> None:
-        """Recover files from an interrupted commit; find missing, leftover and foreign files."""
-        seen = set()
-        files_dir = os.path.join(self.path, FILES)
-        for sub in sorted(os.listdir(files_dir)) if os.path.isdir(files_dir) else ():
-            subdir = os.path.join(files_dir, sub)
-            if not os.path.isdir(subdir):
-                self.problems.append(f"unexpected entry files/{sub} (added from outside)")
-                continue
-            names = sorted(os.listdir(subdir))
-            present = set(names)
-            for name in names:
-                full = os.path.join(subdir, name)
-                if name.endswith(journal.RECOVERY_SUFFIX):
-                    if name[: -len(journal.RECOVERY_SUFFIX)] not in present:
-                        self._remove(full)  # the log of a file that is gone
-                    continue
-                if name.endswith(".cove-new") and name.startswith("."):
-                    self._remove(full)  # a creation a crash interrupted
-                    continue
-                seen.add(name)
-                if name in self.ids:
-                    self._resolve(self.ids[name], full)
-                    continue
-                parsed = _parse_id(name)
-                if name in self.drop or (parsed and parsed[0] > self.version and self._tag_ok(*parsed)):
-                    self._remove(full)  # unlinked before, or created after, the last commit
-                    self._remove(journal.recovery_path(full))
-                else:
-                    self.problems.append(f"unexpected file files/{sub}/{name} (added from outside; "
-                                         "it is not part of the volume and cannot be seen)")
-        for file_id, node in self.ids.items():
-            if file_id not in seen:
-                self.problems.append(f"{node.path()}: its host file is missing (deleted from outside)")
-
-    @staticmethod
-    def _trim(full: str, node: Node) -> None:
-        need = node_count(node.size) * NODE_SIZE
-        if os.path.getsize(full) > need:
-            os.truncate(full, need)
-
-    def _remove(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            pass  # a read-only volume folder: leave it
-
-    def _resolve(self, node: Node, full: str) -> None:
-        """Bring one file to the state the index records, if its undo log can."""
-        try:
-            header = read_header(full)
-        except (FileIntegrityError, OSError):
-            return  # reported when the file is opened
-        logged = journal.logged_metadata(full)
-        flagged = bool(header.flags & HAS_PENDING_WRITE)
-        try:
-            if flagged and logged is not None and \
-                    hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
-                journal.recover(full)  # back to the state the index records
-                self._trim(full, node)
-                self._remove(journal.recovery_path(full))
-                self.recovered.append(node.path())
-            elif hmac.compare_digest(header.mac, node.mac) and logged is not None:
-                # the index recorded this state but the commit was not finished
-                if flagged:
-                    with open(full, "r+b") as f:
-                        f.seek(HEADER.size - 1)
-                        f.write(bytes([header.flags & ~HAS_PENDING_WRITE]))
-                self._trim(full, node)
-                self._remove(journal.recovery_path(full))
-                self.recovered.append(node.path())
-            elif not flagged and os.path.exists(journal.recovery_path(full)):
-                self._remove(journal.recovery_path(full))  # an empty or stale log
-        except (OSError, FileIntegrityError):
-            pass  # read-only folder or a damaged log: the file reports its state when opened
-
     # -- commit --------------------------------------------------------------------
-
-    def _encode_root(self, version: int) -> bytes:
-        header = cbor2.dumps(self.header, canonical=True)
-        aad = MAGIC + _LEN.pack(len(header)) + header
-        body = cbor2.dumps({"version": version, "tree": self.root.to_cbor(), "drop": sorted(self.drop)})
-        nonce = os.urandom(12)
-        return aad + nonce + self._index.encrypt(nonce, body, aad)
 
     def commit(self) -> None:
         """Make every change since the last commit durable, all at once."""
@@ -547,7 +280,8 @@ class Volume:
         if not self.dirty:
             return
         version = self.version + 1
-        data = self._encode_root(version)
+        data = encode_root(self.header, {"version": version, "tree": self.root.to_cbor(),
+                                         "drop": sorted(self.drop)}, self._index)
         next_path = os.path.join(self.path, NEXT)
         fd = os.open(next_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -574,8 +308,8 @@ class Volume:
                 self._close_handle(node)
         for file_id in sorted(self.drop):
             if file_id not in self._handles:
-                self._remove(self.host_path(file_id))
-                self._remove(journal.recovery_path(self.host_path(file_id)))
+                recovery.discard(self.host_path(file_id))
+                recovery.discard(journal.recovery_path(self.host_path(file_id)))
                 self.drop.discard(file_id)
 
     def close(self) -> None:
@@ -599,9 +333,8 @@ class Volume:
 
     def rewrap(self, kek: bytes, policy: KeyPolicy) -> None:
         """Wrap the volume key under a new KEK (e.g. a sealing key of a higher svn)."""
-        nonce = os.urandom(12)
-        self.header = dict(self.header, key=policy.to_cbor(), wrapped=nonce + AESGCM(kek).encrypt(
-            nonce, self._vmk, _wrap_aad(self.id, self.label, policy)))
+        self.header = dict(self.header, key=policy.to_cbor(),
+                           wrapped=wrap_key(kek, self._vmk, self.id, self.label, policy))
         self.policy = policy
         self.dirty = True
 
@@ -704,7 +437,7 @@ class Volume:
 
     def _new_host_file(self) -> tuple[str, ProtectedFile, bytes]:
         """(id, open handle, root MAC) of a new, empty protected file."""
-        file_id = self._new_id()
+        file_id = new_id(self._name_key, self.version + 1)
         host = self.host_path(file_id)
         os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
         handle = ProtectedFile.open(host, self._file_key, file_id, "x", cache_bytes=self.cache_bytes,
