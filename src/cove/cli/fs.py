@@ -98,7 +98,7 @@ def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, 
             source: Path, output: Path) -> None:
     """Encrypt SOURCE: a file into one protected file, a folder into a new volume."""
     from cove.fs import transfer
-    from cove.fs.volume import KeyPolicy
+    from cove.fs.index import KeyPolicy
 
     _input(source)
     identity = _identity(ctx, key_text)
