@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cove.fs.layout import HEADER, NODE_SIZE
+from cove.fs.layout import NODE_SIZE
 
 
 def free_port_pair() -> int:
