@@ -135,7 +135,7 @@ class Demo:
         program.chmod(0o755)
         volume = _serves_encrypted_mounts()
         config = instance / "cove.toml"
-        text = config.read_text() + f'''
+        text = config.read_text() + '''
 [[mounts]]
 target = "/run/secrets"
 type = "tmpfs"
