@@ -19,7 +19,8 @@ import pytest
 
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance
-from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to  # noqa: F401 (fixtures)
+from tests.e2e.test_kbs_provisioning import (broker, platform_env, release_to,  # noqa: F401 (fixtures)
+                                             secrets_config)
 
 SECRET_TEXT = "code and configuration nobody may read at rest"
 READ_SECRET = ("/bin/sh", "-c", "cat /etc/app/secret.conf; ls /scratch >/dev/null && echo scratch-ok")
@@ -203,3 +204,17 @@ def test_a_kbs_image_key_is_released_only_after_attestation(cove, tmp_path, brok
     assert result.stdout.splitlines() == [SECRET_TEXT, "scratch-ok"]
     releases = [r for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
     assert [r["resource"] for r in releases] == ["app/image/key@1"]
+
+
+def test_provisioned_secrets_reach_a_program_on_an_encrypted_root(cove, tmp_path, broker, platform_env):  # noqa: F811
+    """File and env secrets still land when the root is the read-only decrypting view."""
+    require("fusermount3")
+    root = make_instance(cove, tmp_path, build=False, extra=secrets_config(broker.url, broker.ca))
+    cove.ok("build", "--encrypt-image", "seal:mrsigner", cwd=root, env=platform_env)
+    hide_plain_image(root)
+    release_to(broker, root)
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
+    broker.admin.create_secret("app/api/token", "data", "app", value=b"token-1")
+    result = cove.ok("run", "/bin/sh", "-c", 'cat /run/secrets/db; echo; echo "$API_TOKEN"', cwd=root,
+                     env=platform_env)
+    assert result.stdout.splitlines() == ["correct horse", "token-1"]
