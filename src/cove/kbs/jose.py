@@ -82,7 +82,7 @@ def _import_public(members: tuple) -> jwk.Key:
         key = jwk.import_key({"kty": "EC", "crv": members[1], "x": members[2], "y": members[3]}, "EC")
     else:
         key = jwk.import_key({"kty": "RSA", "n": members[1], "e": members[2]}, "RSA")
-    if key.raw_value.key_size < 2048 and members[0] == "RSA":  # type: ignore[attr-defined]
+    if members[0] == "RSA" and key.raw_value.key_size < 2048:  # type: ignore[attr-defined]
         raise ValueError("RSA keys must have at least 2048 bits")
     return key
 

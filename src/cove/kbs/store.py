@@ -370,10 +370,6 @@ class Store:
         return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
                           json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
 
-    def consume_nonce(self, session_id: str, nonce: str, now: float) -> bool:
-        """Move a challenged session to 'appraising'; False if its nonce was already used."""
-        return self.claim_challenge(session_id, nonce, now) is not None
-
     def claim_challenge(self, session_id: str, nonce: str, now: float) -> str | None:
         """Consume a live session's nonce in one statement; its tee, or None (to find out why, read it)."""
         rows = self.query("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
