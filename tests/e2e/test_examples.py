@@ -36,6 +36,10 @@ def test_python(cove, tmp_path):
     assert out["sqlite_sum"] == 45
     assert out["argv"] == ["hello"]
     assert out["root"] == ["app", "bin", "dev", "etc", "lib", "lib64", "proc", "root", "tmp", "usr"]
+    # glibc dlopens libgcc_s when a thread is unwound at exit; without it python aborts (134)
+    for _ in range(20):
+        result = cove("run", "/usr/bin/python3.11", "/app/threads.py", cwd=root)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "threads ok\n", "")
 
 
 def test_shell(cove, tmp_path):

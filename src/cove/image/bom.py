@@ -147,6 +147,9 @@ class _Planner:
             if os.path.dirname(library) not in elf.LOADER_DIRS:
                 self.plan.library_dirs.add(os.path.dirname(library))
             self.add_path(library, library)
+        for library in deps.loaded_at_run_time:
+            if os.path.realpath(library) not in self.covered:
+                self.add_path(library, library)
 
 
 def _dest_for(path: str, to: str | None) -> str:

@@ -30,6 +30,14 @@ DEFAULT_DIRS_32 = ("/lib/i386-linux-gnu", "/usr/lib/i386-linux-gnu", "/lib32", "
 # Directories the loader searches with no cache at all; libraries found
 # elsewhere need an ld.so.cache inside the image (see cove.image.bom).
 LOADER_DIRS = frozenset(DEFAULT_DIRS_64 + DEFAULT_DIRS_32)
+# Libraries glibc itself opens with dlopen at run time, so no DT_NEEDED names
+# them: libgcc_s for unwinding at pthread_exit and pthread_cancel (without it
+# a threaded program aborts), and the NSS modules behind getpwnam and
+# getaddrinfo. Occlum's copy_bom brings the same set. Those the host lacks
+# are skipped: glibc copes without them.
+RUNTIME_LOADS = {
+    "libc.so.6": ("libgcc_s.so.1", "libnss_files.so.2", "libnss_dns.so.2", "libnss_compat.so.2"),
+}
 
 
 class MissingLibrary(CoveError):
@@ -58,6 +66,7 @@ class Dependencies:
 
     interpreter: str | None = None
     libraries: list[str] = field(default_factory=list)
+    loaded_at_run_time: list[str] = field(default_factory=list)  # see RUNTIME_LOADS
 
 
 def is_elf(path: Path) -> bool:
@@ -179,4 +188,8 @@ def dependencies(path: str, tolerate_missing: bool = False) -> Dependencies | No
             info = read_elf(found)
             if info is not None:
                 queue.append(info)
+            for extra in RUNTIME_LOADS.get(name, ()):
+                path = _find(extra, info or obj, executable)
+                if path is not None and path not in result.loaded_at_run_time:
+                    result.loaded_at_run_time.append(path)
     return result
