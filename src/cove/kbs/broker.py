@@ -180,13 +180,18 @@ class Broker:
     def attest(self, session_id: str | None, body) -> str:
         """POST /kbs/v0/attest: appraise evidence bound to this session's nonce; a token."""
         if not session_id:
+            self.store.audit_refusal("session:none", "attest", None, "SessionNotFound: no kbs-session-id cookie")
             raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
         runtime = self._runtime_data(body)
         now = self.now()
+        label = f"session:{_label(session_id)}"
         tee = self.store.claim_challenge(session_id, runtime["nonce"], now)
         if tee is None:
-            self._refuse_claim(session_id, runtime["nonce"])
-        label = f"session:{_label(session_id)}"
+            try:
+                self._refuse_claim(session_id, runtime["nonce"])
+            except Problem as problem:
+                self.store.audit_refusal(label, "attest", None, f"{problem.kind}: {problem.detail}")
+                raise
         when = self.evidence_now()
         try:
             result = appraisal.appraise(tee, body["tee-evidence"], runtime, self.anchors, when)
@@ -248,10 +253,18 @@ class Broker:
     def release_to(self, session_id: str | None, bearer: str | None, path: str, version: int | None = None) -> dict:
         """GET /kbs/v0/resource/...: :meth:`caller`, then :meth:`release`; a cookie session is read
         together with the secret (one database round trip)."""
+        try:
+            if bearer or not session_id:
+                caller = self.caller(session_id, bearer)
+            else:
+                session, found = self.store.session_and_release_row(session_id, path, version)
+                caller = self._attested(self._live(session))
+        except Problem as problem:
+            who = "token" if bearer else f"session:{_label(session_id)}" if session_id else "anonymous"
+            self.store.audit_refusal(who, "release", path[:400], f"{problem.kind}: {problem.detail}")
+            raise
         if bearer or not session_id:
-            return self.release(path, self.caller(session_id, bearer), version)
-        session, found = self.store.session_and_release_row(session_id, path, version)
-        caller = self._attested(self._live(session))
+            return self.release(path, caller, version)
         secrets_mod.split_path(path)
         return self._release(path, caller, version, found)
 
@@ -314,14 +327,38 @@ class Broker:
     # -- administration ----------------------------------------------------------------------------
     def admin(self, bearer: str | None, action: str) -> str:
         """The name of the admin key behind bearer, if its role allows action; a 401/403 otherwise."""
-        if not bearer:
-            raise Problem("AdminAuth", "no admin key: send a signed admin token as the bearer")
-        name = jose.admin_key_name(bearer)
-        found = self.store.admin_key(name)
-        if found is None:
-            raise Problem("AdminAuth", f"admin key {name!r} is not registered with this broker")
-        public, role = found
-        jose.verify_admin_token(bearer, public, self.audience, time.time())
+        return self.authorize_admin(self.authenticate_admin(bearer), action)
+
+    def authenticate_admin(self, bearer: str | None) -> tuple[str, str]:
+        """(name, role) of the admin key that signed bearer, a token used once only; a 401 otherwise.
+
+        Every refusal is audited (identical floods are counted, see Store.audit_refusal). The token's
+        ``jti`` is recorded in the database until the token expires, so a token is accepted once by
+        all brokers sharing the database.
+        """
+        name = None
+        try:
+            if not bearer:
+                raise Problem("AdminAuth", "no admin key: send a signed admin token as the bearer")
+            name = jose.admin_key_name(bearer)
+            found = self.store.admin_key(name)
+            if found is None:
+                raise Problem("AdminAuth", f"admin key {name!r} is not registered with this broker")
+            public, role = found
+            claims = jose.verify_admin_token(bearer, public, self.audience, time.time())
+            jti = claims.get("jti")
+            if not isinstance(jti, str) or not 8 <= len(jti) <= 128:
+                raise Problem("AdminAuth", "the admin token lacks a jti of 8 to 128 characters")
+            if not self.store.use_token_id(f"{name}:{jti}", float(claims["exp"]), time.time()):
+                raise Problem("AdminAuth", "the admin token was already used; sign a fresh one per request")
+        except Problem as problem:
+            self.store.audit_refusal(f"admin:{name[:64] if name else '?'}", "admin.auth", None, problem.detail)
+            raise
+        return name, role
+
+    def authorize_admin(self, who: tuple[str, str], action: str) -> str:
+        """The admin key's name if its role allows action; a 403 (audited) otherwise."""
+        name, role = who
         if action in WRITE_ACTIONS and role != "admin":
             self.store.audit(f"admin:{name}", action, "forbidden", None, None, f"role {role}")
             raise Problem("AdminForbidden", f"admin key {name!r} has role {role}, which may not {action}")

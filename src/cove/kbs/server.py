@@ -11,6 +11,7 @@ under ``/kbs/v0/admin/`` and need a signed admin token. Every error is an RFC
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -25,6 +26,7 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cove.errors import CoveError
@@ -156,88 +158,202 @@ class Metrics:
 
 
 _PLAIN_COOKIE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what secrets.token_urlsafe makes: no quoting needed
-MAX_JSON_BODY = 4 << 20  # the largest protocol request (hardware evidence with its collateral is ~100 KB)
-RESOURCE_PREFIX = "/kbs/v0/resource/"
+ADMIN_PREFIX = "/kbs/v0/admin/"
+# Request body caps, enforced while reading (before parsing). /attest: hardware evidence with its
+# collateral is ~100 KB. Admin uploads: a secret value is at most 1 MiB (base64 in JSON).
+BODY_LIMITS = {("POST", "/kbs/v0/auth"): 16 << 10, ("POST", "/kbs/v0/attest"): 1 << 20,
+               ("POST", "/kbs/v0/admin/secrets"): 2 << 20}
+ROTATE_LIMIT = 2 << 20
+DEFAULT_BODY_LIMIT = 128 << 10
+MAX_ACTIVE = 64  # requests past the guard at once (reading their bodies or being answered)
+BODY_TIMEOUT = 10.0  # seconds a client may take to send each part of its body
+_UNGUARDED = ("/healthz", "/metrics")
 
 
-class BrokerApp(FastAPI):
-    """FastAPI, except that the common shape of each protocol request is answered directly.
+def body_limit(method: str, path: str) -> int:
+    """The largest body accepted for this request."""
+    if method == "POST" and path.startswith(ADMIN_PREFIX + "secrets/") and path.endswith("/rotate"):
+        return ROTATE_LIMIT
+    return BODY_LIMITS.get((method, path), DEFAULT_BODY_LIMIT)
 
-    A JSON POST to /auth or /attest, or a GET of a resource without a query
-    string, goes straight to the endpoint's function, past FastAPI's routing,
-    dependency solving, pydantic validation and middleware: those cost about a
-    quarter of the broker's CPU per flow. The broker checks every field itself
-    (the models make the OpenAPI document); errors go through the same
-    exception handlers. Anything else (other content types, ``?version=``,
-    admin and public routes) takes the ordinary FastAPI path.
+
+class _BodyTooLarge(Exception):
+    """The body went past its cap while being read; the guard answers 413."""
+
+
+def _guard_document(status: int, kind: str, title: str, detail: str, path: str) -> dict:
+    return {"type": f"urn:cove:kbs:error:{kind}", "title": title, "status": status, "detail": detail,
+            "instance": path}
+
+
+class Guard:
+    """What every request passes before FastAPI sees it (a pure ASGI middleware).
+
+    Admin requests are authenticated from their headers alone, before a byte
+    of their body is read; bodies are capped while they are read (a declared
+    Content-Length over the cap is refused at once, and the connection is
+    closed rather than drained); a client that stalls mid-body is cut off;
+    and at most MAX_ACTIVE requests are past this point at once, so memory
+    is bounded by MAX_ACTIVE times the largest cap, whatever the number of
+    connections.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.direct_posts: dict = {}  # path -> endpoint function(request)
-        self.direct_resource = None  # endpoint function(repository, kind, tag, request)
+    def __init__(self, app, broker: Broker, metrics: "Metrics", max_active: int = MAX_ACTIVE,
+                 body_timeout: float = BODY_TIMEOUT):
+        self.app, self.broker, self.metrics = app, broker, metrics
+        self.max_active, self.body_timeout = max_active, body_timeout
+        self._active: asyncio.Semaphore | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            call = self._direct(scope)
-            if call is not None:
-                await self._answer(call, scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-    def _direct(self, scope):
-        """The endpoint function for a request in the common shape, with its path parameters bound."""
+        if scope["type"] != "http" or scope["path"] in _UNGUARDED:
+            await self.app(scope, receive, send)
+            return
         method, path = scope["method"], scope["path"]
-        if method == "POST" and path in self.direct_posts and _is_json(scope):
-            return self.direct_posts[path]
-        if method == "GET" and path.startswith(RESOURCE_PREFIX) and not scope.get("query_string"):
-            parts = path[len(RESOURCE_PREFIX):].split("/")
-            if len(parts) == 3 and all(parts) and self.direct_resource is not None:
-                return lambda request: self.direct_resource(*parts, request)
-        return None
+        if path.startswith(ADMIN_PREFIX):
+            try:
+                scope.setdefault("state", {})["admin"] = await run_in_threadpool(
+                    self.broker.authenticate_admin, _bearer_from(scope))
+            except Problem as problem:
+                self.metrics.add(problem.kind)
+                await _send_json(send, problem.document(path), problem.status, close=True)
+                return
+        limit = body_limit(method, path)
+        length = _content_length(scope)
+        if length is None or length > limit:
+            self.metrics.add("PayloadTooLarge" if length is not None else "InvalidRequest")
+            doc = (_guard_document(413, "PayloadTooLarge", "The request body is too large",
+                                   f"the body may be at most {limit} bytes here", path) if length is not None else
+                   _guard_document(400, "InvalidRequest", "The request is malformed", "bad Content-Length", path))
+            await _send_json(send, doc, doc["status"], close=True)
+            return
+        if self._active is None:
+            self._active = asyncio.Semaphore(self.max_active)
+        async with self._active:
+            await self._capped(scope, receive, send, limit, path)
 
-    async def _answer(self, call, scope, receive, send) -> None:
-        request = Request(scope, receive)
+    async def _capped(self, scope, receive, send, limit: int, path: str) -> None:
+        seen, refused, started = 0, [], []
+
+        async def capped_receive():
+            nonlocal seen
+            if refused:
+                return {"type": "http.disconnect"}
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                refused.append(_guard_document(408, "InvalidRequest", "The request is malformed",
+                                               f"the body did not arrive within {self.body_timeout:.0f} s", path))
+                raise _BodyTooLarge() from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    refused.append(_guard_document(413, "PayloadTooLarge", "The request body is too large",
+                                                   f"the body may be at most {limit} bytes here", path))
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            if refused and not started:
+                return  # the app's own answer to the cut-off body is replaced by the guard's
+            started.append(True)
+            await send(message)
+
         try:
-            response = await call(request)
-        except Exception as exc:
-            response = await self._handler_for(exc)(request, exc)
-        await response(scope, receive, send)
-
-    def _handler_for(self, exc: Exception):
-        for cls in type(exc).__mro__:
-            if cls in self.exception_handlers:
-                return self.exception_handlers[cls]
-        raise exc
+            await self.app(scope, capped_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if refused and not started:
+            self.metrics.add(refused[0]["type"].rsplit(":", 1)[1])
+            await _send_json(send, refused[0], refused[0]["status"], close=True)
 
 
-def _is_json(scope) -> bool:
+def _header(scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
-        if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
+        if name == wanted:
+            return value
+    return None
 
 
-async def _json_object(request: Request) -> Any:
-    """The request's JSON body, bounded in size; its fields are the broker's to check."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_JSON_BODY:
-            raise Problem("InvalidRequest", f"the request body is larger than {MAX_JSON_BODY >> 20} MiB")
-        chunks.append(chunk)
+def _bearer_from(scope) -> str | None:
+    header = _header(scope, b"authorization")
+    if not header:
+        return None
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _content_length(scope) -> int | None:
+    """The declared body length (0 if none; chunked bodies are capped while read); None if malformed."""
+    value = _header(scope, b"content-length")
+    if value is None:
+        return 0
     try:
-        return json.loads(b"".join(chunks))
+        length = int(value)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+async def _send_json(send, document: dict, status: int, close: bool = False) -> None:
+    body = json.dumps(document).encode()
+    headers = [(b"content-type", PROBLEM_MEDIA.encode()), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request's body (the guard caps its size while it is read)."""
+    chunks = [chunk async for chunk in request.stream()]
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
     except (ValueError, RecursionError):
         raise Problem("InvalidRequest", "body: the request body is not JSON") from None
 
 
+def _json_body(model: type[BaseModel]) -> dict:
+    """openapi_extra for an endpoint that reads its JSON body itself: the model documents it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _document_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Add request models that no route declares as a parameter to the OpenAPI document's schemas."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = generate()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(broker: Broker, https: bool = True) -> FastAPI:
-    app = BrokerApp(title="Cove key broker", version="0.1.0",
-                    description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
+    app = FastAPI(title="Cove key broker", version="0.1.0",
+                  description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
     app.state.broker = broker
     metrics = Metrics()
+    app.add_middleware(Guard, broker=broker, metrics=metrics)
+    _document_models(app, (AuthRequest, Attestation))
+
+    @app.exception_handler(_BodyTooLarge)
+    async def on_too_large(request: Request, exc: _BodyTooLarge):
+        return Response(status_code=413)  # replaced by the guard's problem document
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, problem: Problem):
@@ -275,10 +391,10 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
         return JSONResponse(doc, status_code=500, media_type=PROBLEM_MEDIA)
 
     # -- the protocol ---------------------------------------------------------------------------
-    # The protocol endpoints are the hot path: they run on the event loop (the broker's work is
-    # CPU-bound, and database calls are short). Each is declared to FastAPI with its models (the
-    # OpenAPI document, and requests in unusual shapes), and its function is what BrokerApp calls
-    # directly for the common shape.
+    # One code path per endpoint: the body is read on the event loop (capped by the guard), and
+    # everything else (JSON parsing, database, crypto) runs in the thread pool, so a slow
+    # appraisal or a database wait never stalls the other connections. Each body is checked
+    # field by field by the broker; the models only document it.
     def _ok(model: type[BaseModel]) -> dict:
         return {200: {"model": model}, **_ERRORS}
 
@@ -292,47 +408,38 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
                  f"{'; Secure' if https else ''}")
         response.raw_headers.append((b"set-cookie", value.encode()))
 
-    async def auth_json(request: Request, body=None) -> JSONResponse:
-        session_id, challenge = broker.auth(await _json_object(request) if body is None else body)
+    @app.post("/kbs/v0/auth", response_class=JSONResponse, responses=_ok(Challenge), tags=["protocol"],
+              openapi_extra=_json_body(AuthRequest))
+    async def auth(request: Request) -> JSONResponse:
+        """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
+        raw = await _read_body(request)
+        session_id, challenge = await run_in_threadpool(lambda: broker.auth(_parse_json(raw)))
         response = JSONResponse(challenge)
         session_cookie(response, session_id, broker.settings.challenge_lifetime)
         metrics.add("auth")
         return response
 
-    async def attest_json(request: Request, body=None) -> JSONResponse:
+    @app.post("/kbs/v0/attest", response_class=JSONResponse, responses=_ok(AttestationToken), tags=["protocol"],
+              openapi_extra=_json_body(Attestation))
+    async def attest(request: Request) -> JSONResponse:
+        """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
+        raw = await _read_body(request)
         session_id = request.cookies.get(COOKIE)
-        token = broker.attest(session_id, await _json_object(request) if body is None else body)
+        token = await run_in_threadpool(lambda: broker.attest(session_id, _parse_json(raw)))
         response = JSONResponse({"token": token})
         session_cookie(response, session_id or "", broker.settings.session_lifetime)
         metrics.add("attest")
         return response
-
-    async def release(repository: str, kind: str, tag: str, request: Request,
-                      version: int | None = None) -> JSONResponse:
-        document = broker.release_to(request.cookies.get(COOKIE), _bearer(request), f"{repository}/{kind}/{tag}",
-                                     version)
-        metrics.add("release")
-        return JSONResponse(document)
-
-    app.direct_posts = {"/kbs/v0/auth": auth_json, "/kbs/v0/attest": attest_json}
-    app.direct_resource = release
-
-    @app.post("/kbs/v0/auth", response_class=JSONResponse, responses=_ok(Challenge), tags=["protocol"])
-    async def auth(body: AuthRequest, request: Request) -> JSONResponse:
-        """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
-        return await auth_json(request, body.model_dump(by_alias=True))
-
-    @app.post("/kbs/v0/attest", response_class=JSONResponse, responses=_ok(AttestationToken), tags=["protocol"])
-    async def attest(attestation: Attestation, request: Request) -> JSONResponse:
-        """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
-        return await attest_json(request, attestation.model_dump(by_alias=True, exclude_none=True))
 
     @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_class=JSONResponse, responses=_ok(Jwe),
              tags=["protocol"])
     async def resource(repository: str, kind: str, tag: str, request: Request,
                        version: int | None = Query(default=None, ge=1, le=1 << 30)) -> JSONResponse:
         """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
-        return await release(repository, kind, tag, request, version)
+        document = await run_in_threadpool(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
+                                           f"{repository}/{kind}/{tag}", version)
+        metrics.add("release")
+        return JSONResponse(document)
 
     @app.get("/kbs/v0/jwks", tags=["public"])
     def jwks() -> dict:
@@ -354,7 +461,8 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
 
     # -- administration -------------------------------------------------------------------------
     def admin(request: Request, action: str) -> str:
-        return broker.admin(_bearer(request), action)
+        """The admin key behind the request (the guard authenticated it), if its role may do action."""
+        return broker.authorize_admin(request.state.admin, action)
 
     @app.get("/kbs/v0/admin/secrets", responses=_ERRORS, tags=["admin"])
     def list_secrets(request: Request) -> list[dict]:

@@ -47,7 +47,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         " resource TEXT, measurement TEXT, outcome TEXT NOT NULL, detail TEXT)",
         "CREATE INDEX audit_at ON audit (at)",
     ]),
+    (2, "used admin token ids (replay protection)", [
+        "CREATE TABLE used_tokens (id TEXT PRIMARY KEY, expires_at {real} NOT NULL)",
+        "CREATE INDEX used_tokens_expiry ON used_tokens (expires_at)",
+    ]),
 ]
+# Identical refusals within this many seconds are one audit entry and a count (see Store.audit_refusal).
+REFUSAL_WINDOW = 10.0
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _DIALECT = {
@@ -197,6 +203,9 @@ class Store:
             if not self.path.parent.is_dir():
                 raise StoreError(f"--db {url}: folder {self.path.parent} does not exist")
             self._pool = _Pool(self._connect_sqlite, pool_size)
+        self._refusals: dict[tuple, tuple[float, int]] = {}
+        self._refusal_lock = threading.Lock()
+        self._last_token_purge = 0.0
         self.migrate()
 
     # -- connections ---------------------------------------------------------------
@@ -268,6 +277,10 @@ class Store:
         return count
 
     def close(self) -> None:
+        try:
+            self.flush_refusals()
+        except Exception:  # closing must not fail on a database that is already gone
+            pass
         self._pool.close()
 
     # -- migrations ------------------------------------------------------------------
@@ -539,6 +552,49 @@ class Store:
     def audit(self, actor: str, action: str, outcome: str, resource: str | None = None,
               measurement: str | None = None, detail: str | None = None) -> None:
         self.execute(_AUDIT_INSERT, (time.time(), actor, action, outcome, resource, measurement, detail))
+
+    def audit_refusal(self, actor: str, action: str, resource: str | None, detail: str) -> None:
+        """Audit a refusal; a flood of identical ones is counted rather than written one by one.
+
+        The first refusal of a kind (actor, action, resource, detail) is written at once; repeats
+        within REFUSAL_WINDOW seconds only count, and the count is written as one more entry
+        ("repeated N times") when the window has passed (at the next refusal, or at close).
+        """
+        key = (actor, action, resource, detail[:500])
+        now = time.monotonic()
+        with self._refusal_lock:
+            expired = [k for k, (since, _n) in self._refusals.items() if now - since >= REFUSAL_WINDOW]
+            due = [(k, n) for k in expired for _since, n in (self._refusals.pop(k),) if n]
+            seen = self._refusals.get(key)
+            if seen is not None:
+                self._refusals[key] = (seen[0], seen[1] + 1)
+            elif len(self._refusals) < 10000:
+                self._refusals[key] = (now, 0)
+        for (a, act, res, det), count in due:
+            self.audit(a, act, "refused", res, None, f"{det} (repeated {count} more times)")
+        if seen is None:
+            self.audit(actor, action, "refused", resource, None, detail[:500])
+
+    def flush_refusals(self) -> None:
+        """Write the counts of refusals still inside their window."""
+        with self._refusal_lock:
+            pending = [(k, n) for k, (_since, n) in self._refusals.items() if n]
+            self._refusals.clear()
+        for (a, act, res, det), count in pending:
+            self.audit(a, act, "refused", res, None, f"{det} (repeated {count} more times)")
+
+    # -- used admin tokens ------------------------------------------------------------------------
+    def use_token_id(self, token_id: str, expires_at: float, now: float) -> bool:
+        """Record a token id as used until expires_at; False if it was used before (a replay)."""
+        if self.dialect == "sqlite":
+            statement = "INSERT OR IGNORE INTO used_tokens (id, expires_at) VALUES (?, ?)"
+        else:
+            statement = "INSERT INTO used_tokens (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"
+        fresh = self.execute(statement, (token_id, expires_at)) == 1
+        if fresh and now - self._last_token_purge > 60:
+            self._last_token_purge = now
+            self.execute("DELETE FROM used_tokens WHERE expires_at < ?", (now - 60,))
+        return fresh
 
     def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
         statement = ("SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit "
