@@ -3,7 +3,15 @@
 :func:`verify` picks the type (or takes it), verifies the evidence with the
 right verifier and trust anchors (the policy's, else the vendors' published
 roots), and returns normalized claims; :func:`appraise` also evaluates a
-policy. The command line, RA-TLS and the key broker all go through here.
+policy. The command line, RA-TLS and the key broker all go through here, so
+one piece of evidence gets one verdict whoever asks.
+
+Trust anchors come, per evidence type, from the first that has any:
+:class:`TrustAnchors` the caller configured (``cove verify --ask-ark``/``--ak``,
+``cove kbs serve --sgx-root-ca``/``--snp-ask-ark``/``--tpm-ak``), then the
+policy's roots for that type (``[sgx] roots``, ``[tdx] roots``, ``[snp] roots``,
+``[cove] ek_ca``/``ak_ca``), then the vendors' published roots
+(:mod:`cove.attest.roots`). A TPM quote has no vendor root: it needs a trusted AK.
 """
 
 from __future__ import annotations
@@ -37,6 +45,18 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class TrustAnchors:
+    """Roots an operator configured; each replaces the policy's and the vendors' for its type."""
+
+    sgx_roots: tuple[bytes, ...] = ()  # Intel SGX Root CA certificates, PEM
+    tdx_roots: tuple[bytes, ...] = ()  # the same for TDX quotes
+    snp_chains: tuple[bytes, ...] = ()  # AMD bundles, PEM: ASK and/or ASVK, and ARK
+    tpm_aks: tuple[bytes, ...] = ()  # trusted TPM attestation keys (PEM, DER or TPM2B_PUBLIC)
+    cove_ek_roots: bytes | None = None  # TPM EK CA bundle, PEM
+    cove_ak_roots: bytes | None = None  # AK certifier CA bundle, PEM
+
+
+@dataclass(frozen=True)
 class Verdict:
     appraisal: Appraisal
     result: PolicyResult
@@ -66,17 +86,21 @@ def detect(evidence: bytes) -> str:
                             "or a TPM quote)", "name it with --type")
 
 
-def _dcap(kind: str, evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
+def _dcap(kind: str, evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.dcap import verify_sgx_quote, verify_tdx_quote
 
     if inputs.collateral is None:
         raise VerificationError(f"{kind}: no collateral given", "pass --collateral FILE or --pccs URL")
-    root = rules.pem("roots") if rules.roots else roots.INTEL_SGX_ROOT_CA
+    configured = anchors.sgx_roots if kind == "sgx" else anchors.tdx_roots
+    if configured:
+        root = b"\n".join(bytes(r).strip() + b"\n" for r in configured)
+    else:
+        root = rules.pem("roots") if rules.roots else roots.INTEL_SGX_ROOT_CA
     fn = verify_sgx_quote if kind == "sgx" else verify_tdx_quote
     return ap.from_dcap(fn(evidence, inputs.collateral, root, now))
 
 
-def _snp(evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
+def _snp(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.snp import verify_snp_report
 
     if inputs.vcek is None:
@@ -90,10 +114,10 @@ def _snp(evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
             vcek = x509.load_pem_x509_certificate(vcek).public_bytes(serialization.Encoding.DER)
         except ValueError:
             raise VerificationError("snp: the VCEK file is not a certificate") from None
-    if rules.roots:
+    if anchors.snp_chains or inputs.ask_ark is not None:
+        chains = list(anchors.snp_chains) + ([inputs.ask_ark] if inputs.ask_ark is not None else [])
+    elif rules.roots:
         chains = [rules.pem("roots")]
-    elif inputs.ask_ark is not None:
-        chains = [inputs.ask_ark]
     else:
         chains = _amd_chains_for(vcek)
     error: VerificationError | None = None
@@ -119,31 +143,41 @@ def _amd_chains_for(vcek_der: bytes) -> list[bytes]:
     return list(roots.AMD_ASK_ARK.values())
 
 
-def _tpm(evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
+def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.tpm import verify_tpm_quote
 
-    if inputs.tpm_signature is None or inputs.tpm_pcrs is None or inputs.ak is None:
-        raise VerificationError("tpm: a quote needs its signature, PCR values and the trusted AK",
-                                "pass --tpm-sig FILE --tpm-pcrs FILE --ak FILE")
+    if inputs.tpm_signature is None or inputs.tpm_pcrs is None:
+        raise VerificationError("tpm: a quote needs its signature and PCR values",
+                                "pass --tpm-sig FILE --tpm-pcrs FILE")
+    aks = list(anchors.tpm_aks) + ([inputs.ak] if inputs.ak is not None else [])
+    if not aks:
+        raise VerificationError("tpm: no trusted attestation key (a TPM quote has no vendor root)",
+                                "pass --ak FILE (cove kbs serve: --tpm-ak FILE)")
     check = None
     if inputs.event_log is not None:
         from cove.attest.eventlog import event_log_check
 
         check = event_log_check(inputs.event_log)
-    return ap.from_tpm(verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, inputs.ak, None,
-                                        event_log_check=check))
+    error: VerificationError | None = None
+    for ak in aks:
+        try:
+            return ap.from_tpm(verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, ak, None,
+                                                event_log_check=check))
+        except VerificationError as exc:
+            error = exc
+    raise error
 
 
-def _cove(evidence: bytes, rules, inputs: Inputs, now: datetime) -> Appraisal:
+def _cove(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.cove_verify import appraisal, verify_cove_evidence
 
-    claims = verify_cove_evidence(evidence, now, ek_roots=rules.pem("ek_ca") or None,
-                                  ak_roots=rules.pem("ak_ca") or None)
+    claims = verify_cove_evidence(evidence, now, ek_roots=anchors.cove_ek_roots or rules.pem("ek_ca") or None,
+                                  ak_roots=anchors.cove_ak_roots or rules.pem("ak_ca") or None)
     return appraisal(claims)
 
 
 def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None, now: datetime | None = None,
-           inputs: Inputs = Inputs()) -> Appraisal:
+           inputs: Inputs = Inputs(), anchors: TrustAnchors = TrustAnchors()) -> Appraisal:
     """Verify evidence; raises VerificationError naming the failed check."""
     if not isinstance(evidence, (bytes, bytearray, memoryview)):
         raise VerificationError(f"evidence must be bytes, got {type(evidence).__name__}")
@@ -163,18 +197,19 @@ def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None,
 
             inputs = replace(inputs, **inputs.fetch(kind, evidence))
     if kind in ("sgx", "tdx"):
-        return _dcap(kind, evidence, rules, inputs, now)
+        return _dcap(kind, evidence, rules, inputs, anchors, now)
     if kind == "snp":
-        return _snp(evidence, rules, inputs, now)
+        return _snp(evidence, rules, inputs, anchors, now)
     if kind == "tpm":
-        return _tpm(evidence, rules, inputs, now)
-    return _cove(evidence, rules, inputs, now)
+        return _tpm(evidence, rules, inputs, anchors, now)
+    return _cove(evidence, rules, inputs, anchors, now)
 
 
 def appraise(evidence: bytes, policy: Policy | None = None, *, kind: str = "auto", nonce: bytes | None = None,
-             report_data: bytes | None = None, now: datetime | None = None, inputs: Inputs = Inputs()) -> Verdict:
+             report_data: bytes | None = None, now: datetime | None = None, inputs: Inputs = Inputs(),
+             anchors: TrustAnchors = TrustAnchors()) -> Verdict:
     """Verify and evaluate: raises VerificationError for invalid evidence, else a verdict."""
     now = now or datetime.now(timezone.utc)
     policy = policy or default_policy()
-    appraisal = verify(evidence, kind=kind, policy=policy, now=now, inputs=inputs)
+    appraisal = verify(evidence, kind=kind, policy=policy, now=now, inputs=inputs, anchors=anchors)
     return Verdict(appraisal, evaluate(policy, appraisal, nonce=nonce, report_data=report_data, now=now))

@@ -6,10 +6,14 @@ SHA-256 accepted. The evidence's report data must be that hash followed by
 zero bytes; otherwise the evidence is bound to another nonce or another TEE
 key and is refused (``EvidenceBinding``).
 
-Each verifier is one of :mod:`cove.attest`'s, and its claims are normalized
-by :mod:`cove.attest.appraisal`, so release policies read measurement,
-signer, svn, debug, TCB status the same way for every type. The formats of
-tee-evidence per type are in docs/formats/kbs-evidence.md.
+Evidence is verified by :func:`cove.attest.verifier.verify`, the dispatcher
+``cove verify`` and RA-TLS use, with the same trust anchors in the same
+order, so the broker and the command line give one verdict on one piece of
+evidence; this module only unpacks tee-evidence, checks the binding and maps
+failures to problems. Claims are normalized by :mod:`cove.attest.appraisal`,
+so release policies read measurement, signer, svn, debug, TCB status the same
+way for every type. The formats of tee-evidence per type are in
+docs/formats/kbs-evidence.md.
 """
 
 from __future__ import annotations
@@ -20,32 +24,37 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from cove.attest import appraisal as attest_mod
+from cove.attest import verifier
 from cove.attest.appraisal import Appraisal
+from cove.attest.policy import Policy
 from cove.errors import CoveError
+from cove.kbs import coco_binding
 from cove.kbs.problems import Problem
 
 TEE_TYPES = attest_mod.EVIDENCE_TYPES  # cove, tpm, sgx, tdx, snp, sample
 # Names other KBS clients use for the same TEEs.
 TEE_ALIASES = {"intel-sgx": "sgx", "intel-tdx": "tdx", "amd-sev-snp": "snp"}
-HASHES = ("sha384", "sha256")
+HASHES = coco_binding.SELECTABLE  # the broker selects one in the challenge; each binds as well
 
 
 def canonical_json(value) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """RFC 8785 canonical JSON, what the Confidential Containers client hashes."""
+    return coco_binding.canonical(value)
 
 
 def runtime_data_hash(runtime_data: dict, algorithm: str = "sha384") -> bytes:
     return hashlib.new(algorithm, canonical_json(runtime_data)).digest()
 
 
-def expected_report_data(runtime_data: dict, algorithm: str = "sha384", size: int = 64) -> bytes:
-    """What a client binds into its evidence: the hash, zero-padded to the report data size."""
-    digest = runtime_data_hash(runtime_data, algorithm)
+def expected_report_data(runtime_data: dict, algorithm: str = "sha384", size: int = 64,
+                         additional_evidence: str = "") -> bytes:
+    """What a client binds into its evidence: the hash of runtime_data with its additional-evidence
+    (cove.kbs.coco_binding), zero-padded to the report data size."""
+    digest = runtime_data_hash(coco_binding.primary_runtime_data(runtime_data, additional_evidence), algorithm)
     return digest + bytes(max(0, size - len(digest)))
 
 
@@ -67,15 +76,18 @@ def check_binding(report_data: bytes, runtime_data: dict) -> str:
 class TrustAnchors:
     """What the broker trusts to appraise hardware evidence; set by `cove kbs serve` options.
 
-    Where an option is not given, the roots named in the attestation policy
-    (``[sgx] roots``, ``[snp] roots``, ``[cove] ek_ca``/``ak_ca``) are used.
+    The options replace, per evidence type, the roots its attestation policy
+    names (``[sgx] roots``, ``[tdx] roots``, ``[snp] roots``, ``[cove]
+    ek_ca``/``ak_ca``), which replace the vendors' published roots: the order
+    of :mod:`cove.attest.verifier`, which verifies every type for the broker.
     """
 
     sgx_root_ca: bytes | None = None  # Intel SGX Root CA, PEM (sgx and tdx)
-    snp_ask_ark: list[bytes] = field(default_factory=list)  # AMD ASK+ARK bundles, PEM
+    snp_ask_ark: list[bytes] = field(default_factory=list)  # AMD ASK/ASVK+ARK bundles, PEM
     tpm_aks: list[bytes] = field(default_factory=list)  # trusted TPM attestation keys, PEM
     cove_ek_roots: bytes | None = None  # TPM EK CA bundle for TPM-rooted cove evidence, PEM
     cove_ak_roots: bytes | None = None  # AK CA bundle (cove platform's AK certifier), PEM
+    policy: Policy | None = None  # the attestation policy whose roots come next
 
     @classmethod
     def from_files(cls, sgx_root_ca: Path | None, snp_ask_ark: list[Path], tpm_aks: list[Path],
@@ -89,22 +101,21 @@ class TrustAnchors:
                    [read(p) for p in tpm_aks], read(cove_ek_roots) if cove_ek_roots else None,
                    read(cove_ak_roots) if cove_ak_roots else None)
 
-    def with_policy_roots(self, policy) -> "TrustAnchors":
-        """Fill what the options left out from an attestation policy's trust roots."""
-        def bundle(kind: str, name: str) -> bytes | None:
-            rules = policy.rules.get(kind)
-            return rules.pem(name) if rules is not None and getattr(rules, name) else None
-        return TrustAnchors(self.sgx_root_ca or bundle("sgx", "roots") or bundle("tdx", "roots"),
-                            self.snp_ask_ark or ([bundle("snp", "roots")] if bundle("snp", "roots") else []),
-                            self.tpm_aks, self.cove_ek_roots or bundle("cove", "ek_ca"),
-                            self.cove_ak_roots or bundle("cove", "ak_ca"))
+    def with_policy_roots(self, policy: Policy) -> "TrustAnchors":
+        """These options, then ``policy``'s roots per type (each type keeps its own)."""
+        return replace(self, policy=policy)
+
+    def for_verifier(self) -> verifier.TrustAnchors:
+        intel = (self.sgx_root_ca,) if self.sgx_root_ca else ()
+        return verifier.TrustAnchors(sgx_roots=intel, tdx_roots=intel, snp_chains=tuple(self.snp_ask_ark),
+                                     tpm_aks=tuple(self.tpm_aks), cove_ek_roots=self.cove_ek_roots,
+                                     cove_ak_roots=self.cove_ak_roots)
 
 
-Verifier = Callable[[dict, TrustAnchors, dt.datetime], Appraisal]
-
-
-def _b64(evidence: dict, name: str, tee: str) -> bytes:
+def _b64(evidence: dict, name: str, tee: str, required: bool = True) -> bytes | None:
     value = evidence.get(name)
+    if value is None and not required:
+        return None
     if not isinstance(value, str):
         raise Problem("EvidenceInvalid", f"{tee} evidence lacks {name!r} (base64)")
     try:
@@ -113,15 +124,6 @@ def _b64(evidence: dict, name: str, tee: str) -> bytes:
         return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise Problem("EvidenceInvalid", f"{tee} evidence {name!r} is not base64") from None
-
-
-def _verified(tee: str, call):
-    """Run a cove.attest verifier; its one error type becomes EvidenceInvalid."""
-    try:
-        return call()
-    except CoveError as exc:
-        line = exc.line()
-        raise Problem("EvidenceInvalid", line if line.startswith(tee) else f"{tee}: {line}") from None
 
 
 def _hex_claim(evidence: dict, name: str) -> bytes | None:
@@ -136,7 +138,7 @@ def _hex_claim(evidence: dict, name: str) -> bytes | None:
         raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be hex") from None
 
 
-def appraise_sample(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+def appraise_sample(evidence: dict) -> Appraisal:
     """Unsigned claims for protocol tests: proves nothing, and the default policy refuses it."""
     report_data = _b64(evidence, "report_data", "sample")
     values: dict = {}
@@ -150,76 +152,37 @@ def appraise_sample(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> 
                      isolation="none (sample evidence proves nothing)", **values)
 
 
-def appraise_tpm(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
-    from cove.attest import verify_tpm_quote
-    from cove.attest.errors import VerificationError
-
-    attest = _b64(evidence, "quote", "tpm")
-    signature = _b64(evidence, "signature", "tpm")
-    pcrs = _b64(evidence, "pcrs", "tpm")
-    if not anchors.tpm_aks:
-        raise Problem("EvidenceInvalid", "tpm: this broker trusts no TPM attestation key (--tpm-ak)")
-    last = ""
-    for ak in anchors.tpm_aks:
-        try:
-            return attest_mod.from_tpm(verify_tpm_quote(attest, signature, pcrs, ak, None))
-        except VerificationError as exc:
-            last = exc.line()
-    raise Problem("EvidenceInvalid", last or "tpm: the quote did not verify")
-
-
-def appraise_dcap(tee: str) -> Verifier:
-    def verify(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
-        from cove.attest import verify_sgx_quote, verify_tdx_quote
-
+def evidence_inputs(tee: str, evidence: dict) -> tuple[bytes, verifier.Inputs]:
+    """The raw evidence and its side inputs from one tee-evidence object (docs/formats/kbs-evidence.md)."""
+    if tee == "tpm":
+        return _b64(evidence, "quote", tee), verifier.Inputs(
+            tpm_signature=_b64(evidence, "signature", tee), tpm_pcrs=_b64(evidence, "pcrs", tee),
+            event_log=_b64(evidence, "event_log", tee, required=False))
+    if tee in ("sgx", "tdx"):
         quote = _b64(evidence, "quote", tee)
         collateral = evidence.get("collateral")
         if not isinstance(collateral, dict):
             raise Problem("EvidenceInvalid", f"{tee} evidence lacks its PCS collateral ('collateral' object)")
-        if anchors.sgx_root_ca is None:
-            raise Problem("EvidenceInvalid", f"{tee}: this broker has no Intel SGX root CA (--sgx-root-ca)")
-        fn = verify_sgx_quote if tee == "sgx" else verify_tdx_quote
-        return attest_mod.from_dcap(_verified(tee, lambda: fn(quote, collateral, anchors.sgx_root_ca, now)))
-    return verify
+        return quote, verifier.Inputs(collateral=collateral)
+    if tee == "snp":
+        return _b64(evidence, "report", tee), verifier.Inputs(vcek=_b64(evidence, "vcek", tee))
+    return _b64(evidence, "evidence", tee), verifier.Inputs()
 
 
-def appraise_snp(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
-    from cove.attest import verify_snp_report
-    from cove.attest.errors import VerificationError
-
-    report = _b64(evidence, "report", "snp")
-    vcek = _b64(evidence, "vcek", "snp")
-    if not anchors.snp_ask_ark:
-        raise Problem("EvidenceInvalid", "snp: this broker trusts no AMD ASK/ARK chain (--snp-ask-ark)")
-    last = ""
-    for chain in anchors.snp_ask_ark:
-        try:
-            return attest_mod.from_snp(verify_snp_report(report, vcek, chain, now))
-        except VerificationError as exc:
-            last = exc.line()
-    raise Problem("EvidenceInvalid", last or "snp: the report did not verify")
-
-
-def appraise_cove(evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
-    """Cove evidence (a platform-signed enclave report), verified by cove.attest."""
+def verify(tee: str, evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+    """Verify one tee-evidence object with :func:`cove.attest.verifier.verify`; EvidenceInvalid if it fails."""
+    if tee == "sample":
+        return appraise_sample(evidence)
+    raw, inputs = evidence_inputs(tee, evidence)
     try:
-        from cove.attest import cove_verify
-    except ImportError:
-        raise Problem("EvidenceInvalid", "cove: this installation has no verifier for Cove evidence") from None
-    raw = _b64(evidence, "evidence", "cove")
-    claims = _verified("cove", lambda: cove_verify.verify_cove_evidence(
-        raw, now, ek_roots=anchors.cove_ek_roots, ak_roots=anchors.cove_ak_roots))
-    return cove_verify.appraisal(claims)
+        return verifier.verify(raw, kind=tee, policy=anchors.policy, now=now, inputs=inputs,
+                               anchors=anchors.for_verifier())
+    except CoveError as exc:
+        line = exc.line()
+        raise Problem("EvidenceInvalid", line if line.startswith(tee) else f"{tee}: {line}") from None
 
 
-VERIFIERS: dict[str, Verifier] = {
-    "sample": appraise_sample,
-    "tpm": appraise_tpm,
-    "sgx": appraise_dcap("sgx"),
-    "tdx": appraise_dcap("tdx"),
-    "snp": appraise_snp,
-    "cove": appraise_cove,
-}
+VERIFIERS = frozenset(TEE_TYPES)
 
 
 def normalize_tee(tee) -> str:
@@ -247,7 +210,7 @@ def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now:
                 raise Problem("EvidenceInvalid", f"{tee} primary_evidence is a string but not JSON") from None
     if not isinstance(evidence, dict):
         raise Problem("EvidenceInvalid", f"{tee} tee-evidence must be a JSON object")
-    result = VERIFIERS[tee](evidence, anchors, now)
+    result = verify(tee, evidence, anchors, now)
     check_binding(result.report_data or b"", runtime_data)
     return result
 

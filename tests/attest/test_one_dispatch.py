@@ -1,0 +1,97 @@
+"""`cove verify` and the key broker give one verdict on one piece of evidence.
+
+Both go through cove.attest.verifier: the same checks, the same default
+roots, the same claims. Each case runs the real CLI and the broker's
+appraisal (what /kbs/v0/attest calls before the report-data binding) on the
+same vector with the same trust anchors, at the same time, and compares the
+claims, or the reason for refusing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+
+import pytest
+
+from cove.kbs import appraisal
+from cove.kbs import policy as kbs_policy
+from cove.kbs.problems import Problem
+from tests.attest.attest_vectors import VECTORS, vector
+
+PERMISSIVE = ('types = ["tpm", "sgx", "tdx", "snp"]\n[sgx]\ntcb_statuses = ["UpToDate", '
+              '"ConfigurationAndSWHardeningNeeded", "OutOfDate"]\n[tdx]\ntcb_statuses = ["UpToDate", "OutOfDate"]\n')
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def flipped(rel: str, offset: int | None) -> bytes:
+    data = bytearray(vector(rel))
+    if offset is not None:
+        data[offset] ^= 1
+    return bytes(data)
+
+
+# (name, tee, evidence file, byte to flip, time, sidecar files by CLI option); names ending in
+# today/expired/invalid, and flipped vectors, must be refused; every other vector must verify.
+CASES = [
+    ("sgx", "sgx", "sgx/quote.bin", None, "2025-06-19T12:56:11Z", {"--collateral": "sgx/collateral.json"}),
+    ("sgx-today", "sgx", "sgx/quote.bin", None, "2026-11-15T00:00:00Z", {"--collateral": "sgx/collateral.json"}),
+    ("sgx-tampered", "sgx", "sgx/quote.bin", 120, "2025-06-19T12:56:11Z", {"--collateral": "sgx/collateral.json"}),
+    ("tdx", "tdx", "tdx/quote.bin", None, "2025-06-19T12:16:03Z", {"--collateral": "tdx/collateral.json"}),
+    ("tdx-no-tcb-level-invalid", "tdx", "tdx/quote_outdated.bin", None, "2026-02-18T11:58:51Z",
+     {"--collateral": "tdx/collateral_outdated.json"}),
+    ("snp-vcek", "snp", "snp/report.bin", None, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
+    ("snp-vcek-tampered", "snp", "snp/report.bin", 0x50, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
+    ("snp-vcek-expired", "snp", "snp/report.bin", None, "2031-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
+    ("tpm", "tpm", "tpm/quote_attest.bin", None, "2026-01-01T00:00:00Z",
+     {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}),
+    ("tpm-tampered", "tpm", "tpm/quote_attest.bin", 40, "2026-01-01T00:00:00Z",
+     {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}),
+]
+BROKER_FIELD = {"--collateral": "collateral", "--vcek": "vcek", "--tpm-sig": "signature", "--tpm-pcrs": "pcrs"}
+
+
+def broker_evidence(tee: str, raw: bytes, sidecars: dict) -> dict:
+    evidence = {"tpm": "quote", "sgx": "quote", "tdx": "quote", "snp": "report"}[tee]
+    out: dict = {evidence: b64(raw)}
+    for option, rel in sidecars.items():
+        field = BROKER_FIELD[option]
+        out[field] = json.loads(vector(rel)) if field == "collateral" else b64(vector(rel))
+    return out
+
+
+@pytest.mark.parametrize("name, tee, rel, flip, when, sidecars", CASES, ids=[c[0] for c in CASES])
+def test_cli_and_broker_agree(cove, tmp_path, name, tee, rel, flip, when, sidecars):
+    evidence = tmp_path / "evidence.bin"
+    evidence.write_bytes(flipped(rel, flip))
+    policy = tmp_path / "policy.toml"
+    policy.write_text(PERMISSIVE)
+    args = ["verify", evidence, "--type", tee, "--time", when, "--policy", policy, "--json"]
+    for option, sidecar in sidecars.items():
+        args += [option, VECTORS / sidecar]
+    anchors = appraisal.TrustAnchors()
+    if tee == "tpm":
+        args += ["--ak", VECTORS / "tpm/ak_pub.pem"]
+        anchors = appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
+    cli = cove(*args)
+    anchors = anchors.with_policy_roots(kbs_policy.load(PERMISSIVE))
+    try:
+        broker = appraisal.verify(tee, broker_evidence(tee, evidence.read_bytes(), sidecars), anchors,
+                                  datetime.fromisoformat(when.replace("Z", "+00:00")))
+    except Problem as problem:
+        assert problem.kind == "EvidenceInvalid"
+        assert cli.returncode == 5, (name, cli.stdout, cli.stderr)
+        assert json.loads(cli.stdout)["error"] == problem.detail
+        assert flip is not None or name.endswith(("today", "expired", "invalid")), f"{name}: the vector must verify"
+        return
+    assert cli.returncode in (0, 6), (name, cli.stderr)
+    result = json.loads(cli.stdout)
+    assert result["valid"] is True
+    claims = appraisal.to_claims(broker)
+    assert claims.pop("tee") == tee
+    assert result["claims"] == claims
+    assert flip is None, f"{name}: a tampered vector verified"
