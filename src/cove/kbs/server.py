@@ -215,7 +215,8 @@ class Guard:
                     self.broker.authenticate_admin, _bearer_from(scope))
             except Problem as problem:
                 self.metrics.add(problem.kind)
-                await _send_json(send, problem.document(path), problem.status, close=True)
+                document = problem.document(path)
+                await _send_json(send, document, document["status"], close=True)
                 return
         limit = body_limit(method, path)
         length = _content_length(scope)
