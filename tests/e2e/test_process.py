@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import make_instance
+from tests.conftest import error_line
+from tests.e2e.helpers import make_instance, set_option
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,38 @@ def test_sigterm_kills_a_program_without_a_handler(cove, app):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.fixture(scope="module")
+def unbuilt(cove, probe, tmp_path_factory):
+    """An instance with the probe and shell tools, not built: each case copies it."""
+    if not (Path(cove.env["XDG_CONFIG_HOME"]) / "cove" / "signing-key.pem").exists():
+        cove.ok("keygen")  # so that a failed build prints nothing but its error
+    return make_instance(cove, tmp_path_factory.mktemp("unbuilt"), probe, build=False)
+
+
+def _break(root, case: str) -> None:
+    if case in ("tmp", "dev"):
+        (root / "image" / case).mkdir(exist_ok=True)
+        (root / "image" / case / "hello").write_text("hidden\n")
+    elif case == "mode":
+        with open(root / "cove.toml", "a") as handle:
+            handle.write('[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\noptions = { mode = "999" }\n')
+    elif case == "cwd":
+        set_option(root / "cove.toml", "process", "cwd", '"/nonexistent"')
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tmp", "/tmp/hello in the image is hidden at run time by the tmpfs mount on /tmp"),
+    ("dev", "/dev/hello in the image is hidden at run time by the dev mount on /dev"),
+    ("mode", "mounts[1].options.mode = '999' is not an octal mode"),
+    ("cwd", "process.cwd = '/nonexistent' is not a folder in the image"),
+])
+def test_build_refuses_what_would_fail_in_the_sandbox(cove, unbuilt, tmp_path, case, message):
+    root = tmp_path / "app"
+    shutil.copytree(unbuilt, root, symlinks=True)
+    _break(root, case)
+    result = cove("build", cwd=root)
+    assert result.returncode == 2
+    assert message in error_line(result)
+    assert not (root / "build" / "manifest.cbor").exists()  # nothing written

@@ -25,7 +25,18 @@ def new(name: str) -> None:
 @click.argument("paths", nargs=-1)
 @click.pass_obj
 def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[str, ...]) -> None:
-    """Copy programs (with the libraries they load) and folders into image/."""
+    """Copy programs (with the libraries they load) and folders into image/.
+
+    \b
+    Where files land in the image:
+      a relative file ../hello          -> /bin/hello
+      absolute path   /opt/x/venv       -> /opt/x/venv (the same path)
+      --to DIR        --to /app a.py    -> /app/a.py
+    Keep files out of /tmp, /proc, /dev and other mount targets: the
+    enclave's mounts hide them (cove build refuses such an image).
+    ELF programs also bring their loader, their shared libraries and what
+    glibc loads at run time (libgcc_s, NSS modules); --no-deps skips that.
+    """
     from cove.image import bom
     target = instance_mod.open_instance(ctx.directory)
     if not paths and bom_file is None:
@@ -80,6 +91,8 @@ def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file
                f"({result.rehashed} hashed, {result.cached} unchanged)")
     if result.encrypted_with:
         click.echo(f"encrypted   build/image.enc, opened with {result.encrypted_with}")
+    for warning in result.warnings:
+        click.echo(f"cove: warning: {warning}", err=True)
 
 
 def _encryption(source: str | None, key_file: Path | None, config):

@@ -8,6 +8,8 @@ never consults it and always hashes what it will serve.
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import stat
 import sys
 from dataclasses import dataclass
@@ -18,11 +20,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from cove import config as cove_config
 from cove.errors import CoveError
+from cove.image import elf
 from cove.image import encryption as encrypted_image
 from cove.image import manifest as manifest_mod
 from cove.image import signing
 from cove.image.artifacts import MANIFEST, SIGNATURE, TREE
 from cove.image.instance import Instance
+from cove.image.paths import resolve_in_image
 from cove.image.tree import Entry, encode_entries, entry_for, hash_file, walk
 from cove.util import write_atomic
 
@@ -37,6 +41,7 @@ class BuildResult:
     rehashed: int  # files actually read this time
     cached: int  # files whose digest came from the cache
     encrypted_with: str | None = None  # the key source of build/image.enc
+    warnings: tuple[str, ...] = ()  # what may fail at run time, worth a line on stderr
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ def build(instance: Instance, key_path: Path | None = None,
     config = instance.config()
     if not instance.image.is_dir():
         raise CoveError(f"{instance.image} is missing", "an instance needs an image/ folder")
+    warnings = check_launchable(instance.image, config)
     if encryption is not None:
         encryption = ImageEncryption(encrypted_image.check_source(encryption.source, config), encryption.key)
     key_path = key_path or signing.default_key_path()
@@ -95,7 +101,15 @@ def build(instance: Instance, key_path: Path | None = None,
     encrypted_image.remove(instance.build_dir)  # an older encrypted copy no longer matches
     cache = _HashCache(instance.build_dir / CACHE)
     entries = _hash_image(instance.image, cache)
-    manifest = manifest_mod.make(cove_config.to_measured(config), entries)
+    launch = None
+    if config.enclave.backend == "vm":
+        if encryption is not None:
+            raise CoveError("--encrypt-image is not available with backend = \"vm\" yet",
+                            "build without it, or use backend = \"sim\"")
+        from cove.image import vmimage
+
+        launch = vmimage.build(instance.image, entries, config, instance.build_dir)
+    manifest = manifest_mod.make(cove_config.to_measured(config), entries, launch)
     signature = signing.sign(key, manifest.encoded)
     write_atomic(instance.build_dir / TREE, encode_entries(entries))
     write_atomic(instance.build_dir / MANIFEST, manifest.encoded)
@@ -106,7 +120,67 @@ def build(instance: Instance, key_path: Path | None = None,
         encrypted_image.write(instance.image, instance.build_dir, encryption.source, identity, entries,
                               encryption.key)
     return BuildResult(manifest, signature, rehashed=cache.misses, cached=cache.hits,
-                       encrypted_with=encryption.source if encryption else None)
+                       encrypted_with=encryption.source if encryption else None, warnings=tuple(warnings))
+
+
+# Mounted over by every sim enclave, whatever cove.toml says.
+SANDBOX_MOUNTS = (("/proc", "proc"), ("/dev", "dev"))
+TMPFS_MODE = re.compile(r"0?[0-7]{3,4}")
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_launchable(image: Path, config) -> list[str]:
+    """Refuse what could only fail at run time with the sandbox's own message: image content a
+    mount hides, a working directory that is not there, a tmpfs mode that is not octal.
+    Returns warnings: entry-point scripts whose `#!` interpreter is not in the image."""
+    mounts = [*SANDBOX_MOUNTS, *((m.target, m.type) for m in config.mounts if m.type != "image")]
+    for target, kind in mounts:
+        _check_not_shadowed(image, target, kind)
+    for index, mount in enumerate(config.mounts):
+        mode = dict(mount.options).get("mode")
+        if mount.type == "tmpfs" and mode is not None and not TMPFS_MODE.fullmatch(mode):
+            raise CoveError(f"cove.toml: mounts[{index}].options.mode = {mode!r} is not an octal mode",
+                            'write it like "1777" or "0700"')
+    cwd = config.process.cwd
+    if not any(_under(cwd, target) for target, _ in mounts):
+        if not resolve_in_image(image, cwd, follow_last=True).is_dir():
+            raise CoveError(f"cove.toml: process.cwd = {cwd!r} is not a folder in the image",
+                            "create it in image/ (or mount something there), or change cwd")
+    return _entry_point_warnings(image, config.process.entry_points)
+
+
+def _check_not_shadowed(image: Path, target: str, kind: str) -> None:
+    path = resolve_in_image(image, target, follow_last=True)
+    if os.path.lexists(path) and not path.is_dir():
+        raise CoveError(f"{target} in the image is not a folder, but the {kind} mount needs one there",
+                        f"remove image{target} or the mount")
+    if path.is_dir():
+        for name in sorted(os.listdir(path)):
+            hidden = posixpath.join(target, name)
+            raise CoveError(f"{hidden} in the image is hidden at run time by the {kind} mount on {target}",
+                            f"place it elsewhere (e.g. cove add --to /opt/NAME) or remove the mount; "
+                            f"then rebuild")
+
+
+def _entry_point_warnings(image: Path, entry_points: tuple[str, ...]) -> list[str]:
+    warnings = []
+    for entry in entry_points:
+        if entry.endswith("/"):
+            base = resolve_in_image(image, entry, follow_last=True)
+            programs = ([posixpath.join(entry, rel) for rel, st in walk(base)
+                         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111] if base.is_dir() else [])
+        else:
+            programs = [entry]
+        for program in programs:
+            path = resolve_in_image(image, program, follow_last=True)
+            interpreter = elf.script_interpreter(path) if path.is_file() else None
+            if interpreter and elf.missing_interpreter(image, program):
+                warnings.append(f"{program} starts with #!{interpreter}, which is not in the image "
+                                f"(add it with `cove add {interpreter}`)")
+    return warnings
 
 
 def _identity(config, manifest: manifest_mod.Manifest, signature: signing.Signature):

@@ -21,6 +21,7 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from cove.errors import CoveError
+from cove.image.paths import resolve_in_image
 
 ELF_MAGIC = b"\x7fELF"
 DEFAULT_DIRS_64 = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
@@ -193,3 +194,35 @@ def dependencies(path: str, tolerate_missing: bool = False) -> Dependencies | No
                 if path is not None and path not in result.loaded_at_run_time:
                     result.loaded_at_run_time.append(path)
     return result
+
+
+def script_interpreter(path: Path) -> str | None:
+    """The program a `#!` line names, or None when path is not a script."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return words[0].decode("utf-8", "replace") if words else None
+
+
+def missing_interpreter(image: Path, program: str) -> str | None:
+    """What the kernel would need to start program (its `#!` interpreter or its ELF loader)
+    and the image lacks; None when all is there. Without it exec fails with ENOENT."""
+    path = resolve_in_image(image, program, follow_last=True)
+    interpreter = script_interpreter(path)
+    if interpreter is None:
+        try:
+            info = read_elf(str(path))
+        except CoveError:
+            return None
+        interpreter = info.interpreter if info else None
+    if interpreter is None:
+        return None
+    if not interpreter.startswith("/"):
+        return None  # relative to the caller's folder: nothing to check here
+    found = resolve_in_image(image, interpreter, follow_last=True)
+    return None if found.is_file() and os.access(found, os.X_OK) else interpreter
