@@ -112,7 +112,7 @@ def test_init_serve_admin_get(cli, served, tmp_path):
            "--sample-claims", claims, "--out", out)
     assert len(out.read_bytes()) == 32 and out.stat().st_mode & 0o777 == 0o600
     denied = cli("kbs", "get", url, "app/db/password", "--ca", state / "tls-ca.pem", "--tee", "sample")
-    assert denied.returncode != 0 and "403 PolicyDeny" in error_line(denied)
+    assert denied.returncode != 0 and "401 PolicyDeny" in error_line(denied)
     outside = cli("kbs", "get", url, "app/db/password", "--ca", state / "tls-ca.pem")  # cove evidence, no enclave
     assert outside.returncode != 0 and "cannot get evidence from /dev/attestation" in error_line(outside)
     audit = cli.ok("kbs", "admin", "audit", "--action", "release", env=admin).stdout

@@ -16,7 +16,7 @@ def b64e(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-@pytest.mark.parametrize("kty, size", [("EC", "P-256"), ("EC", "P-384"), ("RSA", 2048), ("RSA", 3072)])
+@pytest.mark.parametrize("kty, size", [("EC", "P-256"), ("EC", "P-384"), ("EC", "P-521"), ("RSA", 2048), ("RSA", 3072)])
 def test_resource_jwe_opens_with_joserfc(kty, size):
     key = jwk.generate_key(kty, size)
     document = jose.encrypt_to(jose.public_jwk(key), b"\x00secret\xff" * 40)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from joserfc import jwk
 
-from cove.kbs import appraisal, jose, policy as policy_mod, secrets as secrets_mod
+from cove.kbs import appraisal, coco_binding, coco_evidence, jose, policy as policy_mod, secrets as secrets_mod
 from cove.kbs.problems import Problem
 from cove.kbs.store import SecretRow, Store
 from cove.kbs.vault import Vault
@@ -152,11 +152,12 @@ class Broker:
         extra = request.get("extra-params", {})
         if extra not in ("", None) and not isinstance(extra, dict):
             raise Problem("InvalidRequest", "extra-params must be an object")
+        algorithm = coco_binding.select_hash(extra)
         session_id = pysecrets.token_urlsafe(24)
         nonce = base64.b64encode(pysecrets.token_bytes(32)).decode()
         self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime, self.now())
         self._maybe_purge()
-        return session_id, {"nonce": nonce, "extra-params": {}}
+        return session_id, {"nonce": nonce, "extra-params": {"selected-hash-algorithm": algorithm}}
 
     def _maybe_purge(self) -> None:
         """Drop sessions a minute past their expiry (at most every 5 s per process)."""
@@ -194,7 +195,12 @@ class Broker:
                 raise
         when = self.evidence_now()
         try:
-            result = appraisal.appraise(tee, body["tee-evidence"], runtime, self.anchors, when)
+            evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"])
+            coco_evidence.check_additional(additional)
+            init_data = coco_evidence.init_data(body.get("init-data"))
+            result = appraisal.appraise(tee, evidence, coco_binding.primary_runtime_data(runtime, additional),
+                                        self.anchors, when)
+            bound_claims = coco_evidence.bind_init_data(tee, result, init_data)
             decision = policy_mod.decide(self.attestation_policy, result, when)
             if not decision.allowed:
                 raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
@@ -204,7 +210,7 @@ class Broker:
                                       audit=(label, "attest", "denied", None, None,
                                              f"{tee}: {problem.kind}: {problem.detail}"))
             raise
-        claims = appraisal.to_claims(result)
+        claims = appraisal.to_claims(result) | bound_claims
         self.store.finish_session(session_id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
                                   self.now(), audit=(label, "attest", "ok", None, claims.get("measurement"), tee))
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
@@ -223,7 +229,7 @@ class Broker:
         if body.get("tee-evidence") is None:
             raise Problem("InvalidRequest", "the attestation lacks tee-evidence")
         if not isinstance(body.get("init-data") or {}, dict):
-            raise Problem("InvalidRequest", "init-data must be an object")
+            raise Problem("InvalidRequest", "init-data must be an object or null")
         return runtime
 
     def _refuse_claim(self, session_id: str, nonce: str) -> None:

@@ -4,11 +4,18 @@ Every JWE and JWT is made and checked by joserfc (no hand-made JOSE). The
 hot path keeps joserfc's cost down by importing each TEE key once per
 process (/attest and /resource load the same one) and the token key once.
 
-- A TEE key (``runtime-data.tee-pubkey``) is an EC P-256/P-384 JWK (answered
-  with ``ECDH-ES+A256KW``) or an RSA JWK of at least 2048 bits (answered with
-  ``RSA-OAEP-256``); content is always ``A256GCM``. Everything is in the
-  protected header (so it is authenticated); the response is the flattened
-  JSON serialization the KBS protocol names.
+- A TEE key (``runtime-data.tee-pubkey``) is an EC P-256/P-384/P-521 JWK
+  (answered with ``ECDH-ES+A256KW``) or an RSA JWK of at least 2048 bits
+  (answered with ``RSA-OAEP-256``); content is always ``A256GCM``. Everything
+  is in the protected header (so it is authenticated); the response is the
+  flattened JSON serialization the KBS protocol names. The resource JWE is the
+  one exception to "through joserfc": the Confidential Containers client does
+  not use the received ``protected`` string as the AEAD's additional data but
+  re-serializes the parsed header with serde_json (sorted or insertion order,
+  depending on its build), so the header must be written with sorted members
+  and no whitespace, which joserfc cannot be told to do (it writes ``epk`` as
+  crv, x, y, kty). It is built here from ``cryptography`` primitives (Concat
+  KDF, AES key wrap, AES-GCM, RSA-OAEP) and read back by joserfc in tests.
 - Attestation tokens are JWTs signed ES256 by the broker's token key, with
   ``iss``, ``iat``, ``exp``, ``jti``, the broker's ``jwk``, the
   ``tee-pubkey`` and the appraised claims.
@@ -25,6 +32,10 @@ import json
 import secrets as pysecrets
 import time
 
+from cryptography.hazmat.primitives import hashes, keywrap
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from joserfc import jwe, jwk, jwt
 from joserfc.errors import JoseError
 
@@ -38,7 +49,7 @@ ADMIN_TOKEN_MAX_LIFETIME = 300
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 
-_COORDINATE_BYTES = {"P-256": 32, "P-384": 48}
+_COORDINATE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66}
 _MAX_RSA_BITS = 16384
 
 
@@ -55,7 +66,7 @@ def tee_key(value) -> tuple[jwk.Key, str]:
     if "alg" in value and value["alg"] != alg:
         raise Problem("InvalidRequest", f"tee-pubkey alg {value['alg']!r} is not supported; use {alg}")
     if kty == "EC" and value.get("crv") not in _COORDINATE_BYTES:
-        raise Problem("InvalidRequest", f"tee-pubkey curve {value.get('crv')!r} is not P-256 or P-384")
+        raise Problem("InvalidRequest", f"tee-pubkey curve {value.get('crv')!r} is not P-256, P-384 or P-521")
     try:
         if kty == "EC":
             limit = 2 * _COORDINATE_BYTES[value["crv"]]  # base64url of n bytes is under 2n characters
@@ -88,11 +99,37 @@ def _import_public(members: tuple) -> jwk.Key:
 
 
 def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
-    """A flattened JWE of plaintext for the TEE key, every header member protected."""
+    """A flattened JWE of plaintext for the TEE key, every header member protected.
+
+    The protected header is JSON with sorted members at every level and no
+    whitespace: the bytes a CoCo client rebuilds from it whether its
+    serde_json keeps insertion order or sorts (docs/formats/kbs-protocol.md).
+    """
     key, alg = tee_key(tee_pubkey)
-    compact = jwe.encrypt_compact({"alg": alg, "enc": CONTENT_ENC}, plaintext, key,
-                                  algorithms=[alg, CONTENT_ENC])
-    return dict(zip(("protected", "encrypted_key", "iv", "ciphertext", "tag"), compact.split(".")))
+    public = key.raw_value  # a cryptography public key
+    cek = AESGCM.generate_key(256)
+    header: dict = {"alg": alg, "enc": CONTENT_ENC}
+    if alg == "RSA-OAEP-256":
+        encrypted_key = public.encrypt(cek, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
+    else:
+        ephemeral = ec.generate_private_key(public.curve)
+        size = _COORDINATE_BYTES[tee_pubkey["crv"]]
+        numbers = ephemeral.public_key().public_numbers()
+        header["epk"] = {"crv": tee_pubkey["crv"], "kty": "EC", "x": _b64e(numbers.x.to_bytes(size, "big")),
+                         "y": _b64e(numbers.y.to_bytes(size, "big"))}
+        # RFC 7518 4.6.2: Concat KDF over Z; AlgorithmID = "ECDH-ES+A256KW", empty apu/apv, keydatalen 256
+        other = b"".join((len(alg).to_bytes(4, "big"), alg.encode(), bytes(8), (256).to_bytes(4, "big")))
+        kek = ConcatKDFHash(hashes.SHA256(), 32, other).derive(ephemeral.exchange(ec.ECDH(), public))
+        encrypted_key = keywrap.aes_key_wrap(kek, cek)
+    protected = _b64e(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    iv = pysecrets.token_bytes(12)
+    sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
+    return {"protected": protected, "encrypted_key": _b64e(encrypted_key), "iv": _b64e(iv),
+            "ciphertext": _b64e(sealed[:-16]), "tag": _b64e(sealed[-16:])}
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def decrypt_from(document: dict, private_key: jwk.Key) -> bytes:
@@ -117,8 +154,10 @@ def _b64(text: str) -> bytes:
 
 
 def new_tee_key(kind: str = "EC") -> jwk.Key:
-    """An ephemeral TEE key pair (EC P-256 by default, or RSA 3072)."""
-    return jwk.generate_key("EC", "P-256") if kind == "EC" else jwk.generate_key("RSA", 3072)
+    """An ephemeral TEE key pair: "EC" (P-256, the default), "EC-P384", "EC-P521", or "RSA" (3072)."""
+    if kind.startswith("EC"):
+        return jwk.generate_key("EC", {"EC": "P-256", "EC-P384": "P-384", "EC-P521": "P-521"}[kind])
+    return jwk.generate_key("RSA", 3072)
 
 
 def public_jwk(key: jwk.Key) -> dict:

@@ -5,6 +5,15 @@ Each refusal the broker makes is a :class:`Problem` whose ``kind`` names it
 keep Trustee's names; Cove's additions are listed in docs/kbs.md. The
 ``type`` member is a URN, ``urn:cove:kbs:error:<kind>``: an identifier, not
 a link.
+
+On the attestation protocol's own endpoints (``/kbs/v0/auth``, ``/attest``,
+``/resource/...``) a refusal whose kind is a 400 or a 403 is answered 401, as
+Trustee answers every protocol and policy failure there (its
+``kbs/src/error.rs`` @ 78962cd416dcc8a32f9377e0066a28fe21420f69): the
+Confidential Containers client re-runs its handshake on a 401 and gives up on
+anything else but 404 (guest-components ``kbs_protocol/src/client/rcar_client.rs``
+@ 8246e5e0977f6322f0a1b0f77e0739cf1c3e1f74), so a 400 or 403 there would end
+a pod's start without the retry a CoCo deployment expects.
 """
 
 from __future__ import annotations
@@ -38,6 +47,16 @@ KINDS: dict[str, tuple[int, str]] = {
 }
 
 
+PROTOCOL_PATHS = ("/kbs/v0/auth", "/kbs/v0/attest", "/kbs/v0/resource/")
+
+
+def status_on(status: int, path: str | None) -> int:
+    """The HTTP status of a refusal of this status on this path (401 for 400/403 on the protocol's paths)."""
+    if status in (400, 403) and path and (path in PROTOCOL_PATHS[:2] or path.startswith(PROTOCOL_PATHS[2])):
+        return 401
+    return status
+
+
 class Problem(Exception):
     """A refusal: an RFC 7807 problem document with the right status."""
 
@@ -54,7 +73,7 @@ class Problem(Exception):
 
     def document(self, instance: str | None = None) -> dict:
         doc = {"type": TYPE_PREFIX + self.kind, "title": KINDS[self.kind][1],
-               "status": self.status, "detail": self.detail}
+               "status": status_on(self.status, instance), "detail": self.detail}
         if instance:
             doc["instance"] = instance
         return doc

@@ -116,8 +116,8 @@ _ERRORS = {status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}} fo
 
 
 def _problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
-    return JSONResponse(problem.document(request.url.path if request else None), status_code=problem.status,
-                        media_type=PROBLEM_MEDIA)
+    document = problem.document(request.url.path if request else None)  # its status depends on the path
+    return JSONResponse(document, status_code=document["status"], media_type=PROBLEM_MEDIA)
 
 
 def _b64decode(value: str | None, what: str) -> bytes | None:

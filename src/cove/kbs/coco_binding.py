@@ -1,0 +1,58 @@
+"""Report-data binding and hash negotiation as the Confidential Containers client does them.
+
+The client (guest-components ``attestation-agent/kbs_protocol/src/client/rcar_client.rs``
+@ 8246e5e0977f6322f0a1b0f77e0739cf1c3e1f74) offers ``sha256``, ``sha384``,
+``sha512`` and ``sm3`` in the Request's ``extra-params.supported-hash-algorithms``,
+uses the Challenge's ``extra-params.selected-hash-algorithm`` (SHA-384 when it is
+absent), and binds into the primary TEE's report data the hash of the RFC 8785
+canonical JSON of ``{"tee-pubkey", "nonce", "additional-evidence"}``, where
+``additional-evidence`` is the composite evidence's string (``""`` without
+devices). Trustee checks the same (``kbs/src/attestation/backend.rs`` @
+78962cd416dcc8a32f9377e0066a28fe21420f69). Device evidence binds the same
+object without ``additional-evidence``.
+"""
+
+from __future__ import annotations
+
+import rfc8785
+
+from cove.kbs.problems import Problem
+
+# What the broker selects, best first, from what the client offers. SM3 is not offered back:
+# Cove's crypto is pyca/cryptography, which has no SM3.
+SELECTABLE = ("sha384", "sha512", "sha256")
+DEFAULT = "sha384"  # what a client that offers nothing (or reads no selection) uses
+
+
+def canonical(value) -> bytes:
+    """RFC 8785 (JSON Canonicalization Scheme), as serde_json_canonicalizer writes it."""
+    try:
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+        raise Problem("InvalidRequest", f"runtime-data has no canonical JSON form (RFC 8785): {exc}") from None
+
+
+def select_hash(extra_params) -> str:
+    """The hash the broker asks for in the Challenge, from the Request's extra-params."""
+    if not isinstance(extra_params, dict) or "supported-hash-algorithms" not in extra_params:
+        return DEFAULT
+    offered = extra_params["supported-hash-algorithms"]
+    if not isinstance(offered, list) or len(offered) > 32:
+        raise Problem("InvalidRequest", "extra-params.supported-hash-algorithms must be a list of names")
+    names = {name.lower() for name in offered if isinstance(name, str)}
+    for name in SELECTABLE:
+        if name in names:
+            return name
+    raise Problem("InvalidRequest", f"none of the offered hash algorithms is supported here "
+                                    f"(the broker binds with {', '.join(SELECTABLE)})")
+
+
+def primary_runtime_data(runtime_data: dict, additional_evidence: str = "") -> dict:
+    """What the primary TEE's report data is the hash of."""
+    return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"],
+            "additional-evidence": additional_evidence}
+
+
+def device_runtime_data(runtime_data: dict) -> dict:
+    """What a device's (additional evidence's) report data is the hash of."""
+    return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"]}

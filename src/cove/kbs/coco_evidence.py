@@ -1,0 +1,144 @@
+"""tee-evidence in the shapes the Confidential Containers attesters send, turned into Cove's inputs.
+
+An attestation from the CoCo client carries ``tee-evidence`` as the composite
+``{"primary_evidence": <the attester's JSON>, "additional_evidence": "<JSON string or empty>"}``
+(kbs-types 0.18 ``CompositeEvidence``) and ``init-data`` as ``{"format": "toml", "body": ...}`` or
+null. This module unpacks those and adapts each attester's shape to the one
+:mod:`cove.kbs.appraisal` verifies; Cove's own shapes pass through unchanged.
+The shapes were read from guest-components ``attestation-agent/attester/src``
+@ 8246e5e0977f6322f0a1b0f77e0739cf1c3e1f74 and Trustee ``deps/verifier/src``
+@ 78962cd416dcc8a32f9377e0066a28fe21420f69 (docs/formats/kbs-evidence.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import tomllib
+from dataclasses import dataclass, field
+
+from cove.kbs.problems import Problem
+
+MAX_INIT_DATA = 64 << 10
+INIT_DATA_HASHES = ("sha256", "sha384", "sha512")  # Trustee's Initdata.algorithm values
+
+
+def _json_object(value, what: str):
+    if isinstance(value, str):  # some clients send JSON as a string
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise Problem("EvidenceInvalid", f"{what} is a string but not JSON") from None
+    return value
+
+
+def unpack(tee: str, tee_evidence) -> tuple[dict, str]:
+    """(the primary evidence in Cove's shape, the additional_evidence string as sent)."""
+    evidence = _json_object(tee_evidence, f"{tee} tee-evidence")
+    additional = ""
+    if isinstance(evidence, dict) and set(evidence) and set(evidence) <= {"primary_evidence", "additional_evidence"}:
+        additional = evidence.get("additional_evidence", "")
+        if not isinstance(additional, str):
+            raise Problem("EvidenceInvalid", "additional_evidence must be a string (JSON of a map, or empty)")
+        evidence = _json_object(evidence.get("primary_evidence"), f"{tee} primary_evidence")
+    if not isinstance(evidence, dict):
+        raise Problem("EvidenceInvalid", f"{tee} tee-evidence must be a JSON object")
+    adapt = ADAPTERS.get(tee)
+    return (adapt(evidence) if adapt else evidence), additional
+
+
+def _sample(evidence: dict) -> dict:
+    """guest-components attester/src/sample: ``{"svn": "1", "report_data": base64}``, svn a decimal string."""
+    svn = evidence.get("svn")
+    if isinstance(svn, str):
+        if not (svn.isascii() and svn.isdigit() and len(svn) <= 18):
+            raise Problem("EvidenceInvalid", "sample evidence 'svn' must be a decimal number")
+        evidence = dict(evidence, svn=int(svn))
+    return evidence
+
+
+ADAPTERS = {"sample": _sample}
+
+
+def check_additional(additional: str) -> None:
+    """Device evidence (``additional_evidence``): none of the device TEEs the CoCo attesters report
+    (nvidia, dpu, hygondcu, sampledevice, ...) has a verifier in Cove, so any entry is refused,
+    never dropped: a token must not suggest that a device was appraised when it was not."""
+    if additional == "":
+        return
+    try:
+        entries = json.loads(additional)
+    except ValueError:
+        raise Problem("EvidenceInvalid", "additional_evidence is not JSON") from None
+    if not isinstance(entries, dict):
+        raise Problem("EvidenceInvalid", "additional_evidence must be a JSON object (tee -> evidence)")
+    if entries:
+        names = ", ".join(sorted(str(name) for name in entries)[:8])
+        raise Problem("EvidenceInvalid", f"additional evidence for {names} cannot be verified by this broker "
+                                         f"(no device TEE verifier); attest without device evidence")
+
+
+@dataclass(frozen=True)
+class InitData:
+    """init-data as Trustee reads it: TOML with ``algorithm``, ``version`` and a ``data`` table;
+    its digest is the algorithm's hash of the body's bytes."""
+
+    algorithm: str
+    digest: bytes
+    data: dict = field(default_factory=dict)
+
+
+def init_data(value) -> InitData | None:
+    """The attestation's init-data, parsed; None when absent (null or missing)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("body"), str):
+        raise Problem("InvalidRequest", "init-data must be {\"format\": \"toml\", \"body\": <string>}")
+    if value.get("format") != "toml":
+        raise Problem("InvalidRequest", f"init-data format {value.get('format')!r} is not supported (toml)")
+    body = value["body"]
+    if len(body) > MAX_INIT_DATA:
+        raise Problem("InvalidRequest", f"init-data is larger than {MAX_INIT_DATA >> 10} KiB")
+    try:
+        parsed = tomllib.loads(body)
+    except tomllib.TOMLDecodeError as exc:
+        raise Problem("InvalidRequest", f"init-data is not TOML: {exc}") from None
+    algorithm = parsed.get("algorithm")
+    if algorithm not in INIT_DATA_HASHES:
+        raise Problem("InvalidRequest", f"init-data algorithm {algorithm!r} is not one of {', '.join(INIT_DATA_HASHES)}")
+    data = parsed.get("data", {})
+    if not isinstance(data, dict):
+        raise Problem("InvalidRequest", "init-data data must be a table")
+    return InitData(algorithm, hashlib.new(algorithm, body.encode()).digest(), data)
+
+
+# Where each TEE carries the host-chosen configuration digest init-data is bound to (Trustee's
+# verifiers: tdx compares MRCONFIGID, snp HOSTDATA, each zero-padded); the appraisal's claims path.
+_CONFIG_FIELD = {"tdx": (("body", "mr_config_id"), 48), "snp": (("report", "host_data"), 32)}
+
+
+def bind_init_data(tee: str, result, init: InitData | None) -> dict:
+    """The init-data claims to add to the attestation's claims, once init-data is bound to the evidence.
+
+    ``sample`` proves nothing, so (as Trustee's sample verifier does) its init-data is reported, not
+    checked. TDX and SNP compare the digest with MRCONFIGID / HOSTDATA. Cove evidence has no
+    host-chosen configuration field (an enclave's configuration is in its measurement) and TPM
+    quotes none, so init-data with them is refused rather than passed on unchecked.
+    """
+    if init is None:
+        return {}
+    claims = {"init_data": init.digest.hex(), "init_data_algorithm": init.algorithm, "init_data_claims": init.data}
+    if tee == "sample":
+        return claims
+    where = _CONFIG_FIELD.get(tee)
+    if where is None:
+        raise Problem("EvidenceInvalid", f"init-data cannot be bound to {tee} evidence (it has no configuration "
+                                         f"field); attest without init-data")
+    (outer, inner), size = where
+    value = (result.claims.get(outer) or {}).get(inner) if isinstance(result.claims, dict) else None
+    expected = (init.digest + bytes(size))[:size] if len(init.digest) <= size else None
+    if not isinstance(value, str) or expected is None or not hmac.compare_digest(bytes.fromhex(value), expected):
+        raise Problem("EvidenceBinding", f"init-data's {init.algorithm} digest is not the {tee} evidence's "
+                                         f"{'MRCONFIGID' if tee == 'tdx' else 'HOSTDATA'}")
+    return claims

@@ -1,0 +1,224 @@
+"""Cove's broker against a byte-for-byte stand-in of the Confidential Containers KBS client.
+
+One broker (SQLite, HTTPS on loopback) serves every test here; the client is
+tests/kbs/coco_client.py, whose behaviours are pinned to guest-components,
+kbs-types and Trustee sources by commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+import rfc8785
+
+from cove.kbs.problems import TYPE_PREFIX
+from tests.kbs import coco_client as coco
+from tests.kbs.conftest import ssl_for, start_kbs, stop_kbs
+
+ATTESTATION_POLICY = 'types = ["sample"]\n'
+ALGORITHMS = ["ECDH-ES+A256KW-P256", "ECDH-ES+A256KW-P384", "ECDH-ES+A256KW-P521", "RSA-OAEP-256"]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory, tls_files):
+    tmp = tmp_path_factory.mktemp("coco")
+    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=ATTESTATION_POLICY)
+    yield running
+    stop_kbs(running)
+
+
+def put_secret(broker, value: bytes, policy: str = 'types = ["sample"]\n') -> str:
+    name = "p-" + uuid.uuid4().hex[:8]
+    broker.admin.put_policy(name, policy)
+    path = f"default/key/{uuid.uuid4().hex[:12]}"
+    broker.admin.create_secret(path, "data", name, value=value)
+    return path
+
+
+@pytest.fixture
+def client(broker):
+    made: list[coco.CocoClient] = []
+
+    def make(attester=None, **kwargs) -> coco.CocoClient:
+        kwargs.setdefault("sleep", lambda seconds: None)
+        one = coco.CocoClient(broker.url, attester or coco.SampleAttester(), verify=ssl_for(broker), **kwargs)
+        made.append(one)
+        return one
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def steps(client: coco.CocoClient) -> list[tuple[str, str, int]]:
+    return [(e.method, e.path.split("/")[0], e.status) for e in client.log]
+
+
+# -- the client's own fixtures and rules, before any broker ------------------------------------------
+def test_client_reproduces_its_sources_fixtures():
+    # kbs-types 0.18 src/lib.rs tests protected_header_generate_aad and parse_response_nested_protected_header
+    assert coco.protected_header_aad({"alg": "fakealg", "enc": "fakeenc"}, True) == \
+        b"eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyJ9"
+    nested = json.loads(coco.b64url_decode(
+        "eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyIsImVwayI6eyJrdHkiOiJPS1AiLCJjcnYiOiJYMjU1MTkiLCJ4IjoiaFNEd0NZa3dw"
+        "MVIwaTMzY3RENzNXZzJfT2cwbU9CcjA2NlNwanFxYlRtbyJ9fQo"))
+    as_sorted = json.loads(coco.b64url_decode(coco.protected_header_aad(nested, True).decode()))
+    as_received = json.loads(coco.b64url_decode(coco.protected_header_aad(nested, False).decode()))
+    assert list(as_sorted["epk"]) == ["crv", "kty", "x"] and list(as_received["epk"]) == ["kty", "crv", "x"]
+    # guest-components rcar_client.rs test_get_hash_algorithm cases
+    assert coco.CocoClient.hash_algorithm({}) == "sha384" and coco.CocoClient.hash_algorithm("") == "sha384"
+    for name, expected in (("sha256", "sha256"), ("SHA384", "sha384"), ("SHA512", "sha512")):
+        assert coco.CocoClient.hash_algorithm({"selected-hash-algorithm": name}) == expected
+    for bad, variant in (("", "InvalidHashAlgorithm"), ("foo", "InvalidHashAlgorithm"), ([], "UnexpectedJSONDataType"),
+                         (99999, "UnexpectedJSONDataType"), (True, "UnexpectedJSONDataType")):
+        with pytest.raises(coco.CocoError) as caught:
+            coco.CocoClient.hash_algorithm({"selected-hash-algorithm": bad})
+        assert caught.value.variant == variant
+
+
+def test_request_bodies_byte_for_byte(broker, client):
+    path = put_secret(broker, b"first")
+    one = client()
+    assert one.get_resource(path) == b"first"
+    assert one.sent["auth"] == (b'{"version":"0.4.0","tee":"sample","extra-params":'
+                                b'{"supported-hash-algorithms":["sha256","sha384","sha512","sm3"]}}')
+    attest = one.sent["attest"]
+    key = one.tee_key.export_pubkey()
+    nonce = json.loads(attest)["runtime-data"]["nonce"]
+    runtime = b'{"nonce":"%s","tee-pubkey":{"kty":"EC","crv":"P-256","alg":"ECDH-ES+A256KW","x":"%s","y":"%s"}}' % (
+        nonce.encode(), key["x"].encode(), key["y"].encode())
+    digest = coco.hash_digest("sha384", rfc8785.dumps(
+        {"tee-pubkey": key, "nonce": nonce, "additional-evidence": ""}))
+    evidence = b'{"primary_evidence":{"svn":"1","report_data":"%s"},"additional_evidence":""}' % (
+        base64.b64encode(digest))
+    assert attest == b'{"init-data":null,"runtime-data":' + runtime + b',"tee-evidence":' + evidence + b"}"
+
+
+# -- whole flows --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_sample_tee_end_to_end(broker, client, algorithm):
+    """The CoCo CI path: GET (401, no session) -> handshake -> GET; the JWE opens under both serde orders."""
+    value = b"\x00coco secret \xff" + algorithm.encode()
+    path = put_secret(broker, value)
+    one = client(algorithm=algorithm)
+    assert one.get_resource(path) == value
+    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 200), ("POST", "attest", 200),
+                          ("GET", "resource", 200)]
+    document = one.http.get(f"/kbs/v0/resource/{path}").json()
+    assert one.tee_key.decrypt_response(document, sort=True) == value
+    assert one.tee_key.decrypt_response(document, sort=False) == value
+    header = coco.b64url_decode(document["protected"])
+    assert header == coco.serde_json(coco.serde_value(json.loads(header), True))  # sorted, no whitespace
+    claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))
+    assert claims["tcb-status"]["tee"] == "sample" and claims["tcb-status"]["svn"] == 1
+
+
+def test_selected_hash_is_honoured(broker, client):
+    """The broker selects SHA-384 from the offer; a client that reads it binds with it."""
+    one = client()
+    reply = one.http.post("/kbs/v0/auth", content=one.request_body(), headers={"content-type": "application/json"})
+    assert reply.status_code == 200 and reply.json()["extra-params"] == {"selected-hash-algorithm": "sha384"}
+    only = json.dumps({"version": "0.4.0", "tee": "sample", "extra-params": {"supported-hash-algorithms": ["SHA512"]}})
+    reply = one.http.post("/kbs/v0/auth", content=only, headers={"content-type": "application/json"})
+    assert reply.json()["extra-params"] == {"selected-hash-algorithm": "sha512"}
+    sm3 = json.dumps({"version": "0.4.0", "tee": "sample", "extra-params": {"supported-hash-algorithms": ["sm3"]}})
+    reply = one.http.post("/kbs/v0/auth", content=sm3, headers={"content-type": "application/json"})
+    assert reply.status_code == 401 and reply.json()["type"] == TYPE_PREFIX + "InvalidRequest"
+
+
+def test_denied_policy_rehandshakes_then_stops_unauthorized(broker, client):
+    path = put_secret(broker, b"never", policy='types = ["sample"]\n[sample]\nmeasurements = ["' + "ab" * 32 + '"]\n')
+    one = client()
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_resource(path)
+    assert caught.value.variant == "UnAuthorized"
+    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 200), ("POST", "attest", 200)] * 3
+    assert "PolicyDeny" in one.http.get(f"/kbs/v0/resource/{path}").json()["type"]
+
+
+def test_missing_resource_is_404(broker, client):
+    one = client()
+    one.get_token()
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_resource("default/key/nothing-here")
+    assert caught.value.variant == "ResourceNotFound"
+
+
+@pytest.mark.parametrize("tee", ["az-snp-vtpm", "az-tdx-vtpm", "cca", "csv", "se", "nvidia", "hygondcu",
+                                 "sampledevice", "dpu"])
+def test_unsupported_tee_refused_with_401(broker, client, tee):
+    one = client(coco.FixedAttester(tee, lambda report_data: {}))
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_resource("default/key/any")
+    assert caught.value.variant == "RcarHandshake" and "UnknownTee" in caught.value.detail
+    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 401)]
+
+
+# -- attestations the broker refuses ----------------------------------------------------------------------
+def sample_with(change):
+    def make(report_data: bytes) -> dict:
+        evidence = coco.SampleAttester().get_evidence(report_data)
+        return change(evidence, report_data)
+    return coco.FixedAttester("sample", make)
+
+
+@pytest.mark.parametrize("attester, kwargs, kind", [
+    (sample_with(lambda e, rd: dict(e, report_data=base64.b64encode(bytes(48)).decode())), {}, "EvidenceBinding"),
+    (sample_with(lambda e, rd: dict(e, svn="1; drop")), {}, "EvidenceInvalid"),
+    (sample_with(lambda e, rd: dict(e, svn=["1"])), {}, "EvidenceInvalid"),
+    # device evidence Cove cannot verify is refused, never dropped
+    (None, {"additional": {"sampledevice": lambda rd: {"svn": "2", "report_data": base64.b64encode(rd).decode()}}},
+     "EvidenceInvalid"),
+    (None, {"init_data": "not = [toml"}, "InvalidRequest"),
+    (None, {"init_data": 'algorithm = "md5"\nversion = "0.1.0"\n'}, "InvalidRequest"),
+])
+def test_refused_attestations(broker, client, attester, kwargs, kind):
+    one = client(attester, **kwargs)
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_token()
+    assert caught.value.variant == "RcarHandshake" and f"errors:{kind}" in caught.value.detail.replace(
+        TYPE_PREFIX, "errors:")
+    assert steps(one) == [("POST", "auth", 200), ("POST", "attest", 401)] * coco.RCAR_MAX_ATTEMPT
+
+
+def test_tampered_additional_evidence_string_breaks_the_binding(broker, client):
+    """additional-evidence is inside the hash: evidence made for "" does not pass with another string."""
+    one = client()
+    one.rcar_handshake()
+    body = json.loads(one.sent["attest"])
+    reply = one.http.post("/kbs/v0/auth", content=one.request_body(), headers={"content-type": "application/json"})
+    body["runtime-data"]["nonce"] = reply.json()["nonce"]
+    body["tee-evidence"]["additional_evidence"] = "{}"
+    reply = one.http.post("/kbs/v0/attest", json=body)
+    assert reply.status_code == 401 and reply.json()["type"] == TYPE_PREFIX + "EvidenceBinding"
+
+
+def test_init_data_is_a_claim_for_sample(broker, client):
+    body = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'
+    one = client(init_data=body)
+    one.get_token()
+    claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))["tcb-status"]
+    import hashlib
+
+    assert claims["init_data"] == hashlib.sha256(body.encode()).hexdigest()
+    assert claims["init_data_claims"] == {"aa.toml": "x"}
+
+
+def test_joserfc_header_order_would_break_a_sorting_client():
+    """Regression: joserfc writes epk as crv, x, y, kty; a client whose serde_json sorts rebuilds
+    another AAD and cannot open it. Cove's header opens under both."""
+    from joserfc import jwe
+
+    from cove.kbs import jose
+
+    tee = coco.TeeKeyPair()
+    key, alg = jose.tee_key(tee.export_pubkey())
+    compact = jwe.encrypt_compact({"alg": alg, "enc": "A256GCM"}, b"x", key, algorithms=[alg, "A256GCM"])
+    old = dict(zip(("protected", "encrypted_key", "iv", "ciphertext", "tag"), compact.split(".")))
+    with pytest.raises(coco.CocoError):
+        tee.decrypt_response(old, sort=True)
+    new = jose.encrypt_to(tee.export_pubkey(), b"x")
+    assert tee.decrypt_response(new, sort=True) == tee.decrypt_response(new, sort=False) == b"x"
