@@ -82,6 +82,7 @@ def test_cli_token_and_jwks(cove, tmp_path):
     policy = tmp_path / "p.toml"
     policy.write_text("[cove]\nself_certified = true\n")
     token_key = tmp_path / "vk.pem"
+    cove.ok("keygen", "--verifier", "--out", token_key)  # --token-key names an existing key, never makes one
     out = cove.ok("verify", evidence, "--policy", policy, "--token", "--token-key", token_key,
                   "--nonce", (b"n" * 8).hex()).stdout.strip()
     jwks = json.loads(cove.ok("jwks", "--token-key", token_key).stdout)

@@ -43,7 +43,7 @@ def test_entry_point_not_allowed(cove, app):
 
 def test_program_missing(cove, app):
     result = cove("run", "/bin/nothing-here", cwd=app)
-    assert result.returncode == 2
+    assert result.returncode == 127
     assert "/bin/nothing-here is not in the image" in error_line(result)
 
 
@@ -54,16 +54,16 @@ def test_relative_program_is_explained(cove, app):
 
 
 def test_debug_shell_is_refused_in_a_non_debug_enclave(cove, app):
-    result = cove("run", "--debug", "/bin/sh", "-c", "echo inside", cwd=app)
+    result = cove("run", "--debug-enclave", "/bin/sh", "-c", "echo inside", cwd=app)
     assert result.returncode == 2
-    assert "--debug needs a debug enclave" in error_line(result)
+    assert "--debug-enclave needs a debug enclave" in error_line(result)
     assert "inside" not in result.stdout
 
 
 def test_debug_shell_opens_in_a_debug_enclave(cove, probe, tmp_path):
     root = make_instance(cove, tmp_path, probe, options={("enclave", "debug"): "true",
                                                         ("process", "entry_points"): '["/bin/probe"]'})
-    result = cove("run", "--debug", "/bin/sh", "-c", "echo inside", cwd=root)
+    result = cove("run", "--debug-enclave", "/bin/sh", "-c", "echo inside", cwd=root)
     assert result.returncode == 0 and result.stdout == "inside\n"
     # without --debug the entry points still apply
     assert cove("run", "/bin/sh", "-c", "true", cwd=root).returncode == 2
@@ -71,7 +71,7 @@ def test_debug_shell_opens_in_a_debug_enclave(cove, probe, tmp_path):
 
 def test_not_an_instance(cove, tmp_path):
     result = cove("build", cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 8
     assert "is not a Cove instance" in error_line(result)
 
 

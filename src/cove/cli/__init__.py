@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cove import __version__
-from cove.errors import CoveError
+from cove.errors import CoveError, ExitCode, file_system_error
 
 
 class Context:
@@ -50,8 +50,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
-              help="Act on the instance in DIR instead of the current folder.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+              help="Act on the instance in DIR instead of the current folder. Unlike git -C it does not "
+                   "change directory: relative paths after it still resolve against the current folder.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (docs/cli.md lists the exit codes).")
 @click.version_option(__version__, prog_name="cove")
 @click.pass_context
 def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
@@ -64,25 +65,44 @@ _options = {"debug": False}  # set by the group callback, read by main() when an
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one clear line for user errors, tracebacks only with --debug."""
+    """Entry point: one clear line and a code from errors.ExitCode; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     _options["debug"] = False
     try:
         result = cli.main(args=args, prog_name="cove", standalone_mode=False)
     except CoveError as exc:
-        if _options["debug"]:
-            raise
-        click.echo(f"cove: error: {exc.line()}", err=True)
-        return exc.exit_code
+        return _fail(exc, exc.line(), exc.exit_code)
+    except OSError as exc:  # a file the command reads or writes: read-only, full disk, I/O error
+        error = file_system_error(exc)
+        return _fail(exc, error.line(), error.exit_code)
     except click.exceptions.Abort:
         click.echo("cove: aborted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
+        return ExitCode.INTERRUPTED
+    except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.ClickException as exc:
+        return _fail(exc, _usage_line(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     return result if isinstance(result, int) else 0
+
+
+def _fail(exc: BaseException, line: str, code: int) -> int:
+    if _options["debug"]:
+        raise exc
+    if line.startswith("cove: "):  # a verifier's line names the evidence type, here "cove"
+        line = "Cove evidence: " + line[len("cove: "):]
+    click.echo(f"cove: error: {line}", err=True)
+    return code
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """A click usage error as one line that says where help is."""
+    line = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        line += f" (see `{ctx.command_path} --help`)"
+    return line
 
 
 def run_main() -> None:

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import click
 
-from cove.errors import CoveError
+from cove.cli.options import InputPath
+from cove.errors import CoveError, RefusedError
 
 TYPES = ("auto", "cove", "tpm", "sgx", "tdx", "snp")
 _HEX_TEXT = re.compile(rb"^[0-9a-fA-F\s]+$")
 
 
-class PolicyRejected(CoveError):
+class PolicyRejected(RefusedError):
     """Valid evidence that the policy does not accept."""
-
-    exit_code = 6
 
 
 def default_token_key() -> Path:
@@ -103,8 +102,9 @@ def _label(appraisal) -> str:
 @click.option("--time", "at", help="Verify as of this ISO 8601 time (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--token", is_flag=True, help="Print an EAR attestation token (JWT) signed by the verifier key.")
-@click.option("--token-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Verifier signing key (default: ~/.config/cove/verifier-key.pem, made on first use).")
+@click.option("--token-key", type=InputPath(),
+              help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, "
+                   "made on first use).")
 @click.option("--collateral", type=click.Path(dir_okay=False), help="sgx/tdx: PCS collateral JSON.")
 @click.option("--pccs", help="sgx/tdx: fetch collateral from this PCCS/PCS base URL (cached).")
 @click.option("--vcek", type=click.Path(dir_okay=False), help="snp: the VCEK or VLEK certificate.")
@@ -181,8 +181,9 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
 
 
 @click.command()
-@click.option("--token-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Verifier signing key (default: ~/.config/cove/verifier-key.pem, made on first use).")
+@click.option("--token-key", type=InputPath(),
+              help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, "
+                   "made on first use).")
 def jwks(token_key: Path | None) -> None:
     """Print the JWKS document of the verifier key, for relying parties checking tokens."""
     from cove.attest import ear

@@ -57,9 +57,15 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the key (default: ~/.config/cove/signing-key.pem).")
 @click.option("--force", is_flag=True, help="Replace an existing key.")
-def keygen(out: Path | None, force: bool) -> None:
-    """Create a developer signing key (Ed25519)."""
+@click.option("--verifier", is_flag=True,
+              help="Create the verifier's token-signing key instead (for `cove verify --token --token-key`; "
+                   "default ~/.config/cove/verifier-key.pem).")
+def keygen(out: Path | None, force: bool, verifier: bool) -> None:
+    """Create a developer signing key (Ed25519), or with --verifier the key that signs attestation tokens."""
     from cove.image import signing
+    if verifier:
+        _verifier_key(out, force)
+        return
     path = out or signing.default_key_path()
     key = signing.generate_key(path, overwrite=force)
     signer = signing.signer_of(signing.raw_public(key.public_key()))
@@ -93,6 +99,20 @@ def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file
         click.echo(f"encrypted   build/image.enc, opened with {result.encrypted_with}")
     for warning in result.warnings:
         click.echo(f"cove: warning: {warning}", err=True)
+
+
+def _verifier_key(out: Path | None, force: bool) -> None:
+    from cove.attest import ear
+    from cove.cli.attest import default_token_key
+    from cove.errors import CoveError
+
+    path = out or default_token_key()
+    if path.exists():
+        if not force:
+            raise CoveError(f"{path} already exists", "pass --force to replace it, or choose --out")
+        path.unlink()
+    key = ear.VerifierKey.load_or_create(path)
+    click.echo(f"wrote {path}\nkid {key.kid}")
 
 
 def _encryption(source: str | None, key_file: Path | None, config):

@@ -344,6 +344,11 @@ def audit(ctx, after, limit, action, as_json) -> None:
     """Read the audit log: who, what, which measurement, when, outcome."""
     import datetime as dt
 
+    from cove.kbs.broker import WRITE_ACTIONS
+
+    actions = ("attest", "release") + WRITE_ACTIONS
+    if action is not None and action not in actions:
+        raise CoveError(f"--action {action}: no such action", f"one of {', '.join(actions)}")
     rows = ctx.client.audit(after, limit, action)
     if as_json:
         _print(rows)

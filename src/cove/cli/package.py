@@ -12,11 +12,15 @@ from cove.image import instance as instance_mod
 
 @click.command("package")
 @click.argument("out", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--debug", "allow_debug", is_flag=True, help="Allow packaging a debug enclave.")
+@click.option("--debug-enclave", "allow_debug", is_flag=True, help="Allow packaging a debug enclave.")
+@click.option("--debug", "old_debug", is_flag=True, hidden=True)
 @click.pass_obj
-def package_cmd(ctx, out: Path | None, allow_debug: bool) -> None:
+def package_cmd(ctx, out: Path | None, allow_debug: bool, old_debug: bool) -> None:
     """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`."""
     from cove.image import package as package_mod
+    if old_debug:  # renamed as on `cove run`: `cove --debug` means tracebacks
+        click.echo("cove: note: `cove package --debug` is now `cove package --debug-enclave`", err=True)
+        allow_debug = True
     target = instance_mod.open_instance(ctx.directory)
     out = out or Path(f"{target.config().enclave.name}.tar.gz")
     verified = package_mod.create(target, out, allow_debug)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cove.cli.options import InputPath
 from cove.errors import CoveError
 
 
@@ -19,11 +20,11 @@ def platform() -> None:
 @click.option("--swtpm", "use_swtpm", is_flag=True, help="Set up and start a software TPM (development, tests).")
 @click.option("--no-tpm", "no_tpm", is_flag=True, help="Self-certified: no TPM vouches for the key.")
 @click.option("--tcti", help="TPM connection (default: device:/dev/tpmrm0 when present).")
-@click.option("--ak-ca", "ak_ca", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--ak-ca", "ak_ca", type=InputPath(folder=True),
               help="AK CA folder that certifies the attestation key (default: a local one).")
-@click.option("--ek-chain", "ek_chain", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--ek-chain", "ek_chain", type=InputPath(),
               help="PEM of the EK certificate's CA chain (hardware TPMs).")
-@click.option("--ek-roots", "ek_roots", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--ek-roots", "ek_roots", type=InputPath(),
               help="PEM of the EK CA the local AK CA trusts (hardware TPMs).")
 @click.option("--pcr", type=click.IntRange(16, 23), default=23, show_default=True,
               help="The resettable PCR Cove extends with the runtime and the platform key.")
@@ -37,6 +38,8 @@ def init(use_swtpm: bool, no_tpm: bool, tcti: str | None, ak_ca: Path | None, ek
 
     if use_swtpm and no_tpm:
         raise CoveError("--swtpm and --no-tpm exclude each other")
+    if no_tpm and (ak_ca or ek_chain or ek_roots):
+        raise CoveError("--ak-ca, --ek-chain and --ek-roots certify a TPM's keys: they do not go with --no-tpm")
     mode = "swtpm" if use_swtpm else "none" if no_tpm else "device" if tcti else "auto"
     say = (lambda _: None) if as_json else (lambda line: click.echo(line))
     state = monitor.init(monitor.InitOptions(tpm=mode, tcti=tcti, ak_ca=ak_ca, ek_chain=ek_chain,
@@ -63,7 +66,7 @@ def stop() -> None:
 
 @platform.command("ak-ca")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--ek-roots", "ek_roots", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--ek-roots", "ek_roots", type=InputPath(), required=True,
               help="PEM of the EK CA(s) whose TPMs this CA certifies AKs for.")
 def ak_ca(directory: Path, ek_roots: Path) -> None:
     """Create an AK certificate authority in DIRECTORY (give its ca.pem to verifiers as ak_ca)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cove.cli.options import ParentExists
 from cove.errors import CoveError
 from cove.image import instance as instance_mod
 
@@ -24,20 +25,24 @@ def _signer(value: str | None) -> bytes | None:
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--backend", help="Backend to use (default: [enclave] backend, usually auto).")
-@click.option("--debug", "debug_shell", is_flag=True,
-              help="Run any program (e.g. /bin/sh) in a debug enclave; refused otherwise.")
+@click.option("--debug-enclave", "debug_shell", is_flag=True,
+              help="Run any program (e.g. /bin/sh), not only entry points, in a debug enclave; refused otherwise.")
+@click.option("--debug", "old_debug", is_flag=True, hidden=True)
 @click.option("--package", "package", type=click.Path(dir_okay=False, path_type=Path),
               help="Run from a package made by `cove package` instead of an instance.")
 @click.option("--signer", help="Refuse unless the manifest is signed by this signer (hex).")
-@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--state", "state_dir", type=ParentExists(),
               help="Persistent state folder (default: the instance's run/, or ~/.local/state/cove/NAME).")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def run(ctx, backend: str | None, debug_shell: bool, package: Path | None, signer: str | None,
+def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: Path | None, signer: str | None,
         state_dir: Path | None, program: str, args: tuple[str, ...]) -> int:
-    """Verify the build and run PROGRAM inside the enclave; exits with its exit code."""
+    """Verify the build and run PROGRAM inside the enclave; exits with its exit code (docs/cli.md)."""
     from cove.runtime import launcher
+    if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
+        click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
+        debug_shell = True
     request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer), state_dir)
     if package is not None:
         return launcher.run_package(package, request)

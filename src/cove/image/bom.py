@@ -9,6 +9,7 @@ image as root, so a symlink in the image can never send a copy to the host.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -18,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cove.errors import CoveError
+from cove.errors import CoveError, file_system_error
 from cove.image import elf
 from cove.image.paths import resolve_in_image
 
@@ -247,9 +248,16 @@ def apply(image: Path, the_plan: Plan) -> AddResult:
                     continue
                 _set_aside(dest, backup, replaced)
                 tmp = dest.with_name(f".{dest.name}.cove-tmp")
-                shutil.copyfile(item.source, tmp)
-                os.chmod(tmp, stat.S_IMODE(os.stat(item.source).st_mode))
-                os.rename(tmp, dest)
+                try:
+                    shutil.copyfile(item.source, tmp)
+                    os.chmod(tmp, stat.S_IMODE(os.stat(item.source).st_mode))
+                    os.rename(tmp, dest)
+                except OSError as exc:
+                    _remove(tmp)
+                    if exc.filename is None:  # inside the copy: a full or read-only disk is the destination's
+                        writing = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+                        exc.filename = str(dest) if writing else item.source
+                    raise
                 created.append(dest)
                 files += 1
                 size += os.path.getsize(dest)
@@ -262,7 +270,8 @@ def apply(image: Path, the_plan: Plan) -> AddResult:
             os.rename(saved, original)
         shutil.rmtree(backup, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise CoveError(f"copy failed, nothing was added: {exc}") from None
+            error = file_system_error(exc)
+            raise type(error)(f"copy failed, nothing was added: {error.message}", error.hint) from None
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return AddResult(files, size, unchanged)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cove import config as cove_config
-from cove.errors import CoveError
+from cove.errors import ConfigError, CoveError, NotFoundError, file_system_error
 from cove.image.template import config_template
 
 SKELETON = ("bin", "lib", "lib64", "etc", "tmp", "dev", "proc", "root")
@@ -47,8 +47,10 @@ class Instance:
 def open_instance(directory: Path) -> Instance:
     """The instance at directory, or one clear error if it is not one."""
     directory = Path(directory)
+    if not directory.exists():
+        raise NotFoundError(f"{directory} does not exist", "check the path, or pass -C DIR")
     if not (directory / "cove.toml").is_file():
-        raise CoveError(f"{directory.resolve()} is not a Cove instance (no cove.toml)",
+        raise NotFoundError(f"{directory.resolve()} is not a Cove instance (no cove.toml)",
                         "run `cove new NAME` or pass -C DIR")
     return Instance(directory)
 
@@ -57,7 +59,12 @@ def create(directory: Path, name: str | None = None) -> Instance:
     """Make a new instance folder; never touches anything that already exists."""
     directory = Path(directory)
     name = name or directory.name
-    cove_config.parse(config_template(name), source="template")  # the name must be valid
+    if not name or not str(directory).strip():
+        raise CoveError("cove new needs a NAME", "e.g. `cove new app`")
+    try:
+        cove_config.parse(config_template(name), source="template")  # the name must be valid
+    except ConfigError as exc:
+        raise ConfigError(f"cove new {name!r}: not a valid enclave name", exc.hint) from None
     if directory.exists():
         raise CoveError(f"{directory} already exists", "choose another name; cove new never overwrites")
     parent = directory.parent
@@ -77,7 +84,9 @@ def create(directory: Path, name: str | None = None) -> Instance:
             path.mkdir()
             os.chmod(path, SKELETON_MODES.get(sub, 0o755))
         os.rename(staging, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise file_system_error(OSError(exc.errno, exc.strerror, str(directory)), "cannot create") from None
         raise
     return Instance(directory)

@@ -37,7 +37,7 @@ def create(instance: Instance, out: Path, allow_debug: bool = False) -> artifact
     """Write the package after checking the build still matches the instance."""
     verified = artifacts.load_verified(instance.build_dir, instance.config_path)
     if verified.config.enclave.debug and not allow_debug:
-        raise CoveError("refusing to package a debug enclave", "set debug = false and rebuild, or pass --debug")
+        raise CoveError("refusing to package a debug enclave", "set debug = false and rebuild, or pass --debug-enclave")
     from cove.runtime.staging import stage
 
     encrypted = encryption.find(instance.build_dir)

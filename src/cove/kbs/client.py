@@ -25,7 +25,7 @@ from typing import Protocol
 
 import httpx
 
-from cove.errors import CoveError
+from cove.errors import CoveError, ExitCode
 from cove.kbs import appraisal, jose
 from cove.kbs.problems import kind_of
 
@@ -35,12 +35,15 @@ PROTOCOL_VERSION = "0.1.1"
 class KbsError(CoveError):
     """The broker refused, or could not be reached; ``kind`` names the problem type."""
 
-    exit_code = 6
+    exit_code = ExitCode.REFUSED
 
-    def __init__(self, message: str, hint: str | None = None, kind: str | None = None, status: int | None = None):
+    def __init__(self, message: str, hint: str | None = None, kind: str | None = None, status: int | None = None,
+                 code: ExitCode | None = None):
         super().__init__(message, hint)
         self.kind = kind
         self.status = status
+        if code is not None:  # unreachable, or a missing or bad local file: not a refusal
+            self.exit_code = code
 
 
 class EvidenceProvider(Protocol):
@@ -109,9 +112,13 @@ def _verify_option(ca_cert, broker_policy=None) -> object:
 
     path = Path(ca_cert)
     if not path.is_file():
-        raise KbsError(f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)")
-    context = ssl.create_default_context(cafile=str(path))
-    return context
+        raise KbsError(f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)",
+                       code=ExitCode.NOT_FOUND)
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise KbsError(f"CA certificate {path} is not a PEM certificate: {exc}",
+                       "pass the broker's TLS CA certificate (PEM)", code=ExitCode.USAGE) from None
 
 
 def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
@@ -124,7 +131,8 @@ def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
                         "the broker is not the enclave the policy names (or not in an enclave at all)",
                         kind="RaTlsRejected")
     return KbsError(f"{what}: cannot reach the broker at {url}: {exc}",
-                    "check the URL, that the broker runs, and its CA certificate or policy")
+                    "check the URL, that the broker runs, and its CA certificate or policy",
+                    code=ExitCode.UNREACHABLE)
 
 
 def _http(url: str, ca_cert, broker_policy, timeout: float, transport=None) -> httpx.Client:
@@ -267,9 +275,10 @@ class AdminClient:
             key = jose.load_private_jwk(json.dumps(data["jwk"]))
             return cls(url, key, data["name"], ca_cert, data.get("audience"), broker_policy=broker_policy)
         except FileNotFoundError:
-            raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`") from None
+            raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`",
+                           code=ExitCode.NOT_FOUND) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KbsError(f"admin key file {key_file} is not a Cove admin key: {exc}") from None
+            raise KbsError(f"admin key file {key_file} is not a Cove admin key: {exc}", code=ExitCode.USAGE) from None
 
     def close(self) -> None:
         self.http.close()

@@ -1,0 +1,133 @@
+"""Every command's mistakes: one line on stderr, no traceback, a code from the one table (docs/cli.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cove.errors import ExitCode
+from tests.conftest import error_line
+from tests.e2e.helpers import make_instance
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "cove-test", str(where)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"these tests mount a tmpfs and need root: {done.stderr.strip()}"
+
+
+@pytest.fixture(scope="module")
+def world(cove, probe, tmp_path_factory):
+    """A built instance, a read-only folder, a full 1 MB folder and an admin key; unmounted at the end."""
+    base = tmp_path_factory.mktemp("codes")
+    app = make_instance(cove, base, probe)
+    readonly, full = base / "ro", base / "full"
+    _mount_tmpfs(readonly, "ro,size=1m")
+    _mount_tmpfs(full, "size=1m")
+    cove.ok("new", "small", cwd=full)
+    (base / "big").write_bytes(os.urandom(2 << 20))
+    (base / "plain.txt").write_text("hello\n")
+    (base / "k.key").write_bytes(os.urandom(16))
+    cove.ok("kbs", "admin", "key", "new", "ops", str(base / "admin.json"))
+    admin = json.loads((base / "admin.json").read_text())
+    (base / "admin.json").write_text(json.dumps(dict(admin, audience="cove-kbs:test")))
+    yield {"base": base, "app": app, "ro": readonly, "full": full}
+    for where in (readonly, full):
+        subprocess.run(["umount", str(where)], check=False)
+
+
+UNREACHABLE = "https://127.0.0.1:1"
+
+# (case, arguments with {base}/{app}/{ro}/{full} filled in, cwd key, code, words in the error line)
+CASES = [
+    ("unknown option", ["build", "--nope"], "app", ExitCode.USAGE, "No such option '--nope'"),
+    ("unknown command", ["frob"], "base", ExitCode.USAGE, "No such command 'frob'"),
+    ("empty name", ["new", ""], "base", ExitCode.USAGE, "cove new needs a NAME"),
+    ("bad name", ["new", "a b"], "base", ExitCode.USAGE, "cove new 'a b': not a valid enclave name (use"),
+    ("no instance", ["build"], "ro", ExitCode.NOT_FOUND, "is not a Cove instance"),
+    ("inspect missing", ["inspect", "/nonexistent.tar.gz"], "base", ExitCode.NOT_FOUND,
+     "/nonexistent.tar.gz does not exist"),
+    ("-C missing", ["-C", "/nonexistent/app", "build"], "base", ExitCode.NOT_FOUND, "/nonexistent/app does not exist"),
+    ("token key missing", ["verify", "--token", "--token-key", "/nonexistent/key.pem", "{base}/plain.txt"], "base",
+     ExitCode.NOT_FOUND, "--token-key /nonexistent/key.pem: no such file"),
+    ("jwks key missing", ["jwks", "--token-key", "/nonexistent/key.pem"], "base", ExitCode.NOT_FOUND,
+     "--token-key /nonexistent/key.pem: no such file"),
+    ("run state tree", ["run", "--state", "/nonexistent/x", "/bin/probe", "exit", "0"], "app", ExitCode.NOT_FOUND,
+     "--state /nonexistent/x: the folder /nonexistent does not exist"),
+    ("ek chain missing", ["platform", "init", "--ek-chain", "/nonexistent"], "base", ExitCode.NOT_FOUND,
+     "--ek-chain /nonexistent: no such file"),
+    ("ak ca missing", ["platform", "init", "--ak-ca", "/nonexistent"], "base", ExitCode.NOT_FOUND,
+     "--ak-ca /nonexistent: no such folder"),
+    ("ek chain without tpm", ["platform", "init", "--no-tpm", "--ek-chain", "{base}/plain.txt"], "base",
+     ExitCode.USAGE, "do not go with --no-tpm"),
+    ("program not in image", ["run", "/bin/nothing-here"], "app", ExitCode.PROGRAM_NOT_FOUND,
+     "/bin/nothing-here is not in the image"),
+    ("relative program", ["run", "../bin/hello"], "app", ExitCode.USAGE, "e.g. /bin/hello"),
+    ("audit action", ["kbs", "admin", "--url", UNREACHABLE, "--key", "{base}/admin.json", "audit", "--action",
+                      "bogus"], "base", ExitCode.USAGE, "--action bogus: no such action (one of attest, release"),
+    ("broker unreachable", ["kbs", "admin", "--url", UNREACHABLE, "--key", "{base}/admin.json", "secret", "list"],
+     "base", ExitCode.UNREACHABLE, "cannot reach the broker at https://127.0.0.1:1"),
+    ("ca missing", ["kbs", "admin", "--url", UNREACHABLE, "--key", "{base}/admin.json", "--ca", "/nonexistent.pem",
+                    "secret", "list"], "base", ExitCode.NOT_FOUND, "CA certificate /nonexistent.pem not found"),
+    ("ca not a certificate", ["kbs", "admin", "--url", UNREACHABLE, "--key", "{base}/admin.json", "--ca",
+                              "/etc/hostname", "secret", "list"], "base", ExitCode.USAGE,
+     "CA certificate /etc/hostname is not a PEM certificate"),
+    ("admin key missing", ["kbs", "admin", "--url", UNREACHABLE, "--key", "/nonexistent.json", "secret", "list"],
+     "base", ExitCode.NOT_FOUND, "admin key file /nonexistent.json not found"),
+    # read-only folders, a full disk, an I/O error: the line names the file
+    ("new read-only", ["new", "app"], "ro", ExitCode.FILE_SYSTEM, "cannot create app: Read-only file system"),
+    ("keygen read-only", ["keygen", "--out", "{ro}/key.pem"], "base", ExitCode.FILE_SYSTEM,
+     "/ro/key.pem: Read-only file system (the file system is read-only"),
+    ("kbs init read-only", ["kbs", "init", "--state", "{ro}/kbs"], "base", ExitCode.FILE_SYSTEM,
+     "/ro/kbs: Read-only file system"),
+    ("package read-only", ["package", "{ro}/app.tar.gz"], "app", ExitCode.FILE_SYSTEM,
+     "/ro/app.tar.gz: Read-only file system"),
+    ("fs encrypt read-only", ["fs", "encrypt", "--key", "file:{base}/k.key", "{base}/plain.txt", "{ro}/out"], "base",
+     ExitCode.FILE_SYSTEM, "/ro/out: Read-only file system"),
+    ("add special file", ["add", "--no-deps", "/proc/self/mem"], "app", ExitCode.FILE_SYSTEM,
+     "/proc/self/mem: Input/output error"),
+    ("add to a full disk", ["add", "--to", "/data", "{base}/big"], "full/small", ExitCode.FILE_SYSTEM,
+     "No space left on device (the disk is full"),
+]
+
+
+@pytest.mark.parametrize("case, args, cwd, code, words", CASES, ids=[case[0] for case in CASES])
+def test_error_is_one_line_with_its_code(cove, world, case, args, cwd, code, words):
+    fill = {name: str(world[name]) for name in ("base", "app", "ro", "full")}
+    result = cove(*[arg.format(**fill) for arg in args], cwd=world["base"] / cwd if cwd != "base" else world["base"])
+    line = error_line(result)
+    assert line.startswith("cove: error: ") and not line.startswith("cove: error: cove:")
+    assert words in line, line
+    assert result.returncode == code, (result.returncode, line)
+
+
+def test_nothing_half_written(cove, world):
+    """After the failures above, no key, folder tree or partial copy was left behind."""
+    assert not Path("/nonexistent").exists()
+    assert not os.listdir(world["ro"])
+    small = world["full"] / "small" / "image"
+    assert not (small / "data").exists()
+    leftovers = [p for p in small.parent.rglob("*") if "cove-" in p.name]
+    assert not leftovers, leftovers
+
+
+def test_every_code_is_documented():
+    table = DOCS.read_text()
+    for code in ExitCode:
+        if code not in (ExitCode.OK, ExitCode.SIGNAL):
+            assert f"\n| {int(code)} |" in table, f"exit code {int(code)} ({code.name}) is missing from docs/cli.md"
+    assert "| 128 + N |" in table
+
+
+def test_old_debug_spelling_still_works_with_a_notice(cove, world):
+    result = cove("run", "--debug", "/bin/sh", "-c", "true", cwd=world["app"])
+    assert result.returncode == ExitCode.USAGE  # not a debug enclave: the old flag still means --debug-enclave
+    assert "`cove run --debug` is now `cove run --debug-enclave`" in result.stderr
+    assert "--debug-enclave needs a debug enclave" in result.stderr.splitlines()[-1]
