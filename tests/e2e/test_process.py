@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cove.runtime.limits import detect_mode
 from tests.conftest import error_line
 from tests.e2e.helpers import make_instance, set_option
 
@@ -74,6 +75,8 @@ def _break(root, case: str) -> None:
             handle.write('[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\noptions = { mode = "999" }\n')
     elif case == "cwd":
         set_option(root / "cove.toml", "process", "cwd", '"/nonexistent"')
+    elif case == "memory":
+        set_option(root / "cove.toml", "resources", "memory", '"1k"')
 
 
 @pytest.mark.parametrize("case, message", [
@@ -81,6 +84,7 @@ def _break(root, case: str) -> None:
     ("dev", "/dev/hello in the image is hidden at run time by the dev mount on /dev"),
     ("mode", "mounts[1].options.mode = '999' is not an octal mode"),
     ("cwd", "process.cwd = '/nonexistent' is not a folder in the image"),
+    ("memory", "resources.memory is 1024 bytes, below the minimum of 4M"),
 ])
 def test_build_refuses_what_would_fail_in_the_sandbox(cove, unbuilt, tmp_path, case, message):
     root = tmp_path / "app"
@@ -90,3 +94,17 @@ def test_build_refuses_what_would_fail_in_the_sandbox(cove, unbuilt, tmp_path, c
     assert result.returncode == 2
     assert message in error_line(result)
     assert not (root / "build" / "manifest.cbor").exists()  # nothing written
+
+
+def test_out_of_memory_is_named(cove, unbuilt, tmp_path):
+    root = tmp_path / "app"
+    shutil.copytree(unbuilt, root, symlinks=True)
+    set_option(root / "cove.toml", "resources", "memory", '"32M"')
+    cove.ok("build", cwd=root)
+    result = cove("run", "/bin/probe", "alloc", "256", cwd=root)
+    assert "256 MB ok" not in result.stdout
+    if detect_mode() == "rlimit":  # no cgroup here: malloc fails instead, and the program says so
+        assert result.returncode == 1 and "alloc: failed" in result.stdout
+        return
+    assert result.returncode == 137
+    assert error_line(result).startswith("cove: error: killed: out of memory (resources.memory = 32M)")

@@ -118,6 +118,7 @@ def build(instance: Instance, key_path: Path | None = None,
 # Mounted over by every sim enclave, whatever cove.toml says.
 SANDBOX_MOUNTS = (("/proc", "proc"), ("/dev", "dev"))
 TMPFS_MODE = re.compile(r"0?[0-7]{3,4}")
+MIN_MEMORY = 4 << 20  # documented in docs/config.md
 
 
 def _under(path: str, folder: str) -> bool:
@@ -126,11 +127,15 @@ def _under(path: str, folder: str) -> bool:
 
 def check_launchable(image: Path, config) -> list[str]:
     """Refuse what could only fail at run time with the sandbox's own message: image content a
-    mount hides, a working directory that is not there, a tmpfs mode that is not octal.
+    mount hides, a working directory that is not there, a tmpfs mode that is not octal, a
+    memory limit too small for the sandbox itself.
     Returns warnings: entry-point scripts whose `#!` interpreter is not in the image."""
     mounts = [*SANDBOX_MOUNTS, *((m.target, m.type) for m in config.mounts if m.type != "image")]
     for target, kind in mounts:
         _check_not_shadowed(image, target, kind)
+    if config.resources.memory < MIN_MEMORY:
+        raise CoveError(f"cove.toml: resources.memory is {config.resources.memory} bytes, below the minimum "
+                        f"of 4M (the sandbox itself needs about 1M)", 'write e.g. memory = "64M"')
     for index, mount in enumerate(config.mounts):
         mode = dict(mount.options).get("mode")
         if mount.type == "tmpfs" and mode is not None and not TMPFS_MODE.fullmatch(mode):

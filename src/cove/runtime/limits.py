@@ -18,6 +18,16 @@ from pathlib import Path
 
 from cove.config import ResourcesSection
 
+MEMORY_UNITS = (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+
+
+def memory_text(size: int) -> str:
+    """A byte count as cove.toml writes it: 536870912 -> "512M"."""
+    for suffix, unit in MEMORY_UNITS:
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -134,6 +144,20 @@ class Limits:
                 except (OSError, ValueError):
                     continue
         return None
+
+    def oom_kills(self) -> int:
+        """How many of the enclave's processes the kernel killed for exceeding the memory limit
+        (v2 memory.events, v1 memory.oom_control); 0 when no cgroup records it."""
+        for group in self.groups:
+            for name in ("memory.events", "memory.oom_control"):
+                try:
+                    for line in (group / name).read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill":
+                            return int(value)
+                except (OSError, ValueError):
+                    continue
+        return 0
 
     def release(self) -> None:
         """Kill anything left in the cgroups and remove them."""

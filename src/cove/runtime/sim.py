@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
 
 from cove.config import parse_size
-from cove.errors import CoveError, SetupError
+from cove.errors import CoveError, OutOfMemoryError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
-from cove.runtime.limits import Limits, detect_mode
+from cove.runtime.limits import Limits, detect_mode, memory_text
 
 ISOLATION = "namespaces+seccomp"
 
@@ -129,10 +130,18 @@ class SimEnclave(RunningEnclave):
             code = self.process.wait()
         finally:
             self._reader.join(timeout=2)
+        memory = f"resources.memory = {memory_text(self.spec.config.resources.memory)}"
         if self.init_pid is None:
+            if self.limits.oom_kills():
+                raise OutOfMemoryError(f"killed: out of memory before the program started ({memory})",
+                                       "raise resources.memory in cove.toml and rebuild")
             raise CoveError(f"the sandbox failed to start (bwrap exited with {code})",
                             "see bwrap's message above; `cove info` checks the host")
-        return self.exit_code if self.exit_code is not None else code
+        code = self.exit_code if self.exit_code is not None else code
+        if code == 128 + signal.SIGKILL and self.limits.oom_kills():
+            raise OutOfMemoryError(f"killed: out of memory ({memory})",
+                                   "raise resources.memory in cove.toml and rebuild")
+        return code
 
     def stop(self) -> None:
         if self.process.poll() is None:
