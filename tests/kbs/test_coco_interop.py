@@ -8,24 +8,39 @@ kbs-types and Trustee sources by commit.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import struct
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import rfc8785
 
-from cove.kbs.problems import TYPE_PREFIX
+from cove.kbs.coco_collateral import CollateralSource
+from cove.kbs.coco_evidence import replay_rtmrs
+from cove.kbs.problems import TYPE_PREFIX, Problem
 from tests.kbs import coco_client as coco
 from tests.kbs.conftest import ssl_for, start_kbs, stop_kbs
+from tests.kbs.test_vectors import SGX_TIME, TDX_TIME, VECTORS, anchors, vector
 
-ATTESTATION_POLICY = 'types = ["sample"]\n'
+ATTESTATION_POLICY = 'types = ["sample", "sgx", "tdx"]\n'
 ALGORITHMS = ["ECDH-ES+A256KW-P256", "ECDH-ES+A256KW-P384", "ECDH-ES+A256KW-P521", "RSA-OAEP-256"]
+EVIDENCE_TIME: dict = {}  # tee -> the time the broker checks that tee's vector at
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory, tls_files):
+    """One broker for the module: sample, sgx and tdx evidence; the vectors' collateral imported;
+    hardware evidence checked at its vector's time."""
     tmp = tmp_path_factory.mktemp("coco")
-    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=ATTESTATION_POLICY)
+    source = CollateralSource(tmp / "collateral")
+    for tee in ("sgx", "tdx"):
+        source.import_file(tee, VECTORS / tee / "collateral.json")
+    when = {"sgx": SGX_TIME, "tdx": TDX_TIME}
+    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=ATTESTATION_POLICY,
+                        anchors=anchors(), collateral_dir=str(tmp / "collateral"),
+                        evidence_time=lambda: when.get(EVIDENCE_TIME.get("tee"), datetime.now(timezone.utc)))
     yield running
     stop_kbs(running)
 
@@ -222,3 +237,85 @@ def test_joserfc_header_order_would_break_a_sorting_client():
         tee.decrypt_response(old, sort=True)
     new = jose.encrypt_to(tee.export_pubkey(), b"x")
     assert tee.decrypt_response(new, sort=True) == tee.decrypt_response(new, sort=False) == b"x"
+
+
+# -- hardware evidence in the attesters' shapes (tests/data/vectors, at the vectors' times) ------------------
+def ccel(events: list[tuple[int, bytes]], end_flag: bool = True) -> bytes:
+    """A CC event log as the TDX attester sends it: a TCG2 Spec ID header (SHA-384), events, 0xFF x 8."""
+    spec = b"Spec ID Event03\x00" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 1) + struct.pack("<HH", 0x000C, 48) + b"\x00"
+    out = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(spec)) + spec
+    for index, data in events:
+        out += struct.pack("<III", index, 0x0D, 1) + struct.pack("<H", 0x000C) + hashlib.sha384(data).digest()
+        out += struct.pack("<I", len(data)) + data
+    return out + (b"\xff" * 8 if end_flag else bytes(16))
+
+
+def test_event_log_replays_to_rtmrs():
+    events = [(1, b"kernel"), (2, b"cmdline"), (1, b"initrd"), (4, b"aael")]
+    expected = [bytes(48)] * 4
+    for index, data in events:
+        expected[index - 1] = hashlib.sha384(expected[index - 1] + hashlib.sha384(data).digest()).digest()
+    assert replay_rtmrs(ccel(events)) == tuple(expected)
+    assert replay_rtmrs(ccel(events, end_flag=False)) == tuple(expected)  # the ACPI table's zero padding
+    with pytest.raises(Problem):
+        replay_rtmrs(b"\x00" * 64)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def attest_log(broker) -> dict:
+    return broker.admin.audit(action="attest")[-1]
+
+
+@pytest.mark.parametrize("tee, evidence, kind, words", [
+    # verified (signatures, chains, collateral from the broker's folder), then refused: the vector's report
+    # data was not made for this challenge, and cannot be
+    ("sgx", lambda: {"quote": b64(vector("sgx/quote.bin"))}, "EvidenceBinding", "report data"),
+    ("tdx", lambda: {"cc_eventlog": None, "quote": b64(vector("tdx/quote.bin"))}, "EvidenceBinding", "report data"),
+    # a CC event log that does not replay to the quote's RTMRs
+    ("tdx", lambda: {"cc_eventlog": b64(ccel([(1, b"not what ran")])), "quote": b64(vector("tdx/quote.bin"))},
+     "EvidenceInvalid", "cc_eventlog replays RTMR0"),
+    # a tampered quote fails verification with the same collateral
+    ("sgx", lambda: {"quote": b64(vector("sgx/quote.bin")[:120] + b"\x01" + vector("sgx/quote.bin")[121:])},
+     "EvidenceInvalid", "sgx"),
+])
+def test_dcap_vectors_in_the_attesters_shapes(broker, client, tee, evidence, kind, words):
+    EVIDENCE_TIME["tee"] = tee
+    try:
+        one = client(coco.FixedAttester(tee, lambda report_data: evidence()))
+        with pytest.raises(coco.CocoError) as caught:
+            one.rcar_handshake()
+    finally:
+        EVIDENCE_TIME.clear()
+    assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
+    entry = attest_log(broker)
+    assert entry["outcome"] == "denied" and kind in entry["detail"] and words in entry["detail"], entry
+
+
+def test_quote_without_collateral_says_how_to_get_it(tmp_path):
+    with pytest.raises(Problem) as caught:
+        CollateralSource(tmp_path / "empty").collateral_for("sgx", vector("sgx/quote.bin"))
+    assert caught.value.kind == "EvidenceInvalid" and "cove kbs collateral import" in caught.value.detail
+
+
+def test_collateral_import_command(tmp_path):
+    import subprocess
+
+    from tests.conftest import COVE
+
+    def cove(*args):
+        return subprocess.run([COVE, "kbs", "collateral", "import", *args], capture_output=True, text=True)
+
+    done = cove("--tee", "tdx", "--dir", str(tmp_path / "c"), str(VECTORS / "tdx" / "collateral.json"))
+    assert done.returncode == 0, done.stderr
+    stored = list((tmp_path / "c").iterdir())
+    assert [p.name for p in stored] == ["tdx-b0c06f000000.json"]
+    for args, words in ((("--tee", "sgx", str(VECTORS / "tdx" / "collateral.json")), "not sgx collateral"),
+                        (("--tee", "tdx", str(VECTORS / "tdx" / "quote.bin")), "is not JSON"),
+                        (("--tee", "tdx", str(tmp_path / "missing.json")), "cannot read")):
+        refused = cove(*args[:2], "--dir", str(tmp_path / "c"), *args[2:])
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode != 0 and len(lines) == 1 and words in lines[0], refused.stderr
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["tdx-b0c06f000000.json"]  # nothing half-written

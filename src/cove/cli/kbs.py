@@ -1,4 +1,4 @@
-"""cove kbs: init, serve, get, admin."""
+"""cove kbs: init, serve, get, collateral, admin."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--sgx-root-ca", type=PathType, help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
 @click.option("--snp-ask-ark", type=PathType, multiple=True, help="AMD ASK+ARK chain (PEM), for snp evidence.")
 @click.option("--tpm-ak", type=PathType, multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
+@click.option("--collateral-dir", type=PathType,
+              help="DCAP collateral for quotes sent without it (default STATE/collateral; `cove kbs collateral import`).")
+@click.option("--pccs", help="PCCS (or Intel PCS) base URL for collateral the folder lacks.")
 @click.option("--issuer", help="iss of attestation tokens (default cove-kbs:<broker id>).")
 @click.option("--session-lifetime", type=click.IntRange(5, 86400), default=300, show_default=True,
               help="Seconds an attested cookie session lasts.")
@@ -76,7 +79,7 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
               help="Where /dev/attestation is (--ra-tls).")
 def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, master_key_sealed, policy,
-          sgx_root_ca, snp_ask_ark, tpm_ak, issuer, session_lifetime, token_lifetime, workers, access_log,
+          sgx_root_ca, snp_ask_ark, tpm_ak, collateral_dir, pccs, issuer, session_lifetime, token_lifetime, workers, access_log,
           ra_tls, attestation_dir) -> None:
     """Serve the KBS protocol and the admin API."""
     from cove.kbs import runner, vault
@@ -104,6 +107,7 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
                "policy": str(policy) if policy else None,
                "sgx_root_ca": str(sgx_root_ca) if sgx_root_ca else None,
                "snp_ask_ark": [str(p) for p in snp_ask_ark], "tpm_ak": [str(p) for p in tpm_ak],
+               "collateral_dir": str(collateral_dir or folder / "collateral"), "pccs": pccs,
                "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
                "certfile": None if insecure_http or ra_tls else str(certfile),
                "keyfile": None if insecure_http or ra_tls else str(keyfile)}
@@ -191,6 +195,25 @@ class AdminContext:
                 ca = folder / "tls-ca.pem"
             self._client = AdminClient.from_file(url, key, ca, broker_policy=self.broker_policy)
         return self._client
+
+
+@kbs.group()
+def collateral() -> None:
+    """DCAP collateral for SGX and TDX quotes that arrive without it (the Confidential Containers attesters)."""
+
+
+@collateral.command("import")
+@click.argument("files", type=PathType, nargs=-1, required=True)
+@click.option("--tee", type=click.Choice(["sgx", "tdx"]), required=True, help="The quotes it is for.")
+@click.option("--state", type=PathType, help="State folder of the broker (its collateral goes to STATE/collateral).")
+@click.option("--dir", "folder", type=PathType, help="The collateral folder `cove kbs serve --collateral-dir` reads.")
+def collateral_import(files, tee, state, folder) -> None:
+    """Check collateral JSON files (docs/formats/kbs-evidence.md) and store each for its FMSPC."""
+    from cove.kbs.coco_collateral import CollateralSource
+
+    source = CollateralSource(folder or _state(state) / "collateral")
+    for path in files:
+        click.echo(f"{path}: {tee} collateral stored as {source.import_file(tee, path)}")
 
 
 @kbs.group()

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from joserfc import jwk
 
-from cove.kbs import appraisal, coco_binding, coco_evidence, jose, policy as policy_mod, secrets as secrets_mod
+from cove.kbs import appraisal, coco_binding, coco_collateral, coco_evidence, jose, policy as policy_mod, secrets as secrets_mod
 from cove.kbs.problems import Problem
 from cove.kbs.store import SecretRow, Store
 from cove.kbs.vault import Vault
@@ -57,6 +57,8 @@ class Settings:
     anchors: appraisal.TrustAnchors = field(default_factory=appraisal.TrustAnchors)
     clock: Callable[[], float] = time.time  # sessions, tokens; tests move it
     evidence_time: Callable[[], dt.datetime] | None = None  # time evidence is checked at (default: clock)
+    collateral_dir: str | None = None  # DCAP collateral for quotes sent without it (`cove kbs collateral import`)
+    pccs_url: str | None = None  # else fetched from this PCCS
     pool_size: int = 16
 
 
@@ -85,6 +87,7 @@ class Broker:
         self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy")
                                    if settings.attestation_policy else policy_mod.default_attestation_policy())
         self.anchors = settings.anchors.with_policy_roots(self.attestation_policy)
+        self.collateral = coco_collateral.CollateralSource(settings.collateral_dir, settings.pccs_url)
         self._policies: dict[tuple[str, int], policy_mod.Policy] = {}
         self._policy_lock = threading.Lock()
         self._last_purge = 0.0
@@ -195,7 +198,7 @@ class Broker:
                 raise
         when = self.evidence_now()
         try:
-            evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"])
+            evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"], self.collateral)
             coco_evidence.check_additional(additional)
             init_data = coco_evidence.init_data(body.get("init-data"))
             result = appraisal.appraise(tee, evidence, coco_binding.primary_runtime_data(runtime, additional),

@@ -12,12 +12,16 @@ The shapes were read from guest-components ``attestation-agent/attester/src``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import tomllib
 from dataclasses import dataclass, field
 
+from cove.errors import CoveError
+from cove.kbs.coco_collateral import CollateralSource
 from cove.kbs.problems import Problem
 
 MAX_INIT_DATA = 64 << 10
@@ -33,8 +37,10 @@ def _json_object(value, what: str):
     return value
 
 
-def unpack(tee: str, tee_evidence) -> tuple[dict, str]:
-    """(the primary evidence in Cove's shape, the additional_evidence string as sent)."""
+def unpack(tee: str, tee_evidence, collateral: CollateralSource | None = None) -> tuple[dict, str]:
+    """(the primary evidence in Cove's shape, the additional_evidence string as sent).
+
+    ``collateral``: where DCAP collateral comes from when a quote arrives without it."""
     evidence = _json_object(tee_evidence, f"{tee} tee-evidence")
     additional = ""
     if isinstance(evidence, dict) and set(evidence) and set(evidence) <= {"primary_evidence", "additional_evidence"}:
@@ -45,10 +51,84 @@ def unpack(tee: str, tee_evidence) -> tuple[dict, str]:
     if not isinstance(evidence, dict):
         raise Problem("EvidenceInvalid", f"{tee} tee-evidence must be a JSON object")
     adapt = ADAPTERS.get(tee)
-    return (adapt(evidence) if adapt else evidence), additional
+    return (adapt(evidence, collateral or CollateralSource()) if adapt else evidence), additional
 
 
-def _sample(evidence: dict) -> dict:
+def _b64(evidence: dict, name: str, tee: str) -> bytes:
+    value = evidence.get(name)
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem("EvidenceInvalid", f"{tee} evidence {name!r} must be standard base64") from None
+
+
+def _dcap(tee: str):
+    """guest-components attester/src/sgx_dcap: ``{"quote"}``; attester/src/tdx: ``{"cc_eventlog", "quote"}``,
+    both base64, no collateral: it comes from the broker's collateral folder or its PCCS. The TDX event
+    log must replay to the quote's RTMRs (as Trustee's tdx verifier checks) before the quote is verified."""
+    def adapt(evidence: dict, collateral: CollateralSource) -> dict:
+        if "collateral" in evidence:  # Cove's own shape
+            return evidence
+        quote = _b64(evidence, "quote", tee)
+        if tee == "tdx" and evidence.get("cc_eventlog") is not None:
+            check_rtmrs(_b64(evidence, "cc_eventlog", tee), quote)
+        return {"quote": evidence["quote"], "collateral": collateral.collateral_for(tee, quote)}
+    return adapt
+
+
+def replay_rtmrs(event_log: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """RTMR0..3 as a CC event log (TCG2 format, SHA-384, MR index 1..4 = RTMR0..3) extends them from zero.
+
+    The attester ends the log with 8 bytes of 0xFF (guest-components attester/src/utils.rs EL_END_FLAG);
+    the CCEL table may be padded with 0xFF or zeros after the last event."""
+    from cove.attest.eventlog import EV_NO_ACTION, parse_event_log
+
+    body = event_log.rstrip(b"\xff")
+    try:
+        log = parse_event_log(body)
+    except CoveError:
+        log = None
+        for end in _event_ends(body):  # the table's zero padding: the longest prefix that parses
+            try:
+                log = parse_event_log(body[:end])
+                break
+            except CoveError:
+                continue
+    if log is None or "sha384" not in log.banks:
+        raise Problem("EvidenceInvalid", "tdx: cc_eventlog is not a TCG2 event log with SHA-384 digests")
+    rtmrs = [bytes(48)] * 4
+    for event in log.events:
+        if event.type == EV_NO_ACTION or not 1 <= event.pcr <= 4 or "sha384" not in event.digests:
+            continue
+        index = event.pcr - 1
+        rtmrs[index] = hashlib.sha384(rtmrs[index] + event.digests["sha384"]).digest()
+    return tuple(rtmrs)  # type: ignore[return-value]
+
+
+def _event_ends(body: bytes):
+    end = len(body.rstrip(b"\x00"))
+    yield from (end + pad for pad in range(0, min(64, len(body) - end) + 1))
+
+
+def check_rtmrs(event_log: bytes, quote: bytes) -> None:
+    from cove.attest.dcap_quote import parse_dcap_quote
+
+    try:
+        body = parse_dcap_quote(quote).body
+    except CoveError as exc:
+        raise Problem("EvidenceInvalid", f"tdx: {exc.line()}") from None
+    quoted = getattr(body, "rtmrs", None)
+    if quoted is None:
+        raise Problem("EvidenceInvalid", "tdx: the quote is not a TD quote")
+    for index, (replayed, value) in enumerate(zip(replay_rtmrs(event_log), quoted)):
+        if not hmac.compare_digest(replayed, value):
+            raise Problem("EvidenceInvalid", f"tdx: cc_eventlog replays RTMR{index} to {replayed.hex()[:16]}..., "
+                                             f"the quote says {value.hex()[:16]}...: not the log this TD measured")
+
+
+def _sample(evidence: dict, collateral: CollateralSource) -> dict:
     """guest-components attester/src/sample: ``{"svn": "1", "report_data": base64}``, svn a decimal string."""
     svn = evidence.get("svn")
     if isinstance(svn, str):
@@ -58,7 +138,7 @@ def _sample(evidence: dict) -> dict:
     return evidence
 
 
-ADAPTERS = {"sample": _sample}
+ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx")}
 
 
 def check_additional(additional: str) -> None:

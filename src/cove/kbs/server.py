@@ -580,6 +580,7 @@ def settings_from_options(options: dict) -> Settings:
                     challenge_lifetime=float(options.get("challenge_lifetime", 300)),
                     token_lifetime=float(options.get("token_lifetime", 3600)),
                     attestation_policy=policy_text, anchors=anchors,
+                    collateral_dir=options.get("collateral_dir"), pccs_url=options.get("pccs"),
                     pool_size=int(options.get("pool_size", 16)))
 
 
