@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -28,9 +29,14 @@ def world(cove, probe, tmp_path_factory):
     """A built instance, a read-only folder, a full 1 MB folder and an admin key; unmounted at the end."""
     base = tmp_path_factory.mktemp("codes")
     app = make_instance(cove, base, probe)
-    readonly, full = base / "ro", base / "full"
+    readonly, full, small = base / "ro", base / "full", base / "runtime"
     _mount_tmpfs(readonly, "ro,size=1m")
     _mount_tmpfs(full, "size=1m")
+    _mount_tmpfs(small, "size=512k")
+    cove.ok("package", str(base / "app.tar.gz"), cwd=app)
+    cove.ok("kbs", "init", "--state", str(base / "kbs"))
+    for name, text in POLICIES.items():
+        (base / name).write_text(text)
     cove.ok("new", "small", cwd=full)
     (base / "big").write_bytes(os.urandom(2 << 20))
     (base / "plain.txt").write_text("hello\n")
@@ -38,12 +44,15 @@ def world(cove, probe, tmp_path_factory):
     cove.ok("kbs", "admin", "key", "new", "ops", str(base / "admin.json"))
     admin = json.loads((base / "admin.json").read_text())
     (base / "admin.json").write_text(json.dumps(dict(admin, audience="cove-kbs:test")))
-    yield {"base": base, "app": app, "ro": readonly, "full": full}
-    for where in (readonly, full):
+    yield {"base": base, "app": app, "ro": readonly, "full": full, "runtime": small}
+    for where in (readonly, full, small):
         subprocess.run(["umount", str(where)], check=False)
 
 
 UNREACHABLE = "https://127.0.0.1:1"
+POLICIES = {"bad.toml": "not [toml", "unknown.toml": "[cove]\nbogus = 1\n",
+            "measurement.toml": '[cove]\nmeasurements = ["zz"]\n'}
+SERVE = ["kbs", "serve", "--state", "{base}/kbs", "--insecure-http", "--listen", "127.0.0.1:0", "--policy"]
 
 # (case, arguments with {base}/{app}/{ro}/{full} filled in, cwd key, code, words in the error line)
 CASES = [
@@ -81,6 +90,12 @@ CASES = [
      "CA certificate /etc/hostname is not a PEM certificate"),
     ("admin key missing", ["kbs", "admin", "--url", UNREACHABLE, "--key", "/nonexistent.json", "secret", "list"],
      "base", ExitCode.NOT_FOUND, "admin key file /nonexistent.json not found"),
+    ("serve policy not toml", SERVE + ["{base}/bad.toml"], "base", ExitCode.USAGE, "bad.toml: not valid TOML"),
+    ("serve policy unknown key", SERVE + ["{base}/unknown.toml"], "base", ExitCode.USAGE,
+     "unknown.toml: cove.bogus: not a setting for cove evidence"),
+    ("serve policy bad measurement", SERVE + ["{base}/measurement.toml"], "base", ExitCode.USAGE,
+     "measurement.toml: cove.measurements[0]: must be a hex string"),
+    ("serve policy missing", SERVE + ["{base}/none.toml"], "base", ExitCode.NOT_FOUND, "none.toml: no such file"),
     # read-only folders, a full disk, an I/O error: the line names the file
     ("new read-only", ["new", "app"], "ro", ExitCode.FILE_SYSTEM, "cannot create app: Read-only file system"),
     ("keygen read-only", ["keygen", "--out", "{ro}/key.pem"], "base", ExitCode.FILE_SYSTEM,
@@ -131,3 +146,35 @@ def test_old_debug_spelling_still_works_with_a_notice(cove, world):
     assert result.returncode == ExitCode.USAGE  # not a debug enclave: the old flag still means --debug-enclave
     assert "`cove run --debug` is now `cove run --debug-enclave`" in result.stderr
     assert "--debug-enclave needs a debug enclave" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args", [["run", "/bin/probe", "exit", "0"], ["run", "--package", "{base}/app.tar.gz",
+                                  "/bin/probe", "exit", "0"], ["inspect", "{base}/app.tar.gz"]],
+                         ids=["run", "run-package", "inspect"])
+def test_small_runtime_dir_says_how_much_and_where(cove, world, args):
+    runtime = world["runtime"]
+    result = cove(*[arg.format(base=world["base"]) for arg in args], cwd=world["app"],
+                  env={"COVE_RUNTIME_DIR": str(runtime)})
+    line = error_line(result)
+    assert result.returncode == ExitCode.FILE_SYSTEM
+    assert f"no space left in the runtime folder {runtime} (0.5 MB free)" in line
+    assert re.search(r"copied there, about \d+\.\d MB plus", line) and "set COVE_RUNTIME_DIR" in line
+    assert not os.listdir(runtime)  # nothing left behind
+
+
+def test_kbs_init_again_says_what_it_kept(cove, world):
+    again = cove.ok("kbs", "init", "--state", str(world["base"] / "kbs"), "--url", "https://kbs.example")
+    assert "(already set up: nothing was replaced)" in again.stdout
+    assert again.stdout.count("[existing, kept]") == 4  # database, master key, admin key, TLS
+    assert "--url was not recorded" in again.stderr
+
+
+def test_inspect_names_the_backend_that_will_run(cove, world):
+    shown = json.loads(cove.ok("inspect", "--json", cwd=world["app"]).stdout)
+    assert shown["backend"] == "auto" and shown["runs_on"] in ("sim", "vm")
+
+
+def test_an_empty_image_builds_with_a_warning(cove, world):
+    cove.ok("new", "empty", cwd=world["base"])
+    built = cove.ok("build", cwd=world["base"] / "empty")
+    assert "the image holds no files" in built.stderr and "cove add" in built.stderr

@@ -97,6 +97,9 @@ def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file
                f"({result.rehashed} hashed, {result.cached} unchanged)")
     if result.encrypted_with:
         click.echo(f"encrypted   build/image.enc, opened with {result.encrypted_with}")
+    if result.manifest.image_files == 0:
+        click.echo("cove: warning: the image holds no files, so `cove run` has nothing to run "
+                   "(add programs with `cove add`, then build again)", err=True)
     for warning in result.warnings:
         click.echo(f"cove: warning: {warning}", err=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from cove.cli.options import InputPath
 from cove.errors import CoveError
 
 PathType = click.Path(path_type=Path)
@@ -38,14 +39,28 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
     """Create a broker's master key, database, first admin key and local TLS certificate."""
     from cove.kbs import runner
 
-    result = runner.init(_state(state), db, master_key_file, admin_name,
+    folder = _state(state)
+    # init only adds what is missing: say which parts were already there, so a re-run is not mistaken for a fresh setup
+    before = {name for name in ("master.key", "master.sealed", "admin.json", "tls.crt", "kbs.db")
+              if (folder / name).exists()}
+    if master_key_file is not None and master_key_file.exists():
+        before.add("master.key")
+    result = runner.init(folder, db, master_key_file, admin_name,
                          tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed)
-    click.echo(f"broker state in {result.state}")
-    click.echo(f"  database      {result.db}")
-    click.echo(f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'} (keep it safe: it decrypts every secret)")
-    click.echo(f"  admin key     {result.admin_key_file} (for `cove kbs admin`)")
+
+    def kept(*names: str) -> str:
+        return " [existing, kept]" if before.intersection(names) else ""
+
+    click.echo(f"broker state in {result.state}" + (" (already set up: nothing was replaced)" if before else ""))
+    click.echo(f"  database      {result.db}" + (kept("kbs.db") if db is None else ""))
+    click.echo(f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'}"
+               f"{kept('master.key', 'master.sealed')} (keep it safe: it decrypts every secret)")
+    click.echo(f"  admin key     {result.admin_key_file}{kept('admin.json')} (for `cove kbs admin`)")
     if result.tls:
-        click.echo(f"  TLS           {result.tls[1]} (clients pin {result.tls[0]} with --ca)")
+        click.echo(f"  TLS           {result.tls[1]}{kept('tls.crt')} (clients pin {result.tls[0]} with --ca)")
+    if url and "admin.json" in before:
+        click.echo(f"cove: note: --url was not recorded: {result.admin_key_file} already exists "
+                   "(edit its \"url\", or pass --url to `cove kbs admin`)", err=True)
     click.echo(f"next: cove kbs serve --state {result.state}")
 
 
@@ -58,10 +73,10 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--insecure-http", is_flag=True, help="Serve plain HTTP (tests and local experiments only).")
 @click.option("--master-key-file", type=PathType, help="Master key file (default STATE/master.key).")
 @click.option("--master-key-sealed", type=PathType, help="Master key sealed to this platform.")
-@click.option("--policy", type=PathType, help="Attestation policy file (default: docs/kbs.md's default).")
-@click.option("--sgx-root-ca", type=PathType, help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
-@click.option("--snp-ask-ark", type=PathType, multiple=True, help="AMD ASK+ARK chain (PEM), for snp evidence.")
-@click.option("--tpm-ak", type=PathType, multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
+@click.option("--policy", type=InputPath(), help="Attestation policy file (default: docs/kbs.md's default).")
+@click.option("--sgx-root-ca", type=InputPath(), help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
+@click.option("--snp-ask-ark", type=InputPath(), multiple=True, help="AMD ASK+ARK chain (PEM), for snp evidence.")
+@click.option("--tpm-ak", type=InputPath(), multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
 @click.option("--collateral-dir", type=PathType,
               help="DCAP collateral for quotes sent without it (default STATE/collateral; `cove kbs collateral import`).")
 @click.option("--pccs", help="PCCS (or Intel PCS) base URL for collateral the folder lacks.")
@@ -90,6 +105,10 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
     folder = _state(state)
     if db is None and not folder.exists():
         raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
+    if policy is not None:  # one line naming the file, as `cove verify --policy` says it
+        from cove.attest.policy import load_policy
+
+        load_policy(policy)
     if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
         if (folder / "master.sealed").exists():
             master_key_sealed = folder / "master.sealed"
@@ -111,14 +130,19 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
                "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
                "certfile": None if insecure_http or ra_tls else str(certfile),
                "keyfile": None if insecure_http or ra_tls else str(keyfile)}
-    if not ra_tls:
-        runner.serve(options, listen, workers, access_log)
-        return
-    from cove.kbs import ratls
+    from cove.kbs.problems import Problem
 
-    with ratls.certificate_files(attestation_dir) as (cert, key):
-        click.echo("serving RA-TLS: a fresh key, bound to this enclave's evidence", err=True)
-        runner.serve(dict(options, certfile=str(cert), keyfile=str(key)), listen, workers, access_log)
+    try:
+        if not ra_tls:
+            runner.serve(options, listen, workers, access_log)
+            return
+        from cove.kbs import ratls
+
+        with ratls.certificate_files(attestation_dir) as (cert, key):
+            click.echo("serving RA-TLS: a fresh key, bound to this enclave's evidence", err=True)
+            runner.serve(dict(options, certfile=str(cert), keyfile=str(key)), listen, workers, access_log)
+    except Problem as exc:  # the broker refused its own configuration while starting
+        raise CoveError(f"the broker cannot start: {exc.detail}") from None
 
 
 @kbs.command()

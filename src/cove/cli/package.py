@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def describe(verified, build_dir: Path) -> dict:
         "svn": enclave.svn,
         "debug": enclave.debug,
         "backend": enclave.backend,
+        "runs_on": _runs_on(enclave.backend),
         "network": verified.config.network.mode,
         "image_root": verified.manifest.image_root.hex(),
         "image_files": verified.manifest.image_files,
@@ -52,6 +54,17 @@ def describe(verified, build_dir: Path) -> dict:
             {"target": m.target, "type": m.type, "source": m.source, "writable": m.writable}
             for m in verified.config.mounts],
     }
+
+
+def _runs_on(configured: str) -> str:
+    """The backend `cove run` would launch on this host (auto resolved), or why none can."""
+    from cove.errors import CoveError
+    from cove.runtime import backend
+
+    try:
+        return backend.choose(configured).name
+    except CoveError as exc:
+        return f"none here: {exc.message}"
 
 
 @click.command()
@@ -64,9 +77,15 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
     from cove.runtime.launcher import runtime_dir
     target = target or ctx.directory
     if target.is_file():
-        with package_mod.extracted(target, runtime_dir()) as unpacked:
-            build_dir = unpacked / "build"
-            info = describe(artifacts.load_verified(build_dir, unpacked / "cove.toml"), build_dir)
+        try:
+            with package_mod.extracted(target, runtime_dir()) as unpacked:
+                build_dir = unpacked / "build"
+                info = describe(artifacts.load_verified(build_dir, unpacked / "cove.toml"), build_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from cove.cli.run import runtime_dir_full
+            raise runtime_dir_full(runtime_dir(), target, target.parent) from None
     else:
         found = instance_mod.open_instance(target)
         info = describe(artifacts.load_verified(found.build_dir, found.config_path), found.build_dir)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import click
 
 from cove.cli.options import ParentExists
-from cove.errors import CoveError
+from cove.errors import CoveError, FileSystemError
 from cove.image import instance as instance_mod
 
 
@@ -44,10 +45,40 @@ def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: P
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
         debug_shell = True
     request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer), state_dir)
-    if package is not None:
-        return launcher.run_package(package, request)
-    target = instance_mod.open_instance(ctx.directory)
-    return launcher.run_instance(target.root, request)
+    try:
+        if package is not None:
+            return launcher.run_package(package, request)
+        target = instance_mod.open_instance(ctx.directory)
+        return launcher.run_instance(target.root, request)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise runtime_dir_full(launcher.runtime_dir(), package, ctx.directory) from None
+
+
+def runtime_dir_full(where: Path, package: Path | None, directory: Path) -> FileSystemError:
+    """The enclave's root (or an unpacked package) did not fit: say how much it needs and where to put it."""
+    import shutil
+    import tarfile
+
+    from cove.image import artifacts
+    try:
+        if package is not None:
+            with tarfile.open(package, "r:gz") as archive:
+                needed = sum(member.size for member in archive)
+        else:
+            needed = artifacts.load_manifest(directory / "build")[0].image_bytes
+    except (CoveError, OSError, tarfile.TarError, EOFError):
+        needed = None
+    free = shutil.disk_usage(where).free if where.is_dir() else 0
+    size = f"about {_mb(needed)}" if needed else "about the image's size"
+    return FileSystemError(f"no space left in the runtime folder {where} ({_mb(free)} free): the enclave's root "
+                           f"is copied there, {size} plus its tmpfs contents",
+                           "set COVE_RUNTIME_DIR to a folder with more space, e.g. COVE_RUNTIME_DIR=/var/tmp")
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MB"
 
 
 COMMANDS = (run,)

@@ -10,6 +10,7 @@ verifies it exactly like an instance.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tarfile
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cove.errors import CoveError
+from cove.errors import CoveError, NotFoundError
 from cove.image import artifacts, encryption
 from cove.image.instance import Instance
 
@@ -89,13 +90,18 @@ def _only_plain_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 def extracted(package: Path, under: Path) -> Iterator[Path]:
     """Extract a package into a private folder (removed afterwards)."""
     if not Path(package).is_file():
-        raise CoveError(f"{package}: no such package file")
+        raise NotFoundError(f"{package}: no such package file")
     workdir = Path(tempfile.mkdtemp(prefix="cove-package-", dir=under))
     try:
         try:
             with tarfile.open(package, "r:gz") as archive:
                 archive.extractall(workdir, filter=_only_plain_members)
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the folder's fault, not the package's
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CoveError(f"{package}: not a valid Cove package: {reason}") from None
+        except (tarfile.TarError, EOFError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CoveError(f"{package}: not a valid Cove package: {reason}") from None
         for member in MEMBERS:
