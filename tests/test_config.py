@@ -76,7 +76,7 @@ def test_template_is_valid_and_complete():
      "mounts[1].source", "also the volume of /a/data"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\nkey = "seal:mrsigner"\n',
      "mounts[0].key", "only encrypted mounts"),
-    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "host"\n', "mounts[0].source", "absolute"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "host"\n', "mounts[0].source", "is required for a host mount"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\nsource = "/y"\n',
      "mounts[0].source", "only host"),
     ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n[[mounts]]\ntarget = "/x"\ntype = "tmpfs"\n',
@@ -124,6 +124,21 @@ def test_template_is_valid_and_complete():
      "unknown key"),
     ('[process]\ncwd = "/"\n', "enclave", "required"),
     ('[enclave\nname = "a"\n', "", "not valid TOML"),
+    # ids that would wrap, sizes that would overflow, mounts that hide what the sandbox provides
+    ('[enclave]\nname = "a"\n[process]\nuser = "99999999999:1"\n', "process.user", "ids go up to 65535"),
+    ('[enclave]\nname = "a"\n[process]\nuser = "1000:65536"\n', "process.user", "ids go up to 65535"),
+    ('[enclave]\nname = "a"\n[resources]\nmemory = "99999999999T"\n', "resources.memory",
+     "more than the largest allowed, 64T"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/proc"\ntype = "tmpfs"\n', "mounts[0].target",
+     "/proc is where the sandbox provides /proc"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/proc/sys"\ntype = "tmpfs"\n', "mounts[0].target",
+     "where the sandbox provides /proc"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/dev"\ntype = "tmpfs"\n', "mounts[0].target",
+     "where the sandbox provides /dev"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/dev/attestation"\ntype = "tmpfs"\n', "mounts[0].target",
+     "where the sandbox provides /dev/attestation"),
+    ('[enclave]\nname = "a"\n[[mounts]]\ntarget = "/dev/attestation/quote"\ntype = "host"\nsource = "/x"\n',
+     "mounts[0].target", "where the sandbox provides /dev/attestation"),
 ])
 def test_each_mistake_is_named(text, key, words):
     with pytest.raises(ConfigError) as caught:
@@ -132,6 +147,13 @@ def test_each_mistake_is_named(text, key, words):
     assert line.startswith("cove.toml: ")
     assert key in line and words in line, line
     assert "\n" not in line
+
+
+def test_limits_still_accept_what_is_valid():
+    parsed = parse('[enclave]\nname = "a"\n[resources]\nmemory = "64T"\n[process]\nuser = "65535:0"\n'
+                   '[[mounts]]\ntarget = "/dev/shm"\ntype = "tmpfs"\n')
+    assert parsed.resources.memory == 64 << 40 and parsed.process.user == "65535:0"
+    assert parsed.mounts[0].target == "/dev/shm"
 
 
 def test_sizes_accept_units():

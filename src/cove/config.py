@@ -28,6 +28,10 @@ SECRET_TARGETS = ("file", "env", "mount")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_MEMORY = 64 << 40  # resources.memory: more than any host has, far below what wraps
+MAX_ID = 65535  # [process] user UID:GID: the enclave's ids map onto 65536 host ids
+# Mount targets the sandbox itself provides: a mount at one (or under /proc, /dev/attestation, /dev/pts) hides it.
+SANDBOX_TARGETS = ("/proc", "/dev", "/dev/attestation", "/dev/pts")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -179,7 +183,7 @@ class _Validator:
             raise self.fail(f"{key}.{name}", f"{value!r} is not one of {', '.join(choices)}")
         return value
 
-    def size(self, data: dict, key: str, name: str, default: int) -> int:
+    def size(self, data: dict, key: str, name: str, default: int, most: int | None = None) -> int:
         value = data.get(name, default)
         if isinstance(value, bool):
             raise self.fail(f"{key}.{name}", "must be a size like \"512M\"")
@@ -195,6 +199,8 @@ class _Validator:
             raise self.fail(f"{key}.{name}", f"must be a size like \"512M\", not {type(value).__name__}")
         if number <= 0:
             raise self.fail(f"{key}.{name}", f"must be positive, not {value!r}")
+        if most is not None and number > most:
+            raise self.fail(f"{key}.{name}", f"{value!r} is more than the largest allowed, {most >> 40}T")
         return number
 
     def abs_path(self, value: Any, key: str) -> str:
@@ -244,7 +250,7 @@ class _Validator:
         data = self.table(data, "resources", ("memory", "max_processes", "max_open_files"))
         defaults = ResourcesSection()
         return ResourcesSection(
-            memory=self.size(data, "resources", "memory", defaults.memory),
+            memory=self.size(data, "resources", "memory", defaults.memory, MAX_MEMORY),
             max_processes=self.integer(data, "resources", "max_processes",
                                        defaults.max_processes, 1, 1 << 22),
             max_open_files=self.integer(data, "resources", "max_open_files",
@@ -262,6 +268,9 @@ class _Validator:
         if not re.match(r"^(root|[a-z_][a-z0-9_-]{0,31}|\d+(:\d+)?)$", user):
             raise self.fail("process.user", f"{user!r} is not a user",
                             "use \"root\", a name from the image's /etc/passwd, or \"UID:GID\"")
+        if user[0].isdigit() and any(int(part) > MAX_ID for part in user.split(":")):
+            raise self.fail("process.user", f"{user!r}: ids go up to {MAX_ID}",
+                            "the enclave's ids map onto a range of 65536 host ids")
         return ProcessSection(
             entry_points=checked,
             cwd=self.abs_path(data.get("cwd", defaults.cwd), "process.cwd"),
@@ -309,8 +318,16 @@ class _Validator:
             seen.add(target)
             if target == "/" and kind != "image":
                 raise self.fail(f"{key}.target", "/ is always the measured image")
+            covered = next((t for t in SANDBOX_TARGETS if target == t or target.startswith(t.rstrip("/") + "/")
+                            and t != "/dev"), None)
+            if covered is not None:
+                raise self.fail(f"{key}.target", f"{target} is where the sandbox provides {covered}",
+                                "mount somewhere else")
             source = item.get("source")
             if kind == "host":
+                if source is None:
+                    raise self.fail(f"{key}.source", "is required for a host mount",
+                                    "the host folder to mount, e.g. source = \"/srv/data\"")
                 source = self.abs_path(source, f"{key}.source")
             elif kind == "encrypted":
                 source = self.volume_source(source, target, f"{key}.source")
