@@ -12,7 +12,9 @@ import hashlib
 import json
 import struct
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import rfc8785
@@ -22,24 +24,38 @@ from cove.kbs.coco_evidence import replay_rtmrs
 from cove.kbs.problems import TYPE_PREFIX, Problem
 from tests.kbs import coco_client as coco
 from tests.kbs.conftest import ssl_for, start_kbs, stop_kbs
+from tests.kbs.test_tpm_rooted import CLAIMS, PlatformEvidence, tpm_policy
 from tests.kbs.test_vectors import SGX_TIME, TDX_TIME, VECTORS, anchors, vector
+from tests.platform.conftest import TpmPlatforms
 
-ATTESTATION_POLICY = 'types = ["sample", "sgx", "tdx"]\n'
+TRUSTEE_TPM = Path(__file__).parent / "coco_fixtures" / "trustee_tpm_evidence.json"  # trustee @ 45e7c3a2
 ALGORITHMS = ["ECDH-ES+A256KW-P256", "ECDH-ES+A256KW-P384", "ECDH-ES+A256KW-P521", "RSA-OAEP-256"]
 EVIDENCE_TIME: dict = {}  # tee -> the time the broker checks that tee's vector at
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory, tls_files):
-    """One broker for the module: sample, sgx and tdx evidence; the vectors' collateral imported;
-    hardware evidence checked at its vector's time."""
+def platform(tmp_path_factory):
+    """A Cove platform on a real swtpm: Cove evidence, and TPM quotes in the CoCo attester's shape."""
+    platforms = TpmPlatforms(tmp_path_factory.mktemp("tpm"))
+    yield platforms.make("a")
+    platforms.stop_all()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory, tls_files, platform):
+    """One broker for the module: sample, sgx, tdx, tpm and TPM-rooted cove evidence; the vectors'
+    collateral imported; hardware vectors checked at their times; the swtpm's AK and the AK of
+    Trustee's TPM fixture trusted."""
     tmp = tmp_path_factory.mktemp("coco")
     source = CollateralSource(tmp / "collateral")
     for tee in ("sgx", "tdx"):
         source.import_file(tee, VECTORS / tee / "collateral.json")
     when = {"sgx": SGX_TIME, "tdx": TDX_TIME}
-    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=ATTESTATION_POLICY,
-                        anchors=anchors(), collateral_dir=str(tmp / "collateral"),
+    trustee_ak = base64.b64decode(json.loads(TRUSTEE_TPM.read_bytes())["ak_public"])
+    trusted = replace(anchors(), tpm_aks=[platform.ak_public.read_bytes(), trustee_ak])
+    policy = tpm_policy([platform]).replace('types = ["cove"]', 'types = ["sample", "sgx", "tdx", "tpm", "cove"]')
+    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=policy,
+                        anchors=trusted, collateral_dir=str(tmp / "collateral"),
                         evidence_time=lambda: when.get(EVIDENCE_TIME.get("tee"), datetime.now(timezone.utc)))
     yield running
     stop_kbs(running)
@@ -319,3 +335,72 @@ def test_collateral_import_command(tmp_path):
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode != 0 and len(lines) == 1 and words in lines[0], refused.stderr
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["tdx-b0c06f000000.json"]  # nothing half-written
+
+
+# -- TPM quotes in the attester's shape, and Cove evidence, from a real swtpm ----------------------------
+def swtpm_quote(platform, report_data: bytes) -> dict:
+    """What guest-components' TPM attester sends, made with the platform's swtpm and AK: the report data
+    resized to 32 bytes as extraData, all 24 SHA-256 PCRs."""
+    from cryptography.hazmat.primitives import serialization
+
+    from cove.attest.tpm import _ak_key  # noqa: PLC2701 (test: the AK as the attester exports it)
+    from cove.attest.tpm_structs import parse_pcr_file
+    from cove.platform.tpm2 import Tpm
+
+    config = platform.read_config()
+    message, signature, pcr_file = Tpm(config.tcti).quote(config.ak_handle, list(range(24)),
+                                                          (report_data + bytes(32))[:32])
+    pcrs = parse_pcr_file(pcr_file)["sha256"]
+    ak = _ak_key(platform.ak_public.read_bytes()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"tpm_quote": {"signature": b64(signature), "message": b64(message),
+                          "pcrs": [pcrs[i].hex() for i in range(24)]}, "ak_public": b64(ak)}
+
+
+def test_tpm_quote_from_swtpm_in_the_attesters_shape(broker, client, platform):
+    value = b"for a vTPM guest"
+    path = put_secret(broker, value, policy='types = ["tpm"]\n')
+    one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(platform, report_data)))
+    assert one.get_resource(path) == value
+    reply = one.http.post("/kbs/v0/auth", content=one.request_body().replace(b'"sample"', b'"tpm"'),
+                          headers={"content-type": "application/json"})
+    assert reply.json()["extra-params"] == {"selected-hash-algorithm": "sha256"}  # fits the 32-byte extraData
+
+
+def test_cove_evidence_through_the_coco_client(broker, client, platform):
+    value = b"for a Cove enclave"
+    path = put_secret(broker, value, policy=f'types = ["cove"]\n[cove]\nmeasurements = ["{CLAIMS.measurement.hex()}"]\n')
+    # no CoCo attester makes Cove evidence: this one pads the hash to the report's 64 bytes, as the TDX and
+    # SNP attesters do, and is what /dev/attestation returns to an enclave
+    provider = PlatformEvidence(platform)
+    one = client(coco.FixedAttester("cove", lambda report_data: provider.evidence((report_data + bytes(64))[:64])))
+    assert one.get_resource(path) == value
+    claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))["tcb-status"]
+    assert claims["tee"] == "cove" and claims["platform_root"] == "tpm"
+
+
+@pytest.mark.parametrize("change, kind", [
+    (lambda e: e, "EvidenceBinding"),  # Trustee's own fixture: verifies, but was bound to another nonce
+    (lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["11" * 32] + e["tpm_quote"]["pcrs"][1:])),
+     "EvidenceInvalid"),  # PCR 0 changed: the quote's PCR digest no longer matches
+    (lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["zz"] * 24)), "EvidenceInvalid"),
+])
+def test_trustee_tpm_fixture(broker, client, change, kind):
+    fixture = json.loads(TRUSTEE_TPM.read_bytes())
+    one = client(coco.FixedAttester("tpm", lambda report_data: change(fixture)))
+    with pytest.raises(coco.CocoError) as caught:
+        one.rcar_handshake()
+    assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
+
+
+def test_quote_of_an_untrusted_ak_refused(broker, client, tmp_path_factory):
+    """The attester's ak_public is not trusted for being sent: only --tpm-ak keys are."""
+    platforms = TpmPlatforms(tmp_path_factory.mktemp("tpm-b"))
+    try:
+        other = platforms.make("b")
+        one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(other, report_data)))
+        with pytest.raises(coco.CocoError) as caught:
+            one.rcar_handshake()
+    finally:
+        platforms.stop_all()
+    assert f"{TYPE_PREFIX}EvidenceInvalid" in caught.value.detail

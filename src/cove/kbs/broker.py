@@ -155,7 +155,7 @@ class Broker:
         extra = request.get("extra-params", {})
         if extra not in ("", None) and not isinstance(extra, dict):
             raise Problem("InvalidRequest", "extra-params must be an object")
-        algorithm = coco_binding.select_hash(extra)
+        algorithm = coco_binding.select_hash(extra, tee)
         session_id = pysecrets.token_urlsafe(24)
         nonce = base64.b64encode(pysecrets.token_bytes(32)).decode()
         self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime, self.now())

@@ -32,7 +32,13 @@ def canonical(value) -> bytes:
         raise Problem("InvalidRequest", f"runtime-data has no canonical JSON form (RFC 8785): {exc}") from None
 
 
-def select_hash(extra_params) -> str:
+# TEEs whose report data is shorter than a SHA-384 digest: the CoCo TPM attester puts the first 32
+# bytes of the hash into the quote's extraData (attester/src/tpm: TPM_REPORT_DATA_SIZE), so for it the
+# broker selects a hash that fits whole.
+PREFERRED = {"tpm": ("sha256",)}
+
+
+def select_hash(extra_params, tee: str = "") -> str:
     """The hash the broker asks for in the Challenge, from the Request's extra-params."""
     if not isinstance(extra_params, dict) or "supported-hash-algorithms" not in extra_params:
         return DEFAULT
@@ -40,7 +46,7 @@ def select_hash(extra_params) -> str:
     if not isinstance(offered, list) or len(offered) > 32:
         raise Problem("InvalidRequest", "extra-params.supported-hash-algorithms must be a list of names")
     names = {name.lower() for name in offered if isinstance(name, str)}
-    for name in SELECTABLE:
+    for name in PREFERRED.get(tee, ()) + SELECTABLE:
         if name in names:
             return name
     raise Problem("InvalidRequest", f"none of the offered hash algorithms is supported here "

@@ -138,7 +138,48 @@ def _sample(evidence: dict, collateral: CollateralSource) -> dict:
     return evidence
 
 
-ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx")}
+def _tpm(evidence: dict, collateral: CollateralSource) -> dict:
+    """guest-components attester/src/tpm: ``{"tpm_quote": {"signature", "message", "pcrs"}, "ak_public"}``:
+    base64 TPMT_SIGNATURE and TPMS_ATTEST, the 24 SHA-256 PCRs as hex, the AK as base64 DER. The AK is
+    only a hint: the quote must verify with one of the broker's trusted AKs (``--tpm-ak``)."""
+    if "tpm_quote" not in evidence:  # Cove's own shape
+        return evidence
+    quote = evidence["tpm_quote"]
+    if not isinstance(quote, dict) or not isinstance(quote.get("pcrs"), list) or len(quote["pcrs"]) > 24:
+        raise Problem("EvidenceInvalid", "tpm evidence: tpm_quote must hold signature, message and up to 24 pcrs")
+    values = []
+    for value in quote["pcrs"]:
+        try:
+            digest = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise Problem("EvidenceInvalid", "tpm evidence: each of tpm_quote.pcrs must be 64 hex digits (SHA-256)")
+        values.append(digest)
+    _b64(quote, "message", "tpm")
+    _b64(quote, "signature", "tpm")
+    return {"quote": quote["message"], "signature": quote["signature"],
+            "pcrs": base64.b64encode(_pcr_file(values)).decode()}
+
+
+def _pcr_file(sha256_values: list[bytes]) -> bytes:
+    """SHA-256 PCRs 0..n-1 in the layout tpm2_quote writes with ``-o`` (the C structs: TPML_PCR_SELECTION
+    with 16 TPMS_PCR_SELECTION slots of 8 bytes, then TPML_DIGEST lists of 8 TPM2B_DIGEST slots of 66 bytes)."""
+    bitmap = sum(1 << index for index in range(len(sha256_values))).to_bytes(4, "little")
+    out = bytearray((1).to_bytes(4, "little"))
+    out += (0x000B).to_bytes(2, "little") + bytes([3]) + bitmap + bytes(1)
+    out += bytes(8 * 15)
+    lists = [sha256_values[i:i + 8] for i in range(0, len(sha256_values), 8)]
+    out += len(lists).to_bytes(4, "little")
+    for chunk in lists:
+        out += len(chunk).to_bytes(4, "little")
+        for slot in range(8):
+            digest = chunk[slot] if slot < len(chunk) else b""
+            out += len(digest).to_bytes(2, "little") + digest + bytes(64 - len(digest))
+    return bytes(out)
+
+
+ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": _tpm}
 
 
 def check_additional(additional: str) -> None:
