@@ -62,6 +62,8 @@ def test_java(cove, tmp_path):
     cove.ok("new", "java-app", cwd=tmp_path)
     root = tmp_path / "java-app"
     cove.ok("add", "--to", "/opt", "../jre", cwd=root)
+    # the libraries java finds through $ORIGIN come with the tree, not again at their host path
+    assert not list((root / "image" / "tmp").iterdir())
     cove.ok("add", "--to", "/app", "../classes/Hello.class", cwd=root)
     set_option(root / "cove.toml", "process", "entry_points", '["/opt/jre/bin/java"]')
     cove.ok("build", cwd=root)

@@ -108,3 +108,18 @@ def test_out_of_memory_is_named(cove, unbuilt, tmp_path):
         return
     assert result.returncode == 137
     assert error_line(result).startswith("cove: error: killed: out of memory (resources.memory = 32M)")
+
+
+def test_script_whose_interpreter_is_missing(cove, unbuilt, tmp_path):
+    root = tmp_path / "app"
+    shutil.copytree(unbuilt, root, symlinks=True)
+    script = root / "image" / "bin" / "tool"
+    script.write_text("#!/usr/bin/python3 -u\nprint('hi')\n")
+    script.chmod(0o755)
+    built = cove.ok("build", cwd=root)
+    assert built.stderr.strip() == ("cove: warning: /bin/tool starts with #!/usr/bin/python3, which is not "
+                                    "in the image (add it with `cove add /usr/bin/python3`)")
+    result = cove("run", "/bin/tool", cwd=root)
+    assert result.returncode == 126  # not 1, which the program itself might return
+    assert error_line(result) == ("cove: error: /bin/tool needs /usr/bin/python3, which is not in the image "
+                                  "(add it with `cove add /usr/bin/python3` and rebuild)")

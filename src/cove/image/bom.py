@@ -76,6 +76,7 @@ class _Planner:
         self.plan = Plan()
         self.with_dependencies = with_dependencies
         self.covered: set[str] = set()  # libraries whose own needs a transitive walk already found
+        self.trees: list[str] = []  # folders being copied whole: what they hold comes with them
 
     def add_path(self, source: str, dest: str, tree_root: str | None = None) -> None:
         _check_readable(source, os.path.isdir(source))
@@ -102,8 +103,14 @@ class _Planner:
         if not inside_tree and os.path.exists(resolved):
             self.add_path(resolved, resolved)
 
+    def _in_tree(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any((p + "/").startswith(tree + "/") for tree in self.trees
+                   for p in (os.path.normpath(path), real))
+
     def _add_tree(self, source: str, dest: str) -> None:
         self.plan.add(CopyItem(source, dest, DIRECTORY))
+        self.trees += [os.path.normpath(source), os.path.realpath(source)]
         for dirpath, dirnames, filenames in os.walk(source):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, source)
@@ -145,6 +152,8 @@ class _Planner:
             self.covered.add(os.path.realpath(deps.interpreter))
             self.add_path(deps.interpreter, deps.interpreter)
         for library in deps.libraries:
+            if self._in_tree(library):
+                continue  # found through $ORIGIN inside a tree that is copied whole, to its place there
             if os.path.dirname(library) not in elf.LOADER_DIRS:
                 self.plan.library_dirs.add(os.path.dirname(library))
             self.add_path(library, library)

@@ -20,7 +20,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
-from cove.errors import CoveError
+from cove.errors import CannotExecuteError, CoveError
 from cove.image.paths import resolve_in_image
 
 ELF_MAGIC = b"\x7fELF"
@@ -226,3 +226,12 @@ def missing_interpreter(image: Path, program: str) -> str | None:
         return None  # relative to the caller's folder: nothing to check here
     found = resolve_in_image(image, interpreter, follow_last=True)
     return None if found.is_file() and os.access(found, os.X_OK) else interpreter
+
+
+def check_startable(image: Path, program: str) -> None:
+    """Refuse, with the sandbox's code for it, a program whose interpreter the image lacks
+    (the kernel's ENOENT would otherwise surface as the sandbox's own message)."""
+    interpreter = missing_interpreter(image, program)
+    if interpreter is not None:
+        raise CannotExecuteError(f"{program} needs {interpreter}, which is not in the image",
+                                 f"add it with `cove add {interpreter}` and rebuild")

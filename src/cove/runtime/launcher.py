@@ -24,6 +24,7 @@ from typing import Iterator
 from cove.config import Config
 from cove.errors import CoveError
 from cove.image import artifacts, encryption, package as package_mod
+from cove.image import elf
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
 from cove.image.paths import resolve_in_image
@@ -249,6 +250,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
             else:
                 root = image_mount.start(*_image_mount_points(verified, binds))
                 _check_program(root, program)
+            elf.check_startable(root, program)
             uid, gid = resolve_user(verified.config.process.user, root)
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
                               argv=(program, *request.args),
