@@ -342,16 +342,18 @@ def swtpm_quote(platform, report_data: bytes) -> dict:
     """What guest-components' TPM attester sends, made with the platform's swtpm and AK: the report data
     resized to 32 bytes as extraData, all 24 SHA-256 PCRs."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    from cove.attest.tpm import _ak_key  # noqa: PLC2701 (test: the AK as the attester exports it)
-    from cove.attest.tpm_structs import parse_pcr_file
+    from cove.attest.tpm_structs import parse_pcr_file, parse_public
     from cove.platform.tpm2 import Tpm
 
     config = platform.read_config()
     message, signature, pcr_file = Tpm(config.tcti).quote(config.ak_handle, list(range(24)),
                                                           (report_data + bytes(32))[:32])
     pcrs = parse_pcr_file(pcr_file)["sha256"]
-    ak = _ak_key(platform.ak_public.read_bytes()).public_bytes(
+    public = parse_public(platform.ak_public.read_bytes())  # the platform's AK: ECDSA P-256
+    ak = ec.EllipticCurvePublicNumbers(int.from_bytes(public.ecc_x, "big"), int.from_bytes(public.ecc_y, "big"),
+                                       ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return {"tpm_quote": {"signature": b64(signature), "message": b64(message),
                           "pcrs": [pcrs[i].hex() for i in range(24)]}, "ak_public": b64(ak)}
