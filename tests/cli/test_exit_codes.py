@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def world(cove, probe, tmp_path_factory):
     _mount_tmpfs(small, "size=512k")
     cove.ok("package", str(base / "app.tar.gz"), cwd=app)
     cove.ok("kbs", "init", "--state", str(base / "kbs"))
+    odd = os.fsencode(base / "nonutf")
+    os.makedirs(odd)
+    open(os.path.join(odd, b"bad\xff\xfe.txt"), "wb").close()
+    for name, plant in (("odd", lambda image: shutil.copytree(odd, os.path.join(image, b"opt"), dirs_exist_ok=True)),
+                        ("oddlink", lambda image: os.symlink(b"/etc/\xff", os.path.join(image, b"bin/link")))):
+        cove.ok("new", name, cwd=base)
+        plant(os.fsencode(base / name / "image"))
     for name, text in POLICIES.items():
         (base / name).write_text(text)
     cove.ok("new", "small", cwd=full)
@@ -96,6 +104,10 @@ CASES = [
     ("serve policy bad measurement", SERVE + ["{base}/measurement.toml"], "base", ExitCode.USAGE,
      "measurement.toml: cove.measurements[0]: must be a hex string"),
     ("serve policy missing", SERVE + ["{base}/none.toml"], "base", ExitCode.NOT_FOUND, "none.toml: no such file"),
+    ("add non-UTF-8 name", ["add", "--to", "/opt/x", "{base}/nonutf"], "app", ExitCode.USAGE,
+     "nonutf/bad\\xff\\xfe.txt: the name is not valid UTF-8 (rename it"),
+    ("build non-UTF-8 name", ["build"], "odd", ExitCode.USAGE, "image/opt/bad\\xff\\xfe.txt: the name is not valid UTF-8"),
+    ("build non-UTF-8 link", ["build"], "oddlink", ExitCode.USAGE, "image/bin/link -> /etc/\\xff: the name is not valid"),
     # read-only folders, a full disk, an I/O error: the line names the file
     ("new read-only", ["new", "app"], "ro", ExitCode.FILE_SYSTEM, "cannot create app: Read-only file system"),
     ("keygen read-only", ["keygen", "--out", "{ro}/key.pem"], "base", ExitCode.FILE_SYSTEM,

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from cove.errors import CoveError, file_system_error
 from cove.image import elf
-from cove.image.paths import resolve_in_image
+from cove.image.paths import check_name, resolve_in_image
 
 FILE, DIRECTORY, SYMLINK = "file", "dir", "symlink"
 
@@ -42,6 +42,9 @@ class Plan:
 
     def add(self, item: CopyItem) -> bool:
         """Record item; False if an identical one is already planned."""
+        check_name(item.dest, item.source)
+        if item.kind == SYMLINK:
+            check_name(os.readlink(item.source), f"{item.source} -> {os.readlink(item.source)}")
         existing = self._by_dest.get(item.dest)
         if existing is not None:
             if existing == item:

@@ -35,3 +35,18 @@ def resolve_in_image(image: Path, dest: str, follow_last: bool = False) -> Path:
             continue
         current = candidate
     return image / str(current).lstrip("/")
+
+
+def printable(path: str) -> str:
+    """A path for a message: bytes that are not UTF-8 shown as \\xNN, so printing it cannot fail."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_name(path: str, source: str | None = None) -> None:
+    """Refuse a path that is not valid UTF-8: the manifest and the image listing name files in UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        where = source if source is not None else path
+        raise CoveError(f"{printable(where)}: the name is not valid UTF-8",
+                        "rename it: image paths are UTF-8 (docs/formats/manifest.md)") from None

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import cbor2
 
 from cove.errors import CoveError, IntegrityError
+from cove.image.paths import check_name
 
 FILE, DIRECTORY, SYMLINK = "f", "d", "l"
 CHUNK = 1 << 20
@@ -72,6 +73,7 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
         for name in names:
             rel = f"{prefix}{name}"
             full = directory / name
+            check_name(rel, str(full))
             st = os.lstat(full)
             yield rel, st
             if stat.S_ISDIR(st.st_mode):
@@ -104,7 +106,9 @@ def entry_for(root: Path, rel: str, st: os.stat_result,
     if stat.S_ISDIR(st.st_mode):
         return Entry(rel, DIRECTORY, mode)
     if stat.S_ISLNK(st.st_mode):
-        return Entry(rel, SYMLINK, 0o777, target=os.readlink(full))
+        target = os.readlink(full)
+        check_name(target, f"image/{rel} -> {target}")
+        return Entry(rel, SYMLINK, 0o777, target=target)
     if stat.S_ISREG(st.st_mode):
         digest, size = digest_of(full, rel, st) if digest_of else hash_file(full)
         return Entry(rel, FILE, mode, size, digest)
