@@ -178,7 +178,7 @@ def test_missing_resource_is_404(broker, client):
     assert caught.value.variant == "ResourceNotFound"
 
 
-@pytest.mark.parametrize("tee", ["az-snp-vtpm", "az-tdx-vtpm", "cca", "csv", "se", "nvidia", "hygondcu",
+@pytest.mark.parametrize("tee", ["az-tdx-vtpm", "cca", "csv", "se", "nvidia", "hygondcu",
                                  "sampledevice", "dpu"])
 def test_unsupported_tee_refused_with_401(broker, client, tee):
     one = client(coco.FixedAttester(tee, lambda report_data: {}))
@@ -406,3 +406,44 @@ def test_quote_of_an_untrusted_ak_refused(broker, client, tmp_path_factory):
     finally:
         platforms.stop_all()
     assert f"{TYPE_PREFIX}EvidenceInvalid" in caught.value.detail
+
+
+# -- az-snp-vtpm: Trustee's fixtures (deps/verifier/test_data/az-snp-vtpm @ 258ea4ac) ---------------------
+AZURE = Path(__file__).parent / "coco_fixtures"
+
+
+def azure(version: int, change=lambda e: e) -> dict:
+    return change(json.loads((AZURE / f"az-snp-vtpm-evidence-v{version}.json").read_bytes()))
+
+
+def flip_hcl(offset: int):
+    def change(evidence: dict) -> dict:
+        raw = bytearray(base64.urlsafe_b64decode(evidence["hcl_report"] + "=="))
+        raw[offset] ^= 0x01
+        return dict(evidence, hcl_report=base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="))
+    return change
+
+
+def quote_with(**members):
+    return lambda evidence: dict(evidence, tpm_quote=dict(evidence["tpm_quote"], **members))
+
+
+@pytest.mark.parametrize("version, change, kind, words", [
+    # every link verifies (SNP report with AMD's chain, HCL data, vTPM quote), then the binding is refused:
+    # the fixtures were made for Trustee's test nonces
+    (1, lambda e: e, "EvidenceBinding", "report data"),
+    (2, lambda e: e, "EvidenceBinding", "report data"),
+    (2, flip_hcl(32 + 1184 + 20 + 40), "EvidenceInvalid", "not the hash of the HCL variable data"),
+    (2, flip_hcl(32 + 0x90), "EvidenceInvalid", "snp"),  # the SNP report's MEASUREMENT
+    (2, quote_with(message=azure(2)["tpm_quote"]["message"][:-2] + "5a"), "EvidenceInvalid", "vTPM quote"),
+    (2, quote_with(pcrs=["11" * 32] + azure(2)["tpm_quote"]["pcrs"][1:]), "EvidenceInvalid", "PCR digest"),
+    (2, lambda e: dict(e, version=0), "EvidenceInvalid", "versions 1 and 2"),
+    (1, lambda e: dict(e, vcek=azure(1)["vcek"][:-40]), "EvidenceInvalid", "snp"),
+])
+def test_az_snp_vtpm_fixtures(broker, client, version, change, kind, words):
+    one = client(coco.FixedAttester("az-snp-vtpm", lambda report_data: azure(version, change)))
+    with pytest.raises(coco.CocoError) as caught:
+        one.rcar_handshake()
+    assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
+    entry = attest_log(broker)
+    assert entry["outcome"] == "denied" and words in entry["detail"], entry

@@ -151,7 +151,7 @@ class Broker:
         match = _VERSION.match(version)
         if match is None or int(match.group(1)) > 4:
             raise Problem("ProtocolVersion", f"protocol version {version!r} is not supported (0.1.0 .. 0.4.x)")
-        tee = appraisal.normalize_tee(request.get("tee"))
+        tee = coco_evidence.normalize_tee(request.get("tee"))
         extra = request.get("extra-params", {})
         if extra not in ("", None) and not isinstance(extra, dict):
             raise Problem("InvalidRequest", "extra-params must be an object")
@@ -201,8 +201,8 @@ class Broker:
             evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"], self.collateral)
             coco_evidence.check_additional(additional)
             init_data = coco_evidence.init_data(body.get("init-data"))
-            result = appraisal.appraise(tee, evidence, coco_binding.primary_runtime_data(runtime, additional),
-                                        self.anchors, when)
+            result = coco_evidence.appraise(tee, evidence, coco_binding.primary_runtime_data(runtime, additional),
+                                            self.anchors, when)
             bound_claims = coco_evidence.bind_init_data(tee, result, init_data)
             decision = policy_mod.decide(self.attestation_policy, result, when)
             if not decision.allowed:

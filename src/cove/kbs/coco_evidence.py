@@ -159,10 +159,10 @@ def _tpm(evidence: dict, collateral: CollateralSource) -> dict:
     _b64(quote, "message", "tpm")
     _b64(quote, "signature", "tpm")
     return {"quote": quote["message"], "signature": quote["signature"],
-            "pcrs": base64.b64encode(_pcr_file(values)).decode()}
+            "pcrs": base64.b64encode(pcr_file(values)).decode()}
 
 
-def _pcr_file(sha256_values: list[bytes]) -> bytes:
+def pcr_file(sha256_values: list[bytes]) -> bytes:
     """SHA-256 PCRs 0..n-1 in the layout tpm2_quote writes with ``-o`` (the C structs: TPML_PCR_SELECTION
     with 16 TPMS_PCR_SELECTION slots of 8 bytes, then TPML_DIGEST lists of 8 TPM2B_DIGEST slots of 66 bytes)."""
     bitmap = sum(1 << index for index in range(len(sha256_values))).to_bytes(4, "little")
@@ -180,6 +180,25 @@ def _pcr_file(sha256_values: list[bytes]) -> bytes:
 
 
 ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": _tpm}
+
+
+def normalize_tee(tee) -> str:
+    """The session's tee: one :mod:`cove.kbs.appraisal` verifies, or a composite one verified here."""
+    from cove.kbs import appraisal, coco_azure
+
+    if isinstance(tee, str) and tee in coco_azure.TEES:
+        return tee
+    return appraisal.normalize_tee(tee)
+
+
+def appraise(tee: str, evidence: dict, runtime_data: dict, anchors, now):
+    """Verify the (adapted) evidence and its binding to runtime_data: :func:`cove.kbs.appraisal.appraise`,
+    or, for the vTPM-through-SNP shape, :mod:`cove.kbs.coco_azure`."""
+    from cove.kbs import appraisal, coco_azure
+
+    if tee in coco_azure.TEES:
+        return coco_azure.appraise(tee, evidence, runtime_data, anchors, now)
+    return appraisal.appraise(tee, evidence, runtime_data, anchors, now)
 
 
 def check_additional(additional: str) -> None:
@@ -251,6 +270,12 @@ def bind_init_data(tee: str, result, init: InitData | None) -> dict:
         return {}
     claims = {"init_data": init.digest.hex(), "init_data_algorithm": init.algorithm, "init_data_claims": init.data}
     if tee == "sample":
+        return claims
+    if tee == "az-snp-vtpm":  # Trustee: PCR 8 = SHA-256(32 zero bytes || the init-data digest)
+        pcr8 = (result.pcrs.get("sha256") or {}).get(8)
+        if len(init.digest) != 32 or pcr8 is None or not hmac.compare_digest(
+                pcr8, hashlib.sha256(bytes(32) + init.digest).digest()):
+            raise Problem("EvidenceBinding", "init-data's digest is not the one extended into the vTPM's PCR 8")
         return claims
     where = _CONFIG_FIELD.get(tee)
     if where is None:
