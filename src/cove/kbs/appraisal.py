@@ -1,10 +1,12 @@
 """Appraising tee-evidence: the verifier per tee type, and the report-data binding.
 
-``runtime-data`` (the challenge's nonce and the TEE's public key) is hashed in
-its canonical JSON form (keys sorted, no spaces, UTF-8): SHA-384 by default,
-SHA-256 accepted. The evidence's report data must be that hash followed by
-zero bytes; otherwise the evidence is bound to another nonce or another TEE
-key and is refused (``EvidenceBinding``).
+``runtime-data`` (the challenge's nonce and the TEE's public key), with the
+attestation's ``additional-evidence`` string, is hashed in its RFC 8785
+canonical JSON form as the Confidential Containers client does
+(:mod:`cove.kbs.coco_binding`): SHA-384 by default, SHA-512 and SHA-256
+accepted. The evidence's report data must be that hash followed by zero
+bytes; otherwise the evidence is bound to another nonce or another TEE key
+and is refused (``EvidenceBinding``).
 
 Evidence is verified by :func:`cove.attest.verifier.verify`, the dispatcher
 ``cove verify`` and RA-TLS use, with the same trust anchors in the same
