@@ -17,7 +17,7 @@ from typing import Any
 
 from cove.errors import ConfigError
 
-BACKENDS = ("auto", "sim")
+BACKENDS = ("auto", "sim", "vm")
 NETWORK_MODES = ("none", "loopback", "host")
 MOUNT_TYPES = ("image", "tmpfs", "host", "encrypted")
 # Types named by later parts of Cove; refused with a clear line until they land.
@@ -109,6 +109,16 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class VmSection:
+    """[vm]: the micro-VM of backend = "vm" (docs/backends.md)."""
+
+    vcpus: int = 1
+    kernel: str | None = None  # host path of the kernel to boot; None: the newest Debian cloud kernel
+    kernel_args: str = ""  # appended to the measured kernel command line
+    boot_timeout: int = 60  # seconds from QEMU's start to the program's start
+
+
+@dataclass(frozen=True)
 class Config:
     enclave: EnclaveSection
     resources: ResourcesSection = field(default_factory=ResourcesSection)
@@ -118,6 +128,7 @@ class Config:
     mounts: tuple[Mount, ...] = ()
     attestation: AttestationSection | None = None
     secrets: tuple[Secret, ...] = ()
+    vm: VmSection = field(default_factory=VmSection)
 
 
 def load(path: Path) -> Config:
@@ -212,7 +223,7 @@ class _Validator:
 
     def config(self, data: dict) -> Config:
         self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts", "attestation",
-                              "secrets") + RESERVED_SECTIONS)
+                              "secrets", "vm") + RESERVED_SECTIONS)
         for section in RESERVED_SECTIONS:
             if section in data:
                 raise self.fail(section, "is not supported by this version of Cove yet")
@@ -230,7 +241,19 @@ class _Validator:
             mounts=mounts,
             attestation=attestation,
             secrets=self.secrets(data.get("secrets", []), attestation, mounts),
+            vm=self.vm(data.get("vm", {})),
         )
+
+    def vm(self, data: Any) -> VmSection:
+        data = self.table(data, "vm", ("vcpus", "kernel", "kernel_args", "boot_timeout"))
+        kernel = data.get("kernel")
+        if kernel is not None:
+            kernel = self.abs_path(kernel, "vm.kernel")
+        args = self.string(data, "vm", "kernel_args", "")
+        if not re.fullmatch(r"[\x20-\x7e]{0,1024}", args):
+            raise self.fail("vm.kernel_args", "must be printable ASCII, at most 1024 characters")
+        return VmSection(vcpus=self.integer(data, "vm", "vcpus", 1, 1, 16), kernel=kernel, kernel_args=args,
+                         boot_timeout=self.integer(data, "vm", "boot_timeout", 60, 1, 3600))
 
     def enclave(self, data: Any) -> EnclaveSection:
         data = self.table(data, "enclave", ("name", "product_id", "svn", "debug", "backend"))
@@ -516,7 +539,17 @@ def to_measured(config: Config) -> dict:
         "network": {"mode": config.network.mode},
         "mounts": [_measured_mount(m) for m in config.mounts],
         **_measured_attestation(config),
+        **_measured_vm(config),
     }
+
+
+def _measured_vm(config: Config) -> dict:
+    """[vm], measured only for backend = "vm" (sim manifests keep their measurement).
+    The kernel's path is not measured: its bytes are, in the launch measurement."""
+    if config.enclave.backend != "vm":
+        return {}
+    vm = config.vm
+    return {"vm": {"vcpus": vm.vcpus, "kernel_args": vm.kernel_args, "boot_timeout": vm.boot_timeout}}
 
 
 def _measured_attestation(config: Config) -> dict:

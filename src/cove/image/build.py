@@ -101,7 +101,15 @@ def build(instance: Instance, key_path: Path | None = None,
     encrypted_image.remove(instance.build_dir)  # an older encrypted copy no longer matches
     cache = _HashCache(instance.build_dir / CACHE)
     entries = _hash_image(instance.image, cache)
-    manifest = manifest_mod.make(cove_config.to_measured(config), entries)
+    launch = None
+    if config.enclave.backend == "vm":
+        if encryption is not None:
+            raise CoveError("--encrypt-image is not available with backend = \"vm\" yet",
+                            "build without it, or use backend = \"sim\"")
+        from cove.image import vmimage
+
+        launch = vmimage.build(instance.image, entries, config, instance.build_dir)
+    manifest = manifest_mod.make(cove_config.to_measured(config), entries, launch)
     signature = signing.sign(key, manifest.encoded)
     write_atomic(instance.build_dir / TREE, encode_entries(entries))
     write_atomic(instance.build_dir / MANIFEST, manifest.encoded)

@@ -28,6 +28,7 @@ class Manifest:
     image_files: int
     image_bytes: int
     encoded: bytes
+    launch: dict | None = None  # backend "vm": {"type": "vm", "measurement": launch measurement}
 
     @property
     def measurement(self) -> bytes:
@@ -38,8 +39,8 @@ class Manifest:
         return self.config["enclave"]
 
 
-def make(measured_config: dict, entries: list[Entry]) -> Manifest:
-    """Build the manifest for a configuration and an image listing."""
+def make(measured_config: dict, entries: list[Entry], launch: dict | None = None) -> Manifest:
+    """Build the manifest for a configuration and an image listing (and a vm's launch measurement)."""
     files = [e for e in entries if e.type == FILE]
     body = {
         "format": FORMAT,
@@ -50,6 +51,8 @@ def make(measured_config: dict, entries: list[Entry]) -> Manifest:
             "bytes": sum(e.size for e in files),
         },
     }
+    if launch is not None:  # only for vm builds: sim manifests keep their bytes
+        body["launch"] = launch
     return decode(cbor2.dumps(body, canonical=True))
 
 
@@ -62,7 +65,7 @@ def decode(data: bytes) -> Manifest:
         image = body["image"]
         manifest = Manifest(config=body["config"], image_root=bytes(image["root"]),
                             image_files=int(image["files"]), image_bytes=int(image["bytes"]),
-                            encoded=bytes(data))
+                            encoded=bytes(data), launch=_launch(body.get("launch")))
         if cbor2.dumps(body, canonical=True) != data:
             raise ValueError("not in canonical encoding")
         manifest.enclave["name"]  # noqa: B018 - the enclave section must be present
@@ -71,6 +74,14 @@ def decode(data: bytes) -> Manifest:
     except Exception as exc:
         raise IntegrityError(f"manifest is malformed: {exc}", "rebuild with `cove build`") from None
     return manifest
+
+
+def _launch(launch) -> dict | None:
+    if launch is None:
+        return None
+    if not isinstance(launch, dict) or launch.get("type") != "vm" or len(bytes(launch["measurement"])) != 32:
+        raise ValueError("launch section is not a vm launch measurement")
+    return {"type": "vm", "measurement": bytes(launch["measurement"])}
 
 
 def config_difference(signed: dict, current: dict, prefix: str = "") -> str | None:

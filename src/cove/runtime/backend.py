@@ -44,6 +44,9 @@ class LaunchSpec:
     instance_id: str
     interactive: bool = False  # a debug shell keeps the terminal
     binds: tuple = field(default=())  # cove.runtime.services.Bind, from the enclave's services
+    build_dir: Path | None = None  # the verified build folder (the vm backend's launch inputs are there)
+    launch: dict | None = None  # the signed manifest's launch section (backend "vm")
+    workdir: Path | None = None  # private to this run, removed afterwards
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,6 @@ class PlannedBackend:
 
 
 PLANNED = (
-    PlannedBackend("vm", "micro-VM (KVM)", "/dev/kvm", "not in this version of Cove"),
     PlannedBackend("sgx", "CPU (Intel SGX)", "/dev/sgx_enclave", "not in this version of Cove"),
     PlannedBackend("tdx", "CPU (Intel TDX)", "/dev/tdx_guest", "not in this version of Cove"),
     PlannedBackend("snp", "CPU (AMD SEV-SNP)", "/dev/sev-guest", "not in this version of Cove"),
@@ -134,8 +136,9 @@ PLANNED = (
 
 def registry() -> dict[str, type[Backend]]:
     from cove.runtime.sim import SimBackend
+    from cove.runtime.vm import VmBackend
 
-    return {SimBackend.name: SimBackend}
+    return {SimBackend.name: SimBackend, VmBackend.name: VmBackend}
 
 
 def all_availability() -> list[Availability]:

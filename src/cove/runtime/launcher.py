@@ -216,7 +216,8 @@ def _image_mount_points(verified: VerifiedBuild, binds: list[services_mod.Bind])
 
 
 def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
-                 in_place: bool = False, encrypted: EncryptedImage | None = None) -> int:
+                 in_place: bool = False, encrypted: EncryptedImage | None = None,
+                 build_dir: Path | None = None) -> int:
     """Launch a verified build and return the program's exit code.
 
     The root is a verified private copy of ``image``, or, for a build made
@@ -256,7 +257,8 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                               argv=(program, *request.args),
                               env={**build_environment(verified.config), **service_env},
                               uid=uid, gid=gid, instance_id=instance_id,
-                              interactive=request.debug_shell, binds=tuple(binds))
+                              interactive=request.debug_shell, binds=tuple(binds),
+                              build_dir=build_dir, launch=verified.manifest.launch, workdir=workdir)
             return _supervise(chosen, spec)
 
 
@@ -284,7 +286,7 @@ def run_instance(instance_dir: Path, request: RunRequest) -> int:
     build_dir = instance_dir / "build"
     verified = artifacts.load_verified(build_dir, instance_dir / "cove.toml", request.expected_signer)
     return run_verified(verified, instance_dir / "image", request, request.state_dir or instance_dir / "run",
-                        encrypted=encryption.find(build_dir))
+                        encrypted=encryption.find(build_dir), build_dir=build_dir)
 
 
 def run_package(package: Path, request: RunRequest) -> int:
@@ -292,4 +294,4 @@ def run_package(package: Path, request: RunRequest) -> int:
         verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
         state_dir = request.state_dir or default_state_dir(verified.config.enclave.name)
         return run_verified(verified, unpacked / "image", request, state_dir, in_place=True,
-                            encrypted=encryption.find(unpacked / "build"))
+                            encrypted=encryption.find(unpacked / "build"), build_dir=unpacked / "build")

@@ -1,0 +1,332 @@
+/* Cove's guest init: PID 1 of a `vm` enclave.
+ *
+ * It loads the virtio modules the initramfs carries, finds the host's ports
+ * (virtio-serial, by name), reads one launch request from cove.ctl, builds the
+ * program's root from /image in a private mount and pid namespace (so the
+ * program sees the same root and pid 2 as under `sim`), starts the program
+ * with the requested ids, environment, working folder and limits, relays the
+ * signals the host sends, and reports "X<code>" on cove.ctl before it powers
+ * the VM off. The wire format is in docs/backends.md. Built with gcc -static.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/capability.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <grp.h>
+#include <unistd.h>
+
+#define MAX_REQUEST (1 << 20)
+#define MAX_ITEMS 4096
+
+static int ctl = -1;
+
+static void die(const char *fmt, ...) {
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    dprintf(2, "cove-init: %s\n", line);
+    if (ctl >= 0) dprintf(ctl, "E%s\n", line);
+    sync();
+    reboot(RB_AUTOBOOT);
+    _exit(1);
+}
+
+static void load_modules(void) {
+    FILE *order = fopen("/cove/modules.order", "r");
+    char name[256], path[320];
+    if (!order) return;
+    while (fgets(name, sizeof name, order)) {
+        name[strcspn(name, "\n")] = 0;
+        if (!name[0]) continue;
+        snprintf(path, sizeof path, "/cove/modules/%s", name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) die("cannot open module %s", name);
+        if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST) die("cannot load %s: %s", name, strerror(errno));
+        close(fd);
+    }
+    fclose(order);
+}
+
+/* The /dev node of the virtio-serial port called NAME, waiting for it to appear. */
+static int open_port(const char *name, int flags) {
+    char path[300], text[64];
+    for (int tries = 0; tries < 2000; tries++) {
+        DIR *dir = opendir("/cove/sys/class/virtio-ports");
+        struct dirent *entry;
+        while (dir && (entry = readdir(dir))) {
+            if (entry->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "/cove/sys/class/virtio-ports/%s/name", entry->d_name);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t n = read(fd, text, sizeof text - 1);
+            close(fd);
+            if (n <= 0) continue;
+            text[n] = 0;
+            text[strcspn(text, "\n")] = 0;
+            if (strcmp(text, name) == 0) {
+                snprintf(path, sizeof path, "/cove/dev/%s", entry->d_name);
+                closedir(dir);
+                for (int wait = 0; wait < 1000; wait++) {
+                    int port = open(path, flags | O_CLOEXEC);
+                    if (port >= 0) return port;
+                    usleep(1000);
+                }
+                die("cannot open port %s", name);
+            }
+        }
+        if (dir) closedir(dir);
+        usleep(1000);
+    }
+    die("port %s did not appear", name);
+    return -1;
+}
+
+/* Read exactly len bytes. Until the host's side of a port is announced open, reads
+ * return 0: wait for that (up to 30 s) before the first byte, never after it. */
+static void read_all(int fd, void *buf, size_t len, int first) {
+    size_t done = 0;
+    int waited = 0;
+    while (done < len) {
+        ssize_t n = read(fd, (char *)buf + done, len - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0 && first && done == 0 && waited++ < 30000) { usleep(1000); continue; }
+        if (n <= 0) die("the host closed the control port");
+        done += (size_t)n;
+    }
+}
+
+struct request {
+    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64];
+    int argc, envc, ntmpfs;
+    const char *cwd, *hostname, *network;
+    uid_t uid;
+    gid_t gid;
+    long nproc, nofile;
+    int probe;
+};
+
+static void parse(char *body, size_t len, struct request *r) {
+    memset(r, 0, sizeof *r);
+    r->cwd = "/";
+    r->hostname = "enclave";
+    r->network = "none";
+    r->nproc = r->nofile = -1;
+    if (len == 0 || body[len - 1] != 0) die("malformed request");
+    for (char *item = body; item < body + len; item += strlen(item) + 1) {
+        char kind = item[0], *value = item + (kind ? 1 : 0);
+        switch (kind) {
+        case 'A': if (r->argc < MAX_ITEMS - 1) r->argv[r->argc++] = value; else die("too many arguments"); break;
+        case 'E': if (r->envc < MAX_ITEMS - 1) r->envp[r->envc++] = value; else die("too many variables"); break;
+        case 'T': if (r->ntmpfs < 63) r->tmpfs[r->ntmpfs++] = value; else die("too many mounts"); break;
+        case 'U': r->uid = (uid_t)strtoul(value, NULL, 10); break;
+        case 'G': r->gid = (gid_t)strtoul(value, NULL, 10); break;
+        case 'C': r->cwd = value; break;
+        case 'H': r->hostname = value; break;
+        case 'N': r->network = value; break;
+        case 'P': r->nproc = strtol(value, NULL, 10); break;
+        case 'F': r->nofile = strtol(value, NULL, 10); break;
+        case 'Q': r->probe = 1; break;
+        default: die("unknown request item %c", kind ? kind : '0');
+        }
+    }
+    if (!r->probe && r->argc == 0) die("no program in the request");
+}
+
+static void loopback_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr = {0};
+    strcpy(ifr.ifr_name, "lo");
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("no loopback interface");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("cannot bring up loopback");
+    close(s);
+}
+
+static void node(const char *path, mode_t mode, int major, int minor) {
+    if (mknod(path, S_IFCHR | mode, makedev(major, minor)) != 0) die("mknod %s: %s", path, strerror(errno));
+    chmod(path, mode);
+}
+
+/* The program's root: /image, read-only, with /proc, a minimal /dev and the requested tmpfs mounts. */
+static void enter_root(struct request *r) {
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("private mounts: %s", strerror(errno));
+    if (mount("/image", "/image", NULL, MS_BIND | MS_REC, NULL) != 0) die("bind image: %s", strerror(errno));
+    if (chdir("/image") != 0) die("chdir image");
+    if (mount(".", "/", NULL, MS_MOVE, NULL) != 0) die("move root: %s", strerror(errno));
+    if (chroot(".") != 0 || chdir("/") != 0) die("chroot: %s", strerror(errno));
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc: %s", strerror(errno));
+    if (mount("dev", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k") != 0) die("mount /dev: %s", strerror(errno));
+    node("/dev/null", 0666, 1, 3);
+    node("/dev/zero", 0666, 1, 5);
+    node("/dev/full", 0666, 1, 7);
+    node("/dev/random", 0666, 1, 8);
+    node("/dev/urandom", 0666, 1, 9);
+    node("/dev/tty", 0666, 5, 0);
+    mkdir("/dev/shm", 01777);
+    mkdir("/dev/pts", 0755);
+    symlink("/proc/self/fd", "/dev/fd");
+    symlink("/proc/self/fd/0", "/dev/stdin");
+    symlink("/proc/self/fd/1", "/dev/stdout");
+    symlink("/proc/self/fd/2", "/dev/stderr");
+    for (int i = 0; i < r->ntmpfs; i++) {  /* "SIZE:MODE:TARGET" */
+        char *size = r->tmpfs[i], *mode = strchr(size, ':'), *target, options[64];
+        if (!mode || !(target = strchr(mode + 1, ':'))) die("malformed mount %s", size);
+        *mode++ = 0;
+        *target++ = 0;
+        snprintf(options, sizeof options, "mode=%s%s%s", mode, size[0] ? ",size=" : "", size);
+        if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) die("mount %s: %s", target, strerror(errno));
+    }
+    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0) die("read-only root: %s", strerror(errno));
+}
+
+static void drop_capabilities(void) {
+    for (int cap = 0; cap <= 63; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2] = {{0}};
+    if (syscall(SYS_capset, &header, data) != 0) die("capset: %s", strerror(errno));
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no_new_privs");
+}
+
+static volatile sig_atomic_t program = 0;
+
+static void relay(int signum) {
+    if (program > 0) kill(-program, signum);
+}
+
+/* PID 1 of the program's pid namespace: start the program as pid 2, reap, return its code. */
+static int namespace_init(struct request *r, int in, int out, int err) {
+    enter_root(r);
+    sethostname(r->hostname, strlen(r->hostname));
+    int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+    struct sigaction sa = {0};
+    sa.sa_handler = relay;
+    for (unsigned i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaction(forwarded[i], &sa, NULL);
+    pid_t pid = fork();
+    if (pid < 0) die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        setsid();
+        if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) die("dup2");
+        struct rlimit limit;
+        if (r->nproc > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nproc; setrlimit(RLIMIT_NPROC, &limit); }
+        if (r->nofile > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nofile; setrlimit(RLIMIT_NOFILE, &limit); }
+        if (setgroups(0, NULL) != 0 || setgid(r->gid) != 0 || setuid(r->uid) != 0) die("cannot set ids");
+        if (chdir(r->cwd) != 0) die("cannot enter %s: %s", r->cwd, strerror(errno));
+        drop_capabilities();
+        for (int sig = 1; sig < 32; sig++) signal(sig, SIG_DFL);
+        dprintf(ctl, "R\n");
+        r->argv[r->argc] = NULL;
+        r->envp[r->envc] = NULL;
+        execve(r->argv[0], r->argv, r->envp);
+        dprintf(2, "cove-init: cannot run %s: %s\n", r->argv[0], strerror(errno));
+        _exit(127);
+    }
+    program = pid;
+    int status = 0, code = -1;
+    for (;;) {
+        pid_t done = waitpid(-1, &status, 0);
+        if (done < 0 && errno == EINTR) continue;
+        if (done < 0) break;
+        if (done == pid) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    return code;
+}
+
+int main(void) {
+    mkdir("/cove/dev", 0755);
+    mkdir("/cove/sys", 0755);
+    if (mount("devtmpfs", "/cove/dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, NULL) != 0) die("mount devtmpfs");
+    if (mount("sysfs", "/cove/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount sysfs");
+    int console = open("/cove/dev/console", O_WRONLY | O_CLOEXEC);
+    if (console >= 0) { dup2(console, 2); close(console); }
+    load_modules();
+    ctl = open_port("cove.ctl", O_RDWR);
+    uint32_t len;
+    read_all(ctl, &len, sizeof len, 1);
+    if (len == 0 || len > MAX_REQUEST) die("request of %u bytes refused", len);
+    char *body = malloc(len);
+    if (!body) die("out of memory");
+    read_all(ctl, body, len, 0);
+    static struct request r;
+    parse(body, len, &r);
+    if (r.probe) {
+        dprintf(ctl, "X0\n");
+        sync();
+        reboot(RB_AUTOBOOT);
+    }
+    int in = open_port("cove.stdin", O_RDONLY);
+    int out = open_port("cove.stdout", O_WRONLY);
+    int err = open_port("cove.stderr", O_WRONLY);
+    umount2("/cove/sys", MNT_DETACH);
+    if (strcmp(r.network, "none") != 0) loopback_up();
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int children = signalfd(-1, &mask, SFD_CLOEXEC);
+    pid_t child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD, NULL);
+    if (child < 0) die("clone: %s", strerror(errno));
+    if (child == 0) {
+        sigprocmask(SIG_UNBLOCK, &mask, NULL);
+        _exit(namespace_init(&r, in, out, err));
+    }
+    close(in);
+    close(out);
+    close(err);
+    int code = -1;
+    struct pollfd fds[2] = {{ctl, POLLIN, 0}, {children, POLLIN, 0}};
+    char line[64];
+    size_t used = 0;
+    while (code < 0) {
+        if (poll(fds, 2, -1) < 0) continue;
+        if (fds[0].revents & POLLIN) {  /* "S<signal>\n" from the host */
+            ssize_t n = read(ctl, line + used, sizeof line - 1 - used);
+            if (n > 0) {
+                used += (size_t)n;
+                char *end;
+                while ((end = memchr(line, '\n', used))) {
+                    *end = 0;
+                    if (line[0] == 'S') kill(child, atoi(line + 1));
+                    used -= (size_t)(end + 1 - line);
+                    memmove(line, end + 1, used);
+                }
+                if (used == sizeof line - 1) used = 0;
+            }
+        }
+        if (fds[1].revents & POLLIN) {
+            struct signalfd_siginfo info;
+            if (read(children, &info, sizeof info) < 0) continue;
+            int status;
+            pid_t done;
+            while ((done = waitpid(-1, &status, WNOHANG)) > 0)
+                if (done == child) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+    dprintf(ctl, "X%d\n", code);
+    sync();
+    reboot(RB_AUTOBOOT);
+    return 0;
+}

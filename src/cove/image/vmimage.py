@@ -1,0 +1,298 @@
+"""The launch inputs of a `vm` enclave, built and measured by `cove build`.
+
+A `vm` enclave boots a kernel taken from a Debian package straight into an
+initramfs that holds Cove's static guest init, the few virtio modules it
+loads, and the enclave image under /image. The initramfs is a newc cpio made
+here byte for byte the same from the same inputs (sorted paths, fixed
+owners, times and inode numbers), so the same image, kernel and
+configuration always measure the same. The launch measurement is the
+SHA-256 of the canonical CBOR of the launch description (kernel and
+initramfs digests, command line, machine, vCPUs, memory, devices); it is
+recorded in the signed manifest, and the launcher boots only inputs that
+hash to it (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+import cbor2
+
+from cove.config import Config
+from cove.errors import CoveError, IntegrityError, SetupError
+from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry
+from cove.util import write_atomic
+
+FORMAT = "cove-vm-launch/1"
+FOLDER = "vm"
+KERNEL, INITRD, LAUNCH = "vmlinuz", "initrd.cpio", "launch.cbor"
+MACHINE = "microvm"
+# Ports of the virtio-serial device, in this order (the guest finds them by name).
+PORTS = ("cove.ctl", "cove.stdin", "cove.stdout", "cove.stderr")
+DEVICES = ("virtio-serial-device:" + ",".join(PORTS), "isa-serial:console")
+MODULES = ("virtio_mmio", "virtio_console")
+BASE_CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "
+                "tsc=reliable tsc_early_khz=2600000 lpj=10400000 no_timer_check 8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp")
+GUEST_OVERHEAD = 64 << 20  # the guest kernel and init, beyond the program's memory and the initramfs
+INIT_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "init.c"
+ALWAYS = ("proc", "dev", "tmp")  # mount points the guest init uses, whatever the image holds
+
+
+def find_kernel(configured: str | None) -> Path:
+    """The kernel to boot: [vm] kernel, else the newest Debian cloud kernel, else the newest in /boot."""
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise CoveError(f"[vm] kernel {configured} does not exist", "install linux-image-cloud-amd64 (scripts/setup)")
+        return path
+    boot = Path(os.environ.get("COVE_VM_BOOT", "/boot"))
+    found = sorted(boot.glob("vmlinuz-*-cloud-amd64")) or sorted(boot.glob("vmlinuz-*"))
+    if not found:
+        raise SetupError(f"no kernel in {boot} for the vm backend", "run scripts/setup (linux-image-cloud-amd64)")
+    return found[-1]
+
+
+def module_files(kernel: Path) -> list[Path]:
+    """The modules the guest init loads, dependencies first, from the kernel's /lib/modules."""
+    version = kernel.name.removeprefix("vmlinuz-")
+    base = Path("/lib/modules") / version
+    try:
+        lines = (base / "modules.dep").read_text().splitlines()
+    except OSError:
+        raise SetupError(f"no modules for kernel {version} in {base}",
+                         "install the kernel's package (linux-image-cloud-amd64)") from None
+    deps: dict[str, list[str]] = {}
+    for line in lines:
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {re.sub(r"\.ko(\..*)?$", "", os.path.basename(p)).replace("-", "_"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        for dep in deps.get(path, []):
+            visit(dep)
+        if path not in order:
+            order.append(path)
+
+    for name in MODULES:
+        if name in by_name:
+            visit(by_name[name])  # a kernel with it built in needs nothing here
+    for path in order:
+        if not path.endswith(".ko"):
+            raise SetupError(f"module {path} is compressed; the guest init loads plain .ko files")
+    return [base / p for p in order]
+
+
+def init_binary() -> bytes:
+    """Cove's static guest init, compiled once per source text (gcc -static, no build id: reproducible)."""
+    source = INIT_SOURCE.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cove" / "vm"
+    target = cache / f"init-{hashlib.sha256(source).hexdigest()[:16]}"
+    if target.is_file():
+        return target.read_bytes()
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SetupError("gcc is needed to build the vm guest init", "run scripts/setup (gcc libc6-dev)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / "init"
+        done = subprocess.run([gcc, "-static", "-O2", "-Wl,--build-id=none", f"-ffile-prefix-map={INIT_SOURCE.parent}=.",
+                               "-o", str(out), str(INIT_SOURCE)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SetupError(f"cannot build the vm guest init: {done.stderr.strip().splitlines()[-1:]}",
+                             "run scripts/setup (gcc libc6-dev provide a static libc)")
+        os.replace(out, target)
+    return target.read_bytes()
+
+
+class _Cpio:
+    """A newc archive with fixed owners, times and inode numbers."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.ino = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def _pad(self) -> None:
+        if self.size % 4:
+            self._write(b"\0" * (4 - self.size % 4))
+
+    def header(self, name: str, mode: int, size: int, nlink: int = 1) -> None:
+        self.ino += 1
+        encoded = name.encode() + b"\0"
+        fields = (self.ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, len(encoded), 0)
+        self._write(b"070701" + b"".join(b"%08X" % f for f in fields))
+        self._write(encoded)
+        self._pad()
+
+    def data(self, data: bytes) -> None:
+        self._write(data)
+
+    def end_file(self) -> None:
+        self._pad()
+
+    def directory(self, name: str, mode: int = 0o755) -> None:
+        self.header(name, 0o040000 | mode, 0, 2)
+
+    def file(self, name: str, data: bytes, mode: int = 0o755) -> None:
+        self.header(name, 0o100000 | mode, len(data))
+        self.data(data)
+        self.end_file()
+
+    def trailer(self) -> None:
+        self.header("TRAILER!!!", 0, 0)
+        self.ino = 0
+
+
+def write_initrd(image: Path, entries: list[Entry], mount_points: list[str], init: bytes,
+                 modules: list[Path], dest: Path) -> bytes:
+    """Write the initramfs to dest (atomically); its SHA-256. Each image file must match its entry."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            archive = _Cpio(out)
+            archive.file("init", init)
+            archive.directory("cove")
+            archive.directory("cove/modules")
+            for module in modules:
+                archive.file(f"cove/modules/{module.name}", module.read_bytes(), 0o644)
+            archive.file("cove/modules.order", "".join(f"{m.name}\n" for m in modules).encode(), 0o644)
+            archive.directory("image")
+            listed = {e.path for e in entries}
+            wanted = {p.strip("/") for p in mount_points if p.strip("/")}
+            wanted |= {"/".join(p.split("/")[:i]) for p in wanted for i in range(1, p.count("/") + 1)}
+            extra = sorted(wanted - listed)
+            for entry in sorted(entries + [Entry(p, DIRECTORY, 0o755) for p in extra], key=lambda e: e.path):
+                _add_entry(archive, image, entry)
+            archive.trailer()
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return archive.digest.digest()
+
+
+def _add_entry(archive: _Cpio, image: Path, entry: Entry) -> None:
+    name = f"image/{entry.path}"
+    if entry.type == DIRECTORY:
+        archive.directory(name, entry.mode)
+    elif entry.type == SYMLINK:
+        target = entry.target.encode()
+        archive.header(name, 0o120000 | 0o777, len(target))
+        archive.data(target)
+        archive.end_file()
+    elif entry.type == FILE:
+        archive.header(name, 0o100000 | entry.mode, entry.size)
+        digest = hashlib.sha256()
+        fd = os.open(image / entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        size = 0
+        try:
+            while size < entry.size and (chunk := os.read(fd, min(CHUNK, entry.size - size))):
+                digest.update(chunk)
+                archive.data(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        if size != entry.size or not hmac.compare_digest(digest.digest(), entry.digest):
+            raise IntegrityError(f"image/{entry.path} changed while the initramfs was written", "build again")
+        archive.end_file()
+
+
+def memory_bytes(config: Config, initrd_size: int) -> int:
+    """The VM's memory: the program's limit, the initramfs (it lives in RAM) and the guest's overhead."""
+    total = config.resources.memory + initrd_size + GUEST_OVERHEAD
+    return -(-total // (2 << 20)) * (2 << 20)
+
+
+def cmdline(config: Config) -> str:
+    return f"{BASE_CMDLINE} {config.vm.kernel_args}".strip()
+
+
+def describe(kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, config: Config) -> dict:
+    """The launch description: everything the VM is made of, in the form that is measured."""
+    return {
+        "format": FORMAT,
+        "kernel": kernel_digest,
+        "initrd": initrd_digest,
+        "cmdline": cmdline(config),
+        "machine": MACHINE,
+        "vcpus": config.vm.vcpus,
+        "memory": memory_bytes(config, initrd_size),
+        "devices": list(DEVICES),
+    }
+
+
+def measure(description: dict) -> bytes:
+    return hashlib.sha256(cbor2.dumps(description, canonical=True)).digest()
+
+
+def build(image: Path, entries: list[Entry], config: Config, build_dir: Path) -> dict:
+    """Write build/vm/{vmlinuz,initrd.cpio,launch.cbor}; the manifest's launch section."""
+    kernel = find_kernel(config.vm.kernel)
+    modules = module_files(kernel)
+    folder = build_dir / FOLDER
+    folder.mkdir(exist_ok=True)
+    kernel_bytes = kernel.read_bytes()
+    write_atomic(folder / KERNEL, kernel_bytes)
+    mount_points = [*ALWAYS, *(m.target for m in config.mounts)]
+    initrd_digest = write_initrd(image, entries, mount_points, init_binary(), modules, folder / INITRD)
+    description = describe(hashlib.sha256(kernel_bytes).digest(), initrd_digest,
+                           (folder / INITRD).stat().st_size, config)
+    write_atomic(folder / LAUNCH, cbor2.dumps(description, canonical=True))
+    return {"type": "vm", "measurement": measure(description)}
+
+
+def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path]:
+    """The launch description of a build, checked against the signed launch measurement.
+
+    Kernel and initramfs are copied into the private folder dest while they
+    are hashed, so what boots is what was checked; returns the description
+    and the two copies, or raises IntegrityError naming what differs.
+    """
+    folder = build_dir / FOLDER
+    try:
+        description = cbor2.loads((folder / LAUNCH).read_bytes())
+        if not isinstance(description, dict) or description.get("format") != FORMAT:
+            raise ValueError("not a launch description")
+    except FileNotFoundError:
+        raise IntegrityError(f"{FOLDER}/{LAUNCH} is missing from {build_dir}", "build with `cove build`") from None
+    except Exception as exc:
+        raise IntegrityError(f"{FOLDER}/{LAUNCH} is malformed: {exc}", "rebuild with `cove build`") from None
+    if not hmac.compare_digest(measure(description), expected):
+        raise IntegrityError("the vm launch description (command line, machine, size) differs from the signed "
+                             "launch measurement", "rebuild with `cove build`")
+    for name, key in ((KERNEL, "kernel"), (INITRD, "initrd")):
+        try:
+            digest = _copy(folder / name, dest / name)
+        except FileNotFoundError:
+            raise IntegrityError(f"{FOLDER}/{name} is missing from {build_dir}", "build with `cove build`") from None
+        if not hmac.compare_digest(digest, bytes(description[key])):
+            raise IntegrityError(f"the vm {key} {FOLDER}/{name} differs from the signed launch measurement",
+                                 "rebuild with `cove build`")
+    return description, dest / KERNEL, dest / INITRD
+
+
+def _copy(source: Path, dest: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(dest, "xb") as out:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.digest()

@@ -1,0 +1,362 @@
+"""The `vm` backend: the enclave as a measured QEMU micro-VM with its own kernel.
+
+The launcher hands over a verified build; this module copies the kernel and
+initramfs of build/vm into the run's private folder while hashing them, and
+boots nothing unless they, the command line and the VM's size hash to the
+launch measurement in the signed manifest (cove.image.vmimage). QEMU runs a
+`microvm` machine with direct kernel boot; four virtio-serial ports carry the
+launch request and signals (cove.ctl) and the program's stdin, stdout and
+stderr. Cove's guest init (src/cove/guest/init.c) starts the program and
+reports its exit code on cove.ctl. KVM is used when a probe boot shows that
+/dev/kvm boots this kernel; otherwise TCG, and the isolation level says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from cove.config import parse_size
+from cove.errors import CoveError, SetupError
+from cove.image import vmimage
+from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
+
+NAME = "vm"
+KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
+PROBE_TIMEOUT = 10.0  # a kernel that KVM boots answers in well under a second
+EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the exit code
+
+
+def qemu() -> str:
+    path = find_tool("qemu-system-x86_64")
+    if path is None:
+        raise SetupError("qemu-system-x86_64 is not installed", "run scripts/setup (qemu-system-x86)")
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cove" / "vm"
+
+
+def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, console: Path,
+                   port_fds: list[int]) -> list[str]:
+    """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS."""
+    kvm = accel == "kvm"
+    args = [qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", f"{description['machine']},x-option-roms=off",
+            "-accel", accel, "-cpu", "host" if kvm else "max",
+            "-smp", str(description["vcpus"]), "-m", f"{description['memory'] >> 20}M",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", description["cmdline"],
+            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+            "-device", f"virtio-serial-device,max_ports={len(vmimage.PORTS) + 1}"]
+    for index, (name, fd) in enumerate(zip(vmimage.PORTS, port_fds)):
+        args += ["-chardev", f"socket,id=port{index},fd={fd}",
+                 "-device", f"virtserialport,chardev=port{index},name={name},nr={index + 1}"]
+    return args
+
+
+def encode_request(spec: LaunchSpec) -> bytes:
+    """The launch request for the guest init (docs/backends.md): NUL-terminated typed items."""
+    config = spec.config
+    items = [f"A{a}" for a in spec.argv]
+    items += [f"E{k}={v}" for k, v in spec.env.items()]
+    items += [f"U{spec.uid}", f"G{spec.gid}", f"C{config.process.cwd}", f"H{config.enclave.name}",
+              f"N{config.network.mode}", f"P{config.resources.max_processes}",
+              f"F{config.resources.max_open_files}"]
+    for mount in config.mounts:
+        if mount.type == "tmpfs":
+            options = dict(mount.options)
+            size = str(parse_size(options["size"])) if "size" in options else ""
+            items.append(f"T{size}:{options.get('mode', '1777')}:{mount.target}")
+        elif mount.type != "image":
+            raise CoveError(f"a {mount.type} mount ({mount.target}) is not available on the vm backend yet",
+                            "use backend = \"sim\" for it, or remove the mount")
+    body = b"".join(item.encode() + b"\0" for item in items)
+    for item in items:
+        if "\0" in item:
+            raise CoveError("arguments and environment must not contain NUL bytes")
+    if len(body) > 1 << 20:
+        raise CoveError("the program's arguments and environment exceed 1 MiB")
+    return struct.pack("<I", len(body)) + body
+
+
+class _Ports:
+    """Socket pairs for the virtio-serial ports: QEMU gets one end of each."""
+
+    def __init__(self):
+        self.pairs = [socket.socketpair() for _ in vmimage.PORTS]
+
+    def guest_fds(self) -> list[int]:
+        return [pair[1].fileno() for pair in self.pairs]
+
+    def host(self, name: str) -> socket.socket:
+        return self.pairs[vmimage.PORTS.index(name)][0]
+
+    def close_guest_ends(self) -> None:
+        for pair in self.pairs:
+            pair[1].close()
+
+    def close(self) -> None:
+        for pair in self.pairs:
+            for end in pair:
+                end.close()
+
+
+def _boot(description: dict, kernel: Path, initrd: Path, accel: str, workdir: Path,
+          ports: _Ports) -> subprocess.Popen:
+    console = workdir / "console.log"
+    args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds())
+    errors = open(workdir / "qemu.err", "wb")
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
+                                pass_fds=ports.guest_fds(), close_fds=True, start_new_session=True)
+    finally:
+        errors.close()
+        ports.close_guest_ends()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class VmEnclave(RunningEnclave):
+    def __init__(self, spec: LaunchSpec, isolation: str, process: subprocess.Popen, ports: _Ports,
+                 workdir: Path, started: float):
+        super().__init__(spec, NAME, isolation)
+        self.process = process
+        self.ports = ports
+        self.workdir = workdir
+        self.launched_at = started
+        self.ready_at: float | None = None
+        self.exit_code: int | None = None
+        self.guest_error: str | None = None
+        self._ready = threading.Event()
+        self._ended = threading.Event()
+        self._ctl_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._control, daemon=True),
+            threading.Thread(target=self._pump_out, args=(ports.host("cove.stdout"), 1), daemon=True),
+            threading.Thread(target=self._pump_out, args=(ports.host("cove.stderr"), 2), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
+
+    def _control(self) -> None:
+        buffer = b""
+        ctl = self.ports.host("cove.ctl")
+        while True:
+            try:
+                chunk = ctl.recv(4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                self._message(line.decode("utf-8", "replace"))
+        self._ready.set()
+        self._ended.set()
+
+    def _message(self, line: str) -> None:
+        if line == "R" and self.ready_at is None:
+            self.ready_at = time.monotonic()
+            self._ready.set()
+        elif line.startswith("X") and line[1:].lstrip("-").isdigit():
+            self.exit_code = int(line[1:])
+            self._ended.set()
+        elif line.startswith("E"):
+            self.guest_error = line[1:][:300]
+            self._ready.set()
+            self._ended.set()
+
+    @staticmethod
+    def _pump_out(sock: socket.socket, fd: int) -> None:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            view = memoryview(chunk)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except OSError:
+                    return
+
+    @staticmethod
+    def _pump_in(sock: socket.socket) -> None:
+        try:
+            while chunk := os.read(0, 65536):
+                sock.sendall(chunk)
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def signal(self, signum: int) -> None:
+        with self._ctl_lock:
+            try:
+                self.ports.host("cove.ctl").sendall(f"S{signum}\n".encode())
+            except OSError:
+                pass
+
+    def wait(self) -> int:
+        timeout = self.spec.config.vm.boot_timeout
+        if not self._ready.wait(timeout) and self.process.poll() is None:
+            self.stop()
+            raise CoveError(f"the vm did not start the program within {timeout} s (guest console: "
+                            f"{_last_line(self.workdir / 'console.log') or 'empty'})",
+                            "raise [vm] boot_timeout, or check [vm] kernel and kernel_args")
+        while not self._ended.wait(0.2):
+            if self.process.poll() is not None:
+                self._ended.wait(1)  # the last message may still be in the socket
+                break
+        if self.exit_code is not None:
+            try:
+                self.process.wait(EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        else:
+            self.stop()
+        for thread in self._threads[1:]:
+            thread.join(timeout=5)
+        if self.guest_error:
+            raise CoveError(f"the vm's init failed: {self.guest_error}")
+        if self.exit_code is None:
+            status = self.process.returncode
+            reason = _last_line(self.workdir / "qemu.err") or _last_line(self.workdir / "console.log")
+            raise CoveError(f"the vm ended without the program's exit code (QEMU exit status {status}"
+                            + (f": {reason}" if reason else "") + ")")
+        return self.exit_code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.ports.close()
+
+
+class VmBackend(Backend):
+    name = NAME
+    isolation = "vm"
+    strength = 0  # never chosen by `auto`: a vm build carries its own launch measurement
+
+    @classmethod
+    def availability(cls) -> Availability:
+        if find_tool("qemu-system-x86_64") is None:
+            return Availability(cls.name, cls.isolation, False, "QEMU is not installed (scripts/setup)")
+        try:
+            kernel = vmimage.find_kernel(None)
+        except CoveError as exc:
+            return Availability(cls.name, cls.isolation, False, exc.line())
+        cached = _read_probe(kernel)
+        note = f"kernel {kernel.name}; " + (f"accelerator {cached}" if cached else "KVM probed at the first run")
+        return Availability(cls.name, cls.isolation, True, note)
+
+    def launch(self, spec: LaunchSpec) -> VmEnclave:
+        if spec.launch is None or spec.build_dir is None:
+            raise CoveError("this build has no vm launch measurement",
+                            "set [enclave] backend = \"vm\" and rebuild with `cove build`")
+        unsupported = [b.target for b in spec.binds if not b.target.startswith("/dev/attestation")]
+        if unsupported:
+            raise CoveError(f"{unsupported[0]} (an encrypted mount or a file secret) is not available on the "
+                            "vm backend yet", "use backend = \"sim\" for it")
+        if spec.interactive:
+            raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
+        request = encode_request(spec)
+        workdir = Path(tempfile.mkdtemp(prefix="vm-", dir=spec.workdir))
+        description, kernel, initrd = vmimage.load(spec.build_dir, spec.launch["measurement"], workdir)
+        accel = accelerator(description, kernel, initrd, workdir)
+        ports = _Ports()
+        started = time.monotonic()
+        process = _boot(description, kernel, initrd, accel, workdir, ports)
+        ports.host("cove.ctl").sendall(request)
+        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started)
+
+
+def _probe_key(kernel: Path) -> str:
+    st = os.stat(qemu())
+    return f"{vmimage.measure({'kernel': kernel.read_bytes()}).hex()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_probe(kernel: Path) -> str | None:
+    try:
+        cached = json.loads((_cache_dir() / "accel.json").read_text())
+        return cached.get(_probe_key(kernel))
+    except (OSError, ValueError, AttributeError, SetupError):
+        return None
+
+
+def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) -> str:
+    """kvm if /dev/kvm boots this kernel to Cove's init (a probe boot, cached per kernel and QEMU), else tcg."""
+    forced = os.environ.get("COVE_VM_ACCEL")
+    if forced in ("kvm", "tcg"):
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    cached = _read_probe(kernel)
+    if cached:
+        return cached
+    accel = "kvm" if probe(description, kernel, initrd, workdir, "kvm") else "tcg"
+    path = _cache_dir() / "accel.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[_probe_key(kernel)] = accel
+    from cove.util import write_atomic
+
+    write_atomic(path, json.dumps(table).encode())
+    return accel
+
+
+def probe(description: dict, kernel: Path, initrd: Path, workdir: Path, accel: str,
+          timeout: float = PROBE_TIMEOUT) -> float | None:
+    """Boot the checked kernel and initramfs with ACCEL and ask Cove's init only to answer
+    (it starts no program); seconds to its answer, or None if it never answered."""
+    folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
+    ports = _Ports()
+    started = time.monotonic()
+    process = _boot(description, kernel, initrd, accel, folder, ports)
+    ctl = ports.host("cove.ctl")
+    try:
+        ctl.sendall(struct.pack("<I", 2) + b"Q\0")
+        buffer = b""
+        while time.monotonic() - started < timeout:
+            ready, _, _ = select.select([ctl], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = ctl.recv(256)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buffer += chunk
+                if b"X0\n" in buffer:
+                    return time.monotonic() - started
+        return None
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        ports.close()

@@ -1,0 +1,204 @@
+"""The vm backend: real QEMU micro-VMs booting the Debian kernel into Cove's init.
+
+One instance is built once (shell tools, the C example, the isolation probe)
+and booted a few times; under TCG on a busy two-core machine each boot takes
+seconds, so every test that boots asks several things of one boot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from cove import config as cove_config
+from cove.image import manifest as manifest_mod
+from tests.conftest import ROOT, error_line, require
+from tests.e2e.helpers import make_instance
+
+SCRIPT = "echo out $$; id -u; ls /; echo err >&2; exit 7"
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory) -> Path:
+    require("gcc")
+    out = tmp_path_factory.mktemp("hello") / "hello"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "examples" / "c-hello" / "hello.c")], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(cove, tmp_path_factory, probe, hello) -> tuple[Path, Path]:
+    """The same image and configuration built for sim and for vm."""
+    require("qemu-system-x86_64")
+    built = []
+    for backend in ("sim", "vm"):
+        parent = tmp_path_factory.mktemp(backend)
+        root = make_instance(cove, parent, probe, name="hello-enclave",
+                             options={("enclave", "backend"): f'"{backend}"'}, build=False)
+        cove.ok("add", "--to", "/bin", str(hello), cwd=root)
+        cove.ok("build", cwd=root)
+        built.append(root)
+    return built[0], built[1]
+
+
+@pytest.fixture(scope="module")
+def vm_instance(pair) -> Path:
+    return pair[1]
+
+
+def test_c_and_shell_same_as_sim(cove, pair):
+    sim, vm = pair
+    for argv in (("/bin/hello", "world"), ("/bin/sh", "-c", SCRIPT)):
+        on_sim = cove("run", *argv, cwd=sim)
+        on_vm = cove("run", *argv, cwd=vm)
+        assert (on_vm.returncode, on_vm.stdout) == (on_sim.returncode, on_sim.stdout), (on_vm.stderr, on_sim.stderr)
+    assert on_vm.returncode == 7 and on_vm.stdout.startswith("out 2\n0\n") and on_vm.stderr == "err\n"
+    assert cove.ok("run", "/bin/hello", "world", cwd=vm).stdout == "hello from enclave hello-enclave (pid 2) world\n"
+    assert cove("run", "/bin/cat", cwd=vm, input="through stdin\n").stdout == "through stdin\n"
+
+
+def test_launch_measurement_in_manifest(cove, pair, tmp_path):
+    sim, vm = pair
+    assert manifest_mod.decode((sim / "build" / "manifest.cbor").read_bytes()).launch is None
+    signed = manifest_mod.decode((vm / "build" / "manifest.cbor").read_bytes())
+    assert signed.launch["type"] == "vm" and len(signed.launch["measurement"]) == 32
+    # sim's measured configuration has no trace of the vm backend (its manifests keep their bytes)
+    config = cove_config.parse('[enclave]\nname = "x"\nbackend = "sim"\n[vm]\nvcpus = 2\n')
+    assert "vm" not in cove_config.to_measured(config)
+    # reproducible: building again from the same inputs gives the same initramfs and measurement
+    before = (vm / "build" / "vm" / "initrd.cpio").read_bytes()
+    os.utime(vm / "image" / "bin" / "sh")
+    cove.ok("build", cwd=vm)
+    assert (vm / "build" / "vm" / "initrd.cpio").read_bytes() == before
+    assert manifest_mod.decode((vm / "build" / "manifest.cbor").read_bytes()).encoded == signed.encoded
+
+
+def _flip(path: Path, offset: int) -> bytes:
+    data = bytearray(path.read_bytes())
+    original = bytes(data)
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+    return original
+
+
+def _cmdline_flipped(path: Path) -> bytes:
+    original = path.read_bytes()
+    description = cbor2.loads(original)
+    description["cmdline"] = description["cmdline"].replace("panic=-1", "panic=-2")
+    path.write_bytes(cbor2.dumps(description, canonical=True))
+    return original
+
+
+@pytest.mark.parametrize("what", ["kernel", "initrd", "cmdline"])
+def test_tampered_launch_inputs_refused_before_boot(cove, vm_instance, what):
+    folder = vm_instance / "build" / "vm"
+    path = folder / {"kernel": "vmlinuz", "initrd": "initrd.cpio", "cmdline": "launch.cbor"}[what]
+    original = _cmdline_flipped(path) if what == "cmdline" else _flip(path, 4096 + 17)
+    try:
+        started = time.monotonic()
+        result = cove("run", "/bin/hello", cwd=vm_instance)
+        assert result.returncode != 0 and result.stdout == ""
+        line = error_line(result)
+        assert ("kernel" if what == "kernel" else "initrd" if what == "initrd" else "launch description") in line
+        assert time.monotonic() - started < 5  # refused before any boot
+    finally:
+        path.write_bytes(original)
+
+
+def test_network_none_cannot_reach_host(cove, vm_instance):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        result = cove("run", "/bin/sh", "-c", f"/bin/probe connect {port}; cat /proc/net/dev", cwd=vm_instance)
+    finally:
+        listener.close()
+    assert "connect: denied" in result.stdout, result.stderr
+    interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line
+                  and not line.startswith(("connect", "Inter", " face"))]
+    assert interfaces == ["lo"]
+
+
+def _qemu_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"qemu-system" in cmd:
+                found.append(int(entry))
+    return found
+
+
+def _wait_for(what, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = dict(cove.env, COVE_RUNTIME_DIR=str(runtime))
+    script = "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 1; done"
+    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", script), cwd=vm_instance, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "ready\n"
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=30)
+    assert (run.returncode, out) == (42, "got TERM\n"), err
+
+    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"), cwd=vm_instance,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "ready\n"
+    qemu = _wait_for(lambda: _qemu_children(run.pid))
+    os.kill(qemu[0], signal.SIGKILL)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode != 0
+    assert len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
+    assert "without the program's exit code" in err
+    assert os.listdir(runtime) == []  # no private folder, socket or copied kernel left behind
+    assert not _qemu_children(run.pid)
+
+
+def test_guest_that_never_boots_times_out(cove, vm_instance):
+    config = vm_instance / "cove.toml"
+    original = config.read_text()
+    try:
+        # no init to run and a kernel that waits forever after its panic
+        config.write_text(original + '\n[vm]\nkernel_args = "rdinit=/missing panic=0"\nboot_timeout = 5\n')
+        cove.ok("build", cwd=vm_instance)
+        result = cove("run", "/bin/hello", cwd=vm_instance)
+        assert result.returncode != 0 and result.stdout == ""
+        assert "did not start the program within 5 s" in error_line(result)
+    finally:
+        config.write_text(original)
+        cove.ok("build", cwd=vm_instance)
+
+
+def test_vm_config_is_checked(cove, vm_instance):
+    config = vm_instance / "cove.toml"
+    original = config.read_text()
+    try:
+        for bad, key in (("vcpus = 0", "vm.vcpus"), ('kernel = "relative"', "vm.kernel"),
+                         ('kernel_args = "a\\u0001b"', "vm.kernel_args"), ("memory = 1", "vm")):
+            config.write_text(original + f"\n[vm]\n{bad}\n")
+            result = cove("build", cwd=vm_instance)
+            assert result.returncode != 0 and key in error_line(result)
+    finally:
+        config.write_text(original)
