@@ -263,7 +263,7 @@ def ccel(events: list[tuple[int, bytes]], end_flag: bool = True) -> bytes:
     for index, data in events:
         out += struct.pack("<III", index, 0x0D, 1) + struct.pack("<H", 0x000C) + hashlib.sha384(data).digest()
         out += struct.pack("<I", len(data)) + data
-    return out + (b"\xff" * 8 if end_flag else bytes(16))
+    return out + (b"\xff" * 8 if end_flag else b"")
 
 
 def test_event_log_replays_to_rtmrs():
@@ -272,9 +272,11 @@ def test_event_log_replays_to_rtmrs():
     for index, data in events:
         expected[index - 1] = hashlib.sha384(expected[index - 1] + hashlib.sha384(data).digest()).digest()
     assert replay_rtmrs(ccel(events)) == tuple(expected)
-    assert replay_rtmrs(ccel(events, end_flag=False)) == tuple(expected)  # the ACPI table's zero padding
-    with pytest.raises(Problem):
-        replay_rtmrs(b"\x00" * 64)
+    assert replay_rtmrs(ccel(events, end_flag=False)) == tuple(expected)
+    for bad in (b"\x00" * 64, ccel(events)[:-20], ccel(events, end_flag=False) + bytes(5)):
+        with pytest.raises(Problem) as caught:
+            replay_rtmrs(bad)
+        assert caught.value.kind == "EvidenceInvalid" and "cc_eventlog" in caught.value.detail
 
 
 def b64(data: bytes) -> str:

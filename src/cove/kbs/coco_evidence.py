@@ -81,23 +81,17 @@ def _dcap(tee: str):
 def replay_rtmrs(event_log: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """RTMR0..3 as a CC event log (TCG2 format, SHA-384, MR index 1..4 = RTMR0..3) extends them from zero.
 
-    The attester ends the log with 8 bytes of 0xFF (guest-components attester/src/utils.rs EL_END_FLAG);
-    the CCEL table may be padded with 0xFF or zeros after the last event."""
+    The attester trims the CCEL table's padding and ends the log with 8 bytes of 0xFF
+    (guest-components attester/src/utils.rs: trim_ccel, EL_END_FLAG)."""
     from cove.attest.eventlog import EV_NO_ACTION, parse_event_log
 
-    body = event_log.rstrip(b"\xff")
+    body = event_log[:-8] if event_log.endswith(END_FLAG) else event_log
     try:
         log = parse_event_log(body)
-    except CoveError:
-        log = None
-        for end in _event_ends(body):  # the table's zero padding: the longest prefix that parses
-            try:
-                log = parse_event_log(body[:end])
-                break
-            except CoveError:
-                continue
-    if log is None or "sha384" not in log.banks:
-        raise Problem("EvidenceInvalid", "tdx: cc_eventlog is not a TCG2 event log with SHA-384 digests")
+    except CoveError as exc:
+        raise Problem("EvidenceInvalid", f"tdx: cc_eventlog does not parse: {exc.line()}") from None
+    if "sha384" not in log.banks:
+        raise Problem("EvidenceInvalid", "tdx: cc_eventlog has no SHA-384 digests")
     rtmrs = [bytes(48)] * 4
     for event in log.events:
         if event.type == EV_NO_ACTION or not 1 <= event.pcr <= 4 or "sha384" not in event.digests:
@@ -107,9 +101,7 @@ def replay_rtmrs(event_log: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     return tuple(rtmrs)  # type: ignore[return-value]
 
 
-def _event_ends(body: bytes):
-    end = len(body.rstrip(b"\x00"))
-    yield from (end + pad for pad in range(0, min(64, len(body) - end) + 1))
+END_FLAG = b"\xff" * 8
 
 
 def check_rtmrs(event_log: bytes, quote: bytes) -> None:
