@@ -52,6 +52,12 @@ class VolumeOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: dict[int, Node] = {}
         self.errors = 0
+        self._commit_now = trio.Event()  # set by a last writer's release: the committer commits at once
+        self.ids: hostids.IdRange | None = None  # serving a root-started enclave: its host id range
+
+    def _owner(self, ctx) -> tuple[int, int]:
+        """The ids stored for a request: the enclave's own ids, not the host's."""
+        return self.ids.inside(ctx.uid, ctx.gid) if self.ids else (ctx.uid, ctx.gid)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -103,9 +109,11 @@ class VolumeOperations(pyfuse3.Operations):
             raise self._fail(exc) from None
 
     async def committer(self) -> None:
-        """Commit at most ``commit_interval`` seconds after a change."""
+        """Commit at most ``commit_interval`` seconds after a change, at once after a last writer's release."""
         while True:
-            await trio.sleep(self.commit_interval)
+            with trio.move_on_after(self.commit_interval):
+                await self._commit_now.wait()
+            self._commit_now = trio.Event()
             if self.volume.dirty or any(n.dirty for n in self.volume._handles.values()):
                 try:
                     self.volume.commit()
@@ -255,10 +263,14 @@ class VolumeOperations(pyfuse3.Operations):
         node, wrote = self._fh.pop(fh)
         try:
             self.volume.release(node)
-            if wrote and node.linked and node.opens == 0:
-                self.volume.commit()  # the last writer closed the file
         except Exception as exc:
             raise self._fail(exc) from None
+        if wrote and node.linked and node.opens == 0:
+            # The last writer closed the file: commit, but after this reply. The kernel sends RELEASE
+            # without waiting for it, and an enclave that exits is unmounted right away; a commit before
+            # the reply made libfuse print "fuse_release(): fuse_reply_* failed" once the unmount had
+            # dropped the request. The commit is not lost either way: the server commits before it exits.
+            self._commit_now.set()
 
     async def fsync(self, fh, datasync):
         self.commit()
