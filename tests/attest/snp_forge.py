@@ -37,10 +37,13 @@ class ForgedAmd:
         self.product = product
         self.ark_key = rsa.generate_private_key(65537, 2048)
         self.ask_key = rsa.generate_private_key(65537, 2048)
-        self.ark = self._cert(_name(f"ARK-{product}"), _name(f"ARK-{product}"), self.ark_key.public_key(), self.ark_key, ca=True)
-        self.ask = self._cert(_name(f"SEV-{product}"), _name(f"ARK-{product}"), self.ask_key.public_key(), self.ark_key, ca=True)
+        self.ark = self.issue(_name(f"ARK-{product}"), _name(f"ARK-{product}"), self.ark_key.public_key(), self.ark_key, ca=True)
+        self.ask = self.issue(_name(f"SEV-{product}"), _name(f"ARK-{product}"), self.ask_key.public_key(), self.ark_key, ca=True)
+        self.asvk_key = rsa.generate_private_key(65537, 2048)
+        self.asvk = self.issue(_name(f"SEV-VLEK-{product}"), _name(f"ARK-{product}"), self.asvk_key.public_key(),
+                               self.ark_key, ca=True)
 
-    def _cert(self, subject, issuer, pub, signer, *, ca, exts=(), days=3650):
+    def issue(self, subject, issuer, pub, signer, *, ca, exts=(), days=3650):
         b = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -56,9 +59,12 @@ class ForgedAmd:
         return b.sign(signer, hashes.SHA384(), rsa_padding=_pss())
 
     def chain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ask, self.ark))
+        """ASK, ARK and ASVK, in the order of AMD's published bundles."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ask, self.ark, self.asvk))
 
-    def endorsement(self, tcb: dict[str, int], *, hwid: bytes | None = None, csp: str | None = None):
+    def endorsement(self, tcb: dict[str, int], *, hwid: bytes | None = None, csp: str | None = None,
+                    by_ask: bool = False):
+        """A VCEK (hwid) or VLEK (csp) and its key; a VLEK is signed by the ASVK unless ``by_ask``."""
         key = ec.generate_private_key(ec.SECP384R1())
         exts = [_ext(AMD + "2", b"\x16" + bytes([len(self.product)]) + self.product.encode())]
         oids = {"bootloader": "3.1", "tee": "3.2", "snp": "3.3", "microcode": "3.8", "fmc": "3.9"}
@@ -68,7 +74,8 @@ class ForgedAmd:
         if csp is not None:
             exts.append(_ext(AMD + "5", b"\x16" + bytes([len(csp)]) + csp.encode()))
         cn = "SEV-VLEK" if csp else "SEV-VCEK"
-        cert = self._cert(_name(cn), self.ask.subject, key.public_key(), self.ask_key, ca=False, exts=exts, days=365)
+        issuer, signer = (self.asvk.subject, self.asvk_key) if csp and not by_ask else (self.ask.subject, self.ask_key)
+        cert = self.issue(_name(cn), issuer, key.public_key(), signer, ca=False, exts=exts, days=365)
         return key, cert.public_bytes(serialization.Encoding.DER)
 
 

@@ -58,14 +58,15 @@ def test_naive_time_rejected():
 
 
 def test_genoa_chain_rejected():
-    with pytest.raises(VerificationError, match="not issued by SEV-Genoa"):
+    with pytest.raises(VerificationError, match="issuer SEV-Milan is not in the trusted AMD chain "
+                                                r"\(SEV-Genoa, ARK-Genoa\)"):
         verify(chain=GENOA)
 
 
-def test_chain_in_wrong_order_rejected():
+def test_bundle_order_does_not_matter():
+    """AMD publishes ASK, ARK, ASVK; others write ARK first: the issuers are found by name."""
     ask, ark = MILAN.split(b"-----END CERTIFICATE-----\n", 1)
-    with pytest.raises(VerificationError):
-        verify(chain=ark + ask + b"-----END CERTIFICATE-----\n")
+    assert verify(chain=ark + ask + b"-----END CERTIFICATE-----\n").signing_key == "vcek"
 
 
 def test_genoa_layout_decodes_differently_from_turin():
@@ -158,7 +159,7 @@ def test_forged_pki_verifies(amd):
 
 def test_forged_chain_is_not_amd(amd):
     report, cert = _forged(amd)
-    with pytest.raises(VerificationError, match="not issued by"):
+    with pytest.raises(VerificationError, match="not in the trusted AMD chain"):
         verify(report=report, vcek=cert, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
 
 
@@ -241,3 +242,92 @@ def test_fuzz_certificates(blob):
             verify(**kw)
         except VerificationError:
             pass
+
+
+# VLEK: the real Trustee vector (Milan, signed by AMD's ASVK), AMD's three-certificate bundles.
+VLEK_REPORT = vector("snp/vlek_report.bin")
+VLEK = vector("snp/vlek.der")
+VLEK_TIME = datetime(2025, 6, 1, tzinfo=timezone.utc)  # inside the VLEK's 2024-12-10 .. 2025-12-10
+
+
+def test_builtin_roots_hold_ask_ark_and_asvk_per_product():
+    from cryptography import x509
+
+    from cove.attest import roots
+
+    assert set(roots.AMD_ASK_ARK) == {"Milan", "Genoa", "Turin"}
+    for product, pem in roots.AMD_ASK_ARK.items():
+        names = [c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+                 for c in x509.load_pem_x509_certificates(pem)]
+        assert names == [f"SEV-{product}", f"ARK-{product}", f"SEV-VLEK-{product}"]
+
+
+def test_vlek_vector_verifies_with_the_builtin_roots():
+    from cove.attest import verifier
+    from cove.attest.verifier import Inputs
+
+    a = verifier.verify(VLEK_REPORT, now=VLEK_TIME, inputs=Inputs(vcek=VLEK))
+    assert (a.evidence_type, a.claims["signing_key"]) == ("snp", "vlek")
+    assert verifier.detect(VLEK_REPORT) == "snp"  # a v3 report, not an SGX quote header
+
+
+@pytest.mark.parametrize("bundle, ok", [("milan_ask_ark_asvk.pem", True), ("genoa_ask_ark_asvk.pem", False),
+                                        ("turin_ask_ark_asvk.pem", False), ("ask_ark_milan.pem", False)])
+def test_vlek_vector_with_each_bundle(bundle, ok):
+    if ok:
+        c = verify(report=VLEK_REPORT, vcek=VLEK, chain=vector(f"snp/{bundle}"), now=VLEK_TIME)
+        assert (c.signing_key, c.product, c.endorsement.kind) == ("vlek", "Milan", "vlek")
+        assert c.endorsement.csp_id and c.endorsement.hwid is None
+    else:
+        with pytest.raises(VerificationError, match=r"issuer SEV-VLEK-Milan is not in the trusted AMD chain .*"
+                                                    r"a VLEK needs its product's ASVK") as info:
+            verify(report=VLEK_REPORT, vcek=VLEK, chain=vector(f"snp/{bundle}"), now=VLEK_TIME)
+        assert "ASVK" in info.value.line()
+
+
+@pytest.mark.parametrize("bundle", ["milan_ask_ark_asvk.pem", "ask_ark_milan.pem"])
+def test_vcek_vector_with_two_and_three_certificate_bundles(bundle):
+    assert verify(chain=vector(f"snp/{bundle}")).signing_key == "vcek"
+
+
+def test_vlek_tampered_or_expired_refused():
+    bad = bytearray(VLEK_REPORT)
+    bad[0x90] ^= 1
+    with pytest.raises(VerificationError, match="signature"):
+        verify(report=bytes(bad), vcek=VLEK, chain=vector("snp/milan_ask_ark_asvk.pem"), now=VLEK_TIME)
+    with pytest.raises(VerificationError, match="SEV-VLEK certificate expired at 2025-12-10"):
+        verify(report=VLEK_REPORT, vcek=VLEK, chain=vector("snp/milan_ask_ark_asvk.pem"),
+               now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+def test_vlek_signed_by_the_ask_is_not_amd_shape(amd):
+    """AMD's ASK signs VCEKs only; a VLEK under it does not fit ARK -> ASVK -> VLEK."""
+    key, cert = amd.endorsement({"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}, csp="cloud-1", by_ask=True)
+    body = set_field(REPORT, 0x48, struct.pack("<I", 1 << 2))
+    with pytest.raises(VerificationError, match="not the vendor's shape"):
+        verify(report=sign_report(body, key), vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_issuer_that_is_not_a_ca_is_refused():
+    """An ASK whose BasicConstraints say cA=false may not issue a VCEK, even in a trusted bundle."""
+    from cryptography.hazmat.primitives import serialization
+
+    amd = ForgedAmd("Milan")
+    amd.ask = amd.issue(amd.ask.subject, amd.ark.subject, amd.ask_key.public_key(), amd.ark_key, ca=False)
+    report, cert = _forged(amd)
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (amd.ask, amd.ark))
+    with pytest.raises(VerificationError, match=r"SEV-Milan issued a certificate but is not a CA \(BasicConstraints cA=false\)"):
+        verify(report=report, vcek=cert, chain=chain, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+
+
+def test_signature_unused_bits_byte_is_refused():
+    """The byte before a certificate's signature is not signed; non-zero is not DER and is refused."""
+    from cryptography import x509
+
+    offset = len(VCEK) - len(x509.load_der_x509_certificate(VCEK).signature) - 1
+    bad = bytearray(VCEK)
+    bad[offset] ^= 1
+    with pytest.raises(VerificationError, match="signature"):
+        verify(vcek=bytes(bad))
+    with pytest.raises(VerificationError, match="unused bits"):
+        verify(chain=_der_chain_flip(1164, 1))  # the ASK's

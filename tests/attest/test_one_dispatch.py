@@ -47,6 +47,8 @@ CASES = [
     ("snp-vcek", "snp", "snp/report.bin", None, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
     ("snp-vcek-tampered", "snp", "snp/report.bin", 0x50, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
     ("snp-vcek-expired", "snp", "snp/report.bin", None, "2031-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
+    ("snp-vlek", "snp", "snp/vlek_report.bin", None, "2025-06-01T00:00:00Z", {"--vcek": "snp/vlek.der"}),
+    ("snp-vlek-tampered", "snp", "snp/vlek_report.bin", 0x60, "2025-06-01T00:00:00Z", {"--vcek": "snp/vlek.der"}),
     ("tpm", "tpm", "tpm/quote_attest.bin", None, "2026-01-01T00:00:00Z",
      {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}),
     ("tpm-tampered", "tpm", "tpm/quote_attest.bin", 40, "2026-01-01T00:00:00Z",
@@ -95,3 +97,35 @@ def test_cli_and_broker_agree(cove, tmp_path, name, tee, rel, flip, when, sideca
     assert claims.pop("tee") == tee
     assert result["claims"] == claims
     assert flip is None, f"{name}: a tampered vector verified"
+
+
+def _other_root_pem() -> str:
+    """A self-signed CA that is not Intel's (the ARK of AMD's Milan chain will do)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ark = x509.load_pem_x509_certificates(vector("snp/ask_ark_milan.pem"))[1]
+    return ark.public_bytes(Encoding.PEM).decode()
+
+
+def test_dcap_uses_every_trusted_root():
+    """The Intel root second in the bundle: the PCK chain is checked against each root, not only the first."""
+    from cove.attest.dcap import verify_sgx_quote
+
+    bundle = _other_root_pem().encode() + vector("intel_sgx_root_ca.pem")
+    claims = verify_sgx_quote(vector("sgx/quote.bin"), json.loads(vector("sgx/collateral.json")), bundle,
+                              datetime.fromisoformat("2025-06-19T12:56:11+00:00"))
+    assert claims.tee == "sgx"
+
+
+def test_broker_keeps_sgx_and_tdx_roots_apart():
+    """[sgx] roots name another CA, [tdx] roots Intel's: tdx verifies, sgx does not (they used to be merged)."""
+    intel = vector("intel_sgx_root_ca.pem").decode()
+    text = (f'types = ["sgx", "tdx"]\n[sgx]\nroots = [{json.dumps(_other_root_pem())}]\n'
+            f'[tdx]\nroots = [{json.dumps(intel)}]\n')
+    anchors = appraisal.TrustAnchors().with_policy_roots(kbs_policy.load(text))
+    tdx = broker_evidence("tdx", vector("tdx/quote.bin"), {"--collateral": "tdx/collateral.json"})
+    sgx = broker_evidence("sgx", vector("sgx/quote.bin"), {"--collateral": "sgx/collateral.json"})
+    assert appraisal.verify("tdx", tdx, anchors, datetime.fromisoformat("2025-06-19T12:16:03+00:00")).evidence_type == "tdx"
+    with pytest.raises(Problem, match="not rooted in a trusted CA"):
+        appraisal.verify("sgx", sgx, anchors, datetime.fromisoformat("2025-06-19T12:56:11+00:00"))

@@ -1,8 +1,13 @@
 """Certificate loading and chain checks shared by the SGX/TDX and SNP verifiers.
 
 ``cryptography`` verifies each signature; this module adds the validity-window
-and issuer checks at a caller-given time and turns every failure into a
-:class:`VerificationError` naming the certificate.
+and issuer checks at a caller-given time, checks every issuer as a CA (RFC 5280
+6.1.4: BasicConstraints cA=true, keyCertSign where KeyUsage is present, path
+length), optionally pins a vendor chain's shape (its length and each
+certificate's common name), and turns every failure into a
+:class:`VerificationError` naming the certificate. Without the CA check, any
+end-entity key under a vendor root (an extracted PCK key) could issue a
+"TCB Signing" certificate.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import warnings
 from functools import lru_cache
 from collections.abc import Sequence
 from datetime import datetime, timezone
+
+import re
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -41,6 +48,11 @@ def _parsed(cert: x509.Certificate) -> x509.Certificate:
     _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm
     _ = list(cert.extensions)
     cert.public_key()
+    raw = cert.public_bytes(serialization.Encoding.DER)
+    # The signature BIT STRING's unused-bits byte is outside what is signed, and parsers ignore it:
+    # anything but 0 is not DER, and would let the same certificate travel as different bytes.
+    if raw[len(raw) - len(cert.signature) - 1] != 0:
+        raise ValueError("the signature BIT STRING has unused bits")
     return cert
 
 
@@ -101,17 +113,50 @@ def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str,
         raise VerificationError(f"{kind}: {what or _name(cert)} certificate is not issued by {_name(issuer)} ({exc})") from None
 
 
-def check_chain(
-    chain: Sequence[x509.Certificate], root: x509.Certificate, now: datetime, kind: str
-) -> None:
-    """Leaf-first ``chain`` must end in ``root`` (byte-equal), each link signed and in date."""
+def check_ca(issuer: x509.Certificate, below: int, kind: str) -> None:
+    """Reject an issuer that is not a CA, may not sign certificates, or has ``below`` CAs under it past its path length."""
+    name = _name(issuer)
+    try:
+        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise VerificationError(f"{kind}: {name} issued a certificate but is not a CA (no BasicConstraints)") from None
+    if not constraints.ca:
+        raise VerificationError(f"{kind}: {name} issued a certificate but is not a CA (BasicConstraints cA=false)")
+    if constraints.path_length is not None and below > constraints.path_length:
+        raise VerificationError(f"{kind}: {name} has {below} CA certificate(s) below it, more than its path "
+                                f"length {constraints.path_length}")
+    try:
+        usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.key_cert_sign:
+        raise VerificationError(f"{kind}: {name} issued a certificate but its key usage lacks keyCertSign")
+
+
+def check_shape(chain: Sequence[x509.Certificate], shape: Sequence[str], kind: str, what: str) -> None:
+    """Leaf-first ``chain`` (root included) must have one certificate per pattern, each CN matching its pattern."""
+    names = [_name(c) for c in chain]
+    if len(chain) != len(shape) or not all(re.fullmatch(p, n) for p, n in zip(shape, names)):
+        raise VerificationError(f"{kind}: {what} chain is {' <- '.join(reversed(names))[:300]}, not the vendor's "
+                                f"shape {' <- '.join(reversed(shape))}")
+
+
+def check_chain(chain: Sequence[x509.Certificate], root: x509.Certificate, now: datetime, kind: str,
+                shape: Sequence[str] | None = None, what: str = "certificate") -> None:
+    """Leaf-first ``chain`` must end in ``root`` (byte-equal), each link signed by a CA and in date.
+
+    ``shape``: the common-name patterns of the whole chain, leaf first, root last.
+    """
     if not chain:
         raise VerificationError(f"{kind}: empty certificate chain")
     if der(chain[-1]) != der(root):
         # The chain may omit the root; then its last certificate must be issued by it.
         chain = list(chain) + [root]
-    for cert, issuer in zip(chain, chain[1:]):
+    if shape is not None:
+        check_shape(chain, shape, kind, what)
+    for below, (cert, issuer) in enumerate(zip(chain, chain[1:])):
         check_issued_by(cert, issuer, kind)
+        check_ca(issuer, below, kind)
     check_issued_by(root, root, kind, "root CA")
     for cert in chain:
         check_validity(cert, now, kind)
@@ -124,7 +169,8 @@ def der(cert: x509.Certificate) -> bytes:
 
 
 def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
-                       now: datetime, kind: str, what: str) -> x509.Certificate:
+                       now: datetime, kind: str, what: str,
+                       shape: Sequence[str] | None = None) -> x509.Certificate:
     """Leaf-first ``chain`` must end in (or be issued by) one of ``roots``; returns that root.
 
     Roots are tried by name, then by signature: two CAs may share a name.
@@ -136,11 +182,11 @@ def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.C
     for root in roots:
         if der(top) == der(root) or top.issuer == root.subject:
             try:
-                check_chain(chain, root, now, kind)
+                check_chain(chain, root, now, kind, shape, what)
                 return root
             except VerificationError as exc:
                 problem = exc
-                if "certificate expired" in exc.message or "not valid before" in exc.message:
+                if "signature invalid" not in exc.message and "is not issued by" not in exc.message:
                     raise
     raise VerificationError(f"{kind}: {what} chain is not rooted in a trusted CA (it ends in "
                             f"{top.issuer.rfc4514_string()[:120]}{', whose key differs' if problem else ''})",

@@ -17,12 +17,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cove.attest._keys import p256_from_raw, raw_ecdsa_to_der, verify_ecdsa
-from cove.attest._x509 import check_chain, load_pem_chain, utc
+from cove.attest._x509 import check_chain, check_chain_to_any, load_pem_chain, utc
 from cove.attest.dcap_collateral import DcapCollateral, parse_collateral
 from cove.attest.dcap_quote import DcapQuote, EnclaveReport, TdReport, parse_dcap_quote
 from cove.attest.dcap_tcb import appraise
 from cove.attest.errors import VerificationError
 from cove.attest.pck import PckExtension, parse_pck_extension
+
+
+# Intel's chain shapes, leaf first; the root is whichever trusted root CA the chain ends in.
+PCK_SHAPE = ("Intel SGX PCK Certificate", "Intel SGX PCK (Platform|Processor) CA", ".+")
+TCB_SIGNING_SHAPE = ("Intel SGX TCB Signing", ".+")
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ def _not_revoked(crl: x509.CertificateRevocationList, cert: x509.Certificate, ki
         raise VerificationError(f"{kind}: {what} certificate is revoked")
 
 
-def _signed_json(raw: bytes, sig: bytes, chain, root, crl, now, kind: str, what: str) -> None:
-    check_chain(list(chain), root, now, kind)
+def verify_signed_collateral(raw: bytes, sig: bytes, chain, root, crl, now, kind: str, what: str) -> None:
+    """TCB info or QE identity: signed by an Intel TCB Signing certificate issued by ``root``, not revoked."""
+    check_chain(list(chain), root, now, kind, TCB_SIGNING_SHAPE, f"{what} signing")
     _not_revoked(crl, chain[0], kind, f"{what} signing")
     verify_ecdsa(chain[0].public_key(), raw_ecdsa_to_der(sig), raw, "sha256", kind, what)
 
@@ -84,19 +90,22 @@ def verify_dcap_quote(
     root_ca_pem: bytes | str,
     now: datetime,
 ) -> DcapClaims:
-    """Verify an SGX or TDX quote; ``root_ca_pem`` is the trusted Intel SGX Root CA."""
+    """Verify an SGX or TDX quote; ``root_ca_pem`` holds the trusted Intel SGX Root CA(s).
+
+    The PCK chain may end in any of the trusted roots; the CRLs, TCB info and
+    QE identity must then come from that same root.
+    """
     parsed = parse_dcap_quote(quote)
     kind = "tdx" if parsed.is_tdx else "sgx"
     now = utc(now, kind)
     col = collateral if isinstance(collateral, DcapCollateral) else parse_collateral(collateral, kind)
     roots = load_pem_chain(root_ca_pem, kind, "trusted root CA")
-    root = roots[0]
 
     # PCK chain and revocation.
     chain = load_pem_chain(parsed.cert.pck_chain_pem, kind, "PCK certificate chain")
     if len(chain) < 2:
         raise VerificationError(f"{kind}: PCK certificate chain has no CA certificate")
-    check_chain(chain, root, now, kind)
+    root = check_chain_to_any(chain, roots, now, kind, "PCK certificate", PCK_SHAPE)
     pck_cert, pck_ca = chain[0], chain[1]
     _check_crl(col.pck_crl, pck_ca, now, kind, "PCK CRL")
     _check_crl(col.root_ca_crl, root, now, kind, "root CA CRL")
@@ -106,9 +115,9 @@ def verify_dcap_quote(
 
     # TCB info and QE identity: signed by Intel's TCB signing key, in date, for this platform.
     info, ident = col.tcb_info, col.qe_identity
-    _signed_json(info.raw, col.tcb_info_signature, col.tcb_info_chain, root, col.root_ca_crl, now, kind, "TCB info")
+    verify_signed_collateral(info.raw, col.tcb_info_signature, col.tcb_info_chain, root, col.root_ca_crl, now, kind, "TCB info")
     _window(info.issue_date, info.next_update, now, kind, "TCB info")
-    _signed_json(ident.raw, col.qe_identity_signature, col.qe_identity_chain, root, col.root_ca_crl, now, kind, "QE identity")
+    verify_signed_collateral(ident.raw, col.qe_identity_signature, col.qe_identity_chain, root, col.root_ca_crl, now, kind, "QE identity")
     _window(ident.issue_date, ident.next_update, now, kind, "QE identity")
     if info.id != kind.upper():
         raise VerificationError(f"{kind}: TCB info is for {info.id}, not {kind.upper()}")

@@ -3,6 +3,12 @@
 Checks the report signature (ECDSA P-384, SHA-384) with the endorsement key,
 the key's chain to the AMD root key (RSA-PSS, SHA-384), validity windows at a
 given time, and that the certificate was issued for the reported TCB and chip.
+
+AMD's chains have one shape: ARK -> ASK -> VCEK, or ARK -> ASVK -> VLEK (the
+ASVK signs the VLEKs AMD issues to cloud providers). A trusted bundle may hold
+any of these CAs, for one product or several (AMD publishes ASK, ARK and ASVK
+per product); the issuer of the endorsement key and its ARK are picked from
+it by name, and the chain is checked as a whole.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ OID_PRODUCT = _AMD + "2"
 OID_BL, OID_TEE, OID_SNP, OID_UCODE, OID_FMC = (_AMD + f"3.{n}" for n in (1, 2, 3, 8, 9))
 OID_HWID = _AMD + "4"
 OID_CSP_ID = _AMD + "5"
+
+
+MAX_BUNDLE = 16  # certificates in a trusted AMD bundle
+# AMD's chain shapes, leaf first (common names).
+SHAPES = {"vcek": ("SEV-VCEK", r"SEV-(?!VLEK)[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+"),
+          "vlek": ("SEV-VLEK", r"SEV-VLEK-[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+")}
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,31 @@ def _check_tcb(reported: TcbVersion, info: EndorsementKeyInfo) -> None:
             )
 
 
+def _cn(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def _issuers(cert: x509.Certificate, bundle: list[x509.Certificate], kind: str) -> tuple[x509.Certificate, x509.Certificate]:
+    """The ASK (VCEK) or ASVK (VLEK) that issued ``cert``, and the ARK that issued that, from a trusted bundle."""
+    signer = "ASVK" if kind == "vlek" else "ASK"
+    middles = [c for c in bundle if c.subject == cert.issuer and c.subject != c.issuer]
+    if not middles:
+        names = ", ".join(_cn(c) for c in bundle)
+        hint = ("use AMD's bundle for the product with the ASVK (ASK, ARK and ASVK), or the built-in roots"
+                if kind == "vlek" else "use the ASK/ARK chain of the VCEK's product, or the built-in roots")
+        issuer = cert.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        issuer_name = str(issuer[0].value) if issuer else cert.issuer.rfc4514_string()[:120]
+        raise VerificationError(f"snp: the {kind.upper()}'s issuer {issuer_name} is not in the trusted AMD chain "
+                                f"({names}): a {kind.upper()} needs its product's {signer}", hint)
+    problem = None
+    for middle in middles:
+        for ark in (c for c in bundle if c.subject == middle.issuer and c.subject == c.issuer):
+            return middle, ark
+        problem = middle
+    raise VerificationError(f"snp: the trusted AMD chain holds no ARK for {problem.subject.rfc4514_string()[:120]}")
+
+
 def verify_snp_report(
     report: bytes,
     vcek: bytes,
@@ -139,24 +176,28 @@ def verify_snp_report(
     *,
     product: str | None = None,
 ) -> SnpClaims:
-    """Verify ``report`` with its VCEK/VLEK (DER) and AMD's ASK(or ASVK)+ARK (PEM).
+    """Verify ``report`` with its VCEK/VLEK (DER) and a trusted AMD bundle (PEM: ASK and/or ASVK, and ARK).
 
-    The ASK/ARK bundle is the trust anchor: take it from a trusted store
-    (AMD's published roots), never from the party being attested.
+    The bundle is the trust anchor: take it from a trusted store (AMD's
+    published roots), never from the party being attested.
     """
     now = utc(now, "snp")
     cert = load_der_cert(vcek, "snp", "endorsement key certificate")
-    chain = load_pem_chain(ask_ark, "snp", "ASK/ARK chain")
-    if len(chain) != 2:
-        raise VerificationError(f"snp: ASK/ARK chain holds {len(chain)} certificates, expected 2")
+    bundle = load_pem_chain(ask_ark, "snp", "ASK/ARK chain")
+    if len(bundle) > MAX_BUNDLE:
+        raise VerificationError(f"snp: the trusted AMD bundle holds {len(bundle)} certificates, more than {MAX_BUNDLE}")
     info = endorsement_info(cert)
+    middle, ark = _issuers(cert, bundle, info.kind)
+    chain = [middle, ark]
     prod = product or _product_of(info, chain)
     parsed = parse_snp_report(report, prod)
     if parsed.signing_key == "none":
         raise VerificationError("snp: report is unsigned (signing key 'none')")
     if parsed.signing_key != info.kind:
         raise VerificationError(f"snp: report is signed by a {parsed.signing_key.upper()} but a {info.kind.upper()} was given")
-    check_chain([cert, chain[0]], chain[1], now, "snp")
+    check_chain([cert, middle, ark], ark, now, "snp", SHAPES[info.kind], info.kind.upper())
+    if _cn(middle).rsplit("-", 1)[-1] != _cn(ark).rsplit("-", 1)[-1]:
+        raise VerificationError(f"snp: {_cn(middle)} and {_cn(ark)} are for different products")
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise VerificationError("snp: endorsement key is not an ECDSA P-384 key")

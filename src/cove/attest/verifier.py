@@ -75,13 +75,15 @@ def detect(evidence: bytes) -> str:
         return "cove"
     if data[:4] == b"\xff\x54\x43\x47":
         return "tpm"
+    # An SNP report's version is a u32 (its bytes 2-3 are zero); a DCAP quote has its key type there.
+    # A v3 SNP report with guest_svn 0 would otherwise look like an SGX quote header.
+    if len(data) == 1184 and 2 <= int.from_bytes(data[0:4], "little") <= 5:
+        return "snp"
     if len(data) >= 8:
         version = int.from_bytes(data[0:2], "little")
         tee = int.from_bytes(data[4:8], "little")
         if version in (3, 4, 5) and tee in (0, 0x81) and len(data) > 436:
             return "tdx" if tee == 0x81 else "sgx"
-    if len(data) == 1184 and 2 <= int.from_bytes(data[0:4], "little") <= 5:
-        return "snp"
     raise VerificationError("evidence type not recognized (not Cove evidence, a DCAP quote, an SNP report "
                             "or a TPM quote)", "name it with --type")
 
