@@ -25,12 +25,13 @@ from cove.kbs.problems import TYPE_PREFIX, Problem
 from tests.kbs import coco_client as coco
 from tests.kbs.conftest import ssl_for, start_kbs, stop_kbs
 from tests.kbs.test_tpm_rooted import CLAIMS, PlatformEvidence, tpm_policy
-from tests.kbs.test_vectors import SGX_TIME, TDX_TIME, VECTORS, anchors, vector
+from tests.kbs.test_vectors import SGX_TIME, SNP_TIME, TDX_TIME, VECTORS, anchors, vector
 from tests.platform.conftest import TpmPlatforms
 
 TRUSTEE_TPM = Path(__file__).parent / "coco_fixtures" / "trustee_tpm_evidence.json"  # trustee @ 45e7c3a2
 ALGORITHMS = ["ECDH-ES+A256KW-P256", "ECDH-ES+A256KW-P384", "ECDH-ES+A256KW-P521", "RSA-OAEP-256"]
-EVIDENCE_TIME: dict = {}  # tee -> the time the broker checks that tee's vector at
+EVIDENCE_TIME: dict = {}  # {"tee": vector}: the broker checks evidence at that vector's time
+VLEK_TIME = datetime(2025, 6, 1, tzinfo=timezone.utc)  # inside the VLEK's validity (tests/data/vectors/README.md)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,10 @@ def broker(tmp_path_factory, tls_files, platform):
     source = CollateralSource(tmp / "collateral")
     for tee in ("sgx", "tdx"):
         source.import_file(tee, VECTORS / tee / "collateral.json")
-    when = {"sgx": SGX_TIME, "tdx": TDX_TIME}
+    when = {"sgx": SGX_TIME, "tdx": TDX_TIME, "snp": SNP_TIME, "snp-vlek": VLEK_TIME}
     trustee_ak = base64.b64decode(json.loads(TRUSTEE_TPM.read_bytes())["ak_public"])
-    trusted = replace(anchors(), tpm_aks=[platform.ak_public.read_bytes(), trustee_ak])
+    trusted = replace(anchors(), tpm_aks=[platform.ak_public.read_bytes(), trustee_ak],
+                      snp_ask_ark=[vector("snp/milan_ask_ark_asvk.pem")])  # VCEKs and VLEKs
     policy = tpm_policy([platform]).replace('types = ["cove"]', 'types = ["sample", "sgx", "tdx", "tpm", "cove"]')
     running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=policy,
                         anchors=trusted, collateral_dir=str(tmp / "collateral"),
@@ -446,6 +448,90 @@ def test_az_snp_vtpm_fixtures(broker, client, version, change, kind, words):
     one = client(coco.FixedAttester("az-snp-vtpm", lambda report_data: azure(version, change)))
     with pytest.raises(coco.CocoError) as caught:
         one.rcar_handshake()
+    assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
+    entry = attest_log(broker)
+    assert entry["outcome"] == "denied" and words in entry["detail"], entry
+
+
+# -- SEV-SNP in the attester's shape: the sev crate's AttestationReport as JSON ---------------------------
+def sev_json(raw: bytes, key_type: str, key: bytes) -> dict:
+    """What guest-components' SNP attester sends for a report (serde of virtee/sev v6.3
+    AttestationReport: byte arrays as lists, TcbVersion/Version as objects, policy and plat_info as
+    integers), written from Cove's own parse of the vector (cove.attest.snp_report, AMD's offsets)."""
+    from cove.attest.snp_report import parse_snp_report
+
+    r = parse_snp_report(raw, "Milan")
+
+    def tcb(t) -> dict:
+        return {"fmc": t.fmc, "bootloader": t.bootloader, "tee": t.tee, "snp": t.snp, "microcode": t.microcode}
+
+    def version(v) -> dict:
+        return {"major": v.major, "minor": v.minor, "build": v.build}
+
+    report = {
+        "version": r.version, "guest_svn": r.guest_svn, "policy": r.policy.raw, "family_id": list(r.family_id),
+        "image_id": list(r.image_id), "vmpl": r.vmpl, "sig_algo": r.signature_algo, "current_tcb": tcb(r.current_tcb),
+        "plat_info": r.platform_info.raw, "key_info": int.from_bytes(raw[0x48:0x4C], "little"),
+        "report_data": list(r.report_data), "measurement": list(r.measurement), "host_data": list(r.host_data),
+        "id_key_digest": list(r.id_key_digest), "author_key_digest": list(r.author_key_digest),
+        "report_id": list(r.report_id), "report_id_ma": list(r.report_id_ma), "reported_tcb": tcb(r.reported_tcb),
+        "cpuid_fam_id": r.cpuid_family, "cpuid_mod_id": r.cpuid_model, "cpuid_step": r.cpuid_stepping,
+        "chip_id": list(r.chip_id), "committed_tcb": tcb(r.committed_tcb), "current": version(r.current_version),
+        "committed": version(r.committed_version), "launch_tcb": tcb(r.launch_tcb),
+        "launch_mit_vector": r.launch_mit_vector, "current_mit_vector": r.current_mit_vector,
+        "signature": {"r": list(r.signature_r.to_bytes(72, "little")), "s": list(r.signature_s.to_bytes(72, "little"))},
+    }
+    return {"attestation_report": report, "cert_chain": [{"cert_type": "ARK", "data": [1, 2]},
+                                                         {"cert_type": key_type, "data": list(key)}]}
+
+
+def test_sev_json_rebuilds_the_report_bytes():
+    from cove.kbs.coco_evidence import snp_report_bytes
+
+    for report, key in (("snp/report.bin", "snp/vcek.der"), ("snp/vlek_report.bin", "snp/vlek.der")):
+        raw = vector(report)
+        assert snp_report_bytes(sev_json(raw, "VCEK", vector(key))["attestation_report"]) == raw
+
+
+def test_sev_json_of_an_older_sev_crate():
+    """The layout of a report from a CoCo pod as an older sev crate wrote it (_author_key_en,
+    current_build/minor/major; copied from a public CoCo deployment guide): fields land where
+    cove.attest.snp_report reads them."""
+    from cove.attest.snp_report import parse_snp_report
+    from cove.kbs.coco_evidence import snp_report_bytes
+
+    old = json.loads((AZURE / "sev-crate-report-v2.json").read_bytes())["attestation_report"]
+    parsed = parse_snp_report(snp_report_bytes(old), "Milan")
+    assert parsed.report_data[:4] == b"test" and parsed.measurement == bytes(old["measurement"])
+    assert parsed.chip_id == bytes(old["chip_id"]) and parsed.reported_tcb.microcode == 213
+    assert (parsed.current_version.major, parsed.current_version.minor, parsed.current_version.build) == (1, 55, 8)
+    assert parsed.policy.raw == 196608 and parsed.vmpl == 0
+
+
+def flip_measurement(evidence: dict) -> dict:
+    report = dict(evidence["attestation_report"])
+    report["measurement"] = [report["measurement"][0] ^ 1] + report["measurement"][1:]
+    return dict(evidence, attestation_report=report)
+
+
+@pytest.mark.parametrize("report, key, key_type, change, kind, words", [
+    ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: e, "EvidenceBinding", "report data"),
+    ("snp/vlek_report.bin", "snp/vlek.der", "VLEK", lambda e: e, "EvidenceBinding", "report data"),  # at VLEK_TIME
+    ("snp/report.bin", "snp/vcek.der", "VCEK", flip_measurement, "EvidenceInvalid", "snp"),
+    ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: dict(e, cert_chain=None), "EvidenceInvalid", "no VCEK"),
+    ("snp/report.bin", "snp/vcek.der", "VCEK",
+     lambda e: dict(e, attestation_report=dict(e["attestation_report"], report_data=[300] * 64)),
+     "EvidenceInvalid", "report_data must be"),
+])
+def test_snp_vector_in_the_attesters_shape(broker, client, report, key, key_type, change, kind, words):
+    EVIDENCE_TIME["tee"] = "snp-vlek" if key_type == "VLEK" else "snp"
+    try:
+        one = client(coco.FixedAttester("snp", lambda report_data: change(sev_json(vector(report), key_type,
+                                                                                   vector(key)))))
+        with pytest.raises(coco.CocoError) as caught:
+            one.rcar_handshake()
+    finally:
+        EVIDENCE_TIME.clear()
     assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
     entry = attest_log(broker)
     assert entry["outcome"] == "denied" and words in entry["detail"], entry

@@ -171,7 +171,118 @@ def pcr_file(sha256_values: list[bytes]) -> bytes:
     return bytes(out)
 
 
-ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": _tpm}
+def _snp(evidence: dict, collateral: CollateralSource) -> dict:
+    """guest-components attester/src/snp: ``{"attestation_report": <sev's AttestationReport as JSON>,
+    "cert_chain": [{"cert_type": "VCEK" | "VLEK" | ..., "data": [bytes]}] | null}``; the report's
+    bytes are rebuilt (the signature covers them) and the VCEK or VLEK taken from the chain."""
+    if "attestation_report" not in evidence:  # Cove's own shape
+        return evidence
+    report = snp_report_bytes(evidence["attestation_report"])
+    key = None
+    for entry in evidence.get("cert_chain") or []:
+        if isinstance(entry, dict) and entry.get("cert_type") in ("VCEK", "VLEK"):
+            key = _byte_list(entry.get("data"), None, "cert_chain data")
+            break
+    if key is None:
+        raise Problem("EvidenceInvalid", "snp evidence: cert_chain holds no VCEK or VLEK (the host serves none); "
+                                         "configure the host's extended report certificates")
+    return {"report": base64.b64encode(report).decode(), "vcek": base64.b64encode(key).decode()}
+
+
+def _byte_list(value, size: int | None, what: str) -> bytes:
+    """A serde byte array (a JSON list of integers 0..255), of ``size`` bytes if given."""
+    if not isinstance(value, list) or (size is not None and len(value) != size) or len(value) > 1 << 14 or not all(
+            type(b) is int and 0 <= b <= 255 for b in value):
+        raise Problem("EvidenceInvalid", f"snp evidence: {what} must be a list of {size or 'some'} bytes")
+    return bytes(value)
+
+
+def _int(report: dict, name: str, size: int, default: int | None = None) -> bytes:
+    value = report.get(name, default)
+    if value is None and default is not None:
+        value = default
+    if type(value) is not int or not 0 <= value < 1 << (8 * size):
+        raise Problem("EvidenceInvalid", f"snp evidence: attestation_report.{name} must be a {8 * size}-bit integer")
+    return value.to_bytes(size, "little")
+
+
+def _tcb(report: dict, name: str, turin: bool) -> bytes:
+    """sev TcbVersion {fmc, bootloader, tee, snp, microcode} in the report's layout (Milan/Genoa or Turin)."""
+    tcb = report.get(name)
+    if not isinstance(tcb, dict):
+        raise Problem("EvidenceInvalid", f"snp evidence: attestation_report.{name} must be a TCB object")
+    part = {key: _int(tcb, key, 1, 0 if key == "fmc" else None)[0] for key in ("fmc", "bootloader", "tee", "snp",
+                                                                            "microcode")}
+    if turin:
+        return bytes([part["fmc"], part["bootloader"], part["tee"], part["snp"], 0, 0, 0, part["microcode"]])
+    return bytes([part["bootloader"], part["tee"], 0, 0, 0, 0, part["snp"], part["microcode"]])
+
+
+def _version(report: dict, name: str) -> bytes:
+    """sev Version {major, minor, build}, or the older layout's <name>_build/_minor/_major members."""
+    value = report.get(name)
+    if value is None:
+        value = {part: report.get(f"{name}_{part}") for part in ("build", "minor", "major")}
+    if not isinstance(value, dict):
+        raise Problem("EvidenceInvalid", f"snp evidence: attestation_report.{name} must be a version object")
+    return bytes(_int(value, part, 1)[0] for part in ("build", "minor", "major"))
+
+
+def snp_report_bytes(report) -> bytes:
+    """The 1184 bytes of an SNP attestation report from the sev crate's serde JSON of AttestationReport
+    (virtee/sev v6.3 src/firmware/guest/types/snp.rs: from_bytes/write_bytes; the byte offsets are
+    those of AMD's SEV-SNP ABI, table "ATTESTATION_REPORT"). Reserved bytes are zero; if the JSON
+    was not made from a genuine report, the VCEK's signature does not verify."""
+    if not isinstance(report, dict):
+        raise Problem("EvidenceInvalid", "snp evidence: attestation_report must be an object")
+    version = int.from_bytes(_int(report, "version", 4), "little")
+    chip_id = _byte_list(report.get("chip_id"), 64, "chip_id")
+    if version == 2:
+        turin = chip_id[8:] == bytes(56) and chip_id != bytes(64)
+    else:  # CPUID family 0x1A is Turin
+        turin = report.get("cpuid_fam_id") == 0x1A
+    key_info = report.get("key_info", report.get("_author_key_en", 0))
+    out = bytearray(1184)
+
+    def put(offset: int, data: bytes) -> None:
+        out[offset:offset + len(data)] = data
+
+    put(0x00, _int(report, "version", 4))
+    put(0x04, _int(report, "guest_svn", 4))
+    put(0x08, _int(report, "policy", 8))
+    put(0x10, _byte_list(report.get("family_id"), 16, "family_id"))
+    put(0x20, _byte_list(report.get("image_id"), 16, "image_id"))
+    put(0x30, _int(report, "vmpl", 4))
+    put(0x34, _int(report, "sig_algo", 4))
+    put(0x38, _tcb(report, "current_tcb", turin))
+    put(0x40, _int(report, "plat_info", 8))
+    put(0x48, _int({"key_info": key_info}, "key_info", 4))
+    put(0x50, _byte_list(report.get("report_data"), 64, "report_data"))
+    put(0x90, _byte_list(report.get("measurement"), 48, "measurement"))
+    put(0xC0, _byte_list(report.get("host_data"), 32, "host_data"))
+    put(0xE0, _byte_list(report.get("id_key_digest"), 48, "id_key_digest"))
+    put(0x110, _byte_list(report.get("author_key_digest"), 48, "author_key_digest"))
+    put(0x140, _byte_list(report.get("report_id"), 32, "report_id"))
+    put(0x160, _byte_list(report.get("report_id_ma"), 32, "report_id_ma"))
+    put(0x180, _tcb(report, "reported_tcb", turin))
+    if version >= 3:
+        put(0x188, _int(report, "cpuid_fam_id", 1, 0) + _int(report, "cpuid_mod_id", 1, 0)
+            + _int(report, "cpuid_step", 1, 0))
+    put(0x1A0, chip_id)
+    put(0x1E0, _tcb(report, "committed_tcb", turin))
+    put(0x1E8, _version(report, "current"))
+    put(0x1EC, _version(report, "committed"))
+    put(0x1F0, _tcb(report, "launch_tcb", turin))
+    if version >= 5:
+        put(0x1F8, _int(report, "launch_mit_vector", 8, 0) + _int(report, "current_mit_vector", 8, 0))
+    signature = report.get("signature")
+    if not isinstance(signature, dict):
+        raise Problem("EvidenceInvalid", "snp evidence: attestation_report.signature must be {r, s}")
+    put(0x2A0, _byte_list(signature.get("r"), 72, "signature.r") + _byte_list(signature.get("s"), 72, "signature.s"))
+    return bytes(out)
+
+
+ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": _tpm, "snp": _snp}
 
 
 def normalize_tee(tee) -> str:
