@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/kbs.py [--db sqlite|postgresql|both] [--clients 1,8,32,128]
                                   [--seconds 10] [--runs 3] [--rss-flows 20000] [--workers 1]
-                                  [--no-restart]
+                                  [--no-restart] [--no-baseline] [--flood [--flood-connections 2000]]
 
 The broker runs as `cove kbs serve` (HTTPS on 127.0.0.1, its own process);
 this process is the load generator: N concurrent clients (asyncio, one
@@ -11,10 +11,16 @@ a private, self-certified platform key, bound to the nonce and a fresh TEE
 key) → resource (a JWE, decrypted and compared with the value uploaded).
 Printed per N, the median of --runs timed runs: flows/s, p50 and p99 flow
 latency, errors, the server's CPU time per flow (far steadier than flows/s
-on a shared machine) and the load average. Then the server's resident
+on a shared machine) and the load average; each next to a baseline measured
+the same way, interleaved with it (the same clients doing three GETs of a
+trivial endpoint, /kbs/v0/jwks, per "flow": the server stack and TLS
+without the broker's work). Then the server's resident
 memory before and after --rss-flows more flows (and after each 20,000),
 and a restart of the server in the middle of a run: clients retry (from
-auth) and every secret received must equal the one stored. Loops are bounded in count and time; traffic
+auth) and every secret received must equal the one stored. With --flood, the
+memory floods of the security review: ten unauthenticated 50 MB admin POSTs,
+then 2,000 concurrent /auth requests three times, with the server's RSS and
+peak RSS after each. Loops are bounded in count and time; traffic
 goes to loopback only. PostgreSQL runs as a throwaway server (tests/kbs/pgserver.py).
 """
 
@@ -102,6 +108,34 @@ class Server:
             except (OSError, IndexError, ValueError):
                 pass
         return total
+
+    def _pids(self) -> list[int]:
+        pids = [self.process.pid]
+        try:
+            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+        except OSError:
+            pass
+        return pids
+
+    def reset_peak(self) -> None:
+        """Reset the peak resident memory (VmHWM) of the server's processes to their current RSS."""
+        for pid in self._pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def peak_mb(self) -> float:
+        """Sum of the peak resident memory (VmHWM) of the server's processes since reset_peak."""
+        total = 0
+        for pid in self._pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
 
     def rss_mb(self) -> float:
         """Resident memory of the server process and its workers."""
@@ -223,8 +257,17 @@ async def flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
         stats.corrupted += 1
 
 
+async def null_flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
+    """The baseline: three requests, like a flow, to a trivial endpoint (the token keys) of the same
+    server stack over the same TLS connection; no database, no crypto."""
+    for _ in range(3):
+        status, data = await conn.request("GET", "/kbs/v0/jwks")
+        if status != 200:
+            raise HttpStatusError(status, data[:200])
+
+
 async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats, stop_at: float,
-                 max_flows: int, counter: list[int], retry: bool) -> None:
+                 max_flows: int, counter: list[int], retry: bool, one_flow=flow) -> None:
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     conn = Connection(host, int(port), ctx)
     try:
@@ -233,7 +276,7 @@ async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats
             started = time.perf_counter()
             for attempt in range(50 if retry else 1):
                 try:
-                    await flow(conn, evidence, stats)
+                    await one_flow(conn, evidence, stats)
                     stats.latencies.append(time.perf_counter() - started)
                     break
                 except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, HttpStatusError) as exc:
@@ -251,7 +294,7 @@ async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats
 
 
 def run_load(url: str, ca: Path, evidence: Evidence, clients: int, seconds: float, max_flows: int,
-             retry: bool = False, during=None) -> tuple[Stats, float]:
+             retry: bool = False, during=None, one_flow=flow) -> tuple[Stats, float]:
     ctx = ssl.create_default_context(cafile=str(ca))
     stats = Stats()
     counter = [0]
@@ -259,8 +302,8 @@ def run_load(url: str, ca: Path, evidence: Evidence, clients: int, seconds: floa
     async def main() -> float:
         stop_at = time.monotonic() + seconds
         started = time.perf_counter()
-        tasks = [asyncio.create_task(client(url, ctx, evidence, stats, stop_at, max_flows, counter, retry))
-                 for _ in range(clients)]
+        tasks = [asyncio.create_task(client(url, ctx, evidence, stats, stop_at, max_flows, counter, retry,
+                                            one_flow)) for _ in range(clients)]
         if during is not None:
             await asyncio.sleep(seconds / 3)
             await asyncio.get_running_loop().run_in_executor(None, during)
@@ -308,14 +351,29 @@ def bench_db(kind: str, args, pg) -> None:
               f"{'server CPU':>10} {'CPU/flow':>9} {'client CPU':>10} {'load':>5}")
         for n in args.clients:
             run_load(server.url, ca, evidence, n, 1.0, 10 ** 9)  # warm up connections and caches
-            runs = [measure(server, ca, evidence, n, args.seconds) for _ in range(args.runs)]
-            row = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "last_error"}
-            errors = sum(r["errors"] for r in runs)
-            print(f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
-                  f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
-                  f"{row['load']:>5.2f}" + (f"  last error: {runs[-1]['last_error']}" if errors else ""))
+            runs, baselines = [], []
+            for _ in range(args.runs):  # interleaved, so that both see the same machine
+                runs.append(measure(server, ca, evidence, n, args.seconds))
+                if not args.no_baseline:
+                    baselines.append(measure(server, ca, evidence, n, args.seconds, one_flow=null_flow))
+            for label, measured in (("", runs), ("baseline", baselines)):
+                if not measured:
+                    continue
+                row = {key: statistics.median(r[key] for r in measured) for key in measured[0] if key != "last_error"}
+                errors = sum(r["errors"] for r in measured)
+                print(f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
+                      f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
+                      f"{row['load']:>5.2f}" + (f"  {label}" if label else "")
+                      + (f"  last error: {measured[-1]['last_error']}" if errors else ""))
+            if baselines:
+                rate = statistics.median(r["rate"] for r in runs)
+                base = statistics.median(r["rate"] for r in baselines)
+                print(f"{'':>8} whole flows at {rate / base:.0%} of the baseline's rate "
+                      f"(baseline: 3 x GET /kbs/v0/jwks per flow, same stack, same TLS)")
         if args.rss_flows:
             rss_run(server, ca, evidence, args.rss_flows, db)
+        if args.flood:
+            flood(server, ca, args.flood_connections, args.flood_rounds)
         if not args.no_restart:
             def restart():
                 server.stop()
@@ -332,10 +390,10 @@ def bench_db(kind: str, args, pg) -> None:
         server.stop()
 
 
-def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float) -> dict:
+def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float, one_flow=flow) -> dict:
     """One timed run at N clients: rates, latencies, CPU (server CPU time per flow) and load average."""
     server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
-    stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10 ** 9)
+    stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10 ** 9, one_flow=one_flow)
     server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
     flows = len(stats.latencies)
     return {"flows": flows, "rate": flows / elapsed, "p50": percentile(stats.latencies, .5) * 1000,
@@ -359,6 +417,76 @@ def rss_run(server: Server, ca: Path, evidence: Evidence, total: int, db: str) -
           f"sessions in the database: {_sessions(db)}")
 
 
+def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
+    """The two memory floods of the security review, with the server's RSS (now and peak) after each.
+
+    1. Ten concurrent unauthenticated POSTs to /kbs/v0/admin/secrets, each sending a 50 MB body.
+    2. `connections` concurrent /auth requests (one TLS connection each), `rounds` times.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < connections + 256:
+        raise SystemExit(f"--flood-connections {connections} needs `ulimit -n` of at least {connections + 256}")
+    host, port = server.url.split("//", 1)[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(ca))
+
+    async def admin_post(size: int) -> str:
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
+        writer.write(f"POST /kbs/v0/admin/secrets HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode())
+        block, sent, status = b" " * (1 << 20), 0, "none"
+        try:
+            answer = asyncio.ensure_future(reader.readline())
+            while sent < size and not answer.done():
+                writer.write(block)
+                await writer.drain()
+                sent += len(block)
+            status = (await asyncio.wait_for(answer, 30)).decode().split(" ")[1]
+        except (OSError, ConnectionError, asyncio.TimeoutError, IndexError):
+            pass
+        finally:
+            writer.close()
+        return f"{status} after {sent >> 20} MB"
+
+    async def auth(done: list[int]) -> None:
+        try:
+            conn = Connection(host, int(port), ctx)
+            status, _ = await conn.request("POST", "/kbs/v0/auth", {"version": "0.1.1", "tee": "cove"})
+            done.append(status)
+            conn.close()
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            done.append(type(exc).__name__)
+
+    async def admin_flood() -> list[str]:
+        return await asyncio.gather(*(admin_post(50_000_000) for _ in range(10)))
+
+    async def auth_flood() -> list:
+        done: list = []
+        await asyncio.gather(*(auth(done) for _ in range(connections)))
+        return done
+
+    server.reset_peak()
+    before = server.rss_mb()
+    started = time.perf_counter()
+    answers = asyncio.run(admin_flood())
+    time.sleep(2)  # "after": once the broker has been idle for a moment
+    print(f"flood 1, 10 x unauthenticated 50 MB POST /kbs/v0/admin/secrets ({time.perf_counter() - started:.1f} s): "
+          f"answers {sorted(set(answers))}; server RSS {before:.0f} MB before, peak {server.peak_mb():.0f} MB, "
+          f"{server.rss_mb():.0f} MB 2 s after")
+    for round_ in range(1, rounds + 1):
+        server.reset_peak()
+        before = server.rss_mb()
+        started = time.perf_counter()
+        statuses = asyncio.run(auth_flood())
+        elapsed = time.perf_counter() - started
+        time.sleep(2)
+        counted = {str(k): statuses.count(k) for k in sorted(set(statuses), key=str)}
+        print(f"flood 2, round {round_}: {connections} concurrent POST /kbs/v0/auth "
+              f"({elapsed:.1f} s): {counted}; server RSS {before:.0f} MB before, "
+              f"peak {server.peak_mb():.0f} MB, {server.rss_mb():.0f} MB 2 s after")
+
+
 def _sessions(db: str) -> int:
     from cove.kbs.store import Store
 
@@ -378,6 +506,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per N; the median is printed")
     parser.add_argument("--no-restart", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the trivial-endpoint baseline")
+    parser.add_argument("--flood", action="store_true",
+                        help="the memory floods: unauthenticated 50 MB admin POSTs, concurrent /auth")
+    parser.add_argument("--flood-connections", type=int, default=2000)
+    parser.add_argument("--flood-rounds", type=int, default=3)
     args = parser.parse_args()
     pg = None
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
