@@ -14,8 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from datetime import datetime, timezone
+
 import cbor2
 import pytest
+
+from cove.attest.cove_verify import verify_cove_evidence
 
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod
@@ -34,7 +38,14 @@ def hello(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(cove, tmp_path_factory, probe, hello) -> tuple[Path, Path]:
+def attest_probe(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("attest") / "attest_probe"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "tests" / "e2e" / "attest_probe.c")], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(cove, tmp_path_factory, probe, hello, attest_probe) -> tuple[Path, Path]:
     """The same image and configuration built for sim and for vm."""
     require("qemu-system-x86_64")
     built = []
@@ -42,7 +53,7 @@ def pair(cove, tmp_path_factory, probe, hello) -> tuple[Path, Path]:
         parent = tmp_path_factory.mktemp(backend)
         root = make_instance(cove, parent, probe, name="hello-enclave",
                              options={("enclave", "backend"): f'"{backend}"'}, build=False)
-        cove.ok("add", "--to", "/bin", str(hello), cwd=root)
+        cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), cwd=root)
         cove.ok("build", cwd=root)
         built.append(root)
     return built[0], built[1]
@@ -202,3 +213,26 @@ def test_vm_config_is_checked(cove, vm_instance):
             assert result.returncode != 0 and key in error_line(result)
     finally:
         config.write_text(original)
+
+
+def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove, vm_instance, tmp_path):
+    env = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
+    data = os.urandom(64)
+    out = cove.ok("run", "/bin/sh", "-c", f"ls /dev/attestation; /bin/attest_probe type; "
+                  f"/bin/attest_probe quote {data.hex()}", cwd=vm_instance, env=env).stdout.split()
+    assert out[:5] == ["attestation_type", "quote", "report", "user_report_data", "cove"]
+    evidence = tmp_path / "evidence.hex"
+    evidence.write_text(out[5])
+    report = verify_cove_evidence(bytes.fromhex(out[5]), datetime.now(timezone.utc)).report
+    assert report.backend == "vm" and report.isolation in ("vm (kvm)", "vm (tcg, emulated)")
+    assert report.report_data == data
+    signed = manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes())
+    assert report.measurement == signed.measurement
+    accepts = tmp_path / "vm.toml"
+    accepts.write_text(f'[cove]\nself_certified = true\nbackends = ["vm"]\nisolation = ["{report.isolation}"]\n')
+    ok = cove("verify", evidence, "--report-data", data.hex(), "--policy", accepts)
+    assert ok.returncode == 0, ok.stderr
+    sim_only = tmp_path / "sim.toml"
+    sim_only.write_text('[cove]\nself_certified = true\nbackends = ["sim"]\n')
+    refused = cove("verify", evidence, "--report-data", data.hex(), "--policy", sim_only)
+    assert refused.returncode == 6 and "backend vm is not accepted" in error_line(refused)

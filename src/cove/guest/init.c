@@ -121,7 +121,7 @@ static void read_all(int fd, void *buf, size_t len, int first) {
 struct request {
     char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64];
     int argc, envc, ntmpfs;
-    const char *cwd, *hostname, *network;
+    const char *cwd, *hostname, *network, *attestation;
     uid_t uid;
     gid_t gid;
     long nproc, nofile;
@@ -133,6 +133,7 @@ static void parse(char *body, size_t len, struct request *r) {
     r->cwd = "/";
     r->hostname = "enclave";
     r->network = "none";
+    r->attestation = "none";
     r->nproc = r->nofile = -1;
     if (len == 0 || body[len - 1] != 0) die("malformed request");
     for (char *item = body; item < body + len; item += strlen(item) + 1) {
@@ -149,6 +150,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'P': r->nproc = strtol(value, NULL, 10); break;
         case 'F': r->nofile = strtol(value, NULL, 10); break;
         case 'Q': r->probe = 1; break;
+        case 'Y': r->attestation = value; break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -170,36 +172,110 @@ static void node(const char *path, mode_t mode, int major, int minor) {
     chmod(path, mode);
 }
 
-/* The program's root: /image, read-only, with /proc, a minimal /dev and the requested tmpfs mounts. */
+/* The program's root: /image, read-only, with /proc, a minimal /dev, /dev/attestation and the
+ * requested tmpfs mounts, all mounted below /image before it becomes the root. */
 static void enter_root(struct request *r) {
+    char path[512];
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("private mounts: %s", strerror(errno));
     if (mount("/image", "/image", NULL, MS_BIND | MS_REC, NULL) != 0) die("bind image: %s", strerror(errno));
-    if (chdir("/image") != 0) die("chdir image");
-    if (mount(".", "/", NULL, MS_MOVE, NULL) != 0) die("move root: %s", strerror(errno));
-    if (chroot(".") != 0 || chdir("/") != 0) die("chroot: %s", strerror(errno));
-    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc: %s", strerror(errno));
-    if (mount("dev", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k") != 0) die("mount /dev: %s", strerror(errno));
-    node("/dev/null", 0666, 1, 3);
-    node("/dev/zero", 0666, 1, 5);
-    node("/dev/full", 0666, 1, 7);
-    node("/dev/random", 0666, 1, 8);
-    node("/dev/urandom", 0666, 1, 9);
-    node("/dev/tty", 0666, 5, 0);
-    mkdir("/dev/shm", 01777);
-    mkdir("/dev/pts", 0755);
-    symlink("/proc/self/fd", "/dev/fd");
-    symlink("/proc/self/fd/0", "/dev/stdin");
-    symlink("/proc/self/fd/1", "/dev/stdout");
-    symlink("/proc/self/fd/2", "/dev/stderr");
+    if (mount("proc", "/image/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc: %s", strerror(errno));
+    if (mount("dev", "/image/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k") != 0) die("mount /dev: %s", strerror(errno));
+    node("/image/dev/null", 0666, 1, 3);
+    node("/image/dev/zero", 0666, 1, 5);
+    node("/image/dev/full", 0666, 1, 7);
+    node("/image/dev/random", 0666, 1, 8);
+    node("/image/dev/urandom", 0666, 1, 9);
+    node("/image/dev/tty", 0666, 5, 0);
+    mkdir("/image/dev/shm", 01777);
+    chmod("/image/dev/shm", 01777);
+    mkdir("/image/dev/pts", 0755);
+    symlink("/proc/self/fd", "/image/dev/fd");
+    symlink("/proc/self/fd/0", "/image/dev/stdin");
+    symlink("/proc/self/fd/1", "/image/dev/stdout");
+    symlink("/proc/self/fd/2", "/image/dev/stderr");
+    mkdir("/image/dev/attestation", 0755);
+    if (mount("/cove/attestation", "/image/dev/attestation", NULL, MS_BIND, NULL) != 0) die("bind /dev/attestation: %s", strerror(errno));
     for (int i = 0; i < r->ntmpfs; i++) {  /* "SIZE:MODE:TARGET" */
         char *size = r->tmpfs[i], *mode = strchr(size, ':'), *target, options[64];
         if (!mode || !(target = strchr(mode + 1, ':'))) die("malformed mount %s", size);
         *mode++ = 0;
         *target++ = 0;
         snprintf(options, sizeof options, "mode=%s%s%s", mode, size[0] ? ",size=" : "", size);
-        if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) die("mount %s: %s", target, strerror(errno));
+        snprintf(path, sizeof path, "/image%s", target);
+        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) die("mount %s: %s", target, strerror(errno));
     }
+    if (chdir("/image") != 0) die("chdir image");
+    if (mount(".", "/", NULL, MS_MOVE, NULL) != 0) die("move root: %s", strerror(errno));
+    if (chroot(".") != 0 || chdir("/") != 0) die("chroot: %s", strerror(errno));
     if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0) die("read-only root: %s", strerror(errno));
+}
+
+static void write_file(const char *path, const void *data, size_t len, mode_t mode) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (fd < 0 || write(fd, data, len) != (ssize_t)len || fchmod(fd, mode) != 0) die("cannot write %s", path);
+    close(fd);
+}
+
+static void write_all(int fd, const void *buf, size_t len) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write(fd, (const char *)buf + done, len - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return;
+        done += (size_t)n;
+    }
+}
+
+/* /dev/attestation as on sim: user_report_data is a 64-byte file the program writes; quote and
+ * report are FIFOs. Each open of one for reading is answered by a helper (outside the program's
+ * pid namespace) that sends the current report data to the host on its port and writes back the
+ * evidence the host's platform key made for exactly this enclave (docs/backends.md). */
+static void serve_fifo(const char *fifo, int port) {
+    static unsigned char evidence[1 << 20];
+    signal(SIGPIPE, SIG_IGN);
+    for (;;) {
+        int out = open(fifo, O_WRONLY | O_CLOEXEC);
+        if (out < 0) { if (errno == EINTR) continue; _exit(1); }
+        unsigned char data[64] = {0};
+        int in = open("/cove/attestation/user_report_data", O_RDONLY | O_CLOEXEC);
+        if (in >= 0) { if (read(in, data, sizeof data) < 0) memset(data, 0, sizeof data); close(in); }
+        write_all(port, data, sizeof data);
+        uint32_t len;
+        read_all(port, &len, sizeof len, 0);
+        if (len > sizeof evidence) _exit(1);
+        read_all(port, evidence, len, 0);
+        write_all(out, evidence, len);
+        close(out);
+        /* Until this reader closes, a new open for writing would succeed at once and hand it a
+         * second copy: wait until no reader is left (ENXIO) before serving the next one. */
+        for (;;) {
+            int probe = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+            if (probe < 0) break;
+            close(probe);
+            usleep(1000);
+        }
+    }
+}
+
+static void attestation_setup(const char *type) {
+    mkdir("/cove/attestation", 0755);
+    if (mount("attestation", "/cove/attestation", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") != 0)
+        die("mount attestation: %s", strerror(errno));
+    write_file("/cove/attestation/attestation_type", type, strlen(type), 0444);
+    if (strcmp(type, "cove") != 0) return;
+    static const unsigned char zeros[64];
+    write_file("/cove/attestation/user_report_data", zeros, sizeof zeros, 0666);
+    const char *names[] = {"quote", "report"}, *ports[] = {"cove.quote", "cove.report"};
+    for (int i = 0; i < 2; i++) {
+        char fifo[64];
+        snprintf(fifo, sizeof fifo, "/cove/attestation/%s", names[i]);
+        if (mkfifo(fifo, 0444) != 0 || chmod(fifo, 0444) != 0) die("mkfifo %s", fifo);
+        int port = open_port(ports[i], O_RDWR);
+        pid_t helper = fork();
+        if (helper < 0) die("fork: %s", strerror(errno));
+        if (helper == 0) serve_fifo(fifo, port);
+        close(port);
+    }
 }
 
 static void drop_capabilities(void) {
@@ -279,6 +355,7 @@ int main(void) {
     int in = open_port("cove.stdin", O_RDONLY);
     int out = open_port("cove.stdout", O_WRONLY);
     int err = open_port("cove.stderr", O_WRONLY);
+    attestation_setup(r.attestation);
     umount2("/cove/sys", MNT_DETACH);
     if (strcmp(r.network, "none") != 0) loopback_up();
 

@@ -36,7 +36,7 @@ FOLDER = "vm"
 KERNEL, INITRD, LAUNCH = "vmlinuz", "initrd.cpio", "launch.cbor"
 MACHINE = "microvm"
 # Ports of the virtio-serial device, in this order (the guest finds them by name).
-PORTS = ("cove.ctl", "cove.stdin", "cove.stdout", "cove.stderr")
+PORTS = ("cove.ctl", "cove.stdin", "cove.stdout", "cove.stderr", "cove.quote", "cove.report")
 DEVICES = ("virtio-serial-device:" + ",".join(PORTS), "isa-serial:console")
 MODULES = ("virtio_mmio", "virtio_console")
 BASE_CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "

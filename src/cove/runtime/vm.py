@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from cove.config import parse_size
 from cove.errors import CoveError, SetupError
 from cove.image import vmimage
+from cove.platform.reports import EnclaveClaims
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 
 NAME = "vm"
@@ -63,14 +65,14 @@ def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, co
     return args
 
 
-def encode_request(spec: LaunchSpec) -> bytes:
+def encode_request(spec: LaunchSpec, attestation_type: str) -> bytes:
     """The launch request for the guest init (docs/backends.md): NUL-terminated typed items."""
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
     items += [f"U{spec.uid}", f"G{spec.gid}", f"C{config.process.cwd}", f"H{config.enclave.name}",
               f"N{config.network.mode}", f"P{config.resources.max_processes}",
-              f"F{config.resources.max_open_files}"]
+              f"F{config.resources.max_open_files}", f"Y{attestation_type}"]
     for mount in config.mounts:
         if mount.type == "tmpfs":
             options = dict(mount.options)
@@ -133,7 +135,7 @@ def _last_line(path: Path) -> str:
 
 class VmEnclave(RunningEnclave):
     def __init__(self, spec: LaunchSpec, isolation: str, process: subprocess.Popen, ports: _Ports,
-                 workdir: Path, started: float):
+                 workdir: Path, started: float, signer=None):
         super().__init__(spec, NAME, isolation)
         self.process = process
         self.ports = ports
@@ -153,6 +155,30 @@ class VmEnclave(RunningEnclave):
         for thread in self._threads:
             thread.start()
         threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
+        if signer is not None:
+            claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
+                                   spec.identity.svn, spec.identity.debug, NAME, isolation, spec.instance_id)
+            for port, make in (("cove.quote", signer.evidence), ("cove.report", signer.signed_report)):
+                threading.Thread(target=self._attest, args=(ports.host(port), make, claims), daemon=True).start()
+
+    @staticmethod
+    def _attest(sock: socket.socket, make, claims) -> None:
+        """Answer the guest's /dev/attestation: 64 bytes of report data in, evidence out (length first)."""
+        while True:
+            data = b""
+            try:
+                while len(data) < 64:
+                    chunk = sock.recv(64 - len(data))
+                    if not chunk:
+                        return
+                    data += chunk
+                try:
+                    answer = make(claims, data)
+                except Exception:  # a failed signature: the reader gets nothing, the enclave goes on
+                    answer = b""
+                sock.sendall(struct.pack("<I", len(answer)) + answer)
+            except OSError:
+                return
 
     def _control(self) -> None:
         buffer = b""
@@ -282,7 +308,8 @@ class VmBackend(Backend):
                             "vm backend yet", "use backend = \"sim\" for it")
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
-        request = encode_request(spec)
+        signer, attestation_type = _platform_signer()
+        request = encode_request(spec, attestation_type)
         workdir = Path(tempfile.mkdtemp(prefix="vm-", dir=spec.workdir))
         description, kernel, initrd = vmimage.load(spec.build_dir, spec.launch["measurement"], workdir)
         accel = accelerator(description, kernel, initrd, workdir)
@@ -290,7 +317,18 @@ class VmBackend(Backend):
         started = time.monotonic()
         process = _boot(description, kernel, initrd, accel, workdir, ports)
         ports.host("cove.ctl").sendall(request)
-        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started)
+        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started, signer)
+
+
+def _platform_signer():
+    """The platform key that signs this enclave's reports, as /dev/attestation on sim has it."""
+    from cove.platform import monitor
+
+    try:
+        return monitor.signer(), "cove"
+    except CoveError as exc:
+        print(f"cove: warning: /dev/attestation cannot quote: {exc.line()}", file=sys.stderr, flush=True)
+        return None, "none"
 
 
 def _probe_key(kernel: Path) -> str:
