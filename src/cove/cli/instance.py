@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from cove.image import instance as instance_mod
+
+PROGRESS_FROM = 64 << 20  # bytes: smaller copies finish before a bar is worth drawing
 
 
 @click.command()
@@ -47,10 +52,26 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[
     if paths:
         plans.append(bom.plan(list(paths), to, not no_deps))
     for the_plan in plans:
-        result = bom.apply(target.image, the_plan)
+        with _progress(bom.plan_bytes(the_plan), "copying") as advance:
+            result = bom.apply(target.image, the_plan, advance)
         for note in the_plan.notes:
             click.echo(f"note: {note}", err=True)
         click.echo(f"added {result.files} files ({result.bytes} bytes), {result.unchanged} unchanged")
+
+
+@contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[int], object] | None]:
+    """A rich progress bar on stderr for copies of 64 MB or more on a terminal; nothing otherwise."""
+    if total < PROGRESS_FROM or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 @click.command()

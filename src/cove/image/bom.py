@@ -16,6 +16,7 @@ import stat
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -80,6 +81,8 @@ class _Planner:
         self.with_dependencies = with_dependencies
         self.covered: set[str] = set()  # libraries whose own needs a transitive walk already found
         self.trees: list[str] = []  # folders being copied whole: what they hold comes with them
+        self._tree_names: dict[str, set[str]] = {}  # tree -> the file names it holds (built on a miss)
+        self._missing: dict[tuple[str, str], tuple[int, int]] = {}  # (tree, library) -> (its note, files)
 
     def add_path(self, source: str, dest: str, tree_root: str | None = None) -> None:
         _check_readable(source, os.path.isdir(source))
@@ -144,9 +147,9 @@ class _Planner:
                 raise
             # Inside a tree (a JDK, a Python installation) a library may be found
             # by soname after the program loads it itself, or be an optional
-            # plugin's: say so and copy the rest.
-            self.plan.notes.append(f"{source}: {missing.library} not found on this host; "
-                                   "fine if the program loads it itself")
+            # plugin's: say so once per library, unless the tree brings it along
+            # (a JDK's lib/*.so need lib/server/libjvm.so, which java loads first).
+            self._note_missing(in_tree, source, missing.library)
             deps = elf.dependencies(source, tolerate_missing=True)
         if deps is None:
             return
@@ -163,6 +166,22 @@ class _Planner:
         for library in deps.loaded_at_run_time:
             if os.path.realpath(library) not in self.covered:
                 self.add_path(library, library)
+
+
+    def _note_missing(self, tree: str, source: str, library: str) -> None:
+        if tree not in self._tree_names:
+            self._tree_names[tree] = {name for _, _, files in os.walk(tree) for name in files}
+        if library in self._tree_names[tree]:
+            return
+        index, count = self._missing.get((tree, library), (len(self.plan.notes), 0))
+        self._missing[(tree, library)] = (index, count + 1)
+        note = (f"{source}: {library} not found on this host" if count == 0 else
+                f"{library} not found on this host, needed by {count + 1} files in {tree}")
+        note += "; fine if the program loads it itself"
+        if count == 0:
+            self.plan.notes.append(note)
+        else:
+            self.plan.notes[index] = note
 
 
 def _dest_for(path: str, to: str | None) -> str:
@@ -230,8 +249,13 @@ def _same_file(source: str, dest: Path) -> bool:
                 return True
 
 
-def apply(image: Path, the_plan: Plan) -> AddResult:
-    """Copy a plan into the image; all or nothing."""
+def plan_bytes(the_plan: Plan) -> int:
+    """How many bytes applying the plan copies at most (for a progress bar)."""
+    return sum(os.path.getsize(item.source) for item in the_plan.items if item.kind == FILE)
+
+
+def apply(image: Path, the_plan: Plan, progress: Callable[[int], object] | None = None) -> AddResult:
+    """Copy a plan into the image; all or nothing. ``progress`` is told the bytes of each file copied."""
     created: list[Path] = []
     replaced: list[tuple[Path, Path]] = []
     backup = Path(tempfile.mkdtemp(prefix=".cove-add-", dir=image.parent))
@@ -273,6 +297,8 @@ def apply(image: Path, the_plan: Plan) -> AddResult:
                 created.append(dest)
                 files += 1
                 size += os.path.getsize(dest)
+                if progress is not None:
+                    progress(os.path.getsize(dest))
         if the_plan.library_dirs:
             _write_loader_cache(image, the_plan.library_dirs)
     except BaseException as exc:
