@@ -36,6 +36,9 @@ def world(cove, probe, tmp_path_factory):
     _mount_tmpfs(small, "size=512k")
     cove.ok("package", str(base / "app.tar.gz"), cwd=app)
     cove.ok("kbs", "init", "--state", str(base / "kbs"))
+    cove.ok("new", "robuild", cwd=base)
+    _mount_tmpfs(base / "robuild" / "build", "ro,size=1m")
+    (base / "garbage.bin").write_bytes(b"garbage")
     odd = os.fsencode(base / "nonutf")
     os.makedirs(odd)
     open(os.path.join(odd, b"bad\xff\xfe.txt"), "wb").close()
@@ -53,7 +56,7 @@ def world(cove, probe, tmp_path_factory):
     admin = json.loads((base / "admin.json").read_text())
     (base / "admin.json").write_text(json.dumps(dict(admin, audience="cove-kbs:test")))
     yield {"base": base, "app": app, "ro": readonly, "full": full, "runtime": small}
-    for where in (readonly, full, small):
+    for where in (readonly, full, small, base / "robuild" / "build"):
         subprocess.run(["umount", str(where)], check=False)
 
 
@@ -98,6 +101,8 @@ CASES = [
      "CA certificate /etc/hostname is not a PEM certificate"),
     ("admin key missing", ["kbs", "admin", "--url", UNREACHABLE, "--key", "/nonexistent.json", "secret", "list"],
      "base", ExitCode.NOT_FOUND, "admin key file /nonexistent.json not found"),
+    ("bad cove evidence", ["verify", "--type", "cove", "{base}/garbage.bin"], "base", ExitCode.INVALID_EVIDENCE,
+     "cove: error: Cove evidence: evidence is not valid CBOR"),
     ("serve policy not toml", SERVE + ["{base}/bad.toml"], "base", ExitCode.USAGE, "bad.toml: not valid TOML"),
     ("serve policy unknown key", SERVE + ["{base}/unknown.toml"], "base", ExitCode.USAGE,
      "unknown.toml: cove.bogus: not a setting for cove evidence"),
@@ -109,6 +114,7 @@ CASES = [
     ("build non-UTF-8 name", ["build"], "odd", ExitCode.USAGE, "image/opt/bad\\xff\\xfe.txt: the name is not valid UTF-8"),
     ("build non-UTF-8 link", ["build"], "oddlink", ExitCode.USAGE, "image/bin/link -> /etc/\\xff: the name is not valid"),
     # read-only folders, a full disk, an I/O error: the line names the file
+    ("build read-only", ["build"], "robuild", ExitCode.FILE_SYSTEM, "cannot write build/"),
     ("new read-only", ["new", "app"], "ro", ExitCode.FILE_SYSTEM, "cannot create app: Read-only file system"),
     ("keygen read-only", ["keygen", "--out", "{ro}/key.pem"], "base", ExitCode.FILE_SYSTEM,
      "/ro/key.pem: Read-only file system (the file system is read-only"),
@@ -190,3 +196,7 @@ def test_an_empty_image_builds_with_a_warning(cove, world):
     cove.ok("new", "empty", cwd=world["base"])
     built = cove.ok("build", cwd=world["base"] / "empty")
     assert "the image holds no files" in built.stderr and "cove add" in built.stderr
+
+
+def test_help_says_what_minus_c_does(cove):
+    assert "does not change directory" in " ".join(cove.ok("--help").stdout.split())
