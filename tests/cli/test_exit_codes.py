@@ -34,6 +34,7 @@ def world(cove, probe, tmp_path_factory):
     _mount_tmpfs(readonly, "ro,size=1m")
     _mount_tmpfs(full, "size=1m")
     _mount_tmpfs(small, "size=512k")
+    _mount_tmpfs(base / "tiny", "size=40k")
     cove.ok("package", str(base / "app.tar.gz"), cwd=app)
     cove.ok("kbs", "init", "--state", str(base / "kbs"))
     cove.ok("new", "robuild", cwd=base)
@@ -56,7 +57,7 @@ def world(cove, probe, tmp_path_factory):
     admin = json.loads((base / "admin.json").read_text())
     (base / "admin.json").write_text(json.dumps(dict(admin, audience="cove-kbs:test")))
     yield {"base": base, "app": app, "ro": readonly, "full": full, "runtime": small}
-    for where in (readonly, full, small, base / "robuild" / "build"):
+    for where in (readonly, full, small, base / "robuild" / "build", base / "tiny"):
         subprocess.run(["umount", str(where)], check=False)
 
 
@@ -120,6 +121,8 @@ CASES = [
      "/ro/key.pem: Read-only file system (the file system is read-only"),
     ("kbs init read-only", ["kbs", "init", "--state", "{ro}/kbs"], "base", ExitCode.FILE_SYSTEM,
      "/ro/kbs: Read-only file system"),
+    ("kbs init full disk", ["kbs", "init", "--state", "{base}/tiny/kbs"], "base", ExitCode.USAGE,
+     "kbs.db: database or disk is full"),
     ("package read-only", ["package", "{ro}/app.tar.gz"], "app", ExitCode.FILE_SYSTEM,
      "/ro/app.tar.gz: Read-only file system"),
     ("fs encrypt read-only", ["fs", "encrypt", "--key", "file:{base}/k.key", "{base}/plain.txt", "{ro}/out"], "base",
@@ -145,6 +148,7 @@ def test_nothing_half_written(cove, world):
     """After the failures above, no key, folder tree or partial copy was left behind."""
     assert not Path("/nonexistent").exists()
     assert not os.listdir(world["ro"])
+    assert not os.listdir(world["base"] / "tiny")  # a first kbs init that failed removed its state folder
     small = world["full"] / "small" / "image"
     assert not (small / "data").exists()
     leftovers = [p for p in small.parent.rglob("*") if "cove-" in p.name]

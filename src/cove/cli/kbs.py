@@ -45,8 +45,16 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
               if (folder / name).exists()}
     if master_key_file is not None and master_key_file.exists():
         before.add("master.key")
-    result = runner.init(folder, db, master_key_file, admin_name,
-                         tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed)
+    fresh = not folder.exists()
+    try:
+        result = runner.init(folder, db, master_key_file, admin_name,
+                             tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed)
+    except BaseException:
+        if fresh:  # a first init that failed (a full disk, a bad --db) leaves no half-made state behind
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
     def kept(*names: str) -> str:
         return " [existing, kept]" if before.intersection(names) else ""
