@@ -84,8 +84,12 @@ def test_tpm(cove):
             "--tpm-pcrs", VECTORS / "tpm/quote_pcrs.bin", "--ak", VECTORS / "tpm/ak_pub.pem"]
     result = json.loads(cove.ok(*args, "--nonce", nonce.hex(), "--json").stdout)
     assert result["evidence_type"] == "tpm" and "16" in result["claims"]["pcrs"]["sha256"]
+    # extraData is signed evidence: a wrong nonce is invalid evidence (exit 5), never "valid" then refused.
     wrong = cove(*args, "--nonce", (nonce + b"x").hex())
-    assert wrong.returncode == 6 and "extraData does not match the nonce" in error_line(wrong)
+    assert wrong.returncode == 5 and "tpm: quote extraData does not match the nonce" in error_line(wrong)
+    assert "valid tpm evidence" not in wrong.stdout
+    as_json = json.loads(cove(*args, "--nonce", (nonce + b"x").hex(), "--json").stdout)
+    assert as_json["valid"] is False and "extraData" in as_json["error"]
 
 
 @pytest.mark.parametrize("args, fragment", [

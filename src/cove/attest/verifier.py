@@ -145,7 +145,7 @@ def _amd_chains_for(vcek_der: bytes) -> list[bytes]:
     return list(roots.AMD_ASK_ARK.values())
 
 
-def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
+def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, nonce: bytes | None) -> Appraisal:
     from cove.attest.tpm import verify_tpm_quote
 
     if inputs.tpm_signature is None or inputs.tpm_pcrs is None:
@@ -163,7 +163,7 @@ def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: dat
     error: VerificationError | None = None
     for ak in aks:
         try:
-            return ap.from_tpm(verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, ak, None,
+            return ap.from_tpm(verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, ak, nonce,
                                                 event_log_check=check))
         except VerificationError as exc:
             error = exc
@@ -179,8 +179,12 @@ def _cove(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: da
 
 
 def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None, now: datetime | None = None,
-           inputs: Inputs = Inputs(), anchors: TrustAnchors = TrustAnchors()) -> Appraisal:
-    """Verify evidence; raises VerificationError naming the failed check."""
+           inputs: Inputs = Inputs(), anchors: TrustAnchors = TrustAnchors(), nonce: bytes | None = None) -> Appraisal:
+    """Verify evidence; raises VerificationError naming the failed check.
+
+    ``nonce``: a TPM quote's extraData must equal it (a signed field of the
+    evidence, so a mismatch is invalid evidence, not a policy refusal).
+    """
     if not isinstance(evidence, (bytes, bytearray, memoryview)):
         raise VerificationError(f"evidence must be bytes, got {type(evidence).__name__}")
     evidence = bytes(evidence)
@@ -203,7 +207,7 @@ def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None,
     if kind == "snp":
         return _snp(evidence, rules, inputs, anchors, now)
     if kind == "tpm":
-        return _tpm(evidence, rules, inputs, anchors, now)
+        return _tpm(evidence, rules, inputs, anchors, nonce)
     return _cove(evidence, rules, inputs, anchors, now)
 
 
@@ -213,5 +217,5 @@ def appraise(evidence: bytes, policy: Policy | None = None, *, kind: str = "auto
     """Verify and evaluate: raises VerificationError for invalid evidence, else a verdict."""
     now = now or datetime.now(timezone.utc)
     policy = policy or default_policy()
-    appraisal = verify(evidence, kind=kind, policy=policy, now=now, inputs=inputs, anchors=anchors)
+    appraisal = verify(evidence, kind=kind, policy=policy, now=now, inputs=inputs, anchors=anchors, nonce=nonce)
     return Verdict(appraisal, evaluate(policy, appraisal, nonce=nonce, report_data=report_data, now=now))
