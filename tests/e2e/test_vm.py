@@ -202,6 +202,22 @@ def test_guest_that_never_boots_times_out(cove, vm_instance):
         cove.ok("build", cwd=vm_instance)
 
 
+def test_what_vm_lacks_is_refused_before_boot(cove, pair):
+    sim_instance, vm_instance = pair
+    config = vm_instance / "cove.toml"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace('mode = "none"', 'mode = "host"', 1))
+        cove.ok("build", cwd=vm_instance)
+        result = cove("run", "/bin/hello", cwd=vm_instance)
+        assert result.returncode != 0 and 'network = "host" is not available' in error_line(result)
+    finally:
+        config.write_text(original)
+        cove.ok("build", cwd=vm_instance)
+    sim_build = cove("run", "--backend", "vm", "/bin/hello", cwd=sim_instance)
+    assert sim_build.returncode != 0 and "no vm launch measurement" in error_line(sim_build)
+
+
 def test_vm_config_is_checked(cove, vm_instance):
     config = vm_instance / "cove.toml"
     original = config.read_text()

@@ -265,6 +265,7 @@ class VmEnclave(RunningEnclave):
             self.stop()
         for thread in self._threads[1:]:
             thread.join(timeout=5)
+        self._record_timing()
         if self.guest_error:
             raise CoveError(f"the vm's init failed: {self.guest_error}")
         if self.exit_code is None:
@@ -273,6 +274,14 @@ class VmEnclave(RunningEnclave):
             raise CoveError(f"the vm ended without the program's exit code (QEMU exit status {status}"
                             + (f": {reason}" if reason else "") + ")")
         return self.exit_code
+
+    def _record_timing(self) -> None:
+        """For bench/startup.py: seconds from QEMU's start to the program's exec, as a JSON line."""
+        path = os.environ.get("COVE_VM_TIMINGS")
+        if path and self.ready_at is not None:
+            with open(path, "a") as out:
+                out.write(json.dumps({"isolation": self.isolation,
+                                      "boot_ms": round((self.ready_at - self.launched_at) * 1000, 1)}) + "\n")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -306,6 +315,9 @@ class VmBackend(Backend):
         if unsupported:
             raise CoveError(f"{unsupported[0]} (an encrypted mount or a file secret) is not available on the "
                             "vm backend yet", "use backend = \"sim\" for it")
+        if spec.config.network.mode == "host":
+            raise CoveError("network = \"host\" is not available on the vm backend yet (its guests have no "
+                            "network device)", "use \"none\" or \"loopback\", or backend = \"sim\"")
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
         signer, attestation_type = _platform_signer()
