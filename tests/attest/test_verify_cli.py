@@ -110,3 +110,21 @@ def test_json_output_on_invalid_evidence(cove):
     result = cove("verify", VECTORS / "sgx/quote.bin", "--collateral", VECTORS / "sgx/collateral.json", "--json")
     assert result.returncode == 5
     assert json.loads(result.stdout) == {"valid": False, "accepted": False, "error": error_line(result)[len("cove: error: "):]}
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["verify", "/dev/zero"], 5, "evidence /dev/zero: larger than 4 MiB"),
+    (["verify", "-"], 5, "evidence -: larger than 4 MiB"),
+    (["verify", "{v}/snp/report.bin", "--vcek", "/dev/zero"], 5, "VCEK /dev/zero: larger than 4 MiB"),
+    (["verify", "{v}/sgx/quote.bin", "--collateral", "/dev/zero"], 5, "collateral /dev/zero: larger than 4 MiB"),
+    (["verify", "{v}/snp/report.bin", "--policy", "/dev/zero"], 2, "policy /dev/zero: larger than 1 MiB"),
+])
+def test_endless_inputs_are_capped_while_reading(cove, args, code, fragment):
+    """`cove verify /dev/zero` returns at once: inputs are read up to a cap, never to their end."""
+    import subprocess
+
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run(cove.popen_args(*[a.format(v=VECTORS) for a in args]), stdin=zero,
+                                capture_output=True, text=True, timeout=30, env=cove.env)
+    assert result.returncode == code, result.stderr
+    assert fragment in error_line(result)

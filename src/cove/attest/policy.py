@@ -132,12 +132,25 @@ def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file (TOML, or JSON if it ends in .json or starts with '{')."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = _read_bounded(path)
+        if raw is None:
+            raise PolicyError(f"policy {path}: larger than {MAX_FILE >> 20} MiB, which no policy is")
+        text = raw.decode()
     except FileNotFoundError:
         raise PolicyError(f"policy {path}: not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"policy {path}: cannot read: {exc}") from None
     return parse_policy(text, source=str(path), base=path.parent)
+
+
+MAX_FILE = 1 << 20  # a policy or a certificate it names; /dev/zero must not hang the verifier
+
+
+def _read_bounded(path: Path) -> bytes | None:
+    """The file's bytes, or None if it is larger than MAX_FILE (read no further)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE + 1)
+    return None if len(data) > MAX_FILE else data
 
 
 def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path | None = None) -> Policy:
@@ -377,7 +390,9 @@ class _Parser:
                 if not path.is_absolute() and self.base is not None:
                     path = self.base / path
                 try:
-                    pem = path.read_bytes()
+                    pem = _read_bounded(path)
+                    if pem is None:
+                        raise self.fail(key, f"certificate file {item} is larger than {MAX_FILE >> 20} MiB")
                 except OSError as exc:
                     raise self.fail(key, f"cannot read certificate file {item}: {exc.strerror or exc}") from None
             try:

@@ -27,13 +27,27 @@ def default_token_key() -> Path:
     return config_home / "cove" / "verifier-key.pem"
 
 
+MAX_INPUT = 4 << 20  # evidence and its collateral are KiBs; /dev/zero or a wrong file must not hang the verifier
+
+
 def _read(path: str, what: str) -> bytes:
+    """A whole input file or stdin, read at most MAX_INPUT + 1 bytes; larger is invalid evidence (exit 5)."""
+    from cove.attest.errors import VerificationError
+
     try:
-        return click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
+        if path == "-":
+            data = click.get_binary_stream("stdin").read(MAX_INPUT + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_INPUT + 1)
     except FileNotFoundError:
         raise CoveError(f"{what} {path}: not found") from None
     except OSError as exc:
         raise CoveError(f"{what} {path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_INPUT:
+        raise VerificationError(f"{what} {path}: larger than {MAX_INPUT >> 20} MiB, more than any evidence or "
+                                "collateral is", "check the file name")
+    return data
 
 
 def _evidence_bytes(raw: bytes) -> bytes:
