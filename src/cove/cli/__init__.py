@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -80,8 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.FileError as exc:  # a FILE argument click opens itself
+        code = ExitCode.FILE_SYSTEM if os.path.exists(exc.ui_filename) else ExitCode.NOT_FOUND
+        return _fail(exc, exc.format_message(), code)
     except click.ClickException as exc:
-        return _fail(exc, _usage_line(exc), exc.exit_code)
+        cause = exc.__context__  # click.File reports an OSError as a bad parameter
+        if isinstance(cause, OSError):
+            code = ExitCode.NOT_FOUND if cause.errno == errno.ENOENT else ExitCode.FILE_SYSTEM
+            return _fail(exc, exc.format_message(), code)
+        return _fail(exc, _usage_line(exc), ExitCode.USAGE)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     return result if isinstance(result, int) else 0
