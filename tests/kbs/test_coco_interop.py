@@ -233,6 +233,7 @@ def test_init_data_is_a_claim_for_sample(broker, client):
     body = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'
     one = client(init_data=body)
     one.get_token()
+    assert one.sent["attest"].startswith(b'{"init-data":{"format":"toml","body":' + json.dumps(body).encode() + b"},")
     claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))["tcb-status"]
     import hashlib
 
