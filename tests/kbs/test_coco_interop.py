@@ -536,3 +536,33 @@ def test_snp_vector_in_the_attesters_shape(broker, client, report, key, key_type
     assert f"{TYPE_PREFIX}{kind}" in caught.value.detail
     entry = attest_log(broker)
     assert entry["outcome"] == "denied" and words in entry["detail"], entry
+
+
+# -- init-data bound to each TEE's configuration field -------------------------------------------------
+def test_init_data_binding_per_tee():
+    from cove.attest.appraisal import Appraisal
+    from cove.kbs import coco_evidence
+
+    body = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\nkey = "v"\n'
+    init = coco_evidence.init_data({"format": "toml", "body": body})
+    digest = hashlib.sha256(body.encode()).digest()
+    assert init.digest == digest
+    cases = [
+        ("tdx", Appraisal("tdx", claims={"body": {"mr_config_id": (digest + bytes(16)).hex()}}), True),
+        ("tdx", Appraisal("tdx", claims={"body": {"mr_config_id": bytes(48).hex()}}), False),
+        ("snp", Appraisal("snp", claims={"report": {"host_data": digest.hex()}}), True),
+        ("snp", Appraisal("snp", claims={"report": {"host_data": bytes(32).hex()}}), False),
+        ("az-snp-vtpm", Appraisal("snp", pcrs={"sha256": {8: hashlib.sha256(bytes(32) + digest).digest()}}), True),
+        ("az-snp-vtpm", Appraisal("snp", pcrs={"sha256": {8: bytes(32)}}), False),
+        ("cove", Appraisal("cove"), False),
+        ("tpm", Appraisal("tpm"), False),
+    ]
+    for tee, result, bound in cases:
+        if bound:
+            claims = coco_evidence.bind_init_data(tee, result, init)
+            assert claims["init_data"] == digest.hex() and claims["init_data_claims"] == {"key": "v"}, tee
+        else:
+            with pytest.raises(Problem) as caught:
+                coco_evidence.bind_init_data(tee, result, init)
+            assert caught.value.kind in ("EvidenceBinding", "EvidenceInvalid"), tee
+    assert coco_evidence.bind_init_data("tdx", cases[1][1], None) == {}  # no init-data, nothing to bind
