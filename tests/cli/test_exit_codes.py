@@ -209,3 +209,13 @@ def test_an_empty_image_builds_with_a_warning(cove, world):
 
 def test_help_says_what_minus_c_does(cove):
     assert "does not change directory" in " ".join(cove.ok("--help").stdout.split())
+
+
+def test_an_unreachable_broker_at_run_is_not_a_refusal(cove, world, tmp_path):
+    app = make_instance(cove, tmp_path, name="prov", build=False, extra=(
+        '\n[attestation]\nkbs = "http://127.0.0.1:1"\nretries = 0\n'
+        '\n[[secrets]]\nname = "s"\nresource = "a/b/c"\ntarget = "env:S"\n'))
+    cove.ok("build", cwd=app)
+    result = cove("run", "/bin/sh", "-c", "echo started", cwd=app, env={"COVE_PLATFORM_DIR": str(tmp_path / "pf")})
+    assert "cannot reach the broker at http://127.0.0.1:1" in error_line(result)
+    assert result.returncode == ExitCode.UNREACHABLE and "started" not in result.stdout

@@ -99,8 +99,10 @@ class ProvisioningService(EnclaveService):
                                         retries=attestation.retries, timeout=attestation.timeout,
                                         broker_policy=attestation.kbs_policy)
                 except KbsError as exc:
-                    raise ProvisioningError(f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
-                                            exc.hint or "the program was not started") from None
+                    error = ProvisioningError(f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
+                                              exc.hint or "the program was not started")
+                    error.exit_code = exc.exit_code  # unreachable (7) is not refused (6): docs/cli.md
+                    raise error from None
                 except CoveError as exc:
                     raise ProvisioningError(f"provisioning secrets failed: {exc.line()}",
                                             "the program was not started") from None
