@@ -554,8 +554,9 @@ def test_init_data_binding_per_tee():
         ("snp", Appraisal("snp", claims={"report": {"host_data": bytes(32).hex()}}), False),
         ("az-snp-vtpm", Appraisal("snp", pcrs={"sha256": {8: hashlib.sha256(bytes(32) + digest).digest()}}), True),
         ("az-snp-vtpm", Appraisal("snp", pcrs={"sha256": {8: bytes(32)}}), False),
-        ("cove", Appraisal("cove"), False),
+        ("tpm", Appraisal("tpm", pcrs={"sha256": {8: hashlib.sha256(bytes(32) + digest).digest()}}), True),
         ("tpm", Appraisal("tpm"), False),
+        ("cove", Appraisal("cove"), False),
     ]
     for tee, result, bound in cases:
         if bound:

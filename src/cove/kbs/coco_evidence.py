@@ -365,16 +365,17 @@ def bind_init_data(tee: str, result, init: InitData | None) -> dict:
     """The init-data claims to add to the attestation's claims, once init-data is bound to the evidence.
 
     ``sample`` proves nothing, so (as Trustee's sample verifier does) its init-data is reported, not
-    checked. TDX and SNP compare the digest with MRCONFIGID / HOSTDATA. Cove evidence has no
-    host-chosen configuration field (an enclave's configuration is in its measurement) and TPM
-    quotes none, so init-data with them is refused rather than passed on unchecked.
+    checked. TDX and SNP compare the digest with MRCONFIGID / HOSTDATA; TPM and az-snp-vtpm quotes
+    with PCR 8, which the attester extends once with it. Cove evidence has no host-chosen
+    configuration field (an enclave's configuration is in its measurement), so init-data with it
+    is refused rather than passed on unchecked.
     """
     if init is None:
         return {}
     claims = {"init_data": init.digest.hex(), "init_data_algorithm": init.algorithm, "init_data_claims": init.data}
     if tee == "sample":
         return claims
-    if tee == "az-snp-vtpm":  # Trustee: PCR 8 = SHA-256(32 zero bytes || the init-data digest)
+    if tee in ("tpm", "az-snp-vtpm"):  # Trustee: PCR 8 = SHA-256(32 zero bytes || the init-data digest)
         pcr8 = (result.pcrs.get("sha256") or {}).get(8)
         if len(init.digest) != 32 or pcr8 is None or not hmac.compare_digest(
                 pcr8, hashlib.sha256(bytes(32) + init.digest).digest()):
