@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cove.config import Config
-from cove.errors import CoveError
+from cove.errors import CannotExecuteError, CoveError, ProgramNotFoundError
 from cove.image import artifacts, encryption, package as package_mod
 from cove.image import elf
 from cove.image.artifacts import VerifiedBuild
@@ -99,20 +99,21 @@ def build_environment(config: Config, host: dict[str, str] | None = None) -> dic
 def _check_program(root: Path, program: str) -> None:
     path = resolve_in_image(root, program, follow_last=True)
     if not path.is_file():
-        raise CoveError(f"{program} is not in the image", "add it with `cove add` and rebuild")
+        raise ProgramNotFoundError(f"{program} is not in the image", "add it with `cove add` and rebuild")
     if not os.access(path, os.X_OK):
-        raise CoveError(f"{program} is not executable", "chmod +x it in image/ and rebuild")
+        raise CannotExecuteError(f"{program} is not executable", "chmod +x it in image/ and rebuild")
 
 
 def _validate_request(verified: VerifiedBuild, request: RunRequest) -> str:
     program = request.program
     if not program.startswith("/"):
-        raise CoveError(f"{program}: give the program's absolute path inside the enclave, e.g. /bin/{program}")
+        example = "/bin/" + posixpath.basename(posixpath.normpath(program))
+        raise CoveError(f"{program}: give the program's absolute path inside the enclave, e.g. {example}")
     program = posixpath.normpath(program)
     config = verified.config
     if request.debug_shell:
         if not config.enclave.debug:
-            raise CoveError("--debug needs a debug enclave",
+            raise CoveError("--debug-enclave needs a debug enclave",
                             "set [enclave] debug = true and rebuild; never ship a debug enclave")
     elif not allowed(program, config.process.entry_points):
         raise CoveError(f"{program} is not an entry point of this enclave",
