@@ -14,6 +14,7 @@ interpreter itself (`python3 -c pass`, some 60 files read), plain and encrypted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import cbor2
 
 ROOT = Path(__file__).resolve().parents[1]
 COVE = str(Path(sys.executable).parent / "cove")
@@ -87,9 +90,54 @@ def peak_rss_mb(root: Path, env: dict) -> float:
     return peak / 1024
 
 
+def vm_rows(work: Path, hello: Path, env: dict, runs: int, sim_ms: float) -> None:
+    """The small image again with backend = "vm": boot to the program's exec, wall time, memory."""
+    cove("new", "vm-small", cwd=work, env=env)
+    root = work / "vm-small"
+    cove("add", "--no-deps", "--to", "/bin", str(hello), cwd=root, env=env)
+    cove("add", "/bin/cat", cwd=root, env=env)
+    config = root / "cove.toml"
+    config.write_text(config.read_text().replace('backend = "auto"', 'backend = "vm"'))
+    cove("build", cwd=root, env=env)
+    timings = work / "vm-timings.jsonl"
+    vm_env = dict(env, COVE_VM_TIMINGS=str(timings))
+    wall = timed([COVE, "-C", str(root), "run", "/bin/hello"], runs, vm_env)
+    lines = [json.loads(line) for line in timings.read_text().splitlines()][1:]  # after the warm-up
+    boot = statistics.median(t["boot_ms"] for t in lines)
+    meminfo = subprocess.run([COVE, "-C", str(root), "run", "/bin/cat", "/proc/meminfo"], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in meminfo.splitlines() if line.endswith("kB")}
+    used = (fields["MemTotal"] - fields["MemAvailable"]) / 1024
+    launch = cbor2.loads((root / "build" / "vm" / "launch.cbor").read_bytes())
+    withheld = launch["memory"] / 2**20 - fields["MemAvailable"] / 1024
+    print(f"{lines[0]['isolation']}, small image: QEMU start to the program's exec {boot:.0f} ms "
+          f"(median), cove run {wall:.0f} ms (x{wall / sim_ms:.1f} sim's cove run)")
+    print(f"vm, small image: guest RAM {launch['memory'] / 2**20:.0f} MB, of which not available to the "
+          f"program as it starts {withheld:.1f} MB (in use by kernel, init and initramfs {used:.1f} MB, "
+          f"MemTotal - MemAvailable); QEMU peak RSS {qemu_peak_rss_mb(root, env):.1f} MB")
+
+
+def qemu_peak_rss_mb(root: Path, env: dict) -> float:
+    """VmHWM of the QEMU process while its guest's program sleeps for a second."""
+    proc = subprocess.Popen([COVE, "run", "/bin/hello", "sleep"], cwd=root, env=env, stdout=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"qemu-system" in (entry / "cmdline").read_bytes():
+                    for line in (entry / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+        time.sleep(0.1)
+    return peak / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--vm-runs", type=int, default=5, help="runs per vm figure (each boots a VM)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-"))
     env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"))
@@ -113,6 +161,8 @@ def main() -> None:
                   f"overhead over bwrap {bare_ms - bwrap:.1f} ms; the attestation server adds "
                   f"{cove_ms - bare_ms:.1f} ms")
             print(f"{label} image: peak RSS of the cove process {peak_rss_mb(root, env):.1f} MB")
+            if not python and args.vm_runs:
+                vm_rows(work, hello, env, args.vm_runs, cove_ms)
             interpreter = [COVE, "-C", str(root), "run", "/usr/bin/python3.11", "-c", "pass"]
             plain_py = timed(interpreter, args.runs, env) if python else 0.0
             cove("build", "--encrypt-image", "seal:mrsigner", cwd=root, env=env)

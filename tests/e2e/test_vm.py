@@ -186,6 +186,16 @@ def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
     assert os.listdir(runtime) == []  # no private folder, socket or copied kernel left behind
     assert not _qemu_children(run.pid)
 
+    # kill -9 of `cove run` itself takes its QEMU along
+    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"), cwd=vm_instance,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "ready\n"
+    qemu = _wait_for(lambda: _qemu_children(run.pid))[0]
+    run.kill()
+    run.communicate(timeout=30)
+    _wait_for(lambda: not os.path.exists(f"/proc/{qemu}") or "zombie" in Path(f"/proc/{qemu}/status").read_text(),
+              timeout=10)
+
 
 def test_guest_that_never_boots_times_out(cove, vm_instance):
     config = vm_instance / "cove.toml"

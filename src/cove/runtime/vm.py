@@ -13,9 +13,11 @@ reports its exit code on cove.ctl. KVM is used when a probe boot shows that
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -34,6 +36,7 @@ from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEncla
 NAME = "vm"
 KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
 PROBE_TIMEOUT = 10.0  # a kernel that KVM boots answers in well under a second
+PR_SET_PDEATHSIG = 1
 EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the exit code
 
 
@@ -119,10 +122,17 @@ def _boot(description: dict, kernel: Path, initrd: Path, accel: str, workdir: Pa
     errors = open(workdir / "qemu.err", "wb")
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
-                                pass_fds=ports.guest_fds(), close_fds=True, start_new_session=True)
+                                pass_fds=ports.guest_fds(), close_fds=True, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     finally:
         errors.close()
         ports.close_guest_ends()
+
+
+def _die_with_parent() -> None:
+    """In QEMU's process before exec: SIGKILL when `cove run` dies, even by SIGKILL itself."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _last_line(path: Path) -> str:
