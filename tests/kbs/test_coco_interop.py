@@ -187,6 +187,7 @@ def test_unsupported_tee_refused_with_401(broker, client, tee):
     with pytest.raises(coco.CocoError) as caught:
         one.get_resource("default/key/any")
     assert caught.value.variant == "RcarHandshake" and "UnknownTee" in caught.value.detail
+    assert "az-snp-vtpm" in caught.value.detail  # the refusal names what is verified
     assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 401)]
 
 

@@ -291,7 +291,14 @@ def normalize_tee(tee) -> str:
 
     if isinstance(tee, str) and tee in coco_azure.TEES:
         return tee
-    return appraisal.normalize_tee(tee)
+    try:
+        return appraisal.normalize_tee(tee)
+    except Problem as problem:
+        if not isinstance(tee, str):
+            raise
+        known = ", ".join((*appraisal.TEE_TYPES, *coco_azure.TEES))
+        raise Problem("UnknownTee", f"tee {tee[:32]!r} is not verified by this broker (it verifies {known}; "
+                                    f"docs/formats/kbs-evidence.md)") from problem
 
 
 def appraise(tee: str, evidence: dict, runtime_data: dict, anchors, now):
