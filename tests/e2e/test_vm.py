@@ -24,7 +24,7 @@ from cove.attest.cove_verify import verify_cove_evidence
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod
 from tests.conftest import ROOT, error_line, require
-from tests.e2e.helpers import make_instance
+from tests.e2e.helpers import make_instance, set_option
 
 SCRIPT = "echo out $$; id -u; ls /; echo err >&2; exit 7"
 
@@ -73,6 +73,21 @@ def test_c_and_shell_same_as_sim(cove, pair):
     assert on_vm.returncode == 7 and on_vm.stdout.startswith("out 2\n0\n") and on_vm.stderr == "err\n"
     assert cove.ok("run", "/bin/hello", "world", cwd=vm).stdout == "hello from enclave hello-enclave (pid 2) world\n"
     assert cove("run", "/bin/cat", cwd=vm, input="through stdin\n").stdout == "through stdin\n"
+
+
+def test_python_example_same_as_sim(cove, tmp_path):
+    require("python3.11")
+    outputs = []
+    for backend in ("sim", "vm"):
+        cove.ok("new", backend, cwd=tmp_path)
+        root = tmp_path / backend
+        cove.ok("add", "--bom", str(ROOT / "examples" / "python" / "cove.bom"), cwd=root)
+        set_option(root / "cove.toml", "enclave", "backend", f'"{backend}"')
+        cove.ok("build", cwd=root)
+        result = cove("run", "/usr/bin/python3.11", "/app/app.py", "hello", cwd=root)
+        outputs.append((result.returncode, result.stdout))
+    assert outputs[0] == outputs[1] and outputs[1][0] == 0
+    assert '"sqlite_sum": 45' in outputs[1][1]
 
 
 def test_launch_measurement_in_manifest(cove, pair, tmp_path):
