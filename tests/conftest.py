@@ -6,9 +6,11 @@ A missing system dependency fails the test with the setup command to run.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +43,12 @@ class Cove:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
         self.env["XDG_CONFIG_HOME"] = str(home)
         self.env["HOME"] = str(home)
+        self.prefix: list[str] = []  # e.g. setpriv, to run cove as another user
 
     def __call__(self, *args: str, cwd: Path | None = None, input: str | None = None,
                  timeout: float = 120, env: dict | None = None) -> Result:
         full_env = dict(self.env, **(env or {}))
-        proc = subprocess.run([COVE, *map(str, args)], cwd=cwd, input=input, capture_output=True,
+        proc = subprocess.run([*self.prefix, COVE, *map(str, args)], cwd=cwd, input=input, capture_output=True,
                               text=True, timeout=timeout, env=full_env)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -55,7 +58,7 @@ class Cove:
         return result
 
     def popen_args(self, *args: str) -> list[str]:
-        return [COVE, *map(str, args)]
+        return [*self.prefix, COVE, *map(str, args)]
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.popen_args(*args), env=self.env, **kwargs)
@@ -75,6 +78,64 @@ def probe(tmp_path_factory) -> Path:
     subprocess.run(["gcc", "-O1", "-Wall", "-o", str(out), str(ROOT / "tests" / "e2e" / "probe.c")],
                    check=True)
     return out
+
+
+TEST_USER = "cove-test"
+
+
+@pytest.fixture(scope="session")
+def user_cove() -> Cove:
+    """`cove` run as an unprivileged account (cove-test, made here if missing), in a folder it owns.
+
+    Its ``workdir`` holds instances and a copy of the probe; the checkout and
+    its venv must be readable by every user (clone it outside /root).
+    """
+    if os.geteuid() == 0:
+        require("useradd")
+        setpriv = require("setpriv")
+        try:
+            account = pwd.getpwnam(TEST_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+                           check=True, capture_output=True)
+            account = pwd.getpwnam(TEST_USER)
+        uid, gid = account.pw_uid, account.pw_gid
+        prefix = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    else:
+        uid, gid, prefix = os.getuid(), os.getgid(), []
+    base = Path(tempfile.mkdtemp(prefix="cove-test-user-"))
+    (base / "home").mkdir()
+    for path in (base, base / "home"):
+        os.chown(path, uid, gid)
+    runner = Cove(base / "home")
+    runner.env["COVE_PLATFORM_DIR"] = str(base / "home" / "platform")  # /var/lib/cove is root's
+    runner.prefix = prefix
+    runner.workdir = base
+    runner.uid, runner.gid = uid, gid
+    # cove starts Python again for its services: the interpreter must be reachable too (a venv made
+    # from a Python under /root is not)
+    check = subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', sys.executable],
+                           capture_output=True, text=True, cwd=base)
+    if check.returncode != 0:
+        pytest.fail(f"{TEST_USER} cannot run {sys.executable} ({check.stderr.strip()[:200]}): make the "
+                    "checkout and the venv's Python readable by every user (e.g. clone outside /root and "
+                    "make .venv from /usr/bin/python3), then run scripts/setup", pytrace=False)
+    yield runner
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["root", "user"])
+def whoever(request, tmp_path_factory, probe):
+    """(cove, a folder for instances, the probe) for root, then for an unprivileged user."""
+    if request.param == "root":
+        return request.getfixturevalue("cove"), tmp_path_factory.mktemp("as-root"), probe
+    runner = request.getfixturevalue("user_cove")
+    parent = Path(tempfile.mkdtemp(prefix="as-user-", dir=runner.workdir))
+    copy = parent / "probe"
+    shutil.copy(probe, copy)
+    for path in (parent, copy):
+        os.chown(path, runner.uid, runner.gid)
+    return runner, parent, copy
 
 
 def error_line(result: Result) -> str:

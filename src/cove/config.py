@@ -71,6 +71,13 @@ class NetworkSection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    """[security]: kernel interfaces the sandbox denies unless the enclave asks (measured)."""
+
+    io_uring: bool = False  # io_uring bypasses per-syscall filtering (e.g. IORING_OP_SOCKET)
+
+
+@dataclass(frozen=True)
 class Mount:
     target: str
     type: str
@@ -125,6 +132,7 @@ class Config:
     process: ProcessSection = field(default_factory=ProcessSection)
     env: EnvSection = field(default_factory=EnvSection)
     network: NetworkSection = field(default_factory=NetworkSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     mounts: tuple[Mount, ...] = ()
     attestation: AttestationSection | None = None
     secrets: tuple[Secret, ...] = ()
@@ -223,7 +231,7 @@ class _Validator:
 
     def config(self, data: dict) -> Config:
         self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts", "attestation",
-                              "secrets", "vm") + RESERVED_SECTIONS)
+                              "secrets", "vm", "security") + RESERVED_SECTIONS)
         for section in RESERVED_SECTIONS:
             if section in data:
                 raise self.fail(section, "is not supported by this version of Cove yet")
@@ -238,6 +246,7 @@ class _Validator:
             process=self.process(data.get("process", {})),
             env=self.env(data.get("env", {})),
             network=self.network(data.get("network", {})),
+            security=self.security(data.get("security", {})),
             mounts=mounts,
             attestation=attestation,
             secrets=self.secrets(data.get("secrets", []), attestation, mounts),
@@ -316,6 +325,10 @@ class _Validator:
             raise self.fail("env.passthrough", "must be a list of variable names")
         return EnvSection(default=tuple(sorted(default.items())),
                           passthrough=tuple(sorted(set(passthrough))))
+
+    def security(self, data: Any) -> SecuritySection:
+        data = self.table(data, "security", ("io_uring",))
+        return SecuritySection(io_uring=self.boolean(data, "security", "io_uring", False))
 
     def network(self, data: Any) -> NetworkSection:
         data = self.table(data, "network", ("mode",))
@@ -540,7 +553,15 @@ def to_measured(config: Config) -> dict:
         "mounts": [_measured_mount(m) for m in config.mounts],
         **_measured_attestation(config),
         **_measured_vm(config),
+        **_measured_security(config),
     }
+
+
+def _measured_security(config: Config) -> dict:
+    """[security], measured when it differs from the default (older manifests keep their measurement)."""
+    if config.security == SecuritySection():
+        return {}
+    return {"security": {"io_uring": config.security.io_uring}}
 
 
 def _measured_vm(config: Config) -> dict:

@@ -2,6 +2,9 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <linux/netlink.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,6 +19,16 @@
 #include <unistd.h>
 
 extern char **environ;
+
+static int family_of(const char *name) {
+    if (!strcmp(name, "unix")) return AF_UNIX;
+    if (!strcmp(name, "inet")) return AF_INET;
+    if (!strcmp(name, "inet6")) return AF_INET6;
+    if (!strcmp(name, "packet")) return AF_PACKET;
+    if (!strcmp(name, "netlink")) return AF_NETLINK;
+    if (!strcmp(name, "vsock")) return 40; /* AF_VSOCK */
+    return -1;
+}
 
 static int report(const char *what, long rc) {
     if (rc < 0) { printf("%s: denied %s\n", what, strerror(errno)); return 1; }
@@ -52,6 +65,39 @@ int main(int argc, char **argv) {
         if (rc == 0) _exit(0);
         if (rc > 0) waitpid(rc, 0, 0);
         return report("clone-newns", rc);
+    }
+    if (!strcmp(check, "write")) { /* write ARG[3] (default "1") into the file ARG[2] */
+        const char *value = argc > 3 ? argv[3] : "1";
+        int fd = open(argv[2], O_WRONLY);
+        if (fd < 0) return report("write", -1);
+        long rc = write(fd, value, strlen(value));
+        close(fd);
+        return report("write", rc);
+    }
+    if (!strcmp(check, "read")) { /* how many bytes the file ARG[2] gives */
+        int fd = open(argv[2], O_RDONLY);
+        if (fd < 0) return report("read", -1);
+        char buf[4096];
+        long total = 0, n;
+        while ((n = read(fd, buf, sizeof buf)) > 0) total += n;
+        printf("read: %ld bytes\n", total);
+        return 0;
+    }
+    if (!strcmp(check, "socket")) { /* socket FAMILY: unix inet inet6 packet netlink vsock */
+        int family = family_of(argv[2]);
+        int type = family == AF_PACKET || family == AF_NETLINK ? SOCK_RAW : SOCK_STREAM;
+        return report("socket", socket(family, type, 0));
+    }
+    if (!strcmp(check, "socket-high-bits")) /* AF_INET with high bits the kernel ignores */
+        return report("socket-high-bits", syscall(SYS_socket, 0x100000002UL, SOCK_STREAM, 0));
+    if (!strcmp(check, "socketpair")) { /* socketpair FAMILY */
+        int fds[2];
+        return report("socketpair", socketpair(family_of(argv[2]), SOCK_STREAM, 0, fds));
+    }
+    if (!strcmp(check, "io_uring")) {
+        struct io_uring_params params;
+        memset(&params, 0, sizeof params);
+        return report("io_uring", syscall(SYS_io_uring_setup, 4, &params));
     }
     if (!strcmp(check, "env")) { for (char **e = environ; *e; e++) puts(*e); return 0; }
     if (!strcmp(check, "alloc")) {

@@ -14,6 +14,7 @@ plain certificate, is refused with one line.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cove import hostids
 from cove.kbs.client import AdminClient
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance, set_option
@@ -88,6 +90,8 @@ class EnclaveBroker:
         self.state = base / "kbs-state"
         cove.ok("kbs", "init", "--state", self.state, "--tls-name", "localhost")
         (self.state / "policy.toml").write_text(tpm_policy([platform], pinned=platform))
+        for path in (self.state, *self.state.rglob("*")):  # the enclave's host user (never host root)
+            os.chown(path, *hostids.enclave_range().host(0, 0))
         self.instance = make_instance(cove, base, name="kbs", build=False, options={
             ("network", "mode"): '"host"',
             ("env", "default"): f'{{ PATH = "/usr/bin:/bin", HOME = "/root", LANG = "C.UTF-8", PYTHONPATH = "{SITE}" }}'},

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 
+from cove import hostids
 from tests.e2e.helpers import make_instance
 
 
@@ -31,6 +33,7 @@ def test_host_mounts_are_read_only_unless_writable(cove, probe, tmp_path):
     ro, rw = tmp_path / "ro", tmp_path / "rw"
     ro.mkdir()
     rw.mkdir()
+    os.chown(rw, *hostids.enclave_range().host(0, 0))  # the enclave's host user (never host root)
     (ro / "data.txt").write_text("from the host\n")
     root = make_instance(cove, tmp_path, probe, extra=(
         f'\n[[mounts]]\ntarget = "/ro"\ntype = "host"\nsource = "{ro}"\n'

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from cove import hostids
 from tests.conftest import error_line
 from tests.e2e.helpers import make_instance, set_option
 
@@ -18,6 +19,7 @@ def app(cove, probe, tmp_path):
     """An instance whose entry program leaves a marker on a writable host mount."""
     out = tmp_path / "out"
     out.mkdir()
+    os.chown(out, *hostids.enclave_range().host(0, 0))  # the enclave's host user (never host root)
     root = make_instance(cove, tmp_path, probe, build=False, extra=(
         f'\n[[mounts]]\ntarget = "/out"\ntype = "host"\nsource = "{out}"\nwritable = true\n'))
     script = root / "image" / "bin" / "start"

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from cove import hostids
 from cove.errors import CoveError
 from cove.fs.errors import FileIntegrityError
 from cove.fs.index import Node
@@ -53,7 +54,7 @@ class VolumeOperations(pyfuse3.Operations):
         self._dirs: dict[int, Node] = {}
         self.errors = 0
         self._commit_now = trio.Event()  # set by a last writer's release: the committer commits at once
-        self.ids: hostids.IdRange | None = None  # serving a root-started enclave: its host id range
+        self.ids: hostids.IdRange | None = None  # an enclave's mount: ids relative to its host user
 
     def _owner(self, ctx) -> tuple[int, int]:
         """The ids stored for a request: the enclave's own ids, not the host's."""
@@ -86,8 +87,7 @@ class VolumeOperations(pyfuse3.Operations):
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_mode = node.mode
         attr.st_nlink = (2 + sum(1 for c in node.children.values() if c.kind == "d")) if node.kind == "d" else 1
-        attr.st_uid = node.uid
-        attr.st_gid = node.gid
+        attr.st_uid, attr.st_gid = self.ids.host(node.uid, node.gid) if self.ids else (node.uid, node.gid)
         attr.st_rdev = 0
         size = self.volume.file_size(node)
         attr.st_size = size
@@ -145,11 +145,12 @@ class VolumeOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         try:
             node = self._node(inode)
+            uid, gid = self.ids.inside(attr.st_uid, attr.st_gid) if self.ids else (attr.st_uid, attr.st_gid)
             self.volume.setattr(
                 node,
                 mode=attr.st_mode if fields.update_mode else None,
-                uid=attr.st_uid if fields.update_uid else None,
-                gid=attr.st_gid if fields.update_gid else None,
+                uid=uid if fields.update_uid else None,
+                gid=gid if fields.update_gid else None,
                 size=attr.st_size if fields.update_size else None,
                 mtime=attr.st_mtime_ns if fields.update_mtime else None)
             return self.attributes(node)
@@ -164,14 +165,14 @@ class VolumeOperations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         try:
-            node = self.volume.mkdir(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            node = self.volume.mkdir(self._node(parent_inode), name, mode & ~ctx.umask, *self._owner(ctx))
             return self._entry(node)
         except Exception as exc:
             raise self._fail(exc) from None
 
     async def symlink(self, parent_inode, name, target, ctx):
         try:
-            return self._entry(self.volume.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid))
+            return self._entry(self.volume.symlink(self._node(parent_inode), name, target, *self._owner(ctx)))
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -179,7 +180,8 @@ class VolumeOperations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # no devices, fifos or sockets in a volume
         try:
-            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask,
+                                           *self._owner(ctx))
             return self._entry(node)
         except Exception as exc:
             raise self._fail(exc) from None
@@ -233,7 +235,8 @@ class VolumeOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         try:
-            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask,
+                                           *self._owner(ctx))
             node.opens += 1
             fh = self._open_fh(node)
             self._fh[fh] = (node, True)
@@ -363,10 +366,15 @@ class ImageOperations(VolumeOperations):
 
 def serve(volume: Volume, mountpoint: str, *, name: str = "", commit_interval: float = 1.0,
           on_ready: Callable[[], None] | None = None, read_only: bool = False,
-          digests: dict[str, bytes] | None = None) -> None:
+          digests: dict[str, bytes] | None = None, for_enclave: bool = False) -> None:
     """Mount ``volume`` at ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT).
 
     With ``digests`` (path -> SHA-256) it is an image view: see ImageOperations.
+    ``for_enclave``: an enclave's mount; it shows the volume's ids relative to
+    the enclave's host user (cove.hostids). Started by root, the enclave runs
+    as subordinate host ids, so the mount lets them in (``allow_other``, in a
+    folder only root and they can reach); otherwise only the mounting user
+    gets in.
     """
     if digests is not None:
         ops: VolumeOperations = ImageOperations(volume, digests, name=name, commit_interval=commit_interval)
@@ -374,6 +382,10 @@ def serve(volume: Volume, mountpoint: str, *, name: str = "", commit_interval: f
         ops = VolumeOperations(volume, name, commit_interval)
     options = set(pyfuse3.default_options)
     options |= {"fsname=cove", "subtype=cove", "default_permissions"}
+    if for_enclave:
+        ops.ids = hostids.enclave_range()
+        if os.geteuid() == 0:
+            options.add("allow_other")
     if read_only or not volume.writable:
         options.add("ro")
     pyfuse3.init(ops, mountpoint, options)

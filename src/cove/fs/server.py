@@ -77,7 +77,7 @@ def main() -> int:
     try:
         fuse.serve(volume, settings["mountpoint"], name=settings["label"],
                    commit_interval=settings.get("commit_interval", 1.0), on_ready=ready,
-                   read_only=not settings["writable"], digests=digests)
+                   read_only=not settings["writable"], digests=digests, for_enclave=True)
     except RuntimeError as exc:  # pyfuse3 could not mount
         print(f"error: cannot mount {settings['label']}: {exc}", flush=True)
         volume.close()

@@ -6,6 +6,8 @@ verified manifest), loads the platform key, mounts the file system, prints
 ``ready`` (or ``ready none: REASON`` when it can only say
 attestation_type=none) and serves until SIGTERM. A process of its own keeps
 pyfuse3's one-session-per-process state away from other FUSE services.
+Started by a user other than root, it mounts without ``allow_other`` (the
+enclave runs as that user), so no /etc/fuse.conf setting is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from cove import hostids
 from cove.errors import CoveError
 from cove.platform.devattest import AttestationFs
 from cove.platform.reports import EnclaveClaims
@@ -93,7 +96,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, leave)
     claims = claims_from_json(json.loads(sys.stdin.read()))
     fs, why_none = build(claims)
-    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "allow_other", "default_permissions"}
+    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions"}
+    if os.geteuid() == 0:  # root started it: the enclave runs as other host ids (cove.hostids)
+        options.add("allow_other")  # root may; the mount sits in a folder only they and root reach
+        fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
     pyfuse3.init(fs, argv[0], options)
     try:
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)

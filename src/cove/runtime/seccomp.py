@@ -18,7 +18,7 @@ from functools import lru_cache
 from cove.errors import SetupError
 
 SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_CMP_EQ = 4
+SCMP_CMP_NE = 1
 SCMP_CMP_MASKED_EQ = 7
 # clone() may not create namespaces; clone3() hides its flags in memory, so it
 # answers ENOSYS and glibc falls back to clone(), as under Docker's profile.
@@ -39,8 +39,17 @@ DENIED_SYSCALLS = (
     "swapon", "swapoff", "reboot", "syslog", "acct", "quotactl",
     "lookup_dcookie", "iopl", "ioperm", "personality",
 )
-# With network mode "none" these address families cannot even be opened.
-DENIED_FAMILIES_OFFLINE = (2, 10, 17)  # AF_INET, AF_INET6, AF_PACKET (Linux values)
+# With network mode "none" only Unix sockets can be created: socket() and socketpair() with any
+# other family answer EACCES. The rule compares all 64 bits against AF_UNIX, so a family with high
+# bits set (the kernel reads only the low 32) is refused too; netlink, vsock, packet, ... are refused.
+AF_UNIX = 1
+# AF_VSOCK reaches the hypervisor and is not network-namespaced: refused unless the network is "host".
+# Masked: the kernel reads the low 32 bits of the family.
+AF_VSOCK = 40
+LOW_32 = 0xFFFFFFFF
+# io_uring submits work the filter never sees (IORING_OP_SOCKET opens sockets, ...): ENOSYS, so
+# programs fall back to plain syscalls, unless [security] io_uring = true.
+IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 
 
 class _Arg(ctypes.Structure):
@@ -72,7 +81,7 @@ def _errno_action(code: int) -> int:
 
 
 @lru_cache(maxsize=8)
-def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = ()) -> bytes:
+def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = (), io_uring: bool = False) -> bytes:
     """The BPF program (struct sock_filter array) for an enclave."""
     lib = _lib()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
@@ -92,12 +101,21 @@ def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = ()) -> byt
         clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
         if clone3 >= 0:
             _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), clone3, 0, None), "clone3")
-        if network_mode == "none":
-            number = lib.seccomp_syscall_resolve_name(b"socket")
-            for family in DENIED_FAMILIES_OFFLINE:
-                arg = _Arg(0, SCMP_CMP_EQ, int(family), 0)
-                _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1,
-                                                  ctypes.byref(arg)), "socket")
+        if not io_uring:
+            for name in IO_URING:
+                number = lib.seccomp_syscall_resolve_name(name.encode())
+                if number >= 0:
+                    _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), number, 0, None), name)
+        for name in (b"socket", b"socketpair"):
+            number = lib.seccomp_syscall_resolve_name(name)
+            if network_mode == "none":
+                arg = _Arg(0, SCMP_CMP_NE, AF_UNIX, 0)
+            elif network_mode != "host":
+                arg = _Arg(0, SCMP_CMP_MASKED_EQ, LOW_32, AF_VSOCK)
+            else:
+                continue
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1,
+                                              ctypes.byref(arg)), name.decode())
         fd = os.memfd_create("cove-seccomp", os.MFD_CLOEXEC)
         try:
             _check(lib.seccomp_export_bpf(ctx, fd), "export")

@@ -6,24 +6,44 @@ new privileges, a seccomp deny list, its own session, and limits on memory,
 processes and open files. Its root is the verified private copy of the image,
 read-only. It protects against other users and processes of the host, not
 against the host's root or kernel (docs/threat-model.md).
+
+Started by root, the enclave never runs as host root: bubblewrap is started as
+the enclave's ids from a subordinate range (cove.hostids), and the host paths
+it binds are opened as root and bound again, in a private mount namespace,
+under a neutral folder those ids can reach (as runc passes mount sources by
+descriptor). The /proc paths runc masks or makes read-only are masked or
+read-only here too. bubblewrap reads its arguments from a descriptor, so
+/proc/1/cmdline inside shows no host paths.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 from pathlib import Path
 
+from cove import hostids
 from cove.config import parse_size
 from cove.errors import CoveError, OutOfMemoryError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 from cove.runtime.limits import Limits, detect_mode, memory_text
+from cove.runtime.staging import chown_tree
 
 ISOLATION = "namespaces+seccomp"
+# runc's default spec: paths of /proc the enclave may read but never write, and paths it never sees
+# (a file is covered by /dev/null, a folder by an empty read-only tmpfs). No /sys is mounted at all.
+READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+MASKED_PROC = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+               "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi")
+# Where a root-started sandbox finds its bind sources (a private tmpfs over /tmp, see _Sources).
+STAGE = "/tmp/.cove"
+CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 0x20000, 0x1000, 0x4000, 0x40000, 0x2, 0x4
 
 
 def _bwrap() -> str:
@@ -33,9 +53,92 @@ def _bwrap() -> str:
     return path
 
 
-def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[str]:
-    """The bwrap command line for a spec (seccomp and status descriptors already open)."""
+def proc_arguments() -> list[str]:
+    """bwrap options giving /proc runc's read-only and masked paths (those this kernel has)."""
+    args: list[str] = []
+    for path in READ_ONLY_PROC:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    for path in MASKED_PROC:
+        if os.path.isdir(path):
+            args += ["--perms", "0555", "--tmpfs", path, "--remount-ro", path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    return args
+
+
+class _Sources:
+    """The host paths a sandbox binds, and what bwrap is told to bind.
+
+    Started by root, bwrap runs as the enclave's subordinate ids, which may
+    not be able to reach a source (the private root sits in a folder only root
+    enters; a host mount may sit under one). So the child, still root, makes
+    a private mount namespace, opens each source, covers /tmp with a fresh
+    tmpfs the enclave's ids can traverse and binds each source from its
+    descriptor under STAGE there.
+    The sandbox then sees the same files, and bwrap's command line names no
+    host path. Otherwise (not root) sources are passed through unchanged.
+    """
+
+    def __init__(self, ids: hostids.IdRange | None):
+        self.ids = ids
+        self.uid, self.gid = ids.host(0, 0) if ids else (os.getuid(), os.getgid())
+        self.paths: list[tuple[str, bool]] = []
+
+    def __call__(self, path: str) -> str:
+        if self.ids is None:
+            return path
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError as exc:
+            raise CoveError(f"cannot bind {path} into the sandbox: {exc.strerror}") from None
+        self.paths.append((path, is_dir))
+        return f"{STAGE}/{len(self.paths) - 1}"
+
+    def writable(self, path: str) -> bool:
+        """Whether the enclave's host ids may write into path (its own mode bits, no capabilities)."""
+        st = os.stat(path)
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & 0o200)
+        if st.st_gid == self.gid:
+            return bool(st.st_mode & 0o020)
+        return bool(st.st_mode & 0o002)
+
+    def enter(self, libc) -> None:
+        """In the child, before bwrap: bind the sources under STAGE, then become the enclave's ids."""
+        if self.ids is None:
+            return
+
+        def check(result: int, what: str) -> None:
+            if result != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"{what}: {os.strerror(code)}")
+
+        check(libc.unshare(CLONE_NEWNS), "unshare")
+        check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private mounts")
+        fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path, _ in self.paths]  # before /tmp is covered
+        check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=1m"), "tmpfs")
+        os.mkdir(STAGE, 0o755)
+        for index, (fd, (_, is_dir)) in enumerate(zip(fds, self.paths)):
+            target = f"{STAGE}/{index}"
+            if is_dir:
+                os.mkdir(target, 0o755)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
+            check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None),
+                  "bind")
+        os.setgroups([])
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
+
+
+def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=lambda path: path) -> list[str]:
+    """The bwrap command line for a spec (seccomp and status descriptors already open).
+
+    ``source`` maps a host path to the path bwrap binds it from (see _Sources).
+    """
     config = spec.config
+    writable = getattr(source, "writable", None)
     args = [_bwrap(),
             "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup",
             "--uid", str(spec.uid), "--gid", str(spec.gid),
@@ -45,7 +148,10 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[s
         args.append("--unshare-net")
     if not spec.interactive:
         args.append("--new-session")
-    args += ["--ro-bind", str(spec.root), "/", "--proc", "/proc", "--dev", "/dev"]
+    args += ["--ro-bind", source(str(spec.root)), "/", "--proc", "/proc", "--dev", "/dev", *proc_arguments()]
+    if spec.interactive and os.isatty(0):  # the enclave's own terminal (cove.runtime.terminal): the
+        # program leads a new session and takes /dev/tty as its controlling terminal, for job control
+        args += ["--new-session", "--as-pid-1", "--dev-bind", os.ttyname(0), "/dev/tty"]
     for mount in config.mounts:
         if mount.type == "tmpfs":
             options = dict(mount.options)
@@ -57,9 +163,13 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int) -> list[s
             if not os.path.exists(mount.source):
                 raise CoveError(f"host mount source {mount.source} does not exist",
                                 "create it or remove the mount from cove.toml (and rebuild)")
-            args += ["--bind" if mount.writable else "--ro-bind", mount.source, mount.target]
+            if mount.writable and writable is not None and not writable(mount.source):
+                raise CoveError(f"host mount source {mount.source} is not writable by the enclave's host "
+                                f"user {source.uid}:{source.gid} (enclaves started by root never run as root)",
+                                f"chown {source.uid}:{source.gid} {mount.source}, or make the mount read-only")
+            args += ["--bind" if mount.writable else "--ro-bind", source(mount.source), mount.target]
     for bind in spec.binds:
-        args += ["--bind" if bind.writable else "--ro-bind", str(bind.host), bind.target]
+        args += ["--bind" if bind.writable else "--ro-bind", source(str(bind.host)), bind.target]
     args += ["--chdir", config.process.cwd,
              "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--"]
     return args + list(spec.argv)
@@ -161,24 +271,50 @@ class SimBackend(Backend):
             return Availability(cls.name, cls.isolation, False, "bubblewrap is not installed (scripts/setup)")
         try:
             seccomp.compile_filter("none")
+            if os.geteuid() == 0:
+                hostids.root_range()  # root's enclaves need their subordinate ids
         except SetupError as exc:
             return Availability(cls.name, cls.isolation, False, exc.line())
         return Availability(cls.name, cls.isolation, True, f"resource limits by {detect_mode()}")
 
     def launch(self, spec: LaunchSpec) -> SimEnclave:
-        program = seccomp.compile_filter(spec.config.network.mode)
-        seccomp_fd = os.memfd_create("cove-seccomp", 0)
-        os.write(seccomp_fd, program)
-        os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        ids = hostids.enclave_range() if os.geteuid() == 0 else None
+        sources = _Sources(ids)
+        if ids is not None and not os.path.ismount(spec.root) and os.stat(spec.root).st_uid != sources.uid:
+            chown_tree(spec.root, sources.uid, sources.gid)  # a package root root extracted
+        program = seccomp.compile_filter(spec.config.network.mode, io_uring=_io_uring(spec.config))
+        seccomp_fd = _memfd("cove-seccomp", program)
         status_read, status_write = os.pipe()
+        args_fd = -1
         limits = Limits.create(spec.config.resources)
+        libc = ctypes.CDLL(None, use_errno=True) if ids is not None else None
+        error_read, error_write = os.pipe()
+
+        def child() -> None:
+            try:
+                limits.apply_in_child()
+                sources.enter(libc)
+            except OSError as exc:  # the parent reports it in one line
+                os.write(error_write, (exc.strerror or str(exc)).encode()[:500])
+                raise
+
         try:
-            args = bwrap_arguments(spec, seccomp_fd, status_write)
+            args = bwrap_arguments(spec, seccomp_fd, status_write, sources)
+            split = len(args) - len(spec.argv) - 1  # the options go through a descriptor; "--" PROGRAM ARGS stay
+            args_fd = _memfd("cove-bwrap-args", b"".join(a.encode() + b"\0" for a in args[1:split]))
             process = subprocess.Popen(
-                args, env=spec.env, pass_fds=(seccomp_fd, status_write), close_fds=True,
-                preexec_fn=limits.apply_in_child,
+                [args[0], "--args", str(args_fd), *args[split:]], env=spec.env,
+                pass_fds=(seccomp_fd, status_write, args_fd), close_fds=True,
+                preexec_fn=child,
                 process_group=None if spec.interactive else 0,
                 restore_signals=True)
+        except subprocess.SubprocessError:  # the child could not become the enclave's user
+            os.close(error_write)
+            error_write = -1
+            why = os.read(error_read, 600).decode("utf-8", "replace") or "the child failed"
+            os.close(status_read)
+            limits.release()
+            raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host") from None
         except BaseException:
             os.close(status_read)
             limits.release()
@@ -186,4 +322,21 @@ class SimBackend(Backend):
         finally:
             os.close(seccomp_fd)
             os.close(status_write)
+            if args_fd >= 0:
+                os.close(args_fd)
+            if error_write >= 0:
+                os.close(error_write)
+            os.close(error_read)
         return SimEnclave(spec, process, status_read, limits)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _io_uring(config) -> bool:
+    security = getattr(config, "security", None)
+    return bool(getattr(security, "io_uring", False))
