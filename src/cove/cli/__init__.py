@@ -29,7 +29,7 @@ COMMANDS = {
     "run": "run",
     "package": "package", "inspect": "package",
     "info": "info", "fs": "fs",
-    "kbs": "kbs", "demo": "demo",
+    "kbs": "kbs", "demo": "demo", "k8s": "k8s",
     "verify": "attest", "jwks": "attest", "platform": "platform",
 }
 
