@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,53 @@ def test_script_whose_interpreter_is_missing(cove, unbuilt, tmp_path):
     assert result.returncode == 126  # not 1, which the program itself might return
     assert error_line(result) == ("cove: error: /bin/tool needs /usr/bin/python3, which is not in the image "
                                   "(add it with `cove add /usr/bin/python3` and rebuild)")
+
+
+def _read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < end, f"no {marker!r} in {bytes(seen)!r}"
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:  # EIO: the other side is closed
+                raise AssertionError(f"closed before {marker!r}: {bytes(seen)!r}") from None
+
+
+def _reap(pid: int, timeout: float = 20) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("cove run did not end after the shell's exit")
+
+
+def test_interactive_enclave_on_a_terminal(cove, unbuilt, tmp_path):
+    """A debug shell on a terminal gets its own, with job control, and its exit code comes back."""
+    root = tmp_path / "app"
+    shutil.copytree(unbuilt, root, symlinks=True)
+    set_option(root / "cove.toml", "enclave", "debug", "true")
+    cove.ok("build", cwd=root)
+    pid, fd = pty.fork()
+    if pid == 0:  # a new session whose terminal is the pty, as a user's login shell has
+        os.chdir(root)
+        os.execve(cove.popen_args()[0], cove.popen_args("run", "--debug-enclave", "/bin/sh", "-i"), cove.env)
+    seen = bytearray()
+    try:
+        os.write(fd, b"sleep 30 & jobs; echo go-$((6*7))\n")
+        _read_until(fd, b"go-42", seen)
+        os.write(fd, b"fg\n")  # job control: the background job takes the terminal ...
+        time.sleep(1)
+        os.write(fd, b"\x03")  # ... and Ctrl-C stops it, not the shell
+        os.write(fd, b"echo back-$((6*7)); exit 3\n")
+        _read_until(fd, b"back-42", seen)
+    finally:
+        status = _reap(pid)
+        os.close(fd)
+    out = bytes(seen).decode(errors="replace")
+    assert "Cannot set tty process group" not in out and "job control turned off" not in out, out
+    assert "[1] + Running" in out and "sleep 30" in out
+    assert os.waitstatus_to_exitcode(status) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -56,3 +57,33 @@ def device_plugin(slots, memory_mib, tpm, plugin_dir, run_dir, daemon_socket, he
 
 
 COMMANDS = [k8s]
+
+
+@k8s.command()
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to serve HTTPS on.")
+@click.option("--cert", "certfile", required=True, help="TLS certificate chain (PEM), e.g. from cert-manager.")
+@click.option("--key", "keyfile", required=True, help="TLS private key (PEM).")
+@click.option("--kbs-config", type=click.Path(path_type=Path),
+              help="JSON key-broker settings to inject (url, ca, policy, timeout, retries, resource_prefix); "
+                   "a mounted ConfigMap, re-read when it changes.")
+@click.option("--default-memory-mib", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="cove.dev/enclave-memory for a container without a memory limit.")
+@LOG_LEVEL
+def webhook(listen, certfile, keyfile, kbs_config, default_memory_mib, log_level) -> None:
+    """The mutating and validating admission webhook for enclave pods."""
+    from cove.k8s import webhook as hook
+
+    _logging(log_level)
+    if ":" not in listen or not listen.rpartition(":")[2].isdigit():
+        raise CoveError(f"--listen {listen!r} is not HOST:PORT")
+    unreadable = hook.check_files(certfile, keyfile)
+    if unreadable:
+        raise CoveError(f"cannot read {unreadable}", "mount the webhook's TLS Secret there")
+    settings = hook.SettingsFile(kbs_config, default_memory_mib)
+    try:
+        settings.get()
+    except OSError as exc:
+        raise CoveError(f"cannot read --kbs-config {kbs_config}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CoveError(f"--kbs-config {kbs_config}: {exc}") from None
+    hook.serve(listen, certfile, keyfile, settings)

@@ -1,0 +1,107 @@
+"""An interactive enclave's own terminal, relayed to the user's (as `docker run -t`).
+
+The enclave never gets the user's terminal itself: a program in it could
+otherwise push keystrokes into the host shell (TIOCSTI) or, being in another
+pid namespace, fail to take the terminal over for job control (dash's
+"Cannot set tty process group"). Cove opens a fresh pseudo-terminal, puts the
+user's terminal in raw mode, and copies bytes both ways; the sandbox makes
+the program the leader of a new session whose controlling terminal is that
+pseudo-terminal (see cove.runtime.sim), so job control, Ctrl-C and Ctrl-Z
+work inside, and the user's terminal is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import termios
+import threading
+import tty
+
+STDIN, STDOUT, STDERR = 0, 1, 2
+
+
+class Terminal:
+    """A pseudo-terminal while an interactive enclave starts and runs; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self._saved_attrs = termios.tcgetattr(STDIN)
+        self._saved_fds: list[int] = []
+        self._previous_winch = None
+        self._user_in, self._user_out = os.dup(STDIN), os.dup(STDOUT)  # before attach() replaces them
+        self._output = threading.Thread(target=self._copy_output, daemon=True)
+        self._input = threading.Thread(target=self._copy_input, daemon=True)
+
+    @staticmethod
+    def wanted() -> bool:
+        """Whether the user is at a terminal (stdin and stdout both are one)."""
+        return os.isatty(STDIN) and os.isatty(STDOUT)
+
+    def __enter__(self) -> "Terminal":
+        self._copy_size()
+        self._previous_winch = signal.signal(signal.SIGWINCH, lambda *_: self._copy_size())
+        tty.setraw(STDIN, termios.TCSANOW)
+        self._output.start()
+        self._input.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.detach()
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
+        self._output.join(timeout=2)  # the rest of the enclave's output
+        termios.tcsetattr(STDIN, termios.TCSAFLUSH, self._saved_attrs)
+        signal.signal(signal.SIGWINCH, self._previous_winch or signal.SIG_DFL)
+        os.close(self.master)
+        os.close(self._user_out)  # _user_in stays with the input thread, blocked in read until cove exits
+
+    def attach(self) -> None:
+        """Make stdin, stdout and stderr the pseudo-terminal, for the sandbox about to start."""
+        self._saved_fds = [os.dup(fd) for fd in (STDIN, STDOUT, STDERR)]
+        for fd in (STDIN, STDOUT, STDERR):
+            os.dup2(self.slave, fd)
+
+    def detach(self) -> None:
+        """Give stdin, stdout and stderr back (the sandbox has its own copies now)."""
+        for fd, saved in zip((STDIN, STDOUT, STDERR), self._saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved_fds = []
+        if self.slave >= 0:
+            os.close(self.slave)  # the output ends when the enclave's last copy closes
+            self.slave = -1
+
+    def _copy_size(self) -> None:
+        try:
+            size = fcntl.ioctl(self._user_out, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
+        except OSError:
+            pass
+
+    def _copy_output(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError as exc:  # EIO: every copy of the other end is closed
+                if exc.errno in (errno.EIO, errno.EBADF):
+                    return
+                raise
+            if not data:
+                return
+            _write_all(self._user_out, data)
+
+    def _copy_input(self) -> None:
+        try:
+            while data := os.read(self._user_in, 65536):
+                _write_all(self.master, data)
+        except OSError:
+            return  # the user's terminal or the enclave's is gone
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
