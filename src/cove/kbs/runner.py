@@ -160,7 +160,8 @@ class EmbeddedBroker:
         https = certfile is not None
         self.url = f"{'https' if https else 'http'}://{host}:{self.port}"
         ssl = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if https else {}
-        config = uvicorn.Config(create_app(broker, https=https), log_level="warning", access_log=False,
+        self._app = create_app(broker, https=https)
+        config = uvicorn.Config(self._app, log_level="warning", access_log=False,
                                 lifespan="off", http=http_protocol(), **ssl)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
@@ -178,6 +179,7 @@ class EmbeddedBroker:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+        self._app.state.off_loop.close()
         try:
             self._socket.close()
         except OSError:

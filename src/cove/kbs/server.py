@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cove.errors import CoveError
@@ -199,9 +199,9 @@ class Guard:
     connections.
     """
 
-    def __init__(self, app, broker: Broker, metrics: "Metrics", max_active: int = MAX_ACTIVE,
+    def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", max_active: int = MAX_ACTIVE,
                  body_timeout: float = BODY_TIMEOUT):
-        self.app, self.broker, self.metrics = app, broker, metrics
+        self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.max_active, self.body_timeout = max_active, body_timeout
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
@@ -232,13 +232,13 @@ class Guard:
             await asyncio.sleep(TRIM_INTERVAL)
             if self._in_flight == 0 and self._served - trimmed_at >= TRIM_AFTER:
                 trimmed_at = self._served
-                await run_in_threadpool(release_free_memory)
+                await self.off_loop(release_free_memory)
 
     async def _guarded(self, scope, receive, send) -> None:
         method, path = scope["method"], scope["path"]
         if path.startswith(ADMIN_PREFIX):
             try:
-                scope.setdefault("state", {})["admin"] = await run_in_threadpool(
+                scope.setdefault("state", {})["admin"] = await self.off_loop(
                     self.broker.authenticate_admin, _bearer_from(scope))
             except Problem as problem:
                 self.metrics.add(problem.kind)
@@ -392,12 +392,35 @@ def _document_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(broker: Broker, https: bool = True) -> FastAPI:
+WORK_THREADS = 8  # threads running the broker's work (each holds a database connection while it does)
+
+
+class OffLoop:
+    """Runs the broker's blocking work (JSON parsing, database, crypto) in a thread pool.
+
+    A plain executor through loop.run_in_executor: anyio's to_thread (what
+    FastAPI uses for sync endpoints) was measured at about 0.25 ms more CPU
+    per call on this path, a third of a flow's cost.
+    """
+
+    def __init__(self, threads: int = WORK_THREADS):
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cove-kbs")
+
+    async def __call__(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) -> FastAPI:
     app = FastAPI(title="Cove key broker", version="0.1.0",
                   description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
     app.state.broker = broker
     metrics = Metrics()
-    app.add_middleware(Guard, broker=broker, metrics=metrics)
+    off_loop = OffLoop(threads)
+    app.state.off_loop = off_loop  # closed by whoever stops the server (runner.EmbeddedBroker)
+    app.add_middleware(Guard, broker=broker, metrics=metrics, off_loop=off_loop)
     _document_models(app, (AuthRequest, Attestation))
 
     @app.exception_handler(_BodyTooLarge)
@@ -462,7 +485,7 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
     async def auth(request: Request) -> JSONResponse:
         """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
         raw = await _read_body(request)
-        session_id, challenge = await run_in_threadpool(lambda: broker.auth(_parse_json(raw)))
+        session_id, challenge = await off_loop(lambda: broker.auth(_parse_json(raw)))
         response = JSONResponse(challenge)
         session_cookie(response, session_id, broker.settings.challenge_lifetime)
         metrics.add("auth")
@@ -474,7 +497,7 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
         """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
         raw = await _read_body(request)
         session_id = request.cookies.get(COOKIE)
-        token = await run_in_threadpool(lambda: broker.attest(session_id, _parse_json(raw)))
+        token = await off_loop(lambda: broker.attest(session_id, _parse_json(raw)))
         response = JSONResponse({"token": token})
         session_cookie(response, session_id or "", broker.settings.session_lifetime)
         metrics.add("attest")
@@ -485,7 +508,7 @@ def create_app(broker: Broker, https: bool = True) -> FastAPI:
     async def resource(repository: str, kind: str, tag: str, request: Request,
                        version: int | None = Query(default=None, ge=1, le=1 << 30)) -> JSONResponse:
         """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
-        document = await run_in_threadpool(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
+        document = await off_loop(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
                                            f"{repository}/{kind}/{tag}", version)
         metrics.add("release")
         return JSONResponse(document)

@@ -32,6 +32,7 @@ from cove.runtime import backend as backend_mod
 from cove.runtime import services as services_mod
 from cove.runtime import staging
 from cove.runtime.backend import EnclaveIdentity, LaunchSpec
+from cove.runtime.terminal import Terminal
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
@@ -268,14 +269,24 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
     enclave = None
 
     def forward(signum, _frame):
-        if enclave is not None:
+        if enclave is not None and not spec.interactive:  # an interactive one has the terminal's signals
             enclave.signal(signum)
 
     for signum in FORWARDED_SIGNALS:
-        previous[signum] = signal.signal(signum, signal.SIG_IGN if spec.interactive else forward)
+        # caught, never ignored: an ignored signal would stay ignored in the enclave across exec
+        previous[signum] = signal.signal(signum, forward)
     try:
-        enclave = chosen.launch(spec)
-        return enclave.wait()
+        with ExitStack() as stack:
+            terminal = None
+            if spec.interactive and Terminal.wanted():
+                terminal = stack.enter_context(Terminal())
+                terminal.attach()  # the sandbox starts on the enclave's own terminal
+            try:
+                enclave = chosen.launch(spec)
+            finally:
+                if terminal is not None:
+                    terminal.detach()
+            return enclave.wait()
     finally:
         if enclave is not None:
             enclave.stop()

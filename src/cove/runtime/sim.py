@@ -33,6 +33,7 @@ from cove.errors import CoveError, OutOfMemoryError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 from cove.runtime.limits import Limits, detect_mode, memory_text
+from cove.runtime import terminal
 from cove.runtime.staging import chown_tree
 
 ISOLATION = "namespaces+seccomp"
@@ -280,6 +281,8 @@ class SimBackend(Backend):
     def launch(self, spec: LaunchSpec) -> SimEnclave:
         ids = hostids.enclave_range() if os.geteuid() == 0 else None
         sources = _Sources(ids)
+        if spec.interactive and ids is not None and terminal.is_own(0):
+            os.fchown(0, sources.uid, sources.gid)  # the enclave's own terminal, for its host ids
         if ids is not None and not os.path.ismount(spec.root) and os.stat(spec.root).st_uid != sources.uid:
             chown_tree(spec.root, sources.uid, sources.gid)  # a package root root extracted
         program = seccomp.compile_filter(spec.config.network.mode, io_uring=_io_uring(spec.config))

@@ -21,6 +21,12 @@ import threading
 import tty
 
 STDIN, STDOUT, STDERR = 0, 1, 2
+_attached: set[str] = set()  # the devices of the terminals attached right now
+
+
+def is_own(fd: int) -> bool:
+    """Whether fd is a terminal Cove made for an enclave (and not the user's own)."""
+    return os.isatty(fd) and os.ttyname(fd) in _attached
 
 
 class Terminal:
@@ -62,6 +68,7 @@ class Terminal:
     def attach(self) -> None:
         """Make stdin, stdout and stderr the pseudo-terminal, for the sandbox about to start."""
         self._saved_fds = [os.dup(fd) for fd in (STDIN, STDOUT, STDERR)]
+        _attached.add(os.ttyname(self.slave))
         for fd in (STDIN, STDOUT, STDERR):
             os.dup2(self.slave, fd)
 
@@ -72,6 +79,7 @@ class Terminal:
             os.close(saved)
         self._saved_fds = []
         if self.slave >= 0:
+            _attached.discard(os.ttyname(self.slave))
             os.close(self.slave)  # the output ends when the enclave's last copy closes
             self.slave = -1
 
