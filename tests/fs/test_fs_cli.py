@@ -192,6 +192,68 @@ def test_sealed_keys_come_from_the_instance(cove, tmp_path, env, tree):
     assert "comes from seal:mrsigner, not seal:mrenclave" in error_line(other)
 
 
+def _snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under root: file bytes, link targets, folders (names and modes)."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        mode = oct(path.lstat().st_mode)
+        if path.is_symlink():
+            out[name] = f"link {os.readlink(path)} {mode}"
+        elif path.is_dir():
+            out[name] = f"dir {mode}"
+        else:
+            out[name] = path.read_bytes() + mode.encode()
+    return out
+
+
+def test_read_only_commands_change_nothing(cove, tmp_path, env, tree):
+    """decrypt, verify and ls take no writer lock and never re-wrap, even with a seal: key from a higher svn."""
+    import fcntl
+
+    from tests.e2e.helpers import make_instance, set_option
+
+    app = make_instance(cove, tmp_path, build=False)
+    set_option(app / "cove.toml", "enclave", "svn", "1")
+    cove.ok("build", cwd=app, env=env)
+    vol = tmp_path / "vol"
+    cove.ok("-C", str(app), "fs", "encrypt", "--key", "seal:mrsigner", "--label", "/data", str(tree), str(vol),
+            env=env)
+    set_option(app / "cove.toml", "enclave", "svn", "2")  # a newer enclave, whose writable open would re-wrap
+    cove.ok("build", cwd=app, env=env)
+    before = _snapshot(vol)
+    reader = os.open(vol, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # another reader is there: read-only commands share with it
+    try:
+        for args in (["verify"], ["ls"], ["decrypt"]):
+            extra = [str(tmp_path / "out")] if args == ["decrypt"] else []
+            result = cove.ok("-C", str(app), "fs", *args, "--key", "seal:mrsigner", str(vol), *extra, env=env)
+            assert "Traceback" not in result.stderr
+            assert _snapshot(vol) == before, f"cove fs {args[0]} changed the volume"
+    finally:
+        os.close(reader)
+    _same_tree(tree, tmp_path / "out")
+
+
+def test_read_only_commands_leave_an_interrupted_commit_alone(cove, tmp_path, env, key_file, tree):
+    """Leftovers a crash leaves (an old next root, a half-created file) stay for the next writable open."""
+    from cove.fs.volume_format import NEXT, ROOT
+
+    key = f"file:{key_file}"
+    vol = tmp_path / "vol"
+    cove.ok("fs", "encrypt", "--key", key, "--rollback", "none", str(tree), str(vol), env=env)
+    (vol / NEXT).write_bytes((vol / ROOT).read_bytes())  # a stale next root
+    sub = next(p for p in (vol / "files").iterdir() if p.is_dir())
+    (sub / ".half.cove-new").write_bytes(b"a creation a crash interrupted")
+    before = _snapshot(vol)
+    for args in (["verify", str(vol)], ["ls", str(vol)], ["decrypt", str(vol), str(tmp_path / "out")]):
+        cove.ok("fs", args[0], "--key", key, *args[1:], env=env)
+        assert _snapshot(vol) == before, f"cove fs {args[0]} changed the volume"
+    with Volume.open(vol, key_file.read_bytes()):  # a writable open finishes the job
+        pass
+    assert not (vol / NEXT).exists() and not (sub / ".half.cove-new").exists()
+
+
 def test_mount_on_the_host(cove, tmp_path, env, key_file, tree):
     require("fusermount3")
     key = f"file:{key_file}"

@@ -45,7 +45,8 @@ def _key(ctx, key_text: str) -> bytes:
     return keys.resolve(key_text, _identity(ctx, key_text))
 
 
-def _open(ctx, volume: Path, key_text: str, writable: bool = True, check_anchor: bool = True):
+def _open(ctx, volume: Path, key_text: str, writable: bool = False, check_anchor: bool = True):
+    """Open a volume; read-only unless asked (no writer lock, no re-wrap, nothing changed on disk)."""
     from cove.fs.access import open_volume
     from cove.fs.transfer import is_volume
 
@@ -192,7 +193,7 @@ def ls(ctx, key_text: str, no_rollback_check: bool, volume_dir: Path, inside: st
     """List the files of a volume (mode, size, path)."""
     _input(volume_dir)
     _warn_unchecked(no_rollback_check)
-    with _open(ctx, volume_dir, key_text, writable=True, check_anchor=not no_rollback_check) as volume:
+    with _open(ctx, volume_dir, key_text, check_anchor=not no_rollback_check) as volume:
         try:
             start = volume.resolve(inside)
         except FileNotFoundError:

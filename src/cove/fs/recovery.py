@@ -33,11 +33,13 @@ def discard(path: str) -> None:
 
 
 def scan(files_dir: str, ids: dict[str, Node], drop: set[str], version: int,
-         name_key: bytes) -> tuple[list[str], list[str]]:
+         name_key: bytes, read_only: bool = False) -> tuple[list[str], list[str]]:
     """Recover files from an interrupted commit; find missing, leftover and foreign files.
 
     ``ids`` and ``drop`` are the committed index's files and the IDs it drops,
     ``version`` its version. Returns (problems, paths of recovered files).
+    ``read_only``: change nothing; a file with an interrupted write is a
+    problem, leftovers of the commit are passed over.
     """
     problems: list[str] = []
     recovered: list[str] = []
@@ -52,19 +54,27 @@ def scan(files_dir: str, ids: dict[str, Node], drop: set[str], version: int,
         for name in names:
             full = os.path.join(subdir, name)
             if name.endswith(journal.RECOVERY_SUFFIX):
-                if name[: -len(journal.RECOVERY_SUFFIX)] not in present:
+                if name[: -len(journal.RECOVERY_SUFFIX)] not in present and not read_only:
                     discard(full)  # the log of a file that is gone
                 continue
             if name.endswith(".cove-new") and name.startswith("."):
-                discard(full)  # a creation a crash interrupted
+                if not read_only:
+                    discard(full)  # a creation a crash interrupted
                 continue
             seen.add(name)
+            if name in ids and read_only:
+                if pending(ids[name], full):
+                    problems.append(f"{ids[name].path()}: a write was interrupted; a writable open (a mount) "
+                                    "finishes or rolls it back")
+                continue
             if name in ids:
                 if resolve(ids[name], full):
                     recovered.append(ids[name].path())
                 continue
             parsed = parse_id(name)
             if name in drop or (parsed and parsed[0] > version and tag_ok(name_key, *parsed)):
+                if read_only:
+                    continue
                 discard(full)  # unlinked before, or created after, the last commit
                 discard(journal.recovery_path(full))
             else:
@@ -82,31 +92,46 @@ def _trim(full: str, node: Node) -> None:
         os.truncate(full, need)
 
 
-def resolve(node: Node, full: str) -> bool:
-    """Bring one file to the state the index records, if its undo log can; True if it did."""
+def _plan(node: Node, full: str) -> tuple[str | None, object]:
+    """What recovery would do to one file: "rollback", "finish", "stale" (a log to drop) or None."""
     try:
         header = read_header(full)
     except (FileIntegrityError, OSError):
-        return False  # reported when the file is opened
+        return None, None  # reported when the file is opened
     logged = journal.logged_metadata(full)
     flagged = bool(header.flags & HAS_PENDING_WRITE)
+    if flagged and logged is not None and hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
+        return "rollback", header
+    if hmac.compare_digest(header.mac, node.mac) and logged is not None:
+        return "finish", header  # the index recorded this state but the commit was not finished
+    if not flagged and os.path.exists(journal.recovery_path(full)):
+        return "stale", header
+    return None, header
+
+
+def pending(node: Node, full: str) -> bool:
+    """Whether a writable open would roll back or finish an interrupted write of this file."""
+    return _plan(node, full)[0] in ("rollback", "finish")
+
+
+def resolve(node: Node, full: str) -> bool:
+    """Bring one file to the state the index records, if its undo log can; True if it did."""
+    action, header = _plan(node, full)
     try:
-        if flagged and logged is not None and \
-                hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
+        if action == "rollback":
             journal.recover(full)  # back to the state the index records
             _trim(full, node)
             discard(journal.recovery_path(full))
             return True
-        elif hmac.compare_digest(header.mac, node.mac) and logged is not None:
-            # the index recorded this state but the commit was not finished
-            if flagged:
+        if action == "finish":
+            if header.flags & HAS_PENDING_WRITE:
                 with open(full, "r+b") as f:
                     f.seek(HEADER.size - 1)
                     f.write(bytes([header.flags & ~HAS_PENDING_WRITE]))
             _trim(full, node)
             discard(journal.recovery_path(full))
             return True
-        elif not flagged and os.path.exists(journal.recovery_path(full)):
+        if action == "stale":
             discard(journal.recovery_path(full))  # an empty or stale log
     except (OSError, FileIntegrityError):
         pass  # read-only folder or a damaged log: the file reports its state when opened

@@ -132,7 +132,7 @@ class Volume:
             raise VolumeError(f"{path} is not a Cove volume (no root file)",
                               "create one with `cove fs encrypt`, or let an encrypted mount create it")
         self = cls()
-        self._lock(path)
+        self._lock(path, exclusive=writable)
         try:
             self._open(path, key_for, label, writable, durable, cache_bytes, check_anchor)
         except BaseException:
@@ -140,10 +140,11 @@ class Volume:
             raise
         return self
 
-    def _lock(self, path: str) -> None:
+    def _lock(self, path: str, exclusive: bool = True) -> None:
+        """The writer's lock (exclusive), or a reader's (shared: readers coexist; a writer is refused meanwhile)."""
         self._lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             self._unlock()
             raise VolumeError(f"volume {path} is in use (mounted by a running enclave or another tool)",
@@ -222,7 +223,11 @@ class Volume:
                               "each encrypted mount has its own volume; check the source folder")
         self._setup(path, header, vmk, store, writable, durable, cache_bytes)
         self.version = body["version"]
-        if name == NEXT:  # the anchor moved before the rename: finish that commit
+        # A read-only open changes nothing on disk: it reads the chosen root where it is and
+        # leaves an interrupted commit for the next writable open to finish.
+        if not writable:
+            pass
+        elif name == NEXT:  # the anchor moved before the rename: finish that commit
             os.replace(os.path.join(path, NEXT), os.path.join(path, ROOT))
             _fsync_dir(path)
         elif os.path.exists(os.path.join(path, NEXT)):
@@ -230,7 +235,7 @@ class Volume:
         self.drop = set(body.get("drop", ()))
         self._load_tree(Node.from_cbor(body["tree"]))
         problems, recovered = recovery.scan(os.path.join(path, FILES), self.ids, self.drop, self.version,
-                                            self._name_key)
+                                            self._name_key, read_only=not writable)
         self.problems += problems
         self.recovered += recovered
 
