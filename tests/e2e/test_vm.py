@@ -26,7 +26,9 @@ from cove.image import manifest as manifest_mod
 from tests.conftest import ROOT, error_line, require
 from tests.e2e.helpers import make_instance, set_option
 
-SCRIPT = "echo out $$; id -u; ls /; echo err >&2; exit 7"
+SCRIPT = ("echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
+          "echo err >&2; exit 7")
+SCRATCH = '\n[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\noptions = { size = "8M", mode = "1777" }\n'
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,8 @@ def pair(cove, tmp_path_factory, probe, hello, attest_probe) -> tuple[Path, Path
     for backend in ("sim", "vm"):
         parent = tmp_path_factory.mktemp(backend)
         root = make_instance(cove, parent, probe, name="hello-enclave",
-                             options={("enclave", "backend"): f'"{backend}"'}, build=False)
+                             options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
+                             extra=SCRATCH, build=False)
         cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), cwd=root)
         cove.ok("build", cwd=root)
         built.append(root)
@@ -70,7 +73,8 @@ def test_c_and_shell_same_as_sim(cove, pair):
         on_sim = cove("run", *argv, cwd=sim)
         on_vm = cove("run", *argv, cwd=vm)
         assert (on_vm.returncode, on_vm.stdout) == (on_sim.returncode, on_sim.stdout), (on_vm.stderr, on_sim.stderr)
-    assert on_vm.returncode == 7 and on_vm.stdout.startswith("out 2\n0\n") and on_vm.stderr == "err\n"
+    assert on_vm.returncode == 7 and on_vm.stderr == "err\n"
+    assert on_vm.stdout.startswith("out 2\n1000\n") and on_vm.stdout.endswith("scratch\ntmp\nusr\ndata\nread-only\n")
     assert cove.ok("run", "/bin/hello", "world", cwd=vm).stdout == "hello from enclave hello-enclave (pid 2) world\n"
     assert cove("run", "/bin/cat", cwd=vm, input="through stdin\n").stdout == "through stdin\n"
 
