@@ -15,14 +15,30 @@ from cove.image import instance as instance_mod
 @click.argument("out", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--debug-enclave", "allow_debug", is_flag=True, help="Allow packaging a debug enclave.")
 @click.option("--debug", "old_debug", is_flag=True, hidden=True)
+@click.option("--oci", is_flag=True, help="Write an OCI image: a layout folder, or a tarball if PATH ends in .tar.")
+@click.option("--tag", help="The OCI image's NAME:TAG (default: NAME:latest).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write (the same as OUT).")
 @click.pass_obj
-def package_cmd(ctx, out: Path | None, allow_debug: bool, old_debug: bool) -> None:
-    """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`."""
+def package_cmd(ctx, out: Path | None, allow_debug: bool, old_debug: bool, oci: bool, tag: str | None,
+                output: Path | None) -> None:
+    """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`, or an OCI image (--oci)."""
     from cove.image import package as package_mod
     if old_debug:  # renamed as on `cove run`: `cove --debug` means tracebacks
         click.echo("cove: note: `cove package --debug` is now `cove package --debug-enclave`", err=True)
         allow_debug = True
+    if out is not None and output is not None:
+        raise click.UsageError("give the output once: OUT or -o PATH")
+    out = out or output
+    if tag is not None and not oci:
+        raise click.UsageError("--tag is for OCI images: add --oci")
     target = instance_mod.open_instance(ctx.directory)
+    if oci:  # docs/containers.md
+        from cove.oci import image as oci_image
+        out = out or Path(f"{target.config().enclave.name}.oci.tar")
+        written = oci_image.create(target, out, tag, allow_debug)
+        click.echo(f"wrote {out} ({written.tag}, digest {written.digest}, "
+                   f"measurement {written.annotations['cove.dev/measurement']})")
+        return
     out = out or Path(f"{target.config().enclave.name}.tar.gz")
     verified = package_mod.create(target, out, allow_debug)
     click.echo(f"wrote {out} (measurement {verified.measurement.hex()})")
