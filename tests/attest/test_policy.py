@@ -276,3 +276,28 @@ def test_the_documented_example_parses():
     assert policy.name == "payments-prod" and policy.freshness.nonce_required
     assert policy.types == frozenset({"cove", "sgx", "snp"})
     assert policy.rules["cove"].signers[0].min_svn == 3 and policy.rules["snp"].min_tcb["snp"] == 8
+
+
+def test_policy_id_covers_the_anchors_bytes_not_their_paths(tmp_path):
+    """Same path, other certificate: another id. Same certificate, inline or by path: the same id."""
+    intel, ark = vector("intel_sgx_root_ca.pem"), vector("snp/ask_ark_milan.pem")
+    (tmp_path / "root.pem").write_bytes(intel)
+    by_path = load_policy(_write(tmp_path, '[sgx]\nroots = ["root.pem"]\n'))
+    inline = parse_policy(f'[sgx]\nroots = [{json.dumps(intel.decode())}]\n')
+    assert by_path.id == inline.id and by_path.id.startswith("sha256:")
+    (tmp_path / "root.pem").write_bytes(ark)
+    assert load_policy(tmp_path / "policy.toml").id != by_path.id
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("item", ["/etc/hostname", "root.pem", "../../etc/ssl/certs/ca-certificates.crt"])
+def test_policy_from_elsewhere_names_no_files(item):
+    with pytest.raises(PolicyError, match="is a file name; this policy must carry its certificates inline"):
+        parse_policy(f'[tdx]\nroots = ["{item}"]\n', allow_paths=False)
+    intel = vector("intel_sgx_root_ca.pem").decode()
+    assert parse_policy(f"[tdx]\nroots = [{json.dumps(intel)}]\n", allow_paths=False).rules["tdx"].roots

@@ -166,6 +166,20 @@ def test_bad_policy_refused(kbs):
     assert "cove.measurements" in str(caught.value)
 
 
+def test_uploaded_policy_names_no_host_files(kbs):
+    """A release policy naming a certificate file would make the broker read its own files: refused."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "data" / "vectors" / "intel_sgx_root_ca.pem"
+    with pytest.raises(KbsError) as caught:
+        kbs.admin.put_policy("p", f'types = ["sgx"]\n[sgx]\nroots = ["{root}"]\n')
+    assert problem(caught) == (422, "PolicyInvalid")
+    assert "must carry its certificates inline" in str(caught.value)
+    inline = json.dumps(root.read_text())
+    assert kbs.admin.put_policy("p", f'types = ["sgx"]\n[sgx]\nroots = [{inline}]\n')
+
+
 def test_audit_records_who_what_measurement_when(kbs):
     started = time.time() - 1
     kbs.secret("app/db/password", b"pw")

@@ -153,8 +153,14 @@ def _read_bounded(path: Path) -> bytes | None:
     return None if len(data) > MAX_FILE else data
 
 
-def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path | None = None) -> Policy:
-    """A policy from TOML/JSON text or an already-decoded mapping."""
+def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path | None = None,
+                 allow_paths: bool = True) -> Policy:
+    """A policy from TOML/JSON text or an already-decoded mapping.
+
+    ``allow_paths=False`` refuses certificate file names: a policy from
+    elsewhere (the key broker's admin API) carries its certificates inline,
+    and must not make the process read its local files.
+    """
     if isinstance(data, bytes):
         data = data.decode("utf-8", "replace")
     if isinstance(data, str):
@@ -162,7 +168,7 @@ def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path
         data = _decode(text, source)
     if not isinstance(data, Mapping):
         raise PolicyError(f"{source}: a policy must be a table of settings")
-    return _Parser(source, base).policy(data)
+    return _Parser(source, base, allow_paths).policy(data)
 
 
 def _decode(text: str, source: str) -> Any:
@@ -194,9 +200,10 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 class _Parser:
     """Validates a decoded policy; every problem is one PolicyError naming the key."""
 
-    def __init__(self, source: str, base: Path | None):
+    def __init__(self, source: str, base: Path | None, allow_paths: bool = True):
         self.source = source
         self.base = base
+        self.allow_paths = allow_paths
 
     def fail(self, key: str, problem: str, hint: str | None = None) -> PolicyError:
         return PolicyError(f"{self.source}: {key}: {problem}", hint)
@@ -221,7 +228,14 @@ class _Parser:
             accepted = frozenset(types)
         else:
             accepted = frozenset(rules) if rules else frozenset(DEFAULT_TYPES)
-        canonical = json.dumps(_canonical(data), sort_keys=True, separators=(",", ":")).encode()
+        # The id identifies the trust anchors themselves: certificates count by their DER bytes,
+        # however the policy named them (inline PEM or a file, which may change).
+        identity = _canonical(data)
+        for kind, parsed in rules.items():
+            for key in ("ek_ca", "ak_ca", "roots"):
+                if key in identity[kind]:
+                    identity[kind][key] = [der.hex() for der in getattr(parsed, key)]
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
         return Policy(types=accepted, rules=rules, freshness=self.freshness(data.get("freshness", {})),
                       name=name, digest=hashlib.sha256(canonical).hexdigest())
 
@@ -385,6 +399,9 @@ class _Parser:
         for item in items:
             if "-----BEGIN" in item:
                 pem = item.encode()
+            elif not self.allow_paths:
+                raise self.fail(key, f"{item[:60]!r} is a file name; this policy must carry its certificates "
+                                     "inline", "paste the PEM text of each certificate into the policy")
             else:
                 path = Path(item)
                 if not path.is_absolute() and self.base is not None:

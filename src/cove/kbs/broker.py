@@ -84,7 +84,7 @@ class Broker:
         self.tokens = jose.TokenIssuer(self._token_key(), settings.issuer or self.audience,
                                        settings.token_lifetime)
         self.ca_key, self.ca_cert = self._ca()
-        self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy")
+        self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy", allow_paths=True)
                                    if settings.attestation_policy else policy_mod.default_attestation_policy())
         self.anchors = settings.anchors.with_policy_roots(self.attestation_policy)
         self.collateral = coco_collateral.CollateralSource(settings.collateral_dir, settings.pccs_url)

@@ -18,6 +18,8 @@ The broker evaluates two kinds of policy, both written in the language of
 
 Both are evaluated on the normalized claims of the evidence; the report
 data binding (nonce and TEE key) is the broker's own check, done before.
+Release policies carry their certificates (``roots``, ``ek_ca``, ``ak_ca``)
+inline as PEM text: a file name in one is refused.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ class Decision:
     policy_id: str = ""
 
 
-def load(text: str, name: str = "policy") -> Policy:
-    """Parse a policy (TOML or JSON); a PolicyInvalid problem names the fault."""
+def load(text: str, name: str = "policy", allow_paths: bool = False) -> Policy:
+    """Parse a policy (TOML or JSON); a PolicyInvalid problem names the fault.
+
+    Certificates must be inline (PEM text) unless ``allow_paths``: release
+    policies come through the admin API and must not make the broker read
+    its own files. Only the operator's attestation policy may name files.
+    """
     try:
-        return attest_policy.parse_policy(text, source=name)
+        return attest_policy.parse_policy(text, source=name, allow_paths=allow_paths)
     except attest_policy.PolicyError as exc:
         raise Problem("PolicyInvalid", exc.line()) from None
 
