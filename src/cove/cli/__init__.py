@@ -31,6 +31,8 @@ COMMANDS = {
     "info": "info", "fs": "fs",
     "kbs": "kbs", "demo": "demo", "k8s": "k8s",
     "verify": "attest", "jwks": "attest", "platform": "platform",
+    "daemon": "daemon", "ps": "lifecycle", "logs": "lifecycle", "stop": "lifecycle", "kill": "lifecycle",
+    "rm": "lifecycle", "wait": "lifecycle", "images": "lifecycle", "rmi": "lifecycle", "events": "lifecycle",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
     """Show measurement, signer, product id, svn, debug, backend and mounts."""
     from cove.image import artifacts, package as package_mod
     from cove.runtime.launcher import runtime_dir
+    if target is not None and not os.path.lexists(target) and "/" not in str(target):
+        from cove.cli import lifecycle  # not a path: an enclave of the daemon (docs/node.md)
+        return lifecycle.inspect_enclave(str(target))
     target = target or ctx.directory
     if target.is_file():
         try:

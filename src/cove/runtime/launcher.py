@@ -162,10 +162,11 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _private_root(verified: VerifiedBuild, image: Path, workdir: Path, in_place: bool) -> Path:
-    """The verified root the enclave will see."""
-    root = staging.stage(image, verified.entries, verified.manifest.image_root,
-                         None if in_place else workdir / "root")
+def _private_root(verified: VerifiedBuild, image: Path, workdir: Path, in_place: bool,
+                  stored: bool = False) -> Path:
+    """The verified root the enclave will see (a node store's tree was verified at import: bound as is)."""
+    root = image if stored else staging.stage(image, verified.entries, verified.manifest.image_root,
+                                              None if in_place else workdir / "root")
     staging.add_mount_points(root, [m.target for m in verified.config.mounts])
     return root
 
@@ -219,7 +220,7 @@ def _image_mount_points(verified: VerifiedBuild, binds: list[services_mod.Bind])
 
 def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
                  in_place: bool = False, encrypted: EncryptedImage | None = None,
-                 build_dir: Path | None = None) -> int:
+                 build_dir: Path | None = None, stored: bool = False) -> int:
     """Launch a verified build and return the program's exit code.
 
     The root is a verified private copy of ``image``, or, for a build made
@@ -238,7 +239,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                                           image_key=encrypted.key if encrypted else None)
         with _Services(ctx) as services, ExitStack() as mounted:
             if encrypted is None:
-                root = _private_root(verified, image, workdir, in_place)
+                root = _private_root(verified, image, workdir, in_place, stored)
                 _check_program(root, program)
             else:
                 from cove.fs.image import ImageMount

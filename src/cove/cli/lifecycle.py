@@ -1,0 +1,267 @@
+"""cove ps, logs, stop, kill, rm, wait, images, rmi, events: the daemon's enclaves, Docker-like.
+
+These talk to `cove daemon` through cove.daemon.client (standard library
+only) and import nothing else of Cove, so they start fast. `cove run -d` and
+`cove inspect ID` come here too (start_detached, inspect_enclave).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from cove.daemon.client import Client, DaemonError, NotRunning
+from cove.errors import CoveError
+
+
+class LifecycleError(CoveError):
+    """A daemon's answer or absence, with the exit code the daemon gave (docs/cli.md)."""
+
+    def __init__(self, line: str, code: int):
+        super().__init__(line)
+        self.exit_code = code
+
+
+def _call(method: str, route: str, body: dict | None = None, query: dict | None = None,
+          timeout: float | None = 60.0):
+    try:
+        return Client().call(method, route, body, query, timeout)
+    except NotRunning as exc:
+        raise LifecycleError(f"{exc.line} (start it with `sudo cove daemon` or `systemctl start cove`)",
+                             exc.exit_code) from None
+    except DaemonError as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _status(view: dict) -> str:
+    if view["state"] == "exited":
+        ago = _age(time.time() - view["finished"]) if view.get("finished") else ""
+        return f"Exited ({view['exit_code']}) {ago} ago" if ago else f"Exited ({view['exit_code']})"
+    if view["state"] == "running":
+        return f"Up {_age(view.get('uptime'))}"
+    return view["state"].capitalize()
+
+
+@click.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Show ended enclaves too.")
+@click.option("-q", "--quiet", is_flag=True, help="Only ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def ps(all_: bool, quiet: bool, as_json: bool) -> None:
+    """List enclaves: id, name, measurement prefix, backend, state, uptime, exit code."""
+    views = _call("GET", "/enclaves", query={"all": "1" if all_ else "0"})
+    if as_json:
+        click.echo(json.dumps(views, indent=2))
+        return
+    if quiet:
+        for view in views:
+            click.echo(view["id"][:12])
+        return
+    rows = [("ID", "NAME", "MEASUREMENT", "BACKEND", "STATE", "STATUS", "EXIT")]
+    for v in views:
+        exit_code = "" if v.get("exit_code") is None else str(v["exit_code"])
+        rows.append((v["id"][:12], v["name"], v["measurement"][:12], v["backend"], v["state"], _status(v),
+                     exit_code))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output until the enclave ends.")
+@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines.")
+@click.argument("ref")
+def logs(follow: bool, tail: int | None, ref: str) -> None:
+    """Print an enclave's output (stdout and stderr, as the program wrote them)."""
+    _copy_log(ref, follow, tail)
+
+
+def _copy_log(ref: str, follow: bool, tail: int | None = None) -> None:
+    query = {"follow": "1" if follow else "0", "tail": tail}
+    out = sys.stdout.buffer
+    try:
+        for chunk in Client().stream(f"/enclaves/{ref}/logs", query):
+            out.write(chunk)
+            out.flush()
+    except NotRunning as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
+    except DaemonError as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
+
+
+@click.command()
+@click.option("-t", "--time", "timeout", type=click.FloatRange(min=0, max=1e6), default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL.")
+@click.argument("refs", nargs=-1, required=True)
+def stop(timeout: float, refs: tuple[str, ...]) -> None:
+    """Stop enclaves: SIGTERM to the program, SIGKILL after -t seconds; no restart follows."""
+    for ref in refs:
+        _call("POST", f"/enclaves/{ref}/stop", query={"timeout": timeout}, timeout=timeout + 60)
+        click.echo(ref)
+
+
+@click.command()
+@click.option("-s", "--signal", "signame", default="KILL", show_default=True,
+              help="Signal name (TERM, SIGHUP) or number.")
+@click.argument("refs", nargs=-1, required=True)
+def kill(signame: str, refs: tuple[str, ...]) -> None:
+    """Send a signal to enclaves' programs."""
+    for ref in refs:
+        _call("POST", f"/enclaves/{ref}/kill", query={"signal": signame})
+        click.echo(ref)
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Stop a running enclave first (SIGKILL).")
+@click.argument("refs", nargs=-1, required=True)
+def rm(force: bool, refs: tuple[str, ...]) -> None:
+    """Remove ended enclaves (their state folder and log)."""
+    for ref in refs:
+        _call("DELETE", f"/enclaves/{ref}", query={"force": "1" if force else "0"}, timeout=120)
+        click.echo(ref)
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True)
+def wait(refs: tuple[str, ...]) -> int:
+    """Wait for enclaves to end; print each exit code; exit with the last one's."""
+    code = 0
+    for ref in refs:
+        view = _call("POST", f"/enclaves/{ref}/wait", timeout=None)
+        code = view["exit_code"] if view.get("exit_code") is not None else 0
+        click.echo(code)
+    return 0
+
+
+@click.command()
+@click.option("-q", "--quiet", is_flag=True, help="Only ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def images(quiet: bool, as_json: bool) -> None:
+    """List the images in the node's store."""
+    found = _call("GET", "/images")
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if quiet:
+        for image in found:
+            click.echo(image["id"][:12])
+        return
+    rows = [("IMAGE ID", "NAME", "SIGNER", "FILES", "SIZE", "ENCLAVES")]
+    for image in found:
+        rows.append((image["id"][:12], image["name"], image["signer"][:12], str(image["files"]),
+                     f"{image['bytes'] / 1e6:.1f} MB", str(image["enclaves"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@click.command()
+@click.option("-f", "--force", is_flag=True, help="Even if ended enclaves still name it.")
+@click.argument("ids", nargs=-1, required=True)
+def rmi(force: bool, ids: tuple[str, ...]) -> None:
+    """Remove images from the store and collect content no image uses."""
+    for ident in ids:
+        result = _call("DELETE", f"/images/{ident}", query={"force": "1" if force else "0"}, timeout=600)
+        click.echo(f"removed {result['id'][:12]} ({result['bytes_freed'] / 1e6:.1f} MB freed)")
+
+
+@click.command()
+@click.option("--since", type=click.IntRange(min=0), default=0, help="Only events after this sequence number.")
+@click.option("--no-follow", is_flag=True, help="Print past events and return.")
+def events(since: int, no_follow: bool) -> None:
+    """Stream lifecycle events (create, start, die, stop, kill, remove, image import) as JSON lines."""
+    out = sys.stdout.buffer
+    try:
+        for chunk in Client().stream("/events", {"since": since, "follow": "0" if no_follow else "1"}):
+            if chunk.strip():
+                out.write(chunk)
+                out.flush()
+    except DaemonError as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
+
+
+def inspect_enclave(ref: str) -> None:
+    click.echo(json.dumps(_call("GET", f"/enclaves/{ref}"), indent=2))
+
+
+def _create_body(instance: Path, program: str, args: tuple[str, ...], name: str | None, backend: str | None,
+                 restart: str, signer: str | None) -> dict:
+    return {"instance": str(instance.resolve()), "program": program, "args": list(args), "name": name,
+            "backend": backend, "restart": restart, "signer": signer, "env": dict(os.environ)}
+
+
+def start_detached(instance: Path, program: str, args: tuple[str, ...], name: str | None,
+                   backend: str | None, restart: str, signer: str | None) -> int:
+    """`cove run -d`: start through the daemon, print the id."""
+    view = _call("POST", "/enclaves", _create_body(instance, program, args, name, backend, restart, signer),
+                 timeout=3600)
+    click.echo(view["id"])
+    return 0
+
+
+def daemon_available() -> bool:
+    """Whether `cove run` should go through the daemon: one answers and COVE_NO_DAEMON is not set.
+
+    A user the daemon would refuse runs directly, as without a daemon.
+    """
+    if os.environ.get("COVE_NO_DAEMON"):
+        return False
+    try:
+        return Client().running()
+    except DaemonError:
+        return False
+
+
+def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None,
+                 signer: str | None) -> int:
+    """`cove run` through the daemon: start, copy the output, forward Ctrl-C and SIGTERM, return the exit code.
+
+    The enclave is removed once it has ended, as `docker run --rm` does.
+    """
+    view = _call("POST", "/enclaves", _create_body(instance, program, args, None, backend, "no", signer),
+                 timeout=3600)
+    ident = view["id"]
+    previous = {}
+
+    def forward(signum, _frame):
+        threading.Thread(target=lambda: _quiet_call("POST", f"/enclaves/{ident}/kill",
+                                                    query={"signal": str(signum)}), daemon=True).start()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        previous[signum] = signal.signal(signum, forward)
+    try:
+        _copy_log(ident, follow=True)
+        view = _call("POST", f"/enclaves/{ident}/wait", timeout=None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _quiet_call("DELETE", f"/enclaves/{ident}", query={"force": "1"})
+    if view.get("error"):
+        raise LifecycleError(view["error"], view["exit_code"])
+    return int(view["exit_code"] or 0)
+
+
+def _quiet_call(*args, **kwargs) -> None:
+    try:
+        Client().call(*args, **kwargs)
+    except DaemonError:
+        pass
+
+
+COMMANDS = (ps, logs, stop, kill, rm, wait, images, rmi, events)

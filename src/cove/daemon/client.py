@@ -1,0 +1,132 @@
+"""A thin client of the daemon's API (HTTP/JSON over its unix socket), standard library only.
+
+`cove ps` and the other lifecycle commands import this and nothing heavy,
+so they answer fast. Errors come back as RFC 7807 problem documents whose
+``exit_code`` member is the code the same failure has without the daemon
+(docs/cli.md), so the CLI exits alike both ways.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import socket
+import urllib.parse
+
+API = "v1"
+SOCKET_ENV = "COVE_DAEMON_SOCKET"
+DEFAULT_SOCKET = "/run/cove/cove.sock"
+GROUP = "cove"
+UNREACHABLE, REFUSED = 7, 6  # docs/cli.md's exit codes
+
+
+def socket_path() -> str:
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class DaemonError(Exception):
+    """A failure as one line and the exit code the CLI uses (the API's problem, or no daemon)."""
+
+    def __init__(self, line: str, exit_code: int, status: int | None = None, kind: str | None = None):
+        super().__init__(line)
+        self.line, self.exit_code, self.status, self.kind = line, exit_code, status, kind
+
+
+class NotRunning(DaemonError):
+    """No daemon answers on the socket."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, path: str | None = None, timeout: float | None = 60.0):
+        self.path = path or socket_path()
+        self.timeout = timeout
+
+    def _open(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
+              timeout: float | None = None) -> http.client.HTTPResponse:
+        target = f"/{API}{route}"
+        if query:
+            target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        connection = _UnixConnection(self.path, timeout if timeout is not None else self.timeout)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            connection.request(method, target, body=data, headers=headers)
+            return connection.getresponse()
+        except FileNotFoundError:
+            raise NotRunning(f"the Cove daemon is not running (no socket {self.path})",
+                             UNREACHABLE) from None
+        except ConnectionRefusedError:
+            raise NotRunning(f"the Cove daemon is not running (nothing listens on {self.path})",
+                             UNREACHABLE) from None
+        except PermissionError:
+            raise DaemonError(f"permission denied on {self.path}: the daemon serves root and the "
+                              f"`{GROUP}` group only (ask an administrator to add you to it)", REFUSED) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSOCK, errno.ECONNRESET, errno.EPIPE):
+                raise NotRunning(f"the Cove daemon is not answering on {self.path} ({exc.strerror})",
+                                 UNREACHABLE) from None
+            raise
+
+    def call(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
+             timeout: float | None = None):
+        response = self._open(method, route, body, query, timeout)
+        try:
+            data = response.read()
+        finally:
+            response.close()
+        return self._decode(response, data)
+
+    @staticmethod
+    def _decode(response: http.client.HTTPResponse, data: bytes):
+        try:
+            document = json.loads(data) if data else None
+        except ValueError:
+            document = None
+        if response.status >= 400:
+            problem = document if isinstance(document, dict) else {}
+            line = problem.get("detail") or problem.get("title") or f"the daemon answered {response.status}"
+            return_code = problem.get("exit_code")
+            code = return_code if isinstance(return_code, int) else 2
+            raise DaemonError(line, code, response.status, problem.get("kind"))
+        return document
+
+    def stream(self, route: str, query: dict | None = None):
+        """The body of a streamed answer (logs -f, events), chunk by chunk, with no timeout."""
+        response = self._open("GET", route, None, query, timeout=None)
+        if response.status >= 400:
+            data = response.read()
+            response.close()
+            self._decode(response, data)
+        try:
+            while chunk := response.read1(65536):
+                yield chunk
+        finally:
+            response.close()
+
+    def running(self) -> bool:
+        """Whether a daemon answers (a missing socket is the fast answer)."""
+        if not os.path.exists(self.path):
+            return False
+        try:
+            self.call("GET", "/version", timeout=5)
+        except NotRunning:
+            return False
+        return True

@@ -1,0 +1,233 @@
+"""The enclaves of this node, on disk, so that they and their state outlive the daemon.
+
+Each enclave is a folder ``enclaves/ID`` holding ``record.json`` (what was
+asked: written once, before the folder is renamed into place, so a record is
+whole or absent), ``state.json`` (written only by the enclave's supervisor:
+its pid, the state, the exit code), ``log`` (the program's output, appended
+by the program itself) and, once a stop is asked, ``stop``. A name is a
+symbolic link ``names/NAME -> ID`` made with one ``symlink`` call: of two
+clients asking for the same name, exactly one gets it. A restarted daemon
+only reads these folders again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cove.errors import CoveError, NotFoundError
+from cove.util import write_atomic
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ID = re.compile(r"^[0-9a-f]{64}$")
+ENDED = ("exited",)
+
+
+class ConflictError(CoveError):
+    """The name is taken, or the enclave is in a state that forbids the action."""
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of pid in clock ticks (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def alive(pid: int | None, start: int | None) -> bool:
+    """Whether this very process (pid and start time, so a reused pid does not count) still runs."""
+    if not pid:
+        return False
+    now = process_start(pid)
+    if now is None or (start is not None and now != start):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+        return data[data.rindex(b")") + 2:][:1] != b"Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Enclave:
+    folder: Path
+    record: dict
+    state: dict
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def status(self) -> str:
+        return self.state.get("state", "created")
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "log"
+
+    def supervisor_alive(self) -> bool:
+        return alive(self.state.get("pid"), self.state.get("pid_start"))
+
+    def view(self) -> dict:
+        """What the API answers for this enclave (docs/formats/daemon-api.md)."""
+        state = dict(self.state)
+        now = time.time()
+        started, finished = state.get("started"), state.get("finished")
+        uptime = None
+        if started and not self.ended:
+            uptime = now - started
+        return {**{k: self.record[k] for k in ("id", "name", "image", "measurement", "signer", "backend",
+                                                 "program", "args", "instance", "created", "restart")},
+                "state": self.status, "exit_code": state.get("exit_code"), "error": state.get("error"),
+                "started": started, "finished": finished, "uptime": uptime,
+                "restarts": state.get("restarts", 0), "supervisor_pid": state.get("pid"),
+                "enclave_pid": state.get("enclave_pid")}
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.enclaves = self.root / "enclaves"
+        self.names = self.root / "names"
+        self.incoming = self.root / "incoming"
+        for folder in (self.root, self.enclaves, self.names, self.incoming):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- creation
+
+    def create(self, record: dict) -> Enclave:
+        """Reserve the name, then write the record whole and rename it into place."""
+        ident = secrets.token_hex(32)
+        name = record.get("name") or f"enclave-{ident[:12]}"
+        if not NAME.match(name):
+            raise CoveError(f"--name {name!r}: use 1 to 63 letters, digits, '_', '.' or '-', "
+                            "beginning with a letter or digit")
+        try:
+            os.symlink(ident, self.names / name)
+        except FileExistsError:
+            raise ConflictError(f"the name {name!r} is already used by an enclave",
+                                f"choose another, or remove it with `cove rm {name}`") from None
+        try:
+            folder = self.incoming / ident
+            folder.mkdir(mode=0o700)
+            record = dict(record, id=ident, name=name, created=time.time())
+            write_atomic(folder / "record.json", json.dumps(record).encode(), 0o600)
+            os.close(os.open(folder / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+            os.rename(folder, self.enclaves / ident)
+        except BaseException:
+            shutil.rmtree(self.incoming / ident, ignore_errors=True)
+            _unlink(self.names / name)
+            raise
+        return self.load(ident)
+
+    # -- reading
+
+    def load(self, ident: str) -> Enclave:
+        folder = self.enclaves / ident
+        record = json.loads((folder / "record.json").read_text())
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        return Enclave(folder, record, state)
+
+    def all(self) -> list[Enclave]:
+        found = []
+        for entry in sorted(os.scandir(self.enclaves), key=lambda e: e.name):
+            if ID.match(entry.name):
+                try:
+                    found.append(self.load(entry.name))
+                except (OSError, ValueError):
+                    continue
+        found.sort(key=lambda e: e.record.get("created", 0), reverse=True)
+        return found
+
+    def find(self, ref: str) -> Enclave:
+        """An enclave by name, full id or unique id prefix."""
+        if not ref or "/" in ref or ref.startswith("."):
+            raise NotFoundError(f"no enclave {ref!r}")
+        try:
+            target = os.readlink(self.names / ref)
+            if ID.match(target) and (self.enclaves / target).is_dir():
+                return self.load(target)
+        except OSError:
+            pass
+        if ID.match(ref) and (self.enclaves / ref).is_dir():
+            return self.load(ref)
+        if re.fullmatch(r"[0-9a-f]{1,63}", ref):
+            matches = [e.name for e in os.scandir(self.enclaves) if e.name.startswith(ref)]
+            if len(matches) == 1:
+                return self.load(matches[0])
+            if len(matches) > 1:
+                raise CoveError(f"{ref!r} matches {len(matches)} enclaves: give more of the id")
+        raise NotFoundError(f"no enclave {ref!r}", "`cove ps -a` lists them")
+
+    # -- upkeep
+
+    def settle(self, enclave: Enclave) -> Enclave:
+        """An enclave whose supervisor died without saying how it ended (kill -9) is recorded as killed."""
+        if enclave.ended or enclave.supervisor_alive():
+            return enclave
+        if not enclave.state:
+            return enclave  # a supervisor not yet started; the caller decides
+        state = dict(enclave.state, state="exited", exit_code=enclave.state.get("exit_code") or 137,
+                     error=enclave.state.get("error") or "its supervisor was killed",
+                     finished=enclave.state.get("finished") or time.time())
+        write_atomic(enclave.folder / "state.json", json.dumps(state).encode(), 0o600)
+        enclave.state = state
+        return enclave
+
+    def remove(self, enclave: Enclave) -> None:
+        _unlink(self.names / enclave.name)
+        doomed = self.incoming / f"rm-{enclave.id}"
+        os.rename(enclave.folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def recover(self, supervisors: dict[str, int]) -> list[str]:
+        """At daemon start: drop half-made records and stale names; settle the dead. Returns removed ids.
+
+        ``supervisors`` maps enclave folders to the pids of supervisor processes found running.
+        """
+        removed = []
+        for entry in os.scandir(self.incoming):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        for enclave in self.all():
+            if not enclave.state and str(enclave.folder) not in supervisors:
+                self.remove(enclave)  # registered but never started: the daemon died in between
+                removed.append(enclave.id)
+            else:
+                self.settle(enclave)
+        for entry in os.scandir(self.names):
+            try:
+                target = os.readlink(entry.path)
+            except OSError:
+                continue
+            if not (self.enclaves / target).is_dir():
+                _unlink(Path(entry.path))
+        return removed
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

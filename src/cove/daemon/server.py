@@ -1,0 +1,658 @@
+"""`cove daemon`: the node's API over a unix socket (HTTP/1.1, JSON), run in the foreground.
+
+The socket is mode 0660, owned by root and the ``cove`` group; each request
+is checked again by the peer's credentials (SO_PEERCRED), so only root and
+members of that group are served. Enclaves are started through supervisors
+(cove.daemon.supervisor) that the daemon does not keep as children: killing
+the daemon stops no enclave, and a new daemon reads their folders again
+(cove.daemon.registry). Every line the daemon logs is a JSON object on
+stderr. The routes are listed in :mod:`cove.daemon.openapi` and
+docs/formats/daemon-api.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import http.server
+import json
+import os
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from pathlib import Path
+
+from cove import __version__
+from cove.daemon import client as client_mod
+from cove.daemon import openapi
+from cove.daemon.events import Events, watch
+from cove.daemon.problems import Problem, from_cove_error
+from cove.daemon.registry import ConflictError, Enclave, Registry
+from cove.daemon.supervisor import parse_restart
+from cove.errors import CoveError, ExitCode, NotFoundError
+from cove.image.store import ImageStore
+
+DEFAULT_ROOT = "/var/lib/cove"
+MAX_BODY = 1 << 20
+START_TIMEOUT = 30.0
+FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def log(event: str, level: str = "info", **fields) -> None:
+    """One structured line on stderr."""
+    line = json.dumps({"ts": round(time.time(), 3), "level": level, "event": event, **fields}, default=str)
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def sandbox_init(supervisor: int) -> int | None:
+    """The host pid of the sandbox's pid 1 (bubblewrap's child of the supervisor's bwrap)."""
+    for child in children(supervisor):
+        if _comm(child) == "bwrap":
+            inner = children(child)
+            if inner:
+                return inner[0]
+    return None
+
+
+def parse_signal(value) -> int:
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        number = int(value)
+        if 1 <= number < signal.NSIG:
+            return number
+    elif isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        found = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(found, signal.Signals):
+            return int(found)
+    raise Problem("InvalidRequest", f"unknown signal {value!r}")
+
+
+class Daemon:
+    """The node service's state: store, registry, events; the API handler calls into it."""
+
+    def __init__(self, root: Path, socket_path: str, group: str = client_mod.GROUP):
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.store = ImageStore(self.root / "store")
+        self.registry = Registry(self.root)
+        self.socket_path = socket_path
+        try:
+            self.gid: int | None = grp.getgrnam(group).gr_gid
+        except KeyError:
+            self.gid = None
+            log("no_group", level="warning", group=group, detail="only root may use the daemon")
+        self.group = group
+        self.events = Events()
+        self.lock = threading.Lock()
+
+    # -- start-up
+
+    def recover(self) -> None:
+        """Find the enclaves of a previous daemon: keep the living, settle the dead, drop half-made ones."""
+        supervisors = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                        argv = handle.read().split(b"\0")
+                except OSError:
+                    continue
+                if b"cove.daemon.supervisor" in argv and len(argv) > 3:
+                    supervisors[argv[argv.index(b"cove.daemon.supervisor") + 1].decode()] = int(entry.name)
+        removed = self.registry.recover(supervisors)
+        blobs, freed = self.store.collect()  # an import cut short leaves only tmp/ and unlinked blobs
+        running = [e.id for e in self.registry.all() if not e.ended]
+        log("recovered", running=len(running), removed_half_made=len(removed), blobs_collected=blobs,
+            bytes_freed=freed)
+
+    # -- access
+
+    def authorize(self, pid: int, uid: int, gid: int) -> None:
+        if uid == 0:
+            return
+        groups = {gid}
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+        except OSError:
+            pass
+        if self.gid is None or self.gid not in groups:
+            raise Problem("Forbidden", f"uid {uid} is neither root nor in the `{self.group}` group",
+                          ExitCode.REFUSED)
+
+    # -- enclaves
+
+    def create(self, body: dict, uid: int) -> dict:
+        instance = Path(_field(body, "instance", str))
+        program = _field(body, "program", str)
+        args = _field(body, "args", list, [])
+        if not all(isinstance(a, str) for a in args):
+            raise Problem("InvalidRequest", "args must be a list of strings")
+        name = _field(body, "name", str, None)
+        backend = _field(body, "backend", str, None)
+        restart = _field(body, "restart", str, "no")
+        env = _field(body, "env", dict, {})
+        signer_hex = _field(body, "signer", str, None)
+        parse_restart(restart)
+        if not instance.is_absolute():
+            raise Problem("InvalidRequest", "instance must be an absolute path")
+        if not (instance / "cove.toml").is_file():
+            raise NotFoundError(f"no Cove instance in {instance} (no cove.toml)",
+                                "run `cove new NAME`, or give -C DIR")
+        _check_owner(instance, uid)
+        signer = bytes.fromhex(signer_hex) if signer_hex else None
+        started = time.monotonic()
+        try:
+            image, new = self.store.import_instance(instance, signer, None if uid == 0 else uid)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Problem("InsufficientStorage", f"the image store {self.store.path} is full: "
+                              f"{exc.strerror}", ExitCode.FILE_SYSTEM) from None
+            raise
+        if new:
+            log("image_imported", image=image.id, files=image.files, bytes=image.bytes,
+                seconds=round(time.monotonic() - started, 3))
+            self.events.emit("image", "import", image.id, name=image.name)
+        passthrough = {k: v for k, v in env.items() if isinstance(k, str) and isinstance(v, str)}
+        record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
+                  "backend": backend or "sim", "program": program, "args": args, "instance": str(instance),
+                  "state_dir": str(instance / "run"), "restart": restart, "env": passthrough, "uid": uid}
+        enclave = self.registry.create(record)
+        self.events.emit("enclave", "create", enclave.id, name=enclave.name)
+        try:
+            self.spawn(enclave)
+        except BaseException:
+            self.registry.remove(enclave)
+            raise
+        enclave = self.registry.load(enclave.id)
+        log("enclave_started", id=enclave.id, name=enclave.name, image=image.id,
+            seconds=round(time.monotonic() - started, 3))
+        self.events.emit("enclave", "start", enclave.id, name=enclave.name)
+        return enclave.view()
+
+    def spawn(self, enclave: Enclave) -> None:
+        """Start the supervisor (it forks away from the daemon) and wait until it has written its state."""
+        log_fd = os.open(enclave.log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            env = {k: v for k, v in os.environ.items()}
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cove.daemon.supervisor", str(enclave.folder), str(self.store.path)],
+                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
+                close_fds=True, env=env)
+        finally:
+            os.close(log_fd)
+        process.wait()  # the supervisor forks and its first process leaves at once
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (enclave.folder / "state.json").exists():
+            if time.monotonic() > deadline:
+                raise Problem("Internal", "the enclave's supervisor did not start", ExitCode.SANDBOX)
+            time.sleep(0.005)
+
+    def view(self, ref: str) -> dict:
+        return self.registry.settle(self.registry.find(ref)).view()
+
+    def list(self, all_: bool) -> list[dict]:
+        out = []
+        for enclave in self.registry.all():
+            enclave = self.registry.settle(enclave)
+            if all_ or not enclave.ended:
+                out.append(enclave.view())
+        return out
+
+    def signal(self, ref: str, signum: int) -> dict:
+        enclave = self.registry.settle(self.registry.find(ref))
+        if enclave.ended:
+            raise ConflictError(f"enclave {enclave.name} is not running")
+        self._deliver(enclave, signum)
+        self.events.emit("enclave", "kill", enclave.id, name=enclave.name, signal=signum)
+        return self.registry.load(enclave.id).view()
+
+    def _deliver(self, enclave: Enclave, signum: int) -> None:
+        pid = enclave.state.get("pid")
+        if signum in FORWARDED:
+            _kill(pid, signum)  # the supervisor forwards it to the program's process group, as `cove run` does
+            return
+        init = sandbox_init(pid)
+        if init is None:
+            if signum == signal.SIGKILL:
+                _kill(pid, signal.SIGKILL)
+            return
+        if signum == signal.SIGKILL:
+            _kill(init, signal.SIGKILL)  # the sandbox's pid 1: everything in its pid namespace goes
+            return
+        program = children(init)
+        if program:
+            try:
+                os.killpg(os.getpgid(program[0]), signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self, ref: str, timeout: float) -> dict:
+        enclave = self.registry.settle(self.registry.find(ref))
+        (enclave.folder / "stop").touch()
+        if not enclave.ended:
+            self._deliver(enclave, signal.SIGTERM)
+            if not self._wait_end(enclave, timeout):
+                self._deliver(self.registry.load(enclave.id), signal.SIGKILL)
+                if not self._wait_end(enclave, 10):
+                    _kill(enclave.state.get("pid"), signal.SIGKILL)
+                    self._wait_end(enclave, 5)
+        enclave = self.registry.settle(self.registry.load(enclave.id))
+        self.events.emit("enclave", "stop", enclave.id, name=enclave.name, exit_code=enclave.state.get("exit_code"))
+        return enclave.view()
+
+    def _wait_end(self, enclave: Enclave, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            current = self.registry.settle(self.registry.load(enclave.id))
+            if current.ended and not current.supervisor_alive():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def wait(self, ref: str) -> dict:
+        enclave = self.registry.find(ref)
+        self._wait_end(enclave, None)
+        return self.registry.load(enclave.id).view()
+
+    def remove(self, ref: str, force: bool) -> dict:
+        enclave = self.registry.settle(self.registry.find(ref))
+        if not enclave.ended:
+            if not force:
+                raise ConflictError(f"enclave {enclave.name} is {enclave.status}",
+                                    "stop it first, or use `cove rm -f`")
+            self.stop(enclave.id, 0)
+        view = self.registry.load(enclave.id).view()
+        self.registry.remove(enclave)
+        self.events.emit("enclave", "remove", enclave.id, name=enclave.name)
+        return view
+
+    def logs(self, ref: str, follow: bool, tail: int | None):
+        """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end."""
+        enclave = self.registry.find(ref)
+        with open(enclave.log, "rb") as handle:
+            if tail is not None:
+                yield _tail(handle, tail)
+            while True:
+                chunk = handle.read(65536)
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow:
+                    return
+                current = self.registry.settle(self.registry.load(enclave.id))
+                if current.ended and not current.supervisor_alive():
+                    rest = handle.read()
+                    if rest:
+                        yield rest
+                    return
+                time.sleep(0.05)
+
+    # -- images
+
+    def images(self) -> list[dict]:
+        used: dict[str, int] = {}
+        for enclave in self.registry.all():
+            used[enclave.record["image"]] = used.get(enclave.record["image"], 0) + 1
+        return [dict(image.summary(), enclaves=used.get(image.id, 0)) for image in self.store.list()]
+
+    def remove_image(self, ident: str, force: bool) -> dict:
+        image = self.store.get(ident)
+        users = [e for e in self.registry.all() if e.record["image"] == image.id]
+        if users and not force:
+            raise ConflictError(f"image {image.id[:12]} is used by {len(users)} enclave(s) "
+                                f"({', '.join(e.name for e in users[:3])})", "remove them with `cove rm` first")
+        if any(not self.registry.settle(e).ended for e in users):
+            raise ConflictError(f"image {image.id[:12]} is used by a running enclave", "stop it first")
+        self.store.remove(image.id)
+        blobs, freed = self.store.collect()
+        self.events.emit("image", "remove", image.id, name=image.name)
+        return {"id": image.id, "blobs_removed": blobs, "bytes_freed": freed}
+
+    def prune(self) -> dict:
+        blobs, freed = self.store.collect()
+        return {"blobs_removed": blobs, "bytes_freed": freed}
+
+
+def _field(body: dict, name: str, kind: type, default=...):
+    if name not in body or body[name] is None:
+        if default is ...:
+            raise Problem("InvalidRequest", f"{name} is required")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise Problem("InvalidRequest", f"{name} must be a {kind.__name__}")
+    if isinstance(value, str) and ("\0" in value or len(value) > 4096):
+        raise Problem("InvalidRequest", f"{name} is not an acceptable string")
+    return value
+
+
+def _check_owner(instance: Path, uid: int) -> None:
+    """A user other than root may only start an instance whose folders are its own."""
+    if uid == 0:
+        return
+    for path in (instance, instance / "image", instance / "build", instance / "cove.toml"):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise NotFoundError(f"{path} is missing") from None
+        if st.st_uid != uid:
+            raise Problem("Forbidden", f"{path} does not belong to uid {uid}", ExitCode.REFUSED)
+
+
+def _kill(pid: int | None, signum: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _tail(handle, lines: int) -> bytes:
+    """The last ``lines`` lines of a file (the handle is left at its end)."""
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    if lines <= 0:
+        return b""
+    data = b""
+    position = end
+    while position > 0 and data.count(b"\n") <= lines:
+        step = min(65536, position)
+        position -= step
+        handle.seek(position)
+        data = handle.read(step) + data
+    handle.seek(end)
+    parts = data.split(b"\n")
+    trailing = data.endswith(b"\n")
+    kept = parts[-(lines + 1):] if trailing else parts[-lines:]
+    return b"\n".join(kept)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"cove-daemon/{__version__}"
+    daemon: Daemon  # set on the class by serve()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+        return  # requests are logged as JSON in _handle
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def _handle(self, method: str) -> None:
+        started = time.monotonic()
+        status = 500
+        try:
+            pid, uid, gid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                       struct.calcsize("3i")))
+            self.peer_uid = uid
+            self.daemon.authorize(pid, uid, gid)
+            url = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(url.query))
+            status = self._route(method, url.path, query)
+        except Problem as problem:
+            status = self._problem(problem)
+        except CoveError as exc:
+            status = self._problem(from_cove_error(exc))
+        except (BrokenPipeError, ConnectionResetError):
+            status = 499
+        except Exception as exc:  # noqa: BLE001 - a fault is logged, answered 500, and the daemon goes on
+            log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
+            status = self._problem(Problem("Internal", None, ExitCode.SANDBOX))
+        finally:
+            log("request", method=method, path=self.path[:200], status=status,
+                ms=round((time.monotonic() - started) * 1000, 2), uid=getattr(self, "peer_uid", None))
+
+    def _body(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            raise Problem("InvalidRequest", "send the body with a Content-Length")
+        if length is None:
+            return {}
+        if not length.isdigit():
+            raise Problem("InvalidRequest", "Content-Length is not a number")
+        if int(length) > MAX_BODY:
+            raise Problem("TooLarge", f"the body is {length} bytes; the limit is {MAX_BODY}")
+        data = self.rfile.read(int(length))
+        if not data:
+            return {}
+        kind = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+        if kind != "application/json":
+            raise Problem("UnsupportedMediaType", f"Content-Type {kind} is not application/json")
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise Problem("InvalidRequest", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise Problem("InvalidRequest", "the body must be a JSON object")
+        return body
+
+    def _route(self, method: str, path: str, query: dict) -> int:
+        parts = [p for p in path.split("/") if p]
+        body = self._body() if method in ("POST", "PUT", "PATCH") else {}
+        if not parts or parts[0] != client_mod.API:
+            raise Problem("NotFound", f"no route {path}; the API is under /{client_mod.API}/")
+        d = self.daemon
+        route = parts[1:]
+
+        def allow(*methods: str) -> None:
+            if method not in methods:
+                raise Problem("MethodNotAllowed", f"{method} {path}: use {' or '.join(methods)}")
+
+        if route == ["version"]:
+            allow("GET")
+            return self._json(200, {"version": __version__, "api": client_mod.API})
+        if route == ["openapi.json"]:
+            allow("GET")
+            return self._json(200, openapi.document())
+        if route == ["enclaves"]:
+            allow("GET", "POST")
+            if method == "GET":
+                return self._json(200, d.list(_flag(query, "all")))
+            return self._json(201, d.create(body, self.peer_uid))
+        if len(route) == 2 and route[0] == "enclaves":
+            allow("GET", "DELETE")
+            if method == "GET":
+                return self._json(200, d.view(route[1]))
+            return self._json(200, d.remove(route[1], _flag(query, "force")))
+        if len(route) == 3 and route[0] == "enclaves":
+            ref, action = route[1], route[2]
+            if action == "logs":
+                allow("GET")
+                tail = query.get("tail")
+                if tail is not None and not (tail.isdigit() and len(tail) < 10):
+                    raise Problem("InvalidRequest", "tail must be a number of lines")
+                d.registry.find(ref)  # a missing enclave is a 404 before the stream begins
+                return self._stream(d.logs(ref, _flag(query, "follow"), None if tail is None else int(tail)),
+                                    "application/octet-stream")
+            allow("POST")
+            if action == "stop":
+                timeout = _number(query.get("timeout", body.get("timeout", 10)), "timeout")
+                return self._json(200, d.stop(ref, timeout))
+            if action == "kill":
+                return self._json(200, d.signal(ref, parse_signal(query.get("signal", body.get("signal", "KILL")))))
+            if action == "wait":
+                return self._json(200, d.wait(ref))
+        if route == ["images"]:
+            allow("GET")
+            return self._json(200, d.images())
+        if route == ["images", "prune"]:
+            allow("POST")
+            return self._json(200, d.prune())
+        if len(route) == 2 and route[0] == "images":
+            allow("DELETE")
+            return self._json(200, d.remove_image(route[1], _flag(query, "force")))
+        if route == ["events"]:
+            allow("GET")
+            since = _number(query.get("since", 0), "since")
+            return self._stream(d.events.follow(since, _flag(query, "follow", True)), "application/x-ndjson")
+        raise Problem("NotFound", f"no route {method} {path}")
+
+    def _json(self, status: int, document, kind: str = "application/json") -> int:
+        data = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return status
+
+    def _problem(self, problem: Problem) -> int:
+        self.close_connection = True
+        return self._json(problem.status, problem.document(self.path[:200]), "application/problem+json")
+
+    def _stream(self, chunks, kind: str) -> int:
+        """A body of unknown length: chunked, flushed as it comes (logs -f, events)."""
+        first = next(chunks, None)  # errors before the first byte are still problems
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in ([first] if first else []) + [None]:
+                if chunk is None:
+                    break
+                self._chunk(chunk)
+            for chunk in chunks:
+                if chunk:
+                    self._chunk(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        finally:
+            chunks.close()
+        return 200
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+
+def _flag(query: dict, name: str, default: bool = False) -> bool:
+    value = query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no", ""):
+        return False
+    raise Problem("InvalidRequest", f"{name} must be true or false")
+
+
+def _number(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise Problem("InvalidRequest", f"{name} must be a number") from None
+    if not (0 <= number <= 1e7):
+        raise Problem("InvalidRequest", f"{name} is out of range")
+    return number
+
+
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+
+def bind(path: str, gid: int | None) -> UnixServer:
+    """The listening socket at path: 0660, root:cove (or 0600 when there is no cove group)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1)
+        probe.connect(path)
+        probe.close()
+        raise CoveError(f"a daemon already listens on {path}", "stop it first, or give another --socket")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)
+    try:
+        server = UnixServer(path, Handler, bind_and_activate=True)
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o660)
+    return server
+
+
+def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, ready=None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; enclaves go on without it."""
+    if os.geteuid() != 0:
+        raise CoveError("cove daemon runs as root (it owns the image store and starts enclaves for others)",
+                        "start it with sudo or as the systemd unit scripts/setup installs")
+    daemon = Daemon(root, socket_path, group)
+    daemon.recover()
+    Handler.daemon = daemon
+    server = bind(socket_path, daemon.gid)
+    stopping = threading.Event()
+
+    def leave(_signum, _frame):
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    threading.Thread(target=watch, args=(daemon.registry, daemon.events, stopping), daemon=True).start()
+    log("listening", socket=socket_path, root=str(root), version=__version__, pid=os.getpid())
+    if ready is not None:
+        ready()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        try:
+            os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
+        log("stopped", enclaves_left_running=sum(1 for e in daemon.registry.all() if not e.ended))
+    return 0

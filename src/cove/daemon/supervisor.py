@@ -1,0 +1,123 @@
+"""One enclave's supervisor (``python -m cove.daemon.supervisor ENCLAVE_FOLDER STORE``), like a containerd shim.
+
+The daemon starts it in a session of its own, with the enclave's log as its
+stdout and stderr, and does not wait for it: when the daemon is killed or
+upgraded the supervisor and its enclave go on, the program keeps appending to
+the log, and the supervisor writes the exit code to ``state.json`` itself.
+It launches from the store's verified tree (``launcher.run_verified`` with
+``stored=True``), forwards SIGTERM and the other signals ``cove run``
+forwards, and applies the restart policy with a doubling back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cove.daemon.registry import process_start
+from cove.errors import CoveError, IntegrityError
+from cove.image.store import ImageStore
+from cove.runtime import launcher
+from cove.util import write_atomic
+
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 10.0, 10.0
+
+
+def parse_restart(policy: str) -> tuple[str, int | None]:
+    """``no``, ``always``, ``on-failure`` or ``on-failure:N`` as (kind, limit)."""
+    match = re.fullmatch(r"(no|always|on-failure)(?::([0-9]{1,6}))?", policy or "no")
+    if match is None or (match.group(2) is not None and match.group(1) != "on-failure"):
+        raise CoveError(f"--restart {policy!r}: use no, on-failure, on-failure:N or always")
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def should_restart(policy: str, code: int, restarts: int) -> bool:
+    kind, limit = parse_restart(policy)
+    if kind == "always":
+        return True
+    if kind == "on-failure" and code != 0:
+        return limit is None or restarts < limit
+    return False
+
+
+class Supervisor:
+    def __init__(self, folder: Path, store: Path):
+        self.folder = folder
+        self.record = json.loads((folder / "record.json").read_text())
+        self.store = ImageStore(store)
+        self.state: dict = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "restarts": 0}
+        self.stopping = False
+
+    def save(self, **changes) -> None:
+        self.state.update(changes)
+        write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600)
+
+    def stop_requested(self) -> bool:
+        return self.stopping or (self.folder / "stop").exists()
+
+    def once(self) -> int:
+        """Launch the enclave once; its exit code (or a Cove error's code, recorded with its line)."""
+        if self.stop_requested():
+            return 128 + signal.SIGTERM  # stopped before it began
+        try:
+            image = self.store.get(self.record["image"])
+            verified = self.store.verified(image)
+            if verified.measurement.hex() != self.record["measurement"]:
+                raise IntegrityError("the stored image no longer has the measurement it was started with")
+            request = launcher.RunRequest(self.record["program"], tuple(self.record["args"]),
+                                          self.record.get("backend"))
+            self.save(state="running", started=time.time(), finished=None, exit_code=None, error=None)
+            return launcher.run_verified(verified, image.root, request, Path(self.record["state_dir"]),
+                                         build_dir=image.build, stored=True)
+        except CoveError as exc:
+            self.save(error=exc.line())
+            return int(exc.exit_code)
+        except OSError as exc:
+            self.save(error=f"{exc.filename or 'a file'}: {exc.strerror or exc}")
+            return 9
+
+    def run(self) -> int:
+        for name, value in self.record.get("env", {}).items():
+            os.environ[name] = value  # the client's values of [env] passthrough names, as `cove run` has them
+        def stop(_signum, _frame):
+            self.stopping = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self.save(state="starting")
+        delay = BACKOFF_FIRST
+        while True:
+            began = time.monotonic()
+            code = self.once()
+            if self.stop_requested() or not should_restart(self.record.get("restart", "no"), code,
+                                                           self.state["restarts"]):
+                self.save(state="exited", exit_code=code, finished=time.time())
+                return code
+            if time.monotonic() - began > BACKOFF_RESET:
+                delay = BACKOFF_FIRST  # it ran a while: start the back-off again
+            self.save(state="restarting", exit_code=code, finished=time.time(),
+                      restarts=self.state["restarts"] + 1)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not self.stop_requested():
+                time.sleep(0.05)
+            if self.stop_requested():
+                self.save(state="exited")
+                return code
+            delay = min(delay * 2, BACKOFF_MAX)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m cove.daemon.supervisor ENCLAVE_FOLDER STORE", file=sys.stderr)
+        return 2
+    if os.fork():
+        os._exit(0)  # the daemon reaps this first process at once; the supervisor is nobody's child to wait for
+    return Supervisor(Path(argv[0]), Path(argv[1])).run() & 0xFF
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,170 @@
+"""A real `cove daemon` on a private socket and root, and real instances to start through it."""
+
+from __future__ import annotations
+
+import grp
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COVE, Cove, require
+
+GROUP = "cove-dtest"  # a group of the tests' own: members may use the test daemon's socket
+HELLO = r'''#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <signal.h>
+static void term(int s) { printf("got %d\n", s); fflush(stdout); _exit(40); }
+int main(int argc, char **argv) {
+    if (argc > 1 && argv[1][0] == 't') { signal(SIGTERM, term); argv++; argc--; }
+    printf("hello %d\n", argc); fflush(stdout);
+    fprintf(stderr, "to stderr\n");
+    if (argc > 1) sleep(atoi(argv[1]));
+    return argc > 2 ? atoi(argv[2]) : 0;
+}
+'''
+
+
+class Node:
+    """A daemon process, its socket, and `cove` pointed at it."""
+
+    def __init__(self, base: Path, cove: Cove):
+        self.base = base
+        self.root = base / "root"
+        self.socket = str(base / "d.sock")
+        self.log = base / "daemon.log"
+        self.cove = Cove(Path(cove.env["HOME"]))
+        self.cove.env["COVE_DAEMON_SOCKET"] = self.socket
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([COVE, "daemon", "--root", str(self.root), "--socket", self.socket,
+                                             "--group", GROUP], stdout=log, stderr=log, env=self.cove.env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                status, _ = self.api("GET", "/v1/version")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            assert self.process.poll() is None, f"the daemon exited: {self.log.read_text()[-2000:]}"
+            time.sleep(0.05)
+        pytest.fail(f"the daemon did not answer: {self.log.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def raw(self, data: bytes) -> tuple[int, dict | None, bytes]:
+        """Send raw bytes; the status, the JSON body (if any) and the whole answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(self.socket)
+            sock.sendall(data)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer:
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                    if length and len(body) >= length[0]:
+                        break
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1]) if head else 0
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        return status, document, answer
+
+    def api(self, method: str, path: str, body=None, headers: dict | None = None):
+        connection = http.client.HTTPConnection("localhost", timeout=60)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.socket)
+        connection.sock = sock
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers=headers or {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        raw = response.read()
+        connection.close()
+        kind = response.getheader("Content-Type", "")
+        return response.status, (json.loads(raw) if kind in ("application/json", "application/problem+json") and raw else raw)
+
+    def state(self, ref: str) -> dict:
+        status, view = self.api("GET", f"/v1/enclaves/{ref}")
+        assert status == 200, view
+        return view
+
+    def until(self, ref: str, *states: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.state(ref)
+            if view["state"] in states:
+                return view
+            time.sleep(0.05)
+        raise AssertionError(f"{ref} never reached {states}: {view}")
+
+
+@pytest.fixture(scope="session")
+def test_group() -> int:
+    require("groupadd")
+    try:
+        return grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", GROUP], check=True, capture_output=True)
+        return grp.getgrnam(GROUP).gr_gid
+
+
+@pytest.fixture(scope="session")
+def hello(tmp_path_factory) -> Path:
+    """A static program: prints, sleeps argv[1] seconds, exits argv[2]; with 't' first, exits 40 on SIGTERM."""
+    require("gcc")
+    folder = tmp_path_factory.mktemp("hello")
+    (folder / "hello.c").write_text(HELLO)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(folder / "hello"), str(folder / "hello.c")], check=True)
+    return folder / "hello"
+
+
+def make_hello_instance(cove: Cove, parent: Path, hello: Path, name: str = "app") -> Path:
+    cove.ok("new", name, cwd=parent)
+    cove.ok("add", "--to", "/bin", str(hello), cwd=parent / name)
+    cove.ok("build", cwd=parent / name)
+    return parent / name
+
+
+@pytest.fixture(scope="session")
+def app(cove, hello, tmp_path_factory) -> Path:
+    return make_hello_instance(cove, tmp_path_factory.mktemp("instances"), hello)
+
+
+@pytest.fixture(scope="module")
+def node(cove, test_group, tmp_path_factory):
+    require("bwrap")
+    base = Path(str(tmp_path_factory.mktemp("node")))
+    node = Node(base, cove)
+    node.start()
+    yield node
+    node.stop()
+    # enclaves outlive the daemon by design: end the tests' own
+    for folder in (node.root / "enclaves").glob("*"):
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            os.kill(state["pid"], signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass
+    shutil.rmtree(base, ignore_errors=True)
