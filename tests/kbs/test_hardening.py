@@ -76,6 +76,8 @@ def test_declared_oversized_body_refused_unread(make_kbs, method, path, auth):
         status, document, closed = _response(conn)
     assert status == 413 and document["type"] == TYPE_PREFIX + "PayloadTooLarge", document
     assert closed
+    refused = [r for r in kbs.admin.audit(action="request") if r["outcome"] == "refused"]
+    assert refused and refused[-1]["resource"] == path and "PayloadTooLarge" in refused[-1]["detail"], refused
 
 
 def test_unauthenticated_admin_body_never_read(make_kbs):

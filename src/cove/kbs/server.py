@@ -248,11 +248,10 @@ class Guard:
         limit = body_limit(method, path)
         length = _content_length(scope)
         if length is None or length > limit:
-            self.metrics.add("PayloadTooLarge" if length is not None else "InvalidRequest")
             doc = (_guard_document(413, "PayloadTooLarge", "The request body is too large",
                                    f"the body may be at most {limit} bytes here", path) if length is not None else
                    _guard_document(400, "InvalidRequest", "The request is malformed", "bad Content-Length", path))
-            await _send_json(send, doc, doc["status"], close=True)
+            await self._refuse(send, doc)
             return
         if self._active is None:
             self._active = asyncio.Semaphore(self.max_active)
@@ -292,8 +291,15 @@ class Guard:
         except _BodyTooLarge:
             pass
         if refused and not started:
-            self.metrics.add(refused[0]["type"].rsplit(":", 1)[1])
-            await _send_json(send, refused[0], refused[0]["status"], close=True)
+            await self._refuse(send, refused[0])
+
+    async def _refuse(self, send, document: dict) -> None:
+        """Answer with one of the guard's own problems, count it and audit it (floods are counted)."""
+        kind = document["type"].rsplit(":", 1)[1]
+        self.metrics.add(kind)
+        await _send_json(send, document, document["status"], close=True)
+        await self.off_loop(self.broker.store.audit_refusal, "anonymous", "request", document["instance"][:400],
+                            f"{kind}: {document['detail']}")
 
 
 TRIM_INTERVAL = 1.0  # seconds between checks for an idle broker
