@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,10 @@ class Node:
     def __init__(self, base: Path, cove: Cove):
         self.base = base
         self.root = base / "root"
-        self.socket = str(base / "d.sock")
+        # a folder every user can pass through, so tests can knock as other users
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="cove-dtest-", dir="/tmp"))
+        os.chmod(self.socket_dir, 0o755)
+        self.socket = str(self.socket_dir / "d.sock")
         self.log = base / "daemon.log"
         self.cove = Cove(Path(cove.env["HOME"]))
         self.cove.env["COVE_DAEMON_SOCKET"] = self.socket
@@ -168,3 +172,4 @@ def node(cove, test_group, tmp_path_factory):
         except (OSError, ValueError, KeyError):
             pass
     shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(node.socket_dir, ignore_errors=True)

@@ -408,6 +408,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
         return  # requests are logged as JSON in _handle
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a bad request line, headers too long) as problem documents too."""
+        self.request_version = "HTTP/1.1"  # headers even for a request that looked like HTTP/0.9
+        kind = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
+                414: "TooLarge", 431: "TooLarge"}.get(code, "InvalidRequest")
+        problem = Problem(kind, message or explain)
+        problem.status = code if 400 <= code < 500 else problem.status
+        self.close_connection = True
+        try:
+            self._json(problem.status, problem.document(), "application/problem+json")
+        except OSError:
+            pass
+
     def do_GET(self) -> None:
         self._handle("GET")
 
