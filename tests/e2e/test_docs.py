@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import ROOT, require
 
-DOCS = ("quickstart", "config", "secure-fs")
+DOCS = ("quickstart", "config", "secure-fs", "attestation")
 FENCE = re.compile(r"^```(.*)$")
 LANGUAGES = {"sh", "toml", "python", "json", "text", "cbor", "http"}
 VENV_BIN = Path(sys.executable).parent

@@ -27,9 +27,11 @@ def new(name: str) -> None:
 @click.option("--bom", "bom_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Copy what a checked-in bom file lists.")
 @click.option("--no-deps", is_flag=True, help="Do not copy the interpreter and shared libraries of ELF files.")
+@click.option("--sdk", is_flag=True, help="Add the Python SDK (from cove import enclave) as "
+              "/usr/lib/python3/dist-packages/cove/enclave.py, or DIR/cove/enclave.py with --to.")
 @click.argument("paths", nargs=-1)
 @click.pass_obj
-def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[str, ...]) -> None:
+def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, sdk: bool, paths: tuple[str, ...]) -> None:
     """Copy programs (with the libraries they load) and folders into image/.
 
     \b
@@ -44,9 +46,11 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, paths: tuple[
     """
     from cove.image import bom
     target = instance_mod.open_instance(ctx.directory)
-    if not paths and bom_file is None:
-        raise click.UsageError("give PATH... or --bom FILE")
+    if not paths and bom_file is None and not sdk:
+        raise click.UsageError("give PATH..., --bom FILE or --sdk")
     plans = []
+    if sdk:
+        plans.append(bom.plan_sdk(to))
     if bom_file is not None:
         plans.append(bom.plan_bom(bom_file, not no_deps))
     if paths:

@@ -10,6 +10,7 @@ image as root, so a symlink in the image can never send a copy to the host.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import shutil
 import stat
@@ -204,6 +205,15 @@ def plan(paths: list[str], to: str | None = None, with_dependencies: bool = True
     for path in paths:
         planner.add_path(os.path.abspath(path), _dest_for(path, to))
     return planner.plan
+
+
+SDK_DIR = "/usr/lib/python3/dist-packages"  # on Debian's Python's sys.path (docs/attestation.md)
+
+
+def plan_sdk(to: str | None = None) -> Plan:
+    """The in-enclave Python SDK as TO/cove/enclave.py, so `from cove import enclave` works in the image."""
+    source = importlib.util.find_spec("cove.enclave").origin
+    return plan([source], to=str(PurePosixPath(to or SDK_DIR) / "cove"), with_dependencies=False)
 
 
 def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:
