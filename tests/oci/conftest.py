@@ -21,3 +21,19 @@ def oci_tar(cove, oci_instance) -> Path:
     out = oci_instance.parent / "hello.oci.tar"
     cove.ok("package", "--oci", "--tag", "cove-test/hello:1", "-o", str(out), cwd=oci_instance)
     return out
+
+
+RUNTIME = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "cove-runtime")
+
+
+@pytest.fixture(scope="session")
+def oci_layer(oci_tar, tmp_path_factory) -> Path:
+    """The image's root file system layer (an uncompressed tar)."""
+    import json
+    import tarfile
+
+    folder = tmp_path_factory.mktemp("layer")
+    with tarfile.open(oci_tar) as archive:
+        archive.extractall(folder, filter="data")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return folder / manifest[0]["Layers"][0]

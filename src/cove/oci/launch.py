@@ -1,0 +1,140 @@
+"""From a checked bundle to the container's process: verify, copy, wait for `start`, launch.
+
+The container's process is the runtime itself, forked: it holds the engine's
+stdio (or the console's terminal), blocks on the start FIFO, then runs the
+enclave through ``launcher.run_verified`` from the private root copied out
+of the bundle (``stored=True``: already verified, bound as is), exactly as
+the node service's supervisor launches from its store, and exits with the
+program's exit code, so the engine's reaper sees what `cove run` returns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import posixpath
+import resource
+import sys
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+
+from cove.errors import CoveError
+from cove.image.artifacts import VerifiedBuild
+from cove.image.encryption import EncryptedImage
+from cove.image.paths import resolve_in_image
+from cove.oci import rootfs as rootfs_mod
+from cove.oci.spec import Bundle, BundleError
+from cove.runtime import launcher
+
+
+@dataclass(frozen=True)
+class Prepared:
+    bundle: Bundle
+    verified: VerifiedBuild
+    root: Path  # the private verified copy, or the bundle's rootfs for an encrypted image (checked on read)
+    encrypted: EncryptedImage | None
+    build_dir: Path
+    state_dir: Path
+    program: str
+    unmeasured: bool = False
+
+
+def _program(bundle: Bundle, root: Path) -> str:
+    """args[0] as an absolute path in the image (PATH searched inside the image, as runc does)."""
+    program = bundle.process.args[0]
+    if program.startswith("/"):
+        return posixpath.normpath(program)
+    for folder in bundle.process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
+        if folder.startswith("/"):
+            candidate = posixpath.join(folder, program)
+            if resolve_in_image(root, candidate, follow_last=True).is_file():
+                return candidate
+    raise BundleError(f"config.json: process.args[0] {program!r} is not in the image's PATH",
+                      "give the program's absolute path")
+
+
+def prepare(bundle: Bundle, folder: Path) -> Prepared:
+    """Verify the bundle's signed build and root file system; refuse what the measurement does not allow."""
+    if bundle.unmeasured_debug:
+        raise BundleError("the cove.dev/unmeasured-debug annotation is not supported by this version",
+                          "package the image with `cove package --oci`")
+    verified, encrypted = rootfs_mod.load_build(bundle.rootfs, folder / "signed")
+    if encrypted is None:
+        root = rootfs_mod.copy_signed(bundle.rootfs, verified.entries, folder / "root")
+    else:
+        root = bundle.rootfs
+    config = verified.config
+    process = bundle.process
+    if encrypted is None:
+        uid, gid = launcher.resolve_user(config.process.user, root)
+        if (process.uid, process.gid) != (uid, gid):
+            raise BundleError(f"config.json: process.user {process.uid}:{process.gid} is not the enclave's "
+                              f"measured user {config.process.user} ({uid}:{gid})")
+    if process.cwd != posixpath.normpath(config.process.cwd):
+        raise BundleError(f"config.json: process.cwd {process.cwd} is not the enclave's measured cwd "
+                          f"{config.process.cwd}")
+    program = _program(bundle, root) if encrypted is None else posixpath.normpath(process.args[0])
+    state_dir = folder / "state"
+    state_dir.mkdir(mode=0o700)
+    return Prepared(bundle, verified, root, encrypted, folder / "signed" / "build", state_dir, program)
+
+
+def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int) -> int:
+    """Fork the container's process; it waits on fifo for `start`. Its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        if console is not None:
+            os.close(console)
+        return pid
+    code = 125
+    try:
+        os.setsid()
+        if console is not None:
+            fcntl.ioctl(console, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(console, fd)
+            os.close(console)
+        for fd in range(3, 3 + preserve_fds):
+            try:
+                os.set_inheritable(fd, True)
+            except OSError:
+                pass
+        with open(fifo, "rb") as waiting:  # blocks until `start` opens the other end
+            go = waiting.read(1)
+        if go != b"1":
+            os._exit(125)
+        code = run(prepared)
+    except CoveError as exc:
+        print(f"cove-runtime: error: {exc.line()}", file=sys.stderr, flush=True)
+        code = int(exc.exit_code)
+    except BaseException as exc:  # never a traceback on the container's stderr
+        print(f"cove-runtime: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code & 0xFF)
+
+
+def run(prepared: Prepared) -> int:
+    """Launch the enclave (in the container's process, after `start`); its exit code."""
+    bundle = prepared.bundle
+    os.environ.clear()
+    os.environ.update(bundle.process.env)  # only [env] passthrough names reach the enclave
+    os.environ["COVE_RUNTIME_DIR"] = str(prepared.state_dir.parent)  # its workdirs go where delete looks
+    for kind, soft, hard in bundle.process.rlimits:
+        try:
+            resource.setrlimit(getattr(resource, kind), (soft, hard))  # measured [resources] apply on top
+        except (ValueError, OSError, AttributeError):
+            raise BundleError(f"config.json: process.rlimits {kind} {soft}:{hard} cannot be set") from None
+    request = launcher.RunRequest(prepared.program, tuple(bundle.process.args[1:]))
+    if prepared.encrypted is None:
+        return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
+                                     build_dir=prepared.build_dir, stored=True)
+    return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
+                                 encrypted=prepared.encrypted, build_dir=prepared.build_dir)
+

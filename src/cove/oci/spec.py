@@ -1,0 +1,190 @@
+"""Reading a bundle's config.json: what Cove's sandbox honours, and one line for what it cannot.
+
+The enclave's own measured configuration (cove.toml in the signed build)
+decides its user, working folder, limits, mounts and network; the OCI
+process may ask only for what agrees with it. What an engine adds for every
+container (/proc, /dev, /sys, its /etc/hosts and friends) is provided by the
+sandbox itself or not at all; anything else a bundle asks for that would
+widen the enclave (privileged, the host's PID namespace, added capabilities,
+devices, host folders, a mount over /dev/attestation) is refused with the
+field named. Format notes: docs/formats/oci.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cove.errors import CoveError, NotFoundError
+from cove.oci import DOMAIN
+
+OCI_VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?")
+# Docker's default set (containerd, CRI); Podman's is a subset. Anything else is "added".
+DEFAULT_CAPABILITIES = frozenset({
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE"})
+# Mounts every engine adds; the sandbox provides its own /proc, /dev and /tmp and no /sys at all.
+ENGINE_TYPES = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "tmpfs", "shm"})
+ENGINE_FILES = frozenset({"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv",
+                          "/dev/shm", "/dev/termination-log", "/run/secrets", "/dev/init"})
+RLIMITS = frozenset({"RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+                     "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
+                     "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK"})
+UNMEASURED_DEBUG = f"{DOMAIN}/unmeasured-debug"
+PRIVILEGED_ANNOTATIONS = ("io.podman.annotations.privileged",)
+
+
+class BundleError(CoveError):
+    """config.json asks for something malformed or for what Cove cannot honour (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Process:
+    args: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    terminal: bool
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    rootfs: Path
+    process: Process
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def unmeasured_debug(self) -> bool:
+        return self.annotations.get(UNMEASURED_DEBUG, "").lower() == "true"
+
+
+def _get(data: dict, key: str, kind: type, where: str, default=None):
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BundleError(f"config.json: {where}{key} must be a {kind.__name__}")
+    return value
+
+
+def load(bundle: Path) -> Bundle:
+    """Read and check a bundle; one BundleError line for anything wrong."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise NotFoundError(f"bundle {bundle} is not a folder")
+    try:
+        text = (bundle / "config.json").read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"bundle {bundle} has no config.json") from None
+    if len(text) > 4 << 20:
+        raise BundleError("config.json is larger than 4 MiB")
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"config.json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError("config.json must hold a JSON object")
+    version = data.get("ociVersion")
+    if not isinstance(version, str) or not OCI_VERSION.fullmatch(version):
+        raise BundleError(f"config.json: ociVersion {version!r} is not a runtime-spec version 1.x this "
+                          "runtime knows")
+    annotations = _get(data, "annotations", dict, "", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        raise BundleError("config.json: annotations must map strings to strings")
+    for name in PRIVILEGED_ANNOTATIONS:
+        if annotations.get(name, "").upper() == "TRUE":
+            raise BundleError(f"config.json: annotations.{name}: a privileged container cannot be an enclave")
+    _check_linux(_get(data, "linux", dict, "", {}))
+    _check_mounts(_get(data, "mounts", list, "", []))
+    return Bundle(bundle, _rootfs(bundle, _get(data, "root", dict, "", {})),
+                  _process(_get(data, "process", dict, "", None)), annotations)
+
+
+def _rootfs(bundle: Path, root: dict) -> Path:
+    path = _get(root, "path", str, "root.", None)
+    if not path:
+        raise BundleError("config.json: root.path is missing")
+    if os.path.isabs(path):
+        found = Path(path)
+    else:
+        base = bundle.resolve()
+        found = (bundle / path).resolve()
+        if found != base and base not in found.parents:
+            raise BundleError(f"config.json: root.path {path!r} leads out of the bundle (to {found})")
+    if not found.is_dir():
+        raise NotFoundError(f"config.json: root.path {path!r} is not a folder")
+    return found
+
+
+def _process(process: dict | None) -> Process:
+    if process is None:
+        raise BundleError("config.json: process is missing (cove-runtime starts one program per container)")
+    args = _get(process, "args", list, "process.", [])
+    if not args or not all(isinstance(a, str) for a in args):
+        raise BundleError("config.json: process.args must be a non-empty list of strings")
+    env: dict[str, str] = {}
+    for item in _get(process, "env", list, "process.", []):
+        if not isinstance(item, str) or "=" not in item:
+            raise BundleError(f"config.json: process.env entry {item!r} is not NAME=VALUE")
+        name, _, value = item.partition("=")
+        env[name] = value
+    cwd = _get(process, "cwd", str, "process.", "/")
+    if not cwd.startswith("/"):
+        raise BundleError(f"config.json: process.cwd {cwd!r} must be absolute")
+    user = _get(process, "user", dict, "process.", {})
+    uid, gid = _get(user, "uid", int, "process.user.", 0), _get(user, "gid", int, "process.user.", 0)
+    caps = _get(process, "capabilities", dict, "process.", {})
+    for kind, names in caps.items():
+        if not isinstance(names, list):
+            raise BundleError(f"config.json: process.capabilities.{kind} must be a list")
+        added = sorted(set(names) - DEFAULT_CAPABILITIES)
+        if added:
+            raise BundleError(f"config.json: process.capabilities.{kind} adds {', '.join(added)}: an enclave "
+                              "runs with every capability dropped")
+    limits = []
+    for item in _get(process, "rlimits", list, "process.", []):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in RLIMITS or not isinstance(item.get("soft"), int) or not isinstance(item.get("hard"), int):
+            raise BundleError(f"config.json: process.rlimits entry {item!r} is not a known limit")
+        limits.append((kind, item["soft"], item["hard"]))
+    return Process(tuple(args), env, posixpath.normpath(cwd), uid, gid,
+                   bool(_get(process, "terminal", bool, "process.", False)), tuple(limits))
+
+
+def _check_linux(linux: dict) -> None:
+    namespaces = _get(linux, "namespaces", list, "linux.", None)
+    if namespaces is not None:
+        pid = [n for n in namespaces if isinstance(n, dict) and n.get("type") == "pid"]
+        if not pid or pid[0].get("path"):
+            raise BundleError("config.json: linux.namespaces: the host's (or another container's) PID namespace "
+                              "cannot be shared with an enclave")
+    if _get(linux, "devices", list, "linux.", []):
+        raise BundleError("config.json: linux.devices: devices cannot be passed into an enclave")
+    if linux.get("seccomp") is None and namespaces is not None and _get(linux, "maskedPaths", list, "linux.", None) == []:
+        raise BundleError("config.json: linux.maskedPaths is empty and linux.seccomp absent: a privileged "
+                          "container cannot be an enclave")
+
+
+def _check_mounts(mounts: list) -> None:
+    for index, mount in enumerate(mounts):
+        if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
+            raise BundleError(f"config.json: mounts[{index}] has no destination")
+        target = posixpath.normpath("/" + mount["destination"].lstrip("/"))
+        if target == "/dev/attestation" or target.startswith("/dev/attestation/"):
+            raise BundleError(f"config.json: mounts[{index}].destination {mount['destination']}: "
+                              "/dev/attestation is Cove's and cannot be mounted over")
+        if target.startswith("/.cove"):
+            raise BundleError(f"config.json: mounts[{index}].destination {mount['destination']}: /.cove is Cove's")
+        kind = mount.get("type") or ""
+        if kind in ENGINE_TYPES or target in ENGINE_FILES:
+            continue  # the sandbox provides its own (or none): the engine's is not used
+        raise BundleError(f"config.json: mounts[{index}] ({kind or 'bind'} at {target}): host folders reach an "
+                          "enclave only as measured [[mounts]] in cove.toml")

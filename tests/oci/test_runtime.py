@@ -1,0 +1,232 @@
+"""`cove-runtime` driven directly, as an engine drives runc: the lifecycle, and every bad bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+
+import pytest
+
+from tests.oci.conftest import RUNTIME
+
+SPEC = {
+    "ociVersion": "1.0.2",
+    "process": {"args": ["/bin/sh", "-c", "echo hello-from-enclave; cat /dev/attestation/attestation_type; "
+                         "echo; exit 7"],
+                "env": ["PATH=/bin:/usr/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"]},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024}]},
+    "root": {"path": "rootfs"},
+    "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+               {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["bind"]}],
+    "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}]},
+}
+
+
+def runtime(root, *args, timeout=60, stdout=None, stderr=None):
+    """Run cove-runtime; output through files, as a container's process keeps the streams it inherits."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run([RUNTIME, "--root", str(root), *args], stdout=stdout or out,
+                              stderr=stderr or err, text=True, timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+
+
+def one_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("cove-runtime: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def bundle(oci_layer, tmp_path):
+    """A fresh bundle: config.json and the image's layer unpacked as an engine would."""
+    folder = tmp_path / "bundle"
+    (folder / "rootfs").mkdir(parents=True)
+    with tarfile.open(oci_layer) as layer:
+        layer.extractall(folder / "rootfs", filter="tar")
+    for extra in ("proc", "etc/hosts", "run/.containerenv"):  # what engines add
+        path = folder / "rootfs" / extra
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch() if "." in extra or "/" in extra else path.mkdir(exist_ok=True)
+    write_spec(folder, SPEC)
+    return folder
+
+
+def write_spec(folder, spec):
+    (folder / "config.json").write_text(json.dumps(spec))
+
+
+def state(root, ident):
+    result = runtime(root, "state", ident)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_stopped(root, ident, pid):
+    for _ in range(600):
+        if state(root, ident)["status"] == "stopped":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the container did not stop")
+
+
+def no_leftovers(root, ident):
+    assert not (root / ident).exists()
+    assert not any(str(root) in line for line in open("/proc/self/mounts"))
+
+
+def test_lifecycle_create_start_state_delete(bundle, tmp_path):
+    root = tmp_path / "state"
+    out = open(tmp_path / "out", "w+")
+    created = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "c1",
+                      stdout=out, stderr=subprocess.STDOUT)
+    assert created.returncode == 0, (tmp_path / "out").read_text()
+    pid = int((tmp_path / "pid").read_text())
+    seen = state(root, "c1")
+    assert seen["status"] == "created" and seen["pid"] == pid and seen["ociVersion"].startswith("1.")
+    assert seen["bundle"] == str(bundle)
+    again = runtime(root, "create", "--bundle", str(bundle), "c1")
+    assert again.returncode == 2 and "already exists" in one_line(again)
+    assert runtime(root, "start", "c1").returncode == 0
+    wait_stopped(root, "c1", pid)
+    assert (tmp_path / "out").read_text().split() == ["hello-from-enclave", "cove"]
+    assert state(root, "c1")["pid"] == 0
+    assert runtime(root, "delete", "c1").returncode == 0
+    no_leftovers(root, "c1")
+
+
+def test_kill_and_delete_rules(bundle, tmp_path):
+    root = tmp_path / "state"
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/sh", "-c", "trap 'exit 9' TERM; while :; do sleep 0.1; done"]
+    write_spec(bundle, spec)
+    assert runtime(root, "create", "--bundle", str(bundle), "c2", stdout=subprocess.DEVNULL).returncode == 0
+    assert runtime(root, "start", "c2").returncode == 0
+    assert state(root, "c2")["status"] == "running"
+    refused = runtime(root, "delete", "c2")
+    assert refused.returncode == 2 and "running" in one_line(refused)
+    assert state(root, "c2")["status"] == "running"  # no effect on the container
+    unknown = runtime(root, "kill", "nope", "TERM")
+    assert unknown.returncode == 8 and "does not exist" in one_line(unknown)
+    bad = runtime(root, "kill", "c2", "SIGNOPE")
+    assert bad.returncode == 2 and "not a signal" in one_line(bad)
+    time.sleep(1.5)
+    assert runtime(root, "kill", "c2", "KILL").returncode == 0  # a crash, as far as the runtime knows
+    wait_stopped(root, "c2", 0)
+    assert runtime(root, "delete", "c2").returncode == 0
+    no_leftovers(root, "c2")
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_enclave_of(p, root)]
+
+
+def _is_enclave_of(pid, root):
+    try:
+        return str(root) in open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return False
+
+
+def test_delete_force_of_a_running_container(bundle, tmp_path):
+    root = tmp_path / "state"
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/sleep", "60"]
+    write_spec(bundle, spec)
+    assert runtime(root, "create", "--bundle", str(bundle), "c3").returncode == 0
+    assert runtime(root, "start", "c3").returncode == 0
+    assert runtime(root, "delete", "--force", "c3").returncode == 0
+    no_leftovers(root, "c3")
+
+
+def _change(spec, path, value):
+    spec = json.loads(json.dumps(spec))
+    target = spec
+    for key in path[:-1]:
+        target = target[key]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return spec
+
+
+BAD_SPECS = [
+    (("ociVersion",), "2.0.0", 2, "ociVersion"),
+    (("process", "capabilities", "bounding"), ["CAP_SYS_ADMIN"], 2, "CAP_SYS_ADMIN"),
+    (("linux", "namespaces"), [{"type": "mount"}], 2, "PID namespace"),
+    (("linux", "devices"), [{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}], 2, "linux.devices"),
+    (("mounts",), [{"destination": "/dev/attestation", "type": "bind", "source": "/tmp"}], 2, "/dev/attestation"),
+    (("mounts",), [{"destination": "/data", "type": "bind", "source": "/etc"}], 2, "mounts[0]"),
+    (("annotations",), {"io.podman.annotations.privileged": "TRUE"}, 2, "privileged"),
+    (("process", "user"), {"uid": 1000, "gid": 1000}, 2, "process.user"),
+    (("process", "cwd"), "/tmp", 2, "process.cwd"),
+    (("process", "args"), ["nothing-here"], 2, "process.args[0]"),
+    (("process",), None, 2, "process is missing"),
+    (("root", "path"), "../..", 2, "out of the bundle"),
+]
+
+
+@pytest.mark.parametrize("path, value, code, word", BAD_SPECS, ids=[w for *_, w in BAD_SPECS])
+def test_bad_bundles_are_refused_with_one_line(bundle, tmp_path, path, value, code, word):
+    root = tmp_path / "state"
+    write_spec(bundle, _change(SPEC, path, value))
+    result = runtime(root, "create", "--bundle", str(bundle), "bad")
+    assert result.returncode == code and word in one_line(result)
+    no_leftovers(root, "bad")
+
+
+def test_malformed_and_missing_config(bundle, tmp_path):
+    root = tmp_path / "state"
+    (bundle / "config.json").write_text("{not json")
+    result = runtime(root, "create", "--bundle", str(bundle), "m")
+    assert result.returncode == 2 and "not valid JSON" in one_line(result)
+    (bundle / "config.json").unlink()
+    result = runtime(root, "create", "--bundle", str(bundle), "m")
+    assert result.returncode == 8 and "no config.json" in one_line(result)
+    no_leftovers(root, "m")
+
+
+def test_symlink_escape_in_root_path(bundle, tmp_path):
+    root = tmp_path / "state"
+    outside = tmp_path / "outside"
+    shutil.move(bundle / "rootfs", outside)
+    os.symlink(outside, bundle / "rootfs")
+    result = runtime(root, "create", "--bundle", str(bundle), "s")
+    assert result.returncode == 2 and "out of the bundle" in one_line(result)
+
+
+@pytest.mark.parametrize("tamper", ["content", "symlink", "unsigned", "manifest"])
+def test_tampered_rootfs_is_refused_before_anything_runs(bundle, tmp_path, tamper):
+    root = tmp_path / "state"
+    rootfs = bundle / "rootfs"
+    if tamper == "content":
+        (rootfs / "bin" / "cat").write_bytes(b"#!/bin/sh\necho evil\n")
+    elif tamper == "symlink":
+        (rootfs / "bin" / "cat").unlink()
+        os.symlink("/etc/shadow", rootfs / "bin" / "cat")
+    elif tamper == "unsigned":
+        shutil.rmtree(rootfs / ".cove")
+    else:
+        data = bytearray((rootfs / ".cove" / "manifest.cbor").read_bytes())
+        data[-1] ^= 1
+        (rootfs / ".cove" / "manifest.cbor").write_bytes(bytes(data))
+    result = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "t")
+    assert result.returncode == 3, result.stderr
+    one_line(result)
+    assert not (tmp_path / "pid").exists()
+    no_leftovers(root, "t")
+
+
+def test_features_and_version(tmp_path):
+    features = json.loads(runtime(tmp_path, "features").stdout)
+    assert features["ociVersionMin"] == "1.0.0" and "cove.dev/unmeasured-debug" in features["annotations"]
+    assert runtime(tmp_path, "--version").stdout.startswith("cove-runtime version")
+    result = runtime(tmp_path, "frobnicate")
+    assert result.returncode == 2
+    one_line(result)
