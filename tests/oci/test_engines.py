@@ -1,0 +1,85 @@
+"""Real Podman and containerd (`ctr`) running Cove images through `cove-runtime`, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import require
+from tests.oci.conftest import RUNTIME, retag_tampered
+
+# This machine kind: cgroups v1 hybrid (cgroupfs manager) and hard rlimits below Podman's defaults.
+PODMAN_OPTIONS = ("--cgroup-manager=cgroupfs",)
+RUN_OPTIONS = ("--runtime", RUNTIME, "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+IMAGE = "localhost/cove-test/hello:1"
+
+
+def podman(*args, timeout=120):
+    return subprocess.run([require("podman"), *PODMAN_OPTIONS, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def loaded(oci_tar, tmp_path_factory):
+    assert podman("load", "-i", str(oci_tar)).returncode == 0
+    tampered = retag_tampered(oci_tar, tmp_path_factory.mktemp("tampered") / "t.tar",
+                              "localhost/cove-test/tampered:1")
+    result = podman("load", "-i", str(tampered))
+    assert result.returncode == 0, result.stderr
+    yield
+    podman("rmi", "-f", IMAGE, "localhost/cove-test/tampered:1")
+
+
+def test_podman_run_prints_output_and_returns_the_exit_code(loaded):
+    result = podman("run", "--rm", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c",
+                    "echo out; echo err >&2; cat /dev/attestation/attestation_type; echo; exit 7")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout.split() == ["out", "cove"] and "err" in result.stderr
+
+
+def test_podman_detached_logs_stop_kill_rm(loaded):
+    script = "echo started; trap 'echo term; exit 3' TERM; while :; do sleep 0.1; done"
+    names = []
+    for how in ("stop", "kill"):
+        name = f"cove-test-{uuid.uuid4().hex[:8]}"
+        names.append(name)
+        started = podman("run", "-d", "--name", name, *RUN_OPTIONS, IMAGE, "/bin/sh", "-c", script)
+        assert started.returncode == 0, started.stderr
+        for _ in range(200):
+            if "started" in podman("logs", name).stdout:
+                break
+            time.sleep(0.05)
+        assert podman("inspect", name, "--format", "{{.State.Status}}").stdout.strip() == "running"
+        ended = podman(how, *(["-t", "10"] if how == "stop" else []), name)
+        assert ended.returncode == 0, ended.stderr
+        podman("wait", name)
+        code = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
+        assert code == ("3" if how == "stop" else "137")
+        assert "term" in podman("logs", name).stdout or how == "kill"
+        assert podman("rm", name).returncode == 0
+    listed = podman("ps", "-a", "--format", "{{.Names}}").stdout.split()
+    assert not set(names) & set(listed)
+
+
+def test_podman_refuses_a_tampered_image(loaded):
+    result = podman("run", "--rm", *RUN_OPTIONS, "localhost/cove-test/tampered:1", "/bin/cat", "/etc/hostname")
+    assert result.returncode != 0 and "tampered" not in result.stdout
+    assert "bin/cat was modified" in result.stderr
+
+
+def test_ctr_run_and_a_tampered_image(containerd, oci_tar, tmp_path):
+    imported = containerd.ctr("images", "import", str(oci_tar))
+    assert imported.returncode == 0, imported.stderr
+    result = containerd.ctr("run", "--rm", "--runc-binary", RUNTIME, IMAGE, "c-ok", "/bin/sh", "-c",
+                            "echo hi-from-ctr; exit 4")
+    assert result.returncode == 4 and result.stdout.strip() == "hi-from-ctr", result.stderr
+    tampered = retag_tampered(oci_tar, tmp_path / "t.tar", "localhost/cove-test/tampered:1")
+    assert containerd.ctr("images", "import", str(tampered)).returncode == 0
+    result = containerd.ctr("run", "--rm", "--runc-binary", RUNTIME, "localhost/cove-test/tampered:1", "c-bad",
+                            "/bin/cat", "/etc/hostname")
+    assert result.returncode != 0 and "tampered" not in result.stdout
+    assert "bin/cat was modified" in result.stderr
+    containerd.ctr("containers", "rm", "c-bad")
