@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import ROOT, require
 
-DOCS = ("quickstart", "config", "secure-fs", "attestation")
+DOCS = ("quickstart", "config", "secure-fs", "attestation", "kbs")
 FENCE = re.compile(r"^```(.*)$")
 LANGUAGES = {"sh", "toml", "python", "json", "text", "cbor", "http"}
 VENV_BIN = Path(sys.executable).parent
@@ -76,7 +76,8 @@ def _commands(body: str) -> list[str]:
 
 
 def script(doc: Path, runnable: list[Block]) -> str:
-    lines = ["set -euo pipefail", f"export PATH={VENV_BIN}:$PATH"]
+    lines = ["set -euo pipefail", f"export PATH={VENV_BIN}:$PATH",
+             "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]  # a broker a block left running
     for block in runnable:
         lines.append(f"echo '### {doc.name}:{block.line}' >&2")
         for command in _commands(block.body):
@@ -108,7 +109,7 @@ def test_doc_runs_as_written(cove, tmp_path, name):
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
     env = dict(cove.env, HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
-               XDG_STATE_HOME=str(tmp_path / "home" / ".state"), COVE_PLATFORM_DIR=str(tmp_path / "platform"),
+               COVE_PLATFORM_DIR=str(tmp_path / "platform"),
                DOCTEST_ERR=str(tmp_path / "stderr"))
     result = subprocess.run(["bash", "-c", script(doc, runnable)], cwd=work, env=env, capture_output=True,
                             text=True, timeout=600)
