@@ -25,6 +25,7 @@ from cove import config as cove_config
 from cove.image import manifest as manifest_mod
 from tests.conftest import ROOT, error_line, require
 from tests.e2e.helpers import make_instance, set_option
+from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
 
 SCRIPT = ("echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
           "echo err >&2; exit 7")
@@ -281,3 +282,16 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
     sim_only.write_text('[cove]\nself_certified = true\nbackends = ["sim"]\n')
     refused = cove("verify", evidence, "--report-data", data.hex(), "--policy", sim_only)
     assert refused.returncode == 6 and "backend vm is not accepted" in error_line(refused)
+
+
+def test_secrets_provisioned_before_the_guest_starts(cove, tmp_path, broker, platform_env):
+    instance = make_instance(cove, tmp_path, options={("enclave", "backend"): '"vm"'},
+                             extra=secrets_config(broker.url, broker.ca))
+    release_to(broker, instance)
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
+    broker.admin.create_secret("app/api/token", "data", "app", value=b"t0ken")
+    result = cove("run", "/bin/sh", "-c", 'cat /run/secrets/db; echo; echo "token=$API_TOKEN"; '
+                  "echo hi > /run/secrets/db 2>/dev/null || echo read-only", cwd=instance, env=platform_env)
+    assert (result.returncode, result.stdout) == (0, "correct horse\ntoken=t0ken\nread-only\n"), result.stderr
+    releases = [r for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
+    assert {r["resource"] for r in releases} == {"app/db/password@1", "app/api/token@1"}

@@ -119,8 +119,8 @@ static void read_all(int fd, void *buf, size_t len, int first) {
 }
 
 struct request {
-    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64];
-    int argc, envc, ntmpfs;
+    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64];
+    int argc, envc, ntmpfs, nfiles;
     const char *cwd, *hostname, *network, *attestation;
     uid_t uid;
     gid_t gid;
@@ -151,6 +151,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'F': r->nofile = strtol(value, NULL, 10); break;
         case 'Q': r->probe = 1; break;
         case 'Y': r->attestation = value; break;
+        case 'W': if (r->nfiles < 63) r->files[r->nfiles++] = value; else die("too many files"); break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -170,6 +171,12 @@ static void loopback_up(void) {
 static void node(const char *path, mode_t mode, int major, int minor) {
     if (mknod(path, S_IFCHR | mode, makedev(major, minor)) != 0) die("mknod %s: %s", path, strerror(errno));
     chmod(path, mode);
+}
+
+static void write_file(const char *path, const void *data, size_t len, mode_t mode) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (fd < 0 || write(fd, data, len) != (ssize_t)len || fchmod(fd, mode) != 0) die("cannot write %s", path);
+    close(fd);
 }
 
 /* The program's root: /image, read-only, with /proc, a minimal /dev, /dev/attestation and the
@@ -204,16 +211,25 @@ static void enter_root(struct request *r) {
         snprintf(path, sizeof path, "/image%s", target);
         if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) die("mount %s: %s", target, strerror(errno));
     }
+    for (int i = 0; i < r->nfiles; i++) {  /* "HEX:TARGET": a provisioned secret, read-only like on sim */
+        char *hex = r->files[i], *target = strchr(hex, ':');
+        if (!target || (target - hex) % 2) die("malformed file item");
+        *target++ = 0;
+        size_t len = strlen(hex) / 2;
+        for (size_t j = 0; j < len; j++) {
+            unsigned int byte;
+            if (sscanf(hex + 2 * j, "%2x", &byte) != 1) die("malformed file item");
+            hex[j] = (char)byte;
+        }
+        snprintf(path, sizeof path, "/image%s", target);
+        write_file(path, hex, len, 0444);
+        if (mount(path, path, NULL, MS_BIND, NULL) != 0 ||
+            mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0) die("read-only %s: %s", target, strerror(errno));
+    }
     if (chdir("/image") != 0) die("chdir image");
     if (mount(".", "/", NULL, MS_MOVE, NULL) != 0) die("move root: %s", strerror(errno));
     if (chroot(".") != 0 || chdir("/") != 0) die("chroot: %s", strerror(errno));
     if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) != 0) die("read-only root: %s", strerror(errno));
-}
-
-static void write_file(const char *path, const void *data, size_t len, mode_t mode) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-    if (fd < 0 || write(fd, data, len) != (ssize_t)len || fchmod(fd, mode) != 0) die("cannot write %s", path);
-    close(fd);
 }
 
 static void write_all(int fd, const void *buf, size_t len) {

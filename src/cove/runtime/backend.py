@@ -110,6 +110,10 @@ class Backend(ABC):
     def availability(cls) -> Availability:
         """Whether this host can run the backend, and if not, why."""
 
+    def prepare(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> None:
+        """Check what only this backend boots, before any service starts (and before secrets are
+        fetched); may settle ``self.isolation`` (vm: KVM or TCG), which the services report."""
+
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> RunningEnclave:
         """Start the program in an enclave."""

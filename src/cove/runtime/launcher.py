@@ -234,6 +234,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
     instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _workdir() as workdir:
+        chosen.prepare(build_dir, verified.manifest.launch, workdir)  # e.g. vm: launch inputs checked, accelerator
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
                                           chosen.isolation, state_dir, workdir,
                                           image_key=encrypted.key if encrypted else None)

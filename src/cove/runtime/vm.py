@@ -68,8 +68,9 @@ def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, co
     return args
 
 
-def encode_request(spec: LaunchSpec, attestation_type: str) -> bytes:
-    """The launch request for the guest init (docs/backends.md): NUL-terminated typed items."""
+def encode_request(spec: LaunchSpec, attestation_type: str, files: list[tuple[str, bytes]] = ()) -> bytes:
+    """The launch request for the guest init (docs/backends.md): NUL-terminated typed items.
+    ``files`` are written read-only into the guest's tmpfs mounts before the program starts."""
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
@@ -84,6 +85,7 @@ def encode_request(spec: LaunchSpec, attestation_type: str) -> bytes:
         elif mount.type != "image":
             raise CoveError(f"a {mount.type} mount ({mount.target}) is not available on the vm backend yet",
                             "use backend = \"sim\" for it, or remove the mount")
+    items += [f"W{data.hex()}:{target}" for target, data in files]
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
         if "\0" in item:
@@ -317,24 +319,48 @@ class VmBackend(Backend):
         note = f"kernel {kernel.name}; " + (f"accelerator {cached}" if cached else "KVM probed at the first run")
         return Availability(cls.name, cls.isolation, True, note)
 
-    def launch(self, spec: LaunchSpec) -> VmEnclave:
-        if spec.launch is None or spec.build_dir is None:
+    def __init__(self) -> None:
+        self._prepared: tuple | None = None
+
+    def prepare(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> None:
+        """Copy and check kernel, initramfs and launch description, and settle KVM or TCG,
+        before the services start: a tampered build fetches no secrets and boots nothing."""
+        if launch is None or build_dir is None:
             raise CoveError("this build has no vm launch measurement",
                             "set [enclave] backend = \"vm\" and rebuild with `cove build`")
-        unsupported = [b.target for b in spec.binds if not b.target.startswith("/dev/attestation")]
-        if unsupported:
-            raise CoveError(f"{unsupported[0]} (an encrypted mount or a file secret) is not available on the "
-                            "vm backend yet", "use backend = \"sim\" for it")
+        folder = Path(tempfile.mkdtemp(prefix="vm-", dir=workdir))
+        description, kernel, initrd = vmimage.load(build_dir, launch["measurement"], folder)
+        accel = accelerator(description, kernel, initrd, folder)
+        self.isolation = KVM if accel == "kvm" else TCG
+        self._prepared = (description, kernel, initrd, folder, accel)
+
+    @staticmethod
+    def _files(spec: LaunchSpec) -> list[tuple[str, bytes]]:
+        """The services' binds the guest can have: read-only files on a tmpfs mount (file: secrets)."""
+        tmpfs = [m.target.rstrip("/") + "/" for m in spec.config.mounts if m.type == "tmpfs"]
+        files = []
+        for bind in spec.binds:
+            if bind.target.startswith("/dev/attestation"):
+                continue  # the guest init serves it
+            if not bind.writable and bind.host.is_file() and any(bind.target.startswith(t) for t in tmpfs):
+                files.append((bind.target, bind.host.read_bytes()))
+                continue
+            raise CoveError(f"{bind.target} (an encrypted mount) is not available on the vm backend yet",
+                            "use backend = \"sim\" for it")
+        return files
+
+    def launch(self, spec: LaunchSpec) -> VmEnclave:
+        if self._prepared is None:
+            self.prepare(spec.build_dir, spec.launch, spec.workdir or Path(tempfile.gettempdir()))
+        description, kernel, initrd, workdir, accel = self._prepared
+        files = self._files(spec)
         if spec.config.network.mode == "host":
             raise CoveError("network = \"host\" is not available on the vm backend yet (its guests have no "
                             "network device)", "use \"none\" or \"loopback\", or backend = \"sim\"")
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
         signer, attestation_type = _platform_signer()
-        request = encode_request(spec, attestation_type)
-        workdir = Path(tempfile.mkdtemp(prefix="vm-", dir=spec.workdir))
-        description, kernel, initrd = vmimage.load(spec.build_dir, spec.launch["measurement"], workdir)
-        accel = accelerator(description, kernel, initrd, workdir)
+        request = encode_request(spec, attestation_type, files)
         ports = _Ports()
         started = time.monotonic()
         process = _boot(description, kernel, initrd, accel, workdir, ports)
