@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cove.errors import CoveError
+from cove.errors import CoveError, UnreachableError
 
 
 def _logging(level: str) -> None:
@@ -87,3 +87,31 @@ def webhook(listen, certfile, keyfile, kbs_config, default_memory_mib, log_level
     except ValueError as exc:
         raise CoveError(f"--kbs-config {kbs_config}: {exc}") from None
     hook.serve(listen, certfile, keyfile, settings)
+
+
+@k8s.command()
+@click.option("--namespace", "namespaces", multiple=True,
+              help="Watch only this namespace (repeatable; default: every namespace).")
+@click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True,
+              help="The liveness endpoint kopf serves for the kubelet's probe.")
+@LOG_LEVEL
+def operator(namespaces, liveness, log_level) -> None:
+    """Reconcile KeyBroker, EnclavePolicy and EnclaveSecret objects into the key broker."""
+    import asyncio
+
+    import kopf
+
+    import cove.k8s.operator  # noqa: F401  (registers the handlers)
+
+    _logging(log_level)
+    if not cove.k8s.operator.credentials_present():
+        raise UnreachableError("no Kubernetes API credentials",
+                               "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL")
+    # Peering is left to the chart's single replica with a Recreate strategy: one operator at a time.
+    try:
+        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces),
+                                  liveness_endpoint=liveness))
+    except kopf.LoginError:
+        raise UnreachableError("no Kubernetes API credentials",
+                               "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL"
+                               ) from None

@@ -1,0 +1,433 @@
+"""The operator (kopf): KeyBroker, EnclavePolicy and EnclaveSecret, synced into the key broker.
+
+``cove k8s operator`` runs this module's handlers. A KeyBroker either names an
+existing broker (``spec.external.url``) or is run here as a Deployment of
+``cove kbs serve`` on the PostgreSQL its database Secret names, with a
+Service; EnclavePolicy and EnclaveSecret objects are written into their broker
+through its admin API (cove.kbs.client.AdminClient) with the admin key from
+the KeyBroker's admin Secret. Every handler compares what the broker holds
+with what the object asks for and changes only the difference, so a repeated
+or resumed reconcile is a no-op. Failures land in ``status`` (phase Error, a
+one-line message, the retry count) and are retried with exponential back-off
+up to five minutes; finalizers remove policies and secrets from the broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import httpx
+import kopf
+
+from cove.k8s.crds import GROUP, VERSION
+
+API_ENV = "COVE_K8S_API"  # an API server URL for running outside a cluster (e.g. `kubectl proxy`)
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+IMAGE_ENV = "COVE_KBS_IMAGE"
+DEFAULT_IMAGE = "cove/kbs:0.1.0"
+MAX_DELAY = 300
+FINALIZER = f"operator.{GROUP}/cleanup"
+
+log = logging.getLogger("cove.k8s.operator")
+
+
+def backoff(retry: int) -> float:
+    """Seconds before retry number RETRY: 1, 2, 4, ... capped at five minutes."""
+    return float(min(2 ** min(retry, 16), MAX_DELAY))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Api:
+    """A small synchronous client of the Kubernetes API, with the operator's own credentials."""
+
+    def __init__(self) -> None:
+        server = os.environ.get(API_ENV)
+        if server:
+            self.http = httpx.Client(base_url=server, timeout=15)
+            return
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise kopf.PermanentError(f"no Kubernetes API: not in a cluster and ${API_ENV} is not set")
+        token = (SA_DIR / "token").read_text().strip()
+        self.http = httpx.Client(base_url=f"https://{host}:{port}", verify=str(SA_DIR / "ca.crt"), timeout=15,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def get(self, path: str) -> dict | None:
+        response = self.http.get(path)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def apply(self, collection: str, obj: dict) -> dict:
+        """Create OBJ in COLLECTION, or merge it into the existing one: the same call converges."""
+        response = self.http.post(collection, json=obj)
+        if response.status_code == 409:
+            response = self.http.patch(f"{collection}/{obj['metadata']['name']}", json=obj,
+                                       headers={"Content-Type": "application/merge-patch+json"})
+        response.raise_for_status()
+        return response.json()
+
+    def secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
+        secret = self.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        if secret is None:
+            return None
+        data = (secret.get("data") or {}).get(key)
+        if data is None:
+            raise Failure(f"Secret {name} has no key {key!r}")
+        return base64.b64decode(data)
+
+
+def credentials_present() -> bool:
+    """Whether a way to the API server is configured: $COVE_K8S_API (e.g. `kubectl proxy`) or a service account."""
+    if os.environ.get(API_ENV):
+        return True
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SA_DIR / "token").is_file()
+
+
+class Failure(Exception):
+    """A reconcile failure with the one line that goes into status.message."""
+
+
+_api: Api | None = None
+
+
+def api() -> Api:
+    global _api
+    if _api is None:
+        _api = Api()
+    return _api
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    global _api
+    _api = None  # credentials are read again at each start
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"operator.{GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=f"operator.{GROUP}", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    settings.networking.request_timeout = 30
+
+
+@kopf.on.login()
+def login(**kwargs):
+    server = os.environ.get(API_ENV)
+    if server:
+        return kopf.ConnectionInfo(server=server, insecure=True)
+    return kopf.login_with_service_account(**kwargs)
+
+
+def _fail(patch: kopf.Patch, retry: int, message: str) -> None:
+    """Record the failure in status and ask kopf to try again later."""
+    patch.status["phase"] = "Error"
+    patch.status["message"] = message
+    patch.status["retries"] = retry + 1
+    delay = backoff(retry)
+    log.warning("%s (retry %d in %.0fs)", message, retry + 1, delay)
+    raise kopf.TemporaryError(message, delay=delay)
+
+
+def _ready(patch: kopf.Patch, generation, **fields) -> None:
+    patch.status.update({"phase": "Ready", "message": "", "retries": 0, "lastSync": _now(),
+                         "observedGeneration": generation, **fields})
+
+
+# -- KeyBroker -------------------------------------------------------------------------------------
+def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
+    labels = {"app.kubernetes.io/name": "cove-kbs", "app.kubernetes.io/instance": name,
+              "app.kubernetes.io/managed-by": "cove-operator"}
+    port = int(spec.get("port", 8443))
+    database, master, tls = spec["database"], spec["masterKey"], spec["tls"]
+    args = ["kbs", "serve", "--listen", f"0.0.0.0:{port}", "--db", "$(COVE_KBS_DB)",
+            "--master-key-file", "/var/run/cove-kbs/master/master.key",
+            "--cert", "/var/run/cove-kbs/tls/tls.crt", "--key", "/var/run/cove-kbs/tls/tls.key"]
+    if spec.get("policy"):
+        args += ["--policy", "/var/run/cove-kbs/policy/policy.toml"]
+    volumes = [
+        {"name": "master", "secret": {"secretName": master["name"],
+                                      "items": [{"key": master.get("key", "master.key"), "path": "master.key"}]}},
+        {"name": "tls", "secret": {"secretName": tls["name"]}},
+    ]
+    mounts = [{"name": "master", "mountPath": "/var/run/cove-kbs/master", "readOnly": True},
+              {"name": "tls", "mountPath": "/var/run/cove-kbs/tls", "readOnly": True}]
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": int(spec.get("replicas", 2)),
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": name,
+                                         "app.kubernetes.io/name": "cove-kbs"}},
+            # Rolling upgrades: a new pod is ready before an old one goes; brokers share the database.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "kbs", "image": spec.get("image") or os.environ.get(IMAGE_ENV, DEFAULT_IMAGE),
+                        "args": args,
+                        "env": [{"name": "COVE_KBS_DB", "valueFrom": {"secretKeyRef": {
+                            "name": database["name"], "key": database.get("key", "url")}}}],
+                        "ports": [{"name": "https", "containerPort": port}],
+                        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 5},
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    if spec.get("policy"):
+        # The policy travels as a ConfigMap the operator owns too.
+        volumes.append({"name": "policy", "configMap": {"name": f"{name}-policy"}})
+        mounts.append({"name": "policy", "mountPath": "/var/run/cove-kbs/policy", "readOnly": True})
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"selector": {"app.kubernetes.io/instance": name, "app.kubernetes.io/name": "cove-kbs"},
+                 "ports": [{"name": "https", "port": port, "targetPort": port}]},
+    }
+    return deployment, service
+
+
+@kopf.on.resume(GROUP, VERSION, "keybrokers")
+@kopf.on.create(GROUP, VERSION, "keybrokers")
+@kopf.on.update(GROUP, VERSION, "keybrokers")
+def key_broker(spec, name, namespace, body, patch, retry, meta, **_) -> None:
+    generation = meta.get("generation")
+    if spec.get("external"):
+        _ready(patch, generation, url=spec["external"]["url"])
+        return
+    if not all(spec.get(k) for k in ("database", "masterKey", "tls")):
+        raise kopf.PermanentError("a KeyBroker needs spec.external, or spec.database, spec.masterKey and spec.tls")
+    k8s = api()
+    try:
+        for what, ref, default in (("database", spec["database"], "url"), ("master key", spec["masterKey"],
+                                                                           "master.key")):
+            if k8s.secret_value(namespace, ref["name"], ref.get("key", default)) is None:
+                raise Failure(f"{what} Secret {ref['name']!r} not found in {namespace}")
+        deployment, service = _broker_objects(name, namespace, spec)
+        kopf.adopt([deployment, service], owner=body)
+        if spec.get("policy"):
+            config_map = {"apiVersion": "v1", "kind": "ConfigMap",
+                          "metadata": {"name": f"{name}-policy", "namespace": namespace},
+                          "data": {"policy.toml": spec["policy"]}}
+            kopf.adopt(config_map, owner=body)
+            k8s.apply(f"/api/v1/namespaces/{namespace}/configmaps", config_map)
+        k8s.apply(f"/apis/apps/v1/namespaces/{namespace}/deployments", deployment)
+        k8s.apply(f"/api/v1/namespaces/{namespace}/services", service)
+    except Failure as exc:
+        _fail(patch, retry, str(exc))
+    except httpx.HTTPError as exc:
+        _fail(patch, retry, f"the Kubernetes API failed: {exc}")
+    port = int(spec.get("port", 8443))
+    _ready(patch, generation, url=f"https://{name}.{namespace}.svc:{port}")
+
+
+# -- the broker's admin API ------------------------------------------------------------------------
+class Broker:
+    """An AdminClient for the KeyBroker named BROKER in NAMESPACE, from its objects and Secrets."""
+
+    def __init__(self, namespace: str, broker: str):
+        from cove.kbs import jose
+        from cove.kbs.client import AdminClient
+
+        k8s = api()
+        obj = k8s.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/keybrokers/{broker}")
+        if obj is None:
+            raise Failure(f"KeyBroker {broker!r} not found in {namespace}")
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        url = (spec.get("external") or {}).get("url") or status.get("url")
+        if not url:
+            raise Failure(f"KeyBroker {broker!r} is not ready yet (no URL)")
+        admin = spec.get("admin") or {}
+        raw = k8s.secret_value(namespace, admin.get("name", ""), admin.get("key", "admin.json"))
+        if raw is None:
+            raise Failure(f"admin Secret {admin.get('name')!r} of KeyBroker {broker!r} not found")
+        self._ca_file = None
+        ca = None
+        tls = spec.get("tls")
+        if tls and url.startswith("https://"):
+            pem = k8s.secret_value(namespace, tls["name"], "ca.crt")
+            if pem is None:
+                raise Failure(f"TLS Secret {tls['name']!r} of KeyBroker {broker!r} not found")
+            self._ca_file = tempfile.NamedTemporaryFile(prefix="cove-kbs-ca-", suffix=".pem")
+            self._ca_file.write(pem)
+            self._ca_file.flush()
+            ca = Path(self._ca_file.name)
+        try:
+            data = json.loads(raw)
+            key = jose.load_private_jwk(json.dumps(data["jwk"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Failure(f"admin Secret {admin.get('name')!r} is not a Cove admin key: {exc}") from None
+        self.client = AdminClient(url, key, data["name"], ca, data.get("audience"), timeout=15)
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        self.client.close()
+        if self._ca_file is not None:
+            self._ca_file.close()
+
+
+def _sync(patch, retry, work) -> None:
+    """Run WORK; a broker or API failure becomes status and a retry with back-off."""
+    from cove.kbs.client import KbsError
+
+    try:
+        work()
+    except Failure as exc:
+        _fail(patch, retry, str(exc))
+    except KbsError as exc:
+        _fail(patch, retry, exc.line())
+    except httpx.HTTPError as exc:
+        _fail(patch, retry, f"the Kubernetes API failed: {exc}")
+
+
+def _missing(exc) -> bool:
+    return getattr(exc, "status", None) == 404
+
+
+# -- EnclavePolicy ---------------------------------------------------------------------------------
+def _policy_name(spec: dict, name: str) -> str:
+    return spec.get("name") or name
+
+
+@kopf.on.resume(GROUP, VERSION, "enclavepolicies")
+@kopf.on.create(GROUP, VERSION, "enclavepolicies")
+@kopf.on.update(GROUP, VERSION, "enclavepolicies")
+def enclave_policy(spec, name, namespace, patch, retry, meta, status, **_) -> None:
+    from cove.kbs.client import KbsError
+
+    policy_name = _policy_name(spec, name)
+    old = (status or {}).get("policyId")
+
+    def work():
+        with Broker(namespace, spec["broker"]) as admin:
+            try:
+                current = admin.policy(policy_name)
+            except KbsError as exc:
+                if not _missing(exc):
+                    raise
+                current = None
+            if current is None or current.get("body") != spec["policy"]:
+                admin.put_policy(policy_name, spec["policy"])
+                current = admin.policy(policy_name)
+            if old and old != policy_name:  # renamed: the old name goes once the new one is in
+                try:
+                    admin.delete_policy(old)
+                except KbsError as exc:
+                    if not _missing(exc):
+                        raise
+            _ready(patch, meta.get("generation"), policyId=policy_name, policyVersion=current.get("version"))
+
+    _sync(patch, retry, work)
+
+
+@kopf.on.delete(GROUP, VERSION, "enclavepolicies")
+def enclave_policy_gone(spec, name, namespace, patch, retry, status, **_) -> None:
+    from cove.kbs.client import KbsError
+
+    def work():
+        with Broker(namespace, spec["broker"]) as admin:
+            try:
+                admin.delete_policy((status or {}).get("policyId") or _policy_name(spec, name))
+            except KbsError as exc:
+                if not _missing(exc):  # 409: a secret still uses it; retried until that secret goes
+                    raise
+
+    _sync(patch, retry, work)
+
+
+# -- EnclaveSecret ---------------------------------------------------------------------------------
+def _broker_policy(namespace: str, policy: str) -> str:
+    obj = api().get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/enclavepolicies/{policy}")
+    if obj is None:
+        raise Failure(f"EnclavePolicy {policy!r} not found in {namespace}")
+    if (obj.get("status") or {}).get("phase") != "Ready":
+        raise Failure(f"EnclavePolicy {policy!r} is not synced yet")
+    return obj["status"]["policyId"]
+
+
+def _imported(namespace: str, spec: dict) -> bytes | None:
+    ref = spec.get("import")
+    if not ref:
+        return None
+    value = api().secret_value(namespace, ref["name"], ref.get("key", "value"))
+    if value is None:
+        raise Failure(f"Secret {ref['name']!r} to import not found in {namespace}")
+    return value
+
+
+@kopf.on.resume(GROUP, VERSION, "enclavesecrets")
+@kopf.on.create(GROUP, VERSION, "enclavesecrets")
+@kopf.on.update(GROUP, VERSION, "enclavesecrets")
+def enclave_secret(spec, namespace, patch, retry, meta, status, **_) -> None:
+    from cove.kbs.client import KbsError
+
+    status = status or {}
+    path = spec["path"]
+    if bool(spec.get("generate")) == bool(spec.get("import")):
+        raise kopf.PermanentError("an EnclaveSecret has exactly one of spec.generate and spec.import")
+
+    def work():
+        policy = _broker_policy(namespace, spec["policy"])
+        value = _imported(namespace, spec)
+        with Broker(namespace, spec["broker"]) as admin:
+            try:
+                current = admin.secret(path)
+            except KbsError as exc:
+                if not _missing(exc):
+                    raise
+                current = None
+            if current is None:
+                generate = spec.get("generate") or {}
+                admin.create_secret(path, generate.get("kind", "data"), policy,
+                                    exportable=bool(spec.get("exportable", False)),
+                                    params=generate.get("params") or {}, value=value)
+                rotated = int(spec.get("rotation", 0))
+            else:
+                if current.get("policy") != policy:
+                    admin.set_secret_policy(path, policy)
+                rotated = int(status.get("rotation", 0))
+                while rotated < int(spec.get("rotation", 0)):
+                    admin.rotate_secret(path, value)
+                    rotated += 1
+            current = admin.secret(path)
+            versions = [{"version": v["version"], "created_at": str(v["created_at"])} for v in current["versions"]]
+            _ready(patch, meta.get("generation"), currentVersion=current["version"], versions=versions,
+                   rotation=rotated, brokerPolicy=current["policy"])
+
+    _sync(patch, retry, work)
+
+
+@kopf.on.delete(GROUP, VERSION, "enclavesecrets")
+def enclave_secret_gone(spec, namespace, patch, retry, **_) -> None:
+    from cove.kbs.client import KbsError
+
+    def work():
+        with Broker(namespace, spec["broker"]) as admin:
+            try:
+                admin.delete_secret(spec["path"])
+            except KbsError as exc:
+                if not _missing(exc):
+                    raise
+
+    _sync(patch, retry, work)
