@@ -177,3 +177,15 @@ def test_interactive_enclave_on_a_terminal(cove, unbuilt, tmp_path):
     assert "Cannot set tty process group" not in out and "job control turned off" not in out, out
     assert "[1] + Running" in out and "sleep 30" in out
     assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_sandbox_setup_failure_has_its_own_code(cove, unbuilt, tmp_path):
+    """bwrap failing to set up the enclave (a file bound over a folder) is 125, not the program's 1."""
+    root = tmp_path / "app"
+    shutil.copytree(unbuilt, root, symlinks=True)
+    with open(root / "cove.toml", "a") as handle:
+        handle.write('[[mounts]]\ntarget = "/data"\ntype = "host"\nsource = "/etc/hostname"\n')
+    cove.ok("build", cwd=root)
+    result = cove("run", "/bin/sh", "-c", "exit 1", cwd=root)
+    assert result.returncode == 125
+    assert result.stderr.splitlines()[-1].startswith("cove: error: the sandbox could not set up the enclave")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cove import hostids
 from cove.config import parse_size
-from cove.errors import CoveError, OutOfMemoryError, SetupError
+from cove.errors import CoveError, OutOfMemoryError, SandboxError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 from cove.runtime.limits import Limits, detect_mode, memory_text
@@ -246,9 +246,15 @@ class SimEnclave(RunningEnclave):
             if self.limits.oom_kills():
                 raise OutOfMemoryError(f"killed: out of memory before the program started ({memory})",
                                        "raise resources.memory in cove.toml and rebuild")
-            raise CoveError(f"the sandbox failed to start (bwrap exited with {code})",
-                            "see bwrap's message above; `cove info` checks the host")
-        code = self.exit_code if self.exit_code is not None else code
+            raise SandboxError(f"the sandbox failed to start (bwrap exited with {code})",
+                               "see bwrap's message above; `cove info` checks the host")
+        if self.exit_code is None:  # bwrap reports no exit code when setting up the enclave failed
+            if self.limits.oom_kills():
+                raise OutOfMemoryError(f"killed: out of memory before the program started ({memory})",
+                                       "raise resources.memory in cove.toml and rebuild")
+            raise SandboxError(f"the sandbox could not set up the enclave (bwrap exited with {code})",
+                               "bwrap's message above names what failed")
+        code = self.exit_code
         if code == 128 + signal.SIGKILL and self.limits.oom_kills():
             raise OutOfMemoryError(f"killed: out of memory ({memory})",
                                    "raise resources.memory in cove.toml and rebuild")
