@@ -115,3 +115,42 @@ def operator(namespaces, liveness, log_level) -> None:
         raise UnreachableError("no Kubernetes API credentials",
                                "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL"
                                ) from None
+
+
+@k8s.command("node-agent")
+@click.option("--nfd-dir", type=click.Path(path_type=Path),
+              help="Write a Node Feature Discovery feature file here (e.g. /etc/kubernetes/node-feature-discovery/"
+                   "features.d).")
+@click.option("--node", envvar="NODE_NAME", help="Patch this Node's labels instead (default $NODE_NAME).")
+@click.option("--backend", type=click.Choice(["sim", "vm", "sgx", "tdx", "snp"]),
+              help="The backend, when the node service does not say (default: detected).")
+@click.option("--platform", type=click.Choice(["tpm", "self-certified"]),
+              help="The platform key's root, when the node service does not say (default: detected).")
+@click.option("--daemon-socket", help="The node service's socket (default /run/cove/cove.sock).")
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=30.0, show_default=True,
+              help="Seconds between checks.")
+@click.option("--once", is_flag=True, help="Publish once and exit.")
+@LOG_LEVEL
+def node_agent(nfd_dir, node, backend, platform, daemon_socket, interval, once, log_level) -> None:
+    """Publish cove.dev/backend, platform, version and ready as node labels."""
+    import signal
+
+    from cove.k8s import nodeagent
+    from cove.k8s.health import DaemonProbe
+    from cove.k8s.kubeapi import credentials_present
+
+    _logging(log_level)
+    if (nfd_dir is None) == (node is None):
+        raise CoveError("give exactly one of --nfd-dir and --node (or $NODE_NAME)")
+    if node is not None and not credentials_present():
+        raise UnreachableError("no Kubernetes API credentials to patch the Node",
+                               "run in a cluster with a service account, or use --nfd-dir")
+    publish = (lambda values: nodeagent.write_feature_file(nfd_dir, values)) if nfd_dir else \
+        (lambda values: nodeagent.patch_node(node, values))
+    agent = nodeagent.Agent(publish, DaemonProbe(daemon_socket), backend, platform, interval)
+    if once:
+        agent.once()
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()

@@ -14,7 +14,6 @@ up to five minutes; finalizers remove policies and secrets from the broker.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import logging
@@ -26,9 +25,8 @@ import httpx
 import kopf
 
 from cove.k8s.crds import GROUP, VERSION
+from cove.k8s.kubeapi import API_ENV, Api, MissingKey, Unconfigured, credentials_present  # noqa: F401
 
-API_ENV = "COVE_K8S_API"  # an API server URL for running outside a cluster (e.g. `kubectl proxy`)
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 IMAGE_ENV = "COVE_KBS_IMAGE"
 DEFAULT_IMAGE = "cove/kbs:0.1.0"
 MAX_DELAY = 300
@@ -46,54 +44,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class Api:
-    """A small synchronous client of the Kubernetes API, with the operator's own credentials."""
-
-    def __init__(self) -> None:
-        server = os.environ.get(API_ENV)
-        if server:
-            self.http = httpx.Client(base_url=server, timeout=15)
-            return
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise kopf.PermanentError(f"no Kubernetes API: not in a cluster and ${API_ENV} is not set")
-        token = (SA_DIR / "token").read_text().strip()
-        self.http = httpx.Client(base_url=f"https://{host}:{port}", verify=str(SA_DIR / "ca.crt"), timeout=15,
-                                 headers={"Authorization": f"Bearer {token}"})
-
-    def get(self, path: str) -> dict | None:
-        response = self.http.get(path)
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
-
-    def apply(self, collection: str, obj: dict) -> dict:
-        """Create OBJ in COLLECTION, or merge it into the existing one: the same call converges."""
-        response = self.http.post(collection, json=obj)
-        if response.status_code == 409:
-            response = self.http.patch(f"{collection}/{obj['metadata']['name']}", json=obj,
-                                       headers={"Content-Type": "application/merge-patch+json"})
-        response.raise_for_status()
-        return response.json()
-
-    def secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
-        secret = self.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-        if secret is None:
-            return None
-        data = (secret.get("data") or {}).get(key)
-        if data is None:
-            raise Failure(f"Secret {name} has no key {key!r}")
-        return base64.b64decode(data)
-
-
-def credentials_present() -> bool:
-    """Whether a way to the API server is configured: $COVE_K8S_API (e.g. `kubectl proxy`) or a service account."""
-    if os.environ.get(API_ENV):
-        return True
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SA_DIR / "token").is_file()
-
-
 class Failure(Exception):
     """A reconcile failure with the one line that goes into status.message."""
 
@@ -104,7 +54,10 @@ _api: Api | None = None
 def api() -> Api:
     global _api
     if _api is None:
-        _api = Api()
+        try:
+            _api = Api()
+        except Unconfigured as exc:
+            raise kopf.PermanentError(str(exc)) from None
     return _api
 
 
@@ -232,7 +185,7 @@ def key_broker(spec, name, namespace, body, patch, retry, meta, **_) -> None:
             k8s.apply(f"/api/v1/namespaces/{namespace}/configmaps", config_map)
         k8s.apply(f"/apis/apps/v1/namespaces/{namespace}/deployments", deployment)
         k8s.apply(f"/api/v1/namespaces/{namespace}/services", service)
-    except Failure as exc:
+    except (Failure, MissingKey) as exc:
         _fail(patch, retry, str(exc))
     except httpx.HTTPError as exc:
         _fail(patch, retry, f"the Kubernetes API failed: {exc}")
@@ -293,7 +246,7 @@ def _sync(patch, retry, work) -> None:
 
     try:
         work()
-    except Failure as exc:
+    except (Failure, MissingKey) as exc:
         _fail(patch, retry, str(exc))
     except KbsError as exc:
         _fail(patch, retry, exc.line())
