@@ -222,11 +222,11 @@ def cmd_kill(args) -> int:
     state = container.load()
     number = _signal_number(args.signal)
     if container.status(state) == "stopped":
-        raise RuntimeError_(f"container {args.id} is not running")
+        raise RuntimeError_(f"container not running: {args.id}")
     try:
         os.kill(state["pid"], number)
     except ProcessLookupError:
-        raise RuntimeError_(f"container {args.id} is not running") from None
+        raise RuntimeError_(f"container not running: {args.id}") from None
     return 0
 
 

@@ -1,0 +1,117 @@
+"""The kubelet's path without a cluster: containerd's CRI plugin, a `cove` runtime handler, real CRI gRPC.
+
+The pod sandbox (pause) is itself a Cove image built here, so every container
+of the pod, its sandbox included, is measured and verified by cove-runtime.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cove.oci.proto import generate
+from cove.oci.proto.runtime.v1 import api_pb2 as cri
+from cove.oci.proto.runtime.v1 import api_pb2_grpc as cri_grpc
+from tests.conftest import ROOT, require
+from tests.e2e.helpers import set_option
+from tests.oci.conftest import RUNTIME, Containerd
+
+PAUSE = "localhost/cove-test/pause:1"
+HELLO = "localhost/cove-test/hello:1"
+CRI_CONFIG = f'''
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cove]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cove.options]
+        BinaryName = "{RUNTIME}"
+'''
+
+
+def test_generated_modules_are_current(tmp_path):
+    generate.generate(tmp_path)
+    folder = Path("cove/oci/proto/runtime/v1")
+    for name in ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py"):
+        assert (tmp_path / folder / name).read_text() == (generate.SRC / folder / name).read_text(), \
+            f"{name} is stale: run `python -m cove.oci.proto.generate`"
+
+
+@pytest.fixture(scope="module")
+def pause_tar(cove, tmp_path_factory) -> Path:
+    """Kubernetes' pause as a Cove image: a static program whose only entry point is /pause."""
+    gcc = require("gcc")
+    base = tmp_path_factory.mktemp("pause")
+    cove.ok("new", "pause", cwd=base)
+    app = base / "pause"
+    subprocess.run([gcc, "-static", "-O2", "-o", str(app / "image" / "pause"),
+                    str(ROOT / "tests" / "oci" / "pause.c")], check=True)
+    set_option(app / "cove.toml", "process", "entry_points", '["/pause"]')
+    cove.ok("build", cwd=app)
+    cove.ok("package", "--oci", "--tag", PAUSE, "-o", str(base / "pause.tar"), cwd=app)
+    return base / "pause.tar"
+
+
+@pytest.fixture(scope="module")
+def cri_node(tmp_path_factory, pause_tar, oci_tar):
+    daemon = Containerd(tmp_path_factory.mktemp("cri"), CRI_CONFIG)
+    try:
+        for image in (pause_tar, oci_tar):
+            result = daemon.ctr("-n", "k8s.io", "images", "import", str(image))
+            assert result.returncode == 0, result.stderr
+        channel = grpc.insecure_channel(f"unix://{daemon.socket}")
+        yield daemon, cri_grpc.RuntimeServiceStub(channel)
+        channel.close()
+    finally:
+        daemon.stop()
+
+
+def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
+    daemon, runtime = cri_node
+    version = runtime.Version(cri.VersionRequest(version="v1"), timeout=30)
+    assert version.runtime_api_version == "v1"
+    # what a kubelet sends for a pod on the host network without shareProcessNamespace
+    host_network = cri.NamespaceOption(network=cri.NamespaceMode.NODE, pid=cri.NamespaceMode.CONTAINER)
+    sandbox_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="hello-pod", uid="uid-1", namespace="default", attempt=0),
+        hostname="hello-pod", log_directory=str(tmp_path / "logs"),
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            namespace_options=host_network)))
+    sandbox = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox_config, runtime_handler="cove"),
+                                    timeout=120).pod_sandbox_id
+    try:
+        status = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox), timeout=30)
+        assert status.status.state == cri.PodSandboxState.SANDBOX_READY
+        assert status.status.runtime_handler == "cove"
+        container_config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="hello", attempt=0), image=cri.ImageSpec(image=HELLO),
+            command=["/bin/sh"], args=["-c", "echo hi-from-cri; cat /dev/attestation/attestation_type; exit 3"],
+            log_path="hello.log",
+            linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                namespace_options=host_network)))
+        container = runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=container_config, sandbox_config=sandbox_config),
+            timeout=120).container_id
+        runtime.StartContainer(cri.StartContainerRequest(container_id=container), timeout=120)
+        for _ in range(600):
+            state = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container), timeout=30).status
+            if state.state == cri.ContainerState.CONTAINER_EXITED:
+                break
+            time.sleep(0.05)
+        assert state.state == cri.ContainerState.CONTAINER_EXITED and state.exit_code == 3
+        log = (tmp_path / "logs" / "hello.log").read_text().splitlines()  # the kubelet's `kubectl logs` source
+        assert [line.split(" ", 3)[3] for line in log] == ["hi-from-cri", "cove"]
+        runtime.StopContainer(cri.StopContainerRequest(container_id=container, timeout=5), timeout=60)
+        runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container), timeout=60)
+    finally:
+        runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
+        runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
+    assert not runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
