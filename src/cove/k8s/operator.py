@@ -152,7 +152,10 @@ def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
         mounts.append({"name": "policy", "mountPath": "/var/run/cove-kbs/policy", "readOnly": True})
     service = {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                     # The broker's /metrics (cove_kbs_requests_total), for Prometheus' usual relabelling.
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/scheme": "https",
+                                     "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}},
         "spec": {"selector": {"app.kubernetes.io/instance": name, "app.kubernetes.io/name": "cove-kbs"},
                  "ports": [{"name": "https", "port": port, "targetPort": port}]},
     }
