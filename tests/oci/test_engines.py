@@ -83,3 +83,18 @@ def test_ctr_run_and_a_tampered_image(containerd, oci_tar, tmp_path):
     assert result.returncode != 0 and "tampered" not in result.stdout
     assert "bin/cat was modified" in result.stderr
     containerd.ctr("containers", "rm", "c-bad")
+
+
+def test_podman_terminal_through_the_console_socket(loaded):
+    result = podman("run", "--rm", "-t", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c", "test -t 1 && echo on-a-tty; exit 5")
+    assert result.returncode == 5, result.stderr
+    assert result.stdout.strip() == "on-a-tty"  # `test -t 1` held inside: the program had a terminal
+
+
+@pytest.mark.parametrize("option, field", [(("--cap-add", "SYS_ADMIN"), "CAP_SYS_ADMIN"),
+                                           (("--privileged",), "privileged"),
+                                           (("-v", "/etc:/host-etc"), "mounts")])
+def test_podman_options_the_sandbox_cannot_honour(loaded, option, field):
+    result = podman("run", "--rm", *RUN_OPTIONS, *option, IMAGE, "/bin/echo", "ran")
+    assert result.returncode != 0 and "ran" not in result.stdout
+    assert field in result.stderr
