@@ -112,3 +112,34 @@ def test_hardware_evidence_needs_the_tee_the_session_named(make_kbs):
     kbs = make_kbs(policy=ALL_TYPES, anchors=anchors(), evidence_time=lambda: SGX_TIME)
     body = attest_raw(kbs, "snp", evidence_for("sgx")).json()
     assert body["type"] == TYPE_PREFIX + "EvidenceInvalid"
+
+
+def test_broker_over_https_and_cove_verify_agree(make_kbs, cove, tmp_path):
+    """Every vector, valid or tampered: the broker refuses a valid one only for its binding, an invalid one
+    with the very reason `cove verify` prints (one dispatcher behind both)."""
+    from tests.attest.test_one_dispatch import CASES, PERMISSIVE, broker_evidence, flipped
+
+    from cove.kbs.appraisal import TrustAnchors
+
+    at = {"time": TODAY}
+    kbs = make_kbs(policy=PERMISSIVE, anchors=TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")]),
+                   evidence_time=lambda: at["time"])
+    policy = tmp_path / "policy.toml"
+    policy.write_text(PERMISSIVE)
+    for name, tee, rel, flip, when, sidecars in CASES:
+        evidence = tmp_path / f"{name}.bin"
+        evidence.write_bytes(flipped(rel, flip))
+        args = ["verify", evidence, "--type", tee, "--time", when, "--policy", policy]
+        for option, sidecar in sidecars.items():
+            args += [option, VECTORS / sidecar]
+        if tee == "tpm":
+            args += ["--ak", VECTORS / "tpm/ak_pub.pem"]
+        cli = cove(*args)
+        at["time"] = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        body = attest_raw(kbs, tee, broker_evidence(tee, evidence.read_bytes(), sidecars)).json()
+        if cli.returncode == 5:
+            assert body["type"] == TYPE_PREFIX + "EvidenceInvalid", (name, body)
+            assert body["detail"] in cli.stderr, (name, body, cli.stderr)
+        else:
+            assert cli.returncode in (0, 6), (name, cli.stderr)  # valid (the policy may refuse a debug guest)
+            assert body["type"] == TYPE_PREFIX + "EvidenceBinding", (name, body)
