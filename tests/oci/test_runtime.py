@@ -9,6 +9,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -118,12 +119,25 @@ def test_kill_and_delete_rules(bundle, tmp_path):
     assert unknown.returncode == 8 and "does not exist" in one_line(unknown)
     bad = runtime(root, "kill", "c2", "SIGNOPE")
     assert bad.returncode == 2 and "not a signal" in one_line(bad)
-    time.sleep(1.5)
+    pid = state(root, "c2")["pid"]
+    for _ in range(200):
+        groups = cove_cgroups(pid)
+        if groups:
+            break
+        time.sleep(0.05)
+    assert groups, "the enclave's cgroups were not made"
     assert runtime(root, "kill", "c2", "KILL").returncode == 0  # a crash, as far as the runtime knows
     wait_stopped(root, "c2", 0)
     assert runtime(root, "delete", "c2").returncode == 0
+    assert not cove_cgroups(pid)
     no_leftovers(root, "c2")
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_enclave_of(p, root)]
+
+
+def cove_cgroups(pid):
+    """The cgroups cove.runtime.limits made for a launcher with this pid, anywhere in the hierarchy."""
+    return [path for hierarchy in ("memory", "pids", "unified") for path in
+            Path("/sys/fs/cgroup", hierarchy).glob(f"**/cove-{pid}-*")]
 
 
 def _is_enclave_of(pid, root):

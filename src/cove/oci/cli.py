@@ -140,7 +140,7 @@ def cmd_create(args) -> int:
         os.mkfifo(container.dir / FIFO, 0o600)
         pid = launch.spawn(prepared, container.dir / FIFO, console, args.preserve_fds)
         found = _start_time(pid)
-        container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None,
+        container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": _cgroups(),
                         "bundle": str(Path(args.bundle).resolve()), "created": time.time(),
                         "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
         if args.pid_file:
@@ -248,7 +248,35 @@ def cmd_delete(args) -> int:
     if status != "stopped":
         _kill_and_wait(state["pid"], state.get("pid_start"))
     _cleanup(container.dir)
+    if state.get("pid"):
+        _remove_cgroups(state.get("cgroups", []), state["pid"])
     return 0
+
+
+def _cgroups() -> list[str]:
+    """The cgroup folders the launcher makes its enclave's groups in (those of this process, inherited)."""
+    found = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        names = controllers.split(",")
+        if controllers == "" or "memory" in names or "pids" in names:
+            base = "/sys/fs/cgroup" if controllers == "" else f"/sys/fs/cgroup/{controllers}"
+            found.append(base + path)
+    return found
+
+
+def _remove_cgroups(parents: list[str], pid: int) -> None:
+    """The empty groups a killed container process left (named cove-PID-… by cove.runtime.limits)."""
+    for parent in parents:
+        for group in Path(parent).glob(f"cove-{pid}-*"):
+            try:
+                group.rmdir()
+            except OSError:
+                pass
 
 
 def _kill_and_wait(pid: int, start) -> None:
