@@ -305,7 +305,8 @@ def test_vlek_signed_by_the_ask_is_not_amd_shape(amd):
     key, cert = amd.endorsement({"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}, csp="cloud-1", by_ask=True)
     body = set_field(REPORT, 0x48, struct.pack("<I", 1 << 2))
     with pytest.raises(VerificationError, match="not the vendor's shape"):
-        verify(report=sign_report(body, key), vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+        verify(report=sign_report(body, key), vcek=cert, chain=amd.chain_pem(),
+               now=datetime(2024, 6, 1, tzinfo=timezone.utc))
 
 
 def test_issuer_that_is_not_a_ca_is_refused():
@@ -316,7 +317,8 @@ def test_issuer_that_is_not_a_ca_is_refused():
     amd.ask = amd.issue(amd.ask.subject, amd.ark.subject, amd.ask_key.public_key(), amd.ark_key, ca=False)
     report, cert = _forged(amd)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (amd.ask, amd.ark))
-    with pytest.raises(VerificationError, match=r"SEV-Milan issued a certificate but is not a CA \(BasicConstraints cA=false\)"):
+    with pytest.raises(VerificationError,
+                       match=r"SEV-Milan issued a certificate but is not a CA \(BasicConstraints cA=false\)"):
         verify(report=report, vcek=cert, chain=chain, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
 
 

@@ -49,8 +49,8 @@ SEEDS = [  # (kind, evidence, inputs, time)
      verifier.Inputs(vcek=(VECTORS / "snp/vlek.der").read_bytes()), _at("2025-06-01T00:00:00")),
     ("tpm", (VECTORS / "tpm/quote_attest.bin").read_bytes(), TPM_INPUTS, _at("2026-01-01T00:00:00")),
 ]
-INPUTS = verifier.Inputs(collateral=SGX_INPUTS.collateral, vcek=SEEDS[2][2].vcek, tpm_signature=TPM_INPUTS.tpm_signature,
-                         tpm_pcrs=TPM_INPUTS.tpm_pcrs, ak=TPM_INPUTS.ak)
+INPUTS = verifier.Inputs(collateral=SGX_INPUTS.collateral, vcek=SEEDS[2][2].vcek,
+                         tpm_signature=TPM_INPUTS.tpm_signature, tpm_pcrs=TPM_INPUTS.tpm_pcrs, ak=TPM_INPUTS.ak)
 KEY = pak.generate()
 SIGNER = ReportSigner(KEY, endorse.self_certified(pak.spki(KEY), runtime_hash()))
 CERT, _ = ratls.make_certificate(lambda rd: SIGNER.evidence(

@@ -126,6 +126,7 @@ def test_broker_keeps_sgx_and_tdx_roots_apart():
     anchors = appraisal.TrustAnchors().with_policy_roots(kbs_policy.load(text))
     tdx = broker_evidence("tdx", vector("tdx/quote.bin"), {"--collateral": "tdx/collateral.json"})
     sgx = broker_evidence("sgx", vector("sgx/quote.bin"), {"--collateral": "sgx/collateral.json"})
-    assert appraisal.verify("tdx", tdx, anchors, datetime.fromisoformat("2025-06-19T12:16:03+00:00")).evidence_type == "tdx"
+    tdx_time = datetime.fromisoformat("2025-06-19T12:16:03+00:00")
+    assert appraisal.verify("tdx", tdx, anchors, tdx_time).evidence_type == "tdx"
     with pytest.raises(Problem, match="not rooted in a trusted CA"):
         appraisal.verify("sgx", sgx, anchors, datetime.fromisoformat("2025-06-19T12:56:11+00:00"))

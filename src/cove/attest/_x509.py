@@ -114,7 +114,10 @@ def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str,
 
 
 def check_ca(issuer: x509.Certificate, below: int, kind: str) -> None:
-    """Reject an issuer that is not a CA, may not sign certificates, or has ``below`` CAs under it past its path length."""
+    """Reject an issuer that is not a CA, may not sign certificates, or has more CAs below it than its path length.
+
+    ``below``: the CA certificates between ``issuer`` and the end entity.
+    """
     name = _name(issuer)
     try:
         constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value

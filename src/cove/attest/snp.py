@@ -148,7 +148,8 @@ def _cn(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def _issuers(cert: x509.Certificate, bundle: list[x509.Certificate], kind: str) -> tuple[x509.Certificate, x509.Certificate]:
+def _issuers(cert: x509.Certificate, bundle: list[x509.Certificate],
+             kind: str) -> tuple[x509.Certificate, x509.Certificate]:
     """The ASK (VCEK) or ASVK (VLEK) that issued ``cert``, and the ARK that issued that, from a trusted bundle."""
     signer = "ASVK" if kind == "vlek" else "ASK"
     middles = [c for c in bundle if c.subject == cert.issuer and c.subject != c.issuer]

@@ -122,7 +122,8 @@ def _label(appraisal) -> str:
 @click.option("--collateral", type=click.Path(dir_okay=False), help="sgx/tdx: PCS collateral JSON.")
 @click.option("--pccs", help="sgx/tdx: fetch collateral from this PCCS/PCS base URL (cached).")
 @click.option("--vcek", type=click.Path(dir_okay=False), help="snp: the VCEK or VLEK certificate.")
-@click.option("--ask-ark", "ask_ark", type=click.Path(dir_okay=False), help="snp: trusted ASK+ARK chain (PEM).")
+@click.option("--ask-ark", "ask_ark", type=click.Path(dir_okay=False),
+              help="snp: trusted AMD bundle (PEM: ASK and/or ASVK, and ARK), instead of the built-in roots.")
 @click.option("--kds", help="snp: fetch the VCEK from this AMD KDS base URL (cached).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Collateral cache folder (default: ~/.cache/cove/collateral).")
