@@ -35,7 +35,7 @@ class Inputs:
 
     collateral: bytes | dict | None = None  # sgx/tdx: PCS collateral JSON
     vcek: bytes | None = None  # snp: VCEK or VLEK certificate (DER or PEM)
-    ask_ark: bytes | None = None  # snp: ASK + ARK PEM (a trust anchor: only from a trusted store)
+    ask_ark: bytes | None = None  # snp: AMD bundle, PEM: ASK/ASVK + ARK (a trust anchor: only from a trusted store)
     tpm_signature: bytes | None = None  # tpm: TPMT_SIGNATURE
     tpm_pcrs: bytes | None = None  # tpm: tpm2_quote -o file
     ak: bytes | None = None  # tpm: the trusted AK (PEM, DER or TPM2B_PUBLIC)
