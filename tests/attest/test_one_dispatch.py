@@ -130,3 +130,31 @@ def test_broker_keeps_sgx_and_tdx_roots_apart():
     assert appraisal.verify("tdx", tdx, anchors, tdx_time).evidence_type == "tdx"
     with pytest.raises(Problem, match="not rooted in a trusted CA"):
         appraisal.verify("sgx", sgx, anchors, datetime.fromisoformat("2025-06-19T12:56:11+00:00"))
+
+
+def test_broker_takes_what_cove_verify_takes():
+    """A PEM VCEK, and a TPM event log that is replayed against the quoted PCRs (here it does not match)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from cove.attest import verifier
+    from cove.attest.errors import VerificationError
+    from tests.attest.eventlog_writer import log
+
+    pem = x509.load_der_x509_certificate(vector("snp/vcek.der")).public_bytes(Encoding.PEM)
+    snp = {"report": b64(vector("snp/report.bin")), "vcek": b64(pem)}
+    when = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+    assert appraisal.verify("snp", snp, appraisal.TrustAnchors(), when).evidence_type == "snp"
+
+    events = log([(16, b"not what the quote says")])
+    tpm = broker_evidence("tpm", vector("tpm/quote_attest.bin"),
+                          {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"})
+    anchors = appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
+    assert appraisal.verify("tpm", tpm, anchors, when).evidence_type == "tpm"
+    with pytest.raises(Problem) as refused:
+        appraisal.verify("tpm", dict(tpm, event_log=b64(events)), anchors, when)
+    inputs = verifier.Inputs(tpm_signature=vector("tpm/quote_sig.bin"), tpm_pcrs=vector("tpm/quote_pcrs.bin"),
+                             ak=vector("tpm/ak_pub.pem"), event_log=events)
+    with pytest.raises(VerificationError) as direct:
+        verifier.verify(vector("tpm/quote_attest.bin"), inputs=inputs, now=when)
+    assert refused.value.detail == direct.value.line()
