@@ -151,16 +151,28 @@ def _reap(pid: int, timeout: float = 20) -> int:
     raise AssertionError("cove run did not end after the shell's exit")
 
 
-def test_interactive_enclave_on_a_terminal(cove, unbuilt, tmp_path):
-    """A debug shell on a terminal gets its own, with job control, and its exit code comes back."""
-    root = tmp_path / "app"
+@pytest.fixture(scope="module")
+def debug_app(cove, unbuilt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("debug") / "app"
     shutil.copytree(unbuilt, root, symlinks=True)
     set_option(root / "cove.toml", "enclave", "debug", "true")
     cove.ok("build", cwd=root)
+    return root
+
+
+def _on_a_terminal(cove, root) -> tuple[int, int]:
+    """cove run --debug-enclave /bin/sh -i in a new session whose terminal is a pty, as a login shell's."""
     pid, fd = pty.fork()
-    if pid == 0:  # a new session whose terminal is the pty, as a user's login shell has
+    if pid == 0:
         os.chdir(root)
         os.execve(cove.popen_args()[0], cove.popen_args("run", "--debug-enclave", "/bin/sh", "-i"), cove.env)
+    return pid, fd
+
+
+def test_interactive_enclave_on_a_terminal(cove, debug_app):
+    """A debug shell on a terminal gets its own, with job control, and its exit code comes back."""
+    root = debug_app
+    pid, fd = _on_a_terminal(cove, root)
     seen = bytearray()
     try:
         os.write(fd, b"sleep 30 & jobs; echo go-$((6*7))\n")
@@ -189,3 +201,13 @@ def test_sandbox_setup_failure_has_its_own_code(cove, unbuilt, tmp_path):
     result = cove("run", "/bin/sh", "-c", "exit 1", cwd=root)
     assert result.returncode == 125
     assert result.stderr.splitlines()[-1].startswith("cove: error: the sandbox could not set up the enclave")
+
+
+def test_closing_the_terminal_ends_the_interactive_enclave(cove, debug_app):
+    pid, fd = _on_a_terminal(cove, debug_app)
+    seen = bytearray()
+    os.write(fd, b"echo up-$((6*7))\n")
+    _read_until(fd, b"up-42", seen)
+    os.close(fd)  # the user's terminal goes away: the enclave's shell is hung up, cove returns
+    status = _reap(pid)
+    assert os.waitstatus_to_exitcode(status) != 0

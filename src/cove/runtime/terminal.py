@@ -38,6 +38,7 @@ class Terminal:
         self._saved_fds: list[int] = []
         self._previous_winch = None
         self._user_in, self._user_out = os.dup(STDIN), os.dup(STDOUT)  # before attach() replaces them
+        self._master_lock = threading.Lock()
         self._output = threading.Thread(target=self._copy_output, daemon=True)
         self._input = threading.Thread(target=self._copy_input, daemon=True)
 
@@ -62,7 +63,7 @@ class Terminal:
         self._output.join(timeout=2)  # the rest of the enclave's output
         termios.tcsetattr(STDIN, termios.TCSAFLUSH, self._saved_attrs)
         signal.signal(signal.SIGWINCH, self._previous_winch or signal.SIG_DFL)
-        os.close(self.master)
+        self._hang_up()
         os.close(self._user_out)  # _user_in stays with the input thread, blocked in read until cove exits
 
     def attach(self) -> None:
@@ -90,6 +91,13 @@ class Terminal:
         except OSError:
             pass
 
+    def _hang_up(self) -> None:
+        """Close the pseudo-terminal: what still runs on it gets SIGHUP, as on a closed terminal."""
+        with self._master_lock:
+            if self.master >= 0:
+                os.close(self.master)
+                self.master = -1
+
     def _copy_output(self) -> None:
         while True:
             try:
@@ -100,14 +108,19 @@ class Terminal:
                 raise
             if not data:
                 return
-            _write_all(self._user_out, data)
+            try:
+                _write_all(self._user_out, data)
+            except OSError:  # the user's terminal is gone
+                self._hang_up()
+                return
 
     def _copy_input(self) -> None:
         try:
-            while data := os.read(self._user_in, 65536):
+            while data := os.read(self._user_in, 65536):  # raw mode: only a closed terminal ends this
                 _write_all(self.master, data)
         except OSError:
-            return  # the user's terminal or the enclave's is gone
+            pass  # the user's terminal or the enclave's is gone
+        self._hang_up()
 
 
 def _write_all(fd: int, data: bytes) -> None:
