@@ -47,6 +47,7 @@ class Node:
         self.log = base / "daemon.log"
         self.cove = Cove(Path(cove.env["HOME"]))
         self.cove.env["COVE_DAEMON_SOCKET"] = self.socket
+        self.cove.env["COVE_PLATFORM_DIR"] = str(base / "platform")  # a self-certified platform of its own
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -171,5 +172,11 @@ def node(cove, test_group, tmp_path_factory):
             os.kill(state["pid"], signal.SIGKILL)
         except (OSError, ValueError, KeyError):
             pass
+    try:  # and the node's /dev/attestation server
+        from cove.daemon.attestation import request
+        os.kill(request(str(node.root / "attestation.sock"), {"op": "status"}, timeout=5)["pid"], signal.SIGTERM)
+        time.sleep(0.5)
+    except (OSError, ValueError, KeyError):
+        pass
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(node.socket_dir, ignore_errors=True)

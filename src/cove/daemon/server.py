@@ -30,6 +30,7 @@ import urllib.parse
 from pathlib import Path
 
 from cove import __version__
+from cove.daemon import attestation
 from cove.daemon import client as client_mod
 from cove.daemon import openapi
 from cove.daemon.events import Events, watch
@@ -130,6 +131,7 @@ class Daemon:
                     supervisors[argv[argv.index(b"cove.daemon.supervisor") + 1].decode()] = int(entry.name)
         removed = self.registry.recover(supervisors)
         blobs, freed = self.store.collect()  # an import cut short leaves only tmp/ and unlinked blobs
+        attestation.ensure_server(self.root)  # one /dev/attestation server for the node, kept across restarts
         running = [e.id for e in self.registry.all() if not e.ended]
         log("recovered", running=len(running), removed_half_made=len(removed), blobs_collected=blobs,
             bytes_freed=freed)
@@ -238,25 +240,32 @@ class Daemon:
         self.events.emit("enclave", "kill", enclave.id, name=enclave.name, signal=signum)
         return self.registry.load(enclave.id).view()
 
-    def _deliver(self, enclave: Enclave, signum: int) -> None:
+    def _deliver(self, enclave: Enclave, signum: int, patience: float = 5.0) -> None:
+        """Signal the program's process group, as `cove run` forwards a signal (SIGKILL: the whole sandbox).
+
+        An enclave still starting has no program yet: wait for it (a signal sent to the supervisor
+        before its launcher forwards signals would be lost), up to ``patience`` seconds.
+        """
         pid = enclave.state.get("pid")
-        if signum in FORWARDED:
-            _kill(pid, signum)  # the supervisor forwards it to the program's process group, as `cove run` does
-            return
-        init = sandbox_init(pid)
-        if init is None:
-            if signum == signal.SIGKILL:
-                _kill(pid, signal.SIGKILL)
-            return
-        if signum == signal.SIGKILL:
+        deadline = time.monotonic() + patience
+        while True:
+            init = sandbox_init(pid) if pid else None
+            program = children(init) if init else []
+            if program or not enclave.supervisor_alive() or time.monotonic() >= deadline:
+                break
+            current = self.registry.load(enclave.id)
+            if current.ended:
+                return
+            time.sleep(0.01)
+        if init is not None and signum == signal.SIGKILL:
             _kill(init, signal.SIGKILL)  # the sandbox's pid 1: everything in its pid namespace goes
-            return
-        program = children(init)
-        if program:
+        elif program:
             try:
                 os.killpg(os.getpgid(program[0]), signum)
             except (ProcessLookupError, PermissionError):
                 pass
+        elif signum in FORWARDED or signum == signal.SIGKILL:
+            _kill(pid, signum)  # no sandbox (yet): the supervisor stops before launching, or forwards it
 
     def stop(self, ref: str, timeout: float) -> dict:
         enclave = self.registry.settle(self.registry.find(ref))

@@ -19,13 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+from cove.daemon import attestation
 from cove.daemon.registry import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
 from cove.runtime import launcher
+from cove.runtime import services as services_mod
 from cove.util import write_atomic
 
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 10.0, 10.0
+PER_RUN_ATTESTATION, ATTESTATION = "cove.platform.service:services", "cove.daemon.attestation:services"
 
 
 def parse_restart(policy: str) -> tuple[str, int | None]:
@@ -65,6 +68,7 @@ class Supervisor:
         if self.stop_requested():
             return 128 + signal.SIGTERM  # stopped before it began
         try:
+            attestation.CONTROL = attestation.ensure_server(self.folder.parent.parent)
             image = self.store.get(self.record["image"])
             verified = self.store.verified(image)
             if verified.measurement.hex() != self.record["measurement"]:
@@ -82,6 +86,8 @@ class Supervisor:
             return 9
 
     def run(self) -> int:
+        # /dev/attestation from the node's one server, not a server process per run
+        services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
         for name, value in self.record.get("env", {}).items():
             os.environ[name] = value  # the client's values of [env] passthrough names, as `cove run` has them
         def stop(_signum, _frame):

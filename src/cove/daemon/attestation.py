@@ -1,0 +1,438 @@
+"""/dev/attestation for every enclave of the node, from one process (``python -m cove.daemon.attestation``).
+
+The daemon starts this server once, detached like a supervisor, so enclaves
+keep their /dev/attestation when the daemon is killed or upgraded. It loads
+the platform key (and opens the TPM) once, mounts one FUSE file system and
+gives each enclave a folder of its own in it, named by the enclave's
+instance id, holding the same files as a per-run server
+(cove.platform.devattest). An enclave's supervisor registers the enclave's
+identity, taken from the verified manifest, over a root-only control socket
+and binds only that folder at /dev/attestation; no other folder is visible
+in the enclave. As a second wall, the first process of another pid
+namespace that touches a folder binds it to that namespace, and any other
+namespace is refused (EACCES) from then on.
+
+Control protocol (one JSON object per line, answered by one line): see
+docs/formats/daemon-api.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cove.runtime.services import Bind, EnclaveService, ServiceContext
+
+STRIDE = 1 << 16  # inodes per enclave folder
+TARGET = "/dev/attestation"
+CONTROL: str | None = None  # set by the supervisor: the control socket of the node's server
+
+
+def request(control: str, message: dict, timeout: float = 30.0) -> dict:
+    """One control request; the server's answer (raises OSError when it is not there)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(control)
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data or b"{}")
+
+
+class SharedAttestation(EnclaveService):
+    """The enclave's folder in the node's attestation server, bound at /dev/attestation."""
+
+    def __init__(self, control: str):
+        self.control = control
+        self.instance_id: str | None = None
+
+    def start(self, ctx: ServiceContext) -> list[Bind]:
+        from cove.errors import CoveError
+        from cove.platform.service import identity_json
+
+        try:
+            answer = request(self.control, {"op": "register", "instance_id": ctx.instance_id,
+                                            "identity": json.loads(identity_json(ctx)), "owner": os.getpid()})
+        except (OSError, ValueError) as exc:
+            raise CoveError(f"the node's /dev/attestation server is not answering ({exc})",
+                            "restart `cove daemon`") from None
+        if not answer.get("ok"):
+            raise CoveError(f"the node's /dev/attestation server refused the enclave: {answer.get('error')}")
+        self.instance_id = ctx.instance_id
+        if answer.get("none"):
+            print(f"cove: warning: /dev/attestation cannot quote: {answer['none']}", file=sys.stderr, flush=True)
+        return [Bind(Path(answer["path"]), TARGET, writable=True)]
+
+    def stop(self) -> None:
+        if self.instance_id is not None:
+            try:
+                request(self.control, {"op": "unregister", "instance_id": self.instance_id}, timeout=10)
+            except (OSError, ValueError):
+                pass  # the server drops folders whose supervisor is gone
+            self.instance_id = None
+
+
+def services(ctx: ServiceContext) -> list[EnclaveService]:
+    """Replaces cove.platform.service:services in a supervisor: the node's server, not a process per run."""
+    if CONTROL is None:
+        from cove.platform.service import services as per_run
+        return per_run(ctx)
+    return [SharedAttestation(CONTROL)]
+
+
+# -- the server (runs in its own process; pyfuse3 is imported only there)
+
+def _pid_namespace(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def serve(mountpoint: Path, control: Path) -> int:
+    import pyfuse3
+    import trio
+
+    from cove import hostids
+    from cove.errors import CoveError
+    from cove.platform import monitor
+    from cove.platform.devattest import AttestationFs
+    from cove.platform.devattest_server import claims_from_json, sealing_keys
+
+    own_namespace = _pid_namespace(os.getpid())
+    try:
+        signer = monitor.signer()  # the platform key and the TPM: loaded once for every enclave
+        why_none = None
+    except CoveError as exc:
+        signer, why_none = None, exc.line()
+    owner_ids = hostids.enclave_range().host(0, 0) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+    class Slot:
+        def __init__(self, index: int, name: str, fs: AttestationFs, owner: int):
+            self.index, self.name, self.fs, self.owner = index, name, fs, owner
+            self.namespace: int | None = None
+
+    class NodeFs(pyfuse3.Operations):
+        """The root lists enclave folders (root only); each folder is one enclave's AttestationFs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.slots: dict[int, Slot] = {}
+            self.by_name: dict[str, int] = {}
+            self.handles: dict[int, tuple[int, int]] = {}
+            self.next_index = 1
+            self.next_fh = 1
+            self.started = time.time_ns()
+
+        # registrations, from the control thread (single assignments: safe beside the FUSE loop)
+        def register(self, name: str, identity: dict, owner: int) -> dict:
+            if not name or "/" in name or name.startswith(".") or len(name) > 64:
+                return {"ok": False, "error": "bad instance id"}
+            if name in self.by_name:
+                return {"ok": False, "error": "instance id already registered"}
+            claims = claims_from_json(identity)
+            if signer is None:
+                fs = AttestationFs("none", None, None, sealing_keys(claims))
+            else:
+                fs = AttestationFs("cove", lambda rd, c=claims: signer.evidence(c, rd),
+                                   lambda rd, c=claims: signer.signed_report(c, rd), sealing_keys(claims))
+            fs.uid, fs.gid = owner_ids
+            index = self.next_index
+            self.next_index += 1
+            self.slots[index] = Slot(index, name, fs, owner)
+            self.by_name[name] = index
+            return {"ok": True, "path": str(mountpoint / name), "none": why_none}
+
+        def unregister(self, name: str) -> dict:
+            index = self.by_name.pop(name, None)
+            if index is not None:
+                self.slots.pop(index, None)
+            return {"ok": True}
+
+        def reap(self) -> None:
+            """Drop the folders of enclaves whose supervisor died without unregistering."""
+            for name, index in list(self.by_name.items()):
+                slot = self.slots.get(index)
+                if slot is not None and not os.path.exists(f"/proc/{slot.owner}"):
+                    self.unregister(name)
+
+        # inode arithmetic
+        def _slot(self, inode: int, ctx=None) -> tuple[Slot, int]:
+            slot = self.slots.get(inode // STRIDE)
+            if slot is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if ctx is not None and ctx.pid:
+                namespace = _pid_namespace(ctx.pid)
+                if namespace is None:
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                if namespace != own_namespace:
+                    if slot.namespace is None:
+                        slot.namespace = namespace  # the enclave's first touch
+                    elif slot.namespace != namespace:
+                        raise pyfuse3.FUSEError(errno.EACCES)  # another enclave: never
+            return slot, inode % STRIDE
+
+        @staticmethod
+        def _global(slot: Slot, attrs):
+            attrs.st_ino = slot.index * STRIDE + attrs.st_ino
+            return attrs
+
+        def _root_attrs(self):
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = pyfuse3.ROOT_INODE
+            a.st_mode = stat.S_IFDIR | 0o711
+            a.st_nlink = 2
+            a.st_uid = a.st_gid = 0
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
+            return a
+
+        async def getattr(self, inode, ctx=None):
+            if inode == pyfuse3.ROOT_INODE:
+                return self._root_attrs()
+            slot, local = self._slot(inode, ctx)
+            return self._global(slot, await slot.fs.getattr(local, ctx))
+
+        async def lookup(self, parent_inode, name, ctx=None):
+            if parent_inode == pyfuse3.ROOT_INODE:
+                index = self.by_name.get(name.decode(errors="replace"))
+                if index is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                slot, _ = self._slot(index * STRIDE + pyfuse3.ROOT_INODE, ctx)
+                return self._global(slot, await slot.fs.getattr(pyfuse3.ROOT_INODE, ctx))
+            slot, local = self._slot(parent_inode, ctx)
+            return self._global(slot, await slot.fs.lookup(local, name, ctx))
+
+        async def opendir(self, inode, ctx):
+            if inode != pyfuse3.ROOT_INODE:
+                slot, local = self._slot(inode, ctx)
+                await slot.fs.opendir(local, ctx)
+            return inode
+
+        async def readdir(self, fh, start_id, token):
+            if fh == pyfuse3.ROOT_INODE:
+                entries = sorted(self.slots.values(), key=lambda s: s.index)
+                for slot in entries:
+                    if slot.index <= start_id:
+                        continue
+                    attrs = self._global(slot, await slot.fs.getattr(pyfuse3.ROOT_INODE))
+                    if not pyfuse3.readdir_reply(token, slot.name.encode(), attrs, slot.index):
+                        break
+                return
+            slot, local = self._slot(fh)
+            children = sorted((n for n in slot.fs.nodes.values() if n.parent == local and n.inode != local),
+                              key=lambda n: n.inode)
+            for node in children:
+                if node.inode <= start_id:
+                    continue
+                attrs = self._global(slot, await slot.fs.getattr(node.inode))
+                if not pyfuse3.readdir_reply(token, node.name, attrs, node.inode):
+                    break
+
+        async def releasedir(self, fh):
+            return None
+
+        async def open(self, inode, flags, ctx):
+            slot, local = self._slot(inode, ctx)
+            info = await slot.fs.open(local, flags, ctx)
+            fh = self.next_fh
+            self.next_fh += 1
+            self.handles[fh] = (slot.index, info.fh)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+        def _handle(self, fh: int) -> tuple[Slot, int]:
+            index, local = self.handles.get(fh, (0, 0))
+            slot = self.slots.get(index)
+            if slot is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return slot, local
+
+        async def read(self, fh, off, size):
+            slot, local = self._handle(fh)
+            return await slot.fs.read(local, off, size)
+
+        async def write(self, fh, off, buf):
+            slot, local = self._handle(fh)
+            return await slot.fs.write(local, off, buf)
+
+        async def flush(self, fh):
+            slot, local = self._handle(fh)
+            return await slot.fs.flush(local)
+
+        async def release(self, fh):
+            index, local = self.handles.pop(fh, (0, 0))
+            slot = self.slots.get(index)
+            if slot is not None:
+                await slot.fs.release(local)
+
+        async def setattr(self, inode, attr, fields, fh, ctx):
+            slot, local = self._slot(inode, ctx)
+            return self._global(slot, await slot.fs.setattr(local, attr, fields, fh, ctx))
+
+        async def statfs(self, ctx):
+            s = pyfuse3.StatvfsData()
+            s.f_bsize = s.f_frsize = 4096
+            s.f_namemax = 255
+            return s
+
+        async def create(self, parent_inode, name, mode, flags, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def mkdir(self, parent_inode, name, mode, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def mknod(self, parent_inode, name, mode, rdev, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def unlink(self, parent_inode, name, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def rmdir(self, parent_inode, name, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def symlink(self, parent_inode, name, target, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+        async def link(self, inode, new_parent_inode, new_name, ctx):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+    fs = NodeFs()
+    listener = _listen(control)
+
+    def control_loop() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                try:
+                    connection.settimeout(10)
+                    data = b""
+                    while not data.endswith(b"\n") and len(data) < 65536:
+                        chunk = connection.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    message = json.loads(data)
+                    op = message.get("op")
+                    if op == "register":
+                        answer = fs.register(str(message["instance_id"]), dict(message["identity"]),
+                                             int(message["owner"]))
+                    elif op == "unregister":
+                        answer = fs.unregister(str(message["instance_id"]))
+                    elif op == "status":
+                        answer = {"ok": True, "enclaves": len(fs.slots), "pid": os.getpid(), "none": why_none}
+                    else:
+                        answer = {"ok": False, "error": "unknown op"}
+                    fs.reap()
+                except (ValueError, KeyError, TypeError, OSError) as exc:
+                    answer = {"ok": False, "error": type(exc).__name__}
+                try:
+                    connection.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    pass
+
+    _unmount(mountpoint)
+    mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions", "allow_other"}
+    pyfuse3.init(fs, str(mountpoint), options)
+    threading.Thread(target=control_loop, daemon=True).start()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(stop_on_signal)
+            print("ready", flush=True)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=True)
+        listener.close()
+        try:
+            os.unlink(control)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def _listen(path: Path) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(256)
+    return listener
+
+
+def _unmount(path: Path) -> None:
+    """A mount left by a server that died (its folder answers ENOTCONN) is detached."""
+    try:
+        os.stat(path)
+        mounted = os.path.ismount(path)
+    except OSError as exc:
+        mounted = exc.errno == errno.ENOTCONN
+    if mounted:
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
+
+
+def ensure_server(root: Path, timeout: float = 30.0) -> str:
+    """The control socket of the node's attestation server, started (detached) if it is not answering."""
+    control = root / "attestation.sock"
+    try:
+        if request(str(control), {"op": "status"}, timeout=5).get("ok"):
+            return str(control)
+    except (OSError, ValueError):
+        pass
+    log = open(root / "attestation.log", "ab")
+    try:
+        subprocess.Popen([sys.executable, "-m", "cove.daemon.attestation", str(root / "attestation"), str(control)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                         close_fds=True).wait()  # it forks away at once, as a supervisor does
+    finally:
+        log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if request(str(control), {"op": "status"}, timeout=5).get("ok"):
+                return str(control)
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise OSError(errno.ETIMEDOUT, "the node's /dev/attestation server did not start", str(root / "attestation.log"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: python -m cove.daemon.attestation MOUNTPOINT CONTROL_SOCKET", file=sys.stderr)
+        sys.exit(2)
+    if os.fork():
+        os._exit(0)
+    sys.exit(serve(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -1,0 +1,92 @@
+"""/dev/attestation served by the node's one server: each enclave sees only its own identity."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import cbor2
+import pytest
+
+from tests.conftest import ROOT, require
+
+
+@pytest.fixture(scope="module")
+def attest_probe(tmp_path_factory):
+    require("gcc")
+    out = tmp_path_factory.mktemp("attest-probe") / "attest_probe"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
+                   check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(node, attest_probe, tmp_path_factory):
+    """Two instances with different measurements, with a shell to try what an attacker inside would."""
+    parent = tmp_path_factory.mktemp("pair")
+    c = node.cove
+    made = []
+    for name in ("alpha", "beta"):
+        c.ok("new", name, cwd=parent)
+        c.ok("add", "/bin/sh", "/bin/cat", "/bin/ls", "/bin/sleep", cwd=parent / name)
+        c.ok("add", "--to", "/bin", str(attest_probe), cwd=parent / name)
+        (parent / name / "image" / "who").write_text(name)
+        c.ok("build", cwd=parent / name)
+        made.append(parent / name)
+    return made
+
+
+def _claims(report_hex: str) -> dict:
+    signed = cbor2.loads(bytes.fromhex(report_hex))
+    body = signed.get("report", signed) if isinstance(signed, dict) else signed
+    return cbor2.loads(body) if isinstance(body, bytes) else body
+
+
+def test_two_enclaves_cannot_speak_for_each_other(node, pair):
+    c = node.cove
+    alpha, beta = pair
+    script = ("sleep 2; /bin/attest_probe report 00ff; ls -a /dev/attestation/..; "
+              "cat /dev/attestation/../*/report 2>&1 | head -c 0; ls /dev/attestation/../*/ 2>&1; echo end")
+    ids = [c.ok("run", "-d", "--name", f"speak-{i}", "/bin/sh", "-c", script, cwd=root).stdout.strip()
+           for i, root in enumerate(pair)]
+    views = [node.until(ident, "running") for ident in ids]
+    # the node's server holds one folder per enclave; root in the host's namespace may look (a second
+    # pid namespace, as another enclave would be, is refused once the owner has bound its folder)
+    deadline = time.monotonic() + 20
+    while len(folders := sorted(p.name for p in (node.root / "attestation").iterdir())) < 2:
+        assert time.monotonic() < deadline, folders
+        time.sleep(0.05)
+    for view in views:
+        node.until(view["id"], "exited")
+    outputs = [c.ok("logs", ident).stdout for ident in ids]
+    measurements = [node.state(ident)["measurement"] for ident in ids]
+    assert measurements[0] != measurements[1]
+    for output, measurement, other in zip(outputs, measurements, reversed(measurements)):
+        lines = output.splitlines()
+        report = lines[0]
+        assert measurement in report.lower() or bytes.fromhex(measurement).hex() in report
+        assert bytes.fromhex(other).hex() not in report  # never the other enclave's identity
+        listing = " ".join(lines[1:])
+        assert "attestation" in listing and not any(f in listing for f in folders)  # only its own, as /dev/attestation
+        assert lines[-1] == "end"
+    for ident in ids:
+        c.ok("rm", ident)
+
+
+def test_another_pid_namespace_is_refused(node, pair):
+    c = node.cove
+    alpha, _ = pair
+    ident = c.ok("run", "-d", "--name", "owner", "/bin/sh", "-c", "cat /dev/attestation/attestation_type; sleep 60",
+                 cwd=alpha).stdout.strip()
+    node.until(ident, "running")
+    deadline = time.monotonic() + 20
+    while "cove" not in c.ok("logs", ident).stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    folder = next(p for p in (node.root / "attestation").iterdir())
+    for p in (node.root / "attestation").iterdir():
+        folder = p  # the newest registration
+    unshare = require("unshare")
+    outsider = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "cat", str(folder / "attestation_type")],
+                              capture_output=True, text=True)
+    assert outsider.returncode != 0 and "Permission denied" in outsider.stderr
+    c.ok("rm", "-f", ident)
