@@ -30,6 +30,7 @@ FULL = {
     "operator": {"namespaces": ["apps", "payments"], "kbsImage": "cove/kbs:0.1.0"},
     "keyBroker": {"enabled": True, "policy": 'types = ["cove"]\n'},
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "daemon": {"metrics": {"enabled": True}},
 }
 
 

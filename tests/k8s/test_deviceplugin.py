@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from cove.k8s.proto.deviceplugin.v1beta1 import api_pb2 as pb
-from tests.conftest import COVE
+from tests.conftest import COVE, require
 from tests.k8s.fakes import FakeDaemon, FakeKubelet
 
 ENCLAVE, MEMORY, TPM = "cove.dev/enclave", "cove.dev/enclave-memory", "cove.dev/tpm"
@@ -141,3 +141,30 @@ def test_bad_options_are_one_line(args):
     proc = subprocess.run([COVE, "k8s", "device-plugin", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_health_probe_speaks_to_the_real_node_service():
+    """The probe the plugin and the node agent use, against `cove daemon` itself (docs/formats/daemon-api.md)."""
+    from cove.k8s.health import DaemonProbe
+
+    folder = Path(tempfile.mkdtemp(prefix="k8s-dmn-", dir="/tmp"))
+    probe = DaemonProbe(str(folder / "cove.sock"), timeout=2)
+    assert not probe().up and "no socket" in probe().detail
+    proc = subprocess.Popen([COVE, "daemon", "--root", str(folder / "root"), "--socket", str(folder / "cove.sock")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (health := probe()).up:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, health.detail
+            time.sleep(0.05)
+        assert health.info["version"] and health.info["api"] == "v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        # The node's /dev/attestation server outlives the daemon by design; unmounting ends it.
+        mount = folder / "root" / "attestation"
+        if any(line.split()[1] == str(mount) for line in Path("/proc/mounts").read_text().splitlines()):
+            subprocess.run([require("fusermount3"), "-u", str(mount)], check=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert not probe().up
