@@ -133,8 +133,23 @@ class Containerd:
             self.process.kill()
             self.process.wait()
         self.log.close()
-        subprocess.run(["umount", "-R", "-l", str(self.base / "state")], capture_output=True)
-        subprocess.run(["umount", "-R", "-l", str(self.base / "root")], capture_output=True)
+        import os
+        import signal
+
+        for pid in filter(str.isdigit, os.listdir("/proc")):  # shims of containers a failed test left
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(self.socket).encode() in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts]
+        for point in sorted((p for p in points if p.startswith(str(self.base) + "/")), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -244,3 +244,32 @@ def test_features_and_version(tmp_path):
     result = runtime(tmp_path, "frobnicate")
     assert result.returncode == 2
     one_line(result)
+
+
+@pytest.mark.parametrize("tamper", ["unsigned", "content"])
+def test_unmeasured_debug_annotation_runs_and_every_report_says_debug(bundle, tmp_path, tamper):
+    import cbor2
+
+    from cove.attest.evidence import parse_report
+
+    root = tmp_path / "state"
+    rootfs = bundle / "rootfs"
+    if tamper == "unsigned":
+        shutil.rmtree(rootfs / ".cove")
+    else:
+        (rootfs / "bin" / "cat").write_bytes((rootfs / "bin" / "cat").read_bytes() + b"\0")
+    spec = json.loads(json.dumps(SPEC))
+    spec["annotations"] = {"cove.dev/unmeasured-debug": "true"}
+    spec["process"]["args"] = ["/bin/cat", "/dev/attestation/report"]
+    write_spec(bundle, spec)
+    out = open(tmp_path / "out", "wb")
+    err = open(tmp_path / "err", "w")
+    assert runtime(root, "create", "--bundle", str(bundle), "u", stdout=out, stderr=err).returncode == 0
+    assert "UNMEASURED DEBUG" in (tmp_path / "err").read_text()
+    assert state(root, "u")["annotations"]["cove.dev/unmeasured"] == "true"
+    assert runtime(root, "start", "u").returncode == 0
+    wait_stopped(root, "u", 0)
+    report = parse_report(cbor2.loads((tmp_path / "out").read_bytes())["report"])
+    assert report.debug is True
+    assert runtime(root, "delete", "u").returncode == 0
+    no_leftovers(root, "u")
