@@ -208,7 +208,7 @@ async def test_unreachable_broker_is_retried_with_backoff(kmock, broker, monkeyp
 @pytest.mark.asyncio
 async def test_managed_broker_waits_for_its_database_secret(kmock, monkeypatch):
     cluster = Cluster(kmock)
-    spec = {"replicas": 3, "image": "cove/kbs:0.1.0", "database": {"name": "pg"}, "masterKey": {"name": "master"},
+    spec = {"replicas": 2, "image": "cove/kbs:0.1.0", "database": {"name": "pg"}, "masterKey": {"name": "master"},
             "tls": {"name": "kbs-tls"}, "admin": {"name": "kbs-admin"}}
     async with Operator(monkeypatch, kmock):
         await cluster.create(f"{API}/keybrokers", _cr("KeyBroker", "kbs", spec))
@@ -219,6 +219,11 @@ async def test_managed_broker_waits_for_its_database_secret(kmock, monkeypatch):
                              _secret("pg", {"url": b"postgresql://kbs@pg.apps.svc:5432/kbs"}))
         await cluster.create(f"/api/v1/namespaces/{NS}/secrets", _secret("master", {"master.key": b"k" * 32}))
         await cluster.until(f"{API}/keybrokers/kbs", _phase("Ready", url=f"https://kbs.{NS}.svc:8443"), timeout=30)
+        # An update (more replicas, a new image) reaches the Deployment: a rolling upgrade.
+        await cluster.patch(f"{API}/keybrokers/kbs", {"spec": {"replicas": 3, "image": "cove/kbs:0.1.1"},
+                                                      "metadata": {"generation": 2}})
+        await cluster.until(f"/apis/apps/v1/namespaces/{NS}/deployments/kbs",
+                            lambda d: d["spec"]["template"]["spec"]["containers"][0]["image"] == "cove/kbs:0.1.1")
     deployment = await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/kbs")
     service = await cluster.get(f"/api/v1/namespaces/{NS}/services/kbs")
     assert deployment["spec"]["replicas"] == 3
