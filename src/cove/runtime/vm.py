@@ -213,11 +213,11 @@ class VmEnclave(RunningEnclave):
         if line == "R" and self.ready_at is None:
             self.ready_at = time.monotonic()
             self._ready.set()
-        elif line.startswith("X") and line[1:].lstrip("-").isdigit():
-            self.exit_code = int(line[1:])
+        elif line.startswith("X") and line[1:].isdigit() and len(line) <= 4:
+            self.exit_code = min(int(line[1:]), 255)  # the guest is not trusted with more than a byte
             self._ended.set()
         elif line.startswith("E"):
-            self.guest_error = line[1:][:300]
+            self.guest_error = "".join(c if c.isprintable() else "?" for c in line[1:301])
             self._ready.set()
             self._ended.set()
 
@@ -315,9 +315,13 @@ class VmBackend(Backend):
             kernel = vmimage.find_kernel(None)
         except CoveError as exc:
             return Availability(cls.name, cls.isolation, False, exc.line())
-        cached = _read_probe(kernel)
-        note = f"kernel {kernel.name}; " + (f"accelerator {cached}" if cached else "KVM probed at the first run")
-        return Availability(cls.name, cls.isolation, True, note)
+        forced = os.environ.get("COVE_VM_ACCEL")
+        cached = forced if forced in ("kvm", "tcg") else (
+            _known_accelerator() if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg")
+        isolation = {"kvm": KVM, "tcg": TCG}.get(cached or "", cls.isolation)
+        note = f"kernel {kernel.name}; " + ("KVM or TCG: probed at the first run" if cached is None
+                                            else "no usable /dev/kvm" if cached == "tcg" else "KVM boots it")
+        return Availability(cls.name, isolation, True, note)
 
     def __init__(self) -> None:
         self._prepared: tuple | None = None
@@ -379,17 +383,35 @@ def _platform_signer():
         return None, "none"
 
 
-def _probe_key(kernel: Path) -> str:
+def _qemu_key() -> str:
     st = os.stat(qemu())
-    return f"{vmimage.measure({'kernel': kernel.read_bytes()}).hex()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _read_probe(kernel: Path) -> str | None:
+def _probe_table() -> dict:
+    """The cached probe answers: "KERNEL_SHA256:QEMU_SIZE:QEMU_MTIME" -> "kvm" or "tcg"."""
     try:
-        cached = json.loads((_cache_dir() / "accel.json").read_text())
-        return cached.get(_probe_key(kernel))
-    except (OSError, ValueError, AttributeError, SetupError):
+        table = json.loads((_cache_dir() / "accel.json").read_text())
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_probe(kernel_digest: bytes) -> str | None:
+    try:
+        return _probe_table().get(f"{kernel_digest.hex()}:{_qemu_key()}")
+    except (OSError, SetupError):
         return None
+
+
+def _known_accelerator() -> str | None:
+    """What the probes of this QEMU found, if they all agree (for `cove info`; reads no kernel)."""
+    try:
+        suffix = ":" + _qemu_key()
+    except (OSError, SetupError):
+        return None
+    found = {v for k, v in _probe_table().items() if k.endswith(suffix)}
+    return found.pop() if len(found) == 1 else None
 
 
 def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) -> str:
@@ -399,7 +421,7 @@ def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) ->
         return forced
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
-    cached = _read_probe(kernel)
+    cached = _read_probe(bytes(description["kernel"]))
     if cached:
         return cached
     accel = "kvm" if probe(description, kernel, initrd, workdir, "kvm") else "tcg"
@@ -409,7 +431,7 @@ def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) ->
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    table[_probe_key(kernel)] = accel
+    table[f"{bytes(description['kernel']).hex()}:{_qemu_key()}"] = accel
     from cove.util import write_atomic
 
     write_atomic(path, json.dumps(table).encode())
