@@ -164,3 +164,17 @@ def test_not_running_and_direct_mode(cove, app, tmp_path):
     assert detached.returncode == 7
     direct = cove("run", "/bin/hello", cwd=app, env=env)  # runs without it
     assert direct.returncode == 0 and direct.stdout == "hello 1\n"
+
+
+def test_half_registered_enclave_is_dropped_at_restart(node, app):
+    """The daemon killed between writing a record and forking its supervisor: the next daemon drops it."""
+    from cove.daemon.registry import Registry
+
+    node.kill9()
+    Registry(node.root).create({"name": "half", "image": "x", "measurement": "", "signer": "", "backend": "sim",
+                                "program": "/bin/hello", "args": [], "instance": str(app), "restart": "no"})
+    node.start()
+    assert all(v["name"] != "half" for v in node.api("GET", "/v1/enclaves?all=1")[1])
+    node.cove.ok("run", "-d", "--name", "half", "/bin/hello", cwd=app)  # and its name is free again
+    assert node.until("half", "exited")["exit_code"] == 0
+    node.cove.ok("rm", "half")

@@ -202,16 +202,13 @@ class Registry:
         os.rename(enclave.folder, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def recover(self, supervisors: dict[str, int]) -> list[str]:
-        """At daemon start: drop half-made records and stale names; settle the dead. Returns removed ids.
-
-        ``supervisors`` maps enclave folders to the pids of supervisor processes found running.
-        """
+    def recover(self) -> list[str]:
+        """At daemon start: drop half-made records and stale names; settle the dead. Returns removed ids."""
         removed = []
         for entry in os.scandir(self.incoming):
             shutil.rmtree(entry.path, ignore_errors=True)
         for enclave in self.all():
-            if not enclave.state and str(enclave.folder) not in supervisors:
+            if not enclave.state:
                 self.remove(enclave)  # registered but never started: the daemon died in between
                 removed.append(enclave.id)
             else:

@@ -43,6 +43,7 @@ from cove.image.store import ImageStore
 DEFAULT_ROOT = "/var/lib/cove"
 MAX_BODY = 1 << 20
 START_TIMEOUT = 30.0
+RECOVER_GRACE = 2.0
 FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
 
 
@@ -82,6 +83,11 @@ def sandbox_init(supervisor: int) -> int | None:
     return None
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the spawner ends with the daemon
+
+
 def parse_signal(value) -> int:
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
         number = int(value)
@@ -119,17 +125,12 @@ class Daemon:
 
     def recover(self) -> None:
         """Find the enclaves of a previous daemon: keep the living, settle the dead, drop half-made ones."""
-        supervisors = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                        argv = handle.read().split(b"\0")
-                except OSError:
-                    continue
-                if b"cove.daemon.supervisor" in argv and len(argv) > 3:
-                    supervisors[argv[argv.index(b"cove.daemon.supervisor") + 1].decode()] = int(entry.name)
-        removed = self.registry.recover(supervisors)
+        # a supervisor writes its state first thing; a record still without one after a grace period
+        # was registered by a daemon that died before its supervisor was forked
+        while any(not e.state and time.time() - e.record.get("created", 0) < RECOVER_GRACE
+                  for e in self.registry.all()):
+            time.sleep(0.05)
+        removed = self.registry.recover()
         blobs, freed = self.store.collect()  # an import cut short leaves only tmp/ and unlinked blobs
         attestation.ensure_server(self.root)  # one /dev/attestation server for the node, kept across restarts
         running = [e.id for e in self.registry.all() if not e.ended]
@@ -203,18 +204,27 @@ class Daemon:
         self.events.emit("enclave", "start", enclave.id, name=enclave.name)
         return enclave.view()
 
+    def _spawner(self) -> subprocess.Popen:
+        """The pre-loaded process that forks supervisors (cove.daemon.spawner), started again if it died."""
+        spawner = getattr(self, "spawner_process", None)
+        if spawner is None or spawner.poll() is not None:
+            spawner = subprocess.Popen([sys.executable, "-m", "cove.daemon.spawner"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, close_fds=True, preexec_fn=_die_with_parent)
+            self.spawner_process = spawner
+        return spawner
+
     def spawn(self, enclave: Enclave) -> None:
-        """Start the supervisor (it forks away from the daemon) and wait until it has written its state."""
-        log_fd = os.open(enclave.log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            env = {k: v for k, v in os.environ.items()}
-            process = subprocess.Popen(
-                [sys.executable, "-m", "cove.daemon.supervisor", str(enclave.folder), str(self.store.path)],
-                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
-                close_fds=True, env=env)
-        finally:
-            os.close(log_fd)
-        process.wait()  # the supervisor forks and its first process leaves at once
+        """Have a supervisor forked for the enclave, and wait until it has written its state."""
+        with self.lock:
+            spawner = self._spawner()
+            try:
+                spawner.stdin.write(f"{enclave.folder}\t{self.store.path}\n".encode())
+                spawner.stdin.flush()
+            except BrokenPipeError:
+                spawner.kill()
+                spawner = self._spawner()
+                spawner.stdin.write(f"{enclave.folder}\t{self.store.path}\n".encode())
+                spawner.stdin.flush()
         deadline = time.monotonic() + START_TIMEOUT
         while not (enclave.folder / "state.json").exists():
             if time.monotonic() > deadline:
@@ -665,6 +675,7 @@ def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, ready=Non
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
     threading.Thread(target=watch, args=(daemon.registry, daemon.events, stopping), daemon=True).start()
+    daemon._spawner()  # pre-load now, not at the first start
     log("listening", socket=socket_path, root=str(root), version=__version__, pid=os.getpid())
     if ready is not None:
         ready()
