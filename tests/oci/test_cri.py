@@ -32,6 +32,8 @@ CRI_CONFIG = f'''
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cove]
       runtime_type = "io.containerd.runc.v2"
+      pod_annotations = ["cove.dev/*"]
+      container_annotations = ["cove.dev/*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cove.options]
         BinaryName = "{RUNTIME}"
 '''

@@ -273,3 +273,48 @@ def test_unmeasured_debug_annotation_runs_and_every_report_says_debug(bundle, tm
     assert report.debug is True
     assert runtime(root, "delete", "u").returncode == 0
     no_leftovers(root, "u")
+
+
+def test_cluster_memory_annotation_only_lowers_the_measured_limit(bundle, tmp_path):
+    root = tmp_path / "state"
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/sleep", "30"]
+    spec["annotations"] = {"cove.dev/enclave-memory-mib": "100", "cove.dev/kbs-url": "https://kbs.example:8080"}
+    write_spec(bundle, spec)  # the hello image has no [attestation]: the broker annotation does not concern it
+    assert runtime(root, "create", "--bundle", str(bundle), "mem").returncode == 0
+    pid = state(root, "mem")["pid"]
+    assert runtime(root, "start", "mem").returncode == 0
+    limits = []
+    for _ in range(200):
+        limits = [int((g / "memory.limit_in_bytes").read_text()) for g in cove_cgroups(pid)
+                  if (g / "memory.limit_in_bytes").exists()]
+        if limits:
+            break
+        time.sleep(0.05)
+    assert limits == [100 << 20]
+    assert runtime(root, "delete", "--force", "mem").returncode == 0
+    spec["annotations"] = {"cove.dev/enclave-memory-mib": "lots"}
+    write_spec(bundle, spec)
+    result = runtime(root, "create", "--bundle", str(bundle), "mem2")
+    assert result.returncode == 2 and "enclave-memory-mib" in one_line(result)
+    no_leftovers(root, "mem2")
+
+
+def test_a_cluster_broker_other_than_the_measured_one_is_refused(cove, tmp_path):
+    from tests.e2e.helpers import make_instance
+
+    app = make_instance(cove, tmp_path, name="brokered",
+                        extra='\n[attestation]\nkbs = "https://kbs.measured.example:8080"\n')
+    cove.ok("package", "--oci", "-o", str(tmp_path / "layout"), cwd=app)
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    manifest = json.loads((tmp_path / "layout" / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    folder = tmp_path / "bundle"
+    (folder / "rootfs").mkdir(parents=True)
+    with tarfile.open(tmp_path / "layout" / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]) as layer:
+        layer.extractall(folder / "rootfs", filter="tar")
+    spec = json.loads(json.dumps(SPEC))
+    spec["annotations"] = {"cove.dev/kbs-url": "https://kbs.elsewhere.example:8080"}
+    write_spec(folder, spec)
+    result = runtime(tmp_path / "state", "create", "--bundle", str(folder), "k")
+    assert result.returncode == 2 and "cove.dev/kbs-url" in one_line(result)
+    no_leftovers(tmp_path / "state", "k")

@@ -23,6 +23,7 @@ from cove.errors import CoveError, IntegrityError
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
 from cove.image.paths import resolve_in_image
+from cove.oci import DOMAIN
 from cove.oci import rootfs as rootfs_mod
 from cove.oci.spec import Bundle, BundleError
 from cove.runtime import launcher
@@ -66,6 +67,7 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
         if not bundle.unmeasured_debug:
             raise
         return _unmeasured(bundle, folder, exc)
+    verified = _cluster_settings(bundle, verified)
     config = verified.config
     process = bundle.process
     if encrypted is None:
@@ -80,6 +82,35 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
     return Prepared(bundle, verified, root, encrypted, folder / "signed" / "build", state_dir, program)
+
+
+def _cluster_settings(bundle: Bundle, verified: VerifiedBuild) -> VerifiedBuild:
+    """What Cove's Kubernetes pieces annotate (docs/formats/k8s-annotations.md), within the measurement.
+
+    The cluster may tighten the enclave's memory (cove.dev/enclave-memory-mib); it
+    cannot point a measured enclave at another key broker: a cove.dev/kbs-url
+    that differs from the measured [attestation] kbs is refused. An enclave
+    without [attestation] fetches nothing, so the broker annotations do not
+    concern it.
+    """
+    import dataclasses
+
+    notes = bundle.annotations
+    config = verified.config
+    url = notes.get(f"{DOMAIN}/kbs-url")
+    if url and config.attestation is not None and url != config.attestation.kbs:
+        raise BundleError(f"annotation {DOMAIN}/kbs-url {url} is not the enclave's measured key broker "
+                          f"{config.attestation.kbs}",
+                          "package the enclave with that broker in [attestation], or change the cluster's kbs settings")
+    memory = notes.get(f"{DOMAIN}/enclave-memory-mib")
+    if memory is not None:
+        if not memory.isdigit() or int(memory) == 0:
+            raise BundleError(f"annotation {DOMAIN}/enclave-memory-mib {memory!r} is not a number of MiB")
+        limit = int(memory) << 20
+        if limit < config.resources.memory:  # only ever lower than measured
+            resources = dataclasses.replace(config.resources, memory=limit)
+            verified = dataclasses.replace(verified, config=dataclasses.replace(config, resources=resources))
+    return verified
 
 
 def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
