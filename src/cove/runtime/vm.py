@@ -30,7 +30,6 @@ from pathlib import Path
 from cove.config import parse_size
 from cove.errors import CoveError, SetupError
 from cove.image import vmimage
-from cove.platform.reports import EnclaveClaims
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 
 NAME = "vm"
@@ -168,6 +167,8 @@ class VmEnclave(RunningEnclave):
             thread.start()
         threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
         if signer is not None:
+            from cove.platform.reports import EnclaveClaims  # only vm runs pay for this import
+
             claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
                                    spec.identity.svn, spec.identity.debug, NAME, isolation, spec.instance_id)
             for port, make in (("cove.quote", signer.evidence), ("cove.report", signer.signed_report)):
