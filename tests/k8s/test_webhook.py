@@ -143,6 +143,15 @@ def test_opted_in_pod_reaching_around_the_enclave_is_refused(hook, case, endpoin
     assert response["status"]["code"] == 403 and "Cove refuses" in response["status"]["message"]
 
 
+@pytest.mark.parametrize("key", ["cove.dev/enclave-slots", "cove.dev/enclave-memory-mib", "cove.dev/platform"])
+def test_forged_device_plugin_annotations_are_refused(hook, key):
+    forged = pod("annotation")
+    forged["metadata"]["annotations"][key] = "tpm"
+    for endpoint in ("/mutate", "/validate"):
+        response = post(hook, review(forged), endpoint)
+        assert not response["allowed"] and key in response["status"]["message"]
+
+
 def test_unrelated_host_path_is_allowed(hook):
     original = pod(volumes=[{"name": "data", "hostPath": {"path": "/srv/data"}}])
     assert apply(original, post(hook, review(original)))["spec"]["runtimeClassName"] == "cove"

@@ -35,6 +35,8 @@ PROTECTED_PATHS = ("/run/cove", "/var/lib/cove", "/etc/cove", "/dev/attestation"
 KBS_KEYS = {"url": "kbs-url", "ca": "kbs-ca", "policy": "kbs-policy", "timeout": "kbs-timeout",
             "retries": "kbs-retries", "resource_prefix": "kbs-resource-prefix"}
 CONTAINER_KINDS = ("initContainers", "containers", "ephemeralContainers")
+# Annotations only the device plugin's Allocate writes (the runtime trusts them): a pod may not forge them.
+RESERVED_ANNOTATIONS = (f"{DOMAIN}/enclave-slots", f"{DOMAIN}/enclave-memory-mib", f"{DOMAIN}/platform")
 
 
 class BadReview(ValueError):
@@ -117,6 +119,10 @@ def refusals(pod: dict) -> list[str]:
             added = ((context.get("capabilities") or {}).get("add")) or []
             if added:
                 why.append(f"container {name!r} adds capabilities {sorted(map(str, added))}")
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    for key in RESERVED_ANNOTATIONS:
+        if key in annotations:
+            why.append(f"annotation {key} is the device plugin's to set")
     for volume in spec.get("volumes") or []:
         host = volume.get("hostPath")
         if host is not None:
