@@ -202,8 +202,12 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
 def run(prepared: Prepared) -> int:
     """Launch the enclave (in the container's process, after `start`); its exit code."""
     bundle = prepared.bundle
-    os.environ.clear()
-    os.environ.update(bundle.process.env)  # only [env] passthrough names reach the enclave
+    # Cove's services keep the runtime's own environment; the bundle's values reach the enclave only
+    # for [env] passthrough names, and never as COVE_* settings of the runtime itself.
+    for name in prepared.verified.config.env.passthrough:
+        os.environ.pop(name, None)
+        if name in bundle.process.env and not name.startswith("COVE_"):
+            os.environ[name] = bundle.process.env[name]
     os.environ["COVE_RUNTIME_DIR"] = str(prepared.state_dir.parent)  # its workdirs go where delete looks
     for kind, soft, hard in bundle.process.rlimits:
         try:
