@@ -28,7 +28,7 @@ from tests.e2e.helpers import make_instance, set_option
 from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
 
 SCRIPT = ("echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
-          "echo err >&2; exit 7")
+          "echo err >&2; sleep 600 >/dev/null 2>&1 & exit 7")  # a child left behind ends with the enclave
 SCRATCH = '\n[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\noptions = { size = "8M", mode = "1777" }\n'
 
 

@@ -341,7 +341,10 @@ static int namespace_init(struct request *r, int in, int out, int err) {
         pid_t done = waitpid(-1, &status, 0);
         if (done < 0 && errno == EINTR) continue;
         if (done < 0) break;
-        if (done == pid) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        if (done == pid) {  /* as on sim: the enclave ends with its program; leaving kills the rest */
+            code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            break;
+        }
     }
     return code;
 }
