@@ -199,6 +199,31 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
             os._exit(code & 0xFF)
 
 
+NODE_ROOT = "/var/lib/cove"  # the node service's --root (COVE_NODE_ROOT in the runtime's environment)
+PER_RUN_ATTESTATION, NODE_ATTESTATION = "cove.platform.service:services", "cove.daemon.attestation:services"
+
+
+def _node_attestation() -> bool:
+    """Serve /dev/attestation from the node service's server when it runs, as its supervisors do.
+
+    One process that already holds the platform key answers for every
+    enclave, instead of a server started (and the key loaded) per container.
+    Without a node service the container gets its own server, as `cove run`.
+    """
+    from cove.daemon import attestation
+    from cove.runtime import services as services_mod
+
+    control = Path(os.environ.get("COVE_NODE_ROOT") or NODE_ROOT) / "attestation.sock"
+    try:
+        if not attestation.request(str(control), {"op": "status"}, timeout=5).get("ok"):
+            return False
+    except (OSError, ValueError):
+        return False
+    attestation.CONTROL = str(control)
+    services_mod.FACTORIES[:] = [NODE_ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
+    return True
+
+
 def run(prepared: Prepared) -> int:
     """Launch the enclave (in the container's process, after `start`); its exit code."""
     bundle = prepared.bundle
@@ -214,6 +239,7 @@ def run(prepared: Prepared) -> int:
             resource.setrlimit(getattr(resource, kind), (soft, hard))  # measured [resources] apply on top
         except (ValueError, OSError, AttributeError):
             raise BundleError(f"config.json: process.rlimits {kind} {soft}:{hard} cannot be set") from None
+    _node_attestation()
     request = launcher.RunRequest(prepared.program, tuple(bundle.process.args[1:]))
     if prepared.encrypted is None:
         return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
