@@ -49,11 +49,15 @@ class Node:
         self.cove.env["COVE_DAEMON_SOCKET"] = self.socket
         self.cove.env["COVE_PLATFORM_DIR"] = str(base / "platform")  # a self-certified platform of its own
         self.process: subprocess.Popen | None = None
+        with socket.socket() as probe:  # a free port for the metrics
+            probe.bind(("127.0.0.1", 0))
+            self.metrics = f"127.0.0.1:{probe.getsockname()[1]}"
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([COVE, "daemon", "--root", str(self.root), "--socket", self.socket,
-                                             "--group", GROUP], stdout=log, stderr=log, env=self.cove.env)
+                                             "--group", GROUP, "--metrics", self.metrics], stdout=log, stderr=log,
+                                            env=self.cove.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -71,6 +71,15 @@ def test_two_enclaves_cannot_speak_for_each_other(node, pair):
         assert lines[-1] == "end"
     for ident in ids:
         c.ok("rm", ident)
+    assert _scraped(node, "ok") >= 2  # the reports, counted by the node's server
+
+
+def _scraped(node, outcome: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10).read().decode()
+    prefix = f'cove_attestation_requests_total{{outcome="{outcome}"}} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def test_another_pid_namespace_is_refused(node, pair):

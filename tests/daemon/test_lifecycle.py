@@ -178,3 +178,17 @@ def test_half_registered_enclave_is_dropped_at_restart(node, app):
     node.cove.ok("run", "-d", "--name", "half", "/bin/hello", cwd=app)  # and its name is free again
     assert node.until("half", "exited")["exit_code"] == 0
     node.cove.ok("rm", "half")
+
+
+def test_metrics(node, app):
+    import urllib.request
+
+    node.cove.ok("run", "-d", "--name", "measured", "/bin/hello", "30", cwd=app)
+    node.until("measured", "running")
+    time.sleep(1)
+    text = urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10).read().decode()
+    assert 'cove_enclaves{backend="sim",state="running"}' in text
+    assert "cove_enclave_starts_total" in text and "cove_enclave_start_seconds_bucket" in text
+    assert 'cove_enclave_memory_bytes{id="' in text and "cove_store_bytes" in text
+    assert "cove_attestation_requests" in text
+    node.cove.ok("rm", "-f", "measured")

@@ -16,11 +16,13 @@ from cove.daemon.client import GROUP, socket_path
 @click.option("--socket", "socket", help="The API's unix socket (default $COVE_DAEMON_SOCKET or "
                                           "/run/cove/cove.sock).")
 @click.option("--group", default=GROUP, show_default=True, help="The group allowed to use the socket besides root.")
-def daemon(root: Path, socket: str | None, group: str) -> int:
+@click.option("--metrics", metavar="ADDRESS:PORT",
+              help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 (off by default).")
+def daemon(root: Path, socket: str | None, group: str, metrics: str | None) -> int:
     """Run the node service: image store, enclaves that outlive it, /dev/attestation (docs/node.md)."""
     from cove.daemon import server
 
-    return server.serve(root.resolve(), socket or socket_path(), group)
+    return server.serve(root.resolve(), socket or socket_path(), group, metrics)
 
 
 COMMANDS = (daemon,)

@@ -136,6 +136,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             self.next_index = 1
             self.next_fh = 1
             self.started = time.time_ns()
+            self.requests: dict[str, int] = {}  # quote and report reads by outcome (metrics)
 
         # registrations, from the control thread (single assignments: safe beside the FUSE loop)
         def register(self, name: str, identity: dict, owner: int) -> dict:
@@ -245,8 +246,21 @@ def serve(mountpoint: Path, control: Path) -> int:
             return None
 
         async def open(self, inode, flags, ctx):
-            slot, local = self._slot(inode, ctx)
-            info = await slot.fs.open(local, flags, ctx)
+            try:
+                slot, local = self._slot(inode, ctx)
+            except pyfuse3.FUSEError:
+                self.requests["refused"] = self.requests.get("refused", 0) + 1
+                raise
+            node = slot.fs.nodes.get(local)
+            counted = node is not None and node.name in (b"quote", b"report")
+            try:
+                info = await slot.fs.open(local, flags, ctx)
+            except pyfuse3.FUSEError:
+                if counted:
+                    self.requests["error"] = self.requests.get("error", 0) + 1
+                raise
+            if counted:
+                self.requests["ok"] = self.requests.get("ok", 0) + 1
             fh = self.next_fh
             self.next_fh += 1
             self.handles[fh] = (slot.index, info.fh)
@@ -337,7 +351,8 @@ def serve(mountpoint: Path, control: Path) -> int:
                     elif op == "unregister":
                         answer = fs.unregister(str(message["instance_id"]))
                     elif op == "status":
-                        answer = {"ok": True, "enclaves": len(fs.slots), "pid": os.getpid(), "none": why_none}
+                        answer = {"ok": True, "enclaves": len(fs.slots), "pid": os.getpid(), "none": why_none,
+                                  "requests": dict(fs.requests)}
                     else:
                         answer = {"ok": False, "error": "unknown op"}
                     fs.reap()

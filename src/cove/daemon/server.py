@@ -120,6 +120,7 @@ class Daemon:
         self.group = group
         self.events = Events()
         self.lock = threading.Lock()
+        self.metrics = None  # cove.daemon.metrics.Metrics when --metrics is given
 
     # -- start-up
 
@@ -157,6 +158,15 @@ class Daemon:
     # -- enclaves
 
     def create(self, body: dict, uid: int) -> dict:
+        try:
+            return self._create(body, uid)
+        except (Problem, CoveError) as exc:
+            if self.metrics is not None:
+                kind = exc.kind if isinstance(exc, Problem) else type(exc).__name__
+                self.metrics.failures.labels(kind).inc()
+            raise
+
+    def _create(self, body: dict, uid: int) -> dict:
         instance = Path(_field(body, "instance", str))
         program = _field(body, "program", str)
         args = _field(body, "args", list, [])
@@ -201,6 +211,9 @@ class Daemon:
         enclave = self.registry.load(enclave.id)
         log("enclave_started", id=enclave.id, name=enclave.name, image=image.id,
             seconds=round(time.monotonic() - started, 3))
+        if self.metrics is not None:
+            self.metrics.starts.labels(record["backend"]).inc()
+            self.metrics.latency.observe(time.monotonic() - started)
         self.events.emit("enclave", "start", enclave.id, name=enclave.name)
         return enclave.view()
 
@@ -656,13 +669,22 @@ def bind(path: str, gid: int | None) -> UnixServer:
     return server
 
 
-def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, ready=None) -> int:
+def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, metrics: str | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; enclaves go on without it."""
     if os.geteuid() != 0:
         raise CoveError("cove daemon runs as root (it owns the image store and starts enclaves for others)",
                         "start it with sudo or as the systemd unit scripts/setup installs")
     daemon = Daemon(root, socket_path, group)
     daemon.recover()
+    if metrics:
+        from cove.daemon.metrics import Metrics
+
+        daemon.metrics = Metrics(daemon)
+        try:
+            daemon.metrics.serve(metrics)
+        except (OSError, ValueError) as exc:
+            raise CoveError(f"--metrics {metrics}: cannot listen there ({exc})", "give a free ADDRESS:PORT") from None
+        log("metrics", address=metrics)
     Handler.daemon = daemon
     server = bind(socket_path, daemon.gid)
     stopping = threading.Event()
@@ -677,8 +699,6 @@ def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, ready=Non
     threading.Thread(target=watch, args=(daemon.registry, daemon.events, stopping), daemon=True).start()
     daemon._spawner()  # pre-load now, not at the first start
     log("listening", socket=socket_path, root=str(root), version=__version__, pid=os.getpid())
-    if ready is not None:
-        ready()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
