@@ -4,11 +4,13 @@ Builds a small image (a static C hello, packaged with `cove package --oci`),
 loads it into Podman and into a private containerd, then times
 `podman run --rm IMAGE /hello` and `ctr run --rm IMAGE ID /hello` with
 `--runtime`/`--runc-binary` set to cove-runtime and to runc, interleaved.
+By default a private node service (`cove daemon`) runs, so containers get
+/dev/attestation from its one server (--no-node-service: a server per container).
 Prints medians, Cove's overhead in ms and the ratio (this machine kind:
 cgroups v1 hybrid, so Podman runs with --cgroup-manager=cgroupfs and
 1024:1024 nofile/nproc ulimits).
 
-    .venv/bin/python bench/oci.py [--runs 10]
+    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service]
 """
 
 from __future__ import annotations
@@ -71,13 +73,25 @@ def report(title: str, figures: dict[str, float]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-node-service", dest="node_service", action="store_false",
+                        help="without the node service: each container starts its own /dev/attestation server")
     args = parser.parse_args()
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
     env = dict(os.environ, HOME=str(work), XDG_CONFIG_HOME=str(work))
     containerd = None
+    node = None
     try:
         tar = build_image(work, env)
+        if args.node_service:  # /dev/attestation from the node's one server, not a server per container
+            (work / "node").mkdir(mode=0o700)
+            node = subprocess.Popen([COVE, "daemon", "--root", str(work / "node"), "--socket", str(work / "d.sock")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(600):
+                if (work / "node" / "attestation.sock").exists():
+                    break
+                time.sleep(0.05)
+            os.environ["COVE_NODE_ROOT"] = str(work / "node")  # engines hand their environment to the runtime
         run([*PODMAN, "load", "-i", str(tar)])
         podman = {name: [*PODMAN, "run", "--rm", "--runtime", binary, *ULIMITS, IMAGE, "/hello"]
                   for name, binary in (("runc", runc), ("cove-runtime", RUNTIME))}
@@ -102,6 +116,10 @@ def main() -> int:
         report("ctr run --rm", median_ms(ctr_commands, args.runs))
     finally:
         subprocess.run([*PODMAN, "rmi", "-f", IMAGE], capture_output=True)
+        if node is not None:
+            node.terminate()
+            node.wait(timeout=30)
+            _stop_node_attestation(work / "node")
         if containerd is not None:
             containerd.terminate()
             containerd.wait(timeout=30)
@@ -109,6 +127,17 @@ def main() -> int:
             subprocess.run(["umount", "-R", "-l", str(work / "ctd-root")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _stop_node_attestation(root: Path) -> None:
+    """The node's attestation server outlives the daemon by design; this run's own is stopped here."""
+    from cove.daemon import attestation
+
+    try:
+        pid = attestation.request(str(root / "attestation.sock"), {"op": "status"}, timeout=5)["pid"]
+        os.kill(pid, 15)
+    except (OSError, ValueError, KeyError):
+        pass
 
 
 if __name__ == "__main__":
