@@ -91,10 +91,12 @@ def main() -> int:
                 if (work / "node" / "attestation.sock").exists():
                     break
                 time.sleep(0.05)
-            os.environ["COVE_NODE_ROOT"] = str(work / "node")  # engines hand their environment to the runtime
+            os.environ["COVE_NODE_ROOT"] = str(work / "node")  # containerd hands its environment to the runtime
         run([*PODMAN, "load", "-i", str(tar)])
-        podman = {name: [*PODMAN, "run", "--rm", "--runtime", binary, *ULIMITS, IMAGE, "/hello"]
-                  for name, binary in (("runc", runc), ("cove-runtime", RUNTIME))}
+        node_flag = ["--runtime-flag", f"node-root={work / 'node'}"] if node is not None else []
+        podman = {"runc": [*PODMAN, "run", "--rm", "--runtime", runc, *ULIMITS, IMAGE, "/hello"],
+                  "cove-runtime": [*PODMAN, "run", "--rm", "--runtime", RUNTIME, *node_flag, *ULIMITS, IMAGE,
+                                   "/hello"]}
         report("podman run --rm", median_ms(podman, args.runs))
         sock = work / "containerd.sock"
         log = open(work / "containerd.log", "w")

@@ -12,6 +12,7 @@ import pytest
 
 from cove.daemon import attestation
 from tests.oci.conftest import RUNTIME
+from tests.oci.test_engines import IMAGE, RUN_OPTIONS, loaded, podman  # noqa: F401
 from tests.oci.test_runtime import SPEC, bundle, state, wait_stopped, write_spec  # noqa: F401
 
 
@@ -47,3 +48,12 @@ def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):  # 
     after = attestation.request(control, {"op": "status"})["requests"]
     assert after != before  # the node's server answered, not one of the container's own
     assert subprocess.run([RUNTIME, "--root", str(root), "delete", "n"], env=env).returncode == 0
+
+
+def test_podman_passes_the_node_root_as_a_runtime_flag(node_root, loaded):  # noqa: F811
+    control = str(node_root / "attestation.sock")
+    before = attestation.request(control, {"op": "status"})["requests"]
+    result = podman("run", "--rm", *RUN_OPTIONS, "--runtime-flag", f"node-root={node_root}", IMAGE,
+                    "/bin/sh", "-c", "cat /dev/attestation/report | head -c 1 > /dev/null")
+    assert result.returncode == 0, result.stderr
+    assert attestation.request(control, {"op": "status"})["requests"] != before

@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--systemd-cgroup", action="store_true")  # engines pass it; cgroups are Cove's own
     top.add_argument("--rootless", default=None)
     top.add_argument("--version", "-v", action="store_true")
+    top.add_argument("--node-root", help="the node service's --root, for /dev/attestation (default "
+                                         "$COVE_NODE_ROOT or /var/lib/cove); podman: --runtime-flag node-root=DIR")
     sub = top.add_subparsers(dest="command", parser_class=_Parser)
     create = sub.add_parser("create")
     create.add_argument("--bundle", "-b", default=".")
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.version:
             print(f"cove-runtime version {__version__}\nspec: {SPEC_VERSION}")
             return 0
+        if args.node_root:
+            os.environ["COVE_NODE_ROOT"] = args.node_root  # read by cove.oci.launch in the container's process
         if not args.command:
             raise CoveError("a command is needed", "create, start, state, kill, delete or features")
         return COMMANDS[args.command](args)
