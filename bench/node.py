@@ -1,0 +1,175 @@
+"""The node service (`cove daemon`): start cost with and without it, `cove ps`, quotes under load, scale.
+
+Everything is measured in one run beside bare bwrap on the same images:
+`cove run` of the static hello through a private daemon for a 0.8 MB image
+and a ≥ 500 MB one (its first import reported apart, in MB/s), `cove run`
+without the daemon, `cove ps` end to end, the p99 latency of
+/dev/attestation/quote with 50 enclaves reading at once, and 200 enclaves
+(a sleep each) running together with the daemon's RSS and `cove ps`.
+
+    .venv/bin/python bench/node.py [--runs 15] [--big-mb 520] [--quoters 50] [--many 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import COVE, HELLO, ROOT, bare_bwrap, timed  # noqa: E402 - the same helpers and hello
+
+
+def run(*args: str, cwd: Path | None = None, env: dict, check: bool = True) -> str:
+    return subprocess.run([COVE, *args], cwd=cwd, env=env, check=check, capture_output=True, text=True).stdout
+
+
+def make(work: Path, name: str, env: dict, files: dict[str, Path], extra_mb: int = 0) -> Path:
+    run("new", name, cwd=work, env=env)
+    root = work / name
+    for target, source in files.items():
+        run("add", "--no-deps", "--to", target, str(source), cwd=root, env=env)
+    if extra_mb:
+        with open(root / "image" / "payload.bin", "wb") as handle:
+            for _ in range(extra_mb):
+                handle.write(os.urandom(1 << 20))
+    run("build", cwd=root, env=env)
+    return root
+
+
+def size_mb(root: Path) -> float:
+    return sum(p.stat().st_size for p in (root / "image").rglob("*") if p.is_file() and not p.is_symlink()) / 1e6
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--big-mb", type=int, default=520, help="size of the large image's payload")
+    parser.add_argument("--quoters", type=int, default=50)
+    parser.add_argument("--quotes", type=int, default=40, help="quote reads per enclave")
+    parser.add_argument("--many", type=int, default=200)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cove-bench-node-"))
+    sock = str(work / "d.sock")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"),
+               COVE_DAEMON_SOCKET=sock)
+    direct = dict(env, COVE_NO_DAEMON="1")
+    daemon = None
+    try:
+        (work / "hello.c").write_text(HELLO)
+        hello = work / "hello"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(hello), str(work / "hello.c")], check=True)
+        probe = work / "attest_probe"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
+                       check=True)
+        small = make(work, "small", env, {"/bin": hello})
+        big = make(work, "big", env, {"/bin": hello}, args.big_mb)
+        quoter = make(work, "quoter", env, {"/bin": probe})
+        run("add", "/bin/sh", "/bin/sleep", cwd=quoter, env=env)
+        run("build", cwd=quoter, env=env)
+        daemon = subprocess.Popen([COVE, "daemon", "--root", str(work / "root"), "--socket", sock], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
+        while subprocess.run([COVE, "ps"], env=env, capture_output=True).returncode != 0:
+            time.sleep(0.1)
+        print(f"runs per figure: {args.runs} (median); {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
+
+        for label, root in (("0.8 MB", small), (f"{size_mb(big):.0f} MB", big)):
+            if root is big:
+                started = time.perf_counter()
+                run("-C", str(root), "run", "/bin/hello", env=env)  # the first run imports
+                seconds = time.perf_counter() - started
+                print(f"{label} image: first cove run with the daemon (import + run) {seconds * 1000:.0f} ms, "
+                      f"import hashing and storing at about {size_mb(big) / seconds:.0f} MB/s")
+            bwrap = timed(bare_bwrap(root / "image"), args.runs)
+            via = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, env)
+            alone = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, direct)
+            print(f"{label} image: bare bwrap {bwrap:.1f} ms; cove run with the daemon {via:.1f} ms "
+                  f"(overhead {via - bwrap:.1f} ms, x{via / bwrap:.1f}); without it {alone:.1f} ms "
+                  f"(overhead {alone - bwrap:.1f} ms, x{alone / bwrap:.1f})")
+        ps_ms = timed([COVE, "ps"], args.runs, env)
+        thin = timed([sys.executable, "-c", "from cove.daemon.client import Client; Client().call('GET', '/enclaves')"],
+                     args.runs, env)
+        python = timed([sys.executable, "-c", "pass"], args.runs, env)
+        print(f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; python -c pass {python:.1f} ms)")
+
+        # 50 enclaves reading quotes at once: each sleeps until a common moment, then reads
+        target = time.time() + 1.2 * args.quoters + 5
+        ids = []
+        for _ in range(args.quoters):
+            delay = max(0.0, target - time.time())
+            script = f"sleep {delay:.2f}; /bin/attest_probe bench {args.quotes} 00ff"
+            ids.append(run("-C", str(quoter), "run", "-d", "/bin/sh", "-c", script, env=env).strip())
+        late = time.time() - target
+        latencies: list[float] = []
+        for ident in ids:
+            run("wait", ident, env=env)
+            for line in run("logs", ident, env=env).split():
+                if line.isdigit():
+                    latencies.append(int(line) / 1000)
+            run("rm", ident, env=env)
+        if late > 0:
+            print(f"(the last of the {args.quoters} enclaves started {late:.1f} s after the common moment)")
+        print(f"/dev/attestation/quote with {args.quoters} enclaves reading at once: {len(latencies)} reads, "
+              f"median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms")
+
+        # 200 enclaves at once
+        started = time.perf_counter()
+        many: list[str] = []
+        sleeper = make(work, "sleeper", env, {"/bin": hello})
+        run("add", "/bin/sleep", cwd=sleeper, env=env)
+        run("build", cwd=sleeper, env=env)
+        for _ in range(args.many):
+            many.append(run("-C", str(sleeper), "run", "-d", "/bin/sleep", "3600", env=env).strip())
+        start_s = time.perf_counter() - started
+        views = json.loads(run("ps", "--json", env=env))
+        running = sum(1 for v in views if v["state"] == "running")
+        ps_many = timed([COVE, "ps"], args.runs, env)
+        server = json.loads(subprocess.run([sys.executable, "-c", (
+            "import json, sys; from cove.daemon.attestation import request; "
+            "print(json.dumps(request(sys.argv[1], {'op': 'status'})))"), str(work / "root" / "attestation.sock")],
+            capture_output=True, text=True, check=True).stdout)
+        print(f"{args.many} enclaves started in {start_s:.0f} s; {running} running at once; daemon RSS "
+              f"{rss_mb(daemon.pid):.1f} MB; attestation server RSS {rss_mb(server['pid']):.1f} MB; "
+              f"cove ps {ps_many:.1f} ms")
+        for ident in many:
+            subprocess.run([COVE, "rm", "-f", ident], env=env, capture_output=True)
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait()
+        for folder in (work / "root" / "enclaves").glob("*") if (work / "root").exists() else []:
+            try:
+                os.kill(json.loads((folder / "state.json").read_text())["pid"], signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+        try:
+            from cove.daemon.attestation import request
+            os.kill(request(str(work / "root" / "attestation.sock"), {"op": "status"})["pid"], signal.SIGTERM)
+            time.sleep(0.5)
+        except (OSError, ValueError, KeyError):
+            subprocess.run(["fusermount3", "-u", "-z", str(work / "root" / "attestation")], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
