@@ -192,3 +192,25 @@ def test_metrics(node, app):
     assert 'cove_enclave_memory_bytes{id="' in text and "cove_store_bytes" in text
     assert "cove_attestation_requests" in text
     node.cove.ok("rm", "-f", "measured")
+
+
+def test_passthrough_environment_both_ways(node, tmp_path):
+    """Only [env] passthrough names reach the enclave, and never the supervisor's own environment."""
+    from tests.e2e.helpers import set_option
+
+    c = node.cove
+    c.ok("new", "envy", cwd=tmp_path)
+    root = tmp_path / "envy"
+    c.ok("add", "/bin/sh", cwd=root)
+    set_option(root / "cove.toml", "env", "passthrough", '["GREETING"]')
+    c.ok("build", cwd=root)
+    env = {"GREETING": "hi", "LD_PRELOAD": "/nonexistent.so", "OTHER": "x"}
+    script = 'echo "$GREETING|$LD_PRELOAD|$OTHER"'
+    via = c.ok("run", "/bin/sh", "-c", script, cwd=root, env=env).stdout
+    alone = c.ok("run", "/bin/sh", "-c", script, cwd=root, env=dict(env, COVE_NO_DAEMON="1")).stdout
+    assert via == alone == "hi||\n"
+    ident = c.ok("run", "-d", "/bin/sh", "-c", script, cwd=root, env=env).stdout.strip()
+    node.until(ident, "exited")
+    record = json.loads((node.root / "enclaves" / ident / "record.json").read_text())
+    assert record["env"] == {"GREETING": "hi"}
+    c.ok("rm", ident)

@@ -197,10 +197,14 @@ class Daemon:
             log("image_imported", image=image.id, files=image.files, bytes=image.bytes,
                 seconds=round(time.monotonic() - started, 3))
             self.events.emit("image", "import", image.id, name=image.name)
-        passthrough = {k: v for k, v in env.items() if isinstance(k, str) and isinstance(v, str)}
+        allowed = set(self.store.verified(image).config.env.passthrough)
+        passthrough = {k: v for k, v in env.items() if k in allowed and isinstance(v, str)}
+        # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
+        # never written by root (a symbolic link there could point anywhere): its state stays in the node
+        state_dir = str(instance / "run") if uid == 0 else None
         record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
                   "backend": backend or "sim", "program": program, "args": args, "instance": str(instance),
-                  "state_dir": str(instance / "run"), "restart": restart, "env": passthrough, "uid": uid}
+                  "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid}
         enclave = self.registry.create(record)
         self.events.emit("enclave", "create", enclave.id, name=enclave.name)
         try:

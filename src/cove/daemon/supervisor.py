@@ -73,11 +73,13 @@ class Supervisor:
             verified = self.store.verified(image)
             if verified.measurement.hex() != self.record["measurement"]:
                 raise IntegrityError("the stored image no longer has the measurement it was started with")
+            # the client's values of [env] passthrough names reach the enclave only, never this root process
             request = launcher.RunRequest(self.record["program"], tuple(self.record["args"]),
-                                          self.record.get("backend"))
+                                          self.record.get("backend"), host_env=dict(self.record.get("env", {})))
+            state_dir = Path(self.record["state_dir"]) if self.record.get("state_dir") else self.folder / "state"
             self.save(state="running", started=time.time(), finished=None, exit_code=None, error=None)
-            return launcher.run_verified(verified, image.root, request, Path(self.record["state_dir"]),
-                                         build_dir=image.build, stored=True)
+            return launcher.run_verified(verified, image.root, request, state_dir, build_dir=image.build,
+                                         stored=True)
         except CoveError as exc:
             self.save(error=exc.line())
             return int(exc.exit_code)
@@ -88,8 +90,6 @@ class Supervisor:
     def run(self) -> int:
         # /dev/attestation from the node's one server, not a server process per run
         services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
-        for name, value in self.record.get("env", {}).items():
-            os.environ[name] = value  # the client's values of [env] passthrough names, as `cove run` has them
         def stop(_signum, _frame):
             self.stopping = True
         signal.signal(signal.SIGTERM, stop)

@@ -46,6 +46,7 @@ class RunRequest:
     debug_shell: bool = False
     expected_signer: bytes | None = None
     state_dir: Path | None = None  # default: instance/run, or ~/.local/state/cove/NAME for a package
+    host_env: dict[str, str] | None = None  # where [env] passthrough values come from (default: os.environ)
 
 
 def runtime_dir() -> Path:
@@ -259,7 +260,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
             uid, gid = resolve_user(verified.config.process.user, root)
             spec = LaunchSpec(identity=identity, config=verified.config, root=root,
                               argv=(program, *request.args),
-                              env={**build_environment(verified.config), **service_env},
+                              env={**build_environment(verified.config, request.host_env), **service_env},
                               uid=uid, gid=gid, instance_id=instance_id,
                               interactive=request.debug_shell, binds=tuple(binds),
                               build_dir=build_dir, launch=verified.manifest.launch, workdir=workdir)
