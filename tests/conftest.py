@@ -10,6 +10,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,12 @@ class Cove:
         self.env["XDG_CONFIG_HOME"] = str(home)
         self.env["HOME"] = str(home)
         self.prefix: list[str] = []  # e.g. setpriv, to run cove as another user
+        self.command = COVE
 
     def __call__(self, *args: str, cwd: Path | None = None, input: str | None = None,
                  timeout: float = 120, env: dict | None = None) -> Result:
         full_env = dict(self.env, **(env or {}))
-        proc = subprocess.run([*self.prefix, COVE, *map(str, args)], cwd=cwd, input=input, capture_output=True,
+        proc = subprocess.run([*self.prefix, self.command, *map(str, args)], cwd=cwd, input=input, capture_output=True,
                               text=True, timeout=timeout, env=full_env)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -58,7 +60,7 @@ class Cove:
         return result
 
     def popen_args(self, *args: str) -> list[str]:
-        return [*self.prefix, COVE, *map(str, args)]
+        return [*self.prefix, self.command, *map(str, args)]
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.popen_args(*args), env=self.env, **kwargs)
@@ -88,7 +90,10 @@ def user_cove() -> Cove:
     """`cove` run as an unprivileged account (cove-test, made here if missing), in a folder it owns.
 
     Its ``workdir`` holds instances and a copy of the probe; the checkout and
-    its venv must be readable by every user (clone it outside /root).
+    its venv must be readable by every user (clone it outside /root). When
+    the venv's interpreter is not (a venv made from a Python under /root, as
+    pyenv makes), the account runs the same installed code through a venv of
+    Debian's Python of the same version (see _shim).
     """
     if os.geteuid() == 0:
         require("useradd")
@@ -112,16 +117,42 @@ def user_cove() -> Cove:
     runner.prefix = prefix
     runner.workdir = base
     runner.uid, runner.gid = uid, gid
-    # cove starts Python again for its services: the interpreter must be reachable too (a venv made
-    # from a Python under /root is not)
-    check = subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', sys.executable],
-                           capture_output=True, text=True, cwd=base)
+    # cove starts Python again for its services: the interpreter must be reachable too
+    if not _runs(prefix, sys.executable, base) and (shim := _shim(base)) is not None:
+        runner.command = str(shim / "bin" / "cove")
+    check = subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"',
+                            str(Path(runner.command).parent / "python")], capture_output=True, text=True, cwd=base)
     if check.returncode != 0:
-        pytest.fail(f"{TEST_USER} cannot run {sys.executable} ({check.stderr.strip()[:200]}): make the "
+        pytest.fail(f"{TEST_USER} cannot run {runner.command} ({check.stderr.strip()[:200]}): make the "
                     "checkout and the venv's Python readable by every user (e.g. clone outside /root and "
                     "make .venv from /usr/bin/python3), then run scripts/setup", pytrace=False)
     yield runner
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _runs(prefix: list[str], python: str, cwd: Path) -> bool:
+    """Whether python can be started (from a shell, as the account: not just the first exec)."""
+    return subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', python],
+                          capture_output=True, cwd=cwd).returncode == 0
+
+
+def _shim(base: Path) -> Path | None:
+    """A venv of Debian's Python of this version on this venv's site-packages, or None."""
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system.exists():
+        return None
+    venv = base / "venv"
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    site_dir = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    (site_dir / "cove-tests.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    script = venv / "bin" / "cove"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom cove.cli import run_main\n"
+                      "sys.exit(run_main())\n")
+    script.chmod(0o755)
+    return venv
 
 
 @pytest.fixture(scope="module", params=["root", "user"])
