@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,34 @@ def hello(tmp_path_factory) -> Path:
     return out
 
 
+CONNECT = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(int argc, char **argv) {  /* connect ADDRESS PORT: print what the peer sends first */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    inet_pton(AF_INET, argv[1], &a.sin_addr);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { printf("denied %s\n", strerror(errno)); return 1; }
+    char buf[64] = {0};
+    printf("connected %s\n", read(fd, buf, sizeof buf - 1) > 0 ? buf : "");
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def connect(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("connect")
+    (folder / "connect.c").write_text(CONNECT)
+    subprocess.run(["gcc", "-O2", "-o", str(folder / "connect"), str(folder / "connect.c")], check=True)
+    return folder / "connect"
+
+
 @pytest.fixture(scope="module")
 def attest_probe(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("attest") / "attest_probe"
@@ -48,7 +77,7 @@ def attest_probe(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(cove, tmp_path_factory, probe, hello, attest_probe) -> tuple[Path, Path]:
+def pair(cove, tmp_path_factory, probe, hello, attest_probe, connect) -> tuple[Path, Path]:
     """The same image and configuration built for sim and for vm."""
     require("qemu-system-x86_64")
     built = []
@@ -57,7 +86,7 @@ def pair(cove, tmp_path_factory, probe, hello, attest_probe) -> tuple[Path, Path
         root = make_instance(cove, parent, probe, name="hello-enclave",
                              options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
                              extra=SCRATCH, build=False)
-        cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), cwd=root)
+        cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), str(connect), cwd=root)
         cove.ok("build", cwd=root)
         built.append(root)
     return built[0], built[1]
@@ -146,19 +175,55 @@ def test_tampered_launch_inputs_refused_before_boot(cove, vm_instance, what):
         path.write_bytes(original)
 
 
+class _Listener:
+    """A TCP service on the host's loopback that greets whoever connects."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.port = self.socket.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                peer, _ = self.socket.accept()
+            except OSError:
+                return
+            peer.sendall(b"hello-from-host")
+            peer.close()
+
+    def close(self):
+        self.socket.close()
+
+
 def test_network_none_cannot_reach_host(cove, vm_instance):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    listener = _Listener()
     try:
-        result = cove("run", "/bin/sh", "-c", f"/bin/probe connect {port}; cat /proc/net/dev", cwd=vm_instance)
+        result = cove("run", "/bin/sh", "-c", f"/bin/probe connect {listener.port}; "
+                      f"/bin/connect 10.0.2.2 {listener.port}; cat /proc/net/dev", cwd=vm_instance)
     finally:
         listener.close()
-    assert "connect: denied" in result.stdout, result.stderr
+    assert "connect: denied" in result.stdout and "denied Network is unreachable" in result.stdout, result.stderr
     interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line
                   and not line.startswith(("connect", "Inter", " face"))]
     assert interfaces == ["lo"]
+
+
+def test_network_host_reaches_the_host_through_qemu_user_network(cove, vm_instance):
+    config = vm_instance / "cove.toml"
+    original = config.read_text()
+    listener = _Listener()
+    try:
+        config.write_text(original.replace('mode = "none"', 'mode = "host"', 1))
+        cove.ok("build", cwd=vm_instance)
+        result = cove("run", "/bin/connect", "10.0.2.2", str(listener.port), cwd=vm_instance)
+        assert (result.returncode, result.stdout) == (0, "connected hello-from-host\n"), result.stderr
+    finally:
+        listener.close()
+        config.write_text(original)
+        cove.ok("build", cwd=vm_instance)
 
 
 def _qemu_children(pid: int) -> list[int]:
@@ -240,10 +305,10 @@ def test_what_vm_lacks_is_refused_before_boot(cove, pair):
     config = vm_instance / "cove.toml"
     original = config.read_text()
     try:
-        config.write_text(original.replace('mode = "none"', 'mode = "host"', 1))
+        config.write_text(original + f'\n[[mounts]]\ntarget = "/data"\ntype = "host"\nsource = "{vm_instance}"\n')
         cove.ok("build", cwd=vm_instance)
         result = cove("run", "/bin/hello", cwd=vm_instance)
-        assert result.returncode != 0 and 'network = "host" is not available' in error_line(result)
+        assert result.returncode != 0 and "a host mount (/data) is not available" in error_line(result)
     finally:
         config.write_text(original)
         cove.ok("build", cwd=vm_instance)

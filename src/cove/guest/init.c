@@ -13,7 +13,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -158,13 +161,45 @@ static void parse(char *body, size_t len, struct request *r) {
     if (!r->probe && r->argc == 0) die("no program in the request");
 }
 
-static void loopback_up(void) {
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+static void interface_up(int s, const char *name) {
     struct ifreq ifr = {0};
-    strcpy(ifr.ifr_name, "lo");
-    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("no loopback interface");
+    strcpy(ifr.ifr_name, name);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("no interface %s", name);
     ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("cannot bring up loopback");
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("cannot bring up %s", name);
+}
+
+static void set_address(int s, const char *name, unsigned long request, const char *address) {
+    struct ifreq ifr = {0};
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    strcpy(ifr.ifr_name, name);
+    sin->sin_family = AF_INET;
+    inet_pton(AF_INET, address, &sin->sin_addr);
+    if (ioctl(s, request, &ifr) < 0) die("cannot set %s on %s: %s", address, name, strerror(errno));
+}
+
+/* network "loopback": lo up. "host": also eth0 on QEMU's user-mode network, 10.0.2.15/24 via 10.0.2.2. */
+static void network_up(const char *mode) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) die("socket: %s", strerror(errno));
+    interface_up(s, "lo");
+    if (strcmp(mode, "host") == 0) {
+        for (int tries = 0; !if_nametoindex("eth0"); tries++) {
+            if (tries > 3000) die("the network device did not appear");
+            usleep(1000);
+        }
+        set_address(s, "eth0", SIOCSIFADDR, "10.0.2.15");
+        set_address(s, "eth0", SIOCSIFNETMASK, "255.255.255.0");
+        interface_up(s, "eth0");
+        struct rtentry route = {0};
+        struct sockaddr_in *gateway = (struct sockaddr_in *)&route.rt_gateway;
+        ((struct sockaddr_in *)&route.rt_dst)->sin_family = AF_INET;
+        ((struct sockaddr_in *)&route.rt_genmask)->sin_family = AF_INET;
+        gateway->sin_family = AF_INET;
+        inet_pton(AF_INET, "10.0.2.2", &gateway->sin_addr);
+        route.rt_flags = RTF_UP | RTF_GATEWAY;
+        if (ioctl(s, SIOCADDRT, &route) < 0) die("default route: %s", strerror(errno));
+    }
     close(s);
 }
 
@@ -376,7 +411,7 @@ int main(void) {
     int err = open_port("cove.stderr", O_WRONLY);
     attestation_setup(r.attestation);
     umount2("/cove/sys", MNT_DETACH);
-    if (strcmp(r.network, "none") != 0) loopback_up();
+    if (strcmp(r.network, "none") != 0) network_up(r.network);
 
     sigset_t mask;
     sigemptyset(&mask);

@@ -38,7 +38,9 @@ MACHINE = "microvm"
 # Ports of the virtio-serial device, in this order (the guest finds them by name).
 PORTS = ("cove.ctl", "cove.stdin", "cove.stdout", "cove.stderr", "cove.quote", "cove.report")
 DEVICES = ("virtio-serial-device:" + ",".join(PORTS), "isa-serial:console")
-MODULES = ("virtio_mmio", "virtio_console")
+MODULES = ("virtio_mmio", "virtio_console", "virtio_net")
+# [network] mode = "host": QEMU's user-mode network (NAT; the host is 10.0.2.2, the guest 10.0.2.15).
+NET_DEVICE = "virtio-net-device:user"
 # tsc_early_khz and lpj: a TCG guest cannot calibrate against the emulated PIT on a busy host and
 # may hang there (docs/backends.md); cryptomgr.notests skips the self-tests of every crypto
 # algorithm the kernel registers, a fifth of the boot's CPU time under TCG.
@@ -241,7 +243,7 @@ def describe(kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, confi
         "machine": MACHINE,
         "vcpus": config.vm.vcpus,
         "memory": memory_bytes(config, initrd_size),
-        "devices": list(DEVICES),
+        "devices": list(DEVICES) + ([NET_DEVICE] if config.network.mode == "host" else []),
     }
 
 

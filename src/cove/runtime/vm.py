@@ -61,6 +61,8 @@ def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, co
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", description["cmdline"],
             "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
             "-device", f"virtio-serial-device,max_ports={len(vmimage.PORTS) + 1}"]
+    if vmimage.NET_DEVICE in description.get("devices", ()):
+        args += ["-netdev", "user,id=net0,restrict=off", "-device", "virtio-net-device,netdev=net0"]
     for index, (name, fd) in enumerate(zip(vmimage.PORTS, port_fds)):
         args += ["-chardev", f"socket,id=port{index},fd={fd}",
                  "-device", f"virtserialport,chardev=port{index},name={name},nr={index + 1}"]
@@ -359,9 +361,6 @@ class VmBackend(Backend):
             self.prepare(spec.build_dir, spec.launch, spec.workdir or Path(tempfile.gettempdir()))
         description, kernel, initrd, workdir, accel = self._prepared
         files = self._files(spec)
-        if spec.config.network.mode == "host":
-            raise CoveError("network = \"host\" is not available on the vm backend yet (its guests have no "
-                            "network device)", "use \"none\" or \"loopback\", or backend = \"sim\"")
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
         signer, attestation_type = _platform_signer()
