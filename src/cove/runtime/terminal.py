@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import termios
 import threading
@@ -39,6 +40,7 @@ class Terminal:
         self._previous_winch = None
         self._user_in, self._user_out = os.dup(STDIN), os.dup(STDOUT)  # before attach() replaces them
         self._master_lock = threading.Lock()
+        self._wake_read, self._wake_write = os.pipe()  # ends the output thread's wait on the master
         self._output = threading.Thread(target=self._copy_output, daemon=True)
         self._input = threading.Thread(target=self._copy_input, daemon=True)
 
@@ -61,9 +63,11 @@ class Terminal:
             os.close(self.slave)
             self.slave = -1
         self._output.join(timeout=2)  # the rest of the enclave's output
+        self._hang_up()
+        self._output.join(timeout=2)
         termios.tcsetattr(STDIN, termios.TCSAFLUSH, self._saved_attrs)
         signal.signal(signal.SIGWINCH, self._previous_winch or signal.SIG_DFL)
-        self._hang_up()
+        self._close_master()
         os.close(self._user_out)  # _user_in stays with the input thread, blocked in read until cove exits
 
     def attach(self) -> None:
@@ -92,27 +96,38 @@ class Terminal:
             pass
 
     def _hang_up(self) -> None:
-        """Close the pseudo-terminal: what still runs on it gets SIGHUP, as on a closed terminal."""
+        """Have the output thread close the pseudo-terminal: what still runs on it gets SIGHUP,
+        as on a closed terminal. (Closing it here would not: a read in progress keeps it open.)"""
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass
+
+    def _close_master(self) -> None:
         with self._master_lock:
             if self.master >= 0:
                 os.close(self.master)
                 self.master = -1
 
     def _copy_output(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError as exc:  # EIO: every copy of the other end is closed
-                if exc.errno in (errno.EIO, errno.EBADF):
+        try:
+            while True:
+                ready = select.select([self.master, self._wake_read], [], [])[0]
+                if self._wake_read in ready:
                     return
-                raise
-            if not data:
-                return
-            try:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError as exc:  # EIO: every copy of the other end is closed
+                    if exc.errno in (errno.EIO, errno.EBADF):
+                        return
+                    raise
+                if not data:
+                    return
                 _write_all(self._user_out, data)
-            except OSError:  # the user's terminal is gone
-                self._hang_up()
-                return
+        except OSError:  # the user's terminal is gone
+            return
+        finally:
+            self._close_master()
 
     def _copy_input(self) -> None:
         try:
