@@ -318,3 +318,34 @@ def test_a_cluster_broker_other_than_the_measured_one_is_refused(cove, tmp_path)
     result = runtime(tmp_path / "state", "create", "--bundle", str(folder), "k")
     assert result.returncode == 2 and "cove.dev/kbs-url" in one_line(result)
     no_leftovers(tmp_path / "state", "k")
+
+
+def test_an_encrypted_root_runs_from_the_ciphertext_in_the_image(cove, tmp_path):
+    from tests.e2e.helpers import make_instance
+
+    app = make_instance(cove, tmp_path, name="sealed", build=False)
+    (app / "image" / "etc" / "secret.conf").write_text("plain-only-inside\n")
+    key = tmp_path / "image.key"
+    key.write_bytes(bytes(range(16)))
+    cove.ok("build", "--encrypt-image", f"file:{key}", cwd=app)
+    cove.ok("package", "--oci", "-o", str(tmp_path / "layout"), cwd=app)
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    folder = tmp_path / "bundle"
+    (folder / "rootfs").mkdir(parents=True)
+    with tarfile.open(blobs / manifest["layers"][0]["digest"][7:]) as layer:
+        layer.extractall(folder / "rootfs", filter="tar")
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/cat", "/etc/secret.conf"]
+    write_spec(folder, spec)
+    root = tmp_path / "state"
+    out = open(tmp_path / "out", "w")
+    err = open(tmp_path / "err", "w")
+    assert runtime(root, "create", "--bundle", str(folder), "e", stdout=out, stderr=err).returncode == 0, \
+        (tmp_path / "err").read_text()
+    assert runtime(root, "start", "e").returncode == 0
+    wait_stopped(root, "e", 0)
+    assert (tmp_path / "out").read_text() == "plain-only-inside\n", (tmp_path / "err").read_text()
+    assert runtime(root, "delete", "e").returncode == 0
+    no_leftovers(root, "e")
