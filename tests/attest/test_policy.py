@@ -192,6 +192,12 @@ def test_certificates_from_files_and_inline(tmp_path):
     ("surprise = 1\n", "surprise: unknown setting"),
     ("not toml at all [", "not valid TOML or JSON"),
     ("[1, 2]", "a policy must be a table"),
+    ("[cove]\ninit_data_digests = [\"" + "00" * 32 + "\"]\n", "cove.init_data_digests: not a setting for cove"),
+    ("[sgx.init_data]\nk = [\"v\"]\n", "sgx.init_data: not a setting for sgx"),
+    ("[tdx]\ninit_data_digests = [\"abcd\"]\n", "must be a SHA-256, SHA-384 or SHA-512 digest"),
+    ("[snp]\ninit_data = {k = \"v\"}\n", "snp.init_data.k: must be a list"),
+    ("[snp]\ninit_data = {k = []}\n", "snp.init_data.k: lists no accepted value"),
+    ("[tpm]\ninit_data = []\n", "tpm.init_data: must be a table of data key"),
 ])
 def test_parse_errors_are_one_clear_line(tmp_path, text, fragment):
     path = tmp_path / "policy.toml"
@@ -212,6 +218,53 @@ def test_policy_id_is_stable_digest():
     b = parse_policy('{"cove": {"measurements": ["00ff"]}}')
     assert a.id == b.id and a.id.startswith("sha256:")
     assert parse_policy("[cove]\n").id != a.id
+
+
+INIT = bytes.fromhex("ab" * 32)
+INIT_POLICY = ('types = ["tdx", "tpm"]\n[tdx]\ninit_data_digests = ["' + "ab" * 32 + '"]\n'
+               '[tdx.init_data]\n"policy.rego" = ["allow", "allow-all"]\nlevel = [3]\n'
+               '[tpm]\ninit_data_digests = ["' + "ab" * 32 + '"]\n')
+
+
+@pytest.mark.parametrize("kind, init_data, data, reasons", [
+    ("tdx", INIT, {"policy.rego": "allow-all", "level": 3}, []),
+    ("tpm", INIT, {}, []),
+    ("tdx", None, {}, ["the evidence carries no init-data; the policy requires it"]),
+    ("tpm", None, {}, ["the evidence carries no init-data; the policy requires it"]),
+    ("tdx", b"\xcd" * 32, {"policy.rego": "deny", "level": "3"},
+     ["init-data digest " + "cd" * 32 + " is not one the policy accepts",
+      "init-data data key 'level' has a value the policy does not accept",
+      "init-data data key 'policy.rego' has a value the policy does not accept"]),
+    ("tdx", INIT, {"level": 3}, ["init-data has no data key 'policy.rego'; the policy requires one"]),
+])
+def test_init_data_rules(kind, init_data, data, reasons):
+    """Digest and data values of the init-data bound to the evidence; every failing rule is a reason."""
+    claims = ap.Appraisal(evidence_type=kind, measurement=M1, tcb_status="UpToDate" if kind == "tdx" else None,
+                          init_data=init_data, init_data_claims=data)
+    result = evaluate(parse_policy(INIT_POLICY), claims, now=NOW)
+    assert result.accepted == (not reasons)
+    assert [r.split(" (sha256")[0] for r in result.reasons] == reasons
+    if reasons:  # the enclave's init-data; a bare TPM quote has only a platform
+        assert result.components["enclave" if kind == "tdx" else "platform"] == "contraindicated"
+
+
+def test_init_data_rules_change_the_policy_id():
+    one = parse_policy(INIT_POLICY)
+    assert parse_policy(INIT_POLICY).id == one.id
+    assert parse_policy(INIT_POLICY.replace("ab" * 32, "ac" * 32)).id != one.id
+    assert parse_policy(INIT_POLICY.replace('"allow-all"', '"allow-some"')).id != one.id
+
+
+def test_policy_text_is_read_up_to_the_cap(tmp_path):
+    """What `cove kbs serve --policy` reads: never past 1 MiB, so /dev/zero cannot hang the broker."""
+    from cove.attest.policy import read_policy_text
+
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * ((1 << 20) + 1))
+    for path in ("/dev/zero", big):
+        with pytest.raises(PolicyError, match="larger than 1 MiB"):
+            read_policy_text(path)
+    assert read_policy_text(_write(tmp_path, "[cove]\n")) == "[cove]\n"
 
 
 # The real vectors, appraised: the policy reads each verifier's claims.

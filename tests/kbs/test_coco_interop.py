@@ -242,6 +242,49 @@ def test_init_data_is_a_claim_for_sample(broker, client):
     assert claims["init_data_claims"] == {"aa.toml": "x"}
 
 
+INIT_BODY = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'
+INIT_DIGEST = hashlib.sha256(INIT_BODY.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("rules, init_data, words", [
+    (f'init_data_digests = ["{INIT_DIGEST}"]\n[sample.init_data]\n"aa.toml" = ["x"]\n', INIT_BODY, None),
+    (f'init_data_digests = ["{"00" * 32}"]\n', INIT_BODY, f"init-data digest {INIT_DIGEST} is not one"),
+    (f'init_data_digests = ["{INIT_DIGEST}"]\n', None, "the evidence carries no init-data"),
+    ('[sample.init_data]\n"aa.toml" = ["y"]\n', INIT_BODY, "init-data data key 'aa.toml' has a value"),
+])
+def test_release_policy_matches_init_data(broker, client, rules, init_data, words):
+    """A release policy names the init-data (digest, data values): the right one gets the secret; a wrong
+    one, or none, is PolicyDeny: the client re-handshakes and stops with UnAuthorized."""
+    path = put_secret(broker, b"init-data secret", policy='types = ["sample"]\n[sample]\n' + rules)
+    one = client(init_data=init_data)
+    if words is None:
+        assert one.get_resource(path) == b"init-data secret"
+        return
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_resource(path)
+    assert caught.value.variant == "UnAuthorized"
+    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 200), ("POST", "attest", 200)] * 3
+    refusal = one.http.get(f"/kbs/v0/resource/{path}").json()
+    assert refusal["type"] == TYPE_PREFIX + "PolicyDeny" and words in refusal["detail"], refusal
+
+
+def test_serve_refuses_an_oversized_or_init_data_attestation_policy(tmp_path):
+    """`cove kbs serve --policy`: read up to 1 MiB; init-data rules, which only release policies can
+    match, refused rather than denying every attestation. One line, exit 2 (docs/cli.md)."""
+    import subprocess
+
+    from tests.conftest import COVE
+
+    (tmp_path / "init.toml").write_text(f'types = ["sample"]\n[sample]\ninit_data_digests = ["{INIT_DIGEST}"]\n')
+    for policy, words in (("/dev/zero", "policy /dev/zero: larger than 1 MiB"),
+                          (str(tmp_path / "init.toml"), "belong in release policies")):
+        done = subprocess.run([COVE, "kbs", "serve", "--db", f"sqlite:///{tmp_path / 'kbs.db'}", "--insecure-http",
+                               "--listen", "127.0.0.1:0", "--policy", policy], capture_output=True, text=True,
+                              timeout=60)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
+
+
 def test_joserfc_header_order_would_break_a_sorting_client():
     """Regression: joserfc writes epk as crv, x, y, kty; a client whose serde_json sorts rebuilds
     another AAD and cannot open it. Cove's header opens under both."""

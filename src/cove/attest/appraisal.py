@@ -42,6 +42,11 @@ class Appraisal:
     pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
     rtmrs: tuple[bytes, ...] = ()
     instance_id: str | None = None
+    # init-data (Confidential Containers), once bound to the evidence's configuration field by the key
+    # broker (cove.kbs.coco_evidence): its digest, the hash that made it, and its ``data`` table
+    init_data: bytes | None = None
+    init_data_algorithm: str | None = None
+    init_data_claims: Mapping[str, Any] = field(default_factory=dict)
     claims: Mapping[str, Any] = field(default_factory=dict)  # everything, JSON-ready
 
 

@@ -34,14 +34,17 @@ TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "Configu
 SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 
 _COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isolation")
+# Rules on Confidential Containers init-data, for the types the key broker binds it to (TDX MRCONFIGID,
+# SNP HOSTDATA, the vTPM's PCR 8; sample reports it unchecked). Cove and SGX evidence never carry it.
+INIT_DATA_KEYS = ("init_data_digests", "init_data")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "cove": _COMMON + ("self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "ak_ca",
                        "ek_certificates", "ak_names", "max_platform_age"),
-    "tpm": ("pcrs",),
+    "tpm": ("pcrs",) + INIT_DATA_KEYS,
     "sgx": _COMMON + ("roots",),
-    "tdx": _COMMON + ("roots", "rtmrs"),
-    "snp": _COMMON + ("roots", "min_tcb"),
-    "sample": _COMMON,
+    "tdx": _COMMON + ("roots", "rtmrs") + INIT_DATA_KEYS,
+    "snp": _COMMON + ("roots", "min_tcb") + INIT_DATA_KEYS,
+    "sample": _COMMON + INIT_DATA_KEYS,
 }
 
 
@@ -80,6 +83,12 @@ class Rules:
     min_tcb: Mapping[str, int] = field(default_factory=dict)
     rtmrs: Mapping[int, bytes] = field(default_factory=dict)
     max_platform_age: float | None = None
+    init_data_digests: tuple[bytes, ...] = ()  # accepted init-data digests; set, init-data is required
+    init_data: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # data key -> accepted values
+
+    @property
+    def wants_init_data(self) -> bool:
+        return bool(self.init_data_digests or self.init_data)
 
     def pem(self, name: str) -> bytes:
         """Certificates of one trust-anchor field (ek_ca, ak_ca, roots) as a PEM bundle."""
@@ -131,16 +140,21 @@ def default_policy() -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file (TOML, or JSON if it ends in .json or starts with '{')."""
     path = Path(path)
+    return parse_policy(read_policy_text(path), source=str(path), base=path.parent)
+
+
+def read_policy_text(path: str | Path) -> str:
+    """A policy file's text, read up to MAX_FILE and no further; a PolicyError naming the file."""
+    path = Path(path)
     try:
         raw = _read_bounded(path)
         if raw is None:
             raise PolicyError(f"policy {path}: larger than {MAX_FILE >> 20} MiB, which no policy is")
-        text = raw.decode()
+        return raw.decode()
     except FileNotFoundError:
         raise PolicyError(f"policy {path}: not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"policy {path}: cannot read: {exc}") from None
-    return parse_policy(text, source=str(path), base=path.parent)
 
 
 MAX_FILE = 1 << 20  # a policy or a certificate it names; /dev/zero must not hang the verifier
@@ -295,6 +309,16 @@ class _Parser:
             out["rtmrs"] = self.indexed_hex(data["rtmrs"], f"{kind}.rtmrs", 4, 48)
         if "max_platform_age" in data:
             out["max_platform_age"] = self.duration(data["max_platform_age"], f"{kind}.max_platform_age")
+        if "init_data_digests" in data:
+            key = f"{kind}.init_data_digests"
+            out["init_data_digests"] = tuple(self.hex(v, f"{key}[{i}]")
+                                             for i, v in enumerate(self.list(data["init_data_digests"], key)))
+            for i, digest in enumerate(out["init_data_digests"]):
+                if len(digest) not in (32, 48, 64):
+                    raise self.fail(f"{key}[{i}]", "must be a SHA-256, SHA-384 or SHA-512 digest "
+                                                   "(64, 96 or 128 hex digits)")
+        if "init_data" in data:
+            out["init_data"] = self.init_data(data["init_data"], f"{kind}.init_data")
         return Rules(**out)
 
     # value checkers
@@ -380,6 +404,19 @@ class _Parser:
             if bank not in sizes:
                 raise self.fail(f"{key}.{bank}", "unknown PCR bank", f"known: {', '.join(sizes)}")
             out[bank] = self.indexed_hex(values, f"{key}.{bank}", 24, sizes[bank])
+        return out
+
+    def init_data(self, value: Any, key: str) -> dict[str, tuple[Any, ...]]:
+        """Keys of the init-data ``data`` table, each with the list of values accepted for it."""
+        if not isinstance(value, Mapping) or not value:
+            raise self.fail(key, "must be a table of data key = [accepted values], "
+                                 'e.g. "policy.rego" = ["..."]')
+        out = {}
+        for name, accepted in value.items():
+            items = self.list(accepted, f"{key}.{name}")
+            if not items:
+                raise self.fail(f"{key}.{name}", "lists no accepted value (which would deny every init-data)")
+            out[str(name)] = tuple(_canonical(v) for v in items)
         return out
 
     def min_tcb(self, value: Any, key: str) -> dict[str, int]:

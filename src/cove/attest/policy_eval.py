@@ -9,7 +9,9 @@ as a warning. Nothing short-circuits, so a rejection lists every reason.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 from datetime import datetime, timedelta, timezone
 
 from cove.attest.appraisal import Appraisal
@@ -52,6 +54,7 @@ def evaluate(policy: Policy, appraisal: Appraisal, *, nonce: bytes | None = None
     rules = policy.rules_for(kind)
     _identity(v, rules, appraisal)
     _platform(v, rules, appraisal, now)
+    _init_data(v, rules, appraisal)
     _freshness(v, policy, appraisal, nonce, report_data, now)
     return PolicyResult(accepted=not v.reasons, reasons=tuple(v.reasons), components=dict(v.components),
                         warnings=tuple(v.warnings), policy_id=policy.id)
@@ -131,6 +134,32 @@ def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
             if age > rules.max_platform_age:
                 v.deny("platform", f"platform endorsement is {age:.0f}s old; the policy allows "
                                    f"{rules.max_platform_age:.0f}s (run `cove platform init` again)")
+
+
+def _init_data(v: _Verdict, rules: Rules, a: Appraisal) -> None:
+    """The init-data the evidence is bound to: its digest, and values of its ``data`` table."""
+    if not rules.wants_init_data:
+        return
+    c = v.report_component
+    if a.init_data is None:
+        v.deny(c, "the evidence carries no init-data; the policy requires it")
+        return
+    if rules.init_data_digests and not any(_eq(a.init_data, d) for d in rules.init_data_digests):
+        v.deny(c, f"init-data digest {a.init_data.hex()} is not one the policy accepts")
+    data = a.init_data_claims if isinstance(a.init_data_claims, dict) else {}
+    for name, accepted in sorted(rules.init_data.items()):
+        if name not in data:
+            v.deny(c, f"init-data has no data key {name!r}; the policy requires one")
+            continue
+        got = _json(data[name])
+        if not any(hmac.compare_digest(got, _json(want)) for want in accepted):
+            v.deny(c, f"init-data data key {name!r} has a value the policy does not accept "
+                      f"(sha256 {hashlib.sha256(got).hexdigest()[:16]})")
+
+
+def _json(value) -> bytes:
+    """One form for a value read from TOML, JSON claims or the policy, to compare them."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def _freshness(v: _Verdict, policy: Policy, a: Appraisal, nonce: bytes | None,

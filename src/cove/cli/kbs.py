@@ -83,7 +83,8 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--master-key-sealed", type=PathType, help="Master key sealed to this platform.")
 @click.option("--policy", type=InputPath(), help="Attestation policy file (default: docs/kbs.md's default).")
 @click.option("--sgx-root-ca", type=InputPath(), help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
-@click.option("--snp-ask-ark", type=InputPath(), multiple=True, help="AMD ASK+ARK chain (PEM), for snp evidence.")
+@click.option("--snp-ask-ark", type=InputPath(), multiple=True,
+              help="AMD chain (PEM): ASK or ASVK, and ARK, for snp evidence (VCEK or VLEK).")
 @click.option("--tpm-ak", type=InputPath(), multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
 @click.option("--collateral-dir", type=PathType,
               help="DCAP collateral for quotes sent without it (default STATE/collateral; `cove kbs collateral import`).")
@@ -116,7 +117,11 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
     if policy is not None:  # one line naming the file, as `cove verify --policy` says it
         from cove.attest.policy import load_policy
 
-        load_policy(policy)
+        rules = load_policy(policy).rules
+        if any(r.wants_init_data for r in rules.values()):  # the attestation policy sees no init-data
+            raise CoveError(f"policy {policy}: init_data_digests and init_data belong in release policies "
+                            "(`cove kbs admin policy put`), not in the attestation policy",
+                            "move those keys into the release policy of the secrets they guard")
     if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
         if (folder / "master.sealed").exists():
             master_key_sealed = folder / "master.sealed"

@@ -218,7 +218,7 @@ def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now:
 
 
 # -- claims as JSON (sessions, tokens) and back -------------------------------------------------------
-_BYTES = ("measurement", "signer", "report_data", "platform_key", "runtime", "ek_certificate", "ak_name")
+_BYTES = ("measurement", "signer", "report_data", "platform_key", "runtime", "ek_certificate", "ak_name", "init_data")
 _TIMES = ("issued_at", "platform_issued_at")
 
 

@@ -644,11 +644,10 @@ def settings_from_options(options: dict) -> Settings:
     master = vault.load_master_key(Path(options["master_key_file"]) if options.get("master_key_file") else None,
                                    Path(options["master_key_sealed"]) if options.get("master_key_sealed") else None)
     policy_text = None
-    if options.get("policy"):
-        try:
-            policy_text = Path(options["policy"]).read_text()
-        except OSError as exc:
-            raise CoveError(f"cannot read --policy {options['policy']}: {exc.strerror}") from None
+    if options.get("policy"):  # read up to the policy size cap, as `cove verify --policy` reads it
+        from cove.attest.policy import read_policy_text
+
+        policy_text = read_policy_text(options["policy"])
     anchors = appraisal.TrustAnchors.from_files(
         Path(options["sgx_root_ca"]) if options.get("sgx_root_ca") else None,
         [Path(p) for p in options.get("snp_ask_ark", [])], [Path(p) for p in options.get("tpm_ak", [])])
