@@ -611,3 +611,49 @@ def test_init_data_binding_per_tee():
                 coco_evidence.bind_init_data(tee, result, init)
             assert caught.value.kind in ("EvidenceBinding", "EvidenceInvalid"), tee
     assert coco_evidence.bind_init_data("tdx", cases[1][1], None) == {}  # no init-data, nothing to bind
+
+
+# -- init-data bound by a real (sw)TPM and matched by release policies -------------------------------------
+TPM_INIT_BODY = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"policy.rego" = "package agent_policy"\n'
+TPM_INIT_DIGEST = hashlib.sha256(TPM_INIT_BODY.encode()).digest()
+
+
+@pytest.mark.parametrize("digest, init_data, kind, words", [
+    (TPM_INIT_DIGEST, TPM_INIT_BODY, None, None),
+    (bytes(32), TPM_INIT_BODY, "PolicyDeny", f"init-data digest {TPM_INIT_DIGEST.hex()} is not one"),
+    (TPM_INIT_DIGEST, None, "PolicyDeny", "the evidence carries no init-data"),
+    # init-data the TPM did not measure: refused at /attest, before any policy
+    (TPM_INIT_DIGEST, TPM_INIT_BODY + "# changed\n", "EvidenceBinding", "PCR 8"),
+])
+def test_tpm_init_data_in_pcr8_matched_by_a_release_policy(broker, client, platform, digest, init_data, kind,
+                                                           words):
+    """The CoCo TPM attester's flow: the init-data digest extended once into PCR 8 of the swtpm (as the
+    guest's boot does), then a release policy naming that digest."""
+    from cove.platform.tpm2 import Tpm
+
+    tpm = Tpm(platform.read_config().tcti)
+    measured = hashlib.sha256(bytes(32) + TPM_INIT_DIGEST).digest()
+    if tpm.read_pcr(8) == bytes(32):  # PCR 8 cannot be reset: extended once for the module's swtpm
+        tpm.extend(8, TPM_INIT_DIGEST)
+    assert tpm.read_pcr(8) == measured
+    path = put_secret(broker, b"for this pod's init-data",
+                      policy=f'types = ["tpm"]\n[tpm]\ninit_data_digests = ["{digest.hex()}"]\n')
+    one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(platform, report_data)),
+                 init_data=init_data)
+    if kind is None:
+        assert one.get_resource(path) == b"for this pod's init-data"
+        claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))["tcb-status"]
+        assert claims["init_data"] == TPM_INIT_DIGEST.hex() and claims["init_data_claims"] == {
+            "policy.rego": "package agent_policy"}
+        return
+    with pytest.raises(coco.CocoError) as caught:
+        one.get_resource(path)
+    if kind == "EvidenceBinding":
+        assert caught.value.variant == "RcarHandshake" and kind in caught.value.detail
+        entry = attest_log(broker)
+        assert entry["outcome"] == "denied" and f"tpm: {kind}" in entry["detail"] and words in entry["detail"]
+        return
+    assert caught.value.variant == "UnAuthorized"
+    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 200), ("POST", "attest", 200)] * 3
+    refusal = one.http.get(f"/kbs/v0/resource/{path}").json()
+    assert refusal["type"] == TYPE_PREFIX + kind and words in refusal["detail"], refusal
