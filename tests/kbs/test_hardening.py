@@ -140,6 +140,11 @@ def test_one_code_path_whatever_the_content_type(make_kbs):
             assert reply.status_code == 200 and reply.json()["nonce"], (content_type, reply.text)
         reply = http.post("/kbs/v0/auth", content=b"{not json", headers={"Content-Type": "text/plain"})
         assert reply.json()["type"] == TYPE_PREFIX + "InvalidRequest"
+        for version in ("abc", "0", "²", "1" * 40, str((1 << 30) + 1)):
+            reply = http.get("/kbs/v0/resource/a/b/c", params={"version": version})
+            assert reply.json()["type"] == TYPE_PREFIX + "InvalidRequest", (version, reply.text)
+        reply = http.put("/kbs/v0/auth", json={})
+        assert reply.status_code == 405 and reply.json()["status"] == 405
         schema = http.get("/openapi.json").json()
         assert {"AuthRequest", "Attestation", "RuntimeData"} <= set(schema["components"]["schemas"])
         assert "requestBody" in schema["paths"]["/kbs/v0/attest"]["post"]

@@ -169,6 +169,8 @@ DEFAULT_BODY_LIMIT = 128 << 10
 MAX_ACTIVE = 64  # requests past the guard at once (reading their bodies or being answered)
 BODY_TIMEOUT = 10.0  # seconds a client may take to send each part of its body
 _UNGUARDED = ("/healthz", "/metrics")
+RESOURCE_PREFIX = "/kbs/v0/resource/"
+MAX_VERSION = 1 << 30
 
 
 def body_limit(method: str, path: str) -> int:
@@ -199,9 +201,10 @@ class Guard:
     connections.
     """
 
-    def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", max_active: int = MAX_ACTIVE,
-                 body_timeout: float = BODY_TIMEOUT):
+    def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", protocol: dict,
+                 handlers: dict, max_active: int = MAX_ACTIVE, body_timeout: float = BODY_TIMEOUT):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
+        self.protocol, self.handlers = protocol, handlers
         self.max_active, self.body_timeout = max_active, body_timeout
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
@@ -287,11 +290,45 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, capped_receive, guarded_send)
+            endpoint = self._protocol_endpoint(scope)
+            if endpoint is None:
+                await self.app(scope, capped_receive, guarded_send)
+            else:
+                await self._answer(endpoint, scope, capped_receive, guarded_send)
         except _BodyTooLarge:
             pass
         if refused and not started:
             await self._refuse(send, refused[0])
+
+    def _protocol_endpoint(self, scope):
+        """The endpoint of a protocol request (POST /auth, POST /attest, GET a resource), which the
+        guard calls itself: FastAPI's routing, dependency solving and middleware were a quarter of a
+        flow's CPU, and these endpoints need none of it. This is their only path; FastAPI's
+        declarations of them make the OpenAPI document."""
+        method, path = scope["method"], scope["path"]
+        endpoint = self.protocol.get((method, path))
+        if endpoint is None and method == "GET" and path.startswith(RESOURCE_PREFIX):
+            parts = path[len(RESOURCE_PREFIX):].split("/")
+            if len(parts) == 3 and all(parts):
+                resource = self.protocol["resource"]
+                return lambda request: resource(*parts, request)
+        return endpoint
+
+    async def _answer(self, endpoint, scope, receive, send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except _BodyTooLarge:
+            raise
+        except Exception as exc:
+            response = await self._handler_for(exc)(request, exc)
+        await response(scope, receive, send)
+
+    def _handler_for(self, exc: Exception):
+        for cls in type(exc).__mro__:
+            if cls in self.handlers:
+                return self.handlers[cls]
+        raise exc
 
     async def _refuse(self, send, document: dict) -> None:
         """Answer with one of the guard's own problems, count it and audit it (floods are counted)."""
@@ -367,6 +404,15 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _version(value: str | None) -> int | None:
+    """?version=N of a resource request: 1 .. MAX_VERSION."""
+    if value is None:
+        return None
+    if not (len(value) <= 10 and value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_VERSION):
+        raise Problem("InvalidRequest", f"version: an integer from 1 to {MAX_VERSION} is required")
+    return int(value)
+
+
 def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -426,7 +472,9 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     metrics = Metrics()
     off_loop = OffLoop(threads)
     app.state.off_loop = off_loop  # closed by whoever stops the server (runner.EmbeddedBroker)
-    app.add_middleware(Guard, broker=broker, metrics=metrics, off_loop=off_loop)
+    protocol: dict = {}  # filled below: what the guard answers itself
+    app.add_middleware(Guard, broker=broker, metrics=metrics, off_loop=off_loop, protocol=protocol,
+                       handlers=app.exception_handlers)
     _document_models(app, (AuthRequest, Attestation))
 
     @app.exception_handler(_BodyTooLarge)
@@ -469,10 +517,12 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return JSONResponse(doc, status_code=500, media_type=PROBLEM_MEDIA)
 
     # -- the protocol ---------------------------------------------------------------------------
-    # One code path per endpoint: the body is read on the event loop (capped by the guard), and
-    # everything else (JSON parsing, database, crypto) runs in the thread pool, so a slow
-    # appraisal or a database wait never stalls the other connections. Each body is checked
-    # field by field by the broker; the models only document it.
+    # One code path per endpoint: the guard calls these functions for every protocol request
+    # (Guard._protocol_endpoint); FastAPI's declarations below make the OpenAPI document. The body
+    # is read on the event loop (capped by the guard), and everything else (JSON parsing,
+    # database, crypto) runs in the thread pool, so a slow appraisal or a database wait never
+    # stalls the other connections. Each body is checked field by field by the broker; the
+    # models only document it.
     def _ok(model: type[BaseModel]) -> dict:
         return {200: {"model": model}, **_ERRORS}
 
@@ -509,15 +559,21 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         metrics.add("attest")
         return response
 
+    async def release(repository: str, kind: str, tag: str, request: Request) -> JSONResponse:
+        version = _version(request.query_params.get("version"))
+        document = await off_loop(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
+                                  f"{repository}/{kind}/{tag}", version)
+        metrics.add("release")
+        return JSONResponse(document)
+
     @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_class=JSONResponse, responses=_ok(Jwe),
              tags=["protocol"])
     async def resource(repository: str, kind: str, tag: str, request: Request,
-                       version: int | None = Query(default=None, ge=1, le=1 << 30)) -> JSONResponse:
+                       version: int | None = Query(default=None, ge=1, le=MAX_VERSION)) -> JSONResponse:
         """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
-        document = await off_loop(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
-                                           f"{repository}/{kind}/{tag}", version)
-        metrics.add("release")
-        return JSONResponse(document)
+        return await release(repository, kind, tag, request)
+
+    protocol.update({("POST", "/kbs/v0/auth"): auth, ("POST", "/kbs/v0/attest"): attest, "resource": release})
 
     @app.get("/kbs/v0/jwks", tags=["public"])
     def jwks() -> dict:
