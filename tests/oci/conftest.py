@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import make_instance
+from tests.oci.helpers import IMAGE, SPEC, podman, write_spec
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +24,6 @@ def oci_tar(cove, oci_instance) -> Path:
     cove.ok("package", "--oci", "--tag", "cove-test/hello:1", "-o", str(out), cwd=oci_instance)
     return out
 
-
-RUNTIME = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "cove-runtime")
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +158,29 @@ def containerd(tmp_path_factory):
                         '[plugins."io.containerd.grpc.v1.cri"]\n  disable_apparmor = true\n')
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def bundle(oci_layer, tmp_path):
+    """A fresh bundle: config.json and the image's layer unpacked as an engine would."""
+    folder = tmp_path / "bundle"
+    (folder / "rootfs").mkdir(parents=True)
+    with tarfile.open(oci_layer) as layer:
+        layer.extractall(folder / "rootfs", filter="tar")
+    for extra in ("proc", "etc/hosts", "run/.containerenv"):  # what engines add
+        path = folder / "rootfs" / extra
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch() if "." in extra or "/" in extra else path.mkdir(exist_ok=True)
+    write_spec(folder, SPEC)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def loaded(oci_tar, tmp_path_factory):
+    assert podman("load", "-i", str(oci_tar)).returncode == 0
+    tampered = retag_tampered(oci_tar, tmp_path_factory.mktemp("tampered") / "t.tar",
+                              "localhost/cove-test/tampered:1")
+    result = podman("load", "-i", str(tampered))
+    assert result.returncode == 0, result.stderr
+    yield
+    podman("rmi", "-f", IMAGE, "localhost/cove-test/tampered:1")

@@ -18,7 +18,8 @@ from cove.oci.proto.runtime.v1 import api_pb2 as cri
 from cove.oci.proto.runtime.v1 import api_pb2_grpc as cri_grpc
 from tests.conftest import ROOT, require
 from tests.e2e.helpers import set_option
-from tests.oci.conftest import RUNTIME, Containerd
+from tests.oci.conftest import Containerd
+from tests.oci.helpers import RUNTIME
 
 PAUSE = "localhost/cove-test/pause:1"
 HELLO = "localhost/cove-test/hello:1"

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 
 import pytest
 
-from tests.conftest import require
-from tests.oci.conftest import RUNTIME, retag_tampered
-
-# This machine kind: cgroups v1 hybrid (cgroupfs manager) and hard rlimits below Podman's defaults.
-PODMAN_OPTIONS = ("--cgroup-manager=cgroupfs",)
-RUN_OPTIONS = ("--runtime", RUNTIME, "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
-IMAGE = "localhost/cove-test/hello:1"
-
-
-def podman(*args, timeout=120):
-    return subprocess.run([require("podman"), *PODMAN_OPTIONS, *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def loaded(oci_tar, tmp_path_factory):
-    assert podman("load", "-i", str(oci_tar)).returncode == 0
-    tampered = retag_tampered(oci_tar, tmp_path_factory.mktemp("tampered") / "t.tar",
-                              "localhost/cove-test/tampered:1")
-    result = podman("load", "-i", str(tampered))
-    assert result.returncode == 0, result.stderr
-    yield
-    podman("rmi", "-f", IMAGE, "localhost/cove-test/tampered:1")
-
+from tests.oci.conftest import retag_tampered
+from tests.oci.helpers import IMAGE, RUN_OPTIONS, RUNTIME, podman
 
 def test_podman_run_prints_output_and_returns_the_exit_code(loaded):
     result = podman("run", "--rm", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c",

@@ -11,9 +11,7 @@ import time
 import pytest
 
 from cove.daemon import attestation
-from tests.oci.conftest import RUNTIME
-from tests.oci.test_engines import IMAGE, RUN_OPTIONS, loaded, podman  # noqa: F401
-from tests.oci.test_runtime import SPEC, bundle, state, wait_stopped, write_spec  # noqa: F401
+from tests.oci.helpers import IMAGE, RUN_OPTIONS, RUNTIME, SPEC, podman, wait_stopped, write_spec
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ def node_root(tmp_path):
         time.sleep(0.05)
 
 
-def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):  # noqa: F811
+def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):
     spec = json.loads(json.dumps(SPEC))
     spec["process"]["args"] = ["/bin/sh", "-c", "head -c 64 /dev/zero > /dev/attestation/user_report_data; "
                                "cat /dev/attestation/attestation_type; echo; cat /dev/attestation/report | head -c 1"]
@@ -50,7 +48,7 @@ def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):  # 
     assert subprocess.run([RUNTIME, "--root", str(root), "delete", "n"], env=env).returncode == 0
 
 
-def test_podman_passes_the_node_root_as_a_runtime_flag(node_root, loaded):  # noqa: F811
+def test_podman_passes_the_node_root_as_a_runtime_flag(node_root, loaded):
     control = str(node_root / "attestation.sock")
     before = attestation.request(control, {"op": "status"})["requests"]
     result = podman("run", "--rm", *RUN_OPTIONS, "--runtime-flag", f"node-root={node_root}", IMAGE,

@@ -7,82 +7,12 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.oci.conftest import RUNTIME
-
-SPEC = {
-    "ociVersion": "1.0.2",
-    "process": {"args": ["/bin/sh", "-c", "echo hello-from-enclave; cat /dev/attestation/attestation_type; "
-                         "echo; exit 7"],
-                "env": ["PATH=/bin:/usr/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
-                "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"]},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024}]},
-    "root": {"path": "rootfs"},
-    "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-               {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["bind"]}],
-    "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}]},
-}
-
-
-def runtime(root, *args, timeout=60, stdout=None, stderr=None):
-    """Run cove-runtime; output through files, as a container's process keeps the streams it inherits."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([RUNTIME, "--root", str(root), *args], stdout=stdout or out,
-                              stderr=stderr or err, text=True, timeout=timeout)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-
-
-def one_line(result):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("cove-runtime: error: ")
-    return lines[0]
-
-
-@pytest.fixture
-def bundle(oci_layer, tmp_path):
-    """A fresh bundle: config.json and the image's layer unpacked as an engine would."""
-    folder = tmp_path / "bundle"
-    (folder / "rootfs").mkdir(parents=True)
-    with tarfile.open(oci_layer) as layer:
-        layer.extractall(folder / "rootfs", filter="tar")
-    for extra in ("proc", "etc/hosts", "run/.containerenv"):  # what engines add
-        path = folder / "rootfs" / extra
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch() if "." in extra or "/" in extra else path.mkdir(exist_ok=True)
-    write_spec(folder, SPEC)
-    return folder
-
-
-def write_spec(folder, spec):
-    (folder / "config.json").write_text(json.dumps(spec))
-
-
-def state(root, ident):
-    result = runtime(root, "state", ident)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def wait_stopped(root, ident, pid):
-    for _ in range(600):
-        if state(root, ident)["status"] == "stopped":
-            return
-        time.sleep(0.05)
-    raise AssertionError("the container did not stop")
-
-
-def no_leftovers(root, ident):
-    assert not (root / ident).exists()
-    assert not any(str(root) in line for line in open("/proc/self/mounts"))
-
+from tests.oci.helpers import SPEC, no_leftovers, one_line, runtime, state, wait_stopped, write_spec
 
 def test_lifecycle_create_start_state_delete(bundle, tmp_path):
     root = tmp_path / "state"

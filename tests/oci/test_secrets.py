@@ -10,10 +10,10 @@ import time
 
 from tests.e2e.helpers import make_instance
 from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
-from tests.oci.conftest import RUNTIME
+from tests.oci.helpers import RUNTIME
 
 
-def test_secrets_are_provisioned_before_the_program_starts(cove, broker, platform_env, tmp_path):  # noqa: F811
+def test_secrets_are_provisioned_before_the_program_starts(cove, broker, platform_env, tmp_path):
     app = make_instance(cove, tmp_path, name="app", build=False,
                         extra=secrets_config(broker.url, broker.ca))
     (app / "cove.toml").write_text((app / "cove.toml").read_text().replace(

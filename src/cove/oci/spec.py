@@ -168,7 +168,8 @@ def _check_linux(linux: dict) -> None:
                               "cannot be shared with an enclave")
     if _get(linux, "devices", list, "linux.", []):
         raise BundleError("config.json: linux.devices: devices cannot be passed into an enclave")
-    if linux.get("seccomp") is None and namespaces is not None and _get(linux, "maskedPaths", list, "linux.", None) == []:
+    masked = _get(linux, "maskedPaths", list, "linux.", None)
+    if linux.get("seccomp") is None and namespaces is not None and masked == []:
         raise BundleError("config.json: linux.maskedPaths is empty and linux.seccomp absent: a privileged "
                           "container cannot be an enclave")
 
