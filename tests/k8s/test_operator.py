@@ -177,6 +177,12 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
         await cluster.patch(f"{API}/enclavesecrets/volume", {"spec": {"rotation": 1}, "metadata": {"generation": 2}})
         await cluster.until(f"{API}/enclavesecrets/volume", _phase("Ready", currentVersion=2, rotation=1))
         assert admin.secret("prod/volume/data")["version"] == 2
+        # A status patch that was lost (the object forgets what was rotated): the next pass does not rotate again.
+        await cluster.patch(f"{API}/enclavesecrets/volume/status", {"status": {"baseVersion": None, "rotation": None}})
+        await cluster.patch(f"{API}/enclavesecrets/volume", {"metadata": {"labels": {"touched": "yes"},
+                                                                          "generation": 3}})
+        await cluster.until(f"{API}/enclavesecrets/volume", _phase("Ready", baseVersion=1))
+        assert admin.secret("prod/volume/data")["version"] == 2
 
         # Deletion: finalizers take each out of the broker before the object goes.
         for name in ("volume", "flags"):

@@ -127,7 +127,7 @@ CRDS = [
          [{"name": "Broker", "type": "string", "jsonPath": ".spec.broker"},
           {"name": "Policy id", "type": "string", "jsonPath": ".status.policyId"}]),
     _crd("EnclaveSecret", "enclavesecrets", ["es"], ENCLAVE_SECRET_SPEC,
-         {"currentVersion": {"type": "integer"}, "rotation": {"type": "integer"},
+         {"currentVersion": {"type": "integer"}, "rotation": {"type": "integer"}, "baseVersion": {"type": "integer"},
           "versions": {"type": "array", "items": {"type": "object", "properties": {
               "version": {"type": "integer"}, "created_at": {"type": "string"}}}},
           "brokerPolicy": {"type": "string"}},

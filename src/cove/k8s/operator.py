@@ -353,23 +353,29 @@ def enclave_secret(spec, namespace, patch, retry, meta, status, **_) -> None:
                 if not _missing(exc):
                     raise
                 current = None
+            rotation = int(spec.get("rotation", 0))
             if current is None:
                 generate = spec.get("generate") or {}
                 admin.create_secret(path, generate.get("kind", "data"), policy,
                                     exportable=bool(spec.get("exportable", False)),
                                     params=generate.get("params") or {}, value=value)
-                rotated = int(spec.get("rotation", 0))
+                base = 1  # the version the broker gave the new secret; each rotation adds one
+                version = 1
             else:
                 if current.get("policy") != policy:
                     admin.set_secret_policy(path, policy)
-                rotated = int(status.get("rotation", 0))
-                while rotated < int(spec.get("rotation", 0)):
-                    admin.rotate_secret(path, value)
-                    rotated += 1
+                version = int(current["version"])
+                # Adopted (no status yet): take the broker's version as already rotated as asked.
+                base = int(status.get("baseVersion") or max(1, version - rotation))
+            # The broker's version, not a count kept here, says what is done: a retry after a
+            # lost status patch does not rotate twice.
+            while version < base + rotation:
+                admin.rotate_secret(path, value)
+                version += 1
             current = admin.secret(path)
             versions = [{"version": v["version"], "created_at": str(v["created_at"])} for v in current["versions"]]
             _ready(patch, meta.get("generation"), currentVersion=current["version"], versions=versions,
-                   rotation=rotated, brokerPolicy=current["policy"])
+                   rotation=rotation, baseVersion=base, brokerPolicy=current["policy"])
 
     _sync(patch, retry, work)
 
