@@ -264,7 +264,7 @@ GOOD = {
     "EnclaveSecret": {"broker": "kbs", "path": "prod/db/password", "policy": "app", "generate": {"kind": "password"}},
 }
 BAD = [
-    ("KeyBroker", {"admin": {"name": "a"}}),                                            # neither external nor a database
+    ("KeyBroker", {"admin": {"name": "a"}}),                      # neither external nor a database
     ("KeyBroker", {**GOOD["KeyBroker"], "replicas": 0}),
     ("KeyBroker", {**GOOD["KeyBroker"], "external": {"url": "file:///etc/passwd"}}),
     ("EnclavePolicy", {"broker": "kbs"}),

@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import COVE
 from tests.k8s.conftest import free_port
 
-KBS = {"url": "https://kbs.cove-system.svc:8443", "ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+KBS = {"url": "https://kbs.cove-system.svc:8443",
+       "ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
        "timeout": "10"}
 K8S_VERSIONS = ["1.30", "1.34"]
 
@@ -51,7 +52,8 @@ def hook(tls, tmp_path_factory):
     proc = subprocess.Popen([COVE, "k8s", "webhook", "--listen", f"127.0.0.1:{port}", "--cert", str(tls["cert"]),
                              "--key", str(tls["key"]), "--kbs-config", str(settings)],
                             stderr=subprocess.PIPE, text=True)
-    client = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(tls["ca"])), timeout=10)
+    client = httpx.Client(base_url=f"https://127.0.0.1:{port}",
+                          verify=ssl.create_default_context(cafile=str(tls["ca"])), timeout=10)
     for _ in range(200):
         try:
             client.get("/healthz")
