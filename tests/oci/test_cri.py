@@ -18,11 +18,12 @@ from cove.oci.proto.runtime.v1 import api_pb2 as cri
 from cove.oci.proto.runtime.v1 import api_pb2_grpc as cri_grpc
 from tests.conftest import ROOT, require
 from tests.e2e.helpers import set_option
-from tests.oci.conftest import Containerd
+from tests.oci.conftest import Containerd, retag_tampered
 from tests.oci.helpers import RUNTIME
 
 PAUSE = "localhost/cove-test/pause:1"
 HELLO = "localhost/cove-test/hello:1"
+TAMPERED = "localhost/cove-test/tampered:1"
 CRI_CONFIG = f'''
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE}"
@@ -67,7 +68,8 @@ def pause_tar(cove, tmp_path_factory) -> Path:
 def cri_node(tmp_path_factory, pause_tar, oci_tar):
     daemon = Containerd(tmp_path_factory.mktemp("cri"), CRI_CONFIG)
     try:
-        for image in (pause_tar, oci_tar):
+        tampered = retag_tampered(oci_tar, daemon.base / "tampered.tar", TAMPERED)
+        for image in (pause_tar, oci_tar, tampered):
             result = daemon.ctr("-n", "k8s.io", "images", "import", str(image))
             assert result.returncode == 0, result.stderr
         channel = grpc.insecure_channel(f"unix://{daemon.socket}")
@@ -114,6 +116,17 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
         assert [line.split(" ", 3)[3] for line in log] == ["hi-from-cri", "cove"]
         runtime.StopContainer(cri.StopContainerRequest(container_id=container, timeout=5), timeout=60)
         runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container), timeout=60)
+        # a tampered image in the same pod: refused before anything of it runs
+        tampered_config = cri.ContainerConfig()
+        tampered_config.CopyFrom(container_config)
+        tampered_config.metadata.name, tampered_config.image.image = "tampered", TAMPERED
+        tampered_config.log_path = "tampered.log"
+        bad = runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=tampered_config, sandbox_config=sandbox_config), timeout=120).container_id
+        with pytest.raises(grpc.RpcError) as refused:
+            runtime.StartContainer(cri.StartContainerRequest(container_id=bad), timeout=120)
+        assert "bin/cat was modified" in refused.value.details()
+        runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=bad), timeout=60)
     finally:
         runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
         runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
