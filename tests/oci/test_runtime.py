@@ -279,3 +279,20 @@ def test_an_encrypted_root_runs_from_the_ciphertext_in_the_image(cove, tmp_path)
     assert (tmp_path / "out").read_text() == "plain-only-inside\n", (tmp_path / "err").read_text()
     assert runtime(root, "delete", "e").returncode == 0
     no_leftovers(root, "e")
+
+
+def test_an_unwritable_pid_file_leaves_no_waiting_process(bundle, tmp_path):
+    root = tmp_path / "state"
+    result = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "no" / "pid"), "p")
+    assert result.returncode == 8 and "pid" in one_line(result)
+    no_leftovers(root, "p")
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_enclave_of(p, root)]
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _waits_in(p, root)]
+
+
+def _waits_in(pid, root):
+    """A process whose command line names this test's state folder (the container process does: --root)."""
+    try:
+        return str(root) in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return False

@@ -132,6 +132,7 @@ def cmd_create(args) -> int:
         container.dir.mkdir(mode=0o700)
     except FileExistsError:
         raise CoveError(f"container {args.id} already exists", "delete it first, or choose another id") from None
+    pid = None
     try:
         prepared = launch.prepare(bundle, container.dir)
         console = None
@@ -150,6 +151,12 @@ def cmd_create(args) -> int:
             tmp.write_text(str(pid))
             os.replace(tmp, args.pid_file)
     except BaseException:
+        if pid is not None:  # e.g. an unwritable --pid-file: the waiting process must not outlive the refusal
+            _kill_and_wait(pid, _start_time(pid)[0] if _start_time(pid) else None)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
         _cleanup(container.dir)
         raise
     return 0
