@@ -310,13 +310,15 @@ class Daemon:
 
     def _wait_end(self, enclave: Enclave, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
         while True:
             current = self.registry.settle(self.registry.load(enclave.id))
             if current.ended and not current.supervisor_alive():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(0.02)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     def wait(self, ref: str) -> dict:
         enclave = self.registry.find(ref)
@@ -338,12 +340,14 @@ class Daemon:
     def logs(self, ref: str, follow: bool, tail: int | None):
         """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end."""
         enclave = self.registry.find(ref)
+        delay = 0.002  # short waits first (a short-lived enclave ends soon), longer ones later
         with open(enclave.log, "rb") as handle:
             if tail is not None:
                 yield _tail(handle, tail)
             while True:
                 chunk = handle.read(65536)
                 if chunk:
+                    delay = 0.002
                     yield chunk
                     continue
                 if not follow:
@@ -354,7 +358,8 @@ class Daemon:
                     if rest:
                         yield rest
                     return
-                time.sleep(0.05)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     # -- images
 
