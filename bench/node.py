@@ -110,7 +110,8 @@ def main() -> None:
         thin = timed([sys.executable, "-c", "from cove.daemon.client import Client; Client().call('GET', '/enclaves')"],
                      args.runs, env)
         python = timed([sys.executable, "-c", "pass"], args.runs, env)
-        print(f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; python -c pass {python:.1f} ms)")
+        print(f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; "
+              f"python -c pass {python:.1f} ms)")
 
         # 50 enclaves reading quotes at once: each sleeps until a common moment, then reads
         target = time.time() + 1.2 * args.quoters + 5

@@ -90,7 +90,8 @@ class Node:
                 answer += chunk
                 if b"\r\n\r\n" in answer:
                     head, _, body = answer.partition(b"\r\n\r\n")
-                    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                              if h.lower().startswith(b"content-length")]
                     if length and len(body) >= length[0]:
                         break
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -112,7 +113,8 @@ class Node:
         raw = response.read()
         connection.close()
         kind = response.getheader("Content-Type", "")
-        return response.status, (json.loads(raw) if kind in ("application/json", "application/problem+json") and raw else raw)
+        is_json = kind in ("application/json", "application/problem+json")
+        return response.status, (json.loads(raw) if is_json and raw else raw)
 
     def state(self, ref: str) -> dict:
         status, view = self.api("GET", f"/v1/enclaves/{ref}")
