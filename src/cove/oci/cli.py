@@ -49,12 +49,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="cove-runtime", description="An OCI runtime for Cove enclaves (docs/containers.md).")
-    top.add_argument("--root", default=DEFAULT_ROOT)
-    top.add_argument("--log")
-    top.add_argument("--log-format", choices=("text", "json"), default="text")
-    top.add_argument("--debug", action="store_true")
-    top.add_argument("--systemd-cgroup", action="store_true")  # engines pass it; cgroups are Cove's own
-    top.add_argument("--rootless", default=None)
+    top.add_argument("--root", default=DEFAULT_ROOT, help=f"where containers' state lives (default {DEFAULT_ROOT})")
+    top.add_argument("--log", help="also write errors to this file")
+    top.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one object per line, as containerd's shim reads")
+    top.add_argument("--debug", action="store_true", help="tracebacks for unexpected errors")
+    # engines pass it; the launcher makes the enclave's own cgroups
+    top.add_argument("--systemd-cgroup", action="store_true", help=argparse.SUPPRESS)
+    top.add_argument("--rootless", default=None, help=argparse.SUPPRESS)
     top.add_argument("--version", "-v", action="store_true")
     top.add_argument("--node-root", help="the node service's --root, for /dev/attestation (default "
                                          "$COVE_NODE_ROOT or /var/lib/cove); podman: --runtime-flag node-root=DIR")
