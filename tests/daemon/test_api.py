@@ -35,7 +35,10 @@ BAD = [
     ("GET", "/v2/enclaves", None, 404),
     ("GET", "/", None, 404),
     ("DELETE", "/v1/images/..", None, 404),
-    ("POST", "/v1/enclaves/nobody/exec", b"{}", 404),
+    ("POST", "/v1/enclaves/nobody/exec", b"{}", 400),
+    ("POST", "/v1/enclaves/nobody/exec", b'{"argv": []}', 400),
+    ("POST", "/v1/enclaves/nobody/exec", b'{"argv": ["/bin/ls"]}', 404),
+    ("POST", "/v1/enclaves/nobody/attach", b"{}", 404),
 ]
 
 
@@ -69,12 +72,12 @@ def test_openapi_document_lists_every_route(node):
     assert document["openapi"].startswith("3.1")
     for path in ("/v1/enclaves", "/v1/enclaves/{ref}", "/v1/enclaves/{ref}/logs", "/v1/enclaves/{ref}/stop",
                  "/v1/enclaves/{ref}/kill", "/v1/enclaves/{ref}/wait", "/v1/images", "/v1/images/{id}",
-                 "/v1/events", "/v1/version"):
+                 "/v1/events", "/v1/version", "/v1/enclaves/{ref}/exec"):
         assert path in document["paths"]
     import schemathesis  # a test extra: it parses and checks the document as an OpenAPI schema
 
     operations = list(schemathesis.openapi.from_dict(document).get_all_operations())
-    assert len(operations) == 14 and all(type(o).__name__ == "Ok" for o in operations)
+    assert len(operations) == 15 and all(type(o).__name__ == "Ok" for o in operations)
 
 
 KNOCK = """

@@ -99,3 +99,33 @@ def test_another_pid_namespace_is_refused(node, pair):
                               capture_output=True, text=True)
     assert outsider.returncode != 0 and "Permission denied" in outsider.stderr
     c.ok("rm", "-f", ident)
+
+
+def test_exec_joins_the_enclave(node, pair):
+    """cove exec: same pid namespace, identity, seccomp filter and no capabilities; refusals in one line."""
+    from tests.conftest import error_line
+
+    c = node.cove
+    alpha, _ = pair
+    ident = c.ok("run", "-d", "--name", "host", "/bin/sleep", "60", cwd=alpha).stdout.strip()
+    node.until(ident, "running")
+    deadline = time.monotonic() + 20
+    while c("exec", "host", "/bin/ls", "/dev/attestation").returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status = c.ok("exec", "host", "/bin/cat", "/proc/self/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Seccomp"].strip() == "2" and fields["NoNewPrivs"].strip() == "1"
+    assert all(fields[k].strip() == "0000000000000000" for k in ("CapEff", "CapPrm", "CapBnd", "CapInh"))
+    assert "sleep" in c.ok("exec", "host", "/bin/cat", "/proc/1/cmdline").stdout  # the enclave's pid 1
+    report = c.ok("exec", "host", "/bin/attest_probe", "report", "00ff").stdout.strip()
+    assert node.state("host")["measurement"] in report  # the enclave's own identity
+    assert c("exec", "host", "/bin/sh", "-c", "exit 7").returncode == 7
+    missing = c("exec", "host", "/bin/nothing")
+    assert missing.returncode == 127 and "No such file" in error_line(missing)
+    outside = c("exec", "host", "/who")
+    assert outside.returncode == 2 and "not an entry point" in error_line(outside)
+    c.ok("stop", "-t", "1", "host")
+    ended = c("exec", "host", "/bin/ls")
+    assert ended.returncode == 2 and "not running" in error_line(ended)
+    c.ok("rm", "host")

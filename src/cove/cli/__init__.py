@@ -33,6 +33,7 @@ COMMANDS = {
     "verify": "attest", "jwks": "attest", "platform": "platform",
     "daemon": "daemon", "ps": "lifecycle", "logs": "lifecycle", "stop": "lifecycle", "kill": "lifecycle",
     "rm": "lifecycle", "wait": "lifecycle", "images": "lifecycle", "rmi": "lifecycle", "events": "lifecycle",
+    "exec": "lifecycle",
 }
 
 

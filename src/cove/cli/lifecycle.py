@@ -196,6 +196,23 @@ def events(since: int, no_follow: bool) -> None:
         raise LifecycleError(exc.line, exc.exit_code) from None
 
 
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("ref")
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def exec_(ref: str, program: str, args: tuple[str, ...]) -> int:
+    """Run PROGRAM in a running enclave: its namespaces, seccomp filter, limits and user (no terminal)."""
+    result = _call("POST", f"/enclaves/{ref}/exec", {"argv": [program, *args]}, timeout=3700)
+    sys.stdout.write(result["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(result["stderr"])
+    sys.stderr.flush()
+    return int(result["exit_code"])
+
+
+exec_.name = "exec"
+
+
 def inspect_enclave(ref: str) -> None:
     click.echo(json.dumps(_call("GET", f"/enclaves/{ref}"), indent=2))
 
@@ -264,4 +281,4 @@ def _quiet_call(*args, **kwargs) -> None:
         pass
 
 
-COMMANDS = (ps, logs, stop, kill, rm, wait, images, rmi, events)
+COMMANDS = (ps, logs, stop, kill, rm, wait, images, rmi, events, exec_)

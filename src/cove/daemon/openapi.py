@@ -63,6 +63,12 @@ def document() -> dict:
                 "Send a signal to the enclave's program", _ENCLAVE,
                 [_REF, _query("signal", "string", "a name (TERM, SIGKILL) or number; default KILL")])},
             "/v1/enclaves/{ref}/wait": {"post": _op("Wait for the enclave to end", _ENCLAVE, [_REF])},
+            "/v1/enclaves/{ref}/exec": {"post": _op(
+                "Run a program in the running enclave (its namespaces, seccomp filter, limits, user)",
+                _json("Its exit code and output", {"type": "object", "properties": {
+                    "exit_code": {"type": "integer"}, "stdout": {"type": "string"}, "stderr": {"type": "string"}}}),
+                [_REF], {"type": "object", "required": ["argv"], "properties": {
+                    "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})},
             "/v1/enclaves/{ref}/logs": {"get": _op(
                 "The program's output (stdout and stderr, as written)",
                 {"description": "Log bytes, chunked", "content": {"application/octet-stream": {}}},

@@ -294,6 +294,37 @@ class Daemon:
         elif signum in FORWARDED or signum == signal.SIGKILL:
             _kill(pid, signum)  # no sandbox (yet): the supervisor stops before launching, or forwards it
 
+    def exec(self, ref: str, body: dict) -> dict:
+        """Run a program in a running enclave (cove.daemon.execin); its exit code and output."""
+        from cove.runtime import launcher, seccomp
+
+        argv = _field(body, "argv", list)
+        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+            raise Problem("InvalidRequest", "argv must be a non-empty list of strings")
+        enclave = self.registry.settle(self.registry.find(ref))
+        init = sandbox_init(enclave.state.get("pid")) if enclave.state.get("pid") else None
+        program = children(init) if init else []
+        if enclave.status != "running" or not program:
+            raise ConflictError(f"enclave {enclave.name} is not running")
+        image = self.store.get(enclave.record["image"])
+        config = self.store.verified(image).config
+        path = os.path.normpath(argv[0])
+        if not config.enclave.debug and not launcher.allowed(path, config.process.entry_points):
+            raise Problem("Forbidden", f"{path} is not an entry point of this enclave (allowed: "
+                          f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
+                          ExitCode.USAGE)
+        uid, gid = launcher.resolve_user(config.process.user, image.root)
+        spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd,
+                "env": launcher.build_environment(config, enclave.record.get("env", {})),
+                "max_open_files": config.resources.max_open_files,
+                "seccomp": seccomp.compile_filter(config.network.mode, io_uring=bool(
+                    getattr(getattr(config, "security", None), "io_uring", False))).hex()}
+        done = subprocess.run([sys.executable, "-m", "cove.daemon.execin", str(program[0]), json.dumps(spec)],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=3600)
+        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path, exit_code=done.returncode)
+        return {"exit_code": done.returncode, "stdout": done.stdout[-(16 << 20):].decode("utf-8", "replace"),
+                "stderr": done.stderr[-(1 << 20):].decode("utf-8", "replace")}
+
     def stop(self, ref: str, timeout: float) -> dict:
         enclave = self.registry.settle(self.registry.find(ref))
         (enclave.folder / "stop").touch()
@@ -571,6 +602,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._json(200, d.signal(ref, parse_signal(query.get("signal", body.get("signal", "KILL")))))
             if action == "wait":
                 return self._json(200, d.wait(ref))
+            if action == "exec":
+                return self._json(200, d.exec(ref, body))
         if route == ["images"]:
             allow("GET")
             return self._json(200, d.images())

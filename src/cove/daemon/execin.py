@@ -1,0 +1,111 @@
+"""`cove exec`: a new process in a running enclave (``python -m cove.daemon.execin PID CONFIG_JSON``).
+
+The daemon runs this helper as root for one request. It takes the enclave's
+program (host pid PID) as the reference: it joins that process's cgroups,
+opens its namespaces and root, enters them (user first, then the others it
+owns, the mount namespace and root last), and forks so the new process is
+in the enclave's pid namespace. The child takes the enclave's user, drops
+every capability (bounding, ambient, permitted, effective, inheritable),
+sets no_new_privs and the same seccomp filter the sandbox has, the same
+open-files limit, the enclave's environment and working folder, and execs
+the program. The helper relays its exit code (128 + N for a signal).
+Everything it needs is imported before it enters the enclave's mount
+namespace, where no host file is visible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x10000000, 0x20000000
+NAMESPACES = (("user", CLONE_NEWUSER), ("ipc", 0x08000000), ("uts", 0x04000000), ("net", 0x40000000),
+              ("cgroup", 0x02000000), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+CAP_LAST = 63
+
+
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def join_cgroups(pid: int) -> None:
+    """Put this process in the cgroups of pid (v1 controllers or the v2 group)."""
+    with open(f"/proc/{pid}/cgroup") as handle:
+        lines = handle.read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        names = [c.replace("name=", "") for c in controllers.split(",") if c] or [""]
+        for name in names:
+            procs = os.path.join("/sys/fs/cgroup", name, path.lstrip("/"), "cgroup.procs")
+            try:
+                with open(procs, "w") as handle:
+                    handle.write(str(os.getpid()))
+            except OSError:
+                continue  # a controller Cove does not limit (e.g. a read-only one)
+
+
+def main(argv: list[str]) -> int:
+    pid, spec = int(argv[0]), json.loads(argv[1])
+    libc = ctypes.CDLL(None, use_errno=True)
+    program = bytes.fromhex(spec["seccomp"])
+    join_cgroups(pid)
+    os.setgroups([])  # here, in the host's user namespace: the enclave's one denies setgroups
+    fds = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag) for name, flag in NAMESPACES]
+    root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for fd, flag in fds:
+        if libc.setns(fd, flag) != 0:
+            error = ctypes.get_errno()
+            print(f"cove: error: cannot enter the enclave: setns: {os.strerror(error)}", file=sys.stderr)
+            return 125
+        os.close(fd)
+    os.fchdir(root)
+    os.chroot(".")
+    os.close(root)
+    child = os.fork()  # only a child is in the enclave's pid namespace
+    if child == 0:
+        try:
+            os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+            os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+            for cap in range(CAP_LAST + 1):
+                libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+            libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+            data = (_CapData * 2)()
+            if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data) != 0:
+                raise OSError(ctypes.get_errno(), "capset")
+            files = spec["max_open_files"]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "no_new_privs")
+            buffer = ctypes.create_string_buffer(program, len(program))
+            fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+            if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "seccomp")
+            os.chdir(spec["cwd"])
+            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+        except OSError as exc:
+            code = 127 if exc.errno == 2 else 126
+            os.write(2, f"cove: error: {spec['argv'][0]}: {exc.strerror or exc}\n".encode())
+            os._exit(code)
+        except BaseException:  # noqa: BLE001 - a forked child must never return
+            os._exit(125)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
