@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--vm-runs", type=int, default=5, help="runs per vm figure (each boots a VM)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-"))
-    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"))
+    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"),
+               COVE_NO_DAEMON="1")  # direct mode even if a cove daemon runs (bench/node.py measures that)
     try:
         (work / "hello.c").write_text(HELLO)
         hello = work / "hello"
