@@ -19,6 +19,7 @@ from joserfc import jwk
 
 from cove.kbs import appraisal, jose
 from cove.kbs.problems import TYPE_PREFIX
+from cove.kbs import server as server_mod
 from cove.kbs.server import BODY_LIMITS
 from tests.kbs.conftest import ssl_for
 
@@ -128,6 +129,19 @@ def _peak_rss() -> int:
             return int(line.split()[1]) << 10
     raise AssertionError("no VmHWM in /proc/self/status")
     assert closed
+
+
+def test_stalled_body_cut_off(make_kbs, monkeypatch):
+    """A client that stops in the middle of its body is answered 408 and disconnected."""
+    monkeypatch.setattr(server_mod, "BODY_TIMEOUT", 1.0)
+    kbs = make_kbs()
+    with _connect(kbs) as conn:
+        conn.sendall(_head("POST", "/kbs/v0/auth", "Content-Length: 100", "Content-Type: application/json")
+                     + b'{"version": ')
+        started = time.monotonic()
+        status, document, closed = _response(conn)
+    assert status == 408 and "did not arrive" in document["detail"], document
+    assert closed and time.monotonic() - started < 8
 
 
 def test_one_code_path_whatever_the_content_type(make_kbs):

@@ -202,10 +202,10 @@ class Guard:
     """
 
     def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", protocol: dict,
-                 handlers: dict, max_active: int = MAX_ACTIVE, body_timeout: float = BODY_TIMEOUT):
+                 handlers: dict, max_active: int = MAX_ACTIVE, body_timeout: float | None = None):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.protocol, self.handlers = protocol, handlers
-        self.max_active, self.body_timeout = max_active, body_timeout
+        self.max_active, self.body_timeout = max_active, body_timeout or BODY_TIMEOUT
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
         self._trimmer: asyncio.Task | None = None
