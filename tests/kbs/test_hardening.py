@@ -192,6 +192,42 @@ def test_database_wait_does_not_block_other_requests(make_kbs, tmp_path):
     assert result["auth"] == 200
 
 
+def test_active_requests_bounded(make_kbs, tmp_path, monkeypatch):
+    """Past the guard's bound, requests wait (bodies unread) instead of piling up in the broker."""
+    monkeypatch.setattr(server_mod, "MAX_ACTIVE", 2)
+    db = tmp_path / "bounded.db"
+    kbs = make_kbs(db=f"sqlite:///{db}")
+    locker = sqlite3.connect(db, isolation_level=None, timeout=1)
+    locker.execute("BEGIN IMMEDIATE")  # every /auth now waits for the database
+    statuses: list = []
+
+    def one_auth():
+        with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs), timeout=60) as http:
+            statuses.append(http.post("/kbs/v0/auth", json={"version": "0.1.1", "tee": "sample"}).status_code)
+
+    threads = [threading.Thread(target=one_auth) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        gauges: dict = {}
+        with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs), timeout=10) as http:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                lines = http.get("/metrics").text.splitlines()
+                gauges = {k: int(v) for k, _, v in (line.partition(" ") for line in lines
+                                                     if line.startswith(("cove_kbs_active", "cove_kbs_waiting")))}
+                if gauges.get("cove_kbs_waiting_requests") == 4:
+                    break
+                time.sleep(0.1)
+        assert gauges == {"cove_kbs_active_requests": 2, "cove_kbs_waiting_requests": 4}, gauges
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+        for thread in threads:
+            thread.join(60)
+    assert statuses == [200] * 6
+
+
 def _refusals(kbs, action: str) -> list[dict]:
     return [r for r in kbs.admin.audit(limit=1000, action=action) if r["outcome"] == "refused"]
 

@@ -144,6 +144,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: Counter = Counter()
+        self.active = self.waiting = 0  # requests past the guard's bound, and waiting for it (event loop only)
 
     def add(self, name: str) -> None:
         with self._lock:
@@ -155,6 +156,8 @@ class Metrics:
         lines = ["# TYPE cove_kbs_requests_total counter"]
         for name, count in items:
             lines.append(f'cove_kbs_requests_total{{outcome="{name}"}} {count}')
+        lines += ["# TYPE cove_kbs_active_requests gauge", f"cove_kbs_active_requests {self.active}",
+                  "# TYPE cove_kbs_waiting_requests gauge", f"cove_kbs_waiting_requests {self.waiting}"]
         return "\n".join(lines) + "\n"
 
 
@@ -202,10 +205,10 @@ class Guard:
     """
 
     def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", protocol: dict,
-                 handlers: dict, max_active: int = MAX_ACTIVE, body_timeout: float | None = None):
+                 handlers: dict, max_active: int | None = None, body_timeout: float | None = None):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.protocol, self.handlers = protocol, handlers
-        self.max_active, self.body_timeout = max_active, body_timeout or BODY_TIMEOUT
+        self.max_active, self.body_timeout = max_active or MAX_ACTIVE, body_timeout or BODY_TIMEOUT
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
         self._trimmer: asyncio.Task | None = None
@@ -258,8 +261,17 @@ class Guard:
             return
         if self._active is None:
             self._active = asyncio.Semaphore(self.max_active)
-        async with self._active:
+        self.metrics.waiting += 1
+        try:
+            await self._active.acquire()
+        finally:
+            self.metrics.waiting -= 1
+        self.metrics.active += 1
+        try:
             await self._capped(scope, receive, send, limit, path)
+        finally:
+            self.metrics.active -= 1
+            self._active.release()
 
     async def _capped(self, scope, receive, send, limit: int, path: str) -> None:
         seen, refused, started = 0, [], []
