@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ctypes
 from concurrent.futures import ThreadPoolExecutor
 import json
@@ -478,7 +479,14 @@ class OffLoop:
 
 
 def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) -> FastAPI:
-    app = FastAPI(title="Cove key broker", version="0.1.0",
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        # a served process ends here (`cove kbs serve`; the embedded broker runs without lifespan)
+        app.state.off_loop.close()
+        broker.store.flush_refusals()  # counts of repeated refusals still in their window
+
+    app = FastAPI(title="Cove key broker", version="0.1.0", lifespan=lifespan,
                   description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
     app.state.broker = broker
     metrics = Metrics()
