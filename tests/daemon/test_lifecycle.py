@@ -214,3 +214,22 @@ def test_passthrough_environment_both_ways(node, tmp_path):
     record = json.loads((node.root / "enclaves" / ident / "record.json").read_text())
     assert record["env"] == {"GREETING": "hi"}
     c.ok("rm", ident)
+
+
+def test_signals_to_the_client_reach_the_enclave_both_ways(node, app):
+    """SIGTERM to `cove run` is forwarded to the program, through the daemon as directly."""
+    results = []
+    for extra in ({}, {"COVE_NO_DAEMON": "1"}):
+        env = dict(node.cove.env, **extra)
+        proc = subprocess.Popen(node.cove.popen_args("run", "/bin/hello", "t", "100"), cwd=app, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()  # the program runs
+        proc.send_signal(signal.SIGTERM)
+        out = proc.stdout.read()  # not communicate(): it would drop what readline() buffered
+        proc.wait(timeout=60)
+        proc.stderr.close()
+        results.append((proc.returncode, line + out))
+    assert results[0] == (40, "hello 2\nto stderr\ngot 15\n"), results  # stderr joins stdout in the log
+    assert results[1] == (40, "hello 2\ngot 15\n"), results  # stderr stays on stderr
+    assert not [v for v in node.api("GET", "/v1/enclaves?all=1")[1] if v["program"] == "/bin/hello"
+                and v["args"] == ["t", "100"]]  # the attached run removed its enclave
