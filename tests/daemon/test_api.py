@@ -23,6 +23,7 @@ BAD = [
     ("POST", "/v1/enclaves", b'{"instance": "/tmp\\u0000x", "program": "/bin/hello"}', 400),
     ("POST", "/v1/enclaves", b'{"instance": "/tmp", "program": "/bin/h", "restart": "maybe"}', 400),
     ("POST", "/v1/enclaves", b'{"instance": "/tmp", "program": "/bin/h", "name": "../../etc"}', 404),
+    ("POST", "/v1/enclaves", b'{"instance": "/tmp", "program": "/bin/h", "backend": "vm"}', 422),
     ("GET", "/v1/enclaves/..%2F..%2Fetc", None, 404),
     ("GET", "/v1/enclaves/nobody", None, 404),
     ("GET", "/v1/enclaves/nobody/logs?tail=-1", None, 400),

@@ -233,3 +233,18 @@ def test_signals_to_the_client_reach_the_enclave_both_ways(node, app):
     assert results[1] == (40, "hello 2\ngot 15\n"), results  # stderr stays on stderr
     assert not [v for v in node.api("GET", "/v1/enclaves?all=1")[1] if v["program"] == "/bin/hello"
                 and v["args"] == ["t", "100"]]  # the attached run removed its enclave
+
+
+def test_what_the_store_does_not_run_runs_directly(node, app, tmp_path):
+    """An image built with --encrypt-image, or --backend other than sim: cove run goes direct, same result."""
+    c = node.cove
+    copy = tmp_path / "sealed"
+    shutil.copytree(app, copy, symlinks=True)
+    c.ok("build", "--encrypt-image", "seal:mrsigner", cwd=copy)
+    before = len(node.api("GET", "/v1/enclaves?all=1")[1])
+    events = node.api("GET", "/v1/events?follow=0")[1].count(b'"create"')
+    assert c.ok("run", "/bin/hello", cwd=copy).stdout == "hello 1\n"
+    assert node.api("GET", "/v1/events?follow=0")[1].count(b'"create"') == events  # never reached the daemon
+    assert len(node.api("GET", "/v1/enclaves?all=1")[1]) == before
+    refused = c("run", "-d", "/bin/hello", cwd=copy)
+    assert refused.returncode == 2 and "--encrypt-image" in error_line(refused)

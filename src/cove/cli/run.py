@@ -56,12 +56,13 @@ def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: P
         _signer(signer)
         target = instance_mod.open_instance(ctx.directory)
         return lifecycle.start_detached(target.root, program, args, name, backend, restart, signer)
-    if package is None and not debug_shell and state_dir is None:
+    if package is None and not debug_shell and state_dir is None and backend in (None, "auto", "sim"):
         from cove.cli import lifecycle
         if lifecycle.daemon_available():
             _signer(signer)
             target = instance_mod.open_instance(ctx.directory)
-            return lifecycle.run_attached(target.root, program, args, backend, signer)
+            if _node_runs(target):
+                return lifecycle.run_attached(target.root, program, args, backend, signer)
     from cove.runtime import launcher
     if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
@@ -76,6 +77,16 @@ def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: P
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise runtime_dir_full(launcher.runtime_dir(), package, ctx.directory) from None
+
+
+def _node_runs(target) -> bool:
+    """Whether the daemon's store runs this instance (sim, not an encrypted image); else direct mode."""
+    from cove.image import encryption
+    try:
+        configured = target.config().enclave.backend
+    except CoveError:
+        return True  # the daemon reports a broken cove.toml as direct mode would
+    return configured in ("auto", "sim") and encryption.find(target.build_dir) is None
 
 
 def runtime_dir_full(where: Path, package: Path | None, directory: Path) -> FileSystemError:

@@ -178,6 +178,9 @@ class Daemon:
         env = _field(body, "env", dict, {})
         signer_hex = _field(body, "signer", str, None)
         parse_restart(restart)
+        if backend not in (None, "auto", "sim"):
+            raise Problem("Unprocessable", f"the node runs sim enclaves, not backend {backend!r}: "
+                          "run it without the daemon (COVE_NO_DAEMON=1)")
         if not instance.is_absolute():
             raise Problem("InvalidRequest", "instance must be an absolute path")
         if not (instance / "cove.toml").is_file():
@@ -203,7 +206,7 @@ class Daemon:
         # never written by root (a symbolic link there could point anywhere): its state stays in the node
         state_dir = str(instance / "run") if uid == 0 else None
         record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
-                  "backend": backend or "sim", "program": program, "args": args, "instance": str(instance),
+                  "backend": "sim", "program": program, "args": args, "instance": str(instance),
                   "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid}
         enclave = self.registry.create(record)
         self.events.emit("enclave", "create", enclave.id, name=enclave.name)
