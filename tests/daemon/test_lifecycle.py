@@ -238,6 +238,7 @@ def test_signals_to_the_client_reach_the_enclave_both_ways(node, app):
 def test_what_the_store_does_not_run_runs_directly(node, app, tmp_path):
     """An image built with --encrypt-image, or --backend other than sim: cove run goes direct, same result."""
     c = node.cove
+    c.ok("run", "/bin/hello", cwd=app)  # its plain twin (same measurement) is in the store
     copy = tmp_path / "sealed"
     shutil.copytree(app, copy, symlinks=True)
     c.ok("build", "--encrypt-image", "seal:mrsigner", cwd=copy)

@@ -146,15 +146,15 @@ class ImageStore:
                     _copy_small(instance / "build" / name, build / name)
                 _copy_small(instance / "cove.toml", work / "cove.toml")
                 verified = artifacts.load_verified(build, work / "cove.toml", expected_signer)
-                ident = image_id(verified)
-                if (self.images / ident).is_dir():
-                    return self._load(self.images / ident), False
                 if verified.config.enclave.backend not in ("auto", "sim"):
                     raise CoveError(f"the node's image store runs sim enclaves, not backend "
                                     f"{verified.config.enclave.backend}", "run it without the daemon")
-                if encryption.find(instance / "build") is not None:
+                if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
                     raise CoveError("an image built with --encrypt-image is not stored by the node",
                                     "run it without the daemon")
+                ident = image_id(verified)
+                if (self.images / ident).is_dir():
+                    return self._load(self.images / ident), False
                 files, size = self._fill(instance / "image", work / "root", verified, reader)
                 meta = {"name": verified.config.enclave.name, "measurement": verified.measurement.hex(),
                         "signer": verified.signer.hex(), "files": files, "bytes": size, "imported": time.time()}
