@@ -9,7 +9,6 @@ so they answer fast. Errors come back as RFC 7807 problem documents whose
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import socket
@@ -38,20 +37,49 @@ class NotRunning(DaemonError):
     """No daemon answers on the socket."""
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+class _Response:
+    """An HTTP/1.1 answer read from the socket: the daemon sends a Content-Length or a chunked body."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
+    def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.file = sock.makefile("rb")
+        status_line = self.file.readline(65537)
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer is not HTTP")
+        self.status = int(parts[1])
+        self.headers: dict[str, str] = {}
+        while (line := self.file.readline(65537)) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        self.left = int(self.headers.get("content-length", "0") or 0)
+
+    def chunks(self):
+        """The body piece by piece, as it arrives."""
+        if not self.chunked:
+            while self.left > 0:
+                data = self.file.read1(min(self.left, 65536))
+                if not data:
+                    return
+                self.left -= len(data)
+                yield data
+            return
+        while True:
+            size = int(self.file.readline(65537).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                self.file.readline(65537)
+                return
+            data = self.file.read(size)
+            self.file.readline(65537)
+            yield data
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
 
 
 class Client:
@@ -60,26 +88,34 @@ class Client:
         self.timeout = timeout
 
     def _open(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
-              timeout: float | None = None) -> http.client.HTTPResponse:
+              timeout: float | None = None) -> _Response:
         target = f"/{API}{route}"
         if query:
             target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        connection = _UnixConnection(self.path, timeout if timeout is not None else self.timeout)
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        data = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout if timeout is not None else self.timeout)
         try:
-            connection.request(method, target, body=data, headers=headers)
-            return connection.getresponse()
+            sock.connect(self.path)
+            sock.sendall(head.encode() + b"\r\n" + data)
+            return _Response(sock)
         except FileNotFoundError:
+            sock.close()
             raise NotRunning(f"the Cove daemon is not running (no socket {self.path})",
                              UNREACHABLE) from None
         except ConnectionRefusedError:
+            sock.close()
             raise NotRunning(f"the Cove daemon is not running (nothing listens on {self.path})",
                              UNREACHABLE) from None
         except PermissionError:
+            sock.close()
             raise DaemonError(f"permission denied on {self.path}: the daemon serves root and the "
                               f"`{GROUP}` group only (ask an administrator to add you to it)", REFUSED) from None
         except OSError as exc:
+            sock.close()
             if exc.errno in (errno.ENOTSOCK, errno.ECONNRESET, errno.EPIPE):
                 raise NotRunning(f"the Cove daemon is not answering on {self.path} ({exc.strerror})",
                                  UNREACHABLE) from None
@@ -95,7 +131,7 @@ class Client:
         return self._decode(response, data)
 
     @staticmethod
-    def _decode(response: http.client.HTTPResponse, data: bytes):
+    def _decode(response: _Response, data: bytes):
         try:
             document = json.loads(data) if data else None
         except ValueError:
@@ -116,8 +152,7 @@ class Client:
             response.close()
             self._decode(response, data)
         try:
-            while chunk := response.read1(65536):
-                yield chunk
+            yield from response.chunks()
         finally:
             response.close()
 
