@@ -249,3 +249,18 @@ def test_what_the_store_does_not_run_runs_directly(node, app, tmp_path):
     assert len(node.api("GET", "/v1/enclaves?all=1")[1]) == before
     refused = c("run", "-d", "/bin/hello", cwd=copy)
     assert refused.returncode == 2 and "--encrypt-image" in error_line(refused)
+
+
+def test_client_timeouts(node, app):
+    """wait has no timeout (None), the client's default is a clear error, not an OSError."""
+    from cove.daemon.client import Client, DaemonError
+
+    ident = node.cove.ok("run", "-d", "/bin/hello", "2", cwd=app).stdout.strip()
+    client = Client(node.socket, timeout=0.5)
+    try:
+        client.call("POST", f"/enclaves/{ident}/wait")
+        raise AssertionError("a 2 s wait answered within the 0.5 s default")
+    except DaemonError as exc:
+        assert exc.exit_code == 7 and "did not answer" in exc.line
+    assert client.call("POST", f"/enclaves/{ident}/wait", timeout=None)["exit_code"] == 0
+    node.cove.ok("rm", ident)

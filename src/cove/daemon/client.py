@@ -88,7 +88,8 @@ class Client:
         self.timeout = timeout
 
     def _open(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
-              timeout: float | None = None) -> _Response:
+              timeout=...) -> _Response:
+        """Send one request; ``timeout`` in seconds, None for none, ... for the client's default."""
         target = f"/{API}{route}"
         if query:
             target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -97,7 +98,7 @@ class Client:
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout if timeout is not None else self.timeout)
+        sock.settimeout(self.timeout if timeout is ... else timeout)
         try:
             sock.connect(self.path)
             sock.sendall(head.encode() + b"\r\n" + data)
@@ -121,13 +122,15 @@ class Client:
                                  UNREACHABLE) from None
             raise
 
-    def call(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
-             timeout: float | None = None):
-        response = self._open(method, route, body, query, timeout)
+    def call(self, method: str, route: str, body: dict | None = None, query: dict | None = None, timeout=...):
         try:
-            data = response.read()
-        finally:
-            response.close()
+            response = self._open(method, route, body, query, timeout)
+            try:
+                data = response.read()
+            finally:
+                response.close()
+        except TimeoutError:
+            raise DaemonError(f"the Cove daemon did not answer on {self.path} in time", UNREACHABLE) from None
         return self._decode(response, data)
 
     @staticmethod
