@@ -109,7 +109,7 @@ def serve(mountpoint: Path, control: Path) -> int:
     from cove import hostids
     from cove.errors import CoveError
     from cove.platform import monitor
-    from cove.platform.devattest import AttestationFs
+    from cove.platform.devattest import AttestationFs, FixedTree
     from cove.platform.devattest_server import claims_from_json, sealing_keys
 
     own_namespace = _pid_namespace(os.getpid())
@@ -125,7 +125,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             self.index, self.name, self.fs, self.owner = index, name, fs, owner
             self.namespace: int | None = None
 
-    class NodeFs(pyfuse3.Operations):
+    class NodeFs(FixedTree):
         """The root lists enclave folders (root only); each folder is one enclave's AttestationFs."""
 
         def __init__(self) -> None:
@@ -294,36 +294,6 @@ def serve(mountpoint: Path, control: Path) -> int:
         async def setattr(self, inode, attr, fields, fh, ctx):
             slot, local = self._slot(inode, ctx)
             return self._global(slot, await slot.fs.setattr(local, attr, fields, fh, ctx))
-
-        async def statfs(self, ctx):
-            s = pyfuse3.StatvfsData()
-            s.f_bsize = s.f_frsize = 4096
-            s.f_namemax = 255
-            return s
-
-        async def create(self, parent_inode, name, mode, flags, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def mkdir(self, parent_inode, name, mode, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def mknod(self, parent_inode, name, mode, rdev, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def unlink(self, parent_inode, name, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def rmdir(self, parent_inode, name, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def symlink(self, parent_inode, name, target, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
-
-        async def link(self, inode, new_parent_inode, new_name, ctx):
-            raise pyfuse3.FUSEError(errno.EPERM)
 
     fs = NodeFs()
     listener = _listen(control)

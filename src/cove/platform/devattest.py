@@ -41,7 +41,41 @@ class Handle:
     written: bytearray | None = None
 
 
-class AttestationFs(pyfuse3.Operations):
+class FixedTree(pyfuse3.Operations):
+    """A file system whose tree is fixed: nothing can be created, removed or renamed (EPERM)."""
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+
+class AttestationFs(FixedTree):
     """The file tree; ``evidence``/``report`` sign for the current report data."""
 
     def __init__(self, attestation_type: str, evidence: Callable[[bytes], bytes] | None,
@@ -163,35 +197,3 @@ class AttestationFs(pyfuse3.Operations):
 
     async def release(self, fh):
         self.handles.pop(fh, None)
-
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
-
-    # -- the tree is fixed: nothing can be created, removed or renamed
-
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def unlink(self, parent_inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def rmdir(self, parent_inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
