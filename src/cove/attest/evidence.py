@@ -170,6 +170,11 @@ def parse_report(data: bytes) -> Report:
         root=f.text("root", ROOTS), endorsement=f.bytes("endorsement", 32), version=version)
 
 
+def load_endorsement(data: bytes, what: str = "endorsement") -> Endorsement:
+    """An endorsement from its CBOR bytes (as stored by the platform layer)."""
+    return parse_endorsement(loads(data, "cove", what))
+
+
 def parse_endorsement(value) -> Endorsement:
     f = Fields(value, "cove", "endorsement", _ENDORSEMENT_KEYS)
     root = f.text("root", ROOTS)

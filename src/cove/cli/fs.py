@@ -199,7 +199,7 @@ def ls(ctx, key_text: str, no_rollback_check: bool, volume_dir: Path, inside: st
         except FileNotFoundError:
             raise CoveError(f"{inside}: not in the volume") from None
         entries = [(inside.rstrip("/") or "/", start)] if start.kind != "d" else \
-            [(f"{inside.rstrip('/')}{path}", node) for path, node in volume._walk(start, "")]
+            [(f"{inside.rstrip('/')}{path}", node) for path, node in volume.walk(start)]
         for path, node in entries:
             extra = f" -> {os.fsdecode(node.target)}" if node.kind == "l" else ""
             click.echo(f"{stat.filemode(node.mode)} {volume.file_size(node):>12} {path}{extra}")

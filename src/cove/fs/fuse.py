@@ -114,7 +114,7 @@ class VolumeOperations(pyfuse3.Operations):
             with trio.move_on_after(self.commit_interval):
                 await self._commit_now.wait()
             self._commit_now = trio.Event()
-            if self.volume.dirty or any(n.dirty for n in self.volume._handles.values()):
+            if self.volume.dirty or self.volume.has_dirty_handles():
                 try:
                     self.volume.commit()
                 except Exception as exc:
@@ -130,7 +130,7 @@ class VolumeOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
-            node = self.volume._inodes.get(ino)
+            node = self.volume.find_inode(ino)
             if node is not None:
                 node.lookups = max(0, node.lookups - count)
                 if node.lookups == 0:
@@ -310,7 +310,7 @@ class VolumeOperations(pyfuse3.Operations):
         data.f_blocks = host.f_blocks * host.f_frsize // 4096
         data.f_bfree = host.f_bfree * host.f_frsize // 4096
         data.f_bavail = host.f_bavail * host.f_frsize // 4096
-        data.f_files = len(self.volume._inodes) + host.f_ffree
+        data.f_files = self.volume.inode_count + host.f_ffree
         data.f_ffree = host.f_ffree
         data.f_favail = host.f_favail
         data.f_namemax = 255

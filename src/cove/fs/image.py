@@ -40,7 +40,7 @@ LABEL = "/"
 CHUNK = 1 << 20
 
 
-def _listing(entries) -> dict[str, tuple]:
+def listing_of(entries) -> dict[str, tuple]:
     """path -> (type, mode, size, digest, target) from signed image entries (cove.image.tree.Entry)."""
     return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
 
@@ -56,7 +56,7 @@ def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entri
     """
     from cove.fs.transfer import new_volume_from
 
-    listing = _listing(entries)
+    listing = listing_of(entries)
     source = keys.parse(key_text)
     ident = Identity.of(identity) if identity is not None else None
     kek = keys.resolve(source, ident) if key_bytes is None else bytes(key_bytes)
@@ -114,7 +114,7 @@ def add_mount_points(volume: Volume, targets, files=()) -> None:
                 child = Node("f" if leaf_file else "d", (stat.S_IFREG | 0o444) if leaf_file else (stat.S_IFDIR | 0o755))
                 child.parent, child.name = node, part.encode()
                 node.children[part.encode()] = child
-                volume._assign(child)
+                volume.assign_inode(child)
             node = child
 
 
@@ -122,7 +122,7 @@ def decrypt_image(enc_dir: Path, key_text: str, identity, entries, dest: Path) -
     """A verified plain copy of an encrypted image in the new folder ``dest`` (owner-only until done)."""
     from cove.fs.transfer import export_tree
 
-    listing = _listing(entries)
+    listing = listing_of(entries)
     ident = Identity.of(identity) if identity is not None else None
     with open_volume(str(enc_dir), key_text, ident, label=LABEL, writable=False, anchor="none") as volume:
         difference = compare_listing(volume, listing)

@@ -61,6 +61,18 @@ def read_header(host_path: str) -> Header:
     return Header(*HEADER.unpack(raw))
 
 
+def bound_path(host_path: str | os.PathLike, key: bytes) -> str:
+    """The logical path a protected file is bound to (its metadata is checked on the way)."""
+    pf = ProtectedFile()
+    pf._kdk = bytes(key)
+    with open(host_path, "rb") as f:
+        node0 = f.read(NODE_SIZE)
+    if len(node0) < NODE_SIZE:
+        raise FileIntegrityError(f"{os.fspath(host_path)}: too short to be a protected file")
+    meta = pf._decrypt_metadata(node0, Header(*HEADER.unpack_from(node0)))
+    return meta.path.decode("utf-8", "replace")
+
+
 class ProtectedFile:
     """An open protected file. Use :meth:`open`; close it (or use ``with``)."""
 
@@ -409,6 +421,10 @@ class ProtectedFile:
                 self._commit(self._durable)
         finally:
             self._release()
+
+    def abandon(self) -> None:
+        """Close without committing; the undo log stays, so the file can return to its last commit."""
+        self._release()
 
     def _release(self) -> None:
         writer, self._writer = getattr(self, "_writer", None), None

@@ -62,7 +62,7 @@ def main() -> int:
         from cove.image.tree import Entry
 
         entries = [Entry.decode(item) for item in cbor2.loads(settings["image"])]
-        listing = image._listing(entries)
+        listing = image.listing_of(entries)
         difference = image.compare_listing(volume, listing)
         if difference:
             print(f"error: the encrypted image differs from the signed listing: {difference}", flush=True)

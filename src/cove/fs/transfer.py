@@ -16,10 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cove.errors import CoveError
-from cove.fs.errors import FileIntegrityError
 from cove.fs.index import Node
-from cove.fs.layout import HEADER, MAGIC
-from cove.fs.protected_file import ProtectedFile
+from cove.fs.layout import MAGIC
+from cove.fs.protected_file import ProtectedFile, bound_path
 from cove.fs.volume import Volume
 from cove.fs.volume_format import NEXT, ROOT
 
@@ -42,20 +41,6 @@ def is_protected_file(path: str | Path) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except (IsADirectoryError, FileNotFoundError, PermissionError):
         return False
-
-
-def bound_path(host_path: str | Path, key: bytes) -> str:
-    """The logical path a protected file is bound to (its metadata is checked on the way)."""
-    pf = ProtectedFile()
-    pf._kdk = bytes(key)
-    with open(host_path, "rb") as f:
-        node0 = f.read(4096)
-    if len(node0) < 4096:
-        raise FileIntegrityError(f"{host_path}: too short to be a protected file")
-    from cove.fs.layout import Header
-
-    meta = pf._decrypt_metadata(node0, Header(*HEADER.unpack_from(node0)))
-    return meta.path.decode("utf-8", "replace")
 
 
 def _temp_beside(dest: Path, directory: bool) -> Path:

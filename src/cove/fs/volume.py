@@ -247,7 +247,7 @@ class Volume:
         self.ids: dict[str, Node] = {}
 
         def visit(node: Node) -> None:
-            self._assign(node)
+            self.assign_inode(node)
             if node.kind == "f":
                 self.ids[node.id] = node
             elif node.kind == "d":
@@ -256,7 +256,8 @@ class Volume:
 
         visit(root)
 
-    def _assign(self, node: Node) -> None:
+    def assign_inode(self, node: Node) -> None:
+        """Give a node built outside the volume (an in-memory mount point) its inode number."""
         node.ino = self._next_ino
         self._next_ino += 1
         self._inodes[node.ino] = node
@@ -394,7 +395,7 @@ class Volume:
         if commit and not handle.prepared and not node.dirty:
             handle.close()
         else:  # leave the undo log: the file returns to the volume's committed state
-            handle._release()
+            handle.abandon()
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
         handle = node.handle or self.acquire(node)
@@ -433,7 +434,7 @@ class Volume:
         node.id, node.handle, node.mac = new
         self._handles.pop(old_id, None)
         if old_handle is not None:
-            old_handle._release()  # keeps its undo log, if it has one: it may still be needed
+            old_handle.abandon()  # keeps its undo log, if it has one: it may still be needed
         self.ids.pop(old_id, None)
         self.ids[node.id] = node
         self.drop.add(old_id)
@@ -465,6 +466,18 @@ class Volume:
         self.dirty = True
 
     # -- namespace ---------------------------------------------------------------------
+
+    def find_inode(self, ino: int) -> Node | None:
+        """The node with inode number ``ino``, or None once it is forgotten."""
+        return self._inodes.get(ino)
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    def has_dirty_handles(self) -> bool:
+        """Whether an open file holds writes the next commit must record."""
+        return any(n.dirty for n in self._handles.values())
 
     def inode(self, ino: int) -> Node:
         node = self._inodes.get(ino)
@@ -502,7 +515,7 @@ class Volume:
     def _link(self, parent: Node, name: bytes, node: Node) -> Node:
         node.parent, node.name = parent, name
         parent.children[name] = node
-        self._assign(node)
+        self.assign_inode(node)
         self._touch(parent, content=True)
         return node
 
@@ -683,9 +696,10 @@ class Volume:
                 node = self.mkdir(node, part.encode(), mode)
         return node
 
-    def walk(self) -> Iterator[tuple[str, Node]]:
-        """(path, node) of every entry below the root, folders before their content."""
-        yield from self._walk(self.root, "")
+    def walk(self, start: Node | None = None) -> Iterator[tuple[str, Node]]:
+        """(path, node) of every entry below ``start`` (the root), folders before their content;
+        paths are relative to ``start``."""
+        yield from self._walk(self.root if start is None else start, "")
 
     def _walk(self, node: Node, prefix: str) -> Iterator[tuple[str, Node]]:
         for name, child in sorted(node.children.items()):

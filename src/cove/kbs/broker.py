@@ -391,7 +391,7 @@ class Broker:
             raise Problem("InvalidRequest", "give the admin key's public JWK only")
         try:
             key = jwk.import_key(public, public.get("kty"))
-            jose._admin_alg(key)
+            jose.admin_alg(key)
         except Exception as exc:
             raise Problem("InvalidRequest", f"not an Ed25519 or EC P-256/P-384 public JWK: {exc}") from None
 

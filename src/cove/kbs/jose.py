@@ -212,13 +212,14 @@ def make_admin_token(private_key: jwk.Key, key_name: str, audience: str, lifetim
                      now: float | None = None) -> str:
     """What `cove kbs admin` sends as its bearer token."""
     now = int(now if now is not None else time.time())
-    alg = _admin_alg(private_key)
+    alg = admin_alg(private_key)
     return jwt.encode({"alg": alg, "typ": "JWT", "kid": key_name},
                       {"aud": audience, "iat": now, "exp": now + lifetime, "jti": pysecrets.token_hex(8),
                        "sub": key_name}, private_key, algorithms=[alg])
 
 
-def _admin_alg(key: jwk.Key) -> str:
+def admin_alg(key: jwk.Key) -> str:
+    """The JWS algorithm of an admin key; ValueError for a key type admins may not use."""
     if key.key_type == "OKP":
         return "Ed25519"  # RFC 9864's fully specified name for EdDSA with Ed25519
     if key.key_type == "EC":
@@ -242,7 +243,7 @@ def verify_admin_token(token: str, public: dict, audience: str, now: float | Non
     """Check an admin token against the registered public key; a 401 problem otherwise."""
     try:
         key = jwk.import_key(public, public.get("kty"))
-        decoded = jwt.decode(token, key, algorithms=[_admin_alg(key)])
+        decoded = jwt.decode(token, key, algorithms=[admin_alg(key)])
     except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise Problem("AdminAuth", f"the admin token's signature is not valid ({type(exc).__name__})") from None
     claims = decoded.claims

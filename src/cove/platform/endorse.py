@@ -19,7 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cove.attest import evidence as ev
-from cove.attest._cbor import loads
 from cove.attest.akca import AkCa
 from cove.attest.tpm_structs import parse_pcr_file
 from cove.platform.state import Paths, PlatformConfig
@@ -75,4 +74,4 @@ def load(paths: Paths) -> ev.Endorsement | None:
         data = Path(paths.endorsement).read_bytes()
     except FileNotFoundError:
         return None
-    return ev.parse_endorsement(loads(data, "cove", "stored endorsement"))
+    return ev.load_endorsement(data, "stored endorsement")
