@@ -18,13 +18,14 @@ import hmac
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from cove.attest import certs
 from cove.attest._x509 import check_chain_to_any, der, load_der_cert, load_pem_chain, utc
 from cove.attest.errors import VerificationError
 from cove.attest.makecredential import make_credential, tools_credential_file
@@ -95,21 +96,10 @@ class AkCa:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         load_pem_chain(ek_roots_pem, "tpm", "EK roots")  # refuse garbage before writing anything
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-        now = datetime.now().astimezone()
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
-        write_atomic(directory / "ca.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()), mode=0o600)
-        write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        key = certs.new_key()
+        cert = certs.self_signed_ca(key, name, days=days)
+        write_atomic(directory / "ca.key", certs.private_key_pem(key), mode=0o600)
+        write_atomic(directory / "ca.pem", certs.pem(cert))
         write_atomic(directory / "ek-roots.pem", ek_roots_pem)
         return cls(key, cert, ek_roots_pem)
 
@@ -157,19 +147,8 @@ class AkCa:
         challenge._secret = b""  # one answer per challenge
         now = utc(now, "tpm")
         ak = challenge.ak
-        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"Cove AK {ak.name.hex()[4:20]}")])
-        san = x509.SubjectAlternativeName([
-            x509.UniformResourceIdentifier(AK_NAME_URI + ak.name.hex()),
-            x509.UniformResourceIdentifier(EK_CERT_URI + hashlib.sha256(challenge.ek_cert).hexdigest()),
-        ])
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
-                .public_key(public_key(ak)).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(san, critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-                .sign(self.key, hashes.SHA256()))
+        san = [x509.UniformResourceIdentifier(AK_NAME_URI + ak.name.hex()),
+               x509.UniformResourceIdentifier(EK_CERT_URI + hashlib.sha256(challenge.ek_cert).hexdigest())]
+        cert = certs.issue_leaf(self.key, self.cert, public_key(ak), f"Cove AK {ak.name.hex()[4:20]}",
+                                days=days, now=now, san=san)
         return (cert.public_bytes(serialization.Encoding.DER), der(self.cert))

@@ -26,14 +26,15 @@ import hashlib
 import hmac
 import ssl
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import lru_cache
 
 import cbor2
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cove.attest import certs
 from cove.attest._cbor import Fields, loads
 from cove.attest.errors import VerificationError
 from cove.attest.policy import Policy
@@ -65,44 +66,32 @@ def _issuer() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 order
     scalar = int.from_bytes(hashlib.sha256(_ISSUER_SEED).digest(), "big") % (n - 1) + 1
     key = ec.derive_private_key(scalar, ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Cove RA-TLS issuer (unverified; see the evidence)")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(datetime(2000, 1, 1, tzinfo=timezone.utc))
-            .not_valid_after(datetime(9999, 12, 31, tzinfo=timezone.utc))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = certs.self_signed_ca(key, "Cove RA-TLS issuer (unverified; see the evidence)", serial=1,
+                                not_before=datetime(2000, 1, 1, tzinfo=timezone.utc),
+                                not_after=datetime(9999, 12, 31, tzinfo=timezone.utc))
     return key, cert
 
 
 def issuer_certificate() -> bytes:
     """PEM of the RA-TLS issuer: loaded as a trust anchor only so OpenSSL lets the handshake finish."""
-    return _issuer()[1].public_bytes(serialization.Encoding.PEM)
+    return certs.pem(_issuer()[1])
 
 
 def make_certificate(get_evidence: EvidenceSource, key: ec.EllipticCurvePrivateKey | None = None, *,
                      common_name: str = "Cove RA-TLS", days: int = 1,
                      hostnames: tuple[str, ...] = ("localhost",)) -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM): a fresh key, bound to evidence ``get_evidence`` makes."""
-    key = key or ec.generate_private_key(ec.SECP256R1())
+    key = key or certs.new_key()
     claims = claims_for(key.public_key())
     evidence = get_evidence(report_data_for(claims))
     ext = cbor2.dumps(cbor2.CBORTag(CBOR_TAG, [evidence, claims]))
     issuer_key, issuer = _issuer()
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(issuer.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hostnames]), critical=False)
-            .add_extension(x509.UnrecognizedExtension(OID_TAGGED_EVIDENCE, ext), critical=False)
-            .sign(issuer_key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    cert = certs.issue_leaf(
+        issuer_key, issuer, key.public_key(), common_name, days=days,
+        extended_usage=[x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH],
+        san=[x509.DNSName(h) for h in hostnames],
+        extensions=[x509.UnrecognizedExtension(OID_TAGGED_EVIDENCE, ext)])
+    return certs.pem(cert), certs.private_key_pem(key)
 
 
 def looks_like_certificate(data: bytes) -> bool:

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from joserfc import jwk
 
+from cove.attest import certs
 from cove.kbs import appraisal, coco_binding, coco_collateral, coco_evidence, jose, policy as policy_mod, secrets as secrets_mod
 from cove.kbs.problems import Problem
 from cove.kbs.store import SecretRow, Store
@@ -106,20 +105,9 @@ class Broker:
 
     def _ca(self):
         def make() -> bytes:
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Cove KBS CA {self.broker_id[:8]}")])
-            now = dt.datetime.now(dt.timezone.utc)
-            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                    .serial_number(x509.random_serial_number())
-                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
-                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                    .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                                   critical=True)
-                    .sign(key, hashes.SHA256()))
-            return json.dumps({
-                "key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode(),
-                "cert": cert.public_bytes(serialization.Encoding.PEM).decode()}).encode()
+            key = certs.new_key()
+            cert = certs.self_signed_ca(key, f"Cove KBS CA {self.broker_id[:8]}")
+            return json.dumps({"key": certs.private_key_pem(key).decode(), "cert": certs.pem(cert).decode()}).encode()
         data = json.loads(self._sealed_once("ca", make))
         return (serialization.load_pem_private_key(data["key"].encode(), password=None),
                 x509.load_pem_x509_certificate(data["cert"].encode()))

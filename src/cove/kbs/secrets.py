@@ -33,10 +33,11 @@ import string
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from cove.attest import certs
 from cove.kbs.problems import Problem
 
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -179,23 +180,14 @@ def issue_certificate(private_pem: bytes, ca_key, ca_cert: x509.Certificate, cla
     name = str(claims.get("name") or claims.get("tee") or "enclave")[:64]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"cove-kbs {path}"[:64])])
-    builder = (x509.CertificateBuilder()
-               .subject_name(subject).issuer_name(ca_cert.subject)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
-                                            content_commitment=False, data_encipherment=False,
-                                            key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-                                                     x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    extensions = []
     for oid, claim in ((OID_MEASUREMENT, "measurement"), (OID_SIGNER, "signer")):
         value = claims.get(claim)
         if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{2,128}", value):
-            builder = builder.add_extension(x509.UnrecognizedExtension(oid, bytes.fromhex(value)), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return (private_pem + cert.public_bytes(serialization.Encoding.PEM)
-            + ca_cert.public_bytes(serialization.Encoding.PEM))
+            extensions.append(x509.UnrecognizedExtension(oid, bytes.fromhex(value)))
+    cert = certs.issue_leaf(
+        ca_key, ca_cert, key.public_key(), subject, days=days, now=now,
+        usage=certs.key_usage(key_encipherment=True, key_agreement=True),
+        extended_usage=[x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH],
+        extensions=extensions)
+    return private_pem + certs.pem(cert) + certs.pem(ca_cert)
