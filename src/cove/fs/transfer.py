@@ -17,7 +17,6 @@ from pathlib import Path
 
 from cove.errors import CoveError
 from cove.fs.index import Node
-from cove.fs.layout import MAGIC
 from cove.fs.protected_file import ProtectedFile, bound_path
 from cove.fs.volume import Volume
 from cove.fs.volume_format import NEXT, ROOT
@@ -33,14 +32,6 @@ class TransferError(CoveError):
 def is_volume(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and ((path / ROOT).exists() or (path / NEXT).exists())
-
-
-def is_protected_file(path: str | Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except (IsADirectoryError, FileNotFoundError, PermissionError):
-        return False
 
 
 def _temp_beside(dest: Path, directory: bool) -> Path:

@@ -64,11 +64,3 @@ def decide(policy: Policy, appraisal: Appraisal, now: dt.datetime | None = None)
 
 def default_attestation_policy() -> Policy:
     return attest_policy.default_policy()
-
-
-def for_measurement(measurement: str, tee: str = "cove", **rules) -> str:
-    """A release policy text accepting one measurement of one evidence type."""
-    lines = [f'types = ["{tee}"]', f"[{tee}]", f'measurements = ["{measurement}"]']
-    for key, value in rules.items():
-        lines.append(f"{key} = {'true' if value is True else 'false' if value is False else repr(value)}")
-    return "\n".join(lines) + "\n"
