@@ -443,7 +443,7 @@ def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
                 await writer.drain()
                 sent += len(block)
             status = (await asyncio.wait_for(answer, 30)).decode().split(" ")[1]
-        except (OSError, ConnectionError, asyncio.TimeoutError, IndexError):
+        except (TimeoutError, OSError, ConnectionError, IndexError):
             pass
         finally:
             writer.close()

@@ -53,7 +53,7 @@ def build_image(work: Path, env: dict) -> Path:
 def median_ms(commands: dict, runs: int) -> dict[str, float]:
     """Median wall time of each command (an argv, or a function making one), interleaved, one warm-up each."""
     samples: dict[str, list[float]] = {name: [] for name in commands}
-    for name, argv in commands.items():
+    for argv in commands.values():
         run(argv() if callable(argv) else argv)
     for _ in range(runs):
         for name, argv in commands.items():

@@ -111,7 +111,7 @@ class EnclaveBroker:
                         + f'measurements = ["{measurement or self.measurement}"]\n')
         return path
 
-    def start(self) -> "EnclaveBroker":
+    def start(self) -> EnclaveBroker:
         args = self.cove.popen_args("run", "/usr/bin/python3.11", "-m", "cove", "kbs", "serve", "--state", "/state",
                                     "--listen", f"127.0.0.1:{self.port}", "--ra-tls",
                                     "--policy", "/state/policy.toml")

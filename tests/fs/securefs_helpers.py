@@ -47,9 +47,9 @@ def running_swtpm(state: Path, swtpm: str):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"swtpm exited: {proc.stderr.read().decode()}")
+                    raise RuntimeError(f"swtpm exited: {proc.stderr.read().decode()}") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError("swtpm did not start")
+                    raise RuntimeError("swtpm did not start") from None
                 time.sleep(0.05)
         yield f"swtpm:port={port}"
     finally:

@@ -135,10 +135,14 @@ def test_swapped_data_nodes_are_detected(sample):
     path, key, _ = sample
     a, b = data_phys(3) * NODE_SIZE, data_phys(40) * NODE_SIZE
     with open(path, "r+b") as f:
-        f.seek(a); na = f.read(NODE_SIZE)
-        f.seek(b); nb = f.read(NODE_SIZE)
-        f.seek(a); f.write(nb)
-        f.seek(b); f.write(na)
+        f.seek(a)
+        na = f.read(NODE_SIZE)
+        f.seek(b)
+        nb = f.read(NODE_SIZE)
+        f.seek(a)
+        f.write(nb)
+        f.seek(b)
+        f.write(na)
     expect_error(path, key, match="MAC mismatch")
 
 
@@ -146,10 +150,14 @@ def test_swapped_mht_and_data_node_are_detected(sample):
     path, key, _ = sample
     a, b = mht_phys(1) * NODE_SIZE, data_phys(100) * NODE_SIZE
     with open(path, "r+b") as f:
-        f.seek(a); na = f.read(NODE_SIZE)
-        f.seek(b); nb = f.read(NODE_SIZE)
-        f.seek(a); f.write(nb)
-        f.seek(b); f.write(na)
+        f.seek(a)
+        na = f.read(NODE_SIZE)
+        f.seek(b)
+        nb = f.read(NODE_SIZE)
+        f.seek(a)
+        f.write(nb)
+        f.seek(b)
+        f.write(na)
     expect_error(path, key, match="MAC mismatch")
 
 

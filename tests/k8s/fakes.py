@@ -61,7 +61,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.registered: "queue.Queue[pb.RegisterRequest]" = queue.Queue()
+        self.registered: queue.Queue[pb.RegisterRequest] = queue.Queue()
         self.updates: dict[str, queue.Queue] = {}
         self.stubs: dict[str, pb_grpc.DevicePluginStub] = {}
         self.channels: list[grpc.Channel] = []

@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import jsonschema
 import kmock as kmocklib
 import kubernetes_validate

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 import rfc8785

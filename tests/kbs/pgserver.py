@@ -67,7 +67,7 @@ class PgServer:
             command = ["runuser", "-u", "postgres", "--", *command]
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.root)
 
-    def start(self) -> "PgServer":
+    def start(self) -> PgServer:
         done = self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                                  "-E", "UTF8", "--no-sync")
         if done.returncode != 0:

@@ -32,7 +32,7 @@ def _and(a: bytes, b: bytes) -> bytes:
 def platform_level(info: TcbInfo, pck: PckExtension, td: TdReport | None, kind: str) -> TcbLevel:
     """The first (highest) level whose every SVN the platform meets."""
     for level in info.levels:
-        if any(p < l for p, l in zip(pck.tcb_components, level.sgx_components)) or pck.pce_svn < level.pce_svn:
+        if any(have < need for have, need in zip(pck.tcb_components, level.sgx_components)) or pck.pce_svn < level.pce_svn:
             continue
         if td is not None:
             if level.tdx_components is None:

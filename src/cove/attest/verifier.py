@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
 
 from cove.attest import appraisal as ap
 from cove.attest import roots

@@ -88,7 +88,7 @@ class Signature:
                            canonical=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "Signature":
+    def decode(cls, data: bytes) -> Signature:
         try:
             item = cbor2.loads(data)
             if item.get("alg") != ALGORITHM:

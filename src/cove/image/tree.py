@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import cbor2
 
@@ -40,7 +40,7 @@ class Entry:
         return [self.path, self.type, self.mode, self.size, self.digest, self.target]
 
     @classmethod
-    def decode(cls, item: list) -> "Entry":
+    def decode(cls, item: list) -> Entry:
         path, kind, mode, size, digest, target = item
         return cls(path, kind, mode, size, bytes(digest), target)
 

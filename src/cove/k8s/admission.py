@@ -51,7 +51,7 @@ class Settings:
     default_memory_mib: int = 256
 
     @classmethod
-    def from_json(cls, text: str, default_memory_mib: int = 256) -> "Settings":
+    def from_json(cls, text: str, default_memory_mib: int = 256) -> Settings:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("the key-broker settings must be a JSON object")

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from cove import __version__
 from cove.k8s import DOMAIN

@@ -93,7 +93,7 @@ class TrustAnchors:
 
     @classmethod
     def from_files(cls, sgx_root_ca: Path | None, snp_ask_ark: list[Path], tpm_aks: list[Path],
-                   cove_ek_roots: Path | None = None, cove_ak_roots: Path | None = None) -> "TrustAnchors":
+                   cove_ek_roots: Path | None = None, cove_ak_roots: Path | None = None) -> TrustAnchors:
         def read(path: Path) -> bytes:
             try:
                 return Path(path).read_bytes()
@@ -103,7 +103,7 @@ class TrustAnchors:
                    [read(p) for p in tpm_aks], read(cove_ek_roots) if cove_ek_roots else None,
                    read(cove_ak_roots) if cove_ak_roots else None)
 
-    def with_policy_roots(self, policy: Policy) -> "TrustAnchors":
+    def with_policy_roots(self, policy: Policy) -> TrustAnchors:
         """These options, then ``policy``'s roots per type (each type keeps its own)."""
         return replace(self, policy=policy)
 

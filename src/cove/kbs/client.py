@@ -268,7 +268,7 @@ class AdminClient:
         self.audience = audience
 
     @classmethod
-    def from_file(cls, url: str, key_file: Path, ca_cert=None, broker_policy=None) -> "AdminClient":
+    def from_file(cls, url: str, key_file: Path, ca_cert=None, broker_policy=None) -> AdminClient:
         """An admin client from a key file written by `cove kbs init` (JSON: name, audience, jwk)."""
         try:
             data = json.loads(Path(key_file).read_text())

@@ -167,7 +167,7 @@ class EmbeddedBroker:
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="cove-kbs", daemon=True)
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:

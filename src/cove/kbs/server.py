@@ -205,7 +205,7 @@ class Guard:
     connections.
     """
 
-    def __init__(self, app, broker: Broker, metrics: "Metrics", off_loop: "OffLoop", protocol: dict,
+    def __init__(self, app, broker: Broker, metrics: Metrics, off_loop: OffLoop, protocol: dict,
                  handlers: dict, max_active: int | None = None, body_timeout: float | None = None):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.protocol, self.handlers = protocol, handlers

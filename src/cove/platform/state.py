@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from cove.errors import CoveError
 from cove.util import write_atomic
