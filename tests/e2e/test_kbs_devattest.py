@@ -26,7 +26,7 @@ MEASUREMENT = bytes.fromhex("5a" * 32)
 @pytest.fixture
 def devattest(tmp_path, monkeypatch):
     require("fusermount3")
-    from cove.platform.service import AttestationService
+    from cove.runtime.attestation_service import AttestationService
 
     monkeypatch.setenv("COVE_PLATFORM_DIR", str(tmp_path / "platform"))
     (tmp_path / "platform").mkdir(mode=0o700)

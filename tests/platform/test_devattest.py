@@ -16,7 +16,7 @@ import pytest
 from cove.attest.cove_verify import verify_cove_evidence
 from cove.attest.evidence import parse_report
 from cove.config import parse as parse_config
-from cove.platform.service import AttestationService
+from cove.runtime.attestation_service import AttestationService
 from cove.runtime.backend import EnclaveIdentity
 from cove.runtime.services import ServiceContext
 from tests.conftest import require
@@ -34,7 +34,8 @@ def serve(tmp_path, platform_paths):
     require("fusermount3")
     services = []
 
-    def start(ident: EnclaveIdentity = identity(), name: str = "w") -> Path:
+    def start(ident: EnclaveIdentity | None = None, name: str = "w") -> Path:
+        ident = ident or identity()
         workdir = tmp_path / name
         workdir.mkdir()
         ctx = ServiceContext(ident, CONFIG, f"inst-{name}", "sim", "namespaces+seccomp", tmp_path / "state", workdir)

@@ -61,7 +61,7 @@ class SharedAttestation(EnclaveService):
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
         from cove.errors import CoveError
-        from cove.platform.service import identity_json
+        from cove.runtime.attestation_service import identity_json
 
         try:
             answer = request(self.control, {"op": "register", "instance_id": ctx.instance_id,
@@ -86,9 +86,9 @@ class SharedAttestation(EnclaveService):
 
 
 def services(ctx: ServiceContext) -> list[EnclaveService]:
-    """Replaces cove.platform.service:services in a supervisor: the node's server, not a process per run."""
+    """Replaces cove.runtime.attestation_service:services in a supervisor: the node's server, not a process per run."""
     if CONTROL is None:
-        from cove.platform.service import services as per_run
+        from cove.runtime.attestation_service import services as per_run
         return per_run(ctx)
     return [SharedAttestation(CONTROL)]
 

@@ -28,7 +28,7 @@ from cove.runtime import services as services_mod
 from cove.util import write_atomic
 
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 10.0, 10.0
-PER_RUN_ATTESTATION, ATTESTATION = "cove.platform.service:services", "cove.daemon.attestation:services"
+PER_RUN_ATTESTATION, ATTESTATION = "cove.runtime.attestation_service:services", "cove.daemon.attestation:services"
 
 
 def parse_restart(policy: str) -> tuple[str, int | None]:

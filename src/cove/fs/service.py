@@ -1,18 +1,17 @@
-"""Encrypted mounts as an enclave service: one FUSE server per ``[[mounts]] type = "encrypted"``.
+"""The secure file system's server process, seen from the host: start it, mount, unmount.
 
-For each mount the service resolves the volume key here (in ``cove run``,
-which holds the enclave's verified identity and whatever the key broker
-released), starts ``python -m cove.fs.server`` outside the sandbox with the
-key on its stdin, waits until the volume is mounted under the run's private
-folder, and hands the launcher a bind of that folder at the mount's target.
-The enclave sees plain files; the host's folder holds only ciphertext.
-After the program ends the mount is unmounted and the server commits.
+:class:`FuseServer` starts ``python -m cove.fs.server`` outside the sandbox
+with its settings (and keys) on stdin and waits until the volume is mounted;
+after the program ends it unmounts, and the server commits. The runtime's
+encrypted mounts (``cove.runtime.securefs_mounts``) and the encrypted image
+(``cove.fs.image``) both use it. This module imports nothing above ``fs``.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -20,26 +19,16 @@ from pathlib import Path
 
 import cbor2
 
-from cove.config import Mount, parse_size
 from cove.errors import CoveError, SetupError
-from cove.runtime.backend import find_tool
-from cove.runtime.services import Bind, EnclaveService, ServiceContext
 
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 300.0
-DEFAULT_CACHE = 4 << 20
 
 
 class MountError(CoveError):
     """An encrypted mount could not be served; the enclave does not start."""
 
     exit_code = 3
-
-
-def volume_folder(mount: Mount, state_dir: Path) -> Path:
-    """Where a mount's ciphertext lives: its source, relative to the state folder unless absolute."""
-    source = Path(mount.source or mount.target.rstrip("/").rsplit("/", 1)[-1])
-    return source if source.is_absolute() else state_dir / source
 
 
 class FuseServer:
@@ -50,7 +39,7 @@ class FuseServer:
         self.proc: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
         self.started = False
-        self.fusermount = find_tool("fusermount3")
+        self.fusermount = shutil.which("fusermount3", path=os.environ.get("PATH", "") + ":/usr/bin:/bin:/usr/sbin:/sbin")
         if self.fusermount is None or not os.path.exists("/dev/fuse"):
             raise SetupError("encrypted mounts need FUSE (fusermount3 and /dev/fuse)", "run scripts/setup (fuse3)")
 
@@ -125,50 +114,3 @@ class FuseServer:
         if code:
             print(f"cove: secure fs {self.name}: the server exited with {code}; changes after its "
                   "last commit are lost", file=sys.stderr, flush=True)
-
-
-class EncryptedMount(EnclaveService):
-    def __init__(self, mount: Mount, index: int):
-        self.mount = mount
-        self.index = index
-        self.server: FuseServer | None = None
-
-    def begin(self, ctx: ServiceContext) -> None:
-        """Spawn the server while the image is copied (keys are resolved in start)."""
-        self.server = FuseServer(f"encrypted mount {self.mount.target}")
-        self.server.spawn()
-
-    def start(self, ctx: ServiceContext) -> list[Bind]:
-        from cove.fs.access import Identity, resolve_keks
-
-        server = self.server or FuseServer(f"encrypted mount {self.mount.target}")
-        self.server = server
-        folder = volume_folder(self.mount, ctx.state_dir)
-        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        mountpoint = ctx.workdir / f"securefs-{self.index}"
-        mountpoint.mkdir(mode=0o700)
-        options = dict(self.mount.options)
-        identity = Identity.of(ctx.identity)
-        try:
-            keks = resolve_keks(str(folder), self.mount.key, identity)
-        except CoveError as exc:
-            raise MountError(f"encrypted mount {self.mount.target}: {exc.message}", exc.hint) from None
-        settings = {
-            "volume": str(folder), "label": self.mount.target,
-            "key": self.mount.key, "identity": identity.to_cbor(), "keks": keks,
-            "writable": self.mount.writable, "create": True, "anchor": options.get("rollback", "auto"),
-            "cache": parse_size(options["cache"]) if "cache" in options else DEFAULT_CACHE,
-        }
-        server.start(settings, mountpoint)
-        return [Bind(mountpoint, self.mount.target, self.mount.writable)]
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-
-def services(ctx: ServiceContext) -> list[EnclaveService]:
-    """The factory the launcher calls: a FUSE server per encrypted mount."""
-    return [EncryptedMount(mount, index) for index, mount in enumerate(ctx.config.mounts)
-            if mount.type == "encrypted"]

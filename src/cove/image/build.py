@@ -25,6 +25,7 @@ from cove.image import encryption as encrypted_image
 from cove.image import manifest as manifest_mod
 from cove.image import signing
 from cove.image.artifacts import MANIFEST, SIGNATURE, TREE
+from cove.image.identity import EnclaveIdentity
 from cove.image.instance import Instance
 from cove.image.paths import resolve_in_image
 from cove.image.tree import Entry, encode_entries, entry_for, hash_file, walk
@@ -166,8 +167,8 @@ def _check_not_shadowed(image: Path, target: str, kind: str) -> None:
         for name in sorted(os.listdir(path)):
             hidden = posixpath.join(target, name)
             raise CoveError(f"{hidden} in the image is hidden at run time by the {kind} mount on {target}",
-                            f"place it elsewhere (e.g. cove add --to /opt/NAME) or remove the mount; "
-                            f"then rebuild")
+                            "place it elsewhere (e.g. cove add --to /opt/NAME) or remove the mount; "
+                            "then rebuild")
 
 
 def _entry_point_warnings(image: Path, entry_points: tuple[str, ...]) -> list[str]:
@@ -189,8 +190,6 @@ def _entry_point_warnings(image: Path, entry_points: tuple[str, ...]) -> list[st
 
 
 def _identity(config, manifest: manifest_mod.Manifest, signature: signing.Signature):
-    from cove.runtime.backend import EnclaveIdentity
-
     enclave = config.enclave
     return EnclaveIdentity(enclave.name, manifest.measurement, signature.signer, enclave.product_id,
                            enclave.svn, enclave.debug)

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from cove.errors import CoveError, NotFoundError
 from cove.image import artifacts, encryption
@@ -39,7 +39,7 @@ def create(instance: Instance, out: Path, allow_debug: bool = False) -> artifact
     verified = artifacts.load_verified(instance.build_dir, instance.config_path)
     if verified.config.enclave.debug and not allow_debug:
         raise CoveError("refusing to package a debug enclave", "set debug = false and rebuild, or pass --debug-enclave")
-    from cove.runtime.staging import stage
+    from cove.image.staging import stage
 
     encrypted = encryption.find(instance.build_dir)
     if encrypted is None:

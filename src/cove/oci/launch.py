@@ -200,7 +200,7 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
 
 
 NODE_ROOT = "/var/lib/cove"  # the node service's --root (COVE_NODE_ROOT in the runtime's environment)
-PER_RUN_ATTESTATION, NODE_ATTESTATION = "cove.platform.service:services", "cove.daemon.attestation:services"
+PER_RUN_ATTESTATION, NODE_ATTESTATION = "cove.runtime.attestation_service:services", "cove.daemon.attestation:services"
 
 
 def _node_attestation() -> bool:

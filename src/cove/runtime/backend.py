@@ -18,18 +18,7 @@ from typing import ClassVar
 
 from cove.config import Config
 from cove.errors import CoveError
-
-
-@dataclass(frozen=True)
-class EnclaveIdentity:
-    """Who the enclave is, taken from the verified manifest, never from the enclave."""
-
-    name: str
-    measurement: bytes
-    signer: bytes
-    product_id: int
-    svn: int
-    debug: bool
+from cove.image.identity import EnclaveIdentity  # re-exported: backends and services take it from here
 
 
 @dataclass(frozen=True)

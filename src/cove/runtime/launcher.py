@@ -19,7 +19,7 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from cove.config import Config
 from cove.errors import CannotExecuteError, CoveError, ProgramNotFoundError
@@ -30,7 +30,7 @@ from cove.image.encryption import EncryptedImage
 from cove.image.paths import resolve_in_image
 from cove.runtime import backend as backend_mod
 from cove.runtime import services as services_mod
-from cove.runtime import staging
+from cove.image import staging
 from cove.runtime.backend import EnclaveIdentity, LaunchSpec
 from cove.runtime.terminal import Terminal
 
@@ -180,7 +180,7 @@ class _Services:
         self.all = services_mod.services_for(ctx)
         self.begun: list[services_mod.EnclaveService] = []
 
-    def __enter__(self) -> "_Services":
+    def __enter__(self) -> _Services:
         try:
             for service in self.all:
                 service.begin(self.ctx)  # slow starts overlap with the image copy

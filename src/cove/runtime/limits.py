@@ -91,7 +91,7 @@ class Limits:
     groups: tuple[Path, ...] = ()
 
     @classmethod
-    def create(cls, resources: ResourcesSection) -> "Limits":
+    def create(cls, resources: ResourcesSection) -> Limits:
         mode = detect_mode()
         name = f"cove-{os.getpid()}-{os.urandom(4).hex()}"
         try:

@@ -29,7 +29,7 @@ from cove.errors import CoveError
 from cove.runtime.services import Bind, EnclaveService, ServiceContext
 
 VOLUME_KEY_SIZE = 16
-_ACTIVE: dict[bytes, "ProvisioningService"] = {}
+_ACTIVE: dict[bytes, ProvisioningService] = {}
 _LOCK = threading.Lock()
 
 

@@ -13,7 +13,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from cove.config import Config
 from cove.runtime.backend import EnclaveIdentity
@@ -58,8 +58,8 @@ class EnclaveService(ABC):
 
 
 # "module:function" factories returning the services a context needs.
-FACTORIES: list[str] = ["cove.platform.service:services", "cove.runtime.provisioning:services",
-                        "cove.fs.service:services"]
+FACTORIES: list[str] = ["cove.runtime.attestation_service:services", "cove.runtime.provisioning:services",
+                        "cove.runtime.securefs_mounts:services"]
 
 
 def services_for(ctx: ServiceContext) -> list[EnclaveService]:

@@ -34,7 +34,7 @@ from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 from cove.runtime.limits import Limits, detect_mode, memory_text
 from cove.runtime import terminal
-from cove.runtime.staging import chown_tree
+from cove.image.staging import chown_tree
 
 ISOLATION = "namespaces+seccomp"
 # runc's default spec: paths of /proc the enclave may read but never write, and paths it never sees

@@ -49,7 +49,7 @@ class Terminal:
         """Whether the user is at a terminal (stdin and stdout both are one)."""
         return os.isatty(STDIN) and os.isatty(STDOUT)
 
-    def __enter__(self) -> "Terminal":
+    def __enter__(self) -> Terminal:
         self._copy_size()
         self._previous_winch = signal.signal(signal.SIGWINCH, lambda *_: self._copy_size())
         tty.setraw(STDIN, termios.TCSANOW)
