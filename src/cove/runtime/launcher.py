@@ -17,21 +17,21 @@ import signal
 import subprocess
 import tempfile
 from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 from cove.config import Config
 from cove.errors import CannotExecuteError, CoveError, ProgramNotFoundError
 from cove.image import artifacts, encryption, package as package_mod
-from cove.image import elf
+from cove.image import elf, staging
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
+from cove.image.identity import EnclaveIdentity
 from cove.image.paths import resolve_in_image
 from cove.runtime import backend as backend_mod
 from cove.runtime import services as services_mod
-from cove.image import staging
-from cove.runtime.backend import EnclaveIdentity, LaunchSpec
+from cove.runtime.backend import LaunchSpec
 from cove.runtime.terminal import Terminal
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,

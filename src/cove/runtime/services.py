@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 from cove.config import Config
-from cove.runtime.backend import EnclaveIdentity
+from cove.image.identity import EnclaveIdentity
 
 
 @dataclass(frozen=True)
