@@ -262,3 +262,21 @@ def test_template_examples_are_valid_when_uncommented():
     parsed = parse(text[:start] + example)
     assert [m.type for m in parsed.mounts] == ["tmpfs", "encrypted"]
     assert config.to_measured(parsed)["secrets"][0]["target"] == "env:DB_PASSWORD"
+
+
+def test_config_checks_key_sources_and_inline_policies_without_the_layers_above():
+    """config validates key sources and inline broker policies itself: fs and kbs are never imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cove import config\n"
+        "config.parse('[enclave]\\nname = \"a\"\\n[[mounts]]\\ntarget = \"/x\"\\ntype = \"encrypted\"\\n"
+        "key = \"seal:mrsigner\"\\n[attestation]\\nkbs = \"https://kbs.example\"\\n"
+        "kbs_policy = \"version = 1\"\\n')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('cove.fs', 'cove.kbs', 'cove.image'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

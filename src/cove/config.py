@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cove.errors import ConfigError
+from cove.errors import ConfigError, CoveError
 
 BACKENDS = ("auto", "sim", "vm")
 NETWORK_MODES = ("none", "loopback", "host")
@@ -34,6 +34,58 @@ MAX_ID = 65535  # [process] user UID:GID: the enclave's ids map onto 65536 host 
 SANDBOX_TARGETS = ("/proc", "/dev", "/dev/attestation", "/dev/pts")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# Key sources of encrypted mounts and images (resolved to keys by cove.fs.keys).
+KEY_SOURCE_KINDS = ("seal", "file", "insecure", "kbs")
+SEAL_POLICIES = ("mrenclave", "mrsigner")
+_KEY_HEX_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+_KBS_RESOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class KeySourceError(CoveError):
+    """A key source is malformed, or its key cannot be had."""
+
+
+@dataclass(frozen=True)
+class KeySource:
+    kind: str
+    arg: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the key depends on the enclave's identity (and so on an svn)."""
+        return self.kind == "seal"
+
+    def __str__(self) -> str:
+        return self.text if self.kind != "insecure" else "insecure:<key>"
+
+
+def parse_key_source(text: str) -> KeySource:
+    """Check the syntax of a key source (cove.toml data; resolved by cove.fs.keys); nothing is read."""
+    if not isinstance(text, str) or ":" not in text:
+        raise KeySourceError(f"{text!r} is not a key source",
+                             "use seal:mrenclave, seal:mrsigner, file:PATH, insecure:HEX or kbs:RESOURCE")
+    kind, _, arg = text.partition(":")
+    if kind == "seal":
+        if arg not in SEAL_POLICIES:
+            raise KeySourceError(f"seal:{arg} is not a sealing policy", "use seal:mrenclave or seal:mrsigner")
+    elif kind == "file":
+        if not arg or "\0" in arg:
+            raise KeySourceError("file: needs the path of a key file", "e.g. file:/etc/cove/volume.key")
+    elif kind == "insecure":
+        if not _KEY_HEX_RE.match(arg):
+            raise KeySourceError("insecure: needs 32 hex digits (a 16-byte key)")
+    elif kind == "kbs":
+        if not _KBS_RESOURCE_RE.match(arg):
+            raise KeySourceError(f"kbs:{arg} is not a resource path", "e.g. kbs:default/volume-key/data")
+    else:
+        raise KeySourceError(f"unknown key source kind {kind!r}", f"use one of {', '.join(KEY_SOURCE_KINDS)}")
+    return KeySource(kind, arg)
 
 
 @dataclass(frozen=True)
@@ -411,8 +463,6 @@ class _Validator:
 
     def key_source(self, item: dict, key: str, debug: bool) -> str:
         """An encrypted mount's key source, syntax checked; insecure: only in debug enclaves."""
-        from cove.fs.keys import KeySourceError, parse as parse_key_source
-
         text = item.get("key")
         if text is None:
             raise self.fail(f"{key}.key", "is required for an encrypted mount",
@@ -448,8 +498,7 @@ class _Validator:
 
     def kbs_policy(self, data: dict, url: str) -> str:
         """An RA-TLS broker's policy: an absolute host path, or inline TOML/JSON checked here."""
-        from cove.attest.policy import PolicyError, parse_policy
-        from cove.kbs.ratls import is_inline
+        from cove.attest.policy import PolicyError, is_inline, parse_policy
 
         value = data["kbs_policy"]
         if not isinstance(value, str) or not value.strip():

@@ -145,3 +145,15 @@ def test_another_enclave_cannot_decrypt_and_the_fallback_copy_is_verified(built,
     copy = image.decrypt_image(out, "seal:mrenclave", identity, verified.entries, tmp_path / "plain")
     assert (copy / "etc" / "secret.conf").read_text() == "code and config nobody may read at rest\n"
     shutil.rmtree(copy)
+
+
+def test_the_server_decodes_the_signed_listing_as_the_image_layer_encodes_it():
+    """fs.image.decode_listing reads image.tree's entry encoding, so fs.server needs no import from image."""
+    from cove.image.tree import Entry, encode_entries
+    import cbor2
+
+    entries = [Entry("a", "f", 0o644, 3, b"\x01" * 32), Entry("d", "d", 0o755, 7),
+               Entry("l", "l", 0o777, 0, b"", "a")]
+    assert image.decode_listing(cbor2.loads(encode_entries(entries))) == image.listing_of(entries)
+    with pytest.raises(ValueError):
+        image.decode_listing([["a", "f", 0o644, 3, b""]])

@@ -137,6 +137,12 @@ def default_policy() -> Policy:
     return Policy(types=frozenset(DEFAULT_TYPES), rules={}, name="cove:default")
 
 
+def is_inline(value: str) -> bool:
+    """A policy given as text (TOML or JSON) rather than as a file's path."""
+    text = value.strip()
+    return "\n" in text or "=" in text or text.startswith("{")
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file (TOML, or JSON if it ends in .json or starts with '{')."""
     path = Path(path)

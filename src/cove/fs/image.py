@@ -45,6 +45,18 @@ def listing_of(entries) -> dict[str, tuple]:
     return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
 
 
+def decode_listing(items: list) -> dict[str, tuple]:
+    """The listing of :func:`listing_of` from encoded entries, each [path, type, mode, size, digest, target].
+
+    The encoding is cove.image.tree.Entry.encode's; the secure FS server gets the
+    signed listing this way and so needs nothing from the image layer above it.
+    """
+    listing = {}
+    for path, kind, mode, size, digest, target in items:
+        listing[path] = (kind, mode, size if kind == "f" else 0, bytes(digest), target)
+    return listing
+
+
 def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entries,
                   key_bytes: bytes | None = None) -> tuple[int, int]:
     """Encrypt the measured ``image_dir`` into the read-only volume ``out_dir`` (replaced); (files, bytes).

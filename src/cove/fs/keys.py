@@ -20,62 +20,18 @@ takes the svn the data was sealed at.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
-from cove.errors import CoveError
+# The key-source syntax is cove.toml data, so it lives in config; re-exported here for the key's users.
+from cove.config import KEY_SOURCE_KINDS, SEAL_POLICIES as SEAL_POLICIES
+from cove.config import KeySource as KeySource
+from cove.config import KeySourceError as KeySourceError
+from cove.config import parse_key_source as parse
 
 KEY_SIZE = 16
-KINDS = ("seal", "file", "insecure", "kbs")
-SEAL_POLICIES = ("mrenclave", "mrsigner")
+KINDS = KEY_SOURCE_KINDS
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{32}$")
-_KBS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-
-
-class KeySourceError(CoveError):
-    """A key source is malformed, or its key cannot be had."""
-
-
-@dataclass(frozen=True)
-class KeySource:
-    kind: str
-    arg: str
-
-    @property
-    def text(self) -> str:
-        return f"{self.kind}:{self.arg}"
-
-    @property
-    def sealed(self) -> bool:
-        """Whether the key depends on the enclave's identity (and so on an svn)."""
-        return self.kind == "seal"
-
-    def __str__(self) -> str:
-        return self.text if self.kind != "insecure" else "insecure:<key>"
-
-
-def parse(text: str) -> KeySource:
-    """Check the syntax of a key source; nothing is read or derived."""
-    if not isinstance(text, str) or ":" not in text:
-        raise KeySourceError(f"{text!r} is not a key source",
-                             "use seal:mrenclave, seal:mrsigner, file:PATH, insecure:HEX or kbs:RESOURCE")
-    kind, _, arg = text.partition(":")
-    if kind == "seal":
-        if arg not in SEAL_POLICIES:
-            raise KeySourceError(f"seal:{arg} is not a sealing policy", "use seal:mrenclave or seal:mrsigner")
-    elif kind == "file":
-        if not arg or "\0" in arg:
-            raise KeySourceError("file: needs the path of a key file", "e.g. file:/etc/cove/volume.key")
-    elif kind == "insecure":
-        if not _HEX_RE.match(arg):
-            raise KeySourceError("insecure: needs 32 hex digits (a 16-byte key)")
-    elif kind == "kbs":
-        if not _KBS_RE.match(arg):
-            raise KeySourceError(f"kbs:{arg} is not a resource path", "e.g. kbs:default/volume-key/data")
-    else:
-        raise KeySourceError(f"unknown key source kind {kind!r}", f"use one of {', '.join(KINDS)}")
-    return KeySource(kind, arg)
 
 
 def read_key_file(path: str | Path) -> bytes:

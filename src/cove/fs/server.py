@@ -59,10 +59,8 @@ def main() -> int:
     digests = None
     if settings.get("image") is not None:  # an encrypted root image: check it against the signed listing
         from cove.fs import image
-        from cove.image.tree import Entry
 
-        entries = [Entry.decode(item) for item in cbor2.loads(settings["image"])]
-        listing = image.listing_of(entries)
+        listing = image.decode_listing(cbor2.loads(settings["image"]))
         difference = image.compare_listing(volume, listing)
         if difference:
             print(f"error: the encrypted image differs from the signed listing: {difference}", flush=True)

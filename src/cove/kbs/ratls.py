@@ -58,17 +58,11 @@ def certificate_files(root: Path = DEV_ATTESTATION, days: int = 30) -> Iterator[
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def is_inline(value: str) -> bool:
-    """A policy given as text (TOML or JSON) rather than as a file's path."""
-    text = value.strip()
-    return "\n" in text or "=" in text or text.startswith("{")
-
-
 def load_policy(value) -> attest_policy.Policy:
     """A broker policy from a Policy, a path, or inline TOML/JSON text; one clear error otherwise."""
     if isinstance(value, attest_policy.Policy):
         return value
-    if isinstance(value, Path) or not is_inline(str(value)):
+    if isinstance(value, Path) or not attest_policy.is_inline(str(value)):
         return attest_policy.load_policy(value)
     return attest_policy.parse_policy(str(value), source="broker policy")
 
