@@ -237,7 +237,7 @@ class HttpStatusError(Exception):
 
 
 async def flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
-    from cove.kbs import appraisal, jose
+    from cove.kbs import evidence_appraisal, jose
 
     conn.cookie = None
     status, data = await conn.request("POST", "/kbs/v0/auth", {"version": "0.1.1", "tee": "cove",
@@ -247,7 +247,7 @@ async def flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
     key = jose.new_tee_key()
     runtime = {"nonce": json.loads(data)["nonce"], "tee-pubkey": jose.public_jwk(key)}
     status, data = await conn.request("POST", "/kbs/v0/attest", {
-        "runtime-data": runtime, "tee-evidence": evidence.make(appraisal.expected_report_data(runtime))})
+        "runtime-data": runtime, "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime))})
     if status != 200:
         raise HttpStatusError(status, data[:200])
     status, data = await conn.request("GET", f"/kbs/v0/resource/{SECRET_PATH}")

@@ -37,7 +37,7 @@ int main(int argc, char **argv) { if (argc > 1) sleep(1); puts("hello"); return 
 # The same `cove run`, with the runtime's services switched off in this process
 # only: it shows what verification, copying and sandboxing cost by themselves.
 WITHOUT_SERVICES = (
-    "import sys; import cove.runtime.services as s; s.FACTORIES.clear(); "
+    "import sys; import cove.runtime.enclave_services as s; s.FACTORIES.clear(); "
     "from cove.cli import main; sys.exit(main(['-C', sys.argv[1], 'run', '/bin/hello']))")
 
 

@@ -32,10 +32,10 @@ from verify_hw import primitives as hw_primitives  # noqa: E402
 from verify_hw import rate  # noqa: E402
 
 from cove.attest._x509 import load_der_cert, load_pem_chain  # noqa: E402
-from cove.attest.cove_verify import verify_cove_evidence  # noqa: E402
+from cove.attest.cove_evidence_verify import verify_cove_evidence  # noqa: E402
 from cove.platform import endorse, monitor, pak  # noqa: E402
 from cove.platform.reports import EnclaveClaims, ReportSigner  # noqa: E402
-from cove.platform.runtime import runtime_hash  # noqa: E402
+from cove.platform.runtime_measurement import runtime_hash  # noqa: E402
 from cove.platform.state import Paths  # noqa: E402
 from cove.platform.swtpm import SwTpm  # noqa: E402
 

@@ -94,8 +94,8 @@ def test_no_module_uses_another_modules_private_names():
 
 
 @pytest.mark.parametrize("module, source, expected", [
-    ("cove.fs.server", "from cove.fs import image\nimage._listing(1)\n", "image._listing is private"),
-    ("cove.fs.server", "import cove.fs.image as image\nimage._listing(1)\n", "image._listing is private"),
+    ("cove.fs.server", "from cove.fs import encrypted_image\nencrypted_image._listing(1)\n", "encrypted_image._listing is private"),
+    ("cove.fs.server", "import cove.fs.encrypted_image as image\nimage._listing(1)\n", "image._listing is private"),
     ("cove.platform.endorse", "from cove.attest._cbor import loads\n", "private module cove.attest._cbor"),
     ("cove.platform.endorse", "from cove.attest import _cbor\n", "private module cove.attest._cbor"),
     ("cove.kbs.broker", "from cove.kbs.jose import _admin_alg\n", "private name _admin_alg"),
@@ -108,7 +108,7 @@ def test_the_check_catches(module, source, expected):
     ("cove.attest.dcap", "from cove.attest._x509 import load_pem_chain\n"),  # its own package's private module
     ("cove.attest.dcap", "from cove.attest import _keys\n_keys.verify_ecdsa\n"),
     ("cove.fs.volume", "self._inodes = {}\nos._exit(0)\n"),  # own state; not a cove module
-    ("cove.fs.volume", "from cove.fs import image\nimage.listing_of(1)\n"),
+    ("cove.fs.volume", "from cove.fs import encrypted_image\nencrypted_image.listing_of(1)\n"),
 ])
 def test_the_check_allows(module, source):
     assert violations(module, source) == []

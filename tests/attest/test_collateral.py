@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cove.attest.collateral import Fetcher, raw_member
+from cove.attest.collateral_fetch import Fetcher, raw_member
 from cove.attest.errors import VerificationError
 from tests.attest.attest_vectors import VECTORS
 

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cove.attest import evidence as ev
-from cove.attest.cove_verify import appraisal, verify_cove_evidence
+from cove.attest.cove_evidence_verify import appraisal, verify_cove_evidence
 from cove.attest.errors import VerificationError
 from cove.attest.roots import INTEL_SGX_ROOT_CA
 from cove.platform import endorse, pak
 from cove.platform.reports import EnclaveClaims, ReportSigner
-from cove.platform.runtime import runtime_hash
+from cove.platform.runtime_measurement import runtime_hash
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLAIMS = EnclaveClaims(b"\x10" * 32, b"\x20" * 32, 5, 7, False, "sim", "namespaces+seccomp", "00112233aabbccdd")

@@ -72,7 +72,7 @@ def test_key_is_made_once_root_only(tmp_path):
 def test_cli_token_and_jwks(cove, tmp_path):
     from cove.platform import endorse, pak
     from cove.platform.reports import EnclaveClaims, ReportSigner
-    from cove.platform.runtime import runtime_hash
+    from cove.platform.runtime_measurement import runtime_hash
 
     key = pak.generate()
     signer = ReportSigner(key, endorse.self_certified(pak.spki(key), runtime_hash()))

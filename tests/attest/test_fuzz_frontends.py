@@ -22,7 +22,7 @@ from cove.attest.errors import VerificationError
 from cove.attest.policy import PolicyError, parse_policy
 from cove.platform import endorse, pak
 from cove.platform.reports import EnclaveClaims, ReportSigner
-from cove.platform.runtime import runtime_hash
+from cove.platform.runtime_measurement import runtime_hash
 from tests.attest.attest_vectors import VECTORS
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,

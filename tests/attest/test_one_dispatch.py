@@ -15,8 +15,8 @@ from datetime import datetime
 
 import pytest
 
-from cove.kbs import appraisal
-from cove.kbs import policy as kbs_policy
+from cove.kbs import evidence_appraisal
+from cove.kbs import broker_policy as kbs_policy
 from cove.kbs.problems import Problem
 from tests.attest.attest_vectors import VECTORS, vector
 
@@ -75,14 +75,14 @@ def test_cli_and_broker_agree(cove, tmp_path, name, tee, rel, flip, when, sideca
     args = ["verify", evidence, "--type", tee, "--time", when, "--policy", policy, "--json"]
     for option, sidecar in sidecars.items():
         args += [option, VECTORS / sidecar]
-    anchors = appraisal.TrustAnchors()
+    anchors = evidence_appraisal.TrustAnchors()
     if tee == "tpm":
         args += ["--ak", VECTORS / "tpm/ak_pub.pem"]
-        anchors = appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
+        anchors = evidence_appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
     cli = cove(*args)
     anchors = anchors.with_policy_roots(kbs_policy.load(PERMISSIVE))
     try:
-        broker = appraisal.verify(tee, broker_evidence(tee, evidence.read_bytes(), sidecars), anchors,
+        broker = evidence_appraisal.verify(tee, broker_evidence(tee, evidence.read_bytes(), sidecars), anchors,
                                   datetime.fromisoformat(when.replace("Z", "+00:00")))
     except Problem as problem:
         assert problem.kind == "EvidenceInvalid"
@@ -93,7 +93,7 @@ def test_cli_and_broker_agree(cove, tmp_path, name, tee, rel, flip, when, sideca
     assert cli.returncode in (0, 6), (name, cli.stderr)
     result = json.loads(cli.stdout)
     assert result["valid"] is True
-    claims = appraisal.to_claims(broker)
+    claims = evidence_appraisal.to_claims(broker)
     assert claims.pop("tee") == tee
     assert result["claims"] == claims
     assert flip is None, f"{name}: a tampered vector verified"
@@ -123,13 +123,13 @@ def test_broker_keeps_sgx_and_tdx_roots_apart():
     intel = vector("intel_sgx_root_ca.pem").decode()
     text = (f'types = ["sgx", "tdx"]\n[sgx]\nroots = [{json.dumps(_other_root_pem())}]\n'
             f'[tdx]\nroots = [{json.dumps(intel)}]\n')
-    anchors = appraisal.TrustAnchors().with_policy_roots(kbs_policy.load(text))
+    anchors = evidence_appraisal.TrustAnchors().with_policy_roots(kbs_policy.load(text))
     tdx = broker_evidence("tdx", vector("tdx/quote.bin"), {"--collateral": "tdx/collateral.json"})
     sgx = broker_evidence("sgx", vector("sgx/quote.bin"), {"--collateral": "sgx/collateral.json"})
     tdx_time = datetime.fromisoformat("2025-06-19T12:16:03+00:00")
-    assert appraisal.verify("tdx", tdx, anchors, tdx_time).evidence_type == "tdx"
+    assert evidence_appraisal.verify("tdx", tdx, anchors, tdx_time).evidence_type == "tdx"
     with pytest.raises(Problem, match="not rooted in a trusted CA"):
-        appraisal.verify("sgx", sgx, anchors, datetime.fromisoformat("2025-06-19T12:56:11+00:00"))
+        evidence_appraisal.verify("sgx", sgx, anchors, datetime.fromisoformat("2025-06-19T12:56:11+00:00"))
 
 
 def test_broker_takes_what_cove_verify_takes():
@@ -144,15 +144,15 @@ def test_broker_takes_what_cove_verify_takes():
     pem = x509.load_der_x509_certificate(vector("snp/vcek.der")).public_bytes(Encoding.PEM)
     snp = {"report": b64(vector("snp/report.bin")), "vcek": b64(pem)}
     when = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
-    assert appraisal.verify("snp", snp, appraisal.TrustAnchors(), when).evidence_type == "snp"
+    assert evidence_appraisal.verify("snp", snp, evidence_appraisal.TrustAnchors(), when).evidence_type == "snp"
 
     events = log([(16, b"not what the quote says")])
     tpm = broker_evidence("tpm", vector("tpm/quote_attest.bin"),
                           {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"})
-    anchors = appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
-    assert appraisal.verify("tpm", tpm, anchors, when).evidence_type == "tpm"
+    anchors = evidence_appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
+    assert evidence_appraisal.verify("tpm", tpm, anchors, when).evidence_type == "tpm"
     with pytest.raises(Problem) as refused:
-        appraisal.verify("tpm", dict(tpm, event_log=b64(events)), anchors, when)
+        evidence_appraisal.verify("tpm", dict(tpm, event_log=b64(events)), anchors, when)
     inputs = verifier.Inputs(tpm_signature=vector("tpm/quote_sig.bin"), tpm_pcrs=vector("tpm/quote_pcrs.bin"),
                              ak=vector("tpm/ak_pub.pem"), event_log=events)
     with pytest.raises(VerificationError) as direct:

@@ -25,7 +25,7 @@ from cove.attest.errors import VerificationError
 from cove.attest.policy import parse_policy
 from cove.platform import endorse, pak
 from cove.platform.reports import EnclaveClaims, ReportSigner
-from cove.platform.runtime import runtime_hash
+from cove.platform.runtime_measurement import runtime_hash
 from tests.conftest import require
 
 GOOD, OTHER = b"\x61" * 32, b"\x62" * 32

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove.platform.state import Paths
 from cove.platform.swtpm import SwTpm
 from tests.conftest import ROOT, error_line, require

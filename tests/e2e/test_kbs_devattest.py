@@ -17,7 +17,7 @@ from cove.kbs.broker import Broker, Settings
 from cove.kbs.client import DevAttestation, KbsClient, KbsError
 from cove.kbs.runner import EmbeddedBroker
 from cove.runtime.backend import EnclaveIdentity
-from cove.runtime.services import ServiceContext
+from cove.runtime.enclave_services import ServiceContext
 from tests.conftest import require
 
 MEASUREMENT = bytes.fromhex("5a" * 32)

@@ -35,8 +35,8 @@ SITE = "/opt/cove/lib"
 # What `cove kbs serve` and `cove kbs get` import, by top-level name in site-packages.
 IMPORTS = """
 import sys, sysconfig
-import cove.cli, cove.cli.kbs, cove.kbs.server, cove.kbs.runner, cove.kbs.client, cove.kbs.ratls, cove.kbs.wire
-import cove.attest.verifier, cove.attest.cove_verify, cove.attest.ratls
+import cove.cli, cove.cli.kbs, cove.kbs.server, cove.kbs.runner, cove.kbs.client, cove.kbs.broker_ratls, cove.kbs.wire
+import cove.attest.verifier, cove.attest.cove_evidence_verify, cove.attest.ratls
 import uvicorn.main, uvicorn.loops.auto, uvicorn.lifespan.on, uvicorn.protocols.http.h11_impl, httpcore, certifi
 site = sysconfig.get_paths()["purelib"]
 names = {m.__file__[len(site) + 1:].split("/")[0] for m in list(sys.modules.values())

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import cbor2
 import pytest
 
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from cove.errors import IntegrityError
-from cove.fs import image, keys
+from cove.fs import encrypted_image, keys
 from cove.fs.access import Identity
-from cove.fs.service import MountError
+from cove.fs.server_process import MountError
 from cove.fs.volume import Volume
 from cove.image import artifacts
 from cove.runtime.backend import EnclaveIdentity, LaunchSpec
-from cove.runtime.services import Bind
+from cove.runtime.enclave_services import Bind
 from cove.runtime.sim import SimBackend
 from tests.conftest import require
 from tests.e2e.helpers import make_instance
@@ -46,7 +46,7 @@ def built(cove, tmp_path, env):
 
 def _encrypt(app, verified, identity, key="seal:mrsigner") -> Path:
     out = app / "build" / "image.enc"
-    files, size = image.encrypt_image(app / "image", out, key, identity, verified.entries)
+    files, size = encrypted_image.encrypt_image(app / "image", out, key, identity, verified.entries)
     assert files == sum(1 for e in verified.entries if e.type == "f")
     assert size == sum(e.size for e in verified.entries if e.type == "f")
     return out
@@ -67,7 +67,7 @@ def test_a_sandbox_runs_from_the_encrypted_root(built, tmp_path):
     secret.write_text("from a service\n")
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "f").write_text("in a bound folder\n")
-    with image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
+    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
                           ["proc", "dev", "tmp", "srv/shared"], ["run/secrets/token"]) as root:
         binds = (Bind(secret, "/run/secrets/token"), Bind(tmp_path / "shared", "/srv/shared"))
         spec = LaunchSpec(identity=identity, config=verified.config, root=root,
@@ -92,7 +92,7 @@ def test_a_changed_file_answers_eio_and_a_changed_listing_refuses_to_mount(built
     # a file whose encrypted bytes were changed: its MAC fails
     target = next(p for p in host_files(out).values() if p.stat().st_size > 8192)
     flip(target, 3 * 4096 + 9)
-    with image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
+    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
                           ["proc", "dev", "tmp"]) as root:
         failures = 0
         for path in root.rglob("*"):
@@ -108,7 +108,7 @@ def test_a_changed_file_answers_eio_and_a_changed_listing_refuses_to_mount(built
     changed = [e if e.path != "etc/secret.conf" else e.__class__(e.path, e.type, e.mode, 5, b"\0" * 32)
                for e in verified.entries]
     with pytest.raises(MountError, match="differs from the signed listing: etc/secret.conf differs"):
-        image.ImageMount(out, "seal:mrsigner", identity, changed, tmp_path / "root2", ["proc"]).start()
+        encrypted_image.ImageMount(out, "seal:mrsigner", identity, changed, tmp_path / "root2", ["proc"]).start()
 
 
 def test_content_that_differs_from_the_signed_digest_answers_eio(built, tmp_path):
@@ -120,7 +120,7 @@ def test_content_that_differs_from_the_signed_digest_answers_eio(built, tmp_path
         volume.acquire(node)
         volume.write(node, 0, b"X")
         volume.release(node)
-    with image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
+    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
                           ["proc"]) as root:
         with pytest.raises(OSError) as caught:
             (root / "etc" / "secret.conf").read_bytes()
@@ -141,19 +141,19 @@ def test_another_enclave_cannot_decrypt_and_the_fallback_copy_is_verified(built,
     out = _encrypt(app, verified, identity, key="seal:mrenclave")
     other = EnclaveIdentity("x", b"\x07" * 32, identity.signer, identity.product_id, identity.svn, identity.debug)
     with pytest.raises(Exception, match="the key does not open this volume"):
-        image.decrypt_image(out, "seal:mrenclave", other, verified.entries, tmp_path / "plain")
-    copy = image.decrypt_image(out, "seal:mrenclave", identity, verified.entries, tmp_path / "plain")
+        encrypted_image.decrypt_image(out, "seal:mrenclave", other, verified.entries, tmp_path / "plain")
+    copy = encrypted_image.decrypt_image(out, "seal:mrenclave", identity, verified.entries, tmp_path / "plain")
     assert (copy / "etc" / "secret.conf").read_text() == "code and config nobody may read at rest\n"
     shutil.rmtree(copy)
 
 
 def test_the_server_decodes_the_signed_listing_as_the_image_layer_encodes_it():
-    """fs.image.decode_listing reads image.tree's entry encoding, so fs.server needs no import from image."""
+    """fs.encrypted_image.decode_listing reads image.tree's entry encoding, so fs.server needs no import from image."""
     from cove.image.tree import Entry, encode_entries
     import cbor2
 
     entries = [Entry("a", "f", 0o644, 3, b"\x01" * 32), Entry("d", "d", 0o755, 7),
                Entry("l", "l", 0o777, 0, b"", "a")]
-    assert image.decode_listing(cbor2.loads(encode_entries(entries))) == image.listing_of(entries)
+    assert encrypted_image.decode_listing(cbor2.loads(encode_entries(entries))) == encrypted_image.listing_of(entries)
     with pytest.raises(ValueError):
-        image.decode_listing([["a", "f", 0o644, 3, b""]])
+        encrypted_image.decode_listing([["a", "f", 0o644, 3, b""]])

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from joserfc import jwk
 
-from cove.kbs import appraisal, jose
+from cove.kbs import evidence_appraisal, jose
 from cove.kbs.problems import TYPE_PREFIX
 from cove.kbs import server as server_mod
 from cove.kbs.server import BODY_LIMITS
@@ -285,7 +285,7 @@ def test_resource_and_nonce_refusals_audited(kbs):
     assert client.http.get("/kbs/v0/resource/app/db/password").status_code == 401
     key = jose.new_tee_key()
     runtime = {"nonce": client.challenge("sample"), "tee-pubkey": jose.public_jwk(key)}
-    body = {"runtime-data": runtime, "tee-evidence": kbs.sample().evidence(appraisal.expected_report_data(runtime))}
+    body = {"runtime-data": runtime, "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
     assert client.http.post("/kbs/v0/attest", json=body).status_code == 200
     assert client.http.post("/kbs/v0/attest", json=body).json()["type"] == TYPE_PREFIX + "NonceReplayed"
     client.challenge("sample")

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from cove.kbs import appraisal, jose
+from cove.kbs import evidence_appraisal, jose
 from cove.kbs.client import KbsClient, KbsError, SampleEvidence
 from cove.kbs.problems import TYPE_PREFIX
 from tests.kbs.conftest import (MEASUREMENT, OTHER_MEASUREMENT, problem, release_policy, ssl_for, start_kbs,
@@ -68,7 +68,7 @@ def test_raw_protocol_messages(kbs):
         key = jose.new_tee_key()
         runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(key)}
         evidence = {"svn": 1, "debug": False, "measurement": MEASUREMENT,
-                    "report_data": base64.b64encode(appraisal.expected_report_data(runtime)).decode()}
+                    "report_data": base64.b64encode(evidence_appraisal.expected_report_data(runtime)).decode()}
         # the composite tee-evidence form of newer clients is accepted too
         reply = http.post("/kbs/v0/attest", json={"runtime-data": runtime,
                                                   "tee-evidence": {"primary_evidence": evidence}})
@@ -117,7 +117,7 @@ def test_evidence_bound_to_another_tee_key(kbs):
     client = kbs.client()
     nonce = client.challenge("sample")
     key_a, key_b = jose.new_tee_key(), jose.new_tee_key()
-    bound = appraisal.expected_report_data({"nonce": nonce, "tee-pubkey": jose.public_jwk(key_a)})
+    bound = evidence_appraisal.expected_report_data({"nonce": nonce, "tee-pubkey": jose.public_jwk(key_a)})
     evidence = SampleEvidence(claims={"svn": 1, "debug": False, "measurement": MEASUREMENT}).evidence(bound)
     reply = client.http.post("/kbs/v0/attest", json={
         "runtime-data": {"nonce": nonce, "tee-pubkey": jose.public_jwk(key_b)}, "tee-evidence": evidence})
@@ -131,7 +131,7 @@ def test_replayed_nonce(kbs):
     key = jose.new_tee_key()
     runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(key)}
     body = {"runtime-data": runtime,
-            "tee-evidence": kbs.sample().evidence(appraisal.expected_report_data(runtime))}
+            "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
     first = client.http.post("/kbs/v0/attest", json=body)
     assert first.status_code == 200, first.text
     # the same attestation again, in the same session: the nonce is spent

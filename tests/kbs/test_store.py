@@ -134,11 +134,11 @@ def test_two_servers_act_as_one(db_url, tmp_path, tls_files):
         a.secret("app/db/password", b"shared")
         client = a.client()
         nonce = client.challenge("sample")
-        from cove.kbs import appraisal, jose
+        from cove.kbs import evidence_appraisal, jose
 
         tee = jose.new_tee_key()
         runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(tee)}
-        body = {"runtime-data": runtime, "tee-evidence": a.sample().evidence(appraisal.expected_report_data(runtime))}
+        body = {"runtime-data": runtime, "tee-evidence": a.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
         cookie = client.http.cookies.get("kbs-session-id")
         other = b.client()
         other.http.cookies.set("kbs-session-id", cookie, domain="127.0.0.1", path="/kbs")

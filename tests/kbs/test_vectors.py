@@ -56,7 +56,7 @@ def evidence_for(tee: str, flip: int | None = None) -> dict:
 
 
 def anchors():
-    from cove.kbs.appraisal import TrustAnchors
+    from cove.kbs.evidence_appraisal import TrustAnchors
 
     return TrustAnchors(sgx_root_ca=vector("intel_sgx_root_ca.pem"), snp_ask_ark=[vector("snp/ask_ark_milan.pem")],
                         tpm_aks=[vector("tpm/ak_pub.pem")])
@@ -98,7 +98,7 @@ def test_dcap_at_todays_date_refused_for_expired_collateral(make_kbs):
 
 
 def test_untrusted_roots_refused(make_kbs):
-    from cove.kbs.appraisal import TrustAnchors
+    from cove.kbs.evidence_appraisal import TrustAnchors
 
     kbs = make_kbs(policy=ALL_TYPES, anchors=TrustAnchors(snp_ask_ark=[vector("snp/ask_ark_genoa.pem")]),
                    evidence_time=lambda: SNP_TIME)
@@ -119,7 +119,7 @@ def test_broker_over_https_and_cove_verify_agree(make_kbs, cove, tmp_path):
     with the very reason `cove verify` prints (one dispatcher behind both)."""
     from tests.attest.test_one_dispatch import CASES, PERMISSIVE, broker_evidence, flipped
 
-    from cove.kbs.appraisal import TrustAnchors
+    from cove.kbs.evidence_appraisal import TrustAnchors
 
     at = {"time": TODAY}
     kbs = make_kbs(policy=PERMISSIVE, anchors=TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")]),

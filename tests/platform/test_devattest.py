@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove.attest.evidence import parse_report
 from cove.config import parse as parse_config
 from cove.runtime.attestation_service import AttestationService
 from cove.runtime.backend import EnclaveIdentity
-from cove.runtime.services import ServiceContext
+from cove.runtime.enclave_services import ServiceContext
 from tests.conftest import require
 
 CONFIG = parse_config('[enclave]\nname = "t"\n')

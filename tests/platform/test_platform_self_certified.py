@@ -10,11 +10,11 @@ from datetime import datetime, timezone
 import pytest
 
 from cove.attest import evidence as ev
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove.errors import CoveError
 from cove.platform import endorse, monitor, pak
 from cove.platform.reports import EnclaveClaims
-from cove.platform.runtime import measure, runtime_hash
+from cove.platform.runtime_measurement import measure, runtime_hash
 from tests.conftest import error_line
 
 CLAIMS = EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 1, 1, False, "sim", "namespaces+seccomp", "feedfacefeedface")

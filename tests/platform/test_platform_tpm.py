@@ -16,15 +16,15 @@ import cbor2
 import pytest
 
 from cove.attest import evidence as ev
-from cove.attest.akca import AkCa
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.ak_ca import AkCa
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove.attest.errors import VerificationError
 from cove.attest.policy import parse_policy
 from cove.attest.verifier import appraise
 from cove.errors import CoveError
 from cove.platform import endorse, monitor, pak
 from cove.platform.reports import EnclaveClaims, ReportSigner
-from cove.platform.runtime import runtime_hash
+from cove.platform.runtime_measurement import runtime_hash
 from cove.platform.swtpm import SwTpm
 from cove.platform.tpm2 import Tpm, TpmError
 from tests.platform.conftest import ak_root, ek_root

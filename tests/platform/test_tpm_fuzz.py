@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cove.attest import evidence as ev
-from cove.attest.cove_verify import verify_cove_evidence
+from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove.attest.errors import VerificationError
 from cove.platform import monitor, pak
 from cove.platform.reports import EnclaveClaims, ReportSigner

@@ -12,7 +12,7 @@ import pytest
 
 from cove.daemon import supervisor
 from cove.oci import launch
-from cove.runtime import services
+from cove.runtime import enclave_services
 
 
 def resolve(spec: str):
@@ -20,7 +20,7 @@ def resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("spec", services.FACTORIES)
+@pytest.mark.parametrize("spec", enclave_services.FACTORIES)
 def test_each_factory_resolves(spec):
     assert callable(resolve(spec))
 
@@ -30,5 +30,5 @@ def test_each_factory_resolves(spec):
     (launch.PER_RUN_ATTESTATION, launch.NODE_ATTESTATION),
 ])
 def test_the_node_attestation_swap_names_real_factories(per_run, node):
-    assert per_run in services.FACTORIES
+    assert per_run in enclave_services.FACTORIES
     assert callable(resolve(node))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "CoveClaims": "cove.attest.cove_verify",
-    "verify_cove_evidence": "cove.attest.cove_verify",
+    "CoveClaims": "cove.attest.cove_evidence_verify",
+    "verify_cove_evidence": "cove.attest.cove_evidence_verify",
     "DcapClaims": "cove.attest.dcap",
     "verify_dcap_quote": "cove.attest.dcap",
     "verify_sgx_quote": "cove.attest.dcap",

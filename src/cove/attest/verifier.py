@@ -171,7 +171,7 @@ def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, nonce: b
 
 
 def _cove(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
-    from cove.attest.cove_verify import appraisal, verify_cove_evidence
+    from cove.attest.cove_evidence_verify import appraisal, verify_cove_evidence
 
     claims = verify_cove_evidence(evidence, now, ek_roots=anchors.cove_ek_roots or rules.pem("ek_ca") or None,
                                   ak_roots=anchors.cove_ak_roots or rules.pem("ak_ca") or None)

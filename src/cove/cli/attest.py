@@ -155,7 +155,7 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
         tpm_pcrs=_read(tpm_pcrs, "TPM PCR file") if tpm_pcrs else None,
         ak=_read(ak, "AK") if ak else None, event_log=_read(event_log, "event log") if event_log else None)
     if pccs or kds:
-        from cove.attest.collateral import Fetcher
+        from cove.attest.collateral_fetch import Fetcher
 
         inputs = replace(inputs, fetch=Fetcher(pccs=pccs, kds=kds, cache_dir=cache_dir).inputs_for)
     expected_rd = _hex(report_data, "--report-data")

@@ -237,7 +237,7 @@ target = "mount:/data"
 
 def _serves_encrypted_mounts() -> bool:
     """Whether a runtime service in this installation serves encrypted mounts."""
-    from cove.runtime.services import FACTORIES
+    from cove.runtime.enclave_services import FACTORIES
 
     return any(spec.startswith("cove.fs") for spec in FACTORIES)
 

@@ -149,9 +149,9 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
         if not ra_tls:
             runner.serve(options, listen, workers, access_log)
             return
-        from cove.kbs import ratls
+        from cove.kbs import broker_ratls
 
-        with ratls.certificate_files(attestation_dir) as (cert, key):
+        with broker_ratls.certificate_files(attestation_dir) as (cert, key):
             click.echo("serving RA-TLS: a fresh key, bound to this enclave's evidence", err=True)
             runner.serve(dict(options, certfile=str(cert), keyfile=str(key)), listen, workers, access_log)
     except Problem as exc:  # the broker refused its own configuration while starting

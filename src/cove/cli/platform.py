@@ -70,7 +70,7 @@ def stop() -> None:
               help="PEM of the EK CA(s) whose TPMs this CA certifies AKs for.")
 def ak_ca(directory: Path, ek_roots: Path) -> None:
     """Create an AK certificate authority in DIRECTORY (give its ca.pem to verifiers as ak_ca)."""
-    from cove.attest.akca import AkCa
+    from cove.attest.ak_ca import AkCa
 
     if (directory / "ca.key").exists():
         raise CoveError(f"{directory} already holds an AK CA")

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from cove.runtime.services import Bind, EnclaveService, ServiceContext
+from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 STRIDE = 1 << 16  # inodes per enclave folder
 TARGET = "/dev/attestation"

@@ -24,7 +24,7 @@ from cove.daemon.registry import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
 from cove.runtime import launcher
-from cove.runtime import services as services_mod
+from cove.runtime import enclave_services as services_mod
 from cove.util import write_atomic
 
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 10.0, 10.0

@@ -2,7 +2,7 @@
 
 The public face of the format. It owns the metadata node (path, size, root
 key and MAC, first 3072 content bytes) and the commit protocol; the tree of
-data and MHT nodes is :mod:`cove.fs.tree`, the undo log :mod:`cove.fs.journal`.
+data and MHT nodes is :mod:`cove.fs.merkle_tree`, the undo log :mod:`cove.fs.journal`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cove.fs.layout import (
     MAJOR_VERSION, MD_USER_DATA_SIZE, MINOR_VERSION, NODE_SIZE, NONCE_SIZE, PAD_OFFSET,
     PATH_MAX_SIZE, Header, MetaPlain, node_count, unpack_meta_plain,
 )
-from cove.fs.tree import Run, Tree
+from cove.fs.merkle_tree import Run, Tree
 from cove.fs.writer import AsyncWriter
 
 DEFAULT_CACHE_BYTES = 4 << 20

@@ -58,15 +58,15 @@ def main() -> int:
         print(f"cove: secure fs {settings['label']}: {problem}", file=sys.stderr, flush=True)
     digests = None
     if settings.get("image") is not None:  # an encrypted root image: check it against the signed listing
-        from cove.fs import image
+        from cove.fs import encrypted_image
 
-        listing = image.decode_listing(cbor2.loads(settings["image"]))
-        difference = image.compare_listing(volume, listing)
+        listing = encrypted_image.decode_listing(cbor2.loads(settings["image"]))
+        difference = encrypted_image.compare_listing(volume, listing)
         if difference:
             print(f"error: the encrypted image differs from the signed listing: {difference}", flush=True)
             volume.close()
             return 2
-        image.add_mount_points(volume, settings.get("extra_dirs", ()), settings.get("extra_files", ()))
+        encrypted_image.add_mount_points(volume, settings.get("extra_dirs", ()), settings.get("extra_files", ()))
         digests = {path: want[3] for path, want in listing.items() if want[0] == "f"}
 
     def ready() -> None:

@@ -72,7 +72,7 @@ def write(image: Path, build_dir: Path, key_text: str, identity, entries, key_by
     ``key_bytes`` is the key itself when the run-time source (``kbs:``) cannot
     be resolved at build time.
     """
-    from cove.fs.image import encrypt_image
+    from cove.fs.encrypted_image import encrypt_image
 
     remove(build_dir)
     try:

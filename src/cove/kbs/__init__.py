@@ -10,14 +10,14 @@ accepts the attestation result. The parts:
 - :mod:`cove.kbs.store`: SQLite or PostgreSQL storage, schema migrations;
 - :mod:`cove.kbs.vault`: the master key and encryption of secrets at rest;
 - :mod:`cove.kbs.secrets`: secret kinds, generation, versions, rotation;
-- :mod:`cove.kbs.appraisal`: tee types, evidence verification, report-data binding;
-- :mod:`cove.kbs.policy`: attestation and release policies;
+- :mod:`cove.kbs.evidence_appraisal`: tee types, evidence verification, report-data binding;
+- :mod:`cove.kbs.broker_policy`: attestation and release policies;
 - :mod:`cove.kbs.jose`: attestation tokens, admin tokens, JWE responses (joserfc);
 - :mod:`cove.kbs.broker`: the protocol logic, independent of HTTP;
 - :mod:`cove.kbs.server`: the FastAPI application (OpenAPI at /openapi.json);
 - :mod:`cove.kbs.runner`: ``init``, ``serve`` and a broker embedded in a thread;
 - :mod:`cove.kbs.tls`: a local TLS CA and server certificate;
-- :mod:`cove.kbs.ratls`: RA-TLS for a broker in an enclave, and clients that verify it by policy;
+- :mod:`cove.kbs.broker_ratls`: RA-TLS for a broker in an enclave, and clients that verify it by policy;
 - :mod:`cove.kbs.client`: the client (and admin client), usable inside an enclave.
 
 Provisioning into enclaves before they start is :mod:`cove.runtime.provisioning`.

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from joserfc import jwk
 
 from cove.attest import certs
-from cove.kbs import appraisal, coco_binding, coco_collateral, coco_evidence, jose, policy as policy_mod, secrets as secrets_mod
+from cove.kbs import broker_policy as policy_mod, coco_binding, coco_collateral, coco_evidence, evidence_appraisal, jose, secrets as secrets_mod
 from cove.kbs.problems import Problem
 from cove.kbs.store import SecretRow, Store
 from cove.kbs.vault import Vault
@@ -53,7 +53,7 @@ class Settings:
     session_lifetime: float = 300.0  # an attested cookie session
     token_lifetime: float = 3600.0
     attestation_policy: str | None = None  # text; None = the default policy
-    anchors: appraisal.TrustAnchors = field(default_factory=appraisal.TrustAnchors)
+    anchors: evidence_appraisal.TrustAnchors = field(default_factory=evidence_appraisal.TrustAnchors)
     clock: Callable[[], float] = time.time  # sessions, tokens; tests move it
     evidence_time: Callable[[], dt.datetime] | None = None  # time evidence is checked at (default: clock)
     collateral_dir: str | None = None  # DCAP collateral for quotes sent without it (`cove kbs collateral import`)
@@ -201,7 +201,7 @@ class Broker:
                                       audit=(label, "attest", "denied", None, None,
                                              f"{tee}: {problem.kind}: {problem.detail}"))
             raise
-        claims = appraisal.to_claims(result) | bound_claims
+        claims = evidence_appraisal.to_claims(result) | bound_claims
         self.store.finish_session(session_id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
                                   self.now(), audit=(label, "attest", "ok", None, claims.get("measurement"), tee))
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
@@ -297,7 +297,7 @@ class Broker:
             decision = policy_mod.Decision(False, f"its release policy {row.policy!r} does not exist")
         else:
             try:
-                claimed = appraisal.from_claims(caller.claims)
+                claimed = evidence_appraisal.from_claims(caller.claims)
             except (TypeError, ValueError, KeyError):
                 raise Problem("TokenVerifierError", "the attestation claims are malformed") from None
             decision = policy_mod.decide(policy, claimed, self.evidence_now())

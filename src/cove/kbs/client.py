@@ -26,7 +26,7 @@ from typing import Protocol
 import httpx
 
 from cove.errors import CoveError, ExitCode
-from cove.kbs import appraisal, jose
+from cove.kbs import evidence_appraisal, jose
 from cove.kbs.problems import kind_of
 
 PROTOCOL_VERSION = "0.1.1"
@@ -98,10 +98,10 @@ def _verify_option(ca_cert, broker_policy=None) -> object:
         if ca_cert is not None:
             raise KbsError("give the broker's CA certificate or its RA-TLS policy, not both")
         from cove.attest.errors import VerificationError
-        from cove.kbs import ratls
+        from cove.kbs import broker_ratls
 
         try:
-            return ratls.client_context(broker_policy)
+            return broker_ratls.client_context(broker_policy)
         except (CoveError, VerificationError) as exc:
             raise KbsError(f"broker policy: {exc.line()}", exc.hint) from None
     if ca_cert is None:
@@ -123,7 +123,7 @@ def _verify_option(ca_cert, broker_policy=None) -> object:
 
 def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
     """A transport error as one line: an RA-TLS refusal (never retried) or an unreachable broker."""
-    from cove.kbs.ratls import rejection
+    from cove.kbs.broker_ratls import rejection
 
     refused = rejection(exc)
     if refused is not None:
@@ -196,7 +196,7 @@ class KbsClient:
         nonce = self.challenge(provider.tee)
         self.tee_key = jose.new_tee_key(self.key_type)
         runtime_data = {"nonce": nonce, "tee-pubkey": jose.public_jwk(self.tee_key)}
-        evidence = provider.evidence(appraisal.expected_report_data(runtime_data))
+        evidence = provider.evidence(evidence_appraisal.expected_report_data(runtime_data))
         response = self._post("/kbs/v0/attest", {"runtime-data": runtime_data, "tee-evidence": evidence}, "attest")
         self.token = response.json()["token"]
         self.claims = _token_claims(self.token)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cove.attest import verifier
 from cove.attest.appraisal import Appraisal
 from cove.errors import CoveError
-from cove.kbs import appraisal
+from cove.kbs import evidence_appraisal
 from cove.kbs.problems import Problem
 
 TEES = ("az-snp-vtpm",)
@@ -96,7 +96,7 @@ def _ak_pem(var_data: dict) -> bytes:
     _fail("the HCL variable data names no RSA HCLAkPub key")
 
 
-def appraise(tee: str, evidence: dict, runtime_data: dict, anchors: appraisal.TrustAnchors,
+def appraise(tee: str, evidence: dict, runtime_data: dict, anchors: evidence_appraisal.TrustAnchors,
              now: dt.datetime) -> Appraisal:
     """The SNP report's appraisal, with the vTPM's PCRs, once every link and the binding hold."""
     from cove.kbs.coco_evidence import pcr_file
@@ -115,7 +115,7 @@ def appraise(tee: str, evidence: dict, runtime_data: dict, anchors: appraisal.Tr
     vcek = _b64url(evidence.get("vcek"), "vcek")
     report, var_data = parse_hcl_report(hcl)
 
-    snp = appraisal.verify("snp", {"report": base64.b64encode(report).decode(),
+    snp = evidence_appraisal.verify("snp", {"report": base64.b64encode(report).decode(),
                                    "vcek": base64.b64encode(vcek).decode()}, anchors, now)
     fields = snp.claims.get("report", {}) if isinstance(snp.claims, dict) else {}
     if fields.get("vmpl") != 0:
@@ -134,7 +134,7 @@ def appraise(tee: str, evidence: dict, runtime_data: dict, anchors: appraisal.Tr
     except CoveError as exc:
         _fail(f"the vTPM quote: {exc.line()}")
     extra = vtpm.report_data or b""
-    appraisal.check_binding(extra, runtime_data)
+    evidence_appraisal.check_binding(extra, runtime_data)
     if version >= 2:
         user = variables.get("user-data") if isinstance(variables, dict) else None
         if not isinstance(user, str) or not hmac.compare_digest(_hex(user, "user-data")[:len(extra)], extra):

@@ -109,7 +109,7 @@ class CollateralSource:
                 raise Problem("Unavailable", f"{tee}: the broker's collateral for FMSPC {fmspc} is unreadable: "
                                              f"{exc}") from None
         if self.pccs:
-            from cove.attest.collateral import Fetcher
+            from cove.attest.collateral_fetch import Fetcher
 
             try:
                 return Fetcher(pccs=self.pccs, cache_dir=self.folder / "pccs" if self.folder else None).dcap(tee, quote)

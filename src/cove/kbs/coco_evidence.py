@@ -4,7 +4,7 @@ An attestation from the CoCo client carries ``tee-evidence`` as the composite
 ``{"primary_evidence": <the attester's JSON>, "additional_evidence": "<JSON string or empty>"}``
 (kbs-types 0.18 ``CompositeEvidence``) and ``init-data`` as ``{"format": "toml", "body": ...}`` or
 null. This module unpacks those and adapts each attester's shape to the one
-:mod:`cove.kbs.appraisal` verifies; Cove's own shapes pass through unchanged.
+:mod:`cove.kbs.evidence_appraisal` verifies; Cove's own shapes pass through unchanged.
 The shapes were read from guest-components ``attestation-agent/attester/src``
 @ 8246e5e0977f6322f0a1b0f77e0739cf1c3e1f74 and Trustee ``deps/verifier/src``
 @ 78962cd416dcc8a32f9377e0066a28fe21420f69 (docs/formats/kbs-evidence.md).
@@ -286,29 +286,29 @@ ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": 
 
 
 def normalize_tee(tee) -> str:
-    """The session's tee: one :mod:`cove.kbs.appraisal` verifies, or a composite one verified here."""
-    from cove.kbs import appraisal, coco_azure
+    """The session's tee: one :mod:`cove.kbs.evidence_appraisal` verifies, or a composite one verified here."""
+    from cove.kbs import coco_azure, evidence_appraisal
 
     if isinstance(tee, str) and tee in coco_azure.TEES:
         return tee
     try:
-        return appraisal.normalize_tee(tee)
+        return evidence_appraisal.normalize_tee(tee)
     except Problem as problem:
         if not isinstance(tee, str):
             raise
-        known = ", ".join((*appraisal.TEE_TYPES, *coco_azure.TEES))
+        known = ", ".join((*evidence_appraisal.TEE_TYPES, *coco_azure.TEES))
         raise Problem("UnknownTee", f"tee {tee[:32]!r} is not verified by this broker (it verifies {known}; "
                                     f"docs/formats/kbs-evidence.md)") from problem
 
 
 def appraise(tee: str, evidence: dict, runtime_data: dict, anchors, now):
-    """Verify the (adapted) evidence and its binding to runtime_data: :func:`cove.kbs.appraisal.appraise`,
+    """Verify the (adapted) evidence and its binding to runtime_data: :func:`cove.kbs.evidence_appraisal.appraise`,
     or, for the vTPM-through-SNP shape, :mod:`cove.kbs.coco_azure`."""
-    from cove.kbs import appraisal, coco_azure
+    from cove.kbs import coco_azure, evidence_appraisal
 
     if tee in coco_azure.TEES:
         return coco_azure.appraise(tee, evidence, runtime_data, anchors, now)
-    return appraisal.appraise(tee, evidence, runtime_data, anchors, now)
+    return evidence_appraisal.appraise(tee, evidence, runtime_data, anchors, now)
 
 
 def check_additional(additional: str) -> None:

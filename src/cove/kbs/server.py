@@ -715,7 +715,7 @@ def settings_from_options(options: dict) -> Settings:
     """Settings from `cove kbs serve` options (JSON-able, so worker processes can rebuild them)."""
     from pathlib import Path
 
-    from cove.kbs import appraisal, vault
+    from cove.kbs import evidence_appraisal, vault
 
     master = vault.load_master_key(Path(options["master_key_file"]) if options.get("master_key_file") else None,
                                    Path(options["master_key_sealed"]) if options.get("master_key_sealed") else None)
@@ -724,7 +724,7 @@ def settings_from_options(options: dict) -> Settings:
         from cove.attest.policy import read_policy_text
 
         policy_text = read_policy_text(options["policy"])
-    anchors = appraisal.TrustAnchors.from_files(
+    anchors = evidence_appraisal.TrustAnchors.from_files(
         Path(options["sgx_root_ca"]) if options.get("sgx_root_ca") else None,
         [Path(p) for p in options.get("snp_ask_ark", [])], [Path(p) for p in options.get("tpm_ak", [])])
     return Settings(db_url=options["db"], master_key=master, issuer=options.get("issuer"),

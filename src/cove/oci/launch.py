@@ -211,7 +211,7 @@ def _node_attestation() -> bool:
     Without a node service the container gets its own server, as `cove run`.
     """
     from cove.daemon import attestation
-    from cove.runtime import services as services_mod
+    from cove.runtime import enclave_services as services_mod
 
     control = Path(os.environ.get("COVE_NODE_ROOT") or NODE_ROOT) / "attestation.sock"
     try:

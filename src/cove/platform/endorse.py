@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cove.attest import evidence as ev
-from cove.attest.akca import AkCa
+from cove.attest.ak_ca import AkCa
 from cove.attest.tpm_structs import parse_pcr_file
 from cove.platform.state import Paths, PlatformConfig
 from cove.platform.tpm2 import Tpm

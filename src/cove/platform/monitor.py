@@ -20,11 +20,11 @@ from pathlib import Path
 from cryptography import x509
 
 from cove.attest import evidence as ev
-from cove.attest.akca import AkCa
+from cove.attest.ak_ca import AkCa
 from cove.errors import CoveError
 from cove.platform import endorse, pak
 from cove.platform.reports import ReportSigner
-from cove.platform.runtime import runtime_hash
+from cove.platform.runtime_measurement import runtime_hash
 from cove.platform.state import Paths, PlatformConfig
 from cove.platform.swtpm import SwTpm
 from cove.platform.tpm2 import Tpm, device_tcti

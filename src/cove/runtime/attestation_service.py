@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from cove.errors import CoveError, SetupError
-from cove.runtime.services import Bind, EnclaveService, ServiceContext
+from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 TARGET = "/dev/attestation"
 PR_SET_PDEATHSIG = 1

@@ -32,7 +32,7 @@ class LaunchSpec:
     gid: int
     instance_id: str
     interactive: bool = False  # a debug shell keeps the terminal
-    binds: tuple = field(default=())  # cove.runtime.services.Bind, from the enclave's services
+    binds: tuple = field(default=())  # cove.runtime.enclave_services.Bind, from the enclave's services
     build_dir: Path | None = None  # the verified build folder (the vm backend's launch inputs are there)
     launch: dict | None = None  # the signed manifest's launch section (backend "vm")
     workdir: Path | None = None  # private to this run, removed afterwards

@@ -30,7 +30,7 @@ from cove.image.encryption import EncryptedImage
 from cove.image.identity import EnclaveIdentity
 from cove.image.paths import resolve_in_image
 from cove.runtime import backend as backend_mod
-from cove.runtime import services as services_mod
+from cove.runtime import enclave_services as services_mod
 from cove.runtime.backend import LaunchSpec
 from cove.runtime.terminal import Terminal
 
@@ -244,7 +244,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                 root = _private_root(verified, image, workdir, in_place, stored)
                 _check_program(root, program)
             else:
-                from cove.fs.image import ImageMount
+                from cove.fs.encrypted_image import ImageMount
 
                 image_mount = ImageMount(encrypted.volume, encrypted.key, identity, verified.entries,
                                          workdir / "root")

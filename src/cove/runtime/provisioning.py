@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from cove.errors import CoveError
-from cove.runtime.services import Bind, EnclaveService, ServiceContext
+from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 VOLUME_KEY_SIZE = 16
 _ACTIVE: dict[bytes, ProvisioningService] = {}

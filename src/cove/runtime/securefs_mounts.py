@@ -15,8 +15,8 @@ from pathlib import Path
 
 from cove.config import Mount, parse_size
 from cove.errors import CoveError
-from cove.fs.service import FuseServer, MountError
-from cove.runtime.services import Bind, EnclaveService, ServiceContext
+from cove.fs.server_process import FuseServer, MountError
+from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 DEFAULT_CACHE = 4 << 20
 

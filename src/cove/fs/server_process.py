@@ -4,7 +4,7 @@
 with its settings (and keys) on stdin and waits until the volume is mounted;
 after the program ends it unmounts, and the server commits. The runtime's
 encrypted mounts (``cove.runtime.securefs_mounts``) and the encrypted image
-(``cove.fs.image``) both use it. This module imports nothing above ``fs``.
+(``cove.fs.encrypted_image``) both use it. This module imports nothing above ``fs``.
 """
 
 from __future__ import annotations

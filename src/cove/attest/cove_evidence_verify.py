@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cove.attest import evidence as ev
 from cove.attest._keys import verify_ecdsa
 from cove.attest._x509 import check_chain_to_any, der, load_der_cert, load_pem_chain, utc
-from cove.attest.akca import ak_binding, check_ak_attributes
+from cove.attest.ak_ca import ak_binding, check_ak_attributes
 from cove.attest.appraisal import Appraisal, jsonable
 from cove.attest.errors import VerificationError
 from cove.attest.tpm import TpmQuoteClaims, public_key, verify_tpm_quote

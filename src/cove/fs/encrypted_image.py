@@ -184,7 +184,7 @@ class ImageMount:
         self.server = None
 
     def spawn(self) -> None:
-        from cove.fs.service import FuseServer
+        from cove.fs.server_process import FuseServer
 
         if self.server is None:
             self.server = FuseServer("encrypted image")
