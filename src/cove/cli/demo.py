@@ -90,8 +90,7 @@ class Demo:
                 admin.close()
         self.step("Done")
         self.note("the secrets reached only the attested enclave, after the runtime proved what it runs;")
-        self.note("no admin could read them" + (", the host saw the volume only encrypted" if _serves_encrypted_mounts()
-                                                 else "") + ", and a changed enclave got nothing.")
+        self.note("no admin could read them, the host saw the volume only encrypted, and a changed enclave got nothing.")
         self.note("docs/kbs.md explains the protocol, the policies and a real deployment.")
 
     def start_broker(self):
@@ -133,21 +132,17 @@ class Demo:
         program = instance / "image" / "bin" / "demo-app"
         program.write_text("#!/bin/sh\n" + PROGRAM + (f"echo {marker}\n" if marker else ""))
         program.chmod(0o755)
-        volume = _serves_encrypted_mounts()
         config = instance / "cove.toml"
-        text = config.read_text() + '''
+        text = config.read_text() + f'''
 [[mounts]]
 target = "/run/secrets"
 type = "tmpfs"
-'''
-        if volume:
-            text += f'''
+
 [[mounts]]
 target = "/data"
 type = "encrypted"
 key = "kbs:{VOLUME_KEY}"
-'''
-        text += f'''
+
 [attestation]
 kbs = "{url}"
 ca = "{ca}"
@@ -161,9 +156,7 @@ target = "env:DB_PASSWORD"
 name = "tls"
 resource = "demo/tls/server"
 target = "file:/run/secrets/tls.pem"
-'''
-        if volume:
-            text += f'''
+
 [[secrets]]
 name = "volume-key"
 resource = "{VOLUME_KEY}"
@@ -173,8 +166,6 @@ target = "mount:/data"
         self.cove("build", cwd=instance)
         if marker is None:
             self.note(f"instance {instance}: [attestation] and [[secrets]] are part of the measured configuration")
-            if not volume:
-                self.note("this installation serves no encrypted mounts yet: the volume step is left out")
         return instance
 
     @staticmethod
@@ -214,15 +205,16 @@ target = "mount:/data"
         self.proved("the broker checked platform-signed evidence bound to its nonce and the runtime's fresh key,")
         self.proved(f"and released each secret only to measurement {measurement[:16]}..., as a JWE to that key")
         data = app / "run" / "data"
-        if data.exists():
-            self.step("Look at the volume from the host")
-            raw = b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file())
-            leaked = b"alice owes bob" in raw
-            self.note(f"{sum(1 for p in data.rglob('*') if p.is_file())} files, {len(raw)} bytes under {data}")
-            if leaked:
-                raise CoveError("demo: the volume's plaintext is visible on the host")
-            self.proved("the host's disk holds only ciphertext; the volume key came from the broker after "
-                        "attestation and is never written to disk")
+        if not data.is_dir():
+            raise CoveError(f"demo: the enclave wrote no encrypted volume under {data}")
+        self.step("Look at the volume from the host")
+        raw = b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file())
+        leaked = b"alice owes bob" in raw
+        self.note(f"{sum(1 for p in data.rglob('*') if p.is_file())} files, {len(raw)} bytes under {data}")
+        if leaked:
+            raise CoveError("demo: the volume's plaintext is visible on the host")
+        self.proved("the host's disk holds only ciphertext; the volume key came from the broker after "
+                    "attestation and is never written to disk")
 
     def changed_enclave(self, url: str, ca: Path, admin) -> None:
         self.step("Change one byte of the program and run it again")
@@ -234,12 +226,6 @@ target = "mount:/data"
         self.note(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
         self.proved("a different enclave is refused before its program starts")
 
-
-def _serves_encrypted_mounts() -> bool:
-    """Whether a runtime service in this installation serves encrypted mounts."""
-    from cove.runtime.enclave_services import FACTORIES
-
-    return any(spec.startswith("cove.fs") for spec in FACTORIES)
 
 
 @click.command()
