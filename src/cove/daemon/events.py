@@ -20,6 +20,9 @@ class Events:
         self.items: deque[dict] = deque(maxlen=KEEP)
         self.next = 1
         self.changed = threading.Condition()
+        # what watch() last saw of each enclave, (status, restarts); a start seeds it, so an enclave
+        # that exits (or restarts) before watch() first looks still gets its die (and restart) events
+        self.last_seen: dict[str, tuple] = {}
 
     def emit(self, kind: str, action: str, ident: str, **attributes) -> dict:
         with self.changed:
@@ -54,7 +57,7 @@ class Events:
 
 def watch(registry, events: Events, stop: threading.Event, interval: float = 0.5) -> None:
     """Emit ``die`` (and ``restart``) events for state changes the supervisors record."""
-    seen: dict[str, tuple] = {}
+    seen = events.last_seen
     while not stop.wait(interval):
         try:
             enclaves = registry.all()

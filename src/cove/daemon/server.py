@@ -222,6 +222,7 @@ class Daemon:
             self.metrics.starts.labels(record["backend"]).inc()
             self.metrics.latency.observe(time.monotonic() - started)
         self.events.emit("enclave", "start", enclave.id, name=enclave.name)
+        self.events.last_seen.setdefault(enclave.id, ("running", 0))
         return enclave.view()
 
     def _spawner(self) -> subprocess.Popen:
