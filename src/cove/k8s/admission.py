@@ -20,6 +20,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from cove.k8s import DOMAIN, RUNTIME_CLASS
 
@@ -37,6 +38,8 @@ KBS_KEYS = {"url": "kbs-url", "ca": "kbs-ca", "policy": "kbs-policy", "timeout":
 CONTAINER_KINDS = ("initContainers", "containers", "ephemeralContainers")
 # Annotations only the device plugin's Allocate writes (the runtime trusts them): a pod may not forge them.
 RESERVED_ANNOTATIONS = (f"{DOMAIN}/enclave-slots", f"{DOMAIN}/enclave-memory-mib", f"{DOMAIN}/platform")
+# A decoded JSON object (a pod, a review, a JSONPatch operation): checked where it is read.
+JSONObject = dict[str, Any]
 
 
 class BadReview(ValueError):
@@ -47,7 +50,7 @@ class BadReview(ValueError):
 class Settings:
     """What the webhook injects: key-broker settings and the memory of a pod without a limit."""
 
-    kbs: dict = field(default_factory=dict)   # keys of KBS_KEYS
+    kbs: dict[str, str] = field(default_factory=dict)   # keys of KBS_KEYS
     default_memory_mib: int = 256
 
     @classmethod
@@ -64,7 +67,7 @@ class Settings:
 
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
-_FACTORS = {None: 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
+_FACTORS: dict[str | None, Decimal | int] = {None: 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
             "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
             "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
@@ -87,7 +90,7 @@ def _pointer(*parts: str | int) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _opted_in(pod: dict) -> bool:
+def _opted_in(pod: JSONObject) -> bool:
     meta = pod.get("metadata") or {}
     return any(str((meta.get(where) or {}).get(OPT_IN, "")).lower() in TRUE for where in ("labels", "annotations"))
 
@@ -100,7 +103,7 @@ def _overlaps(host_path: str) -> str | None:
     return None
 
 
-def refusals(pod: dict) -> list[str]:
+def refusals(pod: JSONObject) -> list[str]:
     """Why an opted-in pod may not run as an enclave (empty: it may)."""
     spec = pod.get("spec") or {}
     why = []
@@ -132,7 +135,7 @@ def refusals(pod: dict) -> list[str]:
     return why
 
 
-def _container_patch(container: dict, index: int, kind: str, settings: Settings) -> list[dict]:
+def _container_patch(container: JSONObject, index: int, kind: str, settings: Settings) -> list[JSONObject]:
     resources = container.get("resources") or {}
     limits = resources.get("limits") or {}
     requests = resources.get("requests") or {}
@@ -140,7 +143,7 @@ def _container_patch(container: dict, index: int, kind: str, settings: Settings)
     mib = math.ceil(quantity_bytes(memory) / 2**20) if memory is not None else settings.default_memory_mib
     want = {ENCLAVE: "1", ENCLAVE_MEMORY: str(max(mib, 1))}
     base = ("spec", kind, index, "resources")
-    ops = []
+    ops: list[JSONObject] = []
     if "resources" not in container:
         return [{"op": "add", "path": _pointer(*base), "value": {"limits": want, "requests": dict(want)}}]
     for section, present in (("limits", limits), ("requests", requests)):
@@ -154,18 +157,19 @@ def _container_patch(container: dict, index: int, kind: str, settings: Settings)
     return ops
 
 
-def mutation(pod: dict, settings: Settings) -> list[dict]:
+def mutation(pod: JSONObject, settings: Settings) -> list[JSONObject]:
     """The JSONPatch that makes an opted-in pod an enclave pod; empty if it already is one."""
     spec = pod.get("spec") or {}
-    ops: list[dict] = []
+    ops: list[JSONObject] = []
     if spec.get("runtimeClassName") != RUNTIME_CLASS:
         ops.append({"op": "add", "path": "/spec/runtimeClassName", "value": RUNTIME_CLASS})
     for index, container in enumerate(spec.get("containers") or []):
         ops.extend(_container_patch(container, index, "containers", settings))
     annotations = (pod.get("metadata") or {}).get("annotations")
     want = {ANNOTATION_PREFIX + KBS_KEYS[k]: v for k, v in sorted(settings.kbs.items())}
-    if annotations is None and want:
-        ops.append({"op": "add", "path": "/metadata/annotations", "value": want})
+    if annotations is None:
+        if want:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": want})
     else:
         for key, value in want.items():
             if annotations.get(key) != value:
@@ -173,7 +177,7 @@ def mutation(pod: dict, settings: Settings) -> list[dict]:
     return ops
 
 
-def _request(review) -> dict:
+def _request(review: object) -> JSONObject:
     if not isinstance(review, dict):
         raise BadReview("the body is not a JSON object")
     if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
@@ -186,7 +190,7 @@ def _request(review) -> dict:
     return request
 
 
-def _pod(request: dict) -> dict | None:
+def _pod(request: JSONObject) -> JSONObject | None:
     """The pod under review, or None for what the webhook does not judge (other kinds, DELETE)."""
     kind = request.get("kind") or {}
     if not isinstance(kind, dict) or kind.get("kind") != "Pod" or request.get("operation") == "DELETE":
@@ -204,8 +208,9 @@ def _pod(request: dict) -> dict | None:
     return pod
 
 
-def _answer(uid: str, allowed: bool, message: str | None = None, patch: list | None = None) -> dict:
-    response: dict = {"uid": uid, "allowed": allowed}
+def _answer(uid: str, allowed: bool, message: str | None = None,
+            patch: list[JSONObject] | None = None) -> JSONObject:
+    response: JSONObject = {"uid": uid, "allowed": allowed}
     if message:
         response["status"] = {"code": 403, "reason": "Forbidden", "message": message}
     if patch:
@@ -214,7 +219,7 @@ def _answer(uid: str, allowed: bool, message: str | None = None, patch: list | N
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
-def review(body, settings: Settings, mutate: bool) -> dict:
+def review(body: object, settings: Settings, mutate: bool) -> JSONObject:
     """Answer one AdmissionReview: allowed, refused with the reasons, or allowed with a patch."""
     request = _request(body)
     uid = request["uid"]

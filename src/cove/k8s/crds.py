@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 GROUP = "cove.dev"
 VERSION = "v1alpha1"
@@ -84,7 +85,8 @@ ENCLAVE_SECRET_SPEC = {
 }
 
 
-def _crd(kind: str, plural: str, short: list[str], spec: dict, status_extra: dict, columns: list[dict]) -> dict:
+def _crd(kind: str, plural: str, short: list[str], spec: dict[str, Any], status_extra: dict[str, Any],
+         columns: list[dict[str, str]]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

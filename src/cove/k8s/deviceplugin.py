@@ -64,7 +64,7 @@ class Config:
     daemon_socket: str | None = None
     run_dir: str = RUN_DIR
     health_interval: float = 5.0
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _enclave_allocate(config: Config, socket_path: str) -> Callable[[list[str]], pb.ContainerAllocateResponse]:
@@ -149,10 +149,10 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         state = HEALTHY if self.health.healthy else UNHEALTHY
         return [pb.Device(ID=i, health=state) for i in self.resource.device_ids]
 
-    def GetDevicePluginOptions(self, request, context):
+    def GetDevicePluginOptions(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.DevicePluginOptions:
         return pb.DevicePluginOptions(pre_start_required=True, get_preferred_allocation_available=True)
 
-    def ListAndWatch(self, request, context) -> Iterator[pb.ListAndWatchResponse]:
+    def ListAndWatch(self, request: pb.Empty, context: grpc.ServicerContext) -> Iterator[pb.ListAndWatchResponse]:
         generation = self.health.generation
         yield pb.ListAndWatchResponse(devices=self._devices())
         while context.is_active():
@@ -163,18 +163,20 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 generation = new
                 yield pb.ListAndWatchResponse(devices=self._devices())
 
-    def GetPreferredAllocation(self, request, context):
+    def GetPreferredAllocation(self, request: pb.PreferredAllocationRequest,
+                               context: grpc.ServicerContext) -> pb.PreferredAllocationResponse:
         """Pack: the devices that must be included, then the lowest-numbered available ones."""
         order = {device: n for n, device in enumerate(self.resource.device_ids)}
         answers = []
         for want in request.container_requests:
             chosen = [d for d in want.must_include_deviceIDs if d in order]
-            rest = sorted((d for d in want.available_deviceIDs if d in order and d not in chosen), key=order.get)
+            rest = sorted((d for d in want.available_deviceIDs if d in order and d not in chosen),
+                          key=order.__getitem__)
             chosen.extend(rest[:max(0, want.allocation_size - len(chosen))])
             answers.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))
         return pb.PreferredAllocationResponse(container_responses=answers)
 
-    def Allocate(self, request, context):
+    def Allocate(self, request: pb.AllocateRequest, context: grpc.ServicerContext) -> pb.AllocateResponse:
         answers = []
         for want in request.container_requests:
             ids = list(want.devices_ids)
@@ -186,7 +188,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             answers.append(self.resource.allocate(ids))
         return pb.AllocateResponse(container_responses=answers)
 
-    def PreStartContainer(self, request, context):
+    def PreStartContainer(self, request: pb.PreStartContainerRequest,
+                          context: grpc.ServicerContext) -> pb.PreStartContainerResponse:
         if not self.health.healthy:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the Cove node service is not answering")
         return pb.PreStartContainerResponse()

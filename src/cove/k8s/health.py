@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_SOCKET = "/run/cove/cove.sock"
 SOCKET_ENV = "COVE_DAEMON_SOCKET"
@@ -29,7 +30,7 @@ class Health:
 
     up: bool
     detail: str
-    info: dict
+    info: dict[str, Any]
 
 
 class _Unix(http.client.HTTPConnection):

@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 API_ENV = "COVE_K8S_API"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# A Kubernetes object as the API server sends it (JSON).
+JSONObject = dict[str, Any]
 
 
 class Unconfigured(Exception):
@@ -48,21 +51,23 @@ class Api:
         self.http = httpx.Client(base_url=f"https://{host}:{port}", verify=str(SA_DIR / "ca.crt"), timeout=15,
                                  headers={"Authorization": f"Bearer {token}"})
 
-    def get(self, path: str) -> dict | None:
+    def get(self, path: str) -> JSONObject | None:
         response = self.http.get(path)
         if response.status_code == 404:
             return None
         response.raise_for_status()
-        return response.json()
+        body: JSONObject = response.json()
+        return body
 
-    def apply(self, collection: str, obj: dict) -> dict:
+    def apply(self, collection: str, obj: JSONObject) -> JSONObject:
         """Create OBJ in COLLECTION, or merge it into the existing one: the same call converges."""
         response = self.http.post(collection, json=obj)
         if response.status_code == 409:
             response = self.http.patch(f"{collection}/{obj['metadata']['name']}", json=obj,
                                        headers={"Content-Type": "application/merge-patch+json"})
         response.raise_for_status()
-        return response.json()
+        body: JSONObject = response.json()
+        return body
 
     def secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
         secret = self.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
@@ -73,7 +78,8 @@ class Api:
             raise MissingKey(f"Secret {name!r} has no key {key!r}")
         return base64.b64decode(data)
 
-    def merge_patch(self, path: str, body: dict) -> dict:
+    def merge_patch(self, path: str, body: JSONObject) -> JSONObject:
         response = self.http.patch(path, json=body, headers={"Content-Type": "application/merge-patch+json"})
         response.raise_for_status()
-        return response.json()
+        answer: JSONObject = response.json()
+        return answer

@@ -19,13 +19,18 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import kopf
 
 from cove.k8s.crds import GROUP, VERSION
 from cove.k8s.kubeapi import API_ENV, Api, MissingKey, Unconfigured, credentials_present  # noqa: F401
+
+if TYPE_CHECKING:
+    from cove.kbs.client import AdminClient
 
 IMAGE_ENV = "COVE_KBS_IMAGE"
 DEFAULT_IMAGE = "cove/kbs:0.1.0"
@@ -62,7 +67,7 @@ def api() -> Api:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_) -> None:
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _api
     _api = None  # credentials are read again at each start
     settings.persistence.finalizer = FINALIZER
@@ -75,7 +80,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs):
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     server = os.environ.get(API_ENV)
     if server:
         return kopf.ConnectionInfo(server=server, insecure=True)
@@ -92,13 +97,13 @@ def _fail(patch: kopf.Patch, retry: int, message: str) -> None:
     raise kopf.TemporaryError(message, delay=delay)
 
 
-def _ready(patch: kopf.Patch, generation, **fields) -> None:
+def _ready(patch: kopf.Patch, generation: int | None, **fields: object) -> None:
     patch.status.update({"phase": "Ready", "message": "", "retries": 0, "lastSync": _now(),
                          "observedGeneration": generation, **fields})
 
 
 # -- KeyBroker -------------------------------------------------------------------------------------
-def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
+def _broker_objects(name: str, namespace: str, spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     labels = {"app.kubernetes.io/name": "cove-kbs", "app.kubernetes.io/instance": name,
               "app.kubernetes.io/managed-by": "cove-operator"}
     port = int(spec.get("port", 8443))
@@ -108,14 +113,14 @@ def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
             "--cert", "/var/run/cove-kbs/tls/tls.crt", "--key", "/var/run/cove-kbs/tls/tls.key"]
     if spec.get("policy"):
         args += ["--policy", "/var/run/cove-kbs/policy/policy.toml"]
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "master", "secret": {"secretName": master["name"],
                                       "items": [{"key": master.get("key", "master.key"), "path": "master.key"}]}},
         {"name": "tls", "secret": {"secretName": tls["name"]}},
     ]
-    mounts = [{"name": "master", "mountPath": "/var/run/cove-kbs/master", "readOnly": True},
+    mounts: list[dict[str, Any]] = [{"name": "master", "mountPath": "/var/run/cove-kbs/master", "readOnly": True},
               {"name": "tls", "mountPath": "/var/run/cove-kbs/tls", "readOnly": True}]
-    deployment = {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
@@ -150,7 +155,7 @@ def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
         # The policy travels as a ConfigMap the operator owns too.
         volumes.append({"name": "policy", "configMap": {"name": f"{name}-policy"}})
         mounts.append({"name": "policy", "mountPath": "/var/run/cove-kbs/policy", "readOnly": True})
-    service = {
+    service: dict[str, Any] = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": labels,
                      # The broker's /metrics (cove_kbs_requests_total), for Prometheus' usual relabelling.
@@ -165,7 +170,9 @@ def _broker_objects(name: str, namespace: str, spec: dict) -> tuple[dict, dict]:
 @kopf.on.resume(GROUP, VERSION, "keybrokers")
 @kopf.on.create(GROUP, VERSION, "keybrokers")
 @kopf.on.update(GROUP, VERSION, "keybrokers")
-def key_broker(spec, name, namespace, body, patch, retry, meta, **_) -> None:
+def key_broker(spec: kopf.Spec, name: str, namespace: str | None, body: kopf.Body, patch: kopf.Patch, retry: int,
+               meta: kopf.Meta, **_: Any) -> None:
+    where = _namespaced(namespace)
     generation = meta.get("generation")
     if spec.get("external"):
         _ready(patch, generation, url=spec["external"]["url"])
@@ -176,31 +183,31 @@ def key_broker(spec, name, namespace, body, patch, retry, meta, **_) -> None:
     try:
         for what, ref, default in (("database", spec["database"], "url"), ("master key", spec["masterKey"],
                                                                            "master.key")):
-            if k8s.secret_value(namespace, ref["name"], ref.get("key", default)) is None:
-                raise Failure(f"{what} Secret {ref['name']!r} not found in {namespace}")
-        deployment, service = _broker_objects(name, namespace, spec)
+            if k8s.secret_value(where, ref["name"], ref.get("key", default)) is None:
+                raise Failure(f"{what} Secret {ref['name']!r} not found in {where}")
+        deployment, service = _broker_objects(name, where, spec)
         kopf.adopt([deployment, service], owner=body)
         if spec.get("policy"):
             config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                          "metadata": {"name": f"{name}-policy", "namespace": namespace},
+                          "metadata": {"name": f"{name}-policy", "namespace": where},
                           "data": {"policy.toml": spec["policy"]}}
             kopf.adopt(config_map, owner=body)
-            k8s.apply(f"/api/v1/namespaces/{namespace}/configmaps", config_map)
-        k8s.apply(f"/apis/apps/v1/namespaces/{namespace}/deployments", deployment)
-        k8s.apply(f"/api/v1/namespaces/{namespace}/services", service)
+            k8s.apply(f"/api/v1/namespaces/{where}/configmaps", config_map)
+        k8s.apply(f"/apis/apps/v1/namespaces/{where}/deployments", deployment)
+        k8s.apply(f"/api/v1/namespaces/{where}/services", service)
     except (Failure, MissingKey) as exc:
         _fail(patch, retry, str(exc))
     except httpx.HTTPError as exc:
         _fail(patch, retry, f"the Kubernetes API failed: {exc}")
     port = int(spec.get("port", 8443))
-    _ready(patch, generation, url=f"https://{name}.{namespace}.svc:{port}")
+    _ready(patch, generation, url=f"https://{name}.{where}.svc:{port}")
 
 
 # -- the broker's admin API ------------------------------------------------------------------------
 class Broker:
     """An AdminClient for the KeyBroker named BROKER in NAMESPACE, from its objects and Secrets."""
 
-    def __init__(self, namespace: str, broker: str):
+    def __init__(self, namespace: str, broker: str) -> None:
         from cove.kbs import jose
         from cove.kbs.client import AdminClient
 
@@ -216,7 +223,7 @@ class Broker:
         raw = k8s.secret_value(namespace, admin.get("name", ""), admin.get("key", "admin.json"))
         if raw is None:
             raise Failure(f"admin Secret {admin.get('name')!r} of KeyBroker {broker!r} not found")
-        self._ca_file = None
+        self._ca_file: tempfile._TemporaryFileWrapper[bytes] | None = None
         ca = None
         tls = spec.get("tls")
         if tls and url.startswith("https://"):
@@ -234,16 +241,23 @@ class Broker:
             raise Failure(f"admin Secret {admin.get('name')!r} is not a Cove admin key: {exc}") from None
         self.client = AdminClient(url, key, data["name"], ca, data.get("audience"), timeout=15)
 
-    def __enter__(self):
+    def __enter__(self) -> AdminClient:
         return self.client
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.client.close()
         if self._ca_file is not None:
             self._ca_file.close()
 
 
-def _sync(patch, retry, work) -> None:
+def _namespaced(namespace: str | None) -> str:
+    """The namespace of a namespaced object (kopf types it optional for cluster-wide ones)."""
+    if not namespace:
+        raise kopf.PermanentError("the object has no namespace")
+    return namespace
+
+
+def _sync(patch: kopf.Patch, retry: int, work: Callable[[], None]) -> None:
     """Run WORK; a broker or API failure becomes status and a retry with back-off."""
     from cove.kbs.client import KbsError
 
@@ -257,26 +271,29 @@ def _sync(patch, retry, work) -> None:
         _fail(patch, retry, f"the Kubernetes API failed: {exc}")
 
 
-def _missing(exc) -> bool:
+def _missing(exc: Exception) -> bool:
     return getattr(exc, "status", None) == 404
 
 
 # -- EnclavePolicy ---------------------------------------------------------------------------------
-def _policy_name(spec: dict, name: str) -> str:
-    return spec.get("name") or name
+def _policy_name(spec: Mapping[str, Any], name: str) -> str:
+    chosen: str = spec.get("name") or name
+    return chosen
 
 
 @kopf.on.resume(GROUP, VERSION, "enclavepolicies")
 @kopf.on.create(GROUP, VERSION, "enclavepolicies")
 @kopf.on.update(GROUP, VERSION, "enclavepolicies")
-def enclave_policy(spec, name, namespace, patch, retry, meta, status, **_) -> None:
+def enclave_policy(spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int, meta: kopf.Meta,
+                   status: kopf.Status, **_: Any) -> None:
     from cove.kbs.client import KbsError
 
+    where = _namespaced(namespace)
     policy_name = _policy_name(spec, name)
-    old = (status or {}).get("policyId")
+    old = status.get("policyId")
 
-    def work():
-        with Broker(namespace, spec["broker"]) as admin:
+    def work() -> None:
+        with Broker(where, spec["broker"]) as admin:
             try:
                 current = admin.policy(policy_name)
             except KbsError as exc:
@@ -298,13 +315,16 @@ def enclave_policy(spec, name, namespace, patch, retry, meta, status, **_) -> No
 
 
 @kopf.on.delete(GROUP, VERSION, "enclavepolicies")
-def enclave_policy_gone(spec, name, namespace, patch, retry, status, **_) -> None:
+def enclave_policy_gone(spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int,
+                        status: kopf.Status, **_: Any) -> None:
     from cove.kbs.client import KbsError
 
-    def work():
-        with Broker(namespace, spec["broker"]) as admin:
+    where = _namespaced(namespace)
+
+    def work() -> None:
+        with Broker(where, spec["broker"]) as admin:
             try:
-                admin.delete_policy((status or {}).get("policyId") or _policy_name(spec, name))
+                admin.delete_policy(status.get("policyId") or _policy_name(spec, name))
             except KbsError as exc:
                 if not _missing(exc):  # 409: a secret still uses it; retried until that secret goes
                     raise
@@ -319,10 +339,11 @@ def _broker_policy(namespace: str, policy: str) -> str:
         raise Failure(f"EnclavePolicy {policy!r} not found in {namespace}")
     if (obj.get("status") or {}).get("phase") != "Ready":
         raise Failure(f"EnclavePolicy {policy!r} is not synced yet")
-    return obj["status"]["policyId"]
+    policy_id: str = obj["status"]["policyId"]
+    return policy_id
 
 
-def _imported(namespace: str, spec: dict) -> bytes | None:
+def _imported(namespace: str, spec: Mapping[str, Any]) -> bytes | None:
     ref = spec.get("import")
     if not ref:
         return None
@@ -335,18 +356,19 @@ def _imported(namespace: str, spec: dict) -> bytes | None:
 @kopf.on.resume(GROUP, VERSION, "enclavesecrets")
 @kopf.on.create(GROUP, VERSION, "enclavesecrets")
 @kopf.on.update(GROUP, VERSION, "enclavesecrets")
-def enclave_secret(spec, namespace, patch, retry, meta, status, **_) -> None:
+def enclave_secret(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, retry: int, meta: kopf.Meta,
+                   status: kopf.Status, **_: Any) -> None:
     from cove.kbs.client import KbsError
 
-    status = status or {}
+    where = _namespaced(namespace)
     path = spec["path"]
     if bool(spec.get("generate")) == bool(spec.get("import")):
         raise kopf.PermanentError("an EnclaveSecret has exactly one of spec.generate and spec.import")
 
-    def work():
-        policy = _broker_policy(namespace, spec["policy"])
-        value = _imported(namespace, spec)
-        with Broker(namespace, spec["broker"]) as admin:
+    def work() -> None:
+        policy = _broker_policy(where, spec["policy"])
+        value = _imported(where, spec)
+        with Broker(where, spec["broker"]) as admin:
             try:
                 current = admin.secret(path)
             except KbsError as exc:
@@ -381,11 +403,13 @@ def enclave_secret(spec, namespace, patch, retry, meta, status, **_) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, "enclavesecrets")
-def enclave_secret_gone(spec, namespace, patch, retry, **_) -> None:
+def enclave_secret_gone(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, retry: int, **_: Any) -> None:
     from cove.kbs.client import KbsError
 
-    def work():
-        with Broker(namespace, spec["broker"]) as admin:
+    where = _namespaced(namespace)
+
+    def work() -> None:
+        with Broker(where, spec["broker"]) as admin:
             try:
                 admin.delete_secret(spec["path"])
             except KbsError as exc:

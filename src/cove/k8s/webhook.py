@@ -31,7 +31,7 @@ class SettingsFile:
     def __init__(self, path: Path | None, default_memory_mib: int):
         self.path = path
         self.default_memory_mib = default_memory_mib
-        self._stamp = None
+        self._stamp: tuple[int, int, int] | None = None
         self._settings = admission.Settings(default_memory_mib=default_memory_mib)
 
     def get(self) -> admission.Settings:
@@ -63,7 +63,7 @@ def create_app(settings: SettingsFile) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _handle(request: Request, endpoint: str, mutate: bool):
+    async def _handle(request: Request, endpoint: str, mutate: bool) -> JSONResponse:
         body = await _body(request)
         if body is None:
             reviews.labels(endpoint, "too-large").inc()
@@ -88,19 +88,19 @@ def create_app(settings: SettingsFile) -> FastAPI:
         return JSONResponse(answer)
 
     @app.post("/mutate")
-    async def mutate(request: Request):
+    async def mutate(request: Request) -> JSONResponse:
         return await _handle(request, "mutate", True)
 
     @app.post("/validate")
-    async def validate(request: Request):
+    async def validate(request: Request) -> JSONResponse:
         return await _handle(request, "validate", False)
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz() -> PlainTextResponse:
         return PlainTextResponse("ok")
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
