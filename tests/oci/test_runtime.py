@@ -296,3 +296,32 @@ def _waits_in(pid, root):
         return str(root) in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
     except OSError:
         return False
+
+
+HOT_IMPORTS = """
+import sys
+from cove.oci import cli
+code = cli.main(sys.argv[1:])
+cove = sorted(m for m in sys.modules if m.split('.')[0] == 'cove')
+other = sorted(m for m in sys.modules if m.split('.')[0] not in sys.stdlib_module_names and m.split('.')[0] != 'cove'
+               and not m.startswith(('__editable__', '_distutils_hack', '__main__')))
+print(code, ' '.join(cove), '|', ' '.join(other), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [["state", "nope"], ["start", "nope"], ["kill", "nope", "KILL"],
+                                  ["delete", "--force", "nope"], ["--log-format=json", "features"]],
+                         ids=["state", "start", "kill", "delete", "features"])
+def test_hot_commands_load_only_the_standard_library(tmp_path, argv):
+    """Engines call these many times per container: a Python start and the standard library, nothing of Cove's
+    verification or launcher (which cost the engine 100+ ms per call)."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", HOT_IMPORTS, "--root", str(tmp_path), *argv],
+                            capture_output=True, text=True, timeout=60)
+    *_, last = result.stderr.splitlines()
+    code, rest = last.split(" ", 1)
+    cove, other = rest.split("|")
+    assert cove.split() == ["cove", "cove.errors", "cove.oci", "cove.oci.cli"], last
+    assert other.split() == [], last
+    assert int(code) == (8 if argv[0] in ("state", "start", "kill") else 0)

@@ -1,0 +1,384 @@
+"""`cove-runtime`: an OCI runtime that engines call as they call runc, running Cove enclaves.
+
+    cove-runtime [--root DIR] [--log FILE] [--log-format text|json] COMMAND ...
+    create --bundle DIR [--pid-file F] [--console-socket S] ID | start ID | state ID
+    exec --process FILE [--tty --console-socket S] [--detach --pid-file F] ID
+    kill [--all] ID [SIGNAL] | delete [--force] ID | features | --version
+
+Engines call `state`, `start`, `kill` and `delete` many times per container,
+so this entry module answers them with the standard library alone (and
+cove.errors, itself standard library only): a Python start, no more. Only
+`create` and `exec` (and anything this module does not recognise, such as
+`--help` or a bad option) load cove.oci.commands, which verifies and
+launches. State lives in ROOT/ID (default /run/cove-runtime). Errors are
+one line on stderr (and in --log, as JSON when asked), exit codes from
+docs/cli.md. docs/containers.md says how engines use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from cove.errors import CoveError, ExitCode, NotFoundError
+
+TYPE_CHECKING = False  # typing (and pathlib) would cost the hot commands a few ms each: plain str paths here
+if TYPE_CHECKING:
+    from typing import Any
+
+    State = dict[str, Any]  # a container's state.json
+
+DEFAULT_ROOT = "/run/cove-runtime"
+STATE = "state.json"
+FIFO = "start.fifo"
+SPEC_VERSION = "1.1.0"
+UNMEASURED = "cove.dev/unmeasured"  # the state annotation of an unmeasured debug run (cove.oci.DOMAIN)
+
+
+class StateError(CoveError):
+    """A request the container's state does not allow (exit 2)."""
+
+
+# -- state
+
+def start_time(pid: int) -> tuple[int, str] | None:
+    """(start time in ticks, state letter) of pid, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19]), fields[0].decode()
+
+
+class Container:
+    """A container's folder ROOT/ID and its state.json."""
+
+    def __init__(self, root: str, ident: str) -> None:
+        if not ident or "/" in ident or ident.startswith(".") or len(ident) > 1024:
+            raise CoveError(f"{ident!r} is not a container id")
+        self.id = ident
+        self.dir = os.path.join(root, ident)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def load(self) -> State:
+        try:
+            with open(self.path(STATE)) as handle:
+                found = json.load(handle)
+        except FileNotFoundError:
+            raise NotFoundError(f"container {self.id} does not exist") from None
+        except ValueError:
+            raise CoveError(f"container {self.id}: its state is damaged", "delete it with --force") from None
+        if not isinstance(found, dict):
+            raise CoveError(f"container {self.id}: its state is damaged", "delete it with --force")
+        return found
+
+    def save(self, state: State) -> None:
+        tmp = self.path(f".{STATE}.tmp")
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(state))
+        os.replace(tmp, self.path(STATE))
+
+    def status(self, state: State) -> str:
+        found = start_time(state["pid"]) if state.get("pid") else None
+        if found is None or found[0] != state.get("pid_start") or found[1] in "ZX":
+            return "stopped"
+        return "running" if os.path.exists(self.path("started")) else "created"
+
+
+# -- the hot commands
+
+def cmd_start(root: str, ident: str) -> int:
+    container = Container(root, ident)
+    state = container.load()
+    status = container.status(state)
+    if status != "created":
+        raise StateError(f"container {ident} is {status}, not created: only a created container starts")
+    try:
+        fd = os.open(container.path(FIFO), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise StateError(f"container {ident} is no longer waiting to start") from None
+    try:
+        os.close(os.open(container.path("started"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
+    return 0
+
+
+def cmd_state(root: str, ident: str) -> int:
+    container = Container(root, ident)
+    state = container.load()
+    status = container.status(state)
+    out = {"ociVersion": SPEC_VERSION, "id": ident, "status": status,
+           "pid": state["pid"] if status != "stopped" else 0, "bundle": state["bundle"],
+           "annotations": state.get("annotations", {})}
+    if state.get("unmeasured"):
+        out["annotations"] = dict(out["annotations"], **{UNMEASURED: "true"})
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def signal_number(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        number = int(name)
+    else:
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in signal.Signals.__members__:
+            raise CoveError(f"{text!r} is not a signal", "e.g. SIGTERM, KILL or 9")
+        number = int(signal.Signals[name])
+    if not 0 < number < signal.NSIG:
+        raise CoveError(f"{text!r} is not a signal", "e.g. SIGTERM, KILL or 9")
+    return number
+
+
+def cmd_kill(root: str, ident: str, signal_text: str, all_processes: bool = False) -> int:
+    container = Container(root, ident)
+    state = container.load()
+    number = signal_number(signal_text)
+    if container.status(state) == "stopped":
+        raise StateError(f"container not running: {ident}")
+    try:
+        os.kill(state["pid"], number)
+    except ProcessLookupError:
+        raise StateError(f"container not running: {ident}") from None
+    return 0
+
+
+def cmd_delete(root: str, ident: str, force: bool) -> int:
+    """Remove a stopped container (a running one only with --force)."""
+    container = Container(root, ident)
+    if not os.path.exists(container.dir):
+        if force:
+            return 0  # runc: delete --force of what is gone succeeds
+        raise NotFoundError(f"container {ident} does not exist")
+    try:
+        state = container.load()
+    except NotFoundError:
+        state = {}  # a create that failed half-way, or a concurrent delete
+    except CoveError:
+        if not force:
+            raise
+        state = {}
+    status = container.status(state) if state else "stopped"
+    if status == "running" and not force:
+        raise StateError(f"container {ident} is running", "stop it first, or delete --force")
+    if status != "stopped":
+        kill_and_wait(state["pid"], state.get("pid_start"))
+    cleanup(container.dir)
+    if state.get("pid"):
+        remove_cgroups(state.get("cgroups", []), state["pid"])
+    return 0
+
+
+def own_cgroups() -> list[str]:
+    """The cgroup folders the launcher makes its enclave's groups in (those of this process, inherited)."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        names = controllers.split(",")
+        if controllers == "" or "memory" in names or "pids" in names:
+            base = "/sys/fs/cgroup" if controllers == "" else f"/sys/fs/cgroup/{controllers}"
+            found.append(base + path)
+    return found
+
+
+def remove_cgroups(parents: list[str], pid: int) -> None:
+    """The empty groups a killed container process left (named cove-PID-… by cove.runtime.limits)."""
+    for parent in parents:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(f"cove-{pid}-"):
+                try:
+                    os.rmdir(os.path.join(parent, name))
+                except OSError:
+                    pass
+
+
+def kill_and_wait(pid: int, start: int | None) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(200):
+        found = start_time(pid)
+        if found is None or found[0] != start or found[1] in "ZX":
+            return
+        time.sleep(0.01)
+
+
+def _unescape(text: str) -> str:
+    """A /proc/self/mounts field: spaces, tabs, newlines and backslashes come as octal escapes."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        text = text.replace(code, chr(int(code[1:], 8)))
+    return text
+
+
+def cleanup(folder: str) -> None:
+    """Remove a container's folder and anything a killed launch left mounted below it."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            points = [_unescape(line.split()[1]) for line in mounts]
+    except OSError:
+        points = []
+    prefix = folder.rstrip("/") + "/"
+    below = sorted((p for p in points if p.startswith(prefix)), reverse=True)
+    if below:
+        import subprocess
+
+        for point in below:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def cmd_features() -> int:
+    from cove import __version__
+
+    features = {
+        "ociVersionMin": "1.0.0", "ociVersionMax": SPEC_VERSION,
+        "hooks": [], "mountOptions": [],
+        "linux": {"namespaces": ["pid", "ipc", "uts", "mount", "network", "user", "cgroup"],
+                  "capabilities": [], "cgroup": {"v1": True, "v2": True, "systemd": False},
+                  "seccomp": {"enabled": True}, "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
+        "annotations": {"io.github.cove.runtime.version": __version__,
+                        "cove.dev/unmeasured-debug": "accepted: run an unsigned image as an unmeasured debug enclave"},
+    }
+    print(json.dumps(features, indent=2))
+    return 0
+
+
+# -- the command line
+
+GLOBAL_VALUES = frozenset({"--root", "--log", "--log-format", "--rootless", "--node-root"})
+GLOBAL_FLAGS = frozenset({"--debug", "--systemd-cgroup"})
+HOT = frozenset({"start", "state", "kill", "delete", "features"})
+
+
+class Options:
+    """The global options (the full parser in cove.oci.commands knows them too)."""
+
+    def __init__(self) -> None:
+        self.root = DEFAULT_ROOT
+        self.log: str | None = None
+        self.log_format = "text"
+        self.debug = False
+        self.node_root: str | None = None
+
+
+def _fast_parse(argv: list[str]) -> tuple[Options, str, list[str]] | None:
+    """Globals, command and its arguments when the command is a hot one and every option is known; else None."""
+    options = Options()
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        name, eq, value = argv[index].partition("=")
+        if name in GLOBAL_FLAGS and not eq:
+            options.debug = options.debug or name == "--debug"
+            index += 1
+            continue
+        if name not in GLOBAL_VALUES:
+            return None
+        if not eq:
+            if index + 1 >= len(argv):
+                return None
+            value = argv[index + 1]
+            index += 1
+        index += 1
+        if name == "--root":
+            options.root = value
+        elif name == "--log":
+            options.log = value
+        elif name == "--log-format":
+            if value not in ("text", "json"):
+                return None
+            options.log_format = value
+        elif name == "--node-root":
+            options.node_root = value
+    if index >= len(argv) or argv[index] not in HOT:
+        return None
+    return options, argv[index], argv[index + 1:]
+
+
+def _run_hot(options: Options, command: str, rest: list[str]) -> int | None:
+    """Run a hot command; None when its arguments need the full parser (which then explains)."""
+    flags = {a for a in rest if a.startswith("-")}
+    words = [a for a in rest if not a.startswith("-")]
+    if command == "features":
+        return cmd_features() if not rest else None
+    if command in ("start", "state"):
+        if flags or len(words) != 1:
+            return None
+        return (cmd_start if command == "start" else cmd_state)(options.root, words[0])
+    if command == "kill":
+        if not flags <= {"--all", "-a"} or len(words) not in (1, 2):
+            return None
+        return cmd_kill(options.root, words[0], words[1] if len(words) == 2 else "SIGTERM", bool(flags))
+    if command == "delete":
+        if not flags <= {"--force", "-f"} or len(words) != 1:
+            return None
+        return cmd_delete(options.root, words[0], bool(flags))
+    return None
+
+
+def log_error(path: str | None, log_format: str, line: str) -> None:
+    """Append an error to --log (a JSON object per line with --log-format json, as containerd's shim reads)."""
+    if not path:
+        return
+    try:
+        with open(path, "a") as handle:
+            if log_format == "json":
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                handle.write(json.dumps({"level": "error", "msg": line, "time": stamp}) + "\n")
+            else:
+                handle.write(f"cove-runtime: error: {line}\n")
+    except OSError:
+        pass
+
+
+def report(options: Options, error: CoveError) -> int:
+    """One line on stderr (and in --log); the error's exit code."""
+    log_error(options.log, options.log_format, error.line())
+    print(f"cove-runtime: error: {error.line()}", file=sys.stderr)
+    return int(error.exit_code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parsed = _fast_parse(argv)
+    if parsed is not None:
+        options, command, rest = parsed
+        try:
+            code = _run_hot(options, command, rest)
+        except CoveError as exc:
+            return report(options, exc)
+        except KeyboardInterrupt:
+            return int(ExitCode.INTERRUPTED)
+        except OSError as exc:
+            from cove.errors import file_system_error
+
+            return report(options, file_system_error(exc))
+        if code is not None:
+            return code
+    from cove.oci import commands
+
+    return commands.main(argv)
+
+
+def run_main() -> None:
+    sys.exit(main())
