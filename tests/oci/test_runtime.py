@@ -58,6 +58,9 @@ def test_kill_and_delete_rules(bundle, tmp_path):
     assert groups, "the enclave's cgroups were not made"
     assert runtime(root, "kill", "c2", "KILL").returncode == 0  # a crash, as far as the runtime knows
     wait_stopped(root, "c2", 0)
+    gone = runtime(root, "kill", "c2", "KILL")
+    assert gone.returncode == 2 and "not running" in one_line(gone)
+    assert runtime(root, "kill", "--all", "c2", "9").returncode == 0  # as runc: what containerd's shim sends
     assert runtime(root, "delete", "c2").returncode == 0
     assert not cove_cgroups(pid)
     no_leftovers(root, "c2")

@@ -140,16 +140,50 @@ def signal_number(text: str) -> int:
 
 
 def cmd_kill(root: str, ident: str, signal_text: str, all_processes: bool = False) -> int:
+    """Signal the container's process; with --all also every process left in the enclave's cgroups.
+
+    As runc, `kill --all` of a stopped container succeeds (containerd's shim
+    sends it after every exit, to reach what the first process left behind);
+    without --all a stopped container is an error.
+    """
     container = Container(root, ident)
     state = container.load()
     number = signal_number(signal_text)
-    if container.status(state) == "stopped":
+    running = container.status(state) != "stopped"
+    if running:
+        try:
+            os.kill(state["pid"], number)
+        except ProcessLookupError:
+            running = False
+    if all_processes:
+        for pid in enclave_processes(state):
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
+        return 0
+    if not running:
         raise StateError(f"container not running: {ident}")
-    try:
-        os.kill(state["pid"], number)
-    except ProcessLookupError:
-        raise StateError(f"container not running: {ident}") from None
     return 0
+
+
+def enclave_processes(state: State) -> list[int]:
+    """The pids in the cgroups the container's launcher made (cove-PID-… below the recorded parents)."""
+    found: list[int] = []
+    if not state.get("pid"):
+        return found
+    for parent in state.get("cgroups", []):
+        try:
+            names = [n for n in os.listdir(parent) if n.startswith(f"cove-{state['pid']}-")]
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(parent, name, "cgroup.procs")) as handle:
+                    found.extend(int(p) for p in handle.read().split())
+            except (OSError, ValueError):
+                continue
+    return sorted(set(found))
 
 
 def cmd_delete(root: str, ident: str, force: bool) -> int:
