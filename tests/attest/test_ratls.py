@@ -197,6 +197,12 @@ def test_mutual_attestation(server):
         raise ConnectionError("closed without data")
 
 
+def test_a_certificate_without_its_key_is_refused():
+    # Found by mypy: the key was written as None, a TypeError after the temporary files were made.
+    with pytest.raises(ValueError, match="without its private key"):
+        ratls.client_context(policy(), cert_pem=CERT)
+
+
 def test_openssl_s_client_as_the_attested_peer(server, tmp_path):
     openssl = require("openssl")
     s = server(ratls.server_context(CERT, CERT_KEY, client_policy=policy()))

@@ -14,6 +14,7 @@ Names are imported on first use, so a process that only signs reports (the
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "CoveClaims": "cove.attest.cove_evidence_verify",
@@ -34,7 +35,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'cove.attest' has no attribute {name!r}")

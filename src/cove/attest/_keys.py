@@ -6,17 +6,20 @@ Wraps ``cryptography`` so that every bad key or bad signature becomes a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cove.attest.errors import VerificationError
 
-HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
 
-def load_public_key(data: bytes | str, kind: str, what: str):
+def load_public_key(data: bytes | str, kind: str, what: str) -> PublicKeyTypes:
     """A public key from PEM or DER (SubjectPublicKeyInfo)."""
     raw = data.encode() if isinstance(data, str) else bytes(data)
     try:
@@ -41,7 +44,7 @@ def raw_ecdsa_to_der(rs: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(rs[:half], "big"), int.from_bytes(rs[half:], "big"))
 
 
-def verify_ecdsa(key, signature_der: bytes, data: bytes, hash_name: str, kind: str, what: str) -> None:
+def verify_ecdsa(key: PublicKeyTypes, signature_der: bytes, data: bytes, hash_name: str, kind: str, what: str) -> None:
     """ECDSA verify or raise '<kind>: <what> signature invalid'."""
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise VerificationError(f"{kind}: {what} needs an EC key, got {type(key).__name__}")
@@ -51,7 +54,7 @@ def verify_ecdsa(key, signature_der: bytes, data: bytes, hash_name: str, kind: s
         raise VerificationError(f"{kind}: {what} signature invalid") from None
 
 
-def verify_rsa(key, signature: bytes, data: bytes, hash_name: str, pss: bool, kind: str, what: str) -> None:
+def verify_rsa(key: PublicKeyTypes, signature: bytes, data: bytes, hash_name: str, pss: bool, kind: str, what: str) -> None:
     """RSA PKCS#1 v1.5 or PSS verify or raise '<kind>: <what> signature invalid'."""
     if not isinstance(key, rsa.RSAPublicKey):
         raise VerificationError(f"{kind}: {what} needs an RSA key, got {type(key).__name__}")

@@ -149,6 +149,9 @@ class AkCa:
         ak = challenge.ak
         san = [x509.UniformResourceIdentifier(AK_NAME_URI + ak.name.hex()),
                x509.UniformResourceIdentifier(EK_CERT_URI + hashlib.sha256(challenge.ek_cert).hexdigest())]
-        cert = certs.issue_leaf(self.key, self.cert, public_key(ak), f"Cove AK {ak.name.hex()[4:20]}",
+        key = public_key(ak)
+        if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):  # a TPM key is one of the two
+            raise VerificationError(f"tpm: an AK of unsupported type {type(key).__name__}")
+        cert = certs.issue_leaf(self.key, self.cert, key, f"Cove AK {ak.name.hex()[4:20]}",
                                 days=days, now=now, san=san)
         return (cert.public_bytes(serialization.Encoding.DER), der(self.cert))

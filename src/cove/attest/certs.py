@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 CA_DAYS = 3650
@@ -40,11 +41,11 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def name(common_name: str, *more: x509.NameAttribute) -> x509.Name:
+def name(common_name: str, *more: x509.NameAttribute[str]) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *more])
 
 
-def private_key_pem(key) -> bytes:
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
     """PKCS#8 PEM, unencrypted (callers write it owner-only or seal it)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -75,7 +76,8 @@ def self_signed_ca(key: ec.EllipticCurvePrivateKey, subject: str | x509.Name, *,
             .sign(key, hashes.SHA256()))
 
 
-def issue_leaf(issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate, public_key,
+def issue_leaf(issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate,
+               public_key: CertificatePublicKeyTypes,
                subject: str | x509.Name, *, days: int = LEAF_DAYS, now: datetime | None = None,
                usage: x509.KeyUsage | None = None, extended_usage: Iterable[x509.ObjectIdentifier] = (),
                san: Iterable[x509.GeneralName] = (),

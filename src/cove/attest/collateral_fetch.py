@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -124,7 +125,7 @@ class Fetcher:
 
     # -- DCAP
 
-    def dcap(self, kind: str, quote: bytes) -> dict:
+    def dcap(self, kind: str, quote: bytes) -> dict[str, Any]:
         """PCS-shaped collateral for an SGX or TDX quote."""
         from cove.attest._x509 import load_pem_chain
         from cove.attest.dcap_quote import parse_dcap_quote
@@ -181,9 +182,10 @@ class Fetcher:
                 return self.get(f"{self.kds}/vcek/v1/{product}/{hwid.hex()}?{query}")[0]
             except VerificationError as exc:
                 last = exc
+        assert last is not None  # SNP_PRODUCTS is not empty
         raise last
 
-    def inputs_for(self, kind: str, evidence: bytes) -> dict:
+    def inputs_for(self, kind: str, evidence: bytes) -> dict[str, Any]:
         """Fields of verifier.Inputs to fill in for ``kind``."""
         if kind in ("sgx", "tdx"):
             return {"collateral": self.dcap(kind, evidence)}

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from cove.attest._keys import p256_from_raw, raw_ecdsa_to_der, verify_ecdsa
 from cove.attest._x509 import check_chain, check_chain_to_any, load_pem_chain, utc
@@ -63,8 +65,11 @@ def _window(start: datetime, end: datetime | None, now: datetime, kind: str, wha
 def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime, kind: str, what: str) -> None:
     if crl.issuer != issuer.subject:
         raise VerificationError(f"{kind}: {what} is not issued by the certificate's CA")
+    key = issuer.public_key()
     try:
-        ok = crl.is_signature_valid(issuer.public_key())
+        ok = (isinstance(key, (dsa.DSAPublicKey, rsa.RSAPublicKey, ec.EllipticCurvePublicKey,
+                               ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
+              and crl.is_signature_valid(key))
     except Exception:  # unsupported or mismatched key types: treat as invalid
         ok = False
     if not ok:
@@ -77,7 +82,8 @@ def _not_revoked(crl: x509.CertificateRevocationList, cert: x509.Certificate, ki
         raise VerificationError(f"{kind}: {what} certificate is revoked")
 
 
-def verify_signed_collateral(raw: bytes, sig: bytes, chain, root, crl, now, kind: str, what: str) -> None:
+def verify_signed_collateral(raw: bytes, sig: bytes, chain: Sequence[x509.Certificate], root: x509.Certificate,
+                             crl: x509.CertificateRevocationList, now: datetime, kind: str, what: str) -> None:
     """TCB info or QE identity: signed by an Intel TCB Signing certificate issued by ``root``, not revoked."""
     check_chain(list(chain), root, now, kind, TCB_SIGNING_SHAPE, f"{what} signing")
     _not_revoked(crl, chain[0], kind, f"{what} signing")
@@ -86,7 +92,7 @@ def verify_signed_collateral(raw: bytes, sig: bytes, chain, root, crl, now, kind
 
 def verify_dcap_quote(
     quote: bytes,
-    collateral: DcapCollateral | dict | str | bytes,
+    collateral: DcapCollateral | dict[str, Any] | str | bytes,
     root_ca_pem: bytes | str,
     now: datetime,
 ) -> DcapClaims:
@@ -140,7 +146,7 @@ def verify_dcap_quote(
     att_key = p256_from_raw(parsed.attestation_key, kind, "attestation key")
     verify_ecdsa(att_key, raw_ecdsa_to_der(parsed.signature), parsed.signed_bytes, "sha256", kind, "quote")
 
-    verdict = appraise(info, ident, pck, qe, parsed.body if parsed.is_tdx else None, kind)
+    verdict = appraise(info, ident, pck, qe, parsed.body if isinstance(parsed.body, TdReport) else None, kind)
     return DcapClaims(
         tee=kind, quote=parsed, body=parsed.body, report_data=parsed.body.report_data,
         tcb_status=verdict.status, advisory_ids=verdict.advisory_ids, tcb_date=verdict.tcb_date,
@@ -149,7 +155,8 @@ def verify_dcap_quote(
     )
 
 
-def verify_sgx_quote(quote: bytes, collateral, root_ca_pem, now: datetime) -> DcapClaims:
+def verify_sgx_quote(quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes,
+                     root_ca_pem: bytes | str, now: datetime) -> DcapClaims:
     """As :func:`verify_dcap_quote`, refusing anything but an SGX quote."""
     claims = verify_dcap_quote(quote, collateral, root_ca_pem, now)
     if claims.tee != "sgx":
@@ -157,7 +164,8 @@ def verify_sgx_quote(quote: bytes, collateral, root_ca_pem, now: datetime) -> Dc
     return claims
 
 
-def verify_tdx_quote(quote: bytes, collateral, root_ca_pem, now: datetime) -> DcapClaims:
+def verify_tdx_quote(quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes,
+                     root_ca_pem: bytes | str, now: datetime) -> DcapClaims:
     """As :func:`verify_dcap_quote`, refusing anything but a TDX quote."""
     claims = verify_dcap_quote(quote, collateral, root_ca_pem, now)
     if claims.tee != "tdx":

@@ -150,7 +150,7 @@ def parse_enclave_report(raw: bytes, kind: str) -> EnclaveReport:
 
 def parse_td_report(raw: bytes, kind: str) -> TdReport:
     r = Reader(raw, kind, big_endian=False)
-    f = lambda n, what: r.take(n, what)  # noqa: E731
+    f = r.take
     tee_tcb_svn, mr_seam, mr_signer_seam = f(16, "tee_tcb_svn"), f(48, "mr_seam"), f(48, "mr_signer_seam")
     seam_attrs, td_attrs, xfam = f(8, "seam_attributes"), f(8, "td_attributes"), f(8, "xfam")
     mr_td, cfg, owner, owner_cfg = f(48, "mr_td"), f(48, "mr_config_id"), f(48, "mr_owner"), f(48, "mr_owner_config")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -72,11 +73,11 @@ class VerifierKey:
             raise CoveError(f"verifier key {path} is not an ECDSA P-256 key")
         return cls(key)
 
-    def public_jwk(self) -> dict:
+    def public_jwk(self) -> dict[str, Any]:
         return dict(self.jwk.as_dict(private=False), kid=self.kid, alg=ALG, use="sig")
 
 
-def jwks(keys: list[VerifierKey]) -> dict:
+def jwks(keys: list[VerifierKey]) -> dict[str, Any]:
     """The JWKS document relying parties fetch to check tokens."""
     return {"keys": [k.public_jwk() for k in keys]}
 
@@ -86,15 +87,15 @@ def _b64(data: bytes) -> str:
 
 
 def claims(appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = None,
-           issued_at: int | None = None, validity: int = VALIDITY) -> dict:
+           issued_at: int | None = None, validity: int = VALIDITY) -> dict[str, Any]:
     """The EAR claims set for one appraisal."""
     iat = int(time.time()) if issued_at is None else issued_at
-    submods = {}
+    submods: dict[str, Any] = {}
     for component, status in result.components.items():
         vector = {name: TIERS[status] for name in VECTOR_CLAIMS.get(component, ())}
         submods[component] = {"ear.status": status, "ear.trustworthiness-vector": vector,
                               "ear.appraisal-policy-id": result.policy_id}
-    out = {
+    out: dict[str, Any] = {
         "eat_profile": PROFILE, "iat": iat, "exp": iat + validity,
         "ear.verifier-id": {"developer": "cove", "build": f"cove {__version__}"},
         "submods": submods,
@@ -109,18 +110,21 @@ def claims(appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = 
     return out
 
 
-def issue(key: VerifierKey, appraisal: Appraisal, result: PolicyResult, **kw) -> str:
+def issue(key: VerifierKey, appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = None,
+          issued_at: int | None = None, validity: int = VALIDITY) -> str:
     """A signed EAR token (compact JWS)."""
-    return jwt.encode({"alg": ALG, "kid": key.kid, "typ": "JWT"}, claims(appraisal, result, **kw), key.jwk)
+    return jwt.encode({"alg": ALG, "kid": key.kid, "typ": "JWT"},
+                      claims(appraisal, result, nonce=nonce, issued_at=issued_at, validity=validity), key.jwk)
 
 
-def verify_token(token: str, keys: dict | list[VerifierKey] | VerifierKey, *, now: int | None = None) -> dict:
+def verify_token(token: str, keys: dict[str, Any] | list[VerifierKey] | VerifierKey, *,
+                 now: int | None = None) -> dict[str, Any]:
     """The claims of a token signed by one of ``keys`` (a JWKS dict or key objects), unexpired."""
     if isinstance(keys, VerifierKey):
         keys = [keys]
     document = keys if isinstance(keys, dict) else jwks(keys)
     try:
-        keyset = KeySet.import_key_set(document)
+        keyset = KeySet.import_key_set({"keys": document["keys"]})
         decoded = jwt.decode(token.strip(), keyset, algorithms=[ALG])
         JWTClaimsRegistry(now=now, leeway=60, iat={"essential": True}, exp={"essential": True},
                           eat_profile={"essential": True, "value": PROFILE}).validate(decoded.claims)

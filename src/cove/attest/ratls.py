@@ -28,16 +28,21 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from cove.attest import certs
 from cove.attest._cbor import Fields, loads
 from cove.attest.errors import VerificationError
 from cove.attest.policy import Policy
+
+if TYPE_CHECKING:
+    from cove.attest.verifier import Inputs, Verdict
 
 OID_TAGGED_EVIDENCE = x509.ObjectIdentifier("2.23.133.5.4.9")
 CBOR_TAG = 60000
@@ -47,11 +52,11 @@ _ISSUER_SEED = b"cove ra-tls issuer v1 (public by design: trust comes from the e
 EvidenceSource = Callable[[bytes], bytes]  # report data (64 bytes) -> evidence
 
 
-def spki(public_key) -> bytes:
+def spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def claims_for(public_key, hash_id: int = 1) -> bytes:
+def claims_for(public_key: PublicKeyTypes, hash_id: int = 1) -> bytes:
     """The CBOR claims map binding ``public_key``."""
     digest = hashlib.new(HASH_IDS[hash_id], spki(public_key)).digest()
     return cbor2.dumps({"pubkey-hash": cbor2.dumps([hash_id, digest])}, canonical=True)
@@ -138,7 +143,8 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     return evidence, report_data_for(claims)
 
 
-def verify_certificate(data: bytes, policy: Policy | None = None, *, now: datetime | None = None, inputs=None):
+def verify_certificate(data: bytes, policy: Policy | None = None, *, now: datetime | None = None,
+                       inputs: Inputs | None = None) -> Verdict:
     """Verify an RA-TLS certificate's evidence and key binding; a Verdict (check ``.accepted``)."""
     from cove.attest.verifier import Inputs, appraise
 
@@ -156,9 +162,9 @@ class RaTlsError(ssl.SSLError):
 class RaTlsSocket(ssl.SSLSocket):
     """An SSLSocket that appraises the peer's certificate as soon as the handshake ends."""
 
-    verdict = None
+    verdict: Verdict | None = None
 
-    def do_handshake(self, block=False):
+    def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         ctx = self.context
         if isinstance(ctx, RaTlsContext) and ctx.peer_policy is not None:
@@ -174,9 +180,9 @@ class RaTlsContext(ssl.SSLContext):
 
     sslsocket_class = RaTlsSocket
     peer_policy: Policy | None = None
-    peer_inputs = None
+    peer_inputs: Inputs | None = None
 
-    def check_peer(self, sock: ssl.SSLSocket):
+    def check_peer(self, sock: ssl.SSLSocket) -> Verdict:
         der = sock.getpeercert(binary_form=True)
         if not der:
             raise RaTlsError("ra-tls: the peer presented no certificate")
@@ -191,10 +197,12 @@ class RaTlsContext(ssl.SSLContext):
 
 
 def _context(protocol: int, cert_pem: bytes | None, key_pem: bytes | None, peer_policy: Policy | None,
-             peer_inputs) -> RaTlsContext:
+             peer_inputs: Inputs | None) -> RaTlsContext:
     ctx = RaTlsContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_pem is not None:
+        if key_pem is None:
+            raise ValueError("ra-tls: a certificate without its private key")
         import os
         import tempfile
 
@@ -211,7 +219,7 @@ def _context(protocol: int, cert_pem: bytes | None, key_pem: bytes | None, peer_
 
 
 def server_context(cert_pem: bytes, key_pem: bytes, *, client_policy: Policy | None = None,
-                   client_inputs=None) -> RaTlsContext:
+                   client_inputs: Inputs | None = None) -> RaTlsContext:
     """A server presenting ``cert_pem``; with ``client_policy``, clients must present an accepted RA-TLS cert."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, cert_pem, key_pem, client_policy, client_inputs)
     if client_policy is not None:
@@ -222,7 +230,7 @@ def server_context(cert_pem: bytes, key_pem: bytes, *, client_policy: Policy | N
 
 
 def client_context(server_policy: Policy, *, cert_pem: bytes | None = None, key_pem: bytes | None = None,
-                   server_inputs=None) -> RaTlsContext:
+                   server_inputs: Inputs | None = None) -> RaTlsContext:
     """A client that accepts a server only if its RA-TLS certificate satisfies ``server_policy``.
 
     Give ``cert_pem``/``key_pem`` (an RA-TLS certificate) for mutual attestation.

@@ -161,12 +161,13 @@ def _issuers(cert: x509.Certificate, bundle: list[x509.Certificate],
         issuer_name = str(issuer[0].value) if issuer else cert.issuer.rfc4514_string()[:120]
         raise VerificationError(f"snp: the {kind.upper()}'s issuer {issuer_name} is not in the trusted AMD chain "
                                 f"({names}): a {kind.upper()} needs its product's {signer}", hint)
-    problem = None
+    problem: x509.Certificate | None = None
     for middle in middles:
         for ark in (c for c in bundle if c.subject == middle.issuer and c.subject == c.issuer):
             return middle, ark
         problem = middle
-    raise VerificationError(f"snp: the trusted AMD chain holds no ARK for {problem.subject.rfc4514_string()[:120]}")
+    where = problem.subject.rfc4514_string()[:120] if problem is not None else "its ASK or ASVK"
+    raise VerificationError(f"snp: the trusted AMD chain holds no ARK for {where}")
 
 
 def verify_snp_report(

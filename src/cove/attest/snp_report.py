@@ -42,7 +42,9 @@ class GuestPolicy:
     def decode(cls, v: int) -> GuestPolicy:
         if not v >> 17 & 1:
             raise VerificationError("snp: guest policy bit 17 (reserved, must be one) is zero")
-        b = lambda n: bool(v >> n & 1)  # noqa: E731
+        def b(n: int) -> bool:
+            return bool(v >> n & 1)
+
         return cls(v & 0xFF, v >> 8 & 0xFF, b(16), b(18), b(19), b(20), b(21), b(22), b(23), b(24), b(25), v)
 
 
@@ -61,7 +63,9 @@ class PlatformInfo:
 
     @classmethod
     def decode(cls, v: int) -> PlatformInfo:
-        b = lambda n: bool(v >> n & 1)  # noqa: E731
+        def b(n: int) -> bool:
+            return bool(v >> n & 1)
+
         return cls(b(0), b(1), b(2), b(3), b(4), b(5), b(7), v)
 
 
@@ -189,14 +193,17 @@ def parse_snp_report(data: bytes, product: str | None = None) -> SnpReport:
         raise VerificationError(f"snp: report VMPL {vmpl} is out of range 0..3")
     has_cpuid = version >= 3
     fam, model, step = (cpuid[0], cpuid[1], cpuid[2]) if has_cpuid else (None, None, None)
-    named = product_from_cpuid(fam, model) if has_cpuid else None
+    named = product_from_cpuid(fam, model) if fam is not None and model is not None else None
     if product is not None and product not in PRODUCTS:
         raise VerificationError(f"snp: unknown product {product!r} (one of {', '.join(PRODUCTS)})")
     if product and named and product != named:
         raise VerificationError(f"snp: report is from a {named} processor, not {product}")
     prod = product or named or "Milan"
-    tcb = lambda v: TcbVersion.decode(v, prod)  # noqa: E731
-    fw = lambda b: FirmwareVersion(major=b[2], minor=b[1], build=b[0])  # noqa: E731
+    def tcb(v: int) -> TcbVersion:
+        return TcbVersion.decode(v, prod)
+
+    def fw(b: bytes) -> FirmwareVersion:
+        return FirmwareVersion(major=b[2], minor=b[1], build=b[0])
     return SnpReport(
         version=version, guest_svn=guest_svn, policy=policy, family_id=family_id, image_id=image_id,
         vmpl=vmpl, signature_algo=sig_algo, current_tcb=tcb(current_raw), platform_info=plat,

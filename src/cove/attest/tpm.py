@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cove.attest._keys import load_public_key, verify_ecdsa, verify_rsa
@@ -26,6 +27,9 @@ from cove.attest.tpm_structs import (
     parse_public,
     parse_signature,
 )
+
+# An attestation key in any form a caller has it: a key, a parsed TPM2B_PUBLIC, or its bytes (PEM, DER, TPM2B_PUBLIC).
+AkPublic = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | TpmPublic | bytes | bytearray | str
 
 PcrValues = dict[str, dict[int, bytes]]
 
@@ -44,7 +48,7 @@ class TpmQuoteClaims:
     signature_hash: str
 
 
-def _ak_key(ak_public):
+def _ak_key(ak_public: AkPublic) -> PublicKeyTypes:
     """The AK as a cryptography key, from a key object, TpmPublic, PEM/DER or TPM2B_PUBLIC."""
     if isinstance(ak_public, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         return ak_public
@@ -55,20 +59,21 @@ def _ak_key(ak_public):
 
 
 @lru_cache(maxsize=128)
-def _ak_key_from_bytes(raw: bytes):
+def _ak_key_from_bytes(raw: bytes) -> PublicKeyTypes:
     """Keys by their exact encoding: a verifier sees the same few AKs again and again."""
     if raw.lstrip().startswith(b"-----BEGIN") or not (len(raw) >= 2 and int.from_bytes(raw[:2], "big") == len(raw) - 2):
         return load_public_key(raw, "tpm", "AK public key")
     return _ak_key_parsed(parse_public(raw))
 
 
-def _ak_key_parsed(ak_public):
+def _ak_key_parsed(ak_public: object) -> PublicKeyTypes:
     if isinstance(ak_public, TpmPublic):
         try:
             if ak_public.type == "rsa":
                 n = int.from_bytes(ak_public.rsa_modulus, "big")
                 return rsa.RSAPublicNumbers(ak_public.rsa_exponent, n).public_key()
-            curve = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1}
+            curve: dict[str, Callable[[], ec.EllipticCurve]] = {
+                "secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1}
             nums = ec.EllipticCurvePublicNumbers(
                 int.from_bytes(ak_public.ecc_x, "big"),
                 int.from_bytes(ak_public.ecc_y, "big"),
@@ -80,7 +85,7 @@ def _ak_key_parsed(ak_public):
     raise VerificationError(f"tpm: AK public key of unsupported type {type(ak_public).__name__}")
 
 
-def _pcr_values(pcrs: bytes | Mapping) -> PcrValues:
+def _pcr_values(pcrs: bytes | Mapping[str, Mapping[int, bytes]]) -> PcrValues:
     if isinstance(pcrs, (bytes, bytearray, memoryview)):
         return parse_pcr_file(bytes(pcrs))
     if isinstance(pcrs, Mapping):
@@ -94,8 +99,8 @@ def _pcr_values(pcrs: bytes | Mapping) -> PcrValues:
 def verify_tpm_quote(
     attest: bytes,
     signature: bytes,
-    pcrs: bytes | Mapping,
-    ak_public,
+    pcrs: bytes | Mapping[str, Mapping[int, bytes]],
+    ak_public: AkPublic,
     nonce: bytes | None,
     *,
     event_log_check: Callable[[PcrValues], None] | None = None,
@@ -143,7 +148,7 @@ def verify_tpm_quote(
     )
 
 
-def replay_event_log(events, banks: tuple[str, ...] = ("sha256",)) -> PcrValues:
+def replay_event_log(events: Iterable[tuple[int, str, bytes]], banks: tuple[str, ...] = ("sha256",)) -> PcrValues:
     """PCR values from (pcr, hash, digest) events, each extended from zeros."""
     out: PcrValues = {b: {} for b in banks}
     for pcr, alg, digest in events:
@@ -154,6 +159,6 @@ def replay_event_log(events, banks: tuple[str, ...] = ("sha256",)) -> PcrValues:
     return out
 
 
-def public_key(ak_public):
+def public_key(ak_public: AkPublic) -> PublicKeyTypes:
     """A TPM key (TpmPublic, TPM2B_PUBLIC, PEM or DER) as a ``cryptography`` public key."""
     return _ak_key(ak_public)

@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from collections.abc import Callable
+from typing import Any
 
 from cove.attest import appraisal as ap
 from cove.attest import roots
 from cove.attest.appraisal import Appraisal
 from cove.attest.errors import VerificationError
-from cove.attest.policy import Policy, PolicyResult, default_policy, evaluate
+from cove.attest.policy import Policy, PolicyResult, Rules, default_policy, evaluate
 
 TYPES = ("cove", "tpm", "sgx", "tdx", "snp")
 
@@ -33,15 +34,15 @@ TYPES = ("cove", "tpm", "sgx", "tdx", "snp")
 class Inputs:
     """What some evidence types need besides the evidence itself."""
 
-    collateral: bytes | dict | None = None  # sgx/tdx: PCS collateral JSON
+    collateral: bytes | dict[str, Any] | None = None  # sgx/tdx: PCS collateral JSON
     vcek: bytes | None = None  # snp: VCEK or VLEK certificate (DER or PEM)
     ask_ark: bytes | None = None  # snp: AMD bundle, PEM: ASK/ASVK + ARK (a trust anchor: only from a trusted store)
     tpm_signature: bytes | None = None  # tpm: TPMT_SIGNATURE
     tpm_pcrs: bytes | None = None  # tpm: tpm2_quote -o file
     ak: bytes | None = None  # tpm: the trusted AK (PEM, DER or TPM2B_PUBLIC)
     event_log: bytes | None = None  # tpm: a TCG2 event log to replay
-    fetch: Callable[[str, bytes], dict] | None = None  # fetches missing collateral: (type, evidence) -> Inputs fields
-    extra: dict = field(default_factory=dict)
+    fetch: Callable[[str, bytes], dict[str, Any]] | None = None  # missing collateral: (type, evidence) -> Inputs fields
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def detect(evidence: bytes) -> str:
                             "or a TPM quote)", "name it with --type")
 
 
-def _dcap(kind: str, evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
+def _dcap(kind: str, evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.dcap import verify_sgx_quote, verify_tdx_quote
 
     if inputs.collateral is None:
@@ -102,7 +103,7 @@ def _dcap(kind: str, evidence: bytes, rules, inputs: Inputs, anchors: TrustAncho
     return ap.from_dcap(fn(evidence, inputs.collateral, root, now))
 
 
-def _snp(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
+def _snp(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.snp import verify_snp_report
 
     if inputs.vcek is None:
@@ -128,6 +129,7 @@ def _snp(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: dat
             return ap.from_snp(verify_snp_report(evidence, vcek, chain, now))
         except VerificationError as exc:
             error = exc
+    assert error is not None  # there is always a chain: the bundled ones at least
     raise error
 
 
@@ -145,7 +147,7 @@ def _amd_chains_for(vcek_der: bytes) -> list[bytes]:
     return list(roots.AMD_ASK_ARK.values())
 
 
-def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, nonce: bytes | None) -> Appraisal:
+def _tpm(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, nonce: bytes | None) -> Appraisal:
     from cove.attest.tpm import verify_tpm_quote
 
     if inputs.tpm_signature is None or inputs.tpm_pcrs is None:
@@ -167,10 +169,11 @@ def _tpm(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, nonce: b
                                                 event_log_check=check))
         except VerificationError as exc:
             error = exc
+    assert error is not None  # aks is not empty
     raise error
 
 
-def _cove(evidence: bytes, rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
+def _cove(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.cove_evidence_verify import appraisal, verify_cove_evidence
 
     claims = verify_cove_evidence(evidence, now, ek_roots=anchors.cove_ek_roots or rules.pem("ek_ca") or None,
