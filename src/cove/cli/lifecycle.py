@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -197,17 +195,95 @@ def events(since: int, no_follow: bool) -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Send this command's stdin to the program.")
+@click.option("-t", "--tty", is_flag=True, help="Give the program a terminal of the enclave's (raw mode here).")
 @click.argument("ref")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def exec_(ref: str, program: str, args: tuple[str, ...]) -> int:
-    """Run PROGRAM in a running enclave: its namespaces, seccomp filter, limits and user (no terminal)."""
-    result = _call("POST", f"/enclaves/{ref}/exec", {"argv": [program, *args]}, timeout=3700)
-    sys.stdout.write(result["stdout"])
-    sys.stdout.flush()
-    sys.stderr.write(result["stderr"])
-    sys.stderr.flush()
-    return int(result["exit_code"])
+def exec_(interactive: bool, tty: bool, ref: str, program: str, args: tuple[str, ...]) -> int:
+    """Run PROGRAM in a running enclave: its namespaces, seccomp filter, limits, user and environment."""
+    return _exec_stream(ref, [program, *args], interactive, tty)
+
+
+def _terminal_size() -> tuple[int, int]:
+    for fd in (1, 0, 2):
+        try:
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+        except OSError:
+            continue
+    return 24, 80
+
+
+def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int:
+    """`cove exec` over the upgraded connection (docs/formats/daemon-api.md): output as it comes, the exit code."""
+    import signal
+    import termios
+    import threading
+    import tty as tty_mod
+
+    from cove.daemon import execstream
+
+    rows, cols = _terminal_size() if tty else (24, 80)
+    body = {"argv": argv, "stdin": interactive, "tty": tty, "rows": rows, "cols": cols}
+    try:
+        response = Client().upgrade(f"/enclaves/{ref}/exec", body, execstream.PROTOCOL)
+    except DaemonError as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
+    sock, reader = response.sock, response.file
+    sending = threading.Lock()
+
+    def send(data: bytes) -> None:
+        with sending:
+            sock.sendall(data)
+
+    def copy_stdin() -> None:
+        try:
+            while data := os.read(0, execstream.CHUNK):
+                send(execstream.frame(execstream.STDIN, data))
+            send(execstream.frame(execstream.STDIN))
+        except OSError:
+            pass
+
+    saved = None
+    previous_winch = None
+    if tty and os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty_mod.setraw(0, termios.TCSANOW)
+    if tty:
+        def resize(_signum: int, _frame: object) -> None:
+            try:
+                send(execstream.resize_frame(*_terminal_size()))
+            except OSError:
+                pass
+
+        previous_winch = signal.signal(signal.SIGWINCH, resize)
+    try:
+        if interactive:
+            threading.Thread(target=copy_stdin, name="stdin", daemon=True).start()
+        while True:
+            try:
+                item = execstream.read_frame(reader)
+            except (execstream.ProtocolError, OSError):
+                item = None
+            if item is None:
+                raise LifecycleError("the connection to the daemon ended before the program did", 7)
+            kind, payload = item
+            if kind == execstream.EXIT:
+                return execstream.parse_exit(payload)
+            _write_all(2 if kind == execstream.STDERR else 1, payload)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        if previous_winch is not None:
+            signal.signal(signal.SIGWINCH, previous_winch)
+        response.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 exec_.name = "exec"
@@ -247,38 +323,13 @@ def daemon_available() -> bool:
 
 def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None,
                  signer: str | None) -> int:
-    """`cove run` through the daemon: start, copy the output, forward Ctrl-C and SIGTERM, return the exit code.
+    """`cove run` through the daemon (cove.cli.attached, which the common case reaches without click)."""
+    from cove.cli import attached
 
-    The enclave is removed once it has ended, as `docker run --rm` does.
-    """
-    view = _call("POST", "/enclaves", _create_body(instance, program, args, None, backend, "no", signer),
-                 timeout=3600)
-    ident = view["id"]
-    previous = {}
-
-    def forward(signum, _frame):
-        threading.Thread(target=lambda: _quiet_call("POST", f"/enclaves/{ident}/kill",
-                                                    query={"signal": str(signum)}), daemon=True).start()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        previous[signum] = signal.signal(signum, forward)
     try:
-        _copy_log(ident, follow=True)
-        view = _call("POST", f"/enclaves/{ident}/wait", timeout=None)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    _quiet_call("DELETE", f"/enclaves/{ident}", query={"force": "1"})
-    if view.get("error"):
-        raise LifecycleError(view["error"], view["exit_code"])
-    return int(view["exit_code"] or 0)
-
-
-def _quiet_call(*args, **kwargs) -> None:
-    try:
-        Client().call(*args, **kwargs)
-    except DaemonError:
-        pass
+        return attached.run_attached(instance, program, args, backend, signer)
+    except DaemonError as exc:
+        raise LifecycleError(exc.line, exc.exit_code) from None
 
 
 COMMANDS = (ps, logs, stop, kill, rm, wait, images, rmi, events, exec_)

@@ -88,13 +88,15 @@ class Client:
         self.timeout = timeout
 
     def _open(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
-              timeout=...) -> _Response:
+              timeout=..., upgrade: str | None = None) -> _Response:
         """Send one request; ``timeout`` in seconds, None for none, ... for the client's default."""
         target = f"/{API}{route}"
         if query:
             target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         data = b"" if body is None else json.dumps(body).encode()
         head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        if upgrade:
+            head = head.replace("Connection: close", f"Connection: Upgrade\r\nUpgrade: {upgrade}")
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,7 +139,7 @@ class Client:
     def _decode(response: _Response, data: bytes):
         try:
             document = json.loads(data) if data else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             document = None
         if response.status >= 400:
             problem = document if isinstance(document, dict) else {}
@@ -158,6 +160,18 @@ class Client:
             yield from response.chunks()
         finally:
             response.close()
+
+    def upgrade(self, route: str, body: dict, protocol: str) -> _Response:
+        """POST asking to switch to ``protocol`` (`cove exec`'s stream); on 101 the answer's ``file`` (for
+        reading) and ``sock`` (for writing) carry that protocol both ways. A refusal raises DaemonError."""
+        response = self._open("POST", route, body, None, timeout=None, upgrade=protocol)
+        if response.status != 101:
+            data = response.read()
+            response.close()
+            self._decode(response, data)
+            raise DaemonError(f"the daemon did not switch to {protocol} (it answered {response.status})", 2,
+                              response.status)
+        return response
 
     def running(self) -> bool:
         """Whether a daemon answers (a missing socket is the fast answer)."""

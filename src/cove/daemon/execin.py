@@ -1,32 +1,47 @@
-"""`cove exec`: a new process in a running enclave (``python -m cove.daemon.execin PID CONFIG_JSON``).
+"""`cove exec`: a new process in a running enclave (``python -m cove.daemon.execin PID CONTROL_FD``).
 
-The daemon runs this helper as root for one request. It takes the enclave's
-program (host pid PID) as the reference: it joins that process's cgroups,
-opens its namespaces and root, enters them (user first, then the others it
-owns, the mount namespace and root last), and forks so the new process is
-in the enclave's pid namespace. The child takes the enclave's user, drops
-every capability (bounding, ambient, permitted, effective, inheritable),
-sets no_new_privs and the same seccomp filter the sandbox has, the same
-open-files limit, the enclave's environment and working folder, and execs
-the program. The helper relays its exit code (128 + N for a signal).
-Everything it needs is imported before it enters the enclave's mount
-namespace, where no host file is visible.
+The daemon runs this helper as root for one request and sends the request's
+spec as JSON over the control socket CONTROL_FD (never on the command line,
+which every host user can read: the environment may hold provisioned
+secrets). It takes the enclave's program (host pid PID) as the reference:
+it reads the values of the ``env:`` secrets from that program's initial
+environment (so they are never written anywhere), joins its cgroups, opens
+its namespaces and root, enters them (user first, then the others it owns,
+the mount namespace and root last), and forks so the new process is in the
+enclave's pid namespace. With a terminal, the pseudo-terminal is opened
+there, in the devpts the enclave sees, and its master end goes back to the
+daemon over the control socket (SCM_RIGHTS). The child leads a session of
+its own (the terminal's, with one), takes the enclave's user, drops every
+capability (bounding, ambient, permitted, effective, inheritable), dies with
+this helper, sets no_new_privs and the same seccomp filter the sandbox has,
+the same open-files limit, the enclave's environment and working folder, and
+execs the program. The helper relays its exit code (128 + N for a signal);
+SIGTERM to the helper kills the child's whole session. Everything it needs
+is imported before it enters the enclave's mount namespace, where no host
+file is visible.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import resource
+import signal
+import socket
+import struct
 import sys
+import termios
+from typing import Any
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x10000000, 0x20000000
 NAMESPACES = (("user", CLONE_NEWUSER), ("ipc", 0x08000000), ("uts", 0x04000000), ("net", 0x40000000),
               ("cgroup", 0x02000000), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
-PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 24, 47, 4
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CAP_LAST = 63
+MAX_SPEC = 1 << 22
 
 
 class _Fprog(ctypes.Structure):
@@ -57,10 +72,90 @@ def join_cgroups(pid: int) -> None:
                 continue  # a controller Cove does not limit (e.g. a read-only one)
 
 
+def initial_environment(pid: int, names: list[str]) -> dict[str, str]:
+    """The values of ``names`` in the environment pid was started with (its /proc environ)."""
+    wanted = set(names)
+    if not wanted:
+        return {}
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        data = handle.read()
+    found: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        key = name.decode("utf-8", "replace")
+        if sep and key in wanted:
+            found[key] = value.decode("utf-8", "surrogateescape")
+    return found
+
+
+def read_spec(control: socket.socket) -> dict[str, Any]:
+    data = b""
+    while chunk := control.recv(65536):
+        data += chunk
+        if len(data) > MAX_SPEC:
+            raise ValueError("the spec is too large")
+    spec: dict[str, Any] = json.loads(data)
+    return spec
+
+
+def _child(spec: dict[str, Any], libc: ctypes.CDLL, program: bytes, slave: int | None) -> None:
+    """In the enclave's pid namespace: become the enclave's unprivileged process and exec (never returns)."""
+    try:
+        if slave is not None:
+            os.login_tty(slave)  # a new session whose controlling terminal is the enclave's pty
+        else:
+            os.setsid()  # never the daemon's terminal, if it has one
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+        os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+        # after the change of user, which clears it: die with the helper (a client that left, a kill -9)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != 0:  # the helper is outside this pid namespace; a parent here means it is gone
+            os._exit(137)
+        for cap in range(CAP_LAST + 1):
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        data = (_CapData * 2)()
+        if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+        files = spec["max_open_files"]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "no_new_privs")
+        buffer = ctypes.create_string_buffer(program, len(program))
+        fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+        if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "seccomp")
+        os.chdir(spec["cwd"])
+        os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    except OSError as exc:
+        code = 127 if exc.errno == 2 else 126
+        os.write(2, f"cove: error: {spec['argv'][0]}: {exc.strerror or exc}\n".encode())
+        os._exit(code)
+    except BaseException:  # noqa: BLE001 - a forked child must never return
+        os._exit(125)
+
+
 def main(argv: list[str]) -> int:
-    pid, spec = int(argv[0]), json.loads(argv[1])
+    child = 0
+
+    def end(_signum: int, _frame: object) -> None:
+        """The client left: the program's whole session goes (its pid is its session's and group's id)."""
+        if child:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except OSError:
+                pass
+        else:
+            os._exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, end)
+    pid = int(argv[0])
+    control = socket.socket(fileno=int(argv[1]))
+    spec = read_spec(control)
     libc = ctypes.CDLL(None, use_errno=True)
     program = bytes.fromhex(spec["seccomp"])
+    env = {**spec["env"], **initial_environment(pid, spec.get("secret_env", []))}
     join_cgroups(pid)
     os.setgroups([])  # here, in the host's user namespace: the enclave's one denies setgroups
     fds = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag) for name, flag in NAMESPACES]
@@ -74,33 +169,24 @@ def main(argv: list[str]) -> int:
     os.fchdir(root)
     os.chroot(".")
     os.close(root)
+    slave = None
+    if spec.get("tty"):
+        try:
+            master, slave = os.openpty()  # /dev/ptmx of the enclave's own devpts
+        except OSError as exc:
+            print(f"cove: error: cannot open a terminal in the enclave: {exc.strerror}", file=sys.stderr)
+            return 125
+        rows, cols = int(spec.get("rows") or 24), int(spec.get("cols") or 80)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        socket.send_fds(control, [b"m"], [master])
+        os.close(master)
+    control.close()
     child = os.fork()  # only a child is in the enclave's pid namespace
     if child == 0:
-        try:
-            os.setresgid(spec["gid"], spec["gid"], spec["gid"])
-            os.setresuid(spec["uid"], spec["uid"], spec["uid"])
-            for cap in range(CAP_LAST + 1):
-                libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-            libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-            data = (_CapData * 2)()
-            if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data) != 0:
-                raise OSError(ctypes.get_errno(), "capset")
-            files = spec["max_open_files"]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
-            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "no_new_privs")
-            buffer = ctypes.create_string_buffer(program, len(program))
-            fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-            if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "seccomp")
-            os.chdir(spec["cwd"])
-            os.execve(spec["argv"][0], spec["argv"], spec["env"])
-        except OSError as exc:
-            code = 127 if exc.errno == 2 else 126
-            os.write(2, f"cove: error: {spec['argv'][0]}: {exc.strerror or exc}\n".encode())
-            os._exit(code)
-        except BaseException:  # noqa: BLE001 - a forked child must never return
-            os._exit(125)
+        _child(dict(spec, env=env), libc, program, slave)
+    env.clear()
+    if slave is not None:
+        os.close(slave)
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)

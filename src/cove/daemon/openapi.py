@@ -64,11 +64,17 @@ def document() -> dict:
                 [_REF, _query("signal", "string", "a name (TERM, SIGKILL) or number; default KILL")])},
             "/v1/enclaves/{ref}/wait": {"post": _op("Wait for the enclave to end", _ENCLAVE, [_REF])},
             "/v1/enclaves/{ref}/exec": {"post": _op(
-                "Run a program in the running enclave (its namespaces, seccomp filter, limits, user)",
+                "Run a program in the running enclave (its namespaces, seccomp filter, limits, user, environment). "
+                "With `Connection: Upgrade` and `Upgrade: cove-exec/1` the answer is 101 and the connection "
+                "carries frames both ways (stdin, window size; stdout, stderr, exit code: docs/formats/daemon-api.md); "
+                "stdin, tty, rows and cols apply only then",
                 _json("Its exit code and output", {"type": "object", "properties": {
                     "exit_code": {"type": "integer"}, "stdout": {"type": "string"}, "stderr": {"type": "string"}}}),
                 [_REF], {"type": "object", "required": ["argv"], "properties": {
-                    "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})},
+                    "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "stdin": {"type": "boolean"}, "tty": {"type": "boolean"},
+                    "rows": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "cols": {"type": "integer", "minimum": 0, "maximum": 65535}}})},
             "/v1/enclaves/{ref}/logs": {"get": _op(
                 "The program's output (stdout and stderr, as written)",
                 {"description": "Log bytes, chunked", "content": {"application/octet-stream": {}}},

@@ -32,8 +32,10 @@ from pathlib import Path
 from cove import __version__
 from cove.daemon import attestation
 from cove.daemon import client as client_mod
+from cove.daemon import execstream
 from cove.daemon import openapi
 from cove.daemon.events import Events, watch
+from cove.daemon.execsession import Helper, Session, buffered
 from cove.daemon.problems import Problem, from_cove_error
 from cove.daemon.registry import ConflictError, Enclave, Registry
 from cove.daemon.supervisor import parse_restart
@@ -298,18 +300,28 @@ class Daemon:
         elif signum in FORWARDED or signum == signal.SIGKILL:
             _kill(pid, signum)  # no sandbox (yet): the supervisor stops before launching, or forwards it
 
-    def exec(self, ref: str, body: dict) -> dict:
-        """Run a program in a running enclave (cove.daemon.execin); its exit code and output."""
+    def exec_helper(self, ref: str, body: dict, stream: bool = False) -> tuple[Enclave, str, Helper]:
+        """Check an exec request and start its helper (cove.daemon.execin) in the running enclave.
+
+        The helper gets the enclave's environment, and the names of the ``env:`` secrets whose values it
+        reads from the program's own initial environment: the daemon never holds or logs them.
+        """
         from cove.runtime import launcher, seccomp
 
         argv = _field(body, "argv", list)
-        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+        if not argv or not all(isinstance(a, str) and "\0" not in a and len(a) <= 65536 for a in argv) \
+                or len(argv) > 4096:
             raise Problem("InvalidRequest", "argv must be a non-empty list of strings")
+        tty = _field(body, "tty", bool, False) if stream else False
+        stdin = _field(body, "stdin", bool, False) if stream else False
+        rows, cols = (_field(body, key, int, default) for key, default in (("rows", 24), ("cols", 80)))
+        if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+            raise Problem("InvalidRequest", "rows and cols must be between 0 and 65535")
         enclave = self.registry.settle(self.registry.find(ref))
         init = sandbox_init(enclave.state.get("pid")) if enclave.state.get("pid") else None
         program = children(init) if init else []
         if enclave.status != "running" or not program:
-            raise ConflictError(f"enclave {enclave.name} is not running")
+            raise ConflictError(f"enclave {enclave.name} is not running", "start it with `cove run -d`")
         image = self.store.get(enclave.record["image"])
         config = self.store.verified(image).config
         path = os.path.normpath(argv[0])
@@ -320,14 +332,18 @@ class Daemon:
         uid, gid = launcher.resolve_user(config.process.user, image.root)
         spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd,
                 "env": launcher.build_environment(config, enclave.record.get("env", {})),
-                "max_open_files": config.resources.max_open_files,
+                "secret_env": [s.where for s in config.secrets if s.kind == "env"],
+                "max_open_files": config.resources.max_open_files, "tty": tty, "rows": rows, "cols": cols,
                 "seccomp": seccomp.compile_filter(config.network.mode, io_uring=bool(
                     getattr(getattr(config, "security", None), "io_uring", False))).hex()}
-        done = subprocess.run([sys.executable, "-m", "cove.daemon.execin", str(program[0]), json.dumps(spec)],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=3600)
-        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path, exit_code=done.returncode)
-        return {"exit_code": done.returncode, "stdout": done.stdout[-(16 << 20):].decode("utf-8", "replace"),
-                "stderr": done.stderr[-(1 << 20):].decode("utf-8", "replace")}
+        return enclave, path, Helper(program[0], spec, stdin)
+
+    def exec(self, ref: str, body: dict) -> dict:
+        """Run a program in a running enclave; its exit code and output once it ends (no stream)."""
+        enclave, path, helper = self.exec_helper(ref, body)
+        code, out, err = buffered(helper, 16 << 20, 1 << 20)
+        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path, exit_code=code)
+        return {"exit_code": code, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
 
     def stop(self, ref: str, timeout: float) -> dict:
         enclave = self.registry.settle(self.registry.find(ref))
@@ -607,6 +623,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if action == "wait":
                 return self._json(200, d.wait(ref))
             if action == "exec":
+                if (self.headers.get("Upgrade") or "").strip() == execstream.PROTOCOL:
+                    return self._exec_stream(ref, body)
                 return self._json(200, d.exec(ref, body))
         if route == ["images"]:
             allow("GET")
@@ -622,6 +640,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             since = _number(query.get("since", 0), "since")
             return self._stream(d.events.follow(since, _flag(query, "follow", True)), "application/x-ndjson")
         raise Problem("NotFound", f"no route {method} {path}")
+
+    def _exec_stream(self, ref: str, body: dict) -> int:
+        """``cove exec`` with its output streamed: 101 Switching Protocols, then frames both ways."""
+        d = self.daemon
+        enclave, path, helper = d.exec_helper(ref, body, stream=True)  # refusals are still problems
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", execstream.PROTOCOL)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        code = Session(self.connection, self.rfile, helper).run()
+        d.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path,
+                      exit_code=code, client_left=code is None)
+        return 101
 
     def _json(self, status: int, document, kind: str = "application/json") -> int:
         data = json.dumps(document).encode()

@@ -1,0 +1,208 @@
+"""`cove exec` streamed: a terminal of the enclave's (-t), stdin (-i), output as it comes, clients that leave."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COVE, error_line
+from tests.daemon.conftest import GROUP
+from tests.e2e.helpers import SHELL_TOOLS, make_instance
+
+TOOLS = (*SHELL_TOOLS, "/usr/bin/stty", "/usr/bin/tty", "/usr/bin/wc")
+
+
+@pytest.fixture(scope="module")
+def shell_app(node, tmp_path_factory) -> Path:
+    parent = tmp_path_factory.mktemp("exec")
+    root = make_instance(node.cove, parent, build=False)
+    node.cove.ok("add", *TOOLS, cwd=root)
+    node.cove.ok("build", cwd=root)
+    return root
+
+
+@pytest.fixture
+def running(node, shell_app):
+    """A running enclave (a long sleep) to exec into; removed afterwards."""
+    ident = node.cove.ok("run", "-d", "/bin/sleep", "600", cwd=shell_app).stdout.strip()
+    node.until(ident, "running")
+    deadline = time.monotonic() + 20
+    while (probe := node.cove("exec", ident, "/bin/echo")).returncode != 0:  # the program itself has started
+        assert time.monotonic() < deadline, probe
+        time.sleep(0.05)
+    yield ident
+    node.cove("rm", "-f", ident)
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 20) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {marker!r}; got {seen[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            assert data, f"the terminal closed before {marker!r}; got {seen[-500:]!r}"
+            seen += data
+    return seen
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_exec_it_gives_a_terminal_of_the_enclave(node, running):
+    pid, master = pty.fork()
+    if pid == 0:  # the child: `cove exec -it` at a terminal of 33 x 101
+        try:
+            _set_size(0, 33, 101)
+            os.execve(COVE, [COVE, "exec", "-it", running, "/bin/sh"], node.cove.env)
+        finally:
+            os._exit(120)
+    try:
+        os.write(master, b"echo mark-$((6 * 7))\n")
+        _read_until(master, b"mark-42")
+        os.write(master, b"stty size; tty; echo done-$((0 + 1))\n")
+        out = _read_until(master, b"done-1\r\n")
+        assert b"33 101" in out
+        assert b"/dev/pts/" in out  # a terminal of the enclave's own devpts, not the host's
+        _set_size(master, 40, 120)  # SIGWINCH to `cove exec`, which sends the new size on
+        deadline = time.monotonic() + 20
+        while True:
+            os.write(master, b"stty size; echo done-$((0 + 2))\n")
+            if b"40 120" in _read_until(master, b"done-2\r\n"):
+                break
+            assert time.monotonic() < deadline, "the new window size never reached the enclave"
+            time.sleep(0.1)
+        os.write(master, b"exit 3\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)
+
+
+def _host_processes(needle: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if needle in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_output_streams_and_a_client_that_leaves_leaks_nothing(node, running):
+    assert node.process is not None
+    before = _fds(node.process.pid)
+    client = subprocess.Popen([COVE, "exec", running, "/bin/sh", "-c",
+                               "echo first; echo err >&2; sleep 31337; echo never"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=node.cove.env)
+    assert client.stdout is not None and client.stderr is not None
+    assert client.stdout.readline() == b"first\n"  # the first line, while the program still runs
+    assert client.stderr.readline() == b"err\n"
+    deadline = time.monotonic() + 20
+    while not _host_processes(b"sleep\x0031337"):
+        assert time.monotonic() < deadline, "the program never started its sleep"
+        time.sleep(0.05)
+    assert client.poll() is None
+    client.kill()  # the client leaves mid-stream
+    client.wait()
+    deadline = time.monotonic() + 20
+    while _host_processes(b"sleep\x0031337") or _host_processes(b"cove.daemon.execin"):
+        assert time.monotonic() < deadline, "the exec'd program or its helper outlived the client"
+        time.sleep(0.1)
+    while _fds(node.process.pid) > before:
+        assert time.monotonic() < deadline, "the daemon kept descriptors of the session"
+        time.sleep(0.1)
+
+
+def _exec_bytes(node, *args: str, data: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run([COVE, "exec", *args], input=data, capture_output=True, env=node.cove.env, timeout=300)
+
+
+def test_stdin_huge_and_cut_short(node, running):
+    size = 24 << 20
+    done = _exec_bytes(node, "-i", running, "/bin/sh", "-c", "cat; echo end >&2", data=b"x" * size)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert len(done.stdout) == size and done.stdout == b"x" * size and done.stderr == b"end\n"
+    # a program that stops reading early: the rest of the input is dropped, the exit code still comes
+    early = _exec_bytes(node, "-i", running, "/usr/bin/head", "-c", "5", data=b"y" * size)
+    assert (early.returncode, early.stdout) == (0, b"yyyyy")
+    # without -i the program's stdin is empty
+    assert _exec_bytes(node, running, "/usr/bin/wc", "-c", data=b"ignored").stdout.strip() == b"0"
+
+
+def test_refusals(node, running, shell_app):
+    c = node.cove
+    unknown = c("exec", "-it", "no-such-enclave", "/bin/sh")
+    assert unknown.returncode == 8 and "no enclave" in error_line(unknown)
+    ended = c.ok("run", "-d", "/bin/echo", "hi", cwd=shell_app).stdout.strip()
+    node.until(ended, "exited")
+    stopped = c("exec", "-i", ended, "/bin/sh")
+    assert stopped.returncode == 2 and "not running" in error_line(stopped)
+    c.ok("rm", ended)
+    # a program outside the entry points, and exit codes of the program itself
+    assert c("exec", running, "/bin/sh", "-c", "exit 9").returncode == 9
+    assert c("exec", running, "/bin/sh", "-c", "kill -9 $$").returncode == 137
+    assert c("exec", running, "/bin/nothing").returncode == 127
+
+
+def test_a_user_outside_the_group_is_refused(node, running):
+    refused = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                              COVE, "exec", "-it", running, "/bin/sh"],
+                             capture_output=True, text=True, env=node.cove.env, timeout=60)
+    assert refused.returncode == 6, refused.stderr
+    assert "permission denied" in error_line(refused) or GROUP in error_line(refused)
+
+
+def test_malformed_frames_end_the_session(node, running):
+    """A frame over the limit or of an unknown kind ends the program; the daemon goes on."""
+    import json
+    import socket
+
+    for bad in (struct.pack(">BxxxI", 0, 1 << 30), struct.pack(">BxxxI", 9, 0), struct.pack(">BxxxI", 4, 3) + b"abc"):
+        body = json.dumps({"argv": ["/bin/sleep", "31338"], "stdin": True}).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(node.socket)
+            sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                         f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 101")
+            sock.sendall(bad)
+            while sock.recv(65536):
+                pass  # the daemon closes the session
+        deadline = time.monotonic() + 20
+        while _host_processes(b"sleep\x0031338"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert node.api("GET", "/v1/version")[0] == 200
