@@ -1,4 +1,8 @@
-"""The `cove` command. Each command group lives in its own thin module."""
+"""The `cove` command. Each command group lives in its own thin module.
+
+click is imported only when a command needs it: `cove run` through the
+daemon (cove.cli.attached) starts on the standard library alone.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import importlib
 import os
 import sys
 from pathlib import Path
-
-import click
+from typing import TYPE_CHECKING, Any
 
 from cove import __version__
 from cove.errors import CoveError, ExitCode, file_system_error
+
+if TYPE_CHECKING:
+    import click
 
 
 class Context:
@@ -37,33 +43,49 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
-    """A click group that imports a command's module on first use."""
+def _group() -> click.Group:
+    """The click group (made on first use, so that click is imported only then)."""
+    if "cli" not in _made:
+        import click
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        class LazyGroup(click.Group):
+            """A click group that imports a command's module on first use."""
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        module = COMMANDS.get(name)
-        if module is None:
-            return None
-        for command in importlib.import_module(f"cove.cli.{module}").COMMANDS:
-            if command.name == name:
-                return command
-        return None
+            def list_commands(self, ctx: click.Context) -> list[str]:
+                return sorted(COMMANDS)
+
+            def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+                module = COMMANDS.get(name)
+                if module is None:
+                    return None
+                for command in importlib.import_module(f"cove.cli.{module}").COMMANDS:
+                    if command.name == name:
+                        return command
+                return None
+
+        @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+        @click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
+                      help="Act on the instance in DIR instead of the current folder. Unlike git -C it does not "
+                           "change directory: relative paths after it still resolve against the current folder.")
+        @click.option("--debug", is_flag=True, help="Show tracebacks for errors (docs/cli.md lists the exit codes).")
+        @click.version_option(__version__, prog_name="cove")
+        @click.pass_context
+        def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
+            """Cove: run unmodified Linux programs in attested enclaves."""
+            ctx.obj = Context(directory, debug)
+            _options["debug"] = debug
+
+        _made["cli"] = cli
+    return _made["cli"]
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
-              help="Act on the instance in DIR instead of the current folder. Unlike git -C it does not "
-                   "change directory: relative paths after it still resolve against the current folder.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors (docs/cli.md lists the exit codes).")
-@click.version_option(__version__, prog_name="cove")
-@click.pass_context
-def cli(ctx: click.Context, directory: Path, debug: bool) -> None:
-    """Cove: run unmodified Linux programs in attested enclaves."""
-    ctx.obj = Context(directory, debug)
-    _options["debug"] = debug
+_made: dict[str, click.Group] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cli":  # `from cove.cli import cli`, as before click became lazy
+        return _group()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _options = {"debug": False}  # set by the group callback, read by main() when an error escapes
@@ -73,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and a code from errors.ExitCode; tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     _options["debug"] = False
+    import click
+
     try:
-        result = cli.main(args=args, prog_name="cove", standalone_mode=False)
+        result = _group().main(args=args, prog_name="cove", standalone_mode=False)
     except CoveError as exc:
         return _fail(exc, exc.line(), exc.exit_code)
     except OSError as exc:  # a file the command reads or writes: read-only, full disk, I/O error
@@ -100,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(exc: BaseException, line: str, code: int) -> int:
+    import click
+
     if _options["debug"]:
         raise exc
     if line.startswith("cove: "):  # a verifier's line names the evidence type, here "cove"
@@ -110,6 +136,8 @@ def _fail(exc: BaseException, line: str, code: int) -> int:
 
 def _usage_line(exc: click.ClickException) -> str:
     """A click usage error as one line that says where help is."""
+    import click
+
     line = exc.format_message()
     ctx = getattr(exc, "ctx", None)
     if isinstance(exc, click.UsageError) and ctx is not None:
@@ -118,4 +146,7 @@ def _usage_line(exc: click.ClickException) -> str:
 
 
 def run_main() -> None:
-    sys.exit(main())
+    from cove.cli.attached import fast_run
+
+    code = fast_run(sys.argv[1:])  # `cove run` through the daemon, before click is imported
+    sys.exit(main() if code is None else code)

@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from cove import trace
 from cove.daemon.supervisor import Supervisor
+from cove.errors import CoveError
 
 
 def spawn(folder: str, store: str) -> None:
@@ -41,7 +43,26 @@ def spawn(folder: str, store: str) -> None:
         os._exit(125)
 
 
+def warm() -> None:
+    """Do once, here, what every supervisor would otherwise do first: import the backends and the
+    services' modules, load libseccomp, so each fork starts with them."""
+    import importlib
+
+    from cove.runtime import backend, enclave_services, seccomp
+
+    with trace.span("spawner.warm"):
+        for spec in enclave_services.FACTORIES:
+            importlib.import_module(spec.partition(":")[0])
+        backend.registry()
+        try:
+            backend.choose("sim")
+            seccomp.compile_filter("none")
+        except CoveError:
+            pass  # a supervisor reports it for its own enclave
+
+
 def main() -> int:
+    warm()
     for line in sys.stdin:
         folder, _, store = line.rstrip("\n").partition("\t")
         if folder and store:

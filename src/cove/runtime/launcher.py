@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cove import trace
 from cove.config import Config
 from cove.errors import CannotExecuteError, CoveError, ProgramNotFoundError
 from cove.image import artifacts, encryption, package as package_mod
@@ -227,19 +228,23 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
     The root is a verified private copy of ``image``, or, for a build made
     with --encrypt-image, the decrypting read-only view of ``encrypted``.
     """
+    laps = trace.Laps("launch.")
     program = _validate_request(verified, request)
     chosen = backend_mod.choose(verified.config.enclave.backend, request.backend)
+    laps.lap("choose-backend")
     enclave_cfg = verified.config.enclave
     identity = EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
                                enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
     instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _workdir() as workdir:
+    with laps.on_exit("cleanup"), _workdir() as workdir:
         chosen.prepare(build_dir, verified.manifest.launch, workdir)  # e.g. vm: launch inputs checked, accelerator
+        laps.lap("workdir")
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
                                           chosen.isolation, state_dir, workdir,
                                           image_key=encrypted.key if encrypted else None)
         with _Services(ctx) as services, ExitStack() as mounted:
+            laps.lap("services-begin")
             if encrypted is None:
                 root = _private_root(verified, image, workdir, in_place, stored)
                 _check_program(root, program)
@@ -250,7 +255,9 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                                          workdir / "root")
                 mounted.callback(image_mount.stop)
                 image_mount.spawn()  # its start-up overlaps the services'
+            laps.lap("root")
             binds, service_env = services.start()
+            laps.lap("services-start")
             if encrypted is None:
                 staging.add_mount_points(root, [b.target for b in binds if not b.target.startswith("/dev/")])
             else:
@@ -264,10 +271,11 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                               uid=uid, gid=gid, instance_id=instance_id,
                               interactive=request.debug_shell, binds=tuple(binds),
                               build_dir=build_dir, launch=verified.manifest.launch, workdir=workdir)
-            return _supervise(chosen, spec)
+            laps.lap("checks")
+            return _supervise(chosen, spec, laps)
 
 
-def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
+def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps | None = None) -> int:
     previous = {}
     enclave = None
 
@@ -289,10 +297,16 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec) -> int:
             finally:
                 if terminal is not None:
                     terminal.detach()
+            if laps is not None:
+                laps.lap("sandbox-launch")
             return enclave.wait()
     finally:
+        if laps is not None:
+            laps.lap("enclave-run")
         if enclave is not None:
             enclave.stop()
+        if laps is not None:
+            laps.lap("enclave-stop")
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -27,7 +27,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from cove import hostids
+from cove import hostids, trace
 from cove.config import parse_size
 from cove.errors import CoveError, OutOfMemoryError, SandboxError, SetupError
 from cove.runtime import seccomp
@@ -285,17 +285,21 @@ class SimBackend(Backend):
         return Availability(cls.name, cls.isolation, True, f"resource limits by {detect_mode()}")
 
     def launch(self, spec: LaunchSpec) -> SimEnclave:
+        laps = trace.Laps("sim.")
         ids = hostids.enclave_range() if os.geteuid() == 0 else None
         sources = _Sources(ids)
         if spec.interactive and ids is not None and terminal.is_own(0):
             os.fchown(0, sources.uid, sources.gid)  # the enclave's own terminal, for its host ids
         if ids is not None and not os.path.ismount(spec.root) and os.stat(spec.root).st_uid != sources.uid:
             chown_tree(spec.root, sources.uid, sources.gid)  # a package root root extracted
+        laps.lap("ids")
         program = seccomp.compile_filter(spec.config.network.mode, io_uring=_io_uring(spec.config))
+        laps.lap("seccomp")
         seccomp_fd = _memfd("cove-seccomp", program)
         status_read, status_write = os.pipe()
         args_fd = -1
         limits = Limits.create(spec.config.resources)
+        laps.lap("limits")
         libc = ctypes.CDLL(None, use_errno=True) if ids is not None else None
         error_read, error_write = os.pipe()
 
@@ -311,6 +315,7 @@ class SimBackend(Backend):
             args = bwrap_arguments(spec, seccomp_fd, status_write, sources)
             split = len(args) - len(spec.argv) - 1  # the options go through a descriptor; "--" PROGRAM ARGS stay
             args_fd = _memfd("cove-bwrap-args", b"".join(a.encode() + b"\0" for a in args[1:split]))
+            laps.lap("arguments")
             process = subprocess.Popen(
                 [args[0], "--args", str(args_fd), *args[split:]], env=spec.env,
                 pass_fds=(seccomp_fd, status_write, args_fd), close_fds=True,
@@ -336,6 +341,7 @@ class SimBackend(Backend):
             if error_write >= 0:
                 os.close(error_write)
             os.close(error_read)
+        laps.lap("spawn")
         return SimEnclave(spec, process, status_read, limits)
 
 

@@ -1,0 +1,157 @@
+"""`cove run` through the daemon without click or the runtime (cove.cli.attached), and when it steps aside."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cove.cli.attached import _node_runs, _parse
+from tests.conftest import error_line
+
+HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3")
+# cove's own entry point, reporting at exit which heavy modules the process imported
+ENTRY = ("import atexit, sys\n"
+         "def report():\n"
+         f"    heavy = sorted(m for m in sys.modules if m.startswith({HEAVY!r}))\n"
+         "    sys.stderr.write('imported: ' + ' '.join(heavy) + '\\n')\n"
+         "atexit.register(report)\n"
+         "from cove.cli import run_main\n"
+         "sys.argv = ['cove', *sys.argv[1:]]\n"
+         "run_main()\n")
+
+
+def cove_reporting(c, *args: str, cwd: Path, env: dict | None = None) -> tuple[int, str, str, list[str]]:
+    proc = subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=cwd, capture_output=True, text=True,
+                          env=dict(c.env, **(env or {})), timeout=120)
+    lines = proc.stderr.splitlines()
+    imported = [ln for ln in lines if ln.startswith("imported:")][-1].split()[1:]
+    rest = "\n".join(ln for ln in lines if not ln.startswith("imported:"))
+    return proc.returncode, proc.stdout, rest, imported
+
+
+def test_run_through_the_daemon_imports_nothing_heavy(node, app):
+    code, out, err, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app)
+    assert (code, out) == (4, "hello 3\nto stderr\n"), err
+    assert imported == []
+    code, out, err, _ = cove_reporting(node.cove, "-C", str(app), "run", "/bin/missing", cwd=app.parent)
+    assert code == 127 and "/bin/missing is not in the image" in err and "Traceback" not in err
+    # the same command directly goes through the full CLI and the runtime (so the check above can fail)
+    code, out, _, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app,
+                                            env={"COVE_NO_DAEMON": "1"})
+    assert (code, out) == (4, "hello 3\n") and "click" in imported and "cove.runtime" in imported
+
+
+@pytest.mark.parametrize("argv, parsed", [
+    (["run", "/bin/hello"], (".", "/bin/hello", ())),
+    (["-C", "app", "run", "/bin/hello", "-x", "--y", "run"], ("app", "/bin/hello", ("-x", "--y", "run"))),
+    (["-C", "run", "run", "/bin/hello"], ("run", "/bin/hello", ())),
+    (["run"], None),
+    (["run", "-d", "/bin/hello"], None),
+    (["run", "--signer", "00", "/bin/hello"], None),
+    (["run", "--", "/bin/hello"], None),
+    (["--debug", "run", "/bin/hello"], None),
+    (["-Capp", "run", "/bin/hello"], None),
+    (["-C", "", "run", "/bin/hello"], None),
+    (["-C"], None),
+    (["ps"], None),
+    ([], None),
+])
+def test_only_the_plain_form_is_taken(argv, parsed):
+    """Any option goes to the full CLI, which parses and checks it as before."""
+    assert _parse(argv) == parsed
+
+
+@pytest.mark.parametrize("toml, encrypted, runs", [
+    ('[enclave]\nname = "a"\n', False, True),
+    ('[enclave]\nname = "a"\nbackend = "sim"\n', False, True),
+    ('[enclave]\nname = "a"\nbackend = "vm"\n', False, False),
+    ('[enclave]\nbackend = ["sim"]\n', False, False),
+    ('enclave = "sim"\n', False, False),
+    ("[enclave\nname = ", False, False),
+    ("\udcff not utf-8", False, False),
+    ('[enclave]\nname = "a"\n', True, False),
+])
+def test_unsure_instances_go_to_the_full_cli(tmp_path, toml, encrypted, runs):
+    """A broken or hostile cove.toml, another backend or an encrypted image: the full CLI decides."""
+    (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
+    if encrypted:
+        (tmp_path / "build" / "image.enc").mkdir(parents=True)
+    assert _node_runs(tmp_path) is runs
+
+
+@pytest.fixture
+def fake_daemon(tmp_path) -> Iterator[tuple[str, list[bytes]]]:
+    """A unix socket that answers each request with the next scripted reply (then closes)."""
+    path = str(tmp_path / "fake.sock")
+    replies: list[bytes] = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                try:
+                    connection.recv(1 << 20)
+                    connection.sendall(replies.pop(0) if replies else b"")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path, replies
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
+def http(status: str, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+VERSION_OK = http("200 OK", b'{"api": "v1"}')
+
+
+@pytest.mark.parametrize("replies, code, line", [
+    # a socket that does not speak HTTP is no daemon: direct mode, as before
+    ([b"SSH-2.0-OpenSSH\r\n"], 0, None),
+    ([b""], 0, None),
+    # the daemon refuses this user: direct mode
+    ([http("403 Forbidden", b'{"detail": "no", "exit_code": 6}')], 0, None),
+    # a daemon that answers, then fails: one line, its exit code, no direct run behind its back
+    ([VERSION_OK, b"garbage\r\n\r\n"], 7, "not answering"),
+    ([VERSION_OK, http("500 Oops", b'{"detail": "boom", "exit_code": 9, "x": [1, 2]}')], 9, "boom"),
+    ([VERSION_OK, http("201 Created", b"not json!")], 7, "not an enclave"),
+    ([VERSION_OK, http("201 Created", b'{"id": ["a"]}')], 7, "not an enclave"),
+    ([VERSION_OK, http("200 OK", b"[" * 100000)], 7, "not an enclave"),
+])
+def test_hostile_or_broken_daemon(cove, app, fake_daemon, replies, code, line):
+    path, script = fake_daemon
+    script.extend(replies)
+    result = cove("run", "/bin/hello", cwd=app, env={"COVE_DAEMON_SOCKET": path})
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    if code == 0:
+        assert result.stdout.startswith("hello 1")  # it ran directly
+    else:
+        assert result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1
+        if line:
+            assert line in error_line(result)
+
+
+def test_no_daemon_socket_runs_directly(cove, app, tmp_path):
+    result = cove("run", "/bin/hello", cwd=app, env={"COVE_DAEMON_SOCKET": str(tmp_path / "none.sock")})
+    assert result.returncode == 0 and result.stdout.startswith("hello 1")
+    assert not os.path.exists(tmp_path / "none.sock")
