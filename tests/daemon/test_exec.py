@@ -206,3 +206,63 @@ def test_malformed_frames_end_the_session(node, running):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert node.api("GET", "/v1/version")[0] == 200
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from joserfc import jwk
+
+    from cove.kbs import client as kbs_client
+    from cove.kbs import tls
+    from cove.kbs.broker import Broker, Settings
+    from cove.kbs.runner import EmbeddedBroker
+    from tests.e2e.test_kbs_provisioning import COVE_POLICY
+
+    ca, cert, key = tls.make_local_tls(tmp_path / "tls")
+    running = EmbeddedBroker(Broker(Settings(db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32),
+                                             attestation_policy=COVE_POLICY)), cert, key).start()
+    admin_key = jwk.generate_key("EC", "P-256")
+    running.broker.bootstrap_admin("root", admin_key.as_dict(private=False))
+    admin = kbs_client.AdminClient(running.url, admin_key, "root", ca, running.broker.audience)
+    running.admin, running.ca = admin, ca
+    yield running
+    admin.close()
+    running.stop()
+
+
+def test_exec_gets_the_provisioned_secrets(node, broker, tmp_path):
+    """env: secrets reach an exec'd process as they reached the program, and are written nowhere."""
+    from tests.e2e.test_kbs_provisioning import release_to, secrets_config
+
+    c = node.cove
+    instance = make_instance(c, tmp_path, extra=secrets_config(broker.url, broker.ca))
+    release_to(broker, instance)
+    token = "tok-" + os.urandom(12).hex()
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
+    broker.admin.create_secret("app/api/token", "data", "app", value=token.encode())
+    ident = c.ok("run", "-d", "/bin/sh", "-c", '[ -n "$API_TOKEN" ] && echo has-token; sleep 600',
+                 cwd=instance).stdout.strip()
+    node.until(ident, "running")
+    deadline = time.monotonic() + 30
+    while "has-token" not in c.ok("logs", ident).stdout:
+        assert time.monotonic() < deadline, c.ok("logs", ident).stdout
+        time.sleep(0.1)
+    try:
+        seen = c.ok("exec", ident, "/bin/sh", "-c", 'echo "token=$API_TOKEN"').stdout
+        assert seen == f"token={token}\n"
+        pid, master = pty.fork()
+        if pid == 0:
+            try:
+                os.execve(COVE, [COVE, "exec", "-it", ident, "/bin/sh", "-c", 'echo "tty-$API_TOKEN"'], node.cove.env)
+            finally:
+                os._exit(120)
+        _read_until(master, f"tty-{token}".encode())
+        os.waitpid(pid, 0)
+        os.close(master)
+        for folder in (node.root, instance):  # never on disk in clear, nor in the daemon's log
+            for path in folder.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    assert token.encode() not in path.read_bytes(), path
+        assert token not in node.log.read_text()
+    finally:
+        c("rm", "-f", ident)
