@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import cbor2
 
+from cove.decode import Fields, decode_cbor
 from cove.errors import CoveError, SetupError
 from cove.util import write_atomic
 
@@ -44,6 +45,7 @@ DIGEST_SIZE = 32
 ZERO = bytes(DIGEST_SIZE)
 KINDS = ("tpm", "file", "none")
 RECORDS = "volumes"
+RECORD_LIMIT = 1 << 16  # a platform record holds a volume id, its path and a few numbers
 
 
 class AnchorError(CoveError):
@@ -141,15 +143,14 @@ class FileAnchor(AnchorStore):
                               "it was deleted, or the volume comes from another platform") from None
         except OSError as exc:
             raise AnchorError(f"cannot read the rollback record {path}: {exc.strerror}") from None
-        try:
-            record = cbor2.loads(data)
-        except Exception:
-            raise AnchorError(f"the rollback record {path} is damaged") from None
+        record = decode_cbor(data, _damaged(path), "the record", limit=RECORD_LIMIT)
         mac = record.pop("mac", b"") if isinstance(record, dict) else b""
-        if not isinstance(record, dict) or not hmac.compare_digest(mac, self._mac(record)) \
-                or record.get("volume") != self.volume_id:
+        if not isinstance(record, dict) or not isinstance(mac, bytes) \
+                or not hmac.compare_digest(mac, self._mac(record)) or record.get("volume") != self.volume_id:
             raise AnchorError(f"the rollback record {self.file} does not belong to this volume "
                               "or was modified")
+        fields = Fields(record, "the record", _damaged(path))
+        fields.uint("version"), fields.uint("first"), fields.bytes("digest", 32)
         return record
 
     def create(self) -> Anchor:
@@ -339,16 +340,14 @@ def known_volume_at(path: str) -> dict | None:
     for entry in sorted(directory.iterdir()):
         if entry.suffix not in (".anchor", ".tpm"):
             continue
-        try:
-            record = cbor2.loads(entry.read_bytes())
-        except Exception:
-            continue
-        if not isinstance(record, dict) or record.get("path") != path:
+        record = _platform_record(entry)
+        if record is None or record.get("path") != path:
             continue
         version = record.get("version")
         if record.get("kind") == "tpm":
             version = _tpm_owner_read(record.get("nv"))
-        if version is None or version > record.get("first", 0) + 1:
+        first = record.get("first", 0)
+        if not isinstance(version, int) or not isinstance(first, int) or version > first + 1:
             return dict(record, record=str(entry), current=version)
     return None
 
@@ -357,18 +356,38 @@ def forget_records(path: str) -> list[str]:
     """Remove the platform's anchors of volumes at ``path`` (they are being discarded)."""
     removed = []
     for entry in sorted(records_dir().iterdir()):
-        try:
-            record = cbor2.loads(entry.read_bytes())
-        except Exception:
-            continue
-        if isinstance(record, dict) and record.get("path") == path:
-            if record.get("kind") == "tpm" and tpm_tcti():
-                for handle in (record["nv"], record["nv"] + 1):
+        record = _platform_record(entry)
+        if record is not None and record.get("path") == path:
+            nv = record.get("nv")
+            if record.get("kind") == "tpm" and tpm_tcti() and isinstance(nv, int):
+                for handle in (nv, nv + 1):
                     subprocess.run(["tpm2_nvundefine", f"0x{handle:08x}", "-C", "o"], capture_output=True,
                                    env=dict(os.environ, TPM2TOOLS_TCTI=tpm_tcti()))
             entry.unlink()
             removed.append(str(entry))
     return removed
+
+
+def _platform_record(entry: Path) -> dict[str, object] | None:
+    """A platform record file's map, or None if it cannot be read or decoded (it is someone else's)."""
+    try:
+        record = decode_cbor(entry.read_bytes(), _Unreadable, "the record", limit=RECORD_LIMIT)
+    except (OSError, _Unreadable):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {key: value for key, value in record.items() if isinstance(key, str)}
+
+
+class _Unreadable(Exception):
+    """A platform record that is not Cove's: skipped while scanning."""
+
+
+def _damaged(path: Path) -> Callable[[str], AnchorError]:
+    def error(message: str) -> AnchorError:
+        return AnchorError(f"the rollback record {path} is damaged ({message})")
+
+    return error
 
 
 def _tpm_owner_read(nv) -> int | None:

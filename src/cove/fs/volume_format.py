@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cove.decode import Fields, decode_cbor
 from cove.fs.errors import VolumeIntegrityError
 from cove.fs.index import KeyFor, KeyPolicy
 
@@ -38,6 +39,7 @@ ROOT = "root"
 NEXT = "root.next"
 FILES = "files"
 _LEN = struct.Struct("<I")
+INDEX_LIMIT = 1 << 30  # the index of every path in a volume: authenticated, and it grows with the volume
 
 
 def kdf(vmk: bytes, salt: bytes, purpose: bytes, length: int) -> bytes:
@@ -65,23 +67,27 @@ def split_root(data: bytes) -> tuple[dict, bytes, bytes]:
     end = len(MAGIC) + _LEN.size + size
     if end + 12 + 16 > len(data):
         raise VolumeIntegrityError("volume root truncated")
-    try:
-        header = cbor2.loads(data[len(MAGIC) + _LEN.size:end])
-    except Exception:
-        raise VolumeIntegrityError("volume root header is not readable") from None
+    header = decode_cbor(data[len(MAGIC) + _LEN.size:end], _unreadable, "volume root header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise VolumeIntegrityError(f"unsupported volume format {header.get('format') if isinstance(header, dict) else '?'}")
     return header, data[:end], data[end:]
 
 
+def _unreadable(message: str) -> VolumeIntegrityError:
+    return VolumeIntegrityError(f"volume root header is not readable: {message}")
+
+
+def _incomplete(message: str) -> VolumeIntegrityError:
+    return VolumeIntegrityError(f"volume root header is incomplete: {message}")
+
+
 def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict]:
     """(header, vmk, index body) of a root file's bytes."""
     header, aad, sealed = split_root(data)
-    try:
-        policy = KeyPolicy.from_cbor(header["key"])
-        wrapped, volume_id, label = header["wrapped"], header["id"], header["label"]
-    except (KeyError, TypeError):
-        raise VolumeIntegrityError("volume root header is incomplete") from None
+    fields = Fields(header, "header", _incomplete)
+    key = fields.sub("key")
+    policy = KeyPolicy(key.text("source", max_len=4096), key.uint("svn"))
+    wrapped, volume_id, label = fields.bytes("wrapped"), fields.bytes("id"), fields.text("label", max_len=4096)
     kek = key_for(policy) if callable(key_for) else key_for
     try:
         vmk = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(volume_id, label, policy))
@@ -90,10 +96,13 @@ def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict
                                    "was modified)", "check the key source") from None
     index = AESGCM(kdf(vmk, volume_id, b"index", 32))
     try:
-        body = cbor2.loads(index.decrypt(sealed[:12], sealed[12:], aad))
+        plain = index.decrypt(sealed[:12], sealed[12:], aad)
     except InvalidTag:
         raise VolumeIntegrityError("volume root MAC mismatch (its index was modified)",
                                    "the volume was tampered with; restore it from a backup") from None
+    body = decode_cbor(plain, VolumeIntegrityError, "volume index", limit=INDEX_LIMIT)
+    if not isinstance(body, dict):
+        raise VolumeIntegrityError("volume index must be a map")
     return header, vmk, body
 
 

@@ -19,6 +19,7 @@ import cbor2
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from cove import config as cove_config
+from cove.decode import decode_cbor
 from cove.errors import CoveError
 from cove.image import elf
 from cove.image import encryption as encrypted_image
@@ -28,7 +29,7 @@ from cove.image.artifacts import MANIFEST, SIGNATURE, TREE
 from cove.image.identity import EnclaveIdentity
 from cove.image.instance import Instance
 from cove.image.paths import resolve_in_image
-from cove.image.tree import Entry, encode_entries, entry_for, hash_file, walk
+from cove.image.tree import LISTING_LIMIT, Entry, encode_entries, entry_for, hash_file, walk
 from cove.util import write_atomic
 
 CACHE = "hash-cache.cbor"
@@ -53,6 +54,10 @@ class ImageEncryption:
     key: bytes | None = None
 
 
+class _Damaged(Exception):
+    """The hash cache cannot be decoded (it is rebuilt)."""
+
+
 class _HashCache:
     """Digests of unchanged files from the previous build, keyed by path."""
 
@@ -62,9 +67,10 @@ class _HashCache:
         self.new: dict = {}
         self.hits = self.misses = 0
         try:
-            self.old = cbor2.loads(path.read_bytes())
-        except Exception:  # a missing or damaged cache only costs time
-            self.old = {}
+            old = decode_cbor(path.read_bytes(), _Damaged, "hash cache", limit=LISTING_LIMIT)
+        except (OSError, _Damaged):  # a missing or damaged cache only costs time
+            old = {}
+        self.old = old if isinstance(old, dict) else {}
 
     @staticmethod
     def _key(st: os.stat_result) -> list:
@@ -73,9 +79,10 @@ class _HashCache:
     def digest(self, full: Path, rel: str, st: os.stat_result, progress) -> tuple[bytes, int]:
         key = self._key(st)
         cached = self.old.get(rel)
-        if cached and cached[0] == key:
+        if isinstance(cached, list) and len(cached) == 2 and cached[0] == key \
+                and isinstance(cached[1], bytes) and len(cached[1]) == 32:  # a damaged entry is a miss
             self.hits += 1
-            digest, size = bytes(cached[1]), st.st_size
+            digest, size = cached[1], st.st_size
         else:
             self.misses += 1
             digest, size = hash_file(full, progress)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import cbor2
 
+from cove.decode import Fields, decode_cbor
 from cove.errors import IntegrityError
 from cove.image.tree import Entry, FILE, root_hash
 
@@ -58,30 +59,31 @@ def make(measured_config: dict, entries: list[Entry], launch: dict | None = None
 
 def decode(data: bytes) -> Manifest:
     """Parse manifest bytes; anything malformed is an integrity failure."""
-    try:
-        body = cbor2.loads(data)
-        if body.get("format") != FORMAT:
-            raise ValueError(f"format {body.get('format')!r} is not {FORMAT}")
-        image = body["image"]
-        manifest = Manifest(config=body["config"], image_root=bytes(image["root"]),
-                            image_files=int(image["files"]), image_bytes=int(image["bytes"]),
-                            encoded=bytes(data), launch=_launch(body.get("launch")))
-        if cbor2.dumps(body, canonical=True) != data:
-            raise ValueError("not in canonical encoding")
-        manifest.enclave["name"]  # noqa: B018 - the enclave section must be present
-    except IntegrityError:
-        raise
-    except Exception as exc:
-        raise IntegrityError(f"manifest is malformed: {exc}", "rebuild with `cove build`") from None
+    body = Fields(decode_cbor(data, _malformed, "manifest"), "manifest", _malformed,
+                  ("format", "config", "image", "launch"))
+    found = body.value("format", object)
+    if found != FORMAT:
+        raise _malformed(f"manifest format {found!r} is not {FORMAT}")
+    image = body.sub("image", ("root", "files", "bytes"))
+    config = body.sub("config")
+    config.sub("enclave").text("name")  # the enclave section and its name must be present
+    manifest = Manifest(config=dict(config.map), image_root=image.bytes("root", 32),
+                        image_files=image.uint("files"), image_bytes=image.uint("bytes"),
+                        encoded=bytes(data), launch=_launch(body.sub("launch", ("type", "measurement"), optional=True)))
+    if cbor2.dumps(body.map, canonical=True) != data:
+        raise _malformed("manifest is not in canonical encoding")
     return manifest
 
 
-def _launch(launch) -> dict | None:
+def _malformed(message: str) -> IntegrityError:
+    return IntegrityError(message, "rebuild with `cove build`")
+
+
+def _launch(launch: Fields | None) -> dict | None:
     if launch is None:
         return None
-    if not isinstance(launch, dict) or launch.get("type") != "vm" or len(bytes(launch["measurement"])) != 32:
-        raise ValueError("launch section is not a vm launch measurement")
-    return {"type": "vm", "measurement": bytes(launch["measurement"])}
+    launch.text("type", ("vm",))
+    return {"type": "vm", "measurement": launch.bytes("measurement", 32)}
 
 
 def config_difference(signed: dict, current: dict, prefix: str = "") -> str | None:

@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from cove.decode import Fields, decode_cbor
 from cove.errors import CoveError, IntegrityError
 from cove.util import write_atomic
 
@@ -89,17 +90,15 @@ class Signature:
 
     @classmethod
     def decode(cls, data: bytes) -> Signature:
-        try:
-            item = cbor2.loads(data)
-            if item.get("alg") != ALGORITHM:
-                raise ValueError(f"algorithm {item.get('alg')!r} is not {ALGORITHM}")
-            key, sig = bytes(item["key"]), bytes(item["sig"])
-            if len(key) != 32 or len(sig) != 64:
-                raise ValueError("wrong key or signature length")
-        except Exception as exc:
-            raise IntegrityError(f"manifest signature is malformed: {exc}",
-                                 "rebuild with `cove build`") from None
-        return cls(key, sig)
+        """Parse signature bytes; anything malformed is an integrity failure."""
+        item = Fields(decode_cbor(data, _malformed, "manifest signature", limit=4096), "manifest signature",
+                      _malformed, ("alg", "key", "sig"))
+        item.text("alg", (ALGORITHM,))
+        return cls(item.bytes("key", 32), item.bytes("sig", 64))
+
+
+def _malformed(message: str) -> IntegrityError:
+    return IntegrityError(message, "rebuild with `cove build`")
 
 
 def sign(key: Ed25519PrivateKey, message: bytes) -> Signature:

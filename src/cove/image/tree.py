@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import cbor2
 
+from cove.decode import Fields, decode_cbor
 from cove.errors import CoveError, IntegrityError
 from cove.image.paths import check_name
 
@@ -40,9 +41,23 @@ class Entry:
         return [self.path, self.type, self.mode, self.size, self.digest, self.target]
 
     @classmethod
-    def decode(cls, item: list) -> Entry:
-        path, kind, mode, size, digest, target = item
-        return cls(path, kind, mode, size, bytes(digest), target)
+    def decode(cls, item: object) -> Entry:
+        """One listed entry (six items, each of its type); anything else is an integrity failure."""
+        if not isinstance(item, list) or len(item) != 6:
+            raise _malformed("image listing entry must be a list of six items")
+        fields = Fields(dict(zip(_FIELDS, item)), "image listing entry", _malformed)
+        return cls(fields.text("path", max_len=_NAME_MAX), fields.text("type", (FILE, DIRECTORY, SYMLINK)),
+                   fields.integer("mode", 0, 0o7777), fields.uint("size"), fields.bytes("digest"),
+                   fields.text("target", max_len=_NAME_MAX))
+
+
+_FIELDS = ("path", "type", "mode", "size", "digest", "target")
+_NAME_MAX = 1 << 16  # a path or link target, far beyond what the kernel allows
+LISTING_LIMIT = 1 << 28  # a listing grows with the image: 256 MiB is millions of paths
+
+
+def _malformed(message: str) -> IntegrityError:
+    return IntegrityError(message, "rebuild with `cove build`")
 
 
 def root_hash(entries: list[Entry]) -> bytes:
@@ -55,11 +70,11 @@ def encode_entries(entries: list[Entry]) -> bytes:
 
 
 def decode_entries(data: bytes) -> list[Entry]:
-    try:
-        return [Entry.decode(item) for item in cbor2.loads(data)]
-    except Exception as exc:  # any malformed listing is one integrity failure
-        raise IntegrityError(f"image listing (build/image.tree) is malformed: {exc}",
-                             "rebuild with `cove build`") from None
+    """Parse a listing (build/image.tree); anything malformed is an integrity failure."""
+    items = decode_cbor(data, _malformed, "image listing (build/image.tree)", limit=LISTING_LIMIT)
+    if not isinstance(items, list):
+        raise _malformed("image listing (build/image.tree) must be a list")
+    return [Entry.decode(item) for item in items]
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:

@@ -1,0 +1,226 @@
+"""The one way Cove reads untrusted structured data: CBOR, JSON and TOML into checked fields.
+
+A decoder raises many exception types on hostile input and returns any shape,
+so every document from outside (evidence, collateral, manifests, signatures,
+listings, volume headers, anchor records, policies, cove.toml) goes through
+here: :func:`decode_cbor`, :func:`decode_json` and :func:`decode_toml` cap the
+size, refuse trailing bytes and turn exactly the decoder's documented errors
+into the caller's error, and :class:`Fields` checks each field's type, size
+and range as it is read. The caller passes its layer's error class (anything
+called with one message line), so a malformed document ends in that layer's
+one error type naming the document and the field. The module sits at the
+bottom of the layers and imports nothing from Cove.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from typing import Literal, overload
+
+import cbor2
+
+Error = Callable[[str], Exception]
+"""A layer's error class (or any callable) taking one message line."""
+
+MAX_DOCUMENT = 1 << 20  # every signed or sealed document Cove reads is far smaller
+MAX_DEPTH = 400  # cbor2's own default nesting limit; a volume index nests per directory level
+_MISSING = object()
+
+
+def _limited(data: object, error: Error, what: str, limit: int) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise error(f"{what} must be bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        raise error(f"{what} is {len(data)} bytes (at most {limit})")
+    return bytes(data)
+
+
+def decode_cbor(data: bytes, error: Error, what: str, *, limit: int = MAX_DOCUMENT,
+                max_depth: int = MAX_DEPTH) -> object:
+    """One CBOR item; too large, malformed, nested too deep or followed by bytes is ``error``.
+
+    Duplicate map keys are refused: no encoder of Cove's writes them, and two
+    readers must not pick different values of one key.
+    """
+    raw = _limited(data, error, what, limit)
+    stream = io.BytesIO(raw)
+    try:
+        value = cbor2.CBORDecoder(stream, max_depth=max_depth, allow_duplicate_keys=False).decode()
+    except (cbor2.CBORDecodeError, RecursionError) as exc:  # cbor2 wraps tag and string errors in CBORDecodeError
+        raise error(f"{what} is not valid CBOR ({exc})") from None
+    if stream.tell() != len(raw):
+        raise error(f"{len(raw) - stream.tell()} trailing bytes after {what}")
+    return value
+
+
+def decode_json(data: str | bytes, error: Error, what: str, *, limit: int = MAX_DOCUMENT) -> object:
+    """One JSON value (UTF-8); too large, malformed or nested too deep is ``error``."""
+    raw = data.encode() if isinstance(data, str) else _limited(data, error, what, limit)
+    if len(raw) > limit:
+        raise error(f"{what} is {len(raw)} bytes (at most {limit})")
+    try:
+        return json.loads(raw)  # trailing data is a JSONDecodeError ("Extra data")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{what} is not valid JSON ({exc})") from None
+
+
+def decode_toml(text: str, error: Error, what: str, *, limit: int = MAX_DOCUMENT) -> dict[str, object]:
+    """One TOML document as a table; too large or malformed is ``error``."""
+    if len(text) > limit:
+        raise error(f"{what} is {len(text)} characters (at most {limit})")
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise error(f"{what} is not valid TOML ({exc})") from None
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+class Fields:
+    """Typed access to one decoded map: each read checks presence, type, size and range.
+
+    ``allowed`` refuses keys nobody reads. Every problem is one ``error`` line
+    naming the map (``what``) and the key, so a nested field reads as
+    ``collateral TCB info tcbLevels[2] tcbDate must be a text string``.
+    """
+
+    __slots__ = ("map", "what", "error")
+
+    def __init__(self, value: object, what: str, error: Error, allowed: Collection[str] | None = None):
+        if not isinstance(value, Mapping):
+            raise error(f"{what} must be a map")
+        self.map: Mapping[object, object] = value
+        self.what = what
+        self.error = error
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    raise error(f"{what} has an unknown field {str(key)[:40]!r}")
+
+    def fail(self, key: str, problem: str) -> Exception:
+        """The error for ``key`` of this map (for the caller's own checks, too)."""
+        return self.error(f"{self.what} {key} {problem}")
+
+    def has(self, key: str) -> bool:
+        return key in self.map
+
+    def _get(self, key: str, default: object) -> object:
+        if key in self.map:
+            return self.map[key]
+        if default is _MISSING:
+            raise self.error(f"{self.what} lacks {key}")
+        return default
+
+    def value(self, key: str, types: type | tuple[type, ...], default: object = _MISSING) -> object:
+        """A field of one of ``types`` (a JSON or CBOR shape not covered below)."""
+        value = self._get(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+            names = " or ".join(t.__name__ for t in _as_tuple(types))
+            raise self.fail(key, f"must be {names}, not {_type_name(value)}")
+        return value
+
+    @overload
+    def bytes(self, key: str, size: int | None = ..., *, max_size: int = ...,
+              optional: Literal[False] = ...) -> builtins.bytes: ...
+
+    @overload
+    def bytes(self, key: str, size: int | None = ..., *, max_size: int = ...,
+              optional: Literal[True]) -> builtins.bytes | None: ...
+
+    def bytes(self, key: str, size: int | None = None, *, max_size: int = 65536,
+              optional: bool = False) -> builtins.bytes | None:
+        """A byte string, of exactly ``size`` bytes if given."""
+        value = self._get(key, None if optional else _MISSING)
+        if value is None and optional:
+            return None
+        if not isinstance(value, (bytes, bytearray)):
+            raise self.fail(key, "must be a byte string")
+        if size is not None and len(value) != size:
+            raise self.fail(key, f"must be {size} bytes, not {len(value)}")
+        if len(value) > max_size:
+            raise self.fail(key, f"is too long ({len(value)} bytes)")
+        return bytes(value)
+
+    def hex(self, key: str, size: int | None = None) -> builtins.bytes:
+        """A text field of hex digits (as in Intel's PCS JSON), as bytes."""
+        text = self.text(key, max_len=2 * (size if size is not None else 65536))
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            raise self.fail(key, "is not hex") from None
+        if size is not None and len(value) != size:
+            raise self.fail(key, f"must be {size} bytes, not {len(value)}")
+        return value
+
+    def text(self, key: str, choices: Collection[str] | None = None, max_len: int = 256,
+             default: str | None = None) -> str:
+        """A text string of at most ``max_len`` characters, one of ``choices`` if given."""
+        value = self._get(key, _MISSING if default is None else default)
+        if not isinstance(value, str) or len(value) > max_len:
+            raise self.fail(key, "must be a short text string" if max_len <= 256 else "must be a text string")
+        if choices is not None and value not in choices:
+            raise self.fail(key, f"{value[:40]!r} is not one of {', '.join(choices)}")
+        return value
+
+    def integer(self, key: str, low: int = 0, high: int = 2**64 - 1, default: int | None = None) -> int:
+        """An integer from ``low`` to ``high`` (booleans are not integers here)."""
+        value = self._get(key, _MISSING if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be an integer from {low} to {high}")
+        return value
+
+    def uint(self, key: str, maximum: int = 2**64 - 1) -> int:
+        return self.integer(key, 0, maximum)
+
+    def boolean(self, key: str, default: bool | None = None) -> bool:
+        value = self._get(key, _MISSING if default is None else default)
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
+
+    @overload
+    def sub(self, key: str, allowed: Collection[str] | None = ..., optional: Literal[False] = ...) -> Fields: ...
+
+    @overload
+    def sub(self, key: str, allowed: Collection[str] | None = ..., *, optional: Literal[True]) -> Fields | None: ...
+
+    def sub(self, key: str, allowed: Collection[str] | None = None, optional: bool = False) -> Fields | None:
+        """A nested map, read the same way."""
+        value = self._get(key, None if optional else _MISSING)
+        if value is None and optional:
+            return None
+        return Fields(value, f"{self.what} {key}", self.error, allowed)
+
+    def list(self, key: str, *, min_items: int = 0, max_items: int = 4096,
+             default: tuple[object, ...] | None = None) -> tuple[object, ...]:
+        """An array of ``min_items`` to ``max_items`` items (check each with :meth:`item` or :meth:`map_at`)."""
+        value = self._get(key, _MISSING if default is None else default)
+        if not isinstance(value, (list, tuple)) or not min_items <= len(value) <= max_items:
+            raise self.fail(key, f"must be a list of {min_items} to {max_items} items")
+        return tuple(value)
+
+    def maps(self, key: str, allowed: Collection[str] | None = None, *, min_items: int = 0,
+             max_items: int = 4096, default: tuple[object, ...] | None = None) -> tuple[Fields, ...]:
+        """An array of maps, each read the same way (named ``key[i]``)."""
+        items = self.list(key, min_items=min_items, max_items=max_items, default=default)
+        return tuple(Fields(item, f"{self.what} {key}[{i}]", self.error, allowed) for i, item in enumerate(items))
+
+    def byte_list(self, key: str, *, max_items: int = 16, max_size: int = 16384) -> tuple[builtins.bytes, ...]:
+        value = self._get(key, _MISSING)
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_items:
+            raise self.fail(key, f"must be a list of 1 to {max_items} byte strings")
+        if not all(isinstance(v, bytes) and len(v) <= max_size for v in value):
+            raise self.fail(key, "must hold byte strings")
+        return tuple(value)
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
