@@ -35,6 +35,7 @@ from cove.daemon import client as client_mod
 from cove.daemon import execstream
 from cove.daemon import openapi
 from cove.daemon.events import Events, watch
+from cove.daemon.imports import ImportCache
 from cove.daemon.execsession import Helper, Session, buffered
 from cove.daemon.problems import Problem, from_cove_error
 from cove.daemon.registry import ConflictError, Enclave, Registry
@@ -112,6 +113,7 @@ class Daemon:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.store = ImageStore(self.root / "store")
+        self.imports = ImportCache(self.store)  # a run of an unchanged build skips the import's checks
         self.registry = Registry(self.root)
         self.socket_path = socket_path
         try:
@@ -120,7 +122,7 @@ class Daemon:
             self.gid = None
             log("no_group", level="warning", group=group, detail="only root may use the daemon")
         self.group = group
-        self.events = Events()
+        self.events = Events(self.root / "events.jsonl")  # a bounded journal: events outlive the daemon
         self.lock = threading.Lock()
         self.metrics = None  # cove.daemon.metrics.Metrics when --metrics is given
 
@@ -192,7 +194,7 @@ class Daemon:
         signer = bytes.fromhex(signer_hex) if signer_hex else None
         started = time.monotonic()
         try:
-            image, new = self.store.import_instance(instance, signer, None if uid == 0 else uid)
+            image, new = self.imports.import_instance(instance, signer, None if uid == 0 else uid)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Problem("InsufficientStorage", f"the image store {self.store.path} is full: "
@@ -202,7 +204,7 @@ class Daemon:
             log("image_imported", image=image.id, files=image.files, bytes=image.bytes,
                 seconds=round(time.monotonic() - started, 3))
             self.events.emit("image", "import", image.id, name=image.name)
-        allowed = set(self.store.verified(image).config.env.passthrough)
+        allowed = set(self.imports.verified(image).config.env.passthrough)
         passthrough = {k: v for k, v in env.items() if k in allowed and isinstance(v, str)}
         # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
         # never written by root (a symbolic link there could point anywhere): its state stays in the node
@@ -429,6 +431,7 @@ class Daemon:
         if any(not self.registry.settle(e).ended for e in users):
             raise ConflictError(f"image {image.id[:12]} is used by a running enclave", "stop it first")
         self.store.remove(image.id)
+        self.imports.forget(image.id)
         blobs, freed = self.store.collect()
         self.events.emit("image", "remove", image.id, name=image.name)
         return {"id": image.id, "blobs_removed": blobs, "bytes_freed": freed}

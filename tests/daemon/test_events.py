@@ -1,0 +1,80 @@
+"""`cove events` across a daemon restart: a bounded journal, the same numbers, exits seen while no daemon ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from cove.daemon.events import Events
+
+
+def test_journal_is_bounded_and_read_back(tmp_path):
+    journal = tmp_path / "events.jsonl"
+    events = Events(journal, max_bytes=4096)
+    for number in range(300):
+        events.emit("enclave", "start", f"{number:064x}", name=f"e{number}")
+    events.close()
+    files = [journal, journal.with_name("events.jsonl.1")]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    assert oct(journal.stat().st_mode & 0o777) == "0o600"
+    # a torn last line (a kill in the middle of a write) and a foreign line are skipped
+    with open(journal, "ab") as handle:
+        handle.write(b'not json\n[1, 2]\n{"seq": "7"}\n{"seq": 3, "id": "old"}\n{"seq": 301, "type": "enc')
+    again = Events(journal, max_bytes=4096)
+    seqs = [e["seq"] for e in again.after(0)]
+    assert seqs == list(range(seqs[0], 301)) and seqs[0] > 1  # the newest, in order, nothing invented
+    assert again.next == 301
+    event = again.emit("image", "import", "x")
+    assert event["seq"] == 301
+    again.close()
+    assert json.loads(journal.read_bytes().splitlines()[-1])["seq"] == 301  # on a line of its own
+    assert Events(journal).after(300)[0]["action"] == "import"
+
+
+def _events(node, since: int = 0) -> list[dict]:
+    return [json.loads(line) for line in
+            node.cove.ok("events", "--since", str(since), "--no-follow").stdout.splitlines() if line.strip()]
+
+
+def _state(node, ident: str) -> dict:
+    try:
+        return json.loads((Path(node.root) / "enclaves" / ident / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_events_survive_kill_9_of_the_daemon(node, app):
+    c = node.cove
+    ends = c.ok("run", "-d", "--name", "ev-ends", "/bin/hello", "2", "4", cwd=app).stdout.strip()
+    killed = c.ok("run", "-d", "--name", "ev-killed", "/bin/hello", "100", cwd=app).stdout.strip()
+    node.until(killed, "running")
+    before = _events(node)
+    last = before[-1]["seq"]
+    assert {(e["action"], e["id"]) for e in before} >= {("create", ends), ("start", ends), ("start", killed)}
+    node.kill9()
+    # while no daemon runs: one enclave ends by itself, the other's supervisor is killed
+    os.kill(_state(node, killed)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _state(node, ends).get("state") != "exited":
+        assert time.monotonic() < deadline, _state(node, ends)
+        time.sleep(0.05)
+    node.start()
+    deadline = time.monotonic() + 30
+    while not {ends, killed} <= {e["id"] for e in _events(node, last) if e["action"] == "die"}:
+        assert time.monotonic() < deadline, _events(node, last)
+        time.sleep(0.1)
+    after = _events(node)
+    assert after[:len(before)] == before  # the same events, the same numbers
+    new = _events(node, last)
+    assert all(e["seq"] > last for e in new) and [e["seq"] for e in new] == sorted(e["seq"] for e in new)
+    codes = {e["id"]: e["exit_code"] for e in new if e["action"] == "die"}
+    assert codes == {ends: 4, killed: 137}
+    assert len([e for e in new if e["action"] == "die"]) == 2  # once each, not again at the next look
+    c.ok("rm", "ev-ends", "ev-killed")
+    node.stop()
+    node.start()  # a clean restart: no die is invented, removed enclaves stay removed
+    time.sleep(1.2)
+    assert [e["action"] for e in _events(node, _events(node)[-1]["seq"] - 2)] == ["remove", "remove"]
