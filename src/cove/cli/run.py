@@ -63,6 +63,29 @@ def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: P
             target = instance_mod.open_instance(ctx.directory)
             if _node_runs(target):
                 return lifecycle.run_attached(target.root, program, args, backend, signer)
+    from cove.runtime import attestation_service
+    if _may_attest(backend, package, ctx.directory):
+        attestation_service.prestart()  # its interpreter starts while this one imports and verifies
+    try:
+        return _run_direct(ctx, backend, debug_shell, old_debug, package, signer, state_dir, program, args)
+    finally:
+        attestation_service.discard()
+
+
+def _may_attest(backend: str | None, package: Path | None, directory: Path) -> bool:
+    """Whether a direct run will likely serve /dev/attestation itself (not a vm: its guest serves it)."""
+    if backend == "vm":
+        return False
+    if package is not None or backend is not None:
+        return True
+    try:
+        return instance_mod.open_instance(directory).config().enclave.backend != "vm"
+    except CoveError:
+        return False  # the run reports it
+
+
+def _run_direct(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: Path | None,
+                signer: str | None, state_dir: Path | None, program: str, args: tuple[str, ...]) -> int:
     from cove.runtime import launcher
     if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)

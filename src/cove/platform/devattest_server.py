@@ -24,7 +24,7 @@ import trio
 from cove import hostids
 from cove.errors import CoveError
 from cove.platform.devattest import AttestationFs
-from cove.platform.reports import EnclaveClaims
+from cove.platform.reports import EnclaveClaims, ReportSigner
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,22 @@ def sealing_keys(claims: EnclaveClaims) -> dict:
     return {f"_sgx_{policy}": (lambda p=policy: derive(identity, p)) for policy in ("mrenclave", "mrsigner")}
 
 
-def build(claims: EnclaveClaims) -> tuple[AttestationFs, str | None]:
-    """The file system, and why it can only say "none" (None when it can quote)."""
+def platform_signer() -> tuple[ReportSigner | None, str | None]:
+    """The platform's report signer, or why there is none."""
     from cove.platform import monitor
 
     try:
-        signer = monitor.signer()
+        return monitor.signer(), None
     except CoveError as exc:
-        return AttestationFs("none", None, None, sealing_keys(claims)), exc.line()
+        return None, exc.line()
+
+
+def build(claims: EnclaveClaims,
+          loaded: tuple[ReportSigner | None, str | None] | None = None) -> tuple[AttestationFs, str | None]:
+    """The file system, and why it can only say "none" (None when it can quote)."""
+    signer, why_none = loaded or platform_signer()
+    if signer is None:
+        return AttestationFs("none", None, None, sealing_keys(claims)), why_none
     return AttestationFs("cove", lambda rd: signer.evidence(claims, rd),
                          lambda rd: signer.signed_report(claims, rd), sealing_keys(claims)), None
 
@@ -88,19 +96,27 @@ async def _serve(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     parent = os.getppid()
-    if len(argv) != 1:
-        print("usage: python -m cove.platform.devattest_server MOUNTPOINT < identity.json", file=sys.stderr)
+    if len(argv) > 1:
+        print("usage: python -m cove.platform.devattest_server [MOUNTPOINT] < identity.json "
+              "(without MOUNTPOINT, stdin's first line names it)", file=sys.stderr)
         return 2
     def leave(signum, frame):  # until trio takes over, a SIGTERM still unmounts on the way out
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, leave)
-    claims = claims_from_json(json.loads(sys.stdin.read()))
-    fs, why_none = build(claims)
+    # started early (cove.runtime.attestation_service.prestart), it has imported all it needs by the time
+    # the runtime has verified the build and knows the mountpoint and the identity
+    loaded = platform_signer()  # the key (and TPM) do not depend on the enclave: loaded before it is known
+    mountpoint = argv[0] if argv else sys.stdin.readline().rstrip("\n")
+    text = sys.stdin.read()
+    if not mountpoint or not text.strip():
+        return 2  # the runtime did not need it after all (another backend, a failed check)
+    claims = claims_from_json(json.loads(text))
+    fs, why_none = build(claims, loaded)
     options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions"}
     if os.geteuid() == 0:  # root started it: the enclave runs as other host ids (cove.hostids)
         options.add("allow_other")  # root may; the mount sits in a folder only they and root reach
         fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
-    pyfuse3.init(fs, argv[0], options)
+    pyfuse3.init(fs, mountpoint, options)
     try:
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
         trio.run(_serve, parent)

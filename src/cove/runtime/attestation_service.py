@@ -16,14 +16,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from cove.errors import CoveError, SetupError
 from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 TARGET = "/dev/attestation"
 PR_SET_PDEATHSIG = 1
+MNT_DETACH = 2
 START_TIMEOUT = 20.0
 
 
@@ -41,15 +44,71 @@ def _die_with_parent() -> None:
 
 
 def _unmount(path: Path) -> None:
+    if not os.path.ismount(path):
+        return
+    if os.geteuid() == 0:  # detach it directly: no helper process to start
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
+            return
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool and os.path.ismount(path):
+    if tool:
         subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, timeout=10)
+
+
+def _spawn(mountpoint: Path | None, log: IO[bytes] | int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cove.platform.devattest_server", *([str(mountpoint)] if mountpoint else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
+        start_new_session=True,  # the user's ^C reaches the enclave, not this server
+        preexec_fn=_die_with_parent)
+
+
+_early: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+
+def prestart() -> None:
+    """Start the server's interpreter now, before the build is verified: it imports and loads the
+    platform key while the runtime works, then waits for its mountpoint and identity (``begin``).
+    ``discard`` ends it if no enclave took it."""
+    if _early or not os.path.exists("/dev/fuse"):
+        return
+    log = tempfile.TemporaryFile()
+    try:
+        _early.append((_spawn(None, log), log))
+    except OSError:
+        log.close()
+
+
+def pending() -> int | None:
+    """The pid of a prestarted server no enclave has taken yet."""
+    return _early[-1][0].pid if _early else None
+
+
+def discard() -> None:
+    """End a prestarted server that no enclave took (its stdin closed empty: it leaves at once)."""
+    while _early:
+        process, log = _early.pop()
+        _end(process)
+        log.close()
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    if process.poll() is None:
+        process.kill()  # nothing to save: its mount, if any, is detached first
+    process.wait()
 
 
 class AttestationService(EnclaveService):
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
+        self.early_log: IO[bytes] | None = None
 
     def begin(self, ctx: ServiceContext) -> None:
         """Spawn the server now: its start-up overlaps with the runtime copying the image."""
@@ -58,17 +117,20 @@ class AttestationService(EnclaveService):
                              "run scripts/setup")
         self.mountpoint = ctx.workdir / "attestation"
         self.mountpoint.mkdir(mode=0o755)
-        log = open(ctx.workdir / "attestation.log", "wb")
+        if _early and _early[-1][0].poll() is None:  # prestarted: tell it where to mount
+            self.process, self.early_log = _early.pop()
+            self.process.stdin.write(str(self.mountpoint).encode() + b"\n")
+        else:
+            log = open(ctx.workdir / "attestation.log", "wb")
+            try:
+                self.process = _spawn(self.mountpoint, log)
+            finally:
+                log.close()
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "cove.platform.devattest_server", str(self.mountpoint)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
-                start_new_session=True,  # the user's ^C reaches the enclave, not this server
-                preexec_fn=_die_with_parent)
-        finally:
-            log.close()
-        self.process.stdin.write(identity_json(ctx).encode())
-        self.process.stdin.close()
+            self.process.stdin.write(identity_json(ctx).encode())
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died: start() reports it with its last line
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
         if self.process is None:
@@ -91,30 +153,34 @@ class AttestationService(EnclaveService):
                 raise CoveError("the /dev/attestation server did not start in time")
             chunk = os.read(fd, 4096)
             if not chunk:
+                last = self._last_log_line()
                 self.stop()
-                log = (self.mountpoint.parent / "attestation.log") if self.mountpoint else None
-                last = ""
-                if log and log.exists():
-                    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-                    last = f": {lines[-1]}" if lines else ""
                 raise CoveError(f"the /dev/attestation server failed to start{last}")
             buffer += chunk
         return buffer.split(b"\n", 1)[0].decode(errors="replace")
 
+    def _last_log_line(self) -> str:
+        text = ""
+        if self.early_log is not None:
+            self.early_log.seek(0)
+            text = self.early_log.read().decode(errors="replace")
+        elif self.mountpoint is not None and (self.mountpoint.parent / "attestation.log").exists():
+            text = (self.mountpoint.parent / "attestation.log").read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return f": {lines[-1]}" if lines else ""
+
     def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+        """Detach the mount, then end the server: it keeps no state, so there is nothing to wait for."""
         if self.mountpoint is not None:
             _unmount(self.mountpoint)
+        process, self.process = self.process, None
+        if process is not None:
+            _end(process)
+        if self.early_log is not None:
+            self.early_log.close()
+            self.early_log = None
+        if self.mountpoint is not None:
+            _unmount(self.mountpoint)  # mounted after all while it was being ended
 
 
 def services(ctx: ServiceContext) -> list[EnclaveService]:
