@@ -208,3 +208,42 @@ def test_concurrent_rotations_never_lose_a_version(kbs):
     described = kbs.admin.secret("app/db/password")
     versions = [v["version"] for v in described["versions"]]
     assert versions == list(range(1, described["version"] + 1))
+
+
+def test_sqlite_writers_take_turns_across_processes(tmp_path):
+    """Writers of every process on one SQLite database queue on the lock file beside it (`--workers N`
+    would otherwise meet in SQLite's busy handler, which sleeps between tries): while another process
+    holds the turn, a write waits, and it completes once the turn is released. Readers never wait."""
+    import fcntl
+    import subprocess
+    import sys
+
+    db = tmp_path / "kbs.db"
+    store = store_mod.Store(f"sqlite:///{db}")
+    lock = tmp_path / "kbs.db-writer"
+    assert oct(os.stat(lock).st_mode & 0o777) == "0o600"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.readline()", str(lock)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        order: list[str] = []
+        writer = threading.Thread(target=lambda: (store.audit("test", "write", "ok"), order.append("written")))
+        writer.start()
+        assert store.audit_log(0, 10, "write") == []  # a reader does not wait for the turn
+        writer.join(timeout=1.0)
+        assert writer.is_alive() and not order, "a write went ahead while another process held the turn"
+        order.append("released")
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=10)
+        writer.join(timeout=30)
+        assert order == ["released", "written"]
+        assert [r["action"] for r in store.audit_log(0, 10, "write")] == ["write"]
+        with open(lock, "r+") as f:  # the turn is free again
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.kill()
+        holder.wait()
+        store.close()

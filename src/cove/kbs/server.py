@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from cove.errors import CoveError
 from cove.kbs.broker import Broker, Settings
@@ -460,6 +461,26 @@ def _document_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
 WORK_THREADS = 8  # threads running the broker's work (each holds a database connection while it does)
 
 
+class GuardedApp(FastAPI):
+    """FastAPI with the :class:`Guard` in front of everything, FastAPI's own middleware included.
+
+    The protocol's requests, which the guard answers itself, never pass FastAPI's middleware stack
+    (its error, telemetry and body-limit layers were a tenth of the event loop's work per request);
+    every other request, and the lifespan, go through FastAPI as before.
+    """
+
+    guard: Guard | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.guard is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.guard(scope, receive, send)
+
+    async def unguarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
 class OffLoop:
     """Runs the broker's blocking work (JSON parsing, database, crypto) in a thread pool.
 
@@ -486,15 +507,15 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         app.state.off_loop.close()
         broker.store.flush_refusals()  # counts of repeated refusals still in their window
 
-    app = FastAPI(title="Cove key broker", version="0.1.0", lifespan=lifespan,
-                  description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
+    app = GuardedApp(title="Cove key broker", version="0.1.0", lifespan=lifespan,
+                     description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
     app.state.broker = broker
     metrics = Metrics()
     off_loop = OffLoop(threads)
     app.state.off_loop = off_loop  # closed by whoever stops the server (runner.EmbeddedBroker)
     protocol: dict = {}  # filled below: what the guard answers itself
-    app.add_middleware(Guard, broker=broker, metrics=metrics, off_loop=off_loop, protocol=protocol,
-                       handlers=app.exception_handlers)
+    app.guard = Guard(app.unguarded, broker=broker, metrics=metrics, off_loop=off_loop, protocol=protocol,
+                      handlers=app.exception_handlers)
     _document_models(app, (AuthRequest, Attestation))
 
     @app.exception_handler(_BodyTooLarge)

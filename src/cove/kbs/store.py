@@ -12,6 +12,7 @@ under a lock so that two processes starting together do not race.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -205,28 +206,44 @@ class Store:
                 raise StoreError(f"--db {url}: folder {self.path.parent} does not exist")
             self._pool = _Pool(self._connect_sqlite, pool_size)
         # SQLite takes one writer at a time and makes the others sleep in its busy handler (1, 2, 5 ms
-        # ...): the threads of one process take turns on a lock instead, which wakes the next at once.
-        self._turn = threading.RLock() if self.dialect == "sqlite" else nullcontext()
+        # ...): writers take turns on a lock file beside the database instead (_SqliteConnection), which
+        # wakes the next at once, in this process and in every other one on the same database
+        # (`--workers N`). Readers take no turn (WAL).
+        if self.dialect == "sqlite":
+            self.writer_lock = self.path.with_name(self.path.name + "-writer")
+            os.close(self._open_writer_lock())  # made now (0600): a folder it cannot be made in fails here
         self._refusals: dict[tuple, tuple[float, int]] = {}
         self._refusal_lock = threading.Lock()
         self._last_token_purge = 0.0
         self.migrate()
 
     # -- connections ---------------------------------------------------------------
-    def _connect_sqlite(self):
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        deadline = time.monotonic() + 30
-        while True:  # switching to WAL takes a lock the busy handler does not wait for
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA foreign_keys=ON")
+    def _open_writer_lock(self) -> int:
+        try:
+            return os.open(self.writer_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the SQLite writer lock {self.writer_lock}: {exc.strerror}") from None
+
+    def _connect_sqlite(self) -> _SqliteConnection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False,
+                               factory=_SqliteConnection)
+        try:
+            conn.writer_fd = self._open_writer_lock()
+            deadline = time.monotonic() + 30
+            while True:  # switching to WAL takes a lock the busy handler does not wait for
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            raise
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -249,7 +266,7 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """A cursor inside one transaction (BEGIN IMMEDIATE on SQLite)."""
-        with self._turn, self._pool.connection() as conn:
+        with self._pool.connection() as conn, _turn(conn):
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
             try:
@@ -263,7 +280,7 @@ class Store:
     def query(self, statement: str, args: tuple = ()) -> list[tuple]:
         conn = self._pool.get()
         try:
-            with self._turn:
+            with nullcontext() if statement.startswith("SELECT") else _turn(conn):
                 rows = conn.execute(self._sql(statement), args).fetchall()
         except BaseException:
             self._pool.discard(conn)
@@ -274,7 +291,7 @@ class Store:
     def execute(self, statement: str, args: tuple = ()) -> int:
         conn = self._pool.get()
         try:
-            with self._turn:
+            with _turn(conn):
                 count = conn.execute(self._sql(statement), args).rowcount
         except BaseException:
             self._pool.discard(conn)
@@ -300,7 +317,7 @@ class Store:
     def migrate(self) -> None:
         """Apply the migrations this database has not seen, under a lock."""
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, _turn(conn):
                 cur = conn.cursor()
                 if self.dialect == "postgresql":
                     cur.execute("SELECT pg_advisory_lock(%s)", (_PG_LOCK,))
@@ -621,6 +638,51 @@ _RELEASE_JOINS = ("LEFT JOIN policies p ON p.name = s.policy LEFT JOIN secret_ve
                   "AND v.version = COALESCE(?, s.current_version)")
 _AUDIT_INSERT = ("INSERT INTO audit (at, actor, action, outcome, resource, measurement, detail) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """A SQLite connection with its own descriptor of the database's writer lock file.
+
+    Writers to one SQLite database take turns with an exclusive flock on that
+    file. flock treats each open file description on its own, so the
+    connections of one process queue for it as those of other processes do; a
+    waiter sleeps in the kernel (without the GIL) and is woken as soon as the
+    holder is done, where SQLite's busy handler would sleep 1, 2, 5 ... ms
+    between tries.
+    """
+
+    writer_fd: int = -1
+
+    def take_turn(self) -> _Turn:
+        return _Turn(self.writer_fd)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.writer_fd >= 0:
+                os.close(self.writer_fd)
+                self.writer_fd = -1
+
+
+class _Turn:
+    """Holds a writer lock file's flock for the length of a with block."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _turn(conn: Any) -> _Turn | nullcontext[None]:
+    """The writer's turn on a SQLite connection; nothing to take on PostgreSQL (it locks rows)."""
+    return conn.take_turn() if isinstance(conn, _SqliteConnection) else nullcontext()
 
 
 class _Cursor:
