@@ -6,15 +6,16 @@ JSON bytes are kept because Intel signs them exactly as served.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
 
+from cove.attest._cbor import rejection
 from cove.attest._x509 import load_pem_chain
 from cove.attest.errors import VerificationError
+from cove.decode import Fields, decode_json
 
 TCB_STATUSES = (
     "UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
@@ -97,153 +98,103 @@ class DcapCollateral:
     pck_crl_chain: tuple[x509.Certificate, ...]
 
 
-class _J:
-    """Typed access to untrusted JSON; every mismatch is a VerificationError."""
-
-    def __init__(self, kind: str, what: str):
-        self.kind, self.what = kind, what
-
-    def fail(self, msg: str):
-        raise VerificationError(f"{self.kind}: {self.what} {msg}")
-
-    def get(self, d: Any, key: str, typ: type | tuple, default: Any = ...):
-        if not isinstance(d, dict):
-            self.fail("is not a JSON object where one is expected")
-        if key not in d:
-            if default is not ...:
-                return default
-            self.fail(f"lacks field {key!r}")
-        v = d[key]
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            self.fail(f"field {key!r} has the wrong type")
-        return v
-
-    def svn(self, d: Any, key: str) -> int:
-        v = self.get(d, key, int)
-        if not 0 <= v <= 0xFFFF:
-            self.fail(f"field {key!r} is out of range")
-        return v
-
-    def hexbytes(self, d: Any, key: str, size: int | None = None) -> bytes:
-        try:
-            v = bytes.fromhex(self.get(d, key, str))
-        except ValueError:
-            self.fail(f"field {key!r} is not hex")
-        if size is not None and len(v) != size:
-            self.fail(f"field {key!r} is not {size} bytes")
-        return v
-
-    def date(self, d: Any, key: str) -> datetime:
-        s = self.get(d, key, str)
-        try:
-            t = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        except ValueError:
-            t = None
-        if t is None or t.tzinfo is None:
-            self.fail(f"field {key!r} is not an ISO 8601 UTC time")
-        return t.astimezone(timezone.utc)
-
-    def status(self, d: Any) -> str:
-        s = self.get(d, "tcbStatus", str)
-        if s not in TCB_STATUSES:
-            self.fail(f"has unknown TCB status {s!r}")
-        return s
-
-    def advisories(self, d: Any) -> tuple[str, ...]:
-        ids = self.get(d, "advisoryIDs", list, [])
-        if not all(isinstance(i, str) for i in ids):
-            self.fail("advisoryIDs are not strings")
-        return tuple(ids)
+COLLATERAL_LIMIT = 1 << 22  # PCS collateral with its CRLs and chains is tens of KiB
 
 
-def _load_json(raw: str | bytes, j: _J) -> tuple[dict, bytes]:
+def _load_json(raw: str | bytes, kind: str, what: str) -> tuple[Fields, bytes]:
+    """A signed JSON body as fields, and its exact bytes (Intel signs them as served)."""
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    error = rejection(kind)
+    return Fields(decode_json(data, error, what, limit=COLLATERAL_LIMIT), what, error), data
+
+
+def _svn(f: Fields, key: str) -> int:
+    return f.integer(key, 0, 0xFFFF)
+
+
+def _date(f: Fields, key: str) -> datetime:
+    text = f.text(key)
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        j.fail("is not valid JSON")
-    if not isinstance(obj, dict):
-        j.fail("is not a JSON object")
-    return obj, data
+        t: datetime | None = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise f.fail(key, "is not an ISO 8601 UTC time")
+    return t.astimezone(timezone.utc)
 
 
-def _isv_levels(j: _J, items: Any) -> tuple[IsvLevel, ...]:
-    if not isinstance(items, list) or not items:
-        j.fail("has no TCB levels")
-    return tuple(
-        IsvLevel(j.svn(j.get(lv, "tcb", dict), "isvsvn"), j.date(lv, "tcbDate"), j.status(lv), j.advisories(lv))
-        for lv in items
-    )
+def _advisories(f: Fields) -> tuple[str, ...]:
+    ids = f.list("advisoryIDs", default=())
+    if not all(isinstance(i, str) for i in ids):
+        raise f.fail("advisoryIDs", "must hold text strings")
+    return tuple(str(i) for i in ids)
 
 
-def _components(j: _J, tcb: dict, key: str) -> tuple[int, ...]:
-    comps = j.get(tcb, key, list)
-    if len(comps) != 16:
-        j.fail(f"{key} does not hold 16 components")
-    return tuple(j.svn(c, "svn") for c in comps)
+def _isv_levels(f: Fields) -> tuple[IsvLevel, ...]:
+    return tuple(IsvLevel(_svn(lv.sub("tcb"), "isvsvn"), _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES),
+                          _advisories(lv))
+                 for lv in f.maps("tcbLevels", min_items=1))
 
 
-def _tcb_level(j: _J, lv: Any, version: int, tdx: bool) -> TcbLevel:
-    tcb = j.get(lv, "tcb", dict)
+def _components(tcb: Fields, key: str) -> tuple[int, ...]:
+    return tuple(_svn(c, "svn") for c in tcb.maps(key, min_items=16, max_items=16))
+
+
+def _tcb_level(lv: Fields, version: int, tdx: bool) -> TcbLevel:
+    tcb = lv.sub("tcb")
     if version >= 3:
-        sgx = _components(j, tcb, "sgxtcbcomponents")
-        tdx_c = _components(j, tcb, "tdxtcbcomponents") if tdx else None
+        sgx = _components(tcb, "sgxtcbcomponents")
+        tdx_c = _components(tcb, "tdxtcbcomponents") if tdx else None
     else:
-        sgx = tuple(j.svn(tcb, f"sgxtcbcomp{i:02d}svn") for i in range(1, 17))
+        sgx = tuple(_svn(tcb, f"sgxtcbcomp{i:02d}svn") for i in range(1, 17))
         tdx_c = None
-    return TcbLevel(sgx, j.svn(tcb, "pcesvn"), tdx_c, j.date(lv, "tcbDate"), j.status(lv), j.advisories(lv))
+    return TcbLevel(sgx, _svn(tcb, "pcesvn"), tdx_c, _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES),
+                    _advisories(lv))
 
 
-def _module(j: _J, m: Any, levels: bool) -> TdxModuleIdentity:
+def _module(m: Fields, levels: bool) -> TdxModuleIdentity:
     return TdxModuleIdentity(
-        id=j.get(m, "id", str) if levels else "",
-        mrsigner=j.hexbytes(m, "mrsigner", 48),
-        attributes=j.hexbytes(m, "attributes", 8),
-        attributes_mask=j.hexbytes(m, "attributesMask", 8),
-        levels=_isv_levels(j, j.get(m, "tcbLevels", list)) if levels else (),
+        id=m.text("id") if levels else "",
+        mrsigner=m.hex("mrsigner", 48),
+        attributes=m.hex("attributes", 8),
+        attributes_mask=m.hex("attributesMask", 8),
+        levels=_isv_levels(m) if levels else (),
     )
 
 
 def parse_tcb_info(raw: str | bytes, kind: str = "dcap") -> TcbInfo:
     """Parse a TCB info JSON body (the value Intel signs), version 2 or 3."""
-    j = _J(kind, "TCB info")
-    d, data = _load_json(raw, j)
-    tid = j.get(d, "id", str, "SGX")
-    version = j.get(d, "version", int)
+    d, data = _load_json(raw, kind, "TCB info")
+    tid, version = d.text("id", default="SGX"), d.integer("version")
     if tid not in ("SGX", "TDX") or version not in (2, 3) or (tid == "TDX" and version != 3):
-        j.fail(f"id {tid!r} version {version} is not supported")
+        raise d.error(f"TCB info id {tid[:40]!r} version {version} is not supported")
     tdx = tid == "TDX"
-    levels = j.get(d, "tcbLevels", list)
-    if not levels:
-        j.fail("has no TCB levels")
-    module = j.get(d, "tdxModule", dict, None)
-    idents = j.get(d, "tdxModuleIdentities", list, [])
+    module = d.sub("tdxModule", optional=True)
     return TcbInfo(
-        id=tid, version=version, issue_date=j.date(d, "issueDate"), next_update=j.date(d, "nextUpdate"),
-        fmspc=j.hexbytes(d, "fmspc", 6), pce_id=j.hexbytes(d, "pceId", 2),
-        tcb_type=j.get(d, "tcbType", int, 0), evaluation_data_number=j.get(d, "tcbEvaluationDataNumber", int, 0),
-        levels=tuple(_tcb_level(j, lv, version, tdx) for lv in levels),
-        tdx_module=_module(j, module, False) if module is not None else None,
-        tdx_module_identities=tuple(_module(j, m, True) for m in idents),
+        id=tid, version=version, issue_date=_date(d, "issueDate"), next_update=_date(d, "nextUpdate"),
+        fmspc=d.hex("fmspc", 6), pce_id=d.hex("pceId", 2),
+        tcb_type=d.integer("tcbType", default=0), evaluation_data_number=d.integer("tcbEvaluationDataNumber", default=0),
+        levels=tuple(_tcb_level(lv, version, tdx) for lv in d.maps("tcbLevels", min_items=1)),
+        tdx_module=_module(module, False) if module is not None else None,
+        tdx_module_identities=tuple(_module(m, True) for m in d.maps("tdxModuleIdentities", default=())),
         raw=data,
     )
 
 
 def parse_qe_identity(raw: str | bytes, kind: str = "dcap") -> QeIdentity:
     """Parse an enclave identity JSON body (QE or TD_QE), version 2."""
-    j = _J(kind, "QE identity")
-    d, data = _load_json(raw, j)
-    qid, version = j.get(d, "id", str), j.get(d, "version", int)
+    d, data = _load_json(raw, kind, "QE identity")
+    qid, version = d.text("id"), d.integer("version")
     if qid not in ("QE", "TD_QE") or version != 2:
-        j.fail(f"id {qid!r} version {version} is not supported")
+        raise d.error(f"QE identity id {qid[:40]!r} version {version} is not supported")
     return QeIdentity(
-        id=qid, version=version, issue_date=j.date(d, "issueDate"), next_update=j.date(d, "nextUpdate"),
-        evaluation_data_number=j.get(d, "tcbEvaluationDataNumber", int, 0),
-        miscselect=int.from_bytes(j.hexbytes(d, "miscselect", 4), "big"),
-        miscselect_mask=int.from_bytes(j.hexbytes(d, "miscselectMask", 4), "big"),
-        attributes=j.hexbytes(d, "attributes", 16), attributes_mask=j.hexbytes(d, "attributesMask", 16),
-        mrsigner=j.hexbytes(d, "mrsigner", 32), isv_prod_id=j.svn(d, "isvprodid"),
-        levels=_isv_levels(j, j.get(d, "tcbLevels", list)), raw=data,
+        id=qid, version=version, issue_date=_date(d, "issueDate"), next_update=_date(d, "nextUpdate"),
+        evaluation_data_number=d.integer("tcbEvaluationDataNumber", default=0),
+        miscselect=int.from_bytes(d.hex("miscselect", 4), "big"),
+        miscselect_mask=int.from_bytes(d.hex("miscselectMask", 4), "big"),
+        attributes=d.hex("attributes", 16), attributes_mask=d.hex("attributesMask", 16),
+        mrsigner=d.hex("mrsigner", 32), isv_prod_id=_svn(d, "isvprodid"),
+        levels=_isv_levels(d), raw=data,
     )
 
 
@@ -271,14 +222,18 @@ def _signature(hex_text: Any, kind: str, what: str) -> bytes:
     return sig
 
 
-def parse_collateral(obj: str | bytes | dict, kind: str = "dcap") -> DcapCollateral:
+def parse_collateral(obj: str | bytes | dict[str, object], kind: str = "dcap") -> DcapCollateral:
     """Parse collateral in the PCS JSON shape (CRLs hex DER, chains PEM, bodies JSON text)."""
-    j = _J(kind, "collateral")
+    error = rejection(kind)
+    value: object = obj
     if isinstance(obj, (str, bytes, bytearray)):
-        obj, _ = _load_json(obj, j)
-    if not isinstance(obj, dict):
-        j.fail("is not a JSON object")
-    text = lambda k: j.get(obj, k, (str, bytes))  # noqa: E731
+        value = decode_json(obj if isinstance(obj, str) else bytes(obj), error, "collateral", limit=COLLATERAL_LIMIT)
+    f = Fields(value, "collateral", error)
+
+    def text(key: str) -> str | bytes:
+        found = f.value(key, (str, bytes))
+        return found if isinstance(found, (str, bytes)) else str(found)  # narrowed for the type checker
+
     return DcapCollateral(
         tcb_info=parse_tcb_info(text("tcb_info"), kind),
         tcb_info_signature=_signature(text("tcb_info_signature"), kind, "TCB info"),
