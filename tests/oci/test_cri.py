@@ -118,6 +118,25 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
             runtime.StartContainer(cri.StartContainerRequest(container_id=bad), timeout=120)
         assert "bin/cat was modified" in refused.value.details()
         runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=bad), timeout=60)
+        # kubectl exec: ExecSync into a running container of the pod, inside its enclave
+        sleeper_config = cri.ContainerConfig()
+        sleeper_config.CopyFrom(container_config)
+        sleeper_config.metadata.name, sleeper_config.log_path = "sleeper", "sleeper.log"
+        sleeper_config.command[:], sleeper_config.args[:] = ["/bin/sleep"], ["60"]
+        sleeper = runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=sleeper_config, sandbox_config=sandbox_config), timeout=120).container_id
+        runtime.StartContainer(cri.StartContainerRequest(container_id=sleeper), timeout=120)
+        done = runtime.ExecSync(cri.ExecSyncRequest(container_id=sleeper, timeout=60, cmd=[
+            "/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; grep -E '^(CapEff|Seccomp):' "
+            "/proc/self/status 2>/dev/null || cat /proc/self/status; exit 4"]), timeout=90)
+        assert done.exit_code == 4, done.stderr
+        lines = done.stdout.decode().splitlines()
+        assert lines[0] == "cove" and "CapEff:\t0000000000000000" in lines and "Seccomp:\t2" in lines
+        with pytest.raises(grpc.RpcError) as refused:  # not a measured entry point: Cove's line reaches the client
+            runtime.ExecSync(cri.ExecSyncRequest(container_id=sleeper, timeout=60, cmd=["/opt/other"]), timeout=90)
+        assert "not an entry point" in refused.value.details()
+        runtime.StopContainer(cri.StopContainerRequest(container_id=sleeper, timeout=0), timeout=60)
+        runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=sleeper), timeout=60)
     finally:
         runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
         runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)

@@ -75,3 +75,36 @@ def test_podman_options_the_sandbox_cannot_honour(loaded, option, field):
     result = podman("run", "--rm", *RUN_OPTIONS, *option, IMAGE, "/bin/echo", "ran")
     assert result.returncode != 0 and "ran" not in result.stdout
     assert field in result.stderr
+
+
+def test_podman_exec_with_and_without_a_terminal(loaded):
+    name = f"cove-test-{uuid.uuid4().hex[:8]}"
+    started = podman("run", "-d", "--name", name, *RUN_OPTIONS, IMAGE, "/bin/sleep", "60")
+    assert started.returncode == 0, started.stderr
+    try:
+        result = podman("exec", name, "/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; exit 6")
+        assert result.returncode == 6 and result.stdout.split() == ["cove"], result.stderr
+        result = podman("exec", "-t", name, "/bin/sh", "-c", "test -t 1 && echo on-a-tty; exit 5")
+        assert result.returncode == 5 and result.stdout.strip() == "on-a-tty", result.stderr
+        for option, word in ((("--user", "1000"), "measured user"), (("--privileged",), "CAP_SYS_ADMIN")):
+            refused = podman("exec", *option, name, "/bin/echo", "ran")
+            assert refused.returncode != 0 and "ran" not in refused.stdout and word in refused.stderr
+    finally:
+        podman("rm", "-f", "-t", "0", name)
+
+
+def test_ctr_task_exec(containerd, oci_tar):
+    assert containerd.ctr("images", "import", str(oci_tar)).returncode == 0
+    started = containerd.ctr("run", "-d", "--runc-binary", RUNTIME, IMAGE, "c-exec", "/bin/sleep", "60")
+    assert started.returncode == 0, started.stderr
+    try:
+        result = containerd.ctr("task", "exec", "--exec-id", "e1", "c-exec", "/bin/sh", "-c",
+                                "cat /dev/attestation/attestation_type; echo; exit 5")
+        assert result.returncode == 5 and result.stdout.split() == ["cove"], result.stderr
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", "c-exec")
+        for _ in range(100):
+            if containerd.ctr("task", "rm", "c-exec").returncode == 0:
+                break
+            time.sleep(0.1)
+        containerd.ctr("containers", "rm", "c-exec")

@@ -328,3 +328,116 @@ def test_hot_commands_load_only_the_standard_library(tmp_path, argv):
     assert cove.split() == ["cove", "cove.errors", "cove.oci", "cove.oci.cli"], last
     assert other.split() == [], last
     assert int(code) == (8 if argv[0] in ("state", "start", "kill") else 0)
+
+
+@pytest.fixture
+def running(bundle, tmp_path):
+    """A started container whose program keeps its own attestation report in the enclave's /tmp."""
+    root = tmp_path / "state"
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/sh", "-c", "cat /dev/attestation/report > /tmp/main.report; exec sleep 60"]
+    write_spec(bundle, spec)
+    assert runtime(root, "create", "--bundle", str(bundle), "x").returncode == 0
+    assert runtime(root, "start", "x").returncode == 0
+    from cove.oci.execute import enclave_program
+
+    for _ in range(400):
+        program = enclave_program(state(root, "x")["pid"])
+        if program and os.path.exists(f"/proc/{program}/root/tmp/main.report") and \
+                os.path.getsize(f"/proc/{program}/root/tmp/main.report"):
+            break
+        time.sleep(0.05)
+    yield root, program
+    runtime(root, "delete", "--force", "x")
+    no_leftovers(root, "x")
+
+
+def _process_json(tmp_path, argv, **changes):
+    process = dict(json.loads(json.dumps(SPEC))["process"], args=argv)
+    process.update(changes)
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    return str(tmp_path / "process.json")
+
+
+def test_exec_runs_in_the_containers_enclave(running, bundle, tmp_path):
+    """Same namespaces, same enclave identity (its report's measurement and instance), no capability,
+    no_new_privs, the enclave's seccomp filter, the enclave's cgroups; the exit code comes back."""
+    import hashlib
+
+    import cbor2
+
+    from cove.attest.evidence import parse_report
+
+    root, program = running
+    script = "cat /dev/attestation/report > /tmp/exec.report; ls -l /proc/self/ns; cat /proc/self/status; exit 6"
+    result = runtime(root, "exec", "--process", _process_json(tmp_path, ["/bin/sh", "-c", script]), "x")
+    assert result.returncode == 6, result.stderr
+    for name in ("pid", "mnt", "user", "net", "ipc", "uts", "cgroup"):
+        assert f"{name} -> {os.readlink(f'/proc/{program}/ns/{name}')}" in result.stdout
+    status = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
+    assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    reports = [parse_report(cbor2.loads(Path(f"/proc/{program}/root/tmp/{n}.report").read_bytes())["report"])
+               for n in ("main", "exec")]
+    assert reports[0].instance_id == reports[1].instance_id
+    manifest = (bundle / "rootfs" / ".cove" / "manifest.cbor").read_bytes()
+    assert reports[0].measurement == reports[1].measurement == hashlib.sha256(manifest).digest()
+    # detached, as engines run it: the pid file names the helper; the program is in the enclave's cgroups
+    pid_file = tmp_path / "exec.pid"
+    result = runtime(root, "exec", "--detach", "--pid-file", str(pid_file),
+                     "--process", _process_json(tmp_path, ["/bin/sleep", "30"]), "x")
+    assert result.returncode == 0, result.stderr
+    helper = int(pid_file.read_text())
+    for _ in range(200):
+        children = Path(f"/proc/{helper}/task/{helper}/children").read_text().split()
+        if children:
+            break
+        time.sleep(0.02)
+    cgroups = [line for line in Path(f"/proc/{children[0]}/cgroup").read_text().splitlines() if "memory" in line]
+    assert cgroups and cgroups == [line for line in Path(f"/proc/{program}/cgroup").read_text().splitlines()
+                                   if "memory" in line]
+    os.kill(helper, 15)  # the engine's stop: the program's session ends with its helper
+    for _ in range(200):
+        if not Path(f"/proc/{children[0]}").exists() or _state_letter(int(children[0])) == "Z":
+            break
+        time.sleep(0.02)
+    assert not Path(f"/proc/{children[0]}").exists() or _state_letter(int(children[0])) == "Z"
+
+
+def _state_letter(pid):
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "X"
+    return data[data.rindex(")") + 2]
+
+
+EXEC_REFUSALS = [
+    ("malformed", None, 2, "not valid JSON"),
+    ("added capability", {"capabilities": {"bounding": ["CAP_SYS_ADMIN"]}}, 2, "CAP_SYS_ADMIN"),
+    ("other user", {"user": {"uid": 1000, "gid": 1000}}, 2, "measured user"),
+    ("other cwd", {"cwd": "/tmp"}, 2, "measured cwd"),
+    ("not an entry point", {"args": ["/hello-not-here"]}, 2, "not an entry point"),
+    ("no args", {"args": []}, 2, "args must be a non-empty list"),
+    ("terminal without a socket", {"terminal": True}, 2, "console-socket"),
+]
+
+
+def test_exec_refusals(running, tmp_path):
+    root, _ = running
+    for label, change, code, word in EXEC_REFUSALS:
+        path = _process_json(tmp_path, ["/bin/echo", "ran"], **(change or {}))
+        if change is None:
+            Path(path).write_text("{not json")
+        result = runtime(root, "exec", "--process", path, "x")
+        assert result.returncode == code and word in one_line(result), (label, result.stderr)
+        assert "ran" not in result.stdout
+    (tmp_path / "big.json").write_text(" " * (2 << 20))
+    big = runtime(root, "exec", "--process", str(tmp_path / "big.json"), "x")
+    assert big.returncode == 2 and "larger than" in one_line(big)
+    unknown = runtime(root, "exec", "--process", _process_json(tmp_path, ["/bin/echo"]), "nope")
+    assert unknown.returncode == 8 and "does not exist" in one_line(unknown)
+    assert runtime(root, "kill", "x", "KILL").returncode == 0
+    wait_stopped(root, "x", 0)
+    stopped = runtime(root, "exec", "--process", _process_json(tmp_path, ["/bin/echo", "ran"]), "x")
+    assert stopped.returncode == 2 and "is stopped" in one_line(stopped) and "ran" not in stopped.stdout

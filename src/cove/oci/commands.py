@@ -53,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--no-new-keyring", action="store_true")
     create.add_argument("--preserve-fds", type=int, default=0)
     create.add_argument("id")
+    exec_ = sub.add_parser("exec")
+    exec_.add_argument("--process", "-p", required=True, help="the process.json engines write")
+    exec_.add_argument("--console-socket")
+    exec_.add_argument("--tty", "-t", action="store_true")
+    exec_.add_argument("--detach", "-d", action="store_true")
+    exec_.add_argument("--pid-file")
+    exec_.add_argument("--preserve-fds", type=int, default=0, help=argparse.SUPPRESS)
+    exec_.add_argument("--no-new-privs", action="store_true", help=argparse.SUPPRESS)  # always set
+    exec_.add_argument("--ignore-paused", action="store_true", help=argparse.SUPPRESS)
+    exec_.add_argument("id")
     for name in ("start", "state"):
         sub.add_parser(name).add_argument("id")
     kill = sub.add_parser("kill")
@@ -69,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
 # -- commands
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from cove.oci import launch
+    from cove.oci import execute, launch
 
     container = Container(args.root, args.id)
     bundle = spec_mod.load(Path(args.bundle))
@@ -91,7 +101,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         found = cli.start_time(pid)
         container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": cli.own_cgroups(),
                         "bundle": str(Path(args.bundle).resolve()), "created": time.time(),
-                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
+                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured,
+                        "exec": execute.settings(prepared)})
         if args.pid_file:
             tmp = Path(args.pid_file).with_name(f".{Path(args.pid_file).name}.tmp")
             tmp.write_text(str(pid))
@@ -156,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CoveError("a command is needed", "create, exec, start, state, kill, delete or features")
         if args.command == "create":
             return cmd_create(args)
+        if args.command == "exec":
+            from cove.oci import execute
+
+            return execute.run(args.root, args.id, args.process, args.console_socket, args.tty, args.detach,
+                               args.pid_file)
         return _hot(args)
     except CoveError as exc:
         return cli.report(options, exc)

@@ -18,6 +18,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cove.errors import CoveError, NotFoundError
 from cove.oci import DOMAIN
@@ -66,12 +67,13 @@ class Bundle:
         return self.annotations.get(UNMEASURED_DEBUG, "").lower() == "true"
 
 
-def _get(data: dict, key: str, kind: type, where: str, default=None):
+def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = None,
+         source: str = "config.json") -> Any:
     value = data.get(key, default)
     if value is None:
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BundleError(f"config.json: {where}{key} must be a {kind.__name__}")
+        raise BundleError(f"{source}: {where}{key} must be a {kind.__name__}")
     return value
 
 
@@ -108,7 +110,7 @@ def load(bundle: Path) -> Bundle:
                   _process(_get(data, "process", dict, "", None)), annotations)
 
 
-def _rootfs(bundle: Path, root: dict) -> Path:
+def _rootfs(bundle: Path, root: dict[str, Any]) -> Path:
     path = _get(root, "path", str, "root.", None)
     if not path:
         raise BundleError("config.json: root.path is missing")
@@ -124,42 +126,49 @@ def _rootfs(bundle: Path, root: dict) -> Path:
     return found
 
 
-def _process(process: dict | None) -> Process:
+def _process(process: dict[str, Any] | None) -> Process:
     if process is None:
         raise BundleError("config.json: process is missing (cove-runtime starts one program per container)")
-    args = _get(process, "args", list, "process.", [])
+    return parse_process(process, "config.json")
+
+
+def parse_process(process: dict[str, Any], source: str) -> Process:
+    """A process object: config.json's `process`, or the process.json `exec` reads; errors name source."""
+    where = "process." if source == "config.json" else ""
+    args = _get(process, "args", list, where, [], source)
     if not args or not all(isinstance(a, str) for a in args):
-        raise BundleError("config.json: process.args must be a non-empty list of strings")
+        raise BundleError(f"{source}: {where}args must be a non-empty list of strings")
     env: dict[str, str] = {}
-    for item in _get(process, "env", list, "process.", []):
+    for item in _get(process, "env", list, where, [], source):
         if not isinstance(item, str) or "=" not in item:
-            raise BundleError(f"config.json: process.env entry {item!r} is not NAME=VALUE")
+            raise BundleError(f"{source}: {where}env entry {item!r} is not NAME=VALUE")
         name, _, value = item.partition("=")
         env[name] = value
-    cwd = _get(process, "cwd", str, "process.", "/")
+    cwd = _get(process, "cwd", str, where, "/", source)
     if not cwd.startswith("/"):
-        raise BundleError(f"config.json: process.cwd {cwd!r} must be absolute")
-    user = _get(process, "user", dict, "process.", {})
-    uid, gid = _get(user, "uid", int, "process.user.", 0), _get(user, "gid", int, "process.user.", 0)
-    caps = _get(process, "capabilities", dict, "process.", {})
+        raise BundleError(f"{source}: {where}cwd {cwd!r} must be absolute")
+    user = _get(process, "user", dict, where, {}, source)
+    uid = _get(user, "uid", int, f"{where}user.", 0, source)
+    gid = _get(user, "gid", int, f"{where}user.", 0, source)
+    caps = _get(process, "capabilities", dict, where, {}, source)
     for kind, names in caps.items():
         if not isinstance(names, list):
-            raise BundleError(f"config.json: process.capabilities.{kind} must be a list")
+            raise BundleError(f"{source}: {where}capabilities.{kind} must be a list")
         added = sorted(set(names) - DEFAULT_CAPABILITIES)
         if added:
-            raise BundleError(f"config.json: process.capabilities.{kind} adds {', '.join(added)}: an enclave "
+            raise BundleError(f"{source}: {where}capabilities.{kind} adds {', '.join(added)}: an enclave "
                               "runs with every capability dropped")
-    limits = []
-    for item in _get(process, "rlimits", list, "process.", []):
+    limits: list[tuple[str, int, int]] = []
+    for item in _get(process, "rlimits", list, where, [], source):
         kind = item.get("type") if isinstance(item, dict) else None
         if kind not in RLIMITS or not isinstance(item.get("soft"), int) or not isinstance(item.get("hard"), int):
-            raise BundleError(f"config.json: process.rlimits entry {item!r} is not a known limit")
+            raise BundleError(f"{source}: {where}rlimits entry {item!r} is not a known limit")
         limits.append((kind, item["soft"], item["hard"]))
     return Process(tuple(args), env, posixpath.normpath(cwd), uid, gid,
-                   bool(_get(process, "terminal", bool, "process.", False)), tuple(limits))
+                   bool(_get(process, "terminal", bool, where, False, source)), tuple(limits))
 
 
-def _check_linux(linux: dict) -> None:
+def _check_linux(linux: dict[str, Any]) -> None:
     namespaces = _get(linux, "namespaces", list, "linux.", None)
     if namespaces is not None:
         pid = [n for n in namespaces if isinstance(n, dict) and n.get("type") == "pid"]
@@ -174,7 +183,7 @@ def _check_linux(linux: dict) -> None:
                           "container cannot be an enclave")
 
 
-def _check_mounts(mounts: list) -> None:
+def _check_mounts(mounts: list[Any]) -> None:
     for index, mount in enumerate(mounts):
         if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
             raise BundleError(f"config.json: mounts[{index}] has no destination")

@@ -1,0 +1,219 @@
+"""`cove-runtime exec`: another process in a running container's enclave, as `podman exec`, `ctr task exec` and
+CRI ExecSync ask for it.
+
+The process enters the enclave exactly as `cove exec` through the node
+service does: cove.daemon.execin (its helper, run here as root) joins the
+enclave program's cgroups and namespaces and root, and starts the program
+as the enclave's user with every capability dropped, no_new_privs, the
+enclave's seccomp filter and open-files limit, its environment and working
+folder. What that needs from the measured configuration (user, folder,
+environment, limits, the compiled seccomp filter, the entry points) is
+worked out once at `create` (`settings`) and kept in the container's
+root-owned state, so `exec` verifies nothing again and loads no launcher.
+
+process.json may ask only for what the enclave already allows: a program
+that is a measured entry point (any program in a debug enclave), the
+measured user and working folder, no capability beyond the default set.
+Anything else is refused with one line naming the field. Its rlimits are
+not used (the measured limits apply), nor are environment names other than
+the `[env] passthrough` ones. The pid the engine gets (--pid-file) is the
+helper's: it relays the program's exit code (128 + N after signal N), and
+ends the program's whole session when the engine sends it SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cove.errors import CoveError, NotFoundError
+from cove.image.paths import resolve_in_image
+from cove.oci import cli
+from cove.oci import spec as spec_mod
+from cove.oci.spec import BundleError
+
+MAX_PROCESS = 1 << 20  # process.json is a few hundred bytes; engines never send more
+PROGRAM_WAIT = 10.0  # a container that was just started may not have its program yet
+
+
+def settings(prepared: Any) -> dict[str, Any]:
+    """What exec needs of the measured configuration (a cove.oci.launch.Prepared), for the container's state."""
+    from cove.runtime import launcher, seccomp
+
+    config = prepared.verified.config
+    bundle = prepared.bundle
+    if prepared.encrypted is None:
+        uid, gid = launcher.resolve_user(config.process.user, prepared.root)
+    else:  # a name would be in the ciphertext: the bundle's ids (which the launcher checks against it)
+        uid, gid = bundle.process.uid, bundle.process.gid
+    passthrough = list(config.env.passthrough)
+    given = {n: v for n, v in bundle.process.env.items() if n in passthrough and not n.startswith("COVE_")}
+    return {"uid": uid, "gid": gid, "cwd": posixpath.normpath(config.process.cwd),
+            "env": launcher.build_environment(config, given), "passthrough": passthrough,
+            "secret_env": [s.where for s in config.secrets if s.kind == "env"],
+            "max_open_files": config.resources.max_open_files,
+            "seccomp": seccomp.compile_filter(config.network.mode, io_uring=config.security.io_uring).hex(),
+            "entry_points": list(config.process.entry_points), "debug": bool(config.enclave.debug),
+            "root": str(prepared.root) if prepared.encrypted is None else None}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def enclave_program(container_pid: int) -> int | None:
+    """The host pid of the enclave's program: the child of the sandbox's pid 1 (bwrap's child's child)."""
+    for child in _children(container_pid):
+        if _comm(child) == "bwrap":
+            for init in _children(child)[:1]:
+                program = _children(init)
+                if program:
+                    return program[0]
+    return None
+
+
+def read_process(path: str) -> spec_mod.Process:
+    """process.json, checked as config.json's process is (one BundleError line naming the field)."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_PROCESS + 1)
+    except FileNotFoundError:
+        raise NotFoundError(f"--process {path} does not exist") from None
+    if len(text) > MAX_PROCESS:
+        raise BundleError(f"process.json is larger than {MAX_PROCESS >> 20} MiB")
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"process.json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError("process.json must hold a JSON object")
+    return spec_mod.parse_process(data, "process.json")
+
+
+def _program(process: spec_mod.Process, allowed: dict[str, Any]) -> str:
+    """args[0] as an absolute path in the enclave (PATH searched in the private root, as at create)."""
+    program = process.args[0]
+    if program.startswith("/"):
+        return posixpath.normpath(program)
+    root = allowed.get("root")
+    if root:
+        for folder in process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
+            if folder.startswith("/"):
+                candidate = posixpath.join(folder, program)
+                if resolve_in_image(Path(root), candidate, follow_last=True).is_file():
+                    return candidate
+    raise BundleError(f"process.json: args[0] {program!r} is not in the enclave's PATH",
+                      "give the program's absolute path")
+
+
+def _admitted(program: str, entry_points: list[str]) -> bool:
+    """cove.runtime.launcher.allowed, without loading the launcher: a prefix ending in / admits a folder."""
+    return any(program.startswith(p) if p.endswith("/") else program == p for p in entry_points)
+
+
+def helper_spec(process: spec_mod.Process, allowed: dict[str, Any]) -> dict[str, Any]:
+    """The request for cove.daemon.execin; refuses what the enclave does not allow."""
+    if (process.uid, process.gid) != (allowed["uid"], allowed["gid"]):
+        raise BundleError(f"process.json: user {process.uid}:{process.gid} is not the enclave's measured user "
+                          f"{allowed['uid']}:{allowed['gid']}")
+    if process.cwd != allowed["cwd"]:
+        raise BundleError(f"process.json: cwd {process.cwd} is not the enclave's measured cwd {allowed['cwd']}")
+    program = _program(process, allowed)
+    if not allowed["debug"] and not _admitted(program, allowed["entry_points"]):
+        raise BundleError(f"process.json: args[0] {program} is not an entry point of this enclave (allowed: "
+                          f"{', '.join(allowed['entry_points'])}; any program only in a debug enclave)")
+    env = dict(allowed["env"])
+    for name in allowed["passthrough"]:
+        if name in process.env and not name.startswith("COVE_"):
+            env[name] = process.env[name]
+    return {"argv": [program, *process.args[1:]], "uid": allowed["uid"], "gid": allowed["gid"],
+            "cwd": allowed["cwd"], "env": env, "secret_env": allowed["secret_env"],
+            "max_open_files": allowed["max_open_files"], "seccomp": allowed["seccomp"],
+            "tty": process.terminal}
+
+
+def run(root: str, ident: str, process_file: str, console_socket: str | None, tty: bool, detach: bool,
+        pid_file: str | None) -> int:
+    """Start the process in the container's enclave; with --detach return at once, else its exit code."""
+    container = cli.Container(root, ident)
+    state = container.load()
+    status = container.status(state)
+    if status != "running":
+        raise cli.StateError(f"container {ident} is {status}: exec needs a running container")
+    allowed = state.get("exec")
+    if not isinstance(allowed, dict):
+        raise CoveError(f"container {ident} was created by an older cove-runtime without exec settings",
+                        "recreate the container")
+    process = read_process(process_file)
+    if tty:
+        process = spec_mod.Process(process.args, process.env, process.cwd, process.uid, process.gid, True,
+                                   process.rlimits)
+    if process.terminal and not console_socket:
+        raise BundleError("process.json: terminal is true but no --console-socket was given")
+    request = helper_spec(process, allowed)
+    deadline = time.monotonic() + PROGRAM_WAIT
+    while (program := enclave_program(state["pid"])) is None:
+        if time.monotonic() >= deadline or container.status(state) != "running":
+            raise cli.StateError(f"container {ident} has no running program to join")
+        time.sleep(0.02)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        helper = subprocess.Popen([sys.executable, "-m", "cove.daemon.execin", str(program), str(theirs.fileno())],
+                                  pass_fds=(theirs.fileno(),))
+    finally:
+        theirs.close()
+    try:
+        with ours:
+            ours.sendall(json.dumps(request).encode())
+            ours.shutdown(socket.SHUT_WR)
+            if process.terminal:
+                _hand_terminal(ours, console_socket or "")
+        if pid_file:
+            tmp = Path(pid_file).with_name(f".{Path(pid_file).name}.tmp")
+            tmp.write_text(str(helper.pid))
+            os.replace(tmp, pid_file)
+    except BaseException:
+        helper.kill()
+        helper.wait()
+        raise
+    if detach:
+        return 0  # the engine, a subreaper, reaps the helper and reads the program's exit code from it
+    return helper.wait()
+
+
+def _hand_terminal(control: socket.socket, console_socket: str) -> None:
+    """The pty master the helper opened in the enclave goes to the engine over its console socket."""
+    try:
+        _, fds, _, _ = socket.recv_fds(control, 16, 1)
+    except OSError as exc:
+        raise CoveError(f"the enclave's terminal did not arrive: {exc.strerror or exc}") from None
+    if not fds:
+        raise CoveError("the enclave's terminal did not arrive (the helper could not enter the enclave)")
+    master = fds[0]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(console_socket)
+            socket.send_fds(sock, [b"/dev/ptmx"], [master])
+    except OSError as exc:
+        raise CoveError(f"--console-socket {console_socket}: {exc.strerror or exc}") from None
+    finally:
+        os.close(master)
