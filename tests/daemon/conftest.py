@@ -49,6 +49,7 @@ class Node:
         self.cove.env["COVE_DAEMON_SOCKET"] = self.socket
         self.cove.env["COVE_PLATFORM_DIR"] = str(base / "platform")  # a self-certified platform of its own
         self.process: subprocess.Popen | None = None
+        self.extra_args: list[str] = []  # more `cove daemon` options (e.g. a small log size)
         with socket.socket() as probe:  # a free port for the metrics
             probe.bind(("127.0.0.1", 0))
             self.metrics = f"127.0.0.1:{probe.getsockname()[1]}"
@@ -56,7 +57,8 @@ class Node:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([COVE, "daemon", "--root", str(self.root), "--socket", self.socket,
-                                             "--group", GROUP, "--metrics", self.metrics], stdout=log, stderr=log,
+                                             "--group", GROUP, "--metrics", self.metrics, *self.extra_args],
+                                            stdout=log, stderr=log,
                                             env=self.cove.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -170,6 +172,12 @@ def node(cove, test_group, tmp_path_factory):
     node = Node(base, cove)
     node.start()
     yield node
+    shut_down(node)
+
+
+def shut_down(node: Node) -> None:
+    """Stop the daemon, end the tests' enclaves and the node's /dev/attestation server, remove the folders."""
+    base = node.base
     node.stop()
     # enclaves outlive the daemon by design: end the tests' own
     for folder in (node.root / "enclaves").glob("*"):

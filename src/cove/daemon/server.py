@@ -32,7 +32,7 @@ from pathlib import Path
 from cove import __version__
 from cove.daemon import attestation
 from cove.daemon import client as client_mod
-from cove.daemon import execstream
+from cove.daemon import execstream, logfile
 from cove.daemon import openapi
 from cove.daemon.events import Events, watch
 from cove.daemon.imports import ImportCache
@@ -108,7 +108,8 @@ def parse_signal(value) -> int:
 class Daemon:
     """The node service's state: store, registry, events; the API handler calls into it."""
 
-    def __init__(self, root: Path, socket_path: str, group: str = client_mod.GROUP):
+    def __init__(self, root: Path, socket_path: str, group: str = client_mod.GROUP,
+                 log_max_bytes: int = logfile.DEFAULT_MAX_BYTES, log_files: int = logfile.DEFAULT_FILES):
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -122,6 +123,7 @@ class Daemon:
             self.gid = None
             log("no_group", level="warning", group=group, detail="only root may use the daemon")
         self.group = group
+        self.log_max_bytes, self.log_files = log_max_bytes, log_files  # rotation of the enclaves' logs
         self.events = Events(self.root / "events.jsonl")  # a bounded journal: events outlive the daemon
         self.lock = threading.Lock()
         self.metrics = None  # cove.daemon.metrics.Metrics when --metrics is given
@@ -211,7 +213,8 @@ class Daemon:
         state_dir = str(instance / "run") if uid == 0 else None
         record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
                   "backend": "sim", "program": program, "args": args, "instance": str(instance),
-                  "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid}
+                  "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid,
+                  "log_max_bytes": self.log_max_bytes, "log_files": self.log_files}
         enclave = self.registry.create(record)
         self.events.emit("enclave", "create", enclave.id, name=enclave.name)
         try:
@@ -391,28 +394,46 @@ class Daemon:
         return view
 
     def logs(self, ref: str, follow: bool, tail: int | None):
-        """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end."""
+        """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end.
+
+        Rotated files come first, oldest first; a follower whose file is rotated away drains it and goes
+        on in the next newer one (cove.daemon.logfile), so it loses no line across a rotation.
+        """
         enclave = self.registry.find(ref)
+        files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
         delay = 0.002  # short waits first (a short-lived enclave ends soon), longer ones later
-        with open(enclave.log, "rb") as handle:
+        handle = open(enclave.log, "rb")
+        try:
             if tail is not None:
-                yield _tail(handle, tail)
+                yield logfile.tail(enclave.log, files, tail)
+                handle.seek(0, os.SEEK_END)
+            else:
+                yield from logfile.older(handle, enclave.log, files)
+            ended = False
             while True:
                 chunk = handle.read(65536)
                 if chunk:
                     delay = 0.002
                     yield chunk
                     continue
-                if not follow:
+                following = logfile.newer(handle, enclave.log, files)
+                if following is not None:
+                    rest = handle.read()  # written before the rename: nothing follows it in this file
+                    if rest:
+                        yield rest
+                    handle.close()
+                    handle = following
+                    continue
+                if not follow or ended:
                     return
                 current = self.registry.settle(self.registry.load(enclave.id))
                 if current.ended and not current.supervisor_alive():
-                    rest = handle.read()
-                    if rest:
-                        yield rest
-                    return
+                    ended = True  # one more look: the last bytes, in this file or a newer one
+                    continue
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
+        finally:
+            handle.close()
 
     # -- images
 
@@ -473,26 +494,6 @@ def _kill(pid: int | None, signum: int) -> None:
             os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _tail(handle, lines: int) -> bytes:
-    """The last ``lines`` lines of a file (the handle is left at its end)."""
-    handle.seek(0, os.SEEK_END)
-    end = handle.tell()
-    if lines <= 0:
-        return b""
-    data = b""
-    position = end
-    while position > 0 and data.count(b"\n") <= lines:
-        step = min(65536, position)
-        position -= step
-        handle.seek(position)
-        data = handle.read(step) + data
-    handle.seek(end)
-    parts = data.split(b"\n")
-    trailing = data.endswith(b"\n")
-    kept = parts[-(lines + 1):] if trailing else parts[-lines:]
-    return b"\n".join(kept)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -751,12 +752,13 @@ def bind(path: str, gid: int | None) -> UnixServer:
     return server
 
 
-def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, metrics: str | None = None) -> int:
+def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, metrics: str | None = None,
+          log_max_bytes: int = logfile.DEFAULT_MAX_BYTES, log_files: int = logfile.DEFAULT_FILES) -> int:
     """Run the daemon until SIGTERM or SIGINT; enclaves go on without it."""
     if os.geteuid() != 0:
         raise CoveError("cove daemon runs as root (it owns the image store and starts enclaves for others)",
                         "start it with sudo or as the systemd unit scripts/setup installs")
-    daemon = Daemon(root, socket_path, group)
+    daemon = Daemon(root, socket_path, group, log_max_bytes, log_files)
     daemon.recover()
     if metrics:
         from cove.daemon.metrics import Metrics

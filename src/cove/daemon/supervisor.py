@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cove.daemon import attestation
+from cove.daemon import attestation, logfile
 from cove.daemon.registry import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
@@ -88,6 +88,28 @@ class Supervisor:
             return 9
 
     def run(self) -> int:
+        """Run the enclave (with its restarts); with a log size set, through a rotating log writer."""
+        max_bytes = self.record.get("log_max_bytes")
+        if not max_bytes:
+            return self._run()
+        read, write = os.pipe()
+        writer = logfile.Writer(read, self.folder / "log", int(max_bytes),
+                                int(self.record.get("log_files") or logfile.DEFAULT_FILES)).start()
+        os.dup2(write, 1)  # the enclave writes to the pipe; the writer alone writes the files
+        os.dup2(write, 2)
+        os.close(write)
+        try:
+            return self._run()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            direct = os.open(self.folder / "log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(direct, 1)  # closes this process's write ends of the pipe
+            os.dup2(direct, 2)
+            os.close(direct)
+            writer.finish()
+
+    def _run(self) -> int:
         # /dev/attestation from the node's one server, not a server process per run
         services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
         def stop(_signum, _frame):

@@ -1,0 +1,167 @@
+"""An enclave's log, rotated by size: ``log``, then ``log.1`` (newer) to ``log.N-1`` (older).
+
+With rotation on, the supervisor gives the enclave a pipe as stdout and
+stderr and one thread of its own copies the pipe to ``log``: when the next
+bytes would take it past its size, it writes up to the last whole line that
+fits, renames ``log`` to ``log.1`` (``log.1`` to ``log.2``, and so on; the
+oldest beyond the count goes) and goes on in a new ``log``. Nothing is lost
+between the files: the writer is the only one, and it renames only after
+its last write to the old file. Readers (``cove logs``) read the rotated
+files oldest first; a follower that finds its file renamed drains it, then
+goes on in the next newer one, found by inode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+DEFAULT_MAX_BYTES = 10 << 20
+DEFAULT_FILES = 3
+MIN_BYTES = 4096
+MAX_FILES = 100
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``10MiB``, ``512k``, ``4096``: bytes (binary units); ValueError for anything else."""
+    match = re.fullmatch(r"\s*([0-9]{1,12})\s*([A-Za-z]{0,3})\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 10MiB, 512KiB, 65536)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def rotated(log: Path, files: int) -> list[Path]:
+    """The rotated files that may exist, newest first: log.1, log.2, ... log.(files-1)."""
+    return [log.with_name(f"{log.name}.{k}") for k in range(1, max(files, 1))]
+
+
+def existing(log: Path, files: int) -> list[Path]:
+    """Every file of the log that exists, oldest first, the live ``log`` last."""
+    return [p for p in reversed(rotated(log, files)) if p.exists()] + [log]
+
+
+class Writer:
+    """Copies a pipe's bytes to a rotated log (the supervisor's thread)."""
+
+    def __init__(self, source: int, log: Path, max_bytes: int, files: int) -> None:
+        self.source, self.log = source, log
+        self.max_bytes, self.files = max(max_bytes, MIN_BYTES), max(1, min(files, MAX_FILES))
+        self.fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+
+    def start(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while data := os.read(self.source, 65536):
+                self.write(data)
+        finally:
+            os.close(self.source)
+            os.close(self.fd)
+
+    def write(self, data: bytes) -> None:
+        while data:
+            room = self.max_bytes - self.size
+            if len(data) <= room:
+                self._put(data)
+                return
+            cut = data.rfind(b"\n", 0, room) + 1  # whole lines only, unless one line is larger than a file
+            if cut == 0 and self.size == 0:
+                cut = room
+            self._put(data[:cut])
+            data = data[cut:]
+            self.rotate()
+
+    def _put(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except OSError:
+                return  # a full disk: the bytes go, the enclave does not block on its log
+            self.size += written
+            view = view[written:]
+
+    def rotate(self) -> None:
+        names = rotated(self.log, self.files)
+        if names:
+            for older, newer in zip(reversed(names), reversed([self.log, *names[:-1]])):
+                if newer.exists():
+                    os.replace(newer, older)
+        else:
+            os.unlink(self.log)  # a count of one keeps only the live file
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Wait until every byte written to the pipe is in the log (its write ends must be closed)."""
+        self.thread.join(timeout)
+
+
+def newer(handle: BinaryIO, log: Path, files: int) -> BinaryIO | None:
+    """The next newer file when the one ``handle`` reads was rotated away, else None."""
+    ino = os.fstat(handle.fileno()).st_ino
+    try:
+        if os.stat(log).st_ino == ino:
+            return None
+    except FileNotFoundError:
+        return None  # a rotation under way: the new log is not there yet
+    chain = [log, *rotated(log, files)]
+    for index, path in enumerate(chain[1:], start=1):
+        try:
+            if os.stat(path).st_ino == ino:
+                return _open(chain[index - 1]) or _open(log)
+        except FileNotFoundError:
+            continue
+    for path in reversed(chain):  # ours is gone altogether: the oldest that is left
+        if (found := _open(path)) is not None:
+            return found
+    return None
+
+
+def _open(path: Path) -> BinaryIO | None:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
+def tail(log: Path, files: int, lines: int) -> bytes:
+    """The last ``lines`` lines over every file of the log."""
+    if lines <= 0:
+        return b""
+    data = b""
+    for path in reversed(existing(log, files)):
+        try:
+            data = path.read_bytes() + data
+        except FileNotFoundError:
+            continue
+        if data.count(b"\n") > lines:
+            break
+    parts = data.split(b"\n")
+    kept = parts[-(lines + 1):] if data.endswith(b"\n") else parts[-lines:]
+    return b"\n".join(kept)
+
+
+def older(handle: BinaryIO, log: Path, files: int) -> Iterator[bytes]:
+    """The rotated files older than the one ``handle`` reads, oldest first, in chunks."""
+    ino = os.fstat(handle.fileno()).st_ino
+    for path in existing(log, files)[:-1]:
+        try:
+            with open(path, "rb") as older_handle:
+                if os.fstat(older_handle.fileno()).st_ino == ino:
+                    return
+                while chunk := older_handle.read(65536):
+                    yield chunk
+        except FileNotFoundError:
+            continue

@@ -1,0 +1,66 @@
+"""Enclave logs rotated by size: no line lost, `cove logs -f` follows across rotations, the count is kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cove.daemon import logfile
+from tests.conftest import require
+from tests.daemon.conftest import Node, shut_down
+from tests.e2e.helpers import make_instance
+
+SIZE = 4096
+LINES = 1500  # about 60 kB: some fifteen rotations of a 4 KiB log
+
+
+@pytest.fixture(scope="module")
+def small_node(cove, test_group, tmp_path_factory):
+    require("bwrap")
+    node = Node(Path(str(tmp_path_factory.mktemp("lognode"))), cove)
+    node.extra_args = ["--log-max-size", str(SIZE), "--log-max-files", "3"]
+    node.start()
+    yield node
+    shut_down(node)
+
+
+def test_rotation_loses_no_line_and_follow_crosses_it(small_node, tmp_path):
+    node = small_node
+    c = node.cove
+    instance = make_instance(c, tmp_path)
+    script = ("sleep 1; i=0; while [ $i -lt %d ]; do echo \"line $i of the rotation test, padded to some length\"; "
+              "i=$((i + 1)); [ $((i %% 50)) -eq 0 ] && sleep 0.05; done; echo end" % LINES)
+    ident = c.ok("run", "-d", "/bin/sh", "-c", script, cwd=instance).stdout.strip()
+    follower = subprocess.Popen(c.popen_args("logs", "-f", ident), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=c.env)
+    out, err = follower.communicate(timeout=120)
+    assert follower.returncode == 0, err
+    expected = [f"line {i} of the rotation test, padded to some length" for i in range(LINES)] + ["end"]
+    assert out.decode().splitlines() == expected  # every line once, in order, across every rotation
+    node.until(ident, "exited")
+    folder = node.root / "enclaves" / ident
+    files = sorted(p.name for p in folder.glob("log*"))
+    assert files == ["log", "log.1", "log.2"]  # the live file and two rotated ones
+    for name in files:
+        data = (folder / name).read_bytes()
+        assert len(data) <= SIZE and data.endswith(b"\n")  # whole lines in each file
+    kept = c.ok("logs", ident).stdout.splitlines()
+    assert kept == expected[-len(kept):] and len(kept) > 100  # what is kept: the newest lines, contiguous
+    assert c.ok("logs", "--tail", "3", ident).stdout.splitlines() == expected[-3:]
+    c.ok("rm", ident)
+
+
+def test_a_line_longer_than_the_file_and_sizes(tmp_path):
+    read, write = os.pipe()
+    writer = logfile.Writer(read, tmp_path / "log", SIZE, 2).start()
+    os.write(write, b"a" * (SIZE + 100) + b"\nshort\n")
+    os.close(write)
+    writer.finish()
+    assert (tmp_path / "log.1").read_bytes() + (tmp_path / "log").read_bytes() == b"a" * (SIZE + 100) + b"\nshort\n"
+    assert logfile.parse_size("10MiB") == 10 << 20 and logfile.parse_size("512k") == 512 << 10
+    for bad in ("10x", "-1", "1e9", "", "9" * 20):
+        with pytest.raises(ValueError):
+            logfile.parse_size(bad)
