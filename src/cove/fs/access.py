@@ -12,14 +12,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cove.errors import CoveError
 
 from cove.fs import anchor as anchor_mod
 from cove.fs import keys
 from cove.fs.index import KeyPolicy
-from cove.fs.volume import DEFAULT_FILE_CACHE, Volume, VolumeError
+from cove.fs.errors import VolumeError
+from cove.fs.volume import DEFAULT_FILE_CACHE, Volume
 from cove.fs.volume_format import NEXT, ROOT, split_root
+
+if TYPE_CHECKING:
+    from cove.platform.sealing import Identity as SealingIdentity
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,15 @@ class Identity:
     debug: bool
 
     @classmethod
-    def of(cls, other) -> Identity:
+    def of(cls, other: SealingIdentity) -> Identity:
         return cls(bytes(other.measurement), bytes(other.signer), other.product_id, other.svn, other.debug)
 
-    def to_cbor(self) -> dict:
+    def to_cbor(self) -> dict[str, Any]:
         return {"measurement": self.measurement, "signer": self.signer, "product_id": self.product_id,
                 "svn": self.svn, "debug": self.debug}
 
     @classmethod
-    def from_cbor(cls, data: dict | None) -> Identity | None:
+    def from_cbor(cls, data: dict[str, Any] | None) -> Identity | None:
         return None if data is None else cls(**data)
 
 

@@ -55,6 +55,10 @@ class NodeCache:
     def peek(self, phys: int) -> Node | None:
         return self._nodes.get(phys)
 
+    def loaded(self, phys: int) -> Node:
+        """A node just loaded (KeyError if it is not cached), without touching the LRU order."""
+        return self._nodes[phys]
+
     def add(self, node: Node) -> None:
         self._nodes[node.phys] = node
 
@@ -80,6 +84,7 @@ class NodeCache:
                 if node.children:
                     continue
                 del self._nodes[phys]
+                assert node.parent is not None  # only the root has none, and it is not cached
                 node.parent.children -= 1
                 victims.append(node)
                 progress = True

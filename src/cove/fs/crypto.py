@@ -18,7 +18,10 @@ from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFCMAC,
 
 from cove.fs.layout import IV, KDF_LABEL, KDF_LABEL_FIELD, KEY_SIZE, MAC_SIZE, NODE_SIZE
 
-__all__ = ["AESGCM", "FAST", "IV", "InvalidTag", "derive_metadata_key", "random_keys", "seal",
+# What the node sealing reads and writes: a node buffer, or a view into a run of them.
+Buffer = bytes | bytearray | memoryview
+
+__all__ = ["AESGCM", "Buffer", "FAST", "IV", "InvalidTag", "derive_metadata_key", "random_keys", "seal",
            "open_sealed", "macs_equal"]
 
 
@@ -50,21 +53,21 @@ FAST = hasattr(AESGCM, "encrypt_into")  # hot loops may call AESGCM(key).encrypt
 
 if FAST:  # cryptography >= 45: no intermediate copies
 
-    def seal(key: bytes, plain, out) -> None:
+    def seal(key: Buffer, plain: Buffer, out: bytearray | memoryview) -> None:
         """Encrypt ``plain`` into ``out`` (len(plain) + 16 bytes: ciphertext || tag)."""
         AESGCM(key).encrypt_into(IV, plain, None, out)
 
-    def open_sealed(key: bytes, sealed, out) -> None:
+    def open_sealed(key: Buffer, sealed: Buffer, out: bytearray | memoryview) -> None:
         """Decrypt ``sealed`` (ciphertext || tag) into ``out``; raises InvalidTag."""
         AESGCM(key).decrypt_into(IV, sealed, None, out)
 
 else:  # older cryptography: same result, one extra copy
 
-    def seal(key: bytes, plain, out) -> None:
+    def seal(key: Buffer, plain: Buffer, out: bytearray | memoryview) -> None:
         """Encrypt ``plain`` into ``out`` (len(plain) + 16 bytes: ciphertext || tag)."""
         out[:] = AESGCM(key).encrypt(IV, bytes(plain), None)
 
-    def open_sealed(key: bytes, sealed, out) -> None:
+    def open_sealed(key: Buffer, sealed: Buffer, out: bytearray | memoryview) -> None:
         """Decrypt ``sealed`` (ciphertext || tag) into ``out``; raises InvalidTag."""
         out[:] = AESGCM(key).decrypt(IV, bytes(sealed), None)
 

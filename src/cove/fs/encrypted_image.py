@@ -26,7 +26,9 @@ import hashlib
 import hmac
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cbor2
 
@@ -36,29 +38,54 @@ from cove.fs.access import Identity, open_volume
 from cove.fs.index import KeyPolicy, Node
 from cove.fs.volume import Volume
 
+if TYPE_CHECKING:
+    from cove.fs.server_process import FuseServer
+    from cove.platform.sealing import Identity as SealingIdentity
+
 LABEL = "/"
 CHUNK = 1 << 20
 
+# One listed path: (type, mode, size (files only), digest, symlink target).
+Listed = tuple[str, int, int, bytes, str]
 
-def listing_of(entries) -> dict[str, tuple]:
+
+class ImageEntry(Protocol):
+    """What this module needs of a signed image entry (cove.image.tree.Entry, a layer above)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def mode(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def digest(self) -> bytes: ...
+    @property
+    def target(self) -> str: ...
+    def encode(self) -> list[Any]: ...
+
+
+def listing_of(entries: Iterable[ImageEntry]) -> dict[str, Listed]:
     """path -> (type, mode, size, digest, target) from signed image entries (cove.image.tree.Entry)."""
     return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
 
 
-def decode_listing(items: list) -> dict[str, tuple]:
+def decode_listing(items: list[list[Any]]) -> dict[str, Listed]:
     """The listing of :func:`listing_of` from encoded entries, each [path, type, mode, size, digest, target].
 
     The encoding is cove.image.tree.Entry.encode's; the secure FS server gets the
     signed listing this way and so needs nothing from the image layer above it.
     """
-    listing = {}
+    listing: dict[str, Listed] = {}
     for path, kind, mode, size, digest, target in items:
         listing[path] = (kind, mode, size if kind == "f" else 0, bytes(digest), target)
     return listing
 
 
-def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entries,
-                  key_bytes: bytes | None = None) -> tuple[int, int]:
+def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity: SealingIdentity | None,
+                  entries: Iterable[ImageEntry], key_bytes: bytes | None = None) -> tuple[int, int]:
     """Encrypt the measured ``image_dir`` into the read-only volume ``out_dir`` (replaced); (files, bytes).
 
     ``entries`` is the listing just measured; a file that changed since
@@ -93,7 +120,7 @@ def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity, entri
     return files, size
 
 
-def compare_listing(volume: Volume, listing: dict[str, tuple]) -> str | None:
+def compare_listing(volume: Volume, listing: dict[str, Listed]) -> str | None:
     """The first difference between a volume's tree and a signed listing, or None."""
     seen = set()
     for path, node in volume.walk():
@@ -102,7 +129,7 @@ def compare_listing(volume: Volume, listing: dict[str, tuple]) -> str | None:
         want = listing.get(rel)
         kind = {"d": "d", "f": "f", "l": "l"}[node.kind]
         have = (kind, stat.S_IMODE(node.mode), node.size if kind == "f" else 0,
-                os.fsdecode(node.target) if kind == "l" else "")
+                os.fsdecode(node.target) if kind == "l" and node.target is not None else "")
         if want is None:
             return f"{rel} is not in the signed listing"
         if (want[0], want[1], want[2], want[4]) != have:
@@ -113,24 +140,26 @@ def compare_listing(volume: Volume, listing: dict[str, tuple]) -> str | None:
     return None
 
 
-def add_mount_points(volume: Volume, targets, files=()) -> None:
+def add_mount_points(volume: Volume, targets: Iterable[str], files: Iterable[str] = ()) -> None:
     """Mount points (in memory only) the sandbox needs: folders for /proc, /dev, /tmp and the
     mounts, empty files for binds of single files. They hold nothing; a bind covers each."""
-    for target in list(targets) + list(files):
+    files = list(files)
+    for target in list(targets) + files:
         node = volume.root
         parts = [p for p in target.strip("/").split("/") if p]
         for index, part in enumerate(parts):
-            child = node.children.get(part.encode()) if node.kind == "d" else None
+            child = node.entries.get(part.encode()) if node.kind == "d" else None
             if child is None:
                 leaf_file = target in files and index == len(parts) - 1
                 child = Node("f" if leaf_file else "d", (stat.S_IFREG | 0o444) if leaf_file else (stat.S_IFDIR | 0o755))
                 child.parent, child.name = node, part.encode()
-                node.children[part.encode()] = child
+                node.entries[part.encode()] = child
                 volume.assign_inode(child)
             node = child
 
 
-def decrypt_image(enc_dir: Path, key_text: str, identity, entries, dest: Path) -> Path:
+def decrypt_image(enc_dir: Path, key_text: str, identity: SealingIdentity | None, entries: Iterable[ImageEntry],
+                  dest: Path) -> Path:
     """A verified plain copy of an encrypted image in the new folder ``dest`` (owner-only until done)."""
     from cove.fs.transfer import export_tree
 
@@ -152,7 +181,8 @@ def decrypt_image(enc_dir: Path, key_text: str, identity, entries, dest: Path) -
     return dest
 
 
-def image_settings(enc_dir: Path, key_text: str, identity, entries, extra_dirs, extra_files=()) -> dict:
+def image_settings(enc_dir: Path, key_text: str, identity: SealingIdentity | None, entries: Iterable[ImageEntry],
+                   extra_dirs: Iterable[str], extra_files: Iterable[str] = ()) -> dict[str, Any]:
     """What the FUSE server needs to serve an encrypted image (see cove.fs.server)."""
     from cove.fs.access import resolve_keks
 
@@ -176,21 +206,24 @@ class ImageMount:
     in ``start()`` (a ``kbs:`` key exists once the enclave has attested).
     """
 
-    def __init__(self, enc_dir: Path, key_text: str, identity, entries, mountpoint: Path, extra_dirs=(),
-                 extra_files=()):
+    def __init__(self, enc_dir: Path, key_text: str, identity: SealingIdentity | None,
+                 entries: Iterable[ImageEntry], mountpoint: Path, extra_dirs: Iterable[str] = (),
+                 extra_files: Iterable[str] = ()) -> None:
         self.volume, self.key_text, self.identity, self.entries = Path(enc_dir), key_text, identity, entries
         self.extra_dirs, self.extra_files = list(extra_dirs), list(extra_files)
         self.mountpoint = Path(mountpoint)
-        self.server = None
+        self.server: FuseServer | None = None
 
-    def spawn(self) -> None:
+    def spawn(self) -> FuseServer:
+        """Start the server process now (once); the key is resolved later, in start()."""
         from cove.fs.server_process import FuseServer
 
         if self.server is None:
             self.server = FuseServer("encrypted image")
             self.server.spawn()
+        return self.server
 
-    def start(self, extra_dirs=None, extra_files=None) -> Path:
+    def start(self, extra_dirs: Iterable[str] | None = None, extra_files: Iterable[str] | None = None) -> Path:
         if extra_dirs is not None:
             self.extra_dirs = list(extra_dirs)
         if extra_files is not None:
@@ -198,8 +231,7 @@ class ImageMount:
         settings = image_settings(self.volume, self.key_text, self.identity, self.entries, self.extra_dirs,
                                   self.extra_files)
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
-        self.spawn()
-        self.server.start(settings, self.mountpoint)
+        self.spawn().start(settings, self.mountpoint)
         return self.mountpoint
 
     def stop(self) -> None:
@@ -214,5 +246,5 @@ class ImageMount:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -22,7 +22,7 @@ import signal
 import stat
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 import trio
@@ -56,7 +56,7 @@ class VolumeOperations(pyfuse3.Operations):
         self._commit_now = trio.Event()  # set by a last writer's release: the committer commits at once
         self.ids: hostids.IdRange | None = None  # an enclave's mount: ids relative to its host user
 
-    def _owner(self, ctx) -> tuple[int, int]:
+    def _owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
         """The ids stored for a request: the enclave's own ids, not the host's."""
         return self.ids.inside(ctx.uid, ctx.gid) if self.ids else (ctx.uid, ctx.gid)
 
@@ -86,7 +86,7 @@ class VolumeOperations(pyfuse3.Operations):
         attr.entry_timeout = ATTR_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_mode = node.mode
-        attr.st_nlink = (2 + sum(1 for c in node.children.values() if c.kind == "d")) if node.kind == "d" else 1
+        attr.st_nlink = (2 + sum(1 for c in node.entries.values() if c.kind == "d")) if node.kind == "d" else 1
         attr.st_uid, attr.st_gid = self.ids.host(node.uid, node.gid) if self.ids else (node.uid, node.gid)
         attr.st_rdev = 0
         size = self.volume.file_size(node)
@@ -122,13 +122,13 @@ class VolumeOperations(pyfuse3.Operations):
 
     # -- names -------------------------------------------------------------------------
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         try:
             return self._entry(self.volume.lookup(self._node(parent_inode), name))
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             node = self.volume.find_inode(ino)
             if node is not None:
@@ -136,13 +136,14 @@ class VolumeOperations(pyfuse3.Operations):
                 if node.lookups == 0:
                     self.volume.forget(node)
 
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         try:
             return self.attributes(self._node(inode))
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
             node = self._node(inode)
             uid, gid = self.ids.inside(attr.st_uid, attr.st_gid) if self.ids else (attr.st_uid, attr.st_gid)
@@ -157,26 +158,26 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        if node.kind != "l":
+        if node.kind != "l" or node.target is None:  # a symlink always has its target
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
             node = self.volume.mkdir(self._node(parent_inode), name, mode & ~ctx.umask, *self._owner(ctx))
             return self._entry(node)
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
             return self._entry(self.volume.symlink(self._node(parent_inode), name, target, *self._owner(ctx)))
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # no devices, fifos or sockets in a volume
         try:
@@ -186,24 +187,25 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)  # no hard links
 
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         try:
             self.volume.unlink(self._node(parent_inode), name)
             self.volume.commit()  # durable at once: the unit apps commit with
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         try:
             self.volume.rmdir(self._node(parent_inode), name)
             self.volume.commit()  # durable at once: the unit apps commit with
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
         try:
             self.volume.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
                                name_new, flags)
@@ -219,7 +221,7 @@ class VolumeOperations(pyfuse3.Operations):
         self._fh[fh] = (node, False)
         return fh
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
             node = self._node(inode)
             if flags & (os.O_WRONLY | os.O_RDWR) and not self.volume.writable:
@@ -233,7 +235,8 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         try:
             node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask,
                                            *self._owner(ctx))
@@ -244,13 +247,13 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return self.volume.read(self._fh[fh][0], off, size)
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
             node, _ = self._fh[fh]
             written = self.volume.write(node, off, buf)
@@ -259,10 +262,10 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         pass
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         node, wrote = self._fh.pop(fh)
         try:
             self.volume.release(node)
@@ -275,20 +278,20 @@ class VolumeOperations(pyfuse3.Operations):
             # dropped the request. The commit is not lost either way: the server commits before it exits.
             self._commit_now.set()
 
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
         self.commit()
 
     # -- folders -----------------------------------------------------------------------
 
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
         if node.kind != "d":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node = self._node(fh)
-        entries = [(b".", node), (b"..", node.parent or node)] + sorted(node.children.items())
+        entries = [(b".", node), (b"..", node.parent or node)] + sorted(node.entries.items())
         for index in range(start_id, len(entries)):
             name, child = entries[index]
             if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 1):
@@ -296,13 +299,13 @@ class VolumeOperations(pyfuse3.Operations):
             if index >= 2:  # the kernel counts no lookup for . and ..
                 child.lookups += 1
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         pass
 
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.commit()
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         host = os.statvfs(self.volume.path)
         data = pyfuse3.StatvfsData()
         data.f_bsize = 4096
@@ -324,8 +327,9 @@ class ImageOperations(VolumeOperations):
     measured digest, it answers EIO from then on.
     """
 
-    def __init__(self, volume: Volume, digests: dict[str, bytes], **kwargs):
-        super().__init__(volume, **kwargs)
+    def __init__(self, volume: Volume, digests: dict[str, bytes], name: str = "",
+                 commit_interval: float = 1.0) -> None:
+        super().__init__(volume, name, commit_interval)
         self.digests = digests
         self.verified: set[int] = set()
         self.failed: set[int] = set()
@@ -353,7 +357,7 @@ class ImageOperations(VolumeOperations):
             self.failed.add(node.ino)
         raise FileIntegrityError(f"/{path}: its content differs from the signed image listing")
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
             node = self._node(inode)
             if flags & (os.O_WRONLY | os.O_RDWR):

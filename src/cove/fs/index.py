@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cove.fs.protected_file import ProtectedFile
@@ -37,10 +37,10 @@ class KeyPolicy:
         return cls(source.text, (svn or 0) if source.sealed else 0)
 
     @classmethod
-    def from_cbor(cls, item: dict) -> KeyPolicy:
+    def from_cbor(cls, item: dict[str, Any]) -> KeyPolicy:
         return cls(item["source"], item["svn"])
 
-    def to_cbor(self) -> dict:
+    def to_cbor(self) -> dict[str, Any]:
         return {"source": self.source, "svn": self.svn}
 
 
@@ -77,6 +77,13 @@ class Node:
     def is_dir(self) -> bool:
         return self.kind == "d"
 
+    @property
+    def entries(self) -> dict[bytes, Node]:
+        """A folder's children by name; NotADirectoryError for a file or symlink."""
+        if self.children is None:
+            raise NotADirectoryError(f"{self.path()} is not a folder")
+        return self.children
+
     def path(self) -> str:
         parts = []
         node = self
@@ -85,19 +92,19 @@ class Node:
             node = node.parent
         return "/" + "/".join(reversed(parts))
 
-    def to_cbor(self) -> dict:
-        item = {"k": self.kind, "m": self.mode, "u": self.uid, "g": self.gid, "t": self.mtime,
+    def to_cbor(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"k": self.kind, "m": self.mode, "u": self.uid, "g": self.gid, "t": self.mtime,
                 "c": self.ctime}
         if self.kind == "f":
             item.update(i=self.id, h=self.mac, s=self.size)
         elif self.kind == "l":
             item["l"] = self.target
         else:
-            item["e"] = {name: child.to_cbor() for name, child in sorted(self.children.items())}
+            item["e"] = {name: child.to_cbor() for name, child in sorted(self.entries.items())}
         return item
 
     @classmethod
-    def from_cbor(cls, item: dict) -> Node:
+    def from_cbor(cls, item: dict[str, Any]) -> Node:
         node = cls(item["k"], item["m"], item["u"], item["g"], item["t"])
         node.ctime = item["c"]
         if node.kind == "f":
@@ -108,7 +115,7 @@ class Node:
             for name, sub in item["e"].items():
                 child = cls.from_cbor(sub)
                 child.parent, child.name = node, name
-                node.children[name] = child
+                node.entries[name] = child
         else:
             raise ValueError(f"unknown node kind {node.kind!r}")
         return node

@@ -40,7 +40,7 @@ def recovery_path(host_path: str) -> str:
 class UndoLog:
     """Appends undo records for one open protected file."""
 
-    def __init__(self, path: str, durable: bool):
+    def __init__(self, path: str, durable: bool) -> None:
         self.path = path
         self.durable = durable
         self._fd: int | None = None
@@ -69,11 +69,14 @@ class UndoLog:
             records.append((phys, old.ljust(NODE_SIZE, b"\0")))
         self._append(records)
 
-    def _append(self, records) -> None:
+    def _append(self, records: list[tuple[int, bytes]]) -> None:
+        fd = self._fd
+        if fd is None:
+            raise RuntimeError("undo log: a record outside a transaction (begin() first)")
         blob = b"".join(_PHYS.pack(p) + bytes(data) for p, data in records)
-        os.pwrite(self._fd, blob, self._end)
+        os.pwrite(fd, blob, self._end)
         if self.durable:
-            os.fsync(self._fd)
+            os.fsync(fd)
         self._end += len(blob)
         self.logged.update(p for p, _ in records)
 

@@ -22,12 +22,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The key-source syntax is cove.toml data, so it lives in config; re-exported here for the key's users.
 from cove.config import KEY_SOURCE_KINDS, SEAL_POLICIES as SEAL_POLICIES
 from cove.config import KeySource as KeySource
 from cove.config import KeySourceError as KeySourceError
-from cove.config import parse_key_source as parse
+from cove.config import parse_key_source
+
+if TYPE_CHECKING:
+    from cove.platform.sealing import Identity
+
+parse = parse_key_source  # the name the rest of fs (and its callers) use
 
 KEY_SIZE = 16
 KINDS = KEY_SOURCE_KINDS
@@ -53,10 +59,11 @@ def read_key_file(path: str | Path) -> bytes:
 
 
 # kind -> function(source, identity, svn) -> 16-byte key; the key broker adds "kbs".
-_RESOLVERS: dict[str, Callable] = {}
+Resolver = Callable[[KeySource, "Identity | None", "int | None"], bytes]
+_RESOLVERS: dict[str, Resolver] = {}
 
 
-def register_resolver(kind: str, resolver: Callable) -> None:
+def register_resolver(kind: str, resolver: Resolver) -> None:
     """Let another part of Cove resolve a kind of key source (the key broker: "kbs").
 
     ``resolver(source, identity, svn)`` returns the 16-byte key or raises CoveError.
@@ -64,7 +71,7 @@ def register_resolver(kind: str, resolver: Callable) -> None:
     _RESOLVERS[kind] = resolver
 
 
-def resolve(source: KeySource | str, identity=None, svn: int | None = None) -> bytes:
+def resolve(source: KeySource | str, identity: Identity | None = None, svn: int | None = None) -> bytes:
     """The key a source names, for an enclave ``identity`` (needed for seal: and kbs:).
 
     ``svn`` is the svn the data was sealed at (default: the enclave's own);

@@ -82,7 +82,7 @@ class MetaPlain:
         return ENC_HEAD.pack(path, self.size, self.root_key, self.root_mac) + bytes(self.data)
 
 
-def unpack_meta_plain(blob: bytes) -> MetaPlain:
+def unpack_meta_plain(blob: bytes | bytearray) -> MetaPlain:
     path, size, root_key, root_mac = ENC_HEAD.unpack_from(blob)
     nul = path.find(b"\0")
     return MetaPlain(path[: nul if nul >= 0 else len(path)], size, root_key, root_mac,

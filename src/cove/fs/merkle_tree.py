@@ -83,7 +83,7 @@ class Tree:
             parent.children += 1
             return node
         self._load_run(phys, 1)
-        return self.cache.peek(phys)
+        return self.cache.loaded(phys)
 
     def data(self, d: int) -> Node:
         """Data node ``d``, loaded (and checked) or, past the end, created zeroed."""
@@ -105,7 +105,7 @@ class Tree:
                 count += 1
         self._next_seq = d + 1
         self._load_run(phys, count)
-        return self.cache.peek(phys)
+        return self.cache.loaded(phys)
 
     def _load_run(self, first: int, count: int) -> None:
         """Read ``count`` consecutive nodes in one call, decrypt and cache them.
@@ -144,7 +144,7 @@ class Tree:
             parent.children += 1
 
     @staticmethod
-    def _open(key, sealed, node: Node) -> None:
+    def _open(key: crypto.Buffer, sealed: crypto.Buffer, node: Node) -> None:
         try:
             crypto.open_sealed(bytes(key), sealed, node.buf)
         except crypto.InvalidTag:
@@ -154,11 +154,12 @@ class Tree:
 
     def mark_dirty(self, node: Node) -> None:
         """A dirty node makes every MHT node above it dirty (their entries change)."""
-        while node is not None and not node.dirty:
-            node.dirty = True
-            node = node.parent
+        up: Node | None = node
+        while up is not None and not up.dirty:
+            up.dirty = True
+            up = up.parent
 
-    def read_into(self, parts: list, offset: int, end: int) -> None:
+    def read_into(self, parts: list[memoryview | bytes], offset: int, end: int) -> None:
         """Append views of content bytes [offset, end) (all >= 3072) to ``parts``.
 
         Reading ahead into the cache happens only when this call continues
@@ -313,6 +314,7 @@ class Tree:
         for node in self.cache:
             node.children = 0
         for node in self.cache:
+            assert node.parent is not None  # only the root has none, and it is not cached
             node.parent.children += 1
         if size <= MD_USER_DATA_SIZE:
             self.root = Node(1, 0, True)
@@ -364,6 +366,7 @@ class Tree:
             key = keys[k:k + KEY_SIZE]
             k += KEY_SIZE
             seal(key, node.buf, view[at:at + SEALED])
+            assert node.parent is not None  # a data node always has its MHT node
             pbuf = node.parent.buf
             slot = (node.num % ATTACHED_DATA_NODES) * PAIR_SIZE
             pbuf[slot:slot + KEY_SIZE] = key
@@ -372,17 +375,18 @@ class Tree:
         tmp = bytearray(SEALED)
         for node in mhts:
             view, at = where[node.phys]
-            key = bytes(keys[k:k + KEY_SIZE])
+            node_key = bytes(keys[k:k + KEY_SIZE])
             k += KEY_SIZE
-            crypto.seal(key, node.buf, tmp)
+            crypto.seal(node_key, node.buf, tmp)
             view[at:at + NODE_SIZE] = tmp[:NODE_SIZE]
             tag = bytes(tmp[NODE_SIZE:])
             if node is self.root:
-                self.root_key, self.root_mac = key, tag
+                self.root_key, self.root_mac = node_key, tag
             else:
                 parent = node.parent
+                assert parent is not None  # only the root has none
                 slot = mht_slot(node.num)
-                parent.buf[slot:slot + KEY_SIZE] = key
+                parent.buf[slot:slot + KEY_SIZE] = node_key
                 parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE] = tag
             node.dirty = False
         return [(first, memoryview(buf)[: count * NODE_SIZE]) for first, count, buf in runs]

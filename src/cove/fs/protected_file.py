@@ -11,6 +11,8 @@ import errno
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from cove.fs import crypto, journal
 from cove.fs.errors import FileIntegrityError, ProtectedFileError
@@ -21,6 +23,9 @@ from cove.fs.layout import (
 )
 from cove.fs.merkle_tree import Run, Tree
 from cove.fs.writer import AsyncWriter
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 4 << 20
 ASYNC_WRITE_BYTES = 256 << 10  # runs this large are written by a second thread
@@ -61,7 +66,7 @@ def read_header(host_path: str) -> Header:
     return Header(*HEADER.unpack(raw))
 
 
-def bound_path(host_path: str | os.PathLike, key: bytes) -> str:
+def bound_path(host_path: str | os.PathLike[str], key: bytes) -> str:
     """The logical path a protected file is bound to (its metadata is checked on the way)."""
     pf = ProtectedFile()
     pf._kdk = bytes(key)
@@ -79,11 +84,12 @@ class ProtectedFile:
     def __init__(self) -> None:  # use ProtectedFile.open()
         self._fd = -1
         self._closed = True
+        self._two_phase = False
 
     # -- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, host_path: str | os.PathLike, key: bytes, logical_path: str,
+    def open(cls, host_path: str | os.PathLike[str], key: bytes, logical_path: str,
              mode: str = "r", *, cache_bytes: int = DEFAULT_CACHE_BYTES,
              durable: bool = True, expected_root_mac: bytes | None = None,
              two_phase: bool = False) -> ProtectedFile:
@@ -233,7 +239,7 @@ class ProtectedFile:
         end = min(offset + size, self._tree.size)
         if offset >= end:
             return b""
-        parts: list = []
+        parts: list[memoryview | bytes] = []
         if offset < MD_USER_DATA_SIZE:
             stop = min(end, MD_USER_DATA_SIZE)
             parts.append(memoryview(self._meta.data)[offset:stop])
@@ -242,7 +248,7 @@ class ProtectedFile:
             self._guard(self._tree.read_into, parts, offset, end)
         return b"".join(parts)
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data: crypto.Buffer) -> int:
         """Write ``data`` at ``offset``; a gap past the end reads as zeros."""
         self._check(write=True)
         if offset < 0:
@@ -444,7 +450,7 @@ class ProtectedFile:
     def __enter__(self) -> ProtectedFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -469,10 +475,10 @@ class ProtectedFile:
         if write and not self._writable:
             raise ProtectedFileError("the protected file is open read-only", "open it with 'r+'")
 
-    def _guard(self, fn, *args):
+    def _guard(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn``; an integrity failure poisons the handle for good."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except FileIntegrityError as e:
             self._failed = e
             raise

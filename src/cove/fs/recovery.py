@@ -17,7 +17,7 @@ import os
 from cove.fs import journal
 from cove.fs.errors import FileIntegrityError
 from cove.fs.index import Node
-from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE, node_count
+from cove.fs.layout import HAS_PENDING_WRITE, HEADER, NODE_SIZE, Header, node_count
 from cove.fs.protected_file import read_header
 from cove.fs.volume_format import parse_id, tag_ok
 
@@ -92,12 +92,14 @@ def _trim(full: str, node: Node) -> None:
         os.truncate(full, need)
 
 
-def _plan(node: Node, full: str) -> tuple[str | None, object]:
+def _plan(node: Node, full: str) -> tuple[str | None, Header | None]:
     """What recovery would do to one file: "rollback", "finish", "stale" (a log to drop) or None."""
     try:
         header = read_header(full)
     except (FileIntegrityError, OSError):
         return None, None  # reported when the file is opened
+    if node.mac is None:  # not a file of the index
+        return None, header
     logged = journal.logged_metadata(full)
     flagged = bool(header.flags & HAS_PENDING_WRITE)
     if flagged and logged is not None and hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
@@ -123,7 +125,7 @@ def resolve(node: Node, full: str) -> bool:
             _trim(full, node)
             discard(journal.recovery_path(full))
             return True
-        if action == "finish":
+        if action == "finish" and header is not None:
             if header.flags & HAS_PENDING_WRITE:
                 with open(full, "r+b") as f:
                     f.seek(HEADER.size - 1)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import cbor2
 
@@ -36,12 +37,13 @@ class FuseServer:
 
     def __init__(self, name: str):
         self.name = name
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.mountpoint: Path | None = None
         self.started = False
-        self.fusermount = shutil.which("fusermount3", path=os.environ.get("PATH", "") + ":/usr/bin:/bin:/usr/sbin:/sbin")
-        if self.fusermount is None or not os.path.exists("/dev/fuse"):
+        fusermount = shutil.which("fusermount3", path=os.environ.get("PATH", "") + ":/usr/bin:/bin:/usr/sbin:/sbin")
+        if fusermount is None or not os.path.exists("/dev/fuse"):
             raise SetupError("encrypted mounts need FUSE (fusermount3 and /dev/fuse)", "run scripts/setup (fuse3)")
+        self.fusermount: str = fusermount
 
     def spawn(self) -> None:
         """Start the process early; it loads its modules, then waits for its settings."""
@@ -49,31 +51,38 @@ class FuseServer:
             self.proc = subprocess.Popen([sys.executable, "-m", "cove.fs.server"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
 
-    def start(self, settings: dict, mountpoint: Path) -> None:
+    def _pipes(self, proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+        """(stdin, stdout) of the server: spawn() opens both."""
+        assert proc.stdin is not None and proc.stdout is not None
+        return proc.stdin, proc.stdout
+
+    def start(self, settings: dict[str, Any], mountpoint: Path) -> None:
         """Give the server its settings (on stdin) and wait until the volume is mounted."""
         self.mountpoint = mountpoint
         settings = dict(settings, mountpoint=str(mountpoint))
         self.spawn()
+        assert self.proc is not None
+        proc = self.proc
+        stdin, stdout = self._pipes(proc)
         try:
-            self.proc.stdin.write(cbor2.dumps(settings))
-            self.proc.stdin.close()
+            stdin.write(cbor2.dumps(settings))
+            stdin.close()
         except BrokenPipeError:
             pass
-        line = self._first_line()
+        line = self._first_line(stdout)
         if line != "ready":
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            self.proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            stdout.close()
             self.proc = None
             message = line[len("error: "):] if line.startswith("error: ") else \
                 f"the secure file system server failed ({line or 'no answer'})"
             raise MountError(f"{self.name}: {message}")
         self.started = True
 
-    def _first_line(self) -> str:
+    def _first_line(self, out: IO[bytes]) -> str:
         deadline = time.monotonic() + START_TIMEOUT
-        out = self.proc.stdout
         data = b""
         while not data.endswith(b"\n"):
             remaining = deadline - time.monotonic()
@@ -92,11 +101,12 @@ class FuseServer:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
-        if not self.started:  # spawned but never given settings: it has nothing to lose
+        stdin, stdout = self._pipes(proc)
+        if not self.started or self.mountpoint is None:  # spawned but never given settings: nothing to lose
             proc.kill()
             proc.wait()
-            proc.stdin.close()
-            proc.stdout.close()
+            stdin.close()
+            stdout.close()
             return
         done = subprocess.run([self.fusermount, "-u", str(self.mountpoint)], capture_output=True)
         if done.returncode != 0 and os.path.ismount(self.mountpoint):
@@ -110,7 +120,7 @@ class FuseServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
-        proc.stdout.close()
+        stdout.close()
         if code:
             print(f"cove: secure fs {self.name}: the server exited with {code}; changes after its "
                   "last commit are lost", file=sys.stderr, flush=True)

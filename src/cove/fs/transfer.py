@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cove.errors import CoveError
-from cove.fs.index import Node
+from cove.fs.index import KeyPolicy, Node
 from cove.fs.protected_file import ProtectedFile, bound_path
 from cove.fs.volume import Volume
 from cove.fs.volume_format import NEXT, ROOT
@@ -191,6 +191,7 @@ def export_tree(volume: Volume, dest: Path, force: bool = False, progress: Progr
                 out.mkdir(mode=0o700)
                 dirs.append((out, node))
             elif node.kind == "l":
+                assert node.target is not None  # a symlink always has its target
                 os.symlink(os.fsdecode(node.target), out)
             else:
                 handle = volume.acquire(node)
@@ -220,7 +221,7 @@ def export_tree(volume: Volume, dest: Path, force: bool = False, progress: Progr
     return files, total
 
 
-def new_volume_from(src: Path, dest: Path, kek: bytes, *, label: str, policy, anchor: str,
+def new_volume_from(src: Path, dest: Path, kek: bytes, *, label: str, policy: KeyPolicy, anchor: str,
                     force: bool = False, progress: Progress | None = None,
                     check: Callable[[str, bytes], None] | None = None,
                     owner: tuple[int, int] | None = None) -> tuple[int, int, str]:

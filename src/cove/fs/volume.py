@@ -39,6 +39,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -48,8 +49,12 @@ from cove.fs import journal, recovery
 from cove.fs.errors import FileIntegrityError, ProtectedFileError, VolumeError, VolumeIntegrityError
 from cove.fs.index import KeyFor, KeyPolicy, Node
 from cove.fs.layout import NODE_SIZE, node_count
+from cove.fs.crypto import Buffer
 from cove.fs.protected_file import ProtectedFile
 from cove.fs.volume_format import FILES, FORMAT, NEXT, ROOT, decode_root, encode_root, kdf, new_id, wrap_key
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 DEFAULT_FILE_CACHE = 1 << 20
 NAME_MAX = 255
@@ -76,7 +81,7 @@ class Volume:
     # -- opening ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, kek: bytes, *, label: str, policy: KeyPolicy,
+    def create(cls, path: str | os.PathLike[str], kek: bytes, *, label: str, policy: KeyPolicy,
                anchor: str = "auto", durable: bool = True,
                cache_bytes: int = DEFAULT_FILE_CACHE, uid: int = 0, gid: int = 0,
                home: str | None = None) -> Volume:
@@ -115,7 +120,7 @@ class Volume:
         return self
 
     @classmethod
-    def open(cls, path: str | os.PathLike, key_for: KeyFor | bytes, *, label: str | None = None,
+    def open(cls, path: str | os.PathLike[str], key_for: KeyFor | bytes, *, label: str | None = None,
              writable: bool = True, durable: bool = True, cache_bytes: int = DEFAULT_FILE_CACHE,
              check_anchor: bool = True) -> Volume:
         """Open an existing volume, resolving an interrupted commit.
@@ -155,8 +160,8 @@ class Volume:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def _setup(self, path: str, header: dict, vmk: bytes, store, writable: bool, durable: bool,
-               cache_bytes: int) -> None:
+    def _setup(self, path: str, header: dict[str, Any], vmk: bytes, store: anchor_mod.AnchorStore, writable: bool,
+               durable: bool, cache_bytes: int) -> None:
         self.path = path
         self.header = header
         self.id: bytes = header["id"]
@@ -178,7 +183,8 @@ class Volume:
         self._next_ino = 1
         self._handles: dict[str, Node] = {}
 
-    def _open(self, path, key_for, label, writable, durable, cache_bytes, check_anchor) -> None:
+    def _open(self, path: str, key_for: KeyFor | bytes, label: str | None, writable: bool, durable: bool,
+              cache_bytes: int, check_anchor: bool) -> None:
         candidates = []
         first_error: CoveError | None = None
         for name in (ROOT, NEXT):
@@ -190,8 +196,8 @@ class Volume:
                 candidates.append((name, data) + decode_root(data, key_for))
             except CoveError as exc:
                 first_error = first_error or exc
-        if not candidates:
-            raise first_error
+        if not candidates:  # Volume.open checked that one exists; it went since
+            raise first_error or VolumeError(f"{path} is not a Cove volume (no root file)")
         header = candidates[0][2]
         store = anchor_mod.open_store(header.get("anchor", {}), header["id"],
                                       kdf(candidates[0][3], header["id"], b"anchor", 16), path)
@@ -248,10 +254,10 @@ class Volume:
 
         def visit(node: Node) -> None:
             self.assign_inode(node)
-            if node.kind == "f":
+            if node.kind == "f" and node.id is not None:  # an index file always has its id
                 self.ids[node.id] = node
             elif node.kind == "d":
-                for child in node.children.values():
+                for child in node.entries.values():
                     visit(child)
 
         visit(root)
@@ -277,12 +283,14 @@ class Volume:
             if node.dirty and node.linked:
                 node.dirty = False
                 self.dirty = True
+                handle = node.handle
+                assert handle is not None  # a node is in _handles while its file is open
                 try:
-                    self._guarded(node, node.handle.flush)
+                    self._guarded(node, handle.flush)
                 except FileIntegrityError as exc:  # a file that failed a check keeps its last state
                     self.problems.append(exc.message)
                     continue
-                node.mac, node.size = node.handle.root_mac(), node.handle.size()
+                node.mac, node.size = handle.root_mac(), handle.size()
         if not self.dirty:
             return
         version = self.version + 1
@@ -334,7 +342,7 @@ class Volume:
     def __enter__(self) -> Volume:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def rewrap(self, kek: bytes, policy: KeyPolicy) -> None:
@@ -346,7 +354,7 @@ class Volume:
 
     # -- files -----------------------------------------------------------------------
 
-    def _guarded(self, node: Node, fn, *args, **kwargs):
+    def _guarded(self, node: Node, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a protected-file call; integrity failures name the file's path."""
         try:
             return fn(*args, **kwargs)
@@ -358,6 +366,8 @@ class Volume:
         if node.kind != "f":
             raise _errno(errno.EISDIR if node.kind == "d" else errno.EINVAL)
         if node.handle is None:
+            if node.id is None:  # an in-memory mount point has no host file
+                raise _errno(errno.EINVAL)
             host = self.host_path(node.id)
             try:
                 host_size = os.path.getsize(host)
@@ -389,7 +399,8 @@ class Volume:
 
     def _close_handle(self, node: Node, commit: bool = True) -> None:
         handle, node.handle = node.handle, None
-        self._handles.pop(node.id, None)
+        if node.id is not None:
+            self._handles.pop(node.id, None)
         if handle is None:
             return
         if commit and not handle.prepared and not node.dirty:
@@ -401,7 +412,7 @@ class Volume:
         handle = node.handle or self.acquire(node)
         return self._guarded(node, handle.read, offset, size)
 
-    def write(self, node: Node, offset: int, data) -> int:
+    def write(self, node: Node, offset: int, data: Buffer) -> int:
         self._need_writable()
         handle = node.handle or self.acquire(node)
         written = self._guarded(node, handle.write, offset, data)
@@ -414,7 +425,7 @@ class Volume:
             self._replace_host_file(node)
             return
         opened = node.handle is None
-        handle = self.acquire(node) if opened else node.handle
+        handle = self.acquire(node) if node.handle is None else node.handle
         try:
             self._guarded(node, handle.truncate, size)
             self._touch(node, content=True)
@@ -429,16 +440,17 @@ class Volume:
         the old host file is untouched (or recoverable), and the index still
         names it.
         """
-        new = self._new_host_file()  # first: if this fails, nothing changed
+        fresh_id, new_handle, new_mac = self._new_host_file()  # first: if this fails, nothing changed
         old_id, old_handle = node.id, node.handle
-        node.id, node.handle, node.mac = new
+        assert old_id is not None  # a linked file (truncate checked it is a file)
+        node.id, node.handle, node.mac = fresh_id, new_handle, new_mac
         self._handles.pop(old_id, None)
         if old_handle is not None:
             old_handle.abandon()  # keeps its undo log, if it has one: it may still be needed
         self.ids.pop(old_id, None)
-        self.ids[node.id] = node
+        self.ids[fresh_id] = node
         self.drop.add(old_id)
-        self._handles[node.id] = node
+        self._handles[fresh_id] = node
         self._touch(node, content=True)
 
     def _new_host_file(self) -> tuple[str, ProtectedFile, bytes]:
@@ -454,7 +466,7 @@ class Volume:
         if node.kind == "f":
             return node.handle.size() if node.handle is not None else node.size
         if node.kind == "l":
-            return len(node.target)
+            return len(node.target or b"")
         return NODE_SIZE
 
     def _touch(self, node: Node, content: bool = False) -> None:
@@ -492,7 +504,7 @@ class Volume:
             return parent
         if name == b"..":
             return parent.parent or parent
-        node = parent.children.get(name)
+        node = parent.entries.get(name)
         if node is None:
             raise _errno(errno.ENOENT)
         return node
@@ -509,12 +521,12 @@ class Volume:
             raise _errno(errno.EINVAL)
         if len(name) > NAME_MAX:
             raise _errno(errno.ENAMETOOLONG)
-        if name in parent.children:
+        if name in parent.entries:
             raise _errno(errno.EEXIST)
 
     def _link(self, parent: Node, name: bytes, node: Node) -> Node:
         node.parent, node.name = parent, name
-        parent.children[name] = node
+        parent.entries[name] = node
         self.assign_inode(node)
         self._touch(parent, content=True)
         return node
@@ -533,16 +545,17 @@ class Volume:
         """A new, empty file (not yet opened)."""
         self._check_new(parent, name)
         node = Node("f", stat.S_IFREG | (mode & 0o7777), uid, gid)
-        node.id, node.handle, node.mac = self._new_host_file()
-        self.ids[node.id] = node
-        self._handles[node.id] = node
+        file_id, node.handle, node.mac = self._new_host_file()
+        node.id = file_id
+        self.ids[file_id] = node
+        self._handles[file_id] = node
         node.dirty = True
         return self._link(parent, name, node)
 
     def _drop(self, node: Node) -> None:
         """Take a node out of the namespace; its host file goes after the next commit."""
         node.linked = False
-        if node.kind == "f":
+        if node.kind == "f" and node.id is not None:  # not an in-memory mount point
             self.ids.pop(node.id, None)
             self.drop.add(node.id)
 
@@ -551,7 +564,7 @@ class Volume:
         node = self.lookup(parent, name)
         if node.kind == "d":
             raise _errno(errno.EISDIR)
-        del parent.children[name]
+        del parent.entries[name]
         self._drop(node)
         self._touch(parent, content=True)
         return node
@@ -561,9 +574,9 @@ class Volume:
         node = self.lookup(parent, name)
         if node.kind != "d":
             raise _errno(errno.ENOTDIR)
-        if node.children:
+        if node.entries:
             raise _errno(errno.ENOTEMPTY)
-        del parent.children[name]
+        del parent.entries[name]
         node.linked = False
         self._touch(parent, content=True)
         return node
@@ -582,16 +595,16 @@ class Volume:
             raise _errno(errno.EINVAL)
         if len(new_name) > NAME_MAX:
             raise _errno(errno.ENAMETOOLONG)
-        ancestor = new_parent
+        ancestor: Node | None = new_parent
         while ancestor is not None:  # a folder cannot move into itself
             if ancestor is node:
                 raise _errno(errno.EINVAL)
             ancestor = ancestor.parent
-        target = new_parent.children.get(new_name)
+        target = new_parent.entries.get(new_name)
         if flags & 2:  # exchange
             if target is None:
                 raise _errno(errno.ENOENT)
-            old_parent.children[old_name], new_parent.children[new_name] = target, node
+            old_parent.entries[old_name], new_parent.entries[new_name] = target, node
             target.parent, target.name = old_parent, old_name
             node.parent, node.name = new_parent, new_name
             self._touch(old_parent, content=True)
@@ -605,13 +618,13 @@ class Volume:
             if target.kind == "d":
                 if node.kind != "d":
                     raise _errno(errno.EISDIR)
-                if target.children:
+                if target.entries:
                     raise _errno(errno.ENOTEMPTY)
             elif node.kind == "d":
                 raise _errno(errno.ENOTDIR)
             self._drop(target)
-        del old_parent.children[old_name]
-        new_parent.children[new_name] = node
+        del old_parent.entries[old_name]
+        new_parent.entries[new_name] = node
         node.parent, node.name = new_parent, new_name
         node.ctime = time.time_ns()
         self._touch(old_parent, content=True)
@@ -666,7 +679,7 @@ class Volume:
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Node:
         """Create or replace a file with ``data`` (parents are created)."""
         parent, name = self._parent_of(path, create=True)
-        node = parent.children.get(name)
+        node = parent.entries.get(name)
         if node is None:
             node = self.create_file(parent, name, mode)
             node.opens += 1
@@ -702,7 +715,7 @@ class Volume:
         yield from self._walk(self.root if start is None else start, "")
 
     def _walk(self, node: Node, prefix: str) -> Iterator[tuple[str, Node]]:
-        for name, child in sorted(node.children.items()):
+        for name, child in sorted(node.entries.items()):
             path = f"{prefix}/{name.decode('utf-8', 'surrogateescape')}"
             yield path, child
             if child.kind == "d":

@@ -20,7 +20,7 @@ MAX_IN_FLIGHT = 8  # runs queued at most (each up to 1 MiB): bounds memory
 class AsyncWriter:
     def __init__(self, fd: int):
         self.fd = fd
-        self._queue: queue.Queue = queue.Queue(MAX_IN_FLIGHT)
+        self._queue: queue.Queue[tuple[memoryview, int] | None] = queue.Queue(MAX_IN_FLIGHT)
         self._thread = threading.Thread(target=self._run, name="cove-pf-writer", daemon=True)
         self._error: OSError | None = None
         self.pending = False

@@ -37,11 +37,18 @@ class SealingError(CoveError):
 
 
 class Identity(Protocol):
-    measurement: bytes
-    signer: bytes
-    product_id: int
-    svn: int
-    debug: bool
+    """What a sealing key derives from (read-only, so frozen dataclasses fit)."""
+
+    @property
+    def measurement(self) -> bytes: ...
+    @property
+    def signer(self) -> bytes: ...
+    @property
+    def product_id(self) -> int: ...
+    @property
+    def svn(self) -> int: ...
+    @property
+    def debug(self) -> bool: ...
 
 
 def _field(data: bytes) -> bytes:
