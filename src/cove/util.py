@@ -7,8 +7,12 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write data to path so readers see the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
+    """Write data to path so readers see the old file or the new one, never a mix.
+
+    ``sync=False`` skips the fsync, for state a crash of the machine makes moot anyway
+    (a running process's status): readers still never see a mix.
+    """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -18,7 +22,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

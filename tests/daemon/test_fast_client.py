@@ -135,6 +135,10 @@ VERSION_OK = http("200 OK", b'{"api": "v1"}')
     ([VERSION_OK, http("201 Created", b"not json!")], 7, "not an enclave"),
     ([VERSION_OK, http("201 Created", b'{"id": ["a"]}')], 7, "not an enclave"),
     ([VERSION_OK, http("200 OK", b"[" * 100000)], 7, "not an enclave"),
+    ([VERSION_OK, b"HTTP/1.1 201 Created\r\nContent-Length: 1e9\r\n\r\n"], 7, "not answering"),
+    ([VERSION_OK, b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], 7, "broke off"),
+    ([VERSION_OK, http("409 Conflict", b'{"detail": "two\\nlines", "exit_code": 99999, "kind": 5}')], 2,
+     "two lines"),
 ])
 def test_hostile_or_broken_daemon(cove, app, fake_daemon, replies, code, line):
     path, script = fake_daemon

@@ -13,6 +13,9 @@ import json
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
+from types import EllipsisType
+from typing import Any
 
 API = "v1"
 SOCKET_ENV = "COVE_DAEMON_SOCKET"
@@ -53,10 +56,13 @@ class _Response:
             name, _, value = line.decode("latin-1").partition(":")
             self.headers[name.strip().lower()] = value.strip()
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        self.left = int(self.headers.get("content-length", "0") or 0)
+        length = self.headers.get("content-length", "0") or "0"
+        if not length.isdigit():
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a bad Content-Length")
+        self.left = int(length)
 
-    def chunks(self):
-        """The body piece by piece, as it arrives."""
+    def chunks(self) -> Iterator[bytes]:
+        """The body piece by piece, as it arrives (a malformed chunk: ConnectionResetError)."""
         if not self.chunked:
             while self.left > 0:
                 data = self.file.read1(min(self.left, 65536))
@@ -66,7 +72,11 @@ class _Response:
                 yield data
             return
         while True:
-            size = int(self.file.readline(65537).split(b";")[0].strip() or b"0", 16)
+            digits = self.file.readline(65537).split(b";")[0].strip() or b"0"
+            try:
+                size = int(digits, 16)
+            except ValueError:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a bad chunk") from None
             if size == 0:
                 self.file.readline(65537)
                 return
@@ -87,8 +97,9 @@ class Client:
         self.path = path or socket_path()
         self.timeout = timeout
 
-    def _open(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
-              timeout=..., upgrade: str | None = None) -> _Response:
+    def _open(self, method: str, route: str, body: dict[str, Any] | None = None,
+              query: dict[str, Any] | None = None, timeout: float | None | EllipsisType = ...,
+              upgrade: str | None = None) -> _Response:
         """Send one request; ``timeout`` in seconds, None for none, ... for the client's default."""
         target = f"/{API}{route}"
         if query:
@@ -124,7 +135,8 @@ class Client:
                                  UNREACHABLE) from None
             raise
 
-    def call(self, method: str, route: str, body: dict | None = None, query: dict | None = None, timeout=...):
+    def call(self, method: str, route: str, body: dict[str, Any] | None = None,
+             query: dict[str, Any] | None = None, timeout: float | None | EllipsisType = ...) -> Any:
         try:
             response = self._open(method, route, body, query, timeout)
             try:
@@ -133,10 +145,13 @@ class Client:
                 response.close()
         except TimeoutError:
             raise DaemonError(f"the Cove daemon did not answer on {self.path} in time", UNREACHABLE) from None
+        except (ConnectionResetError, BrokenPipeError) as exc:  # cut short, or a malformed body
+            raise DaemonError(f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})",
+                              UNREACHABLE) from None
         return self._decode(response, data)
 
     @staticmethod
-    def _decode(response: _Response, data: bytes):
+    def _decode(response: _Response, data: bytes) -> Any:
         try:
             document = json.loads(data) if data else None
         except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
@@ -145,23 +160,26 @@ class Client:
             problem = document if isinstance(document, dict) else {}
             line = problem.get("detail") or problem.get("title") or f"the daemon answered {response.status}"
             return_code = problem.get("exit_code")
-            code = return_code if isinstance(return_code, int) else 2
-            raise DaemonError(line, code, response.status, problem.get("kind"))
+            code = return_code if isinstance(return_code, int) and 0 < return_code < 256 else 2
+            kind = problem.get("kind")
+            raise DaemonError(" ".join(str(line).split()), code, response.status,
+                              kind if isinstance(kind, str) else None)
         return document
 
-    def stream(self, route: str, query: dict | None = None):
+    def stream(self, route: str, query: dict[str, Any] | None = None) -> Iterator[bytes]:
         """The body of a streamed answer (logs -f, events), chunk by chunk, with no timeout."""
         response = self._open("GET", route, None, query, timeout=None)
-        if response.status >= 400:
-            data = response.read()
-            response.close()
-            self._decode(response, data)
         try:
+            if response.status >= 400:
+                self._decode(response, response.read())
             yield from response.chunks()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise DaemonError(f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})",
+                              UNREACHABLE) from None
         finally:
             response.close()
 
-    def upgrade(self, route: str, body: dict, protocol: str) -> _Response:
+    def upgrade(self, route: str, body: dict[str, Any], protocol: str) -> _Response:
         """POST asking to switch to ``protocol`` (`cove exec`'s stream); on 101 the answer's ``file`` (for
         reading) and ``sock`` (for writing) carry that protocol both ways. A refusal raises DaemonError."""
         response = self._open("POST", route, body, None, timeout=None, upgrade=protocol)

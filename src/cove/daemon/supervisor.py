@@ -58,7 +58,9 @@ class Supervisor:
 
     def save(self, **changes) -> None:
         self.state.update(changes)
-        write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600)
+        # only the end (the exit code) is made durable: after a machine crash no enclave runs anyway
+        write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600,
+                     sync=self.state.get("state") == "exited")
 
     def stop_requested(self) -> bool:
         return self.stopping or (self.folder / "stop").exists()
