@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,32 @@ def test_ctr_task_exec(containerd, oci_tar):
                 break
             time.sleep(0.1)
         containerd.ctr("containers", "rm", "c-exec")
+
+
+def test_podman_memory_limit_holds_the_program_not_coves_start(loaded):
+    """`--memory` is the container's cgroup, made as runc makes it; the runtime joins it only after `start`, so a
+    limit far below what Cove's start-up uses still starts, the enclave's own groups are below it, and a program
+    that needs more than the limit is killed."""
+    small = podman("run", "--rm", "--memory", "64m", *RUN_OPTIONS, IMAGE, "/bin/echo", "started-within-64m")
+    assert small.returncode == 0 and small.stdout.strip() == "started-within-64m", small.stderr
+    name = f"cove-test-{uuid.uuid4().hex[:8]}"
+    started = podman("run", "-d", "--name", name, "--memory", "128m", *RUN_OPTIONS, IMAGE, "/bin/sleep", "60")
+    assert started.returncode == 0, started.stderr
+    try:
+        pid = int(podman("inspect", name, "--format", "{{.State.Pid}}").stdout)
+        ident = podman("inspect", name, "--format", "{{.Id}}").stdout.strip()
+        group = [line.split(":", 2)[2].strip() for line in open(f"/proc/{pid}/cgroup") if ":memory:" in line][0]
+        assert ident in group
+        assert int(open(f"/sys/fs/cgroup/memory{group}/memory.limit_in_bytes").read()) == 128 << 20
+        for _ in range(200):
+            below = [p for p in Path(f"/sys/fs/cgroup/memory{group}").glob("cove-*")]
+            if below and (below[0] / "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.05)
+        assert below and (below[0] / "cgroup.procs").read_text().split()  # the enclave, inside the engine's group
+    finally:
+        podman("rm", "-f", "-t", "0", name)
+    assert not Path(f"/sys/fs/cgroup/memory{group}").exists()  # removed with the container
+    hungry = podman("run", "--rm", "--memory", "64m", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c",
+                    "a=$(/usr/bin/head -c 200000000 /dev/urandom); echo survived")
+    assert hungry.returncode != 0 and "survived" not in hungry.stdout

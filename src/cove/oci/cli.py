@@ -172,6 +172,12 @@ def enclave_processes(state: State) -> list[int]:
     found: list[int] = []
     if not state.get("pid"):
         return found
+    for group in state.get("container_cgroups", []):  # the launcher, once it joined the engine's group
+        try:
+            with open(os.path.join(group, "cgroup.procs")) as handle:
+                found.extend(int(p) for p in handle.read().split())
+        except (OSError, ValueError):
+            continue
     for parent in state.get("cgroups", []):
         try:
             names = [n for n in os.listdir(parent) if n.startswith(f"cove-{state['pid']}-")]
@@ -209,6 +215,10 @@ def cmd_delete(root: str, ident: str, force: bool) -> int:
     cleanup(container.dir)
     if state.get("pid"):
         remove_cgroups(state.get("cgroups", []), state["pid"])
+    if state.get("container_cgroups"):
+        from cove.oci import cgroups
+
+        cgroups.remove(state["container_cgroups"])
     return 0
 
 

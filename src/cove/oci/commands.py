@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
 # -- commands
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from cove.oci import execute, launch
+    from cove.oci import cgroups, execute, launch
 
     container = Container(args.root, args.id)
     bundle = spec_mod.load(Path(args.bundle))
@@ -89,7 +89,11 @@ def cmd_create(args: argparse.Namespace) -> int:
     except FileExistsError:
         raise CoveError(f"container {args.id} already exists", "delete it first, or choose another id") from None
     pid: int | None = None
+    groups: list[str] = []
     try:
+        if bundle.cgroups_path:
+            groups = cgroups.groups_for(bundle.cgroups_path)
+            cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
         prepared = launch.prepare(bundle, Path(container.dir))
         console: int | None = None
         if bundle.process.terminal:
@@ -97,9 +101,9 @@ def cmd_create(args: argparse.Namespace) -> int:
                 raise spec_mod.BundleError("config.json: process.terminal is true but no --console-socket was given")
             console = _open_console(args.console_socket)
         os.mkfifo(container.path(FIFO), 0o600)
-        pid = launch.spawn(prepared, Path(container.path(FIFO)), console, args.preserve_fds)
+        pid = launch.spawn(prepared, Path(container.path(FIFO)), console, args.preserve_fds, groups)
         found = cli.start_time(pid)
-        container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": cli.own_cgroups(),
+        container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": groups or cli.own_cgroups(), "container_cgroups": groups,
                         "bundle": str(Path(args.bundle).resolve()), "created": time.time(),
                         "annotations": bundle.annotations, "unmeasured": prepared.unmeasured,
                         "exec": execute.settings(prepared)})
@@ -116,6 +120,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             except ChildProcessError:
                 pass
         cli.cleanup(container.dir)
+        cgroups.remove(groups)
         raise
     return 0
 

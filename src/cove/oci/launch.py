@@ -159,12 +159,21 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
     return Prepared(bundle, verified, root, None, folder, state_dir, _program(bundle, root), unmeasured=True)
 
 
-def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int) -> int:
-    """Fork the container's process; it waits on fifo for `start`. Its pid."""
+def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int,
+          groups: list[str] | None = None) -> int:
+    """Fork the container's process; it waits on fifo for `start`, then joins groups and launches. Its pid.
+
+    The fifo is open for reading before the fork, so a `start` that comes at
+    once finds its reader (runc's exec fifo, the other way round). While it
+    waits, the process loads what the launch needs, so `start` pays only for
+    the launch itself.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
+    waiting = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     pid = os.fork()
     if pid:
+        os.close(waiting)
         if console is not None:
             os.close(console)
         return pid
@@ -181,10 +190,18 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
                 os.set_inheritable(fd, True)
             except OSError:
                 pass
-        with open(fifo, "rb") as waiting:  # blocks until `start` opens the other end
-            go = waiting.read(1)
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never end of file while waiting
+        os.set_blocking(waiting, True)
+        warm()
+        go = os.read(waiting, 1)  # blocks until `start` writes
+        os.close(writer)
+        os.close(waiting)
         if go != b"1":
             os._exit(125)
+        if groups:
+            from cove.oci import cgroups
+
+            cgroups.join(groups)  # the engine's cgroup: from here on, the enclave's launch and program
         code = run(prepared)
     except CoveError as exc:
         print(f"cove-runtime: error: {exc.line()}", file=sys.stderr, flush=True)
@@ -197,6 +214,25 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
             sys.stderr.flush()
         finally:
             os._exit(code & 0xFF)
+
+
+# What a launch imports; loaded while the container waits for `start` (a name that moved only costs the wait).
+WARM_MODULES = ("cove.runtime.sim", "cove.runtime.limits", "cove.runtime.provisioning", "cove.runtime.seccomp",
+                "cove.runtime.securefs_mounts", "cove.runtime.attestation_service", "cove.daemon.attestation")
+_node_checked: bool | None = None
+
+
+def warm() -> None:
+    """Load the launch's modules and ask the node service once, before `start`."""
+    import importlib
+
+    global _node_checked
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    _node_checked = _node_attestation()
 
 
 NODE_ROOT = "/var/lib/cove"  # the node service's --root (COVE_NODE_ROOT in the runtime's environment)
@@ -239,7 +275,8 @@ def run(prepared: Prepared) -> int:
             resource.setrlimit(getattr(resource, kind), (soft, hard))  # measured [resources] apply on top
         except (ValueError, OSError, AttributeError):
             raise BundleError(f"config.json: process.rlimits {kind} {soft}:{hard} cannot be set") from None
-    _node_attestation()
+    if _node_checked is None:
+        _node_attestation()
     request = launcher.RunRequest(prepared.program, tuple(bundle.process.args[1:]))
     if prepared.encrypted is None:
         return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,

@@ -61,6 +61,9 @@ class Bundle:
     rootfs: Path
     process: Process
     annotations: dict[str, str] = field(default_factory=dict)
+    cgroups_path: str | None = None  # linux.cgroupsPath: the container's cgroup (cove.oci.cgroups)
+    memory_limit: int | None = None  # linux.resources.memory.limit, bytes
+    pids_limit: int | None = None  # linux.resources.pids.limit
 
     @property
     def unmeasured_debug(self) -> bool:
@@ -104,10 +107,15 @@ def load(bundle: Path) -> Bundle:
     for name in PRIVILEGED_ANNOTATIONS:
         if annotations.get(name, "").upper() == "TRUE":
             raise BundleError(f"config.json: annotations.{name}: a privileged container cannot be an enclave")
-    _check_linux(_get(data, "linux", dict, "", {}))
+    linux = _get(data, "linux", dict, "", {})
+    _check_linux(linux)
     _check_mounts(_get(data, "mounts", list, "", []))
+    resources = _get(linux, "resources", dict, "linux.", {})
+    memory = _get(_get(resources, "memory", dict, "linux.resources.", {}), "limit", int, "linux.resources.memory.")
+    pids = _get(_get(resources, "pids", dict, "linux.resources.", {}), "limit", int, "linux.resources.pids.")
     return Bundle(bundle, _rootfs(bundle, _get(data, "root", dict, "", {})),
-                  _process(_get(data, "process", dict, "", None)), annotations)
+                  _process(_get(data, "process", dict, "", None)), annotations,
+                  _get(linux, "cgroupsPath", str, "linux.") or None, memory, pids)
 
 
 def _rootfs(bundle: Path, root: dict[str, Any]) -> Path:
