@@ -27,7 +27,9 @@ import threading
 import time
 import traceback
 import urllib.parse
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cove import __version__
 from cove.daemon import attestation
@@ -43,14 +45,19 @@ from cove.daemon.supervisor import parse_restart
 from cove.errors import CoveError, ExitCode, NotFoundError
 from cove.image.store import ImageStore
 
+if TYPE_CHECKING:
+    from cove.daemon.metrics import Metrics
+
 DEFAULT_ROOT = "/var/lib/cove"
 MAX_BODY = 1 << 20
 START_TIMEOUT = 30.0
 RECOVER_GRACE = 2.0
+JSON = dict[str, Any]
+JSONList = list[dict[str, Any]]
 FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
 
 
-def log(event: str, level: str = "info", **fields) -> None:
+def log(event: str, level: str = "info", **fields: Any) -> None:
     """One structured line on stderr."""
     line = json.dumps({"ts": round(time.time(), 3), "level": level, "event": event, **fields}, default=str)
     try:
@@ -91,7 +98,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the spawner ends with the daemon
 
 
-def parse_signal(value) -> int:
+def parse_signal(value: Any) -> int:
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
         number = int(value)
         if 1 <= number < signal.NSIG:
@@ -126,7 +133,7 @@ class Daemon:
         self.log_max_bytes, self.log_files = log_max_bytes, log_files  # rotation of the enclaves' logs
         self.events = Events(self.root / "events.jsonl")  # a bounded journal: events outlive the daemon
         self.lock = threading.Lock()
-        self.metrics = None  # cove.daemon.metrics.Metrics when --metrics is given
+        self.metrics: Metrics | None = None  # when --metrics is given
 
     # -- start-up
 
@@ -163,7 +170,7 @@ class Daemon:
 
     # -- enclaves
 
-    def create(self, body: dict, uid: int) -> dict:
+    def create(self, body: JSON, uid: int) -> JSON:
         try:
             return self._create(body, uid)
         except (Problem, CoveError) as exc:
@@ -172,7 +179,7 @@ class Daemon:
                 self.metrics.failures.labels(kind).inc()
             raise
 
-    def _create(self, body: dict, uid: int) -> dict:
+    def _create(self, body: JSON, uid: int) -> JSON:
         instance = Path(_field(body, "instance", str))
         program = _field(body, "program", str)
         args = _field(body, "args", list, [])
@@ -232,7 +239,7 @@ class Daemon:
         self.events.last_seen.setdefault(enclave.id, ("running", 0))
         return enclave.view()
 
-    def _spawner(self) -> subprocess.Popen:
+    def _spawner(self) -> subprocess.Popen[bytes]:
         """The pre-loaded process that forks supervisors (cove.daemon.spawner), started again if it died."""
         spawner = getattr(self, "spawner_process", None)
         if spawner is None or spawner.poll() is not None:
@@ -245,24 +252,22 @@ class Daemon:
         """Have a supervisor forked for the enclave, and wait until it has written its state."""
         with self.lock:
             spawner = self._spawner()
+            line = f"{enclave.folder}\t{self.store.path}\n".encode()
             try:
-                spawner.stdin.write(f"{enclave.folder}\t{self.store.path}\n".encode())
-                spawner.stdin.flush()
+                _send_line(spawner, line)
             except BrokenPipeError:
                 spawner.kill()
-                spawner = self._spawner()
-                spawner.stdin.write(f"{enclave.folder}\t{self.store.path}\n".encode())
-                spawner.stdin.flush()
+                _send_line(self._spawner(), line)
         deadline = time.monotonic() + START_TIMEOUT
         while not (enclave.folder / "state.json").exists():
             if time.monotonic() > deadline:
                 raise Problem("Internal", "the enclave's supervisor did not start", ExitCode.SANDBOX)
-            time.sleep(0.005)
+            time.sleep(0.001)  # a forked supervisor writes it within milliseconds
 
-    def view(self, ref: str) -> dict:
+    def view(self, ref: str) -> JSON:
         return self.registry.settle(self.registry.find(ref)).view()
 
-    def list(self, all_: bool) -> list[dict]:
+    def list(self, all_: bool) -> JSONList:
         out = []
         for enclave in self.registry.all():
             enclave = self.registry.settle(enclave)
@@ -270,7 +275,7 @@ class Daemon:
                 out.append(enclave.view())
         return out
 
-    def signal(self, ref: str, signum: int) -> dict:
+    def signal(self, ref: str, signum: int) -> JSON:
         enclave = self.registry.settle(self.registry.find(ref))
         if enclave.ended:
             raise ConflictError(f"enclave {enclave.name} is not running")
@@ -305,7 +310,7 @@ class Daemon:
         elif signum in FORWARDED or signum == signal.SIGKILL:
             _kill(pid, signum)  # no sandbox (yet): the supervisor stops before launching, or forwards it
 
-    def exec_helper(self, ref: str, body: dict, stream: bool = False) -> tuple[Enclave, str, Helper]:
+    def exec_helper(self, ref: str, body: JSON, stream: bool = False) -> tuple[Enclave, str, Helper]:
         """Check an exec request and start its helper (cove.daemon.execin) in the running enclave.
 
         The helper gets the enclave's environment, and the names of the ``env:`` secrets whose values it
@@ -323,7 +328,8 @@ class Daemon:
         if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
             raise Problem("InvalidRequest", "rows and cols must be between 0 and 65535")
         enclave = self.registry.settle(self.registry.find(ref))
-        init = sandbox_init(enclave.state.get("pid")) if enclave.state.get("pid") else None
+        supervisor = enclave.state.get("pid")
+        init = sandbox_init(int(supervisor)) if supervisor else None
         program = children(init) if init else []
         if enclave.status != "running" or not program:
             raise ConflictError(f"enclave {enclave.name} is not running", "start it with `cove run -d`")
@@ -343,14 +349,14 @@ class Daemon:
                     getattr(getattr(config, "security", None), "io_uring", False))).hex()}
         return enclave, path, Helper(program[0], spec, stdin)
 
-    def exec(self, ref: str, body: dict) -> dict:
+    def exec(self, ref: str, body: JSON) -> JSON:
         """Run a program in a running enclave; its exit code and output once it ends (no stream)."""
         enclave, path, helper = self.exec_helper(ref, body)
         code, out, err = buffered(helper, 16 << 20, 1 << 20)
         self.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path, exit_code=code)
         return {"exit_code": code, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
 
-    def stop(self, ref: str, timeout: float) -> dict:
+    def stop(self, ref: str, timeout: float) -> JSON:
         enclave = self.registry.settle(self.registry.find(ref))
         (enclave.folder / "stop").touch()
         if not enclave.ended:
@@ -376,12 +382,12 @@ class Daemon:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def wait(self, ref: str) -> dict:
+    def wait(self, ref: str) -> JSON:
         enclave = self.registry.find(ref)
         self._wait_end(enclave, None)
         return self.registry.load(enclave.id).view()
 
-    def remove(self, ref: str, force: bool) -> dict:
+    def remove(self, ref: str, force: bool) -> JSON:
         enclave = self.registry.settle(self.registry.find(ref))
         if not enclave.ended:
             if not force:
@@ -393,7 +399,7 @@ class Daemon:
         self.events.emit("enclave", "remove", enclave.id, name=enclave.name)
         return view
 
-    def logs(self, ref: str, follow: bool, tail: int | None):
+    def logs(self, ref: str, follow: bool, tail: int | None) -> Generator[bytes, None, None]:
         """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end.
 
         Rotated files come first, oldest first; a follower whose file is rotated away drains it and goes
@@ -402,7 +408,8 @@ class Daemon:
         enclave = self.registry.find(ref)
         files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
         delay = 0.002  # short waits first (a short-lived enclave ends soon), longer ones later
-        handle = open(enclave.log, "rb")
+        began = time.monotonic()  # `cove run` follows from the start: it sees the end within 10 ms for 5 s
+        handle: BinaryIO = open(enclave.log, "rb")
         try:
             if tail is not None:
                 yield logfile.tail(enclave.log, files, tail)
@@ -431,19 +438,19 @@ class Daemon:
                     ended = True  # one more look: the last bytes, in this file or a newer one
                     continue
                 time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, 0.01 if time.monotonic() - began < 5 else 0.1)
         finally:
             handle.close()
 
     # -- images
 
-    def images(self) -> list[dict]:
+    def images(self) -> JSONList:
         used: dict[str, int] = {}
         for enclave in self.registry.all():
             used[enclave.record["image"]] = used.get(enclave.record["image"], 0) + 1
         return [dict(image.summary(), enclaves=used.get(image.id, 0)) for image in self.store.list()]
 
-    def remove_image(self, ident: str, force: bool) -> dict:
+    def remove_image(self, ident: str, force: bool) -> JSON:
         image = self.store.get(ident)
         users = [e for e in self.registry.all() if e.record["image"] == image.id]
         if users and not force:
@@ -457,12 +464,12 @@ class Daemon:
         self.events.emit("image", "remove", image.id, name=image.name)
         return {"id": image.id, "blobs_removed": blobs, "bytes_freed": freed}
 
-    def prune(self) -> dict:
+    def prune(self) -> JSON:
         blobs, freed = self.store.collect()
         return {"blobs_removed": blobs, "bytes_freed": freed}
 
 
-def _field(body: dict, name: str, kind: type, default=...):
+def _field(body: JSON, name: str, kind: type, default: Any = ...) -> Any:
     if name not in body or body[name] is None:
         if default is ...:
             raise Problem("InvalidRequest", f"{name} is required")
@@ -488,6 +495,12 @@ def _check_owner(instance: Path, uid: int) -> None:
             raise Problem("Forbidden", f"{path} does not belong to uid {uid}", ExitCode.REFUSED)
 
 
+def _send_line(process: subprocess.Popen[bytes], line: bytes) -> None:
+    assert process.stdin is not None  # started with stdin=PIPE
+    process.stdin.write(line)
+    process.stdin.flush()
+
+
 def _kill(pid: int | None, signum: int) -> None:
     if pid:
         try:
@@ -501,7 +514,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = f"cove-daemon/{__version__}"
     daemon: Daemon  # set on the class by serve()
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         return  # requests are logged as JSON in _handle
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -556,7 +569,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log("request", method=method, path=self.path[:200], status=status,
                 ms=round((time.monotonic() - started) * 1000, 2), uid=getattr(self, "peer_uid", None))
 
-    def _body(self) -> dict:
+    def _body(self) -> JSON:
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
             raise Problem("InvalidRequest", "send the body with a Content-Length")
@@ -580,7 +593,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Problem("InvalidRequest", "the body must be a JSON object")
         return body
 
-    def _route(self, method: str, path: str, query: dict) -> int:
+    def _route(self, method: str, path: str, query: dict[str, str]) -> int:
         parts = [p for p in path.split("/") if p]
         body = self._body() if method in ("POST", "PUT", "PATCH") else {}
         if not parts or parts[0] != client_mod.API:
@@ -645,7 +658,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._stream(d.events.follow(since, _flag(query, "follow", True)), "application/x-ndjson")
         raise Problem("NotFound", f"no route {method} {path}")
 
-    def _exec_stream(self, ref: str, body: dict) -> int:
+    def _exec_stream(self, ref: str, body: JSON) -> int:
         """``cove exec`` with its output streamed: 101 Switching Protocols, then frames both ways."""
         d = self.daemon
         enclave, path, helper = d.exec_helper(ref, body, stream=True)  # refusals are still problems
@@ -660,7 +673,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                       exit_code=code, client_left=code is None)
         return 101
 
-    def _json(self, status: int, document, kind: str = "application/json") -> int:
+    def _json(self, status: int, document: Any, kind: str = "application/json") -> int:
         data = json.dumps(document).encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
@@ -673,7 +686,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         return self._json(problem.status, problem.document(self.path[:200]), "application/problem+json")
 
-    def _stream(self, chunks, kind: str) -> int:
+    def _stream(self, chunks: Generator[bytes, None, None], kind: str) -> int:
         """A body of unknown length: chunked, flushed as it comes (logs -f, events)."""
         first = next(chunks, None)  # errors before the first byte are still problems
         self.send_response(200)
@@ -699,7 +712,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _flag(query: dict, name: str, default: bool = False) -> bool:
+def _flag(query: dict[str, str], name: str, default: bool = False) -> bool:
     value = query.get(name)
     if value is None:
         return default
@@ -710,7 +723,7 @@ def _flag(query: dict, name: str, default: bool = False) -> bool:
     raise Problem("InvalidRequest", f"{name} must be true or false")
 
 
-def _number(value, name: str) -> float:
+def _number(value: Any, name: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -773,7 +786,7 @@ def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, metrics: 
     server = bind(socket_path, daemon.gid)
     stopping = threading.Event()
 
-    def leave(_signum, _frame):
+    def leave(_signum: int, _frame: object) -> None:
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()

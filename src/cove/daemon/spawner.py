@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from cove import trace
@@ -21,6 +22,7 @@ from cove.errors import CoveError
 
 
 def spawn(folder: str, store: str) -> None:
+    asked = time.perf_counter()
     pid = os.fork()
     if pid:
         os.waitpid(pid, 0)  # the middle process leaves at once
@@ -35,7 +37,9 @@ def spawn(folder: str, store: str) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.closerange(3, 65536)
-        code = Supervisor(Path(folder), Path(store)).run()
+        trace.emit("spawner.fork", asked, time.perf_counter())
+        with trace.span("supervisor.run"):
+            code = Supervisor(Path(folder), Path(store)).run()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code & 0xFF)

@@ -18,7 +18,9 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from cove import trace
 from cove.daemon import attestation, logfile
 from cove.daemon.registry import process_start
 from cove.errors import CoveError, IntegrityError
@@ -49,14 +51,14 @@ def should_restart(policy: str, code: int, restarts: int) -> bool:
 
 
 class Supervisor:
-    def __init__(self, folder: Path, store: Path):
+    def __init__(self, folder: Path, store: Path) -> None:
         self.folder = folder
         self.record = json.loads((folder / "record.json").read_text())
         self.store = ImageStore(store)
-        self.state: dict = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "restarts": 0}
+        self.state: dict[str, Any] = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "restarts": 0}
         self.stopping = False
 
-    def save(self, **changes) -> None:
+    def save(self, **changes: Any) -> None:
         self.state.update(changes)
         # only the end (the exit code) is made durable: after a machine crash no enclave runs anyway
         write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600,
@@ -70,16 +72,19 @@ class Supervisor:
         if self.stop_requested():
             return 128 + signal.SIGTERM  # stopped before it began
         try:
-            attestation.CONTROL = attestation.ensure_server(self.folder.parent.parent)
-            image = self.store.get(self.record["image"])
-            verified = self.store.verified(image)
+            with trace.span("supervisor.attestation-server"):
+                attestation.CONTROL = attestation.ensure_server(self.folder.parent.parent)
+            with trace.span("supervisor.stored-image"):
+                image = self.store.get(self.record["image"])
+                verified = self.store.verified(image)
             if verified.measurement.hex() != self.record["measurement"]:
                 raise IntegrityError("the stored image no longer has the measurement it was started with")
             # the client's values of [env] passthrough names reach the enclave only, never this root process
             request = launcher.RunRequest(self.record["program"], tuple(self.record["args"]),
                                           self.record.get("backend"), host_env=dict(self.record.get("env", {})))
             state_dir = Path(self.record["state_dir"]) if self.record.get("state_dir") else self.folder / "state"
-            self.save(state="running", started=time.time(), finished=None, exit_code=None, error=None)
+            with trace.span("supervisor.save-running"):
+                self.save(state="running", started=time.time(), finished=None, exit_code=None, error=None)
             return launcher.run_verified(verified, image.root, request, state_dir, build_dir=image.build,
                                          stored=True)
         except CoveError as exc:
@@ -114,7 +119,7 @@ class Supervisor:
     def _run(self) -> int:
         # /dev/attestation from the node's one server, not a server process per run
         services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
-        def stop(_signum, _frame):
+        def stop(_signum: int, _frame: object) -> None:
             self.stopping = True
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -125,7 +130,8 @@ class Supervisor:
             code = self.once()
             if self.stop_requested() or not should_restart(self.record.get("restart", "no"), code,
                                                            self.state["restarts"]):
-                self.save(state="exited", exit_code=code, finished=time.time())
+                with trace.span("supervisor.save-exited"):
+                    self.save(state="exited", exit_code=code, finished=time.time())
                 return code
             if time.monotonic() - began > BACKOFF_RESET:
                 delay = BACKOFF_FIRST  # it ran a while: start the back-off again
