@@ -10,7 +10,6 @@ with ``--path``).
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
@@ -46,14 +45,9 @@ def _key(ctx, key_text: str) -> bytes:
 
 
 def _open(ctx, volume: Path, key_text: str, writable: bool = False, check_anchor: bool = True):
-    """Open a volume; read-only unless asked (no writer lock, no re-wrap, nothing changed on disk)."""
-    from cove.fs.access import open_volume
-    from cove.fs.transfer import is_volume
+    from cove.fs.volume_tools import open_checked
 
-    if not is_volume(volume):
-        raise CoveError(f"{volume} is not a Cove volume", "give the folder that holds its root file")
-    return open_volume(str(volume), key_text, _identity(ctx, key_text), writable=writable,
-                       check_anchor=check_anchor)
+    return open_checked(volume, key_text, _identity(ctx, key_text), writable=writable, check_anchor=check_anchor)
 
 
 def _progress(total: int, what: str):
@@ -65,18 +59,6 @@ def _progress(total: int, what: str):
     bar = Progress(TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
     task = bar.add_task(what, total=total)
     return bar, (lambda n: bar.advance(task, n))
-
-
-def _tree_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _input(path: Path) -> Path:
-    if not os.path.lexists(path):
-        raise CoveError(f"{path}: no such file or folder")
-    return path
 
 
 @click.group()
@@ -98,15 +80,15 @@ def fs() -> None:
 def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, force: bool,
             source: Path, output: Path) -> None:
     """Encrypt SOURCE: a file into one protected file, a folder into a new volume."""
-    from cove.fs import transfer
+    from cove.fs import transfer, volume_tools
     from cove.fs.index import KeyPolicy
 
-    _input(source)
+    volume_tools.require_input(source)
     identity = _identity(ctx, key_text)
     from cove.fs import keys
 
     kek = keys.resolve(key_text, identity)
-    bar, progress = _progress(_tree_size(source), "encrypting")
+    bar, progress = _progress(volume_tools.host_size(source), "encrypting")
     with bar or _Null():
         if source.is_dir():
             if not label.startswith("/"):
@@ -134,20 +116,20 @@ def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, 
 def decrypt(ctx, key_text: str, logical: str | None, no_rollback_check: bool, force: bool,
             source: Path, output: Path) -> None:
     """Decrypt SOURCE (a volume or a protected file) into OUTPUT, checking every byte."""
-    from cove.fs import transfer
+    from cove.fs import transfer, volume_tools
 
-    _input(source)
+    volume_tools.require_input(source)
     if transfer.is_volume(source):
         _warn_unchecked(no_rollback_check)
         with _open(ctx, source, key_text, check_anchor=not no_rollback_check) as volume:
             if volume.problems:
                 raise _problems(source, volume.problems)
-            bar, progress = _progress(sum(n.size for _, n in volume.walk() if n.kind == "f"), "decrypting")
+            bar, progress = _progress(volume_tools.content_size(volume), "decrypting")
             with bar or _Null():
                 files, size = transfer.export_tree(volume, output, force=force, progress=progress)
         click.echo(f"decrypted {files} files ({size} bytes) into {output}")
     else:
-        bar, progress = _progress(_tree_size(source), "decrypting")
+        bar, progress = _progress(volume_tools.host_size(source), "decrypting")
         with bar or _Null():
             bound = transfer.decrypt_file(source, output, _key(ctx, key_text), logical, force=force,
                                           progress=progress)
@@ -163,24 +145,23 @@ def decrypt(ctx, key_text: str, logical: str | None, no_rollback_check: bool, fo
 @click.pass_obj
 def verify(ctx, key_text: str, logical: str | None, no_rollback_check: bool, source: Path) -> None:
     """Check every byte of a volume or protected file; list what fails."""
-    from cove.fs import transfer
+    from cove.fs import transfer, volume_tools
 
-    _input(source)
+    volume_tools.require_input(source)
     if not transfer.is_volume(source):
         bound, size = transfer.verify_file(source, _key(ctx, key_text), logical)
         click.echo(f"ok: {source}: {size} bytes, bound to {bound!r}")
         return
     _warn_unchecked(no_rollback_check)
     with _open(ctx, source, key_text, check_anchor=not no_rollback_check) as volume:
-        problems = volume.verify()
-        files = [n for _, n in volume.walk() if n.kind == "f"]
-        for line in volume.recovered:
+        found = volume_tools.verify(volume)
+        for line in found.recovered:
             click.echo(f"recovered: {line} (an interrupted commit was finished or rolled back)")
-        if problems:
-            raise _problems(source, problems)
+        if found.problems:
+            raise _problems(source, found.problems)
         anchor = "none (not checked)" if no_rollback_check else volume.store.kind
-        click.echo(f"ok: {source}: {len(files)} files, {sum(n.size for n in files)} bytes, version "
-                   f"{volume.version}, label {volume.label}, rollback anchor {anchor}")
+        click.echo(f"ok: {source}: {found.files} files, {found.size} bytes, version "
+                   f"{found.version}, label {found.label}, rollback anchor {anchor}")
 
 
 @fs.command(name="ls")
@@ -191,18 +172,14 @@ def verify(ctx, key_text: str, logical: str | None, no_rollback_check: bool, sou
 @click.pass_obj
 def ls(ctx, key_text: str, no_rollback_check: bool, volume_dir: Path, inside: str) -> None:
     """List the files of a volume (mode, size, path)."""
-    _input(volume_dir)
+    from cove.fs import volume_tools
+
+    volume_tools.require_input(volume_dir)
     _warn_unchecked(no_rollback_check)
     with _open(ctx, volume_dir, key_text, check_anchor=not no_rollback_check) as volume:
-        try:
-            start = volume.resolve(inside)
-        except FileNotFoundError:
-            raise CoveError(f"{inside}: not in the volume") from None
-        entries = [(inside.rstrip("/") or "/", start)] if start.kind != "d" else \
-            [(f"{inside.rstrip('/')}{path}", node) for path, node in volume.walk(start)]
-        for path, node in entries:
-            extra = f" -> {os.fsdecode(node.target)}" if node.kind == "l" else ""
-            click.echo(f"{stat.filemode(node.mode)} {volume.file_size(node):>12} {path}{extra}")
+        for entry in volume_tools.listing(volume, inside):
+            extra = f" -> {entry.target}" if entry.target is not None else ""
+            click.echo(f"{stat.filemode(entry.mode)} {entry.size:>12} {entry.path}{extra}")
 
 
 @fs.command()
@@ -213,9 +190,9 @@ def ls(ctx, key_text: str, no_rollback_check: bool, volume_dir: Path, inside: st
 @click.pass_obj
 def mount(ctx, key_text: str, read_only: bool, volume_dir: Path, mountpoint: Path) -> None:
     """Mount a volume on the host to inspect it (until unmounted, or Ctrl-C)."""
-    from cove.fs import fuse
+    from cove.fs import fuse, volume_tools
 
-    _input(volume_dir)
+    volume_tools.require_input(volume_dir)
     if not mountpoint.is_dir():
         raise CoveError(f"{mountpoint} is not a folder", "create the mount point first")
     volume = _open(ctx, volume_dir, key_text, writable=not read_only)
@@ -235,13 +212,9 @@ def mount(ctx, key_text: str, read_only: bool, volume_dir: Path, mountpoint: Pat
 @click.argument("volume_dir", metavar="VOLUME", type=click.Path(path_type=Path))
 def forget(volume_dir: Path) -> None:
     """Drop this platform's rollback records of a volume that was deliberately deleted."""
-    from cove.fs import anchor
+    from cove.fs import volume_tools
 
-    if os.path.exists(volume_dir) and os.listdir(volume_dir):
-        raise CoveError(f"{volume_dir} still holds a volume", "delete it first; forget only discards records")
-    removed = anchor.forget_records(str(volume_dir.absolute()))
-    if not removed:
-        raise CoveError(f"this platform has no record of a volume at {volume_dir.absolute()}")
+    removed = volume_tools.forget(volume_dir)
     click.echo(f"forgot {len(removed)} record(s) of {volume_dir}; an encrypted mount will start it afresh")
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from cove.cli.options import InputPath
+from cove.decode import decode_json
 from cove.errors import CoveError
 
 PathType = click.Path(path_type=Path)
@@ -106,43 +106,13 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
           sgx_root_ca, snp_ask_ark, tpm_ak, collateral_dir, pccs, issuer, session_lifetime, token_lifetime, workers, access_log,
           ra_tls, attestation_dir) -> None:
     """Serve the KBS protocol and the admin API."""
-    from cove.kbs import runner, vault
+    from cove.kbs import runner, serve_options
 
-    if ra_tls and (certfile or keyfile or insecure_http):
-        raise CoveError("--ra-tls makes its own certificate: it excludes --cert, --key and --insecure-http")
-
-    folder = _state(state)
-    if db is None and not folder.exists():
-        raise CoveError(f"no broker state in {folder}", "run `cove kbs init` first")
-    if policy is not None:  # one line naming the file, as `cove verify --policy` says it
-        from cove.attest.policy import load_policy
-
-        rules = load_policy(policy).rules
-        if any(r.wants_init_data for r in rules.values()):  # the attestation policy sees no init-data
-            raise CoveError(f"policy {policy}: init_data_digests and init_data belong in release policies "
-                            "(`cove kbs admin policy put`), not in the attestation policy",
-                            "move those keys into the release policy of the secrets they guard")
-    if master_key_file is None and master_key_sealed is None and not os.environ.get(vault.ENV_VAR):
-        if (folder / "master.sealed").exists():
-            master_key_sealed = folder / "master.sealed"
-        else:
-            master_key_file = folder / "master.key"
-    if not insecure_http and not ra_tls:
-        certfile = certfile or folder / "tls.crt"
-        keyfile = keyfile or folder / "tls.key"
-        if not certfile.is_file():
-            raise CoveError(f"no TLS certificate {certfile}",
-                            "run `cove kbs init`, pass --cert/--key, or --insecure-http for local tests")
-    options = {"db": db or runner.default_db(folder),
-               "master_key_file": str(master_key_file) if master_key_file else None,
-               "master_key_sealed": str(master_key_sealed) if master_key_sealed else None,
-               "policy": str(policy) if policy else None,
-               "sgx_root_ca": str(sgx_root_ca) if sgx_root_ca else None,
-               "snp_ask_ark": [str(p) for p in snp_ask_ark], "tpm_ak": [str(p) for p in tpm_ak],
-               "collateral_dir": str(collateral_dir or folder / "collateral"), "pccs": pccs,
-               "issuer": issuer, "session_lifetime": session_lifetime, "token_lifetime": token_lifetime,
-               "certfile": None if insecure_http or ra_tls else str(certfile),
-               "keyfile": None if insecure_http or ra_tls else str(keyfile)}
+    options = serve_options.resolve(
+        _state(state), db=db, certfile=certfile, keyfile=keyfile, insecure_http=insecure_http,
+        master_key_file=master_key_file, master_key_sealed=master_key_sealed, policy=policy,
+        sgx_root_ca=sgx_root_ca, snp_ask_ark=snp_ask_ark, tpm_ak=tpm_ak, collateral_dir=collateral_dir, pccs=pccs,
+        issuer=issuer, session_lifetime=session_lifetime, token_lifetime=token_lifetime, ra_tls=ra_tls)
     from cove.kbs.problems import Problem
 
     try:
@@ -178,10 +148,9 @@ def get(url, paths, ca_cert, broker_policy, tee, attestation_dir, sample_claims,
     if tee == "cove":
         provider = kbs_client.DevAttestation(attestation_dir)
     elif tee == "sample":
-        try:
-            claims = json.loads(sample_claims) if sample_claims else {"svn": 1, "debug": False}
-        except ValueError:
-            raise CoveError("--sample-claims is not JSON") from None
+        claims = decode_json(sample_claims, CoveError, "--sample-claims") if sample_claims else {"svn": 1, "debug": False}
+        if not isinstance(claims, dict):
+            raise CoveError("--sample-claims must be a JSON object")
         provider = kbs_client.SampleEvidence(claims=claims)
     else:
         raise CoveError(f"--tee {tee}: `cove kbs get` makes cove or sample evidence",
@@ -211,26 +180,10 @@ class AdminContext:
 
     @property
     def client(self):
-        from cove.kbs.client import AdminClient
+        from cove.kbs.admin_config import connect
 
         if self._client is None:
-            folder = _state(None)
-            key = self.key or folder / "admin.json"
-            url = self.url
-            if url is None:
-                try:
-                    url = json.loads(Path(key).read_text()).get("url")
-                except (OSError, ValueError):
-                    url = None
-            if not url:
-                raise CoveError("no broker URL", "pass --url or set $COVE_KBS_URL")
-            ca = self.ca
-            if self.broker_policy is not None:
-                if ca is not None:
-                    raise CoveError("--ca and --kbs-policy exclude each other")
-            elif ca is None and (folder / "tls-ca.pem").is_file() and url.startswith("https"):
-                ca = folder / "tls-ca.pem"
-            self._client = AdminClient.from_file(url, key, ca, broker_policy=self.broker_policy)
+            self._client = connect(_state(None), self.url, self.key, self.ca, self.broker_policy)
         return self._client
 
 
@@ -431,10 +384,9 @@ def key() -> None:
 @click.pass_obj
 def key_add(ctx, name, public_jwk, role) -> None:
     """Register another admin's PUBLIC_JWK file under NAME."""
-    try:
-        jwk = json.loads(public_jwk.read())
-    except ValueError:
-        raise CoveError(f"{public_jwk.name} is not a JWK (JSON)") from None
+    jwk = decode_json(public_jwk.read(), CoveError, f"{public_jwk.name} (a JWK)")
+    if not isinstance(jwk, dict):
+        raise CoveError(f"{public_jwk.name} is not a JWK (a JSON object)")
     _print(ctx.client.add_key(name, jwk, role))
 
 
@@ -443,17 +395,9 @@ def key_add(ctx, name, public_jwk, role) -> None:
 @click.argument("out", type=PathType)
 def key_new(name, out) -> None:
     """Make a key pair for a new admin: OUT (private, 0600) and OUT.pub.json (to register)."""
-    from joserfc import jwk
+    from cove.kbs.admin_config import new_key_file
 
-    from cove.util import write_atomic
-
-    if out.exists():
-        raise CoveError(f"{out} exists")
-    pair = jwk.generate_key("EC", "P-256")
-    write_atomic(out, json.dumps({"name": name, "audience": None, "url": None,
-                                  "jwk": pair.as_dict(private=True)}, indent=2).encode(), mode=0o600)
-    public = Path(str(out) + ".pub.json")
-    write_atomic(public, json.dumps(pair.as_dict(private=False), indent=2).encode())
+    public = new_key_file(name, out)
     click.echo(f"wrote {out} and {public}; an admin registers it with `cove kbs admin key add {name} {public}`, "
                f"then set \"audience\" and \"url\" in {out}")
 
