@@ -287,9 +287,27 @@ def cleanup(folder: str) -> None:
 
         for point in below:
             subprocess.run(["umount", "-l", point], capture_output=True)
-    import shutil
+    remove_tree(folder)
 
-    shutil.rmtree(folder, ignore_errors=True)
+
+def remove_tree(folder: str) -> None:
+    """shutil.rmtree(folder, ignore_errors=True) without importing shutil (and its compression modules)."""
+    for where, folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            try:
+                os.unlink(os.path.join(where, name))
+            except OSError:
+                pass
+        for name in folders:
+            path = os.path.join(where, name)
+            try:
+                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+            except OSError:
+                pass
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def cmd_features() -> int:
