@@ -16,17 +16,20 @@ import re
 import secrets as pysecrets
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwk
 
 from cove.attest import certs
 from cove.kbs import broker_policy as policy_mod, coco_binding, coco_collateral, coco_evidence, evidence_appraisal, jose, secrets as secrets_mod
 from cove.kbs.problems import Problem
-from cove.kbs.store import SecretRow, Store
+from cove.kbs.store import ReleaseRow, SecretRow, SessionRow, Store
 from cove.kbs.vault import Vault
 
 ROLES = ("admin", "auditor")
@@ -65,8 +68,8 @@ class Settings:
 class Caller:
     """Who asks for a resource: the claims and TEE key behind a cookie or a token."""
 
-    claims: dict
-    tee_pubkey: dict
+    claims: dict[str, Any]
+    tee_pubkey: dict[str, Any]
     via: str  # "cookie" or "token"
     session: str | None = None
 
@@ -86,7 +89,8 @@ class Broker:
         self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy", allow_paths=True)
                                    if settings.attestation_policy else policy_mod.default_attestation_policy())
         self.anchors = settings.anchors.with_policy_roots(self.attestation_policy)
-        self.collateral = coco_collateral.CollateralSource(settings.collateral_dir, settings.pccs_url)
+        self.collateral = coco_collateral.CollateralSource(
+            Path(settings.collateral_dir) if settings.collateral_dir else None, settings.pccs_url)
         self._policies: dict[tuple[str, int], policy_mod.Policy] = {}
         self._policy_lock = threading.Lock()
         self._last_purge = 0.0
@@ -103,19 +107,21 @@ class Broker:
             jwk.generate_key("EC", "P-256").as_dict(private=True)).encode())
         return jwk.import_key(json.loads(data), "EC")
 
-    def _ca(self):
+    def _ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         def make() -> bytes:
             key = certs.new_key()
             cert = certs.self_signed_ca(key, f"Cove KBS CA {self.broker_id[:8]}")
             return json.dumps({"key": certs.private_key_pem(key).decode(), "cert": certs.pem(cert).decode()}).encode()
         data = json.loads(self._sealed_once("ca", make))
-        return (serialization.load_pem_private_key(data["key"].encode(), password=None),
-                x509.load_pem_x509_certificate(data["cert"].encode()))
+        key = serialization.load_pem_private_key(data["key"].encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise Problem("Unavailable", "the broker's stored CA key is not an EC key")
+        return key, x509.load_pem_x509_certificate(data["cert"].encode())
 
     def ca_pem(self) -> str:
         return self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
 
-    def jwks(self) -> dict:
+    def jwks(self) -> dict[str, Any]:
         return {"keys": [self.tokens.public]}
 
     def now(self) -> float:
@@ -128,7 +134,7 @@ class Broker:
         return dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
 
     # -- the KBS protocol ----------------------------------------------------------------------------
-    def auth(self, request) -> tuple[str, dict]:
+    def auth(self, request: Any) -> tuple[str, dict[str, Any]]:
         """POST /kbs/v0/auth: a new session and its challenge."""
         if not isinstance(request, dict):
             raise Problem("InvalidRequest", "the auth request must be a JSON object")
@@ -157,19 +163,19 @@ class Broker:
             self._last_purge = now
             self.store.purge_sessions(self.now() - 60)
 
-    def _live_session(self, session_id: str | None):
+    def _live_session(self, session_id: str | None) -> SessionRow:
         if not session_id:
             raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
         return self._live(self.store.session(session_id))
 
-    def _live(self, row):
+    def _live(self, row: SessionRow | None) -> SessionRow:
         if row is None:
             raise Problem("SessionNotFound", "the kbs-session-id names no session (unknown or purged)")
         if row.expires_at < self.now():
             raise Problem("SessionExpired", "the session has expired; POST /kbs/v0/auth again")
         return row
 
-    def attest(self, session_id: str | None, body) -> str:
+    def attest(self, session_id: str | None, body: Any) -> str:
         """POST /kbs/v0/attest: appraise evidence bound to this session's nonce; a token."""
         if not session_id:
             self.store.audit_refusal("session:none", "attest", None, "SessionNotFound: no kbs-session-id cookie")
@@ -207,7 +213,7 @@ class Broker:
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
 
     @staticmethod
-    def _runtime_data(body) -> dict:
+    def _runtime_data(body: Any) -> dict[str, Any]:
         """The attestation's runtime-data, checked before the session's nonce is spent."""
         if not isinstance(body, dict):
             raise Problem("InvalidRequest", "the attestation must be a JSON object")
@@ -223,7 +229,7 @@ class Broker:
             raise Problem("InvalidRequest", "init-data must be an object or null")
         return runtime
 
-    def _refuse_claim(self, session_id: str, nonce: str) -> None:
+    def _refuse_claim(self, session_id: str, nonce: str) -> NoReturn:
         """Why a session's nonce could not be consumed: the problem, in the order a client needs it."""
         row = self._live_session(session_id)
         if row.state != "challenged":
@@ -242,12 +248,12 @@ class Broker:
         return self._attested(self._live_session(session_id))
 
     @staticmethod
-    def _attested(row) -> Caller:
+    def _attested(row: SessionRow) -> Caller:
         if row.state != "attested" or row.claims is None or row.tee_pubkey is None:
             raise Problem("AttestationError", "this session has not attested successfully")
         return Caller(row.claims, row.tee_pubkey, "cookie", row.id)
 
-    def release_to(self, session_id: str | None, bearer: str | None, path: str, version: int | None = None) -> dict:
+    def release_to(self, session_id: str | None, bearer: str | None, path: str, version: int | None = None) -> dict[str, Any]:
         """GET /kbs/v0/resource/...: :meth:`caller`, then :meth:`release`; a cookie session is read
         together with the secret (one database round trip)."""
         try:
@@ -280,12 +286,13 @@ class Broker:
                 self._policies[(name, version)] = cached
         return cached
 
-    def release(self, path: str, caller: Caller, version: int | None = None) -> dict:
+    def release(self, path: str, caller: Caller, version: int | None = None) -> dict[str, Any]:
         """GET /kbs/v0/resource/...: the secret as a JWE to the caller's TEE key, if policy allows."""
         secrets_mod.split_path(path)
         return self._release(path, caller, version, self.store.release_row(path, version))
 
-    def _release(self, path: str, caller: Caller, version: int | None, found) -> dict:
+    def _release(self, path: str, caller: Caller, version: int | None, found: ReleaseRow | None
+                 ) -> dict[str, Any]:
         who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
         if found is None:
@@ -361,7 +368,7 @@ class Broker:
             raise Problem("AdminForbidden", f"admin key {name!r} has role {role}, which may not {action}")
         return name
 
-    def bootstrap_admin(self, name: str, public: dict, role: str = "admin") -> bool:
+    def bootstrap_admin(self, name: str, public: dict[str, Any], role: str = "admin") -> bool:
         """Register an admin key directly in the database (`cove kbs init`)."""
         self._check_key(name, public, role)
         added = self.store.add_admin_key(name, public, role)
@@ -370,7 +377,7 @@ class Broker:
         return added
 
     @staticmethod
-    def _check_key(name: str, public: dict, role: str) -> None:
+    def _check_key(name: str, public: dict[str, Any], role: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise Problem("InvalidRequest", f"admin key name {name!r} must be 1-64 letters, digits, '.', '_', '-'")
         if role not in ROLES:
@@ -383,7 +390,7 @@ class Broker:
         except Exception as exc:
             raise Problem("InvalidRequest", f"not an Ed25519 or EC P-256/P-384 public JWK: {exc}") from None
 
-    def add_admin_key(self, actor: str, name: str, public: dict, role: str) -> None:
+    def add_admin_key(self, actor: str, name: str, public: dict[str, Any], role: str) -> None:
         self._check_key(name, public, role)
         if not self.store.add_admin_key(name, public, role):
             raise Problem("Conflict", f"admin key {name!r} exists")
@@ -414,14 +421,14 @@ class Broker:
             raise Problem("NotFound", f"no policy {name!r}")
         self.store.audit(f"admin:{actor}", "policy.delete", "ok", name)
 
-    def get_policy(self, name: str) -> dict:
+    def get_policy(self, name: str) -> dict[str, Any]:
         found = self.store.policy(name)
         if found is None:
             raise Problem("NotFound", f"no policy {name!r}")
         return {"name": name, "body": found[0], "version": found[1]}
 
     def create_secret(self, actor: str, path: str, kind: str, policy: str, exportable: bool,
-                      params: dict | None = None, value: bytes | None = None) -> dict:
+                      params: dict[str, Any] | None = None, value: bytes | None = None) -> dict[str, Any]:
         secrets_mod.split_path(path)
         params = secrets_mod.check_params(kind, params or {})
         if self.store.policy(policy) is None:
@@ -439,7 +446,7 @@ class Broker:
                          f"{'exportable' if exportable else 'never exported'}")
         return self.describe(path)
 
-    def rotate_secret(self, actor: str, path: str, value: bytes | None = None) -> dict:
+    def rotate_secret(self, actor: str, path: str, value: bytes | None = None) -> dict[str, Any]:
         row = self._secret_row(path)
         material = (secrets_mod.generate(row.kind, row.params) if value is None
                     else secrets_mod.from_upload(row.kind, value))
@@ -452,7 +459,7 @@ class Broker:
         self.store.audit(f"admin:{actor}", "secret.rotate", "ok", f"{path}@{version}")
         return self.describe(path)
 
-    def set_secret_policy(self, actor: str, path: str, policy: str) -> dict:
+    def set_secret_policy(self, actor: str, path: str, policy: str) -> dict[str, Any]:
         self._secret_row(path)
         if self.store.policy(policy) is None:
             raise Problem("NotFound", f"no policy {policy!r}")
@@ -472,13 +479,13 @@ class Broker:
             raise Problem("NotFound", f"no secret {path}")
         return row
 
-    def describe(self, path: str) -> dict:
+    def describe(self, path: str) -> dict[str, Any]:
         row = self._secret_row(path)
         return {"path": row.path, "kind": row.kind, "params": row.params, "policy": row.policy,
                 "exportable": row.exportable, "version": row.current_version, "public": row.public,
                 "versions": self.store.versions(path), "created_at": row.created_at, "updated_at": row.updated_at}
 
-    def list_secrets(self) -> list[dict]:
+    def list_secrets(self) -> list[dict[str, Any]]:
         return [{"path": r.path, "kind": r.kind, "policy": r.policy, "exportable": r.exportable,
                  "version": r.current_version} for r in self.store.secrets()]
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from cove.errors import CoveError
 DEV_ATTESTATION = Path("/dev/attestation")
 
 
-def evidence_source(root: Path = DEV_ATTESTATION):
+def evidence_source(root: Path = DEV_ATTESTATION) -> Callable[[bytes], bytes]:
     """Evidence from the enclave's /dev/attestation for the report data RA-TLS binds."""
     def get(report_data: bytes) -> bytes:
         try:
@@ -58,7 +58,7 @@ def certificate_files(root: Path = DEV_ATTESTATION, days: int = 30) -> Iterator[
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_policy(value) -> attest_policy.Policy:
+def load_policy(value: attest_policy.Policy | Path | str) -> attest_policy.Policy:
     """A broker policy from a Policy, a path, or inline TOML/JSON text; one clear error otherwise."""
     if isinstance(value, attest_policy.Policy):
         return value
@@ -67,7 +67,7 @@ def load_policy(value) -> attest_policy.Policy:
     return attest_policy.parse_policy(str(value), source="broker policy")
 
 
-def client_context(policy) -> ssl.SSLContext:
+def client_context(policy: attest_policy.Policy | Path | str) -> ssl.SSLContext:
     """An ssl context that accepts only a broker whose RA-TLS evidence ``policy`` accepts."""
     return ratls.client_context(load_policy(policy))
 
@@ -75,8 +75,9 @@ def client_context(policy) -> ssl.SSLContext:
 def rejection(exc: BaseException) -> str | None:
     """The RA-TLS refusal behind a transport error (httpx wraps it), as one line; None if it is not one."""
     seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, ratls.RaTlsError):
-            return exc.line()
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    cause: BaseException | None = exc
+    while cause is not None and seen < 10:
+        if isinstance(cause, ratls.RaTlsError):
+            return cause.line()
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return None

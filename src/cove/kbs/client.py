@@ -21,13 +21,19 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+from joserfc import jwk
 
 from cove.errors import CoveError, ExitCode
 from cove.kbs import evidence_appraisal, jose
 from cove.kbs.problems import kind_of
+
+if TYPE_CHECKING:
+    import ssl
+
+    from cove.attest.policy import Policy
 
 PROTOCOL_VERSION = "0.1.1"
 
@@ -49,7 +55,7 @@ class KbsError(CoveError):
 class EvidenceProvider(Protocol):
     tee: str
 
-    def evidence(self, report_data: bytes) -> dict:
+    def evidence(self, report_data: bytes) -> dict[str, Any]:
         """tee-evidence binding report_data (64 bytes)."""
 
 
@@ -58,9 +64,9 @@ class SampleEvidence:
     """Unsigned `sample` evidence, for protocol tests; brokers refuse it by default."""
 
     tee: str = "sample"
-    claims: dict = field(default_factory=lambda: {"svn": 1, "debug": False})
+    claims: dict[str, Any] = field(default_factory=lambda: {"svn": 1, "debug": False})
 
-    def evidence(self, report_data: bytes) -> dict:
+    def evidence(self, report_data: bytes) -> dict[str, Any]:
         return dict(self.claims, report_data=base64.b64encode(report_data).decode())
 
 
@@ -71,7 +77,7 @@ class DevAttestation:
     root: Path = Path("/dev/attestation")
     tee: str = "cove"
 
-    def evidence(self, report_data: bytes) -> dict:
+    def evidence(self, report_data: bytes) -> dict[str, Any]:
         try:
             (self.root / "user_report_data").write_bytes(report_data)
             quote = (self.root / "quote").read_bytes()
@@ -86,13 +92,14 @@ class StaticEvidence:
     """Evidence made elsewhere (e.g. by a hardware tool): used as is, whatever the report data."""
 
     tee: str
-    document: dict
+    document: dict[str, Any]
 
-    def evidence(self, report_data: bytes) -> dict:
+    def evidence(self, report_data: bytes) -> dict[str, Any]:
         return self.document
 
 
-def _verify_option(ca_cert, broker_policy=None) -> object:
+def _verify_option(ca_cert: str | Path | bool | None,
+                   broker_policy: Policy | Path | str | None = None) -> ssl.SSLContext | bool:
     """What httpx verifies the broker with: system CAs, a pinned CA, or (RA-TLS) a policy on its evidence."""
     if broker_policy is not None:
         if ca_cert is not None:
@@ -104,7 +111,7 @@ def _verify_option(ca_cert, broker_policy=None) -> object:
             return broker_ratls.client_context(broker_policy)
         except (CoveError, VerificationError) as exc:
             raise KbsError(f"broker policy: {exc.line()}", exc.hint) from None
-    if ca_cert is None:
+    if ca_cert is None or ca_cert is True:
         return True
     if ca_cert is False:
         return False
@@ -135,7 +142,8 @@ def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
                     code=ExitCode.UNREACHABLE)
 
 
-def _http(url: str, ca_cert, broker_policy, timeout: float, transport=None) -> httpx.Client:
+def _http(url: str, ca_cert: str | Path | bool | None, broker_policy: Policy | Path | str | None, timeout: float,
+          transport: httpx.BaseTransport | None = None) -> httpx.Client:
     if broker_policy is not None and not url.startswith("https://"):
         raise KbsError(f"{url}: an RA-TLS broker policy needs an https:// URL")
     # With a policy, no proxy from the environment: the evidence check runs on a direct TLS socket.
@@ -159,25 +167,25 @@ def _raise_for(response: httpx.Response, what: str) -> None:
 class KbsClient:
     """``ca_cert``: the broker's TLS CA; or ``broker_policy`` (a Policy, path or inline text): an RA-TLS broker."""
 
-    def __init__(self, url: str, ca_cert=None, timeout: float = 30.0, key_type: str = "EC",
-                 transport: httpx.BaseTransport | None = None, broker_policy=None):
+    def __init__(self, url: str, ca_cert: str | Path | bool | None = None, timeout: float = 30.0, key_type: str = "EC",
+                 transport: httpx.BaseTransport | None = None, broker_policy: Policy | Path | str | None = None):
         self.url = url.rstrip("/")
         self.key_type = key_type
         self.http = _http(self.url, ca_cert, broker_policy, timeout, transport)
-        self.tee_key = None
+        self.tee_key: jwk.Key | None = None
         self.token: str | None = None
-        self.claims: dict | None = None
+        self.claims: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self):
+    def __enter__(self) -> KbsClient:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(self, path: str, body: dict, what: str) -> httpx.Response:
+    def _post(self, path: str, body: dict[str, Any], what: str) -> httpx.Response:
         try:
             response = self.http.post(path, json=body)
         except httpx.HTTPError as exc:
@@ -189,20 +197,21 @@ class KbsClient:
         """POST /kbs/v0/auth; the nonce (the session cookie is kept)."""
         self.http.cookies.clear()
         response = self._post("/kbs/v0/auth", {"version": PROTOCOL_VERSION, "tee": tee, "extra-params": {}}, "auth")
-        return response.json()["nonce"]
+        nonce: str = response.json()["nonce"]
+        return nonce
 
     def attest(self, provider: EvidenceProvider) -> str:
         """Run auth and attest; returns the attestation token (also kept for bearer use)."""
         nonce = self.challenge(provider.tee)
-        self.tee_key = jose.new_tee_key(self.key_type)
-        runtime_data = {"nonce": nonce, "tee-pubkey": jose.public_jwk(self.tee_key)}
+        self.tee_key = key = jose.new_tee_key(self.key_type)
+        runtime_data = {"nonce": nonce, "tee-pubkey": jose.public_jwk(key)}
         evidence = provider.evidence(evidence_appraisal.expected_report_data(runtime_data))
         response = self._post("/kbs/v0/attest", {"runtime-data": runtime_data, "tee-evidence": evidence}, "attest")
         self.token = response.json()["token"]
         self.claims = _token_claims(self.token)
         return self.token
 
-    def resource_document(self, path: str, version: int | None = None, bearer: bool = False) -> dict:
+    def resource_document(self, path: str, version: int | None = None, bearer: bool = False) -> dict[str, Any]:
         """The raw JWE for a resource (tests use it to tamper)."""
         path = path.strip("/")
         headers = {"Authorization": f"Bearer {self.token}"} if bearer and self.token else {}
@@ -215,9 +224,10 @@ class KbsClient:
         except httpx.HTTPError as exc:
             raise _unreachable(exc, f"resource {path}", self.url) from None
         _raise_for(response, f"resource {path}")
-        return response.json()
+        document: dict[str, Any] = response.json()
+        return document
 
-    def open(self, document: dict) -> bytes:
+    def open(self, document: dict[str, Any]) -> bytes:
         if self.tee_key is None:
             raise KbsError("no TEE key: attest first")
         try:
@@ -231,16 +241,18 @@ class KbsClient:
         return self.open(self.resource_document(path, version, bearer))
 
 
-def _token_claims(token: str) -> dict:
+def _token_claims(token: str) -> dict[str, Any]:
     try:
         body = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        return claims
     except (IndexError, ValueError):
         raise KbsError("the broker's attestation token is not a JWT") from None
 
 
-def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert=None, retries: int = 0,
-          backoff: float = 0.2, timeout: float = 30.0, broker_policy=None) -> dict[str, bytes]:
+def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert: str | Path | bool | None = None,
+          retries: int = 0, backoff: float = 0.2, timeout: float = 30.0,
+          broker_policy: Policy | Path | str | None = None) -> dict[str, bytes]:
     """Attest once and fetch several resources; transport failures are retried (not refusals)."""
     attempt = 0
     while True:
@@ -259,8 +271,9 @@ def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert=None, 
 class AdminClient:
     """Signs a fresh admin token for each request with a registered admin key."""
 
-    def __init__(self, url: str, key, key_name: str, ca_cert=None, audience: str | None = None,
-                 timeout: float = 30.0, broker_policy=None):
+    def __init__(self, url: str, key: jwk.Key, key_name: str, ca_cert: str | Path | bool | None = None,
+                 audience: str | None = None, timeout: float = 30.0,
+                 broker_policy: Policy | Path | str | None = None):
         self.url = url.rstrip("/")
         self.key = key
         self.key_name = key_name
@@ -268,7 +281,8 @@ class AdminClient:
         self.audience = audience
 
     @classmethod
-    def from_file(cls, url: str, key_file: Path, ca_cert=None, broker_policy=None) -> AdminClient:
+    def from_file(cls, url: str, key_file: Path, ca_cert: str | Path | bool | None = None,
+                  broker_policy: Policy | Path | str | None = None) -> AdminClient:
         """An admin client from a key file written by `cove kbs init` (JSON: name, audience, jwk)."""
         try:
             data = json.loads(Path(key_file).read_text())
@@ -283,12 +297,13 @@ class AdminClient:
     def close(self) -> None:
         self.http.close()
 
-    def _headers(self) -> dict:
+    def _headers(self) -> dict[str, Any]:
         if self.audience is None:
             raise KbsError("the admin key file names no broker (audience)")
         return {"Authorization": "Bearer " + jose.make_admin_token(self.key, self.key_name, self.audience)}
 
-    def request(self, method: str, path: str, body: dict | None = None, params: dict | None = None):
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                params: dict[str, Any] | None = None) -> Any:
         try:
             response = self.http.request(method, path, json=body, params=params, headers=self._headers())
         except httpx.HTTPError as exc:
@@ -298,57 +313,66 @@ class AdminClient:
             return None
         return response.json()
 
+    def _object(self, method: str, path: str, body: dict[str, Any] | None = None,
+                params: dict[str, Any] | None = None) -> dict[str, Any]:
+        found: dict[str, Any] = self.request(method, path, body, params)
+        return found
+
+    def _list(self, method: str, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.request(method, path, None, params)
+        return found
+
     def create_secret(self, path: str, kind: str, policy: str, exportable: bool = True,
-                      params: dict | None = None, value: bytes | None = None) -> dict:
+                      params: dict[str, Any] | None = None, value: bytes | None = None) -> dict[str, Any]:
         body = {"path": path, "kind": kind, "policy": policy, "exportable": exportable, "params": params or {}}
         if value is not None:
             body["value"] = base64.b64encode(value).decode()
-        return self.request("POST", "/kbs/v0/admin/secrets", body)
+        return self._object("POST", "/kbs/v0/admin/secrets", body)
 
-    def rotate_secret(self, path: str, value: bytes | None = None) -> dict:
+    def rotate_secret(self, path: str, value: bytes | None = None) -> dict[str, Any]:
         body = {"value": base64.b64encode(value).decode()} if value is not None else {}
-        return self.request("POST", f"/kbs/v0/admin/secrets/{path}/rotate", body)
+        return self._object("POST", f"/kbs/v0/admin/secrets/{path}/rotate", body)
 
-    def set_secret_policy(self, path: str, policy: str) -> dict:
-        return self.request("PUT", f"/kbs/v0/admin/secrets/{path}/policy", {"policy": policy})
+    def set_secret_policy(self, path: str, policy: str) -> dict[str, Any]:
+        return self._object("PUT", f"/kbs/v0/admin/secrets/{path}/policy", {"policy": policy})
 
     def delete_secret(self, path: str) -> None:
         self.request("DELETE", f"/kbs/v0/admin/secrets/{path}")
 
-    def secrets(self) -> list[dict]:
-        return self.request("GET", "/kbs/v0/admin/secrets")
+    def secrets(self) -> list[dict[str, Any]]:
+        return self._list("GET", "/kbs/v0/admin/secrets")
 
-    def secret(self, path: str) -> dict:
-        return self.request("GET", f"/kbs/v0/admin/secrets/{path}")
+    def secret(self, path: str) -> dict[str, Any]:
+        return self._object("GET", f"/kbs/v0/admin/secrets/{path}")
 
     def export(self, path: str, version: int | None = None) -> bytes:
         result = self.request("GET", f"/kbs/v0/admin/secrets/{path}/value",
                               params={"version": version} if version else None)
         return base64.b64decode(result["value"])
 
-    def put_policy(self, name: str, body: str) -> dict:
-        return self.request("PUT", f"/kbs/v0/admin/policies/{name}", {"body": body})
+    def put_policy(self, name: str, body: str) -> dict[str, Any]:
+        return self._object("PUT", f"/kbs/v0/admin/policies/{name}", {"body": body})
 
-    def policy(self, name: str) -> dict:
-        return self.request("GET", f"/kbs/v0/admin/policies/{name}")
+    def policy(self, name: str) -> dict[str, Any]:
+        return self._object("GET", f"/kbs/v0/admin/policies/{name}")
 
-    def policies(self) -> list[dict]:
-        return self.request("GET", "/kbs/v0/admin/policies")
+    def policies(self) -> list[dict[str, Any]]:
+        return self._list("GET", "/kbs/v0/admin/policies")
 
     def delete_policy(self, name: str) -> None:
         self.request("DELETE", f"/kbs/v0/admin/policies/{name}")
 
-    def audit(self, after: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
-        params = {"after": after, "limit": limit}
+    def audit(self, after: int = 0, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"after": after, "limit": limit}
         if action:
             params["action"] = action
-        return self.request("GET", "/kbs/v0/admin/audit", params=params)
+        return self._list("GET", "/kbs/v0/admin/audit", params)
 
-    def add_key(self, name: str, public_jwk: dict, role: str) -> dict:
-        return self.request("POST", "/kbs/v0/admin/keys", {"name": name, "jwk": public_jwk, "role": role})
+    def add_key(self, name: str, public_jwk: dict[str, Any], role: str) -> dict[str, Any]:
+        return self._object("POST", "/kbs/v0/admin/keys", {"name": name, "jwk": public_jwk, "role": role})
 
-    def keys(self) -> list[dict]:
-        return self.request("GET", "/kbs/v0/admin/keys")
+    def keys(self) -> list[dict[str, Any]]:
+        return self._list("GET", "/kbs/v0/admin/keys")
 
     def delete_key(self, name: str) -> None:
         self.request("DELETE", f"/kbs/v0/admin/keys/{name}")

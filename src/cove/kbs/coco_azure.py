@@ -30,6 +30,7 @@ import hmac
 import json
 import struct
 from dataclasses import replace
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -47,11 +48,11 @@ HCL_REQUEST_HEADER = 20  # data_size, version, report_type, report_data_hash_typ
 MAX_HCL_REPORT = 1 << 16
 
 
-def _fail(detail: str):
+def _fail(detail: str) -> NoReturn:
     raise Problem("EvidenceInvalid", f"az-snp-vtpm: {detail}")
 
 
-def _hex(value, what: str) -> bytes:
+def _hex(value: object, what: str) -> bytes:
     try:
         if not isinstance(value, str) or len(value) > 1 << 14:
             raise ValueError
@@ -60,7 +61,7 @@ def _hex(value, what: str) -> bytes:
         _fail(f"{what} must be hex")
 
 
-def _b64url(value, what: str) -> bytes:
+def _b64url(value: object, what: str) -> bytes:
     try:
         if not isinstance(value, str) or len(value) > MAX_HCL_REPORT * 2:
             raise ValueError
@@ -82,7 +83,7 @@ def parse_hcl_report(hcl: bytes) -> tuple[bytes, bytes]:
     return report, var_data
 
 
-def _ak_pem(var_data: dict) -> bytes:
+def _ak_pem(var_data: dict[str, Any]) -> bytes:
     keys = var_data.get("keys") if isinstance(var_data, dict) else None
     for key in keys if isinstance(keys, list) else []:
         if isinstance(key, dict) and key.get("kid") == "HCLAkPub" and key.get("kty") == "RSA":
@@ -96,7 +97,7 @@ def _ak_pem(var_data: dict) -> bytes:
     _fail("the HCL variable data names no RSA HCLAkPub key")
 
 
-def appraise(tee: str, evidence: dict, runtime_data: dict, anchors: evidence_appraisal.TrustAnchors,
+def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], anchors: evidence_appraisal.TrustAnchors,
              now: dt.datetime) -> Appraisal:
     """The SNP report's appraisal, with the vTPM's PCRs, once every link and the binding hold."""
     from cove.kbs.coco_evidence import pcr_file

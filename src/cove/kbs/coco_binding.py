@@ -15,6 +15,7 @@ object without ``additional-evidence``.
 from __future__ import annotations
 
 import rfc8785
+from typing import Any
 
 from cove.kbs.problems import Problem
 
@@ -24,7 +25,7 @@ SELECTABLE = ("sha384", "sha512", "sha256")
 DEFAULT = "sha384"  # what a client that offers nothing (or reads no selection) uses
 
 
-def canonical(value) -> bytes:
+def canonical(value: Any) -> bytes:
     """RFC 8785 (JSON Canonicalization Scheme), as serde_json_canonicalizer writes it."""
     try:
         return rfc8785.dumps(value)
@@ -38,7 +39,7 @@ def canonical(value) -> bytes:
 PREFERRED = {"tpm": ("sha256",)}
 
 
-def select_hash(extra_params, tee: str = "") -> str:
+def select_hash(extra_params: object, tee: str = "") -> str:
     """The hash the broker asks for in the Challenge, from the Request's extra-params."""
     if not isinstance(extra_params, dict) or "supported-hash-algorithms" not in extra_params:
         return DEFAULT
@@ -53,12 +54,12 @@ def select_hash(extra_params, tee: str = "") -> str:
                                     f"(the broker binds with {', '.join(SELECTABLE)})")
 
 
-def primary_runtime_data(runtime_data: dict, additional_evidence: str = "") -> dict:
+def primary_runtime_data(runtime_data: dict[str, Any], additional_evidence: str = "") -> dict[str, Any]:
     """What the primary TEE's report data is the hash of."""
     return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"],
             "additional-evidence": additional_evidence}
 
 
-def device_runtime_data(runtime_data: dict) -> dict:
+def device_runtime_data(runtime_data: dict[str, Any]) -> dict[str, Any]:
     """What a device's (additional evidence's) report data is the hash of."""
     return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"]}

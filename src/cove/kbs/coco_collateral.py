@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -41,7 +42,7 @@ def quote_fmspc(tee: str, quote: bytes) -> str:
         raise Problem("EvidenceInvalid", f"{tee}: the quote carries no readable PCK certificate ({exc})") from None
 
 
-def collateral_fmspc(tee: str, collateral: dict) -> str:
+def collateral_fmspc(tee: str, collateral: dict[str, Any]) -> str:
     """The FMSPC a collateral document is for (its TCB info), after checking that it parses."""
     from cove.attest.dcap_collateral import parse_collateral
 
@@ -95,7 +96,7 @@ class CollateralSource:
         write_atomic(target, json.dumps(collateral, sort_keys=True).encode(), mode=0o644)
         return target
 
-    def collateral_for(self, tee: str, quote: bytes) -> dict:
+    def collateral_for(self, tee: str, quote: bytes) -> dict[str, Any]:
         """Collateral for this quote's platform, or EvidenceInvalid saying how to provide it."""
         fmspc = quote_fmspc(tee, quote)
         if self.folder is not None:

@@ -19,16 +19,26 @@ import hmac
 import json
 import tomllib
 from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from cove.errors import CoveError
 from cove.kbs.coco_collateral import CollateralSource
 from cove.kbs.problems import Problem
 
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from cove.attest.appraisal import Appraisal
+    from cove.kbs.evidence_appraisal import TrustAnchors
+
+Adapter = Callable[[dict[str, Any], CollateralSource], dict[str, Any]]
+
 MAX_INIT_DATA = 64 << 10
 INIT_DATA_HASHES = ("sha256", "sha384", "sha512")  # Trustee's Initdata.algorithm values
 
 
-def _json_object(value, what: str):
+def _json_object(value: Any, what: str) -> Any:
     if isinstance(value, str):  # some clients send JSON as a string
         try:
             value = json.loads(value)
@@ -37,7 +47,7 @@ def _json_object(value, what: str):
     return value
 
 
-def unpack(tee: str, tee_evidence, collateral: CollateralSource | None = None) -> tuple[dict, str]:
+def unpack(tee: str, tee_evidence: Any, collateral: CollateralSource | None = None) -> tuple[dict[str, Any], str]:
     """(the primary evidence in Cove's shape, the additional_evidence string as sent).
 
     ``collateral``: where DCAP collateral comes from when a quote arrives without it."""
@@ -54,7 +64,7 @@ def unpack(tee: str, tee_evidence, collateral: CollateralSource | None = None) -
     return (adapt(evidence, collateral or CollateralSource()) if adapt else evidence), additional
 
 
-def _b64(evidence: dict, name: str, tee: str) -> bytes:
+def _b64(evidence: dict[str, Any], name: str, tee: str) -> bytes:
     value = evidence.get(name)
     try:
         if not isinstance(value, str):
@@ -64,11 +74,11 @@ def _b64(evidence: dict, name: str, tee: str) -> bytes:
         raise Problem("EvidenceInvalid", f"{tee} evidence {name!r} must be standard base64") from None
 
 
-def _dcap(tee: str):
+def _dcap(tee: str) -> Adapter:
     """guest-components attester/src/sgx_dcap: ``{"quote"}``; attester/src/tdx: ``{"cc_eventlog", "quote"}``,
     both base64, no collateral: it comes from the broker's collateral folder or its PCCS. The TDX event
     log must replay to the quote's RTMRs (as Trustee's tdx verifier checks) before the quote is verified."""
-    def adapt(evidence: dict, collateral: CollateralSource) -> dict:
+    def adapt(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
         if "collateral" in evidence:  # Cove's own shape
             return evidence
         quote = _b64(evidence, "quote", tee)
@@ -120,7 +130,7 @@ def check_rtmrs(event_log: bytes, quote: bytes) -> None:
                                              f"the quote says {value.hex()[:16]}...: not the log this TD measured")
 
 
-def _sample(evidence: dict, collateral: CollateralSource) -> dict:
+def _sample(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
     """guest-components attester/src/sample: ``{"svn": "1", "report_data": base64}``, svn a decimal string."""
     svn = evidence.get("svn")
     if isinstance(svn, str):
@@ -130,7 +140,7 @@ def _sample(evidence: dict, collateral: CollateralSource) -> dict:
     return evidence
 
 
-def _tpm(evidence: dict, collateral: CollateralSource) -> dict:
+def _tpm(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
     """guest-components attester/src/tpm: ``{"tpm_quote": {"signature", "message", "pcrs"}, "ak_public"}``:
     base64 TPMT_SIGNATURE and TPMS_ATTEST, the 24 SHA-256 PCRs as hex, the AK as base64 DER. The AK is
     only a hint: the quote must verify with one of the broker's trusted AKs (``--tpm-ak``)."""
@@ -171,7 +181,7 @@ def pcr_file(sha256_values: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def _snp(evidence: dict, collateral: CollateralSource) -> dict:
+def _snp(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
     """guest-components attester/src/snp: ``{"attestation_report": <sev's AttestationReport as JSON>,
     "cert_chain": [{"cert_type": "VCEK" | "VLEK" | ..., "data": [bytes]}] | null}``; the report's
     bytes are rebuilt (the signature covers them) and the VCEK or VLEK taken from the chain."""
@@ -189,7 +199,7 @@ def _snp(evidence: dict, collateral: CollateralSource) -> dict:
     return {"report": base64.b64encode(report).decode(), "vcek": base64.b64encode(key).decode()}
 
 
-def _byte_list(value, size: int | None, what: str) -> bytes:
+def _byte_list(value: Any, size: int | None, what: str) -> bytes:
     """A serde byte array (a JSON list of integers 0..255), of ``size`` bytes if given."""
     if not isinstance(value, list) or (size is not None and len(value) != size) or len(value) > 1 << 14 or not all(
             type(b) is int and 0 <= b <= 255 for b in value):
@@ -197,7 +207,7 @@ def _byte_list(value, size: int | None, what: str) -> bytes:
     return bytes(value)
 
 
-def _int(report: dict, name: str, size: int, default: int | None = None) -> bytes:
+def _int(report: dict[str, Any], name: str, size: int, default: int | None = None) -> bytes:
     value = report.get(name, default)
     if value is None and default is not None:
         value = default
@@ -206,7 +216,7 @@ def _int(report: dict, name: str, size: int, default: int | None = None) -> byte
     return value.to_bytes(size, "little")
 
 
-def _tcb(report: dict, name: str, turin: bool) -> bytes:
+def _tcb(report: dict[str, Any], name: str, turin: bool) -> bytes:
     """sev TcbVersion {fmc, bootloader, tee, snp, microcode} in the report's layout (Milan/Genoa or Turin)."""
     tcb = report.get(name)
     if not isinstance(tcb, dict):
@@ -218,7 +228,7 @@ def _tcb(report: dict, name: str, turin: bool) -> bytes:
     return bytes([part["bootloader"], part["tee"], 0, 0, 0, 0, part["snp"], part["microcode"]])
 
 
-def _version(report: dict, name: str) -> bytes:
+def _version(report: dict[str, Any], name: str) -> bytes:
     """sev Version {major, minor, build}, or the older layout's <name>_build/_minor/_major members."""
     value = report.get(name)
     if value is None:
@@ -228,7 +238,7 @@ def _version(report: dict, name: str) -> bytes:
     return bytes(_int(value, part, 1)[0] for part in ("build", "minor", "major"))
 
 
-def snp_report_bytes(report) -> bytes:
+def snp_report_bytes(report: Any) -> bytes:
     """The 1184 bytes of an SNP attestation report from the sev crate's serde JSON of AttestationReport
     (virtee/sev v6.3 src/firmware/guest/types/snp.rs: from_bytes/write_bytes; the byte offsets are
     those of AMD's SEV-SNP ABI, table "ATTESTATION_REPORT"). Reserved bytes are zero; if the JSON
@@ -285,7 +295,7 @@ def snp_report_bytes(report) -> bytes:
 ADAPTERS = {"sample": _sample, "sgx": _dcap("sgx"), "tdx": _dcap("tdx"), "tpm": _tpm, "snp": _snp}
 
 
-def normalize_tee(tee) -> str:
+def normalize_tee(tee: object) -> str:
     """The session's tee: one :mod:`cove.kbs.evidence_appraisal` verifies, or a composite one verified here."""
     from cove.kbs import coco_azure, evidence_appraisal
 
@@ -301,7 +311,8 @@ def normalize_tee(tee) -> str:
                                     f"docs/formats/kbs-evidence.md)") from problem
 
 
-def appraise(tee: str, evidence: dict, runtime_data: dict, anchors, now):
+def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], anchors: TrustAnchors,
+             now: dt.datetime) -> Appraisal:
     """Verify the (adapted) evidence and its binding to runtime_data: :func:`cove.kbs.evidence_appraisal.appraise`,
     or, for the vTPM-through-SNP shape, :mod:`cove.kbs.coco_azure`."""
     from cove.kbs import coco_azure, evidence_appraisal
@@ -336,10 +347,10 @@ class InitData:
 
     algorithm: str
     digest: bytes
-    data: dict = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
-def init_data(value) -> InitData | None:
+def init_data(value: Any) -> InitData | None:
     """The attestation's init-data, parsed; None when absent (null or missing)."""
     if value is None:
         return None
@@ -368,7 +379,7 @@ def init_data(value) -> InitData | None:
 _CONFIG_FIELD = {"tdx": (("body", "mr_config_id"), 48), "snp": (("report", "host_data"), 32)}
 
 
-def bind_init_data(tee: str, result, init: InitData | None) -> dict:
+def bind_init_data(tee: str, result: Appraisal, init: InitData | None) -> dict[str, Any]:
     """The init-data claims to add to the attestation's claims, once init-data is bound to the evidence.
 
     ``sample`` proves nothing, so (as Trustee's sample verifier does) its init-data is reported, not

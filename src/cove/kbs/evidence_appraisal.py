@@ -28,6 +28,7 @@ import hmac
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cove.attest import appraisal as attest_mod
 from cove.attest import verifier
@@ -43,16 +44,16 @@ TEE_ALIASES = {"intel-sgx": "sgx", "intel-tdx": "tdx", "amd-sev-snp": "snp"}
 HASHES = coco_binding.SELECTABLE  # the broker selects one in the challenge; each binds as well
 
 
-def canonical_json(value) -> bytes:
+def canonical_json(value: object) -> bytes:
     """RFC 8785 canonical JSON, what the Confidential Containers client hashes."""
     return coco_binding.canonical(value)
 
 
-def runtime_data_hash(runtime_data: dict, algorithm: str = "sha384") -> bytes:
+def runtime_data_hash(runtime_data: dict[str, Any], algorithm: str = "sha384") -> bytes:
     return hashlib.new(algorithm, canonical_json(runtime_data)).digest()
 
 
-def expected_report_data(runtime_data: dict, algorithm: str = "sha384", size: int = 64,
+def expected_report_data(runtime_data: dict[str, Any], algorithm: str = "sha384", size: int = 64,
                          additional_evidence: str = "") -> bytes:
     """What a client binds into its evidence: the hash of runtime_data with its additional-evidence
     (cove.kbs.coco_binding), zero-padded to the report data size."""
@@ -60,7 +61,7 @@ def expected_report_data(runtime_data: dict, algorithm: str = "sha384", size: in
     return digest + bytes(max(0, size - len(digest)))
 
 
-def check_binding(report_data: bytes, runtime_data: dict) -> str:
+def check_binding(report_data: bytes, runtime_data: dict[str, Any]) -> str:
     """The hash algorithm that binds runtime_data in report_data, or an EvidenceBinding problem."""
     for algorithm in HASHES:
         digest = runtime_data_hash(runtime_data, algorithm)
@@ -114,10 +115,12 @@ class TrustAnchors:
                                      cove_ak_roots=self.cove_ak_roots)
 
 
-def _b64(evidence: dict, name: str, tee: str, required: bool = True) -> bytes | None:
+def _b64_optional(evidence: dict[str, Any], name: str, tee: str) -> bytes | None:
+    return None if evidence.get(name) is None else _b64(evidence, name, tee)
+
+
+def _b64(evidence: dict[str, Any], name: str, tee: str) -> bytes:
     value = evidence.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str):
         raise Problem("EvidenceInvalid", f"{tee} evidence lacks {name!r} (base64)")
     try:
@@ -128,7 +131,7 @@ def _b64(evidence: dict, name: str, tee: str, required: bool = True) -> bytes | 
         raise Problem("EvidenceInvalid", f"{tee} evidence {name!r} is not base64") from None
 
 
-def _hex_claim(evidence: dict, name: str) -> bytes | None:
+def _hex_claim(evidence: dict[str, Any], name: str) -> bytes | None:
     value = evidence.get(name)
     if value is None:
         return None
@@ -140,10 +143,10 @@ def _hex_claim(evidence: dict, name: str) -> bytes | None:
         raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be hex") from None
 
 
-def appraise_sample(evidence: dict) -> Appraisal:
+def appraise_sample(evidence: dict[str, Any]) -> Appraisal:
     """Unsigned claims for protocol tests: proves nothing, and the default policy refuses it."""
     report_data = _b64(evidence, "report_data", "sample")
-    values: dict = {}
+    values: dict[str, Any] = {}
     for name, kind in (("svn", int), ("debug", bool), ("product_id", int)):
         if name in evidence:
             if type(evidence[name]) is not kind or (kind is int and not 0 <= evidence[name] < 1 << 63):
@@ -154,12 +157,12 @@ def appraise_sample(evidence: dict) -> Appraisal:
                      isolation="none (sample evidence proves nothing)", **values)
 
 
-def evidence_inputs(tee: str, evidence: dict) -> tuple[bytes, verifier.Inputs]:
+def evidence_inputs(tee: str, evidence: dict[str, Any]) -> tuple[bytes, verifier.Inputs]:
     """The raw evidence and its side inputs from one tee-evidence object (docs/formats/kbs-evidence.md)."""
     if tee == "tpm":
         return _b64(evidence, "quote", tee), verifier.Inputs(
             tpm_signature=_b64(evidence, "signature", tee), tpm_pcrs=_b64(evidence, "pcrs", tee),
-            event_log=_b64(evidence, "event_log", tee, required=False))
+            event_log=_b64_optional(evidence, "event_log", tee))
     if tee in ("sgx", "tdx"):
         quote = _b64(evidence, "quote", tee)
         collateral = evidence.get("collateral")
@@ -171,7 +174,7 @@ def evidence_inputs(tee: str, evidence: dict) -> tuple[bytes, verifier.Inputs]:
     return _b64(evidence, "evidence", tee), verifier.Inputs()
 
 
-def verify(tee: str, evidence: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+def verify(tee: str, evidence: dict[str, Any], anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
     """Verify one tee-evidence object with :func:`cove.attest.verifier.verify`; EvidenceInvalid if it fails."""
     if tee == "sample":
         return appraise_sample(evidence)
@@ -187,7 +190,7 @@ def verify(tee: str, evidence: dict, anchors: TrustAnchors, now: dt.datetime) ->
 VERIFIERS = frozenset(TEE_TYPES)
 
 
-def normalize_tee(tee) -> str:
+def normalize_tee(tee: object) -> str:
     if not isinstance(tee, str):
         raise Problem("UnknownTee", "the request names no tee")
     name = TEE_ALIASES.get(tee, tee)
@@ -196,7 +199,7 @@ def normalize_tee(tee) -> str:
     return name
 
 
-def appraise(tee: str, evidence, runtime_data: dict, anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+def appraise(tee: str, evidence: object, runtime_data: dict[str, Any], anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
     """Verify evidence of type tee and its binding to runtime_data; the appraisal, or a problem."""
     if isinstance(evidence, str):  # some clients send the evidence as a JSON string
         try:
@@ -222,16 +225,16 @@ _BYTES = ("measurement", "signer", "report_data", "platform_key", "runtime", "ek
 _TIMES = ("issued_at", "platform_issued_at")
 
 
-def to_claims(appraisal: Appraisal) -> dict:
+def to_claims(appraisal: Appraisal) -> dict[str, Any]:
     """The appraisal as JSON (what sessions store and tokens carry)."""
     claims = attest_mod.summary(appraisal)
     claims["tee"] = appraisal.evidence_type
     return claims
 
 
-def from_claims(claims: dict) -> Appraisal:
+def from_claims(claims: dict[str, Any]) -> Appraisal:
     """The appraisal back from :func:`to_claims` (claims this broker stored or signed)."""
-    values: dict = {}
+    values: dict[str, Any] = {}
     for name in Appraisal.__dataclass_fields__:
         if name not in claims or name == "claims":
             continue

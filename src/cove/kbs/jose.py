@@ -31,9 +31,10 @@ import functools
 import json
 import secrets as pysecrets
 import time
+from typing import Any, Literal, cast
 
 from cryptography.hazmat.primitives import hashes, keywrap
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from joserfc import jwe, jwk, jwt
@@ -53,7 +54,7 @@ _COORDINATE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66}
 _MAX_RSA_BITS = 16384
 
 
-def tee_key(value) -> tuple[jwk.Key, str]:
+def tee_key(value: Any) -> tuple[jwk.Key, str]:
     """The TEE's public key from runtime-data and the JWE algorithm to answer with."""
     if not isinstance(value, dict):
         raise Problem("InvalidRequest", "runtime-data.tee-pubkey must be a JWK object")
@@ -78,7 +79,7 @@ def tee_key(value) -> tuple[jwk.Key, str]:
     return key, alg
 
 
-def _member(value: dict, name: str, max_chars: int) -> str:
+def _member(value: dict[str, Any], name: str, max_chars: int) -> str:
     """A key member, bounded in size so that the cache of imported keys stays small."""
     text = value[name]
     if not isinstance(text, str) or not text or len(text) > max_chars:
@@ -87,18 +88,19 @@ def _member(value: dict, name: str, max_chars: int) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _import_public(members: tuple) -> jwk.Key:
+def _import_public(members: tuple[Any, ...]) -> jwk.Key:
     """Import (and check: on the curve, RSA size) a public key; cached per process."""
+    key: jwk.Key
     if members[0] == "EC":
         key = jwk.import_key({"kty": "EC", "crv": members[1], "x": members[2], "y": members[3]}, "EC")
     else:
         key = jwk.import_key({"kty": "RSA", "n": members[1], "e": members[2]}, "RSA")
-    if members[0] == "RSA" and key.raw_value.key_size < 2048:  # type: ignore[attr-defined]
-        raise ValueError("RSA keys must have at least 2048 bits")
+        if not isinstance(key.raw_value, rsa.RSAPublicKey) or key.raw_value.key_size < 2048:
+            raise ValueError("RSA keys must have at least 2048 bits")
     return key
 
 
-def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
+def encrypt_to(tee_pubkey: dict[str, Any], plaintext: bytes) -> dict[str, Any]:
     """A flattened JWE of plaintext for the TEE key, every header member protected.
 
     The protected header is JSON with sorted members at every level and no
@@ -108,10 +110,10 @@ def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
     key, alg = tee_key(tee_pubkey)
     public = key.raw_value  # a cryptography public key
     cek = AESGCM.generate_key(256)
-    header: dict = {"alg": alg, "enc": CONTENT_ENC}
-    if alg == "RSA-OAEP-256":
+    header: dict[str, Any] = {"alg": alg, "enc": CONTENT_ENC}
+    if isinstance(public, rsa.RSAPublicKey):
         encrypted_key = public.encrypt(cek, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
-    else:
+    elif isinstance(public, ec.EllipticCurvePublicKey):
         ephemeral = ec.generate_private_key(public.curve)
         size = _COORDINATE_BYTES[tee_pubkey["crv"]]
         numbers = ephemeral.public_key().public_numbers()
@@ -121,6 +123,8 @@ def encrypt_to(tee_pubkey: dict, plaintext: bytes) -> dict:
         other = b"".join((len(alg).to_bytes(4, "big"), alg.encode(), bytes(8), (256).to_bytes(4, "big")))
         kek = ConcatKDFHash(hashes.SHA256(), 32, other).derive(ephemeral.exchange(ec.ECDH(), public))
         encrypted_key = keywrap.aes_key_wrap(kek, cek)
+    else:  # tee_key imports EC and RSA keys only
+        raise Problem("InvalidRequest", "tee-pubkey is not an EC or RSA public key")
     protected = _b64e(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     iv = pysecrets.token_bytes(12)
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
@@ -132,18 +136,20 @@ def _b64e(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def decrypt_from(document: dict, private_key: jwk.Key) -> bytes:
+def decrypt_from(document: dict[str, Any], private_key: jwk.Key) -> bytes:
     """Open a resource JWE with the TEE's private key; any tampering raises ValueError."""
     if not isinstance(document, dict) or "protected" not in document or "ciphertext" not in document:
         raise ValueError("the response is not a flattened JWE")
     alg = ALG_FOR.get(private_key.key_type)
+    if alg is None:
+        raise ValueError(f"a {private_key.key_type} key cannot open a resource JWE")
     try:
         header = json.loads(_b64(document["protected"]))
         if header.get("alg") != alg or header.get("enc") != CONTENT_ENC:
             raise ValueError(f"unexpected JWE algorithms {header.get('alg')}/{header.get('enc')}")
         if "aad" in document or "header" in document or "unprotected" in document:
             raise ValueError("the JWE carries members outside the protected header")
-        result = jwe.decrypt_json(document, private_key, algorithms=[alg, CONTENT_ENC])
+        result = jwe.decrypt_json(cast(Any, document), private_key, algorithms=[alg, CONTENT_ENC])
     except (JoseError, KeyError, TypeError) as exc:
         raise ValueError(f"the JWE does not decrypt: {type(exc).__name__}") from None
     return bytes(result.plaintext or b"")
@@ -156,11 +162,14 @@ def _b64(text: str) -> bytes:
 def new_tee_key(kind: str = "EC") -> jwk.Key:
     """An ephemeral TEE key pair: "EC" (P-256, the default), "EC-P384", "EC-P521", or "RSA" (3072)."""
     if kind.startswith("EC"):
-        return jwk.generate_key("EC", {"EC": "P-256", "EC-P384": "P-384", "EC-P521": "P-521"}[kind])
+        return jwk.generate_key("EC", _TEE_CURVES[kind])
     return jwk.generate_key("RSA", 3072)
 
 
-def public_jwk(key: jwk.Key) -> dict:
+_TEE_CURVES: dict[str, Literal["P-256", "P-384", "P-521"]] = {"EC": "P-256", "EC-P384": "P-384", "EC-P521": "P-521"}
+
+
+def public_jwk(key: jwk.Key) -> dict[str, Any]:
     public = key.as_dict(private=False)
     public["alg"] = ALG_FOR[key.key_type]
     return public
@@ -181,14 +190,14 @@ class TokenIssuer:
         self.public["use"] = "sig"
         self._header = {"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid}
 
-    def issue(self, tee_pubkey: dict, claims: dict, evaluation: str, now: float | None = None) -> str:
+    def issue(self, tee_pubkey: dict[str, Any], claims: dict[str, Any], evaluation: str, now: float | None = None) -> str:
         now = int(now if now is not None else time.time())
         body = {"iss": self.issuer, "iat": now, "nbf": now, "exp": now + int(self.lifetime),
                 "jti": pysecrets.token_hex(16), "jwk": self.public, "tee-pubkey": tee_pubkey,
                 "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": evaluation}
         return jwt.encode(self._header, body, self.key, algorithms=[TOKEN_ALG])
 
-    def verify(self, token: str, now: float | None = None) -> dict:
+    def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
         """The claims of a token this broker issued and that is still valid, or a 401 problem."""
         try:
             decoded = jwt.decode(token, self.key, algorithms=[TOKEN_ALG])
@@ -223,7 +232,8 @@ def admin_alg(key: jwk.Key) -> str:
     if key.key_type == "OKP":
         return "Ed25519"  # RFC 9864's fully specified name for EdDSA with Ed25519
     if key.key_type == "EC":
-        return {"P-256": "ES256", "P-384": "ES384"}.get(key.as_dict().get("crv"), "")
+        crv = key.as_dict().get("crv")
+        return {"P-256": "ES256", "P-384": "ES384"}.get(crv, "") if isinstance(crv, str) else ""
     raise ValueError("admin keys are Ed25519 or EC P-256/P-384")
 
 
@@ -239,7 +249,7 @@ def admin_key_name(token: str) -> str:
     return kid
 
 
-def verify_admin_token(token: str, public: dict, audience: str, now: float | None = None) -> dict:
+def verify_admin_token(token: str, public: dict[str, Any], audience: str, now: float | None = None) -> dict[str, Any]:
     """Check an admin token against the registered public key; a 401 problem otherwise."""
     try:
         key = jwk.import_key(public, public.get("kty"))
@@ -264,11 +274,12 @@ def load_private_jwk(text: str | bytes) -> jwk.Key:
     stripped = raw.strip()
     if stripped.startswith(b"{"):
         data = json.loads(stripped)
-        return jwk.import_key(data, data.get("kty"))
+        imported: jwk.Key = jwk.import_key(data, data.get("kty"))
+        return imported
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     key = serialization.load_pem_private_key(stripped, password=None)
-    kty = "OKP" if isinstance(key, ed25519.Ed25519PrivateKey) else "EC" if isinstance(
+    kty: Literal["OKP", "EC", "RSA"] = "OKP" if isinstance(key, ed25519.Ed25519PrivateKey) else "EC" if isinstance(
         key, ec.EllipticCurvePrivateKey) else "RSA"
     return jwk.import_key(stripped, kty)

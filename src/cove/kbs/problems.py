@@ -18,6 +18,8 @@ a pod's start without the retry a CoCo deployment expects.
 
 from __future__ import annotations
 
+from typing import Any
+
 TYPE_PREFIX = "urn:cove:kbs:error:"
 
 # kind -> (HTTP status, title)
@@ -71,7 +73,7 @@ class Problem(Exception):
     def status(self) -> int:
         return KINDS[self.kind][0]
 
-    def document(self, instance: str | None = None) -> dict:
+    def document(self, instance: str | None = None) -> dict[str, Any]:
         doc = {"type": TYPE_PREFIX + self.kind, "title": KINDS[self.kind][1],
                "status": status_on(self.status, instance), "detail": self.detail}
         if instance:
@@ -79,7 +81,7 @@ class Problem(Exception):
         return doc
 
 
-def kind_of(document: dict) -> str | None:
+def kind_of(document: dict[str, Any]) -> str | None:
     """The kind named by a problem document's type, if it is one of ours."""
     value = document.get("type") if isinstance(document, dict) else None
     if isinstance(value, str) and value.startswith(TYPE_PREFIX):

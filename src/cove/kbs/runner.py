@@ -9,6 +9,7 @@ first admin key, 0600), and a local TLS CA and certificate (``tls-ca.pem``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from cove.errors import CoveError
 from cove.kbs import tls, vault
@@ -56,18 +58,19 @@ def init(state: Path, db: str | None = None, master_key_file: Path | None = None
     db = db or default_db(state)
     key_file = master_key_file or state / "master.key"
     sealed_file = state / "master.sealed"
+    used: Path | None = key_file  # where the master key is kept (None: only in the environment)
     if sealed_file.exists() and master_key_file is None:
-        master, key_file = vault.load_master_key(None, sealed_file, environ={}), sealed_file
+        master, used = vault.load_master_key(None, sealed_file, environ={}), sealed_file
     elif sealed and master_key_file is None and not key_file.exists():
         import secrets as pysecrets
 
         master = pysecrets.token_bytes(32)
         vault.seal_to_platform(master, sealed_file)
-        key_file = sealed_file
+        used = sealed_file
     elif key_file.exists():
         master = vault.load_master_key(key_file)
     elif os.environ.get(vault.ENV_VAR) and master_key_file is None:
-        master, key_file = vault.load_master_key(None, environ=os.environ), None
+        master, used = vault.load_master_key(None, environ=os.environ), None
     else:
         master = vault.new_key_file(key_file)
     broker = Broker(Settings(db_url=db, master_key=master))
@@ -90,7 +93,7 @@ def init(state: Path, db: str | None = None, master_key_file: Path | None = None
         made_tls = tls.make_local_tls(state, tls_names)
     elif (state / "tls.crt").exists():
         made_tls = (state / "tls-ca.pem", state / "tls.crt", state / "tls.key")
-    return InitResult(state, db, key_file, admin_file, made_tls, audience)
+    return InitResult(state, db, used, admin_file, made_tls, audience)
 
 
 def _listen(address: str) -> tuple[str, int]:
@@ -105,7 +108,7 @@ def _listen(address: str) -> tuple[str, int]:
     return host, number
 
 
-def http_protocol():
+def http_protocol() -> type[asyncio.Protocol] | Literal["auto"]:
     """uvicorn's HTTP implementation: the broker's own (one write per response) if httptools is there."""
     try:
         from cove.kbs.wire import HttpProtocol
@@ -114,7 +117,7 @@ def http_protocol():
     return HttpProtocol
 
 
-def serve(options: dict, listen: str, workers: int = 1, access_log: bool = False) -> None:
+def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bool = False) -> None:
     """Run the broker until interrupted (options: see server.settings_from_options, plus certfile/keyfile)."""
     import uvicorn
 
@@ -159,10 +162,10 @@ class EmbeddedBroker:
         self.port = self._socket.getsockname()[1]
         https = certfile is not None
         self.url = f"{'https' if https else 'http'}://{host}:{self.port}"
-        ssl = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if https else {}
         self._app = create_app(broker, https=https)
-        config = uvicorn.Config(self._app, log_level="warning", access_log=False,
-                                lifespan="off", http=http_protocol(), **ssl)
+        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off",
+                                http=http_protocol(), ssl_certfile=str(certfile) if https else None,
+                                ssl_keyfile=str(keyfile) if https else None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="cove-kbs", daemon=True)
@@ -186,8 +189,8 @@ class EmbeddedBroker:
             pass
         self.broker.store.close()
 
-    def __enter__(self):
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()

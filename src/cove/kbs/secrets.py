@@ -31,10 +31,12 @@ import re
 import secrets as pysecrets
 import string
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from cove.attest import certs
@@ -75,10 +77,10 @@ class Material:
     """A secret version's value and, for key pairs, its public half."""
 
     value: bytes
-    public: dict | None = None
+    public: dict[str, Any] | None = None
 
 
-def check_params(kind: str, params: dict) -> dict:
+def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     """The parameters a kind accepts, with defaults; a problem names a wrong one."""
     if kind not in KINDS:
         raise Problem("InvalidRequest", f"kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -102,23 +104,23 @@ def check_params(kind: str, params: dict) -> dict:
     return params
 
 
-def _private_key(kind: str):
+def _private_key(kind: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     if kind.startswith("ec-"):
         return ec.generate_private_key(ec.SECP256R1() if kind == "ec-p256" else ec.SECP384R1())
     return rsa.generate_private_key(public_exponent=65537, key_size=int(kind.split("-")[1]))
 
 
-def _pem(key) -> bytes:
+def _pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _public_pem(key) -> str:
+def _public_pem(key: PrivateKeyTypes) -> str:
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def generate(kind: str, params: dict) -> Material:
+def generate(kind: str, params: dict[str, Any]) -> Material:
     """A fresh value for a generated kind."""
     if kind == "aes-256":
         return Material(pysecrets.token_bytes(32))
@@ -164,7 +166,7 @@ def from_upload(kind: str, value: bytes) -> Material:
     raise Problem("InvalidRequest", f"kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
-def _kind_of_key(key) -> str | None:
+def _kind_of_key(key: PrivateKeyTypes) -> str | None:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name)
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size in (2048, 3072, 4096):
@@ -172,11 +174,13 @@ def _kind_of_key(key) -> str | None:
     return None
 
 
-def issue_certificate(private_pem: bytes, ca_key, ca_cert: x509.Certificate, claims: dict,
+def issue_certificate(private_pem: bytes, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, claims: dict[str, Any],
                       path: str, days: int, now: dt.datetime | None = None) -> bytes:
     """A certificate for the secret's key, naming the attested enclave, signed by the broker's CA."""
     now = now or dt.datetime.now(dt.timezone.utc)
     key = serialization.load_pem_private_key(private_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise Problem("Unavailable", f"the stored key of {path} is not an EC or RSA key")
     name = str(claims.get("name") or claims.get("tee") or "enclave")[:64]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"cove-kbs {path}"[:64])])

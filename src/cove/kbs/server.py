@@ -16,27 +16,29 @@ import base64
 import binascii
 import contextlib
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
 import re
 import threading
 from collections import Counter
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove.errors import CoveError
 from cove.kbs.broker import Broker, Settings
 from cove.kbs.problems import Problem
 
 COOKIE = "kbs-session-id"
+T = TypeVar("T")
 PROBLEM_MEDIA = "application/problem+json"
 log = logging.getLogger("cove.kbs")
 
@@ -115,7 +117,12 @@ class AdminKey(BaseModel):
     role: str = Field(default="admin", max_length=16)
 
 
-_ERRORS = {status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}} for status in (400, 401, 403, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}}
+                                             for status in (400, 401, 403, 404)}
+# What the guard answers itself: (method, path) -> endpoint, and "resource" -> the resource endpoint.
+Endpoint = Callable[..., Awaitable[Response]]
+ProtocolTable = dict[tuple[str, str] | str, Endpoint]
+Handlers = Mapping[Any, Callable[[Request, Any], Any]]  # FastAPI's exception handlers (all async here)
 
 
 def _problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
@@ -143,9 +150,9 @@ def _bearer(request: Request) -> str | None:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counts: Counter = Counter()
+        self.counts: Counter[str] = Counter()
         self.active = self.waiting = 0  # requests past the guard's bound, and waiting for it (event loop only)
 
     def add(self, name: str) -> None:
@@ -189,7 +196,7 @@ class _BodyTooLarge(Exception):
     """The body went past its cap while being read; the guard answers 413."""
 
 
-def _guard_document(status: int, kind: str, title: str, detail: str, path: str) -> dict:
+def _guard_document(status: int, kind: str, title: str, detail: str, path: str) -> dict[str, Any]:
     return {"type": f"urn:cove:kbs:error:{kind}", "title": title, "status": status, "detail": detail,
             "instance": path}
 
@@ -206,16 +213,16 @@ class Guard:
     connections.
     """
 
-    def __init__(self, app, broker: Broker, metrics: Metrics, off_loop: OffLoop, protocol: dict,
-                 handlers: dict, max_active: int | None = None, body_timeout: float | None = None):
+    def __init__(self, app: ASGIApp, broker: Broker, metrics: Metrics, off_loop: OffLoop, protocol: ProtocolTable,
+                 handlers: Handlers, max_active: int | None = None, body_timeout: float | None = None):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.protocol, self.handlers = protocol, handlers
         self.max_active, self.body_timeout = max_active or MAX_ACTIVE, body_timeout or BODY_TIMEOUT
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
-        self._trimmer: asyncio.Task | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _UNGUARDED:
             await self.app(scope, receive, send)
             return
@@ -242,7 +249,7 @@ class Guard:
                 trimmed_at = self._served
                 await self.off_loop(release_free_memory)
 
-    async def _guarded(self, scope, receive, send) -> None:
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         if path.startswith(ADMIN_PREFIX):
             try:
@@ -275,10 +282,12 @@ class Guard:
             self.metrics.active -= 1
             self._active.release()
 
-    async def _capped(self, scope, receive, send, limit: int, path: str) -> None:
-        seen, refused, started = 0, [], []
+    async def _capped(self, scope: Scope, receive: Receive, send: Send, limit: int, path: str) -> None:
+        seen = 0
+        refused: list[dict[str, Any]] = []
+        started: list[bool] = []
 
-        async def capped_receive():
+        async def capped_receive() -> Message:
             nonlocal seen
             if refused:
                 return {"type": "http.disconnect"}
@@ -297,7 +306,7 @@ class Guard:
                     raise _BodyTooLarge()
             return message
 
-        async def guarded_send(message):
+        async def guarded_send(message: Message) -> None:
             if refused and not started:
                 return  # the app's own answer to the cut-off body is replaced by the guard's
             started.append(True)
@@ -314,7 +323,7 @@ class Guard:
         if refused and not started:
             await self._refuse(send, refused[0])
 
-    def _protocol_endpoint(self, scope):
+    def _protocol_endpoint(self, scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
         """The endpoint of a protocol request (POST /auth, POST /attest, GET a resource), which the
         guard calls itself: FastAPI's routing, dependency solving and middleware were a quarter of a
         flow's CPU, and these endpoints need none of it. This is their only path; FastAPI's
@@ -325,10 +334,11 @@ class Guard:
             parts = path[len(RESOURCE_PREFIX):].split("/")
             if len(parts) == 3 and all(parts):
                 resource = self.protocol["resource"]
-                return lambda request: resource(*parts, request)
+                return lambda request: resource(parts[0], parts[1], parts[2], request)
         return endpoint
 
-    async def _answer(self, endpoint, scope, receive, send) -> None:
+    async def _answer(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
+                      send: Send) -> None:
         request = Request(scope, receive)
         try:
             response = await endpoint(request)
@@ -338,13 +348,13 @@ class Guard:
             response = await self._handler_for(exc)(request, exc)
         await response(scope, receive, send)
 
-    def _handler_for(self, exc: Exception):
+    def _handler_for(self, exc: Exception) -> Callable[[Request, Exception], Awaitable[Response]]:
         for cls in type(exc).__mro__:
             if cls in self.handlers:
                 return self.handlers[cls]
         raise exc
 
-    async def _refuse(self, send, document: dict) -> None:
+    async def _refuse(self, send: Send, document: dict[str, Any]) -> None:
         """Answer with one of the guard's own problems, count it and audit it (floods are counted)."""
         kind = document["type"].rsplit(":", 1)[1]
         self.metrics.add(kind)
@@ -374,14 +384,15 @@ def release_free_memory() -> bool:
 _MALLOC_TRIM: Any = None
 
 
-def _header(scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == wanted:
             return value
     return None
 
 
-def _bearer_from(scope) -> str | None:
+def _bearer_from(scope: Scope) -> str | None:
     header = _header(scope, b"authorization")
     if not header:
         return None
@@ -391,7 +402,7 @@ def _bearer_from(scope) -> str | None:
     return token.strip()
 
 
-def _content_length(scope) -> int | None:
+def _content_length(scope: Scope) -> int | None:
     """The declared body length (0 if none; chunked bodies are capped while read); None if malformed."""
     value = _header(scope, b"content-length")
     if value is None:
@@ -403,7 +414,7 @@ def _content_length(scope) -> int | None:
     return length if length >= 0 else None
 
 
-async def _send_json(send, document: dict, status: int, close: bool = False) -> None:
+async def _send_json(send: Send, document: dict[str, Any], status: int, close: bool = False) -> None:
     body = json.dumps(document).encode()
     headers = [(b"content-type", PROBLEM_MEDIA.encode()), (b"content-length", str(len(body)).encode())]
     if close:
@@ -434,7 +445,7 @@ def _parse_json(raw: bytes) -> Any:
         raise Problem("InvalidRequest", "body: the request body is not JSON") from None
 
 
-def _json_body(model: type[BaseModel]) -> dict:
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """openapi_extra for an endpoint that reads its JSON body itself: the model documents it."""
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
@@ -444,7 +455,7 @@ def _document_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
     """Add request models that no route declares as a parameter to the OpenAPI document's schemas."""
     generate = app.openapi
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         document = generate()
@@ -492,7 +503,7 @@ class OffLoop:
     def __init__(self, threads: int = WORK_THREADS):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cove-kbs")
 
-    async def __call__(self, fn, *args):
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
@@ -501,7 +512,7 @@ class OffLoop:
 
 def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) -> FastAPI:
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         # a served process ends here (`cove kbs serve`; the embedded broker runs without lifespan)
         app.state.off_loop.close()
@@ -513,22 +524,22 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     metrics = Metrics()
     off_loop = OffLoop(threads)
     app.state.off_loop = off_loop  # closed by whoever stops the server (runner.EmbeddedBroker)
-    protocol: dict = {}  # filled below: what the guard answers itself
+    protocol: ProtocolTable = {}  # filled below: what the guard answers itself
     app.guard = Guard(app.unguarded, broker=broker, metrics=metrics, off_loop=off_loop, protocol=protocol,
                       handlers=app.exception_handlers)
     _document_models(app, (AuthRequest, Attestation))
 
     @app.exception_handler(_BodyTooLarge)
-    async def on_too_large(request: Request, exc: _BodyTooLarge):
+    async def on_too_large(request: Request, exc: _BodyTooLarge) -> Response:
         return Response(status_code=413)  # replaced by the guard's problem document
 
     @app.exception_handler(Problem)
-    async def on_problem(request: Request, problem: Problem):
+    async def on_problem(request: Request, problem: Problem) -> Response:
         metrics.add(problem.kind)
         return _problem_response(problem, request)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError):
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         metrics.add("InvalidRequest")
@@ -536,7 +547,7 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
                                  request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "NotFound", 405: "InvalidRequest"}.get(exc.status_code, "InvalidRequest")
         problem = Problem(kind, str(exc.detail))
         doc = problem.document(request.url.path)
@@ -544,13 +555,13 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return JSONResponse(doc, status_code=exc.status_code, media_type=PROBLEM_MEDIA)
 
     @app.exception_handler(CoveError)
-    async def on_cove_error(request: Request, exc: CoveError):
+    async def on_cove_error(request: Request, exc: CoveError) -> Response:
         log.error("broker error on %s: %s", request.url.path, exc.line())
         metrics.add("Unavailable")
         return _problem_response(Problem("Unavailable", exc.line()), request)
 
     @app.exception_handler(Exception)
-    async def on_crash(request: Request, exc: Exception):
+    async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
         metrics.add("Internal")
         doc = {"type": "urn:cove:kbs:error:Internal", "title": "Internal error", "status": 500,
@@ -564,7 +575,7 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     # database, crypto) runs in the thread pool, so a slow appraisal or a database wait never
     # stalls the other connections. Each body is checked field by field by the broker; the
     # models only document it.
-    def _ok(model: type[BaseModel]) -> dict:
+    def _ok(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
         return {200: {"model": model}, **_ERRORS}
 
     def session_cookie(response: Response, session_id: str, lifetime: float) -> None:
@@ -617,7 +628,7 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     protocol.update({("POST", "/kbs/v0/auth"): auth, ("POST", "/kbs/v0/attest"): attest, "resource": release})
 
     @app.get("/kbs/v0/jwks", tags=["public"])
-    def jwks() -> dict:
+    def jwks() -> dict[str, Any]:
         """The keys that sign this broker's attestation tokens."""
         return broker.jwks()
 
@@ -627,7 +638,7 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return broker.ca_pem()
 
     @app.get("/healthz", tags=["public"])
-    def healthz() -> dict:
+    def healthz() -> dict[str, Any]:
         return {"status": "ok", "schema": broker.store.schema_version()}
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["public"])
@@ -640,18 +651,18 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return broker.authorize_admin(request.state.admin, action)
 
     @app.get("/kbs/v0/admin/secrets", responses=_ERRORS, tags=["admin"])
-    def list_secrets(request: Request) -> list[dict]:
+    def list_secrets(request: Request) -> list[dict[str, Any]]:
         admin(request, "secret.list")
         return broker.list_secrets()
 
     @app.post("/kbs/v0/admin/secrets", status_code=201, responses=_ERRORS, tags=["admin"])
-    def create_secret(body: SecretCreate, request: Request) -> dict:
+    def create_secret(body: SecretCreate, request: Request) -> dict[str, Any]:
         actor = admin(request, "secret.create")
         return broker.create_secret(actor, body.path, body.kind, body.policy, body.exportable, body.params,
                                     _b64decode(body.value, "value"))
 
     @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", responses=_ERRORS, tags=["admin"])
-    def get_secret(repository: str, kind: str, tag: str, request: Request) -> dict:
+    def get_secret(repository: str, kind: str, tag: str, request: Request) -> dict[str, Any]:
         admin(request, "secret.read")
         return broker.describe(f"{repository}/{kind}/{tag}")
 
@@ -664,34 +675,34 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
 
     @app.post("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/rotate", responses=_ERRORS, tags=["admin"])
     def rotate_secret(repository: str, kind: str, tag: str, request: Request,
-                      body: SecretRotate = Body(default_factory=SecretRotate)) -> dict:
+                      body: SecretRotate = Body(default_factory=SecretRotate)) -> dict[str, Any]:
         actor = admin(request, "secret.rotate")
         return broker.rotate_secret(actor, f"{repository}/{kind}/{tag}", _b64decode(body.value, "value"))
 
     @app.put("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/policy", responses=_ERRORS, tags=["admin"])
-    def secret_policy(repository: str, kind: str, tag: str, body: SecretPolicy, request: Request) -> dict:
+    def secret_policy(repository: str, kind: str, tag: str, body: SecretPolicy, request: Request) -> dict[str, Any]:
         actor = admin(request, "secret.policy")
         return broker.set_secret_policy(actor, f"{repository}/{kind}/{tag}", body.policy)
 
     @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/value", responses=_ERRORS, tags=["admin"])
     def export_secret(repository: str, kind: str, tag: str, request: Request,
-                      version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict:
+                      version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict[str, Any]:
         actor = admin(request, "secret.export")
         value = broker.export_secret(actor, f"{repository}/{kind}/{tag}", version)
         return {"value": base64.b64encode(value).decode()}
 
     @app.get("/kbs/v0/admin/policies", responses=_ERRORS, tags=["admin"])
-    def list_policies(request: Request) -> list[dict]:
+    def list_policies(request: Request) -> list[dict[str, Any]]:
         admin(request, "policy.list")
         return broker.store.policies()
 
     @app.get("/kbs/v0/admin/policies/{name}", responses=_ERRORS, tags=["admin"])
-    def get_policy(name: str, request: Request) -> dict:
+    def get_policy(name: str, request: Request) -> dict[str, Any]:
         admin(request, "policy.read")
         return broker.get_policy(name)
 
     @app.put("/kbs/v0/admin/policies/{name}", responses=_ERRORS, tags=["admin"])
-    def put_policy(name: str, body: PolicyBody, request: Request) -> dict:
+    def put_policy(name: str, body: PolicyBody, request: Request) -> dict[str, Any]:
         actor = admin(request, "policy.put")
         return {"name": name, "version": broker.put_policy(actor, name, body.body)}
 
@@ -704,17 +715,17 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     @app.get("/kbs/v0/admin/audit", responses=_ERRORS, tags=["admin"])
     def audit(request: Request, after: int = Query(default=0, ge=0, le=1 << 62),
               limit: int = Query(default=100, ge=1, le=1000), action: str | None = Query(default=None, max_length=32)
-              ) -> list[dict]:
+              ) -> list[dict[str, Any]]:
         admin(request, "audit.read")
         return broker.store.audit_log(after, limit, action)
 
     @app.get("/kbs/v0/admin/keys", responses=_ERRORS, tags=["admin"])
-    def list_keys(request: Request) -> list[dict]:
+    def list_keys(request: Request) -> list[dict[str, Any]]:
         admin(request, "key.list")
         return broker.store.admin_keys()
 
     @app.post("/kbs/v0/admin/keys", status_code=201, responses=_ERRORS, tags=["admin"])
-    def add_key(body: AdminKey, request: Request) -> dict:
+    def add_key(body: AdminKey, request: Request) -> dict[str, Any]:
         actor = admin(request, "key.add")
         broker.add_admin_key(actor, body.name, body.jwk, body.role)
         return {"name": body.name, "role": body.role}
@@ -732,7 +743,7 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
 ENV_CONFIG = "COVE_KBS_SERVE_CONFIG"
 
 
-def settings_from_options(options: dict) -> Settings:
+def settings_from_options(options: dict[str, Any]) -> Settings:
     """Settings from `cove kbs serve` options (JSON-able, so worker processes can rebuild them)."""
     from pathlib import Path
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from cove.errors import CoveError
 
@@ -78,19 +78,19 @@ class SessionRow:
     state: str
     created_at: float
     expires_at: float
-    claims: dict | None
-    tee_pubkey: dict | None
+    claims: dict[str, Any] | None
+    tee_pubkey: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
 class SecretRow:
     path: str
     kind: str
-    params: dict
+    params: dict[str, Any]
     policy: str
     exportable: bool
     current_version: int
-    public: dict | None
+    public: dict[str, Any] | None
     created_at: float
     updated_at: float
 
@@ -113,21 +113,21 @@ class _Pool:
     takes no lock; a condition is used only when the pool is empty.
     """
 
-    def __init__(self, connect, size: int):
+    def __init__(self, connect: Callable[[], Any], size: int):
         self._connect = connect
         self._size = size
-        self._idle: list = []
+        self._idle: list[Any] = []
         self._open = 0
         self._waiting = 0
         self._cond = threading.Condition()
 
-    def get(self):
+    def get(self) -> Any:
         try:
             return self._idle.pop()
         except IndexError:
             return self._wait_or_connect()
 
-    def _wait_or_connect(self):
+    def _wait_or_connect(self) -> Any:
         deadline = time.monotonic() + 30
         with self._cond:
             self._waiting += 1
@@ -150,13 +150,13 @@ class _Pool:
             self._forget()
             raise
 
-    def put(self, conn) -> None:
+    def put(self, conn: Any) -> None:
         self._idle.append(conn)
         if self._waiting:
             with self._cond:
                 self._cond.notify()
 
-    def discard(self, conn) -> None:
+    def discard(self, conn: Any) -> None:
         """Drop a connection a statement failed on (it may be broken)."""
         try:
             conn.close()
@@ -170,7 +170,7 @@ class _Pool:
             self._cond.notify()
 
     @contextmanager
-    def connection(self):
+    def connection(self) -> Iterator[Any]:
         conn = self.get()
         try:
             yield conn
@@ -212,7 +212,7 @@ class Store:
         if self.dialect == "sqlite":
             self.writer_lock = self.path.with_name(self.path.name + "-writer")
             os.close(self._open_writer_lock())  # made now (0600): a folder it cannot be made in fails here
-        self._refusals: dict[tuple, tuple[float, int]] = {}
+        self._refusals: dict[tuple[Any, ...], tuple[float, int]] = {}
         self._refusal_lock = threading.Lock()
         self._last_token_purge = 0.0
         self.migrate()
@@ -250,7 +250,7 @@ class Store:
             pass
         return conn
 
-    def _connect_pg(self):
+    def _connect_pg(self) -> Any:
         import psycopg
 
         try:
@@ -277,22 +277,22 @@ class Store:
             else:
                 cur.execute("COMMIT")
 
-    def query(self, statement: str, args: tuple = ()) -> list[tuple]:
+    def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         conn = self._pool.get()
         try:
             with nullcontext() if statement.startswith("SELECT") else _turn(conn):
-                rows = conn.execute(self._sql(statement), args).fetchall()
+                rows: list[tuple[Any, ...]] = conn.execute(self._sql(statement), args).fetchall()
         except BaseException:
             self._pool.discard(conn)
             raise
         self._pool.put(conn)
         return rows
 
-    def execute(self, statement: str, args: tuple = ()) -> int:
+    def execute(self, statement: str, args: tuple[Any, ...] = ()) -> int:
         conn = self._pool.get()
         try:
             with _turn(conn):
-                count = conn.execute(self._sql(statement), args).rowcount
+                count: int = conn.execute(self._sql(statement), args).rowcount
         except BaseException:
             self._pool.discard(conn)
             raise
@@ -360,7 +360,7 @@ class Store:
                 raise StoreError(f"cannot prepare the PostgreSQL database: {str(exc).strip()}") from None
             raise
 
-    def _version_on(self, cur) -> int:
+    def _version_on(self, cur: Any) -> int:
         if self.dialect == "sqlite":
             cur.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='kbs_meta'")
         else:
@@ -402,7 +402,7 @@ class Store:
         return self._session_row(rows[0]) if rows else None
 
     @staticmethod
-    def _session_row(r) -> SessionRow:
+    def _session_row(r: Sequence[Any]) -> SessionRow:
         return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
                           json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
 
@@ -412,8 +412,8 @@ class Store:
                           "AND state = 'challenged' AND expires_at > ? RETURNING tee", (session_id, nonce, now))
         return rows[0][0] if rows else None
 
-    def finish_session(self, session_id: str, ok: bool, claims: dict | None, tee_pubkey: dict | None,
-                       lifetime: float, now: float, audit: tuple | None = None) -> None:
+    def finish_session(self, session_id: str, ok: bool, claims: dict[str, Any] | None, tee_pubkey: dict[str, Any] | None,
+                       lifetime: float, now: float, audit: tuple[Any, ...] | None = None) -> None:
         """Record an appraisal's outcome, and with it (atomically) audit = (actor, action, outcome,
         resource, measurement, detail) if given."""
         statement = "UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?"
@@ -424,7 +424,7 @@ class Store:
         else:
             self._with_audit(statement, args, audit)
 
-    def _with_audit(self, statement: str, args: tuple, audit: tuple) -> None:
+    def _with_audit(self, statement: str, args: tuple[Any, ...], audit: tuple[Any, ...]) -> None:
         """A write and its audit entry together: one statement on PostgreSQL (one round trip), one
         transaction (one commit) on SQLite."""
         entry = (time.time(), *audit)
@@ -460,7 +460,7 @@ class Store:
         rows = self.query("SELECT body, version FROM policies WHERE name = ?", (name,))
         return (rows[0][0], int(rows[0][1])) if rows else None
 
-    def policies(self) -> list[dict]:
+    def policies(self) -> list[dict[str, Any]]:
         rows = self.query("SELECT name, version, updated_at FROM policies ORDER BY name")
         return [{"name": r[0], "version": int(r[1]), "updated_at": r[2]} for r in rows]
 
@@ -484,7 +484,7 @@ class Store:
                     "VALUES (?, 1, ?, ?, ?)", (row.path, sealed, row.created_at, actor))
         return True
 
-    def add_version(self, path: str, version: int, sealed: bytes, public: dict | None, actor: str) -> bool:
+    def add_version(self, path: str, version: int, sealed: bytes, public: dict[str, Any] | None, actor: str) -> bool:
         """Make version the current one (it must be current + 1: rotations do not race)."""
         now = time.time()
         with self.transaction() as cur:
@@ -507,7 +507,7 @@ class Store:
         return self._secret_row(rows[0]) if rows else None
 
     @staticmethod
-    def _secret_row(r) -> SecretRow:
+    def _secret_row(r: Sequence[Any]) -> SecretRow:
         return SecretRow(r[0], r[1], json.loads(r[2]), r[3], bool(r[4]), int(r[5]),
                          json.loads(r[6]) if r[6] else None, r[7], r[8])
 
@@ -533,7 +533,7 @@ class Store:
         return (self._session_row(r[:8]) if r[0] is not None else None,
                 self._release_row(r[8:]) if r[8] is not None else None)
 
-    def _release_row(self, r) -> ReleaseRow:
+    def _release_row(self, r: Sequence[Any]) -> ReleaseRow:
         return (self._secret_row(r), (r[9], int(r[10])) if r[9] is not None else None,
                 bytes(r[11]) if r[11] is not None else None)
 
@@ -541,7 +541,7 @@ class Store:
         rows = self.query("SELECT sealed FROM secret_versions WHERE path = ? AND version = ?", (path, version))
         return bytes(rows[0][0]) if rows else None
 
-    def versions(self, path: str) -> list[dict]:
+    def versions(self, path: str) -> list[dict[str, Any]]:
         rows = self.query("SELECT version, created_at, created_by FROM secret_versions WHERE path = ? "
                           "ORDER BY version", (path,))
         return [{"version": int(r[0]), "created_at": r[1], "created_by": r[2]} for r in rows]
@@ -549,10 +549,11 @@ class Store:
     def delete_secret(self, path: str) -> bool:
         with self.transaction() as cur:
             cur.run("DELETE FROM secret_versions WHERE path = ?", (path,))
-            return cur.run("DELETE FROM secrets WHERE path = ?", (path,)) == 1
+            deleted: bool = cur.run("DELETE FROM secrets WHERE path = ?", (path,)) == 1
+        return deleted
 
     # -- admin keys ------------------------------------------------------------------------
-    def add_admin_key(self, name: str, jwk: dict, role: str) -> bool:
+    def add_admin_key(self, name: str, jwk: dict[str, Any], role: str) -> bool:
         with self.transaction() as cur:
             if cur.fetch("SELECT 1 FROM admin_keys WHERE name = ?", (name,)):
                 return False
@@ -560,11 +561,11 @@ class Store:
                     (name, json.dumps(jwk), role, time.time()))
         return True
 
-    def admin_key(self, name: str) -> tuple[dict, str] | None:
+    def admin_key(self, name: str) -> tuple[dict[str, Any], str] | None:
         rows = self.query("SELECT jwk, role FROM admin_keys WHERE name = ?", (name,))
         return (json.loads(rows[0][0]), rows[0][1]) if rows else None
 
-    def admin_keys(self) -> list[dict]:
+    def admin_keys(self) -> list[dict[str, Any]]:
         rows = self.query("SELECT name, role, created_at FROM admin_keys ORDER BY name")
         return [{"name": r[0], "role": r[1], "created_at": r[2]} for r in rows]
 
@@ -619,10 +620,10 @@ class Store:
             self.execute("DELETE FROM used_tokens WHERE expires_at < ?", (now - 60,))
         return fresh
 
-    def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict]:
+    def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
         statement = ("SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit "
                      "WHERE id > ?")
-        args: tuple = (since_id,)
+        args: tuple[Any, ...] = (since_id,)
         if action:
             statement += " AND action = ?"
             args += (action,)
@@ -688,13 +689,14 @@ def _turn(conn: Any) -> _Turn | nullcontext[None]:
 class _Cursor:
     """A cursor inside :meth:`Store.transaction` with the dialect's placeholders."""
 
-    def __init__(self, cur, sql):
+    def __init__(self, cur: Any, sql: Callable[[str], str]):
         self._cur, self._sqlf = cur, sql
 
-    def run(self, statement: str, args: tuple = ()) -> int:
+    def run(self, statement: str, args: tuple[Any, ...] = ()) -> int:
         self._cur.execute(self._sqlf(statement), args)
-        return self._cur.rowcount
+        count: int = self._cur.rowcount
+        return count
 
-    def fetch(self, statement: str, args: tuple = ()) -> list[tuple]:
+    def fetch(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         self._cur.execute(self._sqlf(statement), args)
         return list(self._cur.fetchall())

@@ -21,7 +21,9 @@ import binascii
 import hmac
 import os
 import secrets as pysecrets
+from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -68,7 +70,7 @@ def new_key_file(path: Path) -> bytes:
 
 
 def load_master_key(key_file: Path | None = None, sealed_file: Path | None = None,
-                    environ: dict | None = None) -> bytes:
+                    environ: Mapping[str, str] | None = None) -> bytes:
     """The master key from a key file, the environment, or a file sealed to this platform."""
     environ = os.environ if environ is None else environ
     if key_file is not None:
@@ -87,7 +89,7 @@ def load_master_key(key_file: Path | None = None, sealed_file: Path | None = Non
                      f"pass --master-key-file FILE, set {ENV_VAR}, or pass --master-key-sealed FILE")
 
 
-def _platform_sealing():
+def _platform_sealing() -> ModuleType:
     try:
         from cove.platform import sealing  # provided by the platform layer
     except ImportError:
@@ -110,7 +112,7 @@ def _unseal_from_platform(path: Path) -> bytes:
     except OSError as exc:
         raise VaultError(f"cannot read sealed master key {path}: {exc.strerror}") from None
     try:
-        key = sealing.unseal(blob, label="cove-kbs-master-key")
+        key: bytes = sealing.unseal(blob, label="cove-kbs-master-key")
     except CoveError as exc:
         raise VaultError(f"cannot unseal the master key {path}: {exc.message}") from None
     if len(key) != 32:

@@ -11,6 +11,7 @@ leave together, at the end of that step.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -40,7 +41,7 @@ class _JoinedWrites:
         self._flush()
         self._transport.close()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
