@@ -226,7 +226,7 @@ def test_network_host_reaches_the_host_through_qemu_user_network(cove, vm_instan
         cove.ok("build", cwd=vm_instance)
 
 
-def _qemu_children(pid: int) -> list[int]:
+def _qemu_children(pid: int, name: bytes = b"qemu-system") -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -235,7 +235,7 @@ def _qemu_children(pid: int) -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"qemu-system" in cmd:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and name in cmd:
                 found.append(int(entry))
     return found
 
@@ -257,7 +257,7 @@ def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
     script = "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 1; done"
     run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", script), cwd=vm_instance, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert run.stdout.readline() == "ready\n"
+    assert run.stdout.readline() == "ready\n", run.communicate(timeout=30)
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=30)
     assert (run.returncode, out) == (42, "got TERM\n"), err
@@ -266,23 +266,26 @@ def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stdout.readline() == "ready\n"
     qemu = _wait_for(lambda: _qemu_children(run.pid))
+    assert len(_qemu_children(run.pid, b"swtpm")) == 1  # one vTPM per VM
     os.kill(qemu[0], signal.SIGKILL)
     out, err = run.communicate(timeout=30)
     assert run.returncode != 0
     assert len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
     assert "without the program's exit code" in err
-    assert os.listdir(runtime) == []  # no private folder, socket or copied kernel left behind
-    assert not _qemu_children(run.pid)
+    assert os.listdir(runtime) == []  # no private folder, vTPM state, socket or copied kernel left behind
+    assert not _qemu_children(run.pid) and not _qemu_children(run.pid, b"swtpm")
 
     # kill -9 of `cove run` itself takes its QEMU along
     run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"), cwd=vm_instance,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stdout.readline() == "ready\n"
     qemu = _wait_for(lambda: _qemu_children(run.pid))[0]
+    swtpm = _qemu_children(run.pid, b"swtpm")[0]
     run.kill()
     run.communicate(timeout=30)
-    _wait_for(lambda: not os.path.exists(f"/proc/{qemu}") or "zombie" in Path(f"/proc/{qemu}/status").read_text(),
-              timeout=10)
+    for pid in (qemu, swtpm):  # both die with the launcher (PR_SET_PDEATHSIG)
+        _wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}")
+                  or "zombie" in Path(f"/proc/{pid}/status").read_text(), timeout=10)
 
 
 def test_guest_that_never_boots_times_out(cove, vm_instance):
@@ -337,16 +340,25 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
     assert out[:5] == ["attestation_type", "quote", "report", "user_report_data", "cove"]
     evidence = tmp_path / "evidence.hex"
     evidence.write_text(out[5])
-    report = verify_cove_evidence(bytes.fromhex(out[5]), datetime.now(timezone.utc)).report
+    claims = verify_cove_evidence(bytes.fromhex(out[5]), datetime.now(timezone.utc))
+    report = claims.report
     assert report.backend == "vm" and report.isolation in ("vm (kvm)", "vm (tcg, emulated)")
     assert report.isolation in cove.ok("info").stdout  # the probe's cached answer
     assert report.report_data == data
     signed = manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes())
     assert report.measurement == signed.measurement
+    # the vTPM quoted its launch PCR holding the signed launch measurement, for this very report
+    assert claims.launch == signed.launch["measurement"] and claims.vtpm is not None
+    launch = signed.launch["measurement"].hex()
     accepts = tmp_path / "vm.toml"
-    accepts.write_text(f'[cove]\nself_certified = true\nbackends = ["vm"]\nisolation = ["{report.isolation}"]\n')
+    accepts.write_text(f'[cove]\nself_certified = true\nbackends = ["vm"]\nisolation = ["{report.isolation}"]\n'
+                       f'launch_measurements = ["{launch}"]\n')
     ok = cove("verify", evidence, "--report-data", data.hex(), "--policy", accepts)
     assert ok.returncode == 0, ok.stderr
+    other = tmp_path / "other-launch.toml"
+    other.write_text(f'[cove]\nself_certified = true\nlaunch_measurements = ["{"00" * 32}"]\n')
+    refused = cove("verify", evidence, "--report-data", data.hex(), "--policy", other)
+    assert refused.returncode == 6 and f"vm launch measurement {launch} is not one" in error_line(refused)
     sim_only = tmp_path / "sim.toml"
     sim_only.write_text('[cove]\nself_certified = true\nbackends = ["sim"]\n')
     refused = cove("verify", evidence, "--report-data", data.hex(), "--policy", sim_only)

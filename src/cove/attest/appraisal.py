@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cove.attest.dcap_quote import EnclaveReport
+
+if TYPE_CHECKING:
+    from cove.attest.dcap import DcapClaims
+    from cove.attest.snp import SnpClaims
+    from cove.attest.tpm import TpmQuoteClaims
 
 EVIDENCE_TYPES = ("cove", "tpm", "sgx", "tdx", "snp", "sample")
 
@@ -39,6 +46,7 @@ class Appraisal:
     runtime: bytes | None = None  # cove: measurement of the installed runtime
     ek_certificate: bytes | None = None  # cove, TPM-rooted: SHA-256 of the TPM's EK certificate (DER)
     ak_name: bytes | None = None  # cove, TPM-rooted: TPM name of the attestation key that quoted
+    launch_measurement: bytes | None = None  # cove, vm: the launch measurement its vTPM quoted
     pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
     rtmrs: tuple[bytes, ...] = ()
     instance_id: str | None = None
@@ -78,10 +86,10 @@ def summary(appraisal: Appraisal) -> dict[str, Any]:
     return out
 
 
-def from_dcap(claims) -> Appraisal:
+def from_dcap(claims: DcapClaims) -> Appraisal:
     """An SGX or TDX quote's claims (cove.attest.dcap.DcapClaims)."""
     body = claims.body
-    if claims.tee == "sgx":
+    if isinstance(body, EnclaveReport):  # an SGX quote; a TDX quote's body is a TdReport
         return Appraisal(
             evidence_type="sgx", measurement=body.mr_enclave, signer=body.mr_signer,
             product_id=body.isv_prod_id, svn=body.isv_svn, debug=body.attributes_decoded.debug,
@@ -94,7 +102,7 @@ def from_dcap(claims) -> Appraisal:
         claims=_dcap_claims(claims))
 
 
-def _dcap_claims(claims) -> dict[str, Any]:
+def _dcap_claims(claims: DcapClaims) -> dict[str, Any]:
     return {
         "tee": claims.tee,
         "tcb_status": claims.tcb_status,
@@ -109,7 +117,7 @@ def _dcap_claims(claims) -> dict[str, Any]:
     }
 
 
-def from_snp(claims) -> Appraisal:
+def from_snp(claims: SnpClaims) -> Appraisal:
     """An SEV-SNP report's claims (cove.attest.snp.SnpClaims)."""
     r = claims.report
     tcb = {"bootloader": r.reported_tcb.bootloader, "tee": r.reported_tcb.tee,
@@ -124,7 +132,7 @@ def from_snp(claims) -> Appraisal:
                 "endorsement": jsonable(claims.endorsement), "report": jsonable(r)})
 
 
-def from_tpm(claims) -> Appraisal:
+def from_tpm(claims: TpmQuoteClaims) -> Appraisal:
     """A TPM quote's claims (cove.attest.tpm.TpmQuoteClaims); extraData plays report data."""
     return Appraisal(
         evidence_type="tpm", report_data=claims.extra_data, pcrs=claims.pcrs, platform_root="tpm",

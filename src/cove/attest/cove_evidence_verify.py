@@ -7,6 +7,11 @@ qualifying data binds the platform key, runtime and epoch, and whose Cove
 PCR equals a reset extended by the runtime and then the platform key hash;
 the platform key signed the report. Self-certified evidence stops at the
 platform key, and the claims say so; whether to accept it is policy.
+
+Evidence from a `vm` enclave must also carry its vTPM's quote: the platform
+key certified that vTPM's EK and AK and the launch measurement extended into
+its launch PCR; the AK quoted that PCR with qualifying data bound to this
+very report. A `vm` report without it is refused, so it cannot be stripped.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -46,6 +52,10 @@ class CoveClaims:
     ek_certificate: bytes | None = None  # DER
     ek_root: bytes | None = None  # DER of the trusted EK CA it chains to
     ak_name: bytes | None = None
+    launch: bytes | None = None  # vm: the launch measurement the vTPM quoted
+    vtpm: TpmQuoteClaims | None = None
+    vtpm_ak_name: bytes | None = None
+    vtpm_ek_name: bytes | None = None
 
 
 def load_platform_key(spki: bytes) -> ec.EllipticCurvePublicKey:
@@ -72,8 +82,11 @@ def verify_report_signature(e: ev.Evidence) -> bytes:
     return digest
 
 
-def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem, ak_roots_pem, now: datetime):
+def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem: bytes | str | None, ak_roots_pem: bytes | str | None,
+                now: datetime) -> tuple[TpmQuoteClaims, bytes, bytes, bytes]:
     t = e.endorsement.tpm
+    if t is None:  # the parser refuses a TPM root without it
+        raise VerificationError("cove: a TPM-rooted endorsement without its TPM quote")
     if not ek_roots_pem or not ak_roots_pem:
         raise VerificationError("cove: TPM-rooted evidence needs trusted EK CA and AK CA certificates",
                                 "name them in the policy: [cove] ek_ca and ak_ca")
@@ -107,6 +120,32 @@ def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem, ak_roots_pem, now: 
     return quote, der(ek_chain[0]), der(ek_root), ak.name
 
 
+def verify_vtpm(e: ev.Evidence) -> tuple[TpmQuoteClaims, bytes, bytes]:
+    """Check a vm report's vTPM quote; (quote, AK name, EK name). The launch is in e.vtpm.statement."""
+    v = e.vtpm
+    if e.report.backend != "vm":
+        raise VerificationError(f"cove: a {e.report.backend[:32]} report carries a vTPM quote")
+    if v is None:
+        raise VerificationError("cove: a vm report without its vTPM quote", "the evidence was truncated or altered")
+    key = load_platform_key(e.endorsement.pak)
+    verify_ecdsa(key, v.statement_signature, ev.VTPM_CONTEXT + v.statement_bytes, "sha256", "cove",
+                 "vTPM statement")
+    ak = parse_public(v.statement.ak)
+    check_ak_attributes(ak, "cove")
+    ek = parse_public(v.statement.ek)
+    try:
+        quote = verify_tpm_quote(v.attest, v.signature, v.pcrs, ak, ev.vm_quote_qualifier(e.report_bytes))
+    except VerificationError as exc:
+        raise VerificationError("cove: vTPM " + exc.message.removeprefix("tpm: "), exc.hint) from None
+    value = quote.pcrs.get("sha256", {}).get(v.statement.pcr)
+    if value is None:
+        raise VerificationError(f"cove: the vTPM quote does not cover the launch PCR sha256:{v.statement.pcr}")
+    if not hmac.compare_digest(value, ev.launch_pcr_value(v.statement.launch)):
+        raise VerificationError(f"cove: vTPM PCR sha256:{v.statement.pcr} does not hold the certified launch "
+                                "measurement", "the vTPM was extended by something else")
+    return quote, ak.name, ek.name
+
+
 def verify_cove_evidence(evidence: bytes, now: datetime, *, ek_roots: bytes | str | None = None,
                          ak_roots: bytes | str | None = None) -> CoveClaims:
     """Verify Cove evidence at time ``now``; ``ek_roots``/``ak_roots`` are trusted CA PEM bundles.
@@ -119,12 +158,17 @@ def verify_cove_evidence(evidence: bytes, now: datetime, *, ek_roots: bytes | st
     digest = verify_report_signature(e)
     if e.report.timestamp + CLOCK_SKEW < e.endorsement.epoch_start:
         raise VerificationError("cove: report predates its platform epoch")
+    vm: dict[str, Any] = {}
+    if e.report.backend == "vm" or e.vtpm is not None:
+        vtpm, vtpm_ak, vtpm_ek = verify_vtpm(e)
+        assert e.vtpm is not None  # verify_vtpm refuses a vm report without it
+        vm = {"launch": e.vtpm.statement.launch, "vtpm": vtpm, "vtpm_ak_name": vtpm_ak, "vtpm_ek_name": vtpm_ek}
     if e.endorsement.root == "tpm":
         quote, ek_cert, ek_root, ak_name = _verify_tpm(e, digest, ek_roots, ak_roots, now)
         return CoveClaims(e.report, "tpm", digest, e.endorsement.runtime, e.endorsement.epoch,
-                          e.endorsement.epoch_start, quote, ek_cert, ek_root, ak_name)
+                          e.endorsement.epoch_start, quote, ek_cert, ek_root, ak_name, **vm)
     return CoveClaims(e.report, "self-certified", digest, e.endorsement.runtime, e.endorsement.epoch,
-                      e.endorsement.epoch_start)
+                      e.endorsement.epoch_start, **vm)
 
 
 def appraisal(claims: CoveClaims) -> Appraisal:
@@ -135,17 +179,21 @@ def appraisal(claims: CoveClaims) -> Appraisal:
         "platform": {"root": claims.root, "platform_key": claims.platform_key.hex(), "runtime": claims.runtime.hex(),
                      "epoch": claims.epoch.hex(), "epoch_start": jsonable(claims.epoch_start)},
     }
-    if claims.quote is not None:
+    if (claims.quote is not None and claims.ak_name is not None and claims.ek_certificate is not None
+            and claims.ek_root is not None):  # all four, or none: a TPM root
         details["platform"]["tpm"] = {
             "pcrs": jsonable(claims.quote.pcrs), "ak_name": claims.ak_name.hex(),
             "ek_certificate_sha256": hashlib.sha256(claims.ek_certificate).hexdigest(),
             "ek_root_sha256": hashlib.sha256(claims.ek_root).hexdigest(),
             "clock": claims.quote.clock_info.clock, "reset_count": claims.quote.clock_info.reset_count}
+    if claims.vtpm is not None:
+        details["vtpm"] = {"launch": jsonable(claims.launch), "pcrs": jsonable(claims.vtpm.pcrs),
+                           "ak_name": jsonable(claims.vtpm_ak_name), "ek_name": jsonable(claims.vtpm_ek_name)}
     return Appraisal(
         evidence_type="cove", measurement=r.measurement, signer=r.signer, product_id=r.product_id, svn=r.svn,
         debug=r.debug, backend=r.backend, isolation=r.isolation, report_data=r.report_data,
         issued_at=r.timestamp, platform_root=claims.root, platform_key=claims.platform_key,
         platform_issued_at=claims.epoch_start, runtime=claims.runtime,
         ek_certificate=hashlib.sha256(claims.ek_certificate).digest() if claims.ek_certificate else None,
-        ak_name=claims.ak_name,
+        ak_name=claims.ak_name, launch_measurement=claims.launch,
         pcrs=claims.quote.pcrs if claims.quote else {}, instance_id=r.instance_id, claims=details)

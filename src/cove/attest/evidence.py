@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
 import cbor2
@@ -27,8 +28,15 @@ QUOTE_CONTEXT = b"cove/platform-quote/v1\x00"
 DEFAULT_PCR = 23
 BOOT_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 REPORT_DATA_SIZE = 64
+# vm enclaves: the platform key certifies each VM's vTPM keys and launch PCR (VTPM_CONTEXT), and the
+# vTPM quotes that PCR with qualifying data bound to the platform's report (VM_QUOTE_CONTEXT).
+VTPM_CONTEXT = b"cove/vtpm-endorsement/v1\x00"
+VM_QUOTE_CONTEXT = b"cove/vm-quote/v1\x00"
+LAUNCH_PCR = 4  # in a firmware boot it holds the boot loader; here the direct boot's launch inputs
 
-_EVIDENCE_KEYS = ("format", "version", "report", "signature", "endorsement")
+_EVIDENCE_KEYS = ("format", "version", "report", "signature", "endorsement", "vtpm")
+_VTPM_KEYS = ("statement", "statement_signature", "attest", "signature", "pcrs")
+_STATEMENT_KEYS = ("ek", "ak", "pcr", "launch")
 _REPORT_KEYS = ("version", "measurement", "signer", "product_id", "svn", "debug", "backend", "isolation",
                 "instance_id", "report_data", "timestamp", "platform_key", "root", "endorsement")
 _ENDORSEMENT_KEYS = ("root", "pak", "runtime", "epoch", "epoch_start", "tpm")
@@ -87,12 +95,35 @@ class Endorsement:
 
 
 @dataclass(frozen=True)
+class VtpmStatement:
+    """What the platform key certifies about one VM's vTPM (docs/formats/evidence.md)."""
+
+    ek: bytes  # TPM2B_PUBLIC of the vTPM's endorsement key
+    ak: bytes  # TPM2B_PUBLIC of the attestation key made under it
+    pcr: int  # the PCR that holds the launch measurement
+    launch: bytes  # the vm launch measurement extended into it (SHA-256)
+
+
+@dataclass(frozen=True)
+class VtpmQuote:
+    """A vm enclave's vTPM quote of its launch PCR, bound to the platform's report."""
+
+    statement: VtpmStatement
+    statement_bytes: bytes  # exactly what the platform key signed (after VTPM_CONTEXT)
+    statement_signature: bytes  # ECDSA P-256 SHA-256, DER, by the platform key
+    attest: bytes  # TPMS_ATTEST
+    signature: bytes  # TPMT_SIGNATURE
+    pcrs: dict[str, dict[int, bytes]]
+
+
+@dataclass(frozen=True)
 class Evidence:
     report: Report
     report_bytes: bytes  # exactly what was signed (after REPORT_CONTEXT)
     signature: bytes  # ECDSA P-256 SHA-256, DER
     endorsement: Endorsement
     endorsement_bytes: bytes  # exactly what the report's endorsement digest covers
+    vtpm: VtpmQuote | None = None  # vm enclaves only
 
 
 def pak_hash(spki_der: bytes) -> bytes:
@@ -103,6 +134,21 @@ def quote_qualifier(pak: bytes, runtime: bytes, epoch: bytes, epoch_start_ms: in
     """The quote's qualifying data: binds the platform key, runtime and epoch to the TPM quote."""
     return hashlib.sha256(QUOTE_CONTEXT + pak_hash(pak) + runtime + epoch
                           + struct.pack(">Q", epoch_start_ms)).digest()
+
+
+def vm_quote_qualifier(report_bytes: bytes) -> bytes:
+    """The vTPM quote's qualifying data: binds it to one platform-signed report."""
+    return hashlib.sha256(VM_QUOTE_CONTEXT + report_bytes).digest()
+
+
+def launch_pcr_value(launch: bytes) -> bytes:
+    """The launch PCR after the vTPM started and the launch measurement was extended once."""
+    return hashlib.sha256(bytes(32) + launch).digest()
+
+
+def encode_vtpm_statement(statement: VtpmStatement) -> bytes:
+    return cbor2.dumps({"ek": statement.ek, "ak": statement.ak, "pcr": statement.pcr, "launch": statement.launch},
+                       canonical=True)
 
 
 def platform_pcr_value(runtime: bytes, pak_digest: bytes) -> bytes:
@@ -124,7 +170,7 @@ def encode_report(report: Report) -> bytes:
     }, canonical=True)
 
 
-def endorsement_map(e: Endorsement) -> dict:
+def endorsement_map(e: Endorsement) -> dict[str, Any]:
     out = {"root": e.root, "pak": e.pak, "runtime": e.runtime, "epoch": e.epoch, "epoch_start": e.epoch_start_ms}
     if e.tpm is not None:
         t = e.tpm
@@ -133,10 +179,15 @@ def endorsement_map(e: Endorsement) -> dict:
     return out
 
 
-def encode_evidence(report_bytes: bytes, signature: bytes, endorsement_bytes: bytes) -> bytes:
+def encode_evidence(report_bytes: bytes, signature: bytes, endorsement_bytes: bytes,
+                    vtpm: VtpmQuote | None = None) -> bytes:
     """The evidence document; ``endorsement_bytes`` from :func:`encode_endorsement`."""
-    return cbor2.dumps({"format": FORMAT, "version": VERSION, "report": report_bytes,
-                        "signature": signature, "endorsement": endorsement_bytes}, canonical=True)
+    document = {"format": FORMAT, "version": VERSION, "report": report_bytes,
+                "signature": signature, "endorsement": endorsement_bytes}
+    if vtpm is not None:
+        document["vtpm"] = {"statement": vtpm.statement_bytes, "statement_signature": vtpm.statement_signature,
+                            "attest": vtpm.attest, "signature": vtpm.signature, "pcrs": vtpm.pcrs}
+    return cbor2.dumps(document, canonical=True)
 
 
 def endorsement_digest(endorsement_bytes: bytes) -> bytes:
@@ -175,7 +226,7 @@ def load_endorsement(data: bytes, what: str = "endorsement") -> Endorsement:
     return parse_endorsement(loads(data, "cove", what))
 
 
-def parse_endorsement(value) -> Endorsement:
+def parse_endorsement(value: object) -> Endorsement:
     f = Fields(value, "cove", "endorsement", _ENDORSEMENT_KEYS)
     root = f.text("root", ROOTS)
     tpm = None
@@ -191,7 +242,7 @@ def parse_endorsement(value) -> Endorsement:
                        epoch=f.bytes("epoch", 16), epoch_start_ms=f.uint("epoch_start"), tpm=tpm)
 
 
-def _pcrs(value) -> dict[str, dict[int, bytes]]:
+def _pcrs(value: object) -> dict[str, dict[int, bytes]]:
     sizes = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
     if not isinstance(value, dict) or not value or len(value) > 4:
         raise VerificationError("cove: endorsement tpm pcrs must map a bank to PCR values")
@@ -220,7 +271,19 @@ def parse_evidence(data: bytes) -> Evidence:
         raise VerificationError(f"cove: evidence version {version} is not supported (only {VERSION})")
     report_bytes = f.bytes("report", max_size=4096)
     endorsement_bytes = f.bytes("endorsement", max_size=65536)
+    vtpm = _parse_vtpm(f.sub("vtpm", _VTPM_KEYS)) if f.has("vtpm") else None
     return Evidence(report=parse_report(report_bytes), report_bytes=report_bytes,
                     signature=f.bytes("signature", max_size=256),
                     endorsement=parse_endorsement(loads(endorsement_bytes, "cove", "endorsement")),
-                    endorsement_bytes=endorsement_bytes)
+                    endorsement_bytes=endorsement_bytes, vtpm=vtpm)
+
+
+def _parse_vtpm(t: Fields) -> VtpmQuote:
+    statement_bytes = t.bytes("statement", max_size=4096)
+    s = Fields(loads(statement_bytes, "cove", "vtpm statement"), "cove", "vtpm statement", _STATEMENT_KEYS)
+    statement = VtpmStatement(ek=s.bytes("ek", max_size=1024), ak=s.bytes("ak", max_size=1024),
+                              pcr=s.uint("pcr", 23), launch=s.bytes("launch", 32))
+    return VtpmQuote(statement=statement, statement_bytes=statement_bytes,
+                     statement_signature=t.bytes("statement_signature", max_size=256),
+                     attest=t.bytes("attest", max_size=1024), signature=t.bytes("signature", max_size=1024),
+                     pcrs=_pcrs(t.map.get("pcrs")))

@@ -39,7 +39,7 @@ _COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isol
 INIT_DATA_KEYS = ("init_data_digests", "init_data")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "cove": _COMMON + ("self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "ak_ca",
-                       "ek_certificates", "ak_names", "max_platform_age"),
+                       "ek_certificates", "ak_names", "max_platform_age", "launch_measurements"),
     "tpm": ("pcrs",) + INIT_DATA_KEYS,
     "sgx": _COMMON + ("roots",),
     "tdx": _COMMON + ("roots", "rtmrs") + INIT_DATA_KEYS,
@@ -76,6 +76,7 @@ class Rules:
     runtime_hashes: tuple[bytes, ...] = ()
     ek_certificates: tuple[bytes, ...] = ()  # SHA-256 of trusted EK certificates: pin TPMs
     ak_names: tuple[bytes, ...] = ()  # TPM names of trusted attestation keys
+    launch_measurements: tuple[bytes, ...] = ()  # vm: accepted launch measurements, quoted by the vTPM
     pcrs: Mapping[str, Mapping[int, bytes]] = field(default_factory=dict)
     ek_ca: tuple[bytes, ...] = ()  # DER certificates
     ak_ca: tuple[bytes, ...] = ()
@@ -297,7 +298,7 @@ class _Parser:
         for key in ("backends", "isolation"):
             if key in data:
                 out[key] = tuple(self.strings(data[key], f"{kind}.{key}"))
-        for key in ("platform_keys", "runtime_hashes", "ek_certificates"):
+        for key in ("platform_keys", "runtime_hashes", "ek_certificates", "launch_measurements"):
             if key in data:
                 out[key] = tuple(self.hex(v, f"{kind}.{key}[{i}]", 32)
                                  for i, v in enumerate(self.list(data[key], f"{kind}.{key}")))

@@ -84,10 +84,13 @@ def _identity(v: _Verdict, rules: Rules, a: Appraisal) -> None:
         v.deny("enclave", f"backend {a.backend} is not accepted (accepted: {', '.join(rules.backends)})")
     if rules.isolation and a.isolation is not None and a.isolation not in rules.isolation:
         v.deny("enclave", f"isolation {a.isolation} is not accepted (accepted: {', '.join(rules.isolation)})")
+    if rules.launch_measurements and not any(_eq(a.launch_measurement, m) for m in rules.launch_measurements):
+        got = a.launch_measurement.hex() if a.launch_measurement is not None else "absent (no vTPM quote)"
+        v.deny("enclave", f"vm launch measurement {got} is not one the policy accepts")
     for idx, want in sorted(rules.rtmrs.items()):
-        got = a.rtmrs[idx] if idx < len(a.rtmrs) else None
-        if not _eq(got, want):
-            v.deny("enclave", f"RTMR{idx} is {got.hex() if got else 'absent'}, the policy expects {want.hex()}")
+        rtmr = a.rtmrs[idx] if idx < len(a.rtmrs) else None
+        if not _eq(rtmr, want):
+            v.deny("enclave", f"RTMR{idx} is {rtmr.hex() if rtmr else 'absent'}, the policy expects {want.hex()}")
 
 
 def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
@@ -157,7 +160,7 @@ def _init_data(v: _Verdict, rules: Rules, a: Appraisal) -> None:
                       f"(sha256 {hashlib.sha256(got).hexdigest()[:16]})")
 
 
-def _json(value) -> bytes:
+def _json(value: object) -> bytes:
     """One form for a value read from TOML, JSON claims or the policy, to compare them."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 

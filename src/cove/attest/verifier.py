@@ -72,7 +72,7 @@ def detect(evidence: bytes) -> str:
     from cove.attest.evidence import looks_like_cove
 
     data = bytes(evidence)
-    if data[:1] in (b"\xa5", b"\xb9", b"\xbf") and looks_like_cove(data):
+    if data[:1] in (b"\xa5", b"\xa6", b"\xb9", b"\xbf") and looks_like_cove(data):  # a6: with a vTPM quote
         return "cove"
     if data[:4] == b"\xff\x54\x43\x47":
         return "tpm"

@@ -8,6 +8,7 @@ of report data. Nothing else an enclave sends can reach a report.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cbor2
@@ -63,9 +64,16 @@ class ReportSigner:
         data = ev.encode_report(report)
         return data, self.key.sign(ev.REPORT_CONTEXT + data, ec.ECDSA(hashes.SHA256()))
 
-    def evidence(self, claims: EnclaveClaims, report_data: bytes) -> bytes:
+    def evidence(self, claims: EnclaveClaims, report_data: bytes,
+                 vtpm: Callable[[bytes], ev.VtpmQuote] | None = None) -> bytes:
+        """Evidence for ``claims``; a vm enclave's ``vtpm`` quotes its launch PCR for the report's bytes."""
         data, signature = self.report(claims, report_data)
-        return ev.encode_evidence(data, signature, self._endorsement)
+        return ev.encode_evidence(data, signature, self._endorsement, vtpm(data) if vtpm is not None else None)
+
+    def certify_vtpm(self, statement: ev.VtpmStatement) -> tuple[bytes, bytes]:
+        """(statement bytes, the platform key's DER signature): this vTPM's keys and launch PCR."""
+        data = ev.encode_vtpm_statement(statement)
+        return data, self.key.sign(ev.VTPM_CONTEXT + data, ec.ECDSA(hashes.SHA256()))
 
     def signed_report(self, claims: EnclaveClaims, report_data: bytes) -> bytes:
         """The report alone with its signature (/dev/attestation/report), CBOR."""

@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from cove.config import Config
 from cove.errors import CoveError
 from cove.image.identity import EnclaveIdentity  # re-exported: backends and services take it from here
+
+if TYPE_CHECKING:
+    from cove.attest.evidence import VtpmQuote
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,22 @@ class Backend(ABC):
     def prepare(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> None:
         """Check what only this backend boots, before any service starts (and before secrets are
         fetched); may settle ``self.isolation`` (vm: KVM or TCG), which the services report."""
+
+    def release(self) -> None:
+        """Stop what :meth:`prepare` started (vm: the vTPM), once the run is over or failed."""
+
+    @contextmanager
+    def prepared(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> Iterator[None]:
+        """:meth:`prepare`, and :meth:`release` however the run ends."""
+        try:
+            self.prepare(build_dir, launch, workdir)
+            yield
+        finally:
+            self.release()
+
+    def vtpm_quote(self) -> Callable[[bytes], VtpmQuote] | None:
+        """vm: what adds the enclave's vTPM quote to evidence the runtime makes for it; else None."""
+        return None
 
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> RunningEnclave:

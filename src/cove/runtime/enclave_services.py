@@ -14,9 +14,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cove.config import Config
 from cove.image.identity import EnclaveIdentity
+
+if TYPE_CHECKING:
+    from cove.attest.evidence import VtpmQuote
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class ServiceContext:
     state_dir: Path  # the enclave's persistent state on the host (instance/run/)
     workdir: Path  # private to this run, removed afterwards
     image_key: str | None = None  # the key source of an encrypted root image (cove build --encrypt-image)
+    vtpm_quote: Callable[[bytes], VtpmQuote] | None = None  # vm: adds its vTPM quote to the runtime's evidence
 
 
 class EnclaveService(ABC):

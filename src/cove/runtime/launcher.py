@@ -17,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 from contextlib import ExitStack, contextmanager
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +91,11 @@ def resolve_user(user: str, root: Path) -> tuple[int, int]:
 
 def build_environment(config: Config, host: dict[str, str] | None = None) -> dict[str, str]:
     """The enclave's environment: [env] default, plus the passthrough names the host has."""
-    host = os.environ if host is None else host
+    source: Mapping[str, str] = os.environ if host is None else host
     env = dict(config.env.default)
     for name in config.env.passthrough:
-        if name in host:
-            env[name] = host[name]
+        if name in source:
+            env[name] = source[name]
     return env
 
 
@@ -237,12 +237,13 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                                enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
     instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with laps.on_exit("cleanup"), _workdir() as workdir:
-        chosen.prepare(build_dir, verified.manifest.launch, workdir)  # e.g. vm: launch inputs checked, accelerator
+    with laps.on_exit("cleanup"), _workdir() as workdir, \
+            chosen.prepared(build_dir, verified.manifest.launch, workdir):  # vm: launch inputs checked, vTPM
         laps.lap("workdir")
         ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
                                           chosen.isolation, state_dir, workdir,
-                                          image_key=encrypted.key if encrypted else None)
+                                          image_key=encrypted.key if encrypted else None,
+                                          vtpm_quote=chosen.vtpm_quote())
         with _Services(ctx) as services, ExitStack() as mounted:
             laps.lap("services-begin")
             if encrypted is None:

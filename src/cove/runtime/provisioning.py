@@ -54,7 +54,7 @@ class PlatformEvidence:
         identity = self.ctx.identity
         claims = EnclaveClaims(identity.measurement, identity.signer, identity.product_id, identity.svn,
                                identity.debug, self.ctx.backend, self.ctx.isolation, self.ctx.instance_id)
-        raw = monitor.signer().evidence(claims, report_data)
+        raw = monitor.signer().evidence(claims, report_data, self.ctx.vtpm_quote)
         return {"evidence": base64.b64encode(raw).decode()}
 
 
@@ -94,6 +94,7 @@ class ProvisioningService(EnclaveService):
         with self._fetch_lock:
             if self.values is None:
                 attestation = self.ctx.config.attestation
+                assert attestation is not None  # services() makes this service only with [attestation]
                 try:
                     self.values = fetch(attestation.kbs, self.resources, self.provider, ca_cert=attestation.ca,
                                         retries=attestation.retries, timeout=attestation.timeout,

@@ -14,6 +14,7 @@ reports its exit code on cove.ctl. KVM is used when a probe boot shows that
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import select
@@ -26,11 +27,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cove.config import parse_size
 from cove.errors import CoveError, SetupError
 from cove.image import vmimage
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cove.attest.evidence import VtpmQuote
+    from cove.platform.reports import ReportSigner
+    from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
 NAME = "vm"
 KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
@@ -148,8 +157,11 @@ def _last_line(path: Path) -> str:
 
 class VmEnclave(RunningEnclave):
     def __init__(self, spec: LaunchSpec, isolation: str, process: subprocess.Popen, ports: _Ports,
-                 workdir: Path, started: float, signer=None):
+                 workdir: Path, started: float, signer=None, vtpm: Vtpm | None = None,
+                 ready: Callable[[], VtpmQuoter | None] = lambda: None, request: bytes = b""):
         super().__init__(spec, NAME, isolation)
+        self.vtpm = vtpm
+        self.host_error: str | None = None
         self.process = process
         self.ports = ports
         self.workdir = workdir
@@ -168,13 +180,31 @@ class VmEnclave(RunningEnclave):
         for thread in self._threads:
             thread.start()
         threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
+        threading.Thread(target=self._start_guest, args=(signer, ready, request), daemon=True).start()
+
+    def _start_guest(self, signer: ReportSigner | None, ready: Callable[[], VtpmQuoter | None],
+                     request: bytes) -> None:
+        """While the kernel boots: wait for the vTPM's launch PCR to be extended, then send the
+        launch request. The guest init waits for the request, so no program runs before it."""
+        try:
+            quoter = ready()
+        except CoveError as exc:
+            self.host_error = exc.line()
+            self.process.kill()
+            return
         if signer is not None:
             from cove.platform.reports import EnclaveClaims  # only vm runs pay for this import
 
+            spec = self.spec
             claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
-                                   spec.identity.svn, spec.identity.debug, NAME, isolation, spec.instance_id)
-            for port, make in (("cove.quote", signer.evidence), ("cove.report", signer.signed_report)):
-                threading.Thread(target=self._attest, args=(ports.host(port), make, claims), daemon=True).start()
+                                   spec.identity.svn, spec.identity.debug, NAME, self.isolation, spec.instance_id)
+            for port, make in (("cove.quote", functools.partial(signer.evidence, vtpm=quoter)),
+                               ("cove.report", signer.signed_report)):
+                threading.Thread(target=self._attest, args=(self.ports.host(port), make, claims), daemon=True).start()
+        try:
+            self.ports.host("cove.ctl").sendall(request)
+        except OSError:
+            pass  # QEMU is gone; wait() reports it
 
     @staticmethod
     def _attest(sock: socket.socket, make, claims) -> None:
@@ -281,6 +311,8 @@ class VmEnclave(RunningEnclave):
         for thread in self._threads[1:]:
             thread.join(timeout=5)
         self._record_timing()
+        if self.host_error:
+            raise CoveError(self.host_error)
         if self.guest_error:
             raise CoveError(f"the vm's init failed: {self.guest_error}")
         if self.exit_code is None:
@@ -303,6 +335,8 @@ class VmEnclave(RunningEnclave):
             self.process.kill()
             self.process.wait()
         self.ports.close()
+        if self.vtpm is not None:
+            self.vtpm.stop()
 
 
 class VmBackend(Backend):
@@ -328,6 +362,12 @@ class VmBackend(Backend):
 
     def __init__(self) -> None:
         self._prepared: tuple | None = None
+        self._signer = None
+        self._attestation_type = "none"
+        self._vtpm: Vtpm | None = None
+        self._provisioning: threading.Thread | None = None
+        self._quoter: VtpmQuoter | None = None
+        self._vtpm_error: CoveError | None = None
 
     def prepare(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> None:
         """Copy and check kernel, initramfs and launch description, and settle KVM or TCG,
@@ -340,6 +380,41 @@ class VmBackend(Backend):
         accel = accelerator(description, kernel, initrd, folder)
         self.isolation = KVM if accel == "kvm" else TCG
         self._prepared = (description, kernel, initrd, folder, accel)
+        self._signer, self._attestation_type = _platform_signer()
+        if self._signer is not None:
+            from cove.runtime.vm_vtpm import Vtpm  # only vm runs pay for this import
+
+            self._vtpm = Vtpm.start(folder)  # in this thread: it dies with the launcher
+            self._provisioning = threading.Thread(target=self._provision, args=(bytes(launch["measurement"]),),
+                                                  daemon=True)
+            self._provisioning.start()  # overlaps the services' start and the guest's boot
+
+    def _provision(self, launch: bytes) -> None:
+        try:
+            self._vtpm.provision(launch)
+            self._quoter = self._vtpm.quoter(self._signer)
+        except CoveError as exc:
+            self._vtpm_error = exc
+
+    def _ready(self) -> VtpmQuoter | None:
+        """The vTPM's quoter once its launch PCR is extended (None without a platform key)."""
+        if self._provisioning is None:
+            return None
+        self._provisioning.join()
+        if self._vtpm_error is not None or self._quoter is None:
+            raise CoveError(f"the vm's vTPM could not be provisioned: "
+                            f"{self._vtpm_error.line() if self._vtpm_error else 'no quoter'}")
+        return self._quoter
+
+    def vtpm_quote(self) -> Callable[[bytes], VtpmQuote] | None:
+        """For evidence made outside the guest (secrets fetched before boot): the vTPM quote of a report."""
+        if self._vtpm is None:
+            return None
+        return lambda report_bytes: self._ready()(report_bytes)
+
+    def release(self) -> None:
+        if self._vtpm is not None:
+            self._vtpm.stop()
 
     @staticmethod
     def _files(spec: LaunchSpec) -> list[tuple[str, bytes]]:
@@ -363,13 +438,12 @@ class VmBackend(Backend):
         files = self._files(spec)
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
-        signer, attestation_type = _platform_signer()
-        request = encode_request(spec, attestation_type, files)
+        request = encode_request(spec, self._attestation_type, files)
         ports = _Ports()
         started = time.monotonic()
         process = _boot(description, kernel, initrd, accel, workdir, ports)
-        ports.host("cove.ctl").sendall(request)
-        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started, signer)
+        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started, self._signer,
+                         self._vtpm, self._ready, request)
 
 
 def _platform_signer():
