@@ -64,3 +64,14 @@ def test_a_line_longer_than_the_file_and_sizes(tmp_path):
     for bad in ("10x", "-1", "1e9", "", "9" * 20):
         with pytest.raises(ValueError):
             logfile.parse_size(bad)
+
+
+@pytest.mark.parametrize("option", [["--log-max-size", "10x"], ["--log-max-size", "100"],
+                                    ["--log-max-size", "-5"], ["--log-max-files", "0"]])
+def test_bad_rotation_options_are_one_line(cove, tmp_path, option):
+    from tests.conftest import COVE, error_line
+
+    done = subprocess.run([COVE, "daemon", "--root", str(tmp_path / "r"), "--socket", str(tmp_path / "s"), *option],
+                          capture_output=True, text=True, env=cove.env, timeout=60)
+    assert done.returncode == 2 and error_line(done).startswith("cove: error:")
+    assert not (tmp_path / "s").exists()

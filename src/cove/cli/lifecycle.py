@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,8 +28,8 @@ class LifecycleError(CoveError):
         self.exit_code = code
 
 
-def _call(method: str, route: str, body: dict | None = None, query: dict | None = None,
-          timeout: float | None = 60.0):
+def _call(method: str, route: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None,
+          timeout: float | None = 60.0) -> Any:
     try:
         return Client().call(method, route, body, query, timeout)
     except NotRunning as exc:
@@ -48,13 +49,13 @@ def _age(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
-def _status(view: dict) -> str:
+def _status(view: dict[str, Any]) -> str:
     if view["state"] == "exited":
         ago = _age(time.time() - view["finished"]) if view.get("finished") else ""
         return f"Exited ({view['exit_code']}) {ago} ago" if ago else f"Exited ({view['exit_code']})"
     if view["state"] == "running":
         return f"Up {_age(view.get('uptime'))}"
-    return view["state"].capitalize()
+    return str(view["state"]).capitalize()
 
 
 @click.command()
@@ -294,7 +295,7 @@ def inspect_enclave(ref: str) -> None:
 
 
 def _create_body(instance: Path, program: str, args: tuple[str, ...], name: str | None, backend: str | None,
-                 restart: str, signer: str | None) -> dict:
+                 restart: str, signer: str | None) -> dict[str, Any]:
     return {"instance": str(instance.resolve()), "program": program, "args": list(args), "name": name,
             "backend": backend, "restart": restart, "signer": signer, "env": dict(os.environ)}
 

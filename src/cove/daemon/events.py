@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,7 +89,8 @@ class Events:
         if event.get("type") != "enclave" or not isinstance(event.get("id"), str):
             return
         ident, action = event["id"], event.get("action")
-        restarts = event.get("restarts") if isinstance(event.get("restarts"), int) else 0
+        raw = event.get("restarts")
+        restarts = raw if isinstance(raw, int) else 0
         if action == "start":
             self.last_seen[ident] = ("running", 0)
         elif action == "restart":
@@ -135,7 +136,7 @@ class Events:
         with self.changed:
             return [e for e in self.items if e["seq"] > seq]
 
-    def follow(self, since: float = 0, follow: bool = True) -> Iterator[bytes]:
+    def follow(self, since: float = 0, follow: bool = True) -> Generator[bytes, None, None]:
         """Newline-delimited JSON of the events after ``since``; with follow, forever."""
         last = since
         while True:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import termios
 import threading
-from typing import Any, BinaryIO
+from typing import Any
 
 from cove.daemon import execstream
 
@@ -94,7 +94,7 @@ def buffered(helper: Helper, limit_out: int, limit_err: int) -> tuple[int, bytes
 class Session:
     """The relay between one upgraded client connection and one helper."""
 
-    def __init__(self, conn: socket.socket, reader: BinaryIO, helper: Helper) -> None:
+    def __init__(self, conn: socket.socket, reader: execstream.Reader, helper: Helper) -> None:
         self.conn, self.reader, self.helper = conn, reader, helper
         self.gone = threading.Event()  # the client left before the end
         self.finished = threading.Event()

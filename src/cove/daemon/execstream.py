@@ -10,13 +10,19 @@ thin client, so it imports nothing of Cove.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
+from typing import Protocol
 
 PROTOCOL = "cove-exec/1"
 STDIN, STDOUT, STDERR, EXIT, RESIZE = 0, 1, 2, 3, 4
 HEADER = struct.Struct(">BxxxI")
 MAX_PAYLOAD = 1 << 20  # a larger frame is a protocol error: the session ends
 CHUNK = 65536
+
+
+class Reader(Protocol):
+    """What frames are read from: a buffered reader of the socket (blocking, whole reads)."""
+
+    def read(self, size: int, /) -> bytes: ...
 
 
 class ProtocolError(Exception):
@@ -35,7 +41,7 @@ def resize_frame(rows: int, cols: int) -> bytes:
     return frame(RESIZE, struct.pack(">HH", rows, cols))
 
 
-def read_frame(reader: BinaryIO) -> tuple[int, bytes] | None:
+def read_frame(reader: Reader) -> tuple[int, bytes] | None:
     """The next frame, or None at a clean end of the stream; ProtocolError for anything malformed."""
     head = reader.read(HEADER.size)
     if not head:

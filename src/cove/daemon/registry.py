@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cove.errors import CoveError, NotFoundError
 from cove.util import write_atomic
@@ -61,20 +62,20 @@ def alive(pid: int | None, start: int | None) -> bool:
 @dataclass
 class Enclave:
     folder: Path
-    record: dict
-    state: dict
+    record: dict[str, Any]
+    state: dict[str, Any]
 
     @property
     def id(self) -> str:
-        return self.record["id"]
+        return str(self.record["id"])
 
     @property
     def name(self) -> str:
-        return self.record["name"]
+        return str(self.record["name"])
 
     @property
     def status(self) -> str:
-        return self.state.get("state", "created")
+        return str(self.state.get("state", "created"))
 
     @property
     def ended(self) -> bool:
@@ -87,7 +88,7 @@ class Enclave:
     def supervisor_alive(self) -> bool:
         return alive(self.state.get("pid"), self.state.get("pid_start"))
 
-    def view(self) -> dict:
+    def view(self) -> dict[str, Any]:
         """What the API answers for this enclave (docs/formats/daemon-api.md)."""
         state = dict(self.state)
         now = time.time()
@@ -114,7 +115,7 @@ class Registry:
 
     # -- creation
 
-    def create(self, record: dict) -> Enclave:
+    def create(self, record: dict[str, Any]) -> Enclave:
         """Reserve the name, then write the record whole and rename it into place."""
         ident = secrets.token_hex(32)
         name = record.get("name") or f"enclave-{ident[:12]}"
