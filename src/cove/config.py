@@ -10,11 +10,11 @@ enclave manifest records (so every security-relevant setting is measured).
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cove.decode import Settings, decode_toml
 from cove.errors import ConfigError, CoveError
 
 BACKENDS = ("auto", "sim", "vm")
@@ -34,6 +34,7 @@ MAX_ID = 65535  # [process] user UID:GID: the enclave's ids map onto 65536 host 
 SANDBOX_TARGETS = ("/proc", "/dev", "/dev/attestation", "/dev/pts")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAX_STRING = 1 << 16  # any one string setting; cove.toml itself is at most cove.decode.MAX_DOCUMENT
 
 
 # Key sources of encrypted mounts and images (resolved to keys by cove.fs.keys).
@@ -204,11 +205,10 @@ def load(path: Path) -> Config:
 
 def parse(text: str, source: str = "cove.toml") -> Config:
     """Parse cove.toml text; every problem becomes one ConfigError line."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return _Validator(source).config(data)
+    def error(message: str) -> ConfigError:
+        return ConfigError(f"{source}: {message}")
+
+    return _Validator(source).config(decode_toml(text, error, ""))
 
 
 class _Validator:
@@ -220,39 +220,24 @@ class _Validator:
     def fail(self, key: str, problem: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {problem}", hint)
 
+    # The primitive checks are cove.decode's one accessor, worded for a file people write.
+
+    def fields(self, data: Any, key: str, allowed: tuple[str, ...] | None = None) -> Settings:
+        return Settings(data, key, ConfigError, allowed, source=self.source)
+
     def table(self, data: Any, key: str, allowed: tuple[str, ...]) -> dict:
-        if not isinstance(data, dict):
-            raise self.fail(key, f"must be a table, not {type(data).__name__}")
-        for name in data:
-            if name not in allowed:
-                raise self.fail(f"{key}.{name}" if key else name, "unknown key",
-                                f"allowed here: {', '.join(allowed)}")
+        self.fields(data, key, allowed)
         return data
 
     def integer(self, data: dict, key: str, name: str, default: int, low: int, high: int) -> int:
-        value = data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{key}.{name}", f"must be an integer, not {type(value).__name__}")
-        if not low <= value <= high:
-            raise self.fail(f"{key}.{name}", f"{value} is out of range", f"use {low}..{high}")
-        return value
+        return self.fields(data, key).integer(name, low, high, default=default)
 
     def boolean(self, data: dict, key: str, name: str, default: bool) -> bool:
-        value = data.get(name, default)
-        if not isinstance(value, bool):
-            raise self.fail(f"{key}.{name}", f"must be true or false, not {value!r}")
-        return value
+        return self.fields(data, key).boolean(name, default=default)
 
     def string(self, data: dict, key: str, name: str, default: str | None,
                choices: tuple[str, ...] | None = None) -> str:
-        value = data.get(name, default)
-        if value is None:
-            raise self.fail(f"{key}.{name}", "is required")
-        if not isinstance(value, str):
-            raise self.fail(f"{key}.{name}", f"must be a string, not {type(value).__name__}")
-        if choices is not None and value not in choices:
-            raise self.fail(f"{key}.{name}", f"{value!r} is not one of {', '.join(choices)}")
-        return value
+        return self.fields(data, key).text(name, choices, max_len=_MAX_STRING, default=default)
 
     def size(self, data: dict, key: str, name: str, default: int, most: int | None = None) -> int:
         value = data.get(name, default)

@@ -19,12 +19,18 @@ import io
 import json
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from typing import Literal, overload
+from typing import Literal, Protocol, overload
 
 import cbor2
 
 Error = Callable[[str], Exception]
 """A layer's error class (or any callable) taking one message line."""
+
+
+class HintedError(Protocol):
+    """A layer's error class taking a message line and a hint (how to fix it): every CoveError."""
+
+    def __call__(self, message: str, hint: str | None = None, /) -> Exception: ...
 
 MAX_DOCUMENT = 1 << 20  # every signed or sealed document Cove reads is far smaller
 MAX_DEPTH = 400  # cbor2's own default nesting limit; a volume index nests per directory level
@@ -33,9 +39,9 @@ _MISSING = object()
 
 def _limited(data: object, error: Error, what: str, limit: int) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise error(f"{what} must be bytes, got {type(data).__name__}")
+        raise error(f"{what or 'it'} must be bytes, got {type(data).__name__}")
     if len(data) > limit:
-        raise error(f"{what} is {len(data)} bytes (at most {limit})")
+        raise error(f"{what or 'it'} is {len(data)} bytes (at most {limit})")
     return bytes(data)
 
 
@@ -51,7 +57,7 @@ def decode_cbor(data: bytes, error: Error, what: str, *, limit: int = MAX_DOCUME
     try:
         value = cbor2.CBORDecoder(stream, max_depth=max_depth, allow_duplicate_keys=False).decode()
     except (cbor2.CBORDecodeError, RecursionError) as exc:  # cbor2 wraps tag and string errors in CBORDecodeError
-        raise error(f"{what} is not valid CBOR ({exc})") from None
+        raise error(_invalid(what, "CBOR", exc)) from None
     if stream.tell() != len(raw):
         raise error(f"{len(raw) - stream.tell()} trailing bytes after {what}")
     return value
@@ -61,21 +67,26 @@ def decode_json(data: str | bytes, error: Error, what: str, *, limit: int = MAX_
     """One JSON value (UTF-8); too large, malformed or nested too deep is ``error``."""
     raw = data.encode() if isinstance(data, str) else _limited(data, error, what, limit)
     if len(raw) > limit:
-        raise error(f"{what} is {len(raw)} bytes (at most {limit})")
+        raise error(f"{what or 'it'} is {len(raw)} bytes (at most {limit})")
     try:
         return json.loads(raw)  # trailing data is a JSONDecodeError ("Extra data")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise error(f"{what} is not valid JSON ({exc})") from None
+        raise error(_invalid(what, "JSON", exc)) from None
 
 
 def decode_toml(text: str, error: Error, what: str, *, limit: int = MAX_DOCUMENT) -> dict[str, object]:
     """One TOML document as a table; too large or malformed is ``error``."""
     if len(text) > limit:
-        raise error(f"{what} is {len(text)} characters (at most {limit})")
+        raise error(f"{what or 'it'} is {len(text)} characters (at most {limit})")
     try:
         return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise error(f"{what} is not valid TOML ({exc})") from None
+        raise error(_invalid(what, "TOML", exc)) from None
+
+
+def _invalid(what: str, form: str, exc: Exception) -> str:
+    """``what is not valid JSON (reason)``; without ``what`` (the caller names it), ``not valid JSON (reason)``."""
+    return f"{what} is not valid {form} ({exc})" if what else f"not valid {form} ({exc})"
 
 
 def _type_name(value: object) -> str:
@@ -93,19 +104,39 @@ class Fields:
     __slots__ = ("map", "what", "error")
 
     def __init__(self, value: object, what: str, error: Error, allowed: Collection[str] | None = None):
-        if not isinstance(value, Mapping):
-            raise error(f"{what} must be a map")
-        self.map: Mapping[object, object] = value
         self.what = what
         self.error = error
+        if not isinstance(value, Mapping):
+            raise self._not_map(value)
+        self.map: Mapping[object, object] = value
         if allowed is not None:
             for key in value:
                 if key not in allowed:
-                    raise error(f"{what} has an unknown field {str(key)[:40]!r}")
+                    raise self._unknown(str(key), allowed)
 
-    def fail(self, key: str, problem: str) -> Exception:
+    # How problems read; Settings words them for files people write.
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> Exception:
         """The error for ``key`` of this map (for the caller's own checks, too)."""
         return self.error(f"{self.what} {key} {problem}")
+
+    def _not_map(self, value: object) -> Exception:
+        return self.error(f"{self.what} must be a map")
+
+    def _unknown(self, key: str, allowed: Collection[str]) -> Exception:
+        return self.error(f"{self.what} has an unknown field {key[:40]!r}")
+
+    def _missing(self, key: str) -> Exception:
+        return self.error(f"{self.what} lacks {key}")
+
+    def _not_integer(self, key: str, value: object, low: int, high: int) -> Exception:
+        return self.fail(key, f"must be an integer from {low} to {high}")
+
+    def _not_boolean(self, key: str, value: object) -> Exception:
+        return self.fail(key, "must be true or false")
+
+    def _not_text(self, key: str, value: object, max_len: int) -> Exception:
+        return self.fail(key, "must be a short text string" if max_len <= 256 else "must be a text string")
 
     def has(self, key: str) -> bool:
         return key in self.map
@@ -114,7 +145,7 @@ class Fields:
         if key in self.map:
             return self.map[key]
         if default is _MISSING:
-            raise self.error(f"{self.what} lacks {key}")
+            raise self._missing(key)
         return default
 
     def value(self, key: str, types: type | tuple[type, ...], default: object = _MISSING) -> object:
@@ -165,7 +196,7 @@ class Fields:
         """A text string of at most ``max_len`` characters, one of ``choices`` if given."""
         value = self._get(key, _MISSING if default is None else default)
         if not isinstance(value, str) or len(value) > max_len:
-            raise self.fail(key, "must be a short text string" if max_len <= 256 else "must be a text string")
+            raise self._not_text(key, value, max_len)
         if choices is not None and value not in choices:
             raise self.fail(key, f"{value[:40]!r} is not one of {', '.join(choices)}")
         return value
@@ -174,7 +205,7 @@ class Fields:
         """An integer from ``low`` to ``high`` (booleans are not integers here)."""
         value = self._get(key, _MISSING if default is None else default)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.fail(key, f"must be an integer from {low} to {high}")
+            raise self._not_integer(key, value, low, high)
         return value
 
     def uint(self, key: str, maximum: int = 2**64 - 1) -> int:
@@ -183,7 +214,7 @@ class Fields:
     def boolean(self, key: str, default: bool | None = None) -> bool:
         value = self._get(key, _MISSING if default is None else default)
         if not isinstance(value, bool):
-            raise self.fail(key, "must be true or false")
+            raise self._not_boolean(key, value)
         return value
 
     @overload
@@ -197,6 +228,9 @@ class Fields:
         value = self._get(key, None if optional else _MISSING)
         if value is None and optional:
             return None
+        return self._nested(value, key, allowed)
+
+    def _nested(self, value: object, key: str, allowed: Collection[str] | None) -> Fields:
         return Fields(value, f"{self.what} {key}", self.error, allowed)
 
     def list(self, key: str, *, min_items: int = 0, max_items: int = 4096,
@@ -211,7 +245,7 @@ class Fields:
              max_items: int = 4096, default: tuple[object, ...] | None = None) -> tuple[Fields, ...]:
         """An array of maps, each read the same way (named ``key[i]``)."""
         items = self.list(key, min_items=min_items, max_items=max_items, default=default)
-        return tuple(Fields(item, f"{self.what} {key}[{i}]", self.error, allowed) for i, item in enumerate(items))
+        return tuple(self._nested(item, f"{key}[{i}]", allowed) for i, item in enumerate(items))
 
     def byte_list(self, key: str, *, max_items: int = 16, max_size: int = 16384) -> tuple[builtins.bytes, ...]:
         value = self._get(key, _MISSING)
@@ -220,6 +254,55 @@ class Fields:
         if not all(isinstance(v, bytes) and len(v) <= max_size for v in value):
             raise self.fail(key, "must hold byte strings")
         return tuple(value)
+
+
+class Settings(Fields):
+    """The same accessor for files people write (cove.toml, policies): each problem names the file and
+    the dotted key, and says how to fix it, e.g. ``cove.toml: enclave.svn: 70000 is out of range (use 0..65535)``.
+
+    ``where`` is the table's dotted key ("" for the top level); ``unknown`` and
+    ``allowed_hint`` word the refusal of a key the schema does not know.
+    """
+
+    __slots__ = ("source", "hinted", "unknown", "allowed_hint")
+
+    def __init__(self, value: object, where: str, error: HintedError, allowed: Collection[str] | None = None, *,
+                 source: str, unknown: str = "unknown key", allowed_hint: str = "allowed here"):
+        self.source, self.hinted, self.unknown, self.allowed_hint = source, error, unknown, allowed_hint
+        super().__init__(value, where, error, allowed)
+
+    def name(self, key: str) -> str:
+        """The dotted name of ``key`` in this table."""
+        return f"{self.what}.{key}" if self.what else key
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> Exception:
+        return self.hinted(f"{self.source}: {self.name(key)}: {problem}", hint)
+
+    def _not_map(self, value: object) -> Exception:
+        return self.hinted(f"{self.source}: {self.what}: must be a table, not {_type_name(value)}")
+
+    def _unknown(self, key: str, allowed: Collection[str]) -> Exception:
+        return self.fail(key, self.unknown, f"{self.allowed_hint}: {', '.join(allowed)}")
+
+    def _missing(self, key: str) -> Exception:
+        return self.fail(key, "is required")
+
+    def _not_integer(self, key: str, value: object, low: int, high: int) -> Exception:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return self.fail(key, f"must be an integer, not {_type_name(value)}")
+        return self.fail(key, f"{value} is out of range", f"use {low}..{high}")
+
+    def _not_boolean(self, key: str, value: object) -> Exception:
+        return self.fail(key, f"must be true or false, not {value!r}")
+
+    def _not_text(self, key: str, value: object, max_len: int) -> Exception:
+        if isinstance(value, str):
+            return self.fail(key, f"must be at most {max_len} characters")
+        return self.fail(key, f"must be a string, not {_type_name(value)}")
+
+    def _nested(self, value: object, key: str, allowed: Collection[str] | None) -> Fields:
+        return Settings(value, self.name(key), self.hinted, allowed, source=self.source, unknown=self.unknown,
+                        allowed_hint=self.allowed_hint)
 
 
 def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
