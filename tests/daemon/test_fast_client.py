@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,10 +43,39 @@ def test_run_through_the_daemon_imports_nothing_heavy(node, app):
     assert imported == []
     code, out, err, _ = cove_reporting(node.cove, "-C", str(app), "run", "/bin/missing", cwd=app.parent)
     assert code == 127 and "/bin/missing is not in the image" in err and "Traceback" not in err
-    # the same command directly goes through the full CLI and the runtime (so the check above can fail)
-    code, out, _, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app,
-                                            env={"COVE_NO_DAEMON": "1"})
+    # directly: the runtime, still no click; with an option: the full CLI (so the checks above can fail)
+    direct = {"COVE_NO_DAEMON": "1"}
+    code, out, _, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app, env=direct)
+    assert (code, out) == (4, "hello 3\n") and "click" not in imported and "cove.runtime" in imported
+    code, out, _, imported = cove_reporting(node.cove, "run", "--backend", "sim", "/bin/hello", "0", "4", cwd=app,
+                                            env=direct)
     assert (code, out) == (4, "hello 3\n") and "click" in imported and "cove.runtime" in imported
+
+
+SIGNER = "ab" * 32  # an option that sends the same run through the full CLI
+
+
+@pytest.mark.parametrize("case", ["not an instance", "missing program", "not an entry point", "tampered"])
+def test_direct_without_click_fails_as_the_full_cli(cove, app, tmp_path, case):
+    """The early direct path's errors: the same line and exit code as the full CLI's."""
+    root, program = app, "/bin/hello"
+    if case == "not an instance":
+        root = tmp_path / "empty"
+        root.mkdir()
+    elif case == "missing program":
+        program = "/bin/missing"
+    elif case == "not an entry point":
+        program = "/etc/passwd"
+    else:
+        root = tmp_path / "tampered"
+        shutil.copytree(app, root, symlinks=True)
+        with open(root / "image" / "bin" / "hello", "ab") as handle:
+            handle.write(b"\0")
+    env = {"COVE_NO_DAEMON": "1"}
+    plain = cove("-C", str(root), "run", program, cwd=tmp_path, env=env)
+    full = cove("-C", str(root), "run", "--backend", "auto", program, cwd=tmp_path, env=env)
+    assert plain.returncode == full.returncode != 0
+    assert error_line(plain) == error_line(full) and "Traceback" not in plain.stderr
 
 
 @pytest.mark.parametrize("argv, parsed", [

@@ -1,12 +1,14 @@
-"""`cove run` through the daemon, standard library only (with cove.daemon.client and cove.errors).
+"""`cove run` without click: the plain form through the daemon (standard library only) or directly.
 
-`cove [-C DIR] run PROGRAM ARGS...` is the command run most often; when a
+`cove [-C DIR] run PROGRAM ARGS...` is the command run most often. When a
 daemon answers, its client needs neither click nor the runtime, which cost
-more to import than the enclave takes to run. :func:`fast_run` handles that
-exact common case before click is imported and returns None for anything
-else (options, another backend, an encrypted image, no daemon, a user the
-daemon refuses), which then goes through the full CLI with the same result.
-:func:`run_attached` is what both paths run.
+more to import than the enclave takes to run; without a daemon the runtime
+is needed, click still is not. :func:`fast_run` handles that exact form
+before click is imported and returns None for anything else (options, a vm
+or encrypted instance the daemon would not run, a cove.toml to report),
+which the full CLI then runs with the same result. :func:`run_attached` is
+what both paths run through the daemon; cove.cli.direct what both run
+directly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from cove import trace
 from cove.daemon.client import UNREACHABLE, Client, DaemonError, NotRunning
-from cove.errors import ExitCode
+from cove.errors import CoveError, ExitCode, file_system_error
 
 NODE_BACKENDS = ("auto", "sim")
 ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption.ENCRYPTED_IMAGE: such a build runs directly
@@ -71,8 +73,8 @@ def follow(ident: str) -> int:
         with trace.span("client.wait"):
             view = _enclave(_call("POST", f"/enclaves/{ident}/wait", timeout=None))
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     with trace.span("client.remove"):
         _quiet_call("DELETE", f"/enclaves/{ident}", {"force": "1"})
     code = view.get("exit_code")
@@ -130,23 +132,44 @@ def _node_runs(directory: Path) -> bool:
 
 
 def fast_run(argv: list[str]) -> int | None:
-    """Run `cove [-C DIR] run PROGRAM ARGS...` through the daemon without the full CLI; None: not handled."""
+    """Run `cove [-C DIR] run PROGRAM ARGS...` without click; None: not handled (the full CLI runs it).
+
+    Through the daemon when one serves this user and plainly runs the instance; directly when no
+    daemon does (or COVE_NO_DAEMON is set); anything unsure goes to the full CLI, which decides as before.
+    """
     parsed = _parse(argv)
-    if parsed is None or os.environ.get("COVE_NO_DAEMON"):
+    if parsed is None:
         return None
     directory, program, args = parsed
     instance = Path(directory)
-    if not instance.is_dir() or not _node_runs(instance):
+    if not instance.is_dir():
         return None
-    if not _daemon_serves_user():
-        return None  # no daemon, or one that refuses this user: direct mode, as the full CLI does
+    if os.environ.get("COVE_NO_DAEMON") or not _daemon_serves_user():
+        return _direct(instance, program, args)
+    if not _node_runs(instance):
+        return None  # a vm, an encrypted image or a cove.toml to report: the full CLI
     try:
         with trace.span("client.create"):
             view = _enclave(_call("POST", "/enclaves", create_body(instance, program, args, None, None, "no", None),
                                   timeout=3600))
         return follow(view["id"])
     except DaemonError as exc:
-        return _fail(exc)
+        return _fail(exc.line, exc.exit_code)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+
+
+def _direct(instance: Path, program: str, args: tuple[str, ...]) -> int:
+    """Direct mode, with cove.cli.main's handling of errors (one line, the code of docs/cli.md)."""
+    from cove.cli import direct
+
+    try:
+        return direct.run(instance, program, args)
+    except CoveError as exc:
+        return _fail(exc.line(), exc.exit_code)
+    except OSError as exc:  # a file the run reads or writes: read-only, full disk, I/O error
+        error = file_system_error(exc)
+        return _fail(error.line(), error.exit_code)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
 
@@ -160,9 +183,8 @@ def _daemon_serves_user() -> bool:
             return False
 
 
-def _fail(exc: DaemonError) -> int:
-    line = exc.line
+def _fail(line: str, code: int) -> int:
     if line.startswith("cove: "):  # as cove.cli.main: a verifier's line names the evidence type
         line = "Cove evidence: " + line[len("cove: "):]
     print(f"cove: error: {line}", file=sys.stderr, flush=True)
-    return exc.exit_code
+    return code

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import click
 
+from cove.cli import direct
 from cove.cli.options import ParentExists
-from cove.errors import CoveError, FileSystemError
+from cove.errors import CoveError
 from cove.image import instance as instance_mod
 
 
@@ -63,43 +63,11 @@ def run(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: P
             target = instance_mod.open_instance(ctx.directory)
             if _node_runs(target):
                 return lifecycle.run_attached(target.root, program, args, backend, signer)
-    from cove.runtime import attestation_service
-    if _may_attest(backend, package, ctx.directory):
-        attestation_service.prestart()  # its interpreter starts while this one imports and verifies
-    try:
-        return _run_direct(ctx, backend, debug_shell, old_debug, package, signer, state_dir, program, args)
-    finally:
-        attestation_service.discard()
-
-
-def _may_attest(backend: str | None, package: Path | None, directory: Path) -> bool:
-    """Whether a direct run will likely serve /dev/attestation itself (not a vm: its guest serves it)."""
-    if backend == "vm":
-        return False
-    if package is not None or backend is not None:
-        return True
-    try:
-        return instance_mod.open_instance(directory).config().enclave.backend != "vm"
-    except CoveError:
-        return False  # the run reports it
-
-
-def _run_direct(ctx, backend: str | None, debug_shell: bool, old_debug: bool, package: Path | None,
-                signer: str | None, state_dir: Path | None, program: str, args: tuple[str, ...]) -> int:
-    from cove.runtime import launcher
     if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
         debug_shell = True
-    request = launcher.RunRequest(program, tuple(args), backend, debug_shell, _signer(signer), state_dir)
-    try:
-        if package is not None:
-            return launcher.run_package(package, request)
-        target = instance_mod.open_instance(ctx.directory)
-        return launcher.run_instance(target.root, request)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise runtime_dir_full(launcher.runtime_dir(), package, ctx.directory) from None
+    return direct.run(ctx.directory, program, tuple(args), backend, debug_shell, package, _signer(signer),
+                      state_dir)
 
 
 def _node_runs(target) -> bool:
@@ -112,29 +80,7 @@ def _node_runs(target) -> bool:
     return configured in ("auto", "sim") and encryption.find(target.build_dir) is None
 
 
-def runtime_dir_full(where: Path, package: Path | None, directory: Path) -> FileSystemError:
-    """The enclave's root (or an unpacked package) did not fit: say how much it needs and where to put it."""
-    import shutil
-    import tarfile
-
-    from cove.image import artifacts
-    try:
-        if package is not None:
-            with tarfile.open(package, "r:gz") as archive:
-                needed = sum(member.size for member in archive)
-        else:
-            needed = artifacts.load_manifest(directory / "build")[0].image_bytes
-    except (CoveError, OSError, tarfile.TarError, EOFError):
-        needed = None
-    free = shutil.disk_usage(where).free if where.is_dir() else 0
-    size = f"about {_mb(needed)}" if needed else "about the image's size"
-    return FileSystemError(f"no space left in the runtime folder {where} ({_mb(free)} free): the enclave's root "
-                           f"is copied there, {size} plus its tmpfs contents",
-                           "set COVE_RUNTIME_DIR to a folder with more space, e.g. COVE_RUNTIME_DIR=/var/tmp")
-
-
-def _mb(size: int) -> str:
-    return f"{size / (1 << 20):.1f} MB"
+runtime_dir_full = direct.runtime_dir_full
 
 
 COMMANDS = (run,)
