@@ -266,3 +266,22 @@ def test_exec_gets_the_provisioned_secrets(node, broker, tmp_path):
         assert token not in node.log.read_text()
     finally:
         c("rm", "-f", ident)
+
+
+def test_kill_9_of_the_daemon_mid_exec_leaves_nothing(node, running):
+    client = subprocess.Popen([COVE, "exec", running, "/bin/sh", "-c", "echo up; sleep 31339"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=node.cove.env)
+    assert client.stdout is not None and client.stdout.readline() == b"up\n"
+    deadline = time.monotonic() + 20
+    while not _host_processes(b"sleep\x0031339"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    node.kill9()
+    try:
+        assert client.wait(timeout=20) == 7  # "the connection to the daemon ended before the program did"
+        while _host_processes(b"sleep\x0031339") or _host_processes(b"cove.daemon.execin"):
+            assert time.monotonic() < deadline + 10, "the exec'd program outlived the daemon's session"
+            time.sleep(0.1)
+    finally:
+        node.start()
+    assert node.state(running)["state"] == "running"  # the enclave itself goes on

@@ -8,7 +8,8 @@ it reads the values of the ``env:`` secrets from that program's initial
 environment (so they are never written anywhere), joins its cgroups, opens
 its namespaces and root, enters them (user first, then the others it owns,
 the mount namespace and root last), and forks so the new process is in the
-enclave's pid namespace. With a terminal, the pseudo-terminal is opened
+enclave's pid namespace. It ends with the daemon's thread that started
+it (PR_SET_PDEATHSIG), so a daemon killed mid-session leaves nothing. With a terminal, the pseudo-terminal is opened
 there, in the devpts the enclave sees, and its master end goes back to the
 daemon over the control socket (SCM_RIGHTS). The child leads a session of
 its own (the terminal's, with one), takes the enclave's user, drops every
@@ -150,10 +151,13 @@ def main(argv: list[str]) -> int:
             os._exit(128 + signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, end)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # the daemon's session thread ends: so does this
+    if os.getppid() == 1:
+        return 128 + signal.SIGTERM  # it ended already
     pid = int(argv[0])
     control = socket.socket(fileno=int(argv[1]))
     spec = read_spec(control)
-    libc = ctypes.CDLL(None, use_errno=True)
     program = bytes.fromhex(spec["seccomp"])
     env = {**spec["env"], **initial_environment(pid, spec.get("secret_env", []))}
     join_cgroups(pid)
@@ -169,6 +173,9 @@ def main(argv: list[str]) -> int:
     os.fchdir(root)
     os.chroot(".")
     os.close(root)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # again: entering the user namespace cleared it
+    if os.getppid() == 1:
+        return 128 + signal.SIGTERM
     slave = None
     if spec.get("tty"):
         try:
