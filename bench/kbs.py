@@ -3,6 +3,7 @@
     .venv/bin/python bench/kbs.py [--db sqlite|postgresql|both] [--clients 1,8,32,128]
                                   [--seconds 10] [--runs 3] [--rss-flows 20000] [--workers 1]
                                   [--no-restart] [--no-baseline] [--flood [--flood-connections 2000]]
+                                  [--in-process 2000]
 
 The broker runs as `cove kbs serve` (HTTPS on 127.0.0.1, its own process);
 this process is the load generator: N concurrent clients (asyncio, one
@@ -22,6 +23,9 @@ memory floods of the security review: ten unauthenticated 50 MB admin POSTs,
 then 2,000 concurrent /auth requests three times, with the server's RSS and
 peak RSS after each. Loops are bounded in count and time; traffic
 goes to loopback only. PostgreSQL runs as a throwaway server (tests/kbs/pgserver.py).
+With --in-process N, first the broker's own work per flow: N flows (auth, attest, release) called
+on a Broker object in this process, on the same database, without HTTP, TLS or threads; the CPU
+time per flow is what the server spends beyond its HTTP stack.
 """
 
 from __future__ import annotations
@@ -344,6 +348,8 @@ def bench_db(kind: str, args, pg) -> None:
         admin.create_secret(SECRET_PATH, "data", "bench", value=SECRET_VALUE)
         evidence = Evidence()
         ca = state / "tls-ca.pem"
+        if args.in_process:
+            in_process(db, state, evidence, args.in_process, kind)
         print(f"\n== {kind} ({args.workers} server worker{'s' if args.workers > 1 else ''}, HTTPS, "
               f"{os.cpu_count()} cores shared with the load generator; load average "
               f"{os.getloadavg()[0]:.2f} before the run) ==")
@@ -388,6 +394,34 @@ def bench_db(kind: str, args, pg) -> None:
         admin.close()
     finally:
         server.stop()
+
+
+def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) -> None:
+    """The broker's own CPU per flow: auth, attest and release called directly, the evidence made beforehand."""
+    from cove.kbs import evidence_appraisal, jose, vault
+    from cove.kbs.broker import Broker, Settings
+
+    broker = Broker(Settings(db_url=db, master_key=vault.load_master_key(state / "master.key"),
+                             attestation_policy='types = ["cove"]\n[cove]\nself_certified = true\n'))
+    auth = {"version": "0.1.1", "tee": "cove", "extra-params": {}}
+    try:
+        prepared = []
+        for _ in range(flows):
+            session, challenge = broker.auth(auth)
+            runtime = {"nonce": challenge["nonce"], "tee-pubkey": jose.public_jwk(jose.new_tee_key())}
+            body = json.dumps({"runtime-data": runtime,
+                               "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime))})
+            prepared.append((session, body))
+        started = time.process_time()
+        for session, body in prepared:
+            broker.auth(auth)  # the flow's own auth (its session is not used further)
+            broker.attest(session, json.loads(body))
+            broker.release_to(session, None, SECRET_PATH)
+        cpu = time.process_time() - started
+    finally:
+        broker.store.close()
+    print(f"broker work in process ({kind}, no HTTP, TLS or threads): {cpu * 1000 / flows:.2f} ms CPU per flow "
+          f"({flows} flows)")
 
 
 def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float, one_flow=flow) -> dict:
@@ -511,6 +545,8 @@ def main() -> None:
                         help="the memory floods: unauthenticated 50 MB admin POSTs, concurrent /auth")
     parser.add_argument("--flood-connections", type=int, default=2000)
     parser.add_argument("--flood-rounds", type=int, default=3)
+    parser.add_argument("--in-process", type=int, default=0, metavar="FLOWS",
+                        help="first measure the broker's own CPU per flow, in this process, over FLOWS flows")
     args = parser.parse_args()
     pg = None
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
