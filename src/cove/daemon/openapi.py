@@ -6,7 +6,11 @@ every route the server answers is here and that the document is valid.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cove import __version__
+
+JSON = dict[str, Any]
 
 _PROBLEM = {"description": "An RFC 7807 problem document",
             "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
@@ -16,9 +20,9 @@ _REF = {"name": "ref", "in": "path", "required": True, "description": "a name, a
         "schema": {"type": "string"}}
 
 
-def _op(summary: str, ok: dict, params: list | None = None, body: dict | None = None,
-        status: str = "200") -> dict:
-    op = {"summary": summary, "responses": {status: ok, "4XX": _PROBLEM, "5XX": _PROBLEM}}
+def _op(summary: str, ok: JSON, params: list[JSON] | None = None, body: JSON | None = None,
+        status: str = "200") -> JSON:
+    op: JSON = {"summary": summary, "responses": {status: ok, "4XX": _PROBLEM, "5XX": _PROBLEM}}
     if params:
         op["parameters"] = params
     if body:
@@ -26,15 +30,15 @@ def _op(summary: str, ok: dict, params: list | None = None, body: dict | None = 
     return op
 
 
-def _query(name: str, kind: str, description: str) -> dict:
+def _query(name: str, kind: str, description: str) -> JSON:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": kind}}
 
 
-def _json(description: str, schema: dict) -> dict:
+def _json(description: str, schema: JSON) -> JSON:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def document() -> dict:
+def document() -> JSON:
     enclave_list = _json("Enclaves, newest first", {"type": "array", "items": {"$ref": "#/components/schemas/Enclave"}})
     return {
         "openapi": "3.1.0",
