@@ -31,9 +31,9 @@ def shell_app(node, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def running(node, shell_app):
-    """A running enclave (a long sleep) to exec into; removed afterwards."""
+    """A running enclave (a long sleep) to exec into, shared by the module's tests; removed afterwards."""
     ident = node.cove.ok("run", "-d", "/bin/sleep", "600", cwd=shell_app).stdout.strip()
     node.until(ident, "running")
     deadline = time.monotonic() + 20
@@ -285,3 +285,32 @@ def test_kill_9_of_the_daemon_mid_exec_leaves_nothing(node, running):
     finally:
         node.start()
     assert node.state(running)["state"] == "running"  # the enclave itself goes on
+
+
+@pytest.mark.parametrize("body", [
+    {"argv": ["/bin/sh"], "tty": "yes"},
+    {"argv": ["/bin/sh"], "stdin": 1},
+    {"argv": ["/bin/sh"], "tty": True, "rows": -1},
+    {"argv": ["/bin/sh"], "tty": True, "cols": 70000},
+    {"argv": ["/bin/sh"], "rows": True},
+    {"argv": ["/bin/sh", "x" * 70000]},
+    {"argv": ["/bin/sh\u0000"]},
+    {"argv": "/bin/sh"},
+])
+def test_hostile_exec_requests_are_refused_before_the_upgrade(node, running, body):
+    import json
+    import socket
+
+    data = json.dumps(body).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(node.socket)
+        sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                     f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(rest)["kind"] == "InvalidRequest"
