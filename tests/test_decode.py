@@ -19,7 +19,7 @@ from cove.attest._cbor import Fields as attest_fields
 from cove.attest._cbor import loads as attest_loads
 from cove.attest.errors import VerificationError
 from cove.decode import MAX_DOCUMENT, Fields, decode_cbor, decode_json, decode_toml
-from cove.errors import CoveError, IntegrityError
+from cove.errors import ConfigError, CoveError, IntegrityError
 from cove.fs import volume_format
 from cove.fs.anchor import AnchorError, FileAnchor
 from cove.fs.errors import VolumeIntegrityError
@@ -290,3 +290,79 @@ def test_a_hash_cache_of_the_wrong_shape_is_a_miss(tmp_path):
         cache = _HashCache(cache_file)
         digest, size = cache.digest(image, "file", image.stat(), None)
         assert size == 3 and cache.misses == 1 and cache.hits == 0
+
+
+# -- every JSON and TOML document, with its layer's error ---------------------------------------------
+
+def _tcb_info(text: str) -> object:
+    from cove.attest.dcap_collateral import parse_tcb_info
+
+    return parse_tcb_info(text)
+
+
+def _collateral(text: str) -> object:
+    from cove.attest.dcap_collateral import parse_collateral
+
+    return parse_collateral(text)
+
+
+def _policy(text: str) -> object:
+    from cove.attest.policy import parse_policy
+
+    return parse_policy(text)
+
+
+def _config(text: str) -> object:
+    from cove.config import parse
+
+    return parse(text)
+
+
+def _policy_error() -> type[CoveError]:
+    from cove.attest.policy import PolicyError
+
+    return PolicyError
+
+
+TEXT_DOCUMENTS: dict[str, tuple[Callable[[str], object], Callable[[], type[CoveError]]]] = {
+    "TCB info": (_tcb_info, lambda: VerificationError),
+    "collateral": (_collateral, lambda: VerificationError),
+    "policy": (_policy, _policy_error),
+    "cove.toml": (_config, lambda: ConfigError),
+}
+TEXT_HOSTILE: dict[str, str] = {
+    "trailing": '{"id": "SGX"} {}',
+    "deep JSON": '{"a":' * 100_000,                 # a RecursionError in json: a traceback before (policy)
+    "deep TOML": "a = " + "[" * 100_000,            # a RecursionError in tomllib: a traceback before (cove.toml)
+    "oversized": '{"a": "' + "x" * MAX_DOCUMENT * 4 + '"}',
+    "wrong type": "[1, 2]",
+    "not text": "\x00\x01",
+}
+
+
+@pytest.mark.parametrize("hostile", list(TEXT_HOSTILE))
+@pytest.mark.parametrize("document", list(TEXT_DOCUMENTS))
+def test_every_text_document_refuses_hostile_input_with_its_layer_error(document, hostile):
+    read, error = TEXT_DOCUMENTS[document]
+    with pytest.raises(error()) as caught:
+        read(TEXT_HOSTILE[hostile])
+    assert "\n" not in caught.value.line()
+
+
+@pytest.mark.parametrize(("document", "text", "fragment"), [
+    ("TCB info", '{"id": "SGX", "version": true}', "TCB info version must be an integer"),
+    ("TCB info", '{"id": "SGX", "version": 3, "issueDate": 5}', "TCB info issueDate must be a short text string"),
+    ("TCB info", '{"id": "SGX", "version": 3}', "TCB info lacks issueDate"),
+    ("collateral", '{"tcb_info": 5}', "collateral tcb_info must be str or bytes, not int"),
+    ("policy", '[cove]\ndebug = "no"\n', "cove.debug: must be true or false, not 'no'"),
+    ("policy", "[freshness]\nnonce = 1\n", "freshness.nonce: must be a string, not int"),
+    ("policy", "[[cove.signers]]\nsigner = \"00\"\nmin_svn = -1\n", "min_svn: -1 is out of range"),
+    ("policy", "[snp]\nmin_tcb = {tee = 256}\n", "snp.min_tcb.tee: 256 is out of range"),
+    ("cove.toml", '[enclave]\nname = "a"\nsvn = 70000\n', "cove.toml: enclave.svn: 70000 is out of range"),
+    ("cove.toml", "[enclave]\nname = 5\n", "cove.toml: enclave.name: must be a string, not int"),
+    ("cove.toml", "enclave = 5\n", "cove.toml: enclave: must be a table, not int"),
+])
+def test_text_documents_name_the_wrong_field(document, text, fragment):
+    read, error = TEXT_DOCUMENTS[document]
+    with pytest.raises(error(), match=fragment):
+        read(text)

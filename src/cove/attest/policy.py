@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cove.attest.appraisal import EVIDENCE_TYPES, Appraisal
+from cove.decode import Settings, decode_json, decode_toml
 from cove.errors import CoveError
 
 POLICY_VERSION = 1
@@ -192,16 +192,20 @@ def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path
     return _Parser(source, base, allow_paths).policy(data)
 
 
+class _Undecodable(Exception):
+    """One of the two forms a policy may take did not decode (the other is tried)."""
+
+
 def _decode(text: str, source: str) -> Any:
-    """JSON when it looks like JSON, otherwise TOML (then JSON as a second try)."""
+    """JSON when it looks like JSON, otherwise TOML (then JSON as a second try); through cove.decode."""
     try:
         if source.endswith(".json") or text.lstrip().startswith("{"):
-            return json.loads(text)
-        return tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+            return decode_json(text, _Undecodable, "")
+        return decode_toml(text, _Undecodable, "")
+    except _Undecodable as exc:
         try:
-            return json.loads(text)
-        except ValueError:
+            return decode_json(text, _Undecodable, "")
+        except _Undecodable:
             raise PolicyError(f"{source}: not valid TOML or JSON: {exc}") from None
 
 
@@ -229,11 +233,13 @@ class _Parser:
     def fail(self, key: str, problem: str, hint: str | None = None) -> PolicyError:
         return PolicyError(f"{self.source}: {key}: {problem}", hint)
 
+    def table(self, data: Any, key: str, allowed: tuple[str, ...] | None, unknown: str = "unknown setting") -> Settings:
+        """cove.decode's one accessor over a table of the policy, worded as the policy language's errors."""
+        return Settings(data, key, PolicyError, allowed, source=self.source, unknown=unknown, allowed_hint="allowed")
+
     def policy(self, data: Mapping) -> Policy:
         known = ("version", "name", "types", "freshness") + EVIDENCE_TYPES
-        for key in data:
-            if key not in known:
-                raise self.fail(str(key), "unknown setting", f"allowed: {', '.join(known)}")
+        self.table(data, "", known)
         version = data.get("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise self.fail("version", f"policy version {version!r} is not supported (only {POLICY_VERSION})")
@@ -261,24 +267,13 @@ class _Parser:
                       name=name, digest=hashlib.sha256(canonical).hexdigest())
 
     def freshness(self, data: Any) -> Freshness:
-        if not isinstance(data, Mapping):
-            raise self.fail("freshness", "must be a table")
-        for key in data:
-            if key not in ("nonce", "max_age"):
-                raise self.fail(f"freshness.{key}", "unknown setting", "allowed: nonce, max_age")
-        nonce = data.get("nonce", "optional")
-        if nonce not in ("required", "optional"):
-            raise self.fail("freshness.nonce", "must be \"required\" or \"optional\"")
+        fields = self.table(data, "freshness", ("nonce", "max_age"))
+        nonce = fields.text("nonce", ("required", "optional"), default="optional")
         max_age = self.duration(data["max_age"], "freshness.max_age") if "max_age" in data else None
         return Freshness(nonce_required=nonce == "required", max_age=max_age)
 
     def rules(self, kind: str, data: Any) -> Rules:
-        if not isinstance(data, Mapping):
-            raise self.fail(kind, "must be a table")
-        allowed = ALLOWED_KEYS[kind]
-        for key in data:
-            if key not in allowed:
-                raise self.fail(f"{kind}.{key}", f"not a setting for {kind} evidence", f"allowed: {', '.join(allowed)}")
+        fields = self.table(data, kind, ALLOWED_KEYS[kind], unknown=f"not a setting for {kind} evidence")
         out: dict[str, Any] = {}
         if "measurements" in data:
             out["measurements"] = tuple(self.hex(v, f"{kind}.measurements[{i}]")
@@ -288,7 +283,7 @@ class _Parser:
                                    for i, v in enumerate(self.list(data["signers"], f"{kind}.signers")))
         for key in ("debug", "self_certified"):
             if key in data:
-                out[key] = self.boolean(data[key], f"{kind}.{key}")
+                out[key] = fields.boolean(key)
         if "tcb_statuses" in data:
             statuses = self.strings(data["tcb_statuses"], f"{kind}.tcb_statuses")
             for s in statuses:
@@ -341,16 +336,6 @@ class _Parser:
             raise self.fail(key, "must be a list of non-empty strings")
         return items
 
-    def boolean(self, value: Any, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, "must be true or false")
-        return value
-
-    def integer(self, value: Any, key: str, low: int, high: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.fail(key, f"must be an integer from {low} to {high}")
-        return value
-
     def hex(self, value: Any, key: str, size: int | None = None) -> bytes:
         if not isinstance(value, str) or not _HEX.match(value.strip()) or len(value.strip()) % 2:
             raise self.fail(key, "must be a hex string")
@@ -377,16 +362,13 @@ class _Parser:
     def signer(self, value: Any, key: str) -> SignerRule:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table with signer, and optionally product_id and min_svn")
-        for k in value:
-            if k not in ("signer", "product_id", "min_svn"):
-                raise self.fail(f"{key}.{k}", "unknown setting", "allowed: signer, product_id, min_svn")
+        fields = self.table(value, key, ("signer", "product_id", "min_svn"))
         if "signer" not in value:
             raise self.fail(key, "names no signer")
-        product = value.get("product_id")
         return SignerRule(
             signer=self.hex(value["signer"], f"{key}.signer"),
-            product_id=None if product is None else self.integer(product, f"{key}.product_id", 0, 2**64 - 1),
-            min_svn=self.integer(value.get("min_svn", 0), f"{key}.min_svn", 0, 2**64 - 1))
+            product_id=fields.uint("product_id") if fields.has("product_id") else None,
+            min_svn=fields.integer("min_svn", 0, 2**64 - 1, default=0))
 
     def indexed_hex(self, value: Any, key: str, count: int, size: int | None) -> dict[int, bytes]:
         if not isinstance(value, Mapping):
@@ -429,12 +411,8 @@ class _Parser:
     def min_tcb(self, value: Any, key: str) -> dict[str, int]:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table like {bootloader = 3, tee = 0, snp = 8, microcode = 115}")
-        out = {}
-        for part, level in value.items():
-            if part not in SNP_TCB_PARTS:
-                raise self.fail(f"{key}.{part}", "unknown TCB component", f"known: {', '.join(SNP_TCB_PARTS)}")
-            out[part] = self.integer(level, f"{key}.{part}", 0, 255)
-        return out
+        fields = self.table(value, key, SNP_TCB_PARTS, unknown="unknown TCB component")
+        return {str(part): fields.integer(str(part), 0, 255) for part in value}
 
     def certificates(self, value: Any, key: str) -> tuple[bytes, ...]:
         """PEM text or paths (relative to the policy file) of certificates, as DER."""
