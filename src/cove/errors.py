@@ -157,4 +157,4 @@ def file_system_error(exc: OSError, action: str | None = None) -> CoveError:
     reason = exc.strerror or os.strerror(exc.errno or 0) or str(exc)
     if exc.errno == errno.ENOENT:
         return NotFoundError(f"{action} {name}: {reason}")
-    return FileSystemError(f"{action} {name}: {reason}", _HINTS.get(exc.errno))
+    return FileSystemError(f"{action} {name}: {reason}", _HINTS.get(exc.errno or 0))

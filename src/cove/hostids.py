@@ -76,9 +76,9 @@ def root_range() -> IdRange:
     """The range enclaves started by root run in; a SetupError if none is configured."""
     configured = os.environ.get(ENVIRONMENT)
     if configured:
-        start, _, count = configured.partition(":")
+        start_text, _, count_text = configured.partition(":")
         try:
-            start_id, count_ids = _checked(int(start), int(count), ENVIRONMENT)
+            start_id, count_ids = _checked(int(start_text), int(count_text), ENVIRONMENT)
         except ValueError:
             raise SetupError(f"{ENVIRONMENT} must be START:COUNT, not {configured!r}") from None
         return IdRange(start_id, start_id, count_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ def _read(path: str, what: str) -> bytes:
 
     try:
         if path == "-":
-            data = click.get_binary_stream("stdin").read(MAX_INPUT + 1)
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)  # click.get_binary_stream is deprecated (Click 9)
         else:
             with open(path, "rb") as f:
                 data = f.read(MAX_INPUT + 1)

@@ -18,10 +18,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from cove.errors import CoveError
+
+if TYPE_CHECKING:
+    from cove.kbs.runner import EmbeddedBroker
 
 DB_SECRET = "demo/db/password"
 VOLUME_KEY = "demo/volume/key"
@@ -43,7 +47,7 @@ class Demo:
         self.env.update(COVE_KEY=str(folder / "signing-key.pem"), COVE_PLATFORM_DIR=str(folder / "platform"),
                         XDG_STATE_HOME=str(folder / "state"))
         self.step_no = 0
-        self.broker = None
+        self.broker: EmbeddedBroker | None = None
 
     # -- output ----------------------------------------------------------------------------------------
     def step(self, title: str) -> None:

@@ -102,9 +102,10 @@ def operator(namespaces, liveness, log_level) -> None:
     import kopf
 
     import cove.k8s.operator  # noqa: F401  (registers the handlers)
+    from cove.k8s.kubeapi import credentials_present
 
     _logging(log_level)
-    if not cove.k8s.operator.credentials_present():
+    if not credentials_present():
         raise UnreachableError("no Kubernetes API credentials",
                                "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL")
     # Peering is left to the chart's single replica with a Recreate strategy: one operator at a time.
@@ -145,8 +146,13 @@ def node_agent(nfd_dir, node, backend, platform, daemon_socket, interval, once, 
     if node is not None and not credentials_present():
         raise UnreachableError("no Kubernetes API credentials to patch the Node",
                                "run in a cluster with a service account, or use --nfd-dir")
-    publish = (lambda values: nodeagent.write_feature_file(nfd_dir, values)) if nfd_dir else \
-        (lambda values: nodeagent.patch_node(node, values))
+    def publish(values: dict[str, str]) -> None:
+        if nfd_dir:
+            nodeagent.write_feature_file(nfd_dir, values)
+        else:
+            assert node is not None  # exactly one of the two, checked above
+            nodeagent.patch_node(node, values)
+
     agent = nodeagent.Agent(publish, DaemonProbe(daemon_socket), backend, platform, interval)
     if once:
         agent.once()

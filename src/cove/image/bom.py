@@ -212,8 +212,10 @@ SDK_DIR = "/usr/lib/python3/dist-packages"  # on Debian's Python's sys.path (doc
 
 def plan_sdk(to: str | None = None) -> Plan:
     """The in-enclave Python SDK as TO/cove/enclave.py, so `from cove import enclave` works in the image."""
-    source = importlib.util.find_spec("cove.enclave").origin
-    return plan([source], to=str(PurePosixPath(to or SDK_DIR) / "cove"), with_dependencies=False)
+    spec = importlib.util.find_spec("cove.enclave")
+    if spec is None or spec.origin is None:  # it is part of this package, so never
+        raise CoveError("the in-enclave SDK (cove.enclave) is not installed with Cove")
+    return plan([spec.origin], to=str(PurePosixPath(to or SDK_DIR) / "cove"), with_dependencies=False)
 
 
 def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:

@@ -19,6 +19,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import InterpSegment
 
 from cove.errors import CannotExecuteError, CoveError
 from cove.image.paths import resolve_in_image
@@ -87,19 +88,22 @@ def read_elf(path: str) -> ElfInfo | None:
             elf = ELFFile(handle)
             interpreter = None
             for segment in elf.iter_segments():
-                if segment.header.p_type == "PT_INTERP":
+                if isinstance(segment, InterpSegment):  # PT_INTERP
                     interpreter = segment.get_interp_name()
-            needed, rpath, runpath = [], [], []
+            needed: list[str] = []
+            rpath: list[str] = []
+            runpath: list[str] = []
             for section in elf.iter_sections():
                 if not isinstance(section, DynamicSection):
                     continue
                 for tag in section.iter_tags():
+                    # pyelftools sets these attributes per tag kind, so its types do not declare them
                     if tag.entry.d_tag == "DT_NEEDED":
-                        needed.append(tag.needed)
+                        needed.append(tag.needed)  # type: ignore[attr-defined]
                     elif tag.entry.d_tag == "DT_RPATH":
-                        rpath.extend(p for p in tag.rpath.split(":") if p)
+                        rpath.extend(p for p in tag.rpath.split(":") if p)  # type: ignore[attr-defined]
                     elif tag.entry.d_tag == "DT_RUNPATH":
-                        runpath.extend(p for p in tag.runpath.split(":") if p)
+                        runpath.extend(p for p in tag.runpath.split(":") if p)  # type: ignore[attr-defined]
             return ElfInfo(path, elf.elfclass, elf["e_machine"], interpreter,
                            tuple(needed), tuple(rpath), tuple(runpath))
     except (ELFError, OSError, ValueError, KeyError) as exc:
@@ -190,9 +194,9 @@ def dependencies(path: str, tolerate_missing: bool = False) -> Dependencies | No
             if info is not None:
                 queue.append(info)
             for extra in RUNTIME_LOADS.get(name, ()):
-                path = _find(extra, info or obj, executable)
-                if path is not None and path not in result.loaded_at_run_time:
-                    result.loaded_at_run_time.append(path)
+                loaded = _find(extra, info or obj, executable)
+                if loaded is not None and loaded not in result.loaded_at_run_time:
+                    result.loaded_at_run_time.append(loaded)
     return result
 
 

@@ -21,13 +21,13 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import kopf
 
 from cove.k8s.crds import GROUP, VERSION
-from cove.k8s.kubeapi import API_ENV, Api, MissingKey, Unconfigured, credentials_present  # noqa: F401
+from cove.k8s.kubeapi import API_ENV, Api, MissingKey, Unconfigured
 
 if TYPE_CHECKING:
     from cove.kbs.client import AdminClient
@@ -223,7 +223,7 @@ class Broker:
         raw = k8s.secret_value(namespace, admin.get("name", ""), admin.get("key", "admin.json"))
         if raw is None:
             raise Failure(f"admin Secret {admin.get('name')!r} of KeyBroker {broker!r} not found")
-        self._ca_file: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._ca_file: IO[bytes] | None = None
         ca = None
         tls = spec.get("tls")
         if tls and url.startswith("https://"):

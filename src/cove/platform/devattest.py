@@ -159,6 +159,8 @@ class AttestationFs(FixedTree):
             handle.written = bytearray()
         if flags & os.O_ACCMODE != os.O_WRONLY:
             try:
+                if node.read is None:  # a write-only file: EIO, as before
+                    raise LookupError("no content to read")
                 handle.content = node.read()
             except Exception:  # a failed signature or key derivation must not kill the file system
                 raise pyfuse3.FUSEError(errno.EIO) from None

@@ -43,6 +43,14 @@ class InitOptions:
     force: bool = False  # new key and new AK
 
 
+def _tpm_of(config: PlatformConfig) -> Tpm:
+    """The TPM of a TPM-rooted platform's configuration."""
+    if not config.tcti:
+        raise CoveError("the platform configuration names a TPM but not how to reach it",
+                        "run `cove platform init` again")
+    return Tpm(config.tcti)
+
+
 def _choose(options: InitOptions, paths: Paths, say: Callable[[str], None]) -> PlatformConfig:
     if options.tpm == "none":
         return PlatformConfig(root="self-certified")
@@ -51,9 +59,9 @@ def _choose(options: InitOptions, paths: Paths, say: Callable[[str], None]) -> P
         if not sw.manufactured:
             say("manufacturing a swtpm (EK and EK certificate from a local CA)")
         sw.setup()
-        tcti = sw.start()
-        say(f"swtpm running at {tcti}")
-        return PlatformConfig(root="tpm", tcti=tcti, swtpm=True, pcr=options.pcr)
+        started = sw.start()
+        say(f"swtpm running at {started}")
+        return PlatformConfig(root="tpm", tcti=started, swtpm=True, pcr=options.pcr)
     tcti = options.tcti or device_tcti()
     if tcti is None:
         if options.tpm == "device":
@@ -95,7 +103,7 @@ def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
     with paths.locked():
         old = paths.read_config()
         config = _choose(options, paths, say)
-        tpm = Tpm(config.tcti) if config.root == "tpm" else None
+        tpm = _tpm_of(config) if config.root == "tpm" else None
         if tpm is not None and not tpm.reachable():
             raise CoveError(f"the TPM at {config.tcti} is not reachable", "check the device, or use --swtpm")
         same_root = (old is not None and old.root == config.root and old.swtpm == config.swtpm
@@ -120,6 +128,7 @@ def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
                         and (options.ak_ca is None or str(Path(options.ak_ca).resolve()) == old.ak_ca)
                         and _ak_present(tpm, config, paths))
             if reuse_ak:
+                assert old is not None  # reuse_ak needs the old configuration
                 ak_public, ak_chain = paths.ak_public.read_bytes(), endorse.pem_to_der(paths.ak_chain.read_bytes())
                 config = replace(config, ak_ca=old.ak_ca)
             else:
@@ -165,7 +174,7 @@ def signer(paths: Paths | None = None) -> ReportSigner:
             pak.save(paths, key, None)
             endorse.save(paths, endorse.self_certified(pak.spki(key), runtime_hash()))
             paths.write_config(config)
-        tpm = Tpm(config.tcti) if config.root == "tpm" else None
+        tpm = _tpm_of(config) if config.root == "tpm" else None
         if tpm is not None and not tpm.reachable():
             hint = "start it with `cove platform init --swtpm`" if config.swtpm else "check the TPM device"
             raise CoveError(f"the platform's TPM at {config.tcti} is not reachable", hint)
@@ -207,7 +216,7 @@ def status(paths: Paths | None = None) -> dict:
             sw = SwTpm(paths.swtpm)
             tpm_info["swtpm_pid"] = sw.pid()
             tpm_info["ek_root"] = str(sw.ca / "swtpm-localca-rootca-cert.pem")
-        tpm = Tpm(config.tcti)
+        tpm = _tpm_of(config)
         tpm_info["reachable"] = tpm.reachable()
         if tpm_info["reachable"] and endorsement is not None:
             with paths.locked():

@@ -93,4 +93,6 @@ def root_secret() -> bytes:
     if data is None:
         _create(path)
         data = _read(path)
+        if data is None:  # removed by another process between the two steps
+            raise PlatformError(f"the platform root secret {path} went away as it was made")
     return data

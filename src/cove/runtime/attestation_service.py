@@ -119,16 +119,20 @@ class AttestationService(EnclaveService):
         self.mountpoint.mkdir(mode=0o755)
         if _early and _early[-1][0].poll() is None:  # prestarted: tell it where to mount
             self.process, self.early_log = _early.pop()
-            self.process.stdin.write(str(self.mountpoint).encode() + b"\n")
+            stdin = self.process.stdin
+            assert stdin is not None  # spawned with a pipe
+            stdin.write(str(self.mountpoint).encode() + b"\n")
         else:
             log = open(ctx.workdir / "attestation.log", "wb")
             try:
                 self.process = _spawn(self.mountpoint, log)
             finally:
                 log.close()
+            stdin = self.process.stdin
+            assert stdin is not None  # spawned with a pipe
         try:
-            self.process.stdin.write(identity_json(ctx).encode())
-            self.process.stdin.close()
+            stdin.write(identity_json(ctx).encode())
+            stdin.close()
         except BrokenPipeError:
             pass  # it died: start() reports it with its last line
 
@@ -139,6 +143,7 @@ class AttestationService(EnclaveService):
         if line.startswith("ready none:"):
             print(f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:'):].strip()}",
                   file=sys.stderr, flush=True)
+        assert self.mountpoint is not None  # begin() made it
         return [Bind(self.mountpoint, TARGET, writable=True)]
 
     def _ready_line(self) -> str:

@@ -52,6 +52,13 @@ def _own_cgroup_v2() -> Path | None:
     return None
 
 
+def _found(group: Path | None) -> Path:
+    """This process's cgroup, or OSError (limits then fall back to rlimits) if it has none."""
+    if group is None:
+        raise FileNotFoundError("this process is in no cgroup of that hierarchy")
+    return group
+
+
 def detect_mode() -> str:
     """Which mechanism limits enclaves here: 'cgroup2', 'cgroup1' or 'rlimit'."""
     if (CGROUP_ROOT / "cgroup.controllers").exists():
@@ -98,9 +105,9 @@ class Limits:
             parents = ([_own_cgroup_v2()] if mode == "cgroup2"
                        else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")] if mode == "cgroup1" else [])
             for parent in parents:
-                _remove_stale_groups(parent)
+                _remove_stale_groups(_found(parent))
             if mode == "cgroup2":
-                group = _own_cgroup_v2() / name
+                group = _found(_own_cgroup_v2()) / name
                 group.mkdir()
                 (group / "memory.max").write_text(str(resources.memory))
                 if (group / "memory.swap.max").exists():
@@ -108,8 +115,8 @@ class Limits:
                 (group / "pids.max").write_text(str(resources.max_processes))
                 return cls(resources, mode, (group,))
             if mode == "cgroup1":
-                memory = _own_cgroup_v1("memory") / name
-                pids = _own_cgroup_v1("pids") / name
+                memory = _found(_own_cgroup_v1("memory")) / name
+                pids = _found(_own_cgroup_v1("pids")) / name
                 memory.mkdir()
                 pids.mkdir()
                 (memory / "memory.limit_in_bytes").write_text(str(resources.memory))

@@ -106,8 +106,8 @@ def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = (), io_uri
                 number = lib.seccomp_syscall_resolve_name(name.encode())
                 if number >= 0:
                     _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), number, 0, None), name)
-        for name in (b"socket", b"socketpair"):
-            number = lib.seccomp_syscall_resolve_name(name)
+        for call in (b"socket", b"socketpair"):
+            number = lib.seccomp_syscall_resolve_name(call)
             if network_mode == "none":
                 arg = _Arg(0, SCMP_CMP_NE, AF_UNIX, 0)
             elif network_mode != "host":
@@ -115,7 +115,7 @@ def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = (), io_uri
             else:
                 continue
             _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1,
-                                              ctypes.byref(arg)), name.decode())
+                                              ctypes.byref(arg)), call.decode())
         fd = os.memfd_create("cove-seccomp", os.MFD_CLOEXEC)
         try:
             _check(lib.seccomp_export_bpf(ctx, fd), "export")

@@ -49,6 +49,8 @@ class EncryptedMount(EnclaveService):
         mountpoint.mkdir(mode=0o700)
         options = dict(self.mount.options)
         identity = Identity.of(ctx.identity)
+        if self.mount.key is None:  # config requires a key for an encrypted mount
+            raise MountError(f"encrypted mount {self.mount.target}: no key source")
         try:
             keks = resolve_keks(str(folder), self.mount.key, identity)
         except CoveError as exc:

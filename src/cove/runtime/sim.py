@@ -163,7 +163,7 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
             args += ["--perms", options.get("mode", "1777")]
             args += ["--tmpfs", mount.target]
         elif mount.type == "host":
-            if not os.path.exists(mount.source):
+            if mount.source is None or not os.path.exists(mount.source):  # config requires a source
                 raise CoveError(f"host mount source {mount.source} does not exist",
                                 "create it or remove the mount from cove.toml (and rebuild)")
             if mount.writable and writable is not None and not writable(mount.source):

@@ -20,6 +20,9 @@ import signal
 import termios
 import threading
 import tty
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 STDIN, STDOUT, STDERR = 0, 1, 2
 _attached: set[str] = set()  # the devices of the terminals attached right now
@@ -37,7 +40,7 @@ class Terminal:
         self.master, self.slave = os.openpty()
         self._saved_attrs = termios.tcgetattr(STDIN)
         self._saved_fds: list[int] = []
-        self._previous_winch = None
+        self._previous_winch: Callable[[int, FrameType | None], Any] | int | None = None
         self._user_in, self._user_out = os.dup(STDIN), os.dup(STDOUT)  # before attach() replaces them
         self._master_lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()  # ends the output thread's wait on the master
