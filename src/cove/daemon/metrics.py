@@ -10,6 +10,8 @@ attestation server.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,8 +19,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from cove.daemon.server import Daemon
+
+
 class Metrics:
-    def __init__(self, daemon) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.registry = CollectorRegistry()
         self.starts = Counter("cove_enclave_starts", "Enclaves started through the daemon", ["backend"],
@@ -68,10 +76,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class _Scraped:
-    def __init__(self, daemon) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from cove.daemon.attestation import request
         from cove.daemon.server import children, sandbox_init
 

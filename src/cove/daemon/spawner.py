@@ -11,6 +11,7 @@ when the daemon closes it, or dies with it; supervisors go on either way.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -67,6 +68,9 @@ def warm() -> None:
 
 def main() -> int:
     warm()
+    # what is loaded now is shared with every fork: keep the collector off it, so a supervisor's
+    # collections do not touch (and so copy) those pages
+    gc.freeze()
     for line in sys.stdin:
         folder, _, store = line.rstrip("\n").partition("\t")
         if folder and store:
