@@ -99,11 +99,23 @@ def join(groups: list[str]) -> None:
             handle.write(str(os.getpid()))
 
 
-def remove(groups: list[str]) -> None:
-    """Remove the groups and what the enclave left empty below them (a group still in use stays)."""
+def remove(groups: list[str], patience: float = 2.0) -> None:
+    """Remove the groups and what the enclave left empty below them.
+
+    A killed container process stays a member until the engine reaps it,
+    which it does at its own pace: a busy group is retried for `patience`
+    seconds, then left (empty groups cost nothing but a name).
+    """
+    import time
+
+    deadline = time.monotonic() + patience
     for group in groups:
-        for folder, _, _ in sorted(os.walk(group), key=lambda item: len(item[0]), reverse=True):
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
+        while True:
+            for folder, _, _ in sorted(os.walk(group), key=lambda item: len(item[0]), reverse=True):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if not os.path.isdir(group) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)

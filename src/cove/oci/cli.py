@@ -212,6 +212,16 @@ def cmd_delete(root: str, ident: str, force: bool) -> int:
         raise StateError(f"container {ident} is running", "stop it first, or delete --force")
     if status != "stopped":
         kill_and_wait(state["pid"], state.get("pid_start"))
+    for _ in range(300):  # what the killed launcher left in the enclave's groups dies before they are removed
+        left = enclave_processes(state)
+        if not left:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
     cleanup(container.dir)
     if state.get("pid"):
         remove_cgroups(state.get("cgroups", []), state["pid"])

@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
 # -- commands
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from cove.oci import cgroups, execute, launch
+    from cove.oci import cgroups, launch
 
     container = Container(args.root, args.id)
     bundle = spec_mod.load(Path(args.bundle))
@@ -105,8 +105,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         found = cli.start_time(pid)
         container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": groups or cli.own_cgroups(), "container_cgroups": groups,
                         "bundle": str(Path(args.bundle).resolve()), "created": time.time(),
-                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured,
-                        "exec": execute.settings(prepared)})
+                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
         if args.pid_file:
             tmp = Path(args.pid_file).with_name(f".{Path(args.pid_file).name}.tmp")
             tmp.write_text(str(pid))

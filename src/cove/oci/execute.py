@@ -8,17 +8,19 @@ as the enclave's user with every capability dropped, no_new_privs, the
 enclave's seccomp filter and open-files limit, its environment and working
 folder. What that needs from the measured configuration (user, folder,
 environment, limits, the compiled seccomp filter, the entry points) is
-worked out once at `create` (`settings`) and kept in the container's
-root-owned state, so `exec` verifies nothing again and loads no launcher.
+worked out once, by the container's process while it waits for `start`
+(`save_settings`), and kept in the container's root-owned folder, so
+`exec` verifies nothing again and loads no launcher.
 
 process.json may ask only for what the enclave already allows: a program
 that is a measured entry point (any program in a debug enclave), the
 measured user and working folder, no capability beyond the default set.
 Anything else is refused with one line naming the field. Its rlimits are
 not used (the measured limits apply), nor are environment names other than
-the `[env] passthrough` ones. The pid the engine gets (--pid-file) is the
-helper's: it relays the program's exit code (128 + N after signal N), and
-ends the program's whole session when the engine sends it SIGTERM.
+the `[env] passthrough` ones. The pid the engine gets (--pid-file) is
+that of the process holding the helper (`_detached`): it relays the
+program's exit code (128 + N after signal N), and the program's whole
+session ends when the engine sends it SIGTERM or kills it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +44,16 @@ from cove.oci.spec import BundleError
 
 MAX_PROCESS = 1 << 20  # process.json is a few hundred bytes; engines never send more
 PROGRAM_WAIT = 10.0  # a container that was just started may not have its program yet
+
+
+SETTINGS = "exec.json"
+
+
+def save_settings(prepared: Any, folder: Path) -> None:
+    """Write settings(prepared) into the container's folder (temp file and rename), before `start`."""
+    tmp = folder / f".{SETTINGS}.tmp"
+    tmp.write_text(json.dumps(settings(prepared)))
+    os.replace(tmp, folder / SETTINGS)
 
 
 def settings(prepared: Any) -> dict[str, Any]:
@@ -159,10 +172,12 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
     status = container.status(state)
     if status != "running":
         raise cli.StateError(f"container {ident} is {status}: exec needs a running container")
-    allowed = state.get("exec")
-    if not isinstance(allowed, dict):
-        raise CoveError(f"container {ident} was created by an older cove-runtime without exec settings",
-                        "recreate the container")
+    try:
+        with open(container.path(SETTINGS)) as handle:
+            allowed = json.load(handle)
+    except (OSError, ValueError):
+        raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime, or its "
+                        "process failed before it was ready)", "recreate the container") from None
     process = read_process(process_file)
     if tty:
         process = spec_mod.Process(process.args, process.env, process.cwd, process.uid, process.gid, True,
@@ -175,6 +190,61 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         if time.monotonic() >= deadline or container.status(state) != "running":
             raise cli.StateError(f"container {ident} has no running program to join")
         time.sleep(0.02)
+    if not detach:
+        helper = _start(program, request, console_socket if process.terminal else None)
+        if pid_file:
+            _write_pid(pid_file, helper.pid)
+        return _code(helper.wait())
+    return _detached(program, request, console_socket if process.terminal else None, pid_file)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _detached(program: int, request: dict[str, Any], console_socket: str | None, pid_file: str | None) -> int:
+    """--detach: a small process of ours (its pid in --pid-file) holds the helper and outlives this command.
+
+    The helper dies with its parent (PR_SET_PDEATHSIG), so its parent must be
+    the process the engine watches: the engine (a subreaper) inherits it, reaps
+    it, and gets the program's exit code from it; a signal the engine sends it
+    goes to the helper (SIGTERM ends the program's session), and a SIGKILL of
+    it takes the helper and the program along.
+    """
+    ready, told = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        os.close(ready)
+        code = 125
+        try:
+            helper = _start(program, request, console_socket)
+            for number in FORWARDED:
+                signal.signal(number, lambda signum, _frame: helper.send_signal(signum))
+            os.write(told, b"ok")
+            os.close(told)
+            code = _code(helper.wait())
+        except CoveError as exc:
+            os.write(told, f"{int(exc.exit_code)} {exc.line()}".encode())
+            code = int(exc.exit_code)
+        except BaseException as exc:  # a forked child never returns into the command line
+            os.write(told, f"125 {type(exc).__name__}: {exc}".encode())
+        finally:
+            os._exit(code & 0xFF)
+    os.close(told)
+    with os.fdopen(ready, "rb") as answer:
+        said = answer.read().decode("utf-8", "replace")
+    if said != "ok":
+        os.waitpid(holder, 0)
+        given, _, line = said.partition(" ")
+        error = CoveError(line or "the exec process ended before the program started")
+        error.exit_code = int(given) if given.isdigit() else 125
+        raise error
+    if pid_file:
+        _write_pid(pid_file, holder)
+    return 0
+
+
+def _start(program: int, request: dict[str, Any], console_socket: str | None) -> subprocess.Popen[bytes]:
+    """Run cove.daemon.execin for the enclave program's pid; its spec over a socket pair, the terminal back."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         helper = subprocess.Popen([sys.executable, "-m", "cove.daemon.execin", str(program), str(theirs.fileno())],
@@ -185,19 +255,24 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         with ours:
             ours.sendall(json.dumps(request).encode())
             ours.shutdown(socket.SHUT_WR)
-            if process.terminal:
-                _hand_terminal(ours, console_socket or "")
-        if pid_file:
-            tmp = Path(pid_file).with_name(f".{Path(pid_file).name}.tmp")
-            tmp.write_text(str(helper.pid))
-            os.replace(tmp, pid_file)
+            if console_socket is not None:
+                _hand_terminal(ours, console_socket)
     except BaseException:
         helper.kill()
         helper.wait()
         raise
-    if detach:
-        return 0  # the engine, a subreaper, reaps the helper and reads the program's exit code from it
-    return helper.wait()
+    return helper
+
+
+def _code(status: int) -> int:
+    """Popen's return code as a shell's: 128 + N after signal N."""
+    return 128 - status if status < 0 else status
+
+
+def _write_pid(pid_file: str, pid: int) -> None:
+    tmp = Path(pid_file).with_name(f".{Path(pid_file).name}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, pid_file)
 
 
 def _hand_terminal(control: socket.socket, console_socket: str) -> None:

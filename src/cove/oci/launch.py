@@ -26,7 +26,6 @@ from cove.image.paths import resolve_in_image
 from cove.oci import DOMAIN
 from cove.oci import rootfs as rootfs_mod
 from cove.oci.spec import Bundle, BundleError
-from cove.runtime import launcher
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,12 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
     config = verified.config
     process = bundle.process
     if encrypted is None:
-        uid, gid = launcher.resolve_user(config.process.user, root)
+        if config.process.user == "root":  # the common case, without loading the launcher before the fork
+            uid, gid = 0, 0
+        else:
+            from cove.runtime import launcher
+
+            uid, gid = launcher.resolve_user(config.process.user, root)
         if (process.uid, process.gid) != (uid, gid):
             raise BundleError(f"config.json: process.user {process.uid}:{process.gid} is not the enclave's "
                               f"measured user {config.process.user} ({uid}:{gid})")
@@ -192,6 +196,9 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
                 pass
         writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never end of file while waiting
         os.set_blocking(waiting, True)
+        from cove.oci import execute
+
+        execute.save_settings(prepared, fifo.parent)  # for `exec`, worked out while the engine gets to `start`
         warm()
         go = os.read(waiting, 1)  # blocks until `start` writes
         os.close(writer)
@@ -217,7 +224,7 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
 
 
 # What a launch imports; loaded while the container waits for `start` (a name that moved only costs the wait).
-WARM_MODULES = ("cove.runtime.sim", "cove.runtime.limits", "cove.runtime.provisioning", "cove.runtime.seccomp",
+WARM_MODULES = ("cove.runtime.launcher", "cove.runtime.sim", "cove.runtime.limits", "cove.runtime.provisioning", "cove.runtime.seccomp",
                 "cove.runtime.securefs_mounts", "cove.runtime.attestation_service", "cove.daemon.attestation")
 _node_checked: bool | None = None
 
@@ -277,6 +284,8 @@ def run(prepared: Prepared) -> int:
             raise BundleError(f"config.json: process.rlimits {kind} {soft}:{hard} cannot be set") from None
     if _node_checked is None:
         _node_attestation()
+    from cove.runtime import launcher
+
     request = launcher.RunRequest(prepared.program, tuple(bundle.process.args[1:]))
     if prepared.encrypted is None:
         return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
