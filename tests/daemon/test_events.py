@@ -78,3 +78,40 @@ def test_events_survive_kill_9_of_the_daemon(node, app):
     node.start()  # a clean restart: no die is invented, removed enclaves stay removed
     time.sleep(1.2)
     assert [e["action"] for e in _events(node, _events(node)[-1]["seq"] - 2)] == ["remove", "remove"]
+
+
+class _Seen:
+    """An enclave as watch() reads it from the registry: id, name, status and its state file."""
+
+    def __init__(self, ident: str, status: str, restarts: int, exit_code: int | None = None) -> None:
+        self.id, self.name, self.status = ident, "n-" + ident[:4], status
+        self.state = {"restarts": restarts, "exit_code": exit_code}
+
+
+class _Folders:
+    def __init__(self, enclaves: list[_Seen]) -> None:
+        self.enclaves = enclaves
+
+    def all(self) -> list[_Seen]:
+        return self.enclaves
+
+
+def test_changes_while_down_are_compared_with_the_journal(tmp_path):
+    from cove.daemon.events import notice
+
+    journal = tmp_path / "events.jsonl"
+    first = Events(journal)
+    for ident in ("a" * 64, "b" * 64, "c" * 64, "d" * 64):
+        first.emit("enclave", "start", ident, name=ident[:4])
+    first.emit("enclave", "die", "c" * 64, exit_code=0, restarts=0)
+    first.emit("enclave", "remove", "d" * 64)
+    first.close()
+    again = Events(journal)
+    folders = _Folders([_Seen("a" * 64, "running", 2, 1), _Seen("b" * 64, "exited", 0, 9),
+                        _Seen("c" * 64, "exited", 0, 0)])
+    notice(folders, again)
+    new = again.after(6)
+    assert [(e["action"], e["id"][0], e.get("restarts"), e.get("exit_code")) for e in new] == [
+        ("restart", "a", 2, 1), ("die", "b", 0, 9)]  # c had died already: no second die
+    notice(folders, again)
+    assert again.after(6) == new  # nothing new at the next look
