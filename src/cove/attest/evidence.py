@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 import cbor2
 
+from cove import decode
 from cove.attest._cbor import Fields, loads
 from cove.attest.errors import VerificationError
 
@@ -278,7 +279,7 @@ def parse_evidence(data: bytes) -> Evidence:
                     endorsement_bytes=endorsement_bytes, vtpm=vtpm)
 
 
-def _parse_vtpm(t: Fields) -> VtpmQuote:
+def _parse_vtpm(t: decode.Fields) -> VtpmQuote:
     statement_bytes = t.bytes("statement", max_size=4096)
     s = Fields(loads(statement_bytes, "cove", "vtpm statement"), "cove", "vtpm statement", _STATEMENT_KEYS)
     statement = VtpmStatement(ek=s.bytes("ek", max_size=1024), ak=s.bytes("ak", max_size=1024),
