@@ -93,15 +93,13 @@ class Vtpm:
     def provision(self, launch: bytes) -> ev.VtpmStatement:
         """Make an ECC EK and an AK under it, extend the launch PCR once; what the platform key certifies."""
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
-            t = Path(tmp)
-            self.tpm.flush()
+            t = Path(tmp)  # a fresh TPM: nothing to flush before the first command
             self.tpm.run("tpm2_createek", "-c", str(t / "ek.ctx"), "-G", "ecc", "-u", str(t / "ek.pub"))
             self.tpm.run("tpm2_createak", "-C", str(t / "ek.ctx"), "-c", str(t / "ak.ctx"), "-G", "ecc",
                          "-g", "sha256", "-s", "ecdsa", "-u", str(t / "ak.pub"), "-n", str(t / "ak.name"),
                          "-r", str(t / "ak.priv"))
             self.tpm.flush()
             self.tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{AK_HANDLE:08x}")
-            self.tpm.flush()
             self.tpm.extend(ev.LAUNCH_PCR, launch)
             self.statement = ev.VtpmStatement(ek=(t / "ek.pub").read_bytes(), ak=(t / "ak.pub").read_bytes(),
                                               pcr=ev.LAUNCH_PCR, launch=launch)
