@@ -152,12 +152,15 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, end)
     libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()  # (a parent gone even before this has closed the control socket: no spec comes)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # the daemon's session thread ends: so does this
-    if os.getppid() == 1:
-        return 128 + signal.SIGTERM  # it ended already
     pid = int(argv[0])
     control = socket.socket(fileno=int(argv[1]))
-    spec = read_spec(control)
+    try:
+        spec = read_spec(control)
+    except (OSError, ValueError):
+        print("cove: error: cannot enter the enclave: no request came from the daemon", file=sys.stderr)
+        return 125
     program = bytes.fromhex(spec["seccomp"])
     env = {**spec["env"], **initial_environment(pid, spec.get("secret_env", []))}
     join_cgroups(pid)
@@ -174,8 +177,8 @@ def main(argv: list[str]) -> int:
     os.chroot(".")
     os.close(root)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # again: entering the user namespace cleared it
-    if os.getppid() == 1:
-        return 128 + signal.SIGTERM
+    if os.getppid() != parent:
+        return 128 + signal.SIGTERM  # it ended in between (the daemon may be pid 1 in a container: compare)
     slave = None
     if spec.get("tty"):
         try:
