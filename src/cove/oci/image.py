@@ -27,12 +27,14 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from cove.errors import CoveError, IntegrityError
 from cove.image import artifacts, encryption
 from cove.image.artifacts import VerifiedBuild
 from cove.image.instance import Instance
-from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK
+from cove.image.encryption import EncryptedImage
+from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry
 from cove.oci import COVE_DIR, DOMAIN
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
@@ -54,7 +56,7 @@ class OciImage:
     annotations: dict[str, str]
 
 
-def annotations(verified: VerifiedBuild, encrypted: bool) -> dict[str, str]:
+def manifest_annotations(verified: VerifiedBuild, encrypted: bool) -> dict[str, str]:
     """The image manifest's annotations (also the config's labels), all strings."""
     enclave = verified.config.enclave
     return {
@@ -125,11 +127,11 @@ def _add_folder(layer: tarfile.TarFile, folder: Path, arcroot: str) -> None:
                 raise CoveError(f"{full}: only files and folders belong in an encrypted image")
 
 
-def write_layer(instance: Instance, verified: VerifiedBuild, out) -> None:
+def write_layer(instance: Instance, verified: VerifiedBuild, out: BinaryIO) -> None:
     """The root file system layer, as an uncompressed tar stream."""
     encrypted = encryption.find(instance.build_dir)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as layer:
-        members: list[tuple[str, object]] = []
+        members: list[tuple[str, Entry | None]] = []
         if encrypted is None:  # the signed tree itself, from the signed listing
             members += [(e.path, e) for e in verified.entries]
         members.append((COVE_DIR, None))
@@ -145,7 +147,7 @@ def write_layer(instance: Instance, verified: VerifiedBuild, out) -> None:
                 _add_file(layer, instance.image / path, path, entry.mode, entry.size, entry.digest)
 
 
-def _add_build(layer: tarfile.TarFile, instance: Instance, encrypted) -> None:
+def _add_build(layer: tarfile.TarFile, instance: Instance, encrypted: EncryptedImage | None) -> None:
     layer.addfile(_info(COVE_DIR, tarfile.DIRTYPE, 0o755))
     files = [("cove.toml", instance.config_path)] + [(n, instance.build_dir / n) for n in BUILD_FILES]
     if encrypted is not None:
@@ -157,33 +159,35 @@ def _add_build(layer: tarfile.TarFile, instance: Instance, encrypted) -> None:
 
 
 class _HashingWriter(io.RawIOBase):
-    def __init__(self, handle):
+    """Writes through to handle, hashing and counting what passes (the layer's digest and size)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
         self.handle, self.hash, self.size = handle, hashlib.sha256(), 0
 
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:  # type: ignore[override]  # tarfile writes bytes
         self.hash.update(data)
         self.size += len(data)
         return self.handle.write(data)
 
 
-def _json(value) -> bytes:
+def _json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _put_blob(blobs: Path, data: bytes) -> dict:
+def _put_blob(blobs: Path, data: bytes) -> dict[str, Any]:
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def image_config(verified: VerifiedBuild, layer_digest: str, labels: dict[str, str]) -> dict:
+def image_config(verified: VerifiedBuild, layer_digest: str, labels: dict[str, str]) -> dict[str, Any]:
     """The OCI image configuration: what the engine passes on to the runtime by default."""
     config = verified.config
     user = config.process.user
-    run = {"Env": [f"{k}={v}" for k, v in sorted(config.env.default)],
+    run: dict[str, Any] = {"Env": [f"{k}={v}" for k, v in sorted(config.env.default)],
            "WorkingDir": config.process.cwd, "User": "0:0" if user == "root" else user, "Labels": labels}
     programs = [p for p in config.process.entry_points if not p.endswith("/")]
     if len(programs) == 1:
@@ -200,15 +204,15 @@ def _write_layout(instance: Instance, verified: VerifiedBuild, folder: Path, tag
     fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".layer.")
     with os.fdopen(fd, "wb") as handle:
         writer = _HashingWriter(handle)
-        write_layer(instance, verified, writer)
-    layer = {"mediaType": LAYER_TYPE, "digest": f"sha256:{writer.hash.hexdigest()}", "size": writer.size}
+        write_layer(instance, verified, writer)  # type: ignore[arg-type]  # a RawIOBase that writes
+    layer: dict[str, Any] = {"mediaType": LAYER_TYPE, "digest": f"sha256:{writer.hash.hexdigest()}", "size": writer.size}
     os.chmod(tmp, 0o644)
     os.replace(tmp, blobs / writer.hash.hexdigest())
-    notes = annotations(verified, encrypted)
-    config = dict(mediaType=CONFIG_TYPE, **_put_blob(blobs, _json(image_config(verified, layer["digest"], notes))))
+    notes = manifest_annotations(verified, encrypted)
+    config: dict[str, Any] = dict(mediaType=CONFIG_TYPE, **_put_blob(blobs, _json(image_config(verified, layer["digest"], notes))))
     manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config, "layers": [layer],
                 "annotations": notes}
-    described = dict(mediaType=MANIFEST_TYPE, **_put_blob(blobs, _json(manifest)))
+    described: dict[str, Any] = dict(mediaType=MANIFEST_TYPE, **_put_blob(blobs, _json(manifest)))
     described["annotations"] = {"org.opencontainers.image.ref.name": tag.rpartition(":")[2],
                                 "io.containerd.image.name": _full_name(tag)}
     (folder / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))

@@ -135,7 +135,7 @@ def copy_signed(rootfs: Path, entries: list[Entry], dest: Path) -> Path:
     return dest
 
 
-def _copy_file(root_fd: int, entry: Entry, target: Path, owner) -> None:
+def _copy_file(root_fd: int, entry: Entry, target: Path, owner: tuple[int, int] | None) -> None:
     fd = _open_below(root_fd, entry.path, os.O_RDONLY)
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
