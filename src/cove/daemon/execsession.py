@@ -122,9 +122,11 @@ class Session:
         sources = {process.stdout.fileno(): execstream.STDOUT, process.stderr.fileno(): execstream.STDERR}
         if master is not None:
             sources[master] = execstream.STDOUT
+        poller = select.poll()  # not select(): a busy daemon's descriptors may pass 1024
+        for fd in sources:
+            poller.register(fd, select.POLLIN)
         while sources and not self.gone.is_set():
-            ready, _, _ = select.select(list(sources), [], [], 0.5)
-            for fd in ready:
+            for fd, _ in poller.poll(500):
                 try:
                     data = os.read(fd, execstream.CHUNK)
                 except OSError as exc:
@@ -133,6 +135,7 @@ class Session:
                     data = b""
                 if not data:
                     del sources[fd]
+                    poller.unregister(fd)
                     continue
                 if not self._send(execstream.frame(sources[fd], data)):
                     return None
