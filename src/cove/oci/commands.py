@@ -79,8 +79,12 @@ def parser() -> argparse.ArgumentParser:
 # -- commands
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from cove import trace
+
+    laps = trace.Laps("oci.create.")  # COVE_TRACE_START: where create's milliseconds go (docs/performance.md)
     from cove.oci import cgroups, launch
 
+    laps.lap("import")
     container = Container(args.root, args.id)
     bundle = spec_mod.load(Path(args.bundle))
     Path(args.root).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -94,7 +98,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         if bundle.cgroups_path:
             groups = cgroups.groups_for(bundle.cgroups_path)
             cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
+        laps.lap("bundle")
         prepared = launch.prepare(bundle, Path(container.dir))
+        laps.lap("verify")
         console: int | None = None
         if bundle.process.terminal:
             if not args.console_socket:
@@ -110,6 +116,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             tmp = Path(args.pid_file).with_name(f".{Path(args.pid_file).name}.tmp")
             tmp.write_text(str(pid))
             os.replace(tmp, args.pid_file)
+        laps.lap("spawn")
     except BaseException:
         if pid is not None:  # e.g. an unwritable --pid-file: the waiting process must not outlive the refusal
             found = cli.start_time(pid)

@@ -196,11 +196,16 @@ def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int
                 pass
         writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never end of file while waiting
         os.set_blocking(waiting, True)
+        from cove import trace
         from cove.oci import execute
 
+        laps = trace.Laps("oci.container.")
         execute.save_settings(prepared, fifo.parent)  # for `exec`, worked out while the engine gets to `start`
+        laps.lap("exec-settings")
         warm()
+        laps.lap("warm")
         go = os.read(waiting, 1)  # blocks until `start` writes
+        laps.lap("wait-for-start")
         os.close(writer)
         os.close(waiting)
         if go != b"1":
