@@ -649,7 +649,8 @@ class _SqliteConnection(sqlite3.Connection):
     connections of one process queue for it as those of other processes do; a
     waiter sleeps in the kernel (without the GIL) and is woken as soon as the
     holder is done, where SQLite's busy handler would sleep 1, 2, 5 ... ms
-    between tries.
+    between tries. A turn is not re-entrant: a thread holding one must not
+    write through another connection before it ends (nothing here does).
     """
 
     writer_fd: int = -1
