@@ -7,10 +7,11 @@
 
 Engines call `state`, `start`, `kill` and `delete` many times per container,
 so this entry module answers them with the standard library alone (and
-cove.errors, itself standard library only): a Python start, no more. Only
-`create` and `exec` (and anything this module does not recognise, such as
-`--help` or a bad option) load cove.oci.commands, which verifies and
-launches. State lives in ROOT/ID (default /run/cove-runtime). Errors are
+cove.errors, itself standard library only): a Python start, no more.
+`create` with its usual options goes straight to cove.oci.create (which
+verifies and forks the container's process); `exec` and anything this
+module does not recognise (`--help`, a bad option) load cove.oci.commands,
+the full command line. State lives in ROOT/ID (default /run/cove-runtime). Errors are
 one line on stderr (and in --log, as JSON when asked), exit codes from
 docs/cli.md. docs/containers.md says how engines use it.
 """
@@ -341,6 +342,10 @@ def cmd_features() -> int:
 GLOBAL_VALUES = frozenset({"--root", "--log", "--log-format", "--rootless", "--node-root"})
 GLOBAL_FLAGS = frozenset({"--debug", "--systemd-cgroup"})
 HOT = frozenset({"start", "state", "kill", "delete", "features"})
+FAST = HOT | {"create"}  # create's usual options are parsed here too; cove.oci.create does the work
+CREATE_VALUES = {"--bundle": "bundle", "-b": "bundle", "--pid-file": "pid_file", "--console-socket": "console_socket",
+                 "--preserve-fds": "preserve_fds"}
+CREATE_FLAGS = frozenset({"--no-pivot", "--no-new-keyring"})
 
 
 class Options:
@@ -382,13 +387,15 @@ def _fast_parse(argv: list[str]) -> tuple[Options, str, list[str]] | None:
             options.log_format = value
         elif name == "--node-root":
             options.node_root = value
-    if index >= len(argv) or argv[index] not in HOT:
+    if index >= len(argv) or argv[index] not in FAST:
         return None
     return options, argv[index], argv[index + 1:]
 
 
 def _run_hot(options: Options, command: str, rest: list[str]) -> int | None:
     """Run a hot command; None when its arguments need the full parser (which then explains)."""
+    if command == "create":
+        return _run_create(options, rest)
     flags = {a for a in rest if a.startswith("-")}
     words = [a for a in rest if not a.startswith("-")]
     if command == "features":
@@ -406,6 +413,38 @@ def _run_hot(options: Options, command: str, rest: list[str]) -> int | None:
             return None
         return cmd_delete(options.root, words[0], bool(flags))
     return None
+
+
+def _run_create(options: Options, rest: list[str]) -> int | None:
+    """`create [--bundle DIR] [--pid-file F] [--console-socket S] [--preserve-fds N] ID` (None: the full parser)."""
+    given: dict[str, str] = {}
+    words: list[str] = []
+    index = 0
+    while index < len(rest):
+        name, eq, value = rest[index].partition("=")
+        if name in CREATE_FLAGS and not eq:
+            index += 1
+            continue
+        if name.startswith("-"):
+            if name not in CREATE_VALUES:
+                return None
+            if not eq:
+                if index + 1 >= len(rest):
+                    return None
+                value = rest[index + 1]
+                index += 1
+            given[CREATE_VALUES[name]] = value
+        else:
+            words.append(rest[index])
+        index += 1
+    if len(words) != 1 or not given.get("preserve_fds", "0").isdigit():
+        return None
+    if options.node_root:
+        os.environ["COVE_NODE_ROOT"] = options.node_root  # read by cove.oci.launch in the container's process
+    from cove.oci import create
+
+    return create.run(options.root, words[0], given.get("bundle", "."), given.get("pid_file"),
+                      given.get("console_socket"), int(given.get("preserve_fds", "0")))
 
 
 def log_error(path: str | None, log_format: str, line: str) -> None:

@@ -1,30 +1,23 @@
-"""`cove-runtime`'s heavy commands: `create` (verify, copy, fork the container's process) and `exec`.
+"""`cove-runtime`'s full command line: every option, `--help`, usage errors; `create` and `exec` from here.
 
-cove.oci.cli answers the hot commands itself and comes here for these and
-for anything it does not recognise: this module has the full command line
-(so `--help` and every usage error come from one parser). `create` reads
-config.json, verifies the root file system against the signed build under
-/.cove/ and copies the signed tree into a private root, all before anything
-runs; then it leaves one process behind (the container's pid, as runc's
-init), which waits for `start` on a FIFO and then launches the enclave
-through Cove's launcher (services such as /dev/attestation and [[secrets]]
-included) and exits with the program's code.
+cove.oci.cli answers the hot commands, and runs `create` with the usual
+options, without this module (argparse alone is a few ms per engine call);
+it comes here for `exec` and anything it does not recognise, so `--help`
+and every usage error come from one parser. `create` is cove.oci.create,
+`exec` cove.oci.execute.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
-import time
-from pathlib import Path
 from typing import NoReturn
 
 from cove import __version__
 from cove.errors import CoveError, ExitCode
 from cove.oci import cli
-from cove.oci import spec as spec_mod
-from cove.oci.cli import DEFAULT_ROOT, FIFO, SPEC_VERSION, Container
+from cove.oci.cli import DEFAULT_ROOT, SPEC_VERSION
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, usage exit code
@@ -79,75 +72,9 @@ def parser() -> argparse.ArgumentParser:
 # -- commands
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from cove import trace
+    from cove.oci import create
 
-    laps = trace.Laps("oci.create.")  # COVE_TRACE_START: where create's milliseconds go (docs/performance.md)
-    from cove.oci import cgroups, launch
-
-    laps.lap("import")
-    container = Container(args.root, args.id)
-    bundle = spec_mod.load(Path(args.bundle))
-    Path(args.root).mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        os.mkdir(container.dir, 0o700)
-    except FileExistsError:
-        raise CoveError(f"container {args.id} already exists", "delete it first, or choose another id") from None
-    pid: int | None = None
-    groups: list[str] = []
-    try:
-        if bundle.cgroups_path:
-            groups = cgroups.groups_for(bundle.cgroups_path)
-            cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
-        laps.lap("bundle")
-        prepared = launch.prepare(bundle, Path(container.dir))
-        laps.lap("verify")
-        console: int | None = None
-        if bundle.process.terminal:
-            if not args.console_socket:
-                raise spec_mod.BundleError("config.json: process.terminal is true but no --console-socket was given")
-            console = _open_console(args.console_socket)
-        os.mkfifo(container.path(FIFO), 0o600)
-        pid = launch.spawn(prepared, Path(container.path(FIFO)), console, args.preserve_fds, groups)
-        found = cli.start_time(pid)
-        container.save({"id": args.id, "pid": pid, "pid_start": found[0] if found else None, "cgroups": groups or cli.own_cgroups(), "container_cgroups": groups,
-                        "bundle": str(Path(args.bundle).resolve()), "created": time.time(),
-                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
-        if args.pid_file:
-            tmp = Path(args.pid_file).with_name(f".{Path(args.pid_file).name}.tmp")
-            tmp.write_text(str(pid))
-            os.replace(tmp, args.pid_file)
-        laps.lap("spawn")
-    except BaseException:
-        if pid is not None:  # e.g. an unwritable --pid-file: the waiting process must not outlive the refusal
-            found = cli.start_time(pid)
-            cli.kill_and_wait(pid, found[0] if found else None)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        cli.cleanup(container.dir)
-        cgroups.remove(groups)
-        raise
-    return 0
-
-
-def _open_console(path: str) -> int:
-    """A new pseudo-terminal: its master goes to the engine over the console socket, its slave is returned."""
-    import array
-    import pty
-
-    master, slave = pty.openpty()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(path)
-            fds = array.array("i", [master])
-            sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-    except OSError as exc:
-        os.close(slave)
-        raise CoveError(f"--console-socket {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(master)
-    return slave
+    return create.run(args.root, args.id, args.bundle, args.pid_file, args.console_socket, args.preserve_fds)
 
 
 def _hot(args: argparse.Namespace) -> int:
