@@ -366,3 +366,10 @@ def test_text_documents_name_the_wrong_field(document, text, fragment):
     read, error = TEXT_DOCUMENTS[document]
     with pytest.raises(error(), match=fragment):
         read(text)
+
+
+def test_json_text_that_cannot_be_encoded_is_refused_not_raised():
+    """A str with a lone surrogate (from os.fsdecode or a decoded body) is malformed JSON, not a crash."""
+    with pytest.raises(Bad, match="not valid JSON"):
+        decode_json('"\udcff" x', Bad, "doc")
+    assert decode_json('"\udcff"', Bad, "doc") == "\udcff"

@@ -32,6 +32,7 @@ class HintedError(Protocol):
 
     def __call__(self, message: str, hint: str | None = None, /) -> Exception: ...
 
+
 MAX_DOCUMENT = 1 << 20  # every signed or sealed document Cove reads is far smaller
 MAX_DEPTH = 400  # cbor2's own default nesting limit; a volume index nests per directory level
 _MISSING = object()
@@ -64,10 +65,13 @@ def decode_cbor(data: bytes, error: Error, what: str, *, limit: int = MAX_DOCUME
 
 
 def decode_json(data: str | bytes, error: Error, what: str, *, limit: int = MAX_DOCUMENT) -> object:
-    """One JSON value (UTF-8); too large, malformed or nested too deep is ``error``."""
-    raw = data.encode() if isinstance(data, str) else _limited(data, error, what, limit)
-    if len(raw) > limit:
-        raise error(f"{what or 'it'} is {len(raw)} bytes (at most {limit})")
+    """One JSON value (text, or UTF-8 bytes); too large, malformed or nested too deep is ``error``."""
+    if isinstance(data, str):
+        if len(data) > limit:
+            raise error(f"{what or 'it'} is {len(data)} characters (at most {limit})")
+        raw: str | bytes = data
+    else:
+        raw = _limited(data, error, what, limit)
     try:
         return json.loads(raw)  # trailing data is a JSONDecodeError ("Extra data")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -86,7 +90,8 @@ def decode_toml(text: str, error: Error, what: str, *, limit: int = MAX_DOCUMENT
 
 def _invalid(what: str, form: str, exc: Exception) -> str:
     """``what is not valid JSON (reason)``; without ``what`` (the caller names it), ``not valid JSON (reason)``."""
-    return f"{what} is not valid {form} ({exc})" if what else f"not valid {form} ({exc})"
+    reason = " ".join(str(exc).split())[:200]  # the decoder's own words, kept to one short line
+    return f"{what} is not valid {form} ({reason})" if what else f"not valid {form} ({reason})"
 
 
 def _type_name(value: object) -> str:
@@ -96,7 +101,8 @@ def _type_name(value: object) -> str:
 class Fields:
     """Typed access to one decoded map: each read checks presence, type, size and range.
 
-    ``allowed`` refuses keys nobody reads. Every problem is one ``error`` line
+    ``allowed`` refuses keys nobody reads; a read's ``default`` is the value of
+    an absent key (left out or None: the key is required). Every problem is one ``error`` line
     naming the map (``what``) and the key, so a nested field reads as
     ``collateral TCB info tcbLevels[2] tcbDate must be a text string``.
     """
