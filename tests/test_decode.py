@@ -373,3 +373,17 @@ def test_json_text_that_cannot_be_encoded_is_refused_not_raised():
     with pytest.raises(Bad, match="not valid JSON"):
         decode_json('"\udcff" x', Bad, "doc")
     assert decode_json('"\udcff"', Bad, "doc") == "\udcff"
+
+
+def test_a_volume_index_that_is_not_a_map_is_an_integrity_error():
+    """The sealed index is decoded through cove.decode too (a list there was a crash further on)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from cove.fs.index import KeyPolicy
+
+    kek, vmk, volume_id, policy = bytes(16), b"\x07" * 32, b"\x01" * 16, KeyPolicy("insecure", 0)
+    header = dict(HEADER, wrapped=volume_format.wrap_key(kek, vmk, volume_id, "v", policy))
+    index = AESGCM(volume_format.kdf(vmk, volume_id, b"index", 32))
+    assert volume_format.decode_root(volume_format.encode_root(header, {"tree": 1}, index), kek)[2] == {"tree": 1}
+    with pytest.raises(VolumeIntegrityError, match="volume index must be a map"):
+        volume_format.decode_root(volume_format.encode_root(header, [1], index), kek)
