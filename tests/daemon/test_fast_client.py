@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -189,3 +191,47 @@ def test_no_daemon_socket_runs_directly(cove, app, tmp_path):
     result = cove("run", "/bin/hello", cwd=app, env={"COVE_DAEMON_SOCKET": str(tmp_path / "none.sock")})
     assert result.returncode == 0 and result.stdout.startswith("hello 1")
     assert not os.path.exists(tmp_path / "none.sock")
+
+
+STATUS = re.compile(r"(Up \w+|Exited \(\d+\)( \w+ ago)?|Starting|Restarting)")
+
+
+def test_ps_without_click_prints_as_the_full_cli(node, app):
+    c = node.cove
+    ident = c.ok("run", "-d", "/bin/hello", "30", cwd=app).stdout.strip()
+    assert c("run", "/bin/hello", "0", "3", cwd=app).returncode == 3  # ended and removed: not listed
+    try:
+        for flags in ([], ["-a"], ["-q"], ["-a", "-q"], ["--all", "--quiet"]):
+            plain, full = c("ps", *flags), c("-C", ".", "ps", *flags)  # -C first: the full CLI
+            assert plain.returncode == full.returncode == 0
+            assert STATUS.sub("S", plain.stdout) == STATUS.sub("S", full.stdout), flags
+            assert ident[:12] in plain.stdout
+        plain = json.loads(c.ok("ps", "--json").stdout)
+        assert [v["id"] for v in plain] == [v["id"] for v in json.loads(c.ok("-C", ".", "ps", "--json").stdout)]
+        code, out, err, imported = cove_reporting(c, "ps", cwd=app)
+        assert code == 0 and ident[:12] in out and imported == [], err
+    finally:
+        c.ok("rm", "-f", ident)
+
+
+@pytest.mark.parametrize("reply, line", [
+    (http("200 OK", b'{"not": "a list"}'), "not a list of enclaves"),
+    (http("200 OK", b'[{"id": 5}]'), "not a list of enclaves"),
+    (http("200 OK", b'[{"id": "a", "name": "b", "measurement": "c", "backend": "d", "state": "e", "uptime": "x"}]'),
+     "not a list of enclaves"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1,2]\r\nQQ\r\n", "broke off"),
+])
+def test_ps_of_a_hostile_daemon_is_one_line(cove, fake_daemon, tmp_path, reply, line):
+    path, script = fake_daemon
+    for form in (["ps"], ["-C", str(tmp_path), "ps"]):  # without click, and the full CLI
+        script.append(reply)
+        result = cove(*form, env={"COVE_DAEMON_SOCKET": path})
+        assert result.returncode == 7 and line in error_line(result), (form, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_ps_without_a_daemon(cove, tmp_path):
+    env = {"COVE_DAEMON_SOCKET": str(tmp_path / "none.sock")}
+    plain, full = cove("ps", env=env), cove("-C", str(tmp_path), "ps", env=env)
+    assert plain.returncode == full.returncode == 7
+    assert error_line(plain) == error_line(full) and "the Cove daemon is not running" in error_line(plain)

@@ -146,7 +146,9 @@ def _usage_line(exc: click.ClickException) -> str:
 
 
 def run_main() -> None:
-    from cove.cli.attached import fast_run
+    from cove.cli.attached import fast_ps, fast_run
 
-    code = fast_run(sys.argv[1:])  # `cove run` through the daemon, before click is imported
+    code = fast_run(sys.argv[1:])  # the plain `cove run` and `cove ps`, before click is imported
+    if code is None:
+        code = fast_ps(sys.argv[1:])
     sys.exit(main() if code is None else code)

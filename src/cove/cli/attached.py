@@ -159,6 +159,34 @@ def fast_run(argv: list[str]) -> int | None:
         return ExitCode.INTERRUPTED
 
 
+PS_FLAGS = {"-a": "all", "--all": "all", "-q": "quiet", "--quiet": "quiet", "--json": "json"}
+
+
+def fast_ps(argv: list[str]) -> int | None:
+    """`cove ps [-a] [-q] [--json]` without click; None for any other form (the full CLI's)."""
+    if not argv or argv[0] != "ps" or any(arg not in PS_FLAGS for arg in argv[1:]):
+        return None
+    from cove.cli import listing
+
+    flags = {PS_FLAGS[arg] for arg in argv[1:]}
+    try:
+        views = _call("GET", "/enclaves", query={"all": "1" if "all" in flags else "0"})
+        lines = listing.ps_lines(views, "quiet" in flags, "json" in flags)
+    except DaemonError as exc:
+        return _fail(exc.line, exc.exit_code)
+    except CoveError as exc:
+        return _fail(exc.line(), exc.exit_code)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `cove ps | head`: the rest goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def _direct(instance: Path, program: str, args: tuple[str, ...]) -> int:
     """Direct mode, with cove.cli.main's handling of errors (one line, the code of docs/cli.md)."""
     from cove.cli import direct

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cove.cli import listing
 from cove.daemon.client import Client, DaemonError, NotRunning
 from cove.errors import CoveError
 
@@ -39,25 +39,6 @@ def _call(method: str, route: str, body: dict[str, Any] | None = None, query: di
         raise LifecycleError(exc.line, exc.exit_code) from None
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _status(view: dict[str, Any]) -> str:
-    if view["state"] == "exited":
-        ago = _age(time.time() - view["finished"]) if view.get("finished") else ""
-        return f"Exited ({view['exit_code']}) {ago} ago" if ago else f"Exited ({view['exit_code']})"
-    if view["state"] == "running":
-        return f"Up {_age(view.get('uptime'))}"
-    return str(view["state"]).capitalize()
-
-
 @click.command()
 @click.option("-a", "--all", "all_", is_flag=True, help="Show ended enclaves too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only ids.")
@@ -65,21 +46,8 @@ def _status(view: dict[str, Any]) -> str:
 def ps(all_: bool, quiet: bool, as_json: bool) -> None:
     """List enclaves: id, name, measurement prefix, backend, state, uptime, exit code."""
     views = _call("GET", "/enclaves", query={"all": "1" if all_ else "0"})
-    if as_json:
-        click.echo(json.dumps(views, indent=2))
-        return
-    if quiet:
-        for view in views:
-            click.echo(view["id"][:12])
-        return
-    rows = [("ID", "NAME", "MEASUREMENT", "BACKEND", "STATE", "STATUS", "EXIT")]
-    for v in views:
-        exit_code = "" if v.get("exit_code") is None else str(v["exit_code"])
-        rows.append((v["id"][:12], v["name"], v["measurement"][:12], v["backend"], v["state"], _status(v),
-                     exit_code))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in listing.ps_lines(views, quiet, as_json):
+        click.echo(line)
 
 
 @click.command()
