@@ -20,6 +20,8 @@ def test_lifecycle_create_start_state_delete(bundle, tmp_path):
     created = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "c1",
                       stdout=out, stderr=subprocess.STDOUT)
     assert created.returncode == 0, (tmp_path / "out").read_text()
+    # a `start` right after `create` finds the container waiting: the fifo has its reader before create returns
+    os.close(os.open(root / "c1" / "start.fifo", os.O_WRONLY | os.O_NONBLOCK))
     pid = int((tmp_path / "pid").read_text())
     seen = state(root, "c1")
     assert seen["status"] == "created" and seen["pid"] == pid and seen["ociVersion"].startswith("1.")
