@@ -7,6 +7,7 @@ seconds, so every test that boots asks several things of one boot.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from cove import config as cove_config
 from cove.image import manifest as manifest_mod
 from tests.conftest import ROOT, error_line, require
 from tests.e2e.helpers import make_instance, set_option
+from tests.daemon.conftest import Node, shut_down, test_group  # noqa: F401
 from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
 
 SCRIPT = ("echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
@@ -376,3 +378,54 @@ def test_secrets_provisioned_before_the_guest_starts(cove, tmp_path, broker, pla
     assert (result.returncode, result.stdout) == (0, "correct horse\ntoken=t0ken\nread-only\n"), result.stderr
     releases = [r for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
     assert {r["resource"] for r in releases} == {"app/db/password@1", "app/api/token@1"}
+
+
+def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_factory, test_group):
+    """The daemon stores the vm build (kernel, initramfs and launch description too) and runs it."""
+    node = Node(Path(str(tmp_path_factory.mktemp("node"))), cove)
+    node.start()
+    try:
+        c = node.cove
+        script = "trap 'echo got TERM; exit 42' TERM; echo started; while :; do sleep 1; done"
+        ident = c.ok("run", "-d", "--name", "vm1", "/bin/sh", "-c", script, cwd=vm_instance).stdout.strip()
+        assert len(ident) == 64
+        view = node.until("vm1", "running")
+        assert view["measurement"] == manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes()
+                                                          ).measurement.hex()
+        assert ident[:12] in c.ok("ps").stdout
+        _wait_for(lambda: c.ok("logs", "vm1").stdout == "started\n", timeout=120)
+        c.ok("stop", "vm1")
+        assert node.until("vm1", "exited", timeout=60)["exit_code"] == 42
+        logs = c.ok("logs", "vm1").stdout.splitlines()  # the shell may also say its sleep was "Terminated"
+        assert logs[0] == "started" and logs[-1] == "got TERM"
+        assert "Exited (42)" in c.ok("ps", "-a").stdout
+        stored = list((node.root / "store" / "images").glob("*/build/vm/launch.cbor"))
+        assert len(stored) == 1 and stored[0].read_bytes() == (vm_instance / "build" / "vm" / "launch.cbor").read_bytes()
+        c.ok("rm", "vm1")
+    finally:
+        shut_down(node)
+
+
+def test_packaged_vm_enclave_runs_and_a_changed_kernel_in_it_is_refused(cove, vm_instance, tmp_path):
+    import tarfile
+
+    package = tmp_path / "app.cove"
+    cove.ok("package", str(package), cwd=vm_instance)
+    with tarfile.open(package) as archive:
+        names = archive.getnames()
+    assert {"build/vm/vmlinuz", "build/vm/initrd.cpio", "build/vm/launch.cbor"} <= set(names)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cove("run", "--package", str(package), "/bin/hello", "packaged", cwd=elsewhere)
+    assert (result.returncode, result.stdout) == (0, "hello from enclave hello-enclave (pid 2) world\n".replace(
+        "world", "packaged")), result.stderr
+    # the same archive with one byte of the kernel changed: refused before boot, no output
+    tampered = tmp_path / "tampered.cove"
+    with tarfile.open(package) as source, tarfile.open(tampered, "w:gz") as out:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if member.name == "build/vm/vmlinuz":
+                data = data[:5000] + bytes([data[5000] ^ 1]) + data[5001:]
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    refused = cove("run", "--package", str(tampered), "/bin/hello", cwd=elsewhere)
+    assert refused.returncode != 0 and refused.stdout == "" and "kernel" in error_line(refused)

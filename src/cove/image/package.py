@@ -2,7 +2,8 @@
 
 The archive holds cove.toml, build/ (manifest, signature, listing) and image/,
 or, for a build made with --encrypt-image, build/image.enc and build/image.key
-instead of image/ (the plain image never ships).
+instead of image/ (the plain image never ships); a vm build adds build/vm
+(kernel, initramfs, launch description).
 It is written deterministically (sorted, zero times and owners) and trusted
 for nothing: `cove run --package` extracts it into a private folder and
 verifies it exactly like an instance.
@@ -20,11 +21,13 @@ from pathlib import Path
 from collections.abc import Iterator
 
 from cove.errors import CoveError, NotFoundError
-from cove.image import artifacts, encryption
+from cove.image import artifacts, encryption, vmimage
 from cove.image.instance import Instance
 
 MEMBERS = ("cove.toml", "build/" + artifacts.MANIFEST, "build/" + artifacts.SIGNATURE,
            "build/" + artifacts.TREE)
+# a vm build's launch inputs; `cove run` checks them against the signed launch measurement
+VM_MEMBERS = tuple(f"build/{vmimage.FOLDER}/{name}" for name in (vmimage.KERNEL, vmimage.INITRD, vmimage.LAUNCH))
 
 
 def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -52,7 +55,8 @@ def create(instance: Instance, out: Path, allow_debug: bool = False) -> artifact
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as archive:
-            for member in MEMBERS + (() if encrypted is None else ("build/" + encryption.IMAGE_KEY,)):
+            members = MEMBERS + (() if encrypted is None else ("build/" + encryption.IMAGE_KEY,))
+            for member in members + (VM_MEMBERS if verified.manifest.launch is not None else ()):
                 archive.add(instance.root / member, arcname=member, filter=_normalise)
             _add_tree(archive, tree, arcroot)
         os.chmod(tmp, 0o644)

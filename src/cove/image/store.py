@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 from cove import hostids
 from cove.errors import CoveError, IntegrityError, NotFoundError
-from cove.image import artifacts, encryption
+from cove.image import artifacts, encryption, vmimage
 from cove.image.artifacts import VerifiedBuild
 from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
@@ -146,9 +146,13 @@ class ImageStore:
                     _copy_small(instance / "build" / name, build / name)
                 _copy_small(instance / "cove.toml", work / "cove.toml")
                 verified = artifacts.load_verified(build, work / "cove.toml", expected_signer)
-                if verified.config.enclave.backend not in ("auto", "sim"):
-                    raise CoveError(f"the node's image store runs sim enclaves, not backend "
+                if verified.config.enclave.backend not in ("auto", "sim", "vm"):
+                    raise CoveError(f"the node's image store runs sim and vm enclaves, not backend "
                                     f"{verified.config.enclave.backend}", "run it without the daemon")
+                if verified.manifest.launch is not None:  # vm: the launcher checks them against it at each run
+                    (build / vmimage.FOLDER).mkdir(mode=0o700)
+                    for name in (vmimage.KERNEL, vmimage.INITRD, vmimage.LAUNCH):
+                        _copy_file(instance / "build" / vmimage.FOLDER / name, build / vmimage.FOLDER / name)
                 if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
                     raise CoveError("an image built with --encrypt-image is not stored by the node",
                                     "run it without the daemon")
@@ -302,6 +306,18 @@ def _copy_small(source: Path, dest: Path, limit: int = 64 << 20) -> None:
     if len(data) > limit:
         raise CoveError(f"{source} is larger than {limit >> 20} MB")
     dest.write_bytes(data)
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    """Copy a build file of any size (a vm's kernel and initramfs), never following a symlink."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP):
+            raise NotFoundError(f"{source} is missing or not a regular file", "run `cove build` first") from None
+        raise
+    with os.fdopen(fd, "rb") as handle, open(dest, "xb") as out:
+        shutil.copyfileobj(handle, out, 1 << 20)
 
 
 def _remove_tree(path: Path) -> None:
