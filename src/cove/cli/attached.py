@@ -119,16 +119,21 @@ def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
     return directory, rest[0], tuple(rest[1:])
 
 
-def _node_runs(directory: Path) -> bool:
-    """Whether the instance is plainly one the daemon's store runs (sim, not encrypted); False when unsure."""
+def _backend(directory: Path) -> str | None:
+    """[enclave] backend of the instance's cove.toml; None when it does not say plainly."""
     try:
         with open(directory / "cove.toml", "rb") as handle:
             config = tomllib.load(handle)
     except (OSError, ValueError):
-        return False  # the full CLI says what is wrong
+        return None  # the full CLI says what is wrong
     enclave = config.get("enclave", {})
     backend = enclave.get("backend", "auto") if isinstance(enclave, dict) else None
-    return backend in NODE_BACKENDS and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
+    return backend if isinstance(backend, str) else None
+
+
+def _node_runs(directory: Path) -> bool:
+    """Whether the instance is plainly one the daemon's store runs (sim, not encrypted); False when unsure."""
+    return _backend(directory) in NODE_BACKENDS and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
 
 
 def fast_run(argv: list[str]) -> int | None:
@@ -189,6 +194,10 @@ def fast_ps(argv: list[str]) -> int | None:
 
 def _direct(instance: Path, program: str, args: tuple[str, ...]) -> int:
     """Direct mode, with cove.cli.main's handling of errors (one line, the code of docs/cli.md)."""
+    if _backend(instance) != "vm":  # a vm's guest serves /dev/attestation itself
+        from cove.runtime import attestation_early
+
+        attestation_early.prestart()  # first thing: the server's start overlaps all of this one's
     from cove.cli import direct
 
     try:

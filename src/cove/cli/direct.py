@@ -3,7 +3,7 @@
 Both `cove run` (cove.cli.run) and the plain form's early path
 (cove.cli.attached) come here. The node-less run starts the per-run
 /dev/attestation server's interpreter first, so that its start overlaps the
-imports and the verification of this one (cove.runtime.attestation_service).
+imports and the verification of this one (cove.runtime.attestation_early).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ def run(directory: Path, program: str, args: tuple[str, ...], backend: str | Non
         debug_shell: bool = False, package: Path | None = None, signer: bytes | None = None,
         state_dir: Path | None = None) -> int:
     """Verify and run PROGRAM of the instance in ``directory`` (or of ``package``); its exit code."""
-    from cove.runtime import attestation_service
+    from cove.runtime import attestation_early
 
     if _may_attest(backend, package, directory):
-        attestation_service.prestart()  # its interpreter starts while this one imports and verifies
+        attestation_early.prestart()  # its interpreter starts while this one imports and verifies
     try:
         from cove.image import instance as instance_mod
         from cove.runtime import launcher
@@ -37,7 +37,7 @@ def run(directory: Path, program: str, args: tuple[str, ...], backend: str | Non
                 raise
             raise runtime_dir_full(launcher.runtime_dir(), package, directory) from None
     finally:
-        attestation_service.discard()
+        attestation_early.discard()
 
 
 def _may_attest(backend: str | None, package: Path | None, directory: Path) -> bool:

@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     def leave(signum, frame):  # until trio takes over, a SIGTERM still unmounts on the way out
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, leave)
-    # started early (cove.runtime.attestation_service.prestart), it has imported all it needs by the time
+    # started early (cove.runtime.attestation_early.prestart), it has imported all it needs by the time
     # the runtime has verified the build and knows the mountpoint and the identity
     loaded = platform_signer()  # the key (and TPM) do not depend on the enclave: loaded before it is known
     mountpoint = argv[0] if argv else sys.stdin.readline().rstrip("\n")

@@ -13,19 +13,17 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import IO
 
 from cove.errors import CoveError, SetupError
+from cove.runtime import attestation_early
 from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 TARGET = "/dev/attestation"
-PR_SET_PDEATHSIG = 1
 MNT_DETACH = 2
 START_TIMEOUT = 20.0
 
@@ -35,12 +33,6 @@ def identity_json(ctx: ServiceContext) -> str:
     return json.dumps({"measurement": i.measurement.hex(), "signer": i.signer.hex(), "product_id": i.product_id,
                        "svn": i.svn, "debug": i.debug, "backend": ctx.backend, "isolation": ctx.isolation,
                        "instance_id": ctx.instance_id})
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when ``cove run`` dies, even by SIGKILL, so the mount never outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _unmount(path: Path) -> None:
@@ -53,55 +45,6 @@ def _unmount(path: Path) -> None:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, timeout=10)
-
-
-def _spawn(mountpoint: Path | None, log: IO[bytes] | int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cove.platform.devattest_server", *([str(mountpoint)] if mountpoint else [])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
-        start_new_session=True,  # the user's ^C reaches the enclave, not this server
-        preexec_fn=_die_with_parent)
-
-
-_early: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
-
-
-def prestart() -> None:
-    """Start the server's interpreter now, before the build is verified: it imports and loads the
-    platform key while the runtime works, then waits for its mountpoint and identity (``begin``).
-    ``discard`` ends it if no enclave took it."""
-    if _early or not os.path.exists("/dev/fuse"):
-        return
-    log = tempfile.TemporaryFile()
-    try:
-        _early.append((_spawn(None, log), log))
-    except OSError:
-        log.close()
-
-
-def pending() -> int | None:
-    """The pid of a prestarted server no enclave has taken yet."""
-    return _early[-1][0].pid if _early else None
-
-
-def discard() -> None:
-    """End a prestarted server that no enclave took (its stdin closed empty: it leaves at once)."""
-    while _early:
-        process, log = _early.pop()
-        _end(process)
-        log.close()
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    for stream in (process.stdin, process.stdout):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
-    if process.poll() is None:
-        process.kill()  # nothing to save: its mount, if any, is detached first
-    process.wait()
 
 
 class AttestationService(EnclaveService):
@@ -117,15 +60,16 @@ class AttestationService(EnclaveService):
                              "run scripts/setup")
         self.mountpoint = ctx.workdir / "attestation"
         self.mountpoint.mkdir(mode=0o755)
-        if _early and _early[-1][0].poll() is None:  # prestarted: tell it where to mount
-            self.process, self.early_log = _early.pop()
+        early = attestation_early.take()
+        if early is not None:  # prestarted: tell it where to mount
+            self.process, self.early_log = early
             stdin = self.process.stdin
             assert stdin is not None  # spawned with a pipe
             stdin.write(str(self.mountpoint).encode() + b"\n")
         else:
             log = open(ctx.workdir / "attestation.log", "wb")
             try:
-                self.process = _spawn(self.mountpoint, log)
+                self.process = attestation_early.spawn(self.mountpoint, log)
             finally:
                 log.close()
             stdin = self.process.stdin
@@ -180,7 +124,7 @@ class AttestationService(EnclaveService):
             _unmount(self.mountpoint)
         process, self.process = self.process, None
         if process is not None:
-            _end(process)
+            attestation_early.end(process)
         if self.early_log is not None:
             self.early_log.close()
             self.early_log = None
