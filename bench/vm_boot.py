@@ -3,13 +3,14 @@
 Boots the launch inputs of a small vm build with the init's probe request (it
 answers and powers off; no program runs) under TCG, alternating the variants
 run by run so that the machine's load weighs on each alike, and prints the
-medians and each variant's ratio to the stock kernel measured in the same
+medians and each variant's ratio to the built kernel measured in the same
 run. CPU time (user + system of the QEMU process when the init answers) is
 what the guest's boot costs; wall time above it is the host's load.
 
-Variants: `stock` (Debian's compressed bzImage, what Cove boots), `pvh` (the
-same kernel decompressed to its ELF image and entered through its PVH note:
-no decompression, no real-mode setup), and `stock+ARGS` for `--append ARGS`.
+Variants: `built` (the kernel of the build: what Cove boots), the other form
+of the same kernel (`bzimage`, Debian's compressed file, which the guest
+decompresses after a real-mode setup, or `pvh`, its ELF entered through the
+PVH note), and `built+ARGS` for `--append ARGS`.
 
     .venv/bin/python bench/vm_boot.py [--runs 7] [--append "nokaslr"] [--instance DIR]
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
 import socket
 import statistics
 import struct
@@ -35,7 +35,6 @@ from cove.image import vmimage
 from cove.runtime import vm
 
 COVE = str(Path(sys.executable).parent / "cove")
-LZ4_LEGACY = b"\x02\x21\x4c\x18"
 
 
 def build_instance(work: Path) -> Path:
@@ -49,20 +48,16 @@ def build_instance(work: Path) -> Path:
     return root
 
 
-def pvh_kernel(bzimage: Path, dest: Path) -> Path | None:
-    """The ELF kernel inside an LZ4-compressed bzImage (Debian's cloud kernel), if lz4 is installed."""
-    data = bzimage.read_bytes()
-    setup_sects = data[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", data, 0x248)  # payload_offset, payload_length
-    payload = data[(setup_sects + 1) * 512 + offset:][:length]
-    lz4 = shutil.which("lz4")
-    if not payload.startswith(LZ4_LEGACY) or lz4 is None:
+def other_form(built: Path, work: Path) -> tuple[str, Path] | None:
+    """The same kernel in its other form: the package's bzImage for a PVH build, or the reverse."""
+    data = built.read_bytes()
+    if data.startswith(b"\x7fELF"):
+        return "bzimage", vmimage.find_kernel(None)
+    unpacked = vmimage.boot_kernel(data)
+    if unpacked == data:
         return None
-    out = subprocess.run([lz4, "-dc"], input=payload, capture_output=True)  # it warns about the size trailer
-    if not out.stdout.startswith(b"\x7fELF"):
-        return None
-    dest.write_bytes(out.stdout)
-    return dest
+    (work / "vmlinux").write_bytes(unpacked)
+    return "pvh", work / "vmlinux"
 
 
 def boot(description: dict[str, object], kernel: Path, initrd: Path, folder: Path) -> tuple[float, float]:
@@ -109,24 +104,24 @@ def main() -> None:
         folder = root / "build" / vmimage.FOLDER
         description = cbor2.loads((folder / vmimage.LAUNCH).read_bytes())
         kernel, initrd = folder / vmimage.KERNEL, folder / vmimage.INITRD
-        variants: dict[str, tuple[dict[str, object], Path]] = {"stock": (description, kernel)}
-        pvh = pvh_kernel(kernel, work / "vmlinux")
-        if pvh is not None:
-            variants["pvh"] = (description, pvh)
+        variants: dict[str, tuple[dict[str, object], Path]] = {"built": (description, kernel)}
+        other = other_form(kernel, work)
+        if other is not None:
+            variants[other[0]] = (description, other[1])
         if args.append:
-            variants[f"stock+{args.append}"] = ({**description, "cmdline": f"{description['cmdline']} {args.append}"},
+            variants[f"built+{args.append}"] = ({**description, "cmdline": f"{description['cmdline']} {args.append}"},
                                                 kernel)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.runs):
             for name, (desc, image) in variants.items():
                 samples[name].append(boot(desc, image, initrd, work))
-        base_wall = statistics.median(s[0] for s in samples["stock"])
-        base_cpu = statistics.median(s[1] for s in samples["stock"])
+        base_wall = statistics.median(s[0] for s in samples["built"])
+        base_cpu = statistics.median(s[1] for s in samples["built"])
         for name, values in samples.items():
             wall = statistics.median(s[0] for s in values)
             cpu = statistics.median(s[1] for s in values)
-            print(f"{name}: QEMU start to the init's answer {wall * 1000:.0f} ms wall (x{wall / base_wall:.2f} stock), "
-                  f"{cpu * 1000:.0f} ms QEMU CPU (x{cpu / base_cpu:.2f} stock), median of {args.runs}")
+            print(f"{name}: QEMU start to the init's answer {wall * 1000:.0f} ms wall (x{wall / base_wall:.2f} built), "
+                  f"{cpu * 1000:.0f} ms QEMU CPU (x{cpu / base_cpu:.2f} built), median of {args.runs}")
         print(f"load average {os.getloadavg()[0]:.1f} (wall above CPU time is the host's load)")
 
 
