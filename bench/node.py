@@ -7,7 +7,11 @@ without the daemon, `cove ps` end to end, the p99 latency of
 /dev/attestation/quote with 50 enclaves reading at once, and 200 enclaves
 (a sleep each) running together with the daemon's RSS and `cove ps`.
 
-    .venv/bin/python bench/node.py [--runs 15] [--big-mb 520] [--quoters 50] [--many 200]
+    .venv/bin/python bench/node.py [--runs 15] [--big-mb 520] [--quoters 50] [--many 200] [--spans N]
+
+With ``--spans N`` it then runs each start path N more times with
+COVE_TRACE_START and prints the median of each span (client, daemon's
+supervisor, launcher, sandbox): where the milliseconds go.
 """
 
 from __future__ import annotations
@@ -56,6 +60,25 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def spans(argv: list[str], runs: int, env: dict, trace: Path) -> dict[str, float]:
+    """Median milliseconds of each COVE_TRACE_START span (cove.trace) over runs of argv."""
+    found: dict[str, list[float]] = {}
+    for _ in range(runs):
+        trace.write_text("")
+        subprocess.run(argv, env=dict(env, COVE_TRACE_START=str(trace)), check=True, stdout=subprocess.DEVNULL)
+        for line in trace.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 5 and parts[0] == "cove-trace":
+                found.setdefault(parts[2], []).append(float(parts[4]))
+    return {name: statistics.median(values) for name, values in found.items()}
+
+
+def show_spans(label: str, medians: dict[str, float]) -> None:
+    print(f"  where {label} goes (median ms per span, COVE_TRACE_START):")
+    for name, ms in medians.items():
+        print(f"    {name:28s} {ms:7.2f}")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -67,7 +90,10 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=520, help="size of the large image's payload")
     parser.add_argument("--quoters", type=int, default=50)
     parser.add_argument("--quotes", type=int, default=40, help="quote reads per enclave")
-    parser.add_argument("--many", type=int, default=200)
+    parser.add_argument("--many", type=int, default=200, help="0 skips the many-enclaves part")
+    parser.add_argument("--no-big", action="store_true", help="skip the large image")
+    parser.add_argument("--spans", type=int, default=0, metavar="N",
+                        help="then N traced runs of each start path: where the milliseconds go")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-node-"))
     sock = str(work / "d.sock")
@@ -83,17 +109,20 @@ def main() -> None:
         subprocess.run(["gcc", "-O2", "-static", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
                        check=True)
         small = make(work, "small", env, {"/bin": hello})
-        big = make(work, "big", env, {"/bin": hello}, args.big_mb)
+        big = None if args.no_big else make(work, "big", env, {"/bin": hello}, args.big_mb)
         quoter = make(work, "quoter", env, {"/bin": probe})
         run("add", "/bin/sh", "/bin/sleep", cwd=quoter, env=env)
         run("build", cwd=quoter, env=env)
-        daemon = subprocess.Popen([COVE, "daemon", "--root", str(work / "root"), "--socket", sock], env=env,
+        trace = work / "trace.txt"
+        daemon_env = dict(env, COVE_TRACE_START=str(trace)) if args.spans else env  # its supervisors' spans
+        daemon = subprocess.Popen([COVE, "daemon", "--root", str(work / "root"), "--socket", sock], env=daemon_env,
                                   stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
         while subprocess.run([COVE, "ps"], env=env, capture_output=True).returncode != 0:
             time.sleep(0.1)
         print(f"runs per figure: {args.runs} (median); {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
 
-        for label, root in (("0.8 MB", small), (f"{size_mb(big):.0f} MB", big)):
+        images = [("0.8 MB", small)] + ([(f"{size_mb(big):.0f} MB", big)] if big is not None else [])
+        for label, root in images:
             if root is big:
                 started = time.perf_counter()
                 run("-C", str(root), "run", "/bin/hello", env=env)  # the first run imports
@@ -106,6 +135,11 @@ def main() -> None:
             print(f"{label} image: bare bwrap {bwrap:.1f} ms; cove run with the daemon {via:.1f} ms "
                   f"(overhead {via - bwrap:.1f} ms, x{via / bwrap:.1f}); without it {alone:.1f} ms "
                   f"(overhead {alone - bwrap:.1f} ms, x{alone / bwrap:.1f})")
+            if args.spans:
+                show_spans(f"cove run with the daemon ({label})",
+                           spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, env, trace))
+                show_spans(f"cove run without it ({label})",
+                           spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, direct, trace))
         ps_ms = timed([COVE, "ps"], args.runs, env)
         thin = timed([sys.executable, "-c", "from cove.daemon.client import Client; Client().call('GET', '/enclaves')"],
                      args.runs, env)
@@ -113,47 +147,10 @@ def main() -> None:
         print(f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; "
               f"python -c pass {python:.1f} ms)")
 
-        # 50 enclaves reading quotes at once: each sleeps until a common moment, then reads
-        target = time.time() + 1.2 * args.quoters + 5
-        ids = []
-        for _ in range(args.quoters):
-            delay = max(0.0, target - time.time())
-            script = f"sleep {delay:.2f}; /bin/attest_probe bench {args.quotes} 00ff"
-            ids.append(run("-C", str(quoter), "run", "-d", "/bin/sh", "-c", script, env=env).strip())
-        late = time.time() - target
-        latencies: list[float] = []
-        for ident in ids:
-            run("wait", ident, env=env)
-            for line in run("logs", ident, env=env).split():
-                if line.isdigit():
-                    latencies.append(int(line) / 1000)
-            run("rm", ident, env=env)
-        if late > 0:
-            print(f"(the last of the {args.quoters} enclaves started {late:.1f} s after the common moment)")
-        print(f"/dev/attestation/quote with {args.quoters} enclaves reading at once: {len(latencies)} reads, "
-              f"median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms")
-
-        # 200 enclaves at once
-        started = time.perf_counter()
-        many: list[str] = []
-        sleeper = make(work, "sleeper", env, {"/bin": hello})
-        run("add", "/bin/sleep", cwd=sleeper, env=env)
-        run("build", cwd=sleeper, env=env)
-        for _ in range(args.many):
-            many.append(run("-C", str(sleeper), "run", "-d", "/bin/sleep", "3600", env=env).strip())
-        start_s = time.perf_counter() - started
-        views = json.loads(run("ps", "--json", env=env))
-        running = sum(1 for v in views if v["state"] == "running")
-        ps_many = timed([COVE, "ps"], args.runs, env)
-        server = json.loads(subprocess.run([sys.executable, "-c", (
-            "import json, sys; from cove.daemon.attestation import request; "
-            "print(json.dumps(request(sys.argv[1], {'op': 'status'})))"), str(work / "root" / "attestation.sock")],
-            capture_output=True, text=True, check=True).stdout)
-        print(f"{args.many} enclaves started in {start_s:.0f} s; {running} running at once; daemon RSS "
-              f"{rss_mb(daemon.pid):.1f} MB; attestation server RSS {rss_mb(server['pid']):.1f} MB; "
-              f"cove ps {ps_many:.1f} ms")
-        for ident in many:
-            subprocess.run([COVE, "rm", "-f", ident], env=env, capture_output=True)
+        if args.quoters:
+            quotes(args, quoter, env)
+        if args.many:
+            many_enclaves(args, work, hello, env, daemon.pid)
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -170,6 +167,52 @@ def main() -> None:
         except (OSError, ValueError, KeyError):
             subprocess.run(["fusermount3", "-u", "-z", str(work / "root" / "attestation")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def quotes(args: argparse.Namespace, quoter: Path, env: dict) -> None:
+    """50 enclaves reading quotes at once: each sleeps until a common moment, then reads."""
+    target = time.time() + 1.2 * args.quoters + 5
+    ids = []
+    for _ in range(args.quoters):
+        delay = max(0.0, target - time.time())
+        script = f"sleep {delay:.2f}; /bin/attest_probe bench {args.quotes} 00ff"
+        ids.append(run("-C", str(quoter), "run", "-d", "/bin/sh", "-c", script, env=env).strip())
+    late = time.time() - target
+    latencies: list[float] = []
+    for ident in ids:
+        run("wait", ident, env=env)
+        for line in run("logs", ident, env=env).split():
+            if line.isdigit():
+                latencies.append(int(line) / 1000)
+        run("rm", ident, env=env)
+    if late > 0:
+        print(f"(the last of the {args.quoters} enclaves started {late:.1f} s after the common moment)")
+    print(f"/dev/attestation/quote with {args.quoters} enclaves reading at once: {len(latencies)} reads, "
+          f"median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms")
+
+
+def many_enclaves(args: argparse.Namespace, work: Path, hello: Path, env: dict, daemon_pid: int) -> None:
+    """200 enclaves (a sleep each) at once: time to start them, the daemon's memory, cove ps."""
+    started = time.perf_counter()
+    many: list[str] = []
+    sleeper = make(work, "sleeper", env, {"/bin": hello})
+    run("add", "/bin/sleep", cwd=sleeper, env=env)
+    run("build", cwd=sleeper, env=env)
+    for _ in range(args.many):
+        many.append(run("-C", str(sleeper), "run", "-d", "/bin/sleep", "3600", env=env).strip())
+    start_s = time.perf_counter() - started
+    views = json.loads(run("ps", "--json", env=env))
+    running = sum(1 for v in views if v["state"] == "running")
+    ps_many = timed([COVE, "ps"], args.runs, env)
+    server = json.loads(subprocess.run([sys.executable, "-c", (
+        "import json, sys; from cove.daemon.attestation import request; "
+        "print(json.dumps(request(sys.argv[1], {'op': 'status'})))"), str(work / "root" / "attestation.sock")],
+        capture_output=True, text=True, check=True).stdout)
+    print(f"{args.many} enclaves started in {start_s:.0f} s; {running} running at once; daemon RSS "
+          f"{rss_mb(daemon_pid):.1f} MB; attestation server RSS {rss_mb(server['pid']):.1f} MB; "
+          f"cove ps {ps_many:.1f} ms")
+    for ident in many:
+        subprocess.run([COVE, "rm", "-f", ident], env=env, capture_output=True)
 
 
 if __name__ == "__main__":
