@@ -8,9 +8,12 @@ By default a private node service (`cove daemon`) runs, so containers get
 /dev/attestation from its one server (--no-node-service: a server per container).
 Prints medians, Cove's overhead in ms and the ratio (this machine kind:
 cgroups v1 hybrid, so Podman runs with --cgroup-manager=cgroupfs and
-1024:1024 nofile/nproc ulimits).
+1024:1024 nofile/nproc ulimits). --spans also prints where cove-runtime's
+time goes in the `ctr run` calls (containerd hands its environment to the
+runtime, so COVE_TRACE_START reaches it; Podman's conmon does not): the
+median of each span of create, the container's process and the launch.
 
-    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service]
+    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans]
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-node-service", dest="node_service", action="store_false",
                         help="without the node service: each container starts its own /dev/attestation server")
+    parser.add_argument("--spans", action="store_true",
+                        help="print the median of each cove-runtime span (COVE_TRACE_START) of the ctr runs")
     args = parser.parse_args()
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
@@ -99,6 +104,8 @@ def main() -> int:
                                    "/hello"]}
         report("podman run --rm", median_ms(podman, args.runs))
         sock = work / "containerd.sock"
+        if args.spans:  # containerd's shims hand this to cove-runtime
+            os.environ["COVE_TRACE_START"] = str(work / "spans.txt")
         log = open(work / "containerd.log", "w")
         containerd = subprocess.Popen(["containerd", "--root", str(work / "ctd-root"), "--state",
                                        str(work / "ctd-state"), "--address", str(sock)],
@@ -116,6 +123,8 @@ def main() -> int:
 
         ctr_commands = {"runc": ctr_run(runc), "cove-runtime": ctr_run(RUNTIME)}
         report("ctr run --rm", median_ms(ctr_commands, args.runs))
+        if args.spans:
+            print_spans(work / "spans.txt")
     finally:
         subprocess.run([*PODMAN, "rmi", "-f", IMAGE], capture_output=True)
         if node is not None:
@@ -129,6 +138,23 @@ def main() -> int:
             subprocess.run(["umount", "-R", "-l", str(work / "ctd-root")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def print_spans(path: Path) -> None:
+    """The median duration of each span name, in the order spans first appear (cove.trace's lines)."""
+    durations: dict[str, list[float]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        print("no spans were written (is COVE_TRACE_START reaching cove-runtime?)")
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 5 and fields[0] == "cove-trace":
+            durations.setdefault(fields[2], []).append(float(fields[4]))
+    print("cove-runtime spans in the ctr runs (median ms, count):")
+    for name, values in durations.items():
+        print(f"  {name:34} {statistics.median(values):8.1f} {len(values):4d}")
 
 
 def _stop_node_attestation(root: Path) -> None:

@@ -2,34 +2,47 @@
 
 Reads config.json, verifies the root file system against the signed build
 under /.cove/ and copies the signed tree into a private root, all before
-anything runs; then it leaves one process behind (the container's pid, as
-runc's init), which waits for `start` on a FIFO and then launches the
-enclave through Cove's launcher (services such as /dev/attestation and
-[[secrets]] included) and exits with the program's code. cove.oci.cli
-calls it directly (no argparse) when the options are the usual ones.
+anything runs (cove.oci.launch.prepare); it leaves one process behind (the
+container's pid, as runc's init), which waits for `start` on a FIFO and
+then launches the enclave through Cove's launcher (services such as
+/dev/attestation and [[secrets]] included) and exits with the program's
+code. cove.oci.cli calls it directly (no argparse) when the options are the
+usual ones; this module loads only the standard library and cove.oci's
+light modules until after the fork.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
+import sys
+import termios
 import time
 from pathlib import Path
 
 from cove.errors import CoveError
-from cove.oci import cli
+from cove.oci import cgroups, cli
 from cove.oci import spec as spec_mod
 from cove.oci.cli import FIFO, Container
 
 
 def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_socket: str | None,
         preserve_fds: int = 0) -> int:
-    """Verify and copy the bundle, fork the container's process (waiting for `start`), record the state."""
+    """Verify and copy the bundle, fork the container's process (waiting for `start`), record the state.
+
+    The container's process is forked first, before either side loads
+    anything heavy: it loads the launcher while this process loads the
+    verifier and checks the image (two cores, two imports at once), then it
+    receives the verified build from here over a private pipe (pickled; only
+    these two processes hold the pipe), so by the time the engine calls
+    `start` it has nothing left to do but launch. A refused image closes the
+    pipe empty: the container's process ends without a word, and this
+    process reports the refusal and removes everything.
+    """
     from cove import trace
 
     laps = trace.Laps("oci.create.")  # COVE_TRACE_START: where create's milliseconds go (docs/performance.md)
-    from cove.oci import cgroups, launch
-
-    laps.lap("import")
     container = Container(root, ident)
     bundle = spec_mod.load(Path(bundle_dir))
     Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -39,20 +52,29 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
         raise CoveError(f"container {ident} already exists", "delete it first, or choose another id") from None
     pid: int | None = None
     groups: list[str] = []
+    handing: int | None = None
     try:
         if bundle.cgroups_path:
             groups = cgroups.groups_for(bundle.cgroups_path)
             cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
-        laps.lap("bundle")
-        prepared = launch.prepare(bundle, Path(container.dir))
-        laps.lap("verify")
         console: int | None = None
         if bundle.process.terminal:
             if not console_socket:
                 raise spec_mod.BundleError("config.json: process.terminal is true but no --console-socket was given")
             console = _open_console(console_socket)
         os.mkfifo(container.path(FIFO), 0o600)
-        pid = launch.spawn(prepared, Path(container.path(FIFO)), console, preserve_fds, groups)
+        laps.lap("bundle")
+        receiving, handing = os.pipe()
+        pid = _fork(Path(container.path(FIFO)), console, preserve_fds, groups, receiving, handing)
+        laps.lap("fork")
+        from cove.oci import launch
+
+        laps.lap("import")
+        prepared = launch.prepare(bundle, Path(container.dir))
+        laps.lap("verify")
+        with os.fdopen(handing, "wb") as pipe:
+            handing = None
+            pipe.write(pickle.dumps(prepared))
         found = cli.start_time(pid)
         container.save({"id": ident, "pid": pid, "pid_start": found[0] if found else None,
                         "cgroups": groups or cli.own_cgroups(), "container_cgroups": groups,
@@ -62,8 +84,10 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
             tmp = Path(pid_file).with_name(f".{Path(pid_file).name}.tmp")
             tmp.write_text(str(pid))
             os.replace(tmp, pid_file)
-        laps.lap("spawn")
+        laps.lap("hand-over")
     except BaseException:
+        if handing is not None:
+            os.close(handing)  # the container's process reads nothing and ends
         if pid is not None:  # e.g. an unwritable --pid-file: the waiting process must not outlive the refusal
             found = cli.start_time(pid)
             cli.kill_and_wait(pid, found[0] if found else None)
@@ -75,6 +99,80 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
         cgroups.remove(groups)
         raise
     return 0
+
+
+def _fork(fifo: Path, console: int | None, preserve_fds: int, groups: list[str], receiving: int,
+          handing: int) -> int:
+    """Fork the container's process: it warms up, takes the verified build, waits on fifo for `start`. Its pid.
+
+    The fifo is open for reading before the fork, so a `start` that comes at
+    once finds its reader (runc's exec fifo, the other way round). After
+    `start` the process joins the container's cgroup (groups) and launches
+    the enclave (cove.oci.launch.run), and exits with the program's code.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    waiting = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid:
+        os.close(waiting)
+        os.close(receiving)
+        if console is not None:
+            os.close(console)
+        return pid
+    code = 125
+    try:
+        os.close(handing)
+        os.setsid()
+        if console is not None:
+            fcntl.ioctl(console, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(console, fd)
+            os.close(console)
+        for fd in range(3, 3 + preserve_fds):
+            try:
+                os.set_inheritable(fd, True)
+            except OSError:
+                pass
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never end of file while waiting
+        os.set_blocking(waiting, True)
+        from cove import trace
+
+        laps = trace.Laps("oci.container.")
+        from cove.oci import launch
+
+        launch.warm()
+        laps.lap("warm")
+        with os.fdopen(receiving, "rb") as pipe:
+            data = pipe.read()
+        laps.lap("wait-for-verification")
+        if not data:
+            os._exit(0)  # create refused the image and says why
+        prepared = pickle.loads(data)  # from the parent that verified it, over a pipe only the two hold
+        from cove.oci import execute
+
+        execute.save_settings(prepared, fifo.parent)  # for `exec`
+        laps.lap("exec-settings")
+        go = os.read(waiting, 1)  # blocks until `start` writes
+        laps.lap("wait-for-start")
+        os.close(writer)
+        os.close(waiting)
+        if go != b"1":
+            os._exit(125)
+        if groups:
+            cgroups.join(groups)  # the engine's cgroup: from here on, the enclave's launch and program
+        code = launch.run(prepared)
+    except CoveError as exc:
+        print(f"cove-runtime: error: {exc.line()}", file=sys.stderr, flush=True)
+        code = int(exc.exit_code)
+    except BaseException as exc:  # never a traceback on the container's stderr
+        print(f"cove-runtime: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code & 0xFF)
 
 
 def _open_console(path: str) -> int:

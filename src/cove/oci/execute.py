@@ -172,24 +172,26 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
     status = container.status(state)
     if status != "running":
         raise cli.StateError(f"container {ident} is {status}: exec needs a running container")
-    try:
-        with open(container.path(SETTINGS)) as handle:
-            allowed = json.load(handle)
-    except (OSError, ValueError):
-        raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime, or its "
-                        "process failed before it was ready)", "recreate the container") from None
     process = read_process(process_file)
     if tty:
         process = spec_mod.Process(process.args, process.env, process.cwd, process.uid, process.gid, True,
                                    process.rlimits)
     if process.terminal and not console_socket:
         raise BundleError("process.json: terminal is true but no --console-socket was given")
-    request = helper_spec(process, allowed)
+    # just after `start` the container's process may still be on its way to the launch; once the program
+    # runs, the settings it wrote before reading `start` are there
     deadline = time.monotonic() + PROGRAM_WAIT
     while (program := enclave_program(state["pid"])) is None:
         if time.monotonic() >= deadline or container.status(state) != "running":
             raise cli.StateError(f"container {ident} has no running program to join")
         time.sleep(0.02)
+    try:
+        with open(container.path(SETTINGS)) as handle:
+            allowed = json.load(handle)
+    except (OSError, ValueError):
+        raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime)",
+                        "recreate the container") from None
+    request = helper_spec(process, allowed)
     if not detach:
         helper = _start(program, request, console_socket if process.terminal else None)
         if pid_file:

@@ -1,8 +1,9 @@
 """From a checked bundle to the container's process: verify, copy, wait for `start`, launch.
 
-The container's process is the runtime itself, forked: it holds the engine's
-stdio (or the console's terminal), blocks on the start FIFO, then runs the
-enclave through ``launcher.run_verified`` from the private root copied out
+The container's process is the runtime itself, forked by cove.oci.create:
+it holds the engine's stdio (or the console's terminal), loads what the
+launch needs (``warm``), blocks on the start FIFO, then runs the enclave
+(``run``) through ``launcher.run_verified`` from the private root copied out
 of the bundle (``stored=True``: already verified, bound as is), exactly as
 the node service's supervisor launches from its store, and exits with the
 program's exit code, so the engine's reaper sees what `cove run` returns.
@@ -10,12 +11,10 @@ program's exit code, so the engine's reaper sees what `cove run` returns.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import posixpath
 import resource
 import sys
-import termios
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,71 +160,6 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
     return Prepared(bundle, verified, root, None, folder, state_dir, _program(bundle, root), unmeasured=True)
-
-
-def spawn(prepared: Prepared, fifo: Path, console: int | None, preserve_fds: int,
-          groups: list[str] | None = None) -> int:
-    """Fork the container's process; it waits on fifo for `start`, then joins groups and launches. Its pid.
-
-    The fifo is open for reading before the fork, so a `start` that comes at
-    once finds its reader (runc's exec fifo, the other way round). While it
-    waits, the process loads what the launch needs, so `start` pays only for
-    the launch itself.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    waiting = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    pid = os.fork()
-    if pid:
-        os.close(waiting)
-        if console is not None:
-            os.close(console)
-        return pid
-    code = 125
-    try:
-        os.setsid()
-        if console is not None:
-            fcntl.ioctl(console, termios.TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(console, fd)
-            os.close(console)
-        for fd in range(3, 3 + preserve_fds):
-            try:
-                os.set_inheritable(fd, True)
-            except OSError:
-                pass
-        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never end of file while waiting
-        os.set_blocking(waiting, True)
-        from cove import trace
-        from cove.oci import execute
-
-        laps = trace.Laps("oci.container.")
-        execute.save_settings(prepared, fifo.parent)  # for `exec`, worked out while the engine gets to `start`
-        laps.lap("exec-settings")
-        warm()
-        laps.lap("warm")
-        go = os.read(waiting, 1)  # blocks until `start` writes
-        laps.lap("wait-for-start")
-        os.close(writer)
-        os.close(waiting)
-        if go != b"1":
-            os._exit(125)
-        if groups:
-            from cove.oci import cgroups
-
-            cgroups.join(groups)  # the engine's cgroup: from here on, the enclave's launch and program
-        code = run(prepared)
-    except CoveError as exc:
-        print(f"cove-runtime: error: {exc.line()}", file=sys.stderr, flush=True)
-        code = int(exc.exit_code)
-    except BaseException as exc:  # never a traceback on the container's stderr
-        print(f"cove-runtime: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code & 0xFF)
 
 
 # What a launch imports; loaded while the container waits for `start` (a name that moved only costs the wait).
