@@ -204,13 +204,16 @@ def test_network_none_cannot_reach_host(cove, vm_instance):
     listener = _Listener()
     try:
         result = cove("run", "/bin/sh", "-c", f"/bin/probe connect {listener.port}; "
-                      f"/bin/connect 10.0.2.2 {listener.port}; cat /proc/net/dev", cwd=vm_instance)
+                      f"/bin/connect 10.0.2.2 {listener.port}; cat /proc/net/dev; cat /proc/modules",
+                      cwd=vm_instance)
     finally:
         listener.close()
     assert "connect: denied" in result.stdout and "denied Network is unreachable" in result.stdout, result.stderr
     interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line
                   and not line.startswith(("connect", "Inter", " face"))]
     assert interfaces == ["lo"]
+    modules = [line.split()[0] for line in result.stdout.splitlines() if " Live " in line]
+    assert "virtio_console" in modules and "virtio_net" not in modules  # no network driver in the guest at all
 
 
 def test_network_host_reaches_the_host_through_qemu_user_network(cove, vm_instance):

@@ -57,13 +57,20 @@ static void die(const char *fmt, ...) {
     _exit(1);
 }
 
-static void load_modules(void) {
+/* The network driver and what it needs: loaded only for network "host", after the request. */
+static int network_module(const char *name) {
+    return strcmp(name, "virtio_net.ko") == 0 || strcmp(name, "failover.ko") == 0 ||
+           strcmp(name, "net_failover.ko") == 0;
+}
+
+/* The modules of /cove/modules.order, in order: those for the ports (network 0) or the network's (1). */
+static void load_modules(int network) {
     FILE *order = fopen("/cove/modules.order", "r");
     char name[256], path[320];
     if (!order) return;
     while (fgets(name, sizeof name, order)) {
         name[strcspn(name, "\n")] = 0;
-        if (!name[0]) continue;
+        if (!name[0] || network_module(name) != network) continue;
         snprintf(path, sizeof path, "/cove/modules/%s", name);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) die("cannot open module %s", name);
@@ -391,7 +398,7 @@ int main(void) {
     if (mount("sysfs", "/cove/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount sysfs");
     int console = open("/cove/dev/console", O_WRONLY | O_CLOEXEC);
     if (console >= 0) { dup2(console, 2); close(console); }
-    load_modules();
+    load_modules(0);
     ctl = open_port("cove.ctl", O_RDWR);
     uint32_t len;
     read_all(ctl, &len, sizeof len, 1);
@@ -411,6 +418,7 @@ int main(void) {
     int err = open_port("cove.stderr", O_WRONLY);
     attestation_setup(r.attestation);
     umount2("/cove/sys", MNT_DETACH);
+    if (strcmp(r.network, "host") == 0) load_modules(1);
     if (strcmp(r.network, "none") != 0) network_up(r.network);
 
     sigset_t mask;
