@@ -136,9 +136,38 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
         with pytest.raises(grpc.RpcError) as refused:  # not a measured entry point: Cove's line reaches the client
             runtime.ExecSync(cri.ExecSyncRequest(container_id=sleeper, timeout=60, cmd=["/opt/other"]), timeout=90)
         assert "not an entry point" in refused.value.details()
+        # kubectl exec's streaming path: Exec gives a URL on containerd's streaming server, spoken to over a
+        # WebSocket with the kubelet's channel protocol (one byte of stream number, then the bytes)
+        url = runtime.Exec(cri.ExecRequest(container_id=sleeper, stdout=True, stderr=True, cmd=[
+            "/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; exit 5"]), timeout=60).url
+        assert _stream_exec(url) == ({1: b"cove\n"}, "5")
         runtime.StopContainer(cri.StopContainerRequest(container_id=sleeper, timeout=0), timeout=60)
         runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=sleeper), timeout=60)
     finally:
         runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
         runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
     assert not runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
+
+
+def _stream_exec(url: str) -> tuple[dict[int, bytes], str]:
+    """Run a CRI Exec URL to the end: what came on each output stream, and the exit code its status names."""
+    import json
+
+    from websockets.sync.client import connect
+
+    streams: dict[int, bytes] = {}
+    code = ""
+    with connect(url.replace("http://", "ws://", 1), subprotocols=["v4.channel.k8s.io"],
+                 open_timeout=30, close_timeout=5) as connection:
+        for message in connection:
+            data = message if isinstance(message, bytes) else message.encode()
+            if not data[1:]:
+                continue
+            if data[0] == 3:  # the error stream: the command's status as a JSON object (v4)
+                status = json.loads(data[1:])
+                code = "0" if status.get("status") == "Success" else next(
+                    (c["message"] for c in status.get("details", {}).get("causes", []) if c.get("reason") == "ExitCode"),
+                    status.get("message", ""))
+            else:
+                streams[data[0]] = streams.get(data[0], b"") + data[1:]
+    return streams, code
