@@ -2,7 +2,9 @@
 
 Starting a supervisor as a new Python process costs the import of the
 runtime every time; the daemon instead keeps this child, which imports it
-once and forks a supervisor per request. Each supervisor is forked twice
+once, does the first-use work supervisors would each repeat (backends,
+services, libseccomp, pyelftools, one check of each stored image), and forks
+a supervisor per request. Each supervisor is forked twice
 (so it is nobody's child to wait for, as containerd's shims are), leads a
 session of its own, and has the enclave's log as stdout and stderr. The
 spawner reads one request per line on stdin (``FOLDER<TAB>STORE``) and ends
@@ -12,6 +14,7 @@ when the daemon closes it, or dies with it; supervisors go on either way.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import time
@@ -20,10 +23,31 @@ from pathlib import Path
 from cove import trace
 from cove.daemon.supervisor import Supervisor
 from cove.errors import CoveError
+from cove.image.store import ImageStore
+
+
+_warmed: set[str] = set()  # stored images this spawner has checked once
+
+
+def warm_image(folder: str, store: str) -> None:
+    """Check the enclave's stored image once here: the libraries' first-use work (key parsing, the
+    listing's decoder) is then done for every later fork. The supervisor checks it again itself."""
+    try:
+        with open(os.path.join(folder, "record.json"), "rb") as handle:
+            ident = json.load(handle)["image"]
+        if not isinstance(ident, str) or ident in _warmed:
+            return
+        _warmed.add(ident)
+        images = ImageStore(Path(store))
+        images.verified(images.get(ident))
+    except Exception:  # noqa: BLE001 - a warm-up only: the supervisor reports what is wrong
+        return
+    gc.freeze()
 
 
 def spawn(folder: str, store: str) -> None:
     asked = time.perf_counter()
+    warm_image(folder, store)
     pid = os.fork()
     if pid:
         os.waitpid(pid, 0)  # the middle process leaves at once
@@ -53,6 +77,7 @@ def warm() -> None:
     services' modules, load libseccomp, so each fork starts with them."""
     import importlib
 
+    from cove.image import elf
     from cove.runtime import backend, enclave_services, seccomp
 
     with trace.span("spawner.warm"):
@@ -62,7 +87,8 @@ def warm() -> None:
         try:
             backend.choose("sim")
             seccomp.compile_filter("none")
-        except CoveError:
+            elf.read_elf(os.path.realpath(sys.executable))  # pyelftools builds its parsers on first use
+        except (CoveError, OSError):
             pass  # a supervisor reports it for its own enclave
 
 

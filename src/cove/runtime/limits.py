@@ -169,7 +169,8 @@ class Limits:
     def release(self) -> None:
         """Kill anything left in the cgroups and remove them."""
         for group in self.groups:
-            for _ in range(50):
+            delay = 0.0005  # the kernel lets go of exited tasks within a millisecond or so: look again soon
+            for _ in range(60):  # at most about half a second
                 try:
                     pids = (group / "cgroup.procs").read_text().split()
                 except OSError:
@@ -183,4 +184,5 @@ class Limits:
                     group.rmdir()
                     break
                 except OSError:
-                    time.sleep(0.01)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.01)
