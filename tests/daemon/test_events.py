@@ -86,6 +86,7 @@ class _Seen:
     def __init__(self, ident: str, status: str, restarts: int, exit_code: int | None = None) -> None:
         self.id, self.name, self.status = ident, "n-" + ident[:4], status
         self.state = {"restarts": restarts, "exit_code": exit_code}
+        self.record = {"uid": 0}
 
 
 class _Folders:

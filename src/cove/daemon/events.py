@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ class _Enclave(Protocol):
     @property
     def status(self) -> str: ...
     state: dict[str, Any]
+    record: dict[str, Any]
 
 
 class _Registry(Protocol):
@@ -136,8 +137,9 @@ class Events:
         with self.changed:
             return [e for e in self.items if e["seq"] > seq]
 
-    def follow(self, since: float = 0, follow: bool = True) -> Generator[bytes, None, None]:
-        """Newline-delimited JSON of the events after ``since``; with follow, forever."""
+    def follow(self, since: float = 0, follow: bool = True,
+               visible: Callable[[Event], bool] | None = None) -> Generator[bytes, None, None]:
+        """Newline-delimited JSON of the events after ``since`` (only those ``visible`` passes); with follow, forever."""
         last = since
         while True:
             with self.changed:
@@ -149,9 +151,13 @@ class Events:
                     batch = [e for e in self.items if e["seq"] > last]
             if batch:
                 last = batch[-1]["seq"]
-                yield b"".join(json.dumps(e).encode() + b"\n" for e in batch)
+            shown = batch if visible is None else [e for e in batch if visible(e)]
+            if shown:
+                yield b"".join(json.dumps(e).encode() + b"\n" for e in shown)
             elif follow:
                 yield b"\n"  # a keep-alive: a client that left is noticed here
+            elif not batch:
+                return
 
 
 def notice(registry: _Registry, events: Events) -> None:
@@ -165,10 +171,10 @@ def notice(registry: _Registry, events: Events) -> None:
             continue
         if key[0] == "exited":
             if before[0] != "exited":
-                events.emit("enclave", "die", enclave.id, name=enclave.name,
+                events.emit("enclave", "die", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
                             exit_code=enclave.state.get("exit_code"), restarts=key[1])
         elif key[0] == "restarting" or key[1] > before[1]:
-            events.emit("enclave", "restart", enclave.id, name=enclave.name,
+            events.emit("enclave", "restart", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
                         exit_code=enclave.state.get("exit_code"), restarts=key[1])
 
 

@@ -3,8 +3,9 @@
 The daemon runs this helper as root for one request and sends the request's
 spec as JSON over the control socket CONTROL_FD (never on the command line,
 which every host user can read: the environment may hold provisioned
-secrets). It takes the enclave's program (host pid PID) as the reference:
-it reads the values of the ``env:`` secrets from that program's initial
+secrets). It takes the enclave's program (host pid PID, with the start
+time the daemon read, so a reused pid is refused) as the reference, through
+one /proc/PID directory descriptor: it reads the values of the ``env:`` secrets from that program's initial
 environment (so they are never written anywhere), joins its cgroups, opens
 its namespaces and root, enters them (user first, then the others it owns,
 the mount namespace and root last), and forks so the new process is in the
@@ -25,6 +26,8 @@ file is visible.
 from __future__ import annotations
 
 import ctypes
+import errno
+
 import fcntl
 import json
 import os
@@ -57,10 +60,39 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def join_cgroups(pid: int) -> None:
-    """Put this process in the cgroups of pid (v1 controllers or the v2 group)."""
-    with open(f"/proc/{pid}/cgroup") as handle:
-        lines = handle.read().splitlines()
+def open_process(pid: int, start: int) -> int:
+    """A /proc/PID directory descriptor of the very process the daemon chose (pid and start time).
+
+    Everything else is read relative to it: a pid reused after this open leaves the descriptor on the
+    old, ended process (reads fail), and one reused before it has another start time (refused here).
+    """
+    proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if start_time(proc) != start:
+        os.close(proc)
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} is no longer the enclave's program")
+    return proc
+
+
+def start_time(proc: int) -> int:
+    """Field 22 of the stat file in a /proc/PID directory descriptor: the start time in clock ticks."""
+    data = _read_at(proc, "stat")
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def _read_at(proc: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def join_cgroups(proc: int) -> None:
+    """Put this process in the cgroups of the process whose /proc directory proc is (v1 controllers or v2)."""
+    lines = _read_at(proc, "cgroup").decode().splitlines()
     for line in lines:
         _, controllers, path = line.split(":", 2)
         names = [c.replace("name=", "") for c in controllers.split(",") if c] or [""]
@@ -73,13 +105,12 @@ def join_cgroups(pid: int) -> None:
                 continue  # a controller Cove does not limit (e.g. a read-only one)
 
 
-def initial_environment(pid: int, names: list[str]) -> dict[str, str]:
-    """The values of ``names`` in the environment pid was started with (its /proc environ)."""
+def initial_environment(proc: int, names: list[str]) -> dict[str, str]:
+    """The values of ``names`` in the environment the process was started with (environ under proc)."""
     wanted = set(names)
     if not wanted:
         return {}
-    with open(f"/proc/{pid}/environ", "rb") as handle:
-        data = handle.read()
+    data = _read_at(proc, "environ")
     found: dict[str, str] = {}
     for item in data.split(b"\0"):
         name, sep, value = item.partition(b"=")
@@ -162,11 +193,19 @@ def main(argv: list[str]) -> int:
         print("cove: error: cannot enter the enclave: no request came from the daemon", file=sys.stderr)
         return 125
     program = bytes.fromhex(spec["seccomp"])
-    env = {**spec["env"], **initial_environment(pid, spec.get("secret_env", []))}
-    join_cgroups(pid)
+    try:
+        proc = open_process(pid, int(spec["start"]))
+        env = {**spec["env"], **initial_environment(proc, spec.get("secret_env", []))}
+        join_cgroups(proc)
+        fds = [(os.open(f"ns/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc), flag) for name, flag in NAMESPACES]
+        root = os.open("root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+        if start_time(proc) != int(spec["start"]):  # still the same process after every open
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} is no longer the enclave's program")
+    except OSError as exc:
+        print(f"cove: error: cannot enter the enclave: its program is gone ({exc.strerror or exc})", file=sys.stderr)
+        return 125
+    os.close(proc)
     os.setgroups([])  # here, in the host's user namespace: the enclave's one denies setgroups
-    fds = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag) for name, flag in NAMESPACES]
-    root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for fd, flag in fds:
         if libc.setns(fd, flag) != 0:
             error = ctypes.get_errno()

@@ -44,6 +44,11 @@ def process_start(pid: int) -> int | None:
     return int(data[data.rindex(b")") + 2:].split()[19])
 
 
+def owns(enclave: Enclave, uid: int | None) -> bool:
+    """Whether uid may see and act on the enclave: root (or no uid given: the daemon itself), or its creator."""
+    return uid is None or uid == 0 or enclave.record.get("uid") == uid
+
+
 def alive(pid: int | None, start: int | None) -> bool:
     """Whether this very process (pid and start time, so a reused pid does not count) still runs."""
     if not pid:
@@ -162,22 +167,37 @@ class Registry:
         found.sort(key=lambda e: e.record.get("created", 0), reverse=True)
         return found
 
-    def find(self, ref: str) -> Enclave:
-        """An enclave by name, full id or unique id prefix."""
+    def find(self, ref: str, owner: int | None = None) -> Enclave:
+        """An enclave by name, full id or unique id prefix; with ``owner``, only one that uid started.
+
+        Another user's enclave is "not found", exactly as a missing one, and takes no part in a prefix
+        match: a member of the group learns nothing of the enclaves of others.
+        """
         if not ref or "/" in ref or ref.startswith("."):
             raise NotFoundError(f"no enclave {ref!r}")
+        found: Enclave | None = None
         try:
             target = os.readlink(self.names / ref)
             if ID.match(target) and (self.enclaves / target).is_dir():
-                return self.load(target)
+                found = self.load(target)
         except OSError:
             pass
-        if ID.match(ref) and (self.enclaves / ref).is_dir():
-            return self.load(ref)
+        if found is None and ID.match(ref) and (self.enclaves / ref).is_dir():
+            found = self.load(ref)
+        if found is not None and owns(found, owner):
+            return found
         if re.fullmatch(r"[0-9a-f]{1,63}", ref):
-            matches = [e.name for e in os.scandir(self.enclaves) if e.name.startswith(ref)]
+            matches = []
+            for entry in os.scandir(self.enclaves):
+                if entry.name.startswith(ref) and ID.match(entry.name):
+                    try:
+                        candidate = self.load(entry.name)
+                    except (OSError, ValueError, CoveError):
+                        continue
+                    if owns(candidate, owner):
+                        matches.append(candidate)
             if len(matches) == 1:
-                return self.load(matches[0])
+                return matches[0]
             if len(matches) > 1:
                 raise CoveError(f"{ref!r} matches {len(matches)} enclaves: give more of the id")
         raise NotFoundError(f"no enclave {ref!r}", "`cove ps -a` lists them")

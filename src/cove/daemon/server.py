@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -36,11 +36,12 @@ from cove.daemon import attestation
 from cove.daemon import client as client_mod
 from cove.daemon import execstream, logfile
 from cove.daemon import openapi
-from cove.daemon.events import Events, watch
+from cove.daemon.events import Event, Events, watch
 from cove.daemon.imports import ImportCache
 from cove.daemon.execsession import Helper, Session, buffered
 from cove.daemon.problems import Problem, from_cove_error
-from cove.daemon.registry import ConflictError, Enclave, Registry
+from cove.daemon.registry import ConflictError, Enclave, Registry, owns, process_start
+
 from cove.daemon.supervisor import parse_restart
 from cove.errors import CoveError, ExitCode, NotFoundError
 from cove.image.store import ImageStore
@@ -223,19 +224,19 @@ class Daemon:
                   "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid,
                   "log_max_bytes": self.log_max_bytes, "log_files": self.log_files}
         enclave = self.registry.create(record)
-        self.events.emit("enclave", "create", enclave.id, name=enclave.name)
+        self.events.emit("enclave", "create", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         try:
             self.spawn(enclave)
         except BaseException:
             self.registry.remove(enclave)
             raise
         enclave = self.registry.load(enclave.id)
-        log("enclave_started", id=enclave.id, name=enclave.name, image=image.id,
+        log("enclave_started", id=enclave.id, name=enclave.name, uid=enclave.record.get("uid"), image=image.id,
             seconds=round(time.monotonic() - started, 3))
         if self.metrics is not None:
             self.metrics.starts.labels(record["backend"]).inc()
             self.metrics.latency.observe(time.monotonic() - started)
-        self.events.emit("enclave", "start", enclave.id, name=enclave.name)
+        self.events.emit("enclave", "start", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         self.events.last_seen.setdefault(enclave.id, ("running", 0))
         return enclave.view()
 
@@ -264,23 +265,35 @@ class Daemon:
                 raise Problem("Internal", "the enclave's supervisor did not start", ExitCode.SANDBOX)
             time.sleep(0.001)  # a forked supervisor writes it within milliseconds
 
-    def view(self, ref: str) -> JSON:
-        return self.registry.settle(self.registry.find(ref)).view()
+    def find(self, ref: str, uid: int) -> Enclave:
+        """The enclave ref names, if uid may act on it (root, or the uid that started it): else not found."""
+        return self.registry.find(ref, uid)
 
-    def list(self, all_: bool) -> JSONList:
+    def visible_to(self, uid: int) -> Callable[[Event], bool]:
+        """Which events a member of the group sees: those of the enclaves it started (each carries its uid)."""
+        def visible(event: Event) -> bool:
+            return event.get("type") == "enclave" and event.get("uid") == uid
+        return visible
+
+    def view(self, ref: str, uid: int) -> JSON:
+        return self.registry.settle(self.find(ref, uid)).view()
+
+    def list(self, all_: bool, uid: int) -> JSONList:
         out = []
         for enclave in self.registry.all():
+            if not owns(enclave, uid):
+                continue
             enclave = self.registry.settle(enclave)
             if all_ or not enclave.ended:
                 out.append(enclave.view())
         return out
 
-    def signal(self, ref: str, signum: int) -> JSON:
-        enclave = self.registry.settle(self.registry.find(ref))
+    def signal(self, ref: str, signum: int, uid: int) -> JSON:
+        enclave = self.registry.settle(self.find(ref, uid))
         if enclave.ended:
             raise ConflictError(f"enclave {enclave.name} is not running")
         self._deliver(enclave, signum)
-        self.events.emit("enclave", "kill", enclave.id, name=enclave.name, signal=signum)
+        self.events.emit("enclave", "kill", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), signal=signum)
         return self.registry.load(enclave.id).view()
 
     def _deliver(self, enclave: Enclave, signum: int, patience: float = 5.0) -> None:
@@ -310,7 +323,7 @@ class Daemon:
         elif signum in FORWARDED or signum == signal.SIGKILL:
             _kill(pid, signum)  # no sandbox (yet): the supervisor stops before launching, or forwards it
 
-    def exec_helper(self, ref: str, body: JSON, stream: bool = False) -> tuple[Enclave, str, Helper]:
+    def exec_helper(self, ref: str, body: JSON, uid: int, stream: bool = False) -> tuple[Enclave, str, Helper]:
         """Check an exec request and start its helper (cove.daemon.execin) in the running enclave.
 
         The helper gets the enclave's environment, and the names of the ``env:`` secrets whose values it
@@ -327,11 +340,14 @@ class Daemon:
         rows, cols = (_field(body, key, int, default) for key, default in (("rows", 24), ("cols", 80)))
         if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
             raise Problem("InvalidRequest", "rows and cols must be between 0 and 65535")
-        enclave = self.registry.settle(self.registry.find(ref))
+        enclave = self.registry.settle(self.find(ref, uid))
         supervisor = enclave.state.get("pid")
         init = sandbox_init(int(supervisor)) if supervisor else None
         program = children(init) if init else []
-        if enclave.status != "running" or not program:
+        start = process_start(program[0]) if program else None
+        if start is not None and init is not None and program[0] not in children(init):
+            start = None  # it ended between the two looks: its pid may be another process's now
+        if enclave.status != "running" or not program or start is None:
             raise ConflictError(f"enclave {enclave.name} is not running", "start it with `cove run -d`")
         image = self.store.get(enclave.record["image"])
         config = self.store.verified(image).config
@@ -341,7 +357,7 @@ class Daemon:
                           f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
                           ExitCode.USAGE)
         uid, gid = launcher.resolve_user(config.process.user, image.root)
-        spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd,
+        spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd, "start": start,
                 "env": launcher.build_environment(config, enclave.record.get("env", {})),
                 "secret_env": [s.where for s in config.secrets if s.kind == "env"],
                 "max_open_files": config.resources.max_open_files, "tty": tty, "rows": rows, "cols": cols,
@@ -349,15 +365,15 @@ class Daemon:
                     getattr(getattr(config, "security", None), "io_uring", False))).hex()}
         return enclave, path, Helper(program[0], spec, stdin)
 
-    def exec(self, ref: str, body: JSON) -> JSON:
+    def exec(self, ref: str, body: JSON, uid: int) -> JSON:
         """Run a program in a running enclave; its exit code and output once it ends (no stream)."""
-        enclave, path, helper = self.exec_helper(ref, body)
+        enclave, path, helper = self.exec_helper(ref, body, uid)
         code, out, err = buffered(helper, 16 << 20, 1 << 20)
-        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path, exit_code=code)
+        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), program=path, exit_code=code)
         return {"exit_code": code, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
 
-    def stop(self, ref: str, timeout: float) -> JSON:
-        enclave = self.registry.settle(self.registry.find(ref))
+    def stop(self, ref: str, timeout: float, uid: int) -> JSON:
+        enclave = self.registry.settle(self.find(ref, uid))
         (enclave.folder / "stop").touch()
         if not enclave.ended:
             self._deliver(enclave, signal.SIGTERM)
@@ -367,7 +383,7 @@ class Daemon:
                     _kill(enclave.state.get("pid"), signal.SIGKILL)
                     self._wait_end(enclave, 5)
         enclave = self.registry.settle(self.registry.load(enclave.id))
-        self.events.emit("enclave", "stop", enclave.id, name=enclave.name, exit_code=enclave.state.get("exit_code"))
+        self.events.emit("enclave", "stop", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), exit_code=enclave.state.get("exit_code"))
         return enclave.view()
 
     def _wait_end(self, enclave: Enclave, timeout: float | None) -> bool:
@@ -382,30 +398,30 @@ class Daemon:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def wait(self, ref: str) -> JSON:
-        enclave = self.registry.find(ref)
+    def wait(self, ref: str, uid: int) -> JSON:
+        enclave = self.find(ref, uid)
         self._wait_end(enclave, None)
         return self.registry.load(enclave.id).view()
 
-    def remove(self, ref: str, force: bool) -> JSON:
-        enclave = self.registry.settle(self.registry.find(ref))
+    def remove(self, ref: str, force: bool, uid: int) -> JSON:
+        enclave = self.registry.settle(self.find(ref, uid))
         if not enclave.ended:
             if not force:
                 raise ConflictError(f"enclave {enclave.name} is {enclave.status}",
                                     "stop it first, or use `cove rm -f`")
-            self.stop(enclave.id, 0)
+            self.stop(enclave.id, 0, uid)
         view = self.registry.load(enclave.id).view()
         self.registry.remove(enclave)
-        self.events.emit("enclave", "remove", enclave.id, name=enclave.name)
+        self.events.emit("enclave", "remove", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         return view
 
-    def logs(self, ref: str, follow: bool, tail: int | None) -> Generator[bytes, None, None]:
+    def logs(self, ref: str, follow: bool, tail: int | None, uid: int) -> Generator[bytes, None, None]:
         """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end.
 
         Rotated files come first, oldest first; a follower whose file is rotated away drains it and goes
         on in the next newer one (cove.daemon.logfile), so it loses no line across a rotation.
         """
-        enclave = self.registry.find(ref)
+        enclave = self.find(ref, uid)
         files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
         delay = 0.002  # short waits first (a short-lived enclave ends soon), longer ones later
         began = time.monotonic()  # `cove run` follows from the start: it sees the end within 10 ms for 5 s
@@ -614,13 +630,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if route == ["enclaves"]:
             allow("GET", "POST")
             if method == "GET":
-                return self._json(200, d.list(_flag(query, "all")))
+                return self._json(200, d.list(_flag(query, "all"), self.peer_uid))
             return self._json(201, d.create(body, self.peer_uid))
         if len(route) == 2 and route[0] == "enclaves":
             allow("GET", "DELETE")
             if method == "GET":
-                return self._json(200, d.view(route[1]))
-            return self._json(200, d.remove(route[1], _flag(query, "force")))
+                return self._json(200, d.view(route[1], self.peer_uid))
+            return self._json(200, d.remove(route[1], _flag(query, "force"), self.peer_uid))
         if len(route) == 3 and route[0] == "enclaves":
             ref, action = route[1], route[2]
             if action == "logs":
@@ -628,21 +644,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 tail = query.get("tail")
                 if tail is not None and not (tail.isdigit() and len(tail) < 10):
                     raise Problem("InvalidRequest", "tail must be a number of lines")
-                d.registry.find(ref)  # a missing enclave is a 404 before the stream begins
-                return self._stream(d.logs(ref, _flag(query, "follow"), None if tail is None else int(tail)),
+                d.find(ref, self.peer_uid)  # a missing (or another's) enclave is a 404 before the stream begins
+                return self._stream(d.logs(ref, _flag(query, "follow"), None if tail is None else int(tail),
+                                           self.peer_uid),
                                     "application/octet-stream")
             allow("POST")
             if action == "stop":
                 timeout = _number(query.get("timeout", body.get("timeout", 10)), "timeout")
-                return self._json(200, d.stop(ref, timeout))
+                return self._json(200, d.stop(ref, timeout, self.peer_uid))
             if action == "kill":
-                return self._json(200, d.signal(ref, parse_signal(query.get("signal", body.get("signal", "KILL")))))
+                signum = parse_signal(query.get("signal", body.get("signal", "KILL")))
+                return self._json(200, d.signal(ref, signum, self.peer_uid))
             if action == "wait":
-                return self._json(200, d.wait(ref))
+                return self._json(200, d.wait(ref, self.peer_uid))
             if action == "exec":
                 if (self.headers.get("Upgrade") or "").strip() == execstream.PROTOCOL:
                     return self._exec_stream(ref, body)
-                return self._json(200, d.exec(ref, body))
+                return self._json(200, d.exec(ref, body, self.peer_uid))
         if route == ["images"]:
             allow("GET")
             return self._json(200, d.images())
@@ -655,13 +673,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if route == ["events"]:
             allow("GET")
             since = _number(query.get("since", 0), "since")
-            return self._stream(d.events.follow(since, _flag(query, "follow", True)), "application/x-ndjson")
+            visible = None if self.peer_uid == 0 else d.visible_to(self.peer_uid)
+            return self._stream(d.events.follow(since, _flag(query, "follow", True), visible),
+                                "application/x-ndjson")
         raise Problem("NotFound", f"no route {method} {path}")
 
     def _exec_stream(self, ref: str, body: JSON) -> int:
         """``cove exec`` with its output streamed: 101 Switching Protocols, then frames both ways."""
         d = self.daemon
-        enclave, path, helper = d.exec_helper(ref, body, stream=True)  # refusals are still problems
+        enclave, path, helper = d.exec_helper(ref, body, self.peer_uid, stream=True)  # refusals are still problems
         self.send_response(101)
         self.send_header("Connection", "Upgrade")
         self.send_header("Upgrade", execstream.PROTOCOL)
@@ -669,7 +689,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         code = Session(self.connection, self.rfile, helper).run()
-        d.events.emit("enclave", "exec", enclave.id, name=enclave.name, program=path,
+        d.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), program=path,
                       exit_code=code, client_left=code is None)
         return 101
 
