@@ -154,6 +154,11 @@ def test_the_server_decodes_the_signed_listing_as_the_image_layer_encodes_it():
 
     entries = [Entry("a", "f", 0o644, 3, b"\x01" * 32), Entry("d", "d", 0o755, 7),
                Entry("l", "l", 0o777, 0, b"", "a")]
-    assert encrypted_image.decode_listing(cbor2.loads(encode_entries(entries))) == encrypted_image.listing_of(entries)
-    with pytest.raises(ValueError):
-        encrypted_image.decode_listing([["a", "f", 0o644, 3, b""]])
+    assert encrypted_image.decode_listing(encode_entries(entries)) == encrypted_image.listing_of(entries)
+    for hostile, problem in [(cbor2.dumps([["a", "f", 0o644, 3, b""]]), "entry 0 must be a list of six items"),
+                             (encode_entries(entries) + b"\x00", "1 trailing bytes"),
+                             (cbor2.dumps({"a": 1}), "must be a list"),
+                             (cbor2.dumps([["a", "f", "0644", 3, b"", ""]]), "entry 0 mode must be an integer"),
+                             (b"\x81" * 1000 + b"\x80", "not valid CBOR")]:
+        with pytest.raises(IntegrityError, match=problem):
+            encrypted_image.decode_listing(hostile)

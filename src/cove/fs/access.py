@@ -45,10 +45,6 @@ class Identity:
         return {"measurement": self.measurement, "signer": self.signer, "product_id": self.product_id,
                 "svn": self.svn, "debug": self.debug}
 
-    @classmethod
-    def from_cbor(cls, data: dict[str, Any] | None) -> Identity | None:
-        return None if data is None else cls(**data)
-
 
 def is_empty_folder(path: str) -> bool:
     return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import cbor2
 
+from cove.decode import Fields, decode_cbor
 from cove.errors import IntegrityError
 from cove.fs import keys
 from cove.fs.access import Identity, open_volume
@@ -72,16 +73,35 @@ def listing_of(entries: Iterable[ImageEntry]) -> dict[str, Listed]:
     return {e.path: (e.type, e.mode, e.size if e.type == "f" else 0, bytes(e.digest), e.target) for e in entries}
 
 
-def decode_listing(items: list[list[Any]]) -> dict[str, Listed]:
-    """The listing of :func:`listing_of` from encoded entries, each [path, type, mode, size, digest, target].
+def decode_listing(data: bytes) -> dict[str, Listed]:
+    """The listing of :func:`listing_of` from its CBOR encoding, entries [path, type, mode, size, digest, target].
 
     The encoding is cove.image.tree.Entry.encode's; the secure FS server gets the
     signed listing this way and so needs nothing from the image layer above it.
+    Anything else (trailing bytes, a wrong shape or type) is an IntegrityError.
     """
+    items = decode_cbor(data, _malformed, "image listing", limit=LISTING_LIMIT)
+    if not isinstance(items, list):
+        raise _malformed("image listing must be a list")
     listing: dict[str, Listed] = {}
-    for path, kind, mode, size, digest, target in items:
-        listing[path] = (kind, mode, size if kind == "f" else 0, bytes(digest), target)
+    for i, item in enumerate(items):
+        if not isinstance(item, list) or len(item) != 6:
+            raise _malformed(f"image listing entry {i} must be a list of six items")
+        f = Fields(dict(zip(_ENTRY_FIELDS, item)), f"image listing entry {i}", _malformed)
+        kind = f.text("type", ("f", "d", "l"))
+        listing[f.text("path", max_len=_NAME_MAX)] = (kind, f.integer("mode", 0, 0o7777),
+                                                       f.uint("size") if kind == "f" else 0, f.bytes("digest"),
+                                                       f.text("target", max_len=_NAME_MAX))
     return listing
+
+
+_ENTRY_FIELDS = ("path", "type", "mode", "size", "digest", "target")
+_NAME_MAX = 1 << 16  # as cove.image.tree: a path or link target, far beyond what the kernel allows
+LISTING_LIMIT = 1 << 28  # as cove.image.tree: 256 MiB is millions of paths
+
+
+def _malformed(message: str) -> IntegrityError:
+    return IntegrityError(message, "rebuild the image with `cove build`")
 
 
 def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity: SealingIdentity | None,
