@@ -192,6 +192,10 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime)",
                         "recreate the container") from None
     request = helper_spec(process, allowed)
+    found = cli.start_time(program)
+    if found is None:
+        raise cli.StateError(f"container {ident} has no running program to join")
+    request["start"] = found[0]  # the helper checks it is still that process (a pid can be reused)
     if not detach:
         helper = _start(program, request, console_socket if process.terminal else None)
         if pid_file:
