@@ -13,15 +13,17 @@ import fcntl
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from collections.abc import Iterator
 
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError
 from cove.util import write_atomic
 
 DEFAULT_DIR = Path("/var/lib/cove/platform")
 CONFIG_VERSION = 1
+MAX_CONFIG = 1 << 16  # platform.json is a few hundred bytes
 
 
 def platform_dir() -> Path:
@@ -39,6 +41,13 @@ class PlatformConfig:
     ak_handle: int = 0x81018000
     ak_ca: str | None = None  # folder of the AK CA that certified the AK
     version: int = CONFIG_VERSION
+
+
+def _optional_text(f: Fields, key: str) -> str | None:
+    value = f.value(key, (str, type(None)), None)
+    if value is not None and (not isinstance(value, str) or len(value) > 4096):
+        raise f.fail(key, "must be at most 4096 characters")
+    return value
 
 
 class Paths:
@@ -68,20 +77,28 @@ class Paths:
                             "run as root, or set COVE_PLATFORM_DIR to a folder you own") from None
 
     def read_config(self) -> PlatformConfig | None:
+        """platform.json through cove.decode; damaged (bad JSON, a wrong type, an unknown key) is one CoveError."""
         try:
-            data = json.loads(self.config.read_text())
+            with open(self.config, "rb") as stream:
+                raw = stream.read(MAX_CONFIG + 1)
         except FileNotFoundError:
             return None
         except PermissionError:
             raise CoveError(f"cannot read {self.config}", "the platform is root-only: run as root") from None
-        except (OSError, ValueError) as exc:
-            raise CoveError(f"{self.config} is damaged: {exc}", "run `cove platform init --force`") from None
-        if not isinstance(data, dict) or data.get("version") != CONFIG_VERSION:
+        except OSError as exc:
+            raise CoveError(f"cannot read {self.config}: {exc.strerror}", "run `cove platform init --force`") from None
+
+        def damaged(message: str) -> CoveError:
+            return CoveError(f"{self.config} is damaged: {message}", "run `cove platform init --force`")
+
+        data = decode_json(raw, damaged, "it", limit=MAX_CONFIG)
+        f = Fields(data, "the config", damaged, [field.name for field in fields(PlatformConfig)])
+        if f.map.get("version") != CONFIG_VERSION:
             raise CoveError(f"{self.config} has an unknown version", "run `cove platform init --force`")
-        try:
-            return PlatformConfig(**data)
-        except TypeError as exc:
-            raise CoveError(f"{self.config} is damaged: {exc}", "run `cove platform init --force`") from None
+        return PlatformConfig(root=f.text("root", ("tpm", "self-certified")), tcti=_optional_text(f, "tcti"),
+                              swtpm=f.boolean("swtpm", False), pcr=f.integer("pcr", 0, 23, default=23),
+                              ak_handle=f.integer("ak_handle", 0, 2**32 - 1, default=0x81018000),
+                              ak_ca=_optional_text(f, "ak_ca"))
 
     def write_config(self, config: PlatformConfig) -> None:
         write_atomic(self.config, (json.dumps(asdict(config), indent=2) + "\n").encode(), mode=0o600)
