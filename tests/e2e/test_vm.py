@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import cbor2
 import pytest
 
+from cove.attest import evidence as ev
 from cove.attest.cove_evidence_verify import verify_cove_evidence
 
 from cove import config as cove_config
@@ -340,9 +341,14 @@ def test_vm_config_is_checked(cove, vm_instance):
 def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove, vm_instance, tmp_path):
     env = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
     data = os.urandom(64)
+    # a report read at the same time as the quote: both helpers share one port, taking turns
     out = cove.ok("run", "/bin/sh", "-c", f"ls /dev/attestation; /bin/attest_probe type; "
-                  f"/bin/attest_probe quote {data.hex()}", cwd=vm_instance, env=env).stdout.split()
+                  f"/bin/attest_probe report {data.hex()} > /scratch/report & "
+                  f"/bin/attest_probe quote {data.hex()}; wait; cat /scratch/report",
+                  cwd=vm_instance, env=env).stdout.split()
     assert out[:5] == ["attestation_type", "quote", "report", "user_report_data", "cove"]
+    signed_report = cbor2.loads(bytes.fromhex(out[6]))
+    assert ev.parse_report(signed_report["report"]).report_data == data
     evidence = tmp_path / "evidence.hex"
     evidence.write_text(out[5])
     claims = verify_cove_evidence(bytes.fromhex(out[5]), datetime.now(timezone.utc))

@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -286,22 +287,28 @@ static void write_all(int fd, const void *buf, size_t len) {
 
 /* /dev/attestation as on sim: user_report_data is a 64-byte file the program writes; quote and
  * report are FIFOs. Each open of one for reading is answered by a helper (outside the program's
- * pid namespace) that sends the current report data to the host on its port and writes back the
- * evidence the host's platform key made for exactly this enclave (docs/backends.md). */
-static void serve_fifo(const char *fifo, int port) {
+ * pid namespace) that sends its kind ('Q' or 'R') and the current report data to the host on the
+ * shared cove.attest port and writes back the evidence the host's platform key made for exactly
+ * this enclave (docs/backends.md). The two helpers take turns on the port under a file lock. */
+static void serve_fifo(const char *fifo, int port, char kind) {
     static unsigned char evidence[1 << 20];
     signal(SIGPIPE, SIG_IGN);
+    int lock = open("/cove/attest.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);  /* this helper's own */
+    if (lock < 0) _exit(1);
     for (;;) {
         int out = open(fifo, O_WRONLY | O_CLOEXEC);
         if (out < 0) { if (errno == EINTR) continue; _exit(1); }
-        unsigned char data[64] = {0};
+        unsigned char data[65] = {0};
+        data[0] = (unsigned char)kind;
         int in = open("/cove/attestation/user_report_data", O_RDONLY | O_CLOEXEC);
-        if (in >= 0) { if (read(in, data, sizeof data) < 0) memset(data, 0, sizeof data); close(in); }
+        if (in >= 0) { if (read(in, data + 1, 64) < 0) memset(data + 1, 0, 64); close(in); }
+        while (flock(lock, LOCK_EX) != 0) if (errno != EINTR) _exit(1);
         write_all(port, data, sizeof data);
         uint32_t len;
         read_all(port, &len, sizeof len, 0);
         if (len > sizeof evidence) _exit(1);
         read_all(port, evidence, len, 0);
+        flock(lock, LOCK_UN);
         write_all(out, evidence, len);
         close(out);
         /* Until this reader closes, a new open for writing would succeed at once and hand it a
@@ -323,17 +330,17 @@ static void attestation_setup(const char *type) {
     if (strcmp(type, "cove") != 0) return;
     static const unsigned char zeros[64];
     write_file("/cove/attestation/user_report_data", zeros, sizeof zeros, 0666);
-    const char *names[] = {"quote", "report"}, *ports[] = {"cove.quote", "cove.report"};
+    const char *names[] = {"quote", "report"}, kinds[] = {'Q', 'R'};
+    int port = open_port("cove.attest", O_RDWR);
     for (int i = 0; i < 2; i++) {
         char fifo[64];
         snprintf(fifo, sizeof fifo, "/cove/attestation/%s", names[i]);
         if (mkfifo(fifo, 0444) != 0 || chmod(fifo, 0444) != 0) die("mkfifo %s", fifo);
-        int port = open_port(ports[i], O_RDWR);
         pid_t helper = fork();
         if (helper < 0) die("fork: %s", strerror(errno));
-        if (helper == 0) serve_fifo(fifo, port);
-        close(port);
+        if (helper == 0) serve_fifo(fifo, port, kinds[i]);
     }
+    close(port);
 }
 
 static void drop_capabilities(void) {

@@ -198,27 +198,29 @@ class VmEnclave(RunningEnclave):
             spec = self.spec
             claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
                                    spec.identity.svn, spec.identity.debug, NAME, self.isolation, spec.instance_id)
-            for port, make in (("cove.quote", functools.partial(signer.evidence, vtpm=quoter)),
-                               ("cove.report", signer.signed_report)):
-                threading.Thread(target=self._attest, args=(self.ports.host(port), make, claims), daemon=True).start()
+            makers = {b"Q": functools.partial(signer.evidence, vtpm=quoter), b"R": signer.signed_report}
+            threading.Thread(target=self._attest, args=(self.ports.host("cove.attest"), makers, claims),
+                             daemon=True).start()
         try:
             self.ports.host("cove.ctl").sendall(request)
         except OSError:
             pass  # QEMU is gone; wait() reports it
 
     @staticmethod
-    def _attest(sock: socket.socket, make, claims) -> None:
-        """Answer the guest's /dev/attestation: 64 bytes of report data in, evidence out (length first)."""
+    def _attest(sock: socket.socket, makers: dict[bytes, Callable[..., bytes]], claims) -> None:
+        """Answer the guest's /dev/attestation: its kind (Q quote, R report) and 64 bytes of report data
+        in, evidence or the signed report out (length first); an unknown kind gets nothing."""
         while True:
             data = b""
             try:
-                while len(data) < 64:
-                    chunk = sock.recv(64 - len(data))
+                while len(data) < 65:
+                    chunk = sock.recv(65 - len(data))
                     if not chunk:
                         return
                     data += chunk
+                make = makers.get(data[:1])
                 try:
-                    answer = make(claims, data)
+                    answer = make(claims, data[1:]) if make is not None else b""
                 except Exception:  # a failed signature: the reader gets nothing, the enclave goes on
                     answer = b""
                 sock.sendall(struct.pack("<I", len(answer)) + answer)
