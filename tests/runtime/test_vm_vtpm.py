@@ -7,7 +7,11 @@ every way to alter, strip, move or replay the vTPM quote is refused.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +27,7 @@ from cove.attest.policy import evaluate, parse_policy
 from cove.platform import monitor
 from cove.platform.reports import EnclaveClaims, ReportSigner
 from cove.platform.state import Paths
+from cove.runtime.vm import serve_attestation
 from cove.runtime.vm_vtpm import Vtpm
 from tests.conftest import require
 
@@ -135,3 +140,28 @@ def test_launch_measurement_policy(signer: ReportSigner, vtpm: Vtpm, tmp_path: P
     assert not refused.accepted and any("vm launch measurement" in r for r in refused.reasons)
     without = evaluate(policy(LAUNCH), sim)  # sim evidence has no vTPM: a launch policy refuses it
     assert not without.accepted and any("absent (no vTPM quote)" in r for r in without.reasons)
+
+
+def test_attestation_port_answers_each_kind_and_nothing_else(signer: ReportSigner, vtpm: Vtpm) -> None:
+    """The host's side of the guest's cove.attest port, over a real socket pair (no boot)."""
+    host, guest = socket.socketpair()
+    makers = {b"Q": functools.partial(signer.evidence, vtpm=vtpm.quoter(signer)), b"R": signer.signed_report}
+    server = threading.Thread(target=serve_attestation, args=(host, makers, claims()), daemon=True)
+    server.start()
+
+    def ask(kind: bytes, data: bytes) -> bytes:
+        guest.sendall(kind + data)
+        (length,) = struct.unpack("<I", guest.recv(4, socket.MSG_WAITALL))
+        return guest.recv(length, socket.MSG_WAITALL) if length else b""
+
+    data = os.urandom(64)
+    quote = verify_cove_evidence(ask(b"Q", data), now())
+    assert quote.report.report_data == data and quote.launch == LAUNCH
+    assert ev.parse_report(cbor2.loads(ask(b"R", data))["report"]).report_data == data
+    assert ask(b"X", data) == b""  # an unknown kind: nothing, and the port still answers
+    assert ask(b"R", bytes(64)) != b""
+    guest.sendall(b"Q" + bytes(10))  # a request cut short, then the guest is gone: the server ends
+    guest.close()
+    server.join(timeout=10)
+    assert not server.is_alive()
+    host.close()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from cove.attest.evidence import VtpmQuote
-    from cove.platform.reports import ReportSigner
+    from cove.platform.reports import EnclaveClaims, ReportSigner
     from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
 NAME = "vm"
@@ -155,6 +155,29 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def serve_attestation(sock: socket.socket, makers: dict[bytes, Callable[[EnclaveClaims, bytes], bytes]],
+                      claims: EnclaveClaims) -> None:
+    """Answer the guest's /dev/attestation on cove.attest until it closes: its kind (Q quote, R report)
+    and 64 bytes of report data in, evidence or the signed report out (length first); an unknown kind
+    gets length 0. Only the report data comes from the guest; the claims are the verified manifest's."""
+    while True:
+        data = b""
+        try:
+            while len(data) < 65:
+                chunk = sock.recv(65 - len(data))
+                if not chunk:
+                    return
+                data += chunk
+            make = makers.get(data[:1])
+            try:
+                answer = make(claims, data[1:]) if make is not None else b""
+            except Exception:  # a failed signature: the reader gets nothing, the enclave goes on
+                answer = b""
+            sock.sendall(struct.pack("<I", len(answer)) + answer)
+        except OSError:
+            return
+
+
 class VmEnclave(RunningEnclave):
     def __init__(self, spec: LaunchSpec, isolation: str, process: subprocess.Popen, ports: _Ports,
                  workdir: Path, started: float, signer=None, vtpm: Vtpm | None = None,
@@ -199,33 +222,12 @@ class VmEnclave(RunningEnclave):
             claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
                                    spec.identity.svn, spec.identity.debug, NAME, self.isolation, spec.instance_id)
             makers = {b"Q": functools.partial(signer.evidence, vtpm=quoter), b"R": signer.signed_report}
-            threading.Thread(target=self._attest, args=(self.ports.host("cove.attest"), makers, claims),
+            threading.Thread(target=serve_attestation, args=(self.ports.host("cove.attest"), makers, claims),
                              daemon=True).start()
         try:
             self.ports.host("cove.ctl").sendall(request)
         except OSError:
             pass  # QEMU is gone; wait() reports it
-
-    @staticmethod
-    def _attest(sock: socket.socket, makers: dict[bytes, Callable[..., bytes]], claims) -> None:
-        """Answer the guest's /dev/attestation: its kind (Q quote, R report) and 64 bytes of report data
-        in, evidence or the signed report out (length first); an unknown kind gets nothing."""
-        while True:
-            data = b""
-            try:
-                while len(data) < 65:
-                    chunk = sock.recv(65 - len(data))
-                    if not chunk:
-                        return
-                    data += chunk
-                make = makers.get(data[:1])
-                try:
-                    answer = make(claims, data[1:]) if make is not None else b""
-                except Exception:  # a failed signature: the reader gets nothing, the enclave goes on
-                    answer = b""
-                sock.sendall(struct.pack("<I", len(answer)) + answer)
-            except OSError:
-                return
 
     def _control(self) -> None:
         buffer = b""
