@@ -74,3 +74,27 @@ def test_small_rsa_tee_keys_refused():
     with pytest.raises(Problem) as caught:
         jose.tee_key(public)
     assert "at least 2048 bits" in caught.value.detail
+
+
+@pytest.mark.parametrize("header, reason", [
+    (b64e(b"[" * 2000 + b"]" * 2000), "not valid JSON"),  # nested past the decoder's depth
+    (b64e(b'{"kid": "a"} x'), "not valid JSON"),  # trailing bytes
+    (b64e(b"\xff\xfe"), "not valid JSON"),  # not UTF-8
+    ("\u00e9\u00e9\u00e9\u00e9", "not base64url"),  # not ASCII
+    (b64e(b"x" * 5000), "4096"),  # oversized
+])
+def test_admin_key_name_refuses_hostile_headers_as_one_problem(header: str, reason: str) -> None:
+    with pytest.raises(Problem, match=reason) as caught:
+        jose.admin_key_name(header + ".e30.sig")
+    assert caught.value.kind == "AdminAuth"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"kty": "EC"}', "'crv' is required"),  # joserfc's own error, which escaped before
+    ('{"kty": 5}', "names no key type"),
+    ('{"kty": "EC"} {}', "not valid JSON"),
+    ('{"a": ' * 5000, "not valid JSON"),
+])
+def test_load_private_jwk_refuses_hostile_keys_with_value_error(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        jose.load_private_jwk(text)

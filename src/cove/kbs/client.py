@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 from joserfc import jwk
 
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError, ExitCode
 from cove.kbs import evidence_appraisal, jose
 from cove.kbs.problems import kind_of
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from cove.attest.policy import Policy
 
 PROTOCOL_VERSION = "0.1.1"
+MAX_KEY_FILE = 1 << 16  # an admin key file: a name, a URL and one JWK
 
 
 class KbsError(CoveError):
@@ -283,16 +285,28 @@ class AdminClient:
     @classmethod
     def from_file(cls, url: str, key_file: Path, ca_cert: str | Path | bool | None = None,
                   broker_policy: Policy | Path | str | None = None) -> AdminClient:
-        """An admin client from a key file written by `cove kbs init` (JSON: name, audience, jwk)."""
+        """An admin client from a key file written by `cove kbs init` (JSON: name, audience, url, jwk)."""
+        def not_a_key(reason: str) -> KbsError:
+            return KbsError(f"admin key file {key_file} is not a Cove admin key: {reason}", code=ExitCode.USAGE)
+
         try:
-            data = json.loads(Path(key_file).read_text())
-            key = jose.load_private_jwk(json.dumps(data["jwk"]))
-            return cls(url, key, data["name"], ca_cert, data.get("audience"), broker_policy=broker_policy)
+            raw = Path(key_file).read_bytes()
         except FileNotFoundError:
             raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`",
                            code=ExitCode.NOT_FOUND) from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KbsError(f"admin key file {key_file} is not a Cove admin key: {exc}", code=ExitCode.USAGE) from None
+        except OSError as exc:
+            raise not_a_key(exc.strerror or str(exc)) from None
+        f = Fields(decode_json(raw, not_a_key, "it", limit=MAX_KEY_FILE), "the file", not_a_key,
+                   ("name", "audience", "url", "jwk"))
+        name = f.text("name", max_len=256)
+        audience = f.value("audience", (str, type(None)), None)
+        f.value("url", (str, type(None)), None)
+        try:
+            key = jose.load_private_jwk(json.dumps(f.value("jwk", dict)))
+        except ValueError as exc:
+            raise not_a_key(str(exc)) from None
+        return cls(url, key, name, ca_cert, audience if isinstance(audience, str) else None,
+                   broker_policy=broker_policy)
 
     def close(self) -> None:
         self.http.close()

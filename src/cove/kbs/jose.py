@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from joserfc import jwe, jwk, jwt
 from joserfc.errors import JoseError
 
+from cove.decode import decode_json
 from cove.kbs.problems import Problem
 
 CONTENT_ENC = "A256GCM"
@@ -240,13 +241,21 @@ def admin_alg(key: jwk.Key) -> str:
 def admin_key_name(token: str) -> str:
     """The kid of an admin token, before its signature is checked (to find the key)."""
     try:
-        header = json.loads(_b64(token.split(".")[0]))
-    except Exception:
-        raise Problem("AdminAuth", "the bearer token is not a JWT") from None
+        raw = _b64(token.split(".")[0])
+    except ValueError:  # binascii.Error, or a header that is not ASCII
+        raise _not_a_jwt("its header is not base64url") from None
+    header = decode_json(raw, _not_a_jwt, "its header", limit=MAX_ADMIN_HEADER)
     kid = header.get("kid") if isinstance(header, dict) else None
     if not isinstance(kid, str) or not kid:
         raise Problem("AdminAuth", "the admin token names no key (kid)")
     return kid
+
+
+MAX_ADMIN_HEADER = 4096  # {"alg", "typ", "kid"}: a few dozen bytes
+
+
+def _not_a_jwt(reason: str) -> Problem:
+    return Problem("AdminAuth", f"the bearer token is not a JWT ({reason})")
 
 
 def verify_admin_token(token: str, public: dict[str, Any], audience: str, now: float | None = None) -> dict[str, Any]:
@@ -269,12 +278,17 @@ def verify_admin_token(token: str, public: dict[str, Any], audience: str, now: f
 
 
 def load_private_jwk(text: str | bytes) -> jwk.Key:
-    """An admin's private key from a JWK (JSON) or a PEM file's text."""
+    """An admin's private key from a JWK (JSON) or a PEM file's text; ValueError for anything else."""
     raw = text.encode() if isinstance(text, str) else text
     stripped = raw.strip()
     if stripped.startswith(b"{"):
-        data = json.loads(stripped)
-        imported: jwk.Key = jwk.import_key(data, data.get("kty"))
+        data = decode_json(stripped, ValueError, "the JWK")
+        if not isinstance(data, dict) or not isinstance(data.get("kty"), str):
+            raise ValueError("the JWK names no key type (kty)")
+        try:  # joserfc takes the key type from "kty"
+            imported: jwk.Key = jwk.import_key(cast(dict[str, str | list[str]], data))
+        except JoseError as exc:
+            raise ValueError(f"the JWK is not a key ({exc})") from None
         return imported
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
