@@ -67,6 +67,8 @@ class Vtpm:
     def start(cls, parent: Path) -> Vtpm:
         """Start a fresh swtpm in a new private folder under ``parent`` (call from the launching thread)."""
         swtpm = _tool("swtpm", "swtpm")
+        _tool("socat", "socat")  # checked before anything starts, so a missing tool leaves nothing running
+        _tool("tpm2_quote", "tpm2-tools")
         folder = Path(tempfile.mkdtemp(prefix="vtpm-", dir=parent))
         (folder / "state").mkdir(mode=0o700)
         log = open(folder / "swtpm.log", "wb")
