@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -32,3 +34,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
         except FileNotFoundError:
             pass
         raise
+
+
+def entry_point_allows(program: str, entry_points: Iterable[str]) -> bool:
+    """Whether [process] entry_points admit PROGRAM: a prefix ending in / admits that folder, else one path.
+
+    Only an absolute, normalised path can be admitted: the kernel resolves
+    ".." and a prefix match does not ("/opt/app/../../bin/sh" starts with
+    "/opt/app/"), so callers normalise first and exec what they checked.
+    """
+    if not program.startswith("/") or posixpath.normpath(program) != program:
+        return False
+    return any(program.startswith(p) if p.endswith("/") else program == p for p in entry_points)

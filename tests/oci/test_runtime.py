@@ -116,6 +116,7 @@ BAD_SPECS = [
     (("process", "user"), {"uid": 1000, "gid": 1000}, 2, "process.user"),
     (("process", "cwd"), "/tmp", 2, "process.cwd"),
     (("process", "args"), ["nothing-here"], 2, "process.args[0]"),
+    (("process", "args"), ["../bin/echo"], 2, "relative path"),
     (("process",), None, 2, "process is missing"),
     (("root", "path"), "../..", 2, "out of the bundle"),
 ]
@@ -431,6 +432,7 @@ EXEC_REFUSALS = [
     ("other user", {"user": {"uid": 1000, "gid": 1000}}, 2, "measured user"),
     ("other cwd", {"cwd": "/tmp"}, 2, "measured cwd"),
     ("not an entry point", {"args": ["/hello-not-here"]}, 2, "not an entry point"),
+    ("relative args[0]", {"args": ["../bin/echo", "ran"]}, 2, "relative path"),  # was /bin/../bin/echo
     ("no args", {"args": []}, 2, "args must be a non-empty list"),
     ("terminal without a socket", {"terminal": True}, 2, "console-socket"),
 ]

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from cove.errors import CoveError, NotFoundError
-from cove.image.paths import resolve_in_image
 from cove.oci import cli
 from cove.oci import spec as spec_mod
 from cove.oci.spec import BundleError
+from cove.util import entry_point_allows
 
 MAX_PROCESS = 1 << 20  # process.json is a few hundred bytes; engines never send more
 PROGRAM_WAIT = 10.0  # a container that was just started may not have its program yet
@@ -122,27 +122,6 @@ def read_process(path: str) -> spec_mod.Process:
     return spec_mod.parse_process(data, "process.json")
 
 
-def _program(process: spec_mod.Process, allowed: dict[str, Any]) -> str:
-    """args[0] as an absolute path in the enclave (PATH searched in the private root, as at create)."""
-    program = process.args[0]
-    if program.startswith("/"):
-        return posixpath.normpath(program)
-    root = allowed.get("root")
-    if root:
-        for folder in process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
-            if folder.startswith("/"):
-                candidate = posixpath.join(folder, program)
-                if resolve_in_image(Path(root), candidate, follow_last=True).is_file():
-                    return candidate
-    raise BundleError(f"process.json: args[0] {program!r} is not in the enclave's PATH",
-                      "give the program's absolute path")
-
-
-def _admitted(program: str, entry_points: list[str]) -> bool:
-    """cove.runtime.launcher.allowed, without loading the launcher: a prefix ending in / admits a folder."""
-    return any(program.startswith(p) if p.endswith("/") else program == p for p in entry_points)
-
-
 def helper_spec(process: spec_mod.Process, allowed: dict[str, Any]) -> dict[str, Any]:
     """The request for cove.daemon.execin; refuses what the enclave does not allow."""
     if (process.uid, process.gid) != (allowed["uid"], allowed["gid"]):
@@ -150,8 +129,9 @@ def helper_spec(process: spec_mod.Process, allowed: dict[str, Any]) -> dict[str,
                           f"{allowed['uid']}:{allowed['gid']}")
     if process.cwd != allowed["cwd"]:
         raise BundleError(f"process.json: cwd {process.cwd} is not the enclave's measured cwd {allowed['cwd']}")
-    program = _program(process, allowed)
-    if not allowed["debug"] and not _admitted(program, allowed["entry_points"]):
+    root = allowed.get("root")
+    program = spec_mod.program_path(process, Path(root) if root else None, "process.json")
+    if not allowed["debug"] and not entry_point_allows(program, allowed["entry_points"]):
         raise BundleError(f"process.json: args[0] {program} is not an entry point of this enclave (allowed: "
                           f"{', '.join(allowed['entry_points'])}; any program only in a debug enclave)")
     env = dict(allowed["env"])

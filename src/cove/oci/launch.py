@@ -21,9 +21,9 @@ from pathlib import Path
 from cove.errors import CoveError, IntegrityError
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
-from cove.image.paths import resolve_in_image
 from cove.oci import DOMAIN
 from cove.oci import rootfs as rootfs_mod
+from cove.oci import spec as spec_mod
 from cove.oci.spec import Bundle, BundleError
 
 
@@ -37,20 +37,6 @@ class Prepared:
     state_dir: Path
     program: str
     unmeasured: bool = False
-
-
-def _program(bundle: Bundle, root: Path) -> str:
-    """args[0] as an absolute path in the image (PATH searched inside the image, as runc does)."""
-    program = bundle.process.args[0]
-    if program.startswith("/"):
-        return posixpath.normpath(program)
-    for folder in bundle.process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
-        if folder.startswith("/"):
-            candidate = posixpath.join(folder, program)
-            if resolve_in_image(root, candidate, follow_last=True).is_file():
-                return candidate
-    raise BundleError(f"config.json: process.args[0] {program!r} is not in the image's PATH",
-                      "give the program's absolute path")
 
 
 def prepare(bundle: Bundle, folder: Path) -> Prepared:
@@ -81,7 +67,7 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
     if process.cwd != posixpath.normpath(config.process.cwd):
         raise BundleError(f"config.json: process.cwd {process.cwd} is not the enclave's measured cwd "
                           f"{config.process.cwd}")
-    program = _program(bundle, root) if encrypted is None else posixpath.normpath(process.args[0])
+    program = spec_mod.program_path(process, root if encrypted is None else None, "config.json")
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
     return Prepared(bundle, verified, root, encrypted, folder / "signed" / "build", state_dir, program)
@@ -159,7 +145,8 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
           file=sys.stderr, flush=True)
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
-    return Prepared(bundle, verified, root, None, folder, state_dir, _program(bundle, root), unmeasured=True)
+    return Prepared(bundle, verified, root, None, folder, state_dir,
+                    spec_mod.program_path(bundle.process, root, "config.json"), unmeasured=True)
 
 
 # What a launch imports; loaded while the container waits for `start` (a name that moved only costs the wait).

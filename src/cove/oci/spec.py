@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cove.errors import CoveError, NotFoundError
+from cove.image.paths import resolve_in_image
 from cove.oci import DOMAIN
 
 OCI_VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?")
@@ -174,6 +175,31 @@ def parse_process(process: dict[str, Any], source: str) -> Process:
         limits.append((kind, item["soft"], item["hard"]))
     return Process(tuple(args), env, posixpath.normpath(cwd), uid, gid,
                    bool(_get(process, "terminal", bool, where, False, source)), tuple(limits))
+
+
+def program_path(process: Process, root: Path | None, source: str) -> str:
+    """args[0] as a normalised absolute path in the image: PATH searched inside ROOT, as runc does.
+
+    What is checked against the entry points is what runs: a relative path
+    with a "/" is refused (the kernel would resolve it against the working
+    folder, ".." included), and a PATH hit is normalised before it is
+    returned. ROOT None (an encrypted root) finds absolute paths only.
+    """
+    where = "process." if source == "config.json" else ""
+    program = process.args[0]
+    if program.startswith("/"):
+        return posixpath.normpath(program)
+    if "/" in program:
+        raise BundleError(f"{source}: {where}args[0] {program!r} is a relative path",
+                          "give the program's absolute path, or a name found in PATH")
+    if root is not None:
+        for folder in process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
+            if folder.startswith("/"):
+                candidate = posixpath.normpath(posixpath.join(folder, program))
+                if resolve_in_image(root, candidate, follow_last=True).is_file():
+                    return candidate
+    raise BundleError(f"{source}: {where}args[0] {program!r} is not in the image's PATH",
+                      "give the program's absolute path")
 
 
 def _check_linux(linux: dict[str, Any]) -> None:

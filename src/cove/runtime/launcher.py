@@ -34,6 +34,7 @@ from cove.runtime import backend as backend_mod
 from cove.runtime import enclave_services as services_mod
 from cove.runtime.backend import LaunchSpec
 from cove.runtime.terminal import Terminal
+from cove.util import entry_point_allows
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
@@ -62,13 +63,8 @@ def runtime_dir() -> Path:
 
 
 def allowed(program: str, entry_points: tuple[str, ...]) -> bool:
-    """Whether PROGRAM is admitted by one of the entry-point prefixes."""
-    for prefix in entry_points:
-        if prefix.endswith("/") and program.startswith(prefix):
-            return True
-        if program == prefix:
-            return True
-    return False
+    """Whether PROGRAM (absolute, normalised) is admitted by one of the entry-point prefixes."""
+    return entry_point_allows(program, entry_points)
 
 
 def resolve_user(user: str, root: Path) -> tuple[int, int]:
