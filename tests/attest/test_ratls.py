@@ -98,6 +98,8 @@ def test_gramine_style_self_signed_certificate_and_other_hashes():
     (cbor2.dumps([b"", b""]), "not CBOR tag 60000"),
     (cbor2.dumps(cbor2.CBORTag(60000, [b"x"])), "[evidence, claims]"),
     (cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([2, b"x"])})])), "hash id"),
+    (cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([[1], b"x"])})])),
+     "hash id"),  # an unhashable hash id raised TypeError
     (b"\xff\xff", "not valid CBOR"),
 ])
 def test_malformed_extensions(ext_value, fragment):
@@ -111,6 +113,22 @@ def test_malformed_extensions(ext_value, fragment):
     with pytest.raises(VerificationError) as err:
         ratls.evidence_from_certificate(cert)
     assert fragment in err.value.message
+
+
+_DER = x509.load_pem_x509_certificate(CERT).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize("old, new, kind", [
+    (b"\x06\x03\x55\x1d\x0f", b"\x06\x03\x55\x1d\x13", "DuplicateExtension"),  # keyUsage -> basicConstraints
+    (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d0209"), "UnsupportedAlgorithm"),  # unknown key type
+    (b"\x30\x82", b"\x31\x82", "ValueError"),  # the outer SEQUENCE is a SET
+    (b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x2d", "InvalidVersion"),  # X.509 version 46
+])
+def test_a_malformed_certificate_is_a_rejection_naming_the_parser_failure(old: bytes, new: bytes, kind: str) -> None:
+    """Each of cryptography's documented failures is caught by name (the old bare except caught everything)."""
+    assert old in _DER
+    with pytest.raises(VerificationError, match=f"not a valid certificate \\({kind}\\)"):
+        ratls.evidence_from_certificate(_DER.replace(old, new, 1))
 
 
 # -- real TLS on loopback

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import cbor2
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -123,7 +124,9 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
         public_key = cert.public_key()
     except x509.ExtensionNotFound:
         raise VerificationError("ra-tls: the certificate has no tagged-evidence extension (2.23.133.5.4.9)") from None
-    except Exception as exc:  # any parse failure of untrusted input is a rejection
+    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+            UnsupportedAlgorithm) as exc:
+        # cryptography's documented failures on malformed DER, repeated extensions, unknown names or key types
         raise VerificationError(f"ra-tls: not a valid certificate ({type(exc).__name__})") from None
     value = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
     tagged = loads(value, "ra-tls", "tagged evidence")
@@ -135,7 +138,8 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     evidence, claims = body
     f = Fields(loads(claims, "ra-tls", "claims"), "ra-tls", "claims")
     entry = loads(f.bytes("pubkey-hash", max_size=128), "ra-tls", "pubkey-hash")
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in HASH_IDS and isinstance(entry[1], bytes)):
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and type(entry[0]) is int  # a list is unhashable
+            and entry[0] in HASH_IDS and isinstance(entry[1], bytes)):
         raise VerificationError("ra-tls: pubkey-hash must be [hash id 1, 7 or 8, hash]")
     want = hashlib.new(HASH_IDS[entry[0]], spki(public_key)).digest()
     if not hmac.compare_digest(want, entry[1]):
