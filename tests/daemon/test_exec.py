@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import shutil
 import select
 import signal
 import struct
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import COVE, error_line
 from tests.daemon.conftest import GROUP
-from tests.e2e.helpers import SHELL_TOOLS, make_instance
+from tests.e2e.helpers import SHELL_TOOLS, make_instance, set_option
 
 TOOLS = (*SHELL_TOOLS, "/usr/bin/stty", "/usr/bin/tty", "/usr/bin/wc")
 
@@ -314,3 +315,57 @@ def test_hostile_exec_requests_are_refused_before_the_upgrade(node, running, bod
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), head
     assert json.loads(rest)["kind"] == "InvalidRequest"
+
+
+def test_a_client_that_leaves_takes_the_whole_session(node, running):
+    """Jobs an interactive shell put in process groups of their own end with the session too."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(COVE, [COVE, "exec", "-it", running, "/bin/sh"], node.cove.env)
+        finally:
+            os._exit(120)
+    try:
+        os.write(master, b"/bin/sleep 31343 & /bin/sleep 31344 & echo jobs-$((1 + 1))\n")
+        _read_until(master, b"jobs-2")
+        deadline = time.monotonic() + 20
+        while len(jobs := _host_processes(b"sleep\x0031343") + _host_processes(b"sleep\x0031344")) < 2:
+            assert time.monotonic() < deadline, "the jobs never started"
+            time.sleep(0.05)
+        groups = {os.getpgid(job) for job in jobs}
+        assert len(groups) == 2 and os.getsid(jobs[0]) == os.getsid(jobs[1])  # own groups, one session
+        os.kill(pid, signal.SIGKILL)  # the client leaves
+        os.waitpid(pid, 0)
+        while _host_processes(b"sleep\x0031343") or _host_processes(b"sleep\x0031344"):
+            assert time.monotonic() < deadline, "a job of the session outlived the client"
+            time.sleep(0.1)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)
+
+
+def test_the_exec_program_has_no_capabilities_left(node, shell_app, tmp_path):
+    """For an enclave user other than root the bounding set is dropped too (before the change of user,
+    after which the drop fails)."""
+    copy = tmp_path / "as-user"
+    shutil.copytree(shell_app, copy, symlinks=True, ignore=shutil.ignore_patterns("run", "build"))
+    set_option(copy / "cove.toml", "process", "user", '"1000:1000"')
+    node.cove.ok("build", cwd=copy)
+    ident = node.cove.ok("run", "-d", "/bin/sleep", "600", cwd=copy).stdout.strip()
+    script = 'while read -r k v; do case $k in Cap*|NoNewPrivs*) echo "$k $v";; esac; done < /proc/self/status; id -u'
+    try:
+        deadline = time.monotonic() + 20
+        while (done := node.cove("exec", ident, "/bin/sh", "-c", script)).returncode != 0:
+            assert time.monotonic() < deadline, done.stderr
+            time.sleep(0.05)
+    finally:
+        node.cove("rm", "-f", ident)
+    assert done.stdout.splitlines()[-1] == "1000"
+    fields = dict(line.split(" ", 1) for line in done.stdout.splitlines()[:-1])
+    assert {k: v for k, v in fields.items() if k.startswith("Cap")} == {
+        k: "0000000000000000" for k in ("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")}, done.stdout
+    assert fields["NoNewPrivs:"] == "1"

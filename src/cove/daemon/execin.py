@@ -8,17 +8,22 @@ time the daemon read, so a reused pid is refused) as the reference, through
 one /proc/PID directory descriptor: it reads the values of the ``env:`` secrets from that program's initial
 environment (so they are never written anywhere), joins its cgroups, opens
 its namespaces and root, enters them (user first, then the others it owns,
-the mount namespace and root last), and forks so the new process is in the
+the mount namespace and root last; for an enclave user other than root, the
+owner of the program's nested user namespace first and that one after the
+mount namespace, see entry_order), and forks so the new process is in the
 enclave's pid namespace. It ends with the daemon's thread that started
 it (PR_SET_PDEATHSIG), so a daemon killed mid-session leaves nothing. With a terminal, the pseudo-terminal is opened
 there, in the devpts the enclave sees, and its master end goes back to the
 daemon over the control socket (SCM_RIGHTS). The child leads a session of
-its own (the terminal's, with one), takes the enclave's user, drops every
-capability (bounding, ambient, permitted, effective, inheritable), dies with
+its own (the terminal's, with one), drops the bounding set (while still
+root there: after the change of user the drop would fail), takes the
+enclave's user, drops every other capability (ambient, permitted,
+effective, inheritable; every prctl checked), dies with
 this helper, sets no_new_privs and the same seccomp filter the sandbox has,
 the same open-files limit, the enclave's environment and working folder, and
 execs the program. The helper relays its exit code (128 + N for a signal);
-SIGTERM to the helper kills the child's whole session. Everything it needs
+SIGTERM to the helper kills every process of the child's session, found in
+the host's /proc (a job in a process group of its own included). Everything it needs
 is imported before it enters the enclave's mount namespace, where no host
 file is visible.
 """
@@ -45,6 +50,9 @@ NAMESPACES = (("user", CLONE_NEWUSER), ("ipc", 0x08000000), ("uts", 0x04000000),
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 24, 47, 4
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CAP_LAST = 63
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
+OWNER_ROOT = -1  # a step of entry_order: setresuid(0) in the owner namespace just entered
+
 MAX_SPEC = 1 << 22
 
 
@@ -130,6 +138,63 @@ def read_spec(control: socket.socket) -> dict[str, Any]:
     return spec
 
 
+def _prctl(libc: ctypes.CDLL, name: str, option: int, arg: int = 0) -> None:
+    """prctl(2), checked: a step of the drop of privileges that fails stops the exec."""
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl {name}")
+
+
+def drop_bounding_set(libc: ctypes.CDLL) -> None:
+    """Drop every capability from the bounding set, up to the kernel's last one (EINVAL past it)."""
+    for cap in range(CAP_LAST + 1):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            if error == errno.EINVAL and cap > 0:
+                return  # beyond the kernel's last capability
+            raise OSError(error, f"prctl PR_CAPBSET_DROP {cap}")
+
+
+def kill_session(proc_root: int, sid: int) -> None:
+    """SIGKILL every process of session sid, in passes until none is left.
+
+    ``proc_root`` is the host's /proc (opened before entering the enclave), so sid and the pids are
+    host pids. A process group is not enough: an interactive shell puts each job in a group of its own.
+    """
+    for _ in range(100):
+        found = False
+        for name in os.listdir(proc_root):
+            if not name.isdigit():
+                continue
+            try:
+                data = _read_at(proc_root, f"{name}/stat")
+                fields = data[data.rindex(b")") + 2:].split()
+                if fields[0] != b"Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+                    os.kill(int(name), signal.SIGKILL)
+                    found = True
+            except (OSError, ValueError, IndexError):
+                continue
+        if not found:
+            return
+
+
+def entry_order(fds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The order to enter the program's namespaces (``fds``, user first and mount last, as opened).
+
+    An enclave whose user is not root runs in a user namespace nested in the one that owns its other
+    namespaces (bubblewrap makes a second one to change to that user). Entering the inner one first
+    would leave no right to enter the others: enter the owner (NS_GET_USERNS of the mount namespace)
+    first, become its root (the inner namespace's owner), and enter the inner one after the mount one.
+    """
+    user = fds[0][0]
+    owner = fcntl.ioctl(fds[-1][0], NS_GET_USERNS)
+    same = (os.fstat(owner).st_dev, os.fstat(owner).st_ino) == (os.fstat(user).st_dev, os.fstat(user).st_ino)
+    if same:
+        os.close(owner)
+        return fds
+    os.set_inheritable(owner, False)
+    return [(owner, CLONE_NEWUSER), (-1, OWNER_ROOT), *fds[1:], fds[0]]
+
+
 def _child(spec: dict[str, Any], libc: ctypes.CDLL, program: bytes, slave: int | None) -> None:
     """In the enclave's pid namespace: become the enclave's unprivileged process and exec (never returns)."""
     try:
@@ -138,15 +203,14 @@ def _child(spec: dict[str, Any], libc: ctypes.CDLL, program: bytes, slave: int |
         else:
             os.setsid()  # never the daemon's terminal, if it has one
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        drop_bounding_set(libc)  # while still root here: dropping needs CAP_SETPCAP, which setresuid takes
         os.setresgid(spec["gid"], spec["gid"], spec["gid"])
         os.setresuid(spec["uid"], spec["uid"], spec["uid"])
         # after the change of user, which clears it: die with the helper (a client that left, a kill -9)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(libc, "PR_SET_PDEATHSIG", PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != 0:  # the helper is outside this pid namespace; a parent here means it is gone
             os._exit(137)
-        for cap in range(CAP_LAST + 1):
-            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        _prctl(libc, "PR_CAP_AMBIENT", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
         data = (_CapData * 2)()
         if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data) != 0:
             raise OSError(ctypes.get_errno(), "capset")
@@ -170,21 +234,22 @@ def _child(spec: dict[str, Any], libc: ctypes.CDLL, program: bytes, slave: int |
 
 def main(argv: list[str]) -> int:
     child = 0
+    host_proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's, for kill_session
 
     def end(_signum: int, _frame: object) -> None:
-        """The client left: the program's whole session goes (its pid is its session's and group's id)."""
+        """The client left: the program's whole session goes (its pid is its session's id)."""
         if child:
-            try:
-                os.killpg(child, signal.SIGKILL)
-            except OSError:
-                pass
+            kill_session(host_proc, child)
         else:
             os._exit(128 + signal.SIGTERM)
+
 
     signal.signal(signal.SIGTERM, end)
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getppid()  # (a parent gone even before this has closed the control socket: no spec comes)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # the daemon's session thread ends: so does this
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:  # the daemon's session thread ends: so does this
+        print(f"cove: error: cannot enter the enclave: prctl: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 125
     pid = int(argv[0])
     control = socket.socket(fileno=int(argv[1]))
     try:
@@ -206,7 +271,15 @@ def main(argv: list[str]) -> int:
         return 125
     os.close(proc)
     os.setgroups([])  # here, in the host's user namespace: the enclave's one denies setgroups
-    for fd, flag in fds:
+    try:
+        steps = entry_order(fds)
+    except OSError as exc:
+        print(f"cove: error: cannot enter the enclave: {exc.strerror or exc}", file=sys.stderr)
+        return 125
+    for fd, flag in steps:
+        if flag == OWNER_ROOT:
+            os.setresuid(0, 0, 0)  # the outer namespace's root: the owner of the program's own (inner) one
+            continue
         if libc.setns(fd, flag) != 0:
             error = ctypes.get_errno()
             print(f"cove: error: cannot enter the enclave: setns: {os.strerror(error)}", file=sys.stderr)
@@ -215,7 +288,10 @@ def main(argv: list[str]) -> int:
     os.fchdir(root)
     os.chroot(".")
     os.close(root)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # again: entering the user namespace cleared it
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:  # again: entering the user namespace cleared it
+        print(f"cove: error: cannot enter the enclave: prctl: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 125
+
     if os.getppid() != parent:
         return 128 + signal.SIGTERM  # it ended in between (the daemon may be pid 1 in a container: compare)
     slave = None
