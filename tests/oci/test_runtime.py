@@ -427,7 +427,9 @@ def _state_letter(pid):
 
 
 EXEC_REFUSALS = [
-    ("malformed", None, 2, "not valid JSON"),
+    ("malformed", "{not json", 2, "not valid JSON"),
+    ("deeply nested", '{"args": ' + "[" * 100_000 + "]" * 100_000 + "}", 2, "not valid JSON"),
+    ("trailing garbage", '{"args": ["/bin/echo", "ran"]} []', 2, "not valid JSON"),
     ("added capability", {"capabilities": {"bounding": ["CAP_SYS_ADMIN"]}}, 2, "CAP_SYS_ADMIN"),
     ("other user", {"user": {"uid": 1000, "gid": 1000}}, 2, "measured user"),
     ("other cwd", {"cwd": "/tmp"}, 2, "measured cwd"),
@@ -441,9 +443,9 @@ EXEC_REFUSALS = [
 def test_exec_refusals(running, tmp_path):
     root, _ = running
     for label, change, code, word in EXEC_REFUSALS:
-        path = _process_json(tmp_path, ["/bin/echo", "ran"], **(change or {}))
-        if change is None:
-            Path(path).write_text("{not json")
+        path = _process_json(tmp_path, ["/bin/echo", "ran"], **(change if isinstance(change, dict) else {}))
+        if isinstance(change, str):
+            Path(path).write_text(change)
         result = runtime(root, "exec", "--process", path, "x")
         assert result.returncode == code and word in one_line(result), (label, result.stderr)
         assert "ran" not in result.stdout

@@ -469,6 +469,16 @@ def report(options: Options, error: CoveError) -> int:
     return int(error.exit_code)
 
 
+def unexpected(options: Options, exc: Exception) -> int:
+    """A bug or an input nobody foresaw: one line and exit 125, never a traceback (unless --debug)."""
+    if options.debug:
+        raise exc
+    error = CoveError(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+                      "run again with --debug for the traceback, and report it")
+    error.exit_code = ExitCode.SANDBOX
+    return report(options, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parsed = _fast_parse(argv)
@@ -484,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             from cove.errors import file_system_error
 
             return report(options, file_system_error(exc))
+        except Exception as exc:  # the engine reads one line, never a traceback
+            return unexpected(options, exc)
         if code is not None:
             return code
     from cove.oci import commands

@@ -122,3 +122,5 @@ def main(argv: list[str] | None = None) -> int:
         if options.debug:
             raise
         return code
+    except Exception as exc:  # the engine reads one line, never a traceback
+        return cli.unexpected(options, exc)

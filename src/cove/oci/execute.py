@@ -105,20 +105,11 @@ def enclave_program(container_pid: int) -> int | None:
 
 
 def read_process(path: str) -> spec_mod.Process:
-    """process.json, checked as config.json's process is (one BundleError line naming the field)."""
+    """process.json, read through cove.decode and checked as config.json's process is (one BundleError line)."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_PROCESS + 1)
+        data = spec_mod.read_document(path, "process.json", MAX_PROCESS)
     except FileNotFoundError:
         raise NotFoundError(f"--process {path} does not exist") from None
-    if len(text) > MAX_PROCESS:
-        raise BundleError(f"process.json is larger than {MAX_PROCESS >> 20} MiB")
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"process.json is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError("process.json must hold a JSON object")
     return spec_mod.parse_process(data, "process.json")
 
 

@@ -12,7 +12,6 @@ field named. Format notes: docs/formats/oci.md.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cove.decode import decode_json
 from cove.errors import CoveError, NotFoundError
 from cove.image.paths import resolve_in_image
 from cove.oci import DOMAIN
@@ -38,6 +38,7 @@ RLIMITS = frozenset({"RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "R
                      "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
                      "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK"})
 UNMEASURED_DEBUG = f"{DOMAIN}/unmeasured-debug"
+MAX_CONFIG = 4 << 20  # runc reads any size; an engine's config.json is a few KiB
 PRIVILEGED_ANNOTATIONS = ("io.podman.annotations.privileged",)
 
 
@@ -78,7 +79,30 @@ def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = 
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BundleError(f"{source}: {where}{key} must be a {kind.__name__}")
+    if isinstance(value, str) and "\0" in value:
+        raise BundleError(f"{source}: {where}{key} holds a NUL character")
     return value
+
+
+def read_document(path: Path | str, what: str, limit: int) -> dict[str, Any]:
+    """A JSON object an engine wrote (config.json, process.json), read through cove.decode.
+
+    Too large, malformed, nested too deep, followed by more text or not an
+    object is one BundleError line naming WHAT; a missing file is the
+    caller's FileNotFoundError (it names what was asked for).
+    """
+    with open(path, "rb") as handle:
+        text = handle.read(limit + 1)
+    if len(text) > limit:
+        raise BundleError(f"{what} is larger than {limit >> 20} MiB")
+    data = decode_json(text, BundleError, what, limit=limit)
+    if not isinstance(data, dict):
+        raise BundleError(f"{what} must hold a JSON object")
+    return data
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, str) and "\0" not in value
 
 
 def load(bundle: Path) -> Bundle:
@@ -87,17 +111,9 @@ def load(bundle: Path) -> Bundle:
     if not bundle.is_dir():
         raise NotFoundError(f"bundle {bundle} is not a folder")
     try:
-        text = (bundle / "config.json").read_bytes()
+        data = read_document(bundle / "config.json", "config.json", MAX_CONFIG)
     except FileNotFoundError:
         raise NotFoundError(f"bundle {bundle} has no config.json") from None
-    if len(text) > 4 << 20:
-        raise BundleError("config.json is larger than 4 MiB")
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"config.json is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError("config.json must hold a JSON object")
     version = data.get("ociVersion")
     if not isinstance(version, str) or not OCI_VERSION.fullmatch(version):
         raise BundleError(f"config.json: ociVersion {version!r} is not a runtime-spec version 1.x this "
@@ -145,11 +161,11 @@ def parse_process(process: dict[str, Any], source: str) -> Process:
     """A process object: config.json's `process`, or the process.json `exec` reads; errors name source."""
     where = "process." if source == "config.json" else ""
     args = _get(process, "args", list, where, [], source)
-    if not args or not all(isinstance(a, str) for a in args):
-        raise BundleError(f"{source}: {where}args must be a non-empty list of strings")
+    if not args or not all(_strings(a) for a in args):
+        raise BundleError(f"{source}: {where}args must be a non-empty list of strings (without NUL)")
     env: dict[str, str] = {}
     for item in _get(process, "env", list, where, [], source):
-        if not isinstance(item, str) or "=" not in item:
+        if not _strings(item) or "=" not in item:
             raise BundleError(f"{source}: {where}env entry {item!r} is not NAME=VALUE")
         name, _, value = item.partition("=")
         env[name] = value
@@ -161,18 +177,20 @@ def parse_process(process: dict[str, Any], source: str) -> Process:
     gid = _get(user, "gid", int, f"{where}user.", 0, source)
     caps = _get(process, "capabilities", dict, where, {}, source)
     for kind, names in caps.items():
-        if not isinstance(names, list):
-            raise BundleError(f"{source}: {where}capabilities.{kind} must be a list")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BundleError(f"{source}: {where}capabilities.{kind} must be a list of names")
         added = sorted(set(names) - DEFAULT_CAPABILITIES)
         if added:
             raise BundleError(f"{source}: {where}capabilities.{kind} adds {', '.join(added)}: an enclave "
                               "runs with every capability dropped")
     limits: list[tuple[str, int, int]] = []
     for item in _get(process, "rlimits", list, where, [], source):
-        kind = item.get("type") if isinstance(item, dict) else None
-        if kind not in RLIMITS or not isinstance(item.get("soft"), int) or not isinstance(item.get("hard"), int):
-            raise BundleError(f"{source}: {where}rlimits entry {item!r} is not a known limit")
-        limits.append((kind, item["soft"], item["hard"]))
+        entry = item if isinstance(item, dict) else {}
+        kind, soft, hard = entry.get("type"), entry.get("soft"), entry.get("hard")
+        if not (isinstance(kind, str) and kind in RLIMITS and isinstance(soft, int) and isinstance(hard, int)) \
+                or isinstance(soft, bool) or isinstance(hard, bool) or soft < 0 or hard < 0:
+            raise BundleError(f"{source}: {where}rlimits entry {str(item)[:80]} is not a known limit")
+        limits.append((kind, soft, hard))
     return Process(tuple(args), env, posixpath.normpath(cwd), uid, gid,
                    bool(_get(process, "terminal", bool, where, False, source)), tuple(limits))
 
@@ -228,6 +246,8 @@ def _check_mounts(mounts: list[Any]) -> None:
         if target.startswith("/.cove"):
             raise BundleError(f"config.json: mounts[{index}].destination {mount['destination']}: /.cove is Cove's")
         kind = mount.get("type") or ""
+        if not isinstance(kind, str):
+            raise BundleError(f"config.json: mounts[{index}].type must be a string")
         if kind in ENGINE_TYPES or target in ENGINE_FILES:
             continue  # the sandbox provides its own (or none): the engine's is not used
         raise BundleError(f"config.json: mounts[{index}] ({kind or 'bind'} at {target}): host folders reach an "
