@@ -135,6 +135,11 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+?)(\.[A-Za-z0-9_]{8})?\.(tmp|cove-tmp|co
                         r"|^\.(?P<bare>.+)\.[A-Za-z0-9_]{8}$")
 
 
+def exit_status(returncode: int) -> int:
+    """A child's return code (subprocess: -N after signal N) as a shell's exit status: 128 + N."""
+    return ExitCode.SIGNAL - returncode if returncode < 0 else returncode
+
+
 def _user_name(filename) -> str:
     """The file the user asked for, where the error names its temporary sibling."""
     text = os.fsdecode(filename)

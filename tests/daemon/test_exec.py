@@ -8,6 +8,7 @@ import pty
 import shutil
 import select
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -369,3 +370,69 @@ def test_the_exec_program_has_no_capabilities_left(node, shell_app, tmp_path):
     assert {k: v for k, v in fields.items() if k.startswith("Cap")} == {
         k: "0000000000000000" for k in ("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")}, done.stdout
     assert fields["NoNewPrivs:"] == "1"
+
+
+SPEW = ("x=0123456789abcdef; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; "
+        "while :; do echo $x; done")
+
+
+def test_exec_without_a_stream_is_bounded_and_has_a_deadline(node, running):
+    """Endless output: the daemon keeps the first and last bytes only, and kills the program at the deadline."""
+    status, answer = node.api("POST", f"/v1/enclaves/{running}/exec",
+                              {"argv": ["/bin/sh", "-c", f"echo first; {SPEW}"], "timeout": 3})
+    assert status == 200, answer
+    assert answer["timed_out"] is True and answer["exit_code"] == 137
+    assert answer["stdout"].startswith("first\n0123") and answer["stdout_dropped"] > 0
+    assert len(answer["stdout"]) == 16 << 20 and answer["stderr"] == "" and answer["stderr_dropped"] == 0
+    for bad in (0, -1, "soon", True, 1e9):
+        assert node.api("POST", f"/v1/enclaves/{running}/exec", {"argv": ["/bin/echo"], "timeout": bad})[0] == 400
+
+
+def _raw_exec(node, running: str, argv: list[str]) -> socket.socket:
+    import json
+
+    body = json.dumps({"argv": argv}).encode()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(60)
+    sock.connect(node.socket)
+    sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _gone(needle: bytes, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _host_processes(needle):
+        assert time.monotonic() < deadline, f"{needle!r} outlived its client"
+        time.sleep(0.1)
+
+
+def test_exec_without_a_stream_ends_when_the_client_leaves(node, running):
+    sock = _raw_exec(node, running, ["/bin/sleep", "31339"])
+    deadline = time.monotonic() + 20
+    while not _host_processes(b"sleep\x0031339"):
+        assert time.monotonic() < deadline, "the program never started"
+        time.sleep(0.05)
+    sock.close()  # the client leaves before the answer
+    _gone(b"sleep\x0031339")
+    _gone(b"cove.daemon.execin")
+
+
+def test_a_helper_killed_by_a_signal_gives_128_plus_n(node, running):
+    """The exit code follows the shell's rule for the helper itself too (not -9, nor 247)."""
+    import json
+
+    with _raw_exec(node, running, ["/bin/sleep", "31340"]) as sock:
+        deadline = time.monotonic() + 20
+        while not (helpers := _host_processes(b"cove.daemon.execin")) or not _host_processes(b"sleep\x0031340"):
+            assert time.monotonic() < deadline, "the program never started"
+            time.sleep(0.05)
+        for helper in helpers:
+            os.kill(helper, signal.SIGKILL)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                break
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["exit_code"] == 137
+    _gone(b"sleep\x0031340")

@@ -26,9 +26,12 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from typing import Any
 
 from cove.daemon import execstream
+from cove.errors import exit_status
+
 
 HELPER_START = 30.0
 
@@ -84,11 +87,86 @@ class Helper:
             self.master = None
 
 
-def buffered(helper: Helper, limit_out: int, limit_err: int) -> tuple[int, bytes, bytes]:
-    """The exit code and the last bytes of both outputs, once the program ends (the pre-stream answer)."""
-    out, err = helper.process.communicate()
-    helper.close()
-    return helper.process.returncode, out[-limit_out:], err[-limit_err:]
+class Kept:
+    """The first and the last bytes of an output, at most ``limit`` in all, and how many were dropped between."""
+
+    def __init__(self, limit: int) -> None:
+        self.half = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        if len(self.tail) > self.half:
+            cut = len(self.tail) - self.half
+            self.dropped += cut
+            del self.tail[:cut]
+
+    def value(self) -> bytes:
+        return bytes(self.head + self.tail)
+
+
+def buffered(helper: Helper, limits: tuple[int, int], timeout: float,
+             client: socket.socket | None) -> dict[str, Any] | None:
+    """The answer without a stream: the exit code and both outputs (their first and last bytes, each at
+    most its limit) once the program ends. Past ``timeout`` seconds the program's session is killed
+    (``timed_out``); when the client closes its connection, too, and there is no answer (None)."""
+    process = helper.process
+    assert process.stdout is not None and process.stderr is not None
+    out, err = Kept(limits[0]), Kept(limits[1])
+    kept = {process.stdout.fileno(): out, process.stderr.fileno(): err}
+    poller = select.poll()
+    for fd in kept:
+        poller.register(fd, select.POLLIN)
+    watched = client.fileno() if client is not None else None
+    if watched is not None:
+        poller.register(watched, select.POLLIN | select.POLLRDHUP)
+    pending = set(kept)
+    ends = time.monotonic() + timeout
+    timed_out = left = False
+    try:
+        while pending and not (timed_out or left):
+            for fd, _ in poller.poll(max(0, min(500, int((ends - time.monotonic()) * 1000)))):
+                if fd == watched:
+                    left = _client_left(client)
+                    poller.unregister(fd)  # closed, or it sent more: nothing more to learn from it
+                    watched = None
+                    continue
+                data = os.read(fd, execstream.CHUNK)
+                if data:
+                    kept[fd].add(data)
+                else:
+                    poller.unregister(fd)
+                    pending.discard(fd)
+            timed_out = bool(pending) and time.monotonic() >= ends
+        if pending:
+            helper.end()  # the helper kills the program's whole session
+        code = exit_status(process.wait())
+    finally:
+        helper.close()
+    if left:
+        return None
+    return {
+"exit_code": code, "stdout": out.value().decode("utf-8", "replace"),
+            "stderr": err.value().decode("utf-8", "replace"), "stdout_dropped": out.dropped,
+            "stderr_dropped": err.dropped, "timed_out": timed_out}
+
+
+def _client_left(client: socket.socket | None) -> bool:
+    """Whether the client closed its end (a readable socket with nothing to read)."""
+    if client is None:
+        return False
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class Session:
@@ -141,7 +219,7 @@ class Session:
                     return None
         if self.gone.is_set():
             return None
-        code = process.wait()
+        code = exit_status(process.wait())
         return code if self._send(execstream.exit_frame(code)) else None
 
     def _send(self, data: bytes) -> bool:

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/var/lib/cove"
 MAX_BODY = 1 << 20
+EXEC_KEEP = (16 << 20, 1 << 20)  # the most of stdout and of stderr an exec without a stream keeps
+EXEC_TIMEOUT, EXEC_TIMEOUT_MAX = 300.0, 86400.0  # seconds an exec without a stream may run
+
 START_TIMEOUT = 30.0
 RECOVER_GRACE = 2.0
 JSON = dict[str, Any]
@@ -365,12 +368,23 @@ class Daemon:
                     getattr(getattr(config, "security", None), "io_uring", False))).hex()}
         return enclave, path, Helper(program[0], spec, stdin)
 
-    def exec(self, ref: str, body: JSON, uid: int) -> JSON:
-        """Run a program in a running enclave; its exit code and output once it ends (no stream)."""
+    def exec(self, ref: str, body: JSON, uid: int, client: socket.socket | None = None) -> JSON | None:
+        """Run a program in a running enclave; its exit code and output once it ends (no stream).
+
+        The outputs kept are bounded (EXEC_KEEP), the program is killed after ``timeout`` seconds
+        (default EXEC_TIMEOUT), and when the client leaves first: None, there is no one to answer.
+        """
+        raw = body.get("timeout")
+        timeout = _number(EXEC_TIMEOUT if raw is None else "bad" if isinstance(raw, bool) else raw, "timeout")
+        if not 0 < timeout <= EXEC_TIMEOUT_MAX:
+
+            raise Problem("InvalidRequest", f"timeout must be more than 0 and at most {EXEC_TIMEOUT_MAX:g} seconds")
         enclave, path, helper = self.exec_helper(ref, body, uid)
-        code, out, err = buffered(helper, 16 << 20, 1 << 20)
-        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), program=path, exit_code=code)
-        return {"exit_code": code, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
+        answer = buffered(helper, EXEC_KEEP, timeout, client)
+        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
+                         program=path, exit_code=None if answer is None else answer["exit_code"],
+                         client_left=answer is None)
+        return answer
 
     def stop(self, ref: str, timeout: float, uid: int) -> JSON:
         enclave = self.registry.settle(self.find(ref, uid))
@@ -660,7 +674,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if action == "exec":
                 if (self.headers.get("Upgrade") or "").strip() == execstream.PROTOCOL:
                     return self._exec_stream(ref, body)
-                return self._json(200, d.exec(ref, body, self.peer_uid))
+                answer = d.exec(ref, body, self.peer_uid, self.connection)
+                if answer is None:
+                    self.close_connection = True
+                    return 499  # the client left: nobody to answer
+                return self._json(200, answer)
         if route == ["images"]:
             allow("GET")
             return self._json(200, d.images())
