@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cove.attest._cbor import Fields as attest_fields
 from cove.attest._cbor import loads as attest_loads
 from cove.attest.errors import VerificationError
-from cove.decode import MAX_DOCUMENT, Fields, decode_cbor, decode_json, decode_toml
+from cove.decode import MAX_DOCUMENT, Fields, Settings, decode_cbor, decode_json, decode_toml
 from cove.errors import ConfigError, CoveError, IntegrityError
 from cove.fs import volume_format
 from cove.fs.anchor import AnchorError, FileAnchor
@@ -130,6 +130,48 @@ def test_fields_read_what_is_valid():
         Fields(DOC, "doc", Bad, ("b",))
     with pytest.raises(Bad, match="doc must be a map"):
         Fields([1], "doc", Bad)
+
+
+LISTS = {"s": ["a", "b"], "e": ["a", ""], "x": ["00", " 0f\n", "0g"], "d": ["30s", 2, "1.5m", "500ms", "1d"],
+         "nan": float("nan"), "inf": float("inf"), "neg": -1, "yes": True, "big": "9" * 70, "sp": "00 ff",
+         "empty": "", "odd": "abc"}
+
+
+@pytest.mark.parametrize(("read", "fields_says", "settings_says"), [
+    (lambda f: f.strings("e"), "doc e must be a list of non-empty text strings", "f: doc.e: must be a list of non-empty strings"),
+    (lambda f: f.strings("x", max_len=2), "doc x must be a list of non-empty", "f: doc.x: must be a list of non-empty"),
+    (lambda f: f.strings("nan"), "doc nan must be a list of 0 to 4096 items", "f: doc.nan: must be a list, not float"),
+    (lambda f: f.strings("s", max_items=1), "doc s must be a list of 0 to 1 items", "f: doc.s: must have 0 to 1 items, not 2"),
+    (lambda f: f.hex_list("x"), r"doc x\[1\] is not hex", r"f: doc.x\[2\]: must be a hex string"),
+    (lambda f: f.hex_list("s", 1), r"doc s\[0\] is not hex", r"f: doc.s\[0\]: must be a hex string"),
+    (lambda f: f.hex("sp"), "doc sp is not hex", "f: doc.sp: must be a hex string"),  # fromhex took the space
+    (lambda f: f.hex("odd"), "doc odd is not hex", "f: doc.odd: must be a hex string"),
+    (lambda f: f.hex("empty"), "doc empty must not be empty", "f: doc.empty: must not be empty"),
+    (lambda f: f.hex("neg"), "doc neg is not hex", "f: doc.neg: must be a hex string"),
+    (lambda f: f.hex_list("x", 2), r"doc x\[0\] must be 2 bytes, not 1", r"f: doc.x\[0\]: must be 2 bytes \(4 hex digits\), not 1"),
+    (lambda f: f.duration("nan"), "doc nan must be a finite number of seconds", "f: doc.nan: must be a finite"),
+    (lambda f: f.duration("inf"), "doc inf must be a finite", "f: doc.inf: must be a finite"),
+    (lambda f: f.duration("neg"), "doc neg must be more than zero", "f: doc.neg: must be more than zero"),
+    (lambda f: f.duration("yes"), "doc yes must be seconds or a duration", "f: doc.yes: must be seconds or a duration"),
+    (lambda f: f.duration("big"), "doc big must be seconds or a duration", "f: doc.big: must be seconds"),
+    (lambda f: f.duration("s"), "doc s must be seconds or a duration", "f: doc.s: must be seconds"),
+])
+def test_lists_hex_and_durations_refuse_in_both_wordings(read: Callable[[Fields], object], fields_says: str,
+                                                         settings_says: str) -> None:
+    with pytest.raises(Bad, match=fields_says):
+        read(Fields(LISTS, "doc", Bad))
+    with pytest.raises(CoveError, match=settings_says):
+        read(Settings(LISTS, "doc", CoveError, source="f"))
+
+
+def test_lists_hex_and_durations_read_what_is_valid() -> None:
+    f = Fields(LISTS, "doc", Bad)
+    assert f.strings("s") == ("a", "b") and f.strings("nope", default=()) == ()
+    assert [f.duration("d") for f in [Fields({"d": d}, "doc", Bad) for d in LISTS["d"]]] == [30, 2, 90, 0.5, 86400]
+    settings = Settings({"x": ["00", " 0f\n"]}, "doc", CoveError, source="f")
+    assert settings.hex_list("x") == (b"\x00", b"\x0f")  # a file's pasted digest may carry spaces around it
+    with pytest.raises(Bad, match="is not hex"):
+        Fields({"x": " 0f"}, "doc", Bad).hex("x")  # a decoded document's may not
 
 
 # -- every CBOR document Cove reads, with its layer's error ---------------------------------------

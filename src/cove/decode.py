@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from typing import Literal, Protocol, overload
@@ -36,6 +37,10 @@ class HintedError(Protocol):
 MAX_DOCUMENT = 1 << 20  # every signed or sealed document Cove reads is far smaller
 MAX_DEPTH = 400  # cbor2's own default nesting limit; a volume index nests per directory level
 _MISSING = object()
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_MAX_HEX = 65536  # bytes of one hex field
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def _limited(data: object, error: Error, what: str, limit: int) -> bytes:
@@ -144,6 +149,21 @@ class Fields:
     def _not_text(self, key: str, value: object, max_len: int) -> Exception:
         return self.fail(key, "must be a short text string" if max_len <= 256 else "must be a text string")
 
+    def _not_list(self, key: str, value: object, min_items: int, max_items: int) -> Exception:
+        return self.fail(key, f"must be a list of {min_items} to {max_items} items")
+
+    def _not_strings(self, key: str) -> Exception:
+        return self.fail(key, "must be a list of non-empty text strings")
+
+    def _not_hex(self, key: str) -> Exception:
+        return self.fail(key, "is not hex")
+
+    def _hex_size(self, key: str, size: int, actual: int) -> Exception:
+        return self.fail(key, f"must be {size} bytes, not {actual}")
+
+    def _hex_text(self, text: str) -> str:
+        return text
+
     def has(self, key: str) -> bool:
         return key in self.map
 
@@ -187,15 +207,26 @@ class Fields:
         return bytes(value)
 
     def hex(self, key: str, size: int | None = None) -> builtins.bytes:
-        """A text field of hex digits (as in Intel's PCS JSON), as bytes."""
-        text = self.text(key, max_len=2 * (size if size is not None else 65536))
-        try:
-            value = bytes.fromhex(text)
-        except ValueError:
-            raise self.fail(key, "is not hex") from None
-        if size is not None and len(value) != size:
-            raise self.fail(key, f"must be {size} bytes, not {len(value)}")
-        return value
+        """A text field of hex digits (as in Intel's PCS JSON), as bytes: never empty, ``size`` bytes if given."""
+        return self._hex(key, self._get(key, _MISSING), size)
+
+    def hex_list(self, key: str, size: int | None = None, *, max_items: int = 4096) -> tuple[builtins.bytes, ...]:
+        """An array of hex text strings, each read as :meth:`hex` and named ``key[i]``."""
+        items = self.list(key, max_items=max_items)
+        return tuple(self._hex(f"{key}[{i}]", item, size) for i, item in enumerate(items))
+
+    def _hex(self, key: str, value: object, size: int | None) -> builtins.bytes:
+        if not isinstance(value, str):
+            raise self._not_hex(key)
+        if len(value) > 2 * _MAX_HEX + 64:
+            raise self.fail(key, f"is too long ({len(value)} characters)")
+        text = self._hex_text(value)
+        if not _HEX.fullmatch(text):
+            raise self.fail(key, "must not be empty") if not text else self._not_hex(key)
+        raw = bytes.fromhex(text)
+        if size is not None and len(raw) != size:
+            raise self._hex_size(key, size, len(raw))
+        return raw
 
     def text(self, key: str, choices: Collection[str] | None = None, max_len: int = 256,
              default: str | None = None) -> str:
@@ -241,11 +272,35 @@ class Fields:
 
     def list(self, key: str, *, min_items: int = 0, max_items: int = 4096,
              default: tuple[object, ...] | None = None) -> tuple[object, ...]:
-        """An array of ``min_items`` to ``max_items`` items (check each with :meth:`item` or :meth:`map_at`)."""
+        """An array of ``min_items`` to ``max_items`` items (for lists of maps, :meth:`maps`)."""
         value = self._get(key, _MISSING if default is None else default)
         if not isinstance(value, (list, tuple)) or not min_items <= len(value) <= max_items:
-            raise self.fail(key, f"must be a list of {min_items} to {max_items} items")
+            raise self._not_list(key, value, min_items, max_items)
         return tuple(value)
+
+    def strings(self, key: str, *, max_items: int = 4096, max_len: int = 4096,
+                default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """An array of non-empty text strings of at most ``max_len`` characters."""
+        items = self.list(key, max_items=max_items, default=default)
+        if not all(isinstance(item, str) and 0 < len(item) <= max_len for item in items):
+            raise self._not_strings(key)
+        return tuple(str(item) for item in items)
+
+    def duration(self, key: str) -> float:
+        """Seconds: a positive number, or text such as "500ms", "30s", "5m", "2h", "1d"."""
+        value = self._get(key, _MISSING)
+        seconds = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and len(value) <= 64 and (m := _DURATION.fullmatch(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds is None:
+            raise self.fail(key, 'must be seconds or a duration like "30s", "5m", "2h"')
+        if not seconds < float("inf"):  # also NaN, which every comparison with an age would pass
+            raise self.fail(key, "must be a finite number of seconds")
+        if seconds <= 0:
+            raise self.fail(key, "must be more than zero")
+        return seconds
 
     def maps(self, key: str, allowed: Collection[str] | None = None, *, min_items: int = 0,
              max_items: int = 4096, default: tuple[object, ...] | None = None) -> tuple[Fields, ...]:
@@ -305,6 +360,23 @@ class Settings(Fields):
         if isinstance(value, str):
             return self.fail(key, f"must be at most {max_len} characters")
         return self.fail(key, f"must be a string, not {_type_name(value)}")
+
+    def _not_list(self, key: str, value: object, min_items: int, max_items: int) -> Exception:
+        if not isinstance(value, (list, tuple)):
+            return self.fail(key, f"must be a list, not {_type_name(value)}")
+        return self.fail(key, f"must have {min_items} to {max_items} items, not {len(value)}")
+
+    def _not_strings(self, key: str) -> Exception:
+        return self.fail(key, "must be a list of non-empty strings")
+
+    def _not_hex(self, key: str) -> Exception:
+        return self.fail(key, "must be a hex string")
+
+    def _hex_size(self, key: str, size: int, actual: int) -> Exception:
+        return self.fail(key, f"must be {size} bytes ({size * 2} hex digits), not {actual}")
+
+    def _hex_text(self, text: str) -> str:
+        return text.strip()  # people paste digests with a newline
 
     def _nested(self, value: object, key: str, allowed: Collection[str] | None) -> Fields:
         return Settings(value, self.name(key), self.hinted, allowed, source=self.source, unknown=self.unknown,

@@ -180,6 +180,15 @@ def test_certificates_from_files_and_inline(tmp_path):
     ("[tpm]\ndebug = true\n", "tpm.debug: not a setting for tpm evidence"),
     ("[sgx]\ntcb_statuses = [\"Fine\"]\n", "unknown TCB status 'Fine'"),
     ("[freshness]\nmax_age = \"soon\"\n", "freshness.max_age: must be seconds"),
+    ("[freshness]\nmax_age = nan\n", "freshness.max_age: must be a finite number"),  # NaN was accepted: never stale
+    ("[cove]\nmax_platform_age = inf\n", "cove.max_platform_age: must be a finite number"),  # inf was accepted
+    ("[cove]\nmeasurements = \"" + "00" * 32 + "\"\n", "cove.measurements: must be a list, not str"),
+    ("[cove]\nmeasurements = [\"00 11\"]\n", "cove.measurements[0]: must be a hex string"),
+    ("types = [\"cove\", 5]\n", "types: must be a list of non-empty strings"),
+    ("name = 7\n", "name: must be a string, not int"),
+    ("[[cove.signers]]\nsigner = \"zz\"\n", "cove.signers[0].signer: must be a hex string"),
+    ("[cove]\nek_ca = 5\n", "cove.ek_ca: must be a list, not int"),
+    ("[tdx.rtmrs]\n0 = \"00\"\n", "tdx.rtmrs.0: must be 48 bytes (96 hex digits), not 1"),
     ("[freshness]\nnonce = true\n", "freshness.nonce"),
     ("version = 2\n", "policy version 2 is not supported"),
     ("types = [\"arm\"]\n", "unknown evidence type 'arm'"),

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -217,13 +216,14 @@ def evaluate(policy: Policy, appraisal: Appraisal, *, nonce: bytes | None = None
     return _evaluate(policy, appraisal, nonce=nonce, report_data=report_data, now=now)
 
 
-_HEX = re.compile(r"^[0-9a-fA-F]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
 class _Parser:
-    """Validates a decoded policy; every problem is one PolicyError naming the key."""
+    """Reads a decoded policy through cove.decode's Settings; every problem is one PolicyError naming the key.
+
+    The accessor checks shapes (tables, lists, strings, hex, durations); what
+    is left here is the policy language's own rules: known evidence types and
+    TCB statuses, PCR banks and indexes, signer tables, init-data digests and
+    certificates by PEM text or file name.
+    """
 
     def __init__(self, source: str, base: Path | None, allow_paths: bool = True):
         self.source = source
@@ -233,22 +233,23 @@ class _Parser:
     def fail(self, key: str, problem: str, hint: str | None = None) -> PolicyError:
         return PolicyError(f"{self.source}: {key}: {problem}", hint)
 
-    def table(self, data: Any, key: str, allowed: tuple[str, ...] | None, unknown: str = "unknown setting") -> Settings:
+    def table(self, data: object, key: str, allowed: Collection[str] | None,
+              unknown: str = "unknown setting") -> Settings:
         """cove.decode's one accessor over a table of the policy, worded as the policy language's errors."""
         return Settings(data, key, PolicyError, allowed, source=self.source, unknown=unknown, allowed_hint="allowed")
 
-    def policy(self, data: Mapping) -> Policy:
+    def policy(self, data: Mapping[str, Any]) -> Policy:
         known = ("version", "name", "types", "freshness") + EVIDENCE_TYPES
-        self.table(data, "", known)
+        top = self.table(data, "", known)
         version = data.get("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise self.fail("version", f"policy version {version!r} is not supported (only {POLICY_VERSION})")
-        name = data.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
+        name = top.text("name", max_len=MAX_NAME) if top.has("name") else None
+        if name is not None and not name.strip():
             raise self.fail("name", "must be a non-empty string")
         rules = {t: self.rules(t, data[t]) for t in EVIDENCE_TYPES if t in data}
-        if "types" in data:
-            types = self.strings(data["types"], "types")
+        if top.has("types"):
+            types = top.strings("types", max_items=MAX_ITEMS)
             for t in types:
                 if t not in EVIDENCE_TYPES:
                     raise self.fail("types", f"unknown evidence type {t!r}", f"known: {', '.join(EVIDENCE_TYPES)}")
@@ -266,125 +267,88 @@ class _Parser:
         return Policy(types=accepted, rules=rules, freshness=self.freshness(data.get("freshness", {})),
                       name=name, digest=hashlib.sha256(canonical).hexdigest())
 
-    def freshness(self, data: Any) -> Freshness:
+    def freshness(self, data: object) -> Freshness:
         fields = self.table(data, "freshness", ("nonce", "max_age"))
         nonce = fields.text("nonce", ("required", "optional"), default="optional")
-        max_age = self.duration(data["max_age"], "freshness.max_age") if "max_age" in data else None
+        max_age = fields.duration("max_age") if fields.has("max_age") else None
         return Freshness(nonce_required=nonce == "required", max_age=max_age)
 
-    def rules(self, kind: str, data: Any) -> Rules:
+    def rules(self, kind: str, data: object) -> Rules:
         fields = self.table(data, kind, ALLOWED_KEYS[kind], unknown=f"not a setting for {kind} evidence")
         out: dict[str, Any] = {}
-        if "measurements" in data:
-            out["measurements"] = tuple(self.hex(v, f"{kind}.measurements[{i}]")
-                                        for i, v in enumerate(self.list(data["measurements"], f"{kind}.measurements")))
-        if "signers" in data:
+        if fields.has("measurements"):
+            out["measurements"] = fields.hex_list("measurements", max_items=MAX_ITEMS)
+        if fields.has("signers"):
             out["signers"] = tuple(self.signer(v, f"{kind}.signers[{i}]")
-                                   for i, v in enumerate(self.list(data["signers"], f"{kind}.signers")))
+                                   for i, v in enumerate(fields.list("signers", max_items=MAX_ITEMS)))
         for key in ("debug", "self_certified"):
-            if key in data:
+            if fields.has(key):
                 out[key] = fields.boolean(key)
-        if "tcb_statuses" in data:
-            statuses = self.strings(data["tcb_statuses"], f"{kind}.tcb_statuses")
+        if fields.has("tcb_statuses"):
+            statuses = fields.strings("tcb_statuses", max_items=MAX_ITEMS)
             for s in statuses:
                 if s not in TCB_STATUSES:
                     raise self.fail(f"{kind}.tcb_statuses", f"unknown TCB status {s!r}", f"known: {', '.join(TCB_STATUSES)}")
-            out["tcb_statuses"] = tuple(statuses)
+            out["tcb_statuses"] = statuses
         for key in ("backends", "isolation"):
-            if key in data:
-                out[key] = tuple(self.strings(data[key], f"{kind}.{key}"))
+            if fields.has(key):
+                out[key] = fields.strings(key, max_items=MAX_ITEMS)
         for key in ("platform_keys", "runtime_hashes", "ek_certificates", "launch_measurements"):
-            if key in data:
-                out[key] = tuple(self.hex(v, f"{kind}.{key}[{i}]", 32)
-                                 for i, v in enumerate(self.list(data[key], f"{kind}.{key}")))
-        if "ak_names" in data:
-            out["ak_names"] = tuple(self.hex(v, f"{kind}.ak_names[{i}]")
-                                    for i, v in enumerate(self.list(data["ak_names"], "cove.ak_names")))
-        if "pcrs" in data:
-            out["pcrs"] = self.pcrs(data["pcrs"], f"{kind}.pcrs")
+            if fields.has(key):
+                out[key] = fields.hex_list(key, 32, max_items=MAX_ITEMS)
+        if fields.has("ak_names"):
+            out["ak_names"] = fields.hex_list("ak_names", max_items=MAX_ITEMS)
+        if fields.has("pcrs"):
+            out["pcrs"] = self.pcrs(fields.map["pcrs"], f"{kind}.pcrs")
         for key in ("ek_ca", "ak_ca", "roots"):
-            if key in data:
-                out[key] = self.certificates(data[key], f"{kind}.{key}")
-        if "min_tcb" in data:
-            out["min_tcb"] = self.min_tcb(data["min_tcb"], f"{kind}.min_tcb")
-        if "rtmrs" in data:
-            out["rtmrs"] = self.indexed_hex(data["rtmrs"], f"{kind}.rtmrs", 4, 48)
-        if "max_platform_age" in data:
-            out["max_platform_age"] = self.duration(data["max_platform_age"], f"{kind}.max_platform_age")
-        if "init_data_digests" in data:
+            if fields.has(key):
+                out[key] = self.certificates(fields, key)
+        if fields.has("min_tcb"):
+            out["min_tcb"] = self.min_tcb(fields.map["min_tcb"], f"{kind}.min_tcb")
+        if fields.has("rtmrs"):
+            out["rtmrs"] = self.indexed_hex(fields.map["rtmrs"], f"{kind}.rtmrs", 4, 48)
+        if fields.has("max_platform_age"):
+            out["max_platform_age"] = fields.duration("max_platform_age")
+        if fields.has("init_data_digests"):
             key = f"{kind}.init_data_digests"
-            out["init_data_digests"] = tuple(self.hex(v, f"{key}[{i}]")
-                                             for i, v in enumerate(self.list(data["init_data_digests"], key)))
+            out["init_data_digests"] = fields.hex_list("init_data_digests", max_items=MAX_ITEMS)
             for i, digest in enumerate(out["init_data_digests"]):
                 if len(digest) not in (32, 48, 64):
                     raise self.fail(f"{key}[{i}]", "must be a SHA-256, SHA-384 or SHA-512 digest "
                                                    "(64, 96 or 128 hex digits)")
-        if "init_data" in data:
-            out["init_data"] = self.init_data(data["init_data"], f"{kind}.init_data")
+        if fields.has("init_data"):
+            out["init_data"] = self.init_data(fields.map["init_data"], f"{kind}.init_data")
         return Rules(**out)
 
-    # value checkers
+    # the policy language's own tables
 
-    def list(self, value: Any, key: str) -> list:
-        if not isinstance(value, list):
-            raise self.fail(key, "must be a list")
-        return value
-
-    def strings(self, value: Any, key: str) -> list[str]:
-        items = self.list(value, key)
-        if not all(isinstance(v, str) and v for v in items):
-            raise self.fail(key, "must be a list of non-empty strings")
-        return items
-
-    def hex(self, value: Any, key: str, size: int | None = None) -> bytes:
-        if not isinstance(value, str) or not _HEX.match(value.strip()) or len(value.strip()) % 2:
-            raise self.fail(key, "must be a hex string")
-        raw = bytes.fromhex(value.strip())
-        if size is not None and len(raw) != size:
-            raise self.fail(key, f"must be {size} bytes ({size * 2} hex digits), not {len(raw)}")
-        if not raw:
-            raise self.fail(key, "must not be empty")
-        return raw
-
-    def duration(self, value: Any, key: str) -> float:
-        if isinstance(value, bool):
-            raise self.fail(key, "must be seconds or a duration like \"30s\", \"5m\", \"2h\"")
-        if isinstance(value, (int, float)):
-            seconds = float(value)
-        elif isinstance(value, str) and (m := _DURATION.match(value)):
-            seconds = float(m.group(1)) * _UNITS[m.group(2)]
-        else:
-            raise self.fail(key, "must be seconds or a duration like \"30s\", \"5m\", \"2h\"")
-        if seconds <= 0:
-            raise self.fail(key, "must be more than zero")
-        return seconds
-
-    def signer(self, value: Any, key: str) -> SignerRule:
+    def signer(self, value: object, key: str) -> SignerRule:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table with signer, and optionally product_id and min_svn")
         fields = self.table(value, key, ("signer", "product_id", "min_svn"))
-        if "signer" not in value:
+        if not fields.has("signer"):
             raise self.fail(key, "names no signer")
         return SignerRule(
-            signer=self.hex(value["signer"], f"{key}.signer"),
+            signer=fields.hex("signer"),
             product_id=fields.uint("product_id") if fields.has("product_id") else None,
             min_svn=fields.integer("min_svn", 0, 2**64 - 1, default=0))
 
-    def indexed_hex(self, value: Any, key: str, count: int, size: int | None) -> dict[int, bytes]:
+    def indexed_hex(self, value: object, key: str, count: int, size: int | None) -> dict[int, bytes]:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table of index = \"hex\"")
+        fields = self.table(value, key, None)
         out = {}
-        for k, v in value.items():
+        for k in value:
             try:
                 idx = int(k)
             except (TypeError, ValueError):
                 raise self.fail(f"{key}.{k}", "index must be a number") from None
             if not 0 <= idx < count:
                 raise self.fail(f"{key}.{k}", f"index must be from 0 to {count - 1}")
-            out[idx] = self.hex(v, f"{key}.{k}", size)
+            out[idx] = fields.hex(str(k), size)
         return out
 
-    def pcrs(self, value: Any, key: str) -> dict[str, dict[int, bytes]]:
+    def pcrs(self, value: object, key: str) -> dict[str, dict[int, bytes]]:
         sizes = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table of banks, e.g. [cove.pcrs.sha256]")
@@ -395,28 +359,33 @@ class _Parser:
             out[bank] = self.indexed_hex(values, f"{key}.{bank}", 24, sizes[bank])
         return out
 
-    def init_data(self, value: Any, key: str) -> dict[str, tuple[Any, ...]]:
+    def init_data(self, value: object, key: str) -> dict[str, tuple[Any, ...]]:
         """Keys of the init-data ``data`` table, each with the list of values accepted for it."""
         if not isinstance(value, Mapping) or not value:
             raise self.fail(key, "must be a table of data key = [accepted values], "
                                  'e.g. "policy.rego" = ["..."]')
+        fields = self.table(value, key, None)
         out = {}
-        for name, accepted in value.items():
-            items = self.list(accepted, f"{key}.{name}")
+        for name in value:
+            items = fields.list(str(name), max_items=MAX_ITEMS)
             if not items:
                 raise self.fail(f"{key}.{name}", "lists no accepted value (which would deny every init-data)")
             out[str(name)] = tuple(_canonical(v) for v in items)
         return out
 
-    def min_tcb(self, value: Any, key: str) -> dict[str, int]:
+    def min_tcb(self, value: object, key: str) -> dict[str, int]:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table like {bootloader = 3, tee = 0, snp = 8, microcode = 115}")
         fields = self.table(value, key, SNP_TCB_PARTS, unknown="unknown TCB component")
         return {str(part): fields.integer(str(part), 0, 255) for part in value}
 
-    def certificates(self, value: Any, key: str) -> tuple[bytes, ...]:
+    def certificates(self, fields: Settings, field_key: str) -> tuple[bytes, ...]:
         """PEM text or paths (relative to the policy file) of certificates, as DER."""
-        items = [value] if isinstance(value, str) else self.strings(value, key)
+        key = fields.name(field_key)
+        if isinstance(fields.map[field_key], str):
+            items: tuple[str, ...] = (fields.text(field_key, max_len=MAX_FILE),)
+        else:
+            items = fields.strings(field_key, max_items=MAX_ITEMS, max_len=MAX_FILE)
         out: list[bytes] = []
         for item in items:
             if "-----BEGIN" in item:
@@ -429,11 +398,12 @@ class _Parser:
                 if not path.is_absolute() and self.base is not None:
                     path = self.base / path
                 try:
-                    pem = _read_bounded(path)
-                    if pem is None:
-                        raise self.fail(key, f"certificate file {item} is larger than {MAX_FILE >> 20} MiB")
+                    read = _read_bounded(path)
                 except OSError as exc:
                     raise self.fail(key, f"cannot read certificate file {item}: {exc.strerror or exc}") from None
+                if read is None:
+                    raise self.fail(key, f"certificate file {item} is larger than {MAX_FILE >> 20} MiB")
+                pem = read
             try:
                 certs = x509.load_pem_x509_certificates(pem)
             except ValueError as exc:
@@ -442,6 +412,10 @@ class _Parser:
         if not out:
             raise self.fail(key, "names no certificate")
         return tuple(out)
+
+
+MAX_ITEMS = 1 << 16  # entries of one list in a policy: far more reference values than any deployment has
+MAX_NAME = 4096
 
 
 def _canonical(value: Any) -> Any:
