@@ -10,8 +10,8 @@ to the engine's cgroup, where the runtime runs, so a small limit holds the
 program and what the launcher does for it, not Cove's start-up. The
 enclave's own groups (cove.runtime.limits, with the measured limits) are
 made below it, so the engine's limit caps the enclave as a whole and
-`podman stats` sees it. `delete` removes the groups. Standard library only:
-`delete` uses it.
+`podman stats` sees it. `delete` removes the groups create made (not one
+that existed before). Standard library only: `delete` uses it.
 """
 
 from __future__ import annotations
@@ -29,18 +29,43 @@ class CgroupError(CoveError):
     """linux.cgroupsPath or linux.resources cannot be honoured (exit 2)."""
 
 
-def _own(controller: str | None) -> str | None:
-    """This process's group in one v1 controller's hierarchy (None: the v2 group)."""
+def _membership() -> list[tuple[list[str], str]]:
+    """This process's groups from /proc/self/cgroup: (controllers, path) per hierarchy ([] is the v2 one)."""
     try:
         with open("/proc/self/cgroup") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return None
+        return []
+    found: list[tuple[list[str], str]] = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if (controller is None and controllers == "") or (controller and controller in controllers.split(",")):
+        found.append((controllers.split(",") if controllers else [], path))
+    return found
+
+
+def _own(controller: str | None) -> str | None:
+    """This process's group in one v1 controller's hierarchy (None: the v2 group)."""
+    for controllers, path in _membership():
+        if (controller is None and not controllers) or (controller and controller in controllers):
             return path
     return None
+
+
+def own() -> list[str]:
+    """The folders of this process's groups that Cove limits in (memory, pids; the v2 group).
+
+    Without linux.cgroupsPath the launcher makes the enclave's groups below
+    these (inherited from the engine): `kill --all` and `delete` look there
+    for cove-PID-… only.
+    """
+    found: list[str] = []
+    for controllers, path in _membership():
+        if not controllers:
+            if _unified():  # on a v1 hybrid the launcher limits in v1 only (cove.runtime.limits)
+                found.append(ROOT + path)
+        elif "memory" in controllers or "pids" in controllers:
+            found.append(os.path.join(ROOT, ",".join(controllers)) + path)
+    return found
 
 
 def _unified() -> bool:
@@ -65,7 +90,9 @@ def groups_for(cgroups_path: str) -> list[str]:
 
 
 def make(groups: list[str], memory: int | None, pids: int | None) -> list[str]:
-    """Create the groups and write the engine's limits; the groups this call made (for a failed create)."""
+    """Create the groups and write the engine's limits; the groups this call made, the only ones the
+    container owns: a group that existed (another container's, the engine's) is joined and limited, never
+    signalled or removed by `kill --all` and `delete`."""
     made: list[str] = []
     try:
         for group in groups:

@@ -233,23 +233,6 @@ def cmd_delete(root: str, ident: str, force: bool) -> int:
     return 0
 
 
-def own_cgroups() -> list[str]:
-    """The cgroup folders the launcher makes its enclave's groups in (those of this process, inherited)."""
-    found: list[str] = []
-    try:
-        with open("/proc/self/cgroup") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        names = controllers.split(",")
-        if controllers == "" or "memory" in names or "pids" in names:
-            base = "/sys/fs/cgroup" if controllers == "" else f"/sys/fs/cgroup/{controllers}"
-            found.append(base + path)
-    return found
-
-
 def remove_cgroups(parents: list[str], pid: int) -> None:
     """The empty groups a killed container process left (named cove-PID-… by cove.runtime.limits)."""
     for parent in parents:

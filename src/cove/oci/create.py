@@ -52,11 +52,12 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
         raise CoveError(f"container {ident} already exists", "delete it first, or choose another id") from None
     pid: int | None = None
     groups: list[str] = []
+    made: list[str] = []  # only these are the container's: kill --all and delete never touch a group that existed
     handing: int | None = None
     try:
         if bundle.cgroups_path:
             groups = cgroups.groups_for(bundle.cgroups_path)
-            cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
+            made = cgroups.make(groups, bundle.memory_limit, bundle.pids_limit)
         console: int | None = None
         if bundle.process.terminal:
             if not console_socket:
@@ -77,7 +78,7 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
             pipe.write(pickle.dumps(prepared))
         found = cli.start_time(pid)
         container.save({"id": ident, "pid": pid, "pid_start": found[0] if found else None,
-                        "cgroups": groups or cli.own_cgroups(), "container_cgroups": groups,
+                        "cgroups": groups or cgroups.own(), "container_cgroups": made,
                         "bundle": str(Path(bundle_dir).resolve()), "created": time.time(),
                         "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
         if pid_file:
@@ -96,7 +97,7 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
             except ChildProcessError:
                 pass
         cli.cleanup(container.dir)
-        cgroups.remove(groups)
+        cgroups.remove(made)
         raise
     return 0
 
