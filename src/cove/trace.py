@@ -37,8 +37,13 @@ def emit(name: str, began: float, ended: float) -> None:
             sys.stderr.write(line)
             sys.stderr.flush()
         else:
-            with open(where, "a", encoding="utf-8") as handle:
-                handle.write(line)
+            # no symbolic link followed (a root daemon's trace file may be in /tmp), private, not inherited
+            fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
     except (OSError, ValueError):
         pass
 

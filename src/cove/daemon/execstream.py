@@ -14,7 +14,8 @@ from typing import Protocol
 
 PROTOCOL = "cove-exec/1"
 STDIN, STDOUT, STDERR, EXIT, RESIZE = 0, 1, 2, 3, 4
-HEADER = struct.Struct(">BxxxI")
+HEADER = struct.Struct(">B3sI")
+PAD = b"\0\0\0"
 MAX_PAYLOAD = 1 << 20  # a larger frame is a protocol error: the session ends
 CHUNK = 65536
 
@@ -30,7 +31,7 @@ class ProtocolError(Exception):
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, len(payload)) + payload
+    return HEADER.pack(kind, PAD, len(payload)) + payload
 
 
 def exit_frame(code: int) -> bytes:
@@ -48,8 +49,11 @@ def read_frame(reader: Reader) -> tuple[int, bytes] | None:
         return None
     if len(head) < HEADER.size:
         raise ProtocolError("the stream ended inside a frame header")
-    kind, size = HEADER.unpack(head)
+    kind, pad, size = HEADER.unpack(head)
+    if pad != PAD:
+        raise ProtocolError("a frame header's pad bytes are not zero")
     if kind > RESIZE:
+
         raise ProtocolError(f"unknown frame kind {kind}")
     if size > MAX_PAYLOAD:
         raise ProtocolError(f"a frame of {size} bytes (the limit is {MAX_PAYLOAD})")

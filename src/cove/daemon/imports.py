@@ -16,6 +16,8 @@ again. docs/threat-model.md says why this is safe.
 from __future__ import annotations
 
 import os
+import threading
+
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,47 +49,60 @@ def key(instance: Path, signer: bytes | None, reader: int | None) -> Key | None:
 
 
 class ImportCache:
-    """ImageStore.import_instance and ImageStore.verified, remembered while the build files are unchanged."""
+    """ImageStore.import_instance and ImageStore.verified, remembered while the build files are unchanged.
+
+    Shared by the daemon's request threads: every look at or change of its two maps holds ``lock``.
+    """
 
     def __init__(self, store: ImageStore, limit: int = LIMIT) -> None:
         self.store = store
         self.limit = limit
         self.images: OrderedDict[Key, str] = OrderedDict()
         self.builds: dict[str, VerifiedBuild] = {}
+        self.lock = threading.Lock()  # the daemon's request threads share the cache
 
     def import_instance(self, instance: Path, signer: bytes | None = None,
                         reader: int | None = None) -> tuple[StoredImage, bool]:
         before = key(instance, signer, reader)
-        if before is not None and (ident := self.images.get(before)) is not None:
+        with self.lock:
+            ident = self.images.get(before) if before is not None else None
+        if before is not None and ident is not None:
             image = self._stored(ident)
-            if image is not None:
-                self.images.move_to_end(before)
-                return image, False
-            del self.images[before]
-        image, new = self.store.import_instance(instance, signer, reader)
+            with self.lock:
+                if image is not None:
+                    if before in self.images:
+                        self.images.move_to_end(before)
+                    return image, False
+                self.images.pop(before, None)  # another request may have dropped it already
+        image, new = self.store.import_instance(instance, signer, reader)  # the store has its own locking
         if before is not None and key(instance, signer, reader) == before:  # nothing changed during the import
-            self.images[before] = image.id
-            while len(self.images) > self.limit:
-                self.images.popitem(last=False)
+            with self.lock:
+                self.images[before] = image.id
+                while len(self.images) > self.limit:
+                    self.images.popitem(last=False)
         return image, new
 
     def verified(self, image: StoredImage) -> VerifiedBuild:
         """The stored build, checked once per image (the store is root's alone: it does not change)."""
-        build = self.builds.get(image.id)
+        with self.lock:
+            build = self.builds.get(image.id)
         if build is None:
-            build = self.store.verified(image)
-            self.builds[image.id] = build
+            build = self.store.verified(image)  # outside the lock: two first runs may both check, once each
+            with self.lock:
+                self.builds[image.id] = build
         return build
 
     def forget(self, ident: str) -> None:
         """An image left the store (rmi)."""
-        self.builds.pop(ident, None)
-        for cached, value in list(self.images.items()):
-            if value == ident:
-                del self.images[cached]
+        with self.lock:
+            self.builds.pop(ident, None)
+            for cached, value in list(self.images.items()):
+                if value == ident:
+                    del self.images[cached]
 
     def _stored(self, ident: str) -> StoredImage | None:
         if not (self.store.images / ident).is_dir():
-            self.builds.pop(ident, None)
+            with self.lock:
+                self.builds.pop(ident, None)
             return None
         return self.store.get(ident)

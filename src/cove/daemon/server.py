@@ -43,6 +43,7 @@ from cove.daemon.problems import Problem, from_cove_error
 from cove.daemon.registry import ConflictError, Enclave, Registry, owns, process_start
 
 from cove.daemon.supervisor import parse_restart
+from cove.decode import decode_json
 from cove.errors import CoveError, ExitCode, NotFoundError
 from cove.image.store import ImageStore
 
@@ -157,18 +158,11 @@ class Daemon:
 
     # -- access
 
-    def authorize(self, pid: int, uid: int, gid: int) -> None:
+    def authorize(self, connection: socket.socket, uid: int, gid: int) -> None:
+        """Root, or a member of the group: the groups the peer had when it connected (SO_PEERGROUPS)."""
         if uid == 0:
             return
-        groups = {gid}
-        try:
-            with open(f"/proc/{pid}/status") as handle:
-                for line in handle:
-                    if line.startswith("Groups:"):
-                        groups.update(int(g) for g in line.split()[1:])
-        except OSError:
-            pass
-        if self.gid is None or self.gid not in groups:
+        if self.gid is None or (self.gid != gid and self.gid not in peer_groups(connection)):
             raise Problem("Forbidden", f"uid {uid} is neither root nor in the `{self.group}` group",
                           ExitCode.REFUSED)
 
@@ -353,7 +347,7 @@ class Daemon:
         if enclave.status != "running" or not program or start is None:
             raise ConflictError(f"enclave {enclave.name} is not running", "start it with `cove run -d`")
         image = self.store.get(enclave.record["image"])
-        config = self.store.verified(image).config
+        config = self.imports.verified(image).config  # checked once per image, not at every exec
         path = os.path.normpath(argv[0])
         if not config.enclave.debug and not launcher.allowed(path, config.process.entry_points):
             raise Problem("Forbidden", f"{path} is not an entry point of this enclave (allowed: "
@@ -499,6 +493,10 @@ class Daemon:
         return {"blobs_removed": blobs, "bytes_freed": freed}
 
 
+def _invalid_body(message: str) -> Problem:
+    return Problem("InvalidRequest", message)
+
+
 def _field(body: JSON, name: str, kind: type, default: Any = ...) -> Any:
     if name not in body or body[name] is None:
         if default is ...:
@@ -523,6 +521,24 @@ def _check_owner(instance: Path, uid: int) -> None:
             raise NotFoundError(f"{path} is missing") from None
         if st.st_uid != uid:
             raise Problem("Forbidden", f"{path} does not belong to uid {uid}", ExitCode.REFUSED)
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it from 3.?, not always
+
+
+def peer_groups(connection: socket.socket) -> set[int]:
+    """The supplementary groups of the peer, as the kernel saved them at connect() (no /proc, no pid)."""
+    size = 4 * 256
+    while True:
+        try:
+            data = connection.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= 4 * 65536:
+                return set()
+            size = 4 * 65536  # NGROUPS_MAX
+    count = len(data) // 4
+    return set(struct.unpack(f"{count}I", data[:count * 4]))
 
 
 def _send_line(process: subprocess.Popen[bytes], line: bytes) -> None:
@@ -582,7 +598,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pid, uid, gid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                        struct.calcsize("3i")))
             self.peer_uid = uid
-            self.daemon.authorize(pid, uid, gid)
+            self.daemon.authorize(self.request, uid, gid)
+
             url = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(url.query))
             status = self._route(method, url.path, query)
@@ -615,10 +632,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         kind = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
         if kind != "application/json":
             raise Problem("UnsupportedMediaType", f"Content-Type {kind} is not application/json")
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise Problem("InvalidRequest", "the body is not valid JSON") from None
+        body = decode_json(data, _invalid_body, "the body", limit=MAX_BODY)  # nested too deep too: a 400
         if not isinstance(body, dict):
             raise Problem("InvalidRequest", "the body must be a JSON object")
         return body
