@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,49 @@ def test_bad_rotation_options_are_one_line(cove, tmp_path, option):
                           capture_output=True, text=True, env=cove.env, timeout=60)
     assert done.returncode == 2 and error_line(done).startswith("cove: error:")
     assert not (tmp_path / "s").exists()
+
+
+TAIL_PROBE = """
+import resource, sys
+from pathlib import Path
+from cove.daemon import logfile
+out = logfile.tail(Path(sys.argv[1]), 3, 2)
+print(out.decode(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_tail_reads_only_the_end(tmp_path):
+    """A 4 GiB log (sparse here; rotation off lets it grow so): --tail reads backwards, not the whole file."""
+    log = tmp_path / "log"
+    with open(log, "wb") as handle:
+        handle.truncate(4 << 30)
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"one\ntwo\nthree\n")
+    (tmp_path / "log.1").write_bytes(b"older\n")
+    done = subprocess.run([sys.executable, "-c", TAIL_PROBE, str(log)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    text, rss = done.stdout.rsplit(" ", 1)
+    assert text == "two\nthree\n" and int(rss) < 200, done.stdout[-200:]  # MiB: the file itself never is
+    assert logfile.tail(tmp_path / "log.1", 3, 5) == b"older\n"
+
+
+def test_rotation_keeps_the_live_file_and_logs_fall_back(small_node, tmp_path):
+    """The writer never leaves `log` missing; and a log missing anyway (an older supervisor's rotation) is
+    read from log.1, not answered with a 500."""
+    log = tmp_path / "log"
+    read, write = os.pipe()
+    writer = logfile.Writer(read, log, logfile.MIN_BYTES, 3).start()
+    for n in range(200):
+        os.write(write, b"line %04d\n" % n + b"x" * 300 + b"\n")
+        assert log.exists()
+    os.close(write)
+    writer.finish()
+    assert not (tmp_path / "log.new").exists() and (tmp_path / "log.1").exists() and (tmp_path / "log.2").exists()
+    instance = make_instance(small_node.cove, tmp_path)
+    ident = small_node.cove.ok("run", "-d", "/bin/echo", "the-line", cwd=instance).stdout.strip()
+    small_node.until(ident, "exited")
+    folder = small_node.root / "enclaves" / ident
+    os.rename(folder / "log", folder / "log.1")
+    status, body = small_node.api("GET", f"/v1/enclaves/{ident}/logs")
+    assert status == 200 and body == b"the-line\n", body
+    small_node.cove.ok("rm", ident)

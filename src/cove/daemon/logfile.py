@@ -3,8 +3,9 @@
 With rotation on, the supervisor gives the enclave a pipe as stdout and
 stderr and one thread of its own copies the pipe to ``log``: when the next
 bytes would take it past its size, it writes up to the last whole line that
-fits, renames ``log`` to ``log.1`` (``log.1`` to ``log.2``, and so on; the
-oldest beyond the count goes) and goes on in a new ``log``. Nothing is lost
+fits, shifts ``log.1`` to ``log.2`` and so on (the oldest beyond the count
+goes), links ``log`` as ``log.1`` and renames a new empty file over ``log``
+(so ``log`` never is missing), and goes on in that new ``log``. Nothing is lost
 between the files: the writer is the only one, and it renames only after
 its last write to the old file. Readers (``cove logs``) read the rotated
 files oldest first; a follower that finds its file renamed drains it, then
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +27,7 @@ DEFAULT_MAX_BYTES = 10 << 20
 DEFAULT_FILES = 3
 MIN_BYTES = 4096
 MAX_FILES = 100
+TAIL_STEP = 64 << 10
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -92,14 +96,24 @@ class Writer:
             view = view[written:]
 
     def rotate(self) -> None:
+        """Shift the files by one; ``log`` exists throughout (a reader opening it never finds it missing).
+
+        The new file is made first under another name; the live one gets its ``log.1`` name as a second
+        link, and the new file then replaces ``log`` in one rename.
+        """
+        fresh = self.log.with_name(self.log.name + ".new")
+        fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         names = rotated(self.log, self.files)
         if names:
-            for older, newer in zip(reversed(names), reversed([self.log, *names[:-1]])):
+            for older, newer in zip(reversed(names), reversed(names[:-1])):
                 if newer.exists():
                     os.replace(newer, older)
-        else:
-            os.unlink(self.log)  # a count of one keeps only the live file
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.unlink(names[0])
+            except FileNotFoundError:
+                pass
+            os.link(self.log, names[0])
+        os.replace(fresh, self.log)  # a count of one keeps only the live file: the old one goes here
         os.close(self.fd)
         self.fd, self.size = fd, 0
 
@@ -129,6 +143,16 @@ def newer(handle: BinaryIO, log: Path, files: int) -> BinaryIO | None:
     return None
 
 
+def open_live(log: Path, files: int) -> BinaryIO:
+    """The live file for reading; should it be missing (a rotation by an older supervisor, which renamed it
+    away before making the new one), a moment later, or else the newest rotated file."""
+    for path in (log, log, *rotated(log, files)[:1]):
+        if (found := _open(path)) is not None:
+            return found
+        time.sleep(0.01)
+    return open(log, "rb")  # still missing: the caller's FileNotFoundError
+
+
 def _open(path: Path) -> BinaryIO | None:
     try:
         return open(path, "rb")
@@ -137,17 +161,38 @@ def _open(path: Path) -> BinaryIO | None:
 
 
 def tail(log: Path, files: int, lines: int) -> bytes:
-    """The last ``lines`` lines over every file of the log."""
+    """The last ``lines`` lines over every file of the log, read backwards in TAIL_STEP blocks.
+
+    Only as much as those lines take is read, never whole files (they may be large, or unbounded with
+    rotation off). A file seen twice (a second link during a rotation) counts once.
+    """
     if lines <= 0:
         return b""
-    data = b""
+    blocks: list[bytes] = []  # newest first
+    newlines = 0
+    seen: set[tuple[int, int]] = set()
     for path in reversed(existing(log, files)):
         try:
-            data = path.read_bytes() + data
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
-        if data.count(b"\n") > lines:
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            end = st.st_size
+            while end > 0 and newlines <= lines:
+                start = max(0, end - TAIL_STEP)
+                block = os.pread(fd, end - start, start)
+                blocks.append(block)
+                newlines += block.count(b"\n")
+                end = start
+        finally:
+            os.close(fd)
+        if newlines > lines:
             break
+    data = b"".join(reversed(blocks))
     parts = data.split(b"\n")
     kept = parts[-(lines + 1):] if data.endswith(b"\n") else parts[-lines:]
     return b"\n".join(kept)

@@ -433,7 +433,8 @@ class Daemon:
         files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
         delay = 0.002  # short waits first (a short-lived enclave ends soon), longer ones later
         began = time.monotonic()  # `cove run` follows from the start: it sees the end within 10 ms for 5 s
-        handle: BinaryIO = open(enclave.log, "rb")
+        handle: BinaryIO = logfile.open_live(enclave.log, files)
+
         try:
             if tail is not None:
                 yield logfile.tail(enclave.log, files, tail)
