@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cove.errors import CoveError, NotFoundError
+from cove.errors import CoveError, NotFoundError, exit_status
 from cove.oci import cli
 from cove.oci import spec as spec_mod
 from cove.oci.spec import BundleError
@@ -171,7 +171,7 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         helper = _start(program, request, console_socket if process.terminal else None)
         if pid_file:
             _write_pid(pid_file, helper.pid)
-        return _code(helper.wait())
+        return exit_status(helper.wait())
     return _detached(program, request, console_socket if process.terminal else None, pid_file)
 
 
@@ -198,7 +198,7 @@ def _detached(program: int, request: dict[str, Any], console_socket: str | None,
                 signal.signal(number, lambda signum, _frame: helper.send_signal(signum))
             os.write(told, b"ok")
             os.close(told)
-            code = _code(helper.wait())
+            code = exit_status(helper.wait())
         except CoveError as exc:
             os.write(told, f"{int(exc.exit_code)} {exc.line()}".encode())
             code = int(exc.exit_code)
@@ -239,11 +239,6 @@ def _start(program: int, request: dict[str, Any], console_socket: str | None) ->
         helper.wait()
         raise
     return helper
-
-
-def _code(status: int) -> int:
-    """Popen's return code as a shell's: 128 + N after signal N."""
-    return 128 - status if status < 0 else status
 
 
 def _write_pid(pid_file: str, pid: int) -> None:
