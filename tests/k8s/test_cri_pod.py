@@ -29,9 +29,9 @@ def _webhook_pod() -> dict:
                         "labels": {"cove.dev/enclave": "true"}},
            "spec": {"containers": [{"name": "hello", "image": HELLO, "command": ["/bin/sh"],
                                     "args": ["-c", "cat /dev/attestation/attestation_type; exit 4"],
-                                    # 1Gi: under a 256Mi container limit the cove runtime's own start
-                                    # fails here (charged to the container's cgroup); see docs/kubernetes.md
-                                    "resources": {"limits": {"memory": "1Gi"}}}]}}
+                                    # 256Mi: the runtime joins the container's cgroup only after
+                                    # `start`, so its own start is not charged to it (docs/kubernetes.md)
+                                    "resources": {"limits": {"memory": "256Mi"}}}]}}
     settings = admission.Settings({"url": "https://kbs.cove-system.svc:8443", "timeout": "10"})
     response = admission.review(review(pod), settings, mutate=True)["response"]
     assert response["allowed"]
@@ -57,7 +57,7 @@ def test_a_webhook_made_pod_runs_under_the_cove_handler(cri_node, tmp_path):
         assert status.annotations["cove.dev/kbs-url"] == "https://kbs.cove-system.svc:8443"
         container = spec["containers"][0]
         limits = container["resources"]["limits"]
-        assert limits["cove.dev/enclave"] == "1" and limits["cove.dev/enclave-memory"] == "1024"
+        assert limits["cove.dev/enclave"] == "1" and limits["cove.dev/enclave-memory"] == "256"
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=container["name"]), image=cri.ImageSpec(image=container["image"]),
             command=container["command"], args=container["args"], log_path="hello.log",
