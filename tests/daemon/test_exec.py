@@ -436,3 +436,39 @@ def test_a_helper_killed_by_a_signal_gives_128_plus_n(node, running):
                 break
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["exit_code"] == 137
     _gone(b"sleep\x0031340")
+
+
+def test_window_changes_while_input_is_stuck_do_not_stop_the_output(node, running):
+    """A program that reads no input: stdin backs up to the client, whose SIGWINCH handler must not wait
+    for the blocked sender (the output would stop being read)."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            _set_size(0, 24, 80)
+            os.execve(COVE, [COVE, "exec", "-it", running, "/bin/sh", "-c",
+                             "stty -echo; echo ready; sleep 3; echo after-$((40 + 2)); sleep 600"], node.cove.env)
+        finally:
+            os._exit(120)
+    try:
+        _read_until(master, b"ready")
+        os.set_blocking(master, False)
+        chunk = b"z" * 4096
+        stuck = time.monotonic() + 2
+        while time.monotonic() < stuck:  # fill every buffer between here and the program's terminal
+            try:
+                os.write(master, chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGWINCH)
+        for _ in range(20):
+            os.kill(pid, signal.SIGWINCH)
+            time.sleep(0.02)
+        os.set_blocking(master, True)
+        _read_until(master, b"after-42")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)

@@ -186,8 +186,10 @@ def _terminal_size() -> tuple[int, int]:
 
 def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int:
     """`cove exec` over the upgraded connection (docs/formats/daemon-api.md): output as it comes, the exit code."""
+    import queue
     import signal
     import termios
+
     import threading
     import tty as tty_mod
 
@@ -200,17 +202,28 @@ def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int
     except DaemonError as exc:
         raise LifecycleError(exc.line, exc.exit_code) from None
     sock, reader = response.sock, response.file
-    sending = threading.Lock()
+    # one writer thread sends every frame: the SIGWINCH handler, on the main (reading) thread, only queues
+    # (SimpleQueue.put is safe in a signal handler), so output keeps being read while a send is blocked
+    outbox: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
+    room = threading.Semaphore(8)  # stdin frames queued at most: a daemon that does not read stops stdin only
 
-    def send(data: bytes) -> None:
-        with sending:
-            sock.sendall(data)
+    def write_frames() -> None:
+        while (item := outbox.get()) is not None:
+            data, counted = item
+            try:
+                sock.sendall(data)
+            except OSError:
+                pass  # the daemon left: reading the stream says how
+            if counted:
+                room.release()
 
     def copy_stdin() -> None:
         try:
             while data := os.read(0, execstream.CHUNK):
-                send(execstream.frame(execstream.STDIN, data))
-            send(execstream.frame(execstream.STDIN))
+                room.acquire()
+                outbox.put((execstream.frame(execstream.STDIN, data), True))
+            room.acquire()
+            outbox.put((execstream.frame(execstream.STDIN), True))
         except OSError:
             pass
 
@@ -221,12 +234,10 @@ def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int
         tty_mod.setraw(0, termios.TCSANOW)
     if tty:
         def resize(_signum: int, _frame: object) -> None:
-            try:
-                send(execstream.resize_frame(*_terminal_size()))
-            except OSError:
-                pass
+            outbox.put((execstream.resize_frame(*_terminal_size()), False))
 
         previous_winch = signal.signal(signal.SIGWINCH, resize)
+    threading.Thread(target=write_frames, name="frames", daemon=True).start()
     try:
         if interactive:
             threading.Thread(target=copy_stdin, name="stdin", daemon=True).start()
@@ -246,6 +257,7 @@ def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
         if previous_winch is not None:
             signal.signal(signal.SIGWINCH, previous_winch)
+        outbox.put(None)
         response.close()
 
 
