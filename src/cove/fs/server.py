@@ -99,16 +99,17 @@ def _die_with_parent() -> None:
 def main() -> int:
     _die_with_parent()
     # load the heavy modules while the launcher is still preparing the enclave
-    from cove.fs import fuse  # noqa: F401
+    from cove.fs import encrypted_image, fuse  # noqa: F401
     from cove.fs.access import open_volume
 
     try:
         settings = read_settings(sys.stdin.buffer.read(MAX_SETTINGS + 1))
-        listing = None
-        if settings.image is not None:  # an encrypted root image: checked below against its signed listing
-            from cove.fs import encrypted_image
-
-            listing = encrypted_image.decode_listing(settings.image)
+        # an encrypted root image: checked below against its signed listing
+        listing = encrypted_image.decode_listing(settings.image) if settings.image is not None else None
+    except CoveError as exc:
+        print(f"error: {exc.line()}", flush=True)
+        return 2
+    try:
         volume = open_volume(settings.volume, settings.key, settings.identity, label=settings.label,
                              writable=settings.writable, create=settings.create, anchor=settings.anchor,
                              cache_bytes=settings.cache, durable=settings.durable, keks=settings.keks)
