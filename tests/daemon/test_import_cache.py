@@ -42,7 +42,10 @@ def test_an_unchanged_build_is_imported_once(setup):
         again, new = cache.import_instance(instance)
         assert (again.id, new, store.imports) == (image.id, False, 1)
     assert cache.verified(image) is cache.verified(again)
-    cache.import_instance(instance, reader=4242)  # another user asking: its own import (and its checks)
+    # another user asking: its own import, and its checks even though the image is stored (the image's
+    # /root is root's alone: that user could not read it, so the daemon does not run it for that user)
+    with pytest.raises(CoveError, match="image/root is not readable by uid 4242"):
+        cache.import_instance(instance, reader=4242)
     assert store.imports == 2
 
 

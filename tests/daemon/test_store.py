@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cove.errors import CoveError, IntegrityError
+from cove.errors import CoveError, IntegrityError, NotFoundError
 from cove.image.store import ImageStore
 from tests.daemon.conftest import make_hello_instance
 
@@ -104,7 +104,33 @@ def test_unreadable_file_is_not_imported_for_another_user(two, tmp_path):
     assert list(store.images.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["build", "path"])
+def test_no_symbolic_link_is_followed_for_another_user(two, tmp_path, where):
+    """A user's instance whose build folder (or a folder of its path) is a link elsewhere is refused: the
+    daemon, root, must never read through it what the user could not have named as its own."""
+    first, _ = two
+    copy = tmp_path / "mine"
+    shutil.copytree(first, copy, symlinks=True)
+    for folder, dirs, files in os.walk(copy):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.lchown(name, 4242, 4242)
+    asked = copy
+    if where == "build":
+        shutil.rmtree(copy / "build")
+        (copy / "build").symlink_to(first / "build")
+        os.lchown(copy / "build", 4242, 4242)
+    else:
+        (tmp_path / "via").symlink_to(tmp_path)
+        asked = tmp_path / "via" / "mine"
+    store = ImageStore(tmp_path / "store")
+    with pytest.raises(NotFoundError, match="a symbolic link is not followed"):
+        store.import_instance(asked, reader=4242)
+    assert list(store.images.iterdir()) == []
+    assert store.import_instance(copy, reader=4242)[1] if where == "path" else True  # the real path is fine
+
+
 def test_import_killed_midway_leaves_nothing(cove, tmp_path):
+
     """kill -9 of an import of a large image: no image, and the next collection removes its leftovers."""
     cove.ok("new", "big", cwd=tmp_path)
     big = tmp_path / "big"

@@ -522,6 +522,9 @@ def _check_owner(instance: Path, uid: int) -> None:
             raise NotFoundError(f"{path} is missing") from None
         if st.st_uid != uid:
             raise Problem("Forbidden", f"{path} does not belong to uid {uid}", ExitCode.REFUSED)
+        if os.path.islink(path):  # its owner is the link's; the store opens nothing through a link for a user
+            raise Problem("Forbidden", f"{path} is a symbolic link: give the folder itself", ExitCode.REFUSED)
+
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it from 3.?, not always

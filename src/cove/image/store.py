@@ -134,81 +134,109 @@ class ImageStore:
         """Import a built instance (once); returns the image and whether it was new.
 
         With ``reader`` (a uid), every image file must be readable by that user by its owner or
-        other bits, so a user cannot have root import files it could not read itself.
+        other bits, so a user cannot have root import files it could not read itself; for such a
+        user no component of the instance's path may be a symbolic link, every file is opened
+        relative to its folder's descriptor, and an image already stored is still read from the
+        user's folder and checked (its files must be the user's to read, and the signed ones).
         """
         instance = Path(instance)
         with self._locked():
             work = Path(_mkdtemp(self.tmp))
+            opened: list[int] = []
             try:
+                base = _open_instance(instance, strict=reader is not None)
+                opened.append(base)
+                source = _open_dir(base, "build", instance / "build")
+                opened.append(source)
                 build = work / "build"
                 build.mkdir(mode=0o700)
                 for name in BUILD_FILES:
-                    _copy_small(instance / "build" / name, build / name)
-                _copy_small(instance / "cove.toml", work / "cove.toml")
+                    _copy_small(source, name, instance / "build" / name, build / name)
+                _copy_small(base, "cove.toml", instance / "cove.toml", work / "cove.toml")
                 verified = artifacts.load_verified(build, work / "cove.toml", expected_signer)
                 if verified.config.enclave.backend not in ("auto", "sim", "vm"):
                     raise CoveError(f"the node's image store runs sim and vm enclaves, not backend "
                                     f"{verified.config.enclave.backend}", "run it without the daemon")
                 if verified.manifest.launch is not None:  # vm: the launcher checks them against it at each run
                     (build / vmimage.FOLDER).mkdir(mode=0o700)
+                    launch = _open_dir(source, vmimage.FOLDER, instance / "build" / vmimage.FOLDER)
+                    opened.append(launch)
                     for name in (vmimage.KERNEL, vmimage.INITRD, vmimage.LAUNCH):
-                        _copy_file(instance / "build" / vmimage.FOLDER / name, build / vmimage.FOLDER / name)
+                        _copy_file(launch, name, instance / "build" / vmimage.FOLDER / name,
+                                   build / vmimage.FOLDER / name)
                 if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
                     raise CoveError("an image built with --encrypt-image is not stored by the node",
                                     "run it without the daemon")
                 ident = image_id(verified)
-                if (self.images / ident).is_dir():
+                stored = (self.images / ident).is_dir()
+                if stored and reader is None:
                     return self._load(self.images / ident), False
-                files, size = self._fill(instance / "image", work / "root", verified, reader)
+                files, size = self._fill(base, work / "root", verified, reader)  # (for another user: even so)
+                if stored:
+                    return self._load(self.images / ident), False
                 meta = {"name": verified.config.enclave.name, "measurement": verified.measurement.hex(),
                         "signer": verified.signer.hex(), "files": files, "bytes": size, "imported": time.time()}
                 (work / "image.json").write_text(json.dumps(meta))
                 os.rename(work, self.images / ident)
                 return self._load(self.images / ident), True
             finally:
+                for fd in opened:
+                    os.close(fd)
                 if work.exists():
                     _remove_tree(work)
 
-    def _fill(self, image: Path, root: Path, verified: VerifiedBuild, reader: int | None) -> tuple[int, int]:
+    def _fill(self, instance: int, root: Path, verified: VerifiedBuild, reader: int | None) -> tuple[int, int]:
         """Hash image into blobs and a tree of links to them; the root hash must match the signed one."""
         owner = hostids.enclave_range().host(0, 0) if os.geteuid() == 0 else None
         root.mkdir(mode=0o700)
         actual: list[Entry] = []
         folders: list[tuple[str, int]] = []
         size = 0
-        stack = [("", str(image), str(root))]
-        while stack:
-            prefix, source, dest = stack.pop()
-            try:
-                names = sorted(os.listdir(source))
-            except OSError as exc:
-                raise IntegrityError(f"cannot read the image folder {prefix or '/'}: {exc.strerror}") from None
-            for name in names:
-                rel, src, dst = prefix + name, f"{source}/{name}", f"{dest}/{name}"
-                st = os.lstat(src)
-                mode = stat.S_IMODE(st.st_mode)
-                if reader is not None and not stat.S_ISLNK(st.st_mode) and not (
-                        mode & 0o004 or (st.st_uid == reader and mode & 0o400)):
-                    raise CoveError(f"image/{rel} is not readable by uid {reader}: the daemon imports only "
-                                    "what the requesting user may read")
+        # every folder is opened relative to its parent, never following a link, and every check is made on
+        # what was opened: a folder swapped for a symbolic link mid-import leads nowhere else
+        top = _open_folder(instance, "image", "/")
+        _check_readable(os.fstat(top), "image", reader)
+        stack: list[tuple[int, Iterator[str], str, str]] = []
+        try:
+            stack.append((top, iter(_names(top, "/")), "", str(root)))
+            while stack:
+                folder, names, prefix, dest = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    os.close(folder)
+                    stack.pop()
+                    continue
+                rel, dst = prefix + name, f"{dest}/{name}"
+                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
-                    actual.append(Entry(rel, DIRECTORY, mode))
-                    os.mkdir(dst, 0o700)
-                    folders.append((dst, mode))
-                    stack.append((rel + "/", src, dst))
+                    sub = _open_folder(folder, name, rel)
+                    try:
+                        st = os.fstat(sub)
+                        _check_readable(st, f"image/{rel}", reader)
+                        mode = stat.S_IMODE(st.st_mode)
+                        actual.append(Entry(rel, DIRECTORY, mode))
+                        os.mkdir(dst, 0o700)
+                        folders.append((dst, mode))
+                        stack.append((sub, iter(_names(sub, rel)), rel + "/", dst))
+                    except BaseException:
+                        os.close(sub)
+                        raise
                 elif stat.S_ISLNK(st.st_mode):
-                    target = os.readlink(src)
+                    target = os.readlink(name, dir_fd=folder)
                     actual.append(Entry(rel, SYMLINK, 0o777, target=target))
                     os.symlink(target, dst)
                     if owner is not None:
                         os.lchown(dst, *owner)
                 elif stat.S_ISREG(st.st_mode):
-                    digest, length, mode = self._blob(src, rel, owner)
+                    digest, length, mode = self._blob(folder, name, rel, owner, reader)
                     os.link(self.blobs / f"{digest.hex()}-{mode:04o}", dst)
                     actual.append(Entry(rel, FILE, mode, length, digest))
                     size += length
                 else:
                     raise IntegrityError(f"image changed since the build: {rel} is a special file")
+        finally:
+            for folder, *_ in stack:
+                os.close(folder)
         if not hmac.compare_digest(root_hash(actual), verified.manifest.image_root):
             what = difference(verified.entries, actual) or "its listing differs"
             raise IntegrityError(f"image changed since the build: {what}",
@@ -219,18 +247,24 @@ class ImageStore:
             os.chmod(path, mode)
         return sum(1 for e in actual if e.type == FILE), size
 
-    def _blob(self, src: str, rel: str, owner: tuple[int, int] | None) -> tuple[bytes, int, int]:
-        """Hash src while writing it to a temporary blob; keep the blob unless it is already stored."""
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def _blob(self, folder: int, name: str, rel: str, owner: tuple[int, int] | None,
+              reader: int | None) -> tuple[bytes, int, int]:
+        """Hash name (in the open folder) while writing it to a temporary blob; keep the blob unless stored."""
+        try:  # (O_NONBLOCK: a file swapped for a fifo must not hang the import)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
         except OSError as exc:
             raise IntegrityError(f"image changed since the build: {rel} cannot be opened ({exc.strerror})") from None
-        tmp = self.tmp / f".blob-{os.getpid()}-{os.urandom(6).hex()}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise IntegrityError(f"image changed since the build: {rel} is no longer a regular file")
+            _check_readable(st, f"image/{rel}", reader)
+        except BaseException:
+            os.close(fd)
+            raise
+        tmp = self.tmp / f".blob-{os.getpid()}-{os.urandom(6).hex()}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
             digest = hashlib.sha256()
             size = 0
             while chunk := os.read(fd, CHUNK):
@@ -243,12 +277,12 @@ class ImageStore:
             if owner is not None:
                 os.fchown(out, *owner)  # before the mode: a chown clears set-id bits
             os.fchmod(out, mode)  # as listed; read-only comes from the root-only store and the read-only bind
-            name = self.blobs / f"{digest.hexdigest()}-{mode:04o}"
-            if name.exists():
+            blob = self.blobs / f"{digest.hexdigest()}-{mode:04o}"
+            if blob.exists():
                 os.unlink(tmp)
             else:
                 os.fsync(out)
-                os.rename(tmp, name)
+                os.rename(tmp, blob)
             return digest.digest(), size, mode
         except BaseException:
             try:
@@ -287,20 +321,83 @@ class ImageStore:
         return count, freed
 
 
+def _open_folder(parent: int | None, name: str, rel: str) -> int:
+    """A folder of the image, opened without following a symbolic link (relative to parent's descriptor)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError as exc:
+        raise IntegrityError(f"cannot read the image folder {rel}: {exc.strerror}") from None
+
+
+def _names(folder: int, rel: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as exc:
+        raise IntegrityError(f"cannot read the image folder {rel}: {exc.strerror}") from None
+
+
+def _check_readable(st: os.stat_result, what: str, reader: int | None) -> None:
+    """With a reader (the requesting uid), what was opened must be readable by it (owner or other bits)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if reader is not None and not (mode & 0o004 or (st.st_uid == reader and mode & 0o400)):
+        raise CoveError(f"{what} is not readable by uid {reader}: the daemon imports only "
+                        "what the requesting user may read")
+
+
 def _mkdtemp(parent: Path) -> str:
+
     path = parent / f"import-{os.getpid()}-{os.urandom(6).hex()}"
     path.mkdir(mode=0o700)
     return str(path)
 
 
-def _copy_small(source: Path, dest: Path, limit: int = 64 << 20) -> None:
-    """Copy a build file (never following a symlink), refusing absurd sizes."""
+def _open_instance(instance: Path, strict: bool) -> int:
+    """The instance folder's descriptor; strict: no component of its (absolute) path a symbolic link."""
+    if not strict:
+        return _open_dir(None, str(instance), instance)
+    if not instance.is_absolute():
+        raise NotFoundError(f"{instance} is not an absolute path")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        for part in instance.parts[1:]:
+            following = _open_dir(fd, part, instance)
+            os.close(fd)
+            fd = following
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_dir(parent: int | None, name: str, shown: Path) -> int:
+    """A folder of the instance, relative to parent's descriptor, never through a symbolic link."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            raise NotFoundError(f"{shown} is missing or not a folder (a symbolic link is not followed)",
+                                "run `cove build` first") from None
+        raise
+
+
+def _open_file(folder: int, name: str, shown: Path) -> int:
+    """A build file, relative to its folder's descriptor: a regular file, never through a symbolic link."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ELOOP):
-            raise NotFoundError(f"{source} is missing or not a regular file", "run `cove build` first") from None
+            raise NotFoundError(f"{shown} is missing or not a regular file", "run `cove build` first") from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotFoundError(f"{shown} is missing or not a regular file", "run `cove build` first")
+    return fd
+
+
+def _copy_small(folder: int, name: str, shown: Path, dest: Path, limit: int = 64 << 20) -> None:
+    """Copy a build file (never following a symlink), refusing absurd sizes."""
+    fd = _open_file(folder, name, shown)
+    source = shown
     with os.fdopen(fd, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
@@ -308,15 +405,11 @@ def _copy_small(source: Path, dest: Path, limit: int = 64 << 20) -> None:
     dest.write_bytes(data)
 
 
-def _copy_file(source: Path, dest: Path) -> None:
+def _copy_file(folder: int, name: str, shown: Path, dest: Path) -> None:
     """Copy a build file of any size (a vm's kernel and initramfs), never following a symlink."""
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP):
-            raise NotFoundError(f"{source} is missing or not a regular file", "run `cove build` first") from None
-        raise
+    fd = _open_file(folder, name, shown)
     with os.fdopen(fd, "rb") as handle, open(dest, "xb") as out:
+
         shutil.copyfileobj(handle, out, 1 << 20)
 
 
