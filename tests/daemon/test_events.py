@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cove.daemon.events import Events
+from tests.daemon.test_orphans import enclave_of, leftovers
 
 
 def test_journal_is_bounded_and_read_back(tmp_path):
@@ -56,7 +57,10 @@ def test_events_survive_kill_9_of_the_daemon(node, app):
     assert {(e["action"], e["id"]) for e in before} >= {("create", ends), ("start", ends), ("start", killed)}
     node.kill9()
     # while no daemon runs: one enclave ends by itself, the other's supervisor is killed
-    os.kill(_state(node, killed)["pid"], signal.SIGKILL)
+    supervisor = _state(node, killed)["pid"]
+    groups = enclave_of(supervisor)[1]
+    os.kill(supervisor, signal.SIGKILL)
+    assert groups and leftovers([supervisor], set(), within=5) == {}  # the enclave ends with its supervisor
     deadline = time.monotonic() + 30
     while _state(node, ends).get("state") != "exited":
         assert time.monotonic() < deadline, _state(node, ends)
@@ -74,6 +78,7 @@ def test_events_survive_kill_9_of_the_daemon(node, app):
     assert codes == {ends: 4, killed: 137}
     assert len([e for e in new if e["action"] == "die"]) == 2  # once each, not again at the next look
     c.ok("rm", "ev-ends", "ev-killed")
+    assert leftovers([supervisor], groups, within=5) == {}  # and the restarted daemon removed its cgroups
     node.stop()
     node.start()  # a clean restart: no die is invented, removed enclaves stay removed
     time.sleep(1.2)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
 
+from cove.runtime import limits
+
 KEEP = 10_000
 JOURNAL_BYTES = 4 << 20  # per file; the journal and one previous file are kept
 
@@ -183,6 +185,7 @@ def watch(registry: _Registry, events: Events, stop: threading.Event, interval: 
     while True:
         try:
             notice(registry, events)
+            limits.reap_stale()  # what a supervisor killed in the middle of a start left (docs/node.md)
         except OSError:
             pass
         if stop.wait(interval):

@@ -74,19 +74,116 @@ def detect_mode() -> str:
     return "rlimit"
 
 
+def _owner(name: str) -> int | None:
+    """The pid that made a cove-PID-HEX cgroup (its launcher or supervisor), None for other names."""
+    pid = name[5:].split("-", 1)[0] if name.startswith("cove-") else ""
+    return int(pid) if pid.isdigit() else None
+
+
+def _cove_groups_of(pid: str) -> set[Path]:
+    """Every cove-* cgroup a process is in (the same enclave's groups in the other controllers)."""
+    found: set[Path] = set()
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not Path(path).name.startswith("cove-"):
+            continue
+        if controllers:
+            found.update(CGROUP_ROOT / c / path.lstrip("/") for c in controllers.split(",")
+                         if not c.startswith("name="))
+        elif (CGROUP_ROOT / "cgroup.controllers").exists():
+            found.add(CGROUP_ROOT / path.lstrip("/"))
+    return found
+
+
+def kill_and_remove(group: Path, timeout: float = 2.0) -> bool:
+    """SIGKILL every process in an enclave's cgroup, then remove it and the enclave's groups in the
+    other controllers; whether it is gone.
+
+    The enclave's ids cannot move a process out (cgroup.procs elsewhere belongs to root) and its
+    pids.max bounds how many it can fork meanwhile, so killing until the group is empty ends.
+    cgroup v2 kills the whole group at once (cgroup.kill).
+    """
+    siblings: set[Path] = set()
+    deadline = time.monotonic() + timeout
+    delay = 0.0005  # the kernel lets go of killed tasks within a millisecond or so: look again soon
+    while True:
+        try:
+            pids = (group / "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            break
+        except OSError:
+            return False
+        if pids and (group / "cgroup.kill").exists():
+            try:
+                (group / "cgroup.kill").write_text("1")
+            except OSError:
+                pass
+        for pid in pids:
+            siblings |= _cove_groups_of(pid)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            group.rmdir()
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+    for other in siblings - {group}:
+        try:
+            other.rmdir()  # empty now: its processes were the ones just killed
+        except OSError:
+            pass
+    return True
+
+
 def _remove_stale_groups(parent: Path) -> None:
-    """Empty cgroups of launchers that were killed before they could clean up."""
+    """Kill what is left in the cgroups of launchers and supervisors that died (kill -9) and remove them."""
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        pid = name[5:].split("-", 1)[0] if name.startswith("cove-") else ""
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                (parent / name).rmdir()  # fails harmlessly if processes remain
-            except OSError:
-                pass
+        pid = _owner(name)
+        if pid is not None and not _alive(pid):
+            kill_and_remove(parent / name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie does not: a killed supervisor's parent may be slow to reap it)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line[stat_line.rfind(")") + 2:][:1] not in ("Z", "X")
+
+
+def parents() -> list[Path]:
+    """The cgroups under which this process makes enclave cgroups (none when limits are rlimits)."""
+    mode = detect_mode()
+    found = ([_own_cgroup_v2()] if mode == "cgroup2"
+             else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")] if mode == "cgroup1" else [])
+    return [parent for parent in found if parent is not None]
+
+
+def reap_stale() -> None:
+    """Kill the leftovers of enclaves whose launcher or supervisor died, and remove their cgroups.
+
+    bubblewrap's --die-with-parent cannot cover a kill in the middle of its start: a child it
+    cloned but has not yet released waits on it forever, outside any parent-death signal. Every
+    start and the daemon's start call this; docs/node.md says what survives a kill -9 and for how long.
+    """
+    for parent in parents():
+        _remove_stale_groups(parent)
 
 
 @dataclass
@@ -102,10 +199,7 @@ class Limits:
         mode = detect_mode()
         name = f"cove-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            parents = ([_own_cgroup_v2()] if mode == "cgroup2"
-                       else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")] if mode == "cgroup1" else [])
-            for parent in parents:
-                _remove_stale_groups(_found(parent))
+            reap_stale()
             if mode == "cgroup2":
                 group = _found(_own_cgroup_v2()) / name
                 group.mkdir()
