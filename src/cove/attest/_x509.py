@@ -25,6 +25,12 @@ from cryptography.hazmat.primitives import serialization
 
 from cove.attest.errors import VerificationError
 
+# What cryptography documents for malformed certificates and CRLs: bad DER or PEM, an unknown
+# version, a repeated extension, an unsupported name or key type. Untrusted input that raises one of
+# these is a rejection; anything else is a bug and must surface.
+PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
+                                             x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
+
 
 def utc(now: datetime, kind: str) -> datetime:
     """The verification time as an aware UTC datetime; naive times are refused."""
@@ -60,7 +66,7 @@ def load_der_cert(der: bytes, kind: str, what: str) -> x509.Certificate:
     """One DER certificate. AMD's VCEKs have serial 0, which cryptography only warns about."""
     try:
         return _der_cached(bytes(der))
-    except Exception as exc:  # any parse failure of untrusted input is a rejection
+    except PARSE_ERRORS as exc:  # a malformed certificate from untrusted input is a rejection
         raise VerificationError(f"{kind}: {what} is not a valid DER certificate ({exc})") from None
 
 
@@ -69,7 +75,7 @@ def load_pem_chain(pem: bytes | str, kind: str, what: str) -> list[x509.Certific
     raw = pem.encode() if isinstance(pem, str) else bytes(pem)
     try:
         certs = list(_pem_cached(raw))
-    except Exception as exc:  # any parse failure of untrusted input is a rejection
+    except PARSE_ERRORS as exc:  # a malformed certificate from untrusted input is a rejection
         raise VerificationError(f"{kind}: {what} is not a valid PEM certificate chain ({exc})") from None
     if not certs:
         raise VerificationError(f"{kind}: {what} holds no certificate")

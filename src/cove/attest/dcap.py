@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from cove.attest._keys import p256_from_raw, raw_ecdsa_to_der, verify_ecdsa
@@ -70,7 +71,7 @@ def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, no
         ok = (isinstance(key, (dsa.DSAPublicKey, rsa.RSAPublicKey, ec.EllipticCurvePublicKey,
                                ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
               and crl.is_signature_valid(key))
-    except Exception:  # unsupported or mismatched key types: treat as invalid
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # an unsupported or mismatched key or algorithm
         ok = False
     if not ok:
         raise VerificationError(f"{kind}: {what} signature invalid")

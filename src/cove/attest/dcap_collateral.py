@@ -13,7 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from cove.attest._cbor import rejection
-from cove.attest._x509 import load_pem_chain
+from cove.attest._x509 import PARSE_ERRORS, load_pem_chain
 from cove.attest.errors import VerificationError
 from cove.decode import Fields, decode_json
 
@@ -207,7 +207,7 @@ def load_crl(der_or_hex: bytes | str, kind: str, what: str) -> x509.CertificateR
         _ = crl.last_update_utc, crl.next_update_utc, crl.signature_hash_algorithm, list(crl.extensions)
         for entry in crl:
             _ = entry.serial_number, entry.revocation_date_utc
-    except Exception as exc:  # any parse failure of untrusted input is a rejection
+    except PARSE_ERRORS as exc:  # a malformed CRL from untrusted input is a rejection
         raise VerificationError(f"{kind}: {what} is not a valid DER CRL ({exc})") from None
     return crl
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from cove.attest import certs
 from cove.attest._cbor import Fields, loads
+from cove.attest._x509 import PARSE_ERRORS
 from cove.attest.errors import VerificationError
 from cove.attest.policy import Policy
 
@@ -124,8 +124,7 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
         public_key = cert.public_key()
     except x509.ExtensionNotFound:
         raise VerificationError("ra-tls: the certificate has no tagged-evidence extension (2.23.133.5.4.9)") from None
-    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
-            UnsupportedAlgorithm) as exc:
+    except PARSE_ERRORS as exc:
         # cryptography's documented failures on malformed DER, repeated extensions, unknown names or key types
         raise VerificationError(f"ra-tls: not a valid certificate ({type(exc).__name__})") from None
     value = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
