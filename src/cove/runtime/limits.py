@@ -146,25 +146,40 @@ def kill_and_remove(group: Path, timeout: float = 2.0) -> bool:
     return True
 
 
-def _remove_stale_groups(parent: Path) -> None:
-    """Kill what is left in the cgroups of launchers and supervisors that died (kill -9) and remove them."""
+def _remove_stale_groups(parent: Path, alive: dict[int, bool]) -> None:
+    """Kill what is left in the cgroups of launchers and supervisors that died (kill -9) and remove them.
+
+    An owner in a pid namespace this process cannot see looks dead, but its enclave's processes are
+    invisible too (cgroup.procs lists only those this namespace sees): nothing is killed, rmdir fails.
+    ``alive`` caches the owners already looked at (each has a group in every controller).
+    """
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
         pid = _owner(name)
-        if pid is not None and not _alive(pid):
+        if pid is None:
+            continue
+        if pid not in alive:
+            alive[pid] = _alive(pid)
+        if not alive[pid]:
             kill_and_remove(parent / name)
 
 
 def _alive(pid: int) -> bool:
     """Whether a process runs (a zombie does not: a killed supervisor's parent may be slow to reap it)."""
     try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return False
-    return stat_line[stat_line.rfind(")") + 2:][:1] not in ("Z", "X")
+    try:
+        stat_line = os.read(fd, 512)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return stat_line[stat_line.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def parents() -> list[Path]:
@@ -182,8 +197,9 @@ def reap_stale() -> None:
     cloned but has not yet released waits on it forever, outside any parent-death signal. Every
     start and the daemon's start call this; docs/node.md says what survives a kill -9 and for how long.
     """
+    alive: dict[int, bool] = {}
     for parent in parents():
-        _remove_stale_groups(parent)
+        _remove_stale_groups(parent, alive)
 
 
 @dataclass
