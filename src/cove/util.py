@@ -9,7 +9,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send signum to this process when its parent (thread) ends (PR_SET_PDEATHSIG), for a
+    helper that must not outlive what started it; a preexec_fn or a child's first step. Fails loudly."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signum, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl PR_SET_PDEATHSIG: {os.strerror(error)}")
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
+
     """Write data to path so readers see the old file or the new one, never a mix.
 
     ``sync=False`` skips the fsync, for state a crash of the machine makes moot anyway

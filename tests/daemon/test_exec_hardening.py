@@ -14,7 +14,7 @@ import time
 import pytest
 
 from cove.daemon import execstream
-from cove.daemon.registry import process_start
+from cove.runtime.procfs import process_start
 from cove.daemon.server import children, sandbox_init
 from tests.conftest import ROOT
 

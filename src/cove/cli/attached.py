@@ -149,7 +149,7 @@ def fast_run(argv: list[str]) -> int | None:
     instance = Path(directory)
     if not instance.is_dir():
         return None
-    if os.environ.get("COVE_NO_DAEMON") or not _daemon_serves_user():
+    if not daemon_available():
         return _direct(instance, program, args)
     if not _node_runs(instance):
         return None  # a vm, an encrypted image or a cove.toml to report: the full CLI
@@ -211,8 +211,14 @@ def _direct(instance: Path, program: str, args: tuple[str, ...]) -> int:
         return ExitCode.INTERRUPTED
 
 
+def daemon_available() -> bool:
+    """Whether `cove run` goes through the daemon: COVE_NO_DAEMON is not set and a daemon answers this user
+    (a missing socket is the fast no; a user the daemon refuses runs directly, as without a daemon)."""
+    return not os.environ.get("COVE_NO_DAEMON") and _daemon_serves_user()
+
+
 def _daemon_serves_user() -> bool:
-    """As cove.cli.lifecycle.daemon_available: a daemon answers this user (a missing socket is the fast no)."""
+    """A daemon answers this user."""
     with trace.span("client.version"):
         try:
             return Client().running()

@@ -274,32 +274,22 @@ def inspect_enclave(ref: str) -> None:
     click.echo(json.dumps(_call("GET", f"/enclaves/{ref}"), indent=2))
 
 
-def _create_body(instance: Path, program: str, args: tuple[str, ...], name: str | None, backend: str | None,
-                 restart: str, signer: str | None) -> dict[str, Any]:
-    return {"instance": str(instance.resolve()), "program": program, "args": list(args), "name": name,
-            "backend": backend, "restart": restart, "signer": signer, "env": dict(os.environ)}
-
-
 def start_detached(instance: Path, program: str, args: tuple[str, ...], name: str | None,
                    backend: str | None, restart: str, signer: str | None) -> int:
     """`cove run -d`: start through the daemon, print the id."""
-    view = _call("POST", "/enclaves", _create_body(instance, program, args, name, backend, restart, signer),
+    from cove.cli import attached
+
+    view = _call("POST", "/enclaves", attached.create_body(instance, program, args, name, backend, restart, signer),
                  timeout=3600)
     click.echo(view["id"])
     return 0
 
 
 def daemon_available() -> bool:
-    """Whether `cove run` should go through the daemon: one answers and COVE_NO_DAEMON is not set.
+    """Whether `cove run` should go through the daemon: cove.cli.attached decides (one decision for both paths)."""
+    from cove.cli import attached
 
-    A user the daemon would refuse runs directly, as without a daemon.
-    """
-    if os.environ.get("COVE_NO_DAEMON"):
-        return False
-    try:
-        return Client().running()
-    except DaemonError:
-        return False
+    return attached.daemon_available()
 
 
 def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None,

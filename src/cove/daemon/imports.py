@@ -22,9 +22,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cove.image.artifacts import VerifiedBuild
+from cove.image.encryption import ENCRYPTED_IMAGE  # such a build is refused, never cached
 from cove.image.store import BUILD_FILES, ImageStore, StoredImage
 
-ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption's folder: such a build is refused, never cached
 LIMIT = 1024  # instance folders remembered (the oldest is forgotten first)
 
 Key = tuple[object, ...]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cove.errors import CoveError, NotFoundError
+from cove.runtime.procfs import process_start
 from cove.util import write_atomic
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -32,16 +33,6 @@ ENDED = ("exited",)
 
 class ConflictError(CoveError):
     """The name is taken, or the enclave is in a state that forbids the action."""
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of pid in clock ticks (field 22 of /proc/PID/stat), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 def owns(enclave: Enclave, uid: int | None) -> bool:

@@ -40,11 +40,13 @@ from cove.daemon.events import Event, Events, watch
 from cove.daemon.imports import ImportCache
 from cove.daemon.execsession import Helper, Session, buffered
 from cove.daemon.problems import Problem, from_cove_error
-from cove.daemon.registry import ConflictError, Enclave, Registry, owns, process_start
+from cove.daemon.registry import ConflictError, Enclave, Registry, owns
+from cove.runtime.procfs import children, process_start, sandbox_init
 
 from cove.daemon.supervisor import parse_restart
 from cove.decode import decode_json
 from cove.errors import CoveError, ExitCode, NotFoundError
+from cove.util import die_with_parent
 from cove.image.store import ImageStore
 
 if TYPE_CHECKING:
@@ -72,35 +74,8 @@ def log(event: str, level: str = "info", **fields: Any) -> None:
         pass
 
 
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(p) for p in handle.read().split()]
-    except OSError:
-        return []
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
-def sandbox_init(supervisor: int) -> int | None:
-    """The host pid of the sandbox's pid 1 (bubblewrap's child of the supervisor's bwrap)."""
-    for child in children(supervisor):
-        if _comm(child) == "bwrap":
-            inner = children(child)
-            if inner:
-                return inner[0]
-    return None
-
-
 def _die_with_parent() -> None:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the spawner ends with the daemon
+    die_with_parent(signal.SIGKILL)  # the spawner ends with the daemon
 
 
 def parse_signal(value: Any) -> int:
@@ -358,8 +333,8 @@ class Daemon:
                 "env": launcher.build_environment(config, enclave.record.get("env", {})),
                 "secret_env": [s.where for s in config.secrets if s.kind == "env"],
                 "max_open_files": config.resources.max_open_files, "tty": tty, "rows": rows, "cols": cols,
-                "seccomp": seccomp.compile_filter(config.network.mode, io_uring=bool(
-                    getattr(getattr(config, "security", None), "io_uring", False))).hex()}
+                "seccomp": seccomp.enclave_filter(config).hex()}
+
         return enclave, path, Helper(program[0], spec, stdin)
 
     def exec(self, ref: str, body: JSON, uid: int, client: socket.socket | None = None) -> JSON | None:

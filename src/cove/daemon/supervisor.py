@@ -22,7 +22,7 @@ from typing import Any
 
 from cove import trace
 from cove.daemon import attestation, logfile
-from cove.daemon.registry import process_start
+from cove.runtime.procfs import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
 from cove.runtime import launcher

@@ -14,8 +14,13 @@ import ctypes.util
 import errno
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
 
 from cove.errors import SetupError
+
+if TYPE_CHECKING:
+    from cove.config import Config
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_NE = 1
@@ -78,6 +83,12 @@ def _lib() -> ctypes.CDLL:
 
 def _errno_action(code: int) -> int:
     return 0x00050000 | (code & 0xFFFF)  # SCMP_ACT_ERRNO(code)
+
+
+def enclave_filter(config: Config) -> bytes:
+    """The filter an enclave of this configuration runs under: the sandbox's, `cove exec`'s and
+    cove-runtime exec's (one place decides, so the three cannot differ)."""
+    return compile_filter(config.network.mode, io_uring=config.security.io_uring)
 
 
 @lru_cache(maxsize=8)
