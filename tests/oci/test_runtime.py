@@ -426,6 +426,43 @@ def _state_letter(pid):
     return data[data.rindex(")") + 2]
 
 
+def test_a_terminal_exec_lets_go_of_the_engines_pipes_when_it_returns(running, tmp_path):
+    """containerd's shim reads `exec`'s stdout and stderr to the end before it takes the terminal from the
+    console socket: they must close when `exec --detach` returns, not when the program ends (a short
+    program's output was gone by the time the shim read the terminal: `kubectl exec -t`)."""
+    import socket
+
+    from tests.oci.helpers import RUNTIME
+
+    root, _ = running
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "console.sock"))
+        server.listen(1)
+        process = _process_json(tmp_path, ["/bin/sh", "-c", "echo hello-tty; exec sleep 30"], terminal=True)
+        command = subprocess.Popen([RUNTIME, "--root", str(root), "exec", "--detach", "--console-socket",
+                                    str(tmp_path / "console.sock"), "--pid-file", str(tmp_path / "exec.pid"),
+                                    "--process", process, "x"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            said, _ = command.communicate(timeout=20)  # as the shim does: to the end of both streams
+        except subprocess.TimeoutExpired:
+            command.kill()
+            raise AssertionError("exec's stdout stayed open while its program ran") from None
+        assert command.returncode == 0, said
+        holder = int((tmp_path / "exec.pid").read_text())
+        assert _state_letter(holder) not in "ZX", "the program should still run"
+        connection, _ = server.accept()
+        with connection:
+            _, fds, _, _ = socket.recv_fds(connection, 64, 1)
+        master = fds[0]
+        try:
+            seen = b""
+            while b"hello-tty" not in seen:
+                seen += os.read(master, 64)
+        finally:
+            os.close(master)
+    os.kill(holder, 15)
+
+
 EXEC_REFUSALS = [
     ("malformed", "{not json", 2, "not valid JSON"),
     ("deeply nested", '{"args": ' + "[" * 100_000 + "]" * 100_000 + "}", 2, "not valid JSON"),

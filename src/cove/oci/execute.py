@@ -186,6 +186,12 @@ def _detached(program: int, request: dict[str, Any], console_socket: str | None,
     it, and gets the program's exit code from it; a signal the engine sends it
     goes to the helper (SIGTERM ends the program's session), and a SIGKILL of
     it takes the helper and the program along.
+
+    Once the program runs, neither it nor the helper keeps this command's
+    stdout and stderr: an engine that reads them to the end (containerd's
+    shim does for `exec` with a terminal) would otherwise wait for the
+    program's exit before it takes the terminal from the console socket, and
+    a short program's output would be lost.
     """
     ready, told = os.pipe()
     holder = os.fork()
@@ -198,6 +204,7 @@ def _detached(program: int, request: dict[str, Any], console_socket: str | None,
                 signal.signal(number, lambda signum, _frame: helper.send_signal(signum))
             os.write(told, b"ok")
             os.close(told)
+            _let_go_of_stdio()
             code = exit_status(helper.wait())
         except CoveError as exc:
             os.write(told, f"{int(exc.exit_code)} {exc.line()}".encode())
@@ -220,12 +227,29 @@ def _detached(program: int, request: dict[str, Any], console_socket: str | None,
     return 0
 
 
+def _let_go_of_stdio() -> None:
+    """Point this process's stdin, stdout and stderr at /dev/null (see _detached)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
 def _start(program: int, request: dict[str, Any], console_socket: str | None) -> subprocess.Popen[bytes]:
-    """Run cove.daemon.execin for the enclave program's pid; its spec over a socket pair, the terminal back."""
+    """Run cove.daemon.execin for the enclave program's pid; its spec over a socket pair, the terminal back.
+
+    With a terminal the program's stdio is the terminal, so the helper gets
+    none of ours: its error line, if the terminal never comes, is read from
+    a pipe and raised here.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    quiet = console_socket is not None
     try:
         helper = subprocess.Popen([sys.executable, "-m", "cove.daemon.execin", str(program), str(theirs.fileno())],
-                                  pass_fds=(theirs.fileno(),))
+                                  pass_fds=(theirs.fileno(),),
+                                  stdin=subprocess.DEVNULL if quiet else None,
+                                  stdout=subprocess.DEVNULL if quiet else None,
+                                  stderr=subprocess.PIPE if quiet else None)
     finally:
         theirs.close()
     try:
@@ -234,11 +258,24 @@ def _start(program: int, request: dict[str, Any], console_socket: str | None) ->
             ours.shutdown(socket.SHUT_WR)
             if console_socket is not None:
                 _hand_terminal(ours, console_socket)
-    except BaseException:
+    except BaseException as exc:
         helper.kill()
         helper.wait()
+        said = _error_line(helper)
+        if said and isinstance(exc, CoveError):
+            raise CoveError(said) from None
         raise
     return helper
+
+
+def _error_line(helper: subprocess.Popen[bytes]) -> str:
+    """The helper's last `cove: error: …` line from its stderr pipe (a terminal exec that failed), or ""."""
+    if helper.stderr is None:
+        return ""
+    with helper.stderr:
+        text = helper.stderr.read(65536).decode("utf-8", "replace")
+    lines = [line for line in text.splitlines() if line.startswith("cove: error: ")]
+    return lines[-1][len("cove: error: "):] if lines else ""
 
 
 def _write_pid(pid_file: str, pid: int) -> None:
