@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,44 @@ def test_a_removed_image_is_imported_again(setup):
     store.remove(image.id)
     cache.forget(image.id)
     assert cache.import_instance(instance)[1] and store.imports == 3
+
+
+def test_request_threads_share_the_cache(setup):
+    """Runs and an rmi at once, as the daemon's request threads do: never a KeyError (a 500) from the cache."""
+    instance, store, cache = setup
+    image, _ = cache.import_instance(instance)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                found, _ = cache.import_instance(instance)
+                cache.verified(found)
+            except (FileNotFoundError, CoveError):
+                continue  # the image went between the import and the check: a problem document, not a 500
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+                return
+
+    def rmi() -> None:
+        while not stop.is_set():
+            try:
+                store.remove(image.id)
+            except (CoveError, OSError):
+                pass
+            cache.forget(image.id)
+
+    threads = [threading.Thread(target=run) for _ in range(4)] + [threading.Thread(target=rmi)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for thread in threads:
+            thread.start()
+        stop.wait(3)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
