@@ -342,7 +342,7 @@ def running(bundle, tmp_path):
     write_spec(bundle, spec)
     assert runtime(root, "create", "--bundle", str(bundle), "x").returncode == 0
     assert runtime(root, "start", "x").returncode == 0
-    from cove.oci.execute import enclave_program
+    from cove.runtime.procfs import enclave_program
 
     for _ in range(400):
         program = enclave_program(state(root, "x")["pid"])

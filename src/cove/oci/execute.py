@@ -40,6 +40,7 @@ from cove.errors import CoveError, NotFoundError, exit_status
 from cove.oci import cli
 from cove.oci import spec as spec_mod
 from cove.oci.spec import BundleError
+from cove.runtime.procfs import enclave_program, process_start
 from cove.util import entry_point_allows
 
 MAX_PROCESS = 1 << 20  # process.json is a few hundred bytes; engines never send more
@@ -75,33 +76,6 @@ def settings(prepared: Any) -> dict[str, Any]:
             "seccomp": seccomp.compile_filter(config.network.mode, io_uring=config.security.io_uring).hex(),
             "entry_points": list(config.process.entry_points), "debug": bool(config.enclave.debug),
             "root": str(prepared.root) if prepared.encrypted is None else None}
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(p) for p in handle.read().split()]
-    except OSError:
-        return []
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
-def enclave_program(container_pid: int) -> int | None:
-    """The host pid of the enclave's program: the child of the sandbox's pid 1 (bwrap's child's child)."""
-    for child in _children(container_pid):
-        if _comm(child) == "bwrap":
-            for init in _children(child)[:1]:
-                program = _children(init)
-                if program:
-                    return program[0]
-    return None
 
 
 def read_process(path: str) -> spec_mod.Process:
@@ -163,10 +137,10 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime)",
                         "recreate the container") from None
     request = helper_spec(process, allowed)
-    found = cli.start_time(program)
+    found = process_start(program)
     if found is None:
         raise cli.StateError(f"container {ident} has no running program to join")
-    request["start"] = found[0]  # the helper checks it is still that process (a pid can be reused)
+    request["start"] = found  # the helper checks it is still that process (a pid can be reused)
     if not detach:
         helper = _start(program, request, console_socket if process.terminal else None)
         if pid_file:
