@@ -71,14 +71,18 @@ def document() -> JSON:
                 "Run a program in the running enclave (its namespaces, seccomp filter, limits, user, environment). "
                 "With `Connection: Upgrade` and `Upgrade: cove-exec/1` the answer is 101 and the connection "
                 "carries frames both ways (stdin, window size; stdout, stderr, exit code: docs/formats/daemon-api.md); "
-                "stdin, tty, rows and cols apply only then",
-                _json("Its exit code and output", {"type": "object", "properties": {
-                    "exit_code": {"type": "integer"}, "stdout": {"type": "string"}, "stderr": {"type": "string"}}}),
+                "stdin, tty, rows and cols apply only then; timeout only without it",
+                _json("Its exit code and output (the first and last bytes of each, dropped ones counted)",
+                      {"type": "object", "properties": {
+                          "exit_code": {"type": "integer"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                          "stdout_dropped": {"type": "integer"}, "stderr_dropped": {"type": "integer"},
+                          "timed_out": {"type": "boolean"}}}),
                 [_REF], {"type": "object", "required": ["argv"], "properties": {
                     "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                     "stdin": {"type": "boolean"}, "tty": {"type": "boolean"},
                     "rows": {"type": "integer", "minimum": 0, "maximum": 65535},
-                    "cols": {"type": "integer", "minimum": 0, "maximum": 65535}}})},
+                    "cols": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400}}})},
             "/v1/enclaves/{ref}/logs": {"get": _op(
                 "The program's output (stdout and stderr, as written)",
                 {"description": "Log bytes, chunked", "content": {"application/octet-stream": {}}},
