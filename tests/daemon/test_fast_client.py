@@ -109,6 +109,7 @@ def test_only_the_plain_form_is_taken(argv, parsed):
     ("[enclave\nname = ", False, False),
     ("\udcff not utf-8", False, False),
     ('[enclave]\nname = "a"\n', True, False),
+    ("a = " + "[" * 3000 + "]" * 3000 + "\n", False, False),  # deep enough that tomllib recurses out
 ])
 def test_unsure_instances_go_to_the_full_cli(tmp_path, toml, encrypted, runs):
     """A broken or hostile cove.toml, another backend or an encrypted image: the full CLI decides."""

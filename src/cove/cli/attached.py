@@ -124,7 +124,7 @@ def _backend(directory: Path) -> str | None:
     try:
         with open(directory / "cove.toml", "rb") as handle:
             config = tomllib.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # tomllib recurses on nested arrays and tables
         return None  # the full CLI says what is wrong
     enclave = config.get("enclave", {})
     backend = enclave.get("backend", "auto") if isinstance(enclave, dict) else None
