@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import require
 
@@ -26,7 +27,8 @@ SPEC = {
 }
 
 
-def runtime(root, *args, timeout=60, stdout=None, stderr=None):
+def runtime(root: Path | str, *args: str, timeout: float = 60, stdout: Any = None,
+            stderr: Any = None) -> subprocess.CompletedProcess[str]:
     """Run cove-runtime; output through files, as a container's process keeps the streams it inherits."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.run([RUNTIME, "--root", str(root), *args], stdout=stdout or out,
@@ -36,24 +38,25 @@ def runtime(root, *args, timeout=60, stdout=None, stderr=None):
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
-def one_line(result):
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("cove-runtime: error: ")
     return lines[0]
 
 
-def write_spec(folder, spec):
+def write_spec(folder: Path, spec: dict[str, Any]) -> None:
     (folder / "config.json").write_text(json.dumps(spec))
 
 
-def state(root, ident):
+def state(root: Path, ident: str) -> dict[str, Any]:
     result = runtime(root, "state", ident)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
 
 
-def wait_stopped(root, ident, pid):
+def wait_stopped(root: Path, ident: str, pid: int) -> None:
     for _ in range(600):
         if state(root, ident)["status"] == "stopped":
             return
@@ -61,7 +64,7 @@ def wait_stopped(root, ident, pid):
     raise AssertionError("the container did not stop")
 
 
-def no_leftovers(root, ident):
+def no_leftovers(root: Path, ident: str) -> None:
     assert not (root / ident).exists()
     assert not any(str(root) in line for line in open("/proc/self/mounts"))
 
@@ -72,6 +75,6 @@ RUN_OPTIONS = ("--runtime", RUNTIME, "--ulimit", "nofile=1024:1024", "--ulimit",
 IMAGE = "localhost/cove-test/hello:1"
 
 
-def podman(*args, timeout=120):
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([require("podman"), *PODMAN_OPTIONS, *args], capture_output=True, text=True,
                           timeout=timeout)
