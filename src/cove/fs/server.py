@@ -11,7 +11,6 @@ stdout and exit status 2.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
@@ -19,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cove import util
 from cove.decode import Fields, decode_cbor
 from cove.errors import CoveError
 
@@ -87,17 +87,8 @@ def _texts(f: Fields, key: str) -> tuple[str, ...]:
     return tuple(str(item) for item in items)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the process that started us goes away (so the volume is committed)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> int:
-    _die_with_parent()
+    util.die_with_parent(signal.SIGTERM)  # so the volume is committed when the launcher goes away
     # load the heavy modules while the launcher is still preparing the enclave
     from cove.fs import encrypted_image, fuse  # noqa: F401
     from cove.fs.access import open_volume

@@ -10,7 +10,6 @@ takes is ended by :func:`discard`, and dies with its parent in any case.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,15 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-PR_SET_PDEATHSIG = 1
+from cove import util
 
 _early: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
 
 
 def die_with_parent() -> None:
     """In the child: get SIGTERM when ``cove run`` dies, even by SIGKILL, so the mount never outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    util.die_with_parent(signal.SIGTERM)
 
 
 def spawn(mountpoint: Path | None, log: IO[bytes] | int) -> subprocess.Popen[bytes]:

@@ -293,7 +293,7 @@ class SimBackend(Backend):
         if ids is not None and not os.path.ismount(spec.root) and os.stat(spec.root).st_uid != sources.uid:
             chown_tree(spec.root, sources.uid, sources.gid)  # a package root root extracted
         laps.lap("ids")
-        program = seccomp.compile_filter(spec.config.network.mode, io_uring=_io_uring(spec.config))
+        program = seccomp.enclave_filter(spec.config)
         laps.lap("seccomp")
         seccomp_fd = _memfd("cove-seccomp", program)
         status_read, status_write = os.pipe()
@@ -352,6 +352,3 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _io_uring(config) -> bool:
-    security = getattr(config, "security", None)
-    return bool(getattr(security, "io_uring", False))
