@@ -8,6 +8,7 @@ seconds, so every test that boots asks several things of one boot.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,8 @@ from cove.attest.cove_evidence_verify import verify_cove_evidence
 
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod
-from tests.conftest import ROOT, error_line, require
+from cove.runtime import vm
+from tests.conftest import ROOT, Cove, error_line, require
 from tests.e2e.helpers import make_instance, set_option
 from tests.daemon.conftest import Node, shut_down, test_group  # noqa: F401
 from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
@@ -399,10 +401,12 @@ def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_
         ident = c.ok("run", "-d", "--name", "vm1", "/bin/sh", "-c", script, cwd=vm_instance).stdout.strip()
         assert len(ident) == 64
         view = node.until("vm1", "running")
+        assert view["backend"] == "vm"  # not a sim run of the vm build
         assert view["measurement"] == manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes()
                                                           ).measurement.hex()
         assert ident[:12] in c.ok("ps").stdout
         _wait_for(lambda: c.ok("logs", "vm1").stdout == "started\n", timeout=120)
+        _exec_into_running_vm(node, c)
         c.ok("stop", "vm1")
         assert node.until("vm1", "exited", timeout=60)["exit_code"] == 42
         logs = c.ok("logs", "vm1").stdout.splitlines()  # the shell may also say its sleep was "Terminated"
@@ -410,9 +414,60 @@ def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_
         assert "Exited (42)" in c.ok("ps", "-a").stdout
         stored = list((node.root / "store" / "images").glob("*/build/vm/launch.cbor"))
         assert len(stored) == 1 and stored[0].read_bytes() == (vm_instance / "build" / "vm" / "launch.cbor").read_bytes()
+        ended = c("exec", "vm1", "/bin/true")
+        assert ended.returncode == 2 and "not running" in error_line(ended)
         c.ok("rm", "vm1")
     finally:
         shut_down(node)
+
+
+def _exec_into_running_vm(node: Node, c: Cove) -> None:
+    """`cove exec` into the running vm enclave: through the node, then straight at the guest's own checks."""
+    script = ("echo out $(id -u) $(pwd) $$; echo err >&2; while read -r k v; do case $k in CapEff:|NoNewPrivs:) "
+              "echo $k $v;; esac; done < /proc/self/status; cat /proc/2/cmdline; echo; exit 7")
+    done = c("exec", "vm1", "/bin/sh", "-c", script)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 7 and done.stderr == "err\n", (done.returncode, done.stderr)
+    assert lines[0].startswith("out 1000 / ") and int(lines[0].split()[3]) > 2  # the enclave's ids, folder, pid ns
+    assert lines[1:3] == ["CapEff: 0000000000000000", "NoNewPrivs: 1"]
+    assert lines[3].startswith("/bin/sh\0-c\0trap")  # /proc is the enclave's: its program is pid 2
+    big = c.ok("exec", "vm1", "/usr/bin/head", "-c", "300000", "/dev/zero")
+    assert big.stdout == "\0" * 300000
+    outside = c("exec", "vm1", "/who")
+    assert outside.returncode == 2 and "not an entry point" in error_line(outside)
+    terminal = c("exec", "-t", "vm1", "/bin/sh")
+    assert terminal.returncode == 2 and "not available in a vm enclave" in error_line(terminal)
+    # the guest init checks the entry points itself: requests straight at the launcher's socket
+    path = vm.exec_socket(node.state("vm1")["supervisor_pid"])
+    assert path is not None and path.stat().st_mode & 0o777 == 0o600
+
+    def ask(request: bytes) -> list[bytes]:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(60)
+            conn.connect(str(path))
+            conn.sendall(request)
+            return conn.makefile("rb").read().splitlines()
+
+    for program in ("/who", "/bin/../who", "/bin/", "/bin//sh"):
+        refused = ask(json.dumps({"argv": [program]}).encode() + b"\n")
+        assert len(refused) == 1 and refused[0].startswith(b"r") and b"is not an entry point" in refused[0], refused
+    for bad in (b"not json\n", b'{"argv": []}\n', b'{"argv": ["/bin/sh", "a\\u0000b"]}\n',
+                json.dumps({"argv": ["/bin/true", "x" * (70 << 10)]}).encode() + b"\n"):
+        assert ask(bad) == [b"r0:malformed exec request"]
+    answer = ask(json.dumps({"argv": ["/bin/sh", "-c", "printf hi; exit 300"]}).encode() + b"\n")
+    assert [line.split(b":")[1] for line in answer] == [b"6869", b"44"] and answer[0][:1] == b"o", answer
+
+    def sleeping() -> bool:
+        return "601" in c.ok("exec", "vm1", "/bin/sh", "-c", "cat /proc/[0-9]*/cmdline").stdout.replace("\0", " ")
+
+    # a client that leaves: the guest kills what it started
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(path))
+        conn.sendall(json.dumps({"argv": ["/bin/sh", "-c", "echo up; exec sleep 601"]}).encode() + b"\n")
+        conn.settimeout(60)
+        assert conn.recv(100).startswith(b"o")
+        _wait_for(sleeping, timeout=60)
+    _wait_for(lambda: not sleeping(), timeout=60)
 
 
 def test_packaged_vm_enclave_runs_and_a_changed_kernel_in_it_is_refused(cove, vm_instance, tmp_path):

@@ -39,11 +39,11 @@ HELPER_START = 30.0
 class Helper:
     """The running helper: its process, its pipes and (with a terminal) the pty's master end."""
 
-    def __init__(self, pid: int, spec: dict[str, Any], stdin: bool) -> None:
+    def __init__(self, pid: int, spec: dict[str, Any], stdin: bool, module: str = "cove.daemon.execin") -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cove.daemon.execin", str(pid), str(child.fileno())],
+                [sys.executable, "-m", module, str(pid), str(child.fileno())],
                 stdin=subprocess.PIPE if stdin and not spec.get("tty") else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child.fileno(),), close_fds=True)
         finally:

@@ -186,13 +186,15 @@ class Daemon:
             log("image_imported", image=image.id, files=image.files, bytes=image.bytes,
                 seconds=round(time.monotonic() - started, 3))
             self.events.emit("image", "import", image.id, name=image.name)
-        allowed = set(self.imports.verified(image).config.env.passthrough)
+        config = self.imports.verified(image).config
+        allowed = set(config.env.passthrough)
         passthrough = {k: v for k, v in env.items() if k in allowed and isinstance(v, str)}
         # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
         # never written by root (a symbolic link there could point anywhere): its state stays in the node
         state_dir = str(instance / "run") if uid == 0 else None
         record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
-                  "backend": "sim", "program": program, "args": args, "instance": str(instance),
+                  "backend": "vm" if config.enclave.backend == "vm" else "sim",  # the supervisor launches with it
+                  "program": program, "args": args, "instance": str(instance),
                   "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid,
                   "log_max_bytes": self.log_max_bytes, "log_files": self.log_files}
         enclave = self.registry.create(record)
@@ -301,7 +303,7 @@ class Daemon:
         The helper gets the enclave's environment, and the names of the ``env:`` secrets whose values it
         reads from the program's own initial environment: the daemon never holds or logs them.
         """
-        from cove.runtime import launcher, seccomp
+        from cove.runtime import launcher, seccomp, vm
 
         argv = _field(body, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a and len(a) <= 65536 for a in argv) \
@@ -314,12 +316,13 @@ class Daemon:
             raise Problem("InvalidRequest", "rows and cols must be between 0 and 65535")
         enclave = self.registry.settle(self.find(ref, uid))
         supervisor = enclave.state.get("pid")
+        vm_socket = vm.exec_socket(int(supervisor)) if supervisor and enclave.status == "running" else None
         init = sandbox_init(int(supervisor)) if supervisor else None
         program = children(init) if init else []
         start = process_start(program[0]) if program else None
         if start is not None and init is not None and program[0] not in children(init):
             start = None  # it ended between the two looks: its pid may be another process's now
-        if enclave.status != "running" or not program or start is None:
+        if enclave.status != "running" or (vm_socket is None and (not program or start is None)):
             raise ConflictError(f"enclave {enclave.name} is not running", "start it with `cove run -d`")
         image = self.store.get(enclave.record["image"])
         config = self.imports.verified(image).config  # checked once per image, not at every exec
@@ -328,6 +331,11 @@ class Daemon:
             raise Problem("Forbidden", f"{path} is not an entry point of this enclave (allowed: "
                           f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
                           ExitCode.USAGE)
+        if vm_socket is not None:  # its launcher relays the request to the guest's init (docs/backends.md)
+            if tty or stdin:
+                raise Problem("InvalidRequest", "-i and -t are not available in a vm enclave yet")
+            return enclave, path, Helper(int(supervisor), {"socket": str(vm_socket), "argv": [path, *argv[1:]]},
+                                         False, "cove.runtime.vm_exec")
         uid, gid = launcher.resolve_user(config.process.user, image.root)
         spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd, "start": start,
                 "env": launcher.build_environment(config, enclave.record.get("env", {})),

@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <fnmatch.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
@@ -130,8 +131,8 @@ static void read_all(int fd, void *buf, size_t len, int first) {
 }
 
 struct request {
-    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64];
-    int argc, envc, ntmpfs, nfiles;
+    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64], *entries[64];
+    int argc, envc, ntmpfs, nfiles, nentries, debug;
     const char *cwd, *hostname, *network, *attestation;
     uid_t uid;
     gid_t gid;
@@ -162,6 +163,8 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'F': r->nofile = strtol(value, NULL, 10); break;
         case 'Q': r->probe = 1; break;
         case 'Y': r->attestation = value; break;
+        case 'I': if (r->nentries < 63) r->entries[r->nentries++] = value; else die("too many entry points"); break;
+        case 'D': r->debug = 1; break;
         case 'W': if (r->nfiles < 63) r->files[r->nfiles++] = value; else die("too many files"); break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
@@ -352,6 +355,7 @@ static void drop_capabilities(void) {
 }
 
 static volatile sig_atomic_t program = 0;
+static struct request *launched;
 
 static void relay(int signum) {
     if (program > 0) kill(-program, signum);
@@ -398,6 +402,146 @@ static int namespace_init(struct request *r, int in, int out, int err) {
     return code;
 }
 
+/* `cove exec`: the host sends "x<id>:<hex of NUL-terminated arguments>"; the program starts in the
+ * program's namespaces and root with the enclave's ids, environment, folder and limits, if it is an
+ * entry point (as on sim: a path, or a folder prefix ending in /; any program in a debug enclave).
+ * Its output goes back as "o<id>:<hex>" and "e<id>:<hex>" lines, then "x<id>:<code>"; a refusal is
+ * "r<id>:<reason>". "k<id>" from the host kills it. */
+#define MAX_EXECS 16
+#define MAX_LINE (160 << 10)
+struct exec { unsigned long id; pid_t waiter; int out, err; };
+static struct exec execs[MAX_EXECS];
+
+static int entry_point(struct request *r, const char *path) {
+    if (r->debug) return 1;
+    if (path[0] != '/' || strstr(path, "/./") || strstr(path, "/../") || strstr(path, "//")) return 0;
+    size_t n = strlen(path);
+    if ((n >= 2 && strcmp(path + n - 2, "/.") == 0) || (n >= 3 && strcmp(path + n - 3, "/..") == 0) || path[n - 1] == '/') return 0;
+    for (int i = 0; i < r->nentries; i++) {
+        size_t m = strlen(r->entries[i]);
+        if (m && r->entries[i][m - 1] == '/' ? strncmp(path, r->entries[i], m) == 0 : strcmp(path, r->entries[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+static void send_hex(char kind, unsigned long id, const unsigned char *data, size_t len) {
+    static char line[2 * 4096 + 64];
+    int at = snprintf(line, sizeof line, "%c%lu:", kind, id);
+    for (size_t i = 0; i < len; i++) at += snprintf(line + at, 3, "%02x", data[i]);
+    line[at++] = '\n';
+    write_all(ctl, line, (size_t)at);
+}
+
+static void kill_session(int signum) {
+    (void)signum;
+    if (program > 0) kill(-program, SIGKILL);
+}
+
+static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char *hex) {
+    static char args[MAX_LINE / 2 + 1];
+    char *argv[256];
+    int argc = 0, slot = -1;
+    size_t len = strlen(hex) / 2;
+    if (strlen(hex) % 2) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
+    for (size_t j = 0; j < len; j++) {
+        unsigned int byte;
+        if (sscanf(hex + 2 * j, "%2x", &byte) != 1) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
+        args[j] = (char)byte;
+    }
+    if (len == 0 || args[len - 1] != 0) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
+    for (char *a = args; a < args + len; a += strlen(a) + 1) {
+        if (argc == 255) { dprintf(ctl, "r%lu:too many arguments\n", id); return; }
+        argv[argc++] = a;
+    }
+    argv[argc] = NULL;
+    if (!entry_point(r, argv[0])) { dprintf(ctl, "r%lu:%.200s is not an entry point of this enclave\n", id, argv[0]); return; }
+    for (int i = 0; i < MAX_EXECS; i++) if (!execs[i].waiter) { slot = i; break; }
+    if (slot < 0) { dprintf(ctl, "r%lu:too many programs started by cove exec at once\n", id); return; }
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC) != 0) { dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
+    if (pipe2(err, O_CLOEXEC) != 0) { close(out[0]); close(out[1]); dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
+    pid_t waiter = fork();
+    if (waiter == 0) {  /* outside the namespaces: enter them, start the program in them, wait for it */
+        sigset_t all;
+        sigemptyset(&all);
+        sigaddset(&all, SIGCHLD);
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        int pidfd = (int)syscall(SYS_pidfd_open, ns_init, 0);
+        char where[64];
+        snprintf(where, sizeof where, "/cove/proc/%d/root", (int)ns_init);
+        int root = open(where, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (root < 0 || pidfd < 0 || setns(pidfd, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC) != 0) _exit(125);
+        if (fchdir(root) != 0 || chroot(".") != 0) _exit(125);
+        pid_t pid = fork();
+        if (pid < 0) _exit(125);
+        if (pid == 0) {
+            setsid();
+            int null = open("/dev/null", O_RDONLY);
+            if (null < 0 || dup2(null, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) _exit(125);
+            struct rlimit limit;
+            if (r->nproc > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nproc; setrlimit(RLIMIT_NPROC, &limit); }
+            if (r->nofile > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nofile; setrlimit(RLIMIT_NOFILE, &limit); }
+            if (setgroups(0, NULL) != 0 || setgid(r->gid) != 0 || setuid(r->uid) != 0) _exit(125);
+            if (chdir(r->cwd) != 0) { dprintf(2, "cove-init: cannot enter %s: %s\n", r->cwd, strerror(errno)); _exit(125); }
+            drop_capabilities();
+            for (int sig = 1; sig < 32; sig++) signal(sig, SIG_DFL);
+            r->envp[r->envc] = NULL;
+            execve(argv[0], argv, r->envp);
+            dprintf(2, "cove-init: cannot run %s: %s\n", argv[0], strerror(errno));
+            _exit(127);
+        }
+        close(out[1]);
+        close(err[1]);
+        program = pid;
+        struct sigaction sa = {0};
+        sa.sa_handler = kill_session;
+        sigaction(SIGTERM, &sa, NULL);  /* "k<id>": the program's session goes */
+        int status;
+        while (waitpid(pid, &status, 0) < 0) if (errno != EINTR) _exit(125);
+        _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    }
+    close(out[1]);
+    close(err[1]);
+    if (waiter < 0) { close(out[0]); close(err[0]); dprintf(ctl, "r%lu:fork: %s\n", id, strerror(errno)); return; }
+    fcntl(out[0], F_SETFL, O_NONBLOCK);
+    fcntl(err[0], F_SETFL, O_NONBLOCK);
+    execs[slot] = (struct exec){id, waiter, out[0], err[0]};
+}
+
+/* Relay what a started program wrote: 1 if there may be more. Once its waiter is reaped, what is in
+ * the pipes is sent and they are closed (a child it left behind writes no more to the host). */
+static int exec_drain(struct exec *e, int *fd, char kind, int last) {
+    unsigned char data[4096];
+    ssize_t n = read(*fd, data, sizeof data);
+    if (n > 0) { send_hex(kind, e->id, data, (size_t)n); return 1; }
+    if (n < 0 && errno == EINTR) return 1;
+    if (n < 0 && errno == EAGAIN && !last) return 0;
+    close(*fd);
+    *fd = -1;
+    return 0;
+}
+
+static void exec_reaped(pid_t done, int status) {
+    for (int i = 0; i < MAX_EXECS; i++) {
+        struct exec *e = &execs[i];
+        if (e->waiter != done) continue;
+        while (e->out >= 0) exec_drain(e, &e->out, 'o', 1);
+        while (e->err >= 0) exec_drain(e, &e->err, 'e', 1);
+        dprintf(ctl, "x%lu:%d\n", e->id, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        e->waiter = 0;
+    }
+}
+
+static void host_line(char *line, pid_t child) {
+    char *colon;
+    if (line[0] == 'S') kill(child, atoi(line + 1));
+    else if (line[0] == 'x' && (colon = strchr(line, ':'))) exec_start(launched, child, strtoul(line + 1, NULL, 10), colon + 1);
+    else if (line[0] == 'k') {
+        unsigned long id = strtoul(line + 1, NULL, 10);
+        for (int i = 0; i < MAX_EXECS; i++) if (execs[i].waiter && execs[i].id == id) kill(execs[i].waiter, SIGTERM);
+    }
+}
+
 int main(void) {
     mkdir("/cove/dev", 0755);
     mkdir("/cove/sys", 0755);
@@ -415,6 +559,7 @@ int main(void) {
     read_all(ctl, body, len, 0);
     static struct request r;
     parse(body, len, &r);
+    launched = &r;
     if (r.probe) {
         dprintf(ctl, "X0\n");
         sync();
@@ -442,33 +587,49 @@ int main(void) {
     close(in);
     close(out);
     close(err);
+    mkdir("/cove/proc", 0700);  /* after the clone: not in the program's mount namespace */
+    if (mount("proc", "/cove/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount proc: %s", strerror(errno));
     int code = -1;
-    struct pollfd fds[2] = {{ctl, POLLIN, 0}, {children, POLLIN, 0}};
-    char line[64];
+    struct pollfd fds[2 + 2 * MAX_EXECS];
+    static char line[MAX_LINE];
     size_t used = 0;
     while (code < 0) {
-        if (poll(fds, 2, -1) < 0) continue;
-        if (fds[0].revents & POLLIN) {  /* "S<signal>\n" from the host */
+        fds[0] = (struct pollfd){ctl, POLLIN, 0};
+        fds[1] = (struct pollfd){children, POLLIN, 0};
+        for (int i = 0; i < MAX_EXECS; i++) {
+            fds[2 + 2 * i] = (struct pollfd){execs[i].waiter ? execs[i].out : -1, POLLIN, 0};
+            fds[3 + 2 * i] = (struct pollfd){execs[i].waiter ? execs[i].err : -1, POLLIN, 0};
+        }
+        if (poll(fds, 2 + 2 * MAX_EXECS, -1) < 0) continue;
+        if (fds[0].revents & POLLIN) {  /* "S<signal>", "x<id>:<hex>" and "k<id>" lines from the host */
             ssize_t n = read(ctl, line + used, sizeof line - 1 - used);
             if (n > 0) {
                 used += (size_t)n;
                 char *end;
                 while ((end = memchr(line, '\n', used))) {
                     *end = 0;
-                    if (line[0] == 'S') kill(child, atoi(line + 1));
+                    host_line(line, child);
                     used -= (size_t)(end + 1 - line);
                     memmove(line, end + 1, used);
                 }
-                if (used == sizeof line - 1) used = 0;
+                if (used == sizeof line - 1) used = 0;  /* an overlong line is dropped */
             }
+        }
+        for (int i = 0; i < MAX_EXECS; i++) {
+            struct exec *e = &execs[i];
+            if (!e->waiter) continue;
+            if (e->out >= 0 && fds[2 + 2 * i].revents) exec_drain(e, &e->out, 'o', 0);
+            if (e->err >= 0 && fds[3 + 2 * i].revents) exec_drain(e, &e->err, 'e', 0);
         }
         if (fds[1].revents & POLLIN) {
             struct signalfd_siginfo info;
             if (read(children, &info, sizeof info) < 0) continue;
             int status;
             pid_t done;
-            while ((done = waitpid(-1, &status, WNOHANG)) > 0)
+            while ((done = waitpid(-1, &status, WNOHANG)) > 0) {
                 if (done == child) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+                else exec_reaped(done, status);
+            }
         }
     }
     dprintf(ctl, "X%d\n", code);

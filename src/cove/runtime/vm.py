@@ -46,6 +46,9 @@ KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
 PROBE_TIMEOUT = 10.0  # a kernel that KVM boots answers in well under a second
 PR_SET_PDEATHSIG = 1
 EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the exit code
+EXEC_SOCKET = "exec.sock"  # in the run's vm folder while the program runs: `cove exec` through the node
+MAX_EXEC_ARGS = 64 << 10  # bytes of a `cove exec` program's arguments (the guest's line is twice that in hex)
+EXEC_SEND_TIMEOUT = 30.0  # seconds a `cove exec` client may leave its output unread before it is dropped
 
 
 def qemu() -> str:
@@ -84,6 +87,7 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: list[tuple[st
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
+    items += [f"I{entry}" for entry in config.process.entry_points] + (["D"] if config.enclave.debug else [])
     items += [f"U{spec.uid}", f"G{spec.gid}", f"C{config.process.cwd}", f"H{config.enclave.name}",
               f"N{config.network.mode}", f"P{config.resources.max_processes}",
               f"F{config.resources.max_open_files}", f"Y{attestation_type}"]
@@ -195,6 +199,10 @@ class VmEnclave(RunningEnclave):
         self._ready = threading.Event()
         self._ended = threading.Event()
         self._ctl_lock = threading.Lock()
+        self._execs: dict[int, tuple[socket.socket, threading.Event]] = {}
+        self._exec_lock = threading.Lock()
+        self._exec_next = 0
+        self._listener: socket.socket | None = None
         self._threads = [
             threading.Thread(target=self._control, daemon=True),
             threading.Thread(target=self._pump_out, args=(ports.host("cove.stdout"), 1), daemon=True),
@@ -245,18 +253,109 @@ class VmEnclave(RunningEnclave):
                 self._message(line.decode("utf-8", "replace"))
         self._ready.set()
         self._ended.set()
+        self._close_execs()
 
     def _message(self, line: str) -> None:
         if line == "R" and self.ready_at is None:
             self.ready_at = time.monotonic()
             self._ready.set()
+            self._listen_exec()
+        elif line[:1] in ("o", "e", "x", "r") and line[1:].partition(":")[0].isdigit():
+            self._exec_message(int(line[1:].partition(":")[0]), line)
         elif line.startswith("X") and line[1:].isdigit() and len(line) <= 4:
             self.exit_code = min(int(line[1:]), 255)  # the guest is not trusted with more than a byte
             self._ended.set()
+            self._close_execs()
         elif line.startswith("E"):
             self.guest_error = "".join(c if c.isprintable() else "?" for c in line[1:301])
             self._ready.set()
             self._ended.set()
+
+    def _listen_exec(self) -> None:
+        """Once the program runs: accept `cove exec` requests (cove.runtime.vm_exec) on EXEC_SOCKET."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mask = os.umask(0o177)
+        try:
+            listener.bind(str(self.workdir / EXEC_SOCKET))
+        except OSError:
+            listener.close()
+            return  # no exec for this enclave; the program runs on
+        finally:
+            os.umask(mask)
+        listener.listen(8)
+        self._listener = listener
+        threading.Thread(target=self._accept_exec, args=(listener,), daemon=True).start()
+
+    def _accept_exec(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._exec_session, args=(conn,), daemon=True).start()
+
+    def _exec_session(self, conn: socket.socket) -> None:
+        """One `cove exec`: a JSON line {"argv": [...]} in; the guest's lines for it out (docs/backends.md)."""
+        with conn:
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid not in (0, os.getuid()):
+                return
+            conn.settimeout(EXEC_SEND_TIMEOUT)
+            try:
+                argv = json.loads(conn.makefile("rb").readline(MAX_EXEC_ARGS * 2))["argv"]
+                args = b"".join(a.encode() + b"\0" for a in argv)
+                if not argv or "\0" in "".join(argv) or len(args) > MAX_EXEC_ARGS:
+                    raise ValueError("argv")
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                _send(conn, b"r0:malformed exec request\n")
+                return
+            done = threading.Event()
+            with self._exec_lock:
+                if self._listener is None:
+                    _send(conn, b"r0:the program has ended\n")
+                    return
+                self._exec_next += 1
+                ident = self._exec_next
+                self._execs[ident] = (conn, done)
+            with self._ctl_lock:
+                try:
+                    self.ports.host("cove.ctl").sendall(b"x%d:%s\n" % (ident, args.hex().encode()))
+                except OSError:
+                    done.set()
+            while not done.is_set():
+                readable, _, _ = select.select([conn], [], [], 0.2)
+                if readable and not done.is_set():  # the client left (it sends nothing more): kill the program
+                    with self._ctl_lock:
+                        try:
+                            self.ports.host("cove.ctl").sendall(b"k%d\n" % ident)
+                        except OSError:
+                            pass
+                    break
+            with self._exec_lock:
+                self._execs.pop(ident, None)
+
+    def _exec_message(self, ident: int, line: str) -> None:
+        with self._exec_lock:
+            conn, done = self._execs.get(ident, (None, None))
+        if conn is None or done is None:
+            return
+        if not _send(conn, line.encode() + b"\n") or line[0] in ("x", "r"):
+            done.set()
+
+    def _close_execs(self) -> None:
+        """The program ended (and so did every program `cove exec` started): no more exec."""
+        with self._exec_lock:
+            listener, self._listener = self._listener, None
+            sessions, self._execs = list(self._execs.values()), {}
+        if listener is not None:
+            listener.close()
+            try:
+                os.unlink(self.workdir / EXEC_SOCKET)
+            except OSError:
+                pass
+        for conn, done in sessions:
+            _send(conn, b"r0:the enclave's program ended\n")
+            done.set()
 
     @staticmethod
     def _pump_out(sock: socket.socket, fd: int) -> None:
@@ -335,12 +434,38 @@ class VmEnclave(RunningEnclave):
                                       "boot_ms": round((self.ready_at - self.launched_at) * 1000, 1)}) + "\n")
 
     def stop(self) -> None:
+        self._close_execs()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
         self.ports.close()
         if self.vtpm is not None:
             self.vtpm.stop()
+
+
+def _send(conn: socket.socket, data: bytes) -> bool:
+    try:
+        conn.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def exec_socket(launcher_pid: int) -> Path | None:
+    """The `cove exec` socket of the running vm enclave that process LAUNCHER_PID launched, if any.
+
+    Only folders this user made count (the runtime folder may be shared, e.g. /dev/shm)."""
+    from cove.runtime.launcher import runtime_dir
+
+    found = []
+    for path in runtime_dir().glob(f"cove-enclave-{launcher_pid}-*/vm-*/{EXEC_SOCKET}"):
+        try:
+            owned = all(os.lstat(p).st_uid == os.getuid() for p in (path.parent.parent, path.parent, path))
+        except OSError:
+            continue
+        if owned and path.parent.parent.name.startswith(f"cove-enclave-{launcher_pid}-"):
+            found.append(path)
+    return found[0] if len(found) == 1 else None
 
 
 class VmBackend(Backend):
