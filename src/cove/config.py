@@ -545,11 +545,11 @@ class _Validator:
                     raise self.fail(f"{key}.target", f"env:{where} is not a variable name")
             else:
                 where = self.abs_path(where, f"{key}.target")
-                mount = next((m for m in mounts if m.target == where), None)
-                if mount is None or mount.type != "encrypted":
+                named = next((m for m in mounts if m.target == where), None)
+                if named is None or named.type != "encrypted":
                     raise self.fail(f"{key}.target", f"mount:{where} names no encrypted mount")
-                if mount.key != f"kbs:{resource}":
-                    raise self.fail(f"{key}.target", f"the encrypted mount {where} has key {mount.key!r}",
+                if named.key != f"kbs:{resource}":
+                    raise self.fail(f"{key}.target", f"the encrypted mount {where} has key {named.key!r}",
                                     f"set its key = \"kbs:{resource}\"")
             full = f"{kind}:{where}"
             if full in targets:

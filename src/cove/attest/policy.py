@@ -173,7 +173,7 @@ def _read_bounded(path: Path) -> bytes | None:
     return None if len(data) > MAX_FILE else data
 
 
-def parse_policy(data: str | bytes | Mapping, source: str = "policy", base: Path | None = None,
+def parse_policy(data: str | bytes | Mapping[str, Any], source: str = "policy", base: Path | None = None,
                  allow_paths: bool = True) -> Policy:
     """A policy from TOML/JSON text or an already-decoded mapping.
 

@@ -145,6 +145,7 @@ def get(url, paths, ca_cert, broker_policy, tee, attestation_dir, sample_claims,
     from cove.kbs import client as kbs_client
     from cove.util import write_atomic
 
+    provider: kbs_client.EvidenceProvider
     if tee == "cove":
         provider = kbs_client.DevAttestation(attestation_dir)
     elif tee == "sample":

@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
 import cbor2
 
@@ -78,7 +79,7 @@ class AnchorStore(ABC):
     def advance(self, new: Anchor) -> None:
         """Atomically move to ``new`` (its version is the current one + 1)."""
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         """What the volume header records to find this anchor again."""
         return {"kind": self.kind}
 
@@ -126,7 +127,7 @@ class FileAnchor(AnchorStore):
     def file(self) -> Path:
         return _record_path(self.volume_id, "anchor")
 
-    def _mac(self, body: dict) -> bytes:
+    def _mac(self, body: dict[str, Any]) -> bytes:
         return hmac.new(self.secret, cbor2.dumps(body, canonical=True), "sha256").digest()
 
     def _write(self, anchor: Anchor, first: int) -> None:
@@ -134,7 +135,7 @@ class FileAnchor(AnchorStore):
                 "version": anchor.version, "digest": anchor.digest, "first": first}
         write_atomic(self.file, cbor2.dumps(dict(body, mac=self._mac(body))), mode=0o600)
 
-    def _load(self) -> dict:
+    def _load(self) -> dict[str, Any]:
         path = self.file
         try:
             data = path.read_bytes()
@@ -197,10 +198,11 @@ class TpmAnchor(AnchorStore):
         self.volume_id = volume_id
         self.secret = secret
         self.path = path
-        self.tcti = tpm_tcti()
-        if self.tcti is None:
+        tcti = tpm_tcti()
+        if tcti is None:
             raise AnchorError("this volume's rollback anchor is in a TPM, and this platform has none",
                               "set COVE_TPM_TCTI (e.g. swtpm:port=2321) or use the platform that made it")
+        self.tcti: str = tcti
         for tool in ("tpm2_nvdefine", "tpm2_nvread", "tpm2_nvwrite", "tpm2_nvincrement"):
             if shutil.which(tool) is None:
                 raise SetupError(f"{tool} is not installed", "run scripts/setup (tpm2-tools)")
@@ -209,7 +211,7 @@ class TpmAnchor(AnchorStore):
             nv = NV_BASE + 2 * (slot % (NV_SLOTS // 2))
         self.counter, self.record = nv, nv + 1
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         return {"kind": self.kind, "nv": self.counter}
 
     def _run(self, args: list[str], data: bytes | None = None, owner: bool = False) -> bytes:
@@ -238,7 +240,8 @@ class TpmAnchor(AnchorStore):
 
     def _read_counter(self) -> int:
         raw = self._run(["tpm2_nvread", f"0x{self.counter:08x}", "-C", f"0x{self.counter:08x}", "-s", "8"])
-        return struct.unpack(">Q", raw)[0]
+        value: int = struct.unpack(">Q", raw)[0]
+        return value
 
     def _read_record(self) -> Anchor:
         raw = self._run(["tpm2_nvread", f"0x{self.record:08x}", "-C", f"0x{self.record:08x}", "-s", "40"])
@@ -315,7 +318,7 @@ def choose_kind(requested: str) -> str:
     return "tpm" if tpm_tcti() is not None else "file"
 
 
-def open_store(params: dict, volume_id: bytes, secret: bytes, path: str) -> AnchorStore:
+def open_store(params: dict[str, Any], volume_id: bytes, secret: bytes, path: str) -> AnchorStore:
     """The store a volume header names (``{"kind": ..., ...}``)."""
     params = dict(params)
     kind = params.pop("kind", None)
@@ -331,7 +334,7 @@ def open_store(params: dict, volume_id: bytes, secret: bytes, path: str) -> Anch
                       "kbs anchors need the key broker client" if kind == "kbs" else None)
 
 
-def known_volume_at(path: str) -> dict | None:
+def known_volume_at(path: str) -> dict[str, object] | None:
     """A platform record of a volume at ``path`` that had commits beyond its first, if any.
 
     Lets a mount refuse to start afresh where a volume was deleted.
@@ -359,10 +362,11 @@ def forget_records(path: str) -> list[str]:
         record = _platform_record(entry)
         if record is not None and record.get("path") == path:
             nv = record.get("nv")
-            if record.get("kind") == "tpm" and tpm_tcti() and isinstance(nv, int):
+            tcti = tpm_tcti() if record.get("kind") == "tpm" else None
+            if tcti and isinstance(nv, int):
                 for handle in (nv, nv + 1):
                     subprocess.run(["tpm2_nvundefine", f"0x{handle:08x}", "-C", "o"], capture_output=True,
-                                   env=dict(os.environ, TPM2TOOLS_TCTI=tpm_tcti()))
+                                   env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
             entry.unlink()
             removed.append(str(entry))
     return removed
@@ -390,7 +394,7 @@ def _damaged(path: Path) -> Callable[[str], AnchorError]:
     return error
 
 
-def _tpm_owner_read(nv) -> int | None:
+def _tpm_owner_read(nv: object) -> int | None:
     """A volume's TPM counter, read with the owner's (empty) authorization; None if unreadable."""
     tcti = tpm_tcti()
     if tcti is None or not isinstance(nv, int):
@@ -399,4 +403,5 @@ def _tpm_owner_read(nv) -> int | None:
                           env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
     if proc.returncode != 0 or len(proc.stdout) != 8:
         return None
-    return struct.unpack(">Q", proc.stdout)[0]
+    value: int = struct.unpack(">Q", proc.stdout)[0]
+    return value

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+from typing import Any
 
 import cbor2
 from cryptography.exceptions import InvalidTag
@@ -59,7 +60,7 @@ def wrap_key(kek: bytes, vmk: bytes, volume_id: bytes, label: str, policy: KeyPo
 # -- the root file -------------------------------------------------------------------
 
 
-def split_root(data: bytes) -> tuple[dict, bytes, bytes]:
+def split_root(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     """(header, aad, sealed index) of a root file; raises VolumeIntegrityError."""
     if len(data) < len(MAGIC) + _LEN.size or not data.startswith(MAGIC):
         raise VolumeIntegrityError("not a Cove volume root (bad magic)")
@@ -81,7 +82,7 @@ def _incomplete(message: str) -> VolumeIntegrityError:
     return VolumeIntegrityError(f"volume root header is incomplete: {message}")
 
 
-def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict]:
+def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     """(header, vmk, index body) of a root file's bytes."""
     header, aad, sealed = split_root(data)
     fields = Fields(header, "header", _incomplete)
@@ -106,7 +107,7 @@ def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict, bytes, dict
     return header, vmk, body
 
 
-def encode_root(header: dict, body: dict, index: AESGCM) -> bytes:
+def encode_root(header: dict[str, Any], body: dict[str, Any], index: AESGCM) -> bytes:
     """A root file's bytes: the header in the clear, the index body sealed under ``index``."""
     header_bytes = cbor2.dumps(header, canonical=True)
     aad = MAGIC + _LEN.pack(len(header_bytes)) + header_bytes
