@@ -121,10 +121,21 @@ def test_launcher_killed_mid_start_leaves_nothing_after_the_next_start(cove, app
     assert leftovers(owners, groups, within=3) == {}
 
 
-def test_leftover_of_a_dead_owner_is_killed_and_its_groups_removed(cove, app, direct):
-    """A process that ignored its parent's death, in a cove-DEADPID-* group of each controller,
-    as bwrap's unreleased child is: the next start kills it and removes both groups (the old code
-    only removed empty groups)."""
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie has: this machine's pid 1 may be slow to reap)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat_line[stat_line.rfind(b")") + 2:][:1] in (b"Z", b"X")
+
+
+@pytest.fixture
+def dead_owner_groups():
+    """A cove-DEADPID-* group in the v1 memory and pids controllers, as a killed launcher leaves them,
+    and a function that starts ``sleep 600`` in them as the enclave's host uid: orphaned (its parent
+    gone, as bwrap's unreleased child is) or still parented by this test (as a live enclave's outer
+    process is by its launcher, seen from another pid namespace or after the owner's pid was reused)."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     own = {}
@@ -138,24 +149,57 @@ def test_leftover_of_a_dead_owner_is_killed_and_its_groups_removed(cove, app, di
     groups = [own[c] / f"cove-{dead.pid}-0badc0de" for c in ("memory", "pids")]
     for group in groups:
         group.mkdir()
+    started: list[int] = []
 
     def join() -> None:
         for group in groups:
             (group / "cgroup.procs").write_text(str(os.getpid()))
         os.setresuid(100000, 100000, 100000)
 
-    leftover = subprocess.Popen(["sleep", "600"], preexec_fn=join)
-    try:
-        cove.ok("run", "/bin/hello", cwd=app, env=direct)
-        assert leftover.wait(timeout=5) == -signal.SIGKILL
-        assert [g for g in groups if g.exists()] == []
-    finally:
-        if leftover.poll() is None:
-            leftover.kill()
-            leftover.wait()
-        for group in groups:
-            if group.exists():
-                group.rmdir()
+    def start(orphaned: bool) -> int:
+        if orphaned:  # the shell exits at once: sleep's parent becomes pid 1
+            shell = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], preexec_fn=join,
+                                   capture_output=True, text=True, check=True)
+            pid = int(shell.stdout)
+        else:
+            pid = subprocess.Popen(["sleep", "600"], preexec_fn=join).pid
+        started.append(pid)
+        return pid
+
+    yield groups, start
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.1)
+    for group in groups:
+        if group.exists():
+            group.rmdir()
+
+
+def test_leftover_of_a_dead_owner_is_killed_and_its_groups_removed(cove, app, direct, dead_owner_groups):
+    """An orphan in a dead owner's groups: the next start kills it and removes both groups (the old
+    code only removed empty groups)."""
+    groups, start = dead_owner_groups
+    leftover = start(orphaned=True)
+    cove.ok("run", "/bin/hello", cwd=app, env=direct)
+    deadline = time.monotonic() + 5
+    while not _gone(leftover):
+        assert time.monotonic() < deadline, "the orphan still runs"
+        time.sleep(0.05)
+    assert [g for g in groups if g.exists()] == []
+
+
+def test_a_process_whose_parent_lives_is_never_reaped(cove, app, direct, dead_owner_groups):
+    """A dead-looking owner is not enough: the owner's pid may mean another pid namespace, or have been
+    reused. A process in the group whose parent lives outside it is left alone, and so is its group."""
+    groups, start = dead_owner_groups
+    member = start(orphaned=False)
+    cove.ok("run", "/bin/hello", cwd=app, env=direct)
+    time.sleep(0.3)
+    assert not _gone(member)
+    assert all(g.exists() for g in groups)
 
 
 def test_supervisor_killed_mid_start_leaves_nothing_for_long(node, app):

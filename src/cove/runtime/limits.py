@@ -117,6 +117,8 @@ def kill_and_remove(group: Path, timeout: float = 2.0) -> bool:
             break
         except OSError:
             return False
+        if "0" in pids:  # a member in a pid namespace this process cannot see: not ours to judge
+            return False
         if pids and (group / "cgroup.kill").exists():
             try:
                 (group / "cgroup.kill").write_text("1")
@@ -124,10 +126,7 @@ def kill_and_remove(group: Path, timeout: float = 2.0) -> bool:
                 pass
         for pid in pids:
             siblings |= _cove_groups_of(pid)
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(int(pid))
         try:
             group.rmdir()
             break
@@ -146,25 +145,67 @@ def kill_and_remove(group: Path, timeout: float = 2.0) -> bool:
     return True
 
 
-def _remove_stale_groups(parent: Path, alive: dict[int, bool]) -> None:
+def _remove_stale_groups(parent: Path) -> None:
     """Kill what is left in the cgroups of launchers and supervisors that died (kill -9) and remove them.
 
-    An owner in a pid namespace this process cannot see looks dead, but its enclave's processes are
-    invisible too (cgroup.procs lists only those this namespace sees): nothing is killed, rmdir fails.
-    ``alive`` caches the owners already looked at (each has a group in every controller).
+    The owner's pid in a group's name means something only in the owner's pid namespace, and a pid can
+    be reused, so a dead-looking owner is not enough: the group's processes must also be orphans (each
+    one's parent is in the group or is pid 1), as a killed owner leaves them. A live enclave's outer
+    process has its launcher or supervisor as parent, whatever namespace the reaper looks from, and a
+    group holding processes this pid namespace cannot see (listed as 0 on cgroup v2, left out on v1) is
+    never touched. Owners are looked up once per listing, not across controllers, so a pid reused
+    between two listings is judged again.
     """
     try:
         names = os.listdir(parent)
     except OSError:
         return
+    alive: dict[int, bool] = {}
     for name in names:
         pid = _owner(name)
         if pid is None:
             continue
         if pid not in alive:
             alive[pid] = _alive(pid)
-        if not alive[pid]:
+        if not alive[pid] and _orphaned(parent / name):
             kill_and_remove(parent / name)
+
+
+def _orphaned(group: Path) -> bool:
+    """Whether every process in the group is visible here and has lost the process that started it."""
+    try:
+        members = (group / "cgroup.procs").read_text().split()
+    except OSError:
+        return False
+    if "0" in members:
+        return False
+    pids = {int(pid) for pid in members}
+    for pid in pids:
+        parent = _parent(pid)
+        if parent is not None and parent not in pids and parent != 1:
+            return False
+    return True
+
+
+def _parent(pid: int) -> int | None:
+    """A process's parent pid (0 for a parent outside this pid namespace); None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_line = handle.read(1024)
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2:].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL one process; never pid 0 or a negative pid (this process group, or every process)."""
+    if pid <= 0:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -197,9 +238,8 @@ def reap_stale() -> None:
     cloned but has not yet released waits on it forever, outside any parent-death signal. Every
     start and the daemon's start call this; docs/node.md says what survives a kill -9 and for how long.
     """
-    alive: dict[int, bool] = {}
     for parent in parents():
-        _remove_stale_groups(parent, alive)
+        _remove_stale_groups(parent)
 
 
 @dataclass
@@ -286,10 +326,7 @@ class Limits:
                 except OSError:
                     break
                 for pid in pids:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    _kill(int(pid))
                 try:
                     group.rmdir()
                     break
