@@ -27,6 +27,7 @@ from cove.attest.cove_evidence_verify import verify_cove_evidence
 
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod
+from cove.image import vmimage
 from cove.runtime import vm
 from tests.conftest import ROOT, Cove, error_line, require
 from tests.e2e.helpers import make_instance, set_option
@@ -74,6 +75,24 @@ def connect(tmp_path_factory) -> Path:
     return folder / "connect"
 
 
+NEWPGRP = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {  /* newpgrp PROGRAM ARGS: run it in a process group of its own */
+    if (argc < 2 || setpgid(0, 0) != 0) return 125;
+    execv(argv[1], argv + 1);
+    return 127;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def newpgrp(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("newpgrp")
+    (folder / "newpgrp.c").write_text(NEWPGRP)
+    subprocess.run(["gcc", "-O2", "-o", str(folder / "newpgrp"), str(folder / "newpgrp.c")], check=True)
+    return folder / "newpgrp"
+
+
 @pytest.fixture(scope="module")
 def attest_probe(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("attest") / "attest_probe"
@@ -82,7 +101,7 @@ def attest_probe(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(cove, tmp_path_factory, probe, hello, attest_probe, connect) -> tuple[Path, Path]:
+def pair(cove, tmp_path_factory, probe, hello, attest_probe, connect, newpgrp) -> tuple[Path, Path]:
     """The same image and configuration built for sim and for vm."""
     require("qemu-system-x86_64")
     built = []
@@ -91,7 +110,7 @@ def pair(cove, tmp_path_factory, probe, hello, attest_probe, connect) -> tuple[P
         root = make_instance(cove, parent, probe, name="hello-enclave",
                              options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
                              extra=SCRATCH, build=False)
-        cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), str(connect), cwd=root)
+        cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), str(connect), str(newpgrp), cwd=root)
         cove.ok("build", cwd=root)
         built.append(root)
     return built[0], built[1]
@@ -448,7 +467,7 @@ def _exec_into_running_vm(node: Node, c: Cove) -> None:
             conn.sendall(request)
             return conn.makefile("rb").read().splitlines()
 
-    for program in ("/who", "/bin/../who", "/bin/", "/bin//sh"):
+    for program in ("/who", "/bin/../who", "/bin/", "/bin//sh", "/who\nX0\no1:41\n"):  # no forged lines
         refused = ask(json.dumps({"argv": [program]}).encode() + b"\n")
         assert len(refused) == 1 and refused[0].startswith(b"r") and b"is not an entry point" in refused[0], refused
     for bad in (b"not json\n", b'{"argv": []}\n', b'{"argv": ["/bin/sh", "a\\u0000b"]}\n',
@@ -457,17 +476,44 @@ def _exec_into_running_vm(node: Node, c: Cove) -> None:
     answer = ask(json.dumps({"argv": ["/bin/sh", "-c", "printf hi; exit 300"]}).encode() + b"\n")
     assert [line.split(b":")[1] for line in answer] == [b"6869", b"44"] and answer[0][:1] == b"o", answer
 
-    def sleeping() -> bool:
-        return "601" in c.ok("exec", "vm1", "/bin/sh", "-c", "cat /proc/[0-9]*/cmdline").stdout.replace("\0", " ")
+    def running(*markers: str) -> bool:
+        seen = c.ok("exec", "vm1", "/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null; exit 0").stdout.replace("\0", " ")
+        return all(marker in seen for marker in markers)
 
-    # a client that leaves: the guest kills what it started
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(str(path))
-        conn.sendall(json.dumps({"argv": ["/bin/sh", "-c", "echo up; exec sleep 601"]}).encode() + b"\n")
-        conn.settimeout(60)
-        assert conn.recv(100).startswith(b"o")
-        _wait_for(sleeping, timeout=60)
-    _wait_for(lambda: not sleeping(), timeout=60)
+    def leave(script: str, wait_for: tuple[str, ...] = ()) -> None:
+        """A client that starts SCRIPT, reads its first output and leaves."""
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"argv": ["/bin/sh", "-c", script]}).encode() + b"\n")
+            conn.settimeout(60)
+            assert conn.recv(100).startswith(b"o")
+            if wait_for:
+                _wait_for(lambda: running(*wait_for), timeout=60)
+
+    # a client that leaves: the guest kills the program's whole session, a process group of its own too
+    leave("/bin/newpgrp /bin/sleep 604 & echo up; exec /bin/sleep 605", ("sleep 604", "sleep 605"))
+    _wait_for(lambda: not running("sleep 604") and not running("sleep 605"), timeout=60)
+    # a client that leaves while the program writes without pause: it goes too
+    leave("while :; do echo flood606; done")
+    _wait_for(lambda: not running("flood606"), timeout=60)
+
+
+def test_guest_hex_decoding_is_strict(tmp_path):
+    """The guest init's hex decoder (exec requests, `W` items) takes two hex digits per byte, nothing else."""
+    require("gcc")
+    (tmp_path / "t.c").write_text(f'''#define main cove_init_main
+#include "{vmimage.INIT_SOURCE}"
+#undef main
+int main(void) {{
+    const char *bad[] = {{" f", "+f", "-1", "0x", "f ", "g0", "\\n0"}};
+    char out[3];
+    for (unsigned i = 0; i < sizeof bad / sizeof *bad; i++) if (unhex(bad[i], 1, out)) return 1 + (int)i;
+    if (!unhex("00fFA9", 3, out) || out[0] || (unsigned char)out[1] != 0xff || (unsigned char)out[2] != 0xa9) return 20;
+    return 0;
+}}
+''')
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
+    assert subprocess.run([str(tmp_path / "t")]).returncode == 0
 
 
 def test_packaged_vm_enclave_runs_and_a_changed_kernel_in_it_is_refused(cove, vm_instance, tmp_path):

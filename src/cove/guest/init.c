@@ -38,6 +38,7 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <dirent.h>
 #include <grp.h>
 #include <unistd.h>
 
@@ -45,6 +46,24 @@
 #define MAX_ITEMS 4096
 
 static int ctl = -1;
+
+/* Strict hex: "0"-"9", "a"-"f", "A"-"F" only (sscanf's %2x would take " f", "+f", "-1" or "0x"). */
+static int nibble(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Decode LEN bytes from 2*LEN hex digits into OUT (which may be HEX itself); 0 if any is not one. */
+static int unhex(const char *hex, size_t len, char *out) {
+    for (size_t j = 0; j < len; j++) {
+        int high = nibble(hex[2 * j]), low = nibble(hex[2 * j + 1]);
+        if (high < 0 || low < 0) return 0;
+        out[j] = (char)(high << 4 | low);
+    }
+    return 1;
+}
 
 static void die(const char *fmt, ...) {
     char line[512];
@@ -262,11 +281,7 @@ static void enter_root(struct request *r) {
         if (!target || (target - hex) % 2) die("malformed file item");
         *target++ = 0;
         size_t len = strlen(hex) / 2;
-        for (size_t j = 0; j < len; j++) {
-            unsigned int byte;
-            if (sscanf(hex + 2 * j, "%2x", &byte) != 1) die("malformed file item");
-            hex[j] = (char)byte;
-        }
+        if (!unhex(hex, len, hex)) die("malformed file item");
         snprintf(path, sizeof path, "/image%s", target);
         write_file(path, hex, len, 0444);
         if (mount(path, path, NULL, MS_BIND, NULL) != 0 ||
@@ -432,9 +447,45 @@ static void send_hex(char kind, unsigned long id, const unsigned char *data, siz
     write_all(ctl, line, (size_t)at);
 }
 
-static void kill_session(int signum) {
+static volatile sig_atomic_t killed = 0;
+
+static void kill_program(int signum) {
     (void)signum;
-    if (program > 0) kill(-program, SIGKILL);
+    killed = 1;
+    if (program > 0) kill(program, SIGKILL);  /* its waitpid returns; kill_session then takes the rest */
+}
+
+/* SIGKILL every live process of session SID, as /proc (opened as PROC, the guest's pid namespace)
+ * shows them, until none is left: setpgid() does not take a process out of its session. */
+static void kill_session(int proc, pid_t sid) {
+    for (int found = 1; found;) {
+        found = 0;
+        int fd = dup(proc);
+        DIR *dir = fd < 0 ? NULL : fdopendir(fd);
+        if (!dir) { if (fd >= 0) close(fd); return; }
+        rewinddir(dir);
+        struct dirent *entry;
+        while ((entry = readdir(dir))) {
+            char path[300], stat[512];
+            if (entry->d_name[0] < '1' || entry->d_name[0] > '9') continue;
+            snprintf(path, sizeof path, "%s/stat", entry->d_name);
+            int file = openat(proc, path, O_RDONLY | O_CLOEXEC);
+            if (file < 0) continue;
+            ssize_t n = read(file, stat, sizeof stat - 1);
+            close(file);
+            if (n <= 0) continue;
+            stat[n] = 0;
+            char *after = strrchr(stat, ')');  /* the name may hold spaces and parentheses */
+            char state;
+            int ppid, pgrp, session;
+            if (!after || sscanf(after + 1, " %c %d %d %d", &state, &ppid, &pgrp, &session) != 4) continue;
+            if (session != sid || state == 'Z' || state == 'X') continue;
+            kill(atoi(entry->d_name), SIGKILL);
+            found = 1;
+        }
+        closedir(dir);
+        if (found) usleep(1000);
+    }
 }
 
 static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char *hex) {
@@ -443,34 +494,45 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
     int argc = 0, slot = -1;
     size_t len = strlen(hex) / 2;
     if (strlen(hex) % 2) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
-    for (size_t j = 0; j < len; j++) {
-        unsigned int byte;
-        if (sscanf(hex + 2 * j, "%2x", &byte) != 1) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
-        args[j] = (char)byte;
-    }
+    if (!unhex(hex, len, args)) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
     if (len == 0 || args[len - 1] != 0) { dprintf(ctl, "r%lu:malformed request\n", id); return; }
     for (char *a = args; a < args + len; a += strlen(a) + 1) {
         if (argc == 255) { dprintf(ctl, "r%lu:too many arguments\n", id); return; }
         argv[argc++] = a;
     }
     argv[argc] = NULL;
-    if (!entry_point(r, argv[0])) { dprintf(ctl, "r%lu:%.200s is not an entry point of this enclave\n", id, argv[0]); return; }
+    if (!entry_point(r, argv[0])) {  /* the host's bytes: no newline may forge a line of another kind */
+        char shown[201];
+        size_t n = 0;
+        for (const char *c = argv[0]; *c && n < sizeof shown - 1; c++) shown[n++] = *c >= 0x20 && *c < 0x7f ? *c : '?';
+        shown[n] = 0;
+        dprintf(ctl, "r%lu:%s is not an entry point of this enclave\n", id, shown);
+        return;
+    }
     for (int i = 0; i < MAX_EXECS; i++) if (!execs[i].waiter) { slot = i; break; }
     if (slot < 0) { dprintf(ctl, "r%lu:too many programs started by cove exec at once\n", id); return; }
     int out[2], err[2];
     if (pipe2(out, O_CLOEXEC) != 0) { dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
     if (pipe2(err, O_CLOEXEC) != 0) { close(out[0]); close(out[1]); dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
+    sigset_t term;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    sigprocmask(SIG_BLOCK, &term, NULL);  /* a "k<id>" before the waiter's handler is in place waits for it */
     pid_t waiter = fork();
     if (waiter == 0) {  /* outside the namespaces: enter them, start the program in them, wait for it */
+        struct sigaction sa = {0};
+        sa.sa_handler = kill_program;
+        sigaction(SIGTERM, &sa, NULL);  /* "k<id>": the program's session goes */
         sigset_t all;
         sigemptyset(&all);
         sigaddset(&all, SIGCHLD);
         sigprocmask(SIG_UNBLOCK, &all, NULL);
+        int proc = open("/cove/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);  /* the guest's: the pids fork() gives */
         int pidfd = (int)syscall(SYS_pidfd_open, ns_init, 0);
         char where[64];
         snprintf(where, sizeof where, "/cove/proc/%d/root", (int)ns_init);
         int root = open(where, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (root < 0 || pidfd < 0 || setns(pidfd, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC) != 0) _exit(125);
+        if (proc < 0 || root < 0 || pidfd < 0 || setns(pidfd, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC) != 0) _exit(125);
         if (fchdir(root) != 0 || chroot(".") != 0) _exit(125);
         pid_t pid = fork();
         if (pid < 0) _exit(125);
@@ -493,13 +555,15 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
         close(out[1]);
         close(err[1]);
         program = pid;
-        struct sigaction sa = {0};
-        sa.sa_handler = kill_session;
-        sigaction(SIGTERM, &sa, NULL);  /* "k<id>": the program's session goes */
+        sigprocmask(SIG_UNBLOCK, &term, NULL);
         int status;
+        siginfo_t info;
+        while (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOWAIT) < 0) if (errno != EINTR) _exit(125);
+        if (killed) kill_session(proc, pid);  /* its pid stays taken until it is reaped */
         while (waitpid(pid, &status, 0) < 0) if (errno != EINTR) _exit(125);
         _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     }
+    sigprocmask(SIG_UNBLOCK, &term, NULL);
     close(out[1]);
     close(err[1]);
     if (waiter < 0) { close(out[0]); close(err[0]); dprintf(ctl, "r%lu:fork: %s\n", id, strerror(errno)); return; }

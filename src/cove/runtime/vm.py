@@ -17,6 +17,7 @@ import ctypes
 import functools
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -49,6 +50,7 @@ EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the ex
 EXEC_SOCKET = "exec.sock"  # in the run's vm folder while the program runs: `cove exec` through the node
 MAX_EXEC_ARGS = 64 << 10  # bytes of a `cove exec` program's arguments (the guest's line is twice that in hex)
 EXEC_SEND_TIMEOUT = 30.0  # seconds a `cove exec` client may leave its output unread before it is dropped
+EXEC_QUEUE_LINES = 512  # lines (each at most ~8 KiB) the guest may be ahead of a `cove exec` client
 
 
 def qemu() -> str:
@@ -199,7 +201,7 @@ class VmEnclave(RunningEnclave):
         self._ready = threading.Event()
         self._ended = threading.Event()
         self._ctl_lock = threading.Lock()
-        self._execs: dict[int, tuple[socket.socket, threading.Event]] = {}
+        self._execs: dict[int, _ExecLines] = {}
         self._exec_lock = threading.Lock()
         self._exec_next = 0
         self._listener: socket.socket | None = None
@@ -309,38 +311,53 @@ class VmEnclave(RunningEnclave):
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 _send(conn, b"r0:malformed exec request\n")
                 return
-            done = threading.Event()
+            lines = _ExecLines()
             with self._exec_lock:
                 if self._listener is None:
                     _send(conn, b"r0:the program has ended\n")
                     return
                 self._exec_next += 1
                 ident = self._exec_next
-                self._execs[ident] = (conn, done)
-            with self._ctl_lock:
-                try:
-                    self.ports.host("cove.ctl").sendall(b"x%d:%s\n" % (ident, args.hex().encode()))
-                except OSError:
-                    done.set()
-            while not done.is_set():
-                readable, _, _ = select.select([conn], [], [], 0.2)
-                if readable and not done.is_set():  # the client left (it sends nothing more): kill the program
-                    with self._ctl_lock:
-                        try:
-                            self.ports.host("cove.ctl").sendall(b"k%d\n" % ident)
-                        except OSError:
-                            pass
-                    break
-            with self._exec_lock:
-                self._execs.pop(ident, None)
+                self._execs[ident] = lines
+            try:
+                self._relay_exec(conn, ident, args, lines)
+            finally:
+                with self._exec_lock:
+                    self._execs.pop(ident, None)
+
+    def _relay_exec(self, conn: socket.socket, ident: int, args: bytes, lines: _ExecLines) -> None:
+        """Send the request, then the guest's lines for it to the client (here, never on the control
+        thread); unless the guest ended it (an `x` or `r` line), `k<id>` kills what it started."""
+        finished = not self._to_guest(b"x%d:%s\n" % (ident, args.hex().encode()))
+        while not finished:
+            if lines.overflow.is_set():
+                break  # the client left more output unread than the queue holds
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if select.select([conn], [], [], 0)[0]:
+                    break  # the client left (it sends nothing more)
+                continue
+            if not _send(conn, line):
+                break  # gone, or output unread for EXEC_SEND_TIMEOUT
+            finished = line[:1] in (b"x", b"r")
+        if not finished:
+            self._to_guest(b"k%d\n" % ident)
+
+    def _to_guest(self, line: bytes) -> bool:
+        with self._ctl_lock:
+            try:
+                self.ports.host("cove.ctl").sendall(line)
+                return True
+            except OSError:
+                return False
 
     def _exec_message(self, ident: int, line: str) -> None:
+        """On the control thread: queue the line for its session's thread, never wait for a client."""
         with self._exec_lock:
-            conn, done = self._execs.get(ident, (None, None))
-        if conn is None or done is None:
-            return
-        if not _send(conn, line.encode() + b"\n") or line[0] in ("x", "r"):
-            done.set()
+            lines = self._execs.get(ident)
+        if lines is not None:
+            lines.offer(line.encode() + b"\n")
 
     def _close_execs(self) -> None:
         """The program ended (and so did every program `cove exec` started): no more exec."""
@@ -353,9 +370,8 @@ class VmEnclave(RunningEnclave):
                 os.unlink(self.workdir / EXEC_SOCKET)
             except OSError:
                 pass
-        for conn, done in sessions:
-            _send(conn, b"r0:the enclave's program ended\n")
-            done.set()
+        for lines in sessions:
+            lines.offer(b"r0:the enclave's program ended\n")
 
     @staticmethod
     def _pump_out(sock: socket.socket, fd: int) -> None:
@@ -441,6 +457,20 @@ class VmEnclave(RunningEnclave):
         self.ports.close()
         if self.vtpm is not None:
             self.vtpm.stop()
+
+
+class _ExecLines(queue.Queue[bytes]):
+    """The guest's lines for one `cove exec`, bounded: a client too slow for them is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(EXEC_QUEUE_LINES)
+        self.overflow = threading.Event()
+
+    def offer(self, line: bytes) -> None:
+        try:
+            self.put_nowait(line)
+        except queue.Full:
+            self.overflow.set()
 
 
 def _send(conn: socket.socket, data: bytes) -> bool:
