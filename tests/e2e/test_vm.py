@@ -493,9 +493,15 @@ def _exec_into_running_vm(node: Node, c: Cove) -> None:
     # a client that leaves: the guest kills the program's whole session, a process group of its own too
     leave("/bin/newpgrp /bin/sleep 604 & echo up; exec /bin/sleep 605", ("sleep 604", "sleep 605"))
     _wait_for(lambda: not running("sleep 604") and not running("sleep 605"), timeout=60)
-    # a client that leaves while the program writes without pause: it goes too
-    leave("while :; do echo flood606; done")
-    _wait_for(lambda: not running("flood606"), timeout=60)
+    # a client that stops taking output (its reading side shut, so nothing to read for the launcher)
+    # while the program writes without pause: the program goes too
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(path))
+        conn.sendall(json.dumps({"argv": ["/bin/sh", "-c", "while :; do echo flood606; done"]}).encode() + b"\n")
+        conn.settimeout(60)
+        assert conn.recv(100).startswith(b"o")
+        conn.shutdown(socket.SHUT_RD)
+        _wait_for(lambda: not running("flood606"), timeout=60)
 
 
 def test_guest_hex_decoding_is_strict(tmp_path):
