@@ -36,7 +36,7 @@ from cove.image import vmimage
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from cove.attest.evidence import VtpmQuote
     from cove.platform.reports import EnclaveClaims, ReportSigner
@@ -83,7 +83,7 @@ def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, co
     return args
 
 
-def encode_request(spec: LaunchSpec, attestation_type: str, files: list[tuple[str, bytes]] = ()) -> bytes:
+def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tuple[str, bytes]] = ()) -> bytes:
     """The launch request for the guest init (docs/backends.md): NUL-terminated typed items.
     ``files`` are written read-only into the guest's tmpfs mounts before the program starts."""
     config = spec.config
@@ -521,7 +521,7 @@ class VmBackend(Backend):
 
     def __init__(self) -> None:
         self._prepared: tuple | None = None
-        self._signer = None
+        self._signer: ReportSigner | None = None
         self._attestation_type = "none"
         self._vtpm: Vtpm | None = None
         self._provisioning: threading.Thread | None = None
@@ -537,7 +537,7 @@ class VmBackend(Backend):
         folder = Path(tempfile.mkdtemp(prefix="vm-", dir=workdir))
         description, kernel, initrd = vmimage.load(build_dir, launch["measurement"], folder)
         accel = accelerator(description, kernel, initrd, folder)
-        self.isolation = KVM if accel == "kvm" else TCG
+        self.isolation = KVM if accel == "kvm" else TCG  # type: ignore[misc]  # this run's: KVM or TCG
         self._prepared = (description, kernel, initrd, folder, accel)
         self._signer, self._attestation_type = _platform_signer()
         if self._signer is not None:
@@ -550,6 +550,7 @@ class VmBackend(Backend):
 
     def _provision(self, launch: bytes) -> None:
         try:
+            assert self._vtpm is not None and self._signer is not None  # prepare() starts this with both
             self._vtpm.provision(launch)
             self._quoter = self._vtpm.quoter(self._signer)
         except CoveError as exc:
@@ -569,7 +570,13 @@ class VmBackend(Backend):
         """For evidence made outside the guest (secrets fetched before boot): the vTPM quote of a report."""
         if self._vtpm is None:
             return None
-        return lambda report_bytes: self._ready()(report_bytes)
+        def quote(report_bytes: bytes) -> VtpmQuote:
+            quoter = self._ready()
+            if quoter is None:  # a vTPM is running, so provisioning was started
+                raise CoveError("the vm's vTPM was never provisioned")
+            return quoter(report_bytes)
+
+        return quote
 
     def release(self) -> None:
         if self._vtpm is not None:
@@ -593,6 +600,7 @@ class VmBackend(Backend):
     def launch(self, spec: LaunchSpec) -> VmEnclave:
         if self._prepared is None:
             self.prepare(spec.build_dir, spec.launch, spec.workdir or Path(tempfile.gettempdir()))
+        assert self._prepared is not None  # prepare() set it
         description, kernel, initrd, workdir, accel = self._prepared
         files = self._files(spec)
         if spec.interactive:
