@@ -19,6 +19,7 @@ docs/formats/daemon-api.md.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
@@ -37,8 +39,8 @@ TARGET = "/dev/attestation"
 CONTROL: str | None = None  # set by the supervisor: the control socket of the node's server
 
 
-def request(control: str, message: dict, timeout: float = 30.0) -> dict:
-    """One control request; the server's answer (raises OSError when it is not there)."""
+def request(control: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One control request; the server's answer (raises OSError when it is not there or not an object)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control)
@@ -49,7 +51,13 @@ def request(control: str, message: dict, timeout: float = 30.0) -> dict:
             if not chunk:
                 break
             data += chunk
-    return json.loads(data or b"{}")
+    try:
+        answer = json.loads(data or b"{}")
+    except ValueError as exc:
+        raise OSError(f"the attestation server answered something that is not JSON ({exc})") from None
+    if not isinstance(answer, dict):
+        raise OSError("the attestation server answered something that is not an object")
+    return answer
 
 
 class SharedAttestation(EnclaveService):
@@ -139,7 +147,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             self.requests: dict[str, int] = {}  # quote and report reads by outcome (metrics)
 
         # registrations, from the control thread (single assignments: safe beside the FUSE loop)
-        def register(self, name: str, identity: dict, owner: int) -> dict:
+        def register(self, name: str, identity: dict[str, Any], owner: int) -> dict[str, Any]:
             if not name or "/" in name or name.startswith(".") or len(name) > 64:
                 return {"ok": False, "error": "bad instance id"}
             if name in self.by_name:
@@ -148,8 +156,8 @@ def serve(mountpoint: Path, control: Path) -> int:
             if signer is None:
                 fs = AttestationFs("none", None, None, sealing_keys(claims))
             else:
-                fs = AttestationFs("cove", lambda rd, c=claims: signer.evidence(c, rd),
-                                   lambda rd, c=claims: signer.signed_report(c, rd), sealing_keys(claims))
+                fs = AttestationFs("cove", functools.partial(signer.evidence, claims),
+                                   functools.partial(signer.signed_report, claims), sealing_keys(claims))
             fs.uid, fs.gid = owner_ids
             index = self.next_index
             self.next_index += 1
@@ -157,7 +165,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             self.by_name[name] = index
             return {"ok": True, "path": str(mountpoint / name), "none": why_none}
 
-        def unregister(self, name: str) -> dict:
+        def unregister(self, name: str) -> dict[str, Any]:
             index = self.by_name.pop(name, None)
             if index is not None:
                 self.slots.pop(index, None)
@@ -171,7 +179,7 @@ def serve(mountpoint: Path, control: Path) -> int:
                     self.unregister(name)
 
         # inode arithmetic
-        def _slot(self, inode: int, ctx=None) -> tuple[Slot, int]:
+        def _slot(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> tuple[Slot, int]:
             slot = self.slots.get(inode // STRIDE)
             if slot is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -187,11 +195,11 @@ def serve(mountpoint: Path, control: Path) -> int:
             return slot, inode % STRIDE
 
         @staticmethod
-        def _global(slot: Slot, attrs):
+        def _global(slot: Slot, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
             attrs.st_ino = slot.index * STRIDE + attrs.st_ino
             return attrs
 
-        def _root_attrs(self):
+        def _root_attrs(self) -> pyfuse3.EntryAttributes:
             a = pyfuse3.EntryAttributes()
             a.st_ino = pyfuse3.ROOT_INODE
             a.st_mode = stat.S_IFDIR | 0o711
@@ -200,13 +208,13 @@ def serve(mountpoint: Path, control: Path) -> int:
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
             return a
 
-        async def getattr(self, inode, ctx=None):
+        async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
             if inode == pyfuse3.ROOT_INODE:
                 return self._root_attrs()
             slot, local = self._slot(inode, ctx)
             return self._global(slot, await slot.fs.getattr(local, ctx))
 
-        async def lookup(self, parent_inode, name, ctx=None):
+        async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
             if parent_inode == pyfuse3.ROOT_INODE:
                 index = self.by_name.get(name.decode(errors="replace"))
                 if index is None:
@@ -216,13 +224,13 @@ def serve(mountpoint: Path, control: Path) -> int:
             slot, local = self._slot(parent_inode, ctx)
             return self._global(slot, await slot.fs.lookup(local, name, ctx))
 
-        async def opendir(self, inode, ctx):
+        async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
             if inode != pyfuse3.ROOT_INODE:
                 slot, local = self._slot(inode, ctx)
                 await slot.fs.opendir(local, ctx)
             return inode
 
-        async def readdir(self, fh, start_id, token):
+        async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
             if fh == pyfuse3.ROOT_INODE:
                 entries = sorted(self.slots.values(), key=lambda s: s.index)
                 for slot in entries:
@@ -242,10 +250,10 @@ def serve(mountpoint: Path, control: Path) -> int:
                 if not pyfuse3.readdir_reply(token, node.name, attrs, node.inode):
                     break
 
-        async def releasedir(self, fh):
+        async def releasedir(self, fh: int) -> None:
             return None
 
-        async def open(self, inode, flags, ctx):
+        async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
             try:
                 slot, local = self._slot(inode, ctx)
             except pyfuse3.FUSEError:
@@ -273,25 +281,26 @@ def serve(mountpoint: Path, control: Path) -> int:
                 raise pyfuse3.FUSEError(errno.EBADF)
             return slot, local
 
-        async def read(self, fh, off, size):
+        async def read(self, fh: int, off: int, size: int) -> bytes:
             slot, local = self._handle(fh)
             return await slot.fs.read(local, off, size)
 
-        async def write(self, fh, off, buf):
+        async def write(self, fh: int, off: int, buf: bytes) -> int:
             slot, local = self._handle(fh)
             return await slot.fs.write(local, off, buf)
 
-        async def flush(self, fh):
+        async def flush(self, fh: int) -> None:
             slot, local = self._handle(fh)
             return await slot.fs.flush(local)
 
-        async def release(self, fh):
+        async def release(self, fh: int) -> None:
             index, local = self.handles.pop(fh, (0, 0))
             slot = self.slots.get(index)
             if slot is not None:
                 await slot.fs.release(local)
 
-        async def setattr(self, inode, attr, fields, fh, ctx):
+        async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+                              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
             slot, local = self._slot(inode, ctx)
             return self._global(slot, await slot.fs.setattr(local, attr, fields, fh, ctx))
 
@@ -341,7 +350,7 @@ def serve(mountpoint: Path, control: Path) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def stop_on_signal():
+            async def stop_on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         pyfuse3.terminate()

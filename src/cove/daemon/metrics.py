@@ -81,7 +81,7 @@ class _Scraped:
 
     def collect(self) -> Iterator[Metric]:
         from cove.daemon.attestation import request
-        from cove.daemon.server import children, sandbox_init
+        from cove.runtime.procfs import children, sandbox_init
 
         by_state = GaugeMetricFamily("cove_enclaves", "Enclaves by state and backend", labels=["state", "backend"])
         memory = GaugeMetricFamily("cove_enclave_memory_bytes", "Memory of a running enclave (its cgroup)",

@@ -9,6 +9,8 @@ URN, ``urn:cove:daemon:error:<kind>``. A request the daemon cannot parse is a
 
 from __future__ import annotations
 
+from typing import Any
+
 from cove.errors import CoveError, ExitCode
 
 TYPE_PREFIX = "urn:cove:daemon:error:"
@@ -34,7 +36,7 @@ class Problem(Exception):
         super().__init__(detail or title)
         self.kind, self.status, self.title, self.detail, self.exit_code = kind, status, title, detail, exit_code
 
-    def document(self, instance: str | None = None) -> dict:
+    def document(self, instance: str | None = None) -> dict[str, Any]:
         body = {"type": TYPE_PREFIX + self.kind, "title": self.title, "status": self.status,
                 "kind": self.kind, "exit_code": int(self.exit_code)}
         if self.detail:

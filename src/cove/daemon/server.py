@@ -315,9 +315,9 @@ class Daemon:
         if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
             raise Problem("InvalidRequest", "rows and cols must be between 0 and 65535")
         enclave = self.registry.settle(self.find(ref, uid))
-        supervisor = enclave.state.get("pid")
-        vm_socket = vm.exec_socket(int(supervisor)) if supervisor and enclave.status == "running" else None
-        init = sandbox_init(int(supervisor)) if supervisor else None
+        supervisor = int(enclave.state["pid"]) if enclave.state.get("pid") else None
+        vm_socket = vm.exec_socket(supervisor) if supervisor and enclave.status == "running" else None
+        init = sandbox_init(supervisor) if supervisor else None
         program = children(init) if init else []
         start = process_start(program[0]) if program else None
         if start is not None and init is not None and program[0] not in children(init):
@@ -331,10 +331,10 @@ class Daemon:
             raise Problem("Forbidden", f"{path} is not an entry point of this enclave (allowed: "
                           f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
                           ExitCode.USAGE)
-        if vm_socket is not None:  # its launcher relays the request to the guest's init (docs/backends.md)
-            if tty or stdin:
+        if vm_socket is not None and supervisor is not None:  # its launcher relays it to the guest's init
+            if tty or stdin:                                      # (docs/backends.md)
                 raise Problem("InvalidRequest", "-i and -t are not available in a vm enclave yet")
-            return enclave, path, Helper(int(supervisor), {"socket": str(vm_socket), "argv": [path, *argv[1:]]},
+            return enclave, path, Helper(supervisor, {"socket": str(vm_socket), "argv": [path, *argv[1:]]},
                                          False, "cove.runtime.vm_exec")
         uid, gid = launcher.resolve_user(config.process.user, image.root)
         spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd, "start": start,

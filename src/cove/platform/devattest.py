@@ -44,34 +44,36 @@ class Handle:
 class FixedTree(pyfuse3.Operations):
     """A file system whose tree is fixed: nothing can be created, removed or renamed (EPERM)."""
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_namemax = 255
         return s
 
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                         ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                         flags: int, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
 
@@ -119,21 +121,21 @@ class AttestationFs(FixedTree):
         a.attr_timeout = a.entry_timeout = 3600
         return a
 
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         for node in self.nodes.values():
             if node.parent == parent_inode and node.name == name and node.inode != ROOT:
                 return self._attrs(node)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not stat.S_ISDIR(self._node(inode).mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         children = sorted((n for n in self.nodes.values() if n.parent == fh and n.inode != ROOT),
                           key=lambda n: n.inode)
         for node in children:
@@ -142,12 +144,12 @@ class AttestationFs(FixedTree):
             if not pyfuse3.readdir_reply(token, node.name, self._attrs(node), node.inode):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         return None
 
     # -- files
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if stat.S_ISDIR(node.mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -169,11 +171,11 @@ class AttestationFs(FixedTree):
         self.handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
         return handle.content[off: off + size]
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
         if handle.written is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -184,7 +186,8 @@ class AttestationFs(FixedTree):
             self.report_data = bytes(handle.written)
         return len(buf)
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size and not (node.writable and attr.st_size == 0):
             raise pyfuse3.FUSEError(errno.EACCES)  # only the O_TRUNC of opening user_report_data
@@ -192,10 +195,10 @@ class AttestationFs(FixedTree):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attrs(node)
 
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         handle = self.handles.get(fh)
         if handle is not None and handle.written and len(handle.written) != REPORT_DATA_SIZE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # a short write of report data is an error at close
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         self.handles.pop(fh, None)
