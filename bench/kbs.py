@@ -72,9 +72,26 @@ class Server:
         policy.write_text('types = ["cove"]\n[cove]\nself_certified = true\n')
         self.log = open(self.state / "serve.log", "ab")
         self.process = subprocess.Popen(
-            [COVE, "kbs", "serve", "--state", str(self.state), "--db", self.db, "--listen",
-             f"127.0.0.1:{self.port}", "--policy", str(policy), "--workers", str(self.workers)],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                COVE,
+                "kbs",
+                "serve",
+                "--state",
+                str(self.state),
+                "--db",
+                self.db,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--policy",
+                str(policy),
+                "--workers",
+                str(self.workers),
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         import httpx
 
         deadline = time.monotonic() + 60
@@ -102,7 +119,9 @@ class Server:
         total = 0.0
         pids = [self.process.pid]
         try:
-            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+            pids += [
+                int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            ]
         except OSError:
             pass
         for pid in pids:
@@ -116,7 +135,9 @@ class Server:
     def _pids(self) -> list[int]:
         pids = [self.process.pid]
         try:
-            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+            pids += [
+                int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            ]
         except OSError:
             pass
         return pids
@@ -146,7 +167,9 @@ class Server:
         total = 0
         pids = [self.process.pid]
         try:
-            pids += [int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+            pids += [
+                int(p) for p in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            ]
         except OSError:
             pass
         for pid in pids:
@@ -167,8 +190,9 @@ class Evidence:
         from cove.platform.reports import EnclaveClaims
 
         self.signer = monitor.signer()
-        self.claims = EnclaveClaims(bytes.fromhex("ab" * 32), bytes(32), 1, 1, False, "sim", "namespaces+seccomp",
-                                    "bench")
+        self.claims = EnclaveClaims(
+            bytes.fromhex("ab" * 32), bytes(32), 1, 1, False, "sim", "namespaces+seccomp", "bench"
+        )
 
     def make(self, report_data: bytes) -> dict:
         return {"evidence": base64.b64encode(self.signer.evidence(self.claims, report_data)).decode()}
@@ -195,8 +219,9 @@ class Connection:
         self.cookie: str | None = None
 
     async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=self.ctx,
-                                                                 server_hostname=self.host)
+        self.reader, self.writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.ctx, server_hostname=self.host
+        )
 
     def close(self) -> None:
         if self.writer is not None:
@@ -244,14 +269,16 @@ async def flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
     from cove.kbs import evidence_appraisal, jose
 
     conn.cookie = None
-    status, data = await conn.request("POST", "/kbs/v0/auth", {"version": "0.1.1", "tee": "cove",
-                                                               "extra-params": {}})
+    status, data = await conn.request("POST", "/kbs/v0/auth", {"version": "0.1.1", "tee": "cove", "extra-params": {}})
     if status != 200:
         raise HttpStatusError(status, data[:200])
     key = jose.new_tee_key()
     runtime = {"nonce": json.loads(data)["nonce"], "tee-pubkey": jose.public_jwk(key)}
-    status, data = await conn.request("POST", "/kbs/v0/attest", {
-        "runtime-data": runtime, "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime))})
+    status, data = await conn.request(
+        "POST",
+        "/kbs/v0/attest",
+        {"runtime-data": runtime, "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime))},
+    )
     if status != 200:
         raise HttpStatusError(status, data[:200])
     status, data = await conn.request("GET", f"/kbs/v0/resource/{SECRET_PATH}")
@@ -270,8 +297,17 @@ async def null_flow(conn: Connection, evidence: Evidence, stats: Stats) -> None:
             raise HttpStatusError(status, data[:200])
 
 
-async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats, stop_at: float,
-                 max_flows: int, counter: list[int], retry: bool, one_flow=flow) -> None:
+async def client(
+    url: str,
+    ctx: ssl.SSLContext,
+    evidence: Evidence,
+    stats: Stats,
+    stop_at: float,
+    max_flows: int,
+    counter: list[int],
+    retry: bool,
+    one_flow=flow,
+) -> None:
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     conn = Connection(host, int(port), ctx)
     try:
@@ -297,8 +333,17 @@ async def client(url: str, ctx: ssl.SSLContext, evidence: Evidence, stats: Stats
         conn.close()
 
 
-def run_load(url: str, ca: Path, evidence: Evidence, clients: int, seconds: float, max_flows: int,
-             retry: bool = False, during=None, one_flow=flow) -> tuple[Stats, float]:
+def run_load(
+    url: str,
+    ca: Path,
+    evidence: Evidence,
+    clients: int,
+    seconds: float,
+    max_flows: int,
+    retry: bool = False,
+    during=None,
+    one_flow=flow,
+) -> tuple[Stats, float]:
     ctx = ssl.create_default_context(cafile=str(ca))
     stats = Stats()
     counter = [0]
@@ -306,8 +351,10 @@ def run_load(url: str, ca: Path, evidence: Evidence, clients: int, seconds: floa
     async def main() -> float:
         stop_at = time.monotonic() + seconds
         started = time.perf_counter()
-        tasks = [asyncio.create_task(client(url, ctx, evidence, stats, stop_at, max_flows, counter, retry,
-                                            one_flow)) for _ in range(clients)]
+        tasks = [
+            asyncio.create_task(client(url, ctx, evidence, stats, stop_at, max_flows, counter, retry, one_flow))
+            for _ in range(clients)
+        ]
         if during is not None:
             await asyncio.sleep(seconds / 3)
             await asyncio.get_running_loop().run_in_executor(None, during)
@@ -331,8 +378,11 @@ def bench_db(kind: str, args, pg) -> None:
     env.update(COVE_KBS_STATE=str(folder / "state"), COVE_PLATFORM_DIR=str(folder / "platform"))
     os.environ["COVE_PLATFORM_DIR"] = env["COVE_PLATFORM_DIR"]
     (folder / "platform").mkdir(mode=0o700)
-    db = f"sqlite:///{folder / 'state' / 'kbs.db'}" if kind == "sqlite" else pg.create_database(
-        "bench_" + os.urandom(4).hex())
+    db = (
+        f"sqlite:///{folder / 'state' / 'kbs.db'}"
+        if kind == "sqlite"
+        else pg.create_database("bench_" + os.urandom(4).hex())
+    )
     done = subprocess.run([COVE, "kbs", "init", "--db", db], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr)
@@ -343,20 +393,25 @@ def bench_db(kind: str, args, pg) -> None:
         from cove.kbs.client import AdminClient
 
         admin = AdminClient.from_file(server.url, state / "admin.json", state / "tls-ca.pem")
-        admin.put_policy("bench", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "ab" * 32 + '"]\n'
-                                  'self_certified = true\n')
+        admin.put_policy(
+            "bench", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "ab" * 32 + '"]\nself_certified = true\n'
+        )
         admin.create_secret(SECRET_PATH, "data", "bench", value=SECRET_VALUE)
         evidence = Evidence()
         ca = state / "tls-ca.pem"
         if args.in_process:
             in_process(db, state, evidence, args.in_process, kind)
-        print(f"\n== {kind} ({args.workers} server worker{'s' if args.workers > 1 else ''}, HTTPS, "
-              f"{os.cpu_count()} cores shared with the load generator; load average "
-              f"{os.getloadavg()[0]:.2f} before the run) ==")
-        print(f"{'clients':>8} {'flows':>7} {'flows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-              f"{'server CPU':>10} {'CPU/flow':>9} {'client CPU':>10} {'load':>5}")
+        print(
+            f"\n== {kind} ({args.workers} server worker{'s' if args.workers > 1 else ''}, HTTPS, "
+            f"{os.cpu_count()} cores shared with the load generator; load average "
+            f"{os.getloadavg()[0]:.2f} before the run) =="
+        )
+        print(
+            f"{'clients':>8} {'flows':>7} {'flows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+            f"{'server CPU':>10} {'CPU/flow':>9} {'client CPU':>10} {'load':>5}"
+        )
         for n in args.clients:
-            run_load(server.url, ca, evidence, n, 1.0, 10 ** 9)  # warm up connections and caches
+            run_load(server.url, ca, evidence, n, 1.0, 10**9)  # warm up connections and caches
             runs, baselines = [], []
             for _ in range(args.runs):  # interleaved, so that both see the same machine
                 runs.append(measure(server, ca, evidence, n, args.seconds))
@@ -367,30 +422,40 @@ def bench_db(kind: str, args, pg) -> None:
                     continue
                 row = {key: statistics.median(r[key] for r in measured) for key in measured[0] if key != "last_error"}
                 errors = sum(r["errors"] for r in measured)
-                print(f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
-                      f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
-                      f"{row['load']:>5.2f}" + (f"  {label}" if label else "")
-                      + (f"  last error: {measured[-1]['last_error']}" if errors else ""))
+                print(
+                    f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
+                    f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
+                    f"{row['load']:>5.2f}"
+                    + (f"  {label}" if label else "")
+                    + (f"  last error: {measured[-1]['last_error']}" if errors else "")
+                )
             if baselines:
                 rate = statistics.median(r["rate"] for r in runs)
                 base = statistics.median(r["rate"] for r in baselines)
-                print(f"{'':>8} whole flows at {rate / base:.0%} of the baseline's rate "
-                      f"(baseline: 3 x GET /kbs/v0/jwks per flow, same stack, same TLS)")
+                print(
+                    f"{'':>8} whole flows at {rate / base:.0%} of the baseline's rate "
+                    f"(baseline: 3 x GET /kbs/v0/jwks per flow, same stack, same TLS)"
+                )
         if args.rss_flows:
             rss_run(server, ca, evidence, args.rss_flows, db)
         if args.flood:
             flood(server, ca, args.flood_connections, args.flood_rounds)
         if not args.no_restart:
+
             def restart():
                 server.stop()
                 time.sleep(0.5)
                 server.start()
-            stats, elapsed = run_load(server.url, ca, evidence, 32, max(args.seconds, 6), 10 ** 9, retry=True,
-                                      during=restart)
+
+            stats, elapsed = run_load(
+                server.url, ca, evidence, 32, max(args.seconds, 6), 10**9, retry=True, during=restart
+            )
             listed = admin.secrets()
             intact = admin.export(SECRET_PATH) == SECRET_VALUE and [s["path"] for s in listed] == [SECRET_PATH]
-            print(f"restart mid-run: {len(stats.latencies)} flows, {stats.retries} retries, errors "
-                  f"{stats.errors}, corrupted {stats.corrupted}, secret intact after restart: {intact}")
+            print(
+                f"restart mid-run: {len(stats.latencies)} flows, {stats.retries} retries, errors "
+                f"{stats.errors}, corrupted {stats.corrupted}, secret intact after restart: {intact}"
+            )
         admin.close()
     finally:
         server.stop()
@@ -401,16 +466,25 @@ def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) 
     from cove.kbs import evidence_appraisal, jose, vault
     from cove.kbs.broker import Broker, Settings
 
-    broker = Broker(Settings(db_url=db, master_key=vault.load_master_key(state / "master.key"),
-                             attestation_policy='types = ["cove"]\n[cove]\nself_certified = true\n'))
+    broker = Broker(
+        Settings(
+            db_url=db,
+            master_key=vault.load_master_key(state / "master.key"),
+            attestation_policy='types = ["cove"]\n[cove]\nself_certified = true\n',
+        )
+    )
     auth = {"version": "0.1.1", "tee": "cove", "extra-params": {}}
     try:
         prepared = []
         for _ in range(flows):
             session, challenge = broker.auth(auth)
             runtime = {"nonce": challenge["nonce"], "tee-pubkey": jose.public_jwk(jose.new_tee_key())}
-            body = json.dumps({"runtime-data": runtime,
-                               "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime))})
+            body = json.dumps(
+                {
+                    "runtime-data": runtime,
+                    "tee-evidence": evidence.make(evidence_appraisal.expected_report_data(runtime)),
+                }
+            )
             prepared.append((session, body))
         started = time.process_time()
         for session, body in prepared:
@@ -420,20 +494,30 @@ def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) 
         cpu = time.process_time() - started
     finally:
         broker.store.close()
-    print(f"broker work in process ({kind}, no HTTP, TLS or threads): {cpu * 1000 / flows:.2f} ms CPU per flow "
-          f"({flows} flows)")
+    print(
+        f"broker work in process ({kind}, no HTTP, TLS or threads): {cpu * 1000 / flows:.2f} ms CPU per flow "
+        f"({flows} flows)"
+    )
 
 
 def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float, one_flow=flow) -> dict:
     """One timed run at N clients: rates, latencies, CPU (server CPU time per flow) and load average."""
     server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
-    stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10 ** 9, one_flow=one_flow)
+    stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10**9, one_flow=one_flow)
     server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
     flows = len(stats.latencies)
-    return {"flows": flows, "rate": flows / elapsed, "p50": percentile(stats.latencies, .5) * 1000,
-            "p99": percentile(stats.latencies, .99) * 1000, "errors": stats.errors + stats.corrupted,
-            "server": server_cpu / elapsed, "cpu_per_flow": server_cpu * 1000 / max(flows, 1),
-            "client": client_cpu / elapsed, "load": os.getloadavg()[0], "last_error": stats.last_error}
+    return {
+        "flows": flows,
+        "rate": flows / elapsed,
+        "p50": percentile(stats.latencies, 0.5) * 1000,
+        "p99": percentile(stats.latencies, 0.99) * 1000,
+        "errors": stats.errors + stats.corrupted,
+        "server": server_cpu / elapsed,
+        "cpu_per_flow": server_cpu * 1000 / max(flows, 1),
+        "client": client_cpu / elapsed,
+        "load": os.getloadavg()[0],
+        "last_error": stats.last_error,
+    }
 
 
 def rss_run(server: Server, ca: Path, evidence: Evidence, total: int, db: str) -> None:
@@ -446,9 +530,11 @@ def rss_run(server: Server, ca: Path, evidence: Evidence, total: int, db: str) -
         marks.append(f"{server.rss_mb():.0f}")
         if not stats.latencies:
             break
-    print(f"server RSS: {before:.0f} MB before, {marks[-1]} MB after {done} more flows (after each 20,000: "
-          f"{', '.join(marks)} MB; {time.perf_counter() - started:.0f} s, errors {errors}); "
-          f"sessions in the database: {_sessions(db)}")
+    print(
+        f"server RSS: {before:.0f} MB before, {marks[-1]} MB after {done} more flows (after each 20,000: "
+        f"{', '.join(marks)} MB; {time.perf_counter() - started:.0f} s, errors {errors}); "
+        f"sessions in the database: {_sessions(db)}"
+    )
 
 
 def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
@@ -467,8 +553,10 @@ def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
 
     async def admin_post(size: int) -> str:
         reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
-        writer.write(f"POST /kbs/v0/admin/secrets HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {size}\r\n\r\n".encode())
+        writer.write(
+            f"POST /kbs/v0/admin/secrets HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
         block, sent, status = b" " * (1 << 20), 0, "none"
         try:
             answer = asyncio.ensure_future(reader.readline())
@@ -505,9 +593,11 @@ def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
     started = time.perf_counter()
     answers = asyncio.run(admin_flood())
     time.sleep(2)  # "after": once the broker has been idle for a moment
-    print(f"flood 1, 10 x unauthenticated 50 MB POST /kbs/v0/admin/secrets ({time.perf_counter() - started:.1f} s): "
-          f"answers {sorted(set(answers))}; server RSS {before:.0f} MB before, peak {server.peak_mb():.0f} MB, "
-          f"{server.rss_mb():.0f} MB 2 s after")
+    print(
+        f"flood 1, 10 x unauthenticated 50 MB POST /kbs/v0/admin/secrets ({time.perf_counter() - started:.1f} s): "
+        f"answers {sorted(set(answers))}; server RSS {before:.0f} MB before, peak {server.peak_mb():.0f} MB, "
+        f"{server.rss_mb():.0f} MB 2 s after"
+    )
     for round_ in range(1, rounds + 1):
         server.reset_peak()
         before = server.rss_mb()
@@ -516,9 +606,11 @@ def flood(server: Server, ca: Path, connections: int, rounds: int) -> None:
         elapsed = time.perf_counter() - started
         time.sleep(2)
         counted = {str(k): statuses.count(k) for k in sorted(set(statuses), key=str)}
-        print(f"flood 2, round {round_}: {connections} concurrent POST /kbs/v0/auth "
-              f"({elapsed:.1f} s): {counted}; server RSS {before:.0f} MB before, "
-              f"peak {server.peak_mb():.0f} MB, {server.rss_mb():.0f} MB 2 s after")
+        print(
+            f"flood 2, round {round_}: {connections} concurrent POST /kbs/v0/auth "
+            f"({elapsed:.1f} s): {counted}; server RSS {before:.0f} MB before, "
+            f"peak {server.peak_mb():.0f} MB, {server.rss_mb():.0f} MB 2 s after"
+        )
 
 
 def _sessions(db: str) -> int:
@@ -541,12 +633,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per N; the median is printed")
     parser.add_argument("--no-restart", action="store_true")
     parser.add_argument("--no-baseline", action="store_true", help="skip the trivial-endpoint baseline")
-    parser.add_argument("--flood", action="store_true",
-                        help="the memory floods: unauthenticated 50 MB admin POSTs, concurrent /auth")
+    parser.add_argument(
+        "--flood", action="store_true", help="the memory floods: unauthenticated 50 MB admin POSTs, concurrent /auth"
+    )
     parser.add_argument("--flood-connections", type=int, default=2000)
     parser.add_argument("--flood-rounds", type=int, default=3)
-    parser.add_argument("--in-process", type=int, default=0, metavar="FLOWS",
-                        help="first measure the broker's own CPU per flow, in this process, over FLOWS flows")
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        default=0,
+        metavar="FLOWS",
+        help="first measure the broker's own CPU per flow, in this process, over FLOWS flows",
+    )
     args = parser.parse_args()
     pg = None
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)

@@ -92,13 +92,22 @@ def main() -> None:
     parser.add_argument("--quotes", type=int, default=40, help="quote reads per enclave")
     parser.add_argument("--many", type=int, default=200, help="0 skips the many-enclaves part")
     parser.add_argument("--no-big", action="store_true", help="skip the large image")
-    parser.add_argument("--spans", type=int, default=0, metavar="N",
-                        help="then N traced runs of each start path: where the milliseconds go")
+    parser.add_argument(
+        "--spans",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N traced runs of each start path: where the milliseconds go",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-node-"))
     sock = str(work / "d.sock")
-    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"),
-               COVE_DAEMON_SOCKET=sock)
+    env = dict(
+        os.environ,
+        XDG_CONFIG_HOME=str(work / "config"),
+        COVE_PLATFORM_DIR=str(work / "platform"),
+        COVE_DAEMON_SOCKET=sock,
+    )
     direct = dict(env, COVE_NO_DAEMON="1")
     daemon = None
     try:
@@ -106,8 +115,9 @@ def main() -> None:
         hello = work / "hello"
         subprocess.run(["gcc", "-O2", "-static", "-o", str(hello), str(work / "hello.c")], check=True)
         probe = work / "attest_probe"
-        subprocess.run(["gcc", "-O2", "-static", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
-                       check=True)
+        subprocess.run(
+            ["gcc", "-O2", "-static", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")], check=True
+        )
         small = make(work, "small", env, {"/bin": hello})
         big = None if args.no_big else make(work, "big", env, {"/bin": hello}, args.big_mb)
         quoter = make(work, "quoter", env, {"/bin": probe})
@@ -115,8 +125,12 @@ def main() -> None:
         run("build", cwd=quoter, env=env)
         trace = work / "trace.txt"
         daemon_env = dict(env, COVE_TRACE_START=str(trace)) if args.spans else env  # its supervisors' spans
-        daemon = subprocess.Popen([COVE, "daemon", "--root", str(work / "root"), "--socket", sock], env=daemon_env,
-                                  stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
+        daemon = subprocess.Popen(
+            [COVE, "daemon", "--root", str(work / "root"), "--socket", sock],
+            env=daemon_env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "daemon.log", "wb"),
+        )
         while subprocess.run([COVE, "ps"], env=env, capture_output=True).returncode != 0:
             time.sleep(0.1)
         print(f"runs per figure: {args.runs} (median); {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
@@ -127,25 +141,37 @@ def main() -> None:
                 started = time.perf_counter()
                 run("-C", str(root), "run", "/bin/hello", env=env)  # the first run imports
                 seconds = time.perf_counter() - started
-                print(f"{label} image: first cove run with the daemon (import + run) {seconds * 1000:.0f} ms, "
-                      f"import hashing and storing at about {size_mb(big) / seconds:.0f} MB/s")
+                print(
+                    f"{label} image: first cove run with the daemon (import + run) {seconds * 1000:.0f} ms, "
+                    f"import hashing and storing at about {size_mb(big) / seconds:.0f} MB/s"
+                )
             bwrap = timed(bare_bwrap(root / "image"), args.runs)
             via = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, env)
             alone = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, direct)
-            print(f"{label} image: bare bwrap {bwrap:.1f} ms; cove run with the daemon {via:.1f} ms "
-                  f"(overhead {via - bwrap:.1f} ms, x{via / bwrap:.1f}); without it {alone:.1f} ms "
-                  f"(overhead {alone - bwrap:.1f} ms, x{alone / bwrap:.1f})")
+            print(
+                f"{label} image: bare bwrap {bwrap:.1f} ms; cove run with the daemon {via:.1f} ms "
+                f"(overhead {via - bwrap:.1f} ms, x{via / bwrap:.1f}); without it {alone:.1f} ms "
+                f"(overhead {alone - bwrap:.1f} ms, x{alone / bwrap:.1f})"
+            )
             if args.spans:
-                show_spans(f"cove run with the daemon ({label})",
-                           spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, env, trace))
-                show_spans(f"cove run without it ({label})",
-                           spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, direct, trace))
+                show_spans(
+                    f"cove run with the daemon ({label})",
+                    spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, env, trace),
+                )
+                show_spans(
+                    f"cove run without it ({label})",
+                    spans([COVE, "-C", str(root), "run", "/bin/hello"], args.spans, direct, trace),
+                )
         ps_ms = timed([COVE, "ps"], args.runs, env)
-        thin = timed([sys.executable, "-c", "from cove.daemon.client import Client; Client().call('GET', '/enclaves')"],
-                     args.runs, env)
+        thin = timed(
+            [sys.executable, "-c", "from cove.daemon.client import Client; Client().call('GET', '/enclaves')"],
+            args.runs,
+            env,
+        )
         python = timed([sys.executable, "-c", "pass"], args.runs, env)
-        print(f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; "
-              f"python -c pass {python:.1f} ms)")
+        print(
+            f"cove ps: {ps_ms:.1f} ms end to end (the thin client alone {thin:.1f} ms; python -c pass {python:.1f} ms)"
+        )
 
         if args.quoters:
             quotes(args, quoter, env)
@@ -162,6 +188,7 @@ def main() -> None:
                 pass
         try:
             from cove.daemon.attestation import request
+
             os.kill(request(str(work / "root" / "attestation.sock"), {"op": "status"})["pid"], signal.SIGTERM)
             time.sleep(0.5)
         except (OSError, ValueError, KeyError):
@@ -187,8 +214,10 @@ def quotes(args: argparse.Namespace, quoter: Path, env: dict) -> None:
         run("rm", ident, env=env)
     if late > 0:
         print(f"(the last of the {args.quoters} enclaves started {late:.1f} s after the common moment)")
-    print(f"/dev/attestation/quote with {args.quoters} enclaves reading at once: {len(latencies)} reads, "
-          f"median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms")
+    print(
+        f"/dev/attestation/quote with {args.quoters} enclaves reading at once: {len(latencies)} reads, "
+        f"median {statistics.median(latencies):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms"
+    )
 
 
 def many_enclaves(args: argparse.Namespace, work: Path, hello: Path, env: dict, daemon_pid: int) -> None:
@@ -204,13 +233,27 @@ def many_enclaves(args: argparse.Namespace, work: Path, hello: Path, env: dict, 
     views = json.loads(run("ps", "--json", env=env))
     running = sum(1 for v in views if v["state"] == "running")
     ps_many = timed([COVE, "ps"], args.runs, env)
-    server = json.loads(subprocess.run([sys.executable, "-c", (
-        "import json, sys; from cove.daemon.attestation import request; "
-        "print(json.dumps(request(sys.argv[1], {'op': 'status'})))"), str(work / "root" / "attestation.sock")],
-        capture_output=True, text=True, check=True).stdout)
-    print(f"{args.many} enclaves started in {start_s:.0f} s; {running} running at once; daemon RSS "
-          f"{rss_mb(daemon_pid):.1f} MB; attestation server RSS {rss_mb(server['pid']):.1f} MB; "
-          f"cove ps {ps_many:.1f} ms")
+    server = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import json, sys; from cove.daemon.attestation import request; "
+                    "print(json.dumps(request(sys.argv[1], {'op': 'status'})))"
+                ),
+                str(work / "root" / "attestation.sock"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    print(
+        f"{args.many} enclaves started in {start_s:.0f} s; {running} running at once; daemon RSS "
+        f"{rss_mb(daemon_pid):.1f} MB; attestation server RSS {rss_mb(server['pid']):.1f} MB; "
+        f"cove ps {ps_many:.1f} ms"
+    )
     for ident in many:
         subprocess.run([COVE, "rm", "-f", ident], env=env, capture_output=True)
 

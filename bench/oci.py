@@ -45,8 +45,7 @@ def build_image(work: Path, env: dict) -> Path:
     run([COVE, "new", "hello"], cwd=work, env=env)
     app = work / "hello"
     run(["gcc", "-static", "-O2", "-x", "c", "-o", str(app / "image" / "hello"), "-"], input=HELLO.encode())
-    toml = (app / "cove.toml").read_text().replace('entry_points = ["/bin/", "/usr/bin/"]',
-                                                     'entry_points = ["/hello"]')
+    toml = (app / "cove.toml").read_text().replace('entry_points = ["/bin/", "/usr/bin/"]', 'entry_points = ["/hello"]')
     (app / "cove.toml").write_text(toml)
     run([COVE, "build"], cwd=app, env=env)
     run([COVE, "package", "--oci", "--tag", IMAGE, "-o", str(work / "hello.tar")], cwd=app, env=env)
@@ -69,17 +68,26 @@ def median_ms(commands: dict, runs: int) -> dict[str, float]:
 
 def report(title: str, figures: dict[str, float]) -> None:
     base, cove = figures["runc"], figures["cove-runtime"]
-    print(f"{title}: runc {base:.0f} ms, cove-runtime {cove:.0f} ms, "
-          f"overhead {cove - base:.0f} ms, ratio {cove / base:.2f}")
+    print(
+        f"{title}: runc {base:.0f} ms, cove-runtime {cove:.0f} ms, "
+        f"overhead {cove - base:.0f} ms, ratio {cove / base:.2f}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--no-node-service", dest="node_service", action="store_false",
-                        help="without the node service: each container starts its own /dev/attestation server")
-    parser.add_argument("--spans", action="store_true",
-                        help="print the median of each cove-runtime span (COVE_TRACE_START) of the ctr runs")
+    parser.add_argument(
+        "--no-node-service",
+        dest="node_service",
+        action="store_false",
+        help="without the node service: each container starts its own /dev/attestation server",
+    )
+    parser.add_argument(
+        "--spans",
+        action="store_true",
+        help="print the median of each cove-runtime span (COVE_TRACE_START) of the ctr runs",
+    )
     args = parser.parse_args()
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
@@ -90,8 +98,11 @@ def main() -> int:
         tar = build_image(work, env)
         if args.node_service:  # /dev/attestation from the node's one server, not a server per container
             (work / "node").mkdir(mode=0o700)
-            node = subprocess.Popen([COVE, "daemon", "--root", str(work / "node"), "--socket", str(work / "d.sock")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            node = subprocess.Popen(
+                [COVE, "daemon", "--root", str(work / "node"), "--socket", str(work / "d.sock")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for _ in range(600):
                 if (work / "node" / "attestation.sock").exists():
                     break
@@ -99,24 +110,35 @@ def main() -> int:
             os.environ["COVE_NODE_ROOT"] = str(work / "node")  # containerd hands its environment to the runtime
         run([*PODMAN, "load", "-i", str(tar)])
         node_flag = ["--runtime-flag", f"node-root={work / 'node'}"] if node is not None else []
-        podman = {"runc": [*PODMAN, "run", "--rm", "--runtime", runc, *ULIMITS, IMAGE, "/hello"],
-                  "cove-runtime": [*PODMAN, "run", "--rm", "--runtime", RUNTIME, *node_flag, *ULIMITS, IMAGE,
-                                   "/hello"]}
+        podman = {
+            "runc": [*PODMAN, "run", "--rm", "--runtime", runc, *ULIMITS, IMAGE, "/hello"],
+            "cove-runtime": [*PODMAN, "run", "--rm", "--runtime", RUNTIME, *node_flag, *ULIMITS, IMAGE, "/hello"],
+        }
         report("podman run --rm", median_ms(podman, args.runs))
         sock = work / "containerd.sock"
         if args.spans:  # containerd's shims hand this to cove-runtime
             os.environ["COVE_TRACE_START"] = str(work / "spans.txt")
         log = open(work / "containerd.log", "w")
-        containerd = subprocess.Popen(["containerd", "--root", str(work / "ctd-root"), "--state",
-                                       str(work / "ctd-state"), "--address", str(sock)],
-                                      stdout=log, stderr=subprocess.STDOUT)
+        containerd = subprocess.Popen(
+            [
+                "containerd",
+                "--root",
+                str(work / "ctd-root"),
+                "--state",
+                str(work / "ctd-state"),
+                "--address",
+                str(sock),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         ctr = ["ctr", "-a", str(sock)]
         for _ in range(200):
             if sock.exists() and subprocess.run([*ctr, "version"], capture_output=True).returncode == 0:
                 break
             time.sleep(0.05)
         run([*ctr, "images", "import", str(tar)])
-        counter = iter(range(10 ** 6))
+        counter = iter(range(10**6))
 
         def ctr_run(binary: str):  # a fresh container id per run
             return lambda: [*ctr, "run", "--rm", "--runc-binary", binary, IMAGE, f"bench-{next(counter)}", "/hello"]

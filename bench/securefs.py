@@ -34,7 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from securefs_lib import (  # noqa: E402
-    MB, rand_read_pf, rand_read_plain, raw_aead, seq_read_pf, seq_read_plain, seq_write_pf, seq_write_plain,
+    MB,
+    rand_read_pf,
+    rand_read_plain,
+    raw_aead,
+    seq_read_pf,
+    seq_read_plain,
+    seq_write_pf,
+    seq_write_plain,
     timed,
 )
 
@@ -43,7 +50,7 @@ from cove.fs.layout import MD_USER_DATA_SIZE, NODE_SIZE  # noqa: E402
 COVE = str(Path(sys.executable).parent / "cove")
 PYTHON = "/usr/bin/python3.11"
 
-INSIDE = r'''
+INSIDE = r"""
 import json, os, random, sys, time
 cmd, path = sys.argv[1], sys.argv[2]
 CHUNK = 1 << 20
@@ -79,7 +86,7 @@ elif cmd == "random":
     seconds = time.perf_counter() - t
     os.close(fd)
     print(json.dumps({"seconds": seconds}))
-'''
+"""
 
 
 class EnclaveBench:
@@ -92,8 +99,7 @@ class EnclaveBench:
         platform = work / "platform"
         platform.mkdir(mode=0o700)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
-        self.env.update(HOME=str(home), XDG_CONFIG_HOME=str(home), COVE_PLATFORM_DIR=str(platform),
-                        COVE_FS_STATS="1")
+        self.env.update(HOME=str(home), XDG_CONFIG_HOME=str(home), COVE_PLATFORM_DIR=str(platform), COVE_FS_STATS="1")
         key = work / "volume.key"
         key.write_bytes(os.urandom(16))
         (work / "inside.py").write_text(INSIDE)
@@ -102,8 +108,10 @@ class EnclaveBench:
         self._cove("add", "/bin/sh", PYTHON, "/usr/lib/python3.11")
         self._cove("add", "--to", "/app", str(work / "inside.py"))
         with open(self.root / "cove.toml", "a") as f:
-            f.write(f'\n[[mounts]]\ntarget = "/data"\ntype = "encrypted"\nkey = "file:{key}"\n'
-                    f'options = {{ rollback = "file" }}\n')
+            f.write(
+                f'\n[[mounts]]\ntarget = "/data"\ntype = "encrypted"\nkey = "file:{key}"\n'
+                f'options = {{ rollback = "file" }}\n'
+            )
         self._cove("build")
 
     def _cove(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -115,8 +123,10 @@ class EnclaveBench:
     def inside(self, *args: str) -> tuple[dict, int]:
         """Run the workload in the enclave: (its JSON report, the FUSE server's peak RSS in KiB)."""
         proc = self._cove("run", PYTHON, "/app/inside.py", *args)
-        rss = max((int(line.rsplit("=", 1)[1]) for line in proc.stderr.splitlines()
-                   if line.startswith("cove-fs-stats")), default=0)
+        rss = max(
+            (int(line.rsplit("=", 1)[1]) for line in proc.stderr.splitlines() if line.startswith("cove-fs-stats")),
+            default=0,
+        )
         return json.loads(proc.stdout.strip().splitlines()[-1]), rss
 
 
@@ -134,8 +144,9 @@ def main() -> None:
     size = args.size_mib << 20
     data = memoryview(os.urandom(64 << 20) * 2)
     rng = random.Random(1)
-    offsets = [rng.randrange(0, (size - MD_USER_DATA_SIZE) // NODE_SIZE - 1) * NODE_SIZE
-               for _ in range(args.random_reads)]
+    offsets = [
+        rng.randrange(0, (size - MD_USER_DATA_SIZE) // NODE_SIZE - 1) * NODE_SIZE for _ in range(args.random_reads)
+    ]
     work = Path(tempfile.mkdtemp(prefix="securefs-bench-", dir=args.dir))
     plain, pf = str(work / "plain"), str(work / "pf")
     res: dict[str, list[float]] = {}
@@ -174,24 +185,37 @@ def main() -> None:
 
     m = {k: statistics.median(v) for k, v in res.items()}
     print(f"secure file system, {args.size_mib} MiB file, median of {args.runs} runs, page cache, {args.dir}")
-    print(f"raw AES-GCM on 4 KiB buffers (cryptography), one key: encrypt {m['aead_enc']:.0f} MB/s, "
-          f"decrypt {m['aead_dec']:.0f} MB/s; a new key per buffer: {m['aead_rekey']:.0f} MB/s")
-    print(f"{'':22}{'plain':>10}{'library':>10}{'mount':>10}{'lib/raw':>9}{'mount/lib':>11}"
-          f"{'lib/plain':>11}{'mount/plain':>13}")
-    rows = [("sequential write MB/s", "w", "aead_enc"), ("sequential read MB/s", "r", "aead_dec"),
-            ("random 4 KiB reads/s", "rr", None)]
+    print(
+        f"raw AES-GCM on 4 KiB buffers (cryptography), one key: encrypt {m['aead_enc']:.0f} MB/s, "
+        f"decrypt {m['aead_dec']:.0f} MB/s; a new key per buffer: {m['aead_rekey']:.0f} MB/s"
+    )
+    print(
+        f"{'':22}{'plain':>10}{'library':>10}{'mount':>10}{'lib/raw':>9}{'mount/lib':>11}"
+        f"{'lib/plain':>11}{'mount/plain':>13}"
+    )
+    rows = [
+        ("sequential write MB/s", "w", "aead_enc"),
+        ("sequential read MB/s", "r", "aead_dec"),
+        ("random 4 KiB reads/s", "rr", None),
+    ]
     for name, key, raw in rows:
         plain_v, lib, mnt = m[f"{key}_plain"], m[f"{key}_pf"], m[f"{key}_mnt"]
         vs_raw = f"{lib / m[raw]:9.0%}" if raw else f"{lib * NODE_SIZE / MB / m['aead_dec']:9.0%}"
-        print(f"{name:22}{plain_v:10.0f}{lib:10.0f}{mnt:10.0f}{vs_raw}{mnt / lib:11.0%}"
-              f"{lib / plain_v:11.1%}{mnt / plain_v:13.1%}")
-    print("targets: library >= 25% of raw AEAD (sequential): write "
-          f"{m['w_pf'] / m['aead_enc']:.0%}, read {m['r_pf'] / m['aead_dec']:.0%}; "
-          f"mount >= 50% of library: write {m['w_mnt'] / m['w_pf']:.0%}, read {m['r_mnt'] / m['r_pf']:.0%}; "
-          f"random 4 KiB reads through the mount >= 5000/s: {m['rr_mnt']:.0f}/s")
-    print(f"FUSE server peak RSS, {args.rss_gib:g} GiB written then read back: "
-          f"{max(rss_write, rss_read) / 1024:.0f} MB (write {rss_write / 1024:.0f} MB, read {rss_read / 1024:.0f} MB; "
-          "target <= 100 MB)")
+        print(
+            f"{name:22}{plain_v:10.0f}{lib:10.0f}{mnt:10.0f}{vs_raw}{mnt / lib:11.0%}"
+            f"{lib / plain_v:11.1%}{mnt / plain_v:13.1%}"
+        )
+    print(
+        "targets: library >= 25% of raw AEAD (sequential): write "
+        f"{m['w_pf'] / m['aead_enc']:.0%}, read {m['r_pf'] / m['aead_dec']:.0%}; "
+        f"mount >= 50% of library: write {m['w_mnt'] / m['w_pf']:.0%}, read {m['r_mnt'] / m['r_pf']:.0%}; "
+        f"random 4 KiB reads through the mount >= 5000/s: {m['rr_mnt']:.0f}/s"
+    )
+    print(
+        f"FUSE server peak RSS, {args.rss_gib:g} GiB written then read back: "
+        f"{max(rss_write, rss_read) / 1024:.0f} MB (write {rss_write / 1024:.0f} MB, read {rss_read / 1024:.0f} MB; "
+        "target <= 100 MB)"
+    )
 
 
 if __name__ == "__main__":

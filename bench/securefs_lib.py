@@ -71,7 +71,7 @@ def raw_aead(total: int) -> tuple[float, float, float]:
 def seq_write_plain(path: str, data: memoryview, size: int) -> None:
     with open(path, "wb", buffering=0) as f:
         for off in range(0, size, CHUNK):
-            f.write(data[off % len(data):off % len(data) + CHUNK])
+            f.write(data[off % len(data) : off % len(data) + CHUNK])
 
 
 def seq_read_plain(path: str, size: int) -> None:
@@ -83,7 +83,7 @@ def seq_read_plain(path: str, size: int) -> None:
 def seq_write_pf(path: str, data: memoryview, size: int) -> None:
     with ProtectedFile.open(path, KEY, "bench", "w", durable=False) as f:
         for off in range(0, size, CHUNK):
-            f.write(off, data[off % len(data):off % len(data) + CHUNK])
+            f.write(off, data[off % len(data) : off % len(data) + CHUNK])
 
 
 def seq_read_pf(path: str, size: int) -> None:
@@ -117,13 +117,14 @@ def main() -> None:
     size = args.size_mib << 20
     data = memoryview(os.urandom(64 << 20) * 2)  # 128 MiB pattern, reused cyclically
     rng = random.Random(1)
-    offsets = [rng.randrange(0, (size - MD_USER_DATA_SIZE) // NODE_SIZE - 1) * NODE_SIZE
-               for _ in range(args.random_reads)]
+    offsets = [
+        rng.randrange(0, (size - MD_USER_DATA_SIZE) // NODE_SIZE - 1) * NODE_SIZE for _ in range(args.random_reads)
+    ]
     work = tempfile.mkdtemp(prefix="securefs-bench-", dir=args.dir)
     plain, pf = os.path.join(work, "plain"), os.path.join(work, "pf")
-    res: dict[str, list[float]] = {k: [] for k in (
-        "aead_enc", "aead_dec", "aead_rekey", "w_plain", "w_pf", "r_plain", "r_pf",
-        "rr_plain", "rr_pf")}
+    res: dict[str, list[float]] = {
+        k: [] for k in ("aead_enc", "aead_dec", "aead_rekey", "w_plain", "w_pf", "r_plain", "r_pf", "rr_plain", "rr_pf")
+    }
     try:
         for _ in range(args.runs):
             enc, dec, rekey = raw_aead(64 << 20)
@@ -140,20 +141,21 @@ def main() -> None:
         shutil.rmtree(work)
     m = {k: statistics.median(v) for k, v in res.items()}
     print(f"protected-file library, {args.size_mib} MiB, median of {args.runs} runs, page cache")
-    print(f"raw AES-GCM 4 KiB, one key, no allocation: encrypt {m['aead_enc']:8.0f} MB/s   "
-          f"decrypt {m['aead_dec']:8.0f} MB/s")
-    print(f"raw AES-GCM 4 KiB encrypt, a new key per buffer (as the format requires): "
-          f"{m['aead_rekey']:8.0f} MB/s")
-    rows = [("sequential write", "w_plain", "w_pf", "aead_enc", "MB/s"),
-            ("sequential read", "r_plain", "r_pf", "aead_dec", "MB/s"),
-            ("random 4 KiB read", "rr_plain", "rr_pf", None, "ops/s")]
-    print(f"{'':20}{'plain':>12}{'protected':>12}{'vs plain':>10}{'vs raw AEAD':>13}"
-          f"{'vs keyed AEAD':>15}")
+    print(
+        f"raw AES-GCM 4 KiB, one key, no allocation: encrypt {m['aead_enc']:8.0f} MB/s   "
+        f"decrypt {m['aead_dec']:8.0f} MB/s"
+    )
+    print(f"raw AES-GCM 4 KiB encrypt, a new key per buffer (as the format requires): {m['aead_rekey']:8.0f} MB/s")
+    rows = [
+        ("sequential write", "w_plain", "w_pf", "aead_enc", "MB/s"),
+        ("sequential read", "r_plain", "r_pf", "aead_dec", "MB/s"),
+        ("random 4 KiB read", "rr_plain", "rr_pf", None, "ops/s"),
+    ]
+    print(f"{'':20}{'plain':>12}{'protected':>12}{'vs plain':>10}{'vs raw AEAD':>13}{'vs keyed AEAD':>15}")
     for name, p, q, raw, unit in rows:
         vs_raw = f"{m[q] / m[raw]:12.0%}" if raw else f"{m[q] * NODE_SIZE / MB / m['aead_dec']:12.0%}"
         mbs = m[q] if raw else m[q] * NODE_SIZE / MB
-        print(f"{name:20}{m[p]:12.0f}{m[q]:12.0f}{m[q] / m[p]:10.1%} {vs_raw}"
-              f"{mbs / m['aead_rekey']:15.0%}  ({unit})")
+        print(f"{name:20}{m[p]:12.0f}{m[q]:12.0f}{m[q] / m[p]:10.1%} {vs_raw}{mbs / m['aead_rekey']:15.0%}  ({unit})")
 
 
 if __name__ == "__main__":

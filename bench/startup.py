@@ -28,17 +28,18 @@ import cbor2
 
 ROOT = Path(__file__).resolve().parents[1]
 COVE = str(Path(sys.executable).parent / "cove")
-HELLO = r'''#include <stdio.h>
+HELLO = r"""#include <stdio.h>
 #include <unistd.h>
 int main(int argc, char **argv) { if (argc > 1) sleep(1); puts("hello"); return 0; }
-'''
+"""
 
 
 # The same `cove run`, with the runtime's services switched off in this process
 # only: it shows what verification, copying and sandboxing cost by themselves.
 WITHOUT_SERVICES = (
     "import sys; import cove.runtime.enclave_services as s; s.FACTORIES.clear(); "
-    "from cove.cli import main; sys.exit(main(['-C', sys.argv[1], 'run', '/bin/hello']))")
+    "from cove.cli import main; sys.exit(main(['-C', sys.argv[1], 'run', '/bin/hello']))"
+)
 
 
 def timed(argv: list[str], runs: int, env: dict | None = None) -> float:
@@ -71,8 +72,23 @@ def image_size(root: Path) -> int:
 
 
 def bare_bwrap(image: Path) -> list[str]:
-    return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", str(image), "/", "--proc", "/proc", "--dev", "/dev", "--", "/bin/hello"]
+    return [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        str(image),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--",
+        "/bin/hello",
+    ]
 
 
 def peak_rss_mb(root: Path, env: dict) -> float:
@@ -104,17 +120,22 @@ def vm_rows(work: Path, hello: Path, env: dict, runs: int, sim_ms: float) -> Non
     wall = timed([COVE, "-C", str(root), "run", "/bin/hello"], runs, vm_env)
     lines = [json.loads(line) for line in timings.read_text().splitlines()][1:]  # after the warm-up
     boot = statistics.median(t["boot_ms"] for t in lines)
-    meminfo = subprocess.run([COVE, "-C", str(root), "run", "/bin/cat", "/proc/meminfo"], env=env, check=True,
-                             capture_output=True, text=True).stdout
+    meminfo = subprocess.run(
+        [COVE, "-C", str(root), "run", "/bin/cat", "/proc/meminfo"], env=env, check=True, capture_output=True, text=True
+    ).stdout
     fields = {line.split(":")[0]: int(line.split()[1]) for line in meminfo.splitlines() if line.endswith("kB")}
     used = (fields["MemTotal"] - fields["MemAvailable"]) / 1024
     launch = cbor2.loads((root / "build" / "vm" / "launch.cbor").read_bytes())
     withheld = launch["memory"] / 2**20 - fields["MemAvailable"] / 1024
-    print(f"{lines[0]['isolation']}, small image: QEMU start to the program's exec {boot:.0f} ms "
-          f"(median), cove run {wall:.0f} ms (x{wall / sim_ms:.1f} sim's cove run)")
-    print(f"vm, small image: guest RAM {launch['memory'] / 2**20:.0f} MB, of which not available to the "
-          f"program as it starts {withheld:.1f} MB (in use by kernel, init and initramfs {used:.1f} MB, "
-          f"MemTotal - MemAvailable); QEMU peak RSS {qemu_peak_rss_mb(root, env):.1f} MB")
+    print(
+        f"{lines[0]['isolation']}, small image: QEMU start to the program's exec {boot:.0f} ms "
+        f"(median), cove run {wall:.0f} ms (x{wall / sim_ms:.1f} sim's cove run)"
+    )
+    print(
+        f"vm, small image: guest RAM {launch['memory'] / 2**20:.0f} MB, of which not available to the "
+        f"program as it starts {withheld:.1f} MB (in use by kernel, init and initramfs {used:.1f} MB, "
+        f"MemTotal - MemAvailable); QEMU peak RSS {qemu_peak_rss_mb(root, env):.1f} MB"
+    )
 
 
 def qemu_peak_rss_mb(root: Path, env: dict) -> float:
@@ -140,8 +161,9 @@ def main() -> None:
     parser.add_argument("--vm-runs", type=int, default=5, help="runs per vm figure (each boots a VM)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-"))
-    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"),
-               COVE_NO_DAEMON="1")  # direct mode even if a cove daemon runs (bench/node.py measures that)
+    env = dict(
+        os.environ, XDG_CONFIG_HOME=str(work / "config"), COVE_PLATFORM_DIR=str(work / "platform"), COVE_NO_DAEMON="1"
+    )  # direct mode even if a cove daemon runs (bench/node.py measures that)
     try:
         (work / "hello.c").write_text(HELLO)
         hello = work / "hello"
@@ -155,12 +177,16 @@ def main() -> None:
             bwrap = timed(bare_bwrap(root / "image"), args.runs)
             cove_ms = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, env)
             bare_ms = timed([sys.executable, "-c", WITHOUT_SERVICES, str(root)], args.runs, env)
-            print(f"{label} image ({size:.1f} MB): bare bwrap {bwrap:.1f} ms, cove run {cove_ms:.1f} ms, "
-                  f"overhead over bwrap {cove_ms - bwrap:.1f} ms "
-                  f"(x{cove_ms / bwrap:.2f} bwrap, x{cove_ms / native:.1f} native)")
-            print(f"{label} image: runtime alone (no /dev/attestation server) {bare_ms:.1f} ms, "
-                  f"overhead over bwrap {bare_ms - bwrap:.1f} ms; the attestation server adds "
-                  f"{cove_ms - bare_ms:.1f} ms")
+            print(
+                f"{label} image ({size:.1f} MB): bare bwrap {bwrap:.1f} ms, cove run {cove_ms:.1f} ms, "
+                f"overhead over bwrap {cove_ms - bwrap:.1f} ms "
+                f"(x{cove_ms / bwrap:.2f} bwrap, x{cove_ms / native:.1f} native)"
+            )
+            print(
+                f"{label} image: runtime alone (no /dev/attestation server) {bare_ms:.1f} ms, "
+                f"overhead over bwrap {bare_ms - bwrap:.1f} ms; the attestation server adds "
+                f"{cove_ms - bare_ms:.1f} ms"
+            )
             print(f"{label} image: peak RSS of the cove process {peak_rss_mb(root, env):.1f} MB")
             if not python and args.vm_runs:
                 vm_rows(work, hello, env, args.vm_runs, cove_ms)
@@ -168,12 +194,16 @@ def main() -> None:
             plain_py = timed(interpreter, args.runs, env) if python else 0.0
             cove("build", "--encrypt-image", "seal:mrsigner", cwd=root, env=env)
             encrypted_ms = timed([COVE, "-C", str(root), "run", "/bin/hello"], args.runs, env)
-            print(f"{label} image, encrypted: cove run {encrypted_ms:.1f} ms "
-                  f"(+{encrypted_ms - cove_ms:.1f} ms, x{encrypted_ms / cove_ms:.2f} the plain image)")
+            print(
+                f"{label} image, encrypted: cove run {encrypted_ms:.1f} ms "
+                f"(+{encrypted_ms - cove_ms:.1f} ms, x{encrypted_ms / cove_ms:.2f} the plain image)"
+            )
             if python:
                 encrypted_py = timed(interpreter, args.runs, env)
-                print(f"{label} image: python3 -c pass in the enclave {plain_py:.1f} ms plain, "
-                      f"{encrypted_py:.1f} ms encrypted (x{encrypted_py / plain_py:.2f})")
+                print(
+                    f"{label} image: python3 -c pass in the enclave {plain_py:.1f} ms plain, "
+                    f"{encrypted_py:.1f} ms encrypted (x{encrypted_py / plain_py:.2f})"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 COVE = str(Path(sys.executable).parent / "cove")
-HELLO = 'int main(void) { return 0; }\n'
+HELLO = "int main(void) { return 0; }\n"
 
 
 def main() -> None:
@@ -44,8 +44,13 @@ def main() -> None:
         for run in range(args.runs + 1):  # the first round warms both up and is not counted
             for name, src in trees.items():
                 start = time.perf_counter()
-                subprocess.run([COVE, "-C", "app", "run", "/bin/hello"], cwd=work, check=True,
-                               env=dict(env, PYTHONPATH=str(src)), stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [COVE, "-C", "app", "run", "/bin/hello"],
+                    cwd=work,
+                    check=True,
+                    env=dict(env, PYTHONPATH=str(src)),
+                    stdout=subprocess.DEVNULL,
+                )
                 if run:
                     samples[name].append((time.perf_counter() - start) * 1000)
         before, after = (statistics.median(samples[n]) for n in ("before", "after"))

@@ -88,8 +88,9 @@ def cove_cases(tmp: Path):
     e = endorse.load(paths)
     checks = chain_checks(e.tpm.ek_chain, ek_roots) + chain_checks(e.tpm.ak_chain, ak_roots)
     checks[P256] += 2  # the quote (AK) and the report (platform key)
-    cases.append(("cove TPM", lambda: verify_cove_evidence(evidence, now, ek_roots=ek_roots, ak_roots=ak_roots),
-                  dict(checks)))
+    cases.append(
+        ("cove TPM", lambda: verify_cove_evidence(evidence, now, ek_roots=ek_roots, ak_roots=ak_roots), dict(checks))
+    )
     return cases, paths
 
 
@@ -115,15 +116,23 @@ def verification_rates(args, tmp: Path):
     for n, _, needs in cases:
         got = statistics.median(ev_rates[n])
         bound = 1 / sum(k / med[p] for p, k in needs.items())
-        print(f"{n:<16}{got:>12,.0f}{bound:>16,.0f}{got / bound:>8.2f}  "
-              + ", ".join(f"{k}x {p}" for p, k in needs.items()))
+        print(
+            f"{n:<16}{got:>12,.0f}{bound:>16,.0f}{got / bound:>8.2f}  "
+            + ", ".join(f"{k}x {p}" for p, k in needs.items())
+        )
     return tpm_paths
 
 
 def _cove(*args, cwd=None, env=None):
     cove = str(Path(sys.executable).parent / "cove")
-    proc = subprocess.run([cove, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), timeout=300)
+    proc = subprocess.run(
+        [cove, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=300,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"cove {' '.join(map(str, args))}: {proc.stderr.strip()}")
     return proc.stdout
@@ -143,8 +152,10 @@ def quote_latency(args, tmp: Path, tpm_paths: Paths | None) -> None:
     platforms = [("self-certified", tmp / "self-platform")]
     if tpm_paths is not None:
         platforms.append(("TPM-rooted", tpm_paths.dir))
-    print(f"\n/dev/attestation/quote, one open+read inside a sim enclave ({args.reads} reads per run, "
-          f"median of {args.runs} runs)")
+    print(
+        f"\n/dev/attestation/quote, one open+read inside a sim enclave ({args.reads} reads per run, "
+        f"median of {args.runs} runs)"
+    )
     print(f"{'platform':<16}{'p50 ms':>10}{'p99 ms':>10}")
     for name, directory in platforms:
         env = dict(home, COVE_PLATFORM_DIR=str(directory))

@@ -42,7 +42,10 @@ def primitives():
     """Raw verify callables for the primitives the evidence uses."""
     data = b"x" * 600
     out = {}
-    for name, curve, h in (("ECDSA P-256/SHA-256", ec.SECP256R1(), hashes.SHA256()), ("ECDSA P-384/SHA-384", ec.SECP384R1(), hashes.SHA384())):
+    for name, curve, h in (
+        ("ECDSA P-256/SHA-256", ec.SECP256R1(), hashes.SHA256()),
+        ("ECDSA P-384/SHA-384", ec.SECP384R1(), hashes.SHA384()),
+    ):
         k = ec.generate_private_key(curve)
         sig, pub = k.sign(data, ec.ECDSA(h)), k.public_key()
         out[name] = lambda pub=pub, sig=sig, h=h: pub.verify(sig, data, ec.ECDSA(h))
@@ -61,19 +64,31 @@ def evidence():
     v = lambda rel: (VECTORS / rel).read_bytes()  # noqa: E731
     root = v("intel_sgx_root_ca.pem")
     out = []
-    for tee, t in (("sgx", datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)),
-                   ("tdx", datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc))):
+    for tee, t in (
+        ("sgx", datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)),
+        ("tdx", datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)),
+    ):
         quote = v(f"{tee}/quote.bin")
         col = parse_collateral(json.loads(v(f"{tee}/collateral.json")))  # warm: parsed once
         # PCK chain 3 (leaf, CA, root self) + 2 CRLs + TCB info (chain 2, body 1)
         # + QE identity (chain 2, body 1) + QE report 1 + quote 1.
-        out.append((f"{tee.upper()} quote", lambda q=quote, c=col, t=t: verify_dcap_quote(q, c, root, t),
-                    {"ECDSA P-256/SHA-256": 13}))
+        out.append(
+            (
+                f"{tee.upper()} quote",
+                lambda q=quote, c=col, t=t: verify_dcap_quote(q, c, root, t),
+                {"ECDSA P-256/SHA-256": 13},
+            )
+        )
     report, vcek, chain = v("snp/report.bin"), v("snp/vcek.der"), v("snp/ask_ark_milan.pem")
     now = datetime(2026, 11, 15, tzinfo=timezone.utc)
     # report 1 P-384; VCEK by ASK, ASK by ARK, ARK self: 3 RSA-4096 PSS.
-    out.append(("SNP report", lambda: verify_snp_report(report, vcek, chain, now),
-                {"ECDSA P-384/SHA-384": 1, "RSA-4096 PSS/SHA-384": 3}))
+    out.append(
+        (
+            "SNP report",
+            lambda: verify_snp_report(report, vcek, chain, now),
+            {"ECDSA P-384/SHA-384": 1, "RSA-4096 PSS/SHA-384": 3},
+        )
+    )
     a, s, p, k = v("tpm/quote_attest.bin"), v("tpm/quote_sig.bin"), v("tpm/quote_pcrs.bin"), v("tpm/ak_pub.pem")
     nonce = v("tpm/nonce.txt").strip()
     out.append(("TPM quote", lambda: verify_tpm_quote(a, s, p, k, nonce), {"RSA-2048 PKCS#1 v1.5": 1}))

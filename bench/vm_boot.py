@@ -66,8 +66,9 @@ def boot(description: dict[str, object], kernel: Path, initrd: Path, folder: Pat
     guest_fds = [pair[1].fileno() for pair in pairs]
     args = vm.qemu_arguments(description, kernel, initrd, "tcg", folder / "console.log", guest_fds)
     started = time.monotonic()
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, pass_fds=guest_fds)
+    process = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=guest_fds
+    )
     for pair in pairs:
         pair[1].close()
     ctl = pairs[vmimage.PORTS.index("cove.ctl")][0]
@@ -109,8 +110,10 @@ def main() -> None:
         if other is not None:
             variants[other[0]] = (description, other[1])
         if args.append:
-            variants[f"built+{args.append}"] = ({**description, "cmdline": f"{description['cmdline']} {args.append}"},
-                                                kernel)
+            variants[f"built+{args.append}"] = (
+                {**description, "cmdline": f"{description['cmdline']} {args.append}"},
+                kernel,
+            )
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.runs):
             for name, (desc, image) in variants.items():
@@ -120,8 +123,10 @@ def main() -> None:
         for name, values in samples.items():
             wall = statistics.median(s[0] for s in values)
             cpu = statistics.median(s[1] for s in values)
-            print(f"{name}: QEMU start to the init's answer {wall * 1000:.0f} ms wall (x{wall / base_wall:.2f} built), "
-                  f"{cpu * 1000:.0f} ms QEMU CPU (x{cpu / base_cpu:.2f} built), median of {args.runs}")
+            print(
+                f"{name}: QEMU start to the init's answer {wall * 1000:.0f} ms wall (x{wall / base_wall:.2f} built), "
+                f"{cpu * 1000:.0f} ms QEMU CPU (x{cpu / base_cpu:.2f} built), median of {args.runs}"
+            )
         print(f"load average {os.getloadavg()[0]:.1f} (wall above CPU time is the host's load)")
 
 

@@ -57,10 +57,14 @@ def main() -> None:
         def ms(values: list[float]) -> float:
             return statistics.median(values) * 1000
 
-        print(f"swtpm start {ms(starts):.0f} ms; provisioning (EK, AK, launch PCR) {ms(provisions):.0f} ms; "
-              f"evidence with a vTPM quote {ms(evidence):.0f} ms (median of {args.runs})")
-        print(f"vTPM quote {ms(quotes):.0f} ms against {ms(generic):.0f} ms for the generic quote with two flushes "
-              f"(x{ms(quotes) / ms(generic):.2f}); load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"swtpm start {ms(starts):.0f} ms; provisioning (EK, AK, launch PCR) {ms(provisions):.0f} ms; "
+            f"evidence with a vTPM quote {ms(evidence):.0f} ms (median of {args.runs})"
+        )
+        print(
+            f"vTPM quote {ms(quotes):.0f} ms against {ms(generic):.0f} ms for the generic quote with two flushes "
+            f"(x{ms(quotes) / ms(generic):.2f}); load average {os.getloadavg()[0]:.1f}"
+        )
 
 
 if __name__ == "__main__":

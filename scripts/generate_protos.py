@@ -26,8 +26,16 @@ def generate(out: Path = SRC) -> None:
 
     for proto in PROTOS:
         (out / proto).parent.mkdir(parents=True, exist_ok=True)
-        code = protoc.main(["grpc_tools.protoc", f"-I{SRC}", f"--python_out={out}", f"--pyi_out={out}",
-                            f"--grpc_python_out={out}", str(SRC / proto)])
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{SRC}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+                str(SRC / proto),
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed on {proto} (exit {code})")
 

@@ -47,11 +47,24 @@ class Cove:
         self.prefix: list[str] = []  # e.g. setpriv, to run cove as another user
         self.command = COVE
 
-    def __call__(self, *args: str, cwd: Path | None = None, input: str | None = None,
-                 timeout: float = 120, env: dict | None = None) -> Result:
+    def __call__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict | None = None,
+    ) -> Result:
         full_env = dict(self.env, **(env or {}))
-        proc = subprocess.run([*self.prefix, self.command, *map(str, args)], cwd=cwd, input=input, capture_output=True,
-                              text=True, timeout=timeout, env=full_env)
+        proc = subprocess.run(
+            [*self.prefix, self.command, *map(str, args)],
+            cwd=cwd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def ok(self, *args: str, **kwargs) -> Result:
@@ -77,8 +90,7 @@ def probe(tmp_path_factory) -> Path:
     """A small C program that tests isolation from inside the enclave."""
     require("gcc")
     out = tmp_path_factory.mktemp("probe") / "probe"
-    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(out), str(ROOT / "tests" / "e2e" / "probe.c")],
-                   check=True)
+    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(out), str(ROOT / "tests" / "e2e" / "probe.c")], check=True)
     return out
 
 
@@ -101,8 +113,11 @@ def user_cove() -> Cove:
         try:
             account = pwd.getpwnam(TEST_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+                check=True,
+                capture_output=True,
+            )
             account = pwd.getpwnam(TEST_USER)
         uid, gid = account.pw_uid, account.pw_gid
         prefix = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
@@ -120,20 +135,31 @@ def user_cove() -> Cove:
     # cove starts Python again for its services: the interpreter must be reachable too
     if not _runs(prefix, sys.executable, base) and (shim := _shim(base)) is not None:
         runner.command = str(shim / "bin" / "cove")
-    check = subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"',
-                            str(Path(runner.command).parent / "python")], capture_output=True, text=True, cwd=base)
+    check = subprocess.run(
+        [*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', str(Path(runner.command).parent / "python")],
+        capture_output=True,
+        text=True,
+        cwd=base,
+    )
     if check.returncode != 0:
-        pytest.fail(f"{TEST_USER} cannot run {runner.command} ({check.stderr.strip()[:200]}): make the "
-                    "checkout and the venv's Python readable by every user (e.g. clone outside /root and "
-                    "make .venv from /usr/bin/python3), then run scripts/setup", pytrace=False)
+        pytest.fail(
+            f"{TEST_USER} cannot run {runner.command} ({check.stderr.strip()[:200]}): make the "
+            "checkout and the venv's Python readable by every user (e.g. clone outside /root and "
+            "make .venv from /usr/bin/python3), then run scripts/setup",
+            pytrace=False,
+        )
     yield runner
     shutil.rmtree(base, ignore_errors=True)
 
 
 def _runs(prefix: list[str], python: str, cwd: Path) -> bool:
     """Whether python can be started (from a shell, as the account: not just the first exec)."""
-    return subprocess.run([*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', python],
-                          capture_output=True, cwd=cwd).returncode == 0
+    return (
+        subprocess.run(
+            [*prefix, "/bin/sh", "-c", 'exec "$0" -c "import cove"', python], capture_output=True, cwd=cwd
+        ).returncode
+        == 0
+    )
 
 
 def _shim(base: Path) -> Path | None:
@@ -143,14 +169,17 @@ def _shim(base: Path) -> Path | None:
         return None
     venv = base / "venv"
     subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-    site_dir = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
-                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())
-    (site_dir / "cove-tests.pth").write_text(
-        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    site_dir = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    (site_dir / "cove-tests.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     script = venv / "bin" / "cove"
-    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom cove.cli import run_main\n"
-                      "sys.exit(run_main())\n")
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom cove.cli import run_main\nsys.exit(run_main())\n")
     script.chmod(0o755)
     return venv
 

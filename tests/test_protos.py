@@ -32,5 +32,6 @@ def test_generated_modules_are_current(regenerated, proto):
     folder = Path(proto).parent
     for name in GENERATOR.GENERATED:
         fresh = (regenerated / folder / name).read_text()
-        assert fresh == (GENERATOR.SRC / folder / name).read_text(), \
+        assert fresh == (GENERATOR.SRC / folder / name).read_text(), (
             f"{folder / name} is stale: run `.venv/bin/python scripts/generate_protos.py`"
+        )

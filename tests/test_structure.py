@@ -64,8 +64,12 @@ def violations(module: str, source: str, is_package: bool = False) -> list[str]:
                 if _is_module(full):
                     cove_names.add(alias.asname or alias.name)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
-                and node.value.id in cove_names):
+        if (
+            isinstance(node, ast.Attribute)
+            and _is_private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in cove_names
+        ):
             found.append(f"{node.lineno}: {node.value.id}.{node.attr} is private to that module")
     return found
 
@@ -88,27 +92,40 @@ def _modules():
 
 
 def test_no_module_uses_another_modules_private_names():
-    problems = [f"{path.relative_to(SRC)}:{line}" for module, path, is_package in _modules()
-                for line in violations(module, path.read_text(), is_package)]
+    problems = [
+        f"{path.relative_to(SRC)}:{line}"
+        for module, path, is_package in _modules()
+        for line in violations(module, path.read_text(), is_package)
+    ]
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("module, source, expected", [
-    ("cove.fs.server", "from cove.fs import encrypted_image\nencrypted_image._listing(1)\n", "encrypted_image._listing is private"),
-    ("cove.fs.server", "import cove.fs.encrypted_image as image\nimage._listing(1)\n", "image._listing is private"),
-    ("cove.platform.endorse", "from cove.attest._cbor import loads\n", "private module cove.attest._cbor"),
-    ("cove.platform.endorse", "from cove.attest import _cbor\n", "private module cove.attest._cbor"),
-    ("cove.kbs.broker", "from cove.kbs.jose import _admin_alg\n", "private name _admin_alg"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        (
+            "cove.fs.server",
+            "from cove.fs import encrypted_image\nencrypted_image._listing(1)\n",
+            "encrypted_image._listing is private",
+        ),
+        ("cove.fs.server", "import cove.fs.encrypted_image as image\nimage._listing(1)\n", "image._listing is private"),
+        ("cove.platform.endorse", "from cove.attest._cbor import loads\n", "private module cove.attest._cbor"),
+        ("cove.platform.endorse", "from cove.attest import _cbor\n", "private module cove.attest._cbor"),
+        ("cove.kbs.broker", "from cove.kbs.jose import _admin_alg\n", "private name _admin_alg"),
+    ],
+)
 def test_the_check_catches(module, source, expected):
     assert any(expected in v for v in violations(module, source))
 
 
-@pytest.mark.parametrize("module, source", [
-    ("cove.attest.dcap", "from cove.attest._x509 import load_pem_chain\n"),  # its own package's private module
-    ("cove.attest.dcap", "from cove.attest import _keys\n_keys.verify_ecdsa\n"),
-    ("cove.fs.volume", "self._inodes = {}\nos._exit(0)\n"),  # own state; not a cove module
-    ("cove.fs.volume", "from cove.fs import encrypted_image\nencrypted_image.listing_of(1)\n"),
-])
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("cove.attest.dcap", "from cove.attest._x509 import load_pem_chain\n"),  # its own package's private module
+        ("cove.attest.dcap", "from cove.attest import _keys\n_keys.verify_ecdsa\n"),
+        ("cove.fs.volume", "self._inodes = {}\nos._exit(0)\n"),  # own state; not a cove module
+        ("cove.fs.volume", "from cove.fs import encrypted_image\nencrypted_image.listing_of(1)\n"),
+    ],
+)
 def test_the_check_allows(module, source):
     assert violations(module, source) == []

@@ -69,8 +69,10 @@ class KeySource:
 def parse_key_source(text: str) -> KeySource:
     """Check the syntax of a key source (cove.toml data; resolved by cove.fs.keys); nothing is read."""
     if not isinstance(text, str) or ":" not in text:
-        raise KeySourceError(f"{text!r} is not a key source",
-                             "use seal:mrenclave, seal:mrsigner, file:PATH, insecure:HEX or kbs:RESOURCE")
+        raise KeySourceError(
+            f"{text!r} is not a key source",
+            "use seal:mrenclave, seal:mrsigner, file:PATH, insecure:HEX or kbs:RESOURCE",
+        )
     kind, _, arg = text.partition(":")
     if kind == "seal":
         if arg not in SEAL_POLICIES:
@@ -205,6 +207,7 @@ def load(path: Path) -> Config:
 
 def parse(text: str, source: str = "cove.toml") -> Config:
     """Parse cove.toml text; every problem becomes one ConfigError line."""
+
     def error(message: str) -> ConfigError:
         return ConfigError(f"{source}: {message}")
 
@@ -235,24 +238,28 @@ class _Validator:
     def boolean(self, data: dict, key: str, name: str, default: bool) -> bool:
         return self.fields(data, key).boolean(name, default=default)
 
-    def string(self, data: dict, key: str, name: str, default: str | None,
-               choices: tuple[str, ...] | None = None) -> str:
+    def string(
+        self, data: dict, key: str, name: str, default: str | None, choices: tuple[str, ...] | None = None
+    ) -> str:
         return self.fields(data, key).text(name, choices, max_len=_MAX_STRING, default=default)
 
     def size(self, data: dict, key: str, name: str, default: int, most: int | None = None) -> int:
         value = data.get(name, default)
         if isinstance(value, bool):
-            raise self.fail(f"{key}.{name}", "must be a size like \"512M\"")
+            raise self.fail(f"{key}.{name}", 'must be a size like "512M"')
         if isinstance(value, int):
             number = value
         elif isinstance(value, str):
             match = _SIZE_RE.match(value)
             if not match:
-                raise self.fail(f"{key}.{name}", f"{value!r} is not a size",
-                                "write bytes or a number with K, M, G or T, e.g. \"512M\"")
+                raise self.fail(
+                    f"{key}.{name}",
+                    f"{value!r} is not a size",
+                    'write bytes or a number with K, M, G or T, e.g. "512M"',
+                )
             number = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
         else:
-            raise self.fail(f"{key}.{name}", f"must be a size like \"512M\", not {type(value).__name__}")
+            raise self.fail(f"{key}.{name}", f'must be a size like "512M", not {type(value).__name__}')
         if number <= 0:
             raise self.fail(f"{key}.{name}", f"must be positive, not {value!r}")
         if most is not None and number > most:
@@ -267,13 +274,17 @@ class _Validator:
         return value
 
     def config(self, data: dict) -> Config:
-        self.table(data, "", ("enclave", "resources", "process", "env", "network", "mounts", "attestation",
-                              "secrets", "vm", "security") + RESERVED_SECTIONS)
+        self.table(
+            data,
+            "",
+            ("enclave", "resources", "process", "env", "network", "mounts", "attestation", "secrets", "vm", "security")
+            + RESERVED_SECTIONS,
+        )
         for section in RESERVED_SECTIONS:
             if section in data:
                 raise self.fail(section, "is not supported by this version of Cove yet")
         if "enclave" not in data:
-            raise self.fail("enclave", "section is required", "add [enclave] with name = \"...\"")
+            raise self.fail("enclave", "section is required", 'add [enclave] with name = "..."')
         enclave = self.enclave(data["enclave"])
         mounts = self.mounts(data.get("mounts", []), debug=enclave.debug)
         attestation = self.attestation(data["attestation"]) if "attestation" in data else None
@@ -298,15 +309,20 @@ class _Validator:
         args = self.string(data, "vm", "kernel_args", "")
         if not re.fullmatch(r"[\x20-\x7e]{0,1024}", args):
             raise self.fail("vm.kernel_args", "must be printable ASCII, at most 1024 characters")
-        return VmSection(vcpus=self.integer(data, "vm", "vcpus", 1, 1, 16), kernel=kernel, kernel_args=args,
-                         boot_timeout=self.integer(data, "vm", "boot_timeout", 60, 1, 3600))
+        return VmSection(
+            vcpus=self.integer(data, "vm", "vcpus", 1, 1, 16),
+            kernel=kernel,
+            kernel_args=args,
+            boot_timeout=self.integer(data, "vm", "boot_timeout", 60, 1, 3600),
+        )
 
     def enclave(self, data: Any) -> EnclaveSection:
         data = self.table(data, "enclave", ("name", "product_id", "svn", "debug", "backend"))
         name = self.string(data, "enclave", "name", None)
         if not _NAME_RE.match(name):
-            raise self.fail("enclave.name", f"{name!r} is not a valid name",
-                            "use letters, digits, '.', '_' or '-', at most 64")
+            raise self.fail(
+                "enclave.name", f"{name!r} is not a valid name", "use letters, digits, '.', '_' or '-', at most 64"
+            )
         return EnclaveSection(
             name=name,
             product_id=self.integer(data, "enclave", "product_id", 0, 0, 0xFFFF),
@@ -320,10 +336,8 @@ class _Validator:
         defaults = ResourcesSection()
         return ResourcesSection(
             memory=self.size(data, "resources", "memory", defaults.memory, MAX_MEMORY),
-            max_processes=self.integer(data, "resources", "max_processes",
-                                       defaults.max_processes, 1, 1 << 22),
-            max_open_files=self.integer(data, "resources", "max_open_files",
-                                        defaults.max_open_files, 16, 1 << 20),
+            max_processes=self.integer(data, "resources", "max_processes", defaults.max_processes, 1, 1 << 22),
+            max_open_files=self.integer(data, "resources", "max_open_files", defaults.max_open_files, 16, 1 << 20),
         )
 
     def process(self, data: Any) -> ProcessSection:
@@ -335,11 +349,17 @@ class _Validator:
         checked = tuple(self.abs_path(p, "process.entry_points") for p in entry_points)
         user = self.string(data, "process", "user", defaults.user)
         if not re.match(r"^(root|[a-z_][a-z0-9_-]{0,31}|\d+(:\d+)?)$", user):
-            raise self.fail("process.user", f"{user!r} is not a user",
-                            "use \"root\", a name from the image's /etc/passwd, or \"UID:GID\"")
+            raise self.fail(
+                "process.user",
+                f"{user!r} is not a user",
+                'use "root", a name from the image\'s /etc/passwd, or "UID:GID"',
+            )
         if user[0].isdigit() and any(int(part) > MAX_ID for part in user.split(":")):
-            raise self.fail("process.user", f"{user!r}: ids go up to {MAX_ID}",
-                            "the enclave's ids map onto a range of 65536 host ids")
+            raise self.fail(
+                "process.user",
+                f"{user!r}: ids go up to {MAX_ID}",
+                "the enclave's ids map onto a range of 65536 host ids",
+            )
         return ProcessSection(
             entry_points=checked,
             cwd=self.abs_path(data.get("cwd", defaults.cwd), "process.cwd"),
@@ -350,7 +370,7 @@ class _Validator:
         data = self.table(data, "env", ("default", "passthrough"))
         default = data.get("default", {})
         if not isinstance(default, dict):
-            raise self.fail("env.default", "must be a table of NAME = \"value\"")
+            raise self.fail("env.default", 'must be a table of NAME = "value"')
         for name, value in default.items():
             if not _ENV_NAME_RE.match(name):
                 raise self.fail(f"env.default.{name}", "is not a valid variable name")
@@ -358,10 +378,10 @@ class _Validator:
                 raise self.fail(f"env.default.{name}", "must be a string")
         passthrough = data.get("passthrough", [])
         if not isinstance(passthrough, list) or not all(
-                isinstance(n, str) and _ENV_NAME_RE.match(n) for n in passthrough):
+            isinstance(n, str) and _ENV_NAME_RE.match(n) for n in passthrough
+        ):
             raise self.fail("env.passthrough", "must be a list of variable names")
-        return EnvSection(default=tuple(sorted(default.items())),
-                          passthrough=tuple(sorted(set(passthrough))))
+        return EnvSection(default=tuple(sorted(default.items())), passthrough=tuple(sorted(set(passthrough))))
 
     def security(self, data: Any) -> SecuritySection:
         data = self.table(data, "security", ("io_uring",))
@@ -391,22 +411,31 @@ class _Validator:
             seen.add(target)
             if target == "/" and kind != "image":
                 raise self.fail(f"{key}.target", "/ is always the measured image")
-            covered = next((t for t in SANDBOX_TARGETS if target == t or target.startswith(t.rstrip("/") + "/")
-                            and t != "/dev"), None)
+            covered = next(
+                (t for t in SANDBOX_TARGETS if target == t or target.startswith(t.rstrip("/") + "/") and t != "/dev"),
+                None,
+            )
             if covered is not None:
-                raise self.fail(f"{key}.target", f"{target} is where the sandbox provides {covered}",
-                                "mount somewhere else")
+                raise self.fail(
+                    f"{key}.target", f"{target} is where the sandbox provides {covered}", "mount somewhere else"
+                )
             source = item.get("source")
             if kind == "host":
                 if source is None:
-                    raise self.fail(f"{key}.source", "is required for a host mount",
-                                    "the host folder to mount, e.g. source = \"/srv/data\"")
+                    raise self.fail(
+                        f"{key}.source",
+                        "is required for a host mount",
+                        'the host folder to mount, e.g. source = "/srv/data"',
+                    )
                 source = self.abs_path(source, f"{key}.source")
             elif kind == "encrypted":
                 source = self.volume_source(source, target, f"{key}.source")
                 if source in sources:
-                    raise self.fail(f"{key}.source", f"{source!r} is also the volume of {sources[source]}",
-                                    "give each encrypted mount its own source")
+                    raise self.fail(
+                        f"{key}.source",
+                        f"{source!r} is also the volume of {sources[source]}",
+                        "give each encrypted mount its own source",
+                    )
                 sources[source] = target
             elif source is not None:
                 raise self.fail(f"{key}.source", "only host and encrypted mounts take a source")
@@ -419,21 +448,32 @@ class _Validator:
             options = item.get("options", {})
             if not isinstance(options, dict) or not all(isinstance(v, (str, int)) for v in options.values()):
                 raise self.fail(f"{key}.options", "must be a table of name = value")
-            allowed_options = {"tmpfs": ("size", "mode"), "host": (), "image": (),
-                               "encrypted": ("rollback", "cache")}[kind]
+            allowed_options = {"tmpfs": ("size", "mode"), "host": (), "image": (), "encrypted": ("rollback", "cache")}[
+                kind
+            ]
             for name in options:
                 if name not in allowed_options:
-                    raise self.fail(f"{key}.options.{name}", "unknown option",
-                                    f"allowed for {kind}: {', '.join(allowed_options) or 'none'}")
+                    raise self.fail(
+                        f"{key}.options.{name}",
+                        "unknown option",
+                        f"allowed for {kind}: {', '.join(allowed_options) or 'none'}",
+                    )
             if kind == "tmpfs" and "size" in options:
                 self.size(options, f"{key}.options", "size", 0)
             if kind == "encrypted":
                 self.string(options, f"{key}.options", "rollback", "auto", ROLLBACK_MODES)
                 if "cache" in options:
                     self.size(options, f"{key}.options", "cache", 0)
-            result.append(Mount(target=target, type=kind, source=source, writable=writable,
-                                options=tuple(sorted((k, str(v)) for k, v in options.items())),
-                                key=key_source))
+            result.append(
+                Mount(
+                    target=target,
+                    type=kind,
+                    source=source,
+                    writable=writable,
+                    options=tuple(sorted((k, str(v)) for k, v in options.items())),
+                    key=key_source,
+                )
+            )
         return tuple(result)
 
     def volume_source(self, value: Any, target: str, key: str) -> str:
@@ -450,8 +490,11 @@ class _Validator:
         """An encrypted mount's key source, syntax checked; insecure: only in debug enclaves."""
         text = item.get("key")
         if text is None:
-            raise self.fail(f"{key}.key", "is required for an encrypted mount",
-                            "e.g. key = \"seal:mrsigner\" (or seal:mrenclave, file:PATH, kbs:RESOURCE)")
+            raise self.fail(
+                f"{key}.key",
+                "is required for an encrypted mount",
+                'e.g. key = "seal:mrsigner" (or seal:mrenclave, file:PATH, kbs:RESOURCE)',
+            )
         if not isinstance(text, str):
             raise self.fail(f"{key}.key", f"must be a string, not {type(text).__name__}")
         try:
@@ -459,8 +502,11 @@ class _Validator:
         except KeySourceError as exc:
             raise self.fail(f"{key}.key", exc.message, exc.hint) from None
         if source.kind == "insecure" and not debug:
-            raise self.fail(f"{key}.key", "insecure: keys are refused in a non-debug enclave",
-                            "use seal:mrsigner, seal:mrenclave or kbs:; insecure: is for debug enclaves only")
+            raise self.fail(
+                f"{key}.key",
+                "insecure: keys are refused in a non-debug enclave",
+                "use seal:mrsigner, seal:mrenclave or kbs:; insecure: is for debug enclaves only",
+            )
         if source.kind == "file" and not source.arg.startswith("/"):
             raise self.fail(f"{key}.key", f"file:{source.arg} must be an absolute path")
         return source.text
@@ -475,11 +521,18 @@ class _Validator:
             ca = self.abs_path(ca, "attestation.ca")
         kbs_policy = self.kbs_policy(data, url) if "kbs_policy" in data else None
         if ca is not None and kbs_policy is not None:
-            raise self.fail("attestation.kbs_policy", "ca and kbs_policy exclude each other",
-                            "ca for a broker with a CA-issued certificate, kbs_policy for an RA-TLS broker")
-        return AttestationSection(kbs=url.rstrip("/"), ca=ca, kbs_policy=kbs_policy,
-                                  timeout=self.integer(data, "attestation", "timeout", 30, 1, 600),
-                                  retries=self.integer(data, "attestation", "retries", 2, 0, 20))
+            raise self.fail(
+                "attestation.kbs_policy",
+                "ca and kbs_policy exclude each other",
+                "ca for a broker with a CA-issued certificate, kbs_policy for an RA-TLS broker",
+            )
+        return AttestationSection(
+            kbs=url.rstrip("/"),
+            ca=ca,
+            kbs_policy=kbs_policy,
+            timeout=self.integer(data, "attestation", "timeout", 30, 1, 600),
+            retries=self.integer(data, "attestation", "retries", 2, 0, 20),
+        )
 
     def kbs_policy(self, data: dict, url: str) -> str:
         """An RA-TLS broker's policy: an absolute host path, or inline TOML/JSON checked here."""
@@ -489,8 +542,9 @@ class _Validator:
         if not isinstance(value, str) or not value.strip():
             raise self.fail("attestation.kbs_policy", "must be a policy file's path or the policy's text")
         if not url.startswith("https://"):
-            raise self.fail("attestation.kbs_policy", "an RA-TLS broker is reached over https://",
-                            "write kbs = \"https://...\"")
+            raise self.fail(
+                "attestation.kbs_policy", "an RA-TLS broker is reached over https://", 'write kbs = "https://..."'
+            )
         if not is_inline(value):
             return self.abs_path(value, "attestation.kbs_policy")
         try:
@@ -499,17 +553,22 @@ class _Validator:
             raise ConfigError(f"{self.source}: {exc.message}", exc.hint) from None
         return value
 
-    def secrets(self, data: Any, attestation: AttestationSection | None, mounts: tuple[Mount, ...]
-                ) -> tuple[Secret, ...]:
+    def secrets(
+        self, data: Any, attestation: AttestationSection | None, mounts: tuple[Mount, ...]
+    ) -> tuple[Secret, ...]:
         if not isinstance(data, list):
             raise self.fail("secrets", "must be an array of tables ([[secrets]])")
         for index, mount in enumerate(mounts):
             if mount.key and mount.key.startswith("kbs:") and attestation is None:
-                raise self.fail(f"mounts[{index}].key", f"{mount.key} needs the key broker",
-                                "add [attestation] with kbs = \"https://...\"")
+                raise self.fail(
+                    f"mounts[{index}].key",
+                    f"{mount.key} needs the key broker",
+                    'add [attestation] with kbs = "https://..."',
+                )
         if data and attestation is None:
-            raise self.fail("secrets", "needs [attestation] with the key broker's URL",
-                            "add [attestation] with kbs = \"https://...\"")
+            raise self.fail(
+                "secrets", "needs [attestation] with the key broker's URL", 'add [attestation] with kbs = "https://..."'
+            )
         result: list[Secret] = []
         names: set[str] = set()
         targets: set[str] = set()
@@ -518,27 +577,37 @@ class _Validator:
             item = self.table(item, key, ("name", "resource", "target"))
             name = self.string(item, key, "name", None)
             if not _NAME_RE.match(name):
-                raise self.fail(f"{key}.name", f"{name!r} is not a valid name",
-                                "use letters, digits, '.', '_' or '-', at most 64")
+                raise self.fail(
+                    f"{key}.name", f"{name!r} is not a valid name", "use letters, digits, '.', '_' or '-', at most 64"
+                )
             if name in names:
                 raise self.fail(f"{key}.name", f"{name!r} is used twice")
             names.add(name)
             resource = self.string(item, key, "resource", None)
             parts = resource.split("/")
             if len(parts) != 3 or not all(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", p) for p in parts):
-                raise self.fail(f"{key}.resource", f"{resource!r} is not a resource path",
-                                "write repository/type/tag, e.g. \"prod/db/password\"")
+                raise self.fail(
+                    f"{key}.resource",
+                    f"{resource!r} is not a resource path",
+                    'write repository/type/tag, e.g. "prod/db/password"',
+                )
             target = self.string(item, key, "target", None)
             kind, sep, where = target.partition(":")
             if not sep or kind not in SECRET_TARGETS:
-                raise self.fail(f"{key}.target", f"{target!r} is not a target",
-                                "use file:/PATH (on a tmpfs mount), env:NAME or mount:/TARGET")
+                raise self.fail(
+                    f"{key}.target",
+                    f"{target!r} is not a target",
+                    "use file:/PATH (on a tmpfs mount), env:NAME or mount:/TARGET",
+                )
             if kind == "file":
                 path = self.abs_path(where, f"{key}.target")
                 parent = [m for m in mounts if m.type == "tmpfs" and path.startswith(m.target.rstrip("/") + "/")]
                 if not parent:
-                    raise self.fail(f"{key}.target", f"{path} is not on a tmpfs mount",
-                                    "add a [[mounts]] of type tmpfs (e.g. /run/secrets) and put the file there")
+                    raise self.fail(
+                        f"{key}.target",
+                        f"{path} is not on a tmpfs mount",
+                        "add a [[mounts]] of type tmpfs (e.g. /run/secrets) and put the file there",
+                    )
                 where = path
             elif kind == "env":
                 if not _ENV_NAME_RE.match(where):
@@ -549,8 +618,11 @@ class _Validator:
                 if named is None or named.type != "encrypted":
                     raise self.fail(f"{key}.target", f"mount:{where} names no encrypted mount")
                 if named.key != f"kbs:{resource}":
-                    raise self.fail(f"{key}.target", f"the encrypted mount {where} has key {named.key!r}",
-                                    f"set its key = \"kbs:{resource}\"")
+                    raise self.fail(
+                        f"{key}.target",
+                        f"the encrypted mount {where} has key {named.key!r}",
+                        f'set its key = "kbs:{resource}"',
+                    )
             full = f"{kind}:{where}"
             if full in targets:
                 raise self.fail(f"{key}.target", f"{full} is the target of two secrets")
@@ -616,14 +688,18 @@ def _measured_attestation(config: Config) -> dict:
         if a.kbs_policy is not None:  # only when set: manifests without it keep their measurement
             measured["attestation"]["kbs_policy"] = a.kbs_policy
     if config.secrets:
-        measured["secrets"] = [{"name": s.name, "resource": s.resource, "target": s.target}
-                               for s in config.secrets]
+        measured["secrets"] = [{"name": s.name, "resource": s.resource, "target": s.target} for s in config.secrets]
     return measured
 
 
 def _measured_mount(mount: Mount) -> dict:
-    measured = {"target": mount.target, "type": mount.type, "source": mount.source,
-                "writable": mount.writable, "options": dict(mount.options)}
+    measured = {
+        "target": mount.target,
+        "type": mount.type,
+        "source": mount.source,
+        "writable": mount.writable,
+        "options": dict(mount.options),
+    }
     if mount.key is not None:
         measured["key"] = mount.key
     return measured

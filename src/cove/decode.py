@@ -51,8 +51,9 @@ def _limited(data: object, error: Error, what: str, limit: int) -> bytes:
     return bytes(data)
 
 
-def decode_cbor(data: bytes, error: Error, what: str, *, limit: int = MAX_DOCUMENT,
-                max_depth: int = MAX_DEPTH) -> object:
+def decode_cbor(
+    data: bytes, error: Error, what: str, *, limit: int = MAX_DOCUMENT, max_depth: int = MAX_DEPTH
+) -> object:
     """One CBOR item; too large, malformed, nested too deep or followed by bytes is ``error``.
 
     Duplicate map keys are refused: no encoder of Cove's writes them, and two
@@ -185,15 +186,18 @@ class Fields:
         return value
 
     @overload
-    def bytes(self, key: str, size: int | None = ..., *, max_size: int = ...,
-              optional: Literal[False] = ...) -> builtins.bytes: ...
+    def bytes(
+        self, key: str, size: int | None = ..., *, max_size: int = ..., optional: Literal[False] = ...
+    ) -> builtins.bytes: ...
 
     @overload
-    def bytes(self, key: str, size: int | None = ..., *, max_size: int = ...,
-              optional: Literal[True]) -> builtins.bytes | None: ...
+    def bytes(
+        self, key: str, size: int | None = ..., *, max_size: int = ..., optional: Literal[True]
+    ) -> builtins.bytes | None: ...
 
-    def bytes(self, key: str, size: int | None = None, *, max_size: int = 65536,
-              optional: bool = False) -> builtins.bytes | None:
+    def bytes(
+        self, key: str, size: int | None = None, *, max_size: int = 65536, optional: bool = False
+    ) -> builtins.bytes | None:
         """A byte string, of exactly ``size`` bytes if given."""
         value = self._get(key, None if optional else _MISSING)
         if value is None and optional:
@@ -228,8 +232,9 @@ class Fields:
             raise self._hex_size(key, size, len(raw))
         return raw
 
-    def text(self, key: str, choices: Collection[str] | None = None, max_len: int = 256,
-             default: str | None = None) -> str:
+    def text(
+        self, key: str, choices: Collection[str] | None = None, max_len: int = 256, default: str | None = None
+    ) -> str:
         """A text string of at most ``max_len`` characters, one of ``choices`` if given."""
         value = self._get(key, _MISSING if default is None else default)
         if not isinstance(value, str) or len(value) > max_len:
@@ -270,16 +275,18 @@ class Fields:
     def _nested(self, value: object, key: str, allowed: Collection[str] | None) -> Fields:
         return Fields(value, f"{self.what} {key}", self.error, allowed)
 
-    def list(self, key: str, *, min_items: int = 0, max_items: int = 4096,
-             default: tuple[object, ...] | None = None) -> tuple[object, ...]:
+    def list(
+        self, key: str, *, min_items: int = 0, max_items: int = 4096, default: tuple[object, ...] | None = None
+    ) -> tuple[object, ...]:
         """An array of ``min_items`` to ``max_items`` items (for lists of maps, :meth:`maps`)."""
         value = self._get(key, _MISSING if default is None else default)
         if not isinstance(value, (list, tuple)) or not min_items <= len(value) <= max_items:
             raise self._not_list(key, value, min_items, max_items)
         return tuple(value)
 
-    def strings(self, key: str, *, max_items: int = 4096, max_len: int = 4096,
-                default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    def strings(
+        self, key: str, *, max_items: int = 4096, max_len: int = 4096, default: tuple[str, ...] | None = None
+    ) -> tuple[str, ...]:
         """An array of non-empty text strings of at most ``max_len`` characters."""
         items = self.list(key, max_items=max_items, default=default)
         if not all(isinstance(item, str) and 0 < len(item) <= max_len for item in items):
@@ -302,8 +309,15 @@ class Fields:
             raise self.fail(key, "must be more than zero")
         return seconds
 
-    def maps(self, key: str, allowed: Collection[str] | None = None, *, min_items: int = 0,
-             max_items: int = 4096, default: tuple[object, ...] | None = None) -> tuple[Fields, ...]:
+    def maps(
+        self,
+        key: str,
+        allowed: Collection[str] | None = None,
+        *,
+        min_items: int = 0,
+        max_items: int = 4096,
+        default: tuple[object, ...] | None = None,
+    ) -> tuple[Fields, ...]:
         """An array of maps, each read the same way (named ``key[i]``)."""
         items = self.list(key, min_items=min_items, max_items=max_items, default=default)
         return tuple(self._nested(item, f"{key}[{i}]", allowed) for i, item in enumerate(items))
@@ -327,8 +341,17 @@ class Settings(Fields):
 
     __slots__ = ("source", "hinted", "unknown", "allowed_hint")
 
-    def __init__(self, value: object, where: str, error: HintedError, allowed: Collection[str] | None = None, *,
-                 source: str, unknown: str = "unknown key", allowed_hint: str = "allowed here"):
+    def __init__(
+        self,
+        value: object,
+        where: str,
+        error: HintedError,
+        allowed: Collection[str] | None = None,
+        *,
+        source: str,
+        unknown: str = "unknown key",
+        allowed_hint: str = "allowed here",
+    ):
         self.source, self.hinted, self.unknown, self.allowed_hint = source, error, unknown, allowed_hint
         super().__init__(value, where, error, allowed)
 
@@ -379,8 +402,15 @@ class Settings(Fields):
         return text.strip()  # people paste digests with a newline
 
     def _nested(self, value: object, key: str, allowed: Collection[str] | None) -> Fields:
-        return Settings(value, self.name(key), self.hinted, allowed, source=self.source, unknown=self.unknown,
-                        allowed_hint=self.allowed_hint)
+        return Settings(
+            value,
+            self.name(key),
+            self.hinted,
+            allowed,
+            source=self.source,
+            unknown=self.unknown,
+            allowed_hint=self.allowed_hint,
+        )
 
 
 def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -24,7 +24,7 @@ def _path(name: str) -> str:
 
 
 def attestation_type() -> str:
-    """"cove" when quotes are available, "none" when the platform cannot make them."""
+    """ "cove" when quotes are available, "none" when the platform cannot make them."""
     try:
         with open(_path("attestation_type"), "rb") as f:
             return f.read().decode().strip()

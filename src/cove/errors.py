@@ -23,20 +23,20 @@ class ExitCode(IntEnum):
     """
 
     OK = 0
-    USAGE = 2              # a bad option, argument, cove.toml or input file
-    INTEGRITY = 3          # what would run or be read is not what was measured, signed or sealed
-    SETUP = 4              # a system dependency is missing (the line names the setup command)
-    INVALID_EVIDENCE = 5   # evidence or a token is malformed, badly signed, expired or untrusted
-    REFUSED = 6            # valid evidence the policy does not accept; a broker refused the request
-    UNREACHABLE = 7        # a broker or service cannot be reached
-    NOT_FOUND = 8          # a file, folder or instance named on the command line does not exist
-    FILE_SYSTEM = 9        # a file cannot be read or written: read-only, disk full, I/O error
-    SANDBOX = 125          # cove run: the sandbox could not start the enclave
-    CANNOT_EXECUTE = 126   # cove run: the program is in the image but cannot be executed
+    USAGE = 2  # a bad option, argument, cove.toml or input file
+    INTEGRITY = 3  # what would run or be read is not what was measured, signed or sealed
+    SETUP = 4  # a system dependency is missing (the line names the setup command)
+    INVALID_EVIDENCE = 5  # evidence or a token is malformed, badly signed, expired or untrusted
+    REFUSED = 6  # valid evidence the policy does not accept; a broker refused the request
+    UNREACHABLE = 7  # a broker or service cannot be reached
+    NOT_FOUND = 8  # a file, folder or instance named on the command line does not exist
+    FILE_SYSTEM = 9  # a file cannot be read or written: read-only, disk full, I/O error
+    SANDBOX = 125  # cove run: the sandbox could not start the enclave
+    CANNOT_EXECUTE = 126  # cove run: the program is in the image but cannot be executed
     PROGRAM_NOT_FOUND = 127  # cove run: the program is not in the image
-    SIGNAL = 128           # cove run: the enclave was killed by signal N: 128 + N
-    INTERRUPTED = 130      # cove itself was interrupted (Ctrl-C): 128 + SIGINT
-    OUT_OF_MEMORY = 137    # cove run: killed for exceeding resources.memory: 128 + SIGKILL
+    SIGNAL = 128  # cove run: the enclave was killed by signal N: 128 + N
+    INTERRUPTED = 130  # cove itself was interrupted (Ctrl-C): 128 + SIGINT
+    OUT_OF_MEMORY = 137  # cove run: killed for exceeding resources.memory: 128 + SIGKILL
 
 
 class CoveError(Exception):
@@ -123,7 +123,7 @@ _HINTS = {
     errno.ENOSPC: "the disk is full: free some space or choose another folder",
     errno.EDQUOT: "the disk quota is exhausted: free some space or choose another folder",
     errno.EIO: "an I/O error: the file cannot be read or written (special files such as /proc/self/mem "
-               "cannot be copied)",
+    "cannot be copied)",
     errno.EACCES: "permission denied: choose a folder you may write, or fix its permissions",
     errno.EPERM: "not permitted: choose another folder, or fix its permissions",
 }
@@ -131,8 +131,10 @@ _HINTS = {
 
 # The temporary names Cove writes beside a file before renaming it into place:
 # .NAME.RANDOM, .NAME.RANDOM.tmp, .NAME.RANDOM.cove-tmp, .NAME.cove-tmp, .NAME.cove-new
-_TEMPORARY = re.compile(r"^\.(?P<name>.+?)(\.[A-Za-z0-9_]{8})?\.(tmp|cove-tmp|cove-new)$"
-                        r"|^\.(?P<bare>.+)\.[A-Za-z0-9_]{8}$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<name>.+?)(\.[A-Za-z0-9_]{8})?\.(tmp|cove-tmp|cove-new)$"
+    r"|^\.(?P<bare>.+)\.[A-Za-z0-9_]{8}$"
+)
 
 
 def exit_status(returncode: int) -> int:

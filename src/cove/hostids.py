@@ -38,13 +38,14 @@ class IdRange:
 
     def host(self, uid: int, gid: int) -> tuple[int, int]:
         """The host ids of stored ids (ids outside the range are left alone)."""
-        return (self.uid + uid if 0 <= uid < self.count else uid,
-                self.gid + gid if 0 <= gid < self.count else gid)
+        return (self.uid + uid if 0 <= uid < self.count else uid, self.gid + gid if 0 <= gid < self.count else gid)
 
     def inside(self, uid: int, gid: int) -> tuple[int, int]:
         """The stored ids of host ids (ids outside the range are left alone)."""
-        return (uid - self.uid if self.uid <= uid < self.uid + self.count else uid,
-                gid - self.gid if self.gid <= gid < self.gid + self.count else gid)
+        return (
+            uid - self.uid if self.uid <= uid < self.uid + self.count else uid,
+            gid - self.gid if self.gid <= gid < self.gid + self.count else gid,
+        )
 
 
 def _entry(path: str, name: str) -> tuple[int, int] | None:
@@ -67,8 +68,9 @@ def _entry(path: str, name: str) -> tuple[int, int] | None:
 
 def _checked(start: int, count: int, where: str) -> tuple[int, int]:
     if start < 1 or count < MIN_COUNT or start + count > 0xFFFFFFFF:
-        raise SetupError(f"{where}: the enclave id range {start}:{count} must start above 0 and hold "
-                         f"at least {MIN_COUNT} ids", HINT)
+        raise SetupError(
+            f"{where}: the enclave id range {start}:{count} must start above 0 and hold at least {MIN_COUNT} ids", HINT
+        )
     return start, count
 
 
@@ -85,8 +87,7 @@ def root_range() -> IdRange:
     uids, gids = _entry(SUBUID, NAME), _entry(SUBGID, NAME)
     if uids is None or gids is None:
         missing = SUBUID if uids is None else SUBGID
-        raise SetupError(f"enclaves started by root run as subordinate ids, and {missing} has no "
-                         f"{NAME} entry", HINT)
+        raise SetupError(f"enclaves started by root run as subordinate ids, and {missing} has no {NAME} entry", HINT)
     uid, count = _checked(*uids, where=SUBUID)
     gid, gcount = _checked(*gids, where=SUBGID)
     return IdRange(uid, gid, min(count, gcount))

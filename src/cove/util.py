@@ -21,7 +21,6 @@ def die_with_parent(signum: int) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
-
     """Write data to path so readers see the old file or the new one, never a mix.
 
     ``sync=False`` skips the fsync, for state a crash of the machine makes moot anyway

@@ -14,7 +14,11 @@ ROOT = vector("intel_sgx_root_ca.pem")
 CASES = {
     "sgx": ("sgx/quote.bin", "sgx/collateral.json", datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)),
     "tdx": ("tdx/quote.bin", "tdx/collateral.json", datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)),
-    "tdx_outdated": ("tdx/quote_outdated.bin", "tdx/collateral_outdated.json", datetime(2026, 2, 18, 11, 58, 51, tzinfo=timezone.utc)),
+    "tdx_outdated": (
+        "tdx/quote_outdated.bin",
+        "tdx/collateral_outdated.json",
+        datetime(2026, 2, 18, 11, 58, 51, tzinfo=timezone.utc),
+    ),
 }
 TODAY = datetime(2026, 11, 15, tzinfo=timezone.utc)
 
@@ -26,7 +30,11 @@ def case(name: str):
 
 def pem_block(der: bytes) -> bytes:
     b = base64.b64encode(der)
-    return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(b[i:i + 64] for i in range(0, len(b), 64)) + b"\n-----END CERTIFICATE-----\n"
+    return (
+        b"-----BEGIN CERTIFICATE-----\n"
+        + b"\n".join(b[i : i + 64] for i in range(0, len(b), 64))
+        + b"\n-----END CERTIFICATE-----\n"
+    )
 
 
 def flip_in_pem_chain(quote: bytes, index: int, xor: int) -> bytes:

@@ -37,11 +37,16 @@ class ForgedAmd:
         self.product = product
         self.ark_key = rsa.generate_private_key(65537, 2048)
         self.ask_key = rsa.generate_private_key(65537, 2048)
-        self.ark = self.issue(_name(f"ARK-{product}"), _name(f"ARK-{product}"), self.ark_key.public_key(), self.ark_key, ca=True)
-        self.ask = self.issue(_name(f"SEV-{product}"), _name(f"ARK-{product}"), self.ask_key.public_key(), self.ark_key, ca=True)
+        self.ark = self.issue(
+            _name(f"ARK-{product}"), _name(f"ARK-{product}"), self.ark_key.public_key(), self.ark_key, ca=True
+        )
+        self.ask = self.issue(
+            _name(f"SEV-{product}"), _name(f"ARK-{product}"), self.ask_key.public_key(), self.ark_key, ca=True
+        )
         self.asvk_key = rsa.generate_private_key(65537, 2048)
-        self.asvk = self.issue(_name(f"SEV-VLEK-{product}"), _name(f"ARK-{product}"), self.asvk_key.public_key(),
-                               self.ark_key, ca=True)
+        self.asvk = self.issue(
+            _name(f"SEV-VLEK-{product}"), _name(f"ARK-{product}"), self.asvk_key.public_key(), self.ark_key, ca=True
+        )
 
     def issue(self, subject, issuer, pub, signer, *, ca, exts=(), days=3650):
         b = (
@@ -62,8 +67,9 @@ class ForgedAmd:
         """ASK, ARK and ASVK, in the order of AMD's published bundles."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ask, self.ark, self.asvk))
 
-    def endorsement(self, tcb: dict[str, int], *, hwid: bytes | None = None, csp: str | None = None,
-                    by_ask: bool = False):
+    def endorsement(
+        self, tcb: dict[str, int], *, hwid: bytes | None = None, csp: str | None = None, by_ask: bool = False
+    ):
         """A VCEK (hwid) or VLEK (csp) and its key; a VLEK is signed by the ASVK unless ``by_ask``."""
         key = ec.generate_private_key(ec.SECP384R1())
         exts = [_ext(AMD + "2", b"\x16" + bytes([len(self.product)]) + self.product.encode())]
@@ -87,4 +93,4 @@ def sign_report(body: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def set_field(report: bytes, offset: int, value: bytes) -> bytes:
-    return report[:offset] + value + report[offset + len(value):]
+    return report[:offset] + value + report[offset + len(value) :]

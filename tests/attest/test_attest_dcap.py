@@ -67,7 +67,9 @@ def test_cross_check_with_dcap_qvl(name):
 
 
 def test_outdated_tdx_rejected_with_reason():
-    with pytest.raises(VerificationError, match=r"^tdx: platform TCB matches no TCB level in the TCB info \(FMSPC 90C06F000000\)"):
+    with pytest.raises(
+        VerificationError, match=r"^tdx: platform TCB matches no TCB level in the TCB info \(FMSPC 90C06F000000\)"
+    ):
         verify_dcap_quote(OLD_Q, OLD_C, ROOT, OLD_T)
     import json
 
@@ -175,7 +177,7 @@ def test_v5_tdx_layout_parses_and_fails_signature():
     v5 = _as_v5(TDX_Q)
     q4, q5 = parse_dcap_quote(TDX_Q), parse_dcap_quote(v5)
     assert q5.header.version == 5 and q5.body == q4.body and q5.cert == q4.cert
-    assert q5.signed_bytes == v5[:48 + 6 + 584]
+    assert q5.signed_bytes == v5[: 48 + 6 + 584]
     with pytest.raises(VerificationError, match="tdx: quote signature invalid"):
         verify_dcap_quote(v5, WARM["tdx"], ROOT, TDX_T)
 

@@ -14,7 +14,9 @@ from cove.attest.dcap_collateral import load_crl, parse_collateral, parse_qe_ide
 from cove.attest.dcap_quote import parse_dcap_quote
 from cove.attest.errors import VerificationError
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 SGX_Q, SGX_C, SGX_T = case("sgx")
 TDX_Q, TDX_C, TDX_T = case("tdx")
 WARM = parse_collateral(SGX_C)
@@ -69,9 +71,12 @@ def test_quote_parser_and_verifier_mutated(tee_and_data):
     # Accepted only if nothing a check reads changed (trailing zero padding cut, an unused base64 bit
     # of the PEM chain): everything before the chain is the seed's, and so are the claims.
     reference = verify_dcap_quote(seed, collateral, ROOT, when)
-    assert data[:pem_start(seed)] == seed[:pem_start(seed)]
-    assert (claims.report_data, claims.tcb_status, claims.fmspc) == (reference.report_data, reference.tcb_status,
-                                                                      reference.fmspc)
+    assert data[: pem_start(seed)] == seed[: pem_start(seed)]
+    assert (claims.report_data, claims.tcb_status, claims.fmspc) == (
+        reference.report_data,
+        reference.tcb_status,
+        reference.fmspc,
+    )
 
 
 @FUZZ
@@ -161,8 +166,12 @@ def _cert_with_sgx_ext(value: bytes):
     key = _KEY
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pck")])
     return (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(datetime(2020, 1, 1, tzinfo=timezone.utc))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime(2020, 1, 1, tzinfo=timezone.utc))
         .not_valid_after(datetime(2030, 1, 1, tzinfo=timezone.utc))
         .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXT), value), critical=False)
         .sign(key, hashes.SHA256())

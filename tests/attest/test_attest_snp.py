@@ -20,7 +20,9 @@ VCEK = vector("snp/vcek.der")
 MILAN = vector("snp/ask_ark_milan.pem")
 GENOA = vector("snp/ask_ark_genoa.pem")
 NOW = datetime(2026, 11, 15, tzinfo=timezone.utc)
-MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e3121151 31ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01".replace(" ", "")
+MEASUREMENT = (
+    "b07af9620f3b839b47996422ddec6058338951d984e3121151 31ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01".replace(" ", "")
+)
 
 
 def verify(report=REPORT, vcek=VCEK, chain=MILAN, now=NOW, **kw):
@@ -58,8 +60,11 @@ def test_naive_time_rejected():
 
 
 def test_genoa_chain_rejected():
-    with pytest.raises(VerificationError, match="issuer SEV-Milan is not in the trusted AMD chain "
-                                                r"\(SEV-Genoa, ARK-Genoa\)"):
+    with pytest.raises(
+        VerificationError,
+        match="issuer SEV-Milan is not in the trusted AMD chain "
+        r"\(SEV-Genoa, ARK-Genoa\)",
+    ):
         verify(chain=GENOA)
 
 
@@ -120,7 +125,7 @@ def _der_chain_flip(i: int, x: int) -> bytes:
 
     def pem(d):
         b = base64.encodebytes(d).replace(b"\n", b"")
-        lines = b"\n".join(b[k:k + 64] for k in range(0, len(b), 64))
+        lines = b"\n".join(b[k : k + 64] for k in range(0, len(b), 64))
         return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
 
     return b"".join(pem(d) for d in ders)
@@ -134,6 +139,7 @@ def test_ask_ark_byte_flips_fail(i, x):
 
 
 # Forged PKI: cases the real vector cannot show.
+
 
 @pytest.fixture(scope="module")
 def amd():
@@ -174,7 +180,9 @@ def test_chip_id_mismatch_and_mask(amd):
     with pytest.raises(VerificationError, match="chip_id does not match"):
         verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
     report, cert = _forged(amd, chip=bytes(64), flags=0b10)
-    assert verify(report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc)).report.mask_chip_key
+    assert verify(
+        report=report, vcek=cert, chain=amd.chain_pem(), now=datetime(2024, 6, 1, tzinfo=timezone.utc)
+    ).report.mask_chip_key
 
 
 def test_vlek_supported_and_kind_checked(amd):
@@ -257,8 +265,10 @@ def test_builtin_roots_hold_ask_ark_and_asvk_per_product():
 
     assert set(roots.AMD_ASK_ARK) == {"Milan", "Genoa", "Turin"}
     for product, pem in roots.AMD_ASK_ARK.items():
-        names = [c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
-                 for c in x509.load_pem_x509_certificates(pem)]
+        names = [
+            c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+            for c in x509.load_pem_x509_certificates(pem)
+        ]
         assert names == [f"SEV-{product}", f"ARK-{product}", f"SEV-VLEK-{product}"]
 
 
@@ -271,16 +281,26 @@ def test_vlek_vector_verifies_with_the_builtin_roots():
     assert verifier.detect(VLEK_REPORT) == "snp"  # a v3 report, not an SGX quote header
 
 
-@pytest.mark.parametrize("bundle, ok", [("milan_ask_ark_asvk.pem", True), ("genoa_ask_ark_asvk.pem", False),
-                                        ("turin_ask_ark_asvk.pem", False), ("ask_ark_milan.pem", False)])
+@pytest.mark.parametrize(
+    "bundle, ok",
+    [
+        ("milan_ask_ark_asvk.pem", True),
+        ("genoa_ask_ark_asvk.pem", False),
+        ("turin_ask_ark_asvk.pem", False),
+        ("ask_ark_milan.pem", False),
+    ],
+)
 def test_vlek_vector_with_each_bundle(bundle, ok):
     if ok:
         c = verify(report=VLEK_REPORT, vcek=VLEK, chain=vector(f"snp/{bundle}"), now=VLEK_TIME)
         assert (c.signing_key, c.product, c.endorsement.kind) == ("vlek", "Milan", "vlek")
         assert c.endorsement.csp_id and c.endorsement.hwid is None
     else:
-        with pytest.raises(VerificationError, match=r"issuer SEV-VLEK-Milan is not in the trusted AMD chain .*"
-                                                    r"a VLEK needs its product's ASVK") as info:
+        with pytest.raises(
+            VerificationError,
+            match=r"issuer SEV-VLEK-Milan is not in the trusted AMD chain .*"
+            r"a VLEK needs its product's ASVK",
+        ) as info:
             verify(report=VLEK_REPORT, vcek=VLEK, chain=vector(f"snp/{bundle}"), now=VLEK_TIME)
         assert "ASVK" in info.value.line()
 
@@ -296,8 +316,12 @@ def test_vlek_tampered_or_expired_refused():
     with pytest.raises(VerificationError, match="signature"):
         verify(report=bytes(bad), vcek=VLEK, chain=vector("snp/milan_ask_ark_asvk.pem"), now=VLEK_TIME)
     with pytest.raises(VerificationError, match="SEV-VLEK certificate expired at 2025-12-10"):
-        verify(report=VLEK_REPORT, vcek=VLEK, chain=vector("snp/milan_ask_ark_asvk.pem"),
-               now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+        verify(
+            report=VLEK_REPORT,
+            vcek=VLEK,
+            chain=vector("snp/milan_ask_ark_asvk.pem"),
+            now=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        )
 
 
 def test_vlek_signed_by_the_ask_is_not_amd_shape(amd):
@@ -305,8 +329,12 @@ def test_vlek_signed_by_the_ask_is_not_amd_shape(amd):
     key, cert = amd.endorsement({"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}, csp="cloud-1", by_ask=True)
     body = set_field(REPORT, 0x48, struct.pack("<I", 1 << 2))
     with pytest.raises(VerificationError, match="not the vendor's shape"):
-        verify(report=sign_report(body, key), vcek=cert, chain=amd.chain_pem(),
-               now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+        verify(
+            report=sign_report(body, key),
+            vcek=cert,
+            chain=amd.chain_pem(),
+            now=datetime(2024, 6, 1, tzinfo=timezone.utc),
+        )
 
 
 def test_issuer_that_is_not_a_ca_is_refused():
@@ -317,8 +345,9 @@ def test_issuer_that_is_not_a_ca_is_refused():
     amd.ask = amd.issue(amd.ask.subject, amd.ark.subject, amd.ask_key.public_key(), amd.ark_key, ca=False)
     report, cert = _forged(amd)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (amd.ask, amd.ark))
-    with pytest.raises(VerificationError,
-                       match=r"SEV-Milan issued a certificate but is not a CA \(BasicConstraints cA=false\)"):
+    with pytest.raises(
+        VerificationError, match=r"SEV-Milan issued a certificate but is not a CA \(BasicConstraints cA=false\)"
+    ):
         verify(report=report, vcek=cert, chain=chain, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
 
 

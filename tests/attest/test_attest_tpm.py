@@ -96,18 +96,14 @@ def test_every_pcr_value_byte_flip_fails():
 
 def _tpm2b_public_rsa(key: rsa.RSAPublicKey) -> bytes:
     n = key.public_numbers().n.to_bytes(256, "big")
-    body = (
-        bytes.fromhex("0001" "000b" "00050072" "0000" "0010" "0014000b" "0800" "00000000")
-        + len(n).to_bytes(2, "big")
-        + n
-    )
+    body = bytes.fromhex("0001000b00050072000000100014000b080000000000") + len(n).to_bytes(2, "big") + n
     return len(body).to_bytes(2, "big") + body
 
 
 def _tpm2b_public_ecc(key: ec.EllipticCurvePublicKey) -> bytes:
     nums = key.public_numbers()
     x, y = nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big")
-    body = bytes.fromhex("0023" "000b" "00050072" "0000" "0010" "0018000b" "0003" "0010")
+    body = bytes.fromhex("0023000b00050072000000100018000b00030010")
     body += b"\x00\x20" + x + b"\x00\x20" + y
     return len(body).to_bytes(2, "big") + body
 

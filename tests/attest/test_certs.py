@@ -35,8 +35,12 @@ def leaf_for(ca, **kw):
 
 
 def server_verify(ca_cert, leaf, name="svc.example", at=NOW + timedelta(days=1), intermediates=()):
-    verifier = (verification.PolicyBuilder().store(verification.Store([ca_cert])).time(at)
-                .build_server_verifier(x509.DNSName(name)))
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([ca_cert]))
+        .time(at)
+        .build_server_verifier(x509.DNSName(name))
+    )
     return verifier.verify(leaf, list(intermediates))
 
 
@@ -46,8 +50,10 @@ def test_the_ca_is_a_ca(ca):
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert constraints.critical and constraints.value.ca and constraints.value.path_length == 0
     assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign and not usage.value.digital_signature
-    assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == \
-        x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    assert (
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        == x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    )
     cert.verify_directly_issued_by(cert)
     assert cert.not_valid_before_utc == NOW - certs.BACKDATE
     assert cert.not_valid_after_utc == NOW + timedelta(days=30)
@@ -60,8 +66,10 @@ def test_the_leaf_chains_to_the_ca_and_is_not_a_ca(ca):
     usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     assert constraints.critical and not constraints.value.ca
     assert usage.digital_signature and not usage.key_cert_sign and not usage.crl_sign
-    assert leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == \
-        ca[1].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    assert (
+        leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        == ca[1].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    )
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["svc.example"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
@@ -82,10 +90,18 @@ def test_forged_chains_are_refused(ca, abuse):
     name = "svc.example"
     if abuse == "leaf-as-issuer":  # a leaf's key signs another leaf: the leaf is not a CA
         leaf_key = certs.new_key()
-        middle = certs.issue_leaf(ca[0], ca[1], leaf_key.public_key(), "middle", now=NOW,
-                                  san=[x509.DNSName("middle.example")])
-        leaf = certs.issue_leaf(leaf_key, middle, certs.new_key().public_key(), "svc", now=NOW,
-                                san=[x509.DNSName("svc.example")], extended_usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+        middle = certs.issue_leaf(
+            ca[0], ca[1], leaf_key.public_key(), "middle", now=NOW, san=[x509.DNSName("middle.example")]
+        )
+        leaf = certs.issue_leaf(
+            leaf_key,
+            middle,
+            certs.new_key().public_key(),
+            "svc",
+            now=NOW,
+            san=[x509.DNSName("svc.example")],
+            extended_usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+        )
         intermediates = (middle,)
     elif abuse == "other-ca":
         other_key = certs.new_key()
@@ -107,7 +123,8 @@ def test_local_tls_files_verify_as_a_server_chain(tmp_path):
     at = datetime.now(timezone.utc)
     for name in ("localhost", "127.0.0.1"):
         subject = x509.IPAddress(ipaddress.ip_address(name)) if name[0].isdigit() else x509.DNSName(name)
-        verifier = (verification.PolicyBuilder().store(verification.Store([ca_cert])).time(at)
-                    .build_server_verifier(subject))
+        verifier = (
+            verification.PolicyBuilder().store(verification.Store([ca_cert])).time(at).build_server_verifier(subject)
+        )
         assert verifier.verify(leaf, rest)[-1] == ca_cert
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"

@@ -26,13 +26,17 @@ def pcs_routes() -> dict[str, tuple[bytes, dict[str, str]]]:
         quote = lambda chain: {"X-Chain": urllib.parse.quote(chain)}  # noqa: E731
         routes[f"/{tee}/certification/v4/tcb?fmspc={fmspc}"] = (
             ('{"tcbInfo":' + c["tcb_info"] + ',"signature":"' + c["tcb_info_signature"] + '"}').encode(),
-            {"TCB-Info-Issuer-Chain": quote(c["tcb_info_issuer_chain"])["X-Chain"]})
+            {"TCB-Info-Issuer-Chain": quote(c["tcb_info_issuer_chain"])["X-Chain"]},
+        )
         routes[f"/{tee}/certification/v4/qe/identity"] = (
             ('{"enclaveIdentity":' + c["qe_identity"] + ',"signature":"' + c["qe_identity_signature"] + '"}').encode(),
-            {"SGX-Enclave-Identity-Issuer-Chain": quote(c["qe_identity_issuer_chain"])["X-Chain"]})
+            {"SGX-Enclave-Identity-Issuer-Chain": quote(c["qe_identity_issuer_chain"])["X-Chain"]},
+        )
         for ca in ("processor", "platform"):
-            routes[f"/{tee}-pckcrl-{ca}"] = (bytes.fromhex(c["pck_crl"]),
-                                             {"SGX-PCK-CRL-Issuer-Chain": quote(c["pck_crl_issuer_chain"])["X-Chain"]})
+            routes[f"/{tee}-pckcrl-{ca}"] = (
+                bytes.fromhex(c["pck_crl"]),
+                {"SGX-PCK-CRL-Issuer-Chain": quote(c["pck_crl_issuer_chain"])["X-Chain"]},
+            )
         routes[f"/{tee}-rootcacrl"] = (c["root_ca_crl"].encode(), {})
     return routes
 
@@ -92,6 +96,7 @@ def service():
         s = Service(tee)
         made.append(s)
         return s
+
     yield start
     for s in made:
         s.stop()
@@ -115,8 +120,18 @@ def test_snp_vcek_from_kds(cove, service, tmp_path):
     s = service("sgx")
     policy = tmp_path / "p.toml"
     policy.write_text("[snp]\ndebug = true\n")
-    cove.ok("verify", VECTORS / "snp/report.bin", "--kds", s.url, "--cache", tmp_path / "c", "--time",
-            "2026-01-01T00:00:00Z", "--policy", policy)
+    cove.ok(
+        "verify",
+        VECTORS / "snp/report.bin",
+        "--kds",
+        s.url,
+        "--cache",
+        tmp_path / "c",
+        "--time",
+        "2026-01-01T00:00:00Z",
+        "--policy",
+        policy,
+    )
     assert s.hits[0].startswith("/vcek/v1/Milan/") and "blSPL=2" in s.hits[0]
 
 

@@ -35,8 +35,12 @@ def test_round_trip():
     claims = verify_cove_evidence(EVIDENCE, now())
     r = claims.report
     assert (r.measurement, r.signer, r.product_id, r.svn, r.debug) == (b"\x10" * 32, b"\x20" * 32, 5, 7, False)
-    assert (r.backend, r.isolation, r.instance_id, r.report_data) == ("sim", "namespaces+seccomp",
-                                                                     "00112233aabbccdd", RD)
+    assert (r.backend, r.isolation, r.instance_id, r.report_data) == (
+        "sim",
+        "namespaces+seccomp",
+        "00112233aabbccdd",
+        RD,
+    )
     assert claims.root == "self-certified" and claims.quote is None
     assert BEFORE - timedelta(milliseconds=1) <= r.timestamp <= AFTER
     a = appraisal(claims)
@@ -89,17 +93,20 @@ def _doc(**changes) -> bytes:
     return cbor2.dumps(doc)
 
 
-@pytest.mark.parametrize("data, fragment", [
-    (b"", "not valid CBOR"),
-    (cbor2.dumps([1, 2]), "evidence must be a map"),
-    (_doc(format="other"), "format 'other' is not 'cove'"),
-    (_doc(version=2), "evidence version 2 is not supported"),
-    (_doc(extra=1), "unknown field 'extra'"),
-    (_doc(report=b"\xa0"), "report lacks version"),
-    (_doc(signature="x"), "signature must be a byte string"),
-    (_doc(endorsement=cbor2.dumps({"root": "tpm"})), "endorsement lacks tpm"),
-    (EVIDENCE + b"\x00", "trailing bytes"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "not valid CBOR"),
+        (cbor2.dumps([1, 2]), "evidence must be a map"),
+        (_doc(format="other"), "format 'other' is not 'cove'"),
+        (_doc(version=2), "evidence version 2 is not supported"),
+        (_doc(extra=1), "unknown field 'extra'"),
+        (_doc(report=b"\xa0"), "report lacks version"),
+        (_doc(signature="x"), "signature must be a byte string"),
+        (_doc(endorsement=cbor2.dumps({"root": "tpm"})), "endorsement lacks tpm"),
+        (EVIDENCE + b"\x00", "trailing bytes"),
+    ],
+)
 def test_malformed_evidence_names_the_problem(data, fragment):
     with pytest.raises(VerificationError) as err:
         verify_cove_evidence(data, now())
@@ -108,9 +115,13 @@ def test_malformed_evidence_names_the_problem(data, fragment):
 
 def test_report_fields_are_checked():
     report = cbor2.loads(cbor2.loads(EVIDENCE)["report"])
-    for key, value, fragment in (("measurement", b"\0" * 31, "must be 32 bytes"),
-                                 ("svn", -1, "must be an integer"), ("debug", 1, "true or false"),
-                                 ("root", "magic", "is not one of"), ("report_data", b"\0" * 63, "64 bytes")):
+    for key, value, fragment in (
+        ("measurement", b"\0" * 31, "must be 32 bytes"),
+        ("svn", -1, "must be an integer"),
+        ("debug", 1, "true or false"),
+        ("root", "magic", "is not one of"),
+        ("report_data", b"\0" * 63, "64 bytes"),
+    ):
         changed = dict(report, **{key: value})
         with pytest.raises(VerificationError, match=fragment):
             ev.parse_report(cbor2.dumps(changed))
@@ -118,8 +129,13 @@ def test_report_fields_are_checked():
 
 def test_a_report_older_than_its_epoch_is_refused():
     endorsement = endorse.self_certified(pak.spki(KEY), runtime_hash())
-    late = ev.Endorsement(endorsement.root, endorsement.pak, endorsement.runtime, endorsement.epoch,
-                          endorsement.epoch_start_ms + 3_600_000)
+    late = ev.Endorsement(
+        endorsement.root,
+        endorsement.pak,
+        endorsement.runtime,
+        endorsement.epoch,
+        endorsement.epoch_start_ms + 3_600_000,
+    )
     with pytest.raises(VerificationError, match="predates its platform epoch"):
         verify_cove_evidence(ReportSigner(KEY, late).evidence(CLAIMS, RD), now())
 
@@ -143,12 +159,21 @@ def test_evidence_verifies_in_the_future_too():
 
 # -- fuzzing: only VerificationError may escape
 
+
 def _cbor_values():
-    leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.binary(max_size=80),
-                       st.text(max_size=20), st.floats(allow_nan=False))
-    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                        st.dictionaries(st.text(max_size=12), inner, max_size=4)),
-                        max_leaves=12)
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.binary(max_size=80),
+        st.text(max_size=20),
+        st.floats(allow_nan=False),
+    )
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+        max_leaves=12,
+    )
 
 
 def only_verification_error(fn, *args):
@@ -180,20 +205,28 @@ def test_fuzz_report_fields(field, value):
 
 
 @FUZZ
-@given(st.sampled_from(["root", "pak", "runtime", "epoch", "epoch_start", "tpm"]), _cbor_values(),
-       st.dictionaries(st.sampled_from(["attest", "signature", "pcrs", "pcr", "ak", "ak_chain", "ek_chain"]),
-                       _cbor_values(), max_size=7))
+@given(
+    st.sampled_from(["root", "pak", "runtime", "epoch", "epoch_start", "tpm"]),
+    _cbor_values(),
+    st.dictionaries(
+        st.sampled_from(["attest", "signature", "pcrs", "pcr", "ak", "ak_chain", "ek_chain"]),
+        _cbor_values(),
+        max_size=7,
+    ),
+)
 def test_fuzz_endorsement_fields(field, value, tpm):
     emap = dict(cbor2.loads(cbor2.loads(EVIDENCE)["endorsement"]), **{field: value})
     if field != "tpm" and tpm:
         emap["root"], emap["tpm"] = "tpm", tpm
     only_verification_error(ev.parse_endorsement, emap)
-    only_verification_error(lambda d: verify_cove_evidence(d, now(), ek_roots=INTEL_SGX_ROOT_CA,
-                                                           ak_roots=INTEL_SGX_ROOT_CA), _doc(endorsement=cbor2.dumps(emap)))
+    only_verification_error(
+        lambda d: verify_cove_evidence(d, now(), ek_roots=INTEL_SGX_ROOT_CA, ak_roots=INTEL_SGX_ROOT_CA),
+        _doc(endorsement=cbor2.dumps(emap)),
+    )
 
 
 @FUZZ
 @given(st.integers(0, len(EVIDENCE) - 1), st.binary(min_size=1, max_size=8), st.booleans())
 def test_fuzz_mutated_evidence(pos, junk, truncate):
-    data = EVIDENCE[:pos] + junk + (b"" if truncate else EVIDENCE[pos + len(junk):])
+    data = EVIDENCE[:pos] + junk + (b"" if truncate else EVIDENCE[pos + len(junk) :])
     only_verification_error(verify_cove_evidence, data, now())

@@ -28,20 +28,38 @@ START = datetime(2020, 1, 1, tzinfo=timezone.utc)
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Intel Corporation"),
-                      x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [
+            x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+            x509.NameAttribute(x509.NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def _issue(cn, key, issuer_cn, issuer_key, *, ca, path_length=None, cert_sign=True):
-    usage = x509.KeyUsage(digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=ca and cert_sign,
-                          crl_sign=ca, encipher_only=False, decipher_only=False)
-    return (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(issuer_cn))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(START).not_valid_after(START + timedelta(days=20000))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-            .add_extension(usage, critical=True)
-            .sign(issuer_key, hashes.SHA256()))
+    usage = x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=not ca,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca and cert_sign,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(issuer_cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(START)
+        .not_valid_after(START + timedelta(days=20000))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
 
 
 class Hierarchy:
@@ -54,8 +72,12 @@ class Hierarchy:
         self.ca = _issue("Intel SGX PCK Platform CA", k["ca"], "Intel SGX Root CA", k["root"], ca=True, path_length=0)
         self.pck = _issue("Intel SGX PCK Certificate", k["pck"], "Intel SGX PCK Platform CA", k["ca"], ca=False)
         self.tcb = _issue("Intel SGX TCB Signing", k["tcb"], "Intel SGX Root CA", k["root"], ca=False)
-        crl = (x509.CertificateRevocationListBuilder().issuer_name(self.root.subject).last_update(START)
-               .next_update(START + timedelta(days=20000)))
+        crl = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.root.subject)
+            .last_update(START)
+            .next_update(START + timedelta(days=20000))
+        )
         self.crl = crl.sign(k["root"], hashes.SHA256())
 
     def sign(self, key_name: str, data: bytes) -> bytes:
@@ -75,8 +97,16 @@ def tcb_info_raw():
 
 def test_genuine_shape_verifies(intel, tcb_info_raw):
     """The control: a TCB Signing certificate from the root verifies, so the refusals below are the checks."""
-    verify_signed_collateral(tcb_info_raw, intel.sign("tcb", tcb_info_raw), [intel.tcb, intel.root], intel.root,
-                             intel.crl, SGX_T, "sgx", "TCB info")
+    verify_signed_collateral(
+        tcb_info_raw,
+        intel.sign("tcb", tcb_info_raw),
+        [intel.tcb, intel.root],
+        intel.root,
+        intel.crl,
+        SGX_T,
+        "sgx",
+        "TCB info",
+    )
     check_chain([intel.pck, intel.ca, intel.root], intel.root, SGX_T, "sgx", PCK_SHAPE)
 
 
@@ -89,8 +119,11 @@ def test_tcb_signing_issued_by_a_pck_key_is_refused(intel, tcb_info_raw):
     with pytest.raises(VerificationError, match="TCB info signing chain is .* not the vendor's shape"):
         verify_signed_collateral(tcb_info_raw, signature, chain, intel.root, intel.crl, SGX_T, "sgx", "TCB info")
     # Without the shape pin, the CA check alone refuses it.
-    with pytest.raises(VerificationError, match=r"Intel SGX PCK Certificate issued a certificate but is not a CA "
-                                                r"\(BasicConstraints cA=false\)"):
+    with pytest.raises(
+        VerificationError,
+        match=r"Intel SGX PCK Certificate issued a certificate but is not a CA "
+        r"\(BasicConstraints cA=false\)",
+    ):
         check_chain(chain, intel.root, SGX_T, "sgx")
 
 

@@ -13,9 +13,18 @@ from cove.attest import ear
 from cove.attest.appraisal import Appraisal
 from cove.attest.policy import default_policy, evaluate, parse_policy
 
-APPRAISAL = Appraisal(evidence_type="cove", measurement=b"\x01" * 32, signer=b"\x02" * 32, product_id=1, svn=2,
-                      debug=False, backend="sim", isolation="namespaces+seccomp", report_data=b"n" * 64,
-                      platform_root="self-certified")
+APPRAISAL = Appraisal(
+    evidence_type="cove",
+    measurement=b"\x01" * 32,
+    signer=b"\x02" * 32,
+    product_id=1,
+    svn=2,
+    debug=False,
+    backend="sim",
+    isolation="namespaces+seccomp",
+    report_data=b"n" * 64,
+    platform_root="self-certified",
+)
 
 
 def test_token_round_trip_and_statuses():
@@ -23,7 +32,10 @@ def test_token_round_trip_and_statuses():
     result = evaluate(default_policy(), APPRAISAL)
     token = ear.issue(key, APPRAISAL, result, nonce=b"nonce")
     claims = ear.verify_token(token, ear.jwks([key]))
-    assert claims["eat_profile"] == ear.PROFILE and claims["eat_nonce"] == base64.urlsafe_b64encode(b"nonce").rstrip(b"=").decode()
+    assert (
+        claims["eat_profile"] == ear.PROFILE
+        and claims["eat_nonce"] == base64.urlsafe_b64encode(b"nonce").rstrip(b"=").decode()
+    )
     assert claims["submods"]["platform"]["ear.status"] == "contraindicated"
     assert claims["submods"]["enclave"]["ear.status"] == "affirming"
     assert claims["submods"]["platform"]["ear.trustworthiness-vector"] == {"hardware": 96, "runtime-opaque": 96}
@@ -77,14 +89,16 @@ def test_cli_token_and_jwks(cove, tmp_path):
     key = pak.generate()
     signer = ReportSigner(key, endorse.self_certified(pak.spki(key), runtime_hash()))
     evidence = tmp_path / "evidence.cbor"
-    evidence.write_bytes(signer.evidence(EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 0, 0, False, "sim", "x", "i"),
-                                         b"n" * 64))
+    evidence.write_bytes(
+        signer.evidence(EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 0, 0, False, "sim", "x", "i"), b"n" * 64)
+    )
     policy = tmp_path / "p.toml"
     policy.write_text("[cove]\nself_certified = true\n")
     token_key = tmp_path / "vk.pem"
     cove.ok("keygen", "--verifier", "--out", token_key)  # --token-key names an existing key, never makes one
-    out = cove.ok("verify", evidence, "--policy", policy, "--token", "--token-key", token_key,
-                  "--nonce", (b"n" * 8).hex()).stdout.strip()
+    out = cove.ok(
+        "verify", evidence, "--policy", policy, "--token", "--token-key", token_key, "--nonce", (b"n" * 8).hex()
+    ).stdout.strip()
     jwks = json.loads(cove.ok("jwks", "--token-key", token_key).stdout)
     claims = ear.verify_token(out, jwks)
     assert claims["cove.accepted"] is True and claims["cove.evidence-type"] == "cove"

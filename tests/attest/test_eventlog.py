@@ -15,8 +15,14 @@ from cove.attest.eventlog import event_log_check, parse_event_log, replay
 from eventlog_writer import log
 from tests.conftest import require
 
-MEASUREMENTS = [(0, b"firmware"), (1, b"config"), (4, b"bootloader"), (7, b"secure boot"), (4, b"kernel"),
-                (9, b"initrd")]
+MEASUREMENTS = [
+    (0, b"firmware"),
+    (1, b"config"),
+    (4, b"bootloader"),
+    (7, b"secure boot"),
+    (4, b"kernel"),
+    (9, b"initrd"),
+]
 
 
 def extend_all(items, bank="sha256", locality=0):
@@ -46,8 +52,8 @@ def test_replay_matches_tpm2_eventlog(tmp_path):
     path = tmp_path / "log.bin"
     path.write_bytes(log(MEASUREMENTS))
     out = subprocess.run([tool, str(path)], capture_output=True, text=True, check=True).stdout
-    bank = out[out.index("pcrs:"):]
-    sha256 = bank[bank.index("sha256:"):]
+    bank = out[out.index("pcrs:") :]
+    sha256 = bank[bank.index("sha256:") :]
     theirs = {int(i): bytes.fromhex(v) for i, v in re.findall(r"^\s+(\d+)\s*:\s*0x([0-9A-Fa-f]{64})$", sha256, re.M)}
     assert theirs == replay(parse_event_log(log(MEASUREMENTS)))["sha256"]
 
@@ -61,12 +67,15 @@ def test_check_against_quoted_values():
         check(bad)
 
 
-@pytest.mark.parametrize("data, fragment", [
-    (b"", "truncated"),
-    (log([])[:-1], "truncated"),
-    (b"\x01" + log([])[1:], "crypto-agile Spec ID"),
-    (log([(24, b"x")]), "names PCR 24"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "truncated"),
+        (log([])[:-1], "truncated"),
+        (b"\x01" + log([])[1:], "crypto-agile Spec ID"),
+        (log([(24, b"x")]), "names PCR 24"),
+    ],
+)
 def test_malformed_logs(data, fragment):
     with pytest.raises(VerificationError) as err:
         parse_event_log(data)
@@ -77,7 +86,7 @@ def test_malformed_logs(data, fragment):
 @given(st.binary(max_size=400), st.integers(0, 600), st.binary(max_size=8))
 def test_fuzz(noise, pos, junk):
     seed = log(MEASUREMENTS)
-    for data in (noise, seed[:pos] + junk + seed[pos + len(junk):], seed[:pos]):
+    for data in (noise, seed[:pos] + junk + seed[pos + len(junk) :], seed[:pos]):
         try:
             replay(parse_event_log(data))
         except VerificationError:

@@ -25,15 +25,18 @@ from cove.platform.reports import EnclaveClaims, ReportSigner
 from cove.platform.runtime_measurement import runtime_hash
 from tests.attest.attest_vectors import VECTORS
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 # Each seed with its own collateral, at a time inside that collateral's windows, so a mutant is
 # refused by the check its mutation breaks (signature, QE binding, TCB matching), not by a date.
 SGX_INPUTS = verifier.Inputs(collateral=json.loads((VECTORS / "sgx/collateral.json").read_text()))
 TDX_INPUTS = verifier.Inputs(collateral=json.loads((VECTORS / "tdx/collateral.json").read_text()))
-TPM_INPUTS = verifier.Inputs(tpm_signature=(VECTORS / "tpm/quote_sig.bin").read_bytes(),
-                             tpm_pcrs=(VECTORS / "tpm/quote_pcrs.bin").read_bytes(),
-                             ak=(VECTORS / "tpm/ak_pub.pem").read_bytes())
+TPM_INPUTS = verifier.Inputs(
+    tpm_signature=(VECTORS / "tpm/quote_sig.bin").read_bytes(),
+    tpm_pcrs=(VECTORS / "tpm/quote_pcrs.bin").read_bytes(),
+    ak=(VECTORS / "tpm/ak_pub.pem").read_bytes(),
+)
 
 
 def _at(text: str) -> datetime:
@@ -43,18 +46,32 @@ def _at(text: str) -> datetime:
 SEEDS = [  # (kind, evidence, inputs, time)
     ("sgx", (VECTORS / "sgx/quote.bin").read_bytes(), SGX_INPUTS, _at("2025-06-19T11:56:11")),
     ("tdx", (VECTORS / "tdx/quote.bin").read_bytes(), TDX_INPUTS, _at("2025-06-19T11:16:03")),
-    ("snp", (VECTORS / "snp/report.bin").read_bytes(),
-     verifier.Inputs(vcek=(VECTORS / "snp/vcek.der").read_bytes()), _at("2026-01-01T00:00:00")),
-    ("snp", (VECTORS / "snp/vlek_report.bin").read_bytes(),
-     verifier.Inputs(vcek=(VECTORS / "snp/vlek.der").read_bytes()), _at("2025-06-01T00:00:00")),
+    (
+        "snp",
+        (VECTORS / "snp/report.bin").read_bytes(),
+        verifier.Inputs(vcek=(VECTORS / "snp/vcek.der").read_bytes()),
+        _at("2026-01-01T00:00:00"),
+    ),
+    (
+        "snp",
+        (VECTORS / "snp/vlek_report.bin").read_bytes(),
+        verifier.Inputs(vcek=(VECTORS / "snp/vlek.der").read_bytes()),
+        _at("2025-06-01T00:00:00"),
+    ),
     ("tpm", (VECTORS / "tpm/quote_attest.bin").read_bytes(), TPM_INPUTS, _at("2026-01-01T00:00:00")),
 ]
-INPUTS = verifier.Inputs(collateral=SGX_INPUTS.collateral, vcek=SEEDS[2][2].vcek,
-                         tpm_signature=TPM_INPUTS.tpm_signature, tpm_pcrs=TPM_INPUTS.tpm_pcrs, ak=TPM_INPUTS.ak)
+INPUTS = verifier.Inputs(
+    collateral=SGX_INPUTS.collateral,
+    vcek=SEEDS[2][2].vcek,
+    tpm_signature=TPM_INPUTS.tpm_signature,
+    tpm_pcrs=TPM_INPUTS.tpm_pcrs,
+    ak=TPM_INPUTS.ak,
+)
 KEY = pak.generate()
 SIGNER = ReportSigner(KEY, endorse.self_certified(pak.spki(KEY), runtime_hash()))
-CERT, _ = ratls.make_certificate(lambda rd: SIGNER.evidence(
-    EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 0, 0, False, "sim", "x", "y"), rd))
+CERT, _ = ratls.make_certificate(
+    lambda rd: SIGNER.evidence(EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 0, 0, False, "sim", "x", "y"), rd)
+)
 CERT_DER = x509.load_pem_x509_certificate(CERT).public_bytes(serialization.Encoding.DER)
 TOKEN_KEY = ear.VerifierKey.generate()
 
@@ -114,8 +131,14 @@ def test_byte_flips_are_refused_by_the_deep_checks(seed):
             reasons.append(exc.message)
             continue
         reasons.append(None)
-    deep = [r for r in reasons if r and any(w in r for w in ("signature invalid", "does not bind", "does not match",
-                                                               "TCB", "extraData", "PCR digest"))]
+    deep = [
+        r
+        for r in reasons
+        if r
+        and any(
+            w in r for w in ("signature invalid", "does not bind", "does not match", "TCB", "extraData", "PCR digest")
+        )
+    ]
     assert "expired" not in " ".join(r for r in reasons if r)
     assert len(deep) >= len(reasons) // 2, sorted({r for r in reasons if r})[:10]
     assert all(r is not None for r in reasons), "a flipped byte was accepted"
@@ -150,20 +173,55 @@ def test_tokens(text):
 
 
 def _values():
-    leaves = st.one_of(st.none(), st.booleans(), st.integers(-5, 1 << 70), st.text(max_size=70),
-                       st.floats(allow_nan=False, allow_infinity=False))
-    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=15), inner, max_size=3)),
-                        max_leaves=10)
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 1 << 70),
+        st.text(max_size=70),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=15), inner, max_size=3)),
+        max_leaves=10,
+    )
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["version", "name", "types", "freshness", "cove", "tpm", "sgx", "tdx", "snp",
-                                        "sample", "other"]), _values(), max_size=4),
-       st.dictionaries(st.sampled_from(["measurements", "signers", "debug", "tcb_statuses", "backends", "isolation",
-                                        "self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "min_tcb",
-                                        "ek_certificates", "ak_names",
-                                        "rtmrs", "max_platform_age", "roots"]), _values(), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["version", "name", "types", "freshness", "cove", "tpm", "sgx", "tdx", "snp", "sample", "other"]
+        ),
+        _values(),
+        max_size=4,
+    ),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "measurements",
+                "signers",
+                "debug",
+                "tcb_statuses",
+                "backends",
+                "isolation",
+                "self_certified",
+                "platform_keys",
+                "runtime_hashes",
+                "pcrs",
+                "ek_ca",
+                "min_tcb",
+                "ek_certificates",
+                "ak_names",
+                "rtmrs",
+                "max_platform_age",
+                "roots",
+            ]
+        ),
+        _values(),
+        max_size=4,
+    ),
+)
 def test_policies(top, rules):
     for doc in (top, {"cove": rules}, {"snp": rules}, {"tdx": rules}):
         try:

@@ -20,8 +20,10 @@ from cove.kbs import broker_policy as kbs_policy
 from cove.kbs.problems import Problem
 from tests.attest.attest_vectors import VECTORS, vector
 
-PERMISSIVE = ('types = ["tpm", "sgx", "tdx", "snp"]\n[sgx]\ntcb_statuses = ["UpToDate", '
-              '"ConfigurationAndSWHardeningNeeded", "OutOfDate"]\n[tdx]\ntcb_statuses = ["UpToDate", "OutOfDate"]\n')
+PERMISSIVE = (
+    'types = ["tpm", "sgx", "tdx", "snp"]\n[sgx]\ntcb_statuses = ["UpToDate", '
+    '"ConfigurationAndSWHardeningNeeded", "OutOfDate"]\n[tdx]\ntcb_statuses = ["UpToDate", "OutOfDate"]\n'
+)
 
 
 def b64(data: bytes) -> str:
@@ -42,17 +44,35 @@ CASES = [
     ("sgx-today", "sgx", "sgx/quote.bin", None, "2026-11-15T00:00:00Z", {"--collateral": "sgx/collateral.json"}),
     ("sgx-tampered", "sgx", "sgx/quote.bin", 120, "2025-06-19T12:56:11Z", {"--collateral": "sgx/collateral.json"}),
     ("tdx", "tdx", "tdx/quote.bin", None, "2025-06-19T12:16:03Z", {"--collateral": "tdx/collateral.json"}),
-    ("tdx-no-tcb-level-invalid", "tdx", "tdx/quote_outdated.bin", None, "2026-02-18T11:58:51Z",
-     {"--collateral": "tdx/collateral_outdated.json"}),
+    (
+        "tdx-no-tcb-level-invalid",
+        "tdx",
+        "tdx/quote_outdated.bin",
+        None,
+        "2026-02-18T11:58:51Z",
+        {"--collateral": "tdx/collateral_outdated.json"},
+    ),
     ("snp-vcek", "snp", "snp/report.bin", None, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
     ("snp-vcek-tampered", "snp", "snp/report.bin", 0x50, "2026-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
     ("snp-vcek-expired", "snp", "snp/report.bin", None, "2031-01-01T00:00:00Z", {"--vcek": "snp/vcek.der"}),
     ("snp-vlek", "snp", "snp/vlek_report.bin", None, "2025-06-01T00:00:00Z", {"--vcek": "snp/vlek.der"}),
     ("snp-vlek-tampered", "snp", "snp/vlek_report.bin", 0x60, "2025-06-01T00:00:00Z", {"--vcek": "snp/vlek.der"}),
-    ("tpm", "tpm", "tpm/quote_attest.bin", None, "2026-01-01T00:00:00Z",
-     {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}),
-    ("tpm-tampered", "tpm", "tpm/quote_attest.bin", 40, "2026-01-01T00:00:00Z",
-     {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}),
+    (
+        "tpm",
+        "tpm",
+        "tpm/quote_attest.bin",
+        None,
+        "2026-01-01T00:00:00Z",
+        {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"},
+    ),
+    (
+        "tpm-tampered",
+        "tpm",
+        "tpm/quote_attest.bin",
+        40,
+        "2026-01-01T00:00:00Z",
+        {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"},
+    ),
 ]
 BROKER_FIELD = {"--collateral": "collateral", "--vcek": "vcek", "--tpm-sig": "signature", "--tpm-pcrs": "pcrs"}
 
@@ -82,8 +102,12 @@ def test_cli_and_broker_agree(cove, tmp_path, name, tee, rel, flip, when, sideca
     cli = cove(*args)
     anchors = anchors.with_policy_roots(kbs_policy.load(PERMISSIVE))
     try:
-        broker = evidence_appraisal.verify(tee, broker_evidence(tee, evidence.read_bytes(), sidecars), anchors,
-                                  datetime.fromisoformat(when.replace("Z", "+00:00")))
+        broker = evidence_appraisal.verify(
+            tee,
+            broker_evidence(tee, evidence.read_bytes(), sidecars),
+            anchors,
+            datetime.fromisoformat(when.replace("Z", "+00:00")),
+        )
     except Problem as problem:
         assert problem.kind == "EvidenceInvalid"
         assert cli.returncode == 5, (name, cli.stdout, cli.stderr)
@@ -113,16 +137,22 @@ def test_dcap_uses_every_trusted_root():
     from cove.attest.dcap import verify_sgx_quote
 
     bundle = _other_root_pem().encode() + vector("intel_sgx_root_ca.pem")
-    claims = verify_sgx_quote(vector("sgx/quote.bin"), json.loads(vector("sgx/collateral.json")), bundle,
-                              datetime.fromisoformat("2025-06-19T12:56:11+00:00"))
+    claims = verify_sgx_quote(
+        vector("sgx/quote.bin"),
+        json.loads(vector("sgx/collateral.json")),
+        bundle,
+        datetime.fromisoformat("2025-06-19T12:56:11+00:00"),
+    )
     assert claims.tee == "sgx"
 
 
 def test_broker_keeps_sgx_and_tdx_roots_apart():
     """[sgx] roots name another CA, [tdx] roots Intel's: tdx verifies, sgx does not (they used to be merged)."""
     intel = vector("intel_sgx_root_ca.pem").decode()
-    text = (f'types = ["sgx", "tdx"]\n[sgx]\nroots = [{json.dumps(_other_root_pem())}]\n'
-            f'[tdx]\nroots = [{json.dumps(intel)}]\n')
+    text = (
+        f'types = ["sgx", "tdx"]\n[sgx]\nroots = [{json.dumps(_other_root_pem())}]\n'
+        f"[tdx]\nroots = [{json.dumps(intel)}]\n"
+    )
     anchors = evidence_appraisal.TrustAnchors().with_policy_roots(kbs_policy.load(text))
     tdx = broker_evidence("tdx", vector("tdx/quote.bin"), {"--collateral": "tdx/collateral.json"})
     sgx = broker_evidence("sgx", vector("sgx/quote.bin"), {"--collateral": "sgx/collateral.json"})
@@ -147,14 +177,19 @@ def test_broker_takes_what_cove_verify_takes():
     assert evidence_appraisal.verify("snp", snp, evidence_appraisal.TrustAnchors(), when).evidence_type == "snp"
 
     events = log([(16, b"not what the quote says")])
-    tpm = broker_evidence("tpm", vector("tpm/quote_attest.bin"),
-                          {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"})
+    tpm = broker_evidence(
+        "tpm", vector("tpm/quote_attest.bin"), {"--tpm-sig": "tpm/quote_sig.bin", "--tpm-pcrs": "tpm/quote_pcrs.bin"}
+    )
     anchors = evidence_appraisal.TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")])
     assert evidence_appraisal.verify("tpm", tpm, anchors, when).evidence_type == "tpm"
     with pytest.raises(Problem) as refused:
         evidence_appraisal.verify("tpm", dict(tpm, event_log=b64(events)), anchors, when)
-    inputs = verifier.Inputs(tpm_signature=vector("tpm/quote_sig.bin"), tpm_pcrs=vector("tpm/quote_pcrs.bin"),
-                             ak=vector("tpm/ak_pub.pem"), event_log=events)
+    inputs = verifier.Inputs(
+        tpm_signature=vector("tpm/quote_sig.bin"),
+        tpm_pcrs=vector("tpm/quote_pcrs.bin"),
+        ak=vector("tpm/ak_pub.pem"),
+        event_log=events,
+    )
     with pytest.raises(VerificationError) as direct:
         verifier.verify(vector("tpm/quote_attest.bin"), inputs=inputs, now=when)
     assert refused.value.detail == direct.value.line()

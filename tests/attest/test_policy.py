@@ -23,10 +23,23 @@ SIGNER = b"\x11" * 32
 
 
 def cove(**kw) -> ap.Appraisal:
-    base = dict(evidence_type="cove", measurement=M1, signer=SIGNER, product_id=7, svn=3, debug=False,
-                backend="sim", isolation="namespaces+seccomp", report_data=b"N" * 16 + bytes(48),
-                issued_at=NOW, platform_root="tpm", platform_key=b"\x22" * 32, runtime=b"\x33" * 32,
-                pcrs={"sha256": {0: bytes(32), 23: b"\x44" * 32}}, platform_issued_at=NOW)
+    base = dict(
+        evidence_type="cove",
+        measurement=M1,
+        signer=SIGNER,
+        product_id=7,
+        svn=3,
+        debug=False,
+        backend="sim",
+        isolation="namespaces+seccomp",
+        report_data=b"N" * 16 + bytes(48),
+        issued_at=NOW,
+        platform_root="tpm",
+        platform_key=b"\x22" * 32,
+        runtime=b"\x33" * 32,
+        pcrs={"sha256": {0: bytes(32), 23: b"\x44" * 32}},
+        platform_issued_at=NOW,
+    )
     base.update(kw)
     return ap.Appraisal(**base)
 
@@ -38,10 +51,13 @@ def test_default_policy_accepts_clean_tpm_rooted_evidence():
     assert result.policy_id == "cove:default"
 
 
-@pytest.mark.parametrize("change, reason, component", [
-    ({"platform_root": "self-certified"}, "self-certified", "platform"),
-    ({"debug": True}, "debug enclave", "enclave"),
-])
+@pytest.mark.parametrize(
+    "change, reason, component",
+    [
+        ({"platform_root": "self-certified"}, "self-certified", "platform"),
+        ({"debug": True}, "debug enclave", "enclave"),
+    ],
+)
 def test_default_policy_denies(change, reason, component):
     result = evaluate(default_policy(), cove(**change), now=NOW)
     assert not result.accepted
@@ -50,7 +66,7 @@ def test_default_policy_denies(change, reason, component):
 
 
 def test_relaxed_rules_accept_with_a_warning():
-    policy = parse_policy('[cove]\nself_certified = true\ndebug = true\n')
+    policy = parse_policy("[cove]\nself_certified = true\ndebug = true\n")
     result = evaluate(policy, cove(platform_root="self-certified", debug=True), now=NOW)
     assert result.accepted
     assert result.components == {"platform": "warning", "enclave": "warning"}
@@ -58,8 +74,10 @@ def test_relaxed_rules_accept_with_a_warning():
 
 
 def test_measurements_and_signers():
-    policy = parse_policy(f'[cove]\nmeasurements = ["{M2.hex()}"]\n'
-                          f'[[cove.signers]]\nsigner = "{SIGNER.hex()}"\nproduct_id = 7\nmin_svn = 3\n')
+    policy = parse_policy(
+        f'[cove]\nmeasurements = ["{M2.hex()}"]\n'
+        f'[[cove.signers]]\nsigner = "{SIGNER.hex()}"\nproduct_id = 7\nmin_svn = 3\n'
+    )
     assert evaluate(policy, cove(), now=NOW).accepted  # by signer
     assert evaluate(policy, cove(measurement=M2, signer=b"x" * 32), now=NOW).accepted  # by measurement
     for change in ({"svn": 2}, {"product_id": 8}, {"signer": b"\x12" * 32}):
@@ -85,11 +103,18 @@ def test_backends_isolation_runtime_platform_key_pcrs():
     policy = parse_policy(
         '[cove]\nbackends = ["vm"]\nisolation = ["micro-VM"]\n'
         f'runtime_hashes = ["{"ab" * 32}"]\nplatform_keys = ["{"cd" * 32}"]\n'
-        f'[cove.pcrs.sha256]\n0 = "{"00" * 32}"\n23 = "{"55" * 32}"\n7 = "{"00" * 32}"\n')
+        f'[cove.pcrs.sha256]\n0 = "{"00" * 32}"\n23 = "{"55" * 32}"\n7 = "{"00" * 32}"\n'
+    )
     result = evaluate(policy, cove(), now=NOW)
     text = "\n".join(result.reasons)
-    for fragment in ("backend sim", "isolation namespaces+seccomp", "Cove runtime", "platform key",
-                     "PCR sha256:23 is 4444", "PCR sha256:7 is not in the quote"):
+    for fragment in (
+        "backend sim",
+        "isolation namespaces+seccomp",
+        "Cove runtime",
+        "platform key",
+        "PCR sha256:23 is 4444",
+        "PCR sha256:7 is not in the quote",
+    ):
         assert fragment in text
     assert "PCR sha256:0" not in text
 
@@ -139,7 +164,7 @@ def test_freshness_nonce_report_data_and_age():
 
 
 def test_max_platform_age():
-    policy = parse_policy("[cove]\nmax_platform_age = \"1d\"\n")
+    policy = parse_policy('[cove]\nmax_platform_age = "1d"\n')
     assert evaluate(policy, cove(), now=NOW + timedelta(hours=23)).accepted
     assert "platform endorsement is" in evaluate(policy, cove(), now=NOW + timedelta(days=2)).reasons[0]
 
@@ -154,9 +179,16 @@ def test_rejection_lists_every_reason():
 def _ca_pem(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test CA")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(NOW).not_valid_after(NOW + timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     path = tmp_path / "ca.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path, cert
@@ -173,41 +205,44 @@ def test_certificates_from_files_and_inline(tmp_path):
     assert policy.id == "prod"
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[cove]\nmeasurments = []\n", "cove.measurments: not a setting for cove evidence"),
-    ("[cove]\nmeasurements = [\"xyz\"]\n", "cove.measurements[0]: must be a hex string"),
-    ("[cove]\ndebug = \"no\"\n", "cove.debug: must be true or false"),
-    ("[tpm]\ndebug = true\n", "tpm.debug: not a setting for tpm evidence"),
-    ("[sgx]\ntcb_statuses = [\"Fine\"]\n", "unknown TCB status 'Fine'"),
-    ("[freshness]\nmax_age = \"soon\"\n", "freshness.max_age: must be seconds"),
-    ("[freshness]\nmax_age = nan\n", "freshness.max_age: must be a finite number"),  # NaN was accepted: never stale
-    ("[cove]\nmax_platform_age = inf\n", "cove.max_platform_age: must be a finite number"),  # inf was accepted
-    ("[cove]\nmeasurements = \"" + "00" * 32 + "\"\n", "cove.measurements: must be a list, not str"),
-    ("[cove]\nmeasurements = [\"00 11\"]\n", "cove.measurements[0]: must be a hex string"),
-    ("types = [\"cove\", 5]\n", "types: must be a list of non-empty strings"),
-    ("name = 7\n", "name: must be a string, not int"),
-    ("[[cove.signers]]\nsigner = \"zz\"\n", "cove.signers[0].signer: must be a hex string"),
-    ("[cove]\nek_ca = 5\n", "cove.ek_ca: must be a list, not int"),
-    ("[tdx.rtmrs]\n0 = \"00\"\n", "tdx.rtmrs.0: must be 48 bytes (96 hex digits), not 1"),
-    ("[freshness]\nnonce = true\n", "freshness.nonce"),
-    ("version = 2\n", "policy version 2 is not supported"),
-    ("types = [\"arm\"]\n", "unknown evidence type 'arm'"),
-    ("[cove]\nruntime_hashes = [\"abcd\"]\n", "must be 32 bytes"),
-    ("[cove.pcrs.md5]\n0 = \"00\"\n", "unknown PCR bank"),
-    ("[cove.pcrs.sha256]\n24 = \"00\"\n", "index must be from 0 to 23"),
-    ("[[cove.signers]]\nproduct_id = 1\n", "names no signer"),
-    ("[cove]\nek_ca = [\"missing.pem\"]\n", "cannot read certificate file missing.pem"),
-    ("[snp]\nmin_tcb = {bios = 1}\n", "unknown TCB component"),
-    ("surprise = 1\n", "surprise: unknown setting"),
-    ("not toml at all [", "not valid TOML or JSON"),
-    ("[1, 2]", "a policy must be a table"),
-    ("[cove]\ninit_data_digests = [\"" + "00" * 32 + "\"]\n", "cove.init_data_digests: not a setting for cove"),
-    ("[sgx.init_data]\nk = [\"v\"]\n", "sgx.init_data: not a setting for sgx"),
-    ("[tdx]\ninit_data_digests = [\"abcd\"]\n", "must be a SHA-256, SHA-384 or SHA-512 digest"),
-    ("[snp]\ninit_data = {k = \"v\"}\n", "snp.init_data.k: must be a list"),
-    ("[snp]\ninit_data = {k = []}\n", "snp.init_data.k: lists no accepted value"),
-    ("[tpm]\ninit_data = []\n", "tpm.init_data: must be a table of data key"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[cove]\nmeasurments = []\n", "cove.measurments: not a setting for cove evidence"),
+        ('[cove]\nmeasurements = ["xyz"]\n', "cove.measurements[0]: must be a hex string"),
+        ('[cove]\ndebug = "no"\n', "cove.debug: must be true or false"),
+        ("[tpm]\ndebug = true\n", "tpm.debug: not a setting for tpm evidence"),
+        ('[sgx]\ntcb_statuses = ["Fine"]\n', "unknown TCB status 'Fine'"),
+        ('[freshness]\nmax_age = "soon"\n', "freshness.max_age: must be seconds"),
+        ("[freshness]\nmax_age = nan\n", "freshness.max_age: must be a finite number"),  # NaN was accepted: never stale
+        ("[cove]\nmax_platform_age = inf\n", "cove.max_platform_age: must be a finite number"),  # inf was accepted
+        ('[cove]\nmeasurements = "' + "00" * 32 + '"\n', "cove.measurements: must be a list, not str"),
+        ('[cove]\nmeasurements = ["00 11"]\n', "cove.measurements[0]: must be a hex string"),
+        ('types = ["cove", 5]\n', "types: must be a list of non-empty strings"),
+        ("name = 7\n", "name: must be a string, not int"),
+        ('[[cove.signers]]\nsigner = "zz"\n', "cove.signers[0].signer: must be a hex string"),
+        ("[cove]\nek_ca = 5\n", "cove.ek_ca: must be a list, not int"),
+        ('[tdx.rtmrs]\n0 = "00"\n', "tdx.rtmrs.0: must be 48 bytes (96 hex digits), not 1"),
+        ("[freshness]\nnonce = true\n", "freshness.nonce"),
+        ("version = 2\n", "policy version 2 is not supported"),
+        ('types = ["arm"]\n', "unknown evidence type 'arm'"),
+        ('[cove]\nruntime_hashes = ["abcd"]\n', "must be 32 bytes"),
+        ('[cove.pcrs.md5]\n0 = "00"\n', "unknown PCR bank"),
+        ('[cove.pcrs.sha256]\n24 = "00"\n', "index must be from 0 to 23"),
+        ("[[cove.signers]]\nproduct_id = 1\n", "names no signer"),
+        ('[cove]\nek_ca = ["missing.pem"]\n', "cannot read certificate file missing.pem"),
+        ("[snp]\nmin_tcb = {bios = 1}\n", "unknown TCB component"),
+        ("surprise = 1\n", "surprise: unknown setting"),
+        ("not toml at all [", "not valid TOML or JSON"),
+        ("[1, 2]", "a policy must be a table"),
+        ('[cove]\ninit_data_digests = ["' + "00" * 32 + '"]\n', "cove.init_data_digests: not a setting for cove"),
+        ('[sgx.init_data]\nk = ["v"]\n', "sgx.init_data: not a setting for sgx"),
+        ('[tdx]\ninit_data_digests = ["abcd"]\n', "must be a SHA-256, SHA-384 or SHA-512 digest"),
+        ('[snp]\ninit_data = {k = "v"}\n', "snp.init_data.k: must be a list"),
+        ("[snp]\ninit_data = {k = []}\n", "snp.init_data.k: lists no accepted value"),
+        ("[tpm]\ninit_data = []\n", "tpm.init_data: must be a table of data key"),
+    ],
+)
 def test_parse_errors_are_one_clear_line(tmp_path, text, fragment):
     path = tmp_path / "policy.toml"
     path.write_text(text)
@@ -230,26 +265,42 @@ def test_policy_id_is_stable_digest():
 
 
 INIT = bytes.fromhex("ab" * 32)
-INIT_POLICY = ('types = ["tdx", "tpm"]\n[tdx]\ninit_data_digests = ["' + "ab" * 32 + '"]\n'
-               '[tdx.init_data]\n"policy.rego" = ["allow", "allow-all"]\nlevel = [3]\n'
-               '[tpm]\ninit_data_digests = ["' + "ab" * 32 + '"]\n')
+INIT_POLICY = (
+    'types = ["tdx", "tpm"]\n[tdx]\ninit_data_digests = ["' + "ab" * 32 + '"]\n'
+    '[tdx.init_data]\n"policy.rego" = ["allow", "allow-all"]\nlevel = [3]\n'
+    '[tpm]\ninit_data_digests = ["' + "ab" * 32 + '"]\n'
+)
 
 
-@pytest.mark.parametrize("kind, init_data, data, reasons", [
-    ("tdx", INIT, {"policy.rego": "allow-all", "level": 3}, []),
-    ("tpm", INIT, {}, []),
-    ("tdx", None, {}, ["the evidence carries no init-data; the policy requires it"]),
-    ("tpm", None, {}, ["the evidence carries no init-data; the policy requires it"]),
-    ("tdx", b"\xcd" * 32, {"policy.rego": "deny", "level": "3"},
-     ["init-data digest " + "cd" * 32 + " is not one the policy accepts",
-      "init-data data key 'level' has a value the policy does not accept",
-      "init-data data key 'policy.rego' has a value the policy does not accept"]),
-    ("tdx", INIT, {"level": 3}, ["init-data has no data key 'policy.rego'; the policy requires one"]),
-])
+@pytest.mark.parametrize(
+    "kind, init_data, data, reasons",
+    [
+        ("tdx", INIT, {"policy.rego": "allow-all", "level": 3}, []),
+        ("tpm", INIT, {}, []),
+        ("tdx", None, {}, ["the evidence carries no init-data; the policy requires it"]),
+        ("tpm", None, {}, ["the evidence carries no init-data; the policy requires it"]),
+        (
+            "tdx",
+            b"\xcd" * 32,
+            {"policy.rego": "deny", "level": "3"},
+            [
+                "init-data digest " + "cd" * 32 + " is not one the policy accepts",
+                "init-data data key 'level' has a value the policy does not accept",
+                "init-data data key 'policy.rego' has a value the policy does not accept",
+            ],
+        ),
+        ("tdx", INIT, {"level": 3}, ["init-data has no data key 'policy.rego'; the policy requires one"]),
+    ],
+)
 def test_init_data_rules(kind, init_data, data, reasons):
     """Digest and data values of the init-data bound to the evidence; every failing rule is a reason."""
-    claims = ap.Appraisal(evidence_type=kind, measurement=M1, tcb_status="UpToDate" if kind == "tdx" else None,
-                          init_data=init_data, init_data_claims=data)
+    claims = ap.Appraisal(
+        evidence_type=kind,
+        measurement=M1,
+        tcb_status="UpToDate" if kind == "tdx" else None,
+        init_data=init_data,
+        init_data_claims=data,
+    )
     result = evaluate(parse_policy(INIT_POLICY), claims, now=NOW)
     assert result.accepted == (not reasons)
     assert [r.split(" (sha256")[0] for r in result.reasons] == reasons
@@ -278,27 +329,33 @@ def test_policy_text_is_read_up_to_the_cap(tmp_path):
 
 # The real vectors, appraised: the policy reads each verifier's claims.
 
+
 def test_real_sgx_vector_status_needs_the_policy_to_allow_it():
     t = datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)
-    claims = verify_dcap_quote(vector("sgx/quote.bin"), collateral("sgx/collateral.json"),
-                               vector("intel_sgx_root_ca.pem"), t)
+    claims = verify_dcap_quote(
+        vector("sgx/quote.bin"), collateral("sgx/collateral.json"), vector("intel_sgx_root_ca.pem"), t
+    )
     a = ap.from_dcap(claims)
     assert a.evidence_type == "sgx" and len(a.measurement) == 32 and a.tcb_status == "ConfigurationAndSWHardeningNeeded"
     assert not evaluate(default_policy(), a, now=t).accepted
-    policy = parse_policy('[sgx]\ntcb_statuses = ["ConfigurationAndSWHardeningNeeded"]\n'
-                          f'measurements = ["{a.measurement.hex()}"]\ndebug = {str(bool(a.debug)).lower()}\n')
+    policy = parse_policy(
+        '[sgx]\ntcb_statuses = ["ConfigurationAndSWHardeningNeeded"]\n'
+        f'measurements = ["{a.measurement.hex()}"]\ndebug = {str(bool(a.debug)).lower()}\n'
+    )
     assert evaluate(policy, a, now=t).accepted
     json.dumps(ap.summary(a)) and json.dumps(dict(a.claims))
 
 
 def test_real_tdx_vector_up_to_date():
     t = datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)
-    claims = verify_dcap_quote(vector("tdx/quote.bin"), collateral("tdx/collateral.json"),
-                               vector("intel_sgx_root_ca.pem"), t)
+    claims = verify_dcap_quote(
+        vector("tdx/quote.bin"), collateral("tdx/collateral.json"), vector("intel_sgx_root_ca.pem"), t
+    )
     a = ap.from_dcap(claims)
     assert a.evidence_type == "tdx" and len(a.measurement) == 48 and len(a.rtmrs) == 4
-    policy = parse_policy(f'[tdx]\nmeasurements = ["{a.measurement.hex()}"]\ndebug = true\n'
-                          f'rtmrs = {{0 = "{a.rtmrs[0].hex()}"}}\n')
+    policy = parse_policy(
+        f'[tdx]\nmeasurements = ["{a.measurement.hex()}"]\ndebug = true\nrtmrs = {{0 = "{a.rtmrs[0].hex()}"}}\n'
+    )
     assert evaluate(policy, a, now=t).accepted
     other = bytes(48) if a.rtmrs[1] != bytes(48) else b"\x01" * 48
     wrong = parse_policy(f'[tdx]\ndebug = true\nrtmrs = {{1 = "{other.hex()}"}}\n')
@@ -306,12 +363,17 @@ def test_real_tdx_vector_up_to_date():
 
 
 def test_real_snp_vector():
-    claims = verify_snp_report(vector("snp/report.bin"), vector("snp/vcek.der"), vector("snp/ask_ark_milan.pem"),
-                               datetime(2026, 11, 15, tzinfo=timezone.utc))
+    claims = verify_snp_report(
+        vector("snp/report.bin"),
+        vector("snp/vcek.der"),
+        vector("snp/ask_ark_milan.pem"),
+        datetime(2026, 11, 15, tzinfo=timezone.utc),
+    )
     a = ap.from_snp(claims)
     assert a.evidence_type == "snp" and set(a.tcb) >= {"bootloader", "tee", "snp", "microcode"}
-    policy = parse_policy(f'[snp]\nmeasurements = ["{a.measurement.hex()}"]\ndebug = true\n'
-                          f"min_tcb = {{snp = {a.tcb['snp']}}}\n")
+    policy = parse_policy(
+        f'[snp]\nmeasurements = ["{a.measurement.hex()}"]\ndebug = true\nmin_tcb = {{snp = {a.tcb["snp"]}}}\n'
+    )
     assert evaluate(policy, a, now=NOW).accepted
     higher = parse_policy(f"[snp]\ndebug = true\nmin_tcb = {{snp = {a.tcb['snp'] + 1}}}\n")
     assert not evaluate(higher, a, now=NOW).accepted
@@ -319,8 +381,13 @@ def test_real_snp_vector():
 
 def test_real_tpm_vector_nonce_is_exact():
     nonce = vector("tpm/nonce.txt").strip()
-    claims = verify_tpm_quote(vector("tpm/quote_attest.bin"), vector("tpm/quote_sig.bin"),
-                              vector("tpm/quote_pcrs.bin"), vector("tpm/ak_pub.pem"), None)
+    claims = verify_tpm_quote(
+        vector("tpm/quote_attest.bin"),
+        vector("tpm/quote_sig.bin"),
+        vector("tpm/quote_pcrs.bin"),
+        vector("tpm/ak_pub.pem"),
+        None,
+    )
     a = ap.from_tpm(claims)
     assert evaluate(default_policy(), a, nonce=nonce, now=NOW).accepted
     assert not evaluate(default_policy(), a, nonce=nonce[:-1], now=NOW).accepted
@@ -345,7 +412,7 @@ def test_policy_id_covers_the_anchors_bytes_not_their_paths(tmp_path):
     intel, ark = vector("intel_sgx_root_ca.pem"), vector("snp/ask_ark_milan.pem")
     (tmp_path / "root.pem").write_bytes(intel)
     by_path = load_policy(_write(tmp_path, '[sgx]\nroots = ["root.pem"]\n'))
-    inline = parse_policy(f'[sgx]\nroots = [{json.dumps(intel.decode())}]\n')
+    inline = parse_policy(f"[sgx]\nroots = [{json.dumps(intel.decode())}]\n")
     assert by_path.id == inline.id and by_path.id.startswith("sha256:")
     (tmp_path / "root.pem").write_bytes(ark)
     assert load_policy(tmp_path / "policy.toml").id != by_path.id

@@ -67,16 +67,25 @@ def _cert_with(key, evidence: bytes, claims: bytes) -> bytes:
     now = datetime.now(timezone.utc)
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "forged")])
     ext = cbor2.dumps(cbor2.CBORTag(60000, [evidence, claims]))
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.UnrecognizedExtension(ratls.OID_TAGGED_EVIDENCE, ext), critical=False)
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.UnrecognizedExtension(ratls.OID_TAGGED_EVIDENCE, ext), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
 
 
 def test_evidence_cannot_be_moved_to_another_key():
     evidence, _ = ratls.evidence_from_certificate(CERT)
-    original_claims = cbor2.loads(x509.load_pem_x509_certificate(CERT).extensions
-                                  .get_extension_for_oid(ratls.OID_TAGGED_EVIDENCE).value.value).value[1]
+    original_claims = cbor2.loads(
+        x509.load_pem_x509_certificate(CERT).extensions.get_extension_for_oid(ratls.OID_TAGGED_EVIDENCE).value.value
+    ).value[1]
     thief = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(VerificationError, match="pubkey-hash is not the certificate's key"):
         ratls.evidence_from_certificate(_cert_with(thief, evidence, original_claims))
@@ -94,22 +103,35 @@ def test_gramine_style_self_signed_certificate_and_other_hashes():
         assert ratls.verify_certificate(cert, policy()).accepted
 
 
-@pytest.mark.parametrize("ext_value, fragment", [
-    (cbor2.dumps([b"", b""]), "not CBOR tag 60000"),
-    (cbor2.dumps(cbor2.CBORTag(60000, [b"x"])), "[evidence, claims]"),
-    (cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([2, b"x"])})])), "hash id"),
-    (cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([[1], b"x"])})])),
-     "hash id"),  # an unhashable hash id raised TypeError
-    (b"\xff\xff", "not valid CBOR"),
-])
+@pytest.mark.parametrize(
+    "ext_value, fragment",
+    [
+        (cbor2.dumps([b"", b""]), "not CBOR tag 60000"),
+        (cbor2.dumps(cbor2.CBORTag(60000, [b"x"])), "[evidence, claims]"),
+        (cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([2, b"x"])})])), "hash id"),
+        (
+            cbor2.dumps(cbor2.CBORTag(60000, [b"x", cbor2.dumps({"pubkey-hash": cbor2.dumps([[1], b"x"])})])),
+            "hash id",
+        ),  # an unhashable hash id raised TypeError
+        (b"\xff\xff", "not valid CBOR"),
+    ],
+)
 def test_malformed_extensions(ext_value, fragment):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "bad")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.UnrecognizedExtension(ratls.OID_TAGGED_EVIDENCE, ext_value), critical=False)
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.UnrecognizedExtension(ratls.OID_TAGGED_EVIDENCE, ext_value), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
     with pytest.raises(VerificationError) as err:
         ratls.evidence_from_certificate(cert)
     assert fragment in err.value.message
@@ -118,12 +140,15 @@ def test_malformed_extensions(ext_value, fragment):
 _DER = x509.load_pem_x509_certificate(CERT).public_bytes(serialization.Encoding.DER)
 
 
-@pytest.mark.parametrize("old, new, kind", [
-    (b"\x06\x03\x55\x1d\x0f", b"\x06\x03\x55\x1d\x13", "DuplicateExtension"),  # keyUsage -> basicConstraints
-    (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d0209"), "UnsupportedAlgorithm"),  # unknown key type
-    (b"\x30\x82", b"\x31\x82", "ValueError"),  # the outer SEQUENCE is a SET
-    (b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x2d", "InvalidVersion"),  # X.509 version 46
-])
+@pytest.mark.parametrize(
+    "old, new, kind",
+    [
+        (b"\x06\x03\x55\x1d\x0f", b"\x06\x03\x55\x1d\x13", "DuplicateExtension"),  # keyUsage -> basicConstraints
+        (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d0209"), "UnsupportedAlgorithm"),  # unknown key type
+        (b"\x30\x82", b"\x31\x82", "ValueError"),  # the outer SEQUENCE is a SET
+        (b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x2d", "InvalidVersion"),  # X.509 version 46
+    ],
+)
 def test_a_malformed_certificate_is_a_rejection_naming_the_parser_failure(old: bytes, new: bytes, kind: str) -> None:
     """Each of cryptography's documented failures is caught by name (the old bare except caught everything)."""
     assert old in _DER
@@ -132,6 +157,7 @@ def test_a_malformed_certificate_is_a_rejection_naming_the_parser_failure(old: b
 
 
 # -- real TLS on loopback
+
 
 class Server:
     """A one-connection-at-a-time TLS server in a thread: greets accepted peers, records rejections."""
@@ -174,6 +200,7 @@ def server():
         s = Server(ctx)
         made.append(s)
         return s
+
     yield start
     for s in made:
         s.close()
@@ -227,10 +254,25 @@ def test_openssl_s_client_as_the_attested_peer(server, tmp_path):
     for name, cert, key in (("good", CERT, CERT_KEY), ("bad", BAD_CERT, BAD_KEY)):
         (tmp_path / f"{name}.pem").write_bytes(cert)
         (tmp_path / f"{name}.key").write_bytes(key)
+
     def s_client(name):
-        return subprocess.run([openssl, "s_client", "-connect", f"127.0.0.1:{s.port}", "-quiet",
-                               "-cert", str(tmp_path / f"{name}.pem"), "-key", str(tmp_path / f"{name}.key")],
-                              input=b"x", capture_output=True, timeout=30)
+        return subprocess.run(
+            [
+                openssl,
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{s.port}",
+                "-quiet",
+                "-cert",
+                str(tmp_path / f"{name}.pem"),
+                "-key",
+                str(tmp_path / f"{name}.key"),
+            ],
+            input=b"x",
+            capture_output=True,
+            timeout=30,
+        )
+
     assert b"hello from the enclave" in s_client("good").stdout
     assert b"hello from the enclave" not in s_client("bad").stdout
     deadline = time.monotonic() + 10  # the server thread records the refusal after the client is gone
@@ -250,9 +292,22 @@ def s_server(tmp_path):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        proc = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tmp_path / "srv.pem"),
-                                 "-key", str(tmp_path / "srv.key"), "-quiet"],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                openssl,
+                "s_server",
+                "-accept",
+                f"127.0.0.1:{port}",
+                "-cert",
+                str(tmp_path / "srv.pem"),
+                "-key",
+                str(tmp_path / "srv.key"),
+                "-quiet",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -261,6 +316,7 @@ def s_server(tmp_path):
                     return port
             time.sleep(0.05)
         raise AssertionError("openssl s_server did not start")
+
     yield start
     for proc in procs:
         proc.kill()

@@ -15,8 +15,10 @@ SGX_T = "2025-06-19T12:56:11Z"  # one hour after the TCB info's issueDate
 TDX_T = "2025-06-19T12:16:03Z"
 
 
-@pytest.mark.parametrize("path, kind", [("sgx/quote.bin", "sgx"), ("tdx/quote.bin", "tdx"), ("snp/report.bin", "snp"),
-                                        ("tpm/quote_attest.bin", "tpm")])
+@pytest.mark.parametrize(
+    "path, kind",
+    [("sgx/quote.bin", "sgx"), ("tdx/quote.bin", "tdx"), ("snp/report.bin", "snp"), ("tpm/quote_attest.bin", "tpm")],
+)
 def test_detect(path, kind):
     assert verifier.detect((VECTORS / path).read_bytes()) == kind
 
@@ -56,8 +58,14 @@ def test_tdx(cove, tmp_path):
     policy = write_policy(tmp_path, f'[tdx]\nmeasurements = ["{"00" * 48}"]\n')
     other = cove(*args, "--time", TDX_T, "--policy", policy)
     assert other.returncode == 6 and f"measurement {mrtd} is not one the policy accepts" in error_line(other)
-    outdated = cove("verify", VECTORS / "tdx/quote_outdated.bin", "--collateral", VECTORS / "tdx/collateral_outdated.json",
-                    "--time", "2026-02-18T11:58:51Z")
+    outdated = cove(
+        "verify",
+        VECTORS / "tdx/quote_outdated.bin",
+        "--collateral",
+        VECTORS / "tdx/collateral_outdated.json",
+        "--time",
+        "2026-02-18T11:58:51Z",
+    )
     assert outdated.returncode == 5 and "matches no TCB level" in error_line(outdated)
     today = cove(*args)
     assert today.returncode == 5 and "expired at" in error_line(today)
@@ -74,14 +82,24 @@ def test_snp(cove, tmp_path):
     assert low.returncode == 6 and "TCB snp level 5 is below the policy's minimum 6" in error_line(low)
     genoa = cove(*args, "--ask-ark", VECTORS / "snp/ask_ark_genoa.pem", "--policy", policy)
     assert genoa.returncode == 5 and error_line(genoa).startswith("cove: error: snp: ")
-    expired = cove("verify", VECTORS / "snp/report.bin", "--vcek", VECTORS / "snp/vcek.der", "--time", "2031-01-01T00:00:00Z")
+    expired = cove(
+        "verify", VECTORS / "snp/report.bin", "--vcek", VECTORS / "snp/vcek.der", "--time", "2031-01-01T00:00:00Z"
+    )
     assert expired.returncode == 5 and "expired at" in error_line(expired)
 
 
 def test_tpm(cove):
     nonce = (VECTORS / "tpm/nonce.txt").read_bytes().strip()
-    args = ["verify", VECTORS / "tpm/quote_attest.bin", "--tpm-sig", VECTORS / "tpm/quote_sig.bin",
-            "--tpm-pcrs", VECTORS / "tpm/quote_pcrs.bin", "--ak", VECTORS / "tpm/ak_pub.pem"]
+    args = [
+        "verify",
+        VECTORS / "tpm/quote_attest.bin",
+        "--tpm-sig",
+        VECTORS / "tpm/quote_sig.bin",
+        "--tpm-pcrs",
+        VECTORS / "tpm/quote_pcrs.bin",
+        "--ak",
+        VECTORS / "tpm/ak_pub.pem",
+    ]
     result = json.loads(cove.ok(*args, "--nonce", nonce.hex(), "--json").stdout)
     assert result["evidence_type"] == "tpm" and "16" in result["claims"]["pcrs"]["sha256"]
     # extraData is signed evidence: a wrong nonce is invalid evidence (exit 5), never "valid" then refused.
@@ -92,14 +110,20 @@ def test_tpm(cove):
     assert as_json["valid"] is False and "extraData" in as_json["error"]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["verify", "/nonexistent"], "evidence /nonexistent: not found"),
-    (["verify", "{v}/sgx/quote.bin"], "sgx: no collateral given"),
-    (["verify", "{v}/sgx/quote.bin", "--collateral", "{v}/sgx/collateral.json", "--time", "yesterday"], "not an ISO 8601"),
-    (["verify", "{v}/sgx/quote.bin", "--nonce", "xyz"], "--nonce xyz: not hex"),
-    (["verify", "{v}/README.md"], "evidence type not recognized"),
-    (["verify", "{v}/sgx/quote.bin", "--policy", "/nonexistent.toml"], "policy /nonexistent.toml: not found"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["verify", "/nonexistent"], "evidence /nonexistent: not found"),
+        (["verify", "{v}/sgx/quote.bin"], "sgx: no collateral given"),
+        (
+            ["verify", "{v}/sgx/quote.bin", "--collateral", "{v}/sgx/collateral.json", "--time", "yesterday"],
+            "not an ISO 8601",
+        ),
+        (["verify", "{v}/sgx/quote.bin", "--nonce", "xyz"], "--nonce xyz: not hex"),
+        (["verify", "{v}/README.md"], "evidence type not recognized"),
+        (["verify", "{v}/sgx/quote.bin", "--policy", "/nonexistent.toml"], "policy /nonexistent.toml: not found"),
+    ],
+)
 def test_user_errors_are_one_line(cove, args, fragment):
     result = cove(*[a.format(v=VECTORS) for a in args])
     assert result.returncode != 0
@@ -109,22 +133,35 @@ def test_user_errors_are_one_line(cove, args, fragment):
 def test_json_output_on_invalid_evidence(cove):
     result = cove("verify", VECTORS / "sgx/quote.bin", "--collateral", VECTORS / "sgx/collateral.json", "--json")
     assert result.returncode == 5
-    assert json.loads(result.stdout) == {"valid": False, "accepted": False, "error": error_line(result)[len("cove: error: "):]}
+    assert json.loads(result.stdout) == {
+        "valid": False,
+        "accepted": False,
+        "error": error_line(result)[len("cove: error: ") :],
+    }
 
 
-@pytest.mark.parametrize("args, code, fragment", [
-    (["verify", "/dev/zero"], 5, "evidence /dev/zero: larger than 4 MiB"),
-    (["verify", "-"], 5, "evidence -: larger than 4 MiB"),
-    (["verify", "{v}/snp/report.bin", "--vcek", "/dev/zero"], 5, "VCEK /dev/zero: larger than 4 MiB"),
-    (["verify", "{v}/sgx/quote.bin", "--collateral", "/dev/zero"], 5, "collateral /dev/zero: larger than 4 MiB"),
-    (["verify", "{v}/snp/report.bin", "--policy", "/dev/zero"], 2, "policy /dev/zero: larger than 1 MiB"),
-])
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (["verify", "/dev/zero"], 5, "evidence /dev/zero: larger than 4 MiB"),
+        (["verify", "-"], 5, "evidence -: larger than 4 MiB"),
+        (["verify", "{v}/snp/report.bin", "--vcek", "/dev/zero"], 5, "VCEK /dev/zero: larger than 4 MiB"),
+        (["verify", "{v}/sgx/quote.bin", "--collateral", "/dev/zero"], 5, "collateral /dev/zero: larger than 4 MiB"),
+        (["verify", "{v}/snp/report.bin", "--policy", "/dev/zero"], 2, "policy /dev/zero: larger than 1 MiB"),
+    ],
+)
 def test_endless_inputs_are_capped_while_reading(cove, args, code, fragment):
     """`cove verify /dev/zero` returns at once: inputs are read up to a cap, never to their end."""
     import subprocess
 
     with open("/dev/zero", "rb") as zero:
-        result = subprocess.run(cove.popen_args(*[a.format(v=VECTORS) for a in args]), stdin=zero,
-                                capture_output=True, text=True, timeout=30, env=cove.env)
+        result = subprocess.run(
+            cove.popen_args(*[a.format(v=VECTORS) for a in args]),
+            stdin=zero,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=cove.env,
+        )
     assert result.returncode == code, result.stderr
     assert fragment in error_line(result)

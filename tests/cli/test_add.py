@@ -20,8 +20,9 @@ def libs(tmp_path_factory):
     (base / "foo.c").write_text("int foo(void) { return 1; }\n")
     (base / "need.c").write_text("int foo(void); int need(void) { return foo(); }\n")
     subprocess.run([gcc, "-shared", "-fPIC", "-o", base / "libfoo.so", base / "foo.c"], check=True)
-    subprocess.run([gcc, "-shared", "-fPIC", "-o", base / "libneed.so", base / "need.c", "-L", base, "-lfoo"],
-                   check=True)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-o", base / "libneed.so", base / "need.c", "-L", base, "-lfoo"], check=True
+    )
     return base
 
 
@@ -44,15 +45,22 @@ def test_a_missing_library_is_noted_once(cove, tmp_path, libs, with_foo):
     if with_foo:  # the tree brings it along (a JDK's lib/server/libjvm.so): nothing to say
         assert notes == []
     else:
-        assert notes == [f"note: libfoo.so not found on this host, needed by 3 files in {tree}; "
-                         "fine if the program loads it itself"]
+        assert notes == [
+            f"note: libfoo.so not found on this host, needed by 3 files in {tree}; fine if the program loads it itself"
+        ]
     assert (tmp_path / "app" / "image" / "opt" / "tree" / "c" / "libneed_c.so").is_file()
 
 
 def _add_on_a_terminal(cwd, env, *args) -> str:
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([COVE, "add", *args], cwd=cwd, env=dict(env, COLUMNS="100"),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    proc = subprocess.Popen(
+        [COVE, "add", *args],
+        cwd=cwd,
+        env=dict(env, COLUMNS="100"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
     os.close(follower)
     seen = b""
     while True:

@@ -13,11 +13,14 @@ def app(cove, probe, tmp_path_factory):
     return make_instance(cove, tmp_path_factory.mktemp("errors"), probe)
 
 
-@pytest.mark.parametrize("section, key, value, words", [
-    ("enclave", "svn", '"three"', "enclave.svn: must be an integer"),
-    ("resources", "memory", '"-1M"', "resources.memory"),
-    ("network", "mode", '"wifi"', "network.mode"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, words",
+    [
+        ("enclave", "svn", '"three"', "enclave.svn: must be an integer"),
+        ("resources", "memory", '"-1M"', "resources.memory"),
+        ("network", "mode", '"wifi"', "network.mode"),
+    ],
+)
 def test_bad_config_is_one_line(cove, tmp_path, section, key, value, words):
     cove.ok("new", "bad", cwd=tmp_path)
     set_option(tmp_path / "bad" / "cove.toml", section, key, value)
@@ -61,8 +64,9 @@ def test_debug_shell_is_refused_in_a_non_debug_enclave(cove, app):
 
 
 def test_debug_shell_opens_in_a_debug_enclave(cove, probe, tmp_path):
-    root = make_instance(cove, tmp_path, probe, options={("enclave", "debug"): "true",
-                                                        ("process", "entry_points"): '["/bin/probe"]'})
+    root = make_instance(
+        cove, tmp_path, probe, options={("enclave", "debug"): "true", ("process", "entry_points"): '["/bin/probe"]'}
+    )
     result = cove("run", "--debug-enclave", "/bin/sh", "-c", "echo inside", cwd=root)
     assert result.returncode == 0 and result.stdout == "inside\n"
     # without --debug the entry points still apply
@@ -107,8 +111,12 @@ def test_unknown_backend(cove, app):
 
 
 def test_missing_host_mount_source(cove, probe, tmp_path):
-    root = make_instance(cove, tmp_path, probe, extra=(
-        '\n[[mounts]]\ntarget = "/data"\ntype = "host"\nsource = "/nonexistent/cove-data"\n'))
+    root = make_instance(
+        cove,
+        tmp_path,
+        probe,
+        extra=('\n[[mounts]]\ntarget = "/data"\ntype = "host"\nsource = "/nonexistent/cove-data"\n'),
+    )
     result = cove("run", "/bin/probe", "exit", "0", cwd=root)
     assert result.returncode == 2
     assert "/nonexistent/cove-data does not exist" in error_line(result)

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import COVE, Cove, require
 
 GROUP = "cove-dtest"  # a group of the tests' own: members may use the test daemon's socket
-HELLO = r'''#include <stdio.h>
+HELLO = r"""#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 #include <signal.h>
@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     if (argc > 1) sleep(atoi(argv[1]));
     return argc > 2 ? atoi(argv[2]) : 0;
 }
-'''
+"""
 
 
 class Node:
@@ -56,10 +56,24 @@ class Node:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([COVE, "daemon", "--root", str(self.root), "--socket", self.socket,
-                                             "--group", GROUP, "--metrics", self.metrics, *self.extra_args],
-                                            stdout=log, stderr=log,
-                                            env=self.cove.env)
+            self.process = subprocess.Popen(
+                [
+                    COVE,
+                    "daemon",
+                    "--root",
+                    str(self.root),
+                    "--socket",
+                    self.socket,
+                    "--group",
+                    GROUP,
+                    "--metrics",
+                    self.metrics,
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=log,
+                env=self.cove.env,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -92,8 +106,9 @@ class Node:
                 answer += chunk
                 if b"\r\n\r\n" in answer:
                     head, _, body = answer.partition(b"\r\n\r\n")
-                    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n")
-                              if h.lower().startswith(b"content-length")]
+                    length = [
+                        int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+                    ]
                     if length and len(body) >= length[0]:
                         break
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -188,6 +203,7 @@ def shut_down(node: Node) -> None:
             pass
     try:  # and the node's /dev/attestation server
         from cove.daemon.attestation import request
+
         os.kill(request(str(node.root / "attestation.sock"), {"op": "status"}, timeout=5)["pid"], signal.SIGTERM)
         time.sleep(0.5)
     except (OSError, ValueError, KeyError):

@@ -71,9 +71,19 @@ def test_openapi_document_lists_every_route(node):
     status, document = node.api("GET", "/v1/openapi.json")
     assert status == 200 and document == json.loads(json.dumps(openapi.document()))
     assert document["openapi"].startswith("3.1")
-    for path in ("/v1/enclaves", "/v1/enclaves/{ref}", "/v1/enclaves/{ref}/logs", "/v1/enclaves/{ref}/stop",
-                 "/v1/enclaves/{ref}/kill", "/v1/enclaves/{ref}/wait", "/v1/images", "/v1/images/{id}",
-                 "/v1/events", "/v1/version", "/v1/enclaves/{ref}/exec"):
+    for path in (
+        "/v1/enclaves",
+        "/v1/enclaves/{ref}",
+        "/v1/enclaves/{ref}/logs",
+        "/v1/enclaves/{ref}/stop",
+        "/v1/enclaves/{ref}/kill",
+        "/v1/enclaves/{ref}/wait",
+        "/v1/images",
+        "/v1/images/{id}",
+        "/v1/events",
+        "/v1/version",
+        "/v1/enclaves/{ref}/exec",
+    ):
         assert path in document["paths"]
     import schemathesis  # a test extra: it parses and checks the document as an OpenAPI schema
 
@@ -96,8 +106,13 @@ def _knock(node, uid: int, groups: list[int]) -> str:
     setpriv = require("setpriv")
     group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
     env = {"PYTHONPATH": str(ROOT / "src"), "COVE_DAEMON_SOCKET": node.socket, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([setpriv, f"--reuid={uid}", f"--regid={uid}", group_option, "--",
-                           "/usr/bin/python3", "-c", KNOCK], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [setpriv, f"--reuid={uid}", f"--regid={uid}", group_option, "--", "/usr/bin/python3", "-c", KNOCK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -119,10 +134,16 @@ def test_access_only_for_root_and_the_group(node, test_group):
 
 def test_a_member_may_only_start_its_own_instances(node, app, test_group):
     """The daemon runs as root: a member may not have it import an instance the member does not own."""
-    script = KNOCK.replace('call("GET", "/enclaves")', f'call("POST", "/enclaves", {{"instance": "{app}", '
-                                                         '"program": "/bin/hello"})')
+    script = KNOCK.replace(
+        'call("GET", "/enclaves")', f'call("POST", "/enclaves", {{"instance": "{app}", "program": "/bin/hello"}})'
+    )
     setpriv = require("setpriv")
     env = {"PYTHONPATH": str(ROOT / "src"), "COVE_DAEMON_SOCKET": node.socket, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([setpriv, "--reuid=4242", "--regid=4242", f"--groups={test_group}", "--",
-                           "/usr/bin/python3", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [setpriv, "--reuid=4242", "--regid=4242", f"--groups={test_group}", "--", "/usr/bin/python3", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.stdout.strip().startswith("6 ") and "does not belong to uid 4242" in done.stdout

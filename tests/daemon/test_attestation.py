@@ -15,8 +15,9 @@ from tests.conftest import ROOT, require
 def attest_probe(tmp_path_factory):
     require("gcc")
     out = tmp_path_factory.mktemp("attest-probe") / "attest_probe"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(out), str(ROOT / "tests" / "e2e" / "attest_probe.c")], check=True
+    )
     return out
 
 
@@ -45,10 +46,14 @@ def _claims(report_hex: str) -> dict:
 def test_two_enclaves_cannot_speak_for_each_other(node, pair):
     c = node.cove
     alpha, beta = pair
-    script = ("sleep 2; /bin/attest_probe report 00ff; ls -a /dev/attestation/..; "
-              "cat /dev/attestation/../*/report 2>&1 | head -c 0; ls /dev/attestation/../*/ 2>&1; echo end")
-    ids = [c.ok("run", "-d", "--name", f"speak-{i}", "/bin/sh", "-c", script, cwd=root).stdout.strip()
-           for i, root in enumerate(pair)]
+    script = (
+        "sleep 2; /bin/attest_probe report 00ff; ls -a /dev/attestation/..; "
+        "cat /dev/attestation/../*/report 2>&1 | head -c 0; ls /dev/attestation/../*/ 2>&1; echo end"
+    )
+    ids = [
+        c.ok("run", "-d", "--name", f"speak-{i}", "/bin/sh", "-c", script, cwd=root).stdout.strip()
+        for i, root in enumerate(pair)
+    ]
     views = [node.until(ident, "running") for ident in ids]
     # the node's server holds one folder per enclave; root in the host's namespace may look (a second
     # pid namespace, as another enclave would be, is refused once the owner has bound its folder)
@@ -79,14 +84,15 @@ def _scraped(node, outcome: str) -> float:
 
     text = urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10).read().decode()
     prefix = f'cove_attestation_requests_total{{outcome="{outcome}"}} '
-    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def test_another_pid_namespace_is_refused(node, pair):
     c = node.cove
     alpha, _ = pair
-    ident = c.ok("run", "-d", "--name", "owner", "/bin/sh", "-c", "cat /dev/attestation/attestation_type; sleep 60",
-                 cwd=alpha).stdout.strip()
+    ident = c.ok(
+        "run", "-d", "--name", "owner", "/bin/sh", "-c", "cat /dev/attestation/attestation_type; sleep 60", cwd=alpha
+    ).stdout.strip()
     node.until(ident, "running")
     deadline = time.monotonic() + 20
     while "cove" not in c.ok("logs", ident).stdout and time.monotonic() < deadline:
@@ -95,8 +101,11 @@ def test_another_pid_namespace_is_refused(node, pair):
     for p in (node.root / "attestation").iterdir():
         folder = p  # the newest registration
     unshare = require("unshare")
-    outsider = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "cat", str(folder / "attestation_type")],
-                              capture_output=True, text=True)
+    outsider = subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", "cat", str(folder / "attestation_type")],
+        capture_output=True,
+        text=True,
+    )
     assert outsider.returncode != 0 and "Permission denied" in outsider.stderr
     c.ok("rm", "-f", ident)
 

@@ -48,8 +48,9 @@ def snapshot(node, app, pids: set[int]) -> dict:
     return {
         "mounts": sum(1 for line in open("/proc/self/mounts") if any(w in line for w in workdirs)),
         "cgroups": _cgroups(pids),
-        "processes": _processes((str(node.root).encode(), str(app).encode(), b"/bin/hello\x00100",
-                                 *(w.encode() for w in workdirs))),
+        "processes": _processes(
+            (str(node.root).encode(), str(app).encode(), b"/bin/hello\x00100", *(w.encode() for w in workdirs))
+        ),
         "workdirs": sum(1 for p in runtime_dir().iterdir() if p.name.startswith(workdirs)),
         "daemon_fds": len(os.listdir(f"/proc/{daemon}/fd")),
         "daemon_threads": len(os.listdir(f"/proc/{daemon}/task")),
@@ -65,8 +66,11 @@ def test_start_stop_cycles_leak_nothing(node, app):
     before = snapshot(node, app, pids)
     started = time.monotonic()
     for i in range(CYCLES):
-        status, view = node.api("POST", "/v1/enclaves", {"instance": str(app), "program": "/bin/hello",
-                                                         "args": ["100"], "name": f"cycle-{i}"})
+        status, view = node.api(
+            "POST",
+            "/v1/enclaves",
+            {"instance": str(app), "program": "/bin/hello", "args": ["100"], "name": f"cycle-{i}"},
+        )
         assert status == 201, view
         pids.add(view["supervisor_pid"])
         if i % 2:

@@ -36,8 +36,11 @@ def test_journal_is_bounded_and_read_back(tmp_path):
 
 
 def _events(node, since: int = 0) -> list[dict]:
-    return [json.loads(line) for line in
-            node.cove.ok("events", "--since", str(since), "--no-follow").stdout.splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in node.cove.ok("events", "--since", str(since), "--no-follow").stdout.splitlines()
+        if line.strip()
+    ]
 
 
 def _state(node, ident: str) -> dict:
@@ -71,7 +74,7 @@ def test_events_survive_kill_9_of_the_daemon(node, app):
         assert time.monotonic() < deadline, _events(node, last)
         time.sleep(0.1)
     after = _events(node)
-    assert after[:len(before)] == before  # the same events, the same numbers
+    assert after[: len(before)] == before  # the same events, the same numbers
     new = _events(node, last)
     assert all(e["seq"] > last for e in new) and [e["seq"] for e in new] == sorted(e["seq"] for e in new)
     codes = {e["id"]: e["exit_code"] for e in new if e["action"] == "die"}
@@ -113,11 +116,14 @@ def test_changes_while_down_are_compared_with_the_journal(tmp_path):
     first.emit("enclave", "remove", "d" * 64)
     first.close()
     again = Events(journal)
-    folders = _Folders([_Seen("a" * 64, "running", 2, 1), _Seen("b" * 64, "exited", 0, 9),
-                        _Seen("c" * 64, "exited", 0, 0)])
+    folders = _Folders(
+        [_Seen("a" * 64, "running", 2, 1), _Seen("b" * 64, "exited", 0, 9), _Seen("c" * 64, "exited", 0, 0)]
+    )
     notice(folders, again)
     new = again.after(6)
     assert [(e["action"], e["id"][0], e.get("restarts"), e.get("exit_code")) for e in new] == [
-        ("restart", "a", 2, 1), ("die", "b", 0, 9)]  # c had died already: no second die
+        ("restart", "a", 2, 1),
+        ("die", "b", 0, 9),
+    ]  # c had died already: no second die
     notice(folders, again)
     assert again.after(6) == new  # nothing new at the next look

@@ -122,9 +122,12 @@ def _fds(pid: int) -> int:
 def test_output_streams_and_a_client_that_leaves_leaks_nothing(node, running):
     assert node.process is not None
     before = _fds(node.process.pid)
-    client = subprocess.Popen([COVE, "exec", running, "/bin/sh", "-c",
-                               "echo first; echo err >&2; sleep 31337; echo never"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=node.cove.env)
+    client = subprocess.Popen(
+        [COVE, "exec", running, "/bin/sh", "-c", "echo first; echo err >&2; sleep 31337; echo never"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=node.cove.env,
+    )
     assert client.stdout is not None and client.stderr is not None
     assert client.stdout.readline() == b"first\n"  # the first line, while the program still runs
     assert client.stderr.readline() == b"err\n"
@@ -176,9 +179,13 @@ def test_refusals(node, running, shell_app):
 
 
 def test_a_user_outside_the_group_is_refused(node, running):
-    refused = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                              COVE, "exec", "-it", running, "/bin/sh"],
-                             capture_output=True, text=True, env=node.cove.env, timeout=60)
+    refused = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", COVE, "exec", "-it", running, "/bin/sh"],
+        capture_output=True,
+        text=True,
+        env=node.cove.env,
+        timeout=60,
+    )
     assert refused.returncode == 6, refused.stderr
     assert "permission denied" in error_line(refused) or GROUP in error_line(refused)
 
@@ -193,9 +200,12 @@ def test_malformed_frames_end_the_session(node, running):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(30)
             sock.connect(node.socket)
-            sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                         f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             head = b""
             while b"\r\n\r\n" not in head:
                 head += sock.recv(1)
@@ -221,8 +231,15 @@ def broker(tmp_path):
     from tests.e2e.test_kbs_provisioning import COVE_POLICY
 
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    running = EmbeddedBroker(Broker(Settings(db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32),
-                                             attestation_policy=COVE_POLICY)), cert, key).start()
+    running = EmbeddedBroker(
+        Broker(
+            Settings(
+                db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32), attestation_policy=COVE_POLICY
+            )
+        ),
+        cert,
+        key,
+    ).start()
     admin_key = jwk.generate_key("EC", "P-256")
     running.broker.bootstrap_admin("root", admin_key.as_dict(private=False))
     admin = kbs_client.AdminClient(running.url, admin_key, "root", ca, running.broker.audience)
@@ -242,8 +259,9 @@ def test_exec_gets_the_provisioned_secrets(node, broker, tmp_path):
     token = "tok-" + os.urandom(12).hex()
     broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
     broker.admin.create_secret("app/api/token", "data", "app", value=token.encode())
-    ident = c.ok("run", "-d", "/bin/sh", "-c", '[ -n "$API_TOKEN" ] && echo has-token; sleep 600',
-                 cwd=instance).stdout.strip()
+    ident = c.ok(
+        "run", "-d", "/bin/sh", "-c", '[ -n "$API_TOKEN" ] && echo has-token; sleep 600', cwd=instance
+    ).stdout.strip()
     node.until(ident, "running")
     deadline = time.monotonic() + 30
     while "has-token" not in c.ok("logs", ident).stdout:
@@ -271,8 +289,12 @@ def test_exec_gets_the_provisioned_secrets(node, broker, tmp_path):
 
 
 def test_kill_9_of_the_daemon_mid_exec_leaves_nothing(node, running):
-    client = subprocess.Popen([COVE, "exec", running, "/bin/sh", "-c", "echo up; sleep 31339"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=node.cove.env)
+    client = subprocess.Popen(
+        [COVE, "exec", running, "/bin/sh", "-c", "echo up; sleep 31339"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=node.cove.env,
+    )
     assert client.stdout is not None and client.stdout.readline() == b"up\n"
     deadline = time.monotonic() + 20
     while not _host_processes(b"sleep\x0031339"):
@@ -289,16 +311,19 @@ def test_kill_9_of_the_daemon_mid_exec_leaves_nothing(node, running):
     assert node.state(running)["state"] == "running"  # the enclave itself goes on
 
 
-@pytest.mark.parametrize("body", [
-    {"argv": ["/bin/sh"], "tty": "yes"},
-    {"argv": ["/bin/sh"], "stdin": 1},
-    {"argv": ["/bin/sh"], "tty": True, "rows": -1},
-    {"argv": ["/bin/sh"], "tty": True, "cols": 70000},
-    {"argv": ["/bin/sh"], "rows": True},
-    {"argv": ["/bin/sh", "x" * 70000]},
-    {"argv": ["/bin/sh\u0000"]},
-    {"argv": "/bin/sh"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"argv": ["/bin/sh"], "tty": "yes"},
+        {"argv": ["/bin/sh"], "stdin": 1},
+        {"argv": ["/bin/sh"], "tty": True, "rows": -1},
+        {"argv": ["/bin/sh"], "tty": True, "cols": 70000},
+        {"argv": ["/bin/sh"], "rows": True},
+        {"argv": ["/bin/sh", "x" * 70000]},
+        {"argv": ["/bin/sh\u0000"]},
+        {"argv": "/bin/sh"},
+    ],
+)
 def test_hostile_exec_requests_are_refused_before_the_upgrade(node, running, body):
     import json
     import socket
@@ -307,9 +332,12 @@ def test_hostile_exec_requests_are_refused_before_the_upgrade(node, running, bod
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.connect(node.socket)
-        sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                     f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        sock.sendall(
+            f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            f"Upgrade: cove-exec/1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -368,18 +396,19 @@ def test_the_exec_program_has_no_capabilities_left(node, shell_app, tmp_path):
     assert done.stdout.splitlines()[-1] == "1000"
     fields = dict(line.split(" ", 1) for line in done.stdout.splitlines()[:-1])
     assert {k: v for k, v in fields.items() if k.startswith("Cap")} == {
-        k: "0000000000000000" for k in ("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")}, done.stdout
+        k: "0000000000000000" for k in ("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")
+    }, done.stdout
     assert fields["NoNewPrivs:"] == "1"
 
 
-SPEW = ("x=0123456789abcdef; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; "
-        "while :; do echo $x; done")
+SPEW = "x=0123456789abcdef; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; x=$x$x$x$x$x$x$x$x; while :; do echo $x; done"
 
 
 def test_exec_without_a_stream_is_bounded_and_has_a_deadline(node, running):
     """Endless output: the daemon keeps the first and last bytes only, and kills the program at the deadline."""
-    status, answer = node.api("POST", f"/v1/enclaves/{running}/exec",
-                              {"argv": ["/bin/sh", "-c", f"echo first; {SPEW}"], "timeout": 3})
+    status, answer = node.api(
+        "POST", f"/v1/enclaves/{running}/exec", {"argv": ["/bin/sh", "-c", f"echo first; {SPEW}"], "timeout": 3}
+    )
     assert status == 200, answer
     assert answer["timed_out"] is True and answer["exit_code"] == 137
     assert answer["stdout"].startswith("first\n0123") and answer["stdout_dropped"] > 0
@@ -395,8 +424,11 @@ def _raw_exec(node, running: str, argv: list[str]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(60)
     sock.connect(node.socket)
-    sock.sendall(f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        f"POST /v1/enclaves/{running}/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     return sock
 
 
@@ -445,8 +477,19 @@ def test_window_changes_while_input_is_stuck_do_not_stop_the_output(node, runnin
     if pid == 0:
         try:
             _set_size(0, 24, 80)
-            os.execve(COVE, [COVE, "exec", "-it", running, "/bin/sh", "-c",
-                             "stty -echo; echo ready; sleep 3; echo after-$((40 + 2)); sleep 600"], node.cove.env)
+            os.execve(
+                COVE,
+                [
+                    COVE,
+                    "exec",
+                    "-it",
+                    running,
+                    "/bin/sh",
+                    "-c",
+                    "stty -echo; echo ready; sleep 3; echo after-$((40 + 2)); sleep 600",
+                ],
+                node.cove.env,
+            )
         finally:
             os._exit(120)
     try:

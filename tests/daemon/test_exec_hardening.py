@@ -36,9 +36,13 @@ def _helper(pid: int, spec: dict) -> subprocess.CompletedProcess:
     """Run the exec helper as the daemon does: the spec over a socket pair, never on the command line."""
     parent, child = socket.socketpair()
     with parent, child:
-        process = subprocess.Popen([sys.executable, "-m", "cove.daemon.execin", str(pid), str(child.fileno())],
-                                   pass_fds=(child.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cove.daemon.execin", str(pid), str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         child.close()
         parent.sendall(json.dumps(spec).encode())
         parent.shutdown(socket.SHUT_WR)
@@ -49,12 +53,22 @@ def _helper(pid: int, spec: dict) -> subprocess.CompletedProcess:
 def test_a_reused_pid_is_refused(sleeper):
     """The helper checks the program's start time through one /proc/PID descriptor: another start, no entry."""
     _, pid = sleeper
-    spec = {"argv": ["/bin/hello"], "uid": 65534, "gid": 65534, "cwd": "/", "env": {}, "secret_env": [],
-            "max_open_files": 64, "seccomp": "", "start": process_start(pid) + 1}  # (as if pid were reused)
+    spec = {
+        "argv": ["/bin/hello"],
+        "uid": 65534,
+        "gid": 65534,
+        "cwd": "/",
+        "env": {},
+        "secret_env": [],
+        "max_open_files": 64,
+        "seccomp": "",
+        "start": process_start(pid) + 1,
+    }  # (as if pid were reused)
     done = _helper(pid, spec)
     assert done.returncode == 125, done
-    assert done.stderr.strip() == ("cove: error: cannot enter the enclave: its program is gone "
-                                   f"(process {pid} is no longer the enclave's program)")
+    assert done.stderr.strip() == (
+        f"cove: error: cannot enter the enclave: its program is gone (process {pid} is no longer the enclave's program)"
+    )
     assert "hello" not in done.stdout
 
 
@@ -105,8 +119,13 @@ print(answer.split(b" ")[1].decode())
 def test_membership_is_judged_at_connect(node, test_group):
     os.chmod(node.socket, 0o666)  # (the socket's mode is the first gate; this is the daemon's own check)
     try:
-        done = subprocess.run([sys.executable, "-c", PEER, str(test_group)], capture_output=True, text=True,
-                              env=dict(node.cove.env, PYTHONPATH=str(ROOT / "src")), timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", PEER, str(test_group)],
+            capture_output=True,
+            text=True,
+            env=dict(node.cove.env, PYTHONPATH=str(ROOT / "src")),
+            timeout=60,
+        )
     finally:
         os.chmod(node.socket, 0o660)
     assert done.returncode == 0, done.stderr

@@ -20,19 +20,27 @@ from tests.conftest import error_line
 
 HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3")
 # cove's own entry point, reporting at exit which heavy modules the process imported
-ENTRY = ("import atexit, sys\n"
-         "def report():\n"
-         f"    heavy = sorted(m for m in sys.modules if m.startswith({HEAVY!r}))\n"
-         "    sys.stderr.write('imported: ' + ' '.join(heavy) + '\\n')\n"
-         "atexit.register(report)\n"
-         "from cove.cli import run_main\n"
-         "sys.argv = ['cove', *sys.argv[1:]]\n"
-         "run_main()\n")
+ENTRY = (
+    "import atexit, sys\n"
+    "def report():\n"
+    f"    heavy = sorted(m for m in sys.modules if m.startswith({HEAVY!r}))\n"
+    "    sys.stderr.write('imported: ' + ' '.join(heavy) + '\\n')\n"
+    "atexit.register(report)\n"
+    "from cove.cli import run_main\n"
+    "sys.argv = ['cove', *sys.argv[1:]]\n"
+    "run_main()\n"
+)
 
 
 def cove_reporting(c, *args: str, cwd: Path, env: dict | None = None) -> tuple[int, str, str, list[str]]:
-    proc = subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=cwd, capture_output=True, text=True,
-                          env=dict(c.env, **(env or {})), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(c.env, **(env or {})),
+        timeout=120,
+    )
     lines = proc.stderr.splitlines()
     imported = [ln for ln in lines if ln.startswith("imported:")][-1].split()[1:]
     rest = "\n".join(ln for ln in lines if not ln.startswith("imported:"))
@@ -49,8 +57,9 @@ def test_run_through_the_daemon_imports_nothing_heavy(node, app):
     direct = {"COVE_NO_DAEMON": "1"}
     code, out, _, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app, env=direct)
     assert (code, out) == (4, "hello 3\n") and "click" not in imported and "cove.runtime" in imported
-    code, out, _, imported = cove_reporting(node.cove, "run", "--backend", "sim", "/bin/hello", "0", "4", cwd=app,
-                                            env=direct)
+    code, out, _, imported = cove_reporting(
+        node.cove, "run", "--backend", "sim", "/bin/hello", "0", "4", cwd=app, env=direct
+    )
     assert (code, out) == (4, "hello 3\n") and "click" in imported and "cove.runtime" in imported
 
 
@@ -80,37 +89,43 @@ def test_direct_without_click_fails_as_the_full_cli(cove, app, tmp_path, case):
     assert error_line(plain) == error_line(full) and "Traceback" not in plain.stderr
 
 
-@pytest.mark.parametrize("argv, parsed", [
-    (["run", "/bin/hello"], (".", "/bin/hello", ())),
-    (["-C", "app", "run", "/bin/hello", "-x", "--y", "run"], ("app", "/bin/hello", ("-x", "--y", "run"))),
-    (["-C", "run", "run", "/bin/hello"], ("run", "/bin/hello", ())),
-    (["run"], None),
-    (["run", "-d", "/bin/hello"], None),
-    (["run", "--signer", "00", "/bin/hello"], None),
-    (["run", "--", "/bin/hello"], None),
-    (["--debug", "run", "/bin/hello"], None),
-    (["-Capp", "run", "/bin/hello"], None),
-    (["-C", "", "run", "/bin/hello"], None),
-    (["-C"], None),
-    (["ps"], None),
-    ([], None),
-])
+@pytest.mark.parametrize(
+    "argv, parsed",
+    [
+        (["run", "/bin/hello"], (".", "/bin/hello", ())),
+        (["-C", "app", "run", "/bin/hello", "-x", "--y", "run"], ("app", "/bin/hello", ("-x", "--y", "run"))),
+        (["-C", "run", "run", "/bin/hello"], ("run", "/bin/hello", ())),
+        (["run"], None),
+        (["run", "-d", "/bin/hello"], None),
+        (["run", "--signer", "00", "/bin/hello"], None),
+        (["run", "--", "/bin/hello"], None),
+        (["--debug", "run", "/bin/hello"], None),
+        (["-Capp", "run", "/bin/hello"], None),
+        (["-C", "", "run", "/bin/hello"], None),
+        (["-C"], None),
+        (["ps"], None),
+        ([], None),
+    ],
+)
 def test_only_the_plain_form_is_taken(argv, parsed):
     """Any option goes to the full CLI, which parses and checks it as before."""
     assert _parse(argv) == parsed
 
 
-@pytest.mark.parametrize("toml, encrypted, runs", [
-    ('[enclave]\nname = "a"\n', False, True),
-    ('[enclave]\nname = "a"\nbackend = "sim"\n', False, True),
-    ('[enclave]\nname = "a"\nbackend = "vm"\n', False, False),
-    ('[enclave]\nbackend = ["sim"]\n', False, False),
-    ('enclave = "sim"\n', False, False),
-    ("[enclave\nname = ", False, False),
-    ("\udcff not utf-8", False, False),
-    ('[enclave]\nname = "a"\n', True, False),
-    ("a = " + "[" * 3000 + "]" * 3000 + "\n", False, False),  # deep enough that tomllib recurses out
-])
+@pytest.mark.parametrize(
+    "toml, encrypted, runs",
+    [
+        ('[enclave]\nname = "a"\n', False, True),
+        ('[enclave]\nname = "a"\nbackend = "sim"\n', False, True),
+        ('[enclave]\nname = "a"\nbackend = "vm"\n', False, False),
+        ('[enclave]\nbackend = ["sim"]\n', False, False),
+        ('enclave = "sim"\n', False, False),
+        ("[enclave\nname = ", False, False),
+        ("\udcff not utf-8", False, False),
+        ('[enclave]\nname = "a"\n', True, False),
+        ("a = " + "[" * 3000 + "]" * 3000 + "\n", False, False),  # deep enough that tomllib recurses out
+    ],
+)
 def test_unsure_instances_go_to_the_full_cli(tmp_path, toml, encrypted, runs):
     """A broken or hostile cove.toml, another backend or an encrypted image: the full CLI decides."""
     (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
@@ -156,23 +171,29 @@ def http(status: str, body: bytes) -> bytes:
 VERSION_OK = http("200 OK", b'{"api": "v1"}')
 
 
-@pytest.mark.parametrize("replies, code, line", [
-    # a socket that does not speak HTTP is no daemon: direct mode, as before
-    ([b"SSH-2.0-OpenSSH\r\n"], 0, None),
-    ([b""], 0, None),
-    # the daemon refuses this user: direct mode
-    ([http("403 Forbidden", b'{"detail": "no", "exit_code": 6}')], 0, None),
-    # a daemon that answers, then fails: one line, its exit code, no direct run behind its back
-    ([VERSION_OK, b"garbage\r\n\r\n"], 7, "not answering"),
-    ([VERSION_OK, http("500 Oops", b'{"detail": "boom", "exit_code": 9, "x": [1, 2]}')], 9, "boom"),
-    ([VERSION_OK, http("201 Created", b"not json!")], 7, "not an enclave"),
-    ([VERSION_OK, http("201 Created", b'{"id": ["a"]}')], 7, "not an enclave"),
-    ([VERSION_OK, http("200 OK", b"[" * 100000)], 7, "not an enclave"),
-    ([VERSION_OK, b"HTTP/1.1 201 Created\r\nContent-Length: 1e9\r\n\r\n"], 7, "not answering"),
-    ([VERSION_OK, b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], 7, "broke off"),
-    ([VERSION_OK, http("409 Conflict", b'{"detail": "two\\nlines", "exit_code": 99999, "kind": 5}')], 2,
-     "two lines"),
-])
+@pytest.mark.parametrize(
+    "replies, code, line",
+    [
+        # a socket that does not speak HTTP is no daemon: direct mode, as before
+        ([b"SSH-2.0-OpenSSH\r\n"], 0, None),
+        ([b""], 0, None),
+        # the daemon refuses this user: direct mode
+        ([http("403 Forbidden", b'{"detail": "no", "exit_code": 6}')], 0, None),
+        # a daemon that answers, then fails: one line, its exit code, no direct run behind its back
+        ([VERSION_OK, b"garbage\r\n\r\n"], 7, "not answering"),
+        ([VERSION_OK, http("500 Oops", b'{"detail": "boom", "exit_code": 9, "x": [1, 2]}')], 9, "boom"),
+        ([VERSION_OK, http("201 Created", b"not json!")], 7, "not an enclave"),
+        ([VERSION_OK, http("201 Created", b'{"id": ["a"]}')], 7, "not an enclave"),
+        ([VERSION_OK, http("200 OK", b"[" * 100000)], 7, "not an enclave"),
+        ([VERSION_OK, b"HTTP/1.1 201 Created\r\nContent-Length: 1e9\r\n\r\n"], 7, "not answering"),
+        ([VERSION_OK, b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"], 7, "broke off"),
+        (
+            [VERSION_OK, http("409 Conflict", b'{"detail": "two\\nlines", "exit_code": 99999, "kind": 5}')],
+            2,
+            "two lines",
+        ),
+    ],
+)
 def test_hostile_or_broken_daemon(cove, app, fake_daemon, replies, code, line):
     path, script = fake_daemon
     script.extend(replies)
@@ -215,13 +236,20 @@ def test_ps_without_click_prints_as_the_full_cli(node, app):
         c.ok("rm", "-f", ident)
 
 
-@pytest.mark.parametrize("reply, line", [
-    (http("200 OK", b'{"not": "a list"}'), "not a list of enclaves"),
-    (http("200 OK", b'[{"id": 5}]'), "not a list of enclaves"),
-    (http("200 OK", b'[{"id": "a", "name": "b", "measurement": "c", "backend": "d", "state": "e", "uptime": "x"}]'),
-     "not a list of enclaves"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1,2]\r\nQQ\r\n", "broke off"),
-])
+@pytest.mark.parametrize(
+    "reply, line",
+    [
+        (http("200 OK", b'{"not": "a list"}'), "not a list of enclaves"),
+        (http("200 OK", b'[{"id": 5}]'), "not a list of enclaves"),
+        (
+            http(
+                "200 OK", b'[{"id": "a", "name": "b", "measurement": "c", "backend": "d", "state": "e", "uptime": "x"}]'
+            ),
+            "not a list of enclaves",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1,2]\r\nQQ\r\n", "broke off"),
+    ],
+)
 def test_ps_of_a_hostile_daemon_is_one_line(cove, fake_daemon, tmp_path, reply, line):
     path, script = fake_daemon
     for form in (["ps"], ["-C", str(tmp_path), "ps"]):  # without click, and the full CLI

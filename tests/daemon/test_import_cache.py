@@ -23,8 +23,9 @@ class CountingStore(ImageStore):
         super().__init__(path)
         self.imports = 0
 
-    def import_instance(self, instance: Path, expected_signer: bytes | None = None,
-                        reader: int | None = None) -> tuple[StoredImage, bool]:
+    def import_instance(
+        self, instance: Path, expected_signer: bytes | None = None, reader: int | None = None
+    ) -> tuple[StoredImage, bool]:
         self.imports += 1
         return super().import_instance(instance, expected_signer, reader)
 
@@ -51,8 +52,9 @@ def test_an_unchanged_build_is_imported_once(setup):
     assert store.imports == 2
 
 
-@pytest.mark.parametrize("change", ["rewrite cove.toml", "touch manifest", "replace signature", "add image.enc",
-                                    "other signer"])
+@pytest.mark.parametrize(
+    "change", ["rewrite cove.toml", "touch manifest", "replace signature", "add image.enc", "other signer"]
+)
 def test_any_change_imports_again(setup, change):
     instance, store, cache = setup
     cache.import_instance(instance)

@@ -96,8 +96,7 @@ def test_restart_policy_and_events(node, app):
     assert view["restarts"] == 2 and view["exit_code"] == 3
     assert c.ok("logs", "flaky").stdout.count("hello 3") == 3
     time.sleep(1)  # the watcher notices exits every 0.5 s
-    events = [json.loads(line) for line in
-              c.ok("events", "--since", str(last), "--no-follow").stdout.splitlines()]
+    events = [json.loads(line) for line in c.ok("events", "--since", str(last), "--no-follow").stdout.splitlines()]
     actions = [e["action"] for e in events if e.get("name") == "flaky"]
     assert actions[:2] == ["create", "start"] and "die" in actions
     bad = c("run", "-d", "--restart", "sometimes", "/bin/hello", cwd=app)
@@ -171,8 +170,19 @@ def test_half_registered_enclave_is_dropped_at_restart(node, app):
     from cove.daemon.registry import Registry
 
     node.kill9()
-    Registry(node.root).create({"name": "half", "image": "x", "measurement": "", "signer": "", "backend": "sim",
-                                "program": "/bin/hello", "args": [], "instance": str(app), "restart": "no"})
+    Registry(node.root).create(
+        {
+            "name": "half",
+            "image": "x",
+            "measurement": "",
+            "signer": "",
+            "backend": "sim",
+            "program": "/bin/hello",
+            "args": [],
+            "instance": str(app),
+            "restart": "no",
+        }
+    )
     node.start()
     assert all(v["name"] != "half" for v in node.api("GET", "/v1/enclaves?all=1")[1])
     node.cove.ok("run", "-d", "--name", "half", "/bin/hello", cwd=app)  # and its name is free again
@@ -221,8 +231,14 @@ def test_signals_to_the_client_reach_the_enclave_both_ways(node, app):
     results = []
     for extra in ({}, {"COVE_NO_DAEMON": "1"}):
         env = dict(node.cove.env, **extra)
-        proc = subprocess.Popen(node.cove.popen_args("run", "/bin/hello", "t", "100"), cwd=app, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            node.cove.popen_args("run", "/bin/hello", "t", "100"),
+            cwd=app,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = proc.stdout.readline()  # the program runs
         proc.send_signal(signal.SIGTERM)
         out = proc.stdout.read()  # not communicate(): it would drop what readline() buffered
@@ -231,8 +247,11 @@ def test_signals_to_the_client_reach_the_enclave_both_ways(node, app):
         results.append((proc.returncode, line + out))
     assert results[0] == (40, "hello 2\nto stderr\ngot 15\n"), results  # stderr joins stdout in the log
     assert results[1] == (40, "hello 2\ngot 15\n"), results  # stderr stays on stderr
-    assert not [v for v in node.api("GET", "/v1/enclaves?all=1")[1] if v["program"] == "/bin/hello"
-                and v["args"] == ["t", "100"]]  # the attached run removed its enclave
+    assert not [
+        v
+        for v in node.api("GET", "/v1/enclaves?all=1")[1]
+        if v["program"] == "/bin/hello" and v["args"] == ["t", "100"]
+    ]  # the attached run removed its enclave
 
 
 def test_what_the_store_does_not_run_runs_directly(node, app, tmp_path):

@@ -32,11 +32,14 @@ def test_rotation_loses_no_line_and_follow_crosses_it(small_node, tmp_path):
     node = small_node
     c = node.cove
     instance = make_instance(c, tmp_path)
-    script = ("sleep 1; i=0; while [ $i -lt %d ]; do echo \"line $i of the rotation test, padded to some length\"; "
-              "i=$((i + 1)); [ $((i %% 50)) -eq 0 ] && sleep 0.05; done; echo end" % LINES)
+    script = (
+        'sleep 1; i=0; while [ $i -lt %d ]; do echo "line $i of the rotation test, padded to some length"; '
+        "i=$((i + 1)); [ $((i %% 50)) -eq 0 ] && sleep 0.05; done; echo end" % LINES
+    )
     ident = c.ok("run", "-d", "/bin/sh", "-c", script, cwd=instance).stdout.strip()
-    follower = subprocess.Popen(c.popen_args("logs", "-f", ident), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=c.env)
+    follower = subprocess.Popen(
+        c.popen_args("logs", "-f", ident), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=c.env
+    )
     out, err = follower.communicate(timeout=120)
     assert follower.returncode == 0, err
     expected = [f"line {i} of the rotation test, padded to some length" for i in range(LINES)] + ["end"]
@@ -49,7 +52,7 @@ def test_rotation_loses_no_line_and_follow_crosses_it(small_node, tmp_path):
         data = (folder / name).read_bytes()
         assert len(data) <= SIZE and data.endswith(b"\n")  # whole lines in each file
     kept = c.ok("logs", ident).stdout.splitlines()
-    assert kept == expected[-len(kept):] and len(kept) > 100  # what is kept: the newest lines, contiguous
+    assert kept == expected[-len(kept) :] and len(kept) > 100  # what is kept: the newest lines, contiguous
     assert c.ok("logs", "--tail", "3", ident).stdout.splitlines() == expected[-3:]
     c.ok("rm", ident)
 
@@ -67,13 +70,19 @@ def test_a_line_longer_than_the_file_and_sizes(tmp_path):
             logfile.parse_size(bad)
 
 
-@pytest.mark.parametrize("option", [["--log-max-size", "10x"], ["--log-max-size", "100"],
-                                    ["--log-max-size", "-5"], ["--log-max-files", "0"]])
+@pytest.mark.parametrize(
+    "option", [["--log-max-size", "10x"], ["--log-max-size", "100"], ["--log-max-size", "-5"], ["--log-max-files", "0"]]
+)
 def test_bad_rotation_options_are_one_line(cove, tmp_path, option):
     from tests.conftest import COVE, error_line
 
-    done = subprocess.run([COVE, "daemon", "--root", str(tmp_path / "r"), "--socket", str(tmp_path / "s"), *option],
-                          capture_output=True, text=True, env=cove.env, timeout=60)
+    done = subprocess.run(
+        [COVE, "daemon", "--root", str(tmp_path / "r"), "--socket", str(tmp_path / "s"), *option],
+        capture_output=True,
+        text=True,
+        env=cove.env,
+        timeout=60,
+    )
     assert done.returncode == 2 and error_line(done).startswith("cove: error:")
     assert not (tmp_path / "s").exists()
 

@@ -89,8 +89,13 @@ def direct(cove, app):
 
 
 def test_running_enclave_dies_with_its_killed_launcher(cove, app, direct):
-    launcher = subprocess.Popen(cove.popen_args("run", "/bin/hello", "100"), cwd=app, env=direct,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        cove.popen_args("run", "/bin/hello", "100"),
+        cwd=app,
+        env=direct,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert launcher.stdout.readline().startswith(b"hello")
     groups = enclave_of(launcher.pid)[1]
     assert groups, "the enclave runs in no cove cgroup"
@@ -109,8 +114,13 @@ def test_launcher_killed_mid_start_leaves_nothing_after_the_next_start(cove, app
     owners: list[int] = []
     groups: set[Path] = set()
     for _ in range(4):
-        launcher = subprocess.Popen(cove.popen_args("run", "/bin/hello", "100"), cwd=app, env=direct,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        launcher = subprocess.Popen(
+            cove.popen_args("run", "/bin/hello", "100"),
+            cwd=app,
+            env=direct,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             groups |= _kill_mid_start(launcher, depth)
         finally:
@@ -127,7 +137,7 @@ def _gone(pid: int) -> bool:
         stat_line = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return True
-    return stat_line[stat_line.rfind(b")") + 2:][:1] in (b"Z", b"X")
+    return stat_line[stat_line.rfind(b")") + 2 :][:1] in (b"Z", b"X")
 
 
 @pytest.fixture
@@ -158,8 +168,13 @@ def dead_owner_groups():
 
     def start(orphaned: bool) -> int:
         if orphaned:  # the shell exits at once: sleep's parent becomes pid 1
-            shell = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], preexec_fn=join,
-                                   capture_output=True, text=True, check=True)
+            shell = subprocess.run(
+                ["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+                preexec_fn=join,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             pid = int(shell.stdout)
         else:
             pid = subprocess.Popen(["sleep", "600"], preexec_fn=join).pid
@@ -207,8 +222,11 @@ def test_supervisor_killed_mid_start_leaves_nothing_for_long(node, app):
     owners: list[int] = []
     groups: set[Path] = set()
     for i in range(4):
-        status, view = node.api("POST", "/v1/enclaves", {"instance": str(app), "program": "/bin/hello",
-                                                         "args": ["100"], "name": f"orphan-{i}"})
+        status, view = node.api(
+            "POST",
+            "/v1/enclaves",
+            {"instance": str(app), "program": "/bin/hello", "args": ["100"], "name": f"orphan-{i}"},
+        )
         assert status == 201, view
         supervisor = view["supervisor_pid"]
         deadline = time.monotonic() + 30

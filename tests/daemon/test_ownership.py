@@ -44,9 +44,24 @@ print(json.dumps(out))
 def _as_member(node, group: int, ref: str, own: str = "-") -> dict:
     setpriv = require("setpriv")
     env = {"PYTHONPATH": str(ROOT / "src"), "COVE_DAEMON_SOCKET": node.socket, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([setpriv, f"--reuid={MEMBER}", f"--regid={MEMBER}", f"--groups={group}", "--",
-                           "/usr/bin/python3", "-c", AS_MEMBER, ref, own], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [
+            setpriv,
+            f"--reuid={MEMBER}",
+            f"--regid={MEMBER}",
+            f"--groups={group}",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            AS_MEMBER,
+            ref,
+            own,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -70,11 +85,27 @@ def test_a_member_cannot_see_or_touch_roots_enclave(node, app, member_app, test_
     node.until(theirs, "running")
     setpriv = require("setpriv")
     env = {"PYTHONPATH": str(ROOT / "src"), "COVE_DAEMON_SOCKET": node.socket, "PATH": "/usr/bin:/bin"}
-    start = ("from cove.daemon.client import Client; import sys; "
-             f"print(Client().call('POST', '/enclaves', {{'instance': '{member_app}', 'program': '/bin/hello', "
-             "'args': ['600']})['id'])")
-    made = subprocess.run([setpriv, f"--reuid={MEMBER}", f"--regid={MEMBER}", f"--groups={test_group}", "--",
-                           "/usr/bin/python3", "-c", start], capture_output=True, text=True, env=env, timeout=120)
+    start = (
+        "from cove.daemon.client import Client; import sys; "
+        f"print(Client().call('POST', '/enclaves', {{'instance': '{member_app}', 'program': '/bin/hello', "
+        "'args': ['600']})['id'])"
+    )
+    made = subprocess.run(
+        [
+            setpriv,
+            f"--reuid={MEMBER}",
+            f"--regid={MEMBER}",
+            f"--groups={test_group}",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            start,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert made.returncode == 0, made.stderr
     own = made.stdout.strip()
     node.until(own, "running")

@@ -130,7 +130,6 @@ def test_no_symbolic_link_is_followed_for_another_user(two, tmp_path, where):
 
 
 def test_import_killed_midway_leaves_nothing(cove, tmp_path):
-
     """kill -9 of an import of a large image: no image, and the next collection removes its leftovers."""
     cove.ok("new", "big", cwd=tmp_path)
     big = tmp_path / "big"
@@ -138,8 +137,7 @@ def test_import_killed_midway_leaves_nothing(cove, tmp_path):
         for _ in range(64):
             handle.write(os.urandom(1 << 20))
     cove.ok("build", cwd=big)
-    code = ("import sys; from cove.image.store import ImageStore; "
-            "ImageStore(sys.argv[1]).import_instance(sys.argv[2])")
+    code = "import sys; from cove.image.store import ImageStore; ImageStore(sys.argv[1]).import_instance(sys.argv[2])"
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store"), str(big)])
     store_tmp = tmp_path / "store" / "tmp"
     deadline = time.monotonic() + 30

@@ -34,5 +34,7 @@ def test_render_refuses_bad_paths():
     for path in ("relative/cove", "/with space/cove", "/a|b/cove"):
         done = subprocess.run([str(RENDER), path], capture_output=True, text=True)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "setup" in (ROOT / "scripts" / "setup").read_text() and "deploy/systemd/render" in \
-        (ROOT / "scripts" / "setup").read_text()
+    assert (
+        "setup" in (ROOT / "scripts" / "setup").read_text()
+        and "deploy/systemd/render" in (ROOT / "scripts" / "setup").read_text()
+    )

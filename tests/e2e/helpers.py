@@ -24,8 +24,15 @@ def set_option(config: Path, section: str, key: str, value: str) -> None:
     raise AssertionError(f"{section}.{key} not found in {config}")
 
 
-def make_instance(cove, parent: Path, probe: Path | None = None, name: str = "app",
-                  options: dict | None = None, extra: str = "", build: bool = True) -> Path:
+def make_instance(
+    cove,
+    parent: Path,
+    probe: Path | None = None,
+    name: str = "app",
+    options: dict | None = None,
+    extra: str = "",
+    build: bool = True,
+) -> Path:
     """cove new + add (probe and shell tools) + options + build; returns the instance folder."""
     cove.ok("new", name, cwd=parent)
     root = parent / name

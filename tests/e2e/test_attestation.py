@@ -170,24 +170,35 @@ def test_tpm_rooted_enclave_evidence(cove, attest_probe, tmp_path, swtpm_env):
     nonce = os.urandom(32)
     evidence = quote(cove, root, swtpm_env, nonce, tmp_path)
     # The runtime the platform measured (the source tree may change under a long test run).
-    runtime = verify_cove_evidence(bytes.fromhex(evidence.read_text()), datetime.now(timezone.utc),
-                                   ek_roots=open(state["tpm"]["ek_root"], "rb").read(),
-                                   ak_roots=open(state["tpm"]["ak_ca_certificate"], "rb").read()).runtime
-    pcrs = "\n".join(f'{i} = "{v}"' for i, v in state["tpm"]["quoted_pcrs"].items() if i.endswith(":0") or i.endswith(":7"))
+    runtime = verify_cove_evidence(
+        bytes.fromhex(evidence.read_text()),
+        datetime.now(timezone.utc),
+        ek_roots=open(state["tpm"]["ek_root"], "rb").read(),
+        ak_roots=open(state["tpm"]["ak_ca_certificate"], "rb").read(),
+    ).runtime
+    pcrs = "\n".join(
+        f'{i} = "{v}"' for i, v in state["tpm"]["quoted_pcrs"].items() if i.endswith(":0") or i.endswith(":7")
+    )
     pcrs = pcrs.replace("sha256:", "")
-    accepted = policy(tmp_path, f'[cove]\nmeasurements = ["{m}"]\nek_ca = ["{state["tpm"]["ek_root"]}"]\n'
-                                f'ak_ca = ["{state["tpm"]["ak_ca_certificate"]}"]\n'
-                                f'runtime_hashes = ["{runtime.hex()}"]\n[cove.pcrs.sha256]\n{pcrs}\n')
+    accepted = policy(
+        tmp_path,
+        f'[cove]\nmeasurements = ["{m}"]\nek_ca = ["{state["tpm"]["ek_root"]}"]\n'
+        f'ak_ca = ["{state["tpm"]["ak_ca_certificate"]}"]\n'
+        f'runtime_hashes = ["{runtime.hex()}"]\n[cove.pcrs.sha256]\n{pcrs}\n',
+    )
     ok = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", accepted)
     assert ok.returncode == 0, ok.stderr
     assert "cove evidence (TPM-rooted)" in ok.stdout
-    wrong_pcr = policy(tmp_path, accepted.read_text().replace(state["tpm"]["quoted_pcrs"]["sha256:7"], "11" * 32),
-                       "pcr.toml")
+    wrong_pcr = policy(
+        tmp_path, accepted.read_text().replace(state["tpm"]["quoted_pcrs"]["sha256:7"], "11" * 32), "pcr.toml"
+    )
     result = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", wrong_pcr)
     assert result.returncode == 6 and "PCR sha256:7 is" in error_line(result)
     other_runtime = policy(tmp_path, accepted.read_text().replace(runtime.hex(), "00" * 32), "runtime.toml")
     result = cove("verify", evidence, "--nonce", nonce.hex(), "--policy", other_runtime)
-    assert result.returncode == 6 and f"Cove runtime {runtime.hex()} is not one the policy accepts" in error_line(result)
+    assert result.returncode == 6 and f"Cove runtime {runtime.hex()} is not one the policy accepts" in error_line(
+        result
+    )
 
 
 def test_python_sdk_inside_an_enclave(cove, tmp_path, env):
@@ -204,14 +215,19 @@ def test_python_sdk_inside_an_enclave(cove, tmp_path, env):
         "print(enclave.attestation_type())\n"
         "print(enclave.get_evidence(nonce).hex())\n"
         "print(enclave.get_seal_key('mrsigner').hex())\n"
-        "try:\n    enclave.get_evidence(bytes(65))\nexcept enclave.AttestationError as e:\n    print('refused:', e)\n")
+        "try:\n    enclave.get_evidence(bytes(65))\nexcept enclave.AttestationError as e:\n    print('refused:', e)\n"
+    )
     cove.ok("add", "--to", "/app", tmp_path / "sdk_app.py", cwd=root)
     cove.ok("add", "--to", "/app/lib", tmp_path / "lib" / "cove", cwd=root)
     set_option(root / "cove.toml", "process", "entry_points", '["/usr/bin/python3.11"]')
     cove.ok("build", cwd=root)
     nonce = os.urandom(24)
     out = cove.ok("run", "/usr/bin/python3.11", "/app/sdk_app.py", nonce.hex(), cwd=root, env=env).stdout.splitlines()
-    assert out[0] == "cove" and len(bytes.fromhex(out[2])) == 16 and out[3].startswith("refused: report data is at most 64")
+    assert (
+        out[0] == "cove"
+        and len(bytes.fromhex(out[2])) == 16
+        and out[3].startswith("refused: report data is at most 64")
+    )
     report = verify_cove_evidence(bytes.fromhex(out[1]), datetime.now(timezone.utc)).report
     assert report.report_data == nonce + bytes(40) and report.measurement.hex() == measurement(cove, root)
 
@@ -229,8 +245,13 @@ def test_the_attestation_server_dies_with_its_launcher(cove, attest_probe, tmp_p
     runtime.mkdir()
     root = build(cove, tmp_path, attest_probe)
     run_env = dict(cove.env, COVE_RUNTIME_DIR=str(runtime), **env)
-    proc = subprocess.Popen([*cove.popen_args("run", "/bin/sh", "-c", "echo up; exec sleep 60")], cwd=root,
-                            env=run_env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cove.popen_args("run", "/bin/sh", "-c", "echo up; exec sleep 60")],
+        cwd=root,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "up\n"
         assert len(_attestation_mounts(runtime)) == 1

@@ -77,16 +77,21 @@ def _commands(body: str) -> list[str]:
 
 
 def script(doc: Path, runnable: list[Block]) -> str:
-    lines = ["set -euo pipefail", f"export PATH={VENV_BIN}:$PATH",
-             "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]  # a broker a block left running
+    lines = [
+        "set -euo pipefail",
+        f"export PATH={VENV_BIN}:$PATH",
+        "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT",
+    ]  # a broker a block left running
     for block in runnable:
         lines.append(f"echo '### {doc.name}:{block.line}' >&2")
         for command in _commands(block.body):
             code, _, comment = command.partition(" # ")
             if comment.strip().startswith("cove: error:"):
-                lines.append(f"if ( {code.strip()} ) 2>\"$DOCTEST_ERR\"; then "
-                             f"echo {shlex.quote('expected to fail: ' + code.strip())} >&2; exit 1; fi")
-                lines.append("grep -q '^cove: error: ' \"$DOCTEST_ERR\" || { cat \"$DOCTEST_ERR\" >&2; exit 1; }")
+                lines.append(
+                    f'if ( {code.strip()} ) 2>"$DOCTEST_ERR"; then '
+                    f"echo {shlex.quote('expected to fail: ' + code.strip())} >&2; exit 1; fi"
+                )
+                lines.append('grep -q \'^cove: error: \' "$DOCTEST_ERR" || { cat "$DOCTEST_ERR" >&2; exit 1; }')
             else:
                 lines.append(command)
     return "\n".join(lines) + "\n"
@@ -109,12 +114,24 @@ def test_doc_runs_as_written(cove, tmp_path, name):
     work = tmp_path / "work"
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
-    env = dict(cove.env, HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
-               COVE_PLATFORM_DIR=str(tmp_path / "platform"),
-               DOCTEST_ERR=str(tmp_path / "stderr"))
+    env = dict(
+        cove.env,
+        HOME=str(tmp_path / "home"),
+        XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
+        COVE_PLATFORM_DIR=str(tmp_path / "platform"),
+        DOCTEST_ERR=str(tmp_path / "stderr"),
+    )
     command = ["bash", "-c", script(doc, runnable)]
     if os.geteuid() == 0:  # a network namespace of its own: the docs' fixed ports (a broker on 8443) never clash
-        command = [require("unshare"), "--net", "--", "bash", "-c",
-                   f"{require('ip')} link set lo up && exec \"$@\"", "doc", *command]
+        command = [
+            require("unshare"),
+            "--net",
+            "--",
+            "bash",
+            "-c",
+            f'{require("ip")} link set lo up && exec "$@"',
+            "doc",
+            *command,
+        ]
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{doc.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -19,8 +19,12 @@ import pytest
 
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance
-from tests.e2e.test_kbs_provisioning import (broker, platform_env, release_to,  # noqa: F401 (fixtures)
-                                             secrets_config)
+from tests.e2e.test_kbs_provisioning import (  # noqa: F401 (fixtures)
+    broker,
+    platform_env,
+    release_to,
+    secrets_config,
+)
 
 SECRET_TEXT = "code and configuration nobody may read at rest"
 READ_SECRET = ("/bin/sh", "-c", "cat /etc/app/secret.conf; ls /scratch >/dev/null && echo scratch-ok")
@@ -126,10 +130,13 @@ def test_insecure_keys_are_refused_for_a_release_enclave(cove, app, platform_env
     assert not (app / "build" / "manifest.cbor").exists() and not (app / "build" / "image.enc").exists()
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("--encrypt-image", "seal:other"), "seal:"),
-    (("--image-key-file", "key.bin"), "--encrypt-image"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--encrypt-image", "seal:other"), "seal:"),
+        (("--image-key-file", "key.bin"), "--encrypt-image"),
+    ],
+)
 def test_bad_encryption_options_get_one_line(cove, app, platform_env, args, expected):
     result = cove("build", *args, cwd=app, env=platform_env)
     assert result.returncode != 0
@@ -139,8 +146,9 @@ def test_bad_encryption_options_get_one_line(cove, app, platform_env, args, expe
 
 def test_kbs_image_key_needs_attestation(cove, app, platform_env):
     (app / "key.bin").write_bytes(os.urandom(16))
-    result = cove("build", "--encrypt-image", "kbs:app/image/key", "--image-key-file", "key.bin",
-                  cwd=app, env=platform_env)
+    result = cove(
+        "build", "--encrypt-image", "kbs:app/image/key", "--image-key-file", "key.bin", cwd=app, env=platform_env
+    )
     assert result.returncode != 0
     assert "[attestation]" in error_line(result)
 
@@ -170,8 +178,12 @@ def test_the_package_ships_only_ciphertext_and_runs(cove, app, platform_env, tmp
     assert SECRET_TEXT.encode() not in payload
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     inspected = json.loads(cove.ok("inspect", "--json", str(out), cwd=tmp_path).stdout)
-    assert inspected["mounts"][0] == {"target": "/", "type": "encrypted-image", "writable": False,
-                                      "key": "seal:mrsigner"}
+    assert inspected["mounts"][0] == {
+        "target": "/",
+        "type": "encrypted-image",
+        "writable": False,
+        "key": "seal:mrsigner",
+    }
     assert "encrypted-image ro (key seal:mrsigner)" in cove.ok("inspect", cwd=app).stdout
     shutil.rmtree(app)
     result = cove.ok("run", "--package", str(out), *READ_SECRET, cwd=tmp_path, env=platform_env)
@@ -189,11 +201,11 @@ def test_a_kbs_image_key_is_released_only_after_attestation(cove, tmp_path, brok
     assert missing.returncode != 0 and "--image-key-file" in error_line(missing)
     key = tmp_path / "image-key.bin"
     key.write_bytes(os.urandom(16))
-    cove.ok("build", "--encrypt-image", "kbs:app/image/key", "--image-key-file", str(key), cwd=root,
-            env=platform_env)
+    cove.ok("build", "--encrypt-image", "kbs:app/image/key", "--image-key-file", str(key), cwd=root, env=platform_env)
     hide_plain_image(root)
-    broker.admin.put_policy("other", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\n'
-                                     'self_certified = true\n')
+    broker.admin.put_policy(
+        "other", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\nself_certified = true\n'
+    )
     broker.admin.create_secret("app/image/key", "data", "other", value=key.read_bytes())
     denied = cove("run", *READ_SECRET, cwd=root, env=platform_env)
     assert denied.returncode != 0 and SECRET_TEXT not in denied.stdout
@@ -215,6 +227,5 @@ def test_provisioned_secrets_reach_a_program_on_an_encrypted_root(cove, tmp_path
     release_to(broker, root)
     broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
     broker.admin.create_secret("app/api/token", "data", "app", value=b"token-1")
-    result = cove.ok("run", "/bin/sh", "-c", 'cat /run/secrets/db; echo; echo "$API_TOKEN"', cwd=root,
-                     env=platform_env)
+    result = cove.ok("run", "/bin/sh", "-c", 'cat /run/secrets/db; echo; echo "$API_TOKEN"', cwd=root, env=platform_env)
     assert result.stdout.splitlines() == ["correct horse", "token-1"]

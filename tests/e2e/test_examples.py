@@ -14,8 +14,7 @@ EXAMPLES = ROOT / "examples"
 
 def test_c_hello(cove, tmp_path):
     require("gcc")
-    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "hello"), str(EXAMPLES / "c-hello" / "hello.c")],
-                   check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "hello"), str(EXAMPLES / "c-hello" / "hello.c")], check=True)
     cove.ok("new", "hello-enclave", cwd=tmp_path)
     root = tmp_path / "hello-enclave"
     cove.ok("add", "../hello", cwd=root)
@@ -38,15 +37,18 @@ def test_python(cove, tmp_path):
     assert out["root"] == ["app", "bin", "dev", "etc", "lib", "lib64", "proc", "root", "tmp", "usr"]
     cove.ok("add", "--sdk", cwd=root)  # the in-enclave SDK where Debian's Python finds it
     cove.ok("build", cwd=root)
-    sdk = cove.ok("run", "/usr/bin/python3.11", "-c", "from cove import enclave; print(enclave.attestation_type())",
-                  cwd=root)
+    sdk = cove.ok(
+        "run", "/usr/bin/python3.11", "-c", "from cove import enclave; print(enclave.attestation_type())", cwd=root
+    )
     assert sdk.stdout in ("cove\n", "none\n")
     # glibc dlopens libgcc_s when a thread is unwound at exit; without it python aborts (134)
     # (20 times, each a fresh interpreter, in one enclave: it aborted one run in three)
-    runs = ("import subprocess, sys\n"
-            "for _ in range(20):\n"
-            "    done = subprocess.run([sys.executable, '/app/threads.py'], capture_output=True, text=True)\n"
-            "    print(done.returncode, done.stdout.strip(), done.stderr.strip())\n")
+    runs = (
+        "import subprocess, sys\n"
+        "for _ in range(20):\n"
+        "    done = subprocess.run([sys.executable, '/app/threads.py'], capture_output=True, text=True)\n"
+        "    print(done.returncode, done.stdout.strip(), done.stderr.strip())\n"
+    )
     result = cove.ok("run", "/usr/bin/python3.11", "-c", runs, cwd=root)
     assert result.stdout.splitlines() == ["0 threads ok "] * 20
 
@@ -66,8 +68,19 @@ def test_shell(cove, tmp_path):
 def test_java(cove, tmp_path):
     javac, jlink = require("javac"), require("jlink")
     subprocess.run([javac, "-d", str(tmp_path / "classes"), str(EXAMPLES / "java" / "Hello.java")], check=True)
-    subprocess.run([jlink, "--add-modules", "java.base", "--strip-debug", "--no-header-files",
-                    "--no-man-pages", "--output", str(tmp_path / "jre")], check=True)
+    subprocess.run(
+        [
+            jlink,
+            "--add-modules",
+            "java.base",
+            "--strip-debug",
+            "--no-header-files",
+            "--no-man-pages",
+            "--output",
+            str(tmp_path / "jre"),
+        ],
+        check=True,
+    )
     cove.ok("new", "java-app", cwd=tmp_path)
     root = tmp_path / "java-app"
     cove.ok("add", "--to", "/opt", "../jre", cwd=root)

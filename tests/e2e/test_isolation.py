@@ -30,17 +30,30 @@ def who(whoever):
 @pytest.fixture(scope="module")
 def app(whoever):
     cove, parent, probe = whoever
-    return make_instance(cove, parent, probe, options={
-        ("resources", "memory"): '"64M"', ("resources", "max_processes"): "16",
-        ("env", "passthrough"): '["COVE_TEST_PASSED"]'})
+    return make_instance(
+        cove,
+        parent,
+        probe,
+        options={
+            ("resources", "memory"): '"64M"',
+            ("resources", "max_processes"): "16",
+            ("env", "passthrough"): '["COVE_TEST_PASSED"]',
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def loopback(whoever):
     """network = "loopback" and [security] io_uring = true."""
     cove, parent, probe = whoever
-    return make_instance(cove, parent, probe, name="loop", options={("network", "mode"): '"loopback"'},
-                         extra="\n[security]\nio_uring = true\n")
+    return make_instance(
+        cove,
+        parent,
+        probe,
+        name="loop",
+        options={("network", "mode"): '"loopback"'},
+        extra="\n[security]\nio_uring = true\n",
+    )
 
 
 def test_host_files_outside_the_image_are_invisible(who, app, tmp_path):
@@ -98,8 +111,7 @@ def test_capability_sets_are_empty_and_no_new_privileges(who, app):
 
 
 def test_host_environment_is_absent(who, app):
-    result = who("run", "/bin/probe", "env", cwd=app,
-                  env={"COVE_TEST_LEAK": "leak", "COVE_TEST_PASSED": "passed"})
+    result = who("run", "/bin/probe", "env", cwd=app, env={"COVE_TEST_LEAK": "leak", "COVE_TEST_PASSED": "passed"})
     assert result.returncode == 0
     names = {line.split("=", 1)[0] for line in result.stdout.splitlines()}
     assert "COVE_TEST_LEAK" not in names
@@ -163,8 +175,13 @@ def test_host_sysctls_cannot_be_written(who, app, name):
 
 
 def test_runc_read_only_and_masked_proc_paths(who, app):
-    for path in ("/proc/sysrq-trigger", "/proc/irq/default_smp_affinity", "/proc/sys/kernel/hostname",
-                 "/proc/bus", "/proc/fs"):
+    for path in (
+        "/proc/sysrq-trigger",
+        "/proc/irq/default_smp_affinity",
+        "/proc/sys/kernel/hostname",
+        "/proc/bus",
+        "/proc/fs",
+    ):
         if os.path.exists(path):
             result = who("run", "/bin/probe", "write", path, cwd=app)
             assert "write: denied" in result.stdout, (path, result.stdout)
@@ -185,9 +202,19 @@ def test_proc_1_cmdline_names_no_host_path(who, app):
     assert "cove-enclave" not in cmdline and str(app) not in cmdline and "--bind" not in cmdline, cmdline
 
 
-@pytest.mark.parametrize("check", [("socket", "inet"), ("socket", "inet6"), ("socket", "packet"),
-                                   ("socket", "netlink"), ("socket", "vsock"), ("socket-high-bits",),
-                                   ("socketpair", "inet"), ("io_uring",)])
+@pytest.mark.parametrize(
+    "check",
+    [
+        ("socket", "inet"),
+        ("socket", "inet6"),
+        ("socket", "packet"),
+        ("socket", "netlink"),
+        ("socket", "vsock"),
+        ("socket-high-bits",),
+        ("socketpair", "inet"),
+        ("io_uring",),
+    ],
+)
 def test_offline_enclaves_cannot_create_network_sockets_or_io_uring(who, app, probe, check):
     result = who("run", "/bin/probe", *check, cwd=app)
     assert result.returncode == 1 and f"{check[0]}: denied" in result.stdout, (result.stdout, result.stderr)

@@ -32,8 +32,15 @@ def devattest(tmp_path, monkeypatch):
     (tmp_path / "platform").mkdir(mode=0o700)
     (tmp_path / "work").mkdir()
     identity = EnclaveIdentity("app", MEASUREMENT, bytes(32), 1, 2, False)
-    ctx = ServiceContext(identity, parse('[enclave]\nname = "app"\n'), "0123456789abcdef", "sim",
-                         "namespaces+seccomp", tmp_path / "state", tmp_path / "work")
+    ctx = ServiceContext(
+        identity,
+        parse('[enclave]\nname = "app"\n'),
+        "0123456789abcdef",
+        "sim",
+        "namespaces+seccomp",
+        tmp_path / "state",
+        tmp_path / "work",
+    )
     service = AttestationService()
     binds = service.start(ctx)
     yield binds[0].host
@@ -42,12 +49,19 @@ def devattest(tmp_path, monkeypatch):
 
 def test_client_with_dev_attestation(devattest, tmp_path):
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    broker = Broker(Settings(db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32),
-                             attestation_policy='types = ["cove"]\n[cove]\nself_certified = true\n'))
-    broker.put_policy("t", "ours", f'types = ["cove"]\n[cove]\nmeasurements = ["{MEASUREMENT.hex()}"]\n'
-                                   'self_certified = true\n')
-    broker.put_policy("t", "theirs", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\n'
-                                     'self_certified = true\n')
+    broker = Broker(
+        Settings(
+            db_url=f"sqlite:///{tmp_path / 'kbs.db'}",
+            master_key=os.urandom(32),
+            attestation_policy='types = ["cove"]\n[cove]\nself_certified = true\n',
+        )
+    )
+    broker.put_policy(
+        "t", "ours", f'types = ["cove"]\n[cove]\nmeasurements = ["{MEASUREMENT.hex()}"]\nself_certified = true\n'
+    )
+    broker.put_policy(
+        "t", "theirs", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\nself_certified = true\n'
+    )
     broker.create_secret("t", "app/db/password", "data", "ours", True, {}, b"from-the-broker")
     broker.create_secret("t", "other/db/password", "data", "theirs", True, {}, b"not-for-us")
     with EmbeddedBroker(broker, cert, key) as server:

@@ -36,8 +36,15 @@ def platform_env(tmp_path):
 @pytest.fixture
 def broker(tmp_path, platform_env):
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    running = EmbeddedBroker(Broker(Settings(db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32),
-                                             attestation_policy=COVE_POLICY)), cert, key).start()
+    running = EmbeddedBroker(
+        Broker(
+            Settings(
+                db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32), attestation_policy=COVE_POLICY
+            )
+        ),
+        cert,
+        key,
+    ).start()
     admin_key = jwk.generate_key("EC", "P-256")
     running.broker.bootstrap_admin("root", admin_key.as_dict(private=False))
     admin = kbs_client.AdminClient(running.url, admin_key, "root", ca, running.broker.audience)
@@ -75,8 +82,9 @@ def measurement(instance: Path) -> str:
 
 
 def release_to(broker, instance: Path, name: str = "app") -> None:
-    broker.admin.put_policy(name, f'types = ["cove"]\n[cove]\nmeasurements = ["{measurement(instance)}"]\n'
-                                  'self_certified = true\n')
+    broker.admin.put_policy(
+        name, f'types = ["cove"]\n[cove]\nmeasurements = ["{measurement(instance)}"]\nself_certified = true\n'
+    )
 
 
 def test_secrets_reach_the_program(cove, tmp_path, broker, platform_env):
@@ -85,9 +93,15 @@ def test_secrets_reach_the_program(cove, tmp_path, broker, platform_env):
     release_to(broker, instance)
     broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
     broker.admin.create_secret("app/api/token", "password", "app", exportable=False)
-    result = cove.ok("run", "/bin/sh", "-c", "cat /run/secrets/db; echo; echo \"token=$API_TOKEN\"; "
-                     "ls -l /run/secrets/db; echo hi > /run/secrets/db 2>/dev/null || echo read-only",
-                     cwd=instance, env=platform_env)
+    result = cove.ok(
+        "run",
+        "/bin/sh",
+        "-c",
+        'cat /run/secrets/db; echo; echo "token=$API_TOKEN"; '
+        "ls -l /run/secrets/db; echo hi > /run/secrets/db 2>/dev/null || echo read-only",
+        cwd=instance,
+        env=platform_env,
+    )
     lines = result.stdout.splitlines()
     assert lines[0] == "correct horse"
     assert lines[1].startswith("token=") and len(lines[1]) == len("token=") + 32
@@ -103,8 +117,9 @@ def test_secrets_reach_the_program(cove, tmp_path, broker, platform_env):
 
 def test_wrong_measurement_program_does_not_start(cove, tmp_path, broker, platform_env):
     instance = make_instance(cove, tmp_path, extra=secrets_config(broker.url, broker.ca))
-    broker.admin.put_policy("other", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\n'
-                                     'self_certified = true\n')
+    broker.admin.put_policy(
+        "other", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\nself_certified = true\n'
+    )
     broker.admin.create_secret("app/db/password", "data", "other", value=b"x")
     broker.admin.create_secret("app/api/token", "data", "other", value=b"y")
     marker = tmp_path / "started"
@@ -118,8 +133,9 @@ def test_wrong_measurement_program_does_not_start(cove, tmp_path, broker, platfo
 
 def test_self_certified_platform_refused_by_default_policy(cove, tmp_path, platform_env):
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    strict = EmbeddedBroker(Broker(Settings(db_url=f"sqlite:///{tmp_path / 'strict.db'}",
-                                            master_key=os.urandom(32))), cert, key).start()
+    strict = EmbeddedBroker(
+        Broker(Settings(db_url=f"sqlite:///{tmp_path / 'strict.db'}", master_key=os.urandom(32))), cert, key
+    ).start()
     try:
         instance = make_instance(cove, tmp_path, extra=secrets_config(strict.url, ca))
         result = cove("run", "/bin/echo", "started", cwd=instance, env=platform_env)
@@ -158,8 +174,9 @@ def test_changed_broker_url_needs_rebuild(cove, tmp_path, broker, platform_env):
 
 def test_debug_enclave_refused(cove, tmp_path, broker, platform_env):
     """A debug enclave's real Cove evidence says debug; the broker's policy refuses it."""
-    instance = make_instance(cove, tmp_path, options={("enclave", "debug"): "true"},
-                             extra=secrets_config(broker.url, broker.ca))
+    instance = make_instance(
+        cove, tmp_path, options={("enclave", "debug"): "true"}, extra=secrets_config(broker.url, broker.ca)
+    )
     release_to(broker, instance)
     broker.admin.create_secret("app/db/password", "data", "app", value=b"x")
     broker.admin.create_secret("app/api/token", "data", "app", value=b"y")
@@ -169,12 +186,12 @@ def test_debug_enclave_refused(cove, tmp_path, broker, platform_env):
     assert "AttestationDeny" in line and "debug enclave" in line
 
 
-VOLUME = '''
+VOLUME = """
 [[mounts]]
 target = "/data"
 type = "encrypted"
 key = "kbs:app/volume/key"
-'''
+"""
 
 
 def test_kbs_volume_key(cove, tmp_path, broker, platform_env):
@@ -193,8 +210,9 @@ def test_kbs_volume_key(cove, tmp_path, broker, platform_env):
     releases = [r["resource"] for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
     assert releases.count("app/volume/key@1") == 2
     # the same policy name now for another measurement: no key, no start
-    broker.admin.put_policy("app", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\n'
-                                   'self_certified = true\n')
+    broker.admin.put_policy(
+        "app", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\nself_certified = true\n'
+    )
     refused = cove("run", "/bin/cat", "/data/ledger.txt", cwd=instance, env=platform_env)
     assert refused.returncode != 0 and "top secret" not in refused.stdout
     assert "PolicyDeny" in error_line(refused)

@@ -54,8 +54,11 @@ def python_bom(folder: Path) -> Path:
     import sysconfig
 
     site = Path(sysconfig.get_paths()["purelib"])
-    entries = ['[[copy]]\nfrom = "/usr/bin/python3.11"\n', '[[copy]]\nfrom = "/usr/lib/python3.11"\n',
-               f'[[copy]]\nfrom = "{Path(cove.__file__).parent}"\nto = "{SITE}"\n']
+    entries = [
+        '[[copy]]\nfrom = "/usr/bin/python3.11"\n',
+        '[[copy]]\nfrom = "/usr/lib/python3.11"\n',
+        f'[[copy]]\nfrom = "{Path(cove.__file__).parent}"\nto = "{SITE}"\n',
+    ]
     entries += [f'[[copy]]\nfrom = "{site / name}"\nto = "{SITE}"\n' for name in names]
     bom = folder / "python.bom"
     bom.write_text("\n".join(entries))
@@ -92,10 +95,20 @@ class EnclaveBroker:
         (self.state / "policy.toml").write_text(tpm_policy([platform], pinned=platform))
         for path in (self.state, *self.state.rglob("*")):  # the enclave's host user (never host root)
             os.chown(path, *hostids.enclave_range().host(0, 0))
-        self.instance = make_instance(cove, base, name="kbs", build=False, options={
-            ("network", "mode"): '"host"',
-            ("env", "default"): f'{{ PATH = "/usr/bin:/bin", HOME = "/root", LANG = "C.UTF-8", PYTHONPATH = "{SITE}" }}'},
-            extra=f'\n[[mounts]]\ntarget = "/state"\ntype = "host"\nsource = "{self.state}"\nwritable = true\n')
+        self.instance = make_instance(
+            cove,
+            base,
+            name="kbs",
+            build=False,
+            options={
+                ("network", "mode"): '"host"',
+                (
+                    "env",
+                    "default",
+                ): f'{{ PATH = "/usr/bin:/bin", HOME = "/root", LANG = "C.UTF-8", PYTHONPATH = "{SITE}" }}',
+            },
+            extra=f'\n[[mounts]]\ntarget = "/state"\ntype = "host"\nsource = "{self.state}"\nwritable = true\n',
+        )
         cove.ok("add", "--bom", python_bom(base), cwd=self.instance)
         set_option(self.instance / "cove.toml", "resources", "memory", '"1G"')
         cove.ok("build", cwd=self.instance, timeout=600)
@@ -107,17 +120,32 @@ class EnclaveBroker:
     def policy(self, folder: Path, measurement: str | None = None) -> Path:
         """A client's policy for this broker: TPM-rooted on this platform, this measurement."""
         path = folder / f"broker-{measurement or self.measurement}.toml"
-        path.write_text(tpm_policy([self.platform], pinned=self.platform)
-                        + f'measurements = ["{measurement or self.measurement}"]\n')
+        path.write_text(
+            tpm_policy([self.platform], pinned=self.platform)
+            + f'measurements = ["{measurement or self.measurement}"]\n'
+        )
         return path
 
     def start(self) -> EnclaveBroker:
-        args = self.cove.popen_args("run", "/usr/bin/python3.11", "-m", "cove", "kbs", "serve", "--state", "/state",
-                                    "--listen", f"127.0.0.1:{self.port}", "--ra-tls",
-                                    "--policy", "/state/policy.toml")
+        args = self.cove.popen_args(
+            "run",
+            "/usr/bin/python3.11",
+            "-m",
+            "cove",
+            "kbs",
+            "serve",
+            "--state",
+            "/state",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--ra-tls",
+            "--policy",
+            "/state/policy.toml",
+        )
         self.handle = open(self.log, "wb")
-        self.proc = subprocess.Popen(args, cwd=self.instance, env=dict(self.cove.env, **self.env),
-                                     stdout=self.handle, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, cwd=self.instance, env=dict(self.cove.env, **self.env), stdout=self.handle, stderr=subprocess.STDOUT
+        )
         wait_for(self.port, self.proc, self.log)
         return self
 
@@ -138,8 +166,9 @@ def enclave_broker(cove, tmp_path_factory):
     try:
         broker = EnclaveBroker(cove, base, platforms.make("tpm")).start()
         try:
-            broker.admin = AdminClient.from_file(broker.url, broker.state / "admin.json",
-                                                 broker_policy=broker.policy(base))
+            broker.admin = AdminClient.from_file(
+                broker.url, broker.state / "admin.json", broker_policy=broker.policy(base)
+            )
             yield broker
             broker.admin.close()
         finally:
@@ -192,8 +221,20 @@ def test_kbs_get_inside_an_enclave_with_dev_attestation(cove, tmp_path, enclave_
     policy = broker.policy(broker.state)  # the client enclave reads it through the /state mount
     broker.admin.put_policy("kbs-image", f'types = ["cove"]\n[cove]\nmeasurements = ["{broker.measurement}"]\n')
     broker.admin.create_secret("app/api/token", "data", "kbs-image", value=b"via /dev/attestation")
-    result = cove.ok("run", "/usr/bin/python3.11", "-m", "cove", "kbs", "get", broker.url, "app/api/token",
-                     "--kbs-policy", f"/state/{policy.name}", cwd=broker.instance, env=broker.env)
+    result = cove.ok(
+        "run",
+        "/usr/bin/python3.11",
+        "-m",
+        "cove",
+        "kbs",
+        "get",
+        broker.url,
+        "app/api/token",
+        "--kbs-policy",
+        f"/state/{policy.name}",
+        cwd=broker.instance,
+        env=broker.env,
+    )
     assert result.stdout == "via /dev/attestation"
     released = [r for r in broker.admin.audit(action="release") if r["resource"] == "app/api/token@1"]
     assert released and released[-1]["outcome"] == "ok" and released[-1]["measurement"] == broker.measurement
@@ -201,8 +242,16 @@ def test_kbs_get_inside_an_enclave_with_dev_attestation(cove, tmp_path, enclave_
 
 def test_kbs_get_refuses_another_measurement(cove, tmp_path, enclave_broker):
     broker = enclave_broker
-    result = cove("kbs", "get", broker.url, "app/db/password", "--tee", "sample",
-                  "--kbs-policy", broker.policy(tmp_path, "ab" * 32))
+    result = cove(
+        "kbs",
+        "get",
+        broker.url,
+        "app/db/password",
+        "--tee",
+        "sample",
+        "--kbs-policy",
+        broker.policy(tmp_path, "ab" * 32),
+    )
     assert result.returncode != 0 and not result.stdout
     line = error_line(result)
     assert "failed RA-TLS verification" in line

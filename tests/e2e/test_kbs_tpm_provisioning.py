@@ -35,9 +35,17 @@ def platforms(tmp_path):
 def tpm_broker(tmp_path, platforms):
     trusted = platforms.make("trusted")
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    running = EmbeddedBroker(Broker(Settings(db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32),
-                                             attestation_policy=tpm_policy([trusted], pinned=trusted))),
-                             cert, key).start()
+    running = EmbeddedBroker(
+        Broker(
+            Settings(
+                db_url=f"sqlite:///{tmp_path / 'kbs.db'}",
+                master_key=os.urandom(32),
+                attestation_policy=tpm_policy([trusted], pinned=trusted),
+            )
+        ),
+        cert,
+        key,
+    ).start()
     admin_key = jwk.generate_key("EC", "P-256")
     running.broker.bootstrap_admin("root", admin_key.as_dict(private=False))
     running.admin = kbs_client.AdminClient(running.url, admin_key, "root", ca, running.broker.audience)
@@ -64,10 +72,13 @@ def test_tpm_rooted_enclave_gets_its_secrets(cove, tmp_path, tpm_broker, platfor
     plain.mkdir(mode=0o700)
     other = platforms.make("other")
     marker = tmp_path / "started"
-    for folder, words in ((plain, ("AttestationDeny", "self-certified")),
-                          (other.dir, ("EvidenceInvalid", "EK certificate chain is not rooted in a trusted CA"))):
-        refused = cove("run", "/bin/sh", "-c", f"echo started > {marker}", cwd=instance,
-                       env={"COVE_PLATFORM_DIR": str(folder)})
+    for folder, words in (
+        (plain, ("AttestationDeny", "self-certified")),
+        (other.dir, ("EvidenceInvalid", "EK certificate chain is not rooted in a trusted CA")),
+    ):
+        refused = cove(
+            "run", "/bin/sh", "-c", f"echo started > {marker}", cwd=instance, env={"COVE_PLATFORM_DIR": str(folder)}
+        )
         assert refused.returncode != 0 and not marker.exists()
         line = error_line(refused)
         assert all(word in line for word in words), line

@@ -20,8 +20,9 @@ def server():
     listener.close()
 
 
-@pytest.mark.parametrize("mode, reaches_host, socket_allowed", [
-    ("none", False, False), ("loopback", False, True), ("host", True, True)])
+@pytest.mark.parametrize(
+    "mode, reaches_host, socket_allowed", [("none", False, False), ("loopback", False, True), ("host", True, True)]
+)
 def test_network_modes(cove, probe, tmp_path, server, mode, reaches_host, socket_allowed):
     root = make_instance(cove, tmp_path, probe, options={("network", "mode"): f'"{mode}"'})
     result = cove("run", "/bin/probe", "connect", str(server), cwd=root)
@@ -35,9 +36,15 @@ def test_host_mounts_are_read_only_unless_writable(cove, probe, tmp_path):
     rw.mkdir()
     os.chown(rw, *hostids.enclave_range().host(0, 0))  # the enclave's host user (never host root)
     (ro / "data.txt").write_text("from the host\n")
-    root = make_instance(cove, tmp_path, probe, extra=(
-        f'\n[[mounts]]\ntarget = "/ro"\ntype = "host"\nsource = "{ro}"\n'
-        f'\n[[mounts]]\ntarget = "/rw"\ntype = "host"\nsource = "{rw}"\nwritable = true\n'))
+    root = make_instance(
+        cove,
+        tmp_path,
+        probe,
+        extra=(
+            f'\n[[mounts]]\ntarget = "/ro"\ntype = "host"\nsource = "{ro}"\n'
+            f'\n[[mounts]]\ntarget = "/rw"\ntype = "host"\nsource = "{rw}"\nwritable = true\n'
+        ),
+    )
     assert cove.ok("run", "/bin/cat", "/ro/data.txt", cwd=root).stdout == "from the host\n"
     denied = cove("run", "/bin/sh", "-c", "echo x > /ro/new", cwd=root)
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr

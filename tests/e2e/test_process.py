@@ -83,13 +83,16 @@ def _break(root, case: str) -> None:
         set_option(root / "cove.toml", "resources", "memory", '"1k"')
 
 
-@pytest.mark.parametrize("case, message", [
-    ("tmp", "/tmp/hello in the image is hidden at run time by the tmpfs mount on /tmp"),
-    ("dev", "/dev/hello in the image is hidden at run time by the dev mount on /dev"),
-    ("mode", "mounts[1].options.mode = '999' is not an octal mode"),
-    ("cwd", "process.cwd = '/nonexistent' is not a folder in the image"),
-    ("memory", "resources.memory is 1024 bytes, below the minimum of 4M"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("tmp", "/tmp/hello in the image is hidden at run time by the tmpfs mount on /tmp"),
+        ("dev", "/dev/hello in the image is hidden at run time by the dev mount on /dev"),
+        ("mode", "mounts[1].options.mode = '999' is not an octal mode"),
+        ("cwd", "process.cwd = '/nonexistent' is not a folder in the image"),
+        ("memory", "resources.memory is 1024 bytes, below the minimum of 4M"),
+    ],
+)
 def test_build_refuses_what_would_fail_in_the_sandbox(cove, unbuilt, tmp_path, case, message):
     root = tmp_path / "app"
     shutil.copytree(unbuilt, root, symlinks=True)
@@ -121,12 +124,16 @@ def test_script_whose_interpreter_is_missing(cove, unbuilt, tmp_path):
     script.write_text("#!/usr/bin/python3 -u\nprint('hi')\n")
     script.chmod(0o755)
     built = cove.ok("build", cwd=root)
-    assert built.stderr.strip() == ("cove: warning: /bin/tool starts with #!/usr/bin/python3, which is not "
-                                    "in the image (add it with `cove add /usr/bin/python3`)")
+    assert built.stderr.strip() == (
+        "cove: warning: /bin/tool starts with #!/usr/bin/python3, which is not "
+        "in the image (add it with `cove add /usr/bin/python3`)"
+    )
     result = cove("run", "/bin/tool", cwd=root)
     assert result.returncode == 126  # not 1, which the program itself might return
-    assert error_line(result) == ("cove: error: /bin/tool needs /usr/bin/python3, which is not in the image "
-                                  "(add it with `cove add /usr/bin/python3` and rebuild)")
+    assert error_line(result) == (
+        "cove: error: /bin/tool needs /usr/bin/python3, which is not in the image "
+        "(add it with `cove add /usr/bin/python3` and rebuild)"
+    )
 
 
 def _read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 20) -> None:

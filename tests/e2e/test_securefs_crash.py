@@ -69,8 +69,13 @@ def _find(pid: int, needle: bytes) -> int | None:
 def run_and_kill(enclave, args: list[str], victim: str, delay: float) -> list[str]:
     """Start the probe in the enclave, wait for 'ready', kill the victim after delay; stdout lines."""
     env = dict(enclave.cove.env, **enclave.env)
-    proc = subprocess.Popen([COVE, "run", PYTHON, "/app/enclave_fsprobe.py", *args], cwd=enclave.root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [COVE, "run", PYTHON, "/app/enclave_fsprobe.py", *args],
+        cwd=enclave.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -110,8 +115,10 @@ def allowed(lines: list[str], known: dict[str, str]) -> dict[str, set[str]]:
             else:
                 last[parts[1]] = parts[2]
                 pending.pop(parts[1], None)
-    return {name: {last.get(name, "absent")} | ({pending[name]} if name in pending else set())
-            for name in set(last) | set(pending)}
+    return {
+        name: {last.get(name, "absent")} | ({pending[name]} if name in pending else set())
+        for name in set(last) | set(pending)
+    }
 
 
 def volume_state(enclave, monkeypatch) -> tuple[dict[str, str], list[str]]:

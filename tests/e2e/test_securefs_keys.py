@@ -133,8 +133,12 @@ def test_kbs_key_without_a_key_broker_is_refused_at_build(cove, tmp_path, env):
 
 
 def test_two_mounts_of_one_enclave_cannot_be_swapped(cove, tmp_path, env):
-    root = make_instance(cove, tmp_path, extra=mount_block("/a", key="seal:mrenclave")
-                         + mount_block("/b", key="seal:mrenclave"), build=False)
+    root = make_instance(
+        cove,
+        tmp_path,
+        extra=mount_block("/a", key="seal:mrenclave") + mount_block("/b", key="seal:mrenclave"),
+        build=False,
+    )
     cove.ok("build", cwd=root, env=env)
     result = cove("run", "/bin/sh", "-c", "echo A > /a/f; echo B > /b/f", cwd=root, env=env)
     assert result.returncode == 0, result.stderr

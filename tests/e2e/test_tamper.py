@@ -20,8 +20,13 @@ def app(cove, probe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, *hostids.enclave_range().host(0, 0))  # the enclave's host user (never host root)
-    root = make_instance(cove, tmp_path, probe, build=False, extra=(
-        f'\n[[mounts]]\ntarget = "/out"\ntype = "host"\nsource = "{out}"\nwritable = true\n'))
+    root = make_instance(
+        cove,
+        tmp_path,
+        probe,
+        build=False,
+        extra=(f'\n[[mounts]]\ntarget = "/out"\ntype = "host"\nsource = "{out}"\nwritable = true\n'),
+    )
     script = root / "image" / "bin" / "start"
     script.write_text(MARKER_SCRIPT)
     script.chmod(0o755)

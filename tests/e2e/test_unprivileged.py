@@ -29,12 +29,17 @@ def attester(whoever):
     require("gcc")
     who, parent, _ = whoever
     probe = parent / "attest_probe"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-o", str(probe), str(ROOT / "tests" / "e2e" / "attest_probe.c")], check=True
+    )
     _own(who, probe)
-    root = make_instance(who, parent, name="attester", build=False,
-                         extra='\n[[mounts]]\ntarget = "/data"\ntype = "encrypted"\nkey = "seal:mrenclave"\n'
-                               'writable = true\n')
+    root = make_instance(
+        who,
+        parent,
+        name="attester",
+        build=False,
+        extra='\n[[mounts]]\ntarget = "/data"\ntype = "encrypted"\nkey = "seal:mrenclave"\nwritable = true\n',
+    )
     who.ok("add", "--to", "/bin", probe, cwd=root)
     who.ok("build", cwd=root)
     return who, root, parent
@@ -67,8 +72,13 @@ def test_a_writable_host_mount_the_enclave_may_not_write_is_refused(whoever):
     who, parent, probe = whoever
     shared = parent / "root-owned"
     shared.mkdir(mode=0o755)  # root's, as made by this test (running as root)
-    root = make_instance(who, parent, probe, name="hostmount", extra=(
-        f'\n[[mounts]]\ntarget = "/out"\ntype = "host"\nsource = "{shared}"\nwritable = true\n'))
+    root = make_instance(
+        who,
+        parent,
+        probe,
+        name="hostmount",
+        extra=(f'\n[[mounts]]\ntarget = "/out"\ntype = "host"\nsource = "{shared}"\nwritable = true\n'),
+    )
     result = who("run", "/bin/sh", "-c", "echo x > /out/f", cwd=root)
     line = error_line(result)
     assert result.returncode == 2 and "is not writable by the enclave's host user" in line, line

@@ -34,8 +34,10 @@ from tests.e2e.helpers import make_instance, set_option
 from tests.daemon.conftest import Node, shut_down, test_group  # noqa: F401
 from tests.e2e.test_kbs_provisioning import broker, platform_env, release_to, secrets_config  # noqa: F401
 
-SCRIPT = ("echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
-          "echo err >&2; sleep 600 >/dev/null 2>&1 & exit 7")  # a child left behind ends with the enclave
+SCRIPT = (
+    "echo out $$; id -u; ls /; echo data > /scratch/f && cat /scratch/f; touch /x 2>/dev/null || echo read-only; "
+    "echo err >&2; sleep 600 >/dev/null 2>&1 & exit 7"
+)  # a child left behind ends with the enclave
 SCRATCH = '\n[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\noptions = { size = "8M", mode = "1777" }\n'
 
 
@@ -107,9 +109,15 @@ def pair(cove, tmp_path_factory, probe, hello, attest_probe, connect, newpgrp) -
     built = []
     for backend in ("sim", "vm"):
         parent = tmp_path_factory.mktemp(backend)
-        root = make_instance(cove, parent, probe, name="hello-enclave",
-                             options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
-                             extra=SCRATCH, build=False)
+        root = make_instance(
+            cove,
+            parent,
+            probe,
+            name="hello-enclave",
+            options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
+            extra=SCRATCH,
+            build=False,
+        )
         cove.ok("add", "--to", "/bin", str(hello), str(attest_probe), str(connect), str(newpgrp), cwd=root)
         cove.ok("build", cwd=root)
         built.append(root)
@@ -131,7 +139,9 @@ def test_c_and_shell_same_as_sim(cove, pair):
         runs.append(on_vm)
     assert (runs[0].returncode, runs[0].stdout) == (0, "hello from enclave hello-enclave (pid 2) world\n")
     assert runs[1].returncode == 7 and runs[1].stderr == "err\n"
-    assert runs[1].stdout.startswith("out 2\n1000\n") and runs[1].stdout.endswith("scratch\ntmp\nusr\ndata\nread-only\n")
+    assert runs[1].stdout.startswith("out 2\n1000\n") and runs[1].stdout.endswith(
+        "scratch\ntmp\nusr\ndata\nread-only\n"
+    )
     assert cove("run", "/bin/cat", cwd=vm, input="through stdin\n").stdout == "through stdin\n"
 
 
@@ -225,14 +235,22 @@ class _Listener:
 def test_network_none_cannot_reach_host(cove, vm_instance):
     listener = _Listener()
     try:
-        result = cove("run", "/bin/sh", "-c", f"/bin/probe connect {listener.port}; "
-                      f"/bin/connect 10.0.2.2 {listener.port}; cat /proc/net/dev; cat /proc/modules",
-                      cwd=vm_instance)
+        result = cove(
+            "run",
+            "/bin/sh",
+            "-c",
+            f"/bin/probe connect {listener.port}; "
+            f"/bin/connect 10.0.2.2 {listener.port}; cat /proc/net/dev; cat /proc/modules",
+            cwd=vm_instance,
+        )
     finally:
         listener.close()
     assert "connect: denied" in result.stdout and "denied Network is unreachable" in result.stdout, result.stderr
-    interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line
-                  and not line.startswith(("connect", "Inter", " face"))]
+    interfaces = [
+        line.split(":")[0].strip()
+        for line in result.stdout.splitlines()
+        if ":" in line and not line.startswith(("connect", "Inter", " face"))
+    ]
     assert interfaces == ["lo"]
     modules = [line.split()[0] for line in result.stdout.splitlines() if " Live " in line]
     assert "virtio_console" in modules and "virtio_net" not in modules  # no network driver in the guest at all
@@ -282,15 +300,27 @@ def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
     runtime.mkdir()
     env = dict(cove.env, COVE_RUNTIME_DIR=str(runtime))
     script = "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 1; done"
-    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", script), cwd=vm_instance, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", script),
+        cwd=vm_instance,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert run.stdout.readline() == "ready\n", run.communicate(timeout=30)
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=30)
     assert (run.returncode, out) == (42, "got TERM\n"), err
 
-    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"), cwd=vm_instance,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"),
+        cwd=vm_instance,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert run.stdout.readline() == "ready\n"
     qemu = _wait_for(lambda: _qemu_children(run.pid))
     assert len(_qemu_children(run.pid, b"swtpm")) == 1  # one vTPM per VM
@@ -303,16 +333,24 @@ def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
     assert not _qemu_children(run.pid) and not _qemu_children(run.pid, b"swtpm")
 
     # kill -9 of `cove run` itself takes its QEMU along
-    run = subprocess.Popen(cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"), cwd=vm_instance,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", "echo ready; sleep 600"),
+        cwd=vm_instance,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert run.stdout.readline() == "ready\n"
     qemu = _wait_for(lambda: _qemu_children(run.pid))[0]
     swtpm = _qemu_children(run.pid, b"swtpm")[0]
     run.kill()
     run.communicate(timeout=30)
     for pid in (qemu, swtpm):  # both die with the launcher (PR_SET_PDEATHSIG)
-        _wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}")
-                  or "zombie" in Path(f"/proc/{pid}/status").read_text(), timeout=10)
+        _wait_for(
+            lambda pid=pid: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+            timeout=10,
+        )
 
 
 def test_guest_that_never_boots_times_out(cove, vm_instance):
@@ -350,8 +388,12 @@ def test_vm_config_is_checked(cove, vm_instance):
     config = vm_instance / "cove.toml"
     original = config.read_text()
     try:
-        for bad, key in (("vcpus = 0", "vm.vcpus"), ('kernel = "relative"', "vm.kernel"),
-                         ('kernel_args = "a\\u0001b"', "vm.kernel_args"), ("memory = 1", "vm")):
+        for bad, key in (
+            ("vcpus = 0", "vm.vcpus"),
+            ('kernel = "relative"', "vm.kernel"),
+            ('kernel_args = "a\\u0001b"', "vm.kernel_args"),
+            ("memory = 1", "vm"),
+        ):
             config.write_text(original + f"\n[vm]\n{bad}\n")
             result = cove("build", cwd=vm_instance)
             assert result.returncode != 0 and key in error_line(result)
@@ -363,10 +405,16 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
     env = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
     data = os.urandom(64)
     # a report read at the same time as the quote: both helpers share one port, taking turns
-    out = cove.ok("run", "/bin/sh", "-c", f"ls /dev/attestation; /bin/attest_probe type; "
-                  f"/bin/attest_probe report {data.hex()} > /scratch/report & "
-                  f"/bin/attest_probe quote {data.hex()}; wait; cat /scratch/report",
-                  cwd=vm_instance, env=env).stdout.split()
+    out = cove.ok(
+        "run",
+        "/bin/sh",
+        "-c",
+        f"ls /dev/attestation; /bin/attest_probe type; "
+        f"/bin/attest_probe report {data.hex()} > /scratch/report & "
+        f"/bin/attest_probe quote {data.hex()}; wait; cat /scratch/report",
+        cwd=vm_instance,
+        env=env,
+    ).stdout.split()
     assert out[:5] == ["attestation_type", "quote", "report", "user_report_data", "cove"]
     signed_report = cbor2.loads(bytes.fromhex(out[6]))
     assert ev.parse_report(signed_report["report"]).report_data == data
@@ -383,8 +431,10 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
     assert claims.launch == signed.launch["measurement"] and claims.vtpm is not None
     launch = signed.launch["measurement"].hex()
     accepts = tmp_path / "vm.toml"
-    accepts.write_text(f'[cove]\nself_certified = true\nbackends = ["vm"]\nisolation = ["{report.isolation}"]\n'
-                       f'launch_measurements = ["{launch}"]\n')
+    accepts.write_text(
+        f'[cove]\nself_certified = true\nbackends = ["vm"]\nisolation = ["{report.isolation}"]\n'
+        f'launch_measurements = ["{launch}"]\n'
+    )
     ok = cove("verify", evidence, "--report-data", data.hex(), "--policy", accepts)
     assert ok.returncode == 0, ok.stderr
     other = tmp_path / "other-launch.toml"
@@ -398,13 +448,20 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
 
 
 def test_secrets_provisioned_before_the_guest_starts(cove, tmp_path, broker, platform_env):
-    instance = make_instance(cove, tmp_path, options={("enclave", "backend"): '"vm"'},
-                             extra=secrets_config(broker.url, broker.ca))
+    instance = make_instance(
+        cove, tmp_path, options={("enclave", "backend"): '"vm"'}, extra=secrets_config(broker.url, broker.ca)
+    )
     release_to(broker, instance)
     broker.admin.create_secret("app/db/password", "data", "app", value=b"correct horse")
     broker.admin.create_secret("app/api/token", "data", "app", value=b"t0ken")
-    result = cove("run", "/bin/sh", "-c", 'cat /run/secrets/db; echo; echo "token=$API_TOKEN"; '
-                  "echo hi > /run/secrets/db 2>/dev/null || echo read-only", cwd=instance, env=platform_env)
+    result = cove(
+        "run",
+        "/bin/sh",
+        "-c",
+        'cat /run/secrets/db; echo; echo "token=$API_TOKEN"; echo hi > /run/secrets/db 2>/dev/null || echo read-only',
+        cwd=instance,
+        env=platform_env,
+    )
     assert (result.returncode, result.stdout) == (0, "correct horse\ntoken=t0ken\nread-only\n"), result.stderr
     releases = [r for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
     assert {r["resource"] for r in releases} == {"app/db/password@1", "app/api/token@1"}
@@ -421,8 +478,10 @@ def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_
         assert len(ident) == 64
         view = node.until("vm1", "running")
         assert view["backend"] == "vm"  # not a sim run of the vm build
-        assert view["measurement"] == manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes()
-                                                          ).measurement.hex()
+        assert (
+            view["measurement"]
+            == manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes()).measurement.hex()
+        )
         assert ident[:12] in c.ok("ps").stdout
         _wait_for(lambda: c.ok("logs", "vm1").stdout == "started\n", timeout=120)
         _exec_into_running_vm(node, c)
@@ -432,7 +491,9 @@ def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_
         assert logs[0] == "started" and logs[-1] == "got TERM"
         assert "Exited (42)" in c.ok("ps", "-a").stdout
         stored = list((node.root / "store" / "images").glob("*/build/vm/launch.cbor"))
-        assert len(stored) == 1 and stored[0].read_bytes() == (vm_instance / "build" / "vm" / "launch.cbor").read_bytes()
+        assert (
+            len(stored) == 1 and stored[0].read_bytes() == (vm_instance / "build" / "vm" / "launch.cbor").read_bytes()
+        )
         ended = c("exec", "vm1", "/bin/true")
         assert ended.returncode == 2 and "not running" in error_line(ended)
         c.ok("rm", "vm1")
@@ -442,8 +503,10 @@ def test_through_the_node_run_detached_ps_logs_stop(cove, vm_instance, tmp_path_
 
 def _exec_into_running_vm(node: Node, c: Cove) -> None:
     """`cove exec` into the running vm enclave: through the node, then straight at the guest's own checks."""
-    script = ("echo out $(id -u) $(pwd) $$; echo err >&2; while read -r k v; do case $k in CapEff:|NoNewPrivs:) "
-              "echo $k $v;; esac; done < /proc/self/status; cat /proc/2/cmdline; echo; exit 7")
+    script = (
+        "echo out $(id -u) $(pwd) $$; echo err >&2; while read -r k v; do case $k in CapEff:|NoNewPrivs:) "
+        "echo $k $v;; esac; done < /proc/self/status; cat /proc/2/cmdline; echo; exit 7"
+    )
     done = c("exec", "vm1", "/bin/sh", "-c", script)
     lines = done.stdout.splitlines()
     assert done.returncode == 7 and done.stderr == "err\n", (done.returncode, done.stderr)
@@ -470,14 +533,20 @@ def _exec_into_running_vm(node: Node, c: Cove) -> None:
     for program in ("/who", "/bin/../who", "/bin/", "/bin//sh", "/who\nX0\no1:41\n"):  # no forged lines
         refused = ask(json.dumps({"argv": [program]}).encode() + b"\n")
         assert len(refused) == 1 and refused[0].startswith(b"r") and b"is not an entry point" in refused[0], refused
-    for bad in (b"not json\n", b'{"argv": []}\n', b'{"argv": ["/bin/sh", "a\\u0000b"]}\n',
-                json.dumps({"argv": ["/bin/true", "x" * (70 << 10)]}).encode() + b"\n"):
+    for bad in (
+        b"not json\n",
+        b'{"argv": []}\n',
+        b'{"argv": ["/bin/sh", "a\\u0000b"]}\n',
+        json.dumps({"argv": ["/bin/true", "x" * (70 << 10)]}).encode() + b"\n",
+    ):
         assert ask(bad) == [b"r0:malformed exec request"]
     answer = ask(json.dumps({"argv": ["/bin/sh", "-c", "printf hi; exit 300"]}).encode() + b"\n")
     assert [line.split(b":")[1] for line in answer] == [b"6869", b"44"] and answer[0][:1] == b"o", answer
 
     def running(*markers: str) -> bool:
-        seen = c.ok("exec", "vm1", "/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null; exit 0").stdout.replace("\0", " ")
+        seen = c.ok("exec", "vm1", "/bin/sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null; exit 0").stdout.replace(
+            "\0", " "
+        )
         return all(marker in seen for marker in markers)
 
     def leave(script: str, wait_for: tuple[str, ...] = ()) -> None:
@@ -533,8 +602,10 @@ def test_packaged_vm_enclave_runs_and_a_changed_kernel_in_it_is_refused(cove, vm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = cove("run", "--package", str(package), "/bin/hello", "packaged", cwd=elsewhere)
-    assert (result.returncode, result.stdout) == (0, "hello from enclave hello-enclave (pid 2) world\n".replace(
-        "world", "packaged")), result.stderr
+    assert (result.returncode, result.stdout) == (
+        0,
+        "hello from enclave hello-enclave (pid 2) world\n".replace("world", "packaged"),
+    ), result.stderr
     # the same archive with one byte of the kernel changed: refused before boot, no output
     tampered = tmp_path / "tampered.cove"
     with tarfile.open(package) as source, tarfile.open(tampered, "w:gz") as out:

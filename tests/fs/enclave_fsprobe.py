@@ -202,9 +202,11 @@ def sqlite_check(db):
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     try:
-        {"posix": posix, "persisted": persisted, "readall": readall,
-         "sqlite-check": sqlite_check}[command](*args) if command not in ("writer", "sqlite-writer") else \
-            (writer(args[0], int(args[1])) if command == "writer" else sqlite_writer(args[0]))
+        {"posix": posix, "persisted": persisted, "readall": readall, "sqlite-check": sqlite_check}[command](
+            *args
+        ) if command not in ("writer", "sqlite-writer") else (
+            writer(args[0], int(args[1])) if command == "writer" else sqlite_writer(args[0])
+        )
     except OSError as exc:
         out("oserror %s %s" % (errno.errorcode.get(exc.errno, exc.errno), exc))
         sys.exit(1)

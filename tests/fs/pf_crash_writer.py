@@ -22,8 +22,7 @@ def main() -> None:
     rng = random.Random(int(seed))
     key = bytes.fromhex(key_hex)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    f = ProtectedFile.open(host, key, "crash/file", "r+", cache_bytes=int(cache),
-                           durable=durable == "1")
+    f = ProtectedFile.open(host, key, "crash/file", "r+", cache_bytes=int(cache), durable=durable == "1")
     model = bytearray(f.read(0, f.size()))
     os.write(log, b"ready\n")
     while True:
@@ -35,7 +34,7 @@ def main() -> None:
                 f.write(off, data)
                 if off > len(model):
                     model.extend(bytes(off - len(model)))
-                model[off:off + len(data)] = data
+                model[off : off + len(data)] = data
             else:
                 size = rng.randrange(0, 520_000)
                 f.truncate(size)
@@ -47,8 +46,7 @@ def main() -> None:
         os.write(log, f"begin {digest}\n".encode())
         if rng.random() < 0.2:
             f.close()
-            f = ProtectedFile.open(host, key, "crash/file", "r+", cache_bytes=int(cache),
-                                   durable=durable == "1")
+            f = ProtectedFile.open(host, key, "crash/file", "r+", cache_bytes=int(cache), durable=durable == "1")
         else:
             f.flush()
         os.write(log, f"commit {digest}\n".encode())

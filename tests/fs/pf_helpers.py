@@ -21,8 +21,7 @@ def host(tmp_path) -> str:
     return str(tmp_path / "file.pf")
 
 
-def make_file(path: str, key: bytes, content: bytes, logical: str = "dir/file",
-              **kw) -> bytes:
+def make_file(path: str, key: bytes, content: bytes, logical: str = "dir/file", **kw) -> bytes:
     """Create a protected file holding ``content``; return its root MAC."""
     with ProtectedFile.open(path, key, logical, "w", **kw) as f:
         f.write(0, content)

@@ -14,8 +14,13 @@ PROBE = ROOT / "tests" / "fs" / "enclave_fsprobe.py"
 PYTHON = "/usr/bin/python3.11"
 
 
-def mount_block(target: str = "/data", key: str = "seal:mrenclave", source: str | None = None,
-                options: str = "", writable: bool | None = None) -> str:
+def mount_block(
+    target: str = "/data",
+    key: str = "seal:mrenclave",
+    source: str | None = None,
+    options: str = "",
+    writable: bool | None = None,
+) -> str:
     text = f'\n[[mounts]]\ntarget = "{target}"\ntype = "encrypted"\nkey = "{key}"\n'
     if source is not None:
         text += f'source = "{source}"\n'

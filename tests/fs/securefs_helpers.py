@@ -35,10 +35,23 @@ def running_swtpm(state: Path, swtpm: str):
     """A software TPM on a free TCP port; yields its TCTI string; stopped afterwards."""
     state.mkdir(parents=True, exist_ok=True)
     port = free_port_pair()
-    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--server", f"type=tcp,port={port}",
-                             "--ctrl", f"type=tcp,port={port + 1}", "--tpmstate", f"dir={state}",
-                             "--flags", "not-need-init,startup-clear"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            swtpm,
+            "socket",
+            "--tpm2",
+            "--server",
+            f"type=tcp,port={port}",
+            "--ctrl",
+            f"type=tcp,port={port + 1}",
+            "--tpmstate",
+            f"dir={state}",
+            "--flags",
+            "not-need-init,startup-clear",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -88,8 +101,17 @@ def restore(snap: Path, volume_dir: Path) -> None:
 BIG = 3072 + 130 * NODE_SIZE + 1000  # metadata node, root MHT, MHT node 1, 131 data nodes
 DATA_SAMPLES = [(2, 0), (2, 4095), (40, 1234), (97, 17), (99, 2048), (131, 5), (132, 4000)]
 MHT_SAMPLES = [(1, 0), (1, 2000), (1, 4095), (98, 31), (98, 3100)]
-CASES = ("truncated", "extended", "extended-node", "nodes-swapped", "swap-a", "swap-b", "moved",
-         "rolled-back", "deleted")
+CASES = (
+    "truncated",
+    "extended",
+    "extended-node",
+    "nodes-swapped",
+    "swap-a",
+    "swap-b",
+    "moved",
+    "rolled-back",
+    "deleted",
+)
 
 
 def build_tamper_volume(path: Path, key: bytes, label: str, anchor: str = "file") -> dict[str, str]:
@@ -107,8 +129,8 @@ def build_tamper_volume(path: Path, key: bytes, label: str, anchor: str = "file"
 
     expected: dict[str, str] = {}
     ids: dict[str, str] = {}
-    with Volume.create(path, key, label=label, policy=KeyPolicy.of("file:/k"), anchor=anchor,
-                       durable=False) as volume:
+    with Volume.create(path, key, label=label, policy=KeyPolicy.of("file:/k"), anchor=anchor, durable=False) as volume:
+
         def put(name: str, size: int, outcome: str) -> None:
             node = volume.write_file(name, content(name, size))
             ids[name] = node.id

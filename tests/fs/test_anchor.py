@@ -28,8 +28,7 @@ def platform(tmp_path, monkeypatch):
 @pytest.fixture
 def tpm(tmp_path, monkeypatch):
     swtpm = require("swtpm")
-    for tool in ("tpm2_nvdefine", "tpm2_nvread", "tpm2_nvwrite", "tpm2_nvincrement", "tpm2_nvundefine",
-                 "tpm2_getcap"):
+    for tool in ("tpm2_nvdefine", "tpm2_nvread", "tpm2_nvwrite", "tpm2_nvincrement", "tpm2_nvundefine", "tpm2_getcap"):
         require(tool)
     with running_swtpm(tmp_path / "swtpm", swtpm) as tcti:
         monkeypatch.setenv("COVE_TPM_TCTI", tcti)

@@ -63,7 +63,11 @@ def _same_tree(a: Path, b: Path) -> None:
 def test_volume_round_trip(cove, tmp_path, env, key_file, tree):
     key = f"file:{key_file}"
     made = cove.ok("fs", "encrypt", "--key", key, "--label", "/data", str(tree), str(tmp_path / "vol"), env=env)
-    assert "created volume" in made.stdout and ": 3 files, 300006 bytes" in made.stdout and "rollback anchor file" in made.stdout
+    assert (
+        "created volume" in made.stdout
+        and ": 3 files, 300006 bytes" in made.stdout
+        and "rollback anchor file" in made.stdout
+    )
     listing = cove.ok("fs", "ls", "--key", key, str(tmp_path / "vol"), env=env).stdout
     assert "/sub/data.bin" in listing and "-rw-------       300000" in listing
     assert "/link -> sub/data.bin" in listing
@@ -110,12 +114,20 @@ def test_tamper_suite_on_the_cli(cove, tmp_path, env):
     line = error_line(result)
     bad = {p for p, outcome in expected.items() if outcome == "bad"}
     assert f"{len(bad) + 1} problem(s)" in line  # every bad file, plus the file added from outside
-    failed = [ln[len("FAILED "):] for ln in result.stdout.splitlines() if ln.startswith("FAILED ")]
+    failed = [ln[len("FAILED ") :] for ln in result.stdout.splitlines() if ln.startswith("FAILED ")]
     assert {ln.split(":")[0] for ln in failed if ln.startswith("/")} == bad
     assert sum("added from outside" in ln for ln in failed) == 1
     # decrypt refuses the damaged volume and writes nothing
-    out = cove("fs", "decrypt", "--key", f"file:{tmp_path / 'k'}", str(tmp_path / "vol"), str(tmp_path / "out"),
-               env=env, timeout=600)
+    out = cove(
+        "fs",
+        "decrypt",
+        "--key",
+        f"file:{tmp_path / 'k'}",
+        str(tmp_path / "vol"),
+        str(tmp_path / "out"),
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 3 and not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
 
@@ -135,8 +147,19 @@ def test_volume_rollback_on_the_cli(cove, tmp_path, env, key_file, tree):
     assert unchecked.returncode == 0 and "warning: the rollback check is skipped" in unchecked.stderr
 
 
-@pytest.mark.parametrize("case", ["missing-input", "output-exists", "wrong-key", "missing-key-file",
-                                  "bad-key-source", "tampered-file", "seal-without-instance", "not-a-volume"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing-input",
+        "output-exists",
+        "wrong-key",
+        "missing-key-file",
+        "bad-key-source",
+        "tampered-file",
+        "seal-without-instance",
+        "not-a-volume",
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(cove, tmp_path, env, key_file, tree, case):
     key = f"file:{key_file}"
     src, out = tree, tmp_path / "out"
@@ -183,8 +206,19 @@ def test_sealed_keys_come_from_the_instance(cove, tmp_path, env, tree):
 
     app = make_instance(cove, tmp_path, build=False)
     cove.ok("build", cwd=app, env=env)
-    made = cove.ok("-C", str(app), "fs", "encrypt", "--key", "seal:mrsigner", "--label", "/data", str(tree),
-                   str(tmp_path / "vol"), env=env)
+    made = cove.ok(
+        "-C",
+        str(app),
+        "fs",
+        "encrypt",
+        "--key",
+        "seal:mrsigner",
+        "--label",
+        "/data",
+        str(tree),
+        str(tmp_path / "vol"),
+        env=env,
+    )
     assert "created volume" in made.stdout
     listing = cove.ok("-C", str(app), "fs", "ls", "--key", "seal:mrsigner", str(tmp_path / "vol"), env=env)
     assert "/hello.txt" in listing.stdout
@@ -217,8 +251,7 @@ def test_read_only_commands_change_nothing(cove, tmp_path, env, tree):
     set_option(app / "cove.toml", "enclave", "svn", "1")
     cove.ok("build", cwd=app, env=env)
     vol = tmp_path / "vol"
-    cove.ok("-C", str(app), "fs", "encrypt", "--key", "seal:mrsigner", "--label", "/data", str(tree), str(vol),
-            env=env)
+    cove.ok("-C", str(app), "fs", "encrypt", "--key", "seal:mrsigner", "--label", "/data", str(tree), str(vol), env=env)
     set_option(app / "cove.toml", "enclave", "svn", "2")  # a newer enclave, whose writable open would re-wrap
     cove.ok("build", cwd=app, env=env)
     before = _snapshot(vol)
@@ -260,8 +293,12 @@ def test_mount_on_the_host(cove, tmp_path, env, key_file, tree):
     cove.ok("fs", "encrypt", "--key", key, str(tree), str(tmp_path / "vol"), env=env)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([COVE, "fs", "mount", "--key", key, str(tmp_path / "vol"), str(mnt)],
-                            env=dict(cove.env, **env), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [COVE, "fs", "mount", "--key", key, str(tmp_path / "vol"), str(mnt)],
+        env=dict(cove.env, **env),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt):

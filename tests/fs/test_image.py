@@ -39,8 +39,9 @@ def built(cove, tmp_path, env):
     cove.ok("build", cwd=app, env=env)
     verified = artifacts.load_verified(app / "build", app / "cove.toml")
     enclave = verified.config.enclave
-    identity = EnclaveIdentity(enclave.name, verified.measurement, verified.signer, enclave.product_id,
-                               enclave.svn, enclave.debug)
+    identity = EnclaveIdentity(
+        enclave.name, verified.measurement, verified.signer, enclave.product_id, enclave.svn, enclave.debug
+    )
     return app, verified, identity
 
 
@@ -67,16 +68,35 @@ def test_a_sandbox_runs_from_the_encrypted_root(built, tmp_path):
     secret.write_text("from a service\n")
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "f").write_text("in a bound folder\n")
-    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
-                          ["proc", "dev", "tmp", "srv/shared"], ["run/secrets/token"]) as root:
+    with encrypted_image.ImageMount(
+        out,
+        "seal:mrsigner",
+        identity,
+        verified.entries,
+        tmp_path / "root",
+        ["proc", "dev", "tmp", "srv/shared"],
+        ["run/secrets/token"],
+    ) as root:
         binds = (Bind(secret, "/run/secrets/token"), Bind(tmp_path / "shared", "/srv/shared"))
-        spec = LaunchSpec(identity=identity, config=verified.config, root=root,
-                          argv=("/bin/sh", "-c", "read line < /etc/link.conf; "
-                                "[ \"$line\" = 'code and config nobody may read at rest' ] && [ -d /proc/1 ] "
-                                "&& ! ( : > /etc/new ) 2>/dev/null && read t < /run/secrets/token && "
-                                "[ \"$t\" = 'from a service' ] && read s < /srv/shared/f && "
-                                "[ \"$s\" = 'in a bound folder' ]"),
-                          env={"PATH": "/bin:/usr/bin"}, uid=0, gid=0, instance_id="t", binds=binds)
+        spec = LaunchSpec(
+            identity=identity,
+            config=verified.config,
+            root=root,
+            argv=(
+                "/bin/sh",
+                "-c",
+                "read line < /etc/link.conf; "
+                "[ \"$line\" = 'code and config nobody may read at rest' ] && [ -d /proc/1 ] "
+                "&& ! ( : > /etc/new ) 2>/dev/null && read t < /run/secrets/token && "
+                "[ \"$t\" = 'from a service' ] && read s < /srv/shared/f && "
+                "[ \"$s\" = 'in a bound folder' ]",
+            ),
+            env={"PATH": "/bin:/usr/bin"},
+            uid=0,
+            gid=0,
+            instance_id="t",
+            binds=binds,
+        )
         enclave = SimBackend().launch(spec)
         try:
             code = enclave.wait()
@@ -92,8 +112,9 @@ def test_a_changed_file_answers_eio_and_a_changed_listing_refuses_to_mount(built
     # a file whose encrypted bytes were changed: its MAC fails
     target = next(p for p in host_files(out).values() if p.stat().st_size > 8192)
     flip(target, 3 * 4096 + 9)
-    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
-                          ["proc", "dev", "tmp"]) as root:
+    with encrypted_image.ImageMount(
+        out, "seal:mrsigner", identity, verified.entries, tmp_path / "root", ["proc", "dev", "tmp"]
+    ) as root:
         failures = 0
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink():
@@ -105,8 +126,10 @@ def test_a_changed_file_answers_eio_and_a_changed_listing_refuses_to_mount(built
         assert failures == 1
     # a listing that differs from the signed one (here: the signed listing of a changed image)
     (app / "image" / "etc" / "secret.conf").write_text("other")
-    changed = [e if e.path != "etc/secret.conf" else e.__class__(e.path, e.type, e.mode, 5, b"\0" * 32)
-               for e in verified.entries]
+    changed = [
+        e if e.path != "etc/secret.conf" else e.__class__(e.path, e.type, e.mode, 5, b"\0" * 32)
+        for e in verified.entries
+    ]
     with pytest.raises(MountError, match="differs from the signed listing: etc/secret.conf differs"):
         encrypted_image.ImageMount(out, "seal:mrsigner", identity, changed, tmp_path / "root2", ["proc"]).start()
 
@@ -120,8 +143,9 @@ def test_content_that_differs_from_the_signed_digest_answers_eio(built, tmp_path
         volume.acquire(node)
         volume.write(node, 0, b"X")
         volume.release(node)
-    with encrypted_image.ImageMount(out, "seal:mrsigner", identity, verified.entries, tmp_path / "root",
-                          ["proc"]) as root:
+    with encrypted_image.ImageMount(
+        out, "seal:mrsigner", identity, verified.entries, tmp_path / "root", ["proc"]
+    ) as root:
         with pytest.raises(OSError) as caught:
             (root / "etc" / "secret.conf").read_bytes()
         assert caught.value.errno == 5
@@ -152,13 +176,14 @@ def test_the_server_decodes_the_signed_listing_as_the_image_layer_encodes_it():
     from cove.image.tree import Entry, encode_entries
     import cbor2
 
-    entries = [Entry("a", "f", 0o644, 3, b"\x01" * 32), Entry("d", "d", 0o755, 7),
-               Entry("l", "l", 0o777, 0, b"", "a")]
+    entries = [Entry("a", "f", 0o644, 3, b"\x01" * 32), Entry("d", "d", 0o755, 7), Entry("l", "l", 0o777, 0, b"", "a")]
     assert encrypted_image.decode_listing(encode_entries(entries)) == encrypted_image.listing_of(entries)
-    for hostile, problem in [(cbor2.dumps([["a", "f", 0o644, 3, b""]]), "entry 0 must be a list of six items"),
-                             (encode_entries(entries) + b"\x00", "1 trailing bytes"),
-                             (cbor2.dumps({"a": 1}), "must be a list"),
-                             (cbor2.dumps([["a", "f", "0644", 3, b"", ""]]), "entry 0 mode must be an integer"),
-                             (b"\x81" * 1000 + b"\x80", "not valid CBOR")]:
+    for hostile, problem in [
+        (cbor2.dumps([["a", "f", 0o644, 3, b""]]), "entry 0 must be a list of six items"),
+        (encode_entries(entries) + b"\x00", "1 trailing bytes"),
+        (cbor2.dumps({"a": 1}), "must be a list"),
+        (cbor2.dumps([["a", "f", "0644", 3, b"", ""]]), "entry 0 mode must be an integer"),
+        (b"\x81" * 1000 + b"\x80", "not valid CBOR"),
+    ]:
         with pytest.raises(IntegrityError, match=problem):
             encrypted_image.decode_listing(hostile)

@@ -116,14 +116,17 @@ def test_platform_seal_round_trip_and_label_binding():
         sealing.unseal(bytes(broken), label="cove-kbs-master-key")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("seal:mrfoo", "not a sealing policy"),
-    ("file:", "needs the path"),
-    ("insecure:1234", "32 hex digits"),
-    ("kbs:../x", "not a resource path"),
-    ("tpm:x", "unknown key source kind"),
-    ("plain", "not a key source"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("seal:mrfoo", "not a sealing policy"),
+        ("file:", "needs the path"),
+        ("insecure:1234", "32 hex digits"),
+        ("kbs:../x", "not a resource path"),
+        ("tpm:x", "unknown key source kind"),
+        ("plain", "not a key source"),
+    ],
+)
 def test_key_source_syntax(text, words):
     with pytest.raises(KeySourceError, match=words):
         keys.parse(text)

@@ -43,8 +43,7 @@ def run_once(tmp: Path, rng: random.Random, i: int) -> tuple[bool, bool]:
     log.write_text(f"commit {hashlib.sha256(initial).hexdigest()}\n")
     durable = "1" if i % 4 == 0 else "0"
     cache = str(rng.choice([8, 16, 64, 1024]) * 4096)
-    proc = subprocess.Popen([sys.executable, WRITER, host, key.hex(), str(log), str(i),
-                             durable, cache])
+    proc = subprocess.Popen([sys.executable, WRITER, host, key.hex(), str(log), str(i), durable, cache])
     try:
         deadline = time.monotonic() + 30
         while "ready" not in log.read_text():
@@ -56,8 +55,7 @@ def run_once(tmp: Path, rng: random.Random, i: int) -> tuple[bool, bool]:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     text = log.read_text()
-    pending = os.path.exists(host + ".gramine.recovery") and \
-        open(host, "rb").read(59)[58] & 1
+    pending = os.path.exists(host + ".gramine.recovery") and open(host, "rb").read(59)[58] & 1
     with ProtectedFile.open(host, key, "crash/file", "r") as f:
         digest = hashlib.sha256(f.read(0, f.size())).hexdigest()
     assert digest in allowed_states(text), f"run {i}: state is neither committed nor new"

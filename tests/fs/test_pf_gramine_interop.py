@@ -41,7 +41,7 @@ def test_gramine_file_updates(vec, tmp_path):
     expect = bytearray(pattern(vec["size"]))
     with ProtectedFile.open(path, KEY, LOGICAL, "r+") as f:
         f.write(vec["size"] // 2, b"cove")
-        expect[vec["size"] // 2:vec["size"] // 2 + 4] = b"cove"
+        expect[vec["size"] // 2 : vec["size"] // 2 + 4] = b"cove"
     with ProtectedFile.open(path, KEY, LOGICAL, "r") as f:
         assert f.read(0, len(expect) + 1) == bytes(expect)
 
@@ -88,15 +88,15 @@ def test_gramine_binds_the_normalized_host_path_not_the_enclave_path(tmp_path):
     ok = cove_fs("decrypt", "--key", f"file:{key_file}", "--path", bound, vector, str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "out").read_bytes() == pattern(100)
-    wrong = cove_fs("decrypt", "--key", f"file:{key_file}", "--path", ENCLAVE_PATH, vector,
-                    str(tmp_path / "out2"))
+    wrong = cove_fs("decrypt", "--key", f"file:{key_file}", "--path", ENCLAVE_PATH, vector, str(tmp_path / "out2"))
     assert wrong.returncode != 0 and "path mismatch" in wrong.stderr
     assert not (tmp_path / "out2").exists()
 
     # A file made for that Gramine mount: encrypt with --path equal to Gramine's host-side path.
     (tmp_path / "plain").write_bytes(pattern(5000))
-    made = cove_fs("encrypt", "--key", f"file:{key_file}", "--path", bound, str(tmp_path / "plain"),
-                   str(tmp_path / "vec.bin"))
+    made = cove_fs(
+        "encrypt", "--key", f"file:{key_file}", "--path", bound, str(tmp_path / "plain"), str(tmp_path / "vec.bin")
+    )
     assert made.returncode == 0, made.stderr
     with ProtectedFile.open(tmp_path / "vec.bin", KEY, bound, "r") as f:
         assert f.read(0, 5001) == pattern(5000)

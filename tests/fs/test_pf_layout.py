@@ -22,8 +22,7 @@ from pf_helpers import host, key  # noqa: F401 (fixtures)
 
 def spec_kdf(kdk: bytes, nonce: bytes) -> bytes:
     """SP800-108 input as the format packs it: u32le counter, label[64], nonce, u32le bits."""
-    msg = (struct.pack("<I", 1) + b"SGX-PROTECTED-FS-METADATA-KEY".ljust(64, b"\0") + nonce
-           + struct.pack("<I", 128))
+    msg = struct.pack("<I", 1) + b"SGX-PROTECTED-FS-METADATA-KEY".ljust(64, b"\0") + nonce + struct.pack("<I", 128)
     assert len(msg) == 104
     c = CMAC(algorithms.AES(kdk))
     c.update(msg)
@@ -66,13 +65,13 @@ def test_layout_field_by_field(host, key):
     # root MHT node = physical node 1: 96 data (key, mac) pairs then 32 MHT pairs
     root = gcm_open(root_key, raw[4096:8192], root_tag)
     for d in (0, 1, 95):
-        k, t = root[32 * d:32 * d + 16], root[32 * d + 16:32 * d + 32]
-        node = gcm_open(k, raw[4096 * (d + 2):4096 * (d + 3)], t)
-        assert node == content[3072 + 4096 * d:3072 + 4096 * (d + 1)]
+        k, t = root[32 * d : 32 * d + 16], root[32 * d + 16 : 32 * d + 32]
+        node = gcm_open(k, raw[4096 * (d + 2) : 4096 * (d + 3)], t)
+        assert node == content[3072 + 4096 * d : 3072 + 4096 * (d + 1)]
     # MHT node 1 is physical node 98; its key and MAC are pair 96 of the root
-    k, t = root[96 * 32:96 * 32 + 16], root[96 * 32 + 16:97 * 32]
-    mht1 = gcm_open(k, raw[4096 * 98:4096 * 99], t)
+    k, t = root[96 * 32 : 96 * 32 + 16], root[96 * 32 + 16 : 97 * 32]
+    mht1 = gcm_open(k, raw[4096 * 98 : 4096 * 99], t)
     # data node 96 is physical node 99, slot 0 of MHT node 1; it is partial
-    node = gcm_open(mht1[0:16], raw[4096 * 99:4096 * 100], mht1[16:32])
-    tail = content[3072 + 96 * 4096:]
-    assert node[:len(tail)] == tail and node[len(tail):] == bytes(4096 - len(tail))
+    node = gcm_open(mht1[0:16], raw[4096 * 99 : 4096 * 100], mht1[16:32])
+    tail = content[3072 + 96 * 4096 :]
+    assert node[: len(tail)] == tail and node[len(tail) :] == bytes(4096 - len(tail))

@@ -35,7 +35,7 @@ class ModelFile(RuleBasedStateMachine):
         if data:
             if offset > len(self.model):
                 self.model.extend(bytes(offset - len(self.model)))
-            self.model[offset:offset + len(data)] = data
+            self.model[offset : offset + len(data)] = data
 
     @rule(offset=OFFSET, n=st.integers(1, 30_000), byte=st.integers(0, 255))
     def write_run(self, offset, n, byte):
@@ -51,7 +51,7 @@ class ModelFile(RuleBasedStateMachine):
 
     @rule(offset=OFFSET, n=st.integers(0, 20_000))
     def read(self, offset, n):
-        assert self.f.read(offset, n) == bytes(self.model[offset:offset + n])
+        assert self.f.read(offset, n) == bytes(self.model[offset : offset + n])
 
     @rule()
     def flush(self):
@@ -78,6 +78,6 @@ class ModelFile(RuleBasedStateMachine):
 
 
 ModelFile.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestModelFile = ModelFile.TestCase

@@ -11,8 +11,29 @@ from cove.fs.layout import NODE_SIZE, node_count
 
 from pf_helpers import host, key, make_file, read_all  # noqa: F401 (fixtures)
 
-SIZES = [0, 1, 2, 15, 16, 17, 255, 256, 257, 1023, 1024, 1025, 4095, 4096, 4097,
-         65535, 65536, 65537, 1048575, 1048576, 1048577]
+SIZES = [
+    0,
+    1,
+    2,
+    15,
+    16,
+    17,
+    255,
+    256,
+    257,
+    1023,
+    1024,
+    1025,
+    4095,
+    4096,
+    4097,
+    65535,
+    65536,
+    65537,
+    1048575,
+    1048576,
+    1048577,
+]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -23,8 +44,7 @@ def test_round_trip(host, key, size):
     assert os.path.getsize(host) == node_count(size) * NODE_SIZE
 
 
-@pytest.mark.parametrize("size", [3071, 3072, 3073, 3072 + 96 * 4096, 3072 + 96 * 4096 + 1,
-                                  3072 + 33 * 96 * 4096 + 5])
+@pytest.mark.parametrize("size", [3071, 3072, 3073, 3072 + 96 * 4096, 3072 + 96 * 4096 + 1, 3072 + 33 * 96 * 4096 + 5])
 def test_round_trip_at_tree_boundaries(host, key, size):
     """Metadata-only, first data node, first non-root MHT node, second MHT level."""
     data = os.urandom(size)
@@ -36,7 +56,7 @@ def test_chunked_writes_and_reads_with_tiny_cache(host, key):
     data = os.urandom(700_001)
     with ProtectedFile.open(host, key, "dir/file", "w", cache_bytes=32 << 10) as f:
         for off in range(0, len(data), 777):
-            f.write(off, data[off:off + 777])
+            f.write(off, data[off : off + 777])
     with ProtectedFile.open(host, key, "dir/file", "r", cache_bytes=32 << 10) as f:
         got = b"".join(f.read(off, 4099) for off in range(0, len(data), 4099))
     assert got == data

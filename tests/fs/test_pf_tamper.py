@@ -66,11 +66,18 @@ def test_every_metadata_byte_flipped_is_detected(sample):
     assert read_all(path, key) == sample[2]
 
 
-@pytest.mark.parametrize("offset,match", [
-    (0, "bad magic"), (8, "version"), (20, "metadata MAC mismatch"),
-    (50, "metadata MAC mismatch"), (58, "recovery file is missing"),
-    (1000, "metadata MAC mismatch"), (4000, "padding"),
-])
+@pytest.mark.parametrize(
+    "offset,match",
+    [
+        (0, "bad magic"),
+        (8, "version"),
+        (20, "metadata MAC mismatch"),
+        (50, "metadata MAC mismatch"),
+        (58, "recovery file is missing"),
+        (1000, "metadata MAC mismatch"),
+        (4000, "padding"),
+    ],
+)
 def test_metadata_messages_name_the_failure(sample, offset, match):
     path, key, _ = sample
     flip(path, offset)

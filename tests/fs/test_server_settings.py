@@ -11,10 +11,16 @@ import pytest
 from cove.errors import CoveError
 from cove.fs.server import read_settings
 
-GOOD = {"volume": "/v", "key": "file:/k", "label": "/data", "writable": True, "mountpoint": "/m",
-        "identity": {"measurement": b"\x01" * 32, "signer": b"\x02" * 32, "product_id": 1, "svn": 2,
-                     "debug": False},
-        "keks": {2: b"\x03" * 32}, "extra_dirs": ["proc"]}
+GOOD = {
+    "volume": "/v",
+    "key": "file:/k",
+    "label": "/data",
+    "writable": True,
+    "mountpoint": "/m",
+    "identity": {"measurement": b"\x01" * 32, "signer": b"\x02" * 32, "product_id": 1, "svn": 2, "debug": False},
+    "keks": {2: b"\x03" * 32},
+    "extra_dirs": ["proc"],
+}
 
 
 def test_the_settings_a_launcher_writes_are_read_back() -> None:

@@ -135,8 +135,9 @@ def test_sealed_volume_svn_upgrade_rewraps(tmp_path):
     with open_volume(path, "seal:mrsigner", Ident(svn=4), label="/s") as volume:
         assert volume.read_file("/f") == b"svn 1 data"
         assert volume.policy == KeyPolicy("seal:mrsigner", 4)
-    with open_volume(path, "seal:mrsigner", Ident(svn=4, measurement=b"\x09" * 32), label="/s",
-                     writable=False) as volume:
+    with open_volume(
+        path, "seal:mrsigner", Ident(svn=4, measurement=b"\x09" * 32), label="/s", writable=False
+    ) as volume:
         assert volume.read_file("/f") == b"svn 1 data"  # mrsigner: another build of the same signer
     with pytest.raises(Exception, match="sealed at svn 4 cannot be unsealed by an enclave with svn 3"):
         open_volume(path, "seal:mrsigner", Ident(svn=3), label="/s")
@@ -146,15 +147,14 @@ def test_sealed_volume_svn_upgrade_rewraps(tmp_path):
 
 def test_read_only_open_of_a_missing_volume_is_refused(tmp_path):
     with pytest.raises(VolumeError, match="holds no volume yet, and the mount is read-only"):
-        open_volume(str(tmp_path / "none"), "insecure:" + "00" * 16, None, label="/x", writable=False,
-                    create=True)
+        open_volume(str(tmp_path / "none"), "insecure:" + "00" * 16, None, label="/x", writable=False, create=True)
 
 
 def test_rewriting_a_file_from_zero_leaves_the_old_host_file_alone_until_the_commit(vol):
     volume, key, path = vol
     volume.write_file("/f", b"old content" * 1000)
     volume.commit()
-    (old_id, old_path), = host_files(path).items()
+    ((old_id, old_path),) = host_files(path).items()
     before = old_path.read_bytes()
     volume.write_file("/f", b"new content")  # truncates to zero, then writes
     assert old_path.read_bytes() == before

@@ -69,7 +69,8 @@ def run_once(tmp: Path, rng: random.Random, i: int) -> tuple[bool, bool]:
         proc.wait()
     text = log.read_text()
     interrupted = os.path.exists(path / NEXT) or any(
-        name.endswith(".gramine.recovery") for _, _, names in os.walk(path) for name in names)
+        name.endswith(".gramine.recovery") for _, _, names in os.walk(path) for name in names
+    )
     with Volume.open(path, key, label="/crash") as volume:
         assert volume.problems == [], f"run {i}: {volume.problems}"
         assert state_digest(volume) in allowed_states(text), f"run {i}: neither committed nor new state"

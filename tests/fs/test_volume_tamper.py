@@ -53,8 +53,9 @@ def test_each_tampered_file_fails_and_intact_ones_read(tampered, monkeypatch):
         problems = volume.verify()
     reported = {line.split(":")[0] for line in problems}
     assert set(bad) <= reported
-    assert any("1-0011223344556677-8899aabbccddeeff" in line and "added from outside" in line
-               for line in problems), problems
+    assert any("1-0011223344556677-8899aabbccddeeff" in line and "added from outside" in line for line in problems), (
+        problems
+    )
     assert any(line.startswith("/cases/deleted:") and "missing" in line for line in problems)
     assert "/cases/intact" not in reported
 
@@ -63,6 +64,7 @@ def test_messages_name_what_failed(tampered, monkeypatch):
     base, key, _ = tampered
     monkeypatch.setenv("COVE_PLATFORM_DIR", str(base / "platform"))
     with Volume.open(base / "vol", key, writable=False) as volume:
+
         def message(path: str) -> str:
             with pytest.raises(FileIntegrityError) as caught:
                 volume.read_file(path)
@@ -104,8 +106,9 @@ def test_whole_volume_rollback_is_detected(volume_dir, tmp_path):
         volume.write_file("/a.txt", b"second version")
     shutil.rmtree(path)
     shutil.copytree(tmp_path / "old", path)
-    with pytest.raises(VolumeIntegrityError, match="volume rolled back: its root is version 3, "
-                                                   "the file anchor holds version 4"):
+    with pytest.raises(
+        VolumeIntegrityError, match="volume rolled back: its root is version 3, the file anchor holds version 4"
+    ):
         Volume.open(path, key)
 
 
@@ -142,8 +145,7 @@ def test_wrong_key_and_wrong_label(volume_dir):
 def test_swapping_two_volumes_of_one_key_is_refused(tmp_path):
     key = os.urandom(16)
     for name in ("a", "b"):
-        Volume.create(tmp_path / name, key, label=f"/{name}", policy=KeyPolicy.of("file:/k"),
-                      anchor="file").close()
+        Volume.create(tmp_path / name, key, label=f"/{name}", policy=KeyPolicy.of("file:/k"), anchor="file").close()
     os.rename(tmp_path / "a", tmp_path / "tmp")
     os.rename(tmp_path / "b", tmp_path / "a")
     with pytest.raises(VolumeError, match="belongs to '/b', not '/a'"):
@@ -167,5 +169,6 @@ def test_host_sees_no_names_or_content(volume_dir):
     blob = b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file())
     for needle in (b"secret", b"a.txt", b"dir", b"first version"):
         assert needle not in blob
-    assert host_files(path) and all(re.fullmatch(r"[0-9a-f]+-[0-9a-f]{16}-[0-9a-f]{16}", name)
-                                    for name in host_files(path))
+    assert host_files(path) and all(
+        re.fullmatch(r"[0-9a-f]+-[0-9a-f]{16}-[0-9a-f]{16}", name) for name in host_files(path)
+    )

@@ -33,7 +33,11 @@ def volume(tmp_path: Path) -> Path:
 def test_listing_verify_and_size(volume: Path) -> None:
     with volume_tools.open_checked(volume, KEY, None) as vol:
         assert [(e.path, stat.S_ISDIR(e.mode), e.size, e.target) for e in volume_tools.listing(vol)] == [
-            ("/b", False, 5, None), ("/d", True, 4096, None), ("/d/a", False, 3, None), ("/l", False, 3, "d/a")]
+            ("/b", False, 5, None),
+            ("/d", True, 4096, None),
+            ("/d/a", False, 3, None),
+            ("/l", False, 3, "d/a"),
+        ]
         assert [e.path for e in volume_tools.listing(vol, "/d/")] == ["/d/a"]
         assert [e.path for e in volume_tools.listing(vol, "/b")] == ["/b"]
         with pytest.raises(CoveError, match="/nope: not in the volume"):

@@ -63,8 +63,12 @@ def step(volume: Volume, rng: random.Random) -> None:
         if target is not None and target.kind != "f":
             return
         dest_parent = volume.makedirs(os.path.dirname(dest) or "/")
-        volume.rename(volume.resolve(os.path.dirname(path) or "/"), path.rsplit("/", 1)[-1].encode(),
-                      dest_parent, dest.rsplit("/", 1)[-1].encode())
+        volume.rename(
+            volume.resolve(os.path.dirname(path) or "/"),
+            path.rsplit("/", 1)[-1].encode(),
+            dest_parent,
+            dest.rsplit("/", 1)[-1].encode(),
+        )
 
 
 def main() -> None:

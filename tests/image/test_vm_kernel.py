@@ -29,7 +29,7 @@ def test_other_kernels_boot_as_they_are(bzimage: bytes) -> None:
     setup_sects = bzimage[0x1F1] or 4
     offset, _ = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
-    other = bzimage[:start] + b"\x28\xb5\x2f\xfd" + bzimage[start + 4:]  # a zstd payload, say: not unpacked here
+    other = bzimage[:start] + b"\x28\xb5\x2f\xfd" + bzimage[start + 4 :]  # a zstd payload, say: not unpacked here
     assert vmimage.boot_kernel(other) == other
 
 
@@ -37,6 +37,6 @@ def test_a_damaged_payload_is_refused(bzimage: bytes) -> None:
     setup_sects = bzimage[0x1F1] or 4
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     end = (setup_sects + 1) * 512 + offset + length
-    short = bzimage[:end - 4] + struct.pack("<I", 12345)  # the size trailer no longer matches
+    short = bzimage[: end - 4] + struct.pack("<I", 12345)  # the size trailer no longer matches
     with pytest.raises(CoveError, match="does not unpack"):
         vmimage.boot_kernel(short)

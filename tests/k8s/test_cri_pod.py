@@ -24,14 +24,29 @@ RUNTIME_CLASSES = {"cove": "cove"}  # the chart's RuntimeClass: name cove, handl
 
 
 def _webhook_pod() -> dict:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "hello", "namespace": "default", "uid": "uid-hello",
-                        "labels": {"cove.dev/enclave": "true"}},
-           "spec": {"containers": [{"name": "hello", "image": HELLO, "command": ["/bin/sh"],
-                                    "args": ["-c", "cat /dev/attestation/attestation_type; exit 4"],
-                                    # 256Mi: the runtime joins the container's cgroup only after
-                                    # `start`, so its own start is not charged to it (docs/kubernetes.md)
-                                    "resources": {"limits": {"memory": "256Mi"}}}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "hello",
+            "namespace": "default",
+            "uid": "uid-hello",
+            "labels": {"cove.dev/enclave": "true"},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "hello",
+                    "image": HELLO,
+                    "command": ["/bin/sh"],
+                    "args": ["-c", "cat /dev/attestation/attestation_type; exit 4"],
+                    # 256Mi: the runtime joins the container's cgroup only after
+                    # `start`, so its own start is not charged to it (docs/kubernetes.md)
+                    "resources": {"limits": {"memory": "256Mi"}},
+                }
+            ]
+        },
+    }
     settings = admission.Settings({"url": "https://kbs.cove-system.svc:8443", "timeout": "10"})
     response = admission.review(review(pod), settings, mutate=True)["response"]
     assert response["allowed"]
@@ -46,11 +61,15 @@ def test_a_webhook_made_pod_runs_under_the_cove_handler(cri_node, tmp_path):
     host = cri.NamespaceOption(network=cri.NamespaceMode.NODE, pid=cri.NamespaceMode.CONTAINER)
     sandbox_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=meta["name"], uid=meta["uid"], namespace=meta["namespace"]),
-        hostname=meta["name"], log_directory=str(tmp_path / "logs"), labels=meta["labels"],
+        hostname=meta["name"],
+        log_directory=str(tmp_path / "logs"),
+        labels=meta["labels"],
         annotations=meta["annotations"],
-        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=host)))
-    sandbox = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox_config, runtime_handler=handler),
-                                    timeout=120).pod_sandbox_id
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=host)),
+    )
+    sandbox = runtime.RunPodSandbox(
+        cri.RunPodSandboxRequest(config=sandbox_config, runtime_handler=handler), timeout=120
+    ).pod_sandbox_id
     try:
         status = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox), timeout=30).status
         assert status.runtime_handler == "cove"
@@ -59,15 +78,21 @@ def test_a_webhook_made_pod_runs_under_the_cove_handler(cri_node, tmp_path):
         limits = container["resources"]["limits"]
         assert limits["cove.dev/enclave"] == "1" and limits["cove.dev/enclave-memory"] == "256"
         config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=container["name"]), image=cri.ImageSpec(image=container["image"]),
-            command=container["command"], args=container["args"], log_path="hello.log",
+            metadata=cri.ContainerMetadata(name=container["name"]),
+            image=cri.ImageSpec(image=container["image"]),
+            command=container["command"],
+            args=container["args"],
+            log_path="hello.log",
             annotations=meta["annotations"],
             linux=cri.LinuxContainerConfig(
-                resources=cri.LinuxContainerResources(memory_limit_in_bytes=admission.quantity_bytes(
-                    limits["memory"])),
-                security_context=cri.LinuxContainerSecurityContext(namespace_options=host)))
-        created = runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config), timeout=120).container_id
+                resources=cri.LinuxContainerResources(memory_limit_in_bytes=admission.quantity_bytes(limits["memory"])),
+                security_context=cri.LinuxContainerSecurityContext(namespace_options=host),
+            ),
+        )
+        created = runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config),
+            timeout=120,
+        ).container_id
         runtime.StartContainer(cri.StartContainerRequest(container_id=created), timeout=120)
         for _ in range(600):
             state = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=created), timeout=30).status

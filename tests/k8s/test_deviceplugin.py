@@ -35,9 +35,27 @@ def node():
     daemon.start()
     kubelet = FakeKubelet(plugins)
     kubelet.start()
-    proc = subprocess.Popen([COVE, "k8s", "device-plugin", "--slots", "4", "--memory-mib", "16", "--tpm", "yes",
-                             "--plugin-dir", str(plugins), "--run-dir", str(folder),
-                             "--health-interval", "0.1"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            COVE,
+            "k8s",
+            "device-plugin",
+            "--slots",
+            "4",
+            "--memory-mib",
+            "16",
+            "--tpm",
+            "yes",
+            "--plugin-dir",
+            str(plugins),
+            "--run-dir",
+            str(folder),
+            "--health-interval",
+            "0.1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         requests = kubelet.wait_registered(3)
         yield {"kubelet": kubelet, "daemon": daemon, "requests": requests, "proc": proc, "folder": folder}
@@ -97,11 +115,17 @@ def test_allocate_hands_the_node_service_to_the_container(node, ids):
 def test_allocate_memory_and_tpm(node):
     stubs = node["kubelet"].stubs
     ids = [f"mib-{i}" for i in range(8)]
-    memory = stubs[MEMORY].Allocate(pb.AllocateRequest(container_requests=[
-        pb.ContainerAllocateRequest(devices_ids=ids)])).container_responses[0]
+    memory = (
+        stubs[MEMORY]
+        .Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids)]))
+        .container_responses[0]
+    )
     assert memory.envs["COVE_ENCLAVE_MEMORY_MIB"] == "8"
-    tpm = stubs[TPM].Allocate(pb.AllocateRequest(container_requests=[
-        pb.ContainerAllocateRequest(devices_ids=["tpm-1"])])).container_responses[0]
+    tpm = (
+        stubs[TPM]
+        .Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["tpm-1"])]))
+        .container_responses[0]
+    )
     assert tpm.annotations["cove.dev/platform"] == "tpm" and not tpm.devices
 
 
@@ -114,9 +138,15 @@ def test_allocate_refuses_devices_it_does_not_have(node, ids):
 
 
 def test_preferred_allocation_packs(node):
-    request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
-        available_deviceIDs=["enclave-3", "enclave-1", "enclave-2", "enclave-0"],
-        must_include_deviceIDs=["enclave-3"], allocation_size=3)])
+    request = pb.PreferredAllocationRequest(
+        container_requests=[
+            pb.ContainerPreferredAllocationRequest(
+                available_deviceIDs=["enclave-3", "enclave-1", "enclave-2", "enclave-0"],
+                must_include_deviceIDs=["enclave-3"],
+                allocation_size=3,
+            )
+        ]
+    )
     answer = node["kubelet"].stubs[ENCLAVE].GetPreferredAllocation(request)
     assert list(answer.container_responses[0].deviceIDs) == ["enclave-3", "enclave-0", "enclave-1"]
 
@@ -131,8 +161,9 @@ def test_kubelet_restart_and_a_vanished_socket_mean_registering_again(node):
     again = kubelet.wait_registered(3)
     assert {r.resource_name for r in again} == {ENCLAVE, MEMORY, TPM}
     assert _health(kubelet.updates[ENCLAVE]) == {"Healthy"}
-    answer = kubelet.stubs[ENCLAVE].Allocate(pb.AllocateRequest(
-        container_requests=[pb.ContainerAllocateRequest(devices_ids=["enclave-0"])]))
+    answer = kubelet.stubs[ENCLAVE].Allocate(
+        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["enclave-0"])])
+    )
     assert answer.container_responses[0].envs["COVE_ENCLAVE_SLOTS"] == "enclave-0"
 
 
@@ -150,8 +181,12 @@ def test_health_probe_speaks_to_the_real_node_service():
     folder = Path(tempfile.mkdtemp(prefix="k8s-dmn-", dir="/tmp"))
     probe = DaemonProbe(str(folder / "cove.sock"), timeout=2)
     assert not probe().up and "no socket" in probe().detail
-    proc = subprocess.Popen([COVE, "daemon", "--root", str(folder / "root"), "--socket", str(folder / "cove.sock")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [COVE, "daemon", "--root", str(folder / "root"), "--socket", str(folder / "cove.sock")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (health := probe()).up:

@@ -26,16 +26,36 @@ def test_labels_follow_the_node_service_and_write_atomically(tmp_path):
     daemon = FakeDaemon(sock_dir / "cove.sock")
     daemon.start()
     features = tmp_path / "features.d"
-    proc = subprocess.Popen([COVE, "k8s", "node-agent", "--nfd-dir", str(features), "--backend", "vm",
-                             "--platform", "self-certified", "--daemon-socket", str(sock_dir / "cove.sock"),
-                             "--interval", "0.1"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            COVE,
+            "k8s",
+            "node-agent",
+            "--nfd-dir",
+            str(features),
+            "--backend",
+            "vm",
+            "--platform",
+            "self-certified",
+            "--daemon-socket",
+            str(sock_dir / "cove.sock"),
+            "--interval",
+            "0.1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while not (features / "cove").exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.05)
-        assert _read(features) == {"cove.dev/backend": "vm", "cove.dev/platform": "self-certified",
-                                   "cove.dev/version": "0.1.0", "cove.dev/ready": "true"}
+        assert _read(features) == {
+            "cove.dev/backend": "vm",
+            "cove.dev/platform": "self-certified",
+            "cove.dev/version": "0.1.0",
+            "cove.dev/ready": "true",
+        }
         daemon.stop()
         while _read(features).get("cove.dev/ready") != "false":
             assert time.monotonic() < deadline + 10
@@ -48,10 +68,13 @@ def test_labels_follow_the_node_service_and_write_atomically(tmp_path):
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("info,expected", [
-    ({"backend": "sgx", "platform": "tpm", "version": "1.2.3"}, ("sgx", "tpm", "1.2.3")),
-    ({"version": "1.2.3+dirty build"}, ("sim", "self-certified", "unknown")),   # not a label value
-])
+@pytest.mark.parametrize(
+    "info,expected",
+    [
+        ({"backend": "sgx", "platform": "tpm", "version": "1.2.3"}, ("sgx", "tpm", "1.2.3")),
+        ({"version": "1.2.3+dirty build"}, ("sim", "self-certified", "unknown")),  # not a label value
+    ],
+)
 def test_the_node_service_has_the_last_word(tmp_path, info, expected):
     values = nodeagent.labels(Health(True, "ok", info), dev=tmp_path)
     assert (values["cove.dev/backend"], values["cove.dev/platform"], values["cove.dev/version"]) == expected
@@ -61,8 +84,12 @@ def test_detection_without_the_node_service(tmp_path):
     (tmp_path / "kvm").touch()
     (tmp_path / "tpmrm0").touch()
     values = nodeagent.labels(Health(False, "down", {}), dev=tmp_path)
-    assert values == {"cove.dev/backend": "vm", "cove.dev/platform": "tpm", "cove.dev/version": __version__,
-                      "cove.dev/ready": "false"}
+    assert values == {
+        "cove.dev/backend": "vm",
+        "cove.dev/platform": "tpm",
+        "cove.dev/version": __version__,
+        "cove.dev/ready": "false",
+    }
 
 
 def test_a_hostile_answer_is_refused():
@@ -70,14 +97,18 @@ def test_a_hostile_answer_is_refused():
         nodeagent.labels(Health(True, "ok", {"backend": "root\nx=y"}))
 
 
-@pytest.mark.parametrize("args,code,words", [
-    ([], 2, "exactly one of --nfd-dir and --node"),
-    (["--node", "n1"], 7, "no Kubernetes API credentials"),
-    (["--backend", "bogus", "--nfd-dir", "/tmp/x"], 2, "bogus"),
-])
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        ([], 2, "exactly one of --nfd-dir and --node"),
+        (["--node", "n1"], 7, "no Kubernetes API credentials"),
+        (["--backend", "bogus", "--nfd-dir", "/tmp/x"], 2, "bogus"),
+    ],
+)
 def test_bad_invocations_are_one_line(tmp_path, args, code, words):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([COVE, "k8s", "node-agent", "--once", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        [COVE, "k8s", "node-agent", "--once", *args], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.count("\n") == 1 and words in proc.stderr

@@ -33,10 +33,14 @@ def broker(tmp_path_factory):
     state = tmp_path_factory.mktemp("kbs") / "state"
     port = free_port()
     url = f"https://127.0.0.1:{port}"
-    subprocess.run([COVE, "kbs", "init", "--state", str(state), "--url", url], check=True, capture_output=True,
-                   timeout=120)
-    proc = subprocess.Popen([COVE, "kbs", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"],
-                            stderr=subprocess.PIPE, text=True)
+    subprocess.run(
+        [COVE, "kbs", "init", "--state", str(state), "--url", url], check=True, capture_output=True, timeout=120
+    )
+    proc = subprocess.Popen(
+        [COVE, "kbs", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     admin = AdminClient.from_file(url, state / "admin.json", state / "tls.crt")
     deadline = time.monotonic() + 60
     while True:
@@ -54,14 +58,26 @@ def broker(tmp_path_factory):
 
 
 def _secret(name: str, data: dict[str, bytes]) -> dict:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-            "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
 
 
 def _cr(kind: str, name: str, spec: dict) -> dict:
-    return {"apiVersion": f"{crds.GROUP}/{crds.VERSION}", "kind": kind,
-            "metadata": {"name": name, "namespace": NS, "resourceVersion": "1",  # as an API server sets them
-                         "uid": f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}"}, "spec": spec}
+    return {
+        "apiVersion": f"{crds.GROUP}/{crds.VERSION}",
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "resourceVersion": "1",  # as an API server sets them
+            "uid": f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}",
+        },
+        "spec": spec,
+    }
 
 
 class Cluster:
@@ -72,14 +88,26 @@ class Cluster:
         for crd in crds.CRDS:
             names = crd["spec"]["names"]
             kmock.resources[f"{crds.GROUP}/{crds.VERSION}/{names['plural']}"] = kmocklib.ResourceInfo(
-                kind=names["kind"], singular=names["singular"], namespaced=True, subresources={"status"},
-                verbs={"list", "watch", "get", "create", "patch", "update", "delete"})
-        for resource, kind in (("v1/secrets", "Secret"), ("v1/services", "Service"), ("v1/events", "Event"),
-                               ("v1/configmaps", "ConfigMap"), ("apps/v1/deployments", "Deployment")):
-            kmock.resources[resource] = kmocklib.ResourceInfo(kind=kind, namespaced=True,
-                                                              verbs={"list", "watch", "get", "create", "patch"})
-        for resource, kind in (("v1/namespaces", "Namespace"),
-                               ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition")):
+                kind=names["kind"],
+                singular=names["singular"],
+                namespaced=True,
+                subresources={"status"},
+                verbs={"list", "watch", "get", "create", "patch", "update", "delete"},
+            )
+        for resource, kind in (
+            ("v1/secrets", "Secret"),
+            ("v1/services", "Service"),
+            ("v1/events", "Event"),
+            ("v1/configmaps", "ConfigMap"),
+            ("apps/v1/deployments", "Deployment"),
+        ):
+            kmock.resources[resource] = kmocklib.ResourceInfo(
+                kind=kind, namespaced=True, verbs={"list", "watch", "get", "create", "patch"}
+            )
+        for resource, kind in (
+            ("v1/namespaces", "Namespace"),
+            ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition"),
+        ):
             kmock.resources[resource] = kmocklib.ResourceInfo(kind=kind, namespaced=False, verbs={"list", "watch"})
 
     async def create(self, collection: str, obj: dict) -> None:
@@ -112,6 +140,7 @@ def _phase(phase: str, **fields):
     def test(obj):
         status = (obj or {}).get("status") or {}
         return status.get("phase") == phase and all(status.get(k) == v for k, v in fields.items())
+
     return test
 
 
@@ -120,8 +149,9 @@ class Operator:
 
     def __init__(self, monkeypatch, kmock):
         monkeypatch.setenv("COVE_K8S_API", str(kmock.url).rstrip("/"))
-        self.runner = KopfRunner(["run", "--standalone", "--verbose", "--all-namespaces", "-m", "cove.k8s.operator"],
-                                 timeout=30)
+        self.runner = KopfRunner(
+            ["run", "--standalone", "--verbose", "--all-namespaces", "-m", "cove.k8s.operator"], timeout=30
+        )
 
     async def __aenter__(self):
         self.runner.__enter__()
@@ -133,13 +163,25 @@ class Operator:
 
 async def _external_broker(cluster: Cluster, broker: dict, name: str = "kbs", url: str | None = None) -> None:
     state: Path = broker["state"]
-    await cluster.create(f"/api/v1/namespaces/{NS}/secrets",
-                         _secret(f"{name}-admin", {"admin.json": (state / "admin.json").read_bytes()}))
-    await cluster.create(f"/api/v1/namespaces/{NS}/secrets",
-                         _secret(f"{name}-tls", {"ca.crt": (state / "tls.crt").read_bytes()}))
-    await cluster.create(f"{API}/keybrokers", _cr("KeyBroker", name, {
-        "external": {"url": url or broker["url"]}, "admin": {"name": f"{name}-admin"},
-        "tls": {"name": f"{name}-tls"}}))
+    await cluster.create(
+        f"/api/v1/namespaces/{NS}/secrets",
+        _secret(f"{name}-admin", {"admin.json": (state / "admin.json").read_bytes()}),
+    )
+    await cluster.create(
+        f"/api/v1/namespaces/{NS}/secrets", _secret(f"{name}-tls", {"ca.crt": (state / "tls.crt").read_bytes()})
+    )
+    await cluster.create(
+        f"{API}/keybrokers",
+        _cr(
+            "KeyBroker",
+            name,
+            {
+                "external": {"url": url or broker["url"]},
+                "admin": {"name": f"{name}-admin"},
+                "tls": {"name": f"{name}-tls"},
+            },
+        ),
+    )
 
 
 @pytest.mark.asyncio
@@ -149,17 +191,33 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
     async with Operator(monkeypatch, kmock):
         await cluster.until(f"{API}/keybrokers/kbs", _phase("Ready", url=broker["url"]))
 
-        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "app", {"broker": "kbs",
-                                                                                    "policy": POLICY}))
+        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "app", {"broker": "kbs", "policy": POLICY}))
         await cluster.until(f"{API}/enclavepolicies/app", _phase("Ready", policyId="app", policyVersion=1))
         assert admin.policy("app")["body"] == POLICY
 
-        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "volume", {
-            "broker": "kbs", "path": "prod/volume/data", "policy": "app", "generate": {"kind": "aes-256"}}))
+        await cluster.create(
+            f"{API}/enclavesecrets",
+            _cr(
+                "EnclaveSecret",
+                "volume",
+                {"broker": "kbs", "path": "prod/volume/data", "policy": "app", "generate": {"kind": "aes-256"}},
+            ),
+        )
         await cluster.create(f"/api/v1/namespaces/{NS}/secrets", _secret("flags", {"value": b'{"beta": true}'}))
-        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "flags", {
-            "broker": "kbs", "path": "prod/cfg/flags", "policy": "app", "import": {"name": "flags"},
-            "exportable": True}))
+        await cluster.create(
+            f"{API}/enclavesecrets",
+            _cr(
+                "EnclaveSecret",
+                "flags",
+                {
+                    "broker": "kbs",
+                    "path": "prod/cfg/flags",
+                    "policy": "app",
+                    "import": {"name": "flags"},
+                    "exportable": True,
+                },
+            ),
+        )
         volume = await cluster.until(f"{API}/enclavesecrets/volume", _phase("Ready", currentVersion=1))
         await cluster.until(f"{API}/enclavesecrets/flags", _phase("Ready", currentVersion=1))
         assert volume["status"]["brokerPolicy"] == "app" and len(volume["status"]["versions"]) == 1
@@ -169,8 +227,7 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
         assert "value" not in json.dumps(volume["spec"])  # the CR never carries a value
 
         # An update: the policy's text changes, the secret rotates; the broker follows, once.
-        await cluster.patch(f"{API}/enclavepolicies/app", {"spec": {"policy": POLICY_2},
-                                                           "metadata": {"generation": 2}})
+        await cluster.patch(f"{API}/enclavepolicies/app", {"spec": {"policy": POLICY_2}, "metadata": {"generation": 2}})
         await cluster.until(f"{API}/enclavepolicies/app", _phase("Ready", policyVersion=2))
         assert admin.policy("app")["body"] == POLICY_2
         await cluster.patch(f"{API}/enclavesecrets/volume", {"spec": {"rotation": 1}, "metadata": {"generation": 2}})
@@ -178,8 +235,9 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
         assert admin.secret("prod/volume/data")["version"] == 2
         # A status patch that was lost (the object forgets what was rotated): the next pass does not rotate again.
         await cluster.patch(f"{API}/enclavesecrets/volume/status", {"status": {"baseVersion": None, "rotation": None}})
-        await cluster.patch(f"{API}/enclavesecrets/volume", {"metadata": {"labels": {"touched": "yes"},
-                                                                          "generation": 3}})
+        await cluster.patch(
+            f"{API}/enclavesecrets/volume", {"metadata": {"labels": {"touched": "yes"}, "generation": 3}}
+        )
         await cluster.until(f"{API}/enclavesecrets/volume", _phase("Ready", baseVersion=1))
         assert admin.secret("prod/volume/data")["version"] == 2
 
@@ -198,14 +256,15 @@ async def test_unreachable_broker_is_retried_with_backoff(kmock, broker, monkeyp
     cluster = Cluster(kmock)
     await _external_broker(cluster, broker, "gone", url=f"https://127.0.0.1:{free_port()}")
     async with Operator(monkeypatch, kmock):
-        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "p", {"broker": "gone",
-                                                                                  "policy": POLICY}))
+        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "p", {"broker": "gone", "policy": POLICY}))
         first = await cluster.until(f"{API}/enclavepolicies/p", _phase("Error"))
         assert "cannot reach the broker" in first["status"]["message"]
-        await cluster.until(f"{API}/enclavepolicies/p", lambda o: (o["status"].get("retries") or 0) >= 3,
-                            timeout=20)  # back-off 1 s, 2 s: a third attempt, not a tight loop
-        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "orphan", {"broker": "nobody",
-                                                                                       "policy": POLICY}))
+        await cluster.until(
+            f"{API}/enclavepolicies/p", lambda o: (o["status"].get("retries") or 0) >= 3, timeout=20
+        )  # back-off 1 s, 2 s: a third attempt, not a tight loop
+        await cluster.create(
+            f"{API}/enclavepolicies", _cr("EnclavePolicy", "orphan", {"broker": "nobody", "policy": POLICY})
+        )
         orphan = await cluster.until(f"{API}/enclavepolicies/orphan", _phase("Error"))
         assert "KeyBroker 'nobody' not found" in orphan["status"]["message"]
 
@@ -213,22 +272,32 @@ async def test_unreachable_broker_is_retried_with_backoff(kmock, broker, monkeyp
 @pytest.mark.asyncio
 async def test_managed_broker_waits_for_its_database_secret(kmock, monkeypatch):
     cluster = Cluster(kmock)
-    spec = {"replicas": 2, "image": "cove/kbs:0.1.0", "database": {"name": "pg"}, "masterKey": {"name": "master"},
-            "tls": {"name": "kbs-tls"}, "admin": {"name": "kbs-admin"}}
+    spec = {
+        "replicas": 2,
+        "image": "cove/kbs:0.1.0",
+        "database": {"name": "pg"},
+        "masterKey": {"name": "master"},
+        "tls": {"name": "kbs-tls"},
+        "admin": {"name": "kbs-admin"},
+    }
     async with Operator(monkeypatch, kmock):
         await cluster.create(f"{API}/keybrokers", _cr("KeyBroker", "kbs", spec))
         failed = await cluster.until(f"{API}/keybrokers/kbs", _phase("Error"))
         assert failed["status"]["message"] == f"database Secret 'pg' not found in {NS}"
         assert await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/kbs") is None
-        await cluster.create(f"/api/v1/namespaces/{NS}/secrets",
-                             _secret("pg", {"url": b"postgresql://kbs@pg.apps.svc:5432/kbs"}))
+        await cluster.create(
+            f"/api/v1/namespaces/{NS}/secrets", _secret("pg", {"url": b"postgresql://kbs@pg.apps.svc:5432/kbs"})
+        )
         await cluster.create(f"/api/v1/namespaces/{NS}/secrets", _secret("master", {"master.key": b"k" * 32}))
         await cluster.until(f"{API}/keybrokers/kbs", _phase("Ready", url=f"https://kbs.{NS}.svc:8443"), timeout=30)
         # An update (more replicas, a new image) reaches the Deployment: a rolling upgrade.
-        await cluster.patch(f"{API}/keybrokers/kbs", {"spec": {"replicas": 3, "image": "cove/kbs:0.1.1"},
-                                                      "metadata": {"generation": 2}})
-        await cluster.until(f"/apis/apps/v1/namespaces/{NS}/deployments/kbs",
-                            lambda d: d["spec"]["template"]["spec"]["containers"][0]["image"] == "cove/kbs:0.1.1")
+        await cluster.patch(
+            f"{API}/keybrokers/kbs", {"spec": {"replicas": 3, "image": "cove/kbs:0.1.1"}, "metadata": {"generation": 2}}
+        )
+        await cluster.until(
+            f"/apis/apps/v1/namespaces/{NS}/deployments/kbs",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["image"] == "cove/kbs:0.1.1",
+        )
     deployment = await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/kbs")
     service = await cluster.get(f"/api/v1/namespaces/{NS}/services/kbs")
     assert deployment["spec"]["replicas"] == 3
@@ -243,8 +312,12 @@ def _strict(schema):
     """The CRD schema as the API server applies it with fieldValidation=Strict: unknown fields refused."""
     schema = copy.deepcopy(schema)
     if isinstance(schema, dict):
-        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         for key, value in list(schema.items()):
             if key == "metadata":
@@ -255,23 +328,24 @@ def _strict(schema):
     return schema
 
 
-SCHEMAS = {crd["spec"]["names"]["kind"]: _strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-           for crd in crds.CRDS}
+SCHEMAS = {
+    crd["spec"]["names"]["kind"]: _strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]) for crd in crds.CRDS
+}
 GOOD = {
     "KeyBroker": {"external": {"url": "https://kbs.example:8443"}, "admin": {"name": "a"}},
     "EnclavePolicy": {"broker": "kbs", "policy": POLICY},
     "EnclaveSecret": {"broker": "kbs", "path": "prod/db/password", "policy": "app", "generate": {"kind": "password"}},
 }
 BAD = [
-    ("KeyBroker", {"admin": {"name": "a"}}),                      # neither external nor a database
+    ("KeyBroker", {"admin": {"name": "a"}}),  # neither external nor a database
     ("KeyBroker", {**GOOD["KeyBroker"], "replicas": 0}),
     ("KeyBroker", {**GOOD["KeyBroker"], "external": {"url": "file:///etc/passwd"}}),
     ("EnclavePolicy", {"broker": "kbs"}),
     ("EnclavePolicy", {**GOOD["EnclavePolicy"], "name": "../escape"}),
     ("EnclaveSecret", {**GOOD["EnclaveSecret"], "path": "../../etc"}),
     ("EnclaveSecret", {**GOOD["EnclaveSecret"], "generate": {"kind": "des"}}),
-    ("EnclaveSecret", {**GOOD["EnclaveSecret"], "import": {"name": "s"}}),             # both generate and import
-    ("EnclaveSecret", {**GOOD["EnclaveSecret"], "value": "hunter2"}),                  # a value in the CR
+    ("EnclaveSecret", {**GOOD["EnclaveSecret"], "import": {"name": "s"}}),  # both generate and import
+    ("EnclaveSecret", {**GOOD["EnclaveSecret"], "value": "hunter2"}),  # a value in the CR
     ("EnclaveSecret", {**GOOD["EnclaveSecret"], "rotation": -1}),
 ]
 

@@ -17,9 +17,11 @@ import pytest
 from tests.conftest import COVE
 from tests.k8s.conftest import free_port
 
-KBS = {"url": "https://kbs.cove-system.svc:8443",
-       "ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-       "timeout": "10"}
+KBS = {
+    "url": "https://kbs.cove-system.svc:8443",
+    "ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    "timeout": "10",
+}
 K8S_VERSIONS = ["1.30", "1.34"]
 
 
@@ -29,19 +31,34 @@ def pod(opt_in: str | None = "label", **spec_extra) -> dict:
         meta["labels"]["cove.dev/enclave"] = "true"
     elif opt_in == "annotation":
         meta["annotations"] = {"cove.dev/enclave": "true", "team": "payments"}
-    spec = {"containers": [
-        {"name": "app", "image": "registry.example/app:1", "resources": {"limits": {"memory": "512Mi", "cpu": "1"}}},
-        {"name": "sidecar", "image": "registry.example/side:1"}]}
+    spec = {
+        "containers": [
+            {
+                "name": "app",
+                "image": "registry.example/app:1",
+                "resources": {"limits": {"memory": "512Mi", "cpu": "1"}},
+            },
+            {"name": "sidecar", "image": "registry.example/side:1"},
+        ]
+    }
     spec.update(spec_extra)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
 def review(obj: dict, operation: str = "CREATE", uid: str = "b1d0c1a0-0000-4000-8000-000000000001") -> dict:
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": "default", "operation": operation, "object": obj,
-                        "userInfo": {"username": "alice"}}}
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "default",
+            "operation": operation,
+            "object": obj,
+            "userInfo": {"username": "alice"},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +66,26 @@ def hook(tls, tmp_path_factory):
     settings = tmp_path_factory.mktemp("kbs") / "kbs.json"
     settings.write_text(json.dumps(KBS))
     port = free_port()
-    proc = subprocess.Popen([COVE, "k8s", "webhook", "--listen", f"127.0.0.1:{port}", "--cert", str(tls["cert"]),
-                             "--key", str(tls["key"]), "--kbs-config", str(settings)],
-                            stderr=subprocess.PIPE, text=True)
-    client = httpx.Client(base_url=f"https://127.0.0.1:{port}",
-                          verify=ssl.create_default_context(cafile=str(tls["ca"])), timeout=10)
+    proc = subprocess.Popen(
+        [
+            COVE,
+            "k8s",
+            "webhook",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--cert",
+            str(tls["cert"]),
+            "--key",
+            str(tls["key"]),
+            "--kbs-config",
+            str(settings),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = httpx.Client(
+        base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(tls["ca"])), timeout=10
+    )
     for _ in range(200):
         try:
             client.get("/healthz")
@@ -95,8 +127,12 @@ def test_opted_in_pod_becomes_an_enclave_pod(hook, opt_in):
     patched = apply(original, post(hook, review(copy.deepcopy(original))))
     assert patched["spec"]["runtimeClassName"] == "cove"
     app, side = patched["spec"]["containers"]
-    assert app["resources"]["limits"] == {"memory": "512Mi", "cpu": "1", "cove.dev/enclave": "1",
-                                          "cove.dev/enclave-memory": "512"}
+    assert app["resources"]["limits"] == {
+        "memory": "512Mi",
+        "cpu": "1",
+        "cove.dev/enclave": "1",
+        "cove.dev/enclave-memory": "512",
+    }
     assert app["resources"]["requests"] == {"cove.dev/enclave": "1", "cove.dev/enclave-memory": "512"}
     assert side["resources"]["limits"] == {"cove.dev/enclave": "1", "cove.dev/enclave-memory": "256"}
     annotations = patched["metadata"]["annotations"]
@@ -111,8 +147,9 @@ def test_opted_in_pod_becomes_an_enclave_pod(hook, opt_in):
     assert post(hook, review(patched), "/validate")["allowed"]
 
 
-@pytest.mark.parametrize("memory,mib", [("1Gi", "1024"), ("1G", "954"), ("100M", "96"), ("1.5Gi", "1536"),
-                                        ("1e9", "954"), ("1", "1")])
+@pytest.mark.parametrize(
+    "memory,mib", [("1Gi", "1024"), ("1G", "954"), ("100M", "96"), ("1.5Gi", "1536"), ("1e9", "954"), ("1", "1")]
+)
 def test_memory_quantities_round_up_to_mib(hook, memory, mib):
     original = pod(containers=[{"name": "a", "image": "x", "resources": {"requests": {"memory": memory}}}])
     patched = apply(original, post(hook, review(original)))
@@ -121,13 +158,16 @@ def test_memory_quantities_round_up_to_mib(hook, memory, mib):
 
 REFUSED = {
     "privileged": {"containers": [{"name": "a", "image": "x", "securityContext": {"privileged": True}}]},
-    "init-privileged": {"initContainers": [{"name": "i", "image": "x", "securityContext": {"privileged": True}}],
-                        "containers": [{"name": "a", "image": "x"}]},
+    "init-privileged": {
+        "initContainers": [{"name": "i", "image": "x", "securityContext": {"privileged": True}}],
+        "containers": [{"name": "a", "image": "x"}],
+    },
     "hostPID": {"hostPID": True},
     "hostNetwork": {"hostNetwork": True},
     "hostIPC": {"hostIPC": True},
-    "capabilities": {"containers": [{"name": "a", "image": "x",
-                                     "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]},
+    "capabilities": {
+        "containers": [{"name": "a", "image": "x", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]
+    },
     "hostPath-socket": {"volumes": [{"name": "v", "hostPath": {"path": "/run/cove/cove.sock"}}]},
     "hostPath-parent": {"volumes": [{"name": "v", "hostPath": {"path": "/run/"}}]},
     "hostPath-root": {"volumes": [{"name": "v", "hostPath": {"path": "/"}}]},
@@ -185,7 +225,7 @@ def _without(path: tuple, value=None) -> dict:
 
 
 MALFORMED = {
-    "not-json": b"{\"apiVersion\": ",
+    "not-json": b'{"apiVersion": ',
     "array": b"[]",
     "wrong-kind": json.dumps(_without(("kind",), "Pod")).encode(),
     "v1beta1": json.dumps(_without(("apiVersion",), "admission.k8s.io/v1beta1")).encode(),
@@ -194,8 +234,9 @@ MALFORMED = {
     "no-object": json.dumps(_without(("request", "object"))).encode(),
     "no-spec": json.dumps(_without(("request", "object", "spec"))).encode(),
     "containers-not-list": json.dumps(_without(("request", "object", "spec", "containers"), "x")).encode(),
-    "bad-quantity": json.dumps(review(pod(containers=[{"name": "a", "image": "x",
-                                                       "resources": {"limits": {"memory": "lots"}}}]))).encode(),
+    "bad-quantity": json.dumps(
+        review(pod(containers=[{"name": "a", "image": "x", "resources": {"limits": {"memory": "lots"}}}]))
+    ).encode(),
     "not-utf8": b"\xff\xfe{}",
 }
 
@@ -207,8 +248,9 @@ def test_malformed_review_is_400(hook, case):
 
 
 def test_oversized_review_is_413(hook):
-    answer = hook["client"].post("/mutate", content=b"{" + b" " * (4 * 2**20) + b"}",
-                                 headers={"Content-Type": "application/json"})
+    answer = hook["client"].post(
+        "/mutate", content=b"{" + b" " * (4 * 2**20) + b"}", headers={"Content-Type": "application/json"}
+    )
     assert answer.status_code == 413
 
 
@@ -218,11 +260,14 @@ def test_metrics_count_decisions(hook):
     assert 'cove_webhook_reviews_total{decision="refused",endpoint="mutate"}' in text
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--cert", "/nonexistent/tls.crt", "--key", "/nonexistent/tls.key"], "cannot read /nonexistent/tls.crt"),
-    (["--listen", "nowhere"], "is not HOST:PORT"),
-    (["--kbs-config", "BAD"], "--kbs-config"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--cert", "/nonexistent/tls.crt", "--key", "/nonexistent/tls.key"], "cannot read /nonexistent/tls.crt"),
+        (["--listen", "nowhere"], "is not HOST:PORT"),
+        (["--kbs-config", "BAD"], "--kbs-config"),
+    ],
+)
 def test_bad_startup_is_one_line(tls, tmp_path, args, words):
     bad = tmp_path / "kbs.json"
     bad.write_text(json.dumps({"url": "ftp://x", "colour": "blue"}))

@@ -38,8 +38,22 @@ INIT_DATA_FORMAT = "toml"
 # KT src/hash_algorithm.rs: HashAlgorithm::list_all(), serialized lowercase, parsed case-insensitively
 HASH_ALGORITHMS = ("sha256", "sha384", "sha512", "sm3")
 # KT src/lib.rs: enum Tee, as it serializes
-TEES = ("az-snp-vtpm", "az-tdx-vtpm", "nvidia", "sgx", "snp", "tdx", "cca", "csv", "se", "hygondcu", "dpu",
-        "tpm", "sample", "sampledevice")
+TEES = (
+    "az-snp-vtpm",
+    "az-tdx-vtpm",
+    "nvidia",
+    "sgx",
+    "snp",
+    "tdx",
+    "cca",
+    "csv",
+    "se",
+    "hygondcu",
+    "dpu",
+    "tpm",
+    "sample",
+    "sampledevice",
+)
 # GC .../builder.rs: reqwest with cookie_store(true) and this user agent
 USER_AGENT = "attestation-agent-kbs-client/0.1.0"
 
@@ -95,9 +109,11 @@ class TeeKeyPair:
     """TeeKeyAlgorithm: "ECDH-ES+A256KW-P256" (the default), "ECDH-ES+A256KW-P521", "RSA-OAEP-256".
     "ECDH-ES+A256KW-P384" is not one of the client's; it is here to drive Cove's P-384 support."""
 
-    CURVES = {"ECDH-ES+A256KW-P256": (ec.SECP256R1(), "P-256", 32),
-              "ECDH-ES+A256KW-P384": (ec.SECP384R1(), "P-384", 48),
-              "ECDH-ES+A256KW-P521": (ec.SECP521R1(), "P-521", 66)}
+    CURVES = {
+        "ECDH-ES+A256KW-P256": (ec.SECP256R1(), "P-256", 32),
+        "ECDH-ES+A256KW-P384": (ec.SECP384R1(), "P-384", 48),
+        "ECDH-ES+A256KW-P521": (ec.SECP521R1(), "P-521", 66),
+    }
 
     def __init__(self, algorithm: str = "ECDH-ES+A256KW-P256"):
         self.algorithm = algorithm
@@ -115,8 +131,13 @@ class TeeKeyPair:
             e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
             return {"kty": "RSA", "alg": "RSA-OAEP-256", "n": b64url(n), "e": b64url(e)}
         numbers = self.key.public_key().public_numbers()
-        return {"kty": "EC", "crv": self.crv, "alg": "ECDH-ES+A256KW",
-                "x": b64url(numbers.x.to_bytes(self.size, "big")), "y": b64url(numbers.y.to_bytes(self.size, "big"))}
+        return {
+            "kty": "EC",
+            "crv": self.crv,
+            "alg": "ECDH-ES+A256KW",
+            "x": b64url(numbers.x.to_bytes(self.size, "big")),
+            "y": b64url(numbers.y.to_bytes(self.size, "big")),
+        }
 
     def unwrap_cek(self, header: dict, wrapped: bytes) -> bytes:
         """keypair.rs unwrap_cek: by header.alg; ECDH reads epk.crv/x/y and refuses another curve."""
@@ -149,8 +170,9 @@ class TeeKeyPair:
             raise CocoError("DecryptResponseFailed", f"{type(exc).__name__}: {exc}") from None
 
     def pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
 
 # -- evidence providers (GC attestation-agent/attester/src/*) -----------------------------------------------
@@ -209,8 +231,9 @@ class CocoClient:
 
     def __post_init__(self):
         self.tee_key = TeeKeyPair(self.algorithm)
-        self.http = httpx.Client(base_url=self.url.rstrip("/"), verify=self.verify,
-                                 headers={"user-agent": USER_AGENT}, timeout=60)
+        self.http = httpx.Client(
+            base_url=self.url.rstrip("/"), verify=self.verify, headers={"user-agent": USER_AGENT}, timeout=60
+        )
         self.token: str | None = None
         self.sent: dict[str, bytes] = {}
 
@@ -236,8 +259,13 @@ class CocoClient:
 
     # rcar_client.rs build_request / get_request_extra_params
     def request_body(self) -> bytes:
-        return serde_json({"version": PROTOCOL_VERSION, "tee": self.attester.tee,
-                           "extra-params": {"supported-hash-algorithms": list(HASH_ALGORITHMS)}})
+        return serde_json(
+            {
+                "version": PROTOCOL_VERSION,
+                "tee": self.attester.tee,
+                "extra-params": {"supported-hash-algorithms": list(HASH_ALGORITHMS)},
+            }
+        )
 
     @staticmethod
     def hash_algorithm(extra_params) -> str:
@@ -275,8 +303,11 @@ class CocoClient:
         # get_composite_evidence: devices bind the canonical runtime data; the primary TEE binds
         # {"tee-pubkey", "nonce", "additional-evidence"}, canonical JSON (RFC 8785), hashed.
         additional = self.additional_evidence(hash_digest(algorithm, rfc8785.dumps(runtime_data)))
-        primary_runtime = {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"],
-                           "additional-evidence": additional}
+        primary_runtime = {
+            "tee-pubkey": runtime_data["tee-pubkey"],
+            "nonce": runtime_data["nonce"],
+            "additional-evidence": additional,
+        }
         digest = hash_digest(algorithm, rfc8785.dumps(primary_runtime))
         evidence = {"primary_evidence": self.attester.get_evidence(digest), "additional_evidence": additional}
         init_data = {"format": INIT_DATA_FORMAT, "body": self.init_data} if self.init_data is not None else None

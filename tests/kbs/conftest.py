@@ -96,13 +96,24 @@ class Kbs:
     def secret(self, path: str, value: bytes = b"s3cret", measurement: str = MEASUREMENT, **kwargs) -> None:
         name = "p-" + uuid.uuid4().hex[:8]
         self.admin.put_policy(name, release_policy(measurement))
-        self.admin.create_secret(path, kwargs.pop("kind", "data"), name,
-                                 value=None if kwargs.get("generate") else value,
-                                 **{k: v for k, v in kwargs.items() if k != "generate"})
+        self.admin.create_secret(
+            path,
+            kwargs.pop("kind", "data"),
+            name,
+            value=None if kwargs.get("generate") else value,
+            **{k: v for k, v in kwargs.items() if k != "generate"},
+        )
 
 
-def start_kbs(db: str, tmp_path: Path, https: bool, tls_files=None, policy: str | None = SAMPLE_ATTESTATION_POLICY,
-              master_key: bytes | None = None, **settings) -> Kbs:
+def start_kbs(
+    db: str,
+    tmp_path: Path,
+    https: bool,
+    tls_files=None,
+    policy: str | None = SAMPLE_ATTESTATION_POLICY,
+    master_key: bytes | None = None,
+    **settings,
+) -> Kbs:
     clock = settings.pop("clock", None) or Clock()
     master_key = master_key or os.urandom(32)
     broker = Broker(Settings(db_url=db, master_key=master_key, attestation_policy=policy, clock=clock, **settings))
@@ -142,8 +153,9 @@ def make_kbs(tmp_path, tls_files, request):
     started: list[Kbs] = []
 
     def make(db: str | None = None, https: bool = True, **settings) -> Kbs:
-        running = start_kbs(db or f"sqlite:///{tmp_path / (uuid.uuid4().hex + '.db')}", tmp_path, https,
-                            tls_files, **settings)
+        running = start_kbs(
+            db or f"sqlite:///{tmp_path / (uuid.uuid4().hex + '.db')}", tmp_path, https, tls_files, **settings
+        )
         started.append(running)
         return running
 

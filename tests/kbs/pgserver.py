@@ -68,15 +68,29 @@ class PgServer:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.root)
 
     def start(self) -> PgServer:
-        done = self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                                 "-E", "UTF8", "--no-sync")
+        done = self._as_postgres(
+            str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
+        )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stderr.strip()}")
-        options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                   f"-c max_connections={self.max_connections} -c fsync=off -c synchronous_commit=off "
-                   f"-c full_page_writes=off -c shared_buffers=64MB")
-        done = self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                                 "-o", options, "-w", "-t", "60", "start")
+        options = (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections={self.max_connections} -c fsync=off -c synchronous_commit=off "
+            f"-c full_page_writes=off -c shared_buffers=64MB"
+        )
+        done = self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()} {self.log.read_text()[-2000:]}")
         self.started = True

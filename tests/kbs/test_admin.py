@@ -17,8 +17,12 @@ from tests.kbs.conftest import MEASUREMENT, problem, release_policy, ssl_for
 
 def test_admin_without_key_401(kbs):
     with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
-        for method, path in (("GET", "/kbs/v0/admin/secrets"), ("GET", "/kbs/v0/admin/audit"),
-                             ("PUT", "/kbs/v0/admin/policies/p"), ("POST", "/kbs/v0/admin/keys")):
+        for method, path in (
+            ("GET", "/kbs/v0/admin/secrets"),
+            ("GET", "/kbs/v0/admin/audit"),
+            ("PUT", "/kbs/v0/admin/policies/p"),
+            ("POST", "/kbs/v0/admin/keys"),
+        ):
             reply = http.request(method, path, json={"body": "", "name": "x", "jwk": {}})
             if reply.status_code == 400:  # body checked before auth: send a valid one
                 continue
@@ -61,12 +65,14 @@ def test_non_admin_key_403(kbs):
         kbs.secret("app/db/password", b"hunter2")
         assert [s["path"] for s in auditor.secrets()] == ["app/db/password"]  # reading metadata is allowed
         assert auditor.audit()
-        for call in (lambda: auditor.put_policy("x", release_policy()),
-                     lambda: auditor.create_secret("a/b/c", "aes-256", "x"),
-                     lambda: auditor.rotate_secret("app/db/password", b"new"),
-                     lambda: auditor.delete_secret("app/db/password"),
-                     lambda: auditor.export("app/db/password"),
-                     lambda: auditor.add_key("bob", auditor_key.as_dict(private=False), "admin")):
+        for call in (
+            lambda: auditor.put_policy("x", release_policy()),
+            lambda: auditor.create_secret("a/b/c", "aes-256", "x"),
+            lambda: auditor.rotate_secret("app/db/password", b"new"),
+            lambda: auditor.delete_secret("app/db/password"),
+            lambda: auditor.export("app/db/password"),
+            lambda: auditor.add_key("bob", auditor_key.as_dict(private=False), "admin"),
+        ):
             with pytest.raises(KbsError) as caught:
                 call()
             assert problem(caught) == (403, "AdminForbidden")
@@ -85,8 +91,18 @@ def test_never_export_secret_unreadable_by_admin(kbs):
     assert problem(caught) == (403, "NotExportable")
     # ... and no other admin endpoint shows it either
     shown = kbs.admin.secret("vol/key/data")
-    assert set(shown) == {"path", "kind", "params", "policy", "exportable", "version", "public", "versions",
-                          "created_at", "updated_at"}
+    assert set(shown) == {
+        "path",
+        "kind",
+        "params",
+        "policy",
+        "exportable",
+        "version",
+        "public",
+        "versions",
+        "created_at",
+        "updated_at",
+    }
     # an attested enclave does receive it
     client = kbs.client()
     client.attest(kbs.sample())
@@ -143,15 +159,18 @@ def test_change_release_policy(kbs):
     assert client.resource("app/db/password") == b"pw"
 
 
-@pytest.mark.parametrize("body, words", [
-    ({"path": "a/b", "kind": "data", "policy": "p", "value": "eA=="}, "repository/type/tag"),
-    ({"path": "a/b/c", "kind": "plutonium", "policy": "p"}, "not one of"),
-    ({"path": "a/b/c", "kind": "aes-256", "policy": "p", "value": "eA=="}, "exactly 32 bytes"),
-    ({"path": "a/b/c", "kind": "password", "policy": "p", "params": {"length": 3}}, "12..256"),
-    ({"path": "a/b/c", "kind": "data", "policy": "p"}, "not generated"),
-    ({"path": "a/b/c", "kind": "data", "policy": "nope", "value": "eA=="}, "no policy"),
-    ({"path": "a/b/c", "kind": "data", "policy": "p", "value": "%%%"}, "base64"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"path": "a/b", "kind": "data", "policy": "p", "value": "eA=="}, "repository/type/tag"),
+        ({"path": "a/b/c", "kind": "plutonium", "policy": "p"}, "not one of"),
+        ({"path": "a/b/c", "kind": "aes-256", "policy": "p", "value": "eA=="}, "exactly 32 bytes"),
+        ({"path": "a/b/c", "kind": "password", "policy": "p", "params": {"length": 3}}, "12..256"),
+        ({"path": "a/b/c", "kind": "data", "policy": "p"}, "not generated"),
+        ({"path": "a/b/c", "kind": "data", "policy": "nope", "value": "eA=="}, "no policy"),
+        ({"path": "a/b/c", "kind": "data", "policy": "p", "value": "%%%"}, "base64"),
+    ],
+)
 def test_bad_secret_requests(kbs, body, words):
     kbs.admin.put_policy("p", release_policy())
     with pytest.raises(KbsError) as caught:
@@ -219,9 +238,13 @@ def test_admin_key_management(kbs):
 
 def test_admin_token_alg_none_refused(kbs):
     header = base64.urlsafe_b64encode(b'{"alg":"none","kid":"root"}').rstrip(b"=").decode()
-    body = base64.urlsafe_b64encode(
-        f'{{"aud":"{kbs.broker.audience}","iat":{int(time.time())},"exp":{int(time.time()) + 60}}}'.encode()
-    ).rstrip(b"=").decode()
+    body = (
+        base64.urlsafe_b64encode(
+            f'{{"aud":"{kbs.broker.audience}","iat":{int(time.time())},"exp":{int(time.time()) + 60}}}'.encode()
+        )
+        .rstrip(b"=")
+        .decode()
+    )
     with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
         reply = http.get("/kbs/v0/admin/secrets", headers={"Authorization": f"Bearer {header}.{body}."})
     assert reply.status_code == 401

@@ -46,7 +46,8 @@ def test_a_hostile_key_file_is_one_usage_error(tmp_path: Path, text: str, reason
 
 def test_cli_with_a_hostile_key_file_prints_one_line(cove: Cove, tmp_path: Path) -> None:
     (tmp_path / "admin.json").write_text(HOSTILE[0][0])
-    result = cove("kbs", "admin", "--url", "http://127.0.0.1:9", "--key", str(tmp_path / "admin.json"),
-                  "policy", "list")
+    result = cove(
+        "kbs", "admin", "--url", "http://127.0.0.1:9", "--key", str(tmp_path / "admin.json"), "policy", "list"
+    )
     assert result.returncode == ExitCode.USAGE and "Traceback" not in result.stderr
     assert "is not a Cove admin key" in error_line(result)

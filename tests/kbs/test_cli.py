@@ -29,8 +29,14 @@ class Cli:
         self.env.update(HOME=str(home), XDG_STATE_HOME=str(home / "state"), XDG_CONFIG_HOME=str(home / "config"))
 
     def __call__(self, *args, input: str | None = None, env: dict | None = None, timeout: float = 120):
-        return subprocess.run([COVE, *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout,
-                              env=dict(self.env, **(env or {})))
+        return subprocess.run(
+            [COVE, *map(str, args)],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            env=dict(self.env, **(env or {})),
+        )
 
     def ok(self, *args, **kwargs):
         done = self(*args, **kwargs)
@@ -51,8 +57,13 @@ def served(cli, tmp_path, request):
     def start(*extra: str, state: Path | None = None) -> str:
         port = free_port()
         log = open(tmp_path / f"serve-{port}.log", "wb")
-        process = subprocess.Popen([COVE, "kbs", "serve", "--listen", f"127.0.0.1:{port}", *extra],
-                                   env=cli.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [COVE, "kbs", "serve", "--listen", f"127.0.0.1:{port}", *extra],
+            env=cli.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         processes.append(process)
         url = f"https://127.0.0.1:{port}"
         ca = (state or tmp_path / "state" / "cove" / "kbs") / "tls-ca.pem"
@@ -95,8 +106,19 @@ def test_init_serve_admin_get(cli, served, tmp_path):
     cli.ok("kbs", "admin", "policy", "put", "app", release, env=admin)
     assert "app  v1" in cli.ok("kbs", "admin", "policy", "list", env=admin).stdout
     cli.ok("kbs", "admin", "secret", "create", "app/db/password", "--value", "hunter2", "--policy", "app", env=admin)
-    cli.ok("kbs", "admin", "secret", "create", "app/key/vol", "--generate", "aes-256", "--never-export",
-           "--policy", "app", env=admin)
+    cli.ok(
+        "kbs",
+        "admin",
+        "secret",
+        "create",
+        "app/key/vol",
+        "--generate",
+        "aes-256",
+        "--never-export",
+        "--policy",
+        "app",
+        env=admin,
+    )
     listed = cli.ok("kbs", "admin", "secret", "list", env=admin).stdout
     assert "app/key/vol  aes-256  v1  policy=app  never-export" in listed
     assert cli.ok("kbs", "admin", "secret", "export", "app/db/password", env=admin).stdout == "hunter2"
@@ -104,12 +126,25 @@ def test_init_serve_admin_get(cli, served, tmp_path):
     assert refused.returncode != 0 and "403 NotExportable" in error_line(refused)
 
     claims = f'{{"measurement": "{MEASUREMENT}", "svn": 1}}'
-    got = cli.ok("kbs", "get", url, "app/db/password", "--ca", state / "tls-ca.pem", "--tee", "sample",
-                 "--sample-claims", claims)
+    got = cli.ok(
+        "kbs", "get", url, "app/db/password", "--ca", state / "tls-ca.pem", "--tee", "sample", "--sample-claims", claims
+    )
     assert got.stdout == "hunter2"
     out = tmp_path / "vol.key"
-    cli.ok("kbs", "get", url, "app/key/vol", "--ca", state / "tls-ca.pem", "--tee", "sample",
-           "--sample-claims", claims, "--out", out)
+    cli.ok(
+        "kbs",
+        "get",
+        url,
+        "app/key/vol",
+        "--ca",
+        state / "tls-ca.pem",
+        "--tee",
+        "sample",
+        "--sample-claims",
+        claims,
+        "--out",
+        out,
+    )
     assert len(out.read_bytes()) == 32 and out.stat().st_mode & 0o777 == 0o600
     denied = cli("kbs", "get", url, "app/db/password", "--ca", state / "tls-ca.pem", "--tee", "sample")
     assert denied.returncode != 0 and "401 PolicyDeny" in error_line(denied)
@@ -137,23 +172,44 @@ def test_two_serve_processes_one_postgresql(cli, served, pg, tmp_path):
     assert httpx.get(first + "/kbs/v0/jwks", verify=ca).json() == httpx.get(second + "/kbs/v0/jwks", verify=ca).json()
 
 
-@pytest.mark.parametrize("args, words", [
-    (("kbs", "serve"), "run `cove kbs init` first"),
-    (("kbs", "serve", "--insecure-http", "--db", "postgresql://nobody@127.0.0.1:1/none",
-      "--master-key-file", "/nonexistent"), "master key file /nonexistent not found"),
-    (("kbs", "admin", "secret", "list"), "no broker URL"),
-    (("kbs", "admin", "--url", "https://127.0.0.1:1", "--key", "/nonexistent", "secret", "list"),
-     "admin key file /nonexistent not found"),
-    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sgx"), "makes cove or sample evidence"),
-    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample"), "cannot reach the broker"),
-    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--ca", "/x.pem", "--kbs-policy", "/p.toml"),
-     "--ca and --kbs-policy exclude each other"),
-    (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", "/nonexistent.toml"),
-     "policy /nonexistent.toml: not found"),
-    (("kbs", "get", "http://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", 'types = ["cove"]'),
-     "needs an https:// URL"),
-    (("kbs", "serve", "--ra-tls", "--insecure-http"), "--ra-tls makes its own certificate"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("kbs", "serve"), "run `cove kbs init` first"),
+        (
+            (
+                "kbs",
+                "serve",
+                "--insecure-http",
+                "--db",
+                "postgresql://nobody@127.0.0.1:1/none",
+                "--master-key-file",
+                "/nonexistent",
+            ),
+            "master key file /nonexistent not found",
+        ),
+        (("kbs", "admin", "secret", "list"), "no broker URL"),
+        (
+            ("kbs", "admin", "--url", "https://127.0.0.1:1", "--key", "/nonexistent", "secret", "list"),
+            "admin key file /nonexistent not found",
+        ),
+        (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sgx"), "makes cove or sample evidence"),
+        (("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample"), "cannot reach the broker"),
+        (
+            ("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--ca", "/x.pem", "--kbs-policy", "/p.toml"),
+            "--ca and --kbs-policy exclude each other",
+        ),
+        (
+            ("kbs", "get", "https://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", "/nonexistent.toml"),
+            "policy /nonexistent.toml: not found",
+        ),
+        (
+            ("kbs", "get", "http://127.0.0.1:1", "a/b/c", "--tee", "sample", "--kbs-policy", 'types = ["cove"]'),
+            "needs an https:// URL",
+        ),
+        (("kbs", "serve", "--ra-tls", "--insecure-http"), "--ra-tls makes its own certificate"),
+    ],
+)
 def test_user_errors_are_one_line(cli, args, words):
     done = cli(*args)
     assert done.returncode != 0
@@ -187,6 +243,11 @@ def test_master_key_sealed_to_the_platform(cli, served, tmp_path):
     url = served()
     cli.ok("kbs", "admin", "policy", "put", "p", "-", input='types = ["cove"]\n', env={"COVE_KBS_URL": url})
     # another platform cannot unseal it
-    elsewhere = cli("kbs", "serve", "--listen", f"127.0.0.1:{free_port()}",
-                    env={"COVE_PLATFORM_DIR": str(tmp_path / "other-platform")})
+    elsewhere = cli(
+        "kbs",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        env={"COVE_PLATFORM_DIR": str(tmp_path / "other-platform")},
+    )
     assert elsewhere.returncode != 0 and "cannot unseal the master key" in error_line(elsewhere)

@@ -53,12 +53,22 @@ def broker(tmp_path_factory, tls_files, platform):
         source.import_file(tee, VECTORS / tee / "collateral.json")
     when = {"sgx": SGX_TIME, "tdx": TDX_TIME, "snp": SNP_TIME, "snp-vlek": VLEK_TIME}
     trustee_ak = base64.b64decode(json.loads(TRUSTEE_TPM.read_bytes())["ak_public"])
-    trusted = replace(anchors(), tpm_aks=[platform.ak_public.read_bytes(), trustee_ak],
-                      snp_ask_ark=[vector("snp/milan_ask_ark_asvk.pem")])  # VCEKs and VLEKs
+    trusted = replace(
+        anchors(),
+        tpm_aks=[platform.ak_public.read_bytes(), trustee_ak],
+        snp_ask_ark=[vector("snp/milan_ask_ark_asvk.pem")],
+    )  # VCEKs and VLEKs
     policy = tpm_policy([platform]).replace('types = ["cove"]', 'types = ["sample", "sgx", "tdx", "tpm", "cove"]')
-    running = start_kbs(f"sqlite:///{tmp / 'kbs.db'}", tmp, True, tls_files, policy=policy,
-                        anchors=trusted, collateral_dir=str(tmp / "collateral"),
-                        evidence_time=lambda: when.get(EVIDENCE_TIME.get("tee"), datetime.now(timezone.utc)))
+    running = start_kbs(
+        f"sqlite:///{tmp / 'kbs.db'}",
+        tmp,
+        True,
+        tls_files,
+        policy=policy,
+        anchors=trusted,
+        collateral_dir=str(tmp / "collateral"),
+        evidence_time=lambda: when.get(EVIDENCE_TIME.get("tee"), datetime.now(timezone.utc)),
+    )
     yield running
     stop_kbs(running)
 
@@ -93,11 +103,16 @@ def steps(client: coco.CocoClient) -> list[tuple[str, str, int]]:
 # -- the client's own fixtures and rules, before any broker ------------------------------------------
 def test_client_reproduces_its_sources_fixtures():
     # kbs-types 0.18 src/lib.rs tests protected_header_generate_aad and parse_response_nested_protected_header
-    assert coco.protected_header_aad({"alg": "fakealg", "enc": "fakeenc"}, True) == \
-        b"eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyJ9"
-    nested = json.loads(coco.b64url_decode(
-        "eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyIsImVwayI6eyJrdHkiOiJPS1AiLCJjcnYiOiJYMjU1MTkiLCJ4IjoiaFNEd0NZa3dw"
-        "MVIwaTMzY3RENzNXZzJfT2cwbU9CcjA2NlNwanFxYlRtbyJ9fQo"))
+    assert (
+        coco.protected_header_aad({"alg": "fakealg", "enc": "fakeenc"}, True)
+        == b"eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyJ9"
+    )
+    nested = json.loads(
+        coco.b64url_decode(
+            "eyJhbGciOiJmYWtlYWxnIiwiZW5jIjoiZmFrZWVuYyIsImVwayI6eyJrdHkiOiJPS1AiLCJjcnYiOiJYMjU1MTkiLCJ4IjoiaFNEd0NZa3dw"
+            "MVIwaTMzY3RENzNXZzJfT2cwbU9CcjA2NlNwanFxYlRtbyJ9fQo"
+        )
+    )
     as_sorted = json.loads(coco.b64url_decode(coco.protected_header_aad(nested, True).decode()))
     as_received = json.loads(coco.b64url_decode(coco.protected_header_aad(nested, False).decode()))
     assert list(as_sorted["epk"]) == ["crv", "kty", "x"] and list(as_received["epk"]) == ["kty", "crv", "x"]
@@ -105,8 +120,13 @@ def test_client_reproduces_its_sources_fixtures():
     assert coco.CocoClient.hash_algorithm({}) == "sha384" and coco.CocoClient.hash_algorithm("") == "sha384"
     for name, expected in (("sha256", "sha256"), ("SHA384", "sha384"), ("SHA512", "sha512")):
         assert coco.CocoClient.hash_algorithm({"selected-hash-algorithm": name}) == expected
-    for bad, variant in (("", "InvalidHashAlgorithm"), ("foo", "InvalidHashAlgorithm"), ([], "UnexpectedJSONDataType"),
-                         (99999, "UnexpectedJSONDataType"), (True, "UnexpectedJSONDataType")):
+    for bad, variant in (
+        ("", "InvalidHashAlgorithm"),
+        ("foo", "InvalidHashAlgorithm"),
+        ([], "UnexpectedJSONDataType"),
+        (99999, "UnexpectedJSONDataType"),
+        (True, "UnexpectedJSONDataType"),
+    ):
         with pytest.raises(coco.CocoError) as caught:
             coco.CocoClient.hash_algorithm({"selected-hash-algorithm": bad})
         assert caught.value.variant == variant
@@ -116,17 +136,22 @@ def test_request_bodies_byte_for_byte(broker, client):
     path = put_secret(broker, b"first")
     one = client()
     assert one.get_resource(path) == b"first"
-    assert one.sent["auth"] == (b'{"version":"0.4.0","tee":"sample","extra-params":'
-                                b'{"supported-hash-algorithms":["sha256","sha384","sha512","sm3"]}}')
+    assert one.sent["auth"] == (
+        b'{"version":"0.4.0","tee":"sample","extra-params":'
+        b'{"supported-hash-algorithms":["sha256","sha384","sha512","sm3"]}}'
+    )
     attest = one.sent["attest"]
     key = one.tee_key.export_pubkey()
     nonce = json.loads(attest)["runtime-data"]["nonce"]
     runtime = b'{"nonce":"%s","tee-pubkey":{"kty":"EC","crv":"P-256","alg":"ECDH-ES+A256KW","x":"%s","y":"%s"}}' % (
-        nonce.encode(), key["x"].encode(), key["y"].encode())
-    digest = coco.hash_digest("sha384", rfc8785.dumps(
-        {"tee-pubkey": key, "nonce": nonce, "additional-evidence": ""}))
+        nonce.encode(),
+        key["x"].encode(),
+        key["y"].encode(),
+    )
+    digest = coco.hash_digest("sha384", rfc8785.dumps({"tee-pubkey": key, "nonce": nonce, "additional-evidence": ""}))
     evidence = b'{"primary_evidence":{"svn":"1","report_data":"%s"},"additional_evidence":""}' % (
-        base64.b64encode(digest))
+        base64.b64encode(digest)
+    )
     assert attest == b'{"init-data":null,"runtime-data":' + runtime + b',"tee-evidence":' + evidence + b"}"
 
 
@@ -138,8 +163,12 @@ def test_sample_tee_end_to_end(broker, client, algorithm):
     path = put_secret(broker, value)
     one = client(algorithm=algorithm)
     assert one.get_resource(path) == value
-    assert steps(one) == [("GET", "resource", 401), ("POST", "auth", 200), ("POST", "attest", 200),
-                          ("GET", "resource", 200)]
+    assert steps(one) == [
+        ("GET", "resource", 401),
+        ("POST", "auth", 200),
+        ("POST", "attest", 200),
+        ("GET", "resource", 200),
+    ]
     document = one.http.get(f"/kbs/v0/resource/{path}").json()
     assert one.tee_key.decrypt_response(document, sort=True) == value
     assert one.tee_key.decrypt_response(document, sort=False) == value
@@ -180,8 +209,7 @@ def test_missing_resource_is_404(broker, client):
     assert caught.value.variant == "ResourceNotFound"
 
 
-@pytest.mark.parametrize("tee", ["az-tdx-vtpm", "cca", "csv", "se", "nvidia", "hygondcu",
-                                 "sampledevice", "dpu"])
+@pytest.mark.parametrize("tee", ["az-tdx-vtpm", "cca", "csv", "se", "nvidia", "hygondcu", "sampledevice", "dpu"])
 def test_unsupported_tee_refused_with_401(broker, client, tee):
     one = client(coco.FixedAttester(tee, lambda report_data: {}))
     with pytest.raises(coco.CocoError) as caught:
@@ -196,25 +224,33 @@ def sample_with(change):
     def make(report_data: bytes) -> dict:
         evidence = coco.SampleAttester().get_evidence(report_data)
         return change(evidence, report_data)
+
     return coco.FixedAttester("sample", make)
 
 
-@pytest.mark.parametrize("attester, kwargs, kind", [
-    (sample_with(lambda e, rd: dict(e, report_data=base64.b64encode(bytes(48)).decode())), {}, "EvidenceBinding"),
-    (sample_with(lambda e, rd: dict(e, svn="1; drop")), {}, "EvidenceInvalid"),
-    (sample_with(lambda e, rd: dict(e, svn=["1"])), {}, "EvidenceInvalid"),
-    # device evidence Cove cannot verify is refused, never dropped
-    (None, {"additional": {"sampledevice": lambda rd: {"svn": "2", "report_data": base64.b64encode(rd).decode()}}},
-     "EvidenceInvalid"),
-    (None, {"init_data": "not = [toml"}, "InvalidRequest"),
-    (None, {"init_data": 'algorithm = "md5"\nversion = "0.1.0"\n'}, "InvalidRequest"),
-])
+@pytest.mark.parametrize(
+    "attester, kwargs, kind",
+    [
+        (sample_with(lambda e, rd: dict(e, report_data=base64.b64encode(bytes(48)).decode())), {}, "EvidenceBinding"),
+        (sample_with(lambda e, rd: dict(e, svn="1; drop")), {}, "EvidenceInvalid"),
+        (sample_with(lambda e, rd: dict(e, svn=["1"])), {}, "EvidenceInvalid"),
+        # device evidence Cove cannot verify is refused, never dropped
+        (
+            None,
+            {"additional": {"sampledevice": lambda rd: {"svn": "2", "report_data": base64.b64encode(rd).decode()}}},
+            "EvidenceInvalid",
+        ),
+        (None, {"init_data": "not = [toml"}, "InvalidRequest"),
+        (None, {"init_data": 'algorithm = "md5"\nversion = "0.1.0"\n'}, "InvalidRequest"),
+    ],
+)
 def test_refused_attestations(broker, client, attester, kwargs, kind):
     one = client(attester, **kwargs)
     with pytest.raises(coco.CocoError) as caught:
         one.get_token()
     assert caught.value.variant == "RcarHandshake" and f"errors:{kind}" in caught.value.detail.replace(
-        TYPE_PREFIX, "errors:")
+        TYPE_PREFIX, "errors:"
+    )
     assert steps(one) == [("POST", "auth", 200), ("POST", "attest", 401)] * coco.RCAR_MAX_ATTEMPT
 
 
@@ -246,12 +282,15 @@ INIT_BODY = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'
 INIT_DIGEST = hashlib.sha256(INIT_BODY.encode()).hexdigest()
 
 
-@pytest.mark.parametrize("rules, init_data, words", [
-    (f'init_data_digests = ["{INIT_DIGEST}"]\n[sample.init_data]\n"aa.toml" = ["x"]\n', INIT_BODY, None),
-    (f'init_data_digests = ["{"00" * 32}"]\n', INIT_BODY, f"init-data digest {INIT_DIGEST} is not one"),
-    (f'init_data_digests = ["{INIT_DIGEST}"]\n', None, "the evidence carries no init-data"),
-    ('[sample.init_data]\n"aa.toml" = ["y"]\n', INIT_BODY, "init-data data key 'aa.toml' has a value"),
-])
+@pytest.mark.parametrize(
+    "rules, init_data, words",
+    [
+        (f'init_data_digests = ["{INIT_DIGEST}"]\n[sample.init_data]\n"aa.toml" = ["x"]\n', INIT_BODY, None),
+        (f'init_data_digests = ["{"00" * 32}"]\n', INIT_BODY, f"init-data digest {INIT_DIGEST} is not one"),
+        (f'init_data_digests = ["{INIT_DIGEST}"]\n', None, "the evidence carries no init-data"),
+        ('[sample.init_data]\n"aa.toml" = ["y"]\n', INIT_BODY, "init-data data key 'aa.toml' has a value"),
+    ],
+)
 def test_release_policy_matches_init_data(broker, client, rules, init_data, words):
     """A release policy names the init-data (digest, data values): the right one gets the secret; a wrong
     one, or none, is PolicyDeny: the client re-handshakes and stops with UnAuthorized."""
@@ -276,11 +315,27 @@ def test_serve_refuses_an_oversized_or_init_data_attestation_policy(tmp_path):
     from tests.conftest import COVE
 
     (tmp_path / "init.toml").write_text(f'types = ["sample"]\n[sample]\ninit_data_digests = ["{INIT_DIGEST}"]\n')
-    for policy, words in (("/dev/zero", "policy /dev/zero: larger than 1 MiB"),
-                          (str(tmp_path / "init.toml"), "belong in release policies")):
-        done = subprocess.run([COVE, "kbs", "serve", "--db", f"sqlite:///{tmp_path / 'kbs.db'}", "--insecure-http",
-                               "--listen", "127.0.0.1:0", "--policy", policy], capture_output=True, text=True,
-                              timeout=60)
+    for policy, words in (
+        ("/dev/zero", "policy /dev/zero: larger than 1 MiB"),
+        (str(tmp_path / "init.toml"), "belong in release policies"),
+    ):
+        done = subprocess.run(
+            [
+                COVE,
+                "kbs",
+                "serve",
+                "--db",
+                f"sqlite:///{tmp_path / 'kbs.db'}",
+                "--insecure-http",
+                "--listen",
+                "127.0.0.1:0",
+                "--policy",
+                policy,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
 
@@ -334,18 +389,29 @@ def attest_log(broker) -> dict:
     return broker.admin.audit(action="attest")[-1]
 
 
-@pytest.mark.parametrize("tee, evidence, kind, words", [
-    # verified (signatures, chains, collateral from the broker's folder), then refused: the vector's report
-    # data was not made for this challenge, and cannot be
-    ("sgx", lambda: {"quote": b64(vector("sgx/quote.bin"))}, "EvidenceBinding", "report data"),
-    ("tdx", lambda: {"cc_eventlog": None, "quote": b64(vector("tdx/quote.bin"))}, "EvidenceBinding", "report data"),
-    # a CC event log that does not replay to the quote's RTMRs
-    ("tdx", lambda: {"cc_eventlog": b64(ccel([(1, b"not what ran")])), "quote": b64(vector("tdx/quote.bin"))},
-     "EvidenceInvalid", "cc_eventlog replays RTMR0"),
-    # a tampered quote fails verification with the same collateral
-    ("sgx", lambda: {"quote": b64(vector("sgx/quote.bin")[:120] + b"\x01" + vector("sgx/quote.bin")[121:])},
-     "EvidenceInvalid", "sgx"),
-])
+@pytest.mark.parametrize(
+    "tee, evidence, kind, words",
+    [
+        # verified (signatures, chains, collateral from the broker's folder), then refused: the vector's report
+        # data was not made for this challenge, and cannot be
+        ("sgx", lambda: {"quote": b64(vector("sgx/quote.bin"))}, "EvidenceBinding", "report data"),
+        ("tdx", lambda: {"cc_eventlog": None, "quote": b64(vector("tdx/quote.bin"))}, "EvidenceBinding", "report data"),
+        # a CC event log that does not replay to the quote's RTMRs
+        (
+            "tdx",
+            lambda: {"cc_eventlog": b64(ccel([(1, b"not what ran")])), "quote": b64(vector("tdx/quote.bin"))},
+            "EvidenceInvalid",
+            "cc_eventlog replays RTMR0",
+        ),
+        # a tampered quote fails verification with the same collateral
+        (
+            "sgx",
+            lambda: {"quote": b64(vector("sgx/quote.bin")[:120] + b"\x01" + vector("sgx/quote.bin")[121:])},
+            "EvidenceInvalid",
+            "sgx",
+        ),
+    ],
+)
 def test_dcap_vectors_in_the_attesters_shapes(broker, client, tee, evidence, kind, words):
     EVIDENCE_TIME["tee"] = tee
     try:
@@ -377,9 +443,11 @@ def test_collateral_import_command(tmp_path):
     assert done.returncode == 0, done.stderr
     stored = list((tmp_path / "c").iterdir())
     assert [p.name for p in stored] == ["tdx-b0c06f000000.json"]
-    for args, words in ((("--tee", "sgx", str(VECTORS / "tdx" / "collateral.json")), "not sgx collateral"),
-                        (("--tee", "tdx", str(VECTORS / "tdx" / "quote.bin")), "is not JSON"),
-                        (("--tee", "tdx", str(tmp_path / "missing.json")), "cannot read")):
+    for args, words in (
+        (("--tee", "sgx", str(VECTORS / "tdx" / "collateral.json")), "not sgx collateral"),
+        (("--tee", "tdx", str(VECTORS / "tdx" / "quote.bin")), "is not JSON"),
+        (("--tee", "tdx", str(tmp_path / "missing.json")), "cannot read"),
+    ):
         refused = cove(*args[:2], "--dir", str(tmp_path / "c"), *args[2:])
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode != 0 and len(lines) == 1 and words in lines[0], refused.stderr
@@ -397,15 +465,22 @@ def swtpm_quote(platform, report_data: bytes) -> dict:
     from cove.platform.tpm2 import Tpm
 
     config = platform.read_config()
-    message, signature, pcr_file = Tpm(config.tcti).quote(config.ak_handle, list(range(24)),
-                                                          (report_data + bytes(32))[:32])
+    message, signature, pcr_file = Tpm(config.tcti).quote(
+        config.ak_handle, list(range(24)), (report_data + bytes(32))[:32]
+    )
     pcrs = parse_pcr_file(pcr_file)["sha256"]
     public = parse_public(platform.ak_public.read_bytes())  # the platform's AK: ECDSA P-256
-    ak = ec.EllipticCurvePublicNumbers(int.from_bytes(public.ecc_x, "big"), int.from_bytes(public.ecc_y, "big"),
-                                       ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return {"tpm_quote": {"signature": b64(signature), "message": b64(message),
-                          "pcrs": [pcrs[i].hex() for i in range(24)]}, "ak_public": b64(ak)}
+    ak = (
+        ec.EllipticCurvePublicNumbers(
+            int.from_bytes(public.ecc_x, "big"), int.from_bytes(public.ecc_y, "big"), ec.SECP256R1()
+        )
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return {
+        "tpm_quote": {"signature": b64(signature), "message": b64(message), "pcrs": [pcrs[i].hex() for i in range(24)]},
+        "ak_public": b64(ak),
+    }
 
 
 def test_tpm_quote_from_swtpm_in_the_attesters_shape(broker, client, platform):
@@ -413,14 +488,19 @@ def test_tpm_quote_from_swtpm_in_the_attesters_shape(broker, client, platform):
     path = put_secret(broker, value, policy='types = ["tpm"]\n')
     one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(platform, report_data)))
     assert one.get_resource(path) == value
-    reply = one.http.post("/kbs/v0/auth", content=one.request_body().replace(b'"sample"', b'"tpm"'),
-                          headers={"content-type": "application/json"})
+    reply = one.http.post(
+        "/kbs/v0/auth",
+        content=one.request_body().replace(b'"sample"', b'"tpm"'),
+        headers={"content-type": "application/json"},
+    )
     assert reply.json()["extra-params"] == {"selected-hash-algorithm": "sha256"}  # fits the 32-byte extraData
 
 
 def test_cove_evidence_through_the_coco_client(broker, client, platform):
     value = b"for a Cove enclave"
-    path = put_secret(broker, value, policy=f'types = ["cove"]\n[cove]\nmeasurements = ["{CLAIMS.measurement.hex()}"]\n')
+    path = put_secret(
+        broker, value, policy=f'types = ["cove"]\n[cove]\nmeasurements = ["{CLAIMS.measurement.hex()}"]\n'
+    )
     # no CoCo attester makes Cove evidence: this one pads the hash to the report's 64 bytes, as the TDX and
     # SNP attesters do, and is what /dev/attestation returns to an enclave
     provider = PlatformEvidence(platform)
@@ -430,12 +510,17 @@ def test_cove_evidence_through_the_coco_client(broker, client, platform):
     assert claims["tee"] == "cove" and claims["platform_root"] == "tpm"
 
 
-@pytest.mark.parametrize("change, kind", [
-    (lambda e: e, "EvidenceBinding"),  # Trustee's own fixture: verifies, but was bound to another nonce
-    (lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["11" * 32] + e["tpm_quote"]["pcrs"][1:])),
-     "EvidenceInvalid"),  # PCR 0 changed: the quote's PCR digest no longer matches
-    (lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["zz"] * 24)), "EvidenceInvalid"),
-])
+@pytest.mark.parametrize(
+    "change, kind",
+    [
+        (lambda e: e, "EvidenceBinding"),  # Trustee's own fixture: verifies, but was bound to another nonce
+        (
+            lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["11" * 32] + e["tpm_quote"]["pcrs"][1:])),
+            "EvidenceInvalid",
+        ),  # PCR 0 changed: the quote's PCR digest no longer matches
+        (lambda e: dict(e, tpm_quote=dict(e["tpm_quote"], pcrs=["zz"] * 24)), "EvidenceInvalid"),
+    ],
+)
 def test_trustee_tpm_fixture(broker, client, change, kind):
     fixture = json.loads(TRUSTEE_TPM.read_bytes())
     one = client(coco.FixedAttester("tpm", lambda report_data: change(fixture)))
@@ -470,6 +555,7 @@ def flip_hcl(offset: int):
         raw = bytearray(base64.urlsafe_b64decode(evidence["hcl_report"] + "=="))
         raw[offset] ^= 0x01
         return dict(evidence, hcl_report=base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="))
+
     return change
 
 
@@ -477,18 +563,21 @@ def quote_with(**members):
     return lambda evidence: dict(evidence, tpm_quote=dict(evidence["tpm_quote"], **members))
 
 
-@pytest.mark.parametrize("version, change, kind, words", [
-    # every link verifies (SNP report with AMD's chain, HCL data, vTPM quote), then the binding is refused:
-    # the fixtures were made for Trustee's test nonces
-    (1, lambda e: e, "EvidenceBinding", "report data"),
-    (2, lambda e: e, "EvidenceBinding", "report data"),
-    (2, flip_hcl(32 + 1184 + 20 + 40), "EvidenceInvalid", "not the hash of the HCL variable data"),
-    (2, flip_hcl(32 + 0x90), "EvidenceInvalid", "snp"),  # the SNP report's MEASUREMENT
-    (2, quote_with(message=azure(2)["tpm_quote"]["message"][:-2] + "5a"), "EvidenceInvalid", "vTPM quote"),
-    (2, quote_with(pcrs=["11" * 32] + azure(2)["tpm_quote"]["pcrs"][1:]), "EvidenceInvalid", "PCR digest"),
-    (2, lambda e: dict(e, version=0), "EvidenceInvalid", "versions 1 and 2"),
-    (1, lambda e: dict(e, vcek=azure(1)["vcek"][:-40]), "EvidenceInvalid", "snp"),
-])
+@pytest.mark.parametrize(
+    "version, change, kind, words",
+    [
+        # every link verifies (SNP report with AMD's chain, HCL data, vTPM quote), then the binding is refused:
+        # the fixtures were made for Trustee's test nonces
+        (1, lambda e: e, "EvidenceBinding", "report data"),
+        (2, lambda e: e, "EvidenceBinding", "report data"),
+        (2, flip_hcl(32 + 1184 + 20 + 40), "EvidenceInvalid", "not the hash of the HCL variable data"),
+        (2, flip_hcl(32 + 0x90), "EvidenceInvalid", "snp"),  # the SNP report's MEASUREMENT
+        (2, quote_with(message=azure(2)["tpm_quote"]["message"][:-2] + "5a"), "EvidenceInvalid", "vTPM quote"),
+        (2, quote_with(pcrs=["11" * 32] + azure(2)["tpm_quote"]["pcrs"][1:]), "EvidenceInvalid", "PCR digest"),
+        (2, lambda e: dict(e, version=0), "EvidenceInvalid", "versions 1 and 2"),
+        (1, lambda e: dict(e, vcek=azure(1)["vcek"][:-40]), "EvidenceInvalid", "snp"),
+    ],
+)
 def test_az_snp_vtpm_fixtures(broker, client, version, change, kind, words):
     one = client(coco.FixedAttester("az-snp-vtpm", lambda report_data: azure(version, change)))
     with pytest.raises(coco.CocoError) as caught:
@@ -514,20 +603,40 @@ def sev_json(raw: bytes, key_type: str, key: bytes) -> dict:
         return {"major": v.major, "minor": v.minor, "build": v.build}
 
     report = {
-        "version": r.version, "guest_svn": r.guest_svn, "policy": r.policy.raw, "family_id": list(r.family_id),
-        "image_id": list(r.image_id), "vmpl": r.vmpl, "sig_algo": r.signature_algo, "current_tcb": tcb(r.current_tcb),
-        "plat_info": r.platform_info.raw, "key_info": int.from_bytes(raw[0x48:0x4C], "little"),
-        "report_data": list(r.report_data), "measurement": list(r.measurement), "host_data": list(r.host_data),
-        "id_key_digest": list(r.id_key_digest), "author_key_digest": list(r.author_key_digest),
-        "report_id": list(r.report_id), "report_id_ma": list(r.report_id_ma), "reported_tcb": tcb(r.reported_tcb),
-        "cpuid_fam_id": r.cpuid_family, "cpuid_mod_id": r.cpuid_model, "cpuid_step": r.cpuid_stepping,
-        "chip_id": list(r.chip_id), "committed_tcb": tcb(r.committed_tcb), "current": version(r.current_version),
-        "committed": version(r.committed_version), "launch_tcb": tcb(r.launch_tcb),
-        "launch_mit_vector": r.launch_mit_vector, "current_mit_vector": r.current_mit_vector,
+        "version": r.version,
+        "guest_svn": r.guest_svn,
+        "policy": r.policy.raw,
+        "family_id": list(r.family_id),
+        "image_id": list(r.image_id),
+        "vmpl": r.vmpl,
+        "sig_algo": r.signature_algo,
+        "current_tcb": tcb(r.current_tcb),
+        "plat_info": r.platform_info.raw,
+        "key_info": int.from_bytes(raw[0x48:0x4C], "little"),
+        "report_data": list(r.report_data),
+        "measurement": list(r.measurement),
+        "host_data": list(r.host_data),
+        "id_key_digest": list(r.id_key_digest),
+        "author_key_digest": list(r.author_key_digest),
+        "report_id": list(r.report_id),
+        "report_id_ma": list(r.report_id_ma),
+        "reported_tcb": tcb(r.reported_tcb),
+        "cpuid_fam_id": r.cpuid_family,
+        "cpuid_mod_id": r.cpuid_model,
+        "cpuid_step": r.cpuid_stepping,
+        "chip_id": list(r.chip_id),
+        "committed_tcb": tcb(r.committed_tcb),
+        "current": version(r.current_version),
+        "committed": version(r.committed_version),
+        "launch_tcb": tcb(r.launch_tcb),
+        "launch_mit_vector": r.launch_mit_vector,
+        "current_mit_vector": r.current_mit_vector,
         "signature": {"r": list(r.signature_r.to_bytes(72, "little")), "s": list(r.signature_s.to_bytes(72, "little"))},
     }
-    return {"attestation_report": report, "cert_chain": [{"cert_type": "ARK", "data": [1, 2]},
-                                                         {"cert_type": key_type, "data": list(key)}]}
+    return {
+        "attestation_report": report,
+        "cert_chain": [{"cert_type": "ARK", "data": [1, 2]}, {"cert_type": key_type, "data": list(key)}],
+    }
 
 
 def test_sev_json_rebuilds_the_report_bytes():
@@ -559,20 +668,29 @@ def flip_measurement(evidence: dict) -> dict:
     return dict(evidence, attestation_report=report)
 
 
-@pytest.mark.parametrize("report, key, key_type, change, kind, words", [
-    ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: e, "EvidenceBinding", "report data"),
-    ("snp/vlek_report.bin", "snp/vlek.der", "VLEK", lambda e: e, "EvidenceBinding", "report data"),  # at VLEK_TIME
-    ("snp/report.bin", "snp/vcek.der", "VCEK", flip_measurement, "EvidenceInvalid", "snp"),
-    ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: dict(e, cert_chain=None), "EvidenceInvalid", "no VCEK"),
-    ("snp/report.bin", "snp/vcek.der", "VCEK",
-     lambda e: dict(e, attestation_report=dict(e["attestation_report"], report_data=[300] * 64)),
-     "EvidenceInvalid", "report_data must be"),
-])
+@pytest.mark.parametrize(
+    "report, key, key_type, change, kind, words",
+    [
+        ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: e, "EvidenceBinding", "report data"),
+        ("snp/vlek_report.bin", "snp/vlek.der", "VLEK", lambda e: e, "EvidenceBinding", "report data"),  # at VLEK_TIME
+        ("snp/report.bin", "snp/vcek.der", "VCEK", flip_measurement, "EvidenceInvalid", "snp"),
+        ("snp/report.bin", "snp/vcek.der", "VCEK", lambda e: dict(e, cert_chain=None), "EvidenceInvalid", "no VCEK"),
+        (
+            "snp/report.bin",
+            "snp/vcek.der",
+            "VCEK",
+            lambda e: dict(e, attestation_report=dict(e["attestation_report"], report_data=[300] * 64)),
+            "EvidenceInvalid",
+            "report_data must be",
+        ),
+    ],
+)
 def test_snp_vector_in_the_attesters_shape(broker, client, report, key, key_type, change, kind, words):
     EVIDENCE_TIME["tee"] = "snp-vlek" if key_type == "VLEK" else "snp"
     try:
-        one = client(coco.FixedAttester("snp", lambda report_data: change(sev_json(vector(report), key_type,
-                                                                                   vector(key)))))
+        one = client(
+            coco.FixedAttester("snp", lambda report_data: change(sev_json(vector(report), key_type, vector(key))))
+        )
         with pytest.raises(coco.CocoError) as caught:
             one.rcar_handshake()
     finally:
@@ -618,15 +736,17 @@ TPM_INIT_BODY = 'algorithm = "sha256"\nversion = "0.1.0"\n[data]\n"policy.rego" 
 TPM_INIT_DIGEST = hashlib.sha256(TPM_INIT_BODY.encode()).digest()
 
 
-@pytest.mark.parametrize("digest, init_data, kind, words", [
-    (TPM_INIT_DIGEST, TPM_INIT_BODY, None, None),
-    (bytes(32), TPM_INIT_BODY, "PolicyDeny", f"init-data digest {TPM_INIT_DIGEST.hex()} is not one"),
-    (TPM_INIT_DIGEST, None, "PolicyDeny", "the evidence carries no init-data"),
-    # init-data the TPM did not measure: refused at /attest, before any policy
-    (TPM_INIT_DIGEST, TPM_INIT_BODY + "# changed\n", "EvidenceBinding", "PCR 8"),
-])
-def test_tpm_init_data_in_pcr8_matched_by_a_release_policy(broker, client, platform, digest, init_data, kind,
-                                                           words):
+@pytest.mark.parametrize(
+    "digest, init_data, kind, words",
+    [
+        (TPM_INIT_DIGEST, TPM_INIT_BODY, None, None),
+        (bytes(32), TPM_INIT_BODY, "PolicyDeny", f"init-data digest {TPM_INIT_DIGEST.hex()} is not one"),
+        (TPM_INIT_DIGEST, None, "PolicyDeny", "the evidence carries no init-data"),
+        # init-data the TPM did not measure: refused at /attest, before any policy
+        (TPM_INIT_DIGEST, TPM_INIT_BODY + "# changed\n", "EvidenceBinding", "PCR 8"),
+    ],
+)
+def test_tpm_init_data_in_pcr8_matched_by_a_release_policy(broker, client, platform, digest, init_data, kind, words):
     """The CoCo TPM attester's flow: the init-data digest extended once into PCR 8 of the swtpm (as the
     guest's boot does), then a release policy naming that digest."""
     from cove.platform.tpm2 import Tpm
@@ -636,15 +756,16 @@ def test_tpm_init_data_in_pcr8_matched_by_a_release_policy(broker, client, platf
     if tpm.read_pcr(8) == bytes(32):  # PCR 8 cannot be reset: extended once for the module's swtpm
         tpm.extend(8, TPM_INIT_DIGEST)
     assert tpm.read_pcr(8) == measured
-    path = put_secret(broker, b"for this pod's init-data",
-                      policy=f'types = ["tpm"]\n[tpm]\ninit_data_digests = ["{digest.hex()}"]\n')
-    one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(platform, report_data)),
-                 init_data=init_data)
+    path = put_secret(
+        broker, b"for this pod's init-data", policy=f'types = ["tpm"]\n[tpm]\ninit_data_digests = ["{digest.hex()}"]\n'
+    )
+    one = client(coco.FixedAttester("tpm", lambda report_data: swtpm_quote(platform, report_data)), init_data=init_data)
     if kind is None:
         assert one.get_resource(path) == b"for this pod's init-data"
         claims = json.loads(coco.b64url_decode(one.token.split(".")[1]))["tcb-status"]
         assert claims["init_data"] == TPM_INIT_DIGEST.hex() and claims["init_data_claims"] == {
-            "policy.rego": "package agent_policy"}
+            "policy.rego": "package agent_policy"
+        }
         return
     with pytest.raises(coco.CocoError) as caught:
         one.get_resource(path)

@@ -63,9 +63,15 @@ def _admin_token(kbs) -> str:
     return jose.make_admin_token(kbs.admin.key, "root", kbs.broker.audience)
 
 
-@pytest.mark.parametrize("method,path,auth", [
-    ("POST", "/kbs/v0/auth", False), ("POST", "/kbs/v0/attest", False),
-    ("PUT", "/kbs/v0/admin/policies/p", True), ("POST", "/kbs/v0/admin/secrets", True)])
+@pytest.mark.parametrize(
+    "method,path,auth",
+    [
+        ("POST", "/kbs/v0/auth", False),
+        ("POST", "/kbs/v0/attest", False),
+        ("PUT", "/kbs/v0/admin/policies/p", True),
+        ("POST", "/kbs/v0/admin/secrets", True),
+    ],
+)
 def test_declared_oversized_body_refused_unread(make_kbs, method, path, auth):
     """A 50 MB Content-Length is answered 413 at once, with none of the body sent, and the connection closed."""
     kbs = make_kbs()
@@ -87,8 +93,11 @@ def test_unauthenticated_admin_body_never_read(make_kbs):
     forged = jose.make_admin_token(jwk.generate_key("EC", "P-256"), "root", kbs.broker.audience)
     for extra in ([], [f"Authorization: Bearer {forged}"]):
         with _connect(kbs) as conn:
-            conn.sendall(_head("POST", "/kbs/v0/admin/secrets", f"Content-Length: {BIG}",
-                               "Content-Type: application/json", *extra))
+            conn.sendall(
+                _head(
+                    "POST", "/kbs/v0/admin/secrets", f"Content-Length: {BIG}", "Content-Type: application/json", *extra
+                )
+            )
             status, document, closed = _response(conn)
         assert status == 401 and document["type"] == TYPE_PREFIX + "AdminAuth", document
         assert closed
@@ -153,8 +162,9 @@ def test_stalled_body_cut_off(make_kbs, monkeypatch):
     monkeypatch.setattr(server_mod, "BODY_TIMEOUT", 1.0)
     kbs = make_kbs()
     with _connect(kbs) as conn:
-        conn.sendall(_head("POST", "/kbs/v0/auth", "Content-Length: 100", "Content-Type: application/json")
-                     + b'{"version": ')
+        conn.sendall(
+            _head("POST", "/kbs/v0/auth", "Content-Length: 100", "Content-Type: application/json") + b'{"version": '
+        )
         started = time.monotonic()
         status, document, closed = _response(conn)
     assert status == 408 and "did not arrive" in document["detail"], document
@@ -231,8 +241,14 @@ def test_active_requests_bounded(make_kbs, tmp_path, monkeypatch):
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 lines = http.get("/metrics").text.splitlines()
-                gauges = {k: int(v) for k, _, v in (line.partition(" ") for line in lines
-                                                     if line.startswith(("cove_kbs_active", "cove_kbs_waiting")))}
+                gauges = {
+                    k: int(v)
+                    for k, _, v in (
+                        line.partition(" ")
+                        for line in lines
+                        if line.startswith(("cove_kbs_active", "cove_kbs_waiting"))
+                    )
+                }
                 if gauges.get("cove_kbs_waiting_requests") == 4:
                     break
                 time.sleep(0.1)
@@ -253,13 +269,24 @@ def test_admin_auth_refusals_audited(kbs):
     """No token, a forged signature, alg=none, expired, another broker's, a replayed token: each audited."""
     forged = jose.make_admin_token(jwk.generate_key("EC", "P-256"), "root", kbs.broker.audience)
     now = int(time.time())
-    unsigned = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=") for part in (
-        {"alg": "none", "kid": "root"}, {"aud": kbs.broker.audience, "iat": now, "exp": now + 60, "jti": "a" * 16}))
+    unsigned = ".".join(
+        base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+        for part in (
+            {"alg": "none", "kid": "root"},
+            {"aud": kbs.broker.audience, "iat": now, "exp": now + 60, "jti": "a" * 16},
+        )
+    )
     expired = jose.make_admin_token(kbs.admin.key, "root", kbs.broker.audience, now=time.time() - 3600)
     foreign = jose.make_admin_token(kbs.admin.key, "root", "cove-kbs:another")
     once = _admin_token(kbs)
-    cases = {"no admin key": None, "signature": forged, "signature is not valid": unsigned + ".",
-             "expired": expired, "another broker": foreign, "already used": once}
+    cases = {
+        "no admin key": None,
+        "signature": forged,
+        "signature is not valid": unsigned + ".",
+        "expired": expired,
+        "another broker": foreign,
+        "already used": once,
+    }
     with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
         assert http.get("/kbs/v0/admin/secrets", headers={"Authorization": f"Bearer {once}"}).status_code == 200
         for words, token in cases.items():
@@ -285,7 +312,10 @@ def test_resource_and_nonce_refusals_audited(kbs):
     assert client.http.get("/kbs/v0/resource/app/db/password").status_code == 401
     key = jose.new_tee_key()
     runtime = {"nonce": client.challenge("sample"), "tee-pubkey": jose.public_jwk(key)}
-    body = {"runtime-data": runtime, "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
+    body = {
+        "runtime-data": runtime,
+        "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime)),
+    }
     assert client.http.post("/kbs/v0/attest", json=body).status_code == 200
     assert client.http.post("/kbs/v0/attest", json=body).json()["type"] == TYPE_PREFIX + "NonceReplayed"
     client.challenge("sample")
@@ -338,4 +368,3 @@ def test_used_token_ids_purged_after_expiry(make_kbs):
     assert not store.use_token_id("root:old", now + 30, now)
     assert store.use_token_id("root:new", now + 600, now + 120)  # a minute on: expired ids are purged
     assert store.query("SELECT id FROM used_tokens ORDER BY id") == [("root:new",)]
-

@@ -31,8 +31,9 @@ def test_resource_jwe_opens_with_joserfc(kty, size):
 def test_resource_jwe_is_authenticated():
     key = jwk.generate_key("EC", "P-256")
     document = jose.encrypt_to(jose.public_jwk(key), b"value")
-    tampered = dict(document, ciphertext=document["ciphertext"][:-2] + ("AA" if document["ciphertext"][-2:] != "AA"
-                                                                          else "BA"))
+    tampered = dict(
+        document, ciphertext=document["ciphertext"][:-2] + ("AA" if document["ciphertext"][-2:] != "AA" else "BA")
+    )
     with pytest.raises(ValueError):
         jose.decrypt_from(tampered, key)
     other = jwk.generate_key("EC", "P-256")
@@ -53,12 +54,15 @@ def test_attestation_token_verifies_with_joserfc():
         issuer.verify(forged, now=1_700_000_001)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"y": b64e((12345).to_bytes(32, "big"))}, "not a valid public key"),  # off the curve
-    ({"x": "A" * 500}, "not a valid public key"),
-    ({"x": 7}, "not a valid public key"),
-    ({"y": ["list"]}, "not a valid public key"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"y": b64e((12345).to_bytes(32, "big"))}, "not a valid public key"),  # off the curve
+        ({"x": "A" * 500}, "not a valid public key"),
+        ({"x": 7}, "not a valid public key"),
+        ({"y": ["list"]}, "not a valid public key"),
+    ],
+)
 def test_bad_ec_tee_keys(change, words):
     public = dict(jose.public_jwk(jwk.generate_key("EC", "P-256")), **change)
     with pytest.raises(Problem) as caught:
@@ -76,25 +80,31 @@ def test_small_rsa_tee_keys_refused():
     assert "at least 2048 bits" in caught.value.detail
 
 
-@pytest.mark.parametrize("header, reason", [
-    (b64e(b"[" * 2000 + b"]" * 2000), "not valid JSON"),  # nested past the decoder's depth
-    (b64e(b'{"kid": "a"} x'), "not valid JSON"),  # trailing bytes
-    (b64e(b"\xff\xfe"), "not valid JSON"),  # not UTF-8
-    ("\u00e9\u00e9\u00e9\u00e9", "not base64url"),  # not ASCII
-    (b64e(b"x" * 5000), "4096"),  # oversized
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (b64e(b"[" * 2000 + b"]" * 2000), "not valid JSON"),  # nested past the decoder's depth
+        (b64e(b'{"kid": "a"} x'), "not valid JSON"),  # trailing bytes
+        (b64e(b"\xff\xfe"), "not valid JSON"),  # not UTF-8
+        ("\u00e9\u00e9\u00e9\u00e9", "not base64url"),  # not ASCII
+        (b64e(b"x" * 5000), "4096"),  # oversized
+    ],
+)
 def test_admin_key_name_refuses_hostile_headers_as_one_problem(header: str, reason: str) -> None:
     with pytest.raises(Problem, match=reason) as caught:
         jose.admin_key_name(header + ".e30.sig")
     assert caught.value.kind == "AdminAuth"
 
 
-@pytest.mark.parametrize("text, reason", [
-    ('{"kty": "EC"}', "'crv' is required"),  # joserfc's own error, which escaped before
-    ('{"kty": 5}', "names no key type"),
-    ('{"kty": "EC"} {}', "not valid JSON"),
-    ('{"a": ' * 5000, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('{"kty": "EC"}', "'crv' is required"),  # joserfc's own error, which escaped before
+        ('{"kty": 5}', "names no key type"),
+        ('{"kty": "EC"} {}', "not valid JSON"),
+        ('{"a": ' * 5000, "not valid JSON"),
+    ],
+)
 def test_load_private_jwk_refuses_hostile_keys_with_value_error(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         jose.load_private_jwk(text)

@@ -14,8 +14,7 @@ import pytest
 from cove.kbs import evidence_appraisal, jose
 from cove.kbs.client import KbsClient, KbsError, SampleEvidence
 from cove.kbs.problems import TYPE_PREFIX
-from tests.kbs.conftest import (MEASUREMENT, OTHER_MEASUREMENT, problem, release_policy, ssl_for, start_kbs,
-                                stop_kbs)
+from tests.kbs.conftest import MEASUREMENT, OTHER_MEASUREMENT, problem, release_policy, ssl_for, start_kbs, stop_kbs
 
 
 def test_whole_flow_https_cookie_and_token(kbs):
@@ -67,11 +66,16 @@ def test_raw_protocol_messages(kbs):
         assert len(base64.b64decode(nonce)) == 32
         key = jose.new_tee_key()
         runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(key)}
-        evidence = {"svn": 1, "debug": False, "measurement": MEASUREMENT,
-                    "report_data": base64.b64encode(evidence_appraisal.expected_report_data(runtime)).decode()}
+        evidence = {
+            "svn": 1,
+            "debug": False,
+            "measurement": MEASUREMENT,
+            "report_data": base64.b64encode(evidence_appraisal.expected_report_data(runtime)).decode(),
+        }
         # the composite tee-evidence form of newer clients is accepted too
-        reply = http.post("/kbs/v0/attest", json={"runtime-data": runtime,
-                                                  "tee-evidence": {"primary_evidence": evidence}})
+        reply = http.post(
+            "/kbs/v0/attest", json={"runtime-data": runtime, "tee-evidence": {"primary_evidence": evidence}}
+        )
         assert reply.status_code == 200, reply.text
         reply = http.get("/kbs/v0/resource/app/x/y")
         assert reply.status_code == 200
@@ -119,8 +123,10 @@ def test_evidence_bound_to_another_tee_key(kbs):
     key_a, key_b = jose.new_tee_key(), jose.new_tee_key()
     bound = evidence_appraisal.expected_report_data({"nonce": nonce, "tee-pubkey": jose.public_jwk(key_a)})
     evidence = SampleEvidence(claims={"svn": 1, "debug": False, "measurement": MEASUREMENT}).evidence(bound)
-    reply = client.http.post("/kbs/v0/attest", json={
-        "runtime-data": {"nonce": nonce, "tee-pubkey": jose.public_jwk(key_b)}, "tee-evidence": evidence})
+    reply = client.http.post(
+        "/kbs/v0/attest",
+        json={"runtime-data": {"nonce": nonce, "tee-pubkey": jose.public_jwk(key_b)}, "tee-evidence": evidence},
+    )
     assert reply.status_code == 401
     assert reply.json()["type"] == TYPE_PREFIX + "EvidenceBinding"
 
@@ -130,8 +136,10 @@ def test_replayed_nonce(kbs):
     nonce = client.challenge("sample")
     key = jose.new_tee_key()
     runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(key)}
-    body = {"runtime-data": runtime,
-            "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
+    body = {
+        "runtime-data": runtime,
+        "tee-evidence": kbs.sample().evidence(evidence_appraisal.expected_report_data(runtime)),
+    }
     first = client.http.post("/kbs/v0/attest", json=body)
     assert first.status_code == 200, first.text
     # the same attestation again, in the same session: the nonce is spent
@@ -154,8 +162,10 @@ def test_expired_session(kbs):
     # a challenge not answered in time
     client.challenge("sample")
     kbs.clock.advance(kbs.broker.settings.challenge_lifetime + 1)
-    reply = client.http.post("/kbs/v0/attest", json={
-        "runtime-data": {"nonce": "x", "tee-pubkey": jose.public_jwk(jose.new_tee_key())}, "tee-evidence": {}})
+    reply = client.http.post(
+        "/kbs/v0/attest",
+        json={"runtime-data": {"nonce": "x", "tee-pubkey": jose.public_jwk(jose.new_tee_key())}, "tee-evidence": {}},
+    )
     assert reply.status_code == 401 and reply.json()["type"] == TYPE_PREFIX + "SessionExpired"
 
 
@@ -242,12 +252,15 @@ def test_resource_needs_attestation(kbs):
     assert reply.status_code == 401 and reply.json()["type"] == TYPE_PREFIX + "SessionNotFound"
 
 
-@pytest.mark.parametrize("body, kind", [
-    ({"version": "9.0.0", "tee": "sample"}, "ProtocolVersion"),
-    ({"version": "0.1.1", "tee": "vax"}, "UnknownTee"),
-    ({"version": "0.1.1"}, "InvalidRequest"),
-    ([], "InvalidRequest"),
-])
+@pytest.mark.parametrize(
+    "body, kind",
+    [
+        ({"version": "9.0.0", "tee": "sample"}, "ProtocolVersion"),
+        ({"version": "0.1.1", "tee": "vax"}, "UnknownTee"),
+        ({"version": "0.1.1"}, "InvalidRequest"),
+        ([], "InvalidRequest"),
+    ],
+)
 def test_bad_auth_requests(kbs, body, kind):
     with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
         reply = http.post("/kbs/v0/auth", json=body)
@@ -255,17 +268,21 @@ def test_bad_auth_requests(kbs, body, kind):
     assert reply.json()["type"] == TYPE_PREFIX + kind and reply.json()["status"] == 401
 
 
-@pytest.mark.parametrize("pubkey, words", [
-    ({"kty": "RSA", "alg": "RSA1_5", "n": "AQAB", "e": "AQAB"}, "not supported"),
-    ({"kty": "oct", "k": "AAAA"}, "not EC or RSA"),
-    ({"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"}, "not P-256, P-384 or P-521"),
-    ({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}, "not a valid public key"),
-])
+@pytest.mark.parametrize(
+    "pubkey, words",
+    [
+        ({"kty": "RSA", "alg": "RSA1_5", "n": "AQAB", "e": "AQAB"}, "not supported"),
+        ({"kty": "oct", "k": "AAAA"}, "not EC or RSA"),
+        ({"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"}, "not P-256, P-384 or P-521"),
+        ({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}, "not a valid public key"),
+    ],
+)
 def test_bad_tee_keys(kbs, pubkey, words):
     client = kbs.client()
     nonce = client.challenge("sample")
-    reply = client.http.post("/kbs/v0/attest", json={"runtime-data": {"nonce": nonce, "tee-pubkey": pubkey},
-                                                     "tee-evidence": {}})
+    reply = client.http.post(
+        "/kbs/v0/attest", json={"runtime-data": {"nonce": nonce, "tee-pubkey": pubkey}, "tee-evidence": {}}
+    )
     assert reply.status_code == 401 and words in reply.json()["detail"]
 
 
@@ -295,17 +312,26 @@ def test_generated_kinds_released(kbs):
     for kind in ("ec-p256", "ec-p384", "rsa-2048"):
         key = serialization.load_pem_private_key(client.resource(f"gen/{kind}/one"), None)
         public = kbs.admin.secret(f"gen/{kind}/one")["public"]["public_key_pem"]
-        assert key.public_key().public_bytes(serialization.Encoding.PEM,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo).decode() == public
+        assert (
+            key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+            == public
+        )
     assert len(client.resource("gen/password/one")) == 32
     bundle = client.resource("gen/cert/one")
     certs = x509.load_pem_x509_certificates(bundle)
     leaf, ca = certs[0], certs[1]
     assert ca.subject == leaf.issuer
-    ca.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes,
-                           __import__("cryptography.hazmat.primitives.asymmetric.ec",
-                                      fromlist=["ECDSA"]).ECDSA(leaf.signature_hash_algorithm))
+    ca.public_key().verify(
+        leaf.signature,
+        leaf.tbs_certificate_bytes,
+        __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(
+            leaf.signature_hash_algorithm
+        ),
+    )
     from cove.kbs.secrets import OID_MEASUREMENT
+
     assert leaf.extensions.get_extension_for_oid(OID_MEASUREMENT).value.value == bytes.fromhex(MEASUREMENT)
     served_ca = httpx.get(kbs.url + "/kbs/v0/ca", verify=ssl_for(kbs)).text
     assert served_ca.encode() == ca.public_bytes(serialization.Encoding.PEM)

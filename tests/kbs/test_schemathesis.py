@@ -29,8 +29,13 @@ _STATE: dict = {}
 @pytest.fixture(scope="module")
 def kbs_schema(tmp_path_factory):
     folder = tmp_path_factory.mktemp("schemathesis")
-    broker = Broker(Settings(db_url=f"sqlite:///{folder / 'kbs.db'}", master_key=os.urandom(32),
-                             attestation_policy=SAMPLE_ATTESTATION_POLICY))
+    broker = Broker(
+        Settings(
+            db_url=f"sqlite:///{folder / 'kbs.db'}",
+            master_key=os.urandom(32),
+            attestation_policy=SAMPLE_ATTESTATION_POLICY,
+        )
+    )
     key = jwk.generate_key("EC", "P-256")
     broker.bootstrap_admin("root", key.as_dict(private=False))
     broker.put_policy("root", "p", 'types = ["sample"]\n')
@@ -62,8 +67,10 @@ def test_no_server_errors(kbs_schema):
     operations = [result.ok() for result in kbs_schema.get_all_operations()]
     assert len(operations) >= 20, [op.label for op in operations]
     for operation in operations:
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+
+        @settings(
+            max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         @given(case=operation.as_strategy())
         def run(case):
             check(case)

@@ -43,11 +43,14 @@ def test_the_environment_master_key_wins(state: Path, monkeypatch: pytest.Monkey
     assert options["master_key_file"] is None and options["master_key_sealed"] is None
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"ra_tls": True, "insecure_http": True}, "--ra-tls makes its own certificate"),
-    ({"ra_tls": True, "certfile": Path("/c.pem")}, "--ra-tls makes its own certificate"),
-    ({"certfile": Path("/nonexistent/tls.crt")}, "no TLS certificate /nonexistent/tls.crt"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"ra_tls": True, "insecure_http": True}, "--ra-tls makes its own certificate"),
+        ({"ra_tls": True, "certfile": Path("/c.pem")}, "--ra-tls makes its own certificate"),
+        ({"certfile": Path("/nonexistent/tls.crt")}, "no TLS certificate /nonexistent/tls.crt"),
+    ],
+)
 def test_combinations_that_cannot_start(state: Path, kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(CoveError, match=fragment):
         serve_options.resolve(state, **kwargs)  # type: ignore[arg-type]
@@ -76,15 +79,18 @@ def test_a_new_admin_key_file(tmp_path: Path) -> None:
         admin_config.new_key_file("bob", out)
 
 
-@pytest.mark.parametrize(("content", "url"), [
-    (b'{"url": "https://kbs.example"}', "https://kbs.example"),
-    (b'{"url": 5}', None),                        # a URL that is not text
-    (b'["https://kbs.example"]', None),           # not an object
-    (b'{"url": "x"} trailing', None),
-    (b"[" * 100_000, None),                       # nested past the parser's recursion
-    (b"\xff\xfe", None),                          # not UTF-8
-    (None, None),                                 # no file
-])
+@pytest.mark.parametrize(
+    ("content", "url"),
+    [
+        (b'{"url": "https://kbs.example"}', "https://kbs.example"),
+        (b'{"url": 5}', None),  # a URL that is not text
+        (b'["https://kbs.example"]', None),  # not an object
+        (b'{"url": "x"} trailing', None),
+        (b"[" * 100_000, None),  # nested past the parser's recursion
+        (b"\xff\xfe", None),  # not UTF-8
+        (None, None),  # no file
+    ],
+)
 def test_the_url_in_an_admin_key_file(tmp_path: Path, content: bytes | None, url: str | None) -> None:
     key = tmp_path / "admin.json"
     if content is not None:

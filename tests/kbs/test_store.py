@@ -138,7 +138,10 @@ def test_two_servers_act_as_one(db_url, tmp_path, tls_files):
 
         tee = jose.new_tee_key()
         runtime = {"nonce": nonce, "tee-pubkey": jose.public_jwk(tee)}
-        body = {"runtime-data": runtime, "tee-evidence": a.sample().evidence(evidence_appraisal.expected_report_data(runtime))}
+        body = {
+            "runtime-data": runtime,
+            "tee-evidence": a.sample().evidence(evidence_appraisal.expected_report_data(runtime)),
+        }
         cookie = client.http.cookies.get("kbs-session-id")
         other = b.client()
         other.http.cookies.set("kbs-session-id", cookie, domain="127.0.0.1", path="/kbs")
@@ -223,9 +226,17 @@ def test_sqlite_writers_take_turns_across_processes(tmp_path):
     lock = tmp_path / "kbs.db-writer"
     assert oct(os.stat(lock).st_mode & 0o777) == "0o600"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "print('held', flush=True); sys.stdin.readline()", str(lock)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); sys.stdin.readline()",
+            str(lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         order: list[str] = []

@@ -25,8 +25,16 @@ from cove.platform.tpm2 import Tpm
 from tests.kbs.conftest import problem
 from tests.platform.conftest import TpmPlatforms, ak_root, ek_root
 
-CLAIMS = EnclaveClaims(measurement=b"\x5a" * 32, signer=b"\x51" * 32, product_id=3, svn=2, debug=False,
-                       backend="sim", isolation="namespaces+seccomp", instance_id="0123456789abcdef")
+CLAIMS = EnclaveClaims(
+    measurement=b"\x5a" * 32,
+    signer=b"\x51" * 32,
+    product_id=3,
+    svn=2,
+    debug=False,
+    backend="sim",
+    isolation="namespaces+seccomp",
+    instance_id="0123456789abcdef",
+)
 
 
 class PlatformEvidence:
@@ -82,8 +90,7 @@ def tpm_a(tpm_platforms):
 
 
 def release_by_measurement(kbs, path: str, value: bytes, extra: str = "") -> None:
-    kbs.admin.put_policy("app", f'types = ["cove"]\n[cove]\nmeasurements = ["{CLAIMS.measurement.hex()}"]\n'
-                                + extra)
+    kbs.admin.put_policy("app", f'types = ["cove"]\n[cove]\nmeasurements = ["{CLAIMS.measurement.hex()}"]\n' + extra)
     kbs.admin.create_secret(path, "data", "app", value=value)
 
 
@@ -96,8 +103,12 @@ def attest_refused(kbs, provider) -> KbsError:
 def test_tpm_rooted_evidence_released(tpm_a, make_kbs):
     kbs = make_kbs(policy=tpm_policy([tpm_a], pinned=tpm_a))
     # The release policy may pin the TPM too: the claims survive the session and the token.
-    release_by_measurement(kbs, "app/db/password", b"rooted in a TPM",
-                           f'ek_certificates = ["{ek_sha256(tpm_a)}"]\nak_names = ["{ak_name(tpm_a)}"]\n')
+    release_by_measurement(
+        kbs,
+        "app/db/password",
+        b"rooted in a TPM",
+        f'ek_certificates = ["{ek_sha256(tpm_a)}"]\nak_names = ["{ak_name(tpm_a)}"]\n',
+    )
     client = kbs.client()
     client.attest(PlatformEvidence(tpm_a))
     claims = client.claims["tcb-status"]
@@ -143,6 +154,7 @@ def test_tampered_tpm_quote_refused(tpm_platforms, tpm_a, make_kbs):
             changed = bytearray(tpm[field])
             changed[index] ^= 0x01
             return dict(tpm, **{field: bytes(changed)})
+
         return tamper
 
     for tamper in (flip("attest", -1), flip("attest", 40), flip("signature", -5)):
@@ -152,7 +164,11 @@ def test_tampered_tpm_quote_refused(tpm_platforms, tpm_a, make_kbs):
     # A genuine quote of another TPM, spliced in by a host that holds A's platform key.
     other = monitor.signer(tpm_platforms.make("b")).evidence(CLAIMS, bytes(64))
     theirs = cbor2.loads(cbor2.loads(other)["endorsement"])["tpm"]
-    caught = attest_refused(kbs, PlatformEvidence(tpm_a, lambda tpm: dict(
-        tpm, attest=theirs["attest"], signature=theirs["signature"], pcrs=theirs["pcrs"])))
+    caught = attest_refused(
+        kbs,
+        PlatformEvidence(
+            tpm_a, lambda tpm: dict(tpm, attest=theirs["attest"], signature=theirs["signature"], pcrs=theirs["pcrs"])
+        ),
+    )
     assert problem(caught) == (401, "EvidenceInvalid")
     assert "quote signature invalid" in str(caught.value)

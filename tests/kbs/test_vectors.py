@@ -25,7 +25,9 @@ SGX_TIME = datetime(2025, 6, 19, 11, 56, 11, tzinfo=timezone.utc)
 TDX_TIME = datetime(2025, 6, 19, 11, 16, 3, tzinfo=timezone.utc)
 SNP_TIME = datetime(2026, 11, 15, tzinfo=timezone.utc)
 TODAY = datetime(2026, 11, 15, tzinfo=timezone.utc)
-ALL_TYPES = 'types = ["tpm", "sgx", "tdx", "snp"]\n[sgx]\ntcb_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]\n'
+ALL_TYPES = (
+    'types = ["tpm", "sgx", "tdx", "snp"]\n[sgx]\ntcb_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]\n'
+)
 
 
 def vector(rel: str) -> bytes:
@@ -47,19 +49,27 @@ def evidence_for(tee: str, flip: int | None = None) -> dict:
         return bytes(raw)
 
     if tee == "tpm":
-        return {"quote": b64(maybe_flip(vector("tpm/quote_attest.bin"))), "signature": b64(vector("tpm/quote_sig.bin")),
-                "pcrs": b64(vector("tpm/quote_pcrs.bin"))}
+        return {
+            "quote": b64(maybe_flip(vector("tpm/quote_attest.bin"))),
+            "signature": b64(vector("tpm/quote_sig.bin")),
+            "pcrs": b64(vector("tpm/quote_pcrs.bin")),
+        }
     if tee in ("sgx", "tdx"):
-        return {"quote": b64(maybe_flip(vector(f"{tee}/quote.bin"))),
-                "collateral": json.loads(vector(f"{tee}/collateral.json"))}
+        return {
+            "quote": b64(maybe_flip(vector(f"{tee}/quote.bin"))),
+            "collateral": json.loads(vector(f"{tee}/collateral.json")),
+        }
     return {"report": b64(maybe_flip(vector("snp/report.bin"))), "vcek": b64(vector("snp/vcek.der"))}
 
 
 def anchors():
     from cove.kbs.evidence_appraisal import TrustAnchors
 
-    return TrustAnchors(sgx_root_ca=vector("intel_sgx_root_ca.pem"), snp_ask_ark=[vector("snp/ask_ark_milan.pem")],
-                        tpm_aks=[vector("tpm/ak_pub.pem")])
+    return TrustAnchors(
+        sgx_root_ca=vector("intel_sgx_root_ca.pem"),
+        snp_ask_ark=[vector("snp/ask_ark_milan.pem")],
+        tpm_aks=[vector("tpm/ak_pub.pem")],
+    )
 
 
 def attest_raw(kbs, tee: str, evidence: dict):
@@ -79,8 +89,9 @@ def test_vector_verifies_then_binding_refused(make_kbs, db_url, tee, when):
     assert log[-1]["outcome"] == "denied" and "EvidenceBinding" in log[-1]["detail"]
 
 
-@pytest.mark.parametrize("tee, when, offset", [("tpm", TODAY, 40), ("sgx", SGX_TIME, 120), ("tdx", TDX_TIME, 200),
-                                               ("snp", SNP_TIME, 0x50)])
+@pytest.mark.parametrize(
+    "tee, when, offset", [("tpm", TODAY, 40), ("sgx", SGX_TIME, 120), ("tdx", TDX_TIME, 200), ("snp", SNP_TIME, 0x50)]
+)
 def test_tampered_vector_refused(make_kbs, tee, when, offset):
     kbs = make_kbs(policy=ALL_TYPES, anchors=anchors(), evidence_time=lambda: when)
     reply = attest_raw(kbs, tee, evidence_for(tee, flip=offset))
@@ -100,8 +111,11 @@ def test_dcap_at_todays_date_refused_for_expired_collateral(make_kbs):
 def test_untrusted_roots_refused(make_kbs):
     from cove.kbs.evidence_appraisal import TrustAnchors
 
-    kbs = make_kbs(policy=ALL_TYPES, anchors=TrustAnchors(snp_ask_ark=[vector("snp/ask_ark_genoa.pem")]),
-                   evidence_time=lambda: SNP_TIME)
+    kbs = make_kbs(
+        policy=ALL_TYPES,
+        anchors=TrustAnchors(snp_ask_ark=[vector("snp/ask_ark_genoa.pem")]),
+        evidence_time=lambda: SNP_TIME,
+    )
     for tee in ("snp", "sgx", "tpm"):
         body = attest_raw(kbs, tee, evidence_for(tee)).json()
         assert body["type"] == TYPE_PREFIX + "EvidenceInvalid", body
@@ -122,8 +136,9 @@ def test_broker_over_https_and_cove_verify_agree(make_kbs, cove, tmp_path):
     from cove.kbs.evidence_appraisal import TrustAnchors
 
     at = {"time": TODAY}
-    kbs = make_kbs(policy=PERMISSIVE, anchors=TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")]),
-                   evidence_time=lambda: at["time"])
+    kbs = make_kbs(
+        policy=PERMISSIVE, anchors=TrustAnchors(tpm_aks=[vector("tpm/ak_pub.pem")]), evidence_time=lambda: at["time"]
+    )
     policy = tmp_path / "policy.toml"
     policy.write_text(PERMISSIVE)
     for name, tee, rel, flip, when, sidecars in CASES:

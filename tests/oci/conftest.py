@@ -25,7 +25,6 @@ def oci_tar(cove, oci_instance) -> Path:
     return out
 
 
-
 @pytest.fixture(scope="session")
 def oci_layer(oci_tar, tmp_path_factory) -> Path:
     """The image's root file system layer (an uncompressed tar)."""
@@ -74,14 +73,21 @@ def retag_tampered(oci_tar: Path, out: Path, tag: str) -> Path:
     manifest["layers"][0].update(digest=f"sha256:{layer_digest}", size=len(layer))
     manifest_bytes = json.dumps(manifest).encode()
     manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
-    index["manifests"][0].update(digest=f"sha256:{manifest_digest}", size=len(manifest_bytes),
-                                 annotations={"io.containerd.image.name": tag,
-                                              "org.opencontainers.image.ref.name": tag.rpartition(":")[2]})
-    blobs = {f"blobs/sha256/{layer_digest}": layer, f"blobs/sha256/{config_digest}": config_bytes,
-             f"blobs/sha256/{manifest_digest}": manifest_bytes,
-             "index.json": json.dumps(index).encode(), "oci-layout": files["oci-layout"],
-             "manifest.json": json.dumps([{"Config": f"blobs/sha256/{config_digest}", "RepoTags": [tag],
-                                           "Layers": [f"blobs/sha256/{layer_digest}"]}]).encode()}
+    index["manifests"][0].update(
+        digest=f"sha256:{manifest_digest}",
+        size=len(manifest_bytes),
+        annotations={"io.containerd.image.name": tag, "org.opencontainers.image.ref.name": tag.rpartition(":")[2]},
+    )
+    blobs = {
+        f"blobs/sha256/{layer_digest}": layer,
+        f"blobs/sha256/{config_digest}": config_bytes,
+        f"blobs/sha256/{manifest_digest}": manifest_bytes,
+        "index.json": json.dumps(index).encode(),
+        "oci-layout": files["oci-layout"],
+        "manifest.json": json.dumps(
+            [{"Config": f"blobs/sha256/{config_digest}", "RepoTags": [tag], "Layers": [f"blobs/sha256/{layer_digest}"]}]
+        ).encode(),
+    }
     with tarfile.open(out, "w") as archive:
         for name, data in sorted(blobs.items()):
             info = tarfile.TarInfo(name)
@@ -102,12 +108,23 @@ class Containerd:
         self.base = base
         self.socket = base / "containerd.sock"
         self.ctr_bin = require("ctr")
-        (base / "config.toml").write_text('version = 2\n' + config)
+        (base / "config.toml").write_text("version = 2\n" + config)
         self.log = open(base / "containerd.log", "w")
         self.process = subprocess.Popen(
-            [require("containerd"), "--config", str(base / "config.toml"), "--root", str(base / "root"),
-             "--state", str(base / "state"), "--address", str(self.socket)],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                require("containerd"),
+                "--config",
+                str(base / "config.toml"),
+                "--root",
+                str(base / "root"),
+                "--state",
+                str(base / "state"),
+                "--address",
+                str(self.socket),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(300):
             if self.socket.exists() and self.ctr("version").returncode == 0:
                 return
@@ -120,8 +137,9 @@ class Containerd:
     def ctr(self, *args, timeout=120, **kwargs):
         import subprocess
 
-        return subprocess.run([self.ctr_bin, "-a", str(self.socket), *args], capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
+        return subprocess.run(
+            [self.ctr_bin, "-a", str(self.socket), *args], capture_output=True, text=True, timeout=timeout, **kwargs
+        )
 
     def stop(self) -> None:
         import subprocess
@@ -154,8 +172,9 @@ class Containerd:
 
 @pytest.fixture(scope="session")
 def containerd(tmp_path_factory):
-    daemon = Containerd(tmp_path_factory.mktemp("containerd"),
-                        '[plugins."io.containerd.grpc.v1.cri"]\n  disable_apparmor = true\n')
+    daemon = Containerd(
+        tmp_path_factory.mktemp("containerd"), '[plugins."io.containerd.grpc.v1.cri"]\n  disable_apparmor = true\n'
+    )
     yield daemon
     daemon.stop()
 
@@ -178,8 +197,7 @@ def bundle(oci_layer, tmp_path):
 @pytest.fixture(scope="session")
 def loaded(oci_tar, tmp_path_factory):
     assert podman("load", "-i", str(oci_tar)).returncode == 0
-    tampered = retag_tampered(oci_tar, tmp_path_factory.mktemp("tampered") / "t.tar",
-                              "localhost/cove-test/tampered:1")
+    tampered = retag_tampered(oci_tar, tmp_path_factory.mktemp("tampered") / "t.tar", "localhost/cove-test/tampered:1")
     result = podman("load", "-i", str(tampered))
     assert result.returncode == 0, result.stderr
     yield

@@ -15,24 +15,35 @@ RUNTIME = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "cove-runt
 
 SPEC = {
     "ociVersion": "1.0.2",
-    "process": {"args": ["/bin/sh", "-c", "echo hello-from-enclave; cat /dev/attestation/attestation_type; "
-                         "echo; exit 7"],
-                "env": ["PATH=/bin:/usr/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
-                "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"]},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024}]},
+    "process": {
+        "args": ["/bin/sh", "-c", "echo hello-from-enclave; cat /dev/attestation/attestation_type; echo; exit 7"],
+        "env": ["PATH=/bin:/usr/bin"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"]},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024}],
+    },
     "root": {"path": "rootfs"},
-    "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-               {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["bind"]}],
+    "mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["bind"]},
+    ],
     "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}]},
 }
 
 
-def runtime(root: Path | str, *args: str, timeout: float = 60, stdout: Any = None,
-            stderr: Any = None) -> subprocess.CompletedProcess[str]:
+def runtime(
+    root: Path | str, *args: str, timeout: float = 60, stdout: Any = None, stderr: Any = None
+) -> subprocess.CompletedProcess[str]:
     """Run cove-runtime; output through files, as a container's process keeps the streams it inherits."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([RUNTIME, "--root", str(root), *args], stdout=stdout or out,
-                              stderr=stderr or err, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [RUNTIME, "--root", str(root), *args],
+            stdout=stdout or out,
+            stderr=stderr or err,
+            text=True,
+            timeout=timeout,
+        )
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
@@ -76,5 +87,4 @@ IMAGE = "localhost/cove-test/hello:1"
 
 
 def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require("podman"), *PODMAN_OPTIONS, *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([require("podman"), *PODMAN_OPTIONS, *args], capture_output=True, text=True, timeout=timeout)

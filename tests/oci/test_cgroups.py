@@ -30,9 +30,9 @@ def named_groups() -> Iterator[tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("existed", [True, False], ids=["pre-existing", "made-by-create"])
-def test_kill_all_and_delete_touch_only_the_groups_create_made(bundle: Path, tmp_path: Path,
-                                                                named_groups: tuple[str, list[str]],
-                                                                existed: bool) -> None:
+def test_kill_all_and_delete_touch_only_the_groups_create_made(
+    bundle: Path, tmp_path: Path, named_groups: tuple[str, list[str]], existed: bool
+) -> None:
     name, groups = named_groups
     bystander = None
     if existed:  # another tenant's group: a process in it, and a subgroup of its own

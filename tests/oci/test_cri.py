@@ -47,8 +47,9 @@ def pause_tar(cove, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pause")
     cove.ok("new", "pause", cwd=base)
     app = base / "pause"
-    subprocess.run([gcc, "-static", "-O2", "-o", str(app / "image" / "pause"),
-                    str(ROOT / "tests" / "oci" / "pause.c")], check=True)
+    subprocess.run(
+        [gcc, "-static", "-O2", "-o", str(app / "image" / "pause"), str(ROOT / "tests" / "oci" / "pause.c")], check=True
+    )
     set_option(app / "cove.toml", "process", "entry_points", '["/pause"]')
     cove.ok("build", cwd=app)
     cove.ok("package", "--oci", "--tag", PAUSE, "-o", str(base / "pause.tar"), cwd=app)
@@ -78,25 +79,34 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
     host_network = cri.NamespaceOption(network=cri.NamespaceMode.NODE, pid=cri.NamespaceMode.CONTAINER)
     sandbox_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="hello-pod", uid="uid-1", namespace="default", attempt=0),
-        hostname="hello-pod", log_directory=str(tmp_path / "logs"),
-        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
-            namespace_options=host_network)))
-    sandbox = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox_config, runtime_handler="cove"),
-                                    timeout=120).pod_sandbox_id
+        hostname="hello-pod",
+        log_directory=str(tmp_path / "logs"),
+        linux=cri.LinuxPodSandboxConfig(
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=host_network)
+        ),
+    )
+    sandbox = runtime.RunPodSandbox(
+        cri.RunPodSandboxRequest(config=sandbox_config, runtime_handler="cove"), timeout=120
+    ).pod_sandbox_id
     try:
         status = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox), timeout=30)
         assert status.status.state == cri.PodSandboxState.SANDBOX_READY
         assert status.status.runtime_handler == "cove"
         container_config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="hello", attempt=0), image=cri.ImageSpec(image=HELLO),
-            command=["/bin/sh"], args=["-c", "echo hi-from-cri; cat /dev/attestation/attestation_type; exit 3"],
+            metadata=cri.ContainerMetadata(name="hello", attempt=0),
+            image=cri.ImageSpec(image=HELLO),
+            command=["/bin/sh"],
+            args=["-c", "echo hi-from-cri; cat /dev/attestation/attestation_type; exit 3"],
             log_path="hello.log",
             linux=cri.LinuxContainerConfig(  # a small limit: Cove's start-up is not charged to the container
                 resources=cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20),
-                security_context=cri.LinuxContainerSecurityContext(namespace_options=host_network)))
-        container = runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=sandbox, config=container_config, sandbox_config=sandbox_config),
-            timeout=120).container_id
+                security_context=cri.LinuxContainerSecurityContext(namespace_options=host_network),
+            ),
+        )
+        container = runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=sandbox, config=container_config, sandbox_config=sandbox_config),
+            timeout=120,
+        ).container_id
         runtime.StartContainer(cri.StartContainerRequest(container_id=container), timeout=120)
         for _ in range(600):
             state = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container), timeout=30).status
@@ -113,8 +123,10 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
         tampered_config.CopyFrom(container_config)
         tampered_config.metadata.name, tampered_config.image.image = "tampered", TAMPERED
         tampered_config.log_path = "tampered.log"
-        bad = runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=sandbox, config=tampered_config, sandbox_config=sandbox_config), timeout=120).container_id
+        bad = runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=sandbox, config=tampered_config, sandbox_config=sandbox_config),
+            timeout=120,
+        ).container_id
         with pytest.raises(grpc.RpcError) as refused:
             runtime.StartContainer(cri.StartContainerRequest(container_id=bad), timeout=120)
         assert "bin/cat was modified" in refused.value.details()
@@ -124,12 +136,24 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
         sleeper_config.CopyFrom(container_config)
         sleeper_config.metadata.name, sleeper_config.log_path = "sleeper", "sleeper.log"
         sleeper_config.command[:], sleeper_config.args[:] = ["/bin/sleep"], ["60"]
-        sleeper = runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=sandbox, config=sleeper_config, sandbox_config=sandbox_config), timeout=120).container_id
+        sleeper = runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=sandbox, config=sleeper_config, sandbox_config=sandbox_config),
+            timeout=120,
+        ).container_id
         runtime.StartContainer(cri.StartContainerRequest(container_id=sleeper), timeout=120)
-        done = runtime.ExecSync(cri.ExecSyncRequest(container_id=sleeper, timeout=60, cmd=[
-            "/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; grep -E '^(CapEff|Seccomp):' "
-            "/proc/self/status 2>/dev/null || cat /proc/self/status; exit 4"]), timeout=90)
+        done = runtime.ExecSync(
+            cri.ExecSyncRequest(
+                container_id=sleeper,
+                timeout=60,
+                cmd=[
+                    "/bin/sh",
+                    "-c",
+                    "cat /dev/attestation/attestation_type; echo; grep -E '^(CapEff|Seccomp):' "
+                    "/proc/self/status 2>/dev/null || cat /proc/self/status; exit 4",
+                ],
+            ),
+            timeout=90,
+        )
         assert done.exit_code == 4, done.stderr
         lines = done.stdout.decode().splitlines()
         assert lines[0] == "cove" and "CapEff:\t0000000000000000" in lines and "Seccomp:\t2" in lines
@@ -138,13 +162,22 @@ def test_a_pod_runs_through_the_cove_handler(cri_node, tmp_path):
         assert "not an entry point" in refused.value.details()
         # kubectl exec's streaming path: Exec gives a URL on containerd's streaming server, spoken to over a
         # WebSocket with the kubelet's channel protocol (one byte of stream number, then the bytes)
-        url = runtime.Exec(cri.ExecRequest(container_id=sleeper, stdout=True, stderr=True, cmd=[
-            "/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; exit 5"]), timeout=60).url
+        url = runtime.Exec(
+            cri.ExecRequest(
+                container_id=sleeper,
+                stdout=True,
+                stderr=True,
+                cmd=["/bin/sh", "-c", "cat /dev/attestation/attestation_type; echo; exit 5"],
+            ),
+            timeout=60,
+        ).url
         assert _stream_exec(url) == ({1: b"cove\n"}, "5")
         # kubectl exec -t: the program has a terminal (`test -t 1` succeeds). Its output is not checked: on this
         # path the output of a short program is often lost (docs/containers.md, "Not yet")
-        url = runtime.Exec(cri.ExecRequest(container_id=sleeper, stdout=True, tty=True, cmd=[
-            "/bin/sh", "-c", "test -t 1 || exit 9"]), timeout=60).url
+        url = runtime.Exec(
+            cri.ExecRequest(container_id=sleeper, stdout=True, tty=True, cmd=["/bin/sh", "-c", "test -t 1 || exit 9"]),
+            timeout=60,
+        ).url
         assert _stream_exec(url)[1] == "0"
         runtime.StopContainer(cri.StopContainerRequest(container_id=sleeper, timeout=0), timeout=60)
         runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=sleeper), timeout=60)
@@ -162,17 +195,27 @@ def _stream_exec(url: str) -> tuple[dict[int, bytes], str]:
 
     streams: dict[int, bytes] = {}
     code = ""
-    with connect(url.replace("http://", "ws://", 1), subprotocols=["v4.channel.k8s.io"],
-                 open_timeout=30, close_timeout=5) as connection:
+    with connect(
+        url.replace("http://", "ws://", 1), subprotocols=["v4.channel.k8s.io"], open_timeout=30, close_timeout=5
+    ) as connection:
         for message in connection:
             data = message if isinstance(message, bytes) else message.encode()
             if not data[1:]:
                 continue
             if data[0] == 3:  # the error stream: the command's status as a JSON object (v4)
                 status = json.loads(data[1:])
-                code = "0" if status.get("status") == "Success" else next(
-                    (c["message"] for c in status.get("details", {}).get("causes", []) if c.get("reason") == "ExitCode"),
-                    status.get("message", ""))
+                code = (
+                    "0"
+                    if status.get("status") == "Success"
+                    else next(
+                        (
+                            c["message"]
+                            for c in status.get("details", {}).get("causes", [])
+                            if c.get("reason") == "ExitCode"
+                        ),
+                        status.get("message", ""),
+                    )
+                )
             else:
                 streams[data[0]] = streams.get(data[0], b"") + data[1:]
     return streams, code

@@ -11,9 +11,17 @@ import pytest
 from tests.oci.conftest import retag_tampered
 from tests.oci.helpers import IMAGE, RUN_OPTIONS, RUNTIME, podman
 
+
 def test_podman_run_prints_output_and_returns_the_exit_code(loaded):
-    result = podman("run", "--rm", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c",
-                    "echo out; echo err >&2; cat /dev/attestation/attestation_type; echo; exit 7")
+    result = podman(
+        "run",
+        "--rm",
+        *RUN_OPTIONS,
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        "echo out; echo err >&2; cat /dev/attestation/attestation_type; echo; exit 7",
+    )
     assert result.returncode == 7, result.stderr
     assert result.stdout.split() == ["out", "cove"] and "err" in result.stderr
 
@@ -51,13 +59,15 @@ def test_podman_refuses_a_tampered_image(loaded):
 def test_ctr_run_and_a_tampered_image(containerd, oci_tar, tmp_path):
     imported = containerd.ctr("images", "import", str(oci_tar))
     assert imported.returncode == 0, imported.stderr
-    result = containerd.ctr("run", "--rm", "--runc-binary", RUNTIME, IMAGE, "c-ok", "/bin/sh", "-c",
-                            "echo hi-from-ctr; exit 4")
+    result = containerd.ctr(
+        "run", "--rm", "--runc-binary", RUNTIME, IMAGE, "c-ok", "/bin/sh", "-c", "echo hi-from-ctr; exit 4"
+    )
     assert result.returncode == 4 and result.stdout.strip() == "hi-from-ctr", result.stderr
     tampered = retag_tampered(oci_tar, tmp_path / "t.tar", "localhost/cove-test/tampered:1")
     assert containerd.ctr("images", "import", str(tampered)).returncode == 0
-    result = containerd.ctr("run", "--rm", "--runc-binary", RUNTIME, "localhost/cove-test/tampered:1", "c-bad",
-                            "/bin/cat", "/etc/hostname")
+    result = containerd.ctr(
+        "run", "--rm", "--runc-binary", RUNTIME, "localhost/cove-test/tampered:1", "c-bad", "/bin/cat", "/etc/hostname"
+    )
     assert result.returncode != 0 and "tampered" not in result.stdout
     assert "bin/cat was modified" in result.stderr
     containerd.ctr("containers", "rm", "c-bad")
@@ -69,9 +79,14 @@ def test_podman_terminal_through_the_console_socket(loaded):
     assert result.stdout.strip() == "on-a-tty"  # `test -t 1` held inside: the program had a terminal
 
 
-@pytest.mark.parametrize("option, field", [(("--cap-add", "SYS_ADMIN"), "CAP_SYS_ADMIN"),
-                                           (("--privileged",), "privileged"),
-                                           (("-v", "/etc:/host-etc"), "mounts")])
+@pytest.mark.parametrize(
+    "option, field",
+    [
+        (("--cap-add", "SYS_ADMIN"), "CAP_SYS_ADMIN"),
+        (("--privileged",), "privileged"),
+        (("-v", "/etc:/host-etc"), "mounts"),
+    ],
+)
 def test_podman_options_the_sandbox_cannot_honour(loaded, option, field):
     result = podman("run", "--rm", *RUN_OPTIONS, *option, IMAGE, "/bin/echo", "ran")
     assert result.returncode != 0 and "ran" not in result.stdout
@@ -99,8 +114,16 @@ def test_ctr_task_exec(containerd, oci_tar):
     started = containerd.ctr("run", "-d", "--runc-binary", RUNTIME, IMAGE, "c-exec", "/bin/sleep", "60")
     assert started.returncode == 0, started.stderr
     try:
-        result = containerd.ctr("task", "exec", "--exec-id", "e1", "c-exec", "/bin/sh", "-c",
-                                "cat /dev/attestation/attestation_type; echo; exit 5")
+        result = containerd.ctr(
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "c-exec",
+            "/bin/sh",
+            "-c",
+            "cat /dev/attestation/attestation_type; echo; exit 5",
+        )
         assert result.returncode == 5 and result.stdout.split() == ["cove"], result.stderr
     finally:
         containerd.ctr("task", "kill", "-s", "KILL", "c-exec")
@@ -135,6 +158,15 @@ def test_podman_memory_limit_holds_the_program_not_coves_start(loaded):
     finally:
         podman("rm", "-f", "-t", "0", name)
     assert not Path(f"/sys/fs/cgroup/memory{group}").exists()  # removed with the container
-    hungry = podman("run", "--rm", "--memory", "64m", *RUN_OPTIONS, IMAGE, "/bin/sh", "-c",
-                    "a=$(/usr/bin/head -c 200000000 /dev/urandom); echo survived")
+    hungry = podman(
+        "run",
+        "--rm",
+        "--memory",
+        "64m",
+        *RUN_OPTIONS,
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        "a=$(/usr/bin/head -c 200000000 /dev/urandom); echo survived",
+    )
     assert hungry.returncode != 0 and "survived" not in hungry.stdout

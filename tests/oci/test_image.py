@@ -41,8 +41,7 @@ def test_layout_carries_the_signed_build_and_annotations(cove, oci_instance, tmp
     for name in (".cove/manifest.cbor", ".cove/manifest.sig", ".cove/image.tree", ".cove/cove.toml", "bin/sh"):
         assert name in members
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members.values())
-    assert (members[".cove/manifest.cbor"].size
-            == (oci_instance / "build" / "manifest.cbor").stat().st_size)
+    assert members[".cove/manifest.cbor"].size == (oci_instance / "build" / "manifest.cbor").stat().st_size
     for blob in (out / "blobs" / "sha256").iterdir():  # content-addressed
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
@@ -94,9 +93,16 @@ def test_encrypted_root_ships_as_ciphertext(cove, tmp_path):
 
 def test_podman_loads_it(oci_tar):
     podman = require("podman")
-    loaded = subprocess.run([podman, "--cgroup-manager=cgroupfs", "load", "-i", str(oci_tar)],
-                            capture_output=True, text=True, timeout=120)
+    loaded = subprocess.run(
+        [podman, "--cgroup-manager=cgroupfs", "load", "-i", str(oci_tar)], capture_output=True, text=True, timeout=120
+    )
     assert loaded.returncode == 0, loaded.stderr
-    labels = json.loads(subprocess.run([podman, "image", "inspect", "localhost/cove-test/hello:1", "--format",
-                                        "{{json .Labels}}"], capture_output=True, text=True, check=True).stdout)
+    labels = json.loads(
+        subprocess.run(
+            [podman, "image", "inspect", "localhost/cove-test/hello:1", "--format", "{{json .Labels}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert len(labels["cove.dev/measurement"]) == 64

@@ -30,16 +30,24 @@ def node_root(tmp_path):
 
 def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):
     spec = json.loads(json.dumps(SPEC))
-    spec["process"]["args"] = ["/bin/sh", "-c", "head -c 64 /dev/zero > /dev/attestation/user_report_data; "
-                               "cat /dev/attestation/attestation_type; echo; cat /dev/attestation/report | head -c 1"]
+    spec["process"]["args"] = [
+        "/bin/sh",
+        "-c",
+        "head -c 64 /dev/zero > /dev/attestation/user_report_data; "
+        "cat /dev/attestation/attestation_type; echo; cat /dev/attestation/report | head -c 1",
+    ]
     write_spec(bundle, spec)
     root = tmp_path / "state"
     env = dict(os.environ, COVE_NODE_ROOT=str(node_root))
     control = str(node_root / "attestation.sock")
     before = attestation.request(control, {"op": "status"})["requests"]
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        assert subprocess.run([RUNTIME, "--root", str(root), "create", "--bundle", str(bundle), "n"], stdout=out,
-                              stderr=err, env=env).returncode == 0
+        assert (
+            subprocess.run(
+                [RUNTIME, "--root", str(root), "create", "--bundle", str(bundle), "n"], stdout=out, stderr=err, env=env
+            ).returncode
+            == 0
+        )
     assert subprocess.run([RUNTIME, "--root", str(root), "start", "n"], env=env).returncode == 0
     wait_stopped(root, "n", 0)
     assert (tmp_path / "out").read_bytes().startswith(b"cove\n\xa2"), (tmp_path / "err").read_text()  # a CBOR map
@@ -51,7 +59,16 @@ def test_the_node_server_answers_the_container(bundle, node_root, tmp_path):
 def test_podman_passes_the_node_root_as_a_runtime_flag(node_root, loaded):
     control = str(node_root / "attestation.sock")
     before = attestation.request(control, {"op": "status"})["requests"]
-    result = podman("run", "--rm", *RUN_OPTIONS, "--runtime-flag", f"node-root={node_root}", IMAGE,
-                    "/bin/sh", "-c", "cat /dev/attestation/report | head -c 1 > /dev/null")
+    result = podman(
+        "run",
+        "--rm",
+        *RUN_OPTIONS,
+        "--runtime-flag",
+        f"node-root={node_root}",
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        "cat /dev/attestation/report | head -c 1 > /dev/null",
+    )
     assert result.returncode == 0, result.stderr
     assert attestation.request(control, {"op": "status"})["requests"] != before

@@ -14,11 +14,21 @@ import pytest
 
 from tests.oci.helpers import SPEC, no_leftovers, one_line, runtime, state, wait_stopped, write_spec
 
+
 def test_lifecycle_create_start_state_delete(bundle, tmp_path):
     root = tmp_path / "state"
     out = open(tmp_path / "out", "w+")
-    created = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "c1",
-                      stdout=out, stderr=subprocess.STDOUT)
+    created = runtime(
+        root,
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "pid"),
+        "c1",
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     assert created.returncode == 0, (tmp_path / "out").read_text()
     # a `start` right after `create` finds the container waiting: the fifo has its reader before create returns
     os.close(os.open(root / "c1" / "start.fifo", os.O_WRONLY | os.O_NONBLOCK))
@@ -71,8 +81,11 @@ def test_kill_and_delete_rules(bundle, tmp_path):
 
 def cove_cgroups(pid):
     """The cgroups cove.runtime.limits made for a launcher with this pid, anywhere in the hierarchy."""
-    return [path for hierarchy in ("memory", "pids", "unified") for path in
-            Path("/sys/fs/cgroup", hierarchy).glob(f"**/cove-{pid}-*")]
+    return [
+        path
+        for hierarchy in ("memory", "pids", "unified")
+        for path in Path("/sys/fs/cgroup", hierarchy).glob(f"**/cove-{pid}-*")
+    ]
 
 
 def _is_enclave_of(pid, root):
@@ -222,8 +235,11 @@ def test_cluster_memory_annotation_only_lowers_the_measured_limit(bundle, tmp_pa
     assert runtime(root, "start", "mem").returncode == 0
     limits = []
     for _ in range(200):
-        limits = [int((g / "memory.limit_in_bytes").read_text()) for g in cove_cgroups(pid)
-                  if (g / "memory.limit_in_bytes").exists()]
+        limits = [
+            int((g / "memory.limit_in_bytes").read_text())
+            for g in cove_cgroups(pid)
+            if (g / "memory.limit_in_bytes").exists()
+        ]
         if limits:
             break
         time.sleep(0.05)
@@ -239,8 +255,9 @@ def test_cluster_memory_annotation_only_lowers_the_measured_limit(bundle, tmp_pa
 def test_a_cluster_broker_other_than_the_measured_one_is_refused(cove, tmp_path):
     from tests.e2e.helpers import make_instance
 
-    app = make_instance(cove, tmp_path, name="brokered",
-                        extra='\n[attestation]\nkbs = "https://kbs.measured.example:8080"\n')
+    app = make_instance(
+        cove, tmp_path, name="brokered", extra='\n[attestation]\nkbs = "https://kbs.measured.example:8080"\n'
+    )
     cove.ok("package", "--oci", "-o", str(tmp_path / "layout"), cwd=app)
     index = json.loads((tmp_path / "layout" / "index.json").read_text())
     manifest = json.loads((tmp_path / "layout" / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
@@ -278,8 +295,9 @@ def test_an_encrypted_root_runs_from_the_ciphertext_in_the_image(cove, tmp_path)
     root = tmp_path / "state"
     out = open(tmp_path / "out", "w")
     err = open(tmp_path / "err", "w")
-    assert runtime(root, "create", "--bundle", str(folder), "e", stdout=out, stderr=err).returncode == 0, \
-        (tmp_path / "err").read_text()
+    assert runtime(root, "create", "--bundle", str(folder), "e", stdout=out, stderr=err).returncode == 0, (
+        tmp_path / "err"
+    ).read_text()
     assert runtime(root, "start", "e").returncode == 0
     wait_stopped(root, "e", 0)
     assert (tmp_path / "out").read_text() == "plain-only-inside\n", (tmp_path / "err").read_text()
@@ -315,16 +333,25 @@ print(code, ' '.join(cove), '|', ' '.join(other), file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("argv", [["state", "nope"], ["start", "nope"], ["kill", "nope", "KILL"],
-                                  ["delete", "--force", "nope"], ["--log-format=json", "features"]],
-                         ids=["state", "start", "kill", "delete", "features"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["state", "nope"],
+        ["start", "nope"],
+        ["kill", "nope", "KILL"],
+        ["delete", "--force", "nope"],
+        ["--log-format=json", "features"],
+    ],
+    ids=["state", "start", "kill", "delete", "features"],
+)
 def test_hot_commands_load_only_the_standard_library(tmp_path, argv):
     """Engines call these many times per container: a Python start and the standard library, nothing of Cove's
     verification or launcher (which cost the engine 100+ ms per call)."""
     import sys
 
-    result = subprocess.run([sys.executable, "-c", HOT_IMPORTS, "--root", str(tmp_path), *argv],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", HOT_IMPORTS, "--root", str(tmp_path), *argv], capture_output=True, text=True, timeout=60
+    )
     *_, last = result.stderr.splitlines()
     code, rest = last.split(" ", 1)
     cove, other = rest.split("|")
@@ -346,8 +373,11 @@ def running(bundle, tmp_path):
 
     for _ in range(400):
         program = enclave_program(state(root, "x")["pid"])
-        if program and os.path.exists(f"/proc/{program}/root/tmp/main.report") and \
-                os.path.getsize(f"/proc/{program}/root/tmp/main.report"):
+        if (
+            program
+            and os.path.exists(f"/proc/{program}/root/tmp/main.report")
+            and os.path.getsize(f"/proc/{program}/root/tmp/main.report")
+        ):
             break
         time.sleep(0.05)
     yield root, program
@@ -380,16 +410,26 @@ def test_exec_runs_in_the_containers_enclave(running, bundle, tmp_path):
     status = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
     assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
-    reports = [parse_report(cbor2.loads(Path(f"/proc/{program}/root/tmp/{n}.report").read_bytes())["report"])
-               for n in ("main", "exec")]
+    reports = [
+        parse_report(cbor2.loads(Path(f"/proc/{program}/root/tmp/{n}.report").read_bytes())["report"])
+        for n in ("main", "exec")
+    ]
     assert reports[0].instance_id == reports[1].instance_id
     manifest = (bundle / "rootfs" / ".cove" / "manifest.cbor").read_bytes()
     assert reports[0].measurement == reports[1].measurement == hashlib.sha256(manifest).digest()
     # detached, as engines run it: the pid file names the process holding cove exec's helper, which outlives
     # this command; the program is in the enclave's cgroups
     pid_file = tmp_path / "exec.pid"
-    result = runtime(root, "exec", "--detach", "--pid-file", str(pid_file),
-                     "--process", _process_json(tmp_path, ["/bin/sleep", "30"]), "x")
+    result = runtime(
+        root,
+        "exec",
+        "--detach",
+        "--pid-file",
+        str(pid_file),
+        "--process",
+        _process_json(tmp_path, ["/bin/sleep", "30"]),
+        "x",
+    )
     assert result.returncode == 0, result.stderr
     holder = int(pid_file.read_text())
     children = []
@@ -401,8 +441,9 @@ def test_exec_runs_in_the_containers_enclave(running, bundle, tmp_path):
         time.sleep(0.02)
     assert children, "the exec'd program did not start"
     cgroups = [line for line in Path(f"/proc/{children[0]}/cgroup").read_text().splitlines() if "memory" in line]
-    assert cgroups and cgroups == [line for line in Path(f"/proc/{program}/cgroup").read_text().splitlines()
-                                   if "memory" in line]
+    assert cgroups and cgroups == [
+        line for line in Path(f"/proc/{program}/cgroup").read_text().splitlines() if "memory" in line
+    ]
     os.kill(holder, 15)  # the engine's stop: the program's session ends
     for _ in range(200):
         if not Path(f"/proc/{children[0]}").exists() or _state_letter(int(children[0])) == "Z":
@@ -439,9 +480,24 @@ def test_a_terminal_exec_lets_go_of_the_engines_pipes_when_it_returns(running, t
         server.bind(str(tmp_path / "console.sock"))
         server.listen(1)
         process = _process_json(tmp_path, ["/bin/sh", "-c", "echo hello-tty; exec sleep 30"], terminal=True)
-        command = subprocess.Popen([RUNTIME, "--root", str(root), "exec", "--detach", "--console-socket",
-                                    str(tmp_path / "console.sock"), "--pid-file", str(tmp_path / "exec.pid"),
-                                    "--process", process, "x"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        command = subprocess.Popen(
+            [
+                RUNTIME,
+                "--root",
+                str(root),
+                "exec",
+                "--detach",
+                "--console-socket",
+                str(tmp_path / "console.sock"),
+                "--pid-file",
+                str(tmp_path / "exec.pid"),
+                "--process",
+                process,
+                "x",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             said, _ = command.communicate(timeout=20)  # as the shim does: to the end of both streams
         except subprocess.TimeoutExpired:

@@ -42,8 +42,16 @@ def test_every_report_says_self_certified(platform_paths):
 def test_a_changed_runtime_opens_a_new_epoch(platform_paths):
     signer = monitor.signer(platform_paths)
     stored = endorse.load(platform_paths)
-    endorse.save(platform_paths, ev.Endorsement(root=stored.root, pak=stored.pak, runtime=b"\xee" * 32,
-                                                epoch=stored.epoch, epoch_start_ms=stored.epoch_start_ms))
+    endorse.save(
+        platform_paths,
+        ev.Endorsement(
+            root=stored.root,
+            pak=stored.pak,
+            runtime=b"\xee" * 32,
+            epoch=stored.epoch,
+            epoch_start_ms=stored.epoch_start_ms,
+        ),
+    )
     assert monitor.status(platform_paths)["current"] is False
     renewed = monitor.signer(platform_paths)
     assert renewed.endorsement.runtime == runtime_hash() and renewed.endorsement.epoch != signer.endorsement.epoch

@@ -29,16 +29,27 @@ from cove.platform.swtpm import SwTpm
 from cove.platform.tpm2 import Tpm, TpmError
 from tests.platform.conftest import ak_root, ek_root
 
-CLAIMS = EnclaveClaims(measurement=b"\x5a" * 32, signer=b"\x51" * 32, product_id=3, svn=2, debug=False,
-                       backend="sim", isolation="namespaces+seccomp", instance_id="0123456789abcdef")
+CLAIMS = EnclaveClaims(
+    measurement=b"\x5a" * 32,
+    signer=b"\x51" * 32,
+    product_id=3,
+    svn=2,
+    debug=False,
+    backend="sim",
+    isolation="namespaces+seccomp",
+    instance_id="0123456789abcdef",
+)
 RD = hashlib.sha512(b"nonce").digest()
 
 
 def policy_for(paths, *, pcrs=None, ek=None, ak=None, extra=""):
     (paths.dir / "ek-root.pem").write_bytes(ek or ek_root(paths))
     (paths.dir / "ak-root.pem").write_bytes(ak or ak_root(paths))
-    lines = [f'[cove]\nek_ca = ["{paths.dir}/ek-root.pem"]\nak_ca = ["{paths.dir}/ak-root.pem"]',
-             f'runtime_hashes = ["{runtime_hash().hex()}"]', extra]
+    lines = [
+        f'[cove]\nek_ca = ["{paths.dir}/ek-root.pem"]\nak_ca = ["{paths.dir}/ak-root.pem"]',
+        f'runtime_hashes = ["{runtime_hash().hex()}"]',
+        extra,
+    ]
     if pcrs is not None:
         lines.append("[cove.pcrs.sha256]")
         lines += [f'{i} = "{v.hex()}"' for i, v in sorted(pcrs.items())]
@@ -117,12 +128,16 @@ def test_unexpected_extend_of_coves_pcr(tpm_platforms):
     assert monitor.status(paths)["tpm"]["pcr_matches_quote"] is False
     # A quote taken now, with the right qualifying data, shows the foreign extend: refused.
     e = endorse.load(paths)
-    attest, signature, pcr_file = tpm.quote(config.ak_handle, sorted(set(ev.BOOT_PCRS) | {23}),
-                                            ev.quote_qualifier(e.pak, e.runtime, e.epoch, e.epoch_start_ms))
+    attest, signature, pcr_file = tpm.quote(
+        config.ak_handle,
+        sorted(set(ev.BOOT_PCRS) | {23}),
+        ev.quote_qualifier(e.pak, e.runtime, e.epoch, e.epoch_start_ms),
+    )
     from cove.attest.tpm_structs import parse_pcr_file
 
-    forged = resign(paths, evidence_of_without_refresh(paths), attest=attest, signature=signature,
-                    pcrs=parse_pcr_file(pcr_file))
+    forged = resign(
+        paths, evidence_of_without_refresh(paths), attest=attest, signature=signature, pcrs=parse_pcr_file(pcr_file)
+    )
     with pytest.raises(VerificationError, match="PCR sha256:23 does not hold the runtime and platform key"):
         verify_cove_evidence(forged, datetime.now(timezone.utc), ek_roots=ek_root(paths), ak_roots=ak_root(paths))
     # The monitor notices and opens a new epoch before signing again.
@@ -174,7 +189,8 @@ def test_quote_from_another_tpm_is_rejected(shared_ca_pair):
     cases = {
         "quote signature invalid": dict(attest=tb["attest"], signature=tb["signature"], pcrs=tb["pcrs"]),
         "AK certificate binds the AK to another TPM's EK": dict(
-            attest=tb["attest"], signature=tb["signature"], pcrs=tb["pcrs"], ak=tb["ak"], ak_chain=tb["ak_chain"]),
+            attest=tb["attest"], signature=tb["signature"], pcrs=tb["pcrs"], ak=tb["ak"], ak_chain=tb["ak_chain"]
+        ),
         "extraData does not match": dict(tb),
         "AK certificate is for another attestation key": dict(ak=tb["ak"]),
     }

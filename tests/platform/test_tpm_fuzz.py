@@ -53,10 +53,16 @@ def _mutate(value, pos: int, byte: int, cut: int):
     return bytes(data[: max(1, cut % (len(data) + 1))]) if cut else bytes(data)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(FIELDS), st.integers(0, 1 << 20), st.integers(1, 255), st.integers(0, 4000),
-       st.sampled_from([0, 1, 2, 3, 7, 8, 16, 23]))
+@settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.sampled_from(FIELDS),
+    st.integers(0, 1 << 20),
+    st.integers(1, 255),
+    st.integers(0, 4000),
+    st.sampled_from([0, 1, 2, 3, 7, 8, 16, 23]),
+)
 def test_mutated_tpm_endorsements(platform, field, pos, byte, cut, pcr):
     key, emap, roots = platform
     tpm = dict(emap["tpm"])

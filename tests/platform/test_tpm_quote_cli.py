@@ -24,13 +24,27 @@ def test_tpm_quote_with_event_log(cove, tpm_platforms, tmp_path):
         tpm.extend(pcr, hashlib.sha256(data).digest())
     nonce = os.urandom(20)
     attest, signature, pcr_file = tpm.quote(config.ak_handle, list(range(8)), nonce)
-    files = {"attest.bin": attest, "sig.bin": signature, "pcrs.bin": pcr_file, "ak.pub": paths.ak_public.read_bytes(),
-             "log.bin": log(BOOT, banks=("sha256",)), "bad-log.bin": log(BOOT[:-1], banks=("sha256",))}
+    files = {
+        "attest.bin": attest,
+        "sig.bin": signature,
+        "pcrs.bin": pcr_file,
+        "ak.pub": paths.ak_public.read_bytes(),
+        "log.bin": log(BOOT, banks=("sha256",)),
+        "bad-log.bin": log(BOOT[:-1], banks=("sha256",)),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     common = ["--tpm-sig", tmp_path / "sig.bin", "--tpm-pcrs", tmp_path / "pcrs.bin", "--ak", tmp_path / "ak.pub"]
-    ok = cove("verify", tmp_path / "attest.bin", *common, "--nonce", nonce.hex(), "--event-log",
-              tmp_path / "log.bin", "--json")
+    ok = cove(
+        "verify",
+        tmp_path / "attest.bin",
+        *common,
+        "--nonce",
+        nonce.hex(),
+        "--event-log",
+        tmp_path / "log.bin",
+        "--json",
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["evidence_type"] == "tpm" and result["accepted"]

@@ -15,8 +15,13 @@ def test_private_root_of_a_killed_launcher_is_removed(cove, probe, tmp_path):
     runtime.mkdir()
     env = {"COVE_RUNTIME_DIR": str(runtime)}
     root = make_instance(cove, tmp_path, probe)
-    proc = subprocess.Popen([*cove.popen_args("run", "/bin/probe", "wait")], cwd=root,
-                            env=dict(cove.env, **env), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cove.popen_args("run", "/bin/probe", "wait")],
+        cwd=root,
+        env=dict(cove.env, **env),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline() == "ready\n"
     leftovers = [p for p in runtime.iterdir() if p.name.startswith("cove-enclave-")]
     assert len(leftovers) == 1 and (leftovers[0] / "root" / "bin" / "probe").exists()

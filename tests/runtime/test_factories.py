@@ -25,10 +25,13 @@ def test_each_factory_resolves(spec):
     assert callable(resolve(spec))
 
 
-@pytest.mark.parametrize("per_run, node", [
-    (supervisor.PER_RUN_ATTESTATION, supervisor.ATTESTATION),
-    (launch.PER_RUN_ATTESTATION, launch.NODE_ATTESTATION),
-])
+@pytest.mark.parametrize(
+    "per_run, node",
+    [
+        (supervisor.PER_RUN_ATTESTATION, supervisor.ATTESTATION),
+        (launch.PER_RUN_ATTESTATION, launch.NODE_ATTESTATION),
+    ],
+)
 def test_the_node_attestation_swap_names_real_factories(per_run, node):
     assert per_run in enclave_services.FACTORIES
     assert callable(resolve(node))

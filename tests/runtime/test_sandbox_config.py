@@ -43,14 +43,17 @@ def test_the_id_range_comes_from_subordinate_ids(tmp_path, monkeypatch):
     assert ids.inside(0, 0) == (0, 0)  # host root stays host root: never in the range
 
 
-@pytest.mark.parametrize("subuid, env, message", [
-    ("", None, "has no cove entry"),
-    ("cove:0:65536\n", None, "must start above 0"),
-    ("cove:100000:10\n", None, "at least 65536"),
-    ("cove:x:65536\n", None, "not NAME:START:COUNT"),
-    ("", "0:65536", "must start above 0"),
-    ("", "abc", "must be START:COUNT"),
-])
+@pytest.mark.parametrize(
+    "subuid, env, message",
+    [
+        ("", None, "has no cove entry"),
+        ("cove:0:65536\n", None, "must start above 0"),
+        ("cove:100000:10\n", None, "at least 65536"),
+        ("cove:x:65536\n", None, "not NAME:START:COUNT"),
+        ("", "0:65536", "must start above 0"),
+        ("", "abc", "must be START:COUNT"),
+    ],
+)
 def test_a_missing_or_hostile_id_range_is_refused(tmp_path, monkeypatch, subuid, env, message):
     (tmp_path / "subuid").write_text(subuid)
     (tmp_path / "subgid").write_text("cove:100000:65536\n")

@@ -103,13 +103,16 @@ def _extra_key(d: dict[str, Any]) -> None:
     d["vtpm"]["extra"] = b""
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (_strip, "vm report without its vTPM quote"),
-    (_other_pcr_value, "vTPM PCR digest mismatch"),
-    (_flip_attest, "signature"),
-    (_other_launch, "vTPM statement signature"),
-    (_extra_key, "unknown field"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_strip, "vm report without its vTPM quote"),
+        (_other_pcr_value, "vTPM PCR digest mismatch"),
+        (_flip_attest, "signature"),
+        (_other_launch, "vTPM statement signature"),
+        (_extra_key, "unknown field"),
+    ],
+)
 def test_altered_vtpm_quote_refused(signer: ReportSigner, vtpm: Vtpm, change: Any, message: str) -> None:
     with pytest.raises(VerificationError, match=message):
         verify_cove_evidence(edit(vm_evidence(signer, vtpm), change), now())
@@ -131,10 +134,12 @@ def test_sim_report_with_a_vtpm_quote_refused(signer: ReportSigner, vtpm: Vtpm) 
 def test_launch_measurement_policy(signer: ReportSigner, vtpm: Vtpm, tmp_path: Path) -> None:
     vm = appraisal(verify_cove_evidence(vm_evidence(signer, vtpm), now()))
     sim = appraisal(verify_cove_evidence(signer.evidence(claims("sim"), b"\x03" * 64), now()))
+
     def policy(launch: bytes) -> Any:
         path = tmp_path / "policy.toml"
         path.write_text(f'[cove]\nself_certified = true\nlaunch_measurements = ["{launch.hex()}"]\n')
         return parse_policy(path.read_text())
+
     assert evaluate(policy(LAUNCH), vm).accepted
     refused = evaluate(policy(bytes(32)), vm)
     assert not refused.accepted and any("vm launch measurement" in r for r in refused.reasons)

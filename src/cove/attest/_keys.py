@@ -16,7 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cove.attest.errors import VerificationError
 
-HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 
 
 def load_public_key(data: bytes | str, kind: str, what: str) -> PublicKeyTypes:
@@ -54,7 +59,9 @@ def verify_ecdsa(key: PublicKeyTypes, signature_der: bytes, data: bytes, hash_na
         raise VerificationError(f"{kind}: {what} signature invalid") from None
 
 
-def verify_rsa(key: PublicKeyTypes, signature: bytes, data: bytes, hash_name: str, pss: bool, kind: str, what: str) -> None:
+def verify_rsa(
+    key: PublicKeyTypes, signature: bytes, data: bytes, hash_name: str, pss: bool, kind: str, what: str
+) -> None:
     """RSA PKCS#1 v1.5 or PSS verify or raise '<kind>: <what> signature invalid'."""
     if not isinstance(key, rsa.RSAPublicKey):
         raise VerificationError(f"{kind}: {what} needs an RSA key, got {type(key).__name__}")

@@ -29,8 +29,7 @@ class Reader:
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise VerificationError(
-                f"{self.kind}: truncated at {what} (needs {n} bytes at offset {self.pos}, "
-                f"{self.remaining()} left)"
+                f"{self.kind}: truncated at {what} (needs {n} bytes at offset {self.pos}, {self.remaining()} left)"
             )
         out = self.data[self.pos : self.pos + n]
         self.pos += n

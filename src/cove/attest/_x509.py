@@ -28,8 +28,13 @@ from cove.attest.errors import VerificationError
 # What cryptography documents for malformed certificates and CRLs: bad DER or PEM, an unknown
 # version, a repeated extension, an unsupported name or key type. Untrusted input that raises one of
 # these is a rejection; anything else is a bug and must surface.
-PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, x509.InvalidVersion, x509.DuplicateExtension,
-                                             x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
 
 
 def utc(now: datetime, kind: str) -> datetime:
@@ -102,11 +107,13 @@ def _pem_cached(pem: bytes) -> tuple[x509.Certificate, ...]:
 def check_validity(cert: x509.Certificate, now: datetime, kind: str, what: str | None = None) -> None:
     """Reject a certificate outside its notBefore/notAfter window."""
     if now < cert.not_valid_before_utc:
-        raise VerificationError(f"{kind}: {what or _name(cert)} certificate not valid before "
-                                f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise VerificationError(
+            f"{kind}: {what or _name(cert)} certificate not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
     if now > cert.not_valid_after_utc:
-        raise VerificationError(f"{kind}: {what or _name(cert)} certificate expired at "
-                                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise VerificationError(
+            f"{kind}: {what or _name(cert)} certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
 
 
 def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str, what: str | None = None) -> None:
@@ -116,7 +123,9 @@ def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, kind: str,
     except InvalidSignature:
         raise VerificationError(f"{kind}: {what or _name(cert)} certificate signature invalid") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise VerificationError(f"{kind}: {what or _name(cert)} certificate is not issued by {_name(issuer)} ({exc})") from None
+        raise VerificationError(
+            f"{kind}: {what or _name(cert)} certificate is not issued by {_name(issuer)} ({exc})"
+        ) from None
 
 
 def check_ca(issuer: x509.Certificate, below: int, kind: str) -> None:
@@ -132,8 +141,10 @@ def check_ca(issuer: x509.Certificate, below: int, kind: str) -> None:
     if not constraints.ca:
         raise VerificationError(f"{kind}: {name} issued a certificate but is not a CA (BasicConstraints cA=false)")
     if constraints.path_length is not None and below > constraints.path_length:
-        raise VerificationError(f"{kind}: {name} has {below} CA certificate(s) below it, more than its path "
-                                f"length {constraints.path_length}")
+        raise VerificationError(
+            f"{kind}: {name} has {below} CA certificate(s) below it, more than its path "
+            f"length {constraints.path_length}"
+        )
     try:
         usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
@@ -146,12 +157,20 @@ def check_shape(chain: Sequence[x509.Certificate], shape: Sequence[str], kind: s
     """Leaf-first ``chain`` (root included) must have one certificate per pattern, each CN matching its pattern."""
     names = [_name(c) for c in chain]
     if len(chain) != len(shape) or not all(re.fullmatch(p, n) for p, n in zip(shape, names)):
-        raise VerificationError(f"{kind}: {what} chain is {' <- '.join(reversed(names))[:300]}, not the vendor's "
-                                f"shape {' <- '.join(reversed(shape))}")
+        raise VerificationError(
+            f"{kind}: {what} chain is {' <- '.join(reversed(names))[:300]}, not the vendor's "
+            f"shape {' <- '.join(reversed(shape))}"
+        )
 
 
-def check_chain(chain: Sequence[x509.Certificate], root: x509.Certificate, now: datetime, kind: str,
-                shape: Sequence[str] | None = None, what: str = "certificate") -> None:
+def check_chain(
+    chain: Sequence[x509.Certificate],
+    root: x509.Certificate,
+    now: datetime,
+    kind: str,
+    shape: Sequence[str] | None = None,
+    what: str = "certificate",
+) -> None:
     """Leaf-first ``chain`` must end in ``root`` (byte-equal), each link signed by a CA and in date.
 
     ``shape``: the common-name patterns of the whole chain, leaf first, root last.
@@ -177,9 +196,14 @@ def der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
-                       now: datetime, kind: str, what: str,
-                       shape: Sequence[str] | None = None) -> x509.Certificate:
+def check_chain_to_any(
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    now: datetime,
+    kind: str,
+    what: str,
+    shape: Sequence[str] | None = None,
+) -> x509.Certificate:
     """Leaf-first ``chain`` must end in (or be issued by) one of ``roots``; returns that root.
 
     Roots are tried by name, then by signature: two CAs may share a name.
@@ -197,6 +221,8 @@ def check_chain_to_any(chain: Sequence[x509.Certificate], roots: Sequence[x509.C
                 problem = exc
                 if "signature invalid" not in exc.message and "is not issued by" not in exc.message:
                     raise
-    raise VerificationError(f"{kind}: {what} chain is not rooted in a trusted CA (it ends in "
-                            f"{top.issuer.rfc4514_string()[:120]}{', whose key differs' if problem else ''})",
-                            "add its CA to the policy, or check where the evidence came from")
+    raise VerificationError(
+        f"{kind}: {what} chain is not rooted in a trusted CA (it ends in "
+        f"{top.issuer.rfc4514_string()[:120]}{', whose key differs' if problem else ''})",
+        "add its CA to the policy, or check where the evidence came from",
+    )

@@ -47,19 +47,22 @@ def check_ak_attributes(ak: TpmPublic, kind: str = "tpm") -> None:
     """An AK must be a restricted signing key generated in and fixed to its TPM."""
     missing = AK_REQUIRED & ~ak.object_attributes
     if missing or ak.object_attributes & DECRYPT:
-        raise VerificationError(f"{kind}: attestation key attributes 0x{ak.object_attributes:08x} are not those of an AK "
-                                "(restricted, sign, fixedTPM, fixedParent, sensitiveDataOrigin, not decrypt)")
+        raise VerificationError(
+            f"{kind}: attestation key attributes 0x{ak.object_attributes:08x} are not those of an AK "
+            "(restricted, sign, fixedTPM, fixedParent, sensitiveDataOrigin, not decrypt)"
+        )
 
 
 def ak_binding(cert: x509.Certificate, kind: str = "cove") -> tuple[bytes, bytes]:
     """(AK TPM Name, SHA-256 of the EK certificate) named by an AK certificate."""
     try:
-        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
-            .get_values_for_type(x509.UniformResourceIdentifier)
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
     except x509.ExtensionNotFound:
         raise VerificationError(f"{kind}: AK certificate has no subjectAltName binding it to a TPM") from None
-    name = [u[len(AK_NAME_URI):] for u in uris if u.startswith(AK_NAME_URI)]
-    ek = [u[len(EK_CERT_URI):] for u in uris if u.startswith(EK_CERT_URI)]
+    name = [u[len(AK_NAME_URI) :] for u in uris if u.startswith(AK_NAME_URI)]
+    ek = [u[len(EK_CERT_URI) :] for u in uris if u.startswith(EK_CERT_URI)]
     if len(name) != 1 or len(ek) != 1:
         raise VerificationError(f"{kind}: AK certificate must name exactly one AK and one EK certificate")
     try:
@@ -111,16 +114,19 @@ class AkCa:
             cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
             roots = (directory / "ek-roots.pem").read_bytes()
         except FileNotFoundError as exc:
-            raise CoveError(f"AK CA {directory}: {Path(exc.filename).name} is missing",
-                            "create one with `cove platform ak-ca DIR --ek-roots FILE`") from None
+            raise CoveError(
+                f"AK CA {directory}: {Path(exc.filename).name} is missing",
+                "create one with `cove platform ak-ca DIR --ek-roots FILE`",
+            ) from None
         except (OSError, ValueError) as exc:
             raise CoveError(f"AK CA {directory}: cannot load: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CoveError(f"AK CA {directory}: ca.key is not an EC key")
         return cls(key, cert, roots)
 
-    def challenge(self, ek_chain: Sequence[bytes], ak_public: bytes, now: datetime,
-                  ek_public: bytes | None = None) -> Challenge:
+    def challenge(
+        self, ek_chain: Sequence[bytes], ak_public: bytes, now: datetime, ek_public: bytes | None = None
+    ) -> Challenge:
         """Check the EK chain and AK, and encrypt a fresh secret to the EK for the AK's Name."""
         now = utc(now, "tpm")
         certs = [load_der_cert(c, "tpm", "EK chain certificate") for c in ek_chain]
@@ -147,11 +153,12 @@ class AkCa:
         challenge._secret = b""  # one answer per challenge
         now = utc(now, "tpm")
         ak = challenge.ak
-        san = [x509.UniformResourceIdentifier(AK_NAME_URI + ak.name.hex()),
-               x509.UniformResourceIdentifier(EK_CERT_URI + hashlib.sha256(challenge.ek_cert).hexdigest())]
+        san = [
+            x509.UniformResourceIdentifier(AK_NAME_URI + ak.name.hex()),
+            x509.UniformResourceIdentifier(EK_CERT_URI + hashlib.sha256(challenge.ek_cert).hexdigest()),
+        ]
         key = public_key(ak)
         if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):  # a TPM key is one of the two
             raise VerificationError(f"tpm: an AK of unsupported type {type(key).__name__}")
-        cert = certs.issue_leaf(self.key, self.cert, key, f"Cove AK {ak.name.hex()[4:20]}",
-                                days=days, now=now, san=san)
+        cert = certs.issue_leaf(self.key, self.cert, key, f"Cove AK {ak.name.hex()[4:20]}", days=days, now=now, san=san)
         return (cert.public_bytes(serialization.Encoding.DER), der(self.cert))

@@ -91,15 +91,31 @@ def from_dcap(claims: DcapClaims) -> Appraisal:
     body = claims.body
     if isinstance(body, EnclaveReport):  # an SGX quote; a TDX quote's body is a TdReport
         return Appraisal(
-            evidence_type="sgx", measurement=body.mr_enclave, signer=body.mr_signer,
-            product_id=body.isv_prod_id, svn=body.isv_svn, debug=body.attributes_decoded.debug,
-            backend="sgx", isolation="CPU (Intel SGX)", tcb_status=claims.tcb_status,
-            report_data=claims.report_data, platform_root="intel", claims=_dcap_claims(claims))
+            evidence_type="sgx",
+            measurement=body.mr_enclave,
+            signer=body.mr_signer,
+            product_id=body.isv_prod_id,
+            svn=body.isv_svn,
+            debug=body.attributes_decoded.debug,
+            backend="sgx",
+            isolation="CPU (Intel SGX)",
+            tcb_status=claims.tcb_status,
+            report_data=claims.report_data,
+            platform_root="intel",
+            claims=_dcap_claims(claims),
+        )
     return Appraisal(
-        evidence_type="tdx", measurement=body.mr_td, debug=body.td_attributes_decoded.debug,
-        backend="tdx", isolation="CPU (Intel TDX)", tcb_status=claims.tcb_status,
-        report_data=claims.report_data, platform_root="intel", rtmrs=tuple(body.rtmrs),
-        claims=_dcap_claims(claims))
+        evidence_type="tdx",
+        measurement=body.mr_td,
+        debug=body.td_attributes_decoded.debug,
+        backend="tdx",
+        isolation="CPU (Intel TDX)",
+        tcb_status=claims.tcb_status,
+        report_data=claims.report_data,
+        platform_root="intel",
+        rtmrs=tuple(body.rtmrs),
+        claims=_dcap_claims(claims),
+    )
 
 
 def _dcap_claims(claims: DcapClaims) -> dict[str, Any]:
@@ -120,22 +136,46 @@ def _dcap_claims(claims: DcapClaims) -> dict[str, Any]:
 def from_snp(claims: SnpClaims) -> Appraisal:
     """An SEV-SNP report's claims (cove.attest.snp.SnpClaims)."""
     r = claims.report
-    tcb = {"bootloader": r.reported_tcb.bootloader, "tee": r.reported_tcb.tee,
-           "snp": r.reported_tcb.snp, "microcode": r.reported_tcb.microcode}
+    tcb = {
+        "bootloader": r.reported_tcb.bootloader,
+        "tee": r.reported_tcb.tee,
+        "snp": r.reported_tcb.snp,
+        "microcode": r.reported_tcb.microcode,
+    }
     if r.reported_tcb.fmc is not None:
         tcb["fmc"] = r.reported_tcb.fmc
     return Appraisal(
-        evidence_type="snp", measurement=r.measurement, signer=r.id_key_digest, svn=r.guest_svn,
-        debug=r.policy.debug_allowed, backend="snp", isolation="CPU (AMD SEV-SNP)", tcb=tcb,
-        report_data=r.report_data, platform_root="amd",
-        claims={"product": claims.product, "signing_key": claims.signing_key,
-                "endorsement": jsonable(claims.endorsement), "report": jsonable(r)})
+        evidence_type="snp",
+        measurement=r.measurement,
+        signer=r.id_key_digest,
+        svn=r.guest_svn,
+        debug=r.policy.debug_allowed,
+        backend="snp",
+        isolation="CPU (AMD SEV-SNP)",
+        tcb=tcb,
+        report_data=r.report_data,
+        platform_root="amd",
+        claims={
+            "product": claims.product,
+            "signing_key": claims.signing_key,
+            "endorsement": jsonable(claims.endorsement),
+            "report": jsonable(r),
+        },
+    )
 
 
 def from_tpm(claims: TpmQuoteClaims) -> Appraisal:
     """A TPM quote's claims (cove.attest.tpm.TpmQuoteClaims); extraData plays report data."""
     return Appraisal(
-        evidence_type="tpm", report_data=claims.extra_data, pcrs=claims.pcrs, platform_root="tpm",
-        claims={"pcrs": jsonable(claims.pcrs), "extra_data": claims.extra_data.hex(),
-                "clock_info": jsonable(claims.clock_info), "firmware_version": claims.firmware_version,
-                "signature": f"{claims.signature_scheme}/{claims.signature_hash}"})
+        evidence_type="tpm",
+        report_data=claims.extra_data,
+        pcrs=claims.pcrs,
+        platform_root="tpm",
+        claims={
+            "pcrs": jsonable(claims.pcrs),
+            "extra_data": claims.extra_data.hex(),
+            "clock_info": jsonable(claims.clock_info),
+            "firmware_version": claims.firmware_version,
+            "signature": f"{claims.signature_scheme}/{claims.signature_hash}",
+        },
+    )

@@ -63,7 +63,7 @@ def raw_member(text: str, key: str) -> str:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i: j + 1]
+                return text[i : j + 1]
     raise VerificationError(f"collateral: {key} is truncated")
 
 
@@ -80,8 +80,14 @@ def _crl_der(body: bytes) -> bytes:
 class Fetcher:
     """Fetches (and caches) collateral from a PCCS/PCS base URL and an AMD KDS base URL."""
 
-    def __init__(self, pccs: str | None = None, kds: str | None = None, cache_dir: Path | None = None,
-                 ttl: float = 86400, timeout: float = 30):
+    def __init__(
+        self,
+        pccs: str | None = None,
+        kds: str | None = None,
+        cache_dir: Path | None = None,
+        ttl: float = 86400,
+        timeout: float = 30,
+    ):
         self.pccs = pccs.rstrip("/") if pccs else None
         self.kds = kds.rstrip("/") if kds else None
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -112,8 +118,13 @@ class Fetcher:
             reason = getattr(exc, "reason", exc)
             raise VerificationError(f"collateral: cannot reach {url}: {reason}") from None
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(path, json.dumps({"url": url, "fetched": time.time(), "headers": headers,
-                                       "body": base64.b64encode(body).decode()}).encode(), mode=0o600)
+        write_atomic(
+            path,
+            json.dumps(
+                {"url": url, "fetched": time.time(), "headers": headers, "body": base64.b64encode(body).decode()}
+            ).encode(),
+            mode=0o600,
+        )
         return body, headers
 
     @staticmethod
@@ -151,13 +162,17 @@ class Fetcher:
         except (ValueError, KeyError, TypeError):
             raise VerificationError(f"{kind}: collateral responses lack their signatures") from None
         return {
-            "tcb_info": raw_member(tcb_text, "tcbInfo"), "tcb_info_signature": tcb_sig,
+            "tcb_info": raw_member(tcb_text, "tcbInfo"),
+            "tcb_info_signature": tcb_sig,
             "tcb_info_issuer_chain": self._chain(tcb_headers, "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"),
-            "qe_identity": raw_member(qe_text, "enclaveIdentity"), "qe_identity_signature": qe_sig,
-            "qe_identity_issuer_chain": self._chain(qe_headers, "SGX-Enclave-Identity-Issuer-Chain",
-                                                    "Enclave-Identity-Issuer-Chain"),
+            "qe_identity": raw_member(qe_text, "enclaveIdentity"),
+            "qe_identity_signature": qe_sig,
+            "qe_identity_issuer_chain": self._chain(
+                qe_headers, "SGX-Enclave-Identity-Issuer-Chain", "Enclave-Identity-Issuer-Chain"
+            ),
             "pck_crl_issuer_chain": self._chain(crl_headers, "SGX-PCK-CRL-Issuer-Chain"),
-            "pck_crl": _crl_der(crl).hex(), "root_ca_crl": _crl_der(root_crl).hex(),
+            "pck_crl": _crl_der(crl).hex(),
+            "root_ca_crl": _crl_der(root_crl).hex(),
         }
 
     # -- SEV-SNP

@@ -82,20 +82,23 @@ def verify_report_signature(e: ev.Evidence) -> bytes:
     return digest
 
 
-def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem: bytes | str | None, ak_roots_pem: bytes | str | None,
-                now: datetime) -> tuple[TpmQuoteClaims, bytes, bytes, bytes]:
+def _verify_tpm(
+    e: ev.Evidence, digest: bytes, ek_roots_pem: bytes | str | None, ak_roots_pem: bytes | str | None, now: datetime
+) -> tuple[TpmQuoteClaims, bytes, bytes, bytes]:
     t = e.endorsement.tpm
     if t is None:  # the parser refuses a TPM root without it
         raise VerificationError("cove: a TPM-rooted endorsement without its TPM quote")
     if not ek_roots_pem or not ak_roots_pem:
-        raise VerificationError("cove: TPM-rooted evidence needs trusted EK CA and AK CA certificates",
-                                "name them in the policy: [cove] ek_ca and ak_ca")
+        raise VerificationError(
+            "cove: TPM-rooted evidence needs trusted EK CA and AK CA certificates",
+            "name them in the policy: [cove] ek_ca and ak_ca",
+        )
     ek_chain = [load_der_cert(c, "cove", "EK chain certificate") for c in t.ek_chain]
-    ek_root = check_chain_to_any(ek_chain, load_pem_chain(ek_roots_pem, "cove", "trusted EK CA"), now, "cove",
-                                 "EK certificate")
+    ek_root = check_chain_to_any(
+        ek_chain, load_pem_chain(ek_roots_pem, "cove", "trusted EK CA"), now, "cove", "EK certificate"
+    )
     ak_chain = [load_der_cert(c, "cove", "AK chain certificate") for c in t.ak_chain]
-    check_chain_to_any(ak_chain, load_pem_chain(ak_roots_pem, "cove", "trusted AK CA"), now, "cove",
-                       "AK certificate")
+    check_chain_to_any(ak_chain, load_pem_chain(ak_roots_pem, "cove", "trusted AK CA"), now, "cove", "AK certificate")
     ak = parse_public(t.ak)
     check_ak_attributes(ak, "cove")
     name, ek_cert_hash = ak_binding(ak_chain[0])
@@ -105,8 +108,9 @@ def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem: bytes | str | None,
         raise VerificationError("cove: AK certificate binds the AK to another TPM's EK")
     if ak_chain[0].public_key() != public_key(t.ak):
         raise VerificationError("cove: AK certificate key differs from the attestation key")
-    qualifier = ev.quote_qualifier(e.endorsement.pak, e.endorsement.runtime, e.endorsement.epoch,
-                                   e.endorsement.epoch_start_ms)
+    qualifier = ev.quote_qualifier(
+        e.endorsement.pak, e.endorsement.runtime, e.endorsement.epoch, e.endorsement.epoch_start_ms
+    )
     try:
         quote = verify_tpm_quote(t.attest, t.signature, t.pcrs, t.ak, qualifier)
     except VerificationError as exc:
@@ -115,8 +119,10 @@ def _verify_tpm(e: ev.Evidence, digest: bytes, ek_roots_pem: bytes | str | None,
     if value is None:
         raise VerificationError(f"cove: the quote does not cover Cove's PCR sha256:{t.pcr}")
     if not hmac.compare_digest(value, ev.platform_pcr_value(e.endorsement.runtime, digest)):
-        raise VerificationError(f"cove: PCR sha256:{t.pcr} does not hold the runtime and platform key measurements",
-                                "the PCR was extended by something else, or the quote is for another key")
+        raise VerificationError(
+            f"cove: PCR sha256:{t.pcr} does not hold the runtime and platform key measurements",
+            "the PCR was extended by something else, or the quote is for another key",
+        )
     return quote, der(ek_chain[0]), der(ek_root), ak.name
 
 
@@ -128,8 +134,7 @@ def verify_vtpm(e: ev.Evidence) -> tuple[TpmQuoteClaims, bytes, bytes]:
     if v is None:
         raise VerificationError("cove: a vm report without its vTPM quote", "the evidence was truncated or altered")
     key = load_platform_key(e.endorsement.pak)
-    verify_ecdsa(key, v.statement_signature, ev.VTPM_CONTEXT + v.statement_bytes, "sha256", "cove",
-                 "vTPM statement")
+    verify_ecdsa(key, v.statement_signature, ev.VTPM_CONTEXT + v.statement_bytes, "sha256", "cove", "vTPM statement")
     ak = parse_public(v.statement.ak)
     check_ak_attributes(ak, "cove")
     ek = parse_public(v.statement.ek)
@@ -141,13 +146,16 @@ def verify_vtpm(e: ev.Evidence) -> tuple[TpmQuoteClaims, bytes, bytes]:
     if value is None:
         raise VerificationError(f"cove: the vTPM quote does not cover the launch PCR sha256:{v.statement.pcr}")
     if not hmac.compare_digest(value, ev.launch_pcr_value(v.statement.launch)):
-        raise VerificationError(f"cove: vTPM PCR sha256:{v.statement.pcr} does not hold the certified launch "
-                                "measurement", "the vTPM was extended by something else")
+        raise VerificationError(
+            f"cove: vTPM PCR sha256:{v.statement.pcr} does not hold the certified launch measurement",
+            "the vTPM was extended by something else",
+        )
     return quote, ak.name, ek.name
 
 
-def verify_cove_evidence(evidence: bytes, now: datetime, *, ek_roots: bytes | str | None = None,
-                         ak_roots: bytes | str | None = None) -> CoveClaims:
+def verify_cove_evidence(
+    evidence: bytes, now: datetime, *, ek_roots: bytes | str | None = None, ak_roots: bytes | str | None = None
+) -> CoveClaims:
     """Verify Cove evidence at time ``now``; ``ek_roots``/``ak_roots`` are trusted CA PEM bundles.
 
     They are needed only for TPM-rooted evidence. Freshness (nonce, age) and
@@ -165,10 +173,22 @@ def verify_cove_evidence(evidence: bytes, now: datetime, *, ek_roots: bytes | st
         vm = {"launch": e.vtpm.statement.launch, "vtpm": vtpm, "vtpm_ak_name": vtpm_ak, "vtpm_ek_name": vtpm_ek}
     if e.endorsement.root == "tpm":
         quote, ek_cert, ek_root, ak_name = _verify_tpm(e, digest, ek_roots, ak_roots, now)
-        return CoveClaims(e.report, "tpm", digest, e.endorsement.runtime, e.endorsement.epoch,
-                          e.endorsement.epoch_start, quote, ek_cert, ek_root, ak_name, **vm)
-    return CoveClaims(e.report, "self-certified", digest, e.endorsement.runtime, e.endorsement.epoch,
-                      e.endorsement.epoch_start, **vm)
+        return CoveClaims(
+            e.report,
+            "tpm",
+            digest,
+            e.endorsement.runtime,
+            e.endorsement.epoch,
+            e.endorsement.epoch_start,
+            quote,
+            ek_cert,
+            ek_root,
+            ak_name,
+            **vm,
+        )
+    return CoveClaims(
+        e.report, "self-certified", digest, e.endorsement.runtime, e.endorsement.epoch, e.endorsement.epoch_start, **vm
+    )
 
 
 def appraisal(claims: CoveClaims) -> Appraisal:
@@ -176,24 +196,54 @@ def appraisal(claims: CoveClaims) -> Appraisal:
     r = claims.report
     details = {
         "report": jsonable(r) | {"timestamp": jsonable(r.timestamp)},
-        "platform": {"root": claims.root, "platform_key": claims.platform_key.hex(), "runtime": claims.runtime.hex(),
-                     "epoch": claims.epoch.hex(), "epoch_start": jsonable(claims.epoch_start)},
+        "platform": {
+            "root": claims.root,
+            "platform_key": claims.platform_key.hex(),
+            "runtime": claims.runtime.hex(),
+            "epoch": claims.epoch.hex(),
+            "epoch_start": jsonable(claims.epoch_start),
+        },
     }
-    if (claims.quote is not None and claims.ak_name is not None and claims.ek_certificate is not None
-            and claims.ek_root is not None):  # all four, or none: a TPM root
+    if (
+        claims.quote is not None
+        and claims.ak_name is not None
+        and claims.ek_certificate is not None
+        and claims.ek_root is not None
+    ):  # all four, or none: a TPM root
         details["platform"]["tpm"] = {
-            "pcrs": jsonable(claims.quote.pcrs), "ak_name": claims.ak_name.hex(),
+            "pcrs": jsonable(claims.quote.pcrs),
+            "ak_name": claims.ak_name.hex(),
             "ek_certificate_sha256": hashlib.sha256(claims.ek_certificate).hexdigest(),
             "ek_root_sha256": hashlib.sha256(claims.ek_root).hexdigest(),
-            "clock": claims.quote.clock_info.clock, "reset_count": claims.quote.clock_info.reset_count}
+            "clock": claims.quote.clock_info.clock,
+            "reset_count": claims.quote.clock_info.reset_count,
+        }
     if claims.vtpm is not None:
-        details["vtpm"] = {"launch": jsonable(claims.launch), "pcrs": jsonable(claims.vtpm.pcrs),
-                           "ak_name": jsonable(claims.vtpm_ak_name), "ek_name": jsonable(claims.vtpm_ek_name)}
+        details["vtpm"] = {
+            "launch": jsonable(claims.launch),
+            "pcrs": jsonable(claims.vtpm.pcrs),
+            "ak_name": jsonable(claims.vtpm_ak_name),
+            "ek_name": jsonable(claims.vtpm_ek_name),
+        }
     return Appraisal(
-        evidence_type="cove", measurement=r.measurement, signer=r.signer, product_id=r.product_id, svn=r.svn,
-        debug=r.debug, backend=r.backend, isolation=r.isolation, report_data=r.report_data,
-        issued_at=r.timestamp, platform_root=claims.root, platform_key=claims.platform_key,
-        platform_issued_at=claims.epoch_start, runtime=claims.runtime,
+        evidence_type="cove",
+        measurement=r.measurement,
+        signer=r.signer,
+        product_id=r.product_id,
+        svn=r.svn,
+        debug=r.debug,
+        backend=r.backend,
+        isolation=r.isolation,
+        report_data=r.report_data,
+        issued_at=r.timestamp,
+        platform_root=claims.root,
+        platform_key=claims.platform_key,
+        platform_issued_at=claims.epoch_start,
+        runtime=claims.runtime,
         ek_certificate=hashlib.sha256(claims.ek_certificate).digest() if claims.ek_certificate else None,
-        ak_name=claims.ak_name, launch_measurement=claims.launch,
-        pcrs=claims.quote.pcrs if claims.quote else {}, instance_id=r.instance_id, claims=details)
+        ak_name=claims.ak_name,
+        launch_measurement=claims.launch,
+        pcrs=claims.quote.pcrs if claims.quote else {},
+        instance_id=r.instance_id,
+        claims=details,
+    )

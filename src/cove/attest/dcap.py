@@ -59,18 +59,29 @@ def _window(start: datetime, end: datetime | None, now: datetime, kind: str, wha
     if now < start:
         raise VerificationError(f"{kind}: {what} not valid before {_stamp(start)}")
     if end is None or now > end:
-        raise VerificationError(f"{kind}: {what} expired at {_stamp(end) if end else 'an unknown time'}",
-                                "fetch fresh collateral from the PCS/PCCS")
+        raise VerificationError(
+            f"{kind}: {what} expired at {_stamp(end) if end else 'an unknown time'}",
+            "fetch fresh collateral from the PCS/PCCS",
+        )
 
 
-def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime, kind: str, what: str) -> None:
+def _check_crl(
+    crl: x509.CertificateRevocationList, issuer: x509.Certificate, now: datetime, kind: str, what: str
+) -> None:
     if crl.issuer != issuer.subject:
         raise VerificationError(f"{kind}: {what} is not issued by the certificate's CA")
     key = issuer.public_key()
     try:
-        ok = (isinstance(key, (dsa.DSAPublicKey, rsa.RSAPublicKey, ec.EllipticCurvePublicKey,
-                               ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
-              and crl.is_signature_valid(key))
+        ok = isinstance(
+            key,
+            (
+                dsa.DSAPublicKey,
+                rsa.RSAPublicKey,
+                ec.EllipticCurvePublicKey,
+                ed25519.Ed25519PublicKey,
+                ed448.Ed448PublicKey,
+            ),
+        ) and crl.is_signature_valid(key)
     except (ValueError, TypeError, UnsupportedAlgorithm):  # an unsupported or mismatched key or algorithm
         ok = False
     if not ok:
@@ -83,8 +94,16 @@ def _not_revoked(crl: x509.CertificateRevocationList, cert: x509.Certificate, ki
         raise VerificationError(f"{kind}: {what} certificate is revoked")
 
 
-def verify_signed_collateral(raw: bytes, sig: bytes, chain: Sequence[x509.Certificate], root: x509.Certificate,
-                             crl: x509.CertificateRevocationList, now: datetime, kind: str, what: str) -> None:
+def verify_signed_collateral(
+    raw: bytes,
+    sig: bytes,
+    chain: Sequence[x509.Certificate],
+    root: x509.Certificate,
+    crl: x509.CertificateRevocationList,
+    now: datetime,
+    kind: str,
+    what: str,
+) -> None:
     """TCB info or QE identity: signed by an Intel TCB Signing certificate issued by ``root``, not revoked."""
     check_chain(list(chain), root, now, kind, TCB_SIGNING_SHAPE, f"{what} signing")
     _not_revoked(crl, chain[0], kind, f"{what} signing")
@@ -122,9 +141,13 @@ def verify_dcap_quote(
 
     # TCB info and QE identity: signed by Intel's TCB signing key, in date, for this platform.
     info, ident = col.tcb_info, col.qe_identity
-    verify_signed_collateral(info.raw, col.tcb_info_signature, col.tcb_info_chain, root, col.root_ca_crl, now, kind, "TCB info")
+    verify_signed_collateral(
+        info.raw, col.tcb_info_signature, col.tcb_info_chain, root, col.root_ca_crl, now, kind, "TCB info"
+    )
     _window(info.issue_date, info.next_update, now, kind, "TCB info")
-    verify_signed_collateral(ident.raw, col.qe_identity_signature, col.qe_identity_chain, root, col.root_ca_crl, now, kind, "QE identity")
+    verify_signed_collateral(
+        ident.raw, col.qe_identity_signature, col.qe_identity_chain, root, col.root_ca_crl, now, kind, "QE identity"
+    )
     _window(ident.issue_date, ident.next_update, now, kind, "QE identity")
     if info.id != kind.upper():
         raise VerificationError(f"{kind}: TCB info is for {info.id}, not {kind.upper()}")
@@ -149,15 +172,24 @@ def verify_dcap_quote(
 
     verdict = appraise(info, ident, pck, qe, parsed.body if isinstance(parsed.body, TdReport) else None, kind)
     return DcapClaims(
-        tee=kind, quote=parsed, body=parsed.body, report_data=parsed.body.report_data,
-        tcb_status=verdict.status, advisory_ids=verdict.advisory_ids, tcb_date=verdict.tcb_date,
-        platform_status=verdict.platform_status, qe_status=verdict.qe_status,
-        tdx_module_status=verdict.tdx_module_status, fmspc=pck.fmspc, pck=pck,
+        tee=kind,
+        quote=parsed,
+        body=parsed.body,
+        report_data=parsed.body.report_data,
+        tcb_status=verdict.status,
+        advisory_ids=verdict.advisory_ids,
+        tcb_date=verdict.tcb_date,
+        platform_status=verdict.platform_status,
+        qe_status=verdict.qe_status,
+        tdx_module_status=verdict.tdx_module_status,
+        fmspc=pck.fmspc,
+        pck=pck,
     )
 
 
-def verify_sgx_quote(quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes,
-                     root_ca_pem: bytes | str, now: datetime) -> DcapClaims:
+def verify_sgx_quote(
+    quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes, root_ca_pem: bytes | str, now: datetime
+) -> DcapClaims:
     """As :func:`verify_dcap_quote`, refusing anything but an SGX quote."""
     claims = verify_dcap_quote(quote, collateral, root_ca_pem, now)
     if claims.tee != "sgx":
@@ -165,8 +197,9 @@ def verify_sgx_quote(quote: bytes, collateral: DcapCollateral | dict[str, Any] |
     return claims
 
 
-def verify_tdx_quote(quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes,
-                     root_ca_pem: bytes | str, now: datetime) -> DcapClaims:
+def verify_tdx_quote(
+    quote: bytes, collateral: DcapCollateral | dict[str, Any] | str | bytes, root_ca_pem: bytes | str, now: datetime
+) -> DcapClaims:
     """As :func:`verify_dcap_quote`, refusing anything but a TDX quote."""
     claims = verify_dcap_quote(quote, collateral, root_ca_pem, now)
     if claims.tee != "tdx":

@@ -18,8 +18,13 @@ from cove.attest.errors import VerificationError
 from cove.decode import Fields, decode_json
 
 TCB_STATUSES = (
-    "UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate", "OutOfDateConfigurationNeeded", "Revoked",
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
 )
 
 
@@ -131,9 +136,12 @@ def _advisories(f: Fields) -> tuple[str, ...]:
 
 
 def _isv_levels(f: Fields) -> tuple[IsvLevel, ...]:
-    return tuple(IsvLevel(_svn(lv.sub("tcb"), "isvsvn"), _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES),
-                          _advisories(lv))
-                 for lv in f.maps("tcbLevels", min_items=1))
+    return tuple(
+        IsvLevel(
+            _svn(lv.sub("tcb"), "isvsvn"), _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES), _advisories(lv)
+        )
+        for lv in f.maps("tcbLevels", min_items=1)
+    )
 
 
 def _components(tcb: Fields, key: str) -> tuple[int, ...]:
@@ -148,8 +156,9 @@ def _tcb_level(lv: Fields, version: int, tdx: bool) -> TcbLevel:
     else:
         sgx = tuple(_svn(tcb, f"sgxtcbcomp{i:02d}svn") for i in range(1, 17))
         tdx_c = None
-    return TcbLevel(sgx, _svn(tcb, "pcesvn"), tdx_c, _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES),
-                    _advisories(lv))
+    return TcbLevel(
+        sgx, _svn(tcb, "pcesvn"), tdx_c, _date(lv, "tcbDate"), lv.text("tcbStatus", TCB_STATUSES), _advisories(lv)
+    )
 
 
 def _module(m: Fields, levels: bool) -> TdxModuleIdentity:
@@ -171,9 +180,14 @@ def parse_tcb_info(raw: str | bytes, kind: str = "dcap") -> TcbInfo:
     tdx = tid == "TDX"
     module = d.sub("tdxModule", optional=True)
     return TcbInfo(
-        id=tid, version=version, issue_date=_date(d, "issueDate"), next_update=_date(d, "nextUpdate"),
-        fmspc=d.hex("fmspc", 6), pce_id=d.hex("pceId", 2),
-        tcb_type=d.integer("tcbType", default=0), evaluation_data_number=d.integer("tcbEvaluationDataNumber", default=0),
+        id=tid,
+        version=version,
+        issue_date=_date(d, "issueDate"),
+        next_update=_date(d, "nextUpdate"),
+        fmspc=d.hex("fmspc", 6),
+        pce_id=d.hex("pceId", 2),
+        tcb_type=d.integer("tcbType", default=0),
+        evaluation_data_number=d.integer("tcbEvaluationDataNumber", default=0),
         levels=tuple(_tcb_level(lv, version, tdx) for lv in d.maps("tcbLevels", min_items=1)),
         tdx_module=_module(module, False) if module is not None else None,
         tdx_module_identities=tuple(_module(m, True) for m in d.maps("tdxModuleIdentities", default=())),
@@ -188,13 +202,19 @@ def parse_qe_identity(raw: str | bytes, kind: str = "dcap") -> QeIdentity:
     if qid not in ("QE", "TD_QE") or version != 2:
         raise d.error(f"QE identity id {qid[:40]!r} version {version} is not supported")
     return QeIdentity(
-        id=qid, version=version, issue_date=_date(d, "issueDate"), next_update=_date(d, "nextUpdate"),
+        id=qid,
+        version=version,
+        issue_date=_date(d, "issueDate"),
+        next_update=_date(d, "nextUpdate"),
         evaluation_data_number=d.integer("tcbEvaluationDataNumber", default=0),
         miscselect=int.from_bytes(d.hex("miscselect", 4), "big"),
         miscselect_mask=int.from_bytes(d.hex("miscselectMask", 4), "big"),
-        attributes=d.hex("attributes", 16), attributes_mask=d.hex("attributesMask", 16),
-        mrsigner=d.hex("mrsigner", 32), isv_prod_id=_svn(d, "isvprodid"),
-        levels=_isv_levels(d), raw=data,
+        attributes=d.hex("attributes", 16),
+        attributes_mask=d.hex("attributesMask", 16),
+        mrsigner=d.hex("mrsigner", 32),
+        isv_prod_id=_svn(d, "isvprodid"),
+        levels=_isv_levels(d),
+        raw=data,
     )
 
 

@@ -18,9 +18,7 @@ TEE_SGX, TEE_TDX = 0x00000000, 0x00000081
 ATT_KEY_ECDSA_P256 = 2
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 CERT_PCK_CHAIN, CERT_QE_REPORT = 5, 6
-_PEM_CHAIN = re.compile(
-    rb"(\s*-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----)+\s*"
-)
+_PEM_CHAIN = re.compile(rb"(\s*-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----)+\s*")
 SGX_REPORT_SIZE, TD10_SIZE, TD15_SIZE = 384, 584, 648
 
 
@@ -140,12 +138,30 @@ def parse_enclave_report(raw: bytes, kind: str) -> EnclaveReport:
     r.end("report body")
     flags = int.from_bytes(attrs[:8], "little")
     decoded = SgxAttributes(
-        debug=bool(flags & 2), mode64bit=bool(flags & 4), provision_key=bool(flags & 16),
-        einit_token_key=bool(flags & 32), kss=bool(flags & 128), flags=flags,
+        debug=bool(flags & 2),
+        mode64bit=bool(flags & 4),
+        provision_key=bool(flags & 16),
+        einit_token_key=bool(flags & 32),
+        kss=bool(flags & 128),
+        flags=flags,
         xfrm=int.from_bytes(attrs[8:], "little"),
     )
-    return EnclaveReport(cpu_svn, misc, ext_prod, attrs, decoded, mr_enclave, mr_signer, config_id,
-                         prod, svn, csvn, family, report_data, raw)
+    return EnclaveReport(
+        cpu_svn,
+        misc,
+        ext_prod,
+        attrs,
+        decoded,
+        mr_enclave,
+        mr_signer,
+        config_id,
+        prod,
+        svn,
+        csvn,
+        family,
+        report_data,
+        raw,
+    )
 
 
 def parse_td_report(raw: bytes, kind: str) -> TdReport:
@@ -162,8 +178,23 @@ def parse_td_report(raw: bytes, kind: str) -> TdReport:
     r.end("TD report body")
     v = int.from_bytes(td_attrs, "little")
     decoded = TdAttributes(bool(v & 1), bool(v >> 28 & 1), bool(v >> 30 & 1), bool(v >> 31 & 1), bool(v >> 63 & 1), v)
-    return TdReport(tee_tcb_svn, mr_seam, mr_signer_seam, seam_attrs, td_attrs, decoded, xfam, mr_td, cfg,
-                    owner, owner_cfg, rtmrs, report_data, svn2, mr_service)
+    return TdReport(
+        tee_tcb_svn,
+        mr_seam,
+        mr_signer_seam,
+        seam_attrs,
+        td_attrs,
+        decoded,
+        xfam,
+        mr_td,
+        cfg,
+        owner,
+        owner_cfg,
+        rtmrs,
+        report_data,
+        svn2,
+        mr_service,
+    )
 
 
 def _pck_chain(r: Reader, kind: str) -> bytes:
@@ -195,8 +226,9 @@ def parse_dcap_quote(data: bytes) -> DcapQuote:
     if kind is None:
         raise VerificationError(f"dcap: unknown TEE type 0x{tee:08x}")
     r.kind = kind
-    header = QuoteHeader(version, key_type, tee, r.u16("qe_svn"), r.u16("pce_svn"),
-                         r.take(16, "qe_vendor_id"), r.take(20, "user_data"))
+    header = QuoteHeader(
+        version, key_type, tee, r.u16("qe_svn"), r.u16("pce_svn"), r.take(16, "qe_vendor_id"), r.take(20, "user_data")
+    )
     if version not in (3, 4, 5) or (kind == "tdx" and version == 3):
         raise VerificationError(f"{kind}: quote version {version} not supported")
     if key_type != ATT_KEY_ECDSA_P256:

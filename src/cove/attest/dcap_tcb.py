@@ -32,7 +32,10 @@ def _and(a: bytes, b: bytes) -> bytes:
 def platform_level(info: TcbInfo, pck: PckExtension, td: TdReport | None, kind: str) -> TcbLevel:
     """The first (highest) level whose every SVN the platform meets."""
     for level in info.levels:
-        if any(have < need for have, need in zip(pck.tcb_components, level.sgx_components)) or pck.pce_svn < level.pce_svn:
+        if (
+            any(have < need for have, need in zip(pck.tcb_components, level.sgx_components))
+            or pck.pce_svn < level.pce_svn
+        ):
             continue
         if td is not None:
             if level.tdx_components is None:
@@ -78,7 +81,9 @@ def qe_level(identity: QeIdentity, qe: EnclaveReport, kind: str) -> IsvLevel:
     if qe.mr_signer != identity.mrsigner:
         raise VerificationError(f"{kind}: QE MRSIGNER does not match the QE identity")
     if qe.isv_prod_id != identity.isv_prod_id:
-        raise VerificationError(f"{kind}: QE ISVPRODID {qe.isv_prod_id} does not match the QE identity's {identity.isv_prod_id}")
+        raise VerificationError(
+            f"{kind}: QE ISVPRODID {qe.isv_prod_id} does not match the QE identity's {identity.isv_prod_id}"
+        )
     if qe.misc_select & identity.miscselect_mask != identity.miscselect & identity.miscselect_mask:
         raise VerificationError(f"{kind}: QE MISCSELECT does not match the QE identity")
     if _and(qe.attributes, identity.attributes_mask) != _and(identity.attributes, identity.attributes_mask):
@@ -118,5 +123,11 @@ def appraise(
     advisories += qe_lv.advisory_ids
     if status == "Revoked":
         raise VerificationError(f"{kind}: platform TCB is Revoked", ", ".join(dict.fromkeys(advisories)) or None)
-    return TcbVerdict(status, tuple(dict.fromkeys(advisories)), level.tcb_date.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                      level.status, qe_lv.status, module_status)
+    return TcbVerdict(
+        status,
+        tuple(dict.fromkeys(advisories)),
+        level.tcb_date.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        level.status,
+        qe_lv.status,
+        module_status,
+    )

@@ -33,8 +33,10 @@ ALG = "ES256"
 VALIDITY = 3600  # seconds a token stays valid
 # AR4SI trustworthiness tiers
 TIERS = {"affirming": 2, "warning": 32, "contraindicated": 96, "none": 0}
-VECTOR_CLAIMS = {"enclave": ("instance-identity", "configuration", "executables"),
-                 "platform": ("hardware", "runtime-opaque")}
+VECTOR_CLAIMS = {
+    "enclave": ("instance-identity", "configuration", "executables"),
+    "platform": ("hardware", "runtime-opaque"),
+}
 
 
 class TokenError(CoveError):
@@ -47,8 +49,9 @@ class VerifierKey:
     """The verifier's signing key and its key id (the JWK thumbprint)."""
 
     def __init__(self, private: ec.EllipticCurvePrivateKey):
-        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         self.jwk = ECKey.import_key(pem)
         self.kid = self.jwk.thumbprint()
 
@@ -65,8 +68,13 @@ class VerifierKey:
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             key = ec.generate_private_key(ec.SECP256R1())
-            write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()), mode=0o600)
+            write_atomic(
+                path,
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+                mode=0o600,
+            )
         except (OSError, ValueError) as exc:
             raise CoveError(f"verifier key {path}: cannot load: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
@@ -86,17 +94,28 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def claims(appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = None,
-           issued_at: int | None = None, validity: int = VALIDITY) -> dict[str, Any]:
+def claims(
+    appraisal: Appraisal,
+    result: PolicyResult,
+    *,
+    nonce: bytes | None = None,
+    issued_at: int | None = None,
+    validity: int = VALIDITY,
+) -> dict[str, Any]:
     """The EAR claims set for one appraisal."""
     iat = int(time.time()) if issued_at is None else issued_at
     submods: dict[str, Any] = {}
     for component, status in result.components.items():
         vector = {name: TIERS[status] for name in VECTOR_CLAIMS.get(component, ())}
-        submods[component] = {"ear.status": status, "ear.trustworthiness-vector": vector,
-                              "ear.appraisal-policy-id": result.policy_id}
+        submods[component] = {
+            "ear.status": status,
+            "ear.trustworthiness-vector": vector,
+            "ear.appraisal-policy-id": result.policy_id,
+        }
     out: dict[str, Any] = {
-        "eat_profile": PROFILE, "iat": iat, "exp": iat + validity,
+        "eat_profile": PROFILE,
+        "iat": iat,
+        "exp": iat + validity,
         "ear.verifier-id": {"developer": "cove", "build": f"cove {__version__}"},
         "submods": submods,
         "cove.evidence-type": appraisal.evidence_type,
@@ -110,15 +129,26 @@ def claims(appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = 
     return out
 
 
-def issue(key: VerifierKey, appraisal: Appraisal, result: PolicyResult, *, nonce: bytes | None = None,
-          issued_at: int | None = None, validity: int = VALIDITY) -> str:
+def issue(
+    key: VerifierKey,
+    appraisal: Appraisal,
+    result: PolicyResult,
+    *,
+    nonce: bytes | None = None,
+    issued_at: int | None = None,
+    validity: int = VALIDITY,
+) -> str:
     """A signed EAR token (compact JWS)."""
-    return jwt.encode({"alg": ALG, "kid": key.kid, "typ": "JWT"},
-                      claims(appraisal, result, nonce=nonce, issued_at=issued_at, validity=validity), key.jwk)
+    return jwt.encode(
+        {"alg": ALG, "kid": key.kid, "typ": "JWT"},
+        claims(appraisal, result, nonce=nonce, issued_at=issued_at, validity=validity),
+        key.jwk,
+    )
 
 
-def verify_token(token: str, keys: dict[str, Any] | list[VerifierKey] | VerifierKey, *,
-                 now: int | None = None) -> dict[str, Any]:
+def verify_token(
+    token: str, keys: dict[str, Any] | list[VerifierKey] | VerifierKey, *, now: int | None = None
+) -> dict[str, Any]:
     """The claims of a token signed by one of ``keys`` (a JWKS dict or key objects), unexpired."""
     if isinstance(keys, VerifierKey):
         keys = [keys]
@@ -126,8 +156,13 @@ def verify_token(token: str, keys: dict[str, Any] | list[VerifierKey] | Verifier
     try:
         keyset = KeySet.import_key_set({"keys": document["keys"]})
         decoded = jwt.decode(token.strip(), keyset, algorithms=[ALG])
-        JWTClaimsRegistry(now=now, leeway=60, iat={"essential": True}, exp={"essential": True},
-                          eat_profile={"essential": True, "value": PROFILE}).validate(decoded.claims)
+        JWTClaimsRegistry(
+            now=now,
+            leeway=60,
+            iat={"essential": True},
+            exp={"essential": True},
+            eat_profile={"essential": True, "value": PROFILE},
+        ).validate(decoded.claims)
     except JoseError as exc:
         raise TokenError(f"attestation token rejected: {exc.error}: {exc.description or exc}") from None
     except (ValueError, TypeError, KeyError) as exc:

@@ -112,6 +112,9 @@ def event_log_check(data: bytes) -> Callable[[dict[str, dict[int, bytes]]], None
             for pcr, value in sorted(values.items()):
                 want = replayed.get(bank, {}).get(pcr)
                 if want is not None and not hmac.compare_digest(want, value):
-                    raise VerificationError(f"tpm: event log replay gives PCR {bank}:{pcr} = {want.hex()}, "
-                                            f"the quote says {value.hex()}", "the log is not the one the TPM measured")
+                    raise VerificationError(
+                        f"tpm: event log replay gives PCR {bank}:{pcr} = {want.hex()}, the quote says {value.hex()}",
+                        "the log is not the one the TPM measured",
+                    )
+
     return check

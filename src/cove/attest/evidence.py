@@ -38,8 +38,22 @@ LAUNCH_PCR = 4  # in a firmware boot it holds the boot loader; here the direct b
 _EVIDENCE_KEYS = ("format", "version", "report", "signature", "endorsement", "vtpm")
 _VTPM_KEYS = ("statement", "statement_signature", "attest", "signature", "pcrs")
 _STATEMENT_KEYS = ("ek", "ak", "pcr", "launch")
-_REPORT_KEYS = ("version", "measurement", "signer", "product_id", "svn", "debug", "backend", "isolation",
-                "instance_id", "report_data", "timestamp", "platform_key", "root", "endorsement")
+_REPORT_KEYS = (
+    "version",
+    "measurement",
+    "signer",
+    "product_id",
+    "svn",
+    "debug",
+    "backend",
+    "isolation",
+    "instance_id",
+    "report_data",
+    "timestamp",
+    "platform_key",
+    "root",
+    "endorsement",
+)
 _ENDORSEMENT_KEYS = ("root", "pak", "runtime", "epoch", "epoch_start", "tpm")
 _TPM_KEYS = ("attest", "signature", "pcrs", "pcr", "ak", "ak_chain", "ek_chain")
 
@@ -133,8 +147,7 @@ def pak_hash(spki_der: bytes) -> bytes:
 
 def quote_qualifier(pak: bytes, runtime: bytes, epoch: bytes, epoch_start_ms: int) -> bytes:
     """The quote's qualifying data: binds the platform key, runtime and epoch to the TPM quote."""
-    return hashlib.sha256(QUOTE_CONTEXT + pak_hash(pak) + runtime + epoch
-                          + struct.pack(">Q", epoch_start_ms)).digest()
+    return hashlib.sha256(QUOTE_CONTEXT + pak_hash(pak) + runtime + epoch + struct.pack(">Q", epoch_start_ms)).digest()
 
 
 def vm_quote_qualifier(report_bytes: bytes) -> bytes:
@@ -148,8 +161,9 @@ def launch_pcr_value(launch: bytes) -> bytes:
 
 
 def encode_vtpm_statement(statement: VtpmStatement) -> bytes:
-    return cbor2.dumps({"ek": statement.ek, "ak": statement.ak, "pcr": statement.pcr, "launch": statement.launch},
-                       canonical=True)
+    return cbor2.dumps(
+        {"ek": statement.ek, "ak": statement.ak, "pcr": statement.pcr, "launch": statement.launch}, canonical=True
+    )
 
 
 def platform_pcr_value(runtime: bytes, pak_digest: bytes) -> bytes:
@@ -162,32 +176,62 @@ def platform_pcr_value(runtime: bytes, pak_digest: bytes) -> bytes:
 
 def encode_report(report: Report) -> bytes:
     """Canonical CBOR of a report (the bytes the platform key signs)."""
-    return cbor2.dumps({
-        "version": report.version, "measurement": report.measurement, "signer": report.signer,
-        "product_id": report.product_id, "svn": report.svn, "debug": report.debug,
-        "backend": report.backend, "isolation": report.isolation, "instance_id": report.instance_id,
-        "report_data": report.report_data, "timestamp": report.timestamp_ms,
-        "platform_key": report.platform_key, "root": report.root, "endorsement": report.endorsement,
-    }, canonical=True)
+    return cbor2.dumps(
+        {
+            "version": report.version,
+            "measurement": report.measurement,
+            "signer": report.signer,
+            "product_id": report.product_id,
+            "svn": report.svn,
+            "debug": report.debug,
+            "backend": report.backend,
+            "isolation": report.isolation,
+            "instance_id": report.instance_id,
+            "report_data": report.report_data,
+            "timestamp": report.timestamp_ms,
+            "platform_key": report.platform_key,
+            "root": report.root,
+            "endorsement": report.endorsement,
+        },
+        canonical=True,
+    )
 
 
 def endorsement_map(e: Endorsement) -> dict[str, Any]:
     out = {"root": e.root, "pak": e.pak, "runtime": e.runtime, "epoch": e.epoch, "epoch_start": e.epoch_start_ms}
     if e.tpm is not None:
         t = e.tpm
-        out["tpm"] = {"attest": t.attest, "signature": t.signature, "pcrs": t.pcrs, "pcr": t.pcr, "ak": t.ak,
-                      "ak_chain": list(t.ak_chain), "ek_chain": list(t.ek_chain)}
+        out["tpm"] = {
+            "attest": t.attest,
+            "signature": t.signature,
+            "pcrs": t.pcrs,
+            "pcr": t.pcr,
+            "ak": t.ak,
+            "ak_chain": list(t.ak_chain),
+            "ek_chain": list(t.ek_chain),
+        }
     return out
 
 
-def encode_evidence(report_bytes: bytes, signature: bytes, endorsement_bytes: bytes,
-                    vtpm: VtpmQuote | None = None) -> bytes:
+def encode_evidence(
+    report_bytes: bytes, signature: bytes, endorsement_bytes: bytes, vtpm: VtpmQuote | None = None
+) -> bytes:
     """The evidence document; ``endorsement_bytes`` from :func:`encode_endorsement`."""
-    document = {"format": FORMAT, "version": VERSION, "report": report_bytes,
-                "signature": signature, "endorsement": endorsement_bytes}
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "report": report_bytes,
+        "signature": signature,
+        "endorsement": endorsement_bytes,
+    }
     if vtpm is not None:
-        document["vtpm"] = {"statement": vtpm.statement_bytes, "statement_signature": vtpm.statement_signature,
-                            "attest": vtpm.attest, "signature": vtpm.signature, "pcrs": vtpm.pcrs}
+        document["vtpm"] = {
+            "statement": vtpm.statement_bytes,
+            "statement_signature": vtpm.statement_signature,
+            "attest": vtpm.attest,
+            "signature": vtpm.signature,
+            "pcrs": vtpm.pcrs,
+        }
     return cbor2.dumps(document, canonical=True)
 
 
@@ -214,12 +258,21 @@ def parse_report(data: bytes) -> Report:
     if version != VERSION:
         raise VerificationError(f"cove: report version {version} is not supported (only {VERSION})")
     return Report(
-        measurement=f.bytes("measurement", 32), signer=f.bytes("signer", 32),
-        product_id=f.uint("product_id"), svn=f.uint("svn"), debug=f.boolean("debug"),
-        backend=f.text("backend", max_len=32), isolation=f.text("isolation", max_len=128),
-        instance_id=f.text("instance_id", max_len=64), report_data=f.bytes("report_data", REPORT_DATA_SIZE),
-        timestamp_ms=f.uint("timestamp"), platform_key=f.bytes("platform_key", 32),
-        root=f.text("root", ROOTS), endorsement=f.bytes("endorsement", 32), version=version)
+        measurement=f.bytes("measurement", 32),
+        signer=f.bytes("signer", 32),
+        product_id=f.uint("product_id"),
+        svn=f.uint("svn"),
+        debug=f.boolean("debug"),
+        backend=f.text("backend", max_len=32),
+        isolation=f.text("isolation", max_len=128),
+        instance_id=f.text("instance_id", max_len=64),
+        report_data=f.bytes("report_data", REPORT_DATA_SIZE),
+        timestamp_ms=f.uint("timestamp"),
+        platform_key=f.bytes("platform_key", 32),
+        root=f.text("root", ROOTS),
+        endorsement=f.bytes("endorsement", 32),
+        version=version,
+    )
 
 
 def load_endorsement(data: bytes, what: str = "endorsement") -> Endorsement:
@@ -234,13 +287,24 @@ def parse_endorsement(value: object) -> Endorsement:
     if root == "tpm":
         t = f.sub("tpm", _TPM_KEYS)
         tpm = TpmEndorsement(
-            attest=t.bytes("attest", max_size=1024), signature=t.bytes("signature", max_size=1024),
-            pcrs=_pcrs(t.map.get("pcrs")), pcr=t.uint("pcr", 23), ak=t.bytes("ak", max_size=1024),
-            ak_chain=t.byte_list("ak_chain"), ek_chain=t.byte_list("ek_chain"))
+            attest=t.bytes("attest", max_size=1024),
+            signature=t.bytes("signature", max_size=1024),
+            pcrs=_pcrs(t.map.get("pcrs")),
+            pcr=t.uint("pcr", 23),
+            ak=t.bytes("ak", max_size=1024),
+            ak_chain=t.byte_list("ak_chain"),
+            ek_chain=t.byte_list("ek_chain"),
+        )
     elif f.has("tpm"):
         raise VerificationError("cove: a self-certified endorsement carries a TPM quote")
-    return Endorsement(root=root, pak=f.bytes("pak", max_size=512), runtime=f.bytes("runtime", 32),
-                       epoch=f.bytes("epoch", 16), epoch_start_ms=f.uint("epoch_start"), tpm=tpm)
+    return Endorsement(
+        root=root,
+        pak=f.bytes("pak", max_size=512),
+        runtime=f.bytes("runtime", 32),
+        epoch=f.bytes("epoch", 16),
+        epoch_start_ms=f.uint("epoch_start"),
+        tpm=tpm,
+    )
 
 
 def _pcrs(value: object) -> dict[str, dict[int, bytes]]:
@@ -273,18 +337,30 @@ def parse_evidence(data: bytes) -> Evidence:
     report_bytes = f.bytes("report", max_size=4096)
     endorsement_bytes = f.bytes("endorsement", max_size=65536)
     vtpm = _parse_vtpm(f.sub("vtpm", _VTPM_KEYS)) if f.has("vtpm") else None
-    return Evidence(report=parse_report(report_bytes), report_bytes=report_bytes,
-                    signature=f.bytes("signature", max_size=256),
-                    endorsement=parse_endorsement(loads(endorsement_bytes, "cove", "endorsement")),
-                    endorsement_bytes=endorsement_bytes, vtpm=vtpm)
+    return Evidence(
+        report=parse_report(report_bytes),
+        report_bytes=report_bytes,
+        signature=f.bytes("signature", max_size=256),
+        endorsement=parse_endorsement(loads(endorsement_bytes, "cove", "endorsement")),
+        endorsement_bytes=endorsement_bytes,
+        vtpm=vtpm,
+    )
 
 
 def _parse_vtpm(t: decode.Fields) -> VtpmQuote:
     statement_bytes = t.bytes("statement", max_size=4096)
     s = Fields(loads(statement_bytes, "cove", "vtpm statement"), "cove", "vtpm statement", _STATEMENT_KEYS)
-    statement = VtpmStatement(ek=s.bytes("ek", max_size=1024), ak=s.bytes("ak", max_size=1024),
-                              pcr=s.uint("pcr", 23), launch=s.bytes("launch", 32))
-    return VtpmQuote(statement=statement, statement_bytes=statement_bytes,
-                     statement_signature=t.bytes("statement_signature", max_size=256),
-                     attest=t.bytes("attest", max_size=1024), signature=t.bytes("signature", max_size=1024),
-                     pcrs=_pcrs(t.map.get("pcrs")))
+    statement = VtpmStatement(
+        ek=s.bytes("ek", max_size=1024),
+        ak=s.bytes("ak", max_size=1024),
+        pcr=s.uint("pcr", 23),
+        launch=s.bytes("launch", 32),
+    )
+    return VtpmQuote(
+        statement=statement,
+        statement_bytes=statement_bytes,
+        statement_signature=t.bytes("statement_signature", max_size=256),
+        attest=t.bytes("attest", max_size=1024),
+        signature=t.bytes("signature", max_size=1024),
+        pcrs=_pcrs(t.map.get("pcrs")),
+    )

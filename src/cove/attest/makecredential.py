@@ -35,12 +35,22 @@ TOOLS_VERSION = 1
 
 def kdfa(hash_name: str, key: bytes, label: bytes, context: bytes, bits: int) -> bytes:
     """KDFa of the TPM spec: HMAC counter mode, [i]32 || label || 0 || context || [bits]32."""
-    return KBKDFHMAC(algorithm=HASHES[hash_name](), mode=Mode.CounterMode, length=bits // 8, rlen=4, llen=4,
-                     location=CounterLocation.BeforeFixed, label=label, context=context, fixed=None).derive(key)
+    return KBKDFHMAC(
+        algorithm=HASHES[hash_name](),
+        mode=Mode.CounterMode,
+        length=bits // 8,
+        rlen=4,
+        llen=4,
+        location=CounterLocation.BeforeFixed,
+        label=label,
+        context=context,
+        fixed=None,
+    ).derive(key)
 
 
-def make_credential(ek: rsa.RSAPublicKey, name: bytes, secret: bytes, *, name_alg: str = "sha256",
-                    symmetric_bits: int = 128) -> tuple[bytes, bytes]:
+def make_credential(
+    ek: rsa.RSAPublicKey, name: bytes, secret: bytes, *, name_alg: str = "sha256", symmetric_bits: int = 128
+) -> tuple[bytes, bytes]:
     """(TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET) protecting ``secret`` for object ``name`` under ``ek``."""
     if not isinstance(ek, rsa.RSAPublicKey):
         raise VerificationError("tpm: credential activation needs an RSA endorsement key")
@@ -48,8 +58,9 @@ def make_credential(ek: rsa.RSAPublicKey, name: bytes, secret: bytes, *, name_al
         raise VerificationError("tpm: credential secret must be 1 to digest-size bytes")
     digest = HASHES[name_alg]()
     seed = os.urandom(digest.digest_size)
-    encrypted_seed = ek.encrypt(seed, padding.OAEP(padding.MGF1(HASHES[name_alg]()), HASHES[name_alg](),
-                                                   b"IDENTITY\x00"))
+    encrypted_seed = ek.encrypt(
+        seed, padding.OAEP(padding.MGF1(HASHES[name_alg]()), HASHES[name_alg](), b"IDENTITY\x00")
+    )
     sym_key = kdfa(name_alg, seed, b"STORAGE", name, symmetric_bits)
     credential = struct.pack(">H", len(secret)) + secret
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
@@ -57,11 +68,9 @@ def make_credential(ek: rsa.RSAPublicKey, name: bytes, secret: bytes, *, name_al
     hmac_key = kdfa(name_alg, seed, b"INTEGRITY", b"", digest.digest_size * 8)
     integrity = hmac.new(hmac_key, enc_identity + name, name_alg).digest()
     id_object = struct.pack(">H", len(integrity)) + integrity + enc_identity
-    return (struct.pack(">H", len(id_object)) + id_object,
-            struct.pack(">H", len(encrypted_seed)) + encrypted_seed)
+    return (struct.pack(">H", len(id_object)) + id_object, struct.pack(">H", len(encrypted_seed)) + encrypted_seed)
 
 
 def tools_credential_file(id_object: bytes, encrypted_secret: bytes) -> bytes:
     """The file tpm2_activatecredential -i reads: magic, version, then the two TPM2B structures."""
     return struct.pack(">II", TOOLS_MAGIC, TOOLS_VERSION) + id_object + encrypted_secret
-

@@ -28,8 +28,14 @@ from cove.errors import CoveError
 
 POLICY_VERSION = 1
 DEFAULT_TYPES = ("cove", "tpm", "sgx", "tdx", "snp")  # "sample" only when named
-TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-                "OutOfDate", "OutOfDateConfigurationNeeded")
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+)
 SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 
 _COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isolation")
@@ -37,8 +43,19 @@ _COMMON = ("measurements", "signers", "debug", "tcb_statuses", "backends", "isol
 # SNP HOSTDATA, the vTPM's PCR 8; sample reports it unchecked). Cove and SGX evidence never carry it.
 INIT_DATA_KEYS = ("init_data_digests", "init_data")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
-    "cove": _COMMON + ("self_certified", "platform_keys", "runtime_hashes", "pcrs", "ek_ca", "ak_ca",
-                       "ek_certificates", "ak_names", "max_platform_age", "launch_measurements"),
+    "cove": _COMMON
+    + (
+        "self_certified",
+        "platform_keys",
+        "runtime_hashes",
+        "pcrs",
+        "ek_ca",
+        "ak_ca",
+        "ek_certificates",
+        "ak_names",
+        "max_platform_age",
+        "launch_measurements",
+    ),
     "tpm": ("pcrs",) + INIT_DATA_KEYS,
     "sgx": _COMMON + ("roots",),
     "tdx": _COMMON + ("roots", "rtmrs") + INIT_DATA_KEYS,
@@ -93,8 +110,8 @@ class Rules:
     def pem(self, name: str) -> bytes:
         """Certificates of one trust-anchor field (ek_ca, ak_ca, roots) as a PEM bundle."""
         return b"".join(
-            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-            for der in getattr(self, name))
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM) for der in getattr(self, name)
+        )
 
 
 @dataclass(frozen=True)
@@ -173,8 +190,9 @@ def _read_bounded(path: Path) -> bytes | None:
     return None if len(data) > MAX_FILE else data
 
 
-def parse_policy(data: str | bytes | Mapping[str, Any], source: str = "policy", base: Path | None = None,
-                 allow_paths: bool = True) -> Policy:
+def parse_policy(
+    data: str | bytes | Mapping[str, Any], source: str = "policy", base: Path | None = None, allow_paths: bool = True
+) -> Policy:
     """A policy from TOML/JSON text or an already-decoded mapping.
 
     ``allow_paths=False`` refuses certificate file names: a policy from
@@ -208,8 +226,14 @@ def _decode(text: str, source: str) -> Any:
             raise PolicyError(f"{source}: not valid TOML or JSON: {exc}") from None
 
 
-def evaluate(policy: Policy, appraisal: Appraisal, *, nonce: bytes | None = None,
-             report_data: bytes | None = None, now: datetime | None = None) -> PolicyResult:
+def evaluate(
+    policy: Policy,
+    appraisal: Appraisal,
+    *,
+    nonce: bytes | None = None,
+    report_data: bytes | None = None,
+    now: datetime | None = None,
+) -> PolicyResult:
     """Appraise verified claims against a policy; ``nonce``/``report_data`` are the relying party's."""
     from cove.attest.policy_eval import evaluate as _evaluate
 
@@ -233,8 +257,9 @@ class _Parser:
     def fail(self, key: str, problem: str, hint: str | None = None) -> PolicyError:
         return PolicyError(f"{self.source}: {key}: {problem}", hint)
 
-    def table(self, data: object, key: str, allowed: Collection[str] | None,
-              unknown: str = "unknown setting") -> Settings:
+    def table(
+        self, data: object, key: str, allowed: Collection[str] | None, unknown: str = "unknown setting"
+    ) -> Settings:
         """cove.decode's one accessor over a table of the policy, worded as the policy language's errors."""
         return Settings(data, key, PolicyError, allowed, source=self.source, unknown=unknown, allowed_hint="allowed")
 
@@ -264,8 +289,13 @@ class _Parser:
                 if key in identity[kind]:
                     identity[kind][key] = [der.hex() for der in getattr(parsed, key)]
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
-        return Policy(types=accepted, rules=rules, freshness=self.freshness(data.get("freshness", {})),
-                      name=name, digest=hashlib.sha256(canonical).hexdigest())
+        return Policy(
+            types=accepted,
+            rules=rules,
+            freshness=self.freshness(data.get("freshness", {})),
+            name=name,
+            digest=hashlib.sha256(canonical).hexdigest(),
+        )
 
     def freshness(self, data: object) -> Freshness:
         fields = self.table(data, "freshness", ("nonce", "max_age"))
@@ -279,8 +309,10 @@ class _Parser:
         if fields.has("measurements"):
             out["measurements"] = fields.hex_list("measurements", max_items=MAX_ITEMS)
         if fields.has("signers"):
-            out["signers"] = tuple(self.signer(v, f"{kind}.signers[{i}]")
-                                   for i, v in enumerate(fields.list("signers", max_items=MAX_ITEMS)))
+            out["signers"] = tuple(
+                self.signer(v, f"{kind}.signers[{i}]")
+                for i, v in enumerate(fields.list("signers", max_items=MAX_ITEMS))
+            )
         for key in ("debug", "self_certified"):
             if fields.has(key):
                 out[key] = fields.boolean(key)
@@ -288,7 +320,9 @@ class _Parser:
             statuses = fields.strings("tcb_statuses", max_items=MAX_ITEMS)
             for s in statuses:
                 if s not in TCB_STATUSES:
-                    raise self.fail(f"{kind}.tcb_statuses", f"unknown TCB status {s!r}", f"known: {', '.join(TCB_STATUSES)}")
+                    raise self.fail(
+                        f"{kind}.tcb_statuses", f"unknown TCB status {s!r}", f"known: {', '.join(TCB_STATUSES)}"
+                    )
             out["tcb_statuses"] = statuses
         for key in ("backends", "isolation"):
             if fields.has(key):
@@ -314,8 +348,9 @@ class _Parser:
             out["init_data_digests"] = fields.hex_list("init_data_digests", max_items=MAX_ITEMS)
             for i, digest in enumerate(out["init_data_digests"]):
                 if len(digest) not in (32, 48, 64):
-                    raise self.fail(f"{key}[{i}]", "must be a SHA-256, SHA-384 or SHA-512 digest "
-                                                   "(64, 96 or 128 hex digits)")
+                    raise self.fail(
+                        f"{key}[{i}]", "must be a SHA-256, SHA-384 or SHA-512 digest (64, 96 or 128 hex digits)"
+                    )
         if fields.has("init_data"):
             out["init_data"] = self.init_data(fields.map["init_data"], f"{kind}.init_data")
         return Rules(**out)
@@ -331,11 +366,12 @@ class _Parser:
         return SignerRule(
             signer=fields.hex("signer"),
             product_id=fields.uint("product_id") if fields.has("product_id") else None,
-            min_svn=fields.integer("min_svn", 0, 2**64 - 1, default=0))
+            min_svn=fields.integer("min_svn", 0, 2**64 - 1, default=0),
+        )
 
     def indexed_hex(self, value: object, key: str, count: int, size: int | None) -> dict[int, bytes]:
         if not isinstance(value, Mapping):
-            raise self.fail(key, "must be a table of index = \"hex\"")
+            raise self.fail(key, 'must be a table of index = "hex"')
         fields = self.table(value, key, None)
         out = {}
         for k in value:
@@ -362,8 +398,7 @@ class _Parser:
     def init_data(self, value: object, key: str) -> dict[str, tuple[Any, ...]]:
         """Keys of the init-data ``data`` table, each with the list of values accepted for it."""
         if not isinstance(value, Mapping) or not value:
-            raise self.fail(key, "must be a table of data key = [accepted values], "
-                                 'e.g. "policy.rego" = ["..."]')
+            raise self.fail(key, 'must be a table of data key = [accepted values], e.g. "policy.rego" = ["..."]')
         fields = self.table(value, key, None)
         out = {}
         for name in value:
@@ -391,8 +426,11 @@ class _Parser:
             if "-----BEGIN" in item:
                 pem = item.encode()
             elif not self.allow_paths:
-                raise self.fail(key, f"{item[:60]!r} is a file name; this policy must carry its certificates "
-                                     "inline", "paste the PEM text of each certificate into the policy")
+                raise self.fail(
+                    key,
+                    f"{item[:60]!r} is a file name; this policy must carry its certificates inline",
+                    "paste the PEM text of each certificate into the policy",
+                )
             else:
                 path = Path(item)
                 if not path.is_absolute() and self.base is not None:

@@ -43,21 +43,35 @@ class _Verdict:
             self.components[component] = "warning"
 
 
-def evaluate(policy: Policy, appraisal: Appraisal, *, nonce: bytes | None = None,
-             report_data: bytes | None = None, now: datetime | None = None) -> PolicyResult:
+def evaluate(
+    policy: Policy,
+    appraisal: Appraisal,
+    *,
+    nonce: bytes | None = None,
+    report_data: bytes | None = None,
+    now: datetime | None = None,
+) -> PolicyResult:
     v = _Verdict(appraisal)
     kind = appraisal.evidence_type
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     if kind not in policy.types:
-        v.deny(v.report_component, f"evidence type {kind} is not accepted by this policy "
-                                   f"(accepted: {', '.join(sorted(policy.types)) or 'none'})")
+        v.deny(
+            v.report_component,
+            f"evidence type {kind} is not accepted by this policy "
+            f"(accepted: {', '.join(sorted(policy.types)) or 'none'})",
+        )
     rules = policy.rules_for(kind)
     _identity(v, rules, appraisal)
     _platform(v, rules, appraisal, now)
     _init_data(v, rules, appraisal)
     _freshness(v, policy, appraisal, nonce, report_data, now)
-    return PolicyResult(accepted=not v.reasons, reasons=tuple(v.reasons), components=dict(v.components),
-                        warnings=tuple(v.warnings), policy_id=policy.id)
+    return PolicyResult(
+        accepted=not v.reasons,
+        reasons=tuple(v.reasons),
+        components=dict(v.components),
+        warnings=tuple(v.warnings),
+        policy_id=policy.id,
+    )
 
 
 def _identity(v: _Verdict, rules: Rules, a: Appraisal) -> None:
@@ -68,7 +82,8 @@ def _identity(v: _Verdict, rules: Rules, a: Appraisal) -> None:
             _eq(a.signer, s.signer)
             and (s.product_id is None or a.product_id == s.product_id)
             and (a.svn is not None and a.svn >= s.min_svn)
-            for s in rules.signers)
+            for s in rules.signers
+        )
         if not (by_measurement or by_signer):
             what = a.measurement.hex() if a.measurement is not None else "none"
             detail = ""
@@ -102,8 +117,7 @@ def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
             v.deny("platform", "platform key is self-certified: no TPM or hardware vouches for it")
     if a.tcb_status is not None:
         if a.tcb_status not in rules.tcb_statuses:
-            v.deny("platform", f"TCB status {a.tcb_status} is not accepted "
-                               f"(accepted: {', '.join(rules.tcb_statuses)})")
+            v.deny("platform", f"TCB status {a.tcb_status} is not accepted (accepted: {', '.join(rules.tcb_statuses)})")
         elif a.tcb_status != "UpToDate":
             v.warn("platform", f"TCB status {a.tcb_status} accepted by the policy")
     for part, minimum in sorted(rules.min_tcb.items()):
@@ -113,14 +127,22 @@ def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
     if rules.runtime_hashes and not any(_eq(a.runtime, h) for h in rules.runtime_hashes):
         v.deny("platform", f"Cove runtime {a.runtime.hex() if a.runtime else 'unknown'} is not one the policy accepts")
     if rules.platform_keys and not any(_eq(a.platform_key, k) for k in rules.platform_keys):
-        v.deny("platform", f"platform key {a.platform_key.hex() if a.platform_key else 'unknown'} "
-                           "is not one the policy accepts")
+        v.deny(
+            "platform",
+            f"platform key {a.platform_key.hex() if a.platform_key else 'unknown'} is not one the policy accepts",
+        )
     if rules.ek_certificates and not any(_eq(a.ek_certificate, h) for h in rules.ek_certificates):
-        v.deny("platform", f"TPM EK certificate {a.ek_certificate.hex() if a.ek_certificate else 'none'} "
-                           "is not one the policy accepts (another TPM, or no TPM)")
+        v.deny(
+            "platform",
+            f"TPM EK certificate {a.ek_certificate.hex() if a.ek_certificate else 'none'} "
+            "is not one the policy accepts (another TPM, or no TPM)",
+        )
     if rules.ak_names and not any(_eq(a.ak_name, n) for n in rules.ak_names):
-        v.deny("platform", f"TPM attestation key {a.ak_name.hex() if a.ak_name else 'none'} "
-                           "is not one the policy accepts (another AK, or no TPM)")
+        v.deny(
+            "platform",
+            f"TPM attestation key {a.ak_name.hex() if a.ak_name else 'none'} "
+            "is not one the policy accepts (another AK, or no TPM)",
+        )
     for bank, values in sorted(rules.pcrs.items()):
         quoted = a.pcrs.get(bank, {})
         for idx, want in sorted(values.items()):
@@ -135,8 +157,11 @@ def _platform(v: _Verdict, rules: Rules, a: Appraisal, now: datetime) -> None:
         else:
             age = (now - a.platform_issued_at).total_seconds()
             if age > rules.max_platform_age:
-                v.deny("platform", f"platform endorsement is {age:.0f}s old; the policy allows "
-                                   f"{rules.max_platform_age:.0f}s (run `cove platform init` again)")
+                v.deny(
+                    "platform",
+                    f"platform endorsement is {age:.0f}s old; the policy allows "
+                    f"{rules.max_platform_age:.0f}s (run `cove platform init` again)",
+                )
 
 
 def _init_data(v: _Verdict, rules: Rules, a: Appraisal) -> None:
@@ -156,8 +181,11 @@ def _init_data(v: _Verdict, rules: Rules, a: Appraisal) -> None:
             continue
         got = _json(data[name])
         if not any(hmac.compare_digest(got, _json(want)) for want in accepted):
-            v.deny(c, f"init-data data key {name!r} has a value the policy does not accept "
-                      f"(sha256 {hashlib.sha256(got).hexdigest()[:16]})")
+            v.deny(
+                c,
+                f"init-data data key {name!r} has a value the policy does not accept "
+                f"(sha256 {hashlib.sha256(got).hexdigest()[:16]})",
+            )
 
 
 def _json(value: object) -> bytes:
@@ -165,8 +193,9 @@ def _json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def _freshness(v: _Verdict, policy: Policy, a: Appraisal, nonce: bytes | None,
-               report_data: bytes | None, now: datetime) -> None:
+def _freshness(
+    v: _Verdict, policy: Policy, a: Appraisal, nonce: bytes | None, report_data: bytes | None, now: datetime
+) -> None:
     """Nonce, expected report data and maximum age."""
     c = v.report_component
     bound = a.report_data

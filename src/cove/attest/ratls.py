@@ -72,9 +72,13 @@ def _issuer() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 order
     scalar = int.from_bytes(hashlib.sha256(_ISSUER_SEED).digest(), "big") % (n - 1) + 1
     key = ec.derive_private_key(scalar, ec.SECP256R1())
-    cert = certs.self_signed_ca(key, "Cove RA-TLS issuer (unverified; see the evidence)", serial=1,
-                                not_before=datetime(2000, 1, 1, tzinfo=timezone.utc),
-                                not_after=datetime(9999, 12, 31, tzinfo=timezone.utc))
+    cert = certs.self_signed_ca(
+        key,
+        "Cove RA-TLS issuer (unverified; see the evidence)",
+        serial=1,
+        not_before=datetime(2000, 1, 1, tzinfo=timezone.utc),
+        not_after=datetime(9999, 12, 31, tzinfo=timezone.utc),
+    )
     return key, cert
 
 
@@ -83,9 +87,14 @@ def issuer_certificate() -> bytes:
     return certs.pem(_issuer()[1])
 
 
-def make_certificate(get_evidence: EvidenceSource, key: ec.EllipticCurvePrivateKey | None = None, *,
-                     common_name: str = "Cove RA-TLS", days: int = 1,
-                     hostnames: tuple[str, ...] = ("localhost",)) -> tuple[bytes, bytes]:
+def make_certificate(
+    get_evidence: EvidenceSource,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    *,
+    common_name: str = "Cove RA-TLS",
+    days: int = 1,
+    hostnames: tuple[str, ...] = ("localhost",),
+) -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM): a fresh key, bound to evidence ``get_evidence`` makes."""
     key = key or certs.new_key()
     claims = claims_for(key.public_key())
@@ -93,17 +102,23 @@ def make_certificate(get_evidence: EvidenceSource, key: ec.EllipticCurvePrivateK
     ext = cbor2.dumps(cbor2.CBORTag(CBOR_TAG, [evidence, claims]))
     issuer_key, issuer = _issuer()
     cert = certs.issue_leaf(
-        issuer_key, issuer, key.public_key(), common_name, days=days,
+        issuer_key,
+        issuer,
+        key.public_key(),
+        common_name,
+        days=days,
         extended_usage=[x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH],
         san=[x509.DNSName(h) for h in hostnames],
-        extensions=[x509.UnrecognizedExtension(OID_TAGGED_EVIDENCE, ext)])
+        extensions=[x509.UnrecognizedExtension(OID_TAGGED_EVIDENCE, ext)],
+    )
     return certs.pem(cert), certs.private_key_pem(key)
 
 
 def looks_like_certificate(data: bytes) -> bool:
     head = bytes(data[:64]).lstrip()
-    return head.startswith(b"-----BEGIN CERTIFICATE") or (data[:1] == b"\x30" and len(data) > 100
-                                                            and _parses_as_cert(data))
+    return head.startswith(b"-----BEGIN CERTIFICATE") or (
+        data[:1] == b"\x30" and len(data) > 100 and _parses_as_cert(data)
+    )
 
 
 def _parses_as_cert(data: bytes) -> bool:
@@ -118,8 +133,11 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     """(evidence, the report data it must bind) from an RA-TLS certificate (PEM or DER)."""
     try:
         raw = bytes(data)
-        cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
-                else x509.load_der_x509_certificate(raw))
+        cert = (
+            x509.load_pem_x509_certificate(raw)
+            if raw.lstrip().startswith(b"-----BEGIN")
+            else x509.load_der_x509_certificate(raw)
+        )
         ext = cert.extensions.get_extension_for_oid(OID_TAGGED_EVIDENCE).value
         public_key = cert.public_key()
     except x509.ExtensionNotFound:
@@ -137,8 +155,13 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     evidence, claims = body
     f = Fields(loads(claims, "ra-tls", "claims"), "ra-tls", "claims")
     entry = loads(f.bytes("pubkey-hash", max_size=128), "ra-tls", "pubkey-hash")
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and type(entry[0]) is int  # a list is unhashable
-            and entry[0] in HASH_IDS and isinstance(entry[1], bytes)):
+    if not (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and type(entry[0]) is int  # a list is unhashable
+        and entry[0] in HASH_IDS
+        and isinstance(entry[1], bytes)
+    ):
         raise VerificationError("ra-tls: pubkey-hash must be [hash id 1, 7 or 8, hash]")
     want = hashlib.new(HASH_IDS[entry[0]], spki(public_key)).digest()
     if not hmac.compare_digest(want, entry[1]):
@@ -146,8 +169,9 @@ def evidence_from_certificate(data: bytes) -> tuple[bytes, bytes]:
     return evidence, report_data_for(claims)
 
 
-def verify_certificate(data: bytes, policy: Policy | None = None, *, now: datetime | None = None,
-                       inputs: Inputs | None = None) -> Verdict:
+def verify_certificate(
+    data: bytes, policy: Policy | None = None, *, now: datetime | None = None, inputs: Inputs | None = None
+) -> Verdict:
     """Verify an RA-TLS certificate's evidence and key binding; a Verdict (check ``.accepted``)."""
     from cove.attest.verifier import Inputs, appraise
 
@@ -194,13 +218,15 @@ class RaTlsContext(ssl.SSLContext):
         except VerificationError as exc:
             raise RaTlsError(f"ra-tls: peer evidence invalid: {exc.line()}") from None
         if not verdict.accepted:
-            raise RaTlsError(f"ra-tls: peer rejected by policy {verdict.result.policy_id}: "
-                             + "; ".join(verdict.result.reasons))
+            raise RaTlsError(
+                f"ra-tls: peer rejected by policy {verdict.result.policy_id}: " + "; ".join(verdict.result.reasons)
+            )
         return verdict
 
 
-def _context(protocol: int, cert_pem: bytes | None, key_pem: bytes | None, peer_policy: Policy | None,
-             peer_inputs: Inputs | None) -> RaTlsContext:
+def _context(
+    protocol: int, cert_pem: bytes | None, key_pem: bytes | None, peer_policy: Policy | None, peer_inputs: Inputs | None
+) -> RaTlsContext:
     ctx = RaTlsContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_pem is not None:
@@ -221,8 +247,9 @@ def _context(protocol: int, cert_pem: bytes | None, key_pem: bytes | None, peer_
     return ctx
 
 
-def server_context(cert_pem: bytes, key_pem: bytes, *, client_policy: Policy | None = None,
-                   client_inputs: Inputs | None = None) -> RaTlsContext:
+def server_context(
+    cert_pem: bytes, key_pem: bytes, *, client_policy: Policy | None = None, client_inputs: Inputs | None = None
+) -> RaTlsContext:
     """A server presenting ``cert_pem``; with ``client_policy``, clients must present an accepted RA-TLS cert."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, cert_pem, key_pem, client_policy, client_inputs)
     if client_policy is not None:
@@ -232,8 +259,13 @@ def server_context(cert_pem: bytes, key_pem: bytes, *, client_policy: Policy | N
     return ctx
 
 
-def client_context(server_policy: Policy, *, cert_pem: bytes | None = None, key_pem: bytes | None = None,
-                   server_inputs: Inputs | None = None) -> RaTlsContext:
+def client_context(
+    server_policy: Policy,
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+    server_inputs: Inputs | None = None,
+) -> RaTlsContext:
     """A client that accepts a server only if its RA-TLS certificate satisfies ``server_policy``.
 
     Give ``cert_pem``/``key_pem`` (an RA-TLS certificate) for mutual attestation.

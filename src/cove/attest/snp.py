@@ -35,8 +35,10 @@ OID_CSP_ID = _AMD + "5"
 
 MAX_BUNDLE = 16  # certificates in a trusted AMD bundle
 # AMD's chain shapes, leaf first (common names).
-SHAPES = {"vcek": ("SEV-VCEK", r"SEV-(?!VLEK)[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+"),
-          "vlek": ("SEV-VLEK", r"SEV-VLEK-[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+")}
+SHAPES = {
+    "vcek": ("SEV-VCEK", r"SEV-(?!VLEK)[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+"),
+    "vlek": ("SEV-VLEK", r"SEV-VLEK-[A-Za-z0-9]+", r"ARK-[A-Za-z0-9]+"),
+}
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,13 @@ def endorsement_info(cert: x509.Certificate) -> EndorsementKeyInfo:
         return body.decode("ascii", "replace")
 
     tcb = {}
-    for oid, name in ((OID_BL, "bootloader"), (OID_TEE, "tee"), (OID_SNP, "snp"), (OID_UCODE, "microcode"), (OID_FMC, "fmc")):
+    for oid, name in (
+        (OID_BL, "bootloader"),
+        (OID_TEE, "tee"),
+        (OID_SNP, "snp"),
+        (OID_UCODE, "microcode"),
+        (OID_FMC, "fmc"),
+    ):
         v = integer(oid, name)
         if v is not None:
             tcb[name] = v
@@ -132,7 +140,12 @@ def _product_of(info: EndorsementKeyInfo, chain: list[x509.Certificate]) -> str 
 
 
 def _check_tcb(reported: TcbVersion, info: EndorsementKeyInfo) -> None:
-    pairs = [("bootloader", reported.bootloader), ("tee", reported.tee), ("snp", reported.snp), ("microcode", reported.microcode)]
+    pairs = [
+        ("bootloader", reported.bootloader),
+        ("tee", reported.tee),
+        ("snp", reported.snp),
+        ("microcode", reported.microcode),
+    ]
     if reported.fmc is not None:
         pairs.append(("fmc", reported.fmc))
     for name, value in pairs:
@@ -148,19 +161,26 @@ def _cn(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def _issuers(cert: x509.Certificate, bundle: list[x509.Certificate],
-             kind: str) -> tuple[x509.Certificate, x509.Certificate]:
+def _issuers(
+    cert: x509.Certificate, bundle: list[x509.Certificate], kind: str
+) -> tuple[x509.Certificate, x509.Certificate]:
     """The ASK (VCEK) or ASVK (VLEK) that issued ``cert``, and the ARK that issued that, from a trusted bundle."""
     signer = "ASVK" if kind == "vlek" else "ASK"
     middles = [c for c in bundle if c.subject == cert.issuer and c.subject != c.issuer]
     if not middles:
         names = ", ".join(_cn(c) for c in bundle)
-        hint = ("use AMD's bundle for the product with the ASVK (ASK, ARK and ASVK), or the built-in roots"
-                if kind == "vlek" else "use the ASK/ARK chain of the VCEK's product, or the built-in roots")
+        hint = (
+            "use AMD's bundle for the product with the ASVK (ASK, ARK and ASVK), or the built-in roots"
+            if kind == "vlek"
+            else "use the ASK/ARK chain of the VCEK's product, or the built-in roots"
+        )
         issuer = cert.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         issuer_name = str(issuer[0].value) if issuer else cert.issuer.rfc4514_string()[:120]
-        raise VerificationError(f"snp: the {kind.upper()}'s issuer {issuer_name} is not in the trusted AMD chain "
-                                f"({names}): a {kind.upper()} needs its product's {signer}", hint)
+        raise VerificationError(
+            f"snp: the {kind.upper()}'s issuer {issuer_name} is not in the trusted AMD chain "
+            f"({names}): a {kind.upper()} needs its product's {signer}",
+            hint,
+        )
     problem: x509.Certificate | None = None
     for middle in middles:
         for ark in (c for c in bundle if c.subject == middle.issuer and c.subject == c.issuer):
@@ -196,21 +216,34 @@ def verify_snp_report(
     if parsed.signing_key == "none":
         raise VerificationError("snp: report is unsigned (signing key 'none')")
     if parsed.signing_key != info.kind:
-        raise VerificationError(f"snp: report is signed by a {parsed.signing_key.upper()} but a {info.kind.upper()} was given")
+        raise VerificationError(
+            f"snp: report is signed by a {parsed.signing_key.upper()} but a {info.kind.upper()} was given"
+        )
     check_chain([cert, middle, ark], ark, now, "snp", SHAPES[info.kind], info.kind.upper())
     if _cn(middle).rsplit("-", 1)[-1] != _cn(ark).rsplit("-", 1)[-1]:
         raise VerificationError(f"snp: {_cn(middle)} and {_cn(ark)} are for different products")
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise VerificationError("snp: endorsement key is not an ECDSA P-384 key")
-    verify_ecdsa(key, encode_dss_signature(parsed.signature_r, parsed.signature_s),
-                 parsed.signed_bytes, "sha384", "snp", "report")
+    verify_ecdsa(
+        key,
+        encode_dss_signature(parsed.signature_r, parsed.signature_s),
+        parsed.signed_bytes,
+        "sha384",
+        "snp",
+        "report",
+    )
     _check_tcb(parsed.reported_tcb, info)
     if info.kind == "vcek" and not parsed.mask_chip_key:
         if info.hwid is None or not hmac.compare_digest(info.hwid, parsed.chip_id):
             raise VerificationError("snp: report chip_id does not match the VCEK's hwID")
     return SnpClaims(
-        report=parsed, product=parsed.product, signing_key=parsed.signing_key, endorsement=info,
-        measurement=parsed.measurement, report_data=parsed.report_data, host_data=parsed.host_data,
+        report=parsed,
+        product=parsed.product,
+        signing_key=parsed.signing_key,
+        endorsement=info,
+        measurement=parsed.measurement,
+        report_data=parsed.report_data,
+        host_data=parsed.host_data,
         debug_allowed=parsed.policy.debug_allowed,
     )

@@ -42,6 +42,7 @@ class GuestPolicy:
     def decode(cls, v: int) -> GuestPolicy:
         if not v >> 17 & 1:
             raise VerificationError("snp: guest policy bit 17 (reserved, must be one) is zero")
+
         def b(n: int) -> bool:
             return bool(v >> n & 1)
 
@@ -199,21 +200,46 @@ def parse_snp_report(data: bytes, product: str | None = None) -> SnpReport:
     if product and named and product != named:
         raise VerificationError(f"snp: report is from a {named} processor, not {product}")
     prod = product or named or "Milan"
+
     def tcb(v: int) -> TcbVersion:
         return TcbVersion.decode(v, prod)
 
     def fw(b: bytes) -> FirmwareVersion:
         return FirmwareVersion(major=b[2], minor=b[1], build=b[0])
+
     return SnpReport(
-        version=version, guest_svn=guest_svn, policy=policy, family_id=family_id, image_id=image_id,
-        vmpl=vmpl, signature_algo=sig_algo, current_tcb=tcb(current_raw), platform_info=plat,
-        author_key_en=bool(flags & 1), mask_chip_key=bool(flags >> 1 & 1), signing_key=SIGNING_KEYS[key_sel],
-        report_data=report_data, measurement=measurement, host_data=host_data,
-        id_key_digest=id_key_digest, author_key_digest=author_key_digest, report_id=report_id,
-        report_id_ma=report_id_ma, reported_tcb=tcb(reported_raw), cpuid_family=fam, cpuid_model=model,
-        cpuid_stepping=step, chip_id=chip_id, committed_tcb=tcb(committed_raw), current_version=fw(cur),
-        committed_version=fw(com), launch_tcb=tcb(launch_raw),
+        version=version,
+        guest_svn=guest_svn,
+        policy=policy,
+        family_id=family_id,
+        image_id=image_id,
+        vmpl=vmpl,
+        signature_algo=sig_algo,
+        current_tcb=tcb(current_raw),
+        platform_info=plat,
+        author_key_en=bool(flags & 1),
+        mask_chip_key=bool(flags >> 1 & 1),
+        signing_key=SIGNING_KEYS[key_sel],
+        report_data=report_data,
+        measurement=measurement,
+        host_data=host_data,
+        id_key_digest=id_key_digest,
+        author_key_digest=author_key_digest,
+        report_id=report_id,
+        report_id_ma=report_id_ma,
+        reported_tcb=tcb(reported_raw),
+        cpuid_family=fam,
+        cpuid_model=model,
+        cpuid_stepping=step,
+        chip_id=chip_id,
+        committed_tcb=tcb(committed_raw),
+        current_version=fw(cur),
+        committed_version=fw(com),
+        launch_tcb=tcb(launch_raw),
         launch_mit_vector=launch_mit if version >= 5 else None,
         current_mit_vector=current_mit if version >= 5 else None,
-        signature_r=sig_r, signature_s=sig_s, product=prod, signed_bytes=r.data[:SIGNED_SIZE],
+        signature_r=sig_r,
+        signature_s=sig_s,
+        product=prod,
+        signed_bytes=r.data[:SIGNED_SIZE],
     )

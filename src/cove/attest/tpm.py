@@ -73,7 +73,10 @@ def _ak_key_parsed(ak_public: object) -> PublicKeyTypes:
                 n = int.from_bytes(ak_public.rsa_modulus, "big")
                 return rsa.RSAPublicNumbers(ak_public.rsa_exponent, n).public_key()
             curve: dict[str, Callable[[], ec.EllipticCurve]] = {
-                "secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1}
+                "secp256r1": ec.SECP256R1,
+                "secp384r1": ec.SECP384R1,
+                "secp521r1": ec.SECP521R1,
+            }
             nums = ec.EllipticCurvePublicNumbers(
                 int.from_bytes(ak_public.ecc_x, "big"),
                 int.from_bytes(ak_public.ecc_y, "big"),

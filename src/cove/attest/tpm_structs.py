@@ -177,8 +177,7 @@ def parse_public(data: bytes) -> TpmPublic:
         r.end("TPMT_PUBLIC")
         if not mod:
             raise VerificationError("tpm: RSA public key has an empty modulus")
-        return TpmPublic("rsa", name_alg, attrs, rsa_modulus=mod, rsa_exponent=exp, name=name,
-                         symmetric_bits=sym_bits)
+        return TpmPublic("rsa", name_alg, attrs, rsa_modulus=mod, rsa_exponent=exp, name=name, symmetric_bits=sym_bits)
     if typ == ALG_ECC:
         _scheme(r, "ecc scheme")
         curve_id = r.u16("curveID")
@@ -189,8 +188,7 @@ def parse_public(data: bytes) -> TpmPublic:
         curve = ECC_CURVES.get(curve_id)
         if curve is None:
             raise VerificationError(f"tpm: unsupported ECC curve 0x{curve_id:04x}")
-        return TpmPublic("ecc", name_alg, attrs, ecc_curve=curve, ecc_x=x, ecc_y=y, name=name,
-                         symmetric_bits=sym_bits)
+        return TpmPublic("ecc", name_alg, attrs, ecc_curve=curve, ecc_x=x, ecc_y=y, name=name, symmetric_bits=sym_bits)
     raise VerificationError(f"tpm: unsupported public key type 0x{typ:04x}")
 
 
@@ -246,8 +244,6 @@ def parse_pcr_file(data: bytes) -> dict[str, dict[int, bytes]]:
         for pcr in bank.pcrs:
             value = next(it)
             if len(value) != HASH_SIZES[bank.hash_alg]:
-                raise VerificationError(
-                    f"tpm: pcr file value for {bank.hash_alg} PCR {pcr} is {len(value)} bytes"
-                )
+                raise VerificationError(f"tpm: pcr file value for {bank.hash_alg} PCR {pcr} is {len(value)} bytes")
             dest[pcr] = value
     return out

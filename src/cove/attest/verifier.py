@@ -85,8 +85,10 @@ def detect(evidence: bytes) -> str:
         tee = int.from_bytes(data[4:8], "little")
         if version in (3, 4, 5) and tee in (0, 0x81) and len(data) > 436:
             return "tdx" if tee == 0x81 else "sgx"
-    raise VerificationError("evidence type not recognized (not Cove evidence, a DCAP quote, an SNP report "
-                            "or a TPM quote)", "name it with --type")
+    raise VerificationError(
+        "evidence type not recognized (not Cove evidence, a DCAP quote, an SNP report or a TPM quote)",
+        "name it with --type",
+    )
 
 
 def _dcap(kind: str, evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
@@ -151,12 +153,15 @@ def _tpm(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, n
     from cove.attest.tpm import verify_tpm_quote
 
     if inputs.tpm_signature is None or inputs.tpm_pcrs is None:
-        raise VerificationError("tpm: a quote needs its signature and PCR values",
-                                "pass --tpm-sig FILE --tpm-pcrs FILE")
+        raise VerificationError(
+            "tpm: a quote needs its signature and PCR values", "pass --tpm-sig FILE --tpm-pcrs FILE"
+        )
     aks = list(anchors.tpm_aks) + ([inputs.ak] if inputs.ak is not None else [])
     if not aks:
-        raise VerificationError("tpm: no trusted attestation key (a TPM quote has no vendor root)",
-                                "pass --ak FILE (cove kbs serve: --tpm-ak FILE)")
+        raise VerificationError(
+            "tpm: no trusted attestation key (a TPM quote has no vendor root)",
+            "pass --ak FILE (cove kbs serve: --tpm-ak FILE)",
+        )
     check = None
     if inputs.event_log is not None:
         from cove.attest.eventlog import event_log_check
@@ -165,8 +170,9 @@ def _tpm(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, n
     error: VerificationError | None = None
     for ak in aks:
         try:
-            return ap.from_tpm(verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, ak, nonce,
-                                                event_log_check=check))
+            return ap.from_tpm(
+                verify_tpm_quote(evidence, inputs.tpm_signature, inputs.tpm_pcrs, ak, nonce, event_log_check=check)
+            )
         except VerificationError as exc:
             error = exc
     assert error is not None  # aks is not empty
@@ -176,13 +182,25 @@ def _tpm(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, n
 def _cove(evidence: bytes, rules: Rules, inputs: Inputs, anchors: TrustAnchors, now: datetime) -> Appraisal:
     from cove.attest.cove_evidence_verify import appraisal, verify_cove_evidence
 
-    claims = verify_cove_evidence(evidence, now, ek_roots=anchors.cove_ek_roots or rules.pem("ek_ca") or None,
-                                  ak_roots=anchors.cove_ak_roots or rules.pem("ak_ca") or None)
+    claims = verify_cove_evidence(
+        evidence,
+        now,
+        ek_roots=anchors.cove_ek_roots or rules.pem("ek_ca") or None,
+        ak_roots=anchors.cove_ak_roots or rules.pem("ak_ca") or None,
+    )
     return appraisal(claims)
 
 
-def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None, now: datetime | None = None,
-           inputs: Inputs = Inputs(), anchors: TrustAnchors = TrustAnchors(), nonce: bytes | None = None) -> Appraisal:
+def verify(
+    evidence: bytes,
+    *,
+    kind: str = "auto",
+    policy: Policy | None = None,
+    now: datetime | None = None,
+    inputs: Inputs = Inputs(),
+    anchors: TrustAnchors = TrustAnchors(),
+    nonce: bytes | None = None,
+) -> Appraisal:
     """Verify evidence; raises VerificationError naming the failed check.
 
     ``nonce``: a TPM quote's extraData must equal it (a signed field of the
@@ -214,9 +232,17 @@ def verify(evidence: bytes, *, kind: str = "auto", policy: Policy | None = None,
     return _cove(evidence, rules, inputs, anchors, now)
 
 
-def appraise(evidence: bytes, policy: Policy | None = None, *, kind: str = "auto", nonce: bytes | None = None,
-             report_data: bytes | None = None, now: datetime | None = None, inputs: Inputs = Inputs(),
-             anchors: TrustAnchors = TrustAnchors()) -> Verdict:
+def appraise(
+    evidence: bytes,
+    policy: Policy | None = None,
+    *,
+    kind: str = "auto",
+    nonce: bytes | None = None,
+    report_data: bytes | None = None,
+    now: datetime | None = None,
+    inputs: Inputs = Inputs(),
+    anchors: TrustAnchors = TrustAnchors(),
+) -> Verdict:
     """Verify and evaluate: raises VerificationError for invalid evidence, else a verdict."""
     now = now or datetime.now(timezone.utc)
     policy = policy or default_policy()

@@ -31,14 +31,31 @@ class Context:
 # Which module of cove.cli defines each command. Modules are imported only
 # when their command runs (or for --help), so `cove run` pays for nothing else.
 COMMANDS = {
-    "new": "instance", "add": "instance", "keygen": "instance", "build": "instance",
+    "new": "instance",
+    "add": "instance",
+    "keygen": "instance",
+    "build": "instance",
     "run": "run",
-    "package": "package", "inspect": "package",
-    "info": "info", "fs": "fs",
-    "kbs": "kbs", "demo": "demo", "k8s": "k8s",
-    "verify": "attest", "jwks": "attest", "platform": "platform",
-    "daemon": "daemon", "ps": "lifecycle", "logs": "lifecycle", "stop": "lifecycle", "kill": "lifecycle",
-    "rm": "lifecycle", "wait": "lifecycle", "images": "lifecycle", "rmi": "lifecycle", "events": "lifecycle",
+    "package": "package",
+    "inspect": "package",
+    "info": "info",
+    "fs": "fs",
+    "kbs": "kbs",
+    "demo": "demo",
+    "k8s": "k8s",
+    "verify": "attest",
+    "jwks": "attest",
+    "platform": "platform",
+    "daemon": "daemon",
+    "ps": "lifecycle",
+    "logs": "lifecycle",
+    "stop": "lifecycle",
+    "kill": "lifecycle",
+    "rm": "lifecycle",
+    "wait": "lifecycle",
+    "images": "lifecycle",
+    "rmi": "lifecycle",
+    "events": "lifecycle",
     "exec": "lifecycle",
 }
 
@@ -64,9 +81,14 @@ def _group() -> click.Group:
                 return None
 
         @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-        @click.option("-C", "directory", type=click.Path(file_okay=False, path_type=Path), default=".",
-                      help="Act on the instance in DIR instead of the current folder. Unlike git -C it does not "
-                           "change directory: relative paths after it still resolve against the current folder.")
+        @click.option(
+            "-C",
+            "directory",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=".",
+            help="Act on the instance in DIR instead of the current folder. Unlike git -C it does not "
+            "change directory: relative paths after it still resolve against the current folder.",
+        )
         @click.option("--debug", is_flag=True, help="Show tracebacks for errors (docs/cli.md lists the exit codes).")
         @click.version_option(__version__, prog_name="cove")
         @click.pass_context
@@ -129,7 +151,7 @@ def _fail(exc: BaseException, line: str, code: int) -> int:
     if _options["debug"]:
         raise exc
     if line.startswith("cove: "):  # a verifier's line names the evidence type, here "cove"
-        line = "Cove evidence: " + line[len("cove: "):]
+        line = "Cove evidence: " + line[len("cove: ") :]
     click.echo(f"cove: error: {line}", err=True)
     return code
 

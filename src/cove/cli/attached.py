@@ -32,15 +32,35 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 HINT = " (start it with `sudo cove daemon` or `systemctl start cove`)"
 
 
-def create_body(instance: Path, program: str, args: tuple[str, ...], name: str | None, backend: str | None,
-                restart: str, signer: str | None) -> dict[str, Any]:
+def create_body(
+    instance: Path,
+    program: str,
+    args: tuple[str, ...],
+    name: str | None,
+    backend: str | None,
+    restart: str,
+    signer: str | None,
+) -> dict[str, Any]:
     """The POST /enclaves request of `cove run` and `cove run -d`."""
-    return {"instance": str(instance.resolve()), "program": program, "args": list(args), "name": name,
-            "backend": backend, "restart": restart, "signer": signer, "env": dict(os.environ)}
+    return {
+        "instance": str(instance.resolve()),
+        "program": program,
+        "args": list(args),
+        "name": name,
+        "backend": backend,
+        "restart": restart,
+        "signer": signer,
+        "env": dict(os.environ),
+    }
 
 
-def _call(method: str, route: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None,
-          timeout: float | None = 60.0) -> Any:
+def _call(
+    method: str,
+    route: str,
+    body: dict[str, Any] | None = None,
+    query: dict[str, Any] | None = None,
+    timeout: float | None = 60.0,
+) -> Any:
     try:
         return Client().call(method, route, body, query, timeout)
     except NotRunning as exc:
@@ -59,8 +79,9 @@ def follow(ident: str) -> int:
     previous: dict[int, Any] = {}
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=_quiet_call, args=("POST", f"/enclaves/{ident}/kill", {"signal": str(signum)}),
-                         daemon=True).start()
+        threading.Thread(
+            target=_quiet_call, args=("POST", f"/enclaves/{ident}/kill", {"signal": str(signum)}), daemon=True
+        ).start()
 
     for signum in FORWARDED:
         previous[signum] = signal.signal(signum, forward)
@@ -88,20 +109,21 @@ def follow(ident: str) -> int:
 def _enclave(view: Any) -> dict[str, Any]:
     """An enclave's view from the API, or a DaemonError when the answer is not one."""
     if not isinstance(view, dict) or not isinstance(view.get("id"), str):
-        raise DaemonError("the Cove daemon's answer is not an enclave (is it a Cove daemon of this version?)",
-                          UNREACHABLE)
+        raise DaemonError(
+            "the Cove daemon's answer is not an enclave (is it a Cove daemon of this version?)", UNREACHABLE
+        )
     return view
 
 
-def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None,
-                 signer: str | None) -> int:
+def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
     """`cove run` through the daemon: start, copy the output, return the exit code (raises DaemonError).
 
     The enclave is removed once it has ended, as `docker run --rm` does.
     """
     with trace.span("client.create"):
-        view = _enclave(_call("POST", "/enclaves", create_body(instance, program, args, None, backend, "no", signer),
-                              timeout=3600))
+        view = _enclave(
+            _call("POST", "/enclaves", create_body(instance, program, args, None, backend, "no", signer), timeout=3600)
+        )
     return follow(view["id"])
 
 
@@ -113,7 +135,7 @@ def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
             directory, i = argv[i + 1], i + 2
         else:
             return None
-    rest = argv[i + 1:]
+    rest = argv[i + 1 :]
     if i >= len(argv) or not rest or rest[0].startswith("-") or not directory:
         return None
     return directory, rest[0], tuple(rest[1:])
@@ -155,8 +177,9 @@ def fast_run(argv: list[str]) -> int | None:
         return None  # a vm, an encrypted image or a cove.toml to report: the full CLI
     try:
         with trace.span("client.create"):
-            view = _enclave(_call("POST", "/enclaves", create_body(instance, program, args, None, None, "no", None),
-                                  timeout=3600))
+            view = _enclave(
+                _call("POST", "/enclaves", create_body(instance, program, args, None, None, "no", None), timeout=3600)
+            )
         return follow(view["id"])
     except DaemonError as exc:
         return _fail(exc.line, exc.exit_code)
@@ -228,6 +251,6 @@ def _daemon_serves_user() -> bool:
 
 def _fail(line: str, code: int) -> int:
     if line.startswith("cove: "):  # as cove.cli.main: a verifier's line names the evidence type
-        line = "Cove evidence: " + line[len("cove: "):]
+        line = "Cove evidence: " + line[len("cove: ") :]
     print(f"cove: error: {line}", file=sys.stderr, flush=True)
     return code

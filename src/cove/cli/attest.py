@@ -46,8 +46,10 @@ def _read(path: str, what: str) -> bytes:
     except OSError as exc:
         raise CoveError(f"{what} {path}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_INPUT:
-        raise VerificationError(f"{what} {path}: larger than {MAX_INPUT >> 20} MiB, more than any evidence or "
-                                "collateral is", "check the file name")
+        raise VerificationError(
+            f"{what} {path}: larger than {MAX_INPUT >> 20} MiB, more than any evidence or collateral is",
+            "check the file name",
+        )
     return data
 
 
@@ -108,34 +110,71 @@ def _label(appraisal) -> str:
 
 @click.command()
 @click.argument("evidence")
-@click.option("--type", "kind", type=click.Choice(TYPES), default="auto", show_default=True,
-              help="Evidence type (auto detects it).")
-@click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Appraisal policy (TOML or JSON); default: the built-in deny-by-default policy.")
+@click.option(
+    "--type",
+    "kind",
+    type=click.Choice(TYPES),
+    default="auto",
+    show_default=True,
+    help="Evidence type (auto detects it).",
+)
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Appraisal policy (TOML or JSON); default: the built-in deny-by-default policy.",
+)
 @click.option("--nonce", help="Hex nonce the evidence must bind (report data prefix; TPM: extraData).")
 @click.option("--report-data", "report_data", help="Hex of the exact 64 bytes of report data expected.")
 @click.option("--time", "at", help="Verify as of this ISO 8601 time (default: now).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--token", is_flag=True, help="Print an EAR attestation token (JWT) signed by the verifier key.")
-@click.option("--token-key", type=InputPath(),
-              help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, "
-                   "made on first use).")
+@click.option(
+    "--token-key",
+    type=InputPath(),
+    help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, made on first use).",
+)
 @click.option("--collateral", type=click.Path(dir_okay=False), help="sgx/tdx: PCS collateral JSON.")
 @click.option("--pccs", help="sgx/tdx: fetch collateral from this PCCS/PCS base URL (cached).")
 @click.option("--vcek", type=click.Path(dir_okay=False), help="snp: the VCEK or VLEK certificate.")
-@click.option("--ask-ark", "ask_ark", type=click.Path(dir_okay=False),
-              help="snp: trusted AMD bundle (PEM: ASK and/or ASVK, and ARK), instead of the built-in roots.")
+@click.option(
+    "--ask-ark",
+    "ask_ark",
+    type=click.Path(dir_okay=False),
+    help="snp: trusted AMD bundle (PEM: ASK and/or ASVK, and ARK), instead of the built-in roots.",
+)
 @click.option("--kds", help="snp: fetch the VCEK from this AMD KDS base URL (cached).")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Collateral cache folder (default: ~/.cache/cove/collateral).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Collateral cache folder (default: ~/.cache/cove/collateral).",
+)
 @click.option("--tpm-sig", "tpm_sig", type=click.Path(dir_okay=False), help="tpm: quote signature (tpm2_quote -s).")
 @click.option("--tpm-pcrs", "tpm_pcrs", type=click.Path(dir_okay=False), help="tpm: PCR values (tpm2_quote -o).")
 @click.option("--ak", type=click.Path(dir_okay=False), help="tpm: the trusted attestation key (PEM, DER or TPM2B).")
 @click.option("--event-log", "event_log", type=click.Path(dir_okay=False), help="tpm: a TCG2 event log to replay.")
-def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None, report_data: str | None,
-           at: str | None, as_json: bool, token: bool, token_key: Path | None, collateral: str | None,
-           pccs: str | None, vcek: str | None, ask_ark: str | None, kds: str | None, cache_dir: Path | None,
-           tpm_sig: str | None, tpm_pcrs: str | None, ak: str | None, event_log: str | None) -> int:
+def verify(
+    evidence: str,
+    kind: str,
+    policy_file: Path | None,
+    nonce: str | None,
+    report_data: str | None,
+    at: str | None,
+    as_json: bool,
+    token: bool,
+    token_key: Path | None,
+    collateral: str | None,
+    pccs: str | None,
+    vcek: str | None,
+    ask_ark: str | None,
+    kds: str | None,
+    cache_dir: Path | None,
+    tpm_sig: str | None,
+    tpm_pcrs: str | None,
+    ak: str | None,
+    event_log: str | None,
+) -> int:
     """Verify EVIDENCE (a file, or - for stdin); exit 0 only if valid and accepted by the policy."""
     from cove.attest import verifier
     from cove.attest.errors import VerificationError
@@ -151,10 +190,13 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
         raw, cert_binding = evidence_from_certificate(raw)
     inputs = verifier.Inputs(
         collateral=_read(collateral, "collateral") if collateral else None,
-        vcek=_read(vcek, "VCEK") if vcek else None, ask_ark=_read(ask_ark, "ASK/ARK") if ask_ark else None,
+        vcek=_read(vcek, "VCEK") if vcek else None,
+        ask_ark=_read(ask_ark, "ASK/ARK") if ask_ark else None,
         tpm_signature=_read(tpm_sig, "TPM signature") if tpm_sig else None,
         tpm_pcrs=_read(tpm_pcrs, "TPM PCR file") if tpm_pcrs else None,
-        ak=_read(ak, "AK") if ak else None, event_log=_read(event_log, "event log") if event_log else None)
+        ak=_read(ak, "AK") if ak else None,
+        event_log=_read(event_log, "event log") if event_log else None,
+    )
     if pccs or kds:
         from cove.attest.collateral_fetch import Fetcher
 
@@ -162,12 +204,15 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
     expected_rd = _hex(report_data, "--report-data")
     if cert_binding is not None:
         if expected_rd is not None:
-            raise CoveError("--report-data cannot be used with an RA-TLS certificate",
-                            "its report data is fixed by the certificate's key")
+            raise CoveError(
+                "--report-data cannot be used with an RA-TLS certificate",
+                "its report data is fixed by the certificate's key",
+            )
         expected_rd = cert_binding
     try:
-        verdict = verifier.appraise(raw, policy, kind=kind, nonce=_hex(nonce, "--nonce"), report_data=expected_rd,
-                                    now=now, inputs=inputs)
+        verdict = verifier.appraise(
+            raw, policy, kind=kind, nonce=_hex(nonce, "--nonce"), report_data=expected_rd, now=now, inputs=inputs
+        )
     except VerificationError as exc:
         if as_json:
             click.echo(json.dumps({"valid": False, "accepted": False, "error": exc.line()}, indent=2))
@@ -177,16 +222,28 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
         from cove.attest import ear
 
         key = ear.VerifierKey.load_or_create(token_key or default_token_key())
-        click.echo(ear.issue(key, verdict.appraisal, result, nonce=_hex(nonce, "--nonce"),
-                             issued_at=int(now.timestamp())))
+        click.echo(
+            ear.issue(key, verdict.appraisal, result, nonce=_hex(nonce, "--nonce"), issued_at=int(now.timestamp()))
+        )
     elif as_json:
         from cove.attest.appraisal import summary
 
-        click.echo(json.dumps({
-            "valid": True, "accepted": result.accepted, "evidence_type": verdict.appraisal.evidence_type,
-            "policy": result.policy_id, "components": dict(result.components), "reasons": list(result.reasons),
-            "warnings": list(result.warnings), "claims": summary(verdict.appraisal),
-            "details": dict(verdict.appraisal.claims)}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "valid": True,
+                    "accepted": result.accepted,
+                    "evidence_type": verdict.appraisal.evidence_type,
+                    "policy": result.policy_id,
+                    "components": dict(result.components),
+                    "reasons": list(result.reasons),
+                    "warnings": list(result.warnings),
+                    "claims": summary(verdict.appraisal),
+                    "details": dict(verdict.appraisal.claims),
+                },
+                indent=2,
+            )
+        )
     else:
         _print_human(verdict, _label(verdict.appraisal))
     if not result.accepted:
@@ -197,9 +254,11 @@ def verify(evidence: str, kind: str, policy_file: Path | None, nonce: str | None
 
 
 @click.command()
-@click.option("--token-key", type=InputPath(),
-              help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, "
-                   "made on first use).")
+@click.option(
+    "--token-key",
+    type=InputPath(),
+    help="Verifier signing key, which must exist (default: ~/.config/cove/verifier-key.pem, made on first use).",
+)
 def jwks(token_key: Path | None) -> None:
     """Print the JWKS document of the verifier key, for relying parties checking tokens."""
     from cove.attest import ear

@@ -10,20 +10,37 @@ from cove.daemon.client import GROUP, socket_path
 
 
 @click.command()
-@click.option("--root", "root", type=click.Path(file_okay=False, path_type=Path), default="/var/lib/cove",
-              show_default=True, envvar="COVE_DAEMON_ROOT",
-              help="Where the image store and the enclaves' state live.")
-@click.option("--socket", "socket", help="The API's unix socket (default $COVE_DAEMON_SOCKET or "
-                                          "/run/cove/cove.sock).")
+@click.option(
+    "--root",
+    "root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/var/lib/cove",
+    show_default=True,
+    envvar="COVE_DAEMON_ROOT",
+    help="Where the image store and the enclaves' state live.",
+)
+@click.option("--socket", "socket", help="The API's unix socket (default $COVE_DAEMON_SOCKET or /run/cove/cove.sock).")
 @click.option("--group", default=GROUP, show_default=True, help="The group allowed to use the socket besides root.")
-@click.option("--metrics", metavar="ADDRESS:PORT",
-              help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 (off by default).")
-@click.option("--log-max-size", default="10MiB", show_default=True, metavar="SIZE",
-              help="Rotate an enclave's log when it reaches this size (e.g. 512KiB, 10MiB; 0: never).")
-@click.option("--log-max-files", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Files kept per enclave's log, the live one included.")
-def daemon(root: Path, socket: str | None, group: str, metrics: str | None, log_max_size: str,
-           log_max_files: int) -> int:
+@click.option(
+    "--metrics", metavar="ADDRESS:PORT", help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464 (off by default)."
+)
+@click.option(
+    "--log-max-size",
+    default="10MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Rotate an enclave's log when it reaches this size (e.g. 512KiB, 10MiB; 0: never).",
+)
+@click.option(
+    "--log-max-files",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Files kept per enclave's log, the live one included.",
+)
+def daemon(
+    root: Path, socket: str | None, group: str, metrics: str | None, log_max_size: str, log_max_files: int
+) -> int:
     """Run the node service: image store, enclaves that outlive it, /dev/attestation (docs/node.md)."""
     from cove.daemon import logfile, server
     from cove.errors import CoveError

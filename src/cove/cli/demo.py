@@ -29,14 +29,14 @@ if TYPE_CHECKING:
 
 DB_SECRET = "demo/db/password"
 VOLUME_KEY = "demo/volume/key"
-PROGRAM = r'''
+PROGRAM = r"""
 echo "  [enclave] DB_PASSWORD has ${#DB_PASSWORD} characters (the program never prints it)"
 echo "  [enclave] /run/secrets/tls.pem: $(head -n 1 /run/secrets/tls.pem)"
 if [ -d /data ] && [ -w /data ]; then
   echo "customer ledger: alice owes bob 42 coins" > /data/ledger.txt && echo "  [enclave] wrote /data/ledger.txt"
   echo "  [enclave] read back: $(cat /data/ledger.txt)"
 fi
-'''
+"""
 
 
 class Demo:
@@ -44,8 +44,11 @@ class Demo:
         self.folder = folder
         self.keep = keep
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
-        self.env.update(COVE_KEY=str(folder / "signing-key.pem"), COVE_PLATFORM_DIR=str(folder / "platform"),
-                        XDG_STATE_HOME=str(folder / "state"))
+        self.env.update(
+            COVE_KEY=str(folder / "signing-key.pem"),
+            COVE_PLATFORM_DIR=str(folder / "platform"),
+            XDG_STATE_HOME=str(folder / "state"),
+        )
         self.step_no = 0
         self.broker: EmbeddedBroker | None = None
 
@@ -63,8 +66,9 @@ class Demo:
         click.echo(f"   {text}")
 
     def cove(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "cove", *args], cwd=cwd, env=self.env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "cove", *args], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=300
+        )
         if check and done.returncode != 0:
             raise CoveError(f"demo: `cove {' '.join(args)}` failed: {done.stderr.strip() or done.stdout.strip()}")
         return done
@@ -77,8 +81,10 @@ class Demo:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             (self.folder / "platform").mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise CoveError(f"cannot use {self.folder} for the demo: {exc.strerror}",
-                            "pass --dir with a folder you can write, or no --dir") from None
+            raise CoveError(
+                f"cannot use {self.folder} for the demo: {exc.strerror}",
+                "pass --dir with a folder you can write, or no --dir",
+            ) from None
         click.secho(f"Cove demo in {self.folder}", bold=True)
         broker, ca = self.start_broker()
         with EmbeddedBroker(broker, ca[1], ca[2]) as server:
@@ -94,7 +100,9 @@ class Demo:
                 admin.close()
         self.step("Done")
         self.note("the secrets reached only the attested enclave, after the runtime proved what it runs;")
-        self.note("no admin could read them, the host saw the volume only encrypted, and a changed enclave got nothing.")
+        self.note(
+            "no admin could read them, the host saw the volume only encrypted, and a changed enclave got nothing."
+        )
         self.note("docs/kbs.md explains the protocol, the policies and a real deployment.")
 
     def start_broker(self):
@@ -104,8 +112,9 @@ class Demo:
         self.step("Start a key broker on loopback (HTTPS, SQLite, secrets encrypted under a master key)")
         tls_files = tls.make_local_tls(self.folder / "kbs-tls")
         policy = 'types = ["cove"]\n[cove]\nself_certified = true\n'
-        broker = Broker(Settings(db_url=f"sqlite:///{self.folder / 'kbs.db'}", master_key=os.urandom(32),
-                                 attestation_policy=policy))
+        broker = Broker(
+            Settings(db_url=f"sqlite:///{self.folder / 'kbs.db'}", master_key=os.urandom(32), attestation_policy=policy)
+        )
         self.note("attestation policy: Cove evidence, no debug enclaves; this demo's platform is self-certified")
         self.note("(no TPM vouches for its key), so the policy accepts that explicitly, and every result says so")
         return broker, tls_files
@@ -137,7 +146,9 @@ class Demo:
         program.write_text("#!/bin/sh\n" + PROGRAM + (f"echo {marker}\n" if marker else ""))
         program.chmod(0o755)
         config = instance / "cove.toml"
-        text = config.read_text() + f'''
+        text = (
+            config.read_text()
+            + f'''
 [[mounts]]
 target = "/run/secrets"
 type = "tmpfs"
@@ -166,6 +177,7 @@ name = "volume-key"
 resource = "{VOLUME_KEY}"
 target = "mount:/data"
 '''
+        )
         config.write_text(text)
         self.cove("build", cwd=instance)
         if marker is None:
@@ -180,14 +192,17 @@ target = "mount:/data"
         from cove.kbs.client import KbsError
 
         self.step("Have the broker generate secrets that only this enclave may receive")
-        admin.put_policy("demo-app", f'types = ["cove"]\n[cove]\nmeasurements = ["{measurement}"]\n'
-                                     'self_certified = true\n')
+        admin.put_policy(
+            "demo-app", f'types = ["cove"]\n[cove]\nmeasurements = ["{measurement}"]\nself_certified = true\n'
+        )
         admin.create_secret(DB_SECRET, "password", "demo-app", exportable=False)
         admin.create_secret(VOLUME_KEY, "aes-256", "demo-app", exportable=False)
         admin.create_secret("demo/tls/server", "cert", "demo-app", exportable=False)
         self.note(f"release policy 'demo-app': measurement {measurement}")
-        self.note(f"{DB_SECRET} (password), {VOLUME_KEY} (AES-256), demo/tls/server (key + certificate "
-                  "issued at release by the broker's CA): all never-export")
+        self.note(
+            f"{DB_SECRET} (password), {VOLUME_KEY} (AES-256), demo/tls/server (key + certificate "
+            "issued at release by the broker's CA): all never-export"
+        )
         try:
             admin.export(DB_SECRET)
         except KbsError as exc:
@@ -217,8 +232,10 @@ target = "mount:/data"
         self.note(f"{sum(1 for p in data.rglob('*') if p.is_file())} files, {len(raw)} bytes under {data}")
         if leaked:
             raise CoveError("demo: the volume's plaintext is visible on the host")
-        self.proved("the host's disk holds only ciphertext; the volume key came from the broker after "
-                    "attestation and is never written to disk")
+        self.proved(
+            "the host's disk holds only ciphertext; the volume key came from the broker after "
+            "attestation and is never written to disk"
+        )
 
     def changed_enclave(self, url: str, ca: Path, admin) -> None:
         self.step("Change one byte of the program and run it again")
@@ -231,10 +248,13 @@ target = "mount:/data"
         self.proved("a different enclave is refused before its program starts")
 
 
-
 @click.command()
-@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep everything in DIR (default: a temporary folder, removed afterwards).")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep everything in DIR (default: a temporary folder, removed afterwards).",
+)
 def demo(folder: Path | None) -> None:
     """Build an enclave, attest it to a local key broker, provision secrets, show what was proven."""
     keep = folder is not None

@@ -14,9 +14,16 @@ from pathlib import Path
 from cove.errors import CoveError, FileSystemError
 
 
-def run(directory: Path, program: str, args: tuple[str, ...], backend: str | None = None,
-        debug_shell: bool = False, package: Path | None = None, signer: bytes | None = None,
-        state_dir: Path | None = None) -> int:
+def run(
+    directory: Path,
+    program: str,
+    args: tuple[str, ...],
+    backend: str | None = None,
+    debug_shell: bool = False,
+    package: Path | None = None,
+    signer: bytes | None = None,
+    state_dir: Path | None = None,
+) -> int:
     """Verify and run PROGRAM of the instance in ``directory`` (or of ``package``); its exit code."""
     from cove.runtime import attestation_early
 
@@ -60,6 +67,7 @@ def runtime_dir_full(where: Path, package: Path | None, directory: Path) -> File
     import tarfile
 
     from cove.image import artifacts
+
     needed: int | None
     try:
         if package is not None:
@@ -71,9 +79,11 @@ def runtime_dir_full(where: Path, package: Path | None, directory: Path) -> File
         needed = None
     free = shutil.disk_usage(where).free if where.is_dir() else 0
     size = f"about {_mb(needed)}" if needed else "about the image's size"
-    return FileSystemError(f"no space left in the runtime folder {where} ({_mb(free)} free): the enclave's root "
-                           f"is copied there, {size} plus its tmpfs contents",
-                           "set COVE_RUNTIME_DIR to a folder with more space, e.g. COVE_RUNTIME_DIR=/var/tmp")
+    return FileSystemError(
+        f"no space left in the runtime folder {where} ({_mb(free)} free): the enclave's root "
+        f"is copied there, {size} plus its tmpfs contents",
+        "set COVE_RUNTIME_DIR to a folder with more space, e.g. COVE_RUNTIME_DIR=/var/tmp",
+    )
 
 
 def _mb(size: int) -> str:

@@ -69,16 +69,26 @@ def fs() -> None:
 @fs.command()
 @click.option("--key", "key_text", required=True, help=KEY_HELP)
 @click.option("--path", "logical", help="Bind a single file to this path (default: the output's name).")
-@click.option("--label", default="/", show_default=True,
-              help="A new volume's mount target (an encrypted mount opens only its own volume).")
-@click.option("--rollback", type=ROLLBACK, default="auto", show_default=True,
-              help="A new volume's rollback anchor (auto: the TPM if there is one, else a platform file).")
+@click.option(
+    "--label",
+    default="/",
+    show_default=True,
+    help="A new volume's mount target (an encrypted mount opens only its own volume).",
+)
+@click.option(
+    "--rollback",
+    type=ROLLBACK,
+    default="auto",
+    show_default=True,
+    help="A new volume's rollback anchor (auto: the TPM if there is one, else a platform file).",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.pass_obj
-def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, force: bool,
-            source: Path, output: Path) -> None:
+def encrypt(
+    ctx, key_text: str, logical: str | None, label: str, rollback: str, force: bool, source: Path, output: Path
+) -> None:
     """Encrypt SOURCE: a file into one protected file, a folder into a new volume."""
     from cove.fs import transfer, volume_tools
     from cove.fs.index import KeyPolicy
@@ -94,10 +104,10 @@ def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, 
             if not label.startswith("/"):
                 raise CoveError(f"--label {label}: give the mount target, an absolute path")
             policy = KeyPolicy.of(key_text, identity.svn if identity else 0)
-            files, size, kind = transfer.new_volume_from(source, output, kek, label=label, policy=policy,
-                                                         anchor=rollback, force=force, progress=progress)
-            click.echo(f"created volume {output}: {files} files, {size} bytes, label {label}, "
-                       f"rollback anchor {kind}")
+            files, size, kind = transfer.new_volume_from(
+                source, output, kek, label=label, policy=policy, anchor=rollback, force=force, progress=progress
+            )
+            click.echo(f"created volume {output}: {files} files, {size} bytes, label {label}, rollback anchor {kind}")
         else:
             bound = logical or output.name
             transfer.encrypt_file(source, output, kek, bound, force=force, progress=progress)
@@ -107,14 +117,16 @@ def encrypt(ctx, key_text: str, logical: str | None, label: str, rollback: str, 
 @fs.command()
 @click.option("--key", "key_text", required=True, help=KEY_HELP)
 @click.option("--path", "logical", help="The path a single file must be bound to (default: any).")
-@click.option("--no-rollback-check", is_flag=True,
-              help="Open a volume whose rollback anchor is not on this platform (says so).")
+@click.option(
+    "--no-rollback-check", is_flag=True, help="Open a volume whose rollback anchor is not on this platform (says so)."
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.pass_obj
-def decrypt(ctx, key_text: str, logical: str | None, no_rollback_check: bool, force: bool,
-            source: Path, output: Path) -> None:
+def decrypt(
+    ctx, key_text: str, logical: str | None, no_rollback_check: bool, force: bool, source: Path, output: Path
+) -> None:
     """Decrypt SOURCE (a volume or a protected file) into OUTPUT, checking every byte."""
     from cove.fs import transfer, volume_tools
 
@@ -131,16 +143,16 @@ def decrypt(ctx, key_text: str, logical: str | None, no_rollback_check: bool, fo
     else:
         bar, progress = _progress(volume_tools.host_size(source), "decrypting")
         with bar or _Null():
-            bound = transfer.decrypt_file(source, output, _key(ctx, key_text), logical, force=force,
-                                          progress=progress)
+            bound = transfer.decrypt_file(source, output, _key(ctx, key_text), logical, force=force, progress=progress)
         click.echo(f"decrypted {source} (bound to {bound!r}) into {output}")
 
 
 @fs.command()
 @click.option("--key", "key_text", required=True, help=KEY_HELP)
 @click.option("--path", "logical", help="The path a single file must be bound to (default: any).")
-@click.option("--no-rollback-check", is_flag=True,
-              help="Check a volume whose rollback anchor is not on this platform (says so).")
+@click.option(
+    "--no-rollback-check", is_flag=True, help="Check a volume whose rollback anchor is not on this platform (says so)."
+)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.pass_obj
 def verify(ctx, key_text: str, logical: str | None, no_rollback_check: bool, source: Path) -> None:
@@ -160,8 +172,10 @@ def verify(ctx, key_text: str, logical: str | None, no_rollback_check: bool, sou
         if found.problems:
             raise _problems(source, found.problems)
         anchor = "none (not checked)" if no_rollback_check else volume.store.kind
-        click.echo(f"ok: {source}: {found.files} files, {found.size} bytes, version "
-                   f"{found.version}, label {found.label}, rollback anchor {anchor}")
+        click.echo(
+            f"ok: {source}: {found.files} files, {found.size} bytes, version "
+            f"{found.version}, label {found.label}, rollback anchor {anchor}"
+        )
 
 
 @fs.command(name="ls")
@@ -199,9 +213,15 @@ def mount(ctx, key_text: str, read_only: bool, volume_dir: Path, mountpoint: Pat
     for problem in volume.problems:
         click.echo(f"warning: {problem}", err=True)
     try:
-        fuse.serve(volume, str(mountpoint), name=str(volume_dir), read_only=read_only,
-                   on_ready=lambda: click.echo(f"mounted {volume_dir} at {mountpoint} "
-                                               f"(stop with Ctrl-C or fusermount3 -u {mountpoint})", err=True))
+        fuse.serve(
+            volume,
+            str(mountpoint),
+            name=str(volume_dir),
+            read_only=read_only,
+            on_ready=lambda: click.echo(
+                f"mounted {volume_dir} at {mountpoint} (stop with Ctrl-C or fusermount3 -u {mountpoint})", err=True
+            ),
+        )
     except RuntimeError as exc:
         volume.close()
         raise CoveError(f"cannot mount {mountpoint}: {exc}", "is FUSE available (scripts/setup)?") from None
@@ -228,8 +248,7 @@ class _Null:
 
 def _warn_unchecked(skipped: bool) -> None:
     if skipped:
-        click.echo("warning: the rollback check is skipped; an older copy of the volume would not be noticed",
-                   err=True)
+        click.echo("warning: the rollback check is skipped; an older copy of the volume would not be noticed", err=True)
 
 
 def _problems(source: Path, problems: list[str]) -> CoveError:
@@ -237,8 +256,10 @@ def _problems(source: Path, problems: list[str]) -> CoveError:
 
     for line in problems:
         click.echo(f"FAILED {line}")
-    return FileIntegrityError(f"{source}: {len(problems)} problem(s), first: {problems[0]}",
-                              "the volume was modified outside Cove; see the list above")
+    return FileIntegrityError(
+        f"{source}: {len(problems)} problem(s), first: {problems[0]}",
+        "the volume was modified outside Cove; see the list above",
+    )
 
 
 COMMANDS = (fs,)

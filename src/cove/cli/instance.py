@@ -24,11 +24,16 @@ def new(name: str) -> None:
 
 @click.command()
 @click.option("--to", "to", metavar="DIR", help="Place the paths under DIR inside the image.")
-@click.option("--bom", "bom_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Copy what a checked-in bom file lists.")
+@click.option(
+    "--bom", "bom_file", type=click.Path(dir_okay=False, path_type=Path), help="Copy what a checked-in bom file lists."
+)
 @click.option("--no-deps", is_flag=True, help="Do not copy the interpreter and shared libraries of ELF files.")
-@click.option("--sdk", is_flag=True, help="Add the Python SDK (from cove import enclave) as "
-              "/usr/lib/python3/dist-packages/cove/enclave.py, or DIR/cove/enclave.py with --to.")
+@click.option(
+    "--sdk",
+    is_flag=True,
+    help="Add the Python SDK (from cove import enclave) as "
+    "/usr/lib/python3/dist-packages/cove/enclave.py, or DIR/cove/enclave.py with --to.",
+)
 @click.argument("paths", nargs=-1)
 @click.pass_obj
 def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, sdk: bool, paths: tuple[str, ...]) -> None:
@@ -45,6 +50,7 @@ def add(ctx, to: str | None, bom_file: Path | None, no_deps: bool, sdk: bool, pa
     glibc loads at run time (libgcc_s, NSS modules); --no-deps skips that.
     """
     from cove.image import bom
+
     target = instance_mod.open_instance(ctx.directory)
     if not paths and bom_file is None and not sdk:
         raise click.UsageError("give PATH..., --bom FILE or --sdk")
@@ -72,22 +78,35 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], object] | None]
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with Progress(TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
-                  console=Console(stderr=True)) as bar:
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    ) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
 
 
 @click.command()
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the key (default: ~/.config/cove/signing-key.pem).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the key (default: ~/.config/cove/signing-key.pem).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing key.")
-@click.option("--verifier", is_flag=True,
-              help="Create the verifier's token-signing key instead (for `cove verify --token --token-key`; "
-                   "default ~/.config/cove/verifier-key.pem).")
+@click.option(
+    "--verifier",
+    is_flag=True,
+    help="Create the verifier's token-signing key instead (for `cove verify --token --token-key`; "
+    "default ~/.config/cove/verifier-key.pem).",
+)
 def keygen(out: Path | None, force: bool, verifier: bool) -> None:
     """Create a developer signing key (Ed25519), or with --verifier the key that signs attestation tokens."""
     from cove.image import signing
+
     if verifier:
         _verifier_key(out, force)
         return
@@ -98,17 +117,29 @@ def keygen(out: Path | None, force: bool, verifier: bool) -> None:
 
 
 @click.command()
-@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Signing key (default: ~/.config/cove/signing-key.pem, created on first use).")
-@click.option("--encrypt-image", "encrypt_source", metavar="SOURCE",
-              help="Also write the image encrypted, opened at run time with the key SOURCE: "
-                   "seal:mrsigner, seal:mrenclave, file:PATH, kbs:RESOURCE (or insecure:HEX, debug only).")
-@click.option("--image-key-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --encrypt-image kbs:RESOURCE: the key to encrypt with, the one the broker will release.")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Signing key (default: ~/.config/cove/signing-key.pem, created on first use).",
+)
+@click.option(
+    "--encrypt-image",
+    "encrypt_source",
+    metavar="SOURCE",
+    help="Also write the image encrypted, opened at run time with the key SOURCE: "
+    "seal:mrsigner, seal:mrenclave, file:PATH, kbs:RESOURCE (or insecure:HEX, debug only).",
+)
+@click.option(
+    "--image-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --encrypt-image kbs:RESOURCE: the key to encrypt with, the one the broker will release.",
+)
 @click.pass_obj
 def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file: Path | None) -> None:
     """Measure the image and configuration and sign the manifest."""
     from cove.image import build as build_mod, signing
+
     target = instance_mod.open_instance(ctx.directory)
     config = target.config()  # a bad cove.toml is reported before anything is created
     encryption = _encryption(encrypt_source, image_key_file, config)
@@ -118,13 +149,18 @@ def build(ctx, key_path: Path | None, encrypt_source: str | None, image_key_file
     result = build_mod.build(target, key_path, encryption)
     click.echo(f"measurement {result.manifest.measurement.hex()}")
     click.echo(f"signer      {result.signature.signer.hex()}")
-    click.echo(f"image       {result.manifest.image_files} files, {result.manifest.image_bytes} bytes "
-               f"({result.rehashed} hashed, {result.cached} unchanged)")
+    click.echo(
+        f"image       {result.manifest.image_files} files, {result.manifest.image_bytes} bytes "
+        f"({result.rehashed} hashed, {result.cached} unchanged)"
+    )
     if result.encrypted_with:
         click.echo(f"encrypted   build/image.enc, opened with {result.encrypted_with}")
     if result.manifest.image_files == 0:
-        click.echo("cove: warning: the image holds no files, so `cove run` has nothing to run "
-                   "(add programs with `cove add`, then build again)", err=True)
+        click.echo(
+            "cove: warning: the image holds no files, so `cove run` has nothing to run "
+            "(add programs with `cove add`, then build again)",
+            err=True,
+        )
     for warning in result.warnings:
         click.echo(f"cove: warning: {warning}", err=True)
 
@@ -157,8 +193,10 @@ def _encryption(source: str | None, key_file: Path | None, config):
     kind = keys.parse(encryption.check_source(source, config)).kind
     if kind == "kbs":
         if key_file is None:
-            raise CoveError("--encrypt-image kbs:RESOURCE needs --image-key-file FILE",
-                            "the key the broker will release: upload the same file as that resource")
+            raise CoveError(
+                "--encrypt-image kbs:RESOURCE needs --image-key-file FILE",
+                "the key the broker will release: upload the same file as that resource",
+            )
         return ImageEncryption(source, keys.read_key_file(key_file))
     if key_file is not None:
         raise CoveError(f"--image-key-file is only for kbs: sources; {kind}: keys are found by the source")

@@ -13,12 +13,20 @@ from cove.errors import CoveError, UnreachableError
 
 def _logging(level: str) -> None:
     """Structured key=value lines on stderr, one per event, as the other services log."""
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r",
+    )
 
 
-LOG_LEVEL = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-                         show_default=True, help="How much to log.")
+LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="How much to log.",
+)
 
 
 @click.group()
@@ -27,19 +35,47 @@ def k8s() -> None:
 
 
 @k8s.command("device-plugin")
-@click.option("--slots", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Enclave slots this node advertises as cove.dev/enclave.")
-@click.option("--memory-mib", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
-              help="MiB advertised as cove.dev/enclave-memory (0: not advertised).")
-@click.option("--tpm", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Advertise cove.dev/tpm: auto when a TPM device is present.")
-@click.option("--plugin-dir", default="/var/lib/kubelet/device-plugins", show_default=True,
-              help="The kubelet's device-plugin folder (its kubelet.sock lives there).")
-@click.option("--run-dir", default="/run/cove", show_default=True,
-              help="The node service's runtime folder, mounted into enclave containers.")
+@click.option(
+    "--slots",
+    type=click.IntRange(1, 4096),
+    default=8,
+    show_default=True,
+    help="Enclave slots this node advertises as cove.dev/enclave.",
+)
+@click.option(
+    "--memory-mib",
+    type=click.IntRange(0, 1 << 20),
+    default=0,
+    show_default=True,
+    help="MiB advertised as cove.dev/enclave-memory (0: not advertised).",
+)
+@click.option(
+    "--tpm",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="Advertise cove.dev/tpm: auto when a TPM device is present.",
+)
+@click.option(
+    "--plugin-dir",
+    default="/var/lib/kubelet/device-plugins",
+    show_default=True,
+    help="The kubelet's device-plugin folder (its kubelet.sock lives there).",
+)
+@click.option(
+    "--run-dir",
+    default="/run/cove",
+    show_default=True,
+    help="The node service's runtime folder, mounted into enclave containers.",
+)
 @click.option("--daemon-socket", help="The node service's socket (default RUN_DIR/cove.sock).")
-@click.option("--health-interval", type=click.FloatRange(0.05, 300), default=5.0, show_default=True,
-              help="Seconds between health probes of the node service.")
+@click.option(
+    "--health-interval",
+    type=click.FloatRange(0.05, 300),
+    default=5.0,
+    show_default=True,
+    help="Seconds between health probes of the node service.",
+)
 @LOG_LEVEL
 def device_plugin(slots, memory_mib, tpm, plugin_dir, run_dir, daemon_socket, health_interval, log_level) -> None:
     """Advertise enclave slots, enclave memory and TPM-rooted reports to the kubelet."""
@@ -47,13 +83,22 @@ def device_plugin(slots, memory_mib, tpm, plugin_dir, run_dir, daemon_socket, he
 
     _logging(log_level)
     use_tpm = deviceplugin.tpm_present() if tpm == "auto" else tpm == "yes"
-    config = deviceplugin.Config(slots=slots, memory_mib=memory_mib, tpm=use_tpm, plugin_dir=plugin_dir,
-                                 run_dir=run_dir, daemon_socket=daemon_socket, health_interval=health_interval)
+    config = deviceplugin.Config(
+        slots=slots,
+        memory_mib=memory_mib,
+        tpm=use_tpm,
+        plugin_dir=plugin_dir,
+        run_dir=run_dir,
+        daemon_socket=daemon_socket,
+        health_interval=health_interval,
+    )
     try:
         deviceplugin.main_loop(config)
     except PermissionError as exc:
-        raise CoveError(f"cannot use {exc.filename or plugin_dir}: permission denied",
-                        "the device plugin runs as root with the kubelet's device-plugin folder mounted") from None
+        raise CoveError(
+            f"cannot use {exc.filename or plugin_dir}: permission denied",
+            "the device plugin runs as root with the kubelet's device-plugin folder mounted",
+        ) from None
 
 
 COMMANDS = [k8s]
@@ -63,11 +108,19 @@ COMMANDS = [k8s]
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to serve HTTPS on.")
 @click.option("--cert", "certfile", required=True, help="TLS certificate chain (PEM), e.g. from cert-manager.")
 @click.option("--key", "keyfile", required=True, help="TLS private key (PEM).")
-@click.option("--kbs-config", type=click.Path(path_type=Path),
-              help="JSON key-broker settings to inject (url, ca, policy, timeout, retries, resource_prefix); "
-                   "a mounted ConfigMap, re-read when it changes.")
-@click.option("--default-memory-mib", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
-              help="cove.dev/enclave-memory for a container without a memory limit.")
+@click.option(
+    "--kbs-config",
+    type=click.Path(path_type=Path),
+    help="JSON key-broker settings to inject (url, ca, policy, timeout, retries, resource_prefix); "
+    "a mounted ConfigMap, re-read when it changes.",
+)
+@click.option(
+    "--default-memory-mib",
+    type=click.IntRange(1, 1 << 20),
+    default=256,
+    show_default=True,
+    help="cove.dev/enclave-memory for a container without a memory limit.",
+)
 @LOG_LEVEL
 def webhook(listen, certfile, keyfile, kbs_config, default_memory_mib, log_level) -> None:
     """The mutating and validating admission webhook for enclave pods."""
@@ -90,10 +143,15 @@ def webhook(listen, certfile, keyfile, kbs_config, default_memory_mib, log_level
 
 
 @k8s.command()
-@click.option("--namespace", "namespaces", multiple=True,
-              help="Watch only this namespace (repeatable; default: every namespace).")
-@click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True,
-              help="The liveness endpoint kopf serves for the kubelet's probe.")
+@click.option(
+    "--namespace", "namespaces", multiple=True, help="Watch only this namespace (repeatable; default: every namespace)."
+)
+@click.option(
+    "--liveness",
+    default="http://0.0.0.0:8080/healthz",
+    show_default=True,
+    help="The liveness endpoint kopf serves for the kubelet's probe.",
+)
 @LOG_LEVEL
 def operator(namespaces, liveness, log_level) -> None:
     """Reconcile KeyBroker, EnclavePolicy and EnclaveSecret objects into the key broker."""
@@ -106,30 +164,45 @@ def operator(namespaces, liveness, log_level) -> None:
 
     _logging(log_level)
     if not credentials_present():
-        raise UnreachableError("no Kubernetes API credentials",
-                               "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL")
+        raise UnreachableError(
+            "no Kubernetes API credentials",
+            "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL",
+        )
     # Peering is left to the chart's single replica with a Recreate strategy: one operator at a time.
     try:
-        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=list(namespaces),
-                                  liveness_endpoint=liveness))
+        asyncio.run(
+            kopf.operator(
+                standalone=True, clusterwide=not namespaces, namespaces=list(namespaces), liveness_endpoint=liveness
+            )
+        )
     except kopf.LoginError:
-        raise UnreachableError("no Kubernetes API credentials",
-                               "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL"
-                               ) from None
+        raise UnreachableError(
+            "no Kubernetes API credentials",
+            "run in a cluster with a service account, or set $COVE_K8S_API to `kubectl proxy`'s URL",
+        ) from None
 
 
 @k8s.command("node-agent")
-@click.option("--nfd-dir", type=click.Path(path_type=Path),
-              help="Write a Node Feature Discovery feature file here (e.g. /etc/kubernetes/node-feature-discovery/"
-                   "features.d).")
+@click.option(
+    "--nfd-dir",
+    type=click.Path(path_type=Path),
+    help="Write a Node Feature Discovery feature file here (e.g. /etc/kubernetes/node-feature-discovery/features.d).",
+)
 @click.option("--node", envvar="NODE_NAME", help="Patch this Node's labels instead (default $NODE_NAME).")
-@click.option("--backend", type=click.Choice(["sim", "vm", "sgx", "tdx", "snp"]),
-              help="The backend, when the node service does not say (default: detected).")
-@click.option("--platform", type=click.Choice(["tpm", "self-certified"]),
-              help="The platform key's root, when the node service does not say (default: detected).")
+@click.option(
+    "--backend",
+    type=click.Choice(["sim", "vm", "sgx", "tdx", "snp"]),
+    help="The backend, when the node service does not say (default: detected).",
+)
+@click.option(
+    "--platform",
+    type=click.Choice(["tpm", "self-certified"]),
+    help="The platform key's root, when the node service does not say (default: detected).",
+)
 @click.option("--daemon-socket", help="The node service's socket (default /run/cove/cove.sock).")
-@click.option("--interval", type=click.FloatRange(0.05, 3600), default=30.0, show_default=True,
-              help="Seconds between checks.")
+@click.option(
+    "--interval", type=click.FloatRange(0.05, 3600), default=30.0, show_default=True, help="Seconds between checks."
+)
 @click.option("--once", is_flag=True, help="Publish once and exit.")
 @LOG_LEVEL
 def node_agent(nfd_dir, node, backend, platform, daemon_socket, interval, once, log_level) -> None:
@@ -144,8 +217,11 @@ def node_agent(nfd_dir, node, backend, platform, daemon_socket, interval, once, 
     if (nfd_dir is None) == (node is None):
         raise CoveError("give exactly one of --nfd-dir and --node (or $NODE_NAME)")
     if node is not None and not credentials_present():
-        raise UnreachableError("no Kubernetes API credentials to patch the Node",
-                               "run in a cluster with a service account, or use --nfd-dir")
+        raise UnreachableError(
+            "no Kubernetes API credentials to patch the Node",
+            "run in a cluster with a service account, or use --nfd-dir",
+        )
+
     def publish(values: dict[str, str]) -> None:
         if nfd_dir:
             nodeagent.write_feature_file(nfd_dir, values)

@@ -31,8 +31,9 @@ def kbs() -> None:
 @click.option("--db", help="Database: sqlite:///PATH (default STATE/kbs.db) or postgresql://...")
 @click.option("--master-key-file", type=PathType, help="Master key file (default STATE/master.key, created).")
 @click.option("--admin-name", default="admin", show_default=True, help="Name of the first admin key.")
-@click.option("--tls-name", "tls_names", multiple=True,
-              help="Names for the local TLS certificate (default localhost, 127.0.0.1).")
+@click.option(
+    "--tls-name", "tls_names", multiple=True, help="Names for the local TLS certificate (default localhost, 127.0.0.1)."
+)
 @click.option("--url", help="The broker's URL, recorded in admin.json for `cove kbs admin`.")
 @click.option("--sealed", is_flag=True, help="Keep the master key sealed to this platform (STATE/master.sealed).")
 def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None:
@@ -41,14 +42,16 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 
     folder = _state(state)
     # init only adds what is missing: say which parts were already there, so a re-run is not mistaken for a fresh setup
-    before = {name for name in ("master.key", "master.sealed", "admin.json", "tls.crt", "kbs.db")
-              if (folder / name).exists()}
+    before = {
+        name for name in ("master.key", "master.sealed", "admin.json", "tls.crt", "kbs.db") if (folder / name).exists()
+    }
     if master_key_file is not None and master_key_file.exists():
         before.add("master.key")
     fresh = not folder.exists()
     try:
-        result = runner.init(folder, db, master_key_file, admin_name,
-                             tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed)
+        result = runner.init(
+            folder, db, master_key_file, admin_name, tuple(tls_names) or ("localhost", "127.0.0.1"), url, sealed
+        )
     except BaseException:
         if fresh:  # a first init that failed (a full disk, a bad --db) leaves no half-made state behind
             import shutil
@@ -61,14 +64,19 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 
     click.echo(f"broker state in {result.state}" + (" (already set up: nothing was replaced)" if before else ""))
     click.echo(f"  database      {result.db}" + (kept("kbs.db") if db is None else ""))
-    click.echo(f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'}"
-               f"{kept('master.key', 'master.sealed')} (keep it safe: it decrypts every secret)")
+    click.echo(
+        f"  master key    {result.master_key_file or '$COVE_KBS_MASTER_KEY'}"
+        f"{kept('master.key', 'master.sealed')} (keep it safe: it decrypts every secret)"
+    )
     click.echo(f"  admin key     {result.admin_key_file}{kept('admin.json')} (for `cove kbs admin`)")
     if result.tls:
         click.echo(f"  TLS           {result.tls[1]}{kept('tls.crt')} (clients pin {result.tls[0]} with --ca)")
     if url and "admin.json" in before:
-        click.echo(f"cove: note: --url was not recorded: {result.admin_key_file} already exists "
-                   "(edit its \"url\", or pass --url to `cove kbs admin`)", err=True)
+        click.echo(
+            f"cove: note: --url was not recorded: {result.admin_key_file} already exists "
+            '(edit its "url", or pass --url to `cove kbs admin`)',
+            err=True,
+        )
     click.echo(f"next: cove kbs serve --state {result.state}")
 
 
@@ -83,36 +91,102 @@ def init(state, db, master_key_file, admin_name, tls_names, url, sealed) -> None
 @click.option("--master-key-sealed", type=PathType, help="Master key sealed to this platform.")
 @click.option("--policy", type=InputPath(), help="Attestation policy file (default: docs/kbs.md's default).")
 @click.option("--sgx-root-ca", type=InputPath(), help="Intel SGX Root CA (PEM), for sgx and tdx evidence.")
-@click.option("--snp-ask-ark", type=InputPath(), multiple=True,
-              help="AMD chain (PEM): ASK or ASVK, and ARK, for snp evidence (VCEK or VLEK).")
-@click.option("--tpm-ak", type=InputPath(), multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence.")
-@click.option("--collateral-dir", type=PathType,
-              help="DCAP collateral for quotes sent without it (default STATE/collateral; `cove kbs collateral import`).")
+@click.option(
+    "--snp-ask-ark",
+    type=InputPath(),
+    multiple=True,
+    help="AMD chain (PEM): ASK or ASVK, and ARK, for snp evidence (VCEK or VLEK).",
+)
+@click.option(
+    "--tpm-ak", type=InputPath(), multiple=True, help="A trusted TPM attestation key (PEM), for tpm evidence."
+)
+@click.option(
+    "--collateral-dir",
+    type=PathType,
+    help="DCAP collateral for quotes sent without it (default STATE/collateral; `cove kbs collateral import`).",
+)
 @click.option("--pccs", help="PCCS (or Intel PCS) base URL for collateral the folder lacks.")
 @click.option("--issuer", help="iss of attestation tokens (default cove-kbs:<broker id>).")
-@click.option("--session-lifetime", type=click.IntRange(5, 86400), default=300, show_default=True,
-              help="Seconds an attested cookie session lasts.")
-@click.option("--token-lifetime", type=click.IntRange(5, 86400), default=3600, show_default=True,
-              help="Seconds an attestation token lasts.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes (they share the database).")
+@click.option(
+    "--session-lifetime",
+    type=click.IntRange(5, 86400),
+    default=300,
+    show_default=True,
+    help="Seconds an attested cookie session lasts.",
+)
+@click.option(
+    "--token-lifetime",
+    type=click.IntRange(5, 86400),
+    default=3600,
+    show_default=True,
+    help="Seconds an attestation token lasts.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes (they share the database).",
+)
 @click.option("--access-log", is_flag=True, help="Log every request.")
-@click.option("--ra-tls", is_flag=True,
-              help="Inside a Cove enclave: serve a fresh key with an RA-TLS certificate (evidence from "
-                   "/dev/attestation); clients verify it with a policy instead of a CA.")
-@click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
-              help="Where /dev/attestation is (--ra-tls).")
-def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, master_key_sealed, policy,
-          sgx_root_ca, snp_ask_ark, tpm_ak, collateral_dir, pccs, issuer, session_lifetime, token_lifetime, workers, access_log,
-          ra_tls, attestation_dir) -> None:
+@click.option(
+    "--ra-tls",
+    is_flag=True,
+    help="Inside a Cove enclave: serve a fresh key with an RA-TLS certificate (evidence from "
+    "/dev/attestation); clients verify it with a policy instead of a CA.",
+)
+@click.option(
+    "--attestation-dir",
+    type=PathType,
+    default=Path("/dev/attestation"),
+    show_default=True,
+    help="Where /dev/attestation is (--ra-tls).",
+)
+def serve(
+    state,
+    db,
+    listen,
+    certfile,
+    keyfile,
+    insecure_http,
+    master_key_file,
+    master_key_sealed,
+    policy,
+    sgx_root_ca,
+    snp_ask_ark,
+    tpm_ak,
+    collateral_dir,
+    pccs,
+    issuer,
+    session_lifetime,
+    token_lifetime,
+    workers,
+    access_log,
+    ra_tls,
+    attestation_dir,
+) -> None:
     """Serve the KBS protocol and the admin API."""
     from cove.kbs import runner, serve_options
 
     options = serve_options.resolve(
-        _state(state), db=db, certfile=certfile, keyfile=keyfile, insecure_http=insecure_http,
-        master_key_file=master_key_file, master_key_sealed=master_key_sealed, policy=policy,
-        sgx_root_ca=sgx_root_ca, snp_ask_ark=snp_ask_ark, tpm_ak=tpm_ak, collateral_dir=collateral_dir, pccs=pccs,
-        issuer=issuer, session_lifetime=session_lifetime, token_lifetime=token_lifetime, ra_tls=ra_tls)
+        _state(state),
+        db=db,
+        certfile=certfile,
+        keyfile=keyfile,
+        insecure_http=insecure_http,
+        master_key_file=master_key_file,
+        master_key_sealed=master_key_sealed,
+        policy=policy,
+        sgx_root_ca=sgx_root_ca,
+        snp_ask_ark=snp_ask_ark,
+        tpm_ak=tpm_ak,
+        collateral_dir=collateral_dir,
+        pccs=pccs,
+        issuer=issuer,
+        session_lifetime=session_lifetime,
+        token_lifetime=token_lifetime,
+        ra_tls=ra_tls,
+    )
     from cove.kbs.problems import Problem
 
     try:
@@ -132,12 +206,19 @@ def serve(state, db, listen, certfile, keyfile, insecure_http, master_key_file, 
 @click.argument("url")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--ca", "ca_cert", type=PathType, help="The broker's TLS CA certificate (PEM).")
-@click.option("--kbs-policy", "broker_policy",
-              help="An RA-TLS broker: the policy (file, or inline TOML) its evidence must satisfy; "
-                   "instead of --ca.")
+@click.option(
+    "--kbs-policy",
+    "broker_policy",
+    help="An RA-TLS broker: the policy (file, or inline TOML) its evidence must satisfy; instead of --ca.",
+)
 @click.option("--tee", default="cove", show_default=True, help="Evidence type: cove (/dev/attestation) or sample.")
-@click.option("--attestation-dir", type=PathType, default=Path("/dev/attestation"), show_default=True,
-              help="Where /dev/attestation is (cove evidence).")
+@click.option(
+    "--attestation-dir",
+    type=PathType,
+    default=Path("/dev/attestation"),
+    show_default=True,
+    help="Where /dev/attestation is (cove evidence).",
+)
 @click.option("--sample-claims", help="JSON claims for --tee sample (protocol tests only).")
 @click.option("--out", type=PathType, help="Write the (single) secret here (mode 0600) instead of stdout.")
 def get(url, paths, ca_cert, broker_policy, tee, attestation_dir, sample_claims, out) -> None:
@@ -149,18 +230,24 @@ def get(url, paths, ca_cert, broker_policy, tee, attestation_dir, sample_claims,
     if tee == "cove":
         provider = kbs_client.DevAttestation(attestation_dir)
     elif tee == "sample":
-        claims = decode_json(sample_claims, CoveError, "--sample-claims") if sample_claims else {"svn": 1, "debug": False}
+        claims = (
+            decode_json(sample_claims, CoveError, "--sample-claims") if sample_claims else {"svn": 1, "debug": False}
+        )
         if not isinstance(claims, dict):
             raise CoveError("--sample-claims must be a JSON object")
         provider = kbs_client.SampleEvidence(claims=claims)
     else:
-        raise CoveError(f"--tee {tee}: `cove kbs get` makes cove or sample evidence",
-                        "use cove.kbs.client with your TEE's evidence for other types")
+        raise CoveError(
+            f"--tee {tee}: `cove kbs get` makes cove or sample evidence",
+            "use cove.kbs.client with your TEE's evidence for other types",
+        )
     if out and len(paths) != 1:
         raise CoveError("--out takes exactly one PATH")
     if ca_cert and broker_policy:
-        raise CoveError("--ca and --kbs-policy exclude each other",
-                        "--ca for a broker with a CA-issued certificate, --kbs-policy for an RA-TLS broker")
+        raise CoveError(
+            "--ca and --kbs-policy exclude each other",
+            "--ca for a broker with a CA-issued certificate, --kbs-policy for an RA-TLS broker",
+        )
     values = kbs_client.fetch(url, list(paths), provider, ca_cert, broker_policy=broker_policy)
     if out:
         write_atomic(out, values[paths[0]], mode=0o600)
@@ -209,11 +296,19 @@ def collateral_import(files, tee, state, folder) -> None:
 
 @kbs.group()
 @click.option("--url", envvar="COVE_KBS_URL", help="The broker's URL ($COVE_KBS_URL).")
-@click.option("--key", type=PathType, envvar="COVE_KBS_ADMIN_KEY",
-              help="Admin key file (default STATE/admin.json; $COVE_KBS_ADMIN_KEY).")
+@click.option(
+    "--key",
+    type=PathType,
+    envvar="COVE_KBS_ADMIN_KEY",
+    help="Admin key file (default STATE/admin.json; $COVE_KBS_ADMIN_KEY).",
+)
 @click.option("--ca", type=PathType, envvar="COVE_KBS_CA", help="The broker's TLS CA certificate.")
-@click.option("--kbs-policy", "broker_policy", envvar="COVE_KBS_POLICY",
-              help="An RA-TLS broker: the policy its evidence must satisfy, instead of --ca ($COVE_KBS_POLICY).")
+@click.option(
+    "--kbs-policy",
+    "broker_policy",
+    envvar="COVE_KBS_POLICY",
+    help="An RA-TLS broker: the policy its evidence must satisfy, instead of --ca ($COVE_KBS_POLICY).",
+)
 @click.pass_context
 def admin(ctx, url, key, ca, broker_policy) -> None:
     """Manage secrets, policies and admin keys; read the audit log."""
@@ -369,8 +464,10 @@ def audit(ctx, after, limit, action, as_json) -> None:
         return
     for row in rows:
         when = dt.datetime.fromtimestamp(row["at"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        click.echo(f"{row['id']}  {when}  {row['actor']}  {row['action']}  {row['resource'] or '-'}  "
-                   f"{row['outcome']}  {row['measurement'] or '-'}  {row['detail'] or ''}".rstrip())
+        click.echo(
+            f"{row['id']}  {when}  {row['actor']}  {row['action']}  {row['resource'] or '-'}  "
+            f"{row['outcome']}  {row['measurement'] or '-'}  {row['detail'] or ''}".rstrip()
+        )
 
 
 @admin.group()
@@ -399,8 +496,10 @@ def key_new(name, out) -> None:
     from cove.kbs.admin_config import new_key_file
 
     public = new_key_file(name, out)
-    click.echo(f"wrote {out} and {public}; an admin registers it with `cove kbs admin key add {name} {public}`, "
-               f"then set \"audience\" and \"url\" in {out}")
+    click.echo(
+        f"wrote {out} and {public}; an admin registers it with `cove kbs admin key add {name} {public}`, "
+        f'then set "audience" and "url" in {out}'
+    )
 
 
 @key.command("list")

@@ -28,13 +28,19 @@ class LifecycleError(CoveError):
         self.exit_code = code
 
 
-def _call(method: str, route: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None,
-          timeout: float | None = 60.0) -> Any:
+def _call(
+    method: str,
+    route: str,
+    body: dict[str, Any] | None = None,
+    query: dict[str, Any] | None = None,
+    timeout: float | None = 60.0,
+) -> Any:
     try:
         return Client().call(method, route, body, query, timeout)
     except NotRunning as exc:
-        raise LifecycleError(f"{exc.line} (start it with `sudo cove daemon` or `systemctl start cove`)",
-                             exc.exit_code) from None
+        raise LifecycleError(
+            f"{exc.line} (start it with `sudo cove daemon` or `systemctl start cove`)", exc.exit_code
+        ) from None
     except DaemonError as exc:
         raise LifecycleError(exc.line, exc.exit_code) from None
 
@@ -73,8 +79,15 @@ def _copy_log(ref: str, follow: bool, tail: int | None = None) -> None:
 
 
 @click.command()
-@click.option("-t", "--time", "timeout", type=click.FloatRange(min=0, max=1e6), default=10.0, show_default=True,
-              help="Seconds between SIGTERM and SIGKILL.")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    type=click.FloatRange(min=0, max=1e6),
+    default=10.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL.",
+)
 @click.argument("refs", nargs=-1, required=True)
 def stop(timeout: float, refs: tuple[str, ...]) -> None:
     """Stop enclaves: SIGTERM to the program, SIGKILL after -t seconds; no restart follows."""
@@ -84,8 +97,9 @@ def stop(timeout: float, refs: tuple[str, ...]) -> None:
 
 
 @click.command()
-@click.option("-s", "--signal", "signame", default="KILL", show_default=True,
-              help="Signal name (TERM, SIGHUP) or number.")
+@click.option(
+    "-s", "--signal", "signame", default="KILL", show_default=True, help="Signal name (TERM, SIGHUP) or number."
+)
 @click.argument("refs", nargs=-1, required=True)
 def kill(signame: str, refs: tuple[str, ...]) -> None:
     """Send a signal to enclaves' programs."""
@@ -131,8 +145,16 @@ def images(quiet: bool, as_json: bool) -> None:
         return
     rows = [("IMAGE ID", "NAME", "SIGNER", "FILES", "SIZE", "ENCLAVES")]
     for image in found:
-        rows.append((image["id"][:12], image["name"], image["signer"][:12], str(image["files"]),
-                     f"{image['bytes'] / 1e6:.1f} MB", str(image["enclaves"])))
+        rows.append(
+            (
+                image["id"][:12],
+                image["name"],
+                image["signer"][:12],
+                str(image["files"]),
+                f"{image['bytes'] / 1e6:.1f} MB",
+                str(image["enclaves"]),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -233,6 +255,7 @@ def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int
         saved = termios.tcgetattr(0)
         tty_mod.setraw(0, termios.TCSANOW)
     if tty:
+
         def resize(_signum: int, _frame: object) -> None:
             outbox.put((execstream.resize_frame(*_terminal_size()), False))
 
@@ -264,7 +287,7 @@ def _exec_stream(ref: str, argv: list[str], interactive: bool, tty: bool) -> int
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 exec_.name = "exec"
@@ -274,13 +297,21 @@ def inspect_enclave(ref: str) -> None:
     click.echo(json.dumps(_call("GET", f"/enclaves/{ref}"), indent=2))
 
 
-def start_detached(instance: Path, program: str, args: tuple[str, ...], name: str | None,
-                   backend: str | None, restart: str, signer: str | None) -> int:
+def start_detached(
+    instance: Path,
+    program: str,
+    args: tuple[str, ...],
+    name: str | None,
+    backend: str | None,
+    restart: str,
+    signer: str | None,
+) -> int:
     """`cove run -d`: start through the daemon, print the id."""
     from cove.cli import attached
 
-    view = _call("POST", "/enclaves", attached.create_body(instance, program, args, name, backend, restart, signer),
-                 timeout=3600)
+    view = _call(
+        "POST", "/enclaves", attached.create_body(instance, program, args, name, backend, restart, signer), timeout=3600
+    )
     click.echo(view["id"])
     return 0
 
@@ -292,8 +323,7 @@ def daemon_available() -> bool:
     return attached.daemon_available()
 
 
-def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None,
-                 signer: str | None) -> int:
+def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
     """`cove run` through the daemon (cove.cli.attached, which the common case reaches without click)."""
     from cove.cli import attached
 

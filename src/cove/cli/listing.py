@@ -37,12 +37,14 @@ def status(view: dict[str, Any]) -> str:
 
 def _checked(views: Any) -> list[dict[str, Any]]:
     if isinstance(views, list) and all(
-            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in SHOWN)
-            and isinstance(v.get("finished") or 0, (int, float)) and isinstance(v.get("uptime") or 0, (int, float))
-            for v in views):
+        isinstance(v, dict)
+        and all(isinstance(v.get(k), str) for k in SHOWN)
+        and isinstance(v.get("finished") or 0, (int, float))
+        and isinstance(v.get("uptime") or 0, (int, float))
+        for v in views
+    ):
         return views
-    raise UnreachableError("the Cove daemon's answer is not a list of enclaves "
-                           "(is it a Cove daemon of this version?)")
+    raise UnreachableError("the Cove daemon's answer is not a list of enclaves (is it a Cove daemon of this version?)")
 
 
 def ps_lines(views: Any, quiet: bool, as_json: bool) -> list[str]:

@@ -47,6 +47,7 @@ class ParentExists(click.ParamType):
         option = param.opts[0] if param is not None and param.opts else "PATH"
         parent = path.parent
         if not path.exists() and not parent.is_dir():
-            raise NotFoundError(f"{option} {path}: the folder {parent} does not exist",
-                                "create it first, or check the path")
+            raise NotFoundError(
+                f"{option} {path}: the folder {parent} does not exist", "create it first, or check the path"
+            )
         return path

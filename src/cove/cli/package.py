@@ -20,10 +20,12 @@ from cove.image import instance as instance_mod
 @click.option("--tag", help="The OCI image's NAME:TAG (default: NAME:latest).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write (the same as OUT).")
 @click.pass_obj
-def package_cmd(ctx, out: Path | None, allow_debug: bool, old_debug: bool, oci: bool, tag: str | None,
-                output: Path | None) -> None:
+def package_cmd(
+    ctx, out: Path | None, allow_debug: bool, old_debug: bool, oci: bool, tag: str | None, output: Path | None
+) -> None:
     """Write a deployable archive (default: NAME.tar.gz) for `cove run --package`, or an OCI image (--oci)."""
     from cove.image import package as package_mod
+
     if old_debug:  # renamed as on `cove run`: `cove --debug` means tracebacks
         click.echo("cove: note: `cove package --debug` is now `cove package --debug-enclave`", err=True)
         allow_debug = True
@@ -35,10 +37,13 @@ def package_cmd(ctx, out: Path | None, allow_debug: bool, old_debug: bool, oci: 
     target = instance_mod.open_instance(ctx.directory)
     if oci:  # docs/containers.md
         from cove.oci import image as oci_image
+
         out = out or Path(f"{target.config().enclave.name}.oci.tar")
         written = oci_image.create(target, out, tag, allow_debug)
-        click.echo(f"wrote {out} ({written.tag}, digest {written.digest}, "
-                   f"measurement {written.annotations['cove.dev/measurement']})")
+        click.echo(
+            f"wrote {out} ({written.tag}, digest {written.digest}, "
+            f"measurement {written.annotations['cove.dev/measurement']})"
+        )
         return
     out = out or Path(f"{target.config().enclave.name}.tar.gz")
     verified = package_mod.create(target, out, allow_debug)
@@ -67,9 +72,11 @@ def describe(verified, build_dir: Path) -> dict:
         "image_root": verified.manifest.image_root.hex(),
         "image_files": verified.manifest.image_files,
         "image_bytes": verified.manifest.image_bytes,
-        "mounts": [root] + [
+        "mounts": [root]
+        + [
             {"target": m.target, "type": m.type, "source": m.source, "writable": m.writable}
-            for m in verified.config.mounts],
+            for m in verified.config.mounts
+        ],
     }
 
 
@@ -92,8 +99,10 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
     """Show measurement, signer, product id, svn, debug, backend and mounts."""
     from cove.image import artifacts, package as package_mod
     from cove.runtime.launcher import runtime_dir
+
     if target is not None and not os.path.lexists(target) and "/" not in str(target):
         from cove.cli import lifecycle  # not a path: an enclave of the daemon (docs/node.md)
+
         return lifecycle.inspect_enclave(str(target))
     target = target or ctx.directory
     if target.is_file():
@@ -105,6 +114,7 @@ def inspect(ctx, as_json: bool, target: Path | None) -> None:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             from cove.cli.run import runtime_dir_full
+
             raise runtime_dir_full(runtime_dir(), target, target.parent) from None
     else:
         found = instance_mod.open_instance(target)

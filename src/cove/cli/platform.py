@@ -20,19 +20,38 @@ def platform() -> None:
 @click.option("--swtpm", "use_swtpm", is_flag=True, help="Set up and start a software TPM (development, tests).")
 @click.option("--no-tpm", "no_tpm", is_flag=True, help="Self-certified: no TPM vouches for the key.")
 @click.option("--tcti", help="TPM connection (default: device:/dev/tpmrm0 when present).")
-@click.option("--ak-ca", "ak_ca", type=InputPath(folder=True),
-              help="AK CA folder that certifies the attestation key (default: a local one).")
-@click.option("--ek-chain", "ek_chain", type=InputPath(),
-              help="PEM of the EK certificate's CA chain (hardware TPMs).")
-@click.option("--ek-roots", "ek_roots", type=InputPath(),
-              help="PEM of the EK CA the local AK CA trusts (hardware TPMs).")
-@click.option("--pcr", type=click.IntRange(16, 23), default=23, show_default=True,
-              help="The resettable PCR Cove extends with the runtime and the platform key.")
+@click.option(
+    "--ak-ca",
+    "ak_ca",
+    type=InputPath(folder=True),
+    help="AK CA folder that certifies the attestation key (default: a local one).",
+)
+@click.option("--ek-chain", "ek_chain", type=InputPath(), help="PEM of the EK certificate's CA chain (hardware TPMs).")
+@click.option(
+    "--ek-roots", "ek_roots", type=InputPath(), help="PEM of the EK CA the local AK CA trusts (hardware TPMs)."
+)
+@click.option(
+    "--pcr",
+    type=click.IntRange(16, 23),
+    default=23,
+    show_default=True,
+    help="The resettable PCR Cove extends with the runtime and the platform key.",
+)
 @click.option("--rotate", is_flag=True, help="Make a new platform key (a new epoch).")
 @click.option("--force", is_flag=True, help="Make a new platform key and a new attestation key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-def init(use_swtpm: bool, no_tpm: bool, tcti: str | None, ak_ca: Path | None, ek_chain: Path | None,
-         ek_roots: Path | None, pcr: int, rotate: bool, force: bool, as_json: bool) -> None:
+def init(
+    use_swtpm: bool,
+    no_tpm: bool,
+    tcti: str | None,
+    ak_ca: Path | None,
+    ek_chain: Path | None,
+    ek_roots: Path | None,
+    pcr: int,
+    rotate: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Make (or refresh) the platform key and its endorsement; with a TPM, take this epoch's quote."""
     from cove.platform import monitor
 
@@ -42,8 +61,12 @@ def init(use_swtpm: bool, no_tpm: bool, tcti: str | None, ak_ca: Path | None, ek
         raise CoveError("--ak-ca, --ek-chain and --ek-roots certify a TPM's keys: they do not go with --no-tpm")
     mode = "swtpm" if use_swtpm else "none" if no_tpm else "device" if tcti else "auto"
     say = (lambda _: None) if as_json else (lambda line: click.echo(line))
-    state = monitor.init(monitor.InitOptions(tpm=mode, tcti=tcti, ak_ca=ak_ca, ek_chain=ek_chain,
-                                             ek_roots=ek_roots, pcr=pcr, rotate=rotate, force=force), say=say)
+    state = monitor.init(
+        monitor.InitOptions(
+            tpm=mode, tcti=tcti, ak_ca=ak_ca, ek_chain=ek_chain, ek_roots=ek_roots, pcr=pcr, rotate=rotate, force=force
+        ),
+        say=say,
+    )
     _show(state, as_json)
 
 
@@ -66,8 +89,13 @@ def stop() -> None:
 
 @platform.command("ak-ca")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--ek-roots", "ek_roots", type=InputPath(), required=True,
-              help="PEM of the EK CA(s) whose TPMs this CA certifies AKs for.")
+@click.option(
+    "--ek-roots",
+    "ek_roots",
+    type=InputPath(),
+    required=True,
+    help="PEM of the EK CA(s) whose TPMs this CA certifies AKs for.",
+)
 def ak_ca(directory: Path, ek_roots: Path) -> None:
     """Create an AK certificate authority in DIRECTORY (give its ca.pem to verifiers as ak_ca)."""
     from cove.attest.ak_ca import AkCa
@@ -96,12 +124,25 @@ def _show(state: dict, as_json: bool) -> None:
         if key in state:
             click.echo(f"{key:<12} {state[key]}")
     if not state.get("current", True):
-        click.echo("stale        the runtime or the TPM changed since this epoch's endorsement; "
-                   "the next enclave start (or `cove platform init`) renews it")
+        click.echo(
+            "stale        the runtime or the TPM changed since this epoch's endorsement; "
+            "the next enclave start (or `cove platform init`) renews it"
+        )
     tpm = state.get("tpm")
     if tpm:
-        for key in ("tcti", "pcr", "reachable", "pcr_matches_quote", "ak_handle", "ek_issuer",
-                    "ek_certificate_sha256", "ak_name", "ak_ca_certificate", "ek_root", "swtpm_pid"):
+        for key in (
+            "tcti",
+            "pcr",
+            "reachable",
+            "pcr_matches_quote",
+            "ak_handle",
+            "ek_issuer",
+            "ek_certificate_sha256",
+            "ak_name",
+            "ak_ca_certificate",
+            "ek_root",
+            "swtpm_pid",
+        ):
             if key in tpm and tpm[key] is not None:
                 click.echo(f"tpm.{key:<21} {tpm[key]}")
 

@@ -72,11 +72,19 @@ class SharedAttestation(EnclaveService):
         from cove.runtime.attestation_service import identity_json
 
         try:
-            answer = request(self.control, {"op": "register", "instance_id": ctx.instance_id,
-                                            "identity": json.loads(identity_json(ctx)), "owner": os.getpid()})
+            answer = request(
+                self.control,
+                {
+                    "op": "register",
+                    "instance_id": ctx.instance_id,
+                    "identity": json.loads(identity_json(ctx)),
+                    "owner": os.getpid(),
+                },
+            )
         except (OSError, ValueError) as exc:
-            raise CoveError(f"the node's /dev/attestation server is not answering ({exc})",
-                            "restart `cove daemon`") from None
+            raise CoveError(
+                f"the node's /dev/attestation server is not answering ({exc})", "restart `cove daemon`"
+            ) from None
         if not answer.get("ok"):
             raise CoveError(f"the node's /dev/attestation server refused the enclave: {answer.get('error')}")
         self.instance_id = ctx.instance_id
@@ -97,11 +105,13 @@ def services(ctx: ServiceContext) -> list[EnclaveService]:
     """Replaces cove.runtime.attestation_service:services in a supervisor: the node's server, not a process per run."""
     if CONTROL is None:
         from cove.runtime.attestation_service import services as per_run
+
         return per_run(ctx)
     return [SharedAttestation(CONTROL)]
 
 
 # -- the server (runs in its own process; pyfuse3 is imported only there)
+
 
 def _pid_namespace(pid: int) -> int | None:
     try:
@@ -156,8 +166,12 @@ def serve(mountpoint: Path, control: Path) -> int:
             if signer is None:
                 fs = AttestationFs("none", None, None, sealing_keys(claims))
             else:
-                fs = AttestationFs("cove", functools.partial(signer.evidence, claims),
-                                   functools.partial(signer.signed_report, claims), sealing_keys(claims))
+                fs = AttestationFs(
+                    "cove",
+                    functools.partial(signer.evidence, claims),
+                    functools.partial(signer.signed_report, claims),
+                    sealing_keys(claims),
+                )
             fs.uid, fs.gid = owner_ids
             index = self.next_index
             self.next_index += 1
@@ -214,7 +228,9 @@ def serve(mountpoint: Path, control: Path) -> int:
             slot, local = self._slot(inode, ctx)
             return self._global(slot, await slot.fs.getattr(local, ctx))
 
-        async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        async def lookup(
+            self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+        ) -> pyfuse3.EntryAttributes:
             if parent_inode == pyfuse3.ROOT_INODE:
                 index = self.by_name.get(name.decode(errors="replace"))
                 if index is None:
@@ -241,8 +257,9 @@ def serve(mountpoint: Path, control: Path) -> int:
                         break
                 return
             slot, local = self._slot(fh)
-            children = sorted((n for n in slot.fs.nodes.values() if n.parent == local and n.inode != local),
-                              key=lambda n: n.inode)
+            children = sorted(
+                (n for n in slot.fs.nodes.values() if n.parent == local and n.inode != local), key=lambda n: n.inode
+            )
             for node in children:
                 if node.inode <= start_id:
                     continue
@@ -299,8 +316,14 @@ def serve(mountpoint: Path, control: Path) -> int:
             if slot is not None:
                 await slot.fs.release(local)
 
-        async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
-                              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async def setattr(
+            self,
+            inode: int,
+            attr: pyfuse3.EntryAttributes,
+            fields: pyfuse3.SetattrFields,
+            fh: int | None,
+            ctx: pyfuse3.RequestContext,
+        ) -> pyfuse3.EntryAttributes:
             slot, local = self._slot(inode, ctx)
             return self._global(slot, await slot.fs.setattr(local, attr, fields, fh, ctx))
 
@@ -325,13 +348,19 @@ def serve(mountpoint: Path, control: Path) -> int:
                     message = json.loads(data)
                     op = message.get("op")
                     if op == "register":
-                        answer = fs.register(str(message["instance_id"]), dict(message["identity"]),
-                                             int(message["owner"]))
+                        answer = fs.register(
+                            str(message["instance_id"]), dict(message["identity"]), int(message["owner"])
+                        )
                     elif op == "unregister":
                         answer = fs.unregister(str(message["instance_id"]))
                     elif op == "status":
-                        answer = {"ok": True, "enclaves": len(fs.slots), "pid": os.getpid(), "none": why_none,
-                                  "requests": dict(fs.requests)}
+                        answer = {
+                            "ok": True,
+                            "enclaves": len(fs.slots),
+                            "pid": os.getpid(),
+                            "none": why_none,
+                            "requests": dict(fs.requests),
+                        }
                     else:
                         answer = {"ok": False, "error": "unknown op"}
                     fs.reap()
@@ -350,11 +379,13 @@ def serve(mountpoint: Path, control: Path) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+
             async def stop_on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         pyfuse3.terminate()
                         return
+
             nursery.start_soon(stop_on_signal)
             print("ready", flush=True)
             await pyfuse3.main()
@@ -408,9 +439,14 @@ def ensure_server(root: Path, timeout: float = 30.0) -> str:
         pass
     log = open(root / "attestation.log", "ab")
     try:
-        subprocess.Popen([sys.executable, "-m", "cove.daemon.attestation", str(root / "attestation"), str(control)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                         close_fds=True).wait()  # it forks away at once, as a supervisor does
+        subprocess.Popen(
+            [sys.executable, "-m", "cove.daemon.attestation", str(root / "attestation"), str(control)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        ).wait()  # it forks away at once, as a supervisor does
     finally:
         log.close()
     deadline = time.monotonic() + timeout

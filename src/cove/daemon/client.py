@@ -97,9 +97,15 @@ class Client:
         self.path = path or socket_path()
         self.timeout = timeout
 
-    def _open(self, method: str, route: str, body: dict[str, Any] | None = None,
-              query: dict[str, Any] | None = None, timeout: float | None | EllipsisType = ...,
-              upgrade: str | None = None) -> _Response:
+    def _open(
+        self,
+        method: str,
+        route: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+        timeout: float | None | EllipsisType = ...,
+        upgrade: str | None = None,
+    ) -> _Response:
         """Send one request; ``timeout`` in seconds, None for none, ... for the client's default."""
         target = f"/{API}{route}"
         if query:
@@ -118,25 +124,33 @@ class Client:
             return _Response(sock)
         except FileNotFoundError:
             sock.close()
-            raise NotRunning(f"the Cove daemon is not running (no socket {self.path})",
-                             UNREACHABLE) from None
+            raise NotRunning(f"the Cove daemon is not running (no socket {self.path})", UNREACHABLE) from None
         except ConnectionRefusedError:
             sock.close()
-            raise NotRunning(f"the Cove daemon is not running (nothing listens on {self.path})",
-                             UNREACHABLE) from None
+            raise NotRunning(f"the Cove daemon is not running (nothing listens on {self.path})", UNREACHABLE) from None
         except PermissionError:
             sock.close()
-            raise DaemonError(f"permission denied on {self.path}: the daemon serves root and the "
-                              f"`{GROUP}` group only (ask an administrator to add you to it)", REFUSED) from None
+            raise DaemonError(
+                f"permission denied on {self.path}: the daemon serves root and the "
+                f"`{GROUP}` group only (ask an administrator to add you to it)",
+                REFUSED,
+            ) from None
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.ENOTSOCK, errno.ECONNRESET, errno.EPIPE):
-                raise NotRunning(f"the Cove daemon is not answering on {self.path} ({exc.strerror})",
-                                 UNREACHABLE) from None
+                raise NotRunning(
+                    f"the Cove daemon is not answering on {self.path} ({exc.strerror})", UNREACHABLE
+                ) from None
             raise
 
-    def call(self, method: str, route: str, body: dict[str, Any] | None = None,
-             query: dict[str, Any] | None = None, timeout: float | None | EllipsisType = ...) -> Any:
+    def call(
+        self,
+        method: str,
+        route: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+        timeout: float | None | EllipsisType = ...,
+    ) -> Any:
         try:
             response = self._open(method, route, body, query, timeout)
             try:
@@ -146,8 +160,9 @@ class Client:
         except TimeoutError:
             raise DaemonError(f"the Cove daemon did not answer on {self.path} in time", UNREACHABLE) from None
         except (ConnectionResetError, BrokenPipeError) as exc:  # cut short, or a malformed body
-            raise DaemonError(f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})",
-                              UNREACHABLE) from None
+            raise DaemonError(
+                f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})", UNREACHABLE
+            ) from None
         return self._decode(response, data)
 
     @staticmethod
@@ -162,8 +177,9 @@ class Client:
             return_code = problem.get("exit_code")
             code = return_code if isinstance(return_code, int) and 0 < return_code < 256 else 2
             kind = problem.get("kind")
-            raise DaemonError(" ".join(str(line).split()), code, response.status,
-                              kind if isinstance(kind, str) else None)
+            raise DaemonError(
+                " ".join(str(line).split()), code, response.status, kind if isinstance(kind, str) else None
+            )
         return document
 
     def stream(self, route: str, query: dict[str, Any] | None = None) -> Iterator[bytes]:
@@ -174,8 +190,9 @@ class Client:
                 self._decode(response, response.read())
             yield from response.chunks()
         except (ConnectionResetError, BrokenPipeError) as exc:
-            raise DaemonError(f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})",
-                              UNREACHABLE) from None
+            raise DaemonError(
+                f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})", UNREACHABLE
+            ) from None
         finally:
             response.close()
 
@@ -187,8 +204,9 @@ class Client:
             data = response.read()
             response.close()
             self._decode(response, data)
-            raise DaemonError(f"the daemon did not switch to {protocol} (it answered {response.status})", 2,
-                              response.status)
+            raise DaemonError(
+                f"the daemon did not switch to {protocol} (it answered {response.status})", 2, response.status
+            )
         return response
 
     def running(self) -> bool:

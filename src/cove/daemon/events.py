@@ -37,6 +37,7 @@ class _Enclave(Protocol):
     def name(self) -> str: ...
     @property
     def status(self) -> str: ...
+
     state: dict[str, Any]
     record: dict[str, Any]
 
@@ -127,8 +128,14 @@ class Events:
 
     def emit(self, kind: str, action: str, ident: str, **attributes: Any) -> Event:
         with self.changed:
-            event = {"seq": self.next, "time": round(time.time(), 3), "type": kind, "action": action,
-                     "id": ident, **attributes}
+            event = {
+                "seq": self.next,
+                "time": round(time.time(), 3),
+                "type": kind,
+                "action": action,
+                "id": ident,
+                **attributes,
+            }
             self.next += 1
             self.items.append(event)
             self._append(event)
@@ -139,8 +146,9 @@ class Events:
         with self.changed:
             return [e for e in self.items if e["seq"] > seq]
 
-    def follow(self, since: float = 0, follow: bool = True,
-               visible: Callable[[Event], bool] | None = None) -> Generator[bytes, None, None]:
+    def follow(
+        self, since: float = 0, follow: bool = True, visible: Callable[[Event], bool] | None = None
+    ) -> Generator[bytes, None, None]:
         """Newline-delimited JSON of the events after ``since`` (only those ``visible`` passes); with follow, forever."""
         last = since
         while True:
@@ -173,11 +181,25 @@ def notice(registry: _Registry, events: Events) -> None:
             continue
         if key[0] == "exited":
             if before[0] != "exited":
-                events.emit("enclave", "die", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
-                            exit_code=enclave.state.get("exit_code"), restarts=key[1])
+                events.emit(
+                    "enclave",
+                    "die",
+                    enclave.id,
+                    name=enclave.name,
+                    uid=enclave.record.get("uid"),
+                    exit_code=enclave.state.get("exit_code"),
+                    restarts=key[1],
+                )
         elif key[0] == "restarting" or key[1] > before[1]:
-            events.emit("enclave", "restart", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
-                        exit_code=enclave.state.get("exit_code"), restarts=key[1])
+            events.emit(
+                "enclave",
+                "restart",
+                enclave.id,
+                name=enclave.name,
+                uid=enclave.record.get("uid"),
+                exit_code=enclave.state.get("exit_code"),
+                restarts=key[1],
+            )
 
 
 def watch(registry: _Registry, events: Events, stop: threading.Event, interval: float = 0.5) -> None:

@@ -45,8 +45,15 @@ import termios
 from typing import Any
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x20000, 0x10000000, 0x20000000
-NAMESPACES = (("user", CLONE_NEWUSER), ("ipc", 0x08000000), ("uts", 0x04000000), ("net", 0x40000000),
-              ("cgroup", 0x02000000), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+NAMESPACES = (
+    ("user", CLONE_NEWUSER),
+    ("ipc", 0x08000000),
+    ("uts", 0x04000000),
+    ("net", 0x40000000),
+    ("cgroup", 0x02000000),
+    ("pid", CLONE_NEWPID),
+    ("mnt", CLONE_NEWNS),
+)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 24, 47, 4
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CAP_LAST = 63
@@ -84,7 +91,7 @@ def open_process(pid: int, start: int) -> int:
 def start_time(proc: int) -> int:
     """Field 22 of the stat file in a /proc/PID directory descriptor: the start time in clock ticks."""
     data = _read_at(proc, "stat")
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return int(data[data.rindex(b")") + 2 :].split()[19])
 
 
 def _read_at(proc: int, name: str) -> bytes:
@@ -167,7 +174,7 @@ def kill_session(proc_root: int, sid: int) -> None:
                 continue
             try:
                 data = _read_at(proc_root, f"{name}/stat")
-                fields = data[data.rindex(b")") + 2:].split()
+                fields = data[data.rindex(b")") + 2 :].split()
                 if fields[0] != b"Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
                     os.kill(int(name), signal.SIGKILL)
                     found = True
@@ -242,7 +249,6 @@ def main(argv: list[str]) -> int:
             kill_session(host_proc, child)
         else:
             os._exit(128 + signal.SIGTERM)
-
 
     signal.signal(signal.SIGTERM, end)
     libc = ctypes.CDLL(None, use_errno=True)

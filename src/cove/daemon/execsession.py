@@ -45,7 +45,11 @@ class Helper:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", module, str(pid), str(child.fileno())],
                 stdin=subprocess.PIPE if stdin and not spec.get("tty") else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child.fileno(),), close_fds=True)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(child.fileno(),),
+                close_fds=True,
+            )
         finally:
             child.close()
         self.master: int | None = None
@@ -111,8 +115,9 @@ class Kept:
         return bytes(self.head + self.tail)
 
 
-def buffered(helper: Helper, limits: tuple[int, int], timeout: float,
-             client: socket.socket | None) -> dict[str, Any] | None:
+def buffered(
+    helper: Helper, limits: tuple[int, int], timeout: float, client: socket.socket | None
+) -> dict[str, Any] | None:
     """The answer without a stream: the exit code and both outputs (their first and last bytes, each at
     most its limit) once the program ends. Past ``timeout`` seconds the program's session is killed
     (``timed_out``); when the client closes its connection, too, and there is no answer (None)."""
@@ -152,9 +157,13 @@ def buffered(helper: Helper, limits: tuple[int, int], timeout: float,
     if left:
         return None
     return {
-"exit_code": code, "stdout": out.value().decode("utf-8", "replace"),
-            "stderr": err.value().decode("utf-8", "replace"), "stdout_dropped": out.dropped,
-            "stderr_dropped": err.dropped, "timed_out": timed_out}
+        "exit_code": code,
+        "stdout": out.value().decode("utf-8", "replace"),
+        "stderr": err.value().decode("utf-8", "replace"),
+        "stdout_dropped": out.dropped,
+        "stderr_dropped": err.dropped,
+        "timed_out": timed_out,
+    }
 
 
 def _client_left(client: socket.socket | None) -> bool:

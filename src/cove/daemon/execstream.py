@@ -53,7 +53,6 @@ def read_frame(reader: Reader) -> tuple[int, bytes] | None:
     if pad != PAD:
         raise ProtocolError("a frame header's pad bytes are not zero")
     if kind > RESIZE:
-
         raise ProtocolError(f"unknown frame kind {kind}")
     if size > MAX_PAYLOAD:
         raise ProtocolError(f"a frame of {size} bytes (the limit is {MAX_PAYLOAD})")

@@ -61,8 +61,9 @@ class ImportCache:
         self.builds: dict[str, VerifiedBuild] = {}
         self.lock = threading.Lock()  # the daemon's request threads share the cache
 
-    def import_instance(self, instance: Path, signer: bytes | None = None,
-                        reader: int | None = None) -> tuple[StoredImage, bool]:
+    def import_instance(
+        self, instance: Path, signer: bytes | None = None, reader: int | None = None
+    ) -> tuple[StoredImage, bool]:
         before = key(instance, signer, reader)
         with self.lock:
             ident = self.images.get(before) if before is not None else None

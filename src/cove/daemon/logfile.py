@@ -28,8 +28,19 @@ DEFAULT_FILES = 3
 MIN_BYTES = 4096
 MAX_FILES = 100
 TAIL_STEP = 64 << 10
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+}
 
 
 def parse_size(text: str) -> int:
@@ -194,7 +205,7 @@ def tail(log: Path, files: int, lines: int) -> bytes:
             break
     data = b"".join(reversed(blocks))
     parts = data.split(b"\n")
-    kept = parts[-(lines + 1):] if data.endswith(b"\n") else parts[-lines:]
+    kept = parts[-(lines + 1) :] if data.endswith(b"\n") else parts[-lines:]
     return b"\n".join(kept)
 
 

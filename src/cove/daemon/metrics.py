@@ -29,13 +29,21 @@ class Metrics:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.registry = CollectorRegistry()
-        self.starts = Counter("cove_enclave_starts", "Enclaves started through the daemon", ["backend"],
-                              registry=self.registry)
-        self.failures = Counter("cove_enclave_start_failures", "Starts the daemon refused or could not make",
-                                ["reason"], registry=self.registry)
-        self.latency = Histogram("cove_enclave_start_seconds", "From the API request to a running supervisor",
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                 registry=self.registry)
+        self.starts = Counter(
+            "cove_enclave_starts", "Enclaves started through the daemon", ["backend"], registry=self.registry
+        )
+        self.failures = Counter(
+            "cove_enclave_start_failures",
+            "Starts the daemon refused or could not make",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cove_enclave_start_seconds",
+            "From the API request to a running supervisor",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.registry.register(_Scraped(daemon))
 
     def serve(self, address: str) -> None:
@@ -51,8 +59,13 @@ def _cgroup_memory(supervisor: int) -> int | None:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        base = (f"/sys/fs/cgroup/memory{path}" if "memory" in controllers.split(",")
-                else f"/sys/fs/cgroup{path}" if controllers == "" else None)
+        base = (
+            f"/sys/fs/cgroup/memory{path}"
+            if "memory" in controllers.split(",")
+            else f"/sys/fs/cgroup{path}"
+            if controllers == ""
+            else None
+        )
         if base is None or not os.path.isdir(base):
             continue
         for name in os.listdir(base):
@@ -71,7 +84,7 @@ def _cpu_seconds(pid: int) -> float:
         data = open(f"/proc/{pid}/stat", "rb").read()
     except OSError:
         return 0.0
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return sum(int(f) for f in fields[11:15]) / TICKS
 
 
@@ -84,8 +97,9 @@ class _Scraped:
         from cove.runtime.procfs import children, sandbox_init
 
         by_state = GaugeMetricFamily("cove_enclaves", "Enclaves by state and backend", labels=["state", "backend"])
-        memory = GaugeMetricFamily("cove_enclave_memory_bytes", "Memory of a running enclave (its cgroup)",
-                                   labels=["id", "name"])
+        memory = GaugeMetricFamily(
+            "cove_enclave_memory_bytes", "Memory of a running enclave (its cgroup)", labels=["id", "name"]
+        )
         cpu = CounterMetricFamily("cove_enclave_cpu_seconds", "CPU time of a running enclave", labels=["id", "name"])
         counts: dict[tuple[str, str], int] = {}
         for enclave in self.daemon.registry.all():
@@ -99,8 +113,9 @@ class _Scraped:
                 memory.add_metric([enclave.id[:12], enclave.name], used)
             init = sandbox_init(pid)
             if init:
-                cpu.add_metric([enclave.id[:12], enclave.name],
-                               _cpu_seconds(init) + sum(_cpu_seconds(p) for p in children(init)))
+                cpu.add_metric(
+                    [enclave.id[:12], enclave.name], _cpu_seconds(init) + sum(_cpu_seconds(p) for p in children(init))
+                )
         for (state, backend), count in sorted(counts.items()):
             by_state.add_metric([state, backend], count)
         yield by_state
@@ -109,8 +124,9 @@ class _Scraped:
         store = GaugeMetricFamily("cove_store_bytes", "Bytes held by the image store's blobs")
         store.add_metric([], self.daemon.store.size())
         yield store
-        reads = CounterMetricFamily("cove_attestation_requests", "Reads of /dev/attestation quote and report",
-                                    labels=["outcome"])
+        reads = CounterMetricFamily(
+            "cove_attestation_requests", "Reads of /dev/attestation quote and report", labels=["outcome"]
+        )
         try:
             status = request(str(self.daemon.root / "attestation.sock"), {"op": "status"}, timeout=2)
             for outcome, count in sorted(status.get("requests", {}).items()):

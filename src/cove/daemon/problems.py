@@ -37,8 +37,13 @@ class Problem(Exception):
         self.kind, self.status, self.title, self.detail, self.exit_code = kind, status, title, detail, exit_code
 
     def document(self, instance: str | None = None) -> dict[str, Any]:
-        body = {"type": TYPE_PREFIX + self.kind, "title": self.title, "status": self.status,
-                "kind": self.kind, "exit_code": int(self.exit_code)}
+        body = {
+            "type": TYPE_PREFIX + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "kind": self.kind,
+            "exit_code": int(self.exit_code),
+        }
         if self.detail:
             body["detail"] = self.detail
         if instance:

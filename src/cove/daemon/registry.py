@@ -50,7 +50,7 @@ def alive(pid: int | None, start: int | None) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
-        return data[data.rindex(b")") + 2:][:1] != b"Z"
+        return data[data.rindex(b")") + 2 :][:1] != b"Z"
     except OSError:
         return False
 
@@ -92,12 +92,33 @@ class Enclave:
         uptime = None
         if started and not self.ended:
             uptime = now - started
-        return {**{k: self.record[k] for k in ("id", "name", "image", "measurement", "signer", "backend",
-                                                 "program", "args", "instance", "created", "restart")},
-                "state": self.status, "exit_code": state.get("exit_code"), "error": state.get("error"),
-                "started": started, "finished": finished, "uptime": uptime,
-                "restarts": state.get("restarts", 0), "supervisor_pid": state.get("pid"),
-                "enclave_pid": state.get("enclave_pid")}
+        return {
+            **{
+                k: self.record[k]
+                for k in (
+                    "id",
+                    "name",
+                    "image",
+                    "measurement",
+                    "signer",
+                    "backend",
+                    "program",
+                    "args",
+                    "instance",
+                    "created",
+                    "restart",
+                )
+            },
+            "state": self.status,
+            "exit_code": state.get("exit_code"),
+            "error": state.get("error"),
+            "started": started,
+            "finished": finished,
+            "uptime": uptime,
+            "restarts": state.get("restarts", 0),
+            "supervisor_pid": state.get("pid"),
+            "enclave_pid": state.get("enclave_pid"),
+        }
 
 
 class Registry:
@@ -116,13 +137,16 @@ class Registry:
         ident = secrets.token_hex(32)
         name = record.get("name") or f"enclave-{ident[:12]}"
         if not NAME.match(name):
-            raise CoveError(f"--name {name!r}: use 1 to 63 letters, digits, '_', '.' or '-', "
-                            "beginning with a letter or digit")
+            raise CoveError(
+                f"--name {name!r}: use 1 to 63 letters, digits, '_', '.' or '-', beginning with a letter or digit"
+            )
         try:
             os.symlink(ident, self.names / name)
         except FileExistsError:
-            raise ConflictError(f"the name {name!r} is already used by an enclave",
-                                f"choose another, or remove it with `cove rm {name}`") from None
+            raise ConflictError(
+                f"the name {name!r} is already used by an enclave",
+                f"choose another, or remove it with `cove rm {name}`",
+            ) from None
         try:
             folder = self.incoming / ident
             folder.mkdir(mode=0o700)
@@ -201,9 +225,13 @@ class Registry:
             return enclave
         if not enclave.state:
             return enclave  # a supervisor not yet started; the caller decides
-        state = dict(enclave.state, state="exited", exit_code=enclave.state.get("exit_code") or 137,
-                     error=enclave.state.get("error") or "its supervisor was killed",
-                     finished=enclave.state.get("finished") or time.time())
+        state = dict(
+            enclave.state,
+            state="exited",
+            exit_code=enclave.state.get("exit_code") or 137,
+            error=enclave.state.get("error") or "its supervisor was killed",
+            finished=enclave.state.get("finished") or time.time(),
+        )
         write_atomic(enclave.folder / "state.json", json.dumps(state).encode(), 0o600)
         enclave.state = state
         return enclave

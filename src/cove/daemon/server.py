@@ -95,8 +95,14 @@ def parse_signal(value: Any) -> int:
 class Daemon:
     """The node service's state: store, registry, events; the API handler calls into it."""
 
-    def __init__(self, root: Path, socket_path: str, group: str = client_mod.GROUP,
-                 log_max_bytes: int = logfile.DEFAULT_MAX_BYTES, log_files: int = logfile.DEFAULT_FILES):
+    def __init__(
+        self,
+        root: Path,
+        socket_path: str,
+        group: str = client_mod.GROUP,
+        log_max_bytes: int = logfile.DEFAULT_MAX_BYTES,
+        log_files: int = logfile.DEFAULT_FILES,
+    ):
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -121,15 +127,15 @@ class Daemon:
         """Find the enclaves of a previous daemon: keep the living, settle the dead, drop half-made ones."""
         # a supervisor writes its state first thing; a record still without one after a grace period
         # was registered by a daemon that died before its supervisor was forked
-        while any(not e.state and time.time() - e.record.get("created", 0) < RECOVER_GRACE
-                  for e in self.registry.all()):
+        while any(
+            not e.state and time.time() - e.record.get("created", 0) < RECOVER_GRACE for e in self.registry.all()
+        ):
             time.sleep(0.05)
         removed = self.registry.recover()
         blobs, freed = self.store.collect()  # an import cut short leaves only tmp/ and unlinked blobs
         attestation.ensure_server(self.root)  # one /dev/attestation server for the node, kept across restarts
         running = [e.id for e in self.registry.all() if not e.ended]
-        log("recovered", running=len(running), removed_half_made=len(removed), blobs_collected=blobs,
-            bytes_freed=freed)
+        log("recovered", running=len(running), removed_half_made=len(removed), blobs_collected=blobs, bytes_freed=freed)
 
     # -- access
 
@@ -138,8 +144,7 @@ class Daemon:
         if uid == 0:
             return
         if self.gid is None or (self.gid != gid and self.gid not in peer_groups(connection)):
-            raise Problem("Forbidden", f"uid {uid} is neither root nor in the `{self.group}` group",
-                          ExitCode.REFUSED)
+            raise Problem("Forbidden", f"uid {uid} is neither root nor in the `{self.group}` group", ExitCode.REFUSED)
 
     # -- enclaves
 
@@ -165,13 +170,14 @@ class Daemon:
         signer_hex = _field(body, "signer", str, None)
         parse_restart(restart)
         if backend not in (None, "auto", "sim"):
-            raise Problem("Unprocessable", f"the node runs sim enclaves, not backend {backend!r}: "
-                          "run it without the daemon (COVE_NO_DAEMON=1)")
+            raise Problem(
+                "Unprocessable",
+                f"the node runs sim enclaves, not backend {backend!r}: run it without the daemon (COVE_NO_DAEMON=1)",
+            )
         if not instance.is_absolute():
             raise Problem("InvalidRequest", "instance must be an absolute path")
         if not (instance / "cove.toml").is_file():
-            raise NotFoundError(f"no Cove instance in {instance} (no cove.toml)",
-                                "run `cove new NAME`, or give -C DIR")
+            raise NotFoundError(f"no Cove instance in {instance} (no cove.toml)", "run `cove new NAME`, or give -C DIR")
         _check_owner(instance, uid)
         signer = bytes.fromhex(signer_hex) if signer_hex else None
         started = time.monotonic()
@@ -179,12 +185,20 @@ class Daemon:
             image, new = self.imports.import_instance(instance, signer, None if uid == 0 else uid)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise Problem("InsufficientStorage", f"the image store {self.store.path} is full: "
-                              f"{exc.strerror}", ExitCode.FILE_SYSTEM) from None
+                raise Problem(
+                    "InsufficientStorage",
+                    f"the image store {self.store.path} is full: {exc.strerror}",
+                    ExitCode.FILE_SYSTEM,
+                ) from None
             raise
         if new:
-            log("image_imported", image=image.id, files=image.files, bytes=image.bytes,
-                seconds=round(time.monotonic() - started, 3))
+            log(
+                "image_imported",
+                image=image.id,
+                files=image.files,
+                bytes=image.bytes,
+                seconds=round(time.monotonic() - started, 3),
+            )
             self.events.emit("image", "import", image.id, name=image.name)
         config = self.imports.verified(image).config
         allowed = set(config.env.passthrough)
@@ -192,11 +206,22 @@ class Daemon:
         # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
         # never written by root (a symbolic link there could point anywhere): its state stays in the node
         state_dir = str(instance / "run") if uid == 0 else None
-        record = {"name": name, "image": image.id, "measurement": image.measurement, "signer": image.signer,
-                  "backend": "vm" if config.enclave.backend == "vm" else "sim",  # the supervisor launches with it
-                  "program": program, "args": args, "instance": str(instance),
-                  "state_dir": state_dir, "restart": restart, "env": passthrough, "uid": uid,
-                  "log_max_bytes": self.log_max_bytes, "log_files": self.log_files}
+        record = {
+            "name": name,
+            "image": image.id,
+            "measurement": image.measurement,
+            "signer": image.signer,
+            "backend": "vm" if config.enclave.backend == "vm" else "sim",  # the supervisor launches with it
+            "program": program,
+            "args": args,
+            "instance": str(instance),
+            "state_dir": state_dir,
+            "restart": restart,
+            "env": passthrough,
+            "uid": uid,
+            "log_max_bytes": self.log_max_bytes,
+            "log_files": self.log_files,
+        }
         enclave = self.registry.create(record)
         self.events.emit("enclave", "create", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         try:
@@ -205,8 +230,14 @@ class Daemon:
             self.registry.remove(enclave)
             raise
         enclave = self.registry.load(enclave.id)
-        log("enclave_started", id=enclave.id, name=enclave.name, uid=enclave.record.get("uid"), image=image.id,
-            seconds=round(time.monotonic() - started, 3))
+        log(
+            "enclave_started",
+            id=enclave.id,
+            name=enclave.name,
+            uid=enclave.record.get("uid"),
+            image=image.id,
+            seconds=round(time.monotonic() - started, 3),
+        )
         if self.metrics is not None:
             self.metrics.starts.labels(record["backend"]).inc()
             self.metrics.latency.observe(time.monotonic() - started)
@@ -218,8 +249,13 @@ class Daemon:
         """The pre-loaded process that forks supervisors (cove.daemon.spawner), started again if it died."""
         spawner = getattr(self, "spawner_process", None)
         if spawner is None or spawner.poll() is not None:
-            spawner = subprocess.Popen([sys.executable, "-m", "cove.daemon.spawner"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.DEVNULL, close_fds=True, preexec_fn=_die_with_parent)
+            spawner = subprocess.Popen(
+                [sys.executable, "-m", "cove.daemon.spawner"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                preexec_fn=_die_with_parent,
+            )
             self.spawner_process = spawner
         return spawner
 
@@ -245,8 +281,10 @@ class Daemon:
 
     def visible_to(self, uid: int) -> Callable[[Event], bool]:
         """Which events a member of the group sees: those of the enclaves it started (each carries its uid)."""
+
         def visible(event: Event) -> bool:
             return event.get("type") == "enclave" and event.get("uid") == uid
+
         return visible
 
     def view(self, ref: str, uid: int) -> JSON:
@@ -306,8 +344,11 @@ class Daemon:
         from cove.runtime import launcher, seccomp, vm
 
         argv = _field(body, "argv", list)
-        if not argv or not all(isinstance(a, str) and "\0" not in a and len(a) <= 65536 for a in argv) \
-                or len(argv) > 4096:
+        if (
+            not argv
+            or not all(isinstance(a, str) and "\0" not in a and len(a) <= 65536 for a in argv)
+            or len(argv) > 4096
+        ):
             raise Problem("InvalidRequest", "argv must be a non-empty list of strings")
         tty = _field(body, "tty", bool, False) if stream else False
         stdin = _field(body, "stdin", bool, False) if stream else False
@@ -328,20 +369,37 @@ class Daemon:
         config = self.imports.verified(image).config  # checked once per image, not at every exec
         path = os.path.normpath(argv[0])
         if not config.enclave.debug and not launcher.allowed(path, config.process.entry_points):
-            raise Problem("Forbidden", f"{path} is not an entry point of this enclave (allowed: "
-                          f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
-                          ExitCode.USAGE)
+            raise Problem(
+                "Forbidden",
+                f"{path} is not an entry point of this enclave (allowed: "
+                f"{', '.join(config.process.entry_points)}; any program only in a debug enclave)",
+                ExitCode.USAGE,
+            )
         if vm_socket is not None and supervisor is not None:  # its launcher relays it to the guest's init
-            if tty or stdin:                                      # (docs/backends.md)
+            if tty or stdin:  # (docs/backends.md)
                 raise Problem("InvalidRequest", "-i and -t are not available in a vm enclave yet")
-            return enclave, path, Helper(supervisor, {"socket": str(vm_socket), "argv": [path, *argv[1:]]},
-                                         False, "cove.runtime.vm_exec")
+            return (
+                enclave,
+                path,
+                Helper(
+                    supervisor, {"socket": str(vm_socket), "argv": [path, *argv[1:]]}, False, "cove.runtime.vm_exec"
+                ),
+            )
         uid, gid = launcher.resolve_user(config.process.user, image.root)
-        spec = {"argv": [path, *argv[1:]], "uid": uid, "gid": gid, "cwd": config.process.cwd, "start": start,
-                "env": launcher.build_environment(config, enclave.record.get("env", {})),
-                "secret_env": [s.where for s in config.secrets if s.kind == "env"],
-                "max_open_files": config.resources.max_open_files, "tty": tty, "rows": rows, "cols": cols,
-                "seccomp": seccomp.enclave_filter(config).hex()}
+        spec = {
+            "argv": [path, *argv[1:]],
+            "uid": uid,
+            "gid": gid,
+            "cwd": config.process.cwd,
+            "start": start,
+            "env": launcher.build_environment(config, enclave.record.get("env", {})),
+            "secret_env": [s.where for s in config.secrets if s.kind == "env"],
+            "max_open_files": config.resources.max_open_files,
+            "tty": tty,
+            "rows": rows,
+            "cols": cols,
+            "seccomp": seccomp.enclave_filter(config).hex(),
+        }
 
         return enclave, path, Helper(program[0], spec, stdin)
 
@@ -354,13 +412,19 @@ class Daemon:
         raw = body.get("timeout")
         timeout = _number(EXEC_TIMEOUT if raw is None else "bad" if isinstance(raw, bool) else raw, "timeout")
         if not 0 < timeout <= EXEC_TIMEOUT_MAX:
-
             raise Problem("InvalidRequest", f"timeout must be more than 0 and at most {EXEC_TIMEOUT_MAX:g} seconds")
         enclave, path, helper = self.exec_helper(ref, body, uid)
         answer = buffered(helper, EXEC_KEEP, timeout, client)
-        self.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"),
-                         program=path, exit_code=None if answer is None else answer["exit_code"],
-                         client_left=answer is None)
+        self.events.emit(
+            "enclave",
+            "exec",
+            enclave.id,
+            name=enclave.name,
+            uid=enclave.record.get("uid"),
+            program=path,
+            exit_code=None if answer is None else answer["exit_code"],
+            client_left=answer is None,
+        )
         return answer
 
     def stop(self, ref: str, timeout: float, uid: int) -> JSON:
@@ -374,7 +438,14 @@ class Daemon:
                     _kill(enclave.state.get("pid"), signal.SIGKILL)
                     self._wait_end(enclave, 5)
         enclave = self.registry.settle(self.registry.load(enclave.id))
-        self.events.emit("enclave", "stop", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), exit_code=enclave.state.get("exit_code"))
+        self.events.emit(
+            "enclave",
+            "stop",
+            enclave.id,
+            name=enclave.name,
+            uid=enclave.record.get("uid"),
+            exit_code=enclave.state.get("exit_code"),
+        )
         return enclave.view()
 
     def _wait_end(self, enclave: Enclave, timeout: float | None) -> bool:
@@ -398,8 +469,7 @@ class Daemon:
         enclave = self.registry.settle(self.find(ref, uid))
         if not enclave.ended:
             if not force:
-                raise ConflictError(f"enclave {enclave.name} is {enclave.status}",
-                                    "stop it first, or use `cove rm -f`")
+                raise ConflictError(f"enclave {enclave.name} is {enclave.status}", "stop it first, or use `cove rm -f`")
             self.stop(enclave.id, 0, uid)
         view = self.registry.load(enclave.id).view()
         self.registry.remove(enclave)
@@ -462,8 +532,10 @@ class Daemon:
         image = self.store.get(ident)
         users = [e for e in self.registry.all() if e.record["image"] == image.id]
         if users and not force:
-            raise ConflictError(f"image {image.id[:12]} is used by {len(users)} enclave(s) "
-                                f"({', '.join(e.name for e in users[:3])})", "remove them with `cove rm` first")
+            raise ConflictError(
+                f"image {image.id[:12]} is used by {len(users)} enclave(s) ({', '.join(e.name for e in users[:3])})",
+                "remove them with `cove rm` first",
+            )
         if any(not self.registry.settle(e).ended for e in users):
             raise ConflictError(f"image {image.id[:12]} is used by a running enclave", "stop it first")
         self.store.remove(image.id)
@@ -509,7 +581,6 @@ def _check_owner(instance: Path, uid: int) -> None:
             raise Problem("Forbidden", f"{path} is a symbolic link: give the folder itself", ExitCode.REFUSED)
 
 
-
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it from 3.?, not always
 
 
@@ -525,7 +596,7 @@ def peer_groups(connection: socket.socket) -> set[int]:
                 return set()
             size = 4 * 65536  # NGROUPS_MAX
     count = len(data) // 4
-    return set(struct.unpack(f"{count}I", data[:count * 4]))
+    return set(struct.unpack(f"{count}I", data[: count * 4]))
 
 
 def _send_line(process: subprocess.Popen[bytes], line: bytes) -> None:
@@ -553,8 +624,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a bad request line, headers too long) as problem documents too."""
         self.request_version = "HTTP/1.1"  # headers even for a request that looked like HTTP/0.9
-        kind = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
-                414: "TooLarge", 431: "TooLarge"}.get(code, "InvalidRequest")
+        kind = {
+            400: "InvalidRequest",
+            404: "NotFound",
+            405: "MethodNotAllowed",
+            413: "TooLarge",
+            414: "TooLarge",
+            431: "TooLarge",
+        }.get(code, "InvalidRequest")
         problem = Problem(kind, message or explain)
         problem.status = code if 400 <= code < 500 else problem.status
         self.close_connection = True
@@ -582,8 +659,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         status = 500
         try:
-            pid, uid, gid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                       struct.calcsize("3i")))
+            pid, uid, gid = struct.unpack(
+                "3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
             self.peer_uid = uid
             self.daemon.authorize(self.request, uid, gid)
 
@@ -600,8 +678,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
             status = self._problem(Problem("Internal", None, ExitCode.SANDBOX))
         finally:
-            log("request", method=method, path=self.path[:200], status=status,
-                ms=round((time.monotonic() - started) * 1000, 2), uid=getattr(self, "peer_uid", None))
+            log(
+                "request",
+                method=method,
+                path=self.path[:200],
+                status=status,
+                ms=round((time.monotonic() - started) * 1000, 2),
+                uid=getattr(self, "peer_uid", None),
+            )
 
     def _body(self) -> JSON:
         length = self.headers.get("Content-Length")
@@ -660,9 +744,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if tail is not None and not (tail.isdigit() and len(tail) < 10):
                     raise Problem("InvalidRequest", "tail must be a number of lines")
                 d.find(ref, self.peer_uid)  # a missing (or another's) enclave is a 404 before the stream begins
-                return self._stream(d.logs(ref, _flag(query, "follow"), None if tail is None else int(tail),
-                                           self.peer_uid),
-                                    "application/octet-stream")
+                return self._stream(
+                    d.logs(ref, _flag(query, "follow"), None if tail is None else int(tail), self.peer_uid),
+                    "application/octet-stream",
+                )
             allow("POST")
             if action == "stop":
                 timeout = _number(query.get("timeout", body.get("timeout", 10)), "timeout")
@@ -693,8 +778,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             allow("GET")
             since = _number(query.get("since", 0), "since")
             visible = None if self.peer_uid == 0 else d.visible_to(self.peer_uid)
-            return self._stream(d.events.follow(since, _flag(query, "follow", True), visible),
-                                "application/x-ndjson")
+            return self._stream(d.events.follow(since, _flag(query, "follow", True), visible), "application/x-ndjson")
         raise Problem("NotFound", f"no route {method} {path}")
 
     def _exec_stream(self, ref: str, body: JSON) -> int:
@@ -708,8 +792,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         code = Session(self.connection, self.rfile, helper).run()
-        d.events.emit("enclave", "exec", enclave.id, name=enclave.name, uid=enclave.record.get("uid"), program=path,
-                      exit_code=code, client_left=code is None)
+        d.events.emit(
+            "enclave",
+            "exec",
+            enclave.id,
+            name=enclave.name,
+            uid=enclave.record.get("uid"),
+            program=path,
+            exit_code=code,
+            client_left=code is None,
+        )
         return 101
 
     def _json(self, status: int, document: Any, kind: str = "application/json") -> int:
@@ -804,12 +896,20 @@ def bind(path: str, gid: int | None) -> UnixServer:
     return server
 
 
-def serve(root: Path, socket_path: str, group: str = client_mod.GROUP, metrics: str | None = None,
-          log_max_bytes: int = logfile.DEFAULT_MAX_BYTES, log_files: int = logfile.DEFAULT_FILES) -> int:
+def serve(
+    root: Path,
+    socket_path: str,
+    group: str = client_mod.GROUP,
+    metrics: str | None = None,
+    log_max_bytes: int = logfile.DEFAULT_MAX_BYTES,
+    log_files: int = logfile.DEFAULT_FILES,
+) -> int:
     """Run the daemon until SIGTERM or SIGINT; enclaves go on without it."""
     if os.geteuid() != 0:
-        raise CoveError("cove daemon runs as root (it owns the image store and starts enclaves for others)",
-                        "start it with sudo or as the systemd unit scripts/setup installs")
+        raise CoveError(
+            "cove daemon runs as root (it owns the image store and starts enclaves for others)",
+            "start it with sudo or as the systemd unit scripts/setup installs",
+        )
     daemon = Daemon(root, socket_path, group, log_max_bytes, log_files)
     daemon.recover()
     if metrics:

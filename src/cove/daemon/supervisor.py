@@ -61,8 +61,9 @@ class Supervisor:
     def save(self, **changes: Any) -> None:
         self.state.update(changes)
         # only the end (the exit code) is made durable: after a machine crash no enclave runs anyway
-        write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600,
-                     sync=self.state.get("state") == "exited")
+        write_atomic(
+            self.folder / "state.json", json.dumps(self.state).encode(), 0o600, sync=self.state.get("state") == "exited"
+        )
 
     def stop_requested(self) -> bool:
         return self.stopping or (self.folder / "stop").exists()
@@ -80,13 +81,16 @@ class Supervisor:
             if verified.measurement.hex() != self.record["measurement"]:
                 raise IntegrityError("the stored image no longer has the measurement it was started with")
             # the client's values of [env] passthrough names reach the enclave only, never this root process
-            request = launcher.RunRequest(self.record["program"], tuple(self.record["args"]),
-                                          self.record.get("backend"), host_env=dict(self.record.get("env", {})))
+            request = launcher.RunRequest(
+                self.record["program"],
+                tuple(self.record["args"]),
+                self.record.get("backend"),
+                host_env=dict(self.record.get("env", {})),
+            )
             state_dir = Path(self.record["state_dir"]) if self.record.get("state_dir") else self.folder / "state"
             with trace.span("supervisor.save-running"):
                 self.save(state="running", started=time.time(), finished=None, exit_code=None, error=None)
-            return launcher.run_verified(verified, image.root, request, state_dir, build_dir=image.build,
-                                         stored=True)
+            return launcher.run_verified(verified, image.root, request, state_dir, build_dir=image.build, stored=True)
         except CoveError as exc:
             self.save(error=exc.line())
             return int(exc.exit_code)
@@ -100,8 +104,9 @@ class Supervisor:
         if not max_bytes:
             return self._run()
         read, write = os.pipe()
-        writer = logfile.Writer(read, self.folder / "log", int(max_bytes),
-                                int(self.record.get("log_files") or logfile.DEFAULT_FILES)).start()
+        writer = logfile.Writer(
+            read, self.folder / "log", int(max_bytes), int(self.record.get("log_files") or logfile.DEFAULT_FILES)
+        ).start()
         os.dup2(write, 1)  # the enclave writes to the pipe; the writer alone writes the files
         os.dup2(write, 2)
         os.close(write)
@@ -119,8 +124,10 @@ class Supervisor:
     def _run(self) -> int:
         # /dev/attestation from the node's one server, not a server process per run
         services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
+
         def stop(_signum: int, _frame: object) -> None:
             self.stopping = True
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.save(state="starting")
@@ -128,15 +135,15 @@ class Supervisor:
         while True:
             began = time.monotonic()
             code = self.once()
-            if self.stop_requested() or not should_restart(self.record.get("restart", "no"), code,
-                                                           self.state["restarts"]):
+            if self.stop_requested() or not should_restart(
+                self.record.get("restart", "no"), code, self.state["restarts"]
+            ):
                 with trace.span("supervisor.save-exited"):
                     self.save(state="exited", exit_code=code, finished=time.time())
                 return code
             if time.monotonic() - began > BACKOFF_RESET:
                 delay = BACKOFF_FIRST  # it ran a while: start the back-off again
-            self.save(state="restarting", exit_code=code, finished=time.time(),
-                      restarts=self.state["restarts"] + 1)
+            self.save(state="restarting", exit_code=code, finished=time.time(), restarts=self.state["restarts"] + 1)
             deadline = time.monotonic() + delay
             while time.monotonic() < deadline and not self.stop_requested():
                 time.sleep(0.05)

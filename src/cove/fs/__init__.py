@@ -6,5 +6,4 @@
 from cove.fs.errors import FileIntegrityError, ProtectedFileError
 from cove.fs.protected_file import DEFAULT_CACHE_BYTES, ProtectedFile, read_header
 
-__all__ = ["DEFAULT_CACHE_BYTES", "FileIntegrityError", "ProtectedFile", "ProtectedFileError",
-           "read_header"]
+__all__ = ["DEFAULT_CACHE_BYTES", "FileIntegrityError", "ProtectedFile", "ProtectedFileError", "read_header"]

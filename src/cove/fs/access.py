@@ -42,8 +42,13 @@ class Identity:
         return cls(bytes(other.measurement), bytes(other.signer), other.product_id, other.svn, other.debug)
 
     def to_cbor(self) -> dict[str, Any]:
-        return {"measurement": self.measurement, "signer": self.signer, "product_id": self.product_id,
-                "svn": self.svn, "debug": self.debug}
+        return {
+            "measurement": self.measurement,
+            "signer": self.signer,
+            "product_id": self.product_id,
+            "svn": self.svn,
+            "debug": self.debug,
+        }
 
 
 def is_empty_folder(path: str) -> bool:
@@ -76,10 +81,20 @@ def resolve_keks(path: str, key_text: str, identity: Identity | None) -> dict[in
     return {svn: keys.resolve(source, identity, svn) for svn in sorted(svns)}
 
 
-def open_volume(path: str, key_text: str, identity: Identity | None = None, *, label: str | None = None,
-                writable: bool = True, create: bool = False, anchor: str = "auto",
-                cache_bytes: int = DEFAULT_FILE_CACHE, durable: bool = True,
-                check_anchor: bool = True, keks: dict[int, bytes] | None = None) -> Volume:
+def open_volume(
+    path: str,
+    key_text: str,
+    identity: Identity | None = None,
+    *,
+    label: str | None = None,
+    writable: bool = True,
+    create: bool = False,
+    anchor: str = "auto",
+    cache_bytes: int = DEFAULT_FILE_CACHE,
+    durable: bool = True,
+    check_anchor: bool = True,
+    keks: dict[int, bytes] | None = None,
+) -> Volume:
     """Open (or, with ``create``, make) the volume at ``path`` with the key ``key_text`` names.
 
     ``keks`` (from :func:`resolve_keks`) supplies the keys instead of resolving them here.
@@ -93,36 +108,54 @@ def open_volume(path: str, key_text: str, identity: Identity | None = None, *, l
         if keks is not None:
             found = keks.get(at or 0)
             if found is None:
-                raise keys.KeySourceError(f"data sealed at svn {at} cannot be unsealed by an enclave "
-                                          f"with svn {svn}", "a lower svn never reads what a higher svn sealed")
+                raise keys.KeySourceError(
+                    f"data sealed at svn {at} cannot be unsealed by an enclave with svn {svn}",
+                    "a lower svn never reads what a higher svn sealed",
+                )
             return found
         return keys.resolve(source, identity, at)
+
     if create and is_empty_folder(path):
         if not writable:
-            raise VolumeError(f"{path} holds no volume yet, and the mount is read-only",
-                              "make the mount writable once, or create the volume with `cove fs encrypt`")
+            raise VolumeError(
+                f"{path} holds no volume yet, and the mount is read-only",
+                "make the mount writable once, or create the volume with `cove fs encrypt`",
+            )
         known = anchor_mod.known_volume_at(path)
         if known is not None:
-            raise VolumeError(f"the volume at {path} was deleted: this platform holds its rollback "
-                              f"anchor at version {known.get('current')}",
-                              f"restore the volume, or run `cove fs forget {path}` to start an empty one")
+            raise VolumeError(
+                f"the volume at {path} was deleted: this platform holds its rollback "
+                f"anchor at version {known.get('current')}",
+                f"restore the volume, or run `cove fs forget {path}` to start an empty one",
+            )
         kek = resolve(svn if source.sealed else None)
-        return Volume.create(path, kek, label=label or "/", policy=wanted, anchor=anchor,
-                             cache_bytes=cache_bytes, durable=durable)
+        return Volume.create(
+            path, kek, label=label or "/", policy=wanted, anchor=anchor, cache_bytes=cache_bytes, durable=durable
+        )
 
     def key_for(policy: KeyPolicy) -> bytes:
         if policy.source != wanted.source:
-            raise VolumeError(f"this volume's key comes from {policy.source}, not {wanted.source}",
-                              "use the key source the volume was made with")
+            raise VolumeError(
+                f"this volume's key comes from {policy.source}, not {wanted.source}",
+                "use the key source the volume was made with",
+            )
         return resolve(policy.svn if source.sealed else None)
 
-    volume = Volume.open(path, key_for, label=label, writable=writable, cache_bytes=cache_bytes,
-                         durable=durable, check_anchor=check_anchor)
+    volume = Volume.open(
+        path,
+        key_for,
+        label=label,
+        writable=writable,
+        cache_bytes=cache_bytes,
+        durable=durable,
+        check_anchor=check_anchor,
+    )
     try:
         if anchor not in ("auto", volume.store.kind):
-            raise VolumeError(f"this volume's rollback anchor is {volume.store.kind!r}, "
-                              f"the mount asks for {anchor!r}",
-                              "an anchor is chosen when a volume is made; use rollback = \"auto\"")
+            raise VolumeError(
+                f"this volume's rollback anchor is {volume.store.kind!r}, the mount asks for {anchor!r}",
+                'an anchor is chosen when a volume is made; use rollback = "auto"',
+            )
         if writable and source.sealed and svn > volume.policy.svn:
             volume.rewrap(resolve(svn), wanted)
             volume.commit()

@@ -115,8 +115,10 @@ class FileAnchor(AnchorStore):
     """(version, digest) in a MACed record in the platform folder, replaced atomically."""
 
     kind = "file"
-    guarantee = ("platform file: detects a volume copied back from a backup or snapshot, "
-                 "not a host root who also rolls back the platform folder")
+    guarantee = (
+        "platform file: detects a volume copied back from a backup or snapshot, "
+        "not a host root who also rolls back the platform folder"
+    )
 
     def __init__(self, volume_id: bytes, secret: bytes, path: str):
         self.volume_id = volume_id
@@ -131,8 +133,14 @@ class FileAnchor(AnchorStore):
         return hmac.new(self.secret, cbor2.dumps(body, canonical=True), "sha256").digest()
 
     def _write(self, anchor: Anchor, first: int) -> None:
-        body = {"volume": self.volume_id, "path": self.path, "kind": self.kind,
-                "version": anchor.version, "digest": anchor.digest, "first": first}
+        body = {
+            "volume": self.volume_id,
+            "path": self.path,
+            "kind": self.kind,
+            "version": anchor.version,
+            "digest": anchor.digest,
+            "first": first,
+        }
         write_atomic(self.file, cbor2.dumps(dict(body, mac=self._mac(body))), mode=0o600)
 
     def _load(self) -> dict[str, Any]:
@@ -140,16 +148,21 @@ class FileAnchor(AnchorStore):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise AnchorError(f"the rollback record of this volume ({path}) is missing",
-                              "it was deleted, or the volume comes from another platform") from None
+            raise AnchorError(
+                f"the rollback record of this volume ({path}) is missing",
+                "it was deleted, or the volume comes from another platform",
+            ) from None
         except OSError as exc:
             raise AnchorError(f"cannot read the rollback record {path}: {exc.strerror}") from None
         record = decode_cbor(data, _damaged(path), "the record", limit=RECORD_LIMIT)
         mac = record.pop("mac", b"") if isinstance(record, dict) else b""
-        if not isinstance(record, dict) or not isinstance(mac, bytes) \
-                or not hmac.compare_digest(mac, self._mac(record)) or record.get("volume") != self.volume_id:
-            raise AnchorError(f"the rollback record {self.file} does not belong to this volume "
-                              "or was modified")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(mac, bytes)
+            or not hmac.compare_digest(mac, self._mac(record))
+            or record.get("volume") != self.volume_id
+        ):
+            raise AnchorError(f"the rollback record {self.file} does not belong to this volume or was modified")
         fields = Fields(record, "the record", _damaged(path))
         fields.uint("version"), fields.uint("first"), fields.bytes("digest", 32)
         return record
@@ -191,8 +204,10 @@ class TpmAnchor(AnchorStore):
     """An NV counter (the version) and an NV index holding (version, digest)."""
 
     kind = "tpm"
-    guarantee = ("TPM NV counter: detects any rollback of the volume, including by the host's "
-                 "root, unless the TPM itself is reset or replaced")
+    guarantee = (
+        "TPM NV counter: detects any rollback of the volume, including by the host's "
+        "root, unless the TPM itself is reset or replaced"
+    )
 
     def __init__(self, volume_id: bytes, secret: bytes, path: str, nv: int | None = None):
         self.volume_id = volume_id
@@ -200,8 +215,10 @@ class TpmAnchor(AnchorStore):
         self.path = path
         tcti = tpm_tcti()
         if tcti is None:
-            raise AnchorError("this volume's rollback anchor is in a TPM, and this platform has none",
-                              "set COVE_TPM_TCTI (e.g. swtpm:port=2321) or use the platform that made it")
+            raise AnchorError(
+                "this volume's rollback anchor is in a TPM, and this platform has none",
+                "set COVE_TPM_TCTI (e.g. swtpm:port=2321) or use the platform that made it",
+            )
         self.tcti: str = tcti
         for tool in ("tpm2_nvdefine", "tpm2_nvread", "tpm2_nvwrite", "tpm2_nvincrement"):
             if shutil.which(tool) is None:
@@ -221,22 +238,25 @@ class TpmAnchor(AnchorStore):
             env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
             if not owner:
                 args = args + ["-P", f"file:/proc/self/fd/{auth}"]
-            proc = subprocess.run(args, input=data, capture_output=True, env=env, pass_fds=(auth,),
-                                  timeout=60)
+            proc = subprocess.run(args, input=data, capture_output=True, env=env, pass_fds=(auth,), timeout=60)
         finally:
             os.close(auth)
         if proc.returncode != 0:
-            error = next((line for line in proc.stderr.decode("utf-8", "replace").splitlines()
-                          if "ERROR:" in line and "Unable to run" not in line), "").strip()
-            raise AnchorError(f"TPM {args[0]} failed: {error or proc.returncode}",
-                              f"check the TPM at {self.tcti}")
+            error = next(
+                (
+                    line
+                    for line in proc.stderr.decode("utf-8", "replace").splitlines()
+                    if "ERROR:" in line and "Unable to run" not in line
+                ),
+                "",
+            ).strip()
+            raise AnchorError(f"TPM {args[0]} failed: {error or proc.returncode}", f"check the TPM at {self.tcti}")
         return proc.stdout
 
     def _define(self, handle: int, size: int, counter: bool) -> None:
         attrs = ("nt=counter|" if counter else "") + "ownerread|authread|authwrite|no_da"
         auth = f"hex:{self.secret.hex()}"
-        self._run(["tpm2_nvdefine", f"0x{handle:08x}", "-C", "o", "-s", str(size), "-a", attrs,
-                   "-p", auth], owner=True)
+        self._run(["tpm2_nvdefine", f"0x{handle:08x}", "-C", "o", "-s", str(size), "-a", attrs, "-p", auth], owner=True)
 
     def _read_counter(self) -> int:
         raw = self._run(["tpm2_nvread", f"0x{self.counter:08x}", "-C", f"0x{self.counter:08x}", "-s", "8"])
@@ -248,8 +268,10 @@ class TpmAnchor(AnchorStore):
         return Anchor(struct.unpack(">Q", raw[:8])[0], raw[8:40])
 
     def _write_record(self, anchor: Anchor) -> None:
-        self._run(["tpm2_nvwrite", f"0x{self.record:08x}", "-C", f"0x{self.record:08x}", "-i", "-"],
-                  data=struct.pack(">Q", anchor.version) + anchor.digest)
+        self._run(
+            ["tpm2_nvwrite", f"0x{self.record:08x}", "-C", f"0x{self.record:08x}", "-i", "-"],
+            data=struct.pack(">Q", anchor.version) + anchor.digest,
+        )
 
     def _increment(self) -> None:
         self._run(["tpm2_nvincrement", f"0x{self.counter:08x}", "-C", f"0x{self.counter:08x}"])
@@ -273,9 +295,19 @@ class TpmAnchor(AnchorStore):
         self._increment()  # a counter reads only once written; it starts above every earlier one
         first = Anchor(self._read_counter(), ZERO)
         self._write_record(first)
-        write_atomic(_record_path(self.volume_id, "tpm"),
-                     cbor2.dumps({"volume": self.volume_id, "path": self.path, "kind": self.kind,
-                                  "nv": self.counter, "first": first.version}), mode=0o600)
+        write_atomic(
+            _record_path(self.volume_id, "tpm"),
+            cbor2.dumps(
+                {
+                    "volume": self.volume_id,
+                    "path": self.path,
+                    "kind": self.kind,
+                    "nv": self.counter,
+                    "first": first.version,
+                }
+            ),
+            mode=0o600,
+        )
         return first
 
     def read(self) -> Anchor:
@@ -285,8 +317,10 @@ class TpmAnchor(AnchorStore):
             self._increment()
             counter += 1
         if record.version != counter:
-            raise AnchorError(f"the TPM record says version {record.version}, its counter {counter}",
-                              "the NV index was redefined or written outside Cove")
+            raise AnchorError(
+                f"the TPM record says version {record.version}, its counter {counter}",
+                "the NV index was redefined or written outside Cove",
+            )
         return record
 
     def advance(self, new: Anchor) -> None:
@@ -330,8 +364,10 @@ def open_store(params: dict[str, Any], volume_id: bytes, secret: bytes, path: st
         return TpmAnchor(volume_id, secret, path, params.get("nv"))
     if kind in _STORES:
         return _STORES[kind](volume_id, secret, path, **params)
-    raise AnchorError(f"rollback anchor kind {kind!r} is not available here",
-                      "kbs anchors need the key broker client" if kind == "kbs" else None)
+    raise AnchorError(
+        f"rollback anchor kind {kind!r} is not available here",
+        "kbs anchors need the key broker client" if kind == "kbs" else None,
+    )
 
 
 def known_volume_at(path: str) -> dict[str, object] | None:
@@ -365,8 +401,11 @@ def forget_records(path: str) -> list[str]:
             tcti = tpm_tcti() if record.get("kind") == "tpm" else None
             if tcti and isinstance(nv, int):
                 for handle in (nv, nv + 1):
-                    subprocess.run(["tpm2_nvundefine", f"0x{handle:08x}", "-C", "o"], capture_output=True,
-                                   env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
+                    subprocess.run(
+                        ["tpm2_nvundefine", f"0x{handle:08x}", "-C", "o"],
+                        capture_output=True,
+                        env=dict(os.environ, TPM2TOOLS_TCTI=tcti),
+                    )
             entry.unlink()
             removed.append(str(entry))
     return removed
@@ -399,8 +438,11 @@ def _tpm_owner_read(nv: object) -> int | None:
     tcti = tpm_tcti()
     if tcti is None or not isinstance(nv, int):
         return None
-    proc = subprocess.run(["tpm2_nvread", f"0x{nv:08x}", "-C", "o", "-s", "8"], capture_output=True,
-                          env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
+    proc = subprocess.run(
+        ["tpm2_nvread", f"0x{nv:08x}", "-C", "o", "-s", "8"],
+        capture_output=True,
+        env=dict(os.environ, TPM2TOOLS_TCTI=tcti),
+    )
     if proc.returncode != 0 or len(proc.stdout) != 8:
         return None
     value: int = struct.unpack(">Q", proc.stdout)[0]

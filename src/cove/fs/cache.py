@@ -19,8 +19,7 @@ class Node:
 
     __slots__ = ("phys", "num", "is_mht", "buf", "dirty", "children", "parent")
 
-    def __init__(self, phys: int, num: int, is_mht: bool, parent: Node | None = None,
-                 buf: bytearray | None = None):
+    def __init__(self, phys: int, num: int, is_mht: bool, parent: Node | None = None, buf: bytearray | None = None):
         self.phys = phys
         self.parent = parent  # the MHT node holding this node's key; pinned while we live
         self.num = num  # logical data-node or MHT-node number

@@ -21,8 +21,18 @@ from cove.fs.layout import IV, KDF_LABEL, KDF_LABEL_FIELD, KEY_SIZE, MAC_SIZE, N
 # What the node sealing reads and writes: a node buffer, or a view into a run of them.
 Buffer = bytes | bytearray | memoryview
 
-__all__ = ["AESGCM", "Buffer", "FAST", "IV", "InvalidTag", "derive_metadata_key", "random_keys", "seal",
-           "open_sealed", "macs_equal"]
+__all__ = [
+    "AESGCM",
+    "Buffer",
+    "FAST",
+    "IV",
+    "InvalidTag",
+    "derive_metadata_key",
+    "random_keys",
+    "seal",
+    "open_sealed",
+    "macs_equal",
+]
 
 
 def derive_metadata_key(kdk: bytes, nonce: bytes) -> bytes:
@@ -36,10 +46,8 @@ def derive_metadata_key(kdk: bytes, nonce: bytes) -> bytes:
     """
     if len(kdk) != KEY_SIZE:
         raise ValueError("the key-derivation key must be 16 bytes")
-    fixed = (b"\0\0\0" + KDF_LABEL.ljust(KDF_LABEL_FIELD, b"\0") + nonce
-             + struct.pack("<I", KEY_SIZE * 8))
-    kdf = KBKDFCMAC(algorithms.AES, Mode.CounterMode, KEY_SIZE, 1, None,
-                    CounterLocation.BeforeFixed, None, None, fixed)
+    fixed = b"\0\0\0" + KDF_LABEL.ljust(KDF_LABEL_FIELD, b"\0") + nonce + struct.pack("<I", KEY_SIZE * 8)
+    kdf = KBKDFCMAC(algorithms.AES, Mode.CounterMode, KEY_SIZE, 1, None, CounterLocation.BeforeFixed, None, None, fixed)
     return kdf.derive(kdk)
 
 

@@ -89,9 +89,13 @@ def decode_listing(data: bytes) -> dict[str, Listed]:
             raise _malformed(f"image listing entry {i} must be a list of six items")
         f = Fields(dict(zip(_ENTRY_FIELDS, item)), f"image listing entry {i}", _malformed)
         kind = f.text("type", ("f", "d", "l"))
-        listing[f.text("path", max_len=_NAME_MAX)] = (kind, f.integer("mode", 0, 0o7777),
-                                                       f.uint("size") if kind == "f" else 0, f.bytes("digest"),
-                                                       f.text("target", max_len=_NAME_MAX))
+        listing[f.text("path", max_len=_NAME_MAX)] = (
+            kind,
+            f.integer("mode", 0, 0o7777),
+            f.uint("size") if kind == "f" else 0,
+            f.bytes("digest"),
+            f.text("target", max_len=_NAME_MAX),
+        )
     return listing
 
 
@@ -104,8 +108,14 @@ def _malformed(message: str) -> IntegrityError:
     return IntegrityError(message, "rebuild the image with `cove build`")
 
 
-def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity: SealingIdentity | None,
-                  entries: Iterable[ImageEntry], key_bytes: bytes | None = None) -> tuple[int, int]:
+def encrypt_image(
+    image_dir: Path,
+    out_dir: Path,
+    key_text: str,
+    identity: SealingIdentity | None,
+    entries: Iterable[ImageEntry],
+    key_bytes: bytes | None = None,
+) -> tuple[int, int]:
     """Encrypt the measured ``image_dir`` into the read-only volume ``out_dir`` (replaced); (files, bytes).
 
     ``entries`` is the listing just measured; a file that changed since
@@ -126,14 +136,21 @@ def encrypt_image(image_dir: Path, out_dir: Path, key_text: str, identity: Seali
     def check(rel: str, digest: bytes) -> None:
         want = listing.get(rel.lstrip("/"))
         if want is None or not hmac.compare_digest(want[3], digest):
-            raise IntegrityError(f"image file {rel} changed while the image was being encrypted",
-                                 "build again")
+            raise IntegrityError(f"image file {rel} changed while the image was being encrypted", "build again")
 
-    files, size, _ = new_volume_from(Path(image_dir), Path(out_dir), kek, label=LABEL, policy=policy,
-                                     anchor="none", force=True, check=check, owner=(0, 0))
+    files, size, _ = new_volume_from(
+        Path(image_dir),
+        Path(out_dir),
+        kek,
+        label=LABEL,
+        policy=policy,
+        anchor="none",
+        force=True,
+        check=check,
+        owner=(0, 0),
+    )
     keks = {0: kek} if key_bytes is not None else None
-    with open_volume(str(out_dir), key_text, ident, label=LABEL, writable=False, anchor="none",
-                     keks=keks) as volume:
+    with open_volume(str(out_dir), key_text, ident, label=LABEL, writable=False, anchor="none", keks=keks) as volume:
         difference = compare_listing(volume, listing)
     if difference:
         raise IntegrityError(f"the encrypted image differs from the measured one: {difference}", "build again")
@@ -148,8 +165,12 @@ def compare_listing(volume: Volume, listing: dict[str, Listed]) -> str | None:
         seen.add(rel)
         want = listing.get(rel)
         kind = {"d": "d", "f": "f", "l": "l"}[node.kind]
-        have = (kind, stat.S_IMODE(node.mode), node.size if kind == "f" else 0,
-                os.fsdecode(node.target) if kind == "l" and node.target is not None else "")
+        have = (
+            kind,
+            stat.S_IMODE(node.mode),
+            node.size if kind == "f" else 0,
+            os.fsdecode(node.target) if kind == "l" and node.target is not None else "",
+        )
         if want is None:
             return f"{rel} is not in the signed listing"
         if (want[0], want[1], want[2], want[4]) != have:
@@ -178,8 +199,9 @@ def add_mount_points(volume: Volume, targets: Iterable[str], files: Iterable[str
             node = child
 
 
-def decrypt_image(enc_dir: Path, key_text: str, identity: SealingIdentity | None, entries: Iterable[ImageEntry],
-                  dest: Path) -> Path:
+def decrypt_image(
+    enc_dir: Path, key_text: str, identity: SealingIdentity | None, entries: Iterable[ImageEntry], dest: Path
+) -> Path:
     """A verified plain copy of an encrypted image in the new folder ``dest`` (owner-only until done)."""
     from cove.fs.transfer import export_tree
 
@@ -201,17 +223,31 @@ def decrypt_image(enc_dir: Path, key_text: str, identity: SealingIdentity | None
     return dest
 
 
-def image_settings(enc_dir: Path, key_text: str, identity: SealingIdentity | None, entries: Iterable[ImageEntry],
-                   extra_dirs: Iterable[str], extra_files: Iterable[str] = ()) -> dict[str, Any]:
+def image_settings(
+    enc_dir: Path,
+    key_text: str,
+    identity: SealingIdentity | None,
+    entries: Iterable[ImageEntry],
+    extra_dirs: Iterable[str],
+    extra_files: Iterable[str] = (),
+) -> dict[str, Any]:
     """What the FUSE server needs to serve an encrypted image (see cove.fs.server)."""
     from cove.fs.access import resolve_keks
 
     ident = Identity.of(identity) if identity is not None else None
-    return {"volume": str(enc_dir), "label": LABEL, "key": key_text,
-            "identity": ident.to_cbor() if ident else None,
-            "keks": resolve_keks(str(enc_dir), key_text, ident), "writable": False, "create": False,
-            "anchor": "none", "image": cbor2.dumps([e.encode() for e in entries]),
-            "extra_dirs": list(extra_dirs), "extra_files": list(extra_files)}
+    return {
+        "volume": str(enc_dir),
+        "label": LABEL,
+        "key": key_text,
+        "identity": ident.to_cbor() if ident else None,
+        "keks": resolve_keks(str(enc_dir), key_text, ident),
+        "writable": False,
+        "create": False,
+        "anchor": "none",
+        "image": cbor2.dumps([e.encode() for e in entries]),
+        "extra_dirs": list(extra_dirs),
+        "extra_files": list(extra_files),
+    }
 
 
 class ImageMount:
@@ -226,9 +262,16 @@ class ImageMount:
     in ``start()`` (a ``kbs:`` key exists once the enclave has attested).
     """
 
-    def __init__(self, enc_dir: Path, key_text: str, identity: SealingIdentity | None,
-                 entries: Iterable[ImageEntry], mountpoint: Path, extra_dirs: Iterable[str] = (),
-                 extra_files: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        enc_dir: Path,
+        key_text: str,
+        identity: SealingIdentity | None,
+        entries: Iterable[ImageEntry],
+        mountpoint: Path,
+        extra_dirs: Iterable[str] = (),
+        extra_files: Iterable[str] = (),
+    ) -> None:
         self.volume, self.key_text, self.identity, self.entries = Path(enc_dir), key_text, identity, entries
         self.extra_dirs, self.extra_files = list(extra_dirs), list(extra_files)
         self.mountpoint = Path(mountpoint)
@@ -248,8 +291,9 @@ class ImageMount:
             self.extra_dirs = list(extra_dirs)
         if extra_files is not None:
             self.extra_files = list(extra_files)
-        settings = image_settings(self.volume, self.key_text, self.identity, self.entries, self.extra_dirs,
-                                  self.extra_files)
+        settings = image_settings(
+            self.volume, self.key_text, self.identity, self.entries, self.extra_dirs, self.extra_files
+        )
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
         self.spawn().start(settings, self.mountpoint)
         return self.mountpoint

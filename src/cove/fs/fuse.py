@@ -42,8 +42,9 @@ class VolumeOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, volume: Volume, name: str = "", commit_interval: float = 1.0,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self, volume: Volume, name: str = "", commit_interval: float = 1.0, log: Callable[[str], None] | None = None
+    ):
         super().__init__()
         self.volume = volume
         self.name = name or volume.label
@@ -122,7 +123,9 @@ class VolumeOperations(pyfuse3.Operations):
 
     # -- names -------------------------------------------------------------------------
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         try:
             return self._entry(self.volume.lookup(self._node(parent_inode), name))
         except Exception as exc:
@@ -142,8 +145,14 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         try:
             node = self._node(inode)
             uid, gid = self.ids.inside(attr.st_uid, attr.st_gid) if self.ids else (attr.st_uid, attr.st_gid)
@@ -153,7 +162,8 @@ class VolumeOperations(pyfuse3.Operations):
                 uid=uid if fields.update_uid else None,
                 gid=gid if fields.update_gid else None,
                 size=attr.st_size if fields.update_size else None,
-                mtime=attr.st_mtime_ns if fields.update_mtime else None)
+                mtime=attr.st_mtime_ns if fields.update_mtime else None,
+            )
             return self.attributes(node)
         except Exception as exc:
             raise self._fail(exc) from None
@@ -164,30 +174,37 @@ class VolumeOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         try:
             node = self.volume.mkdir(self._node(parent_inode), name, mode & ~ctx.umask, *self._owner(ctx))
             return self._entry(node)
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         try:
             return self._entry(self.volume.symlink(self._node(parent_inode), name, target, *self._owner(ctx)))
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # no devices, fifos or sockets in a volume
         try:
-            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask,
-                                           *self._owner(ctx))
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, *self._owner(ctx))
             return self._entry(node)
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)  # no hard links
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -204,11 +221,17 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         try:
-            self.volume.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
-                               name_new, flags)
+            self.volume.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new), name_new, flags)
             self.volume.commit()
         except Exception as exc:
             raise self._fail(exc) from None
@@ -235,11 +258,11 @@ class VolumeOperations(pyfuse3.Operations):
         except Exception as exc:
             raise self._fail(exc) from None
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         try:
-            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask,
-                                           *self._owner(ctx))
+            node = self.volume.create_file(self._node(parent_inode), name, mode & ~ctx.umask, *self._owner(ctx))
             node.opens += 1
             fh = self._open_fh(node)
             self._fh[fh] = (node, True)
@@ -327,8 +350,7 @@ class ImageOperations(VolumeOperations):
     measured digest, it answers EIO from then on.
     """
 
-    def __init__(self, volume: Volume, digests: dict[str, bytes], name: str = "",
-                 commit_interval: float = 1.0) -> None:
+    def __init__(self, volume: Volume, digests: dict[str, bytes], name: str = "", commit_interval: float = 1.0) -> None:
         super().__init__(volume, name, commit_interval)
         self.digests = digests
         self.verified: set[int] = set()
@@ -368,9 +390,17 @@ class ImageOperations(VolumeOperations):
         return await super().open(inode, flags, ctx)
 
 
-def serve(volume: Volume, mountpoint: str, *, name: str = "", commit_interval: float = 1.0,
-          on_ready: Callable[[], None] | None = None, read_only: bool = False,
-          digests: dict[str, bytes] | None = None, for_enclave: bool = False) -> None:
+def serve(
+    volume: Volume,
+    mountpoint: str,
+    *,
+    name: str = "",
+    commit_interval: float = 1.0,
+    on_ready: Callable[[], None] | None = None,
+    read_only: bool = False,
+    digests: dict[str, bytes] | None = None,
+    for_enclave: bool = False,
+) -> None:
     """Mount ``volume`` at ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT).
 
     With ``digests`` (path -> SHA-256) it is an image view: see ImageOperations.

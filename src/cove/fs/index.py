@@ -50,8 +50,27 @@ KeyFor = Callable[[KeyPolicy], bytes]
 class Node:
     """A folder, file or symlink of the index, with its runtime state."""
 
-    __slots__ = ("kind", "mode", "uid", "gid", "mtime", "ctime", "id", "mac", "size", "children",
-                 "target", "ino", "parent", "name", "lookups", "handle", "opens", "dirty", "linked")
+    __slots__ = (
+        "kind",
+        "mode",
+        "uid",
+        "gid",
+        "mtime",
+        "ctime",
+        "id",
+        "mac",
+        "size",
+        "children",
+        "target",
+        "ino",
+        "parent",
+        "name",
+        "lookups",
+        "handle",
+        "opens",
+        "dirty",
+        "linked",
+    )
 
     def __init__(self, kind: str, mode: int, uid: int = 0, gid: int = 0, now: int | None = None):
         now = time.time_ns() if now is None else now
@@ -93,8 +112,14 @@ class Node:
         return "/" + "/".join(reversed(parts))
 
     def to_cbor(self) -> dict[str, Any]:
-        item: dict[str, Any] = {"k": self.kind, "m": self.mode, "u": self.uid, "g": self.gid, "t": self.mtime,
-                "c": self.ctime}
+        item: dict[str, Any] = {
+            "k": self.kind,
+            "m": self.mode,
+            "u": self.uid,
+            "g": self.gid,
+            "t": self.mtime,
+            "c": self.ctime,
+        }
         if self.kind == "f":
             item.update(i=self.id, h=self.mac, s=self.size)
         elif self.kind == "l":

@@ -112,11 +112,12 @@ def recover(host_path: str) -> None:
         with open(rpath, "rb") as f:
             log = f.read()
     except FileNotFoundError:
-        raise FileIntegrityError(
-            "has-pending-write flag set but the recovery file is missing") from None
+        raise FileIntegrityError("has-pending-write flag set but the recovery file is missing") from None
     count = len(log) // RECORD_SIZE
-    records = [(_PHYS.unpack_from(log, i * RECORD_SIZE)[0],
-                log[i * RECORD_SIZE + _PHYS.size:(i + 1) * RECORD_SIZE]) for i in range(count)]
+    records = [
+        (_PHYS.unpack_from(log, i * RECORD_SIZE)[0], log[i * RECORD_SIZE + _PHYS.size : (i + 1) * RECORD_SIZE])
+        for i in range(count)
+    ]
     meta = [data for phys, data in records if phys == 0]
     if not meta:
         raise FileIntegrityError("recovery file holds no metadata node; cannot roll back")
@@ -151,4 +152,4 @@ def logged_metadata(host_path: str) -> bytes | None:
         return None
     if len(record) < RECORD_SIZE or _PHYS.unpack_from(record)[0] != 0:
         return None
-    return record[_PHYS.size:]
+    return record[_PHYS.size :]

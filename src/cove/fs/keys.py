@@ -45,8 +45,7 @@ def read_key_file(path: str | Path) -> bytes:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise KeySourceError(f"key file {path} not found",
-                             "create one with: head -c16 /dev/urandom > FILE") from None
+        raise KeySourceError(f"key file {path} not found", "create one with: head -c16 /dev/urandom > FILE") from None
     except OSError as exc:
         raise KeySourceError(f"cannot read key file {path}: {exc.strerror}") from None
     if len(data) == KEY_SIZE:
@@ -54,8 +53,7 @@ def read_key_file(path: str | Path) -> bytes:
     text = data.strip()
     if _HEX_RE.match(text.decode("ascii", "replace")):
         return bytes.fromhex(text.decode())
-    raise KeySourceError(f"key file {path} holds {len(data)} bytes",
-                         "a key file holds 16 raw bytes or 32 hex digits")
+    raise KeySourceError(f"key file {path} holds {len(data)} bytes", "a key file holds 16 raw bytes or 32 hex digits")
 
 
 # kind -> function(source, identity, svn) -> 16-byte key; the key broker adds "kbs".
@@ -83,8 +81,10 @@ def resolve(source: KeySource | str, identity: Identity | None = None, svn: int 
         key = _RESOLVERS[source.kind](source, identity, svn)
     elif source.kind == "seal":
         if identity is None:
-            raise KeySourceError(f"{source.text} needs the identity of a built enclave",
-                                 "run from the instance folder, or pass -C INSTANCE")
+            raise KeySourceError(
+                f"{source.text} needs the identity of a built enclave",
+                "run from the instance folder, or pass -C INSTANCE",
+            )
         from cove.platform import sealing
 
         try:
@@ -96,8 +96,10 @@ def resolve(source: KeySource | str, identity: Identity | None = None, svn: int 
     elif source.kind == "insecure":
         key = bytes.fromhex(source.arg)
     else:
-        raise KeySourceError(f"{source.kind}: keys need the key broker client, which is not installed",
-                             "use seal:, file: or insecure: keys until the key broker is set up")
+        raise KeySourceError(
+            f"{source.kind}: keys need the key broker client, which is not installed",
+            "use seal:, file: or insecure: keys until the key broker is set up",
+        )
     if len(key) != KEY_SIZE:
         raise KeySourceError(f"{source} gave a {len(key)}-byte key; volumes need {KEY_SIZE} bytes")
     return bytes(key)

@@ -85,8 +85,7 @@ class MetaPlain:
 def unpack_meta_plain(blob: bytes | bytearray) -> MetaPlain:
     path, size, root_key, root_mac = ENC_HEAD.unpack_from(blob)
     nul = path.find(b"\0")
-    return MetaPlain(path[: nul if nul >= 0 else len(path)], size, root_key, root_mac,
-                     bytearray(blob[ENC_HEAD.size:]))
+    return MetaPlain(path[: nul if nul >= 0 else len(path)], size, root_key, root_mac, bytearray(blob[ENC_HEAD.size :]))
 
 
 def data_node_of(offset: int) -> int:

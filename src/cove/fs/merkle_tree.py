@@ -17,9 +17,23 @@ from cove.fs import crypto
 from cove.fs.cache import Node, NodeCache
 from cove.fs.errors import FileIntegrityError
 from cove.fs.layout import (
-    ATTACHED_DATA_NODES, KEY_SIZE, MAC_SIZE, PAIR_SIZE, MD_USER_DATA_SIZE, NODE_SIZE, data_node_of,
-    data_node_start, data_phys, data_slot, describe, mht_exists, mht_of_data, mht_parent,
-    mht_phys, mht_slot, node_count,
+    ATTACHED_DATA_NODES,
+    KEY_SIZE,
+    MAC_SIZE,
+    PAIR_SIZE,
+    MD_USER_DATA_SIZE,
+    NODE_SIZE,
+    data_node_of,
+    data_node_start,
+    data_phys,
+    data_slot,
+    describe,
+    mht_exists,
+    mht_of_data,
+    mht_parent,
+    mht_phys,
+    mht_slot,
+    node_count,
 )
 
 SEALED = NODE_SIZE + MAC_SIZE
@@ -33,9 +47,16 @@ Run = tuple[int, memoryview]  # (first physical node, ciphertext of consecutive 
 class Tree:
     """Decrypted view of the data and MHT nodes of one protected file."""
 
-    def __init__(self, fd: int, size: int, root_key: bytes, root_mac: bytes,
-                 capacity: int, write_back: Callable[[list[Run]], None],
-                 before_read: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        root_key: bytes,
+        root_mac: bytes,
+        capacity: int,
+        write_back: Callable[[list[Run]], None],
+        before_read: Callable[[], None] = lambda: None,
+    ):
         self.fd = fd
         self.before_read = before_read  # waits for writes still in flight
         self.size = size
@@ -64,8 +85,7 @@ class Tree:
         self.before_read()
         data = os.pread(self.fd, want, first * NODE_SIZE)
         if len(data) != want:
-            raise FileIntegrityError(
-                f"file truncated: {describe(first + len(data) // NODE_SIZE)} is missing")
+            raise FileIntegrityError(f"file truncated: {describe(first + len(data) // NODE_SIZE)} is missing")
         return data
 
     def mht(self, m: int) -> Node:
@@ -126,9 +146,9 @@ class Tree:
                 parent = self.mht(mht_parent(m))
                 node = Node(phys, m, True, parent)
                 slot = mht_slot(m)
-                sealed = bytearray(view[i * NODE_SIZE:(i + 1) * NODE_SIZE])
-                sealed += parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE]
-                self._open(parent.buf[slot:slot + KEY_SIZE], sealed, node)
+                sealed = bytearray(view[i * NODE_SIZE : (i + 1) * NODE_SIZE])
+                sealed += parent.buf[slot + KEY_SIZE : slot + KEY_SIZE + MAC_SIZE]
+                self._open(parent.buf[slot : slot + KEY_SIZE], sealed, node)
                 self.cache.add(node)
                 parent.children += 1
             else:
@@ -138,8 +158,8 @@ class Tree:
             parent = node.parent = self.mht(mht_of_data(node.num))
             slot = data_slot(node.num)
             end = (i + 1) * NODE_SIZE
-            view[end:end + MAC_SIZE] = parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE]
-            self._open(parent.buf[slot:slot + KEY_SIZE], view[i * NODE_SIZE:end + MAC_SIZE], node)
+            view[end : end + MAC_SIZE] = parent.buf[slot + KEY_SIZE : slot + KEY_SIZE + MAC_SIZE]
+            self._open(parent.buf[slot : slot + KEY_SIZE], view[i * NODE_SIZE : end + MAC_SIZE], node)
             self.cache.add(node)
             parent.children += 1
 
@@ -181,7 +201,7 @@ class Tree:
                     continue
             n = min(NODE_SIZE - o, end - offset)
             node = self.data(d)
-            parts.append(memoryview(node.buf)[o:o + n])
+            parts.append(memoryview(node.buf)[o : o + n])
             offset += n
 
     def write_from(self, offset: int, src: memoryview | None, length: int) -> None:
@@ -199,7 +219,7 @@ class Tree:
             if n == NODE_SIZE and start >= self.size and length - pos >= 2 * NODE_SIZE:
                 # whole nodes past the end: sealed straight into write buffers, never cached
                 count = min((length - pos) // NODE_SIZE, DIRECT_BATCH)
-                self._seal_direct(d, count, src[pos:pos + count * NODE_SIZE] if src is not None else None)
+                self._seal_direct(d, count, src[pos : pos + count * NODE_SIZE] if src is not None else None)
                 offset += count * NODE_SIZE
                 pos += count * NODE_SIZE
                 self.size = offset
@@ -207,7 +227,7 @@ class Tree:
             if n == NODE_SIZE and start >= self.size:
                 # a whole node past the end: no lookup, no read, one copy
                 parent = self.mht(d // ATTACHED_DATA_NODES)
-                buf = bytearray(src[pos:pos + NODE_SIZE]) if src is not None else None
+                buf = bytearray(src[pos : pos + NODE_SIZE]) if src is not None else None
                 node = Node(data_phys(d), d, False, parent, buf)
                 cache.add(node)
                 parent.children += 1
@@ -216,7 +236,7 @@ class Tree:
                     self.mark_dirty(parent)
             else:
                 node = self.data(d)
-                node.buf[o:o + n] = src[pos:pos + n] if src is not None else _ZEROS[:n]
+                node.buf[o : o + n] = src[pos : pos + n] if src is not None else _ZEROS[:n]
                 self.mark_dirty(node)
             offset += n
             pos += n
@@ -245,18 +265,18 @@ class Tree:
             phys = data_phys(d)
             raw = bytearray(group * NODE_SIZE + MAC_SIZE)
             view = memoryview(raw)
-            view[:group * NODE_SIZE] = self._pread(phys, group)
+            view[: group * NODE_SIZE] = self._pread(phys, group)
             slot = (d % ATTACHED_DATA_NODES) * PAIR_SIZE + (group - 1) * PAIR_SIZE
             for j in range(group - 1, -1, -1):  # last first: each tag goes right after its ciphertext
                 at = j * NODE_SIZE
-                view[at + NODE_SIZE:at + SEALED] = pbuf[slot + KEY_SIZE:slot + PAIR_SIZE]
-                key = pbuf[slot:slot + KEY_SIZE]
-                target = dest[(i + j) * NODE_SIZE:(i + j + 1) * NODE_SIZE]
+                view[at + NODE_SIZE : at + SEALED] = pbuf[slot + KEY_SIZE : slot + PAIR_SIZE]
+                key = pbuf[slot : slot + KEY_SIZE]
+                target = dest[(i + j) * NODE_SIZE : (i + j + 1) * NODE_SIZE]
                 try:
                     if fast:
-                        aead(key).decrypt_into(iv, view[at:at + SEALED], None, target)
+                        aead(key).decrypt_into(iv, view[at : at + SEALED], None, target)
                     else:
-                        open_sealed(bytes(key), view[at:at + SEALED], target)
+                        open_sealed(bytes(key), view[at : at + SEALED], target)
                 except crypto.InvalidTag:
                     raise FileIntegrityError(f"{describe(phys + j)} MAC mismatch") from None
                 slot -= PAIR_SIZE
@@ -286,19 +306,19 @@ class Tree:
             for j in range(group):
                 at = j * NODE_SIZE
                 k = (i + j) * KEY_SIZE
-                key = keys[k:k + KEY_SIZE]
-                plain = src[(i + j) * NODE_SIZE:(i + j + 1) * NODE_SIZE] if src is not None else zeros
+                key = keys[k : k + KEY_SIZE]
+                plain = src[(i + j) * NODE_SIZE : (i + j + 1) * NODE_SIZE] if src is not None else zeros
                 if fast:  # the tag spills into the next, unsealed slot
-                    aead(key).encrypt_into(iv, plain, None, view[at:at + SEALED])
+                    aead(key).encrypt_into(iv, plain, None, view[at : at + SEALED])
                 else:
-                    seal(key, plain, view[at:at + SEALED])
-                pbuf[slot:slot + KEY_SIZE] = key
-                pbuf[slot + KEY_SIZE:slot + PAIR_SIZE] = view[at + NODE_SIZE:at + SEALED]
+                    seal(key, plain, view[at : at + SEALED])
+                pbuf[slot : slot + KEY_SIZE] = key
+                pbuf[slot + KEY_SIZE : slot + PAIR_SIZE] = view[at + NODE_SIZE : at + SEALED]
                 slot += PAIR_SIZE
             self.mark_dirty(parent)
             if parent.phys in self.cache:
                 self.cache.get(parent.phys)  # recently used: keep it over the nodes of older groups
-            runs.append((data_phys(d), view[:group * NODE_SIZE]))
+            runs.append((data_phys(d), view[: group * NODE_SIZE]))
             i += group
         self.write_back(runs)
 
@@ -306,8 +326,7 @@ class Tree:
         """Forget nodes past the new end; their MHT entries simply go stale."""
         self.size = size
         for node in self.cache:
-            gone = (not mht_exists(node.num, size)) if node.is_mht else \
-                data_node_start(node.num) >= size
+            gone = (not mht_exists(node.num, size)) if node.is_mht else data_node_start(node.num) >= size
             if gone:
                 self.cache.remove(node.phys)
         self.root.children = 0
@@ -363,22 +382,22 @@ class Tree:
         seal = crypto.seal
         for node in data:  # ascending: each tag spills into the next, unsealed slot
             view, at = where[node.phys]
-            key = keys[k:k + KEY_SIZE]
+            key = keys[k : k + KEY_SIZE]
             k += KEY_SIZE
-            seal(key, node.buf, view[at:at + SEALED])
+            seal(key, node.buf, view[at : at + SEALED])
             assert node.parent is not None  # a data node always has its MHT node
             pbuf = node.parent.buf
             slot = (node.num % ATTACHED_DATA_NODES) * PAIR_SIZE
-            pbuf[slot:slot + KEY_SIZE] = key
-            pbuf[slot + KEY_SIZE:slot + PAIR_SIZE] = view[at + NODE_SIZE:at + SEALED]
+            pbuf[slot : slot + KEY_SIZE] = key
+            pbuf[slot + KEY_SIZE : slot + PAIR_SIZE] = view[at + NODE_SIZE : at + SEALED]
             node.dirty = False
         tmp = bytearray(SEALED)
         for node in mhts:
             view, at = where[node.phys]
-            node_key = bytes(keys[k:k + KEY_SIZE])
+            node_key = bytes(keys[k : k + KEY_SIZE])
             k += KEY_SIZE
             crypto.seal(node_key, node.buf, tmp)
-            view[at:at + NODE_SIZE] = tmp[:NODE_SIZE]
+            view[at : at + NODE_SIZE] = tmp[:NODE_SIZE]
             tag = bytes(tmp[NODE_SIZE:])
             if node is self.root:
                 self.root_key, self.root_mac = node_key, tag
@@ -386,7 +405,7 @@ class Tree:
                 parent = node.parent
                 assert parent is not None  # only the root has none
                 slot = mht_slot(node.num)
-                parent.buf[slot:slot + KEY_SIZE] = node_key
-                parent.buf[slot + KEY_SIZE:slot + KEY_SIZE + MAC_SIZE] = tag
+                parent.buf[slot : slot + KEY_SIZE] = node_key
+                parent.buf[slot + KEY_SIZE : slot + KEY_SIZE + MAC_SIZE] = tag
             node.dirty = False
         return [(first, memoryview(buf)[: count * NODE_SIZE]) for first, count, buf in runs]

@@ -17,9 +17,25 @@ from typing import ParamSpec, TypeVar
 from cove.fs import crypto, journal
 from cove.fs.errors import FileIntegrityError, ProtectedFileError
 from cove.fs.layout import (
-    ENC_OFFSET, ENC_SIZE, HAS_PENDING_WRITE, HEADER, KEY_SIZE, KNOWN_FLAGS, MAC_SIZE, MAGIC,
-    MAJOR_VERSION, MD_USER_DATA_SIZE, MINOR_VERSION, NODE_SIZE, NONCE_SIZE, PAD_OFFSET,
-    PATH_MAX_SIZE, Header, MetaPlain, node_count, unpack_meta_plain,
+    ENC_OFFSET,
+    ENC_SIZE,
+    HAS_PENDING_WRITE,
+    HEADER,
+    KEY_SIZE,
+    KNOWN_FLAGS,
+    MAC_SIZE,
+    MAGIC,
+    MAJOR_VERSION,
+    MD_USER_DATA_SIZE,
+    MINOR_VERSION,
+    NODE_SIZE,
+    NONCE_SIZE,
+    PAD_OFFSET,
+    PATH_MAX_SIZE,
+    Header,
+    MetaPlain,
+    node_count,
+    unpack_meta_plain,
 )
 from cove.fs.merkle_tree import Run, Tree
 from cove.fs.writer import AsyncWriter
@@ -37,8 +53,7 @@ def _encode_path(logical_path: str) -> bytes:
     if b"\0" in raw:
         raise ProtectedFileError(f"logical path {logical_path!r} contains a NUL byte")
     if len(raw) > PATH_MAX_SIZE - 1:
-        raise ProtectedFileError(
-            f"logical path is {len(raw)} bytes; the format allows at most {PATH_MAX_SIZE - 1}")
+        raise ProtectedFileError(f"logical path is {len(raw)} bytes; the format allows at most {PATH_MAX_SIZE - 1}")
     return raw
 
 
@@ -89,10 +104,18 @@ class ProtectedFile:
     # -- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, host_path: str | os.PathLike[str], key: bytes, logical_path: str,
-             mode: str = "r", *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-             durable: bool = True, expected_root_mac: bytes | None = None,
-             two_phase: bool = False) -> ProtectedFile:
+    def open(
+        cls,
+        host_path: str | os.PathLike[str],
+        key: bytes,
+        logical_path: str,
+        mode: str = "r",
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        durable: bool = True,
+        expected_root_mac: bytes | None = None,
+        two_phase: bool = False,
+    ) -> ProtectedFile:
         """Open (``r``, ``r+``) or create (``w`` replaces, ``x`` fails if present).
 
         ``key`` is the 16-byte key-derivation key of the volume; ``logical_path``
@@ -117,18 +140,32 @@ class ProtectedFile:
             _create(host_path, bytes(key), path_bytes, exclusive=(mode == "x"))
         self = cls()
         self._two_phase = two_phase
-        self._open_existing(host_path, bytes(key), logical_path, path_bytes,
-                            writable=(mode != "r"), cache_bytes=cache_bytes, durable=durable)
-        if expected_root_mac is not None and not crypto.macs_equal(
-                self._mac, bytes(expected_root_mac)):
+        self._open_existing(
+            host_path,
+            bytes(key),
+            logical_path,
+            path_bytes,
+            writable=(mode != "r"),
+            cache_bytes=cache_bytes,
+            durable=durable,
+        )
+        if expected_root_mac is not None and not crypto.macs_equal(self._mac, bytes(expected_root_mac)):
             self._release()
             raise FileIntegrityError(
-                f"root MAC mismatch: {logical_path!r} is not the version the volume recorded "
-                "(rolled back or replaced)")
+                f"root MAC mismatch: {logical_path!r} is not the version the volume recorded (rolled back or replaced)"
+            )
         return self
 
-    def _open_existing(self, host_path: str, kdk: bytes, logical_path: str, path_bytes: bytes,
-                       writable: bool, cache_bytes: int, durable: bool) -> None:
+    def _open_existing(
+        self,
+        host_path: str,
+        kdk: bytes,
+        logical_path: str,
+        path_bytes: bytes,
+        writable: bool,
+        cache_bytes: int,
+        durable: bool,
+    ) -> None:
         self._host_path = host_path
         self._kdk = kdk
         self._writable = writable
@@ -137,8 +174,7 @@ class ProtectedFile:
         try:
             self._fd = os.open(host_path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ProtectedFileError(f"{host_path}: no such file",
-                                     "create it with mode 'w' or 'x'") from None
+            raise ProtectedFileError(f"{host_path}: no such file", "create it with mode 'w' or 'x'") from None
         self._closed = False
         try:
             self._lock()
@@ -153,13 +189,12 @@ class ProtectedFile:
                 bound = meta.path.decode("utf-8", "replace")
                 raise FileIntegrityError(
                     f"path mismatch: file bound to {bound!r}, opened as {logical_path!r}",
-                    "a protected file cannot be moved or copied to another path; "
-                    "use rename() to re-bind it")
+                    "a protected file cannot be moved or copied to another path; use rename() to re-bind it",
+                )
             need = node_count(meta.size)
             have = os.fstat(self._fd).st_size // NODE_SIZE
             if have < need:
-                raise FileIntegrityError(
-                    f"file truncated: {have} nodes on disk, its size {meta.size} needs {need}")
+                raise FileIntegrityError(f"file truncated: {have} nodes on disk, its size {meta.size} needs {need}")
             self._meta = meta
             self._mac = header.mac
             self._disk_meta = node0  # node 0 of the state the undo log returns to
@@ -168,31 +203,37 @@ class ProtectedFile:
             self._dirty = False
             self._journal = journal.UndoLog(journal.recovery_path(host_path), durable)
             self._writer: AsyncWriter | None = None
-            self._tree = Tree(self._fd, meta.size, meta.root_key, meta.root_mac,
-                              max(1, cache_bytes // NODE_SIZE), self._write_back, self._drain)
+            self._tree = Tree(
+                self._fd,
+                meta.size,
+                meta.root_key,
+                meta.root_mac,
+                max(1, cache_bytes // NODE_SIZE),
+                self._write_back,
+                self._drain,
+            )
         except BaseException:
             self._release()
             raise
 
     def _lock(self) -> None:
         try:
-            fcntl.flock(self._fd, (fcntl.LOCK_EX if self._writable else fcntl.LOCK_SH)
-                        | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if self._writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ProtectedFileError(f"{self._host_path}: already open for writing elsewhere"
-                                         if not self._writable else
-                                         f"{self._host_path}: already open elsewhere") from None
+                raise ProtectedFileError(
+                    f"{self._host_path}: already open for writing elsewhere"
+                    if not self._writable
+                    else f"{self._host_path}: already open elsewhere"
+                ) from None
             raise
 
     def _read_metadata_node(self) -> bytes:
         size = os.fstat(self._fd).st_size
         if size < NODE_SIZE:
-            raise FileIntegrityError(
-                f"file truncated: {size} bytes, a protected file has at least {NODE_SIZE}")
+            raise FileIntegrityError(f"file truncated: {size} bytes, a protected file has at least {NODE_SIZE}")
         if size % NODE_SIZE:
-            raise FileIntegrityError(
-                f"file size {size} is not a multiple of {NODE_SIZE} (truncated or extended)")
+            raise FileIntegrityError(f"file size {size} is not a multiple of {NODE_SIZE} (truncated or extended)")
         return os.pread(self._fd, NODE_SIZE, 0)
 
     def _decrypt_metadata(self, node0: bytes, header: Header) -> MetaPlain:
@@ -202,7 +243,8 @@ class ProtectedFile:
             raise FileIntegrityError(
                 f"unsupported protected-file version {header.major}.{header.minor} "
                 f"(this reads {MAJOR_VERSION}.{MINOR_VERSION}; the header is not MACed, so "
-                "unknown values are refused)")
+                "unknown values are refused)"
+            )
         if header.flags & ~KNOWN_FLAGS:
             raise FileIntegrityError(f"unknown feature flags 0x{header.flags:02x} in metadata")
         if any(node0[PAD_OFFSET:]):
@@ -216,8 +258,8 @@ class ProtectedFile:
             raise FileIntegrityError(
                 "metadata MAC mismatch (wrong key, or the metadata node was tampered with; "
                 "the format cannot tell which)",
-                "check the volume key; if it is right, the file was modified outside Cove") \
-                from None
+                "check the volume key; if it is right, the file was modified outside Cove",
+            ) from None
         return unpack_meta_plain(plain)
 
     # -- content ----------------------------------------------------------------
@@ -284,8 +326,7 @@ class ProtectedFile:
             if start > self._tree.size:
                 self._tree.size = start
         if start < end:
-            self._guard(self._tree.write_from, start,
-                        src[pos:] if src is not None else None, end - start)
+            self._guard(self._tree.write_from, start, src[pos:] if src is not None else None, end - start)
         self._meta.size = self._tree.size
         self._dirty = True
 
@@ -333,14 +374,18 @@ class ProtectedFile:
         if not self._journal.active:
             self._journal.durable = durable
             self._journal.begin(self._disk_meta)
-            flagged = bytearray(self._disk_meta[:HEADER.size])
+            flagged = bytearray(self._disk_meta[: HEADER.size])
             flagged[-1] |= HAS_PENDING_WRITE
             os.pwrite(self._fd, flagged, 0)
             if durable:
                 os.fsync(self._fd)
         self._journal.durable = durable
-        old = [first + i for first, view in runs for i in range(len(view) // NODE_SIZE)
-               if first + i < self._committed_nodes]
+        old = [
+            first + i
+            for first, view in runs
+            for i in range(len(view) // NODE_SIZE)
+            if first + i < self._committed_nodes
+        ]
         self._journal.save(self._fd, old)
         if sum(len(view) for _, view in runs) >= ASYNC_WRITE_BYTES:
             if self._writer is None:
@@ -370,8 +415,7 @@ class ProtectedFile:
                 os.fsync(self._fd)
             self._meta.root_key, self._meta.root_mac = tree.root_key, tree.root_mac
             # two-phase: the new state stays flagged until the volume records it
-            node0, mac = _seal_metadata(self._kdk, self._meta,
-                                        HAS_PENDING_WRITE if self._two_phase else 0)
+            node0, mac = _seal_metadata(self._kdk, self._meta, HAS_PENDING_WRITE if self._two_phase else 0)
             os.pwrite(self._fd, node0, 0)  # the commit point (two-phase: of this file alone)
             if durable:
                 os.fsync(self._fd)
@@ -410,8 +454,8 @@ class ProtectedFile:
 
         def work() -> None:
             flags = self._node0[HEADER.size - 1] & ~HAS_PENDING_WRITE
-            self._node0 = self._node0[:HEADER.size - 1] + bytes([flags]) + self._node0[HEADER.size:]
-            os.pwrite(self._fd, self._node0[:HEADER.size], 0)
+            self._node0 = self._node0[: HEADER.size - 1] + bytes([flags]) + self._node0[HEADER.size :]
+            os.pwrite(self._fd, self._node0[: HEADER.size], 0)
             self._end_transaction()
 
         self._guard(work)
@@ -486,8 +530,7 @@ class ProtectedFile:
 
 def _create(host_path: str, kdk: bytes, path_bytes: bytes, exclusive: bool) -> None:
     """Write an empty protected file under a temporary name, then move it in place."""
-    meta = MetaPlain(path_bytes, 0, bytes(KEY_SIZE), bytes(MAC_SIZE),
-                     bytearray(MD_USER_DATA_SIZE))
+    meta = MetaPlain(path_bytes, 0, bytes(KEY_SIZE), bytes(MAC_SIZE), bytearray(MD_USER_DATA_SIZE))
     node0, _ = _seal_metadata(kdk, meta)
     directory = os.path.dirname(os.path.abspath(host_path))
     if exclusive and os.path.lexists(host_path):
@@ -502,8 +545,7 @@ def _create(host_path: str, kdk: bytes, path_bytes: bytes, exclusive: bool) -> N
             try:
                 os.link(tmp, host_path)
             except FileExistsError:
-                raise ProtectedFileError(f"{host_path}: already exists",
-                                         "open it with 'r+'") from None
+                raise ProtectedFileError(f"{host_path}: already exists", "open it with 'r+'") from None
             os.unlink(tmp)
         else:
             os.replace(tmp, host_path)

@@ -32,8 +32,9 @@ def discard(path: str) -> None:
         pass  # a read-only volume folder: leave it
 
 
-def scan(files_dir: str, ids: dict[str, Node], drop: set[str], version: int,
-         name_key: bytes, read_only: bool = False) -> tuple[list[str], list[str]]:
+def scan(
+    files_dir: str, ids: dict[str, Node], drop: set[str], version: int, name_key: bytes, read_only: bool = False
+) -> tuple[list[str], list[str]]:
     """Recover files from an interrupted commit; find missing, leftover and foreign files.
 
     ``ids`` and ``drop`` are the committed index's files and the IDs it drops,
@@ -64,8 +65,10 @@ def scan(files_dir: str, ids: dict[str, Node], drop: set[str], version: int,
             seen.add(name)
             if name in ids and read_only:
                 if pending(ids[name], full):
-                    problems.append(f"{ids[name].path()}: a write was interrupted; a writable open (a mount) "
-                                    "finishes or rolls it back")
+                    problems.append(
+                        f"{ids[name].path()}: a write was interrupted; a writable open (a mount) "
+                        "finishes or rolls it back"
+                    )
                 continue
             if name in ids:
                 if resolve(ids[name], full):
@@ -78,8 +81,10 @@ def scan(files_dir: str, ids: dict[str, Node], drop: set[str], version: int,
                 discard(full)  # unlinked before, or created after, the last commit
                 discard(journal.recovery_path(full))
             else:
-                problems.append(f"unexpected file files/{sub}/{name} (added from outside; "
-                                "it is not part of the volume and cannot be seen)")
+                problems.append(
+                    f"unexpected file files/{sub}/{name} (added from outside; "
+                    "it is not part of the volume and cannot be seen)"
+                )
     for file_id, node in ids.items():
         if file_id not in seen:
             problems.append(f"{node.path()}: its host file is missing (deleted from outside)")
@@ -102,7 +107,7 @@ def _plan(node: Node, full: str) -> tuple[str | None, Header | None]:
         return None, header
     logged = journal.logged_metadata(full)
     flagged = bool(header.flags & HAS_PENDING_WRITE)
-    if flagged and logged is not None and hmac.compare_digest(logged[HEADER.size - 17:HEADER.size - 1], node.mac):
+    if flagged and logged is not None and hmac.compare_digest(logged[HEADER.size - 17 : HEADER.size - 1], node.mac):
         return "rollback", header
     if hmac.compare_digest(header.mac, node.mac) and logged is not None:
         return "finish", header  # the index recorded this state but the commit was not finished

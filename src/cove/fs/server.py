@@ -26,8 +26,23 @@ if TYPE_CHECKING:
     from cove.fs.access import Identity
 
 MAX_SETTINGS = 1 << 28  # the settings of an encrypted image carry its signed listing (see encrypted_image)
-_KEYS = ("volume", "key", "identity", "keks", "label", "writable", "create", "anchor", "cache", "durable",
-         "image", "extra_dirs", "extra_files", "mountpoint", "commit_interval")
+_KEYS = (
+    "volume",
+    "key",
+    "identity",
+    "keks",
+    "label",
+    "writable",
+    "create",
+    "anchor",
+    "cache",
+    "durable",
+    "image",
+    "extra_dirs",
+    "extra_files",
+    "mountpoint",
+    "commit_interval",
+)
 
 
 @dataclass(frozen=True)
@@ -53,14 +68,26 @@ class Settings:
 
 def read_settings(data: bytes) -> Settings:
     """The server's settings from their CBOR map; anything else is a CoveError naming the field."""
-    f = Fields(decode_cbor(data, CoveError, "the server's settings", limit=MAX_SETTINGS),
-               "the server's settings", CoveError, _KEYS)
+    f = Fields(
+        decode_cbor(data, CoveError, "the server's settings", limit=MAX_SETTINGS),
+        "the server's settings",
+        CoveError,
+        _KEYS,
+    )
     from cove.fs.access import Identity
 
     ident = f.sub("identity", ("measurement", "signer", "product_id", "svn", "debug"), optional=True)
-    identity = None if ident is None else Identity(ident.bytes("measurement"), ident.bytes("signer"),
-                                                   ident.uint("product_id"), ident.uint("svn"),
-                                                   ident.boolean("debug"))
+    identity = (
+        None
+        if ident is None
+        else Identity(
+            ident.bytes("measurement"),
+            ident.bytes("signer"),
+            ident.uint("product_id"),
+            ident.uint("svn"),
+            ident.boolean("debug"),
+        )
+    )
     keks = f.value("keks", dict, None)
     if keks is not None:
         assert isinstance(keks, dict)
@@ -71,13 +98,22 @@ def read_settings(data: bytes) -> Settings:
     if not 0 < interval <= 3600:
         raise f.fail("commit_interval", "must be from 0 to 3600 seconds")
     return Settings(
-        volume=f.text("volume", max_len=4096), key=f.text("key", max_len=4096),
-        identity=identity, keks=keks, label=f.text("label", max_len=4096), writable=f.boolean("writable"),
-        create=f.boolean("create", False), anchor=f.text("anchor", default="auto"),
-        cache=f.integer("cache", default=1 << 20), durable=f.boolean("durable", True),
+        volume=f.text("volume", max_len=4096),
+        key=f.text("key", max_len=4096),
+        identity=identity,
+        keks=keks,
+        label=f.text("label", max_len=4096),
+        writable=f.boolean("writable"),
+        create=f.boolean("create", False),
+        anchor=f.text("anchor", default="auto"),
+        cache=f.integer("cache", default=1 << 20),
+        durable=f.boolean("durable", True),
         image=f.bytes("image", max_size=MAX_SETTINGS, optional=True),
-        extra_dirs=_texts(f, "extra_dirs"), extra_files=_texts(f, "extra_files"),
-        mountpoint=f.text("mountpoint", max_len=4096), commit_interval=float(interval))
+        extra_dirs=_texts(f, "extra_dirs"),
+        extra_files=_texts(f, "extra_files"),
+        mountpoint=f.text("mountpoint", max_len=4096),
+        commit_interval=float(interval),
+    )
 
 
 def _texts(f: Fields, key: str) -> tuple[str, ...]:
@@ -101,9 +137,18 @@ def main() -> int:
         print(f"error: {exc.line()}", flush=True)
         return 2
     try:
-        volume = open_volume(settings.volume, settings.key, settings.identity, label=settings.label,
-                             writable=settings.writable, create=settings.create, anchor=settings.anchor,
-                             cache_bytes=settings.cache, durable=settings.durable, keks=settings.keks)
+        volume = open_volume(
+            settings.volume,
+            settings.key,
+            settings.identity,
+            label=settings.label,
+            writable=settings.writable,
+            create=settings.create,
+            anchor=settings.anchor,
+            cache_bytes=settings.cache,
+            durable=settings.durable,
+            keks=settings.keks,
+        )
     except CoveError as exc:
         print(f"error: {exc.line()}", flush=True)
         return 2
@@ -126,8 +171,16 @@ def main() -> int:
         print("ready", flush=True)
 
     try:
-        fuse.serve(volume, settings.mountpoint, name=settings.label, commit_interval=settings.commit_interval,
-                   on_ready=ready, read_only=not settings.writable, digests=digests, for_enclave=True)
+        fuse.serve(
+            volume,
+            settings.mountpoint,
+            name=settings.label,
+            commit_interval=settings.commit_interval,
+            on_ready=ready,
+            read_only=not settings.writable,
+            digests=digests,
+            for_enclave=True,
+        )
     except RuntimeError as exc:  # pyfuse3 could not mount
         print(f"error: cannot mount {settings.label}: {exc}", flush=True)
         volume.close()
@@ -135,8 +188,7 @@ def main() -> int:
     try:
         volume.close()
     except CoveError as exc:
-        print(f"cove: secure fs {settings.label}: the last commit failed: {exc.line()}", file=sys.stderr,
-              flush=True)
+        print(f"cove: secure fs {settings.label}: the last commit failed: {exc.line()}", file=sys.stderr, flush=True)
         return 1
     finally:
         if os.environ.get("COVE_FS_STATS"):  # diagnostics for bench/securefs.py

@@ -48,8 +48,13 @@ class FuseServer:
     def spawn(self) -> None:
         """Start the process early; it loads its modules, then waits for its settings."""
         if self.proc is None:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cove.fs.server"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cove.fs.server"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
 
     def _pipes(self, proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
         """(stdin, stdout) of the server: spawn() opens both."""
@@ -76,8 +81,11 @@ class FuseServer:
             proc.wait()
             stdout.close()
             self.proc = None
-            message = line[len("error: "):] if line.startswith("error: ") else \
-                f"the secure file system server failed ({line or 'no answer'})"
+            message = (
+                line[len("error: ") :]
+                if line.startswith("error: ")
+                else f"the secure file system server failed ({line or 'no answer'})"
+            )
             raise MountError(f"{self.name}: {message}")
         self.started = True
 
@@ -122,5 +130,8 @@ class FuseServer:
                 code = proc.wait()
         stdout.close()
         if code:
-            print(f"cove: secure fs {self.name}: the server exited with {code}; changes after its "
-                  "last commit are lost", file=sys.stderr, flush=True)
+            print(
+                f"cove: secure fs {self.name}: the server exited with {code}; changes after its last commit are lost",
+                file=sys.stderr,
+                flush=True,
+            )

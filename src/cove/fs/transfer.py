@@ -69,8 +69,9 @@ def _discard(tmp: Path) -> None:
                 pass
 
 
-def encrypt_file(src: Path, dest: Path, key: bytes, logical_path: str, force: bool = False,
-                 progress: Progress | None = None) -> None:
+def encrypt_file(
+    src: Path, dest: Path, key: bytes, logical_path: str, force: bool = False, progress: Progress | None = None
+) -> None:
     """A plain file as one protected file bound to ``logical_path`` (as gramine-sgx-pf-crypt)."""
     _refuse_existing(dest, force)
     tmp = _temp_beside(dest, directory=False)
@@ -89,8 +90,14 @@ def encrypt_file(src: Path, dest: Path, key: bytes, logical_path: str, force: bo
         raise
 
 
-def decrypt_file(src: Path, dest: Path, key: bytes, logical_path: str | None = None,
-                 force: bool = False, progress: Progress | None = None) -> str:
+def decrypt_file(
+    src: Path,
+    dest: Path,
+    key: bytes,
+    logical_path: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> str:
     """A protected file back to plain bytes; returns the path it is bound to."""
     _refuse_existing(dest, force)
     logical = logical_path if logical_path is not None else bound_path(src, key)
@@ -123,9 +130,13 @@ def verify_file(src: Path, key: bytes, logical_path: str | None = None) -> tuple
     return logical, size
 
 
-def import_tree(volume: Volume, src: Path, progress: Progress | None = None,
-                check: Callable[[str, bytes], None] | None = None,
-                owner: tuple[int, int] | None = None) -> tuple[int, int]:
+def import_tree(
+    volume: Volume,
+    src: Path,
+    progress: Progress | None = None,
+    check: Callable[[str, bytes], None] | None = None,
+    owner: tuple[int, int] | None = None,
+) -> tuple[int, int]:
     """Copy a plain folder tree into ``volume`` (modes, times, symlinks); (files, bytes).
 
     ``check(path, sha256)`` is called with each file's digest (image encryption
@@ -221,17 +232,27 @@ def export_tree(volume: Volume, dest: Path, force: bool = False, progress: Progr
     return files, total
 
 
-def new_volume_from(src: Path, dest: Path, kek: bytes, *, label: str, policy: KeyPolicy, anchor: str,
-                    force: bool = False, progress: Progress | None = None,
-                    check: Callable[[str, bytes], None] | None = None,
-                    owner: tuple[int, int] | None = None) -> tuple[int, int, str]:
+def new_volume_from(
+    src: Path,
+    dest: Path,
+    kek: bytes,
+    *,
+    label: str,
+    policy: KeyPolicy,
+    anchor: str,
+    force: bool = False,
+    progress: Progress | None = None,
+    check: Callable[[str, bytes], None] | None = None,
+    owner: tuple[int, int] | None = None,
+) -> tuple[int, int, str]:
     """A new volume at ``dest`` holding a copy of the plain folder ``src``; (files, bytes, anchor kind)."""
     _refuse_existing(dest, force)
     tmp = _temp_beside(dest, directory=True)
     store = None
     try:
-        with Volume.create(tmp, kek, label=label, policy=policy, anchor=anchor, durable=False,
-                           home=str(dest.absolute())) as volume:
+        with Volume.create(
+            tmp, kek, label=label, policy=policy, anchor=anchor, durable=False, home=str(dest.absolute())
+        ) as volume:
             store = volume.store
             files, total = import_tree(volume, src, progress, check, owner)
             os.sync()  # the files' data before the root that names it

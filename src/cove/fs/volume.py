@@ -81,10 +81,20 @@ class Volume:
     # -- opening ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], kek: bytes, *, label: str, policy: KeyPolicy,
-               anchor: str = "auto", durable: bool = True,
-               cache_bytes: int = DEFAULT_FILE_CACHE, uid: int = 0, gid: int = 0,
-               home: str | None = None) -> Volume:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        kek: bytes,
+        *,
+        label: str,
+        policy: KeyPolicy,
+        anchor: str = "auto",
+        durable: bool = True,
+        cache_bytes: int = DEFAULT_FILE_CACHE,
+        uid: int = 0,
+        gid: int = 0,
+        home: str | None = None,
+    ) -> Volume:
         """Make a new, empty volume in ``path`` (missing or empty) and open it.
 
         ``home`` is where the volume will live if it is built elsewhere and
@@ -101,12 +111,16 @@ class Volume:
             volume_id = os.urandom(16)
             vmk = os.urandom(32)
             kind = anchor_mod.choose_kind(anchor)
-            store = anchor_mod.open_store({"kind": kind}, volume_id, kdf(vmk, volume_id, b"anchor", 16),
-                                          home or path)
+            store = anchor_mod.open_store({"kind": kind}, volume_id, kdf(vmk, volume_id, b"anchor", 16), home or path)
             first = store.create()
-            header = {"format": FORMAT, "id": volume_id, "label": label, "key": policy.to_cbor(),
-                      "wrapped": wrap_key(kek, vmk, volume_id, label, policy),
-                      "anchor": store.params()}
+            header = {
+                "format": FORMAT,
+                "id": volume_id,
+                "label": label,
+                "key": policy.to_cbor(),
+                "wrapped": wrap_key(kek, vmk, volume_id, label, policy),
+                "anchor": store.params(),
+            }
             self._setup(path, header, vmk, store, writable=True, durable=durable, cache_bytes=cache_bytes)
             os.makedirs(os.path.join(path, FILES), mode=0o700, exist_ok=True)
             self.version = first.version
@@ -120,9 +134,17 @@ class Volume:
         return self
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], key_for: KeyFor | bytes, *, label: str | None = None,
-             writable: bool = True, durable: bool = True, cache_bytes: int = DEFAULT_FILE_CACHE,
-             check_anchor: bool = True) -> Volume:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        key_for: KeyFor | bytes,
+        *,
+        label: str | None = None,
+        writable: bool = True,
+        durable: bool = True,
+        cache_bytes: int = DEFAULT_FILE_CACHE,
+        check_anchor: bool = True,
+    ) -> Volume:
         """Open an existing volume, resolving an interrupted commit.
 
         ``key_for(policy)`` returns the KEK for the policy in the header (or
@@ -134,8 +156,10 @@ class Volume:
         if not os.path.isdir(path):
             raise VolumeError(f"{path}: no such volume folder")
         if not os.path.exists(os.path.join(path, ROOT)) and not os.path.exists(os.path.join(path, NEXT)):
-            raise VolumeError(f"{path} is not a Cove volume (no root file)",
-                              "create one with `cove fs encrypt`, or let an encrypted mount create it")
+            raise VolumeError(
+                f"{path} is not a Cove volume (no root file)",
+                "create one with `cove fs encrypt`, or let an encrypted mount create it",
+            )
         self = cls()
         self._lock(path, exclusive=writable)
         try:
@@ -152,16 +176,25 @@ class Volume:
             fcntl.flock(self._lock_fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             self._unlock()
-            raise VolumeError(f"volume {path} is in use (mounted by a running enclave or another tool)",
-                              "stop it first") from None
+            raise VolumeError(
+                f"volume {path} is in use (mounted by a running enclave or another tool)", "stop it first"
+            ) from None
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def _setup(self, path: str, header: dict[str, Any], vmk: bytes, store: anchor_mod.AnchorStore, writable: bool,
-               durable: bool, cache_bytes: int) -> None:
+    def _setup(
+        self,
+        path: str,
+        header: dict[str, Any],
+        vmk: bytes,
+        store: anchor_mod.AnchorStore,
+        writable: bool,
+        durable: bool,
+        cache_bytes: int,
+    ) -> None:
         self.path = path
         self.header = header
         self.id: bytes = header["id"]
@@ -183,8 +216,16 @@ class Volume:
         self._next_ino = 1
         self._handles: dict[str, Node] = {}
 
-    def _open(self, path: str, key_for: KeyFor | bytes, label: str | None, writable: bool, durable: bool,
-              cache_bytes: int, check_anchor: bool) -> None:
+    def _open(
+        self,
+        path: str,
+        key_for: KeyFor | bytes,
+        label: str | None,
+        writable: bool,
+        durable: bool,
+        cache_bytes: int,
+        check_anchor: bool,
+    ) -> None:
         candidates = []
         first_error: CoveError | None = None
         for name in (ROOT, NEXT):
@@ -199,8 +240,9 @@ class Volume:
         if not candidates:  # Volume.open checked that one exists; it went since
             raise first_error or VolumeError(f"{path} is not a Cove volume (no root file)")
         header = candidates[0][2]
-        store = anchor_mod.open_store(header.get("anchor", {}), header["id"],
-                                      kdf(candidates[0][3], header["id"], b"anchor", 16), path)
+        store = anchor_mod.open_store(
+            header.get("anchor", {}), header["id"], kdf(candidates[0][3], header["id"], b"anchor", 16), path
+        )
         chosen = None
         if store.kind == "none" or not check_anchor:
             chosen = next((c for c in candidates if c[0] == ROOT), None)
@@ -219,14 +261,18 @@ class Volume:
                     raise VolumeIntegrityError(
                         f"volume rolled back: its root is version {newest}, the {store.kind} anchor "
                         f"holds version {trusted.version}",
-                        "an older copy of the volume was put back; restore the latest one")
+                        "an older copy of the volume was put back; restore the latest one",
+                    )
                 raise VolumeIntegrityError(
                     f"volume root does not match its {store.kind} anchor (version {trusted.version})",
-                    "the volume was replaced or tampered with")
+                    "the volume was replaced or tampered with",
+                )
         name, data, header, vmk, body = chosen
         if label is not None and header["label"] != label:
-            raise VolumeError(f"this volume belongs to {header['label']!r}, not {label!r}",
-                              "each encrypted mount has its own volume; check the source folder")
+            raise VolumeError(
+                f"this volume belongs to {header['label']!r}, not {label!r}",
+                "each encrypted mount has its own volume; check the source folder",
+            )
         self._setup(path, header, vmk, store, writable, durable, cache_bytes)
         self.version = body["version"]
         # A read-only open changes nothing on disk: it reads the chosen root where it is and
@@ -240,8 +286,9 @@ class Volume:
             os.unlink(os.path.join(path, NEXT))
         self.drop = set(body.get("drop", ()))
         self._load_tree(Node.from_cbor(body["tree"]))
-        problems, recovered = recovery.scan(os.path.join(path, FILES), self.ids, self.drop, self.version,
-                                            self._name_key, read_only=not writable)
+        problems, recovered = recovery.scan(
+            os.path.join(path, FILES), self.ids, self.drop, self.version, self._name_key, read_only=not writable
+        )
         self.problems += problems
         self.recovered += recovered
 
@@ -294,14 +341,15 @@ class Volume:
         if not self.dirty:
             return
         version = self.version + 1
-        data = encode_root(self.header, {"version": version, "tree": self.root.to_cbor(),
-                                         "drop": sorted(self.drop)}, self._index)
+        data = encode_root(
+            self.header, {"version": version, "tree": self.root.to_cbor(), "drop": sorted(self.drop)}, self._index
+        )
         next_path = os.path.join(self.path, NEXT)
         fd = os.open(next_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if self.durable:
                 os.fsync(fd)
         finally:
@@ -347,8 +395,9 @@ class Volume:
 
     def rewrap(self, kek: bytes, policy: KeyPolicy) -> None:
         """Wrap the volume key under a new KEK (e.g. a sealing key of a higher svn)."""
-        self.header = dict(self.header, key=policy.to_cbor(),
-                           wrapped=wrap_key(kek, self._vmk, self.id, self.label, policy))
+        self.header = dict(
+            self.header, key=policy.to_cbor(), wrapped=wrap_key(kek, self._vmk, self.id, self.label, policy)
+        )
         self.policy = policy
         self.dirty = True
 
@@ -372,16 +421,25 @@ class Volume:
             try:
                 host_size = os.path.getsize(host)
             except FileNotFoundError:
-                raise FileIntegrityError(f"{node.path()}: its host file is missing (deleted from outside)") \
-                    from None
+                raise FileIntegrityError(f"{node.path()}: its host file is missing (deleted from outside)") from None
             if host_size != node_count(node.size) * NODE_SIZE:
-                raise FileIntegrityError(f"{node.path()}: its host file has {host_size} bytes, the index "
-                                         f"records {node.size} content bytes (truncated or extended outside Cove)")
+                raise FileIntegrityError(
+                    f"{node.path()}: its host file has {host_size} bytes, the index "
+                    f"records {node.size} content bytes (truncated or extended outside Cove)"
+                )
             try:
-                node.handle = self._guarded(node, ProtectedFile.open, host, self._file_key, node.id,
-                                            "r+" if self.writable else "r", cache_bytes=self.cache_bytes,
-                                            durable=self.durable, expected_root_mac=node.mac,
-                                            two_phase=True)
+                node.handle = self._guarded(
+                    node,
+                    ProtectedFile.open,
+                    host,
+                    self._file_key,
+                    node.id,
+                    "r+" if self.writable else "r",
+                    cache_bytes=self.cache_bytes,
+                    durable=self.durable,
+                    expected_root_mac=node.mac,
+                    two_phase=True,
+                )
             except ProtectedFileError as exc:
                 raise FileIntegrityError(f"{node.path()}: {exc.message}") from None
             self._handles[node.id] = node
@@ -458,8 +516,9 @@ class Volume:
         file_id = new_id(self._name_key, self.version + 1)
         host = self.host_path(file_id)
         os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
-        handle = ProtectedFile.open(host, self._file_key, file_id, "x", cache_bytes=self.cache_bytes,
-                                    durable=self.durable, two_phase=True)
+        handle = ProtectedFile.open(
+            host, self._file_key, file_id, "x", cache_bytes=self.cache_bytes, durable=self.durable, two_phase=True
+        )
         return file_id, handle, handle.root_mac()
 
     def file_size(self, node: Node) -> int:
@@ -581,8 +640,9 @@ class Volume:
         self._touch(parent, content=True)
         return node
 
-    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
-               flags: int = 0) -> Node | None:
+    def rename(
+        self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int = 0
+    ) -> Node | None:
         """Move an entry; returns the node it replaced (now unlinked), if any.
 
         ``flags``: os.RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2), as renameat2.
@@ -631,8 +691,15 @@ class Volume:
         self._touch(new_parent, content=True)
         return target
 
-    def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, size: int | None = None, mtime: int | None = None) -> None:
+    def setattr(
+        self,
+        node: Node,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        mtime: int | None = None,
+    ) -> None:
         self._need_writable()
         if size is not None:
             if node.kind != "f":

@@ -68,9 +68,11 @@ def split_root(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     end = len(MAGIC) + _LEN.size + size
     if end + 12 + 16 > len(data):
         raise VolumeIntegrityError("volume root truncated")
-    header = decode_cbor(data[len(MAGIC) + _LEN.size:end], _unreadable, "volume root header")
+    header = decode_cbor(data[len(MAGIC) + _LEN.size : end], _unreadable, "volume root header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise VolumeIntegrityError(f"unsupported volume format {header.get('format') if isinstance(header, dict) else '?'}")
+        raise VolumeIntegrityError(
+            f"unsupported volume format {header.get('format') if isinstance(header, dict) else '?'}"
+        )
     return header, data[:end], data[end:]
 
 
@@ -93,14 +95,17 @@ def decode_root(data: bytes, key_for: KeyFor | bytes) -> tuple[dict[str, Any], b
     try:
         vmk = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(volume_id, label, policy))
     except (InvalidTag, ValueError):
-        raise VolumeIntegrityError("the key does not open this volume (wrong key, or its header "
-                                   "was modified)", "check the key source") from None
+        raise VolumeIntegrityError(
+            "the key does not open this volume (wrong key, or its header was modified)", "check the key source"
+        ) from None
     index = AESGCM(kdf(vmk, volume_id, b"index", 32))
     try:
         plain = index.decrypt(sealed[:12], sealed[12:], aad)
     except InvalidTag:
-        raise VolumeIntegrityError("volume root MAC mismatch (its index was modified)",
-                                   "the volume was tampered with; restore it from a backup") from None
+        raise VolumeIntegrityError(
+            "volume root MAC mismatch (its index was modified)",
+            "the volume was tampered with; restore it from a backup",
+        ) from None
     body = decode_cbor(plain, VolumeIntegrityError, "volume index", limit=INDEX_LIMIT)
     if not isinstance(body, dict):
         raise VolumeIntegrityError("volume index must be a map")

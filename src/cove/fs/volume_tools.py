@@ -24,8 +24,9 @@ def require_input(path: Path) -> Path:
     return path
 
 
-def open_checked(path: Path, key_text: str, identity: Identity | None, *, writable: bool = False,
-                 check_anchor: bool = True) -> Volume:
+def open_checked(
+    path: Path, key_text: str, identity: Identity | None, *, writable: bool = False, check_anchor: bool = True
+) -> Volume:
     """Open a volume; read-only unless asked (no writer lock, no re-wrap, nothing changed on disk)."""
     if not transfer.is_volume(path):
         raise CoveError(f"{path} is not a Cove volume", "give the folder that holds its root file")
@@ -61,11 +62,18 @@ def listing(volume: Volume, inside: str = "/") -> list[Listed]:
     except FileNotFoundError:
         raise CoveError(f"{inside}: not in the volume") from None
     base = inside.rstrip("/")
-    entries = [(base or "/", start)] if start.kind != "d" else \
-        [(f"{base}{path}", node) for path, node in volume.walk(start)]
-    return [Listed(path, node.mode, volume.file_size(node),
-                   os.fsdecode(node.target) if node.kind == "l" and node.target is not None else None)
-            for path, node in entries]
+    entries = (
+        [(base or "/", start)] if start.kind != "d" else [(f"{base}{path}", node) for path, node in volume.walk(start)]
+    )
+    return [
+        Listed(
+            path,
+            node.mode,
+            volume.file_size(node),
+            os.fsdecode(node.target) if node.kind == "l" and node.target is not None else None,
+        )
+        for path, node in entries
+    ]
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,9 @@ def verify(volume: Volume) -> Verified:
     """Read every file of ``volume`` through its MAC tree and count what is there."""
     problems = volume.verify()
     files = [node for _, node in volume.walk() if node.kind == "f"]
-    return Verified(problems, list(volume.recovered), len(files), sum(node.size for node in files),
-                    volume.version, volume.label)
+    return Verified(
+        problems, list(volume.recovered), len(files), sum(node.size for node in files), volume.version, volume.label
+    )
 
 
 def forget(volume_dir: Path) -> list[str]:

@@ -45,8 +45,9 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise IntegrityError(f"{path.name} is missing from {path.parent}",
-                             "build the enclave with `cove build`") from None
+        raise IntegrityError(
+            f"{path.name} is missing from {path.parent}", "build the enclave with `cove build`"
+        ) from None
 
 
 def load_manifest(build_dir: Path) -> tuple[manifest_mod.Manifest, signing.Signature]:
@@ -61,14 +62,17 @@ def load_verified(build_dir: Path, config_path: Path, expected_signer: bytes | N
     """Check signature, signer, listing and configuration; raise IntegrityError on any mismatch."""
     manifest, signature = load_manifest(build_dir)
     if expected_signer is not None and not hmac.compare_digest(signature.signer, expected_signer):
-        raise IntegrityError(f"manifest is signed by {signature.signer.hex()}, not the expected signer "
-                             f"{expected_signer.hex()}")
+        raise IntegrityError(
+            f"manifest is signed by {signature.signer.hex()}, not the expected signer {expected_signer.hex()}"
+        )
     entries = decode_entries(_read(build_dir / TREE))
     if not hmac.compare_digest(root_hash(entries), manifest.image_root):
         raise IntegrityError(f"{TREE} does not match the signed manifest", "rebuild with `cove build`")
     config = cove_config.load(config_path)
     changed = manifest_mod.config_difference(manifest.config, cove_config.to_measured(config))
     if changed:
-        raise IntegrityError(f"cove.toml changed since the build: {changed}",
-                             "rebuild with `cove build` to measure the new configuration")
+        raise IntegrityError(
+            f"cove.toml changed since the build: {changed}",
+            "rebuild with `cove build` to measure the new configuration",
+        )
     return VerifiedBuild(manifest, signature, entries, config)

@@ -53,8 +53,10 @@ class Plan:
                 return False
             if existing.kind == DIRECTORY and item.kind == DIRECTORY:
                 return False
-            raise CoveError(f"two sources want {item.dest} in the image: {existing.source} and {item.source}",
-                            "use --to to place one of them elsewhere")
+            raise CoveError(
+                f"two sources want {item.dest} in the image: {existing.source} and {item.source}",
+                "use --to to place one of them elsewhere",
+            )
         self._by_dest[item.dest] = item
         self.items.append(item)
         return True
@@ -94,8 +96,9 @@ class _Planner:
         elif os.path.isfile(source):
             self._add_file(source, dest)
         else:
-            raise CoveError(f"{source}: not a regular file, folder or symlink",
-                            "devices and fifos cannot go into an image")
+            raise CoveError(
+                f"{source}: not a regular file, folder or symlink", "devices and fifos cannot go into an image"
+            )
 
     def _add_symlink(self, source: str, dest: str, tree_root: str | None) -> None:
         if dest != source and tree_root is None:
@@ -112,8 +115,7 @@ class _Planner:
 
     def _in_tree(self, path: str) -> bool:
         real = os.path.realpath(path)
-        return any((p + "/").startswith(tree + "/") for tree in self.trees
-                   for p in (os.path.normpath(path), real))
+        return any((p + "/").startswith(tree + "/") for tree in self.trees for p in (os.path.normpath(path), real))
 
     def _add_tree(self, source: str, dest: str) -> None:
         self.plan.add(CopyItem(source, dest, DIRECTORY))
@@ -133,8 +135,9 @@ class _Planner:
                 elif os.path.isfile(child):
                     self._add_file(child, child_dest, in_tree=source)
                 else:
-                    raise CoveError(f"{child}: not a regular file, folder or symlink",
-                                    "devices and fifos cannot go into an image")
+                    raise CoveError(
+                        f"{child}: not a regular file, folder or symlink", "devices and fifos cannot go into an image"
+                    )
 
     def _add_file(self, source: str, dest: str, in_tree: str | None = None) -> None:
         if not self.plan.add(CopyItem(source, dest, FILE)):
@@ -168,7 +171,6 @@ class _Planner:
             if os.path.realpath(library) not in self.covered:
                 self.add_path(library, library)
 
-
     def _note_missing(self, tree: str, source: str, library: str) -> None:
         if tree not in self._tree_names:
             self._tree_names[tree] = {name for _, _, files in os.walk(tree) for name in files}
@@ -176,8 +178,11 @@ class _Planner:
             return
         index, count = self._missing.get((tree, library), (len(self.plan.notes), 0))
         self._missing[(tree, library)] = (index, count + 1)
-        note = (f"{source}: {library} not found on this host" if count == 0 else
-                f"{library} not found on this host, needed by {count + 1} files in {tree}")
+        note = (
+            f"{source}: {library} not found on this host"
+            if count == 0
+            else f"{library} not found on this host, needed by {count + 1} files in {tree}"
+        )
         note += "; fine if the program loads it itself"
         if count == 0:
             self.plan.notes.append(note)
@@ -232,7 +237,7 @@ def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:
     planner = _Planner(with_dependencies)
     for index, item in enumerate(data.get("copy", [])):
         if not isinstance(item, dict) or not isinstance(item.get("from"), str) or set(item) - {"from", "to"}:
-            raise CoveError(f"{bom_file}: copy[{index}] needs from = \"PATH\" and optionally to = \"/DIR\"")
+            raise CoveError(f'{bom_file}: copy[{index}] needs from = "PATH" and optionally to = "/DIR"')
         to = item.get("to")
         if to is not None and (not isinstance(to, str) or not to.startswith("/")):
             raise CoveError(f"{bom_file}: copy[{index}].to must be an absolute path inside the image")
@@ -240,7 +245,7 @@ def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:
         if not os.path.isabs(source):
             source = str(bom_file.parent / source)
         if to is None and not os.path.isabs(item["from"]):
-            raise CoveError(f"{bom_file}: copy[{index}] has a relative source; give to = \"/DIR\"")
+            raise CoveError(f'{bom_file}: copy[{index}] has a relative source; give to = "/DIR"')
         planner.add_path(os.path.abspath(source), _dest_for(source, to))
     return planner.plan
 
@@ -362,7 +367,11 @@ def _write_loader_cache(image: Path, directories: set[str]) -> None:
     conf = conf_dir / "cove.conf"
     existing = set(conf.read_text().split()) if conf.exists() else set()
     conf.write_text("".join(f"{d}\n" for d in sorted(existing | directories)))
-    result = subprocess.run(["ldconfig", "-X", "-r", str(image)], capture_output=True, text=True,
-                            env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    result = subprocess.run(
+        ["ldconfig", "-X", "-r", str(image)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"},
+    )
     if result.returncode != 0:
         raise CoveError(f"ldconfig could not write the image's loader cache: {result.stderr.strip()}")

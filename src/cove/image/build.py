@@ -79,8 +79,13 @@ class _HashCache:
     def digest(self, full: Path, rel: str, st: os.stat_result, progress) -> tuple[bytes, int]:
         key = self._key(st)
         cached = self.old.get(rel)
-        if isinstance(cached, list) and len(cached) == 2 and cached[0] == key \
-                and isinstance(cached[1], bytes) and len(cached[1]) == 32:  # a damaged entry is a miss
+        if (
+            isinstance(cached, list)
+            and len(cached) == 2
+            and cached[0] == key
+            and isinstance(cached[1], bytes)
+            and len(cached[1]) == 32
+        ):  # a damaged entry is a miss
             self.hits += 1
             digest, size = cached[1], st.st_size
         else:
@@ -93,8 +98,7 @@ class _HashCache:
         write_atomic(self.path, cbor2.dumps(self.new), mode=0o644)
 
 
-def build(instance: Instance, key_path: Path | None = None,
-          encryption: ImageEncryption | None = None) -> BuildResult:
+def build(instance: Instance, key_path: Path | None = None, encryption: ImageEncryption | None = None) -> BuildResult:
     """Measure and sign the instance; writes build/{image.tree,manifest.cbor,manifest.sig}
     and, with ``encryption``, build/{image.enc,image.key} (see cove.image.encryption)."""
     config = instance.config()
@@ -112,8 +116,9 @@ def build(instance: Instance, key_path: Path | None = None,
     launch = None
     if config.enclave.backend == "vm":
         if encryption is not None:
-            raise CoveError("--encrypt-image is not available with backend = \"vm\" yet",
-                            "build without it, or use backend = \"sim\"")
+            raise CoveError(
+                '--encrypt-image is not available with backend = "vm" yet', 'build without it, or use backend = "sim"'
+            )
         from cove.image import vmimage
 
         launch = vmimage.build(instance.image, entries, config, instance.build_dir)
@@ -125,10 +130,15 @@ def build(instance: Instance, key_path: Path | None = None,
     cache.save()
     if encryption is not None:
         identity = _identity(config, manifest, signature)
-        encrypted_image.write(instance.image, instance.build_dir, encryption.source, identity, entries,
-                              encryption.key)
-    return BuildResult(manifest, signature, rehashed=cache.misses, cached=cache.hits,
-                       encrypted_with=encryption.source if encryption else None, warnings=tuple(warnings))
+        encrypted_image.write(instance.image, instance.build_dir, encryption.source, identity, entries, encryption.key)
+    return BuildResult(
+        manifest,
+        signature,
+        rehashed=cache.misses,
+        cached=cache.hits,
+        encrypted_with=encryption.source if encryption else None,
+        warnings=tuple(warnings),
+    )
 
 
 # Mounted over by every sim enclave, whatever cove.toml says.
@@ -150,32 +160,42 @@ def check_launchable(image: Path, config) -> list[str]:
     for target, kind in mounts:
         _check_not_shadowed(image, target, kind)
     if config.resources.memory < MIN_MEMORY:
-        raise CoveError(f"cove.toml: resources.memory is {config.resources.memory} bytes, below the minimum "
-                        f"of 4M (the sandbox itself needs about 1M)", 'write e.g. memory = "64M"')
+        raise CoveError(
+            f"cove.toml: resources.memory is {config.resources.memory} bytes, below the minimum "
+            f"of 4M (the sandbox itself needs about 1M)",
+            'write e.g. memory = "64M"',
+        )
     for index, mount in enumerate(config.mounts):
         mode = dict(mount.options).get("mode")
         if mount.type == "tmpfs" and mode is not None and not TMPFS_MODE.fullmatch(mode):
-            raise CoveError(f"cove.toml: mounts[{index}].options.mode = {mode!r} is not an octal mode",
-                            'write it like "1777" or "0700"')
+            raise CoveError(
+                f"cove.toml: mounts[{index}].options.mode = {mode!r} is not an octal mode",
+                'write it like "1777" or "0700"',
+            )
     cwd = config.process.cwd
     if not any(_under(cwd, target) for target, _ in mounts):
         if not resolve_in_image(image, cwd, follow_last=True).is_dir():
-            raise CoveError(f"cove.toml: process.cwd = {cwd!r} is not a folder in the image",
-                            "create it in image/ (or mount something there), or change cwd")
+            raise CoveError(
+                f"cove.toml: process.cwd = {cwd!r} is not a folder in the image",
+                "create it in image/ (or mount something there), or change cwd",
+            )
     return _entry_point_warnings(image, config.process.entry_points)
 
 
 def _check_not_shadowed(image: Path, target: str, kind: str) -> None:
     path = resolve_in_image(image, target, follow_last=True)
     if os.path.lexists(path) and not path.is_dir():
-        raise CoveError(f"{target} in the image is not a folder, but the {kind} mount needs one there",
-                        f"remove image{target} or the mount")
+        raise CoveError(
+            f"{target} in the image is not a folder, but the {kind} mount needs one there",
+            f"remove image{target} or the mount",
+        )
     if path.is_dir():
         for name in sorted(os.listdir(path)):
             hidden = posixpath.join(target, name)
-            raise CoveError(f"{hidden} in the image is hidden at run time by the {kind} mount on {target}",
-                            "place it elsewhere (e.g. cove add --to /opt/NAME) or remove the mount; "
-                            "then rebuild")
+            raise CoveError(
+                f"{hidden} in the image is hidden at run time by the {kind} mount on {target}",
+                "place it elsewhere (e.g. cove add --to /opt/NAME) or remove the mount; then rebuild",
+            )
 
 
 def _entry_point_warnings(image: Path, entry_points: tuple[str, ...]) -> list[str]:
@@ -183,31 +203,47 @@ def _entry_point_warnings(image: Path, entry_points: tuple[str, ...]) -> list[st
     for entry in entry_points:
         if entry.endswith("/"):
             base = resolve_in_image(image, entry, follow_last=True)
-            programs = ([posixpath.join(entry, rel) for rel, st in walk(base)
-                         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111] if base.is_dir() else [])
+            programs = (
+                [
+                    posixpath.join(entry, rel)
+                    for rel, st in walk(base)
+                    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111
+                ]
+                if base.is_dir()
+                else []
+            )
         else:
             programs = [entry]
         for program in programs:
             path = resolve_in_image(image, program, follow_last=True)
             interpreter = elf.script_interpreter(path) if path.is_file() else None
             if interpreter and elf.missing_interpreter(image, program):
-                warnings.append(f"{program} starts with #!{interpreter}, which is not in the image "
-                                f"(add it with `cove add {interpreter}`)")
+                warnings.append(
+                    f"{program} starts with #!{interpreter}, which is not in the image "
+                    f"(add it with `cove add {interpreter}`)"
+                )
     return warnings
 
 
 def _identity(config, manifest: manifest_mod.Manifest, signature: signing.Signature):
     enclave = config.enclave
-    return EnclaveIdentity(enclave.name, manifest.measurement, signature.signer, enclave.product_id,
-                           enclave.svn, enclave.debug)
+    return EnclaveIdentity(
+        enclave.name, manifest.measurement, signature.signer, enclave.product_id, enclave.svn, enclave.debug
+    )
 
 
 def _hash_image(image: Path, cache: _HashCache) -> list[Entry]:
     listing = list(walk(image))
     total = sum(st.st_size for _, st in listing if stat.S_ISREG(st.st_mode))
     show = total >= PROGRESS_THRESHOLD and sys.stderr.isatty()
-    with Progress(TextColumn("hashing image"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  disable=not show, transient=True) as progress:
+    with Progress(
+        TextColumn("hashing image"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        disable=not show,
+        transient=True,
+    ) as progress:
         task = progress.add_task("hash", total=total)
 
         def advance(chunk: bytes) -> None:

@@ -25,10 +25,8 @@ from cove.errors import CannotExecuteError, CoveError
 from cove.image.paths import resolve_in_image
 
 ELF_MAGIC = b"\x7fELF"
-DEFAULT_DIRS_64 = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
-                   "/lib", "/usr/lib")
-DEFAULT_DIRS_32 = ("/lib/i386-linux-gnu", "/usr/lib/i386-linux-gnu", "/lib32", "/usr/lib32",
-                   "/lib", "/usr/lib")
+DEFAULT_DIRS_64 = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
+DEFAULT_DIRS_32 = ("/lib/i386-linux-gnu", "/usr/lib/i386-linux-gnu", "/lib32", "/usr/lib32", "/lib", "/usr/lib")
 # Directories the loader searches with no cache at all; libraries found
 # elsewhere need an ld.so.cache inside the image (see cove.image.bom).
 LOADER_DIRS = frozenset(DEFAULT_DIRS_64 + DEFAULT_DIRS_32)
@@ -46,8 +44,10 @@ class MissingLibrary(CoveError):
     """A DT_NEEDED library the loader would not find."""
 
     def __init__(self, path: str, library: str):
-        super().__init__(f"{path}: needs {library}, which the loader would not find on this host",
-                         "install the library, or add it with `cove add` and a matching RUNPATH")
+        super().__init__(
+            f"{path}: needs {library}, which the loader would not find on this host",
+            "install the library, or add it with `cove add` and a matching RUNPATH",
+        )
         self.library = library
 
 
@@ -104,8 +104,9 @@ def read_elf(path: str) -> ElfInfo | None:
                         rpath.extend(p for p in tag.rpath.split(":") if p)  # type: ignore[attr-defined]
                     elif tag.entry.d_tag == "DT_RUNPATH":
                         runpath.extend(p for p in tag.runpath.split(":") if p)  # type: ignore[attr-defined]
-            return ElfInfo(path, elf.elfclass, elf["e_machine"], interpreter,
-                           tuple(needed), tuple(rpath), tuple(runpath))
+            return ElfInfo(
+                path, elf.elfclass, elf["e_machine"], interpreter, tuple(needed), tuple(rpath), tuple(runpath)
+            )
     except (ELFError, OSError, ValueError, KeyError) as exc:
         raise CoveError(f"{path}: cannot read ELF headers: {exc}") from None
 
@@ -114,8 +115,13 @@ def read_elf(path: str) -> ElfInfo | None:
 def loader_cache() -> dict[tuple[str, int], str]:
     """The host's ld.so.cache as {(soname, elfclass): path}."""
     try:
-        output = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True,
-                                env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}).stdout
+        output = subprocess.run(
+            ["ldconfig", "-p"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"},
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
     cache: dict[tuple[str, int], str] = {}
@@ -237,5 +243,7 @@ def check_startable(image: Path, program: str) -> None:
     (the kernel's ENOENT would otherwise surface as the sandbox's own message)."""
     interpreter = missing_interpreter(image, program)
     if interpreter is not None:
-        raise CannotExecuteError(f"{program} needs {interpreter}, which is not in the image",
-                                 f"add it with `cove add {interpreter}` and rebuild")
+        raise CannotExecuteError(
+            f"{program} needs {interpreter}, which is not in the image",
+            f"add it with `cove add {interpreter}` and rebuild",
+        )

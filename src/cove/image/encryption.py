@@ -38,11 +38,15 @@ def check_source(key_text: str, config: Config) -> str:
 
     source = keys.parse(key_text)
     if source.kind == "insecure" and not config.enclave.debug:
-        raise ConfigError(f"--encrypt-image {source.kind}: is for debug enclaves only",
-                          "use seal:mrsigner, seal:mrenclave, file:PATH or kbs:RESOURCE")
+        raise ConfigError(
+            f"--encrypt-image {source.kind}: is for debug enclaves only",
+            "use seal:mrsigner, seal:mrenclave, file:PATH or kbs:RESOURCE",
+        )
     if source.kind == "kbs" and config.attestation is None:
-        raise ConfigError(f"--encrypt-image {source.text} needs the key broker at run time",
-                          "add [attestation] with kbs = \"https://...\" to cove.toml")
+        raise ConfigError(
+            f"--encrypt-image {source.text} needs the key broker at run time",
+            'add [attestation] with kbs = "https://..." to cove.toml',
+        )
     return source.text
 
 
@@ -54,8 +58,10 @@ def find(build_dir: Path) -> EncryptedImage | None:
     try:
         key = key_file.read_text().strip()
     except OSError:
-        raise CoveError(f"{ENCRYPTED_IMAGE} is in {build_dir.name}/ but {IMAGE_KEY} is not",
-                        "build again with `cove build --encrypt-image SOURCE`") from None
+        raise CoveError(
+            f"{ENCRYPTED_IMAGE} is in {build_dir.name}/ but {IMAGE_KEY} is not",
+            "build again with `cove build --encrypt-image SOURCE`",
+        ) from None
     return EncryptedImage(volume, key)
 
 
@@ -65,8 +71,9 @@ def remove(build_dir: Path) -> None:
     shutil.rmtree(build_dir / ENCRYPTED_IMAGE, ignore_errors=True)
 
 
-def write(image: Path, build_dir: Path, key_text: str, identity, entries, key_bytes: bytes | None = None
-          ) -> tuple[int, int]:
+def write(
+    image: Path, build_dir: Path, key_text: str, identity, entries, key_bytes: bytes | None = None
+) -> tuple[int, int]:
     """Encrypt ``image`` (just measured as ``entries``) into build/image.enc; (files, bytes).
 
     ``key_bytes`` is the key itself when the run-time source (``kbs:``) cannot

@@ -50,8 +50,9 @@ def open_instance(directory: Path) -> Instance:
     if not directory.exists():
         raise NotFoundError(f"{directory} does not exist", "check the path, or pass -C DIR")
     if not (directory / "cove.toml").is_file():
-        raise NotFoundError(f"{directory.resolve()} is not a Cove instance (no cove.toml)",
-                        "run `cove new NAME` or pass -C DIR")
+        raise NotFoundError(
+            f"{directory.resolve()} is not a Cove instance (no cove.toml)", "run `cove new NAME` or pass -C DIR"
+        )
     return Instance(directory)
 
 

@@ -59,17 +59,23 @@ def make(measured_config: dict, entries: list[Entry], launch: dict | None = None
 
 def decode(data: bytes) -> Manifest:
     """Parse manifest bytes; anything malformed is an integrity failure."""
-    body = Fields(decode_cbor(data, _malformed, "manifest"), "manifest", _malformed,
-                  ("format", "config", "image", "launch"))
+    body = Fields(
+        decode_cbor(data, _malformed, "manifest"), "manifest", _malformed, ("format", "config", "image", "launch")
+    )
     found = body.value("format", object)
     if found != FORMAT:
         raise _malformed(f"manifest format {found!r} is not {FORMAT}")
     image = body.sub("image", ("root", "files", "bytes"))
     config = body.sub("config")
     config.sub("enclave").text("name")  # the enclave section and its name must be present
-    manifest = Manifest(config=dict(config.map), image_root=image.bytes("root", 32),
-                        image_files=image.uint("files"), image_bytes=image.uint("bytes"),
-                        encoded=bytes(data), launch=_launch(body.sub("launch", ("type", "measurement"), optional=True)))
+    manifest = Manifest(
+        config=dict(config.map),
+        image_root=image.bytes("root", 32),
+        image_files=image.uint("files"),
+        image_bytes=image.uint("bytes"),
+        encoded=bytes(data),
+        launch=_launch(body.sub("launch", ("type", "measurement"), optional=True)),
+    )
     if cbor2.dumps(body.map, canonical=True) != data:
         raise _malformed("manifest is not in canonical encoding")
     return manifest

@@ -24,8 +24,7 @@ from cove.errors import CoveError, NotFoundError
 from cove.image import artifacts, encryption, vmimage
 from cove.image.instance import Instance
 
-MEMBERS = ("cove.toml", "build/" + artifacts.MANIFEST, "build/" + artifacts.SIGNATURE,
-           "build/" + artifacts.TREE)
+MEMBERS = ("cove.toml", "build/" + artifacts.MANIFEST, "build/" + artifacts.SIGNATURE, "build/" + artifacts.TREE)
 # a vm build's launch inputs; `cove run` checks them against the signed launch measurement
 VM_MEMBERS = tuple(f"build/{vmimage.FOLDER}/{name}" for name in (vmimage.KERNEL, vmimage.INITRD, vmimage.LAUNCH))
 

@@ -48,5 +48,7 @@ def check_name(path: str, source: str | None = None) -> None:
         path.encode("utf-8")
     except UnicodeEncodeError:
         where = source if source is not None else path
-        raise CoveError(f"{printable(where)}: the name is not valid UTF-8",
-                        "rename it: image paths are UTF-8 (docs/formats/manifest.md)") from None
+        raise CoveError(
+            f"{printable(where)}: the name is not valid UTF-8",
+            "rename it: image paths are UTF-8 (docs/formats/manifest.md)",
+        ) from None

@@ -85,14 +85,17 @@ class Signature:
         return signer_of(self.public_key)
 
     def encode(self) -> bytes:
-        return cbor2.dumps({"alg": ALGORITHM, "key": self.public_key, "sig": self.signature},
-                           canonical=True)
+        return cbor2.dumps({"alg": ALGORITHM, "key": self.public_key, "sig": self.signature}, canonical=True)
 
     @classmethod
     def decode(cls, data: bytes) -> Signature:
         """Parse signature bytes; anything malformed is an integrity failure."""
-        item = Fields(decode_cbor(data, _malformed, "manifest signature", limit=4096), "manifest signature",
-                      _malformed, ("alg", "key", "sig"))
+        item = Fields(
+            decode_cbor(data, _malformed, "manifest signature", limit=4096),
+            "manifest signature",
+            _malformed,
+            ("alg", "key", "sig"),
+        )
         item.text("alg", (ALGORITHM,))
         return cls(item.bytes("key", 32), item.bytes("sig", 64))
 
@@ -110,5 +113,7 @@ def verify(signature: Signature, message: bytes) -> None:
     try:
         Ed25519PublicKey.from_public_bytes(signature.public_key).verify(signature.signature, message)
     except InvalidSignature:
-        raise IntegrityError("manifest signature is invalid: the manifest or its signature was altered",
-                             "rebuild and re-sign with `cove build`") from None
+        raise IntegrityError(
+            "manifest signature is invalid: the manifest or its signature was altered",
+            "rebuild and re-sign with `cove build`",
+        ) from None

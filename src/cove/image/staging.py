@@ -48,8 +48,9 @@ def stage(image: Path, expected: list[Entry], expected_root: bytes, dest: Path |
             os.chmod(path, entry.mode)
     if not hmac.compare_digest(root_hash(actual), expected_root):
         what = difference(expected, actual) or "its listing differs"
-        raise IntegrityError(f"image changed since the build: {what}",
-                             "rebuild with `cove build` if the change is intended")
+        raise IntegrityError(
+            f"image changed since the build: {what}", "rebuild with `cove build` if the change is intended"
+        )
     root = dest if dest is not None else image
     if dest is not None:
         if owner is not None:
@@ -92,8 +93,14 @@ def _copy_all(files: list[tuple[str, str | None, str]], owner: tuple[int, int] |
     return [entry for part in results for entry in part]
 
 
-def _visit(source: str, dest: str | None, prefix: str, out: list[Entry],
-           files: list[tuple[str, str | None, str]], owner: tuple[int, int] | None) -> None:
+def _visit(
+    source: str,
+    dest: str | None,
+    prefix: str,
+    out: list[Entry],
+    files: list[tuple[str, str | None, str]],
+    owner: tuple[int, int] | None,
+) -> None:
     try:
         names = sorted(os.listdir(source))
     except OSError as exc:
@@ -149,7 +156,7 @@ def _copy_file(src: str, dst: str | None, rel: str, owner: tuple[int, int] | Non
             if out_fd >= 0:
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(out_fd, view):]
+                    view = view[os.write(out_fd, view) :]
         if out_fd >= 0:
             if owner is not None:
                 os.fchown(out_fd, *owner)  # before the mode: a chown clears set-id bits

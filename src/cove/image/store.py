@@ -55,8 +55,15 @@ class StoredImage:
     build: Path
 
     def summary(self) -> dict:
-        return {"id": self.id, "name": self.name, "measurement": self.measurement, "signer": self.signer,
-                "files": self.files, "bytes": self.bytes, "imported": self.imported}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "measurement": self.measurement,
+            "signer": self.signer,
+            "files": self.files,
+            "bytes": self.bytes,
+            "imported": self.imported,
+        }
 
 
 def image_id(verified: VerifiedBuild) -> str:
@@ -101,8 +108,18 @@ class ImageStore:
 
     def _load(self, folder: Path) -> StoredImage:
         meta = json.loads((folder / "image.json").read_text())
-        return StoredImage(folder.name, meta["name"], meta["measurement"], meta["signer"], meta["files"],
-                           meta["bytes"], meta["imported"], folder / "root", folder / "cove.toml", folder / "build")
+        return StoredImage(
+            folder.name,
+            meta["name"],
+            meta["measurement"],
+            meta["signer"],
+            meta["files"],
+            meta["bytes"],
+            meta["imported"],
+            folder / "root",
+            folder / "cove.toml",
+            folder / "build",
+        )
 
     def list(self) -> list[StoredImage]:
         found = []
@@ -129,8 +146,9 @@ class ImageStore:
 
     # -- writing
 
-    def import_instance(self, instance: Path, expected_signer: bytes | None = None,
-                        reader: int | None = None) -> tuple[StoredImage, bool]:
+    def import_instance(
+        self, instance: Path, expected_signer: bytes | None = None, reader: int | None = None
+    ) -> tuple[StoredImage, bool]:
         """Import a built instance (once); returns the image and whether it was new.
 
         With ``reader`` (a uid), every image file must be readable by that user by its owner or
@@ -155,18 +173,23 @@ class ImageStore:
                 _copy_small(base, "cove.toml", instance / "cove.toml", work / "cove.toml")
                 verified = artifacts.load_verified(build, work / "cove.toml", expected_signer)
                 if verified.config.enclave.backend not in ("auto", "sim", "vm"):
-                    raise CoveError(f"the node's image store runs sim and vm enclaves, not backend "
-                                    f"{verified.config.enclave.backend}", "run it without the daemon")
+                    raise CoveError(
+                        f"the node's image store runs sim and vm enclaves, not backend "
+                        f"{verified.config.enclave.backend}",
+                        "run it without the daemon",
+                    )
                 if verified.manifest.launch is not None:  # vm: the launcher checks them against it at each run
                     (build / vmimage.FOLDER).mkdir(mode=0o700)
                     launch = _open_dir(source, vmimage.FOLDER, instance / "build" / vmimage.FOLDER)
                     opened.append(launch)
                     for name in (vmimage.KERNEL, vmimage.INITRD, vmimage.LAUNCH):
-                        _copy_file(launch, name, instance / "build" / vmimage.FOLDER / name,
-                                   build / vmimage.FOLDER / name)
+                        _copy_file(
+                            launch, name, instance / "build" / vmimage.FOLDER / name, build / vmimage.FOLDER / name
+                        )
                 if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
-                    raise CoveError("an image built with --encrypt-image is not stored by the node",
-                                    "run it without the daemon")
+                    raise CoveError(
+                        "an image built with --encrypt-image is not stored by the node", "run it without the daemon"
+                    )
                 ident = image_id(verified)
                 stored = (self.images / ident).is_dir()
                 if stored and reader is None:
@@ -174,8 +197,14 @@ class ImageStore:
                 files, size = self._fill(base, work / "root", verified, reader)  # (for another user: even so)
                 if stored:
                     return self._load(self.images / ident), False
-                meta = {"name": verified.config.enclave.name, "measurement": verified.measurement.hex(),
-                        "signer": verified.signer.hex(), "files": files, "bytes": size, "imported": time.time()}
+                meta = {
+                    "name": verified.config.enclave.name,
+                    "measurement": verified.measurement.hex(),
+                    "signer": verified.signer.hex(),
+                    "files": files,
+                    "bytes": size,
+                    "imported": time.time(),
+                }
                 (work / "image.json").write_text(json.dumps(meta))
                 os.rename(work, self.images / ident)
                 return self._load(self.images / ident), True
@@ -239,16 +268,18 @@ class ImageStore:
                 os.close(folder)
         if not hmac.compare_digest(root_hash(actual), verified.manifest.image_root):
             what = difference(verified.entries, actual) or "its listing differs"
-            raise IntegrityError(f"image changed since the build: {what}",
-                                 "rebuild with `cove build` if the change is intended")
+            raise IntegrityError(
+                f"image changed since the build: {what}", "rebuild with `cove build` if the change is intended"
+            )
         for path, mode in [*reversed(folders), (str(root), 0o755)]:
             if owner is not None:
                 os.chown(path, *owner)
             os.chmod(path, mode)
         return sum(1 for e in actual if e.type == FILE), size
 
-    def _blob(self, folder: int, name: str, rel: str, owner: tuple[int, int] | None,
-              reader: int | None) -> tuple[bytes, int, int]:
+    def _blob(
+        self, folder: int, name: str, rel: str, owner: tuple[int, int] | None, reader: int | None
+    ) -> tuple[bytes, int, int]:
         """Hash name (in the open folder) while writing it to a temporary blob; keep the blob unless stored."""
         try:  # (O_NONBLOCK: a file swapped for a fifo must not hang the import)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
@@ -272,7 +303,7 @@ class ImageStore:
                 size += len(chunk)
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(out, view):]
+                    view = view[os.write(out, view) :]
             mode = stat.S_IMODE(st.st_mode)
             if owner is not None:
                 os.fchown(out, *owner)  # before the mode: a chown clears set-id bits
@@ -340,8 +371,9 @@ def _check_readable(st: os.stat_result, what: str, reader: int | None) -> None:
     """With a reader (the requesting uid), what was opened must be readable by it (owner or other bits)."""
     mode = stat.S_IMODE(st.st_mode)
     if reader is not None and not (mode & 0o004 or (st.st_uid == reader and mode & 0o400)):
-        raise CoveError(f"{what} is not readable by uid {reader}: the daemon imports only "
-                        "what the requesting user may read")
+        raise CoveError(
+            f"{what} is not readable by uid {reader}: the daemon imports only what the requesting user may read"
+        )
 
 
 def _mkdtemp(parent: Path) -> str:
@@ -375,8 +407,9 @@ def _open_dir(parent: int | None, name: str, shown: Path) -> int:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            raise NotFoundError(f"{shown} is missing or not a folder (a symbolic link is not followed)",
-                                "run `cove build` first") from None
+            raise NotFoundError(
+                f"{shown} is missing or not a folder (a symbolic link is not followed)", "run `cove build` first"
+            ) from None
         raise
 
 
@@ -409,16 +442,17 @@ def _copy_file(folder: int, name: str, shown: Path, dest: Path) -> None:
     """Copy a build file of any size (a vm's kernel and initramfs), never following a symlink."""
     fd = _open_file(folder, name, shown)
     with os.fdopen(fd, "rb") as handle, open(dest, "xb") as out:
-
         shutil.copyfileobj(handle, out, 1 << 20)
 
 
 def _remove_tree(path: Path) -> None:
     """Remove a folder whose parts may be read-only (root may anyway; chmod for other users)."""
+
     def retry(function, name, _exc):
         try:
             os.chmod(os.path.dirname(name), 0o700)
             function(name)
         except OSError:
             pass
+
     shutil.rmtree(path, onerror=retry)

@@ -1,6 +1,6 @@
 """The commented cove.toml that `cove new` writes."""
 
-TEMPLATE = '''\
+TEMPLATE = """\
 # cove.toml: the configuration of the enclave "{name}".
 # Everything below is measured by `cove build`: change it, then rebuild.
 # Reference: docs/config.md
@@ -64,7 +64,7 @@ options = {{ size = "64M" }}
 # name = "db-password"
 # resource = "prod/db/password"
 # target = "env:DB_PASSWORD"     # or file:/run/secrets/NAME, or mount:/data (an encrypted mount's key)
-'''
+"""
 
 
 def config_template(name: str) -> str:

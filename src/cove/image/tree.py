@@ -46,9 +46,14 @@ class Entry:
         if not isinstance(item, list) or len(item) != 6:
             raise _malformed("image listing entry must be a list of six items")
         fields = Fields(dict(zip(_FIELDS, item)), "image listing entry", _malformed)
-        return cls(fields.text("path", max_len=_NAME_MAX), fields.text("type", (FILE, DIRECTORY, SYMLINK)),
-                   fields.integer("mode", 0, 0o7777), fields.uint("size"), fields.bytes("digest"),
-                   fields.text("target", max_len=_NAME_MAX))
+        return cls(
+            fields.text("path", max_len=_NAME_MAX),
+            fields.text("type", (FILE, DIRECTORY, SYMLINK)),
+            fields.integer("mode", 0, 0o7777),
+            fields.uint("size"),
+            fields.bytes("digest"),
+            fields.text("target", max_len=_NAME_MAX),
+        )
 
 
 _FIELDS = ("path", "type", "mode", "size", "digest", "target")
@@ -113,8 +118,12 @@ def hash_file(path: Path, sink: Callable[[bytes], object] | None = None) -> tupl
     return digest.digest(), size
 
 
-def entry_for(root: Path, rel: str, st: os.stat_result,
-              digest_of: Callable[[Path, str, os.stat_result], tuple[bytes, int]] | None = None) -> Entry:
+def entry_for(
+    root: Path,
+    rel: str,
+    st: os.stat_result,
+    digest_of: Callable[[Path, str, os.stat_result], tuple[bytes, int]] | None = None,
+) -> Entry:
     """Describe one path; digest_of lets callers supply a cached or copying hasher."""
     full = root / rel
     mode = stat.S_IMODE(st.st_mode)
@@ -127,8 +136,10 @@ def entry_for(root: Path, rel: str, st: os.stat_result,
     if stat.S_ISREG(st.st_mode):
         digest, size = digest_of(full, rel, st) if digest_of else hash_file(full)
         return Entry(rel, FILE, mode, size, digest)
-    raise CoveError(f"image/{rel}: special files (devices, fifos, sockets) cannot be in an image",
-                    "remove it; /dev is provided inside the enclave")
+    raise CoveError(
+        f"image/{rel}: special files (devices, fifos, sockets) cannot be in an image",
+        "remove it; /dev is provided inside the enclave",
+    )
 
 
 def difference(expected: list[Entry], actual: list[Entry]) -> str | None:

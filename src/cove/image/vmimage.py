@@ -46,9 +46,11 @@ NET_DEVICE = "virtio-net-device:user"
 # tsc_early_khz and lpj: a TCG guest cannot calibrate against the emulated PIT on a busy host and
 # may hang there (docs/backends.md); cryptomgr.notests skips the self-tests of every crypto
 # algorithm the kernel registers, a fifth of the boot's CPU time under TCG.
-BASE_CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "
-                "tsc=reliable tsc_early_khz=2600000 lpj=10400000 no_timer_check cryptomgr.notests "
-                "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp")
+BASE_CMDLINE = (
+    "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "
+    "tsc=reliable tsc_early_khz=2600000 lpj=10400000 no_timer_check cryptomgr.notests "
+    "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp"
+)
 # The guest kernel's own memory, beyond the program's limit and the initramfs: what the Debian
 # cloud kernel keeps for itself on a VM this size (measured by bench/startup.py, ~110 MB at 512 MB).
 GUEST_OVERHEAD = 144 << 20
@@ -63,7 +65,9 @@ def find_kernel(configured: str | None) -> Path:
     if configured:
         path = Path(configured)
         if not path.is_file():
-            raise CoveError(f"[vm] kernel {configured} does not exist", "install linux-image-cloud-amd64 (scripts/setup)")
+            raise CoveError(
+                f"[vm] kernel {configured} does not exist", "install linux-image-cloud-amd64 (scripts/setup)"
+            )
         return path
     boot = Path(os.environ.get("COVE_VM_BOOT", "/boot"))
     found = sorted(boot.glob("vmlinuz-*-cloud-amd64")) or sorted(boot.glob("vmlinuz-*"))
@@ -86,7 +90,7 @@ def boot_kernel(bzimage: bytes) -> bytes:
     setup_sects = bzimage[0x1F1] or 4
     offset, length = struct.unpack_from("<II", bzimage, 0x248)  # payload_offset, payload_length
     start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start:start + length]
+    payload = bzimage[start : start + length]
     if not payload.startswith(LZ4_LEGACY) or len(payload) < 8:
         return bzimage
     lz4 = shutil.which("lz4")
@@ -104,7 +108,7 @@ def has_pvh_entry(elf: bytes) -> bool:
     """Whether a 64-bit ELF kernel has the Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)."""
     if elf[:5] != b"\x7fELF\x02" or len(elf) < 64:
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for index in range(phnum):
         kind, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + index * phentsize)
@@ -113,7 +117,7 @@ def has_pvh_entry(elf: bytes) -> bool:
         position, end = offset, min(offset + filesz, len(elf))
         while position + 12 <= end:
             namesz, descsz, note = struct.unpack_from("<III", elf, position)
-            name = elf[position + 12:position + 12 + namesz]
+            name = elf[position + 12 : position + 12 + namesz]
             if name == b"Xen\0" and note == XEN_ELFNOTE_PHYS32_ENTRY:
                 return True
             position += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
@@ -127,8 +131,9 @@ def module_files(kernel: Path) -> list[Path]:
     try:
         lines = (base / "modules.dep").read_text().splitlines()
     except OSError:
-        raise SetupError(f"no modules for kernel {version} in {base}",
-                         "install the kernel's package (linux-image-cloud-amd64)") from None
+        raise SetupError(
+            f"no modules for kernel {version} in {base}", "install the kernel's package (linux-image-cloud-amd64)"
+        ) from None
     deps: dict[str, list[str]] = {}
     for line in lines:
         path, _, rest = line.partition(":")
@@ -164,11 +169,25 @@ def init_binary() -> bytes:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / "init"
-        done = subprocess.run([gcc, "-static", "-O2", "-Wl,--build-id=none", f"-ffile-prefix-map={INIT_SOURCE.parent}=.",
-                               "-o", str(out), str(INIT_SOURCE)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                gcc,
+                "-static",
+                "-O2",
+                "-Wl,--build-id=none",
+                f"-ffile-prefix-map={INIT_SOURCE.parent}=.",
+                "-o",
+                str(out),
+                str(INIT_SOURCE),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
-            raise SetupError(f"cannot build the vm guest init: {done.stderr.strip().splitlines()[-1:]}",
-                             "run scripts/setup (gcc libc6-dev provide a static libc)")
+            raise SetupError(
+                f"cannot build the vm guest init: {done.stderr.strip().splitlines()[-1:]}",
+                "run scripts/setup (gcc libc6-dev provide a static libc)",
+            )
         os.replace(out, target)
     return target.read_bytes()
 
@@ -218,8 +237,9 @@ class _Cpio:
         self.ino = 0
 
 
-def write_initrd(image: Path, entries: list[Entry], mount_points: list[str], init: bytes,
-                 modules: list[Path], dest: Path) -> bytes:
+def write_initrd(
+    image: Path, entries: list[Entry], mount_points: list[str], init: bytes, modules: list[Path], dest: Path
+) -> bytes:
     """Write the initramfs to dest (atomically); its SHA-256. Each image file must match its entry."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
@@ -313,8 +333,9 @@ def build(image: Path, entries: list[Entry], config: Config, build_dir: Path) ->
     write_atomic(folder / KERNEL, kernel_bytes)
     mount_points = [*ALWAYS, *(m.target for m in config.mounts)]
     initrd_digest = write_initrd(image, entries, mount_points, init_binary(), modules, folder / INITRD)
-    description = describe(hashlib.sha256(kernel_bytes).digest(), initrd_digest,
-                           (folder / INITRD).stat().st_size, config)
+    description = describe(
+        hashlib.sha256(kernel_bytes).digest(), initrd_digest, (folder / INITRD).stat().st_size, config
+    )
     write_atomic(folder / LAUNCH, cbor2.dumps(description, canonical=True))
     return {"type": "vm", "measurement": measure(description)}
 
@@ -336,16 +357,19 @@ def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path
     except Exception as exc:
         raise IntegrityError(f"{FOLDER}/{LAUNCH} is malformed: {exc}", "rebuild with `cove build`") from None
     if not hmac.compare_digest(measure(description), expected):
-        raise IntegrityError("the vm launch description (command line, machine, size) differs from the signed "
-                             "launch measurement", "rebuild with `cove build`")
+        raise IntegrityError(
+            "the vm launch description (command line, machine, size) differs from the signed launch measurement",
+            "rebuild with `cove build`",
+        )
     for name, key in ((KERNEL, "kernel"), (INITRD, "initrd")):
         try:
             digest = _copy(folder / name, dest / name)
         except FileNotFoundError:
             raise IntegrityError(f"{FOLDER}/{name} is missing from {build_dir}", "build with `cove build`") from None
         if not hmac.compare_digest(digest, bytes(description[key])):
-            raise IntegrityError(f"the vm {key} {FOLDER}/{name} differs from the signed launch measurement",
-                                 "rebuild with `cove build`")
+            raise IntegrityError(
+                f"the vm {key} {FOLDER}/{name} differs from the signed launch measurement", "rebuild with `cove build`"
+            )
     return description, dest / KERNEL, dest / INITRD
 
 

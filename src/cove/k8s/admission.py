@@ -31,10 +31,23 @@ ANNOTATION_PREFIX = f"{DOMAIN}/"
 TRUE = {"true", "yes", "1", "enabled"}
 # Host paths no opted-in pod may mount, nor any folder above them: the node
 # service's socket and state, the attestation endpoint, the kubelet's plugin sockets.
-PROTECTED_PATHS = ("/run/cove", "/var/lib/cove", "/etc/cove", "/dev/attestation", "/dev/tpm0", "/dev/tpmrm0",
-                   "/var/lib/kubelet/device-plugins")
-KBS_KEYS = {"url": "kbs-url", "ca": "kbs-ca", "policy": "kbs-policy", "timeout": "kbs-timeout",
-            "retries": "kbs-retries", "resource_prefix": "kbs-resource-prefix"}
+PROTECTED_PATHS = (
+    "/run/cove",
+    "/var/lib/cove",
+    "/etc/cove",
+    "/dev/attestation",
+    "/dev/tpm0",
+    "/dev/tpmrm0",
+    "/var/lib/kubelet/device-plugins",
+)
+KBS_KEYS = {
+    "url": "kbs-url",
+    "ca": "kbs-ca",
+    "policy": "kbs-policy",
+    "timeout": "kbs-timeout",
+    "retries": "kbs-retries",
+    "resource_prefix": "kbs-resource-prefix",
+}
 CONTAINER_KINDS = ("initContainers", "containers", "ephemeralContainers")
 # Annotations only the device plugin's Allocate writes (the runtime trusts them): a pod may not forge them.
 RESERVED_ANNOTATIONS = (f"{DOMAIN}/enclave-slots", f"{DOMAIN}/enclave-memory-mib", f"{DOMAIN}/platform")
@@ -50,7 +63,7 @@ class BadReview(ValueError):
 class Settings:
     """What the webhook injects: key-broker settings and the memory of a pod without a limit."""
 
-    kbs: dict[str, str] = field(default_factory=dict)   # keys of KBS_KEYS
+    kbs: dict[str, str] = field(default_factory=dict)  # keys of KBS_KEYS
     default_memory_mib: int = 256
 
     @classmethod
@@ -67,9 +80,24 @@ class Settings:
 
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
-_FACTORS: dict[str | None, Decimal | int] = {None: 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
-            "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
-            "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_FACTORS: dict[str | None, Decimal | int] = {
+    None: 1,
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def quantity_bytes(text: str) -> int:
@@ -152,8 +180,13 @@ def _container_patch(container: JSONObject, index: int, kind: str, settings: Set
             continue
         for key, value in want.items():
             if str(present.get(key)) != value:
-                ops.append({"op": "replace" if key in present else "add", "path": _pointer(*base, section, key),
-                            "value": value})
+                ops.append(
+                    {
+                        "op": "replace" if key in present else "add",
+                        "path": _pointer(*base, section, key),
+                        "value": value,
+                    }
+                )
     return ops
 
 
@@ -202,14 +235,14 @@ def _pod(request: JSONObject) -> JSONObject | None:
         raise BadReview("the request has no Pod object with a spec")
     for kind_name in CONTAINER_KINDS:
         containers = pod["spec"].get(kind_name)
-        if containers is not None and not (isinstance(containers, list)
-                                           and all(isinstance(c, dict) for c in containers)):
+        if containers is not None and not (
+            isinstance(containers, list) and all(isinstance(c, dict) for c in containers)
+        ):
             raise BadReview(f"spec.{kind_name} is not a list of containers")
     return pod
 
 
-def _answer(uid: str, allowed: bool, message: str | None = None,
-            patch: list[JSONObject] | None = None) -> JSONObject:
+def _answer(uid: str, allowed: bool, message: str | None = None, patch: list[JSONObject] | None = None) -> JSONObject:
     response: JSONObject = {"uid": uid, "allowed": allowed}
     if message:
         response["status"] = {"code": 403, "reason": "Forbidden", "message": message}

@@ -49,8 +49,8 @@ log = logging.getLogger("cove.k8s.deviceplugin")
 class Resource:
     """One advertised resource: its name, device ids, and what Allocate hands a container."""
 
-    name: str            # e.g. cove.dev/enclave
-    endpoint: str        # socket file name inside the plugin folder
+    name: str  # e.g. cove.dev/enclave
+    endpoint: str  # socket file name inside the plugin folder
     device_ids: tuple[str, ...]
     allocate: Callable[[list[str]], pb.ContainerAllocateResponse]
 
@@ -74,30 +74,44 @@ def _enclave_allocate(config: Config, socket_path: str) -> Callable[[list[str]],
             mounts=[pb.Mount(container_path=config.run_dir, host_path=config.run_dir, read_only=True)],
             annotations={f"{DOMAIN}/enclave-slots": ",".join(ids)},
         )
+
     return allocate
 
 
 def _memory_allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
-    return pb.ContainerAllocateResponse(envs={"COVE_ENCLAVE_MEMORY_MIB": str(len(ids))},
-                                        annotations={f"{DOMAIN}/enclave-memory-mib": str(len(ids))})
+    return pb.ContainerAllocateResponse(
+        envs={"COVE_ENCLAVE_MEMORY_MIB": str(len(ids))}, annotations={f"{DOMAIN}/enclave-memory-mib": str(len(ids))}
+    )
 
 
 def _tpm_allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
-    return pb.ContainerAllocateResponse(envs={"COVE_PLATFORM_TPM": "1"},
-                                        annotations={f"{DOMAIN}/platform": "tpm"})
+    return pb.ContainerAllocateResponse(envs={"COVE_PLATFORM_TPM": "1"}, annotations={f"{DOMAIN}/platform": "tpm"})
 
 
 def resources(config: Config) -> list[Resource]:
     """The resources this node advertises, from the configuration."""
     socket_path = config.daemon_socket or str(Path(config.run_dir) / "cove.sock")
-    found = [Resource(f"{DOMAIN}/enclave", "cove-enclave.sock",
-                      tuple(f"enclave-{i}" for i in range(config.slots)), _enclave_allocate(config, socket_path))]
+    found = [
+        Resource(
+            f"{DOMAIN}/enclave",
+            "cove-enclave.sock",
+            tuple(f"enclave-{i}" for i in range(config.slots)),
+            _enclave_allocate(config, socket_path),
+        )
+    ]
     if config.memory_mib:
-        found.append(Resource(f"{DOMAIN}/enclave-memory", "cove-enclave-memory.sock",
-                              tuple(f"mib-{i}" for i in range(config.memory_mib)), _memory_allocate))
+        found.append(
+            Resource(
+                f"{DOMAIN}/enclave-memory",
+                "cove-enclave-memory.sock",
+                tuple(f"mib-{i}" for i in range(config.memory_mib)),
+                _memory_allocate,
+            )
+        )
     if config.tpm:
-        found.append(Resource(f"{DOMAIN}/tpm", "cove-tpm.sock",
-                              tuple(f"tpm-{i}" for i in range(config.slots)), _tpm_allocate))
+        found.append(
+            Resource(f"{DOMAIN}/tpm", "cove-tpm.sock", tuple(f"tpm-{i}" for i in range(config.slots)), _tpm_allocate)
+        )
     return found
 
 
@@ -163,16 +177,18 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 generation = new
                 yield pb.ListAndWatchResponse(devices=self._devices())
 
-    def GetPreferredAllocation(self, request: pb.PreferredAllocationRequest,
-                               context: grpc.ServicerContext) -> pb.PreferredAllocationResponse:
+    def GetPreferredAllocation(
+        self, request: pb.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> pb.PreferredAllocationResponse:
         """Pack: the devices that must be included, then the lowest-numbered available ones."""
         order = {device: n for n, device in enumerate(self.resource.device_ids)}
         answers = []
         for want in request.container_requests:
             chosen = [d for d in want.must_include_deviceIDs if d in order]
-            rest = sorted((d for d in want.available_deviceIDs if d in order and d not in chosen),
-                          key=order.__getitem__)
-            chosen.extend(rest[:max(0, want.allocation_size - len(chosen))])
+            rest = sorted(
+                (d for d in want.available_deviceIDs if d in order and d not in chosen), key=order.__getitem__
+            )
+            chosen.extend(rest[: max(0, want.allocation_size - len(chosen))])
             answers.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))
         return pb.PreferredAllocationResponse(container_responses=answers)
 
@@ -182,14 +198,18 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             ids = list(want.devices_ids)
             unknown = sorted(set(ids) - self._ids)
             if not ids or unknown:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.resource.name}: unknown device ids {unknown}" if unknown
-                              else f"{self.resource.name}: no device ids in the request")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{self.resource.name}: unknown device ids {unknown}"
+                    if unknown
+                    else f"{self.resource.name}: no device ids in the request",
+                )
             answers.append(self.resource.allocate(ids))
         return pb.AllocateResponse(container_responses=answers)
 
-    def PreStartContainer(self, request: pb.PreStartContainerRequest,
-                          context: grpc.ServicerContext) -> pb.PreStartContainerResponse:
+    def PreStartContainer(
+        self, request: pb.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> pb.PreStartContainerResponse:
         if not self.health.healthy:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the Cove node service is not answering")
         return pb.PreStartContainerResponse()
@@ -246,10 +266,17 @@ class DevicePlugin:
         with grpc.insecure_channel(f"unix://{kubelet}") as channel:
             stub = pb_grpc.RegistrationStub(channel)
             for resource in self.resources:
-                stub.Register(pb.RegisterRequest(
-                    version=API_VERSION, endpoint=resource.endpoint, resource_name=resource.name,
-                    options=pb.DevicePluginOptions(pre_start_required=True,
-                                                   get_preferred_allocation_available=True)), timeout=10)
+                stub.Register(
+                    pb.RegisterRequest(
+                        version=API_VERSION,
+                        endpoint=resource.endpoint,
+                        resource_name=resource.name,
+                        options=pb.DevicePluginOptions(
+                            pre_start_required=True, get_preferred_allocation_available=True
+                        ),
+                    ),
+                    timeout=10,
+                )
         self.registrations += 1
         log.info("registered %s with the kubelet", ", ".join(r.name for r in self.resources))
 

@@ -48,8 +48,12 @@ class Api:
         if not host:
             raise Unconfigured(f"no Kubernetes API: not in a cluster and ${API_ENV} is not set")
         token = (SA_DIR / "token").read_text().strip()
-        self.http = httpx.Client(base_url=f"https://{host}:{port}", verify=str(SA_DIR / "ca.crt"), timeout=15,
-                                 headers={"Authorization": f"Bearer {token}"})
+        self.http = httpx.Client(
+            base_url=f"https://{host}:{port}",
+            verify=str(SA_DIR / "ca.crt"),
+            timeout=15,
+            headers={"Authorization": f"Bearer {token}"},
+        )
 
     def get(self, path: str) -> JSONObject | None:
         response = self.http.get(path)
@@ -63,8 +67,11 @@ class Api:
         """Create OBJ in COLLECTION, or merge it into the existing one: the same call converges."""
         response = self.http.post(collection, json=obj)
         if response.status_code == 409:
-            response = self.http.patch(f"{collection}/{obj['metadata']['name']}", json=obj,
-                                       headers={"Content-Type": "application/merge-patch+json"})
+            response = self.http.patch(
+                f"{collection}/{obj['metadata']['name']}",
+                json=obj,
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
         response.raise_for_status()
         body: JSONObject = response.json()
         return body

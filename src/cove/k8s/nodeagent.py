@@ -43,8 +43,9 @@ def detect_platform(dev: Path = Path("/dev")) -> str:
     return "tpm" if (dev / "tpmrm0").exists() or (dev / "tpm0").exists() else "self-certified"
 
 
-def labels(health: Health, backend: str | None = None, platform: str | None = None,
-           dev: Path = Path("/dev")) -> dict[str, str]:
+def labels(
+    health: Health, backend: str | None = None, platform: str | None = None, dev: Path = Path("/dev")
+) -> dict[str, str]:
     """The labels for this node: the node service's word first, then flags, then detection."""
     info = health.info if health.up else {}
     chosen_backend = str(info.get("backend") or backend or detect_backend(dev))
@@ -56,15 +57,20 @@ def labels(health: Health, backend: str | None = None, platform: str | None = No
         raise ValueError(f"platform {chosen_platform!r} is not one of {', '.join(PLATFORMS)}")
     if not _LABEL_VALUE.match(version) or len(version) > 63:
         version = "unknown"
-    return {f"{DOMAIN}/backend": chosen_backend, f"{DOMAIN}/platform": chosen_platform,
-            f"{DOMAIN}/version": version, f"{DOMAIN}/ready": "true" if health.up else "false"}
+    return {
+        f"{DOMAIN}/backend": chosen_backend,
+        f"{DOMAIN}/platform": chosen_platform,
+        f"{DOMAIN}/version": version,
+        f"{DOMAIN}/ready": "true" if health.up else "false",
+    }
 
 
 def write_feature_file(folder: Path, values: dict[str, str]) -> bool:
     """Write NFD's local feature file atomically; False if it already says this."""
     target = folder / FEATURE_FILE
-    text = "# Written by `cove k8s node-agent`; Node Feature Discovery publishes these as labels.\n" + \
-        "".join(f"{key}={value}\n" for key, value in sorted(values.items()))
+    text = "# Written by `cove k8s node-agent`; Node Feature Discovery publishes these as labels.\n" + "".join(
+        f"{key}={value}\n" for key, value in sorted(values.items())
+    )
     try:
         if target.read_text() == text:
             return False
@@ -86,8 +92,14 @@ def patch_node(node: str, values: dict[str, str]) -> None:
 class Agent:
     """Publishes the labels now and whenever they change."""
 
-    def __init__(self, publish: Callable[[dict[str, str]], None], probe: Callable[[], Health] | None = None,
-                 backend: str | None = None, platform: str | None = None, interval: float = 30.0):
+    def __init__(
+        self,
+        publish: Callable[[dict[str, str]], None],
+        probe: Callable[[], Health] | None = None,
+        backend: str | None = None,
+        platform: str | None = None,
+        interval: float = 30.0,
+    ):
         self.publish = publish
         self.probe = probe or DaemonProbe()
         self.backend, self.platform, self.interval = backend, platform, interval

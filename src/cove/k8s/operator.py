@@ -73,7 +73,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"operator.{GROUP}")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=f"operator.{GROUP}", key="last-handled-configuration")
+        prefix=f"operator.{GROUP}", key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.networking.request_timeout = 30
@@ -98,54 +99,92 @@ def _fail(patch: kopf.Patch, retry: int, message: str) -> None:
 
 
 def _ready(patch: kopf.Patch, generation: int | None, **fields: object) -> None:
-    patch.status.update({"phase": "Ready", "message": "", "retries": 0, "lastSync": _now(),
-                         "observedGeneration": generation, **fields})
+    patch.status.update(
+        {"phase": "Ready", "message": "", "retries": 0, "lastSync": _now(), "observedGeneration": generation, **fields}
+    )
 
 
 # -- KeyBroker -------------------------------------------------------------------------------------
 def _broker_objects(name: str, namespace: str, spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    labels = {"app.kubernetes.io/name": "cove-kbs", "app.kubernetes.io/instance": name,
-              "app.kubernetes.io/managed-by": "cove-operator"}
+    labels = {
+        "app.kubernetes.io/name": "cove-kbs",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "cove-operator",
+    }
     port = int(spec.get("port", 8443))
     database, master, tls = spec["database"], spec["masterKey"], spec["tls"]
-    args = ["kbs", "serve", "--listen", f"0.0.0.0:{port}", "--db", "$(COVE_KBS_DB)",
-            "--master-key-file", "/var/run/cove-kbs/master/master.key",
-            "--cert", "/var/run/cove-kbs/tls/tls.crt", "--key", "/var/run/cove-kbs/tls/tls.key"]
+    args = [
+        "kbs",
+        "serve",
+        "--listen",
+        f"0.0.0.0:{port}",
+        "--db",
+        "$(COVE_KBS_DB)",
+        "--master-key-file",
+        "/var/run/cove-kbs/master/master.key",
+        "--cert",
+        "/var/run/cove-kbs/tls/tls.crt",
+        "--key",
+        "/var/run/cove-kbs/tls/tls.key",
+    ]
     if spec.get("policy"):
         args += ["--policy", "/var/run/cove-kbs/policy/policy.toml"]
     volumes: list[dict[str, Any]] = [
-        {"name": "master", "secret": {"secretName": master["name"],
-                                      "items": [{"key": master.get("key", "master.key"), "path": "master.key"}]}},
+        {
+            "name": "master",
+            "secret": {
+                "secretName": master["name"],
+                "items": [{"key": master.get("key", "master.key"), "path": "master.key"}],
+            },
+        },
         {"name": "tls", "secret": {"secretName": tls["name"]}},
     ]
-    mounts: list[dict[str, Any]] = [{"name": "master", "mountPath": "/var/run/cove-kbs/master", "readOnly": True},
-              {"name": "tls", "mountPath": "/var/run/cove-kbs/tls", "readOnly": True}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "master", "mountPath": "/var/run/cove-kbs/master", "readOnly": True},
+        {"name": "tls", "mountPath": "/var/run/cove-kbs/tls", "readOnly": True},
+    ]
     deployment: dict[str, Any] = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "replicas": int(spec.get("replicas", 2)),
-            "selector": {"matchLabels": {"app.kubernetes.io/instance": name,
-                                         "app.kubernetes.io/name": "cove-kbs"}},
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": name, "app.kubernetes.io/name": "cove-kbs"}},
             # Rolling upgrades: a new pod is ready before an old one goes; brokers share the database.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
                     "automountServiceAccountToken": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "kbs", "image": spec.get("image") or os.environ.get(IMAGE_ENV, DEFAULT_IMAGE),
-                        "args": args,
-                        "env": [{"name": "COVE_KBS_DB", "valueFrom": {"secretKeyRef": {
-                            "name": database["name"], "key": database.get("key", "url")}}}],
-                        "ports": [{"name": "https", "containerPort": port}],
-                        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 5},
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": mounts,
-                    }],
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "kbs",
+                            "image": spec.get("image") or os.environ.get(IMAGE_ENV, DEFAULT_IMAGE),
+                            "args": args,
+                            "env": [
+                                {
+                                    "name": "COVE_KBS_DB",
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": database["name"], "key": database.get("key", "url")}
+                                    },
+                                }
+                            ],
+                            "ports": [{"name": "https", "containerPort": port}],
+                            "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 5},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": mounts,
+                        }
+                    ],
                     "volumes": volumes,
                 },
             },
@@ -156,13 +195,24 @@ def _broker_objects(name: str, namespace: str, spec: Mapping[str, Any]) -> tuple
         volumes.append({"name": "policy", "configMap": {"name": f"{name}-policy"}})
         mounts.append({"name": "policy", "mountPath": "/var/run/cove-kbs/policy", "readOnly": True})
     service: dict[str, Any] = {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels,
-                     # The broker's /metrics (cove_kbs_requests_total), for Prometheus' usual relabelling.
-                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/scheme": "https",
-                                     "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}},
-        "spec": {"selector": {"app.kubernetes.io/instance": name, "app.kubernetes.io/name": "cove-kbs"},
-                 "ports": [{"name": "https", "port": port, "targetPort": port}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            # The broker's /metrics (cove_kbs_requests_total), for Prometheus' usual relabelling.
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/scheme": "https",
+                "prometheus.io/port": str(port),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": {
+            "selector": {"app.kubernetes.io/instance": name, "app.kubernetes.io/name": "cove-kbs"},
+            "ports": [{"name": "https", "port": port, "targetPort": port}],
+        },
     }
     return deployment, service
 
@@ -170,8 +220,16 @@ def _broker_objects(name: str, namespace: str, spec: Mapping[str, Any]) -> tuple
 @kopf.on.resume(GROUP, VERSION, "keybrokers")
 @kopf.on.create(GROUP, VERSION, "keybrokers")
 @kopf.on.update(GROUP, VERSION, "keybrokers")
-def key_broker(spec: kopf.Spec, name: str, namespace: str | None, body: kopf.Body, patch: kopf.Patch, retry: int,
-               meta: kopf.Meta, **_: Any) -> None:
+def key_broker(
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    retry: int,
+    meta: kopf.Meta,
+    **_: Any,
+) -> None:
     where = _namespaced(namespace)
     generation = meta.get("generation")
     if spec.get("external"):
@@ -181,16 +239,21 @@ def key_broker(spec: kopf.Spec, name: str, namespace: str | None, body: kopf.Bod
         raise kopf.PermanentError("a KeyBroker needs spec.external, or spec.database, spec.masterKey and spec.tls")
     k8s = api()
     try:
-        for what, ref, default in (("database", spec["database"], "url"), ("master key", spec["masterKey"],
-                                                                           "master.key")):
+        for what, ref, default in (
+            ("database", spec["database"], "url"),
+            ("master key", spec["masterKey"], "master.key"),
+        ):
             if k8s.secret_value(where, ref["name"], ref.get("key", default)) is None:
                 raise Failure(f"{what} Secret {ref['name']!r} not found in {where}")
         deployment, service = _broker_objects(name, where, spec)
         kopf.adopt([deployment, service], owner=body)
         if spec.get("policy"):
-            config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                          "metadata": {"name": f"{name}-policy", "namespace": where},
-                          "data": {"policy.toml": spec["policy"]}}
+            config_map = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": f"{name}-policy", "namespace": where},
+                "data": {"policy.toml": spec["policy"]},
+            }
             kopf.adopt(config_map, owner=body)
             k8s.apply(f"/api/v1/namespaces/{where}/configmaps", config_map)
         k8s.apply(f"/apis/apps/v1/namespaces/{where}/deployments", deployment)
@@ -284,8 +347,16 @@ def _policy_name(spec: Mapping[str, Any], name: str) -> str:
 @kopf.on.resume(GROUP, VERSION, "enclavepolicies")
 @kopf.on.create(GROUP, VERSION, "enclavepolicies")
 @kopf.on.update(GROUP, VERSION, "enclavepolicies")
-def enclave_policy(spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int, meta: kopf.Meta,
-                   status: kopf.Status, **_: Any) -> None:
+def enclave_policy(
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    patch: kopf.Patch,
+    retry: int,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    **_: Any,
+) -> None:
     from cove.kbs.client import KbsError
 
     where = _namespaced(namespace)
@@ -315,8 +386,9 @@ def enclave_policy(spec: kopf.Spec, name: str, namespace: str | None, patch: kop
 
 
 @kopf.on.delete(GROUP, VERSION, "enclavepolicies")
-def enclave_policy_gone(spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int,
-                        status: kopf.Status, **_: Any) -> None:
+def enclave_policy_gone(
+    spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int, status: kopf.Status, **_: Any
+) -> None:
     from cove.kbs.client import KbsError
 
     where = _namespaced(namespace)
@@ -356,8 +428,15 @@ def _imported(namespace: str, spec: Mapping[str, Any]) -> bytes | None:
 @kopf.on.resume(GROUP, VERSION, "enclavesecrets")
 @kopf.on.create(GROUP, VERSION, "enclavesecrets")
 @kopf.on.update(GROUP, VERSION, "enclavesecrets")
-def enclave_secret(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, retry: int, meta: kopf.Meta,
-                   status: kopf.Status, **_: Any) -> None:
+def enclave_secret(
+    spec: kopf.Spec,
+    namespace: str | None,
+    patch: kopf.Patch,
+    retry: int,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    **_: Any,
+) -> None:
     from cove.kbs.client import KbsError
 
     where = _namespaced(namespace)
@@ -378,9 +457,14 @@ def enclave_secret(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, re
             rotation = int(spec.get("rotation", 0))
             if current is None:
                 generate = spec.get("generate") or {}
-                admin.create_secret(path, generate.get("kind", "data"), policy,
-                                    exportable=bool(spec.get("exportable", False)),
-                                    params=generate.get("params") or {}, value=value)
+                admin.create_secret(
+                    path,
+                    generate.get("kind", "data"),
+                    policy,
+                    exportable=bool(spec.get("exportable", False)),
+                    params=generate.get("params") or {},
+                    value=value,
+                )
                 base = 1  # the version the broker gave the new secret; each rotation adds one
                 version = 1
             else:
@@ -396,8 +480,15 @@ def enclave_secret(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, re
                 version += 1
             current = admin.secret(path)
             versions = [{"version": v["version"], "created_at": str(v["created_at"])} for v in current["versions"]]
-            _ready(patch, meta.get("generation"), currentVersion=current["version"], versions=versions,
-                   rotation=rotation, baseVersion=base, brokerPolicy=current["policy"])
+            _ready(
+                patch,
+                meta.get("generation"),
+                currentVersion=current["version"],
+                versions=versions,
+                rotation=rotation,
+                baseVersion=base,
+                brokerPolicy=current["policy"],
+            )
 
     _sync(patch, retry, work)
 

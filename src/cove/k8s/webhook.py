@@ -47,8 +47,12 @@ class SettingsFile:
 
 def create_app(settings: SettingsFile) -> FastAPI:
     registry = CollectorRegistry()
-    reviews = Counter("cove_webhook_reviews", "AdmissionReviews answered, by endpoint and decision",
-                      ["endpoint", "decision"], registry=registry)
+    reviews = Counter(
+        "cove_webhook_reviews",
+        "AdmissionReviews answered, by endpoint and decision",
+        ["endpoint", "decision"],
+        registry=registry,
+    )
     app = FastAPI(title="Cove admission webhook", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def _body(request: Request) -> bytes | None:
@@ -110,9 +114,16 @@ def serve(listen: str, certfile: str, keyfile: str, settings: SettingsFile) -> N
     import uvicorn
 
     host, _, port = listen.rpartition(":")
-    uvicorn.run(create_app(settings), host=host.strip("[]") or "0.0.0.0", port=int(port),
-                ssl_certfile=certfile, ssl_keyfile=keyfile, log_level="warning", access_log=False,
-                h11_max_incomplete_event_size=MAX_BODY)
+    uvicorn.run(
+        create_app(settings),
+        host=host.strip("[]") or "0.0.0.0",
+        port=int(port),
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+        log_level="warning",
+        access_log=False,
+        h11_max_incomplete_event_size=MAX_BODY,
+    )
 
 
 def check_files(*paths: str) -> str | None:

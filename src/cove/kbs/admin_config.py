@@ -24,8 +24,13 @@ class _Unreadable(Exception):
     """The key file cannot give a URL (AdminClient.from_file names what is wrong with it)."""
 
 
-def connect(state: Path, url: str | None = None, key: Path | None = None, ca: Path | None = None,
-            broker_policy: str | None = None) -> AdminClient:
+def connect(
+    state: Path,
+    url: str | None = None,
+    key: Path | None = None,
+    ca: Path | None = None,
+    broker_policy: str | None = None,
+) -> AdminClient:
     """An admin client: ``key`` defaults to STATE/admin.json, ``url`` to its "url", ``ca`` to STATE/tls-ca.pem."""
     key = key or state / "admin.json"
     if url is None:
@@ -55,8 +60,11 @@ def new_key_file(name: str, out: Path) -> Path:
     if out.exists():
         raise CoveError(f"{out} exists")
     pair = jwk.generate_key("EC", "P-256")
-    write_atomic(out, json.dumps({"name": name, "audience": None, "url": None,
-                                  "jwk": pair.as_dict(private=True)}, indent=2).encode(), mode=0o600)
+    write_atomic(
+        out,
+        json.dumps({"name": name, "audience": None, "url": None, "jwk": pair.as_dict(private=True)}, indent=2).encode(),
+        mode=0o600,
+    )
     public = Path(str(out) + ".pub.json")
     write_atomic(public, json.dumps(pair.as_dict(private=False), indent=2).encode())
     return public

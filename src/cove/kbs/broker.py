@@ -27,15 +27,32 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwk
 
 from cove.attest import certs
-from cove.kbs import broker_policy as policy_mod, coco_binding, coco_collateral, coco_evidence, evidence_appraisal, jose, secrets as secrets_mod
+from cove.kbs import (
+    broker_policy as policy_mod,
+    coco_binding,
+    coco_collateral,
+    coco_evidence,
+    evidence_appraisal,
+    jose,
+    secrets as secrets_mod,
+)
 from cove.kbs.problems import Problem
 from cove.kbs.store import ReleaseRow, SecretRow, SessionRow, Store
 from cove.kbs.vault import Vault
 
 ROLES = ("admin", "auditor")
 # Roles and what they may do: auditors read metadata and the audit log, never values.
-WRITE_ACTIONS = ("secret.create", "secret.rotate", "secret.delete", "secret.export", "secret.policy",
-                 "policy.put", "policy.delete", "key.add", "key.delete")
+WRITE_ACTIONS = (
+    "secret.create",
+    "secret.rotate",
+    "secret.delete",
+    "secret.export",
+    "secret.policy",
+    "policy.put",
+    "policy.delete",
+    "key.add",
+    "key.delete",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^0\.([0-9]+)\.([0-9]+)$")
 
@@ -83,14 +100,17 @@ class Broker:
         self.vault.verify_check_value(stored)
         self.broker_id = self.store.set_meta_once("broker_id", pysecrets.token_hex(16))
         self.audience = f"cove-kbs:{self.broker_id}"
-        self.tokens = jose.TokenIssuer(self._token_key(), settings.issuer or self.audience,
-                                       settings.token_lifetime)
+        self.tokens = jose.TokenIssuer(self._token_key(), settings.issuer or self.audience, settings.token_lifetime)
         self.ca_key, self.ca_cert = self._ca()
-        self.attestation_policy = (policy_mod.load(settings.attestation_policy, "attestation policy", allow_paths=True)
-                                   if settings.attestation_policy else policy_mod.default_attestation_policy())
+        self.attestation_policy = (
+            policy_mod.load(settings.attestation_policy, "attestation policy", allow_paths=True)
+            if settings.attestation_policy
+            else policy_mod.default_attestation_policy()
+        )
         self.anchors = settings.anchors.with_policy_roots(self.attestation_policy)
         self.collateral = coco_collateral.CollateralSource(
-            Path(settings.collateral_dir) if settings.collateral_dir else None, settings.pccs_url)
+            Path(settings.collateral_dir) if settings.collateral_dir else None, settings.pccs_url
+        )
         self._policies: dict[tuple[str, int], policy_mod.Policy] = {}
         self._policy_lock = threading.Lock()
         self._last_purge = 0.0
@@ -103,8 +123,9 @@ class Broker:
         return self.vault.unseal(f"key:{name}", sealed)
 
     def _token_key(self) -> jwk.Key:
-        data = self._sealed_once("token", lambda: json.dumps(
-            jwk.generate_key("EC", "P-256").as_dict(private=True)).encode())
+        data = self._sealed_once(
+            "token", lambda: json.dumps(jwk.generate_key("EC", "P-256").as_dict(private=True)).encode()
+        )
         return jwk.import_key(json.loads(data), "EC")
 
     def _ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -112,6 +133,7 @@ class Broker:
             key = certs.new_key()
             cert = certs.self_signed_ca(key, f"Cove KBS CA {self.broker_id[:8]}")
             return json.dumps({"key": certs.private_key_pem(key).decode(), "cert": certs.pem(cert).decode()}).encode()
+
         data = json.loads(self._sealed_once("ca", make))
         key = serialization.load_pem_private_key(data["key"].encode(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -195,21 +217,36 @@ class Broker:
             evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"], self.collateral)
             coco_evidence.check_additional(additional)
             init_data = coco_evidence.init_data(body.get("init-data"))
-            result = coco_evidence.appraise(tee, evidence, coco_binding.primary_runtime_data(runtime, additional),
-                                            self.anchors, when)
+            result = coco_evidence.appraise(
+                tee, evidence, coco_binding.primary_runtime_data(runtime, additional), self.anchors, when
+            )
             bound_claims = coco_evidence.bind_init_data(tee, result, init_data)
             decision = policy_mod.decide(self.attestation_policy, result, when)
             if not decision.allowed:
-                raise Problem("AttestationDeny", f"the broker's attestation policy refuses this evidence: "
-                                                 f"{decision.reason}")
+                raise Problem(
+                    "AttestationDeny", f"the broker's attestation policy refuses this evidence: {decision.reason}"
+                )
         except Problem as problem:
-            self.store.finish_session(session_id, False, None, None, self.settings.challenge_lifetime, self.now(),
-                                      audit=(label, "attest", "denied", None, None,
-                                             f"{tee}: {problem.kind}: {problem.detail}"))
+            self.store.finish_session(
+                session_id,
+                False,
+                None,
+                None,
+                self.settings.challenge_lifetime,
+                self.now(),
+                audit=(label, "attest", "denied", None, None, f"{tee}: {problem.kind}: {problem.detail}"),
+            )
             raise
         claims = evidence_appraisal.to_claims(result) | bound_claims
-        self.store.finish_session(session_id, True, claims, runtime["tee-pubkey"], self.settings.session_lifetime,
-                                  self.now(), audit=(label, "attest", "ok", None, claims.get("measurement"), tee))
+        self.store.finish_session(
+            session_id,
+            True,
+            claims,
+            runtime["tee-pubkey"],
+            self.settings.session_lifetime,
+            self.now(),
+            audit=(label, "attest", "ok", None, claims.get("measurement"), tee),
+        )
         return self.tokens.issue(runtime["tee-pubkey"], claims, decision.reason, self.now())
 
     @staticmethod
@@ -253,7 +290,9 @@ class Broker:
             raise Problem("AttestationError", "this session has not attested successfully")
         return Caller(row.claims, row.tee_pubkey, "cookie", row.id)
 
-    def release_to(self, session_id: str | None, bearer: str | None, path: str, version: int | None = None) -> dict[str, Any]:
+    def release_to(
+        self, session_id: str | None, bearer: str | None, path: str, version: int | None = None
+    ) -> dict[str, Any]:
         """GET /kbs/v0/resource/...: :meth:`caller`, then :meth:`release`; a cookie session is read
         together with the secret (one database round trip)."""
         try:
@@ -291,8 +330,7 @@ class Broker:
         secrets_mod.split_path(path)
         return self._release(path, caller, version, self.store.release_row(path, version))
 
-    def _release(self, path: str, caller: Caller, version: int | None, found: ReleaseRow | None
-                 ) -> dict[str, Any]:
+    def _release(self, path: str, caller: Caller, version: int | None, found: ReleaseRow | None) -> dict[str, Any]:
         who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
         if found is None:
@@ -316,8 +354,9 @@ class Broker:
             raise Problem("InvalidRequestPath", f"{row.path} has no version {wanted}")
         value = self.vault.unseal(f"secret:{row.path}@{wanted}", sealed)
         if row.kind == "cert":
-            value = secrets_mod.issue_certificate(value, self.ca_key, self.ca_cert, caller.claims, path,
-                                                  row.params.get("days", 30))
+            value = secrets_mod.issue_certificate(
+                value, self.ca_key, self.ca_cert, caller.claims, path, row.params.get("days", 30)
+            )
         document = jose.encrypt_to(caller.tee_pubkey, value)
         self.store.audit(who, "release", "ok", f"{path}@{wanted}", measurement, caller.via)
         return document
@@ -427,8 +466,16 @@ class Broker:
             raise Problem("NotFound", f"no policy {name!r}")
         return {"name": name, "body": found[0], "version": found[1]}
 
-    def create_secret(self, actor: str, path: str, kind: str, policy: str, exportable: bool,
-                      params: dict[str, Any] | None = None, value: bytes | None = None) -> dict[str, Any]:
+    def create_secret(
+        self,
+        actor: str,
+        path: str,
+        kind: str,
+        policy: str,
+        exportable: bool,
+        params: dict[str, Any] | None = None,
+        value: bytes | None = None,
+    ) -> dict[str, Any]:
         secrets_mod.split_path(path)
         params = secrets_mod.check_params(kind, params or {})
         if self.store.policy(policy) is None:
@@ -441,20 +488,28 @@ class Broker:
         row = SecretRow(path, kind, params, policy, bool(exportable), 1, material.public, now, now)
         if not self.store.create_secret(row, self.vault.seal(f"secret:{path}@1", material.value), actor):
             raise Problem("Conflict", f"secret {path} exists; rotate it or delete it first")
-        self.store.audit(f"admin:{actor}", "secret.create", "ok", path, None,
-                         f"{kind} {'uploaded' if value is not None else 'generated'}; policy {policy}; "
-                         f"{'exportable' if exportable else 'never exported'}")
+        self.store.audit(
+            f"admin:{actor}",
+            "secret.create",
+            "ok",
+            path,
+            None,
+            f"{kind} {'uploaded' if value is not None else 'generated'}; policy {policy}; "
+            f"{'exportable' if exportable else 'never exported'}",
+        )
         return self.describe(path)
 
     def rotate_secret(self, actor: str, path: str, value: bytes | None = None) -> dict[str, Any]:
         row = self._secret_row(path)
-        material = (secrets_mod.generate(row.kind, row.params) if value is None
-                    else secrets_mod.from_upload(row.kind, value))
+        material = (
+            secrets_mod.generate(row.kind, row.params) if value is None else secrets_mod.from_upload(row.kind, value)
+        )
         if value is None and row.kind == "data":
             raise Problem("InvalidRequest", f"{path} holds uploaded data: give the new value")
         version = row.current_version + 1
-        if not self.store.add_version(path, version, self.vault.seal(f"secret:{path}@{version}", material.value),
-                                      material.public, actor):
+        if not self.store.add_version(
+            path, version, self.vault.seal(f"secret:{path}@{version}", material.value), material.public, actor
+        ):
             raise Problem("Conflict", f"{path} was rotated concurrently; try again")
         self.store.audit(f"admin:{actor}", "secret.rotate", "ok", f"{path}@{version}")
         return self.describe(path)
@@ -481,13 +536,30 @@ class Broker:
 
     def describe(self, path: str) -> dict[str, Any]:
         row = self._secret_row(path)
-        return {"path": row.path, "kind": row.kind, "params": row.params, "policy": row.policy,
-                "exportable": row.exportable, "version": row.current_version, "public": row.public,
-                "versions": self.store.versions(path), "created_at": row.created_at, "updated_at": row.updated_at}
+        return {
+            "path": row.path,
+            "kind": row.kind,
+            "params": row.params,
+            "policy": row.policy,
+            "exportable": row.exportable,
+            "version": row.current_version,
+            "public": row.public,
+            "versions": self.store.versions(path),
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
 
     def list_secrets(self) -> list[dict[str, Any]]:
-        return [{"path": r.path, "kind": r.kind, "policy": r.policy, "exportable": r.exportable,
-                 "version": r.current_version} for r in self.store.secrets()]
+        return [
+            {
+                "path": r.path,
+                "kind": r.kind,
+                "policy": r.policy,
+                "exportable": r.exportable,
+                "version": r.current_version,
+            }
+            for r in self.store.secrets()
+        ]
 
     def export_secret(self, actor: str, path: str, version: int | None = None) -> bytes:
         row = self._secret_row(path)

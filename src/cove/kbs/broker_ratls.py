@@ -27,13 +27,17 @@ DEV_ATTESTATION = Path("/dev/attestation")
 
 def evidence_source(root: Path = DEV_ATTESTATION) -> Callable[[bytes], bytes]:
     """Evidence from the enclave's /dev/attestation for the report data RA-TLS binds."""
+
     def get(report_data: bytes) -> bytes:
         try:
             (root / "user_report_data").write_bytes(report_data)
             return (root / "quote").read_bytes()
         except OSError as exc:
-            raise CoveError(f"--ra-tls: cannot get evidence from {root}: {exc.strerror}",
-                            "run the broker inside a Cove enclave (cove run), or serve with --cert/--key") from None
+            raise CoveError(
+                f"--ra-tls: cannot get evidence from {root}: {exc.strerror}",
+                "run the broker inside a Cove enclave (cove run), or serve with --cert/--key",
+            ) from None
+
     return get
 
 
@@ -44,8 +48,9 @@ def certificate_files(root: Path = DEV_ATTESTATION, days: int = 30) -> Iterator[
     The folder is on /dev/shm when there is one (memory, private to the
     enclave's mount namespace), so the key reaches no disk.
     """
-    cert_pem, key_pem = ratls.make_certificate(evidence_source(root), common_name="Cove KBS (RA-TLS)", days=days,
-                                               hostnames=("localhost",))
+    cert_pem, key_pem = ratls.make_certificate(
+        evidence_source(root), common_name="Cove KBS (RA-TLS)", days=days, hostnames=("localhost",)
+    )
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     folder = Path(tempfile.mkdtemp(prefix="cove-kbs-ratls-", dir=base))
     try:

@@ -45,8 +45,14 @@ class KbsError(CoveError):
 
     exit_code = ExitCode.REFUSED
 
-    def __init__(self, message: str, hint: str | None = None, kind: str | None = None, status: int | None = None,
-                 code: ExitCode | None = None):
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        kind: str | None = None,
+        status: int | None = None,
+        code: ExitCode | None = None,
+    ):
         super().__init__(message, hint)
         self.kind = kind
         self.status = status
@@ -84,8 +90,10 @@ class DevAttestation:
             (self.root / "user_report_data").write_bytes(report_data)
             quote = (self.root / "quote").read_bytes()
         except OSError as exc:
-            raise KbsError(f"cannot get evidence from {self.root}: {exc.strerror}",
-                           "run inside a Cove enclave (cove run), or give evidence another way") from None
+            raise KbsError(
+                f"cannot get evidence from {self.root}: {exc.strerror}",
+                "run inside a Cove enclave (cove run), or give evidence another way",
+            ) from None
         return {"evidence": base64.b64encode(quote).decode()}
 
 
@@ -100,8 +108,9 @@ class StaticEvidence:
         return self.document
 
 
-def _verify_option(ca_cert: str | Path | bool | None,
-                   broker_policy: Policy | Path | str | None = None) -> ssl.SSLContext | bool:
+def _verify_option(
+    ca_cert: str | Path | bool | None, broker_policy: Policy | Path | str | None = None
+) -> ssl.SSLContext | bool:
     """What httpx verifies the broker with: system CAs, a pinned CA, or (RA-TLS) a policy on its evidence."""
     if broker_policy is not None:
         if ca_cert is not None:
@@ -121,13 +130,17 @@ def _verify_option(ca_cert: str | Path | bool | None,
 
     path = Path(ca_cert)
     if not path.is_file():
-        raise KbsError(f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)",
-                       code=ExitCode.NOT_FOUND)
+        raise KbsError(
+            f"CA certificate {path} not found", "pass the broker's TLS CA certificate (PEM)", code=ExitCode.NOT_FOUND
+        )
     try:
         return ssl.create_default_context(cafile=str(path))
     except (ssl.SSLError, OSError, ValueError) as exc:
-        raise KbsError(f"CA certificate {path} is not a PEM certificate: {exc}",
-                       "pass the broker's TLS CA certificate (PEM)", code=ExitCode.USAGE) from None
+        raise KbsError(
+            f"CA certificate {path} is not a PEM certificate: {exc}",
+            "pass the broker's TLS CA certificate (PEM)",
+            code=ExitCode.USAGE,
+        ) from None
 
 
 def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
@@ -136,21 +149,35 @@ def _unreachable(exc: httpx.HTTPError, what: str, url: str) -> KbsError:
 
     refused = rejection(exc)
     if refused is not None:
-        return KbsError(f"{what}: the broker at {url} failed RA-TLS verification: {refused}",
-                        "the broker is not the enclave the policy names (or not in an enclave at all)",
-                        kind="RaTlsRejected")
-    return KbsError(f"{what}: cannot reach the broker at {url}: {exc}",
-                    "check the URL, that the broker runs, and its CA certificate or policy",
-                    code=ExitCode.UNREACHABLE)
+        return KbsError(
+            f"{what}: the broker at {url} failed RA-TLS verification: {refused}",
+            "the broker is not the enclave the policy names (or not in an enclave at all)",
+            kind="RaTlsRejected",
+        )
+    return KbsError(
+        f"{what}: cannot reach the broker at {url}: {exc}",
+        "check the URL, that the broker runs, and its CA certificate or policy",
+        code=ExitCode.UNREACHABLE,
+    )
 
 
-def _http(url: str, ca_cert: str | Path | bool | None, broker_policy: Policy | Path | str | None, timeout: float,
-          transport: httpx.BaseTransport | None = None) -> httpx.Client:
+def _http(
+    url: str,
+    ca_cert: str | Path | bool | None,
+    broker_policy: Policy | Path | str | None,
+    timeout: float,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
     if broker_policy is not None and not url.startswith("https://"):
         raise KbsError(f"{url}: an RA-TLS broker policy needs an https:// URL")
     # With a policy, no proxy from the environment: the evidence check runs on a direct TLS socket.
-    return httpx.Client(base_url=url, verify=_verify_option(ca_cert, broker_policy), timeout=timeout,
-                        transport=transport, trust_env=broker_policy is None)
+    return httpx.Client(
+        base_url=url,
+        verify=_verify_option(ca_cert, broker_policy),
+        timeout=timeout,
+        transport=transport,
+        trust_env=broker_policy is None,
+    )
 
 
 def _raise_for(response: httpx.Response, what: str) -> None:
@@ -162,15 +189,25 @@ def _raise_for(response: httpx.Response, what: str) -> None:
         document = {}
     kind = kind_of(document)
     detail = document.get("detail") if isinstance(document, dict) else None
-    raise KbsError(f"{what}: the broker refused ({response.status_code} {kind or 'error'}): "
-                   f"{detail or response.text[:200]}", kind=kind, status=response.status_code)
+    raise KbsError(
+        f"{what}: the broker refused ({response.status_code} {kind or 'error'}): {detail or response.text[:200]}",
+        kind=kind,
+        status=response.status_code,
+    )
 
 
 class KbsClient:
     """``ca_cert``: the broker's TLS CA; or ``broker_policy`` (a Policy, path or inline text): an RA-TLS broker."""
 
-    def __init__(self, url: str, ca_cert: str | Path | bool | None = None, timeout: float = 30.0, key_type: str = "EC",
-                 transport: httpx.BaseTransport | None = None, broker_policy: Policy | Path | str | None = None):
+    def __init__(
+        self,
+        url: str,
+        ca_cert: str | Path | bool | None = None,
+        timeout: float = 30.0,
+        key_type: str = "EC",
+        transport: httpx.BaseTransport | None = None,
+        broker_policy: Policy | Path | str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.key_type = key_type
         self.http = _http(self.url, ca_cert, broker_policy, timeout, transport)
@@ -235,8 +272,10 @@ class KbsClient:
         try:
             return jose.decrypt_from(document, self.tee_key)
         except ValueError as exc:
-            raise KbsError(f"the broker's response does not decrypt with this TEE's key: {exc}",
-                           "the response was tampered with or was meant for another TEE") from None
+            raise KbsError(
+                f"the broker's response does not decrypt with this TEE's key: {exc}",
+                "the response was tampered with or was meant for another TEE",
+            ) from None
 
     def resource(self, path: str, version: int | None = None, bearer: bool = False) -> bytes:
         """GET /kbs/v0/resource/PATH, decrypted with this attestation's TEE key."""
@@ -252,9 +291,16 @@ def _token_claims(token: str) -> dict[str, Any]:
         raise KbsError("the broker's attestation token is not a JWT") from None
 
 
-def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert: str | Path | bool | None = None,
-          retries: int = 0, backoff: float = 0.2, timeout: float = 30.0,
-          broker_policy: Policy | Path | str | None = None) -> dict[str, bytes]:
+def fetch(
+    url: str,
+    paths: list[str],
+    provider: EvidenceProvider,
+    ca_cert: str | Path | bool | None = None,
+    retries: int = 0,
+    backoff: float = 0.2,
+    timeout: float = 30.0,
+    broker_policy: Policy | Path | str | None = None,
+) -> dict[str, bytes]:
     """Attest once and fetch several resources; transport failures are retried (not refusals)."""
     attempt = 0
     while True:
@@ -273,9 +319,16 @@ def fetch(url: str, paths: list[str], provider: EvidenceProvider, ca_cert: str |
 class AdminClient:
     """Signs a fresh admin token for each request with a registered admin key."""
 
-    def __init__(self, url: str, key: jwk.Key, key_name: str, ca_cert: str | Path | bool | None = None,
-                 audience: str | None = None, timeout: float = 30.0,
-                 broker_policy: Policy | Path | str | None = None):
+    def __init__(
+        self,
+        url: str,
+        key: jwk.Key,
+        key_name: str,
+        ca_cert: str | Path | bool | None = None,
+        audience: str | None = None,
+        timeout: float = 30.0,
+        broker_policy: Policy | Path | str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.key = key
         self.key_name = key_name
@@ -283,21 +336,32 @@ class AdminClient:
         self.audience = audience
 
     @classmethod
-    def from_file(cls, url: str, key_file: Path, ca_cert: str | Path | bool | None = None,
-                  broker_policy: Policy | Path | str | None = None) -> AdminClient:
+    def from_file(
+        cls,
+        url: str,
+        key_file: Path,
+        ca_cert: str | Path | bool | None = None,
+        broker_policy: Policy | Path | str | None = None,
+    ) -> AdminClient:
         """An admin client from a key file written by `cove kbs init` (JSON: name, audience, url, jwk)."""
+
         def not_a_key(reason: str) -> KbsError:
             return KbsError(f"admin key file {key_file} is not a Cove admin key: {reason}", code=ExitCode.USAGE)
 
         try:
             raw = Path(key_file).read_bytes()
         except FileNotFoundError:
-            raise KbsError(f"admin key file {key_file} not found", "create one with `cove kbs init`",
-                           code=ExitCode.NOT_FOUND) from None
+            raise KbsError(
+                f"admin key file {key_file} not found", "create one with `cove kbs init`", code=ExitCode.NOT_FOUND
+            ) from None
         except OSError as exc:
             raise not_a_key(exc.strerror or str(exc)) from None
-        f = Fields(decode_json(raw, not_a_key, "it", limit=MAX_KEY_FILE), "the file", not_a_key,
-                   ("name", "audience", "url", "jwk"))
+        f = Fields(
+            decode_json(raw, not_a_key, "it", limit=MAX_KEY_FILE),
+            "the file",
+            not_a_key,
+            ("name", "audience", "url", "jwk"),
+        )
         name = f.text("name", max_len=256)
         audience = f.value("audience", (str, type(None)), None)
         f.value("url", (str, type(None)), None)
@@ -305,8 +369,9 @@ class AdminClient:
             key = jose.load_private_jwk(json.dumps(f.value("jwk", dict)))
         except ValueError as exc:
             raise not_a_key(str(exc)) from None
-        return cls(url, key, name, ca_cert, audience if isinstance(audience, str) else None,
-                   broker_policy=broker_policy)
+        return cls(
+            url, key, name, ca_cert, audience if isinstance(audience, str) else None, broker_policy=broker_policy
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -316,8 +381,9 @@ class AdminClient:
             raise KbsError("the admin key file names no broker (audience)")
         return {"Authorization": "Bearer " + jose.make_admin_token(self.key, self.key_name, self.audience)}
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+    ) -> Any:
         try:
             response = self.http.request(method, path, json=body, params=params, headers=self._headers())
         except httpx.HTTPError as exc:
@@ -327,8 +393,9 @@ class AdminClient:
             return None
         return response.json()
 
-    def _object(self, method: str, path: str, body: dict[str, Any] | None = None,
-                params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _object(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         found: dict[str, Any] = self.request(method, path, body, params)
         return found
 
@@ -336,8 +403,15 @@ class AdminClient:
         found: list[dict[str, Any]] = self.request(method, path, None, params)
         return found
 
-    def create_secret(self, path: str, kind: str, policy: str, exportable: bool = True,
-                      params: dict[str, Any] | None = None, value: bytes | None = None) -> dict[str, Any]:
+    def create_secret(
+        self,
+        path: str,
+        kind: str,
+        policy: str,
+        exportable: bool = True,
+        params: dict[str, Any] | None = None,
+        value: bytes | None = None,
+    ) -> dict[str, Any]:
         body = {"path": path, "kind": kind, "policy": policy, "exportable": exportable, "params": params or {}}
         if value is not None:
             body["value"] = base64.b64encode(value).decode()
@@ -360,8 +434,9 @@ class AdminClient:
         return self._object("GET", f"/kbs/v0/admin/secrets/{path}")
 
     def export(self, path: str, version: int | None = None) -> bytes:
-        result = self.request("GET", f"/kbs/v0/admin/secrets/{path}/value",
-                              params={"version": version} if version else None)
+        result = self.request(
+            "GET", f"/kbs/v0/admin/secrets/{path}/value", params={"version": version} if version else None
+        )
         return base64.b64decode(result["value"])
 
     def put_policy(self, name: str, body: str) -> dict[str, Any]:

@@ -74,10 +74,10 @@ def parse_hcl_report(hcl: bytes) -> tuple[bytes, bytes]:
     """(the SNP report, the variable data) of an HCL report."""
     if len(hcl) < HCL_HEADER + SNP_REPORT_SIZE + HCL_REQUEST_HEADER or hcl[:4] != b"HCLA":
         _fail("hcl_report is not an HCL attestation report")
-    report = hcl[HCL_HEADER:HCL_HEADER + SNP_REPORT_SIZE]
+    report = hcl[HCL_HEADER : HCL_HEADER + SNP_REPORT_SIZE]
     offset = HCL_HEADER + SNP_REPORT_SIZE
     size = struct.unpack_from("<I", hcl, offset + 16)[0]
-    var_data = hcl[offset + HCL_REQUEST_HEADER:offset + HCL_REQUEST_HEADER + size]
+    var_data = hcl[offset + HCL_REQUEST_HEADER : offset + HCL_REQUEST_HEADER + size]
     if len(var_data) != size:
         _fail("hcl_report's variable data is truncated")
     return report, var_data
@@ -97,8 +97,13 @@ def _ak_pem(var_data: dict[str, Any]) -> bytes:
     _fail("the HCL variable data names no RSA HCLAkPub key")
 
 
-def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], anchors: evidence_appraisal.TrustAnchors,
-             now: dt.datetime) -> Appraisal:
+def appraise(
+    tee: str,
+    evidence: dict[str, Any],
+    runtime_data: dict[str, Any],
+    anchors: evidence_appraisal.TrustAnchors,
+    now: dt.datetime,
+) -> Appraisal:
     """The SNP report's appraisal, with the vTPM's PCRs, once every link and the binding hold."""
     from cove.kbs.coco_evidence import pcr_file
 
@@ -116,8 +121,9 @@ def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], a
     vcek = _b64url(evidence.get("vcek"), "vcek")
     report, var_data = parse_hcl_report(hcl)
 
-    snp = evidence_appraisal.verify("snp", {"report": base64.b64encode(report).decode(),
-                                   "vcek": base64.b64encode(vcek).decode()}, anchors, now)
+    snp = evidence_appraisal.verify(
+        "snp", {"report": base64.b64encode(report).decode(), "vcek": base64.b64encode(vcek).decode()}, anchors, now
+    )
     fields = snp.claims.get("report", {}) if isinstance(snp.claims, dict) else {}
     if fields.get("vmpl") != 0:
         _fail(f"the SNP report was made at VMPL {fields.get('vmpl')}, not 0 (the HCL's)")
@@ -130,15 +136,24 @@ def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], a
     # RSASSA with SHA-256, as a TPMT_SIGNATURE: sigAlg, hash, TPM2B signature
     tpmt = struct.pack(">HHH", 0x0014, 0x000B, len(signature)) + signature
     try:
-        vtpm = verifier.verify(message, kind="tpm", now=now, inputs=verifier.Inputs(
-            tpm_signature=tpmt, tpm_pcrs=pcr_file(pcrs), ak=_ak_pem(variables)))
+        vtpm = verifier.verify(
+            message,
+            kind="tpm",
+            now=now,
+            inputs=verifier.Inputs(tpm_signature=tpmt, tpm_pcrs=pcr_file(pcrs), ak=_ak_pem(variables)),
+        )
     except CoveError as exc:
         _fail(f"the vTPM quote: {exc.line()}")
     extra = vtpm.report_data or b""
     evidence_appraisal.check_binding(extra, runtime_data)
     if version >= 2:
         user = variables.get("user-data") if isinstance(variables, dict) else None
-        if not isinstance(user, str) or not hmac.compare_digest(_hex(user, "user-data")[:len(extra)], extra):
+        if not isinstance(user, str) or not hmac.compare_digest(_hex(user, "user-data")[: len(extra)], extra):
             _fail("the HCL variable data's user-data does not start with the quote's report data")
-    return replace(snp, report_data=extra, pcrs=vtpm.pcrs, backend=tee,
-                   isolation=f"{snp.isolation} (vTPM quote through the HCL)" if snp.isolation else tee)
+    return replace(
+        snp,
+        report_data=extra,
+        pcrs=vtpm.pcrs,
+        backend=tee,
+        isolation=f"{snp.isolation} (vTPM quote through the HCL)" if snp.isolation else tee,
+    )

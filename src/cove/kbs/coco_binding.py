@@ -50,14 +50,19 @@ def select_hash(extra_params: object, tee: str = "") -> str:
     for name in PREFERRED.get(tee, ()) + SELECTABLE:
         if name in names:
             return name
-    raise Problem("InvalidRequest", f"none of the offered hash algorithms is supported here "
-                                    f"(the broker binds with {', '.join(SELECTABLE)})")
+    raise Problem(
+        "InvalidRequest",
+        f"none of the offered hash algorithms is supported here (the broker binds with {', '.join(SELECTABLE)})",
+    )
 
 
 def primary_runtime_data(runtime_data: dict[str, Any], additional_evidence: str = "") -> dict[str, Any]:
     """What the primary TEE's report data is the hash of."""
-    return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"],
-            "additional-evidence": additional_evidence}
+    return {
+        "tee-pubkey": runtime_data["tee-pubkey"],
+        "nonce": runtime_data["nonce"],
+        "additional-evidence": additional_evidence,
+    }
 
 
 def device_runtime_data(runtime_data: dict[str, Any]) -> dict[str, Any]:

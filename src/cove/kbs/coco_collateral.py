@@ -87,7 +87,9 @@ class CollateralSource:
         try:
             collateral = json.loads(raw)
         except ValueError:
-            raise CoveError(f"{source} is not JSON", "give the collateral JSON (docs/formats/kbs-evidence.md)") from None
+            raise CoveError(
+                f"{source} is not JSON", "give the collateral JSON (docs/formats/kbs-evidence.md)"
+            ) from None
         if not isinstance(collateral, dict):
             raise CoveError(f"{source} is not a collateral object")
         fmspc = collateral_fmspc(tee, collateral)
@@ -107,8 +109,9 @@ class CollateralSource:
             except FileNotFoundError:
                 pass
             except (OSError, ValueError) as exc:
-                raise Problem("Unavailable", f"{tee}: the broker's collateral for FMSPC {fmspc} is unreadable: "
-                                             f"{exc}") from None
+                raise Problem(
+                    "Unavailable", f"{tee}: the broker's collateral for FMSPC {fmspc} is unreadable: {exc}"
+                ) from None
         if self.pccs:
             from cove.attest.collateral_fetch import Fetcher
 
@@ -116,5 +119,8 @@ class CollateralSource:
                 return Fetcher(pccs=self.pccs, cache_dir=self.folder / "pccs" if self.folder else None).dcap(tee, quote)
             except CoveError as exc:
                 raise Problem("EvidenceInvalid", f"{tee}: {exc.line()}") from None
-        raise Problem("EvidenceInvalid", f"{tee}: the broker has no collateral for FMSPC {fmspc}; its operator "
-                                         f"imports it with `cove kbs collateral import` or serves with --pccs")
+        raise Problem(
+            "EvidenceInvalid",
+            f"{tee}: the broker has no collateral for FMSPC {fmspc}; its operator "
+            f"imports it with `cove kbs collateral import` or serves with --pccs",
+        )

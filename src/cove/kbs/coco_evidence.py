@@ -78,6 +78,7 @@ def _dcap(tee: str) -> Adapter:
     """guest-components attester/src/sgx_dcap: ``{"quote"}``; attester/src/tdx: ``{"cc_eventlog", "quote"}``,
     both base64, no collateral: it comes from the broker's collateral folder or its PCCS. The TDX event
     log must replay to the quote's RTMRs (as Trustee's tdx verifier checks) before the quote is verified."""
+
     def adapt(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
         if "collateral" in evidence:  # Cove's own shape
             return evidence
@@ -85,6 +86,7 @@ def _dcap(tee: str) -> Adapter:
         if tee == "tdx" and evidence.get("cc_eventlog") is not None:
             check_rtmrs(_b64(evidence, "cc_eventlog", tee), quote)
         return {"quote": evidence["quote"], "collateral": collateral.collateral_for(tee, quote)}
+
     return adapt
 
 
@@ -126,8 +128,11 @@ def check_rtmrs(event_log: bytes, quote: bytes) -> None:
         raise Problem("EvidenceInvalid", "tdx: the quote is not a TD quote")
     for index, (replayed, value) in enumerate(zip(replay_rtmrs(event_log), quoted)):
         if not hmac.compare_digest(replayed, value):
-            raise Problem("EvidenceInvalid", f"tdx: cc_eventlog replays RTMR{index} to {replayed.hex()[:16]}..., "
-                                             f"the quote says {value.hex()[:16]}...: not the log this TD measured")
+            raise Problem(
+                "EvidenceInvalid",
+                f"tdx: cc_eventlog replays RTMR{index} to {replayed.hex()[:16]}..., "
+                f"the quote says {value.hex()[:16]}...: not the log this TD measured",
+            )
 
 
 def _sample(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, Any]:
@@ -160,8 +165,11 @@ def _tpm(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, An
         values.append(digest)
     _b64(quote, "message", "tpm")
     _b64(quote, "signature", "tpm")
-    return {"quote": quote["message"], "signature": quote["signature"],
-            "pcrs": base64.b64encode(pcr_file(values)).decode()}
+    return {
+        "quote": quote["message"],
+        "signature": quote["signature"],
+        "pcrs": base64.b64encode(pcr_file(values)).decode(),
+    }
 
 
 def pcr_file(sha256_values: list[bytes]) -> bytes:
@@ -171,7 +179,7 @@ def pcr_file(sha256_values: list[bytes]) -> bytes:
     out = bytearray((1).to_bytes(4, "little"))
     out += (0x000B).to_bytes(2, "little") + bytes([3]) + bitmap + bytes(1)
     out += bytes(8 * 15)
-    lists = [sha256_values[i:i + 8] for i in range(0, len(sha256_values), 8)]
+    lists = [sha256_values[i : i + 8] for i in range(0, len(sha256_values), 8)]
     out += len(lists).to_bytes(4, "little")
     for chunk in lists:
         out += len(chunk).to_bytes(4, "little")
@@ -194,15 +202,22 @@ def _snp(evidence: dict[str, Any], collateral: CollateralSource) -> dict[str, An
             key = _byte_list(entry.get("data"), None, "cert_chain data")
             break
     if key is None:
-        raise Problem("EvidenceInvalid", "snp evidence: cert_chain holds no VCEK or VLEK (the host serves none); "
-                                         "configure the host's extended report certificates")
+        raise Problem(
+            "EvidenceInvalid",
+            "snp evidence: cert_chain holds no VCEK or VLEK (the host serves none); "
+            "configure the host's extended report certificates",
+        )
     return {"report": base64.b64encode(report).decode(), "vcek": base64.b64encode(key).decode()}
 
 
 def _byte_list(value: Any, size: int | None, what: str) -> bytes:
     """A serde byte array (a JSON list of integers 0..255), of ``size`` bytes if given."""
-    if not isinstance(value, list) or (size is not None and len(value) != size) or len(value) > 1 << 14 or not all(
-            type(b) is int and 0 <= b <= 255 for b in value):
+    if (
+        not isinstance(value, list)
+        or (size is not None and len(value) != size)
+        or len(value) > 1 << 14
+        or not all(type(b) is int and 0 <= b <= 255 for b in value)
+    ):
         raise Problem("EvidenceInvalid", f"snp evidence: {what} must be a list of {size or 'some'} bytes")
     return bytes(value)
 
@@ -221,8 +236,10 @@ def _tcb(report: dict[str, Any], name: str, turin: bool) -> bytes:
     tcb = report.get(name)
     if not isinstance(tcb, dict):
         raise Problem("EvidenceInvalid", f"snp evidence: attestation_report.{name} must be a TCB object")
-    part = {key: _int(tcb, key, 1, 0 if key == "fmc" else None)[0] for key in ("fmc", "bootloader", "tee", "snp",
-                                                                            "microcode")}
+    part = {
+        key: _int(tcb, key, 1, 0 if key == "fmc" else None)[0]
+        for key in ("fmc", "bootloader", "tee", "snp", "microcode")
+    }
     if turin:
         return bytes([part["fmc"], part["bootloader"], part["tee"], part["snp"], 0, 0, 0, part["microcode"]])
     return bytes([part["bootloader"], part["tee"], 0, 0, 0, 0, part["snp"], part["microcode"]])
@@ -255,7 +272,7 @@ def snp_report_bytes(report: Any) -> bytes:
     out = bytearray(1184)
 
     def put(offset: int, data: bytes) -> None:
-        out[offset:offset + len(data)] = data
+        out[offset : offset + len(data)] = data
 
     put(0x00, _int(report, "version", 4))
     put(0x04, _int(report, "guest_svn", 4))
@@ -276,8 +293,10 @@ def snp_report_bytes(report: Any) -> bytes:
     put(0x160, _byte_list(report.get("report_id_ma"), 32, "report_id_ma"))
     put(0x180, _tcb(report, "reported_tcb", turin))
     if version >= 3:
-        put(0x188, _int(report, "cpuid_fam_id", 1, 0) + _int(report, "cpuid_mod_id", 1, 0)
-            + _int(report, "cpuid_step", 1, 0))
+        put(
+            0x188,
+            _int(report, "cpuid_fam_id", 1, 0) + _int(report, "cpuid_mod_id", 1, 0) + _int(report, "cpuid_step", 1, 0),
+        )
     put(0x1A0, chip_id)
     put(0x1E0, _tcb(report, "committed_tcb", turin))
     put(0x1E8, _version(report, "current"))
@@ -307,12 +326,15 @@ def normalize_tee(tee: object) -> str:
         if not isinstance(tee, str):
             raise
         known = ", ".join((*evidence_appraisal.TEE_TYPES, *coco_azure.TEES))
-        raise Problem("UnknownTee", f"tee {tee[:32]!r} is not verified by this broker (it verifies {known}; "
-                                    f"docs/formats/kbs-evidence.md)") from problem
+        raise Problem(
+            "UnknownTee",
+            f"tee {tee[:32]!r} is not verified by this broker (it verifies {known}; docs/formats/kbs-evidence.md)",
+        ) from problem
 
 
-def appraise(tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], anchors: TrustAnchors,
-             now: dt.datetime) -> Appraisal:
+def appraise(
+    tee: str, evidence: dict[str, Any], runtime_data: dict[str, Any], anchors: TrustAnchors, now: dt.datetime
+) -> Appraisal:
     """Verify the (adapted) evidence and its binding to runtime_data: :func:`cove.kbs.evidence_appraisal.appraise`,
     or, for the vTPM-through-SNP shape, :mod:`cove.kbs.coco_azure`."""
     from cove.kbs import coco_azure, evidence_appraisal
@@ -336,8 +358,11 @@ def check_additional(additional: str) -> None:
         raise Problem("EvidenceInvalid", "additional_evidence must be a JSON object (tee -> evidence)")
     if entries:
         names = ", ".join(sorted(str(name) for name in entries)[:8])
-        raise Problem("EvidenceInvalid", f"additional evidence for {names} cannot be verified by this broker "
-                                         f"(no device TEE verifier); attest without device evidence")
+        raise Problem(
+            "EvidenceInvalid",
+            f"additional evidence for {names} cannot be verified by this broker "
+            f"(no device TEE verifier); attest without device evidence",
+        )
 
 
 @dataclass(frozen=True)
@@ -355,7 +380,7 @@ def init_data(value: Any) -> InitData | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("body"), str):
-        raise Problem("InvalidRequest", "init-data must be {\"format\": \"toml\", \"body\": <string>}")
+        raise Problem("InvalidRequest", 'init-data must be {"format": "toml", "body": <string>}')
     if value.get("format") != "toml":
         raise Problem("InvalidRequest", f"init-data format {value.get('format')!r} is not supported (toml)")
     body = value["body"]
@@ -367,7 +392,9 @@ def init_data(value: Any) -> InitData | None:
         raise Problem("InvalidRequest", f"init-data is not TOML: {exc}") from None
     algorithm = parsed.get("algorithm")
     if algorithm not in INIT_DATA_HASHES:
-        raise Problem("InvalidRequest", f"init-data algorithm {algorithm!r} is not one of {', '.join(INIT_DATA_HASHES)}")
+        raise Problem(
+            "InvalidRequest", f"init-data algorithm {algorithm!r} is not one of {', '.join(INIT_DATA_HASHES)}"
+        )
     data = parsed.get("data", {})
     if not isinstance(data, dict):
         raise Problem("InvalidRequest", "init-data data must be a table")
@@ -395,18 +422,26 @@ def bind_init_data(tee: str, result: Appraisal, init: InitData | None) -> dict[s
         return claims
     if tee in ("tpm", "az-snp-vtpm"):  # Trustee: PCR 8 = SHA-256(32 zero bytes || the init-data digest)
         pcr8 = (result.pcrs.get("sha256") or {}).get(8)
-        if len(init.digest) != 32 or pcr8 is None or not hmac.compare_digest(
-                pcr8, hashlib.sha256(bytes(32) + init.digest).digest()):
+        if (
+            len(init.digest) != 32
+            or pcr8 is None
+            or not hmac.compare_digest(pcr8, hashlib.sha256(bytes(32) + init.digest).digest())
+        ):
             raise Problem("EvidenceBinding", "init-data's digest is not the one extended into the vTPM's PCR 8")
         return claims
     where = _CONFIG_FIELD.get(tee)
     if where is None:
-        raise Problem("EvidenceInvalid", f"init-data cannot be bound to {tee} evidence (it has no configuration "
-                                         f"field); attest without init-data")
+        raise Problem(
+            "EvidenceInvalid",
+            f"init-data cannot be bound to {tee} evidence (it has no configuration field); attest without init-data",
+        )
     (outer, inner), size = where
     value = (result.claims.get(outer) or {}).get(inner) if isinstance(result.claims, dict) else None
     expected = (init.digest + bytes(size))[:size] if len(init.digest) <= size else None
     if not isinstance(value, str) or expected is None or not hmac.compare_digest(bytes.fromhex(value), expected):
-        raise Problem("EvidenceBinding", f"init-data's {init.algorithm} digest is not the {tee} evidence's "
-                                         f"{'MRCONFIGID' if tee == 'tdx' else 'HOSTDATA'}")
+        raise Problem(
+            "EvidenceBinding",
+            f"init-data's {init.algorithm} digest is not the {tee} evidence's "
+            f"{'MRCONFIGID' if tee == 'tdx' else 'HOSTDATA'}",
+        )
     return claims

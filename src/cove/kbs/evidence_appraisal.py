@@ -53,8 +53,9 @@ def runtime_data_hash(runtime_data: dict[str, Any], algorithm: str = "sha384") -
     return hashlib.new(algorithm, canonical_json(runtime_data)).digest()
 
 
-def expected_report_data(runtime_data: dict[str, Any], algorithm: str = "sha384", size: int = 64,
-                         additional_evidence: str = "") -> bytes:
+def expected_report_data(
+    runtime_data: dict[str, Any], algorithm: str = "sha384", size: int = 64, additional_evidence: str = ""
+) -> bytes:
     """What a client binds into its evidence: the hash of runtime_data with its additional-evidence
     (cove.kbs.coco_binding), zero-padded to the report data size."""
     digest = runtime_data_hash(coco_binding.primary_runtime_data(runtime_data, additional_evidence), algorithm)
@@ -67,12 +68,14 @@ def check_binding(report_data: bytes, runtime_data: dict[str, Any]) -> str:
         digest = runtime_data_hash(runtime_data, algorithm)
         if len(report_data) < len(digest):
             continue
-        head, tail = report_data[:len(digest)], report_data[len(digest):]
+        head, tail = report_data[: len(digest)], report_data[len(digest) :]
         if hmac.compare_digest(head, digest) and not any(tail):
             return algorithm
-    raise Problem("EvidenceBinding",
-                  "the evidence's report data is not the hash of this runtime-data (nonce and tee-pubkey): "
-                  "it was made for another challenge or another TEE key")
+    raise Problem(
+        "EvidenceBinding",
+        "the evidence's report data is not the hash of this runtime-data (nonce and tee-pubkey): "
+        "it was made for another challenge or another TEE key",
+    )
 
 
 @dataclass
@@ -93,16 +96,27 @@ class TrustAnchors:
     policy: Policy | None = None  # the attestation policy whose roots come next
 
     @classmethod
-    def from_files(cls, sgx_root_ca: Path | None, snp_ask_ark: list[Path], tpm_aks: list[Path],
-                   cove_ek_roots: Path | None = None, cove_ak_roots: Path | None = None) -> TrustAnchors:
+    def from_files(
+        cls,
+        sgx_root_ca: Path | None,
+        snp_ask_ark: list[Path],
+        tpm_aks: list[Path],
+        cove_ek_roots: Path | None = None,
+        cove_ak_roots: Path | None = None,
+    ) -> TrustAnchors:
         def read(path: Path) -> bytes:
             try:
                 return Path(path).read_bytes()
             except OSError as exc:
                 raise CoveError(f"cannot read trust anchor {path}: {exc.strerror}") from None
-        return cls(read(sgx_root_ca) if sgx_root_ca else None, [read(p) for p in snp_ask_ark],
-                   [read(p) for p in tpm_aks], read(cove_ek_roots) if cove_ek_roots else None,
-                   read(cove_ak_roots) if cove_ak_roots else None)
+
+        return cls(
+            read(sgx_root_ca) if sgx_root_ca else None,
+            [read(p) for p in snp_ask_ark],
+            [read(p) for p in tpm_aks],
+            read(cove_ek_roots) if cove_ek_roots else None,
+            read(cove_ak_roots) if cove_ak_roots else None,
+        )
 
     def with_policy_roots(self, policy: Policy) -> TrustAnchors:
         """These options, then ``policy``'s roots per type (each type keeps its own)."""
@@ -110,9 +124,14 @@ class TrustAnchors:
 
     def for_verifier(self) -> verifier.TrustAnchors:
         intel = (self.sgx_root_ca,) if self.sgx_root_ca else ()
-        return verifier.TrustAnchors(sgx_roots=intel, tdx_roots=intel, snp_chains=tuple(self.snp_ask_ark),
-                                     tpm_aks=tuple(self.tpm_aks), cove_ek_roots=self.cove_ek_roots,
-                                     cove_ak_roots=self.cove_ak_roots)
+        return verifier.TrustAnchors(
+            sgx_roots=intel,
+            tdx_roots=intel,
+            snp_chains=tuple(self.snp_ask_ark),
+            tpm_aks=tuple(self.tpm_aks),
+            cove_ek_roots=self.cove_ek_roots,
+            cove_ak_roots=self.cove_ak_roots,
+        )
 
 
 def _b64_optional(evidence: dict[str, Any], name: str, tee: str) -> bytes | None:
@@ -152,17 +171,25 @@ def appraise_sample(evidence: dict[str, Any]) -> Appraisal:
             if type(evidence[name]) is not kind or (kind is int and not 0 <= evidence[name] < 1 << 63):
                 raise Problem("EvidenceInvalid", f"sample evidence {name!r} must be {kind.__name__}")
             values[name] = evidence[name]
-    return Appraisal(evidence_type="sample", measurement=_hex_claim(evidence, "measurement"),
-                     signer=_hex_claim(evidence, "signer"), report_data=report_data, backend="sample",
-                     isolation="none (sample evidence proves nothing)", **values)
+    return Appraisal(
+        evidence_type="sample",
+        measurement=_hex_claim(evidence, "measurement"),
+        signer=_hex_claim(evidence, "signer"),
+        report_data=report_data,
+        backend="sample",
+        isolation="none (sample evidence proves nothing)",
+        **values,
+    )
 
 
 def evidence_inputs(tee: str, evidence: dict[str, Any]) -> tuple[bytes, verifier.Inputs]:
     """The raw evidence and its side inputs from one tee-evidence object (docs/formats/kbs-evidence.md)."""
     if tee == "tpm":
         return _b64(evidence, "quote", tee), verifier.Inputs(
-            tpm_signature=_b64(evidence, "signature", tee), tpm_pcrs=_b64(evidence, "pcrs", tee),
-            event_log=_b64_optional(evidence, "event_log", tee))
+            tpm_signature=_b64(evidence, "signature", tee),
+            tpm_pcrs=_b64(evidence, "pcrs", tee),
+            event_log=_b64_optional(evidence, "event_log", tee),
+        )
     if tee in ("sgx", "tdx"):
         quote = _b64(evidence, "quote", tee)
         collateral = evidence.get("collateral")
@@ -180,8 +207,9 @@ def verify(tee: str, evidence: dict[str, Any], anchors: TrustAnchors, now: dt.da
         return appraise_sample(evidence)
     raw, inputs = evidence_inputs(tee, evidence)
     try:
-        return verifier.verify(raw, kind=tee, policy=anchors.policy, now=now, inputs=inputs,
-                               anchors=anchors.for_verifier())
+        return verifier.verify(
+            raw, kind=tee, policy=anchors.policy, now=now, inputs=inputs, anchors=anchors.for_verifier()
+        )
     except CoveError as exc:
         line = exc.line()
         raise Problem("EvidenceInvalid", line if line.startswith(tee) else f"{tee}: {line}") from None
@@ -199,7 +227,9 @@ def normalize_tee(tee: object) -> str:
     return name
 
 
-def appraise(tee: str, evidence: object, runtime_data: dict[str, Any], anchors: TrustAnchors, now: dt.datetime) -> Appraisal:
+def appraise(
+    tee: str, evidence: object, runtime_data: dict[str, Any], anchors: TrustAnchors, now: dt.datetime
+) -> Appraisal:
     """Verify evidence of type tee and its binding to runtime_data; the appraisal, or a problem."""
     if isinstance(evidence, str):  # some clients send the evidence as a JSON string
         try:

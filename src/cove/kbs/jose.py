@@ -118,8 +118,12 @@ def encrypt_to(tee_pubkey: dict[str, Any], plaintext: bytes) -> dict[str, Any]:
         ephemeral = ec.generate_private_key(public.curve)
         size = _COORDINATE_BYTES[tee_pubkey["crv"]]
         numbers = ephemeral.public_key().public_numbers()
-        header["epk"] = {"crv": tee_pubkey["crv"], "kty": "EC", "x": _b64e(numbers.x.to_bytes(size, "big")),
-                         "y": _b64e(numbers.y.to_bytes(size, "big"))}
+        header["epk"] = {
+            "crv": tee_pubkey["crv"],
+            "kty": "EC",
+            "x": _b64e(numbers.x.to_bytes(size, "big")),
+            "y": _b64e(numbers.y.to_bytes(size, "big")),
+        }
         # RFC 7518 4.6.2: Concat KDF over Z; AlgorithmID = "ECDH-ES+A256KW", empty apu/apv, keydatalen 256
         other = b"".join((len(alg).to_bytes(4, "big"), alg.encode(), bytes(8), (256).to_bytes(4, "big")))
         kek = ConcatKDFHash(hashes.SHA256(), 32, other).derive(ephemeral.exchange(ec.ECDH(), public))
@@ -129,8 +133,13 @@ def encrypt_to(tee_pubkey: dict[str, Any], plaintext: bytes) -> dict[str, Any]:
     protected = _b64e(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     iv = pysecrets.token_bytes(12)
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
-    return {"protected": protected, "encrypted_key": _b64e(encrypted_key), "iv": _b64e(iv),
-            "ciphertext": _b64e(sealed[:-16]), "tag": _b64e(sealed[-16:])}
+    return {
+        "protected": protected,
+        "encrypted_key": _b64e(encrypted_key),
+        "iv": _b64e(iv),
+        "ciphertext": _b64e(sealed[:-16]),
+        "tag": _b64e(sealed[-16:]),
+    }
 
 
 def _b64e(data: bytes) -> str:
@@ -191,11 +200,22 @@ class TokenIssuer:
         self.public["use"] = "sig"
         self._header = {"alg": TOKEN_ALG, "typ": "JWT", "kid": self.kid}
 
-    def issue(self, tee_pubkey: dict[str, Any], claims: dict[str, Any], evaluation: str, now: float | None = None) -> str:
+    def issue(
+        self, tee_pubkey: dict[str, Any], claims: dict[str, Any], evaluation: str, now: float | None = None
+    ) -> str:
         now = int(now if now is not None else time.time())
-        body = {"iss": self.issuer, "iat": now, "nbf": now, "exp": now + int(self.lifetime),
-                "jti": pysecrets.token_hex(16), "jwk": self.public, "tee-pubkey": tee_pubkey,
-                "tee": claims.get("tee"), "tcb-status": claims, "evaluation-report": evaluation}
+        body = {
+            "iss": self.issuer,
+            "iat": now,
+            "nbf": now,
+            "exp": now + int(self.lifetime),
+            "jti": pysecrets.token_hex(16),
+            "jwk": self.public,
+            "tee-pubkey": tee_pubkey,
+            "tee": claims.get("tee"),
+            "tcb-status": claims,
+            "evaluation-report": evaluation,
+        }
         return jwt.encode(self._header, body, self.key, algorithms=[TOKEN_ALG])
 
     def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
@@ -203,8 +223,9 @@ class TokenIssuer:
         try:
             decoded = jwt.decode(token, self.key, algorithms=[TOKEN_ALG])
         except (JoseError, ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise Problem("TokenVerifierError",
-                          f"the token is not signed by this broker ({type(exc).__name__})") from None
+            raise Problem(
+                "TokenVerifierError", f"the token is not signed by this broker ({type(exc).__name__})"
+            ) from None
         claims = decoded.claims
         now = now if now is not None else time.time()
         if claims.get("iss") != self.issuer:
@@ -218,14 +239,18 @@ class TokenIssuer:
 
 
 # -- admin tokens ------------------------------------------------------------------------------
-def make_admin_token(private_key: jwk.Key, key_name: str, audience: str, lifetime: int = 60,
-                     now: float | None = None) -> str:
+def make_admin_token(
+    private_key: jwk.Key, key_name: str, audience: str, lifetime: int = 60, now: float | None = None
+) -> str:
     """What `cove kbs admin` sends as its bearer token."""
     now = int(now if now is not None else time.time())
     alg = admin_alg(private_key)
-    return jwt.encode({"alg": alg, "typ": "JWT", "kid": key_name},
-                      {"aud": audience, "iat": now, "exp": now + lifetime, "jti": pysecrets.token_hex(8),
-                       "sub": key_name}, private_key, algorithms=[alg])
+    return jwt.encode(
+        {"alg": alg, "typ": "JWT", "kid": key_name},
+        {"aud": audience, "iat": now, "exp": now + lifetime, "jti": pysecrets.token_hex(8), "sub": key_name},
+        private_key,
+        algorithms=[alg],
+    )
 
 
 def admin_alg(key: jwk.Key) -> str:
@@ -294,6 +319,11 @@ def load_private_jwk(text: str | bytes) -> jwk.Key:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     key = serialization.load_pem_private_key(stripped, password=None)
-    kty: Literal["OKP", "EC", "RSA"] = "OKP" if isinstance(key, ed25519.Ed25519PrivateKey) else "EC" if isinstance(
-        key, ec.EllipticCurvePrivateKey) else "RSA"
+    kty: Literal["OKP", "EC", "RSA"] = (
+        "OKP"
+        if isinstance(key, ed25519.Ed25519PrivateKey)
+        else "EC"
+        if isinstance(key, ec.EllipticCurvePrivateKey)
+        else "RSA"
+    )
     return jwk.import_key(stripped, kty)

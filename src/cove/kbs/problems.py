@@ -74,8 +74,12 @@ class Problem(Exception):
         return KINDS[self.kind][0]
 
     def document(self, instance: str | None = None) -> dict[str, Any]:
-        doc = {"type": TYPE_PREFIX + self.kind, "title": KINDS[self.kind][1],
-               "status": status_on(self.status, instance), "detail": self.detail}
+        doc = {
+            "type": TYPE_PREFIX + self.kind,
+            "title": KINDS[self.kind][1],
+            "status": status_on(self.status, instance),
+            "detail": self.detail,
+        }
         if instance:
             doc["instance"] = instance
         return doc
@@ -85,5 +89,5 @@ def kind_of(document: dict[str, Any]) -> str | None:
     """The kind named by a problem document's type, if it is one of ours."""
     value = document.get("type") if isinstance(document, dict) else None
     if isinstance(value, str) and value.startswith(TYPE_PREFIX):
-        return value[len(TYPE_PREFIX):]
+        return value[len(TYPE_PREFIX) :]
     return None

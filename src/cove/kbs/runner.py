@@ -47,9 +47,15 @@ class InitResult:
     audience: str
 
 
-def init(state: Path, db: str | None = None, master_key_file: Path | None = None, admin_name: str = "admin",
-         tls_names: tuple[str, ...] | None = ("localhost", "127.0.0.1"), url: str | None = None,
-         sealed: bool = False) -> InitResult:
+def init(
+    state: Path,
+    db: str | None = None,
+    master_key_file: Path | None = None,
+    admin_name: str = "admin",
+    tls_names: tuple[str, ...] | None = ("localhost", "127.0.0.1"),
+    url: str | None = None,
+    sealed: bool = False,
+) -> InitResult:
     """Create a broker's state: master key, database, first admin key, local TLS (each only if missing).
 
     ``sealed``: keep the master key sealed to this platform (STATE/master.sealed) instead of in a key file.
@@ -81,8 +87,10 @@ def init(state: Path, db: str | None = None, master_key_file: Path | None = None
 
             key = jwk.generate_key("EC", "P-256")
             if not broker.bootstrap_admin(admin_name, key.as_dict(private=False)):
-                raise CoveError(f"the database already has an admin key {admin_name!r} but {admin_file} is missing",
-                                "pass --admin-name with a new name")
+                raise CoveError(
+                    f"the database already has an admin key {admin_name!r} but {admin_file} is missing",
+                    "pass --admin-name with a new name",
+                )
             document = {"name": admin_name, "audience": broker.audience, "url": url, "jwk": key.as_dict(private=True)}
             write_atomic(admin_file, json.dumps(document, indent=2).encode() + b"\n", mode=0o600)
         audience = broker.audience
@@ -130,10 +138,21 @@ def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bo
     if options.get("certfile"):
         for name in ("certfile", "keyfile"):
             if not options.get(name) or not Path(options[name]).is_file():
-                raise CoveError(f"TLS {name} {options.get(name)} not found", "pass --cert and --key, or run `cove kbs init`")
+                raise CoveError(
+                    f"TLS {name} {options.get(name)} not found", "pass --cert and --key, or run `cove kbs init`"
+                )
         ssl = {"ssl_certfile": options["certfile"], "ssl_keyfile": options["keyfile"]}
-    common = dict(host=host, port=port, access_log=access_log, log_level="info", timeout_keep_alive=30,
-                  proxy_headers=False, server_header=False, http=http_protocol(), **ssl)
+    common = dict(
+        host=host,
+        port=port,
+        access_log=access_log,
+        log_level="info",
+        timeout_keep_alive=30,
+        proxy_headers=False,
+        server_header=False,
+        http=http_protocol(),
+        **ssl,
+    )
     try:
         if workers > 1:
             broker.store.close()
@@ -149,8 +168,9 @@ def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bo
 class EmbeddedBroker:
     """A broker served from a thread on loopback (cove demo, tests): start(), url, stop()."""
 
-    def __init__(self, broker: Broker, certfile: Path | None = None, keyfile: Path | None = None,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self, broker: Broker, certfile: Path | None = None, keyfile: Path | None = None, host: str = "127.0.0.1"
+    ):
         import uvicorn
 
         from cove.kbs.server import create_app
@@ -163,12 +183,19 @@ class EmbeddedBroker:
         https = certfile is not None
         self.url = f"{'https' if https else 'http'}://{host}:{self.port}"
         self._app = create_app(broker, https=https)
-        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off",
-                                http=http_protocol(), ssl_certfile=str(certfile) if https else None,
-                                ssl_keyfile=str(keyfile) if https else None)
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http=http_protocol(),
+            ssl_certfile=str(certfile) if https else None,
+            ssl_keyfile=str(keyfile) if https else None,
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name="cove-kbs", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="cove-kbs", daemon=True
+        )
 
     def start(self) -> EmbeddedBroker:
         self._thread.start()

@@ -59,8 +59,9 @@ def check_path(repository: str, kind: str, tag: str) -> str:
     """``repository/type/tag`` after checking each segment, or a 404-class problem."""
     for name, value in (("repository", repository), ("type", kind), ("tag", tag)):
         if not isinstance(value, str) or not _SEGMENT.match(value):
-            raise Problem("InvalidRequestPath",
-                          f"resource {name} {value!r} must be 1-128 letters, digits, '.', '_' or '-'")
+            raise Problem(
+                "InvalidRequestPath", f"resource {name} {value!r} must be 1-128 letters, digits, '.', '_' or '-'"
+            )
     return f"{repository}/{kind}/{tag}"
 
 
@@ -88,8 +89,11 @@ def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     allowed = {"password": {"length"}, "cert": {"key", "days"}}.get(kind, set())
     for name in params:
         if name not in allowed:
-            raise Problem("InvalidRequest", f"kind {kind} takes no parameter {name!r}"
-                          + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""))
+            raise Problem(
+                "InvalidRequest",
+                f"kind {kind} takes no parameter {name!r}"
+                + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""),
+            )
     if kind == "password":
         length = params.setdefault("length", 32)
         if isinstance(length, bool) or not isinstance(length, int) or not 12 <= length <= 256:
@@ -111,13 +115,17 @@ def _private_key(kind: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
 
 
 def _pem(key: PrivateKeyTypes) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _public_pem(key: PrivateKeyTypes) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def generate(kind: str, params: dict[str, Any]) -> Material:
@@ -174,24 +182,41 @@ def _kind_of_key(key: PrivateKeyTypes) -> str | None:
     return None
 
 
-def issue_certificate(private_pem: bytes, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, claims: dict[str, Any],
-                      path: str, days: int, now: dt.datetime | None = None) -> bytes:
+def issue_certificate(
+    private_pem: bytes,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    claims: dict[str, Any],
+    path: str,
+    days: int,
+    now: dt.datetime | None = None,
+) -> bytes:
     """A certificate for the secret's key, naming the attested enclave, signed by the broker's CA."""
     now = now or dt.datetime.now(dt.timezone.utc)
     key = serialization.load_pem_private_key(private_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise Problem("Unavailable", f"the stored key of {path} is not an EC or RSA key")
     name = str(claims.get("name") or claims.get("tee") or "enclave")[:64]
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"cove-kbs {path}"[:64])])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"cove-kbs {path}"[:64]),
+        ]
+    )
     extensions = []
     for oid, claim in ((OID_MEASUREMENT, "measurement"), (OID_SIGNER, "signer")):
         value = claims.get(claim)
         if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{2,128}", value):
             extensions.append(x509.UnrecognizedExtension(oid, bytes.fromhex(value)))
     cert = certs.issue_leaf(
-        ca_key, ca_cert, key.public_key(), subject, days=days, now=now,
+        ca_key,
+        ca_cert,
+        key.public_key(),
+        subject,
+        days=days,
+        now=now,
         usage=certs.key_usage(key_encipherment=True, key_agreement=True),
         extended_usage=[x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH],
-        extensions=extensions)
+        extensions=extensions,
+    )
     return private_pem + certs.pem(cert) + certs.pem(ca_cert)

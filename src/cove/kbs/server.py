@@ -91,8 +91,9 @@ class ProblemDocument(BaseModel):
 
 class SecretCreate(BaseModel):
     path: str = Field(description="repository/type/tag", max_length=400)
-    kind: str = Field(description="data, aes-256, ec-p256, ec-p384, rsa-2048/3072/4096, cert or password",
-                      max_length=32)
+    kind: str = Field(
+        description="data, aes-256, ec-p256, ec-p384, rsa-2048/3072/4096, cert or password", max_length=32
+    )
     policy: str = Field(description="name of the release policy", max_length=64)
     exportable: bool = Field(default=True, description="false: never readable by admins")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -117,8 +118,9 @@ class AdminKey(BaseModel):
     role: str = Field(default="admin", max_length=16)
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}}
-                                             for status in (400, 401, 403, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProblemDocument, "content": {PROBLEM_MEDIA: {}}} for status in (400, 401, 403, 404)
+}
 # What the guard answers itself: (method, path) -> endpoint, and "resource" -> the resource endpoint.
 Endpoint = Callable[..., Awaitable[Response]]
 ProtocolTable = dict[tuple[str, str] | str, Endpoint]
@@ -165,8 +167,12 @@ class Metrics:
         lines = ["# TYPE cove_kbs_requests_total counter"]
         for name, count in items:
             lines.append(f'cove_kbs_requests_total{{outcome="{name}"}} {count}')
-        lines += ["# TYPE cove_kbs_active_requests gauge", f"cove_kbs_active_requests {self.active}",
-                  "# TYPE cove_kbs_waiting_requests gauge", f"cove_kbs_waiting_requests {self.waiting}"]
+        lines += [
+            "# TYPE cove_kbs_active_requests gauge",
+            f"cove_kbs_active_requests {self.active}",
+            "# TYPE cove_kbs_waiting_requests gauge",
+            f"cove_kbs_waiting_requests {self.waiting}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -174,8 +180,11 @@ _PLAIN_COOKIE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what secrets.token_urls
 ADMIN_PREFIX = "/kbs/v0/admin/"
 # Request body caps, enforced while reading (before parsing). /attest: hardware evidence with its
 # collateral is ~100 KB. Admin uploads: a secret value is at most 1 MiB (base64 in JSON).
-BODY_LIMITS = {("POST", "/kbs/v0/auth"): 16 << 10, ("POST", "/kbs/v0/attest"): 1 << 20,
-               ("POST", "/kbs/v0/admin/secrets"): 2 << 20}
+BODY_LIMITS = {
+    ("POST", "/kbs/v0/auth"): 16 << 10,
+    ("POST", "/kbs/v0/attest"): 1 << 20,
+    ("POST", "/kbs/v0/admin/secrets"): 2 << 20,
+}
 ROTATE_LIMIT = 2 << 20
 DEFAULT_BODY_LIMIT = 128 << 10
 MAX_ACTIVE = 64  # requests past the guard at once (reading their bodies or being answered)
@@ -197,8 +206,7 @@ class _BodyTooLarge(Exception):
 
 
 def _guard_document(status: int, kind: str, title: str, detail: str, path: str) -> dict[str, Any]:
-    return {"type": f"urn:cove:kbs:error:{kind}", "title": title, "status": status, "detail": detail,
-            "instance": path}
+    return {"type": f"urn:cove:kbs:error:{kind}", "title": title, "status": status, "detail": detail, "instance": path}
 
 
 class Guard:
@@ -213,8 +221,17 @@ class Guard:
     connections.
     """
 
-    def __init__(self, app: ASGIApp, broker: Broker, metrics: Metrics, off_loop: OffLoop, protocol: ProtocolTable,
-                 handlers: Handlers, max_active: int | None = None, body_timeout: float | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        broker: Broker,
+        metrics: Metrics,
+        off_loop: OffLoop,
+        protocol: ProtocolTable,
+        handlers: Handlers,
+        max_active: int | None = None,
+        body_timeout: float | None = None,
+    ):
         self.app, self.broker, self.metrics, self.off_loop = app, broker, metrics, off_loop
         self.protocol, self.handlers = protocol, handlers
         self.max_active, self.body_timeout = max_active or MAX_ACTIVE, body_timeout or BODY_TIMEOUT
@@ -254,7 +271,8 @@ class Guard:
         if path.startswith(ADMIN_PREFIX):
             try:
                 scope.setdefault("state", {})["admin"] = await self.off_loop(
-                    self.broker.authenticate_admin, _bearer_from(scope))
+                    self.broker.authenticate_admin, _bearer_from(scope)
+                )
             except Problem as problem:
                 self.metrics.add(problem.kind)
                 document = problem.document(path)
@@ -263,9 +281,17 @@ class Guard:
         limit = body_limit(method, path)
         length = _content_length(scope)
         if length is None or length > limit:
-            doc = (_guard_document(413, "PayloadTooLarge", "The request body is too large",
-                                   f"the body may be at most {limit} bytes here", path) if length is not None else
-                   _guard_document(400, "InvalidRequest", "The request is malformed", "bad Content-Length", path))
+            doc = (
+                _guard_document(
+                    413,
+                    "PayloadTooLarge",
+                    "The request body is too large",
+                    f"the body may be at most {limit} bytes here",
+                    path,
+                )
+                if length is not None
+                else _guard_document(400, "InvalidRequest", "The request is malformed", "bad Content-Length", path)
+            )
             await self._refuse(send, doc)
             return
         if self._active is None:
@@ -295,14 +321,28 @@ class Guard:
                 async with asyncio.timeout(self.body_timeout):
                     message = await receive()
             except TimeoutError:
-                refused.append(_guard_document(408, "InvalidRequest", "The request is malformed",
-                                               f"the body did not arrive within {self.body_timeout:.0f} s", path))
+                refused.append(
+                    _guard_document(
+                        408,
+                        "InvalidRequest",
+                        "The request is malformed",
+                        f"the body did not arrive within {self.body_timeout:.0f} s",
+                        path,
+                    )
+                )
                 raise _BodyTooLarge() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    refused.append(_guard_document(413, "PayloadTooLarge", "The request body is too large",
-                                                   f"the body may be at most {limit} bytes here", path))
+                    refused.append(
+                        _guard_document(
+                            413,
+                            "PayloadTooLarge",
+                            "The request body is too large",
+                            f"the body may be at most {limit} bytes here",
+                            path,
+                        )
+                    )
                     raise _BodyTooLarge()
             return message
 
@@ -331,14 +371,15 @@ class Guard:
         method, path = scope["method"], scope["path"]
         endpoint = self.protocol.get((method, path))
         if endpoint is None and method == "GET" and path.startswith(RESOURCE_PREFIX):
-            parts = path[len(RESOURCE_PREFIX):].split("/")
+            parts = path[len(RESOURCE_PREFIX) :].split("/")
             if len(parts) == 3 and all(parts):
                 resource = self.protocol["resource"]
                 return lambda request: resource(parts[0], parts[1], parts[2], request)
         return endpoint
 
-    async def _answer(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
-                      send: Send) -> None:
+    async def _answer(
+        self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
+    ) -> None:
         request = Request(scope, receive)
         try:
             response = await endpoint(request)
@@ -359,8 +400,13 @@ class Guard:
         kind = document["type"].rsplit(":", 1)[1]
         self.metrics.add(kind)
         await _send_json(send, document, document["status"], close=True)
-        await self.off_loop(self.broker.store.audit_refusal, "anonymous", "request", document["instance"][:400],
-                            f"{kind}: {document['detail']}")
+        await self.off_loop(
+            self.broker.store.audit_refusal,
+            "anonymous",
+            "request",
+            document["instance"][:400],
+            f"{kind}: {document['detail']}",
+        )
 
 
 TRIM_INTERVAL = 1.0  # seconds between checks for an idle broker
@@ -447,8 +493,12 @@ def _parse_json(raw: bytes) -> Any:
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """openapi_extra for an endpoint that reads its JSON body itself: the model documents it."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
 def _document_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
@@ -518,15 +568,25 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         app.state.off_loop.close()
         broker.store.flush_refusals()  # counts of repeated refusals still in their window
 
-    app = GuardedApp(title="Cove key broker", version="0.1.0", lifespan=lifespan,
-                     description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).")
+    app = GuardedApp(
+        title="Cove key broker",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Attestation-gated secrets over the KBS protocol (docs/kbs.md).",
+    )
     app.state.broker = broker
     metrics = Metrics()
     off_loop = OffLoop(threads)
     app.state.off_loop = off_loop  # closed by whoever stops the server (runner.EmbeddedBroker)
     protocol: ProtocolTable = {}  # filled below: what the guard answers itself
-    app.guard = Guard(app.unguarded, broker=broker, metrics=metrics, off_loop=off_loop, protocol=protocol,
-                      handlers=app.exception_handlers)
+    app.guard = Guard(
+        app.unguarded,
+        broker=broker,
+        metrics=metrics,
+        off_loop=off_loop,
+        protocol=protocol,
+        handlers=app.exception_handlers,
+    )
     _document_models(app, (AuthRequest, Attestation))
 
     @app.exception_handler(_BodyTooLarge)
@@ -543,8 +603,9 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         metrics.add("InvalidRequest")
-        return _problem_response(Problem("InvalidRequest", f"{where or 'body'}: {first.get('msg', 'invalid')}"),
-                                 request)
+        return _problem_response(
+            Problem("InvalidRequest", f"{where or 'body'}: {first.get('msg', 'invalid')}"), request
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -564,8 +625,12 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
         metrics.add("Internal")
-        doc = {"type": "urn:cove:kbs:error:Internal", "title": "Internal error", "status": 500,
-               "detail": "the broker failed; see its log"}
+        doc = {
+            "type": "urn:cove:kbs:error:Internal",
+            "title": "Internal error",
+            "status": 500,
+            "detail": "the broker failed; see its log",
+        }
         return JSONResponse(doc, status_code=500, media_type=PROBLEM_MEDIA)
 
     # -- the protocol ---------------------------------------------------------------------------
@@ -581,15 +646,23 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     def session_cookie(response: Response, session_id: str, lifetime: float) -> None:
         """Set-Cookie, written out directly for ids of the broker's own alphabet (SimpleCookie is slow)."""
         if not _PLAIN_COOKIE.match(session_id):
-            response.set_cookie(COOKIE, session_id, max_age=int(lifetime), httponly=True, secure=https,
-                                samesite="strict", path="/kbs")
+            response.set_cookie(
+                COOKIE, session_id, max_age=int(lifetime), httponly=True, secure=https, samesite="strict", path="/kbs"
+            )
             return
-        value = (f"{COOKIE}={session_id}; HttpOnly; Max-Age={int(lifetime)}; Path=/kbs; SameSite=strict"
-                 f"{'; Secure' if https else ''}")
+        value = (
+            f"{COOKIE}={session_id}; HttpOnly; Max-Age={int(lifetime)}; Path=/kbs; SameSite=strict"
+            f"{'; Secure' if https else ''}"
+        )
         response.raw_headers.append((b"set-cookie", value.encode()))
 
-    @app.post("/kbs/v0/auth", response_class=JSONResponse, responses=_ok(Challenge), tags=["protocol"],
-              openapi_extra=_json_body(AuthRequest))
+    @app.post(
+        "/kbs/v0/auth",
+        response_class=JSONResponse,
+        responses=_ok(Challenge),
+        tags=["protocol"],
+        openapi_extra=_json_body(AuthRequest),
+    )
     async def auth(request: Request) -> JSONResponse:
         """Request: start a session; the answer is a challenge and a kbs-session-id cookie."""
         raw = await _read_body(request)
@@ -599,8 +672,13 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         metrics.add("auth")
         return response
 
-    @app.post("/kbs/v0/attest", response_class=JSONResponse, responses=_ok(AttestationToken), tags=["protocol"],
-              openapi_extra=_json_body(Attestation))
+    @app.post(
+        "/kbs/v0/attest",
+        response_class=JSONResponse,
+        responses=_ok(AttestationToken),
+        tags=["protocol"],
+        openapi_extra=_json_body(Attestation),
+    )
     async def attest(request: Request) -> JSONResponse:
         """Attestation: evidence bound to runtime-data; the answer is an attestation token."""
         raw = await _read_body(request)
@@ -613,15 +691,22 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
 
     async def release(repository: str, kind: str, tag: str, request: Request) -> JSONResponse:
         version = _version(request.query_params.get("version"))
-        document = await off_loop(broker.release_to, request.cookies.get(COOKIE), _bearer(request),
-                                  f"{repository}/{kind}/{tag}", version)
+        document = await off_loop(
+            broker.release_to, request.cookies.get(COOKIE), _bearer(request), f"{repository}/{kind}/{tag}", version
+        )
         metrics.add("release")
         return JSONResponse(document)
 
-    @app.get("/kbs/v0/resource/{repository}/{kind}/{tag}", response_class=JSONResponse, responses=_ok(Jwe),
-             tags=["protocol"])
-    async def resource(repository: str, kind: str, tag: str, request: Request,
-                       version: int | None = Query(default=None, ge=1, le=MAX_VERSION)) -> JSONResponse:
+    @app.get(
+        "/kbs/v0/resource/{repository}/{kind}/{tag}", response_class=JSONResponse, responses=_ok(Jwe), tags=["protocol"]
+    )
+    async def resource(
+        repository: str,
+        kind: str,
+        tag: str,
+        request: Request,
+        version: int | None = Query(default=None, ge=1, le=MAX_VERSION),
+    ) -> JSONResponse:
         """Response: the resource as a JWE to the attested TEE key (cookie or bearer token)."""
         return await release(repository, kind, tag, request)
 
@@ -658,24 +743,25 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
     @app.post("/kbs/v0/admin/secrets", status_code=201, responses=_ERRORS, tags=["admin"])
     def create_secret(body: SecretCreate, request: Request) -> dict[str, Any]:
         actor = admin(request, "secret.create")
-        return broker.create_secret(actor, body.path, body.kind, body.policy, body.exportable, body.params,
-                                    _b64decode(body.value, "value"))
+        return broker.create_secret(
+            actor, body.path, body.kind, body.policy, body.exportable, body.params, _b64decode(body.value, "value")
+        )
 
     @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", responses=_ERRORS, tags=["admin"])
     def get_secret(repository: str, kind: str, tag: str, request: Request) -> dict[str, Any]:
         admin(request, "secret.read")
         return broker.describe(f"{repository}/{kind}/{tag}")
 
-    @app.delete("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", status_code=204, responses=_ERRORS,
-                tags=["admin"])
+    @app.delete("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}", status_code=204, responses=_ERRORS, tags=["admin"])
     def delete_secret(repository: str, kind: str, tag: str, request: Request) -> Response:
         actor = admin(request, "secret.delete")
         broker.delete_secret(actor, f"{repository}/{kind}/{tag}")
         return Response(status_code=204)
 
     @app.post("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/rotate", responses=_ERRORS, tags=["admin"])
-    def rotate_secret(repository: str, kind: str, tag: str, request: Request,
-                      body: SecretRotate = Body(default_factory=SecretRotate)) -> dict[str, Any]:
+    def rotate_secret(
+        repository: str, kind: str, tag: str, request: Request, body: SecretRotate = Body(default_factory=SecretRotate)
+    ) -> dict[str, Any]:
         actor = admin(request, "secret.rotate")
         return broker.rotate_secret(actor, f"{repository}/{kind}/{tag}", _b64decode(body.value, "value"))
 
@@ -685,8 +771,13 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return broker.set_secret_policy(actor, f"{repository}/{kind}/{tag}", body.policy)
 
     @app.get("/kbs/v0/admin/secrets/{repository}/{kind}/{tag}/value", responses=_ERRORS, tags=["admin"])
-    def export_secret(repository: str, kind: str, tag: str, request: Request,
-                      version: int | None = Query(default=None, ge=1, le=1 << 30)) -> dict[str, Any]:
+    def export_secret(
+        repository: str,
+        kind: str,
+        tag: str,
+        request: Request,
+        version: int | None = Query(default=None, ge=1, le=1 << 30),
+    ) -> dict[str, Any]:
         actor = admin(request, "secret.export")
         value = broker.export_secret(actor, f"{repository}/{kind}/{tag}", version)
         return {"value": base64.b64encode(value).decode()}
@@ -713,9 +804,12 @@ def create_app(broker: Broker, https: bool = True, threads: int = WORK_THREADS) 
         return Response(status_code=204)
 
     @app.get("/kbs/v0/admin/audit", responses=_ERRORS, tags=["admin"])
-    def audit(request: Request, after: int = Query(default=0, ge=0, le=1 << 62),
-              limit: int = Query(default=100, ge=1, le=1000), action: str | None = Query(default=None, max_length=32)
-              ) -> list[dict[str, Any]]:
+    def audit(
+        request: Request,
+        after: int = Query(default=0, ge=0, le=1 << 62),
+        limit: int = Query(default=100, ge=1, le=1000),
+        action: str | None = Query(default=None, max_length=32),
+    ) -> list[dict[str, Any]]:
         admin(request, "audit.read")
         return broker.store.audit_log(after, limit, action)
 
@@ -749,8 +843,10 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
 
     from cove.kbs import evidence_appraisal, vault
 
-    master = vault.load_master_key(Path(options["master_key_file"]) if options.get("master_key_file") else None,
-                                   Path(options["master_key_sealed"]) if options.get("master_key_sealed") else None)
+    master = vault.load_master_key(
+        Path(options["master_key_file"]) if options.get("master_key_file") else None,
+        Path(options["master_key_sealed"]) if options.get("master_key_sealed") else None,
+    )
     policy_text = None
     if options.get("policy"):  # read up to the policy size cap, as `cove verify --policy` reads it
         from cove.attest.policy import read_policy_text
@@ -758,14 +854,22 @@ def settings_from_options(options: dict[str, Any]) -> Settings:
         policy_text = read_policy_text(options["policy"])
     anchors = evidence_appraisal.TrustAnchors.from_files(
         Path(options["sgx_root_ca"]) if options.get("sgx_root_ca") else None,
-        [Path(p) for p in options.get("snp_ask_ark", [])], [Path(p) for p in options.get("tpm_ak", [])])
-    return Settings(db_url=options["db"], master_key=master, issuer=options.get("issuer"),
-                    session_lifetime=float(options.get("session_lifetime", 300)),
-                    challenge_lifetime=float(options.get("challenge_lifetime", 300)),
-                    token_lifetime=float(options.get("token_lifetime", 3600)),
-                    attestation_policy=policy_text, anchors=anchors,
-                    collateral_dir=options.get("collateral_dir"), pccs_url=options.get("pccs"),
-                    pool_size=int(options.get("pool_size", 16)))
+        [Path(p) for p in options.get("snp_ask_ark", [])],
+        [Path(p) for p in options.get("tpm_ak", [])],
+    )
+    return Settings(
+        db_url=options["db"],
+        master_key=master,
+        issuer=options.get("issuer"),
+        session_lifetime=float(options.get("session_lifetime", 300)),
+        challenge_lifetime=float(options.get("challenge_lifetime", 300)),
+        token_lifetime=float(options.get("token_lifetime", 3600)),
+        attestation_policy=policy_text,
+        anchors=anchors,
+        collateral_dir=options.get("collateral_dir"),
+        pccs_url=options.get("pccs"),
+        pool_size=int(options.get("pool_size", 16)),
+    )
 
 
 def app_from_env() -> FastAPI:

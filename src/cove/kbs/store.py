@@ -29,30 +29,38 @@ from cove.errors import CoveError
 # Each step: (version, description, [statements]); {blob}, {real}, {serial} are
 # replaced per dialect. Never edit a released step: append a new one.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (1, "initial schema", [
-        "CREATE TABLE kbs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE kbs_keys (name TEXT PRIMARY KEY, sealed {blob} NOT NULL, created_at {real} NOT NULL)",
-        "CREATE TABLE policies (name TEXT PRIMARY KEY, body TEXT NOT NULL, version INTEGER NOT NULL,"
-        " created_at {real} NOT NULL, updated_at {real} NOT NULL)",
-        "CREATE TABLE secrets (path TEXT PRIMARY KEY, kind TEXT NOT NULL, params TEXT NOT NULL,"
-        " policy TEXT NOT NULL, exportable INTEGER NOT NULL, current_version INTEGER NOT NULL,"
-        " public TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL)",
-        "CREATE TABLE secret_versions (path TEXT NOT NULL, version INTEGER NOT NULL, sealed {blob} NOT NULL,"
-        " created_at {real} NOT NULL, created_by TEXT NOT NULL, PRIMARY KEY (path, version))",
-        "CREATE TABLE admin_keys (name TEXT PRIMARY KEY, jwk TEXT NOT NULL, role TEXT NOT NULL,"
-        " created_at {real} NOT NULL)",
-        "CREATE TABLE sessions (id TEXT PRIMARY KEY, nonce TEXT NOT NULL, tee TEXT NOT NULL,"
-        " state TEXT NOT NULL, created_at {real} NOT NULL, expires_at {real} NOT NULL,"
-        " claims TEXT, tee_pubkey TEXT)",
-        "CREATE INDEX sessions_expiry ON sessions (expires_at)",
-        "CREATE TABLE audit (id {serial}, at {real} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,"
-        " resource TEXT, measurement TEXT, outcome TEXT NOT NULL, detail TEXT)",
-        "CREATE INDEX audit_at ON audit (at)",
-    ]),
-    (2, "used admin token ids (replay protection)", [
-        "CREATE TABLE used_tokens (id TEXT PRIMARY KEY, expires_at {real} NOT NULL)",
-        "CREATE INDEX used_tokens_expiry ON used_tokens (expires_at)",
-    ]),
+    (
+        1,
+        "initial schema",
+        [
+            "CREATE TABLE kbs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE kbs_keys (name TEXT PRIMARY KEY, sealed {blob} NOT NULL, created_at {real} NOT NULL)",
+            "CREATE TABLE policies (name TEXT PRIMARY KEY, body TEXT NOT NULL, version INTEGER NOT NULL,"
+            " created_at {real} NOT NULL, updated_at {real} NOT NULL)",
+            "CREATE TABLE secrets (path TEXT PRIMARY KEY, kind TEXT NOT NULL, params TEXT NOT NULL,"
+            " policy TEXT NOT NULL, exportable INTEGER NOT NULL, current_version INTEGER NOT NULL,"
+            " public TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL)",
+            "CREATE TABLE secret_versions (path TEXT NOT NULL, version INTEGER NOT NULL, sealed {blob} NOT NULL,"
+            " created_at {real} NOT NULL, created_by TEXT NOT NULL, PRIMARY KEY (path, version))",
+            "CREATE TABLE admin_keys (name TEXT PRIMARY KEY, jwk TEXT NOT NULL, role TEXT NOT NULL,"
+            " created_at {real} NOT NULL)",
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, nonce TEXT NOT NULL, tee TEXT NOT NULL,"
+            " state TEXT NOT NULL, created_at {real} NOT NULL, expires_at {real} NOT NULL,"
+            " claims TEXT, tee_pubkey TEXT)",
+            "CREATE INDEX sessions_expiry ON sessions (expires_at)",
+            "CREATE TABLE audit (id {serial}, at {real} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,"
+            " resource TEXT, measurement TEXT, outcome TEXT NOT NULL, detail TEXT)",
+            "CREATE INDEX audit_at ON audit (at)",
+        ],
+    ),
+    (
+        2,
+        "used admin token ids (replay protection)",
+        [
+            "CREATE TABLE used_tokens (id TEXT PRIMARY KEY, expires_at {real} NOT NULL)",
+            "CREATE INDEX used_tokens_expiry ON used_tokens (expires_at)",
+        ],
+    ),
 ]
 # Identical refusals within this many seconds are one audit entry and a count (see Store.audit_refusal).
 REFUSAL_WINDOW = 10.0
@@ -198,7 +206,7 @@ class Store:
             self._pool = _Pool(self._connect_pg, pool_size)
         else:
             self.dialect = "sqlite"
-            path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+            path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url
             if path.startswith("sqlite:"):
                 raise StoreError(f"--db {url}: write sqlite:///PATH or a plain file path")
             self.path = Path(path)
@@ -225,8 +233,9 @@ class Store:
             raise StoreError(f"cannot open the SQLite writer lock {self.writer_lock}: {exc.strerror}") from None
 
     def _connect_sqlite(self) -> _SqliteConnection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False,
-                               factory=_SqliteConnection)
+        conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False, factory=_SqliteConnection
+        )
         try:
             conn.writer_fd = self._open_writer_lock()
             deadline = time.monotonic() + 30
@@ -257,8 +266,10 @@ class Store:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StoreError(f"cannot connect to PostgreSQL: {first}",
-                             "check --db (postgresql://USER@HOST:PORT/DB) and that the server runs") from None
+            raise StoreError(
+                f"cannot connect to PostgreSQL: {first}",
+                "check --db (postgresql://USER@HOST:PORT/DB) and that the server runs",
+            ) from None
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s") if self.dialect == "postgresql" else statement
@@ -326,8 +337,10 @@ class Store:
                 try:
                     current = self._version_on(cur)
                     if current > SCHEMA_VERSION:
-                        raise StoreError(f"the database schema is version {current}, newer than this "
-                                         f"broker's {SCHEMA_VERSION}", "upgrade Cove")
+                        raise StoreError(
+                            f"the database schema is version {current}, newer than this broker's {SCHEMA_VERSION}",
+                            "upgrade Cove",
+                        )
                     for version, _description, statements in MIGRATIONS:
                         if version <= current:
                             continue
@@ -335,9 +348,13 @@ class Store:
                             cur.execute("BEGIN")
                         for statement in statements:
                             cur.execute(_fill(statement, self.dialect))
-                        cur.execute(self._sql("INSERT INTO kbs_meta (key, value) VALUES (?, ?) "
-                                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
-                                    ("schema_version", str(version)))
+                        cur.execute(
+                            self._sql(
+                                "INSERT INTO kbs_meta (key, value) VALUES (?, ?) "
+                                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                            ),
+                            ("schema_version", str(version)),
+                        )
                         if self.dialect == "postgresql":
                             cur.execute("COMMIT")
                     if self.dialect == "sqlite":
@@ -378,8 +395,7 @@ class Store:
 
     def set_meta_once(self, key: str, value: str) -> str:
         """Store value under key unless one is there; return what is stored."""
-        self.execute("INSERT INTO kbs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                     (key, value))
+        self.execute("INSERT INTO kbs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
         return self.meta(key)  # type: ignore[return-value]
 
     def broker_key(self, name: str) -> bytes | None:
@@ -387,38 +403,61 @@ class Store:
         return bytes(rows[0][0]) if rows else None
 
     def add_broker_key_once(self, name: str, sealed: bytes) -> bytes:
-        self.execute("INSERT INTO kbs_keys (name, sealed, created_at) VALUES (?, ?, ?) "
-                     "ON CONFLICT (name) DO NOTHING", (name, sealed, time.time()))
+        self.execute(
+            "INSERT INTO kbs_keys (name, sealed, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, sealed, time.time()),
+        )
         return self.broker_key(name)  # type: ignore[return-value]
 
     # -- sessions ----------------------------------------------------------------------
     def create_session(self, session_id: str, nonce: str, tee: str, lifetime: float, now: float) -> None:
-        self.execute("INSERT INTO sessions (id, nonce, tee, state, created_at, expires_at) "
-                     "VALUES (?, ?, ?, 'challenged', ?, ?)", (session_id, nonce, tee, now, now + lifetime))
+        self.execute(
+            "INSERT INTO sessions (id, nonce, tee, state, created_at, expires_at) VALUES (?, ?, ?, 'challenged', ?, ?)",
+            (session_id, nonce, tee, now, now + lifetime),
+        )
 
     def session(self, session_id: str) -> SessionRow | None:
-        rows = self.query("SELECT id, nonce, tee, state, created_at, expires_at, claims, tee_pubkey "
-                          "FROM sessions WHERE id = ?", (session_id,))
+        rows = self.query(
+            "SELECT id, nonce, tee, state, created_at, expires_at, claims, tee_pubkey FROM sessions WHERE id = ?",
+            (session_id,),
+        )
         return self._session_row(rows[0]) if rows else None
 
     @staticmethod
     def _session_row(r: Sequence[Any]) -> SessionRow:
-        return SessionRow(r[0], r[1], r[2], r[3], r[4], r[5],
-                          json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None)
+        return SessionRow(
+            r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None, json.loads(r[7]) if r[7] else None
+        )
 
     def claim_challenge(self, session_id: str, nonce: str, now: float) -> str | None:
         """Consume a live session's nonce in one statement; its tee, or None (to find out why, read it)."""
-        rows = self.query("UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
-                          "AND state = 'challenged' AND expires_at > ? RETURNING tee", (session_id, nonce, now))
+        rows = self.query(
+            "UPDATE sessions SET state = 'appraising' WHERE id = ? AND nonce = ? "
+            "AND state = 'challenged' AND expires_at > ? RETURNING tee",
+            (session_id, nonce, now),
+        )
         return rows[0][0] if rows else None
 
-    def finish_session(self, session_id: str, ok: bool, claims: dict[str, Any] | None, tee_pubkey: dict[str, Any] | None,
-                       lifetime: float, now: float, audit: tuple[Any, ...] | None = None) -> None:
+    def finish_session(
+        self,
+        session_id: str,
+        ok: bool,
+        claims: dict[str, Any] | None,
+        tee_pubkey: dict[str, Any] | None,
+        lifetime: float,
+        now: float,
+        audit: tuple[Any, ...] | None = None,
+    ) -> None:
         """Record an appraisal's outcome, and with it (atomically) audit = (actor, action, outcome,
         resource, measurement, detail) if given."""
         statement = "UPDATE sessions SET state = ?, claims = ?, tee_pubkey = ?, expires_at = ? WHERE id = ?"
-        args = ("attested" if ok else "failed", json.dumps(claims) if claims is not None else None,
-                json.dumps(tee_pubkey) if tee_pubkey is not None else None, now + lifetime, session_id)
+        args = (
+            "attested" if ok else "failed",
+            json.dumps(claims) if claims is not None else None,
+            json.dumps(tee_pubkey) if tee_pubkey is not None else None,
+            now + lifetime,
+            session_id,
+        )
         if audit is None:
             self.execute(statement, args)
         else:
@@ -448,12 +487,16 @@ class Store:
             rows = cur.fetch("SELECT version FROM policies WHERE name = ?", (name,))
             if rows:
                 version = int(rows[0][0]) + 1
-                cur.run("UPDATE policies SET body = ?, version = ?, updated_at = ? WHERE name = ?",
-                        (body, version, now, name))
+                cur.run(
+                    "UPDATE policies SET body = ?, version = ?, updated_at = ? WHERE name = ?",
+                    (body, version, now, name),
+                )
             else:
                 version = 1
-                cur.run("INSERT INTO policies (name, body, version, created_at, updated_at) "
-                        "VALUES (?, ?, 1, ?, ?)", (name, body, now, now))
+                cur.run(
+                    "INSERT INTO policies (name, body, version, created_at, updated_at) VALUES (?, ?, 1, ?, ?)",
+                    (name, body, now, now),
+                )
         return version
 
     def policy(self, name: str) -> tuple[str, int] | None:
@@ -475,75 +518,109 @@ class Store:
         with self.transaction() as cur:
             if cur.fetch("SELECT 1 FROM secrets WHERE path = ?", (row.path,)):
                 return False
-            cur.run("INSERT INTO secrets (path, kind, params, policy, exportable, current_version, public, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                    (row.path, row.kind, json.dumps(row.params), row.policy, int(row.exportable),
-                     json.dumps(row.public) if row.public is not None else None, row.created_at, row.updated_at))
+            cur.run(
+                "INSERT INTO secrets (path, kind, params, policy, exportable, current_version, public, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                (
+                    row.path,
+                    row.kind,
+                    json.dumps(row.params),
+                    row.policy,
+                    int(row.exportable),
+                    json.dumps(row.public) if row.public is not None else None,
+                    row.created_at,
+                    row.updated_at,
+                ),
+            )
             cur.run("DELETE FROM secret_versions WHERE path = ?", (row.path,))
-            cur.run("INSERT INTO secret_versions (path, version, sealed, created_at, created_by) "
-                    "VALUES (?, 1, ?, ?, ?)", (row.path, sealed, row.created_at, actor))
+            cur.run(
+                "INSERT INTO secret_versions (path, version, sealed, created_at, created_by) VALUES (?, 1, ?, ?, ?)",
+                (row.path, sealed, row.created_at, actor),
+            )
         return True
 
     def add_version(self, path: str, version: int, sealed: bytes, public: dict[str, Any] | None, actor: str) -> bool:
         """Make version the current one (it must be current + 1: rotations do not race)."""
         now = time.time()
         with self.transaction() as cur:
-            updated = cur.run("UPDATE secrets SET current_version = ?, public = ?, updated_at = ? "
-                              "WHERE path = ? AND current_version = ?",
-                              (version, json.dumps(public) if public is not None else None, now, path, version - 1))
+            updated = cur.run(
+                "UPDATE secrets SET current_version = ?, public = ?, updated_at = ? "
+                "WHERE path = ? AND current_version = ?",
+                (version, json.dumps(public) if public is not None else None, now, path, version - 1),
+            )
             if updated != 1:
                 return False
-            cur.run("INSERT INTO secret_versions (path, version, sealed, created_at, created_by) "
-                    "VALUES (?, ?, ?, ?, ?)", (path, version, sealed, now, actor))
+            cur.run(
+                "INSERT INTO secret_versions (path, version, sealed, created_at, created_by) VALUES (?, ?, ?, ?, ?)",
+                (path, version, sealed, now, actor),
+            )
         return True
 
     def set_secret_policy(self, path: str, policy: str) -> bool:
-        return self.execute("UPDATE secrets SET policy = ?, updated_at = ? WHERE path = ?",
-                            (policy, time.time(), path)) == 1
+        return (
+            self.execute("UPDATE secrets SET policy = ?, updated_at = ? WHERE path = ?", (policy, time.time(), path))
+            == 1
+        )
 
     def secret(self, path: str) -> SecretRow | None:
-        rows = self.query("SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
-                          "updated_at FROM secrets WHERE path = ?", (path,))
+        rows = self.query(
+            "SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
+            "updated_at FROM secrets WHERE path = ?",
+            (path,),
+        )
         return self._secret_row(rows[0]) if rows else None
 
     @staticmethod
     def _secret_row(r: Sequence[Any]) -> SecretRow:
-        return SecretRow(r[0], r[1], json.loads(r[2]), r[3], bool(r[4]), int(r[5]),
-                         json.loads(r[6]) if r[6] else None, r[7], r[8])
+        return SecretRow(
+            r[0], r[1], json.loads(r[2]), r[3], bool(r[4]), int(r[5]), json.loads(r[6]) if r[6] else None, r[7], r[8]
+        )
 
     def secrets(self, prefix: str = "") -> list[SecretRow]:
-        rows = self.query("SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
-                          "updated_at FROM secrets ORDER BY path")
+        rows = self.query(
+            "SELECT path, kind, params, policy, exportable, current_version, public, created_at, "
+            "updated_at FROM secrets ORDER BY path"
+        )
         return [self._secret_row(r) for r in rows if r[0].startswith(prefix)]
 
     def release_row(self, path: str, version: int | None) -> ReleaseRow | None:
         """What a release needs in one round trip: the secret, its policy (body, version) if it exists,
         and the sealed value of version (default: the current one) if it exists."""
-        rows = self.query(f"SELECT {_RELEASE_COLUMNS} FROM secrets s {_RELEASE_JOINS} WHERE s.path = ?",
-                          (version, path))
+        rows = self.query(
+            f"SELECT {_RELEASE_COLUMNS} FROM secrets s {_RELEASE_JOINS} WHERE s.path = ?", (version, path)
+        )
         return self._release_row(rows[0]) if rows else None
 
-    def session_and_release_row(self, session_id: str, path: str, version: int | None
-                                ) -> tuple[SessionRow | None, ReleaseRow | None]:
+    def session_and_release_row(
+        self, session_id: str, path: str, version: int | None
+    ) -> tuple[SessionRow | None, ReleaseRow | None]:
         """A cookie session and :meth:`release_row`, together in one round trip."""
-        r = self.query("SELECT se.id, se.nonce, se.tee, se.state, se.created_at, se.expires_at, se.claims, "
-                       f"se.tee_pubkey, {_RELEASE_COLUMNS} FROM (SELECT 1 AS one) one "
-                       f"LEFT JOIN sessions se ON se.id = ? LEFT JOIN secrets s ON s.path = ? {_RELEASE_JOINS}",
-                       (session_id, path, version))[0]
-        return (self._session_row(r[:8]) if r[0] is not None else None,
-                self._release_row(r[8:]) if r[8] is not None else None)
+        r = self.query(
+            "SELECT se.id, se.nonce, se.tee, se.state, se.created_at, se.expires_at, se.claims, "
+            f"se.tee_pubkey, {_RELEASE_COLUMNS} FROM (SELECT 1 AS one) one "
+            f"LEFT JOIN sessions se ON se.id = ? LEFT JOIN secrets s ON s.path = ? {_RELEASE_JOINS}",
+            (session_id, path, version),
+        )[0]
+        return (
+            self._session_row(r[:8]) if r[0] is not None else None,
+            self._release_row(r[8:]) if r[8] is not None else None,
+        )
 
     def _release_row(self, r: Sequence[Any]) -> ReleaseRow:
-        return (self._secret_row(r), (r[9], int(r[10])) if r[9] is not None else None,
-                bytes(r[11]) if r[11] is not None else None)
+        return (
+            self._secret_row(r),
+            (r[9], int(r[10])) if r[9] is not None else None,
+            bytes(r[11]) if r[11] is not None else None,
+        )
 
     def sealed_version(self, path: str, version: int) -> bytes | None:
         rows = self.query("SELECT sealed FROM secret_versions WHERE path = ? AND version = ?", (path, version))
         return bytes(rows[0][0]) if rows else None
 
     def versions(self, path: str) -> list[dict[str, Any]]:
-        rows = self.query("SELECT version, created_at, created_by FROM secret_versions WHERE path = ? "
-                          "ORDER BY version", (path,))
+        rows = self.query(
+            "SELECT version, created_at, created_by FROM secret_versions WHERE path = ? ORDER BY version", (path,)
+        )
         return [{"version": int(r[0]), "created_at": r[1], "created_by": r[2]} for r in rows]
 
     def delete_secret(self, path: str) -> bool:
@@ -557,8 +634,10 @@ class Store:
         with self.transaction() as cur:
             if cur.fetch("SELECT 1 FROM admin_keys WHERE name = ?", (name,)):
                 return False
-            cur.run("INSERT INTO admin_keys (name, jwk, role, created_at) VALUES (?, ?, ?, ?)",
-                    (name, json.dumps(jwk), role, time.time()))
+            cur.run(
+                "INSERT INTO admin_keys (name, jwk, role, created_at) VALUES (?, ?, ?, ?)",
+                (name, json.dumps(jwk), role, time.time()),
+            )
         return True
 
     def admin_key(self, name: str) -> tuple[dict[str, Any], str] | None:
@@ -573,8 +652,15 @@ class Store:
         return self.execute("DELETE FROM admin_keys WHERE name = ?", (name,)) == 1
 
     # -- audit ---------------------------------------------------------------------------------
-    def audit(self, actor: str, action: str, outcome: str, resource: str | None = None,
-              measurement: str | None = None, detail: str | None = None) -> None:
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        outcome: str,
+        resource: str | None = None,
+        measurement: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.execute(_AUDIT_INSERT, (time.time(), actor, action, outcome, resource, measurement, detail))
 
     def audit_refusal(self, actor: str, action: str, resource: str | None, detail: str) -> None:
@@ -621,8 +707,7 @@ class Store:
         return fresh
 
     def audit_log(self, since_id: int = 0, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
-        statement = ("SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit "
-                     "WHERE id > ?")
+        statement = "SELECT id, at, actor, action, resource, measurement, outcome, detail FROM audit WHERE id > ?"
         args: tuple[Any, ...] = (since_id,)
         if action:
             statement += " AND action = ?"
@@ -633,12 +718,17 @@ class Store:
         return [dict(zip(keys, r)) for r in rows]
 
 
-_RELEASE_COLUMNS = ("s.path, s.kind, s.params, s.policy, s.exportable, s.current_version, s.public, s.created_at, "
-                    "s.updated_at, p.body, p.version, v.sealed")
-_RELEASE_JOINS = ("LEFT JOIN policies p ON p.name = s.policy LEFT JOIN secret_versions v ON v.path = s.path "
-                  "AND v.version = COALESCE(?, s.current_version)")
-_AUDIT_INSERT = ("INSERT INTO audit (at, actor, action, outcome, resource, measurement, detail) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_RELEASE_COLUMNS = (
+    "s.path, s.kind, s.params, s.policy, s.exportable, s.current_version, s.public, s.created_at, "
+    "s.updated_at, p.body, p.version, v.sealed"
+)
+_RELEASE_JOINS = (
+    "LEFT JOIN policies p ON p.name = s.policy LEFT JOIN secret_versions v ON v.path = s.path "
+    "AND v.version = COALESCE(?, s.current_version)"
+)
+_AUDIT_INSERT = (
+    "INSERT INTO audit (at, actor, action, outcome, resource, measurement, detail) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class _SqliteConnection(sqlite3.Connection):

@@ -18,8 +18,9 @@ from cove.attest import certs
 from cove.util import write_atomic
 
 
-def make_local_tls(folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                   days: int = 825) -> tuple[Path, Path, Path]:
+def make_local_tls(
+    folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 825
+) -> tuple[Path, Path, Path]:
     """Write tls-ca.pem, tls.crt and tls.key (0600) into folder; returns (ca, cert, key)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_key = certs.new_key()
@@ -31,8 +32,9 @@ def make_local_tls(folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0
             alt.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             alt.append(x509.DNSName(name))
-    cert = certs.issue_leaf(ca_key, ca, key.public_key(), names[0], days=days,
-                            extended_usage=[ExtendedKeyUsageOID.SERVER_AUTH], san=alt)
+    cert = certs.issue_leaf(
+        ca_key, ca, key.public_key(), names[0], days=days, extended_usage=[ExtendedKeyUsageOID.SERVER_AUTH], san=alt
+    )
     ca_path, cert_path, key_path = folder / "tls-ca.pem", folder / "tls.crt", folder / "tls.key"
     write_atomic(ca_path, certs.pem(ca))
     write_atomic(cert_path, certs.pem(cert) + certs.pem(ca))

@@ -55,8 +55,10 @@ def parse_key_text(data: bytes, where: str) -> bytes:
             return decoded
     except (binascii.Error, ValueError):
         pass
-    raise VaultError(f"{where} does not hold a 32-byte key",
-                     "write 64 hex digits (e.g. `openssl rand -hex 32`) or use `cove kbs init`")
+    raise VaultError(
+        f"{where} does not hold a 32-byte key",
+        "write 64 hex digits (e.g. `openssl rand -hex 32`) or use `cove kbs init`",
+    )
 
 
 def new_key_file(path: Path) -> bytes:
@@ -69,8 +71,9 @@ def new_key_file(path: Path) -> bytes:
     return key
 
 
-def load_master_key(key_file: Path | None = None, sealed_file: Path | None = None,
-                    environ: Mapping[str, str] | None = None) -> bytes:
+def load_master_key(
+    key_file: Path | None = None, sealed_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> bytes:
     """The master key from a key file, the environment, or a file sealed to this platform."""
     environ = os.environ if environ is None else environ
     if key_file is not None:
@@ -85,16 +88,18 @@ def load_master_key(key_file: Path | None = None, sealed_file: Path | None = Non
         return parse_key_text(environ[ENV_VAR].encode(), f"${ENV_VAR}")
     if sealed_file is not None:
         return _unseal_from_platform(Path(sealed_file))
-    raise VaultError("no master key given",
-                     f"pass --master-key-file FILE, set {ENV_VAR}, or pass --master-key-sealed FILE")
+    raise VaultError(
+        "no master key given", f"pass --master-key-file FILE, set {ENV_VAR}, or pass --master-key-sealed FILE"
+    )
 
 
 def _platform_sealing() -> ModuleType:
     try:
         from cove.platform import sealing  # provided by the platform layer
     except ImportError:
-        raise VaultError("sealing to the platform is not available in this installation",
-                         "use --master-key-file or $" + ENV_VAR) from None
+        raise VaultError(
+            "sealing to the platform is not available in this installation", "use --master-key-file or $" + ENV_VAR
+        ) from None
     return sealing
 
 
@@ -139,8 +144,10 @@ class Vault:
 
     def verify_check_value(self, stored: str) -> None:
         if not hmac.compare_digest(stored.encode(), self.check_value().encode()):
-            raise VaultError("the master key does not match the one this database was created with",
-                             "pass the original --master-key-file or $" + ENV_VAR)
+            raise VaultError(
+                "the master key does not match the one this database was created with",
+                "pass the original --master-key-file or $" + ENV_VAR,
+            )
 
     def seal(self, name: str, plaintext: bytes) -> bytes:
         nonce = os.urandom(12)

@@ -76,13 +76,15 @@ def groups_for(cgroups_path: str) -> list[str]:
     """The folders of cgroupsPath: one per v1 controller Cove uses, or the v2 group. Relative paths are below
     the runtime's own group, as runc reads them; systemd's "slice:prefix:name" is not handled here."""
     if ":" in cgroups_path:
-        raise CgroupError(f"config.json: linux.cgroupsPath {cgroups_path!r} is a systemd unit",
-                          "use the cgroupfs manager (podman --cgroup-manager=cgroupfs; containerd: SystemdCgroup = false)")
+        raise CgroupError(
+            f"config.json: linux.cgroupsPath {cgroups_path!r} is a systemd unit",
+            "use the cgroupfs manager (podman --cgroup-manager=cgroupfs; containerd: SystemdCgroup = false)",
+        )
     parts = [p for p in cgroups_path.split("/") if p not in ("", ".")]
     if ".." in parts or not parts:
         raise CgroupError(f"config.json: linux.cgroupsPath {cgroups_path!r} is not a cgroup path")
     found = []
-    for controller in ((None,) if _unified() else V1_CONTROLLERS):
+    for controller in (None,) if _unified() else V1_CONTROLLERS:
         base = "" if cgroups_path.startswith("/") else (_own(controller) or "")
         relative = posixpath.normpath(posixpath.join("/", base, *parts)).lstrip("/")
         found.append(os.path.join(ROOT, controller or "", relative) if controller else os.path.join(ROOT, relative))

@@ -45,6 +45,7 @@ class StateError(CoveError):
 
 # -- state
 
+
 def start_time(pid: int) -> tuple[int, str] | None:
     """(start time in ticks, state letter) of pid, None if it is gone."""
     try:
@@ -52,7 +53,7 @@ def start_time(pid: int) -> tuple[int, str] | None:
             data = handle.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return int(fields[19]), fields[0].decode()
 
 
@@ -95,6 +96,7 @@ class Container:
 
 # -- the hot commands
 
+
 def cmd_start(root: str, ident: str) -> int:
     container = Container(root, ident)
     state = container.load()
@@ -117,9 +119,14 @@ def cmd_state(root: str, ident: str) -> int:
     container = Container(root, ident)
     state = container.load()
     status = container.status(state)
-    out = {"ociVersion": SPEC_VERSION, "id": ident, "status": status,
-           "pid": state["pid"] if status != "stopped" else 0, "bundle": state["bundle"],
-           "annotations": state.get("annotations", {})}
+    out = {
+        "ociVersion": SPEC_VERSION,
+        "id": ident,
+        "status": status,
+        "pid": state["pid"] if status != "stopped" else 0,
+        "bundle": state["bundle"],
+        "annotations": state.get("annotations", {}),
+    }
     if state.get("unmeasured"):
         out["annotations"] = dict(out["annotations"], **{UNMEASURED: "true"})
     print(json.dumps(out, indent=2))
@@ -308,13 +315,22 @@ def cmd_features() -> int:
     from cove import __version__
 
     features = {
-        "ociVersionMin": "1.0.0", "ociVersionMax": SPEC_VERSION,
-        "hooks": [], "mountOptions": [],
-        "linux": {"namespaces": ["pid", "ipc", "uts", "mount", "network", "user", "cgroup"],
-                  "capabilities": [], "cgroup": {"v1": True, "v2": True, "systemd": False},
-                  "seccomp": {"enabled": True}, "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
-        "annotations": {"io.github.cove.runtime.version": __version__,
-                        "cove.dev/unmeasured-debug": "accepted: run an unsigned image as an unmeasured debug enclave"},
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": SPEC_VERSION,
+        "hooks": [],
+        "mountOptions": [],
+        "linux": {
+            "namespaces": ["pid", "ipc", "uts", "mount", "network", "user", "cgroup"],
+            "capabilities": [],
+            "cgroup": {"v1": True, "v2": True, "systemd": False},
+            "seccomp": {"enabled": True},
+            "apparmor": {"enabled": False},
+            "selinux": {"enabled": False},
+        },
+        "annotations": {
+            "io.github.cove.runtime.version": __version__,
+            "cove.dev/unmeasured-debug": "accepted: run an unsigned image as an unmeasured debug enclave",
+        },
     }
     print(json.dumps(features, indent=2))
     return 0
@@ -326,8 +342,13 @@ GLOBAL_VALUES = frozenset({"--root", "--log", "--log-format", "--rootless", "--n
 GLOBAL_FLAGS = frozenset({"--debug", "--systemd-cgroup"})
 HOT = frozenset({"start", "state", "kill", "delete", "features"})
 FAST = HOT | {"create"}  # create's usual options are parsed here too; cove.oci.create does the work
-CREATE_VALUES = {"--bundle": "bundle", "-b": "bundle", "--pid-file": "pid_file", "--console-socket": "console_socket",
-                 "--preserve-fds": "preserve_fds"}
+CREATE_VALUES = {
+    "--bundle": "bundle",
+    "-b": "bundle",
+    "--pid-file": "pid_file",
+    "--console-socket": "console_socket",
+    "--preserve-fds": "preserve_fds",
+}
 CREATE_FLAGS = frozenset({"--no-pivot", "--no-new-keyring"})
 
 
@@ -372,7 +393,7 @@ def _fast_parse(argv: list[str]) -> tuple[Options, str, list[str]] | None:
             options.node_root = value
     if index >= len(argv) or argv[index] not in FAST:
         return None
-    return options, argv[index], argv[index + 1:]
+    return options, argv[index], argv[index + 1 :]
 
 
 def _run_hot(options: Options, command: str, rest: list[str]) -> int | None:
@@ -426,8 +447,14 @@ def _run_create(options: Options, rest: list[str]) -> int | None:
         os.environ["COVE_NODE_ROOT"] = options.node_root  # read by cove.oci.launch in the container's process
     from cove.oci import create
 
-    return create.run(options.root, words[0], given.get("bundle", "."), given.get("pid_file"),
-                      given.get("console_socket"), int(given.get("preserve_fds", "0")))
+    return create.run(
+        options.root,
+        words[0],
+        given.get("bundle", "."),
+        given.get("pid_file"),
+        given.get("console_socket"),
+        int(given.get("preserve_fds", "0")),
+    )
 
 
 def log_error(path: str | None, log_format: str, line: str) -> None:
@@ -456,8 +483,10 @@ def unexpected(options: Options, exc: Exception) -> int:
     """A bug or an input nobody foresaw: one line and exit 125, never a traceback (unless --debug)."""
     if options.debug:
         raise exc
-    error = CoveError(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
-                      "run again with --debug for the traceback, and report it")
+    error = CoveError(
+        f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+        "run again with --debug for the traceback, and report it",
+    )
     error.exit_code = ExitCode.SANDBOX
     return report(options, error)
 

@@ -28,15 +28,22 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="cove-runtime", description="An OCI runtime for Cove enclaves (docs/containers.md).")
     top.add_argument("--root", default=DEFAULT_ROOT, help=f"where containers' state lives (default {DEFAULT_ROOT})")
     top.add_argument("--log", help="also write errors to this file")
-    top.add_argument("--log-format", choices=("text", "json"), default="text",
-                     help="json: one object per line, as containerd's shim reads")
+    top.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line, as containerd's shim reads",
+    )
     top.add_argument("--debug", action="store_true", help="tracebacks for unexpected errors")
     # engines pass it; the launcher makes the enclave's own cgroups
     top.add_argument("--systemd-cgroup", action="store_true", help=argparse.SUPPRESS)
     top.add_argument("--rootless", default=None, help=argparse.SUPPRESS)
     top.add_argument("--version", "-v", action="store_true")
-    top.add_argument("--node-root", help="the node service's --root, for /dev/attestation (default "
-                                         "$COVE_NODE_ROOT or /var/lib/cove); podman: --runtime-flag node-root=DIR")
+    top.add_argument(
+        "--node-root",
+        help="the node service's --root, for /dev/attestation (default "
+        "$COVE_NODE_ROOT or /var/lib/cove); podman: --runtime-flag node-root=DIR",
+    )
     sub = top.add_subparsers(dest="command", parser_class=_Parser)
     create = sub.add_parser("create")
     create.add_argument("--bundle", "-b", default=".")
@@ -70,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # -- commands
+
 
 def cmd_create(args: argparse.Namespace) -> int:
     from cove.oci import create
@@ -108,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "exec":
             from cove.oci import execute
 
-            return execute.run(args.root, args.id, args.process, args.console_socket, args.tty, args.detach,
-                               args.pid_file)
+            return execute.run(
+                args.root, args.id, args.process, args.console_socket, args.tty, args.detach, args.pid_file
+            )
         return _hot(args)
     except CoveError as exc:
         return cli.report(options, exc)

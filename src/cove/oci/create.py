@@ -27,8 +27,9 @@ from cove.oci import spec as spec_mod
 from cove.oci.cli import FIFO, Container
 
 
-def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_socket: str | None,
-        preserve_fds: int = 0) -> int:
+def run(
+    root: str, ident: str, bundle_dir: str, pid_file: str | None, console_socket: str | None, preserve_fds: int = 0
+) -> int:
     """Verify and copy the bundle, fork the container's process (waiting for `start`), record the state.
 
     The container's process is forked first, before either side loads
@@ -77,10 +78,19 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
             handing = None
             pipe.write(pickle.dumps(prepared))
         found = cli.start_time(pid)
-        container.save({"id": ident, "pid": pid, "pid_start": found[0] if found else None,
-                        "cgroups": groups or cgroups.own(), "container_cgroups": made,
-                        "bundle": str(Path(bundle_dir).resolve()), "created": time.time(),
-                        "annotations": bundle.annotations, "unmeasured": prepared.unmeasured})
+        container.save(
+            {
+                "id": ident,
+                "pid": pid,
+                "pid_start": found[0] if found else None,
+                "cgroups": groups or cgroups.own(),
+                "container_cgroups": made,
+                "bundle": str(Path(bundle_dir).resolve()),
+                "created": time.time(),
+                "annotations": bundle.annotations,
+                "unmeasured": prepared.unmeasured,
+            }
+        )
         if pid_file:
             tmp = Path(pid_file).with_name(f".{Path(pid_file).name}.tmp")
             tmp.write_text(str(pid))
@@ -102,8 +112,7 @@ def run(root: str, ident: str, bundle_dir: str, pid_file: str | None, console_so
     return 0
 
 
-def _fork(fifo: Path, console: int | None, preserve_fds: int, groups: list[str], receiving: int,
-          handing: int) -> int:
+def _fork(fifo: Path, console: int | None, preserve_fds: int, groups: list[str], receiving: int, handing: int) -> int:
     """Fork the container's process: it warms up, takes the verified build, waits on fifo for `start`. Its pid.
 
     The fifo is open for reading before the fork, so a `start` that comes at

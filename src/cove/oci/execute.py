@@ -69,13 +69,19 @@ def settings(prepared: Any) -> dict[str, Any]:
         uid, gid = bundle.process.uid, bundle.process.gid
     passthrough = list(config.env.passthrough)
     given = {n: v for n, v in bundle.process.env.items() if n in passthrough and not n.startswith("COVE_")}
-    return {"uid": uid, "gid": gid, "cwd": posixpath.normpath(config.process.cwd),
-            "env": launcher.build_environment(config, given), "passthrough": passthrough,
-            "secret_env": [s.where for s in config.secrets if s.kind == "env"],
-            "max_open_files": config.resources.max_open_files,
-            "seccomp": seccomp.compile_filter(config.network.mode, io_uring=config.security.io_uring).hex(),
-            "entry_points": list(config.process.entry_points), "debug": bool(config.enclave.debug),
-            "root": str(prepared.root) if prepared.encrypted is None else None}
+    return {
+        "uid": uid,
+        "gid": gid,
+        "cwd": posixpath.normpath(config.process.cwd),
+        "env": launcher.build_environment(config, given),
+        "passthrough": passthrough,
+        "secret_env": [s.where for s in config.secrets if s.kind == "env"],
+        "max_open_files": config.resources.max_open_files,
+        "seccomp": seccomp.compile_filter(config.network.mode, io_uring=config.security.io_uring).hex(),
+        "entry_points": list(config.process.entry_points),
+        "debug": bool(config.enclave.debug),
+        "root": str(prepared.root) if prepared.encrypted is None else None,
+    }
 
 
 def read_process(path: str) -> spec_mod.Process:
@@ -90,27 +96,39 @@ def read_process(path: str) -> spec_mod.Process:
 def helper_spec(process: spec_mod.Process, allowed: dict[str, Any]) -> dict[str, Any]:
     """The request for cove.daemon.execin; refuses what the enclave does not allow."""
     if (process.uid, process.gid) != (allowed["uid"], allowed["gid"]):
-        raise BundleError(f"process.json: user {process.uid}:{process.gid} is not the enclave's measured user "
-                          f"{allowed['uid']}:{allowed['gid']}")
+        raise BundleError(
+            f"process.json: user {process.uid}:{process.gid} is not the enclave's measured user "
+            f"{allowed['uid']}:{allowed['gid']}"
+        )
     if process.cwd != allowed["cwd"]:
         raise BundleError(f"process.json: cwd {process.cwd} is not the enclave's measured cwd {allowed['cwd']}")
     root = allowed.get("root")
     program = spec_mod.program_path(process, Path(root) if root else None, "process.json")
     if not allowed["debug"] and not entry_point_allows(program, allowed["entry_points"]):
-        raise BundleError(f"process.json: args[0] {program} is not an entry point of this enclave (allowed: "
-                          f"{', '.join(allowed['entry_points'])}; any program only in a debug enclave)")
+        raise BundleError(
+            f"process.json: args[0] {program} is not an entry point of this enclave (allowed: "
+            f"{', '.join(allowed['entry_points'])}; any program only in a debug enclave)"
+        )
     env = dict(allowed["env"])
     for name in allowed["passthrough"]:
         if name in process.env and not name.startswith("COVE_"):
             env[name] = process.env[name]
-    return {"argv": [program, *process.args[1:]], "uid": allowed["uid"], "gid": allowed["gid"],
-            "cwd": allowed["cwd"], "env": env, "secret_env": allowed["secret_env"],
-            "max_open_files": allowed["max_open_files"], "seccomp": allowed["seccomp"],
-            "tty": process.terminal}
+    return {
+        "argv": [program, *process.args[1:]],
+        "uid": allowed["uid"],
+        "gid": allowed["gid"],
+        "cwd": allowed["cwd"],
+        "env": env,
+        "secret_env": allowed["secret_env"],
+        "max_open_files": allowed["max_open_files"],
+        "seccomp": allowed["seccomp"],
+        "tty": process.terminal,
+    }
 
 
-def run(root: str, ident: str, process_file: str, console_socket: str | None, tty: bool, detach: bool,
-        pid_file: str | None) -> int:
+def run(
+    root: str, ident: str, process_file: str, console_socket: str | None, tty: bool, detach: bool, pid_file: str | None
+) -> int:
     """Start the process in the container's enclave; with --detach return at once, else its exit code."""
     container = cli.Container(root, ident)
     state = container.load()
@@ -119,8 +137,9 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         raise cli.StateError(f"container {ident} is {status}: exec needs a running container")
     process = read_process(process_file)
     if tty:
-        process = spec_mod.Process(process.args, process.env, process.cwd, process.uid, process.gid, True,
-                                   process.rlimits)
+        process = spec_mod.Process(
+            process.args, process.env, process.cwd, process.uid, process.gid, True, process.rlimits
+        )
     if process.terminal and not console_socket:
         raise BundleError("process.json: terminal is true but no --console-socket was given")
     # just after `start` the container's process may still be on its way to the launch; once the program
@@ -134,8 +153,9 @@ def run(root: str, ident: str, process_file: str, console_socket: str | None, tt
         with open(container.path(SETTINGS)) as handle:
             allowed = json.load(handle)
     except (OSError, ValueError):
-        raise CoveError(f"container {ident} has no exec settings (created by an older cove-runtime)",
-                        "recreate the container") from None
+        raise CoveError(
+            f"container {ident} has no exec settings (created by an older cove-runtime)", "recreate the container"
+        ) from None
     request = helper_spec(process, allowed)
     found = process_start(program)
     if found is None:
@@ -219,11 +239,13 @@ def _start(program: int, request: dict[str, Any], console_socket: str | None) ->
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     quiet = console_socket is not None
     try:
-        helper = subprocess.Popen([sys.executable, "-m", "cove.daemon.execin", str(program), str(theirs.fileno())],
-                                  pass_fds=(theirs.fileno(),),
-                                  stdin=subprocess.DEVNULL if quiet else None,
-                                  stdout=subprocess.DEVNULL if quiet else None,
-                                  stderr=subprocess.PIPE if quiet else None)
+        helper = subprocess.Popen(
+            [sys.executable, "-m", "cove.daemon.execin", str(program), str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL if quiet else None,
+            stdout=subprocess.DEVNULL if quiet else None,
+            stderr=subprocess.PIPE if quiet else None,
+        )
     finally:
         theirs.close()
     try:
@@ -249,7 +271,7 @@ def _error_line(helper: subprocess.Popen[bytes]) -> str:
     with helper.stderr:
         text = helper.stderr.read(65536).decode("utf-8", "replace")
     lines = [line for line in text.splitlines() if line.startswith("cove: error: ")]
-    return lines[-1][len("cove: error: "):] if lines else ""
+    return lines[-1][len("cove: error: ") :] if lines else ""
 
 
 def _write_pid(pid_file: str, pid: int) -> None:

@@ -43,8 +43,14 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 BUILD_FILES = (artifacts.MANIFEST, artifacts.SIGNATURE, artifacts.TREE)
 EPOCH = "1970-01-01T00:00:00Z"
-ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
-                 "s390x": "s390x", "riscv64": "riscv64"}
+ARCHITECTURES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,7 @@ class _HashingReader:
         return chunk
 
 
-def _add_file(layer: tarfile.TarFile, path: Path, name: str, mode: int, size: int,
-              digest: bytes | None) -> None:
+def _add_file(layer: tarfile.TarFile, path: Path, name: str, mode: int, size: int, digest: bytes | None) -> None:
     """Add one file; with a digest, the bytes written must be the signed ones."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -100,12 +105,12 @@ def _add_file(layer: tarfile.TarFile, path: Path, name: str, mode: int, size: in
         try:
             layer.addfile(_info(name, tarfile.REGTYPE, mode, size), reader)
         except OSError:
-            raise IntegrityError(f"image/{name} changed since the build (its size differs)",
-                                 "rebuild with `cove build`") from None
+            raise IntegrityError(
+                f"image/{name} changed since the build (its size differs)", "rebuild with `cove build`"
+            ) from None
         extra = os.read(fd, 1)
         if extra or (digest is not None and not hmac.compare_digest(reader.hash.digest(), digest)):
-            raise IntegrityError(f"image/{name} changed since the build (content differs)",
-                                 "rebuild with `cove build`")
+            raise IntegrityError(f"image/{name} changed since the build (content differs)", "rebuild with `cove build`")
     finally:
         os.close(fd)
 
@@ -187,14 +192,23 @@ def image_config(verified: VerifiedBuild, layer_digest: str, labels: dict[str, s
     """The OCI image configuration: what the engine passes on to the runtime by default."""
     config = verified.config
     user = config.process.user
-    run: dict[str, Any] = {"Env": [f"{k}={v}" for k, v in sorted(config.env.default)],
-           "WorkingDir": config.process.cwd, "User": "0:0" if user == "root" else user, "Labels": labels}
+    run: dict[str, Any] = {
+        "Env": [f"{k}={v}" for k, v in sorted(config.env.default)],
+        "WorkingDir": config.process.cwd,
+        "User": "0:0" if user == "root" else user,
+        "Labels": labels,
+    }
     programs = [p for p in config.process.entry_points if not p.endswith("/")]
     if len(programs) == 1:
         run["Cmd"] = programs
-    return {"created": EPOCH, "architecture": ARCHITECTURES.get(platform.machine(), platform.machine()),
-            "os": "linux", "config": run, "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-            "history": [{"created": EPOCH, "created_by": "cove package --oci"}]}
+    return {
+        "created": EPOCH,
+        "architecture": ARCHITECTURES.get(platform.machine(), platform.machine()),
+        "os": "linux",
+        "config": run,
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        "history": [{"created": EPOCH, "created_by": "cove package --oci"}],
+    }
 
 
 def _write_layout(instance: Instance, verified: VerifiedBuild, folder: Path, tag: str) -> OciImage:
@@ -205,23 +219,43 @@ def _write_layout(instance: Instance, verified: VerifiedBuild, folder: Path, tag
     with os.fdopen(fd, "wb") as handle:
         writer = _HashingWriter(handle)
         write_layer(instance, verified, writer)  # type: ignore[arg-type]  # a RawIOBase that writes
-    layer: dict[str, Any] = {"mediaType": LAYER_TYPE, "digest": f"sha256:{writer.hash.hexdigest()}", "size": writer.size}
+    layer: dict[str, Any] = {
+        "mediaType": LAYER_TYPE,
+        "digest": f"sha256:{writer.hash.hexdigest()}",
+        "size": writer.size,
+    }
     os.chmod(tmp, 0o644)
     os.replace(tmp, blobs / writer.hash.hexdigest())
     notes = manifest_annotations(verified, encrypted)
-    config: dict[str, Any] = dict(mediaType=CONFIG_TYPE, **_put_blob(blobs, _json(image_config(verified, layer["digest"], notes))))
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config, "layers": [layer],
-                "annotations": notes}
+    config: dict[str, Any] = dict(
+        mediaType=CONFIG_TYPE, **_put_blob(blobs, _json(image_config(verified, layer["digest"], notes)))
+    )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": config,
+        "layers": [layer],
+        "annotations": notes,
+    }
     described: dict[str, Any] = dict(mediaType=MANIFEST_TYPE, **_put_blob(blobs, _json(manifest)))
-    described["annotations"] = {"org.opencontainers.image.ref.name": tag.rpartition(":")[2],
-                                "io.containerd.image.name": _full_name(tag)}
+    described["annotations"] = {
+        "org.opencontainers.image.ref.name": tag.rpartition(":")[2],
+        "io.containerd.image.name": _full_name(tag),
+    }
     (folder / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-    (folder / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": INDEX_TYPE,
-                                               "manifests": [described]}))
+    (folder / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": [described]}))
     # Docker's manifest.json beside the layout: what `podman load` reads as docker-archive
-    (folder / "manifest.json").write_bytes(_json([{
-        "Config": f"blobs/sha256/{config['digest'][7:]}", "RepoTags": [_full_name(tag)],
-        "Layers": [f"blobs/sha256/{layer['digest'][7:]}"]}]))
+    (folder / "manifest.json").write_bytes(
+        _json(
+            [
+                {
+                    "Config": f"blobs/sha256/{config['digest'][7:]}",
+                    "RepoTags": [_full_name(tag)],
+                    "Layers": [f"blobs/sha256/{layer['digest'][7:]}"],
+                }
+            ]
+        )
+    )
     return OciImage(described["digest"], tag, notes)
 
 
@@ -240,9 +274,11 @@ def check_tag(tag: str) -> str:
 
     name, colon, version = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
     version = version or "latest"
-    if not re.fullmatch(r"[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
-                        r"|[a-zA-Z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+", name) \
-            or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", version):
+    if not re.fullmatch(
+        r"[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+        r"|[a-zA-Z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+",
+        name,
+    ) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", version):
         raise CoveError(f"--tag {tag!r} is not an image name", "use NAME:TAG, e.g. hello:1.0 (lower-case name)")
     return f"{name}:{version}"
 

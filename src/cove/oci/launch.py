@@ -62,11 +62,14 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
 
             uid, gid = launcher.resolve_user(config.process.user, root)
         if (process.uid, process.gid) != (uid, gid):
-            raise BundleError(f"config.json: process.user {process.uid}:{process.gid} is not the enclave's "
-                              f"measured user {config.process.user} ({uid}:{gid})")
+            raise BundleError(
+                f"config.json: process.user {process.uid}:{process.gid} is not the enclave's "
+                f"measured user {config.process.user} ({uid}:{gid})"
+            )
     if process.cwd != posixpath.normpath(config.process.cwd):
-        raise BundleError(f"config.json: process.cwd {process.cwd} is not the enclave's measured cwd "
-                          f"{config.process.cwd}")
+        raise BundleError(
+            f"config.json: process.cwd {process.cwd} is not the enclave's measured cwd {config.process.cwd}"
+        )
     program = spec_mod.program_path(process, root if encrypted is None else None, "config.json")
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
@@ -88,9 +91,10 @@ def _cluster_settings(bundle: Bundle, verified: VerifiedBuild) -> VerifiedBuild:
     config = verified.config
     url = notes.get(f"{DOMAIN}/kbs-url")
     if url and config.attestation is not None and url != config.attestation.kbs:
-        raise BundleError(f"annotation {DOMAIN}/kbs-url {url} is not the enclave's measured key broker "
-                          f"{config.attestation.kbs}",
-                          "package the enclave with that broker in [attestation], or change the cluster's kbs settings")
+        raise BundleError(
+            f"annotation {DOMAIN}/kbs-url {url} is not the enclave's measured key broker {config.attestation.kbs}",
+            "package the enclave with that broker in [attestation], or change the cluster's kbs settings",
+        )
     memory = notes.get(f"{DOMAIN}/enclave-memory-mib")
     if memory is not None:
         if not memory.isdigit() or int(memory) == 0:
@@ -123,14 +127,21 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
     shutil.rmtree(folder / "signed", ignore_errors=True)
     process = bundle.process
     text = config_template("unmeasured")
-    for old, new in (('debug = false ', 'debug = true '), ('cwd = "/"', f"cwd = {json.dumps(process.cwd)}"),
-                     ('user = "root"', f'user = "{process.uid}:{process.gid}"'),
-                     ('entry_points = ["/bin/", "/usr/bin/"]', 'entry_points = ["/"]')):
+    for old, new in (
+        ("debug = false ", "debug = true "),
+        ('cwd = "/"', f"cwd = {json.dumps(process.cwd)}"),
+        ('user = "root"', f'user = "{process.uid}:{process.gid}"'),
+        ('entry_points = ["/bin/", "/usr/bin/"]', 'entry_points = ["/"]'),
+    ):
         text = text.replace(old, new, 1)
     config = config_mod.parse(text, source="the unmeasured debug configuration")
     root = folder / "root"
-    shutil.copytree(bundle.rootfs, root, symlinks=True,
-                    ignore=lambda where, names: [".cove"] if Path(where) == bundle.rootfs else [])
+    shutil.copytree(
+        bundle.rootfs,
+        root,
+        symlinks=True,
+        ignore=lambda where, names: [".cove"] if Path(where) == bundle.rootfs else [],
+    )
     entries = []
     for rel, st in walk(root):
         try:
@@ -140,18 +151,37 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
     manifest = manifest_mod.make(config_mod.to_measured(config), entries)
     signature = signing.sign(Ed25519PrivateKey.generate(), manifest.encoded)
     verified = VerifiedBuild(manifest, signature, entries, config)
-    print(f"cove-runtime: warning: UNMEASURED DEBUG enclave ({why.message}): run because of the "
-          f"cove.dev/unmeasured-debug annotation; its reports say debug, its signer is a key made for this run",
-          file=sys.stderr, flush=True)
+    print(
+        f"cove-runtime: warning: UNMEASURED DEBUG enclave ({why.message}): run because of the "
+        f"cove.dev/unmeasured-debug annotation; its reports say debug, its signer is a key made for this run",
+        file=sys.stderr,
+        flush=True,
+    )
     state_dir = folder / "state"
     state_dir.mkdir(mode=0o700)
-    return Prepared(bundle, verified, root, None, folder, state_dir,
-                    spec_mod.program_path(bundle.process, root, "config.json"), unmeasured=True)
+    return Prepared(
+        bundle,
+        verified,
+        root,
+        None,
+        folder,
+        state_dir,
+        spec_mod.program_path(bundle.process, root, "config.json"),
+        unmeasured=True,
+    )
 
 
 # What a launch imports; loaded while the container waits for `start` (a name that moved only costs the wait).
-WARM_MODULES = ("cove.runtime.launcher", "cove.runtime.sim", "cove.runtime.limits", "cove.runtime.provisioning", "cove.runtime.seccomp",
-                "cove.runtime.securefs_mounts", "cove.runtime.attestation_service", "cove.daemon.attestation")
+WARM_MODULES = (
+    "cove.runtime.launcher",
+    "cove.runtime.sim",
+    "cove.runtime.limits",
+    "cove.runtime.provisioning",
+    "cove.runtime.seccomp",
+    "cove.runtime.securefs_mounts",
+    "cove.runtime.attestation_service",
+    "cove.daemon.attestation",
+)
 _node_checked: bool | None = None
 
 
@@ -214,8 +244,14 @@ def run(prepared: Prepared) -> int:
 
     request = launcher.RunRequest(prepared.program, tuple(bundle.process.args[1:]))
     if prepared.encrypted is None:
-        return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
-                                     build_dir=prepared.build_dir, stored=True)
-    return launcher.run_verified(prepared.verified, prepared.root, request, prepared.state_dir,
-                                 encrypted=prepared.encrypted, build_dir=prepared.build_dir)
-
+        return launcher.run_verified(
+            prepared.verified, prepared.root, request, prepared.state_dir, build_dir=prepared.build_dir, stored=True
+        )
+    return launcher.run_verified(
+        prepared.verified,
+        prepared.root,
+        request,
+        prepared.state_dir,
+        encrypted=prepared.encrypted,
+        build_dir=prepared.build_dir,
+    )

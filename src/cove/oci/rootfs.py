@@ -71,8 +71,9 @@ def load_build(rootfs: Path, dest: Path) -> tuple[VerifiedBuild, EncryptedImage 
             try:
                 data = _read_small(root_fd, source)
             except FileNotFoundError:
-                raise IntegrityError(f"the image has no signed Cove build (/{source} is missing)",
-                                     "package it with `cove package --oci`") from None
+                raise IntegrityError(
+                    f"the image has no signed Cove build (/{source} is missing)", "package it with `cove package --oci`"
+                ) from None
             except OSError as exc:
                 raise IntegrityError(f"/{source} in the image cannot be read: {exc.strerror}") from None
             (dest / name).write_bytes(data)
@@ -101,8 +102,11 @@ def copy_signed(rootfs: Path, entries: list[Entry], dest: Path) -> Path:
                     os.close(fd)
                     os.mkdir(target, 0o700)
                 elif entry.type == SYMLINK:
-                    parent = _open_below(root_fd, entry.path.rpartition("/")[0] or ".", os.O_RDONLY | os.O_DIRECTORY) \
-                        if "/" in entry.path else os.dup(root_fd)
+                    parent = (
+                        _open_below(root_fd, entry.path.rpartition("/")[0] or ".", os.O_RDONLY | os.O_DIRECTORY)
+                        if "/" in entry.path
+                        else os.dup(root_fd)
+                    )
                     try:
                         found = os.readlink(entry.path.rpartition("/")[2], dir_fd=parent)
                     finally:
@@ -147,10 +151,12 @@ def _copy_file(root_fd: int, entry: Entry, target: Path, owner: tuple[int, int] 
             size += len(chunk)
             view = memoryview(chunk)
             while view:
-                view = view[os.write(out, view):]
+                view = view[os.write(out, view) :]
         if size != entry.size or not hmac.compare_digest(digest.digest(), entry.digest):
-            raise IntegrityError(f"image changed since the build: {entry.path} was modified (content differs)",
-                                 "pull or load the image again; never edit a container's root file system")
+            raise IntegrityError(
+                f"image changed since the build: {entry.path} was modified (content differs)",
+                "pull or load the image again; never edit a container's root file system",
+            )
         if owner is not None:
             os.fchown(out, *owner)
         os.fchmod(out, entry.mode)

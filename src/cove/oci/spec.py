@@ -26,17 +26,58 @@ from cove.oci import DOMAIN
 
 OCI_VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?")
 # Docker's default set (containerd, CRI); Podman's is a subset. Anything else is "added".
-DEFAULT_CAPABILITIES = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
-    "CAP_AUDIT_WRITE"})
+DEFAULT_CAPABILITIES = frozenset(
+    {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    }
+)
 # Mounts every engine adds; the sandbox provides its own /proc, /dev and /tmp and no /sys at all.
 ENGINE_TYPES = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "tmpfs", "shm"})
-ENGINE_FILES = frozenset({"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv",
-                          "/dev/shm", "/dev/termination-log", "/run/secrets", "/dev/init"})
-RLIMITS = frozenset({"RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
-                     "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
-                     "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK"})
+ENGINE_FILES = frozenset(
+    {
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/run/.containerenv",
+        "/dev/shm",
+        "/dev/termination-log",
+        "/run/secrets",
+        "/dev/init",
+    }
+)
+RLIMITS = frozenset(
+    {
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RSS",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    }
+)
 UNMEASURED_DEBUG = f"{DOMAIN}/unmeasured-debug"
 MAX_CONFIG = 4 << 20  # runc reads any size; an engine's config.json is a few KiB
 PRIVILEGED_ANNOTATIONS = ("io.podman.annotations.privileged",)
@@ -72,8 +113,9 @@ class Bundle:
         return self.annotations.get(UNMEASURED_DEBUG, "").lower() == "true"
 
 
-def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = None,
-         source: str = "config.json") -> Any:
+def _get(
+    data: dict[str, Any], key: str, kind: type, where: str, default: Any = None, source: str = "config.json"
+) -> Any:
     value = data.get(key, default)
     if value is None:
         return default
@@ -116,8 +158,7 @@ def load(bundle: Path) -> Bundle:
         raise NotFoundError(f"bundle {bundle} has no config.json") from None
     version = data.get("ociVersion")
     if not isinstance(version, str) or not OCI_VERSION.fullmatch(version):
-        raise BundleError(f"config.json: ociVersion {version!r} is not a runtime-spec version 1.x this "
-                          "runtime knows")
+        raise BundleError(f"config.json: ociVersion {version!r} is not a runtime-spec version 1.x this runtime knows")
     annotations = _get(data, "annotations", dict, "", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise BundleError("config.json: annotations must map strings to strings")
@@ -130,9 +171,15 @@ def load(bundle: Path) -> Bundle:
     resources = _get(linux, "resources", dict, "linux.", {})
     memory = _get(_get(resources, "memory", dict, "linux.resources.", {}), "limit", int, "linux.resources.memory.")
     pids = _get(_get(resources, "pids", dict, "linux.resources.", {}), "limit", int, "linux.resources.pids.")
-    return Bundle(bundle, _rootfs(bundle, _get(data, "root", dict, "", {})),
-                  _process(_get(data, "process", dict, "", None)), annotations,
-                  _get(linux, "cgroupsPath", str, "linux.") or None, memory, pids)
+    return Bundle(
+        bundle,
+        _rootfs(bundle, _get(data, "root", dict, "", {})),
+        _process(_get(data, "process", dict, "", None)),
+        annotations,
+        _get(linux, "cgroupsPath", str, "linux.") or None,
+        memory,
+        pids,
+    )
 
 
 def _rootfs(bundle: Path, root: dict[str, Any]) -> Path:
@@ -181,18 +228,32 @@ def parse_process(process: dict[str, Any], source: str) -> Process:
             raise BundleError(f"{source}: {where}capabilities.{kind} must be a list of names")
         added = sorted(set(names) - DEFAULT_CAPABILITIES)
         if added:
-            raise BundleError(f"{source}: {where}capabilities.{kind} adds {', '.join(added)}: an enclave "
-                              "runs with every capability dropped")
+            raise BundleError(
+                f"{source}: {where}capabilities.{kind} adds {', '.join(added)}: an enclave "
+                "runs with every capability dropped"
+            )
     limits: list[tuple[str, int, int]] = []
     for item in _get(process, "rlimits", list, where, [], source):
         entry = item if isinstance(item, dict) else {}
         kind, soft, hard = entry.get("type"), entry.get("soft"), entry.get("hard")
-        if not (isinstance(kind, str) and kind in RLIMITS and isinstance(soft, int) and isinstance(hard, int)) \
-                or isinstance(soft, bool) or isinstance(hard, bool) or soft < 0 or hard < 0:
+        if (
+            not (isinstance(kind, str) and kind in RLIMITS and isinstance(soft, int) and isinstance(hard, int))
+            or isinstance(soft, bool)
+            or isinstance(hard, bool)
+            or soft < 0
+            or hard < 0
+        ):
             raise BundleError(f"{source}: {where}rlimits entry {str(item)[:80]} is not a known limit")
         limits.append((kind, soft, hard))
-    return Process(tuple(args), env, posixpath.normpath(cwd), uid, gid,
-                   bool(_get(process, "terminal", bool, where, False, source)), tuple(limits))
+    return Process(
+        tuple(args),
+        env,
+        posixpath.normpath(cwd),
+        uid,
+        gid,
+        bool(_get(process, "terminal", bool, where, False, source)),
+        tuple(limits),
+    )
 
 
 def program_path(process: Process, root: Path | None, source: str) -> str:
@@ -208,16 +269,19 @@ def program_path(process: Process, root: Path | None, source: str) -> str:
     if program.startswith("/"):
         return posixpath.normpath(program)
     if "/" in program:
-        raise BundleError(f"{source}: {where}args[0] {program!r} is a relative path",
-                          "give the program's absolute path, or a name found in PATH")
+        raise BundleError(
+            f"{source}: {where}args[0] {program!r} is a relative path",
+            "give the program's absolute path, or a name found in PATH",
+        )
     if root is not None:
         for folder in process.env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
             if folder.startswith("/"):
                 candidate = posixpath.normpath(posixpath.join(folder, program))
                 if resolve_in_image(root, candidate, follow_last=True).is_file():
                     return candidate
-    raise BundleError(f"{source}: {where}args[0] {program!r} is not in the image's PATH",
-                      "give the program's absolute path")
+    raise BundleError(
+        f"{source}: {where}args[0] {program!r} is not in the image's PATH", "give the program's absolute path"
+    )
 
 
 def _check_linux(linux: dict[str, Any]) -> None:
@@ -225,14 +289,18 @@ def _check_linux(linux: dict[str, Any]) -> None:
     if namespaces is not None:
         pid = [n for n in namespaces if isinstance(n, dict) and n.get("type") == "pid"]
         if not pid or pid[0].get("path"):
-            raise BundleError("config.json: linux.namespaces: the host's (or another container's) PID namespace "
-                              "cannot be shared with an enclave")
+            raise BundleError(
+                "config.json: linux.namespaces: the host's (or another container's) PID namespace "
+                "cannot be shared with an enclave"
+            )
     if _get(linux, "devices", list, "linux.", []):
         raise BundleError("config.json: linux.devices: devices cannot be passed into an enclave")
     masked = _get(linux, "maskedPaths", list, "linux.", None)
     if linux.get("seccomp") is None and namespaces is not None and masked == []:
-        raise BundleError("config.json: linux.maskedPaths is empty and linux.seccomp absent: a privileged "
-                          "container cannot be an enclave")
+        raise BundleError(
+            "config.json: linux.maskedPaths is empty and linux.seccomp absent: a privileged "
+            "container cannot be an enclave"
+        )
 
 
 def _check_mounts(mounts: list[Any]) -> None:
@@ -241,8 +309,10 @@ def _check_mounts(mounts: list[Any]) -> None:
             raise BundleError(f"config.json: mounts[{index}] has no destination")
         target = posixpath.normpath("/" + mount["destination"].lstrip("/"))
         if target == "/dev/attestation" or target.startswith("/dev/attestation/"):
-            raise BundleError(f"config.json: mounts[{index}].destination {mount['destination']}: "
-                              "/dev/attestation is Cove's and cannot be mounted over")
+            raise BundleError(
+                f"config.json: mounts[{index}].destination {mount['destination']}: "
+                "/dev/attestation is Cove's and cannot be mounted over"
+            )
         if target.startswith("/.cove"):
             raise BundleError(f"config.json: mounts[{index}].destination {mount['destination']}: /.cove is Cove's")
         kind = mount.get("type") or ""
@@ -250,5 +320,7 @@ def _check_mounts(mounts: list[Any]) -> None:
             raise BundleError(f"config.json: mounts[{index}].type must be a string")
         if kind in ENGINE_TYPES or target in ENGINE_FILES:
             continue  # the sandbox provides its own (or none): the engine's is not used
-        raise BundleError(f"config.json: mounts[{index}] ({kind or 'bind'} at {target}): host folders reach an "
-                          "enclave only as measured [[mounts]] in cove.toml")
+        raise BundleError(
+            f"config.json: mounts[{index}] ({kind or 'bind'} at {target}): host folders reach an "
+            "enclave only as measured [[mounts]] in cove.toml"
+        )

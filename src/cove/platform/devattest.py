@@ -50,14 +50,19 @@ class FixedTree(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                         ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -66,30 +71,48 @@ class FixedTree(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                         flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
 
 class AttestationFs(FixedTree):
     """The file tree; ``evidence``/``report`` sign for the current report data."""
 
-    def __init__(self, attestation_type: str, evidence: Callable[[bytes], bytes] | None,
-                 report: Callable[[bytes], bytes] | None, keys: dict[str, Callable[[], bytes]] | None = None):
+    def __init__(
+        self,
+        attestation_type: str,
+        evidence: Callable[[bytes], bytes] | None,
+        report: Callable[[bytes], bytes] | None,
+        keys: dict[str, Callable[[], bytes]] | None = None,
+    ):
         super().__init__()
         self.report_data = bytes(REPORT_DATA_SIZE)
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = time.time_ns()
-        nodes = [Node(ROOT, b"", ROOT, stat.S_IFDIR | 0o555),
-                 Node(2, b"attestation_type", ROOT, stat.S_IFREG | 0o444, lambda: attestation_type.encode())]
+        nodes = [
+            Node(ROOT, b"", ROOT, stat.S_IFDIR | 0o555),
+            Node(2, b"attestation_type", ROOT, stat.S_IFREG | 0o444, lambda: attestation_type.encode()),
+        ]
         if evidence is not None and report is not None:
             nodes += [
                 Node(3, b"user_report_data", ROOT, stat.S_IFREG | 0o666, lambda: self.report_data, writable=True),
@@ -124,7 +147,9 @@ class AttestationFs(FixedTree):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         for node in self.nodes.values():
             if node.parent == parent_inode and node.name == name and node.inode != ROOT:
                 return self._attrs(node)
@@ -136,8 +161,7 @@ class AttestationFs(FixedTree):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = sorted((n for n in self.nodes.values() if n.parent == fh and n.inode != ROOT),
-                          key=lambda n: n.inode)
+        children = sorted((n for n in self.nodes.values() if n.parent == fh and n.inode != ROOT), key=lambda n: n.inode)
         for node in children:
             if node.inode <= start_id:
                 continue
@@ -173,7 +197,7 @@ class AttestationFs(FixedTree):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
-        return handle.content[off: off + size]
+        return handle.content[off : off + size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
@@ -186,8 +210,14 @@ class AttestationFs(FixedTree):
             self.report_data = bytes(handle.written)
         return len(buf)
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
-                          ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size and not (node.writable and attr.st_size == 0):
             raise pyfuse3.FUSEError(errno.EACCES)  # only the O_TRUNC of opening user_report_data

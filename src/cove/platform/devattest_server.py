@@ -38,9 +38,15 @@ class SealingIdentity:
 
 def claims_from_json(data: dict) -> EnclaveClaims:
     return EnclaveClaims(
-        measurement=bytes.fromhex(data["measurement"]), signer=bytes.fromhex(data["signer"]),
-        product_id=int(data["product_id"]), svn=int(data["svn"]), debug=bool(data["debug"]),
-        backend=str(data["backend"]), isolation=str(data["isolation"]), instance_id=str(data["instance_id"]))
+        measurement=bytes.fromhex(data["measurement"]),
+        signer=bytes.fromhex(data["signer"]),
+        product_id=int(data["product_id"]),
+        svn=int(data["svn"]),
+        debug=bool(data["debug"]),
+        backend=str(data["backend"]),
+        isolation=str(data["isolation"]),
+        instance_id=str(data["instance_id"]),
+    )
 
 
 def sealing_keys(claims: EnclaveClaims) -> dict:
@@ -66,22 +72,29 @@ def platform_signer() -> tuple[ReportSigner | None, str | None]:
         return None, exc.line()
 
 
-def build(claims: EnclaveClaims,
-          loaded: tuple[ReportSigner | None, str | None] | None = None) -> tuple[AttestationFs, str | None]:
+def build(
+    claims: EnclaveClaims, loaded: tuple[ReportSigner | None, str | None] | None = None
+) -> tuple[AttestationFs, str | None]:
     """The file system, and why it can only say "none" (None when it can quote)."""
     signer, why_none = loaded or platform_signer()
     if signer is None:
         return AttestationFs("none", None, None, sealing_keys(claims)), why_none
-    return AttestationFs("cove", lambda rd: signer.evidence(claims, rd),
-                         lambda rd: signer.signed_report(claims, rd), sealing_keys(claims)), None
+    return AttestationFs(
+        "cove",
+        lambda rd: signer.evidence(claims, rd),
+        lambda rd: signer.signed_report(claims, rd),
+        sealing_keys(claims),
+    ), None
 
 
 async def _serve(parent: int) -> None:
     async with trio.open_nursery() as nursery:
+
         async def stop_when_orphaned():
             while os.getppid() == parent:  # a fallback for the parent-death signal
                 await trio.sleep(1)
             pyfuse3.terminate()
+
         nursery.start_soon(stop_when_orphaned)
 
         async def stop_on_signal():
@@ -89,6 +102,7 @@ async def _serve(parent: int) -> None:
                 async for _ in signals:
                     pyfuse3.terminate()
                     return
+
         nursery.start_soon(stop_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -97,11 +111,16 @@ async def _serve(parent: int) -> None:
 def main(argv: list[str]) -> int:
     parent = os.getppid()
     if len(argv) > 1:
-        print("usage: python -m cove.platform.devattest_server [MOUNTPOINT] < identity.json "
-              "(without MOUNTPOINT, stdin's first line names it)", file=sys.stderr)
+        print(
+            "usage: python -m cove.platform.devattest_server [MOUNTPOINT] < identity.json "
+            "(without MOUNTPOINT, stdin's first line names it)",
+            file=sys.stderr,
+        )
         return 2
+
     def leave(signum, frame):  # until trio takes over, a SIGTERM still unmounts on the way out
         raise SystemExit(0)
+
     signal.signal(signal.SIGTERM, leave)
     # started early (cove.runtime.attestation_early.prestart), it has imported all it needs by the time
     # the runtime has verified the build and knows the mountpoint and the identity

@@ -35,20 +35,41 @@ def self_certified(pak: bytes, runtime: bytes) -> ev.Endorsement:
     return ev.Endorsement(root="self-certified", pak=pak, runtime=runtime, epoch=epoch, epoch_start_ms=start)
 
 
-def tpm_rooted(tpm: Tpm, config: PlatformConfig, pak: bytes, runtime: bytes, ak_public: bytes,
-               ak_chain: tuple[bytes, ...], ek_chain: tuple[bytes, ...]) -> ev.Endorsement:
+def tpm_rooted(
+    tpm: Tpm,
+    config: PlatformConfig,
+    pak: bytes,
+    runtime: bytes,
+    ak_public: bytes,
+    ak_chain: tuple[bytes, ...],
+    ek_chain: tuple[bytes, ...],
+) -> ev.Endorsement:
     """Reset and extend Cove's PCR, then quote it with the boot PCRs."""
     epoch, start = _new_epoch()
     tpm.reset_and_extend(config.pcr, [runtime, ev.pak_hash(pak)])
     selection = sorted(set(ev.BOOT_PCRS) | {config.pcr})
     attest, signature, pcr_file = tpm.quote(config.ak_handle, selection, ev.quote_qualifier(pak, runtime, epoch, start))
     return ev.Endorsement(
-        root="tpm", pak=pak, runtime=runtime, epoch=epoch, epoch_start_ms=start,
-        tpm=ev.TpmEndorsement(attest=attest, signature=signature, pcrs=parse_pcr_file(pcr_file), pcr=config.pcr,
-                              ak=ak_public, ak_chain=ak_chain, ek_chain=ek_chain))
+        root="tpm",
+        pak=pak,
+        runtime=runtime,
+        epoch=epoch,
+        epoch_start_ms=start,
+        tpm=ev.TpmEndorsement(
+            attest=attest,
+            signature=signature,
+            pcrs=parse_pcr_file(pcr_file),
+            pcr=config.pcr,
+            ak=ak_public,
+            ak_chain=ak_chain,
+            ek_chain=ek_chain,
+        ),
+    )
 
 
-def enroll_ak(tpm: Tpm, config: PlatformConfig, ca: AkCa, ek_chain: tuple[bytes, ...]) -> tuple[bytes, tuple[bytes, ...]]:
+def enroll_ak(
+    tpm: Tpm, config: PlatformConfig, ca: AkCa, ek_chain: tuple[bytes, ...]
+) -> tuple[bytes, tuple[bytes, ...]]:
     """Make a new AK and have ``ca`` certify it by credential activation: (TPM2B_PUBLIC, chain)."""
     ak_public = tpm.create_ak(config.ak_handle)
     now = datetime.now(timezone.utc)

@@ -46,8 +46,9 @@ class InitOptions:
 def _tpm_of(config: PlatformConfig) -> Tpm:
     """The TPM of a TPM-rooted platform's configuration."""
     if not config.tcti:
-        raise CoveError("the platform configuration names a TPM but not how to reach it",
-                        "run `cove platform init` again")
+        raise CoveError(
+            "the platform configuration names a TPM but not how to reach it", "run `cove platform init` again"
+        )
     return Tpm(config.tcti)
 
 
@@ -91,13 +92,16 @@ def _ak_ca(options: InitOptions, config: PlatformConfig, paths: Paths, ek_chain:
     elif options.ek_roots is not None:
         roots = Path(options.ek_roots).read_bytes()
     else:
-        raise CoveError("a TPM's EK certificate needs a trusted root to certify the AK against",
-                        "give --ek-roots FILE (the TPM vendor's CA) or --ak-ca DIR")
+        raise CoveError(
+            "a TPM's EK certificate needs a trusted root to certify the AK against",
+            "give --ek-roots FILE (the TPM vendor's CA) or --ak-ca DIR",
+        )
     return AkCa.create(local, roots, name="Cove local AK CA"), str(local)
 
 
-def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
-         say: Callable[[str], None] = lambda _: None) -> dict:
+def init(
+    options: InitOptions = InitOptions(), paths: Paths | None = None, say: Callable[[str], None] = lambda _: None
+) -> dict:
     """Set up (or refresh) the platform; returns :func:`status`."""
     paths = paths or Paths()
     with paths.locked():
@@ -106,14 +110,20 @@ def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
         tpm = _tpm_of(config) if config.root == "tpm" else None
         if tpm is not None and not tpm.reachable():
             raise CoveError(f"the TPM at {config.tcti} is not reachable", "check the device, or use --swtpm")
-        same_root = (old is not None and old.root == config.root and old.swtpm == config.swtpm
-                     and (config.swtpm or old.tcti == config.tcti))
+        same_root = (
+            old is not None
+            and old.root == config.root
+            and old.swtpm == config.swtpm
+            and (config.swtpm or old.tcti == config.tcti)
+        )
         renew_key = options.rotate or options.force or not same_root or not paths.pak_public.exists()
         if renew_key:
             key = pak.generate()
             pak.save(paths, key, tpm)
-            say(f"new platform attestation key {ev.pak_hash(pak.spki(key)).hex()}"
-                + (" (sealed to the TPM)" if tpm else " (root-only file)"))
+            say(
+                f"new platform attestation key {ev.pak_hash(pak.spki(key)).hex()}"
+                + (" (sealed to the TPM)" if tpm else " (root-only file)")
+            )
         spki = pak.public(paths)
         runtime = runtime_hash()
         if tpm is None:
@@ -123,10 +133,16 @@ def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
                 stale.unlink(missing_ok=True)
         else:
             ek_chain = _ek_chain(tpm, config, options, paths)
-            reuse_ak = (not options.force and same_root and old is not None and old.ak_handle == config.ak_handle
-                        and paths.ak_public.exists() and paths.ak_chain.exists()
-                        and (options.ak_ca is None or str(Path(options.ak_ca).resolve()) == old.ak_ca)
-                        and _ak_present(tpm, config, paths))
+            reuse_ak = (
+                not options.force
+                and same_root
+                and old is not None
+                and old.ak_handle == config.ak_handle
+                and paths.ak_public.exists()
+                and paths.ak_chain.exists()
+                and (options.ak_ca is None or str(Path(options.ak_ca).resolve()) == old.ak_ca)
+                and _ak_present(tpm, config, paths)
+            )
             if reuse_ak:
                 assert old is not None  # reuse_ak needs the old configuration
                 ak_public, ak_chain = paths.ak_public.read_bytes(), endorse.pem_to_der(paths.ak_chain.read_bytes())
@@ -137,8 +153,10 @@ def init(options: InitOptions = InitOptions(), paths: Paths | None = None,
                 write_atomic(paths.ak_public, ak_public)
                 write_atomic(paths.ak_chain, endorse.der_to_pem(ak_chain))
                 config = replace(config, ak_ca=ca_dir)
-                say(f"attestation key certified by {x509.load_der_x509_certificate(ak_chain[-1]).subject.rfc4514_string()}"
-                    " after credential activation")
+                say(
+                    f"attestation key certified by {x509.load_der_x509_certificate(ak_chain[-1]).subject.rfc4514_string()}"
+                    " after credential activation"
+                )
             write_atomic(paths.ek_chain, endorse.der_to_pem(ek_chain))
             endorsement = endorse.tpm_rooted(tpm, config, spki, runtime, ak_public, ak_chain, ek_chain)
             say(f"PCR {config.pcr} extended with the runtime and the platform key; quote taken")
@@ -185,9 +203,15 @@ def signer(paths: Paths | None = None) -> ReportSigner:
             if tpm is None:
                 endorsement = endorse.self_certified(spki, runtime_hash())
             else:
-                endorsement = endorse.tpm_rooted(tpm, config, spki, runtime_hash(), paths.ak_public.read_bytes(),
-                                                 endorse.pem_to_der(paths.ak_chain.read_bytes()),
-                                                 endorse.pem_to_der(paths.ek_chain.read_bytes()))
+                endorsement = endorse.tpm_rooted(
+                    tpm,
+                    config,
+                    spki,
+                    runtime_hash(),
+                    paths.ak_public.read_bytes(),
+                    endorse.pem_to_der(paths.ak_chain.read_bytes()),
+                    endorse.pem_to_der(paths.ek_chain.read_bytes()),
+                )
             endorse.save(paths, endorsement)
         return ReportSigner(key, endorsement)
 
@@ -199,19 +223,25 @@ def status(paths: Paths | None = None) -> dict:
     if config is None:
         return {"initialized": False, "directory": str(paths.dir)}
     endorsement = endorse.load(paths)
-    out: dict = {"initialized": True, "directory": str(paths.dir), "root": config.root,
-                 "runtime": runtime_hash().hex()}
+    out: dict = {"initialized": True, "directory": str(paths.dir), "root": config.root, "runtime": runtime_hash().hex()}
     if endorsement is not None:
-        out.update({
-            "platform_key": ev.pak_hash(endorsement.pak).hex(),
-            "epoch": endorsement.epoch.hex(),
-            "epoch_start": datetime.fromtimestamp(endorsement.epoch_start_ms / 1000, timezone.utc).isoformat(),
-            "endorsed_runtime": endorsement.runtime.hex(),
-            "current": endorsement.runtime == runtime_hash(),
-        })
+        out.update(
+            {
+                "platform_key": ev.pak_hash(endorsement.pak).hex(),
+                "epoch": endorsement.epoch.hex(),
+                "epoch_start": datetime.fromtimestamp(endorsement.epoch_start_ms / 1000, timezone.utc).isoformat(),
+                "endorsed_runtime": endorsement.runtime.hex(),
+                "current": endorsement.runtime == runtime_hash(),
+            }
+        )
     if config.root == "tpm":
-        tpm_info: dict = {"tcti": config.tcti, "pcr": config.pcr, "ak_handle": f"0x{config.ak_handle:08x}",
-                          "ak_ca": config.ak_ca, "swtpm": config.swtpm}
+        tpm_info: dict = {
+            "tcti": config.tcti,
+            "pcr": config.pcr,
+            "ak_handle": f"0x{config.ak_handle:08x}",
+            "ak_ca": config.ak_ca,
+            "swtpm": config.swtpm,
+        }
         if config.swtpm:
             sw = SwTpm(paths.swtpm)
             tpm_info["swtpm_pid"] = sw.pid()
@@ -226,7 +256,9 @@ def status(paths: Paths | None = None) -> dict:
             out["current"] = out["current"] and tpm_info["pcr_matches_quote"]
         if paths.ek_chain.exists():
             chain = x509.load_pem_x509_certificates(paths.ek_chain.read_bytes())
-            tpm_info["ek_certificate_sha256"] = hashlib.sha256(endorse.pem_to_der(paths.ek_chain.read_bytes())[0]).hexdigest()
+            tpm_info["ek_certificate_sha256"] = hashlib.sha256(
+                endorse.pem_to_der(paths.ek_chain.read_bytes())[0]
+            ).hexdigest()
             tpm_info["ek_issuer"] = chain[0].issuer.rfc4514_string()
         if paths.ak_public.exists():
             from cove.attest.tpm_structs import parse_public
@@ -235,7 +267,9 @@ def status(paths: Paths | None = None) -> dict:
         if config.ak_ca:
             tpm_info["ak_ca_certificate"] = str(Path(config.ak_ca) / "ca.pem")
         if endorsement is not None and endorsement.tpm is not None:
-            tpm_info["quoted_pcrs"] = {f"sha256:{i}": v.hex() for i, v in sorted(endorsement.tpm.pcrs["sha256"].items())}
+            tpm_info["quoted_pcrs"] = {
+                f"sha256:{i}": v.hex() for i, v in sorted(endorsement.tpm.pcrs["sha256"].items())
+            }
         out["tpm"] = tpm_info
     return out
 

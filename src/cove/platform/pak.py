@@ -38,8 +38,13 @@ def save(paths: Paths, key: ec.EllipticCurvePrivateKey, tpm: Tpm | None) -> None
         write_atomic(paths.pak_sealed_priv, private, mode=0o600)
         paths.pak.unlink(missing_ok=True)
     else:
-        write_atomic(paths.pak, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()), mode=0o600)
+        write_atomic(
+            paths.pak,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            mode=0o600,
+        )
         paths.pak_sealed_pub.unlink(missing_ok=True)
         paths.pak_sealed_priv.unlink(missing_ok=True)
     write_atomic(paths.pak_public, spki(key), mode=0o644)
@@ -57,8 +62,9 @@ def load(paths: Paths, tpm: Tpm | None) -> ec.EllipticCurvePrivateKey:
     try:
         if paths.pak_sealed_pub.exists():
             if tpm is None:
-                raise CoveError("the platform key is sealed to a TPM but no TPM is configured",
-                                "run `cove platform init --force`")
+                raise CoveError(
+                    "the platform key is sealed to a TPM but no TPM is configured", "run `cove platform init --force`"
+                )
             scalar = tpm.unseal(paths.pak_sealed_pub.read_bytes(), paths.pak_sealed_priv.read_bytes())
             key = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
         else:

@@ -57,15 +57,26 @@ class ReportSigner:
         if len(report_data) != ev.REPORT_DATA_SIZE:
             raise CoveError(f"report data must be {ev.REPORT_DATA_SIZE} bytes, not {len(report_data)}")
         report = ev.Report(
-            measurement=claims.measurement, signer=claims.signer, product_id=claims.product_id, svn=claims.svn,
-            debug=claims.debug, backend=claims.backend, isolation=claims.isolation,
-            instance_id=claims.instance_id, report_data=bytes(report_data), timestamp_ms=int(time.time() * 1000),
-            platform_key=self.platform_key, root=self.endorsement.root, endorsement=self._endorsement_digest)
+            measurement=claims.measurement,
+            signer=claims.signer,
+            product_id=claims.product_id,
+            svn=claims.svn,
+            debug=claims.debug,
+            backend=claims.backend,
+            isolation=claims.isolation,
+            instance_id=claims.instance_id,
+            report_data=bytes(report_data),
+            timestamp_ms=int(time.time() * 1000),
+            platform_key=self.platform_key,
+            root=self.endorsement.root,
+            endorsement=self._endorsement_digest,
+        )
         data = ev.encode_report(report)
         return data, self.key.sign(ev.REPORT_CONTEXT + data, ec.ECDSA(hashes.SHA256()))
 
-    def evidence(self, claims: EnclaveClaims, report_data: bytes,
-                 vtpm: Callable[[bytes], ev.VtpmQuote] | None = None) -> bytes:
+    def evidence(
+        self, claims: EnclaveClaims, report_data: bytes, vtpm: Callable[[bytes], ev.VtpmQuote] | None = None
+    ) -> bytes:
         """Evidence for ``claims``; a vm enclave's ``vtpm`` quotes its launch PCR for the report's bytes."""
         data, signature = self.report(claims, report_data)
         return ev.encode_evidence(data, signature, self._endorsement, vtpm(data) if vtpm is not None else None)

@@ -36,11 +36,15 @@ def ensure_private_dir(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.stat(path)
     except OSError as exc:
-        raise PlatformError(f"cannot create the platform folder {path}: {exc.strerror}",
-                            "run as root, or set COVE_PLATFORM_DIR to a folder you own") from None
+        raise PlatformError(
+            f"cannot create the platform folder {path}: {exc.strerror}",
+            "run as root, or set COVE_PLATFORM_DIR to a folder you own",
+        ) from None
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise PlatformError(f"{path} is not private (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})",
-                            f"chown it to uid {os.geteuid()} and chmod 700")
+        raise PlatformError(
+            f"{path} is not private (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})",
+            f"chown it to uid {os.geteuid()} and chmod 700",
+        )
     return path
 
 
@@ -54,14 +58,17 @@ def _read(path: Path) -> bytes | None:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise PlatformError(f"{path} is not a private file (mode {stat.S_IMODE(st.st_mode):o})",
-                                "it must be a regular file owned by you with mode 600")
+            raise PlatformError(
+                f"{path} is not a private file (mode {stat.S_IMODE(st.st_mode):o})",
+                "it must be a regular file owned by you with mode 600",
+            )
         data = os.read(fd, SIZE + 1)
     finally:
         os.close(fd)
     if len(data) != SIZE:
-        raise PlatformError(f"{path} holds {len(data)} bytes, not {SIZE}",
-                            "restore it from a backup; every sealed volume depends on it")
+        raise PlatformError(
+            f"{path} holds {len(data)} bytes, not {SIZE}", "restore it from a backup; every sealed volume depends on it"
+        )
     return data
 
 

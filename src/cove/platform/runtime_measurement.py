@@ -19,8 +19,14 @@ PACKAGE = Path(cove.__file__).resolve().parent
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                   and p.suffix not in (".pyc", ".pyo")), key=lambda p: p.relative_to(root).as_posix())
+    return sorted(
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
 
 
 def measure(root: Path = PACKAGE) -> bytes:

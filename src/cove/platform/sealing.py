@@ -59,8 +59,7 @@ def _derive(info: bytes, length: int) -> bytes:
     return HKDF(hashes.SHA256(), length, _SALT, info).derive(root_secret())
 
 
-def sealing_key(identity: Identity, policy: str, svn: int | None = None,
-                purpose: bytes = b"") -> bytes:
+def sealing_key(identity: Identity, policy: str, svn: int | None = None, purpose: bytes = b"") -> bytes:
     """The 16-byte key of ``identity`` under ``policy`` at ``svn`` (default: its own).
 
     ``purpose`` separates keys of one identity used for different things.
@@ -71,14 +70,21 @@ def sealing_key(identity: Identity, policy: str, svn: int | None = None,
     if not 0 <= svn <= 0xFFFF:
         raise SealingError(f"svn {svn} is out of range")
     if svn > identity.svn:
-        raise SealingError(f"data sealed at svn {svn} cannot be unsealed by an enclave with svn "
-                           f"{identity.svn}", "a lower svn never reads what a higher svn sealed")
+        raise SealingError(
+            f"data sealed at svn {svn} cannot be unsealed by an enclave with svn {identity.svn}",
+            "a lower svn never reads what a higher svn sealed",
+        )
     if policy == "mrenclave":
         who = _field(bytes(identity.measurement))
     else:
         who = _field(bytes(identity.signer)) + struct.pack("<H", identity.product_id)
-    info = (b"cove seal key\0" + _field(policy.encode()) + who
-            + struct.pack("<HB", svn, 1 if identity.debug else 0) + _field(purpose))
+    info = (
+        b"cove seal key\0"
+        + _field(policy.encode())
+        + who
+        + struct.pack("<HB", svn, 1 if identity.debug else 0)
+        + _field(purpose)
+    )
     return _derive(info, KEY_SIZE)
 
 
@@ -89,8 +95,7 @@ def _platform_key(label: str) -> bytes:
 def seal(data: bytes, label: str) -> bytes:
     """Encrypt ``data`` so that only this platform (its root secret) can read it back."""
     nonce = os.urandom(12)
-    return _BLOB_MAGIC + nonce + AESGCM(_platform_key(label)).encrypt(nonce, bytes(data),
-                                                                      _BLOB_MAGIC + label.encode())
+    return _BLOB_MAGIC + nonce + AESGCM(_platform_key(label)).encrypt(nonce, bytes(data), _BLOB_MAGIC + label.encode())
 
 
 def unseal(blob: bytes, label: str) -> bytes:
@@ -99,8 +104,11 @@ def unseal(blob: bytes, label: str) -> bytes:
         raise SealingError("not data sealed by Cove")
     head = len(_BLOB_MAGIC)
     try:
-        return AESGCM(_platform_key(label)).decrypt(blob[head:head + 12], blob[head + 12:],
-                                                    _BLOB_MAGIC + label.encode())
+        return AESGCM(_platform_key(label)).decrypt(
+            blob[head : head + 12], blob[head + 12 :], _BLOB_MAGIC + label.encode()
+        )
     except InvalidTag:
-        raise SealingError("sealed data does not open on this platform",
-                           "it was sealed on another host or under another label, or modified") from None
+        raise SealingError(
+            "sealed data does not open on this platform",
+            "it was sealed on another host or under another label, or modified",
+        ) from None

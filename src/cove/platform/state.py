@@ -73,8 +73,10 @@ class Paths:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.dir, 0o700)
         except OSError as exc:
-            raise CoveError(f"cannot create the platform folder {self.dir}: {exc.strerror}",
-                            "run as root, or set COVE_PLATFORM_DIR to a folder you own") from None
+            raise CoveError(
+                f"cannot create the platform folder {self.dir}: {exc.strerror}",
+                "run as root, or set COVE_PLATFORM_DIR to a folder you own",
+            ) from None
 
     def read_config(self) -> PlatformConfig | None:
         """platform.json through cove.decode; damaged (bad JSON, a wrong type, an unknown key) is one CoveError."""
@@ -95,10 +97,14 @@ class Paths:
         f = Fields(data, "the config", damaged, [field.name for field in fields(PlatformConfig)])
         if f.map.get("version") != CONFIG_VERSION:
             raise CoveError(f"{self.config} has an unknown version", "run `cove platform init --force`")
-        return PlatformConfig(root=f.text("root", ("tpm", "self-certified")), tcti=_optional_text(f, "tcti"),
-                              swtpm=f.boolean("swtpm", False), pcr=f.integer("pcr", 0, 23, default=23),
-                              ak_handle=f.integer("ak_handle", 0, 2**32 - 1, default=0x81018000),
-                              ak_ca=_optional_text(f, "ak_ca"))
+        return PlatformConfig(
+            root=f.text("root", ("tpm", "self-certified")),
+            tcti=_optional_text(f, "tcti"),
+            swtpm=f.boolean("swtpm", False),
+            pcr=f.integer("pcr", 0, 23, default=23),
+            ak_handle=f.integer("ak_handle", 0, 2**32 - 1, default=0x81018000),
+            ak_ca=_optional_text(f, "ak_ca"),
+        )
 
     def write_config(self, config: PlatformConfig) -> None:
         write_atomic(self.config, (json.dumps(asdict(config), indent=2) + "\n").encode(), mode=0o600)

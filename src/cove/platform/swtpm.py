@@ -69,17 +69,42 @@ class SwTpm:
         for d in (self.state, self.ca):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         localca = self.dir / "swtpm-localca.conf"
-        write_atomic(localca, (f"statedir = {self.ca}\nsigningkey = {self.ca}/signkey.pem\n"
-                               f"issuercert = {self.ca}/issuercert.pem\ncertserial = {self.ca}/certserial\n").encode())
+        write_atomic(
+            localca,
+            (
+                f"statedir = {self.ca}\nsigningkey = {self.ca}/signkey.pem\n"
+                f"issuercert = {self.ca}/issuercert.pem\ncertserial = {self.ca}/certserial\n"
+            ).encode(),
+        )
         options = self.dir / "swtpm-localca.options"
         write_atomic(options, b"--platform-manufacturer Cove\n--platform-version 1.0\n--platform-model swtpm\n")
         setup_conf = self.dir / "swtpm_setup.conf"
-        write_atomic(setup_conf, (f"create_certs_tool = {_tool('swtpm_localca')}\n"
-                                  f"create_certs_tool_config = {localca}\n"
-                                  f"create_certs_tool_options = {options}\nactive_pcr_banks = sha256\n").encode())
-        proc = subprocess.run([_tool("swtpm_setup"), "--tpm2", "--tpm-state", str(self.state), "--create-ek-cert",
-                               "--create-platform-cert", "--config", str(setup_conf), "--overwrite",
-                               "--pcr-banks", "sha256"], capture_output=True, text=True, timeout=120)
+        write_atomic(
+            setup_conf,
+            (
+                f"create_certs_tool = {_tool('swtpm_localca')}\n"
+                f"create_certs_tool_config = {localca}\n"
+                f"create_certs_tool_options = {options}\nactive_pcr_banks = sha256\n"
+            ).encode(),
+        )
+        proc = subprocess.run(
+            [
+                _tool("swtpm_setup"),
+                "--tpm2",
+                "--tpm-state",
+                str(self.state),
+                "--create-ek-cert",
+                "--create-platform-cert",
+                "--config",
+                str(setup_conf),
+                "--overwrite",
+                "--pcr-banks",
+                "sha256",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0 or not self.manufactured:
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             raise CoveError(f"swtpm_setup failed: {last}")
@@ -122,12 +147,29 @@ class SwTpm:
             return self.tcti()
         port = _free_port_pair()
         ctrl = port + 1
-        proc = subprocess.run([
-            _tool("swtpm"), "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-            "--flags", "startup-clear", "--daemon", "--pid", f"file={self.pid_file}",
-            "--log", f"file={self.log}"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [
+                _tool("swtpm"),
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state}",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                "--flags",
+                "startup-clear",
+                "--daemon",
+                "--pid",
+                f"file={self.pid_file}",
+                "--log",
+                f"file={self.log}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode != 0:
             raise CoveError(f"swtpm failed to start: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
         write_atomic(self.port_file, f"{port}\n".encode())

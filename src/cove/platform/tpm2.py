@@ -50,8 +50,10 @@ class Tpm:
             lines = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
             last = lines[-1] if lines else f"exit code {proc.returncode}"
             if "Failed to initialize tcti" in proc.stderr.decode("utf-8", "replace") or "Connection refused" in last:
-                raise TpmError(f"the TPM at {self.tcti} is not reachable",
-                               "start it with `cove platform init --swtpm`, or check the TPM device")
+                raise TpmError(
+                    f"the TPM at {self.tcti} is not reachable",
+                    "start it with `cove platform init --swtpm`, or check the TPM device",
+                )
             raise TpmError(f"{tool} failed: {last.strip()}")
         return proc.stdout
 
@@ -94,8 +96,25 @@ class Tpm:
             t = Path(tmp)
             ek_ctx, _ = self._ek(t)
             self.evict(handle)
-            self.run("tpm2_createak", "-C", str(ek_ctx), "-c", str(t / "ak.ctx"), "-G", "ecc", "-g", "sha256",
-                     "-s", "ecdsa", "-u", str(t / "ak.pub"), "-n", str(t / "ak.name"), "-r", str(t / "ak.priv"))
+            self.run(
+                "tpm2_createak",
+                "-C",
+                str(ek_ctx),
+                "-c",
+                str(t / "ak.ctx"),
+                "-G",
+                "ecc",
+                "-g",
+                "sha256",
+                "-s",
+                "ecdsa",
+                "-u",
+                str(t / "ak.pub"),
+                "-n",
+                str(t / "ak.name"),
+                "-r",
+                str(t / "ak.priv"),
+            )
             self.flush()
             self.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{handle:08x}")
             self.flush()
@@ -126,8 +145,19 @@ class Tpm:
             self.run("tpm2_startauthsession", "--policy-session", "-S", str(t / "s.ctx"))
             try:
                 self.run("tpm2_policysecret", "-S", str(t / "s.ctx"), "-c", "e")
-                self.run("tpm2_activatecredential", "-c", f"0x{ak_handle:08x}", "-C", str(ek_ctx),
-                         "-i", str(t / "cred"), "-o", str(t / "secret"), "-P", f"session:{t / 's.ctx'}")
+                self.run(
+                    "tpm2_activatecredential",
+                    "-c",
+                    f"0x{ak_handle:08x}",
+                    "-C",
+                    str(ek_ctx),
+                    "-i",
+                    str(t / "cred"),
+                    "-o",
+                    str(t / "secret"),
+                    "-P",
+                    f"session:{t / 's.ctx'}",
+                )
             finally:
                 self.run("tpm2_flushcontext", "-s")
                 self.flush()
@@ -152,9 +182,23 @@ class Tpm:
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             self.flush()
-            self.run("tpm2_quote", "-c", f"0x{ak_handle:08x}", "-l", "sha256:" + ",".join(map(str, pcrs)),
-                     "-q", qualifying.hex(), "-m", str(t / "msg"), "-s", str(t / "sig"), "-o", str(t / "pcrs"),
-                     "-g", "sha256")
+            self.run(
+                "tpm2_quote",
+                "-c",
+                f"0x{ak_handle:08x}",
+                "-l",
+                "sha256:" + ",".join(map(str, pcrs)),
+                "-q",
+                qualifying.hex(),
+                "-m",
+                str(t / "msg"),
+                "-s",
+                str(t / "sig"),
+                "-o",
+                str(t / "pcrs"),
+                "-g",
+                "sha256",
+            )
             self.flush()
             return (t / "msg").read_bytes(), (t / "sig").read_bytes(), (t / "pcrs").read_bytes()
 
@@ -170,8 +214,9 @@ class Tpm:
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             primary = self._primary(t)
-            self.run("tpm2_create", "-C", str(primary), "-u", str(t / "pub"), "-r", str(t / "priv"), "-i", "-",
-                     input=secret)
+            self.run(
+                "tpm2_create", "-C", str(primary), "-u", str(t / "pub"), "-r", str(t / "priv"), "-i", "-", input=secret
+            )
             self.flush()
             return (t / "pub").read_bytes(), (t / "priv").read_bytes()
 
@@ -181,8 +226,9 @@ class Tpm:
             (t / "pub").write_bytes(public)
             (t / "priv").write_bytes(private)
             primary = self._primary(t)
-            self.run("tpm2_load", "-C", str(primary), "-u", str(t / "pub"), "-r", str(t / "priv"),
-                     "-c", str(t / "obj.ctx"))
+            self.run(
+                "tpm2_load", "-C", str(primary), "-u", str(t / "pub"), "-r", str(t / "priv"), "-c", str(t / "obj.ctx")
+            )
             self.flush()
             try:
                 return self.run("tpm2_unseal", "-c", str(t / "obj.ctx"))

@@ -32,9 +32,13 @@ def spawn(mountpoint: Path | None, log: IO[bytes] | int) -> subprocess.Popen[byt
     """The server (``python -m cove.platform.devattest_server``); without a mountpoint it reads one first."""
     return subprocess.Popen(
         [sys.executable, "-m", "cove.platform.devattest_server", *([str(mountpoint)] if mountpoint else [])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        close_fds=True,
         start_new_session=True,  # the user's ^C reaches the enclave, not this server
-        preexec_fn=die_with_parent)
+        preexec_fn=die_with_parent,
+    )
 
 
 def prestart() -> None:

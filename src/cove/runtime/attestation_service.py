@@ -30,9 +30,18 @@ START_TIMEOUT = 20.0
 
 def identity_json(ctx: ServiceContext) -> str:
     i = ctx.identity
-    return json.dumps({"measurement": i.measurement.hex(), "signer": i.signer.hex(), "product_id": i.product_id,
-                       "svn": i.svn, "debug": i.debug, "backend": ctx.backend, "isolation": ctx.isolation,
-                       "instance_id": ctx.instance_id})
+    return json.dumps(
+        {
+            "measurement": i.measurement.hex(),
+            "signer": i.signer.hex(),
+            "product_id": i.product_id,
+            "svn": i.svn,
+            "debug": i.debug,
+            "backend": ctx.backend,
+            "isolation": ctx.isolation,
+            "instance_id": ctx.instance_id,
+        }
+    )
 
 
 def _unmount(path: Path) -> None:
@@ -56,8 +65,9 @@ class AttestationService(EnclaveService):
     def begin(self, ctx: ServiceContext) -> None:
         """Spawn the server now: its start-up overlaps with the runtime copying the image."""
         if not os.path.exists("/dev/fuse"):
-            raise SetupError("FUSE is not available (/dev/fuse), so /dev/attestation cannot be served",
-                             "run scripts/setup")
+            raise SetupError(
+                "FUSE is not available (/dev/fuse), so /dev/attestation cannot be served", "run scripts/setup"
+            )
         self.mountpoint = ctx.workdir / "attestation"
         self.mountpoint.mkdir(mode=0o755)
         early = attestation_early.take()
@@ -85,8 +95,11 @@ class AttestationService(EnclaveService):
             self.begin(ctx)  # a caller that did not begin early
         line = self._ready_line()
         if line.startswith("ready none:"):
-            print(f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:'):].strip()}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:') :].strip()}",
+                file=sys.stderr,
+                flush=True,
+            )
         assert self.mountpoint is not None  # begin() made it
         return [Bind(self.mountpoint, TARGET, writable=True)]
 

@@ -63,8 +63,11 @@ class EnclaveService(ABC):
 
 
 # "module:function" factories returning the services a context needs.
-FACTORIES: list[str] = ["cove.runtime.attestation_service:services", "cove.runtime.provisioning:services",
-                        "cove.runtime.securefs_mounts:services"]
+FACTORIES: list[str] = [
+    "cove.runtime.attestation_service:services",
+    "cove.runtime.provisioning:services",
+    "cove.runtime.securefs_mounts:services",
+]
 
 
 def services_for(ctx: ServiceContext) -> list[EnclaveService]:

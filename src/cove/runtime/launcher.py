@@ -36,8 +36,7 @@ from cove.runtime.backend import LaunchSpec
 from cove.runtime.terminal import Terminal
 from cove.util import entry_point_allows
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,9 @@ def resolve_user(user: str, root: Path) -> tuple[int, int]:
                 return int(fields[2]), int(fields[3])
     except (OSError, ValueError):
         pass
-    raise CoveError(f"user {user!r} is not in the image's /etc/passwd",
-                    "add it there, or use \"UID:GID\" in [process] user")
+    raise CoveError(
+        f"user {user!r} is not in the image's /etc/passwd", 'add it there, or use "UID:GID" in [process] user'
+    )
 
 
 def build_environment(config: Config, host: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,11 +112,15 @@ def _validate_request(verified: VerifiedBuild, request: RunRequest) -> str:
     config = verified.config
     if request.debug_shell:
         if not config.enclave.debug:
-            raise CoveError("--debug-enclave needs a debug enclave",
-                            "set [enclave] debug = true and rebuild; never ship a debug enclave")
+            raise CoveError(
+                "--debug-enclave needs a debug enclave",
+                "set [enclave] debug = true and rebuild; never ship a debug enclave",
+            )
     elif not allowed(program, config.process.entry_points):
-        raise CoveError(f"{program} is not an entry point of this enclave",
-                        f"allowed: {', '.join(config.process.entry_points)} ([process] entry_points)")
+        raise CoveError(
+            f"{program} is not an entry point of this enclave",
+            f"allowed: {', '.join(config.process.entry_points)} ([process] entry_points)",
+        )
     return program
 
 
@@ -129,7 +133,7 @@ def remove_stale(base: Path, prefix: str) -> None:
     for name in names:
         if not name.startswith(prefix):
             continue
-        pid = name[len(prefix):].split("-", 1)[0]
+        pid = name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             path = base / name
             if os.stat(path).st_uid == os.getuid():
@@ -160,11 +164,15 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _private_root(verified: VerifiedBuild, image: Path, workdir: Path, in_place: bool,
-                  stored: bool = False) -> Path:
+def _private_root(verified: VerifiedBuild, image: Path, workdir: Path, in_place: bool, stored: bool = False) -> Path:
     """The verified root the enclave will see (a node store's tree was verified at import: bound as is)."""
-    root = image if stored else staging.stage(image, verified.entries, verified.manifest.image_root,
-                                              None if in_place else workdir / "root")
+    root = (
+        image
+        if stored
+        else staging.stage(
+            image, verified.entries, verified.manifest.image_root, None if in_place else workdir / "root"
+        )
+    )
     staging.add_mount_points(root, [m.target for m in verified.config.mounts])
     return root
 
@@ -210,15 +218,25 @@ def _image_mount_points(verified: VerifiedBuild, binds: list[services_mod.Bind])
     """Folders and files the sandbox mounts over, which a read-only image root must already have:
     the usual ones, the [[mounts]] targets and the services' binds."""
     targets = [b for b in binds if not b.target.startswith("/dev/")]
-    folders = [*staging.ALWAYS, *(m.target for m in verified.config.mounts),
-               *(b.target for b in targets if b.host.is_dir())]
+    folders = [
+        *staging.ALWAYS,
+        *(m.target for m in verified.config.mounts),
+        *(b.target for b in targets if b.host.is_dir()),
+    ]
     files = [b.target for b in targets if not b.host.is_dir()]
     return [f.strip("/") for f in folders], [f.strip("/") for f in files]
 
 
-def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, state_dir: Path,
-                 in_place: bool = False, encrypted: EncryptedImage | None = None,
-                 build_dir: Path | None = None, stored: bool = False) -> int:
+def run_verified(
+    verified: VerifiedBuild,
+    image: Path,
+    request: RunRequest,
+    state_dir: Path,
+    in_place: bool = False,
+    encrypted: EncryptedImage | None = None,
+    build_dir: Path | None = None,
+    stored: bool = False,
+) -> int:
     """Launch a verified build and return the program's exit code.
 
     The root is a verified private copy of ``image``, or, for a build made
@@ -229,17 +247,33 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
     chosen = backend_mod.choose(verified.config.enclave.backend, request.backend)
     laps.lap("choose-backend")
     enclave_cfg = verified.config.enclave
-    identity = EnclaveIdentity(enclave_cfg.name, verified.measurement, verified.signer,
-                               enclave_cfg.product_id, enclave_cfg.svn, enclave_cfg.debug)
+    identity = EnclaveIdentity(
+        enclave_cfg.name,
+        verified.measurement,
+        verified.signer,
+        enclave_cfg.product_id,
+        enclave_cfg.svn,
+        enclave_cfg.debug,
+    )
     instance_id = os.urandom(8).hex()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with laps.on_exit("cleanup"), _workdir() as workdir, \
-            chosen.prepared(build_dir, verified.manifest.launch, workdir):  # vm: launch inputs checked, vTPM
+    with (
+        laps.on_exit("cleanup"),
+        _workdir() as workdir,
+        chosen.prepared(build_dir, verified.manifest.launch, workdir),
+    ):  # vm: launch inputs checked, vTPM
         laps.lap("workdir")
-        ctx = services_mod.ServiceContext(identity, verified.config, instance_id, chosen.name,
-                                          chosen.isolation, state_dir, workdir,
-                                          image_key=encrypted.key if encrypted else None,
-                                          vtpm_quote=chosen.vtpm_quote())
+        ctx = services_mod.ServiceContext(
+            identity,
+            verified.config,
+            instance_id,
+            chosen.name,
+            chosen.isolation,
+            state_dir,
+            workdir,
+            image_key=encrypted.key if encrypted else None,
+            vtpm_quote=chosen.vtpm_quote(),
+        )
         with _Services(ctx) as services, ExitStack() as mounted:
             laps.lap("services-begin")
             if encrypted is None:
@@ -248,8 +282,7 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
             else:
                 from cove.fs.encrypted_image import ImageMount
 
-                image_mount = ImageMount(encrypted.volume, encrypted.key, identity, verified.entries,
-                                         workdir / "root")
+                image_mount = ImageMount(encrypted.volume, encrypted.key, identity, verified.entries, workdir / "root")
                 mounted.callback(image_mount.stop)
                 image_mount.spawn()  # its start-up overlaps the services'
             laps.lap("root")
@@ -262,12 +295,21 @@ def run_verified(verified: VerifiedBuild, image: Path, request: RunRequest, stat
                 _check_program(root, program)
             elf.check_startable(root, program)
             uid, gid = resolve_user(verified.config.process.user, root)
-            spec = LaunchSpec(identity=identity, config=verified.config, root=root,
-                              argv=(program, *request.args),
-                              env={**build_environment(verified.config, request.host_env), **service_env},
-                              uid=uid, gid=gid, instance_id=instance_id,
-                              interactive=request.debug_shell, binds=tuple(binds),
-                              build_dir=build_dir, launch=verified.manifest.launch, workdir=workdir)
+            spec = LaunchSpec(
+                identity=identity,
+                config=verified.config,
+                root=root,
+                argv=(program, *request.args),
+                env={**build_environment(verified.config, request.host_env), **service_env},
+                uid=uid,
+                gid=gid,
+                instance_id=instance_id,
+                interactive=request.debug_shell,
+                binds=tuple(binds),
+                build_dir=build_dir,
+                launch=verified.manifest.launch,
+                workdir=workdir,
+            )
             laps.lap("checks")
             return _supervise(chosen, spec, laps)
 
@@ -311,13 +353,26 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps |
 def run_instance(instance_dir: Path, request: RunRequest) -> int:
     build_dir = instance_dir / "build"
     verified = artifacts.load_verified(build_dir, instance_dir / "cove.toml", request.expected_signer)
-    return run_verified(verified, instance_dir / "image", request, request.state_dir or instance_dir / "run",
-                        encrypted=encryption.find(build_dir), build_dir=build_dir)
+    return run_verified(
+        verified,
+        instance_dir / "image",
+        request,
+        request.state_dir or instance_dir / "run",
+        encrypted=encryption.find(build_dir),
+        build_dir=build_dir,
+    )
 
 
 def run_package(package: Path, request: RunRequest) -> int:
     with package_mod.extracted(package, runtime_dir()) as unpacked:
         verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
         state_dir = request.state_dir or default_state_dir(verified.config.enclave.name)
-        return run_verified(verified, unpacked / "image", request, state_dir, in_place=True,
-                            encrypted=encryption.find(unpacked / "build"), build_dir=unpacked / "build")
+        return run_verified(
+            verified,
+            unpacked / "image",
+            request,
+            state_dir,
+            in_place=True,
+            encrypted=encryption.find(unpacked / "build"),
+            build_dir=unpacked / "build",
+        )

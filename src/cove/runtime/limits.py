@@ -28,6 +28,7 @@ def memory_text(size: int) -> str:
             return f"{size // unit}{suffix}"
     return str(size)
 
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -63,8 +64,11 @@ def detect_mode() -> str:
     """Which mechanism limits enclaves here: 'cgroup2', 'cgroup1' or 'rlimit'."""
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         parent = _own_cgroup_v2()
-        if parent and {"memory", "pids"} <= set((parent / "cgroup.subtree_control").read_text().split()
-                                                if (parent / "cgroup.subtree_control").exists() else ()):
+        if parent and {"memory", "pids"} <= set(
+            (parent / "cgroup.subtree_control").read_text().split()
+            if (parent / "cgroup.subtree_control").exists()
+            else ()
+        ):
             if os.access(parent, os.W_OK):
                 return "cgroup2"
         return "rlimit"
@@ -92,8 +96,9 @@ def _cove_groups_of(pid: str) -> set[Path]:
         if not Path(path).name.startswith("cove-"):
             continue
         if controllers:
-            found.update(CGROUP_ROOT / c / path.lstrip("/") for c in controllers.split(",")
-                         if not c.startswith("name="))
+            found.update(
+                CGROUP_ROOT / c / path.lstrip("/") for c in controllers.split(",") if not c.startswith("name=")
+            )
         elif (CGROUP_ROOT / "cgroup.controllers").exists():
             found.add(CGROUP_ROOT / path.lstrip("/"))
     return found
@@ -194,7 +199,7 @@ def _parent(pid: int) -> int | None:
             stat_line = handle.read(1024)
     except OSError:
         return None
-    fields = stat_line[stat_line.rfind(b")") + 2:].split()
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
     return int(fields[1]) if len(fields) > 1 else None
 
 
@@ -220,14 +225,19 @@ def _alive(pid: int) -> bool:
         return False
     finally:
         os.close(fd)
-    return stat_line[stat_line.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    return stat_line[stat_line.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def parents() -> list[Path]:
     """The cgroups under which this process makes enclave cgroups (none when limits are rlimits)."""
     mode = detect_mode()
-    found = ([_own_cgroup_v2()] if mode == "cgroup2"
-             else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")] if mode == "cgroup1" else [])
+    found = (
+        [_own_cgroup_v2()]
+        if mode == "cgroup2"
+        else [_own_cgroup_v1("memory"), _own_cgroup_v1("pids")]
+        if mode == "cgroup1"
+        else []
+    )
     return [parent for parent in found if parent is not None]
 
 

@@ -33,7 +33,7 @@ def process_start(pid: int) -> int | None:
             data = handle.read()
     except OSError:
         return None
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return int(data[data.rindex(b")") + 2 :].split()[19])
 
 
 def sandbox_init(parent: int) -> int | None:

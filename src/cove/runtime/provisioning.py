@@ -52,8 +52,16 @@ class PlatformEvidence:
         from cove.platform.reports import EnclaveClaims
 
         identity = self.ctx.identity
-        claims = EnclaveClaims(identity.measurement, identity.signer, identity.product_id, identity.svn,
-                               identity.debug, self.ctx.backend, self.ctx.isolation, self.ctx.instance_id)
+        claims = EnclaveClaims(
+            identity.measurement,
+            identity.signer,
+            identity.product_id,
+            identity.svn,
+            identity.debug,
+            self.ctx.backend,
+            self.ctx.isolation,
+            self.ctx.instance_id,
+        )
         raw = monitor.signer().evidence(claims, report_data, self.ctx.vtpm_quote)
         return {"evidence": base64.b64encode(raw).decode()}
 
@@ -67,8 +75,10 @@ def volume_key(value: bytes, resource: str) -> bytes:
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
         return HKDF(hashes.SHA256(), VOLUME_KEY_SIZE, None, b"cove kbs volume key v1").derive(value)
-    raise ProvisioningError(f"kbs:{resource} released {len(value)} bytes; a volume key is 16 or 32 bytes",
-                            "store it as an aes-256 secret (cove kbs admin secret create --generate aes-256)")
+    raise ProvisioningError(
+        f"kbs:{resource} released {len(value)} bytes; a volume key is 16 or 32 bytes",
+        "store it as an aes-256 secret (cove kbs admin secret create --generate aes-256)",
+    )
 
 
 class ProvisioningService(EnclaveService):
@@ -82,8 +92,9 @@ class ProvisioningService(EnclaveService):
         self.files: list[Path] = []
         self._fetch_lock = threading.Lock()
         keys = [m.key for m in ctx.config.mounts if m.key] + [ctx.image_key or ""]
-        self.resources = sorted({s.resource for s in ctx.config.secrets}
-                                | {key[4:] for key in keys if key.startswith("kbs:")})
+        self.resources = sorted(
+            {s.resource for s in ctx.config.secrets} | {key[4:] for key in keys if key.startswith("kbs:")}
+        )
         with _LOCK:
             _ACTIVE[ctx.identity.measurement] = self
 
@@ -96,17 +107,26 @@ class ProvisioningService(EnclaveService):
                 attestation = self.ctx.config.attestation
                 assert attestation is not None  # services() makes this service only with [attestation]
                 try:
-                    self.values = fetch(attestation.kbs, self.resources, self.provider, ca_cert=attestation.ca,
-                                        retries=attestation.retries, timeout=attestation.timeout,
-                                        broker_policy=attestation.kbs_policy)
+                    self.values = fetch(
+                        attestation.kbs,
+                        self.resources,
+                        self.provider,
+                        ca_cert=attestation.ca,
+                        retries=attestation.retries,
+                        timeout=attestation.timeout,
+                        broker_policy=attestation.kbs_policy,
+                    )
                 except KbsError as exc:
-                    error = ProvisioningError(f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
-                                              exc.hint or "the program was not started")
+                    error = ProvisioningError(
+                        f"provisioning secrets from {attestation.kbs} failed: {exc.message}",
+                        exc.hint or "the program was not started",
+                    )
                     error.exit_code = exc.exit_code  # unreachable (7) is not refused (6): docs/cli.md
                     raise error from None
                 except CoveError as exc:
-                    raise ProvisioningError(f"provisioning secrets failed: {exc.line()}",
-                                            "the program was not started") from None
+                    raise ProvisioningError(
+                        f"provisioning secrets failed: {exc.line()}", "the program was not started"
+                    ) from None
             return self.values
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
@@ -119,12 +139,16 @@ class ProvisioningService(EnclaveService):
                 try:
                     text = value.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise ProvisioningError(f"secret {secret.name} ({secret.resource}) is not UTF-8 text, "
-                                            f"so it cannot be env:{secret.where}",
-                                            "use a file: target for binary secrets") from None
+                    raise ProvisioningError(
+                        f"secret {secret.name} ({secret.resource}) is not UTF-8 text, "
+                        f"so it cannot be env:{secret.where}",
+                        "use a file: target for binary secrets",
+                    ) from None
                 if "\0" in text:
-                    raise ProvisioningError(f"secret {secret.name} holds a NUL byte; it cannot be an environment "
-                                            "variable", "use a file: target")
+                    raise ProvisioningError(
+                        f"secret {secret.name} holds a NUL byte; it cannot be an environment variable",
+                        "use a file: target",
+                    )
                 self.env[secret.where] = text
             elif secret.kind == "file":
                 folder.mkdir(mode=0o700, exist_ok=True)
@@ -164,8 +188,10 @@ def resolve_kbs_key(source, identity, svn) -> bytes:
     with _LOCK:
         service = _ACTIVE.get(bytes(identity.measurement)) if identity is not None else None
     if service is None:
-        raise ProvisioningError(f"{source.text}: the key broker is only asked when the enclave starts",
-                                "add [attestation] with the broker's URL to cove.toml and run the enclave")
+        raise ProvisioningError(
+            f"{source.text}: the key broker is only asked when the enclave starts",
+            "add [attestation] with the broker's URL to cove.toml and run the enclave",
+        )
     values = service.fetch()
     if source.arg not in values:
         raise ProvisioningError(f"{source.text} was not fetched from the key broker")

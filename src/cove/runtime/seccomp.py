@@ -27,22 +27,57 @@ SCMP_CMP_NE = 1
 SCMP_CMP_MASKED_EQ = 7
 # clone() may not create namespaces; clone3() hides its flags in memory, so it
 # answers ENOSYS and glibc falls back to clone(), as under Docker's profile.
-CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                         0x20000000, 0x40000000, 0x00000080)  # NEWNS UTS IPC USER PID NET CGROUP TIME
+CLONE_NAMESPACE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)  # NEWNS UTS IPC USER PID NET CGROUP TIME
 
 # Denied with EPERM in every enclave. docs/threat-model.md lists them with reasons.
 DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev",
-    "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
-    "fspick", "mount_setattr",
-    "unshare", "setns",
-    "kexec_load", "kexec_file_load",
-    "bpf", "perf_event_open",
-    "init_module", "finit_module", "delete_module",
-    "keyctl", "add_key", "request_key",
-    "userfaultfd", "open_by_handle_at", "name_to_handle_at",
-    "swapon", "swapoff", "reboot", "syslog", "acct", "quotactl",
-    "lookup_dcookie", "iopl", "ioperm", "personality",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "kexec_load",
+    "kexec_file_load",
+    "bpf",
+    "perf_event_open",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "syslog",
+    "acct",
+    "quotactl",
+    "lookup_dcookie",
+    "iopl",
+    "ioperm",
+    "personality",
 )
 # With network mode "none" only Unix sockets can be created: socket() and socketpair() with any
 # other family answer EACCES. The rule compares all 64 bits against AF_UNIX, so a family with high
@@ -58,8 +93,12 @@ IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 
 
 class _Arg(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 @lru_cache(maxsize=1)
@@ -75,8 +114,13 @@ def _lib() -> ctypes.CDLL:
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_Arg)]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_Arg),
+    ]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib
 
@@ -107,8 +151,7 @@ def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = (), io_uri
         clone = lib.seccomp_syscall_resolve_name(b"clone")
         for flag in CLONE_NAMESPACE_FLAGS:
             arg = _Arg(0, SCMP_CMP_MASKED_EQ, flag, flag)
-            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EPERM), clone, 1,
-                                              ctypes.byref(arg)), "clone")
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EPERM), clone, 1, ctypes.byref(arg)), "clone")
         clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
         if clone3 >= 0:
             _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), clone3, 0, None), "clone3")
@@ -125,8 +168,10 @@ def compile_filter(network_mode: str, extra_denied: tuple[str, ...] = (), io_uri
                 arg = _Arg(0, SCMP_CMP_MASKED_EQ, LOW_32, AF_VSOCK)
             else:
                 continue
-            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1,
-                                              ctypes.byref(arg)), call.decode())
+            _check(
+                lib.seccomp_rule_add_array(ctx, _errno_action(errno.EACCES), number, 1, ctypes.byref(arg)),
+                call.decode(),
+            )
         fd = os.memfd_create("cove-seccomp", os.MFD_CLOEXEC)
         try:
             _check(lib.seccomp_export_bpf(ctx, fd), "export")

@@ -56,9 +56,14 @@ class EncryptedMount(EnclaveService):
         except CoveError as exc:
             raise MountError(f"encrypted mount {self.mount.target}: {exc.message}", exc.hint) from None
         settings = {
-            "volume": str(folder), "label": self.mount.target,
-            "key": self.mount.key, "identity": identity.to_cbor(), "keks": keks,
-            "writable": self.mount.writable, "create": True, "anchor": options.get("rollback", "auto"),
+            "volume": str(folder),
+            "label": self.mount.target,
+            "key": self.mount.key,
+            "identity": identity.to_cbor(),
+            "keks": keks,
+            "writable": self.mount.writable,
+            "create": True,
+            "anchor": options.get("rollback", "auto"),
             "cache": parse_size(options["cache"]) if "cache" in options else DEFAULT_CACHE,
         }
         server.start(settings, mountpoint)
@@ -72,5 +77,4 @@ class EncryptedMount(EnclaveService):
 
 def services(ctx: ServiceContext) -> list[EnclaveService]:
     """The factory the launcher calls: a FUSE server per encrypted mount."""
-    return [EncryptedMount(mount, index) for index, mount in enumerate(ctx.config.mounts)
-            if mount.type == "encrypted"]
+    return [EncryptedMount(mount, index) for index, mount in enumerate(ctx.config.mounts) if mount.type == "encrypted"]

@@ -40,8 +40,17 @@ ISOLATION = "namespaces+seccomp"
 # runc's default spec: paths of /proc the enclave may read but never write, and paths it never sees
 # (a file is covered by /dev/null, a folder by an empty read-only tmpfs). No /sys is mounted at all.
 READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-MASKED_PROC = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-               "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi")
+MASKED_PROC = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+)
 # Where a root-started sandbox finds its bind sources (a private tmpfs over /tmp, see _Sources).
 STAGE = "/tmp/.cove"
 CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 0x20000, 0x1000, 0x4000, 0x40000, 0x2, 0x4
@@ -128,8 +137,7 @@ class _Sources:
                 os.mkdir(target, 0o755)
             else:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
-            check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None),
-                  "bind")
+            check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None), "bind")
         os.setgroups([])
         os.setresgid(self.gid, self.gid, self.gid)
         os.setresuid(self.uid, self.uid, self.uid)
@@ -142,11 +150,23 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
     """
     config = spec.config
     writable = getattr(source, "writable", None)
-    args = [_bwrap(),
-            "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup",
-            "--uid", str(spec.uid), "--gid", str(spec.gid),
-            "--hostname", config.enclave.name,
-            "--die-with-parent", "--cap-drop", "ALL"]
+    args = [
+        _bwrap(),
+        "--unshare-user",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-uts",
+        "--unshare-cgroup",
+        "--uid",
+        str(spec.uid),
+        "--gid",
+        str(spec.gid),
+        "--hostname",
+        config.enclave.name,
+        "--die-with-parent",
+        "--cap-drop",
+        "ALL",
+    ]
     if config.network.mode != "host":
         args.append("--unshare-net")
     if not spec.interactive:
@@ -164,17 +184,20 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
             args += ["--tmpfs", mount.target]
         elif mount.type == "host":
             if mount.source is None or not os.path.exists(mount.source):  # config requires a source
-                raise CoveError(f"host mount source {mount.source} does not exist",
-                                "create it or remove the mount from cove.toml (and rebuild)")
+                raise CoveError(
+                    f"host mount source {mount.source} does not exist",
+                    "create it or remove the mount from cove.toml (and rebuild)",
+                )
             if mount.writable and writable is not None and not writable(mount.source):
-                raise CoveError(f"host mount source {mount.source} is not writable by the enclave's host "
-                                f"user {source.uid}:{source.gid} (enclaves started by root never run as root)",
-                                f"chown {source.uid}:{source.gid} {mount.source}, or make the mount read-only")
+                raise CoveError(
+                    f"host mount source {mount.source} is not writable by the enclave's host "
+                    f"user {source.uid}:{source.gid} (enclaves started by root never run as root)",
+                    f"chown {source.uid}:{source.gid} {mount.source}, or make the mount read-only",
+                )
             args += ["--bind" if mount.writable else "--ro-bind", source(mount.source), mount.target]
     for bind in spec.binds:
         args += ["--bind" if bind.writable else "--ro-bind", source(str(bind.host)), bind.target]
-    args += ["--chdir", config.process.cwd,
-             "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--"]
+    args += ["--chdir", config.process.cwd, "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--"]
     return args + list(spec.argv)
 
 
@@ -246,20 +269,29 @@ class SimEnclave(RunningEnclave):
         memory = f"resources.memory = {memory_text(self.spec.config.resources.memory)}"
         if self.init_pid is None:
             if self.limits.oom_kills():
-                raise OutOfMemoryError(f"killed: out of memory before the program started ({memory})",
-                                       "raise resources.memory in cove.toml and rebuild")
-            raise SandboxError(f"the sandbox failed to start (bwrap exited with {code})",
-                               "see bwrap's message above; `cove info` checks the host")
+                raise OutOfMemoryError(
+                    f"killed: out of memory before the program started ({memory})",
+                    "raise resources.memory in cove.toml and rebuild",
+                )
+            raise SandboxError(
+                f"the sandbox failed to start (bwrap exited with {code})",
+                "see bwrap's message above; `cove info` checks the host",
+            )
         if self.exit_code is None:  # bwrap reports no exit code when setting up the enclave failed
             if self.limits.oom_kills():
-                raise OutOfMemoryError(f"killed: out of memory before the program started ({memory})",
-                                       "raise resources.memory in cove.toml and rebuild")
-            raise SandboxError(f"the sandbox could not set up the enclave (bwrap exited with {code})",
-                               "bwrap's message above names what failed")
+                raise OutOfMemoryError(
+                    f"killed: out of memory before the program started ({memory})",
+                    "raise resources.memory in cove.toml and rebuild",
+                )
+            raise SandboxError(
+                f"the sandbox could not set up the enclave (bwrap exited with {code})",
+                "bwrap's message above names what failed",
+            )
         code = self.exit_code
         if code == 128 + signal.SIGKILL and self.limits.oom_kills():
-            raise OutOfMemoryError(f"killed: out of memory ({memory})",
-                                   "raise resources.memory in cove.toml and rebuild")
+            raise OutOfMemoryError(
+                f"killed: out of memory ({memory})", "raise resources.memory in cove.toml and rebuild"
+            )
         return code
 
     def stop(self) -> None:
@@ -317,11 +349,14 @@ class SimBackend(Backend):
             args_fd = _memfd("cove-bwrap-args", b"".join(a.encode() + b"\0" for a in args[1:split]))
             laps.lap("arguments")
             process = subprocess.Popen(
-                [args[0], "--args", str(args_fd), *args[split:]], env=spec.env,
-                pass_fds=(seccomp_fd, status_write, args_fd), close_fds=True,
+                [args[0], "--args", str(args_fd), *args[split:]],
+                env=spec.env,
+                pass_fds=(seccomp_fd, status_write, args_fd),
+                close_fds=True,
                 preexec_fn=child,
                 process_group=None if spec.interactive else 0,
-                restore_signals=True)
+                restore_signals=True,
+            )
         except subprocess.SubprocessError:  # the child could not become the enclave's user
             os.close(error_write)
             error_write = -1
@@ -350,5 +385,3 @@ def _memfd(name: str, data: bytes) -> int:
     os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-

@@ -64,22 +64,50 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cove" / "vm"
 
 
-def qemu_arguments(description: dict, kernel: Path, initrd: Path, accel: str, console: Path,
-                   port_fds: list[int]) -> list[str]:
+def qemu_arguments(
+    description: dict, kernel: Path, initrd: Path, accel: str, console: Path, port_fds: list[int]
+) -> list[str]:
     """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS."""
     kvm = accel == "kvm"
-    args = [qemu(), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", f"{description['machine']},x-option-roms=off",
-            "-accel", accel, "-cpu", "host" if kvm else "max",
-            "-smp", str(description["vcpus"]), "-m", f"{description['memory'] >> 20}M",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", description["cmdline"],
-            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-            "-device", f"virtio-serial-device,max_ports={len(vmimage.PORTS) + 1}"]
+    args = [
+        qemu(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-machine",
+        f"{description['machine']},x-option-roms=off",
+        "-accel",
+        accel,
+        "-cpu",
+        "host" if kvm else "max",
+        "-smp",
+        str(description["vcpus"]),
+        "-m",
+        f"{description['memory'] >> 20}M",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        description["cmdline"],
+        "-chardev",
+        f"file,id=console,path={console}",
+        "-serial",
+        "chardev:console",
+        "-device",
+        f"virtio-serial-device,max_ports={len(vmimage.PORTS) + 1}",
+    ]
     if vmimage.NET_DEVICE in description.get("devices", ()):
         args += ["-netdev", "user,id=net0,restrict=off", "-device", "virtio-net-device,netdev=net0"]
     for index, (name, fd) in enumerate(zip(vmimage.PORTS, port_fds)):
-        args += ["-chardev", f"socket,id=port{index},fd={fd}",
-                 "-device", f"virtserialport,chardev=port{index},name={name},nr={index + 1}"]
+        args += [
+            "-chardev",
+            f"socket,id=port{index},fd={fd}",
+            "-device",
+            f"virtserialport,chardev=port{index},name={name},nr={index + 1}",
+        ]
     return args
 
 
@@ -90,17 +118,26 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
     items += [f"I{entry}" for entry in config.process.entry_points] + (["D"] if config.enclave.debug else [])
-    items += [f"U{spec.uid}", f"G{spec.gid}", f"C{config.process.cwd}", f"H{config.enclave.name}",
-              f"N{config.network.mode}", f"P{config.resources.max_processes}",
-              f"F{config.resources.max_open_files}", f"Y{attestation_type}"]
+    items += [
+        f"U{spec.uid}",
+        f"G{spec.gid}",
+        f"C{config.process.cwd}",
+        f"H{config.enclave.name}",
+        f"N{config.network.mode}",
+        f"P{config.resources.max_processes}",
+        f"F{config.resources.max_open_files}",
+        f"Y{attestation_type}",
+    ]
     for mount in config.mounts:
         if mount.type == "tmpfs":
             options = dict(mount.options)
             size = str(parse_size(options["size"])) if "size" in options else ""
             items.append(f"T{size}:{options.get('mode', '1777')}:{mount.target}")
         elif mount.type != "image":
-            raise CoveError(f"a {mount.type} mount ({mount.target}) is not available on the vm backend yet",
-                            "use backend = \"sim\" for it, or remove the mount")
+            raise CoveError(
+                f"a {mount.type} mount ({mount.target}) is not available on the vm backend yet",
+                'use backend = "sim" for it, or remove the mount',
+            )
     items += [f"W{data.hex()}:{target}" for target, data in files]
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
@@ -133,15 +170,21 @@ class _Ports:
                 end.close()
 
 
-def _boot(description: dict, kernel: Path, initrd: Path, accel: str, workdir: Path,
-          ports: _Ports) -> subprocess.Popen:
+def _boot(description: dict, kernel: Path, initrd: Path, accel: str, workdir: Path, ports: _Ports) -> subprocess.Popen:
     console = workdir / "console.log"
     args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds())
     errors = open(workdir / "qemu.err", "wb")
     try:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
-                                pass_fds=ports.guest_fds(), close_fds=True, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=errors,
+            stderr=errors,
+            pass_fds=ports.guest_fds(),
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     finally:
         errors.close()
         ports.close_guest_ends()
@@ -161,8 +204,9 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def serve_attestation(sock: socket.socket, makers: dict[bytes, Callable[[EnclaveClaims, bytes], bytes]],
-                      claims: EnclaveClaims) -> None:
+def serve_attestation(
+    sock: socket.socket, makers: dict[bytes, Callable[[EnclaveClaims, bytes], bytes]], claims: EnclaveClaims
+) -> None:
     """Answer the guest's /dev/attestation on cove.attest until it closes: its kind (Q quote, R report)
     and 64 bytes of report data in, evidence or the signed report out (length first); an unknown kind
     gets length 0. Only the report data comes from the guest; the claims are the verified manifest's."""
@@ -185,9 +229,19 @@ def serve_attestation(sock: socket.socket, makers: dict[bytes, Callable[[Enclave
 
 
 class VmEnclave(RunningEnclave):
-    def __init__(self, spec: LaunchSpec, isolation: str, process: subprocess.Popen, ports: _Ports,
-                 workdir: Path, started: float, signer=None, vtpm: Vtpm | None = None,
-                 ready: Callable[[], VtpmQuoter | None] = lambda: None, request: bytes = b""):
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        isolation: str,
+        process: subprocess.Popen,
+        ports: _Ports,
+        workdir: Path,
+        started: float,
+        signer=None,
+        vtpm: Vtpm | None = None,
+        ready: Callable[[], VtpmQuoter | None] = lambda: None,
+        request: bytes = b"",
+    ):
         super().__init__(spec, NAME, isolation)
         self.vtpm = vtpm
         self.host_error: str | None = None
@@ -215,8 +269,7 @@ class VmEnclave(RunningEnclave):
         threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
         threading.Thread(target=self._start_guest, args=(signer, ready, request), daemon=True).start()
 
-    def _start_guest(self, signer: ReportSigner | None, ready: Callable[[], VtpmQuoter | None],
-                     request: bytes) -> None:
+    def _start_guest(self, signer: ReportSigner | None, ready: Callable[[], VtpmQuoter | None], request: bytes) -> None:
         """While the kernel boots: wait for the vTPM's launch PCR to be extended, then send the
         launch request. The guest init waits for the request, so no program runs before it."""
         try:
@@ -229,11 +282,20 @@ class VmEnclave(RunningEnclave):
             from cove.platform.reports import EnclaveClaims  # only vm runs pay for this import
 
             spec = self.spec
-            claims = EnclaveClaims(spec.identity.measurement, spec.identity.signer, spec.identity.product_id,
-                                   spec.identity.svn, spec.identity.debug, NAME, self.isolation, spec.instance_id)
+            claims = EnclaveClaims(
+                spec.identity.measurement,
+                spec.identity.signer,
+                spec.identity.product_id,
+                spec.identity.svn,
+                spec.identity.debug,
+                NAME,
+                self.isolation,
+                spec.instance_id,
+            )
             makers = {b"Q": functools.partial(signer.evidence, vtpm=quoter), b"R": signer.signed_report}
-            threading.Thread(target=serve_attestation, args=(self.ports.host("cove.attest"), makers, claims),
-                             daemon=True).start()
+            threading.Thread(
+                target=serve_attestation, args=(self.ports.host("cove.attest"), makers, claims), daemon=True
+            ).start()
         try:
             self.ports.host("cove.ctl").sendall(request)
         except OSError:
@@ -385,7 +447,7 @@ class VmEnclave(RunningEnclave):
             view = memoryview(chunk)
             while view:
                 try:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 except OSError:
                     return
 
@@ -412,9 +474,11 @@ class VmEnclave(RunningEnclave):
         timeout = self.spec.config.vm.boot_timeout
         if not self._ready.wait(timeout) and self.process.poll() is None:
             self.stop()
-            raise CoveError(f"the vm did not start the program within {timeout} s (guest console: "
-                            f"{_last_line(self.workdir / 'console.log') or 'empty'})",
-                            "raise [vm] boot_timeout, or check [vm] kernel and kernel_args")
+            raise CoveError(
+                f"the vm did not start the program within {timeout} s (guest console: "
+                f"{_last_line(self.workdir / 'console.log') or 'empty'})",
+                "raise [vm] boot_timeout, or check [vm] kernel and kernel_args",
+            )
         while not self._ended.wait(0.2):
             if self.process.poll() is not None:
                 self._ended.wait(1)  # the last message may still be in the socket
@@ -437,8 +501,11 @@ class VmEnclave(RunningEnclave):
         if self.exit_code is None:
             status = self.process.returncode
             reason = _last_line(self.workdir / "qemu.err") or _last_line(self.workdir / "console.log")
-            raise CoveError(f"the vm ended without the program's exit code (QEMU exit status {status}"
-                            + (f": {reason}" if reason else "") + ")")
+            raise CoveError(
+                f"the vm ended without the program's exit code (QEMU exit status {status}"
+                + (f": {reason}" if reason else "")
+                + ")"
+            )
         return self.exit_code
 
     def _record_timing(self) -> None:
@@ -446,8 +513,12 @@ class VmEnclave(RunningEnclave):
         path = os.environ.get("COVE_VM_TIMINGS")
         if path and self.ready_at is not None:
             with open(path, "a") as out:
-                out.write(json.dumps({"isolation": self.isolation,
-                                      "boot_ms": round((self.ready_at - self.launched_at) * 1000, 1)}) + "\n")
+                out.write(
+                    json.dumps(
+                        {"isolation": self.isolation, "boot_ms": round((self.ready_at - self.launched_at) * 1000, 1)}
+                    )
+                    + "\n"
+                )
 
     def stop(self) -> None:
         self._close_execs()
@@ -512,11 +583,19 @@ class VmBackend(Backend):
         except CoveError as exc:
             return Availability(cls.name, cls.isolation, False, exc.line())
         forced = os.environ.get("COVE_VM_ACCEL")
-        cached = forced if forced in ("kvm", "tcg") else (
-            _known_accelerator() if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg")
+        cached = (
+            forced
+            if forced in ("kvm", "tcg")
+            else (_known_accelerator() if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg")
+        )
         isolation = {"kvm": KVM, "tcg": TCG}.get(cached or "", cls.isolation)
-        note = f"kernel {kernel.name}; " + ("KVM or TCG: probed at the first run" if cached is None
-                                            else "no usable /dev/kvm" if cached == "tcg" else "KVM boots it")
+        note = f"kernel {kernel.name}; " + (
+            "KVM or TCG: probed at the first run"
+            if cached is None
+            else "no usable /dev/kvm"
+            if cached == "tcg"
+            else "KVM boots it"
+        )
         return Availability(cls.name, isolation, True, note)
 
     def __init__(self) -> None:
@@ -532,8 +611,9 @@ class VmBackend(Backend):
         """Copy and check kernel, initramfs and launch description, and settle KVM or TCG,
         before the services start: a tampered build fetches no secrets and boots nothing."""
         if launch is None or build_dir is None:
-            raise CoveError("this build has no vm launch measurement",
-                            "set [enclave] backend = \"vm\" and rebuild with `cove build`")
+            raise CoveError(
+                "this build has no vm launch measurement", 'set [enclave] backend = "vm" and rebuild with `cove build`'
+            )
         folder = Path(tempfile.mkdtemp(prefix="vm-", dir=workdir))
         description, kernel, initrd = vmimage.load(build_dir, launch["measurement"], folder)
         accel = accelerator(description, kernel, initrd, folder)
@@ -544,8 +624,9 @@ class VmBackend(Backend):
             from cove.runtime.vm_vtpm import Vtpm  # only vm runs pay for this import
 
             self._vtpm = Vtpm.start(folder)  # in this thread: it dies with the launcher
-            self._provisioning = threading.Thread(target=self._provision, args=(bytes(launch["measurement"]),),
-                                                  daemon=True)
+            self._provisioning = threading.Thread(
+                target=self._provision, args=(bytes(launch["measurement"]),), daemon=True
+            )
             self._provisioning.start()  # overlaps the services' start and the guest's boot
 
     def _provision(self, launch: bytes) -> None:
@@ -562,14 +643,17 @@ class VmBackend(Backend):
             return None
         self._provisioning.join()
         if self._vtpm_error is not None or self._quoter is None:
-            raise CoveError(f"the vm's vTPM could not be provisioned: "
-                            f"{self._vtpm_error.line() if self._vtpm_error else 'no quoter'}")
+            raise CoveError(
+                f"the vm's vTPM could not be provisioned: "
+                f"{self._vtpm_error.line() if self._vtpm_error else 'no quoter'}"
+            )
         return self._quoter
 
     def vtpm_quote(self) -> Callable[[bytes], VtpmQuote] | None:
         """For evidence made outside the guest (secrets fetched before boot): the vTPM quote of a report."""
         if self._vtpm is None:
             return None
+
         def quote(report_bytes: bytes) -> VtpmQuote:
             quoter = self._ready()
             if quoter is None:  # a vTPM is running, so provisioning was started
@@ -593,8 +677,10 @@ class VmBackend(Backend):
             if not bind.writable and bind.host.is_file() and any(bind.target.startswith(t) for t in tmpfs):
                 files.append((bind.target, bind.host.read_bytes()))
                 continue
-            raise CoveError(f"{bind.target} (an encrypted mount) is not available on the vm backend yet",
-                            "use backend = \"sim\" for it")
+            raise CoveError(
+                f"{bind.target} (an encrypted mount) is not available on the vm backend yet",
+                'use backend = "sim" for it',
+            )
         return files
 
     def launch(self, spec: LaunchSpec) -> VmEnclave:
@@ -609,8 +695,18 @@ class VmBackend(Backend):
         ports = _Ports()
         started = time.monotonic()
         process = _boot(description, kernel, initrd, accel, workdir, ports)
-        return VmEnclave(spec, KVM if accel == "kvm" else TCG, process, ports, workdir, started, self._signer,
-                         self._vtpm, self._ready, request)
+        return VmEnclave(
+            spec,
+            KVM if accel == "kvm" else TCG,
+            process,
+            ports,
+            workdir,
+            started,
+            self._signer,
+            self._vtpm,
+            self._ready,
+            request,
+        )
 
 
 def _platform_signer():
@@ -679,8 +775,9 @@ def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) ->
     return accel
 
 
-def probe(description: dict, kernel: Path, initrd: Path, workdir: Path, accel: str,
-          timeout: float = PROBE_TIMEOUT) -> float | None:
+def probe(
+    description: dict, kernel: Path, initrd: Path, workdir: Path, accel: str, timeout: float = PROBE_TIMEOUT
+) -> float | None:
     """Boot the checked kernel and initramfs with ACCEL and ask Cove's init only to answer
     (it starts no program); seconds to its answer, or None if it never answered."""
     folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))

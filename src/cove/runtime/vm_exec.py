@@ -21,7 +21,7 @@ REFUSED, ENDED = 126, 125
 def _write(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def relay(conn: socket.socket) -> int:

@@ -74,11 +74,25 @@ class Vtpm:
         log = open(folder / "swtpm.log", "wb")
         try:
             process = subprocess.Popen(
-                [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={folder / 'state'}",
-                 "--server", f"type=unixio,path={SOCKET}",
-                 "--flags", "not-need-init,startup-clear"],
-                cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                [
+                    swtpm,
+                    "socket",
+                    "--tpm2",
+                    "--tpmstate",
+                    f"dir={folder / 'state'}",
+                    "--server",
+                    f"type=unixio,path={SOCKET}",
+                    "--flags",
+                    "not-need-init,startup-clear",
+                ],
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             log.close()
         vtpm = cls(folder, process)
@@ -87,8 +101,11 @@ class Vtpm:
             if process.poll() is not None or time.monotonic() > deadline:
                 reason = (folder / "swtpm.log").read_text(errors="replace").strip().splitlines()[-1:]
                 vtpm.stop()
-                raise CoveError(f"the vm's swtpm did not start (exit status {process.poll()}"
-                                + (f": {reason[0][:200]}" if reason else "") + ")")
+                raise CoveError(
+                    f"the vm's swtpm did not start (exit status {process.poll()}"
+                    + (f": {reason[0][:200]}" if reason else "")
+                    + ")"
+                )
             time.sleep(0.005)
         return vtpm
 
@@ -97,14 +114,31 @@ class Vtpm:
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             t = Path(tmp)  # a fresh TPM: nothing to flush before the first command
             self.tpm.run("tpm2_createek", "-c", str(t / "ek.ctx"), "-G", "ecc", "-u", str(t / "ek.pub"))
-            self.tpm.run("tpm2_createak", "-C", str(t / "ek.ctx"), "-c", str(t / "ak.ctx"), "-G", "ecc",
-                         "-g", "sha256", "-s", "ecdsa", "-u", str(t / "ak.pub"), "-n", str(t / "ak.name"),
-                         "-r", str(t / "ak.priv"))
+            self.tpm.run(
+                "tpm2_createak",
+                "-C",
+                str(t / "ek.ctx"),
+                "-c",
+                str(t / "ak.ctx"),
+                "-G",
+                "ecc",
+                "-g",
+                "sha256",
+                "-s",
+                "ecdsa",
+                "-u",
+                str(t / "ak.pub"),
+                "-n",
+                str(t / "ak.name"),
+                "-r",
+                str(t / "ak.priv"),
+            )
             self.tpm.flush()
             self.tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{AK_HANDLE:08x}")
             self.tpm.extend(ev.LAUNCH_PCR, launch)
-            self.statement = ev.VtpmStatement(ek=(t / "ek.pub").read_bytes(), ak=(t / "ak.pub").read_bytes(),
-                                              pcr=ev.LAUNCH_PCR, launch=launch)
+            self.statement = ev.VtpmStatement(
+                ek=(t / "ek.pub").read_bytes(), ak=(t / "ak.pub").read_bytes(), pcr=ev.LAUNCH_PCR, launch=launch
+            )
         return self.statement
 
     def quote(self, qualifying: bytes) -> tuple[bytes, bytes, dict[str, dict[int, bytes]]]:
@@ -112,9 +146,23 @@ class Vtpm:
         # one tpm2-tools run: the AK is persistent and a quote leaves no transient object to flush
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             t = Path(tmp)
-            self.tpm.run("tpm2_quote", "-c", f"0x{AK_HANDLE:08x}", "-l", f"sha256:{ev.LAUNCH_PCR}",
-                         "-q", qualifying.hex(), "-m", str(t / "msg"), "-s", str(t / "sig"), "-o", str(t / "pcrs"),
-                         "-g", "sha256")
+            self.tpm.run(
+                "tpm2_quote",
+                "-c",
+                f"0x{AK_HANDLE:08x}",
+                "-l",
+                f"sha256:{ev.LAUNCH_PCR}",
+                "-q",
+                qualifying.hex(),
+                "-m",
+                str(t / "msg"),
+                "-s",
+                str(t / "sig"),
+                "-o",
+                str(t / "pcrs"),
+                "-g",
+                "sha256",
+            )
             return (t / "msg").read_bytes(), (t / "sig").read_bytes(), parse_pcr_file((t / "pcrs").read_bytes())
 
     def quoter(self, signer: ReportSigner) -> VtpmQuoter:
@@ -142,5 +190,11 @@ class VtpmQuoter:
 
     def __call__(self, report_bytes: bytes) -> ev.VtpmQuote:
         attest, signature, pcrs = self.vtpm.quote(ev.vm_quote_qualifier(report_bytes))
-        return ev.VtpmQuote(statement=self.statement, statement_bytes=self.statement_bytes,
-                            statement_signature=self.signature, attest=attest, signature=signature, pcrs=pcrs)
+        return ev.VtpmQuote(
+            statement=self.statement,
+            statement_bytes=self.statement_bytes,
+            statement_signature=self.signature,
+            attest=attest,
+            signature=signature,
+            pcrs=pcrs,
+        )
