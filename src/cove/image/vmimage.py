@@ -28,7 +28,8 @@ from typing import BinaryIO
 import cbor2
 
 from cove.config import Config
-from cove.errors import CoveError, IntegrityError, SetupError
+from cove.decode import Fields, decode_cbor
+from cove.errors import CoveError, IntegrityError, SetupError, file_system_error
 from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry
 from cove.util import write_atomic
 
@@ -43,6 +44,8 @@ DEVICES = ("virtio-serial-device:" + ",".join(PORTS), "isa-serial:console")
 MODULES = ("virtio_mmio", "virtio_console", "virtio_net")
 # [network] mode = "host": QEMU's user-mode network (NAT; the host is 10.0.2.2, the guest 10.0.2.15).
 NET_DEVICE = "virtio-net-device:user"
+LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")
+LAUNCH_LIMIT = 64 << 10  # a command line, a machine name and a few device names
 # tsc_early_khz and lpj: a TCG guest cannot calibrate against the emulated PIT on a busy host and
 # may hang there (docs/backends.md); cryptomgr.notests skips the self-tests of every crypto
 # algorithm the kernel registers, a fifth of the boot's CPU time under TCG.
@@ -349,13 +352,12 @@ def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path
     """
     folder = build_dir / FOLDER
     try:
-        description = cbor2.loads((folder / LAUNCH).read_bytes())
-        if not isinstance(description, dict) or description.get("format") != FORMAT:
-            raise ValueError("not a launch description")
+        data = (folder / LAUNCH).read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"{FOLDER}/{LAUNCH} is missing from {build_dir}", "build with `cove build`") from None
-    except Exception as exc:
-        raise IntegrityError(f"{FOLDER}/{LAUNCH} is malformed: {exc}", "rebuild with `cove build`") from None
+    except OSError as exc:
+        raise file_system_error(exc) from None
+    description = _read_launch(data)
     if not hmac.compare_digest(measure(description), expected):
         raise IntegrityError(
             "the vm launch description (command line, machine, size) differs from the signed launch measurement",
@@ -371,6 +373,26 @@ def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path
                 f"the vm {key} {FOLDER}/{name} differs from the signed launch measurement", "rebuild with `cove build`"
             )
     return description, dest / KERNEL, dest / INITRD
+
+
+def _malformed(message: str) -> IntegrityError:
+    return IntegrityError(message, "rebuild with `cove build`")
+
+
+def _read_launch(data: bytes) -> dict:
+    """The launch description's fields, checked before anything reads them (the measurement is compared after)."""
+    where = f"{FOLDER}/{LAUNCH}"
+    fields = Fields(decode_cbor(data, _malformed, where, limit=LAUNCH_LIMIT), where, _malformed, allowed=LAUNCH_KEYS)
+    if fields.text("format", max_len=64) != FORMAT:
+        raise _malformed(f"{where} is not a {FORMAT} description")
+    fields.bytes("kernel", 32)
+    fields.bytes("initrd", 32)
+    fields.text("cmdline", max_len=4096)
+    fields.text("machine")
+    fields.integer("vcpus", 1, 1024)
+    fields.integer("memory", 1)
+    fields.strings("devices", max_items=64, max_len=4096)
+    return dict(fields.map)
 
 
 def _copy(source: Path, dest: Path) -> bytes:
