@@ -14,6 +14,7 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 
+from cove.k8s import admission
 from tests.conftest import COVE
 from tests.k8s.conftest import free_port
 
@@ -238,6 +239,9 @@ MALFORMED = {
         review(pod(containers=[{"name": "a", "image": "x", "resources": {"limits": {"memory": "lots"}}}]))
     ).encode(),
     "not-utf8": b"\xff\xfe{}",
+    "deep-nesting": b"[" * 100_000 + b"]" * 100_000,  # was a RecursionError: a 500 with a traceback in the log
+    "trailing-garbage": json.dumps(review(pod())).encode() + b" {}",
+    "uid-not-text": json.dumps(_without(("request", "uid"), 7)).encode(),
 }
 
 
@@ -245,6 +249,25 @@ MALFORMED = {
 def test_malformed_review_is_400(hook, case):
     answer = hook["client"].post("/mutate", content=MALFORMED[case], headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and answer.json()["error"]
+
+
+SETTINGS = {
+    "deep nesting": ('{"url": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON"),
+    "trailing garbage": (json.dumps(KBS) + " {}", "not valid JSON"),
+    "wrong top-level type": (json.dumps([KBS]), "must be a JSON object"),
+    "wrong field type": (json.dumps(dict(KBS, timeout={"seconds": 10})), "timeout must be"),
+    "null value": (json.dumps(dict(KBS, ca=None)), "ca must be"),
+    "unknown key": (json.dumps(dict(KBS, proxy="x")), "unknown key-broker settings"),
+}
+
+
+@pytest.mark.parametrize("case", SETTINGS)
+def test_hostile_key_broker_settings_are_one_value_error(case):
+    """The mounted settings file goes through cove.decode: each is a ValueError (the webhook answers 500 with it)."""
+    text, words = SETTINGS[case]
+    with pytest.raises(ValueError, match=words):
+        admission.Settings.from_json(text)
+    assert admission.Settings.from_json(json.dumps(dict(KBS, retries=3))).kbs["retries"] == "3"  # numbers as before
 
 
 def test_oversized_review_is_413(hook):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from cove.decode import Fields, decode_json
 from cove.k8s import DOMAIN, RUNTIME_CLASS
 
 OPT_IN = f"{DOMAIN}/enclave"
@@ -68,15 +69,28 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str, default_memory_mib: int = 256) -> Settings:
-        data = json.loads(text)
+        data = decode_json(text, ValueError, "the key-broker settings")
         if not isinstance(data, dict):
             raise ValueError("the key-broker settings must be a JSON object")
         unknown = sorted(set(data) - set(KBS_KEYS))
         if unknown:
             raise ValueError(f"unknown key-broker settings {unknown}; known: {sorted(KBS_KEYS)}")
-        if "url" in data and not str(data["url"]).startswith(("https://", "http://")):
-            raise ValueError(f"kbs url {data['url']!r} is not an http(s) URL")
-        return cls({k: str(v) for k, v in data.items()}, default_memory_mib)
+        fields = Fields(data, "the key-broker setting", ValueError)
+        values = {
+            key: str(fields.value(key, (str, int, float, bool))) for key in data
+        }  # numbers as the pod writes them
+        if "url" in values and not values["url"].startswith(("https://", "http://")):
+            raise ValueError(f"kbs url {values['url']!r} is not an http(s) URL")
+        return cls(values, default_memory_mib)
+
+
+def decode_review(body: bytes) -> object:
+    """The request body as JSON; anything else (not UTF-8, malformed, nested too deep, trailing bytes) is BadReview."""
+
+    def not_json(message: str) -> BadReview:
+        return BadReview("the body is not JSON")  # the answer's words stay what they were; the cause is the body
+
+    return decode_json(body, not_json, "the body", limit=len(body))
 
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")

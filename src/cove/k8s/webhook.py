@@ -9,7 +9,6 @@ broker URL needs no restart.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -79,8 +78,8 @@ def create_app(settings: SettingsFile) -> FastAPI:
             reviews.labels(endpoint, "settings-error").inc()
             return JSONResponse({"error": f"the webhook's key-broker settings are unusable: {exc}"}, status_code=500)
         try:
-            answer = admission.review(json.loads(body), current, mutate)
-        except (ValueError, UnicodeDecodeError) as exc:  # BadReview, and JSON that does not parse
+            answer = admission.review(admission.decode_review(body), current, mutate)
+        except ValueError as exc:  # BadReview, also for a body that is not one JSON value
             reviews.labels(endpoint, "malformed").inc()
             line = str(exc) if isinstance(exc, admission.BadReview) else "the body is not JSON"
             return JSONResponse({"error": line}, status_code=400)
