@@ -138,3 +138,30 @@ def test_exec_joins_the_enclave(node, pair):
     ended = c("exec", "host", "/bin/ls")
     assert ended.returncode == 2 and "not running" in error_line(ended)
     c.ok("rm", "host")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 100_000 + b"\n",
+        b'{"op": "status"} trailing\n',
+        b'[{"op": "status"}]\n',
+        b'{"op": "register", "instance_id": "x", "identity": [], "owner": "1"}\n',
+    ],
+    ids=["deep-nesting", "trailing-garbage", "wrong-top-level-type", "wrong-field-type"],
+)
+def test_hostile_control_messages_are_refused_and_the_server_goes_on(node, line):
+    """A malformed control message gets {"ok": false}; it used to kill the server's control thread."""
+    import json
+    import socket
+
+    from cove.daemon.attestation import ensure_server, request
+
+    control = ensure_server(node.root)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(control)
+        sock.sendall(line)
+        answer = sock.makefile("rb").readline()
+    assert json.loads(answer)["ok"] is False
+    assert request(control, {"op": "status"}, timeout=5)["ok"] is True

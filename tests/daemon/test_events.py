@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from cove.daemon.events import Events
 from tests.daemon.test_orphans import enclave_of, leftovers
 
@@ -127,3 +129,17 @@ def test_changes_while_down_are_compared_with_the_journal(tmp_path):
     ]  # c had died already: no second die
     notice(folders, again)
     assert again.after(6) == new  # nothing new at the next look
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"[" * 100_000, b'{"seq": 2} trailing', b"[2]", b'{"seq": "2"}'],
+    ids=["deep-nesting", "trailing-garbage", "wrong-top-level-type", "wrong-field-type"],
+)
+def test_hostile_journal_lines_are_skipped(tmp_path, line):
+    """A foreign line is skipped, never stops the daemon's start (deep nesting used to: RecursionError)."""
+    journal = tmp_path / "events.jsonl"
+    journal.write_bytes(b'{"seq": 1, "type": "image"}\n' + line + b'\n{"seq": 3, "type": "image"}\n')
+    events = Events(journal)
+    assert [e["seq"] for e in events.after(0)] == [1, 3]
+    events.close()

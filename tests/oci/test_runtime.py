@@ -551,3 +551,28 @@ def test_exec_refusals(running, tmp_path):
     wait_stopped(root, "x", 0)
     stopped = runtime(root, "exec", "--process", _process_json(tmp_path, ["/bin/echo", "ran"]), "x")
     assert stopped.returncode == 2 and "is stopped" in one_line(stopped) and "ran" not in stopped.stdout
+
+
+def test_hostile_exec_settings_are_refused_in_one_line(running, tmp_path):
+    """exec.json in the container's state, tampered: one line naming the settings, never a crash or a
+    reinterpretation (a list or deep nesting used to end in a TypeError or RecursionError line, a text uid
+    in a wrong-user refusal)."""
+    root, _ = running
+    settings = Path(root) / "x" / "exec.json"
+    good = settings.read_bytes()
+    wrong_type = json.loads(good)
+    wrong_type["uid"] = str(wrong_type["uid"])
+    hostile = {
+        "deep-nesting": b"[" * 100_000,
+        "trailing-garbage": good + b" {}",
+        "wrong-top-level-type": b"[" + good + b"]",
+        "wrong-field-type": json.dumps(wrong_type).encode(),
+    }
+    process = _process_json(tmp_path, ["/bin/echo", "ran"])
+    for label, data in hostile.items():
+        settings.write_bytes(data)
+        result = runtime(root, "exec", "--process", process, "x")
+        assert result.returncode != 0 and "no exec settings" in one_line(result), (label, result.stderr)
+        assert "ran" not in result.stdout
+    settings.write_bytes(good)
+    assert "ran" in runtime(root, "exec", "--process", process, "x").stdout

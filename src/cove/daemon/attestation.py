@@ -30,12 +30,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from cove.decode import Fields, decode_json
 from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 STRIDE = 1 << 16  # inodes per enclave folder
 TARGET = "/dev/attestation"
+MAX_CONTROL = 1 << 17  # a control message: the reader stops past 64 KiB, so at most one more chunk
 CONTROL: str | None = None  # set by the supervisor: the control socket of the node's server
 
 
@@ -51,10 +53,7 @@ def request(control: str, message: dict[str, Any], timeout: float = 30.0) -> dic
             if not chunk:
                 break
             data += chunk
-    try:
-        answer = json.loads(data or b"{}")
-    except ValueError as exc:
-        raise OSError(f"the attestation server answered something that is not JSON ({exc})") from None
+    answer = decode_json(data or b"{}", OSError, "the attestation server's answer")
     if not isinstance(answer, dict):
         raise OSError("the attestation server answered something that is not an object")
     return answer
@@ -345,14 +344,19 @@ def serve(mountpoint: Path, control: Path) -> int:
                         if not chunk:
                             break
                         data += chunk
-                    message = json.loads(data)
-                    op = message.get("op")
+                    message = Fields(
+                        decode_json(data, ValueError, "control message", limit=MAX_CONTROL),
+                        "control message",
+                        ValueError,
+                    )
+                    op = message.text("op")
                     if op == "register":
+                        identity = cast(dict[str, Any], message.value("identity", dict))
                         answer = fs.register(
-                            str(message["instance_id"]), dict(message["identity"]), int(message["owner"])
+                            message.text("instance_id"), identity, message.integer("owner", 1, 2**31 - 1)
                         )
                     elif op == "unregister":
-                        answer = fs.unregister(str(message["instance_id"]))
+                        answer = fs.unregister(message.text("instance_id"))
                     elif op == "status":
                         answer = {
                             "ok": True,

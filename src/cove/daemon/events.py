@@ -21,10 +21,12 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
 
+from cove.decode import decode_json
 from cove.runtime import limits
 
 KEEP = 10_000
 JOURNAL_BYTES = 4 << 20  # per file; the journal and one previous file are kept
+MAX_LINE = JOURNAL_BYTES  # one journal line: at most a whole file
 
 Event = dict[str, Any]
 Seen = tuple[str, int]
@@ -73,10 +75,12 @@ class Events:
                 continue
             for line in data.splitlines():
                 try:
-                    event = json.loads(line)
+                    event = decode_json(line, ValueError, "journal line", limit=MAX_LINE)
                 except ValueError:
                     continue
-                seq = event.get("seq") if isinstance(event, dict) else None
+                if not isinstance(event, dict):
+                    continue
+                seq = event.get("seq")
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq <= last:
                     continue
                 last = seq

@@ -34,8 +34,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError, NotFoundError, exit_status
 from cove.oci import cli
 from cove.oci import spec as spec_mod
@@ -48,6 +49,20 @@ PROGRAM_WAIT = 10.0  # a container that was just started may not have its progra
 
 
 SETTINGS = "exec.json"
+SETTINGS_KEYS = (
+    "uid",
+    "gid",
+    "cwd",
+    "env",
+    "passthrough",
+    "secret_env",
+    "max_open_files",
+    "seccomp",
+    "entry_points",
+    "debug",
+    "root",
+)
+MAX_SETTINGS = 1 << 20  # the environment and the seccomp filter in hex: a few KiB
 
 
 def save_settings(prepared: Any, folder: Path) -> None:
@@ -81,6 +96,29 @@ def settings(prepared: Any) -> dict[str, Any]:
         "entry_points": list(config.process.entry_points),
         "debug": bool(config.enclave.debug),
         "root": str(prepared.root) if prepared.encrypted is None else None,
+    }
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The container's exec settings (as :func:`settings` wrote them), each field checked; ValueError if not."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_SETTINGS + 1)
+    fields = Fields(decode_json(data, ValueError, SETTINGS, limit=MAX_SETTINGS), SETTINGS, ValueError, SETTINGS_KEYS)
+    env = fields.value("env", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cast(dict[object, object], env).items()):
+        raise fields.fail("env", "must map names to text strings")
+    return {
+        "uid": fields.integer("uid", 0, 2**32 - 1),
+        "gid": fields.integer("gid", 0, 2**32 - 1),
+        "cwd": fields.text("cwd", max_len=4096),
+        "env": env,
+        "passthrough": fields.strings("passthrough"),
+        "secret_env": fields.strings("secret_env"),
+        "max_open_files": fields.integer("max_open_files", 1, 1 << 20),
+        "seccomp": fields.hex("seccomp").hex(),
+        "entry_points": fields.strings("entry_points"),
+        "debug": fields.boolean("debug"),
+        "root": fields.value("root", (str, type(None))),
     }
 
 
@@ -150,8 +188,7 @@ def run(
             raise cli.StateError(f"container {ident} has no running program to join")
         time.sleep(0.02)
     try:
-        with open(container.path(SETTINGS)) as handle:
-            allowed = json.load(handle)
+        allowed = read_settings(container.path(SETTINGS))
     except (OSError, ValueError):
         raise CoveError(
             f"container {ident} has no exec settings (created by an older cove-runtime)", "recreate the container"
