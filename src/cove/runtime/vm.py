@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cove.config import parse_size
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError, SetupError
 from cove.image import vmimage
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
 NAME = "vm"
+ACCEL_CACHE = 1 << 20  # bytes of accel.json: one short entry per kernel and QEMU probed
 KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
 PROBE_TIMEOUT = 10.0  # a kernel that KVM boots answers in well under a second
 PR_SET_PDEATHSIG = 1
@@ -366,7 +368,11 @@ class VmEnclave(RunningEnclave):
                 return
             conn.settimeout(EXEC_SEND_TIMEOUT)
             try:
-                argv = json.loads(conn.makefile("rb").readline(MAX_EXEC_ARGS * 2))["argv"]
+                line = conn.makefile("rb").readline(MAX_EXEC_ARGS * 2)
+                request = Fields(decode_json(line, ValueError, "exec request", limit=MAX_EXEC_ARGS * 2), "", ValueError)
+                argv = request.value("argv", list)
+                if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+                    raise ValueError("argv")
                 args = b"".join(a.encode() + b"\0" for a in argv)
                 if not argv or "\0" in "".join(argv) or len(args) > MAX_EXEC_ARGS:
                     raise ValueError("argv")
@@ -725,13 +731,16 @@ def _qemu_key() -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _probe_table() -> dict:
+def _probe_table() -> dict[str, str]:
     """The cached probe answers: "KERNEL_SHA256:QEMU_SIZE:QEMU_MTIME" -> "kvm" or "tcg"."""
     try:
-        table = json.loads((_cache_dir() / "accel.json").read_text())
-        return table if isinstance(table, dict) else {}
+        table = decode_json((_cache_dir() / "accel.json").read_bytes(), ValueError, "accel.json", limit=ACCEL_CACHE)
     except (OSError, ValueError):
         return {}
+    if not isinstance(table, dict):
+        return {}
+    # an entry that is not one of the two answers is not an answer: that kernel is probed again
+    return {k: v for k, v in table.items() if isinstance(k, str) and v in ("kvm", "tcg")}
 
 
 def _read_probe(kernel_digest: bytes) -> str | None:
@@ -764,10 +773,7 @@ def accelerator(description: dict, kernel: Path, initrd: Path, workdir: Path) ->
     accel = "kvm" if probe(description, kernel, initrd, workdir, "kvm") else "tcg"
     path = _cache_dir() / "accel.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = _probe_table()
     table[f"{bytes(description['kernel']).hex()}:{_qemu_key()}"] = accel
     from cove.util import write_atomic
 
