@@ -24,14 +24,17 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 class FakeDaemon:
     """The node service's version endpoint on a real unix socket (docs/formats/daemon-api.md)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, answer: bytes | None = None):
         self.path = path
+        self.answer = answer if answer is not None else json.dumps({"version": "0.1.0", "api": "v1"}).encode()
         self.server = None
 
     def start(self) -> None:
+        answer = self.answer
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                body = json.dumps({"version": "0.1.0", "api": "v1"}).encode() if self.path == "/v1/version" else b"{}"
+                body = answer if self.path == "/v1/version" else b"{}"
                 self.send_response(200 if self.path == "/v1/version" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -11,7 +11,7 @@ import pytest
 
 from cove import __version__
 from cove.k8s import nodeagent
-from cove.k8s.health import Health
+from cove.k8s.health import DaemonProbe, Health
 from tests.conftest import COVE
 from tests.k8s.fakes import FakeDaemon
 
@@ -90,6 +90,28 @@ def test_detection_without_the_node_service(tmp_path):
         "cove.dev/version": __version__,
         "cove.dev/ready": "false",
     }
+
+
+HOSTILE_ANSWERS = {
+    "deep nesting": (b"[" * 100_000 + b"]" * 100_000, "not JSON"),  # was a RecursionError out of the probe
+    "trailing garbage": (b'{"version": "0.1.0", "api": "v1"} {}', "not JSON"),
+    "wrong top-level type": (b'["0.1.0"]', "not a JSON object"),
+    "wrong field type": (b'{"version": {"major": 0}, "api": "v1"}', "version must be a short text string"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_ANSWERS)
+def test_a_hostile_version_answer_is_down_with_a_reason(case):
+    """The probe reads the answer through cove.decode: each is down with one line, never an exception."""
+    answer, words = HOSTILE_ANSWERS[case]
+    sock = Path(tempfile.mkdtemp(prefix="k8s-hp-", dir="/tmp")) / "cove.sock"
+    daemon = FakeDaemon(sock, answer)
+    daemon.start()
+    try:
+        health = DaemonProbe(str(sock))()
+    finally:
+        daemon.stop()
+    assert not health.up and words in health.detail and health.info == {} and "\n" not in health.detail
 
 
 def test_a_hostile_answer_is_refused():

@@ -269,6 +269,35 @@ async def test_unreachable_broker_is_retried_with_backoff(kmock, broker, monkeyp
         assert "KeyBroker 'nobody' not found" in orphan["status"]["message"]
 
 
+def _admin_key(broker: dict, **changes: object) -> bytes:
+    return json.dumps(dict(json.loads((broker["state"] / "admin.json").read_bytes()), **changes)).encode()
+
+
+HOSTILE_ADMIN_KEYS = {
+    "deep nesting": (lambda b: b"[" * 10_000 + b"]" * 10_000, "not valid JSON"),  # was a RecursionError
+    "trailing garbage": (lambda b: (b["state"] / "admin.json").read_bytes() + b" {}", "not valid JSON"),
+    "wrong top-level type": (lambda b: b'["admin"]', "must be a map"),
+    "wrong field type": (lambda b: _admin_key(b, name=7), "name must be a short text string"),  # was accepted
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", HOSTILE_ADMIN_KEYS)
+async def test_a_hostile_admin_secret_is_an_error_status(kmock, broker, monkeypatch, case):
+    """The admin Secret is read through cove.decode: each is the policy's Error status naming the Secret."""
+    make, words = HOSTILE_ADMIN_KEYS[case]
+    cluster = Cluster(kmock)
+    await _external_broker(cluster, broker, "bad")
+    await cluster.patch(
+        f"/api/v1/namespaces/{NS}/secrets/bad-admin", {"data": {"admin.json": base64.b64encode(make(broker)).decode()}}
+    )
+    async with Operator(monkeypatch, kmock):
+        await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "p", {"broker": "bad", "policy": POLICY}))
+        failed = await cluster.until(f"{API}/enclavepolicies/p", _phase("Error"))
+    message = failed["status"]["message"]
+    assert "admin Secret 'bad-admin' is not a Cove admin key" in message and words in message, message
+
+
 @pytest.mark.asyncio
 async def test_managed_broker_waits_for_its_database_secret(kmock, monkeypatch):
     cluster = Cluster(kmock)

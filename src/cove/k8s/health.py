@@ -2,22 +2,25 @@
 
 The device plugin and the node agent follow the node service's health
 (docs/formats/daemon-api.md: ``GET /v1/version`` on ``/run/cove/cove.sock``).
-Standard library only, with a short timeout, so a hung daemon reads as down
-instead of hanging the plugin's health loop.
+Plain http.client with a short timeout, so a hung daemon reads as down
+instead of hanging the plugin's health loop; the answer is read through
+cove.decode, so a hostile one is down with a reason, not an exception.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
+from cove.decode import Fields, decode_json
+
 DEFAULT_SOCKET = "/run/cove/cove.sock"
 SOCKET_ENV = "COVE_DAEMON_SOCKET"
 VERSION_ROUTE = "/v1/version"
+TEXT_FIELDS = ("version", "api", "backend", "platform")
 
 
 def daemon_socket() -> str:
@@ -73,9 +76,16 @@ class DaemonProbe:
         if response.status != 200:
             return Health(False, f"{self.path}: HTTP {response.status}", {})
         try:
-            info = json.loads(body)
-        except ValueError:
+            info = decode_json(body, ValueError, "the version answer")
+        except ValueError:  # malformed, not UTF-8, nested too deep, trailing bytes
             return Health(False, f"{self.path}: the version answer is not JSON", {})
         if not isinstance(info, dict):
             return Health(False, f"{self.path}: the version answer is not a JSON object", {})
+        try:  # the fields the node agent turns into labels (docs/formats/daemon-api.md)
+            fields = Fields(info, "the version answer", ValueError)
+            for key in TEXT_FIELDS:
+                if fields.has(key):
+                    fields.text(key)
+        except ValueError as exc:
+            return Health(False, f"{self.path}: {exc}", {})
         return Health(True, "ok", info)

@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 import httpx
 import kopf
 
+from cove.decode import Fields, decode_json
 from cove.k8s.crds import GROUP, VERSION
 from cove.k8s.kubeapi import API_ENV, Api, MissingKey, Unconfigured
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 IMAGE_ENV = "COVE_KBS_IMAGE"
 DEFAULT_IMAGE = "cove/kbs:0.1.0"
 MAX_DELAY = 300
+ADMIN_KEY_LIMIT = 65536  # an admin key file is a name, a URL and one JWK
 FINALIZER = f"operator.{GROUP}/cleanup"
 
 log = logging.getLogger("cove.k8s.operator")
@@ -297,12 +299,19 @@ class Broker:
             self._ca_file.write(pem)
             self._ca_file.flush()
             ca = Path(self._ca_file.name)
+
+        def not_admin_key(problem: str) -> Failure:
+            return Failure(f"admin Secret {admin.get('name')!r} is not a Cove admin key: {problem}")
+
+        # An admin key file (docs/kbs.md): name, audience, url, jwk.
+        fields = Fields(decode_json(raw, not_admin_key, "its value", limit=ADMIN_KEY_LIMIT), "it", not_admin_key)
+        name = fields.text("name")
+        audience = fields.text("audience", max_len=1024) if fields.map.get("audience") is not None else None
         try:
-            data = json.loads(raw)
-            key = jose.load_private_jwk(json.dumps(data["jwk"]))
+            key = jose.load_private_jwk(json.dumps(fields.value("jwk", dict)))
         except (ValueError, KeyError, TypeError) as exc:
-            raise Failure(f"admin Secret {admin.get('name')!r} is not a Cove admin key: {exc}") from None
-        self.client = AdminClient(url, key, data["name"], ca, data.get("audience"), timeout=15)
+            raise not_admin_key(str(exc)) from None
+        self.client = AdminClient(url, key, name, ca, audience, timeout=15)
 
     def __enter__(self) -> AdminClient:
         return self.client
