@@ -33,12 +33,14 @@ from pathlib import Path
 from collections.abc import Iterator
 
 from cove import hostids
-from cove.errors import CoveError, IntegrityError, NotFoundError
+from cove.decode import Fields, decode_json
+from cove.errors import CoveError, IntegrityError, NotFoundError, file_system_error
 from cove.image import artifacts, encryption, vmimage
 from cove.image.artifacts import VerifiedBuild
 from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
 BUILD_FILES = (artifacts.MANIFEST, artifacts.SIGNATURE, artifacts.TREE)
+META_KEYS = ("name", "measurement", "signer", "files", "bytes", "imported")  # image.json (docs/node.md)
 
 
 @dataclass(frozen=True)
@@ -107,15 +109,23 @@ class ImageStore:
         return self._load(folder)
 
     def _load(self, folder: Path) -> StoredImage:
-        meta = json.loads((folder / "image.json").read_text())
+        """An image's record (image.json), each field checked: a damaged one is one CoveError naming it."""
+        what = f"images/{folder.name}/image.json"
+        try:
+            data = (folder / "image.json").read_bytes()
+        except OSError as exc:
+            raise file_system_error(exc) from None
+        meta = Fields(decode_json(data, CoveError, what, limit=65536), what, CoveError, allowed=META_KEYS)
+        imported = meta.value("imported", (int, float))
+        assert isinstance(imported, (int, float))  # checked just above
         return StoredImage(
             folder.name,
-            meta["name"],
-            meta["measurement"],
-            meta["signer"],
-            meta["files"],
-            meta["bytes"],
-            meta["imported"],
+            meta.text("name"),
+            meta.text("measurement"),
+            meta.text("signer"),
+            meta.integer("files"),
+            meta.integer("bytes"),
+            float(imported),
             folder / "root",
             folder / "cove.toml",
             folder / "build",
@@ -126,7 +136,7 @@ class ImageStore:
         for folder in sorted(self.images.iterdir()):
             try:
                 found.append(self._load(folder))
-            except (OSError, ValueError, KeyError):
+            except CoveError:  # damaged or half-removed: not listed
                 continue
         return found
 
