@@ -144,3 +144,23 @@ def test_bad_bom_file(cove, tmp_path):
     result = cove("add", "--bom", str(tmp_path / "cove.bom"), cwd=tmp_path / "app")
     assert result.returncode == 2
     assert "copy[0] needs from" in error_line(result)
+
+
+HOSTILE_BOMS = {
+    "deep nesting": ("copy = " + "[" * 5000 + "]" * 5000, "not valid TOML"),  # was a RecursionError
+    "trailing garbage": ('[[copy]]\nfrom = "/bin/sh"\n"trailing', "not valid TOML"),
+    "wrong top-level type": ("copy = 5", "copy must be [[copy]] tables"),  # was a TypeError
+    "copy as text": ('copy = "/bin/sh"', "copy must be [[copy]] tables"),  # was copy[0] of its characters
+    "wrong field type": ("[[copy]]\nfrom = 5", "copy[0] needs from"),
+    "not UTF-8": (b"\xff\xfe", "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_BOMS)
+def test_hostile_bom_file_is_one_line(tmp_path, case):
+    text, words = HOSTILE_BOMS[case]
+    path = tmp_path / "cove.bom"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CoveError, match=re.escape(words)) as caught:
+        bom.plan_bom(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)

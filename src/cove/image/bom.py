@@ -16,11 +16,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from cove.decode import decode_toml
 from cove.errors import CoveError, file_system_error
 from cove.image import elf
 from cove.image.paths import check_name, resolve_in_image
@@ -226,16 +226,24 @@ def plan_sdk(to: str | None = None) -> Plan:
 def plan_bom(bom_file: Path, with_dependencies: bool = True) -> Plan:
     """A plan from a checked-in list: [[copy]] from = "...", to = "/dir" (optional)."""
     try:
-        data = tomllib.loads(bom_file.read_text(encoding="utf-8"))
+        text = bom_file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CoveError(f"{bom_file}: not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise CoveError(f"{bom_file}: cannot read: {exc}") from None
+
+    def unreadable(problem: str) -> CoveError:
+        return CoveError(f"{bom_file}: cannot read: {problem}")
+
+    data = decode_toml(text, unreadable, "")  # nested too deep or malformed: one line
     unknown = set(data) - {"copy"}
     if unknown:
         raise CoveError(f"{bom_file}: unknown key {sorted(unknown)[0]}", "a bom holds [[copy]] tables only")
+    copies = data.get("copy", [])
+    if not isinstance(copies, list):
+        raise CoveError(f"{bom_file}: copy must be [[copy]] tables", "a bom holds [[copy]] tables only")
     planner = _Planner(with_dependencies)
-    for index, item in enumerate(data.get("copy", [])):
+    for index, item in enumerate(copies):
         if not isinstance(item, dict) or not isinstance(item.get("from"), str) or set(item) - {"from", "to"}:
             raise CoveError(f'{bom_file}: copy[{index}] needs from = "PATH" and optionally to = "/DIR"')
         to = item.get("to")
