@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError, NotFoundError
 from cove.runtime.procfs import process_start
 from cove.util import write_atomic
@@ -29,6 +30,7 @@ from cove.util import write_atomic
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ID = re.compile(r"^[0-9a-f]{64}$")
 ENDED = ("exited",)
+MAX_FILE = 16 << 20  # record.json holds one API body (at most 1 MiB) re-encoded: a cap, not a tight bound
 
 
 class ConflictError(CoveError):
@@ -121,6 +123,24 @@ class Enclave:
         }
 
 
+def read_object(path: Path) -> dict[str, Any]:
+    """One of the daemon's own JSON files (record.json, state.json) as an object; ValueError if it is not."""
+    with open(path, "rb") as handle:
+        value = decode_json(handle.read(MAX_FILE + 1), ValueError, path.name, limit=MAX_FILE)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} is not an object")
+    return value
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """An enclave's record.json, with the id and name every reader uses (ValueError if not)."""
+    record = read_object(folder / "record.json")
+    fields = Fields(record, "record.json", ValueError)
+    fields.text("id", max_len=64)
+    fields.text("name", max_len=63)
+    return record
+
+
 class Registry:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -164,9 +184,9 @@ class Registry:
 
     def load(self, ident: str) -> Enclave:
         folder = self.enclaves / ident
-        record = json.loads((folder / "record.json").read_text())
+        record = read_record(folder)
         try:
-            state = json.loads((folder / "state.json").read_text())
+            state = read_object(folder / "state.json")
         except (OSError, ValueError):
             state = {}
         return Enclave(folder, record, state)

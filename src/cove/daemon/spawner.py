@@ -14,13 +14,13 @@ when the daemon closes it, or dies with it; supervisors go on either way.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from cove import trace
+from cove.daemon.registry import read_record
 from cove.daemon.supervisor import Supervisor
 from cove.errors import CoveError
 from cove.image.store import ImageStore
@@ -33,14 +33,16 @@ def warm_image(folder: str, store: str) -> None:
     """Check the enclave's stored image once here: the libraries' first-use work (key parsing, the
     listing's decoder) is then done for every later fork. The supervisor checks it again itself."""
     try:
-        with open(os.path.join(folder, "record.json"), "rb") as handle:
-            ident = json.load(handle)["image"]
-        if not isinstance(ident, str) or ident in _warmed:
-            return
-        _warmed.add(ident)
+        ident = read_record(Path(folder)).get("image")
+    except (OSError, ValueError):
+        return  # the supervisor reads it again and reports what is wrong
+    if not isinstance(ident, str) or ident in _warmed:
+        return
+    _warmed.add(ident)
+    try:
         images = ImageStore(Path(store))
         images.verified(images.get(ident))
-    except Exception:  # noqa: BLE001 - a warm-up only: the supervisor reports what is wrong
+    except Exception:  # noqa: BLE001 - a warm-up of verification, not decoding: the supervisor verifies again
         return
     gc.freeze()
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from cove import trace
 from cove.daemon import attestation, logfile
+from cove.daemon.registry import read_record
 from cove.runtime.procfs import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
@@ -53,7 +54,7 @@ def should_restart(policy: str, code: int, restarts: int) -> bool:
 class Supervisor:
     def __init__(self, folder: Path, store: Path) -> None:
         self.folder = folder
-        self.record = json.loads((folder / "record.json").read_text())
+        self.record = read_record(folder)
         self.store = ImageStore(store)
         self.state: dict[str, Any] = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "restarts": 0}
         self.stopping = False
