@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -154,3 +157,62 @@ def test_raw_member_keeps_the_signed_bytes():
         raw_member('{"tcbInfo": {"a": 1', "tcbInfo")
     with pytest.raises(VerificationError, match="no enclaveIdentity"):
         raw_member(text, "enclaveIdentity")
+
+
+def _entry(url: str, body: object, headers: object = None, fetched: object = None) -> bytes:
+    """A cache entry as Fetcher.get writes it, with any field replaced."""
+    return json.dumps(
+        {
+            "url": url,
+            "fetched": time.time() if fetched is None else fetched,
+            "headers": {} if headers is None else headers,
+            "body": base64.b64encode(body).decode() if isinstance(body, bytes) else body,
+        }
+    ).encode()
+
+
+def _cache_path(cache, url: str):
+    return cache / (hashlib.sha256(url.encode()).hexdigest() + ".json")
+
+
+HOSTILE_CACHE = {
+    "deep nesting": lambda url: b"[" * 10_000 + b"]" * 10_000,  # was a RecursionError
+    "trailing garbage": lambda url: _entry(url, b"cached") + b" {}",
+    "wrong top-level type": lambda url: json.dumps([url]).encode(),  # was an AttributeError
+    "wrong field type": lambda url: _entry(url, 5),  # was a TypeError from b64decode
+    "headers not a map": lambda url: _entry(url, b"cached", headers=["x"]),  # was returned as the headers
+    "body not base64": lambda url: _entry(url, "not base64!"),  # was a binascii.Error
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CACHE)
+def test_a_damaged_cache_entry_is_a_miss(service, tmp_path, case):
+    """The cache is read through cove.decode: a damaged entry is fetched again, and without a network one line."""
+    s = service("sgx")
+    url = s.url + "/sgx/certification/v4/qe/identity"
+    _cache_path(tmp_path, url).write_bytes(HOSTILE_CACHE[case](url))
+    body, _ = Fetcher(cache_dir=tmp_path).get(url)
+    assert body.startswith(b'{"enclaveIdentity":') and len(s.hits) == 1
+    gone = "http://127.0.0.1:9/qe"
+    _cache_path(tmp_path, gone).write_bytes(HOSTILE_CACHE[case](gone))
+    with pytest.raises(VerificationError, match="cannot reach"):
+        Fetcher(cache_dir=tmp_path).get(gone)
+
+
+HOSTILE_RESPONSES = {
+    "deep nesting": b"[" * 10_000 + b"]" * 10_000,  # was a RecursionError
+    "trailing garbage": b'{"tcbInfo": {}, "signature": "00"} {}',
+    "wrong top-level type": b'["tcbInfo", "signature"]',
+    "wrong field type": b'{"tcbInfo": {}, "signature": 5}',  # was passed on as the signature
+    "not UTF-8": b'{"tcbInfo": {}, "signature": "\xff"}',  # was a UnicodeDecodeError
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_RESPONSES)
+def test_a_hostile_pcs_response_is_one_verification_error(service, tmp_path, case):
+    """A TCB info response (here from a fresh cache entry; the rest from the service) is checked as it is read."""
+    s = service("sgx")
+    tcb = next(path for path in pcs_routes() if path.startswith("/sgx/certification/v4/tcb?"))
+    _cache_path(tmp_path, s.url + tcb).write_bytes(_entry(s.url + tcb, HOSTILE_RESPONSES[case]))
+    with pytest.raises(VerificationError, match="collateral responses lack their signatures"):
+        Fetcher(pccs=s.url, cache_dir=tmp_path).dcap("sgx", (VECTORS / "sgx/quote.bin").read_bytes())

@@ -10,6 +10,7 @@ still refuses collateral whose window has passed.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
@@ -24,10 +25,43 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cove.attest.errors import VerificationError
+from cove.decode import Fields, decode_json
 from cove.util import write_atomic
 
 INTEL_ROOT_CRL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
+CACHE_LIMIT = 16 << 20  # a cached response in base64: PCS answers are tens of kilobytes, CRLs less
+
+
+def _cached(path: Path) -> tuple[float, bytes, dict[str, str]] | None:
+    """A cache entry (fetched, body, headers); missing, unreadable or damaged is a miss, fetched again."""
+    what = f"collateral cache entry {path.name}"
+    try:
+        entry = Fields(
+            decode_json(path.read_bytes(), VerificationError, what, limit=CACHE_LIMIT), what, VerificationError
+        )
+        fetched = entry.value("fetched", (int, float))
+        headers = entry.sub("headers")
+        names = [name for name in headers.map if isinstance(name, str)]
+        if len(names) != len(headers.map):
+            return None
+        found = {name: headers.text(name, max_len=CACHE_LIMIT) for name in names}
+        body = base64.b64decode(entry.text("body", max_len=CACHE_LIMIT), validate=True)
+    except (OSError, VerificationError, binascii.Error):
+        return None
+    assert isinstance(fetched, (int, float))  # Fields.value checked it
+    return float(fetched), body, found
+
+
+def _signature(response: bytes, kind: str) -> str:
+    """The ``signature`` member of a PCS TCB info or QE identity response (hex text)."""
+
+    def lacking(problem: str) -> VerificationError:
+        return VerificationError(f"{kind}: collateral responses lack their signatures")
+
+    return Fields(decode_json(response, lacking, "a collateral response"), "it", lacking).text(
+        "signature", max_len=4096
+    )
 
 
 def default_cache_dir() -> Path:
@@ -99,13 +133,9 @@ class Fetcher:
     def get(self, url: str) -> tuple[bytes, dict[str, str]]:
         """(body, headers) of a 200 response, from the cache while fresh or when the network fails."""
         path = self.cache / (hashlib.sha256(url.encode()).hexdigest() + ".json")
-        cached = None
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-        if cached and time.time() - cached.get("fetched", 0) < self.ttl:
-            return base64.b64decode(cached["body"]), cached["headers"]
+        cached = _cached(path)
+        if cached and time.time() - cached[0] < self.ttl:
+            return cached[1], cached[2]
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as response:
                 body = response.read()
@@ -114,7 +144,7 @@ class Fetcher:
             raise VerificationError(f"collateral: {url} answered {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             if cached:
-                return base64.b64decode(cached["body"]), cached["headers"]
+                return cached[1], cached[2]
             reason = getattr(exc, "reason", exc)
             raise VerificationError(f"collateral: cannot reach {url}: {reason}") from None
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -156,11 +186,8 @@ class Fetcher:
             root_crl, _ = self.get(f"{self.pccs}/sgx/certification/v4/rootcacrl")
         except VerificationError:
             root_crl, _ = self.get(INTEL_ROOT_CRL)
-        tcb_text, qe_text = tcb.decode(), qe.decode()
-        try:
-            tcb_sig, qe_sig = json.loads(tcb_text)["signature"], json.loads(qe_text)["signature"]
-        except (ValueError, KeyError, TypeError):
-            raise VerificationError(f"{kind}: collateral responses lack their signatures") from None
+        tcb_sig, qe_sig = _signature(tcb, kind), _signature(qe, kind)
+        tcb_text, qe_text = tcb.decode(), qe.decode()  # UTF-8: decode_json checked it
         return {
             "tcb_info": raw_member(tcb_text, "tcbInfo"),
             "tcb_info_signature": tcb_sig,
