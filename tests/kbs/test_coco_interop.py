@@ -445,7 +445,7 @@ def test_collateral_import_command(tmp_path):
     assert [p.name for p in stored] == ["tdx-b0c06f000000.json"]
     for args, words in (
         (("--tee", "sgx", str(VECTORS / "tdx" / "collateral.json")), "not sgx collateral"),
-        (("--tee", "tdx", str(VECTORS / "tdx" / "quote.bin")), "is not JSON"),
+        (("--tee", "tdx", str(VECTORS / "tdx" / "quote.bin")), "is not valid JSON"),
         (("--tee", "tdx", str(tmp_path / "missing.json")), "cannot read"),
     ):
         refused = cove(*args[:2], "--dir", str(tmp_path / "c"), *args[2:])

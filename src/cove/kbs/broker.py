@@ -36,6 +36,7 @@ from cove.kbs import (
     jose,
     secrets as secrets_mod,
 )
+from cove.decode import Fields, decode_json
 from cove.kbs.problems import Problem
 from cove.kbs.store import ReleaseRow, SecretRow, SessionRow, Store
 from cove.kbs.vault import Vault
@@ -126,7 +127,8 @@ class Broker:
         data = self._sealed_once(
             "token", lambda: json.dumps(jwk.generate_key("EC", "P-256").as_dict(private=True)).encode()
         )
-        return jwk.import_key(json.loads(data), "EC")
+        fields: dict[str, Any] = {str(k): v for k, v in self._sealed_map(data, "token key").map.items()}
+        return jwk.import_key(fields, "EC")
 
     def _ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         def make() -> bytes:
@@ -134,11 +136,20 @@ class Broker:
             cert = certs.self_signed_ca(key, f"Cove KBS CA {self.broker_id[:8]}")
             return json.dumps({"key": certs.private_key_pem(key).decode(), "cert": certs.pem(cert).decode()}).encode()
 
-        data = json.loads(self._sealed_once("ca", make))
-        key = serialization.load_pem_private_key(data["key"].encode(), password=None)
+        data = self._sealed_map(self._sealed_once("ca", make), "CA")
+        key = serialization.load_pem_private_key(data.text("key", max_len=16384).encode(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise Problem("Unavailable", "the broker's stored CA key is not an EC key")
-        return key, x509.load_pem_x509_certificate(data["cert"].encode())
+        return key, x509.load_pem_x509_certificate(data.text("cert", max_len=16384).encode())
+
+    @staticmethod
+    def _sealed_map(data: bytes, what: str) -> Fields:
+        """A JSON object the broker sealed itself (the vault authenticated it); any other shape is Unavailable."""
+
+        def unusable(message: str) -> Problem:
+            return Problem("Unavailable", f"the broker's sealed {message}")
+
+        return Fields(decode_json(data, unusable, what), what, unusable)
 
     def ca_pem(self) -> str:
         return self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()

@@ -285,10 +285,15 @@ class KbsClient:
 def _token_claims(token: str) -> dict[str, Any]:
     try:
         body = token.split(".")[1]
-        claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        return claims
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (IndexError, ValueError):
         raise KbsError("the broker's attestation token is not a JWT") from None
+    claims = Fields(decode_json(raw, _not_jwt, "its claims"), "its claims", _not_jwt).map
+    return {str(key): value for key, value in claims.items()}
+
+
+def _not_jwt(message: str) -> KbsError:
+    return KbsError(f"the broker's attestation token is not a JWT: {message}")
 
 
 def fetch(

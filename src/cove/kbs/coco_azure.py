@@ -27,7 +27,6 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
-import json
 import struct
 from dataclasses import replace
 from typing import Any, NoReturn
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cove.attest import verifier
 from cove.attest.appraisal import Appraisal
+from cove.decode import decode_json
 from cove.errors import CoveError
 from cove.kbs import evidence_appraisal
 from cove.kbs.problems import Problem
@@ -49,7 +49,11 @@ MAX_HCL_REPORT = 1 << 16
 
 
 def _fail(detail: str) -> NoReturn:
-    raise Problem("EvidenceInvalid", f"az-snp-vtpm: {detail}")
+    raise _invalid(detail)
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem("EvidenceInvalid", f"az-snp-vtpm: {detail}")
 
 
 def _hex(value: object, what: str) -> bytes:
@@ -83,7 +87,7 @@ def parse_hcl_report(hcl: bytes) -> tuple[bytes, bytes]:
     return report, var_data
 
 
-def _ak_pem(var_data: dict[str, Any]) -> bytes:
+def _ak_pem(var_data: object) -> bytes:
     keys = var_data.get("keys") if isinstance(var_data, dict) else None
     for key in keys if isinstance(keys, list) else []:
         if isinstance(key, dict) and key.get("kid") == "HCLAkPub" and key.get("kty") == "RSA":
@@ -129,10 +133,7 @@ def appraise(
         _fail(f"the SNP report was made at VMPL {fields.get('vmpl')}, not 0 (the HCL's)")
     if not hmac.compare_digest(hashlib.sha256(var_data).digest(), (snp.report_data or b"")[:32]):
         _fail("the SNP report's REPORT_DATA is not the hash of the HCL variable data")
-    try:
-        variables = json.loads(var_data)
-    except ValueError:
-        _fail("the HCL variable data is not JSON")
+    variables = decode_json(var_data, _invalid, "the HCL variable data")
     # RSASSA with SHA-256, as a TPMT_SIGNATURE: sigAlg, hash, TPM2B signature
     tpmt = struct.pack(">HHH", 0x0014, 0x000B, len(signature)) + signature
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError
 from cove.kbs.problems import Problem
 from cove.util import write_atomic
@@ -49,13 +50,13 @@ def collateral_fmspc(tee: str, collateral: dict[str, Any]) -> str:
     try:
         parse_collateral(collateral, tee)
         info = collateral["tcb_info"]
-        info = json.loads(info) if isinstance(info, str) else info
-        fmspc = str(info["fmspc"]).lower()
-        made_for = "tdx" if info.get("id") == "TDX" else "sgx"
+        if isinstance(info, str):  # parse_collateral read it already; this reads it the same way
+            info = decode_json(info, CoveError, "the collateral's tcb_info")
+        tcb = Fields(info, "the collateral's tcb_info", CoveError)
+        fmspc = tcb.text("fmspc").lower()
+        made_for = "tdx" if tcb.has("id") and tcb.map["id"] == "TDX" else "sgx"
     except CoveError as exc:
         raise CoveError(f"the collateral does not parse: {exc.line()}") from None
-    except (ValueError, KeyError, TypeError):
-        raise CoveError("the collateral's tcb_info names no FMSPC") from None
     if made_for != tee:
         raise CoveError(f"this is {made_for} collateral, not {tee} collateral", f"import it with --tee {made_for}")
     if not _FMSPC.match(fmspc):
@@ -84,12 +85,11 @@ class CollateralSource:
             raise CoveError(f"cannot read {source}: {exc.strerror}") from None
         if len(raw) > MAX_COLLATERAL:
             raise CoveError(f"{source} is larger than {MAX_COLLATERAL >> 20} MiB: not DCAP collateral")
-        try:
-            collateral = json.loads(raw)
-        except ValueError:
-            raise CoveError(
-                f"{source} is not JSON", "give the collateral JSON (docs/formats/kbs-evidence.md)"
-            ) from None
+
+        def not_json(message: str) -> CoveError:
+            return CoveError(f"{source} is {message}", "give the collateral JSON (docs/formats/kbs-evidence.md)")
+
+        collateral = decode_json(raw, not_json, "", limit=MAX_COLLATERAL)
         if not isinstance(collateral, dict):
             raise CoveError(f"{source} is not a collateral object")
         fmspc = collateral_fmspc(tee, collateral)
@@ -102,16 +102,21 @@ class CollateralSource:
         """Collateral for this quote's platform, or EvidenceInvalid saying how to provide it."""
         fmspc = quote_fmspc(tee, quote)
         if self.folder is not None:
+
+            def unreadable(message: str) -> Problem:
+                return Problem(
+                    "Unavailable", f"{tee}: the broker's collateral for FMSPC {fmspc} is unreadable: {message}"
+                )
+
             try:
-                found = json.loads(self.path(tee, fmspc).read_bytes())
-                if isinstance(found, dict):
-                    return found
+                raw = self.path(tee, fmspc).read_bytes()
             except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as exc:
-                raise Problem(
-                    "Unavailable", f"{tee}: the broker's collateral for FMSPC {fmspc} is unreadable: {exc}"
-                ) from None
+                raw = None
+            except OSError as exc:
+                raise unreadable(str(exc)) from None
+            found = None if raw is None else decode_json(raw, unreadable, "it", limit=MAX_COLLATERAL)
+            if isinstance(found, dict):
+                return found
         if self.pccs:
             from cove.attest.collateral_fetch import Fetcher
 

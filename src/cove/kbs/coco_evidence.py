@@ -16,12 +16,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
-import tomllib
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from cove.decode import decode_json, decode_toml
 from cove.errors import CoveError
 from cove.kbs.coco_collateral import CollateralSource
 from cove.kbs.problems import Problem
@@ -40,11 +39,16 @@ INIT_DATA_HASHES = ("sha256", "sha384", "sha512")  # Trustee's Initdata.algorith
 
 def _json_object(value: Any, what: str) -> Any:
     if isinstance(value, str):  # some clients send JSON as a string
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise Problem("EvidenceInvalid", f"{what} is a string but not JSON") from None
+        value = decode_json(value, _invalid_evidence, f"{what} (a string)")
     return value
+
+
+def _invalid_evidence(message: str) -> Problem:
+    return Problem("EvidenceInvalid", message)
+
+
+def _invalid_request(message: str) -> Problem:
+    return Problem("InvalidRequest", message)
 
 
 def unpack(tee: str, tee_evidence: Any, collateral: CollateralSource | None = None) -> tuple[dict[str, Any], str]:
@@ -350,10 +354,7 @@ def check_additional(additional: str) -> None:
     never dropped: a token must not suggest that a device was appraised when it was not."""
     if additional == "":
         return
-    try:
-        entries = json.loads(additional)
-    except ValueError:
-        raise Problem("EvidenceInvalid", "additional_evidence is not JSON") from None
+    entries = decode_json(additional, _invalid_evidence, "additional_evidence")
     if not isinstance(entries, dict):
         raise Problem("EvidenceInvalid", "additional_evidence must be a JSON object (tee -> evidence)")
     if entries:
@@ -386,10 +387,7 @@ def init_data(value: Any) -> InitData | None:
     body = value["body"]
     if len(body) > MAX_INIT_DATA:
         raise Problem("InvalidRequest", f"init-data is larger than {MAX_INIT_DATA >> 10} KiB")
-    try:
-        parsed = tomllib.loads(body)
-    except tomllib.TOMLDecodeError as exc:
-        raise Problem("InvalidRequest", f"init-data is not TOML: {exc}") from None
+    parsed = decode_toml(body, _invalid_request, "init-data", limit=MAX_INIT_DATA)
     algorithm = parsed.get("algorithm")
     if algorithm not in INIT_DATA_HASHES:
         raise Problem(

@@ -25,7 +25,6 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from cove.attest import appraisal as attest_mod
 from cove.attest import verifier
 from cove.attest.appraisal import Appraisal
 from cove.attest.policy import Policy
+from cove.decode import decode_json
 from cove.errors import CoveError
 from cove.kbs import coco_binding
 from cove.kbs.problems import Problem
@@ -227,22 +227,20 @@ def normalize_tee(tee: object) -> str:
     return name
 
 
+def _invalid_evidence(message: str) -> Problem:
+    return Problem("EvidenceInvalid", message)
+
+
 def appraise(
     tee: str, evidence: object, runtime_data: dict[str, Any], anchors: TrustAnchors, now: dt.datetime
 ) -> Appraisal:
     """Verify evidence of type tee and its binding to runtime_data; the appraisal, or a problem."""
     if isinstance(evidence, str):  # some clients send the evidence as a JSON string
-        try:
-            evidence = json.loads(evidence)
-        except ValueError:
-            raise Problem("EvidenceInvalid", f"{tee} tee-evidence is a string but not JSON") from None
+        evidence = decode_json(evidence, _invalid_evidence, f"{tee} tee-evidence (a string)")
     if isinstance(evidence, dict) and set(evidence) and set(evidence) <= {"primary_evidence", "additional_evidence"}:
         evidence = evidence.get("primary_evidence")  # the composite form of newer KBS clients
         if isinstance(evidence, str):
-            try:
-                evidence = json.loads(evidence)
-            except ValueError:
-                raise Problem("EvidenceInvalid", f"{tee} primary_evidence is a string but not JSON") from None
+            evidence = decode_json(evidence, _invalid_evidence, f"{tee} primary_evidence (a string)")
     if not isinstance(evidence, dict):
         raise Problem("EvidenceInvalid", f"{tee} tee-evidence must be a JSON object")
     result = verify(tee, evidence, anchors, now)

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from joserfc import jwe, jwk, jwt
 from joserfc.errors import JoseError
 
-from cove.decode import decode_json
+from cove.decode import Fields, decode_json
 from cove.kbs.problems import Problem
 
 CONTENT_ENC = "A256GCM"
@@ -154,7 +154,11 @@ def decrypt_from(document: dict[str, Any], private_key: jwk.Key) -> bytes:
     if alg is None:
         raise ValueError(f"a {private_key.key_type} key cannot open a resource JWE")
     try:
-        header = json.loads(_b64(document["protected"]))
+        header = Fields(
+            decode_json(_b64(document["protected"]), ValueError, "the JWE protected header"),
+            "the JWE protected header",
+            ValueError,
+        ).map
         if header.get("alg") != alg or header.get("enc") != CONTENT_ENC:
             raise ValueError(f"unexpected JWE algorithms {header.get('alg')}/{header.get('enc')}")
         if "aad" in document or "header" in document or "unprotected" in document:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cove.decode import decode_json
 from cove.errors import CoveError
 from cove.kbs.broker import Broker, Settings
 from cove.kbs.problems import Problem
@@ -485,10 +486,12 @@ def _version(value: str | None) -> int | None:
 
 
 def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise Problem("InvalidRequest", "body: the request body is not JSON") from None
+    """An attestation request's body (the guard capped its size); the broker reads its fields."""
+    return decode_json(raw, _bad_body, "the request body", limit=max(BODY_LIMITS.values()))
+
+
+def _bad_body(message: str) -> Problem:
+    return Problem("InvalidRequest", f"body: {message}")
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""Every document the broker and its client decode, fed hostile bytes: one clear refusal of the layer's
+error type, never a RecursionError, an AttributeError or a wrong shape accepted (cove.decode)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from joserfc import jwk
+
+from cove.errors import CoveError
+from cove.kbs import client, coco_evidence, evidence_appraisal, jose, server
+from cove.kbs.coco_collateral import CollateralSource
+from cove.kbs.problems import Problem
+from tests.kbs.test_vectors import VECTORS
+
+DEEP = "[" * 100_000  # past the interpreter's recursion limit: json and tomllib raised RecursionError
+HOSTILE_JSON = {
+    "deep nesting": DEEP,
+    "trailing garbage": '{"a": 1} trailing',
+    "wrong top-level type": "[1, 2]",
+    "wrong field type": '{"alg": 5, "enc": []}',
+}
+
+
+def b64e(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode("ascii")
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text and len(text) < 400, text
+    return text
+
+
+@pytest.mark.parametrize("case", HOSTILE_JSON)
+def test_tee_evidence_strings(case):
+    """tee-evidence and primary_evidence sent as JSON strings (coco_evidence and evidence_appraisal)."""
+    text = HOSTILE_JSON[case]
+    for call in (
+        lambda: coco_evidence.unpack("sample", text),
+        lambda: coco_evidence.unpack("sample", {"primary_evidence": text, "additional_evidence": ""}),
+        lambda: evidence_appraisal.appraise("sample", text, {}, None, None),  # refused before anchors are used
+        lambda: evidence_appraisal.appraise("sample", {"primary_evidence": text}, {}, None, None),
+    ):
+        if case == "wrong field type":  # a map: its fields are the adapter's and verifier's to refuse
+            continue
+        with pytest.raises(Problem) as refused:
+            call()
+        assert refused.value.kind == "EvidenceInvalid"
+        one_line(refused.value)
+
+
+@pytest.mark.parametrize("case", HOSTILE_JSON)
+def test_additional_evidence(case):
+    with pytest.raises(Problem) as refused:
+        coco_evidence.check_additional(HOSTILE_JSON[case])
+    assert refused.value.kind == "EvidenceInvalid"
+    one_line(refused.value)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("a = " + "[" * 8000 + "]" * 8000, "init-data is not valid TOML"),  # deep nesting
+        ('algorithm = "sha256"\nversion = "0.1.0"\n] trailing', "init-data is not valid TOML"),
+        (5, "init-data must be"),  # wrong top-level type
+        ('algorithm = "sha256"\nversion = "0.1.0"\ndata = 1', "init-data data must be a table"),  # wrong field type
+    ],
+    ids=["deep nesting", "trailing garbage", "wrong top-level type", "wrong field type"],
+)
+def test_init_data(body, words):
+    with pytest.raises(Problem) as refused:
+        coco_evidence.init_data({"format": "toml", "body": body})
+    assert refused.value.kind == "InvalidRequest" and words in one_line(refused.value)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (DEEP, "is not valid JSON"),
+        ('{"tcb_info": "{}"} trailing', "is not valid JSON"),
+        ("[1]", "is not a collateral object"),
+        ('{"tcb_info": 5, "qe_identity": [], "pck_crl": 1}', "the collateral does not parse"),
+    ],
+    ids=["deep nesting", "trailing garbage", "wrong top-level type", "wrong field type"],
+)
+def test_collateral_import(tmp_path: Path, content, words):
+    source = tmp_path / "collateral.json"
+    source.write_text(content)
+    with pytest.raises(CoveError) as refused:
+        CollateralSource(tmp_path / "store").import_file("tdx", source)
+    assert words in one_line(refused.value)
+    assert not (tmp_path / "store").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "content, kind",
+    [
+        (DEEP, "Unavailable"),
+        ('{"tcb_info": "{}"} trailing', "Unavailable"),
+        ("[1]", "EvidenceInvalid"),  # not collateral: as if absent ("the broker has no collateral")
+        ('{"tcb_info": 5}', None),  # a map is handed to the verifier, which refuses its fields
+    ],
+    ids=["deep nesting", "trailing garbage", "wrong top-level type", "wrong field type"],
+)
+def test_collateral_folder(tmp_path: Path, content, kind):
+    source = CollateralSource(tmp_path)
+    quote = (VECTORS / "tdx" / "quote.bin").read_bytes()
+    source.path("tdx", "b0c06f000000").write_text(content)
+    if kind is None:
+        assert source.collateral_for("tdx", quote) == {"tcb_info": 5}
+        return
+    with pytest.raises(Problem) as refused:
+        source.collateral_for("tdx", quote)
+    assert refused.value.kind == kind
+    one_line(refused.value)
+
+
+@pytest.mark.parametrize("case", HOSTILE_JSON)
+def test_jwe_protected_header(case):
+    key = jwk.generate_key("EC", "P-256")
+    document = dict(jose.encrypt_to(jose.public_jwk(key), b"value"), protected=b64e(HOSTILE_JSON[case]))
+    with pytest.raises(ValueError) as refused:
+        jose.decrypt_from(document, key)
+    one_line(refused.value)
+
+
+@pytest.mark.parametrize("case", [*HOSTILE_JSON, "scalar"])
+def test_attestation_token_claims(case):
+    claims = '"a string"' if case == "scalar" else HOSTILE_JSON[case]
+    if case == "wrong field type":  # a map: the client reads its fields where it uses them
+        assert client._token_claims(f"h.{b64e(claims)}.s") == json.loads(claims)
+        return
+    with pytest.raises(CoveError) as refused:
+        client._token_claims(f"h.{b64e(claims)}.s")
+    assert "the broker's attestation token is not a JWT" in one_line(refused.value)
+
+
+@pytest.mark.parametrize("case", ["deep nesting", "trailing garbage"])
+def test_request_body(case):
+    """The auth and attest bodies (the broker reads their fields; the admin bodies are pydantic models)."""
+    with pytest.raises(Problem) as refused:
+        server._parse_json(HOSTILE_JSON[case].encode())
+    assert refused.value.kind == "InvalidRequest" and one_line(refused.value).startswith("InvalidRequest: body: ")
