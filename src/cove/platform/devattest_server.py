@@ -12,7 +12,6 @@ enclave runs as that user), so no /etc/fuse.conf setting is needed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,9 +21,13 @@ import pyfuse3
 import trio
 
 from cove import hostids
+from cove.decode import Fields, decode_json
 from cove.errors import CoveError
 from cove.platform.devattest import AttestationFs
 from cove.platform.reports import EnclaveClaims, ReportSigner
+
+IDENTITY_KEYS = ("measurement", "signer", "product_id", "svn", "debug", "backend", "isolation", "instance_id")
+IDENTITY_LIMIT = 65536
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,19 @@ class SealingIdentity:
     debug: bool
 
 
-def claims_from_json(data: dict) -> EnclaveClaims:
+def claims_from_json(data: object) -> EnclaveClaims:
+    """The enclave identity as the runtime writes it (runtime.attestation_service.identity_json), each field
+    checked; any other shape is one ValueError naming the field."""
+    fields = Fields(data, "the enclave identity", ValueError, allowed=IDENTITY_KEYS)
     return EnclaveClaims(
-        measurement=bytes.fromhex(data["measurement"]),
-        signer=bytes.fromhex(data["signer"]),
-        product_id=int(data["product_id"]),
-        svn=int(data["svn"]),
-        debug=bool(data["debug"]),
-        backend=str(data["backend"]),
-        isolation=str(data["isolation"]),
-        instance_id=str(data["instance_id"]),
+        measurement=fields.hex("measurement"),
+        signer=fields.hex("signer"),
+        product_id=fields.integer("product_id", 0, 0xFFFF),
+        svn=fields.integer("svn", 0, 0xFFFF),
+        debug=fields.boolean("debug"),
+        backend=fields.text("backend"),
+        isolation=fields.text("isolation"),
+        instance_id=fields.text("instance_id"),
     )
 
 
@@ -129,7 +135,11 @@ def main(argv: list[str]) -> int:
     text = sys.stdin.read()
     if not mountpoint or not text.strip():
         return 2  # the runtime did not need it after all (another backend, a failed check)
-    claims = claims_from_json(json.loads(text))
+    try:
+        claims = claims_from_json(decode_json(text, ValueError, "the enclave identity", limit=IDENTITY_LIMIT))
+    except ValueError as exc:  # the runtime wrote it, so this is a bug or tampering: one line, no traceback
+        print(f"cove: {exc}", file=sys.stderr)
+        return 2
     fs, why_none = build(claims, loaded)
     options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions"}
     if os.geteuid() == 0:  # root started it: the enclave runs as other host ids (cove.hostids)
