@@ -145,3 +145,13 @@ def test_request_body(case):
     with pytest.raises(Problem) as refused:
         server._parse_json(HOSTILE_JSON[case].encode())
     assert refused.value.kind == "InvalidRequest" and one_line(refused.value).startswith("InvalidRequest: body: ")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_admin_bodies_over_http(kbs):
+    """The admin bodies are FastAPI's to decode (pydantic models): hostile JSON is a 400 InvalidRequest problem."""
+    admin = kbs.admin
+    for body in (DEEP.encode(), b'{"name": "x"} trailing', b"[1, 2]", b'{"name": 5, "jwk": []}'):
+        headers = {**admin._headers(), "content-type": "application/json"}  # a fresh token per request
+        reply = admin.http.request("POST", "/kbs/v0/admin/keys", content=body, headers=headers)
+        assert reply.status_code == 400 and reply.json()["type"].endswith(":InvalidRequest"), reply.text
