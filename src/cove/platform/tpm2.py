@@ -96,29 +96,19 @@ class Tpm:
             t = Path(tmp)
             ek_ctx, _ = self._ek(t)
             self.evict(handle)
-            self.run(
-                "tpm2_createak",
-                "-C",
-                str(ek_ctx),
-                "-c",
-                str(t / "ak.ctx"),
-                "-G",
-                "ecc",
-                "-g",
-                "sha256",
-                "-s",
-                "ecdsa",
-                "-u",
-                str(t / "ak.pub"),
-                "-n",
-                str(t / "ak.name"),
-                "-r",
-                str(t / "ak.priv"),
-            )
+            self.create_ak_in(ek_ctx, t)
             self.flush()
             self.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{handle:08x}")
             self.flush()
             return (t / "ak.pub").read_bytes()
+
+    def create_ak_in(self, ek_ctx: Path, folder: Path) -> None:
+        """An ECDSA P-256 signing AK under the EK in ``ek_ctx``: ak.ctx, ak.pub, ak.name, ak.priv in ``folder``."""
+        self.run(
+            "tpm2_createak",
+            *("-C", str(ek_ctx), "-c", str(folder / "ak.ctx"), "-G", "ecc", "-g", "sha256", "-s", "ecdsa"),
+            *("-u", str(folder / "ak.pub"), "-n", str(folder / "ak.name"), "-r", str(folder / "ak.priv")),
+        )
 
     def evict(self, handle: int) -> None:
         """Remove a persistent object if there is one."""

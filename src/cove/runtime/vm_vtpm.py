@@ -114,25 +114,7 @@ class Vtpm:
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             t = Path(tmp)  # a fresh TPM: nothing to flush before the first command
             self.tpm.run("tpm2_createek", "-c", str(t / "ek.ctx"), "-G", "ecc", "-u", str(t / "ek.pub"))
-            self.tpm.run(
-                "tpm2_createak",
-                "-C",
-                str(t / "ek.ctx"),
-                "-c",
-                str(t / "ak.ctx"),
-                "-G",
-                "ecc",
-                "-g",
-                "sha256",
-                "-s",
-                "ecdsa",
-                "-u",
-                str(t / "ak.pub"),
-                "-n",
-                str(t / "ak.name"),
-                "-r",
-                str(t / "ak.priv"),
-            )
+            self.tpm.create_ak_in(t / "ek.ctx", t)
             self.tpm.flush()
             self.tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{AK_HANDLE:08x}")
             self.tpm.extend(ev.LAUNCH_PCR, launch)
