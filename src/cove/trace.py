@@ -20,10 +20,6 @@ ENV = "COVE_TRACE_START"
 _origin: list[float] = []
 
 
-def enabled() -> bool:
-    return bool(os.environ.get(ENV))
-
-
 def emit(name: str, began: float, ended: float) -> None:
     """Write one span (perf_counter seconds) where COVE_TRACE_START says; never fails the caller."""
     where = os.environ.get(ENV)

@@ -32,18 +32,6 @@ Event = dict[str, Any]
 Seen = tuple[str, int]
 
 
-class _Enclave(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def status(self) -> str: ...
-
-    state: dict[str, Any]
-    record: dict[str, Any]
-
-
 class _Registry(Protocol):
     def all(self) -> list[Any]: ...
 

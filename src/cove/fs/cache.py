@@ -51,9 +51,6 @@ class NodeCache:
             self._nodes.move_to_end(phys)
         return node
 
-    def peek(self, phys: int) -> Node | None:
-        return self._nodes.get(phys)
-
     def loaded(self, phys: int) -> Node:
         """A node just loaded (KeyError if it is not cached), without touching the LRU order."""
         return self._nodes[phys]

@@ -97,17 +97,6 @@ class DevAttestation:
         return {"evidence": base64.b64encode(quote).decode()}
 
 
-@dataclass
-class StaticEvidence:
-    """Evidence made elsewhere (e.g. by a hardware tool): used as is, whatever the report data."""
-
-    tee: str
-    document: dict[str, Any]
-
-    def evidence(self, report_data: bytes) -> dict[str, Any]:
-        return self.document
-
-
 def _verify_option(
     ca_cert: str | Path | bool | None, broker_policy: Policy | Path | str | None = None
 ) -> ssl.SSLContext | bool:

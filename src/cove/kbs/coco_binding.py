@@ -63,8 +63,3 @@ def primary_runtime_data(runtime_data: dict[str, Any], additional_evidence: str 
         "nonce": runtime_data["nonce"],
         "additional-evidence": additional_evidence,
     }
-
-
-def device_runtime_data(runtime_data: dict[str, Any]) -> dict[str, Any]:
-    """What a device's (additional evidence's) report data is the hash of."""
-    return {"tee-pubkey": runtime_data["tee-pubkey"], "nonce": runtime_data["nonce"]}

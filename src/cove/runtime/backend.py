@@ -72,27 +72,6 @@ class RunningEnclave(ABC):
     def stop(self) -> None:
         """End the enclave now and release what it holds."""
 
-    def report_claims(self, report_data: bytes) -> dict:
-        """What a report for this enclave states; the platform signs it (cove.platform)."""
-        if len(report_data) != 64:
-            raise CoveError(f"report data must be 64 bytes, not {len(report_data)}")
-        identity = self.spec.identity
-        return {
-            "measurement": identity.measurement,
-            "signer": identity.signer,
-            "product_id": identity.product_id,
-            "svn": identity.svn,
-            "debug": identity.debug,
-            "backend": self.backend,
-            "isolation": self.isolation,
-            "instance_id": self.instance_id,
-            "report_data": bytes(report_data),
-        }
-
-    def sealing_identity(self) -> EnclaveIdentity:
-        """The identity sealing keys derive from; hardware backends may bind more."""
-        return self.spec.identity
-
 
 class Backend(ABC):
     name: ClassVar[str]

@@ -302,16 +302,6 @@ class Limits:
             procs = self.resources.max_processes
             resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
 
-    def peak_memory(self) -> int | None:
-        """Peak memory use of the whole enclave, where the cgroup records it."""
-        for group in self.groups:
-            for name in ("memory.peak", "memory.max_usage_in_bytes"):
-                try:
-                    return int((group / name).read_text())
-                except (OSError, ValueError):
-                    continue
-        return None
-
     def oom_kills(self) -> int:
         """How many of the enclave's processes the kernel killed for exceeding the memory limit
         (v2 memory.events, v1 memory.oom_control); 0 when no cgroup records it."""
