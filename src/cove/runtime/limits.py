@@ -228,6 +228,26 @@ def _alive(pid: int) -> bool:
     return stat_line[stat_line.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+def _tasks_of(uid: int) -> int:
+    """How many tasks (threads, zombies too) run with this real uid: what RLIMIT_NPROC counts."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as handle:
+                status = handle.read(4096)
+        except OSError:
+            continue
+        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        try:
+            if int(fields[b"Uid"].split()[0]) == uid:
+                count += int(fields.get(b"Threads", b"1").strip() or 1)
+        except (KeyError, ValueError, IndexError):
+            continue
+    return count
+
+
 def parents() -> list[Path]:
     """The cgroups under which this process makes enclave cgroups (none when limits are rlimits)."""
     mode = detect_mode()
@@ -299,7 +319,9 @@ class Limits:
         if self.mode == "rlimit":
             memory = self.resources.memory
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-            procs = self.resources.max_processes
+            # RLIMIT_NPROC counts every task of the real uid, the launcher's and its services' threads
+            # (and unreaped zombies) included: allow max_processes on top of those, not in place of them
+            procs = self.resources.max_processes + max(0, _tasks_of(os.getuid()) - 1)
             resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
 
     def oom_kills(self) -> int:
