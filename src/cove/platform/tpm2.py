@@ -167,28 +167,20 @@ class Tpm:
             self.run("tpm2_pcrread", f"sha256:{pcr}", "-o", str(out))
             return out.read_bytes()[:32]
 
+    def quote_in(self, folder: Path, ak_handle: int, pcrs: list[int], qualifying: bytes) -> None:
+        """One tpm2_quote by the AK at ``ak_handle`` over sha256:``pcrs``: msg, sig and pcrs in ``folder``."""
+        self.run(
+            "tpm2_quote",
+            *("-c", f"0x{ak_handle:08x}", "-l", "sha256:" + ",".join(map(str, pcrs)), "-q", qualifying.hex()),
+            *("-m", str(folder / "msg"), "-s", str(folder / "sig"), "-o", str(folder / "pcrs"), "-g", "sha256"),
+        )
+
     def quote(self, ak_handle: int, pcrs: list[int], qualifying: bytes) -> tuple[bytes, bytes, bytes]:
         """(TPMS_ATTEST, TPMT_SIGNATURE, tpm2-tools PCR file) over sha256:``pcrs``."""
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             self.flush()
-            self.run(
-                "tpm2_quote",
-                "-c",
-                f"0x{ak_handle:08x}",
-                "-l",
-                "sha256:" + ",".join(map(str, pcrs)),
-                "-q",
-                qualifying.hex(),
-                "-m",
-                str(t / "msg"),
-                "-s",
-                str(t / "sig"),
-                "-o",
-                str(t / "pcrs"),
-                "-g",
-                "sha256",
-            )
+            self.quote_in(t, ak_handle, pcrs, qualifying)
             self.flush()
             return (t / "msg").read_bytes(), (t / "sig").read_bytes(), (t / "pcrs").read_bytes()
 

@@ -128,23 +128,7 @@ class Vtpm:
         # one tpm2-tools run: the AK is persistent and a quote leaves no transient object to flush
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             t = Path(tmp)
-            self.tpm.run(
-                "tpm2_quote",
-                "-c",
-                f"0x{AK_HANDLE:08x}",
-                "-l",
-                f"sha256:{ev.LAUNCH_PCR}",
-                "-q",
-                qualifying.hex(),
-                "-m",
-                str(t / "msg"),
-                "-s",
-                str(t / "sig"),
-                "-o",
-                str(t / "pcrs"),
-                "-g",
-                "sha256",
-            )
+            self.tpm.quote_in(t, AK_HANDLE, [ev.LAUNCH_PCR], qualifying)
             return (t / "msg").read_bytes(), (t / "sig").read_bytes(), parse_pcr_file((t / "pcrs").read_bytes())
 
     def quoter(self, signer: ReportSigner) -> VtpmQuoter:
