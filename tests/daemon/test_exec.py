@@ -222,31 +222,9 @@ def test_malformed_frames_end_the_session(node, running):
 
 @pytest.fixture
 def broker(tmp_path):
-    from joserfc import jwk
+    from tests.e2e.test_kbs_provisioning import running_broker
 
-    from cove.kbs import client as kbs_client
-    from cove.kbs import tls
-    from cove.kbs.broker import Broker, Settings
-    from cove.kbs.runner import EmbeddedBroker
-    from tests.e2e.test_kbs_provisioning import COVE_POLICY
-
-    ca, cert, key = tls.make_local_tls(tmp_path / "tls")
-    running = EmbeddedBroker(
-        Broker(
-            Settings(
-                db_url=f"sqlite:///{tmp_path / 'kbs.db'}", master_key=os.urandom(32), attestation_policy=COVE_POLICY
-            )
-        ),
-        cert,
-        key,
-    ).start()
-    admin_key = jwk.generate_key("EC", "P-256")
-    running.broker.bootstrap_admin("root", admin_key.as_dict(private=False))
-    admin = kbs_client.AdminClient(running.url, admin_key, "root", ca, running.broker.audience)
-    running.admin, running.ca = admin, ca
-    yield running
-    admin.close()
-    running.stop()
+    yield from running_broker(tmp_path)
 
 
 def test_exec_gets_the_provisioned_secrets(node, broker, tmp_path):

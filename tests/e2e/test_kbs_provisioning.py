@@ -33,8 +33,8 @@ def platform_env(tmp_path):
     return {"COVE_PLATFORM_DIR": str(folder)}
 
 
-@pytest.fixture
-def broker(tmp_path, platform_env):
+def running_broker(tmp_path: Path):
+    """A real broker over TLS on loopback with a root admin (``.admin``, ``.ca``); stopped after the yield."""
     ca, cert, key = tls.make_local_tls(tmp_path / "tls")
     running = EmbeddedBroker(
         Broker(
@@ -52,6 +52,11 @@ def broker(tmp_path, platform_env):
     yield running
     admin.close()
     running.stop()
+
+
+@pytest.fixture
+def broker(tmp_path, platform_env):
+    yield from running_broker(tmp_path)
 
 
 def secrets_config(url: str, ca: Path, extra: str = "") -> str:
