@@ -12,8 +12,12 @@ cgroups v1 hybrid, so Podman runs with --cgroup-manager=cgroupfs and
 time goes in the `ctr run` calls (containerd hands its environment to the
 runtime, so COVE_TRACE_START reaches it; Podman's conmon does not): the
 median of each span of create, the container's process and the launch.
+--calls runs each runtime through a small shell wrapper that logs every
+call the engine makes (argv, start, end, exit code) and prints, per engine
+and runtime, the calls of one run and the median time of each (the
+wrapper's own `date` calls add a few ms to both runtimes' figures alike).
 
-    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans]
+    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans] [--calls]
 """
 
 from __future__ import annotations
@@ -88,9 +92,17 @@ def main() -> int:
         action="store_true",
         help="print the median of each cove-runtime span (COVE_TRACE_START) of the ctr runs",
     )
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="log every runtime call the engines make and print the median time of each kind",
+    )
     args = parser.parse_args()
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
+    runtimes = {"runc": runc, "cove-runtime": RUNTIME}
+    if args.calls:
+        runtimes = {name: wrapper(work, name, binary) for name, binary in runtimes.items()}
     env = dict(os.environ, HOME=str(work), XDG_CONFIG_HOME=str(work))
     containerd = None
     node = None
@@ -111,10 +123,15 @@ def main() -> int:
         run([*PODMAN, "load", "-i", str(tar)])
         node_flag = ["--runtime-flag", f"node-root={work / 'node'}"] if node is not None else []
         podman = {
-            "runc": [*PODMAN, "run", "--rm", "--runtime", runc, *ULIMITS, IMAGE, "/hello"],
-            "cove-runtime": [*PODMAN, "run", "--rm", "--runtime", RUNTIME, *node_flag, *ULIMITS, IMAGE, "/hello"],
+            "runc": [*PODMAN, "run", "--rm", "--runtime", runtimes["runc"], *ULIMITS, IMAGE, "/hello"],
+            "cove-runtime": [
+                *PODMAN,
+                *("run", "--rm", "--runtime", runtimes["cove-runtime"], *node_flag, *ULIMITS, IMAGE, "/hello"),
+            ],
         }
         report("podman run --rm", median_ms(podman, args.runs))
+        if args.calls:
+            print_calls("podman run --rm", work, args.runs + 1)
         sock = work / "containerd.sock"
         if args.spans:  # containerd's shims hand this to cove-runtime
             os.environ["COVE_TRACE_START"] = str(work / "spans.txt")
@@ -143,8 +160,10 @@ def main() -> int:
         def ctr_run(binary: str):  # a fresh container id per run
             return lambda: [*ctr, "run", "--rm", "--runc-binary", binary, IMAGE, f"bench-{next(counter)}", "/hello"]
 
-        ctr_commands = {"runc": ctr_run(runc), "cove-runtime": ctr_run(RUNTIME)}
+        ctr_commands = {"runc": ctr_run(runtimes["runc"]), "cove-runtime": ctr_run(runtimes["cove-runtime"])}
         report("ctr run --rm", median_ms(ctr_commands, args.runs))
+        if args.calls:
+            print_calls("ctr run --rm", work, args.runs + 1)
         if args.spans:
             print_spans(work / "spans.txt")
     finally:
@@ -160,6 +179,45 @@ def main() -> int:
             subprocess.run(["umount", "-R", "-l", str(work / "ctd-root")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "features")
+
+
+def wrapper(work: Path, name: str, binary: str) -> str:
+    """A shell script that runs binary and appends `START_NS END_NS CODE ARGV...` to work/calls-NAME.log."""
+    script = work / f"logged-{name}"
+    log = work / f"calls-{name}.log"
+    script.write_text(
+        f'#!/bin/sh\ns=$(date +%s%N)\n"{binary}" "$@"\nc=$?\necho "$s $(date +%s%N) $c $*" >> "{log}"\nexit $c\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def print_calls(title: str, work: Path, runs: int) -> None:
+    """Per runtime: the calls one run makes (count per run) and the median ms of each kind; the log restarts."""
+    print(f"{title}: runtime calls per run (count, median ms, failed)")
+    for name in ("runc", "cove-runtime"):
+        log = work / f"calls-{name}.log"
+        durations: dict[str, list[float]] = {}
+        failed: dict[str, int] = {}
+        try:
+            lines = log.read_text().splitlines()
+            log.unlink()
+        except OSError:
+            lines = []
+        for line in lines:
+            start, end, code, *argv = line.split()
+            kind = next((word for word in argv if word in COMMANDS), "?")
+            durations.setdefault(kind, []).append((int(end) - int(start)) / 1e6)
+            failed[kind] = failed.get(kind, 0) + (code != "0")
+        summary = ", ".join(
+            f"{kind} {len(values) / runs:.1f}x {statistics.median(values):.1f} ms"
+            + (f" ({failed[kind]} failed)" if failed[kind] else "")
+            for kind, values in durations.items()
+        )
+        print(f"  {name:13} {summary}")
 
 
 def print_spans(path: Path) -> None:

@@ -172,7 +172,7 @@ def run(
     state = container.load()
     status = container.status(state)
     if status != "running":
-        raise cli.StateError(f"container {ident} is {status}: exec needs a running container")
+        raise CoveError(f"container {ident} is {status}: exec needs a running container")
     process = read_process(process_file)
     if tty:
         process = spec_mod.Process(
@@ -185,7 +185,7 @@ def run(
     deadline = time.monotonic() + PROGRAM_WAIT
     while (program := enclave_program(state["pid"])) is None:
         if time.monotonic() >= deadline or container.status(state) != "running":
-            raise cli.StateError(f"container {ident} has no running program to join")
+            raise CoveError(f"container {ident} has no running program to join")
         time.sleep(0.02)
     try:
         allowed = read_settings(container.path(SETTINGS))
@@ -196,7 +196,7 @@ def run(
     request = helper_spec(process, allowed)
     found = process_start(program)
     if found is None:
-        raise cli.StateError(f"container {ident} has no running program to join")
+        raise CoveError(f"container {ident} has no running program to join")
     request["start"] = found  # the helper checks it is still that process (a pid can be reused)
     if not detach:
         helper = _start(program, request, console_socket if process.terminal else None)
