@@ -109,7 +109,7 @@ def services(ctx: ServiceContext) -> list[EnclaveService]:
     return [SharedAttestation(CONTROL)]
 
 
-# -- the server (runs in its own process; pyfuse3 is imported only there)
+# -- the server (runs in its own process)
 
 
 def _pid_namespace(pid: int) -> int | None:
@@ -120,13 +120,12 @@ def _pid_namespace(pid: int) -> int | None:
 
 
 def serve(mountpoint: Path, control: Path) -> int:
-    import pyfuse3
-    import trio
+    import gc
 
     from cove import hostids
     from cove.errors import CoveError
-    from cove.platform import monitor
-    from cove.platform.devattest import AttestationFs, FixedTree
+    from cove.platform import devattest, monitor
+    from cove.platform.devattest import ROOT, Attr, AttestationFs, FuseError
     from cove.platform.devattest_server import claims_from_json, sealing_keys
 
     own_namespace = _pid_namespace(os.getpid())
@@ -142,11 +141,10 @@ def serve(mountpoint: Path, control: Path) -> int:
             self.index, self.name, self.fs, self.owner = index, name, fs, owner
             self.namespace: int | None = None
 
-    class NodeFs(FixedTree):
+    class NodeFs:
         """The root lists enclave folders (root only); each folder is one enclave's AttestationFs."""
 
         def __init__(self) -> None:
-            super().__init__()
             self.slots: dict[int, Slot] = {}
             self.by_name: dict[str, int] = {}
             self.handles: dict[int, tuple[int, int]] = {}
@@ -192,94 +190,72 @@ def serve(mountpoint: Path, control: Path) -> int:
                     self.unregister(name)
 
         # inode arithmetic
-        def _slot(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> tuple[Slot, int]:
+        def _slot(self, inode: int, pid: int = 0) -> tuple[Slot, int]:
             slot = self.slots.get(inode // STRIDE)
             if slot is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if ctx is not None and ctx.pid:
-                namespace = _pid_namespace(ctx.pid)
+                raise FuseError(errno.ENOENT)
+            if pid:
+                namespace = _pid_namespace(pid)
                 if namespace is None:
-                    raise pyfuse3.FUSEError(errno.EACCES)
+                    raise FuseError(errno.EACCES)
                 if namespace != own_namespace:
                     if slot.namespace is None:
                         slot.namespace = namespace  # the enclave's first touch
                     elif slot.namespace != namespace:
-                        raise pyfuse3.FUSEError(errno.EACCES)  # another enclave: never
+                        raise FuseError(errno.EACCES)  # another enclave: never
             return slot, inode % STRIDE
 
         @staticmethod
-        def _global(slot: Slot, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
-            attrs.st_ino = slot.index * STRIDE + attrs.st_ino
-            return attrs
+        def _global(slot: Slot, attrs: Attr) -> Attr:
+            return attrs._replace(inode=slot.index * STRIDE + attrs.inode)
 
-        def _root_attrs(self) -> pyfuse3.EntryAttributes:
-            a = pyfuse3.EntryAttributes()
-            a.st_ino = pyfuse3.ROOT_INODE
-            a.st_mode = stat.S_IFDIR | 0o711
-            a.st_nlink = 2
-            a.st_uid = a.st_gid = 0
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
-            return a
+        def _root_attrs(self) -> Attr:
+            return Attr(ROOT, stat.S_IFDIR | 0o711, 0, 0, 0, self.started, timeout=0)
 
-        async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-            if inode == pyfuse3.ROOT_INODE:
+        def getattr(self, inode: int, pid: int = 0) -> Attr:
+            if inode == ROOT:
                 return self._root_attrs()
-            slot, local = self._slot(inode, ctx)
-            return self._global(slot, await slot.fs.getattr(local, ctx))
+            slot, local = self._slot(inode, pid)
+            return self._global(slot, slot.fs.getattr(local))
 
-        async def lookup(
-            self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
-        ) -> pyfuse3.EntryAttributes:
-            if parent_inode == pyfuse3.ROOT_INODE:
+        def lookup(self, parent: int, name: bytes, pid: int = 0) -> Attr:
+            if parent == ROOT:
                 index = self.by_name.get(name.decode(errors="replace"))
                 if index is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                slot, _ = self._slot(index * STRIDE + pyfuse3.ROOT_INODE, ctx)
-                return self._global(slot, await slot.fs.getattr(pyfuse3.ROOT_INODE, ctx))
-            slot, local = self._slot(parent_inode, ctx)
-            return self._global(slot, await slot.fs.lookup(local, name, ctx))
+                    raise FuseError(errno.ENOENT)
+                slot, _ = self._slot(index * STRIDE + ROOT, pid)
+                return self._global(slot, slot.fs.getattr(ROOT))
+            slot, local = self._slot(parent, pid)
+            return self._global(slot, slot.fs.lookup(local, name))
 
-        async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-            if inode != pyfuse3.ROOT_INODE:
-                slot, local = self._slot(inode, ctx)
-                await slot.fs.opendir(local, ctx)
+        def opendir(self, inode: int, pid: int = 0) -> int:
+            if inode != ROOT:
+                slot, local = self._slot(inode, pid)
+                slot.fs.opendir(local)
             return inode
 
-        async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-            if fh == pyfuse3.ROOT_INODE:
+        def readdir(self, fh: int, start: int) -> list[tuple[int, Attr, bytes]]:
+            if fh == ROOT:
                 entries = sorted(self.slots.values(), key=lambda s: s.index)
-                for slot in entries:
-                    if slot.index <= start_id:
-                        continue
-                    attrs = self._global(slot, await slot.fs.getattr(pyfuse3.ROOT_INODE))
-                    if not pyfuse3.readdir_reply(token, slot.name.encode(), attrs, slot.index):
-                        break
-                return
+                return [
+                    (slot.index, self._global(slot, slot.fs.getattr(ROOT)), slot.name.encode())
+                    for slot in entries
+                    if slot.index > start
+                ]
             slot, local = self._slot(fh)
-            children = sorted(
-                (n for n in slot.fs.nodes.values() if n.parent == local and n.inode != local), key=lambda n: n.inode
-            )
-            for node in children:
-                if node.inode <= start_id:
-                    continue
-                attrs = self._global(slot, await slot.fs.getattr(node.inode))
-                if not pyfuse3.readdir_reply(token, node.name, attrs, node.inode):
-                    break
+            return [(cookie, self._global(slot, attrs), name) for cookie, attrs, name in slot.fs.readdir(local, start)]
 
-        async def releasedir(self, fh: int) -> None:
-            return None
-
-        async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        def open(self, inode: int, flags: int, pid: int = 0) -> int:
             try:
-                slot, local = self._slot(inode, ctx)
-            except pyfuse3.FUSEError:
+                slot, local = self._slot(inode, pid)
+            except FuseError:
                 self.requests["refused"] = self.requests.get("refused", 0) + 1
                 raise
             node = slot.fs.nodes.get(local)
             counted = node is not None and node.name in (b"quote", b"report")
             try:
-                info = await slot.fs.open(local, flags, ctx)
-            except pyfuse3.FUSEError:
+                local_fh = slot.fs.open(local, flags)
+            except FuseError:
                 if counted:
                     self.requests["error"] = self.requests.get("error", 0) + 1
                 raise
@@ -287,44 +263,37 @@ def serve(mountpoint: Path, control: Path) -> int:
                 self.requests["ok"] = self.requests.get("ok", 0) + 1
             fh = self.next_fh
             self.next_fh += 1
-            self.handles[fh] = (slot.index, info.fh)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            self.handles[fh] = (slot.index, local_fh)
+            return fh
 
         def _handle(self, fh: int) -> tuple[Slot, int]:
             index, local = self.handles.get(fh, (0, 0))
             slot = self.slots.get(index)
             if slot is None:
-                raise pyfuse3.FUSEError(errno.EBADF)
+                raise FuseError(errno.EBADF)
             return slot, local
 
-        async def read(self, fh: int, off: int, size: int) -> bytes:
+        def read(self, fh: int, off: int, size: int) -> bytes:
             slot, local = self._handle(fh)
-            return await slot.fs.read(local, off, size)
+            return slot.fs.read(local, off, size)
 
-        async def write(self, fh: int, off: int, buf: bytes) -> int:
+        def write(self, fh: int, off: int, data: bytes) -> int:
             slot, local = self._handle(fh)
-            return await slot.fs.write(local, off, buf)
+            return slot.fs.write(local, off, data)
 
-        async def flush(self, fh: int) -> None:
+        def flush(self, fh: int) -> None:
             slot, local = self._handle(fh)
-            return await slot.fs.flush(local)
+            slot.fs.flush(local)
 
-        async def release(self, fh: int) -> None:
+        def release(self, fh: int) -> None:
             index, local = self.handles.pop(fh, (0, 0))
             slot = self.slots.get(index)
             if slot is not None:
-                await slot.fs.release(local)
+                slot.fs.release(local)
 
-        async def setattr(
-            self,
-            inode: int,
-            attr: pyfuse3.EntryAttributes,
-            fields: pyfuse3.SetattrFields,
-            fh: int | None,
-            ctx: pyfuse3.RequestContext,
-        ) -> pyfuse3.EntryAttributes:
-            slot, local = self._slot(inode, ctx)
-            return self._global(slot, await slot.fs.setattr(local, attr, fields, fh, ctx))
+        def setattr(self, inode: int, valid: int, size: int, pid: int = 0) -> Attr:
+            slot, local = self._slot(inode, pid)
+            return self._global(slot, slot.fs.setattr(local, valid, size))
 
     fs = NodeFs()
     listener = _listen(control)
@@ -375,30 +344,22 @@ def serve(mountpoint: Path, control: Path) -> int:
                 except OSError:
                     pass
 
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
     _unmount(mountpoint)
     mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
-    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions", "allow_other"}
-    pyfuse3.init(fs, str(mountpoint), options)
+    fd = devattest.mount(str(mountpoint), allow_other=True)
     threading.Thread(target=control_loop, daemon=True).start()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        pyfuse3.terminate()
-                        return
-
-            nursery.start_soon(stop_on_signal)
-            print("ready", flush=True)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-
+    gc.freeze()  # the key, the modules: nothing the collector need look at again
     try:
-        trio.run(main)
+        print("ready", flush=True)
+        devattest.serve(fd, fs)
     finally:
-        pyfuse3.close(unmount=True)
+        devattest.unmount(str(mountpoint))
+        os.close(fd)
         listener.close()
         try:
             os.unlink(control)

@@ -5,24 +5,27 @@ the enclave's identity (JSON on stdin, written by the runtime from the
 verified manifest), loads the platform key, mounts the file system, prints
 ``ready`` (or ``ready none: REASON`` when it can only say
 attestation_type=none) and serves until SIGTERM. A process of its own keeps
-pyfuse3's one-session-per-process state away from other FUSE services.
+the enclave's quotes off the launcher's own loop. It speaks FUSE itself
+(cove.platform.devattest.serve), so its start is the interpreter's, the
+platform key's and ``cryptography``'s, with nothing else to import.
 Started by a user other than root, it mounts without ``allow_other`` (the
 enclave runs as that user), so no /etc/fuse.conf setting is needed.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
-
-import pyfuse3
-import trio
 
 from cove import hostids
 from cove.decode import Fields, decode_json
 from cove.errors import CoveError
+from cove.platform import devattest
 from cove.platform.devattest import AttestationFs
 from cove.platform.reports import EnclaveClaims, ReportSigner
 
@@ -93,25 +96,11 @@ def build(
     ), None
 
 
-async def _serve(parent: int) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def stop_when_orphaned():
-            while os.getppid() == parent:  # a fallback for the parent-death signal
-                await trio.sleep(1)
-            pyfuse3.terminate()
-
-        nursery.start_soon(stop_when_orphaned)
-
-        async def stop_on_signal():
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    pyfuse3.terminate()
-                    return
-
-        nursery.start_soon(stop_on_signal)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+def _stop_when_orphaned(parent: int) -> None:
+    """A fallback for the parent-death signal: SIGTERM ourselves once the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str]) -> int:
@@ -124,7 +113,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
-    def leave(signum, frame):  # until trio takes over, a SIGTERM still unmounts on the way out
+    def leave(signum, frame):  # SIGTERM (or the parent's death) ends the loop; the mount is detached on the way out
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, leave)
@@ -141,16 +130,22 @@ def main(argv: list[str]) -> int:
         print(f"cove: {exc}", file=sys.stderr)
         return 2
     fs, why_none = build(claims, loaded)
-    options = set(pyfuse3.default_options) | {"fsname=cove-attestation", "default_permissions"}
-    if os.geteuid() == 0:  # root started it: the enclave runs as other host ids (cove.hostids)
-        options.add("allow_other")  # root may; the mount sits in a folder only they and root reach
+    root = os.geteuid() == 0
+    if root:  # root started it: the enclave runs as other host ids (cove.hostids)
         fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
-    pyfuse3.init(fs, mountpoint, options)
+    try:  # root may allow others; the mount sits in a folder only they and root reach
+        fd = devattest.mount(mountpoint, allow_other=root)
+    except OSError as exc:
+        print(f"cove: cannot mount /dev/attestation at {mountpoint}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     try:
+        threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+        gc.freeze()  # what was loaded stays; the loop makes no cycles worth a pause
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
-        trio.run(_serve, parent)
+        devattest.serve(fd, fs)
     finally:
-        pyfuse3.close(unmount=True)
+        devattest.unmount(mountpoint)
+        os.close(fd)
     return 0
 
 
