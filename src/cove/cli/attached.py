@@ -4,8 +4,8 @@
 daemon answers, its client needs neither click nor the runtime, which cost
 more to import than the enclave takes to run; without a daemon the runtime
 is needed, click still is not. :func:`fast_run` handles that exact form
-before click is imported and returns None for anything else (options, a vm
-or encrypted instance the daemon would not run, a cove.toml to report),
+before click is imported and returns None for anything else (options, an
+encrypted instance the daemon would not run, a cove.toml to report),
 which the full CLI then runs with the same result. :func:`run_attached` is
 what both paths run through the daemon; cove.cli.direct what both run
 directly.
@@ -13,20 +13,20 @@ directly.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
-import threading
 import tomllib
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from cove import trace
-from cove.daemon.client import UNREACHABLE, Client, DaemonError, NotRunning
+from cove.daemon.client import ENDED, OUTPUT, STARTED, UNREACHABLE, Client, DaemonError, NotRunning, read_frame
 from cove.errors import CoveError, ExitCode, file_system_error
 
-NODE_BACKENDS = ("auto", "sim")
+NODE_BACKENDS = ("auto", "sim", "vm")  # the node runs a vm build as its cove.toml says
 ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption.ENCRYPTED_IMAGE: such a build runs directly
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 HINT = " (start it with `sudo cove daemon` or `systemctl start cove`)"
@@ -74,17 +74,39 @@ def _quiet_call(method: str, route: str, query: dict[str, Any] | None = None) ->
         pass
 
 
-def follow(ident: str) -> int:
-    """Copy the started enclave's output, forward Ctrl-C and SIGTERM, remove it at the end; its exit code."""
-    previous: dict[int, Any] = {}
+def _forward_signals(ident: str) -> dict[int, Any]:
+    """Forward Ctrl-C and SIGTERM to the enclave (POST .../kill from a thread); the handlers replaced."""
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        import threading  # only once a signal comes: most runs never need it
+
         threading.Thread(
             target=_quiet_call, args=("POST", f"/enclaves/{ident}/kill", {"signal": str(signum)}), daemon=True
         ).start()
 
-    for signum in FORWARDED:
-        previous[signum] = signal.signal(signum, forward)
+    return {signum: signal.signal(signum, forward) for signum in FORWARDED}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def _outcome(view: dict[str, Any]) -> int:
+    """The exit code of an ended enclave's view, or DaemonError with its error line."""
+    code = view.get("exit_code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = 0 if code is None and not view.get("error") else ExitCode.SANDBOX
+    if view.get("error"):
+        raise DaemonError(" ".join(str(view["error"]).split()), code)  # one line, whatever the daemon sent
+    return code
+
+
+def follow(ident: str) -> int:
+    """Copy the started enclave's output, forward Ctrl-C and SIGTERM, remove it at the end; its exit code.
+
+    What a daemon without the attach upgrade gets: logs, wait and remove, each a request."""
+    previous = _forward_signals(ident)
     try:
         with trace.span("client.logs"):
             out = sys.stdout.buffer
@@ -94,16 +116,39 @@ def follow(ident: str) -> int:
         with trace.span("client.wait"):
             view = _enclave(_call("POST", f"/enclaves/{ident}/wait", timeout=None))
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        _restore(previous)
     with trace.span("client.remove"):
         _quiet_call("DELETE", f"/enclaves/{ident}", {"force": "1"})
-    code = view.get("exit_code")
-    if not isinstance(code, int) or isinstance(code, bool):
-        code = 0 if code is None and not view.get("error") else ExitCode.SANDBOX
-    if view.get("error"):
-        raise DaemonError(str(view["error"]), code)
-    return code
+    return _outcome(view)
+
+
+def _follow_stream(response: Any) -> int:
+    """The attach stream (docs/formats/daemon-api.md): the started enclave, its output, the ended one."""
+    try:
+        kind, payload = read_frame(response)
+        if kind != STARTED:
+            raise DaemonError("the Cove daemon's attach stream does not begin with the enclave", UNREACHABLE)
+        previous = _forward_signals(_enclave(_document(payload))["id"])
+        try:
+            with trace.span("client.logs"):
+                out = sys.stdout.buffer
+                while (frame := read_frame(response))[0] == OUTPUT:
+                    out.write(frame[1])
+                    out.flush()
+        finally:
+            _restore(previous)
+        if frame[0] != ENDED:
+            raise DaemonError("the Cove daemon's attach stream sent the enclave twice", UNREACHABLE)
+        return _outcome(_enclave(_document(frame[1])))
+    finally:
+        response.close()
+
+
+def _document(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep: not an enclave
+        return None
 
 
 def _enclave(view: Any) -> dict[str, Any]:
@@ -118,13 +163,18 @@ def _enclave(view: Any) -> dict[str, Any]:
 def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
     """`cove run` through the daemon: start, copy the output, return the exit code (raises DaemonError).
 
-    The enclave is removed once it has ended, as `docker run --rm` does.
+    One request (the attach upgrade): the daemon streams the output and, once the enclave has ended,
+    removes it, as `docker run --rm` does, and sends how it ended.
     """
+    body = create_body(instance, program, args, None, backend, "no", signer)
     with trace.span("client.create"):
-        view = _enclave(
-            _call("POST", "/enclaves", create_body(instance, program, args, None, backend, "no", signer), timeout=3600)
-        )
-    return follow(view["id"])
+        try:
+            stream, view = Client().attach(body)
+        except NotRunning as exc:
+            raise NotRunning(exc.line + HINT, exc.exit_code, exc.status, exc.kind) from None
+    if stream is not None:
+        return _follow_stream(stream)
+    return follow(_enclave(view)["id"])
 
 
 def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
@@ -154,7 +204,7 @@ def _backend(directory: Path) -> str | None:
 
 
 def _node_runs(directory: Path) -> bool:
-    """Whether the instance is plainly one the daemon's store runs (sim, not encrypted); False when unsure."""
+    """Whether the instance is plainly one the daemon's store runs (sim or vm, not encrypted); False when unsure."""
     return _backend(directory) in NODE_BACKENDS and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
 
 
@@ -174,13 +224,9 @@ def fast_run(argv: list[str]) -> int | None:
     if not daemon_available():
         return _direct(instance, program, args)
     if not _node_runs(instance):
-        return None  # a vm, an encrypted image or a cove.toml to report: the full CLI
+        return None  # an encrypted image or a cove.toml to report: the full CLI
     try:
-        with trace.span("client.create"):
-            view = _enclave(
-                _call("POST", "/enclaves", create_body(instance, program, args, None, None, "no", None), timeout=3600)
-            )
-        return follow(view["id"])
+        return run_attached(instance, program, args, None, None)
     except DaemonError as exc:
         return _fail(exc.line, exc.exit_code)
     except KeyboardInterrupt:

@@ -12,12 +12,19 @@ import errno
 import json
 import os
 import socket
+import struct
 import urllib.parse
 from collections.abc import Iterator
 from types import EllipsisType
 from typing import Any
 
 API = "v1"
+# `cove run` attached (docs/formats/daemon-api.md): POST /v1/enclaves upgraded to this protocol answers 101,
+# then frames as the exec stream's (cove.daemon.execstream): the started enclave, its output, the ended one
+ATTACH = "cove-attach/1"
+OUTPUT, STARTED, ENDED = 1, 5, 6
+FRAME_HEADER = struct.Struct(">B3sI")
+MAX_FRAME = 1 << 20
 SOCKET_ENV = "COVE_DAEMON_SOCKET"
 DEFAULT_SOCKET = "/run/cove/cove.sock"
 GROUP = "cove"
@@ -43,8 +50,8 @@ class NotRunning(DaemonError):
 class _Response:
     """An HTTP/1.1 answer read from the socket: the daemon sends a Content-Length or a chunked body."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self, sock: socket.socket, path: str = ""):
+        self.sock, self.path = sock, path
         self.file = sock.makefile("rb")
         status_line = self.file.readline(65537)
         parts = status_line.split(None, 2)
@@ -121,7 +128,7 @@ class Client:
         try:
             sock.connect(self.path)
             sock.sendall(head.encode() + b"\r\n" + data)
-            return _Response(sock)
+            return _Response(sock, self.path)
         except FileNotFoundError:
             sock.close()
             raise NotRunning(f"the Cove daemon is not running (no socket {self.path})", UNREACHABLE) from None
@@ -209,6 +216,28 @@ class Client:
             )
         return response
 
+    def attach(self, body: dict[str, Any]) -> tuple[_Response | None, Any]:
+        """POST /enclaves upgraded to cove-attach/1: (the stream, None) on 101 (read it with read_frame),
+        else (None, the document answered): a daemon without the upgrade creates the enclave and answers
+        it. A refusal raises DaemonError."""
+        response = self._open("POST", "/enclaves", body, None, timeout=None, upgrade=ATTACH)
+        if response.status == 101:
+            if response.headers.get("upgrade", "").lower() != ATTACH:
+                response.close()
+                raise DaemonError(
+                    f"the Cove daemon on {self.path} switched to another protocol than {ATTACH}", UNREACHABLE
+                )
+            return response, None
+        try:
+            data = response.read()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise DaemonError(
+                f"the Cove daemon's answer on {self.path} broke off ({exc.strerror})", UNREACHABLE
+            ) from None
+        finally:
+            response.close()
+        return None, self._decode(response, data)
+
     def running(self) -> bool:
         """Whether a daemon answers (a missing socket is the fast answer)."""
         if not os.path.exists(self.path):
@@ -218,3 +247,25 @@ class Client:
         except NotRunning:
             return False
         return True
+
+
+def attach_frame(kind: int, payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(kind, b"\0\0\0", len(payload)) + payload
+
+
+def read_frame(response: _Response) -> tuple[int, bytes]:
+    """The next frame of an attach stream; DaemonError (exit 7) for an end or anything malformed."""
+    try:
+        head = response.file.read(FRAME_HEADER.size)
+        if len(head) == FRAME_HEADER.size:
+            kind, pad, size = FRAME_HEADER.unpack(head)
+            if pad == b"\0\0\0" and kind in (OUTPUT, STARTED, ENDED) and size <= MAX_FRAME:
+                payload = response.file.read(size) if size else b""
+                if len(payload) == size:
+                    return kind, payload
+            why = "a malformed frame"
+        else:
+            why = "the stream ended before the enclave did"
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or "the stream broke"
+    raise DaemonError(f"the Cove daemon's answer on {response.path} broke off ({why})", UNREACHABLE)

@@ -75,7 +75,10 @@ def document() -> JSON:
                     [_query("all", "boolean", "include exited enclaves")],
                 ),
                 "post": _op(
-                    "Import the instance's image if needed, then start an enclave",
+                    "Import the instance's image if needed, then start an enclave. With `Connection: Upgrade` and "
+                    "`Upgrade: cove-attach/1` (`cove run`) the answer is 101 and the connection carries frames "
+                    "from the daemon: the started Enclave, its output, then the ended Enclave once it has been "
+                    "removed (docs/formats/daemon-api.md); refusals are still problems",
                     _ENCLAVE,
                     None,
                     {"$ref": "#/components/schemas/Create"},

@@ -17,6 +17,7 @@ import grp
 import http.server
 import json
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -376,15 +377,9 @@ class Daemon:
                 ExitCode.USAGE,
             )
         if vm_socket is not None and supervisor is not None:  # its launcher relays it to the guest's init
-            if tty or stdin:  # (docs/backends.md)
-                raise Problem("InvalidRequest", "-i and -t are not available in a vm enclave yet")
-            return (
-                enclave,
-                path,
-                Helper(
-                    supervisor, {"socket": str(vm_socket), "argv": [path, *argv[1:]]}, False, "cove.runtime.vm_exec"
-                ),
-            )
+            relayed = {"socket": str(vm_socket), "argv": [path, *argv[1:]], "stdin": stdin, "tty": tty}
+            relayed.update(rows=rows, cols=cols)
+            return enclave, path, Helper(supervisor, relayed, stdin, "cove.runtime.vm_exec")
         uid, gid = launcher.resolve_user(config.process.user, image.root)
         spec = {
             "argv": [path, *argv[1:]],
@@ -476,11 +471,14 @@ class Daemon:
         self.events.emit("enclave", "remove", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         return view
 
-    def logs(self, ref: str, follow: bool, tail: int | None, uid: int) -> Generator[bytes, None, None]:
+    def logs(
+        self, ref: str, follow: bool, tail: int | None, uid: int, pause: Callable[[float], object] = time.sleep
+    ) -> Generator[bytes, None, None]:
         """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end.
 
         Rotated files come first, oldest first; a follower whose file is rotated away drains it and goes
-        on in the next newer one (cove.daemon.logfile), so it loses no line across a rotation.
+        on in the next newer one (cove.daemon.logfile), so it loses no line across a rotation. A follower
+        waits with ``pause`` (an attached run's wakes up as soon as the supervisor exits).
         """
         enclave = self.find(ref, uid)
         files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
@@ -515,10 +513,26 @@ class Daemon:
                 if current.ended and not current.supervisor_alive():
                     ended = True  # one more look: the last bytes, in this file or a newer one
                     continue
-                time.sleep(delay)
+                pause(delay)
                 delay = min(delay * 2, 0.01 if time.monotonic() - began < 5 else 0.1)
         finally:
             handle.close()
+
+    def attach(self, view: JSON, uid: int) -> Generator[bytes, None, None]:
+        """`cove run` attached (cove-attach/1): the started enclave, its log as it grows, and once it has
+        ended the enclave as it ended, removed first, as `docker run --rm` does (one request in place of
+        create, logs, wait and remove). A client that leaves stops the stream, not the enclave."""
+        ident = view["id"]
+        yield client_mod.attach_frame(client_mod.STARTED, json.dumps(view).encode())
+        waker = _ExitWaker.of(self.registry.load(ident))
+        try:
+            for chunk in self.logs(ident, True, None, uid, waker.pause):
+                for start in range(0, len(chunk), execstream.CHUNK):
+                    yield client_mod.attach_frame(client_mod.OUTPUT, chunk[start : start + execstream.CHUNK])
+        finally:
+            waker.close()
+        ended = self.remove(ident, False, uid)
+        yield client_mod.attach_frame(client_mod.ENDED, json.dumps(ended).encode())
 
     # -- images
 
@@ -547,6 +561,37 @@ class Daemon:
     def prune(self) -> JSON:
         blobs, freed = self.store.collect()
         return {"blobs_removed": blobs, "bytes_freed": freed}
+
+
+class _ExitWaker:
+    """A wait that ends early when the enclave's supervisor exits (a pidfd), so an attached run sees
+    its end at once instead of at the follower's next look; a plain sleep when no pidfd can be had."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    @classmethod
+    def of(cls, enclave: Enclave) -> _ExitWaker:
+        pid = enclave.state.get("pid")
+        try:
+            fd = os.pidfd_open(int(pid)) if pid else None
+        except (OSError, ValueError, TypeError):
+            return cls(None)
+        if fd is not None and not enclave.supervisor_alive():  # opened after it ended: the pid may be another's
+            os.close(fd)
+            return cls(None)
+        return cls(fd)
+
+    def pause(self, seconds: float) -> None:
+        if self.fd is None:
+            time.sleep(seconds)
+        else:
+            select.select([self.fd], [], [], seconds)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _invalid_body(message: str) -> Problem:
@@ -730,6 +775,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             allow("GET", "POST")
             if method == "GET":
                 return self._json(200, d.list(_flag(query, "all"), self.peer_uid))
+            if (self.headers.get("Upgrade") or "").strip() == client_mod.ATTACH:
+                return self._attach(body)
             return self._json(201, d.create(body, self.peer_uid))
         if len(route) == 2 and route[0] == "enclaves":
             allow("GET", "DELETE")
@@ -780,6 +827,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             visible = None if self.peer_uid == 0 else d.visible_to(self.peer_uid)
             return self._stream(d.events.follow(since, _flag(query, "follow", True), visible), "application/x-ndjson")
         raise Problem("NotFound", f"no route {method} {path}")
+
+    def _attach(self, body: JSON) -> int:
+        """`cove run` through the daemon in one request: refusals are problems as for a plain create;
+        then 101 Switching Protocols and the cove-attach/1 frames (docs/formats/daemon-api.md)."""
+        d = self.daemon
+        frames = d.attach(d.create(body, self.peer_uid), self.peer_uid)
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", client_mod.ATTACH)
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for data in frames:
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return 499  # the client left: the enclave goes on, and stays listed
+        except Exception as exc:  # noqa: BLE001 - past the 101 no problem can be sent: the client sees the stream end
+            log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
+            return 500
+        finally:
+            frames.close()
+        return 101
 
     def _exec_stream(self, ref: str, body: JSON) -> int:
         """``cove exec`` with its output streamed: 101 Switching Protocols, then frames both ways."""

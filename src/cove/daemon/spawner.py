@@ -20,36 +20,42 @@ import time
 from pathlib import Path
 
 from cove import trace
+from cove.config import ResourcesSection
 from cove.daemon.registry import read_record
 from cove.daemon.supervisor import Supervisor
 from cove.errors import CoveError
 from cove.image.store import ImageStore
 
 
-_warmed: set[str] = set()  # stored images this spawner has checked once
+_warmed: dict[str, ResourcesSection | None] = {}  # stored images this spawner has checked once: their limits
 
 
-def warm_image(folder: str, store: str) -> None:
+def warm_image(folder: str, store: str) -> ResourcesSection | None:
     """Check the enclave's stored image once here: the libraries' first-use work (key parsing, the
-    listing's decoder) is then done for every later fork. The supervisor checks it again itself."""
+    listing's decoder) is then done for every later fork. The supervisor checks it again itself.
+    Its [resources], for the supervisor to prepare the sandbox's cgroups early (cove.runtime.sim.Prepared:
+    a hint only, used when the supervisor's own verification finds the same)."""
     try:
         ident = read_record(Path(folder)).get("image")
     except (OSError, ValueError):
-        return  # the supervisor reads it again and reports what is wrong
-    if not isinstance(ident, str) or ident in _warmed:
-        return
-    _warmed.add(ident)
+        return None  # the supervisor reads it again and reports what is wrong
+    if not isinstance(ident, str):
+        return None
+    if ident in _warmed:
+        return _warmed[ident]
+    _warmed[ident] = None
     try:
         images = ImageStore(Path(store))
-        images.verified(images.get(ident))
+        _warmed[ident] = images.verified(images.get(ident)).config.resources
     except Exception:  # noqa: BLE001 - a warm-up of verification, not decoding: the supervisor verifies again
-        return
+        return None
     gc.freeze()
+    return _warmed[ident]
 
 
 def spawn(folder: str, store: str) -> None:
     asked = time.perf_counter()
-    warm_image(folder, store)
+    resources = warm_image(folder, store)
     pid = os.fork()
     if pid:
         os.waitpid(pid, 0)  # the middle process leaves at once
@@ -66,7 +72,7 @@ def spawn(folder: str, store: str) -> None:
         os.closerange(3, 65536)
         trace.emit("spawner.fork", asked, time.perf_counter())
         with trace.span("supervisor.run"):
-            code = Supervisor(Path(folder), Path(store)).run()
+            code = Supervisor(Path(folder), Path(store), resources).run()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code & 0xFF)

@@ -26,7 +26,8 @@ from cove.daemon.registry import read_record
 from cove.runtime.procfs import process_start
 from cove.errors import CoveError, IntegrityError
 from cove.image.store import ImageStore
-from cove.runtime import launcher
+from cove.config import ResourcesSection
+from cove.runtime import launcher, sim
 from cove.runtime import enclave_services as services_mod
 from cove.util import write_atomic
 
@@ -52,8 +53,9 @@ def should_restart(policy: str, code: int, restarts: int) -> bool:
 
 
 class Supervisor:
-    def __init__(self, folder: Path, store: Path) -> None:
+    def __init__(self, folder: Path, store: Path, resources: ResourcesSection | None = None) -> None:
         self.folder = folder
+        self.resources = resources  # the spawner's word for the image's limits: the sandbox is prepared early
         self.record = read_record(folder)
         self.store = ImageStore(store)
         self.state: dict[str, Any] = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "restarts": 0}
@@ -74,6 +76,15 @@ class Supervisor:
         if self.stop_requested():
             return 128 + signal.SIGTERM  # stopped before it began
         try:
+            return self._once()
+        finally:
+            sim.discard_prepared()  # one not used (a failure before the launch, another backend)
+
+    def _once(self) -> int:
+        try:
+            if self.resources is not None and self.record.get("backend") == "sim":
+                with trace.span("supervisor.prepare"):  # the cgroups' join overlaps the checks below
+                    sim.prepare(self.resources)  # used only if the verified configuration asks the same
             with trace.span("supervisor.attestation-server"):
                 attestation.CONTROL = attestation.ensure_server(self.folder.parent.parent)
             with trace.span("supervisor.stored-image"):
@@ -81,6 +92,8 @@ class Supervisor:
                 verified = self.store.verified(image)
             if verified.measurement.hex() != self.record["measurement"]:
                 raise IntegrityError("the stored image no longer has the measurement it was started with")
+            if self.resources != verified.config.resources and self.record.get("backend") == "sim":
+                sim.prepare(verified.config.resources)
             # the client's values of [env] passthrough names reach the enclave only, never this root process
             request = launcher.RunRequest(
                 self.record["program"],

@@ -21,14 +21,16 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 from cove import hostids, trace
-from cove.config import parse_size
+from cove.config import ResourcesSection, parse_size
 from cove.errors import CoveError, OutOfMemoryError, SandboxError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
@@ -318,8 +320,9 @@ class SimBackend(Backend):
 
     def launch(self, spec: LaunchSpec) -> SimEnclave:
         laps = trace.Laps("sim.")
+        prepared = _take_prepared(spec)
         ids = hostids.enclave_range() if os.geteuid() == 0 else None
-        sources = _Sources(ids)
+        sources = prepared.sources if prepared is not None else _Sources(ids)
         if spec.interactive and ids is not None and terminal.is_own(0):
             os.fchown(0, sources.uid, sources.gid)  # the enclave's own terminal, for its host ids
         if ids is not None and not os.path.ismount(spec.root) and os.stat(spec.root).st_uid != sources.uid:
@@ -327,10 +330,16 @@ class SimBackend(Backend):
         laps.lap("ids")
         program = seccomp.enclave_filter(spec.config)
         laps.lap("seccomp")
-        seccomp_fd = _memfd("cove-seccomp", program)
-        status_read, status_write = os.pipe()
-        args_fd = -1
-        limits = Limits.create(spec.config.resources)
+        if prepared is not None:  # its descriptors and cgroups were made with it, before its fork
+            seccomp_fd, status_read, status_write = prepared.seccomp_fd, prepared.status_read, prepared.status_write
+            args_fd = prepared.args_fd
+            _fill(seccomp_fd, program)
+            limits = prepared.limits
+        else:
+            seccomp_fd = _memfd("cove-seccomp", program)
+            status_read, status_write = os.pipe()
+            args_fd = -1
+            limits = Limits.create(spec.config.resources)
         laps.lap("limits")
         libc = ctypes.CDLL(None, use_errno=True) if ids is not None else None
         error_read, error_write = os.pipe()
@@ -346,17 +355,24 @@ class SimBackend(Backend):
         try:
             args = bwrap_arguments(spec, seccomp_fd, status_write, sources)
             split = len(args) - len(spec.argv) - 1  # the options go through a descriptor; "--" PROGRAM ARGS stay
-            args_fd = _memfd("cove-bwrap-args", b"".join(a.encode() + b"\0" for a in args[1:split]))
-            laps.lap("arguments")
-            process = subprocess.Popen(
-                [args[0], "--args", str(args_fd), *args[split:]],
-                env=spec.env,
-                pass_fds=(seccomp_fd, status_write, args_fd),
-                close_fds=True,
-                preexec_fn=child,
-                process_group=None if spec.interactive else 0,
-                restore_signals=True,
-            )
+            options = b"".join(a.encode() + b"\0" for a in args[1:split])
+            process: Any
+            if prepared is not None:
+                _fill(args_fd, options)
+                laps.lap("arguments")
+                process = prepared.start([args[0], "--args", str(args_fd), *args[split:]], spec.env)
+            else:
+                args_fd = _memfd("cove-bwrap-args", options)
+                laps.lap("arguments")
+                process = subprocess.Popen(
+                    [args[0], "--args", str(args_fd), *args[split:]],
+                    env=spec.env,
+                    pass_fds=(seccomp_fd, status_write, args_fd),
+                    close_fds=True,
+                    preexec_fn=child,
+                    process_group=None if spec.interactive else 0,
+                    restore_signals=True,
+                )
         except subprocess.SubprocessError:  # the child could not become the enclave's user
             os.close(error_write)
             error_write = -1
@@ -366,6 +382,13 @@ class SimBackend(Backend):
             raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host") from None
         except BaseException:
             os.close(status_read)
+            if prepared is not None:  # its child goes: told nothing, killed, reaped
+                for fd in (prepared.go, prepared.error):
+                    if fd >= 0:
+                        os.close(fd)
+                prepared.go = prepared.error = -1
+                prepared.kill()
+                prepared.wait()
             limits.release()
             raise
         finally:
@@ -380,8 +403,157 @@ class SimBackend(Backend):
         return SimEnclave(spec, process, status_read, limits)
 
 
+class Prepared:
+    """The next sandbox's first process, forked ahead and already in its enclave's new cgroups.
+
+    Joining a cgroup makes the kernel wait for an RCU grace period (10 to 20 ms on this cgroup v1
+    host), and bubblewrap's process paid it between fork and exec, on every start's path. A node
+    supervisor (cove.daemon.supervisor) calls :func:`prepare` once it has verified the enclave's
+    configuration, so the wait overlaps the rest of its start; :meth:`SimBackend.launch` then hands this
+    child what Popen would have been given (the same limits, descriptors, namespaces and ids, checked
+    the same way). It does nothing as root but join the cgroups until told; an unused one reads the end
+    of its pipe and leaves (also when its parent dies: nothing else holds that pipe's write end).
+    """
+
+    def __init__(self, resources: ResourcesSection, limits: Limits) -> None:
+        self.resources, self.limits = resources, limits
+        self.sources = _Sources(hostids.enclave_range() if os.geteuid() == 0 else None)
+        self.libc = ctypes.CDLL(None, use_errno=True) if self.sources.ids is not None else None
+        self.seccomp_fd = os.memfd_create("cove-seccomp", 0)
+        self.args_fd = os.memfd_create("cove-bwrap-args", 0)
+        self.status_read, self.status_write = os.pipe()
+        go_read, self.go = os.pipe()
+        self.error, error_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            self._child(go_read, error_write)  # never returns
+        self.pid: int | None = pid
+        self.returncode: int | None = None
+        os.close(go_read)
+        os.close(error_write)
+
+    def _child(self, go_read: int, error_write: int) -> None:
+        try:
+            os.setpgid(0, 0)
+            for fd in (self.go, self.error, self.status_read):
+                os.close(fd)
+            for group in self.limits.groups:  # the slow part, done before the start is asked for
+                with open(group / "cgroup.procs", "w") as handle:
+                    handle.write(str(os.getpid()))
+            chunks = []
+            while chunk := os.read(go_read, 1 << 16):
+                chunks.append(chunk)
+            if not chunks:
+                os._exit(0)  # not used (or the parent died)
+            order = json.loads(b"".join(chunks))
+            files = self.resources.max_open_files
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+            self.sources.paths = [(str(path), bool(is_dir)) for path, is_dir in order["sources"]]
+            self.sources.enter(self.libc)
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):  # as Popen's restore_signals
+                signal.signal(number, signal.SIG_DFL)
+            keep = sorted({0, 1, 2, self.seccomp_fd, self.status_write, self.args_fd, error_write})
+            for low, high in zip([-1, *keep], [*keep, 1 << 20]):
+                if high > low + 1:  # closerange(n, n) would close everything from n on
+                    os.closerange(low + 1, high)
+            for fd in (self.seccomp_fd, self.status_write, self.args_fd):
+                os.set_inheritable(fd, True)
+            os.execve(order["argv"][0], order["argv"], order["env"])
+        except BaseException as exc:  # noqa: BLE001 - a forked child reports in one line and never returns
+            try:
+                os.write(error_write, (getattr(exc, "strerror", None) or str(exc) or repr(exc)).encode()[:500])
+            finally:
+                os._exit(127)
+
+    def start(self, argv: list[str], env: dict[str, str]) -> Prepared:
+        """Tell the child to become ``argv`` (bubblewrap); raises CoveError with its reason if it cannot."""
+        order = {"argv": argv, "env": env, "sources": self.sources.paths}
+        try:
+            os.write(self.go, json.dumps(order).encode())  # far below a pipe's buffer: one write
+        finally:
+            os.close(self.go)
+            self.go = -1
+        why = os.read(self.error, 600).decode("utf-8", "replace")  # empty: the exec closed it
+        os.close(self.error)
+        self.error = -1
+        if why:
+            self.wait()
+            raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host")
+        return self
+
+    # the part of subprocess.Popen the enclave uses
+    def poll(self) -> int | None:
+        if self.returncode is None and self.pid is not None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None and self.pid is not None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode if self.returncode is not None else 0
+
+    def kill(self) -> None:
+        if self.returncode is None and self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def discard(self) -> None:
+        """An unused child: let it go (it reads the end of its pipe), reap it, remove its cgroups."""
+        for fd in (self.go, self.error, self.seccomp_fd, self.args_fd, self.status_read, self.status_write):
+            if fd >= 0:
+                os.close(fd)
+        self.go = self.error = -1
+        self.wait()
+        self.limits.release()
+
+
+_prepared: list[Prepared] = []
+
+
+def prepare(resources: ResourcesSection) -> Prepared | None:
+    """Fork the next sim sandbox's first process now, in cgroups with these limits (see Prepared); None
+    where limits are rlimits. The next launch with the same resources uses it; discard_prepared lets go
+    of one that was not used."""
+    discard_prepared()
+    limits = Limits.create(resources)
+    if not limits.groups:
+        return None
+    try:
+        _prepared.append(Prepared(resources, limits))
+    except OSError:
+        limits.release()
+        return None
+    return _prepared[-1]
+
+
+def discard_prepared() -> None:
+    while _prepared:
+        _prepared.pop().discard()
+
+
+def _take_prepared(spec: LaunchSpec) -> Prepared | None:
+    if _prepared and not spec.interactive and _prepared[-1].resources == spec.config.resources:
+        return _prepared.pop()
+    discard_prepared()
+    return None
+
+
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, 0)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
+    _fill(fd, data)
     return fd
+
+
+def _fill(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
