@@ -389,6 +389,28 @@ def test_kill_and_delete_load_no_slow_standard_module(tmp_path):
         sleeper.wait()
 
 
+def test_a_container_an_earlier_runtime_created_is_still_stopped_and_deleted(tmp_path):
+    """Before the state moved to marshal it was state.json: a container running across an upgrade stays reachable."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        from cove.oci import cli
+
+        (tmp_path / "old").mkdir()
+        found = cli.start_time(sleeper.pid)
+        assert found is not None
+        legacy = {"id": "old", "pid": sleeper.pid, "pid_start": found[0], "bundle": "/b", "annotations": {}}
+        (tmp_path / "old" / "state.json").write_text(json.dumps(dict(legacy, cgroups=[])))
+        assert state(tmp_path, "old")["status"] == "created"
+        assert runtime(tmp_path, "kill", "old", "KILL").returncode == 0
+        assert sleeper.wait(timeout=10) == -9
+        assert state(tmp_path, "old")["status"] == "stopped"
+        assert runtime(tmp_path, "delete", "old").returncode == 0
+        assert not (tmp_path / "old").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_damaged_state_is_one_line_and_delete_force_removes_it(tmp_path):
     root = tmp_path / "state"
     (root / "c").mkdir(parents=True)

@@ -39,6 +39,7 @@ DEFAULT_ROOT = "/run/cove-runtime"
 # The runtime's own record of a container, in marshal's format: a built-in module, where json would load re
 # and enum. Only the runtime writes it, in ROOT (root's, mode 0700: the trust of the verified copy beside it).
 STATE = "state.marshal"
+LEGACY_STATE = "state.json"  # what cove-runtime wrote before: still read, so an upgrade strands no container
 FIFO = "start.fifo"
 SPEC_VERSION = "1.1.0"
 UNMEASURED = "cove.dev/unmeasured"  # the state annotation of an unmeasured debug run (cove.oci.DOMAIN)
@@ -83,12 +84,24 @@ class Container:
             with open(self.path(STATE), "rb") as handle:
                 found = marshal.loads(handle.read(1 << 20))
         except FileNotFoundError:
-            raise error(f"container {self.id} does not exist", not_found=True) from None
+            found = self._load_json()
         except (ValueError, EOFError, TypeError):
             found = None
         if not isinstance(found, dict) or not isinstance(found.get("pid"), int):
             raise error(f"container {self.id}: its state is damaged", "delete it with --force")
         return found
+
+    def _load_json(self) -> object:
+        """The state.json of a container an earlier cove-runtime created (still running across an upgrade)."""
+        import json
+
+        try:
+            with open(self.path(LEGACY_STATE), "rb") as handle:
+                return json.loads(handle.read(1 << 20))
+        except FileNotFoundError:
+            raise error(f"container {self.id} does not exist", not_found=True) from None
+        except (ValueError, RecursionError):
+            return None
 
     def save(self, state: State) -> None:
         tmp = self.path(f".{STATE}.tmp")
