@@ -36,27 +36,48 @@ from cove.util import write_atomic
 FORMAT = "cove-vm-launch/1"
 FOLDER = "vm"
 KERNEL, INITRD, LAUNCH = "vmlinuz", "initrd.cpio", "launch.cbor"
-MACHINE = "microvm"
+# The ports and the network device sit on microvm's PCIe bus, not on virtio-mmio: QEMU offers every
+# virtio-mmio queue at its maximum of 1,024 entries, and the guest fills each port's receive queue
+# with a 4 KiB buffer per entry (4 MB a port, 24 MB in all); over PCI a queue has 128 (docs/performance.md).
+MACHINE = "microvm,pcie=on"
 # Ports of the virtio-serial device, in this order (the guest finds them by name).
-# Each port costs the guest about 4 MB of receive buffers (docs/performance.md): quote and report share one.
+# Each port costs the guest 0.5 MB of receive buffers (docs/performance.md): quote and report share one.
 PORTS = ("cove.ctl", "cove.stdin", "cove.stdout", "cove.stderr", "cove.attest")
-DEVICES = ("virtio-serial-device:" + ",".join(PORTS), "isa-serial:console")
-MODULES = ("virtio_mmio", "virtio_console", "virtio_net")
+DEVICES = ("virtio-serial-pci:" + ",".join(PORTS), "isa-serial:console")
+MODULES = ("virtio_pci", "virtio_console", "virtio_net")
 # [network] mode = "host": QEMU's user-mode network (NAT; the host is 10.0.2.2, the guest 10.0.2.15).
-NET_DEVICE = "virtio-net-device:user"
+NET_DEVICE = "virtio-net-pci:user"
+# Encrypted mounts: the host's secure file system server exported over virtio-fs (docs/backends.md).
+# Only a build with encrypted mounts carries the modules and the devices, so other boots don't pay.
+FS_MODULES = ("virtiofs", "virtio_mmio")  # and fuse, which it needs (modules.dep); its device is virtio-mmio
+FS_DEVICE = "vhost-user-fs-device:"  # + "TAG:rw|ro:TARGET", one per encrypted mount
+SHARED_MEMORY = "memory-backend-memfd:shared"  # vhost-user needs guest RAM the host process can map
+MAX_SHARED = 16  # encrypted mounts a vm enclave may have (the guest init's table)
 LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")
 LAUNCH_LIMIT = 64 << 10  # a command line, a machine name and a few device names
 # tsc_early_khz and lpj: a TCG guest cannot calibrate against the emulated PIT on a busy host and
 # may hang there (docs/backends.md); cryptomgr.notests skips the self-tests of every crypto
 # algorithm the kernel registers, a fifth of the boot's CPU time under TCG.
+# MEMORY_CMDLINE: what the stock kernel keeps from the program (bench/vm_boot.py --memory, one boot
+# each, docs/performance.md). transparent_hugepage=never: with THP on, khugepaged raises
+# min_free_kbytes to 5 % of RAM and the watermarks above it hold back ~50 MB; lockdown=confidentiality:
+# tracefs then creates no inodes for its ~1,500 trace events (9 MB of slab, and boot time under
+# TCG), and the guest kernel refuses /dev/mem, kprobes and unsigned modules (Debian's are signed);
+# percpu_alloc=page: per-CPU areas in 4 KiB pages, not 2 MB units (5 MB); dhash_entries and
+# ihash_entries: dentry and inode hash tables sized for an enclave's files, not for all of RAM (1.3 MB).
+MEMORY_CMDLINE = (
+    "transparent_hugepage=never lockdown=confidentiality percpu_alloc=page dhash_entries=16384 ihash_entries=8192"
+)
 BASE_CMDLINE = (
     "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "
     "tsc=reliable tsc_early_khz=2600000 lpj=10400000 no_timer_check cryptomgr.notests "
-    "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp"
+    f"8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp {MEMORY_CMDLINE}"
 )
-# The guest kernel's own memory, beyond the program's limit and the initramfs: what the Debian
-# cloud kernel keeps for itself on a VM this size (measured by bench/startup.py, ~110 MB at 512 MB).
-GUEST_OVERHEAD = 144 << 20
+# The guest's own memory beyond the program's limit and the initramfs: what the VM gives that the
+# program cannot have when it starts (the kernel's image, page structures, slab, reserves: 70 MB
+# at 1 vCPU and 512 MB, bench/vm_boot.py --memory), with room for more vCPUs (0.6 MB each) and
+# the network device.
+GUEST_OVERHEAD = 96 << 20
 INIT_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "init.c"
 LZ4_LEGACY = b"\x02\x21\x4c\x18"  # the kernel's LZ4 payload format
 XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU's ELF loader looks for
@@ -127,7 +148,17 @@ def has_pvh_entry(elf: bytes) -> bool:
     return False
 
 
-def module_files(kernel: Path) -> list[Path]:
+def shared_folders(config: Config) -> list[tuple[str, bool, str]]:
+    """(virtio-fs tag, writable, target) of each encrypted mount, in cove.toml's order."""
+    encrypted = [m for m in config.mounts if m.type == "encrypted"]
+    if len(encrypted) > MAX_SHARED:
+        raise CoveError(
+            f"a vm enclave has at most {MAX_SHARED} encrypted mounts, not {len(encrypted)}", "merge some of them"
+        )
+    return [(f"cove-fs{index}", m.writable, m.target) for index, m in enumerate(encrypted)]
+
+
+def module_files(kernel: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """The modules the guest init loads, dependencies first, from the kernel's /lib/modules."""
     version = kernel.name.removeprefix("vmlinuz-")
     base = Path("/lib/modules") / version
@@ -150,7 +181,7 @@ def module_files(kernel: Path) -> list[Path]:
         if path not in order:
             order.append(path)
 
-    for name in MODULES:
+    for name in MODULES + extra:
         if name in by_name:
             visit(by_name[name])  # a kernel with it built in needs nothing here
     for path in order:
@@ -318,8 +349,15 @@ def describe(kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, confi
         "machine": MACHINE,
         "vcpus": config.vm.vcpus,
         "memory": memory_bytes(config, initrd_size),
-        "devices": list(DEVICES) + ([NET_DEVICE] if config.network.mode == "host" else []),
+        "devices": list(DEVICES) + ([NET_DEVICE] if config.network.mode == "host" else []) + _fs_devices(config),
     }
+
+
+def _fs_devices(config: Config) -> list[str]:
+    shared = [
+        f"{FS_DEVICE}{tag}:{'rw' if writable else 'ro'}:{target}" for tag, writable, target in shared_folders(config)
+    ]
+    return [SHARED_MEMORY, *shared] if shared else []
 
 
 def measure(description: dict) -> bytes:
@@ -329,7 +367,7 @@ def measure(description: dict) -> bytes:
 def build(image: Path, entries: list[Entry], config: Config, build_dir: Path) -> dict:
     """Write build/vm/{vmlinuz,initrd.cpio,launch.cbor}; the manifest's launch section."""
     kernel = find_kernel(config.vm.kernel)
-    modules = module_files(kernel)
+    modules = module_files(kernel, FS_MODULES if shared_folders(config) else ())
     folder = build_dir / FOLDER
     folder.mkdir(exist_ok=True)
     kernel_bytes = boot_kernel(kernel.read_bytes())

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from cove.config import parse_size
 from cove.decode import Fields, decode_json
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from cove.attest.evidence import VtpmQuote
     from cove.platform.reports import EnclaveClaims, ReportSigner
+    from cove.runtime.vm_shared import SharedFolder
     from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
 NAME = "vm"
@@ -51,8 +52,11 @@ PR_SET_PDEATHSIG = 1
 EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the exit code
 EXEC_SOCKET = "exec.sock"  # in the run's vm folder while the program runs: `cove exec` through the node
 MAX_EXEC_ARGS = 64 << 10  # bytes of a `cove exec` program's arguments (the guest's line is twice that in hex)
-EXEC_SEND_TIMEOUT = 30.0  # seconds a `cove exec` client may leave its output unread before it is dropped
-EXEC_QUEUE_LINES = 512  # lines (each at most ~8 KiB) the guest may be ahead of a `cove exec` client
+EXEC_REQUEST_TIMEOUT = 30.0  # seconds a `cove exec` client may take to send its request line
+SHARED_GRACE = 2.0  # seconds virtiofsd gets to leave by itself once QEMU is gone
+EXEC_QUEUE_BYTES = 2 << 20  # bytes of lines queued for one client: the guest's output window and last drain fit
+EXEC_IN_WINDOW = 64 << 10  # bytes of input sent ahead of what the guest wrote to the program (init.c's)
+EXEC_INPUT_LINE = 2 * 4096 + 2  # "i<hex of at most 4 KiB>\n", the longest line a client sends after its request
 
 
 def qemu() -> str:
@@ -67,10 +71,18 @@ def _cache_dir() -> Path:
 
 
 def qemu_arguments(
-    description: dict, kernel: Path, initrd: Path, accel: str, console: Path, port_fds: list[int]
+    description: dict,
+    kernel: Path,
+    initrd: Path,
+    accel: str,
+    console: Path,
+    port_fds: list[int],
+    shared: dict[str, Path] | None = None,
 ) -> list[str]:
-    """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS."""
+    """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS;
+    shared: the vhost-user socket of each encrypted mount's virtio-fs device, by tag."""
     kvm = accel == "kvm"
+    shared = shared or {}
     args = [
         qemu(),
         "-nodefaults",
@@ -79,7 +91,7 @@ def qemu_arguments(
         "none",
         "-no-reboot",
         "-machine",
-        f"{description['machine']},x-option-roms=off",
+        f"{description['machine']},x-option-roms=off" + (",memory-backend=mem" if shared else ""),
         "-accel",
         accel,
         "-cpu",
@@ -99,10 +111,11 @@ def qemu_arguments(
         "-serial",
         "chardev:console",
         "-device",
-        f"virtio-serial-device,max_ports={len(vmimage.PORTS) + 1}",
+        f"{_virtio_device(description, 'virtio-serial') or 'virtio-serial-device'},max_ports={len(vmimage.PORTS) + 1}",
     ]
-    if vmimage.NET_DEVICE in description.get("devices", ()):
-        args += ["-netdev", "user,id=net0,restrict=off", "-device", "virtio-net-device,netdev=net0"]
+    if net := _virtio_device(description, "virtio-net"):
+        args += ["-netdev", "user,id=net0,restrict=off", "-device", f"{net},netdev=net0"]
+    args += _shared_arguments(description, shared)
     for index, (name, fd) in enumerate(zip(vmimage.PORTS, port_fds)):
         args += [
             "-chardev",
@@ -110,6 +123,37 @@ def qemu_arguments(
             "-device",
             f"virtserialport,chardev=port{index},name={name},nr={index + 1}",
         ]
+    return args
+
+
+def _virtio_device(description: dict, kind: str) -> str | None:
+    """The QEMU device for KIND ("virtio-serial", "virtio-net") as the measured description names it:
+    KIND-pci (modern virtio only) on microvm's PCIe bus, or KIND-device (virtio-mmio) in older builds."""
+    for device in description.get("devices", ()):
+        name = device.split(":", 1)[0]
+        if name == f"{kind}-pci":
+            return f"{name},disable-legacy=on"
+        if name == f"{kind}-device":
+            return name
+    return None
+
+
+def _shared_arguments(description: dict, shared: dict[str, Path]) -> list[str]:
+    """virtio-fs devices for the encrypted mounts the measured description names (vm_shared serves them),
+    on guest RAM that virtiofsd can map: a shared memfd."""
+    if not shared:
+        return []
+    args = ["-object", f"memory-backend-memfd,id=mem,size={description['memory'] >> 20}M,share=on"]
+    args += ["-global", "virtio-mmio.force-legacy=false"]  # virtiofsd's libvhost-user speaks only virtio 1.0
+    for device in description.get("devices", ()):
+        if device.startswith(vmimage.FS_DEVICE):
+            tag = device[len(vmimage.FS_DEVICE) :].split(":", 1)[0]
+            args += [
+                "-chardev",
+                f"socket,id={tag},path={shared[tag]}",
+                "-device",
+                f"vhost-user-fs-device,chardev={tag},tag={tag}",
+            ]
     return args
 
 
@@ -135,6 +179,9 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
             options = dict(mount.options)
             size = str(parse_size(options["size"])) if "size" in options else ""
             items.append(f"T{size}:{options.get('mode', '1777')}:{mount.target}")
+        elif mount.type == "encrypted":
+            tag = shared_tags(config)[mount.target]
+            items.append(f"V{'rw' if mount.writable else 'ro'}:{tag}:{mount.target}")
         elif mount.type != "image":
             raise CoveError(
                 f"a {mount.type} mount ({mount.target}) is not available on the vm backend yet",
@@ -148,6 +195,11 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
     if len(body) > 1 << 20:
         raise CoveError("the program's arguments and environment exceed 1 MiB")
     return struct.pack("<I", len(body)) + body
+
+
+def shared_tags(config) -> dict[str, str]:
+    """The virtio-fs tag of each encrypted mount, by target (vmimage names them in the build)."""
+    return {target: tag for tag, _, target in vmimage.shared_folders(config)}
 
 
 class _Ports:
@@ -172,9 +224,17 @@ class _Ports:
                 end.close()
 
 
-def _boot(description: dict, kernel: Path, initrd: Path, accel: str, workdir: Path, ports: _Ports) -> subprocess.Popen:
+def _boot(
+    description: dict,
+    kernel: Path,
+    initrd: Path,
+    accel: str,
+    workdir: Path,
+    ports: _Ports,
+    shared: dict[str, Path] | None = None,
+) -> subprocess.Popen:
     console = workdir / "console.log"
-    args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds())
+    args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds(), shared)
     errors = open(workdir / "qemu.err", "wb")
     try:
         return subprocess.Popen(
@@ -243,8 +303,10 @@ class VmEnclave(RunningEnclave):
         vtpm: Vtpm | None = None,
         ready: Callable[[], VtpmQuoter | None] = lambda: None,
         request: bytes = b"",
+        shared: Sequence[SharedFolder] = (),
     ):
         super().__init__(spec, NAME, isolation)
+        self.shared = list(shared)  # the encrypted mounts' virtiofsd, stopped once QEMU is gone
         self.vtpm = vtpm
         self.host_error: str | None = None
         self.process = process
@@ -257,7 +319,7 @@ class VmEnclave(RunningEnclave):
         self._ready = threading.Event()
         self._ended = threading.Event()
         self._ctl_lock = threading.Lock()
-        self._execs: dict[int, _ExecLines] = {}
+        self._execs: dict[int, _ExecSession] = {}
         self._exec_lock = threading.Lock()
         self._exec_next = 0
         self._listener: socket.socket | None = None
@@ -326,7 +388,7 @@ class VmEnclave(RunningEnclave):
             self.ready_at = time.monotonic()
             self._ready.set()
             self._listen_exec()
-        elif line[:1] in ("o", "e", "x", "r") and line[1:].partition(":")[0].isdigit():
+        elif line[:1] in ("o", "e", "x", "r", "i") and line[1:].partition(":")[0].isdigit():
             self._exec_message(int(line[1:].partition(":")[0]), line)
         elif line.startswith("X") and line[1:].isdigit() and len(line) <= 4:
             self.exit_code = min(int(line[1:]), 255)  # the guest is not trusted with more than a byte
@@ -361,56 +423,102 @@ class VmEnclave(RunningEnclave):
             threading.Thread(target=self._exec_session, args=(conn,), daemon=True).start()
 
     def _exec_session(self, conn: socket.socket) -> None:
-        """One `cove exec`: a JSON line {"argv": [...]} in; the guest's lines for it out (docs/backends.md)."""
+        """One `cove exec`: a JSON line {"argv": [...], "stdin", "tty", "rows", "cols"} in, then input and
+        window-size lines; the guest's lines for it out (docs/backends.md)."""
         with conn:
             _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid not in (0, os.getuid()):
                 return
-            conn.settimeout(EXEC_SEND_TIMEOUT)
+            conn.settimeout(EXEC_REQUEST_TIMEOUT)
+            reader = conn.makefile("rb")
             try:
-                line = conn.makefile("rb").readline(MAX_EXEC_ARGS * 2)
-                request = Fields(decode_json(line, ValueError, "exec request", limit=MAX_EXEC_ARGS * 2), "", ValueError)
+                line = reader.readline(MAX_EXEC_ARGS * 2)
+                request = Fields(
+                    decode_json(line, ValueError, "exec request", limit=MAX_EXEC_ARGS * 2),
+                    "exec request",
+                    ValueError,
+                    ("argv", "stdin", "tty", "rows", "cols"),
+                )
                 argv = request.value("argv", list)
                 if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
                     raise ValueError("argv")
                 args = b"".join(a.encode() + b"\0" for a in argv)
                 if not argv or "\0" in "".join(argv) or len(args) > MAX_EXEC_ARGS:
                     raise ValueError("argv")
+                stdin, tty = request.boolean("stdin", False), request.boolean("tty", False)
+                rows, cols = request.integer("rows", 0, 0xFFFF, 24), request.integer("cols", 0, 0xFFFF, 80)
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 _send(conn, b"r0:malformed exec request\n")
                 return
-            lines = _ExecLines()
+            conn.settimeout(None)  # from here the guest's window bounds what waits for a slow client
+            session = _ExecSession(stdin or tty)
             with self._exec_lock:
                 if self._listener is None:
                     _send(conn, b"r0:the program has ended\n")
                     return
                 self._exec_next += 1
                 ident = self._exec_next
-                self._execs[ident] = lines
+                self._execs[ident] = session
+            mode = b"" if not session.input else b".%s.%d.%d" % (b"t" if tty else b"i", rows, cols)
             try:
-                self._relay_exec(conn, ident, args, lines)
+                self._relay_exec(conn, reader, b"x%d%s:%s\n" % (ident, mode, args.hex().encode()), ident, session)
             finally:
+                session.over()
                 with self._exec_lock:
                     self._execs.pop(ident, None)
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # the input thread's reader holds the socket open
+                except OSError:
+                    pass
 
-    def _relay_exec(self, conn: socket.socket, ident: int, args: bytes, lines: _ExecLines) -> None:
+    def _relay_exec(
+        self, conn: socket.socket, reader: BinaryIO, request: bytes, ident: int, session: _ExecSession
+    ) -> None:
         """Send the request, then the guest's lines for it to the client (here, never on the control
-        thread); unless the guest ended it (an `x` or `r` line), `k<id>` kills what it started."""
-        finished = not self._to_guest(b"x%d:%s\n" % (ident, args.hex().encode()))
+        thread), acknowledging each o/e line once the client took it; the client's input and window
+        sizes go the other way on a thread of their own. Unless the guest ended the request (an `x`
+        or `r` line), `k<id>` kills what it started."""
+        finished = not self._to_guest(request)
+        if not finished:
+            threading.Thread(target=self._exec_input, args=(reader, ident, session), daemon=True).start()
         while not finished:
-            if lines.overflow.is_set():
-                break  # the client left more output unread than the queue holds
+            if session.overflow.is_set() or session.left.is_set():
+                break  # a guest past its window, or the client left
             try:
-                line = lines.get(timeout=0.2)
+                line = session.take(0.2)
             except queue.Empty:
-                if select.select([conn], [], [], 0)[0]:
-                    break  # the client left (it sends nothing more)
                 continue
             if not _send(conn, line):
-                break  # gone, or output unread for EXEC_SEND_TIMEOUT
+                break  # the client is gone
             finished = line[:1] in (b"x", b"r")
+            if line[:1] in (b"o", b"e"):
+                self._to_guest(b"a%d:%d\n" % (ident, len(line)))
         if not finished:
             self._to_guest(b"k%d\n" % ident)
+
+    def _exec_input(self, reader: BinaryIO, ident: int, session: _ExecSession) -> None:
+        """The client's lines after its request: `i<hex>` input (`i` alone: its end) and `w<rows>:<cols>`,
+        passed to the guest within its input window; dropped without -i or -t. The end of the
+        connection, or a malformed line, is the client leaving."""
+        while True:
+            try:
+                line = reader.readline(EXEC_INPUT_LINE + 1)
+            except (OSError, ValueError):
+                line = b""
+            data = _client_line(line)
+            if data is None:
+                session.left.set()
+                reader.close()
+                return
+            if not session.input:
+                continue
+            if line[:1] == b"w":
+                self._to_guest(b"w%d:%s\n" % (ident, line[1:].rstrip(b"\n")))
+            elif session.reserve(len(data)):
+                self._to_guest(b"i%d:%s\n" % (ident, data.hex().encode()))
+            else:
+                reader.close()
+                return  # the session is over
 
     def _to_guest(self, line: bytes) -> bool:
         with self._ctl_lock:
@@ -421,11 +529,18 @@ class VmEnclave(RunningEnclave):
                 return False
 
     def _exec_message(self, ident: int, line: str) -> None:
-        """On the control thread: queue the line for its session's thread, never wait for a client."""
+        """On the control thread: queue the line for its session's thread, never wait for a client;
+        the guest's acknowledgements of input return the session's input window."""
         with self._exec_lock:
-            lines = self._execs.get(ident)
-        if lines is not None:
-            lines.offer(line.encode() + b"\n")
+            session = self._execs.get(ident)
+        if session is None:
+            return
+        if line[:1] == "i":
+            written = line.partition(":")[2]
+            if written.isdigit() and len(written) <= 8:
+                session.acked(int(written))
+        else:
+            session.offer(line.encode() + b"\n")
 
     def _close_execs(self) -> None:
         """The program ended (and so did every program `cove exec` started): no more exec."""
@@ -438,8 +553,8 @@ class VmEnclave(RunningEnclave):
                 os.unlink(self.workdir / EXEC_SOCKET)
             except OSError:
                 pass
-        for lines in sessions:
-            lines.offer(b"r0:the enclave's program ended\n")
+        for session in sessions:
+            session.offer(b"r0:the enclave's program ended\n")
 
     @staticmethod
     def _pump_out(sock: socket.socket, fd: int) -> None:
@@ -497,6 +612,7 @@ class VmEnclave(RunningEnclave):
                 self.process.wait()
         else:
             self.stop()
+        self._stop_shared(SHARED_GRACE)
         for thread in self._threads[1:]:
             thread.join(timeout=5)
         self._record_timing()
@@ -526,28 +642,88 @@ class VmEnclave(RunningEnclave):
                     + "\n"
                 )
 
+    def _stop_shared(self, grace: float) -> None:
+        """End virtiofsd before the services unmount the volumes its sandbox still holds."""
+        shared, self.shared = self.shared, []
+        for folder in shared:
+            folder.stop(grace)
+
     def stop(self) -> None:
         self._close_execs()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._stop_shared(SHARED_GRACE)
         self.ports.close()
         if self.vtpm is not None:
             self.vtpm.stop()
 
 
-class _ExecLines(queue.Queue[bytes]):
-    """The guest's lines for one `cove exec`, bounded: a client too slow for them is dropped."""
+class _ExecSession:
+    """One `cove exec` in the launcher: the guest's lines for its client, bounded in bytes (the guest
+    stops at its window; one past the bound is dropped), and the input window (bytes sent to the
+    guest and not yet acknowledged)."""
 
-    def __init__(self) -> None:
-        super().__init__(EXEC_QUEUE_LINES)
+    def __init__(self, with_input: bool) -> None:
+        self.input = with_input
+        self.lines: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.queued = 0
         self.overflow = threading.Event()
+        self.left = threading.Event()  # the client left (or the session is over)
+        self._window = threading.Condition()
+        self._in_flight = 0
 
     def offer(self, line: bytes) -> None:
-        try:
-            self.put_nowait(line)
-        except queue.Full:
-            self.overflow.set()
+        with self._window:
+            if self.queued + len(line) > EXEC_QUEUE_BYTES:
+                self.overflow.set()
+                return
+            self.queued += len(line)
+        self.lines.put(line)
+
+    def take(self, timeout: float) -> bytes:
+        line = self.lines.get(timeout=timeout)
+        with self._window:
+            self.queued -= len(line)
+        return line
+
+    def acked(self, written: int) -> None:
+        with self._window:
+            self._in_flight -= min(written, self._in_flight)
+            self._window.notify_all()
+
+    def reserve(self, size: int) -> bool:
+        """Wait until SIZE more input bytes fit in the guest's window; False once the session is over."""
+        with self._window:
+            while self._in_flight + size > EXEC_IN_WINDOW:
+                if self.left.is_set():
+                    return False
+                self._window.wait(0.5)
+            self._in_flight += size
+            return not self.left.is_set()
+
+    def over(self) -> None:
+        self.left.set()
+        with self._window:
+            self._window.notify_all()
+
+
+HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _client_line(line: bytes) -> bytes | None:
+    """The input bytes of a client's `i<hex>` line (b"" for `i` and for a `w<rows>:<cols>` line), or
+    None for the end of the connection or a line that is neither."""
+    if not line.endswith(b"\n"):
+        return None
+    body = line[1:-1]
+    if line[:1] == b"i" and len(body) % 2 == 0 and len(body) <= 2 * 4096 and all(c in HEX for c in body):
+        return bytes.fromhex(body.decode())
+    rows, colon, cols = body.partition(b":")
+    if line[:1] == b"w" and colon and rows.isdigit() and cols.isdigit() and len(body) <= 11:
+        if int(rows) <= 0xFFFF and int(cols) <= 0xFFFF:
+            return b""
+    return None
 
 
 def _send(conn: socket.socket, data: bytes) -> bool:
@@ -676,10 +852,13 @@ class VmBackend(Backend):
     def _files(spec: LaunchSpec) -> list[tuple[str, bytes]]:
         """The services' binds the guest can have: read-only files on a tmpfs mount (file: secrets)."""
         tmpfs = [m.target.rstrip("/") + "/" for m in spec.config.mounts if m.type == "tmpfs"]
+        encrypted = shared_tags(spec.config)
         files = []
         for bind in spec.binds:
             if bind.target.startswith("/dev/attestation"):
                 continue  # the guest init serves it
+            if bind.target in encrypted and bind.host.is_dir():
+                continue  # an encrypted mount's plaintext view: exported over virtio-fs (_share)
             if not bind.writable and bind.host.is_file() and any(bind.target.startswith(t) for t in tmpfs):
                 files.append((bind.target, bind.host.read_bytes()))
                 continue
@@ -688,6 +867,28 @@ class VmBackend(Backend):
                 'use backend = "sim" for it',
             )
         return files
+
+    @staticmethod
+    def _share(spec: LaunchSpec, folder: Path) -> list[SharedFolder]:
+        """A virtiofsd for each encrypted mount's plaintext view (the services mounted them on the host)."""
+        from cove.runtime import vm_shared  # only runs with encrypted mounts pay for this import
+
+        tags = shared_tags(spec.config)
+        started: list[SharedFolder] = []
+        try:
+            for bind in spec.binds:
+                if bind.target in tags and bind.host.is_dir():
+                    started.append(vm_shared.start(tags[bind.target], bind.target, bind.host, folder))
+        except BaseException:
+            for shared in started:
+                shared.stop()
+            raise
+        missing = set(tags) - {s.target for s in started}
+        if missing:
+            for shared in started:
+                shared.stop()
+            raise CoveError(f"encrypted mount {sorted(missing)[0]} was not served")
+        return started
 
     def launch(self, spec: LaunchSpec) -> VmEnclave:
         if self._prepared is None:
@@ -698,9 +899,15 @@ class VmBackend(Backend):
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
         request = encode_request(spec, self._attestation_type, files)
+        started = time.monotonic()  # virtiofsd's start counts in the boot's time
+        shared = self._share(spec, workdir)
         ports = _Ports()
-        started = time.monotonic()
-        process = _boot(description, kernel, initrd, accel, workdir, ports)
+        try:
+            process = _boot(description, kernel, initrd, accel, workdir, ports, {s.tag: s.socket for s in shared})
+        except BaseException:
+            for folder in shared:
+                folder.stop()
+            raise
         return VmEnclave(
             spec,
             KVM if accel == "kvm" else TCG,
@@ -712,6 +919,7 @@ class VmBackend(Backend):
             self._vtpm,
             self._ready,
             request,
+            shared,
         )
 
 
