@@ -92,6 +92,26 @@ class Caller:
     session: str | None = None
 
 
+# Evidence types appraised from the evidence alone, with a few signature checks: never a network
+# fetch (DCAP quotes sent without collateral are completed from a PCCS) nor a long certificate walk.
+QUICK_TEES = frozenset({"cove", "sample"})
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An attestation whose session nonce was spent (:meth:`Broker.begin_attest`), not yet appraised."""
+
+    session_id: str
+    tee: str
+    runtime: dict[str, Any]
+    body: dict[str, Any]
+
+    @property
+    def quick(self) -> bool:
+        """Its appraisal is short and local (QUICK_TEES): a server may run it on its event loop."""
+        return self.tee in QUICK_TEES
+
+
 class Broker:
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
@@ -185,8 +205,8 @@ class Broker:
         algorithm = coco_binding.select_hash(extra, tee)
         session_id = pysecrets.token_urlsafe(24)
         nonce = base64.b64encode(pysecrets.token_bytes(32)).decode()
+        self._maybe_purge()  # first: the session's insert is this call's last write (Store.Busy may retry it)
         self.store.create_session(session_id, nonce, tee, self.settings.challenge_lifetime, self.now())
-        self._maybe_purge()
         return session_id, {"nonce": nonce, "extra-params": {"selected-hash-algorithm": algorithm}}
 
     def _maybe_purge(self) -> None:
@@ -210,6 +230,14 @@ class Broker:
 
     def attest(self, session_id: str | None, body: Any) -> str:
         """POST /kbs/v0/attest: appraise evidence bound to this session's nonce; a token."""
+        return self.finish_attest(self.begin_attest(session_id, body))
+
+    def begin_attest(self, session_id: str | None, body: Any) -> Claimed:
+        """The first half of :meth:`attest`: check the request and spend the session's nonce.
+
+        Its cost is bounded and small (a few field checks and one database statement); the second
+        half, :meth:`finish_attest`, appraises the evidence, whose cost depends on its type
+        (:attr:`Claimed.quick`), so a server may run the halves in different places."""
         if not session_id:
             self.store.audit_refusal("session:none", "attest", None, "SessionNotFound: no kbs-session-id cookie")
             raise Problem("SessionNotFound", "no kbs-session-id cookie: POST /kbs/v0/auth first")
@@ -223,6 +251,12 @@ class Broker:
             except Problem as problem:
                 self.store.audit_refusal(label, "attest", None, f"{problem.kind}: {problem.detail}")
                 raise
+        return Claimed(session_id, tee, runtime, body)
+
+    def finish_attest(self, claimed: Claimed) -> str:
+        """The second half of :meth:`attest`: appraise the evidence, record the outcome, sign the token."""
+        session_id, tee, runtime, body = claimed.session_id, claimed.tee, claimed.runtime, claimed.body
+        label = f"session:{_label(session_id)}"
         when = self.evidence_now()
         try:
             evidence, additional = coco_evidence.unpack(tee, body["tee-evidence"], self.collateral)

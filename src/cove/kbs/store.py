@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from collections.abc import Callable, Iterator, Sequence
 
 from cove.errors import CoveError
@@ -70,12 +70,30 @@ _DIALECT = {
     "sqlite": {"{blob}": "BLOB", "{real}": "REAL", "{serial}": "INTEGER PRIMARY KEY AUTOINCREMENT"},
     "postgresql": {"{blob}": "BYTEA", "{real}": "DOUBLE PRECISION", "{serial}": "BIGSERIAL PRIMARY KEY"},
 }
+T = TypeVar("T")
 # A PostgreSQL advisory lock key for migrations ("cove-kbs" as an integer).
 _PG_LOCK = 0x636F76656B6273
 
 
 class StoreError(CoveError):
     """The database cannot be opened or used."""
+
+
+class Busy(StoreError):
+    """Another writer holds the database, and this thread asked not to wait (Store.without_waiting).
+
+    Raised before the statement had any effect: the caller may run its work again where waiting is
+    allowed."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is busy with another writer")
+
+
+class _NoWait(threading.local):
+    """Per thread: whether statements must not wait for a lock, and that thread's own connection."""
+
+    active = False
+    conn: Any = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +240,8 @@ class Store:
             os.close(self._open_writer_lock())  # made now (0600): a folder it cannot be made in fails here
         self._refusals: dict[tuple[Any, ...], tuple[float, int]] = {}
         self._refusal_lock = threading.Lock()
+        self._nowait = _NoWait()
+        self._nowait_conns: list[_SqliteConnection] = []  # every thread's own connection, closed with the store
         self._last_token_purge = 0.0
         self.migrate()
 
@@ -275,8 +295,66 @@ class Store:
         return statement.replace("?", "%s") if self.dialect == "postgresql" else statement
 
     @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Within it, this thread's statements never wait for another writer: they raise Busy instead.
+
+        SQLite only. For an event loop that runs short database work itself: a write that finds the
+        writers' lock file or SQLite's own lock taken (another worker, an admin thread, any other
+        process on the database) fails at once, before it has any effect, and the caller hands its
+        work to a thread that may wait. The thread uses a connection of its own whose busy timeout
+        is zero."""
+        if self.dialect != "sqlite":
+            raise StoreError("only a SQLite store can refuse to wait")
+        self._nowait.active = True
+        try:
+            yield
+        finally:
+            self._nowait.active = False
+
+    def _nowait_connection(self) -> _SqliteConnection:
+        conn: _SqliteConnection | None = self._nowait.conn
+        if conn is None:
+            conn = self._connect_sqlite()
+            conn.execute("PRAGMA busy_timeout=0")
+            self._nowait.conn = conn
+            with self._refusal_lock:
+                self._nowait_conns.append(conn)
+        return conn
+
+    def _nowait_run(self, write: bool, run: Callable[[Any], T]) -> T:
+        """run(connection) on this thread's own connection, refusing to wait for a lock (Busy)."""
+        conn = self._nowait_connection()
+        try:
+            if not write:
+                return run(conn)
+            with conn.take_turn(wait=False):
+                return run(conn)
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                raise Busy() from None
+            raise
+
+    @contextmanager
     def transaction(self) -> Iterator[Any]:
         """A cursor inside one transaction (BEGIN IMMEDIATE on SQLite)."""
+        if self._nowait.active:
+            conn = self._nowait_connection()
+            with conn.take_turn(wait=False):
+                cur = conn.cursor()
+                try:
+                    cur.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if _busy(exc):
+                        raise Busy() from None
+                    raise
+                try:
+                    yield _Cursor(cur, self._sql)
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                else:
+                    cur.execute("COMMIT")
+            return
         with self._pool.connection() as conn, _turn(conn):
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
@@ -289,6 +367,10 @@ class Store:
                 cur.execute("COMMIT")
 
     def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self._nowait.active:
+            return self._nowait_run(
+                not statement.startswith("SELECT"), lambda conn: conn.execute(statement, args).fetchall()
+            )
         conn = self._pool.get()
         try:
             with nullcontext() if statement.startswith("SELECT") else _turn(conn):
@@ -300,6 +382,8 @@ class Store:
         return rows
 
     def execute(self, statement: str, args: tuple[Any, ...] = ()) -> int:
+        if self._nowait.active:
+            return self._nowait_run(True, lambda conn: int(conn.execute(statement, args).rowcount))
         conn = self._pool.get()
         try:
             with _turn(conn):
@@ -316,6 +400,13 @@ class Store:
         except Exception:  # closing must not fail on a database that is already gone
             pass
         self._pool.close()
+        with self._refusal_lock:
+            conns, self._nowait_conns = self._nowait_conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     # -- migrations ------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -680,10 +771,27 @@ class Store:
                 self._refusals[key] = (seen[0], seen[1] + 1)
             elif len(self._refusals) < 10000:
                 self._refusals[key] = (now, 0)
-        for (a, act, res, det), count in due:
-            self.audit(a, act, "refused", res, None, f"{det} (repeated {count} more times)")
+        entries = [(*k[:2], "refused", k[2], None, f"{k[3]} (repeated {n} more times)") for k, n in due]
         if seen is None:
-            self.audit(actor, action, "refused", resource, None, detail[:500])
+            entries.append((actor, action, "refused", resource, None, detail[:500]))
+        try:
+            self._audit_entries(entries)
+        except BaseException:  # nothing was written (Busy, or a failed database): count it all again later
+            with self._refusal_lock:
+                for k, n in due:
+                    self._refusals.setdefault(k, (now - REFUSAL_WINDOW, n))
+                if seen is None and self._refusals.get(key) == (now, 0):
+                    del self._refusals[key]
+            raise
+
+    def _audit_entries(self, entries: list[tuple[Any, ...]]) -> None:
+        """Audit entries (actor, action, outcome, resource, measurement, detail), all or none."""
+        if len(entries) == 1:
+            self.execute(_AUDIT_INSERT, (time.time(), *entries[0]))
+        elif entries:
+            with self.transaction() as cur:
+                for entry in entries:
+                    cur.run(_AUDIT_INSERT, (time.time(), *entry))
 
     def flush_refusals(self) -> None:
         """Write the counts of refusals still inside their window."""
@@ -745,8 +853,8 @@ class _SqliteConnection(sqlite3.Connection):
 
     writer_fd: int = -1
 
-    def take_turn(self) -> _Turn:
-        return _Turn(self.writer_fd)
+    def take_turn(self, wait: bool = True) -> _Turn:
+        return _Turn(self.writer_fd, wait)
 
     def close(self) -> None:
         try:
@@ -760,16 +868,25 @@ class _SqliteConnection(sqlite3.Connection):
 class _Turn:
     """Holds a writer lock file's flock for the length of a with block."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "mode")
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, wait: bool = True):
         self.fd = fd
+        self.mode = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
 
     def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, self.mode)
+        except BlockingIOError:
+            raise Busy() from None
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLite answered SQLITE_BUSY or SQLITE_LOCKED (another connection holds the lock)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _turn(conn: Any) -> _Turn | nullcontext[None]:
