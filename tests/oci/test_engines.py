@@ -146,7 +146,12 @@ def test_podman_memory_limit_holds_the_program_not_coves_start(loaded):
     try:
         pid = int(podman("inspect", name, "--format", "{{.State.Pid}}").stdout)
         ident = podman("inspect", name, "--format", "{{.Id}}").stdout.strip()
-        group = [line.split(":", 2)[2].strip() for line in open(f"/proc/{pid}/cgroup") if ":memory:" in line][0]
+        # it joins when it reads `start`'s byte: `run -d` may return while it still loads the launcher
+        for _ in range(200):
+            group = [line.split(":", 2)[2].strip() for line in open(f"/proc/{pid}/cgroup") if ":memory:" in line][0]
+            if ident in group:
+                break
+            time.sleep(0.05)
         assert ident in group
         assert int(open(f"/sys/fs/cgroup/memory{group}/memory.limit_in_bytes").read()) == 128 << 20
         for _ in range(200):
