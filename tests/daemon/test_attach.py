@@ -215,3 +215,56 @@ def test_prepared_child_that_cannot_start_says_why(tmp_path: Path):
     finally:
         sim.discard_prepared()
     assert not any(group.exists() for group in child.limits.groups)
+
+
+def _pipes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+def ready_supervisors(node) -> list[int]:
+    """The supervisors the node's spawner forked ahead: each reads a pipe only the spawner writes."""
+    spawner = [p for p in _children(node.process.pid) if b"cove.daemon.spawner" in _cmdline(p)]
+    assert len(spawner) == 1, spawner
+    ends = _pipes(spawner[0]) - _pipes(node.process.pid)  # not the daemon's request pipe
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != spawner[0]:
+            try:
+                if b"cove.daemon.spawner" in _cmdline(int(entry.name)) and _pipes(int(entry.name)) & ends:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_supervisor_waits_forked_ahead_and_a_lost_one_is_replaced(node, app):
+    """One supervisor waits, forked, for the next start; killed, the start forks one then, and a new
+    one waits again."""
+    deadline = time.monotonic() + 10
+    while len(ready := ready_supervisors(node)) != 1:
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.05)
+    os.kill(ready[0], 9)
+    result = node.cove("run", "/bin/hello", "0", "4", cwd=app)
+    assert (result.returncode, result.stdout) == (4, "hello 3\nto stderr\n"), result.stderr
+    deadline = time.monotonic() + 10
+    while (now := ready_supervisors(node)) in ([], ready):
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert len(now) == 1

@@ -9,14 +9,20 @@ a supervisor per request. Each supervisor is forked twice
 session of its own, and has the enclave's log as stdout and stderr. The
 spawner reads one request per line on stdin (``FOLDER<TAB>STORE``) and ends
 when the daemon closes it, or dies with it; supervisors go on either way.
+One supervisor is always forked ahead and waits on a pipe for its enclave
+(folder, store and the image's [resources], which it uses to prepare its
+sandbox early: cove.runtime.sim.Prepared), so a start does not wait for the
+forks; it leaves when that pipe ends empty.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 from cove import trace
@@ -53,24 +59,62 @@ def warm_image(folder: str, store: str) -> ResourcesSection | None:
     return _warmed[ident]
 
 
-def spawn(folder: str, store: str) -> None:
+def spawn(folder: str, store: str, ready: int | None = None) -> int | None:
+    """Hand the enclave to the supervisor forked ahead (``ready``: its order pipe), or to one forked now
+    if that one is gone; then fork the next one, with this image's checks warm in it. Its order pipe."""
     asked = time.perf_counter()
     resources = warm_image(folder, store)
+    order = json.dumps(
+        {"folder": folder, "store": store, "asked": asked, "resources": resources and list(astuple(resources))}
+    ).encode()
+    try:
+        if ready is None or not _send(ready, order):
+            _send(_fork_supervisor(), order)
+        return _fork_supervisor()
+    except OSError:  # no process could be forked: the daemon's wait for the state times out and says so
+        return None
+
+
+def _send(pipe: int, order: bytes) -> bool:
+    try:
+        os.write(pipe, order)  # a few hundred bytes: one write, below a pipe's buffer
+        return True
+    except OSError:  # it died (the pipe's reader is gone)
+        return False
+    finally:
+        os.close(pipe)
+
+
+def _fork_supervisor() -> int:
+    """A supervisor forked now, before its enclave is known: twice (nobody's child to wait for, as
+    containerd's shims are), in a session of its own, waiting on a pipe whose write end it returns.
+    It leaves if the pipe ends empty (the spawner ended: the daemon stopped)."""
+    read, write = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(read)
         os.waitpid(pid, 0)  # the middle process leaves at once
-        return
+        return write
     try:
+        os.close(write)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # not the daemon's request lines
         os.setsid()
         if os.fork():
             os._exit(0)
+        chunks = []
+        while chunk := os.read(read, 1 << 16):
+            chunks.append(chunk)
+        if not chunks:
+            os._exit(0)
+        order = json.loads(b"".join(chunks))
+        folder, store = str(order["folder"]), str(order["store"])
+        resources = ResourcesSection(*order["resources"]) if order.get("resources") else None
         log = os.open(os.path.join(folder, "log"), os.O_WRONLY | os.O_APPEND)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.closerange(3, 65536)
-        trace.emit("spawner.fork", asked, time.perf_counter())
+        trace.emit("spawner.fork", float(order["asked"]), time.perf_counter())
         with trace.span("supervisor.run"):
             code = Supervisor(Path(folder), Path(store), resources).run()
         sys.stdout.flush()
@@ -105,10 +149,11 @@ def main() -> int:
     # what is loaded now is shared with every fork: keep the collector off it, so a supervisor's
     # collections do not touch (and so copy) those pages
     gc.freeze()
+    ready: int | None = _fork_supervisor()  # the next supervisor waits, forked: a start does not wait for its fork
     for line in sys.stdin:
         folder, _, store = line.rstrip("\n").partition("\t")
         if folder and store:
-            spawn(folder, store)
+            ready = spawn(folder, store, ready)
     return 0
 
 
