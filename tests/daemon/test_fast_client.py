@@ -117,7 +117,9 @@ def test_only_the_plain_form_is_taken(argv, parsed):
     [
         ('[enclave]\nname = "a"\n', False, True),
         ('[enclave]\nname = "a"\nbackend = "sim"\n', False, True),
-        ('[enclave]\nname = "a"\nbackend = "vm"\n', False, False),
+        ('[enclave]\nname = "a"\nbackend = "vm"\n', False, True),  # the node runs vm builds too
+        ('[enclave]\nname = "a"\nbackend = "vm"\n', True, False),
+        ('[enclave]\nname = "a"\nbackend = "sgx"\n', False, False),
         ('[enclave]\nbackend = ["sim"]\n', False, False),
         ('enclave = "sim"\n', False, False),
         ("[enclave\nname = ", False, False),
@@ -127,7 +129,7 @@ def test_only_the_plain_form_is_taken(argv, parsed):
     ],
 )
 def test_unsure_instances_go_to_the_full_cli(tmp_path, toml, encrypted, runs):
-    """A broken or hostile cove.toml, another backend or an encrypted image: the full CLI decides."""
+    """A broken or hostile cove.toml, a backend the node does not run or an encrypted image: the full CLI decides."""
     (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
     if encrypted:
         (tmp_path / "build" / "image.enc").mkdir(parents=True)

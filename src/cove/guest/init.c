@@ -152,6 +152,8 @@ static void read_all(int fd, void *buf, size_t len, int first) {
 struct request {
     char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64], *entries[64];
     int argc, envc, ntmpfs, nfiles, nentries, debug;
+    char *shared[16];  /* "rw|ro:TAG:TARGET": encrypted mounts the host serves over virtio-fs */
+    int nshared;
     const char *cwd, *hostname, *network, *attestation;
     uid_t uid;
     gid_t gid;
@@ -185,6 +187,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'I': if (r->nentries < 63) r->entries[r->nentries++] = value; else die("too many entry points"); break;
         case 'D': r->debug = 1; break;
         case 'W': if (r->nfiles < 63) r->files[r->nfiles++] = value; else die("too many files"); break;
+        case 'V': if (r->nshared < 16) r->shared[r->nshared++] = value; else die("too many encrypted mounts"); break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -244,6 +247,31 @@ static void write_file(const char *path, const void *data, size_t len, mode_t mo
     close(fd);
 }
 
+/* The encrypted mounts: each a virtio-fs device whose host side (virtiofsd) exports the plaintext
+ * view of the host's secure file system server (docs/backends.md); read-only when cove.toml says so. */
+static void mount_shared(struct request *r) {
+    char path[512];
+    for (int i = 0; i < r->nshared; i++) {  /* "rw|ro:TAG:TARGET" */
+        char *mode = r->shared[i], *tag = strchr(mode, ':'), *target;
+        if (!tag || !(target = strchr(tag + 1, ':')) || tag - mode != 2) die("malformed encrypted mount %s", mode);
+        *tag++ = 0;
+        *target++ = 0;
+        unsigned long flags = MS_NOSUID | MS_NODEV;
+        if (strcmp(mode, "ro") == 0) flags |= MS_RDONLY;
+        else if (strcmp(mode, "rw") != 0) die("malformed encrypted mount %s", target);
+        snprintf(path, sizeof path, "/image%s", target);
+        if (mount(tag, path, "virtiofs", flags, NULL) != 0) die("mount %s (virtio-fs %s): %s", target, tag, strerror(errno));
+    }
+}
+
+/* The program's own devpts (a new instance), for `cove exec -t`'s terminals, with /dev/ptmx as on sim. */
+static void mount_devpts(void) {
+    mkdir("/image/dev/pts", 0755);
+    if (mount("devpts", "/image/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") != 0)
+        die("mount /dev/pts: %s", strerror(errno));
+    symlink("pts/ptmx", "/image/dev/ptmx");
+}
+
 /* The program's root: /image, read-only, with /proc, a minimal /dev, /dev/attestation and the
  * requested tmpfs mounts, all mounted below /image before it becomes the root. */
 static void enter_root(struct request *r) {
@@ -260,7 +288,7 @@ static void enter_root(struct request *r) {
     node("/image/dev/tty", 0666, 5, 0);
     mkdir("/image/dev/shm", 01777);
     chmod("/image/dev/shm", 01777);
-    mkdir("/image/dev/pts", 0755);
+    mount_devpts();
     symlink("/proc/self/fd", "/image/dev/fd");
     symlink("/proc/self/fd/0", "/image/dev/stdin");
     symlink("/proc/self/fd/1", "/image/dev/stdout");
@@ -276,6 +304,7 @@ static void enter_root(struct request *r) {
         snprintf(path, sizeof path, "/image%s", target);
         if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options) != 0) die("mount %s: %s", target, strerror(errno));
     }
+    mount_shared(r);
     for (int i = 0; i < r->nfiles; i++) {  /* "HEX:TARGET": a provisioned secret, read-only like on sim */
         char *hex = r->files[i], *target = strchr(hex, ':');
         if (!target || (target - hex) % 2) die("malformed file item");
@@ -424,7 +453,17 @@ static int namespace_init(struct request *r, int in, int out, int err) {
  * "r<id>:<reason>". "k<id>" from the host kills it. */
 #define MAX_EXECS 16
 #define MAX_LINE (160 << 10)
-struct exec { unsigned long id; pid_t waiter; int out, err; };
+#define EXEC_OUT_WINDOW (256 << 10) /* bytes of o/e lines the host has not acknowledged: then the output waits */
+#define EXEC_IN_WINDOW (64 << 10)   /* bytes of input the host may send ahead of what the program read */
+#define EXEC_DRAIN_MAX (128 << 10)  /* bytes of each output relayed once the program has ended */
+struct exec {
+    unsigned long id;
+    pid_t waiter;
+    int out, err, in, tty;  /* in: the program's stdin pipe or the terminal's master (-1: none) */
+    size_t unacked, inlen;  /* output bytes sent and not acknowledged; input bytes not yet written */
+    int in_ended;           /* the host sent the end of the input */
+    char *inbuf;            /* EXEC_IN_WINDOW bytes with -i or -t */
+};
 static struct exec execs[MAX_EXECS];
 
 static int entry_point(struct request *r, const char *path) {
@@ -439,12 +478,18 @@ static int entry_point(struct request *r, const char *path) {
     return 0;
 }
 
-static void send_hex(char kind, unsigned long id, const unsigned char *data, size_t len) {
+/* One "<kind><id>:<hex>" line to the host; its length, which the host acknowledges ("a<id>:<n>"). */
+static size_t send_hex(char kind, unsigned long id, const unsigned char *data, size_t len) {
     static char line[2 * 4096 + 64];
+    static const char digits[] = "0123456789abcdef";
     int at = snprintf(line, sizeof line, "%c%lu:", kind, id);
-    for (size_t i = 0; i < len; i++) at += snprintf(line + at, 3, "%02x", data[i]);
+    for (size_t i = 0; i < len; i++) {  /* not snprintf per byte: emulated (TCG), that was the cost of a line */
+        line[at++] = digits[data[i] >> 4];
+        line[at++] = digits[data[i] & 15];
+    }
     line[at++] = '\n';
     write_all(ctl, line, (size_t)at);
+    return (size_t)at;
 }
 
 static volatile sig_atomic_t killed = 0;
@@ -488,7 +533,119 @@ static void kill_session(int proc, pid_t sid) {
     }
 }
 
-static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char *hex) {
+/* `cove exec -i` and `-t` (docs/backends.md). "x<id>.i.<rows>.<cols>:<hex>" gives the program a pipe
+ * as stdin, "x<id>.t.<rows>.<cols>:<hex>" a terminal of the program's own devpts, sized rows x cols,
+ * as its controlling terminal and stdin, stdout and stderr. The host then sends "i<id>:<hex>" input
+ * (empty: the end of it, which a terminal ignores), "w<id>:<rows>:<cols>" window sizes and
+ * "a<id>:<n>" for each n bytes of o/e lines it passed on; the init answers "i<id>:<n>" for input
+ * written to the program (or dropped). Both windows keep every buffer bounded: the host sends at
+ * most EXEC_IN_WINDOW bytes of input ahead, and the init stops reading a program's output while
+ * EXEC_OUT_WINDOW bytes of its lines are unacknowledged, so a program whose client does not read
+ * blocks in write(), as on sim. */
+struct exec_mode { char kind; unsigned short rows, cols; };
+
+/* START..COLON of an "x" line after "x": the id, then nothing or ".i|t.<rows>.<cols>"; 0 if malformed. */
+static int exec_parse_mode(const char *start, const char *colon, struct exec_mode *mode) {
+    char *at;
+    unsigned long rows, cols;
+    memset(mode, 0, sizeof *mode);
+    strtoul(start, &at, 10);
+    if (at == colon) return 1;
+    if (at + 3 > colon || at[0] != '.' || (at[1] != 'i' && at[1] != 't') || at[2] != '.') return 0;
+    mode->kind = at[1];
+    rows = strtoul(at + 3, &at, 10);
+    if (*at != '.') return 0;
+    cols = strtoul(at + 1, &at, 10);
+    if (at != colon || rows > 0xffff || cols > 0xffff) return 0;
+    mode->rows = (unsigned short)rows;
+    mode->cols = (unsigned short)cols;
+    return 1;
+}
+
+static void exec_close_ends(int a, int b, int c, int d) {
+    int fds[] = {a, b, c, d};
+    for (int i = 0; i < 4; i++) if (fds[i] >= 0) close(fds[i]);
+}
+
+/* In a waiter: the other sessions' descriptors are PID 1's, not its own (an input would never end). */
+static void exec_close_others(void) {
+    for (int i = 0; i < MAX_EXECS; i++) if (execs[i].waiter) exec_close_ends(execs[i].out, execs[i].err, execs[i].in, -1);
+}
+
+static int exec_pipes(int out[2], int err[2], int in[2], int input) {
+    if (pipe2(out, O_CLOEXEC) != 0) return -1;
+    if (pipe2(err, O_CLOEXEC) != 0) { exec_close_ends(out[0], out[1], -1, -1); return -1; }
+    if (input && pipe2(in, O_CLOEXEC) != 0) { exec_close_ends(out[0], out[1], err[0], err[1]); return -1; }
+    return 0;
+}
+
+/* A new pseudo-terminal in the devpts of the program's mount namespace (reached through its
+ * namespace init's root), sized, its peer owned by the enclave's user; 0, or -1 with errno. */
+static int exec_terminal(struct request *r, pid_t ns_init, const struct exec_mode *mode, int *master, int *slave) {
+    char path[96];
+    int unlock = 0;
+    struct winsize size = {.ws_row = mode->rows, .ws_col = mode->cols};
+    snprintf(path, sizeof path, "/cove/proc/%d/root/dev/pts/ptmx", (int)ns_init);
+    *master = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
+    if (*master < 0) return -1;
+    if (ioctl(*master, TIOCSPTLCK, &unlock) != 0 || ioctl(*master, TIOCSWINSZ, &size) != 0 ||
+        (*slave = ioctl(*master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+        int saved = errno;
+        close(*master);
+        errno = saved;
+        return -1;
+    }
+    if (fchown(*slave, r->uid, r->gid) != 0) { /* the terminal still works; only its owner differs */ }
+    return 0;
+}
+
+/* Write what input is held to the program; acknowledge what was written, or dropped once the
+ * program closed its end. The end of the input closes a pipe once all was written. */
+static void exec_feed(struct exec *e) {
+    while (e->in >= 0 && e->inlen) {
+        ssize_t n = write(e->in, e->inbuf, e->inlen);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return;
+        size_t done = n > 0 ? (size_t)n : e->inlen;
+        if (n <= 0) { close(e->in); e->in = -1; }
+        memmove(e->inbuf, e->inbuf + done, e->inlen - done);
+        e->inlen -= done;
+        dprintf(ctl, "i%lu:%zu\n", e->id, done);
+    }
+    if (e->in >= 0 && e->in_ended && !e->tty && !e->inlen) { close(e->in); e->in = -1; }
+}
+
+static void exec_input(struct exec *e, const char *hex) {
+    size_t len = strlen(hex) / 2;
+    if (len == 0) { e->in_ended = 1; exec_feed(e); return; }
+    /* no input to write to, or the host sent more than the window or bad hex: acknowledged, dropped */
+    if (strlen(hex) % 2 || e->in < 0 || !e->inbuf || len > EXEC_IN_WINDOW - e->inlen ||
+        !unhex(hex, len, e->inbuf + e->inlen)) {
+        dprintf(ctl, "i%lu:%zu\n", e->id, len);
+        return;
+    }
+    e->inlen += len;
+    exec_feed(e);
+}
+
+static void exec_stream_line(char kind, unsigned long id, const char *value) {
+    struct exec *e = NULL;
+    for (int i = 0; i < MAX_EXECS; i++) if (execs[i].waiter && execs[i].id == id) e = &execs[i];
+    if (!e) return;  /* it ended: the line crossed its "x" */
+    if (kind == 'i') exec_input(e, value);
+    else if (kind == 'a') {
+        unsigned long n = strtoul(value, NULL, 10);
+        e->unacked -= n < e->unacked ? n : e->unacked;
+    } else if (kind == 'w' && e->tty) {  /* the program's foreground group gets SIGWINCH */
+        char *at;
+        unsigned long rows = strtoul(value, &at, 10), cols = *at == ':' ? strtoul(at + 1, NULL, 10) : 0;
+        struct winsize size = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+        int fd = e->in >= 0 ? e->in : e->out;
+        if (*at == ':' && rows <= 0xffff && cols <= 0xffff && fd >= 0) ioctl(fd, TIOCSWINSZ, &size);
+    }
+}
+
+static void exec_start(struct request *r, pid_t ns_init, unsigned long id, const struct exec_mode *mode, char *hex) {
     static char args[MAX_LINE / 2 + 1];
     char *argv[256];
     int argc = 0, slot = -1;
@@ -511,15 +668,29 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
     }
     for (int i = 0; i < MAX_EXECS; i++) if (!execs[i].waiter) { slot = i; break; }
     if (slot < 0) { dprintf(ctl, "r%lu:too many programs started by cove exec at once\n", id); return; }
-    int out[2], err[2];
-    if (pipe2(out, O_CLOEXEC) != 0) { dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
-    if (pipe2(err, O_CLOEXEC) != 0) { close(out[0]); close(out[1]); dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno)); return; }
+    int out[2], err[2], in[2] = {-1, -1}, master = -1, slave = -1;
+    char *inbuf = NULL;
+    if (mode->kind && !(inbuf = malloc(EXEC_IN_WINDOW))) { dprintf(ctl, "r%lu:out of memory\n", id); return; }
+    if (mode->kind == 't' && exec_terminal(r, ns_init, mode, &master, &slave) != 0) {
+        dprintf(ctl, "r%lu:cannot open a terminal in the enclave: %s\n", id, strerror(errno));
+        free(inbuf);
+        return;
+    }
+    if (mode->kind == 't') {  /* the terminal is the program's stdin, stdout and stderr: no pipes */
+        out[0] = master, out[1] = -1, err[0] = err[1] = -1;
+        in[1] = fcntl(master, F_DUPFD_CLOEXEC, 0);  /* never the program's: it has only the peer */
+    } else if (exec_pipes(out, err, in, mode->kind == 'i') != 0) {
+        dprintf(ctl, "r%lu:pipe: %s\n", id, strerror(errno));
+        free(inbuf);
+        return;
+    }
     sigset_t term;
     sigemptyset(&term);
     sigaddset(&term, SIGTERM);
     sigprocmask(SIG_BLOCK, &term, NULL);  /* a "k<id>" before the waiter's handler is in place waits for it */
     pid_t waiter = fork();
     if (waiter == 0) {  /* outside the namespaces: enter them, start the program in them, wait for it */
+        exec_close_others();
         struct sigaction sa = {0};
         sa.sa_handler = kill_program;
         sigaction(SIGTERM, &sa, NULL);  /* "k<id>": the program's session goes */
@@ -538,8 +709,12 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
         if (pid < 0) _exit(125);
         if (pid == 0) {
             setsid();
-            int null = open("/dev/null", O_RDONLY);
-            if (null < 0 || dup2(null, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) _exit(125);
+            if (slave >= 0) {  /* the terminal becomes this new session's controlling terminal */
+                if (ioctl(slave, TIOCSCTTY, 0) != 0 || dup2(slave, 0) < 0 || dup2(slave, 1) < 0 || dup2(slave, 2) < 0) _exit(125);
+            } else {
+                int input = in[0] >= 0 ? in[0] : open("/dev/null", O_RDONLY);
+                if (input < 0 || dup2(input, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) _exit(125);
+            }
             struct rlimit limit;
             if (r->nproc > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nproc; setrlimit(RLIMIT_NPROC, &limit); }
             if (r->nofile > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nofile; setrlimit(RLIMIT_NOFILE, &limit); }
@@ -552,8 +727,8 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
             dprintf(2, "cove-init: cannot run %s: %s\n", argv[0], strerror(errno));
             _exit(127);
         }
-        close(out[1]);
-        close(err[1]);
+        exec_close_ends(out[1], err[1], in[0], slave);
+        exec_close_ends(in[1], master, -1, -1);  /* the program's input ends when PID 1 closes it, not this */
         program = pid;
         sigprocmask(SIG_UNBLOCK, &term, NULL);
         int status;
@@ -564,12 +739,15 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
         _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     }
     sigprocmask(SIG_UNBLOCK, &term, NULL);
-    close(out[1]);
-    close(err[1]);
-    if (waiter < 0) { close(out[0]); close(err[0]); dprintf(ctl, "r%lu:fork: %s\n", id, strerror(errno)); return; }
-    fcntl(out[0], F_SETFL, O_NONBLOCK);
-    fcntl(err[0], F_SETFL, O_NONBLOCK);
-    execs[slot] = (struct exec){id, waiter, out[0], err[0]};
+    exec_close_ends(out[1], err[1], in[0], slave);
+    if (waiter < 0) {
+        exec_close_ends(out[0], err[0], in[1], -1);
+        free(inbuf);
+        dprintf(ctl, "r%lu:fork: %s\n", id, strerror(errno));
+        return;
+    }
+    for (int i = 0; i < 3; i++) if ((int[]){out[0], err[0], in[1]}[i] >= 0) fcntl((int[]){out[0], err[0], in[1]}[i], F_SETFL, O_NONBLOCK);
+    execs[slot] = (struct exec){.id = id, .waiter = waiter, .out = out[0], .err = err[0], .in = in[1], .tty = master >= 0, .inbuf = inbuf};
 }
 
 /* Relay what a started program wrote: 1 if there may be more. Once its waiter is reaped, what is in
@@ -577,10 +755,10 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, char 
 static int exec_drain(struct exec *e, int *fd, char kind, int last) {
     unsigned char data[4096];
     ssize_t n = read(*fd, data, sizeof data);
-    if (n > 0) { send_hex(kind, e->id, data, (size_t)n); return 1; }
+    if (n > 0) { e->unacked += send_hex(kind, e->id, data, (size_t)n); return 1; }
     if (n < 0 && errno == EINTR) return 1;
     if (n < 0 && errno == EAGAIN && !last) return 0;
-    close(*fd);
+    close(*fd);  /* EOF, or EIO from a terminal nobody holds any more */
     *fd = -1;
     return 0;
 }
@@ -589,17 +767,25 @@ static void exec_reaped(pid_t done, int status) {
     for (int i = 0; i < MAX_EXECS; i++) {
         struct exec *e = &execs[i];
         if (e->waiter != done) continue;
-        while (e->out >= 0) exec_drain(e, &e->out, 'o', 1);
-        while (e->err >= 0) exec_drain(e, &e->err, 'e', 1);
+        /* a child left behind that still writes is not followed for ever: at most EXEC_DRAIN_MAX more */
+        for (size_t sent = e->unacked; e->out >= 0;) if (exec_drain(e, &e->out, 'o', 1) && e->unacked - sent > 2 * EXEC_DRAIN_MAX) { close(e->out); e->out = -1; }
+        for (size_t sent = e->unacked; e->err >= 0;) if (exec_drain(e, &e->err, 'e', 1) && e->unacked - sent > 2 * EXEC_DRAIN_MAX) { close(e->err); e->err = -1; }
         dprintf(ctl, "x%lu:%d\n", e->id, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-        e->waiter = 0;
+        exec_close_ends(e->in, -1, -1, -1);
+        free(e->inbuf);
+        *e = (struct exec){0};
     }
 }
 
 static void host_line(char *line, pid_t child) {
     char *colon;
+    struct exec_mode mode;
     if (line[0] == 'S') kill(child, atoi(line + 1));
-    else if (line[0] == 'x' && (colon = strchr(line, ':'))) exec_start(launched, child, strtoul(line + 1, NULL, 10), colon + 1);
+    else if (line[0] == 'x' && (colon = strchr(line, ':'))) {
+        if (exec_parse_mode(line + 1, colon, &mode)) exec_start(launched, child, strtoul(line + 1, NULL, 10), &mode, colon + 1);
+        else dprintf(ctl, "r%lu:malformed request\n", strtoul(line + 1, NULL, 10));
+    }
+    else if (strchr("iwa", line[0]) && (colon = strchr(line, ':'))) exec_stream_line(line[0], strtoul(line + 1, NULL, 10), colon + 1);
     else if (line[0] == 'k') {
         unsigned long id = strtoul(line + 1, NULL, 10);
         for (int i = 0; i < MAX_EXECS; i++) if (execs[i].waiter && execs[i].id == id) kill(execs[i].waiter, SIGTERM);
@@ -654,17 +840,20 @@ int main(void) {
     mkdir("/cove/proc", 0700);  /* after the clone: not in the program's mount namespace */
     if (mount("proc", "/cove/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount proc: %s", strerror(errno));
     int code = -1;
-    struct pollfd fds[2 + 2 * MAX_EXECS];
+    struct pollfd fds[2 + 3 * MAX_EXECS];
     static char line[MAX_LINE];
     size_t used = 0;
     while (code < 0) {
         fds[0] = (struct pollfd){ctl, POLLIN, 0};
         fds[1] = (struct pollfd){children, POLLIN, 0};
-        for (int i = 0; i < MAX_EXECS; i++) {
-            fds[2 + 2 * i] = (struct pollfd){execs[i].waiter ? execs[i].out : -1, POLLIN, 0};
-            fds[3 + 2 * i] = (struct pollfd){execs[i].waiter ? execs[i].err : -1, POLLIN, 0};
+        for (int i = 0; i < MAX_EXECS; i++) {  /* output while the host's window has room; input while some is held */
+            struct exec *e = &execs[i];
+            int room = e->waiter && e->unacked < EXEC_OUT_WINDOW;
+            fds[2 + 3 * i] = (struct pollfd){room ? e->out : -1, POLLIN, 0};
+            fds[3 + 3 * i] = (struct pollfd){room ? e->err : -1, POLLIN, 0};
+            fds[4 + 3 * i] = (struct pollfd){e->waiter && e->inlen ? e->in : -1, POLLOUT, 0};
         }
-        if (poll(fds, 2 + 2 * MAX_EXECS, -1) < 0) continue;
+        if (poll(fds, 2 + 3 * MAX_EXECS, -1) < 0) continue;
         if (fds[0].revents & POLLIN) {  /* "S<signal>", "x<id>:<hex>" and "k<id>" lines from the host */
             ssize_t n = read(ctl, line + used, sizeof line - 1 - used);
             if (n > 0) {
@@ -682,8 +871,9 @@ int main(void) {
         for (int i = 0; i < MAX_EXECS; i++) {
             struct exec *e = &execs[i];
             if (!e->waiter) continue;
-            if (e->out >= 0 && fds[2 + 2 * i].revents) exec_drain(e, &e->out, 'o', 0);
-            if (e->err >= 0 && fds[3 + 2 * i].revents) exec_drain(e, &e->err, 'e', 0);
+            if (e->out >= 0 && fds[2 + 3 * i].revents) exec_drain(e, &e->out, 'o', 0);
+            if (e->err >= 0 && fds[3 + 3 * i].revents) exec_drain(e, &e->err, 'e', 0);
+            if (e->in >= 0 && fds[4 + 3 * i].revents) exec_feed(e);
         }
         if (fds[1].revents & POLLIN) {
             struct signalfd_siginfo info;
