@@ -133,6 +133,24 @@ def test_stdin_streams_and_ends(node, running):  # noqa: F811
     assert (early.returncode, early.stdout) == (0, b"yyyyy")
     # without -i the program's stdin is empty
     assert _exec_bytes(node, running, "/usr/bin/wc", "-c", data=b"ignored").stdout.strip() == b"0"
+    # the end of one session's input reaches its program while another session runs (the other's
+    # helper in the guest holds no descriptor of this one)
+    first = subprocess.Popen(
+        [COVE, "exec", "-i", running, "/bin/cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=node.cove.env
+    )
+    second = subprocess.Popen([COVE, "exec", running, "/bin/sleep", "611"], env=node.cove.env)
+    try:
+        assert first.stdin is not None and first.stdout is not None
+        first.stdin.write(b"abc")
+        first.stdin.flush()
+        assert first.stdout.read(3) == b"abc"  # cat runs (and so its session's pipes exist)
+        _wait_for(lambda: _guest_running(node, running, "sleep 611"), what="the second session never started")
+        first.stdin.close()
+        assert first.wait(timeout=60) == 0 and second.poll() is None
+    finally:
+        for client in (first, second):
+            client.kill()
+            client.wait()
 
 
 def _rss(pid: int) -> int:
