@@ -32,7 +32,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from cove import __version__
+from cove import __version__, trace
 from cove.daemon import attestation
 from cove.daemon import client as client_mod
 from cove.daemon import execstream, logfile
@@ -183,7 +183,8 @@ class Daemon:
         signer = bytes.fromhex(signer_hex) if signer_hex else None
         started = time.monotonic()
         try:
-            image, new = self.imports.import_instance(instance, signer, None if uid == 0 else uid)
+            with trace.span("daemon.import"):  # an unchanged build: its files looked at, not read
+                image, new = self.imports.import_instance(instance, signer, None if uid == 0 else uid)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Problem(
@@ -223,10 +224,12 @@ class Daemon:
             "log_max_bytes": self.log_max_bytes,
             "log_files": self.log_files,
         }
-        enclave = self.registry.create(record)
-        self.events.emit("enclave", "create", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
+        with trace.span("daemon.register"):
+            enclave = self.registry.create(record)
+            self.events.emit("enclave", "create", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
         try:
-            self.spawn(enclave)
+            with trace.span("daemon.spawn"):  # until the supervisor has written its first state
+                self.spawn(enclave)
         except BaseException:
             self.registry.remove(enclave)
             raise
