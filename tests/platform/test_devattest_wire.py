@@ -173,6 +173,22 @@ def test_a_reader_killed_mid_request_does_not_end_the_loop(mounted):
     assert (mnt / "attestation_type").read_bytes() == b"cove"
 
 
+def test_a_fault_in_one_answer_is_eio_and_the_loop_goes_on(mounted, capfd):
+    mnt, counted = mounted
+
+    def broken(*_args):
+        raise RuntimeError("a bug")
+
+    (mnt / "quote").read_bytes()
+    counted.tree.read = broken
+    with pytest.raises(OSError) as err:
+        (mnt / "quote").read_bytes()
+    assert err.value.errno == errno.EIO
+    assert "request 15 failed: RuntimeError: a bug" in capfd.readouterr().err
+    del counted.tree.read  # the class's own again
+    assert verify_cove_evidence((mnt / "quote").read_bytes(), datetime.now(timezone.utc))
+
+
 def test_the_per_run_server_imports_neither_pyfuse3_nor_trio(tmp_path, platform_paths):
     """Its start is on `cove run`'s path: pyfuse3 and trio cost about 110 ms of imports there."""
     done = subprocess.run(

@@ -25,6 +25,7 @@ import errno
 import os
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -293,6 +294,9 @@ def serve(fd: int, tree: Tree) -> None:
             reply = _answer(tree, opcode, inode, pid, body)
         except FuseError as exc:
             reply, error = b"", -exc.errno
+        except Exception as exc:  # a fault in one answer must not take /dev/attestation from every enclave
+            print(f"cove: /dev/attestation: request {opcode} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            reply, error = b"", -errno.EIO
         else:
             error = 0
         try:
