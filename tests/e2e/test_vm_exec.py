@@ -331,3 +331,17 @@ def test_a_tampered_vm_build_is_refused_the_same_through_the_daemon(node, vm_app
         assert error_line(via) == error_line(alone) and line in error_line(via), (via.stderr, alone.stderr)
         echo.write_bytes(original)
     assert not any(e["instance"] == str(copy) for e in node.api("GET", "/v1/enclaves?all=1")[1])
+
+
+@pytest.mark.parametrize(
+    "backend, option, through_the_node",
+    [("vm", None, True), ("vm", "vm", False), ("vm", "sim", False), ("sim", None, True), ("sim", "sim", True)],
+)
+def test_which_runs_the_full_cli_sends_to_the_node(tmp_path, backend, option, through_the_node):
+    """A vm instance goes through the daemon as its cove.toml says; any --backend runs it directly
+    (the daemon takes no backend but sim's)."""
+    from cove.cli.run import _node_runs
+    from cove.image import instance as instance_mod
+
+    (tmp_path / "cove.toml").write_text(f'[enclave]\nname = "a"\nbackend = "{backend}"\n')
+    assert _node_runs(instance_mod.open_instance(tmp_path), option) is through_the_node
