@@ -116,7 +116,9 @@ def _fork_supervisor() -> int:
         os.closerange(3, 65536)
         trace.emit("spawner.fork", float(order["asked"]), time.perf_counter())
         with trace.span("supervisor.run"):
-            code = Supervisor(Path(folder), Path(store), resources).run()
+            with trace.span("supervisor.init"):
+                supervisor = Supervisor(Path(folder), Path(store), resources)
+            code = supervisor.run()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code & 0xFF)

@@ -118,9 +118,10 @@ class Supervisor:
         if not max_bytes:
             return self._run()
         read, write = os.pipe()
-        writer = logfile.Writer(
-            read, self.folder / "log", int(max_bytes), int(self.record.get("log_files") or logfile.DEFAULT_FILES)
-        ).start()
+        with trace.span("supervisor.log-writer"):
+            writer = logfile.Writer(
+                read, self.folder / "log", int(max_bytes), int(self.record.get("log_files") or logfile.DEFAULT_FILES)
+            ).start()
         os.dup2(write, 1)  # the enclave writes to the pipe; the writer alone writes the files
         os.dup2(write, 2)
         os.close(write)
@@ -144,7 +145,8 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        self.save(state="starting")
+        with trace.span("supervisor.save-starting"):
+            self.save(state="starting")
         delay = BACKOFF_FIRST
         while True:
             began = time.monotonic()
