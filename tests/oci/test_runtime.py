@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.oci.helpers import SPEC, no_leftovers, one_line, runtime, state, wait_stopped, write_spec
+from tests.oci.helpers import RUNTIME, SPEC, no_leftovers, one_line, runtime, state, wait_stopped, write_spec
 
 
 def test_lifecycle_create_start_state_delete(bundle, tmp_path):
@@ -409,6 +409,31 @@ def test_a_container_an_earlier_runtime_created_is_still_stopped_and_deleted(tmp
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_delete_moves_the_folder_away_and_removes_it_detached(tmp_path):
+    """`delete` renames the folder (no container id starts with a dot) and leaves its removal to an `rm` that holds
+    none of the caller's pipes: right after an enclave's exit each rmdir in its private root waits out the kernel's
+    release of the sandbox's mounts. What a killed removal left goes with the next delete."""
+    from cove.oci import cli
+
+    for ident in ("a", "b"):
+        container = cli.Container(str(tmp_path), ident)
+        os.makedirs(os.path.join(container.dir, "root", "deep", "er"))
+        Path(container.dir, "root", "deep", "file").write_text("x")
+        container.save({"id": ident, "pid": 0, "bundle": "/b", "cgroups": []})
+    (tmp_path / ".gone-old-1" / "x").mkdir(parents=True)
+    result = subprocess.run(
+        [RUNTIME, "--root", str(tmp_path), "delete", "a"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stdout == result.stderr == ""
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    for _ in range(200):
+        if sorted(os.listdir(tmp_path)) == ["b"]:
+            break
+        time.sleep(0.05)
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    assert state(tmp_path, "b")["status"] == "stopped"
 
 
 def test_a_damaged_state_is_one_line_and_delete_force_removes_it(tmp_path):

@@ -11,7 +11,8 @@ program and what the launcher does for it, not Cove's start-up. The
 enclave's own groups (cove.runtime.limits, with the measured limits) are
 made below it, so the engine's limit caps the enclave as a whole and
 `podman stats` sees it. `delete` removes the groups create made (not one
-that existed before). Standard library only: `delete` uses it.
+that existed before) with cove.oci.cli.remove_groups, which needs no
+cove.errors.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import posixpath
 
 from cove.errors import CoveError
+from cove.oci.cli import remove_groups
 
 ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("memory", "pids")
@@ -103,7 +105,7 @@ def make(groups: list[str], memory: int | None, pids: int | None) -> list[str]:
                 made.append(group)
             _write_limits(group, memory, pids)
     except OSError as exc:
-        remove(made)
+        remove_groups(made)
         raise CgroupError(f"config.json: linux.cgroupsPath: cannot set up {group}: {exc.strerror or exc}") from None
     return made
 
@@ -126,25 +128,3 @@ def join(groups: list[str]) -> None:
     for group in groups:
         with open(os.path.join(group, "cgroup.procs"), "w") as handle:
             handle.write(str(os.getpid()))
-
-
-def remove(groups: list[str], patience: float = 2.0) -> None:
-    """Remove the groups and what the enclave left empty below them.
-
-    A killed container process stays a member until the engine reaps it,
-    which it does at its own pace: a busy group is retried for `patience`
-    seconds, then left (empty groups cost nothing but a name).
-    """
-    import time
-
-    deadline = time.monotonic() + patience
-    for group in groups:
-        while True:
-            for folder, _, _ in sorted(os.walk(group), key=lambda item: len(item[0]), reverse=True):
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
-            if not os.path.isdir(group) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.01)

@@ -117,7 +117,7 @@ def run(
             except ChildProcessError:
                 pass
         cli.cleanup(container.dir)
-        cgroups.remove(made)
+        cli.remove_groups(made)
         raise
     return 0
 
