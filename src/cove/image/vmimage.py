@@ -49,8 +49,8 @@ MODULES = ("virtio_pci", "virtio_console", "virtio_net")
 NET_DEVICE = "virtio-net-pci:user"
 # Encrypted mounts: the host's secure file system server exported over virtio-fs (docs/backends.md).
 # Only a build with encrypted mounts carries the modules and the devices, so other boots don't pay.
-FS_MODULES = ("virtiofs", "virtio_mmio")  # and fuse, which it needs (modules.dep); its device is virtio-mmio
-FS_DEVICE = "vhost-user-fs-device:"  # + "TAG:rw|ro:TARGET", one per encrypted mount
+FS_MODULES = ("virtiofs",)  # and fuse, which it needs (modules.dep); its device is on the PCIe bus
+FS_DEVICE = "vhost-user-fs-pci:"  # + "TAG:rw|ro:TARGET", one per encrypted mount
 SHARED_MEMORY = "memory-backend-memfd:shared"  # vhost-user needs guest RAM the host process can map
 MAX_SHARED = 16  # encrypted mounts a vm enclave may have (the guest init's table)
 LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")

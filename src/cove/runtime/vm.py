@@ -77,10 +77,10 @@ def qemu_arguments(
     accel: str,
     console: Path,
     port_fds: list[int],
-    shared: dict[str, Path] | None = None,
+    shared: dict[str, int] | None = None,
 ) -> list[str]:
     """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS;
-    shared: the vhost-user socket of each encrypted mount's virtio-fs device, by tag."""
+    shared: QEMU's connected end of each encrypted mount's vhost-user socket (vm_shared), by tag."""
     kvm = accel == "kvm"
     shared = shared or {}
     args = [
@@ -138,21 +138,20 @@ def _virtio_device(description: dict, kind: str) -> str | None:
     return None
 
 
-def _shared_arguments(description: dict, shared: dict[str, Path]) -> list[str]:
+def _shared_arguments(description: dict, shared: dict[str, int]) -> list[str]:
     """virtio-fs devices for the encrypted mounts the measured description names (vm_shared serves them),
     on guest RAM that virtiofsd can map: a shared memfd."""
     if not shared:
         return []
     args = ["-object", f"memory-backend-memfd,id=mem,size={description['memory'] >> 20}M,share=on"]
-    args += ["-global", "virtio-mmio.force-legacy=false"]  # virtiofsd's libvhost-user speaks only virtio 1.0
     for device in description.get("devices", ()):
         if device.startswith(vmimage.FS_DEVICE):
             tag = device[len(vmimage.FS_DEVICE) :].split(":", 1)[0]
             args += [
                 "-chardev",
-                f"socket,id={tag},path={shared[tag]}",
+                f"socket,id={tag},fd={shared[tag]}",
                 "-device",
-                f"vhost-user-fs-device,chardev={tag},tag={tag}",
+                f"vhost-user-fs-pci,chardev={tag},tag={tag}",  # virtio 1.0 only, as libvhost-user requires
             ]
     return args
 
@@ -231,7 +230,7 @@ def _boot(
     accel: str,
     workdir: Path,
     ports: _Ports,
-    shared: dict[str, Path] | None = None,
+    shared: dict[str, int] | None = None,
 ) -> subprocess.Popen:
     console = workdir / "console.log"
     args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds(), shared)
@@ -242,7 +241,7 @@ def _boot(
             stdin=subprocess.DEVNULL,
             stdout=errors,
             stderr=errors,
-            pass_fds=ports.guest_fds(),
+            pass_fds=ports.guest_fds() + list((shared or {}).values()),
             close_fds=True,
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -863,7 +862,7 @@ class VmBackend(Backend):
                 files.append((bind.target, bind.host.read_bytes()))
                 continue
             raise CoveError(
-                f"{bind.target} (an encrypted mount) is not available on the vm backend yet",
+                f"{bind.target} (a host path the enclave's services provide) is not available on the vm backend yet",
                 'use backend = "sim" for it',
             )
         return files
@@ -878,7 +877,9 @@ class VmBackend(Backend):
         try:
             for bind in spec.binds:
                 if bind.target in tags and bind.host.is_dir():
-                    started.append(vm_shared.start(tags[bind.target], bind.target, bind.host, folder))
+                    started.append(
+                        vm_shared.start(tags[bind.target], bind.target, bind.host, folder, spec.uid, spec.gid)
+                    )
         except BaseException:
             for shared in started:
                 shared.stop()
@@ -903,11 +904,14 @@ class VmBackend(Backend):
         shared = self._share(spec, workdir)
         ports = _Ports()
         try:
-            process = _boot(description, kernel, initrd, accel, workdir, ports, {s.tag: s.socket for s in shared})
+            fds = {s.tag: s.qemu_end.fileno() for s in shared if s.qemu_end is not None}
+            process = _boot(description, kernel, initrd, accel, workdir, ports, fds)
         except BaseException:
             for folder in shared:
                 folder.stop()
             raise
+        for folder in shared:
+            folder.handed_over()
         return VmEnclave(
             spec,
             KVM if accel == "kvm" else TCG,

@@ -1,0 +1,204 @@
+"""Encrypted mounts on the vm backend: the host's secure file system server, exported over virtio-fs.
+
+One instance, four boots in all (each TCG boot costs seconds of CPU), so each
+boot asks several things: the guest's ids stored as on sim, escapes out of the
+mount, virtiofsd's confinement, rollback and tamper refusals, read-only mounts,
+and nothing left behind after a `kill -9` of the launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cove.runtime import vm_shared
+from tests.conftest import error_line, require
+from tests.e2e.helpers import make_instance
+from tests.e2e.test_vm import _qemu_children, _wait_for
+from tests.fs.securefs_enclave import mount_block, platform_env
+
+SENTINEL = b"host-only sentinel 5f1d"
+TOOLS = ("/bin/ln", "/bin/mkdir", "/usr/bin/stat", "/bin/grep")
+
+
+@pytest.fixture(scope="module")
+def instance(cove, tmp_path_factory) -> tuple[Path, dict]:
+    require("qemu-system-x86_64")
+    if not os.access(vm_shared.VIRTIOFSD, os.X_OK):
+        pytest.fail(f"{vm_shared.VIRTIOFSD} is missing: run scripts/setup (qemu-system-x86)", pytrace=False)
+    base = tmp_path_factory.mktemp("vm-mounts")
+    env = platform_env(base)
+    root = make_instance(
+        cove,
+        base,
+        options={("enclave", "backend"): '"vm"', ("process", "user"): '"1000:1000"'},
+        extra=mount_block(key="seal:mrsigner", options='rollback = "file"'),
+        build=False,
+    )
+    cove.ok("add", *TOOLS, cwd=root)
+    cove.ok("build", cwd=root, env=env)
+    return root, env
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _named_children(pid: int, comm: str) -> list[int]:
+    return [c for c in _children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == comm]
+
+
+def _virtiofsd(launcher: int) -> list[int]:
+    """virtiofsd processes under LAUNCHER: each mount's, and the sandboxed child each forks."""
+    found = _named_children(launcher, "virtiofsd")
+    return found + [c for pid in found for c in _children(pid)]
+
+
+def test_guest_reads_and_writes_as_on_sim_and_cannot_leave_the_mount(cove, instance):
+    root, env = instance
+    volume = root / "run" / "data"
+    (root / "run").mkdir(exist_ok=True)
+    (root / "run" / "sentinel").write_bytes(SENTINEL)  # next to the volume, on the host
+    script = (
+        "echo hello > /data/f && echo one > /data/v && mkdir /data/d && echo deep > /data/d/y && "
+        "stat -c %u:%g /data/f && cat /data/d/y; "
+        # ways out: dot-dot, symbolic links to the host's paths and above the mount, a host-absolute path
+        f"ln -s ../../../../../../../sentinel /data/up; ln -s {root}/run/sentinel /data/abs; ln -s .. /data/parent; "
+        f"cat /data/../sentinel /data/up /data/abs /data/parent/sentinel /data/parent/../sentinel "
+        f"{root}/run/sentinel 2>&1; ls /data/parent/; echo end"
+    )
+    result = cove("run", "/bin/sh", "-c", script, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["1000:1000", "deep"]  # the guest's ids, stored as on sim
+    assert SENTINEL.decode() not in result.stdout and lines[-1] == "end"
+    assert "data" in result.stdout.split()  # /data/parent is the guest's own root
+    # the host holds only ciphertext
+    blob = b"".join(p.read_bytes() for p in volume.rglob("*") if p.is_file())
+    assert b"hello" not in blob and b"deep" not in blob and len(blob) > 0
+
+
+def test_virtiofsd_is_confined_and_a_rolled_back_volume_is_refused(cove, instance, tmp_path):
+    root, env = instance
+    volume = root / "run" / "data"
+    shutil.copytree(volume, tmp_path / "old")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", "echo two > /data/v; echo ready; read go; cat /data/v"),
+        cwd=root,
+        env=dict(cove.env, COVE_RUNTIME_DIR=str(runtime), **env),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stdout.readline() == "ready\n", run.communicate(timeout=60)
+        parents = _named_children(run.pid, "virtiofsd")
+        assert len(parents) == 1, [Path(f"/proc/{p}/cmdline").read_bytes() for p in parents]
+        sandboxed = _children(parents[0])
+        assert len(sandboxed) == 1
+        for pid in parents + sandboxed:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+            assert "0" not in uids  # never host root: the enclave's subordinate ids
+            uid_map = Path(f"/proc/{pid}/uid_map").read_text().split()
+            assert uid_map[0] == "0" and uid_map[1] != "0"
+        child = sandboxed[0]
+        # its own mount, pid and network namespaces, and its root is the volume's plaintext view
+        for kind in ("mnt", "pid", "net", "user"):
+            assert os.readlink(f"/proc/{child}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
+        assert sorted(os.listdir(f"/proc/{child}/root")) == ["abs", "d", "f", "parent", "up", "v"]
+        assert "Seccomp:\t2" in Path(f"/proc/{child}/status").read_text()
+        (sock,) = runtime.glob("cove-enclave-*/vm-*/cove-fs0.sock")  # QEMU's end of virtiofsd: private
+        assert (sock.stat().st_mode & 0o777, sock.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert (run.returncode, out) == (0, "two\n"), err
+    # the volume put back as it was before that run: refused before the guest boots, as on sim
+    shutil.move(volume, tmp_path / "new")
+    shutil.copytree(tmp_path / "old", volume)
+    result = cove("run", "/bin/cat", "/data/v", cwd=root, env=env)
+    assert result.returncode == 3 and result.stdout == ""
+    line = error_line(result)
+    assert "encrypted mount /data: volume rolled back" in line and "file anchor" in line
+    shutil.rmtree(volume)
+    shutil.move(tmp_path / "new", volume)
+
+
+def test_tampered_volume_fails_inside_and_kill_9_leaves_no_virtiofsd(cove, instance, tmp_path):
+    root, env = instance
+    volume = root / "run" / "data"
+    saved = tmp_path / "saved"
+    shutil.copytree(volume, saved)
+    for blob in (volume / "files").rglob("*"):
+        if blob.is_file():
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0x40
+            blob.write_bytes(bytes(data))
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", "ls /data; cat /data/f; echo status $?; echo ready; sleep 600"),
+        cwd=root,
+        env=dict(cove.env, COVE_RUNTIME_DIR=str(runtime), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while (line := run.stdout.readline()) not in ("ready\n", ""):
+            lines.append(line.strip())
+        assert lines[-1] == "status 1" and "f" in lines[:-1], (lines, run.stderr if run.poll() is not None else "")
+        shared = _virtiofsd(run.pid)
+        qemu = _qemu_children(run.pid)
+        assert len(shared) == 2 and len(qemu) == 1
+        run.send_signal(signal.SIGKILL)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert "Input/output error" in err  # the guest's cat, on the stderr the guest streams
+    for pid in shared + qemu:  # virtiofsd and its sandbox die with the launcher
+        _wait_for(
+            lambda pid=pid: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+            timeout=10,
+        )
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(runtime) not in mounts  # no FUSE mount of the volume left behind
+    shutil.rmtree(volume)
+    shutil.copytree(saved, volume)
+
+
+def test_read_only_mount(cove, instance):
+    root, env = instance
+    config = root / "cove.toml"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace('key = "seal:mrsigner"\n', 'key = "seal:mrsigner"\nwritable = false\n'))
+        cove.ok("build", cwd=root, env=env)
+        result = cove(
+            "run", "/bin/sh", "-c", "cat /data/f; echo x > /data/g; grep virtiofs /proc/mounts", cwd=root, env=env
+        )
+        assert result.stdout.splitlines()[0] == "hello"
+        assert "Read-only file system" in result.stderr
+        assert " /data virtiofs ro," in result.stdout
+    finally:
+        config.write_text(original)
+        cove.ok("build", cwd=root, env=env)
