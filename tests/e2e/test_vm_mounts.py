@@ -1,6 +1,6 @@
 """Encrypted mounts on the vm backend: the host's secure file system server, exported over virtio-fs.
 
-One instance, four boots in all (each TCG boot costs seconds of CPU), so each
+One instance, four boots (and one more for a broker-released key) (each TCG boot costs seconds of CPU), so each
 boot asks several things: the guest's ids stored as on sim, escapes out of the
 mount, virtiofsd's confinement, rollback and tamper refusals, read-only mounts,
 and nothing left behind after a `kill -9` of the launcher.
@@ -19,8 +19,10 @@ import pytest
 from cove.runtime import vm_shared
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance
+from tests.e2e.test_kbs_provisioning import VOLUME, broker, platform_env, release_to, secrets_config  # noqa: F401
 from tests.e2e.test_vm import _qemu_children, _wait_for
-from tests.fs.securefs_enclave import mount_block, platform_env
+from tests.fs.securefs_enclave import mount_block
+from tests.fs.securefs_enclave import platform_env as platform_folder
 
 SENTINEL = b"host-only sentinel 5f1d"
 TOOLS = ("/bin/ln", "/bin/mkdir", "/usr/bin/stat", "/bin/grep")
@@ -32,7 +34,7 @@ def instance(cove, tmp_path_factory) -> tuple[Path, dict]:
     if not os.access(vm_shared.VIRTIOFSD, os.X_OK):
         pytest.fail(f"{vm_shared.VIRTIOFSD} is missing: run scripts/setup (qemu-system-x86)", pytrace=False)
     base = tmp_path_factory.mktemp("vm-mounts")
-    env = platform_env(base)
+    env = platform_folder(base)
     root = make_instance(
         cove,
         base,
@@ -202,3 +204,27 @@ def test_read_only_mount(cove, instance):
     finally:
         config.write_text(original)
         cove.ok("build", cwd=root, env=env)
+
+
+def test_a_broker_released_key_opens_the_volume_and_a_refused_one_boots_nothing(cove, tmp_path, broker, platform_env):
+    """The key of a `kbs:` mount is released after attestation with the vTPM-bound evidence, as on sim."""
+    instance = make_instance(
+        cove, tmp_path, options={("enclave", "backend"): '"vm"'}, extra=secrets_config(broker.url, broker.ca) + VOLUME
+    )
+    release_to(broker, instance)
+    broker.admin.create_secret("app/db/password", "data", "app", value=b"pw")
+    broker.admin.create_secret("app/api/token", "data", "app", value=b"tok")
+    broker.admin.create_secret("app/volume/key", "aes-256", "app", exportable=False)
+    result = cove(
+        "run", "/bin/sh", "-c", "echo 'top secret ledger' > /data/l; cat /data/l", cwd=instance, env=platform_env
+    )
+    assert (result.returncode, result.stdout) == (0, "top secret ledger\n"), result.stderr
+    raw = b"".join(p.read_bytes() for p in (instance / "run").rglob("*") if p.is_file())
+    assert raw and b"top secret ledger" not in raw
+    releases = [r["resource"] for r in broker.admin.audit(action="release") if r["outcome"] == "ok"]
+    assert releases.count("app/volume/key@1") == 1
+    broker.admin.put_policy(
+        "app", 'types = ["cove"]\n[cove]\nmeasurements = ["' + "00" * 32 + '"]\nself_certified = true\n'
+    )
+    refused = cove("run", "/bin/cat", "/data/l", cwd=instance, env=platform_env)
+    assert refused.returncode != 0 and refused.stdout == "" and "PolicyDeny" in error_line(refused)
