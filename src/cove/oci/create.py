@@ -36,9 +36,9 @@ def run(
     The verifier's modules (cove.oci.launch: the manifest, signature and
     configuration readers, cryptography) are loaded once, here, before the
     fork: the launcher needs them too, so the container's process inherits
-    them instead of loading them a second time beside this one (about 55 ms
+    them instead of loading them a second time beside this one (about 30 ms
     of CPU per container on this machine kind, where the engine shares the
-    two cores). After the fork the container's process loads only the
+    two cores: docs/performance.md). After the fork the container's process loads only the
     launcher's own modules while this process checks the image, then it
     receives the verified build from here over a private pipe (pickled; only
     these two processes hold the pipe), so by the time the engine calls
