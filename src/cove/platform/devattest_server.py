@@ -4,7 +4,12 @@ It runs beside the enclave, outside it, as a child of ``cove run``: it reads
 the enclave's identity (JSON on stdin, written by the runtime from the
 verified manifest), loads the platform key, mounts the file system, prints
 ``ready`` (or ``ready none: REASON`` when it can only say
-attestation_type=none) and serves until SIGTERM. A process of its own keeps
+attestation_type=none) and serves until SIGTERM. Started early, before the
+runtime knows the enclave, it loads the key while the runtime verifies the
+build and mounts as soon as it is told where; if the key is still loading
+then, it prints ``mounted`` first, so the sandbox can start meanwhile (the
+enclave's first request waits in the kernel until the loop answers), and
+``ready`` (or ``ready none: REASON``) follows. A process of its own keeps
 the enclave's quotes off the launcher's own loop. It speaks FUSE itself
 (cove.platform.devattest.serve), so its start is the interpreter's, the
 platform key's and ``cryptography``'s, with nothing else to import.
@@ -96,6 +101,14 @@ def build(
     ), None
 
 
+def _load(into: list[tuple[ReportSigner | None, str | None]]) -> None:
+    """The platform signer, on the loader thread; an unexpected fault is one line on stderr (the log)."""
+    try:
+        into.append(platform_signer())
+    except Exception as exc:  # noqa: BLE001 - reported as one line, and main() ends without serving
+        print(f"cove: the platform key could not be loaded: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
 def _stop_when_orphaned(parent: int) -> None:
     """A fallback for the parent-death signal: SIGTERM ourselves once the parent is gone."""
     while os.getppid() == parent:
@@ -117,9 +130,15 @@ def main(argv: list[str]) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, leave)
-    # started early (cove.runtime.attestation_early.prestart), it has imported all it needs by the time
-    # the runtime has verified the build and knows the mountpoint and the identity
-    loaded = platform_signer()  # the key (and TPM) do not depend on the enclave: loaded before it is known
+    loaded: list[tuple[ReportSigner | None, str | None]] = []
+    loader = None
+    if argv:  # started for a known enclave: the key, then the mount, then "ready"
+        loaded.append(platform_signer())
+    else:
+        # started early (cove.runtime.attestation_early.prestart): the key (and TPM), which do not depend on the
+        # enclave, load while the runtime verifies the build; the mount does not wait for them (below)
+        loader = threading.Thread(target=_load, args=(loaded,), daemon=True)
+        loader.start()
     mountpoint = argv[0] if argv else sys.stdin.readline().rstrip("\n")
     text = sys.stdin.read()
     if not mountpoint or not text.strip():
@@ -129,10 +148,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # the runtime wrote it, so this is a bug or tampering: one line, no traceback
         print(f"cove: {exc}", file=sys.stderr)
         return 2
-    fs, why_none = build(claims, loaded)
     root = os.geteuid() == 0
-    if root:  # root started it: the enclave runs as other host ids (cove.hostids)
-        fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
     try:  # root may allow others; the mount sits in a folder only they and root reach
         fd = devattest.mount(mountpoint, allow_other=root)
     except OSError as exc:
@@ -140,6 +156,16 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+        if loader is not None and loader.is_alive():
+            # the key is still loading: the sandbox may start meanwhile, and the enclave's first request waits in
+            # the kernel until this loop answers it; "ready" (or "ready none") follows
+            print("mounted", flush=True)
+            loader.join()
+        if not loaded:
+            return 1  # _load said why
+        fs, why_none = build(claims, loaded[0])
+        if root:  # root started it: the enclave runs as other host ids (cove.hostids)
+            fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
         gc.freeze()  # what was loaded stays; the loop makes no cycles worth a pause
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
         devattest.serve(fd, fs)

@@ -15,6 +15,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -61,6 +62,9 @@ class AttestationService(EnclaveService):
         self.process: subprocess.Popen | None = None
         self.mountpoint: Path | None = None
         self.early_log: IO[bytes] | None = None
+        self.buffer = b""  # what the server printed past the line read so far
+        self.follower: threading.Thread | None = None
+        self.stopping = threading.Event()
 
     def begin(self, ctx: ServiceContext) -> None:
         """Spawn the server now: its start-up overlaps with the runtime copying the image."""
@@ -91,35 +95,58 @@ class AttestationService(EnclaveService):
             pass  # it died: start() reports it with its last line
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
+        """Wait until the file system is mounted; a server still loading the platform key says ``mounted`` first,
+        and the sandbox starts meanwhile (its first request to /dev/attestation waits in the kernel)."""
         if self.process is None:
             self.begin(ctx)  # a caller that did not begin early
-        line = self._ready_line()
+        assert self.process is not None  # begin() started it
+        try:
+            line = self._line(self.process, time.monotonic() + START_TIMEOUT)
+        except CoveError:
+            self.stop()
+            raise
+        if line == "mounted":
+            self.follower = threading.Thread(target=self._follow, args=(self.process,), daemon=True)
+            self.follower.start()
+        else:
+            self._warn(line)
+        assert self.mountpoint is not None  # begin() made it
+        return [Bind(self.mountpoint, TARGET, writable=True)]
+
+    @staticmethod
+    def _warn(line: str) -> None:
         if line.startswith("ready none:"):
             print(
                 f"cove: warning: /dev/attestation cannot quote: {line[len('ready none:') :].strip()}",
                 file=sys.stderr,
                 flush=True,
             )
-        assert self.mountpoint is not None  # begin() made it
-        return [Bind(self.mountpoint, TARGET, writable=True)]
 
-    def _ready_line(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        deadline = time.monotonic() + START_TIMEOUT
-        buffer = b""
-        while b"\n" not in buffer:
+    def _follow(self, process: subprocess.Popen) -> None:
+        """After ``mounted``: the server's ``ready`` line, its warning, or the one line saying why it never came
+        (then the server is ended, so the enclave's requests fail instead of waiting)."""
+        try:
+            self._warn(self._line(process, time.monotonic() + START_TIMEOUT))
+        except CoveError as exc:
+            if process.poll() is None:
+                process.kill()  # the connection is aborted: the enclave's requests get ENOTCONN
+            if not self.stopping.is_set():
+                print(exc.line(), file=sys.stderr, flush=True)
+
+    def _line(self, process: subprocess.Popen, deadline: float) -> str:
+        """The server's next line on stdout; CoveError when it ends first or the deadline passes."""
+        assert process.stdout is not None  # spawned with a pipe
+        fd = process.stdout.fileno()
+        while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.stop()
                 raise CoveError("the /dev/attestation server did not start in time")
             chunk = os.read(fd, 4096)
             if not chunk:
-                last = self._last_log_line()
-                self.stop()
-                raise CoveError(f"the /dev/attestation server failed to start{last}")
-            buffer += chunk
-        return buffer.split(b"\n", 1)[0].decode(errors="replace")
+                raise CoveError(f"the /dev/attestation server failed to start{self._last_log_line()}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
 
     def _last_log_line(self) -> str:
         text = ""
@@ -133,9 +160,15 @@ class AttestationService(EnclaveService):
 
     def stop(self) -> None:
         """Detach the mount, then end the server: it keeps no state, so there is nothing to wait for."""
+        self.stopping.set()
         if self.mountpoint is not None:
             _unmount(self.mountpoint)
         process, self.process = self.process, None
+        if process is not None and self.follower is not None:
+            if process.poll() is None:
+                process.kill()  # its stdout ends, and the follower with it, before the streams are closed
+            self.follower.join(5)
+            self.follower = None
         if process is not None:
             attestation_early.end(process)
         if self.early_log is not None:
