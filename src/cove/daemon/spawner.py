@@ -29,6 +29,7 @@ from cove import trace
 from cove.config import ResourcesSection
 from cove.daemon.registry import read_record
 from cove.daemon.supervisor import Supervisor
+from cove.runtime import sim
 from cove.errors import CoveError
 from cove.image.store import ImageStore
 
@@ -69,8 +70,8 @@ def spawn(folder: str, store: str, ready: int | None = None) -> int | None:
     ).encode()
     try:
         if ready is None or not _send(ready, order):
-            _send(_fork_supervisor(), order)
-        return _fork_supervisor()
+            _send(_fork_supervisor(resources), order)
+        return _fork_supervisor(resources)
     except OSError:  # no process could be forked: the daemon's wait for the state times out and says so
         return None
 
@@ -85,9 +86,11 @@ def _send(pipe: int, order: bytes) -> bool:
         os.close(pipe)
 
 
-def _fork_supervisor() -> int:
+def _fork_supervisor(resources: ResourcesSection | None = None) -> int:
     """A supervisor forked now, before its enclave is known: twice (nobody's child to wait for, as
     containerd's shims are), in a session of its own, waiting on a pipe whose write end it returns.
+    Meanwhile it prepares a sim sandbox with the last image's limits (the defaults at first): its
+    first process joins new cgroups while nothing waits for it (used if the enclave asks the same).
     It leaves if the pipe ends empty (the spawner ended: the daemon stopped)."""
     read, write = os.pipe()
     pid = os.fork()
@@ -102,18 +105,26 @@ def _fork_supervisor() -> int:
         os.setsid()
         if os.fork():
             os._exit(0)
+        os.closerange(3, read)  # nothing of the spawner's but the standard descriptors and the order's pipe
+        os.closerange(read + 1, 65536)
+        try:
+            sim.prepare(resources or ResourcesSection())
+        except (CoveError, OSError):
+            pass  # the supervisor prepares again, or starts the sandbox as without this
         chunks = []
         while chunk := os.read(read, 1 << 16):
             chunks.append(chunk)
         if not chunks:
+            sim.discard_prepared()
             os._exit(0)
         order = json.loads(b"".join(chunks))
         folder, store = str(order["folder"]), str(order["store"])
         resources = ResourcesSection(*order["resources"]) if order.get("resources") else None
+        os.close(read)
         log = os.open(os.path.join(folder, "log"), os.O_WRONLY | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        os.closerange(3, 65536)
+        os.close(log)
         trace.emit("spawner.fork", float(order["asked"]), time.perf_counter())
         with trace.span("supervisor.run"):
             with trace.span("supervisor.init"):

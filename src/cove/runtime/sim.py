@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -422,29 +423,37 @@ class Prepared:
         self.seccomp_fd = os.memfd_create("cove-seccomp", 0)
         self.args_fd = os.memfd_create("cove-bwrap-args", 0)
         self.status_read, self.status_write = os.pipe()
-        go_read, self.go = os.pipe()
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.go = parent_end.detach()
         self.error, error_write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._child(go_read, error_write)  # never returns
+            self._child(child_end, error_write)  # never returns
         self.pid: int | None = pid
         self.returncode: int | None = None
-        os.close(go_read)
+        child_end.close()
         os.close(error_write)
 
-    def _child(self, go_read: int, error_write: int) -> None:
+    def _child(self, go: socket.socket, error_write: int) -> None:
         try:
             os.setpgid(0, 0)
-            for fd in (self.go, self.error, self.status_read):
-                os.close(fd)
+            _close_all_but({0, 1, 2, self.seccomp_fd, self.status_write, self.args_fd, go.fileno(), error_write})
             for group in self.limits.groups:  # the slow part, done before the start is asked for
                 with open(group / "cgroup.procs", "w") as handle:
                     handle.write(str(os.getpid()))
-            chunks = []
-            while chunk := os.read(go_read, 1 << 16):
-                chunks.append(chunk)
-            if not chunks:
+            # the order: one byte carrying the parent's stdout and stderr at the start (its log, which it
+            # may have set up after this fork), then the JSON until the end of the stream
+            first, fds, _, _ = socket.recv_fds(go, 1, 2)
+            if not first:
                 os._exit(0)  # not used (or the parent died)
+            if len(fds) != 2:
+                raise OSError("the order came without the output descriptors")
+            for target, fd in zip((1, 2), fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            chunks = []
+            while chunk := go.recv(1 << 16):
+                chunks.append(chunk)
             order = json.loads(b"".join(chunks))
             files = self.resources.max_open_files
             resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
@@ -452,10 +461,8 @@ class Prepared:
             self.sources.enter(self.libc)
             for number in (signal.SIGPIPE, signal.SIGXFSZ):  # as Popen's restore_signals
                 signal.signal(number, signal.SIG_DFL)
-            keep = sorted({0, 1, 2, self.seccomp_fd, self.status_write, self.args_fd, error_write})
-            for low, high in zip([-1, *keep], [*keep, 1 << 20]):
-                if high > low + 1:  # closerange(n, n) would close everything from n on
-                    os.closerange(low + 1, high)
+            go.close()
+            _close_all_but({0, 1, 2, self.seccomp_fd, self.status_write, self.args_fd, error_write})
             for fd in (self.seccomp_fd, self.status_write, self.args_fd):
                 os.set_inheritable(fd, True)
             os.execve(order["argv"][0], order["argv"], order["env"])
@@ -468,15 +475,19 @@ class Prepared:
     def start(self, argv: list[str], env: dict[str, str]) -> Prepared:
         """Tell the child to become ``argv`` (bubblewrap); raises CoveError with its reason if it cannot."""
         order = {"argv": argv, "env": env, "sources": self.sources.paths}
+        go = socket.socket(fileno=self.go)
+        self.go = -1
         try:
-            os.write(self.go, json.dumps(order).encode())  # far below a pipe's buffer: one write
+            socket.send_fds(go, [b"\0"], [1, 2])
+            go.sendall(json.dumps(order).encode())
+        except OSError:
+            pass  # it is gone: its exit status says so below
         finally:
-            os.close(self.go)
-            self.go = -1
+            go.close()
         why = os.read(self.error, 600).decode("utf-8", "replace")  # empty: the exec closed it
         os.close(self.error)
         self.error = -1
-        if why:
+        if why:  # else it exec'd (or died: the enclave's wait reports that, as after Popen)
             self.wait()
             raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host")
         return self
@@ -515,13 +526,22 @@ class Prepared:
         self.limits.release()
 
 
+def _close_all_but(keep: set[int]) -> None:
+    ordered = sorted(keep)
+    for low, high in zip([-1, *ordered], [*ordered, 1 << 20]):
+        if high > low + 1:  # closerange(n, n) would close everything from n on
+            os.closerange(low + 1, high)
+
+
 _prepared: list[Prepared] = []
 
 
 def prepare(resources: ResourcesSection) -> Prepared | None:
-    """Fork the next sim sandbox's first process now, in cgroups with these limits (see Prepared); None
-    where limits are rlimits. The next launch with the same resources uses it; discard_prepared lets go
-    of one that was not used."""
+    """Fork the next sim sandbox's first process now, in cgroups with these limits (see Prepared), unless
+    one for them waits already; None where limits are rlimits. The next launch with the same resources
+    uses it; discard_prepared lets go of one that was not used."""
+    if _prepared and _prepared[-1].resources == resources and _prepared[-1].poll() is None:
+        return _prepared[-1]  # made ahead (cove.daemon.spawner) for these limits, and still waiting
     discard_prepared()
     limits = Limits.create(resources)
     if not limits.groups:
