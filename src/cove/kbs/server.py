@@ -571,11 +571,12 @@ class OffLoop:
 
     async def quick(self, fn: Callable[..., T], *args: Any) -> T:
         """Work of bounded, sub-millisecond cost (at most one write that counts, its last): on the
-        event loop if the database is SQLite and no other writer holds it, else in the pool.
+        event loop if the database is SQLite, else in the pool.
 
-        On the loop the store never waits for a lock (Store.without_waiting): a write that would
-        wait raises Busy before it has any effect, and the whole call runs again in the pool,
-        where it may wait. So a database held by another worker or process never stalls the loop.
+        On the loop the store waits at most Store's NOWAIT_BUSY_MS (2 ms) for another writer
+        (Store.without_waiting): a write that would wait longer raises Busy before it has any
+        effect, and the whole call runs again in the pool, where it may wait. So a database held
+        by another worker or process never stalls the loop for longer than that.
         """
         if self.store is not None:
             try:

@@ -71,6 +71,9 @@ _DIALECT = {
     "postgresql": {"{blob}": "BYTEA", "{real}": "DOUBLE PRECISION", "{serial}": "BIGSERIAL PRIMARY KEY"},
 }
 T = TypeVar("T")
+# How long a thread that must not wait (Store.without_waiting) lets SQLite retry a locked database
+# before it answers Busy: two of SQLite's shortest sleeps, long enough for another worker's statement.
+NOWAIT_BUSY_MS = 2
 # A PostgreSQL advisory lock key for migrations ("cove-kbs" as an integer).
 _PG_LOCK = 0x636F76656B6273
 
@@ -232,9 +235,10 @@ class Store:
                 raise StoreError(f"--db {url}: folder {self.path.parent} does not exist")
             self._pool = _Pool(self._connect_sqlite, pool_size)
         # SQLite takes one writer at a time and makes the others sleep in its busy handler (1, 2, 5 ms
-        # ...): writers take turns on a lock file beside the database instead (_SqliteConnection), which
-        # wakes the next at once, in this process and in every other one on the same database
-        # (`--workers N`). Readers take no turn (WAL).
+        # ...): writers in threads take turns on a lock file beside the database instead
+        # (_SqliteConnection), which wakes the next at once, in this process and in every other one on
+        # the same database (`--workers N`). Readers take no turn (WAL), nor does an event loop's own
+        # connection (without_waiting), whose statements hold SQLite's lock for tens of microseconds.
         if self.dialect == "sqlite":
             self.writer_lock = self.path.with_name(self.path.name + "-writer")
             os.close(self._open_writer_lock())  # made now (0600): a folder it cannot be made in fails here
@@ -296,13 +300,15 @@ class Store:
 
     @contextmanager
     def without_waiting(self) -> Iterator[None]:
-        """Within it, this thread's statements never wait for another writer: they raise Busy instead.
+        """Within it, this thread's statements do not wait for another writer: they raise Busy instead.
 
-        SQLite only. For an event loop that runs short database work itself: a write that finds the
-        writers' lock file or SQLite's own lock taken (another worker, an admin thread, any other
-        process on the database) fails at once, before it has any effect, and the caller hands its
-        work to a thread that may wait. The thread uses a connection of its own whose busy timeout
-        is zero."""
+        SQLite only. For an event loop that runs short database work itself: a write that finds
+        SQLite's lock taken (another worker, an admin thread, any other process on the database)
+        for more than NOWAIT_BUSY_MS fails before it has any effect, and the caller hands its work
+        to a thread that may wait. The thread uses a connection of its own with that busy timeout,
+        and takes no turn on the writers' lock file: a pool thread holds its turn while it waits
+        for the interpreter lock, which the loop holds, so a loop that queued there waited for
+        milliseconds, and one that refused to queue handed most of its writes to the pool."""
         if self.dialect != "sqlite":
             raise StoreError("only a SQLite store can refuse to wait")
         self._nowait.active = True
@@ -315,20 +321,17 @@ class Store:
         conn: _SqliteConnection | None = self._nowait.conn
         if conn is None:
             conn = self._connect_sqlite()
-            conn.execute("PRAGMA busy_timeout=0")
+            conn.execute(f"PRAGMA busy_timeout={NOWAIT_BUSY_MS}")
             self._nowait.conn = conn
             with self._refusal_lock:
                 self._nowait_conns.append(conn)
         return conn
 
-    def _nowait_run(self, write: bool, run: Callable[[Any], T]) -> T:
+    def _nowait_run(self, run: Callable[[Any], T]) -> T:
         """run(connection) on this thread's own connection, refusing to wait for a lock (Busy)."""
         conn = self._nowait_connection()
         try:
-            if not write:
-                return run(conn)
-            with conn.take_turn(wait=False):
-                return run(conn)
+            return run(conn)
         except sqlite3.OperationalError as exc:
             if _busy(exc):
                 raise Busy() from None
@@ -338,22 +341,20 @@ class Store:
     def transaction(self) -> Iterator[Any]:
         """A cursor inside one transaction (BEGIN IMMEDIATE on SQLite)."""
         if self._nowait.active:
-            conn = self._nowait_connection()
-            with conn.take_turn(wait=False):
-                cur = conn.cursor()
-                try:
-                    cur.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if _busy(exc):
-                        raise Busy() from None
-                    raise
-                try:
-                    yield _Cursor(cur, self._sql)
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-                else:
-                    cur.execute("COMMIT")
+            cur = self._nowait_connection().cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise Busy() from None
+                raise
+            try:
+                yield _Cursor(cur, self._sql)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
             return
         with self._pool.connection() as conn, _turn(conn):
             cur = conn.cursor()
@@ -368,9 +369,7 @@ class Store:
 
     def query(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self._nowait.active:
-            return self._nowait_run(
-                not statement.startswith("SELECT"), lambda conn: conn.execute(statement, args).fetchall()
-            )
+            return self._nowait_run(lambda conn: conn.execute(statement, args).fetchall())
         conn = self._pool.get()
         try:
             with nullcontext() if statement.startswith("SELECT") else _turn(conn):
@@ -383,7 +382,7 @@ class Store:
 
     def execute(self, statement: str, args: tuple[Any, ...] = ()) -> int:
         if self._nowait.active:
-            return self._nowait_run(True, lambda conn: int(conn.execute(statement, args).rowcount))
+            return self._nowait_run(lambda conn: int(conn.execute(statement, args).rowcount))
         conn = self._pool.get()
         try:
             with _turn(conn):
@@ -853,8 +852,8 @@ class _SqliteConnection(sqlite3.Connection):
 
     writer_fd: int = -1
 
-    def take_turn(self, wait: bool = True) -> _Turn:
-        return _Turn(self.writer_fd, wait)
+    def take_turn(self) -> _Turn:
+        return _Turn(self.writer_fd)
 
     def close(self) -> None:
         try:
@@ -868,17 +867,13 @@ class _SqliteConnection(sqlite3.Connection):
 class _Turn:
     """Holds a writer lock file's flock for the length of a with block."""
 
-    __slots__ = ("fd", "mode")
+    __slots__ = ("fd",)
 
-    def __init__(self, fd: int, wait: bool = True):
+    def __init__(self, fd: int):
         self.fd = fd
-        self.mode = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
 
     def __enter__(self) -> None:
-        try:
-            fcntl.flock(self.fd, self.mode)
-        except BlockingIOError:
-            raise Busy() from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
