@@ -318,18 +318,20 @@ def test_a_tampered_vm_build_is_refused_the_same_through_the_daemon(node, vm_app
     shutil.copytree(vm_app, copy, symlinks=True)
     (copy / "image" / "new.txt").write_text("a new build: a measurement the store has not seen\n")
     c.ok("build", cwd=copy)
-    echo = copy / "image" / "bin" / "echo"
-    original = echo.read_bytes()
-    # the image first: the kernel's case leaves its build in the store (the store checks the vm files
-    # only when an enclave starts), so an image case after it would meet that stored kernel
-    for target, offset, line in ((echo, 100, "image changed"), (copy / "build" / "vm" / "vmlinuz", 4113, "kernel")):
-        data = bytearray(target.read_bytes())
+    # the kernel first: the store checks a vm build's launch files at import, so a tampered kernel is
+    # never stored under the signed build's id (where the image case after it would meet it)
+    for target, offset, line in (
+        (copy / "build" / "vm" / "vmlinuz", 4113, "kernel"),
+        (copy / "image" / "bin" / "echo", 100, "image changed"),
+    ):
+        original = target.read_bytes()
+        data = bytearray(original)
         data[offset] ^= 1
         target.write_bytes(bytes(data))
         via, alone = c("run", "/bin/echo", cwd=copy), c("run", "/bin/echo", cwd=copy, env={"COVE_NO_DAEMON": "1"})
         assert via.returncode == alone.returncode == 3 and via.stdout == alone.stdout == "", (via, alone)
         assert error_line(via) == error_line(alone) and line in error_line(via), (via.stderr, alone.stderr)
-        echo.write_bytes(original)
+        target.write_bytes(original)
     assert not any(e["instance"] == str(copy) for e in node.api("GET", "/v1/enclaves?all=1")[1])
 
 

@@ -188,7 +188,7 @@ class ImageStore:
                         f"{verified.config.enclave.backend}",
                         "run it without the daemon",
                     )
-                if verified.manifest.launch is not None:  # vm: the launcher checks them against it at each run
+                if verified.manifest.launch is not None:  # vm: checked here, and by the launcher at each run
                     (build / vmimage.FOLDER).mkdir(mode=0o700)
                     launch = _open_dir(source, vmimage.FOLDER, instance / "build" / vmimage.FOLDER)
                     opened.append(launch)
@@ -196,6 +196,8 @@ class ImageStore:
                         _copy_file(
                             launch, name, instance / "build" / vmimage.FOLDER / name, build / vmimage.FOLDER / name
                         )
+                    # the copies, not the user's folder: a tampered kernel is never stored under the signed id
+                    vmimage.check(build, verified.manifest.launch["measurement"])
                 if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
                     raise CoveError(
                         "an image built with --encrypt-image is not stored by the node", "run it without the daemon"

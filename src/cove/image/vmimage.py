@@ -388,6 +388,20 @@ def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path
     are hashed, so what boots is what was checked; returns the description
     and the two copies, or raises IntegrityError naming what differs.
     """
+    description = _checked(build_dir, expected, dest)
+    return description, dest / KERNEL, dest / INITRD
+
+
+def check(build_dir: Path, expected: bytes) -> None:
+    """Raise IntegrityError unless a build's launch files match the signed launch measurement.
+
+    The node's store calls it at import, so a tampered kernel or initramfs is
+    never stored under the image id of the signed build it claims to be.
+    """
+    _checked(build_dir, expected, None)
+
+
+def _checked(build_dir: Path, expected: bytes, dest: Path | None) -> dict:
     folder = build_dir / FOLDER
     try:
         data = (folder / LAUNCH).read_bytes()
@@ -403,14 +417,14 @@ def load(build_dir: Path, expected: bytes, dest: Path) -> tuple[dict, Path, Path
         )
     for name, key in ((KERNEL, "kernel"), (INITRD, "initrd")):
         try:
-            digest = _copy(folder / name, dest / name)
+            digest = _copy(folder / name, None if dest is None else dest / name)
         except FileNotFoundError:
             raise IntegrityError(f"{FOLDER}/{name} is missing from {build_dir}", "build with `cove build`") from None
         if not hmac.compare_digest(digest, bytes(description[key])):
             raise IntegrityError(
                 f"the vm {key} {FOLDER}/{name} differs from the signed launch measurement", "rebuild with `cove build`"
             )
-    return description, dest / KERNEL, dest / INITRD
+    return description
 
 
 def _malformed(message: str) -> IntegrityError:
@@ -433,10 +447,17 @@ def _read_launch(data: bytes) -> dict:
     return dict(fields.map)
 
 
-def _copy(source: Path, dest: Path) -> bytes:
+def _copy(source: Path, dest: Path | None) -> bytes:
+    """The SHA-256 of source, written to dest (a new file) on the way when dest is given."""
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(dest, "xb") as out:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
+    with open(source, "rb") as src:
+        out = open(dest, "xb") if dest is not None else None
+        try:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+        finally:
+            if out is not None:
+                out.close()
     return digest.digest()
