@@ -7,7 +7,9 @@ launch measurement in the signed manifest (cove.image.vmimage). QEMU runs a
 `microvm` machine with direct kernel boot; four virtio-serial ports carry the
 launch request and signals (cove.ctl) and the program's stdin, stdout and
 stderr. Cove's guest init (src/cove/guest/init.c) starts the program and
-reports its exit code on cove.ctl. KVM is used when a probe boot shows that
+reports its exit code on cove.ctl. Encrypted mounts are the host's secure
+file system server's plaintext views, exported over virtio-fs by a confined
+virtiofsd each (cove.runtime.vm_shared). KVM is used when a probe boot shows that
 /dev/kvm boots this kernel; otherwise TCG, and the isolation level says so.
 """
 
