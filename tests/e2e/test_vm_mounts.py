@@ -184,6 +184,15 @@ def test_tampered_volume_fails_inside_and_kill_9_leaves_no_virtiofsd(cove, insta
         )
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(runtime) not in mounts  # no FUSE mount of the volume left behind
+    # a changed byte in the volume's root record: refused before the guest boots, as on sim
+    shutil.rmtree(volume)
+    shutil.copytree(saved, volume)
+    record = bytearray((volume / "root").read_bytes())
+    record[len(record) // 2] ^= 0x01
+    (volume / "root").write_bytes(bytes(record))
+    refused = cove("run", "/bin/cat", "/data/f", cwd=root, env=env)
+    assert refused.returncode == 3 and refused.stdout == ""
+    assert "encrypted mount /data" in error_line(refused)
     shutil.rmtree(volume)
     shutil.copytree(saved, volume)
 
