@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import struct
 import time
 from pathlib import Path
@@ -268,3 +269,31 @@ def test_a_supervisor_waits_forked_ahead_and_a_lost_one_is_replaced(node, app):
         assert time.monotonic() < deadline, now
         time.sleep(0.05)
     assert len(now) == 1
+
+
+def test_an_end_written_between_the_read_and_the_look_is_not_a_kill(tmp_path, monkeypatch):
+    """A supervisor writes how its enclave ended, then exits. A follower that read the state before that
+    write and looked at the process after the exit called it killed (exit 137, "its supervisor was
+    killed"): about one `cove run` in a hundred on a loaded machine. It now reads the state again."""
+    from cove.daemon import registry as registry_mod
+    from cove.daemon.server import Daemon
+
+    daemon = Daemon(tmp_path / "root", str(tmp_path / "d.sock"), group="root")
+    record = {k: None for k in ("image", "measurement", "signer", "backend", "program", "instance", "restart")}
+    enclave = daemon.registry.create(dict(record, args=[], uid=0))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running = {"pid": gone.pid, "pid_start": None, "state": "running", "exit_code": None, "error": None}
+    (enclave.folder / "state.json").write_text(json.dumps(running))
+
+    looks = []
+
+    def ends_meanwhile(self) -> bool:  # the supervisor writes its end and exits between the two looks
+        if not looks:
+            (self.folder / "state.json").write_text(json.dumps(dict(running, state="exited", exit_code=0)))
+        looks.append(1)
+        return False
+
+    monkeypatch.setattr(registry_mod.Enclave, "supervisor_alive", ends_meanwhile)
+    view = daemon.wait(enclave.id, 0)
+    assert (view["state"], view["exit_code"], view["error"]) == ("exited", 0, None)

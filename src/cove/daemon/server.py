@@ -450,13 +450,22 @@ class Daemon:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         while True:
-            current = self.registry.settle(self.registry.load(enclave.id))
+            current = self._current(enclave.id)
             if current.ended and not current.supervisor_alive():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _current(self, ident: str) -> Enclave:
+        """The enclave as its files say now, settled. A supervisor writes how it ended before it exits, so
+        a state read before that write and a look after the exit must not make it "killed": once it is
+        seen dead, its state is read again before it is settled."""
+        current = self.registry.load(ident)
+        if not current.ended and current.state and not current.supervisor_alive():
+            current = self.registry.settle(self.registry.load(ident))
+        return current
 
     def wait(self, ref: str, uid: int) -> JSON:
         enclave = self.find(ref, uid)
@@ -512,7 +521,7 @@ class Daemon:
                     continue
                 if not follow or ended:
                     return
-                current = self.registry.settle(self.registry.load(enclave.id))
+                current = self._current(enclave.id)
                 if current.ended and not current.supervisor_alive():
                     ended = True  # one more look: the last bytes, in this file or a newer one
                     continue
