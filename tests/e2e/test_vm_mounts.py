@@ -237,3 +237,20 @@ def test_a_broker_released_key_opens_the_volume_and_a_refused_one_boots_nothing(
     )
     refused = cove("run", "/bin/cat", "/data/l", cwd=instance, env=platform_env)
     assert refused.returncode != 0 and refused.stdout == "" and "PolicyDeny" in error_line(refused)
+
+
+def test_started_by_another_user_a_non_root_program_is_refused_before_boot(user_cove):
+    """virtiofsd's namespace has only that user's id then: a program of other ids is refused in one line."""
+    if user_cove.uid == 0:
+        pytest.fail("user_cove must be an unprivileged account", pytrace=False)
+    root = make_instance(
+        user_cove,
+        user_cove.workdir,
+        name="vm-mounts",
+        options={("enclave", "backend"): '"vm"', ("process", "user"): '"1000:1000"'},
+        extra=mount_block(key="seal:mrsigner"),
+    )
+    result = user_cove("run", "/bin/cat", "/data/f", cwd=root)
+    assert result.returncode == 2 and result.stdout == ""
+    line = error_line(result)
+    assert "the program's ids 1000:1000 have no host ids for virtiofsd" in line and 'user = "root"' in line
