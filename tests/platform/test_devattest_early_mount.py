@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,4 @@ def test_a_server_that_dies_after_the_mount_is_one_line_and_requests_fail(contex
     err = capfd.readouterr().err
     assert err.count("the /dev/attestation server failed to start") == 1
     assert "Traceback" not in err
+    assert str(mount) not in Path("/proc/mounts").read_text()  # the dead server's mount is detached too

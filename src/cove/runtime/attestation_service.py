@@ -9,6 +9,7 @@ private folder, and binds that mount at /dev/attestation in the sandbox.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import select
@@ -45,8 +46,17 @@ def identity_json(ctx: ServiceContext) -> str:
     )
 
 
+def _mounted(path: Path) -> bool:
+    """Whether something is mounted at path, a mount whose server died (ENOTCONN) included."""
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return os.path.ismount(path)
+
+
 def _unmount(path: Path) -> None:
-    if not os.path.ismount(path):
+    if not _mounted(path):
         return
     if os.geteuid() == 0:  # detach it directly: no helper process to start
         libc = ctypes.CDLL(None, use_errno=True)
