@@ -58,6 +58,14 @@ def _named_children(pid: int, comm: str) -> list[int]:
     return [c for c in _children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == comm]
 
 
+def _gone(pids: list[int]) -> None:
+    for pid in pids:
+        _wait_for(
+            lambda pid=pid: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+            timeout=10,
+        )
+
+
 def _virtiofsd(launcher: int) -> list[int]:
     """virtiofsd processes under LAUNCHER: each mount's, and the sandboxed child each forks."""
     found = _named_children(launcher, "virtiofsd")
@@ -142,7 +150,7 @@ def test_virtiofsd_is_confined_and_a_rolled_back_volume_is_refused(cove, instanc
     shutil.move(tmp_path / "new", volume)
 
 
-def test_tampered_volume_fails_inside_and_kill_9_leaves_no_virtiofsd(cove, instance, tmp_path):
+def test_tampered_volume_fails_inside_and_a_killed_qemu_leaves_nothing(cove, instance, tmp_path):
     root, env = instance
     volume = root / "run" / "data"
     saved = tmp_path / "saved"
@@ -170,20 +178,17 @@ def test_tampered_volume_fails_inside_and_kill_9_leaves_no_virtiofsd(cove, insta
         shared = _virtiofsd(run.pid)
         qemu = _qemu_children(run.pid)
         assert len(shared) == 2 and len(qemu) == 1
-        run.send_signal(signal.SIGKILL)
-        _, err = run.communicate(timeout=30)
+        os.kill(qemu[0], signal.SIGKILL)
+        _, err = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
     assert "Input/output error" in err  # the guest's cat, on the stderr the guest streams
-    for pid in shared + qemu:  # virtiofsd and its sandbox die with the launcher
-        _wait_for(
-            lambda pid=pid: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(),
-            timeout=10,
-        )
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(runtime) not in mounts  # no FUSE mount of the volume left behind
+    assert run.returncode != 0 and "without the program's exit code" in err and "Traceback" not in err
+    _gone(shared)  # virtiofsd and its sandbox end with QEMU
+    assert os.listdir(runtime) == []  # no private folder, socket or FUSE mount left behind
+    assert str(runtime) not in Path("/proc/self/mountinfo").read_text()
     # a changed byte in the volume's root record: refused before the guest boots, as on sim
     shutil.rmtree(volume)
     shutil.copytree(saved, volume)
@@ -197,19 +202,42 @@ def test_tampered_volume_fails_inside_and_kill_9_leaves_no_virtiofsd(cove, insta
     shutil.copytree(saved, volume)
 
 
-def test_read_only_mount(cove, instance):
+def test_read_only_mount_and_kill_9_of_the_launcher_leaves_no_virtiofsd(cove, instance, tmp_path):
     root, env = instance
     config = root / "cove.toml"
     original = config.read_text()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
     try:
         config.write_text(original.replace('key = "seal:mrsigner"\n', 'key = "seal:mrsigner"\nwritable = false\n'))
         cove.ok("build", cwd=root, env=env)
-        result = cove(
-            "run", "/bin/sh", "-c", "cat /data/f; echo x > /data/g; grep virtiofs /proc/mounts", cwd=root, env=env
+        script = "cat /data/f; echo x > /data/g; grep virtiofs /proc/mounts; echo ready; sleep 600"
+        run = subprocess.Popen(
+            cove.popen_args("run", "/bin/sh", "-c", script),
+            cwd=root,
+            env=dict(cove.env, COVE_RUNTIME_DIR=str(runtime), **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        assert result.stdout.splitlines()[0] == "hello"
-        assert "Read-only file system" in result.stderr
-        assert " /data virtiofs ro," in result.stdout
+        try:
+            lines = []
+            while (line := run.stdout.readline()) not in ("ready\n", ""):
+                lines.append(line)
+            assert lines[0] == "hello\n" and " /data virtiofs ro," in lines[1], lines
+            shared = _virtiofsd(run.pid)
+            qemu = _qemu_children(run.pid)
+            assert len(shared) == 2 and len(qemu) == 1
+            run.send_signal(signal.SIGKILL)  # the launcher itself
+            _, err = run.communicate(timeout=30)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        assert "Read-only file system" in err
+        _gone(shared + qemu)  # virtiofsd, its sandbox and QEMU die with the launcher
+        # and the volume's FUSE server with them: no mount left in the killed launcher's folder
+        _wait_for(lambda: str(runtime) not in Path("/proc/self/mountinfo").read_text(), timeout=10)
     finally:
         config.write_text(original)
         cove.ok("build", cwd=root, env=env)
