@@ -1,9 +1,10 @@
 """Encrypted mounts on the vm backend: the host's secure file system server, exported over virtio-fs.
 
-One instance, four boots (and one more for a broker-released key) (each TCG boot costs seconds of CPU), so each
-boot asks several things: the guest's ids stored as on sim, escapes out of the
-mount, virtiofsd's confinement, rollback and tamper refusals, read-only mounts,
-and nothing left behind after a `kill -9` of the launcher.
+One instance booted four times, and one more boot for a broker-released key
+(each TCG boot costs seconds of CPU), so each boot asks several things: the
+guest's ids stored as on sim, escapes out of the mount, virtiofsd's
+confinement, rollback and tamper refusals, read-only mounts, and nothing
+left behind after a `kill -9` of QEMU or of the launcher.
 """
 
 from __future__ import annotations
