@@ -149,16 +149,16 @@ class Daemon:
 
     # -- enclaves
 
-    def create(self, body: JSON, uid: int) -> JSON:
+    def create(self, body: JSON, uid: int, attached: bool = False) -> JSON:
         try:
-            return self._create(body, uid)
+            return self._create(body, uid, attached)
         except (Problem, CoveError) as exc:
             if self.metrics is not None:
                 kind = exc.kind if isinstance(exc, Problem) else type(exc).__name__
                 self.metrics.failures.labels(kind).inc()
             raise
 
-    def _create(self, body: JSON, uid: int) -> JSON:
+    def _create(self, body: JSON, uid: int, attached: bool) -> JSON:
         instance = Path(_field(body, "instance", str))
         program = _field(body, "program", str)
         args = _field(body, "args", list, [])
@@ -223,6 +223,7 @@ class Daemon:
             "uid": uid,
             "log_max_bytes": self.log_max_bytes,
             "log_files": self.log_files,
+            "attached": attached,  # `cove run` follows it to its end and removes it: its end is not fsynced
         }
         with trace.span("daemon.register"):
             enclave = self.registry.create(record)
@@ -844,7 +845,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """`cove run` through the daemon in one request: refusals are problems as for a plain create;
         then 101 Switching Protocols and the cove-attach/1 frames (docs/formats/daemon-api.md)."""
         d = self.daemon
-        frames = d.attach(d.create(body, self.peer_uid), self.peer_uid)
+        frames = d.attach(d.create(body, self.peer_uid, attached=True), self.peer_uid)
         self.send_response(101)
         self.send_header("Connection", "Upgrade")
         self.send_header("Upgrade", client_mod.ATTACH)

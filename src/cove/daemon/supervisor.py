@@ -63,10 +63,10 @@ class Supervisor:
 
     def save(self, **changes: Any) -> None:
         self.state.update(changes)
-        # only the end (the exit code) is made durable: after a machine crash no enclave runs anyway
-        write_atomic(
-            self.folder / "state.json", json.dumps(self.state).encode(), 0o600, sync=self.state.get("state") == "exited"
-        )
+        # only the end (the exit code) is made durable: after a machine crash no enclave runs anyway; not
+        # even that for `cove run` attached, whose client gets the exit code and whose enclave is removed
+        durable = self.state.get("state") == "exited" and not self.record.get("attached")
+        write_atomic(self.folder / "state.json", json.dumps(self.state).encode(), 0o600, sync=durable)
 
     def stop_requested(self) -> bool:
         return self.stopping or (self.folder / "stop").exists()
@@ -114,6 +114,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Run the enclave (with its restarts); with a log size set, through a rotating log writer."""
+        self._begin()  # first: the daemon's create waits for this state, not for the writer's thread
         max_bytes = self.record.get("log_max_bytes")
         if not max_bytes:
             return self._run()
@@ -136,17 +137,19 @@ class Supervisor:
             os.close(direct)
             writer.finish()
 
-    def _run(self) -> int:
+    def _begin(self) -> None:
         # /dev/attestation from the node's one server, not a server process per run
         services_mod.FACTORIES[:] = [ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]
 
         def stop(_signum: int, _frame: object) -> None:
             self.stopping = True
 
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, stop)  # before the state: with it the daemon may signal this process
         signal.signal(signal.SIGINT, stop)
         with trace.span("supervisor.save-starting"):
             self.save(state="starting")
+
+    def _run(self) -> int:
         delay = BACKOFF_FIRST
         while True:
             began = time.monotonic()
