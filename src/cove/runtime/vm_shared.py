@@ -39,7 +39,6 @@ CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
 VIEW = "/mnt"  # where virtiofsd's mount namespace shows the volume (it pivots its root there)
 PR_SET_PDEATHSIG = 1
-EXIT_GRACE = 5.0  # seconds virtiofsd gets to leave after QEMU closed its socket
 
 
 def virtiofsd() -> str:
