@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,22 @@ def test_started_by_another_user_a_non_root_program_is_refused_before_boot(user_
     assert result.returncode == 2 and result.stdout == ""
     line = error_line(result)
     assert "the program's ids 1000:1000 have no host ids for virtiofsd" in line and 'user = "root"' in line
+
+
+def test_a_virtiofsd_that_fails_stops_the_start_in_one_line_and_leaves_nothing(cove, instance, tmp_path):
+    root, env = instance
+    folder = Path(tempfile.mkdtemp())  # reachable by the enclave's ids, which virtiofsd runs as
+    try:
+        folder.chmod(0o755)
+        fake = folder / "virtiofsd"
+        fake.write_text("#!/bin/sh\necho 'cannot serve this folder' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        runtime = tmp_path / "runtime"
+        runtime.mkdir()
+        extra = {"COVE_VIRTIOFSD": str(fake), "COVE_RUNTIME_DIR": str(runtime)}
+        result = cove("run", "/bin/cat", "/data/f", cwd=root, env=dict(env, **extra))
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "virtiofsd: cannot serve this folder" in error_line(result)
+    assert os.listdir(runtime) == []

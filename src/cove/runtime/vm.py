@@ -624,6 +624,10 @@ class VmEnclave(RunningEnclave):
         if self.exit_code is None:
             status = self.process.returncode
             reason = _last_line(self.workdir / "qemu.err") or _last_line(self.workdir / "console.log")
+            if "vhost" in reason:  # an encrypted mount's virtiofsd failed: its own last words say why
+                reason += "".join(
+                    f"; virtiofsd: {line}" for e in sorted(self.workdir.glob("cove-fs*.err")) if (line := _last_line(e))
+                )
             raise CoveError(
                 f"the vm ended without the program's exit code (QEMU exit status {status}"
                 + (f": {reason}" if reason else "")
