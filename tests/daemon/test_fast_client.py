@@ -18,7 +18,7 @@ import pytest
 from cove.cli.attached import _node_runs, _parse
 from tests.conftest import error_line
 
-HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3")
+HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3", "tomllib")
 # cove's own entry point, reporting at exit which heavy modules the process imported
 ENTRY = (
     "import atexit, sys\n"
@@ -112,6 +112,16 @@ def test_only_the_plain_form_is_taken(argv, parsed):
     assert _parse(argv) == parsed
 
 
+BROKEN_TOMLS = [
+    '[enclave]\nname = "a"\nbackend = "sgx"\n',
+    '[enclave]\nbackend = ["sim"]\n',
+    'enclave = "sim"\n',
+    "[enclave\nname = ",
+    "\udcff not utf-8",
+    "a = " + "[" * 3000 + "]" * 3000 + "\n",  # deep enough that tomllib recurses out
+]
+
+
 @pytest.mark.parametrize(
     "toml, encrypted, runs",
     [
@@ -119,21 +129,33 @@ def test_only_the_plain_form_is_taken(argv, parsed):
         ('[enclave]\nname = "a"\nbackend = "sim"\n', False, True),
         ('[enclave]\nname = "a"\nbackend = "vm"\n', False, True),  # the node runs vm builds too
         ('[enclave]\nname = "a"\nbackend = "vm"\n', True, False),
-        ('[enclave]\nname = "a"\nbackend = "sgx"\n', False, False),
-        ('[enclave]\nbackend = ["sim"]\n', False, False),
-        ('enclave = "sim"\n', False, False),
-        ("[enclave\nname = ", False, False),
-        ("\udcff not utf-8", False, False),
         ('[enclave]\nname = "a"\n', True, False),
-        ("a = " + "[" * 3000 + "]" * 3000 + "\n", False, False),  # deep enough that tomllib recurses out
+        (None, False, False),
+        *((toml, False, True) for toml in BROKEN_TOMLS),  # the daemon reports them, as for the full CLI
     ],
 )
-def test_unsure_instances_go_to_the_full_cli(tmp_path, toml, encrypted, runs):
-    """A broken or hostile cove.toml, a backend the node does not run or an encrypted image: the full CLI decides."""
-    (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
+def test_the_plain_form_sends_the_daemon_what_the_full_cli_sends(tmp_path, toml, encrypted, runs):
+    """Every instance with a cove.toml whose build is not encrypted, without parsing cove.toml: as
+    cove.cli.run._node_runs decides with no --backend (a cove.toml that does not parse included)."""
+    if toml is not None:
+        (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
     if encrypted:
         (tmp_path / "build" / "image.enc").mkdir(parents=True)
     assert _node_runs(tmp_path) is runs
+
+
+@pytest.mark.parametrize("toml", BROKEN_TOMLS)
+def test_a_broken_cove_toml_fails_alike_both_ways(node, app, tmp_path, toml):
+    """Sent to the daemon by the plain form and by the full CLI: the same line, the same exit code."""
+    root = tmp_path / "broken"
+    shutil.copytree(app, root, symlinks=True)
+    (root / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
+    plain = node.cove("-C", str(root), "run", "/bin/hello", cwd=tmp_path)
+    full = node.cove("-C", str(root), "run", "--backend", "auto", "/bin/hello", cwd=tmp_path)
+    assert plain.returncode == full.returncode != 0
+    # the store's import folder in the line is a new one at each import
+    same = [re.sub(r"import-[0-9]+-[0-9a-f]+", "import-N", error_line(r)) for r in (plain, full)]
+    assert same[0] == same[1]
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import tomllib
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +26,6 @@ from cove import trace
 from cove.daemon.client import ENDED, OUTPUT, STARTED, UNREACHABLE, Client, DaemonError, NotRunning, read_frame
 from cove.errors import CoveError, ExitCode, file_system_error
 
-NODE_BACKENDS = ("auto", "sim", "vm")  # the node runs a vm build as its cove.toml says
 ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption.ENCRYPTED_IMAGE: such a build runs directly
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 HINT = " (start it with `sudo cove daemon` or `systemctl start cove`)"
@@ -193,7 +191,9 @@ def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
 
 
 def _backend(directory: Path) -> str | None:
-    """[enclave] backend of the instance's cove.toml; None when it does not say plainly."""
+    """[enclave] backend of the instance's cove.toml; None when it does not say plainly (direct mode only)."""
+    import tomllib  # not on the daemon's path: its import costs more than a start's request
+
     try:
         with open(directory / "cove.toml", "rb") as handle:
             config = tomllib.load(handle)
@@ -205,8 +205,11 @@ def _backend(directory: Path) -> str | None:
 
 
 def _node_runs(directory: Path) -> bool:
-    """Whether the instance is plainly one the daemon's store runs (sim or vm, not encrypted); False when unsure."""
-    return _backend(directory) in NODE_BACKENDS and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
+    """Whether the full CLI runs the instance through the daemon (cove.cli.run._node_runs without
+    --backend): every instance with a cove.toml whose build is not encrypted, whatever its backend (sim
+    or vm) and even when cove.toml does not parse (the daemon reports that as direct mode would). So it
+    is decided without parsing cove.toml; the full CLI takes the rest (and says why)."""
+    return (directory / "cove.toml").is_file() and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
 
 
 def fast_run(argv: list[str]) -> int | None:
