@@ -171,3 +171,23 @@ def test_busy_requests_go_to_the_pool_while_the_loop_serves_others(make_kbs, tmp
     assert done["attest"] == 200 and done["resource"] == b"hunter2"
     outcomes = [(e["action"], e["outcome"]) for e in kbs.broker.store.audit_log() if e["action"] != "secret.create"]
     assert outcomes.count(("attest", "ok")) == 1 and outcomes.count(("release", "ok")) == 1
+
+
+def test_memory_is_trimmed_after_a_burst_not_during_it(make_kbs, monkeypatch):
+    """Regression: requests answered on the loop leave none in flight between them, and the
+    trimmer, which waited for none in flight, trimmed in the middle of a burst and not after it
+    (the review's /auth flood then ratcheted resident memory past 250 MB)."""
+    from cove.kbs import server as server_mod
+
+    trims: list[float] = []
+    monkeypatch.setattr(server_mod, "TRIM_INTERVAL", 0.2)
+    monkeypatch.setattr(server_mod, "TRIM_AFTER", 20)
+    monkeypatch.setattr(server_mod, "release_free_memory", lambda: trims.append(time.monotonic()))
+    kbs = make_kbs()
+    with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs), timeout=10) as http:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # requests one after another: none in flight between them
+            assert http.post("/kbs/v0/auth", json={"version": "0.1.1", "tee": "sample"}).status_code == 200
+        ended = time.monotonic()
+    time.sleep(1.0)
+    assert trims and all(t > ended for t in trims), (trims, started, ended)

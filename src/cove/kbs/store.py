@@ -350,11 +350,13 @@ class Store:
                 raise
             try:
                 yield _Cursor(cur, self._sql)
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
                 cur.execute("COMMIT")
+            except BaseException as exc:
+                if cur.connection.in_transaction:  # a failed COMMIT too: this thread's connection is reused
+                    cur.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                    raise Busy() from None
+                raise
             return
         with self._pool.connection() as conn, _turn(conn):
             cur = conn.cursor()
