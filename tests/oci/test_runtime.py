@@ -368,6 +368,74 @@ def test_hot_commands_load_only_the_standard_library(tmp_path, argv):
     assert other == [], other
 
 
+# Avoidable on the launch path (docs/performance.md, "What the launch path loads"): pyelftools (the launch check
+# reads PT_INTERP itself), cryptography's serialization (pulls in ssh, RSA, DSA, EC, ciphers: create needs only
+# Ed25519's raw bytes), the secure file system (only for an encrypted mount), and nothing of the CLI's or the
+# node service's heavy libraries.
+LAUNCH_AVOIDS = (
+    "elftools",
+    "cryptography.hazmat.primitives.serialization",
+    "cryptography.hazmat.primitives.ciphers",
+    "cove.fs",
+    "click",
+    "pydantic",
+    "trio",
+    "pyfuse3",
+    "prometheus_client",
+)
+MODULES = """
+import sys
+print(' '.join(sorted(sys.modules)), file=open(sys.argv[1], 'w'))
+"""
+
+
+def _avoidable(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == name or m.startswith(name + ".") for name in LAUNCH_AVOIDS)]
+
+
+def test_create_loads_nothing_avoidable(bundle, tmp_path):
+    """`create` loads the verifier (config, manifest, signature) and the standard library, and nothing more: what
+    it loads, its container's process inherits (about 35 ms of CPU per container, docs/performance.md)."""
+    import sys
+
+    root, seen = tmp_path / "state", tmp_path / "modules"
+    script = HOT_IMPORTS.split("cove = sorted")[0] + MODULES.replace("sys.argv[1]", repr(str(seen)))
+    with open(tmp_path / "err", "w") as err:
+        done = subprocess.run(
+            [sys.executable, "-c", script, "--root", str(root), "create", "--bundle", str(bundle), "m"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=60,
+        )
+    assert done.returncode == 0, (tmp_path / "err").read_text()
+    try:
+        modules = seen.read_text().split()
+        assert "cove.image.signing" in modules and "cove.config" in modules  # it did verify
+        assert _avoidable(modules) == [], _avoidable(modules)
+        assert "cove.runtime.launcher" not in modules  # the container's process loads it, not the engine's call
+    finally:
+        assert runtime(root, "delete", "--force", "m").returncode == 0
+    no_leftovers(root, "m")
+
+
+def test_the_container_process_loads_nothing_avoidable(bundle, tmp_path):
+    """What the container's process adds while it waits for `start` (cove.oci.launch.warm), and the launch's
+    check that a dynamic program's loader is in the image, load none of the avoidable modules."""
+    import sys
+
+    seen = tmp_path / "modules"
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom cove.oci import launch\nfrom cove.image import elf\n"
+        "launch.warm()\n"
+        f"elf.check_startable(Path({str(bundle / 'rootfs')!r}), '/bin/sh')\n"
+        f"print(' '.join(sorted(sys.modules)), file=open({str(seen)!r}, 'w'))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    modules = seen.read_text().split()
+    assert "cove.runtime.launcher" in modules and "cove.runtime.sim" in modules
+    assert _avoidable(modules) == [], _avoidable(modules)
+
+
 def test_kill_and_delete_load_no_slow_standard_module(tmp_path):
     """`kill` and `delete` of a live container (what engines send after every exit) run on Python's built-in
     modules: json, re, enum, signal, typing, pathlib (~5 ms of a ~15 ms call) load on no successful path."""

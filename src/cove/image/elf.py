@@ -5,6 +5,11 @@ ld.so does: DT_RPATH (only when there is no DT_RUNPATH) of the object and of
 the executable, DT_RUNPATH of the object, the loader cache (``ldconfig -p``),
 then the default directories. LD_LIBRARY_PATH is ignored on purpose: an image
 must not depend on the shell that built it.
+
+pyelftools loads only when a build reads dynamic sections (about 18 ms of CPU):
+the launch-time check needs just the program's PT_INTERP, which
+:func:`program_interpreter` reads from the two fixed-size headers, with the
+kernel's own bounds (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,14 +17,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
-from elftools.elf.segments import InterpSegment
 
 from cove.errors import CannotExecuteError, CoveError
 from cove.image.paths import resolve_in_image
@@ -83,6 +84,11 @@ def read_elf(path: str) -> ElfInfo | None:
     """Parse the headers that matter for loading; None when path is not ELF."""
     if not is_elf(Path(path)):
         return None
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.segments import InterpSegment
+
     try:
         with open(path, "rb") as handle:
             elf = ELFFile(handle)
@@ -108,6 +114,63 @@ def read_elf(path: str) -> ElfInfo | None:
                 path, elf.elfclass, elf["e_machine"], interpreter, tuple(needed), tuple(rpath), tuple(runpath)
             )
     except (ELFError, OSError, ValueError, KeyError) as exc:
+        raise CoveError(f"{path}: cannot read ELF headers: {exc}") from None
+
+
+PT_INTERP = 3
+PATH_MAX = 4096  # the kernel refuses a PT_INTERP longer than this, or shorter than 2 bytes
+_MAX_PHDRS = 65536  # bytes of program headers the kernel reads at most (fs/binfmt_elf.c)
+# By EI_CLASS: the ELF header after e_ident (e_phoff, e_phentsize, e_phnum picked out), one program header's
+# size and format (p_type, p_offset, p_filesz picked out).
+_LAYOUTS = {
+    1: ("HHIIIIIHHHHHH", 32, "IIIIIIII", (0, 1, 4)),
+    2: ("HHIQQQIHHHHHH", 56, "IIQQQQQQ", (0, 2, 5)),
+}
+
+
+def program_interpreter(path: Path) -> str | None:
+    """The loader an ELF program names in its first PT_INTERP, as the kernel's exec reads it; None when path
+    is not ELF or names none (a static program). CoveError for what the kernel would refuse to load.
+
+    Reads the ELF header, at most 64 KiB of program headers and at most PATH_MAX bytes of the name: the
+    kernel's own bounds, so a hostile file costs nothing more than a real one.
+    """
+    try:
+        with open(path, "rb") as handle:
+            ident = handle.read(64)
+            if ident[:4] != ELF_MAGIC:
+                return None
+            layout = _LAYOUTS.get(ident[4])
+            if layout is None or ident[5] not in (1, 2):
+                raise CoveError(f"{path}: not a 32- or 64-bit ELF file of a known byte order")
+            header, entry_size, entry, (at_type, at_offset, at_size) = layout
+            order = "<" if ident[5] == 1 else ">"
+            need = 16 + struct.calcsize(order + header)
+            if len(ident) < need:
+                raise CoveError(f"{path}: truncated ELF header")
+            fields = struct.unpack_from(order + header, ident, 16)
+            phoff, phentsize, phnum = fields[4], fields[8], fields[9]
+            if phnum == 0:
+                return None  # an object file: nothing to load
+            if phentsize != entry_size or phnum * entry_size > _MAX_PHDRS:
+                raise CoveError(f"{path}: ELF program headers of {phnum} x {phentsize} bytes")
+            handle.seek(phoff)
+            table = handle.read(phnum * entry_size)
+            if len(table) != phnum * entry_size:
+                raise CoveError(f"{path}: truncated ELF program headers")
+            for one in struct.iter_unpack(order + entry, table):
+                if one[at_type] != PT_INTERP:
+                    continue
+                size = one[at_size]
+                if not 2 <= size <= PATH_MAX:
+                    raise CoveError(f"{path}: PT_INTERP of {size} bytes")
+                handle.seek(one[at_offset])
+                name = handle.read(size)
+                if len(name) != size or name[-1] != 0:
+                    raise CoveError(f"{path}: PT_INTERP is truncated or not NUL-terminated")
+                return os.fsdecode(name.split(b"\0", 1)[0])
+            return None
+    except (OSError, OverflowError, ValueError) as exc:
         raise CoveError(f"{path}: cannot read ELF headers: {exc}") from None
 
 
@@ -226,10 +289,9 @@ def missing_interpreter(image: Path, program: str) -> str | None:
     interpreter = script_interpreter(path)
     if interpreter is None:
         try:
-            info = read_elf(str(path))
+            interpreter = program_interpreter(path)
         except CoveError:
             return None
-        interpreter = info.interpreter if info else None
     if interpreter is None:
         return None
     if not interpreter.startswith("/"):

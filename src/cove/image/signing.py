@@ -15,7 +15,6 @@ from pathlib import Path
 import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cove.decode import Fields, decode_cbor
 from cove.errors import CoveError, IntegrityError
@@ -37,7 +36,7 @@ def generate_key(path: Path, overwrite: bool = False) -> Ed25519PrivateKey:
     """Create a new Ed25519 key at path (mode 0600); refuse to overwrite."""
     if path.exists() and not overwrite:
         raise CoveError(f"{path} already exists", "pass --force to replace it, or choose --out")
-    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
@@ -65,7 +64,8 @@ def load_key(path: Path) -> Ed25519PrivateKey:
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    """The 32 raw bytes (serialization's Encoding.Raw, without loading that module: ~6 ms on create's path)."""
+    return key.public_bytes_raw()
 
 
 def signer_of(public_key_raw: bytes) -> bytes:
