@@ -436,6 +436,33 @@ def test_the_container_process_loads_nothing_avoidable(bundle, tmp_path):
     assert _avoidable(modules) == [], _avoidable(modules)
 
 
+def test_a_direct_cove_run_loads_nothing_avoidable(cove, oci_instance, tmp_path):
+    """`cove run` without the node service (issue 13's direct start) launches through the same launcher: none
+    of the avoidable modules either, and it still checks the program's loader (a dynamic /bin/echo runs)."""
+    import sys
+
+    seen = tmp_path / "modules"
+    script = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=open({str(seen)!r}, 'w')))\n"
+        "from cove.cli import run_main\n"
+        "sys.argv = ['cove', 'run', '/bin/echo', 'direct']\n"
+        "run_main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=oci_instance,
+        env=dict(cove.env, COVE_NO_DAEMON="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (0, "direct\n"), done.stderr
+    modules = seen.read_text().split()
+    assert "cove.runtime.launcher" in modules and "cove.image.signing" in modules
+    assert _avoidable(modules) == [], _avoidable(modules)
+
+
 def test_kill_and_delete_load_no_slow_standard_module(tmp_path):
     """`kill` and `delete` of a live container (what engines send after every exit) run on Python's built-in
     modules: json, re, enum, signal, typing, pathlib (~5 ms of a ~15 ms call) load on no successful path."""
