@@ -382,6 +382,7 @@ LAUNCH_AVOIDS = (
     "trio",
     "pyfuse3",
     "prometheus_client",
+    "tarfile",  # only for running a packaged instance
 )
 MODULES = """
 import sys

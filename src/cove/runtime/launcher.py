@@ -24,7 +24,7 @@ from pathlib import Path
 from cove import trace
 from cove.config import Config
 from cove.errors import CannotExecuteError, CoveError, ProgramNotFoundError
-from cove.image import artifacts, encryption, package as package_mod
+from cove.image import artifacts, encryption
 from cove.image import elf, staging
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
@@ -364,6 +364,8 @@ def run_instance(instance_dir: Path, request: RunRequest) -> int:
 
 
 def run_package(package: Path, request: RunRequest) -> int:
+    from cove.image import package as package_mod  # tarfile: only a package run needs it
+
     with package_mod.extracted(package, runtime_dir()) as unpacked:
         verified = artifacts.load_verified(unpacked / "build", unpacked / "cove.toml", request.expected_signer)
         state_dir = request.state_dir or default_state_dir(verified.config.enclave.name)
