@@ -261,12 +261,13 @@ def test_a_supervisor_waits_forked_ahead_and_a_lost_one_is_replaced(node, app):
     while len(ready := ready_supervisors(node)) != 1:
         assert time.monotonic() < deadline, ready
         time.sleep(0.05)
+    assert cgroups_of(ready[0]), "it prepared no sandbox while it waited"
     os.kill(ready[0], 9)
     result = node.cove("run", "/bin/hello", "0", "4", cwd=app)
     assert (result.returncode, result.stdout) == (4, "hello 3\nto stderr\n"), result.stderr
     deadline = time.monotonic() + 10
-    while (now := ready_supervisors(node)) in ([], ready):
-        assert time.monotonic() < deadline, now
+    while (now := ready_supervisors(node)) in ([], ready) or cgroups_of(ready[0]):
+        assert time.monotonic() < deadline, (now, cgroups_of(ready[0]))  # its sandbox's child left, groups reaped
         time.sleep(0.05)
     assert len(now) == 1
 
