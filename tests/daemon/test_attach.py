@@ -66,13 +66,11 @@ def read_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
     return frames
 
 
-def cgroups_of(pid: int) -> list[str]:
-    return [
-        name
-        for controller in ("memory", "pids")
-        for name in (os.listdir(limits.CGROUP_ROOT / controller) if limits.detect_mode() == "cgroup1" else [])
-        if name.startswith(f"cove-{pid}-")
-    ]
+def cgroups_of(pid: int) -> list[Path]:
+    """The enclave cgroups a supervisor (or launcher) made: cove-PID-* under this process's own groups."""
+    parents = limits.parents()
+    assert parents, "no cgroup hierarchy here to make enclave cgroups under"
+    return [parent / name for parent in parents for name in os.listdir(parent) if name.startswith(f"cove-{pid}-")]
 
 
 def test_one_request_streams_the_output_and_removes_the_enclave(node, app):
@@ -298,3 +296,25 @@ def test_an_end_written_between_the_read_and_the_look_is_not_a_kill(tmp_path, mo
     monkeypatch.setattr(registry_mod.Enclave, "supervisor_alive", ends_meanwhile)
     view = daemon.wait(enclave.id, 0)
     assert (view["state"], view["exit_code"], view["error"]) == ("exited", 0, None)
+
+
+def test_an_enclave_gets_its_own_limits_whatever_was_prepared(node, app, hello, tmp_path):
+    """The waiting supervisor prepared its sandbox with the last image's limits; an image asking others
+    gets a sandbox prepared with its own verified ones (and the next one its limits again)."""
+    from tests.daemon.conftest import make_hello_instance
+
+    small = make_hello_instance(node.cove, tmp_path, hello, "small")
+    toml = (small / "cove.toml").read_text()
+    toml = toml.replace('memory = "512M"', 'memory = "96M"').replace("max_processes = 64", "max_processes = 9")
+    (small / "cove.toml").write_text(toml)
+    node.cove.ok("build", cwd=small)
+    for instance, wanted in ((app, ("64", 512 << 20)), (small, ("9", 96 << 20)), (app, ("64", 512 << 20))):
+        ident = node.cove.ok("-C", str(instance), "run", "-d", "/bin/hello", "30").stdout.strip()
+        try:
+            view = node.until(ident, "running")
+            groups = cgroups_of(view["supervisor_pid"])
+            found = {p.name: p.read_text().strip() for g in groups for p in g.iterdir() if p.name in LIMIT_FILES}
+            memory = found.get("memory.limit_in_bytes") or found.get("memory.max") or "0"
+            assert (found.get("pids.max"), int(memory)) == wanted, found
+        finally:
+            node.cove.ok("rm", "-f", ident)
