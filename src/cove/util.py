@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +25,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
     ``sync=False`` skips the fsync, for state a crash of the machine makes moot anyway
     (a running process's status): readers still never see a mix.
     """
+    import tempfile  # here: tempfile and random are ~3 ms of every importer's start (cove-runtime create)
+
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

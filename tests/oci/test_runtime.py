@@ -414,6 +414,7 @@ def test_create_loads_nothing_avoidable(bundle, tmp_path):
         assert "cove.image.signing" in modules and "cove.config" in modules  # it did verify
         assert _avoidable(modules) == [], _avoidable(modules)
         assert "cove.runtime.launcher" not in modules  # the container's process loads it, not the engine's call
+        assert [m for m in ("shutil", "tempfile", "random") if m in modules] == []  # only the launcher needs them
     finally:
         assert runtime(root, "delete", "--force", "m").returncode == 0
     no_leftovers(root, "m")

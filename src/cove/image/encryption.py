@@ -12,7 +12,6 @@ serves each file only if it matches the signed digest.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +66,8 @@ def find(build_dir: Path) -> EncryptedImage | None:
 
 def remove(build_dir: Path) -> None:
     """Drop a previous build's encrypted image (it no longer matches the manifest)."""
+    import shutil  # here: only a build removes one; the launch path imports this module
+
     (build_dir / IMAGE_KEY).unlink(missing_ok=True)
     shutil.rmtree(build_dir / ENCRYPTED_IMAGE, ignore_errors=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -132,6 +131,8 @@ def copy_signed(rootfs: Path, entries: list[Entry], dest: Path) -> Path:
             os.chown(dest, *owner)
         os.chmod(dest, 0o755)
     except BaseException:
+        import shutil  # only on a refusal: create's path does without it
+
         shutil.rmtree(dest, ignore_errors=True)
         raise
     finally:
