@@ -243,6 +243,7 @@ class Guard:
         self._active: asyncio.Semaphore | None = None
         self._in_flight = self._served = 0
         self._trimmer: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _UNGUARDED:
@@ -250,6 +251,8 @@ class Guard:
             return
         if self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+            if self.off_loop.inline:
+                self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
         self._in_flight += 1
         try:
             await self._guarded(scope, receive, send)
@@ -276,6 +279,21 @@ class Guard:
             if quiet and served - trimmed_at >= TRIM_AFTER:
                 trimmed_at = served
                 await self.off_loop(release_free_memory)
+
+    async def _checkpoints(self) -> None:
+        """SQLite's checkpoints in the pool, while requests are served: the loop's own connection
+        leaves them to this (each is an fdatasync of several milliseconds, which on the loop stalled
+        every connection)."""
+        last = 0
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            if self._served == last:
+                continue
+            last = self._served
+            try:
+                await self.off_loop(self.broker.store.checkpoint)
+            except Exception as exc:  # the loop's connection checkpoints itself past its safety net
+                log.warning("SQLite checkpoint failed: %s", exc)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -422,6 +440,7 @@ class Guard:
 
 TRIM_INTERVAL = 0.5  # seconds between checks for an idle broker
 TRIM_AFTER = 500  # requests served since the last trim
+CHECKPOINT_INTERVAL = 0.5  # seconds between SQLite checkpoints while requests are served
 
 
 def release_free_memory() -> bool:

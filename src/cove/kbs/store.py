@@ -74,6 +74,9 @@ T = TypeVar("T")
 # How long a thread that must not wait (Store.without_waiting) lets SQLite retry a locked database
 # before it answers Busy: two of SQLite's shortest sleeps, long enough for another worker's statement.
 NOWAIT_BUSY_MS = 2
+# The loop's own connection leaves checkpoints (an fdatasync each) to Store.checkpoint in a thread;
+# this many pages of write-ahead log are its safety net should none run.
+NOWAIT_AUTOCHECKPOINT = 10000
 # A PostgreSQL advisory lock key for migrations ("cove-kbs" as an integer).
 _PG_LOCK = 0x636F76656B6273
 
@@ -322,10 +325,25 @@ class Store:
         if conn is None:
             conn = self._connect_sqlite()
             conn.execute(f"PRAGMA busy_timeout={NOWAIT_BUSY_MS}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={NOWAIT_AUTOCHECKPOINT}")
             self._nowait.conn = conn
             with self._refusal_lock:
                 self._nowait_conns.append(conn)
         return conn
+
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log into the database, for a thread to run: PASSIVE, so it
+        neither waits for nor blocks writers and readers, and takes no writer's turn. A loop's own
+        connection (without_waiting) leaves checkpoints to this; nothing to do on PostgreSQL."""
+        if self.dialect != "sqlite":
+            return
+        conn = self._pool.get()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except BaseException:
+            self._pool.discard(conn)
+            raise
+        self._pool.put(conn)
 
     def _nowait_run(self, run: Callable[[Any], T]) -> T:
         """run(connection) on this thread's own connection, refusing to wait for a lock (Busy)."""
