@@ -248,3 +248,42 @@ def test_admin_token_alg_none_refused(kbs):
     with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
         reply = http.get("/kbs/v0/admin/secrets", headers={"Authorization": f"Bearer {header}.{body}."})
     assert reply.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "public",
+    [
+        {},
+        {"kty": 5},
+        {"kty": "EC"},
+        {"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA"},
+        {"kty": "EC", "crv": ["P-256"], "x": "AA", "y": "AA"},
+        {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "A" * 43},  # not a point on the curve
+        {"kty": "OKP", "crv": "Ed25519", "x": "!!"},
+        {"kty": "OKP", "crv": "Ed25519", "x": 123},
+        {"kty": "OKP", "crv": "X25519", "x": "A" * 43},
+        {"kty": "RSA", "n": "AQAB", "e": "AQAB"},
+        {"kty": "oct", "k": "AAAA"},
+        "a string",
+    ],
+)
+def test_hostile_admin_keys_are_one_invalid_request(tmp_path, public):
+    """Every malformed or unusable JWK is an InvalidRequest problem, never another exception."""
+    from cove.kbs.broker import Broker, Settings
+    from cove.kbs.problems import Problem
+
+    broker = Broker(Settings(db_url=f"sqlite:///{tmp_path}/kbs.db", master_key=b"k" * 32))
+    with pytest.raises(Problem) as raised:
+        broker.bootstrap_admin("hostile", public)
+    assert raised.value.kind == "InvalidRequest", raised.value
+
+
+def test_an_ec_key_on_another_curve_is_refused(tmp_path):
+    """A P-521 key imports, but admins sign only with Ed25519, ES256 or ES384: refused when added."""
+    from cove.kbs.broker import Broker, Settings
+    from cove.kbs.problems import Problem
+
+    broker = Broker(Settings(db_url=f"sqlite:///{tmp_path}/kbs.db", master_key=b"k" * 32))
+    with pytest.raises(Problem, match="another curve"):
+        broker.bootstrap_admin("p521", jwk.generate_key("EC", "P-521").as_dict(private=False))
+    assert broker.bootstrap_admin("p384", jwk.generate_key("EC", "P-384").as_dict(private=False))

@@ -24,7 +24,9 @@ from typing import Any, NoReturn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.exceptions import UnsupportedAlgorithm
 from joserfc import jwk
+from joserfc.errors import JoseError
 
 from cove.attest import certs
 from cove.kbs import (
@@ -54,6 +56,9 @@ WRITE_ACTIONS = (
     "key.add",
     "key.delete",
 )
+# What importing a hostile JWK raises (a probe of joserfc 1.x: its errors, ValueError incl. binascii.Error,
+# KeyError for a missing member, TypeError for a mistyped one, cryptography's UnsupportedAlgorithm).
+_JWK_ERRORS = (JoseError, ValueError, KeyError, TypeError, UnsupportedAlgorithm)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^0\.([0-9]+)\.([0-9]+)$")
 
@@ -470,9 +475,11 @@ class Broker:
             raise Problem("InvalidRequest", "give the admin key's public JWK only")
         try:
             key = jwk.import_key(public, public.get("kty"))
-            jose.admin_alg(key)
-        except Exception as exc:
+            usable = bool(jose.admin_alg(key))
+        except _JWK_ERRORS as exc:  # joserfc's own, and its key parsers' (base64, missing or mistyped members)
             raise Problem("InvalidRequest", f"not an Ed25519 or EC P-256/P-384 public JWK: {exc}") from None
+        if not usable:  # an EC key on another curve imports, but admins sign only with these
+            raise Problem("InvalidRequest", "not an Ed25519 or EC P-256/P-384 public JWK: another curve")
 
     def add_admin_key(self, actor: str, name: str, public: dict[str, Any], role: str) -> None:
         self._check_key(name, public, role)

@@ -297,11 +297,11 @@ def make_admin_token(
 
 
 def admin_alg(key: jwk.Key) -> str:
-    """The JWS algorithm of an admin key; ValueError for a key type admins may not use."""
-    if key.key_type == "OKP":
-        return "Ed25519"  # RFC 9864's fully specified name for EdDSA with Ed25519
+    """The JWS algorithm of an admin key: "" for a curve admins may not use, ValueError for a key type."""
+    crv = key.as_dict().get("crv") if key.key_type in ("OKP", "EC") else None
+    if key.key_type == "OKP":  # RFC 9864's fully specified name for EdDSA with Ed25519; an X25519 key signs nothing
+        return "Ed25519" if crv == "Ed25519" else ""
     if key.key_type == "EC":
-        crv = key.as_dict().get("crv")
         return {"P-256": "ES256", "P-384": "ES384"}.get(crv, "") if isinstance(crv, str) else ""
     raise ValueError("admin keys are Ed25519 or EC P-256/P-384")
 
