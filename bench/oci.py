@@ -16,14 +16,22 @@ median of each span of create, the container's process and the launch.
 call the engine makes (argv, start, end, exit code) and prints, per engine
 and runtime, the calls of one run and the median time of each (the
 wrapper's own `date` calls add a few ms to both runtimes' figures alike).
+--resident-prototype adds a third runtime, bench/oci_resident_prototype.py
+(a warm process does `create`'s work; a measuring prototype of the design in
+docs/containers.md, "A resident create"), to both engines' runs, and first
+measures `create` alone with both paths, interleaved: the CPU of create's
+own process (and, resident, of the warm process's worker up to its answer)
+and of the container's process before `start` (/proc/PID/schedstat).
 
-    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans] [--calls]
+    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans] [--calls] [--resident-prototype]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +45,7 @@ COVE = str(Path(sys.executable).parent / "cove")
 RUNTIME = str(Path(sys.executable).parent / "cove-runtime")
 HELLO = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
 IMAGE = "localhost/cove-bench/hello:1"
+PROTOTYPE = Path(__file__).resolve().parent / "oci_resident_prototype.py"
 PODMAN = ["podman", "--cgroup-manager=cgroupfs"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
@@ -71,11 +80,13 @@ def median_ms(commands: dict, runs: int) -> dict[str, float]:
 
 
 def report(title: str, figures: dict[str, float]) -> None:
-    base, cove = figures["runc"], figures["cove-runtime"]
-    print(
-        f"{title}: runc {base:.0f} ms, cove-runtime {cove:.0f} ms, "
-        f"overhead {cove - base:.0f} ms, ratio {cove / base:.2f}"
-    )
+    base = figures["runc"]
+    for name, cove in figures.items():
+        if name != "runc":
+            print(
+                f"{title}: runc {base:.0f} ms, {name} {cove:.0f} ms, "
+                f"overhead {cove - base:.0f} ms, ratio {cove / base:.2f}"
+            )
 
 
 def main() -> int:
@@ -97,15 +108,24 @@ def main() -> int:
         action="store_true",
         help="log every runtime call the engines make and print the median time of each kind",
     )
+    parser.add_argument(
+        "--resident-prototype",
+        action="store_true",
+        help="also run bench/oci_resident_prototype.py (create's work in a warm process) and measure create's CPU",
+    )
     args = parser.parse_args()
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
     runtimes = {"runc": runc, "cove-runtime": RUNTIME}
+    if args.resident_prototype:
+        runtimes["resident"] = prototype_runtime(work)
+    binaries = dict(runtimes)
     if args.calls:
         runtimes = {name: wrapper(work, name, binary) for name, binary in runtimes.items()}
     env = dict(os.environ, HOME=str(work), XDG_CONFIG_HOME=str(work))
     containerd = None
     node = None
+    warm = None
     try:
         tar = build_image(work, env)
         if args.node_service:  # /dev/attestation from the node's one server, not a server per container
@@ -120,14 +140,19 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             os.environ["COVE_NODE_ROOT"] = str(work / "node")  # containerd hands its environment to the runtime
+        if args.resident_prototype:  # after the node service: it inherits COVE_NODE_ROOT
+            warm = subprocess.Popen([sys.executable, str(PROTOTYPE), "serve", str(work / "proto.sock")])
+            for _ in range(600):
+                if (work / "proto.sock").exists():
+                    break
+                time.sleep(0.05)
+            create_cpu(work, tar, binaries, args.runs * 2)
         run([*PODMAN, "load", "-i", str(tar)])
         node_flag = ["--runtime-flag", f"node-root={work / 'node'}"] if node is not None else []
         podman = {
-            "runc": [*PODMAN, "run", "--rm", "--runtime", runtimes["runc"], *ULIMITS, IMAGE, "/hello"],
-            "cove-runtime": [
-                *PODMAN,
-                *("run", "--rm", "--runtime", runtimes["cove-runtime"], *node_flag, *ULIMITS, IMAGE, "/hello"),
-            ],
+            name: [*PODMAN, "run", "--rm", "--runtime", binary, *(node_flag if name != "runc" else []), *ULIMITS]
+            + [IMAGE, "/hello"]
+            for name, binary in runtimes.items()
         }
         report("podman run --rm", median_ms(podman, args.runs))
         if args.calls:
@@ -160,7 +185,7 @@ def main() -> int:
         def ctr_run(binary: str):  # a fresh container id per run
             return lambda: [*ctr, "run", "--rm", "--runc-binary", binary, IMAGE, f"bench-{next(counter)}", "/hello"]
 
-        ctr_commands = {"runc": ctr_run(runtimes["runc"]), "cove-runtime": ctr_run(runtimes["cove-runtime"])}
+        ctr_commands = {name: ctr_run(binary) for name, binary in runtimes.items()}
         report("ctr run --rm", median_ms(ctr_commands, args.runs))
         if args.calls:
             print_calls("ctr run --rm", work, args.runs + 1)
@@ -168,6 +193,9 @@ def main() -> int:
             print_spans(work / "spans.txt")
     finally:
         subprocess.run([*PODMAN, "rmi", "-f", IMAGE], capture_output=True)
+        if warm is not None:
+            warm.terminate()
+            warm.wait(timeout=30)
         if node is not None:
             node.terminate()
             node.wait(timeout=30)
@@ -198,7 +226,7 @@ def wrapper(work: Path, name: str, binary: str) -> str:
 def print_calls(title: str, work: Path, runs: int) -> None:
     """Per runtime: the calls one run makes (count per run) and the median ms of each kind; the log restarts."""
     print(f"{title}: runtime calls per run (count, median ms, failed)")
-    for name in ("runc", "cove-runtime"):
+    for name in ("runc", "cove-runtime", "resident"):
         log = work / f"calls-{name}.log"
         durations: dict[str, list[float]] = {}
         failed: dict[str, int] = {}
@@ -235,6 +263,99 @@ def print_spans(path: Path) -> None:
     print("cove-runtime spans in the ctr runs (median ms, count):")
     for name, values in durations.items():
         print(f"  {name:34} {statistics.median(values):8.1f} {len(values):4d}")
+
+
+def prototype_runtime(work: Path) -> str:
+    """The prototype as a runtime script for the engines: the venv's Python, this run's warm process's socket.
+
+    Podman's conmon does not hand its environment to the runtime, so the
+    socket is written into the script.
+    """
+    script = work / "resident-runtime"
+    source = PROTOTYPE.read_text().replace('"/run/cove-proto.sock"', repr(str(work / "proto.sock")), 1)
+    script.write_text(f"#!{sys.executable}\n{source}")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _bundle(work: Path, tar: Path) -> Path:
+    """A bundle of the hello image as an engine makes one: config.json and the layer unpacked."""
+    import tarfile
+
+    unpacked = work / "unpacked"
+    with tarfile.open(tar) as archive:
+        archive.extractall(unpacked, filter="data")
+    layer = unpacked / json.loads((unpacked / "manifest.json").read_text())[0]["Layers"][0]
+    bundle = work / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    with tarfile.open(layer) as archive:
+        archive.extractall(bundle / "rootfs", filter="tar")
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/hello"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "rootfs"},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+    }
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def _cpu_ns(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/schedstat") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def create_cpu(work: Path, tar: Path, runtimes: dict[str, str], runs: int) -> None:
+    """`create` alone, today's path and the prototype's, interleaved: CPU per create (ms, medians) and wall time.
+
+    own: create's process (getrusage of the children); worker: the warm
+    process's worker up to its answer; container: the container's process
+    before `start` (schedstat, read 0.5 s after create, once it waits).
+    """
+    bundle, root, log = _bundle(work, tar), work / "cpu-root", work / "worker-cpu.log"
+    figures: dict[str, dict[str, list[float]]] = {}
+    for round_ in range(runs + 1):
+        for name in ("cove-runtime", "resident"):
+            ident = f"cpu-{round_}-{name}"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(
+                [runtimes[name], "--root", str(root), "create", "--bundle", str(bundle), ident],
+                check=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=dict(os.environ, COVE_PROTO_CPU=str(log)),
+            )
+            wall = (time.perf_counter() - start) * 1000
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            time.sleep(0.5)
+            state = json.loads(
+                subprocess.run([RUNTIME, "--root", str(root), "state", ident], capture_output=True).stdout
+            )
+            worker = 0.0
+            if name == "resident":
+                worker = float(log.read_text().splitlines()[-1].split()[0])
+                inner = int(log.read_text().splitlines()[-1].split()[1])
+                container = _cpu_ns(inner) + _cpu_ns(state["pid"])
+            else:
+                container = _cpu_ns(state["pid"])
+            run([RUNTIME, "--root", str(root), "delete", "--force", ident])
+            if round_:  # the first round warms the page cache
+                own = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
+                sample = {"own": own, "worker": worker, "container": container / 1e6, "wall": wall}
+                for key, value in sample.items():
+                    figures.setdefault(name, {}).setdefault(key, []).append(value)
+    print(f"create alone, medians of {runs} (CPU ms: create's own process + worker, container's process before start)")
+    for name, values in figures.items():
+        medians = {key: statistics.median(samples) for key, samples in values.items()}
+        print(
+            f"  {name:13} own {medians['own']:.1f} + worker {medians['worker']:.1f} + container "
+            f"{medians['container']:.1f} = {medians['own'] + medians['worker'] + medians['container']:.1f} ms of CPU; "
+            f"wall {medians['wall']:.0f} ms"
+        )
 
 
 def _stop_node_attestation(root: Path) -> None:
