@@ -240,11 +240,24 @@ class Registry:
     # -- upkeep
 
     def settle(self, enclave: Enclave) -> Enclave:
-        """An enclave whose supervisor died without saying how it ended (kill -9) is recorded as killed."""
+        """An enclave whose supervisor died without saying how it ended (kill -9) is recorded as killed.
+
+        A supervisor writes how its enclave ended, then exits. A state read before that write and a look
+        at the process after the exit would make a clean end "killed" (exit 137), so once the supervisor
+        is seen dead its state is read again: whatever it wrote before dying is there now.
+        """
         if enclave.ended or enclave.supervisor_alive():
             return enclave
         if not enclave.state:
             return enclave  # a supervisor not yet started; the caller decides
+        try:
+            fresh = read_object(enclave.folder / "state.json")
+        except (OSError, ValueError):
+            fresh = enclave.state
+        if fresh != enclave.state:
+            enclave.state = fresh
+            if not fresh or enclave.ended or enclave.supervisor_alive():  # it ended cleanly, or was restarted
+                return enclave
         state = dict(
             enclave.state,
             state="exited",

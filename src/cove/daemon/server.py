@@ -460,13 +460,9 @@ class Daemon:
             delay = min(delay * 2, 0.1)
 
     def _current(self, ident: str) -> Enclave:
-        """The enclave as its files say now, settled. A supervisor writes how it ended before it exits, so
-        a state read before that write and a look after the exit must not make it "killed": once it is
-        seen dead, its state is read again before it is settled."""
-        current = self.registry.load(ident)
-        if not current.ended and current.state and not current.supervisor_alive():
-            current = self.registry.settle(self.registry.load(ident))
-        return current
+        """The enclave as its files say now, settled (Registry.settle reads the state again once the
+        supervisor is seen dead, so an end written just before its exit is not taken for a kill)."""
+        return self.registry.settle(self.registry.load(ident))
 
     def wait(self, ref: str, uid: int) -> JSON:
         enclave = self.find(ref, uid)
