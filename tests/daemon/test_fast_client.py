@@ -19,6 +19,9 @@ from cove.cli.attached import _node_runs, _parse
 from tests.conftest import error_line
 
 HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3", "tomllib")
+# and modules of the standard library that cost a start milliseconds of CPU the fast paths do without
+SLOW_STDLIB = ("pathlib", "typing", "urllib", "importlib", "fnmatch", "ipaddress", "warnings", "threading")
+HEAVY += SLOW_STDLIB
 # cove's own entry point, reporting at exit which heavy modules the process imported
 ENTRY = (
     "import atexit, sys\n"
@@ -57,6 +60,7 @@ def test_run_through_the_daemon_imports_nothing_heavy(node, app):
     direct = {"COVE_NO_DAEMON": "1"}
     code, out, _, imported = cove_reporting(node.cove, "run", "/bin/hello", "0", "4", cwd=app, env=direct)
     assert (code, out) == (4, "hello 3\n") and "click" not in imported and "cove.runtime" in imported
+    assert {"pathlib", "typing"} <= set(imported)  # what the runtime needs, seen by the same check
     code, out, _, imported = cove_reporting(
         node.cove, "run", "--backend", "sim", "/bin/hello", "0", "4", cwd=app, env=direct
     )

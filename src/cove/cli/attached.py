@@ -18,13 +18,17 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
-from types import FrameType
-from typing import Any
 
 from cove import trace
 from cove.daemon.client import ENDED, OUTPUT, STARTED, UNREACHABLE, Client, DaemonError, NotRunning, read_frame
 from cove.errors import CoveError, ExitCode, file_system_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cove.cli says why); mypy reads it as True
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Any
+
+    Folder = str | os.PathLike[str]  # an instance folder: a plain str here, a pathlib.Path from the full CLI
 
 ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption.ENCRYPTED_IMAGE: such a build runs directly
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -32,7 +36,7 @@ HINT = " (start it with `sudo cove daemon` or `systemctl start cove`)"
 
 
 def create_body(
-    instance: Path,
+    instance: Folder,
     program: str,
     args: tuple[str, ...],
     name: str | None,
@@ -42,7 +46,7 @@ def create_body(
 ) -> dict[str, Any]:
     """The POST /enclaves request of `cove run` and `cove run -d`."""
     return {
-        "instance": str(instance.resolve()),
+        "instance": os.path.realpath(instance),  # what Path.resolve() gives, without importing pathlib
         "program": program,
         "args": list(args),
         "name": name,
@@ -159,7 +163,7 @@ def _enclave(view: Any) -> dict[str, Any]:
     return view
 
 
-def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
+def run_attached(instance: Folder, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
     """`cove run` through the daemon: start, copy the output, return the exit code (raises DaemonError).
 
     One request (the attach upgrade): the daemon streams the output and, once the enclave has ended,
@@ -190,12 +194,12 @@ def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
     return directory, rest[0], tuple(rest[1:])
 
 
-def _backend(directory: Path) -> str | None:
+def _backend(directory: str) -> str | None:
     """[enclave] backend of the instance's cove.toml; None when it does not say plainly (direct mode only)."""
     import tomllib  # not on the daemon's path: its import costs more than a start's request
 
     try:
-        with open(directory / "cove.toml", "rb") as handle:
+        with open(os.path.join(directory, "cove.toml"), "rb") as handle:
             config = tomllib.load(handle)
     except (OSError, ValueError, RecursionError):  # tomllib recurses on nested arrays and tables
         return None  # the full CLI says what is wrong
@@ -204,12 +208,14 @@ def _backend(directory: Path) -> str | None:
     return backend if isinstance(backend, str) else None
 
 
-def _node_runs(directory: Path) -> bool:
+def _node_runs(directory: Folder) -> bool:
     """Whether the full CLI runs the instance through the daemon (cove.cli.run._node_runs without
     --backend): every instance with a cove.toml whose build is not encrypted, whatever its backend (sim
     or vm) and even when cove.toml does not parse (the daemon reports that as direct mode would). So it
     is decided without parsing cove.toml; the full CLI takes the rest (and says why)."""
-    return (directory / "cove.toml").is_file() and not (directory / "build" / ENCRYPTED_IMAGE).is_dir()
+    return os.path.isfile(os.path.join(directory, "cove.toml")) and not os.path.isdir(
+        os.path.join(directory, "build", ENCRYPTED_IMAGE)
+    )
 
 
 def fast_run(argv: list[str]) -> int | None:
@@ -221,9 +227,8 @@ def fast_run(argv: list[str]) -> int | None:
     parsed = _parse(argv)
     if parsed is None:
         return None
-    directory, program, args = parsed
-    instance = Path(directory)
-    if not instance.is_dir():
+    instance, program, args = parsed
+    if not os.path.isdir(instance):
         return None
     if not daemon_available():
         return _direct(instance, program, args)
@@ -277,16 +282,18 @@ def _fast_ps(argv: list[str]) -> int | None:
     return 0
 
 
-def _direct(instance: Path, program: str, args: tuple[str, ...]) -> int:
+def _direct(instance: str, program: str, args: tuple[str, ...]) -> int:
     """Direct mode, with cove.cli.main's handling of errors (one line, the code of docs/cli.md)."""
     if _backend(instance) != "vm":  # a vm's guest serves /dev/attestation itself
         from cove.runtime import attestation_early
 
         attestation_early.prestart()  # first thing: the server's start overlaps all of this one's
+    from pathlib import Path
+
     from cove.cli import direct
 
     try:
-        return direct.run(instance, program, args)
+        return direct.run(Path(instance), program, args)
     except CoveError as exc:
         return _fail(exc.line(), exc.exit_code)
     except OSError as exc:  # a file the run reads or writes: read-only, full disk, I/O error

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 from cove.errors import UnreachableError
+
+TYPE_CHECKING = False  # not typing's: the plain `cove ps` imports no typing (cove.cli says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 COLUMNS = ("ID", "NAME", "MEASUREMENT", "BACKEND", "STATE", "STATUS", "EXIT")
 SHOWN = ("id", "name", "measurement", "backend", "state")
