@@ -56,4 +56,11 @@ def test_the_measured_command_line_carries_the_memory_settings() -> None:
     words = _description("none")["cmdline"].split()
     for setting in ("transparent_hugepage=never", "lockdown=confidentiality", "percpu_alloc=page"):
         assert setting in words
+    # the memory reserves, set by the kernel before the init (7.5 MB less withheld; docs/backends.md)
+    for setting in (
+        "sysctl.vm.min_free_kbytes=1024",
+        "sysctl.vm.lowmem_reserve_ratio=0",
+        "sysctl.vm.percpu_pagelist_high_fraction=1024",
+    ):
+        assert setting in words
     assert "panic=-1" in words and "rdinit=/init" in words

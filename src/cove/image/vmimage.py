@@ -66,8 +66,19 @@ LAUNCH_LIMIT = 64 << 10  # a command line, a machine name and a few device names
 # TCG), and the guest kernel refuses /dev/mem, kprobes and unsigned modules (Debian's are signed);
 # percpu_alloc=page: per-CPU areas in 4 KiB pages, not 2 MB units (5 MB); dhash_entries and
 # ihash_entries: dentry and inode hash tables sized for an enclave's files, not for all of RAM (1.3 MB).
+# RESERVE_CMDLINE: sysctls the kernel sets before it starts the init (docs/backends.md, "Memory
+# reserves"; 7.5 MB in all). min_free_kbytes 1024, not the ~3,000 the kernel derives from RAM: the
+# zones' watermarks keep 2 MB, not 4.3 MB, from the program; lowmem_reserve_ratio 0 for ZONE_DMA
+# (its first value; the others stay): no 2.2 MB of the 16 MB DMA zone held for GFP_DMA
+# allocations, which nothing in this guest makes (no ISA devices; virtio's buffers take any zone);
+# percpu_pagelist_high_fraction 1024: each CPU's list of free pages, which MemAvailable does not
+# count, holds at most 1/1024 of the zone (0.5 MB), not the low watermark's worth.
+RESERVE_CMDLINE = (
+    "sysctl.vm.min_free_kbytes=1024 sysctl.vm.lowmem_reserve_ratio=0 sysctl.vm.percpu_pagelist_high_fraction=1024"
+)
 MEMORY_CMDLINE = (
-    "transparent_hugepage=never lockdown=confidentiality percpu_alloc=page dhash_entries=16384 ihash_entries=8192"
+    "transparent_hugepage=never lockdown=confidentiality percpu_alloc=page dhash_entries=16384 ihash_entries=8192 "
+    + RESERVE_CMDLINE
 )
 BASE_CMDLINE = (
     "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t rdinit=/init "
