@@ -29,7 +29,7 @@ import time
 
 TYPE_CHECKING = False  # typing (and pathlib) would cost the hot commands a few ms each: plain str paths here
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeGuard
 
     from cove.errors import CoveError
 
@@ -67,6 +67,44 @@ def start_time(pid: int) -> tuple[int, str] | None:
     return int(fields[19]), fields[0].decode()
 
 
+PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: a larger "pid" is no process's
+STRINGS = ("cgroups", "container_cgroups")  # lists of absolute folder names
+
+
+def well_formed(found: object) -> TypeGuard[State]:
+    """Whether a loaded state has every field the commands use, each of its type (a damaged one is one line).
+
+    Required: `pid` (0 <= pid < PID_LIMIT, not a bool: a negative one would
+    signal a process group) and `bundle`; optional: `id`, `pid_start`,
+    `created`, `annotations`, `unmeasured` and the cgroup lists, each checked
+    when present. Unknown keys are left alone.
+    """
+    if not isinstance(found, dict):
+        return False
+    pid = found.get("pid")
+    if type(pid) is not int or not 0 <= pid < PID_LIMIT or not isinstance(found.get("bundle"), str):
+        return False
+    if not isinstance(found.get("id", ""), str) or type(found.get("unmeasured", False)) is not bool:
+        return False
+    if found.get("pid_start") is not None and type(found["pid_start"]) is not int:
+        return False
+    created = found.get("created", 0)
+    if type(created) not in (int, float):
+        return False
+    annotations = found.get("annotations", {})
+    if not isinstance(annotations, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+    ):
+        return False
+    for key in STRINGS:
+        value = found.get(key, [])
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and v.startswith("/") and "\0" not in v for v in value
+        ):
+            return False
+    return True
+
+
 class Container:
     """A container's folder ROOT/ID and its state (STATE)."""
 
@@ -87,7 +125,7 @@ class Container:
             found = self._load_json()
         except (ValueError, EOFError, TypeError):
             found = None
-        if not isinstance(found, dict) or not isinstance(found.get("pid"), int):
+        if not well_formed(found):
             raise error(f"container {self.id}: its state is damaged", "delete it with --force")
         return found
 
@@ -235,7 +273,7 @@ def enclave_processes(state: State) -> list[int]:
 
 def cmd_delete(root: str, ident: str, force: bool) -> int:
     """Remove a stopped container (a running one only with --force)."""
-    container = Container(root, ident)
+    container = Container(os.path.realpath(root), ident)  # the mount table names real paths
     if not os.path.exists(container.dir):
         if force:
             return 0  # runc: delete --force of what is gone succeeds
@@ -329,47 +367,102 @@ def _unescape(text: str) -> str:
 
 
 GONE = ".gone-"  # ROOT/.gone-ID-PID: a deleted container's folder on its way out (no id starts with a dot)
+RETRY = "~"  # each later delete that retries a leftover .gone-* appends one
+RETRIES = 3  # a .gone-* that this many retries could not remove is left for the operator
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8  # Linux's umount2 flags
+
+
+def mounts_below(folder: str) -> list[str]:
+    """The mount points at or below folder (absolute, resolved), deepest first; one per mount (stacked ones repeat)."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            points = [_unescape(line.split()[1]) for line in mounts]
+    except OSError:
+        return []
+    prefix = folder.rstrip("/") + "/"
+    return sorted((p for p in points if p == folder or p.startswith(prefix)), reverse=True)
+
+
+def unmount_below(folder: str) -> list[str]:
+    """Detach every mount at or below folder (lazily: a busy one goes once let go); what stays mounted.
+
+    Passes repeat while they make progress: a mount hidden under another one
+    is reachable once the upper one is gone. A point is never followed as a
+    symlink. ctypes loads only when something is mounted there.
+    """
+    left = mounts_below(folder)
+    if not left:
+        return left
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    while left:
+        for point in left:
+            libc.umount2(os.fsencode(point), MNT_DETACH | UMOUNT_NOFOLLOW)
+        now = mounts_below(folder)
+        if now == left:
+            break
+        left = now
+    return left
 
 
 def cleanup(folder: str, detached: bool = False) -> None:
     """Remove a container's folder and anything a killed launch left mounted below it.
 
-    detached (`delete`): the folder is renamed out of the way at once and an
-    `rm` nobody waits for removes it, with any a killed one left. Right after
-    the enclave's exit each folder of the private root that its sandbox
-    mounted on takes the kernel a grace period to let go of (2-8 ms per
-    rmdir here, about 20 ms per container), which the engine would wait for.
+    The parent is resolved first (the mount table names real paths: a
+    --root through a symlink, such as /var/run, would match none), what is
+    mounted below is detached, and if anything stays mounted nothing is
+    renamed or removed (one line, exit 2): a killed launch may leave a
+    plaintext view of an encrypted volume there, and no removal crosses into
+    another file system. detached (`delete`): the folder is renamed out of
+    the way at once and an `rm` nobody waits for removes it, with any a
+    killed one left. Right after the enclave's exit each folder of the
+    private root that its sandbox mounted on takes the kernel a grace period
+    to let go of (2-8 ms per rmdir here, about 20 ms per container), which
+    the engine would wait for.
     """
-    try:
-        with open("/proc/self/mounts") as mounts:
-            points = [_unescape(line.split()[1]) for line in mounts]
-    except OSError:
-        points = []
-    prefix = folder.rstrip("/") + "/"
-    below = sorted((p for p in points if p.startswith(prefix)), reverse=True)
-    if below:
-        import subprocess
-
-        for point in below:
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    parent, name = os.path.split(folder.rstrip("/"))
+    parent = os.path.realpath(parent)
+    folder = os.path.join(parent, name)
+    left = unmount_below(folder)
+    if left:
+        raise error(
+            f"{folder} still has {len(left)} mount(s) below it that cannot be unmounted, e.g. {left[-1][:200]!r}",
+            "unmount them, then delete again",
+        )
     if detached:
-        parent, name = os.path.split(folder.rstrip("/"))
+        gone = f"{GONE}{name}-{os.getpid()}"
         try:
-            os.rename(folder, os.path.join(parent, f"{GONE}{name}-{os.getpid()}"))
+            os.rename(folder, os.path.join(parent, gone))
         except OSError:
             pass
         else:
-            _remove_detached(parent)
+            _remove_detached(parent, gone)
             return
     remove_tree(folder)
 
 
-def _remove_detached(parent: str) -> None:
-    """`rm -rf` of every ROOT/.gone-* in a grandchild of this process that holds none of the engine's pipes."""
+def _remove_detached(parent: str, fresh: str) -> None:
+    """`rm -rf --one-file-system` of fresh and the ROOT/.gone-* earlier removals left, in a grandchild of this
+    process that holds none of the engine's pipes.
+
+    A leftover is retried at most RETRIES times (each retry renames it with
+    one more RETRY), and only once nothing is mounted below it, so a folder
+    rm cannot remove is not attempted by every delete for ever.
+    """
+    names = [fresh]
     try:
-        names = [n for n in os.listdir(parent) if n.startswith(GONE)]
+        found = [n for n in os.listdir(parent) if n.startswith(GONE) and n != fresh]
     except OSError:
-        return
+        found = []
+    for name in found:
+        if len(name) - len(name.rstrip(RETRY)) >= RETRIES or unmount_below(os.path.join(parent, name)):
+            continue
+        try:
+            os.rename(os.path.join(parent, name), os.path.join(parent, name + RETRY))
+        except OSError:
+            continue  # another delete took it
+        names.append(name + RETRY)
     child = os.fork()
     if child == 0:
         try:
@@ -380,7 +473,7 @@ def _remove_detached(parent: str) -> None:
                     os.dup2(null, fd)
                 os.closerange(3, 1 << 16)
                 os.chdir(parent)  # relative names: its command line does not name the runtime's root
-                os.execv("/bin/rm", ["rm", "-rf", "--", *names])
+                os.execv("/bin/rm", ["rm", "-rf", "--one-file-system", "--", *names])
         except BaseException:
             pass
         os._exit(0)
@@ -388,23 +481,39 @@ def _remove_detached(parent: str) -> None:
 
 
 def remove_tree(folder: str) -> None:
-    """shutil.rmtree(folder, ignore_errors=True) without importing shutil (and its compression modules)."""
-    for where, folders, files in os.walk(folder, topdown=False):
-        for name in files:
-            try:
-                os.unlink(os.path.join(where, name))
-            except OSError:
-                pass
-        for name in folders:
-            path = os.path.join(where, name)
-            try:
-                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
-            except OSError:
-                pass
+    """shutil.rmtree(folder, ignore_errors=True) without importing shutil, never leaving folder's file system."""
+    if os.path.islink(folder):
+        try:
+            os.unlink(folder)
+        except OSError:
+            pass
+        return
     try:
-        os.rmdir(folder)
+        device = os.lstat(folder).st_dev
     except OSError:
-        pass
+        return
+    folders: list[str] = []  # parents before their children
+    pending = [folder]
+    while pending:
+        where = pending.pop()
+        folders.append(where)
+        try:
+            with os.scandir(where) as entries:
+                for entry in entries:
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            os.unlink(entry.path)
+                        elif entry.stat(follow_symlinks=False).st_dev == device:
+                            pending.append(entry.path)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    for where in reversed(folders):
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass
 
 
 def cmd_features() -> int:

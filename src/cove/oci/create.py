@@ -116,7 +116,10 @@ def run(
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-        cli.cleanup(container.dir)
+        try:
+            cli.cleanup(container.dir)
+        except CoveError:
+            pass  # something stays mounted below: the folder stays too, and the refusal in hand is the one to give
         cli.remove_groups(made)
         raise
     return 0
