@@ -117,6 +117,24 @@ class Claimed:
         return self.tee in QUICK_TEES
 
 
+@dataclass(frozen=True)
+class CertRelease:
+    """A ``cert`` release whose checks passed (:meth:`Broker.begin_release`): the certificate, the
+    JWE and the audit entry are left to :meth:`Broker.finish_release`, CPU-bound work for a pool
+    thread, where nothing runs it twice (only the loop's work runs again when the database is busy,
+    and this half issues a certificate before its one write)."""
+
+    path: str
+    version: int
+    key_pem: bytes
+    days: int
+    claims: dict[str, Any]
+    tee_pubkey: dict[str, Any]
+    who: str
+    measurement: Any
+    via: str
+
+
 class Broker:
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
@@ -343,8 +361,15 @@ class Broker:
     def release_to(
         self, session_id: str | None, bearer: str | None, path: str, version: int | None = None
     ) -> dict[str, Any]:
-        """GET /kbs/v0/resource/...: :meth:`caller`, then :meth:`release`; a cookie session is read
-        together with the secret (one database round trip)."""
+        """GET /kbs/v0/resource/...: :meth:`begin_release`, then :meth:`finish_release` if it is a cert."""
+        step = self.begin_release(session_id, bearer, path, version)
+        return step if isinstance(step, dict) else self.finish_release(step)
+
+    def begin_release(
+        self, session_id: str | None, bearer: str | None, path: str, version: int | None = None
+    ) -> dict[str, Any] | CertRelease:
+        """:meth:`caller`, then :meth:`release`'s checks; a cookie session is read together with the
+        secret (one database round trip). The JWE, or for a ``cert`` secret what is left to do."""
         try:
             if bearer or not session_id:
                 caller = self.caller(session_id, bearer)
@@ -355,9 +380,9 @@ class Broker:
             who = "token" if bearer else f"session:{_label(session_id)}" if session_id else "anonymous"
             self.store.audit_refusal(who, "release", path[:400], f"{problem.kind}: {problem.detail}")
             raise
-        if bearer or not session_id:
-            return self.release(path, caller, version)
         secrets_mod.split_path(path)
+        if bearer or not session_id:
+            found = self.store.release_row(path, version)
         return self._release(path, caller, version, found)
 
     def _policy(self, name: str, found: tuple[str, int] | None = None) -> policy_mod.Policy | None:
@@ -378,9 +403,12 @@ class Broker:
     def release(self, path: str, caller: Caller, version: int | None = None) -> dict[str, Any]:
         """GET /kbs/v0/resource/...: the secret as a JWE to the caller's TEE key, if policy allows."""
         secrets_mod.split_path(path)
-        return self._release(path, caller, version, self.store.release_row(path, version))
+        step = self._release(path, caller, version, self.store.release_row(path, version))
+        return step if isinstance(step, dict) else self.finish_release(step)
 
-    def _release(self, path: str, caller: Caller, version: int | None, found: ReleaseRow | None) -> dict[str, Any]:
+    def _release(
+        self, path: str, caller: Caller, version: int | None, found: ReleaseRow | None
+    ) -> dict[str, Any] | CertRelease:
         who = f"{caller.claims.get('tee')}:{_label(caller.session) if caller.session else 'token'}"
         measurement = caller.claims.get("measurement")
         if found is None:
@@ -404,11 +432,34 @@ class Broker:
             raise Problem("InvalidRequestPath", f"{row.path} has no version {wanted}")
         value = self.vault.unseal(f"secret:{row.path}@{wanted}", sealed)
         if row.kind == "cert":
-            value = secrets_mod.issue_certificate(
-                value, self.ca_key, self.ca_cert, caller.claims, path, row.params.get("days", 30)
+            days = row.params.get("days", 30)
+            return CertRelease(
+                path, wanted, value, days, caller.claims, caller.tee_pubkey, who, measurement, caller.via
             )
-        document = jose.encrypt_to(caller.tee_pubkey, value)
-        self.store.audit(who, "release", "ok", f"{path}@{wanted}", measurement, caller.via)
+        return self._deliver(caller.tee_pubkey, value, who, f"{path}@{wanted}", measurement, caller.via)
+
+    def finish_release(self, step: CertRelease) -> dict[str, Any]:
+        """A cert release's certificate (issued once: call it where a Busy does not run it again), its
+        JWE and its audit entry."""
+        value = secrets_mod.issue_certificate(
+            step.key_pem, self.ca_key, self.ca_cert, step.claims, step.path, step.days, version=step.version
+        )
+        return self._deliver(
+            step.tee_pubkey, value, step.who, f"{step.path}@{step.version}", step.measurement, step.via
+        )
+
+    def _deliver(
+        self, tee_pubkey: dict[str, Any], value: bytes, who: str, target: str, measurement: Any, via: str
+    ) -> dict[str, Any]:
+        """The JWE of value to the TEE key, audited; a TEE key that cannot receive it (one accepted by
+        an older broker, in a token) is an audited 4xx refusal, never a 500."""
+        try:
+            document = jose.encrypt_to(tee_pubkey, value)
+        except (Problem, ValueError, TypeError) as exc:
+            detail = exc.detail if isinstance(exc, Problem) else f"{type(exc).__name__}: {exc}"
+            self.store.audit(who, "release", "refused", target, measurement, f"tee-pubkey: {detail}"[:400])
+            raise Problem("InvalidRequest", f"the TEE key cannot receive the resource: {detail}") from None
+        self.store.audit(who, "release", "ok", target, measurement, via)
         return document
 
     def _value(self, row: SecretRow, version: int) -> bytes:

@@ -9,8 +9,9 @@ than joserfc's encoder). Each TEE key is imported once per process (/attest
 and /resource load the same one), from its numbers by cryptography.
 
 - A TEE key (``runtime-data.tee-pubkey``) is an EC P-256/P-384/P-521 JWK
-  (answered with ``ECDH-ES+A256KW``) or an RSA JWK of at least 2048 bits
-  (answered with ``RSA-OAEP-256``); content is always ``A256GCM``. Everything
+  (answered with ``ECDH-ES+A256KW``; coordinates at their full length) or an RSA
+  JWK of at least 2048 bits with an odd e, 3 <= e < 2**32 (answered with
+  ``RSA-OAEP-256``); members in canonical base64url; content is always ``A256GCM``. Everything
   is in the protected header (so it is authenticated); the response is the
   flattened JSON serialization the KBS protocol names. The resource JWE is the
   one exception to "through joserfc": the Confidential Containers client does
@@ -61,6 +62,7 @@ _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _COORDINATE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66}
 _ES256 = ec.ECDSA(hashes.SHA256())
 _MAX_RSA_BITS = 16384
+_MAX_RSA_E = 1 << 32
 
 
 def tee_key(value: Any) -> tuple[jwk.Key, str]:
@@ -79,19 +81,22 @@ def tee_key(value: Any) -> tuple[jwk.Key, str]:
         raise Problem("InvalidRequest", f"tee-pubkey curve {value.get('crv')!r} is not P-256, P-384 or P-521")
     try:
         if kty == "EC":
-            limit = 2 * _COORDINATE_BYTES[value["crv"]]  # base64url of n bytes is under 2n characters
-            key = _import_public(("EC", value["crv"], _member(value, "x", limit), _member(value, "y", limit)))
+            size = _COORDINATE_BYTES[value["crv"]]  # RFC 7518 6.2.1.2: each coordinate at its full length
+            chars = (4 * size + 2) // 3
+            key = _import_public(
+                ("EC", value["crv"], _member(value, "x", chars, chars), _member(value, "y", chars, chars))
+            )
         else:
-            key = _import_public(("RSA", _member(value, "n", _MAX_RSA_BITS // 6 + 4), _member(value, "e", 16)))
+            key = _import_public(("RSA", _member(value, "n", _MAX_RSA_BITS // 6 + 4), _member(value, "e", 6)))
     except (JoseError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise Problem("InvalidRequest", f"tee-pubkey is not a valid public key: {exc}") from None
     return key, alg
 
 
-def _member(value: dict[str, Any], name: str, max_chars: int) -> str:
+def _member(value: dict[str, Any], name: str, max_chars: int, min_chars: int = 1) -> str:
     """A key member, bounded in size so that the cache of imported keys stays small."""
     text = value[name]
-    if not isinstance(text, str) or not text or len(text) > max_chars:
+    if not isinstance(text, str) or not min_chars <= len(text) <= max_chars:
         raise ValueError(f"{name} is not a base64url integer of the right size")
     return text
 
@@ -107,7 +112,10 @@ def _import_public(members: tuple[Any, ...]) -> jwk.Key:
         curve = _CURVES[members[1]]
         point = ec.EllipticCurvePublicNumbers(_b64_int(members[2]), _b64_int(members[3]), curve)
         return jwk.ECKey(point.public_key(), None)
-    public = rsa.RSAPublicNumbers(_b64_int(members[2]), _b64_int(members[1])).public_key()
+    e = _b64_int(members[2])
+    if not (e & 1 and 3 <= e < _MAX_RSA_E):  # OpenSSL refuses to encrypt with e over 64 bits for n over 3072
+        raise ValueError("RSA e must be odd, at least 3 and below 2**32 (65537 is usual)")
+    public = rsa.RSAPublicNumbers(e, _b64_int(members[1])).public_key()
     if public.key_size < 2048:
         raise ValueError("RSA keys must have at least 2048 bits")
     return jwk.RSAKey(public, None)
@@ -118,10 +126,16 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _b64_int(text: str) -> int:
-    """A JWK integer member: base64url without padding (RFC 7515 section 2), big-endian."""
+    """A JWK integer member: base64url without padding (RFC 7515 section 2), big-endian.
+
+    Canonical only: the text must be what encoding its bytes gives back (``AB`` decodes as ``AA``
+    would: two spellings of one key are refused, as are padding and the standard alphabet)."""
     if not _BASE64URL.fullmatch(text):
         raise ValueError("a key member is not base64url")
-    return int.from_bytes(_b64(text), "big")
+    raw = _b64(text)
+    if _b64e(raw) != text:
+        raise ValueError("a key member is not canonical base64url")
+    return int.from_bytes(raw, "big")
 
 
 def encrypt_to(tee_pubkey: dict[str, Any], plaintext: bytes) -> dict[str, Any]:
