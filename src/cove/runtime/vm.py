@@ -15,11 +15,11 @@ virtiofsd each (cove.runtime.vm_shared). KVM is used when a probe boot shows tha
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from cove import util
 from cove.config import parse_size
 from cove.decode import Fields, decode_json
 from cove.errors import CoveError, SetupError
@@ -39,7 +40,7 @@ from cove.image import vmimage
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from cove.attest.evidence import VtpmQuote
     from cove.platform.reports import EnclaveClaims, ReportSigner
@@ -50,7 +51,6 @@ NAME = "vm"
 ACCEL_CACHE = 1 << 20  # bytes of accel.json: one short entry per kernel and QEMU probed
 KVM, TCG = "vm (kvm)", "vm (tcg, emulated)"
 PROBE_TIMEOUT = 10.0  # a kernel that KVM boots answers in well under a second
-PR_SET_PDEATHSIG = 1
 EXIT_GRACE = 10.0  # seconds for the guest to power off after it reported the exit code
 EXEC_SOCKET = "exec.sock"  # in the run's vm folder while the program runs: `cove exec` through the node
 MAX_EXEC_ARGS = 64 << 10  # bytes of a `cove exec` program's arguments (the guest's line is twice that in hex)
@@ -59,6 +59,7 @@ SHARED_GRACE = 2.0  # seconds virtiofsd gets to leave by itself once QEMU is gon
 EXEC_QUEUE_BYTES = 2 << 20  # bytes of lines queued for one client: the guest's output window and last drain fit
 EXEC_IN_WINDOW = 64 << 10  # bytes of input sent ahead of what the guest wrote to the program (init.c's)
 EXEC_INPUT_LINE = 2 * 4096 + 2  # "i<hex of at most 4 KiB>\n", the longest line a client sends after its request
+GUEST_LINE = 160 << 10  # bytes of the longest cove.ctl line the guest may send (init.c's MAX_LINE): longer ends the run
 
 
 def qemu() -> str:
@@ -255,8 +256,38 @@ def _boot(
 
 def _die_with_parent() -> None:
     """In QEMU's process before exec: SIGKILL when `cove run` dies, even by SIGKILL itself."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    util.die_with_parent(signal.SIGKILL)
+
+
+def number(text: str, digits: int) -> int | None:
+    """TEXT's value if it is 1 to DIGITS ASCII digits, else None: a guest's numbers are parsed with
+    this, never str.isdigit(), which also takes '²' (that int() then refuses)."""
+    return int(text) if re.fullmatch(f"[0-9]{{1,{digits}}}", text) else None
+
+
+def control_lines(sock: socket.socket) -> Iterator[bytes]:
+    """The guest's cove.ctl lines, without their newline, until the port ends. A line longer than
+    GUEST_LINE raises CoveError: the guest is broken or hostile, and the launcher holds no more
+    of it than that (each byte is scanned once)."""
+    buffer = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        scanned = len(buffer)
+        buffer += chunk
+        while (end := buffer.find(b"\n", scanned)) >= 0:
+            if end > GUEST_LINE:
+                break
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            scanned = 0
+            yield line
+        if len(buffer) > GUEST_LINE:
+            raise CoveError(f"the vm guest sent a control line longer than {GUEST_LINE} bytes; the run is ended")
 
 
 def _last_line(path: Path) -> str:
@@ -367,19 +398,13 @@ class VmEnclave(RunningEnclave):
             pass  # QEMU is gone; wait() reports it
 
     def _control(self) -> None:
-        buffer = b""
-        ctl = self.ports.host("cove.ctl")
-        while True:
-            try:
-                chunk = ctl.recv(4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+        """The guest's lines (docs/backends.md); one that does not parse is dropped, one too long ends the run."""
+        try:
+            for line in control_lines(self.ports.host("cove.ctl")):
                 self._message(line.decode("utf-8", "replace"))
+        except CoveError as exc:
+            self.host_error = exc.line()
+            self.process.kill()
         self._ready.set()
         self._ended.set()
         self._close_execs()
@@ -389,10 +414,10 @@ class VmEnclave(RunningEnclave):
             self.ready_at = time.monotonic()
             self._ready.set()
             self._listen_exec()
-        elif line[:1] in ("o", "e", "x", "r", "i") and line[1:].partition(":")[0].isdigit():
-            self._exec_message(int(line[1:].partition(":")[0]), line)
-        elif line.startswith("X") and line[1:].isdigit() and len(line) <= 4:
-            self.exit_code = min(int(line[1:]), 255)  # the guest is not trusted with more than a byte
+        elif line[:1] in ("o", "e", "x", "r", "i") and (ident := number(line[1:].partition(":")[0], 10)) is not None:
+            self._exec_message(ident, line)
+        elif line.startswith("X") and (code := number(line[1:], 3)) is not None:
+            self.exit_code = min(code, 255)  # the guest is not trusted with more than a byte
             self._ended.set()
             self._close_execs()
         elif line.startswith("E"):
@@ -537,9 +562,8 @@ class VmEnclave(RunningEnclave):
         if session is None:
             return
         if line[:1] == "i":
-            written = line.partition(":")[2]
-            if written.isdigit() and len(written) <= 8:
-                session.acked(int(written))
+            if (written := number(line.partition(":")[2], 8)) is not None:
+                session.acked(written)
         else:
             session.offer(line.encode() + b"\n")
 

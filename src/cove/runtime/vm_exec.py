@@ -11,17 +11,17 @@ terminal that counts is the guest's, which the guest init opens), sends its
 master end back over FD as the `sim` helper does, relays the terminal's
 bytes both ways, and passes each new window size on (SIGWINCH, as the
 terminal's controlling process). A refusal by the guest is one line on
-stderr and exit code 126; an enclave that ends first, one line and 125
-(docs/backends.md).
+stderr and exit code 126; an enclave that ends first, or an exit line that
+is not 1-3 ASCII digits, one line and 125 (docs/backends.md).
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import struct
@@ -30,9 +30,10 @@ import termios
 import threading
 import tty as tty_mode
 
+from cove import util
+
 REFUSED, ENDED = 126, 125
 CHUNK = 4096  # input bytes per line to the launcher (its limit)
-PR_SET_PDEATHSIG = 1
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -53,8 +54,11 @@ def relay(conn: socket.socket, out: int = 1, err: int = 2) -> int:
                 pass  # a malformed line from the guest is dropped
             except OSError:
                 return ENDED  # the daemon closed our output: it is ending the session
-        elif kind == "x" and value.isdigit() and len(value) <= 3:
-            return min(int(value), 255)
+        elif kind == "x":
+            if re.fullmatch("[0-9]{1,3}", value):  # ASCII only: str.isdigit() takes '²', which int() refuses
+                return min(int(value), 255)
+            print("cove: the vm guest sent a malformed exit code", file=sys.stderr, flush=True)
+            return ENDED
         elif kind == "r":
             reason = "".join(c if c.isprintable() else "?" for c in value[:300])
             print(f"cove: exec refused: {reason}", file=sys.stderr, flush=True)
@@ -115,7 +119,7 @@ def _terminal(spec_socket: socket.socket, rows: int, cols: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # dies with the daemon's session thread
+    util.die_with_parent(signal.SIGTERM)  # dies with the daemon's session thread
     with socket.socket(fileno=int(argv[1])) as spec_socket:
         data = b""
         while chunk := spec_socket.recv(65536):

@@ -31,14 +31,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cove import hostids
+from cove import hostids, util
 from cove.errors import CoveError, SetupError
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
 VIEW = "/mnt"  # where virtiofsd's mount namespace shows the volume (it pivots its root there)
-PR_SET_PDEATHSIG = 1
 
 
 def virtiofsd() -> str:
@@ -202,7 +201,7 @@ def _enter(source: Path, ready_w: int, go_r: int, root: bool) -> None:
         os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the id change, which clears it
+    util.die_with_parent(signal.SIGKILL)  # after the id change, which clears it
 
 
 def _mount(libc: ctypes.CDLL, source: bytes, target: bytes, flags: int) -> None:

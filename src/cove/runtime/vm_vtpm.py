@@ -17,7 +17,6 @@ never on a network port, and dies with the launcher (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import ctypes
 import shlex
 import shutil
 import signal
@@ -27,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from cove import util
 from cove.attest import evidence as ev
 from cove.attest.tpm_structs import parse_pcr_file
 from cove.errors import CoveError, SetupError
@@ -37,12 +37,10 @@ from cove.runtime.backend import find_tool
 AK_HANDLE = 0x81000010
 SOCKET = "tpm.sock"
 START_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    util.die_with_parent(signal.SIGKILL)
 
 
 def _tool(name: str, package: str) -> str:
