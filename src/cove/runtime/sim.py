@@ -357,13 +357,14 @@ class SimBackend(Backend):
             args = bwrap_arguments(spec, seccomp_fd, status_write, sources)
             split = len(args) - len(spec.argv) - 1  # the options go through a descriptor; "--" PROGRAM ARGS stay
             options = b"".join(a.encode() + b"\0" for a in args[1:split])
-            process: Any
+            process: Any = None
             if prepared is not None:
                 _fill(args_fd, options)
                 laps.lap("arguments")
                 process = prepared.start([args[0], "--args", str(args_fd), *args[split:]], spec.env)
-            else:
-                args_fd = _memfd("cove-bwrap-args", options)
+            if process is None:  # not prepared, or its child died before its exec: a fresh one, as ever
+                if args_fd < 0:
+                    args_fd = _memfd("cove-bwrap-args", options)
                 laps.lap("arguments")
                 process = subprocess.Popen(
                     [args[0], "--args", str(args_fd), *args[split:]],
@@ -472,8 +473,9 @@ class Prepared:
             finally:
                 os._exit(127)
 
-    def start(self, argv: list[str], env: dict[str, str]) -> Prepared:
-        """Tell the child to become ``argv`` (bubblewrap); raises CoveError with its reason if it cannot."""
+    def start(self, argv: list[str], env: dict[str, str]) -> Prepared | None:
+        """Tell the child to become ``argv`` (bubblewrap); raises CoveError with its reason if it cannot,
+        None if it died before its exec (killed, out of memory): the caller spawns a fresh one."""
         order = {"argv": argv, "env": env, "sources": self.sources.paths}
         go = socket.socket(fileno=self.go)
         self.go = -1
@@ -487,10 +489,23 @@ class Prepared:
         why = os.read(self.error, 600).decode("utf-8", "replace")  # empty: the exec closed it
         os.close(self.error)
         self.error = -1
-        if why:  # else it exec'd (or died: the enclave's wait reports that, as after Popen)
+        if why:
             self.wait()
             raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host")
+        if not self._became(argv[0]):  # the pipe ended with the child, not with an exec
+            self.wait()
+            return None
         return self
+
+    def _became(self, program: str) -> bool:
+        """Whether the child exec'd PROGRAM: an exec sets the task's name (before it closes the error
+        pipe), a death keeps the forking process's; a zombie still shows it until reaped here."""
+        try:
+            with open(f"/proc/{self.pid}/comm", "rb") as handle:
+                name = handle.read().rstrip(b"\n")
+        except OSError:
+            return True  # not ours to tell (no /proc): the enclave's wait reports its end, as after Popen
+        return name == os.path.basename(program).encode()[:15]
 
     # the part of subprocess.Popen the enclave uses
     def poll(self) -> int | None:
@@ -561,7 +576,8 @@ def discard_prepared() -> None:
 
 def _take_prepared(spec: LaunchSpec) -> Prepared | None:
     if _prepared and not spec.interactive and _prepared[-1].resources == spec.config.resources:
-        return _prepared.pop()
+        if _prepared[-1].poll() is None:  # a child that died (killed, out of memory) is not taken
+            return _prepared.pop()
     discard_prepared()
     return None
 
