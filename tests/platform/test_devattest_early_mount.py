@@ -128,3 +128,41 @@ def test_a_server_that_dies_after_the_mount_is_one_line_and_requests_fail(contex
     assert err.count("the /dev/attestation server failed to start") == 1
     assert "Traceback" not in err
     assert str(mount) not in Path("/proc/mounts").read_text()  # the dead server's mount is detached too
+
+
+def test_a_run_ending_before_the_key_has_loaded_does_not_wait_for_it(context, platform_paths):
+    service = AttestationService()
+    with platform_held(platform_paths):
+        attestation_early.prestart()
+        service.begin(context)
+        mount = service.start(context)[0].host
+        assert service.follower is not None  # "mounted": the key is still loading
+        stopper, _ = _in_thread(service.stop)
+        stopper.join(15)
+        waited = stopper.is_alive()  # the key is held until after this: a stop waiting for it is still running
+    stopper.join(30)
+    assert not waited, "stop() waited for the platform key"
+    assert str(mount) not in Path("/proc/mounts").read_text()
+
+
+def test_a_key_failing_after_the_mount_leaves_it_dead_so_no_sandbox_can_bind_it(context, platform_paths, capfd):
+    service = AttestationService()
+    with platform_held(platform_paths):
+        attestation_early.prestart()
+        service.begin(context)
+        mount = service.start(context)[0].host
+        assert service.follower is not None
+        key = platform_paths.dir / "pak.pem"
+        key.unlink()
+        key.mkdir()  # loading it fails with an error that is not "cannot quote"
+    try:
+        service.follower.join(30)
+        with pytest.raises(OSError) as refused:
+            os.stat(mount)  # what the launcher (or bwrap) does to bind it: never an empty folder
+        assert refused.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    finally:
+        service.stop()
+    err = capfd.readouterr().err
+    assert err.count("the /dev/attestation server failed to start") == 1
+    assert "Traceback" not in err
+    assert str(mount) not in Path("/proc/mounts").read_text()

@@ -10,7 +10,9 @@ identity, taken from the verified manifest, over a root-only control socket
 and binds only that folder at /dev/attestation; no other folder is visible
 in the enclave. As a second wall, the first process of another pid
 namespace that touches a folder binds it to that namespace, and any other
-namespace is refused (EACCES) from then on.
+namespace is refused (EACCES) from then on; in the server's own namespace only
+root may look. An enclave holds at most MAX_HANDLES open files (EMFILE past
+that), so one busy enclave cannot grow the server for every other.
 
 Control protocol (one JSON object per line, answered by one line): see
 docs/formats/daemon-api.md.
@@ -19,12 +21,14 @@ docs/formats/daemon-api.md.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +43,7 @@ STRIDE = 1 << 16  # inodes per enclave folder
 TARGET = "/dev/attestation"
 MAX_CONTROL = 1 << 17  # a control message: the reader stops past 64 KiB, so at most one more chunk
 CONTROL: str | None = None  # set by the supervisor: the control socket of the node's server
+MAX_HANDLES = 128  # open files per enclave folder
 
 
 def request(control: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -77,7 +82,6 @@ class SharedAttestation(EnclaveService):
                     "op": "register",
                     "instance_id": ctx.instance_id,
                     "identity": json.loads(identity_json(ctx)),
-                    "owner": os.getpid(),
                 },
             )
         except (OSError, ValueError) as exc:
@@ -119,6 +123,25 @@ def _pid_namespace(pid: int) -> int | None:
         return None
 
 
+def _fsuid(pid: int) -> int | None:
+    """The file-system uid the process acts with (the one the kernel checks its access as)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peer_pid(connection: socket.socket) -> int:
+    """The connecting process, as the kernel names it in this pid namespace (SO_PEERCRED)."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", credentials)[0]
+    return pid
+
+
 def serve(mountpoint: Path, control: Path) -> int:
     import gc
 
@@ -140,6 +163,7 @@ def serve(mountpoint: Path, control: Path) -> int:
         def __init__(self, index: int, name: str, fs: AttestationFs, owner: int):
             self.index, self.name, self.fs, self.owner = index, name, fs, owner
             self.namespace: int | None = None
+            self.open = 0  # handles held, against MAX_HANDLES
 
     class NodeFs:
         """The root lists enclave folders (root only); each folder is one enclave's AttestationFs."""
@@ -203,6 +227,8 @@ def serve(mountpoint: Path, control: Path) -> int:
                         slot.namespace = namespace  # the enclave's first touch
                     elif slot.namespace != namespace:
                         raise FuseError(errno.EACCES)  # another enclave: never
+                elif _fsuid(pid) != 0:
+                    raise FuseError(errno.EACCES)  # a host process: root only, whatever the folders' modes
             return slot, inode % STRIDE
 
         @staticmethod
@@ -251,6 +277,8 @@ def serve(mountpoint: Path, control: Path) -> int:
             except FuseError:
                 self.requests["refused"] = self.requests.get("refused", 0) + 1
                 raise
+            if slot.open >= MAX_HANDLES:
+                raise FuseError(errno.EMFILE)
             node = slot.fs.nodes.get(local)
             counted = node is not None and node.name in (b"quote", b"report")
             try:
@@ -264,6 +292,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             fh = self.next_fh
             self.next_fh += 1
             self.handles[fh] = (slot.index, local_fh)
+            slot.open += 1
             return fh
 
         def _handle(self, fh: int) -> tuple[Slot, int]:
@@ -289,6 +318,7 @@ def serve(mountpoint: Path, control: Path) -> int:
             index, local = self.handles.pop(fh, (0, 0))
             slot = self.slots.get(index)
             if slot is not None:
+                slot.open -= 1
                 slot.fs.release(local)
 
         def setattr(self, inode: int, valid: int, size: int, pid: int = 0) -> Attr:
@@ -297,6 +327,7 @@ def serve(mountpoint: Path, control: Path) -> int:
 
     fs = NodeFs()
     listener = _listen(control)
+    bound = os.stat(control).st_ino
 
     def control_loop() -> None:
         while True:
@@ -321,9 +352,9 @@ def serve(mountpoint: Path, control: Path) -> int:
                     op = message.text("op")
                     if op == "register":
                         identity = cast(dict[str, Any], message.value("identity", dict))
-                        answer = fs.register(
-                            message.text("instance_id"), identity, message.integer("owner", 1, 2**31 - 1)
-                        )
+                        # the owner is the connecting supervisor, as the kernel names it here; an "owner" the
+                        # message may still carry is ignored (a pid from another namespace means nothing here)
+                        answer = fs.register(message.text("instance_id"), identity, _peer_pid(connection))
                     elif op == "unregister":
                         answer = fs.unregister(message.text("instance_id"))
                     elif op == "status":
@@ -349,7 +380,7 @@ def serve(mountpoint: Path, control: Path) -> int:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
-    _unmount(mountpoint)
+    devattest.unmount(str(mountpoint))  # left by a server that died (ensure_server lets only one start)
     mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = devattest.mount(str(mountpoint), allow_other=True)
     threading.Thread(target=control_loop, daemon=True).start()
@@ -362,7 +393,8 @@ def serve(mountpoint: Path, control: Path) -> int:
         os.close(fd)
         listener.close()
         try:
-            os.unlink(control)
+            if os.stat(control).st_ino == bound:  # never another server's socket, bound at the same path since
+                os.unlink(control)
         except FileNotFoundError:
             pass
     return 0
@@ -383,20 +415,18 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
-def _unmount(path: Path) -> None:
-    """A mount left by a server that died (its folder answers ENOTCONN) is detached."""
-    try:
-        os.stat(path)
-        mounted = os.path.ismount(path)
-    except OSError as exc:
-        mounted = exc.errno == errno.ENOTCONN
-    if mounted:
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
-
-
 def ensure_server(root: Path, timeout: float = 30.0) -> str:
     """The control socket of the node's attestation server, started (detached) if it is not answering."""
     control = root / "attestation.sock"
+    lock = os.open(root / "attestation.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the check and the spawn as one: a second server would displace the first
+        return _ensure_locked(root, control, timeout)
+    finally:
+        os.close(lock)
+
+
+def _ensure_locked(root: Path, control: Path, timeout: float) -> str:
     try:
         if request(str(control), {"op": "status"}, timeout=5).get("ok"):
             return str(control)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import struct
 import sys
@@ -405,14 +406,44 @@ def _fusermount(mountpoint: str, options: str) -> int:
     return fds[0]
 
 
+def mounted(mountpoint: str) -> bool:
+    """Whether something is mounted at ``mountpoint`` (a mount whose server died included), read from
+    /proc/self/mountinfo: a stat of a FUSE mount waits for its server's answer, which may not come soon."""
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    target = os.path.join(os.path.realpath(parent), name)
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table:
+            fields = line.split(b" ", 5)
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                return True
+    return False
+
+
+def _unescape(field: bytes) -> str:
+    r"""A mountinfo path: space, tab, newline and backslash are written as \ooo octal escapes."""
+    text = os.fsdecode(field)
+    if "\\" not in text:
+        return text
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 def unmount(mountpoint: str) -> None:
-    """Detach the mount (lazily: a process still inside keeps its view until it leaves); quiet if it is gone."""
+    """Detach the mount (lazily: a process still inside keeps its view until it leaves); quiet if there is none.
+
+    The one helper for every /dev/attestation mount: the per-run server's, the node's, one left by a server that
+    died. It never stats the mount, so it does not wait for a server that has not answered yet.
+    """
+    if not mounted(mountpoint):
+        return
     if os.geteuid() == 0:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0 or ctypes.get_errno() in (errno.EINVAL, errno.ENOENT):
             return
+    import shutil
     import subprocess
 
-    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, timeout=10)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is not None:
+        subprocess.run([tool, "-u", "-z", mountpoint], capture_output=True, timeout=10)

@@ -7,9 +7,11 @@ verified manifest), loads the platform key, mounts the file system, prints
 attestation_type=none) and serves until SIGTERM. Started early, before the
 runtime knows the enclave, it loads the key while the runtime verifies the
 build and mounts as soon as it is told where; if the key is still loading
-then, it prints ``mounted`` first, so the sandbox can start meanwhile (the
-enclave's first request waits in the kernel until the loop answers), and
-``ready`` (or ``ready none: REASON``) follows. A process of its own keeps
+then, it prints ``mounted`` first, so the runtime goes on meanwhile (the
+sandbox's bind of the mount, like any request to it, waits in the kernel
+until the loop answers), and ``ready`` (or ``ready none: REASON``) follows;
+if the key then fails, the mount is left dead (ENOTCONN), so the bind fails
+and the run is refused. A process of its own keeps
 the enclave's quotes off the launcher's own loop. It speaks FUSE itself
 (cove.platform.devattest.serve), so its start is the interpreter's, the
 platform key's and ``cryptography``'s, with nothing else to import.
@@ -154,15 +156,20 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"cove: cannot mount /dev/attestation at {mountpoint}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    detach = True
     try:
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
         if loader is not None and loader.is_alive():
-            # the key is still loading: the sandbox may start meanwhile, and the enclave's first request waits in
-            # the kernel until this loop answers it; "ready" (or "ready none") follows
+            # the key is still loading: the runtime goes on meanwhile, up to the sandbox's bind of the mount,
+            # which waits in the kernel (as would any request) until this loop answers; "ready" (or "ready
+            # none") follows
             print("mounted", flush=True)
             loader.join()
         if not loaded:
-            return 1  # _load said why
+            # _load said why; the mount stays, dead (ENOTCONN), so the sandbox's bind of it fails and the run is
+            # refused, as when the key fails before the mount; the runtime's stop detaches it
+            detach = False
+            return 1
         fs, why_none = build(claims, loaded[0])
         if root:  # root started it: the enclave runs as other host ids (cove.hostids)
             fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
@@ -170,7 +177,8 @@ def main(argv: list[str]) -> int:
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
         devattest.serve(fd, fs)
     finally:
-        devattest.unmount(mountpoint)
+        if detach:
+            devattest.unmount(mountpoint)
         os.close(fd)
     return 0
 

@@ -1,10 +1,10 @@
 """The per-run /dev/attestation server started early: before `cove run` has verified anything.
 
 Standard library only, so `cove run`'s plain form can start the server's
-interpreter first thing (cove.cli.attached); it imports ``pyfuse3`` and
-``trio`` and loads the platform key while the runtime is imported and the
-build verified, then waits on stdin for its mountpoint and the enclave's
-identity (cove.runtime.attestation_service takes it). A server no enclave
+interpreter first thing (cove.cli.attached); it loads the platform key (and
+opens the TPM) while the runtime is imported and the build verified, and
+waits on stdin meanwhile for its mountpoint and the enclave's identity
+(cove.runtime.attestation_service takes it). A server no enclave
 takes is ended by :func:`discard`, and dies with its parent in any case.
 """
 

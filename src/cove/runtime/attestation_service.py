@@ -8,12 +8,9 @@ private folder, and binds that mount at /dev/attestation in the sandbox.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,11 +19,11 @@ from pathlib import Path
 from typing import IO
 
 from cove.errors import CoveError, SetupError
+from cove.platform import devattest
 from cove.runtime import attestation_early
 from cove.runtime.enclave_services import Bind, EnclaveService, ServiceContext
 
 TARGET = "/dev/attestation"
-MNT_DETACH = 2
 START_TIMEOUT = 20.0
 
 
@@ -44,27 +41,6 @@ def identity_json(ctx: ServiceContext) -> str:
             "instance_id": ctx.instance_id,
         }
     )
-
-
-def _mounted(path: Path) -> bool:
-    """Whether something is mounted at path, a mount whose server died (ENOTCONN) included."""
-    try:
-        os.lstat(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return os.path.ismount(path)
-
-
-def _unmount(path: Path) -> None:
-    if not _mounted(path):
-        return
-    if os.geteuid() == 0:  # detach it directly: no helper process to start
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
-            return
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, timeout=10)
 
 
 class AttestationService(EnclaveService):
@@ -106,7 +82,8 @@ class AttestationService(EnclaveService):
 
     def start(self, ctx: ServiceContext) -> list[Bind]:
         """Wait until the file system is mounted; a server still loading the platform key says ``mounted`` first,
-        and the sandbox starts meanwhile (its first request to /dev/attestation waits in the kernel)."""
+        and the runtime goes on meanwhile. The sandbox's bind of the mount waits in the kernel for the key (the
+        bind stats it): a key that fails then leaves the mount dead (ENOTCONN) and the run is refused."""
         if self.process is None:
             self.begin(ctx)  # a caller that did not begin early
         assert self.process is not None  # begin() started it
@@ -169,14 +146,15 @@ class AttestationService(EnclaveService):
         return f": {lines[-1]}" if lines else ""
 
     def stop(self) -> None:
-        """Detach the mount, then end the server: it keeps no state, so there is nothing to wait for."""
+        """End the server, then detach its mount: it keeps no state, so there is nothing to wait for.
+
+        The server goes first: one still loading the platform key answers nothing, so whatever touched its mount
+        would wait for the key; killed, its connection is aborted and the mount answers ENOTCONN at once."""
         self.stopping.set()
-        if self.mountpoint is not None:
-            _unmount(self.mountpoint)
         process, self.process = self.process, None
-        if process is not None and self.follower is not None:
-            if process.poll() is None:
-                process.kill()  # its stdout ends, and the follower with it, before the streams are closed
+        if process is not None and process.poll() is None:
+            process.kill()  # its stdout ends, and the follower with it, before the streams are closed
+        if self.follower is not None:
             self.follower.join(5)
             self.follower = None
         if process is not None:
@@ -185,7 +163,7 @@ class AttestationService(EnclaveService):
             self.early_log.close()
             self.early_log = None
         if self.mountpoint is not None:
-            _unmount(self.mountpoint)  # mounted after all while it was being ended
+            devattest.unmount(str(self.mountpoint))
 
 
 def services(ctx: ServiceContext) -> list[EnclaveService]:
