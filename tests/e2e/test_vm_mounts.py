@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cove import hostids
 from cove.runtime import vm_shared
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance
@@ -303,3 +304,124 @@ def test_a_virtiofsd_that_fails_stops_the_start_in_one_line_and_leaves_nothing(c
     assert result.returncode != 0 and result.stdout == ""
     assert "virtiofsd: cannot serve this folder" in error_line(result)
     assert os.listdir(runtime) == []
+
+
+# Host mounts ([[mounts]] type = "host"): the same virtio-fs path with the host folder as the view, under
+# sim's rules. One build and one boot; the refusals before boot cost no boot.
+HOST_MOUNTS = (
+    '\n[[mounts]]\ntarget = "/host"\ntype = "host"\nsource = "{share}"\nwritable = true\n'
+    '\n[[mounts]]\ntarget = "/ro"\ntype = "host"\nsource = "{ro}"\n'
+)
+
+
+@pytest.fixture(scope="module")
+def host_instance(cove, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """A vm enclave with a writable host folder at /host (the enclave's host user's) and a read-only one
+    at /ro; next to them, a sentinel no escape may reach."""
+    require("qemu-system-x86_64")
+    if not os.access(vm_shared.VIRTIOFSD, os.X_OK):
+        pytest.fail(f"{vm_shared.VIRTIOFSD} is missing: run scripts/setup (qemu-system-x86)", pytrace=False)
+    base = tmp_path_factory.mktemp("vm-host-mounts")
+    env = platform_folder(base)
+    share, ro = base / "share", base / "ro"
+    share.mkdir(0o755)
+    ro.mkdir(0o755)
+    (ro / "r").write_text("read only\n")
+    (base / "sentinel").write_bytes(SENTINEL)
+    (share / "hosts").write_text("host root's\n")  # host root's, 0644: readable, never writable
+    (share / "private").write_bytes(SENTINEL)
+    (share / "private").chmod(0o600)  # host root's only
+    os.symlink("../sentinel", share / "up")  # links the host made, out of the folder
+    os.symlink(base / "sentinel", share / "abs")
+    os.chown(share, *_enclave_user())
+    root = make_instance(
+        cove,
+        base,
+        options={("enclave", "backend"): '"vm"', ("process", "user"): '"1000:1000"'},
+        extra=HOST_MOUNTS.format(share=share, ro=ro),
+        build=False,
+    )
+    cove.ok("add", *TOOLS, cwd=root)
+    cove.ok("build", cwd=root, env=env)
+    return root, env, base
+
+
+def _enclave_user() -> tuple[int, int]:
+    """The host ids a root-started enclave writes as (cove.hostids), or the caller's."""
+    return hostids.enclave_range().host(0, 0) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+
+def test_host_mount_reads_writes_as_the_enclave_stays_inside_and_dies_with_the_launcher(cove, host_instance):
+    root, env, base = host_instance
+    share = base / "share"
+    script = (
+        "echo hi > /host/f && mkdir /host/d && echo deep > /host/d/y && stat -c %u:%g /host/f /host/hosts && "
+        "cat /host/hosts /ro/r; echo x >> /host/hosts; cat /host/private; echo x > /ro/g; "
+        # ways out: dot-dot, the host's links out of the folder, the guest's own, a host-absolute path
+        f"ln -s ../../../../../../../sentinel /host/gup; ln -s {base}/sentinel /host/gabs; ln -s .. /host/parent; "
+        f"cat /host/../sentinel /host/up /host/abs /host/gup /host/gabs /host/parent/sentinel {base}/sentinel 2>&1; "
+        "ls /host/parent/ | grep -c -x -e host -e ro; grep virtiofs /proc/mounts; echo ready; sleep 600"
+    )
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", script),
+        cwd=root,
+        env=dict(cove.env, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while (line := run.stdout.readline()) not in ("ready\n", ""):
+            lines.append(line.rstrip("\n"))
+        assert lines[:4] == ["1000:1000", "65534:65534", "host root's", "read only"], (lines, run.poll())
+        assert SENTINEL.decode() not in "\n".join(lines)
+        mounts = [line.split()[1:4] for line in lines if " virtiofs " in line]
+        assert [(m[0], m[2].split(",")[0]) for m in mounts] == [("/host", "rw"), ("/ro", "ro")]
+        assert lines[-3] == "2"  # /host/parent is the guest's own root, which holds both mounts
+        # the guest's files are on the host, the enclave's host user's (never host root's)
+        assert (share / "f").read_text() == "hi\n" and (share / "d" / "y").read_text() == "deep\n"
+        for made in (share / "f", share / "d", share / "d" / "y", share / "gup"):
+            st = made.lstat()
+            assert (st.st_uid, st.st_gid) == _enclave_user(), made
+        assert (share / "hosts").read_text() == "host root's\n" and not (base / "ro" / "g").exists()
+        shared = _virtiofsd(run.pid)
+        qemu = _qemu_children(run.pid)
+        assert len(shared) == 4 and len(qemu) == 1  # a virtiofsd and its sandbox per mount
+        for pid in shared:
+            uids = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+            assert "0" not in uids.split()[1:]
+        run.send_signal(signal.SIGKILL)  # the launcher itself
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert err.count("Permission denied") == 2 and "Read-only file system" in err, err
+    _gone(shared + qemu)  # virtiofsd, its sandbox and QEMU die with the launcher
+
+
+def test_host_mount_sources_are_refused_before_boot_in_one_line(cove, host_instance, tmp_path):
+    """As on sim: a missing source, and a writable one the enclave's host user cannot write; nothing starts."""
+    root, env, base = host_instance
+    share = base / "share"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    run_env = dict(env, COVE_RUNTIME_DIR=str(runtime))
+    uid, gid = _enclave_user()
+    try:
+        os.chown(share, 0, 0)  # host root's 0755
+        refused = cove("run", "/bin/cat", "/host/f", cwd=root, env=run_env)
+        assert refused.returncode == 2 and refused.stdout == ""
+        line = error_line(refused)
+        assert f"host mount source {share} is not writable by the enclave's host user {uid}:{gid}" in line
+        assert f"chown {uid}:{gid} {share}" in line
+        share.rename(base / "moved")
+        missing = cove("run", "/bin/cat", "/host/f", cwd=root, env=run_env)
+        assert missing.returncode == 2 and missing.stdout == ""
+        assert f"host mount source {share} does not exist" in error_line(missing)
+    finally:
+        if not share.exists():
+            (base / "moved").rename(share)
+        os.chown(share, uid, gid)
+    assert os.listdir(runtime) == [] and not _qemu_children(os.getpid())

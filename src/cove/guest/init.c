@@ -170,7 +170,7 @@ static void read_all(int fd, void *buf, size_t len, int first) {
 struct request {
     char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64], *entries[64];
     int argc, envc, ntmpfs, nfiles, nentries, debug;
-    char *shared[16];  /* "rw|ro:TAG:TARGET": encrypted mounts the host serves over virtio-fs */
+    char *shared[16];  /* "rw|ro:TAG:TARGET": encrypted and host mounts the host serves over virtio-fs */
     int nshared;
     const char *cwd, *hostname, *network, *attestation;
     uid_t uid;
@@ -265,8 +265,9 @@ static void write_file(const char *path, const void *data, size_t len, mode_t mo
     close(fd);
 }
 
-/* The encrypted mounts: each a virtio-fs device whose host side (virtiofsd) exports the plaintext
- * view of the host's secure file system server (docs/backends.md); read-only when cove.toml says so. */
+/* The encrypted and host mounts: each a virtio-fs device whose host side (virtiofsd) exports the
+ * plaintext view of the host's secure file system server, or a host folder (docs/backends.md);
+ * read-only when cove.toml says so (and the host's side is read-only then too). */
 static void mount_shared(struct request *r) {
     char path[512];
     for (int i = 0; i < r->nshared; i++) {  /* "rw|ro:TAG:TARGET" */

@@ -2,7 +2,7 @@
 
 A `vm` enclave boots a kernel taken from a Debian package straight into an
 initramfs that holds Cove's static guest init, the few virtio modules it
-loads (and fuse and virtiofs when cove.toml has encrypted mounts, each a
+loads (and fuse and virtiofs when cove.toml has encrypted or host mounts, each a
 measured virtio-fs device), and the enclave image under /image. The initramfs is a newc cpio made
 here byte for byte the same from the same inputs (sorted paths, fixed
 owners, times and inode numbers), so the same image, kernel and
@@ -48,12 +48,13 @@ DEVICES = ("virtio-serial-pci:" + ",".join(PORTS), "isa-serial:console")
 MODULES = ("virtio_pci", "virtio_console", "virtio_net")
 # [network] mode = "host": QEMU's user-mode network (NAT; the host is 10.0.2.2, the guest 10.0.2.15).
 NET_DEVICE = "virtio-net-pci:user"
-# Encrypted mounts: the host's secure file system server exported over virtio-fs (docs/backends.md).
-# Only a build with encrypted mounts carries the modules and the devices, so other boots don't pay.
+# Encrypted mounts (the host's secure file system server's view) and host mounts (a host folder)
+# exported over virtio-fs (docs/backends.md). Only a build with such mounts carries the modules
+# and the devices, so other boots don't pay.
 FS_MODULES = ("virtiofs",)  # and fuse, which it needs (modules.dep); its device is on the PCIe bus
-FS_DEVICE = "vhost-user-fs-pci:"  # + "TAG:rw|ro:TARGET", one per encrypted mount
+FS_DEVICE = "vhost-user-fs-pci:"  # + "TAG:rw|ro:TARGET", one per encrypted or host mount
 SHARED_MEMORY = "memory-backend-memfd:shared"  # vhost-user needs guest RAM the host process can map
-MAX_SHARED = 16  # encrypted mounts a vm enclave may have (the guest init's table)
+MAX_SHARED = 16  # encrypted and host mounts a vm enclave may have (the guest init's table)
 LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")
 LAUNCH_LIMIT = 64 << 10  # a command line, a machine name and a few device names
 # tsc_early_khz and lpj: a TCG guest cannot calibrate against the emulated PIT on a busy host and
@@ -161,13 +162,14 @@ def has_pvh_entry(elf: bytes) -> bool:
 
 
 def shared_folders(config: Config) -> list[tuple[str, bool, str]]:
-    """(virtio-fs tag, writable, target) of each encrypted mount, in cove.toml's order."""
-    encrypted = [m for m in config.mounts if m.type == "encrypted"]
-    if len(encrypted) > MAX_SHARED:
+    """(virtio-fs tag, writable, target) of each encrypted or host mount, in cove.toml's order.
+    The host folder's path is not a device's: cove.toml's measured mounts name it, as on sim."""
+    shared = [m for m in config.mounts if m.type in ("encrypted", "host")]
+    if len(shared) > MAX_SHARED:
         raise CoveError(
-            f"a vm enclave has at most {MAX_SHARED} encrypted mounts, not {len(encrypted)}", "merge some of them"
+            f"a vm enclave has at most {MAX_SHARED} encrypted and host mounts, not {len(shared)}", "merge some of them"
         )
-    return [(f"cove-fs{index}", m.writable, m.target) for index, m in enumerate(encrypted)]
+    return [(f"cove-fs{index}", m.writable, m.target) for index, m in enumerate(shared)]
 
 
 def module_files(kernel: Path, extra: tuple[str, ...] = ()) -> list[Path]:

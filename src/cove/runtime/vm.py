@@ -8,9 +8,10 @@ launch measurement in the signed manifest (cove.image.vmimage). QEMU runs a
 launch request and signals (cove.ctl) and the program's stdin, stdout and
 stderr. Cove's guest init (src/cove/guest/init.c) starts the program and
 reports its exit code on cove.ctl. Encrypted mounts are the host's secure
-file system server's plaintext views, exported over virtio-fs by a confined
-virtiofsd each (cove.runtime.vm_shared). KVM is used when a probe boot shows that
-/dev/kvm boots this kernel; otherwise TCG, and the isolation level says so.
+file system server's plaintext views, and host mounts host folders, each
+exported over virtio-fs by a confined virtiofsd (cove.runtime.vm_shared).
+KVM is used when a probe boot shows that /dev/kvm boots this kernel;
+otherwise TCG, and the isolation level says so.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
             options = dict(mount.options)
             size = str(parse_size(options["size"])) if "size" in options else ""
             items.append(f"T{size}:{options.get('mode', '1777')}:{mount.target}")
-        elif mount.type == "encrypted":
+        elif mount.type in ("encrypted", "host"):  # both over virtio-fs (vm_shared)
             tag = shared_tags(config)[mount.target]
             items.append(f"V{'rw' if mount.writable else 'ro'}:{tag}:{mount.target}")
         elif mount.type != "image":
@@ -200,7 +201,7 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
 
 
 def shared_tags(config) -> dict[str, str]:
-    """The virtio-fs tag of each encrypted mount, by target (vmimage names them in the build)."""
+    """The virtio-fs tag of each encrypted or host mount, by target (vmimage names them in the build)."""
     return {target: tag for tag, _, target in vmimage.shared_folders(config)}
 
 
@@ -899,17 +900,28 @@ class VmBackend(Backend):
 
     @staticmethod
     def _share(spec: LaunchSpec, folder: Path) -> list[SharedFolder]:
-        """A virtiofsd for each encrypted mount's plaintext view (the services mounted them on the host)."""
-        from cove.runtime import vm_shared  # only runs with encrypted mounts pay for this import
+        """A virtiofsd for each encrypted mount's plaintext view (the services mounted them on the host)
+        and for each host mount's folder (checked as sim checks it)."""
+        from cove.runtime import vm_shared  # only runs with encrypted or host mounts pay for this import
 
         tags = shared_tags(spec.config)
+        hosts = {m.target: m for m in spec.config.mounts if m.type == "host"}
         started: list[SharedFolder] = []
         try:
+            for mount in hosts.values():
+                vm_shared.check_host_source(mount.source, mount.writable)  # before any virtiofsd starts
             for bind in spec.binds:
-                if bind.target in tags and bind.host.is_dir():
+                if bind.target in tags and bind.target not in hosts and bind.host.is_dir():
                     started.append(
                         vm_shared.start(tags[bind.target], bind.target, bind.host, folder, spec.uid, spec.gid)
                     )
+            for target, mount in hosts.items():
+                source = Path(mount.source or "")
+                started.append(
+                    vm_shared.start(
+                        tags[target], target, source, folder, spec.uid, spec.gid, not mount.writable, "host"
+                    )
+                )
         except BaseException:
             for shared in started:
                 shared.stop()
