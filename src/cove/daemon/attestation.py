@@ -82,6 +82,7 @@ class SharedAttestation(EnclaveService):
                     "op": "register",
                     "instance_id": ctx.instance_id,
                     "identity": json.loads(identity_json(ctx)),
+                    "owner": os.getpid(),  # for a server started before owners were read from SO_PEERCRED
                 },
             )
         except (OSError, ValueError) as exc:
