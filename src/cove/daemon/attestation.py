@@ -10,9 +10,10 @@ identity, taken from the verified manifest, over a root-only control socket
 and binds only that folder at /dev/attestation; no other folder is visible
 in the enclave. As a second wall, the first process of another pid
 namespace that touches a folder binds it to that namespace, and any other
-namespace is refused (EACCES) from then on; in the server's own namespace only
-root may look. An enclave holds at most MAX_HANDLES open files (EMFILE past
-that), so one busy enclave cannot grow the server for every other.
+namespace is refused (EACCES) from then on; in the server's own namespace
+only root (or the server's own user) may look. An enclave holds at most
+MAX_HANDLES open files (EMFILE past that), so one busy enclave cannot grow
+the server for every other.
 
 Control protocol (one JSON object per line, answered by one line): see
 docs/formats/daemon-api.md.
@@ -153,6 +154,7 @@ def serve(mountpoint: Path, control: Path) -> int:
     from cove.platform.devattest_server import claims_from_json, sealing_keys
 
     own_namespace = _pid_namespace(os.getpid())
+    own_uid = os.geteuid()
     try:
         signer = monitor.signer()  # the platform key and the TPM: loaded once for every enclave
         why_none = None
@@ -228,8 +230,8 @@ def serve(mountpoint: Path, control: Path) -> int:
                         slot.namespace = namespace  # the enclave's first touch
                     elif slot.namespace != namespace:
                         raise FuseError(errno.EACCES)  # another enclave: never
-                elif _fsuid(pid) != 0:
-                    raise FuseError(errno.EACCES)  # a host process: root only, whatever the folders' modes
+                elif _fsuid(pid) not in (0, own_uid):  # a host process: root or the server's user, whatever the modes
+                    raise FuseError(errno.EACCES)
             return slot, inode % STRIDE
 
         @staticmethod
