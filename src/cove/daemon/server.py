@@ -527,17 +527,19 @@ class Daemon:
         finally:
             handle.close()
 
-    def attach(self, view: JSON, uid: int) -> Generator[bytes, None, None]:
+    def attach(self, view: JSON, uid: int, client: socket.socket | None = None) -> Generator[bytes, None, None]:
         """`cove run` attached (cove-attach/1): the started enclave, its log as it grows, and once it has
         ended the enclave as it ended, removed first, as `docker run --rm` does (one request in place of
-        create, logs, wait and remove). A client that leaves stops the stream, not the enclave."""
+        create, logs, wait and remove). A client that leaves stops the stream, not the enclave: its hang-up
+        on CLIENT raises ClientLeft even while the program is silent, never after the removal."""
         ident = view["id"]
         yield client_mod.attach_frame(client_mod.STARTED, json.dumps(view).encode())
-        waker = _ExitWaker.of(self.registry.load(ident))
+        waker = _ExitWaker.of(self.registry.load(ident), client)
         try:
             for chunk in self.logs(ident, True, None, uid, waker.pause):
                 for start in range(0, len(chunk), execstream.CHUNK):
                     yield client_mod.attach_frame(client_mod.OUTPUT, chunk[start : start + execstream.CHUNK])
+            waker.pause(0)  # one that hung up as the program ended: the enclave stays listed too
         finally:
             waker.close()
         ended = self.remove(ident, False, uid)
@@ -572,30 +574,45 @@ class Daemon:
         return {"blobs_removed": blobs, "bytes_freed": freed}
 
 
+class ClientLeft(Exception):
+    """An attached client hung up: its stream stops, and its enclave runs on and stays listed."""
+
+
 class _ExitWaker:
     """A wait that ends early when the enclave's supervisor exits (a pidfd), so an attached run sees
-    its end at once instead of at the follower's next look; a plain sleep when no pidfd can be had."""
+    its end at once instead of at the follower's next look; a plain sleep when no pidfd can be had.
+    With the attached client's socket it raises ClientLeft once the client has hung up (POLLHUP: its
+    socket closed, not only its sending side), which the stream's writes would only see at the next
+    output, or after the enclave was removed."""
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, client: socket.socket | None = None) -> None:
         self.fd = fd
+        self.client = client.fileno() if client is not None else None
+        self.poller = select.poll()
+        if fd is not None:
+            self.poller.register(fd, select.POLLIN)
+        if self.client is not None:
+            self.poller.register(self.client, 0)  # only its hang-up or an error: what it sends is not read here
 
     @classmethod
-    def of(cls, enclave: Enclave) -> _ExitWaker:
+    def of(cls, enclave: Enclave, client: socket.socket | None = None) -> _ExitWaker:
         pid = enclave.state.get("pid")
         try:
             fd = os.pidfd_open(int(pid)) if pid else None
         except (OSError, ValueError, TypeError):
-            return cls(None)
+            return cls(None, client)
         if fd is not None and not enclave.supervisor_alive():  # opened after it ended: the pid may be another's
             os.close(fd)
-            return cls(None)
-        return cls(fd)
+            return cls(None, client)
+        return cls(fd, client)
 
     def pause(self, seconds: float) -> None:
-        if self.fd is None:
+        if self.fd is None and self.client is None:
             time.sleep(seconds)
-        else:
-            select.select([self.fd], [], [], seconds)
+            return
+        for fd, events in self.poller.poll(seconds * 1000):
+            if fd == self.client and events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                raise ClientLeft
 
     def close(self) -> None:
         if self.fd is not None:
@@ -841,7 +858,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """`cove run` through the daemon in one request: refusals are problems as for a plain create;
         then 101 Switching Protocols and the cove-attach/1 frames (docs/formats/daemon-api.md)."""
         d = self.daemon
-        frames = d.attach(d.create(body, self.peer_uid, attached=True), self.peer_uid)
+        frames = d.attach(d.create(body, self.peer_uid, attached=True), self.peer_uid, self.connection)
         self.send_response(101)
         self.send_header("Connection", "Upgrade")
         self.send_header("Upgrade", client_mod.ATTACH)
@@ -850,7 +867,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             for data in frames:
                 self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ClientLeft):
             return 499  # the client left: the enclave goes on, and stays listed
         except Exception as exc:  # noqa: BLE001 - past the 101 no problem can be sent: the client sees the stream end
             log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
