@@ -18,7 +18,9 @@ read-only here too. bubblewrap reads its arguments from a descriptor, so
 
 from __future__ import annotations
 
+import array  # noqa: F401 - socket.recv_fds imports it: in Prepared's child it must be imported already
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -415,21 +417,41 @@ class Prepared:
     child what Popen would have been given (the same limits, descriptors, namespaces and ids, checked
     the same way). It does nothing as root but join the cgroups until told; an unused one reads the end
     of its pipe and leaves (also when its parent dies: nothing else holds that pipe's write end).
+
+    The fork can come from a process with other threads (a supervisor's log writer, a launcher's
+    services), and the child runs Python until its exec, so it is kept to work that takes no lock
+    another thread may have held at the fork (the hazard of Popen's preexec_fn): it imports nothing
+    (every module it uses, ``array`` for socket.recv_fds included, is imported before; CPython holds
+    and re-creates the import lock across os.fork itself), logs and prints nothing (os.write on its
+    error pipe), makes no file object (cgroup.procs by os.open), calls no libc function that
+    ctypes did not look up before the fork (a dlsym takes the loader's lock), and runs with the
+    collector off (disabled across the fork, never enabled in the child), so no other thread's
+    garbage is finalized in it, a file's flush taking that file's lock for one. Allocation is safe:
+    glibc resets malloc's locks in a forked child.
     """
 
     def __init__(self, resources: ResourcesSection, limits: Limits) -> None:
         self.resources, self.limits = resources, limits
         self.sources = _Sources(hostids.enclave_range() if os.geteuid() == 0 else None)
         self.libc = ctypes.CDLL(None, use_errno=True) if self.sources.ids is not None else None
+        if self.libc is not None:
+            self.libc.unshare, self.libc.mount  # noqa: B018 - looked up (dlsym) here, not in the child
+        self.procs = [os.fsencode(group / "cgroup.procs") for group in limits.groups]
         self.seccomp_fd = os.memfd_create("cove-seccomp", 0)
         self.args_fd = os.memfd_create("cove-bwrap-args", 0)
         self.status_read, self.status_write = os.pipe()
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.go = parent_end.detach()
         self.error, error_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            self._child(child_end, error_write)  # never returns
+        collecting = gc.isenabled()
+        gc.disable()  # the child's stays off until its exec (see above)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(child_end, error_write)  # never returns
+        finally:
+            if collecting:
+                gc.enable()
         self.pid: int | None = pid
         self.returncode: int | None = None
         child_end.close()
@@ -439,9 +461,12 @@ class Prepared:
         try:
             os.setpgid(0, 0)
             _close_all_but({0, 1, 2, self.seccomp_fd, self.status_write, self.args_fd, go.fileno(), error_write})
-            for group in self.limits.groups:  # the slow part, done before the start is asked for
-                with open(group / "cgroup.procs", "w") as handle:
-                    handle.write(str(os.getpid()))
+            for procs in self.procs:  # the slow part, done before the start is asked for
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, b"%d" % os.getpid())
+                finally:
+                    os.close(fd)
             # the order: one byte carrying the parent's stdout and stderr at the start (its log, which it
             # may have set up after this fork), then the JSON until the end of the stream
             first, fds, _, _ = socket.recv_fds(go, 1, 2)
