@@ -14,16 +14,18 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from cove.attest import evidence as ev
-from cove.attest.ak_ca import AkCa
-from cove.attest.tpm_structs import parse_pcr_file
 from cove.platform.state import Paths, PlatformConfig
-from cove.platform.tpm2 import Tpm
 from cove.util import write_atomic
+
+if TYPE_CHECKING:
+    from cove.attest.ak_ca import AkCa
+    from cove.platform.tpm2 import Tpm
+
+# x509 and the TPM structures are imported by the functions that use them (a TPM-rooted platform, a stale
+# endorsement, `cove platform init`): a self-certified platform's signer loads neither
 
 
 def _new_epoch() -> tuple[bytes, int]:
@@ -45,6 +47,8 @@ def tpm_rooted(
     ek_chain: tuple[bytes, ...],
 ) -> ev.Endorsement:
     """Reset and extend Cove's PCR, then quote it with the boot PCRs."""
+    from cove.attest.tpm_structs import parse_pcr_file
+
     epoch, start = _new_epoch()
     tpm.reset_and_extend(config.pcr, [runtime, ev.pak_hash(pak)])
     selection = sorted(set(ev.BOOT_PCRS) | {config.pcr})
@@ -79,10 +83,16 @@ def enroll_ak(
 
 
 def der_to_pem(certs: tuple[bytes, ...] | list[bytes]) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 def pem_to_der(pem: bytes) -> tuple[bytes, ...]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     return tuple(c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(pem))
 
 

@@ -16,19 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from cove.attest import evidence as ev
-from cove.attest.ak_ca import AkCa
 from cove.errors import CoveError
 from cove.platform import endorse, pak
 from cove.platform.reports import ReportSigner
 from cove.platform.runtime_measurement import runtime_hash
 from cove.platform.state import Paths, PlatformConfig
-from cove.platform.swtpm import SwTpm
-from cove.platform.tpm2 import Tpm, device_tcti
 from cove.util import write_atomic
+
+if TYPE_CHECKING:
+    from cove.attest.ak_ca import AkCa
+    from cove.platform.tpm2 import Tpm
+
+# x509, the AK CA, swtpm and the TPM tools are imported where a TPM-rooted platform or `cove platform` needs
+# them: signer() for a self-certified platform (every direct run's /dev/attestation server) loads none of them
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,15 @@ def _tpm_of(config: PlatformConfig) -> Tpm:
         raise CoveError(
             "the platform configuration names a TPM but not how to reach it", "run `cove platform init` again"
         )
+    from cove.platform.tpm2 import Tpm
+
     return Tpm(config.tcti)
 
 
 def _choose(options: InitOptions, paths: Paths, say: Callable[[str], None]) -> PlatformConfig:
+    from cove.platform.swtpm import SwTpm
+    from cove.platform.tpm2 import device_tcti
+
     if options.tpm == "none":
         return PlatformConfig(root="self-certified")
     if options.tpm == "swtpm":
@@ -73,6 +81,8 @@ def _choose(options: InitOptions, paths: Paths, say: Callable[[str], None]) -> P
 
 
 def _ek_chain(tpm: Tpm, config: PlatformConfig, options: InitOptions, paths: Paths) -> tuple[bytes, ...]:
+    from cove.platform.swtpm import SwTpm
+
     chain = [tpm.ek_certificate()]
     if config.swtpm:
         chain += SwTpm(paths.swtpm).ek_intermediates()
@@ -82,6 +92,9 @@ def _ek_chain(tpm: Tpm, config: PlatformConfig, options: InitOptions, paths: Pat
 
 
 def _ak_ca(options: InitOptions, config: PlatformConfig, paths: Paths, ek_chain: tuple[bytes, ...]) -> tuple[AkCa, str]:
+    from cove.attest.ak_ca import AkCa
+    from cove.platform.swtpm import SwTpm
+
     if options.ak_ca is not None:
         return AkCa.load(options.ak_ca), str(Path(options.ak_ca).resolve())
     local = paths.local_ak_ca
@@ -153,6 +166,8 @@ def init(
                 write_atomic(paths.ak_public, ak_public)
                 write_atomic(paths.ak_chain, endorse.der_to_pem(ak_chain))
                 config = replace(config, ak_ca=ca_dir)
+                from cryptography import x509
+
                 say(
                     f"attestation key certified by {x509.load_der_x509_certificate(ak_chain[-1]).subject.rfc4514_string()}"
                     " after credential activation"
@@ -235,6 +250,10 @@ def status(paths: Paths | None = None) -> dict:
             }
         )
     if config.root == "tpm":
+        from cryptography import x509
+
+        from cove.platform.swtpm import SwTpm
+
         tpm_info: dict = {
             "tcti": config.tcti,
             "pcr": config.pcr,
@@ -276,5 +295,7 @@ def status(paths: Paths | None = None) -> dict:
 
 def stop(paths: Paths | None = None) -> bool:
     """Stop the platform's swtpm, if it runs one."""
+    from cove.platform.swtpm import SwTpm
+
     paths = paths or Paths()
     return SwTpm(paths.swtpm).stop()

@@ -9,14 +9,17 @@ memory only while the monitor signs.
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cove.errors import CoveError
 from cove.platform.state import Paths
-from cove.platform.tpm2 import Tpm
 from cove.util import write_atomic
+
+if TYPE_CHECKING:  # a self-certified platform's key loads without the TPM tools
+    from cove.platform.tpm2 import Tpm
 
 
 def generate() -> ec.EllipticCurvePrivateKey:
