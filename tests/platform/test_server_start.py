@@ -133,3 +133,15 @@ def test_installed_package_through_the_cache(tmp_path):
     folder.mkdir(mode=0o700)
     assert measure_cached(folder) == measure_cached(folder) == measure(PACKAGE)
     assert (folder / CACHE_NAME).exists()
+
+
+def test_a_sim_run_chooses_its_backend_without_loading_the_vm_backend():
+    """`launch.choose-backend` of a `sim` enclave imports the sim backend only; auto still weighs them all."""
+    code = (
+        "import sys\n"
+        "from cove.runtime import backend\n"
+        "print(backend.choose('sim').name, 'cove.runtime.vm' in sys.modules)\n"
+        "print(sorted(backend.registry()), 'cove.runtime.vm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["sim False", "['sim', 'vm'] True"]
