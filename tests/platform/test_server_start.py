@@ -108,6 +108,7 @@ def test_cache_keeps_the_hash_and_follows_every_change(package):
         json.dumps({"version": 1, "package": "PKG", "files": ["zz" * 32 + " 1 2 3 4 5 a.py"]}).encode(),
         json.dumps({"version": 1, "package": "PKG", "files": [7]}).encode(),
         b"{" * 100000,
+        b"[" + b" " * (1 << 20) + b"]",  # past CACHE_LIMIT
     ],
 )
 def test_damaged_cache_is_measured_again(package, document):
