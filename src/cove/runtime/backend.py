@@ -127,7 +127,7 @@ PLANNED = (
 )
 
 
-NAMES = ("sim", "vm")  # the backends this version launches
+NAMES = ("sim", "vm")  # the backends this version launches, strongest first (auto takes the first available)
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -156,12 +156,13 @@ def all_availability() -> list[Availability]:
 def choose(configured: str, override: str | None = None) -> Backend:
     """The backend to launch with: an explicit choice must be available; auto takes the strongest."""
     wanted = override or configured
-    if wanted == "auto":
-        usable = [b for b in registry().values() if b.availability().available]
-        if not usable:
-            reasons = "; ".join(f"{a.backend}: {a.reason}" for a in all_availability())
-            raise CoveError(f"no backend can run on this host ({reasons})", "run scripts/setup")
-        return max(usable, key=lambda b: b.strength)()
+    if wanted == "auto":  # NAMES is in order of strength: the vm backend is not even imported when sim can run
+        for name in NAMES:
+            candidate = backend_class(name)
+            if candidate.availability().available:
+                return candidate()
+        reasons = "; ".join(f"{a.backend}: {a.reason}" for a in all_availability())
+        raise CoveError(f"no backend can run on this host ({reasons})", "run scripts/setup")
     if wanted not in NAMES:
         planned = {p.name: p for p in PLANNED}
         if wanted in planned:
