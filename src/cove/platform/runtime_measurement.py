@@ -100,7 +100,8 @@ def _read_cache(path: Path, root: Path) -> dict[str, str]:
 
     try:
         data = path.read_bytes()
-        fields = Fields(decode_json(data, ValueError, "the runtime hash cache", limit=CACHE_LIMIT), "", ValueError)
+        what = "the runtime hash cache"
+        fields = Fields(decode_json(data, ValueError, what, limit=CACHE_LIMIT), what, ValueError)
         if fields.integer("version") != _CACHE_VERSION or fields.text("package", max_len=4096) != str(root):
             return {}
         cached: dict[str, str] = {}
