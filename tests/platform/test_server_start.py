@@ -25,6 +25,7 @@ SERVER_AVOIDS = (
     "cove.platform.swtpm",
     "cove.attest.ak_ca",
     "cove.attest.tpm_structs",
+    "tomllib",  # the server reads JSON and CBOR only (cove.decode loads tomllib for decode_toml alone)
 )
 SERVER_PATH = """
 import sys
