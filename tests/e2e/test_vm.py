@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from datetime import datetime, timezone
 
@@ -28,6 +29,7 @@ from cove.attest.cove_evidence_verify import verify_cove_evidence
 from cove import config as cove_config
 from cove.image import manifest as manifest_mod
 from cove.image import vmimage
+from cove.platform import sealing
 from cove.runtime import vm
 from tests.conftest import ROOT, Cove, error_line, require
 from tests.e2e.helpers import make_instance, set_option
@@ -392,21 +394,49 @@ def test_vm_config_is_checked(cove, vm_instance):
         config.write_text(original)
 
 
-def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove, vm_instance, tmp_path):
+def _identity(cove: Cove, root: Path) -> SimpleNamespace:
+    """A build's identity as `cove inspect` reads it (what a sealing key derives from)."""
+    described = json.loads(cove.ok("inspect", "--json", cwd=root).stdout)
+    return SimpleNamespace(
+        measurement=bytes.fromhex(described["measurement"]),
+        signer=bytes.fromhex(described["signer"]),
+        product_id=described["product_id"],
+        svn=described["svn"],
+        debug=described["debug"],
+    )
+
+
+def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove, vm_instance, tmp_path, monkeypatch):
     env = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
     data = os.urandom(64)
     # a report read at the same time as the quote: both helpers share one port, taking turns
-    out = cove.ok(
+    run = cove.ok(
         "run",
         "/bin/sh",
         "-c",
         f"ls /dev/attestation; /bin/attest_probe type; "
         f"/bin/attest_probe report {data.hex()} > /scratch/report & "
-        f"/bin/attest_probe quote {data.hex()}; wait; cat /scratch/report",
+        f"/bin/attest_probe quote {data.hex()}; wait; cat /scratch/report; "
+        "ls -ln /dev/attestation/keys; ls -lnd /dev/attestation/keys; "
+        "/bin/attest_probe key mrenclave; /bin/attest_probe key mrsigner",
         cwd=vm_instance,
         env=env,
-    ).stdout.split()
-    assert out[:5] == ["attestation_type", "quote", "report", "user_report_data", "cove"]
+    )
+    out = run.stdout.split()
+    assert out[:6] == ["attestation_type", "keys", "quote", "report", "user_report_data", "cove"]
+    out = out[:1] + out[2:]
+    # the sealing keys: sim's derivation for this identity and this platform's root secret, 0400, the program's
+    lines = run.stdout.splitlines()
+    keys = {"_sgx_mrenclave": bytes.fromhex(lines[-2]), "_sgx_mrsigner": bytes.fromhex(lines[-1])}
+    listing = [line.split() for line in lines[-6:-3]]
+    assert [(f[0], f[2], f[3], f[4], f[-1]) for f in listing[1:]] == [
+        ("-r--------", "1000", "1000", "16", "_sgx_mrenclave"),
+        ("-r--------", "1000", "1000", "16", "_sgx_mrsigner"),
+    ], run.stdout
+    assert lines[-3].split()[0] == "dr-xr-xr-x", run.stdout
+    monkeypatch.setenv("COVE_PLATFORM_DIR", env["COVE_PLATFORM_DIR"])
+    assert keys == sealing.enclave_keys(_identity(cove, vm_instance))
+    assert not any(key.hex() in run.stderr for key in keys.values())
     signed_report = cbor2.loads(bytes.fromhex(out[6]))
     assert ev.parse_report(signed_report["report"]).report_data == data
     evidence = tmp_path / "evidence.hex"
@@ -418,6 +448,7 @@ def test_evidence_from_the_guest_verifies_and_a_sim_only_policy_refuses_it(cove,
     assert report.report_data == data
     signed = manifest_mod.decode((vm_instance / "build" / "manifest.cbor").read_bytes())
     assert report.measurement == signed.measurement
+    assert keys == sealing.enclave_keys(report)
     # the vTPM quoted its launch PCR holding the signed launch measurement, for this very report
     assert claims.launch == signed.launch["measurement"] and claims.vtpm is not None
     launch = signed.launch["measurement"].hex()
@@ -606,3 +637,95 @@ def test_packaged_vm_enclave_runs_and_a_changed_kernel_in_it_is_refused(cove, vm
             out.addfile(member, io.BytesIO(data) if data is not None else None)
     refused = cove("run", "--package", str(tampered), "/bin/hello", cwd=elsewhere)
     assert refused.returncode != 0 and refused.stdout == "" and "kernel" in error_line(refused)
+
+
+def test_another_build_has_another_mrenclave_key_and_the_same_mrsigner_key(
+    cove, vm_instance, probe, attest_probe, hello, tmp_path, monkeypatch
+):
+    """One boot of a build that differs only in one more file: sim's derivation gives its keys."""
+    other = make_instance(
+        cove,
+        tmp_path,
+        probe,
+        name="hello-enclave",
+        options={("enclave", "backend"): '"vm"', ("process", "user"): '"1000:1000"'},
+        extra=SCRATCH,
+        build=False,
+    )
+    cove.ok("add", "--to", "/bin", str(attest_probe), str(hello), cwd=other)
+    cove.ok("build", cwd=other)
+    env = {"COVE_PLATFORM_DIR": str(tmp_path / "platform")}
+    run = cove.ok(
+        "run", "/bin/sh", "-c", "/bin/attest_probe key mrenclave; /bin/attest_probe key mrsigner", cwd=other, env=env
+    )
+    got = dict(zip(("_sgx_mrenclave", "_sgx_mrsigner"), (bytes.fromhex(line) for line in run.stdout.split())))
+    monkeypatch.setenv("COVE_PLATFORM_DIR", env["COVE_PLATFORM_DIR"])
+    mine, theirs = _identity(cove, other), _identity(cove, vm_instance)
+    assert mine.measurement != theirs.measurement and mine.signer == theirs.signer
+    assert got == sealing.enclave_keys(mine)
+    assert got["_sgx_mrenclave"] != sealing.enclave_keys(theirs)["_sgx_mrenclave"]
+    assert got["_sgx_mrsigner"] == sealing.enclave_keys(theirs)["_sgx_mrsigner"]
+
+
+SEALING_TEST = r"""#define _GNU_SOURCE
+#include <sys/reboot.h>
+#define reboot(how) 0 /* die() must not reboot the machine running the test */
+#define main cove_init_main
+#include "INIT"
+#undef main
+int main(int argc, char **argv) {  /* sealing_parse each argument, then sealing_write into DIR */
+    if (argc == 3 && !strcmp(argv[2], "request")) {  /* a K item among others: the items after it still parse */
+        static char body[] = "Atrue\0K0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20\0Aafter\0Y" "cove";
+        static struct request r;
+        parse(body, sizeof body, &r);
+        return r.argc == 2 && !strcmp(r.argv[1], "after") && !strcmp(r.attestation, "cove") && sealing_given ? 0 : 40;
+    }
+    for (int i = 2; i < argc; i++) {
+        size_t n = strlen(argv[i]);
+        sealing_parse(argv[i]);
+        for (size_t j = 0; j < n; j++) if (argv[i][j] != '0') return 30;  /* the request's hex is wiped */
+    }
+    sealing_write(argv[1], 1000, 1001);
+    for (unsigned j = 0; j < sizeof sealing; j++) if (sealing[j]) return 31;  /* and the init's copy */
+    return 0;
+}
+"""
+
+
+def test_guest_sealing_keys_item_is_strict(tmp_path):
+    """The init's K item: exactly 64 hex digits, once; written 0400 to the program's ids, folder 0555."""
+    require("gcc")
+    (tmp_path / "t.c").write_text(SEALING_TEST.replace("INIT", str(vmimage.INIT_SOURCE)))
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
+    key = bytes(range(1, 33))
+    for n, bad in enumerate(
+        [
+            key.hex()[:-1],
+            key.hex() + "0",
+            key.hex()[:-2],
+            key.hex()[:-1] + "g",
+            " " + key.hex()[1:],
+            "",
+            "0x" + key.hex()[2:],
+        ]
+    ):
+        out = tmp_path / f"bad{n}"
+        out.mkdir()
+        result = subprocess.run([str(tmp_path / "t"), str(out), bad], capture_output=True, text=True)
+        assert (result.returncode, result.stderr) == (1, "cove-init: malformed sealing keys item\n"), bad
+        assert not (out / "keys").exists()
+    twice = subprocess.run([str(tmp_path / "t"), str(tmp_path), key.hex(), key.hex()], capture_output=True, text=True)
+    assert (twice.returncode, twice.stderr) == (1, "cove-init: malformed sealing keys item\n")
+    assert subprocess.run([str(tmp_path / "t"), str(tmp_path), "request"]).returncode == 0
+    none = tmp_path / "none"
+    none.mkdir()
+    assert subprocess.run([str(tmp_path / "t"), str(none)]).returncode == 0 and not (none / "keys").exists()
+    good = tmp_path / "good"
+    good.mkdir()
+    assert subprocess.run([str(tmp_path / "t"), str(good), key.hex().upper()]).returncode == 0
+    folder = os.stat(good / "keys")
+    assert (folder.st_mode & 0o7777, folder.st_uid) == (0o555, 0)
+    for name, data in (("_sgx_mrenclave", key[:16]), ("_sgx_mrsigner", key[16:])):
+        st = os.stat(good / "keys" / name)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o400, 1000, 1001)
+        assert (good / "keys" / name).read_bytes() == data

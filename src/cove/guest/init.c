@@ -167,6 +167,42 @@ static void read_all(int fd, void *buf, size_t len, int first) {
     }
 }
 
+/* The sealing keys (docs/formats/vm-guest.md, item K): the host derived them as sim's
+ * /dev/attestation does; 32 hex digits each, mrenclave's then mrsigner's, at most one item. Decoded
+ * here and the request's hex overwritten at once; written to keys/ by sealing_write, which wipes this copy. */
+#define SEALING_KEY 16
+static unsigned char sealing[2 * SEALING_KEY];
+static int sealing_given;
+
+static void sealing_parse(char *hex) {
+    size_t n = strlen(hex);
+    int ok = !sealing_given && n == 4 * SEALING_KEY && unhex(hex, sizeof sealing, (char *)sealing);
+    memset(hex, '0', n);  /* wiped, its length kept: parse steps over it */
+    if (!ok) die("malformed sealing keys item");
+    sealing_given = 1;
+}
+
+/* keys/_sgx_mrenclave and keys/_sgx_mrsigner in DIR (the keys folder as on sim, 0555), 16 bytes each,
+ * 0400 and owned by the program's uid and gid; then the init's copy is wiped. */
+static void sealing_write(const char *dir, uid_t uid, gid_t gid) {
+    if (!sealing_given) return;
+    static const char *names[] = {"_sgx_mrenclave", "_sgx_mrsigner"};
+    char path[128];
+    snprintf(path, sizeof path, "%s/keys", dir);
+    if (mkdir(path, 0755) != 0) die("mkdir %s: %s", path, strerror(errno));
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/keys/%s", dir, names[i]);
+        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0400);
+        if (fd < 0 || write(fd, sealing + i * SEALING_KEY, SEALING_KEY) != SEALING_KEY || fchown(fd, uid, gid) != 0 ||
+            fchmod(fd, 0400) != 0) die("cannot write %s", path);
+        close(fd);
+    }
+    explicit_bzero(sealing, sizeof sealing);
+    sealing_given = 0;
+    snprintf(path, sizeof path, "%s/keys", dir);
+    if (chmod(path, 0555) != 0) die("chmod %s: %s", path, strerror(errno));
+}
+
 struct request {
     char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *tmpfs[64], *files[64], *entries[64];
     int argc, envc, ntmpfs, nfiles, nentries, debug;
@@ -206,6 +242,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'D': r->debug = 1; break;
         case 'W': if (r->nfiles < 63) r->files[r->nfiles++] = value; else die("too many files"); break;
         case 'V': if (r->nshared < 16) r->shared[r->nshared++] = value; else die("too many encrypted mounts"); break;
+        case 'K': sealing_parse(value); break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -388,11 +425,14 @@ static void serve_fifo(const char *fifo, int port, char kind) {
     }
 }
 
+static struct request *launched;  /* defined below, with the signal relay */
+
 static void attestation_setup(const char *type) {
     mkdir("/cove/attestation", 0755);
     if (mount("attestation", "/cove/attestation", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") != 0)
         die("mount attestation: %s", strerror(errno));
     write_file("/cove/attestation/attestation_type", type, strlen(type), 0444);
+    sealing_write("/cove/attestation", launched->uid, launched->gid);  /* as on sim, whatever the type */
     if (strcmp(type, "cove") != 0) return;
     static const unsigned char zeros[64];
     write_file("/cove/attestation/user_report_data", zeros, sizeof zeros, 0666);

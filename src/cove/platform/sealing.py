@@ -88,6 +88,15 @@ def sealing_key(identity: Identity, policy: str, svn: int | None = None, purpose
     return _derive(info, KEY_SIZE)
 
 
+def enclave_keys(identity: Identity) -> dict[str, bytes]:
+    """The keys/ folder of /dev/attestation: ``_sgx_mrenclave`` and ``_sgx_mrsigner`` at the enclave's own svn.
+
+    sim's /dev/attestation serves these derivations; the vm launcher sends the same bytes to its guest, so an
+    enclave's keys depend on its identity and this platform, not on the backend that runs it.
+    """
+    return {f"_sgx_{policy}": sealing_key(identity, policy) for policy in POLICIES}
+
+
 def _platform_key(label: str) -> bytes:
     return _derive(b"cove platform seal\0" + _field(label.encode()), 32)
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from cove.attest.evidence import VtpmQuote
     from cove.platform.reports import EnclaveClaims, ReportSigner
+    from cove.platform.sealing import Identity
     from cove.runtime.vm_shared import SharedFolder
     from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
@@ -160,9 +161,12 @@ def _shared_arguments(description: dict, shared: dict[str, int]) -> list[str]:
     return args
 
 
-def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tuple[str, bytes]] = ()) -> bytes:
-    """The launch request for the guest init (docs/backends.md): NUL-terminated typed items.
-    ``files`` are written read-only into the guest's tmpfs mounts before the program starts."""
+def encode_request(
+    spec: LaunchSpec, attestation_type: str, files: Sequence[tuple[str, bytes]] = (), keys: bytes = b""
+) -> bytes:
+    """The launch request for the guest init (docs/formats/vm-guest.md): NUL-terminated typed items.
+    ``files`` are written read-only into the guest's tmpfs mounts before the program starts; ``keys``
+    (the mrenclave then the mrsigner sealing key, sealing_keys) become /dev/attestation/keys/."""
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
@@ -191,6 +195,7 @@ def encode_request(spec: LaunchSpec, attestation_type: str, files: Sequence[tupl
                 'use backend = "sim" for it, or remove the mount',
             )
     items += [f"W{data.hex()}:{target}" for target, data in files]
+    items += [f"K{keys.hex()}"] if keys else []
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
         if "\0" in item:
@@ -941,7 +946,7 @@ class VmBackend(Backend):
         files = self._files(spec)
         if spec.interactive:
             raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
-        request = encode_request(spec, self._attestation_type, files)
+        request = encode_request(spec, self._attestation_type, files, sealing_keys(spec.identity))
         started = time.monotonic()  # virtiofsd's start counts in the boot's time
         shared = self._share(spec, workdir)
         ports = _Ports()
@@ -967,6 +972,20 @@ class VmBackend(Backend):
             request,
             shared,
         )
+
+
+def sealing_keys(identity: Identity) -> bytes:
+    """The enclave's two sealing keys (mrenclave's, then mrsigner's) as sim's /dev/attestation/keys/ has
+    them: the same derivation from the same platform root secret. Without a root secret the guest has no
+    keys/ folder (one warning line); sim's folder then fails each read."""
+    from cove.platform import sealing
+
+    try:
+        keys = sealing.enclave_keys(identity)
+    except CoveError as exc:
+        print(f"cove: warning: /dev/attestation has no sealing keys: {exc.line()}", file=sys.stderr, flush=True)
+        return b""
+    return keys["_sgx_mrenclave"] + keys["_sgx_mrsigner"]
 
 
 def _platform_signer():
