@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import pytest
 
 from cove.errors import CoveError
-from cove.image import vmimage
 from cove.runtime import vm, vm_exec
 
 # the fake guest: argv[1] is its cove.ctl descriptor, argv[2] a JSON list of what to do in turn
@@ -42,30 +41,8 @@ for step in json.loads(sys.argv[2]):
 """
 
 
-class Ports:
-    """Socket pairs as vm's own: the fake guest gets one end of each."""
-
-    def __init__(self) -> None:
-        self.pairs = [socket.socketpair() for _ in vmimage.PORTS]
-
-    def guest_fds(self) -> list[int]:
-        return [pair[1].fileno() for pair in self.pairs]
-
-    def host(self, name: str) -> socket.socket:
-        return self.pairs[vmimage.PORTS.index(name)][0]
-
-    def close_guest_ends(self) -> None:
-        for pair in self.pairs:
-            pair[1].close()
-
-    def close(self) -> None:
-        for pair in self.pairs:
-            for end in pair:
-                end.close()
-
-
 def enclave(tmp_path: Path, steps: list) -> vm.VmEnclave:
-    ports = Ports()
+    ports = vm.SerialPorts()  # the launcher's own: the fake guest gets one end of each
     guest = subprocess.Popen(
         [sys.executable, "-c", GUEST, str(ports.guest_fds()[0]), json.dumps(steps)],
         stdin=subprocess.DEVNULL,

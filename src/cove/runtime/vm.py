@@ -210,7 +210,7 @@ def shared_tags(config) -> dict[str, str]:
     return {target: tag for tag, _, target in vmimage.shared_folders(config)}
 
 
-class _Ports:
+class SerialPorts:
     """Socket pairs for the virtio-serial ports: QEMU gets one end of each."""
 
     def __init__(self):
@@ -238,7 +238,7 @@ def _boot(
     initrd: Path,
     accel: str,
     workdir: Path,
-    ports: _Ports,
+    ports: SerialPorts,
     shared: dict[str, int] | None = None,
 ) -> subprocess.Popen:
     console = workdir / "console.log"
@@ -334,7 +334,7 @@ class VmEnclave(RunningEnclave):
         spec: LaunchSpec,
         isolation: str,
         process: subprocess.Popen,
-        ports: _Ports,
+        ports: SerialPorts,
         workdir: Path,
         started: float,
         signer=None,
@@ -949,7 +949,7 @@ class VmBackend(Backend):
         request = encode_request(spec, self._attestation_type, files, sealing_keys(spec.identity))
         started = time.monotonic()  # virtiofsd's start counts in the boot's time
         shared = self._share(spec, workdir)
-        ports = _Ports()
+        ports = SerialPorts()
         try:
             fds = {s.tag: s.qemu_end.fileno() for s in shared if s.qemu_end is not None}
             process = _boot(description, kernel, initrd, accel, workdir, ports, fds)
@@ -1060,7 +1060,7 @@ def probe(
     """Boot the checked kernel and initramfs with ACCEL and ask Cove's init only to answer
     (it starts no program); seconds to its answer, or None if it never answered."""
     folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
-    ports = _Ports()
+    ports = SerialPorts()
     started = time.monotonic()
     process = _boot(description, kernel, initrd, accel, folder, ports)
     ctl = ports.host("cove.ctl")
