@@ -102,6 +102,26 @@ def test_a_refusal_comes_before_the_switch(node, body, status):
         assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"application/problem+json" in head, head
 
 
+def test_clients_that_hang_up_leave_the_log_one_json_object_per_line(node):
+    """Clients that close (or reset) the connection at once, or right after the head of a refusal: the
+    daemon's stderr is its JSON log, so a fault outside a route is one line, never a traceback."""
+    body = json.dumps({"program": "/bin/hello"}).encode()
+    request = b"POST /v1/enclaves HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    for round in range(60):
+        if round % 2:
+            head, sock = attach(node, {"program": "/bin/hello"})
+            assert head.startswith(b"HTTP/1.1 400 ")
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(node.socket)
+            sock.sendall(request + request[: round % 40])  # a second request cut short
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert node.api("GET", "/v1/version")[0] == 200  # still answering
+    for line in node.log.read_text().splitlines():
+        assert isinstance(json.loads(line), dict), line
+
+
 def test_a_client_that_leaves_stops_the_stream_not_the_enclave(node, app):
     head, sock = attach(node, {"instance": str(app), "program": "/bin/hello", "args": ["30"]})
     with sock:

@@ -963,6 +963,14 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 256
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A fault outside a route (typically a client gone while its connection is read or flushed):
+        one log line, never socketserver's traceback on stderr, which is the daemon's JSON log."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            return  # the client left: its request was already logged
+        log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
+
 
 def bind(path: str, gid: int | None) -> UnixServer:
     """The listening socket at path: 0660, root:cove (or 0600 when there is no cove group)."""
