@@ -402,6 +402,19 @@ class Daemon:
 
         return enclave, path, Helper(program[0], spec, stdin)
 
+    def exec_ended(self, enclave: Enclave, program: str, exit_code: int | None) -> None:
+        """The exec event of a buffered or streamed exec; no exit code means the client left first."""
+        self.events.emit(
+            "enclave",
+            "exec",
+            enclave.id,
+            name=enclave.name,
+            uid=enclave.record.get("uid"),
+            program=program,
+            exit_code=exit_code,
+            client_left=exit_code is None,
+        )
+
     def exec(self, ref: str, body: JSON, uid: int, client: socket.socket | None = None) -> JSON | None:
         """Run a program in a running enclave; its exit code and output once it ends (no stream).
 
@@ -414,16 +427,7 @@ class Daemon:
             raise Problem("InvalidRequest", f"timeout must be more than 0 and at most {EXEC_TIMEOUT_MAX:g} seconds")
         enclave, path, helper = self.exec_helper(ref, body, uid)
         answer = buffered(helper, EXEC_KEEP, timeout, client)
-        self.events.emit(
-            "enclave",
-            "exec",
-            enclave.id,
-            name=enclave.name,
-            uid=enclave.record.get("uid"),
-            program=path,
-            exit_code=None if answer is None else answer["exit_code"],
-            client_left=answer is None,
-        )
+        self.exec_ended(enclave, path, None if answer is None else answer["exit_code"])
         return answer
 
     def stop(self, ref: str, timeout: float, uid: int) -> JSON:
@@ -887,16 +891,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         code = Session(self.connection, self.rfile, helper).run()
-        d.events.emit(
-            "enclave",
-            "exec",
-            enclave.id,
-            name=enclave.name,
-            uid=enclave.record.get("uid"),
-            program=path,
-            exit_code=code,
-            client_left=code is None,
-        )
+        d.exec_ended(enclave, path, code)
         return 101
 
     def _json(self, status: int, document: Any, kind: str = "application/json") -> int:
