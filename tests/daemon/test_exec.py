@@ -493,3 +493,18 @@ def test_window_changes_while_input_is_stuck_do_not_stop_the_output(node, runnin
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(master)
+
+
+def test_each_exec_is_one_event_with_its_exit_code(node, running):
+    """A buffered and a streamed exec each leave one exec event naming the program and its exit code."""
+    import json
+
+    status, answer = node.api("POST", f"/v1/enclaves/{running}/exec", {"argv": ["/bin/sh", "-c", "exit 4"]})
+    assert status == 200 and answer["exit_code"] == 4, answer
+    assert node.cove("exec", running, "/bin/sh", "-c", "exit 5").returncode == 5
+    lines = node.api("GET", "/v1/events?follow=0")[1].decode().splitlines()
+    events = [e for e in map(json.loads, filter(None, lines)) if e["action"] == "exec" and e["id"] == running]
+    assert [(e["program"], e["exit_code"], e["client_left"]) for e in events[-2:]] == [
+        ("/bin/sh", 4, False),
+        ("/bin/sh", 5, False),
+    ], events[-2:]
