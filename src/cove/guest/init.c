@@ -209,6 +209,7 @@ struct request {
     char *shared[16];  /* "rw|ro:TAG:TARGET": encrypted and host mounts the host serves over virtio-fs */
     int nshared;
     const char *cwd, *hostname, *network, *attestation;
+    const char *root;  /* a virtio-fs tag: the image root the host serves (--encrypt-image), or NULL */
     uid_t uid;
     gid_t gid;
     long nproc, nofile;
@@ -243,6 +244,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'W': if (r->nfiles < 63) r->files[r->nfiles++] = value; else die("too many files"); break;
         case 'V': if (r->nshared < 16) r->shared[r->nshared++] = value; else die("too many encrypted mounts"); break;
         case 'K': sealing_parse(value); break;
+        case 'O': if (!value[0] || r->root) die("malformed root item"); r->root = value; break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -333,6 +335,9 @@ static void mount_devpts(void) {
 static void enter_root(struct request *r) {
     char path[512];
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("private mounts: %s", strerror(errno));
+    /* an encrypted image: the host's verifying view over virtio-fs replaces the initramfs's empty /image */
+    if (r->root && mount(r->root, "/image", "virtiofs", MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) != 0)
+        die("mount the root (virtio-fs %s): %s", r->root, strerror(errno));
     if (mount("/image", "/image", NULL, MS_BIND | MS_REC, NULL) != 0) die("bind image: %s", strerror(errno));
     if (mount("proc", "/image/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("mount /proc: %s", strerror(errno));
     if (mount("dev", "/image/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k") != 0) die("mount /dev: %s", strerror(errno));

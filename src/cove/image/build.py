@@ -115,13 +115,10 @@ def build(instance: Instance, key_path: Path | None = None, encryption: ImageEnc
     entries = _hash_image(instance.image, cache)
     launch = None
     if config.enclave.backend == "vm":
-        if encryption is not None:
-            raise CoveError(
-                '--encrypt-image is not available with backend = "vm" yet', 'build without it, or use backend = "sim"'
-            )
         from cove.image import vmimage
 
-        launch = vmimage.build(instance.image, entries, config, instance.build_dir)
+        # with --encrypt-image the initramfs holds no image: the guest's root is the encrypted one's view
+        launch = vmimage.build(instance.image, entries, config, instance.build_dir, encrypted=encryption is not None)
     manifest = manifest_mod.make(cove_config.to_measured(config), entries, launch)
     signature = signing.sign(key, manifest.encoded)
     write_atomic(instance.build_dir / TREE, encode_entries(entries))

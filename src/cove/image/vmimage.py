@@ -53,6 +53,11 @@ NET_DEVICE = "virtio-net-pci:user"
 # and the devices, so other boots don't pay.
 FS_MODULES = ("virtiofs",)  # and fuse, which it needs (modules.dep); its device is on the PCIe bus
 FS_DEVICE = "vhost-user-fs-pci:"  # + "TAG:rw|ro:TARGET", one per encrypted or host mount
+# A build made with --encrypt-image: the initramfs has no image; the root is the host's verifying,
+# decrypting view of build/image.enc (cove.fs.encrypted_image), exported read-only over virtio-fs once
+# the key was released, and mounted by the guest init at /image (docs/backends.md, "Encrypted image").
+ROOT_TAG = "cove-root"
+ROOT_DEVICE = f"{FS_DEVICE}{ROOT_TAG}:ro:/"
 SHARED_MEMORY = "memory-backend-memfd:shared"  # vhost-user needs guest RAM the host process can map
 MAX_SHARED = 16  # encrypted and host mounts a vm enclave may have (the guest init's table)
 LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")
@@ -353,8 +358,11 @@ def cmdline(config: Config) -> str:
     return f"{BASE_CMDLINE} {config.vm.kernel_args}".strip()
 
 
-def describe(kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, config: Config) -> dict:
-    """The launch description: everything the VM is made of, in the form that is measured."""
+def describe(
+    kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, config: Config, encrypted_root: bool = False
+) -> dict:
+    """The launch description: everything the VM is made of, in the form that is measured.
+    ENCRYPTED_ROOT: the root comes over virtio-fs (ROOT_DEVICE), not in the initramfs."""
     return {
         "format": FORMAT,
         "kernel": kernel_digest,
@@ -363,33 +371,45 @@ def describe(kernel_digest: bytes, initrd_digest: bytes, initrd_size: int, confi
         "machine": MACHINE,
         "vcpus": config.vm.vcpus,
         "memory": memory_bytes(config, initrd_size),
-        "devices": list(DEVICES) + ([NET_DEVICE] if config.network.mode == "host" else []) + _fs_devices(config),
+        "devices": list(DEVICES)
+        + ([NET_DEVICE] if config.network.mode == "host" else [])
+        + _fs_devices(config, encrypted_root),
     }
 
 
-def _fs_devices(config: Config) -> list[str]:
+def _fs_devices(config: Config, encrypted_root: bool = False) -> list[str]:
     shared = [
         f"{FS_DEVICE}{tag}:{'rw' if writable else 'ro'}:{target}" for tag, writable, target in shared_folders(config)
     ]
+    shared = ([ROOT_DEVICE] if encrypted_root else []) + shared
     return [SHARED_MEMORY, *shared] if shared else []
+
+
+def encrypted_root(description: dict) -> bool:
+    """Whether a (checked) launch description boots the root over virtio-fs (a --encrypt-image build)."""
+    return ROOT_DEVICE in description.get("devices", ())
 
 
 def measure(description: dict) -> bytes:
     return hashlib.sha256(cbor2.dumps(description, canonical=True)).digest()
 
 
-def build(image: Path, entries: list[Entry], config: Config, build_dir: Path) -> dict:
-    """Write build/vm/{vmlinuz,initrd.cpio,launch.cbor}; the manifest's launch section."""
+def build(image: Path, entries: list[Entry], config: Config, build_dir: Path, encrypted: bool = False) -> dict:
+    """Write build/vm/{vmlinuz,initrd.cpio,launch.cbor}; the manifest's launch section.
+    ENCRYPTED (--encrypt-image): no image file enters the initramfs, which then holds only the init
+    and modules; the root's content is measured by the manifest's listing, its device by the launch."""
     kernel = find_kernel(config.vm.kernel)
-    modules = module_files(kernel, FS_MODULES if shared_folders(config) else ())
+    modules = module_files(kernel, FS_MODULES if shared_folders(config) or encrypted else ())
     folder = build_dir / FOLDER
     folder.mkdir(exist_ok=True)
     kernel_bytes = boot_kernel(kernel.read_bytes())
     write_atomic(folder / KERNEL, kernel_bytes)
-    mount_points = [*ALWAYS, *(m.target for m in config.mounts)]
-    initrd_digest = write_initrd(image, entries, mount_points, init_binary(), modules, folder / INITRD)
+    mount_points = [] if encrypted else [*ALWAYS, *(m.target for m in config.mounts)]
+    initrd_digest = write_initrd(
+        image, [] if encrypted else entries, mount_points, init_binary(), modules, folder / INITRD
+    )
     description = describe(
-        hashlib.sha256(kernel_bytes).digest(), initrd_digest, (folder / INITRD).stat().st_size, config
+        hashlib.sha256(kernel_bytes).digest(), initrd_digest, (folder / INITRD).stat().st_size, config, encrypted
     )
     write_atomic(folder / LAUNCH, cbor2.dumps(description, canonical=True))
     return {"type": "vm", "measurement": measure(description)}

@@ -77,6 +77,9 @@ class Backend(ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
     strength: ClassVar[int]  # auto picks the highest available
+    # --debug-enclave: the program takes over the user's terminal (sim), or streams over the backend's
+    # own channels like any run, with signals relayed (vm: the guest's program is not on a host terminal)
+    takes_terminal: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

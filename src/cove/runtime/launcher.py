@@ -323,7 +323,7 @@ def run_verified(
                 uid=uid,
                 gid=gid,
                 instance_id=instance_id,
-                interactive=request.debug_shell,
+                interactive=request.debug_shell and chosen.takes_terminal,
                 binds=tuple(binds),
                 build_dir=build_dir,
                 launch=verified.manifest.launch,

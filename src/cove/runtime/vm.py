@@ -162,11 +162,16 @@ def _shared_arguments(description: dict, shared: dict[str, int]) -> list[str]:
 
 
 def encode_request(
-    spec: LaunchSpec, attestation_type: str, files: Sequence[tuple[str, bytes]] = (), keys: bytes = b""
+    spec: LaunchSpec,
+    attestation_type: str,
+    files: Sequence[tuple[str, bytes]] = (),
+    keys: bytes = b"",
+    root_tag: str = "",
 ) -> bytes:
     """The launch request for the guest init (docs/formats/vm-guest.md): NUL-terminated typed items.
     ``files`` are written read-only into the guest's tmpfs mounts before the program starts; ``keys``
-    (the mrenclave then the mrsigner sealing key, sealing_keys) become /dev/attestation/keys/."""
+    (the mrenclave then the mrsigner sealing key, sealing_keys) become /dev/attestation/keys/;
+    ``root_tag``: the root is that virtio-fs tag (an encrypted image's view), not the initramfs's."""
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
@@ -196,6 +201,7 @@ def encode_request(
             )
     items += [f"W{data.hex()}:{target}" for target, data in files]
     items += [f"K{keys.hex()}"] if keys else []
+    items += [f"O{root_tag}"] if root_tag else []
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
         if "\0" in item:
@@ -656,7 +662,7 @@ class VmEnclave(RunningEnclave):
             reason = _last_line(self.workdir / "qemu.err") or _last_line(self.workdir / "console.log")
             if "vhost" in reason:  # an encrypted mount's virtiofsd failed: its own last words say why
                 reason += "".join(
-                    f"; virtiofsd: {line}" for e in sorted(self.workdir.glob("cove-fs*.err")) if (line := _last_line(e))
+                    f"; virtiofsd: {line}" for e in sorted(self.workdir.glob("cove-*.err")) if (line := _last_line(e))
                 )
             raise CoveError(
                 f"the vm ended without the program's exit code (QEMU exit status {status}"
@@ -790,6 +796,7 @@ class VmBackend(Backend):
     name = NAME
     isolation = "vm"
     strength = 0  # never chosen by `auto`: a vm build carries its own launch measurement
+    takes_terminal = False  # --debug-enclave: any program, streamed over the ports, signals relayed
 
     @classmethod
     def availability(cls) -> Availability:
@@ -938,17 +945,40 @@ class VmBackend(Backend):
             raise CoveError(f"encrypted mount {sorted(missing)[0]} was not served")
         return started
 
+    @staticmethod
+    def _share_root(spec: LaunchSpec, folder: Path) -> SharedFolder:
+        """A --encrypt-image build: a read-only virtiofsd for the root the launcher mounted on the host
+        after the key's release (cove.fs.encrypted_image.ImageMount: it decrypts and checks each file
+        against the signed listing), so the guest's root never exists as plaintext on the host's disk."""
+        from cove.runtime import vm_shared
+
+        if not os.path.ismount(spec.root):
+            raise CoveError(
+                "this vm build boots an encrypted image, but the run has no encrypted root to serve",
+                "build again with `cove build --encrypt-image SOURCE` (build/image.enc is missing)",
+            )
+        return vm_shared.start(
+            vmimage.ROOT_TAG, "/", spec.root, folder, spec.uid, spec.gid, read_only=True, kind="encrypted image"
+        )
+
     def launch(self, spec: LaunchSpec) -> VmEnclave:
         if self._prepared is None:
             self.prepare(spec.build_dir, spec.launch, spec.workdir or Path(tempfile.gettempdir()))
         assert self._prepared is not None  # prepare() set it
         description, kernel, initrd, workdir, accel = self._prepared
         files = self._files(spec)
-        if spec.interactive:
-            raise CoveError("--debug-enclave (an interactive shell) is not available on the vm backend yet")
-        request = encode_request(spec, self._attestation_type, files, sealing_keys(spec.identity))
+        root = vmimage.encrypted_root(description)
+        request = encode_request(
+            spec, self._attestation_type, files, sealing_keys(spec.identity), vmimage.ROOT_TAG if root else ""
+        )
         started = time.monotonic()  # virtiofsd's start counts in the boot's time
-        shared = self._share(spec, workdir)
+        shared = [self._share_root(spec, workdir)] if root else []
+        try:
+            shared += self._share(spec, workdir)
+        except BaseException:
+            for folder in shared:
+                folder.stop()
+            raise
         ports = SerialPorts()
         try:
             fds = {s.tag: s.qemu_end.fileno() for s in shared if s.qemu_end is not None}

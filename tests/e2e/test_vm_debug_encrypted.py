@@ -1,0 +1,205 @@
+"""`cove run --debug-enclave` and `cove build --encrypt-image` on the vm backend, as on sim.
+
+A debug vm enclave runs any program and every report from inside it says
+debug, so only a policy that allows debug accepts it. An encrypted vm build
+puts no image into its initramfs: the guest's root is the host's verifying,
+decrypting view of build/image.enc, served read-only over virtio-fs once the
+key is released. Three boots in all (a debug run, an encrypted run, a
+tampered one); everything else is refused before boot or needs no boot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from cove.attest.cove_evidence_verify import verify_cove_evidence
+from cove.image import vmimage
+from cove.runtime import vm, vm_shared
+from tests.conftest import error_line, require
+from tests.e2e.helpers import make_instance
+from tests.e2e.test_vm import attest_probe, hello  # noqa: F401 (fixtures)
+
+MARKER = "plaintext marker 3c9e of an encrypted vm image"
+SCRATCH = '\n[[mounts]]\ntarget = "/scratch"\ntype = "tmpfs"\n'
+READ = (
+    "/bin/sh",
+    "-c",
+    "/bin/hello world; cat /etc/app/secret.conf; ls -ln /etc/app; id -u; exit 3",
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("platform") / "platform"
+    folder.mkdir(mode=0o700)
+    return {"COVE_PLATFORM_DIR": str(folder)}
+
+
+@pytest.fixture(scope="module")
+def debug_vm(cove, tmp_path_factory, attest_probe, env) -> Path:  # noqa: F811
+    require("qemu-system-x86_64")
+    root = make_instance(
+        cove,
+        tmp_path_factory.mktemp("debug"),
+        options={
+            ("enclave", "backend"): '"vm"',
+            ("enclave", "debug"): "true",
+            ("process", "entry_points"): '["/bin/attest_probe"]',
+        },
+        extra=SCRATCH,
+        build=False,
+    )
+    cove.ok("add", "--to", "/bin", str(attest_probe), cwd=root)
+    cove.ok("build", cwd=root, env=env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encrypted(cove, tmp_path_factory, hello, env) -> dict:  # noqa: F811
+    """One image built for sim and for vm with --encrypt-image file:KEY, the plain image/ moved away."""
+    require("qemu-system-x86_64")
+    require("fusermount3")
+    if not os.access(vm_shared.VIRTIOFSD, os.X_OK):
+        pytest.fail(f"{vm_shared.VIRTIOFSD} is missing: run scripts/setup (qemu-system-x86)", pytrace=False)
+    base = tmp_path_factory.mktemp("encrypted")
+    key = base / "image.key"
+    key.write_bytes(os.urandom(16))
+    built = {"key": key}
+    for backend in ("sim", "vm"):
+        (base / backend).mkdir()
+        root = make_instance(
+            cove,
+            base / backend,
+            options={("enclave", "backend"): f'"{backend}"', ("process", "user"): '"1000:1000"'},
+            extra=SCRATCH,
+            build=False,
+        )
+        cove.ok("add", "--to", "/bin", str(hello), cwd=root)
+        (root / "image" / "etc" / "app").mkdir(parents=True)
+        (root / "image" / "etc" / "app" / "secret.conf").write_text(MARKER + "\n")
+        # the largest file, so that a flipped byte of the largest ciphertext file lands in it
+        (root / "image" / "etc" / "app" / "big").write_bytes(MARKER.encode() + os.urandom(3 << 20))
+        cove.ok("build", "--encrypt-image", f"file:{key}", cwd=root, env=env)
+        shutil.move(root / "image", base / f"{backend}-plain-image")
+        built[backend] = root
+    return built
+
+
+def test_debug_vm_runs_any_program_and_its_evidence_verifies_only_where_debug_is_allowed(cove, debug_vm, env, tmp_path):
+    data = os.urandom(64)
+    refused = cove("run", "/bin/sh", "-c", "echo no", cwd=debug_vm, env=env)
+    assert refused.returncode == 2 and "not an entry point" in error_line(refused)
+    run = cove(
+        "run",
+        "--debug-enclave",
+        "/bin/sh",
+        "-c",
+        f"echo from a debug vm; /bin/attest_probe quote {data.hex()}",
+        cwd=debug_vm,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "from a debug vm"
+    claims = verify_cove_evidence(bytes.fromhex(lines[1]), datetime.now(timezone.utc))
+    assert claims.report.debug and claims.report.backend == "vm" and claims.report.report_data == data
+    evidence = tmp_path / "evidence.hex"
+    evidence.write_text(lines[1])
+    default = tmp_path / "default.toml"
+    default.write_text('[cove]\nself_certified = true\nbackends = ["vm"]\n')
+    result = cove("verify", evidence, "--report-data", data.hex(), "--policy", default)
+    assert result.returncode == 6 and "debug" in error_line(result)
+    allows = tmp_path / "debug.toml"
+    allows.write_text('[cove]\nself_certified = true\nbackends = ["vm"]\ndebug = true\n')
+    result = cove("verify", evidence, "--report-data", data.hex(), "--policy", allows)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_debug_vm_enclave_is_packaged_only_with_debug_enclave(cove, debug_vm, env, tmp_path):
+    result = cove("package", "--output", tmp_path / "a.tar.gz", cwd=debug_vm, env=env)
+    assert result.returncode != 0 and "refusing to package a debug enclave" in error_line(result)
+    assert not (tmp_path / "a.tar.gz").exists()
+    cove.ok("package", "--debug-enclave", "--output", tmp_path / "b.tar.gz", cwd=debug_vm, env=env)
+
+
+def test_a_vm_enclave_that_is_not_debug_refuses_debug_enclave(cove, encrypted, env):
+    result = cove("run", "--debug-enclave", "/bin/sh", "-c", "echo no", cwd=encrypted["vm"], env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--debug-enclave needs a debug enclave" in error_line(result)
+
+
+def test_an_encrypted_vm_build_carries_no_plaintext(cove, encrypted, env, tmp_path):
+    root = encrypted["vm"]
+    initrd = (root / "build" / "vm" / vmimage.INITRD).read_bytes()
+    assert MARKER.encode() not in initrd and b"secret.conf" not in initrd and b"image/bin" not in initrd
+    description = cbor2.loads((root / "build" / "vm" / vmimage.LAUNCH).read_bytes())
+    assert vmimage.ROOT_DEVICE in description["devices"] and vmimage.encrypted_root(description)
+    cove.ok("package", "--output", tmp_path / "vm.tar.gz", cwd=root, env=env)
+    with tarfile.open(tmp_path / "vm.tar.gz") as archive:
+        names = archive.getnames()
+        blob = b"".join(archive.extractfile(m).read() for m in archive.getmembers() if m.isfile())  # type: ignore[union-attr]
+    assert "build/vm/initrd.cpio" in names and not any(n.startswith("image/") for n in names)
+    assert MARKER.encode() not in blob
+
+
+def test_an_encrypted_vm_enclave_runs_as_on_sim_and_a_wrong_key_is_refused(cove, encrypted, env):
+    on_sim = cove("run", *READ, cwd=encrypted["sim"], env=env)
+    on_vm = cove("run", *READ, cwd=encrypted["vm"], env=env)
+    assert f"\n{MARKER}\n" in on_vm.stdout and "secret.conf" in on_vm.stdout and on_vm.returncode == 3, on_vm.stderr
+    assert (on_vm.returncode, on_vm.stdout) == (on_sim.returncode, on_sim.stdout), (on_vm.stderr, on_sim.stderr)
+    key, right = encrypted["key"], encrypted["key"].read_bytes()
+    key.write_bytes(os.urandom(16))
+    try:
+        wrong = cove("run", *READ, cwd=encrypted["vm"], env=env)
+    finally:
+        key.write_bytes(right)
+    assert wrong.returncode == 3 and wrong.stdout == ""
+    assert "the key does not open this volume" in error_line(wrong)
+
+
+def test_tampered_ciphertext_fails_the_read_in_the_guest(cove, encrypted, env):
+    volume = encrypted["vm"] / "build" / "image.enc"
+    victim = max((p for p in volume.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    original = victim.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    try:
+        result = cove(
+            "run",
+            "/bin/sh",
+            "-c",
+            "cat /etc/app/big > /dev/null || echo read-failed; cat /etc/app/big > /dev/null || echo again",
+            cwd=encrypted["vm"],
+            env=env,
+        )
+    finally:
+        victim.write_bytes(original)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "read-failed\nagain\n" and MARKER not in result.stdout
+    assert "Input/output error" in result.stderr
+
+
+def test_the_root_item_and_device(tmp_path):
+    """Without a boot: the launch request names the root's tag, QEMU gets its vhost-user device."""
+    description = vmimage.describe(b"k" * 32, b"i" * 32, 1 << 20, _config(), encrypted_root=True)
+    assert description["devices"][-2:] == [vmimage.SHARED_MEMORY, vmimage.ROOT_DEVICE]
+    assert not vmimage.encrypted_root(vmimage.describe(b"k" * 32, b"i" * 32, 1 << 20, _config()))
+    args = vm.qemu_arguments(
+        description, tmp_path / "k", tmp_path / "i", "tcg", tmp_path / "c", [3, 4, 5, 6, 7], {vmimage.ROOT_TAG: 9}
+    )
+    assert f"vhost-user-fs-pci,chardev={vmimage.ROOT_TAG},tag={vmimage.ROOT_TAG}" in args
+    assert f"socket,id={vmimage.ROOT_TAG},fd=9" in args
+
+
+def _config():
+    from cove import config as cove_config
+
+    return cove_config.parse('[enclave]\nname = "t"\nbackend = "vm"\n')
