@@ -17,9 +17,11 @@ never on a network port, and dies with the launcher (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -37,6 +39,18 @@ from cove.runtime.backend import find_tool
 AK_HANDLE = 0x81000010
 SOCKET = "tpm.sock"
 START_TIMEOUT = 10.0
+RESPONSE_HEADER = 10  # tag, size, response code
+MAX_RESPONSE = 4096  # swtpm's buffer: no response is longer
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("the swtpm closed the connection mid-response")
+        data += chunk
+    return data
 
 
 def _die_with_parent() -> None:
@@ -60,6 +74,7 @@ class Vtpm:
         self.tpm = Tpm(f"cmd:cd {shlex.quote(str(folder))} && exec {_tool('socat', 'socat')} - UNIX-CONNECT:{SOCKET}")
         self.statement: ev.VtpmStatement | None = None
         self._lock = threading.Lock()
+        self._provisioned = threading.Event()  # the guest's TPM commands (transmit) wait for it
 
     @classmethod
     def start(cls, parent: Path) -> Vtpm:
@@ -119,7 +134,28 @@ class Vtpm:
             self.statement = ev.VtpmStatement(
                 ek=(t / "ek.pub").read_bytes(), ak=(t / "ak.pub").read_bytes(), pcr=ev.LAUNCH_PCR, launch=launch
             )
+        self._provisioned.set()
         return self.statement
+
+    def transmit(self, command: bytes) -> bytes:
+        """One whole TPM command from the guest's device (vm_tpmdev) and the swtpm's whole response,
+        between the launcher's own commands, and only once the launch PCR is extended: the guest's
+        first command finds the launch measurement already there. OSError if the swtpm fails."""
+        if not self._provisioned.wait(START_TIMEOUT):
+            raise OSError("the vTPM was not provisioned")
+        with self._lock, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            folder = os.open(self.folder, os.O_PATH | os.O_DIRECTORY)
+            try:  # through the folder's descriptor: a run's folder can be deeper than a socket path may be long
+                sock.settimeout(START_TIMEOUT)
+                sock.connect(f"/proc/self/fd/{folder}/{SOCKET}")
+            finally:
+                os.close(folder)
+            sock.sendall(command)
+            head = _read(sock, RESPONSE_HEADER)
+            size = int.from_bytes(head[2:6], "big")
+            if not RESPONSE_HEADER <= size <= MAX_RESPONSE:
+                raise OSError(f"the swtpm answered with a response of {size} bytes")
+            return head + _read(sock, size - RESPONSE_HEADER)
 
     def quote(self, qualifying: bytes) -> tuple[bytes, bytes, dict[str, dict[int, bytes]]]:
         """(TPMS_ATTEST, TPMT_SIGNATURE, PCR values) of the launch PCR with ``qualifying`` data."""
