@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,3 +204,41 @@ def _config():
     from cove import config as cove_config
 
     return cove_config.parse('[enclave]\nname = "t"\nbackend = "vm"\n')
+
+
+ROOT_ITEM_TEST = r"""#define _GNU_SOURCE
+#include <sys/reboot.h>
+#define reboot(how) 0 /* die() must not reboot the machine running the test */
+#define main cove_init_main
+#include "INIT"
+#undef main
+int main(int argc, char **argv) {  /* parse a request of the items in argv; print the root tag */
+    static char body[4096];
+    size_t len = 0;
+    for (int i = 1; i < argc; i++) {
+        size_t n = strlen(argv[i]) + 1;
+        memcpy(body + len, argv[i], n);
+        len += n;
+    }
+    static struct request r;
+    parse(body, len, &r);
+    printf("%s\n", r.root ? r.root : "(initramfs)");
+    return 0;
+}
+"""
+
+
+def test_the_guest_root_item_is_strict(tmp_path):
+    """The init's O item: one, not empty; without it the root is the initramfs's /image."""
+    require("gcc")
+    (tmp_path / "t.c").write_text(ROOT_ITEM_TEST.replace("INIT", str(vmimage.INIT_SOURCE)))
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
+
+    def parse(*items: str) -> tuple[int, str, str]:
+        done = subprocess.run([str(tmp_path / "t"), "A/bin/x", *items], capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+
+    assert parse() == (0, "(initramfs)\n", "")
+    assert parse("Ocove-root", "Ycove") == (0, "cove-root\n", "")
+    for bad in (("O",), ("Ocove-root", "Oother")):
+        assert parse(*bad) == (1, "", "cove-init: malformed root item\n"), bad
