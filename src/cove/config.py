@@ -178,6 +178,7 @@ class VmSection:
     kernel: str | None = None  # host path of the kernel to boot; None: the newest Debian cloud kernel
     kernel_args: str = ""  # appended to the measured kernel command line
     boot_timeout: int = 60  # seconds from QEMU's start to the program's start
+    tpm_device: bool = False  # the VM's vTPM as the guest's /dev/tpm0 (a measured tpm-tis device)
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ class _Validator:
         )
 
     def vm(self, data: Any) -> VmSection:
-        data = self.table(data, "vm", ("vcpus", "kernel", "kernel_args", "boot_timeout"))
+        data = self.table(data, "vm", ("vcpus", "kernel", "kernel_args", "boot_timeout", "tpm_device"))
         kernel = data.get("kernel")
         if kernel is not None:
             kernel = self.abs_path(kernel, "vm.kernel")
@@ -314,6 +315,7 @@ class _Validator:
             kernel=kernel,
             kernel_args=args,
             boot_timeout=self.integer(data, "vm", "boot_timeout", 60, 1, 3600),
+            tpm_device=self.boolean(data, "vm", "tpm_device", False),
         )
 
     def enclave(self, data: Any) -> EnclaveSection:
@@ -676,7 +678,10 @@ def _measured_vm(config: Config) -> dict:
     if config.enclave.backend != "vm":
         return {}
     vm = config.vm
-    return {"vm": {"vcpus": vm.vcpus, "kernel_args": vm.kernel_args, "boot_timeout": vm.boot_timeout}}
+    measured = {"vcpus": vm.vcpus, "kernel_args": vm.kernel_args, "boot_timeout": vm.boot_timeout}
+    if vm.tpm_device:  # only when set: manifests without it keep their measurement
+        measured["tpm_device"] = True
+    return {"vm": measured}
 
 
 def _measured_attestation(config: Config) -> dict:

@@ -322,6 +322,22 @@ static void mount_shared(struct request *r) {
     }
 }
 
+/* [vm] tpm_device: the VM's vTPM, which the kernel found as tpm0 (and its resource-managed tpmrm0),
+ * in the program's /dev, 0600 and owned by the program's ids as /dev/attestation/keys/ are: the TPM is
+ * the enclave's own. Nothing without the device (a build without it has none in /cove/dev). */
+static void tpm_nodes(struct request *r) {
+    static const char *const names[] = {"tpm0", "tpmrm0"};
+    char from[64], to[64];
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        struct stat st;
+        snprintf(from, sizeof from, "/cove/dev/%s", names[i]);
+        if (stat(from, &st) != 0 || !S_ISCHR(st.st_mode)) continue;
+        snprintf(to, sizeof to, "/image/dev/%s", names[i]);
+        if (mknod(to, S_IFCHR | 0600, st.st_rdev) != 0 || chown(to, r->uid, r->gid) != 0 || chmod(to, 0600) != 0)
+            die("%s: %s", to, strerror(errno));
+    }
+}
+
 /* The program's own devpts (a new instance), for `cove exec -t`'s terminals, with /dev/ptmx as on sim. */
 static void mount_devpts(void) {
     mkdir("/image/dev/pts", 0755);
@@ -347,6 +363,7 @@ static void enter_root(struct request *r) {
     node("/image/dev/random", 0666, 1, 8);
     node("/image/dev/urandom", 0666, 1, 9);
     node("/image/dev/tty", 0666, 5, 0);
+    tpm_nodes(r);
     mkdir("/image/dev/shm", 01777);
     chmod("/image/dev/shm", 01777);
     mount_devpts();

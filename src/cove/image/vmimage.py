@@ -58,6 +58,11 @@ FS_DEVICE = "vhost-user-fs-pci:"  # + "TAG:rw|ro:TARGET", one per encrypted or h
 # the key was released, and mounted by the guest init at /image (docs/backends.md, "Encrypted image").
 ROOT_TAG = "cove-root"
 ROOT_DEVICE = f"{FS_DEVICE}{ROOT_TAG}:ro:/"
+# [vm] tpm_device: the VM's vTPM as the guest's TPM 2.0 (cove.runtime.vm_tpmdev). microvm's ACPI
+# tables describe no TPM, so the kernel's built-in tpm_tis is told to take the TIS registers at
+# their fixed address (force), and polls them (no interrupt line is described either).
+TPM_DEVICE = "tpm-tis:vtpm"
+TPM_CMDLINE = "tpm_tis.force=1 tpm_tis.interrupts=0"
 SHARED_MEMORY = "memory-backend-memfd:shared"  # vhost-user needs guest RAM the host process can map
 MAX_SHARED = 16  # encrypted and host mounts a vm enclave may have (the guest init's table)
 LAUNCH_KEYS = ("format", "kernel", "initrd", "cmdline", "machine", "vcpus", "memory", "devices")
@@ -355,7 +360,8 @@ def memory_bytes(config: Config, initrd_size: int) -> int:
 
 
 def cmdline(config: Config) -> str:
-    return f"{BASE_CMDLINE} {config.vm.kernel_args}".strip()
+    tpm = f" {TPM_CMDLINE}" if config.vm.tpm_device else ""
+    return f"{BASE_CMDLINE}{tpm} {config.vm.kernel_args}".strip()
 
 
 def describe(
@@ -373,7 +379,8 @@ def describe(
         "memory": memory_bytes(config, initrd_size),
         "devices": list(DEVICES)
         + ([NET_DEVICE] if config.network.mode == "host" else [])
-        + _fs_devices(config, encrypted_root),
+        + _fs_devices(config, encrypted_root)
+        + ([TPM_DEVICE] if config.vm.tpm_device else []),
     }
 
 
@@ -383,6 +390,11 @@ def _fs_devices(config: Config, encrypted_root: bool = False) -> list[str]:
     ]
     shared = ([ROOT_DEVICE] if encrypted_root else []) + shared
     return [SHARED_MEMORY, *shared] if shared else []
+
+
+def tpm_device(description: dict) -> bool:
+    """Whether a (checked) launch description gives the guest the vTPM as its TPM device."""
+    return TPM_DEVICE in description.get("devices", ())
 
 
 def encrypted_root(description: dict) -> bool:

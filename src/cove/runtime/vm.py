@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from cove.platform.reports import EnclaveClaims, ReportSigner
     from cove.platform.sealing import Identity
     from cove.runtime.vm_shared import SharedFolder
+    from cove.runtime.vm_tpmdev import TpmDevice
     from cove.runtime.vm_vtpm import Vtpm, VtpmQuoter
 
 NAME = "vm"
@@ -83,9 +84,11 @@ def qemu_arguments(
     console: Path,
     port_fds: list[int],
     shared: dict[str, int] | None = None,
+    tpm: int | None = None,
 ) -> list[str]:
     """The QEMU command line for a checked launch description; port_fds follow vmimage.PORTS;
-    shared: QEMU's connected end of each encrypted mount's vhost-user socket (vm_shared), by tag."""
+    shared: QEMU's connected end of each encrypted mount's vhost-user socket (vm_shared), by tag;
+    tpm: QEMU's end of the vTPM's control channel (vm_tpmdev) when the description has the device."""
     kvm = accel == "kvm"
     shared = shared or {}
     args = [
@@ -121,6 +124,17 @@ def qemu_arguments(
     if net := _virtio_device(description, "virtio-net"):
         args += ["-netdev", "user,id=net0,restrict=off", "-device", f"{net},netdev=net0"]
     args += _shared_arguments(description, shared)
+    if vmimage.tpm_device(description):
+        if tpm is None:
+            raise CoveError("this vm build has a TPM device, but the run has no vTPM to attach")
+        args += [
+            "-chardev",
+            f"socket,id=tpm,fd={tpm}",
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=tpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ]
     for index, (name, fd) in enumerate(zip(vmimage.PORTS, port_fds)):
         args += [
             "-chardev",
@@ -246,9 +260,10 @@ def _boot(
     workdir: Path,
     ports: SerialPorts,
     shared: dict[str, int] | None = None,
+    tpm: int | None = None,
 ) -> subprocess.Popen:
     console = workdir / "console.log"
-    args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds(), shared)
+    args = qemu_arguments(description, kernel, initrd, accel, console, ports.guest_fds(), shared, tpm)
     errors = open(workdir / "qemu.err", "wb")
     try:
         return subprocess.Popen(
@@ -256,7 +271,7 @@ def _boot(
             stdin=subprocess.DEVNULL,
             stdout=errors,
             stderr=errors,
-            pass_fds=ports.guest_fds() + list((shared or {}).values()),
+            pass_fds=ports.guest_fds() + list((shared or {}).values()) + ([tpm] if tpm is not None else []),
             close_fds=True,
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -830,6 +845,7 @@ class VmBackend(Backend):
         self._provisioning: threading.Thread | None = None
         self._quoter: VtpmQuoter | None = None
         self._vtpm_error: CoveError | None = None
+        self._device: TpmDevice | None = None
 
     def prepare(self, build_dir: Path | None, launch: dict | None, workdir: Path) -> None:
         """Copy and check kernel, initramfs and launch description, and settle KVM or TCG,
@@ -887,8 +903,24 @@ class VmBackend(Backend):
         return quote
 
     def release(self) -> None:
+        if self._device is not None:
+            self._device.close()
         if self._vtpm is not None:
             self._vtpm.stop()
+
+    def _tpm_device(self) -> TpmDevice:
+        """A build with [vm] tpm_device: the vTPM as the guest's TPM, attached once its launch PCR is
+        extended (QEMU sends its first TPM commands while it starts, before the guest runs)."""
+        from cove.runtime.vm_tpmdev import TpmDevice  # only builds with the device pay for this import
+
+        if self._vtpm is None:
+            raise CoveError(
+                "this vm build gives the guest a TPM device, but the platform has no key to certify a vTPM",
+                "run `cove platform init`, or build without [vm] tpm_device",
+            )
+        self._ready()
+        self._device = TpmDevice(self._vtpm)
+        return self._device
 
     @staticmethod
     def _files(spec: LaunchSpec) -> list[tuple[str, bytes]]:
@@ -981,14 +1013,18 @@ class VmBackend(Backend):
             raise
         ports = SerialPorts()
         try:
+            device = self._tpm_device() if vmimage.tpm_device(description) else None
             fds = {s.tag: s.qemu_end.fileno() for s in shared if s.qemu_end is not None}
-            process = _boot(description, kernel, initrd, accel, workdir, ports, fds)
+            tpm = device.qemu_end.fileno() if device is not None else None
+            process = _boot(description, kernel, initrd, accel, workdir, ports, fds, tpm)
         except BaseException:
             for folder in shared:
                 folder.stop()
             raise
         for folder in shared:
             folder.handed_over()
+        if device is not None:
+            device.handed_over()
         return VmEnclave(
             spec,
             KVM if accel == "kvm" else TCG,
@@ -1088,7 +1124,10 @@ def probe(
     description: dict, kernel: Path, initrd: Path, workdir: Path, accel: str, timeout: float = PROBE_TIMEOUT
 ) -> float | None:
     """Boot the checked kernel and initramfs with ACCEL and ask Cove's init only to answer
-    (it starts no program); seconds to its answer, or None if it never answered."""
+    (it starts no program); seconds to its answer, or None if it never answered. Without a TPM device:
+    whether KVM boots the kernel does not depend on it, and the probe has no vTPM to attach."""
+    devices = [d for d in description.get("devices", ()) if d != vmimage.TPM_DEVICE]
+    description = {**description, "devices": devices}
     folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
     ports = SerialPorts()
     started = time.monotonic()
