@@ -23,14 +23,17 @@ import fcntl
 import hashlib
 import hmac
 import json
+import mmap
 import os
+import queue
 import shutil
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cove import hostids
 from cove.decode import Fields, decode_json
@@ -306,27 +309,20 @@ class ImageStore:
             os.close(fd)
             raise
         tmp = self.tmp / f".blob-{os.getpid()}-{os.urandom(6).hex()}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # (read: it is hashed)
         try:
-            digest = hashlib.sha256()
-            size = 0
-            while chunk := os.read(fd, CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
+            digest, size = _copy_hashed(fd, out)
             mode = stat.S_IMODE(st.st_mode)
             if owner is not None:
                 os.fchown(out, *owner)  # before the mode: a chown clears set-id bits
             os.fchmod(out, mode)  # as listed; read-only comes from the root-only store and the read-only bind
-            blob = self.blobs / f"{digest.hexdigest()}-{mode:04o}"
+            blob = self.blobs / f"{digest.hex()}-{mode:04o}"
             if blob.exists():
                 os.unlink(tmp)
             else:
                 os.fsync(out)
                 os.rename(tmp, blob)
-            return digest.digest(), size, mode
+            return digest, size, mode
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -362,6 +358,83 @@ class ImageStore:
                     freed += st.st_size
                     count += 1
         return count, freed
+
+
+COPY_STEP = 8 << 20  # bytes per copy_file_range call; each step is hashed while the next is copied
+NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
+
+
+def _copy_hashed(source: int, out: int) -> tuple[bytes, int]:
+    """Copy ``source`` to the empty file ``out``; (SHA-256, size) of what ``out`` now holds.
+
+    The hash is always of the store's own copy, never of the user's file, which may change meanwhile. The
+    copy is made in the kernel (copy_file_range: no pass of the bytes through Python), and once a file
+    takes more than one step, a second thread hashes each step from the page cache while the next is
+    copied (hashlib releases the GIL on large buffers, so on two cores the hash costs little on top of the
+    copy). Where the kernel cannot copy between these two files (another file system on an older kernel,
+    say), it is one read, hash and write of each chunk.
+    """
+    try:
+        first = os.copy_file_range(source, out, COPY_STEP, 0, 0)
+    except OSError as exc:
+        if exc.errno not in NO_KERNEL_COPY:
+            raise
+        return _read_hash_write(source, out)
+    if first == 0 and os.fstat(source).st_size > 0:  # a file system that copies nothing without saying so
+        return _read_hash_write(source, out)
+    digest = hashlib.sha256()
+    size = first
+    copied = os.copy_file_range(source, out, COPY_STEP, size, size) if first else 0
+    if not copied:  # one step held it all (most files of an image): hashed here, no thread
+        if first:
+            _hash_range(digest.update, out, 0, first)
+        return digest.digest(), first
+    steps: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
+
+    def hasher() -> None:
+        while (step := steps.get()) is not None:
+            if not failed:
+                try:
+                    _hash_range(digest.update, out, *step)
+                except BaseException as exc:  # handed to the copying thread
+                    failed.append(exc)
+
+    thread = threading.Thread(target=hasher, name="store-hash", daemon=True)
+    thread.start()
+    try:
+        steps.put((0, first))
+        while copied and not failed:
+            steps.put((size, copied))
+            size += copied
+            copied = os.copy_file_range(source, out, COPY_STEP, size, size)
+    finally:
+        steps.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+    return digest.digest(), size
+
+
+def _hash_range(update: Callable[[memoryview], None], fd: int, offset: int, length: int) -> None:
+    """Feed ``length`` bytes of ``fd`` from ``offset`` to a digest's ``update`` through a read-only mapping."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, offset + length - start, prot=mmap.PROT_READ, offset=start) as mapped:
+        with memoryview(mapped) as view, view[offset - start :] as part:
+            update(part)
+
+
+def _read_hash_write(source: int, out: int) -> tuple[bytes, int]:
+    """The copy through Python: each chunk hashed from the buffer that is then written."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(source, CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+    return digest.digest(), size
 
 
 def _open_folder(parent: int | None, name: str, rel: str) -> int:
