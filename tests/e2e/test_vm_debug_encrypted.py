@@ -10,9 +10,14 @@ tampered one); everything else is refused before boot or needs no boot.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import shutil
+import struct
 import subprocess
+import termios
+import time
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +30,7 @@ from cove.image import vmimage
 from cove.runtime import vm, vm_shared
 from tests.conftest import error_line, require
 from tests.e2e.helpers import make_instance
+from tests.e2e.test_process import _read_until, _reap
 from tests.e2e.test_vm import attest_probe, hello  # noqa: F401 (fixtures)
 
 MARKER = "plaintext marker 3c9e of an encrypted vm image"
@@ -58,6 +64,7 @@ def debug_vm(cove, tmp_path_factory, attest_probe, env) -> Path:  # noqa: F811
         build=False,
     )
     cove.ok("add", "--to", "/bin", str(attest_probe), cwd=root)
+    cove.ok("add", "/bin/stty", "/usr/bin/tty", cwd=root)
     cove.ok("build", cwd=root, env=env)
     return root
 
@@ -121,6 +128,34 @@ def test_debug_vm_runs_any_program_and_its_evidence_verifies_only_where_debug_is
     allows.write_text('[cove]\nself_certified = true\nbackends = ["vm"]\ndebug = true\n')
     result = cove("verify", evidence, "--report-data", data.hex(), "--policy", allows)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_debug_shell_at_a_terminal_gets_a_terminal_in_the_guest(cove, debug_vm, env):
+    """At the user's terminal the guest gives the program one of its own, as sim does: sized as the
+    user's, resized with it, with the line discipline (Ctrl-C) inside, and the exit code comes back."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(debug_vm)
+        os.execve(cove.popen_args()[0], cove.popen_args("run", "--debug-enclave", "/bin/sh", "-i"), {**cove.env, **env})
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # before cove reads it
+    seen = bytearray()
+    try:
+        os.write(fd, b"stty size; tty; echo go-$((6*7))\n")
+        _read_until(fd, b"go-42", seen, 60)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # cove gets SIGWINCH
+        time.sleep(1)
+        os.write(fd, b"sleep 30\n")
+        time.sleep(1)
+        os.write(fd, b"\x03")  # the guest's line discipline: SIGINT to the foreground job, not the shell
+        os.write(fd, b"stty size; echo back-$((6*7)); exit 5\n")
+        _read_until(fd, b"back-42", seen, 60)
+    finally:
+        status = _reap(pid, 60)
+        os.close(fd)
+    out = bytes(seen).decode(errors="replace")
+    assert "30 100" in out and "/dev/pts/0" in out and "40 120" in out, out
+    assert "job control turned off" not in out and "not a tty" not in out, out
+    assert os.waitstatus_to_exitcode(status) == 5, out
 
 
 def test_a_debug_vm_enclave_is_packaged_only_with_debug_enclave(cove, debug_vm, env, tmp_path):

@@ -214,7 +214,23 @@ struct request {
     gid_t gid;
     long nproc, nofile;
     int probe;
+    int tty;                   /* M item: the program's own terminal (--debug-enclave at the user's) */
+    unsigned short rows, cols; /* its first size */
 };
+
+/* "ROWS:COLS", each 1 to 5 ASCII digits and at most 65535: a terminal's size from the host. */
+static int window_size(const char *text, unsigned short *rows, unsigned short *cols) {
+    unsigned long value[2] = {0, 0};
+    for (int i = 0; i < 2; i++) {
+        int digits = 0;
+        for (; *text >= '0' && *text <= '9'; text++, digits++) value[i] = value[i] * 10 + (unsigned long)(*text - '0');
+        if (digits < 1 || digits > 5 || value[i] > 65535 || *text != (i == 0 ? ':' : 0)) return 0;
+        text++;
+    }
+    *rows = (unsigned short)value[0];
+    *cols = (unsigned short)value[1];
+    return 1;
+}
 
 static void parse(char *body, size_t len, struct request *r) {
     memset(r, 0, sizeof *r);
@@ -245,6 +261,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'V': if (r->nshared < 16) r->shared[r->nshared++] = value; else die("too many encrypted mounts"); break;
         case 'K': sealing_parse(value); break;
         case 'O': if (!value[0] || r->root) die("malformed root item"); r->root = value; break;
+        case 'M': if (r->tty || !window_size(value, &r->rows, &r->cols)) die("malformed terminal item"); r->tty = 1; break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -486,6 +503,61 @@ static void relay(int signum) {
     if (program > 0) kill(-program, signum);
 }
 
+/* --debug-enclave at the user's terminal (the M item): the program's controlling terminal is a
+ * pseudo-terminal of its own devpts, as sim gives one; the host's terminal is raw, and PID 1 of the
+ * program's namespace copies bytes between the terminal and the stdin and stdout ports, and applies
+ * the sizes the host sends ("T<rows>:<cols>" on cove.ctl, passed on by the outer init over this pipe). */
+static int resize_pipe[2] = {-1, -1};
+
+static int open_terminal(struct request *r, int *slave) {
+    int unlock = 0;
+    struct winsize size = {.ws_row = r->rows, .ws_col = r->cols};
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW);
+    if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) != 0 || ioctl(master, TIOCSWINSZ, &size) != 0 ||
+        (*slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+        die("cannot open the program's terminal: %s", strerror(errno));
+    if (fchown(*slave, r->uid, r->gid) != 0) { /* the terminal still works; only its owner differs */ }
+    return master;
+}
+
+static void child_ended(int signum) { (void)signum; }  /* no SA_RESTART: poll() returns */
+
+static int relay_terminal(int master, int in, int out, pid_t pid) {
+    struct sigaction sa = {0};
+    sa.sa_handler = child_ended;
+    sigaction(SIGCHLD, &sa, NULL);
+    static char buf[4096];
+    int code = -1, status, from = master;
+    while (code < 0) {
+        struct pollfd fds[3] = {{from, POLLIN, 0}, {in, POLLIN, 0}, {resize_pipe[0], POLLIN, 0}};
+        int ready = poll(fds, 3, 100);
+        for (pid_t done; (done = waitpid(-1, &status, WNOHANG)) > 0;)
+            if (done == pid) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        if (ready <= 0) continue;
+        if (fds[0].revents) {  /* a hang-up without data: nobody holds the terminal; wait for the end */
+            ssize_t n = read(master, buf, sizeof buf);
+            if (n > 0) write_all(out, buf, (size_t)n);
+            else if (n < 0 && errno != EINTR && errno != EAGAIN) from = -1;
+        }
+        if (fds[1].revents) {  /* the end of the host's input: a terminal has none, it is ignored */
+            ssize_t n = read(in, buf, sizeof buf);
+            if (n > 0) write_all(master, buf, (size_t)n);
+            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) in = -1;
+        }
+        unsigned short size[2];
+        if (fds[2].revents && read(resize_pipe[0], size, sizeof size) == (ssize_t)sizeof size) {
+            struct winsize ws = {.ws_row = size[0], .ws_col = size[1]};
+            ioctl(master, TIOCSWINSZ, &ws);  /* the foreground group gets SIGWINCH */
+        }
+    }
+    for (struct pollfd p = {master, POLLIN, 0}; poll(&p, 1, 0) > 0 && (p.revents & POLLIN);) {
+        ssize_t n = read(master, buf, sizeof buf);  /* what the program wrote last */
+        if (n <= 0) break;
+        write_all(out, buf, (size_t)n);
+    }
+    return code;
+}
+
 /* PID 1 of the program's pid namespace: start the program as pid 2, reap, return its code. */
 static int namespace_init(struct request *r, int in, int out, int err) {
     enter_root(r);
@@ -494,11 +566,15 @@ static int namespace_init(struct request *r, int in, int out, int err) {
     struct sigaction sa = {0};
     sa.sa_handler = relay;
     for (unsigned i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaction(forwarded[i], &sa, NULL);
+    int slave = -1, master = r->tty ? open_terminal(r, &slave) : -1;
     pid_t pid = fork();
     if (pid < 0) die("fork: %s", strerror(errno));
     if (pid == 0) {
         setsid();
-        if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) die("dup2");
+        if (master >= 0) {  /* the terminal becomes the new session's controlling terminal */
+            if (ioctl(slave, TIOCSCTTY, 0) != 0 || dup2(slave, 0) < 0 || dup2(slave, 1) < 0 || dup2(slave, 2) < 0)
+                die("the program's terminal: %s", strerror(errno));
+        } else if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) die("dup2");
         struct rlimit limit;
         if (r->nproc > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nproc; setrlimit(RLIMIT_NPROC, &limit); }
         if (r->nofile > 0) { limit.rlim_cur = limit.rlim_max = (rlim_t)r->nofile; setrlimit(RLIMIT_NOFILE, &limit); }
@@ -514,6 +590,10 @@ static int namespace_init(struct request *r, int in, int out, int err) {
         _exit(127);
     }
     program = pid;
+    if (master >= 0) {
+        close(slave);
+        return relay_terminal(master, in, out, pid);
+    }
     int status = 0, code = -1;
     for (;;) {
         pid_t done = waitpid(-1, &status, 0);
@@ -861,7 +941,10 @@ static void exec_reaped(pid_t done, int status) {
 static void host_line(char *line, pid_t child) {
     char *colon;
     struct exec_mode mode;
+    unsigned short size[2];
     if (line[0] == 'S') kill(child, atoi(line + 1));
+    else if (line[0] == 'T' && resize_pipe[1] >= 0 && window_size(line + 1, &size[0], &size[1]))
+        write_all(resize_pipe[1], size, sizeof size);  /* the program's terminal: a new size */
     else if (line[0] == 'x' && (colon = strchr(line, ':'))) {
         if (exec_parse_mode(line + 1, colon, &mode)) exec_start(launched, child, strtoul(line + 1, NULL, 10), &mode, colon + 1);
         else dprintf(ctl, "r%lu:malformed request\n", strtoul(line + 1, NULL, 10));
@@ -910,12 +993,15 @@ int main(void) {
     sigaddset(&mask, SIGCHLD);
     sigprocmask(SIG_BLOCK, &mask, NULL);
     int children = signalfd(-1, &mask, SFD_CLOEXEC);
+    if (r.tty && pipe2(resize_pipe, O_CLOEXEC | O_NONBLOCK) != 0) die("pipe: %s", strerror(errno));
     pid_t child = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD, NULL);
     if (child < 0) die("clone: %s", strerror(errno));
     if (child == 0) {
         sigprocmask(SIG_UNBLOCK, &mask, NULL);
+        if (resize_pipe[1] >= 0) close(resize_pipe[1]);
         _exit(namespace_init(&r, in, out, err));
     }
+    if (resize_pipe[0] >= 0) close(resize_pipe[0]);
     close(in);
     close(out);
     close(err);

@@ -77,8 +77,9 @@ class Backend(ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
     strength: ClassVar[int]  # auto picks the highest available
-    # --debug-enclave: the program takes over the user's terminal (sim), or streams over the backend's
-    # own channels like any run, with signals relayed (vm: the guest's program is not on a host terminal)
+    # --debug-enclave at the user's terminal: the sandbox starts on a terminal the launcher relays
+    # (sim, cove.runtime.terminal), or the backend relays one of its own and the launcher forwards
+    # signals as for any run (vm: the terminal is the guest's)
     takes_terminal: ClassVar[bool] = True
 
     @classmethod

@@ -323,7 +323,7 @@ def run_verified(
                 uid=uid,
                 gid=gid,
                 instance_id=instance_id,
-                interactive=request.debug_shell and chosen.takes_terminal,
+                interactive=request.debug_shell,
                 binds=tuple(binds),
                 build_dir=build_dir,
                 launch=verified.manifest.launch,
@@ -336,9 +336,10 @@ def run_verified(
 def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps | None = None) -> int:
     previous = {}
     enclave = None
+    own_terminal = spec.interactive and chosen.takes_terminal  # vm relays a debug run's terminal itself
 
     def forward(signum, _frame):
-        if enclave is not None and not spec.interactive:  # an interactive one has the terminal's signals
+        if enclave is not None and not own_terminal:  # an interactive one has the terminal's signals
             enclave.signal(signum)
 
     for signum in FORWARDED_SIGNALS:
@@ -347,7 +348,7 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps |
     try:
         with ExitStack() as stack:
             terminal = None
-            if spec.interactive and Terminal.wanted():
+            if own_terminal and Terminal.wanted():
                 terminal = stack.enter_context(Terminal())
                 terminal.attach()  # the sandbox starts on the enclave's own terminal
             try:

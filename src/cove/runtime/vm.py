@@ -181,11 +181,13 @@ def encode_request(
     files: Sequence[tuple[str, bytes]] = (),
     keys: bytes = b"",
     root_tag: str = "",
+    terminal: tuple[int, int] | None = None,
 ) -> bytes:
     """The launch request for the guest init (docs/formats/vm-guest.md): NUL-terminated typed items.
     ``files`` are written read-only into the guest's tmpfs mounts before the program starts; ``keys``
     (the mrenclave then the mrsigner sealing key, sealing_keys) become /dev/attestation/keys/;
-    ``root_tag``: the root is that virtio-fs tag (an encrypted image's view), not the initramfs's."""
+    ``root_tag``: the root is that virtio-fs tag (an encrypted image's view), not the initramfs's;
+    ``terminal``: (rows, cols) of a terminal the guest gives the program (--debug-enclave at the user's)."""
     config = spec.config
     items = [f"A{a}" for a in spec.argv]
     items += [f"E{k}={v}" for k, v in spec.env.items()]
@@ -216,6 +218,7 @@ def encode_request(
     items += [f"W{data.hex()}:{target}" for target, data in files]
     items += [f"K{keys.hex()}"] if keys else []
     items += [f"O{root_tag}"] if root_tag else []
+    items += [f"M{terminal[0]}:{terminal[1]}"] if terminal else []
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
         if "\0" in item:
@@ -366,6 +369,8 @@ class VmEnclave(RunningEnclave):
     ):
         super().__init__(spec, NAME, isolation)
         self.shared = list(shared)  # the encrypted mounts' virtiofsd, stopped once QEMU is gone
+        self._terminal: list | None = None  # the user's terminal's settings while it is raw (own_terminal)
+        self._previous_winch: Callable | int | None = None
         self.vtpm = vtpm
         self.host_error: str | None = None
         self.process = process
@@ -391,6 +396,32 @@ class VmEnclave(RunningEnclave):
             thread.start()
         threading.Thread(target=self._pump_in, args=(ports.host("cove.stdin"),), daemon=True).start()
         threading.Thread(target=self._start_guest, args=(signer, ready, request), daemon=True).start()
+
+    def own_terminal(self) -> None:
+        """--debug-enclave at the user's terminal: the guest gives the program a terminal of its own
+        (the launch request's M item), so the user's becomes a raw byte pipe to it until the end, and
+        its size follows the user's (a `T<rows>:<cols>` line at each SIGWINCH). Main thread only."""
+        import termios
+        import tty
+
+        self._terminal = termios.tcgetattr(0)
+        tty.setraw(0, termios.TCSANOW)
+        self._previous_winch = signal.signal(signal.SIGWINCH, lambda *_: self._send_size())
+
+    def _send_size(self) -> None:
+        if (size := user_terminal_size()) is not None:
+            self._to_guest(b"T%d:%d\n" % size)
+
+    def _release_terminal(self) -> None:
+        saved, self._terminal = self._terminal, None
+        if saved is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass  # the terminal is gone
+            signal.signal(signal.SIGWINCH, self._previous_winch or signal.SIG_DFL)
 
     def _start_guest(self, signer: ReportSigner | None, ready: Callable[[], VtpmQuoter | None], request: bytes) -> None:
         """While the kernel boots: wait for the vTPM's launch PCR to be extended, then send the
@@ -705,6 +736,7 @@ class VmEnclave(RunningEnclave):
             folder.stop(grace)
 
     def stop(self) -> None:
+        self._release_terminal()
         self._close_execs()
         if self.process.poll() is None:
             self.process.kill()
@@ -811,7 +843,7 @@ class VmBackend(Backend):
     name = NAME
     isolation = "vm"
     strength = 0  # never chosen by `auto`: a vm build carries its own launch measurement
-    takes_terminal = False  # --debug-enclave: any program, streamed over the ports, signals relayed
+    takes_terminal = False  # --debug-enclave at a terminal: the guest's own (VmEnclave.own_terminal)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -1000,8 +1032,9 @@ class VmBackend(Backend):
         description, kernel, initrd, workdir, accel = self._prepared
         files = self._files(spec)
         root = vmimage.encrypted_root(description)
+        size = user_terminal_size() if spec.interactive else None
         request = encode_request(
-            spec, self._attestation_type, files, sealing_keys(spec.identity), vmimage.ROOT_TAG if root else ""
+            spec, self._attestation_type, files, sealing_keys(spec.identity), vmimage.ROOT_TAG if root else "", size
         )
         started = time.monotonic()  # virtiofsd's start counts in the boot's time
         shared = [self._share_root(spec, workdir)] if root else []
@@ -1025,7 +1058,7 @@ class VmBackend(Backend):
             folder.handed_over()
         if device is not None:
             device.handed_over()
-        return VmEnclave(
+        enclave = VmEnclave(
             spec,
             KVM if accel == "kvm" else TCG,
             process,
@@ -1038,6 +1071,17 @@ class VmBackend(Backend):
             request,
             shared,
         )
+        if size is not None:
+            enclave.own_terminal()
+        return enclave
+
+
+def user_terminal_size() -> tuple[int, int] | None:
+    """The rows and columns of the user's terminal, when stdin and stdout are one (else None)."""
+    if not (os.isatty(0) and os.isatty(1)):
+        return None
+    size = os.get_terminal_size(1)
+    return min(size.lines, 0xFFFF), min(size.columns, 0xFFFF)
 
 
 def sealing_keys(identity: Identity) -> bytes:
