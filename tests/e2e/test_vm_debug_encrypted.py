@@ -247,7 +247,7 @@ ROOT_ITEM_TEST = r"""#define _GNU_SOURCE
 #define main cove_init_main
 #include "INIT"
 #undef main
-int main(int argc, char **argv) {  /* parse a request of the items in argv; print the root tag */
+int main(int argc, char **argv) {  /* parse a request of the items in argv; print root tag and terminal */
     static char body[4096];
     size_t len = 0;
     for (int i = 1; i < argc; i++) {
@@ -257,14 +257,15 @@ int main(int argc, char **argv) {  /* parse a request of the items in argv; prin
     }
     static struct request r;
     parse(body, len, &r);
-    printf("%s\n", r.root ? r.root : "(initramfs)");
+    printf("%s %d %u %u\n", r.root ? r.root : "(initramfs)", r.tty, r.rows, r.cols);
     return 0;
 }
 """
 
 
-def test_the_guest_root_item_is_strict(tmp_path):
-    """The init's O item: one, not empty; without it the root is the initramfs's /image."""
+def test_the_guest_root_and_terminal_items_are_strict(tmp_path):
+    """The init's O item: one, not empty; without it the root is the initramfs's /image. Its M item:
+    one, ROWS:COLS of 1 to 5 digits each, at most 65535."""
     require("gcc")
     (tmp_path / "t.c").write_text(ROOT_ITEM_TEST.replace("INIT", str(vmimage.INIT_SOURCE)))
     subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
@@ -273,7 +274,12 @@ def test_the_guest_root_item_is_strict(tmp_path):
         done = subprocess.run([str(tmp_path / "t"), "A/bin/x", *items], capture_output=True, text=True)
         return done.returncode, done.stdout, done.stderr
 
-    assert parse() == (0, "(initramfs)\n", "")
-    assert parse("Ocove-root", "Ycove") == (0, "cove-root\n", "")
+    assert parse() == (0, "(initramfs) 0 0 0\n", "")
+    assert parse("Ocove-root", "Ycove") == (0, "cove-root 0 0 0\n", "")
+    assert parse("M24:80") == (0, "(initramfs) 1 24 80\n", "")
+    assert parse("M65535:00001") == (0, "(initramfs) 1 65535 1\n", "")
     for bad in (("O",), ("Ocove-root", "Oother")):
         assert parse(*bad) == (1, "", "cove-init: malformed root item\n"), bad
+    for bad in ("M", "M24", "M24:", "M:80", "M65536:1", "M000001:1", "M24:80x", "M-1:80", "M 24:80", "M24:80:1"):
+        assert parse(bad) == (1, "", "cove-init: malformed terminal item\n"), bad
+    assert parse("M24:80", "M24:80")[2] == "cove-init: malformed terminal item\n"
