@@ -167,3 +167,10 @@ def test_the_device_is_measured_and_attached_only_with_the_vtpm() -> None:
     assert "-tpmdev" not in vm.qemu_arguments(without, Path("k"), Path("i"), "tcg", Path("c"), fds, tpm=99)
     with pytest.raises(CoveError, match="no vTPM"):  # never a build's device silently left out
         vm.qemu_arguments(with_device, Path("k"), Path("i"), "tcg", Path("c"), fds)
+
+
+def test_a_build_with_the_device_is_refused_without_a_vtpm() -> None:
+    """No platform key, so no vTPM: the run stops with one line, never boots without the measured device."""
+    backend = vm.VmBackend()
+    with pytest.raises(CoveError, match="no key to certify a vTPM"):
+        backend.attach_tpm()

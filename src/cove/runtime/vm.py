@@ -940,7 +940,7 @@ class VmBackend(Backend):
         if self._vtpm is not None:
             self._vtpm.stop()
 
-    def _tpm_device(self) -> TpmDevice:
+    def attach_tpm(self) -> TpmDevice:
         """A build with [vm] tpm_device: the vTPM as the guest's TPM, attached once its launch PCR is
         extended (QEMU sends its first TPM commands while it starts, before the guest runs)."""
         from cove.runtime.vm_tpmdev import TpmDevice  # only builds with the device pay for this import
@@ -1046,7 +1046,7 @@ class VmBackend(Backend):
             raise
         ports = SerialPorts()
         try:
-            device = self._tpm_device() if vmimage.tpm_device(description) else None
+            device = self.attach_tpm() if vmimage.tpm_device(description) else None
             fds = {s.tag: s.qemu_end.fileno() for s in shared if s.qemu_end is not None}
             tpm = device.qemu_end.fileno() if device is not None else None
             process = _boot(description, kernel, initrd, accel, workdir, ports, fds, tpm)
