@@ -42,6 +42,13 @@ def pcr_extend(pcr: int, digest: bytes) -> bytes:
     return struct.pack(">HII", 0x8002, 10 + len(body), 0x182) + body
 
 
+def pcr_reset(pcr: int) -> bytes:
+    """TPM2_PCR_Reset with an empty password session."""
+    auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)
+    body = struct.pack(">I", pcr) + struct.pack(">I", len(auth)) + auth
+    return struct.pack(">HII", 0x8002, 10 + len(body), 0x13D) + body
+
+
 def read_exactly(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -99,12 +106,15 @@ def test_qemu_start_leaves_the_launch_pcr_and_commands_are_relayed(device):
     data.sendall(pcr_read(ev.LAUNCH_PCR))
     answer = response(data)
     assert answer[6:10] == bytes(4) and answer[-32:] == ev.launch_pcr_value(LAUNCH)
+    # no reset of the launch PCR, whatever locality the guest asked for (it was acknowledged above)
+    data.sendall(pcr_reset(ev.LAUNCH_PCR))
+    assert response(data)[6:10] != bytes(4)
     # the guest extends the launch PCR: one-way, and the launcher's next quote shows it
     data.sendall(pcr_extend(ev.LAUNCH_PCR, b"\x11" * 32))
     assert response(data)[6:10] == bytes(4)
     _, _, pcrs = vtpm.quote(b"q" * 32)
     assert pcrs["sha256"][ev.LAUNCH_PCR] == hashlib.sha256(ev.launch_pcr_value(LAUNCH) + b"\x11" * 32).digest()
-    assert tpm.commands == 2
+    assert tpm.commands == 3
 
 
 @pytest.mark.parametrize("size", [9, 4097, 0xFFFFFFFF])
