@@ -61,7 +61,7 @@ def test_kill_and_delete_rules(bundle, tmp_path):
     assert unknown.returncode == 8 and "does not exist" in one_line(unknown)
     bad = runtime(root, "kill", "c2", "SIGNOPE")
     assert bad.returncode == 2 and "not a signal" in one_line(bad)
-    pid = state(root, "c2")["pid"]
+    pid = launcher(root, "c2")
     for _ in range(200):
         groups = cove_cgroups(pid)
         if groups:
@@ -77,6 +77,15 @@ def test_kill_and_delete_rules(bundle, tmp_path):
     assert not cove_cgroups(pid)
     no_leftovers(root, "c2")
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_enclave_of(p, root)]
+
+
+def launcher(root, ident):
+    """The container's own process (the launcher, which names the cgroups cove-PID-*): behind the stub the engine
+    sees when create went through the resident helper (cove.oci.resident)."""
+    import marshal
+
+    record = marshal.loads((root / ident / "state.marshal").read_bytes())
+    return record.get("enclave_pid") or record["pid"]
 
 
 def cove_cgroups(pid):
@@ -231,7 +240,7 @@ def test_cluster_memory_annotation_only_lowers_the_measured_limit(bundle, tmp_pa
     spec["annotations"] = {"cove.dev/enclave-memory-mib": "100", "cove.dev/kbs-url": "https://kbs.example:8080"}
     write_spec(bundle, spec)  # the hello image has no [attestation]: the broker annotation does not concern it
     assert runtime(root, "create", "--bundle", str(bundle), "mem").returncode == 0
-    pid = state(root, "mem")["pid"]
+    pid = launcher(root, "mem")
     assert runtime(root, "start", "mem").returncode == 0
     limits = []
     for _ in range(200):
@@ -394,10 +403,13 @@ def _avoidable(modules: list[str]) -> list[str]:
     return [m for m in modules if any(m == name or m.startswith(name + ".") for name in LAUNCH_AVOIDS)]
 
 
-def test_create_loads_nothing_avoidable(bundle, tmp_path):
+def test_create_loads_nothing_avoidable(bundle, tmp_path, monkeypatch):
     """`create` loads the verifier (config, manifest, signature) and the standard library, and nothing more: what
-    it loads, its container's process inherits (about 35 ms of CPU per container, docs/performance.md)."""
+    it loads, its container's process inherits (about 35 ms of CPU per container, docs/performance.md). This is
+    the in-process path; through the resident helper the client loads none of it (test_resident.py)."""
     import sys
+
+    monkeypatch.setenv("COVE_RUNTIME_RESIDENT", "0")
 
     root, seen = tmp_path / "state", tmp_path / "modules"
     script = HOT_IMPORTS.split("cove = sorted")[0] + MODULES.replace("sys.argv[1]", repr(str(seen)))
@@ -556,7 +568,7 @@ def running(bundle, tmp_path):
     from cove.runtime.procfs import enclave_program
 
     for _ in range(400):
-        program = enclave_program(state(root, "x")["pid"])
+        program = enclave_program(launcher(root, "x"))
         if (
             program
             and os.path.exists(f"/proc/{program}/root/tmp/main.report")

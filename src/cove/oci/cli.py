@@ -68,7 +68,7 @@ def start_time(pid: int) -> tuple[int, str] | None:
 
 
 PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: a larger "pid" is no process's
-STRINGS = ("cgroups", "container_cgroups")  # lists of absolute folder names
+STRINGS = ("cgroups", "container_cgroups", "engine_cgroups")  # lists of absolute folder names
 
 
 def well_formed(found: object) -> TypeGuard[State]:
@@ -76,8 +76,11 @@ def well_formed(found: object) -> TypeGuard[State]:
 
     Required: `pid` (0 <= pid < PID_LIMIT, not a bool: a negative one would
     signal a process group) and `bundle`; optional: `id`, `pid_start`,
-    `created`, `annotations`, `unmeasured` and the cgroup lists, each checked
-    when present. Unknown keys are left alone.
+    `created`, `annotations`, `unmeasured`, the cgroup lists and, for a
+    container created through the resident helper (cove.oci.resident, where
+    `pid` is the stub the engine watches), `enclave_pid` and `enclave_start`
+    of the container's own process, each checked when present. Unknown keys
+    are left alone.
     """
     if not isinstance(found, dict):
         return False
@@ -86,7 +89,11 @@ def well_formed(found: object) -> TypeGuard[State]:
         return False
     if not isinstance(found.get("id", ""), str) or type(found.get("unmeasured", False)) is not bool:
         return False
-    if found.get("pid_start") is not None and type(found["pid_start"]) is not int:
+    for key in ("pid_start", "enclave_start"):
+        if found.get(key) is not None and type(found[key]) is not int:
+            return False
+    enclave = found.get("enclave_pid")
+    if enclave is not None and (type(enclave) is not int or not 0 < enclave < PID_LIMIT):
         return False
     created = found.get("created", 0)
     if type(created) not in (int, float):
@@ -246,10 +253,16 @@ def cmd_kill(root: str, ident: str, signal_text: str, all_processes: bool = Fals
     return 0
 
 
+def launcher_pid(state: State) -> int:
+    """The container's own process (the launcher, which names its cgroups cove-PID-…): the stub's when resident."""
+    return int(state.get("enclave_pid") or state.get("pid") or 0)
+
+
 def enclave_processes(state: State) -> list[int]:
     """The pids in the cgroups the container's launcher made (cove-PID-… below the recorded parents)."""
     found: list[int] = []
-    if not state.get("pid"):
+    launcher = launcher_pid(state)
+    if not launcher:
         return found
     for group in state.get("container_cgroups", []):  # the launcher, once it joined the engine's group
         try:
@@ -259,7 +272,7 @@ def enclave_processes(state: State) -> list[int]:
             continue
     for parent in state.get("cgroups", []):
         try:
-            names = [n for n in os.listdir(parent) if n.startswith(f"cove-{state['pid']}-")]
+            names = [n for n in os.listdir(parent) if n.startswith(f"cove-{launcher}-")]
         except OSError:
             continue
         for name in names:
@@ -294,6 +307,8 @@ def cmd_delete(root: str, ident: str, force: bool) -> int:
         raise error(f"container {ident} is running", "stop it first, or delete --force")
     if status != "stopped":
         kill_and_wait(state["pid"], state.get("pid_start"))
+    if state.get("enclave_pid"):  # resident: the stub's end makes its worker kill this too; do not wait for that
+        kill_exact(state["enclave_pid"], state.get("enclave_start"))
     for _ in range(300):  # what the killed launcher left in the enclave's groups dies before they are removed
         left = enclave_processes(state)
         if not left:
@@ -305,8 +320,8 @@ def cmd_delete(root: str, ident: str, force: bool) -> int:
                 pass
         time.sleep(0.01)
     cleanup(container.dir, detached=True)
-    if state.get("pid"):
-        remove_cgroups(state.get("cgroups", []), state["pid"])
+    if launcher_pid(state):
+        remove_cgroups(state.get("cgroups", []), launcher_pid(state))
     if state.get("container_cgroups"):
         remove_groups(state["container_cgroups"])
     return 0
@@ -345,6 +360,13 @@ def remove_cgroups(parents: list[str], pid: int) -> None:
                     os.rmdir(os.path.join(parent, name))
                 except OSError:
                     pass
+
+
+def kill_exact(pid: int, start: int | None) -> None:
+    """kill_and_wait, only if pid is still the process that started at start (never a reused pid)."""
+    found = start_time(pid)
+    if found is not None and start is not None and found[0] == start and found[1] not in "ZX":
+        kill_and_wait(pid, start)
 
 
 def kill_and_wait(pid: int, start: int | None) -> None:
@@ -650,6 +672,20 @@ def _run_create(options: Options, rest: list[str]) -> int | None:
         index += 1
     if len(words) != 1 or not given.get("preserve_fds", "0").isdigit():
         return None
+    if given.get("preserve_fds", "0") == "0":
+        from cove.oci import resident  # built-in modules only: the verifier is loaded in the helper
+
+        code = resident.create(
+            options.root,
+            words[0],
+            given.get("bundle", "."),
+            given.get("pid_file"),
+            given.get("console_socket"),
+            options.node_root,
+            (options.log, options.log_format),
+        )
+        if code is not None:
+            return code
     if options.node_root:
         os.environ["COVE_NODE_ROOT"] = options.node_root  # read by cove.oci.launch in the container's process
     from cove.oci import create

@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", "-f", action="store_true")
     delete.add_argument("id")
     sub.add_parser("features")
+    resident = sub.add_parser("resident", help="start the helper that does create's work (cove.oci.resident)")
+    resident.add_argument("--socket", help="default $COVE_RUNTIME_RESIDENT or /run/cove-runtime-resident/sock")
+    resident.add_argument("--foreground", action="store_true", help="serve in this process (for a service unit)")
     return top
 
 
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             raise CoveError("a command is needed", "create, exec, start, state, kill, delete or features")
         if args.command == "create":
             return cmd_create(args)
+        if args.command == "resident":
+            from cove.oci import resident
+
+            return resident.run_resident(args.socket, args.foreground)
         if args.command == "exec":
             from cove.oci import execute
 

@@ -29,7 +29,13 @@ from cove.oci.cli import FIFO, Container
 
 
 def run(
-    root: str, ident: str, bundle_dir: str, pid_file: str | None, console_socket: str | None, preserve_fds: int = 0
+    root: str,
+    ident: str,
+    bundle_dir: str,
+    pid_file: str | None,
+    console_socket: str | None,
+    preserve_fds: int = 0,
+    close_in_child: tuple[int, ...] = (),
 ) -> int:
     """Verify and copy the bundle, fork the container's process (waiting for `start`), record the state.
 
@@ -44,7 +50,9 @@ def run(
     these two processes hold the pipe), so by the time the engine calls
     `start` it has nothing left to do but launch. A refused image closes the
     pipe empty: the container's process ends without a word, and this
-    process reports the refusal and removes everything. The garbage
+    process reports the refusal and removes everything. close_in_child:
+    descriptors the container's process must not keep (the resident
+    helper's connection, cove.oci.resident). The garbage
     collector stays off while modules load (a short-lived process of
     imports; the container's process turns it back on once warm).
     """
@@ -80,7 +88,7 @@ def run(
 
         laps.lap("import")
         receiving, handing = os.pipe()
-        pid = _fork(Path(container.path(FIFO)), console, preserve_fds, groups, receiving, handing)
+        pid = _fork(Path(container.path(FIFO)), console, preserve_fds, groups, receiving, handing, close_in_child)
         laps.lap("fork")
         prepared = launch.prepare(bundle, Path(container.dir))
         laps.lap("verify")
@@ -95,6 +103,7 @@ def run(
                 "pid_start": found[0] if found else None,
                 "cgroups": groups or cgroups.own(),
                 "container_cgroups": made,
+                "engine_cgroups": groups,  # from cgroupsPath: the resident path's stub joins them (cove.oci.resident)
                 "bundle": str(Path(bundle_dir).resolve()),
                 "created": time.time(),
                 "annotations": bundle.annotations,
@@ -125,7 +134,15 @@ def run(
     return 0
 
 
-def _fork(fifo: Path, console: int | None, preserve_fds: int, groups: list[str], receiving: int, handing: int) -> int:
+def _fork(
+    fifo: Path,
+    console: int | None,
+    preserve_fds: int,
+    groups: list[str],
+    receiving: int,
+    handing: int,
+    close_in_child: tuple[int, ...] = (),
+) -> int:
     """Fork the container's process: it warms up, takes the verified build, waits on fifo for `start`. Its pid.
 
     The fifo is open for reading before the fork, so a `start` that comes at
@@ -146,6 +163,8 @@ def _fork(fifo: Path, console: int | None, preserve_fds: int, groups: list[str],
     code = 125
     try:
         os.close(handing)
+        for fd in close_in_child:
+            os.close(fd)
         os.setsid()
         if console is not None:
             fcntl.ioctl(console, termios.TIOCSCTTY, 0)

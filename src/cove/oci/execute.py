@@ -183,7 +183,7 @@ def run(
     # just after `start` the container's process may still be on its way to the launch; once the program
     # runs, the settings it wrote before reading `start` are there
     deadline = time.monotonic() + PROGRAM_WAIT
-    while (program := enclave_program(state["pid"])) is None:
+    while (program := enclave_program(cli.launcher_pid(state))) is None:
         if time.monotonic() >= deadline or container.status(state) != "running":
             raise CoveError(f"container {ident} has no running program to join")
         time.sleep(0.02)

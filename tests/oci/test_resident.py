@@ -1,0 +1,364 @@
+"""The resident `create` (cove.oci.resident): the same containers as the in-process path, and its abuse.
+
+Each test runs its own helper on its own socket (COVE_RUNTIME_RESIDENT), so
+killing it touches nobody else's. "The engine" here is a small subreaper
+that calls cove-runtime as conmon does and reaps the container's pid.
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.oci.helpers import RUNTIME, SPEC, no_leftovers, one_line, runtime, state, write_spec
+
+ENGINE = """
+import ctypes, json, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as conmon and containerd's shims
+runtime, root, bundle, ident, out, signal_name = sys.argv[1:7]
+pid_file = out + ".pid"
+with open(out, "w") as stream:
+    made = subprocess.run([runtime, "--root", root, "create", "--bundle", bundle, "--pid-file", pid_file, ident],
+                          stdout=stream, stderr=stream)
+if made.returncode:
+    print(json.dumps({"create": made.returncode}))
+    sys.exit()
+pid = int(open(pid_file).read())
+subprocess.run([runtime, "--root", root, "start", ident], check=True)
+if signal_name:
+    time.sleep(0.5)
+    subprocess.run([runtime, "--root", root, "kill", ident, signal_name], check=True)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"pid": pid, "status": status}))
+"""
+
+
+def _peer_pid(path: str) -> int | None:
+    """The pid of the process listening on path (SO_PEERCRED), None if nobody listens."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    return int.from_bytes(cred[:4], sys.byteorder)
+
+
+def _wait_for(path: str, old: int | None = None) -> int:
+    for _ in range(600):
+        pid = _peer_pid(path)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("the resident helper did not start")
+
+
+@pytest.fixture
+def helper(monkeypatch):
+    """A helper of this test's own (a short socket path: AF_UNIX allows 107 bytes); its pid. Stopped after."""
+    folder = tempfile.mkdtemp(prefix="cove-res-")
+    path = os.path.join(folder, "sock")
+    monkeypatch.setenv("COVE_RUNTIME_RESIDENT", path)
+    subprocess.Popen([sys.executable, "-I", "-m", "cove.oci.resident", "serve", path], start_new_session=True)
+    pid = _wait_for(path)
+    yield path, pid
+    for _ in range(3):  # whichever helper holds the socket now (a test may have had another one started)
+        found = _peer_pid(path)
+        if found is None:
+            break
+        os.kill(found, signal.SIGKILL)
+        time.sleep(0.1)
+    subprocess.run(["rm", "-rf", folder])
+
+
+def _gone(pid: int) -> bool:
+    """pid has ended (a zombie of this test's Popen counts as ended)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def _engine(root: Path, bundle: Path, ident: str, out: Path, signal_name: str = "") -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE, RUNTIME, str(root), str(bundle), ident, str(out), signal_name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _record(root: Path, ident: str) -> dict:
+    return marshal.loads((root / ident / "state.marshal").read_bytes())
+
+
+def _mode(resident: bool, monkeypatch) -> None:
+    if not resident:
+        monkeypatch.setenv("COVE_RUNTIME_RESIDENT", "0")
+
+
+LOOP = ["/bin/sh", "-c", "trap 'exit 9' TERM; echo up; while :; do sleep 0.1; done"]
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
+@pytest.mark.parametrize(
+    "args, signal_name, expect",
+    [
+        (None, "", ("exited", 7)),  # the program's exit code
+        (LOOP, "TERM", ("exited", 9)),  # relayed to the program, which traps it
+        (LOOP, "KILL", ("signaled", 9)),  # the container's process is killed: the engine sees the signal
+    ],
+    ids=["exit-code", "term", "kill"],
+)
+def test_the_engine_sees_the_same_container_either_way(
+    helper, bundle, tmp_path, monkeypatch, resident, args, signal_name, expect
+):
+    _mode(resident, monkeypatch)
+    if args:
+        spec = json.loads(json.dumps(SPEC))
+        spec["process"]["args"] = args
+        write_spec(bundle, spec)
+    root, out = tmp_path / "state", tmp_path / "out"
+    seen = _engine(root, bundle, "r", out, signal_name)
+    status = seen["status"]
+    kind = ("signaled", os.WTERMSIG(status)) if os.WIFSIGNALED(status) else ("exited", os.WEXITSTATUS(status))
+    assert kind == expect, out.read_text()
+    words = out.read_text().split()
+    assert words[0] == ("up" if args else "hello-from-enclave"), words
+    record = _record(root, "r")
+    assert ("enclave_pid" in record) == resident  # it went the way it was meant to
+    assert record["pid"] == seen["pid"]
+    assert state(root, "r")["status"] == "stopped"
+    assert runtime(root, "delete", "r").returncode == 0
+    no_leftovers(root, "r")
+    assert not os.path.exists(f"/proc/{record.get('enclave_pid', record['pid'])}/cmdline")
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
+def test_a_tampered_image_is_refused_with_the_same_line(helper, bundle, tmp_path, monkeypatch, resident):
+    _mode(resident, monkeypatch)
+    (bundle / "rootfs" / "bin" / "cat").write_bytes(b"#!/bin/sh\necho evil\n")
+    root = tmp_path / "state"
+    result = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "t")
+    assert result.returncode == 3, result.stderr
+    assert "bin/cat" in one_line(result)
+    assert not (tmp_path / "pid").exists()
+    no_leftovers(root, "t")
+
+
+def test_kill_9_of_the_helper_changes_nothing_and_the_next_create_falls_back(helper, bundle, tmp_path):
+    path, pid = helper
+    root = tmp_path / "state"
+    out = open(tmp_path / "out", "w")
+    assert runtime(root, "create", "--bundle", str(bundle), "a", stdout=out, stderr=out).returncode == 0
+    assert "enclave_pid" in _record(root, "a")
+    assert len(os.listdir(f"/proc/{pid}/task")) == 1  # single-threaded: its forks inherit no lock held elsewhere
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if _gone(pid):
+            break
+        time.sleep(0.02)
+    assert runtime(root, "start", "a").returncode == 0  # the worker and the container's process go on
+    for _ in range(600):
+        if state(root, "a")["status"] == "stopped":
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "out").read_text().split()[0] == "hello-from-enclave"
+    # no helper answers: in-process, and a new helper is started for the next create
+    assert runtime(root, "create", "--bundle", str(bundle), "b", stdout=out, stderr=out).returncode == 0
+    assert "enclave_pid" not in _record(root, "b")
+    _wait_for(path, old=pid)
+    assert runtime(root, "create", "--bundle", str(bundle), "c", stdout=out, stderr=out).returncode == 0
+    assert "enclave_pid" in _record(root, "c")
+    for ident in ("a", "b", "c"):
+        assert runtime(root, "delete", "--force", ident).returncode == 0
+        no_leftovers(root, ident)
+
+
+def test_kill_9_of_the_worker_ends_the_container(helper, bundle, tmp_path):
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = LOOP
+    write_spec(bundle, spec)
+    root = tmp_path / "state"
+    assert runtime(root, "create", "--bundle", str(bundle), "w", stdout=subprocess.DEVNULL).returncode == 0
+    record = _record(root, "w")
+    worker = int(open(f"/proc/{record['enclave_pid']}/stat").read().rsplit(")", 1)[1].split()[1])
+    assert runtime(root, "start", "w").returncode == 0
+    os.kill(worker, signal.SIGKILL)
+    for _ in range(200):
+        if state(root, "w")["status"] == "stopped" and not os.path.exists(f"/proc/{record['enclave_pid']}/cmdline"):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the stub or the container's process outlived the worker")
+    assert runtime(root, "delete", "w").returncode == 0
+    no_leftovers(root, "w")
+
+
+def _as_nobody(path: str, request: bytes) -> bytes:
+    """Connect as uid 65534 and send request; the helper's first answer (b"" if none)."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(path)
+                sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(12))])
+                os.write(writer, sock.recv(4096))
+        except BaseException as exc:  # noqa: BLE001
+            os.write(writer, f"failed {exc}".encode())
+        os._exit(0)
+    os.close(writer)
+    answer = os.read(reader, 4096)
+    os.waitpid(child, 0)
+    os.close(reader)
+    return answer
+
+
+def _request(path: str, payload: bytes, fds: tuple[int, ...] = (0, 1, 2), framed: bool = True) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        data = len(payload).to_bytes(4, "big") + payload if framed else payload
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, "little") for fd in fds))])
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(4096)
+
+
+def _fields(tmp_path: Path, **changes: str) -> list[str]:
+    from cove.oci import resident
+
+    fields = {
+        "root": str(tmp_path / "state"),
+        "id": "x",
+        "bundle": str(tmp_path / "bundle"),
+        "cwd": "/",
+        "console": "",
+        "node": "",
+        "python": sys.executable,
+        "package": resident.package_dir(),
+    }
+    fields.update(changes)
+    return list(fields.values())
+
+
+def test_hostile_callers_and_requests_are_refused_and_the_helper_serves_on(helper, bundle, tmp_path):
+    from cove.oci import resident
+
+    path, pid = helper
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600" and os.stat(path).st_uid == 0
+    assert _as_nobody(path, b"x").startswith(b"failed")  # the socket's mode keeps others out
+    os.chmod(path, 0o666)
+    os.chmod(os.path.dirname(path), 0o711)
+    assert _as_nobody(path, resident.encode_request(_fields(tmp_path), [])) == b"retry not root\n"  # SO_PEERCRED
+    os.chmod(path, 0o600)
+    os.chmod(os.path.dirname(path), 0o700)
+    good = resident.encode_request(_fields(tmp_path), [])[4:]
+    bad = {
+        "garbage": _request(path, b"\xff" * 64),
+        "version": _request(path, good.replace(b"RESIDENT/1", b"RESIDENT/9")),
+        "oversized": _request(path, (1 << 30).to_bytes(4, "big"), framed=False),
+        "short": _request(path, (100).to_bytes(4, "big") + b"abc", framed=False),
+        "no-fds": _request(path, good, fds=()),
+        "relative": _request(path, resident.encode_request(_fields(tmp_path, bundle="bundle"), [])[4:]),
+        "env": _request(path, resident.encode_request(_fields(tmp_path), ["NOEQUALS"])[4:]),
+    }
+    for name, answer in bad.items():
+        assert answer.startswith(b"error 2 resident create: "), (name, answer)
+        assert answer.count(b"\n") == 1, (name, answer)
+    assert not (tmp_path / "state" / "x").exists()
+    # another checkout's client: declined, and the helper leaves so the next create starts a current one
+    other = resident.encode_request(_fields(tmp_path, package="/elsewhere/cove"), [])[4:]
+    assert _request(path, other) == b"retry stale\n"
+    for _ in range(100):
+        if _gone(pid):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("a stale helper stayed")
+    root = tmp_path / "state"
+    assert runtime(root, "create", "--bundle", str(bundle), "y", stdout=subprocess.DEVNULL).returncode == 0
+    assert runtime(root, "delete", "--force", "y").returncode == 0
+
+
+def test_a_socket_root_does_not_hold_is_never_used(bundle, tmp_path, monkeypatch):
+    """A listener of another uid at the configured path gets nothing: create checks the peer and goes in-process."""
+    folder = tempfile.mkdtemp(prefix="cove-res-")
+    os.chown(folder, 65534, 65534)
+    path = os.path.join(folder, "sock")
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(reader)
+        os.setgid(65534)
+        os.setuid(65534)
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            os.chmod(path, 0o666)
+            server.listen(4)
+            os.write(writer, b"r")
+            conn, _ = server.accept()
+            conn.settimeout(5)
+            try:
+                got = conn.recv(4096)
+            except OSError:
+                got = b""
+            os.write(writer, b"got" if got else b"nothing")
+        os._exit(0)
+    os.close(writer)
+    try:
+        assert os.read(reader, 1) == b"r"
+        monkeypatch.setenv("COVE_RUNTIME_RESIDENT", path)
+        root = tmp_path / "state"
+        assert runtime(root, "create", "--bundle", str(bundle), "z", stdout=subprocess.DEVNULL).returncode == 0
+        assert "enclave_pid" not in _record(root, "z")
+        assert os.read(reader, 16) == b"nothing"
+        assert runtime(root, "delete", "--force", "z").returncode == 0
+    finally:
+        os.waitpid(child, 0)
+        subprocess.run(["rm", "-rf", folder])
+
+
+CLIENT_IMPORTS = """
+import sys
+from cove.oci import cli
+code = cli.main(sys.argv[1:])
+print(code, ' '.join(sorted(sys.modules)), file=open(sys.argv[0] + '.modules', 'w'))
+"""
+
+
+def test_the_client_loads_no_verifier_and_no_slow_module(helper, bundle, tmp_path):
+    root = tmp_path / "state"
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_IMPORTS)
+    with open(tmp_path / "err", "w") as err:  # the container's process keeps the streams it is given
+        done = subprocess.run(
+            [sys.executable, str(script), "--root", str(root), "create", "--bundle", str(bundle), "m"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=60,
+        )
+    assert done.returncode == 0, (tmp_path / "err").read_text()
+    code, *modules = (tmp_path / "client.py.modules").read_text().split()
+    try:
+        assert code == "0" and "enclave_pid" in _record(root, "m")
+        cove = [m for m in modules if m.startswith("cove")]
+        assert cove == ["cove", "cove.oci", "cove.oci.cli", "cove.oci.resident"], cove
+        assert [m for m in ("json", "re", "enum", "signal", "socket", "typing", "pathlib") if m in modules] == []
+    finally:
+        assert runtime(root, "delete", "--force", "m").returncode == 0
+    no_leftovers(root, "m")
