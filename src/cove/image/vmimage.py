@@ -3,7 +3,8 @@
 A `vm` enclave boots a kernel taken from a Debian package straight into an
 initramfs that holds Cove's static guest init, the few virtio modules it
 loads (and fuse and virtiofs when cove.toml has encrypted or host mounts, each a
-measured virtio-fs device), and the enclave image under /image. The initramfs is a newc cpio made
+measured virtio-fs device), and the enclave image under /image (none in a --encrypt-image build, whose
+root the host serves over a measured virtio-fs device instead). The initramfs is a newc cpio made
 here byte for byte the same from the same inputs (sorted paths, fixed
 owners, times and inode numbers), so the same image, kernel and
 configuration always measure the same. The launch measurement is the

@@ -9,7 +9,9 @@ launch request and signals (cove.ctl) and the program's stdin, stdout and
 stderr. Cove's guest init (src/cove/guest/init.c) starts the program and
 reports its exit code on cove.ctl. Encrypted mounts are the host's secure
 file system server's plaintext views, and host mounts host folders, each
-exported over virtio-fs by a confined virtiofsd (cove.runtime.vm_shared).
+exported over virtio-fs by a confined virtiofsd (cove.runtime.vm_shared); so is
+the root of a build made with --encrypt-image, the verifying view of its
+ciphertext. A debug run at the user's terminal gets a terminal in the guest.
 KVM is used when a probe boot shows that /dev/kvm boots this kernel;
 otherwise TCG, and the isolation level says so.
 """
