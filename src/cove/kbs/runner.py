@@ -156,6 +156,11 @@ def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bo
     try:
         if workers > 1:
             broker.store.close()
+            probe = _claim_port(host, port) if REUSEPORT else None
+            if probe is not None:
+                with probe:
+                    _serve_reuseport(options, host, probe.getsockname()[1], workers, common)
+                return
             os.environ[ENV_CONFIG] = json.dumps(options)
             uvicorn.run("cove.kbs.server:app_from_env", factory=True, workers=workers, **common)
         else:
@@ -163,6 +168,124 @@ def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bo
     except OSError as exc:
         raise CoveError(f"cannot listen on {listen}: {exc.strerror}") from None
     _ = app_from_env  # the factory workers import
+
+
+# Each worker of `--workers N` listens on a socket of its own, bound to the same address with
+# SO_REUSEPORT, and the kernel spreads new connections over them by a hash of their addresses.
+# With one shared socket (uvicorn's supervisor) whichever worker woke first accepted a whole burst:
+# 32 connections opened at once were split 31/2, 23/10, 19/14 (docs/kbs.md, "Workers").
+REUSEPORT = hasattr(socket, "SO_REUSEPORT")
+_RESTART_PAUSE = 1.0  # seconds between restarts of a worker that died after it served
+
+
+def reuseport_socket(host: str, port: int, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT, listening unless ``listen`` is False.
+
+    Linux lets only sockets of the same effective user join a port's group, so
+    another local user cannot take a share of the broker's connections.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _claim_port(host: str, port: int) -> socket.socket:
+    """A socket that holds host:port for the workers: bound with SO_REUSEPORT, not listening.
+
+    First the port is bound without SO_REUSEPORT, which fails if any process listens
+    on it: a second broker started on the port is refused as it would be without
+    SO_REUSEPORT, instead of silently taking a share of the first one's connections.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as check:
+        check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        check.bind((host, port))
+        port = check.getsockname()[1]
+    return reuseport_socket(host, port, listen=False)
+
+
+def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int, common: dict[str, Any]) -> None:
+    """Run ``workers`` worker processes, each on its own SO_REUSEPORT socket, until SIGTERM or SIGINT.
+
+    The caller holds a socket bound to the port and not listening: it keeps the
+    port between restarts of a worker and receives no connections. This process
+    holds no listening socket, so a worker's death closes its socket and the
+    kernel sends new connections to the others until its replacement listens.
+    A worker that dies before it served stops them all (the same fault would
+    kill every replacement); one that dies later is replaced.
+    """
+    import multiprocessing
+    import signal
+    import sys
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process with a database and threads
+    stop = threading.Event()
+    settings = json.dumps(options)
+
+    def start() -> tuple[Any, Any]:
+        ready = context.Event()
+        process = context.Process(
+            target=_reuseport_worker, args=(settings, host, port, common, ready), name="cove-kbs-worker"
+        )
+        process.start()
+        return process, ready
+
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    running = [start() for _ in range(workers)]
+    print(f"cove kbs serve: {workers} workers on {host}:{port}, each with its own SO_REUSEPORT socket", file=sys.stderr)
+    try:
+        while not stop.wait(0.5):
+            for index, (process, ready) in enumerate(running):
+                if process.is_alive():
+                    continue
+                if not ready.is_set():
+                    raise CoveError(
+                        f"a broker worker exited before it served (exit code {process.exitcode})",
+                        "its error is in the log above",
+                    )
+                time.sleep(_RESTART_PAUSE)
+                running[index] = start()
+    finally:
+        for process, _ in running:
+            if process.is_alive():
+                process.terminate()
+        for process, _ in running:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _reuseport_worker(settings: str, host: str, port: int, common: dict[str, Any], ready: Any) -> None:
+    """One worker process: its own listening socket, the broker from the options, uvicorn."""
+    import sys
+
+    import uvicorn
+
+    from cove.kbs.server import ENV_CONFIG
+
+    class Worker(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready.set()
+
+    os.environ[ENV_CONFIG] = settings
+    try:
+        sock = reuseport_socket(host, port)
+    except OSError as exc:
+        sys.stderr.write(f"cove: error: cannot listen on {host}:{port}: {exc.strerror}\n")
+        sys.exit(3)
+    Worker(uvicorn.Config("cove.kbs.server:app_from_env", factory=True, **common)).run(sockets=[sock])
 
 
 class EmbeddedBroker:
