@@ -16,6 +16,12 @@ median of each span of create, the container's process and the launch.
 call the engine makes (argv, start, end, exit code) and prints, per engine
 and runtime, the calls of one run and the median time of each (the
 wrapper's own `date` calls add a few ms to both runtimes' figures alike).
+cove-runtime runs with its resident `create` (cove.oci.resident): the
+machine's helper is started with `cove-runtime resident` before the runs (it
+stays, and leaves after ten idle minutes). --in-process adds a runtime that
+is cove-runtime with the resident path switched off (COVE_RUNTIME_RESIDENT=0,
+set by a small script, as conmon does not hand its environment on): the
+path every `create` took before, measured in the same run.
 --resident-prototype adds a third runtime, bench/oci_resident_prototype.py
 (a warm process does `create`'s work; a measuring prototype of the design in
 docs/containers.md, "A resident create"), to both engines' runs, and first
@@ -23,7 +29,8 @@ measures `create` alone with both paths, interleaved: the CPU of create's
 own process (and, resident, of the warm process's worker up to its answer)
 and of the container's process before `start` (/proc/PID/schedstat).
 
-    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans] [--calls] [--resident-prototype]
+    .venv/bin/python bench/oci.py [--runs 10] [--no-node-service] [--spans] [--calls] [--in-process]
+                                  [--resident-prototype]
 """
 
 from __future__ import annotations
@@ -109,6 +116,11 @@ def main() -> int:
         help="log every runtime call the engines make and print the median time of each kind",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also run cove-runtime without its resident create (the in-process path), in the same run",
+    )
+    parser.add_argument(
         "--resident-prototype",
         action="store_true",
         help="also run bench/oci_resident_prototype.py (create's work in a warm process) and measure create's CPU",
@@ -117,6 +129,8 @@ def main() -> int:
     runc = shutil.which("runc") or "/usr/sbin/runc"
     work = Path(tempfile.mkdtemp(prefix="cove-bench-oci-"))
     runtimes = {"runc": runc, "cove-runtime": RUNTIME}
+    if args.in_process:
+        runtimes["in-process"] = in_process_runtime(work)
     if args.resident_prototype:
         runtimes["resident"] = prototype_runtime(work)
     binaries = dict(runtimes)
@@ -140,6 +154,7 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             os.environ["COVE_NODE_ROOT"] = str(work / "node")  # containerd hands its environment to the runtime
+        run([RUNTIME, "resident"])  # the machine's helper (a no-op when one answers already)
         if args.resident_prototype:  # after the node service: it inherits COVE_NODE_ROOT
             warm = subprocess.Popen([sys.executable, str(PROTOTYPE), "serve", str(work / "proto.sock")])
             for _ in range(600):
@@ -226,7 +241,7 @@ def wrapper(work: Path, name: str, binary: str) -> str:
 def print_calls(title: str, work: Path, runs: int) -> None:
     """Per runtime: the calls one run makes (count per run) and the median ms of each kind; the log restarts."""
     print(f"{title}: runtime calls per run (count, median ms, failed)")
-    for name in ("runc", "cove-runtime", "resident"):
+    for name in ("runc", "cove-runtime", "in-process", "resident"):
         log = work / f"calls-{name}.log"
         durations: dict[str, list[float]] = {}
         failed: dict[str, int] = {}
@@ -263,6 +278,14 @@ def print_spans(path: Path) -> None:
     print("cove-runtime spans in the ctr runs (median ms, count):")
     for name, values in durations.items():
         print(f"  {name:34} {statistics.median(values):8.1f} {len(values):4d}")
+
+
+def in_process_runtime(work: Path) -> str:
+    """cove-runtime with its resident create switched off, as a runtime binary for the engines."""
+    script = work / "in-process-runtime"
+    script.write_text(f'#!/bin/sh\nCOVE_RUNTIME_RESIDENT=0 exec "{RUNTIME}" "$@"\n')
+    script.chmod(0o755)
+    return str(script)
 
 
 def prototype_runtime(work: Path) -> str:
