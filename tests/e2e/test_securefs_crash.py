@@ -170,3 +170,36 @@ def test_sqlite_survives_kill_9_and_passes_integrity_check(enclave, monkeypatch)
     assert committed >= 30, f"only {committed} transactions committed in all runs"
     _, problems = volume_state(enclave, monkeypatch)
     assert problems == []
+
+
+def test_kill_9_of_the_launcher_and_the_server_together_leaves_no_mount(enclave, tmp_path):
+    """Both die at once (a machine-wide OOM kill, `kill -9` of the process group): nobody is left to
+    unmount, so the mount must go with the server's end of /dev/fuse, never stay as a dead mount."""
+    enclave.reset_state()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = dict(enclave.cove.env, **enclave.env, COVE_RUNTIME_DIR=str(runtime))
+    proc = subprocess.Popen(
+        [COVE, "run", PYTHON, "/app/enclave_fsprobe.py", "writer", "/data", "0"],
+        cwd=enclave.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"ready"), "the writer did not start"
+        assert str(runtime) in Path("/proc/self/mountinfo").read_text(), "no mount to lose"
+        server = _find(proc.pid, b"cove.fs.server")
+        assert server is not None, "no server process to kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while str(runtime) in Path("/proc/self/mountinfo").read_text():
+        assert time.monotonic() < deadline, "a dead FUSE mount stayed in the runtime folder"
+        time.sleep(0.1)

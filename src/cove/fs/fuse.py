@@ -415,7 +415,10 @@ def serve(
     else:
         ops = VolumeOperations(volume, name, commit_interval)
     options = set(pyfuse3.default_options)
-    options |= {"fsname=cove", "subtype=cove", "default_permissions"}
+    # auto_unmount: fusermount3 stays beside the server and detaches the mount when the server's
+    # end of /dev/fuse closes, so a server killed with its launcher (kill -9 of both, an OOM kill)
+    # never leaves a dead mount (ENOTCONN to every reader) in the runtime folder
+    options |= {"fsname=cove", "subtype=cove", "default_permissions", "auto_unmount"}
     if for_enclave:
         ops.ids = hostids.enclave_range()
         if os.geteuid() == 0:
