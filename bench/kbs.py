@@ -17,7 +17,8 @@ latency, errors, the server's CPU time per flow (far steadier than flows/s
 on a shared machine) and the load average; each next to a baseline measured
 the same way, interleaved with it (the same clients doing three GETs of a
 trivial endpoint, /kbs/v0/jwks, per "flow": the server stack and TLS
-without the broker's work). Then the server's resident
+without the broker's work); with --workers N > 1, each worker's share of the
+workers' CPU in each run (how evenly connections were spread). Then the server's resident
 memory before and after --rss-flows more flows (and after each 20,000),
 and a restart of the server in the middle of a run: clients retry (from
 auth) and every secret received must equal the one stored. With --flood, the
@@ -138,6 +139,17 @@ class Server:
             except (OSError, IndexError, ValueError):
                 pass
         return total
+
+    def worker_cpu(self) -> dict[int, float]:
+        """CPU seconds of each worker process (--workers N > 1), by pid."""
+        per_pid = {}
+        for pid in self._pids()[1:]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                per_pid[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                pass
+        return per_pid
 
     def _pids(self) -> list[int]:
         pids = [self.process.pid]
@@ -437,13 +449,19 @@ def bench_db(kind: str, args, pg) -> None:
             for label, measured in (("", runs), ("baseline", baselines)):
                 if not measured:
                     continue
-                row = {key: statistics.median(r[key] for r in measured) for key in measured[0] if key != "last_error"}
+                row = {
+                    key: statistics.median(r[key] for r in measured)
+                    for key in measured[0]
+                    if key not in ("last_error", "split")
+                }
+                splits = ", ".join(r["split"] for r in measured if r["split"])
                 errors = sum(r["errors"] for r in measured)
                 print(
                     f"{n:>8} {row['flows']:>7.0f} {row['rate']:>8.1f} {row['p50']:>8.1f} {row['p99']:>8.1f} "
                     f"{errors:>7} {row['server']:>9.0%} {row['cpu_per_flow']:>6.2f} ms {row['client']:>9.0%} "
                     f"{row['load']:>5.2f}"
                     + (f"  {label}" if label else "")
+                    + (f"  workers' CPU split % {splits}" if splits else "")
                     + (f"  last error: {measured[-1]['last_error']}" if errors else "")
                 )
             if baselines:
@@ -521,9 +539,13 @@ def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) 
 
 def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds: float, one_flow=flow) -> dict:
     """One timed run at N clients: rates, latencies, CPU (server CPU time per flow) and load average."""
-    server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+    server_cpu, client_cpu, workers = server.cpu_seconds(), time.process_time(), server.worker_cpu()
     stats, elapsed = run_load(server.url, ca, evidence, clients, seconds, 10**9, one_flow=one_flow)
     server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
+    # each worker's share of the workers' CPU (processes that did next to nothing, e.g. multiprocessing's
+    # resource tracker, left out): how evenly the kernel spread the connections
+    spent = {pid: cpu - workers[pid] for pid, cpu in server.worker_cpu().items() if pid in workers}
+    shares = sorted((cpu / sum(spent.values()) for cpu in spent.values() if cpu > 0.02 * elapsed), reverse=True)
     flows = len(stats.latencies)
     return {
         "flows": flows,
@@ -536,6 +558,7 @@ def measure(server: Server, ca: Path, evidence: Evidence, clients: int, seconds:
         "client": client_cpu / elapsed,
         "load": os.getloadavg()[0],
         "last_error": stats.last_error,
+        "split": "/".join(f"{share:.0%}".rstrip("%") for share in shares) if len(shares) > 1 else "",
     }
 
 
