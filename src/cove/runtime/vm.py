@@ -384,6 +384,7 @@ class VmEnclave(RunningEnclave):
         self.guest_error: str | None = None
         self._ready = threading.Event()
         self._ended = threading.Event()
+        self._requested = threading.Event()  # the launch request is sent: other cove.ctl lines may follow
         self._ctl_lock = threading.Lock()
         self._execs: dict[int, _ExecSession] = {}
         self._exec_lock = threading.Lock()
@@ -408,10 +409,20 @@ class VmEnclave(RunningEnclave):
 
         self._terminal = termios.tcgetattr(0)
         tty.setraw(0, termios.TCSANOW)
-        self._previous_winch = signal.signal(signal.SIGWINCH, lambda *_: self._send_size())
+        resized = threading.Event()  # the handler only flags it: a send from it could split another line
+        self._previous_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.set())
+        threading.Thread(target=self._follow_size, args=(resized,), daemon=True).start()
+
+    def _follow_size(self, resized: threading.Event) -> None:
+        while not self._ended.is_set():
+            if resized.wait(0.5):
+                resized.clear()
+                self._send_size()
 
     def _send_size(self) -> None:
-        if (size := user_terminal_size()) is not None:
+        """The user's terminal's size to the guest, never before the launch request (the init reads
+        that first; a line ahead of it would be taken for its length)."""
+        if self._requested.is_set() and (size := user_terminal_size()) is not None:
             self._to_guest(b"T%d:%d\n" % size)
 
     def _release_terminal(self) -> None:
@@ -453,9 +464,13 @@ class VmEnclave(RunningEnclave):
                 target=serve_attestation, args=(self.ports.host("cove.attest"), makers, claims), daemon=True
             ).start()
         try:
-            self.ports.host("cove.ctl").sendall(request)
+            with self._ctl_lock:
+                self.ports.host("cove.ctl").sendall(request)
         except OSError:
             pass  # QEMU is gone; wait() reports it
+        self._requested.set()
+        if self._terminal is not None:
+            self._send_size()  # the user's terminal may have changed size since the M item was made
 
     def _control(self) -> None:
         """The guest's lines (docs/backends.md); one that does not parse is dropped, one too long ends the run."""
