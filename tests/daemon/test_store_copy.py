@@ -75,3 +75,31 @@ def test_a_large_file_changed_after_the_build_is_refused(large, tmp_path):
     assert list(store.images.iterdir()) == [] and list(store.tmp.iterdir()) == []
     store.collect()
     assert list(store.blobs.iterdir()) == []
+
+
+def test_an_image_is_published_only_after_its_record_is_on_disk(large, tmp_path, monkeypatch):
+    """The order a machine crash relies on: each blob and image.json fsynced before the rename that publishes
+    the image, and images/ fsynced after it (a crash then never leaves an image whose record is empty)."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(source, target) -> None:
+        events.append(("rename", str(target)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    store = ImageStore(tmp_path / "store")
+    image, _ = store.import_instance(large)
+    published = events.index(("rename", str(store.images / image.id)))
+    before, after = events[:published], events[published + 1 :]
+    assert any(kind == "fsync" and path.endswith("/image.json") for kind, path in before)
+    assert sum(1 for kind, path in before if kind == "rename" and "/blobs/sha256/" in path) == len(SIZES) + 1
+    for kind, path in before:
+        if kind == "rename" and "/blobs/sha256/" in path:
+            assert before[before.index((kind, path)) - 1][0] == "fsync"  # each blob's content first
+    assert ("fsync", str(store.images)) in after

@@ -220,8 +220,9 @@ class ImageStore:
                     "bytes": size,
                     "imported": time.time(),
                 }
-                (work / "image.json").write_text(json.dumps(meta))
+                _write_durably(work / "image.json", json.dumps(meta).encode())
                 os.rename(work, self.images / ident)
+                _sync_folder(self.images)  # the import, once answered, survives a machine crash
                 return self._load(self.images / ident), True
             finally:
                 for fd in opened:
@@ -435,6 +436,27 @@ def _read_hash_write(source: int, out: int) -> tuple[bytes, int]:
         while view:
             view = view[os.write(out, view) :]
     return digest.digest(), size
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write and fsync a new file: its content is on the disk before the rename that publishes its folder
+    (ext4 journals the rename and the tree's links in order, but not a fresh file's delayed data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_folder(parent: int | None, name: str, rel: str) -> int:
