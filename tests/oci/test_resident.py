@@ -63,15 +63,21 @@ def _wait_for(path: str, old: int | None = None) -> int:
     raise AssertionError("the resident helper did not start")
 
 
-@pytest.fixture
-def helper(monkeypatch):
-    """A helper of this test's own (a short socket path: AF_UNIX allows 107 bytes); its pid. Stopped after."""
+def _start_helper(monkeypatch, **env: str) -> tuple[str, int]:
+    """A helper of this test's own (a short socket path: AF_UNIX allows 107 bytes): its socket and pid."""
     folder = tempfile.mkdtemp(prefix="cove-res-")
     path = os.path.join(folder, "sock")
     monkeypatch.setenv("COVE_RUNTIME_RESIDENT", path)
-    subprocess.Popen([sys.executable, "-I", "-m", "cove.oci.resident", "serve", path], start_new_session=True)
-    pid = _wait_for(path)
-    yield path, pid
+    subprocess.Popen(
+        [sys.executable, "-I", "-m", "cove.oci.resident", "serve", path],
+        start_new_session=True,
+        env=dict(os.environ, **env),
+    )
+    return path, _wait_for(path)
+
+
+def _stop_helper(path: str) -> None:
+    folder = os.path.dirname(path)
     for _ in range(3):  # whichever helper holds the socket now (a test may have had another one started)
         found = _peer_pid(path)
         if found is None:
@@ -79,6 +85,14 @@ def helper(monkeypatch):
         os.kill(found, signal.SIGKILL)
         time.sleep(0.1)
     subprocess.run(["rm", "-rf", folder])
+
+
+@pytest.fixture
+def helper(monkeypatch):
+    """A helper of this test's own: its socket and pid. Stopped after."""
+    path, pid = _start_helper(monkeypatch)
+    yield path, pid
+    _stop_helper(path)
 
 
 def _gone(pid: int) -> bool:
@@ -144,6 +158,47 @@ def test_the_engine_sees_the_same_container_either_way(
     assert runtime(root, "delete", "r").returncode == 0
     no_leftovers(root, "r")
     assert not os.path.exists(f"/proc/{record.get('enclave_pid', record['pid'])}/cmdline")
+
+
+FAKE_NODE = """
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(8)
+while True:
+    conn, _ = server.accept()
+    conn.recv(4096)
+    conn.sendall(b'{"ok": true}\\n')
+    conn.close()
+"""
+
+
+def test_a_node_service_that_answered_the_helper_once_is_asked_again_per_container(bundle, tmp_path, monkeypatch):
+    """The helper's loading must not settle which /dev/attestation server a container uses: a node service that
+    answered then and is gone now would fail every container (found by bench/oci.py, whose node service ends)."""
+    node = tmp_path / "node"
+    node.mkdir()
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_NODE, str(node / "attestation.sock")])
+    try:
+        for _ in range(200):
+            if (node / "attestation.sock").exists():
+                break
+            time.sleep(0.05)
+        path, _ = _start_helper(monkeypatch, COVE_NODE_ROOT=str(node))
+    finally:
+        fake.kill()
+        fake.wait()
+    (node / "attestation.sock").unlink()
+    try:
+        monkeypatch.setenv("COVE_NODE_ROOT", str(node))  # no node service there now: a server of its own
+        root, out = tmp_path / "state", tmp_path / "out"
+        seen = _engine(root, bundle, "n", out)
+        assert os.WIFEXITED(seen["status"]) and os.WEXITSTATUS(seen["status"]) == 7, out.read_text()
+        assert out.read_text().split() == ["hello-from-enclave", "cove"]
+        assert "enclave_pid" in _record(root, "n")
+        assert runtime(root, "delete", "n").returncode == 0
+    finally:
+        _stop_helper(path)
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
@@ -281,15 +336,10 @@ def test_hostile_callers_and_requests_are_refused_and_the_helper_serves_on(helpe
         assert answer.startswith(b"error 2 resident create: "), (name, answer)
         assert answer.count(b"\n") == 1, (name, answer)
     assert not (tmp_path / "state" / "x").exists()
-    # another checkout's client: declined, and the helper leaves so the next create starts a current one
+    # another checkout's client: declined, the helper stays
     other = resident.encode_request(_fields(tmp_path, package="/elsewhere/cove"), [])[4:]
-    assert _request(path, other) == b"retry stale\n"
-    for _ in range(100):
-        if _gone(pid):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("a stale helper stayed")
+    assert _request(path, other) == b"retry other\n"
+    assert _peer_pid(path) == pid
     root = tmp_path / "state"
     assert runtime(root, "create", "--bundle", str(bundle), "y", stdout=subprocess.DEVNULL).returncode == 0
     assert runtime(root, "delete", "--force", "y").returncode == 0
@@ -362,3 +412,28 @@ def test_the_client_loads_no_verifier_and_no_slow_module(helper, bundle, tmp_pat
     finally:
         assert runtime(root, "delete", "--force", "m").returncode == 0
     no_leftovers(root, "m")
+
+
+def test_a_helper_whose_code_changed_starts_again_in_place(helper, bundle, tmp_path):
+    """Changed code on disk is never served: the helper re-executes itself (same pid, so still outside any
+    engine's tree, where no create could start a new one) and the declined create runs in-process."""
+    from cove.oci import create, resident
+
+    path, pid = helper
+    os.utime(create.__file__)  # a new mtime: what an upgrade or an edit leaves
+    good = resident.encode_request(_fields(tmp_path), [])[4:]
+    assert _request(path, good) == b"retry stale\n"
+    for _ in range(600):
+        if _peer_pid(path) == pid and os.stat(path).st_ino:
+            break
+        time.sleep(0.05)
+    assert _peer_pid(path) == pid
+    root = tmp_path / "state"
+    for _ in range(100):  # the socket of the re-executed helper is a new one: wait until it serves
+        assert runtime(root, "create", "--bundle", str(bundle), "s", stdout=subprocess.DEVNULL).returncode == 0
+        through = "enclave_pid" in _record(root, "s")
+        assert runtime(root, "delete", "--force", "s").returncode == 0
+        if through:
+            break
+        time.sleep(0.1)
+    assert through

@@ -214,9 +214,13 @@ def _node_attestation() -> bool:
 
     control = Path(os.environ.get("COVE_NODE_ROOT") or NODE_ROOT) / "attestation.sock"
     try:
-        if not attestation.request(str(control), {"op": "status"}, timeout=5).get("ok"):
-            return False
+        answered = bool(attestation.request(str(control), {"op": "status"}, timeout=5).get("ok"))
     except (OSError, ValueError):
+        answered = False
+    if not answered:  # a process that asked before (a fork of one) must not keep an earlier node's server
+        services_mod.FACTORIES[:] = [
+            PER_RUN_ATTESTATION if f == NODE_ATTESTATION else f for f in services_mod.FACTORIES
+        ]
         return False
     attestation.CONTROL = str(control)
     services_mod.FACTORIES[:] = [NODE_ATTESTATION if f == PER_RUN_ATTESTATION else f for f in services_mod.FACTORIES]

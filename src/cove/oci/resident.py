@@ -47,6 +47,7 @@ LINE_LIMIT = 4096  # a reply line
 SOL_SOCKET, SO_PEERCRED, SCM_RIGHTS = 1, 17, 1  # Linux's
 RELAYED = (1, 2, 3, 10, 12, 15)  # SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM: what `cove run` forwards
 SELF_KILLED = (1, 2, 9, 10, 12, 13, 14, 15)  # a deadly signal the stub repeats on itself (no core dump)
+RESTART = 10  # SIGUSR1: a worker found the helper's code changed on disk
 IDLE = 600.0  # seconds without a request after which the helper leaves (COVE_RUNTIME_RESIDENT_IDLE)
 
 
@@ -375,15 +376,28 @@ def serve(path: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another helper serves
+    import importlib
+
     from cove.oci import create, launch  # noqa: F401 - loaded once, for every worker
 
-    launch.warm()
+    for name in launch.WARM_MODULES:  # the launch's modules; not launch.warm(): its node check is per container
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     snapshot = code_snapshot()
     gc.freeze()
     if len(os.listdir("/proc/self/task")) != 1:
         return 1  # a thread started while loading: forking here would not be safe, so no helper
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+    def restart(_number: int, _frame: object) -> None:
+        """Its code changed on disk: the same command again, in this process (so outside any engine's tree).
+        The socket and the lock are close-on-exec; the new one binds and locks anew."""
+        os.execv(sys.executable, [sys.executable, "-I", "-m", "cove.oci.resident", "serve", path])
+
+    signal.signal(RESTART, restart)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     server.bind(tmp)
@@ -438,9 +452,10 @@ def time_now() -> float:
 def code_snapshot() -> dict[str, tuple[int, int, int]]:
     """(mtime_ns, size, inode) of every loaded cove module's file: a changed one makes the helper stale."""
     found: dict[str, tuple[int, int, int]] = {}
-    for module in list(sys.modules.values()):
-        name = getattr(module, "__file__", None)
-        if isinstance(name, str) and (getattr(module, "__name__", "") + ".").startswith("cove."):
+    package = package_dir() + os.sep
+    for key, module in list(sys.modules.items()):
+        name = getattr(module, "__file__", None)  # __main__ too: this file, run as `-m cove.oci.resident`
+        if isinstance(name, str) and (key.startswith("cove.") or os.path.abspath(name).startswith(package)):
             try:
                 st = os.stat(name)
             except OSError:
@@ -534,11 +549,13 @@ def _work(conn: socket.socket, snapshot: dict[str, tuple[int, int, int]]) -> int
             os.close(fd)
         say(f"error 2 resident create: {' '.join(str(exc).split())[:200]}")
         return 0
-    if (request.executable, request.package) != (sys.executable, package_dir()) or code_snapshot() != snapshot:
+    stale = code_snapshot() != snapshot
+    if stale or (request.executable, request.package) != (sys.executable, package_dir()):
         for fd in fds:
             os.close(fd)
-        say("retry stale")
-        os.kill(os.getppid(), 15)  # the next create starts a helper with the code as it is now
+        say("retry stale" if stale else "retry other")
+        if stale:
+            os.kill(os.getppid(), RESTART)  # the helper starts again, in place, with the code as it is now
         return 0
     for number, fd in enumerate(fds):
         os.dup2(fd, number)
