@@ -20,10 +20,29 @@ from tests.oci.helpers import IMAGE, RUN_OPTIONS, RUNTIME, podman
 
 
 @pytest.fixture
-def machine_helper(monkeypatch):
+def machine_helper(monkeypatch, bundle, tmp_path):
+    """The machine's helper, answering with the code as it is now (one that finds its code changed declines
+    once and starts again: a direct create is retried until it goes through the helper)."""
+    import marshal
+
     monkeypatch.delenv("COVE_RUNTIME_RESIDENT", raising=False)
     started = subprocess.run([RUNTIME, "resident"], capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
+    root = tmp_path / "probe"
+    for _ in range(100):
+        made = subprocess.run(
+            [RUNTIME, "--root", str(root), "create", "--bundle", str(bundle), "probe"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        assert made.returncode == 0
+        through = "enclave_pid" in marshal.loads((root / "probe" / "state.marshal").read_bytes())
+        subprocess.run([RUNTIME, "--root", str(root), "delete", "--force", "probe"], check=True, timeout=60)
+        if through:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the machine's resident helper does not serve")
 
 
 def _is_stub(pid: int) -> bool:
