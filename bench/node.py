@@ -82,6 +82,7 @@ def show_spans(label: str, medians: dict[str, float]) -> None:
 
 def plain_copy(source: Path, target: Path) -> float:
     """MB/s of shutil.copyfile (the kernel's copy) and an fsync of ``source``: the disk's pace in this run."""
+    os.sync()  # not timed: what earlier steps left to write back would otherwise count here
     started = time.perf_counter()
     shutil.copyfile(source, target)
     fd = os.open(target, os.O_RDONLY)

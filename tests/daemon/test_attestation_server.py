@@ -216,14 +216,3 @@ def test_one_enclave_holding_many_files_gets_emfile_and_the_others_still_quote(s
             os.close(fd)
         for name in ("busy", "calm"):
             attestation.request(control, {"op": "unregister", "instance_id": name})
-
-
-def test_the_server_runs_at_its_priority_in_every_thread(server):
-    """Every thread of the node's server (the FUSE loop and the control loop) at attestation.PRIORITY."""
-    _, control = server
-    pid = attestation.request(control, {"op": "status"})["pid"]
-    threads = os.listdir(f"/proc/{pid}/task")
-    assert len(threads) >= 2  # the FUSE loop and the control thread
-    for thread in threads:
-        fields = Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
-        assert int(fields[16]) == attestation.PRIORITY  # stat's 19th field, nice

@@ -45,10 +45,6 @@ TARGET = "/dev/attestation"
 MAX_CONTROL = 1 << 17  # a control message: the reader stops past 64 KiB, so at most one more chunk
 CONTROL: str | None = None  # set by the supervisor: the control socket of the node's server
 MAX_HANDLES = 128  # open files per enclave folder
-# The server's nice value (root only). One thread serves every enclave's quotes, so each millisecond it waits
-# for a CPU behind other work is a millisecond added to every waiting quote; at -10 its weight against a
-# nice-0 task is about 9:1. It is one thread, so a busy enclave can still take at most one core through it.
-PRIORITY = -10
 
 
 def request(control: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -159,10 +155,6 @@ def serve(mountpoint: Path, control: Path) -> int:
 
     own_namespace = _pid_namespace(os.getpid())
     own_uid = os.geteuid()
-    try:  # before any thread starts: Linux keeps a nice value per thread, and new threads inherit it
-        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
-    except PermissionError:
-        pass  # not root (or root of a user namespace): the default share, as before
     try:
         signer = monitor.signer()  # the platform key and the TPM: loaded once for every enclave
         why_none = None
