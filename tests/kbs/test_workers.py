@@ -211,8 +211,34 @@ def test_two_workers_each_listen_serve_flows_and_share_nonces(two_workers):
     # a worker that dies is replaced; meanwhile the other one takes every connection
     victim = a.worker
     os.kill(victim, signal.SIGKILL)
+    gone = [inode for inode, pid in listening.items() if pid == victim]
+    while any(state == "0A" and inode in gone for _, _, state, inode in _tcp(port)):
+        time.sleep(0.01)  # until its socket is closed (a connection queued there before is lost with it)
     for _ in range(8):
         assert Connection(port, ca, serve).worker == b.worker
     replaced = _wait_for_listeners(serve, port, log)
     assert victim not in replaced.values() and b.worker in replaced.values()
     admin.close()
+
+    # SIGHUP replaces the workers one at a time: the port always has a listener
+    a.http.close()
+    b.http.close()  # an old worker waits for its open TLS connections to close (uvicorn's graceful shutdown)
+    before = set(replaced.values())
+    os.kill(serve.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 90
+    while True:
+        assert any(state == "0A" for _, _, state, _ in _tcp(port)), "no worker listened during the replacement"
+        now = _listeners(serve, port)
+        if len(now) == 2 and None not in now.values() and not set(now.values()) & before:
+            break
+        assert time.monotonic() < deadline and serve.poll() is None, log.read_text()
+        time.sleep(0.05)
+    assert Connection(port, ca, serve).status == 200
+
+    # the workers end with their supervisor, even one killed with SIGKILL
+    os.kill(serve.pid, signal.SIGKILL)
+    serve.wait()
+    deadline = time.monotonic() + 30
+    while any(state == "0A" for _, _, state, _ in _tcp(port)):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.1)

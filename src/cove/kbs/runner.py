@@ -212,7 +212,8 @@ def _claim_port(host: str, port: int) -> socket.socket:
 
 
 def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int, common: dict[str, Any]) -> None:
-    """Run ``workers`` worker processes, each on its own SO_REUSEPORT socket, until SIGTERM or SIGINT.
+    """Run ``workers`` worker processes, each on its own SO_REUSEPORT socket, until SIGTERM or SIGINT;
+    SIGHUP replaces them one at a time (as uvicorn's supervisor does).
 
     The caller holds a socket bound to the port and not listening: it keeps the
     port between restarts of a worker and receives no connections. This process
@@ -232,16 +233,37 @@ def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int
     def start() -> tuple[Any, Any]:
         ready = context.Event()
         process = context.Process(
-            target=_reuseport_worker, args=(settings, host, port, common, ready), name="cove-kbs-worker"
+            target=_reuseport_worker, args=(settings, host, port, common, ready, os.getpid()), name="cove-kbs-worker"
         )
         process.start()
         return process, ready
 
+    def replace_all() -> None:
+        """SIGHUP: each worker in turn, a new one first; the old one goes once the new one listens."""
+        for index, (old, _) in enumerate(running):
+            process, ready = start()
+            deadline = time.monotonic() + 60
+            while not ready.wait(0.1) and process.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+                pass
+            if not ready.is_set():
+                process.kill()
+                process.join()
+                print("cove kbs serve: a new worker did not start; the old ones keep serving", file=sys.stderr)
+                return
+            old.terminate()
+            old.join()
+            running[index] = (process, ready)
+
+    reload = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.set())
     running = [start() for _ in range(workers)]
     print(f"cove kbs serve: {workers} workers on {host}:{port}, each with its own SO_REUSEPORT socket", file=sys.stderr)
     try:
         while not stop.wait(0.5):
+            if reload.is_set():
+                reload.clear()
+                replace_all()
             for index, (process, ready) in enumerate(running):
                 if process.is_alive():
                     continue
@@ -265,11 +287,24 @@ def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int
             signal.signal(sig, handler)
 
 
-def _reuseport_worker(settings: str, host: str, port: int, common: dict[str, Any], ready: Any) -> None:
-    """One worker process: its own listening socket, the broker from the options, uvicorn."""
+def _reuseport_worker(settings: str, host: str, port: int, common: dict[str, Any], ready: Any, parent: int) -> None:
+    """One worker process: its own listening socket, the broker from the options, uvicorn.
+
+    It ends with its parent, even one killed with SIGKILL (PR_SET_PDEATHSIG): a worker
+    left behind would keep serving the port with a broker nobody supervises.
+    """
+    import ctypes
+    import signal
     import sys
 
     import uvicorn
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        sys.exit(0)
 
     from cove.kbs.server import ENV_CONFIG
 
