@@ -297,6 +297,28 @@ def _wait_for(what, timeout: float = 60):
     raise AssertionError("timed out")
 
 
+def test_a_signal_during_the_boot_is_held_until_the_program_runs(cove, vm_instance):
+    """SIGTERM while the guest boots: neither dropped (the program would run to its end) nor sent ahead
+    of the launch request (the guest init would read it as the request's length and fail)."""
+    run = subprocess.Popen(
+        cove.popen_args("run", "/bin/sh", "-c", "sleep 20; echo finished"),
+        cwd=vm_instance,
+        env=dict(cove.env, COVE_VM_ACCEL="tcg"),  # no KVM probe boot: the first QEMU is the enclave's
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _qemu_children(run.pid), timeout=60)  # QEMU runs: the launcher relays signals
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert (run.returncode, out) == (128 + signal.SIGTERM, ""), err
+
+
 def test_signal_relayed_and_kill_9_leaves_nothing(cove, vm_instance, tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()

@@ -338,8 +338,14 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps |
     enclave = None
     own_terminal = spec.interactive and chosen.takes_terminal  # vm relays a debug run's terminal itself
 
+    held: list[int] = []  # signals before the enclave exists: relayed once it does, never dropped
+
     def forward(signum, _frame):
-        if enclave is not None and not own_terminal:  # an interactive one has the terminal's signals
+        if own_terminal:  # an interactive one has the terminal's signals
+            return
+        if enclave is None:
+            held.append(signum)
+        else:
             enclave.signal(signum)
 
     for signum in FORWARDED_SIGNALS:
@@ -356,6 +362,8 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps |
             finally:
                 if terminal is not None:
                     terminal.detach()
+            while held:
+                enclave.signal(held.pop(0))
             if laps is not None:
                 laps.lap("sandbox-launch")
             return enclave.wait()

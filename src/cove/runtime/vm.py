@@ -386,6 +386,7 @@ class VmEnclave(RunningEnclave):
         self._ended = threading.Event()
         self._requested = threading.Event()  # the launch request is sent: other cove.ctl lines may follow
         self._ctl_lock = threading.Lock()
+        self._held_signals: list[int] | None = []  # signals before the program runs; None once it does
         self._execs: dict[int, _ExecSession] = {}
         self._exec_lock = threading.Lock()
         self._exec_next = 0
@@ -488,6 +489,10 @@ class VmEnclave(RunningEnclave):
         if line == "R" and self.ready_at is None:
             self.ready_at = time.monotonic()
             self._ready.set()
+            with self._ctl_lock:  # the program's namespace relays signals now: send the ones held
+                held, self._held_signals = self._held_signals or [], None
+                for signum in held:
+                    self._send_ctl(f"S{signum}\n".encode())
             self._listen_exec()
         elif line[:1] in ("o", "e", "x", "r", "i") and (ident := number(line[1:].partition(":")[0], 10)) is not None:
             self._exec_message(ident, line)
@@ -623,11 +628,7 @@ class VmEnclave(RunningEnclave):
 
     def _to_guest(self, line: bytes) -> bool:
         with self._ctl_lock:
-            try:
-                self.ports.host("cove.ctl").sendall(line)
-                return True
-            except OSError:
-                return False
+            return self._send_ctl(line)
 
     def _exec_message(self, ident: int, line: str) -> None:
         """On the control thread: queue the line for its session's thread, never wait for a client;
@@ -685,11 +686,22 @@ class VmEnclave(RunningEnclave):
             pass
 
     def signal(self, signum: int) -> None:
+        """Relay a signal to the program. Before it runs it is held: a line ahead of the launch request
+        would be read as the request's length, and the guest's namespace ignores signals until its
+        handlers are set, so a SIGTERM in the first second of a boot would be lost."""
         with self._ctl_lock:
-            try:
-                self.ports.host("cove.ctl").sendall(f"S{signum}\n".encode())
-            except OSError:
-                pass
+            if self._held_signals is not None:
+                self._held_signals.append(signum)
+            else:
+                self._send_ctl(f"S{signum}\n".encode())
+
+    def _send_ctl(self, line: bytes) -> bool:
+        """One line on cove.ctl; the caller holds _ctl_lock. False: QEMU is gone (wait() reports it)."""
+        try:
+            self.ports.host("cove.ctl").sendall(line)
+            return True
+        except OSError:
+            return False
 
     def wait(self) -> int:
         timeout = self.spec.config.vm.boot_timeout
