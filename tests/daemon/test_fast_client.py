@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cove.cli.attached import _node_runs, _parse
+from cove.cli.attached import folder_runs_on_node, parse_run_argv
 from tests.conftest import error_line
 
 HEAVY = ("click", "cove.runtime", "cove.image", "cove.config", "cryptography", "pyfuse3", "tomllib")
@@ -113,7 +113,7 @@ def test_direct_without_click_fails_as_the_full_cli(cove, app, tmp_path, case):
 )
 def test_only_the_plain_form_is_taken(argv, parsed):
     """Any option goes to the full CLI, which parses and checks it as before."""
-    assert _parse(argv) == parsed
+    assert parse_run_argv(argv) == parsed
 
 
 BROKEN_TOMLS = [
@@ -140,12 +140,12 @@ BROKEN_TOMLS = [
 )
 def test_the_plain_form_sends_the_daemon_what_the_full_cli_sends(tmp_path, toml, encrypted, runs):
     """Every instance with a cove.toml whose build is not encrypted, without parsing cove.toml: as
-    cove.cli.run._node_runs decides with no --backend (a cove.toml that does not parse included)."""
+    cove.cli.run.runs_on_node decides with no --backend (a cove.toml that does not parse included)."""
     if toml is not None:
         (tmp_path / "cove.toml").write_bytes(toml.encode("utf-8", "surrogateescape"))
     if encrypted:
         (tmp_path / "build" / "image.enc").mkdir(parents=True)
-    assert _node_runs(tmp_path) is runs
+    assert folder_runs_on_node(tmp_path) is runs
 
 
 @pytest.mark.parametrize("toml", BROKEN_TOMLS)

@@ -251,7 +251,7 @@ int main(void) {{
     [b"i\n", b"i00ff\n", b"w24:80\n", b"i" + b"ab" * 4096 + b"\n"],
 )
 def test_client_lines_the_launcher_takes(line):
-    assert vm._client_line(line) is not None
+    assert vm.exec_client_input(line) is not None
 
 
 @pytest.mark.parametrize(
@@ -271,7 +271,7 @@ def test_client_lines_the_launcher_takes(line):
     ],
 )
 def test_client_lines_the_launcher_refuses(line):
-    assert vm._client_line(line) is None
+    assert vm.exec_client_input(line) is None
 
 
 def test_attached_run_through_the_daemon_as_directly(node, vm_app):  # noqa: F811
@@ -342,8 +342,8 @@ def test_a_tampered_vm_build_is_refused_the_same_through_the_daemon(node, vm_app
 def test_which_runs_the_full_cli_sends_to_the_node(tmp_path, backend, option, through_the_node):
     """A vm instance goes through the daemon as its cove.toml says; any --backend runs it directly
     (the daemon takes no backend but sim's)."""
-    from cove.cli.run import _node_runs
+    from cove.cli.run import runs_on_node
     from cove.image import instance as instance_mod
 
     (tmp_path / "cove.toml").write_text(f'[enclave]\nname = "a"\nbackend = "{backend}"\n')
-    assert _node_runs(instance_mod.open_instance(tmp_path), option) is through_the_node
+    assert runs_on_node(instance_mod.open_instance(tmp_path), option) is through_the_node

@@ -180,7 +180,7 @@ def run_attached(instance: Folder, program: str, args: tuple[str, ...], backend:
     return follow(_enclave(view)["id"])
 
 
-def _parse(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
+def parse_run_argv(argv: list[str]) -> tuple[str, str, tuple[str, ...]] | None:
     """(DIR, PROGRAM, ARGS) for exactly `[-C DIR] run PROGRAM ARGS...`, else None."""
     directory, i = ".", 0
     while i < len(argv) and argv[i] != "run":
@@ -208,8 +208,8 @@ def _backend(directory: str) -> str | None:
     return backend if isinstance(backend, str) else None
 
 
-def _node_runs(directory: Folder) -> bool:
-    """Whether the full CLI runs the instance through the daemon (cove.cli.run._node_runs without
+def folder_runs_on_node(directory: Folder) -> bool:
+    """Whether the full CLI runs the instance through the daemon (cove.cli.run.runs_on_node without
     --backend): every instance with a cove.toml whose build is not encrypted, whatever its backend (sim
     or vm) and even when cove.toml does not parse (the daemon reports that as direct mode would). So it
     is decided without parsing cove.toml; the full CLI takes the rest (and says why)."""
@@ -224,7 +224,7 @@ def fast_run(argv: list[str]) -> int | None:
     Through the daemon when one serves this user and plainly runs the instance; directly when no
     daemon does (or COVE_NO_DAEMON is set); anything unsure goes to the full CLI, which decides as before.
     """
-    parsed = _parse(argv)
+    parsed = parse_run_argv(argv)
     if parsed is None:
         return None
     instance, program, args = parsed
@@ -232,7 +232,7 @@ def fast_run(argv: list[str]) -> int | None:
         return None
     if not daemon_available():
         return _direct(instance, program, args)
-    if not _node_runs(instance):
+    if not folder_runs_on_node(instance):
         return None  # an encrypted image or a cove.toml to report: the full CLI
     try:
         return _leaving(run_attached(instance, program, args, None, None))

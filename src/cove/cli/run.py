@@ -89,7 +89,7 @@ def run(
         if lifecycle.daemon_available():
             _signer(signer)
             target = instance_mod.open_instance(ctx.directory)
-            if _node_runs(target, backend):
+            if runs_on_node(target, backend):
                 return lifecycle.run_attached(target.root, program, args, backend, signer)
     if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
@@ -97,7 +97,7 @@ def run(
     return direct.run(ctx.directory, program, tuple(args), backend, debug_shell, package, _signer(signer), state_dir)
 
 
-def _node_runs(target, backend: str | None = None) -> bool:
+def runs_on_node(target, backend: str | None = None) -> bool:
     """Whether the daemon's store runs this instance (sim, or vm as its cove.toml says when no --backend
     overrides it; not an encrypted image); else direct mode."""
     from cove.image import encryption

@@ -611,7 +611,7 @@ class VmEnclave(RunningEnclave):
                 line = reader.readline(EXEC_INPUT_LINE + 1)
             except (OSError, ValueError):
                 line = b""
-            data = _client_line(line)
+            data = exec_client_input(line)
             if data is None:
                 session.left.set()
                 reader.close()
@@ -828,7 +828,7 @@ class _ExecSession:
 HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
-def _client_line(line: bytes) -> bytes | None:
+def exec_client_input(line: bytes) -> bytes | None:
     """The input bytes of a client's `i<hex>` line (b"" for `i` and for a `w<rows>:<cols>` line), or
     None for the end of the connection or a line that is neither."""
     if not line.endswith(b"\n"):
