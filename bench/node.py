@@ -12,6 +12,13 @@ without the daemon, `cove ps` end to end, the p99 latency of
 With ``--spans N`` it then runs each start path N more times with
 COVE_TRACE_START and prints the median of each span (client, daemon's
 supervisor, launcher, sandbox): where the milliseconds go.
+
+The import is printed beside a plain copy of the same payload with fsync
+(the disk's pace in the same run); the quotes with the server's CPU per
+quote and its waits for a CPU (schedstat). ``--host-quoters N`` then has N
+pid namespaces on the host read quotes from a node server of their own (no
+daemon, supervisor or sandbox: the server's side alone). ``--no-starts``
+skips the start figures, ``--keep`` keeps the work folder and its logs.
 """
 
 from __future__ import annotations
@@ -104,6 +111,14 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=520, help="size of the large image's payload")
     parser.add_argument("--quoters", type=int, default=50)
     parser.add_argument("--quotes", type=int, default=40, help="quote reads per enclave")
+    parser.add_argument(
+        "--host-quoters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N pid namespaces on the host reading quotes from a node server of their own, no daemon "
+        "(the server's side alone: no enclave starts, supervisors or cgroups)",
+    )
     parser.add_argument("--many", type=int, default=200, help="0 skips the many-enclaves part")
     parser.add_argument("--no-big", action="store_true", help="skip the large image")
     parser.add_argument("--no-starts", action="store_true", help="skip the start-cost and cove ps figures")
@@ -203,6 +218,8 @@ def main() -> None:
             quotes(args, quoter, env)
         if args.many:
             many_enclaves(args, work, hello, env, daemon.pid)
+        if args.host_quoters:
+            host_quotes(args, work, env)
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -316,6 +333,84 @@ def quotes(args: argparse.Namespace, quoter: Path, env: dict) -> None:
     print(
         f"the raw ECDSA P-256 signature {raw:.0f}/s, the whole evidence (report, signature, encoding) "
         f"{evidence:.0f}/s; the server does x{(1 / per_quote) / raw:.2f} the raw primitive's rate"
+    )
+
+
+def host_quotes(args: argparse.Namespace, work: Path, env: dict) -> None:
+    """N pid namespaces on the host, each bound to a folder of a node server started for them, reading quotes
+    at a common moment: the server and the kernel's FUSE path without a daemon, a supervisor or a sandbox."""
+    from cove.daemon.attestation import request
+
+    folder = work / "host-quotes"
+    mountpoint, control, view = folder / "attestation", folder / "control.sock", folder / "view"
+    view.mkdir(parents=True)
+    source = (ROOT / "tests" / "e2e" / "attest_probe.c").read_text().replace("/dev/attestation", str(view))
+    (folder / "probe.c").write_text(source)
+    probe = folder / "probe"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(probe), str(folder / "probe.c")], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "cove.daemon.attestation", str(mountpoint), str(control)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "server.log", "wb"),
+        check=True,
+    )  # it forks away
+    pid = 0
+    for _ in range(500):
+        try:
+            pid = request(str(control), {"op": "status"}, timeout=5)["pid"]
+            break
+        except OSError:
+            time.sleep(0.02)
+    identity = {
+        "measurement": "11" * 32,
+        "signer": "22" * 32,
+        "product_id": 0,
+        "svn": 0,
+        "debug": False,
+        "backend": "sim",
+        "isolation": "namespaces+seccomp",
+    }
+    try:
+        for i in range(args.host_quoters):
+            name = f"host{i}"
+            answer = request(
+                str(control), {"op": "register", "instance_id": name, "identity": identity | {"instance_id": name}}
+            )
+            assert answer.get("ok"), answer
+        target = time.time() + 1.0 + 0.05 * args.host_quoters
+        readers = []
+        for i in range(args.host_quoters):
+            script = (
+                f"mount --bind {mountpoint}/host{i} {view} && sleep {max(0.0, target - time.time()):.3f} && "
+                f"exec {probe} bench {args.quotes} 00ff"
+            )
+            readers.append(
+                subprocess.Popen(
+                    ["unshare", "-mpf", "--propagation", "private", "sh", "-c", script],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        time.sleep(max(0.0, target - time.time()))
+        before = server_cpu(str(control))
+        outputs = [reader.communicate()[0] for reader in readers]
+        after = server_cpu(str(control))
+    finally:
+        os.kill(pid, signal.SIGTERM)  # it unmounts and leaves
+        for _ in range(250):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.02)
+    latencies = sorted(int(line) / 1000 for out in outputs for line in out.split() if line.isdigit())
+    if len(latencies) != args.host_quoters * args.quotes:
+        print(f"warning: {len(latencies)} reads of the {args.host_quoters * args.quotes} asked for came back")
+    per_quote = (after[0] - before[0]) / len(latencies)
+    print(
+        f"host-side: {args.host_quoters} pid namespaces x {args.quotes} quotes, no daemon: median "
+        f"{statistics.median(latencies):.2f} ms, p90 {percentile(latencies, 0.9):.2f}, p99 "
+        f"{percentile(latencies, 0.99):.2f}, max {latencies[-1]:.2f} ms; the server {per_quote * 1e6:.0f} us CPU "
+        f"per quote, {(after[1] - before[1]) * 1000:.0f} ms of waiting for a CPU; load {os.getloadavg()[0]:.1f}"
     )
 
 
