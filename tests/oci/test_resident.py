@@ -437,3 +437,31 @@ def test_a_helper_whose_code_changed_starts_again_in_place(helper, bundle, tmp_p
             break
         time.sleep(0.1)
     assert through
+
+
+def test_a_helper_that_hangs_up_without_an_answer_means_the_in_process_path(bundle, tmp_path, monkeypatch):
+    """What a client sees when the helper is killed with connections not yet taken (or a worker dies before
+    it answers): end of file. The container is made in-process, as if no helper had answered."""
+    folder = tempfile.mkdtemp(prefix="cove-res-")
+    path = os.path.join(folder, "sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(4)
+        monkeypatch.setenv("COVE_RUNTIME_RESIDENT", path)
+        root = tmp_path / "state"
+        child = os.fork()
+        if child == 0:  # the hang-up, from another process, while the client waits for its answer
+            conn, _ = server.accept()
+            conn.recv(1 << 16)
+            os._exit(0)
+        try:
+            made = runtime(root, "create", "--bundle", str(bundle), "h", stdout=subprocess.DEVNULL)
+        finally:
+            os.waitpid(child, 0)
+    try:
+        assert made.returncode == 0, made.stderr
+        assert "enclave_pid" not in _record(root, "h")
+        assert runtime(root, "delete", "--force", "h").returncode == 0
+        no_leftovers(root, "h")
+    finally:
+        subprocess.run(["rm", "-rf", folder])

@@ -91,8 +91,8 @@ def create(
 ) -> int | None:
     """`create` through the helper; None: the helper is not there (or declines), take the in-process path."""
     path = socket_path()
-    if path is None:
-        return None
+    if path is None or os.path.lexists(os.path.join(root, ident)):
+        return None  # switched off; or an id in use, which the in-process path refuses in its own words
     import _socket
 
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -133,9 +133,10 @@ def create(
         return _refused(log, line.decode(errors="replace"), int(code) if code.isdigit() else 125)
     if word != b"ok":
         conn.close()
-        # the worker died before it answered: what it made is removed, nothing of it runs
+        # no answer: the helper went before it took the connection, or its worker died. What a worker made
+        # is removed (the folder did not exist before), and the in-process path makes the container.
         _remove_half_made(root, ident)
-        return _refused(log, "the resident create ended without an answer; create it again", 125)
+        return None
     inner, _, inner_start = rest.partition(b" ")
     return _hand_over(conn, root, ident, int(inner), int(inner_start), pid_file)
 
@@ -149,12 +150,21 @@ def _refused(log: tuple[str | None, str], line: str, code: int) -> int:
 
 
 def _remove_half_made(root: str, ident: str) -> None:
+    """What a worker that died mid-way left: its container's process (if it got that far) and its folder."""
     from cove.oci import cli
 
     try:
         container = cli.Container(root, ident)
-        if os.path.isdir(container.dir):
-            cli.cleanup(container.dir)
+        if not os.path.isdir(container.dir):
+            return
+        try:
+            state = container.load()
+        except Exception:  # noqa: BLE001 - no state yet: the container's process ends with the worker's pipe
+            state = {}
+        if state:
+            cli.kill_exact(state["pid"], state.get("pid_start"))
+            cli.remove_groups(state.get("container_cgroups", []))
+        cli.cleanup(container.dir)
     except Exception:  # noqa: BLE001 - best effort; the refusal is what the engine needs
         pass
 
