@@ -242,3 +242,19 @@ def test_two_workers_each_listen_serve_flows_and_share_nonces(two_workers):
     while any(state == "0A" for _, _, state, _ in _tcp(port)):
         assert time.monotonic() < deadline, "a worker outlived its supervisor"
         time.sleep(0.1)
+
+
+def test_workers_refuse_a_bad_tls_key_with_one_line(tmp_path):
+    """A key the workers could not load: one line and exit 2 from the supervisor, no worker's traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
+    state = tmp_path / "state"
+    env.update(HOME=str(tmp_path), COVE_KBS_STATE=str(state))
+    done = subprocess.run([COVE, "kbs", "init"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    bad = tmp_path / "bad.key"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--cert", state / "tls.crt", "--key", bad, "--workers", "2"]
+    done = subprocess.run([COVE, "kbs", "serve", *map(str, args)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in error_line(done), done.stderr
+    assert not any(state == "0A" for _, _, state, _ in _tcp(port))

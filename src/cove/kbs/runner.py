@@ -156,6 +156,8 @@ def serve(options: dict[str, Any], listen: str, workers: int = 1, access_log: bo
     try:
         if workers > 1:
             broker.store.close()
+            if REUSEPORT:
+                _check_tls(ssl)  # here, one line, rather than a traceback from each worker
             probe = _claim_port(host, port) if REUSEPORT else None
             if probe is not None:
                 with probe:
@@ -209,6 +211,14 @@ def _claim_port(host: str, port: int) -> socket.socket:
         check.bind((host, port))
         port = check.getsockname()[1]
     return reuseport_socket(host, port, listen=False)
+
+
+def _check_tls(ssl: dict[str, str]) -> None:
+    """Load the TLS certificate and key as the workers will (an OSError: ssl.SSLError, a missing file)."""
+    if ssl:
+        import ssl as tls_module
+
+        tls_module.SSLContext(tls_module.PROTOCOL_TLS_SERVER).load_cert_chain(ssl["ssl_certfile"], ssl["ssl_keyfile"])
 
 
 def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int, common: dict[str, Any]) -> None:
@@ -320,7 +330,13 @@ def _reuseport_worker(settings: str, host: str, port: int, common: dict[str, Any
     except OSError as exc:
         sys.stderr.write(f"cove: error: cannot listen on {host}:{port}: {exc.strerror}\n")
         sys.exit(3)
-    Worker(uvicorn.Config("cove.kbs.server:app_from_env", factory=True, **common)).run(sockets=[sock])
+    config = uvicorn.Config("cove.kbs.server:app_from_env", factory=True, **common)
+    try:
+        config.load()  # the TLS files and the broker (uvicorn logs a failing factory and exits)
+    except OSError as exc:
+        sys.stderr.write(f"cove: error: cannot listen on {host}:{port}: {exc.strerror or exc}\n")
+        sys.exit(3)
+    Worker(config).run(sockets=[sock])
 
 
 class EmbeddedBroker:
