@@ -34,7 +34,12 @@ if made.returncode:
     print(json.dumps({"create": made.returncode}))
     sys.exit()
 pid = int(open(pid_file).read())
-subprocess.run([runtime, "--root", root, "start", ident], check=True)
+if signal_name.startswith("early:"):  # before `start`, once the container's process has loaded
+    time.sleep(1)
+    subprocess.run([runtime, "--root", root, "kill", ident, signal_name[6:]], check=True)
+    signal_name = ""
+else:
+    subprocess.run([runtime, "--root", root, "start", ident], check=True)
 if signal_name:
     time.sleep(0.5)
     subprocess.run([runtime, "--root", root, "kill", ident, signal_name], check=True)
@@ -123,7 +128,7 @@ def _mode(resident: bool, monkeypatch) -> None:
         monkeypatch.setenv("COVE_RUNTIME_RESIDENT", "0")
 
 
-LOOP = ["/bin/sh", "-c", "trap 'exit 9' TERM; echo up; while :; do sleep 0.1; done"]
+LOOP = ["/bin/sh", "-c", "trap 'exit 9' TERM; trap 'exit 5' USR1; echo up; while :; do sleep 0.1; done"]
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
@@ -132,9 +137,10 @@ LOOP = ["/bin/sh", "-c", "trap 'exit 9' TERM; echo up; while :; do sleep 0.1; do
     [
         (None, "", ("exited", 7)),  # the program's exit code
         (LOOP, "TERM", ("exited", 9)),  # relayed to the program, which traps it
+        (LOOP, "USR1", ("exited", 5)),  # the same (the helper's own use of USR1 is not inherited)
         (LOOP, "KILL", ("signaled", 9)),  # the container's process is killed: the engine sees the signal
     ],
-    ids=["exit-code", "term", "kill"],
+    ids=["exit-code", "term", "usr1", "kill"],
 )
 def test_the_engine_sees_the_same_container_either_way(
     helper, bundle, tmp_path, monkeypatch, resident, args, signal_name, expect
@@ -465,3 +471,15 @@ def test_a_helper_that_hangs_up_without_an_answer_means_the_in_process_path(bund
         no_leftovers(root, "h")
     finally:
         subprocess.run(["rm", "-rf", folder])
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
+def test_a_signal_before_start_ends_the_container_either_way(helper, bundle, tmp_path, monkeypatch, resident):
+    """USR1 before `start` (default action: the end, seen as that signal) reaches a process with no handler of
+    the helper's (which restarts itself on USR1: a container's process that kept it would exit 0 instead)."""
+    _mode(resident, monkeypatch)
+    root, out = tmp_path / "state", tmp_path / "out"
+    seen = _engine(root, bundle, "u", out, "early:USR1")
+    assert os.WIFSIGNALED(seen["status"]) and os.WTERMSIG(seen["status"]) == signal.SIGUSR1, seen
+    assert runtime(root, "delete", "u").returncode == 0
+    no_leftovers(root, "u")

@@ -444,6 +444,7 @@ def serve(path: str) -> int:
         code = 0
         try:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(RESTART, signal.SIG_DFL)  # the container's process is forked from here: USR1 is its own
             server.close()
             os.close(lock)
             conn.settimeout(None)
