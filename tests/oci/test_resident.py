@@ -312,6 +312,7 @@ def _fields(tmp_path: Path, **changes: str) -> list[str]:
         "node": "",
         "python": sys.executable,
         "package": resident.package_dir(),
+        "umask": "22",
     }
     fields.update(changes)
     return list(fields.values())
@@ -337,6 +338,7 @@ def test_hostile_callers_and_requests_are_refused_and_the_helper_serves_on(helpe
         "no-fds": _request(path, good, fds=()),
         "relative": _request(path, resident.encode_request(_fields(tmp_path, bundle="bundle"), [])[4:]),
         "env": _request(path, resident.encode_request(_fields(tmp_path), ["NOEQUALS"])[4:]),
+        "umask": _request(path, resident.encode_request(_fields(tmp_path, umask="9z"), [])[4:]),
     }
     for name, answer in bad.items():
         assert answer.startswith(b"error 2 resident create: "), (name, answer)
@@ -483,3 +485,31 @@ def test_a_signal_before_start_ends_the_container_either_way(helper, bundle, tmp
     assert os.WIFSIGNALED(seen["status"]) and os.WTERMSIG(seen["status"]) == signal.SIGUSR1, seen
     assert runtime(root, "delete", "u").returncode == 0
     no_leftovers(root, "u")
+
+
+UMASK_ENGINE = "import os, sys; os.umask(0o002); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-process"])
+def test_the_container_gets_the_callers_umask_either_way(helper, bundle, tmp_path, monkeypatch, resident):
+    _mode(resident, monkeypatch)
+    spec = json.loads(json.dumps(SPEC))
+    spec["process"]["args"] = ["/bin/sh", "-c", "umask"]
+    write_spec(bundle, spec)
+    root = tmp_path / "state"
+    with open(tmp_path / "out", "w") as out:
+        made = subprocess.run(
+            [sys.executable, "-c", UMASK_ENGINE, RUNTIME, "--root", str(root), "create", "--bundle", str(bundle), "m"],
+            stdout=out,
+            stderr=out,
+            timeout=60,
+        )
+    assert made.returncode == 0, (tmp_path / "out").read_text()
+    assert ("enclave_pid" in _record(root, "m")) == resident
+    assert runtime(root, "start", "m").returncode == 0
+    for _ in range(400):
+        if state(root, "m")["status"] == "stopped":
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "out").read_text().split() == ["0002"]
+    assert runtime(root, "delete", "m").returncode == 0

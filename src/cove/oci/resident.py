@@ -114,6 +114,7 @@ def create(
             node_root or "",
             sys.executable,
             package_dir(),
+            "%o" % current_umask(),
         ]
         env = [f"{k}={v}" for k, v in os.environ.items() if "\0" not in k + v]
         conn.sendmsg(
@@ -139,6 +140,13 @@ def create(
         return None
     inner, _, inner_start = rest.partition(b" ")
     return _hand_over(conn, root, ident, int(inner), int(inner_start), pid_file)
+
+
+def current_umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def _refused(log: tuple[str | None, str], line: str, code: int) -> int:
@@ -478,14 +486,17 @@ def code_snapshot() -> dict[str, tuple[int, int, int]]:
 class Request:
     """A decoded request (docs/formats/oci-resident.md); ValueError names what is wrong."""
 
-    FIELDS = 8
+    FIELDS = 9
 
     def __init__(self, payload: bytes) -> None:
         items = payload.split(b"\0")
         if len(items) < 1 + self.FIELDS + 1 or items[0] != VERSION or items[-1] != b"":
             raise ValueError("not a cove-oci-resident/1 request")
         fields = [os.fsdecode(item) for item in items[1 : 1 + self.FIELDS]]
-        self.root, self.id, self.bundle, self.cwd, console, node_root, self.executable, self.package = fields
+        self.root, self.id, self.bundle, self.cwd, console, node_root, self.executable, self.package, mask = fields
+        if not 1 <= len(mask) <= 4 or mask.strip("01234567"):
+            raise ValueError("the umask is not an octal number")
+        self.umask = int(mask, 8)
         self.console_socket = console or None
         self.node_root = node_root or None
         for name, value in (("root", self.root), ("bundle", self.bundle), ("cwd", self.cwd)):
@@ -586,6 +597,7 @@ def _create(conn: socket.socket, request: Request, say: Callable[[str], None]) -
 
     try:
         os.chdir(request.cwd)
+        os.umask(request.umask)
         create.run(
             request.root, request.id, request.bundle, None, request.console_socket, 0, close_in_child=(conn.fileno(),)
         )
