@@ -513,3 +513,18 @@ def test_the_container_gets_the_callers_umask_either_way(helper, bundle, tmp_pat
         time.sleep(0.05)
     assert (tmp_path / "out").read_text().split() == ["0002"]
     assert runtime(root, "delete", "m").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "argv, env, word",
+    [
+        (["--socket", "relative/sock"], {}, "absolute"),
+        ([], {"COVE_RUNTIME_RESIDENT": "0"}, "switches the resident create off"),
+    ],
+    ids=["relative", "switched-off"],
+)
+def test_resident_command_refusals_are_one_line(tmp_path, argv, env, word):
+    done = subprocess.run(
+        [RUNTIME, "resident", *argv], capture_output=True, text=True, timeout=60, env=dict(os.environ, **env)
+    )
+    assert done.returncode == 2 and word in one_line(done)
