@@ -154,7 +154,8 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             os.environ["COVE_NODE_ROOT"] = str(work / "node")  # containerd hands its environment to the runtime
-        run([RUNTIME, "resident"])  # the machine's helper (a no-op when one answers already)
+        # the machine's helper (a no-op when one answers already), leaving after ten idle minutes
+        run([RUNTIME, "resident"], env=dict(os.environ, COVE_RUNTIME_RESIDENT_IDLE="600"))
         if args.resident_prototype:  # after the node service: it inherits COVE_NODE_ROOT
             warm = subprocess.Popen([sys.executable, str(PROTOTYPE), "serve", str(work / "proto.sock")])
             for _ in range(600):

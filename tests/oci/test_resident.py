@@ -429,8 +429,8 @@ def test_a_helper_whose_code_changed_starts_again_in_place(helper, bundle, tmp_p
 
     path, pid = helper
     os.utime(create.__file__)  # a new mtime: what an upgrade or an edit leaves
-    good = resident.encode_request(_fields(tmp_path), [])[4:]
-    assert _request(path, good) == b"retry stale\n"
+    newer = resident.encode_request([*_fields(tmp_path), "a field of a later format"], [])[4:]
+    assert _request(path, newer) == b"retry stale\n"  # not `error`: this helper's code cannot judge that format
     for _ in range(600):
         if _peer_pid(path) == pid and os.stat(path).st_ino:
             break

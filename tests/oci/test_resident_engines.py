@@ -26,7 +26,13 @@ def machine_helper(monkeypatch, bundle, tmp_path):
     import marshal
 
     monkeypatch.delenv("COVE_RUNTIME_RESIDENT", raising=False)
-    started = subprocess.run([RUNTIME, "resident"], capture_output=True, text=True, timeout=60)
+    started = subprocess.run(
+        [RUNTIME, "resident"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, COVE_RUNTIME_RESIDENT_IDLE="600"),  # not for ever on a developer's machine
+    )
     assert started.returncode == 0, started.stderr
     root = tmp_path / "probe"
     for _ in range(100):

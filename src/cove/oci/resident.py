@@ -48,7 +48,9 @@ SOL_SOCKET, SO_PEERCRED, SCM_RIGHTS = 1, 17, 1  # Linux's
 RELAYED = (1, 2, 3, 10, 12, 15)  # SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM: what `cove run` forwards
 SELF_KILLED = (1, 2, 9, 10, 12, 13, 14, 15)  # a deadly signal the stub repeats on itself (no core dump)
 RESTART = 10  # SIGUSR1: a worker found the helper's code changed on disk
-IDLE = 600.0  # seconds without a request after which the helper leaves (COVE_RUNTIME_RESIDENT_IDLE)
+# COVE_RUNTIME_RESIDENT_IDLE: seconds without a request after which the helper leaves; 0 or unset: never.
+# One started on demand by `create` leaves after ON_DEMAND_IDLE unless the variable says otherwise.
+IDLE_SETTING, ON_DEMAND_IDLE = "COVE_RUNTIME_RESIDENT_IDLE", "600"
 
 
 def socket_path() -> str | None:
@@ -328,6 +330,8 @@ def start_helper(path: str, on_demand: bool = True) -> None:
                     os.dup2(null, fd)
                 os.closerange(3, 1 << 16)
                 os.chdir("/")
+                if on_demand:
+                    os.environ.setdefault(IDLE_SETTING, ON_DEMAND_IDLE)
                 os.execv(sys.executable, [sys.executable, "-I", "-m", "cove.oci.resident", "serve", path])
         except BaseException:  # noqa: BLE001 - a forked child never returns into create
             pass
@@ -379,8 +383,9 @@ def serve(path: str) -> int:
     and so copy, those pages, and a finalizer could take a lock mid-fork).
     It is a subreaper that ignores SIGCHLD: workers and anything orphaned
     below them are reaped by the kernel, never by an engine above it.
-    It leaves after IDLE seconds without a request, or when its socket is
-    no longer its own.
+    It leaves when its socket is no longer its own, and after
+    COVE_RUNTIME_RESIDENT_IDLE seconds without a request when that is set
+    (as it is, to ON_DEMAND_IDLE, for one `create` started).
     """
     import ctypes
     import fcntl
@@ -424,7 +429,10 @@ def serve(path: str) -> int:
     server.listen(64)
     own = os.stat(path).st_ino
     server.settimeout(2.0)
-    idle = float(os.environ.get("COVE_RUNTIME_RESIDENT_IDLE", IDLE))
+    try:
+        idle = float(os.environ.get(IDLE_SETTING) or 0) or float("inf")
+    except ValueError:
+        idle = float("inf")
     last = time_now()
     while True:
         try:
@@ -557,6 +565,10 @@ def _work(conn: socket.socket, snapshot: dict[str, tuple[int, int, int]]) -> int
     if conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8] != bytes(4):
         say("retry not root")  # the socket is root's, mode 0600: only a changed mode lets another uid this far
         return 0
+    if code_snapshot() != snapshot:  # before decoding: a newer client's request may not be this code's format
+        say("retry stale")
+        os.kill(os.getppid(), RESTART)  # the helper starts again, in place, with the code as it is now
+        return 0
     try:
         payload, fds = receive(conn)
     except (ValueError, OSError) as exc:
@@ -571,13 +583,10 @@ def _work(conn: socket.socket, snapshot: dict[str, tuple[int, int, int]]) -> int
             os.close(fd)
         say(f"error 2 resident create: {' '.join(str(exc).split())[:200]}")
         return 0
-    stale = code_snapshot() != snapshot
-    if stale or (request.executable, request.package) != (sys.executable, package_dir()):
+    if (request.executable, request.package) != (sys.executable, package_dir()):
         for fd in fds:
             os.close(fd)
-        say("retry stale" if stale else "retry other")
-        if stale:
-            os.kill(os.getppid(), RESTART)  # the helper starts again, in place, with the code as it is now
+        say("retry other")
         return 0
     for number, fd in enumerate(fds):
         os.dup2(fd, number)
