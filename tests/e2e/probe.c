@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <linux/io_uring.h>
 #include <linux/netlink.h>
 #include <sched.h>
@@ -134,6 +135,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(check, "wait")) { printf("ready\n"); fflush(stdout); pause(); return 0; }
     if (!strcmp(check, "exit")) return atoi(argv[2]);
+    if (!strcmp(check, "umask")) { mode_t mask = umask(0); printf("%03o\n", (unsigned)mask); return 0; }
     if (!strcmp(check, "kill")) { raise(atoi(argv[2])); return 0; }
     if (!strcmp(check, "echo")) { char buf[256]; ssize_t n = read(0, buf, sizeof buf); if (n > 0) fwrite(buf, 1, n, stdout); return 0; }
     fprintf(stderr, "probe: unknown check %s\n", check);

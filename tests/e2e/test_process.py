@@ -33,6 +33,21 @@ def test_death_by_signal_is_128_plus_n(cove, app, signum):
     assert cove("run", "/bin/probe", "kill", str(int(signum)), cwd=app).returncode == 128 + signum
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_the_callers_umask_starts_the_enclave_and_is_the_programs(cove, app, umask):
+    """A hardened umask (027, 077) must not shut the enclave's ids out of the sandbox's own folders."""
+    result = subprocess.run(
+        [*cove.prefix, cove.command, "run", "/bin/probe", "umask"],
+        cwd=app,
+        env=cove.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.umask(umask),
+    )
+    assert (result.returncode, result.stdout) == (0, f"{umask:03o}\n"), result.stderr
+
+
 def test_stdin_and_stdout_pass_through(cove, app):
     result = cove("run", "/bin/probe", "echo", cwd=app, input="through the boundary")
     assert result.stdout == "through the boundary"

@@ -135,6 +135,7 @@ class _Sources:
         check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private mounts")
         fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path, _ in self.paths]  # before /tmp is covered
         check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=1m"), "tmpfs")
+        caller_umask = os.umask(0o022)  # a caller's 027 would shut the enclave's ids out of STAGE
         os.mkdir(STAGE, 0o755)
         for index, (fd, (_, is_dir)) in enumerate(zip(fds, self.paths)):
             target = f"{STAGE}/{index}"
@@ -143,6 +144,7 @@ class _Sources:
             else:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
             check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None), "bind")
+        os.umask(caller_umask)  # the program's own umask is the caller's
         os.setgroups([])
         os.setresgid(self.gid, self.gid, self.gid)
         os.setresuid(self.uid, self.uid, self.uid)
