@@ -10,7 +10,7 @@ name = "{name}"
 product_id = 0        # 0..65535; with the signer, names the product (like SGX ISVPRODID)
 svn = 0               # security version number 0..65535; raise it when you fix a flaw
 debug = false         # true allows `cove run --debug` shells; verifiers refuse debug enclaves by default
-backend = "auto"      # auto | sim   (auto picks the strongest backend this host can run)
+backend = "auto"      # auto | sim | vm   (auto: the strongest this host runs without a vm build; vm: a measured micro-VM)
 
 [resources]
 memory = "512M"       # memory limit for all processes of the enclave (K, M, G suffixes)
