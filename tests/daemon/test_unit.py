@@ -1,40 +1,50 @@
-"""The systemd unit scripts/setup installs: rendered, then checked by systemd-analyze (systemd is not booted)."""
+"""The systemd units scripts/setup installs: rendered, then checked by systemd-analyze (systemd is not booted)."""
 
 from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.conftest import COVE, ROOT, require
 
 RENDER = ROOT / "deploy" / "systemd" / "render"
+COVE_RUNTIME = str(ROOT / ".venv" / "bin" / "cove-runtime")
+# (unit, command, what its ExecStart runs)
+UNITS = [("cove", COVE, "daemon"), ("cove-runtime", COVE_RUNTIME, "resident --foreground")]
 
 
-def _verify(unit_text: str, tmp_path) -> subprocess.CompletedProcess:
-    unit = tmp_path / "cove.service"
-    unit.write_text(unit_text)
-    return subprocess.run([require("systemd-analyze"), "verify", str(unit)], capture_output=True, text=True)
+def _render(command: str, unit: str) -> str:
+    return subprocess.run([str(RENDER), command, unit], capture_output=True, text=True, check=True).stdout
 
 
-def test_rendered_unit_verifies(tmp_path):
-    text = subprocess.run([str(RENDER), COVE], capture_output=True, text=True, check=True).stdout
-    assert f"ExecStart={COVE} daemon" in text and "KillMode=process" in text  # enclaves outlive a restart
-    checked = _verify(text, tmp_path)
+def _verify(unit_text: str, unit: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{unit}.service"
+    path.write_text(unit_text)
+    return subprocess.run([require("systemd-analyze"), "verify", str(path)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("unit, command, runs", UNITS, ids=[u[0] for u in UNITS])
+def test_rendered_unit_verifies(tmp_path, unit, command, runs):
+    text = _render(command, unit)
+    # what the service started outlives a restart of it: enclaves (daemon), containers' workers (helper)
+    assert f"ExecStart={command} {runs}" in text and "KillMode=process" in text
+    checked = _verify(text, unit, tmp_path)
     assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stderr
 
 
 def test_verify_catches_a_broken_unit(tmp_path):
     """The check can fail: a missing command, a bad setting."""
-    text = subprocess.run([str(RENDER), "/nonexistent/cove"], capture_output=True, text=True, check=True).stdout
-    assert "not executable" in _verify(text, tmp_path).stderr
-    good = subprocess.run([str(RENDER), COVE], capture_output=True, text=True, check=True).stdout
-    assert "kill mode" in _verify(good.replace("KillMode=process", "KillMode=bogus"), tmp_path).stderr
+    text = _render("/nonexistent/cove", "cove")
+    assert "not executable" in _verify(text, "cove", tmp_path).stderr
+    good = _render(COVE, "cove")
+    assert "kill mode" in _verify(good.replace("KillMode=process", "KillMode=bogus"), "cove", tmp_path).stderr
 
 
-def test_render_refuses_bad_paths():
-    for path in ("relative/cove", "/with space/cove", "/a|b/cove"):
-        done = subprocess.run([str(RENDER), path], capture_output=True, text=True)
-        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert (
-        "setup" in (ROOT / "scripts" / "setup").read_text()
-        and "deploy/systemd/render" in (ROOT / "scripts" / "setup").read_text()
-    )
+def test_render_refuses_bad_paths_and_units():
+    for args in (["relative/cove"], ["/with space/cove"], ["/a|b/cove"], [COVE, "containerd"], [COVE, "../cove"]):
+        done = subprocess.run([str(RENDER), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, args
+    assert _render(COVE, "cove") == subprocess.run([str(RENDER), COVE], capture_output=True, text=True).stdout
+    setup = (ROOT / "scripts" / "setup").read_text()
+    assert "deploy/systemd/render" in setup and "cove-runtime.service" in setup
