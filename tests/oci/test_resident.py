@@ -332,7 +332,6 @@ def test_hostile_callers_and_requests_are_refused_and_the_helper_serves_on(helpe
     good = resident.encode_request(_fields(tmp_path), [])[4:]
     bad = {
         "garbage": _request(path, b"\xff" * 64),
-        "version": _request(path, good.replace(b"RESIDENT/1", b"RESIDENT/9")),
         "oversized": _request(path, (1 << 30).to_bytes(4, "big"), framed=False),
         "short": _request(path, (100).to_bytes(4, "big") + b"abc", framed=False),
         "no-fds": _request(path, good, fds=()),
@@ -344,6 +343,10 @@ def test_hostile_callers_and_requests_are_refused_and_the_helper_serves_on(helpe
         assert answer.startswith(b"error 2 resident create: "), (name, answer)
         assert answer.count(b"\n") == 1, (name, answer)
     assert not (tmp_path / "state" / "x").exists()
+    # another version's client (one loaded before an upgrade; /1 had no UMASK): declined, never refused
+    old = b"COVE-OCI-RESIDENT/1\0" + b"".join(os.fsencode(item) + b"\0" for item in _fields(tmp_path)[:8])
+    later = good.replace(resident.VERSION, b"COVE-OCI-RESIDENT/9")
+    assert (_request(path, old), _request(path, later)) == (b"retry version\n", b"retry version\n")
     # another checkout's client: declined, the helper stays
     other = resident.encode_request(_fields(tmp_path, package="/elsewhere/cove"), [])[4:]
     assert _request(path, other) == b"retry other\n"
@@ -528,3 +531,158 @@ def test_resident_command_refusals_are_one_line(tmp_path, argv, env, word):
         [RUNTIME, "resident", *argv], capture_output=True, text=True, timeout=60, env=dict(os.environ, **env)
     )
     assert done.returncode == 2 and word in one_line(done)
+
+
+ADOPTER = """
+import ctypes, json, os, signal, socket, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: this probe adopts the helper's orphans
+got = []
+for number in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, lambda n, _f: got.append(n))
+path, module, request = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+helper = subprocess.Popen([sys.executable, "-I", "-m", "cove.oci.resident", "serve", path])
+children = f"/proc/{helper.pid}/task/{helper.pid}/children"
+for _ in range(600):
+    try:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)
+        break
+    except OSError:
+        time.sleep(0.05)
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(path)  # the helper forks a worker for it; nothing is sent yet
+for _ in range(600):
+    worker = open(children).read().split()
+    if worker:
+        break
+    time.sleep(0.01)
+os.kill(helper.pid, signal.SIGKILL)
+helper.wait()
+worker = int(worker[0])
+for _ in range(600):  # the worker is this probe's now, as it would be init's or a supervisor's
+    if open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+        break
+    time.sleep(0.01)
+os.utime(module)  # the code changes on disk while the worker holds the request
+conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(12))])
+conn.settimeout(30)
+answer = conn.recv(4096).decode()
+time.sleep(0.5)
+print(json.dumps({"answer": answer, "signals": got}))
+"""
+
+
+ORPHAN = """
+import ctypes, json, os, signal, socket, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: this probe adopts the orphan
+got = []
+for number in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, lambda n, _f: got.append(n))
+from cove.oci import resident
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+me = os.getpid()
+if os.fork() == 0:  # the helper, which forks a worker and dies at once
+    if os.fork() == 0:  # the worker, told the helper's code is stale, once this probe has adopted it
+        ours.close()
+        while os.getppid() != me:
+            pass
+        os._exit(resident.work(theirs, True))
+    os._exit(0)
+theirs.close()
+ours.sendmsg([bytes.fromhex(sys.argv[1])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(12))])
+ours.settimeout(30)
+answer = ours.recv(4096).decode()
+for _ in range(2):
+    os.wait()
+print(json.dumps({"answer": answer, "signals": got}))
+"""
+
+
+def test_a_worker_whose_helper_died_never_signals_its_new_parent(bundle, tmp_path):
+    """A worker adopted by a subreaper (init, systemd, a supervisor) never signals it, whatever the request:
+    the stale-code check is the helper's own, before it forks; a worker signals nobody."""
+    from cove.oci import create, resident
+
+    folder = tempfile.mkdtemp(prefix="cove-res-")
+    path = os.path.join(folder, "sock")
+    request = resident.encode_request(_fields(tmp_path, python="/elsewhere/python"), [])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ADOPTER, path, create.__file__, request.hex()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run(["rm", "-rf", folder])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"answer": "retry other\n", "signals": []}
+    # a worker told its helper's code is stale only declines (it was a SIGUSR1 to os.getppid(): the adopter)
+    done = subprocess.run(
+        [sys.executable, "-c", ORPHAN, resident.encode_request(_fields(tmp_path), []).hex()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"answer": "retry stale\n", "signals": []}
+
+
+def test_two_restarts_close_together_leave_a_serving_helper(helper, tmp_path):
+    """USR1 (a restart) while the re-executed image still loads is ignored, not deadly (SIG_IGN survives exec)."""
+    from cove.oci import resident
+
+    path, pid = helper
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.05)
+    os.kill(pid, signal.SIGUSR1)
+    newer = b"COVE-OCI-RESIDENT/9\0" + resident.encode_request(_fields(tmp_path), [])[4:].partition(b"\0")[2]
+    for _ in range(600):
+        assert not _gone(pid), "the helper died of the second restart"
+        if _peer_pid(path) == pid:
+            try:
+                if _request(path, newer) == b"retry version\n":
+                    break
+            except OSError:
+                pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the helper did not serve again")
+    assert not _gone(pid)
+
+
+def _link_lock(folder: str, tmp_path: Path) -> None:
+    os.symlink(tmp_path / "target", os.path.join(folder, "sock.lock"))
+
+
+def _link_folder(folder: str, tmp_path: Path) -> str:
+    os.symlink(folder, tmp_path / "link")
+    return str(tmp_path / "link")
+
+
+@pytest.mark.parametrize(
+    "make, word, flags",
+    [
+        (lambda folder, _tmp: os.chmod(folder, 0o770), "mode 0700", ["--foreground"]),  # the group could swap it
+        (lambda folder, _tmp: os.chmod(folder, 0o770), "mode 0700", []),  # the same, started to run on
+        (lambda folder, _tmp: os.chown(folder, 65534, 65534), "mode 0700", ["--foreground"]),  # another uid's
+        (_link_folder, "not a folder", ["--foreground"]),
+        (_link_lock, "sock.lock", ["--foreground"]),  # O_NOFOLLOW: never a lock (or a file made) through a link
+    ],
+    ids=["group-writable", "group-writable-started", "another-uid", "linked-folder", "linked-lock"],
+)
+def test_a_resident_helper_refuses_an_unsafe_folder_in_one_line(tmp_path, make, word, flags):
+    folder = tempfile.mkdtemp(prefix="cove-res-")
+    try:
+        folder = make(folder, tmp_path) or folder
+        done = subprocess.run(
+            [RUNTIME, "resident", *flags, "--socket", os.path.join(folder, "sock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and word in one_line(done), done.stderr
+        assert not (tmp_path / "target").exists()
+        assert not os.path.exists(os.path.join(folder, "sock"))
+    finally:
+        subprocess.run(["rm", "-rf", os.path.realpath(folder), str(tmp_path / "link")])

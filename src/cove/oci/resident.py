@@ -41,16 +41,30 @@ if TYPE_CHECKING:
 
 DEFAULT_SOCKET = "/run/cove-runtime-resident/sock"  # one helper per machine, for every --root
 SETTING = "COVE_RUNTIME_RESIDENT"  # 0 (or off): never; an absolute path: that socket instead of DEFAULT_SOCKET
-VERSION = b"COVE-OCI-RESIDENT/1"
+VERSION = b"COVE-OCI-RESIDENT/2"  # any change of the fields is a new version (/2: UMASK)
+FAMILY = b"COVE-OCI-RESIDENT/"  # another version of it is declined (`retry version`), never refused
 REQUEST_LIMIT = 1 << 20  # the request's bytes (paths and the environment)
 LINE_LIMIT = 4096  # a reply line
 SOL_SOCKET, SO_PEERCRED, SCM_RIGHTS = 1, 17, 1  # Linux's
 RELAYED = (1, 2, 3, 10, 12, 15)  # SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM: what `cove run` forwards
 SELF_KILLED = (1, 2, 9, 10, 12, 13, 14, 15)  # a deadly signal the stub repeats on itself (no core dump)
-RESTART = 10  # SIGUSR1: a worker found the helper's code changed on disk
+RESTART = 10  # SIGUSR1: the helper executes itself again (its code changed on disk: it checks that itself)
 # COVE_RUNTIME_RESIDENT_IDLE: seconds without a request after which the helper leaves; 0 or unset: never.
 # One started on demand by `create` leaves after ON_DEMAND_IDLE unless the variable says otherwise.
 IDLE_SETTING, ON_DEMAND_IDLE = "COVE_RUNTIME_RESIDENT_IDLE", "600"
+
+
+def folder_refusal(folder: str) -> str | None:
+    """Why folder may not hold the helper's socket (not root's, reachable or writable by others, a link), or None."""
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"{folder}: {exc.strerror}"
+    if st.st_mode & 0o170000 != 0o040000:  # S_IFDIR, by lstat: a symbolic link is not one
+        return f"{folder} is not a folder (a symbolic link, or another file)"
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        return f"{folder} must be root's with mode 0700 (it is uid {st.st_uid}, mode {st.st_mode & 0o7777:o})"
+    return None
 
 
 def socket_path() -> str | None:
@@ -309,11 +323,7 @@ def start_helper(path: str, on_demand: bool = True) -> None:
         pass
     except OSError:
         return
-    try:
-        st = os.lstat(folder)
-    except OSError:
-        return
-    if st.st_uid != 0 or st.st_mode & 0o077 or not os.path.isdir(folder) or os.path.islink(folder):
+    if folder_refusal(folder):
         return  # a folder others can write or reach: no helper there
     child = os.fork()
     if child == 0:
@@ -352,6 +362,9 @@ def run_resident(path: str | None, foreground: bool) -> int:
         raise CoveError("the resident helper is root's", "run it as root")
     if foreground:
         return serve(path)
+    why = folder_refusal(os.path.dirname(path)) if os.path.lexists(os.path.dirname(path)) else None
+    if why:  # start_helper would pass it over in silence
+        raise CoveError(why, "the resident helper's socket needs a folder only root can reach")
     start_helper(path, on_demand=False)
     import _socket
     import time
@@ -385,7 +398,9 @@ def serve(path: str) -> int:
     below them are reaped by the kernel, never by an engine above it.
     It leaves when its socket is no longer its own, and after
     COVE_RUNTIME_RESIDENT_IDLE seconds without a request when that is set
-    (as it is, to ON_DEMAND_IDLE, for one `create` started).
+    (as it is, to ON_DEMAND_IDLE, for one `create` started). Its folder must
+    be root-only, as start_helper requires (CoveError otherwise), and the
+    lock file is never reached through a symbolic link.
     """
     import ctypes
     import fcntl
@@ -393,8 +408,23 @@ def serve(path: str) -> int:
     import signal
     import socket
 
+    from cove.errors import CoveError
+
     gc.disable()
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise CoveError(f"{folder}: {exc.strerror}") from None
+    why = folder_refusal(folder)
+    if why:
+        raise CoveError(why, "the resident helper's socket needs a folder only root can reach")
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise CoveError(f"{path}.lock: {exc.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -415,9 +445,12 @@ def serve(path: str) -> int:
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
-    def restart(_number: int, _frame: object) -> None:
-        """Its code changed on disk: the same command again, in this process (so outside any engine's tree).
-        The socket and the lock are close-on-exec; the new one binds and locks anew."""
+    def restart(_number: int = RESTART, _frame: object = None) -> None:
+        """The same command again, in this process (so outside any engine's tree). The socket and the lock
+        are close-on-exec; the new one binds and locks anew. USR1 is ignored across the exec (an ignored
+        disposition survives it) until the new image sets this handler: a second one meanwhile is dropped,
+        where its default action would end the helper."""
+        signal.signal(RESTART, signal.SIG_IGN)
         os.execv(sys.executable, [sys.executable, "-I", "-m", "cove.oci.resident", "serve", path])
 
     signal.signal(RESTART, restart)
@@ -449,13 +482,18 @@ def serve(path: str) -> int:
                 return 0
             continue
         last = time_now()
+        stale = code_snapshot() != snapshot  # the helper's own check: a worker never signals anyone
         try:
             worker = os.fork()
         except OSError:
             conn.close()
+            if stale:
+                restart()
             continue
         if worker:
             conn.close()
+            if stale:  # its worker declines the request; this process starts again with the code as it is now
+                restart()
             continue
         code = 0
         try:
@@ -464,7 +502,7 @@ def serve(path: str) -> int:
             server.close()
             os.close(lock)
             conn.settimeout(None)
-            code = _work(conn, snapshot)
+            code = work(conn, stale)
         except BaseException:  # noqa: BLE001 - a worker never returns into the helper's loop
             code = 125
         os._exit(code)
@@ -499,7 +537,7 @@ class Request:
     def __init__(self, payload: bytes) -> None:
         items = payload.split(b"\0")
         if len(items) < 1 + self.FIELDS + 1 or items[0] != VERSION or items[-1] != b"":
-            raise ValueError("not a cove-oci-resident/1 request")
+            raise ValueError(f"not a {VERSION.decode().lower()} request")
         fields = [os.fsdecode(item) for item in items[1 : 1 + self.FIELDS]]
         self.root, self.id, self.bundle, self.cwd, console, node_root, self.executable, self.package, mask = fields
         if not 1 <= len(mask) <= 4 or mask.strip("01234567"):
@@ -552,8 +590,13 @@ def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def _work(conn: socket.socket, snapshot: dict[str, tuple[int, int, int]]) -> int:
-    """One `create`, in a fork of the helper: check the caller, run create.run, then follow the container."""
+def work(conn: socket.socket, stale: bool) -> int:
+    """One `create`, in a fork of the helper: check the caller, run create.run, then follow the container.
+
+    stale: the helper's code changed on disk (the helper restarts itself);
+    the request is read, not decoded (a newer client's may not be this
+    code's format), and declined.
+    """
     import socket
 
     def say(line: str) -> None:
@@ -565,14 +608,20 @@ def _work(conn: socket.socket, snapshot: dict[str, tuple[int, int, int]]) -> int
     if conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8] != bytes(4):
         say("retry not root")  # the socket is root's, mode 0600: only a changed mode lets another uid this far
         return 0
-    if code_snapshot() != snapshot:  # before decoding: a newer client's request may not be this code's format
-        say("retry stale")
-        os.kill(os.getppid(), RESTART)  # the helper starts again, in place, with the code as it is now
-        return 0
     try:
         payload, fds = receive(conn)
     except (ValueError, OSError) as exc:
-        say(f"error 2 resident create: {' '.join(str(exc).split())[:200]}")
+        say("retry stale" if stale else f"error 2 resident create: {' '.join(str(exc).split())[:200]}")
+        return 0
+    if stale:
+        for fd in fds:
+            os.close(fd)
+        say("retry stale")
+        return 0
+    if payload.startswith(FAMILY) and not payload.startswith(VERSION + b"\0"):
+        for fd in fds:  # another version's client (loaded before an upgrade, or another checkout's): in-process
+            os.close(fd)
+        say("retry version")
         return 0
     try:
         request = Request(payload)
@@ -664,6 +713,12 @@ def _kill(pid: int, number: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
-        sys.exit(serve(sys.argv[2]))
+        from cove.errors import CoveError
+
+        try:
+            sys.exit(serve(sys.argv[2]))
+        except CoveError as refusal:
+            print(f"cove-runtime resident: error: {refusal.line()}", file=sys.stderr)
+            sys.exit(int(refusal.exit_code))
     print("usage: python -m cove.oci.resident serve SOCKET", file=sys.stderr)
     sys.exit(2)
