@@ -19,9 +19,9 @@ a status the stub kills the container's process and exits 137; if the stub
 goes (``delete --force``), the worker kills the container's process.
 
 Fallback: with no helper answering (none started yet, killed, another
-checkout's, code changed since it started, a non-root caller), `create`
-takes the in-process path, unchanged, and starts a helper for the next one
-(double-forked, its own session, serialised by a lock). Security: the
+checkout's or format version's, code changed since it started, a non-root
+caller), `create` takes the in-process path, unchanged, and starts a helper
+for the next one (double-forked, its own session, serialised by a lock). Security: the
 socket lives in a root-only folder, mode 0600, and both ends check
 SO_PEERCRED uid 0. The wire format is docs/formats/oci-resident.md; the
 client side loads only built-in modules and _socket.
