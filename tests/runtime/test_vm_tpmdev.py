@@ -21,7 +21,7 @@ from cove.attest import evidence as ev
 from cove.errors import CoveError
 from cove.image import vmimage
 from cove.runtime import vm, vm_tpmdev
-from cove.runtime.vm_vtpm import Vtpm
+from cove.runtime.vm_vtpm import AK_HANDLE, Vtpm
 from tests.conftest import require
 
 LAUNCH = hashlib.sha256(b"a launch description").digest()
@@ -47,6 +47,29 @@ def pcr_reset(pcr: int) -> bytes:
     auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)
     body = struct.pack(">I", pcr) + struct.pack(">I", len(auth)) + auth
     return struct.pack(">HII", 0x8002, 10 + len(body), 0x13D) + body
+
+
+PASSWORD = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPMS_AUTH_COMMAND: TPM_RS_PW, no nonce, empty password
+OWNER, LOCKOUT, ENDORSEMENT, PLATFORM, NULL = 0x40000001, 0x4000000A, 0x4000000B, 0x4000000C, 0x40000007
+
+
+def command(code: int, handles: list[int], params: bytes = b"", auth: bool = True) -> bytes:
+    """A TPM 2.0 command: handle area, one empty password session if ``auth``, then ``params``."""
+    body = b"".join(struct.pack(">I", h) for h in handles)
+    body += struct.pack(">I", len(PASSWORD)) + PASSWORD if auth else b""
+    return struct.pack(">HII", 0x8002 if auth else 0x8001, 10 + len(body) + len(params), code) + body + params
+
+
+def quote(handle: int, qualifying: bytes) -> bytes:
+    """TPM2_Quote of the launch PCR (sha256) with ``handle``, scheme NULL: what the R3 probe sent."""
+    select = bytearray(3)
+    select[ev.LAUNCH_PCR // 8] |= 1 << (ev.LAUNCH_PCR % 8)
+    params = struct.pack(">H", len(qualifying)) + qualifying + struct.pack(">HIHB", 0x0010, 1, 0x000B, 3) + select
+    return command(0x158, [handle], params)
+
+
+def rc(answer: bytes) -> int:
+    return int(struct.unpack(">I", answer[6:10])[0])
 
 
 def read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -81,6 +104,8 @@ def device(tmp_path):
         socket.send_fds(ctrl, [struct.pack(">I", vm_tpmdev.CMD_SET_DATAFD)], [ours.fileno()])
         ours.close()
         assert read_exactly(ctrl, 4) == bytes(4)
+        qemu.settimeout(10)  # a relay that waits for bytes QEMU never sends fails the test, never hangs it
+        ctrl.settimeout(10)
         yield vtpm, device, ctrl, qemu
         device.close()
         qemu.close()
@@ -117,12 +142,98 @@ def test_qemu_start_leaves_the_launch_pcr_and_commands_are_relayed(device):
     assert tpm.commands == 3
 
 
-@pytest.mark.parametrize("size", [9, 4097, 0xFFFFFFFF])
-def test_a_malformed_command_gets_a_failure_and_the_device_goes_on(device, size):
+# what QEMU's tpm-tis sends for a header size: the guest's bytes stop at the size once 6 are in, and at 4096
+@pytest.mark.parametrize(
+    ("size", "sent"), [(0, 6), (6, 6), (9, 9), (4097, 4096), (0xFFFFFFFF, 4096), (0xFFFFFFFF, 100)]
+)
+def test_a_malformed_command_gets_a_failure_and_the_device_goes_on(device, size, sent):
     _, tpm, _, data = device
-    data.sendall(struct.pack(">HII", 0x8001, size, 0x17E))
+    data.sendall((struct.pack(">HII", 0x8001, size, 0x17E) + pcr_read(ev.LAUNCH_PCR) * 400)[:sent])
     assert response(data) == vm_tpmdev.FAILURE
-    assert tpm.commands == 0  # never reached the swtpm
+    assert tpm.commands == 0  # never reached the swtpm, and no rest of it was taken for a command
+    data.sendall(pcr_read(ev.LAUNCH_PCR))
+    assert response(data)[-32:] == ev.launch_pcr_value(LAUNCH)
+    data.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # one answer per command QEMU sent
+        data.recv(1)
+
+
+def test_the_guest_cannot_quote_with_the_launchers_ak(device):
+    """R3 H1: the AK's quote over another VM's report (to splice with this VM's statement) is refused."""
+    vtpm, tpm, _, data = device
+    other_report = b"another VM's report"
+    data.sendall(quote(AK_HANDLE, ev.vm_quote_qualifier(other_report)))
+    assert response(data) == struct.pack(">HII", 0x8001, 10, vm_tpmdev.TPM_RC_HANDLE + 0x100)
+    assert tpm.commands == 0
+    attest, _, _ = vtpm.quote(ev.vm_quote_qualifier(b"this VM's report"))  # the launcher's quotes go on
+    assert ev.vm_quote_qualifier(b"this VM's report") in attest
+
+
+# every place a command names the AK; ReadPublic too: the guest has no use for the launcher's key
+@pytest.mark.parametrize(
+    ("cmd", "code"),
+    [
+        (command(0x173, [AK_HANDLE], auth=False), 0x18B),  # ReadPublic
+        (command(0x148, [0x80000000, AK_HANDLE], bytes(6)), 0x28B),  # Certify signed by the AK
+        (command(0x120, [OWNER, AK_HANDLE], struct.pack(">I", AK_HANDLE)), 0x28B),  # EvictControl of the AK
+        (command(0x120, [OWNER, 0x80000000], struct.pack(">I", AK_HANDLE)), 0x1CB),  # ... or onto its handle
+        (command(0x176, [NULL, AK_HANDLE], bytes(8), auth=False), 0x28B),  # StartAuthSession bound to it
+        (command(0x150, [AK_HANDLE, 0x80000000], bytes(4)), 0x18B),  # ObjectChangeAuth
+        (command(0x1FF, [OWNER, 0x80000001, AK_HANDLE]), 0x38B),  # a code the relay does not know
+    ],
+    ids=["readpublic", "certify", "evict", "evict-onto", "session-bind", "changeauth", "unknown-code"],
+)
+def test_no_command_naming_the_launchers_ak_reaches_the_vtpm(device, cmd, code):
+    _, tpm, _, data = device
+    data.sendall(cmd)
+    assert rc(response(data)) == code and tpm.commands == 0
+
+
+def test_the_guest_cannot_clear_lock_or_reconfigure_the_vtpm(device):
+    """R3 L3: each would flush or lock out the AK, or change what the launcher's quotes say; all are refused."""
+    vtpm, tpm, _, data = device
+    refused = [
+        command(0x126, [LOCKOUT]),  # Clear: flushes the AK
+        command(0x127, [PLATFORM], b"\0"),  # ClearControl
+        command(0x121, [PLATFORM], struct.pack(">IB", ENDORSEMENT, 0)),  # HierarchyControl: the AK's hierarchy off
+        command(0x124, [PLATFORM]),  # ChangeEPS
+        command(0x125, [PLATFORM]),  # ChangePPS
+        command(0x12E, [ENDORSEMENT], struct.pack(">HH", 0, 0x000B)),  # SetPrimaryPolicy
+        command(0x139, [LOCKOUT]),  # DictionaryAttackLockReset
+        command(0x13A, [LOCKOUT], struct.pack(">III", 0, 1000, 1000)),  # DictionaryAttackParameters: maxTries 0
+        command(0x129, [LOCKOUT], struct.pack(">H", 4) + b"1234"),  # HierarchyChangeAuth
+        command(0x129, [OWNER], struct.pack(">H", 4) + b"1234"),
+        command(0x12B, [PLATFORM], struct.pack(">I", 0)),  # PCR_Allocate
+        command(0x12C, [PLATFORM], bytes(8)),  # PCR_SetAuthPolicy
+        command(0x183, [ev.LAUNCH_PCR], struct.pack(">H", 4) + b"1234"),  # PCR_SetAuthValue
+        command(0x128, [OWNER], struct.pack(">Q", 1 << 40)),  # ClockSet
+        command(0x144, [], struct.pack(">H", 0), auth=False),  # Startup(CLEAR)
+        command(0x145, [], struct.pack(">H", 1), auth=False),  # Shutdown(STATE)
+    ]
+    for cmd in refused:
+        data.sendall(cmd)
+        assert response(data) == struct.pack(">HII", 0x8001, 10, vm_tpmdev.TPM_RC_COMMAND_CODE), cmd.hex()
+    assert tpm.commands == 0
+    vtpm.quote(b"q" * 32)  # the AK is still there and usable
+
+
+@pytest.mark.parametrize("command", [vm_tpmdev.CMD_SET_DATAFD, vm_tpmdev.CMD_GET_CAPABILITY])
+def test_a_descriptor_that_is_no_socket_is_closed_and_the_control_thread_lives(device, command):
+    """R3 L2: a pipe sent with a control command is closed (the other end sees EPIPE), never wrapped."""
+    _, tpm, ctrl, data = device
+    read_end, write_end = os.pipe()
+    try:
+        socket.send_fds(ctrl, [struct.pack(">I", command)], [read_end])
+        os.close(read_end)
+        ctrl.settimeout(10)
+        if command == vm_tpmdev.CMD_SET_DATAFD:  # a second data channel: the control channel ends
+            assert ctrl.recv(64) == b""
+        else:
+            assert read_exactly(ctrl, 8) == struct.pack(">Q", vm_tpmdev.CAPABILITIES)
+        with pytest.raises(BrokenPipeError):
+            os.write(write_end, b"x")
+    finally:
+        os.close(write_end)
     data.sendall(pcr_read(ev.LAUNCH_PCR))
     assert response(data)[-32:] == ev.launch_pcr_value(LAUNCH)
 
