@@ -18,6 +18,7 @@ import pytest
 
 from cove import config as cove_config
 from cove.attest import evidence as ev
+from cove.attest.tpm_structs import parse_public
 from cove.errors import CoveError
 from cove.image import vmimage
 from cove.runtime import vm, vm_tpmdev
@@ -53,10 +54,11 @@ PASSWORD = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPMS_AUTH_COMMAND: TPM_R
 OWNER, LOCKOUT, ENDORSEMENT, PLATFORM, NULL = 0x40000001, 0x4000000A, 0x4000000B, 0x4000000C, 0x40000007
 
 
-def command(code: int, handles: list[int], params: bytes = b"", auth: bool = True) -> bytes:
-    """A TPM 2.0 command: handle area, one empty password session if ``auth``, then ``params``."""
+def command(code: int, handles: list[int], params: bytes = b"", auth: bool = True, password: bytes = b"") -> bytes:
+    """A TPM 2.0 command: handle area, one password session if ``auth``, then ``params``."""
     body = b"".join(struct.pack(">I", h) for h in handles)
-    body += struct.pack(">I", len(PASSWORD)) + PASSWORD if auth else b""
+    session = PASSWORD[:-2] + struct.pack(">H", len(password)) + password
+    body += struct.pack(">I", len(session)) + session if auth else b""
     return struct.pack(">HII", 0x8002 if auth else 0x8001, 10 + len(body) + len(params), code) + body + params
 
 
@@ -215,6 +217,26 @@ def test_the_guest_cannot_clear_lock_or_reconfigure_the_vtpm(device):
         assert response(data) == struct.pack(">HII", 0x8001, 10, vm_tpmdev.TPM_RC_COMMAND_CODE), cmd.hex()
     assert tpm.commands == 0
     vtpm.quote(b"q" * 32)  # the AK is still there and usable
+
+
+def test_a_lockout_the_guest_triggers_with_its_own_key_leaves_the_ak(device):
+    """R3 L3: wrong passwords for the guest's own key lock the vTPM's DA-protected objects out; the AK has noDA."""
+    vtpm, tpm, _, data = device
+    folder = vtpm.folder / "guest"
+    folder.mkdir()
+    # the guest's own key with a password (tpm2-tools here; the relay passes CreatePrimary and EvictControl alike)
+    vtpm.tpm.run("tpm2_createprimary", "-C", "o", "-c", str(folder / "key.ctx"), "-p", "secret")
+    vtpm.tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(folder / "key.ctx"), "0x81000020")
+    vtpm.tpm.flush()
+    answers: list[int] = []
+    while 0x921 not in answers and len(answers) < 10:  # swtpm's maxTries is 3
+        data.sendall(command(0x153, [0x81000020], password=b"wrong"))  # TPM2_Create under it
+        answers.append(rc(response(data)))
+    # TPM_RC_AUTH_FAIL (session 1) or TPM_RC_RETRY (the failure count is being written), then TPM_RC_LOCKOUT
+    assert 0x98E in answers and answers[-1] == 0x921 and set(answers) <= {0x98E, 0x922, 0x921}, answers
+    attest, _, _ = vtpm.quote(b"q" * 32)  # the launcher's quote still works
+    assert b"q" * 32 in attest
+    assert vtpm.statement is not None and parse_public(vtpm.statement.ak).object_attributes & 0x400  # noDA
 
 
 @pytest.mark.parametrize("command", [vm_tpmdev.CMD_SET_DATAFD, vm_tpmdev.CMD_GET_CAPABILITY])

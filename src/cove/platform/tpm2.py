@@ -102,13 +102,34 @@ class Tpm:
             self.flush()
             return (t / "ak.pub").read_bytes()
 
-    def create_ak_in(self, ek_ctx: Path, folder: Path) -> None:
-        """An ECDSA P-256 signing AK under the EK in ``ek_ctx``: ak.ctx, ak.pub, ak.name, ak.priv in ``folder``."""
-        self.run(
-            "tpm2_createak",
-            *("-C", str(ek_ctx), "-c", str(folder / "ak.ctx"), "-G", "ecc", "-g", "sha256", "-s", "ecdsa"),
-            *("-u", str(folder / "ak.pub"), "-n", str(folder / "ak.name"), "-r", str(folder / "ak.priv")),
-        )
+    def create_ak_in(self, ek_ctx: Path, folder: Path, *, no_da: bool = False) -> None:
+        """An ECDSA P-256 signing AK under the EK in ``ek_ctx``: ak.ctx, ak.pub, ak.name, ak.priv in ``folder``.
+
+        ``no_da`` sets noDA: a dictionary-attack lockout that another user of the TPM triggers with its
+        own keys then never stops the AK's quotes (the vm backend's vTPM, which its guest shares).
+        tpm2_createak sets no attributes, so that AK is TPM2_Create and TPM2_Load under the EK, each
+        authorized by the EK's policy (PolicySecret of the endorsement hierarchy); same template otherwise."""
+        if not no_da:
+            self.run(
+                "tpm2_createak",
+                *("-C", str(ek_ctx), "-c", str(folder / "ak.ctx"), "-G", "ecc", "-g", "sha256", "-s", "ecdsa"),
+                *("-u", str(folder / "ak.pub"), "-n", str(folder / "ak.name"), "-r", str(folder / "ak.priv")),
+            )
+            return
+        attributes = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
+        keys = ("-u", str(folder / "ak.pub"), "-r", str(folder / "ak.priv"))
+        for tool, *args in (
+            ("tpm2_create", "-G", "ecc256:ecdsa-sha256:null", "-g", "sha256", "-a", attributes, *keys),
+            ("tpm2_load", *keys, "-c", str(folder / "ak.ctx"), "-n", str(folder / "ak.name")),
+        ):
+            session = folder / "session.ctx"
+            self.flush()  # the EK's context file is loaded again for each: room for it and the AK
+            self.run("tpm2_startauthsession", "--policy-session", "-S", str(session))
+            try:
+                self.run("tpm2_policysecret", "-S", str(session), "-c", "e")
+                self.run(tool, "-C", str(ek_ctx), "-P", f"session:{session}", *args)
+            finally:
+                self.run("tpm2_flushcontext", str(session))
 
     def evict(self, handle: int) -> None:
         """Remove a persistent object if there is one."""

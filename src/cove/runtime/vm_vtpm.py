@@ -123,11 +123,11 @@ class Vtpm:
         return vtpm
 
     def provision(self, launch: bytes) -> ev.VtpmStatement:
-        """Make an ECC EK and an AK under it, extend the launch PCR once; what the platform key certifies."""
+        """Make an ECC EK and an AK (noDA) under it, extend the launch PCR once; what the platform key certifies."""
         with self._lock, tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             t = Path(tmp)  # a fresh TPM: nothing to flush before the first command
             self.tpm.run("tpm2_createek", "-c", str(t / "ek.ctx"), "-G", "ecc", "-u", str(t / "ek.pub"))
-            self.tpm.create_ak_in(t / "ek.ctx", t)
+            self.tpm.create_ak_in(t / "ek.ctx", t, no_da=True)  # the guest's lockouts never stop its quotes
             self.tpm.flush()
             self.tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(t / "ak.ctx"), f"0x{AK_HANDLE:08x}")
             self.tpm.extend(ev.LAUNCH_PCR, launch)
