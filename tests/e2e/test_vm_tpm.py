@@ -31,7 +31,8 @@ TPM_PROBE = r"""
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
-/* tpm_probe read DEVICE: PCR 4 (sha256) in hex; tpm_probe extend DEVICE: extend PCR 4 with 32 bytes 0x11 */
+/* tpm_probe read DEVICE: PCR 4 (sha256) in hex; tpm_probe extend DEVICE: extend PCR 4 with 32 bytes 0x11;
+   tpm_probe quote DEVICE: quote PCR 4 with the launcher's AK, print the response code */
 static int transact(const char *device, const unsigned char *cmd, size_t len, unsigned char *out, size_t size) {
     int fd = open(device, O_RDWR);
     if (fd < 0) { perror(device); return -1; }
@@ -55,6 +56,18 @@ int main(int argc, char **argv) {
         memset(cmd + 33, 0x11, 32);
         int n = transact(argv[2], cmd, sizeof cmd, out, sizeof out);
         if (n < 10) { fprintf(stderr, "extend: %d bytes\n", n); return 1; }
+        printf("rc %02x%02x%02x%02x\n", out[6], out[7], out[8], out[9]);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "quote") == 0) {
+        /* TPM2_Quote of PCR 4 with the launcher's AK (0x81000010), an empty password, 32 bytes 0x22 */
+        unsigned char cmd[73] = {0x80, 0x02, 0, 0, 0, 73, 0, 0, 0x01, 0x58, 0x81, 0, 0, 0x10, 0, 0, 0, 9,
+                                 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 0x20};
+        static const unsigned char tail[] = {0, 0x10, 0, 0, 0, 1, 0, 0x0b, 3, 0x10, 0, 0};
+        memset(cmd + 29, 0x22, 32);
+        memcpy(cmd + 61, tail, sizeof tail);
+        int n = transact(argv[2], cmd, sizeof cmd, out, sizeof out);
+        if (n < 10) { fprintf(stderr, "quote: %d bytes\n", n); return 1; }
         printf("rc %02x%02x%02x%02x\n", out[6], out[7], out[8], out[9]);
         return 0;
     }
@@ -94,7 +107,7 @@ def test_the_guest_has_the_vtpm_holding_the_launch_measurement(cove, tpm_instanc
         "-c",
         "ls -ln /dev/tpm0 /dev/tpmrm0; /bin/tpm_probe read /dev/tpmrm0; "
         f"/bin/attest_probe quote {data.hex()}; /bin/tpm_probe extend /dev/tpm0; /bin/tpm_probe read /dev/tpm0; "
-        f"/bin/attest_probe quote {later.hex()}",
+        f"/bin/attest_probe quote {later.hex()}; /bin/tpm_probe quote /dev/tpm0; /bin/tpm_probe quote /dev/tpmrm0",
         cwd=tpm_instance,
         env=env,
     )
@@ -120,6 +133,8 @@ def test_the_guest_has_the_vtpm_holding_the_launch_measurement(cove, tpm_instanc
     policy.write_text('[cove]\nself_certified = true\nbackends = ["vm"]\n')
     refused = cove("verify", evidence, "--report-data", later.hex(), "--policy", policy)
     assert refused.returncode == 5 and "does not hold the certified launch measurement" in error_line(refused)
+    # the launcher's AK is not the guest's (R3 H1): a quote with it is refused, TPM_RC_HANDLE for handle 1
+    assert lines[7:] == ["rc 0000018b", "rc 0000018b"], run.stdout
 
 
 def test_kill_9_of_qemu_leaves_no_swtpm(cove, tpm_instance, tmp_path):
