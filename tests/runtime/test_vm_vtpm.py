@@ -126,6 +126,19 @@ def test_vtpm_quote_moved_to_another_report_refused(signer: ReportSigner, vtpm: 
         verify_cove_evidence(cbor2.dumps(second, canonical=True), now())
 
 
+def test_a_vtpm_statement_goes_only_with_its_runs_reports(signer: ReportSigner, vtpm: Vtpm) -> None:
+    """R3 H1's splice: another run's report, this run's certified statement, and a quote by this
+    vTPM's AK over that report (what a guest holding the AK could make) is refused by the run binding."""
+    other = EnclaveClaims(b"\x01" * 32, b"\x02" * 32, 0, 0, False, "vm", "vm (tcg, emulated)", "instance-x")
+    spliced = cbor2.loads(signer.evidence(other, b"\x06" * 64))
+    ours = cbor2.loads(vm_evidence(signer, vtpm))
+    attest, signature, _ = vtpm.quote(ev.vm_quote_qualifier(spliced["report"]))
+    spliced["vtpm"] = dict(ours["vtpm"], attest=attest, signature=signature)
+    with pytest.raises(VerificationError, match="certified for another run"):
+        verify_cove_evidence(cbor2.dumps(spliced, canonical=True), now())
+    assert cbor2.loads(ours["vtpm"]["statement"])["instance_id"] == "instance-1"
+
+
 def test_sim_report_with_a_vtpm_quote_refused(signer: ReportSigner, vtpm: Vtpm) -> None:
     with pytest.raises(VerificationError, match="a sim report carries a vTPM quote"):
         verify_cove_evidence(vm_evidence(signer, vtpm, backend="sim"), now())

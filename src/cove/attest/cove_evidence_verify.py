@@ -135,6 +135,11 @@ def verify_vtpm(e: ev.Evidence) -> tuple[TpmQuoteClaims, bytes, bytes]:
         raise VerificationError("cove: a vm report without its vTPM quote", "the evidence was truncated or altered")
     key = load_platform_key(e.endorsement.pak)
     verify_ecdsa(key, v.statement_signature, ev.VTPM_CONTEXT + v.statement_bytes, "sha256", "cove", "vTPM statement")
+    if v.statement.instance_id != e.report.instance_id:
+        raise VerificationError(
+            "cove: the vTPM statement was certified for another run than the report's",
+            "a vTPM quote goes only with the reports of the VM it belongs to",
+        )
     ak = parse_public(v.statement.ak)
     check_ak_attributes(ak, "cove")
     ek = parse_public(v.statement.ek)

@@ -37,7 +37,7 @@ LAUNCH_PCR = 4  # in a firmware boot it holds the boot loader; here the direct b
 
 _EVIDENCE_KEYS = ("format", "version", "report", "signature", "endorsement", "vtpm")
 _VTPM_KEYS = ("statement", "statement_signature", "attest", "signature", "pcrs")
-_STATEMENT_KEYS = ("ek", "ak", "pcr", "launch")
+_STATEMENT_KEYS = ("ek", "ak", "pcr", "launch", "instance_id")
 _REPORT_KEYS = (
     "version",
     "measurement",
@@ -117,6 +117,9 @@ class VtpmStatement:
     ak: bytes  # TPM2B_PUBLIC of the attestation key made under it
     pcr: int  # the PCR that holds the launch measurement
     launch: bytes  # the vm launch measurement extended into it (SHA-256)
+    # the run whose reports the vTPM quotes (the reports' instance_id): a quote by another VM's vTPM,
+    # certified for another run, never goes with this report. Empty until the launcher certifies it.
+    instance_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,14 @@ def launch_pcr_value(launch: bytes) -> bytes:
 
 def encode_vtpm_statement(statement: VtpmStatement) -> bytes:
     return cbor2.dumps(
-        {"ek": statement.ek, "ak": statement.ak, "pcr": statement.pcr, "launch": statement.launch}, canonical=True
+        {
+            "ek": statement.ek,
+            "ak": statement.ak,
+            "pcr": statement.pcr,
+            "launch": statement.launch,
+            "instance_id": statement.instance_id,
+        },
+        canonical=True,
     )
 
 
@@ -355,6 +365,7 @@ def _parse_vtpm(t: decode.Fields) -> VtpmQuote:
         ak=s.bytes("ak", max_size=1024),
         pcr=s.uint("pcr", 23),
         launch=s.bytes("launch", 32),
+        instance_id=s.text("instance_id", max_len=64),
     )
     return VtpmQuote(
         statement=statement,

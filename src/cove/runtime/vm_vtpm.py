@@ -17,6 +17,7 @@ never on a network port, and dies with the launcher (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -168,8 +169,7 @@ class Vtpm:
     def quoter(self, signer: ReportSigner) -> VtpmQuoter:
         if self.statement is None:
             raise CoveError("the vm's vTPM was not provisioned")
-        statement_bytes, signature = signer.certify_vtpm(self.statement)
-        return VtpmQuoter(self, self.statement, statement_bytes, signature)
+        return VtpmQuoter(self, self.statement, signer)
 
     def stop(self) -> None:
         """Stop the swtpm and remove its folder (state, socket, log)."""
@@ -180,20 +180,23 @@ class Vtpm:
 
 
 class VtpmQuoter:
-    """Turns a report's bytes into the vTPM quote bound to it (ReportSigner.evidence's ``vtpm``)."""
+    """Turns a report's bytes into the vTPM quote bound to it (ReportSigner.evidence's ``vtpm``), with the
+    statement certified for the report's run (its instance_id): the launcher learns the run's id only
+    from the reports it makes, and signing it costs far less than the quote."""
 
-    def __init__(self, vtpm: Vtpm, statement: ev.VtpmStatement, statement_bytes: bytes, signature: bytes) -> None:
+    def __init__(self, vtpm: Vtpm, statement: ev.VtpmStatement, signer: ReportSigner) -> None:
         self.vtpm = vtpm
         self.statement = statement
-        self.statement_bytes = statement_bytes
-        self.signature = signature
+        self.signer = signer
 
     def __call__(self, report_bytes: bytes) -> ev.VtpmQuote:
+        statement = dataclasses.replace(self.statement, instance_id=ev.parse_report(report_bytes).instance_id)
+        statement_bytes, statement_signature = self.signer.certify_vtpm(statement)
         attest, signature, pcrs = self.vtpm.quote(ev.vm_quote_qualifier(report_bytes))
         return ev.VtpmQuote(
-            statement=self.statement,
-            statement_bytes=self.statement_bytes,
-            statement_signature=self.signature,
+            statement=statement,
+            statement_bytes=statement_bytes,
+            statement_signature=statement_signature,
             attest=attest,
             signature=signature,
             pcrs=pcrs,
