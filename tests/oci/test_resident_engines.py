@@ -48,7 +48,10 @@ def machine_helper(monkeypatch, bundle, tmp_path):
         if through:
             return
         time.sleep(0.1)
-    raise AssertionError("the machine's resident helper does not serve")
+    raise AssertionError(
+        "the machine's resident helper does not serve this checkout (one of another checkout declines every create:"
+        " stop it, e.g. `pkill -f 'cove.oci.resident serve'`, and run again)"
+    )
 
 
 def _is_stub(pid: int) -> bool:
