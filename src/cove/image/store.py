@@ -41,9 +41,9 @@ from collections.abc import Callable, Iterator
 from cove import hostids
 from cove.decode import Fields, decode_json
 from cove.errors import CoveError, IntegrityError, NotFoundError, file_system_error
-from cove.image import artifacts, encryption, vmimage
+from cove.image import artifacts, encryption, tree, vmimage
 from cove.image.artifacts import VerifiedBuild
-from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
+from cove.image.tree import DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
 BUILD_FILES = (artifacts.MANIFEST, artifacts.SIGNATURE, artifacts.TREE)
 META_KEYS = ("name", "measurement", "signer", "files", "bytes", "imported")  # image.json (docs/node.md)
@@ -226,7 +226,7 @@ class ImageStore:
                 }
                 _write_durably(work / "image.json", json.dumps(meta).encode())
                 os.rename(work, self.images / ident)
-                _sync_folder(self.images)  # the import, once answered, survives a machine crash
+                _fsync_path(self.images, os.O_DIRECTORY)  # the import, once answered, survives a machine crash
                 return self._load(self.images / ident), True
             finally:
                 for fd in opened:
@@ -435,9 +435,9 @@ def _copy_hashed(source: int, out: int) -> tuple[bytes, int]:
     except OSError as exc:
         if exc.errno not in NO_KERNEL_COPY:
             raise
-        return _read_hash_write(source, out)
+        return tree.copy_hashing(source, out)
     if first == 0 and os.fstat(source).st_size > 0:  # a file system that copies nothing without saying so
-        return _read_hash_write(source, out)
+        return tree.copy_hashing(source, out)
     digest = hashlib.sha256()
     size = first
     copied = os.copy_file_range(source, out, COPY_STEP, size, size) if first else 0
@@ -480,19 +480,6 @@ def _hash_range(update: Callable[[memoryview], None], fd: int, offset: int, leng
             update(part)
 
 
-def _read_hash_write(source: int, out: int) -> tuple[bytes, int]:
-    """The copy through Python: each chunk hashed from the buffer that is then written."""
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := os.read(source, CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(out, view) :]
-    return digest.digest(), size
-
-
 def _write_durably(path: Path, data: bytes) -> None:
     """Write and fsync a new file: its content is on the disk before the rename that publishes its folder
     (ext4 journals the rename and the tree's links in order, but not a fresh file's delayed data)."""
@@ -506,16 +493,9 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_path(path: Path, kind: int = os.O_NOFOLLOW) -> None:
+    """fsync a file (never through a link) or, with kind=os.O_DIRECTORY, a folder."""
+    fd = os.open(path, os.O_RDONLY | kind | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -102,6 +102,19 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     yield from visit(root, "")
 
 
+def copy_hashing(source: int, out: int) -> tuple[bytes, int]:
+    """Copy descriptor source to out through Python: SHA-256 and size of exactly the bytes written."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(source, CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+    return digest.digest(), size
+
+
 def hash_file(path: Path, sink: Callable[[bytes], object] | None = None) -> tuple[bytes, int]:
     """SHA-256 and size of a file read once through O_NOFOLLOW; sink gets every chunk."""
     digest = hashlib.sha256()

@@ -13,7 +13,6 @@ The enclave runs from that copy, never from the bundle.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import stat
@@ -21,10 +20,10 @@ from pathlib import Path
 
 from cove import hostids
 from cove.errors import IntegrityError
-from cove.image import artifacts, encryption
+from cove.image import artifacts, encryption, tree
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
-from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry
+from cove.image.tree import DIRECTORY, FILE, SYMLINK, Entry
 from cove.oci import COVE_DIR
 
 SMALL = 1 << 24  # the signed build's files are small; a bigger one is refused, not read
@@ -146,14 +145,8 @@ def _copy_file(root_fd: int, entry: Entry, target: Path, owner: tuple[int, int] 
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IntegrityError(f"image changed since the build: {entry.path} changed type")
-        digest, size = hashlib.sha256(), 0
-        while chunk := os.read(fd, CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view) :]
-        if size != entry.size or not hmac.compare_digest(digest.digest(), entry.digest):
+        digest, size = tree.copy_hashing(fd, out)
+        if size != entry.size or not hmac.compare_digest(digest, entry.digest):
             raise IntegrityError(
                 f"image changed since the build: {entry.path} was modified (content differs)",
                 "pull or load the image again; never edit a container's root file system",
