@@ -297,6 +297,19 @@ def _wait_for(what, timeout: float = 60):
     raise AssertionError("timed out")
 
 
+def test_the_callers_umask_is_the_programs_as_on_sim(cove, vm_instance):
+    result = subprocess.run(
+        cove.popen_args("run", "/bin/sh", "-c", "umask; echo x > /tmp/f; ls -l /tmp/f"),
+        cwd=vm_instance,
+        env=cove.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0o027),
+    )
+    assert result.returncode == 0 and result.stdout.startswith("0027\n-rw-r----- "), result.stdout + result.stderr
+
+
 def test_a_signal_during_the_boot_is_held_until_the_program_runs(cove, vm_instance):
     """SIGTERM while the guest boots: neither dropped (the program would run to its end) nor sent ahead
     of the launch request (the guest init would read it as the request's length and fail)."""

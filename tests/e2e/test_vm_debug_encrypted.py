@@ -284,3 +284,25 @@ def test_the_guest_root_and_terminal_items_are_strict(tmp_path):
     for bad in ("M", "M24", "M24:", "M:80", "M65536:1", "M000001:1", "M24:80x", "M-1:80", "M 24:80", "M24:80:1"):
         assert parse(bad) == (1, "", "cove-init: malformed terminal item\n"), bad
     assert parse("M24:80", "M24:80")[2] == "cove-init: malformed terminal item\n"
+
+
+def test_the_guest_umask_item_is_strict(tmp_path):
+    """The init's B item (the caller's umask): one, 1 to 4 octal digits, at most 0777; without it, 022."""
+    require("gcc")
+    source = ROOT_ITEM_TEST.replace("INIT", str(vmimage.INIT_SOURCE)).replace(
+        'printf("%s %d %u %u\\n", r.root ? r.root : "(initramfs)", r.tty, r.rows, r.cols);',
+        'printf("%d %03o\\n", r.umask_set, (unsigned)r.umask);',
+    )
+    assert "r.umask_set" in source
+    (tmp_path / "t.c").write_text(source)
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
+
+    def parse(*items: str) -> tuple[int, str, str]:
+        done = subprocess.run([str(tmp_path / "t"), "A/bin/x", *items], capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+
+    assert parse() == (0, "0 000\n", "")
+    assert parse("B27") == (0, "1 027\n", "")
+    assert parse("B0777") == (0, "1 777\n", "")
+    for bad in (("B",), ("B8",), ("B1000",), ("B00000",), ("B27x",), ("B-1",), ("B 27",), ("B27", "B22")):
+        assert parse(*bad) == (1, "", "cove-init: malformed umask item\n"), bad

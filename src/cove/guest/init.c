@@ -216,7 +216,19 @@ struct request {
     int probe;
     int tty;                   /* M item: the program's own terminal (--debug-enclave at the user's) */
     unsigned short rows, cols; /* its first size */
+    int umask_set;             /* B item: the caller's umask, for the program and its execs (else the init's 022) */
+    mode_t umask;
 };
+
+/* "B" item: 1 to 4 octal digits, at most 0777. */
+static int octal_mask(const char *text, mode_t *mask) {
+    unsigned value = 0;
+    int digits = 0;
+    for (; *text >= '0' && *text <= '7'; text++, digits++) value = value * 8 + (unsigned)(*text - '0');
+    if (digits < 1 || digits > 4 || *text || value > 0777) return 0;
+    *mask = (mode_t)value;
+    return 1;
+}
 
 /* "ROWS:COLS", each 1 to 5 ASCII digits and at most 65535: a terminal's size from the host. */
 static int window_size(const char *text, unsigned short *rows, unsigned short *cols) {
@@ -262,6 +274,7 @@ static void parse(char *body, size_t len, struct request *r) {
         case 'K': sealing_parse(value); break;
         case 'O': if (!value[0] || r->root) die("malformed root item"); r->root = value; break;
         case 'M': if (r->tty || !window_size(value, &r->rows, &r->cols)) die("malformed terminal item"); r->tty = 1; break;
+        case 'B': if (r->umask_set || !octal_mask(value, &r->umask)) die("malformed umask item"); r->umask_set = 1; break;
         default: die("unknown request item %c", kind ? kind : '0');
         }
     }
@@ -581,6 +594,7 @@ static int namespace_init(struct request *r, int in, int out, int err) {
         if (setgroups(0, NULL) != 0 || setgid(r->gid) != 0 || setuid(r->uid) != 0) die("cannot set ids");
         if (chdir(r->cwd) != 0) die("cannot enter %s: %s", r->cwd, strerror(errno));
         drop_capabilities();
+        if (r->umask_set) umask(r->umask);
         for (int sig = 1; sig < 32; sig++) signal(sig, SIG_DFL);
         dprintf(ctl, "R\n");
         r->argv[r->argc] = NULL;
@@ -882,6 +896,7 @@ static void exec_start(struct request *r, pid_t ns_init, unsigned long id, const
             if (setgroups(0, NULL) != 0 || setgid(r->gid) != 0 || setuid(r->uid) != 0) _exit(125);
             if (chdir(r->cwd) != 0) { dprintf(2, "cove-init: cannot enter %s: %s\n", r->cwd, strerror(errno)); _exit(125); }
             drop_capabilities();
+            if (r->umask_set) umask(r->umask);
             for (int sig = 1; sig < 32; sig++) signal(sig, SIG_DFL);
             r->envp[r->envc] = NULL;
             execve(argv[0], argv, r->envp);

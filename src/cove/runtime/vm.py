@@ -221,6 +221,8 @@ def encode_request(
     items += [f"K{keys.hex()}"] if keys else []
     items += [f"O{root_tag}"] if root_tag else []
     items += [f"M{terminal[0]}:{terminal[1]}"] if terminal else []
+    mask = caller_umask()
+    items += [f"B{mask:o}"] if mask != 0o022 else []  # 022 is the init's own: older builds' inits know no B
     body = b"".join(item.encode() + b"\0" for item in items)
     for item in items:
         if "\0" in item:
@@ -228,6 +230,19 @@ def encode_request(
     if len(body) > 1 << 20:
         raise CoveError("the program's arguments and environment exceed 1 MiB")
     return struct.pack("<I", len(body)) + body
+
+
+def caller_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for a moment, in every thread:
+    the launcher's threads set 0177 around the sockets they make)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def shared_tags(config) -> dict[str, str]:
