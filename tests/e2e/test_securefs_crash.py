@@ -199,7 +199,12 @@ def test_kill_9_of_the_launcher_and_the_server_together_leaves_no_mount(enclave,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def volume_mounts() -> list[str]:  # the secure file system's own (securefs-N), not /dev/attestation's
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        return [line for line in lines if str(runtime) in line and "/securefs-" in line]
+
     deadline = time.monotonic() + 30
-    while str(runtime) in Path("/proc/self/mountinfo").read_text():
-        assert time.monotonic() < deadline, "a dead FUSE mount stayed in the runtime folder"
+    while left := volume_mounts():
+        assert time.monotonic() < deadline, f"a dead FUSE mount stayed in the runtime folder: {left}"
         time.sleep(0.1)
