@@ -58,3 +58,110 @@ def entry_point_allows(program: str, entry_points: Iterable[str]) -> bool:
     if not program.startswith("/") or posixpath.normpath(program) != program:
         return False
     return any(program.startswith(p) if p.endswith("/") else program == p for p in entry_points)
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """The ``major:minor`` of what is mounted at ``mountpoint`` (the topmost mount), or None; read from
+    /proc/self/mountinfo, because a stat of a FUSE mount waits for its server, which may be this process."""
+    with open("/proc/self/mountinfo", "rb") as table:
+        return _device_in(table.read(), _mount_path(mountpoint))
+
+
+def _mount_path(mountpoint: str) -> str:
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def _device_in(table: bytes, target: str) -> str | None:
+    found = None
+    for line in table.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
+            found = fields[2].decode()
+    return found
+
+
+def _unescape_mount_path(field: bytes) -> str:
+    r"""A mountinfo path: space, tab, newline and backslash are written as \ooo octal escapes."""
+    if b"\\" not in field:
+        return os.fsdecode(field)
+    import re
+
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def detach_after_exit(mountpoint: str) -> int:
+    """Leave a watcher that lazily detaches this process's FUSE mount at ``mountpoint`` once this process
+    has wholly exited, however it ended (kill -9 included), if that mount is still there; its pid.
+
+    A dead FUSE server's mount stays (every access fails ENOTCONN) until someone detaches it. fusermount3's
+    ``auto_unmount`` is not enough: it wakes when the server's socket to it closes and opens the mount to see
+    ENOTCONN, and when that open is sent before the kernel has aborted the connection it fails ECONNABORTED
+    instead, so the helper leaves the mount in place (seen under load). The watcher waits on a pidfd, which
+    is readable only after every descriptor of this process is released, so the connection has gone; then,
+    if the same mount (its device number) is still at the path, it detaches it. It follows the mount table
+    meanwhile and leaves as soon as the mount goes another way (a clean stop), so a device number the kernel
+    hands to a later mount is never taken for this one. It has its own session (a kill of the server's
+    process group spares it), ignores the usual stop signals, holds no descriptor but its two, and costs a
+    fork.
+    """
+    import select
+    import shutil
+    import signal
+
+    target = _mount_path(mountpoint)
+    device = mount_device(target)
+    if device is None:
+        raise OSError(f"nothing is mounted at {mountpoint}")
+    pidfd = os.pidfd_open(os.getpid())
+    table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    umount2 = None
+    fusermount = None
+    if os.geteuid() == 0:
+        import ctypes
+
+        umount2 = ctypes.CDLL(None, use_errno=True).umount2  # resolved before the fork: no loader in the child
+    else:
+        fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    pid = os.fork()
+    if pid:
+        os.close(pidfd)
+        os.close(table)
+        return pid
+    try:  # the child: nothing here may raise out into the parent's code
+        os.setsid()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        os.chdir("/")
+        keep = sorted((pidfd, table))
+        os.closerange(0, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 65536)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            if fd not in (null, pidfd, table):
+                os.dup2(null, fd)
+        watch = select.poll()
+        watch.register(pidfd, select.POLLIN)
+        watch.register(table, select.POLLPRI | select.POLLERR)
+        while True:
+            events = dict(watch.poll())
+            current = _device_in(_read_all(table), target)  # reading re-arms the table's event
+            if current != device:
+                break  # unmounted meanwhile (or replaced): nothing of ours is left to detach
+            if pidfd in events:
+                if umount2 is not None:
+                    umount2(os.fsencode(target), 2 | 8)  # MNT_DETACH | UMOUNT_NOFOLLOW
+                elif fusermount is not None:
+                    os.execv(fusermount, [fusermount, "-u", "-z", "-q", "--", target])
+                break
+    finally:
+        os._exit(0)
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
-from cove import hostids
+from cove import hostids, util
 from cove.errors import CoveError
 from cove.fs.errors import FileIntegrityError
 from cove.fs.index import Node
@@ -426,6 +426,8 @@ def serve(
     if read_only or not volume.writable:
         options.add("ro")
     pyfuse3.init(ops, mountpoint, options)
+    # and a watcher of our own for the case auto_unmount misses (cove.util.detach_after_exit)
+    util.detach_after_exit(mountpoint)
     terminated = False
 
     async def watch_signals() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import struct
 import sys
@@ -31,6 +30,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+from cove import util
 
 ROOT = 1  # FUSE_ROOT_ID
 REPORT_DATA_SIZE = 64
@@ -407,24 +408,9 @@ def _fusermount(mountpoint: str, options: str) -> int:
 
 
 def mounted(mountpoint: str) -> bool:
-    """Whether something is mounted at ``mountpoint`` (a mount whose server died included), read from
-    /proc/self/mountinfo: a stat of a FUSE mount waits for its server's answer, which may not come soon."""
-    parent, name = os.path.split(os.path.abspath(mountpoint))
-    target = os.path.join(os.path.realpath(parent), name)
-    with open("/proc/self/mountinfo", "rb") as table:
-        for line in table:
-            fields = line.split(b" ", 5)
-            if len(fields) > 4 and _unescape(fields[4]) == target:
-                return True
-    return False
-
-
-def _unescape(field: bytes) -> str:
-    r"""A mountinfo path: space, tab, newline and backslash are written as \ooo octal escapes."""
-    text = os.fsdecode(field)
-    if "\\" not in text:
-        return text
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+    """Whether something is mounted at ``mountpoint`` (a mount whose server died included), without a stat,
+    which would wait for a server that has not answered yet."""
+    return util.mount_device(mountpoint) is not None
 
 
 def unmount(mountpoint: str) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cove import hostids
+from cove import hostids, util
 from cove.decode import Fields, decode_json
 from cove.errors import CoveError
 from cove.platform import devattest
@@ -158,6 +158,9 @@ def main(argv: list[str]) -> int:
         return 1
     detach = True
     try:
+        # the mount goes when this process has gone, however it ends (kill -9 included), not only by the
+        # finally below
+        util.detach_after_exit(mountpoint)
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
         if loader is not None and loader.is_alive():
             # the key is still loading: the runtime goes on meanwhile, up to the sandbox's bind of the mount,

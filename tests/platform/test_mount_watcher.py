@@ -1,0 +1,135 @@
+"""cove.util.detach_after_exit: a FUSE server's mount goes when the server dies, however it dies.
+
+A process mounts an empty /dev/attestation file system (the real mount(2) as
+root, fusermount3 as an unprivileged user), leaves its watcher, and is killed
+with SIGKILL while nothing is serving the mount: the mount must go by itself.
+And a watcher must not detach a mount it was not left for: the same path,
+remounted by someone else after its own mount went, stays.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cove import util
+from tests.conftest import require
+
+MOUNTER = """
+import sys, time
+from cove import util
+from cove.platform import devattest
+fd = devattest.mount(sys.argv[1], allow_other=False)
+watcher = util.detach_after_exit(sys.argv[1])
+print(watcher, flush=True)
+if sys.stdin.readline().strip() == "unmount":  # leave cleanly, mount gone, watcher still waiting for us
+    devattest.unmount(sys.argv[1])
+    print("unmounted", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def runner(request) -> tuple[list[str], str, Path]:
+    """(command prefix, python, a folder the mounting user owns)."""
+    require("fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("no /dev/fuse: run scripts/setup (fuse3)")
+    base = Path(tempfile.mkdtemp(prefix="cove-watch-"))
+    base.chmod(0o755)
+    if request.param == "root":
+        if os.geteuid() != 0:
+            pytest.skip("root's path is tested when the suite runs as root")  # the unprivileged case still runs
+        return [], sys.executable, base
+    user = request.getfixturevalue("user_cove")
+    os.chown(base, user.uid, user.gid)
+    return user.prefix, str(Path(user.command).parent / "python"), base
+
+
+def _gone(mountpoint: Path, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while util.mount_device(str(mountpoint)) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _start(runner, mountpoint: Path) -> tuple[subprocess.Popen[str], int]:
+    prefix, python, _ = runner
+    process = subprocess.Popen(
+        [*prefix, python, "-c", MOUNTER, str(mountpoint)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    assert process.stdout is not None
+    watcher = int(process.stdout.readline())
+    assert util.mount_device(str(mountpoint)) is not None, "the mounter did not mount"
+    return process, watcher
+
+
+def _wait_gone(pid: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, f"the watcher {pid} did not end"
+        time.sleep(0.05)
+
+
+def test_a_killed_servers_mount_goes(runner):
+    mountpoint = runner[2] / "attestation"
+    mountpoint.mkdir()
+    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
+    process, watcher = _start(runner, mountpoint)
+    try:
+        assert Path(f"/proc/{watcher}").exists(), "no watcher was left"
+        deadline = time.monotonic() + 10  # the watcher's first step, after the fork returned to its server
+        while os.getsid(watcher) != watcher:
+            assert time.monotonic() < deadline, "the watcher shares a session with its server"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert _gone(mountpoint), "the dead server's mount stayed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        _no_mount_left(mountpoint)
+
+
+def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner):
+    mountpoint = runner[2] / "attestation"
+    mountpoint.mkdir()
+    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
+    first, first_watcher = _start(runner, mountpoint)
+    second = None
+    try:
+        assert first.stdin is not None and first.stdout is not None
+        first.stdin.write("unmount\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "unmounted"
+        second, _ = _start(runner, mountpoint)  # another server's mount at the same path
+        device = util.mount_device(str(mountpoint))
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        _wait_gone(first_watcher)
+        assert util.mount_device(str(mountpoint)) == device, "the first server's watcher detached another's mount"
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        _no_mount_left(mountpoint)
+
+
+def _no_mount_left(mountpoint: Path) -> None:
+    """Whatever is still mounted there goes (a failed test must not leave mounts behind)."""
+    assert _gone(mountpoint), f"a mount stayed at {mountpoint}"
