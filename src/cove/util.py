@@ -90,20 +90,39 @@ def _unescape_mount_path(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def detach_after_exit(mountpoint: str) -> int:
+class MountWatcher:
+    """What :func:`detach_after_exit` leaves: the watcher's pid, and the way to send it off."""
+
+    def __init__(self, pid: int, cancel: int):
+        self.pid = pid
+        self._cancel = cancel
+
+    def release(self) -> None:
+        """The mount went the ordinary way (unmounted, then this server's clean end): the watcher leaves now,
+        so a later mount at the same path that the kernel gives the same device number is never taken for
+        this one. Idempotent."""
+        if self._cancel >= 0:
+            try:
+                os.write(self._cancel, b"x")
+            except OSError:
+                pass  # the watcher has gone already
+            os.close(self._cancel)
+            self._cancel = -1
+
+
+def detach_after_exit(mountpoint: str) -> MountWatcher:
     """Leave a watcher that lazily detaches this process's FUSE mount at ``mountpoint`` once this process
-    has wholly exited, however it ended (kill -9 included), if that mount is still there; its pid.
+    has wholly exited, however it ended (kill -9 included), if that mount is still there.
 
     A dead FUSE server's mount stays (every access fails ENOTCONN) until someone detaches it. fusermount3's
     ``auto_unmount`` is not enough: it wakes when the server's socket to it closes and opens the mount to see
     ENOTCONN, and when that open is sent before the kernel has aborted the connection it fails ECONNABORTED
     instead, so the helper leaves the mount in place (seen under load). The watcher waits on a pidfd, which
     is readable only after every descriptor of this process is released, so the connection has gone; then,
-    if the same mount (its device number) is still at the path, it detaches it. It follows the mount table
-    meanwhile and leaves as soon as the mount goes another way (a clean stop), so a device number the kernel
-    hands to a later mount is never taken for this one. It has its own session (a kill of the server's
-    process group spares it), ignores the usual stop signals, holds no descriptor but its two, and costs a
-    fork.
+    if the same mount (its device number) is still at the path, it detaches it. A server that stops the
+    ordinary way calls :meth:`MountWatcher.release` after its unmount. The watcher has its own session (a
+    kill of the server's process group spares it), ignores the usual stop signals, holds nothing but the
+    pidfd and its end of a pipe, and costs a fork.
     """
     import select
     import shutil
@@ -114,7 +133,7 @@ def detach_after_exit(mountpoint: str) -> int:
     if device is None:
         raise OSError(f"nothing is mounted at {mountpoint}")
     pidfd = os.pidfd_open(os.getpid())
-    table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    listen, cancel = os.pipe2(os.O_CLOEXEC)
     umount2 = None
     fusermount = None
     if os.geteuid() == 0:
@@ -126,42 +145,36 @@ def detach_after_exit(mountpoint: str) -> int:
     pid = os.fork()
     if pid:
         os.close(pidfd)
-        os.close(table)
-        return pid
+        os.close(listen)
+        return MountWatcher(pid, cancel)
     try:  # the child: nothing here may raise out into the parent's code
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
         os.chdir("/")
-        keep = sorted((pidfd, table))
-        os.closerange(0, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 65536)
+        low, high = sorted((pidfd, listen))
+        os.closerange(0, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, max(os.sysconf("SC_OPEN_MAX"), high + 1))
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
-            if fd not in (null, pidfd, table):
+            if fd not in (null, pidfd, listen):
                 os.dup2(null, fd)
         watch = select.poll()
         watch.register(pidfd, select.POLLIN)
-        watch.register(table, select.POLLPRI | select.POLLERR)
+        watch.register(listen, select.POLLIN)
         while True:
             events = dict(watch.poll())
-            current = _device_in(_read_all(table), target)  # reading re-arms the table's event
-            if current != device:
-                break  # unmounted meanwhile (or replaced): nothing of ours is left to detach
-            if pidfd in events:
-                if umount2 is not None:
-                    umount2(os.fsencode(target), 2 | 8)  # MNT_DETACH | UMOUNT_NOFOLLOW
-                elif fusermount is not None:
-                    os.execv(fusermount, [fusermount, "-u", "-z", "-q", "--", target])
+            if listen in events:
+                if os.read(listen, 1):
+                    break  # released: the mount went the ordinary way
+                watch.unregister(listen)  # its end closed: the server is on its way out; the pidfd says when
+            if pidfd in events:  # wholly gone, every descriptor released
+                if mount_device(target) == device:
+                    if umount2 is not None:
+                        umount2(os.fsencode(target), 2 | 8)  # MNT_DETACH | UMOUNT_NOFOLLOW
+                    elif fusermount is not None:
+                        os.execv(fusermount, [fusermount, "-u", "-z", "-q", "--", target])
                 break
     finally:
         os._exit(0)
-
-
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)

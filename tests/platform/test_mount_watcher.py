@@ -28,9 +28,10 @@ from cove import util
 from cove.platform import devattest
 fd = devattest.mount(sys.argv[1], allow_other=False)
 watcher = util.detach_after_exit(sys.argv[1])
-print(watcher, flush=True)
-if sys.stdin.readline().strip() == "unmount":  # leave cleanly, mount gone, watcher still waiting for us
+print(watcher.pid, flush=True)
+if sys.stdin.readline().strip() == "unmount":  # the ordinary stop: unmounted, then the watcher released
     devattest.unmount(sys.argv[1])
+    watcher.release()
     print("unmounted", flush=True)
 time.sleep(3600)
 """

@@ -427,7 +427,7 @@ def serve(
         options.add("ro")
     pyfuse3.init(ops, mountpoint, options)
     # and a watcher of our own for the case auto_unmount misses (cove.util.detach_after_exit)
-    util.detach_after_exit(mountpoint)
+    watcher = util.detach_after_exit(mountpoint)
     terminated = False
 
     async def watch_signals() -> None:
@@ -454,3 +454,4 @@ def serve(
         clean = True
     finally:
         pyfuse3.close(unmount=terminated or not clean)
+        watcher.release()  # the mount went the ordinary way

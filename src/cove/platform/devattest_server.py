@@ -157,10 +157,11 @@ def main(argv: list[str]) -> int:
         print(f"cove: cannot mount /dev/attestation at {mountpoint}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     detach = True
+    watcher = None
     try:
         # the mount goes when this process has gone, however it ends (kill -9 included), not only by the
         # finally below
-        util.detach_after_exit(mountpoint)
+        watcher = util.detach_after_exit(mountpoint)
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
         if loader is not None and loader.is_alive():
             # the key is still loading: the runtime goes on meanwhile, up to the sandbox's bind of the mount,
@@ -182,6 +183,9 @@ def main(argv: list[str]) -> int:
     finally:
         if detach:
             devattest.unmount(mountpoint)
+        if watcher is not None:
+            # unmounted, or left dead on purpose (above): either way not the watcher's to detach any more
+            watcher.release()
         os.close(fd)
     return 0
 
