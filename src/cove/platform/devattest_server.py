@@ -159,15 +159,13 @@ def main(argv: list[str]) -> int:
     detach = True
     watcher = None
     try:
-        # the mount goes when this process has gone, however it ends (kill -9 included), not only by the
-        # finally below
-        watcher = util.detach_after_exit(mountpoint)
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
         if loader is not None and loader.is_alive():
             # the key is still loading: the runtime goes on meanwhile, up to the sandbox's bind of the mount,
             # which waits in the kernel (as would any request) until this loop answers; "ready" (or "ready
             # none") follows
             print("mounted", flush=True)
+            watcher = util.detach_after_exit(mountpoint)  # see below; while the key loads, off the start's path
             loader.join()
         if not loaded:
             # _load said why; the mount stays, dead (ENOTCONN), so the sandbox's bind of it fails and the run is
@@ -179,6 +177,10 @@ def main(argv: list[str]) -> int:
             fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
         gc.freeze()  # what was loaded stays; the loop makes no cycles worth a pause
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
+        if watcher is None:
+            # the mount goes when this process has gone, however it ends (kill -9 included), not only by the
+            # finally below; made after the line the runtime waits for, so the fork is off the start's path
+            watcher = util.detach_after_exit(mountpoint)
         devattest.serve(fd, fs)
     finally:
         if detach:
