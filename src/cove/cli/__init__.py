@@ -13,7 +13,6 @@ import os
 import sys
 
 from cove import __version__
-from cove.errors import CoveError, ExitCode, file_system_error
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy reads it as True
 if TYPE_CHECKING:
@@ -124,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     _options["debug"] = False
     import click
+
+    from cove.errors import CoveError, ExitCode, file_system_error  # not on the fast paths: re and enum
 
     try:
         result = _group().main(args=args, prog_name="cove", standalone_mode=False)

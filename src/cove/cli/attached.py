@@ -14,14 +14,20 @@ directly.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import signal
 import sys
 
-from cove import trace
-from cove.daemon.client import ENDED, OUTPUT, STARTED, UNREACHABLE, Client, DaemonError, NotRunning, read_frame
-from cove.errors import CoveError, ExitCode, file_system_error
+from cove.daemon.client import (
+    ENDED,
+    OUTPUT,
+    STARTED,
+    UNREACHABLE,
+    Client,
+    DaemonError,
+    NotRunning,
+    from_json,
+    read_frame,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (cove.cli says why); mypy reads it as True
 if TYPE_CHECKING:
@@ -29,9 +35,44 @@ if TYPE_CHECKING:
     from typing import Any
 
     Folder = str | os.PathLike[str]  # an instance folder: a plain str here, a pathlib.Path from the full CLI
+    import signal as _signal  # the same functions and numbers, as typeshed describes them
+else:
+    import _signal  # what signal.py wraps: that module imports enum (so does json, through re; socket too)
 
+# Through the daemon this module imports neither cove.errors (re, enum) nor cove.trace (contextlib, hence
+# collections and functools): together more of a start's CPU than its two requests. Both are imported
+# where they are needed: the direct path, a failure, COVE_TRACE_START set.
 ENCRYPTED_IMAGE = "image.enc"  # cove.image.encryption.ENCRYPTED_IMAGE: such a build runs directly
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+TRACE_ENV = "COVE_TRACE_START"  # cove.trace.ENV
+
+
+class _Untraced:
+    """cove.trace.span's block when tracing is off, without importing cove.trace."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _span(name: str) -> Any:
+    """cove.trace.span(name) when COVE_TRACE_START is set, else a block that does nothing."""
+    if not os.environ.get(TRACE_ENV):
+        return _Untraced()
+    from cove import trace
+
+    return trace.span(name)
+
+
+def _exit_code(name: str) -> int:
+    """cove.errors.ExitCode[name], imported only when a run ends that way."""
+    from cove.errors import ExitCode
+
+    return int(ExitCode[name])
+
+
 HINT = " (start it with `sudo cove daemon` or `systemctl start cove`)"
 
 
@@ -87,19 +128,19 @@ def _forward_signals(ident: str) -> dict[int, Any]:
             target=_quiet_call, args=("POST", f"/enclaves/{ident}/kill", {"signal": str(signum)}), daemon=True
         ).start()
 
-    return {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    return {signum: _signal.signal(signum, forward) for signum in FORWARDED}
 
 
 def _restore(previous: dict[int, Any]) -> None:
     for number, handler in previous.items():
-        signal.signal(number, handler)
+        _signal.signal(number, handler)
 
 
 def _outcome(view: dict[str, Any]) -> int:
     """The exit code of an ended enclave's view, or DaemonError with its error line."""
     code = view.get("exit_code")
     if not isinstance(code, int) or isinstance(code, bool):
-        code = 0 if code is None and not view.get("error") else ExitCode.SANDBOX
+        code = 0 if code is None and not view.get("error") else _exit_code("SANDBOX")
     if view.get("error"):
         raise DaemonError(" ".join(str(view["error"]).split()), code)  # one line, whatever the daemon sent
     return code
@@ -111,16 +152,16 @@ def follow(ident: str) -> int:
     What a daemon without the attach upgrade gets: logs, wait and remove, each a request."""
     previous = _forward_signals(ident)
     try:
-        with trace.span("client.logs"):
+        with _span("client.logs"):
             out = sys.stdout.buffer
             for chunk in Client().stream(f"/enclaves/{ident}/logs", {"follow": "1"}):
                 out.write(chunk)
                 out.flush()
-        with trace.span("client.wait"):
+        with _span("client.wait"):
             view = _enclave(_call("POST", f"/enclaves/{ident}/wait", timeout=None))
     finally:
         _restore(previous)
-    with trace.span("client.remove"):
+    with _span("client.remove"):
         _quiet_call("DELETE", f"/enclaves/{ident}", {"force": "1"})
     return _outcome(view)
 
@@ -133,7 +174,7 @@ def _follow_stream(response: Any) -> int:
             raise DaemonError("the Cove daemon's attach stream does not begin with the enclave", UNREACHABLE)
         previous = _forward_signals(_enclave(_document(payload))["id"])
         try:
-            with trace.span("client.logs"):
+            with _span("client.logs"):
                 out = sys.stdout.buffer
                 while (frame := read_frame(response))[0] == OUTPUT:
                     out.write(frame[1])
@@ -149,7 +190,7 @@ def _follow_stream(response: Any) -> int:
 
 def _document(payload: bytes) -> Any:
     try:
-        return json.loads(payload)
+        return from_json(payload)
     except (ValueError, RecursionError):  # not JSON, or nested too deep: not an enclave
         return None
 
@@ -170,7 +211,7 @@ def run_attached(instance: Folder, program: str, args: tuple[str, ...], backend:
     removes it, as `docker run --rm` does, and sends how it ended.
     """
     body = create_body(instance, program, args, None, backend, "no", signer)
-    with trace.span("client.create"):
+    with _span("client.create"):
         try:
             stream, view = Client().attach(body)
         except NotRunning as exc:
@@ -239,7 +280,7 @@ def fast_run(argv: list[str]) -> int | None:
     except DaemonError as exc:
         return _fail(exc.line, exc.exit_code)
     except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+        return _exit_code("INTERRUPTED")
 
 
 def _leaving(code: int | None) -> int | None:
@@ -262,6 +303,7 @@ def _fast_ps(argv: list[str]) -> int | None:
     if not argv or argv[0] != "ps" or any(arg not in PS_FLAGS for arg in argv[1:]):
         return None
     from cove.cli import listing
+    from cove.errors import CoveError
 
     flags = {PS_FLAGS[arg] for arg in argv[1:]}
     try:
@@ -272,7 +314,7 @@ def _fast_ps(argv: list[str]) -> int | None:
     except CoveError as exc:
         return _fail(exc.line(), exc.exit_code)
     except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+        return _exit_code("INTERRUPTED")
     try:
         for line in lines:
             print(line)
@@ -291,6 +333,7 @@ def _direct(instance: str, program: str, args: tuple[str, ...]) -> int:
     from pathlib import Path
 
     from cove.cli import direct
+    from cove.errors import CoveError, file_system_error
 
     try:
         return direct.run(Path(instance), program, args)
@@ -300,7 +343,7 @@ def _direct(instance: str, program: str, args: tuple[str, ...]) -> int:
         error = file_system_error(exc)
         return _fail(error.line(), error.exit_code)
     except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+        return _exit_code("INTERRUPTED")
 
 
 def daemon_available() -> bool:
@@ -311,7 +354,7 @@ def daemon_available() -> bool:
 
 def _daemon_serves_user() -> bool:
     """A daemon answers this user."""
-    with trace.span("client.version"):
+    with _span("client.version"):
         try:
             return Client().running()
         except DaemonError:

@@ -8,10 +8,10 @@ so they answer fast. Errors come back as RFC 7807 problem documents whose
 
 from __future__ import annotations
 
+import _socket  # socket.py imports enum, selectors and collections (milliseconds of a start): not needed here
 import errno
-import json
+import io
 import os
-import socket
 import struct
 
 # typing.TYPE_CHECKING without importing typing: `cove run` and `cove ps` import neither typing nor pathlib
@@ -33,6 +33,75 @@ SOCKET_ENV = "COVE_DAEMON_SOCKET"
 DEFAULT_SOCKET = "/run/cove/cove.sock"
 GROUP = "cove"
 UNREACHABLE, REFUSED = 7, 6  # docs/cli.md's exit codes
+
+
+def _not_serializable(value: object) -> None:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+class _ScanContext:
+    """What json.JSONDecoder's defaults give the C scanner (make_scanner reads these attributes)."""
+
+    strict = True
+    object_hook = object_pairs_hook = array_hook = None
+    parse_float, parse_int = float, int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+# The json package's own C scanner and encoder, used without the package, whose import (re, enum) costs
+# `cove run` more CPU than its requests; an interpreter without them (or with other signatures) uses json.
+try:
+    import _json
+
+    _context: Any = _ScanContext()
+    _scan: Any = _json.make_scanner(_context)
+    _json.make_encoder({}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+except (ImportError, AttributeError, TypeError):  # pragma: no cover - CPython 3.11 to 3.14 have them
+    _scan = None
+_WHITESPACE = " \t\n\r"
+
+
+def to_json(value: object) -> bytes:
+    """json.dumps(value).encode(), byte for byte."""
+    if _scan is None:  # pragma: no cover
+        import json
+
+        return json.dumps(value).encode()
+    encode = _json.make_encoder(
+        {}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    return "".join(encode(value, 0)).encode()
+
+
+def from_json(data: bytes | str) -> Any:
+    """json.loads of a UTF-8 document; ValueError (or RecursionError, nested too deep) when it is not one."""
+    text = data.decode() if isinstance(data, bytes) else data
+    if _scan is None:  # pragma: no cover
+        import json
+
+        return json.loads(text)
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError("not a JSON document") from None
+    if text[end:].strip(_WHITESPACE):
+        raise ValueError("extra data after the JSON document")
+    return value
+
+
+class _SocketReader(io.RawIOBase):
+    """socket.makefile's raw reader, for a _socket.socket."""
+
+    def __init__(self, sock: _socket.socket):
+        super().__init__()
+        self.sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self.sock.recv_into(buffer)
 
 
 UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -63,9 +132,9 @@ class NotRunning(DaemonError):
 class _Response:
     """An HTTP/1.1 answer read from the socket: the daemon sends a Content-Length or a chunked body."""
 
-    def __init__(self, sock: socket.socket, path: str = ""):
+    def __init__(self, sock: _socket.socket, path: str = ""):
         self.sock, self.path = sock, path
-        self.file = sock.makefile("rb")
+        self.file = io.BufferedReader(_SocketReader(sock))
         status_line = self.file.readline(65537)
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
@@ -130,13 +199,13 @@ class Client:
         target = f"/{API}{route}"
         if query:
             target += "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in query.items() if v is not None)
-        data = b"" if body is None else json.dumps(body).encode()
+        data = b"" if body is None else to_json(body)
         head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
         if upgrade:
             head = head.replace("Connection: close", f"Connection: Upgrade\r\nUpgrade: {upgrade}")
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout if timeout is ... else timeout)
         try:
             sock.connect(self.path)
@@ -188,7 +257,7 @@ class Client:
     @staticmethod
     def _decode(response: _Response, data: bytes) -> Any:
         try:
-            document = json.loads(data) if data else None
+            document = from_json(data) if data else None
         except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             document = None
         if response.status >= 400:
