@@ -270,10 +270,21 @@ class Registry:
         enclave.state = state
         return enclave
 
-    def remove(self, enclave: Enclave) -> None:
+    def remove(self, enclave: Enclave, purge: bool = True) -> Path:
+        """Unlist the enclave (its name freed, its folder renamed into incoming/ in one step), then delete
+        that folder; with ``purge`` False the caller deletes it later with :meth:`purge` (an attached run's
+        end is sent first: the deletion takes milliseconds). A folder a kill leaves in incoming/ is removed
+        by :meth:`recover`."""
         _unlink(self.names / enclave.name)
         doomed = self.incoming / f"rm-{enclave.id}"
         os.rename(enclave.folder, doomed)
+        if purge:
+            self.purge(doomed)
+        return doomed
+
+    @staticmethod
+    def purge(doomed: Path) -> None:
+        """Delete the folder :meth:`remove` renamed away."""
         shutil.rmtree(doomed, ignore_errors=True)
 
     def recover(self) -> list[str]:

@@ -474,24 +474,39 @@ class Daemon:
         return self.registry.load(enclave.id).view()
 
     def remove(self, ref: str, force: bool, uid: int) -> JSON:
+        view, doomed = self._unlist(ref, force, uid)
+        self.registry.purge(doomed)
+        return view
+
+    def _unlist(self, ref: str, force: bool, uid: int) -> tuple[JSON, Path]:
+        """`cove rm` but for the deletion of the enclave's folder, already renamed out of the registry:
+        its last view and where the folder now is (Registry.purge deletes it)."""
         enclave = self.registry.settle(self.find(ref, uid))
         if not enclave.ended:
             if not force:
                 raise ConflictError(f"enclave {enclave.name} is {enclave.status}", "stop it first, or use `cove rm -f`")
             self.stop(enclave.id, 0, uid)
         view = self.registry.load(enclave.id).view()
-        self.registry.remove(enclave)
+        doomed = self.registry.remove(enclave, purge=False)
         self.events.emit("enclave", "remove", enclave.id, name=enclave.name, uid=enclave.record.get("uid"))
-        return view
+        return view, doomed
 
     def logs(
-        self, ref: str, follow: bool, tail: int | None, uid: int, pause: Callable[[float], object] = time.sleep
+        self,
+        ref: str,
+        follow: bool,
+        tail: int | None,
+        uid: int,
+        pause: Callable[[float], object] = time.sleep,
+        running: Callable[[], bool] | None = None,
     ) -> Generator[bytes, None, None]:
         """The log's bytes (the last ``tail`` lines), then, with follow, what is appended until the end.
 
         Rotated files come first, oldest first; a follower whose file is rotated away drains it and goes
         on in the next newer one (cove.daemon.logfile), so it loses no line across a rotation. A follower
-        waits with ``pause`` (an attached run's wakes up as soon as the supervisor exits).
+        waits with ``pause`` (an attached run's wakes up as soon as the supervisor exits); while
+        ``running`` says its supervisor surely runs (an attached run's pidfd), it does not read the
+        enclave's record and state to see whether it ended: its CPU is the start's on two cores.
         """
         enclave = self.find(ref, uid)
         files = int(enclave.record.get("log_files") or 1) if enclave.record.get("log_max_bytes") else 1
@@ -522,10 +537,11 @@ class Daemon:
                     continue
                 if not follow or ended:
                     return
-                current = self._current(enclave.id)
-                if current.ended and not current.supervisor_alive():
-                    ended = True  # one more look: the last bytes, in this file or a newer one
-                    continue
+                if running is None or not running():
+                    current = self._current(enclave.id)
+                    if current.ended and not current.supervisor_alive():
+                        ended = True  # one more look: the last bytes, in this file or a newer one
+                        continue
                 pause(delay)
                 delay = min(delay * 2, 0.01 if time.monotonic() - began < 5 else 0.1)
         finally:
@@ -540,14 +556,17 @@ class Daemon:
         yield client_mod.attach_frame(client_mod.STARTED, json.dumps(view).encode())
         waker = _ExitWaker.of(self.registry.load(ident), client)
         try:
-            for chunk in self.logs(ident, True, None, uid, waker.pause):
+            for chunk in self.logs(ident, True, None, uid, waker.pause, waker.running):
                 for start in range(0, len(chunk), execstream.CHUNK):
                     yield client_mod.attach_frame(client_mod.OUTPUT, chunk[start : start + execstream.CHUNK])
             waker.pause(0)  # one that hung up as the program ended: the enclave stays listed too
         finally:
             waker.close()
-        ended = self.remove(ident, False, uid)
-        yield client_mod.attach_frame(client_mod.ENDED, json.dumps(ended).encode())
+        ended, doomed = self._unlist(ident, False, uid)
+        try:
+            yield client_mod.attach_frame(client_mod.ENDED, json.dumps(ended).encode())
+        finally:  # the client has its end before the folder's deletion (a kill between: recover() deletes it)
+            self.registry.purge(doomed)
 
     # -- images
 
@@ -593,8 +612,10 @@ class _ExitWaker:
         self.fd = fd
         self.client = client.fileno() if client is not None else None
         self.poller = select.poll()
+        self.exit = select.poll()  # the pidfd alone: readable once the supervisor has exited
         if fd is not None:
             self.poller.register(fd, select.POLLIN)
+            self.exit.register(fd, select.POLLIN)
         if self.client is not None:
             self.poller.register(self.client, 0)  # only its hang-up or an error: what it sends is not read here
 
@@ -617,6 +638,11 @@ class _ExitWaker:
         for fd, events in self.poller.poll(seconds * 1000):
             if fd == self.client and events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                 raise ClientLeft
+
+    def running(self) -> bool:
+        """Whether the supervisor surely runs: it has a pidfd that has not become readable (False when
+        there is no pidfd: the caller then looks at the enclave's state, as without this)."""
+        return self.fd is not None and not self.exit.poll(0)
 
     def close(self) -> None:
         if self.fd is not None:
