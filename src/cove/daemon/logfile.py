@@ -14,6 +14,7 @@ goes on in the next newer one, found by inode.
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
 import threading
@@ -69,11 +70,20 @@ class Writer:
         self.max_bytes, self.files = max(max_bytes, MIN_BYTES), max(1, min(files, MAX_FILES))
         self.fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
-        self.thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self.done = threading.Event()
 
     def start(self) -> Writer:
-        self.thread.start()
+        """Start the copying thread, not waiting until it runs (threading.Thread.start waits for that:
+        on two busy cores a scheduler's slice of the supervisor's way to the launch). As a daemon
+        thread, it does not hold the process's exit."""
+        _thread.start_new_thread(self._copy, ())
         return self
+
+    def _copy(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.done.set()
 
     def _run(self) -> None:
         try:
@@ -130,7 +140,7 @@ class Writer:
 
     def finish(self, timeout: float = 10.0) -> None:
         """Wait until every byte written to the pipe is in the log (its write ends must be closed)."""
-        self.thread.join(timeout)
+        self.done.wait(timeout)
 
 
 def newer(handle: BinaryIO, log: Path, files: int) -> BinaryIO | None:
