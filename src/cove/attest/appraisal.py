@@ -58,8 +58,13 @@ class Appraisal:
     claims: Mapping[str, Any] = field(default_factory=dict)  # everything, JSON-ready
 
 
+_SCALARS = frozenset({str, int, float, bool})  # exact types only: subclasses take the general path
+
+
 def jsonable(value: Any) -> Any:
     """Claims for JSON: bytes as hex, datetimes as ISO 8601, dataclasses as dicts."""
+    if value is None or type(value) in _SCALARS:  # most leaves: skip the ABC checks below
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).hex()
     if isinstance(value, datetime):

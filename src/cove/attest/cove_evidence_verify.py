@@ -16,6 +16,7 @@ very report. A `vm` report without it is refused, so it cannot be stripped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -58,7 +59,11 @@ class CoveClaims:
     vtpm_ek_name: bytes | None = None
 
 
+@functools.lru_cache(maxsize=64)
 def load_platform_key(spki: bytes) -> ec.EllipticCurvePublicKey:
+    """The platform's public key from its SubjectPublicKeyInfo; cached per process by those bytes (a
+    verifier sees the same few platforms again and again; the parse was 2 % of a key broker's flow).
+    A key that does not load raises every time: errors are not cached."""
     try:
         key = serialization.load_der_public_key(spki)
     except (ValueError, TypeError, UnsupportedAlgorithm):

@@ -63,9 +63,13 @@ def expected_report_data(
 
 
 def check_binding(report_data: bytes, runtime_data: dict[str, Any]) -> str:
-    """The hash algorithm that binds runtime_data in report_data, or an EvidenceBinding problem."""
+    """The hash algorithm that binds runtime_data in report_data, or an EvidenceBinding problem.
+
+    The canonical JSON is made once and hashed with each algorithm in turn (it was made anew for
+    each: a client binding with SHA-256, the last tried, paid for three)."""
+    canonical = canonical_json(runtime_data)
     for algorithm in HASHES:
-        digest = runtime_data_hash(runtime_data, algorithm)
+        digest = hashlib.new(algorithm, canonical).digest()
         if len(report_data) < len(digest):
             continue
         head, tail = report_data[: len(digest)], report_data[len(digest) :]
