@@ -3,7 +3,7 @@
     .venv/bin/python bench/kbs.py [--db sqlite|postgresql|both] [--clients 1,8,32,128]
                                   [--seconds 10] [--runs 3] [--rss-flows 20000] [--workers 1]
                                   [--no-restart] [--no-baseline] [--flood [--flood-connections 2000]]
-                                  [--in-process 2000] [--fresh-tee-keys]
+                                  [--in-process 2000 [--profile]] [--fresh-tee-keys]
 
 The broker runs as `cove kbs serve` (HTTPS on 127.0.0.1, its own process);
 this process is the load generator: N concurrent clients (asyncio, one
@@ -28,7 +28,8 @@ peak RSS after each. Loops are bounded in count and time; traffic
 goes to loopback only. PostgreSQL runs as a throwaway server (tests/kbs/pgserver.py).
 With --in-process N, first the broker's own work per flow: N flows (auth, attest, release) called
 on a Broker object in this process, on the same database, without HTTP, TLS or threads; the CPU
-time per flow is what the server spends beyond its HTTP stack.
+time per flow is what the server spends beyond its HTTP stack; --profile prints where it goes
+(cProfile, the cove, sqlite3, psycopg and cryptography functions by cumulative time).
 The load generator runs on uvloop (installed with uvicorn[standard]); BENCH_KBS_LOOP=asyncio runs it on
 asyncio's own loop.
 """
@@ -60,7 +61,8 @@ SECRET_VALUE = b"bench-secret-" + os.urandom(8).hex().encode()
 # choice, printed with the figures: real clients make a key per attestation, and the server imports
 # a key it has seen before from its cache. --fresh-tee-keys makes one per flow.
 FRESH_TEE_KEYS = False
-UVLOOP = os.environ.get("BENCH_KBS_LOOP", "uvloop") == "uvloop"  # BENCH_KBS_LOOP=asyncio for asyncio's loop
+UVLOOP = os.environ.get("BENCH_KBS_LOOP", "uvloop") == "uvloop"
+PROFILE = False  # --profile: cProfile the --in-process flows  # BENCH_KBS_LOOP=asyncio for asyncio's loop
 
 
 def free_port() -> int:
@@ -532,14 +534,27 @@ def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) 
                 }
             )
             prepared.append((session, body))
+        profiler = None
+        if PROFILE:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         started = time.process_time()
         for session, body in prepared:
             broker.auth(auth)  # the flow's own auth (its session is not used further)
             broker.attest(session, json.loads(body))
             broker.release_to(session, None, SECRET_PATH)
         cpu = time.process_time() - started
+        if profiler is not None:
+            profiler.disable()
     finally:
         broker.store.close()
+    if profiler is not None:  # where the broker's own CPU goes (cProfile slows it: the figure below is inflated)
+        import pstats
+
+        print(f"\n-- cProfile of the {flows} in-process flows ({kind}), by cumulative time --")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"cove|sqlite3|psycopg|cryptography", 30)
     print(
         f"broker work in process ({kind}, no HTTP, TLS or threads): {cpu * 1000 / flows:.2f} ms CPU per flow "
         f"({flows} flows, {'a TEE key per flow' if FRESH_TEE_KEYS else 'one TEE key'})"
@@ -701,9 +716,13 @@ def main() -> None:
         metavar="FLOWS",
         help="first measure the broker's own CPU per flow, in this process, over FLOWS flows",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="with --in-process: print a cProfile of the in-process flows"
+    )
     args = parser.parse_args()
-    global FRESH_TEE_KEYS
+    global FRESH_TEE_KEYS, PROFILE
     FRESH_TEE_KEYS = args.fresh_tee_keys
+    PROFILE = args.profile
     pg = None
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
     try:

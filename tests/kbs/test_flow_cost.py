@@ -10,6 +10,9 @@ import threading
 import time
 
 import pytest
+import rfc8785
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -165,3 +168,58 @@ def test_claims_json_keeps_every_leaf_as_before() -> None:
         "nested": [{"k": "ff"}, [1, "a"]],
     }
     assert type(out["level"]) is _Level and type(out["name"]) is _Name  # subclasses pass as they are
+
+
+# -- RFC 8785 for runtime-data ---------------------------------------------------------------------
+_ascii = st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=12)
+_any_text = st.text(max_size=8)
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 60), max_value=1 << 60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _ascii
+    | _any_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_ascii | _any_text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_json)
+def test_runtime_data_canonical_form_is_rfc8785_byte_for_byte(value: object) -> None:
+    try:
+        expected = rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError):
+        with pytest.raises(Problem):
+            coco_binding.canonical(value)
+        return
+    assert coco_binding.canonical(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"nonce": 'a\x00\x01\x08\t\n\x0b\x0c\r\x1f\x7f"\\/', "n": [(1 << 53) - 1, -((1 << 53) - 1), 0, True, None]},
+        {"big": 1 << 53, "neg": -(1 << 53)},  # past the plain path: refused by rfc8785
+        {"b": 1, "a": {"d": [], "c": {}}, "B": "", "_": "x", "~": "y"},
+        {"é": "x", "z": "\u2028\ud7ff\U0001f600"},  # non-ASCII keys and text: rfc8785's own ordering
+        {"f": 1.0, "g": 1e21, "h": -0.0},
+    ],
+)
+def test_runtime_data_canonical_form_edges(value: object) -> None:
+    try:
+        expected = rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError:  # 2**53: outside the integers a JSON number holds exactly
+        with pytest.raises(Problem, match="canonical"):
+            coco_binding.canonical(value)
+        return
+    assert coco_binding.canonical(value) == expected
+
+
+def test_runtime_data_deeper_than_the_plain_path_and_subclasses_go_to_rfc8785() -> None:
+    deep: object = "x"
+    for _ in range(40):
+        deep = {"k": deep}
+    assert coco_binding.canonical(deep) == rfc8785.dumps(deep)
+    assert coco_binding.canonical({"level": _Level.HIGH}) == rfc8785.dumps({"level": _Level.HIGH})
