@@ -557,7 +557,8 @@ def in_process(db: str, state: Path, evidence: Evidence, flows: int, kind: str) 
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"cove|sqlite3|psycopg|cryptography", 30)
     print(
         f"broker work in process ({kind}, no HTTP, TLS or threads): {cpu * 1000 / flows:.2f} ms CPU per flow "
-        f"({flows} flows, {'a TEE key per flow' if FRESH_TEE_KEYS else 'one TEE key'})"
+        f"({flows} flows, {'a TEE key per flow' if FRESH_TEE_KEYS else 'one TEE key'}"
+        f"{'; under cProfile, so inflated' if PROFILE else ''})"
     )
 
 
