@@ -140,11 +140,19 @@ def test_the_plain_run_uses_one_create(node, app):
     before = node.log.read_text().count('"event": "request"')
     result = node.cove("run", "/bin/hello", "0", "5", cwd=app)
     assert (result.returncode, result.stdout) == (5, "hello 3\nto stderr\n"), result.stderr
-    requests = [json.loads(line) for line in node.log.read_text().splitlines() if '"event": "request"' in line]
-    assert [(r["method"], r["path"], r["status"]) for r in requests[before:]] == [
-        ("GET", "/v1/version", 200),
-        ("POST", "/v1/enclaves", 101),
-    ]
+    # a request's line is written once it is answered: the attached create's when its stream ends, which may
+    # be just after the client has its end frame and exits (so wait for it), and the fixture's last readiness
+    # check (GET /v1/version) may land after the count above
+    deadline = time.monotonic() + 20
+    while True:
+        lines = node.log.read_text().splitlines()
+        requests = [json.loads(line) for line in lines if '"event": "request"' in line][before:]
+        seen = [(r["method"], r["path"], r["status"]) for r in requests]
+        if ("POST", "/v1/enclaves", 101) in seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    version, create = ("GET", "/v1/version", 200), ("POST", "/v1/enclaves", 101)
+    assert seen[-2:] == [version, create] and set(seen[:-2]) <= {version}, seen
 
 
 ENCLAVE = {"id": "ab" * 32, "name": "x", "state": "running"}
