@@ -117,3 +117,48 @@ def test_a_response_read_from_a_raw_socket(tmp_path):
             client.call("GET", "/enclaves", timeout=0.5)
     finally:
         listener.close()
+
+
+HOSTILE_ANSWERS = {
+    "a non-ASCII digit as the length": "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\n{}".encode("latin-1"),
+    "a length of 10,000 digits": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 10000 + b"\r\n\r\n{}",
+    "a status of 10,000 digits": b"HTTP/1.1 " + b"2" * 10000 + b" OK\r\nContent-Length: 2\r\n\r\n{}",
+    "a negative chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n{}\r\n0\r\n\r\n",
+    "a 0x chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+    "a chunk of 2**60 bytes": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFF\r\n{}\r\n",
+    "a chunk cut short": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{}",
+    "chunks that stop": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n",
+    "a body shorter than its length": b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{}",
+    "a thousand headers": b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 1000 + b"Content-Length: 2\r\n\r\n{}",
+}
+
+
+def test_a_hostile_answer_is_one_daemon_error(tmp_path):
+    """Whatever bytes come back, the client raises its DaemonError (one line, exit code UNREACHABLE): never
+    ValueError or MemoryError (a traceback), never a short body taken for the whole."""
+    import threading
+
+    from cove.daemon.client import UNREACHABLE, Client, DaemonError
+
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    answers = list(HOSTILE_ANSWERS.values())
+
+    def serve() -> None:
+        for answer in answers:
+            connection, _ = listener.accept()
+            connection.recv(1 << 16)
+            connection.sendall(answer)
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        client = Client(path, timeout=10)
+        for case in HOSTILE_ANSWERS:
+            with pytest.raises(DaemonError) as caught:
+                client.call("GET", "/enclaves")
+            assert caught.value.exit_code == UNREACHABLE and "\n" not in caught.value.line, case
+    finally:
+        listener.close()

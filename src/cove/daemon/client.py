@@ -129,6 +129,10 @@ class NotRunning(DaemonError):
     """No daemon answers on the socket."""
 
 
+MAX_HEADERS = 100  # an answer's header lines
+MAX_CHUNK = 1 << 24  # one chunk of a chunked answer (the daemon sends 64 KiB at most)
+
+
 class _Response:
     """An HTTP/1.1 answer read from the socket: the daemon sends a Content-Length or a chunked body."""
 
@@ -137,16 +141,20 @@ class _Response:
         self.file = io.BufferedReader(_SocketReader(sock))
         status_line = self.file.readline(65537)
         parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not (parts[1].isdigit() and len(parts[1]) == 3):
             raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer is not HTTP")
         self.status = int(parts[1])
         self.headers: dict[str, str] = {}
+        count = 0
         while (line := self.file.readline(65537)) not in (b"\r\n", b"\n", b""):
+            count += 1
+            if count > MAX_HEADERS:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has too many headers")
             name, _, value = line.decode("latin-1").partition(":")
             self.headers[name.strip().lower()] = value.strip()
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         length = self.headers.get("content-length", "0") or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()) or len(length) > 12:  # "²" is a digit to str.isdigit
             raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a bad Content-Length")
         self.left = int(length)
 
@@ -156,20 +164,27 @@ class _Response:
             while self.left > 0:
                 data = self.file.read1(min(self.left, 65536))
                 if not data:
-                    return
+                    raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer ends early")
                 self.left -= len(data)
                 yield data
             return
         while True:
-            digits = self.file.readline(65537).split(b";")[0].strip() or b"0"
-            try:
-                size = int(digits, 16)
-            except ValueError:
-                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a bad chunk") from None
+            line = self.file.readline(65537)
+            if not line:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer ends early")
+            digits = line.split(b";")[0].strip()
+            # int(..., 16) would take "-2", "+2", "0x10" and "1_0": only hex digits, and a chunk of bounded size
+            if not digits or len(digits) > 8 or digits.strip(b"0123456789abcdefABCDEF"):
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a bad chunk")
+            size = int(digits, 16)
+            if size > MAX_CHUNK:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer has a chunk too large")
             if size == 0:
                 self.file.readline(65537)
                 return
             data = self.file.read(size)
+            if len(data) != size:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon's answer ends early")
             self.file.readline(65537)
             yield data
 
