@@ -93,14 +93,18 @@ def _unescape_mount_path(field: bytes) -> str:
 class MountWatcher:
     """What :func:`detach_after_exit` leaves: the watcher's pid, and the way to send it off."""
 
-    def __init__(self, pid: int, cancel: int):
+    def __init__(self, pid: int, cancel: int, target: str, device: str):
         self.pid = pid
         self._cancel = cancel
+        self._target, self._device = target, device
 
-    def release(self) -> None:
+    def release(self, even_if_mounted: bool = False) -> None:
         """The mount went the ordinary way (unmounted, then this server's clean end): the watcher leaves now,
         so a later mount at the same path that the kernel gives the same device number is never taken for
-        this one. Idempotent."""
+        this one. If the mount is in fact still there (an unmount that failed), the watcher stays for it,
+        unless ``even_if_mounted`` (a mount left dead on purpose). Idempotent."""
+        if self._cancel >= 0 and not even_if_mounted and mount_device(self._target) == self._device:
+            return
         if self._cancel >= 0:
             try:
                 os.write(self._cancel, b"x")
@@ -124,6 +128,7 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
     kill of the server's process group spares it), ignores the usual stop signals, holds nothing but the
     pidfd and its end of a pipe, and costs a fork.
     """
+    import re  # noqa: F401 - loaded here, not in the child: an import there could wait on a lock held at the fork
     import select
     import shutil
     import signal
@@ -146,7 +151,7 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
     if pid:
         os.close(pidfd)
         os.close(listen)
-        return MountWatcher(pid, cancel)
+        return MountWatcher(pid, cancel, target, device)
     try:  # the child: nothing here may raise out into the parent's code
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):

@@ -29,10 +29,14 @@ from cove.platform import devattest
 fd = devattest.mount(sys.argv[1], allow_other=False)
 watcher = util.detach_after_exit(sys.argv[1])
 print(watcher.pid, flush=True)
-if sys.stdin.readline().strip() == "unmount":  # the ordinary stop: unmounted, then the watcher released
+command = sys.stdin.readline().strip()
+if command == "unmount":  # the ordinary stop: unmounted, then the watcher released
     devattest.unmount(sys.argv[1])
     watcher.release()
     print("unmounted", flush=True)
+elif command == "release":  # released while the mount is still there (an unmount that failed)
+    watcher.release()
+    print("released", flush=True)
 time.sleep(3600)
 """
 
@@ -134,3 +138,25 @@ def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner):
 def _no_mount_left(mountpoint: Path) -> None:
     """Whatever is still mounted there goes (a failed test must not leave mounts behind)."""
     assert _gone(mountpoint), f"a mount stayed at {mountpoint}"
+
+
+def test_a_release_while_still_mounted_keeps_the_watcher(runner):
+    """An unmount that failed, then the release: the mount is still there, so the watcher stays for it."""
+    mountpoint = runner[2] / "attestation"
+    mountpoint.mkdir()
+    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
+    process, watcher = _start(runner, mountpoint)
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("release\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "released"
+        assert Path(f"/proc/{watcher}").exists(), "the watcher left with the mount still there"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert _gone(mountpoint), "the dead server's mount stayed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        _no_mount_left(mountpoint)

@@ -426,8 +426,13 @@ def serve(
     if read_only or not volume.writable:
         options.add("ro")
     pyfuse3.init(ops, mountpoint, options)
-    # and a watcher of our own for the case auto_unmount misses (cove.util.detach_after_exit)
-    watcher = util.detach_after_exit(mountpoint)
+    # and a watcher of our own for the case auto_unmount misses (cove.util.detach_after_exit); without one
+    # (no fork, no pidfd) the volume is still served, with auto_unmount alone
+    try:
+        watcher: util.MountWatcher | None = util.detach_after_exit(mountpoint)
+    except OSError as exc:
+        print(f"cove: no watcher for the mount at {mountpoint}: {exc}", file=sys.stderr)
+        watcher = None
     terminated = False
 
     async def watch_signals() -> None:
@@ -454,4 +459,5 @@ def serve(
         clean = True
     finally:
         pyfuse3.close(unmount=terminated or not clean)
-        watcher.release()  # the mount went the ordinary way
+        if watcher is not None:
+            watcher.release()  # the mount went the ordinary way (if it is still there, the watcher stays)

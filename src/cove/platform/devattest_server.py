@@ -118,6 +118,17 @@ def _stop_when_orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _watch(mountpoint: str) -> util.MountWatcher | None:
+    """The mount's watcher (cove.util.detach_after_exit), or None and one line on stderr when there can be
+    none: the mount is served all the same, as before there were watchers; a failure here must not end the
+    server between "mounted" and "ready", which would detach the mount the sandbox is about to bind."""
+    try:
+        return util.detach_after_exit(mountpoint)
+    except OSError as exc:
+        print(f"cove: no watcher for /dev/attestation at {mountpoint}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str]) -> int:
     parent = os.getppid()
     if len(argv) > 1:
@@ -156,7 +167,10 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"cove: cannot mount /dev/attestation at {mountpoint}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    detach = True
+    # Until "ready", an ending leaves the mount dead (ENOTCONN), never detached: the runtime may be on its way to
+    # the sandbox's bind of it, which must then fail (the run is refused) rather than bind the empty folder
+    # beneath; the runtime's stop detaches it. For the same reason the watcher comes only after "ready".
+    detach = False
     watcher = None
     try:
         threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
@@ -165,29 +179,26 @@ def main(argv: list[str]) -> int:
             # which waits in the kernel (as would any request) until this loop answers; "ready" (or "ready
             # none") follows
             print("mounted", flush=True)
-            watcher = util.detach_after_exit(mountpoint)  # see below; while the key loads, off the start's path
             loader.join()
         if not loaded:
             # _load said why; the mount stays, dead (ENOTCONN), so the sandbox's bind of it fails and the run is
             # refused, as when the key fails before the mount; the runtime's stop detaches it
-            detach = False
             return 1
         fs, why_none = build(claims, loaded[0])
         if root:  # root started it: the enclave runs as other host ids (cove.hostids)
             fs.uid, fs.gid = hostids.enclave_range().host(0, 0)
         gc.freeze()  # what was loaded stays; the loop makes no cycles worth a pause
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
-        if watcher is None:
-            # the mount goes when this process has gone, however it ends (kill -9 included), not only by the
-            # finally below; made after the line the runtime waits for, so the fork is off the start's path
-            watcher = util.detach_after_exit(mountpoint)
+        detach = True
+        # the mount goes when this process has gone, however it ends (kill -9 included), not only by the finally
+        # below; made after the line the runtime waits for, so the fork is off the start's path
+        watcher = _watch(mountpoint)
         devattest.serve(fd, fs)
     finally:
         if detach:
             devattest.unmount(mountpoint)
         if watcher is not None:
-            # unmounted, or left dead on purpose (above): either way not the watcher's to detach any more
-            watcher.release()
+            watcher.release()  # unmounted: not the watcher's to detach any more (if it is still there, it stays)
         os.close(fd)
     return 0
 
