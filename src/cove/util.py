@@ -183,3 +183,44 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
                 break
     finally:
         os._exit(0)
+
+
+class Wakeup:
+    """A stop (or reload) flag that a signal handler may set: threading.Event.set takes the event's lock,
+    which the interrupted thread may hold (entering or leaving its own wait), and then waits for it forever.
+    Here set() is a plain assignment and a byte on a pipe; wait() sleeps in select on that pipe. Any thread
+    may set and wait."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._read, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def set(self) -> None:
+        self._set = True
+        try:
+            os.write(self._write, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wakeups already
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def clear(self) -> None:
+        self._set = False
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it is set, after waiting up to ``timeout`` seconds (None: until it is)."""
+        import select
+
+        if not self._set:
+            select.select([self._read], [], [], timeout)
+        return self._set
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from cove import util
 from cove.k8s import DOMAIN
 from cove.k8s.health import DaemonProbe, Health
 from cove.k8s.proto.deviceplugin.v1beta1 import api_pb2 as pb
@@ -232,7 +233,7 @@ class DevicePlugin:
         self.health = HealthState()
         self.resources = resources(config)
         self.folder = Path(config.plugin_dir)
-        self._stop = threading.Event()
+        self._stop = util.Wakeup()  # stop() is called from a signal handler (cove.util.Wakeup says why)
         self._servers: list[grpc.Server] = []
         self.registrations = 0  # how many times every resource was registered (for logs and tests)
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import select
 from pathlib import Path
 from collections.abc import Callable
 
-from cove import __version__
+from cove import __version__, util
 from cove.k8s import DOMAIN
 from cove.k8s.health import DaemonProbe, Health
 
@@ -103,20 +102,12 @@ class Agent:
         self.publish = publish
         self.probe = probe or DaemonProbe()
         self.backend, self.platform, self.interval = backend, platform, interval
-        # stop() is called from a signal handler: a threading.Event would take its condition's lock there,
-        # which the interrupted main thread may hold (entering or leaving its wait), and hang for good; a flag
-        # and a byte on a pipe take no lock
-        self._stopped = False
-        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stop = util.Wakeup()  # stop() is called from a signal handler (cove.util.Wakeup says why)
         self._last: dict[str, str] | None = None
 
     def stop(self) -> None:
         """End run() (its wait at once); safe in a signal handler and from another thread."""
-        self._stopped = True
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:
-            pass  # woken already
+        self._stop.set()
 
     def once(self) -> dict[str, str]:
         values = labels(self.probe(), self.backend, self.platform)
@@ -133,5 +124,5 @@ class Agent:
             except Exception as exc:  # the API server or the folder may come back; say so and try again
                 log.warning("publishing labels failed: %s", exc)
                 self._last = None
-            if self._stopped or select.select([self._wake_read], [], [], self.interval)[0] or self._stopped:
+            if self._stop.wait(self.interval):
                 return

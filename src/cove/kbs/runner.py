@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cove import util
 from cove.errors import CoveError
 from cove.kbs import tls, vault
 from cove.kbs.broker import Broker, Settings
@@ -237,7 +238,7 @@ def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int
     import sys
 
     context = multiprocessing.get_context("spawn")  # no fork of a process with a database and threads
-    stop = threading.Event()
+    stop = util.Wakeup()  # set from a signal handler (cove.util.Wakeup says why)
     settings = json.dumps(options)
 
     def start() -> tuple[Any, Any]:
@@ -264,7 +265,7 @@ def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int
             old.join()
             running[index] = (process, ready)
 
-    reload = threading.Event()
+    reload = util.Wakeup()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.set())
     running = [start() for _ in range(workers)]
@@ -295,6 +296,8 @@ def _serve_reuseport(options: dict[str, Any], host: str, port: int, workers: int
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stop.close()
+        reload.close()
 
 
 def _reuseport_worker(settings: str, host: str, port: int, common: dict[str, Any], ready: Any, parent: int) -> None:
