@@ -89,10 +89,7 @@ def _wait_gone(pid: int, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_servers_mount_goes(runner):
-    mountpoint = runner[2] / "attestation"
-    mountpoint.mkdir()
-    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
+def test_a_killed_servers_mount_goes(runner, mountpoint):
     process, watcher = _start(runner, mountpoint)
     try:
         assert Path(f"/proc/{watcher}").exists(), "no watcher was left"
@@ -100,20 +97,12 @@ def test_a_killed_servers_mount_goes(runner):
         while os.getsid(watcher) != watcher:
             assert time.monotonic() < deadline, "the watcher shares a session with its server"
             time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        assert _gone(mountpoint), "the dead server's mount stayed"
+        _kill_and_see_the_mount_go(process, mountpoint)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        _no_mount_left(mountpoint)
+        _end(process, mountpoint)
 
 
-def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner):
-    mountpoint = runner[2] / "attestation"
-    mountpoint.mkdir()
-    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
+def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner, mountpoint):
     first, first_watcher = _start(runner, mountpoint)
     second = None
     try:
@@ -135,16 +124,35 @@ def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner):
         _no_mount_left(mountpoint)
 
 
+def _kill_and_see_the_mount_go(process: subprocess.Popen[str], mountpoint: Path) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert _gone(mountpoint), "the dead server's mount stayed"
+
+
+def _end(process: subprocess.Popen[str], mountpoint: Path) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    _no_mount_left(mountpoint)
+
+
+@pytest.fixture
+def mountpoint(runner) -> Path:
+    """An empty folder the mounting user owns, to mount on."""
+    folder = runner[2] / "attestation"
+    folder.mkdir()
+    os.chown(folder, runner[2].stat().st_uid, runner[2].stat().st_gid)
+    return folder
+
+
 def _no_mount_left(mountpoint: Path) -> None:
     """Whatever is still mounted there goes (a failed test must not leave mounts behind)."""
     assert _gone(mountpoint), f"a mount stayed at {mountpoint}"
 
 
-def test_a_release_while_still_mounted_keeps_the_watcher(runner):
+def test_a_release_while_still_mounted_keeps_the_watcher(runner, mountpoint):
     """An unmount that failed, then the release: the mount is still there, so the watcher stays for it."""
-    mountpoint = runner[2] / "attestation"
-    mountpoint.mkdir()
-    os.chown(mountpoint, runner[2].stat().st_uid, runner[2].stat().st_gid)
     process, watcher = _start(runner, mountpoint)
     try:
         assert process.stdin is not None and process.stdout is not None
@@ -152,11 +160,6 @@ def test_a_release_while_still_mounted_keeps_the_watcher(runner):
         process.stdin.flush()
         assert process.stdout.readline().strip() == "released"
         assert Path(f"/proc/{watcher}").exists(), "the watcher left with the mount still there"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        assert _gone(mountpoint), "the dead server's mount stayed"
+        _kill_and_see_the_mount_go(process, mountpoint)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        _no_mount_left(mountpoint)
+        _end(process, mountpoint)
