@@ -98,14 +98,12 @@ class MountWatcher:
         self._cancel = cancel
         self._target, self._device = target, device
 
-    def release(self, even_if_mounted: bool = False) -> None:
+    def release(self) -> None:
         """The mount went the ordinary way (unmounted, then this server's clean end): the watcher leaves now,
         so a later mount at the same path that the kernel gives the same device number is never taken for
-        this one. If the mount is in fact still there (an unmount that failed), the watcher stays for it,
-        unless ``even_if_mounted`` (a mount left dead on purpose). Idempotent."""
-        if self._cancel >= 0 and not even_if_mounted and mount_device(self._target) == self._device:
-            return
-        if self._cancel >= 0:
+        this one. If the mount is in fact still there (an unmount that failed), the watcher stays for it.
+        Idempotent."""
+        if self._cancel >= 0 and mount_device(self._target) != self._device:
             try:
                 os.write(self._cancel, b"x")
             except OSError:
