@@ -5,8 +5,12 @@
  *   attest_probe report HEX     the same with /dev/attestation/report
  *   attest_probe type           print attestation_type
  *   attest_probe key POLICY     print keys/_sgx_POLICY as hex
- *   attest_probe bench N HEX    write report data once, read the quote N times,
- *                               print each read's latency in microseconds
+ *   attest_probe bench N HEX [UNTIL]
+ *                               write report data once, read the quote N times,
+ *                               print each read's latency and end (CLOCK_MONOTONIC),
+ *                               in microseconds; with UNTIL (seconds since the epoch),
+ *                               print only once that moment has passed, so that no
+ *                               enclave's output or exit falls among the others' reads
  *   attest_probe badwrite       write 10 bytes of report data; exit 0 only if close() fails
  */
 #include <errno.h>
@@ -80,16 +84,30 @@ int main(int argc, char **argv) {
         print_hex(buf, read_file(path, buf, sizeof buf));
         return 0;
     }
-    if (argc == 4 && !strcmp(argv[1], "bench")) {
+    if ((argc == 4 || argc == 5) && !strcmp(argv[1], "bench")) {
         int n = atoi(argv[2]);
+        long *lines = calloc((size_t)(n > 0 ? n : 1), 2 * sizeof(long));
+        if (!lines) { perror("calloc"); return 1; }
         write_report_data(argv[3]);
         for (int i = 0; i < n; i++) {
             struct timespec a, b;
             clock_gettime(CLOCK_MONOTONIC, &a);
             read_file("/dev/attestation/quote", buf, sizeof buf);
             clock_gettime(CLOCK_MONOTONIC, &b);
-            printf("%ld\n", (b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000L);
+            lines[2 * i] = (b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000L;
+            lines[2 * i + 1] = b.tv_sec * 1000000L + b.tv_nsec / 1000L;
         }
+        if (argc == 5) {
+            double until = atof(argv[4]);
+            struct timespec now;
+            clock_gettime(CLOCK_REALTIME, &now);
+            double left = until - ((double)now.tv_sec + now.tv_nsec / 1e9);
+            if (left > 0) {
+                struct timespec pause = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
+                nanosleep(&pause, NULL);
+            }
+        }
+        for (int i = 0; i < n; i++) printf("%ld %ld\n", lines[2 * i], lines[2 * i + 1]);
         return 0;
     }
     if (argc == 2 && !strcmp(argv[1], "badwrite")) {
@@ -98,6 +116,6 @@ int main(int argc, char **argv) {
         if (write(fd, "0123456789", 10) != 10) { perror("write"); return 1; }
         return close(fd) != 0 ? 0 : 1;
     }
-    fprintf(stderr, "usage: attest_probe quote|report HEX | type | key POLICY | bench N HEX | badwrite\n");
+    fprintf(stderr, "usage: attest_probe quote|report HEX | type | key POLICY | bench N HEX [UNTIL] | badwrite\n");
     return 2;
 }
