@@ -183,6 +183,19 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
         os._exit(0)
 
 
+def watch_mount(mountpoint: str, what: str) -> MountWatcher | None:
+    """The mount's watcher (:func:`detach_after_exit`), or None and one line on stderr naming ``what`` when
+    there can be none (no fork, no pidfd): a server serves its mount all the same, as before there were
+    watchers; a failure here must never end a server whose mount is already in use."""
+    import sys
+
+    try:
+        return detach_after_exit(mountpoint)
+    except OSError as exc:
+        print(f"cove: no watcher for {what} at {mountpoint}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
 class Wakeup:
     """A stop (or reload) flag that a signal handler may set: threading.Event.set takes the event's lock,
     which the interrupted thread may hold (entering or leaving its own wait), and then waits for it forever.

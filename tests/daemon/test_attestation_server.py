@@ -53,7 +53,15 @@ def _servers(root: Path) -> list[int]:
             continue
         if b"cove.daemon.attestation" in argv and os.fsencode(root / "attestation") in argv:
             found.append(int(entry))
-    return found
+    return [pid for pid in found if _parent(pid) not in found]  # a server's fork (its mount watcher) is no server
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def _stop(root: Path) -> None:

@@ -147,7 +147,7 @@ def _peer_pid(connection: socket.socket) -> int:
 def serve(mountpoint: Path, control: Path) -> int:
     import gc
 
-    from cove import hostids
+    from cove import hostids, util
     from cove.errors import CoveError
     from cove.platform import devattest, monitor
     from cove.platform.devattest import ROOT, Attr, AttestationFs, FuseError
@@ -385,14 +385,23 @@ def serve(mountpoint: Path, control: Path) -> int:
     signal.signal(signal.SIGINT, leave)
     devattest.unmount(str(mountpoint))  # left by a server that died (ensure_server lets only one start)
     mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = devattest.mount(str(mountpoint), allow_other=True)
-    threading.Thread(target=control_loop, daemon=True).start()
+    # root lets the enclaves' host ids in; a user's server is reached by that user's enclaves without it (and
+    # fusermount3 refuses allow_other to users unless /etc/fuse.conf says user_allow_other)
+    fd = devattest.mount(str(mountpoint), allow_other=own_uid == 0)
     gc.freeze()  # the key, the modules: nothing the collector need look at again
+    watcher = None
     try:
         print("ready", flush=True)
+        # the mount goes when this process has wholly gone, however it ends (kill -9, the OOM killer), not only
+        # by the finally below; without a watcher, one line on stderr and the enclaves are served all the same
+        watcher = util.watch_mount(str(mountpoint), "the node's /dev/attestation")
+        # then the control socket: a server that answers is watched, and the fork above saw no other thread
+        threading.Thread(target=control_loop, daemon=True).start()
         devattest.serve(fd, fs)
     finally:
         devattest.unmount(str(mountpoint))
+        if watcher is not None:
+            watcher.release()  # unmounted: not the watcher's to detach any more (if it is still there, it stays)
         os.close(fd)
         listener.close()
         try:

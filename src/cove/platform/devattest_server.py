@@ -118,17 +118,6 @@ def _stop_when_orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _watch(mountpoint: str) -> util.MountWatcher | None:
-    """The mount's watcher (cove.util.detach_after_exit), or None and one line on stderr when there can be
-    none: the mount is served all the same, as before there were watchers; a failure here must not end the
-    server between "mounted" and "ready", which would detach the mount the sandbox is about to bind."""
-    try:
-        return util.detach_after_exit(mountpoint)
-    except OSError as exc:
-        print(f"cove: no watcher for /dev/attestation at {mountpoint}: {exc}", file=sys.stderr, flush=True)
-        return None
-
-
 def main(argv: list[str]) -> int:
     parent = os.getppid()
     if len(argv) > 1:
@@ -191,8 +180,10 @@ def main(argv: list[str]) -> int:
         print("ready" if why_none is None else f"ready none: {why_none}", flush=True)
         detach = True
         # the mount goes when this process has gone, however it ends (kill -9 included), not only by the finally
-        # below; made after the line the runtime waits for, so the fork is off the start's path
-        watcher = _watch(mountpoint)
+        # below; made after the line the runtime waits for, so the fork is off the start's path (without one,
+        # one line on stderr and the mount is served all the same: an ending here would detach the mount the
+        # sandbox is about to bind)
+        watcher = util.watch_mount(mountpoint, "/dev/attestation")
         devattest.serve(fd, fs)
     finally:
         if detach:
