@@ -405,16 +405,21 @@ def test_anchor_record_refuses_hostile_cbor(platform, tmp_path, mutate, fragment
 
 def test_a_hash_cache_of_the_wrong_shape_is_a_miss(tmp_path):
     """Regression: a cache entry that decoded but was not [key, digest] crashed the build (TypeError)."""
-    from cove.image.build import _HashCache  # the cache is private to the build
+    from cove.image import build, instance
 
-    image = tmp_path / "file"
-    image.write_bytes(b"abc")
-    cache_file = tmp_path / "cache.cbor"
+    app = instance.create(tmp_path / "app")
+    (app.image / "file").write_bytes(b"abc")
+    key = tmp_path / "signing.key"
+    signing.generate_key(key)
+    first = build.build(app, key)
+    again = build.build(app, key)  # the cache is read and used: a miss below is the damage's doing
+    assert (first.rehashed, again.rehashed, again.cached) == (1, 0, 1)
+    cache_file = app.build_dir / build.CACHE
     for damaged in ({"file": 5}, {"file": [1]}, {"file": [[0], "not bytes"]}, [1, 2], b"\xff"):
         cache_file.write_bytes(damaged if isinstance(damaged, bytes) else cbor2.dumps(damaged))
-        cache = _HashCache(cache_file)
-        digest, size = cache.digest(image, "file", image.stat(), None)
-        assert size == 3 and cache.misses == 1 and cache.hits == 0
+        result = build.build(app, key)
+        assert (result.rehashed, result.cached) == (1, 0), damaged
+        assert result.manifest.measurement == first.manifest.measurement  # the file hashed anew, rightly
 
 
 # -- every JSON and TOML document, with its layer's error ---------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -153,11 +154,29 @@ def test_key_sources_resolve(tmp_path):
     assert "insecure:<key>" == str(keys.parse("insecure:" + raw.hex()))
 
 
-def test_kbs_keys_use_the_registered_resolver(monkeypatch):
+@pytest.fixture
+def no_kbs_resolver() -> Iterator[None]:
+    """No "kbs" resolver (as in a process that never launched an enclave with [attestation]); whatever was
+    registered is put back afterwards."""
+    before = keys.register_resolver("kbs", None)
+    try:
+        yield
+    finally:
+        keys.register_resolver("kbs", before)
+
+
+def test_kbs_keys_use_the_registered_resolver(no_kbs_resolver):
     with pytest.raises(KeySourceError, match="key broker"):
         keys.resolve("kbs:default/k/1")
-    monkeypatch.setitem(keys._RESOLVERS, "kbs", lambda source, ident, svn: b"K" * 16)
+    assert keys.register_resolver("kbs", lambda source, ident, svn: b"K" * 16) is None
     assert keys.resolve("kbs:default/k/1") == b"K" * 16
-    monkeypatch.setitem(keys._RESOLVERS, "kbs", lambda source, ident, svn: b"K" * 15)
+
+    def short(source: keys.KeySource, ident: object, svn: int | None) -> bytes:
+        return b"K" * 15
+
+    keys.register_resolver("kbs", short)
     with pytest.raises(KeySourceError, match="15-byte key"):
+        keys.resolve("kbs:default/k/1")
+    assert keys.register_resolver("kbs", None) is short
+    with pytest.raises(KeySourceError, match="key broker"):  # taken away: the kind is unknown again
         keys.resolve("kbs:default/k/1")

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from joserfc import jwk
 
 from cove.errors import CoveError
-from cove.kbs import client, coco_evidence, evidence_appraisal, jose, server
+from cove.kbs import client, coco_evidence, evidence_appraisal, jose
 from cove.kbs.coco_collateral import CollateralSource
 from cove.kbs.problems import Problem
+from tests.kbs.conftest import ssl_for
 from tests.kbs.test_vectors import VECTORS
 
 DEEP = "[" * 100_000  # past the interpreter's recursion limit: json and tomllib raised RecursionError
@@ -128,23 +133,63 @@ def test_jwe_protected_header(case):
     one_line(refused.value)
 
 
+class HostileBroker(BaseHTTPRequestHandler):
+    """A broker on loopback that answers auth with a nonce and attest with ``token``, whatever that is."""
+
+    token = ""
+
+    def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        answer = {"nonce": b64e("nonce")} if self.path == "/kbs/v0/auth" else {"token": type(self).token}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the standard library's name
+        pass
+
+
+@pytest.fixture(scope="module")
+def hostile_broker() -> Iterator[str]:
+    listener = ThreadingHTTPServer(("127.0.0.1", 0), HostileBroker)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.server_address[1]}"
+    finally:
+        listener.shutdown()
+        listener.server_close()
+
+
 @pytest.mark.parametrize("case", [*HOSTILE_JSON, "scalar"])
-def test_attestation_token_claims(case):
+def test_attestation_token_claims(hostile_broker, case):
+    """The claims of the token a broker answers attest with, as the client reads them (KbsClient.attest)."""
     claims = '"a string"' if case == "scalar" else HOSTILE_JSON[case]
-    if case == "wrong field type":  # a map: the client reads its fields where it uses them
-        assert client._token_claims(f"h.{b64e(claims)}.s") == json.loads(claims)
-        return
-    with pytest.raises(CoveError) as refused:
-        client._token_claims(f"h.{b64e(claims)}.s")
-    assert "the broker's attestation token is not a JWT" in one_line(refused.value)
+    HostileBroker.token = f"h.{b64e(claims)}.s"
+    with client.KbsClient(hostile_broker) as kbs_client:
+        if case == "wrong field type":  # a map: the client reads its fields where it uses them
+            assert kbs_client.attest(client.SampleEvidence()) == HostileBroker.token
+            assert kbs_client.claims == json.loads(claims)
+            return
+        with pytest.raises(CoveError) as refused:
+            kbs_client.attest(client.SampleEvidence())
+        assert "the broker's attestation token is not a JWT" in one_line(refused.value)
+        assert kbs_client.claims is None
 
 
-@pytest.mark.parametrize("case", ["deep nesting", "trailing garbage"])
-def test_request_body(case):
-    """The auth and attest bodies (the broker reads their fields; the admin bodies are pydantic models)."""
-    with pytest.raises(Problem) as refused:
-        server._parse_json(HOSTILE_JSON[case].encode())
-    assert refused.value.kind == "InvalidRequest" and one_line(refused.value).startswith("InvalidRequest: body: ")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_request_bodies_over_http(kbs):
+    """The auth and attest bodies (the broker reads their fields): an InvalidRequest problem of one line, answered
+    401 on these paths (docs/kbs.md: the CoCo client re-runs its handshake on a 401)."""
+    with httpx.Client(base_url=kbs.url, verify=ssl_for(kbs)) as http:
+        for endpoint in ("/kbs/v0/auth", "/kbs/v0/attest"):  # attest: refused before any session is looked up
+            # nested past the interpreter's recursion limit, yet under auth's body limit (16 KiB), so the parser sees it
+            for case, body in (("deep nesting", "[" * 10_000), ("trailing garbage", HOSTILE_JSON["trailing garbage"])):
+                reply = http.post(endpoint, content=body, headers={"content-type": "application/json"})
+                assert reply.status_code == 401 and reply.json()["type"].endswith(":InvalidRequest"), reply.text
+                assert one_line(reply.json()["detail"]).startswith("body: "), (endpoint, case, reply.text)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -61,12 +61,16 @@ Resolver = Callable[[KeySource, "Identity | None", "int | None"], bytes]
 _RESOLVERS: dict[str, Resolver] = {}
 
 
-def register_resolver(kind: str, resolver: Resolver) -> None:
-    """Let another part of Cove resolve a kind of key source (the key broker: "kbs").
+def register_resolver(kind: str, resolver: Resolver | None) -> Resolver | None:
+    """Let another part of Cove resolve a kind of key source (the key broker: "kbs"); None takes it away.
 
-    ``resolver(source, identity, svn)`` returns the 16-byte key or raises CoveError.
+    ``resolver(source, identity, svn)`` returns the 16-byte key or raises CoveError. Returns the resolver
+    it replaced (None if there was none), so that whoever registers for a while can put it back.
     """
-    _RESOLVERS[kind] = resolver
+    before = _RESOLVERS.pop(kind, None)
+    if resolver is not None:
+        _RESOLVERS[kind] = resolver
+    return before
 
 
 def resolve(source: KeySource | str, identity: Identity | None = None, svn: int | None = None) -> bytes:
