@@ -174,3 +174,12 @@ def test_a_killed_node_servers_mount_goes_and_the_next_start_serves(node):
     assert util.mount_device(str(node.mountpoint)) is None
     log = node.log()
     assert "Traceback" not in log and "no watcher" not in log, log
+
+
+def test_a_watcher_that_cannot_be_made_is_one_line_and_no_error(tmp_path, capsys):
+    """What both /dev/attestation servers call (util.watch_mount): without a watcher they serve all the same."""
+    assert util.watch_mount(str(tmp_path), "the node's /dev/attestation") is None  # nothing is mounted there
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"cove: no watcher for the node's /dev/attestation at {tmp_path}: nothing is mounted at {tmp_path}"
+    ]
