@@ -90,26 +90,63 @@ def _unescape_mount_path(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
+class MountIds:
+    """The kernel's unique id of the mount at a path (statx STATX_MNT_ID_UNIQUE, Linux 6.8), which is never
+    given to another mount until the machine restarts, unlike a mount's device number or its mountinfo id:
+    the kernel hands both to the next mount that asks, and a FUSE server mounted again at the same path
+    gets the same device number every time. Loaded before a fork (ctypes), so the child only calls."""
+
+    STATX_MNT_ID_UNIQUE = 0x4000
+    FLAGS = 0x100 | 0x800 | 0x4000  # AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC
+    MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._buffer = ctypes.create_string_buffer(256)  # struct statx
+        self._statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+
+    def of(self, path: str) -> int | None:
+        """The unique id of the mount at ``path``; None when the kernel or libc has none, or the call fails.
+        AT_STATX_DONT_SYNC: a FUSE mount answers from what the kernel holds, without asking its server
+        (which may be this very process, or dead)."""
+        if self._statx is None or self._statx(
+            -100, os.fsencode(path), self.FLAGS, self.STATX_MNT_ID_UNIQUE, self._buffer
+        ):
+            return None
+        raw = self._buffer.raw
+        if not int.from_bytes(raw[0:4], "little") & self.STATX_MNT_ID_UNIQUE:
+            return None
+        return int.from_bytes(raw[self.MNT_ID_OFFSET : self.MNT_ID_OFFSET + 8], "little")
+
+
 class MountWatcher:
     """What :func:`detach_after_exit` leaves: the watcher's pid, and the way to send it off."""
 
-    def __init__(self, pid: int, cancel: int, target: str, device: str):
+    def __init__(self, pid: int, cancel: int, target: str, device: str, ids: MountIds, unique: int | None):
         self.pid = pid
         self._cancel = cancel
         self._target, self._device = target, device
+        self._ids, self._unique = ids, unique
 
     def release(self) -> None:
-        """The mount went the ordinary way (unmounted, then this server's clean end): the watcher leaves now,
-        so a later mount at the same path that the kernel gives the same device number is never taken for
-        this one. If the mount is in fact still there (an unmount that failed), the watcher stays for it.
-        Idempotent."""
-        if self._cancel >= 0 and mount_device(self._target) != self._device:
+        """The mount went the ordinary way (unmounted, then this server's clean end): the watcher leaves now.
+        If the mount is in fact still there (an unmount that failed), the watcher stays for it. Idempotent."""
+        if self._cancel >= 0 and not _same_mount(self._target, self._device, self._ids, self._unique):
             try:
                 os.write(self._cancel, b"x")
             except OSError:
                 pass  # the watcher has gone already
             os.close(self._cancel)
             self._cancel = -1
+
+
+def _same_mount(target: str, device: str, ids: MountIds, unique: int | None) -> bool:
+    """Whether the mount at ``target`` is still the one that had ``device`` and ``unique`` (its unique id,
+    when the kernel gave one: then it alone decides, and a mount whose id cannot be read is another)."""
+    if mount_device(target) != device:
+        return False
+    return unique is None or ids.of(target) == unique
 
 
 def detach_after_exit(mountpoint: str) -> MountWatcher:
@@ -121,8 +158,10 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
     ENOTCONN, and when that open is sent before the kernel has aborted the connection it fails ECONNABORTED
     instead, so the helper leaves the mount in place (seen under load). The watcher waits on a pidfd, which
     is readable only after every descriptor of this process is released, so the connection has gone; then,
-    if the same mount (its device number) is still at the path, it detaches it. A server that stops the
-    ordinary way calls :meth:`MountWatcher.release` after its unmount. The watcher has its own session (a
+    if the same mount is still at the path, it detaches it. The same mount: the same device number and,
+    where the kernel has them (Linux 6.8), the same unique mount id (:class:`MountIds`), so a mount made at
+    the path after this one went (a new server's, given the same device number) is never taken for it.
+    A server that stops the ordinary way calls :meth:`MountWatcher.release` after its unmount. The watcher has its own session (a
     kill of the server's process group spares it), ignores the usual stop signals, holds nothing but the
     pidfd and its end of a pipe, and costs a fork.
     """
@@ -135,6 +174,8 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
     device = mount_device(target)
     if device is None:
         raise OSError(f"nothing is mounted at {mountpoint}")
+    ids = MountIds()
+    unique = ids.of(target)
     pidfd = os.pidfd_open(os.getpid())
     listen, cancel = os.pipe2(os.O_CLOEXEC)
     umount2 = None
@@ -149,7 +190,7 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
     if pid:
         os.close(pidfd)
         os.close(listen)
-        return MountWatcher(pid, cancel, target, device)
+        return MountWatcher(pid, cancel, target, device, ids, unique)
     try:  # the child: nothing here may raise out into the parent's code
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
@@ -173,7 +214,7 @@ def detach_after_exit(mountpoint: str) -> MountWatcher:
                     break  # released: the mount went the ordinary way
                 watch.unregister(listen)  # its end closed: the server is on its way out; the pidfd says when
             if pidfd in events:  # wholly gone, every descriptor released
-                if mount_device(target) == device:
+                if _same_mount(target, device, ids, unique):
                     if umount2 is not None:
                         umount2(os.fsencode(target), 2 | 8)  # MNT_DETACH | UMOUNT_NOFOLLOW
                     elif fusermount is not None:

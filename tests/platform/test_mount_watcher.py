@@ -4,7 +4,8 @@ A process mounts an empty /dev/attestation file system (the real mount(2) as
 root, fusermount3 as an unprivileged user), leaves its watcher, and is killed
 with SIGKILL while nothing is serving the mount: the mount must go by itself.
 And a watcher must not detach a mount it was not left for: the same path,
-remounted by someone else after its own mount went, stays.
+remounted by someone else after its own mount went, stays, even when the
+new mount has the old one's device number.
 """
 
 from __future__ import annotations
@@ -121,6 +122,59 @@ def test_a_watcher_leaves_a_mount_that_is_not_its_own(runner, mountpoint):
                 process.kill()
                 process.wait()
         _no_mount_left(mountpoint)
+
+
+def _bind(source: Path, target: Path) -> None:
+    """mount(2) MS_BIND, without util-linux's look at the source (a dead FUSE root answers ENOTCONN)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(os.fsencode(source), os.fsencode(target), None, 4096, None) != 0:  # MS_BIND
+        error = ctypes.get_errno()
+        raise OSError(error, f"mount --bind {source} {target}: {os.strerror(error)}")
+
+
+def _detach(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+if os.geteuid() == 0:  # binds need root; as a user the suite has no way to put a mount with that device there
+
+    def test_a_dead_servers_watcher_leaves_a_later_mount_with_the_same_device(tmp_path):
+        """The kernel gives the next FUSE mount at a path the device number of the last one (a probe saw it
+        every time), so a watcher held up (a loaded machine; here SIGSTOP) can find, after its server died
+        and someone detached the dead mount, a new mount with the old device number. Made deterministic with
+        a bind of the old mount itself put back at the path: the same device, another mount. The watcher,
+        let go, must leave it (the kernel's unique mount id tells them apart)."""
+        require("fusermount3")
+        path, held = tmp_path / "attestation", tmp_path / "held"
+        path.mkdir()
+        held.mkdir()
+        process, watcher = _start(([], sys.executable, tmp_path), path)
+        try:
+            device = util.mount_device(str(path))
+            _bind(path, held)  # the first mount, kept at another path
+            os.kill(watcher, signal.SIGSTOP)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            _detach(path)
+            assert util.mount_device(str(path)) is None, "the dead mount did not go"
+            _bind(held, path)  # another mount at the path, with the same device number
+            assert util.mount_device(str(path)) == device
+            os.kill(watcher, signal.SIGCONT)
+            _wait_gone(watcher)
+            assert util.mount_device(str(path)) == device, "the dead server's watcher detached a later mount"
+        finally:
+            try:
+                os.kill(watcher, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            for folder in (path, held):
+                while util.mount_device(str(folder)) is not None:
+                    _detach(folder)
 
 
 def _kill_and_see_the_mount_go(process: subprocess.Popen[str], mountpoint: Path) -> None:
