@@ -428,11 +428,7 @@ def serve(
     pyfuse3.init(ops, mountpoint, options)
     # and a watcher of our own for the case auto_unmount misses (cove.util.detach_after_exit); without one
     # (no fork, no pidfd) the volume is still served, with auto_unmount alone
-    try:
-        watcher: util.MountWatcher | None = util.detach_after_exit(mountpoint)
-    except OSError as exc:
-        print(f"cove: no watcher for the mount at {mountpoint}: {exc}", file=sys.stderr)
-        watcher = None
+    watcher = util.watch_mount(mountpoint, "the volume")
     terminated = False
 
     async def watch_signals() -> None:
