@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,7 @@ def node():
         ],
         stderr=subprocess.PIPE,
         text=True,
+        umask=0,  # the plugin sockets' mode must not depend on the umask it was started with
     )
     try:
         requests = kubelet.wait_registered(3)
@@ -101,15 +103,22 @@ def test_list_and_watch_follows_the_node_service(node):
 
 
 @pytest.mark.parametrize("ids", [["enclave-2"], ["enclave-0", "enclave-1", "enclave-3"]], ids=["one", "three"])
-def test_allocate_hands_the_node_service_to_the_container(node, ids):
+def test_allocate_hands_the_container_slots_and_nothing_of_the_node_service(node, ids):
+    """Any pod may request cove.dev/enclave: it gets no node-service socket, no bind, no device (H2)."""
     request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids)])
     answer = node["kubelet"].stubs[ENCLAVE].Allocate(request).container_responses[0]
-    folder = str(node["folder"])
-    assert answer.envs["COVE_DAEMON_SOCKET"] == f"{folder}/cove.sock"
-    assert answer.envs["COVE_ENCLAVE_SLOTS"] == ",".join(ids)
-    assert [(m.host_path, m.container_path, m.read_only) for m in answer.mounts] == [(folder, folder, True)]
-    assert answer.annotations["cove.dev/enclave-slots"] == ",".join(ids)
-    assert not answer.devices  # no host device: the node service owns the platform
+    assert dict(answer.envs) == {"COVE_ENCLAVE_SLOTS": ",".join(ids)}
+    assert dict(answer.annotations) == {"cove.dev/enclave-slots": ",".join(ids)}
+    assert not answer.mounts and not answer.devices and not answer.cdi_devices
+    assert str(node["folder"]) not in str(answer)  # the run folder (the node service's socket) appears nowhere
+
+
+def test_plugin_sockets_are_for_root_only(node):
+    """0600 whatever the umask (the fixture starts the plugin with umask 0): only the kubelet connects (L7)."""
+    folder = node["folder"] / "device-plugins"
+    for request in node["requests"]:
+        mode = (folder / request.endpoint).stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
 
 
 def test_allocate_memory_and_tpm(node):

@@ -174,6 +174,12 @@ REFUSED = {
     "hostPath-root": {"volumes": [{"name": "v", "hostPath": {"path": "/"}}]},
     "hostPath-dotdot": {"volumes": [{"name": "v", "hostPath": {"path": "/tmp/../var/lib/cove"}}]},
     "hostPath-plugins": {"volumes": [{"name": "v", "hostPath": {"path": "/var/lib/kubelet"}}]},
+    # Aliases of Cove's paths, which a list of protected paths let through (L4): every hostPath is refused now.
+    "hostPath-var-run": {"volumes": [{"name": "v", "hostPath": {"path": "/var/run/cove"}}]},
+    "hostPath-proc-root": {"volumes": [{"name": "v", "hostPath": {"path": "/proc/1/root/run/cove"}}]},
+    "hostPath-runtime": {"volumes": [{"name": "v", "hostPath": {"path": "/run/cove-runtime"}}]},
+    "hostPath-unrelated": {"volumes": [{"name": "v", "hostPath": {"path": "/srv/data"}}]},
+    "hostPath-no-path": {"volumes": [{"name": "v", "hostPath": {}}]},
     "other-runtime": {"runtimeClassName": "runc"},
 }
 
@@ -195,9 +201,23 @@ def test_forged_device_plugin_annotations_are_refused(hook, key):
         assert not response["allowed"] and key in response["status"]["message"]
 
 
-def test_unrelated_host_path_is_allowed(hook):
-    original = pod(volumes=[{"name": "data", "hostPath": {"path": "/srv/data"}}])
+def test_other_volumes_are_allowed(hook):
+    original = pod(volumes=[{"name": "data", "emptyDir": {}}, {"name": "conf", "configMap": {"name": "c"}}])
     assert apply(original, post(hook, review(original)))["spec"]["runtimeClassName"] == "cove"
+
+
+@pytest.mark.parametrize("section", ["limits", "requests"])
+@pytest.mark.parametrize("resource", ["cove.dev/enclave", "cove.dev/tpm"])
+def test_pod_asking_for_cove_resources_without_opting_in_is_refused(hook, section, resource):
+    """A pod the webhook sees (label present, not "true") may not take enclave slots and run under runc."""
+    opted_out = pod(opt_in=None)
+    opted_out["metadata"]["labels"]["cove.dev/enclave"] = "false"
+    opted_out["spec"]["containers"][1]["resources"] = {section: {resource: "1"}}
+    for endpoint in ("/mutate", "/validate"):
+        response = post(hook, review(copy.deepcopy(opted_out)), endpoint)
+        assert not response["allowed"] and resource in response["status"]["message"]
+    del opted_out["spec"]["containers"][1]["resources"]
+    assert post(hook, review(opted_out))["allowed"]
 
 
 def test_settings_file_is_reread(hook):

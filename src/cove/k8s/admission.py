@@ -6,7 +6,8 @@ mutating pass sets ``runtimeClassName: cove``, asks each container for one
 (MiB, rounded up), and writes the key-broker settings as the annotations the
 runtime reads (docs/formats/k8s-annotations.md). Both passes refuse opted-in
 pods that would reach around the enclave: privileged containers, host
-namespaces, added capabilities, hostPath volumes over Cove's own paths.
+namespaces, added capabilities, any hostPath volume; and pods the webhook sees
+that ask for a ``cove.dev/*`` resource without opting in.
 Patches are computed against the pod as it is, so a second pass is empty.
 The HTTP side is in webhook.py.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import posixpath
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -30,17 +30,6 @@ ENCLAVE = f"{DOMAIN}/enclave"
 ENCLAVE_MEMORY = f"{DOMAIN}/enclave-memory"
 ANNOTATION_PREFIX = f"{DOMAIN}/"
 TRUE = {"true", "yes", "1", "enabled"}
-# Host paths no opted-in pod may mount, nor any folder above them: the node
-# service's socket and state, the attestation endpoint, the kubelet's plugin sockets.
-PROTECTED_PATHS = (
-    "/run/cove",
-    "/var/lib/cove",
-    "/etc/cove",
-    "/dev/attestation",
-    "/dev/tpm0",
-    "/dev/tpmrm0",
-    "/var/lib/kubelet/device-plugins",
-)
 KBS_KEYS = {
     "url": "kbs-url",
     "ca": "kbs-ca",
@@ -137,12 +126,18 @@ def _opted_in(pod: JSONObject) -> bool:
     return any(str((meta.get(where) or {}).get(OPT_IN, "")).lower() in TRUE for where in ("labels", "annotations"))
 
 
-def _overlaps(host_path: str) -> str | None:
-    path = posixpath.normpath("/" + host_path.lstrip("/")) if host_path else "/"
-    for protected in PROTECTED_PATHS:
-        if path == protected or protected.startswith(path.rstrip("/") + "/") or path.startswith(protected + "/"):
-            return protected
-    return None
+def _requests_cove(pod: JSONObject) -> list[str]:
+    """The cove.dev/* resources any container of POD asks for (limits or requests)."""
+    spec = pod.get("spec") or {}
+    names: set[str] = set()
+    for kind in CONTAINER_KINDS:
+        for container in spec.get(kind) or []:
+            resources = container.get("resources") or {}
+            for section in ("limits", "requests"):
+                wanted = resources.get(section) or {}
+                if isinstance(wanted, dict):
+                    names.update(str(name) for name in wanted if str(name).startswith(ANNOTATION_PREFIX))
+    return sorted(names)
 
 
 def refusals(pod: JSONObject) -> list[str]:
@@ -168,12 +163,16 @@ def refusals(pod: JSONObject) -> list[str]:
     for key in RESERVED_ANNOTATIONS:
         if key in annotations:
             why.append(f"annotation {key} is the device plugin's to set")
+    # Every hostPath, not only those over Cove's own paths: a path list is bypassed by
+    # aliases (/var/run/cove, /proc/1/root/run/cove, a bind elsewhere), and cove-runtime
+    # refuses a bind into an enclave anyway, so no enclave pod has a use for one.
     for volume in spec.get("volumes") or []:
-        host = volume.get("hostPath")
+        host = volume.get("hostPath") if isinstance(volume, dict) else None
         if host is not None:
-            protected = _overlaps(str(host.get("path", "")))
-            if protected:
-                why.append(f"volume {volume.get('name', '?')!r} mounts host path {host.get('path')!r} over {protected}")
+            path = host.get("path") if isinstance(host, dict) else None
+            why.append(
+                f"volume {volume.get('name', '?')!r} mounts host path {path!r}: an enclave pod may have no hostPath"
+            )
     return why
 
 
@@ -271,7 +270,19 @@ def review(body: object, settings: Settings, mutate: bool) -> JSONObject:
     request = _request(body)
     uid = request["uid"]
     pod = _pod(request)
-    if pod is None or not _opted_in(pod):
+    if pod is None:
+        return _answer(uid, True)
+    if not _opted_in(pod):
+        # Slots are for enclave pods: one that asks for them without opting in (say with
+        # cove.dev/enclave: "false") would run under runc and only take a slot away.
+        wanted = _requests_cove(pod)
+        if wanted:
+            return _answer(
+                uid,
+                False,
+                f"Cove refuses this pod: it requests {', '.join(wanted)} but is not an enclave pod "
+                f'(set {OPT_IN}: "true")',
+            )
         return _answer(uid, True)
     why = refusals(pod)
     if why:

@@ -41,7 +41,8 @@ API_VERSION = "v1beta1"
 PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
-RUN_DIR = "/run/cove"  # the node service's socket and /dev/attestation endpoint live here
+RUN_DIR = "/run/cove"  # the node service's socket lives here (probed for health, never handed to a pod)
+SOCKET_MODE = 0o600  # the plugin sockets: the kubelet (root) only
 
 log = logging.getLogger("cove.k8s.deviceplugin")
 
@@ -68,15 +69,17 @@ class Config:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def _enclave_allocate(config: Config, socket_path: str) -> Callable[[list[str]], pb.ContainerAllocateResponse]:
-    def allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
-        return pb.ContainerAllocateResponse(
-            envs={"COVE_DAEMON_SOCKET": socket_path, "COVE_ENCLAVE_SLOTS": ",".join(ids)},
-            mounts=[pb.Mount(container_path=config.run_dir, host_path=config.run_dir, read_only=True)],
-            annotations={f"{DOMAIN}/enclave-slots": ",".join(ids)},
-        )
+def _enclave_allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
+    """The slot ids only: no node-service socket and no bind of its run folder.
 
-    return allocate
+    Any pod may request the resource, labelled or not, and a read-only bind
+    still lets a process connect() to a unix socket: uid 0 in the container
+    would be root to the node service. cove-runtime runs on the host and
+    reaches the node service itself, so the container needs neither.
+    """
+    return pb.ContainerAllocateResponse(
+        envs={"COVE_ENCLAVE_SLOTS": ",".join(ids)}, annotations={f"{DOMAIN}/enclave-slots": ",".join(ids)}
+    )
 
 
 def _memory_allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
@@ -91,13 +94,12 @@ def _tpm_allocate(ids: list[str]) -> pb.ContainerAllocateResponse:
 
 def resources(config: Config) -> list[Resource]:
     """The resources this node advertises, from the configuration."""
-    socket_path = config.daemon_socket or str(Path(config.run_dir) / "cove.sock")
     found = [
         Resource(
             f"{DOMAIN}/enclave",
             "cove-enclave.sock",
             tuple(f"enclave-{i}" for i in range(config.slots)),
-            _enclave_allocate(config, socket_path),
+            _enclave_allocate,
         )
     ]
     if config.memory_mib:
@@ -252,9 +254,16 @@ class DevicePlugin:
             path.unlink(missing_ok=True)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
             pb_grpc.add_DevicePluginServicer_to_server(DevicePluginServicer(resource, self.health), server)
-            server.add_insecure_port(f"unix://{path}")
-            server.start()
+            # Only root (the kubelet) may connect: the socket is made 0600 under a tight umask,
+            # then set explicitly, whatever umask the process was started with.
+            previous = os.umask(0o177)
+            try:
+                server.add_insecure_port(f"unix://{path}")
+                server.start()
+            finally:
+                os.umask(previous)
             self._servers.append(server)
+            os.chmod(path, SOCKET_MODE)
 
     def _shutdown(self) -> None:
         for server in self._servers:
