@@ -3,7 +3,9 @@
 The pod goes through the admission webhook's decision, its patch is applied,
 and the result is translated to CRI calls as the kubelet does (runtimeClassName
 → the RuntimeClass's handler, pod annotations → sandbox annotations, the memory
-limit → the container's cgroup limit), against the OCI issue's containerd node.
+limit → the container's cgroup limit, the device plugin's Allocate answer →
+the container's environment, mounts and annotations), against the OCI issue's
+containerd node.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 import jsonpatch
 
-from cove.k8s import admission
+from cove.k8s import admission, deviceplugin
 from cove.oci.proto.runtime.v1 import api_pb2 as cri
 from tests.k8s.test_webhook import review
 from tests.oci.conftest import oci_instance, oci_tar  # noqa: F401  (fixtures)
@@ -77,13 +79,29 @@ def test_a_webhook_made_pod_runs_under_the_cove_handler(cri_node, tmp_path):
         container = spec["containers"][0]
         limits = container["resources"]["limits"]
         assert limits["cove.dev/enclave"] == "1" and limits["cove.dev/enclave-memory"] == "256"
+        # What the kubelet adds from the device plugin's Allocate for cove.dev/enclave: its
+        # environment, mounts and annotations must pass cove-runtime's checks (a bind of the
+        # node service's run folder did not: oci/spec refuses every bind into an enclave).
+        plugin = next(r for r in deviceplugin.resources(deviceplugin.Config()) if r.name == "cove.dev/enclave")
+        allocated = plugin.allocate(["enclave-0"])
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=container["name"]),
             image=cri.ImageSpec(image=container["image"]),
             command=container["command"],
             args=container["args"],
+            envs=[
+                cri.KeyValue(key=k, value=v.encode()) for k, v in sorted(allocated.envs.items())
+            ],  # bytes in this proto
+            mounts=[
+                cri.Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.read_only)
+                for m in allocated.mounts
+            ],
+            devices=[
+                cri.Device(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+                for d in allocated.devices
+            ],
             log_path="hello.log",
-            annotations=meta["annotations"],
+            annotations={**meta["annotations"], **allocated.annotations},
             linux=cri.LinuxContainerConfig(
                 resources=cri.LinuxContainerResources(memory_limit_in_bytes=admission.quantity_bytes(limits["memory"])),
                 security_context=cri.LinuxContainerSecurityContext(namespace_options=host),
