@@ -195,6 +195,29 @@ class Config:
     vm: VmSection = field(default_factory=VmSection)
 
 
+def host_paths(config: Config) -> list[str]:
+    """Every host path the configuration has the runtime open, as ``setting path``: host mounts' sources,
+    encrypted mounts' absolute sources and ``file:`` keys, the broker's CA or policy file, the vm kernel.
+    The runtime opens them with the rights of whoever runs it, so a service that runs enclaves as root for
+    others (the node daemon for a member of its group, cove-runtime for a container engine) refuses an
+    instance that names any (docs/threat-model.md)."""
+    named: list[str] = []
+    for index, mount in enumerate(config.mounts):
+        if mount.source is not None and (mount.type == "host" or mount.source.startswith("/")):
+            named.append(f"mounts[{index}].source {mount.source}")
+        if mount.key is not None and mount.key.startswith("file:"):
+            named.append(f"mounts[{index}].key {mount.key}")
+    attestation = config.attestation
+    if attestation is not None:
+        if attestation.ca is not None:
+            named.append(f"attestation.ca {attestation.ca}")
+        if attestation.kbs_policy is not None and attestation.kbs_policy.startswith("/"):  # else inline
+            named.append(f"attestation.kbs_policy {attestation.kbs_policy}")
+    if config.vm.kernel is not None:
+        named.append(f"vm.kernel {config.vm.kernel}")
+    return named
+
+
 def load(path: Path) -> Config:
     """Read and validate a cove.toml file."""
     try:

@@ -261,12 +261,29 @@ def test_cluster_memory_annotation_only_lowers_the_measured_limit(bundle, tmp_pa
     no_leftovers(root, "mem2")
 
 
-def test_a_cluster_broker_other_than_the_measured_one_is_refused(cove, tmp_path):
+MEASURED_REFUSALS = {
+    # a cluster's broker annotation must name the measured broker
+    "another broker": (
+        '\n[attestation]\nkbs = "https://kbs.measured.example:8080"\n',
+        {"cove.dev/kbs-url": "https://kbs.elsewhere.example:8080"},
+        "cove.dev/kbs-url",
+    ),
+    # cove-runtime runs the enclave as root for whoever made the pod: it opens no host path an image names
+    "a host mount": ('\n[[mounts]]\ntarget = "/host"\ntype = "host"\nsource = "/etc"\n', {}, "names host paths"),
+    "a key file": (
+        '\n[[mounts]]\ntarget = "/v"\ntype = "encrypted"\nkey = "file:/etc/cove/volume.key"\n',
+        {},
+        "mounts[1].key file:/etc/cove/volume.key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEASURED_REFUSALS))
+def test_what_the_measured_config_may_not_ask_of_a_container_is_refused(cove, tmp_path, case):
     from tests.e2e.helpers import make_instance
 
-    app = make_instance(
-        cove, tmp_path, name="brokered", extra='\n[attestation]\nkbs = "https://kbs.measured.example:8080"\n'
-    )
+    extra, annotations, word = MEASURED_REFUSALS[case]
+    app = make_instance(cove, tmp_path, name="refused", extra=extra)
     cove.ok("package", "--oci", "-o", str(tmp_path / "layout"), cwd=app)
     index = json.loads((tmp_path / "layout" / "index.json").read_text())
     manifest = json.loads((tmp_path / "layout" / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
@@ -275,10 +292,10 @@ def test_a_cluster_broker_other_than_the_measured_one_is_refused(cove, tmp_path)
     with tarfile.open(tmp_path / "layout" / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]) as layer:
         layer.extractall(folder / "rootfs", filter="tar")
     spec = json.loads(json.dumps(SPEC))
-    spec["annotations"] = {"cove.dev/kbs-url": "https://kbs.elsewhere.example:8080"}
+    spec["annotations"] = annotations
     write_spec(folder, spec)
     result = runtime(tmp_path / "state", "create", "--bundle", str(folder), "k")
-    assert result.returncode == 2 and "cove.dev/kbs-url" in one_line(result)
+    assert result.returncode == 2 and word in one_line(result), result
     no_leftovers(tmp_path / "state", "k")
 
 

@@ -57,6 +57,11 @@ class _Untraced:
         return None
 
 
+# the daemon's refusal of a member's instance that names host paths (it would open them as root):
+# `cove run` runs such an instance directly, as the user, with the same output and exit codes
+HOST_PATHS = "HostPaths"
+
+
 def _span(name: str) -> Any:
     """cove.trace.span(name) when COVE_TRACE_START is set, else a block that does nothing."""
     if not os.environ.get(TRACE_ENV):
@@ -278,6 +283,8 @@ def fast_run(argv: list[str]) -> int | None:
     try:
         return _leaving(run_attached(instance, program, args, None, None))
     except DaemonError as exc:
+        if exc.kind == HOST_PATHS:
+            return _direct(instance, program, args)  # nothing was created: run it as this user
         return _fail(exc.line, exc.exit_code)
     except KeyboardInterrupt:
         return _exit_code("INTERRUPTED")

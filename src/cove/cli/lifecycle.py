@@ -323,13 +323,18 @@ def daemon_available() -> bool:
     return attached.daemon_available()
 
 
-def run_attached(instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None) -> int:
-    """`cove run` through the daemon (cove.cli.attached, which the common case reaches without click)."""
+def run_attached(
+    instance: Path, program: str, args: tuple[str, ...], backend: str | None, signer: str | None
+) -> int | None:
+    """`cove run` through the daemon (cove.cli.attached, which the common case reaches without click); None
+    when the daemon refuses the instance for naming host paths: the caller runs it directly."""
     from cove.cli import attached
 
     try:
         return attached.run_attached(instance, program, args, backend, signer)
     except DaemonError as exc:
+        if exc.kind == attached.HOST_PATHS:
+            return None
         raise LifecycleError(exc.line, exc.exit_code) from None
 
 

@@ -90,7 +90,9 @@ def run(
             _signer(signer)
             target = instance_mod.open_instance(ctx.directory)
             if runs_on_node(target, backend):
-                return lifecycle.run_attached(target.root, program, args, backend, signer)
+                code = lifecycle.run_attached(target.root, program, args, backend, signer)
+                if code is not None:
+                    return code  # else the daemon refused its host paths: run directly, as this user
     if old_debug:  # `cove --debug` shows tracebacks; this one was renamed so the two are not confused
         click.echo("cove: note: `cove run --debug` is now `cove run --debug-enclave`", err=True)
         debug_shell = True

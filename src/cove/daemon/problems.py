@@ -19,6 +19,7 @@ TYPE_PREFIX = "urn:cove:daemon:error:"
 KINDS: dict[str, tuple[int, str]] = {
     "InvalidRequest": (400, "The request is malformed"),
     "Forbidden": (403, "Only root and the cove group may use the daemon"),
+    "HostPaths": (403, "Only root's instances may name host paths through the daemon"),
     "NotFound": (404, "No such enclave, image or route"),
     "MethodNotAllowed": (405, "This route does not take this method"),
     "Conflict": (409, "The name is taken or the enclave's state forbids this"),

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cove.config import host_paths
 from cove.errors import CoveError, IntegrityError
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
@@ -53,6 +54,12 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
         return _unmeasured(bundle, folder, exc)
     verified = _cluster_settings(bundle, verified)
     config = verified.config
+    named = host_paths(config)
+    if named:  # opened as root for whoever made the pod: the engine's mounts are the way in (refused too)
+        raise BundleError(
+            f"the image's cove.toml names host paths ({'; '.join(named)}): cove-runtime runs enclaves as root "
+            "for the container engine, and opens no host path an image names; run such an instance with `cove run`"
+        )
     process = bundle.process
     if encrypted is None:
         if config.process.user == "root":  # the common case, without loading the launcher before the fork
