@@ -17,10 +17,12 @@ import grp
 import http.server
 import json
 import os
+import re
 import select
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from cove.daemon.problems import Problem, from_cove_error
 from cove.daemon.registry import ConflictError, Enclave, Registry, owns
 from cove.runtime.procfs import children, process_start, sandbox_init
 
+from cove.config import Config, host_paths
 from cove.daemon.supervisor import parse_restart
 from cove.decode import decode_json
 from cove.errors import CoveError, ExitCode, NotFoundError
@@ -59,6 +62,8 @@ EXEC_KEEP = (16 << 20, 1 << 20)  # the most of stdout and of stderr an exec with
 EXEC_TIMEOUT, EXEC_TIMEOUT_MAX = 300.0, 86400.0  # seconds an exec without a stream may run
 
 START_TIMEOUT = 30.0
+READ_TIMEOUT = 30.0  # seconds a request's line, headers and body may pause (COVE_DAEMON_READ_TIMEOUT)
+MAX_CONNECTIONS = 256  # open connections per uid other than root (COVE_DAEMON_MAX_CONNECTIONS)
 RECOVER_GRACE = 2.0
 JSON = dict[str, Any]
 JSONList = list[dict[str, Any]]
@@ -177,9 +182,16 @@ class Daemon:
             )
         if not instance.is_absolute():
             raise Problem("InvalidRequest", "instance must be an absolute path")
-        if not (instance / "cove.toml").is_file():
+        _check_path(instance)
+        if signer_hex is not None and not re.fullmatch("[0-9a-fA-F]{64}", signer_hex):
+            raise Problem("InvalidRequest", "signer must be 64 hex digits")
+        _check_owner(instance, uid)  # first: a member learns nothing of what lies in folders not its own
+        try:
+            found = (instance / "cove.toml").is_file()
+        except OSError as exc:
+            raise Problem("InvalidRequest", f"instance {instance}: {exc.strerror}") from None
+        if not found:
             raise NotFoundError(f"no Cove instance in {instance} (no cove.toml)", "run `cove new NAME`, or give -C DIR")
-        _check_owner(instance, uid)
         signer = bytes.fromhex(signer_hex) if signer_hex else None
         started = time.monotonic()
         try:
@@ -193,6 +205,8 @@ class Daemon:
                     ExitCode.FILE_SYSTEM,
                 ) from None
             raise
+        if uid not in image.users:  # an unchanged build the import cache answered: this run claims the image too
+            image = self.store.claim(image.id, uid)
         if new:
             log(
                 "image_imported",
@@ -203,6 +217,8 @@ class Daemon:
             )
             self.events.emit("image", "import", image.id, name=image.name)
         config = self.imports.verified(image).config
+        if uid != 0:
+            _refuse_host_paths(config, uid)
         allowed = set(config.env.passthrough)
         passthrough = {k: v for k, v in env.items() if k in allowed and isinstance(v, str)}
         # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
@@ -570,29 +586,46 @@ class Daemon:
 
     # -- images
 
-    def images(self) -> JSONList:
+    def images(self, uid: int = 0) -> JSONList:
+        """Root sees every image; another user only those it imported or ran, and counts only its enclaves."""
         used: dict[str, int] = {}
         for enclave in self.registry.all():
-            used[enclave.record["image"]] = used.get(enclave.record["image"], 0) + 1
-        return [dict(image.summary(), enclaves=used.get(image.id, 0)) for image in self.store.list()]
+            if owns(enclave, uid):
+                used[enclave.record["image"]] = used.get(enclave.record["image"], 0) + 1
+        return [
+            dict(image.summary(), enclaves=used.get(image.id, 0))
+            for image in self.store.list()
+            if uid == 0 or uid in image.users
+        ]
 
-    def remove_image(self, ident: str, force: bool) -> JSON:
+    def remove_image(self, ident: str, force: bool, uid: int = 0) -> JSON:
+        """Root removes the image; another user drops its own claim, and the image goes with the last claim."""
+        if force and uid != 0:
+            raise Problem("Forbidden", "only root may remove an image by force", ExitCode.REFUSED)
         image = self.store.get(ident)
+        if uid != 0 and uid not in image.users:
+            raise NotFoundError(f"no image {ident!r} in the store", "`cove images` lists them")
         users = [e for e in self.registry.all() if e.record["image"] == image.id]
-        if users and not force:
+        mine = [e for e in users if owns(e, uid)]
+        if mine and not force:
             raise ConflictError(
-                f"image {image.id[:12]} is used by {len(users)} enclave(s) ({', '.join(e.name for e in users[:3])})",
+                f"image {image.id[:12]} is used by {len(mine)} enclave(s) ({', '.join(e.name for e in mine[:3])})",
                 "remove them with `cove rm` first",
             )
-        if any(not self.registry.settle(e).ended for e in users):
+        if any(not self.registry.settle(e).ended for e in mine):
             raise ConflictError(f"image {image.id[:12]} is used by a running enclave", "stop it first")
-        self.store.remove(image.id)
+        if uid == 0:
+            self.store.remove(image.id)
+        elif not self.store.release(image.id, uid, keep=len(mine) < len(users))[1]:
+            return {"id": image.id, "blobs_removed": 0, "bytes_freed": 0}  # others use it: only the claim went
         self.imports.forget(image.id)
         blobs, freed = self.store.collect()
         self.events.emit("image", "remove", image.id, name=image.name)
         return {"id": image.id, "blobs_removed": blobs, "bytes_freed": freed}
 
-    def prune(self) -> JSON:
+    def prune(self, uid: int = 0) -> JSON:
+        if uid != 0:
+            raise Problem("Forbidden", "only root may prune the image store", ExitCode.REFUSED)
         blobs, freed = self.store.collect()
         return {"blobs_removed": blobs, "bytes_freed": freed}
 
@@ -667,19 +700,49 @@ def _field(body: JSON, name: str, kind: type, default: Any = ...) -> Any:
     return value
 
 
+def _refuse_host_paths(config: Config, uid: int) -> None:
+    """The supervisor runs a member's enclave as root: a host path in its cove.toml (a host mount's source, a
+    key file, a CA file) would be opened with root's rights, not the member's. Refused; `cove run` then
+    runs the instance directly, as the member (cove.cli.attached)."""
+    named = host_paths(config)
+    if named:
+        raise Problem(
+            "HostPaths",
+            f"the daemon runs enclaves as root, so an instance of uid {uid} may not name host paths "
+            f"({'; '.join(named)}): run it without the daemon (COVE_NO_DAEMON=1)",
+            ExitCode.USAGE,
+        )
+
+
+def _check_path(instance: Path) -> None:
+    """An instance path the kernel can take: no component over NAME_MAX, nothing that is not a file name."""
+    try:
+        parts = [os.fsencode(part) for part in instance.parts]
+    except UnicodeError:
+        raise Problem("InvalidRequest", "instance is not a valid file name") from None
+    if any(len(part) > 255 for part in parts):
+        raise Problem("InvalidRequest", "instance has a path component longer than 255 bytes")
+
+
 def _check_owner(instance: Path, uid: int) -> None:
-    """A user other than root may only start an instance whose folders are its own."""
+    """A user other than root may only start an instance whose folders are its own. Made before anything
+    else is looked at, and every way of failing it is the same answer, so that a member learns nothing of
+    what exists in folders it cannot read (a missing path and another's cove.toml look alike)."""
     if uid == 0:
         return
     for path in (instance, instance / "image", instance / "build", instance / "cove.toml"):
         try:
             st = os.lstat(path)
         except OSError:
-            raise NotFoundError(f"{path} is missing") from None
-        if st.st_uid != uid:
-            raise Problem("Forbidden", f"{path} does not belong to uid {uid}", ExitCode.REFUSED)
-        if os.path.islink(path):  # its owner is the link's; the store opens nothing through a link for a user
-            raise Problem("Forbidden", f"{path} is a symbolic link: give the folder itself", ExitCode.REFUSED)
+            st = None
+        # a link's owner is the link's: the store opens nothing through a link for a user
+        if st is None or st.st_uid != uid or stat.S_ISLNK(st.st_mode):
+            raise Problem(
+                "Forbidden",
+                f"{instance} is missing or does not belong to uid {uid}: the instance folder, its image/, build/ "
+                "and cove.toml must be that user's own, and none a symbolic link",
+                ExitCode.REFUSED,
+            )
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it from 3.?, not always
@@ -718,6 +781,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"cove-daemon/{__version__}"
     daemon: Daemon  # set on the class by serve()
+    # a client that pauses longer while sending its request line, headers or body is disconnected (a
+    # thread each would otherwise be held for good); cleared once the request is read (streams, waits)
+    timeout = READ_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         return  # requests are logged as JSON in _handle
@@ -775,10 +841,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status = self._problem(from_cove_error(exc))
         except (BrokenPipeError, ConnectionResetError):
             status = 499
+        except TimeoutError:  # the body stalled: no answer, the connection is closed
+            self.close_connection = True
+            status = 408
         except Exception as exc:  # noqa: BLE001 - a fault is logged, answered 500, and the daemon goes on
             log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
             status = self._problem(Problem("Internal", None, ExitCode.SANDBOX))
         finally:
+            if not self.close_connection:  # the next request on this connection is read with the timeout again
+                self.connection.settimeout(self.timeout)
             log(
                 "request",
                 method=method,
@@ -812,6 +883,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, query: dict[str, str]) -> int:
         parts = [p for p in path.split("/") if p]
         body = self._body() if method in ("POST", "PUT", "PATCH") else {}
+        self.connection.settimeout(None)  # read whole: waits, streams and exec sessions have their own ends
         if not parts or parts[0] != client_mod.API:
             raise Problem("NotFound", f"no route {path}; the API is under /{client_mod.API}/")
         d = self.daemon
@@ -870,13 +942,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._json(200, answer)
         if route == ["images"]:
             allow("GET")
-            return self._json(200, d.images())
+            return self._json(200, d.images(self.peer_uid))
         if route == ["images", "prune"]:
             allow("POST")
-            return self._json(200, d.prune())
+            return self._json(200, d.prune(self.peer_uid))
         if len(route) == 2 and route[0] == "images":
             allow("DELETE")
-            return self._json(200, d.remove_image(route[1], _flag(query, "force")))
+            return self._json(200, d.remove_image(route[1], _flag(query, "force"), self.peer_uid))
         if route == ["events"]:
             allow("GET")
             since = _number(query.get("since", 0), "since")
@@ -981,8 +1053,42 @@ def _number(value: Any, name: str) -> float:
 
 
 class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Each connection on a thread of its own; at most ``max_connections`` open at once per uid other
+    than root, so that no member can take the daemon's threads and descriptors (root is not counted)."""
+
     daemon_threads = True
     request_queue_size = 256
+    max_connections = MAX_CONNECTIONS
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        self.open_connections: dict[int, int] = {}
+        self.open_lock = threading.Lock()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        uid = _peer_uid(request)
+        with self.open_lock:
+            count = self.open_connections.get(uid, 0)
+            if uid != 0 and count >= self.max_connections:
+                count = -1
+            else:
+                self.open_connections[uid] = count + 1
+        if count < 0:
+            _refuse_connection(request, uid, self.max_connections)
+            return False
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        uid = _peer_uid(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.open_lock:
+                left = self.open_connections.get(uid, 1) - 1
+                if left > 0:
+                    self.open_connections[uid] = left
+                else:
+                    self.open_connections.pop(uid, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A fault outside a route (typically a client gone while its connection is read or flushed):
@@ -991,6 +1097,28 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
             return  # the client left: its request was already logged
         log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
+
+
+def _peer_uid(connection: socket.socket) -> int:
+    return int(struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1])
+
+
+def _refuse_connection(connection: socket.socket, uid: int, cap: int) -> None:
+    """Answer a connection over the cap with a 503 problem, written without waiting (a fresh socket's buffer
+    holds it; a peer that does not read loses it), before its request is read: the accepting thread never blocks."""
+    problem = Problem("Forbidden", f"uid {uid} already has {cap} connections open to the daemon; close some")
+    problem.kind, problem.status, problem.title = "TooManyConnections", 503, "Too many connections from this user"
+    problem.exit_code = ExitCode.REFUSED
+    data = json.dumps(problem.document()).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        connection.send(head.encode() + data, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    log("connection_refused", level="warning", uid=uid, open=cap)
 
 
 def bind(path: str, gid: int | None) -> UnixServer:
@@ -1020,6 +1148,20 @@ def bind(path: str, gid: int | None) -> UnixServer:
     return server
 
 
+def _setting(name: str, default: float) -> float:
+    """A positive number from the environment (the daemon's limits; docs/node.md), else the default."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number <= 1e6:
+        raise CoveError(f"{name}={value!r} is not a positive number", "unset it, or give a number up to 1e6")
+    return number
+
+
 def serve(
     root: Path,
     socket_path: str,
@@ -1046,7 +1188,9 @@ def serve(
             raise CoveError(f"--metrics {metrics}: cannot listen there ({exc})", "give a free ADDRESS:PORT") from None
         log("metrics", address=metrics)
     Handler.daemon = daemon
+    Handler.timeout = _setting("COVE_DAEMON_READ_TIMEOUT", READ_TIMEOUT)
     server = bind(socket_path, daemon.gid)
+    server.max_connections = int(_setting("COVE_DAEMON_MAX_CONNECTIONS", MAX_CONNECTIONS))
     stopping = threading.Event()
 
     def leave(_signum: int, _frame: object) -> None:

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 from cove import hostids
 from cove.decode import Fields, decode_json
@@ -46,7 +47,9 @@ from cove.image.artifacts import VerifiedBuild
 from cove.image.tree import DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
 BUILD_FILES = (artifacts.MANIFEST, artifacts.SIGNATURE, artifacts.TREE)
-META_KEYS = ("name", "measurement", "signer", "files", "bytes", "imported")  # image.json (docs/node.md)
+META_KEYS = ("name", "measurement", "signer", "files", "bytes", "imported", "users")  # image.json (docs/node.md)
+ROOT_ONLY = (0,)  # the users of an image recorded before the store kept them: root's
+MAX_USERS = 65536
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class StoredImage:
     root: Path
     config: Path
     build: Path
+    users: tuple[int, ...] = ROOT_ONLY  # the uids that imported (or ran) it, in the order they came
 
     def summary(self) -> dict:
         return {
@@ -121,9 +125,13 @@ class ImageStore:
             data = (folder / "image.json").read_bytes()
         except OSError as exc:
             raise file_system_error(exc) from None
-        meta = Fields(decode_json(data, CoveError, what, limit=65536), what, CoveError, allowed=META_KEYS)
+        meta = Fields(decode_json(data, CoveError, what, limit=1 << 20), what, CoveError, allowed=META_KEYS)
         imported = meta.value("imported", (int, float))
         assert isinstance(imported, (int, float))  # checked just above
+        listed = meta.list("users", min_items=1, max_items=MAX_USERS, default=ROOT_ONLY)
+        users = tuple(uid for uid in listed if isinstance(uid, int) and not isinstance(uid, bool) and 0 <= uid < 2**32)
+        if len(users) != len(listed):
+            raise meta.fail("users", "must be a list of uids")
         return StoredImage(
             folder.name,
             meta.text("name"),
@@ -135,6 +143,7 @@ class ImageStore:
             folder / "root",
             folder / "cove.toml",
             folder / "build",
+            users,
         )
 
     def list(self) -> list[StoredImage]:
@@ -210,12 +219,13 @@ class ImageStore:
                     )
                 ident = image_id(verified)
                 stored = (self.images / ident).is_dir()
+                claimant = 0 if reader is None else reader
                 if stored and reader is None:
-                    return self._load(self.images / ident), False
+                    return self._claimed(self._load(self.images / ident), claimant), False
                 # (for another user: even so; its new blobs are then dropped, not published)
                 files, size = self._fill(base, work / "root", verified, reader, keep=not stored)
                 if stored:
-                    return self._load(self.images / ident), False
+                    return self._claimed(self._load(self.images / ident), claimant), False
                 meta = {
                     "name": verified.config.enclave.name,
                     "measurement": verified.measurement.hex(),
@@ -223,6 +233,7 @@ class ImageStore:
                     "files": files,
                     "bytes": size,
                     "imported": time.time(),
+                    "users": [claimant],
                 }
                 _write_durably(work / "image.json", json.dumps(meta).encode())
                 os.rename(work, self.images / ident)
@@ -283,6 +294,7 @@ class ImageStore:
         size = 0
         # every folder is opened relative to its parent, never following a link, and every check is made on
         # what was opened: a folder swapped for a symbolic link mid-import leads nowhere else
+        listed = {entry.path: entry for entry in verified.entries}  # a file the listing does not match stops the copy
         top = _open_folder(instance, "image", "/")
         _check_readable(os.fstat(top), "image", reader)
         stack: list[tuple[int, Iterator[str], str, str]] = []
@@ -317,8 +329,13 @@ class ImageStore:
                     if owner is not None:
                         os.lchown(dst, *owner)
                 elif stat.S_ISREG(st.st_mode):
+                    want = listed.get(rel)
+                    if want is None or want.type != FILE or want.size != st.st_size:
+                        _changed(want, Entry(rel, FILE, stat.S_IMODE(st.st_mode), st.st_size))
                     digest, length, mode, stored = self._blob(folder, name, rel, owner, reader, pending)
                     os.link(stored, dst)
+                    if length != want.size or not hmac.compare_digest(digest, want.digest):
+                        _changed(want, Entry(rel, FILE, mode, length, digest))
                     actual.append(Entry(rel, FILE, mode, length, digest))
                     size += length
                 else:
@@ -392,10 +409,49 @@ class ImageStore:
         """Remove an image's tree; its blobs go at the next collection if no other image links them."""
         with self._locked():
             image = self.get(ident)
-            doomed = self.tmp / f"rm-{image.id}-{os.urandom(4).hex()}"
-            os.rename(self.images / image.id, doomed)  # gone from images/ at once
-            _remove_tree(doomed)
+            self._remove_unlocked(image)
         return image
+
+    def _remove_unlocked(self, image: StoredImage) -> None:
+        doomed = self.tmp / f"rm-{image.id}-{os.urandom(4).hex()}"
+        os.rename(self.images / image.id, doomed)  # gone from images/ at once
+        _remove_tree(doomed)
+
+    def claim(self, ident: str, uid: int) -> StoredImage:
+        """Record that ``uid`` uses the image (a run that skipped the import); NotFoundError if it is gone."""
+        with self._locked():
+            return self._claimed(self.get(ident), uid)
+
+    def release(self, ident: str, uid: int, keep: bool = False) -> tuple[StoredImage, bool]:
+        """Drop ``uid``'s claim on the image; the image itself goes with its last claim, unless ``keep`` (another
+        user's enclave still names it): then it is root's, as a record from before the store kept users.
+        (image, removed)."""
+        with self._locked():
+            image = self.get(ident)
+            users = tuple(u for u in image.users if u != uid) or (ROOT_ONLY if keep else ())
+            if users:
+                if users != image.users:
+                    self._write_users(image, users)
+                return image, False
+            self._remove_unlocked(image)
+            return image, True
+
+    def _claimed(self, image: StoredImage, uid: int) -> StoredImage:
+        """The image with ``uid`` among its users (image.json rewritten if it was not); under the lock."""
+        if uid in image.users or len(image.users) >= MAX_USERS:
+            return image
+        self._write_users(image, (*image.users, uid))
+        return self._load(self.images / image.id)
+
+    def _write_users(self, image: StoredImage, users: tuple[int, ...]) -> None:
+        """Replace image.json whole (a temporary file in tmp/, fsynced, renamed over it): a crash leaves the
+        old record or the new one, and at worst a stray file in tmp/ that the next collection removes."""
+        meta = dict(image.summary(), users=list(users))
+        del meta["id"]
+        tmp = self.tmp / f".image-{os.getpid()}-{os.urandom(6).hex()}.json"
+        _write_durably(tmp, json.dumps(meta).encode())
+        os.rename(tmp, self.images / image.id / "image.json")
+        _fsync_path(self.images / image.id, os.O_DIRECTORY)
 
     def collect(self) -> tuple[int, int]:
         """Remove leftovers of interrupted imports and blobs no image links; (blobs, bytes) freed."""
@@ -478,6 +534,14 @@ def _hash_range(update: Callable[[memoryview], None], fd: int, offset: int, leng
     with mmap.mmap(fd, offset + length - start, prot=mmap.PROT_READ, offset=start) as mapped:
         with memoryview(mapped) as view, view[offset - start :] as part:
             update(part)
+
+
+def _changed(listed: Entry | None, found: Entry) -> NoReturn:
+    """A file of the image that is not as the signed listing says: the import stops there, before copying more."""
+    what = difference([listed] if listed is not None else [], [found]) or f"{found.path} differs"
+    raise IntegrityError(
+        f"image changed since the build: {what}", "rebuild with `cove build` if the change is intended"
+    )
 
 
 def _write_durably(path: Path, data: bytes) -> None:
