@@ -17,7 +17,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from cove.k8s import crds
-from cove.kbs.client import AdminClient
+from cove.kbs.client import AdminClient, KbsError
 from tests.conftest import COVE
 from tests.k8s.conftest import free_port
 
@@ -57,13 +57,27 @@ def broker(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-def _secret(name: str, data: dict[str, bytes]) -> dict:
+def _secret(name: str, data: dict[str, bytes], importable_by: str | None = None) -> dict:
+    meta: dict = {"name": name, "namespace": NS}
+    if importable_by is not None:
+        meta["annotations"] = {"cove.dev/importable-by": importable_by}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": meta,
         "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }
+
+
+def _body(policy: str) -> str:
+    """What the broker holds: the owner marker on the first line, then the policy's text."""
+    held, rest = policy.split("\n", 1)
+    assert held.startswith("# cove.dev/owner: "), held
+    return rest
+
+
+def _markers(admin) -> set[str]:
+    return {p["name"] for p in admin.policies() if p["name"].startswith("cove-owner.")}
 
 
 def _cr(kind: str, name: str, spec: dict) -> dict:
@@ -193,7 +207,7 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
 
         await cluster.create(f"{API}/enclavepolicies", _cr("EnclavePolicy", "app", {"broker": "kbs", "policy": POLICY}))
         await cluster.until(f"{API}/enclavepolicies/app", _phase("Ready", policyId="app", policyVersion=1))
-        assert admin.policy("app")["body"] == POLICY
+        assert _body(admin.policy("app")["body"]) == POLICY
 
         await cluster.create(
             f"{API}/enclavesecrets",
@@ -203,7 +217,9 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
                 {"broker": "kbs", "path": "prod/volume/data", "policy": "app", "generate": {"kind": "aes-256"}},
             ),
         )
-        await cluster.create(f"/api/v1/namespaces/{NS}/secrets", _secret("flags", {"value": b'{"beta": true}'}))
+        await cluster.create(
+            f"/api/v1/namespaces/{NS}/secrets", _secret("flags", {"value": b'{"beta": true}'}, "other, flags")
+        )
         await cluster.create(
             f"{API}/enclavesecrets",
             _cr(
@@ -229,7 +245,7 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
         # An update: the policy's text changes, the secret rotates; the broker follows, once.
         await cluster.patch(f"{API}/enclavepolicies/app", {"spec": {"policy": POLICY_2}, "metadata": {"generation": 2}})
         await cluster.until(f"{API}/enclavepolicies/app", _phase("Ready", policyVersion=2))
-        assert admin.policy("app")["body"] == POLICY_2
+        assert _body(admin.policy("app")["body"]) == POLICY_2
         await cluster.patch(f"{API}/enclavesecrets/volume", {"spec": {"rotation": 1}, "metadata": {"generation": 2}})
         await cluster.until(f"{API}/enclavesecrets/volume", _phase("Ready", currentVersion=2, rotation=1))
         assert admin.secret("prod/volume/data")["version"] == 2
@@ -245,10 +261,95 @@ async def test_policies_and_secrets_follow_their_objects(kmock, broker, monkeypa
         for name in ("volume", "flags"):
             await cluster.delete(f"{API}/enclavesecrets/{name}")
             await cluster.until(f"{API}/enclavesecrets/{name}", lambda obj: obj is None)
-        assert {s["path"] for s in admin.secrets()} == set()
+        assert {s["path"] for s in admin.secrets()} == set() and _markers(admin) == set()
         await cluster.delete(f"{API}/enclavepolicies/app")
         await cluster.until(f"{API}/enclavepolicies/app", lambda obj: obj is None)
         assert "app" not in {p["name"] for p in admin.policies()}
+
+
+async def _error(cluster: Cluster, path: str, words: str) -> None:
+    failed = await cluster.until(path, _phase("Error"))
+    assert words in failed["status"]["message"], failed["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_entries_and_secrets_of_others_are_not_taken(kmock, broker, monkeypatch):
+    """M3: no import without the Secret's opt-in; no adopting, and no deleting, of another object's broker entry."""
+    cluster, admin = Cluster(kmock), broker["admin"]
+    await _external_broker(cluster, broker, "kbs2")
+    admin.put_policy("hand-policy", POLICY)  # an administrator's own entries, made without the operator
+    admin.create_secret("made/by/hand", "aes-256", "hand-policy")
+    async with Operator(monkeypatch, kmock):
+        await cluster.create(
+            f"{API}/enclavepolicies", _cr("EnclavePolicy", "own", {"broker": "kbs2", "policy": POLICY})
+        )
+        await cluster.until(f"{API}/enclavepolicies/own", _phase("Ready"))
+        secret = {"broker": "kbs2", "path": "prod/db/key", "policy": "own", "generate": {"kind": "aes-256"}}
+        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "db", secret))
+        await cluster.until(f"{API}/enclavesecrets/db", _phase("Ready", currentVersion=1))
+
+        # A second object with the same path, or the same broker policy name, takes nothing over.
+        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "thief", dict(secret, exportable=True)))
+        await _error(cluster, f"{API}/enclavesecrets/thief", "belongs to EnclaveSecret apps/db uid=")
+        await cluster.create(
+            f"{API}/enclavepolicies",
+            _cr("EnclavePolicy", "thief", {"broker": "kbs2", "policy": POLICY_2, "name": "own"}),
+        )
+        await _error(cluster, f"{API}/enclavepolicies/thief", "belongs to EnclavePolicy apps/own uid=")
+        # An entry made outside the operator is not adopted either.
+        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "hand", dict(secret, path="made/by/hand")))
+        await _error(cluster, f"{API}/enclavesecrets/hand", "no owner marker")
+        # Deleting the intruders leaves the owners' entries where they were.
+        for kind, name in (("enclavesecrets", "thief"), ("enclavepolicies", "thief"), ("enclavesecrets", "hand")):
+            await cluster.delete(f"{API}/{kind}/{name}")
+            await cluster.until(f"{API}/{kind}/{name}", lambda obj: obj is None)
+        held = admin.secret("prod/db/key")
+        assert held["version"] == 1 and held["policy"] == "own" and not held["exportable"]
+        assert _body(admin.policy("own")["body"]) == POLICY
+        assert admin.secret("made/by/hand")["kind"] == "aes-256"
+
+        # Import: only from a Secret whose annotation names the importing EnclaveSecret.
+        imported = dict(secret, path="prod/cfg/token", exportable=True)
+        del imported["generate"]
+        imported["import"] = {"name": "token"}
+        await cluster.create(f"/api/v1/namespaces/{NS}/secrets", _secret("token", {"value": b"t0ken"}))
+        await cluster.create(f"{API}/enclavesecrets", _cr("EnclaveSecret", "token", imported))
+        await _error(cluster, f"{API}/enclavesecrets/token", "annotate the Secret cove.dev/importable-by=token")
+        await cluster.patch(
+            f"/api/v1/namespaces/{NS}/secrets/token", {"metadata": {"annotations": {"cove.dev/importable-by": "tok"}}}
+        )
+        tried = (await cluster.get(f"{API}/enclavesecrets/token"))["status"]["retries"]
+        await cluster.until(f"{API}/enclavesecrets/token", lambda o: o["status"]["retries"] > tried)  # tried again
+        await _error(cluster, f"{API}/enclavesecrets/token", "does not let EnclaveSecret 'token' import it")
+        with pytest.raises(KbsError):
+            admin.secret("prod/cfg/token")
+        await cluster.patch(
+            f"/api/v1/namespaces/{NS}/secrets/token",
+            {"metadata": {"annotations": {"cove.dev/importable-by": "token"}}},
+        )
+        await cluster.patch(f"{API}/enclavesecrets/token", {"metadata": {"labels": {"again": "2"}, "generation": 3}})
+        await cluster.until(f"{API}/enclavesecrets/token", _phase("Ready", currentVersion=1))
+        assert admin.export("prod/cfg/token") == b"t0ken"
+
+        # Synced before owner markers existed: its own status names the path, so it is taken back, marked.
+        admin.create_secret("legacy/db/key", "aes-256", "own")
+        legacy = _cr("EnclaveSecret", "legacy", dict(secret, path="legacy/db/key"))
+        legacy["status"] = {"phase": "Ready", "currentVersion": 1, "baseVersion": 1}
+        await cluster.create(f"{API}/enclavesecrets", legacy)
+        await cluster.until(f"{API}/enclavesecrets/legacy", _phase("Ready", path="legacy/db/key"))
+        assert len(_markers(admin)) == 3  # db, token, legacy
+
+        for kind, name in (
+            ("enclavesecrets", "token"),
+            ("enclavesecrets", "db"),
+            ("enclavesecrets", "legacy"),
+            ("enclavepolicies", "own"),
+        ):
+            await cluster.delete(f"{API}/{kind}/{name}")
+            await cluster.until(f"{API}/{kind}/{name}", lambda obj: obj is None)
+        assert {s["path"] for s in admin.secrets()} == {"made/by/hand"} and _markers(admin) == set()
+    admin.delete_secret("made/by/hand")
+    admin.delete_policy("hand-policy")
 
 
 @pytest.mark.asyncio

@@ -14,7 +14,9 @@ up to five minutes; finalizers remove policies and secrets from the broker.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +40,16 @@ DEFAULT_IMAGE = "cove/kbs:0.1.0"
 MAX_DELAY = 300
 ADMIN_KEY_LIMIT = 65536  # an admin key file is a name, a URL and one JWK
 FINALIZER = f"operator.{GROUP}/cleanup"
+# A Secret may be copied into a broker only if this annotation names the importing
+# EnclaveSecret (names separated by commas): creating an EnclaveSecret must not let
+# anyone read a Secret with the operator's rights.
+IMPORTABLE_BY = f"{GROUP}/importable-by"
+# The owner marker: the first line of every policy the operator writes into a broker.
+OWNER_MARK = f"# {GROUP}/owner: "
+# An EnclaveSecret's owner marker is a policy of its own (the broker keeps no metadata
+# with a secret): this prefix and a hash of the path; it releases nothing.
+SECRET_MARKER_PREFIX = "cove-owner."
+MARKER_BODY = "types = []\n"  # no evidence type is acceptable: never attached to a secret anyway
 
 log = logging.getLogger("cove.k8s.operator")
 
@@ -347,6 +359,50 @@ def _missing(exc: Exception) -> bool:
     return getattr(exc, "status", None) == 404
 
 
+# -- owners of broker entries ----------------------------------------------------------------------
+def _owner(kind: str, namespace: str, name: str, meta: Mapping[str, Any]) -> str:
+    """Who made a broker entry: the object's kind, namespace, name and uid (a re-created object is another)."""
+    return f"{kind} {namespace}/{name} uid={meta.get('uid', '')}"
+
+
+def _marked(owner: str, body: str) -> str:
+    return f"{OWNER_MARK}{owner}\n{body}"
+
+
+def _owner_of(body: str) -> str | None:
+    """The owner a policy's text names on its first line, or None (made outside the operator, or before markers)."""
+    first = body.split("\n", 1)[0]
+    return first[len(OWNER_MARK) :] if first.startswith(OWNER_MARK) else None
+
+
+def _held(admin: AdminClient, policy: str) -> tuple[bool, str | None]:
+    """Whether the broker has POLICY, and the owner its marker names."""
+    from cove.kbs.client import KbsError
+
+    try:
+        body = str(admin.policy(policy).get("body") or "")
+    except KbsError as exc:
+        if not _missing(exc):
+            raise
+        return False, None
+    return True, _owner_of(body)
+
+
+def _secret_marker(path: str) -> str:
+    """The name of the policy that records which EnclaveSecret made the broker secret at PATH."""
+    return SECRET_MARKER_PREFIX + hashlib.sha256(path.encode()).hexdigest()[:40]
+
+
+def _ours(held: str | None, owner: str, legacy: bool) -> bool:
+    """An entry is ours if its marker names us, or it has none and our status says we made it (before markers)."""
+    return held == owner or (held is None and legacy)
+
+
+def _not_ours(what: str, held: str | None) -> Failure:
+    by = held or "nothing Cove's operator made (no owner marker)"
+    return Failure(f"{what} already exists in the broker and belongs to {by}; it is not adopted")
+
+
 # -- EnclavePolicy ---------------------------------------------------------------------------------
 def _policy_name(spec: Mapping[str, Any], name: str) -> str:
     chosen: str = spec.get("name") or name
@@ -371,24 +427,26 @@ def enclave_policy(
     where = _namespaced(namespace)
     policy_name = _policy_name(spec, name)
     old = status.get("policyId")
+    owner = _owner("EnclavePolicy", where, name, meta)
+    want = _marked(owner, spec["policy"])
 
     def work() -> None:
         with Broker(where, spec["broker"]) as admin:
-            try:
-                current = admin.policy(policy_name)
-            except KbsError as exc:
-                if not _missing(exc):
-                    raise
-                current = None
-            if current is None or current.get("body") != spec["policy"]:
-                admin.put_policy(policy_name, spec["policy"])
+            present, held = _held(admin, policy_name)
+            if present and not _ours(held, owner, legacy=old == policy_name):
+                raise _not_ours(f"policy {policy_name!r}", held)
+            current = admin.policy(policy_name) if present else None
+            if current is None or current.get("body") != want:
+                admin.put_policy(policy_name, want)
                 current = admin.policy(policy_name)
             if old and old != policy_name:  # renamed: the old name goes once the new one is in
-                try:
-                    admin.delete_policy(old)
-                except KbsError as exc:
-                    if not _missing(exc):
-                        raise
+                present, held = _held(admin, old)
+                if present and _ours(held, owner, legacy=True):
+                    try:
+                        admin.delete_policy(old)
+                    except KbsError as exc:
+                        if not _missing(exc):
+                            raise
             _ready(patch, meta.get("generation"), policyId=policy_name, policyVersion=current.get("version"))
 
     _sync(patch, retry, work)
@@ -396,16 +454,33 @@ def enclave_policy(
 
 @kopf.on.delete(GROUP, VERSION, "enclavepolicies")
 def enclave_policy_gone(
-    spec: kopf.Spec, name: str, namespace: str | None, patch: kopf.Patch, retry: int, status: kopf.Status, **_: Any
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    patch: kopf.Patch,
+    retry: int,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    **_: Any,
 ) -> None:
     from cove.kbs.client import KbsError
 
     where = _namespaced(namespace)
+    policy_name = status.get("policyId") or _policy_name(spec, name)
+    owner = _owner("EnclavePolicy", where, name, meta)
 
     def work() -> None:
         with Broker(where, spec["broker"]) as admin:
+            present, held = _held(admin, policy_name)
+            if not present:
+                return
+            if not _ours(held, owner, legacy=status.get("policyId") == policy_name):
+                log.warning(
+                    "EnclavePolicy %s/%s deleted; policy %r belongs to %s, left alone", where, name, policy_name, held
+                )
+                return
             try:
-                admin.delete_policy(status.get("policyId") or _policy_name(spec, name))
+                admin.delete_policy(policy_name)
             except KbsError as exc:
                 if not _missing(exc):  # 409: a secret still uses it; retried until that secret goes
                     raise
@@ -424,14 +499,27 @@ def _broker_policy(namespace: str, policy: str) -> str:
     return policy_id
 
 
-def _imported(namespace: str, spec: Mapping[str, Any]) -> bytes | None:
+def _imported(namespace: str, spec: Mapping[str, Any], importer: str) -> bytes | None:
+    """The value of the Secret spec.import names, if that Secret lets IMPORTER (an EnclaveSecret) take it."""
     ref = spec.get("import")
     if not ref:
         return None
-    value = api().secret_value(namespace, ref["name"], ref.get("key", "value"))
-    if value is None:
+    secret = api().get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
+    if secret is None:
         raise Failure(f"Secret {ref['name']!r} to import not found in {namespace}")
-    return value
+    allowed = str(((secret.get("metadata") or {}).get("annotations") or {}).get(IMPORTABLE_BY, ""))
+    if importer not in {part.strip() for part in allowed.split(",")}:
+        raise Failure(
+            f"Secret {ref['name']!r} does not let EnclaveSecret {importer!r} import it: "
+            f"annotate the Secret {IMPORTABLE_BY}={importer}"
+        )
+    data = (secret.get("data") or {}).get(ref.get("key", "value"))
+    if not isinstance(data, str):
+        raise MissingKey(f"Secret {ref['name']!r} has no key {ref.get('key', 'value')!r}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise Failure(f"Secret {ref['name']!r}: key {ref.get('key', 'value')!r} is not base64") from None
 
 
 @kopf.on.resume(GROUP, VERSION, "enclavesecrets")
@@ -439,6 +527,7 @@ def _imported(namespace: str, spec: Mapping[str, Any]) -> bytes | None:
 @kopf.on.update(GROUP, VERSION, "enclavesecrets")
 def enclave_secret(
     spec: kopf.Spec,
+    name: str,
     namespace: str | None,
     patch: kopf.Patch,
     retry: int,
@@ -453,9 +542,14 @@ def enclave_secret(
     if bool(spec.get("generate")) == bool(spec.get("import")):
         raise kopf.PermanentError("an EnclaveSecret has exactly one of spec.generate and spec.import")
 
+    owner = _owner("EnclaveSecret", where, name, meta)
+    marker = _secret_marker(path)
+    # Before owner markers: this object's status says it made the secret at this path.
+    legacy = status.get("currentVersion") is not None and status.get("path", path) == path
+
     def work() -> None:
         policy = _broker_policy(where, spec["policy"])
-        value = _imported(where, spec)
+        value = _imported(where, spec, name)
         with Broker(where, spec["broker"]) as admin:
             try:
                 current = admin.secret(path)
@@ -463,6 +557,11 @@ def enclave_secret(
                 if not _missing(exc):
                     raise
                 current = None
+            marked, held = _held(admin, marker)
+            if (marked and held != owner) or (current is not None and not _ours(held, owner, legacy)):
+                raise _not_ours(f"secret {path!r}", held)
+            if not marked:  # the marker first: a crash before the secret leaves an entry that is ours
+                admin.put_policy(marker, _marked(owner, MARKER_BODY))
             rotation = int(spec.get("rotation", 0))
             if current is None:
                 generate = spec.get("generate") or {}
@@ -497,23 +596,42 @@ def enclave_secret(
                 rotation=rotation,
                 baseVersion=base,
                 brokerPolicy=current["policy"],
+                path=path,
             )
 
     _sync(patch, retry, work)
 
 
 @kopf.on.delete(GROUP, VERSION, "enclavesecrets")
-def enclave_secret_gone(spec: kopf.Spec, namespace: str | None, patch: kopf.Patch, retry: int, **_: Any) -> None:
+def enclave_secret_gone(
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    patch: kopf.Patch,
+    retry: int,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    **_: Any,
+) -> None:
     from cove.kbs.client import KbsError
 
     where = _namespaced(namespace)
+    path = spec["path"]
+    owner = _owner("EnclaveSecret", where, name, meta)
+    legacy = status.get("currentVersion") is not None and status.get("path", path) == path
 
     def work() -> None:
         with Broker(where, spec["broker"]) as admin:
-            try:
-                admin.delete_secret(spec["path"])
-            except KbsError as exc:
-                if not _missing(exc):
-                    raise
+            marked, held = _held(admin, _secret_marker(path))
+            if not _ours(held, owner, legacy):  # another object's, or made outside the operator
+                if marked:
+                    log.warning("EnclaveSecret %s/%s deleted; secret %r is %s's, left alone", where, name, path, held)
+                return
+            for delete, what in ((admin.delete_secret, path), (admin.delete_policy, _secret_marker(path))):
+                try:
+                    delete(what)
+                except KbsError as exc:
+                    if not _missing(exc):
+                        raise
 
     _sync(patch, retry, work)
