@@ -210,3 +210,27 @@ def shut_down(node: Node) -> None:
         pass
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(node.socket_dir, ignore_errors=True)
+
+
+def node_server_processes(root: Path) -> list[int]:
+    """The processes of the node's /dev/attestation server serving root's mount: servers and their mount
+    watchers (forks of them, with the same command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"cove.daemon.attestation" in argv and os.fsencode(root / "attestation") in argv:
+            found.append(int(entry))
+    return found
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])

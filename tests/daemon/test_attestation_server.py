@@ -28,6 +28,7 @@ from cove.daemon import attestation
 from cove.platform import devattest, monitor
 from cove.platform.state import Paths
 from tests.conftest import ROOT, require
+from tests.daemon.conftest import node_server_processes, parent_pid
 
 IDENTITY = {
     "measurement": "0a" * 32,
@@ -42,26 +43,10 @@ IDENTITY = {
 
 
 def _servers(root: Path) -> list[int]:
-    """The pids of node servers serving root's mount (only this test starts them)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"cove.daemon.attestation" in argv and os.fsencode(root / "attestation") in argv:
-            found.append(int(entry))
-    return [pid for pid in found if _parent(pid) not in found]  # a server's fork (its mount watcher) is no server
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+    """The pids of node servers serving root's mount (only this test starts them); a server's fork (its
+    mount watcher) is no server."""
+    found = node_server_processes(root)
+    return [pid for pid in found if parent_pid(pid) not in found]
 
 
 def _stop(root: Path) -> None:

@@ -27,6 +27,7 @@ from cove import util
 from cove.daemon import attestation
 from cove.platform import devattest
 from tests.conftest import require
+from tests.daemon.conftest import node_server_processes, parent_pid
 
 STARTER = "import sys, pathlib; from cove.daemon import attestation; print(attestation.ensure_server(pathlib.Path(sys.argv[1])))"
 
@@ -91,34 +92,11 @@ def node(request) -> Iterator[Node]:
     try:
         yield found
     finally:
-        for pid in _servers(root):  # whatever a failed test left: servers, then the mount
+        for pid in node_server_processes(root):  # whatever a failed test left: servers, then the mount
             os.kill(pid, signal.SIGKILL)
         devattest.unmount(str(found.mountpoint))
         shutil.rmtree(base, ignore_errors=True)
         assert util.mount_device(str(found.mountpoint)) is None, "a mount stayed"
-
-
-def _servers(root: Path) -> list[int]:
-    """The node servers (and their watchers: forks of them) serving root's mount (only this test starts them)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"cove.daemon.attestation" in argv and os.fsencode(root / "attestation") in argv:
-            found.append(int(entry))
-    return found
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def _watcher_of(server: int, seconds: float = 30) -> int:
@@ -136,7 +114,7 @@ def _watcher_of(server: int, seconds: float = 30) -> int:
 
 
 def _servers_children(server: int) -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == server]
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and parent_pid(int(e)) == server]
 
 
 def _alive(pid: int) -> bool:
