@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, require
+from tests.conftest import COVE, ROOT, require
 from tests.daemon.conftest import Node, make_hello_instance, shut_down
 
 MEMBER = 4243
@@ -242,3 +242,25 @@ def test_a_stalled_request_is_cut_and_a_member_over_the_cap_is_refused(node, tes
         member.wait()
         for sock in roots_held:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("COVE_DAEMON_READ_TIMEOUT", "0"), ("COVE_DAEMON_READ_TIMEOUT", "nan"), ("COVE_DAEMON_MAX_CONNECTIONS", "-1e9")],
+)
+def test_a_bad_limit_stops_the_start_with_one_line(tmp_path, name, value):
+    """Checked before the daemon makes anything: one line, exit 2, no folder, no socket."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVE_")}
+    env[name] = value
+    root, sock = tmp_path / "root", tmp_path / "d.sock"
+    done = subprocess.run(
+        [COVE, "daemon", "--root", str(root), "--socket", str(sock)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr == (
+        f"cove: error: {name}={value!r} is not a positive number (unset it, or give a number up to 1e6)\n"
+    )
+    assert not root.exists() and not sock.exists()

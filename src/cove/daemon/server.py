@@ -1176,6 +1176,8 @@ def serve(
             "cove daemon runs as root (it owns the image store and starts enclaves for others)",
             "start it with sudo or as the systemd unit scripts/setup installs",
         )
+    timeout = _setting("COVE_DAEMON_READ_TIMEOUT", READ_TIMEOUT)  # before anything is started
+    cap = max(1, int(_setting("COVE_DAEMON_MAX_CONNECTIONS", MAX_CONNECTIONS)))
     daemon = Daemon(root, socket_path, group, log_max_bytes, log_files)
     daemon.recover()
     if metrics:
@@ -1188,9 +1190,9 @@ def serve(
             raise CoveError(f"--metrics {metrics}: cannot listen there ({exc})", "give a free ADDRESS:PORT") from None
         log("metrics", address=metrics)
     Handler.daemon = daemon
-    Handler.timeout = _setting("COVE_DAEMON_READ_TIMEOUT", READ_TIMEOUT)
+    Handler.timeout = timeout
     server = bind(socket_path, daemon.gid)
-    server.max_connections = int(_setting("COVE_DAEMON_MAX_CONNECTIONS", MAX_CONNECTIONS))
+    server.max_connections = cap
     stopping = threading.Event()
 
     def leave(_signum: int, _frame: object) -> None:
