@@ -220,6 +220,13 @@ def test_a_stalled_request_is_cut_and_a_member_over_the_cap_is_refused(node, tes
         sock.connect(node.socket)
         sock.sendall(b"GET /v1/ver")
         roots_held.append(sock)
+    body_stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # whole headers, 2 of 10 body bytes
+    body_stalled.settimeout(30)
+    body_stalled.connect(node.socket)
+    body_stalled.sendall(
+        b"POST /v1/enclaves HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{}"
+    )
+    roots_held.append(body_stalled)
     member = _member(node, test_group, "hold", str(CAP), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         over = json.loads(member.stdout.readline())["over"]
@@ -235,8 +242,9 @@ def test_a_stalled_request_is_cut_and_a_member_over_the_cap_is_refused(node, tes
         assert ended["closed"] == [""] * CAP  # the daemon hung up: no answer to half a request line
         assert ended["after"] < READ_TIMEOUT + 10 and ended["again"] == 200  # and their slots are free again
         started = time.monotonic()
-        assert [sock.recv(100) for sock in roots_held] == [b""] * (CAP + 1)  # root's stall too
+        assert [sock.recv(100) for sock in roots_held] == [b""] * (CAP + 2)  # root's stalls too, the body's
         assert time.monotonic() - started < READ_TIMEOUT + 10
+        assert '"path": "/v1/enclaves", "status": 408' in node.log.read_text()
     finally:
         member.kill()
         member.wait()
