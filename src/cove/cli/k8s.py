@@ -66,7 +66,7 @@ def k8s() -> None:
     "--run-dir",
     default="/run/cove",
     show_default=True,
-    help="The node service's runtime folder, mounted into enclave containers.",
+    help="The node service's runtime folder (its socket, for the plugin's health probe; never handed to pods).",
 )
 @click.option("--daemon-socket", help="The node service's socket (default RUN_DIR/cove.sock).")
 @click.option(
