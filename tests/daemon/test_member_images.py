@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -212,7 +213,23 @@ def test_a_member_learns_nothing_of_folders_it_cannot_read(node, instances, test
 
 def test_a_stalled_request_is_cut_and_a_member_over_the_cap_is_refused(node, test_group):
     """CAP half-sent request lines as the member: the next member connection gets a 503 problem while root
-    gets in (with more connections held than the cap); all the stalled ones are closed after the timeout."""
+    gets in (with more connections held than the cap); all the stalled ones are closed after the timeout, and
+    so is one that sends a byte of its request line every 0.3 s (the deadline is for the whole request)."""
+    trickled: list[float] = []
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(node.socket)
+            started = time.monotonic()
+            try:
+                for byte in b"GET /v1/version HTTP/1.1" * 4:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            except (BrokenPipeError, ConnectionResetError):
+                trickled.append(time.monotonic() - started)
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
     roots_held = []
     for _ in range(CAP + 1):  # root is not capped
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -245,6 +262,8 @@ def test_a_stalled_request_is_cut_and_a_member_over_the_cap_is_refused(node, tes
         assert [sock.recv(100) for sock in roots_held] == [b""] * (CAP + 2)  # root's stalls too, the body's
         assert time.monotonic() - started < READ_TIMEOUT + 10
         assert '"path": "/v1/enclaves", "status": 408' in node.log.read_text()
+        trickler.join()
+        assert trickled and trickled[0] < READ_TIMEOUT + 3, trickled
     finally:
         member.kill()
         member.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import grp
 import http.server
+import io
 import json
 import os
 import re
@@ -62,7 +63,7 @@ EXEC_KEEP = (16 << 20, 1 << 20)  # the most of stdout and of stderr an exec with
 EXEC_TIMEOUT, EXEC_TIMEOUT_MAX = 300.0, 86400.0  # seconds an exec without a stream may run
 
 START_TIMEOUT = 30.0
-READ_TIMEOUT = 30.0  # seconds a request's line, headers and body may pause (COVE_DAEMON_READ_TIMEOUT)
+READ_TIMEOUT = 30.0  # seconds for a request's line, headers and body to arrive (COVE_DAEMON_READ_TIMEOUT)
 MAX_CONNECTIONS = 256  # open connections per uid other than root (COVE_DAEMON_MAX_CONNECTIONS)
 RECOVER_GRACE = 2.0
 JSON = dict[str, Any]
@@ -777,13 +778,57 @@ def _kill(pid: int | None, signum: int) -> None:
             pass
 
 
+class _Deadline(io.RawIOBase):
+    """The socket under a handler's rfile: while a request is read, every read waits only until ``limit``
+    seconds after that request's first read, so a client that sends a byte now and then is cut off as
+    surely as one that stops (a timeout per read alone would let it hold a thread for good)."""
+
+    def __init__(self, raw: Any, connection: socket.socket, limit: float) -> None:
+        super().__init__()
+        self.raw, self.connection, self.limit = raw, connection, limit
+        self.deadline: float | None = None
+        self.armed = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self.armed:
+            now = time.monotonic()
+            if self.deadline is None:
+                self.deadline = now + self.limit
+            if now >= self.deadline:
+                raise TimeoutError("the request did not arrive in time")
+            self.connection.settimeout(self.deadline - now)
+        return int(self.raw.readinto(buffer))
+
+    def start(self) -> None:
+        """The next request: its own deadline, from its first read."""
+        self.deadline, self.armed = None, True
+
+    def stop(self) -> None:
+        """The request is read: no deadline and no timeout (waits, streams and exec sessions have their own ends)."""
+        self.armed = False
+        self.connection.settimeout(None)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"cove-daemon/{__version__}"
     daemon: Daemon  # set on the class by serve()
-    # a client that pauses longer while sending its request line, headers or body is disconnected (a
-    # thread each would otherwise be held for good); cleared once the request is read (streams, waits)
+    # a client that takes longer to send its request line, headers and body is disconnected (a thread
+    # each would otherwise be held for good); lifted once the request is read (streams, waits)
     timeout = READ_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.reading = _Deadline(self.rfile.detach(), self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reading)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         return  # requests are logged as JSON in _handle
@@ -848,8 +893,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log("fault", level="error", error=repr(exc), trace=traceback.format_exc(limit=8))
             status = self._problem(Problem("Internal", None, ExitCode.SANDBOX))
         finally:
-            if not self.close_connection:  # the next request on this connection is read with the timeout again
-                self.connection.settimeout(self.timeout)
+            if not self.close_connection:  # the next request on this connection has a deadline again
+                self.reading.start()
             log(
                 "request",
                 method=method,
@@ -883,7 +928,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, query: dict[str, str]) -> int:
         parts = [p for p in path.split("/") if p]
         body = self._body() if method in ("POST", "PUT", "PATCH") else {}
-        self.connection.settimeout(None)  # read whole: waits, streams and exec sessions have their own ends
+        self.reading.stop()  # read whole: waits, streams and exec sessions have their own ends
         if not parts or parts[0] != client_mod.API:
             raise Problem("NotFound", f"no route {path}; the API is under /{client_mod.API}/")
         d = self.daemon
