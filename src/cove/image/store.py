@@ -12,6 +12,10 @@ is killed leaves only files and a folder under ``tmp/``, which the next
 :meth:`ImageStore.collect` removes, never a partial image (docs/node.md: the
 order of the writes).
 
+Each image's ``image.json`` also names the uids that imported or ran it
+(``users``; a record from before is root's), so the daemon shows and removes
+a user's own images only; it is replaced whole (temporary file, fsync, rename).
+
 Only root can enter the store (mode 0700). Tree files belong to the
 enclave's host ids (cove.hostids) as a private copy does, so an enclave sees
 its files as its own, but enclaves get the tree through a read-only bind and
