@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cove import hostids
 from cove.errors import CoveError, IntegrityError
+from cove.image.paths import make_folder_in_image
 from cove.image.tree import CHUNK, DIRECTORY, FILE, SYMLINK, Entry, difference, root_hash
 
 WORKERS = 2
@@ -169,12 +170,10 @@ def _copy_file(src: str, dst: str | None, rel: str, owner: tuple[int, int] | Non
 
 
 def add_mount_points(root: Path, targets: list[str]) -> None:
-    """Create the empty folders mounts need in the private root (never in the image)."""
+    """Create the empty folders mounts need in the private root (never in the image), never outside it: a
+    link in the image on a target's way is followed within the image (cove.image.paths)."""
     for target in list(ALWAYS) + [t.lstrip("/") for t in targets]:
-        path = root / target
-        if os.path.lexists(path):
-            continue
         try:
-            os.makedirs(path, mode=0o755)
+            make_folder_in_image(root, "/" + target)
         except OSError as exc:
             raise CoveError(f"cannot make mount point /{target}: {exc.strerror}") from None

@@ -14,6 +14,7 @@ import os
 import posixpath
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from contextlib import ExitStack, contextmanager
@@ -29,7 +30,7 @@ from cove.image import elf, staging
 from cove.image.artifacts import VerifiedBuild
 from cove.image.encryption import EncryptedImage
 from cove.image.identity import EnclaveIdentity
-from cove.image.paths import resolve_in_image
+from cove.image.paths import open_in_image, resolve_in_image
 from cove.runtime import backend as backend_mod
 from cove.runtime import enclave_services as services_mod
 from cove.runtime.backend import LaunchSpec
@@ -73,16 +74,42 @@ def resolve_user(user: str, root: Path) -> tuple[int, int]:
     if user[0].isdigit():
         uid, _, gid = user.partition(":")
         return int(uid), int(gid or uid)
-    try:
-        for line in (root / "etc" / "passwd").read_text().splitlines():
-            fields = line.split(":")
-            if len(fields) >= 4 and fields[0] == user:
+    for line in _image_passwd(root).splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == user:
+            try:
                 return int(fields[2]), int(fields[3])
-    except (OSError, ValueError):
-        pass
+            except ValueError:
+                break
     raise CoveError(
         f"user {user!r} is not in the image's /etc/passwd", 'add it there, or use "UID:GID" in [process] user'
     )
+
+
+MAX_PASSWD = 1 << 20
+
+
+def _image_passwd(root: Path) -> str:
+    """The image's /etc/passwd ("" when there is none), read by a process that may be root (the daemon,
+    a supervisor, cove-runtime): links followed within the image only, a regular file only, at most
+    MAX_PASSWD bytes, so an image's link to the host's /etc/shadow, a FIFO or /dev/zero reads nothing."""
+    try:
+        fd = open_in_image(root, "/etc/passwd")
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CoveError("the image's /etc/passwd is not a regular file", 'use "UID:GID" in [process] user')
+        data = b""
+        while len(data) <= MAX_PASSWD and (chunk := os.read(fd, 1 << 16)):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PASSWD:
+        raise CoveError(
+            f"the image's /etc/passwd is larger than {MAX_PASSWD >> 20} MiB", 'use "UID:GID" in [process] user'
+        )
+    return data.decode("utf-8", "replace")
 
 
 def build_environment(config: Config, host: dict[str, str] | None = None) -> dict[str, str]:
