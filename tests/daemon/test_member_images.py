@@ -25,6 +25,7 @@ from tests.daemon.conftest import Node, make_hello_instance, shut_down
 MEMBER = 4243
 READ_TIMEOUT = 2  # seconds, for this module's daemon (COVE_DAEMON_READ_TIMEOUT)
 CAP = 3  # connections per member (COVE_DAEMON_MAX_CONNECTIONS)
+ENCLAVES = 2  # enclaves not yet ended per member (COVE_DAEMON_MAX_ENCLAVES)
 
 # the member's side: requests through http.client on the unix socket (standard library only), or, with
 # "hold", CAP half-sent request lines held open, one more connection read, then (after a line on stdin)
@@ -92,6 +93,7 @@ def node(cove, test_group, tmp_path_factory):
     node = Node(Path(str(tmp_path_factory.mktemp("node"))), cove)
     node.cove.env["COVE_DAEMON_READ_TIMEOUT"] = str(READ_TIMEOUT)
     node.cove.env["COVE_DAEMON_MAX_CONNECTIONS"] = str(CAP)
+    node.cove.env["COVE_DAEMON_MAX_ENCLAVES"] = str(ENCLAVES)
     node.start()
     yield node
     shut_down(node)
@@ -127,6 +129,37 @@ def _run_as_member(node: Node, group: int, instance: Path) -> None:
     assert status == 201, view
     node.until(view["id"], "exited")
     assert node.api("DELETE", f"/v1/enclaves/{view['id']}")[0] == 200
+
+
+def test_a_member_runs_at_most_its_share_of_enclaves(node, instances, test_group):
+    """Each enclave is a supervisor, a sandbox and cgroups on the node: a member's running ones are capped
+    (429 TooManyEnclaves, nothing registered); ended ones do not count, and root is not capped."""
+    start = (
+        "POST",
+        "/v1/enclaves",
+        {"instance": str(instances["mine-member"]), "program": "/bin/hello", "args": ["600"]},
+    )
+    answers = as_member(node, test_group, *[start] * (ENCLAVES + 1))
+    made = [view["id"] for status, view in answers if status == 201]
+    try:
+        assert len(made) == ENCLAVES, answers
+        status, problem = answers[-1]
+        assert status == 429 and problem["kind"] == "TooManyEnclaves" and problem["exit_code"] == 6, problem
+        assert "COVE_DAEMON_MAX_ENCLAVES" in problem["detail"]
+        mine = [e["id"] for e in as_member(node, test_group, ("GET", "/v1/enclaves?all=true"))[0][1]]
+        assert sorted(mine) == sorted(made), "a refused start left an enclave"
+        roots = [
+            node.cove.ok("run", "-d", "/bin/hello", "600", cwd=instances["roots"]).stdout.strip() for _ in range(3)
+        ]
+        made += roots  # root is not capped
+        node.api("POST", f"/v1/enclaves/{made[0]}/kill?signal=KILL")
+        node.until(made[0], "exited")  # an ended enclave no longer counts
+        [(status, view)] = as_member(node, test_group, start)
+        assert status == 201, view
+        made.append(view["id"])
+    finally:
+        for ident in made:
+            node.api("DELETE", f"/v1/enclaves/{ident}?force=true")
 
 
 def test_a_member_sees_and_removes_only_its_own_images(node, instances, test_group):

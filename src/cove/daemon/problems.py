@@ -26,6 +26,8 @@ KINDS: dict[str, tuple[int, str]] = {
     "TooLarge": (413, "The request body is too large"),
     "UnsupportedMediaType": (415, "The body must be JSON"),
     "Unprocessable": (422, "The request is well formed but cannot be carried out"),
+    "TooManyEnclaves": (429, "This user runs as many enclaves as the daemon allows"),
+    "TooManyConnections": (503, "Too many connections from this user"),
     "InsufficientStorage": (507, "The store's disk is full"),
     "Internal": (500, "An internal error; the daemon's log has it"),
 }

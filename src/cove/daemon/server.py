@@ -65,6 +65,7 @@ EXEC_TIMEOUT, EXEC_TIMEOUT_MAX = 300.0, 86400.0  # seconds an exec without a str
 START_TIMEOUT = 30.0
 READ_TIMEOUT = 30.0  # seconds for a request's line, headers and body to arrive (COVE_DAEMON_READ_TIMEOUT)
 MAX_CONNECTIONS = 256  # open connections per uid other than root (COVE_DAEMON_MAX_CONNECTIONS)
+MAX_ENCLAVES = 128  # enclaves not yet ended per uid other than root (COVE_DAEMON_MAX_ENCLAVES)
 RECOVER_GRACE = 2.0
 JSON = dict[str, Any]
 JSONList = list[dict[str, Any]]
@@ -124,6 +125,7 @@ class Daemon:
             log("no_group", level="warning", group=group, detail="only root may use the daemon")
         self.group = group
         self.log_max_bytes, self.log_files = log_max_bytes, log_files  # rotation of the enclaves' logs
+        self.max_enclaves = MAX_ENCLAVES  # per uid other than root (serve sets it from the environment)
         self.events = Events(self.root / "events.jsonl")  # a bounded journal: events outlive the daemon
         self.lock = threading.Lock()
         self.metrics: Metrics | None = None  # when --metrics is given
@@ -220,6 +222,14 @@ class Daemon:
         config = self.imports.verified(image).config
         if uid != 0:
             _refuse_host_paths(config, uid)
+            running = sum(1 for e in self.registry.all() if e.record.get("uid") == uid and not e.ended)
+            if running >= self.max_enclaves:  # each is a supervisor, a sandbox and its cgroups on the node
+                raise Problem(
+                    "TooManyEnclaves",
+                    f"uid {uid} already runs {running} enclaves, the most the daemon allows a user other than "
+                    "root (COVE_DAEMON_MAX_ENCLAVES): stop or remove some",
+                    ExitCode.REFUSED,
+                )
         allowed = set(config.env.passthrough)
         passthrough = {k: v for k, v in env.items() if k in allowed and isinstance(v, str)}
         # root's enclaves keep their state in instance/run, as `cove run` does; another user's folder is
@@ -1151,9 +1161,11 @@ def _peer_uid(connection: socket.socket) -> int:
 def _refuse_connection(connection: socket.socket, uid: int, cap: int) -> None:
     """Answer a connection over the cap with a 503 problem, written without waiting (a fresh socket's buffer
     holds it; a peer that does not read loses it), before its request is read: the accepting thread never blocks."""
-    problem = Problem("Forbidden", f"uid {uid} already has {cap} connections open to the daemon; close some")
-    problem.kind, problem.status, problem.title = "TooManyConnections", 503, "Too many connections from this user"
-    problem.exit_code = ExitCode.REFUSED
+    problem = Problem(
+        "TooManyConnections",
+        f"uid {uid} already has {cap} connections open to the daemon; close some",
+        ExitCode.REFUSED,
+    )
     data = json.dumps(problem.document()).encode()
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
@@ -1223,6 +1235,7 @@ def serve(
         )
     timeout = _setting("COVE_DAEMON_READ_TIMEOUT", READ_TIMEOUT)  # before anything is started
     cap = max(1, int(_setting("COVE_DAEMON_MAX_CONNECTIONS", MAX_CONNECTIONS)))
+    enclaves = max(1, int(_setting("COVE_DAEMON_MAX_ENCLAVES", MAX_ENCLAVES)))
     daemon = Daemon(root, socket_path, group, log_max_bytes, log_files)
     daemon.recover()
     if metrics:
@@ -1234,6 +1247,7 @@ def serve(
         except (OSError, ValueError) as exc:
             raise CoveError(f"--metrics {metrics}: cannot listen there ({exc})", "give a free ADDRESS:PORT") from None
         log("metrics", address=metrics)
+    daemon.max_enclaves = enclaves
     Handler.daemon = daemon
     Handler.timeout = timeout
     server = bind(socket_path, daemon.gid)
