@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/ioctl.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -138,6 +139,37 @@ int main(int argc, char **argv) {
     if (!strcmp(check, "umask")) { mode_t mask = umask(0); printf("%03o\n", (unsigned)mask); return 0; }
     if (!strcmp(check, "kill")) { raise(atoi(argv[2])); return 0; }
     if (!strcmp(check, "echo")) { char buf[256]; ssize_t n = read(0, buf, sizeof buf); if (n > 0) fwrite(buf, 1, n, stdout); return 0; }
+    if (!strcmp(check, "fill")) { /* fill FILE MB: write up to MB megabytes into FILE, report how many went in */
+        static char block[1 << 20];
+        size_t wanted = strtoul(argv[3], 0, 10), done = 0;
+        int fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0) { printf("fill: open: %s\n", strerror(errno)); return 1; }
+        memset(block, 1, sizeof block);
+        for (; done < wanted; done++)
+            if (write(fd, block, sizeof block) != (ssize_t)sizeof block) break;
+        printf("fill: wrote %zu MB\n", done);
+        fflush(stdout);
+        return done == wanted ? 0 : 1;
+    }
+    if (!strcmp(check, "nr")) { /* nr NUMBER: that raw syscall with zero arguments */
+        long nr = strtol(argv[2], 0, 10);
+        printf("nr %ld: ", nr);
+        return report("result", syscall(nr, 0, 0, 0, 0, 0));
+    }
+    if (!strcmp(check, "sti")) { /* sti TEXT: TIOCSTI TEXT into fds 0-2 and /dev/tty; 1 if any went in */
+        int pushed = 0, tty = open("/dev/tty", O_RDWR | O_NOCTTY);
+        printf("sid %d\n", (int)getsid(0));
+        if (tty < 0) printf("sti tty: open %s\n", strerror(errno));
+        int fds[4] = {0, 1, 2, tty};
+        for (int i = 0; i < 4; i++) {
+            if (fds[i] < 0) continue;
+            size_t n = 0;
+            for (const char *c = argv[2]; *c && ioctl(fds[i], TIOCSTI, c) == 0; c++) n++;
+            if (n) { printf("sti %d: pushed %zu\n", i, n); pushed = 1; }
+            else printf("sti %d: denied %s\n", i, strerror(errno));
+        }
+        return pushed;
+    }
     fprintf(stderr, "probe: unknown check %s\n", check);
     return 2;
 }

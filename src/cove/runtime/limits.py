@@ -29,6 +29,17 @@ def memory_text(size: int) -> str:
     return str(size)
 
 
+def tmpfs_size(resources: ResourcesSection, requested: int | None = None) -> int:
+    """The size of a tmpfs the sandbox makes: its requested size, at most resources.memory.
+
+    Under rlimits nothing charges tmpfs pages to the enclave, so an unsized tmpfs (half of the
+    host's RAM) or a larger one would let a program store more than its memory limit in files. A
+    size of 0 (unlimited to the kernel) or none is the memory limit; a larger one is capped to it.
+    """
+    memory = resources.memory
+    return memory if not requested else min(requested, memory)
+
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

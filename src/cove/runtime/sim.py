@@ -37,7 +37,7 @@ from cove.config import ResourcesSection, parse_size
 from cove.errors import CoveError, OutOfMemoryError, SandboxError, SetupError
 from cove.runtime import seccomp
 from cove.runtime.backend import Availability, Backend, LaunchSpec, RunningEnclave, find_tool
-from cove.runtime.limits import Limits, detect_mode, memory_text
+from cove.runtime.limits import Limits, detect_mode, memory_text, tmpfs_size
 from cove.runtime import terminal
 from cove.image.staging import chown_tree
 
@@ -176,17 +176,22 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
     ]
     if config.network.mode != "host":
         args.append("--unshare-net")
-    if not spec.interactive:
-        args.append("--new-session")
+    # Always a new session: a program left in the caller's session could push keystrokes into the
+    # user's shell (TIOCSTI) through /dev/tty, debug run or not. Only the enclave's own pty is bound.
+    own_terminal = spec.interactive and terminal.is_own(0)
+    args.append("--new-session")
     args += ["--ro-bind", source(str(spec.root)), "/", "--proc", "/proc", "--dev", "/dev", *proc_arguments()]
-    if spec.interactive and os.isatty(0):  # the enclave's own terminal (cove.runtime.terminal): the
-        # program leads a new session and takes /dev/tty as its controlling terminal, for job control
-        args += ["--new-session", "--as-pid-1", "--dev-bind", os.ttyname(0), "/dev/tty"]
+    # bwrap's /dev is an unsized tmpfs: /dev/shm gets its own tmpfs of at most resources.memory, and
+    # /dev itself is made read-only at the end (after every mount point in it exists)
+    args += ["--size", str(tmpfs_size(config.resources)), "--perms", "1777", "--tmpfs", "/dev/shm"]
+    if own_terminal:  # the enclave's own terminal (cove.runtime.terminal): the program leads the
+        # new session and takes /dev/tty as its controlling terminal, for job control
+        args += ["--as-pid-1", "--dev-bind", os.ttyname(0), "/dev/tty"]
     for mount in config.mounts:
         if mount.type == "tmpfs":
             options = dict(mount.options)
-            if "size" in options:
-                args += ["--size", str(parse_size(options["size"]))]
+            requested = parse_size(options["size"]) if "size" in options else None
+            args += ["--size", str(tmpfs_size(config.resources, requested))]
             args += ["--perms", options.get("mode", "1777")]
             args += ["--tmpfs", mount.target]
         elif mount.type == "host":
@@ -204,6 +209,7 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
             args += ["--bind" if mount.writable else "--ro-bind", source(mount.source), mount.target]
     for bind in spec.binds:
         args += ["--bind" if bind.writable else "--ro-bind", source(str(bind.host)), bind.target]
+    args += ["--remount-ro", "/dev"]
     args += ["--chdir", config.process.cwd, "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--"]
     return args + list(spec.argv)
 
@@ -284,10 +290,12 @@ class SimEnclave(RunningEnclave):
                 f"the sandbox failed to start (bwrap exited with {code})",
                 "see bwrap's message above; `cove info` checks the host",
             )
-        if self.exit_code is None:  # bwrap reports no exit code when setting up the enclave failed
-            if self.limits.oom_kills():
+        if self.exit_code is None:  # no exit code: setting up the enclave failed, or bwrap itself was killed
+            if self.limits.oom_kills():  # bwrap may be the one the kernel picks, the program having run and
+                # filled memory (its tmpfs files count too): say what is known, not that it never started
                 raise OutOfMemoryError(
-                    f"killed: out of memory before the program started ({memory})",
+                    f"killed: out of memory ({memory}): the enclave, tmpfs files included, reached it and the "
+                    "sandbox was killed",
                     "raise resources.memory in cove.toml and rebuild",
                 )
             raise SandboxError(
