@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -157,7 +158,7 @@ int main(int argc, char **argv) {
         return report("result", syscall(nr, 0, 0, 0, 0, 0));
     }
     if (!strcmp(check, "sti")) { /* sti TEXT: TIOCSTI TEXT into fds 0-2 and /dev/tty; 1 if any went in */
-        int pushed = 0, tty = open("/dev/tty", O_RDWR | O_NOCTTY);
+        int pushed = 0, tty = open("/dev/tty", O_RDWR); /* a session leader takes it, as a shell */
         printf("sid %d\n", (int)getsid(0));
         if (tty < 0) printf("sti tty: open %s\n", strerror(errno));
         int fds[4] = {0, 1, 2, tty};
@@ -169,6 +170,15 @@ int main(int argc, char **argv) {
             else printf("sti %d: denied %s\n", i, strerror(errno));
         }
         return pushed;
+    }
+    if (!strcmp(check, "tty-settings")) { /* echo off and a 1x1 window on the terminal at fd 1 */
+        struct termios attrs;
+        struct winsize size = {.ws_row = 1, .ws_col = 1};
+        if (tcgetattr(1, &attrs)) { printf("tty-settings: %s\n", strerror(errno)); return 1; }
+        attrs.c_lflag &= ~ECHO;
+        int failed = tcsetattr(1, TCSANOW, &attrs) | ioctl(1, TIOCSWINSZ, &size);
+        printf("tty-settings: %s\n", failed ? strerror(errno) : "changed");
+        return failed ? 1 : 0;
     }
     fprintf(stderr, "probe: unknown check %s\n", check);
     return 2;
