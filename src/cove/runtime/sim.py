@@ -215,10 +215,18 @@ def bwrap_arguments(spec: LaunchSpec, seccomp_fd: int, status_fd: int, source=la
 
 
 class SimEnclave(RunningEnclave):
-    def __init__(self, spec: LaunchSpec, process: subprocess.Popen, status_read: int, limits: Limits):
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        process: subprocess.Popen,
+        status_read: int,
+        limits: Limits,
+        settings: terminal.Settings | None = None,
+    ):
         super().__init__(spec, SimBackend.name, ISOLATION)
         self.process = process
         self.limits = limits
+        self.settings = settings  # the user's terminal settings, put back at stop
         self.init_pid: int | None = None
         self.exit_code: int | None = None
         self._started = threading.Event()
@@ -314,6 +322,8 @@ class SimEnclave(RunningEnclave):
             self.process.kill()
             self.process.wait()
         self.limits.release()
+        if self.settings is not None:
+            self.settings.restore()
 
 
 class SimBackend(Backend):
@@ -365,6 +375,7 @@ class SimBackend(Backend):
                 os.write(error_write, (exc.strerror or str(exc)).encode()[:500])
                 raise
 
+        settings = terminal.Settings()  # before the program can touch the user's terminal
         try:
             args = bwrap_arguments(spec, seccomp_fd, status_write, sources)
             split = len(args) - len(spec.argv) - 1  # the options go through a descriptor; "--" PROGRAM ARGS stay
@@ -393,6 +404,7 @@ class SimBackend(Backend):
             why = os.read(error_read, 600).decode("utf-8", "replace") or "the child failed"
             os.close(status_read)
             limits.release()
+            settings.restore()
             raise CoveError(f"the sandbox could not be prepared: {why}", "`cove info` checks the host") from None
         except BaseException:
             os.close(status_read)
@@ -404,6 +416,7 @@ class SimBackend(Backend):
                 prepared.kill()
                 prepared.wait()
             limits.release()
+            settings.restore()
             raise
         finally:
             os.close(seccomp_fd)
@@ -414,7 +427,7 @@ class SimBackend(Backend):
                 os.close(error_write)
             os.close(error_read)
         laps.lap("spawn")
-        return SimEnclave(spec, process, status_read, limits)
+        return SimEnclave(spec, process, status_read, limits, settings)
 
 
 class Prepared:

@@ -33,6 +33,54 @@ def is_own(fd: int) -> bool:
     return os.isatty(fd) and os.ttyname(fd) in _attached
 
 
+class Settings:
+    """The settings (termios attributes, window size) of the user's terminals on stdin, stdout and
+    stderr, taken before a sandbox starts and put back after it (restore).
+
+    Without its own pseudo-terminal, a program whose stdout is the user's terminal can turn echo off
+    or change the window size; being in another session, nothing stops it, and the change would
+    outlast the run. Only a terminal whose settings changed is written to, with SIGTTOU blocked: a
+    `cove run ... &` in the background is not stopped for it.
+    """
+
+    def __init__(self, fds: tuple[int, ...] = (STDIN, STDOUT, STDERR)) -> None:
+        self._saved: list[tuple[int, list[Any], bytes | None]] = []
+        seen: set[int] = set()
+        for fd in fds:
+            try:
+                if not os.isatty(fd) or is_own(fd) or os.fstat(fd).st_rdev in seen:
+                    continue
+                attributes = termios.tcgetattr(fd)
+                copy = os.dup(fd)  # the same terminal at restore, whatever fd then is
+            except (OSError, termios.error):
+                continue
+            seen.add(os.fstat(copy).st_rdev)
+            self._saved.append((copy, attributes, _window_size(copy)))
+
+    def restore(self) -> None:
+        """Put back what changed since; then forget (a second call does nothing)."""
+        saved, self._saved = self._saved, []
+        for fd, attributes, size in saved:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+            try:
+                if termios.tcgetattr(fd) != attributes:
+                    termios.tcsetattr(fd, termios.TCSANOW, attributes)
+                if size is not None and _window_size(fd) != size:
+                    fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
+            except (OSError, termios.error):
+                pass  # the terminal is gone: nothing to put back
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                os.close(fd)
+
+
+def _window_size(fd: int) -> bytes | None:
+    try:
+        return fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+    except OSError:
+        return None
+
+
 class Terminal:
     """A pseudo-terminal while an interactive enclave starts and runs; use as a context manager."""
 
