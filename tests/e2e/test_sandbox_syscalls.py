@@ -71,7 +71,8 @@ def test_no_keystrokes_reach_the_callers_shell(who, app, tmp_path, stdin):
 
 
 # x86_64 numbers: the reviewed new syscalls answer as documented, the unreviewed ENOSYS, the
-# allowed ones still work; modify_ldt, sysfs, memfd_secret and kcmp are denied by name.
+# allowed ones still work; modify_ldt, sysfs, memfd_secret, kcmp, pidfd_getfd and process_madvise are
+# denied by name.
 @pytest.mark.parametrize(
     ("number", "expected"),
     [
@@ -86,6 +87,8 @@ def test_no_keystrokes_reach_the_callers_shell(who, app, tmp_path, stdin):
         (139, EPERM),  # sysfs
         (447, EPERM),  # memfd_secret
         (312, EPERM),  # kcmp
+        (438, EPERM),  # pidfd_getfd
+        (440, EPERM),  # process_madvise
     ],
 )
 def test_syscalls_newer_than_the_review_are_refused(who, app, number, expected):

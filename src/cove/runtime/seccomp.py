@@ -5,6 +5,8 @@ the compiling; this module is only its ctypes glue and Cove's deny list. The
 compiled program is handed to bubblewrap with ``--seccomp FD``; bubblewrap
 loads it as the last step before it executes the program. Syscalls of other
 architectures (i386, x32) are killed by libseccomp's default bad-arch action.
+A deny list fails open for syscalls added after it was written, so every number
+above the reviewed ones answers ENOSYS (docs/threat-model.md lists them).
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ DENIED_SYSCALLS = (
     "iopl",
     "ioperm",
     "personality",
-    "modify_ldt",  # 16-bit segments: old Wine/DOS emulators only; a source of kernel bugs (Docker denies it too)
-    "sysfs",  # lists the host kernel's file system types (obsolete; /proc/filesystems is masked the same way)
-    "memfd_secret",  # memory removed from the kernel's direct map: pins host memory outside the limits' sight
-    "kcmp",  # compares other processes' kernel objects (a ptrace-class probe; Docker denies it)
+    "modify_ldt",  # 16-bit segments: old Wine/DOS emulators only, a source of kernel bugs (Docker allows it)
+    "sysfs",  # the host kernel's file system types, an obsolete call (Docker denies it)
+    "memfd_secret",  # pages taken out of the kernel's direct map, unswappable; nothing here needs it
+    # ptrace's neighbours, as Docker denies them without CAP_SYS_PTRACE (docs/threat-model.md says what
+    # still reaches a process of the same enclave: /proc/PID/mem)
+    "kcmp",
+    "pidfd_getfd",
+    "process_madvise",
 )
 # Names that are not system calls on some architecture on purpose: skipped there, never silently
 # elsewhere (a misspelt or unknown name in DENIED_SYSCALLS fails the build of the filter).
