@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 
 import pytest
@@ -68,6 +69,31 @@ def test_no_keystrokes_reach_the_callers_shell(who, app, tmp_path, stdin):
         if line.startswith("sti ") and "open" not in line:
             assert EPERM in line or "Inappropriate ioctl" in line, out
     assert not marker.exists()
+
+
+def test_an_interrupt_of_a_debug_run_without_a_terminal_reaches_the_program(who, app):
+    """^C at the user's terminal signals its foreground process group: the launcher's, which relays SIGINT to
+    the program (in a session of its own). The sandbox's outer process is in a group of its own, so it is
+    not killed under the program (which was exit 125, "the sandbox could not set up the enclave")."""
+    process = subprocess.Popen(
+        who.popen_args("run", "--debug-enclave", "/bin/probe", "wait"),
+        cwd=app,
+        env=who.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal sends its foreground group
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130 and "could not set up" not in err, (process.returncode, err)
 
 
 # x86_64 numbers: the reviewed new syscalls answer as documented, the unreviewed ENOSYS, the

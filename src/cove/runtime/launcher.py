@@ -363,7 +363,10 @@ def run_verified(
 def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps | None = None) -> int:
     previous = {}
     enclave = None
-    own_terminal = spec.interactive and chosen.takes_terminal  # vm relays a debug run's terminal itself
+    # the enclave's own pty takes the terminal's signals (vm relays a debug run's terminal itself); any other
+    # run, a debug one whose stdin or stdout is no terminal too, relays them: its program has a session of
+    # its own, out of the terminal's reach
+    own_terminal = spec.interactive and chosen.takes_terminal and Terminal.wanted()
 
     held: list[int] = []  # signals before the enclave exists: relayed once it does, never dropped
 
@@ -381,7 +384,7 @@ def _supervise(chosen: backend_mod.Backend, spec: LaunchSpec, laps: trace.Laps |
     try:
         with ExitStack() as stack:
             terminal = None
-            if own_terminal and Terminal.wanted():
+            if own_terminal:
                 terminal = stack.enter_context(Terminal())
                 terminal.attach()  # the sandbox starts on the enclave's own terminal
             try:

@@ -395,7 +395,7 @@ class SimBackend(Backend):
                     pass_fds=(seccomp_fd, status_write, args_fd),
                     close_fds=True,
                     preexec_fn=child,
-                    process_group=None if spec.interactive else 0,
+                    process_group=None if terminal.is_own(0) else 0,  # else the terminal's ^C is relayed
                     restore_signals=True,
                 )
         except subprocess.SubprocessError:  # the child could not become the enclave's user
