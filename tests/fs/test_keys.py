@@ -133,6 +133,45 @@ def test_key_source_syntax(text, words):
         keys.parse(text)
 
 
+def _hostile_key_file(tmp_path, kind):
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        return "/dev/zero"
+    else:  # oversize: a regular file of many MiB whose first bytes are a valid hex key
+        with open(path, "wb") as out:
+            out.write(os.urandom(16).hex().encode() + b"\n")
+            out.truncate(64 << 20)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "oversize"])
+def test_a_hostile_key_file_is_refused_at_once_without_its_size(tmp_path, kind):
+    """Key files are read as root for others: no blocking, no device, no unbounded read, no size told."""
+    path = _hostile_key_file(tmp_path, kind)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(keys.read_key_file(path))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive() and kind == "fifo":  # let the old code's blocked open go before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert outcome and isinstance(outcome[0], KeySourceError), f"{kind}: {outcome or 'still reading'}"
+    message = outcome[0].message
+    assert "\n" not in message and path in message
+    assert str(64 << 20) not in message and "bytes" not in message
+
+
 def test_key_sources_resolve(tmp_path):
     raw = os.urandom(16)
     (tmp_path / "raw.key").write_bytes(raw)
@@ -140,7 +179,7 @@ def test_key_sources_resolve(tmp_path):
     (tmp_path / "bad.key").write_bytes(b"x" * 20)
     assert keys.resolve(f"file:{tmp_path / 'raw.key'}") == raw
     assert keys.resolve(f"file:{tmp_path / 'hex.key'}") == raw
-    with pytest.raises(KeySourceError, match="holds 20 bytes"):
+    with pytest.raises(KeySourceError, match="holds no key"):
         keys.resolve(f"file:{tmp_path / 'bad.key'}")
     with pytest.raises(KeySourceError, match="not found"):
         keys.resolve(f"file:{tmp_path / 'none.key'}")

@@ -19,7 +19,9 @@ takes the svn the data was sealed at.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,20 +42,37 @@ KINDS = KEY_SOURCE_KINDS
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
+KEY_FILE_MAX = 64  # 32 hex digits with room for surrounding whitespace; more is not a key file, and is not read
+
+
 def read_key_file(path: str | Path) -> bytes:
-    """A key file: 16 raw bytes, or 32 hex digits with optional surrounding whitespace."""
+    """A key file: 16 raw bytes, or 32 hex digits with optional surrounding whitespace.
+
+    Callers run as root for others (a container's image names the path), so the
+    file is opened without blocking or becoming a terminal, must be a regular
+    file, and at most KEY_FILE_MAX + 1 bytes are read; the refusal names no size.
+    """
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeySourceError(f"key file {path} not found", "create one with: head -c16 /dev/urandom > FILE") from None
     except OSError as exc:
         raise KeySourceError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeySourceError(f"key file {path} is not a regular file")
+        try:
+            data = os.read(fd, KEY_FILE_MAX + 1)
+        except OSError as exc:
+            raise KeySourceError(f"cannot read key file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) == KEY_SIZE:
         return data
     text = data.strip()
-    if _HEX_RE.match(text.decode("ascii", "replace")):
+    if len(data) <= KEY_FILE_MAX and _HEX_RE.match(text.decode("ascii", "replace")):
         return bytes.fromhex(text.decode())
-    raise KeySourceError(f"key file {path} holds {len(data)} bytes", "a key file holds 16 raw bytes or 32 hex digits")
+    raise KeySourceError(f"key file {path} holds no key", "a key file holds 16 raw bytes or 32 hex digits")
 
 
 # kind -> function(source, identity, svn) -> 16-byte key; the key broker adds "kbs".
