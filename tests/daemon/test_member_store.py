@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -82,3 +83,29 @@ def test_an_import_stops_at_the_first_file_the_listing_does_not_match(built, tmp
     assert store.list() == [] and list(store.tmp.iterdir()) == []
     store.collect()
     assert list(store.blobs.iterdir()) == []
+
+
+def test_an_encrypted_builds_key_file_is_never_read_by_the_import(built, tmp_path):
+    """The store refuses an --encrypt-image build by looking at build/image.enc alone: the key file, a
+    user's to make, could be a FIFO (the import, holding the store's lock, would wait for ever) or a link
+    to any file (root would read it)."""
+    copy = tmp_path / "enc"
+    shutil.copytree(built, copy, symlinks=True)
+    (copy / "build" / "image.enc").mkdir()
+    os.mkfifo(copy / "build" / "image.key")
+    store = ImageStore(tmp_path / "store")
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            store.import_instance(copy, reader=MEMBER)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the import waited on the key file"
+    assert len(outcome) == 1 and isinstance(outcome[0], CoveError), outcome
+    assert "--encrypt-image is not stored by the node" in str(outcome[0])
+    assert store.list() == [] and list(store.tmp.iterdir()) == []

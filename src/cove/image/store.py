@@ -217,7 +217,7 @@ class ImageStore:
                         )
                     # the copies, not the user's folder: a tampered kernel is never stored under the signed id
                     vmimage.check(build, verified.manifest.launch["measurement"])
-                if encryption.find(instance / "build") is not None:  # even if its plain twin is stored
+                if _has_encrypted_image(source):  # even if its plain twin is stored
                     raise CoveError(
                         "an image built with --encrypt-image is not stored by the node", "run it without the daemon"
                     )
@@ -599,6 +599,15 @@ def _mkdtemp(parent: Path) -> str:
     path = parent / f"import-{os.getpid()}-{os.urandom(6).hex()}"
     path.mkdir(mode=0o700)
     return str(path)
+
+
+def _has_encrypted_image(build: int) -> bool:
+    """Whether the build folder (its descriptor) holds an --encrypt-image volume: looked at, never followed
+    or read (the key file of a user's build, read as root, could be a FIFO or a link to any file)."""
+    try:
+        return stat.S_ISDIR(os.stat(encryption.ENCRYPTED_IMAGE, dir_fd=build, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _open_instance(instance: Path, strict: bool) -> int:
