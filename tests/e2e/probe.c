@@ -157,6 +157,12 @@ int main(int argc, char **argv) {
         printf("nr %ld: ", nr);
         return report("result", syscall(nr, 0, 0, 0, 0, 0));
     }
+    if (!strcmp(check, "ioctl")) { /* ioctl HEX: that request on stdin, with a zero int argument */
+        int arg = 0;
+        unsigned long request = strtoul(argv[2], 0, 16);
+        printf("ioctl %lx: ", request);
+        return report("result", ioctl(0, request, &arg));
+    }
     if (!strcmp(check, "sti")) { /* sti TEXT: TIOCSTI TEXT into fds 0-2 and /dev/tty; 1 if any went in */
         int pushed = 0, tty = open("/dev/tty", O_RDWR); /* a session leader takes it, as a shell */
         printf("sid %d\n", (int)getsid(0));
