@@ -304,9 +304,8 @@ def test_an_encrypted_root_runs_from_the_ciphertext_in_the_image(cove, tmp_path)
 
     app = make_instance(cove, tmp_path, name="sealed", build=False)
     (app / "image" / "etc" / "secret.conf").write_text("plain-only-inside\n")
-    key = tmp_path / "image.key"
-    key.write_bytes(bytes(range(16)))
-    cove.ok("build", "--encrypt-image", f"file:{key}", cwd=app)
+    platform = {"COVE_PLATFORM_DIR": os.environ["COVE_PLATFORM_DIR"]} if "COVE_PLATFORM_DIR" in os.environ else {}
+    cove.ok("build", "--encrypt-image", "seal:mrsigner", cwd=app, env=platform)  # the runtime's platform too
     cove.ok("package", "--oci", "-o", str(tmp_path / "layout"), cwd=app)
     index = json.loads((tmp_path / "layout" / "index.json").read_text())
     blobs = tmp_path / "layout" / "blobs" / "sha256"
@@ -329,6 +328,20 @@ def test_an_encrypted_root_runs_from_the_ciphertext_in_the_image(cove, tmp_path)
     assert (tmp_path / "out").read_text() == "plain-only-inside\n", (tmp_path / "err").read_text()
     assert runtime(root, "delete", "e").returncode == 0
     no_leftovers(root, "e")
+    # the unmeasured /.cove/ may not have root open host paths: a file: key source, image.enc as a link
+    image_key, image_enc = folder / "rootfs" / ".cove" / "image.key", folder / "rootfs" / ".cove" / "image.enc"
+    fifo = tmp_path / "host.key"
+    os.mkfifo(fifo)  # had the runtime read it, it would wait for ever
+    image_key.write_text(f"file:{fifo}\n")
+    result = runtime(root, "create", "--bundle", str(folder), "h", timeout=20)
+    assert result.returncode == 2 and "opens no host path" in one_line(result), result.stderr
+    no_leftovers(root, "h")
+    image_key.write_text("seal:mrsigner\n")
+    shutil.move(image_enc, tmp_path / "elsewhere.enc")
+    os.symlink(tmp_path / "elsewhere.enc", image_enc)
+    result = runtime(root, "create", "--bundle", str(folder), "l", timeout=20)
+    assert result.returncode == 3 and "image.enc in the image is not a folder" in one_line(result), result.stderr
+    no_leftovers(root, "l")
 
 
 def test_an_unwritable_pid_file_leaves_no_waiting_process(bundle, tmp_path):

@@ -60,6 +60,12 @@ def prepare(bundle: Bundle, folder: Path) -> Prepared:
             f"the image's cove.toml names host paths ({'; '.join(named)}): cove-runtime runs enclaves as root "
             "for the container engine, and opens no host path an image names; run such an instance with `cove run`"
         )
+    if encrypted is not None and encrypted.key.partition(":")[0] not in ("seal", "kbs", "insecure"):
+        # /.cove/image.key is not measured: a file: source would have root read a host path the image chose
+        raise BundleError(
+            f"the image's encrypted root takes its key from a {encrypted.key.partition(':')[0][:16]!r} source: "
+            "cove-runtime opens no host path an image names; build it with --encrypt-image seal:... or kbs:..."
+        )
     process = bundle.process
     if encrypted is None:
         if config.process.user == "root":  # the common case, without loading the launcher before the fork

@@ -45,15 +45,50 @@ def _open_below(root_fd: int, rel: str, flags: int) -> int:
         os.close(fd)
 
 
-def _read_small(root_fd: int, rel: str) -> bytes:
-    fd = _open_below(root_fd, rel, os.O_RDONLY)
+def _open_file_below(root_fd: int, rel: str, refusal: str) -> int:
+    """Open the regular file rel below root_fd for reading; anything else is refused before it is opened.
+
+    The runtime is root: a FIFO in a layer would block `create` for ever, and
+    opening a device node can have effects (and make it a controlling terminal).
+    So the name is first opened as a path only (O_PATH opens nothing), checked,
+    and the very same inode is then opened through /proc/self/fd, non-blocking
+    and without becoming a terminal.
+    """
+    path_fd = _open_below(root_fd, rel, os.O_PATH)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IntegrityError(f"/{rel} in the image is not a regular file")
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            raise IntegrityError(refusal)
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # cannot differ; checked again all the same
+        os.close(fd)
+        raise IntegrityError(refusal)
+    return fd
+
+
+def _read_small(root_fd: int, rel: str) -> bytes:
+    fd = _open_file_below(root_fd, rel, f"/{rel} in the image is not a regular file")
+    try:
         data = os.read(fd, SMALL + 1)
         if len(data) > SMALL:
             raise IntegrityError(f"/{rel} in the image is too large to be Cove's")
         return data
+    finally:
+        os.close(fd)
+
+
+def _check_folder_below(root_fd: int, rel: str) -> None:
+    """rel is a real folder below root_fd, reached without a symlink: the FUSE server opens it by path, as root."""
+    try:
+        fd = _open_below(root_fd, rel, os.O_PATH)
+    except FileNotFoundError:
+        raise IntegrityError(f"/{rel} is missing from the image") from None
+    except OSError as exc:
+        raise IntegrityError(f"/{rel} in the image cannot be opened: {exc.strerror}") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IntegrityError(f"/{rel} in the image is not a folder (a link or another file there is refused)")
     finally:
         os.close(fd)
 
@@ -78,9 +113,11 @@ def load_build(rootfs: Path, dest: Path) -> tuple[VerifiedBuild, EncryptedImage 
         encrypted = None
         try:
             key = _read_small(root_fd, f"{COVE_DIR}/{encryption.IMAGE_KEY}").decode().strip()
-            encrypted = EncryptedImage(rootfs / COVE_DIR / encryption.ENCRYPTED_IMAGE, key)
         except FileNotFoundError:
             pass
+        else:
+            _check_folder_below(root_fd, f"{COVE_DIR}/{encryption.ENCRYPTED_IMAGE}")
+            encrypted = EncryptedImage(rootfs / COVE_DIR / encryption.ENCRYPTED_IMAGE, key)
     finally:
         os.close(root_fd)
     return artifacts.load_verified(dest / "build", dest / "cove.toml"), encrypted
@@ -140,11 +177,13 @@ def copy_signed(rootfs: Path, entries: list[Entry], dest: Path) -> Path:
 
 
 def _copy_file(root_fd: int, entry: Entry, target: Path, owner: tuple[int, int] | None) -> None:
-    fd = _open_below(root_fd, entry.path, os.O_RDONLY)
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = _open_file_below(root_fd, entry.path, f"image changed since the build: {entry.path} changed type")
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IntegrityError(f"image changed since the build: {entry.path} changed type")
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         digest, size = tree.copy_hashing(fd, out)
         if size != entry.size or not hmac.compare_digest(digest, entry.digest):
             raise IntegrityError(
