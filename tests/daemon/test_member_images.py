@@ -227,6 +227,22 @@ def test_bad_create_requests_are_400(node, instances, body, detail):
     assert '"fault"' not in node.log.read_text()
 
 
+def test_a_body_refused_unread_is_never_taken_for_the_next_request(node):
+    """A request refused before its body was read (a chunked body here) closes the connection: the body's
+    bytes, whatever they say, are not parsed as a next request on it."""
+    smuggled = b"GET /v1/version HTTP/1.1\r\nHost: d\r\n\r\n"
+    head = b"POST /v1/enclaves HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(READ_TIMEOUT * 5)
+        sock.connect(node.socket)
+        sock.sendall(head + smuggled)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_a_member_learns_nothing_of_folders_it_cannot_read(node, instances, test_group):
     """Root's instance (a cove.toml there), a folder without one, and nothing at all: the same answer."""
     roots = instances["roots"]
