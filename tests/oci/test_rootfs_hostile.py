@@ -30,3 +30,26 @@ def test_a_special_file_in_the_layer_is_refused_in_one_line_without_blocking(bun
     assert result.returncode == 3 and word in one_line(result), result.stderr
     assert not (tmp_path / "pid").exists()
     no_leftovers(root, "f")
+
+
+def test_an_unmeasured_debug_copy_leaves_special_files_out_unopened(bundle, tmp_path):
+    """The unmeasured-debug path copies the whole layer as root: a FIFO or device there is skipped, not opened."""
+    import json
+
+    from tests.oci.helpers import SPEC, write_spec
+
+    rootfs = bundle / "rootfs"
+    (rootfs / ".cove" / "cove.toml").unlink()  # no signed build: the annotation runs it unmeasured
+    os.mkfifo(rootfs / "etc" / "pipe")  # copying it blocked, or failed with SpecialFileError
+    os.mknod(rootfs / "etc" / "tty0", 0o600 | 0o020000, os.makedev(5, 0))  # opening it is ENXIO (/dev/zero: no end)
+    spec = json.loads(json.dumps(SPEC))
+    spec["annotations"] = {"cove.dev/unmeasured-debug": "true"}
+    write_spec(bundle, spec)
+    root = tmp_path / "state"
+    result = runtime(root, "create", "--bundle", str(bundle), "u", timeout=20)
+    assert result.returncode == 0, result.stderr
+    copied = root / "u" / "root"  # the private copy the enclave runs from
+    assert not os.path.lexists(copied / "etc" / "pipe") and not os.path.lexists(copied / "etc" / "tty0")
+    assert (copied / "bin" / "cat").read_bytes() == (rootfs / "bin" / "cat").read_bytes()
+    assert runtime(root, "delete", "--force", "u").returncode == 0
+    no_leftovers(root, "u")

@@ -154,6 +154,7 @@ def _unmeasured(bundle: Bundle, folder: Path, why: IntegrityError) -> Prepared:
         root,
         symlinks=True,
         ignore=lambda where, names: [".cove"] if Path(where) == bundle.rootfs else [],
+        copy_function=rootfs_mod.copy_regular,  # as root: a FIFO or device in the layer is never opened
     )
     entries = []
     for rel, st in walk(root):
