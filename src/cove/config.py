@@ -195,12 +195,14 @@ class Config:
     vm: VmSection = field(default_factory=VmSection)
 
 
-def host_paths(config: Config) -> list[str]:
+def host_paths(config: Config, ca_file: bool = True) -> list[str]:
     """Every host path the configuration has the runtime open, as ``setting path``: host mounts' sources,
     encrypted mounts' absolute sources and ``file:`` keys, the broker's CA or policy file, the vm kernel.
     The runtime opens them with the rights of whoever runs it, so a service that runs enclaves as root for
     others (the node daemon for a member of its group, cove-runtime for a container engine) refuses an
-    instance that names any (docs/threat-model.md)."""
+    instance that names any (docs/threat-model.md). ``ca_file=False`` leaves out ``[attestation] ca``: a
+    node's CA certificate for its broker, which is only checked to be a regular file and parsed as PEM
+    (never shown, never followed into other files), is what a cluster's images name."""
     named: list[str] = []
     for index, mount in enumerate(config.mounts):
         if mount.source is not None and (mount.type == "host" or mount.source.startswith("/")):
@@ -209,7 +211,7 @@ def host_paths(config: Config) -> list[str]:
             named.append(f"mounts[{index}].key {mount.key}")
     attestation = config.attestation
     if attestation is not None:
-        if attestation.ca is not None:
+        if attestation.ca is not None and ca_file:
             named.append(f"attestation.ca {attestation.ca}")
         if attestation.kbs_policy is not None and attestation.kbs_policy.startswith("/"):  # else inline
             named.append(f"attestation.kbs_policy {attestation.kbs_policy}")

@@ -53,6 +53,13 @@ def test_host_paths_leaves_what_stays_in_the_enclave_or_the_node():
     assert config_mod.host_paths(config_mod.parse('[enclave]\nname = "x"\n' + NOT_HOST)) == []
 
 
+def test_cove_runtime_leaves_the_nodes_broker_ca_out():
+    """cove-runtime allows the node's broker CA that cluster images name (checked a regular file, parsed)."""
+    text, _ = NAMED["broker CA"]
+    config = config_mod.parse('[enclave]\nname = "x"\n' + text)
+    assert config_mod.host_paths(config, ca_file=False) == [] and len(config_mod.host_paths(config)) == 1
+
+
 ASK = """
 import json, sys
 from cove.daemon.client import Client, DaemonError
