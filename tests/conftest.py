@@ -12,6 +12,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,3 +206,21 @@ def error_line(result: Result) -> str:
     assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
     assert "Traceback" not in result.stderr
     return lines[0]
+
+
+def raised_at_once(call: Callable[[], object], seconds: float = 20) -> BaseException | None:
+    """What ``call`` raised (None if nothing), failing the test if it has not returned within ``seconds``: for
+    code that an attack could make wait for ever (a FIFO, /dev/zero), so the old code fails, not hangs."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert not worker.is_alive(), "it blocked"
+    return outcome[0] if outcome else None

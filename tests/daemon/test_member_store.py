@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 
 import pytest
 
 from cove.errors import CoveError, IntegrityError, NotFoundError
 from cove.image.store import ImageStore
+from tests.conftest import raised_at_once
 from tests.daemon.conftest import make_hello_instance
 
 MEMBER, OTHER = 4243, 4244
@@ -94,18 +94,6 @@ def test_an_encrypted_builds_key_file_is_never_read_by_the_import(built, tmp_pat
     (copy / "build" / "image.enc").mkdir()
     os.mkfifo(copy / "build" / "image.key")
     store = ImageStore(tmp_path / "store")
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            store.import_instance(copy, reader=MEMBER)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=30)
-    assert not worker.is_alive(), "the import waited on the key file"
-    assert len(outcome) == 1 and isinstance(outcome[0], CoveError), outcome
-    assert "--encrypt-image is not stored by the node" in str(outcome[0])
+    raised = raised_at_once(lambda: store.import_instance(copy, reader=MEMBER), 30)
+    assert isinstance(raised, CoveError) and "--encrypt-image is not stored by the node" in str(raised), raised
     assert store.list() == [] and list(store.tmp.iterdir()) == []

@@ -6,7 +6,6 @@ nothing, and never blocks)."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from cove.errors import CoveError
 from cove.image.staging import add_mount_points
 from cove.runtime.launcher import MAX_PASSWD, resolve_user
+from tests.conftest import raised_at_once
 
 
 @pytest.fixture
@@ -66,16 +66,5 @@ def test_a_passwd_that_is_no_plain_small_file_is_one_line_at_once(image, kind):
     else:
         passwd.write_bytes(b"#" * (MAX_PASSWD + 1))
         expected = "larger than"
-    outcome: list[BaseException] = []
-
-    def look() -> None:
-        try:
-            resolve_user("alice", image)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            outcome.append(exc)
-
-    worker = threading.Thread(target=look, daemon=True)
-    worker.start()
-    worker.join(timeout=20)
-    assert not worker.is_alive(), "the lookup blocked"
-    assert len(outcome) == 1 and isinstance(outcome[0], CoveError) and expected in str(outcome[0]), outcome
+    raised = raised_at_once(lambda: resolve_user("alice", image))
+    assert isinstance(raised, CoveError) and expected in str(raised), raised
